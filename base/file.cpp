@@ -1,0 +1,187 @@
+#include "base/file.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+
+#include "base/strings.h"
+#include "base/status.h"
+
+namespace seedling {
+namespace {
+
+absl::Status ErrnoStatus(int err, std::string_view what, std::string_view path) {
+  std::string msg = StrCat(what, " '", path, "': ", std::strerror(err));
+  switch (err) {
+    case ENOENT:
+    case ENOTDIR:
+      return absl::NotFoundError(msg);
+    case EACCES:
+    case EPERM:
+      return absl::PermissionDeniedError(msg);
+    case ENOSPC:
+    case EDQUOT:
+      return absl::ResourceExhaustedError(msg);
+    default:
+      return absl::InternalError(msg);
+  }
+}
+
+// Closes a file descriptor on scope exit.
+struct FdCloser {
+  int fd;
+  ~FdCloser() {
+    if (fd >= 0) ::close(fd);
+  }
+};
+
+absl::Status WriteAll(int fd, std::string_view data, const std::string& path) {
+  const char* p = data.data();
+  size_t left = data.size();
+  while (left > 0) {
+    ssize_t n = ::write(fd, p, left);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return ErrnoStatus(errno, "cannot write", path);
+    }
+    p += n;
+    left -= static_cast<size_t>(n);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::string> ReadFile(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return ErrnoStatus(errno, "cannot open", path);
+  FdCloser closer{fd};
+  struct stat st;
+  if (::fstat(fd, &st) != 0) return ErrnoStatus(errno, "cannot stat", path);
+  if (S_ISDIR(st.st_mode)) return absl::InvalidArgumentError(StrCat("'", path, "' is a directory"));
+  std::string out;
+  out.resize(static_cast<size_t>(st.st_size));
+  size_t got = 0;
+  while (true) {
+    if (got == out.size()) out.resize(out.size() * 2 + 4096);  // file grew or is a pipe
+    ssize_t n = ::read(fd, out.data() + got, out.size() - got);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return ErrnoStatus(errno, "cannot read", path);
+    }
+    if (n == 0) break;
+    got += static_cast<size_t>(n);
+  }
+  out.resize(got);
+  return out;
+}
+
+absl::Status WriteFileAtomic(const std::string& path, std::string_view data) {
+  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<AtomicFileWriter> writer, AtomicFileWriter::Create(path));
+  SEEDLING_RETURN_IF_ERROR(writer->Append(data));
+  return writer->Commit();
+}
+
+absl::StatusOr<std::unique_ptr<AtomicFileWriter>> AtomicFileWriter::Create(const std::string& path) {
+  const std::string tmp = StrCat(path, ".tmp.", ::getpid());
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return ErrnoStatus(errno, "cannot create", tmp);
+  return std::unique_ptr<AtomicFileWriter>(new AtomicFileWriter(path, tmp, fd));
+}
+
+AtomicFileWriter::~AtomicFileWriter() {
+  if (fd_ >= 0) {
+    ::close(fd_);
+    ::unlink(tmp_path_.c_str());
+  }
+}
+
+absl::Status AtomicFileWriter::Append(std::string_view data) {
+  if (fd_ < 0) return absl::FailedPreconditionError(StrCat("writer for '", path_, "' is closed"));
+  absl::Status st = WriteAll(fd_, data, tmp_path_);
+  if (!st.ok()) {
+    ::close(fd_);
+    fd_ = -1;
+    ::unlink(tmp_path_.c_str());
+    return st;
+  }
+  bytes_written_ += data.size();
+  return absl::OkStatus();
+}
+
+absl::Status AtomicFileWriter::Commit() {
+  if (fd_ < 0) return absl::FailedPreconditionError(StrCat("writer for '", path_, "' is closed"));
+  const int fd = fd_;
+  fd_ = -1;
+  absl::Status st;
+  if (::fsync(fd) != 0) st = ErrnoStatus(errno, "cannot fsync", tmp_path_);
+  if (::close(fd) != 0 && st.ok()) st = ErrnoStatus(errno, "cannot close", tmp_path_);
+  if (st.ok() && ::rename(tmp_path_.c_str(), path_.c_str()) != 0) {
+    st = ErrnoStatus(errno, "cannot rename to", path_);
+  }
+  if (!st.ok()) {
+    ::unlink(tmp_path_.c_str());
+    return st;
+  }
+  std::filesystem::path dir = std::filesystem::path(path_).parent_path();
+  if (dir.empty()) dir = ".";
+  int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd < 0) return ErrnoStatus(errno, "cannot open directory", dir.string());
+  FdCloser dcloser{dfd};
+  if (::fsync(dfd) != 0) return ErrnoStatus(errno, "cannot fsync directory", dir.string());
+  return absl::OkStatus();
+}
+
+absl::Status MakeDirs(const std::string& dir) {
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (ec) return ErrnoStatus(ec.value(), "cannot create directory", dir);
+  if (!std::filesystem::is_directory(dir)) {
+    return absl::FailedPreconditionError(StrCat("'", dir, "' exists and is not a directory"));
+  }
+  return absl::OkStatus();
+}
+
+bool FileExists(const std::string& path) {
+  struct stat st;
+  return ::stat(path.c_str(), &st) == 0;
+}
+
+absl::StatusOr<std::shared_ptr<MappedFile>> MappedFile::Open(const std::string& path, Mode mode) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return ErrnoStatus(errno, "cannot open", path);
+  FdCloser closer{fd};
+  struct stat st;
+  if (::fstat(fd, &st) != 0) return ErrnoStatus(errno, "cannot stat", path);
+  if (!S_ISREG(st.st_mode)) {
+    return absl::InvalidArgumentError(StrCat("'", path, "' is not a regular file"));
+  }
+  const size_t size = static_cast<size_t>(st.st_size);
+  uint8_t* data = nullptr;
+  if (size > 0) {
+    const int prot = mode == Mode::kReadOnly ? PROT_READ : (PROT_READ | PROT_WRITE);
+    void* p = ::mmap(nullptr, size, prot, MAP_PRIVATE, fd, 0);
+    if (p == MAP_FAILED) return ErrnoStatus(errno, "cannot mmap", path);
+    data = static_cast<uint8_t*>(p);
+  }
+  return std::shared_ptr<MappedFile>(new MappedFile(path, data, size, mode));
+}
+
+MappedFile::~MappedFile() {
+  if (data_ != nullptr) ::munmap(data_, size_);
+}
+
+std::string JoinPath(std::string_view a, std::string_view b) {
+  if (a.empty()) return std::string(b);
+  if (b.empty()) return std::string(a);
+  if (a.back() == '/' && b.front() == '/') return StrCat(a, b.substr(1));
+  if (a.back() == '/' || b.front() == '/') return StrCat(a, b);
+  return StrCat(a, "/", b);
+}
+
+}  // namespace seedling

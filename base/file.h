@@ -1,0 +1,88 @@
+#pragma once
+
+// File utilities: whole-file reads, crash-safe atomic writes, and read-only memory maps.
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace seedling {
+
+// Reads the whole file. NotFound if it does not exist, PermissionDenied / Internal on other I/O errors.
+absl::StatusOr<std::string> ReadFile(const std::string& path);
+
+// Writes `data` to `path` so that after a crash the file holds either its old or its new contents, never a
+// mix: write to `path.tmp.<pid>` in the same directory, fsync it, rename over `path`, fsync the directory.
+absl::Status WriteFileAtomic(const std::string& path, std::string_view data);
+
+// Streams a large file to disk with the same crash guarantee as WriteFileAtomic: bytes go to a temporary file
+// next to `path`; Commit() fsyncs, renames and fsyncs the directory. Destroying an uncommitted writer removes
+// the temporary file and leaves `path` untouched. Not thread-safe.
+class AtomicFileWriter {
+ public:
+  static absl::StatusOr<std::unique_ptr<AtomicFileWriter>> Create(const std::string& path);
+  ~AtomicFileWriter();
+  AtomicFileWriter(const AtomicFileWriter&) = delete;
+  AtomicFileWriter& operator=(const AtomicFileWriter&) = delete;
+
+  absl::Status Append(std::string_view data);
+  absl::Status Commit();
+  uint64_t bytes_written() const { return bytes_written_; }
+
+ private:
+  AtomicFileWriter(std::string path, std::string tmp_path, int fd)
+      : path_(std::move(path)), tmp_path_(std::move(tmp_path)), fd_(fd) {}
+
+  const std::string path_;
+  const std::string tmp_path_;
+  int fd_;  // -1 once committed or failed
+  uint64_t bytes_written_ = 0;
+};
+
+// Creates `dir` and its parents if missing. OK when it already exists as a directory.
+absl::Status MakeDirs(const std::string& dir);
+
+bool FileExists(const std::string& path);
+
+// A memory-mapped file. Pages come from the page cache, so many readers of one file (e.g. simulated clients
+// sharing a base model) share one physical copy. Not copyable; thread-safe for concurrent reads.
+class MappedFile {
+ public:
+  enum class Mode {
+    kReadOnly,     // PROT_READ: writing through data() is a crash.
+    kCopyOnWrite,  // MAP_PRIVATE + PROT_WRITE: writes go to private pages, the file never changes.
+  };
+
+  // Maps the whole file. NotFound / PermissionDenied / Internal with the path in the message.
+  static absl::StatusOr<std::shared_ptr<MappedFile>> Open(const std::string& path,
+                                                          Mode mode = Mode::kReadOnly);
+  ~MappedFile();
+  MappedFile(const MappedFile&) = delete;
+  MappedFile& operator=(const MappedFile&) = delete;
+
+  const uint8_t* data() const { return data_; }
+  uint8_t* mutable_data() const { return data_; }  // only valid in kCopyOnWrite mode
+  size_t size() const { return size_; }
+  const std::string& path() const { return path_; }
+  Mode mode() const { return mode_; }
+
+ private:
+  MappedFile(std::string path, uint8_t* data, size_t size, Mode mode)
+      : path_(std::move(path)), data_(data), size_(size), mode_(mode) {}
+
+  // Constant after construction.
+  const std::string path_;
+  uint8_t* const data_;
+  const size_t size_;
+  const Mode mode_;
+};
+
+// Joins two path components with exactly one '/'.
+std::string JoinPath(std::string_view a, std::string_view b);
+
+}  // namespace seedling

@@ -1,0 +1,48 @@
+# Third-party dependencies, all from Debian bookworm packages (scripts/deps.sh installs them).
+
+find_package(Threads REQUIRED)
+find_package(absl REQUIRED)
+find_package(spdlog REQUIRED)
+find_package(nlohmann_json 3.10 REQUIRED)
+find_package(PkgConfig REQUIRED)
+pkg_check_modules(PCRE2 REQUIRED IMPORTED_TARGET libpcre2-8)
+pkg_check_modules(SENTENCEPIECE REQUIRED IMPORTED_TARGET sentencepiece)
+# ICU gives the Unicode normalizers (NFC, NFKC, ...) that some tokenizer.json files ask for (Qwen2 uses NFC).
+find_package(ICU REQUIRED COMPONENTS uc)
+
+# LibTorch's CMake package prints a lot and adds its own flags; keep them on its imported targets.
+find_package(Torch REQUIRED)
+if(NOT TARGET seedling_torch)
+  add_library(seedling_torch INTERFACE)
+  target_link_libraries(seedling_torch INTERFACE ${TORCH_LIBRARIES})
+  separate_arguments(_seedling_torch_flags UNIX_COMMAND "${TORCH_CXX_FLAGS}")
+  target_compile_options(seedling_torch INTERFACE ${_seedling_torch_flags})
+endif()
+
+if(NOT SEEDLING_CLIENT_ONLY)
+  find_package(CLI11 REQUIRED)
+endif()
+if(SEEDLING_BUILD_TESTS)
+  find_package(Catch2 2 REQUIRED)
+  include(Catch)
+endif()
+
+# Precompiled LibTorch headers: one PCH, built once by seedling_torch_pch and reused by every target that
+# includes LibTorch (compile options must match, so reuse goes through seedling_add_torch_pch).
+function(seedling_add_torch_pch target)
+  if(NOT SEEDLING_USE_PCH)
+    return()
+  endif()
+  if(NOT TARGET seedling_torch_pch)
+    add_library(seedling_torch_pch OBJECT "${PROJECT_SOURCE_DIR}/cmake/torch_pch.cpp")
+    target_link_libraries(seedling_torch_pch PRIVATE seedling_torch)
+    target_precompile_headers(seedling_torch_pch PRIVATE
+      <ATen/ATen.h>
+      <torch/csrc/autograd/autograd.h>
+      <torch/csrc/autograd/custom_function.h>
+      <torch/csrc/autograd/function.h>
+      <torch/csrc/autograd/generated/variable_factories.h>
+      <vector> <string> <memory> <optional>)
+  endif()
+  target_precompile_headers(${target} REUSE_FROM seedling_torch_pch)
+endfunction()

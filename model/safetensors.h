@@ -1,0 +1,108 @@
+#pragma once
+
+// The safetensors format (https://huggingface.co/docs/safetensors): an 8-byte little-endian header length N,
+// N bytes of JSON header {"name": {"dtype": "F32", "shape": [..], "data_offsets": [begin, end]}, ...,
+// "__metadata__": {"k": "v"}}, then the data section; offsets are relative to the data section.
+//
+// Reading maps the file (base/file.h MappedFile) and validates every header field before handing out any
+// pointer: header size, JSON shape, dtype names, shape × dtype size = byte length, offsets inside the data
+// section, no overlaps, no holes, no duplicate names. Errors are InvalidArgument (DataLoss for a truncated
+// file) and name the file and the tensor. Nothing here depends on LibTorch.
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "base/file.h"
+
+namespace seedling::model {
+
+enum class DType { kF64, kF32, kF16, kBF16, kI64, kI32, kI16, kI8, kU8, kBool };
+
+// Bytes per element.
+size_t DTypeSize(DType dtype);
+// The safetensors name: "F32", "BF16", ...
+std::string_view DTypeName(DType dtype);
+// InvalidArgument for names this reader does not support (e.g. "F8_E4M3").
+absl::StatusOr<DType> ParseDType(std::string_view name);
+
+// One tensor inside a mapped file. `data` points into the mapping; it stays valid while `file` lives.
+struct TensorView {
+  std::string name;
+  DType dtype = DType::kF32;
+  std::vector<int64_t> shape;
+  const uint8_t* data = nullptr;
+  size_t nbytes = 0;
+  std::shared_ptr<MappedFile> file;  // keeps the mapping alive
+
+  int64_t numel() const;
+};
+
+// One .safetensors file.
+class SafetensorsFile {
+ public:
+  // Maps and validates `path`. `mode` kCopyOnWrite lets callers write through tensor pointers (e.g. merging an
+  // adapter in place) without touching the file.
+  static absl::StatusOr<std::unique_ptr<SafetensorsFile>> Open(
+      const std::string& path, MappedFile::Mode mode = MappedFile::Mode::kReadOnly);
+
+  // Tensors by name, in name order.
+  const std::map<std::string, TensorView>& tensors() const { return tensors_; }
+  // nullptr if absent.
+  const TensorView* Find(std::string_view name) const;
+  // The optional "__metadata__" string map.
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
+  const std::string& path() const { return file_->path(); }
+
+ private:
+  SafetensorsFile() = default;
+
+  std::shared_ptr<MappedFile> file_;
+  std::map<std::string, TensorView> tensors_;
+  std::map<std::string, std::string> metadata_;
+};
+
+// All the weights of a model directory: `model.safetensors`, or the shards listed in
+// `model.safetensors.index.json` ({"weight_map": {"tensor": "model-00001-of-00002.safetensors"}}). Also
+// accepts the path of a single .safetensors file. Validates that every tensor of the index is in the shard
+// the index names and that no tensor appears twice.
+class SafetensorsCollection {
+ public:
+  static absl::StatusOr<std::unique_ptr<SafetensorsCollection>> Open(
+      const std::string& dir_or_file, MappedFile::Mode mode = MappedFile::Mode::kReadOnly);
+
+  const TensorView* Find(std::string_view name) const;
+  // All tensor names, sorted.
+  std::vector<std::string> names() const;
+  size_t size() const { return index_.size(); }
+
+ private:
+  SafetensorsCollection() = default;
+
+  std::vector<std::unique_ptr<SafetensorsFile>> files_;
+  std::map<std::string, const TensorView*, std::less<>> index_;
+};
+
+// A tensor to write: the bytes are borrowed and must stay valid during the call.
+struct TensorToWrite {
+  std::string name;
+  DType dtype = DType::kF32;
+  std::vector<int64_t> shape;
+  std::span<const uint8_t> data;
+};
+
+// Writes a .safetensors file atomically (temp file, fsync, rename), streaming the tensors without copying
+// them into one buffer. Tensors are laid out in the order given, contiguous from offset 0; the header is
+// padded with spaces to a multiple of 8 bytes. InvalidArgument for duplicate or empty names or a byte
+// length that does not match dtype × shape.
+absl::Status WriteSafetensors(const std::string& path, std::span<const TensorToWrite> tensors,
+                              const std::map<std::string, std::string>& metadata = {});
+
+}  // namespace seedling::model

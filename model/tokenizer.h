@@ -1,0 +1,81 @@
+#pragma once
+
+// Tokenizers for Hugging Face model directories:
+//   * tokenizer.json with a BPE model, byte-level (GPT-2 / Llama-3 / Qwen2 / SmolLM) or SentencePiece-style
+//     with byte fallback (Llama-2 / TinyLlama), with its normalizer, pre-tokenizer, added/special tokens,
+//     post-processor and decoder;
+//   * tokenizer.model (SentencePiece protobuf) through libsentencepiece.
+// Also a byte-level BPE trainer, used by `seedling init-model` to write a real tokenizer.json.
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace seedling::model {
+
+// A loaded tokenizer. Immutable after loading; all methods are thread-safe.
+class Tokenizer {
+ public:
+  virtual ~Tokenizer() = default;
+
+  // Encodes UTF-8 `text` into token ids. With `add_special_tokens`, applies the tokenizer's post-processor
+  // (e.g. prepends BOS for Llama-2/3 style tokenizers). Text equal to an added/special token's content is
+  // encoded as that token. InvalidArgument if `text` is not valid UTF-8.
+  virtual absl::StatusOr<std::vector<int32_t>> Encode(std::string_view text,
+                                                      bool add_special_tokens = false) const = 0;
+
+  // Decodes ids back to text (bytes; may be invalid UTF-8 if the ids split a character). With
+  // `skip_special_tokens`, special tokens are dropped. InvalidArgument naming the id if one is out of range.
+  // For any valid UTF-8 `s`: Decode(Encode(s, false), false) == s.
+  virtual absl::StatusOr<std::string> Decode(std::span<const int32_t> ids,
+                                             bool skip_special_tokens = false) const = 0;
+
+  // Number of ids (highest id + 1), including added tokens.
+  virtual int32_t vocab_size() const = 0;
+  virtual std::optional<int32_t> TokenToId(std::string_view token) const = 0;
+  virtual std::optional<std::string> IdToToken(int32_t id) const = 0;
+  // True for added tokens marked special (e.g. "<s>", "<|endoftext|>").
+  virtual bool IsSpecial(int32_t id) const = 0;
+
+  // BOS / EOS as the tokenizer defines them (post-processor template, tokenizer_config.json, or the
+  // SentencePiece model), if it defines them.
+  virtual std::optional<int32_t> bos_id() const = 0;
+  virtual std::optional<int32_t> eos_id() const = 0;
+};
+
+// Loads the tokenizer of a Hugging Face model directory: tokenizer.json if present, else tokenizer.model.
+// tokenizer_config.json, when present, supplies add_bos_token / add_eos_token and bos/eos token names.
+// NotFound if neither file exists; InvalidArgument (naming the file and the field) if a file is malformed or
+// uses a component this implementation does not support.
+absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& model_dir);
+
+// Parses a tokenizer.json document (the file's contents).
+absl::StatusOr<std::unique_ptr<Tokenizer>> ParseTokenizerJson(std::string_view json);
+
+// Loads a SentencePiece `tokenizer.model` file.
+absl::StatusOr<std::unique_ptr<Tokenizer>> LoadSentencePieceTokenizer(const std::string& path,
+                                                                      bool add_bos = true,
+                                                                      bool add_eos = false);
+
+// Options for training a byte-level BPE tokenizer (GPT-2 style: bytes mapped to printable characters,
+// GPT-2 pre-tokenizer regex).
+struct BpeTrainerOptions {
+  int32_t vocab_size = 4096;  // target number of ids including the 256 byte tokens and special tokens
+  int32_t min_frequency = 2;  // a pair must occur at least this often to be merged
+  // Added as special tokens with the lowest ids, in this order (SmolLM2 style).
+  std::vector<std::string> special_tokens = {"<|endoftext|>", "<|im_start|>", "<|im_end|>"};
+};
+
+// Trains a byte-level BPE tokenizer on `corpus` and returns a complete tokenizer.json document (model,
+// pre-tokenizer, decoder, added tokens) that ParseTokenizerJson and Hugging Face `tokenizers` both load.
+// Stops early if no pair reaches min_frequency. InvalidArgument if vocab_size < 256 + specials.
+absl::StatusOr<std::string> TrainByteLevelBpeTokenizerJson(std::string_view corpus,
+                                                           const BpeTrainerOptions& options);
+
+}  // namespace seedling::model

@@ -1,0 +1,81 @@
+#include "base/file.h"
+
+#include <unistd.h>
+
+#include <catch2/catch.hpp>
+#include <cstring>
+#include <filesystem>
+
+#include "base/memory.h"
+
+namespace seedling {
+namespace {
+
+std::string TempDir() {
+  std::string dir = std::filesystem::temp_directory_path() / ("seedling_file_test_" + std::to_string(getpid()));
+  std::filesystem::create_directories(dir);
+  return dir;
+}
+
+TEST_CASE("WriteFileAtomic replaces the contents and leaves no temporary file", "[base][file]") {
+  const std::string dir = TempDir();
+  const std::string path = JoinPath(dir, "a.txt");
+  REQUIRE(WriteFileAtomic(path, "first").ok());
+  REQUIRE(WriteFileAtomic(path, "second").ok());
+  auto got = ReadFile(path);
+  REQUIRE(got.ok());
+  CHECK(*got == "second");
+  int entries = 0;
+  for (auto& e : std::filesystem::directory_iterator(dir)) {
+    (void)e;
+    ++entries;
+  }
+  CHECK(entries == 1);
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("An uncommitted AtomicFileWriter leaves the old file untouched", "[base][file]") {
+  const std::string dir = TempDir();
+  const std::string path = JoinPath(dir, "b.bin");
+  REQUIRE(WriteFileAtomic(path, "old").ok());
+  {
+    auto w = AtomicFileWriter::Create(path);
+    REQUIRE(w.ok());
+    REQUIRE((*w)->Append("new contents").ok());
+  }  // destroyed without Commit
+  CHECK(*ReadFile(path) == "old");
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("ReadFile and MappedFile report a missing file as NotFound", "[base][file]") {
+  CHECK(ReadFile("/nonexistent/seedling").status().code() == absl::StatusCode::kNotFound);
+  CHECK(MappedFile::Open("/nonexistent/seedling").status().code() == absl::StatusCode::kNotFound);
+}
+
+TEST_CASE("MappedFile copy-on-write never changes the file", "[base][file]") {
+  const std::string dir = TempDir();
+  const std::string path = JoinPath(dir, "c.bin");
+  REQUIRE(WriteFileAtomic(path, "abcdef").ok());
+  {
+    auto m = MappedFile::Open(path, MappedFile::Mode::kCopyOnWrite);
+    REQUIRE(m.ok());
+    REQUIRE((*m)->size() == 6);
+    CHECK(std::memcmp((*m)->data(), "abcdef", 6) == 0);
+    (*m)->mutable_data()[0] = 'X';
+    CHECK((*m)->data()[0] == 'X');
+  }
+  CHECK(*ReadFile(path) == "abcdef");
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("Peak RSS grows when memory is touched", "[base][memory]") {
+  const int64_t before = PeakRssBytes();
+  REQUIRE(before > 0);
+  std::vector<char> big(64 << 20);
+  std::memset(big.data(), 1, big.size());
+  CHECK(PeakRssBytes() >= before + (48 << 20));
+  CHECK(big[12345] == 1);
+}
+
+}  // namespace
+}  // namespace seedling

@@ -1,0 +1,2 @@
+#include <catch2/catch.hpp>
+// Placeholder: being written (issue 2).
