@@ -1,0 +1,374 @@
+#include "model/config.h"
+
+#include <nlohmann/json.hpp>
+
+#include "base/file.h"
+#include "base/status.h"
+#include "base/strings.h"
+
+namespace seedling::model {
+namespace {
+
+using Json = nlohmann::json;
+
+absl::Status FieldError(std::string_view field, std::string_view problem) {
+  return absl::InvalidArgumentError(StrCat("config.json: field '", field, "' ", problem));
+}
+
+absl::StatusOr<int64_t> GetInt(const Json& j, const char* key, std::optional<int64_t> fallback) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) {
+    if (fallback) return *fallback;
+    return FieldError(key, "is required but missing");
+  }
+  if (it->is_number_integer()) return it->get<int64_t>();
+  if (it->is_number_float()) {
+    const double d = it->get<double>();
+    if (d == static_cast<double>(static_cast<int64_t>(d))) return static_cast<int64_t>(d);
+  }
+  return FieldError(key, StrCat("must be an integer, got ", it->dump()));
+}
+
+absl::StatusOr<double> GetDouble(const Json& j, const char* key, double fallback) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) return fallback;
+  if (!it->is_number()) return FieldError(key, StrCat("must be a number, got ", it->dump()));
+  return it->get<double>();
+}
+
+absl::StatusOr<bool> GetBool(const Json& j, const char* key, bool fallback) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) return fallback;
+  if (!it->is_boolean()) return FieldError(key, StrCat("must be true or false, got ", it->dump()));
+  return it->get<bool>();
+}
+
+absl::StatusOr<RopeScaling> ParseRopeScaling(const Json& j) {
+  RopeScaling rs;
+  auto it = j.find("rope_scaling");
+  if (it == j.end() || it->is_null()) return rs;
+  if (!it->is_object()) return FieldError("rope_scaling", "must be an object or null");
+  const Json& r = *it;
+  std::string type;
+  for (const char* key : {"rope_type", "type"}) {
+    auto t = r.find(key);
+    if (t != r.end() && t->is_string()) {
+      type = t->get<std::string>();
+      break;
+    }
+  }
+  if (type.empty()) return FieldError("rope_scaling", "has no 'rope_type' (or 'type')");
+  if (type == "default") return rs;
+  SEEDLING_ASSIGN_OR_RETURN(rs.factor, GetDouble(r, "factor", 1.0));
+  if (!(rs.factor >= 1.0)) return FieldError("rope_scaling.factor", "must be >= 1");
+  if (type == "linear") {
+    rs.type = RopeScaling::Type::kLinear;
+  } else if (type == "llama3") {
+    rs.type = RopeScaling::Type::kLlama3;
+    SEEDLING_ASSIGN_OR_RETURN(rs.low_freq_factor, GetDouble(r, "low_freq_factor", 1.0));
+    SEEDLING_ASSIGN_OR_RETURN(rs.high_freq_factor, GetDouble(r, "high_freq_factor", 4.0));
+    SEEDLING_ASSIGN_OR_RETURN(rs.original_max_position_embeddings,
+                              GetInt(r, "original_max_position_embeddings", 8192));
+    if (!(rs.high_freq_factor > rs.low_freq_factor)) {
+      return FieldError("rope_scaling", "needs high_freq_factor > low_freq_factor");
+    }
+  } else {
+    return FieldError("rope_scaling",
+                      StrCat("has type '", type, "', which is not supported (supported: linear, llama3)"));
+  }
+  return rs;
+}
+
+const char* DtypeFromTorch(std::string_view s) {
+  if (s == "bfloat16") return "bfloat16";
+  if (s == "float16") return "float16";
+  if (s == "float32") return "float32";
+  return nullptr;
+}
+
+}  // namespace
+
+int64_t ModelConfig::NumParameters() const {
+  const int64_t h = hidden_size;
+  int64_t per_layer = 2 * h;                                  // two RMSNorm weights
+  per_layer += h * q_dim() + 2 * h * kv_dim() + q_dim() * h;  // q, k, v, o
+  if (qkv_bias) per_layer += q_dim() + 2 * kv_dim();
+  if (o_bias) per_layer += h;
+  per_layer += 3 * h * intermediate_size;  // gate, up, down
+  if (mlp_bias) per_layer += 2 * intermediate_size + h;
+  int64_t total = vocab_size * h + num_hidden_layers * per_layer + h;
+  if (!tie_word_embeddings) total += vocab_size * h;
+  return total;
+}
+
+absl::Status ModelConfig::Validate() const {
+  auto positive = [](int64_t v, const char* name) -> absl::Status {
+    if (v <= 0) return FieldError(name, StrCat("must be positive, got ", v));
+    return absl::OkStatus();
+  };
+  SEEDLING_RETURN_IF_ERROR(positive(vocab_size, "vocab_size"));
+  SEEDLING_RETURN_IF_ERROR(positive(hidden_size, "hidden_size"));
+  SEEDLING_RETURN_IF_ERROR(positive(intermediate_size, "intermediate_size"));
+  SEEDLING_RETURN_IF_ERROR(positive(num_hidden_layers, "num_hidden_layers"));
+  SEEDLING_RETURN_IF_ERROR(positive(num_attention_heads, "num_attention_heads"));
+  SEEDLING_RETURN_IF_ERROR(positive(num_key_value_heads, "num_key_value_heads"));
+  SEEDLING_RETURN_IF_ERROR(positive(head_dim, "head_dim"));
+  SEEDLING_RETURN_IF_ERROR(positive(max_position_embeddings, "max_position_embeddings"));
+  if (num_attention_heads % num_key_value_heads != 0) {
+    return FieldError("num_key_value_heads", StrCat("(", num_key_value_heads,
+                                                    ") must divide num_attention_heads (",
+                                                    num_attention_heads, ")"));
+  }
+  if (head_dim % 2 != 0) return FieldError("head_dim", StrCat("must be even for RoPE, got ", head_dim));
+  if (!(rms_norm_eps > 0)) return FieldError("rms_norm_eps", "must be positive");
+  if (!(rope_theta > 0)) return FieldError("rope_theta", "must be positive");
+  if (sliding_window && *sliding_window <= 0) return FieldError("sliding_window", "must be positive");
+  if (bos_token_id && (*bos_token_id < 0 || *bos_token_id >= vocab_size)) {
+    return FieldError("bos_token_id", StrCat("(", *bos_token_id, ") is outside the vocabulary"));
+  }
+  for (int64_t e : eos_token_ids) {
+    if (e < 0 || e >= vocab_size) {
+      return FieldError("eos_token_id", StrCat("(", e, ") is outside the vocabulary"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view json_text) {
+  Json j;
+  try {
+    j = Json::parse(json_text);
+  } catch (const Json::parse_error& e) {
+    return absl::InvalidArgumentError(StrCat("config.json is not valid JSON: ", e.what()));
+  }
+  if (!j.is_object()) return absl::InvalidArgumentError("config.json must be a JSON object");
+  try {
+    ModelConfig c;
+    auto arch = j.find("architectures");
+    if (arch != j.end() && arch->is_array() && !arch->empty() && (*arch)[0].is_string()) {
+      c.architecture = (*arch)[0].get<std::string>();
+    }
+    auto mt = j.find("model_type");
+    if (mt != j.end() && mt->is_string()) c.model_type = mt->get<std::string>();
+    if (c.architecture.empty()) {
+      if (c.model_type == "llama") c.architecture = "LlamaForCausalLM";
+      if (c.model_type == "qwen2") c.architecture = "Qwen2ForCausalLM";
+      if (c.model_type == "mistral") c.architecture = "MistralForCausalLM";
+    }
+    if (c.architecture.empty()) {
+      return FieldError("architectures", "is missing (and model_type is not llama, qwen2 or mistral)");
+    }
+    if (c.architecture == "LlamaForCausalLM") {
+      c.model_type = "llama";
+    } else if (c.architecture == "Qwen2ForCausalLM") {
+      c.model_type = "qwen2";
+    } else if (c.architecture == "MistralForCausalLM") {
+      c.model_type = "mistral";
+    } else {
+      return absl::InvalidArgumentError(
+          StrCat("config.json: architecture '", c.architecture,
+                 "' is not supported (supported: LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM)"));
+    }
+
+    SEEDLING_ASSIGN_OR_RETURN(c.vocab_size, GetInt(j, "vocab_size", std::nullopt));
+    SEEDLING_ASSIGN_OR_RETURN(c.hidden_size, GetInt(j, "hidden_size", std::nullopt));
+    SEEDLING_ASSIGN_OR_RETURN(c.intermediate_size, GetInt(j, "intermediate_size", std::nullopt));
+    SEEDLING_ASSIGN_OR_RETURN(c.num_hidden_layers, GetInt(j, "num_hidden_layers", std::nullopt));
+    SEEDLING_ASSIGN_OR_RETURN(c.num_attention_heads, GetInt(j, "num_attention_heads", std::nullopt));
+    SEEDLING_ASSIGN_OR_RETURN(c.num_key_value_heads,
+                              GetInt(j, "num_key_value_heads", c.num_attention_heads));
+    if (c.num_attention_heads <= 0) return FieldError("num_attention_heads", "must be positive");
+    SEEDLING_ASSIGN_OR_RETURN(c.head_dim, GetInt(j, "head_dim", c.hidden_size / c.num_attention_heads));
+    if (!j.contains("head_dim") && c.hidden_size % c.num_attention_heads != 0) {
+      return FieldError("hidden_size", "must be divisible by num_attention_heads when head_dim is absent");
+    }
+    SEEDLING_ASSIGN_OR_RETURN(c.max_position_embeddings, GetInt(j, "max_position_embeddings", 2048));
+    SEEDLING_ASSIGN_OR_RETURN(c.rms_norm_eps, GetDouble(j, "rms_norm_eps", 1e-6));
+    SEEDLING_ASSIGN_OR_RETURN(c.rope_theta, GetDouble(j, "rope_theta", 10000.0));
+    SEEDLING_ASSIGN_OR_RETURN(c.rope_scaling, ParseRopeScaling(j));
+    SEEDLING_ASSIGN_OR_RETURN(c.tie_word_embeddings, GetBool(j, "tie_word_embeddings", false));
+    if (c.model_type == "qwen2") {
+      c.qkv_bias = true;  // Qwen2 hard-codes q/k/v biases and no o_proj bias
+    } else if (c.model_type == "llama") {
+      SEEDLING_ASSIGN_OR_RETURN(bool attention_bias, GetBool(j, "attention_bias", false));
+      c.qkv_bias = c.o_bias = attention_bias;
+      SEEDLING_ASSIGN_OR_RETURN(c.mlp_bias, GetBool(j, "mlp_bias", false));
+    }
+    auto act = j.find("hidden_act");
+    if (act != j.end() && !act->is_null()) {
+      if (!act->is_string() || (act->get<std::string>() != "silu" && act->get<std::string>() != "swish")) {
+        return FieldError("hidden_act", StrCat("is ", act->dump(), "; only silu is supported"));
+      }
+    }
+    // Sliding-window attention: Mistral uses it whenever sliding_window is set; Qwen2 only with
+    // use_sliding_window.
+    bool use_window = c.model_type == "mistral";
+    if (c.model_type == "qwen2") {
+      SEEDLING_ASSIGN_OR_RETURN(use_window, GetBool(j, "use_sliding_window", false));
+    }
+    auto sw = j.find("sliding_window");
+    if (use_window && sw != j.end() && !sw->is_null()) {
+      SEEDLING_ASSIGN_OR_RETURN(int64_t window, GetInt(j, "sliding_window", std::nullopt));
+      c.sliding_window = window;
+    }
+    auto bos = j.find("bos_token_id");
+    if (bos != j.end() && !bos->is_null()) {
+      SEEDLING_ASSIGN_OR_RETURN(int64_t b, GetInt(j, "bos_token_id", std::nullopt));
+      c.bos_token_id = b;
+    }
+    auto eos = j.find("eos_token_id");
+    if (eos != j.end() && !eos->is_null()) {
+      if (eos->is_array()) {
+        for (const Json& e : *eos) {
+          if (!e.is_number_integer()) return FieldError("eos_token_id", "must hold integers");
+          c.eos_token_ids.push_back(e.get<int64_t>());
+        }
+      } else {
+        SEEDLING_ASSIGN_OR_RETURN(int64_t e, GetInt(j, "eos_token_id", std::nullopt));
+        c.eos_token_ids.push_back(e);
+      }
+    }
+    auto dt = j.find("torch_dtype");
+    if (dt != j.end() && dt->is_string()) {
+      const char* d = DtypeFromTorch(dt->get<std::string>());
+      if (d == nullptr) {
+        return FieldError("torch_dtype", StrCat("is ", dt->dump(), "; expected bfloat16, float16 or float32"));
+      }
+      c.torch_dtype = d;
+    }
+    SEEDLING_RETURN_IF_ERROR(c.Validate());
+    return c;
+  } catch (const Json::exception& e) {
+    return absl::InvalidArgumentError(StrCat("config.json: ", e.what()));
+  }
+}
+
+absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir) {
+  const std::string path = JoinPath(model_dir, "config.json");
+  SEEDLING_ASSIGN_OR_RETURN(std::string text, ReadFile(path));
+  auto config = ParseModelConfig(text);
+  if (!config.ok()) return Annotate(config.status(), path);
+  return config;
+}
+
+std::string ModelConfigToJson(const ModelConfig& c) {
+  Json j = Json::object();
+  j["architectures"] = Json::array({c.architecture});
+  j["model_type"] = c.model_type;
+  j["vocab_size"] = c.vocab_size;
+  j["hidden_size"] = c.hidden_size;
+  j["intermediate_size"] = c.intermediate_size;
+  j["num_hidden_layers"] = c.num_hidden_layers;
+  j["num_attention_heads"] = c.num_attention_heads;
+  j["num_key_value_heads"] = c.num_key_value_heads;
+  j["head_dim"] = c.head_dim;
+  j["max_position_embeddings"] = c.max_position_embeddings;
+  j["rms_norm_eps"] = c.rms_norm_eps;
+  j["rope_theta"] = c.rope_theta;
+  switch (c.rope_scaling.type) {
+    case RopeScaling::Type::kNone:
+      j["rope_scaling"] = nullptr;
+      break;
+    case RopeScaling::Type::kLinear:
+      j["rope_scaling"] = {{"rope_type", "linear"}, {"factor", c.rope_scaling.factor}};
+      break;
+    case RopeScaling::Type::kLlama3:
+      j["rope_scaling"] = {
+          {"rope_type", "llama3"},
+          {"factor", c.rope_scaling.factor},
+          {"low_freq_factor", c.rope_scaling.low_freq_factor},
+          {"high_freq_factor", c.rope_scaling.high_freq_factor},
+          {"original_max_position_embeddings", c.rope_scaling.original_max_position_embeddings}};
+      break;
+  }
+  j["tie_word_embeddings"] = c.tie_word_embeddings;
+  j["hidden_act"] = "silu";
+  if (c.model_type == "llama") {
+    j["attention_bias"] = c.qkv_bias;
+    j["mlp_bias"] = c.mlp_bias;
+  }
+  if (c.model_type == "qwen2") j["use_sliding_window"] = c.sliding_window.has_value();
+  if (c.sliding_window) j["sliding_window"] = *c.sliding_window;
+  if (c.bos_token_id) j["bos_token_id"] = *c.bos_token_id;
+  if (c.eos_token_ids.size() == 1) j["eos_token_id"] = c.eos_token_ids[0];
+  if (c.eos_token_ids.size() > 1) j["eos_token_id"] = c.eos_token_ids;
+  j["torch_dtype"] = c.torch_dtype;
+  j["use_cache"] = true;
+  return j.dump(2) + "\n";
+}
+
+namespace {
+
+ModelConfig Llama(int64_t vocab, int64_t hidden, int64_t inter, int64_t layers, int64_t heads, int64_t kv,
+                  double theta, double eps, bool tied, int64_t max_pos) {
+  ModelConfig c;
+  c.architecture = "LlamaForCausalLM";
+  c.model_type = "llama";
+  c.vocab_size = vocab;
+  c.hidden_size = hidden;
+  c.intermediate_size = inter;
+  c.num_hidden_layers = layers;
+  c.num_attention_heads = heads;
+  c.num_key_value_heads = kv;
+  c.head_dim = hidden / heads;
+  c.rope_theta = theta;
+  c.rms_norm_eps = eps;
+  c.tie_word_embeddings = tied;
+  c.max_position_embeddings = max_pos;
+  return c;
+}
+
+}  // namespace
+
+std::vector<std::string> PresetNames() {
+  return {"tiny", "tiny-qwen2", "smollm2-135m", "smollm2-360m", "qwen2.5-0.5b", "tinyllama-1.1b"};
+}
+
+absl::StatusOr<ModelConfig> PresetConfig(std::string_view name) {
+  ModelConfig c;
+  if (name == "tiny") {
+    c = Llama(2048, 256, 688, 4, 8, 2, 10000.0, 1e-5, true, 2048);
+    c.bos_token_id = 0;
+    c.eos_token_ids = {0};
+  } else if (name == "tiny-qwen2") {
+    c = Llama(2048, 192, 512, 3, 6, 2, 1000000.0, 1e-6, false, 4096);
+    c.architecture = "Qwen2ForCausalLM";
+    c.model_type = "qwen2";
+    c.qkv_bias = true;
+    c.rope_scaling.type = RopeScaling::Type::kLlama3;  // allowed for any family; exercises the code path
+    c.rope_scaling.factor = 8.0;
+    c.rope_scaling.original_max_position_embeddings = 512;
+    c.bos_token_id = 0;
+    c.eos_token_ids = {0, 2};
+  } else if (name == "smollm2-135m") {
+    c = Llama(49152, 576, 1536, 30, 9, 3, 100000.0, 1e-5, true, 8192);
+    c.bos_token_id = 0;
+    c.eos_token_ids = {0};
+    c.torch_dtype = "bfloat16";
+  } else if (name == "smollm2-360m") {
+    c = Llama(49152, 960, 2560, 32, 15, 5, 100000.0, 1e-5, true, 8192);
+    c.bos_token_id = 0;
+    c.eos_token_ids = {0};
+    c.torch_dtype = "bfloat16";
+  } else if (name == "qwen2.5-0.5b") {
+    c = Llama(151936, 896, 4864, 24, 14, 2, 1000000.0, 1e-6, true, 32768);
+    c.architecture = "Qwen2ForCausalLM";
+    c.model_type = "qwen2";
+    c.qkv_bias = true;
+    c.bos_token_id = 151643;
+    c.eos_token_ids = {151643};
+    c.torch_dtype = "bfloat16";
+  } else if (name == "tinyllama-1.1b") {
+    c = Llama(32000, 2048, 5632, 22, 32, 4, 10000.0, 1e-5, false, 2048);
+    c.bos_token_id = 1;
+    c.eos_token_ids = {2};
+    c.torch_dtype = "bfloat16";
+  } else {
+    std::string names;
+    for (const std::string& n : PresetNames()) names += (names.empty() ? "" : ", ") + n;
+    return absl::NotFoundError(StrCat("unknown preset '", name, "' (presets: ", names, ")"));
+  }
+  return c;
+}
+
+}  // namespace seedling::model

@@ -1,0 +1,76 @@
+#pragma once
+
+// The model configuration, parsed from a Hugging Face config.json (LlamaForCausalLM, Qwen2ForCausalLM,
+// MistralForCausalLM), and the presets `seedling init-model` writes.
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace seedling::model {
+
+// RoPE frequency scaling (config.json "rope_scaling").
+struct RopeScaling {
+  enum class Type { kNone, kLinear, kLlama3 };
+  Type type = Type::kNone;
+  double factor = 1.0;  // linear and llama3
+  // llama3 only (Llama 3.1 defaults).
+  double low_freq_factor = 1.0;
+  double high_freq_factor = 4.0;
+  int64_t original_max_position_embeddings = 8192;
+};
+
+// Architecture hyper-parameters. Field names follow config.json.
+struct ModelConfig {
+  std::string architecture;  // "LlamaForCausalLM", "Qwen2ForCausalLM" or "MistralForCausalLM"
+  std::string model_type;    // "llama", "qwen2", "mistral"
+  int64_t vocab_size = 0;
+  int64_t hidden_size = 0;
+  int64_t intermediate_size = 0;
+  int64_t num_hidden_layers = 0;
+  int64_t num_attention_heads = 0;
+  int64_t num_key_value_heads = 0;  // < num_attention_heads means grouped-query attention
+  int64_t head_dim = 0;             // default hidden_size / num_attention_heads
+  int64_t max_position_embeddings = 2048;
+  double rms_norm_eps = 1e-6;
+  double rope_theta = 10000.0;
+  RopeScaling rope_scaling;
+  bool tie_word_embeddings = false;
+  bool qkv_bias = false;  // q/k/v projections have a bias (Qwen2 always; Llama with attention_bias)
+  bool o_bias = false;    // o_proj has a bias (Llama with attention_bias)
+  bool mlp_bias = false;  // gate/up/down have biases (Llama mlp_bias)
+  std::optional<int64_t> sliding_window;  // Mistral / Qwen2 with use_sliding_window: attend to the last N
+  std::optional<int64_t> bos_token_id;
+  std::vector<int64_t> eos_token_ids;  // config.json allows one id or a list
+  std::string torch_dtype = "float32";  // dtype of the stored weights ("bfloat16", "float16", "float32")
+
+  int64_t kv_dim() const { return num_key_value_heads * head_dim; }
+  int64_t q_dim() const { return num_attention_heads * head_dim; }
+  // Number of parameters the architecture implies (counting a tied LM head once).
+  int64_t NumParameters() const;
+
+  // Checks internal consistency (positive sizes, heads divisible by KV heads, even head_dim, ...).
+  absl::Status Validate() const;
+};
+
+// Parses config.json text. InvalidArgument naming the field for missing required fields, wrong types,
+// unknown architectures, activations other than SiLU, or unsupported rope_scaling types.
+absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view json_text);
+
+// Reads <model_dir>/config.json.
+absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir);
+
+// Serializes to a config.json that Hugging Face transformers loads.
+std::string ModelConfigToJson(const ModelConfig& config);
+
+// Presets for `init-model`: "tiny" (about 3.5M parameters, GQA, tied), "tiny-qwen2" (q/k/v bias, untied
+// LM head, llama3 RoPE scaling: exercises every option), "smollm2-135m", "smollm2-360m", "qwen2.5-0.5b",
+// "tinyllama-1.1b" (the exact shapes of the published models). NotFound lists the valid names.
+absl::StatusOr<ModelConfig> PresetConfig(std::string_view name);
+std::vector<std::string> PresetNames();
+
+}  // namespace seedling::model

@@ -1,0 +1,248 @@
+#include "model/kernels.h"
+
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
+
+#include <cmath>
+#include <limits>
+#include <numbers>
+
+#include "base/check.h"
+
+namespace seedling::model {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+int64_t PickChunk(int64_t chunk_tokens, int64_t vocab) {
+  if (chunk_tokens > 0) return chunk_tokens;
+  constexpr int64_t kChunkBytes = 16 << 20;
+  return std::max<int64_t>(1, kChunkBytes / (4 * std::max<int64_t>(vocab, 1)));
+}
+
+// Plain chunked loop: sum of per-row losses. Uses only differentiable standard ops, so it also serves
+// forward-mode AD; under reverse-mode autograd it would keep every chunk's logits, which is why the custom
+// function below exists.
+at::Tensor ChunkedCeLoop(const at::Tensor& hidden, const at::Tensor& weight_f, const at::Tensor& targets,
+                         int64_t chunk) {
+  const int64_t n = hidden.size(0);
+  at::Tensor total = at::zeros({}, hidden.options());
+  for (int64_t start = 0; start < n; start += chunk) {
+    const int64_t len = std::min(chunk, n - start);
+    const at::Tensor h = hidden.narrow(0, start, len);          // (c, H)
+    const at::Tensor t = targets.narrow(0, start, len);         // (c)
+    const at::Tensor valid = t.ne(kIgnoreIndex);                // (c)
+    const at::Tensor safe_t = t.masked_fill(~valid, 0);         // (c)
+    const at::Tensor logits = at::matmul(h, weight_f.t());      // (c, V)
+    const at::Tensor lse = at::logsumexp(logits, {1});          // (c)
+    const at::Tensor target_logit = logits.gather(1, safe_t.unsqueeze(1)).squeeze(1);  // (c)
+    total = total + ((lse - target_logit) * valid.to(hidden.scalar_type())).sum();
+  }
+  return total;
+}
+
+struct ChunkedCeFunction : public torch::autograd::Function<ChunkedCeFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& hidden, const at::Tensor& weight,
+                            const at::Tensor& targets, int64_t chunk) {
+    ctx->save_for_backward({hidden, weight, targets});
+    ctx->saved_data["chunk"] = chunk;
+    return ChunkedCeLoop(hidden, AsFloat(weight), targets, chunk);
+  }
+
+  // d loss / d logits = softmax(logits) - onehot(target), zero for ignored rows; recomputed per chunk.
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor& hidden = saved[0];
+    const at::Tensor& weight = saved[1];
+    const at::Tensor& targets = saved[2];
+    const int64_t chunk = ctx->saved_data["chunk"].toInt();
+    const at::Tensor g = grad_outputs[0];  // scalar
+    const bool need_h = ctx->needs_input_grad(0);
+    const bool need_w = ctx->needs_input_grad(1);
+    const at::Tensor weight_f = AsFloat(weight);
+    at::Tensor grad_h = need_h ? at::empty_like(hidden) : at::Tensor();
+    at::Tensor grad_w = need_w ? at::zeros_like(weight_f) : at::Tensor();
+    const int64_t n = hidden.size(0);
+    for (int64_t start = 0; start < n; start += chunk) {
+      const int64_t len = std::min(chunk, n - start);
+      const at::Tensor h = hidden.narrow(0, start, len);      // (c, H)
+      const at::Tensor t = targets.narrow(0, start, len);     // (c)
+      const at::Tensor valid = t.ne(kIgnoreIndex);            // (c)
+      const at::Tensor safe_t = t.masked_fill(~valid, 0);     // (c)
+      at::Tensor p = at::matmul(h, weight_f.t());             // (c, V) logits
+      const at::Tensor lse = at::logsumexp(p, {1}, /*keepdim=*/true);
+      p.sub_(lse).exp_();                                     // softmax, in place
+      const at::Tensor row_scale = valid.to(p.scalar_type()) * g;  // (c)
+      p.scatter_add_(1, safe_t.unsqueeze(1), -at::ones({len, 1}, p.options()));
+      p.mul_(row_scale.unsqueeze(1));
+      if (need_h) grad_h.narrow(0, start, len).copy_(at::matmul(p, weight_f));  // (c, H)
+      if (need_w) grad_w.addmm_(p.t(), h);                                        // (V, H)
+    }
+    if (need_w && grad_w.scalar_type() != weight.scalar_type()) grad_w = grad_w.to(weight.scalar_type());
+    return {grad_h, grad_w, at::Tensor(), at::Tensor()};
+  }
+};
+
+// Backward node of Checkpoint(): re-runs the layer with autograd on, then backpropagates through it.
+class CheckpointNode : public torch::autograd::Node {
+ public:
+  CheckpointNode(std::function<at::Tensor(const at::Tensor&)> fn, at::Tensor input,
+                 std::vector<at::Tensor> params)
+      : fn_(std::move(fn)), input_(std::move(input)), params_(std::move(params)) {}
+
+  std::string name() const override { return "seedling::CheckpointNode"; }
+
+  variable_list apply(variable_list&& grads) override {
+    SEEDLING_CHECK(grads.size() == 1);
+    const bool input_needs_grad = task_should_compute_output(0);
+    at::Tensor x = input_.detach();
+    if (input_needs_grad) x.requires_grad_(true);
+    at::Tensor y;
+    {
+      at::AutoGradMode enable_grad(true);
+      y = fn_(x);
+    }
+    // Collect the inputs of the recomputed graph whose gradients the outer graph wants.
+    variable_list wrt;
+    std::vector<size_t> slot;  // edge index of each entry of wrt
+    if (input_needs_grad) {
+      wrt.push_back(x);
+      slot.push_back(0);
+    }
+    for (size_t i = 0; i < params_.size(); ++i) {
+      if (params_[i].requires_grad() && task_should_compute_output(i + 1)) {
+        wrt.push_back(params_[i]);
+        slot.push_back(i + 1);
+      }
+    }
+    variable_list out(1 + params_.size());
+    if (wrt.empty() || !y.requires_grad()) return out;
+    variable_list g = torch::autograd::grad({y}, wrt, {grads[0]}, /*retain_graph=*/false,
+                                           /*create_graph=*/false, /*allow_unused=*/true);
+    for (size_t i = 0; i < wrt.size(); ++i) out[slot[i]] = g[i];
+    return out;
+  }
+
+ private:
+  void release_variables() override {
+    input_.reset();
+    params_.clear();
+    fn_ = nullptr;
+  }
+
+  std::function<at::Tensor(const at::Tensor&)> fn_;
+  at::Tensor input_;
+  std::vector<at::Tensor> params_;
+};
+
+}  // namespace
+
+at::Tensor ChunkedCrossEntropy(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+                               int64_t chunk_tokens) {
+  SEEDLING_CHECK(hidden.dim() == 2 && weight.dim() == 2 && targets.dim() == 1);
+  SEEDLING_CHECK(hidden.size(0) == targets.size(0) && hidden.size(1) == weight.size(1));
+  const int64_t chunk = PickChunk(chunk_tokens, weight.size(0));
+  const bool needs_autograd =
+      at::GradMode::is_enabled() && (hidden.requires_grad() || weight.requires_grad());
+  if (needs_autograd) return ChunkedCeFunction::apply(hidden, weight, targets, chunk);
+  return ChunkedCeLoop(hidden, AsFloat(weight), targets, chunk);
+}
+
+at::Tensor Checkpoint(std::function<at::Tensor(const at::Tensor&)> fn, const at::Tensor& x,
+                      std::vector<at::Tensor> params) {
+  bool any_grad = x.requires_grad();
+  for (const at::Tensor& p : params) any_grad = any_grad || p.requires_grad();
+  if (!at::GradMode::is_enabled() || !any_grad) return fn(x);
+  at::Tensor y;
+  {
+    at::NoGradGuard no_grad;
+    y = fn(x);
+  }
+  torch::autograd::variable_list inputs;
+  inputs.reserve(1 + params.size());
+  inputs.push_back(x);
+  for (const at::Tensor& p : params) inputs.push_back(p);
+  auto node = std::shared_ptr<CheckpointNode>(new CheckpointNode(std::move(fn), x.detach(), std::move(params)),
+                                              torch::autograd::deleteNode);
+  node->set_next_edges(torch::autograd::collect_next_edges(inputs));
+  torch::autograd::create_gradient_edge(y, node);
+  return y;
+}
+
+at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const at::Tensor inv_rms = at::rsqrt(x.pow(2).mean({-1}, /*keepdim=*/true) + eps);
+  return x * inv_rms * AsFloat(weight);
+}
+
+at::Tensor RopeInverseFrequencies(const ModelConfig& c) {
+  const int64_t half = c.head_dim / 2;
+  at::Tensor inv = at::empty({half}, at::kDouble);
+  double* p = inv.data_ptr<double>();
+  for (int64_t i = 0; i < half; ++i) {
+    p[i] = 1.0 / std::pow(c.rope_theta, static_cast<double>(2 * i) / static_cast<double>(c.head_dim));
+  }
+  const RopeScaling& rs = c.rope_scaling;
+  switch (rs.type) {
+    case RopeScaling::Type::kNone:
+      break;
+    case RopeScaling::Type::kLinear:
+      // Position interpolation: positions / factor, i.e. frequencies / factor.
+      for (int64_t i = 0; i < half; ++i) p[i] /= rs.factor;
+      break;
+    case RopeScaling::Type::kLlama3: {
+      // Llama 3.1: long wavelengths scaled by 1/factor, short ones kept, a smooth ramp in between.
+      const double old_len = static_cast<double>(rs.original_max_position_embeddings);
+      const double low_freq_wavelen = old_len / rs.low_freq_factor;
+      const double high_freq_wavelen = old_len / rs.high_freq_factor;
+      for (int64_t i = 0; i < half; ++i) {
+        const double wavelen = 2.0 * std::numbers::pi / p[i];
+        if (wavelen < high_freq_wavelen) continue;
+        if (wavelen > low_freq_wavelen) {
+          p[i] /= rs.factor;
+          continue;
+        }
+        const double smooth =
+            (old_len / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor);
+        p[i] = (1.0 - smooth) * p[i] / rs.factor + smooth * p[i];
+      }
+      break;
+    }
+  }
+  return inv;
+}
+
+RopeTables MakeRopeTables(const at::Tensor& inv_freq, int64_t start, int64_t length) {
+  const at::Tensor pos = at::arange(start, start + length, at::kDouble);  // (T)
+  const at::Tensor freqs = at::outer(pos, inv_freq);                      // (T, D/2)
+  return {freqs.cos().to(at::kFloat), freqs.sin().to(at::kFloat)};
+}
+
+at::Tensor ApplyRope(const at::Tensor& x, const RopeTables& rope) {
+  const int64_t half = x.size(-1) / 2;
+  const at::Tensor x1 = x.narrow(-1, 0, half);     // (B, h, T, D/2)
+  const at::Tensor x2 = x.narrow(-1, half, half);  // (B, h, T, D/2)
+  return at::cat({x1 * rope.cos - x2 * rope.sin, x2 * rope.cos + x1 * rope.sin}, -1);
+}
+
+at::Tensor GroupedQueryAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 int64_t q_start, std::optional<int64_t> sliding_window) {
+  const int64_t b = q.size(0), hq = q.size(1), t = q.size(2), d = q.size(3);
+  const int64_t hkv = k.size(1), s = k.size(2);
+  SEEDLING_CHECK(hq % hkv == 0 && v.size(1) == hkv && v.size(2) == s);
+  const int64_t groups = hq / hkv;
+  // Query head h uses KV head h / groups (Hugging Face repeat_kv order), so the `groups` query heads of a
+  // KV head are consecutive and fold into rows: (B, Hkv, groups*T, D).
+  const at::Tensor qg = (q * (1.0 / std::sqrt(static_cast<double>(d)))).reshape({b, hkv, groups * t, d});
+  at::Tensor scores = at::matmul(qg, k.transpose(-1, -2)).view({b, hkv, groups, t, s});  // (B,Hkv,G,T,S)
+  const at::Tensor q_pos = at::arange(q_start, q_start + t, at::kLong).unsqueeze(1);      // (T, 1)
+  const at::Tensor k_pos = at::arange(0, s, at::kLong).unsqueeze(0);                      // (1, S)
+  at::Tensor masked = k_pos.gt(q_pos);
+  if (sliding_window) masked = masked.logical_or(k_pos.le(q_pos - *sliding_window));
+  scores = scores.masked_fill(masked, -std::numeric_limits<float>::infinity());
+  const at::Tensor probs = at::softmax(scores, -1).view({b, hkv, groups * t, s});
+  return at::matmul(probs, v).view({b, hq, t, d});
+}
+
+}  // namespace seedling::model

@@ -1,0 +1,72 @@
+#pragma once
+
+// Memory-bounded kernels and the decoder's building blocks, as free functions on tensors so tests can check
+// each against a naive version.
+//
+//  * ChunkedCrossEntropy: next-token loss over a large vocabulary without ever holding the (tokens × vocab)
+//    logits: forward and backward walk the tokens in chunks and recompute each chunk's logits.
+//  * Checkpoint: per-layer recomputation (activation checkpointing). The forward keeps only the layer input;
+//    the backward re-runs the layer with autograd on and backpropagates through it.
+//  * RmsNorm, rotary embeddings (RoPE with linear / llama3 scaling), grouped-query causal attention.
+//
+// All tensors are fp32 unless noted. Functions assume validated shapes (callers validate external input);
+// a shape mismatch here is a programming error and LibTorch will throw.
+
+#include <ATen/ATen.h>
+
+#include <functional>
+#include <vector>
+
+#include "model/config.h"
+
+namespace seedling::model {
+
+inline constexpr int64_t kIgnoreIndex = -100;
+
+// Sum over rows n with targets[n] != kIgnoreIndex of -log softmax(hidden[n] · weightᵀ)[targets[n]].
+//   hidden  (N, H) fp32; weight (V, H) fp32, bf16 or f16 (upcast per chunk); targets (N) int64.
+// Never materializes more than (chunk_tokens × V) logits, in forward or backward. Differentiable w.r.t.
+// hidden and weight through a custom autograd function when grad mode is on and either requires grad;
+// otherwise a plain chunked loop (which also works with forward-mode AD dual tensors).
+// chunk_tokens <= 0 picks a chunk of about 16 MiB of logits.
+at::Tensor ChunkedCrossEntropy(const at::Tensor& hidden, const at::Tensor& weight,
+                               const at::Tensor& targets, int64_t chunk_tokens = 0);
+
+// Runs y = fn(x) such that, under autograd, only `x` is kept for backward; the backward re-runs fn with
+// autograd on and propagates to `x` and to every tensor in `params` that requires grad (fn must use no other
+// tensor that requires grad, and must be deterministic). `fn` and what it captures must outlive backward.
+// Without grad mode, or when neither x nor params require grad, this is just fn(x).
+at::Tensor Checkpoint(std::function<at::Tensor(const at::Tensor&)> fn, const at::Tensor& x,
+                      std::vector<at::Tensor> params);
+
+// x * rsqrt(mean(x², -1) + eps) * weight, over the last dimension.
+at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps);
+
+// RoPE inverse frequencies (head_dim / 2), with the config's rope_scaling applied. Double precision.
+at::Tensor RopeInverseFrequencies(const ModelConfig& config);
+
+// cos and sin tables for positions [start, start + length): each (length, head_dim / 2), fp32.
+struct RopeTables {
+  at::Tensor cos;
+  at::Tensor sin;
+};
+RopeTables MakeRopeTables(const at::Tensor& inv_freq, int64_t start, int64_t length);
+
+// Applies RoPE in the Hugging Face "rotate half" layout (first half / second half of each head, not
+// interleaved) to x (B, heads, T, D).
+at::Tensor ApplyRope(const at::Tensor& x, const RopeTables& rope);
+
+// Causal grouped-query attention.
+//   q (B, Hq, T, D), k and v (B, Hkv, S, D) with Hq % Hkv == 0; query t sits at absolute position
+//   q_start + t and may attend to keys at positions <= its own (keys occupy positions [0, S)), and, with a
+//   sliding window w, only to the last w of them. Returns (B, Hq, T, D).
+// The query heads of each KV group are folded into the row dimension, so K and V are never repeated.
+at::Tensor GroupedQueryAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 int64_t q_start, std::optional<int64_t> sliding_window = std::nullopt);
+
+// Returns t if it is fp32, else t converted to fp32 (frozen weights may be kept in bf16 / f16).
+inline at::Tensor AsFloat(const at::Tensor& t) {
+  return (!t.defined() || t.scalar_type() == at::kFloat) ? t : t.to(at::kFloat);
+}
+
+}  // namespace seedling::model

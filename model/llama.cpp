@@ -1,0 +1,260 @@
+#include "model/llama.h"
+
+#include <torch/csrc/autograd/generated/variable_factories.h>
+
+#include "base/check.h"
+#include "base/status.h"
+#include "base/strings.h"
+#include "model/internal/torch_status.h"
+
+namespace seedling::model {
+namespace {
+
+std::string ShapeString(at::IntArrayRef shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += StrCat(i ? ", " : "", shape[i]);
+  return s + "]";
+}
+
+}  // namespace
+
+const char* ProjectionName(Projection p) {
+  switch (p) {
+    case Projection::kQ:
+      return "q_proj";
+    case Projection::kK:
+      return "k_proj";
+    case Projection::kV:
+      return "v_proj";
+    case Projection::kO:
+      return "o_proj";
+    case Projection::kGate:
+      return "gate_proj";
+    case Projection::kUp:
+      return "up_proj";
+    case Projection::kDown:
+      return "down_proj";
+  }
+  return "?";
+}
+
+KvCache::KvCache(const ModelConfig& config, int64_t batch, int64_t max_length)
+    : batch_(batch), max_length_(max_length) {
+  SEEDLING_CHECK(batch > 0 && max_length > 0);
+  for (int64_t l = 0; l < config.num_hidden_layers; ++l) {
+    k_.push_back(at::zeros({batch, config.num_key_value_heads, max_length, config.head_dim}, at::kFloat));
+    v_.push_back(at::zeros({batch, config.num_key_value_heads, max_length, config.head_dim}, at::kFloat));
+  }
+}
+
+int64_t KvCache::bytes() const {
+  int64_t total = 0;
+  for (size_t i = 0; i < k_.size(); ++i) total += k_[i].nbytes() + v_[i].nbytes();
+  return total;
+}
+
+LlamaModel::LlamaModel(ModelConfig config, ModelWeights weights)
+    : config_(std::move(config)), weights_(std::move(weights)), inv_freq_(RopeInverseFrequencies(config_)) {}
+
+absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& dir,
+                                                             const LoadOptions& options) {
+  SEEDLING_ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(dir));
+  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsCollection> files,
+                            SafetensorsCollection::Open(dir, MappedFile::Mode::kCopyOnWrite));
+  auto weights = internal::CatchTorch("loading weights", [&] { return LoadWeights(*files, config, options); });
+  if (!weights.ok()) return Annotate(weights.status(), dir);
+  return Create(std::move(config), std::move(weights).value());
+}
+
+absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Create(ModelConfig config, ModelWeights weights) {
+  SEEDLING_RETURN_IF_ERROR(config.Validate());
+  if (static_cast<int64_t>(weights.layers.size()) != config.num_hidden_layers) {
+    return absl::InvalidArgumentError(StrCat("weights have ", weights.layers.size(), " layers, config has ",
+                                             config.num_hidden_layers));
+  }
+  if (!weights.lm_head.defined() && config.tie_word_embeddings) weights.lm_head = weights.embed;
+  const auto expected = ExpectedTensors(config);
+  const auto named = NamedWeights(weights, config);
+  SEEDLING_CHECK(expected.size() == named.size());
+  for (size_t i = 0; i < named.size(); ++i) {
+    const at::Tensor& t = named[i].tensor;
+    if (!t.defined()) return absl::InvalidArgumentError(StrCat("weight '", named[i].name, "' is missing"));
+    if (t.sizes().vec() != expected[i].second) {
+      return absl::InvalidArgumentError(StrCat("weight '", named[i].name, "' has shape ",
+                                               ShapeString(t.sizes()), ", config implies ",
+                                               ShapeString(expected[i].second)));
+    }
+  }
+  if (!weights.lm_head.defined()) return absl::InvalidArgumentError("weight 'lm_head.weight' is missing");
+  return std::unique_ptr<LlamaModel>(new LlamaModel(std::move(config), std::move(weights)));
+}
+
+absl::Status LlamaModel::ValidateTokens(const at::Tensor& tokens) const {
+  if (!tokens.defined() || tokens.dim() != 2) {
+    return absl::InvalidArgumentError(StrCat("tokens must be a (batch, time) tensor, got ",
+                                             tokens.defined() ? ShapeString(tokens.sizes()) : "undefined"));
+  }
+  if (tokens.scalar_type() != at::kLong) return absl::InvalidArgumentError("tokens must be int64");
+  if (tokens.size(0) == 0 || tokens.size(1) == 0) {
+    return absl::InvalidArgumentError(StrCat("tokens must be non-empty, got ", ShapeString(tokens.sizes())));
+  }
+  const int64_t lo = tokens.min().item<int64_t>();
+  const int64_t hi = tokens.max().item<int64_t>();
+  if (lo < 0 || hi >= config_.vocab_size) {
+    return absl::InvalidArgumentError(StrCat("token id ", lo < 0 ? lo : hi, " is outside the vocabulary [0, ",
+                                             config_.vocab_size, ")"));
+  }
+  return absl::OkStatus();
+}
+
+at::Tensor LlamaModel::Embed(const at::Tensor& tokens) const {
+  return AsFloat(at::embedding(weights_.embed, tokens));  // (B, T, H)
+}
+
+at::Tensor LlamaModel::Project(int64_t layer, Projection p, const at::Tensor& x, const at::Tensor& w,
+                               const at::Tensor& b, const ForwardOptions& options) const {
+  at::Tensor y = at::linear(x, AsFloat(w), b.defined() ? c10::optional<at::Tensor>(AsFloat(b)) : c10::nullopt);
+  if (options.adapter != nullptr) y = options.adapter->Apply(layer, p, x, y);
+  return y;
+}
+
+at::Tensor LlamaModel::Mlp(int64_t layer, const at::Tensor& x, const ForwardOptions& options) const {
+  const LayerWeights& w = weights_.layers[static_cast<size_t>(layer)];
+  const at::Tensor gate = Project(layer, Projection::kGate, x, w.gate, w.gate_bias, options);  // (B, T, I)
+  const at::Tensor up = Project(layer, Projection::kUp, x, w.up, w.up_bias, options);          // (B, T, I)
+  return Project(layer, Projection::kDown, at::silu(gate) * up, w.down, w.down_bias, options);  // (B, T, H)
+}
+
+at::Tensor LlamaModel::DecoderLayer(int64_t layer, const at::Tensor& x, const RopeTables& rope,
+                                    const ForwardOptions& options) const {
+  return DecoderLayerImpl(layer, x, rope, options, nullptr, 0);
+}
+
+at::Tensor LlamaModel::DecoderLayerImpl(int64_t layer, const at::Tensor& x, const RopeTables& rope,
+                                        const ForwardOptions& options, KvCache* cache,
+                                        int64_t q_start) const {
+  const LayerWeights& w = weights_.layers[static_cast<size_t>(layer)];
+  const int64_t b = x.size(0), t = x.size(1);
+  const int64_t hq = config_.num_attention_heads, hkv = config_.num_key_value_heads, d = config_.head_dim;
+  const double eps = config_.rms_norm_eps;
+
+  // Attention block.
+  const at::Tensor h = RmsNorm(x, w.input_norm, eps);  // (B, T, H)
+  at::Tensor q = Project(layer, Projection::kQ, h, w.q, w.q_bias, options).view({b, t, hq, d}).transpose(1, 2);
+  at::Tensor k = Project(layer, Projection::kK, h, w.k, w.k_bias, options).view({b, t, hkv, d}).transpose(1, 2);
+  at::Tensor v = Project(layer, Projection::kV, h, w.v, w.v_bias, options).view({b, t, hkv, d}).transpose(1, 2);
+  q = ApplyRope(q, rope);  // (B, Hq, T, D)
+  k = ApplyRope(k, rope);  // (B, Hkv, T, D)
+  if (cache != nullptr) {
+    at::Tensor& ck = cache->k_[static_cast<size_t>(layer)];
+    at::Tensor& cv = cache->v_[static_cast<size_t>(layer)];
+    ck.narrow(2, q_start, t).copy_(k);
+    cv.narrow(2, q_start, t).copy_(v);
+    k = ck.narrow(2, 0, q_start + t);  // (B, Hkv, S, D)
+    v = cv.narrow(2, 0, q_start + t);
+  }
+  const at::Tensor attn = GroupedQueryAttention(q, k, v, q_start, config_.sliding_window)  // (B, Hq, T, D)
+                              .transpose(1, 2)
+                              .reshape({b, t, hq * d});
+  const at::Tensor x1 = x + Project(layer, Projection::kO, attn, w.o, w.o_bias, options);
+
+  // MLP block.
+  return x1 + Mlp(layer, RmsNorm(x1, w.post_norm, eps), options);
+}
+
+std::vector<at::Tensor> LlamaModel::LayerTensors(int64_t layer, const ForwardOptions& options) const {
+  const LayerWeights& w = weights_.layers[static_cast<size_t>(layer)];
+  std::vector<at::Tensor> out;
+  for (const at::Tensor* t : {&w.input_norm, &w.q, &w.k, &w.v, &w.o, &w.q_bias, &w.k_bias, &w.v_bias, &w.o_bias,
+                              &w.post_norm, &w.gate, &w.up, &w.down, &w.gate_bias, &w.up_bias, &w.down_bias}) {
+    if (t->defined() && t->requires_grad()) out.push_back(*t);
+  }
+  if (options.adapter != nullptr) {
+    for (at::Tensor& t : options.adapter->LayerTensors(layer)) out.push_back(std::move(t));
+  }
+  return out;
+}
+
+absl::StatusOr<at::Tensor> LlamaModel::Hidden(const at::Tensor& tokens, const ForwardOptions& options) const {
+  SEEDLING_RETURN_IF_ERROR(ValidateTokens(tokens));
+  return internal::CatchTorch("forward", [&] {
+    at::Tensor x = Embed(tokens);  // (B, T, H)
+    const RopeTables rope = MakeRopeTables(inv_freq_, 0, tokens.size(1));
+    const bool recompute = options.recompute && at::GradMode::is_enabled();
+    for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
+      if (recompute) {
+        x = Checkpoint([this, l, rope, options](const at::Tensor& in) { return DecoderLayer(l, in, rope, options); },
+                       x, LayerTensors(l, options));
+      } else {
+        x = DecoderLayer(l, x, rope, options);
+      }
+    }
+    return RmsNorm(x, weights_.final_norm, config_.rms_norm_eps);
+  });
+}
+
+at::Tensor LlamaModel::LmHead(const at::Tensor& hidden) const {
+  return at::matmul(hidden, AsFloat(weights_.lm_head).t());
+}
+
+absl::StatusOr<at::Tensor> LlamaModel::Logits(const at::Tensor& tokens, const ForwardOptions& options) const {
+  SEEDLING_ASSIGN_OR_RETURN(at::Tensor hidden, Hidden(tokens, options));
+  return internal::CatchTorch("lm head", [&] { return LmHead(hidden); });
+}
+
+absl::StatusOr<LossOutput> LlamaModel::Loss(const at::Tensor& tokens, const at::Tensor& labels,
+                                            const ForwardOptions& options) const {
+  if (!labels.defined() || labels.sizes() != tokens.sizes() || labels.scalar_type() != at::kLong) {
+    return absl::InvalidArgumentError(
+        StrCat("labels must be int64 with the tokens' shape ", ShapeString(tokens.sizes()), ", got ",
+               labels.defined() ? ShapeString(labels.sizes()) : "undefined"));
+  }
+  const at::Tensor bad = labels.ne(kIgnoreIndex).logical_and(labels.lt(0).logical_or(labels.ge(config_.vocab_size)));
+  if (bad.any().item<bool>()) {
+    return absl::InvalidArgumentError(StrCat("labels must be -100 or in [0, ", config_.vocab_size, ")"));
+  }
+  SEEDLING_ASSIGN_OR_RETURN(at::Tensor hidden, Hidden(tokens, options));
+  return internal::CatchTorch("loss", [&] {
+    const int64_t b = tokens.size(0), t = tokens.size(1), h = config_.hidden_size;
+    LossOutput out;
+    if (t < 2) {
+      out.sum = (hidden.sum() * 0.0);  // nothing to predict; keeps the graph connected
+      return out;
+    }
+    const at::Tensor hs = hidden.narrow(1, 0, t - 1).reshape({b * (t - 1), h});  // (N, H)
+    const at::Tensor targets = labels.narrow(1, 1, t - 1).reshape({b * (t - 1)});  // (N)
+    out.sum = ChunkedCrossEntropy(hs, weights_.lm_head, targets, options.ce_chunk_tokens);
+    out.tokens = targets.ne(kIgnoreIndex).sum().item<int64_t>();
+    return out;
+  });
+}
+
+absl::StatusOr<at::Tensor> LlamaModel::ForwardCached(const at::Tensor& tokens, KvCache& cache, bool last_only,
+                                                     const ForwardOptions& options) const {
+  SEEDLING_RETURN_IF_ERROR(ValidateTokens(tokens));
+  if (tokens.size(0) != cache.batch_) {
+    return absl::InvalidArgumentError(StrCat("tokens have batch ", tokens.size(0), ", the cache ", cache.batch_));
+  }
+  if (static_cast<int64_t>(cache.k_.size()) != config_.num_hidden_layers) {
+    return absl::InvalidArgumentError("the KV cache was made for a different model");
+  }
+  const int64_t t = tokens.size(1), start = cache.length_;
+  if (start + t > cache.max_length_) {
+    return absl::OutOfRangeError(StrCat("KV cache holds ", cache.max_length_, " positions; ", start, " used, ", t,
+                                        " more requested"));
+  }
+  return internal::CatchTorch("cached forward", [&] {
+    at::NoGradGuard no_grad;
+    at::Tensor x = Embed(tokens);  // (B, t, H)
+    const RopeTables rope = MakeRopeTables(inv_freq_, start, t);
+    for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
+      x = DecoderLayerImpl(l, x, rope, options, &cache, start);
+    }
+    cache.length_ = start + t;
+    x = RmsNorm(x, weights_.final_norm, config_.rms_norm_eps);
+    if (last_only) x = x.narrow(1, t - 1, 1);
+    return LmHead(x);
+  });
+}
+
+}  // namespace seedling::model

@@ -1,0 +1,137 @@
+#pragma once
+
+// The Llama-family causal decoder (Llama, TinyLlama, SmolLM/SmolLM2, MobileLLM, Qwen2/2.5, Mistral) on
+// LibTorch, CPU, fp32 compute: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, tied or untied LM head.
+//
+// Three ways to run it:
+//   * Hidden / Logits / Loss: the full sequence, for training and evaluation. Loss uses the chunked
+//     cross-entropy (never the whole tokens × vocab logits) and, with ForwardOptions::recompute, keeps only
+//     each decoder layer's input for backward.
+//   * ForwardCached with a KvCache: incremental decoding for generation.
+// The model knows nothing about federation or LoRA; an adapter (lora/) plugs in through ProjectionAdapter.
+//
+// Thread-safety: a const LlamaModel may be used by many threads at once (each with its own KvCache).
+// Autograd graphs built from it reference its weights: the model must outlive them.
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "model/config.h"
+#include "model/kernels.h"
+#include "model/weights.h"
+
+namespace seedling::model {
+
+// The linear projections of a decoder layer, in Hugging Face naming.
+enum class Projection { kQ, kK, kV, kO, kGate, kUp, kDown };
+inline constexpr int kNumProjections = 7;
+// "q_proj", "k_proj", ..., "down_proj".
+const char* ProjectionName(Projection p);
+
+// Adds a learned delta to projections (LoRA and friends live in lora/, not here).
+class ProjectionAdapter {
+ public:
+  virtual ~ProjectionAdapter() = default;
+  // Returns base_out plus this adapter's contribution for projection `p` of decoder layer `layer`.
+  //   x (B, T, in), base_out (B, T, out). Must be deterministic (it is re-run under recomputation).
+  virtual at::Tensor Apply(int64_t layer, Projection p, const at::Tensor& x,
+                           const at::Tensor& base_out) const = 0;
+  // Every tensor Apply uses for `layer` that may require grad (recomputation needs the list).
+  virtual std::vector<at::Tensor> LayerTensors(int64_t layer) const = 0;
+};
+
+struct ForwardOptions {
+  const ProjectionAdapter* adapter = nullptr;  // borrowed; null = base model only
+  bool recompute = false;  // per-layer activation checkpointing (matters only when autograd records)
+  int64_t ce_chunk_tokens = 0;  // chunk of the cross-entropy in tokens; 0 = about 16 MiB of logits
+};
+
+// Keys and values of past positions, for ForwardCached. Preallocated to `max_length` positions.
+class KvCache {
+ public:
+  KvCache(const ModelConfig& config, int64_t batch, int64_t max_length);
+  int64_t length() const { return length_; }
+  int64_t max_length() const { return max_length_; }
+  int64_t batch() const { return batch_; }
+  void Reset() { length_ = 0; }
+  int64_t bytes() const;
+
+ private:
+  friend class LlamaModel;
+  int64_t batch_;
+  int64_t max_length_;
+  int64_t length_ = 0;
+  std::vector<at::Tensor> k_, v_;  // per layer (B, Hkv, max_length, D)
+};
+
+// Summed next-token loss and the number of tokens it covers (mean = sum / tokens).
+struct LossOutput {
+  at::Tensor sum;      // scalar, differentiable
+  int64_t tokens = 0;  // positions with a label
+  at::Tensor mean() const { return tokens > 0 ? sum / static_cast<double>(tokens) : sum; }
+};
+
+class LlamaModel {
+ public:
+  // Loads <dir>/config.json and the safetensors weights (single file or sharded). The weights are mapped
+  // copy-on-write: writing a weight in place never changes the file.
+  static absl::StatusOr<std::unique_ptr<LlamaModel>> Load(const std::string& dir,
+                                                          const LoadOptions& options = {});
+  // Takes ownership of `weights` after checking their shapes against `config`.
+  static absl::StatusOr<std::unique_ptr<LlamaModel>> Create(ModelConfig config, ModelWeights weights);
+
+  const ModelConfig& config() const { return config_; }
+  const ModelWeights& weights() const { return weights_; }
+  ModelWeights& mutable_weights() { return weights_; }
+
+  // tokens (B, T) int64. Returns the final-normed hidden states (B, T, H).
+  // InvalidArgument for a wrong rank/dtype or a token id outside [0, vocab_size).
+  absl::StatusOr<at::Tensor> Hidden(const at::Tensor& tokens, const ForwardOptions& options = {}) const;
+
+  // Logits (B, T, V) for every position. Materializes the full logits: for short sequences, tests and
+  // generation; training and evaluation use Loss.
+  absl::StatusOr<at::Tensor> Logits(const at::Tensor& tokens, const ForwardOptions& options = {}) const;
+
+  // Next-token cross-entropy. labels (B, T) int64 follow the Hugging Face convention: labels[b, t] is the
+  // token expected at position t (usually tokens[b, t]) or -100 to exclude it; position t's hidden state
+  // is scored against labels[b, t + 1]. Differentiable (w.r.t. whatever requires grad).
+  absl::StatusOr<LossOutput> Loss(const at::Tensor& tokens, const at::Tensor& labels,
+                                  const ForwardOptions& options = {}) const;
+
+  // Runs tokens (B, t) at positions [cache.length(), cache.length() + t), appends their keys and values to
+  // the cache, and returns logits (B, t, V), or (B, 1, V) for the last position only with last_only.
+  // OutOfRange if the cache would overflow; InvalidArgument for bad tokens or a batch mismatch.
+  absl::StatusOr<at::Tensor> ForwardCached(const at::Tensor& tokens, KvCache& cache, bool last_only = false,
+                                           const ForwardOptions& options = {}) const;
+
+  // Final hidden states -> logits, for hidden (..., H).
+  at::Tensor LmHead(const at::Tensor& hidden) const;
+
+  // One decoder layer on x (B, T, H) at positions given by rope; exposed for tests and benchmarks.
+  at::Tensor DecoderLayer(int64_t layer, const at::Tensor& x, const RopeTables& rope,
+                          const ForwardOptions& options) const;
+
+ private:
+  LlamaModel(ModelConfig config, ModelWeights weights);
+  absl::Status ValidateTokens(const at::Tensor& tokens) const;
+  at::Tensor Embed(const at::Tensor& tokens) const;
+  at::Tensor Project(int64_t layer, Projection p, const at::Tensor& x, const at::Tensor& w,
+                     const at::Tensor& b, const ForwardOptions& options) const;
+  at::Tensor Mlp(int64_t layer, const at::Tensor& x, const ForwardOptions& options) const;
+  // With a cache, writes this step's keys/values at [q_start, q_start + T) and attends over [0, q_start + T).
+  at::Tensor DecoderLayerImpl(int64_t layer, const at::Tensor& x, const RopeTables& rope,
+                              const ForwardOptions& options, KvCache* cache, int64_t q_start) const;
+  std::vector<at::Tensor> LayerTensors(int64_t layer, const ForwardOptions& options) const;
+
+  // Constant after construction (weights may be changed in place by their owner, e.g. an adapter merge).
+  ModelConfig config_;
+  ModelWeights weights_;
+  at::Tensor inv_freq_;  // RoPE inverse frequencies (D/2), double
+};
+
+}  // namespace seedling::model

@@ -1,0 +1,81 @@
+#pragma once
+
+// Model weights as LibTorch tensors, loaded from (and saved to) Hugging Face safetensors with the
+// architecture's tensor names, and random initialization for `init-model`.
+//
+// What stays in memory: an F32 checkpoint is used in place from its copy-on-write memory map (no copy; the
+// page cache shares it between processes and simulated clients). F16/BF16 weights are converted to fp32 at
+// load by default (fast compute, 2x the file's size in RAM); with WeightPrecision::kStored the large matrices
+// stay in their stored dtype (also mapped in place) and are converted per use, halving memory at some speed
+// cost. Norm weights and biases are always fp32.
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "model/config.h"
+#include "model/safetensors.h"
+
+namespace seedling::model {
+
+// One decoder layer. Shapes follow nn.Linear: weight (out, in). Optional biases are undefined tensors
+// when the architecture has none.
+struct LayerWeights {
+  at::Tensor input_norm;         // (H)
+  at::Tensor q, k, v, o;         // (Hq*D, H), (Hkv*D, H), (Hkv*D, H), (H, Hq*D)
+  at::Tensor q_bias, k_bias, v_bias, o_bias;
+  at::Tensor post_norm;          // (H)
+  at::Tensor gate, up, down;     // (I, H), (I, H), (H, I)
+  at::Tensor gate_bias, up_bias, down_bias;
+};
+
+struct ModelWeights {
+  at::Tensor embed;       // (V, H)
+  std::vector<LayerWeights> layers;
+  at::Tensor final_norm;  // (H)
+  at::Tensor lm_head;     // (V, H); the same tensor as `embed` when the config ties them
+};
+
+enum class WeightPrecision {
+  kFloat32,  // convert 16-bit weights to fp32 at load (default)
+  kStored,   // keep 16-bit matrices in their stored dtype, convert per use
+};
+
+struct LoadOptions {
+  WeightPrecision precision = WeightPrecision::kFloat32;  // see the file comment
+};
+
+// A weight with its Hugging Face name ("model.layers.0.self_attn.q_proj.weight"). The tensor shares storage
+// with the model's, so in-place operations on it change the model.
+struct NamedWeight {
+  std::string name;
+  at::Tensor tensor;
+};
+
+// Every tensor of `weights` with its Hugging Face name, in checkpoint order (embed, layers, norm, lm_head).
+// The tied lm_head is not listed; absent biases are skipped.
+std::vector<NamedWeight> NamedWeights(const ModelWeights& weights, const ModelConfig& config);
+
+// The (name, shape) pairs the architecture expects, in checkpoint order.
+std::vector<std::pair<std::string, std::vector<int64_t>>> ExpectedTensors(const ModelConfig& config);
+
+// Loads and validates weights: every expected name present with the expected shape and a float dtype
+// (F32/F16/BF16), no unexpected tensors (rotary inv_freq buffers and a redundant lm_head.weight of a tied
+// model are ignored). InvalidArgument names the tensor: "tensor 'model.layers.3.self_attn.k_proj.weight'
+// has shape [192, 576], config implies [256, 576]"; NotFound lists missing names.
+absl::StatusOr<ModelWeights> LoadWeights(const SafetensorsCollection& files, const ModelConfig& config,
+                                         const LoadOptions& options = {});
+
+// Random weights (initializer_range 0.02 normals from the seeded Philox init stream, norms 1, biases small
+// normals), fp32. Deterministic for a given (config, seed).
+ModelWeights RandomWeights(const ModelConfig& config, uint64_t seed);
+
+// Writes `weights` as one .safetensors file in `dtype` (F32, F16 or BF16) with Hugging Face names.
+absl::Status SaveWeights(const std::string& path, const ModelWeights& weights, const ModelConfig& config,
+                         DType dtype);
+
+}  // namespace seedling::model

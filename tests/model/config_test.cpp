@@ -1,0 +1,127 @@
+#include "model/config.h"
+
+#include <catch2/catch.hpp>
+#include <string>
+
+namespace seedling::model {
+namespace {
+
+bool Contains(const absl::Status& s, const std::string& needle) {
+  return std::string(s.message()).find(needle) != std::string::npos;
+}
+
+// SmolLM2-135M's published config.json.
+constexpr const char* kSmolLm2 = R"({
+  "architectures": ["LlamaForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+  "bos_token_id": 0, "eos_token_id": 0, "head_dim": 64, "hidden_act": "silu", "hidden_size": 576,
+  "initializer_range": 0.041666666666666664, "intermediate_size": 1536, "is_llama_config": true,
+  "max_position_embeddings": 8192, "mlp_bias": false, "model_type": "llama", "num_attention_heads": 9,
+  "num_hidden_layers": 30, "num_key_value_heads": 3, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+  "rope_interleaved": false, "rope_scaling": null, "rope_theta": 100000, "tie_word_embeddings": true,
+  "torch_dtype": "bfloat16", "transformers_version": "4.40.1", "use_cache": true, "vocab_size": 49152})";
+
+TEST_CASE("SmolLM2-135M's config.json parses to its shapes and 134.5M parameters", "[model][config]") {
+  auto c = ParseModelConfig(kSmolLm2);
+  REQUIRE(c.ok());
+  CHECK(c->architecture == "LlamaForCausalLM");
+  CHECK(c->hidden_size == 576);
+  CHECK(c->num_hidden_layers == 30);
+  CHECK(c->num_attention_heads == 9);
+  CHECK(c->num_key_value_heads == 3);
+  CHECK(c->head_dim == 64);
+  CHECK(c->intermediate_size == 1536);
+  CHECK(c->vocab_size == 49152);
+  CHECK(c->tie_word_embeddings);
+  CHECK(c->rope_theta == 100000.0);
+  CHECK(c->rms_norm_eps == 1e-5);
+  CHECK(c->torch_dtype == "bfloat16");
+  CHECK(c->eos_token_ids == std::vector<int64_t>{0});
+  CHECK(c->NumParameters() == 134515008);
+}
+
+TEST_CASE("The smollm2-135m preset has exactly the published shapes", "[model][config]") {
+  auto preset = PresetConfig("smollm2-135m");
+  auto published = ParseModelConfig(kSmolLm2);
+  REQUIRE(preset.ok());
+  REQUIRE(published.ok());
+  CHECK(ModelConfigToJson(*preset) == ModelConfigToJson(*published));
+}
+
+TEST_CASE("Qwen2 configs get q/k/v biases and honour use_sliding_window", "[model][config]") {
+  auto c = ParseModelConfig(R"({"architectures": ["Qwen2ForCausalLM"], "hidden_size": 896,
+    "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+    "vocab_size": 151936, "rope_theta": 1000000.0, "rms_norm_eps": 1e-06, "tie_word_embeddings": true,
+    "sliding_window": 32768, "use_sliding_window": false, "bos_token_id": 151643, "eos_token_id": 151643,
+    "hidden_act": "silu", "torch_dtype": "bfloat16"})");
+  REQUIRE(c.ok());
+  CHECK(c->qkv_bias);
+  CHECK_FALSE(c->o_bias);
+  CHECK_FALSE(c->sliding_window.has_value());
+  CHECK(c->head_dim == 64);
+  CHECK(c->NumParameters() == 494032768);  // Qwen2.5-0.5B
+}
+
+TEST_CASE("Llama 3 rope_scaling and an eos_token_id list are parsed", "[model][config]") {
+  auto c = ParseModelConfig(R"({"architectures": ["LlamaForCausalLM"], "hidden_size": 2048,
+    "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "vocab_size": 128256, "rope_theta": 500000.0, "bos_token_id": 128000,
+    "eos_token_id": [128001, 128008, 128009], "tie_word_embeddings": true,
+    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"}})");
+  REQUIRE(c.ok());
+  CHECK(c->rope_scaling.type == RopeScaling::Type::kLlama3);
+  CHECK(c->rope_scaling.factor == 32.0);
+  CHECK(c->eos_token_ids == std::vector<int64_t>{128001, 128008, 128009});
+  auto round_trip = ParseModelConfig(ModelConfigToJson(*c));
+  REQUIRE(round_trip.ok());
+  CHECK(ModelConfigToJson(*round_trip) == ModelConfigToJson(*c));
+}
+
+TEST_CASE("A missing required field is an error naming it", "[model][config]") {
+  auto c = ParseModelConfig(R"({"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100})");
+  REQUIRE_FALSE(c.ok());
+  CHECK(c.status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(Contains(c.status(), "intermediate_size"));
+}
+
+TEST_CASE("An unknown architecture is an error naming it and the supported ones", "[model][config]") {
+  auto c = ParseModelConfig(R"({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})");
+  REQUIRE_FALSE(c.ok());
+  CHECK(Contains(c.status(), "GPT2LMHeadModel"));
+  CHECK(Contains(c.status(), "LlamaForCausalLM"));
+}
+
+TEST_CASE("Unsupported rope_scaling, activations and inconsistent heads are rejected", "[model][config]") {
+  const std::string base = R"("architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+    "intermediate_size": 128, "num_hidden_layers": 2, "vocab_size": 100)";
+  auto yarn = ParseModelConfig("{" + base + R"(, "num_attention_heads": 4,
+    "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})");
+  CHECK(Contains(yarn.status(), "yarn"));
+  auto gelu = ParseModelConfig("{" + base + R"(, "num_attention_heads": 4, "hidden_act": "gelu"})");
+  CHECK(Contains(gelu.status(), "hidden_act"));
+  auto heads = ParseModelConfig("{" + base + R"(, "num_attention_heads": 4, "num_key_value_heads": 3})");
+  CHECK(Contains(heads.status(), "num_key_value_heads"));
+  auto not_json = ParseModelConfig("{not json");
+  CHECK(not_json.status().code() == absl::StatusCode::kInvalidArgument);
+  auto wrong_type = ParseModelConfig("{" + base + R"(, "num_attention_heads": "four"})");
+  CHECK(Contains(wrong_type.status(), "num_attention_heads"));
+}
+
+TEST_CASE("Every preset validates and unknown presets list the valid names", "[model][config]") {
+  for (const std::string& name : PresetNames()) {
+    INFO(name);
+    auto c = PresetConfig(name);
+    REQUIRE(c.ok());
+    CHECK(c->Validate().ok());
+  }
+  auto tiny = PresetConfig("tiny");
+  CHECK(tiny->NumParameters() > 2'000'000);
+  CHECK(tiny->NumParameters() < 6'000'000);
+  auto bad = PresetConfig("gpt5");
+  CHECK(bad.status().code() == absl::StatusCode::kNotFound);
+  CHECK(Contains(bad.status(), "smollm2-135m"));
+}
+
+}  // namespace
+}  // namespace seedling::model

@@ -1,0 +1,198 @@
+#include "model/kernels.h"
+
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include <catch2/catch.hpp>
+#include <cmath>
+#include <limits>
+
+namespace seedling::model {
+namespace {
+
+// Naive cross-entropy over full logits, summed over non-ignored rows.
+at::Tensor FullCrossEntropySum(const at::Tensor& h, const at::Tensor& w, const at::Tensor& targets) {
+  const at::Tensor logits = at::matmul(h, w.t());
+  const at::Tensor logp = at::log_softmax(logits, 1);
+  const at::Tensor valid = targets.ne(kIgnoreIndex);
+  const at::Tensor picked = logp.gather(1, targets.masked_fill(~valid, 0).unsqueeze(1)).squeeze(1);
+  return -(picked * valid.to(at::kFloat)).sum();
+}
+
+double MaxAbsDiff(const at::Tensor& a, const at::Tensor& b) { return (a - b).abs().max().item<double>(); }
+
+TEST_CASE("Chunked cross-entropy equals full cross-entropy in loss and gradients", "[model][kernels]") {
+  at::manual_seed(1);
+  const int64_t n = 37, h = 16, v = 53;
+  const at::Tensor hidden0 = at::randn({n, h});
+  const at::Tensor weight0 = at::randn({v, h}) * 0.5;
+  at::Tensor targets = at::randint(0, v, {n}, at::kLong);
+  targets.index_put_({at::arange(0, n, 4)}, kIgnoreIndex);  // every 4th row ignored
+
+  at::Tensor h_ref = hidden0.clone().requires_grad_(true);
+  at::Tensor w_ref = weight0.clone().requires_grad_(true);
+  const at::Tensor loss_ref = FullCrossEntropySum(h_ref, w_ref, targets);
+  loss_ref.backward();
+
+  for (int64_t chunk : {1, 5, 36, 37, 100}) {
+    INFO("chunk " << chunk);
+    at::Tensor hc = hidden0.clone().requires_grad_(true);
+    at::Tensor wc = weight0.clone().requires_grad_(true);
+    const at::Tensor loss = ChunkedCrossEntropy(hc, wc, targets, chunk);
+    CHECK(std::abs(loss.item<double>() - loss_ref.item<double>()) < 1e-4 * std::abs(loss_ref.item<double>()));
+    (loss * 3.0).backward();  // upstream gradient other than 1 must scale both gradients
+    CHECK(MaxAbsDiff(hc.grad(), 3.0 * h_ref.grad()) < 1e-4);
+    CHECK(MaxAbsDiff(wc.grad(), 3.0 * w_ref.grad()) < 1e-4);
+  }
+}
+
+TEST_CASE("Chunked cross-entropy without autograd equals the autograd path", "[model][kernels]") {
+  at::manual_seed(2);
+  const at::Tensor hidden = at::randn({20, 8});
+  const at::Tensor weight = at::randn({30, 8});
+  const at::Tensor targets = at::randint(0, 30, {20}, at::kLong);
+  at::Tensor with_grad = ChunkedCrossEntropy(hidden.clone().requires_grad_(true), weight, targets, 7);
+  at::Tensor plain;
+  {
+    at::NoGradGuard no_grad;
+    plain = ChunkedCrossEntropy(hidden, weight, targets, 7);
+  }
+  CHECK(std::abs(with_grad.item<double>() - plain.item<double>()) < 1e-5);
+  CHECK(std::abs(plain.item<double>() - FullCrossEntropySum(hidden, weight, targets).item<double>()) < 1e-3);
+}
+
+TEST_CASE("Chunked cross-entropy accepts a bf16 weight and upcasts it", "[model][kernels]") {
+  at::manual_seed(3);
+  const at::Tensor hidden = at::randn({9, 8});
+  const at::Tensor weight = at::randn({12, 8}).to(at::kBFloat16);
+  const at::Tensor targets = at::randint(0, 12, {9}, at::kLong);
+  at::Tensor h = hidden.clone().requires_grad_(true);
+  const at::Tensor loss = ChunkedCrossEntropy(h, weight, targets, 4);
+  const at::Tensor ref = FullCrossEntropySum(hidden, weight.to(at::kFloat), targets);
+  CHECK(std::abs(loss.item<double>() - ref.item<double>()) < 1e-4);
+  loss.backward();
+  CHECK(h.grad().defined());
+}
+
+// Reference attention: K/V heads repeated explicitly, full causal mask.
+at::Tensor RepeatedKvAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t q_start,
+                               std::optional<int64_t> window) {
+  const int64_t groups = q.size(1) / k.size(1);
+  const at::Tensor kr = k.repeat_interleave(groups, 1);
+  const at::Tensor vr = v.repeat_interleave(groups, 1);
+  at::Tensor scores = at::matmul(q, kr.transpose(-1, -2)) / std::sqrt(static_cast<double>(q.size(3)));
+  const int64_t t = q.size(2), s = k.size(2);
+  at::Tensor mask = at::zeros({t, s});
+  for (int64_t i = 0; i < t; ++i) {
+    for (int64_t j = 0; j < s; ++j) {
+      const int64_t pos = q_start + i;
+      const bool allowed = j <= pos && (!window || j > pos - *window);
+      if (!allowed) mask[i][j] = -std::numeric_limits<float>::infinity();
+    }
+  }
+  return at::matmul(at::softmax(scores + mask, -1), vr);
+}
+
+TEST_CASE("Grouped-query attention equals attention with K/V heads repeated", "[model][kernels]") {
+  at::manual_seed(4);
+  const at::Tensor q = at::randn({2, 6, 5, 8});
+  const at::Tensor k = at::randn({2, 2, 5, 8});
+  const at::Tensor v = at::randn({2, 2, 5, 8});
+  CHECK(MaxAbsDiff(GroupedQueryAttention(q, k, v, 0), RepeatedKvAttention(q, k, v, 0, std::nullopt)) < 1e-5);
+}
+
+TEST_CASE("Grouped-query attention handles a query offset and a sliding window", "[model][kernels]") {
+  at::manual_seed(5);
+  // Two new queries at positions 5 and 6 over 7 cached keys (the KV-cache decoding shape).
+  const at::Tensor q = at::randn({1, 4, 2, 8});
+  const at::Tensor k = at::randn({1, 1, 7, 8});
+  const at::Tensor v = at::randn({1, 1, 7, 8});
+  CHECK(MaxAbsDiff(GroupedQueryAttention(q, k, v, 5), RepeatedKvAttention(q, k, v, 5, std::nullopt)) < 1e-5);
+  CHECK(MaxAbsDiff(GroupedQueryAttention(q, k, v, 5, 3), RepeatedKvAttention(q, k, v, 5, 3)) < 1e-5);
+  // The window really changes the result.
+  CHECK(MaxAbsDiff(GroupedQueryAttention(q, k, v, 5, 3), GroupedQueryAttention(q, k, v, 5)) > 1e-3);
+}
+
+TEST_CASE("RoPE rotates each pair (i, i + D/2) by position times frequency", "[model][kernels]") {
+  ModelConfig c;
+  c.head_dim = 8;
+  c.rope_theta = 10000.0;
+  const at::Tensor inv = RopeInverseFrequencies(c);
+  const RopeTables rope = MakeRopeTables(inv, 3, 2);  // positions 3 and 4
+  at::manual_seed(6);
+  const at::Tensor x = at::randn({1, 1, 2, 8});
+  const at::Tensor y = ApplyRope(x, rope);
+  for (int t = 0; t < 2; ++t) {
+    for (int i = 0; i < 4; ++i) {
+      const double angle = (3 + t) / std::pow(10000.0, 2.0 * i / 8.0);
+      const double a = x[0][0][t][i].item<double>(), b = x[0][0][t][i + 4].item<double>();
+      CHECK(std::abs(y[0][0][t][i].item<double>() - (a * std::cos(angle) - b * std::sin(angle))) < 1e-5);
+      CHECK(std::abs(y[0][0][t][i + 4].item<double>() - (b * std::cos(angle) + a * std::sin(angle))) < 1e-5);
+    }
+  }
+}
+
+TEST_CASE("RoPE scaling: linear divides every frequency, llama3 only the long wavelengths",
+          "[model][kernels]") {
+  ModelConfig c;
+  c.head_dim = 64;
+  c.rope_theta = 500000.0;
+  const at::Tensor base = RopeInverseFrequencies(c);
+  c.rope_scaling.type = RopeScaling::Type::kLinear;
+  c.rope_scaling.factor = 4.0;
+  CHECK(MaxAbsDiff(RopeInverseFrequencies(c), base / 4.0) < 1e-15);
+
+  c.rope_scaling = RopeScaling{RopeScaling::Type::kLlama3, 8.0, 1.0, 4.0, 8192};
+  const at::Tensor scaled = RopeInverseFrequencies(c);
+  const double high_wavelen = 8192.0 / 4.0, low_wavelen = 8192.0 / 1.0;
+  int kept = 0, divided = 0, blended = 0;
+  for (int64_t i = 0; i < 32; ++i) {
+    const double f = base[i].item<double>(), g = scaled[i].item<double>();
+    const double wavelen = 2 * M_PI / f;
+    if (wavelen < high_wavelen) {
+      CHECK(g == f);
+      ++kept;
+    } else if (wavelen > low_wavelen) {
+      CHECK(std::abs(g - f / 8.0) < 1e-15);
+      ++divided;
+    } else {
+      CHECK(g < f);
+      CHECK(g > f / 8.0);
+      ++blended;
+    }
+  }
+  CHECK(kept > 0);
+  CHECK(divided > 0);
+  CHECK(blended > 0);
+}
+
+TEST_CASE("Checkpoint gives the same gradients as plain autograd", "[model][kernels]") {
+  at::manual_seed(7);
+  const at::Tensor x0 = at::randn({4, 6});
+  const at::Tensor w0 = at::randn({6, 6});
+  const at::Tensor frozen = at::randn({6});
+  auto f = [&](const at::Tensor& x, const at::Tensor& w) { return at::tanh(at::matmul(x, w) + frozen) * x; };
+
+  at::Tensor x1 = x0.clone().requires_grad_(true), w1 = w0.clone().requires_grad_(true);
+  (f(x1 * 2.0, w1).pow(2).sum()).backward();
+
+  at::Tensor x2 = x0.clone().requires_grad_(true), w2 = w0.clone().requires_grad_(true);
+  const at::Tensor inner = x2 * 2.0;
+  at::Tensor y = Checkpoint([&](const at::Tensor& in) { return f(in, w2); }, inner, {w2});
+  CHECK_FALSE(y.grad_fn() == nullptr);
+  y.pow(2).sum().backward();
+  CHECK(MaxAbsDiff(x1.grad(), x2.grad()) < 1e-5);
+  CHECK(MaxAbsDiff(w1.grad(), w2.grad()) < 1e-5);
+}
+
+TEST_CASE("RmsNorm normalizes by the root mean square", "[model][kernels]") {
+  const at::Tensor x = at::tensor({3.0f, 4.0f}).view({1, 2});
+  const at::Tensor w = at::tensor({1.0f, 2.0f});
+  const at::Tensor y = RmsNorm(x, w, 0.0);
+  const double rms = std::sqrt((9.0 + 16.0) / 2.0);
+  CHECK(std::abs(y[0][0].item<double>() - 3.0 / rms) < 1e-6);
+  CHECK(std::abs(y[0][1].item<double>() - 2.0 * 4.0 / rms) < 1e-6);
+}
+
+}  // namespace
+}  // namespace seedling::model

@@ -1,0 +1,267 @@
+#include "model/llama.h"
+
+#include <ATen/ATen.h>
+
+#include <catch2/catch.hpp>
+#include <cmath>
+#include <vector>
+
+namespace seedling::model {
+namespace {
+
+ModelConfig TwoLayerConfig(bool qwen2) {
+  ModelConfig c;
+  c.architecture = qwen2 ? "Qwen2ForCausalLM" : "LlamaForCausalLM";
+  c.model_type = qwen2 ? "qwen2" : "llama";
+  c.vocab_size = 13;
+  c.hidden_size = 12;
+  c.intermediate_size = 20;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 6;
+  c.num_key_value_heads = qwen2 ? 2 : 3;
+  c.head_dim = qwen2 ? 4 : 2;  // qwen2 variant: q_dim (24) differs from hidden (12)
+  c.rms_norm_eps = 1e-5;
+  c.rope_theta = 100.0;
+  c.tie_word_embeddings = !qwen2;
+  c.qkv_bias = qwen2;
+  return c;
+}
+
+std::unique_ptr<LlamaModel> MakeModel(const ModelConfig& c, uint64_t seed) {
+  auto model = LlamaModel::Create(c, RandomWeights(c, seed));
+  REQUIRE(model.ok());
+  // Random init is too gentle to exercise much; scale weights up so attention is far from uniform.
+  for (const NamedWeight& nw : NamedWeights((*model)->weights(), c)) {
+    if (nw.name.find("norm") == std::string::npos) nw.tensor.mul_(15.0);
+  }
+  return std::move(model).value();
+}
+
+// ---- A naive reference decoder written for clarity: plain loops over floats, double accumulation. ----
+using Mat = std::vector<std::vector<double>>;
+
+double At(const at::Tensor& t, int64_t i, int64_t j) { return t[i][j].item<double>(); }
+
+Mat Linear(const Mat& x, const at::Tensor& w, const at::Tensor& b) {
+  const int64_t out = w.size(0), in = w.size(1);
+  Mat y(x.size(), std::vector<double>(static_cast<size_t>(out)));
+  for (size_t t = 0; t < x.size(); ++t) {
+    for (int64_t o = 0; o < out; ++o) {
+      double s = b.defined() ? b[o].item<double>() : 0.0;
+      for (int64_t i = 0; i < in; ++i) s += At(w, o, i) * x[t][static_cast<size_t>(i)];
+      y[t][static_cast<size_t>(o)] = s;
+    }
+  }
+  return y;
+}
+
+Mat RmsNormRef(const Mat& x, const at::Tensor& w, double eps) {
+  Mat y = x;
+  for (size_t t = 0; t < x.size(); ++t) {
+    double ms = 0;
+    for (double v : x[t]) ms += v * v;
+    ms /= static_cast<double>(x[t].size());
+    for (size_t i = 0; i < x[t].size(); ++i) y[t][i] = x[t][i] / std::sqrt(ms + eps) * w[static_cast<int64_t>(i)].item<double>();
+  }
+  return y;
+}
+
+void RopeRef(Mat& x, int64_t heads, int64_t d, double theta) {
+  for (size_t t = 0; t < x.size(); ++t) {
+    for (int64_t h = 0; h < heads; ++h) {
+      for (int64_t i = 0; i < d / 2; ++i) {
+        const double angle = static_cast<double>(t) / std::pow(theta, 2.0 * static_cast<double>(i) / static_cast<double>(d));
+        double& a = x[t][static_cast<size_t>(h * d + i)];
+        double& b = x[t][static_cast<size_t>(h * d + i + d / 2)];
+        const double na = a * std::cos(angle) - b * std::sin(angle);
+        const double nb = b * std::cos(angle) + a * std::sin(angle);
+        a = na;
+        b = nb;
+      }
+    }
+  }
+}
+
+Mat NaiveLogits(const ModelConfig& c, const ModelWeights& w, const std::vector<int64_t>& tokens) {
+  const size_t T = tokens.size();
+  const int64_t H = c.hidden_size, D = c.head_dim, Hq = c.num_attention_heads, Hkv = c.num_key_value_heads;
+  Mat x(T, std::vector<double>(static_cast<size_t>(H)));
+  for (size_t t = 0; t < T; ++t) {
+    for (int64_t i = 0; i < H; ++i) x[t][static_cast<size_t>(i)] = At(w.embed, tokens[t], i);
+  }
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const LayerWeights& lw = w.layers[static_cast<size_t>(l)];
+    const Mat h = RmsNormRef(x, lw.input_norm, c.rms_norm_eps);
+    Mat q = Linear(h, lw.q, lw.q_bias), k = Linear(h, lw.k, lw.k_bias), v = Linear(h, lw.v, lw.v_bias);
+    RopeRef(q, Hq, D, c.rope_theta);
+    RopeRef(k, Hkv, D, c.rope_theta);
+    Mat attn(T, std::vector<double>(static_cast<size_t>(Hq * D), 0.0));
+    for (int64_t head = 0; head < Hq; ++head) {
+      const int64_t kvh = head / (Hq / Hkv);
+      for (size_t t = 0; t < T; ++t) {
+        std::vector<double> score(t + 1);
+        double mx = -1e300;
+        for (size_t s = 0; s <= t; ++s) {
+          double dot = 0;
+          for (int64_t i = 0; i < D; ++i) dot += q[t][static_cast<size_t>(head * D + i)] * k[s][static_cast<size_t>(kvh * D + i)];
+          score[s] = dot / std::sqrt(static_cast<double>(D));
+          mx = std::max(mx, score[s]);
+        }
+        double z = 0;
+        for (double& sc : score) z += (sc = std::exp(sc - mx));
+        for (size_t s = 0; s <= t; ++s) {
+          for (int64_t i = 0; i < D; ++i) {
+            attn[t][static_cast<size_t>(head * D + i)] += score[s] / z * v[s][static_cast<size_t>(kvh * D + i)];
+          }
+        }
+      }
+    }
+    const Mat o = Linear(attn, lw.o, lw.o_bias);
+    for (size_t t = 0; t < T; ++t) {
+      for (int64_t i = 0; i < H; ++i) x[t][static_cast<size_t>(i)] += o[t][static_cast<size_t>(i)];
+    }
+    const Mat h2 = RmsNormRef(x, lw.post_norm, c.rms_norm_eps);
+    const Mat g = Linear(h2, lw.gate, lw.gate_bias), u = Linear(h2, lw.up, lw.up_bias);
+    Mat act = g;
+    for (size_t t = 0; t < T; ++t) {
+      for (size_t i = 0; i < g[t].size(); ++i) act[t][i] = g[t][i] / (1.0 + std::exp(-g[t][i])) * u[t][i];
+    }
+    const Mat down = Linear(act, lw.down, lw.down_bias);
+    for (size_t t = 0; t < T; ++t) {
+      for (int64_t i = 0; i < H; ++i) x[t][static_cast<size_t>(i)] += down[t][static_cast<size_t>(i)];
+    }
+  }
+  return Linear(RmsNormRef(x, w.final_norm, c.rms_norm_eps), w.lm_head, at::Tensor());
+}
+
+at::Tensor Tokens(std::vector<int64_t> ids) {
+  return at::tensor(ids, at::kLong).view({1, static_cast<int64_t>(ids.size())});
+}
+
+TEST_CASE("The model's forward equals a naive loop-based reference on a 2-layer model", "[model][llama]") {
+  for (bool qwen2 : {false, true}) {
+    INFO((qwen2 ? "qwen2 (q/k/v bias, untied head, head_dim != hidden/heads)" : "llama (tied, GQA)"));
+    const ModelConfig c = TwoLayerConfig(qwen2);
+    auto model = MakeModel(c, 11);
+    if (qwen2) {
+      for (LayerWeights& lw : model->mutable_weights().layers) lw.q_bias.add_(0.5);  // biases must matter
+    }
+    const std::vector<int64_t> ids = {1, 5, 12, 0, 7, 7, 3};
+    auto logits = model->Logits(Tokens(ids));
+    REQUIRE(logits.ok());
+    const Mat ref = NaiveLogits(c, model->weights(), ids);
+    double max_diff = 0, max_ref = 0;
+    for (size_t t = 0; t < ids.size(); ++t) {
+      for (int64_t v = 0; v < c.vocab_size; ++v) {
+        max_diff = std::max(max_diff, std::abs((*logits)[0][static_cast<int64_t>(t)][v].item<double>() - ref[t][static_cast<size_t>(v)]));
+        max_ref = std::max(max_ref, std::abs(ref[t][static_cast<size_t>(v)]));
+      }
+    }
+    CHECK(max_ref > 0.5);  // the comparison is not trivially between near-zero numbers
+    CHECK(max_diff < 1e-4 * std::max(1.0, max_ref));
+  }
+}
+
+TEST_CASE("KV-cache decoding gives the full-forward logits at every position", "[model][llama]") {
+  for (bool qwen2 : {false, true}) {
+    const ModelConfig c = TwoLayerConfig(qwen2);
+    auto model = MakeModel(c, 12);
+    const at::Tensor tokens = at::tensor({3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3}, at::kLong).view({2, 8});
+    auto full = model->Logits(tokens);
+    REQUIRE(full.ok());
+    KvCache cache(c, 2, 16);
+    // A 3-token prefill, then one token at a time.
+    auto prefill = model->ForwardCached(tokens.narrow(1, 0, 3), cache);
+    REQUIRE(prefill.ok());
+    CHECK((*prefill - full->narrow(1, 0, 3)).abs().max().item<double>() < 1e-4);
+    for (int64_t t = 3; t < 8; ++t) {
+      auto step = model->ForwardCached(tokens.narrow(1, t, 1), cache, /*last_only=*/true);
+      REQUIRE(step.ok());
+      INFO("position " << t);
+      CHECK((*step - full->narrow(1, t, 1)).abs().max().item<double>() < 1e-4);
+    }
+    CHECK(cache.length() == 8);
+  }
+}
+
+TEST_CASE("A KV cache that would overflow is an OutOfRange error and keeps its length", "[model][llama]") {
+  const ModelConfig c = TwoLayerConfig(false);
+  auto model = MakeModel(c, 13);
+  KvCache cache(c, 1, 4);
+  REQUIRE(model->ForwardCached(Tokens({1, 2, 3}), cache).ok());
+  auto over = model->ForwardCached(Tokens({1, 2}), cache);
+  CHECK(over.status().code() == absl::StatusCode::kOutOfRange);
+  CHECK(cache.length() == 3);
+}
+
+TEST_CASE("Recomputation on and off give the same loss and gradients", "[model][llama]") {
+  const ModelConfig c = TwoLayerConfig(true);
+  auto model = MakeModel(c, 14);
+  std::vector<NamedWeight> named = NamedWeights(model->weights(), c);
+  for (NamedWeight& nw : named) nw.tensor.requires_grad_(true);
+  const at::Tensor tokens = at::tensor({1, 5, 12, 0, 7, 7, 3, 2, 9, 4}, at::kLong).view({2, 5});
+  at::Tensor labels = tokens.clone();
+  labels[0][2] = kIgnoreIndex;
+
+  auto run = [&](bool recompute) {
+    for (NamedWeight& nw : named) nw.tensor.mutable_grad() = at::Tensor();
+    ForwardOptions opts;
+    opts.recompute = recompute;
+    opts.ce_chunk_tokens = 3;
+    auto loss = model->Loss(tokens, labels, opts);
+    REQUIRE(loss.ok());
+    CHECK(loss->tokens == 7);
+    loss->mean().backward();
+    std::vector<at::Tensor> grads;
+    for (NamedWeight& nw : named) grads.push_back(nw.tensor.grad().clone());
+    return std::make_pair(loss->mean().item<double>(), grads);
+  };
+  const auto [loss_plain, grads_plain] = run(false);
+  const auto [loss_recompute, grads_recompute] = run(true);
+  CHECK(std::abs(loss_plain - loss_recompute) < 1e-6);
+  for (size_t i = 0; i < named.size(); ++i) {
+    INFO(named[i].name);
+    REQUIRE(grads_plain[i].defined());
+    CHECK(grads_plain[i].abs().max().item<double>() > 0);
+    CHECK((grads_plain[i] - grads_recompute[i]).abs().max().item<double>() < 1e-5);
+  }
+}
+
+TEST_CASE("Loss equals cross-entropy computed from the full logits", "[model][llama]") {
+  const ModelConfig c = TwoLayerConfig(false);
+  auto model = MakeModel(c, 15);
+  const at::Tensor tokens = Tokens({4, 8, 11, 1, 6, 2});
+  auto loss = model->Loss(tokens, tokens);
+  auto logits = model->Logits(tokens);
+  REQUIRE(loss.ok());
+  REQUIRE(logits.ok());
+  const at::Tensor logp = at::log_softmax(logits->narrow(1, 0, 5).reshape({5, 13}), 1);
+  const at::Tensor targets = tokens.narrow(1, 1, 5).reshape({5});
+  const double ref = -logp.gather(1, targets.unsqueeze(1)).mean().item<double>();
+  CHECK(loss->tokens == 5);
+  CHECK(std::abs(loss->mean().item<double>() - ref) < 1e-5);
+}
+
+TEST_CASE("Bad tokens and labels are rejected with InvalidArgument", "[model][llama]") {
+  const ModelConfig c = TwoLayerConfig(false);
+  auto model = MakeModel(c, 16);
+  CHECK(model->Hidden(Tokens({1, 13})).status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(model->Hidden(Tokens({-1, 2})).status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(model->Hidden(at::zeros({3}, at::kLong)).status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(model->Hidden(at::zeros({1, 3}, at::kFloat)).status().code() == absl::StatusCode::kInvalidArgument);
+  auto bad_labels = model->Loss(Tokens({1, 2, 3}), Tokens({1, 2, 99}));
+  CHECK(bad_labels.status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(std::string(bad_labels.status().message()).find("labels") != std::string::npos);
+}
+
+TEST_CASE("Create rejects weights whose shapes disagree with the config", "[model][llama]") {
+  const ModelConfig c = TwoLayerConfig(false);
+  ModelWeights w = RandomWeights(c, 1);
+  w.layers[1].k = at::zeros({5, 12});
+  auto model = LlamaModel::Create(c, std::move(w));
+  REQUIRE_FALSE(model.ok());
+  CHECK(std::string(model.status().message()).find("model.layers.1.self_attn.k_proj.weight") != std::string::npos);
+}
+
+}  // namespace
+}  // namespace seedling::model
