@@ -30,9 +30,13 @@ class Tokenizer {
   virtual absl::StatusOr<std::vector<int32_t>> Encode(std::string_view text,
                                                       bool add_special_tokens = false) const = 0;
 
-  // Decodes ids back to text (bytes; may be invalid UTF-8 if the ids split a character). With
-  // `skip_special_tokens`, special tokens are dropped. InvalidArgument naming the id if one is out of range.
-  // For any valid UTF-8 `s`: Decode(Encode(s, false), false) == s.
+  // Decodes ids back to text (bytes; may be invalid UTF-8 if the ids split a character: byte tokens are
+  // returned as they are, never replaced by U+FFFD). With `skip_special_tokens`, special tokens are
+  // dropped. InvalidArgument naming the id if one is out of range.
+  // For any valid UTF-8 `s`: Decode(Encode(s, false), false) == s, provided the tokenizer does not
+  // normalize lossily. Byte-level tokenizers without a normalizer, SentencePiece-style tokenizer.json files
+  // (for text without "▁") and tokenizer.model files with identity normalization are lossless; NFC /
+  // lowercasing normalizers, Metaspace pre-tokenizers and add_prefix_space are not.
   virtual absl::StatusOr<std::string> Decode(std::span<const int32_t> ids,
                                              bool skip_special_tokens = false) const = 0;
 

@@ -66,7 +66,6 @@ absl::StatusOr<const SpmLibrary*> Open() {
     bind(lib->bos_id, "seedling_spm_bos_id");
     bind(lib->eos_id, "seedling_spm_eos_id");
     bind(lib->unk_id, "seedling_spm_unk_id");
-    bind(lib->train, "seedling_spm_train");
     if (!ok) {
       delete lib;
       return absl::FailedPreconditionError(StrCat(path, " lacks some seedling_spm_* functions"));

@@ -25,7 +25,6 @@ struct SpmLibrary {
   decltype(&seedling_spm_bos_id) bos_id = nullptr;
   decltype(&seedling_spm_eos_id) eos_id = nullptr;
   decltype(&seedling_spm_unk_id) unk_id = nullptr;
-  decltype(&seedling_spm_train) train = nullptr;
   std::string path;  // where it was loaded from
 };
 

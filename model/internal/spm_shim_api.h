@@ -8,6 +8,10 @@
 // The shim is opened with RTLD_LOCAL | RTLD_DEEPBIND, so SentencePiece binds to its bundled protobuf and
 // nothing else sees it. See model/internal/spm_library.h for the loader.
 //
+// Pitfall: with RTLD_DEEPBIND, code inside the shim that writes to std::cerr uses libstdc++'s own copy,
+// which is never initialized when the executable holds a copy relocation of std::cerr, and crashes. Loading
+// and encoding do not log; SentencePiece's trainer does, which is why it is not exposed here.
+//
 // Conventions: functions return 0 on success; on failure they write a NUL-terminated message into
 // `err` (capacity `err_cap`) and return non-zero. Buffers handed out are freed with seedling_spm_free_buffer.
 
@@ -54,8 +58,6 @@ int seedling_spm_piece_type(const seedling_spm* spm, int32_t id);
 int32_t seedling_spm_bos_id(const seedling_spm* spm);
 int32_t seedling_spm_eos_id(const seedling_spm* spm);
 int32_t seedling_spm_unk_id(const seedling_spm* spm);
-// Trains a model (SentencePieceTrainer::Train with a "--flag=value ..." string); for tests and tools.
-int seedling_spm_train(const char* args, char* err, size_t err_cap);
 
 #ifdef __cplusplus
 }

@@ -1,1 +1,465 @@
-// Placeholder: being written (issue 2).
+#include "model/internal/tokenizer_json.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <nlohmann/json.hpp>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "base/status.h"
+#include "base/strings.h"
+#include "model/internal/bpe.h"
+#include "model/internal/tokenizer_components.h"
+#include "model/internal/unicode.h"
+
+namespace seedling::model::internal {
+namespace {
+
+using nlohmann::json;
+
+// An entry of "added_tokens".
+struct AddedToken {
+  int32_t id;
+  std::string content;
+  bool single_word;
+  bool lstrip;
+  bool rstrip;
+  bool normalized;  // matched in the normalized text rather than the raw text
+  bool special;     // dropped by Decode(skip_special_tokens)
+};
+
+// A stretch of text between added tokens, or one added token.
+struct Segment {
+  size_t begin, end;
+  int32_t id;  // -1 for text
+};
+
+// Finds added tokens in text: leftmost match first, longest among those starting there, no overlaps
+// (the Aho-Corasick LeftmostLongest semantics Hugging Face uses), then applies each token's
+// single_word, lstrip and rstrip options.
+class AddedTokenMatcher {
+ public:
+  // `tokens` must outlive the matcher.
+  explicit AddedTokenMatcher(const std::vector<AddedToken>* tokens) : tokens_(tokens) {
+    nodes_.push_back(-1);
+    first_byte_.fill(false);
+  }
+
+  void Add(std::string_view pattern, int32_t token_index) {
+    if (pattern.empty()) return;
+    first_byte_[static_cast<unsigned char>(pattern[0])] = true;
+    int32_t node = 0;
+    for (char c : pattern) {
+      const uint64_t key = (static_cast<uint64_t>(node) << 8) | static_cast<unsigned char>(c);
+      auto it = edges_.find(key);
+      if (it == edges_.end()) {
+        it = edges_.emplace(key, static_cast<int32_t>(nodes_.size())).first;
+        nodes_.push_back(-1);
+      }
+      node = it->second;
+    }
+    if (nodes_[node] < 0) {
+      nodes_[node] = token_index;  // first definition of a duplicate content wins
+      empty_ = false;
+    }
+  }
+
+  bool empty() const { return empty_; }
+
+  // Splits `text` (valid UTF-8) into text segments and added-token segments, covering it in order.
+  std::vector<Segment> Split(std::string_view text) const {
+    std::vector<Segment> out;
+    if (text.empty()) return out;
+    size_t start_offset = 0;
+    size_t pos = 0;
+    while (pos < text.size()) {
+      int32_t index = -1;
+      size_t end = 0;
+      if (first_byte_[static_cast<unsigned char>(text[pos])]) LongestAt(text, pos, &index, &end);
+      if (index < 0) {
+        ++pos;
+        continue;
+      }
+      const AddedToken& token = (*tokens_)[index];
+      size_t begin = pos;
+      pos = end;  // the scan resumes after this match even if the match is discarded below
+      if (token.single_word) {
+        // A whole word: no word character (Rust regex \w, as Hugging Face checks) on either side.
+        const bool start_ok = begin == 0 || !IsWordChar(LastCharBefore(text, begin));
+        size_t p = end;
+        const bool stop_ok = end == text.size() || !IsWordChar(NextCodePoint(text, &p));
+        if (!start_ok || !stop_ok) continue;
+      }
+      if (token.lstrip) {
+        size_t b = begin;
+        while (b > start_offset) {
+          size_t s = b - 1;
+          while (s > 0 && (static_cast<unsigned char>(text[s]) & 0xC0) == 0x80) --s;
+          size_t p = s;
+          if (!IsWhitespace(NextCodePoint(text, &p))) break;
+          b = s;
+        }
+        begin = std::max(b, start_offset);
+      }
+      if (token.rstrip) {
+        while (end < text.size()) {
+          size_t p = end;
+          if (!IsWhitespace(NextCodePoint(text, &p))) break;
+          end = p;
+        }
+        pos = end;
+      }
+      if (start_offset < begin) out.push_back(Segment{start_offset, begin, -1});
+      out.push_back(Segment{begin, end, token.id});
+      start_offset = end;
+    }
+    if (start_offset < text.size()) out.push_back(Segment{start_offset, text.size(), -1});
+    return out;
+  }
+
+ private:
+  static char32_t LastCharBefore(std::string_view text, size_t pos) {
+    size_t s = pos - 1;
+    while (s > 0 && (static_cast<unsigned char>(text[s]) & 0xC0) == 0x80) --s;
+    return NextCodePoint(text, &s);
+  }
+
+  void LongestAt(std::string_view text, size_t pos, int32_t* index, size_t* end) const {
+    int32_t node = 0;
+    for (size_t i = pos; i < text.size(); ++i) {
+      const uint64_t key = (static_cast<uint64_t>(node) << 8) | static_cast<unsigned char>(text[i]);
+      auto it = edges_.find(key);
+      if (it == edges_.end()) return;
+      node = it->second;
+      if (nodes_[node] >= 0) {
+        *index = nodes_[node];
+        *end = i + 1;
+      }
+    }
+  }
+
+  const std::vector<AddedToken>* tokens_;
+  std::vector<int32_t> nodes_;  // trie node -> index into *tokens_ of the token ending here
+  std::unordered_map<uint64_t, int32_t> edges_;  // (node << 8 | byte) -> child node
+  std::array<bool, 256> first_byte_;             // bytes that start some pattern (a cheap skip)
+  bool empty_ = true;
+};
+
+class JsonTokenizer final : public Tokenizer {
+ public:
+  // Parses a whole tokenizer.json document. nlohmann::json exceptions may escape (the caller
+  // converts).
+  static absl::StatusOr<std::unique_ptr<Tokenizer>> Parse(std::string_view text);
+
+  JsonTokenizer(const JsonTokenizer&) = delete;
+  JsonTokenizer& operator=(const JsonTokenizer&) = delete;
+
+  absl::StatusOr<std::vector<int32_t>> Encode(std::string_view text,
+                                              bool add_special_tokens) const override {
+    if (const size_t bad = FindInvalidUtf8(text); bad != std::string_view::npos) {
+      char hex[8];
+      std::snprintf(hex, sizeof(hex), "0x%02X", static_cast<unsigned char>(text[bad]));
+      return absl::InvalidArgumentError(
+          StrCat("text to encode is not valid UTF-8: byte ", hex, " at offset ", bad));
+    }
+    std::vector<int32_t> ids;
+    ids.reserve(text.size() / 3 + 4);
+    std::vector<Segment> raw_segments;
+    if (raw_matcher_.empty()) {
+      if (!text.empty()) raw_segments.push_back(Segment{0, text.size(), -1});
+    } else {
+      raw_segments = raw_matcher_.Split(text);
+    }
+    for (const Segment& raw : raw_segments) {
+      if (raw.id >= 0) {
+        ids.push_back(raw.id);
+        continue;
+      }
+      std::string normalized(text.substr(raw.begin, raw.end - raw.begin));
+      if (normalizer_ != nullptr) SEEDLING_RETURN_IF_ERROR(normalizer_->Normalize(&normalized));
+      std::vector<Segment> segments;
+      if (normalized_matcher_.empty()) {
+        if (!normalized.empty()) segments.push_back(Segment{0, normalized.size(), -1});
+      } else {
+        segments = normalized_matcher_.Split(normalized);
+      }
+      for (const Segment& seg : segments) {
+        if (seg.id >= 0) {
+          ids.push_back(seg.id);
+          continue;
+        }
+        std::vector<Piece> pieces;
+        pieces.push_back(Piece{normalized.substr(seg.begin, seg.end - seg.begin),
+                               raw.begin == 0 && seg.begin == 0});
+        if (pre_tokenizer_ != nullptr) {
+          SEEDLING_RETURN_IF_ERROR(pre_tokenizer_->PreTokenize(&pieces));
+        }
+        for (const Piece& piece : pieces) model_->Tokenize(piece.text, &ids);
+      }
+    }
+    if (add_special_tokens && post_processor_ != nullptr) post_processor_->Process(&ids);
+    return ids;
+  }
+
+  absl::StatusOr<std::string> Decode(std::span<const int32_t> ids,
+                                     bool skip_special_tokens) const override {
+    std::vector<std::string> tokens;
+    tokens.reserve(ids.size());
+    for (const int32_t id : ids) {
+      if (id < 0 || id >= vocab_size_) {
+        return absl::InvalidArgumentError(
+            StrCat("token id ", id, " is out of range [0, ", vocab_size_, ")"));
+      }
+      if (auto it = added_by_id_.find(id); it != added_by_id_.end()) {
+        const AddedToken& token = added_[it->second];
+        if (!(skip_special_tokens && token.special)) tokens.push_back(token.content);
+        continue;
+      }
+      const std::string* token = model_->IdToToken(id);
+      if (token == nullptr) {
+        return absl::InvalidArgumentError(StrCat("token id ", id, " has no token"));
+      }
+      tokens.push_back(*token);
+    }
+    if (decoder_ == nullptr) {
+      // Hugging Face joins undecoded tokens with spaces.
+      std::string out;
+      for (size_t i = 0; i < tokens.size(); ++i) {
+        if (i > 0) out.push_back(' ');
+        out += tokens[i];
+      }
+      return out;
+    }
+    decoder_->DecodeChain(&tokens);
+    std::string out;
+    for (const std::string& t : tokens) out += t;
+    return out;
+  }
+
+  int32_t vocab_size() const override { return vocab_size_; }
+
+  std::optional<int32_t> TokenToId(std::string_view token) const override {
+    if (auto it = added_by_content_.find(token); it != added_by_content_.end()) return it->second;
+    return model_->TokenToId(token);
+  }
+
+  std::optional<std::string> IdToToken(int32_t id) const override {
+    if (auto it = added_by_id_.find(id); it != added_by_id_.end()) {
+      return added_[it->second].content;
+    }
+    if (const std::string* token = model_->IdToToken(id)) return *token;
+    return std::nullopt;
+  }
+
+  bool IsSpecial(int32_t id) const override {
+    auto it = added_by_id_.find(id);
+    return it != added_by_id_.end() && added_[it->second].special;
+  }
+
+  std::optional<int32_t> bos_id() const override { return bos_id_; }
+  std::optional<int32_t> eos_id() const override { return eos_id_; }
+
+ private:
+  JsonTokenizer() : raw_matcher_(&added_), normalized_matcher_(&added_) {}
+  absl::Status ParseAddedTokens(const nlohmann::json& doc);
+
+  // Filled once by Parse, before the tokenizer is handed out; constant afterwards.
+  std::unique_ptr<Normalizer> normalizer_;
+  std::unique_ptr<PreTokenizer> pre_tokenizer_;
+  std::unique_ptr<BpeModel> model_;
+  std::unique_ptr<PostProcessor> post_processor_;
+  std::unique_ptr<Decoder> decoder_;
+  std::vector<AddedToken> added_;
+  std::unordered_map<int32_t, size_t> added_by_id_;  // id -> index into added_
+  StringMap<int32_t> added_by_content_;
+  AddedTokenMatcher raw_matcher_;  // tokens with normalized == false, matched before normalization
+  AddedTokenMatcher normalized_matcher_;  // tokens with normalized == true, matched after it
+  int32_t vocab_size_ = 0;
+  std::optional<int32_t> bos_id_;
+  std::optional<int32_t> eos_id_;
+};
+
+constexpr int64_t kMaxId = 1 << 24;
+
+absl::StatusOr<std::unique_ptr<BpeModel>> ParseModel(const json& m) {
+  if (!m.is_object()) {
+    return absl::InvalidArgumentError(
+        StrCat("model must be an object, got ", json_util::TypeName(m)));
+  }
+  std::string type;
+  if (auto t = m.find("type"); t != m.end() && !t->is_null()) {
+    if (!t->is_string()) return absl::InvalidArgumentError("model.type must be a string");
+    type = t->get<std::string>();
+  } else if (m.contains("merges")) {
+    type = "BPE";  // old files leave the type out; Hugging Face infers it from the fields
+  } else {
+    return absl::InvalidArgumentError("model.type is missing");
+  }
+  if (type != "BPE") {
+    return absl::InvalidArgumentError(
+        StrCat("model type '", type, "' is not supported (supported: BPE)"));
+  }
+  if (auto d = m.find("dropout"); d != m.end() && !d->is_null()) {
+    if (!d->is_number()) {
+      return absl::InvalidArgumentError("model.dropout must be null or a number");
+    }
+    if (d->get<double>() != 0.0) {
+      return absl::InvalidArgumentError(
+          StrCat("model.dropout is ", d->get<double>(),
+                 "; only null or 0 is supported (encoding must be deterministic)"));
+    }
+  }
+  BpeOptions options;
+  SEEDLING_ASSIGN_OR_RETURN(options.unk_token, json_util::OptionalString(m, "unk_token", "model"));
+  SEEDLING_ASSIGN_OR_RETURN(options.fuse_unk, json_util::BoolOr(m, "fuse_unk", "model", false));
+  SEEDLING_ASSIGN_OR_RETURN(options.byte_fallback,
+                            json_util::BoolOr(m, "byte_fallback", "model", false));
+  SEEDLING_ASSIGN_OR_RETURN(options.ignore_merges,
+                            json_util::BoolOr(m, "ignore_merges", "model", false));
+  SEEDLING_ASSIGN_OR_RETURN(options.continuing_subword_prefix,
+                            json_util::StringOr(m, "continuing_subword_prefix", "model", ""));
+  SEEDLING_ASSIGN_OR_RETURN(options.end_of_word_suffix,
+                            json_util::StringOr(m, "end_of_word_suffix", "model", ""));
+
+  auto v = m.find("vocab");
+  if (v == m.end() || !v->is_object()) {
+    return absl::InvalidArgumentError("model.vocab must be an object mapping tokens to ids");
+  }
+  std::vector<std::pair<std::string, int32_t>> vocab;
+  vocab.reserve(v->size());
+  for (auto it = v->begin(); it != v->end(); ++it) {
+    if (!it->is_number_integer() || it->get<int64_t>() < 0 || it->get<int64_t>() > kMaxId) {
+      return absl::InvalidArgumentError(StrCat(
+          "model.vocab['", it.key(), "'] must be an id in [0, ", kMaxId, "], got ", it->dump()));
+    }
+    vocab.emplace_back(it.key(), static_cast<int32_t>(it->get<int64_t>()));
+  }
+
+  std::vector<std::pair<std::string, std::string>> merges;
+  if (auto ms = m.find("merges"); ms != m.end() && !ms->is_null()) {
+    if (!ms->is_array()) return absl::InvalidArgumentError("model.merges must be an array");
+    merges.reserve(ms->size());
+    for (size_t i = 0; i < ms->size(); ++i) {
+      const json& e = (*ms)[i];
+      if (e.is_string()) {
+        // The older format: "a b", the two tokens separated by exactly one space.
+        const std::string& s = e.get_ref<const std::string&>();
+        const size_t space = s.find(' ');
+        if (space == std::string::npos || s.find(' ', space + 1) != std::string::npos) {
+          return absl::InvalidArgumentError(StrCat(
+              "model.merges[", i, "] must be two tokens separated by one space, got '", s, "'"));
+        }
+        merges.emplace_back(s.substr(0, space), s.substr(space + 1));
+      } else if (e.is_array() && e.size() == 2 && e[0].is_string() && e[1].is_string()) {
+        merges.emplace_back(e[0].get<std::string>(), e[1].get<std::string>());
+      } else {
+        return absl::InvalidArgumentError(
+            StrCat("model.merges[", i, "] must be \"a b\" or [\"a\", \"b\"], got ", e.dump()));
+      }
+    }
+  }
+  auto model = BpeModel::Create(std::move(vocab), merges, std::move(options));
+  if (!model.ok()) return Annotate(model.status(), "model");
+  return model;
+}
+
+absl::Status JsonTokenizer::ParseAddedTokens(const json& doc) {
+  auto a = doc.find("added_tokens");
+  if (a == doc.end() || a->is_null()) return absl::OkStatus();
+  if (!a->is_array()) return absl::InvalidArgumentError("added_tokens must be an array");
+  for (size_t i = 0; i < a->size(); ++i) {
+    const json& e = (*a)[i];
+    const std::string path = StrCat("added_tokens[", i, "]");
+    if (!e.is_object()) return absl::InvalidArgumentError(StrCat(path, " must be an object"));
+    AddedToken token;
+    SEEDLING_ASSIGN_OR_RETURN(int64_t id, json_util::IntOr(e, "id", path, -1));
+    if (id < 0 || id > kMaxId) {
+      return absl::InvalidArgumentError(StrCat(path, ".id must be an id in [0, ", kMaxId, "]"));
+    }
+    token.id = static_cast<int32_t>(id);
+    SEEDLING_ASSIGN_OR_RETURN(token.content, json_util::RequireString(e, "content", path));
+    if (token.content.empty()) return absl::InvalidArgumentError(StrCat(path, ".content is empty"));
+    SEEDLING_ASSIGN_OR_RETURN(token.single_word, json_util::BoolOr(e, "single_word", path, false));
+    SEEDLING_ASSIGN_OR_RETURN(token.lstrip, json_util::BoolOr(e, "lstrip", path, false));
+    SEEDLING_ASSIGN_OR_RETURN(token.rstrip, json_util::BoolOr(e, "rstrip", path, false));
+    SEEDLING_ASSIGN_OR_RETURN(token.special, json_util::BoolOr(e, "special", path, false));
+    SEEDLING_ASSIGN_OR_RETURN(token.normalized,
+                              json_util::BoolOr(e, "normalized", path, !token.special));
+    added_by_id_[token.id] = added_.size();
+    added_by_content_.try_emplace(token.content, token.id);
+    added_.push_back(std::move(token));
+  }
+  // The matchers point into added_, which no longer changes.
+  for (size_t i = 0; i < added_.size(); ++i) {
+    const AddedToken& token = added_[i];
+    if (!token.normalized) {
+      raw_matcher_.Add(token.content, static_cast<int32_t>(i));
+      continue;
+    }
+    // Normalized tokens are looked for in normalized text, so they are normalized the same way.
+    std::string pattern = token.content;
+    if (normalizer_ != nullptr) SEEDLING_RETURN_IF_ERROR(normalizer_->Normalize(&pattern));
+    normalized_matcher_.Add(pattern, static_cast<int32_t>(i));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<Tokenizer>> JsonTokenizer::Parse(std::string_view text) {
+  json doc;
+  try {
+    doc = json::parse(text.begin(), text.end());
+  } catch (const json::parse_error& e) {
+    return absl::InvalidArgumentError(StrCat("not valid JSON: ", e.what()));
+  }
+  if (!doc.is_object()) return absl::InvalidArgumentError("the document must be a JSON object");
+  std::unique_ptr<JsonTokenizer> t(new JsonTokenizer());
+  auto m = doc.find("model");
+  if (m == doc.end() || m->is_null()) return absl::InvalidArgumentError("model is missing");
+  SEEDLING_ASSIGN_OR_RETURN(t->model_, ParseModel(*m));
+  static const json kNull;
+  auto field = [&doc](const char* key) -> const json& {
+    auto it = doc.find(key);
+    return it == doc.end() ? kNull : *it;
+  };
+  SEEDLING_ASSIGN_OR_RETURN(t->normalizer_, ParseNormalizer(field("normalizer"), "normalizer"));
+  SEEDLING_ASSIGN_OR_RETURN(t->pre_tokenizer_,
+                            ParsePreTokenizer(field("pre_tokenizer"), "pre_tokenizer"));
+  SEEDLING_ASSIGN_OR_RETURN(t->post_processor_,
+                            ParsePostProcessor(field("post_processor"), "post_processor"));
+  SEEDLING_ASSIGN_OR_RETURN(t->decoder_, ParseDecoder(field("decoder"), "decoder"));
+  SEEDLING_RETURN_IF_ERROR(t->ParseAddedTokens(doc));
+
+  int32_t max_id = t->model_->max_id();
+  for (const AddedToken& token : t->added_) max_id = std::max(max_id, token.id);
+  t->vocab_size_ = max_id + 1;
+  if (t->post_processor_ != nullptr) {
+    t->bos_id_ = t->post_processor_->bos_id();
+    t->eos_id_ = t->post_processor_->eos_id();
+    for (const auto& id : {t->bos_id_, t->eos_id_}) {
+      if (id.has_value() && *id >= t->vocab_size_) {
+        return absl::InvalidArgumentError(StrCat("post_processor uses special token id ", *id,
+                                                 ", beyond the vocabulary (", t->vocab_size_,
+                                                 " ids)"));
+      }
+    }
+  }
+  return t;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Tokenizer>> ParseTokenizerJson(std::string_view json,
+                                                              std::string_view source) {
+  absl::StatusOr<std::unique_ptr<Tokenizer>> result;
+  try {
+    result = JsonTokenizer::Parse(json);
+  } catch (const nlohmann::json::exception& e) {
+    // The parser checks every type before reading; this only guards against a missed case.
+    result = absl::InvalidArgumentError(e.what());
+  }
+  if (!result.ok()) return Annotate(result.status(), source);
+  return result;
+}
+
+}  // namespace seedling::model::internal

@@ -2,7 +2,6 @@
 // Built as a MODULE library and only ever dlopen'ed (see the header for why).
 
 #include <sentencepiece_processor.h>
-#include <sentencepiece_trainer.h>
 
 #include <cstdlib>
 #include <cstring>
@@ -115,14 +114,5 @@ int32_t seedling_spm_bos_id(const seedling_spm* spm) { return spm->processor.bos
 int32_t seedling_spm_eos_id(const seedling_spm* spm) { return spm->processor.eos_id(); }
 int32_t seedling_spm_unk_id(const seedling_spm* spm) { return spm->processor.unk_id(); }
 
-int seedling_spm_train(const char* args, char* err, size_t err_cap) {
-  try {
-    const auto status = sentencepiece::SentencePieceTrainer::Train(args);
-    if (!status.ok()) return Fail(status.ToString(), err, err_cap);
-    return 0;
-  } catch (const std::exception& e) {
-    return Fail(e.what(), err, err_cap);
-  }
-}
 
 }  // extern "C"
