@@ -1,0 +1,145 @@
+#include "model/weights.h"
+
+#include <unistd.h>
+
+#include <catch2/catch.hpp>
+#include <filesystem>
+
+#include "base/file.h"
+#include "model/llama.h"
+#include "model/safetensors.h"
+
+namespace seedling::model {
+namespace {
+
+struct TempDir {
+  std::string path;
+  TempDir() {
+    static int counter = 0;
+    path = std::filesystem::temp_directory_path() /
+           ("seedling_weights_test_" + std::to_string(getpid()) + "_" + std::to_string(counter++));
+    std::filesystem::create_directories(path);
+  }
+  ~TempDir() { std::filesystem::remove_all(path); }
+};
+
+ModelConfig SmallConfig() {
+  auto c = PresetConfig("tiny-qwen2");  // untied head, q/k/v biases
+  REQUIRE(c.ok());
+  c->num_hidden_layers = 2;
+  c->vocab_size = 64;
+  return *c;
+}
+
+void WriteModel(const std::string& dir, const ModelConfig& c, const ModelWeights& w, DType dtype) {
+  REQUIRE(WriteFileAtomic(JoinPath(dir, "config.json"), ModelConfigToJson(c)).ok());
+  REQUIRE(SaveWeights(JoinPath(dir, "model.safetensors"), w, c, dtype).ok());
+}
+
+at::Tensor SomeTokens() { return at::tensor({1, 7, 3, 63, 0, 12}, at::kLong).view({1, 6}); }
+
+TEST_CASE("A model saved as F32 loads back with identical logits", "[model][weights]") {
+  TempDir dir;
+  const ModelConfig c = SmallConfig();
+  auto original = LlamaModel::Create(c, RandomWeights(c, 3));
+  REQUIRE(original.ok());
+  WriteModel(dir.path, c, (*original)->weights(), DType::kF32);
+  auto loaded = LlamaModel::Load(dir.path);
+  REQUIRE(loaded.ok());
+  auto a = (*original)->Logits(SomeTokens());
+  auto b = (*loaded)->Logits(SomeTokens());
+  REQUIRE(a.ok());
+  REQUIRE(b.ok());
+  CHECK(at::equal(*a, *b));
+}
+
+TEST_CASE("BF16 weights load as fp32 by default and stay bf16 with kStored", "[model][weights]") {
+  TempDir dir;
+  const ModelConfig c = SmallConfig();
+  ModelWeights w = RandomWeights(c, 4);
+  WriteModel(dir.path, c, w, DType::kBF16);
+  // Reference: the same weights rounded to bf16 and back.
+  for (const NamedWeight& nw : NamedWeights(w, c)) nw.tensor.copy_(nw.tensor.to(at::kBFloat16).to(at::kFloat));
+  auto reference = LlamaModel::Create(c, std::move(w));
+  REQUIRE(reference.ok());
+
+  auto fp32 = LlamaModel::Load(dir.path);
+  REQUIRE(fp32.ok());
+  CHECK((*fp32)->weights().layers[0].q.scalar_type() == at::kFloat);
+  LoadOptions stored_options;
+  stored_options.precision = WeightPrecision::kStored;
+  auto stored = LlamaModel::Load(dir.path, stored_options);
+  REQUIRE(stored.ok());
+  CHECK((*stored)->weights().layers[0].q.scalar_type() == at::kBFloat16);
+  CHECK((*stored)->weights().layers[0].input_norm.scalar_type() == at::kFloat);  // norms always fp32
+
+  const at::Tensor ref = *(*reference)->Logits(SomeTokens());
+  CHECK(at::allclose(*(*fp32)->Logits(SomeTokens()), ref, 1e-5, 1e-5));
+  CHECK(at::allclose(*(*stored)->Logits(SomeTokens()), ref, 1e-5, 1e-5));
+}
+
+TEST_CASE("Writing a loaded F32 weight in place never changes the file", "[model][weights]") {
+  TempDir dir;
+  const ModelConfig c = SmallConfig();
+  WriteModel(dir.path, c, RandomWeights(c, 5), DType::kF32);
+  {
+    auto m = LlamaModel::Load(dir.path);
+    REQUIRE(m.ok());
+    (*m)->mutable_weights().layers[0].q.fill_(42.0f);  // copy-on-write mapping
+  }
+  auto again = LlamaModel::Load(dir.path);
+  REQUIRE(again.ok());
+  CHECK((*again)->weights().layers[0].q.abs().max().item<float>() < 1.0f);
+}
+
+TEST_CASE("A missing tensor is NotFound naming it", "[model][weights]") {
+  TempDir dir;
+  const ModelConfig c = SmallConfig();
+  const ModelWeights w = RandomWeights(c, 6);
+  std::vector<at::Tensor> keep;
+  std::vector<TensorToWrite> tensors;
+  for (const NamedWeight& nw : NamedWeights(w, c)) {
+    if (nw.name == "model.layers.1.mlp.up_proj.weight") continue;
+    keep.push_back(nw.tensor.contiguous());
+    tensors.push_back({nw.name, DType::kF32, nw.tensor.sizes().vec(),
+                       {static_cast<const uint8_t*>(keep.back().data_ptr()), static_cast<size_t>(keep.back().nbytes())}});
+  }
+  REQUIRE(WriteFileAtomic(JoinPath(dir.path, "config.json"), ModelConfigToJson(c)).ok());
+  REQUIRE(WriteSafetensors(JoinPath(dir.path, "model.safetensors"), tensors).ok());
+  auto m = LlamaModel::Load(dir.path);
+  REQUIRE_FALSE(m.ok());
+  CHECK(m.status().code() == absl::StatusCode::kNotFound);
+  CHECK(std::string(m.status().message()).find("model.layers.1.mlp.up_proj.weight") != std::string::npos);
+}
+
+TEST_CASE("A tensor with the wrong shape or an unexpected tensor is rejected by name", "[model][weights]") {
+  TempDir dir;
+  ModelConfig c = SmallConfig();
+  const ModelWeights w = RandomWeights(c, 7);
+  REQUIRE(SaveWeights(JoinPath(dir.path, "model.safetensors"), w, c, DType::kF32).ok());
+  // The same file under a config with a different intermediate size: shapes disagree.
+  ModelConfig wider = c;
+  wider.intermediate_size += 8;
+  REQUIRE(WriteFileAtomic(JoinPath(dir.path, "config.json"), ModelConfigToJson(wider)).ok());
+  auto shape = LlamaModel::Load(dir.path);
+  REQUIRE_FALSE(shape.ok());
+  CHECK(std::string(shape.status().message()).find("mlp.gate_proj.weight' has shape") != std::string::npos);
+  // Under a config with one layer fewer: layer 1's tensors are unexpected.
+  ModelConfig shallower = c;
+  shallower.num_hidden_layers = 1;
+  REQUIRE(WriteFileAtomic(JoinPath(dir.path, "config.json"), ModelConfigToJson(shallower)).ok());
+  auto extra = LlamaModel::Load(dir.path);
+  REQUIRE_FALSE(extra.ok());
+  CHECK(std::string(extra.status().message()).find("model.layers.1.") != std::string::npos);
+}
+
+TEST_CASE("RandomWeights is deterministic per seed", "[model][weights]") {
+  const ModelConfig c = SmallConfig();
+  const ModelWeights a = RandomWeights(c, 9), b = RandomWeights(c, 9), d = RandomWeights(c, 10);
+  CHECK(at::equal(a.layers[1].down, b.layers[1].down));
+  CHECK_FALSE(at::equal(a.layers[1].down, d.layers[1].down));
+  CHECK(std::abs(a.embed.std().item<double>() - 0.02) < 0.002);
+}
+
+}  // namespace
+}  // namespace seedling::model
