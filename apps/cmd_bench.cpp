@@ -1,0 +1,49 @@
+// bench forward.
+
+#include <iostream>
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/str_split.h"
+#include "apps/commands.h"
+#include "base/status.h"
+#include "bench/forward_bench.h"
+
+namespace seedling::apps {
+
+void RegisterBenchCommands(CLI::App& app, Action& action) {
+  CLI::App* bench = app.add_subcommand("bench", "Benchmarks that print their figures");
+  bench->require_subcommand(1);
+  auto options = std::make_shared<bench::ForwardBenchOptions>();
+  auto json = std::make_shared<bool>(false);
+  CLI::App* fwd = bench->add_subcommand(
+      "forward", "Forward and forward+backward tokens/s, GFLOP/s vs an in-run sgemm, peak RSS");
+  fwd->add_option("--presets", options->presets, "Model presets to measure")->delimiter(',')->capture_default_str();
+  fwd->add_option("--seq", options->seq_len, "Tokens per sequence")->capture_default_str()->check(CLI::Range(2, 1 << 16));
+  fwd->add_option("--batch", options->batch, "Sequences per step")->capture_default_str()->check(CLI::PositiveNumber);
+  fwd->add_option("--min-seconds", options->min_seconds, "Time each phase at least this long")->capture_default_str();
+  fwd->add_flag("!--no-backward", options->backward, "Skip the forward+backward phases");
+  fwd->add_flag("--json", *json, "Also print one JSON line per row");
+  fwd->callback([options, json, &action] {
+    action = [options, json]() -> absl::Status {
+      SEEDLING_ASSIGN_OR_RETURN(std::vector<bench::ForwardBenchRow> rows, bench::RunForwardBench(*options, std::cout));
+      if (*json) {
+        for (const auto& r : rows) {
+          std::cout << nlohmann::json{{"preset", r.preset},
+                                      {"parameters", r.parameters},
+                                      {"phase", r.phase},
+                                      {"tokens", r.tokens},
+                                      {"seconds", r.seconds},
+                                      {"tokens_per_second", r.tokens_per_second},
+                                      {"gflops", r.gflops},
+                                      {"sgemm_gflops", r.sgemm_gflops},
+                                      {"peak_rss_bytes", r.peak_rss_bytes}}
+                           .dump()
+                    << "\n";
+        }
+      }
+      return absl::OkStatus();
+    };
+  });
+}
+
+}  // namespace seedling::apps

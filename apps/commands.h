@@ -1,0 +1,20 @@
+#pragma once
+
+// Subcommands of the `seedling` binary. Each Register* function adds its subcommands to `app`; when one
+// is chosen on the command line its callback stores the work to run in `action`, which main() runs
+// after parsing (so errors print as one line and set the exit code in one place).
+
+#include <functional>
+
+#include <CLI/CLI.hpp>
+
+#include "absl/status/status.h"
+
+namespace seedling::apps {
+
+using Action = std::function<absl::Status()>;
+
+void RegisterModelCommands(CLI::App& app, Action& action);  // init-model, eval, generate
+void RegisterBenchCommands(CLI::App& app, Action& action);  // bench forward
+
+}  // namespace seedling::apps

@@ -1,0 +1,126 @@
+#include "bench/forward_bench.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <chrono>
+#include <ostream>
+
+#include "absl/strings/str_format.h"
+#include "base/memory.h"
+#include "base/status.h"
+#include "base/strings.h"
+#include "model/config.h"
+#include "model/llama.h"
+#include "model/runtime.h"
+#include "model/weights.h"
+
+namespace seedling::bench {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Seconds(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// FLOPs of one forward over `batch` sequences of `seq` tokens: 2 per multiply-add of every projection and
+// the LM head, plus the attention score and value products (computed for the full T x T square).
+double ForwardFlops(const model::ModelConfig& c, int64_t batch, int64_t seq) {
+  const double h = static_cast<double>(c.hidden_size);
+  const double per_layer = h * static_cast<double>(c.q_dim() + 2 * c.kv_dim()) + static_cast<double>(c.q_dim()) * h +
+                           3.0 * h * static_cast<double>(c.intermediate_size);
+  const double matmul_params = static_cast<double>(c.num_hidden_layers) * per_layer + static_cast<double>(c.vocab_size) * h;
+  const double tokens = static_cast<double>(batch * seq);
+  const double attention = 4.0 * static_cast<double>(batch) * static_cast<double>(seq) * static_cast<double>(seq) *
+                           static_cast<double>(c.q_dim()) * static_cast<double>(c.num_hidden_layers);
+  return 2.0 * matmul_params * tokens + attention;
+}
+
+// Runs `step` once to warm up, then repeatedly for at least min_seconds / min_iters; seconds per step.
+template <typename Fn>
+absl::StatusOr<double> TimeIt(const ForwardBenchOptions& o, Fn step) {
+  SEEDLING_RETURN_IF_ERROR(step());
+  int iters = 0;
+  const auto t0 = Clock::now();
+  while (iters < o.min_iters || Seconds(t0) < o.min_seconds) {
+    SEEDLING_RETURN_IF_ERROR(step());
+    ++iters;
+  }
+  return Seconds(t0) / iters;
+}
+
+}  // namespace
+
+double MeasureSgemmGflops(int64_t n, double min_seconds) {
+  const at::Tensor a = at::randn({n, n});
+  const at::Tensor b = at::randn({n, n});
+  at::Tensor c = at::mm(a, b);  // warm-up
+  int iters = 0;
+  const auto t0 = Clock::now();
+  while (iters < 3 || Seconds(t0) < min_seconds) {
+    at::mm_out(c, a, b);
+    ++iters;
+  }
+  return 2.0 * static_cast<double>(n) * static_cast<double>(n) * static_cast<double>(n) * iters / Seconds(t0) / 1e9;
+}
+
+absl::StatusOr<std::vector<ForwardBenchRow>> RunForwardBench(const ForwardBenchOptions& o, std::ostream& out) {
+  if (o.seq_len < 2 || o.batch < 1) return absl::InvalidArgumentError("need seq_len >= 2 and batch >= 1");
+  std::vector<ForwardBenchRow> rows;
+  out << absl::StrFormat("compute: %s\nsequence: %d x %d tokens\n", model::DescribeCompute(), o.batch, o.seq_len);
+  const double sgemm = MeasureSgemmGflops(o.sgemm_size, 1.0);
+  out << absl::StrFormat("sgemm %dx%dx%d fp32: %.1f GFLOP/s (in-run reference)\n", o.sgemm_size, o.sgemm_size,
+                         o.sgemm_size, sgemm);
+  out << absl::StrFormat("%-14s %-28s %10s %10s %9s %8s %10s\n", "preset", "phase", "tokens/s", "ms/iter", "GFLOP/s",
+                         "%sgemm", "peak RSS");
+  out.flush();
+  for (const std::string& preset : o.presets) {
+    SEEDLING_ASSIGN_OR_RETURN(model::ModelConfig config, model::PresetConfig(preset));
+    SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<model::LlamaModel> m,
+                              model::LlamaModel::Create(config, model::RandomWeights(config, 1)));
+    const at::Tensor tokens = at::randint(0, config.vocab_size, {o.batch, o.seq_len}, at::kLong);
+    const double fwd_flops = ForwardFlops(config, o.batch, o.seq_len);
+    auto report = [&](const std::string& phase, double seconds, double flops) {
+      ForwardBenchRow r;
+      r.preset = preset;
+      r.parameters = config.NumParameters();
+      r.phase = phase;
+      r.tokens = o.batch * o.seq_len;
+      r.seconds = seconds;
+      r.tokens_per_second = static_cast<double>(r.tokens) / seconds;
+      r.gflops = flops / seconds / 1e9;
+      r.sgemm_gflops = sgemm;
+      r.peak_rss_bytes = PeakRssBytes();
+      out << absl::StrFormat("%-14s %-28s %10.0f %10.1f %9.1f %7.0f%% %10s\n", preset, phase, r.tokens_per_second,
+                             seconds * 1e3, r.gflops, 100.0 * r.gflops / sgemm, FormatBytes(r.peak_rss_bytes));
+      out.flush();
+      rows.push_back(r);
+    };
+
+    ResetPeakRss();
+    SEEDLING_ASSIGN_OR_RETURN(double fwd, TimeIt(o, [&]() -> absl::Status {
+      at::NoGradGuard no_grad;
+      return m->Logits(tokens).status();
+    }));
+    report("forward", fwd, fwd_flops);
+
+    if (!o.backward) continue;
+    std::vector<model::NamedWeight> weights = model::NamedWeights(m->weights(), config);
+    for (model::NamedWeight& w : weights) w.tensor.requires_grad_(true);
+    for (bool recompute : {false, true}) {
+      ResetPeakRss();
+      model::ForwardOptions fo;
+      fo.recompute = recompute;
+      SEEDLING_ASSIGN_OR_RETURN(double fb, TimeIt(o, [&]() -> absl::Status {
+        for (model::NamedWeight& w : weights) w.tensor.mutable_grad() = at::Tensor();
+        SEEDLING_ASSIGN_OR_RETURN(model::LossOutput loss, m->Loss(tokens, tokens, fo));
+        loss.mean().backward();
+        return absl::OkStatus();
+      }));
+      // Backward costs two forwards' worth of FLOPs (input and weight gradients).
+      report(recompute ? "forward+backward+recompute" : "forward+backward", fb, 3.0 * fwd_flops);
+    }
+  }
+  return rows;
+}
+
+}  // namespace seedling::bench
