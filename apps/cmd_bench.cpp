@@ -36,7 +36,8 @@ void RegisterBenchCommands(CLI::App& app, Action& action) {
                                       {"tokens_per_second", r.tokens_per_second},
                                       {"gflops", r.gflops},
                                       {"sgemm_gflops", r.sgemm_gflops},
-                                      {"peak_rss_bytes", r.peak_rss_bytes}}
+                                      {"peak_rss_bytes", r.peak_rss_bytes},
+                                      {"peak_tensor_bytes", r.peak_tensor_bytes}}
                            .dump()
                     << "\n";
         }

@@ -24,10 +24,13 @@ int main(int argc, char** argv) {
   seedling::apps::RegisterModelCommands(app, action);
   seedling::apps::RegisterBenchCommands(app, action);
 
+  app.failure_message([](const CLI::App*, const CLI::Error& e) {
+    return std::string("seedling: error: ") + e.what() + "\nRun with --help for more information.\n";
+  });
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    return app.exit(e) == 0 ? 0 : 2;  // --help and --version exit 0; usage errors 2
   }
   if (absl::Status st = seedling::InitLogging(log_level); !st.ok()) {
     std::fprintf(stderr, "seedling: error: %s\n", std::string(st.message()).c_str());

@@ -12,6 +12,7 @@
 #include "base/strings.h"
 #include "model/config.h"
 #include "model/llama.h"
+#include "model/memory_tracker.h"
 #include "model/runtime.h"
 #include "model/weights.h"
 
@@ -35,17 +36,29 @@ double ForwardFlops(const model::ModelConfig& c, int64_t batch, int64_t seq) {
   return 2.0 * matmul_params * tokens + attention;
 }
 
-// Runs `step` once to warm up, then repeatedly for at least min_seconds / min_iters; seconds per step.
+struct Timing {
+  double seconds = 0;            // per step
+  int64_t peak_tensor_bytes = 0;  // of the warm-up step
+};
+
+// Runs `step` once to warm up (tracking its tensor memory), then repeatedly for at least min_seconds /
+// min_iters.
 template <typename Fn>
-absl::StatusOr<double> TimeIt(const ForwardBenchOptions& o, Fn step) {
-  SEEDLING_RETURN_IF_ERROR(step());
+absl::StatusOr<Timing> TimeIt(const ForwardBenchOptions& o, Fn step) {
+  Timing timing;
+  {
+    model::TensorMemoryTracker tracker;
+    SEEDLING_RETURN_IF_ERROR(step());
+    timing.peak_tensor_bytes = tracker.peak_bytes();
+  }
   int iters = 0;
   const auto t0 = Clock::now();
   while (iters < o.min_iters || Seconds(t0) < o.min_seconds) {
     SEEDLING_RETURN_IF_ERROR(step());
     ++iters;
   }
-  return Seconds(t0) / iters;
+  timing.seconds = Seconds(t0) / iters;
+  return timing;
 }
 
 }  // namespace
@@ -70,8 +83,8 @@ absl::StatusOr<std::vector<ForwardBenchRow>> RunForwardBench(const ForwardBenchO
   const double sgemm = MeasureSgemmGflops(o.sgemm_size, 1.0);
   out << absl::StrFormat("sgemm %dx%dx%d fp32: %.1f GFLOP/s (in-run reference)\n", o.sgemm_size, o.sgemm_size,
                          o.sgemm_size, sgemm);
-  out << absl::StrFormat("%-14s %-28s %10s %10s %9s %8s %10s\n", "preset", "phase", "tokens/s", "ms/iter", "GFLOP/s",
-                         "%sgemm", "peak RSS");
+  out << absl::StrFormat("%-14s %-28s %10s %10s %9s %8s %10s %12s\n", "preset", "phase", "tokens/s", "ms/iter",
+                         "GFLOP/s", "%sgemm", "peak RSS", "step tensors");
   out.flush();
   for (const std::string& preset : o.presets) {
     SEEDLING_ASSIGN_OR_RETURN(model::ModelConfig config, model::PresetConfig(preset));
@@ -79,7 +92,8 @@ absl::StatusOr<std::vector<ForwardBenchRow>> RunForwardBench(const ForwardBenchO
                               model::LlamaModel::Create(config, model::RandomWeights(config, 1)));
     const at::Tensor tokens = at::randint(0, config.vocab_size, {o.batch, o.seq_len}, at::kLong);
     const double fwd_flops = ForwardFlops(config, o.batch, o.seq_len);
-    auto report = [&](const std::string& phase, double seconds, double flops) {
+    auto report = [&](const std::string& phase, const Timing& timing, double flops) {
+      const double seconds = timing.seconds;
       ForwardBenchRow r;
       r.preset = preset;
       r.parameters = config.NumParameters();
@@ -90,34 +104,49 @@ absl::StatusOr<std::vector<ForwardBenchRow>> RunForwardBench(const ForwardBenchO
       r.gflops = flops / seconds / 1e9;
       r.sgemm_gflops = sgemm;
       r.peak_rss_bytes = PeakRssBytes();
-      out << absl::StrFormat("%-14s %-28s %10.0f %10.1f %9.1f %7.0f%% %10s\n", preset, phase, r.tokens_per_second,
-                             seconds * 1e3, r.gflops, 100.0 * r.gflops / sgemm, FormatBytes(r.peak_rss_bytes));
+      r.peak_tensor_bytes = timing.peak_tensor_bytes;
+      out << absl::StrFormat("%-14s %-28s %10.0f %10.1f %9.1f %7.0f%% %10s %12s\n", preset, phase,
+                             r.tokens_per_second, seconds * 1e3, r.gflops, 100.0 * r.gflops / sgemm,
+                             FormatBytes(r.peak_rss_bytes), FormatBytes(r.peak_tensor_bytes));
       out.flush();
       rows.push_back(r);
     };
 
     ResetPeakRss();
-    SEEDLING_ASSIGN_OR_RETURN(double fwd, TimeIt(o, [&]() -> absl::Status {
+    SEEDLING_ASSIGN_OR_RETURN(Timing fwd, TimeIt(o, [&]() -> absl::Status {
       at::NoGradGuard no_grad;
       return m->Logits(tokens).status();
     }));
     report("forward", fwd, fwd_flops);
 
     if (!o.backward) continue;
+    // Backward phases. "all weights": every weight trainable (3 forwards' worth of FLOPs: output, input
+    // and weight gradients). "frozen": only layer 0's input norm trains, so backward computes activation
+    // gradients through every layer but no weight gradients, as with an adapter (2 forwards' worth).
+    struct Phase {
+      const char* name;
+      bool all_weights;
+      bool recompute;
+      double flops_factor;
+    };
+    const Phase phases[] = {{"fwd+bwd all weights", true, false, 3.0},
+                            {"fwd+bwd frozen", false, false, 2.0},
+                            {"fwd+bwd frozen, recompute", false, true, 2.0}};
     std::vector<model::NamedWeight> weights = model::NamedWeights(m->weights(), config);
-    for (model::NamedWeight& w : weights) w.tensor.requires_grad_(true);
-    for (bool recompute : {false, true}) {
+    for (const Phase& phase : phases) {
+      for (model::NamedWeight& w : weights) {
+        w.tensor.requires_grad_(phase.all_weights || w.name == "model.layers.0.input_layernorm.weight");
+      }
       ResetPeakRss();
       model::ForwardOptions fo;
-      fo.recompute = recompute;
-      SEEDLING_ASSIGN_OR_RETURN(double fb, TimeIt(o, [&]() -> absl::Status {
-        for (model::NamedWeight& w : weights) w.tensor.mutable_grad() = at::Tensor();
+      fo.recompute = phase.recompute;
+      SEEDLING_ASSIGN_OR_RETURN(Timing fb, TimeIt(o, [&]() -> absl::Status {
         SEEDLING_ASSIGN_OR_RETURN(model::LossOutput loss, m->Loss(tokens, tokens, fo));
         loss.mean().backward();
+        for (model::NamedWeight& w : weights) w.tensor.mutable_grad() = at::Tensor();  // freed inside the step
         return absl::OkStatus();
       }));
-      // Backward costs two forwards' worth of FLOPs (input and weight gradients).
-      report(recompute ? "forward+backward+recompute" : "forward+backward", fb, 3.0 * fwd_flops);
+      report(phase.name, fb, phase.flops_factor * fwd_flops);
     }
   }
   return rows;

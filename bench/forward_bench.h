@@ -19,20 +19,22 @@ struct ForwardBenchOptions {
   int64_t batch = 1;          // sequences per step
   double min_seconds = 3.0;   // time each phase for at least this long...
   int min_iters = 3;          // ...and at least this many iterations (after one warm-up)
-  bool backward = true;       // also time forward+backward (all weights trainable), recompute off and on
+  bool backward = true;       // also time forward+backward: all weights trainable, and frozen weights
+                              // (activation gradients only, as with an adapter) with recompute off and on
   int64_t sgemm_size = 1024;  // square sgemm for the reference figure
 };
 
 struct ForwardBenchRow {
   std::string preset;
   int64_t parameters = 0;
-  std::string phase;          // "forward", "forward+backward", "forward+backward+recompute"
+  std::string phase;          // "forward", "fwd+bwd all weights", "fwd+bwd frozen", "fwd+bwd frozen, recompute"
   int64_t tokens = 0;         // per iteration
   double seconds = 0;         // per iteration
   double tokens_per_second = 0;
   double gflops = 0;          // model FLOPs per second (recomputation not counted as useful work)
   double sgemm_gflops = 0;    // in-run reference
   int64_t peak_rss_bytes = 0;
+  int64_t peak_tensor_bytes = 0;  // high-water mark of tensor storage allocated during one step
 };
 
 // Measures sgemm GFLOP/s for an n x n x n fp32 matrix multiply with LibTorch's current thread count.

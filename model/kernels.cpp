@@ -22,6 +22,19 @@ int64_t PickChunk(int64_t chunk_tokens, int64_t vocab) {
   return std::max<int64_t>(1, kChunkBytes / (4 * std::max<int64_t>(vocab, 1)));
 }
 
+// Rows [start, start + len) of the loss inputs; ignored targets are replaced by 0 (masked out by `valid`).
+struct CeChunk {
+  at::Tensor h;       // (c, H)
+  at::Tensor valid;   // (c) bool
+  at::Tensor safe_t;  // (c) int64
+};
+
+CeChunk SliceChunk(const at::Tensor& hidden, const at::Tensor& targets, int64_t start, int64_t len) {
+  const at::Tensor t = targets.narrow(0, start, len);
+  const at::Tensor valid = t.ne(kIgnoreIndex);
+  return {hidden.narrow(0, start, len), valid, t.masked_fill(~valid, 0)};
+}
+
 // Plain chunked loop: sum of per-row losses. Uses only differentiable standard ops, so it also serves
 // forward-mode AD; under reverse-mode autograd it would keep every chunk's logits, which is why the custom
 // function below exists.
@@ -30,15 +43,11 @@ at::Tensor ChunkedCeLoop(const at::Tensor& hidden, const at::Tensor& weight_f, c
   const int64_t n = hidden.size(0);
   at::Tensor total = at::zeros({}, hidden.options());
   for (int64_t start = 0; start < n; start += chunk) {
-    const int64_t len = std::min(chunk, n - start);
-    const at::Tensor h = hidden.narrow(0, start, len);          // (c, H)
-    const at::Tensor t = targets.narrow(0, start, len);         // (c)
-    const at::Tensor valid = t.ne(kIgnoreIndex);                // (c)
-    const at::Tensor safe_t = t.masked_fill(~valid, 0);         // (c)
-    const at::Tensor logits = at::matmul(h, weight_f.t());      // (c, V)
-    const at::Tensor lse = at::logsumexp(logits, {1});          // (c)
-    const at::Tensor target_logit = logits.gather(1, safe_t.unsqueeze(1)).squeeze(1);  // (c)
-    total = total + ((lse - target_logit) * valid.to(hidden.scalar_type())).sum();
+    const CeChunk c = SliceChunk(hidden, targets, start, std::min(chunk, n - start));
+    const at::Tensor logits = at::matmul(c.h, weight_f.t());  // (c, V)
+    const at::Tensor lse = at::logsumexp(logits, {1});        // (c)
+    const at::Tensor target_logit = logits.gather(1, c.safe_t.unsqueeze(1)).squeeze(1);  // (c)
+    total = total + ((lse - target_logit) * c.valid.to(hidden.scalar_type())).sum();
   }
   return total;
 }
@@ -67,18 +76,15 @@ struct ChunkedCeFunction : public torch::autograd::Function<ChunkedCeFunction> {
     const int64_t n = hidden.size(0);
     for (int64_t start = 0; start < n; start += chunk) {
       const int64_t len = std::min(chunk, n - start);
-      const at::Tensor h = hidden.narrow(0, start, len);      // (c, H)
-      const at::Tensor t = targets.narrow(0, start, len);     // (c)
-      const at::Tensor valid = t.ne(kIgnoreIndex);            // (c)
-      const at::Tensor safe_t = t.masked_fill(~valid, 0);     // (c)
-      at::Tensor p = at::matmul(h, weight_f.t());             // (c, V) logits
+      const CeChunk c = SliceChunk(hidden, targets, start, len);
+      at::Tensor p = at::matmul(c.h, weight_f.t());  // (c, V) logits
       const at::Tensor lse = at::logsumexp(p, {1}, /*keepdim=*/true);
-      p.sub_(lse).exp_();                                     // softmax, in place
-      const at::Tensor row_scale = valid.to(p.scalar_type()) * g;  // (c)
-      p.scatter_add_(1, safe_t.unsqueeze(1), -at::ones({len, 1}, p.options()));
+      p.sub_(lse).exp_();                            // softmax, in place
+      const at::Tensor row_scale = c.valid.to(p.scalar_type()) * g;  // (c)
+      p.scatter_add_(1, c.safe_t.unsqueeze(1), -at::ones({len, 1}, p.options()));
       p.mul_(row_scale.unsqueeze(1));
       if (need_h) grad_h.narrow(0, start, len).copy_(at::matmul(p, weight_f));  // (c, H)
-      if (need_w) grad_w.addmm_(p.t(), h);                                        // (V, H)
+      if (need_w) grad_w.addmm_(p.t(), c.h);                                      // (V, H)
     }
     if (need_w && grad_w.scalar_type() != weight.scalar_type()) grad_w = grad_w.to(weight.scalar_type());
     return {grad_h, grad_w, at::Tensor(), at::Tensor()};

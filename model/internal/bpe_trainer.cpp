@@ -76,9 +76,7 @@ absl::Status ValidateOptions(const BpeTrainerOptions& options) {
 absl::StatusOr<std::string> TrainByteLevelBpe(std::string_view corpus,
                                               const BpeTrainerOptions& options) {
   SEEDLING_RETURN_IF_ERROR(ValidateOptions(options));
-  if (const size_t bad = FindInvalidUtf8(corpus); bad != std::string_view::npos) {
-    return absl::InvalidArgumentError(StrCat("corpus is not valid UTF-8 at byte offset ", bad));
-  }
+  SEEDLING_RETURN_IF_ERROR(CheckUtf8(corpus, "corpus"));
 
   // 1. Count pre-tokens (as raw bytes).
   SEEDLING_ASSIGN_OR_RETURN(Regex regex, Regex::Compile(kGpt2Pattern));

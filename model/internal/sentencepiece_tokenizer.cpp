@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <array>
-#include <cstdio>
 #include <utility>
 #include <vector>
 
@@ -60,12 +59,7 @@ class SentencePieceTokenizer final : public Tokenizer {
 
   absl::StatusOr<std::vector<int32_t>> Encode(std::string_view text,
                                               bool add_special_tokens) const override {
-    if (const size_t bad = FindInvalidUtf8(text); bad != std::string_view::npos) {
-      char hex[8];
-      std::snprintf(hex, sizeof(hex), "0x%02X", static_cast<unsigned char>(text[bad]));
-      return absl::InvalidArgumentError(
-          StrCat("text to encode is not valid UTF-8: byte ", hex, " at offset ", bad));
-    }
+    SEEDLING_RETURN_IF_ERROR(CheckUtf8(text, "text to encode"));
     std::vector<int32_t> ids;
     if (add_special_tokens && add_bos_ && bos_id_.has_value()) ids.push_back(*bos_id_);
     // The text between special pieces goes to SentencePiece; each stretch gets its own dummy

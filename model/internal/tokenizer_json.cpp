@@ -1,7 +1,6 @@
 #include "model/internal/tokenizer_json.h"
 
 #include <algorithm>
-#include <cstdio>
 #include <nlohmann/json.hpp>
 #include <unordered_map>
 #include <utility>
@@ -157,12 +156,7 @@ class JsonTokenizer final : public Tokenizer {
 
   absl::StatusOr<std::vector<int32_t>> Encode(std::string_view text,
                                               bool add_special_tokens) const override {
-    if (const size_t bad = FindInvalidUtf8(text); bad != std::string_view::npos) {
-      char hex[8];
-      std::snprintf(hex, sizeof(hex), "0x%02X", static_cast<unsigned char>(text[bad]));
-      return absl::InvalidArgumentError(
-          StrCat("text to encode is not valid UTF-8: byte ", hex, " at offset ", bad));
-    }
+    SEEDLING_RETURN_IF_ERROR(CheckUtf8(text, "text to encode"));
     std::vector<int32_t> ids;
     ids.reserve(text.size() / 3 + 4);
     std::vector<Segment> raw_segments;

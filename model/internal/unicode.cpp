@@ -1,5 +1,7 @@
 #include "model/internal/unicode.h"
 
+#include <cstdio>
+
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
 #include <unicode/bytestream.h>
@@ -15,6 +17,14 @@
 namespace seedling::model::internal {
 
 // ---- UTF-8 --------------------------------------------------------------------------------------
+
+absl::Status CheckUtf8(std::string_view s, std::string_view what) {
+  const size_t bad = FindInvalidUtf8(s);
+  if (bad == std::string_view::npos) return absl::OkStatus();
+  char hex[8];
+  std::snprintf(hex, sizeof(hex), "0x%02X", static_cast<unsigned char>(s[bad]));
+  return absl::InvalidArgumentError(StrCat(what, " is not valid UTF-8: byte ", hex, " at offset ", bad));
+}
 
 size_t FindInvalidUtf8(std::string_view s) {
   const auto* p = reinterpret_cast<const unsigned char*>(s.data());

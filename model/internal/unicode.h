@@ -28,6 +28,8 @@ namespace seedling::model::internal {
 // valid.
 size_t FindInvalidUtf8(std::string_view s);
 inline bool IsValidUtf8(std::string_view s) { return FindInvalidUtf8(s) == std::string_view::npos; }
+// OK, or InvalidArgument "<what> is not valid UTF-8: byte 0xC3 at offset 17".
+absl::Status CheckUtf8(std::string_view s, std::string_view what);
 
 // Length of the sequence that starts with `lead` (1 for ASCII and, defensively, for stray bytes).
 inline int Utf8SequenceLength(unsigned char lead) {
