@@ -71,6 +71,11 @@ class MappedFile {
   const std::string& path() const { return path_; }
   Mode mode() const { return mode_; }
 
+  // Drops the resident pages wholly inside [p, p + n) (madvise MADV_DONTNEED), e.g. after a tensor was
+  // copied out in another dtype, so they stop counting in RSS; reading them again faults them back in
+  // from the file. Pages written in kCopyOnWrite mode would lose the writes: only release unwritten data.
+  void Release(const uint8_t* p, size_t n) const;
+
  private:
   MappedFile(std::string path, uint8_t* data, size_t size, Mode mode)
       : path_(std::move(path)), data_(data), size_(size), mode_(mode) {}

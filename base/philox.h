@@ -38,6 +38,8 @@ inline constexpr uint64_t kPerturbation = 0;  // zeroth-order / forward-gradient
 inline constexpr uint64_t kSampling = 1;      // token sampling in generation
 inline constexpr uint64_t kInit = 2;          // random model initialization
 inline constexpr uint64_t kData = 3;          // data shuffling and partitioning
+inline constexpr uint64_t kDropout = 4;       // dropout masks
+inline constexpr uint64_t kStepSeeds = 5;     // per-step seeds drawn by local trainers
 }  // namespace rng_stream
 
 // Identifies one stream: (seed, stream id).

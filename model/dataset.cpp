@@ -47,7 +47,8 @@ absl::StatusOr<Example> TokenizeRow(std::string_view line, const Tokenizer& toke
   try {
     row = Json::parse(line);
   } catch (const Json::parse_error& e) {
-    return absl::InvalidArgumentError(StrCat("not valid JSON: ", e.what()));
+    // Not e.what(): nlohmann quotes the text it read, and rows are user data that must not reach logs.
+    return absl::InvalidArgumentError(StrCat("not valid JSON (syntax error at byte ", e.byte, ")"));
   }
   if (!row.is_object()) return absl::InvalidArgumentError("each line must be a JSON object");
   Example ex;

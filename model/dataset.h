@@ -28,7 +28,7 @@ struct Example {
 };
 
 struct DatasetOptions {
-  int64_t max_seq_len = 512;         // longer examples are truncated (the start is kept)
+  int64_t max_seq_len = 512;         // longer examples are truncated (the start is kept); <= 0: no limit
   std::optional<int32_t> eos_id;     // appended to every example's text/output when set
 };
 

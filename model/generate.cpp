@@ -6,7 +6,7 @@
 
 #include "base/status.h"
 #include "base/strings.h"
-#include "model/internal/torch_status.h"
+#include "model/torch_status.h"
 
 namespace seedling::model {
 namespace {

@@ -6,7 +6,7 @@
 #include "base/status.h"
 #include "base/strings.h"
 #include "model/config.h"
-#include "model/internal/torch_status.h"
+#include "model/torch_status.h"
 #include "model/tokenizer.h"
 #include "model/weights.h"
 
@@ -50,7 +50,7 @@ absl::Status InitModel(const std::string& out_dir, const InitModelOptions& optio
   SEEDLING_RETURN_IF_ERROR(
       WriteFileAtomic(JoinPath(out_dir, "tokenizer_config.json"), tokenizer_config.dump(2) + "\n"));
   SEEDLING_RETURN_IF_ERROR(WriteFileAtomic(JoinPath(out_dir, "config.json"), ModelConfigToJson(config)));
-  return internal::CatchTorch("init-model", [&]() -> absl::Status {
+  return CatchTorch("init-model", [&]() -> absl::Status {
     const ModelWeights weights = RandomWeights(config, options.seed);
     return SaveWeights(JoinPath(out_dir, "model.safetensors"), weights, config, options.dtype);
   });

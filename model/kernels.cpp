@@ -57,7 +57,7 @@ struct ChunkedCeFunction : public torch::autograd::Function<ChunkedCeFunction> {
                             const at::Tensor& targets, int64_t chunk) {
     ctx->save_for_backward({hidden, weight, targets});
     ctx->saved_data["chunk"] = chunk;
-    return ChunkedCeLoop(hidden, AsFloat(weight), targets, chunk);
+    return ChunkedCeLoop(hidden, AsCompute(weight), targets, chunk);
   }
 
   // d loss / d logits = softmax(logits) - onehot(target), zero for ignored rows; recomputed per chunk.
@@ -70,7 +70,7 @@ struct ChunkedCeFunction : public torch::autograd::Function<ChunkedCeFunction> {
     const at::Tensor g = grad_outputs[0];  // scalar
     const bool need_h = ctx->needs_input_grad(0);
     const bool need_w = ctx->needs_input_grad(1);
-    const at::Tensor weight_f = AsFloat(weight);
+    const at::Tensor weight_f = AsCompute(weight);
     at::Tensor grad_h = need_h ? at::empty_like(hidden) : at::Tensor();
     at::Tensor grad_w = need_w ? at::zeros_like(weight_f) : at::Tensor();
     const int64_t n = hidden.size(0);
@@ -153,7 +153,7 @@ at::Tensor ChunkedCrossEntropy(const at::Tensor& hidden, const at::Tensor& weigh
   const bool needs_autograd =
       at::GradMode::is_enabled() && (hidden.requires_grad() || weight.requires_grad());
   if (needs_autograd) return ChunkedCeFunction::apply(hidden, weight, targets, chunk);
-  return ChunkedCeLoop(hidden, AsFloat(weight), targets, chunk);
+  return ChunkedCeLoop(hidden, AsCompute(weight), targets, chunk);
 }
 
 at::Tensor Checkpoint(std::function<at::Tensor(const at::Tensor&)> fn, const at::Tensor& x,
@@ -179,7 +179,7 @@ at::Tensor Checkpoint(std::function<at::Tensor(const at::Tensor&)> fn, const at:
 
 at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   const at::Tensor inv_rms = at::rsqrt(x.pow(2).mean({-1}, /*keepdim=*/true) + eps);
-  return x * inv_rms * AsFloat(weight);
+  return x * inv_rms * AsCompute(weight);
 }
 
 at::Tensor RopeInverseFrequencies(const ModelConfig& c) {
@@ -222,14 +222,15 @@ at::Tensor RopeInverseFrequencies(const ModelConfig& c) {
 RopeTables MakeRopeTables(const at::Tensor& inv_freq, int64_t start, int64_t length) {
   const at::Tensor pos = at::arange(start, start + length, at::kDouble);  // (T)
   const at::Tensor freqs = at::outer(pos, inv_freq);                      // (T, D/2)
-  return {freqs.cos().to(at::kFloat), freqs.sin().to(at::kFloat)};
+  return {freqs.cos(), freqs.sin()};
 }
 
 at::Tensor ApplyRope(const at::Tensor& x, const RopeTables& rope) {
   const int64_t half = x.size(-1) / 2;
   const at::Tensor x1 = x.narrow(-1, 0, half);     // (B, h, T, D/2)
   const at::Tensor x2 = x.narrow(-1, half, half);  // (B, h, T, D/2)
-  return at::cat({x1 * rope.cos - x2 * rope.sin, x2 * rope.cos + x1 * rope.sin}, -1);
+  const at::Tensor c = rope.cos.to(x.scalar_type()), s = rope.sin.to(x.scalar_type());  // tables are fp64
+  return at::cat({x1 * c - x2 * s, x2 * c + x1 * s}, -1);
 }
 
 at::Tensor GroupedQueryAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -45,7 +45,8 @@ at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps);
 // RoPE inverse frequencies (head_dim / 2), with the config's rope_scaling applied. Double precision.
 at::Tensor RopeInverseFrequencies(const ModelConfig& config);
 
-// cos and sin tables for positions [start, start + length): each (length, head_dim / 2), fp32.
+// cos and sin tables for positions [start, start + length): each (length, head_dim / 2), fp64 (ApplyRope
+// casts them to the activations' dtype).
 struct RopeTables {
   at::Tensor cos;
   at::Tensor sin;
@@ -64,9 +65,12 @@ at::Tensor ApplyRope(const at::Tensor& x, const RopeTables& rope);
 at::Tensor GroupedQueryAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  int64_t q_start, std::optional<int64_t> sliding_window = std::nullopt);
 
-// Returns t if it is fp32, else t converted to fp32 (frozen weights may be kept in bf16 / f16).
-inline at::Tensor AsFloat(const at::Tensor& t) {
-  return (!t.defined() || t.scalar_type() == at::kFloat) ? t : t.to(at::kFloat);
+// The compute dtype of a weight: 16-bit weights (kept in their stored dtype) are upcast to fp32; fp32 and
+// fp64 (used by tests that need exact references) are returned as they are.
+inline at::Tensor AsCompute(const at::Tensor& t) {
+  if (!t.defined()) return t;
+  const at::ScalarType s = t.scalar_type();
+  return (s == at::kFloat || s == at::kDouble) ? t : t.to(at::kFloat);
 }
 
 }  // namespace seedling::model

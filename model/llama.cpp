@@ -5,7 +5,7 @@
 #include "base/check.h"
 #include "base/status.h"
 #include "base/strings.h"
-#include "model/internal/torch_status.h"
+#include "model/torch_status.h"
 
 namespace seedling::model {
 namespace {
@@ -61,7 +61,7 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& 
   SEEDLING_ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(dir));
   SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsCollection> files,
                             SafetensorsCollection::Open(dir, MappedFile::Mode::kCopyOnWrite));
-  auto weights = internal::CatchTorch("loading weights", [&] { return LoadWeights(*files, config, options); });
+  auto weights = CatchTorch("loading weights", [&] { return LoadWeights(*files, config, options); });
   if (!weights.ok()) return Annotate(weights.status(), dir);
   return Create(std::move(config), std::move(weights).value());
 }
@@ -108,12 +108,12 @@ absl::Status LlamaModel::ValidateTokens(const at::Tensor& tokens) const {
 }
 
 at::Tensor LlamaModel::Embed(const at::Tensor& tokens) const {
-  return AsFloat(at::embedding(weights_.embed, tokens));  // (B, T, H)
+  return AsCompute(at::embedding(weights_.embed, tokens));  // (B, T, H)
 }
 
 at::Tensor LlamaModel::Project(int64_t layer, Projection p, const at::Tensor& x, const at::Tensor& w,
                                const at::Tensor& b, const ForwardOptions& options) const {
-  at::Tensor y = at::linear(x, AsFloat(w), b.defined() ? c10::optional<at::Tensor>(AsFloat(b)) : c10::nullopt);
+  at::Tensor y = at::linear(x, AsCompute(w), b.defined() ? c10::optional<at::Tensor>(AsCompute(b)) : c10::nullopt);
   if (options.adapter != nullptr) y = options.adapter->Apply(layer, p, x, y);
   return y;
 }
@@ -177,9 +177,10 @@ std::vector<at::Tensor> LlamaModel::LayerTensors(int64_t layer, const ForwardOpt
 
 absl::StatusOr<at::Tensor> LlamaModel::Hidden(const at::Tensor& tokens, const ForwardOptions& options) const {
   SEEDLING_RETURN_IF_ERROR(ValidateTokens(tokens));
-  return internal::CatchTorch("forward", [&] {
+  return CatchTorch("forward", [&] {
     at::Tensor x = Embed(tokens);  // (B, T, H)
-    const RopeTables rope = MakeRopeTables(inv_freq_, 0, tokens.size(1));
+    RopeTables rope = MakeRopeTables(inv_freq_, 0, tokens.size(1));
+    rope = {rope.cos.to(x.scalar_type()), rope.sin.to(x.scalar_type())};  // once, not per layer
     const bool recompute = options.recompute && at::GradMode::is_enabled();
     for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
       if (recompute) {
@@ -194,12 +195,12 @@ absl::StatusOr<at::Tensor> LlamaModel::Hidden(const at::Tensor& tokens, const Fo
 }
 
 at::Tensor LlamaModel::LmHead(const at::Tensor& hidden) const {
-  return at::matmul(hidden, AsFloat(weights_.lm_head).t());
+  return at::matmul(hidden, AsCompute(weights_.lm_head).t());
 }
 
 absl::StatusOr<at::Tensor> LlamaModel::Logits(const at::Tensor& tokens, const ForwardOptions& options) const {
   SEEDLING_ASSIGN_OR_RETURN(at::Tensor hidden, Hidden(tokens, options));
-  return internal::CatchTorch("lm head", [&] { return LmHead(hidden); });
+  return CatchTorch("lm head", [&] { return LmHead(hidden); });
 }
 
 absl::StatusOr<LossOutput> LlamaModel::Loss(const at::Tensor& tokens, const at::Tensor& labels,
@@ -214,7 +215,7 @@ absl::StatusOr<LossOutput> LlamaModel::Loss(const at::Tensor& tokens, const at::
     return absl::InvalidArgumentError(StrCat("labels must be -100 or in [0, ", config_.vocab_size, ")"));
   }
   SEEDLING_ASSIGN_OR_RETURN(at::Tensor hidden, Hidden(tokens, options));
-  return internal::CatchTorch("loss", [&] {
+  return CatchTorch("loss", [&] {
     const int64_t b = tokens.size(0), t = tokens.size(1), h = config_.hidden_size;
     LossOutput out;
     if (t < 2) {
@@ -243,10 +244,11 @@ absl::StatusOr<at::Tensor> LlamaModel::ForwardCached(const at::Tensor& tokens, K
     return absl::OutOfRangeError(StrCat("KV cache holds ", cache.max_length_, " positions; ", start, " used, ", t,
                                         " more requested"));
   }
-  return internal::CatchTorch("cached forward", [&] {
+  return CatchTorch("cached forward", [&] {
     at::NoGradGuard no_grad;
     at::Tensor x = Embed(tokens);  // (B, t, H)
-    const RopeTables rope = MakeRopeTables(inv_freq_, start, t);
+    RopeTables rope = MakeRopeTables(inv_freq_, start, t);
+    rope = {rope.cos.to(x.scalar_type()), rope.sin.to(x.scalar_type())};
     for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
       x = DecoderLayerImpl(l, x, rope, options, &cache, start);
     }

@@ -91,6 +91,14 @@ class WithSpecialIds final : public Tokenizer {
   bool IsSpecial(int32_t id) const override { return inner_->IsSpecial(id); }
   std::optional<int32_t> bos_id() const override { return bos_; }
   std::optional<int32_t> eos_id() const override { return eos_; }
+  absl::StatusOr<TokenizerVocabulary> Vocabulary() const override {
+    SEEDLING_ASSIGN_OR_RETURN(TokenizerVocabulary vocab, inner_->Vocabulary());
+    // Only the ids come from tokenizer_config.json; whether they are added is still the inner
+    // tokenizer's.
+    vocab.bos_id = bos_;
+    vocab.eos_id = eos_;
+    return vocab;
+  }
 
  private:
   const std::unique_ptr<Tokenizer> inner_;

@@ -13,11 +13,58 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
 
 namespace seedling::model {
+
+// Everything a tokenizer knows about its ids, for exporting it to another runtime (model/gguf.h
+// writes it as llama.cpp's tokenizer.ggml.* keys). Every per-id vector has Tokenizer::vocab_size()
+// entries.
+struct TokenizerVocabulary {
+  enum class Kind {
+    kByteLevelBpe,        // tokenizer.json BPE on GPT-2's byte alphabet (Llama 3, Qwen2, SmolLM)
+    kSentencePieceBpe,    // tokenizer.json BPE on "▁"-escaped text, byte fallback (Llama 2)
+    kSentencePieceModel,  // tokenizer.model, run by libsentencepiece
+  };
+  // Well-known pre-tokenizers of byte-level tokenizer.json files, recognized by their exact layout
+  // (llama.cpp re-implements each one by name, so an approximate match would tokenize differently).
+  enum class PreTokenizer {
+    kOther,       // anything else
+    kGpt2,        // ByteLevel(use_regex=true, add_prefix_space=false): GPT-2's regex
+    kGpt2Digits,  // Digits(individual_digits=true) then the GPT-2 ByteLevel (SmolLM / SmolLM2)
+    kLlama3,      // Split(Llama 3 regex, Isolated) then ByteLevel(use_regex=false)
+    kQwen2,       // the same with Qwen2's regex (Llama 3's, but single digits)
+  };
+  // Token types: SentencePiece's ModelProto.SentencePiece.Type values, which GGUF also uses.
+  enum TokenType : int32_t {
+    kNormal = 1,
+    kUnknown = 2,
+    kControl = 3,      // special tokens (BOS, EOS, chat markers)
+    kUserDefined = 4,  // added tokens that are not special
+    kUnused = 5,       // ids without a token
+    kByte = 6,         // "<0xXX>" byte-fallback pieces
+  };
+
+  Kind kind = Kind::kByteLevelBpe;
+  PreTokenizer pre_tokenizer = PreTokenizer::kOther;  // kOther for the SentencePiece kinds
+  // By id. An id without a token (a hole in a tokenizer.json vocabulary) has "" and type kUnused.
+  // Byte-level tokens are in GPT-2's byte alphabet ("Ġthe"), SentencePiece ones use "▁"; added
+  // tokens are their text.
+  std::vector<std::string> tokens;
+  // By id. SentencePiece models: the model's scores. tokenizer.json BPE: minus the rank of the
+  // first merge that produces the token (so higher scores merge first, as in a SentencePiece BPE
+  // model), 0 for other tokens.
+  std::vector<float> scores;
+  std::vector<int32_t> types;  // by id, TokenType values
+  // tokenizer.json BPE merges in rank order (first merges first); empty for tokenizer.model.
+  std::vector<std::pair<std::string, std::string>> merges;
+  std::optional<int32_t> bos_id, eos_id, unk_id, pad_id;
+  bool add_bos = false;  // Encode(text, add_special_tokens=true) prepends bos_id
+  bool add_eos = false;  // ... and appends eos_id
+};
 
 // A loaded tokenizer. Immutable after loading; all methods are thread-safe.
 class Tokenizer {
@@ -51,6 +98,10 @@ class Tokenizer {
   // SentencePiece model), if it defines them.
   virtual std::optional<int32_t> bos_id() const = 0;
   virtual std::optional<int32_t> eos_id() const = 0;
+
+  // The whole vocabulary with types, scores and merges (see TokenizerVocabulary). Built on each
+  // call (it copies every token), so call it once per export, not per token.
+  virtual absl::StatusOr<TokenizerVocabulary> Vocabulary() const = 0;
 };
 
 // Loads the tokenizer of a Hugging Face model directory: tokenizer.json if present, else tokenizer.model.

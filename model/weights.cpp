@@ -136,7 +136,12 @@ absl::StatusOr<ModelWeights> LoadWeights(const SafetensorsCollection& files, con
                   at::Tensor t = TensorFromView(*view);
                   const bool keep_stored = options.precision == WeightPrecision::kStored &&
                                            (kind == Kind::kMatrix || kind == Kind::kEmbedding);
-                  if (t.scalar_type() != at::kFloat && !keep_stored) t = t.to(at::kFloat);
+                  if (t.scalar_type() != at::kFloat && !keep_stored) {
+                    t = t.to(at::kFloat);
+                    // The 16-bit source pages are no longer needed: without this, loading a BF16
+                    // checkpoint peaks at 6 bytes per parameter instead of 4.
+                    view->file->Release(view->data, view->nbytes);
+                  }
                   slot = std::move(t);
                 });
   SEEDLING_RETURN_IF_ERROR(error);

@@ -115,6 +115,26 @@ class SentencePieceTokenizer final : public Tokenizer {
   std::optional<int32_t> bos_id() const override { return bos_id_; }
   std::optional<int32_t> eos_id() const override { return eos_id_; }
 
+  absl::StatusOr<TokenizerVocabulary> Vocabulary() const override {
+    TokenizerVocabulary v;
+    v.kind = TokenizerVocabulary::Kind::kSentencePieceModel;
+    v.tokens = pieces_;
+    v.scores.resize(vocab_size_);
+    v.types.resize(vocab_size_);
+    for (int32_t id = 0; id < vocab_size_; ++id) {
+      v.scores[id] = lib_->piece_score(spm_.get(), id);
+      // The SEEDLING_SPM_* values are SentencePiece's piece types, as TokenType is.
+      const int type = lib_->piece_type(spm_.get(), id);
+      v.types[id] = type == 0 ? TokenizerVocabulary::kNormal : type;
+    }
+    v.bos_id = bos_id_;
+    v.eos_id = eos_id_;
+    if (const int32_t id = lib_->unk_id(spm_.get()); id >= 0 && id < vocab_size_) v.unk_id = id;
+    v.add_bos = add_bos_ && bos_id_.has_value();
+    v.add_eos = add_eos_ && eos_id_.has_value();
+    return v;
+  }
+
  private:
   // Id of the longest special piece whose text starts at text[pos], or -1.
   int32_t SpecialAt(std::string_view text, size_t pos) const {

@@ -63,6 +63,7 @@ absl::StatusOr<const SpmLibrary*> Open() {
     bind(lib->id_to_piece, "seedling_spm_id_to_piece");
     bind(lib->piece_to_id, "seedling_spm_piece_to_id");
     bind(lib->piece_type, "seedling_spm_piece_type");
+    bind(lib->piece_score, "seedling_spm_piece_score");
     bind(lib->bos_id, "seedling_spm_bos_id");
     bind(lib->eos_id, "seedling_spm_eos_id");
     bind(lib->unk_id, "seedling_spm_unk_id");

@@ -22,6 +22,7 @@ struct SpmLibrary {
   decltype(&seedling_spm_id_to_piece) id_to_piece = nullptr;
   decltype(&seedling_spm_piece_to_id) piece_to_id = nullptr;
   decltype(&seedling_spm_piece_type) piece_type = nullptr;
+  decltype(&seedling_spm_piece_score) piece_score = nullptr;
   decltype(&seedling_spm_bos_id) bos_id = nullptr;
   decltype(&seedling_spm_eos_id) eos_id = nullptr;
   decltype(&seedling_spm_unk_id) unk_id = nullptr;

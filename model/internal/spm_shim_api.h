@@ -54,6 +54,8 @@ const char* seedling_spm_id_to_piece(const seedling_spm* spm, int32_t id, size_t
 int32_t seedling_spm_piece_to_id(const seedling_spm* spm, const char* piece, size_t len);
 // One of the SEEDLING_SPM_* types, or 0 if out of range.
 int seedling_spm_piece_type(const seedling_spm* spm, int32_t id);
+// The piece's score (for BPE models, higher merges first), or 0 if out of range.
+float seedling_spm_piece_score(const seedling_spm* spm, int32_t id);
 // Special ids, -1 when the model has none.
 int32_t seedling_spm_bos_id(const seedling_spm* spm);
 int32_t seedling_spm_eos_id(const seedling_spm* spm);

@@ -254,6 +254,8 @@ class JsonTokenizer final : public Tokenizer {
   std::optional<int32_t> bos_id() const override { return bos_id_; }
   std::optional<int32_t> eos_id() const override { return eos_id_; }
 
+  absl::StatusOr<TokenizerVocabulary> Vocabulary() const override;
+
  private:
   JsonTokenizer() : raw_matcher_(&added_), normalized_matcher_(&added_) {}
   absl::Status ParseAddedTokens(const nlohmann::json& doc);
@@ -272,11 +274,26 @@ class JsonTokenizer final : public Tokenizer {
   int32_t vocab_size_ = 0;
   std::optional<int32_t> bos_id_;
   std::optional<int32_t> eos_id_;
+  // What Vocabulary() needs beyond the model. Merges are kept as id pairs, not strings: a few bytes
+  // each, since tokenizers for 150k-token vocabularies live on phones that never export.
+  std::vector<std::pair<int32_t, int32_t>> merge_ids_;  // rank order
+  std::optional<int32_t> unk_id_;
+  bool byte_fallback_ = false;
+  std::string continuing_subword_prefix_;
+  TokenizerVocabulary::Kind kind_ = TokenizerVocabulary::Kind::kByteLevelBpe;
+  TokenizerVocabulary::PreTokenizer pre_tokenizer_kind_ = TokenizerVocabulary::PreTokenizer::kOther;
 };
 
 constexpr int64_t kMaxId = 1 << 24;
 
-absl::StatusOr<std::unique_ptr<BpeModel>> ParseModel(const json& m) {
+// The BPE model with what the tokenizer keeps for Vocabulary().
+struct ParsedModel {
+  std::unique_ptr<BpeModel> model;
+  std::vector<std::pair<std::string, std::string>> merges;  // rank order
+  BpeOptions options;
+};
+
+absl::StatusOr<ParsedModel> ParseModel(const json& m) {
   if (!m.is_object()) {
     return absl::InvalidArgumentError(
         StrCat("model must be an object, got ", json_util::TypeName(m)));
@@ -353,9 +370,149 @@ absl::StatusOr<std::unique_ptr<BpeModel>> ParseModel(const json& m) {
       }
     }
   }
-  auto model = BpeModel::Create(std::move(vocab), merges, std::move(options));
+  auto model = BpeModel::Create(std::move(vocab), merges, options);
   if (!model.ok()) return Annotate(model.status(), "model");
-  return model;
+  return ParsedModel{*std::move(model), std::move(merges), std::move(options)};
+}
+
+// ---- Vocabulary export -------------------------------------------------------------------
+
+bool IsType(const json& j, std::string_view type) {
+  if (!j.is_object()) return false;
+  auto t = j.find("type");
+  return t != j.end() && t->is_string() && t->get_ref<const std::string&>() == type;
+}
+
+bool BoolField(const json& j, const char* key, bool fallback) {
+  auto it = j.find(key);
+  return it != j.end() && it->is_boolean() ? it->get<bool>() : fallback;
+}
+
+// The stages of a pre-tokenizer or decoder with Sequences flattened (`list_key` names a Sequence's
+// children: "pretokenizers" or "decoders"). Null and malformed values contribute nothing: the
+// parsers already validated the document.
+void FlattenStages(const json& j, const char* list_key, std::vector<const json*>* out) {
+  if (!j.is_object()) return;
+  if (IsType(j, "Sequence")) {
+    auto children = j.find(list_key);
+    if (children == j.end() || !children->is_array()) return;
+    for (const json& child : *children) FlattenStages(child, list_key, out);
+    return;
+  }
+  out->push_back(&j);
+}
+
+// The regexes of the Split stage of Llama 3 and Qwen2 tokenizer.json files (they differ only in how
+// digits group: up to three, or one).
+constexpr std::string_view kLlama3SplitRegex =
+    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
+constexpr std::string_view kQwen2SplitRegex =
+    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
+
+// Recognizes the pre-tokenizers llama.cpp implements by name. Anything not exactly one of them is
+// kOther: a near miss (say, add_prefix_space=true) would tokenize differently there.
+TokenizerVocabulary::PreTokenizer ClassifyPreTokenizer(const json& pre) {
+  using Pre = TokenizerVocabulary::PreTokenizer;
+  std::vector<const json*> stages;
+  FlattenStages(pre, "pretokenizers", &stages);
+  auto gpt2_byte_level = [](const json& j, bool use_regex) {
+    return IsType(j, "ByteLevel") && !BoolField(j, "add_prefix_space", true) &&
+           BoolField(j, "use_regex", true) == use_regex;
+  };
+  if (stages.size() == 1 && gpt2_byte_level(*stages[0], true)) return Pre::kGpt2;
+  if (stages.size() != 2) return Pre::kOther;
+  const json& first = *stages[0];
+  const json& second = *stages[1];
+  if (IsType(first, "Digits") && BoolField(first, "individual_digits", false) &&
+      gpt2_byte_level(second, true)) {
+    return Pre::kGpt2Digits;
+  }
+  if (!IsType(first, "Split") || !gpt2_byte_level(second, false) ||
+      BoolField(first, "invert", false)) {
+    return Pre::kOther;
+  }
+  auto behavior = first.find("behavior");
+  if (behavior == first.end() || !behavior->is_string() ||
+      behavior->get<std::string>() != "Isolated") {
+    return Pre::kOther;
+  }
+  auto pattern = first.find("pattern");
+  if (pattern == first.end() || !pattern->is_object()) return Pre::kOther;
+  auto regex = pattern->find("Regex");
+  if (regex == pattern->end() || !regex->is_string()) return Pre::kOther;
+  const std::string& r = regex->get_ref<const std::string&>();
+  if (r == kLlama3SplitRegex) return Pre::kLlama3;
+  if (r == kQwen2SplitRegex) return Pre::kQwen2;
+  return Pre::kOther;
+}
+
+// Byte-level when GPT-2's byte alphabet is in play: a ByteLevel pre-tokenizer or decoder.
+TokenizerVocabulary::Kind ClassifyKind(const json& pre, const json& decoder) {
+  std::vector<const json*> stages;
+  FlattenStages(pre, "pretokenizers", &stages);
+  FlattenStages(decoder, "decoders", &stages);
+  for (const json* stage : stages) {
+    if (IsType(*stage, "ByteLevel")) return TokenizerVocabulary::Kind::kByteLevelBpe;
+  }
+  return TokenizerVocabulary::Kind::kSentencePieceBpe;
+}
+
+// "<0x0A>" and the like: SentencePiece's byte-fallback pieces.
+bool IsBytePiece(std::string_view t) {
+  auto hex = [](char c) {
+    return (c >= '0' && c <= '9') || (c >= 'A' && c <= 'F') || (c >= 'a' && c <= 'f');
+  };
+  return t.size() == 6 && t.substr(0, 3) == "<0x" && hex(t[3]) && hex(t[4]) && t[5] == '>';
+}
+
+absl::StatusOr<TokenizerVocabulary> JsonTokenizer::Vocabulary() const {
+  using V = TokenizerVocabulary;
+  V v;
+  v.kind = kind_;
+  v.pre_tokenizer = kind_ == V::Kind::kByteLevelBpe ? pre_tokenizer_kind_ : V::PreTokenizer::kOther;
+  v.tokens.resize(vocab_size_);
+  v.scores.assign(vocab_size_, 0.0f);
+  v.types.assign(vocab_size_, V::kUnused);
+  for (int32_t id = 0; id < vocab_size_; ++id) {
+    if (const std::string* token = model_->IdToToken(id)) {
+      v.tokens[id] = *token;
+      v.types[id] = byte_fallback_ && IsBytePiece(*token) ? V::kByte : V::kNormal;
+    }
+  }
+  // Added tokens override the model's entry for their id (the same precedence as IdToToken).
+  for (const AddedToken& token : added_) {
+    v.tokens[token.id] = token.content;
+    v.types[token.id] = token.special ? V::kControl : V::kUserDefined;
+  }
+  if (unk_id_.has_value()) v.types[*unk_id_] = V::kUnknown;
+
+  v.merges.reserve(merge_ids_.size());
+  for (size_t rank = 0; rank < merge_ids_.size(); ++rank) {
+    const auto [a, b] = merge_ids_[rank];
+    const std::string* left = model_->IdToToken(a);
+    const std::string* right = model_->IdToToken(b);
+    if (left == nullptr || right == nullptr) {
+      return absl::InternalError(StrCat("merge ", rank, " names an id without a token"));
+    }
+    v.merges.emplace_back(*left, *right);
+    // The token the merge produces; BPE strips the continuing-subword prefix of the right part.
+    std::string_view tail = *right;
+    if (!continuing_subword_prefix_.empty() && tail.starts_with(continuing_subword_prefix_)) {
+      tail.remove_prefix(continuing_subword_prefix_.size());
+    }
+    const std::optional<int32_t> result = model_->TokenToId(StrCat(*left, tail));
+    if (result.has_value() && v.scores[*result] == 0.0f) {
+      v.scores[*result] = -static_cast<float>(rank);
+    }
+  }
+  v.bos_id = bos_id_;
+  v.eos_id = eos_id_;
+  v.unk_id = unk_id_;
+  if (post_processor_ != nullptr) {
+    v.add_bos = post_processor_->bos_id().has_value();
+    v.add_eos = post_processor_->eos_id().has_value();
+  }
+  return v;
 }
 
 absl::Status JsonTokenizer::ParseAddedTokens(const json& doc) {
@@ -410,7 +567,19 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> JsonTokenizer::Parse(std::string_view
   std::unique_ptr<JsonTokenizer> t(new JsonTokenizer());
   auto m = doc.find("model");
   if (m == doc.end() || m->is_null()) return absl::InvalidArgumentError("model is missing");
-  SEEDLING_ASSIGN_OR_RETURN(t->model_, ParseModel(*m));
+  SEEDLING_ASSIGN_OR_RETURN(ParsedModel parsed, ParseModel(*m));
+  t->model_ = std::move(parsed.model);
+  t->merge_ids_.reserve(parsed.merges.size());
+  for (const auto& [a, b] : parsed.merges) {
+    // BpeModel::Create checked that both sides are in the vocabulary.
+    t->merge_ids_.emplace_back(t->model_->TokenToId(a).value_or(-1),
+                               t->model_->TokenToId(b).value_or(-1));
+  }
+  if (parsed.options.unk_token.has_value()) {
+    t->unk_id_ = t->model_->TokenToId(*parsed.options.unk_token);
+  }
+  t->byte_fallback_ = parsed.options.byte_fallback;
+  t->continuing_subword_prefix_ = parsed.options.continuing_subword_prefix;
   static const json kNull;
   auto field = [&doc](const char* key) -> const json& {
     auto it = doc.find(key);
@@ -422,6 +591,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> JsonTokenizer::Parse(std::string_view
   SEEDLING_ASSIGN_OR_RETURN(t->post_processor_,
                             ParsePostProcessor(field("post_processor"), "post_processor"));
   SEEDLING_ASSIGN_OR_RETURN(t->decoder_, ParseDecoder(field("decoder"), "decoder"));
+  t->kind_ = ClassifyKind(field("pre_tokenizer"), field("decoder"));
+  t->pre_tokenizer_kind_ = ClassifyPreTokenizer(field("pre_tokenizer"));
   SEEDLING_RETURN_IF_ERROR(t->ParseAddedTokens(doc));
 
   int32_t max_id = t->model_->max_id();

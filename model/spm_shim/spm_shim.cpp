@@ -110,6 +110,11 @@ int seedling_spm_piece_type(const seedling_spm* spm, int32_t id) {
   return SEEDLING_SPM_NORMAL;  // user-defined pieces also report NORMAL (the processor API cannot tell)
 }
 
+float seedling_spm_piece_score(const seedling_spm* spm, int32_t id) {
+  if (id < 0 || id >= spm->processor.GetPieceSize()) return 0.0f;
+  return spm->processor.GetScore(id);
+}
+
 int32_t seedling_spm_bos_id(const seedling_spm* spm) { return spm->processor.bos_id(); }
 int32_t seedling_spm_eos_id(const seedling_spm* spm) { return spm->processor.eos_id(); }
 int32_t seedling_spm_unk_id(const seedling_spm* spm) { return spm->processor.unk_id(); }

@@ -313,7 +313,7 @@ TEST_CASE("Byte-level BPE maps bytes through GPT-2's alphabet", "[model][tokeniz
   ByteLevelFixture f;
   auto t = Parse(f.doc);
   // The vocabulary gives each byte-level character the id of its byte, so ids equal bytes.
-  const std::string text = std::string("\x00\x01 \n\x7F\xC3\xA9\xF0\x9F\x98\x80", 13);
+  const std::string text = std::string("\x00\x01 \n\x7F\xC3\xA9\xF0\x9F\x98\x80", 11);
   Ids expected;
   for (unsigned char c : text) expected.push_back(c);
   CHECK(Enc(*t, text) == expected);
@@ -1038,6 +1038,168 @@ TEST_CASE("The BPE trainer stops when no pair reaches min_frequency", "[model][t
   REQUIRE(doc.ok());
   const json parsed = json::parse(*doc);
   CHECK(parsed["model"]["merges"] == json::array({"a b"}));
+}
+
+// ---- Vocabulary ---------------------------------------------------------------------------------
+
+TokenizerVocabulary Vocab(const Tokenizer& t) {
+  auto v = t.Vocabulary();
+  INFO(v.status().ToString());
+  REQUIRE(v.ok());
+  REQUIRE(v->tokens.size() == static_cast<size_t>(t.vocab_size()));
+  REQUIRE(v->scores.size() == v->tokens.size());
+  REQUIRE(v->types.size() == v->tokens.size());
+  return *std::move(v);
+}
+
+TEST_CASE("Vocabulary of a byte-level tokenizer.json lists typed tokens and ranked merges",
+          "[model][tokenizer]") {
+  ByteLevelFixture f;
+  auto t = Parse(f.doc);
+  const TokenizerVocabulary v = Vocab(*t);
+  CHECK(v.kind == TokenizerVocabulary::Kind::kByteLevelBpe);
+  CHECK(v.pre_tokenizer == TokenizerVocabulary::PreTokenizer::kGpt2);
+  for (int32_t id = 0; id < t->vocab_size(); ++id) {
+    INFO(id);
+    CHECK(v.tokens[id] == t->IdToToken(id).value());
+    const bool special = id == f.im_start || id == f.im_end || id == f.eot;
+    CHECK(v.types[id] == (special ? TokenizerVocabulary::kControl : TokenizerVocabulary::kNormal));
+  }
+  CHECK(v.tokens[f.eot] == "<|endoftext|>");
+  std::vector<std::pair<std::string, std::string>> expected;
+  for (const json& m : f.bpe.merges) {
+    const std::string s = m.get<std::string>();
+    expected.emplace_back(s.substr(0, s.find(' ')), s.substr(s.find(' ') + 1));
+  }
+  CHECK(v.merges == expected);
+  // Merged tokens score minus their merge rank; the rest 0.
+  CHECK(v.scores[f.bpe.Id(BL(" t"))] == 0.0f);
+  CHECK(v.scores[f.bpe.Id("he")] == -1.0f);
+  CHECK(v.scores[f.bpe.Id(BL(" world"))] == -10.0f);
+  CHECK(v.scores['a'] == 0.0f);
+  // The ByteLevel post-processor adds nothing.
+  CHECK_FALSE(v.add_bos);
+  CHECK_FALSE(v.add_eos);
+  CHECK_FALSE(v.bos_id.has_value());
+  CHECK_FALSE(v.unk_id.has_value());
+}
+
+TEST_CASE(
+    "Vocabulary recognizes the SmolLM, Llama 3 and Qwen2 pre-tokenizers and nothing close to them",
+    "[model][tokenizer]") {
+  const std::string llama3 =
+      R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
+  const std::string qwen2 =
+      R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
+  auto split = [](const std::string& regex, const std::string& behavior = "Isolated") {
+    return json{{"type", "Sequence"},
+                {"pretokenizers",
+                 {{{"type", "Split"},
+                   {"pattern", {{"Regex", regex}}},
+                   {"behavior", behavior},
+                   {"invert", false}},
+                  ByteLevelPre(false)}}};
+  };
+  const json digits = {
+      {"type", "Sequence"},
+      {"pretokenizers", {{{"type", "Digits"}, {"individual_digits", true}}, ByteLevelPre()}}};
+  json prefixed = ByteLevelPre();
+  prefixed["add_prefix_space"] = true;
+  auto pre_of = [](const json& pre) {
+    BpeBuilder b = ByteLevelBuilder();
+    return Vocab(*Parse(Document(b.Model(), nullptr, pre, nullptr, ByteLevelDecoder())))
+        .pre_tokenizer;
+  };
+  using Pre = TokenizerVocabulary::PreTokenizer;
+  CHECK(pre_of(ByteLevelPre()) == Pre::kGpt2);
+  CHECK(pre_of(digits) == Pre::kGpt2Digits);
+  CHECK(pre_of(split(llama3)) == Pre::kLlama3);
+  CHECK(pre_of(split(qwen2)) == Pre::kQwen2);
+  CHECK(pre_of(prefixed) == Pre::kOther);
+  CHECK(pre_of(split(llama3, "Removed")) == Pre::kOther);
+  CHECK(pre_of(split(R"(\p{L}+|\p{N})")) == Pre::kOther);
+  CHECK(pre_of(ByteLevelPre(false)) == Pre::kOther);
+}
+
+TEST_CASE(
+    "Vocabulary of a SentencePiece-style tokenizer.json types byte and unknown pieces and adds BOS",
+    "[model][tokenizer]") {
+  SentencePieceStyleFixture f;
+  auto t = Parse(f.doc);
+  const TokenizerVocabulary v = Vocab(*t);
+  CHECK(v.kind == TokenizerVocabulary::Kind::kSentencePieceBpe);
+  CHECK(v.pre_tokenizer == TokenizerVocabulary::PreTokenizer::kOther);
+  CHECK(v.types[0] == TokenizerVocabulary::kUnknown);
+  CHECK(v.types[1] == TokenizerVocabulary::kControl);
+  CHECK(v.types[2] == TokenizerVocabulary::kControl);
+  CHECK(v.tokens[3 + 0x41] == "<0x41>");
+  CHECK(v.types[3 + 0x41] == TokenizerVocabulary::kByte);
+  CHECK(v.types[f.bpe.Id("a")] == TokenizerVocabulary::kNormal);
+  CHECK(v.unk_id == 0);
+  CHECK(v.bos_id == 1);
+  CHECK(v.add_bos);
+  CHECK_FALSE(v.add_eos);
+  // "▁h" is the first merge, "▁world" the tenth.
+  CHECK(v.scores[f.bpe.Id(kMeta + "h")] == 0.0f);
+  CHECK(v.scores[f.bpe.Id("el")] == -1.0f);
+  CHECK(v.scores[f.bpe.Id(kMeta + "world")] == -9.0f);
+  CHECK(v.merges.size() == 10);
+}
+
+TEST_CASE("Vocabulary of a tokenizer.json with holes in its ids marks them unused",
+          "[model][tokenizer]") {
+  BpeBuilder b = ByteLevelBuilder();
+  const json added = json::array({AddedToken(300, "<|endoftext|>")});
+  auto t = Parse(Document(b.Model(), nullptr, ByteLevelPre(), nullptr, ByteLevelDecoder(), added));
+  const TokenizerVocabulary v = Vocab(*t);
+  REQUIRE(v.tokens.size() == 301);
+  CHECK(v.tokens[256].empty());
+  CHECK(v.types[256] == TokenizerVocabulary::kUnused);
+  CHECK(v.types[299] == TokenizerVocabulary::kUnused);
+  CHECK(v.tokens[300] == "<|endoftext|>");
+  CHECK(v.types[300] == TokenizerVocabulary::kControl);
+}
+
+TEST_CASE("Vocabulary of a tokenizer.model carries SentencePiece's scores, types and special ids",
+          "[model][tokenizer]") {
+  const std::string dir = TempDir("sp_vocab");
+  SentencePieceModel m;
+  auto t = LoadSp(m.Write(dir + "/tokenizer.model"), /*add_bos=*/true, /*add_eos=*/false);
+  const TokenizerVocabulary v = Vocab(*t);
+  CHECK(v.kind == TokenizerVocabulary::Kind::kSentencePieceModel);
+  CHECK(v.tokens == m.pieces);
+  CHECK(v.types[0] == TokenizerVocabulary::kUnknown);
+  CHECK(v.types[1] == TokenizerVocabulary::kControl);
+  CHECK(v.types[3 + 0xC3] == TokenizerVocabulary::kByte);
+  CHECK(v.types[m.Id(kMeta + "hello")] == TokenizerVocabulary::kNormal);
+  // The model's own scores: 0, -1, -2, ... in the order the merged pieces were added.
+  CHECK(v.scores[m.Id(kMeta + "h")] == 0.0f);
+  CHECK(v.scores[m.Id(kMeta + "hello")] == -4.0f);
+  CHECK(v.scores[m.Id("d")] == -17.0f);
+  CHECK(v.merges.empty());
+  CHECK(v.bos_id == 1);
+  CHECK(v.eos_id == 2);
+  CHECK(v.unk_id == 0);
+  CHECK(v.add_bos);
+  CHECK_FALSE(v.add_eos);
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("Vocabulary takes BOS / EOS from tokenizer_config.json when the tokenizer has none",
+          "[model][tokenizer]") {
+  const std::string dir = TempDir("vocab_config");
+  ByteLevelFixture f;
+  REQUIRE(WriteFileAtomic(dir + "/tokenizer.json", f.doc).ok());
+  REQUIRE(WriteFileAtomic(dir + "/tokenizer_config.json",
+                          R"({"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>"})")
+              .ok());
+  auto t = LoadTokenizer(dir);
+  REQUIRE(t.ok());
+  const TokenizerVocabulary v = Vocab(**t);
+  CHECK(v.bos_id == f.eot);
+  CHECK(v.eos_id == f.im_end);
+  CHECK_FALSE(v.add_bos);  // named in the config, but the tokenizer does not add it
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace

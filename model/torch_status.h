@@ -14,7 +14,7 @@
 #include "absl/status/statusor.h"
 #include "base/strings.h"
 
-namespace seedling::model::internal {
+namespace seedling::model {
 
 inline absl::Status TorchErrorStatus(std::string_view what, const std::exception& e) {
   const std::string msg = e.what();
@@ -51,4 +51,4 @@ auto CatchTorch(std::string_view what, Fn&& fn) {
   }
 }
 
-}  // namespace seedling::model::internal
+}  // namespace seedling::model

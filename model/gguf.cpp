@@ -1,0 +1,528 @@
+#include "model/gguf.h"
+
+#include <ATen/ATen.h>
+
+#include <bit>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <span>
+#include <string_view>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "base/file.h"
+#include "base/status.h"
+#include "base/strings.h"
+#include "model/kernels.h"
+#include "model/torch_status.h"
+
+namespace seedling::model {
+namespace {
+
+// GGUF stores everything little-endian; so does every target Seedling builds for, so values are
+// copied as they are in memory.
+static_assert(std::endian::native == std::endian::little,
+              "the GGUF writer assumes a little-endian host");
+
+// gguf_metadata_value_type (the subset written here).
+enum class ValueType : uint32_t {
+  kUint32 = 4,
+  kInt32 = 5,
+  kFloat32 = 6,
+  kBool = 7,
+  kString = 8,
+  kArray = 9
+};
+// ggml_type (the subset written here).
+enum class GgmlType : uint32_t { kF32 = 0, kF16 = 1 };
+// general.file_type values (llama_ftype): ALL_F32, MOSTLY_F16.
+constexpr uint32_t kFileTypeAllF32 = 0;
+constexpr uint32_t kFileTypeMostlyF16 = 1;
+// ggml's GGML_MAX_NAME counts the terminating NUL.
+constexpr size_t kMaxTensorName = 63;
+
+uint64_t AlignUp(uint64_t n) { return (n + kGgufAlignment - 1) / kGgufAlignment * kGgufAlignment; }
+
+// Bytes in GGUF's encoding: fixed-width little-endian scalars, strings as uint64 length + bytes.
+class Encoder {
+ public:
+  void U32(uint32_t v) { Raw(&v, sizeof(v)); }
+  void U64(uint64_t v) { Raw(&v, sizeof(v)); }
+  void I32(int32_t v) { Raw(&v, sizeof(v)); }
+  void F32(float v) { Raw(&v, sizeof(v)); }
+  void Bool(bool v) { bytes_.push_back(v ? '\1' : '\0'); }
+  void Str(std::string_view s) {
+    U64(s.size());
+    bytes_.append(s);
+  }
+  void Raw(const void* p, size_t n) { bytes_.append(static_cast<const char*>(p), n); }
+  void PadTo(uint64_t size) { bytes_.resize(size, '\0'); }
+  std::string& bytes() { return bytes_; }
+
+ private:
+  std::string bytes_;
+};
+
+// The key-value section. llama.cpp checks every value's type against the one it expects (a uint64
+// where it reads uint32 fails the load), so each key is written with the exact type llama.cpp's
+// loader reads.
+class Metadata {
+ public:
+  void U32(std::string_view key, uint64_t v) {
+    Key(key, ValueType::kUint32);
+    out_.U32(static_cast<uint32_t>(v));
+  }
+  void F32(std::string_view key, double v) {
+    Key(key, ValueType::kFloat32);
+    out_.F32(static_cast<float>(v));
+  }
+  void Bool(std::string_view key, bool v) {
+    Key(key, ValueType::kBool);
+    out_.Bool(v);
+  }
+  void Str(std::string_view key, std::string_view v) {
+    Key(key, ValueType::kString);
+    out_.Str(v);
+  }
+  void StrArray(std::string_view key, const std::vector<std::string>& v) {
+    ArrayHeader(key, ValueType::kString, v.size());
+    for (const std::string& s : v) out_.Str(s);
+  }
+  void I32Array(std::string_view key, std::span<const int32_t> v) {
+    ArrayHeader(key, ValueType::kInt32, v.size());
+    for (int32_t x : v) out_.I32(x);
+  }
+  void F32Array(std::string_view key, std::span<const float> v) {
+    ArrayHeader(key, ValueType::kFloat32, v.size());
+    for (float x : v) out_.F32(x);
+  }
+  uint64_t count() const { return count_; }
+  std::string& bytes() { return out_.bytes(); }
+
+ private:
+  void Key(std::string_view key, ValueType type) {
+    out_.Str(key);
+    out_.U32(static_cast<uint32_t>(type));
+    ++count_;
+  }
+  void ArrayHeader(std::string_view key, ValueType element, uint64_t n) {
+    Key(key, ValueType::kArray);
+    out_.U32(static_cast<uint32_t>(element));
+    out_.U64(n);
+  }
+
+  Encoder out_;
+  uint64_t count_ = 0;
+};
+
+// One tensor of the file: where its data comes from and where it goes.
+struct TensorPlan {
+  std::string name;            // llama.cpp name, e.g. "blk.3.attn_q.weight"
+  at::Tensor source;           // shares storage with the caller's weights; never written to
+  std::vector<int64_t> shape;  // PyTorch order; GGUF stores it reversed (ne[0] varies fastest)
+  GgmlType type = GgmlType::kF32;
+  int64_t rope_heads = 0;  // > 0: permute rows for GGML's interleaved RoPE, in this many heads
+  uint64_t nbytes = 0;
+  uint64_t offset = 0;  // from the start of the data section
+};
+
+// The architecture name in GGUF and what llama.cpp's implementation of it can express.
+absl::StatusOr<std::string> GgufArchitecture(const ModelConfig& c) {
+  if (c.architecture == "LlamaForCausalLM" || c.architecture == "MistralForCausalLM") {
+    return std::string("llama");
+  }
+  if (c.architecture == "Qwen2ForCausalLM") {
+    // llama.cpp's qwen2 graph has no RoPE frequency factors, requires the q/k/v biases, has no slot
+    // for o_proj or MLP biases (an unexpected tensor fails the load) and sizes q / o as hidden x
+    // hidden.
+    if (c.rope_scaling.type == RopeScaling::Type::kLlama3) {
+      return absl::InvalidArgumentError(
+          "llama3 rope_scaling cannot be exported for Qwen2ForCausalLM: llama.cpp's qwen2 "
+          "architecture has no "
+          "RoPE frequency factors (rope_freqs.weight); only 'linear' scaling or none is supported");
+    }
+    if (!c.qkv_bias) {
+      return absl::InvalidArgumentError(
+          "Qwen2ForCausalLM without q/k/v biases cannot be exported: llama.cpp's "
+          "qwen2 architecture requires blk.N.attn_{q,k,v}.bias");
+    }
+    if (c.o_bias || c.mlp_bias) {
+      return absl::InvalidArgumentError(
+          "Qwen2ForCausalLM with o_proj or MLP biases cannot be exported: "
+          "llama.cpp's qwen2 architecture has no such tensors");
+    }
+    if (c.q_dim() != c.hidden_size) {
+      return absl::InvalidArgumentError(StrCat(
+          "Qwen2ForCausalLM with head_dim * num_attention_heads = ", c.q_dim(), " != hidden_size ",
+          c.hidden_size,
+          " cannot be exported: llama.cpp's qwen2 architecture sizes q_proj as hidden x hidden"));
+    }
+    return std::string("qwen2");
+  }
+  return absl::InvalidArgumentError(
+      StrCat("architecture '", c.architecture,
+             "' cannot be exported to GGUF (supported: LlamaForCausalLM, MistralForCausalLM, "
+             "Qwen2ForCausalLM)"));
+}
+
+std::string ShapeString(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += StrCat(i > 0 ? ", " : "", shape[i]);
+  return s + "]";
+}
+
+// Collects the tensors in file order, checking each against the config.
+class TensorPlanner {
+ public:
+  explicit TensorPlanner(GgmlType matrix_type) : matrix_type_(matrix_type) {}
+
+  // A weight the architecture requires. 2-D tensors take the export dtype, 1-D ones F32.
+  absl::Status Add(std::string name, const at::Tensor& t, std::vector<int64_t> shape,
+                   int64_t rope_heads = 0) {
+    if (name.size() > kMaxTensorName) {
+      return absl::InvalidArgumentError(
+          StrCat("tensor name '", name, "' is longer than ", kMaxTensorName));
+    }
+    if (!t.defined())
+      return absl::InvalidArgumentError(StrCat("weight for '", name, "' is missing"));
+    if (t.sizes().vec() != shape) {
+      return absl::InvalidArgumentError(StrCat("weight for '", name, "' has shape ",
+                                               ShapeString(t.sizes().vec()), ", config implies ",
+                                               ShapeString(shape)));
+    }
+    const at::ScalarType st = t.scalar_type();
+    if (st != at::kFloat && st != at::kHalf && st != at::kBFloat16 && st != at::kDouble) {
+      return absl::InvalidArgumentError(StrCat("weight for '", name, "' has dtype ",
+                                               c10::toString(st),
+                                               "; expected a floating-point tensor"));
+    }
+    TensorPlan p;
+    p.name = std::move(name);
+    p.source = t;
+    p.shape = std::move(shape);
+    p.type = p.shape.size() == 2 ? matrix_type_ : GgmlType::kF32;
+    p.rope_heads = rope_heads;
+    int64_t numel = 1;
+    for (int64_t d : p.shape) numel *= d;
+    p.nbytes = static_cast<uint64_t>(numel) * (p.type == GgmlType::kF32 ? 4 : 2);
+    p.offset = next_offset_;
+    next_offset_ = AlignUp(p.offset + p.nbytes);
+    plans_.push_back(std::move(p));
+    return absl::OkStatus();
+  }
+
+  // An optional bias: present exactly when the config says so.
+  absl::Status AddBias(bool expected, std::string name, const at::Tensor& t, int64_t size,
+                       int64_t rope_heads = 0) {
+    if (!expected) {
+      if (t.defined()) {
+        return absl::InvalidArgumentError(
+            StrCat("weights have '", name, "' but the config has no such bias"));
+      }
+      return absl::OkStatus();
+    }
+    return Add(std::move(name), t, {size}, rope_heads);
+  }
+
+  std::vector<TensorPlan>& plans() { return plans_; }
+
+ private:
+  const GgmlType matrix_type_;
+  std::vector<TensorPlan> plans_;
+  uint64_t next_offset_ = 0;
+};
+
+absl::StatusOr<std::vector<TensorPlan>> PlanTensors(const ModelConfig& c, const std::string& arch,
+                                                    const ModelWeights& w, GgmlType matrix_type) {
+  const int64_t H = c.hidden_size, V = c.vocab_size, I = c.intermediate_size;
+  const int64_t q = c.q_dim(), kv = c.kv_dim();
+  // Only the llama architecture rotates interleaved pairs; qwen2 uses rotate-half like Hugging
+  // Face.
+  const bool permute = arch == "llama";
+  const int64_t q_heads = permute ? c.num_attention_heads : 0;
+  const int64_t k_heads = permute ? c.num_key_value_heads : 0;
+
+  TensorPlanner planner(matrix_type);
+  SEEDLING_RETURN_IF_ERROR(planner.Add("token_embd.weight", w.embed, {V, H}));
+  if (c.rope_scaling.type == RopeScaling::Type::kLlama3) {
+    // llama.cpp implements Llama 3 scaling as per-pair factors that divide the rotation angle: the
+    // unscaled inverse frequency over the scaled one (convert_hf_to_gguf.py,
+    // LlamaModel.generate_extra_tensors).
+    ModelConfig unscaled = c;
+    unscaled.rope_scaling = RopeScaling{};
+    const at::Tensor factors =
+        (RopeInverseFrequencies(unscaled) / RopeInverseFrequencies(c)).to(at::kFloat);
+    SEEDLING_RETURN_IF_ERROR(planner.Add("rope_freqs.weight", factors, {c.head_dim / 2}));
+  }
+  if (static_cast<int64_t>(w.layers.size()) != c.num_hidden_layers) {
+    return absl::InvalidArgumentError(
+        StrCat("weights have ", w.layers.size(), " layers, config has ", c.num_hidden_layers));
+  }
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    const LayerWeights& l = w.layers[i];
+    const std::string blk = StrCat("blk.", i, ".");
+    SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "attn_norm.weight", l.input_norm, {H}));
+    SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "attn_q.weight", l.q, {q, H}, q_heads));
+    SEEDLING_RETURN_IF_ERROR(
+        planner.AddBias(c.qkv_bias, blk + "attn_q.bias", l.q_bias, q, q_heads));
+    SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "attn_k.weight", l.k, {kv, H}, k_heads));
+    SEEDLING_RETURN_IF_ERROR(
+        planner.AddBias(c.qkv_bias, blk + "attn_k.bias", l.k_bias, kv, k_heads));
+    SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "attn_v.weight", l.v, {kv, H}));
+    SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.qkv_bias, blk + "attn_v.bias", l.v_bias, kv));
+    SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "attn_output.weight", l.o, {H, q}));
+    SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.o_bias, blk + "attn_output.bias", l.o_bias, H));
+    SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "ffn_norm.weight", l.post_norm, {H}));
+    SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "ffn_gate.weight", l.gate, {I, H}));
+    SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.mlp_bias, blk + "ffn_gate.bias", l.gate_bias, I));
+    SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "ffn_up.weight", l.up, {I, H}));
+    SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.mlp_bias, blk + "ffn_up.bias", l.up_bias, I));
+    SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "ffn_down.weight", l.down, {H, I}));
+    SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.mlp_bias, blk + "ffn_down.bias", l.down_bias, H));
+  }
+  SEEDLING_RETURN_IF_ERROR(planner.Add("output_norm.weight", w.final_norm, {H}));
+  // A tied head is left out: llama.cpp then reads token_embd.weight for the output projection.
+  if (!c.tie_word_embeddings)
+    SEEDLING_RETURN_IF_ERROR(planner.Add("output.weight", w.lm_head, {V, H}));
+  return std::move(planner.plans());
+}
+
+// The tensor's bytes as the file stores them. Converts (and permutes) a copy; an F32 source that
+// needs neither is returned as is, without a copy.
+at::Tensor FileData(const TensorPlan& p) {
+  at::Tensor t = p.source.detach();
+  if (p.rope_heads > 0) {
+    // convert_hf_to_gguf.py LlamaModel.permute: within each head, rows (i, i + D/2) of Hugging
+    // Face's rotate-half layout become the adjacent pair (2i, 2i + 1) that GGML's llama RoPE
+    // rotates together.
+    std::vector<int64_t> split = {p.rope_heads, 2, p.shape[0] / p.rope_heads / 2};
+    split.insert(split.end(), p.shape.begin() + 1, p.shape.end());
+    t = t.reshape(split).transpose(1, 2).reshape(p.shape);
+  }
+  return t.to(p.type == GgmlType::kF32 ? at::kFloat : at::kHalf).contiguous();
+}
+
+// tokenizer.ggml.pre for a byte-level tokenizer: the name llama.cpp's vocabulary loader maps to the
+// same pre-tokenizer (llama-vocab.cpp).
+absl::StatusOr<std::string> PreTokenizerName(const TokenizerVocabulary& v,
+                                             const GgufOptions& options) {
+  if (!options.tokenizer_pre.empty()) return options.tokenizer_pre;
+  if (v.kind != TokenizerVocabulary::Kind::kByteLevelBpe) return std::string("default");
+  switch (v.pre_tokenizer) {
+    case TokenizerVocabulary::PreTokenizer::kGpt2:
+      return std::string("gpt-2");
+    case TokenizerVocabulary::PreTokenizer::kGpt2Digits:
+      return std::string("smollm");
+    case TokenizerVocabulary::PreTokenizer::kLlama3:
+      return std::string("llama-bpe");
+    case TokenizerVocabulary::PreTokenizer::kQwen2:
+      return std::string("qwen2");
+    case TokenizerVocabulary::PreTokenizer::kOther:
+      break;
+  }
+  // llama.cpp would fall back to a "default" regex that splits text differently from this
+  // tokenizer, and the model would see token sequences it was never trained on.
+  return absl::InvalidArgumentError(
+      "the tokenizer's pre-tokenizer is not one llama.cpp is known to implement the same way "
+      "(recognized: GPT-2 "
+      "ByteLevel, SmolLM Digits + ByteLevel, Llama 3 and Qwen2 Split + ByteLevel); set "
+      "GgufOptions::tokenizer_pre "
+      "to the llama.cpp name of an equivalent one");
+}
+
+// Writes the tokenizer.ggml.* keys. The vocabulary is padded to config.vocab_size, as llama.cpp
+// sizes the embedding by the number of tokens.
+absl::Status AddTokenizer(const ModelConfig& c, const Tokenizer& tokenizer,
+                          const GgufOptions& options, Metadata& md) {
+  SEEDLING_ASSIGN_OR_RETURN(TokenizerVocabulary v, tokenizer.Vocabulary());
+  const size_t n = v.tokens.size();
+  if (v.scores.size() != n || v.types.size() != n) {
+    return absl::InternalError(StrCat("tokenizer vocabulary has ", n, " tokens but ",
+                                      v.scores.size(), " scores and ", v.types.size(), " types"));
+  }
+  if (static_cast<int64_t>(n) > c.vocab_size) {
+    return absl::InvalidArgumentError(
+        StrCat("the tokenizer has ", n, " ids but the model's vocab_size is ", c.vocab_size));
+  }
+  const bool spm = v.kind != TokenizerVocabulary::Kind::kByteLevelBpe;
+  SEEDLING_ASSIGN_OR_RETURN(std::string pre, PreTokenizerName(v, options));
+
+  // convert_hf_to_gguf.py pads with "[PAD<id>]" (score -1000 for SentencePiece) of type UNUSED.
+  v.tokens.resize(c.vocab_size);
+  v.scores.resize(c.vocab_size, -1000.0f);
+  v.types.resize(c.vocab_size, TokenizerVocabulary::kUnused);
+  for (int64_t id = 0; id < c.vocab_size; ++id) {
+    if (!v.tokens[id].empty()) continue;
+    if (id < static_cast<int64_t>(n) && v.types[id] != TokenizerVocabulary::kUnused) {
+      return absl::InvalidArgumentError(StrCat("token id ", id, " has an empty string"));
+    }
+    v.tokens[id] = StrCat("[PAD", id, "]");
+    v.scores[id] = -1000.0f;
+    v.types[id] = TokenizerVocabulary::kUnused;
+  }
+  // llama.cpp maps strings to ids and aborts if two ids share one.
+  std::unordered_map<std::string_view, int64_t> seen;
+  seen.reserve(v.tokens.size());
+  for (int64_t id = 0; id < c.vocab_size; ++id) {
+    auto [it, inserted] = seen.emplace(v.tokens[id], id);
+    if (!inserted) {
+      return absl::InvalidArgumentError(StrCat("token '", v.tokens[id], "' has two ids, ",
+                                               it->second, " and ", id,
+                                               "; llama.cpp requires token strings to be unique"));
+    }
+  }
+
+  md.Str("tokenizer.ggml.model", spm ? "llama" : "gpt2");
+  md.Str("tokenizer.ggml.pre", pre);
+  md.StrArray("tokenizer.ggml.tokens", v.tokens);
+  md.I32Array("tokenizer.ggml.token_type", v.types);
+  if (spm) {
+    // llama.cpp's SentencePiece tokenizer merges by score; BPE merges are not used.
+    md.F32Array("tokenizer.ggml.scores", v.scores);
+  } else {
+    std::vector<std::string> merges;
+    merges.reserve(v.merges.size());
+    for (size_t rank = 0; rank < v.merges.size(); ++rank) {
+      const auto& [a, b] = v.merges[rank];
+      // llama.cpp splits "a b" at the first space after the first byte.
+      if (a.empty() || b.empty() || a.find(' ', 1) != std::string::npos) {
+        return absl::InvalidArgumentError(
+            StrCat("merge ", rank, " ('", a, "', '", b,
+                   "') cannot be written as the \"a b\" string llama.cpp parses"));
+      }
+      merges.push_back(StrCat(a, " ", b));
+    }
+    md.StrArray("tokenizer.ggml.merges", merges);
+  }
+
+  // Special ids the tokenizer does not define come from config.json, as convert's SpecialVocab
+  // does.
+  std::optional<int64_t> bos = v.bos_id, eos = v.eos_id;
+  if (!bos.has_value()) bos = c.bos_token_id;
+  if (!eos.has_value() && !c.eos_token_ids.empty()) eos = c.eos_token_ids.front();
+  const std::pair<const char*, std::optional<int64_t>> ids[] = {
+      {"tokenizer.ggml.bos_token_id", bos},
+      {"tokenizer.ggml.eos_token_id", eos},
+      {"tokenizer.ggml.unknown_token_id", v.unk_id},
+      {"tokenizer.ggml.padding_token_id", v.pad_id}};
+  for (const auto& [key, id] : ids) {
+    if (!id.has_value()) continue;
+    if (*id < 0 || *id >= c.vocab_size) {
+      return absl::InvalidArgumentError(
+          StrCat(key, " ", *id, " is outside the vocabulary [0, ", c.vocab_size, ")"));
+    }
+    md.U32(key, static_cast<uint64_t>(*id));
+  }
+  md.Bool("tokenizer.ggml.add_bos_token", v.add_bos);
+  md.Bool("tokenizer.ggml.add_eos_token", v.add_eos);
+  return absl::OkStatus();
+}
+
+absl::Status AddHyperparameters(const ModelConfig& c, const std::string& arch,
+                                const GgufOptions& options, Metadata& md) {
+  for (int64_t v :
+       {c.vocab_size, c.max_position_embeddings, c.hidden_size, c.num_hidden_layers,
+        c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim}) {
+    if (v > std::numeric_limits<uint32_t>::max()) {
+      return absl::InvalidArgumentError(
+          StrCat("config value ", v, " does not fit GGUF's uint32 fields"));
+    }
+  }
+  md.Str("general.architecture", arch);
+  md.Str("general.name", options.name.empty() ? c.architecture : options.name);
+  md.U32("general.file_type", options.dtype == DType::kF32 ? kFileTypeAllF32 : kFileTypeMostlyF16);
+  md.U32("general.alignment", kGgufAlignment);
+  const std::string p = arch + ".";
+  md.U32(p + "vocab_size", c.vocab_size);
+  md.U32(p + "context_length", c.max_position_embeddings);
+  md.U32(p + "embedding_length", c.hidden_size);
+  md.U32(p + "block_count", c.num_hidden_layers);
+  md.U32(p + "feed_forward_length", c.intermediate_size);
+  md.U32(p + "attention.head_count", c.num_attention_heads);
+  md.U32(p + "attention.head_count_kv", c.num_key_value_heads);
+  md.F32(p + "attention.layer_norm_rms_epsilon", c.rms_norm_eps);
+  md.U32(p + "rope.dimension_count", c.head_dim);
+  md.F32(p + "rope.freq_base", c.rope_theta);
+  if (c.q_dim() != c.hidden_size) {
+    // llama.cpp otherwise assumes head_dim = hidden_size / num_attention_heads.
+    md.U32(p + "attention.key_length", c.head_dim);
+    md.U32(p + "attention.value_length", c.head_dim);
+  }
+  if (c.rope_scaling.type == RopeScaling::Type::kLinear) {
+    md.Str(p + "rope.scaling.type", "linear");
+    md.F32(p + "rope.scaling.factor", c.rope_scaling.factor);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status WriteGguf(const std::string& path, const ModelConfig& config,
+                       const ModelWeights& weights, const Tokenizer& tokenizer,
+                       const GgufOptions& options) {
+  if (options.dtype != DType::kF32 && options.dtype != DType::kF16) {
+    return absl::InvalidArgumentError(
+        StrCat("GGUF export writes F32 or F16 weights, not ", DTypeName(options.dtype)));
+  }
+  SEEDLING_RETURN_IF_ERROR(config.Validate());
+  SEEDLING_ASSIGN_OR_RETURN(const std::string arch, GgufArchitecture(config));
+
+  Metadata md;
+  SEEDLING_RETURN_IF_ERROR(AddHyperparameters(config, arch, options, md));
+  SEEDLING_RETURN_IF_ERROR(AddTokenizer(config, tokenizer, options, md));
+
+  return CatchTorch("GGUF export", [&]() -> absl::Status {
+    SEEDLING_ASSIGN_OR_RETURN(
+        std::vector<TensorPlan> plans,
+        PlanTensors(config, arch, weights,
+                    options.dtype == DType::kF32 ? GgmlType::kF32 : GgmlType::kF16));
+
+    // Header: magic, version, counts, metadata, tensor infos, then zeros up to the aligned data
+    // section.
+    Encoder header;
+    header.Raw("GGUF", 4);
+    header.U32(3);
+    header.U64(plans.size());
+    header.U64(md.count());
+    header.bytes() += md.bytes();
+    md.bytes().clear();
+    md.bytes().shrink_to_fit();
+    for (const TensorPlan& p : plans) {
+      header.Str(p.name);
+      header.U32(static_cast<uint32_t>(p.shape.size()));
+      for (auto d = p.shape.rbegin(); d != p.shape.rend(); ++d)
+        header.U64(static_cast<uint64_t>(*d));
+      header.U32(static_cast<uint32_t>(p.type));
+      header.U64(p.offset);
+    }
+    header.PadTo(AlignUp(header.bytes().size()));
+
+    SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<AtomicFileWriter> file,
+                              AtomicFileWriter::Create(path));
+    SEEDLING_RETURN_IF_ERROR(file->Append(header.bytes()));
+    const uint64_t data_start = file->bytes_written();
+    static const char kZeros[kGgufAlignment] = {};
+    for (const TensorPlan& p : plans) {
+      if (file->bytes_written() != data_start + p.offset) {
+        return absl::InternalError(StrCat("tensor '", p.name, "' would land at the wrong offset"));
+      }
+      // One converted tensor at a time: memory stays at the weights plus the largest tensor.
+      const at::Tensor data = FileData(p);
+      if (static_cast<uint64_t>(data.nbytes()) != p.nbytes) {
+        return absl::InternalError(
+            StrCat("tensor '", p.name, "' has ", data.nbytes(), " bytes, planned ", p.nbytes));
+      }
+      SEEDLING_RETURN_IF_ERROR(
+          file->Append(std::string_view(static_cast<const char*>(data.data_ptr()), p.nbytes)));
+      // Every tensor, the last included, is padded: llama.cpp checks each one lies within the file.
+      SEEDLING_RETURN_IF_ERROR(
+          file->Append(std::string_view(kZeros, AlignUp(p.nbytes) - p.nbytes)));
+    }
+    return file->Commit();
+  });
+}
+
+}  // namespace seedling::model
