@@ -1,0 +1,431 @@
+#include "lora/adapter.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <span>
+
+#include "absl/strings/str_split.h"
+#include "base/file.h"
+#include "base/philox.h"
+#include "base/status.h"
+#include "base/strings.h"
+#include "model/torch_status.h"
+#include "model/safetensors.h"
+
+namespace seedling::lora {
+namespace {
+
+using model::ModelConfig;
+using model::Projection;
+using Json = nlohmann::json;
+
+constexpr Projection kAllProjections[] = {Projection::kQ,    Projection::kK,  Projection::kV,   Projection::kO,
+                                          Projection::kGate, Projection::kUp, Projection::kDown};
+
+// (in, out) features of a projection.
+std::pair<int64_t, int64_t> Features(const ModelConfig& c, Projection p) {
+  switch (p) {
+    case Projection::kQ:
+      return {c.hidden_size, c.q_dim()};
+    case Projection::kK:
+    case Projection::kV:
+      return {c.hidden_size, c.kv_dim()};
+    case Projection::kO:
+      return {c.q_dim(), c.hidden_size};
+    case Projection::kGate:
+    case Projection::kUp:
+      return {c.hidden_size, c.intermediate_size};
+    case Projection::kDown:
+      return {c.intermediate_size, c.hidden_size};
+  }
+  return {0, 0};
+}
+
+const char* Block(Projection p) {
+  return (p == Projection::kGate || p == Projection::kUp || p == Projection::kDown) ? "mlp" : "self_attn";
+}
+
+std::string PeftName(int64_t layer, Projection p, bool is_a) {
+  return StrCat("base_model.model.model.layers.", layer, ".", Block(p), ".", model::ProjectionName(p),
+                is_a ? ".lora_A.weight" : ".lora_B.weight");
+}
+
+at::Tensor& BaseWeight(model::ModelWeights& w, int64_t layer, Projection p) {
+  model::LayerWeights& lw = w.layers[static_cast<size_t>(layer)];
+  switch (p) {
+    case Projection::kQ:
+      return lw.q;
+    case Projection::kK:
+      return lw.k;
+    case Projection::kV:
+      return lw.v;
+    case Projection::kO:
+      return lw.o;
+    case Projection::kGate:
+      return lw.gate;
+    case Projection::kUp:
+      return lw.up;
+    case Projection::kDown:
+      return lw.down;
+  }
+  return lw.q;
+}
+
+std::optional<Projection> ProjectionFromName(std::string_view name) {
+  for (Projection p : kAllProjections) {
+    if (name == model::ProjectionName(p)) return p;
+  }
+  return std::nullopt;
+}
+
+}  // namespace
+
+double LoraConfig::scale() const {
+  return use_rslora ? alpha / std::sqrt(static_cast<double>(rank)) : alpha / static_cast<double>(rank);
+}
+
+absl::Status LoraConfig::Validate(const ModelConfig& model) const {
+  if (rank < 1) return absl::InvalidArgumentError(StrCat("LoRA rank must be >= 1, got ", rank));
+  if (!(alpha > 0)) return absl::InvalidArgumentError(StrCat("LoRA alpha must be > 0, got ", alpha));
+  if (!(dropout >= 0 && dropout < 1)) {
+    return absl::InvalidArgumentError(StrCat("LoRA dropout must be in [0, 1), got ", dropout));
+  }
+  if (targets.empty()) return absl::InvalidArgumentError("LoRA needs at least one target projection");
+  std::set<Projection> seen(targets.begin(), targets.end());
+  if (seen.size() != targets.size()) return absl::InvalidArgumentError("LoRA targets contain a duplicate");
+  for (int64_t l : layers) {
+    if (l < 0 || l >= model.num_hidden_layers) {
+      return absl::InvalidArgumentError(
+          StrCat("LoRA layer ", l, " does not exist (the model has ", model.num_hidden_layers, " layers)"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<Projection>> ParseTargets(std::string_view list) {
+  std::vector<Projection> out;
+  if (list == "all" || list == "all-linear") return std::vector<Projection>(std::begin(kAllProjections), std::end(kAllProjections));
+  for (absl::string_view part : absl::StrSplit(ToAbsl(list), ',', absl::SkipWhitespace())) {
+    std::string name(part.data(), part.size());
+    name.erase(0, name.find_first_not_of(' '));
+    name.erase(name.find_last_not_of(' ') + 1);
+    if (name.find('_') == std::string::npos) name += "_proj";  // "q" -> "q_proj"
+    auto p = ProjectionFromName(name);
+    if (!p) {
+      return absl::InvalidArgumentError(StrCat("unknown LoRA target '", name,
+                                               "' (expected q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+                                               "down_proj, or all)"));
+    }
+    if (std::find(out.begin(), out.end(), *p) == out.end()) out.push_back(*p);
+  }
+  if (out.empty()) return absl::InvalidArgumentError("no LoRA targets given");
+  return out;
+}
+
+LoraAdapter::LoraAdapter(ModelConfig model, LoraConfig config) : model_(std::move(model)), config_(std::move(config)) {}
+
+absl::StatusOr<std::unique_ptr<LoraAdapter>> LoraAdapter::Create(const ModelConfig& model, const LoraConfig& config) {
+  SEEDLING_RETURN_IF_ERROR(config.Validate(model));
+  std::unique_ptr<LoraAdapter> a(new LoraAdapter(model, config));
+  std::vector<int64_t> layers = config.layers;
+  if (layers.empty()) {
+    for (int64_t l = 0; l < model.num_hidden_layers; ++l) layers.push_back(l);
+  }
+  std::sort(layers.begin(), layers.end());
+  layers.erase(std::unique(layers.begin(), layers.end()), layers.end());
+  a->index_.assign(static_cast<size_t>(model.num_hidden_layers * model::kNumProjections), -1);
+  int64_t offset = 0;
+  for (int64_t l : layers) {
+    for (Projection p : kAllProjections) {
+      if (std::find(config.targets.begin(), config.targets.end(), p) == config.targets.end()) continue;
+      const auto [in, out] = Features(model, p);
+      a->index_[static_cast<size_t>(l * model::kNumProjections + static_cast<int>(p))] =
+          static_cast<int32_t>(a->views_.size());
+      a->views_.push_back({PeftName(l, p, true), l, p, true, config.rank, in, offset});
+      offset += config.rank * in;
+      a->views_.push_back({PeftName(l, p, false), l, p, false, out, config.rank, offset});
+      offset += out * config.rank;
+    }
+  }
+  return model::CatchTorch("creating the adapter", [&]() -> absl::StatusOr<std::unique_ptr<LoraAdapter>> {
+    a->flat_ = at::zeros({offset}, at::kFloat);
+    // PEFT's default init: A ~ Kaiming-uniform(a = sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)); B = 0.
+    float* data = a->flat_.data_ptr<float>();
+    for (const LoraView& v : a->views_) {
+      if (!v.is_a) continue;
+      std::span<float> span(data + v.offset, static_cast<size_t>(v.numel()));
+      FillUniform({config.init_seed, rng_stream::kInit}, static_cast<uint64_t>(v.offset), span);
+      const float bound = 1.0f / std::sqrt(static_cast<float>(v.cols));
+      for (float& x : span) x = (2.0f * x - 1.0f) * bound;
+    }
+    return std::move(a);
+  });
+}
+
+at::Tensor LoraAdapter::Matrix(const LoraView& view) const {
+  const at::Tensor& src = override_.defined() ? override_ : flat_;
+  return src.narrow(0, view.offset, view.numel()).view({view.rows, view.cols});
+}
+
+const LoraView* LoraAdapter::Find(int64_t layer, Projection p, bool is_a) const {
+  if (layer < 0 || layer >= model_.num_hidden_layers) return nullptr;
+  const int32_t i = index_[static_cast<size_t>(layer * model::kNumProjections + static_cast<int>(p))];
+  if (i < 0) return nullptr;
+  return &views_[static_cast<size_t>(is_a ? i : i + 1)];
+}
+
+at::Tensor LoraAdapter::Apply(int64_t layer, Projection p, const at::Tensor& x, const at::Tensor& base_out) const {
+  const LoraView* va = Find(layer, p, true);
+  if (va == nullptr) return base_out;
+  const LoraView* vb = va + 1;
+  at::Tensor input = x;
+  if (training_ && config_.dropout > 0) {
+    // Counter-based mask: (seed, step, layer, projection) -> the same mask when recomputed in backward.
+    at::Tensor u = at::empty(x.sizes(), at::kFloat);
+    const uint64_t offset =
+        ((step_ * static_cast<uint64_t>(model_.num_hidden_layers) + static_cast<uint64_t>(layer)) * model::kNumProjections +
+         static_cast<uint64_t>(p))
+        << 32;
+    FillUniform({dropout_seed_, rng_stream::kDropout}, offset,
+                std::span<float>(u.data_ptr<float>(), static_cast<size_t>(u.numel())));
+    const double keep = 1.0 - config_.dropout;
+    input = x * (u.ge(config_.dropout).to(at::kFloat) * (1.0 / keep));
+  }
+  const at::Tensor a = Matrix(*va);  // (r, in)
+  const at::Tensor b = Matrix(*vb);  // (out, r)
+  return base_out + at::linear(at::linear(input, a), b) * config_.scale();
+}
+
+std::vector<at::Tensor> LoraAdapter::LayerTensors(int64_t layer) const {
+  for (Projection p : kAllProjections) {
+    if (Find(layer, p, true) != nullptr) return {override_.defined() ? override_ : flat_};
+  }
+  return {};
+}
+
+absl::Status LoraAdapter::AddDelta(model::ModelWeights& weights, double sign) const {
+  if (static_cast<int64_t>(weights.layers.size()) != model_.num_hidden_layers) {
+    return absl::InvalidArgumentError("the weights belong to a different model than the adapter");
+  }
+  for (size_t i = 0; i < views_.size(); i += 2) {
+    const LoraView& va = views_[i];
+    at::Tensor& w = BaseWeight(weights, va.layer, va.projection);
+    if (w.scalar_type() != at::kFloat) {
+      return absl::FailedPreconditionError(
+          StrCat("merging needs fp32 weights; layer ", va.layer, " ", model::ProjectionName(va.projection),
+                 " is stored as ", std::string(c10::toString(w.scalar_type())),
+                 " (load the model with fp32 weights)"));
+    }
+  }
+  return model::CatchTorch("merging the adapter", [&]() -> absl::Status {
+    at::NoGradGuard no_grad;
+    for (size_t i = 0; i < views_.size(); i += 2) {
+      const LoraView& va = views_[i];
+      at::Tensor& w = BaseWeight(weights, va.layer, va.projection);
+      // W (out, in) += sign * scale * B (out, r) @ A (r, in)
+      w.add_(at::matmul(flat_.narrow(0, views_[i + 1].offset, views_[i + 1].numel()).view({views_[i + 1].rows, views_[i + 1].cols}),
+                        flat_.narrow(0, va.offset, va.numel()).view({va.rows, va.cols})),
+             sign * config_.scale());
+    }
+    return absl::OkStatus();
+  });
+}
+
+absl::Status LoraAdapter::Merge(model::ModelWeights& weights) const { return AddDelta(weights, 1.0); }
+absl::Status LoraAdapter::Unmerge(model::ModelWeights& weights) const { return AddDelta(weights, -1.0); }
+
+absl::Status SavePeft(const LoraAdapter& adapter, const std::string& dir, const std::string& base_model) {
+  SEEDLING_RETURN_IF_ERROR(MakeDirs(dir));
+  const LoraConfig& c = adapter.config();
+  Json targets = Json::array();
+  for (Projection p : kAllProjections) {
+    if (std::find(c.targets.begin(), c.targets.end(), p) != c.targets.end()) targets.push_back(model::ProjectionName(p));
+  }
+  Json config = {{"peft_type", "LORA"},
+                 {"task_type", "CAUSAL_LM"},
+                 {"r", c.rank},
+                 {"lora_alpha", c.alpha},
+                 {"lora_dropout", c.dropout},
+                 {"target_modules", targets},
+                 {"bias", "none"},
+                 {"fan_in_fan_out", false},
+                 {"use_rslora", c.use_rslora},
+                 {"use_dora", false},
+                 {"init_lora_weights", true},
+                 {"inference_mode", true},
+                 {"modules_to_save", nullptr},
+                 {"rank_pattern", Json::object()},
+                 {"alpha_pattern", Json::object()},
+                 {"layers_to_transform", c.layers.empty() ? Json(nullptr) : Json(c.layers)},
+                 {"base_model_name_or_path", base_model},
+                 {"revision", nullptr}};
+  const at::Tensor flat = adapter.flat().detach().contiguous();
+  const auto* bytes = static_cast<const uint8_t*>(flat.data_ptr());
+  std::vector<model::TensorToWrite> tensors;
+  for (const LoraView& v : adapter.views()) {
+    tensors.push_back({v.name, model::DType::kF32, {v.rows, v.cols},
+                       std::span<const uint8_t>(bytes + v.offset * 4, static_cast<size_t>(v.numel() * 4))});
+  }
+  SEEDLING_RETURN_IF_ERROR(model::WriteSafetensors(JoinPath(dir, "adapter_model.safetensors"), tensors,
+                                                   {{"format", "pt"}}));
+  return WriteFileAtomic(JoinPath(dir, "adapter_config.json"), config.dump(2) + "\n");
+}
+
+namespace {
+
+absl::StatusOr<LoraConfig> ParsePeftConfig(const Json& j, const ModelConfig& model) {
+  auto str = [&](const char* key) -> std::string {
+    auto it = j.find(key);
+    return (it != j.end() && it->is_string()) ? it->get<std::string>() : std::string();
+  };
+  if (str("peft_type") != "LORA") {
+    return absl::InvalidArgumentError(StrCat("peft_type is '", str("peft_type"), "'; only LORA adapters are supported"));
+  }
+  LoraConfig c;
+  if (!j.contains("r") || !j["r"].is_number_integer()) return absl::InvalidArgumentError("'r' must be an integer");
+  c.rank = j["r"].get<int64_t>();
+  if (!j.contains("lora_alpha") || !j["lora_alpha"].is_number()) {
+    return absl::InvalidArgumentError("'lora_alpha' must be a number");
+  }
+  c.alpha = j["lora_alpha"].get<double>();
+  if (j.contains("lora_dropout") && j["lora_dropout"].is_number()) c.dropout = j["lora_dropout"].get<double>();
+  if (j.contains("use_rslora") && j["use_rslora"].is_boolean()) c.use_rslora = j["use_rslora"].get<bool>();
+  if (j.contains("use_dora") && j["use_dora"].is_boolean() && j["use_dora"].get<bool>()) {
+    return absl::InvalidArgumentError("DoRA adapters (use_dora) are not supported");
+  }
+  for (const char* key : {"rank_pattern", "alpha_pattern"}) {
+    if (j.contains(key) && j[key].is_object() && !j[key].empty()) {
+      return absl::InvalidArgumentError(StrCat("'", key, "' (per-module ranks or alphas) is not supported"));
+    }
+  }
+  if (!str("bias").empty() && str("bias") != "none") {
+    return absl::InvalidArgumentError(StrCat("bias '", str("bias"), "' is not supported (only \"none\")"));
+  }
+  if (j.contains("fan_in_fan_out") && j["fan_in_fan_out"].is_boolean() && j["fan_in_fan_out"].get<bool>()) {
+    return absl::InvalidArgumentError("fan_in_fan_out adapters (GPT-2 Conv1D) are not supported");
+  }
+  if (j.contains("modules_to_save") && !j["modules_to_save"].is_null() &&
+      !(j["modules_to_save"].is_array() && j["modules_to_save"].empty())) {
+    return absl::InvalidArgumentError("modules_to_save (fully trained extra modules) is not supported");
+  }
+  const Json& tm = j.contains("target_modules") ? j["target_modules"] : Json();
+  c.targets.clear();
+  if (tm.is_string()) {
+    const std::string s = tm.get<std::string>();
+    if (s != "all-linear") {
+      return absl::InvalidArgumentError(
+          StrCat("target_modules is the pattern '", s, "'; give a list of module names or \"all-linear\""));
+    }
+    c.targets.assign(std::begin(kAllProjections), std::end(kAllProjections));
+  } else if (tm.is_array()) {
+    for (const Json& t : tm) {
+      if (!t.is_string()) return absl::InvalidArgumentError("target_modules must hold strings");
+      std::string name = t.get<std::string>();
+      name = name.substr(name.rfind('.') == std::string::npos ? 0 : name.rfind('.') + 1);
+      auto p = ProjectionFromName(name);
+      if (!p) {
+        return absl::InvalidArgumentError(
+            StrCat("target module '", t.get<std::string>(), "' is not a projection of ", model.architecture));
+      }
+      if (std::find(c.targets.begin(), c.targets.end(), *p) == c.targets.end()) c.targets.push_back(*p);
+    }
+  } else {
+    return absl::InvalidArgumentError("target_modules is missing");
+  }
+  if (j.contains("layers_to_transform") && !j["layers_to_transform"].is_null()) {
+    const Json& l = j["layers_to_transform"];
+    if (l.is_number_integer()) {
+      c.layers = {l.get<int64_t>()};
+    } else if (l.is_array()) {
+      for (const Json& x : l) {
+        if (!x.is_number_integer()) return absl::InvalidArgumentError("layers_to_transform must hold integers");
+        c.layers.push_back(x.get<int64_t>());
+      }
+    } else {
+      return absl::InvalidArgumentError("layers_to_transform must be an integer or a list");
+    }
+  }
+  SEEDLING_RETURN_IF_ERROR(c.Validate(model));
+  return c;
+}
+
+std::string Shape(int64_t r, int64_t c) { return StrCat("[", r, ", ", c, "]"); }
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<LoraAdapter>> LoadPeft(const std::string& dir, const ModelConfig& model) {
+  const std::string config_path = JoinPath(dir, "adapter_config.json");
+  SEEDLING_ASSIGN_OR_RETURN(std::string text, ReadFile(config_path));
+  Json j;
+  try {
+    j = Json::parse(text);
+  } catch (const Json::exception& e) {
+    return absl::InvalidArgumentError(StrCat(config_path, ": not valid JSON: ", e.what()));
+  }
+  if (!j.is_object()) return absl::InvalidArgumentError(StrCat(config_path, ": must be a JSON object"));
+  auto config = ParsePeftConfig(j, model);
+  if (!config.ok()) return Annotate(config.status(), config_path);
+  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<LoraAdapter> adapter, LoraAdapter::Create(model, *config));
+
+  const std::string weights_path = JoinPath(dir, "adapter_model.safetensors");
+  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<model::SafetensorsFile> file, model::SafetensorsFile::Open(weights_path));
+  // PEFT drops the adapter name when saving; accept files that kept it (".lora_A.default.weight").
+  std::map<std::string, const model::TensorView*> by_name;
+  for (const auto& [name, view] : file->tensors()) {
+    std::string key = name;
+    if (const size_t pos = key.find(".default.weight"); pos != std::string::npos) key.replace(pos, 15, ".weight");
+    by_name[key] = &view;
+  }
+  std::set<std::string> used;
+  absl::Status st = model::CatchTorch("loading the adapter", [&]() -> absl::Status {
+    for (const LoraView& v : adapter->views()) {
+      auto it = by_name.find(v.name);
+      if (it == by_name.end()) {
+        return absl::NotFoundError(StrCat(weights_path, ": tensor '", v.name, "' is missing"));
+      }
+      const model::TensorView& tv = *it->second;
+      if (tv.shape != std::vector<int64_t>{v.rows, v.cols}) {
+        std::string shape = "[";
+        for (size_t i = 0; i < tv.shape.size(); ++i) shape += StrCat(i ? ", " : "", tv.shape[i]);
+        shape += "]";
+        return absl::InvalidArgumentError(StrCat(weights_path, ": tensor '", v.name, "' has shape ", shape,
+                                                 ", expected ", Shape(v.rows, v.cols), " (rank ",
+                                                 adapter->config().rank, ")"));
+      }
+      at::ScalarType type;
+      switch (tv.dtype) {
+        case model::DType::kF32:
+          type = at::kFloat;
+          break;
+        case model::DType::kF16:
+          type = at::kHalf;
+          break;
+        case model::DType::kBF16:
+          type = at::kBFloat16;
+          break;
+        default:
+          return absl::InvalidArgumentError(StrCat(weights_path, ": tensor '", v.name, "' has dtype ",
+                                                   model::DTypeName(tv.dtype), "; expected F32, F16 or BF16"));
+      }
+      at::Tensor src = at::empty({v.rows, v.cols}, at::TensorOptions().dtype(type));
+      std::memcpy(src.data_ptr(), tv.data, tv.nbytes);
+      adapter->flat().narrow(0, v.offset, v.numel()).copy_(src.reshape({-1}));
+      used.insert(it->first);
+    }
+    return absl::OkStatus();
+  });
+  SEEDLING_RETURN_IF_ERROR(st);
+  for (const auto& [name, view] : by_name) {
+    if (!used.count(name)) {
+      return absl::InvalidArgumentError(StrCat(weights_path, ": tensor '", name,
+                                               "' does not belong to a LoRA adapter with this configuration"));
+    }
+  }
+  return adapter;
+}
+
+}  // namespace seedling::lora

@@ -1,0 +1,125 @@
+#pragma once
+
+// LoRA adapters (Hu et al. 2021): for each targeted projection W (out × in) of each decoder layer,
+//   y = W x + (alpha / r) · B (A dropout(x)),   A (r × in), B (out × r), B = 0 at initialization,
+// so a fresh adapter leaves the model unchanged. With use_rslora the scale is alpha / sqrt(r).
+//
+// All trainable numbers live in one flat fp32 buffer (llm.c style) with named views, so an optimizer,
+// a perturbation (base/philox.h) or a codec sees one contiguous vector. The order of the views is the wire
+// order: layers ascending, then projections in q, k, v, o, gate, up, down order, A before B.
+//
+// Save/load uses the PEFT format (adapter_config.json + adapter_model.safetensors with names like
+// "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"), readable by Hugging Face PEFT and
+// llama.cpp's convert_lora_to_gguf.py.
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "model/config.h"
+#include "model/llama.h"
+
+namespace seedling::lora {
+
+struct LoraConfig {
+  int64_t rank = 8;                 // r
+  double alpha = 16.0;              // scale numerator
+  double dropout = 0.0;             // probability of zeroing an input element of A (training only)
+  bool use_rslora = false;          // scale alpha / sqrt(r) instead of alpha / r
+  std::vector<model::Projection> targets = {model::Projection::kQ, model::Projection::kV};
+  std::vector<int64_t> layers;      // layers to adapt; empty = all
+  uint64_t init_seed = 0;           // A ~ U(-1/sqrt(in), 1/sqrt(in)) from this seed (PEFT's Kaiming init)
+
+  double scale() const;
+  absl::Status Validate(const model::ModelConfig& model) const;
+};
+
+// Parses "q_proj,v_proj" (or "q,v", or "all") into projections. InvalidArgument names a bad entry.
+absl::StatusOr<std::vector<model::Projection>> ParseTargets(std::string_view list);
+
+// One A or B matrix inside the flat buffer.
+struct LoraView {
+  std::string name;  // PEFT name, e.g. "base_model.model.model.layers.3.self_attn.v_proj.lora_B.weight"
+  int64_t layer = 0;
+  model::Projection projection = model::Projection::kQ;
+  bool is_a = true;  // lora_A (r × in) or lora_B (out × r)
+  int64_t rows = 0, cols = 0;
+  int64_t offset = 0;  // first element in the flat buffer
+  int64_t numel() const { return rows * cols; }
+};
+
+class LoraAdapter : public model::ProjectionAdapter {
+ public:
+  // A new adapter for `model` (A random from config.init_seed, B zero). InvalidArgument for a bad config.
+  static absl::StatusOr<std::unique_ptr<LoraAdapter>> Create(const model::ModelConfig& model,
+                                                             const LoraConfig& config);
+
+  const LoraConfig& config() const { return config_; }
+  const std::vector<LoraView>& views() const { return views_; }
+  int64_t numel() const { return flat_.numel(); }
+
+  // The flat fp32 buffer (1-D). Set requires_grad on it to train by backprop; write it in place to perturb.
+  at::Tensor& flat() { return flat_; }
+  const at::Tensor& flat() const { return flat_; }
+  // A view of one matrix (shares storage with flat()).
+  at::Tensor Matrix(const LoraView& view) const;
+
+  // Temporarily computes with `replacement` (same shape, e.g. a forward-mode dual of flat()) instead of
+  // flat(); pass an undefined tensor to go back. Not thread-safe with concurrent forwards.
+  void SetFlatOverride(at::Tensor replacement) { override_ = std::move(replacement); }
+
+  // Dropout is active only in training mode. Masks come from Philox keyed by (dropout_seed, step, layer,
+  // projection), so recomputation in backward regenerates the same mask; call SetStep before each step.
+  void SetTraining(bool training) { training_ = training; }
+  void SetStep(uint64_t dropout_seed, uint64_t step) {
+    dropout_seed_ = dropout_seed;
+    step_ = step;
+  }
+
+  // model::ProjectionAdapter
+  at::Tensor Apply(int64_t layer, model::Projection p, const at::Tensor& x,
+                   const at::Tensor& base_out) const override;
+  std::vector<at::Tensor> LayerTensors(int64_t layer) const override;
+
+  // W += scale · B A for every adapted projection (Merge) or W -= ... (Unmerge), in place. The model's
+  // targeted weights must be fp32 (FailedPrecondition otherwise, e.g. with WeightPrecision::kStored).
+  // After Merge, run the model without the adapter; Unmerge restores W up to fp32 rounding.
+  absl::Status Merge(model::ModelWeights& weights) const;
+  absl::Status Unmerge(model::ModelWeights& weights) const;
+
+ private:
+  LoraAdapter(model::ModelConfig model, LoraConfig config);
+  const LoraView* Find(int64_t layer, model::Projection p, bool is_a) const;
+  absl::Status AddDelta(model::ModelWeights& weights, double sign) const;
+
+  // Constant after construction.
+  model::ModelConfig model_;
+  LoraConfig config_;
+  std::vector<LoraView> views_;
+  // index_[layer * kNumProjections + projection] = index of the A view in views_, or -1.
+  std::vector<int32_t> index_;
+
+  at::Tensor flat_;
+  at::Tensor override_;
+  bool training_ = false;
+  uint64_t dropout_seed_ = 0;
+  uint64_t step_ = 0;
+};
+
+// Writes `adapter` in PEFT format into `dir` (created if missing): adapter_config.json and
+// adapter_model.safetensors (F32). `base_model` goes to base_model_name_or_path.
+absl::Status SavePeft(const LoraAdapter& adapter, const std::string& dir, const std::string& base_model = "");
+
+// Loads a PEFT LoRA adapter for `model`. Accepts adapters written by PEFT: target_modules as a list of
+// module names, optional layers_to_transform, use_rslora, any rank, F32/F16/BF16 tensors. Errors name what
+// does not fit: a target this model lacks, a tensor whose shape disagrees with the model or the rank
+// ("...q_proj.lora_A.weight has shape [16, 576], expected [8, 576]"), missing tensors, unsupported
+// options (rank_pattern, alpha_pattern, DoRA, a regex target_modules, bias other than "none").
+absl::StatusOr<std::unique_ptr<LoraAdapter>> LoadPeft(const std::string& dir, const model::ModelConfig& model);
+
+}  // namespace seedling::lora

@@ -1,0 +1,299 @@
+#include "lora/adapter.h"
+
+#include <unistd.h>
+
+#include <catch2/catch.hpp>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+
+#include "base/file.h"
+#include "model/safetensors.h"
+
+namespace seedling::lora {
+namespace {
+
+using model::Projection;
+
+struct TempDir {
+  std::string path;
+  TempDir() {
+    static int n = 0;
+    path = std::filesystem::temp_directory_path() / ("seedling_lora_test_" + std::to_string(getpid()) + "_" + std::to_string(n++));
+    std::filesystem::create_directories(path);
+  }
+  ~TempDir() { std::filesystem::remove_all(path); }
+};
+
+model::ModelConfig SmallConfig() {
+  auto c = model::PresetConfig("tiny-qwen2");  // q_dim != hidden? no: 6 heads x 32 = 192 = hidden; GQA, biases
+  REQUIRE(c.ok());
+  c->num_hidden_layers = 2;
+  c->vocab_size = 97;
+  return *c;
+}
+
+std::unique_ptr<model::LlamaModel> SmallModel(const model::ModelConfig& c) {
+  auto m = model::LlamaModel::Create(c, model::RandomWeights(c, 21));
+  REQUIRE(m.ok());
+  return std::move(m).value();
+}
+
+at::Tensor Tokens() { return at::tensor({3, 14, 15, 92, 65, 35, 89, 79}, at::kLong).view({2, 4}); }
+
+LoraConfig AllTargets(int64_t rank) {
+  LoraConfig lc;
+  lc.rank = rank;
+  lc.alpha = 2.0 * static_cast<double>(rank);
+  lc.targets = {Projection::kQ, Projection::kK, Projection::kV, Projection::kO,
+                Projection::kGate, Projection::kUp, Projection::kDown};
+  lc.init_seed = 5;
+  return lc;
+}
+
+// Gives B random values so the adapter changes the model.
+void RandomizeB(LoraAdapter& a) {
+  at::NoGradGuard g;
+  for (const LoraView& v : a.views()) {
+    if (!v.is_a) a.Matrix(v).copy_(at::randn({v.rows, v.cols}) * 0.05);
+  }
+}
+
+TEST_CASE("A fresh adapter (B = 0) leaves the logits unchanged", "[lora]") {
+  const auto c = SmallConfig();
+  auto m = SmallModel(c);
+  auto a = LoraAdapter::Create(c, AllTargets(4));
+  REQUIRE(a.ok());
+  model::ForwardOptions fo;
+  fo.adapter = a->get();
+  CHECK(at::equal(*m->Logits(Tokens(), fo), *m->Logits(Tokens())));
+  CHECK((*a)->flat().abs().max().item<float>() > 0);  // A is initialized
+}
+
+TEST_CASE("The flat buffer holds every A and B in wire order with PEFT names", "[lora]") {
+  const auto c = SmallConfig();
+  LoraConfig lc;
+  lc.rank = 3;
+  auto a = LoraAdapter::Create(c, lc);  // default targets q and v
+  REQUIRE(a.ok());
+  const auto& v = (*a)->views();
+  REQUIRE(v.size() == 2 * 2 * 2);  // layers x targets x {A, B}
+  CHECK(v[0].name == "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight");
+  CHECK(v[1].name == "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight");
+  CHECK(v[2].name == "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight");
+  CHECK(v[0].rows == 3);
+  CHECK(v[0].cols == c.hidden_size);
+  CHECK(v[3].rows == c.kv_dim());
+  int64_t offset = 0;
+  for (const LoraView& view : v) {
+    CHECK(view.offset == offset);
+    offset += view.numel();
+  }
+  CHECK((*a)->numel() == offset);
+}
+
+TEST_CASE("Merged and unmerged models give the same logits, and unmerge restores the weights", "[lora]") {
+  const auto c = SmallConfig();
+  auto m = SmallModel(c);
+  auto a = LoraAdapter::Create(c, AllTargets(4));
+  REQUIRE(a.ok());
+  RandomizeB(**a);
+  model::ForwardOptions fo;
+  fo.adapter = a->get();
+  const at::Tensor unmerged = *m->Logits(Tokens(), fo);
+  CHECK((unmerged - *m->Logits(Tokens())).abs().max().item<double>() > 1e-3);  // the adapter matters
+  const at::Tensor q_before = m->weights().layers[1].q.clone();
+  REQUIRE((*a)->Merge(m->mutable_weights()).ok());
+  const at::Tensor merged = *m->Logits(Tokens());
+  CHECK((merged - unmerged).abs().max().item<double>() < 1e-4);
+  REQUIRE((*a)->Unmerge(m->mutable_weights()).ok());
+  CHECK((m->weights().layers[1].q - q_before).abs().max().item<double>() < 1e-6);
+}
+
+TEST_CASE("Merging into 16-bit stored weights is refused", "[lora]") {
+  const auto c = SmallConfig();
+  model::ModelWeights w = model::RandomWeights(c, 1);
+  w.layers[0].q = w.layers[0].q.to(at::kBFloat16);
+  auto a = LoraAdapter::Create(c, LoraConfig{});
+  REQUIRE(a.ok());
+  const absl::Status st = (*a)->Merge(w);
+  CHECK(st.code() == absl::StatusCode::kFailedPrecondition);
+}
+
+TEST_CASE("A PEFT save and load round trip restores the adapter exactly", "[lora]") {
+  TempDir dir;
+  const auto c = SmallConfig();
+  LoraConfig lc = AllTargets(2);
+  lc.targets = {Projection::kQ, Projection::kDown};
+  lc.layers = {1};
+  lc.use_rslora = true;
+  auto a = LoraAdapter::Create(c, lc);
+  REQUIRE(a.ok());
+  RandomizeB(**a);
+  REQUIRE(SavePeft(**a, dir.path, "models/tiny").ok());
+  auto config = nlohmann::json::parse(*ReadFile(JoinPath(dir.path, "adapter_config.json")));
+  CHECK(config["peft_type"] == "LORA");
+  CHECK(config["r"] == 2);
+  CHECK(config["target_modules"] == nlohmann::json({"q_proj", "down_proj"}));
+  CHECK(config["layers_to_transform"] == nlohmann::json({1}));
+  CHECK(config["base_model_name_or_path"] == "models/tiny");
+  auto file = model::SafetensorsFile::Open(JoinPath(dir.path, "adapter_model.safetensors"));
+  REQUIRE(file.ok());
+  CHECK((*file)->Find("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight") != nullptr);
+  CHECK((*file)->tensors().size() == 4);
+
+  auto loaded = LoadPeft(dir.path, c);
+  REQUIRE(loaded.ok());
+  CHECK(at::equal((*loaded)->flat(), (*a)->flat()));
+  CHECK((*loaded)->config().use_rslora);
+  CHECK((*loaded)->config().scale() == (*a)->config().scale());
+}
+
+// Writes an adapter the way Hugging Face PEFT does (F16 tensors, its usual config fields).
+void WriteForeignAdapter(const std::string& dir, const model::ModelConfig& c, int64_t rank, int64_t a_rows,
+                         const nlohmann::json& targets) {
+  nlohmann::json config = {{"alpha_pattern", nlohmann::json::object()}, {"auto_mapping", nullptr},
+                           {"base_model_name_or_path", "HuggingFaceTB/SmolLM2-135M"}, {"bias", "none"},
+                           {"fan_in_fan_out", false}, {"inference_mode", true}, {"init_lora_weights", true},
+                           {"layers_pattern", nullptr}, {"layers_to_transform", nullptr}, {"loftq_config", nlohmann::json::object()},
+                           {"lora_alpha", 32}, {"lora_dropout", 0.05}, {"megatron_config", nullptr},
+                           {"megatron_core", "megatron.core"}, {"modules_to_save", nullptr}, {"peft_type", "LORA"},
+                           {"r", rank}, {"rank_pattern", nlohmann::json::object()}, {"revision", nullptr},
+                           {"target_modules", targets}, {"task_type", "CAUSAL_LM"}, {"use_dora", false},
+                           {"use_rslora", false}};
+  REQUIRE(WriteFileAtomic(JoinPath(dir, "adapter_config.json"), config.dump()).ok());
+  std::vector<at::Tensor> keep;
+  std::vector<model::TensorToWrite> tensors;
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    for (const char* proj : {"v_proj", "q_proj"}) {
+      const int64_t out = std::string(proj) == "q_proj" ? c.q_dim() : c.kv_dim();
+      for (bool is_a : {true, false}) {
+        at::Tensor t = (is_a ? at::full({a_rows, c.hidden_size}, 0.25 + l) : at::full({out, rank}, -0.5)).to(at::kHalf);
+        keep.push_back(t);
+        tensors.push_back({"base_model.model.model.layers." + std::to_string(l) + ".self_attn." + proj +
+                               (is_a ? ".lora_A.weight" : ".lora_B.weight"),
+                           model::DType::kF16, t.sizes().vec(),
+                           {static_cast<const uint8_t*>(t.data_ptr()), static_cast<size_t>(t.nbytes())}});
+      }
+    }
+  }
+  REQUIRE(model::WriteSafetensors(JoinPath(dir, "adapter_model.safetensors"), tensors).ok());
+}
+
+TEST_CASE("A PEFT adapter written elsewhere (F16, extra config fields) loads", "[lora]") {
+  TempDir dir;
+  const auto c = SmallConfig();
+  WriteForeignAdapter(dir.path, c, 8, 8, {"q_proj", "v_proj"});
+  auto a = LoadPeft(dir.path, c);
+  REQUIRE(a.ok());
+  CHECK((*a)->config().rank == 8);
+  CHECK((*a)->config().alpha == 32);
+  for (const LoraView& v : (*a)->views()) {
+    const double expected = v.is_a ? 0.25 + static_cast<double>(v.layer) : -0.5;
+    INFO(v.name);
+    CHECK(at::allclose((*a)->Matrix(v), at::full({v.rows, v.cols}, expected)));
+  }
+}
+
+TEST_CASE("Mismatched PEFT adapters are clear errors", "[lora]") {
+  const auto c = SmallConfig();
+  {
+    TempDir dir;  // rank 8 in the config, tensors of rank 16
+    WriteForeignAdapter(dir.path, c, 8, 16, {"q_proj", "v_proj"});
+    auto a = LoadPeft(dir.path, c);
+    REQUIRE_FALSE(a.ok());
+    CHECK(std::string(a.status().message()).find("lora_A.weight' has shape [16, 192], expected [8, 192]") !=
+          std::string::npos);
+  }
+  {
+    TempDir dir;  // a GPT-2 style target this architecture lacks
+    WriteForeignAdapter(dir.path, c, 8, 8, {"c_attn"});
+    auto a = LoadPeft(dir.path, c);
+    REQUIRE_FALSE(a.ok());
+    CHECK(std::string(a.status().message()).find("c_attn") != std::string::npos);
+  }
+  {
+    TempDir dir;  // config names only q_proj: the v_proj tensors in the file are unexpected
+    WriteForeignAdapter(dir.path, c, 8, 8, {"q_proj"});
+    auto a = LoadPeft(dir.path, c);
+    REQUIRE_FALSE(a.ok());
+    CHECK(std::string(a.status().message()).find("v_proj") != std::string::npos);
+  }
+  {
+    TempDir dir;  // config names o_proj too, the file lacks it
+    WriteForeignAdapter(dir.path, c, 8, 8, {"q_proj", "v_proj", "o_proj"});
+    auto a = LoadPeft(dir.path, c);
+    REQUIRE_FALSE(a.ok());
+    CHECK(a.status().code() == absl::StatusCode::kNotFound);
+    CHECK(std::string(a.status().message()).find("o_proj.lora_A.weight") != std::string::npos);
+  }
+  CHECK(LoadPeft("/nonexistent/adapter", c).status().code() == absl::StatusCode::kNotFound);
+}
+
+TEST_CASE("Gradients reach only the flat buffer, and recomputation gives the same ones", "[lora]") {
+  const auto c = SmallConfig();
+  auto m = SmallModel(c);
+  auto a = LoraAdapter::Create(c, AllTargets(2));
+  REQUIRE(a.ok());
+  RandomizeB(**a);
+  auto grad = [&](bool recompute) {
+    at::Tensor& flat = (*a)->flat();
+    flat.requires_grad_(true);
+    flat.mutable_grad() = at::Tensor();
+    model::ForwardOptions fo;
+    fo.adapter = a->get();
+    fo.recompute = recompute;
+    auto loss = m->Loss(Tokens(), Tokens(), fo);
+    REQUIRE(loss.ok());
+    loss->mean().backward();
+    at::Tensor g = flat.grad().clone();
+    flat.requires_grad_(false);
+    flat.mutable_grad() = at::Tensor();
+    return g;
+  };
+  const at::Tensor plain = grad(false), recomputed = grad(true);
+  CHECK(plain.abs().max().item<double>() > 0);
+  CHECK((plain - recomputed).abs().max().item<double>() < 1e-6);
+  CHECK_FALSE(m->weights().layers[0].q.grad().defined());
+}
+
+TEST_CASE("Dropout masks depend on the step only in training mode", "[lora]") {
+  const auto c = SmallConfig();
+  auto m = SmallModel(c);
+  LoraConfig lc = AllTargets(2);
+  lc.dropout = 0.5;
+  auto a = LoraAdapter::Create(c, lc);
+  REQUIRE(a.ok());
+  RandomizeB(**a);
+  model::ForwardOptions fo;
+  fo.adapter = a->get();
+  const at::Tensor eval = *m->Logits(Tokens(), fo);
+  (*a)->SetTraining(true);
+  (*a)->SetStep(7, 1);
+  const at::Tensor s1 = *m->Logits(Tokens(), fo);
+  const at::Tensor s1_again = *m->Logits(Tokens(), fo);
+  (*a)->SetStep(7, 2);
+  const at::Tensor s2 = *m->Logits(Tokens(), fo);
+  (*a)->SetTraining(false);
+  CHECK(at::equal(s1, s1_again));
+  CHECK_FALSE(at::equal(s1, s2));
+  CHECK_FALSE(at::equal(s1, eval));
+  CHECK(at::equal(*m->Logits(Tokens(), fo), eval));
+}
+
+TEST_CASE("LoRA targets parse from names, short names and 'all'", "[lora]") {
+  auto t = ParseTargets("q_proj, v,down_proj");
+  REQUIRE(t.ok());
+  const bool expected_order = *t == std::vector<Projection>{Projection::kQ, Projection::kV, Projection::kDown};
+  CHECK(expected_order);
+  CHECK(ParseTargets("all")->size() == 7);
+  CHECK(ParseTargets("c_attn").status().code() == absl::StatusCode::kInvalidArgument);
+  LoraConfig bad;
+  bad.rank = 0;
+  CHECK(bad.Validate(SmallConfig()).code() == absl::StatusCode::kInvalidArgument);
+  bad.rank = 4;
+  bad.layers = {5};
+  CHECK(bad.Validate(SmallConfig()).code() == absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace seedling::lora
