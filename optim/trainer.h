@@ -1,0 +1,64 @@
+#pragma once
+
+// Local trainers: what a phone runs inside a round. Every method trains a ParameterSet (the LoRA flat
+// buffer by default) of a frozen base model, one Step() per batch, deterministically for a fixed seed.
+// A step whose loss (or gradient) is NaN or infinite is skipped and counted: the parameters are left as
+// they were before the step.
+
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <string_view>
+
+#include "absl/status/statusor.h"
+#include "model/dataset.h"
+#include "model/llama.h"
+
+namespace seedling::optim {
+
+enum class Method {
+  kLoraBp,   // LoRA + backprop (AdamW)
+  kFwdGrad,  // forward gradient (FwdLLM): directional derivatives along seeded perturbations
+  kMezo,     // zeroth-order SPSA (MeZO)
+  kKSeed,    // zeroth-order with a finite seed pool (FedKSeed)
+};
+
+// "lora-bp", "fwdgrad", "mezo", "kseed".
+const char* MethodName(Method m);
+absl::StatusOr<Method> ParseMethod(std::string_view name);
+
+struct StepResult {
+  double loss = std::numeric_limits<double>::quiet_NaN();  // mean loss per scored token on the batch
+  bool skipped = false;  // non-finite loss or gradient: nothing was applied
+  int64_t tokens = 0;    // scored tokens in the batch
+};
+
+class LocalTrainer {
+ public:
+  virtual ~LocalTrainer() = default;
+  virtual Method method() const = 0;
+  // One optimization step on `batch`. Errors come from the model (bad tokens) and leave the parameters as
+  // they were.
+  virtual absl::StatusOr<StepResult> Step(const model::Batch& batch) = 0;
+
+  int64_t steps() const { return steps_; }
+  int64_t skipped_steps() const { return skipped_; }
+
+ protected:
+  // Counts a finished step.
+  StepResult Count(StepResult r) {
+    ++steps_;
+    if (r.skipped) ++skipped_;
+    return r;
+  }
+
+ private:
+  int64_t steps_ = 0;
+  int64_t skipped_ = 0;
+};
+
+// Mean next-token loss of `batch` without gradients (the zeroth-order methods' probe), or NaN-free error.
+absl::StatusOr<model::LossOutput> ProbeLoss(const model::LlamaModel& model, const model::Batch& batch,
+                                            const model::ForwardOptions& options);
+
+}  // namespace seedling::optim

@@ -1,0 +1,212 @@
+#include "optim/fwdgrad.h"
+
+#include <catch2/catch.hpp>
+#include <cmath>
+
+#include "tests/optim/test_util.h"
+
+namespace seedling::optim {
+namespace {
+
+using testing::MakeModel;
+using testing::MicroConfig;
+using testing::RuleBatch;
+
+// A float64 copy of the model: every weight converted to double.
+std::unique_ptr<model::LlamaModel> DoubleCopy(const model::LlamaModel& m) {
+  model::ModelWeights w = m.weights();
+  auto to_double = [](at::Tensor& t) {
+    if (t.defined()) t = t.to(at::kDouble);
+  };
+  to_double(w.embed);
+  to_double(w.final_norm);
+  for (model::LayerWeights& l : w.layers) {
+    for (at::Tensor* t : {&l.input_norm, &l.q, &l.k, &l.v, &l.o, &l.q_bias, &l.k_bias, &l.v_bias, &l.o_bias,
+                          &l.post_norm, &l.gate, &l.up, &l.down, &l.gate_bias, &l.up_bias, &l.down_bias}) {
+      to_double(*t);
+    }
+  }
+  w.lm_head = m.config().tie_word_embeddings ? w.embed : w.lm_head.to(at::kDouble);
+  auto d = model::LlamaModel::Create(m.config(), std::move(w));
+  REQUIRE(d.ok());
+  return std::move(d).value();
+}
+
+std::unique_ptr<lora::LoraAdapter> RandomAdapter(const model::ModelConfig& c, int64_t rank,
+                                                 std::vector<model::Projection> targets) {
+  lora::LoraConfig lc;
+  lc.rank = rank;
+  lc.alpha = 2.0 * static_cast<double>(rank);
+  lc.targets = std::move(targets);
+  auto a = lora::LoraAdapter::Create(c, lc);
+  REQUIRE(a.ok());
+  at::manual_seed(3);
+  (*a)->flat().copy_(at::randn({(*a)->numel()}) * 0.3);  // B != 0 so every entry has a gradient
+  return std::move(a).value();
+}
+
+double Loss(const model::LlamaModel& m, lora::LoraAdapter& a, const model::Batch& b) {
+  model::ForwardOptions fo;
+  fo.adapter = &a;
+  auto l = ProbeLoss(m, b, fo);
+  REQUIRE(l.ok());
+  return l->mean().item<double>();
+}
+
+TEST_CASE("The forward-mode JVP equals a float64 central finite difference", "[optim][fwdgrad]") {
+  const model::ModelConfig c = MicroConfig();
+  auto m = MakeModel(c, 1);
+  auto a = RandomAdapter(c, 2, {model::Projection::kQ, model::Projection::kV, model::Projection::kDown});
+  const model::Batch batch = RuleBatch(2, 12, c.vocab_size, 4);
+  FwdGradOptions o;
+  auto trainer = FwdGradTrainer::Create(*m, *a, o);
+  REQUIRE(trainer.ok());
+
+  auto md = DoubleCopy(*m);
+  const at::Tensor flat64 = a->flat().to(at::kDouble);
+  for (uint64_t seed : {11u, 12u, 13u}) {
+    double loss = 0;
+    auto jvp = (*trainer)->DirectionalDerivative(batch, seed, &loss);
+    REQUIRE(jvp.ok());
+    at::Tensor z = at::zeros({a->numel()}, at::kFloat);
+    AddSeededNormal(z, seed, 1.0f);
+    const at::Tensor v = z.to(at::kDouble);
+    const double h = 1e-5;
+    a->SetFlatOverride(flat64 + h * v);
+    const double plus = Loss(*md, *a, batch);
+    a->SetFlatOverride(flat64 - h * v);
+    const double minus = Loss(*md, *a, batch);
+    a->SetFlatOverride(at::Tensor());
+    const double fd = (plus - minus) / (2 * h);
+    INFO("seed " << seed << ": jvp " << *jvp << ", float64 finite difference " << fd);
+    CHECK(std::abs(fd) > 1e-3);
+    CHECK(std::abs(*jvp - fd) < 1e-3 * std::abs(fd) + 1e-5);
+    CHECK(std::abs(loss - Loss(*m, *a, batch)) < 1e-6);  // the primal is the plain loss
+  }
+}
+
+TEST_CASE("The central-difference variant agrees with forward-mode AD", "[optim][fwdgrad]") {
+  const model::ModelConfig c = MicroConfig();
+  auto m = MakeModel(c, 2);
+  auto a = RandomAdapter(c, 2, {model::Projection::kQ, model::Projection::kV});
+  const model::Batch batch = RuleBatch(2, 12, c.vocab_size, 5);
+  FwdGradOptions ad, cd;
+  cd.mode = FwdGradOptions::Mode::kCentralDifference;
+  cd.fd_epsilon = 1e-3;  // small enough that third-order terms vanish, large for fp32 noise
+  auto t_ad = FwdGradTrainer::Create(*m, *a, ad);
+  auto t_cd = FwdGradTrainer::Create(*m, *a, cd);
+  REQUIRE(t_ad.ok());
+  REQUIRE(t_cd.ok());
+  const at::Tensor before = a->flat().clone();
+  auto d_ad = (*t_ad)->DirectionalDerivative(batch, 21, nullptr);
+  auto d_cd = (*t_cd)->DirectionalDerivative(batch, 21, nullptr);
+  REQUIRE(d_ad.ok());
+  REQUIRE(d_cd.ok());
+  CHECK(std::abs(*d_ad - *d_cd) < 0.02 * std::abs(*d_ad) + 1e-4);
+  CHECK((a->flat() - before).abs().max().item<double>() < 1e-6);  // θ restored after the probes
+}
+
+TEST_CASE("The mean forward gradient over many perturbations points along the true gradient",
+          "[optim][fwdgrad]") {
+  const model::ModelConfig c = MicroConfig();
+  auto m = MakeModel(c, 3);
+  lora::LoraConfig lc;
+  lc.rank = 1;
+  lc.targets = {model::Projection::kQ};
+  lc.layers = {1};
+  auto created = lora::LoraAdapter::Create(c, lc);
+  REQUIRE(created.ok());
+  lora::LoraAdapter& a = **created;
+  at::manual_seed(9);
+  a.flat().copy_(at::randn({a.numel()}) * 0.5);
+  REQUIRE(a.numel() == 64);
+  const model::Batch batch = RuleBatch(2, 12, c.vocab_size, 6);
+
+  // True gradient by backprop.
+  a.flat().requires_grad_(true);
+  model::ForwardOptions fo;
+  fo.adapter = &a;
+  auto loss = m->Loss(batch.tokens, batch.labels, fo);
+  REQUIRE(loss.ok());
+  loss->mean().backward();
+  const at::Tensor truth = a.flat().grad().clone();
+  a.flat().requires_grad_(false);
+  a.flat().mutable_grad() = at::Tensor();
+
+  FwdGradOptions o;
+  o.perturbations = 1500;
+  o.apply_locally = false;
+  auto t = FwdGradTrainer::Create(*m, a, o);
+  REQUIRE(t.ok());
+  auto step = (*t)->Step(batch);
+  REQUIRE(step.ok());
+  const at::Tensor g = (*t)->last_estimate();
+  const double cosine = (g.dot(truth) / (g.norm() * truth.norm())).item<double>();
+  INFO("cosine " << cosine);
+  CHECK(cosine > 0.9);
+  // A broken estimator (e.g. using fresh perturbations instead of the measured ones) would be ~0.
+}
+
+TEST_CASE("The (seed, derivative) pairs rebuild the dense estimate bit for bit", "[optim][fwdgrad]") {
+  const model::ModelConfig c = MicroConfig();
+  auto m = MakeModel(c, 4);
+  auto a = RandomAdapter(c, 2, {model::Projection::kQ, model::Projection::kV});
+  FwdGradOptions o;
+  o.perturbations = 5;
+  auto t = FwdGradTrainer::Create(*m, *a, o);
+  REQUIRE(t.ok());
+  const at::Tensor before = a->flat().clone();
+  REQUIRE((*t)->Step(RuleBatch(2, 10, c.vocab_size, 7)).ok());
+  const ForwardGradient& pairs = (*t)->last_gradient();
+  REQUIRE(pairs.seeds.size() == 5);
+  CHECK(at::equal(RebuildEstimate(pairs), (*t)->last_estimate()));
+  // And the local update applied exactly θ − lr g.
+  CHECK(at::allclose(a->flat(), before - o.lr * (*t)->last_estimate(), 0, 1e-7));
+}
+
+TEST_CASE("Discriminative sampling keeps perturbations aligned with the reference", "[optim][fwdgrad]") {
+  const model::ModelConfig c = MicroConfig();
+  auto m = MakeModel(c, 5);
+  auto a = RandomAdapter(c, 1, {model::Projection::kQ});
+  FwdGradOptions o;
+  o.perturbations = 4;
+  o.apply_locally = false;
+  auto t = FwdGradTrainer::Create(*m, *a, o);
+  REQUIRE(t.ok());
+  at::manual_seed(1);
+  const at::Tensor reference = at::randn({a->numel()});
+  auto mean_cosine = [&]() {
+    REQUIRE((*t)->Step(RuleBatch(1, 8, c.vocab_size, 8)).ok());
+    double sum = 0;
+    for (uint64_t seed : (*t)->last_gradient().seeds) {
+      at::Tensor z = at::zeros({a->numel()}, at::kFloat);
+      AddSeededNormal(z, seed, 1.0f);
+      sum += (z.dot(reference) / (z.norm() * reference.norm())).item<double>();
+    }
+    return sum / 4;
+  };
+  const double plain = mean_cosine();
+  REQUIRE((*t)->SetReference(reference).ok());
+  const double discriminative = mean_cosine();
+  INFO("plain " << plain << ", discriminative " << discriminative);
+  CHECK(discriminative > plain + 0.1);
+  CHECK((*t)->SetReference(at::zeros({3})).code() == absl::StatusCode::kInvalidArgument);
+}
+
+TEST_CASE("A NaN loss skips the forward-gradient step and leaves the adapter untouched", "[optim][fwdgrad]") {
+  const model::ModelConfig c = MicroConfig();
+  auto m = MakeModel(c, 6);
+  m->mutable_weights().final_norm.fill_(std::numeric_limits<float>::quiet_NaN());
+  auto a = RandomAdapter(c, 1, {model::Projection::kQ});
+  auto t = FwdGradTrainer::Create(*m, *a, FwdGradOptions{});
+  REQUIRE(t.ok());
+  const at::Tensor before = a->flat().clone();
+  auto r = (*t)->Step(RuleBatch(1, 8, c.vocab_size, 9));
+  REQUIRE(r.ok());
+  CHECK(r->skipped);
+  CHECK((*t)->skipped_steps() == 1);
+  CHECK(at::equal(a->flat(), before));
+}
+
+}  // namespace
+}  // namespace seedling::optim

@@ -1,0 +1,59 @@
+#pragma once
+
+// Small models and batches shared by the optim tests.
+
+#include <ATen/ATen.h>
+
+#include <catch2/catch.hpp>
+#include <memory>
+
+#include "lora/adapter.h"
+#include "model/dataset.h"
+#include "model/llama.h"
+
+namespace seedling::optim::testing {
+
+inline model::ModelConfig MicroConfig() {
+  model::ModelConfig c;
+  c.architecture = "LlamaForCausalLM";
+  c.model_type = "llama";
+  c.vocab_size = 32;
+  c.hidden_size = 32;
+  c.intermediate_size = 64;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  c.head_dim = 8;
+  c.rms_norm_eps = 1e-5;
+  c.rope_theta = 10000.0;
+  c.tie_word_embeddings = true;
+  return c;
+}
+
+inline std::unique_ptr<model::LlamaModel> MakeModel(const model::ModelConfig& c, uint64_t seed, double scale = 10.0) {
+  model::ModelWeights w = model::RandomWeights(c, seed);
+  for (const model::NamedWeight& nw : model::NamedWeights(w, c)) {
+    if (nw.name.find("norm") == std::string::npos) nw.tensor.mul_(scale);
+  }
+  auto m = model::LlamaModel::Create(c, std::move(w));
+  REQUIRE(m.ok());
+  return std::move(m).value();
+}
+
+// Sequences following t[i+1] = (t[i] + stride) mod vocab from seeded starts: a rule a model can learn.
+inline model::Batch RuleBatch(int64_t rows, int64_t len, int64_t vocab, uint64_t seed, int64_t stride = 3) {
+  at::Tensor tokens = at::empty({rows, len}, at::kLong);
+  auto acc = tokens.accessor<int64_t, 2>();
+  uint64_t state = seed * 6364136223846793005ULL + 1442695040888963407ULL;
+  for (int64_t r = 0; r < rows; ++r) {
+    state = state * 6364136223846793005ULL + 1442695040888963407ULL;
+    int64_t t = static_cast<int64_t>((state >> 33) % static_cast<uint64_t>(vocab));
+    for (int64_t i = 0; i < len; ++i) {
+      acc[r][i] = t;
+      t = (t + stride) % vocab;
+    }
+  }
+  return {tokens, tokens.clone()};
+}
+
+}  // namespace seedling::optim::testing
