@@ -1,0 +1,209 @@
+#include "client/local_training.h"
+
+#include <chrono>
+#include <cmath>
+
+#include "base/memory.h"
+#include "base/status.h"
+#include "base/strings.h"
+#include "model/eval.h"
+#include "model/torch_status.h"
+#include "optim/lora_bp.h"
+#include "optim/mezo.h"
+#include "optim/parameters.h"
+
+namespace seedling::client {
+namespace {
+
+using optim::Method;
+
+// Held-out loss (the first training examples when nothing is held out) with the adapter, no gradients.
+absl::StatusOr<double> HeldoutLoss(const model::LlamaModel& model, lora::LoraAdapter* adapter,
+                                   const LocalDataset& data, const MemoryPlan& plan) {
+  std::vector<model::Example> examples;
+  std::span<const LocalExample> source = data.heldout().empty() ? data.train() : data.heldout();
+  for (size_t i = 0; i < source.size() && (!data.heldout().empty() || i < 32); ++i) {
+    examples.push_back(source[i].example);
+  }
+  model::EvalOptions eo;
+  eo.batch_size = std::max<int64_t>(1, plan.micro_batch);
+  eo.forward.adapter = adapter;
+  eo.forward.ce_chunk_tokens = plan.ce_chunk_tokens;
+  SEEDLING_ASSIGN_OR_RETURN(model::EvalResult r, model::Evaluate(model, examples, eo));
+  return r.loss;
+}
+
+}  // namespace
+
+double DefaultLearningRate(Method method, bool full_parameters) {
+  switch (method) {
+    case Method::kLoraBp:
+      return 2e-4;
+    case Method::kFwdGrad:
+      return 1e-2;
+    case Method::kMezo:
+      return full_parameters ? 1e-6 : 1e-4;
+    case Method::kKSeed:
+      return full_parameters ? 3e-7 : 1e-4;
+  }
+  return 1e-4;
+}
+
+double DefaultEpsilon(Method method, bool full_parameters) {
+  switch (method) {
+    case Method::kMezo:
+      return full_parameters ? 1e-3 : 1e-2;
+    case Method::kKSeed:
+      return full_parameters ? 5e-4 : 1e-2;
+    default:
+      return 1e-2;
+  }
+}
+
+int64_t ResidentWeightBytes(const model::ModelConfig& config, model::WeightPrecision precision) {
+  const bool sixteen_bit = config.torch_dtype == "bfloat16" || config.torch_dtype == "float16";
+  const int64_t bytes_per_parameter = (precision == model::WeightPrecision::kStored && sixteen_bit) ? 2 : 4;
+  return bytes_per_parameter * config.NumParameters();
+}
+
+int64_t MeasureRuntimeBytes() {
+  {
+    at::NoGradGuard no_grad;
+    const at::Tensor a = at::ones({256, 256});
+    (void)at::mm(a, a);  // OpenBLAS allocates and touches its per-thread buffers
+  }
+  model::ModelConfig c;
+  c.architecture = "LlamaForCausalLM";
+  c.model_type = "llama";
+  c.vocab_size = 64;
+  c.hidden_size = 16;
+  c.intermediate_size = 32;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 2;
+  c.num_key_value_heads = 1;
+  c.head_dim = 8;
+  auto model = model::LlamaModel::Create(c, model::RandomWeights(c, 0));
+  lora::LoraConfig lc;
+  lc.rank = 2;
+  lc.targets = {model::Projection::kQ, model::Projection::kV, model::Projection::kDown};
+  auto adapter = lora::LoraAdapter::Create(c, lc);
+  if (model.ok() && adapter.ok()) {
+    const at::Tensor tokens = at::arange(0, 16, at::kLong).view({2, 8});
+    const model::Batch batch{tokens, tokens.clone()};
+    for (bool recompute : {false, true}) {
+      optim::LoraBpOptions o;
+      o.recompute = recompute;
+      if (auto t = optim::LoraBpTrainer::Create(**model, **adapter, o); t.ok()) (void)(*t)->Step(batch);
+    }
+    optim::FwdGradOptions f;
+    f.perturbations = 1;
+    if (auto t = optim::FwdGradTrainer::Create(**model, **adapter, f); t.ok()) (void)(*t)->Step(batch);
+    if (auto t = optim::MezoTrainer::Create(**model, adapter->get(), optim::ParameterSet::Adapter(**adapter), {});
+        t.ok()) {
+      (void)(*t)->Step(batch);
+    }
+  }
+  return CurrentRssBytes();
+}
+
+absl::StatusOr<TrainingResult> RunLocalTraining(model::LlamaModel& model, lora::LoraAdapter* adapter,
+                                                const LocalDataset& data, const TrainingConfig& config,
+                                                const MemoryPlan& plan, const TrainingProgress& progress) {
+  if (config.steps < 0) return absl::InvalidArgumentError("steps must be >= 0");
+  if (!config.full_parameters && adapter == nullptr) {
+    return absl::InvalidArgumentError("training an adapter needs one (or full_parameters)");
+  }
+  if (config.full_parameters && (config.method == Method::kLoraBp || config.method == Method::kFwdGrad)) {
+    return absl::InvalidArgumentError(StrCat(optim::MethodName(config.method), " trains a LoRA adapter, not full parameters"));
+  }
+  if (plan.method != config.method) return absl::InvalidArgumentError("the memory plan is for another method");
+  const double lr = config.lr > 0 ? config.lr : DefaultLearningRate(config.method, config.full_parameters);
+  const double eps = config.epsilon > 0 ? config.epsilon : DefaultEpsilon(config.method, config.full_parameters);
+  lora::LoraAdapter* forward_adapter = config.full_parameters ? nullptr : adapter;
+
+  // The trained parameters: the adapter's flat buffer or every weight.
+  optim::ParameterSet params;
+  if (config.full_parameters) {
+    SEEDLING_ASSIGN_OR_RETURN(params, optim::ParameterSet::AllWeights(model.weights(), model.config()));
+  } else {
+    params = optim::ParameterSet::Adapter(*adapter);
+  }
+
+  std::unique_ptr<optim::LocalTrainer> trainer;
+  optim::FwdGradTrainer* fwdgrad = nullptr;
+  optim::KSeedTrainer* kseed = nullptr;
+  switch (config.method) {
+    case Method::kLoraBp: {
+      optim::LoraBpOptions o;
+      o.lr = lr;
+      o.max_grad_norm = config.max_grad_norm;
+      o.micro_batch = plan.micro_batch;
+      o.recompute = plan.recompute;
+      o.ce_chunk_tokens = plan.ce_chunk_tokens;
+      o.seed = config.seed;
+      SEEDLING_ASSIGN_OR_RETURN(trainer, optim::LoraBpTrainer::Create(model, *adapter, o));
+      break;
+    }
+    case Method::kFwdGrad: {
+      optim::FwdGradOptions o;
+      o.mode = plan.variant == "central-difference" ? optim::FwdGradOptions::Mode::kCentralDifference
+                                                    : optim::FwdGradOptions::Mode::kForwardAD;
+      o.perturbations = config.perturbations;
+      o.lr = lr;
+      o.fd_epsilon = eps;
+      o.ce_chunk_tokens = plan.ce_chunk_tokens;
+      o.seed = config.seed;
+      SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<optim::FwdGradTrainer> t, optim::FwdGradTrainer::Create(model, *adapter, o));
+      fwdgrad = t.get();
+      trainer = std::move(t);
+      break;
+    }
+    case Method::kMezo: {
+      optim::MezoOptions o;
+      o.lr = lr;
+      o.epsilon = eps;
+      o.exact_restore = plan.variant == "exact-restore";
+      o.ce_chunk_tokens = plan.ce_chunk_tokens;
+      o.seed = config.seed;
+      SEEDLING_ASSIGN_OR_RETURN(trainer, optim::MezoTrainer::Create(model, forward_adapter, params, o));
+      break;
+    }
+    case Method::kKSeed: {
+      optim::KSeedOptions o;
+      o.pool_size = config.kseed_pool_size;
+      o.pool_seed = config.kseed_pool_seed;
+      o.lr = lr;
+      o.epsilon = eps;
+      o.exact_restore = plan.variant == "exact-restore";
+      o.ce_chunk_tokens = plan.ce_chunk_tokens;
+      o.seed = config.seed;
+      SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<optim::KSeedTrainer> t,
+                                optim::KSeedTrainer::Create(model, forward_adapter, params, o));
+      kseed = t.get();
+      trainer = std::move(t);
+      break;
+    }
+  }
+
+  TrainingResult result;
+  SEEDLING_ASSIGN_OR_RETURN(result.loss_start, HeldoutLoss(model, forward_adapter, data, plan));
+  BatchIterator batches(data);
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int64_t step = 0; step < config.steps; ++step) {
+    // Packed blocks can, rarely, hold no scored token; such batches teach nothing and are passed over.
+    LocalBatch batch = batches.Next();
+    for (int tries = 0; batch.scored_tokens == 0 && tries < 64; ++tries) batch = batches.Next();
+    SEEDLING_ASSIGN_OR_RETURN(optim::StepResult r, trainer->Step(batch.batch));
+    result.tokens += r.tokens;
+    if (progress) progress(step + 1, config.steps, r.loss);
+  }
+  result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  result.steps = trainer->steps();
+  result.skipped_steps = trainer->skipped_steps();
+  if (kseed != nullptr) result.kseed_pairs = kseed->pairs();
+  if (fwdgrad != nullptr) result.fwdgrad_last = fwdgrad->last_gradient();
+  SEEDLING_ASSIGN_OR_RETURN(result.loss_end, HeldoutLoss(model, forward_adapter, data, plan));
+  return result;
+}
+
+}  // namespace seedling::client

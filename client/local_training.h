@@ -1,0 +1,73 @@
+#pragma once
+
+// One device's local fine-tuning run: what the SDK does inside a round, and what `seedling finetune` runs
+// from the command line. It builds the method's trainer with the memory plan's settings, runs the steps over
+// the device's data, and measures the held-out loss before and after.
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "client/local_data.h"
+#include "client/memory_planner.h"
+#include "lora/adapter.h"
+#include "model/llama.h"
+#include "optim/fwdgrad.h"
+#include "optim/kseed.h"
+#include "optim/trainer.h"
+
+namespace seedling::client {
+
+struct TrainingConfig {
+  optim::Method method = optim::Method::kLoraBp;
+  int64_t steps = 100;            // optimization steps
+  double lr = 0;                  // 0 = the method's default (see DefaultLearningRate)
+  double epsilon = 0;             // SPSA / central-difference scale; 0 = the method's default
+  uint64_t seed = 0;              // perturbation, sampling and dropout seeds derive from it
+  bool full_parameters = false;   // mezo / kseed: train every weight instead of the adapter
+  int64_t perturbations = 8;      // fwdgrad: K per step
+  double max_grad_norm = 1.0;     // lora-bp: gradient clipping (0 = off)
+  int64_t kseed_pool_size = 4096; // kseed: K candidate seeds (the server's)
+  uint64_t kseed_pool_seed = 0;   // kseed: the server's pool seed
+};
+
+// Published starting points (DESIGN.md §3): lora-bp 2e-4 (AdamW); fwdgrad 1e-2 (FwdLLM's SGD); mezo 1e-4 on
+// LoRA, 1e-6 on full parameters; kseed 1e-4 on LoRA, 3e-7 on full parameters (FedKSeed).
+double DefaultLearningRate(optim::Method method, bool full_parameters);
+// mezo 1e-2 on LoRA, 1e-3 full; kseed 1e-2 on LoRA, 5e-4 full (FedKSeed); fwdgrad central difference 1e-2.
+double DefaultEpsilon(optim::Method method, bool full_parameters);
+
+struct TrainingResult {
+  double loss_start = 0;          // held-out loss before training (the training data if nothing is held out)
+  double loss_end = 0;            // and after
+  int64_t steps = 0;
+  int64_t skipped_steps = 0;      // non-finite losses or gradients
+  int64_t tokens = 0;             // scored training tokens processed
+  double seconds = 0;             // training steps only
+  std::vector<optim::SeedScalar> kseed_pairs;  // kseed: the upload (seed index, scalar) per applied step
+  optim::ForwardGradient fwdgrad_last;         // fwdgrad: the last step's (seed, derivative) pairs
+};
+
+// Called after every step with (steps done, steps total, the step's loss).
+using TrainingProgress = std::function<void(int64_t, int64_t, double)>;
+
+// Runs `config.steps` steps. `adapter` is required unless config.full_parameters (then the model's own
+// weights are trained in place: the model must be loaded with fp32 weights). `plan` supplies micro-batch,
+// recomputation, cross-entropy chunk and method variant. InvalidArgument for inconsistent arguments; model
+// errors are passed through. The model and adapter hold the trained parameters afterwards.
+absl::StatusOr<TrainingResult> RunLocalTraining(model::LlamaModel& model, lora::LoraAdapter* adapter,
+                                                const LocalDataset& data, const TrainingConfig& config,
+                                                const MemoryPlan& plan, const TrainingProgress& progress = nullptr);
+
+// Resident bytes of a model's weights once loaded with `precision` from checkpoint dtype `torch_dtype`.
+int64_t ResidentWeightBytes(const model::ModelConfig& config, model::WeightPrecision precision);
+
+// Process RSS after warming up, as the planner's runtime baseline: a training step of every method on a
+// micro model (a few KiB of weights) first touches the BLAS thread buffers and the LibTorch code that
+// forward, backward and forward-mode AD run through (tens of MiB of code pages counted in RSS), which
+// otherwise appear only during the first real step.
+int64_t MeasureRuntimeBytes();
+
+}  // namespace seedling::client

@@ -1,0 +1,267 @@
+#include "client/memory_planner.h"
+
+#include <algorithm>
+#include <cctype>
+#include <cmath>
+#include <optional>
+#include <vector>
+
+#include "absl/strings/str_format.h"
+#include "base/memory.h"
+#include "base/strings.h"
+
+namespace seedling::client {
+namespace {
+
+using model::Projection;
+using optim::Method;
+
+constexpr int64_t kFloat = 4;          // bytes per fp32 element
+// glibc's heap does not return the holes that a step's short-lived tensors leave between its long-lived
+// ones, so a step's RSS exceeds its tensor high-water mark. Measured on SmolLM2-135M (RSS growth over
+// TensorMemoryTracker's peak): lora-bp seq 256 605 vs 350 MiB; lora-bp with recomputation, 2 x 256
+// tokens, 186 vs 70 MiB (the backward re-runs each layer, interleaving its temporaries with the
+// gradients); fwdgrad 196 vs 143; mezo 61 vs 32. Slack is a fraction of the activation estimate plus
+// 16 MiB for small objects.
+constexpr int64_t kSlackFixed = 16 << 20;
+constexpr double kSlackFraction = 0.75;
+constexpr double kSlackFractionRecompute = 1.6;
+
+bool Has(const lora::LoraConfig& c, Projection p) {
+  return std::find(c.targets.begin(), c.targets.end(), p) != c.targets.end();
+}
+
+// Number of trainable LoRA parameters (A and B of every adapted projection of every adapted layer).
+int64_t LoraParameters(const model::ModelConfig& m, const lora::LoraConfig& c) {
+  const int64_t layers = c.layers.empty() ? m.num_hidden_layers : static_cast<int64_t>(c.layers.size());
+  int64_t per_layer = 0;
+  auto add = [&](Projection p, int64_t in, int64_t out) {
+    if (Has(c, p)) per_layer += c.rank * (in + out);
+  };
+  add(Projection::kQ, m.hidden_size, m.q_dim());
+  add(Projection::kK, m.hidden_size, m.kv_dim());
+  add(Projection::kV, m.hidden_size, m.kv_dim());
+  add(Projection::kO, m.q_dim(), m.hidden_size);
+  add(Projection::kGate, m.hidden_size, m.intermediate_size);
+  add(Projection::kUp, m.hidden_size, m.intermediate_size);
+  add(Projection::kDown, m.intermediate_size, m.hidden_size);
+  return layers * per_layer;
+}
+
+// Element counts of one decoder layer's activations for n tokens in sequences of t (model/llama.cpp).
+struct LayerShapes {
+  int64_t n, t, rows;   // tokens, sequence length, sequences
+  int64_t h, q, kv, i;  // hidden, q_dim, kv_dim, intermediate
+  int64_t scores;       // attention scores: rows × heads × t × t
+};
+
+LayerShapes Shapes(const model::ModelConfig& m, int64_t rows, int64_t t) {
+  return {rows * t, t, rows, m.hidden_size, m.q_dim(), m.kv_dim(), m.intermediate_size,
+          rows * m.num_attention_heads * t * t};
+}
+
+// Largest set of tensors alive at once inside one layer's forward without autograd. Attention: the
+// residual input, the normed input, q/k/v, their RoPE copies and the folded q, plus two score-sized tensors
+// (masked scores and probabilities). MLP: gate, up, silu(gate) and their product next to the residual.
+int64_t InferenceLayerPeak(const LayerShapes& s) {
+  const int64_t attention = s.n * (2 * s.h + 3 * s.q + 4 * s.kv) + 2 * s.scores;
+  const int64_t mlp = s.n * (2 * s.h) + 4 * s.n * s.i;
+  return std::max(attention, mlp);
+}
+
+// What autograd keeps per layer when a LoRA adapter trains on a frozen base (counted from the saved
+// tensors of each op in model/llama.cpp and model/kernels.cpp): the layer input and the post-attention
+// residual (saved by the RMSNorm squares), the folded q and rotated k (score matmul), v and the
+// probabilities (value matmul), gate / silu / up (SwiGLU), and each adapted projection's input (once per
+// distinct input) and rank-sized middle.
+int64_t SavedPerLayer(const LayerShapes& s, const lora::LoraConfig& c) {
+  int64_t per_token = 2 * s.h + s.q + 2 * s.kv + 3 * s.i;
+  if (Has(c, Projection::kQ) || Has(c, Projection::kK) || Has(c, Projection::kV)) per_token += s.h;
+  if (Has(c, Projection::kO)) per_token += s.q;
+  if (Has(c, Projection::kGate) || Has(c, Projection::kUp)) per_token += s.h;
+  if (Has(c, Projection::kDown)) per_token += s.i;
+  per_token += c.rank * static_cast<int64_t>(c.targets.size());
+  return s.n * per_token + s.scores;
+}
+
+// Cross-entropy (model/kernels.cpp), which runs after the last layer's transients are freed: the
+// flattened hidden states it reads, a chunk of logits and the log-sum-exp's temporary (forward), plus the
+// softmax being turned into the logits' gradient and the hidden states' gradient (backward). Forward-mode
+// AD also materializes the logits' tangent (two matmul terms and their sum), the softmax and its product
+// with the tangent: measured at 8.5 chunks of logits on SmolLM2-135M (TensorMemoryTracker), so 9.
+int64_t CrossEntropyPeak(const model::ModelConfig& m, int64_t n, int64_t chunk, bool backward) {
+  return 2 * std::min(chunk, n) * m.vocab_size + (backward ? 3 : 1) * n * m.hidden_size;
+}
+int64_t CrossEntropyPeakForwardAD(const model::ModelConfig& m, int64_t n, int64_t chunk) {
+  return 9 * std::min(chunk, n) * m.vocab_size + 2 * n * m.hidden_size;
+}
+
+int64_t DefaultChunk(const model::ModelConfig& m) {
+  return std::max<int64_t>(1, (int64_t{16} << 20) / (kFloat * m.vocab_size));
+}
+
+std::string Mib(int64_t bytes) { return absl::StrFormat("%.1f", static_cast<double>(bytes) / (1 << 20)); }
+
+}  // namespace
+
+MemoryPlan EstimatePlan(const PlanRequest& r, const std::string& variant, int64_t micro_batch, bool recompute,
+                        int64_t ce_chunk_tokens) {
+  const model::ModelConfig& m = r.model;
+  MemoryPlan plan;
+  plan.method = r.method;
+  plan.variant = variant;
+  plan.micro_batch = micro_batch;
+  plan.recompute = recompute;
+  plan.ce_chunk_tokens = ce_chunk_tokens;
+  plan.runtime_bytes = r.runtime_bytes >= 0 ? r.runtime_bytes : CurrentRssBytes();
+  plan.weight_bytes = r.weight_bytes >= 0 ? r.weight_bytes : kFloat * m.NumParameters();
+
+  const int64_t p = r.full_parameters ? 0 : LoraParameters(m, r.lora);
+  const LayerShapes s = Shapes(m, micro_batch, r.seq_len);
+  const int64_t layers = m.num_hidden_layers;
+  int64_t elements = 0;  // activation elements at the peak
+  switch (r.method) {
+    case Method::kLoraBp: {
+      // Flat parameters, gradient, two AdamW moments, and the update's temporary.
+      plan.trainable_bytes = kFloat * 5 * p;
+      const int64_t saved = SavedPerLayer(s, r.lora);
+      const int64_t ce = CrossEntropyPeak(m, s.n, ce_chunk_tokens, true);
+      if (recompute) {
+        // Every layer's input; in backward either one layer's rebuilt saved set next to its gradients or
+        // the cross-entropy's backward, whichever is larger.
+        elements = layers * s.n * s.h + std::max(2 * saved, ce);
+      } else {
+        // Every layer's saved set, the gradients flowing through one layer, and the cross-entropy backward.
+        elements = layers * saved + saved + ce;
+      }
+      break;
+    }
+    case Method::kFwdGrad: {
+      // Flat, tangent, the step's dense estimate, the run's accumulated estimate and one regenerated z.
+      plan.trainable_bytes = kFloat * 5 * p;
+      if (variant == "forward-ad") {
+        // Every activation carries a tangent of its size.
+        elements = 2 * s.n * s.h + std::max(2 * InferenceLayerPeak(s), CrossEntropyPeakForwardAD(m, s.n, ce_chunk_tokens));
+      } else {
+        elements = s.n * s.h + std::max(InferenceLayerPeak(s), CrossEntropyPeak(m, s.n, ce_chunk_tokens, false));
+      }
+      break;
+    }
+    case Method::kMezo:
+    case Method::kKSeed: {
+      const int64_t params = r.full_parameters ? m.NumParameters() : p;
+      // The parameters (already counted with the weights when they are the weights) and, for an exact
+      // restore, one copy of them.
+      plan.trainable_bytes = kFloat * ((r.full_parameters ? 0 : p) + (variant == "exact-restore" ? params : 0));
+      // The residual stream, then the larger of a layer's transients and the cross-entropy.
+      elements = s.n * s.h + std::max(InferenceLayerPeak(s), CrossEntropyPeak(m, s.n, ce_chunk_tokens, false));
+      break;
+    }
+  }
+  plan.activation_bytes = kFloat * elements;
+  const double fraction = recompute ? kSlackFractionRecompute : kSlackFraction;
+  plan.slack_bytes = kSlackFixed + static_cast<int64_t>(fraction * static_cast<double>(plan.activation_bytes));
+  return plan;
+}
+
+absl::StatusOr<MemoryPlan> PlanMemory(const PlanRequest& r) {
+  if (r.seq_len < 2 || r.batch < 1) return absl::InvalidArgumentError("plan needs seq_len >= 2 and batch >= 1");
+  if (r.budget_bytes < 0) return absl::InvalidArgumentError("the memory budget must be >= 0");
+  if (r.full_parameters && (r.method == Method::kLoraBp || r.method == Method::kFwdGrad)) {
+    return absl::InvalidArgumentError(
+        StrCat(optim::MethodName(r.method), " trains a LoRA adapter; full parameters are for mezo and kseed"));
+  }
+  if (!r.full_parameters) {
+    absl::Status st = r.lora.Validate(r.model);
+    if (!st.ok()) return st;
+  }
+  PlanRequest request = r;
+  if (request.runtime_bytes < 0) request.runtime_bytes = CurrentRssBytes();
+
+  // Candidates, fastest first.
+  std::vector<std::string> variants;
+  switch (r.method) {
+    case Method::kLoraBp:
+      variants = {""};
+      break;
+    case Method::kFwdGrad:
+      variants = {"forward-ad", "central-difference"};
+      break;
+    case Method::kMezo:
+      variants = {"in-place-restore"};  // MeZO's own restore; exact restore is not needed for MeZO
+      break;
+    case Method::kKSeed:
+      variants = {"exact-restore", "in-place-restore"};
+      break;
+  }
+  // lora-bp can accumulate over smaller micro-batches (halving); the other methods run the whole batch.
+  std::vector<int64_t> micro_batches = {r.batch};
+  while (r.method == Method::kLoraBp && micro_batches.back() > 1) {
+    micro_batches.push_back(micro_batches.back() / 2);
+  }
+  std::vector<int64_t> chunks;
+  for (int64_t c = DefaultChunk(r.model); c >= 1; c /= 4) chunks.push_back(c);
+  if (chunks.back() != 1) chunks.push_back(1);
+  const std::vector<bool> recompute_options =
+      r.method == Method::kLoraBp ? std::vector<bool>{false, true} : std::vector<bool>{false};
+
+  std::optional<MemoryPlan> smallest;
+  for (const std::string& variant : variants) {
+    for (bool recompute : recompute_options) {
+      for (int64_t mb : micro_batches) {
+        for (int64_t chunk : chunks) {
+          MemoryPlan plan = EstimatePlan(request, variant, mb, recompute, chunk);
+          if (r.budget_bytes == 0 || plan.total_bytes() <= r.budget_bytes) return plan;
+          if (!smallest || plan.total_bytes() < smallest->total_bytes()) smallest = plan;
+        }
+      }
+    }
+  }
+  return absl::ResourceExhaustedError(StrCat(optim::MethodName(r.method), " does not fit a budget of ",
+                                             Mib(r.budget_bytes), " MiB: the lightest plan needs ",
+                                             Mib(smallest->total_bytes()), " MiB (", smallest->Describe(), ")"));
+}
+
+std::string MemoryPlan::Describe() const {
+  std::string settings = optim::MethodName(method);
+  if (!variant.empty()) settings += StrCat(" (", variant, ")");
+  settings += StrCat(": micro-batch ", micro_batch, ", recompute ", recompute ? "on" : "off", ", CE chunk ",
+                     ce_chunk_tokens, " tokens; ", Mib(total_bytes()), " MiB = runtime ", Mib(runtime_bytes),
+                     " + weights ", Mib(weight_bytes), " + trainable ", Mib(trainable_bytes), " + activations ",
+                     Mib(activation_bytes), " + slack ", Mib(slack_bytes));
+  return settings;
+}
+
+std::string MemoryPlan::ToJson() const {
+  return absl::StrFormat(
+      R"({"method":"%s","variant":"%s","micro_batch":%d,"recompute":%s,"ce_chunk_tokens":%d,)"
+      R"("runtime_bytes":%d,"weight_bytes":%d,"trainable_bytes":%d,"activation_bytes":%d,"slack_bytes":%d,)"
+      R"("total_bytes":%d})",
+      optim::MethodName(method), variant, micro_batch, recompute ? "true" : "false", ce_chunk_tokens, runtime_bytes,
+      weight_bytes, trainable_bytes, activation_bytes, slack_bytes, total_bytes());
+}
+
+absl::StatusOr<int64_t> ParseByteSize(std::string_view text) {
+  std::string s(text);
+  s.erase(std::remove_if(s.begin(), s.end(), [](unsigned char c) { return std::isspace(c); }), s.end());
+  size_t pos = 0;
+  double value = 0;
+  try {
+    value = std::stod(s, &pos);
+  } catch (const std::exception&) {
+    return absl::InvalidArgumentError(StrCat("'", text, "' is not a size (examples: 512M, 1.5G, 800MiB)"));
+  }
+  std::string unit = s.substr(pos);
+  for (char& c : unit) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+  double mult = 0;
+  if (unit.empty() || unit == "B") mult = 1;
+  if (unit == "K" || unit == "KB" || unit == "KIB") mult = 1024.0;
+  if (unit == "M" || unit == "MB" || unit == "MIB") mult = 1024.0 * 1024;
+  if (unit == "G" || unit == "GB" || unit == "GIB") mult = 1024.0 * 1024 * 1024;
+  if (mult == 0 || !(value >= 0) || !std::isfinite(value)) {
+    return absl::InvalidArgumentError(StrCat("'", text, "' is not a size (examples: 512M, 1.5G, 800MiB)"));
+  }
+  return static_cast<int64_t>(value * mult);
+}
+
+}  // namespace seedling::client

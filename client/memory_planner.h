@@ -1,0 +1,76 @@
+#pragma once
+
+// The memory planner (ggml's gallocr_reserve idea, CONVENTIONS.md §11): before anything is allocated, it
+// estimates from shapes the peak resident memory of a local training step for a method and picks the
+// fastest settings that fit a byte budget: micro-batch, per-layer recomputation, cross-entropy chunk, and
+// the method's variant (fwdgrad: forward-mode AD or central difference; kseed/mezo: exact or in-place
+// restore). It never switches methods: the server assigns the method; a device that cannot fit it declines
+// with ResourceExhausted and the smallest budget that would fit.
+//
+// The estimate is of process RSS, as the OS counts it when it decides to kill an app:
+//   runtime   measured: what the process holds before the model (code, LibTorch, BLAS buffers)
+//   weights   resident model weights (fp32: 4 bytes/parameter; 16-bit kept as stored: 2)
+//   trainable the trained parameters and their optimizer state (LoRA: a few MiB)
+//   activation the step's peak tensor memory: saved activations, the largest transient, cross-entropy chunk
+//   slack     heap fragmentation and small objects (75% of activations + 16 MiB, measured)
+// See client/memory_planner.cpp for each formula and the measurements behind it.
+
+#include <cstdint>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "lora/adapter.h"
+#include "model/config.h"
+#include "optim/trainer.h"
+
+namespace seedling::client {
+
+struct PlanRequest {
+  model::ModelConfig model;
+  optim::Method method = optim::Method::kLoraBp;
+  lora::LoraConfig lora;          // the adapter (ignored with full_parameters)
+  bool full_parameters = false;   // mezo / kseed on every weight instead of an adapter
+  int64_t seq_len = 256;          // tokens per sequence
+  int64_t batch = 1;              // sequences per step
+  int64_t budget_bytes = 0;       // 0 = unlimited: plan the fastest settings
+  int64_t runtime_bytes = -1;     // RSS outside the model; -1 = measure now (CurrentRssBytes)
+  int64_t weight_bytes = -1;      // resident weight bytes; -1 = 4 bytes per parameter
+  int64_t perturbations = 8;      // fwdgrad: perturbations per step (the dense estimate's buffers)
+};
+
+struct MemoryPlan {
+  optim::Method method = optim::Method::kLoraBp;
+  std::string variant;            // "forward-ad" / "central-difference" (fwdgrad), "exact-restore" /
+                                  // "in-place-restore" (mezo, kseed), "" (lora-bp)
+  int64_t micro_batch = 1;        // sequences per forward/backward (lora-bp accumulates)
+  bool recompute = false;         // per-layer recomputation
+  int64_t ce_chunk_tokens = 0;    // cross-entropy chunk in tokens
+
+  int64_t runtime_bytes = 0;
+  int64_t weight_bytes = 0;
+  int64_t trainable_bytes = 0;
+  int64_t activation_bytes = 0;
+  int64_t slack_bytes = 0;
+  int64_t total_bytes() const {
+    return runtime_bytes + weight_bytes + trainable_bytes + activation_bytes + slack_bytes;
+  }
+
+  // "lora-bp: micro-batch 2, recompute on, CE chunk 85 tokens; 812.3 MiB = runtime 160.1 + weights 513.0 + ..."
+  std::string Describe() const;
+  // One JSON object with every field above.
+  std::string ToJson() const;
+};
+
+// Estimates one configuration (no search, no budget check).
+MemoryPlan EstimatePlan(const PlanRequest& request, const std::string& variant, int64_t micro_batch, bool recompute,
+                        int64_t ce_chunk_tokens);
+
+// The fastest configuration whose estimate fits the budget. ResourceExhausted when none does: the message
+// gives the smallest budget that would fit and the plan it would use. InvalidArgument for a bad request
+// (non-positive sizes, a LoRA config that does not fit the model, fwdgrad on full parameters).
+absl::StatusOr<MemoryPlan> PlanMemory(const PlanRequest& request);
+
+// Parses "512M", "1.5G", "2GiB", "800MB", "1048576" (bytes) into bytes; powers of 1024.
+absl::StatusOr<int64_t> ParseByteSize(std::string_view text);
+
+}  // namespace seedling::client

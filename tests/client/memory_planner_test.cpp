@@ -1,0 +1,164 @@
+#include "client/memory_planner.h"
+
+#include <catch2/catch.hpp>
+
+#include "client/local_training.h"
+#include "model/memory_tracker.h"
+#include "optim/fwdgrad.h"
+#include "optim/lora_bp.h"
+#include "optim/mezo.h"
+
+namespace seedling::client {
+namespace {
+
+PlanRequest SmolRequest(optim::Method method) {
+  PlanRequest r;
+  auto c = model::PresetConfig("smollm2-135m");
+  REQUIRE(c.ok());
+  r.model = *c;
+  r.method = method;
+  r.seq_len = 256;
+  r.batch = 4;
+  r.runtime_bytes = 160 << 20;
+  return r;
+}
+
+TEST_CASE("Without a budget the planner picks the fastest settings", "[client][planner]") {
+  auto plan = PlanMemory(SmolRequest(optim::Method::kLoraBp));
+  REQUIRE(plan.ok());
+  CHECK(plan->micro_batch == 4);
+  CHECK_FALSE(plan->recompute);
+  CHECK(plan->weight_bytes == 4 * SmolRequest(optim::Method::kLoraBp).model.NumParameters());
+  auto fwd = PlanMemory(SmolRequest(optim::Method::kFwdGrad));
+  REQUIRE(fwd.ok());
+  CHECK(fwd->variant == "forward-ad");
+}
+
+TEST_CASE("A tighter budget turns on recomputation, then smaller micro-batches", "[client][planner]") {
+  PlanRequest r = SmolRequest(optim::Method::kLoraBp);
+  const MemoryPlan fastest = *PlanMemory(r);
+  const MemoryPlan recomputed = EstimatePlan(r, "", 4, true, fastest.ce_chunk_tokens);
+  REQUIRE(recomputed.total_bytes() < fastest.total_bytes());
+  r.budget_bytes = recomputed.total_bytes();
+  auto plan = PlanMemory(r);
+  REQUIRE(plan.ok());
+  CHECK(plan->total_bytes() <= r.budget_bytes);
+  CHECK(plan->recompute);
+  CHECK(plan->micro_batch == 4);
+  r.budget_bytes = EstimatePlan(r, "", 1, true, fastest.ce_chunk_tokens).total_bytes();
+  plan = PlanMemory(r);
+  REQUIRE(plan.ok());
+  CHECK(plan->micro_batch == 1);
+  CHECK(plan->total_bytes() <= r.budget_bytes);
+}
+
+TEST_CASE("fwdgrad falls back to central differences when forward-mode AD does not fit", "[client][planner]") {
+  PlanRequest r = SmolRequest(optim::Method::kFwdGrad);
+  const MemoryPlan ad = *PlanMemory(r);
+  const MemoryPlan cd = EstimatePlan(r, "central-difference", r.batch, false, ad.ce_chunk_tokens);
+  REQUIRE(cd.total_bytes() < ad.total_bytes());
+  r.budget_bytes = cd.total_bytes();
+  auto plan = PlanMemory(r);
+  REQUIRE(plan.ok());
+  CHECK(plan->variant == "central-difference");
+}
+
+TEST_CASE("An impossible budget is ResourceExhausted with the smallest budget that fits", "[client][planner]") {
+  PlanRequest r = SmolRequest(optim::Method::kMezo);
+  r.budget_bytes = 300 << 20;  // less than the weights alone
+  auto plan = PlanMemory(r);
+  REQUIRE_FALSE(plan.ok());
+  CHECK(plan.status().code() == absl::StatusCode::kResourceExhausted);
+  const std::string msg(plan.status().message());
+  CHECK(msg.find("does not fit a budget of 300.0 MiB") != std::string::npos);
+  CHECK(msg.find("the lightest plan needs") != std::string::npos);
+  // That smallest budget really is enough.
+  r.budget_bytes = 0;
+  const int64_t lightest =
+      EstimatePlan(r, "in-place-restore", r.batch, false, 1).total_bytes();
+  r.budget_bytes = lightest;
+  CHECK(PlanMemory(r).ok());
+}
+
+TEST_CASE("Full-parameter zeroth-order plans count the weights once and an exact restore twice",
+          "[client][planner]") {
+  PlanRequest r = SmolRequest(optim::Method::kKSeed);
+  r.full_parameters = true;
+  const MemoryPlan exact = EstimatePlan(r, "exact-restore", r.batch, false, 64);
+  const MemoryPlan in_place = EstimatePlan(r, "in-place-restore", r.batch, false, 64);
+  CHECK(exact.trainable_bytes == 4 * r.model.NumParameters());
+  CHECK(in_place.trainable_bytes == 0);
+  r.budget_bytes = in_place.total_bytes();
+  auto plan = PlanMemory(r);
+  REQUIRE(plan.ok());
+  CHECK(plan->variant == "in-place-restore");
+  r.method = optim::Method::kFwdGrad;
+  CHECK(PlanMemory(r).status().code() == absl::StatusCode::kInvalidArgument);
+}
+
+TEST_CASE("Byte sizes parse with binary units", "[client][planner]") {
+  CHECK(*ParseByteSize("512M") == 512LL << 20);
+  CHECK(*ParseByteSize("1.5G") == 3LL << 29);
+  CHECK(*ParseByteSize("800MiB") == 800LL << 20);
+  CHECK(*ParseByteSize("4096") == 4096);
+  CHECK(*ParseByteSize(" 2 gb ") == 2LL << 30);
+  CHECK(ParseByteSize("lots").status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(ParseByteSize("-1M").status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(ParseByteSize("5X").status().code() == absl::StatusCode::kInvalidArgument);
+}
+
+// The activation estimate against the exact tensor high-water mark of a real step on the tiny model.
+TEST_CASE("Activation estimates bound the measured tensor peak of each method on the tiny model",
+          "[client][planner]") {
+  auto c = model::PresetConfig("tiny");
+  REQUIRE(c.ok());
+  auto m = model::LlamaModel::Create(*c, model::RandomWeights(*c, 1));
+  REQUIRE(m.ok());
+  lora::LoraConfig lc;
+  const at::Tensor tokens = at::randint(0, c->vocab_size, {2, 128}, at::kLong);
+  const model::Batch batch{tokens, tokens.clone()};
+  PlanRequest r;
+  r.model = *c;
+  r.lora = lc;
+  r.seq_len = 128;
+  r.batch = 2;
+  r.runtime_bytes = 0;
+  r.weight_bytes = 0;
+  auto measure = [&](optim::LocalTrainer& t) {
+    REQUIRE(t.Step(batch).ok());  // warm-up
+    model::TensorMemoryTracker tracker;
+    REQUIRE(t.Step(batch).ok());
+    return tracker.peak_bytes();
+  };
+  auto check = [&](const char* what, int64_t measured, const MemoryPlan& plan) {
+    const int64_t estimate = plan.activation_bytes + plan.trainable_bytes;
+    INFO(what << ": measured " << measured << " B, estimated " << estimate << " B");
+    CHECK(estimate >= measured * 9 / 10);
+    CHECK(estimate <= measured * 2);
+  };
+  for (bool recompute : {false, true}) {
+    auto a = lora::LoraAdapter::Create(*c, lc);
+    optim::LoraBpOptions o;
+    o.recompute = recompute;
+    auto t = optim::LoraBpTrainer::Create(**m, **a, o);
+    r.method = optim::Method::kLoraBp;
+    check(recompute ? "lora-bp recompute" : "lora-bp", measure(**t), EstimatePlan(r, "", 2, recompute, 2048));
+  }
+  {
+    auto a = lora::LoraAdapter::Create(*c, lc);
+    optim::FwdGradOptions o;
+    o.perturbations = 2;
+    auto t = optim::FwdGradTrainer::Create(**m, **a, o);
+    r.method = optim::Method::kFwdGrad;
+    check("fwdgrad", measure(**t), EstimatePlan(r, "forward-ad", 2, false, 2048));
+  }
+  {
+    auto a = lora::LoraAdapter::Create(*c, lc);
+    auto t = optim::MezoTrainer::Create(**m, a->get(), optim::ParameterSet::Adapter(**a), optim::MezoOptions{});
+    r.method = optim::Method::kMezo;
+    check("mezo", measure(**t), EstimatePlan(r, "in-place-restore", 2, false, 2048));
+  }
+}
+
+}  // namespace
+}  // namespace seedling::client
