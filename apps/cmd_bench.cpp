@@ -6,9 +6,15 @@
 #include "absl/strings/str_split.h"
 #include "apps/commands.h"
 #include "base/status.h"
+#include "bench/finetune_bench.h"
 #include "bench/forward_bench.h"
 
+#include <climits>
+#include <unistd.h>
+
 namespace seedling::apps {
+
+void RegisterFinetuneBench(CLI::App* bench, Action& action);
 
 void RegisterBenchCommands(CLI::App& app, Action& action) {
   CLI::App* bench = app.add_subcommand("bench", "Benchmarks that print their figures");
@@ -23,6 +29,7 @@ void RegisterBenchCommands(CLI::App& app, Action& action) {
   fwd->add_option("--min-seconds", options->min_seconds, "Time each phase at least this long")->capture_default_str();
   fwd->add_flag("!--no-backward", options->backward, "Skip the forward+backward phases");
   fwd->add_flag("--json", *json, "Also print one JSON line per row");
+  RegisterFinetuneBench(bench, action);
   fwd->callback([options, json, &action] {
     action = [options, json]() -> absl::Status {
       SEEDLING_ASSIGN_OR_RETURN(std::vector<bench::ForwardBenchRow> rows, bench::RunForwardBench(*options, std::cout));
@@ -43,6 +50,28 @@ void RegisterBenchCommands(CLI::App& app, Action& action) {
         }
       }
       return absl::OkStatus();
+    };
+  });
+}
+
+void RegisterFinetuneBench(CLI::App* bench, Action& action) {
+  auto options = std::make_shared<bench::FinetuneBenchOptions>();
+  CLI::App* cmd = bench->add_subcommand(
+      "finetune", "Every local method in its own process: tokens/s, peak RSS, planned peak, vs plain inference");
+  cmd->add_option("--preset", options->preset, "Model preset (a random model is written once)")->capture_default_str();
+  cmd->add_option("--seq", options->seq_len, "Tokens per sequence")->capture_default_str();
+  cmd->add_option("--steps", options->steps, "Steps per method")->capture_default_str();
+  cmd->add_option("--perturbations", options->perturbations, "fwdgrad perturbations")->capture_default_str();
+  cmd->add_option("--data", options->data, "JSONL data (default: data/sample/instructions.jsonl)");
+  cmd->add_option("--work-dir", options->work_dir, "Keep the model and outputs here (default: a temporary directory)");
+  cmd->add_flag("--bf16", options->bf16_stored, "Write the model in BF16 and keep its weights in BF16");
+  cmd->callback([options, &action] {
+    action = [options]() -> absl::Status {
+      char exe[PATH_MAX];
+      const ssize_t n = ::readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+      if (n <= 0) return absl::InternalError("cannot find the seedling binary");
+      exe[n] = '\0';
+      return bench::RunFinetuneBench(*options, exe, std::cout).status();
     };
   });
 }

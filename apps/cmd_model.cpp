@@ -11,6 +11,7 @@
 #include "base/progress.h"
 #include "base/status.h"
 #include "base/strings.h"
+#include "lora/adapter.h"
 #include "model/dataset.h"
 #include "model/eval.h"
 #include "model/generate.h"
@@ -74,7 +75,7 @@ void RegisterInitModel(CLI::App& app, Action& action) {
 
 void RegisterEval(CLI::App& app, Action& action) {
   struct Flags {
-    std::string model_dir, data, weights = "fp32";
+    std::string model_dir, data, weights = "fp32", adapter;
     int64_t max_seq_len = 512, batch_size = 8;
   };
   auto flags = std::make_shared<Flags>();
@@ -88,10 +89,15 @@ void RegisterEval(CLI::App& app, Action& action) {
   cmd->add_option("--batch-size", flags->batch_size, "Examples per forward pass")->capture_default_str()->check(CLI::PositiveNumber);
   cmd->add_option("--weights", flags->weights, "fp32 (convert 16-bit weights at load) or stored (keep their dtype)")
       ->capture_default_str();
+  cmd->add_option("--adapter", flags->adapter, "PEFT LoRA adapter directory to apply");
   cmd->callback([flags, &action] {
     action = [flags]() -> absl::Status {
       SEEDLING_ASSIGN_OR_RETURN(model::LoadOptions load, ParseWeightsFlag(flags->weights));
       SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<model::LlamaModel> m, model::LlamaModel::Load(flags->model_dir, load));
+      std::unique_ptr<lora::LoraAdapter> adapter;
+      if (!flags->adapter.empty()) {
+        SEEDLING_ASSIGN_OR_RETURN(adapter, lora::LoadPeft(flags->adapter, m->config()));
+      }
       SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<model::Tokenizer> tok, model::LoadTokenizer(flags->model_dir));
       model::DatasetOptions data_options;
       data_options.max_seq_len = flags->max_seq_len;
@@ -101,6 +107,7 @@ void RegisterEval(CLI::App& app, Action& action) {
       Progress progress("eval", static_cast<int64_t>(examples.size()));
       model::EvalOptions eo;
       eo.batch_size = flags->batch_size;
+      eo.forward.adapter = adapter.get();
       eo.progress = [&progress](int64_t done, int64_t) { progress.Update(done); };
       SEEDLING_ASSIGN_OR_RETURN(model::EvalResult r, model::Evaluate(*m, examples, eo));
       progress.Finish();

@@ -15,6 +15,7 @@ namespace seedling::apps {
 using Action = std::function<absl::Status()>;
 
 void RegisterModelCommands(CLI::App& app, Action& action);  // init-model, eval, generate
-void RegisterBenchCommands(CLI::App& app, Action& action);  // bench forward
+void RegisterBenchCommands(CLI::App& app, Action& action);  // bench forward, bench finetune
+void RegisterFinetuneCommands(CLI::App& app, Action& action);  // finetune, export
 
 }  // namespace seedling::apps

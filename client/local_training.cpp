@@ -7,6 +7,7 @@
 #include "base/status.h"
 #include "base/strings.h"
 #include "model/eval.h"
+#include "model/memory_tracker.h"
 #include "model/torch_status.h"
 #include "optim/lora_bp.h"
 #include "optim/mezo.h"
@@ -189,6 +190,7 @@ absl::StatusOr<TrainingResult> RunLocalTraining(model::LlamaModel& model, lora::
   SEEDLING_ASSIGN_OR_RETURN(result.loss_start, HeldoutLoss(model, forward_adapter, data, plan));
   BatchIterator batches(data);
   const auto t0 = std::chrono::steady_clock::now();
+  model::TensorMemoryTracker tracker;
   for (int64_t step = 0; step < config.steps; ++step) {
     // Packed blocks can, rarely, hold no scored token; such batches teach nothing and are passed over.
     LocalBatch batch = batches.Next();
@@ -198,6 +200,7 @@ absl::StatusOr<TrainingResult> RunLocalTraining(model::LlamaModel& model, lora::
     if (progress) progress(step + 1, config.steps, r.loss);
   }
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  result.step_tensor_peak_bytes = tracker.peak_bytes();
   result.steps = trainer->steps();
   result.skipped_steps = trainer->skipped_steps();
   if (kseed != nullptr) result.kseed_pairs = kseed->pairs();

@@ -46,6 +46,7 @@ struct TrainingResult {
   int64_t skipped_steps = 0;      // non-finite losses or gradients
   int64_t tokens = 0;             // scored training tokens processed
   double seconds = 0;             // training steps only
+  int64_t step_tensor_peak_bytes = 0;  // tensor high-water mark during the steps (TensorMemoryTracker)
   std::vector<optim::SeedScalar> kseed_pairs;  // kseed: the upload (seed index, scalar) per applied step
   optim::ForwardGradient fwdgrad_last;         // fwdgrad: the last step's (seed, derivative) pairs
 };

@@ -86,14 +86,13 @@ int64_t SavedPerLayer(const LayerShapes& s, const lora::LoraConfig& c) {
 
 // Cross-entropy (model/kernels.cpp), which runs after the last layer's transients are freed: the
 // flattened hidden states it reads, a chunk of logits and the log-sum-exp's temporary (forward), plus the
-// softmax being turned into the logits' gradient and the hidden states' gradient (backward). Forward-mode
-// AD also materializes the logits' tangent (two matmul terms and their sum), the softmax and its product
-// with the tangent: measured at 8.5 chunks of logits on SmolLM2-135M (TensorMemoryTracker), so 9.
+// softmax being turned into the logits' gradient and the hidden states' gradient (backward). The
+// forward-gradient version (ChunkedCrossEntropyJvp) holds the logits, their tangent and the softmax.
 int64_t CrossEntropyPeak(const model::ModelConfig& m, int64_t n, int64_t chunk, bool backward) {
   return 2 * std::min(chunk, n) * m.vocab_size + (backward ? 3 : 1) * n * m.hidden_size;
 }
 int64_t CrossEntropyPeakForwardAD(const model::ModelConfig& m, int64_t n, int64_t chunk) {
-  return 9 * std::min(chunk, n) * m.vocab_size + 2 * n * m.hidden_size;
+  return 3 * std::min(chunk, n) * m.vocab_size + 2 * n * m.hidden_size;
 }
 
 int64_t DefaultChunk(const model::ModelConfig& m) {
@@ -140,8 +139,9 @@ MemoryPlan EstimatePlan(const PlanRequest& r, const std::string& variant, int64_
       // Flat, tangent, the step's dense estimate, the run's accumulated estimate and one regenerated z.
       plan.trainable_bytes = kFloat * 5 * p;
       if (variant == "forward-ad") {
-        // Every activation carries a tangent of its size.
-        elements = 2 * s.n * s.h + std::max(2 * InferenceLayerPeak(s), CrossEntropyPeakForwardAD(m, s.n, ce_chunk_tokens));
+        // Every activation carries a tangent, and the tangent formulas add temporaries: measured at about
+        // three times a layer's inference transient (TensorMemoryTracker, SmolLM2-135M).
+        elements = 2 * s.n * s.h + std::max(3 * InferenceLayerPeak(s), CrossEntropyPeakForwardAD(m, s.n, ce_chunk_tokens));
       } else {
         elements = s.n * s.h + std::max(InferenceLayerPeak(s), CrossEntropyPeak(m, s.n, ce_chunk_tokens, false));
       }
@@ -158,9 +158,22 @@ MemoryPlan EstimatePlan(const PlanRequest& r, const std::string& variant, int64_
       break;
     }
   }
-  plan.activation_bytes = kFloat * elements;
+  // Slack scales with the step's own temporaries; weight upcasts below get their own, smaller share.
   const double fraction = recompute ? kSlackFractionRecompute : kSlackFraction;
-  plan.slack_bytes = kSlackFixed + static_cast<int64_t>(fraction * static_cast<double>(plan.activation_bytes));
+  plan.slack_bytes = kSlackFixed + static_cast<int64_t>(fraction * static_cast<double>(kFloat * elements));
+  if (r.weights_16bit) {
+    // AsCompute upcasts each matrix where it is used: the LM head as a whole in the cross-entropy, and
+    // one layer's matrices at a time in the forward. lora-bp's autograd keeps every upcast copy it
+    // multiplies by (for the input gradient), one layer's worth with recomputation.
+    const int64_t layer_matrices = (m.NumParameters() - m.vocab_size * m.hidden_size * (m.tie_word_embeddings ? 1 : 2)) /
+                                   std::max<int64_t>(1, layers);
+    const int64_t upcast = m.vocab_size * m.hidden_size +
+                           ((r.method == Method::kLoraBp && !recompute) ? layers * layer_matrices : layer_matrices);
+    elements += upcast;
+    // Large regular blocks fragment the heap less than a step's small temporaries (measured: 20-30%).
+    plan.slack_bytes += static_cast<int64_t>(0.3 * static_cast<double>(kFloat * upcast));
+  }
+  plan.activation_bytes = kFloat * elements;
   return plan;
 }
 
@@ -200,7 +213,10 @@ absl::StatusOr<MemoryPlan> PlanMemory(const PlanRequest& r) {
     micro_batches.push_back(micro_batches.back() / 2);
   }
   std::vector<int64_t> chunks;
-  for (int64_t c = DefaultChunk(r.model); c >= 1; c /= 4) chunks.push_back(c);
+  // The forward-gradient cross-entropy holds three chunk-sized tensors (see above): start it at a third of
+  // the default chunk, so its peak stays near inference's.
+  const int64_t first_chunk = std::max<int64_t>(1, DefaultChunk(r.model) / (r.method == Method::kFwdGrad ? 3 : 1));
+  for (int64_t c = first_chunk; c >= 1; c /= 4) chunks.push_back(c);
   if (chunks.back() != 1) chunks.push_back(1);
   const std::vector<bool> recompute_options =
       r.method == Method::kLoraBp ? std::vector<bool>{false, true} : std::vector<bool>{false};

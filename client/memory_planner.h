@@ -35,6 +35,8 @@ struct PlanRequest {
   int64_t budget_bytes = 0;       // 0 = unlimited: plan the fastest settings
   int64_t runtime_bytes = -1;     // RSS outside the model; -1 = measure now (CurrentRssBytes)
   int64_t weight_bytes = -1;      // resident weight bytes; -1 = 4 bytes per parameter
+  bool weights_16bit = false;     // matrices kept in BF16/F16 (WeightPrecision::kStored): each use makes an
+                                  // fp32 copy, which autograd keeps for backward
   int64_t perturbations = 8;      // fwdgrad: perturbations per step (the dense estimate's buffers)
 };
 

@@ -156,6 +156,32 @@ at::Tensor ChunkedCrossEntropy(const at::Tensor& hidden, const at::Tensor& weigh
   return ChunkedCeLoop(hidden, AsCompute(weight), targets, chunk);
 }
 
+std::pair<at::Tensor, at::Tensor> ChunkedCrossEntropyJvp(const at::Tensor& hidden, const at::Tensor& hidden_tangent,
+                                                         const at::Tensor& weight, const at::Tensor& targets,
+                                                         int64_t chunk_tokens) {
+  SEEDLING_CHECK(hidden.sizes() == hidden_tangent.sizes() && hidden.dim() == 2 && targets.dim() == 1);
+  at::NoGradGuard no_grad;
+  const int64_t chunk = PickChunk(chunk_tokens, weight.size(0));
+  const at::Tensor weight_f = AsCompute(weight);
+  const int64_t n = hidden.size(0);
+  at::Tensor loss = at::zeros({}, hidden.options());
+  at::Tensor derivative = at::zeros({}, hidden.options());
+  for (int64_t start = 0; start < n; start += chunk) {
+    const int64_t len = std::min(chunk, n - start);
+    const CeChunk c = SliceChunk(hidden, targets, start, len);
+    const at::Tensor dh = hidden_tangent.narrow(0, start, len);
+    const at::Tensor z = at::matmul(c.h, weight_f.t());   // (c, V)
+    const at::Tensor dz = at::matmul(dh, weight_f.t());   // (c, V)
+    const at::Tensor lse = at::logsumexp(z, {1}, /*keepdim=*/true);
+    const at::Tensor valid = c.valid.to(hidden.scalar_type());
+    const at::Tensor index = c.safe_t.unsqueeze(1);
+    loss = loss + ((lse.squeeze(1) - z.gather(1, index).squeeze(1)) * valid).sum();
+    const at::Tensor p = (z - lse).exp_();                // softmax, reusing the subtraction's buffer
+    derivative = derivative + (((p * dz).sum(1) - dz.gather(1, index).squeeze(1)) * valid).sum();
+  }
+  return {loss, derivative};
+}
+
 at::Tensor Checkpoint(std::function<at::Tensor(const at::Tensor&)> fn, const at::Tensor& x,
                       std::vector<at::Tensor> params) {
   bool any_grad = x.requires_grad();

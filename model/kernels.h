@@ -32,6 +32,15 @@ inline constexpr int64_t kIgnoreIndex = -100;
 at::Tensor ChunkedCrossEntropy(const at::Tensor& hidden, const at::Tensor& weight,
                                const at::Tensor& targets, int64_t chunk_tokens = 0);
 
+// The chunked cross-entropy sum (as above) and its directional derivative along a tangent of the hidden
+// states, computed by hand per chunk: with z = h Wᵀ and dz = dh Wᵀ, d(lse(z) − z_t) = Σ_v softmax(z)_v dz_v
+// − dz_t. Used by forward-gradient methods instead of LibTorch's forward-mode AD through the LM head, whose
+// matmul formula materializes a zero tangent the size of the (vocab × hidden) weight. No autograd.
+//   hidden and hidden_tangent (N, H); weight (V, H); targets (N). Returns {loss sum, derivative sum}.
+std::pair<at::Tensor, at::Tensor> ChunkedCrossEntropyJvp(const at::Tensor& hidden, const at::Tensor& hidden_tangent,
+                                                         const at::Tensor& weight, const at::Tensor& targets,
+                                                         int64_t chunk_tokens = 0);
+
 // Runs y = fn(x) such that, under autograd, only `x` is kept for backward; the backward re-runs fn with
 // autograd on and propagates to `x` and to every tensor in `params` that requires grad (fn must use no other
 // tensor that requires grad, and must be deterministic). `fn` and what it captures must outlive backward.

@@ -203,8 +203,7 @@ absl::StatusOr<at::Tensor> LlamaModel::Logits(const at::Tensor& tokens, const Fo
   return CatchTorch("lm head", [&] { return LmHead(hidden); });
 }
 
-absl::StatusOr<LossOutput> LlamaModel::Loss(const at::Tensor& tokens, const at::Tensor& labels,
-                                            const ForwardOptions& options) const {
+absl::Status LlamaModel::ValidateLabels(const at::Tensor& tokens, const at::Tensor& labels) const {
   if (!labels.defined() || labels.sizes() != tokens.sizes() || labels.scalar_type() != at::kLong) {
     return absl::InvalidArgumentError(
         StrCat("labels must be int64 with the tokens' shape ", ShapeString(tokens.sizes()), ", got ",
@@ -214,6 +213,35 @@ absl::StatusOr<LossOutput> LlamaModel::Loss(const at::Tensor& tokens, const at::
   if (bad.any().item<bool>()) {
     return absl::InvalidArgumentError(StrCat("labels must be -100 or in [0, ", config_.vocab_size, ")"));
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<LlamaModel::LossJvp> LlamaModel::LossDirectionalDerivative(const at::Tensor& tokens,
+                                                                          const at::Tensor& labels,
+                                                                          const ForwardOptions& options,
+                                                                          uint64_t level) const {
+  SEEDLING_RETURN_IF_ERROR(ValidateLabels(tokens, labels));
+  SEEDLING_ASSIGN_OR_RETURN(at::Tensor hidden, Hidden(tokens, options));
+  return CatchTorch("loss derivative", [&] {
+    const int64_t b = tokens.size(0), t = tokens.size(1), h = config_.hidden_size;
+    LossJvp out;
+    if (t < 2) return out;
+    auto [primal, tangent] = at::_unpack_dual(hidden, static_cast<int64_t>(level));
+    const at::Tensor hs = primal.narrow(1, 0, t - 1).reshape({b * (t - 1), h});  // (N, H)
+    const at::Tensor dhs = tangent.defined() ? tangent.narrow(1, 0, t - 1).reshape({b * (t - 1), h}) : at::zeros_like(hs);
+    const at::Tensor targets = labels.narrow(1, 1, t - 1).reshape({b * (t - 1)});  // (N)
+    auto [loss, derivative] = ChunkedCrossEntropyJvp(hs, dhs, weights_.lm_head, targets, options.ce_chunk_tokens);
+    out.tokens = targets.ne(kIgnoreIndex).sum().item<int64_t>();
+    const double denom = static_cast<double>(std::max<int64_t>(out.tokens, 1));
+    out.loss = loss.item<double>() / denom;
+    out.derivative = derivative.item<double>() / denom;
+    return out;
+  });
+}
+
+absl::StatusOr<LossOutput> LlamaModel::Loss(const at::Tensor& tokens, const at::Tensor& labels,
+                                            const ForwardOptions& options) const {
+  SEEDLING_RETURN_IF_ERROR(ValidateLabels(tokens, labels));
   SEEDLING_ASSIGN_OR_RETURN(at::Tensor hidden, Hidden(tokens, options));
   return CatchTorch("loss", [&] {
     const int64_t b = tokens.size(0), t = tokens.size(1), h = config_.hidden_size;

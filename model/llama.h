@@ -103,6 +103,18 @@ class LlamaModel {
   absl::StatusOr<LossOutput> Loss(const at::Tensor& tokens, const at::Tensor& labels,
                                   const ForwardOptions& options = {}) const;
 
+  // The mean loss and its directional derivative, for forward-gradient methods: something in the forward
+  // (typically the adapter's parameters) is a forward-mode dual tensor at `level`, and the derivative is
+  // that of the mean loss along its tangent. The LM head and cross-entropy are differentiated by hand
+  // (ChunkedCrossEntropyJvp), never materializing more than a chunk of logits and their tangent.
+  struct LossJvp {
+    double loss = 0;        // mean over scored tokens
+    double derivative = 0;  // directional derivative of the mean
+    int64_t tokens = 0;
+  };
+  absl::StatusOr<LossJvp> LossDirectionalDerivative(const at::Tensor& tokens, const at::Tensor& labels,
+                                                    const ForwardOptions& options, uint64_t level) const;
+
   // Runs tokens (B, t) at positions [cache.length(), cache.length() + t), appends their keys and values to
   // the cache, and returns logits (B, t, V), or (B, 1, V) for the last position only with last_only.
   // OutOfRange if the cache would overflow; InvalidArgument for bad tokens or a batch mismatch.
@@ -119,6 +131,7 @@ class LlamaModel {
  private:
   LlamaModel(ModelConfig config, ModelWeights weights);
   absl::Status ValidateTokens(const at::Tensor& tokens) const;
+  absl::Status ValidateLabels(const at::Tensor& tokens, const at::Tensor& labels) const;
   at::Tensor Embed(const at::Tensor& tokens) const;
   at::Tensor Project(int64_t layer, Projection p, const at::Tensor& x, const at::Tensor& w,
                      const at::Tensor& b, const ForwardOptions& options) const;

@@ -102,22 +102,21 @@ absl::StatusOr<double> FwdGradTrainer::DirectionalDerivative(const model::Batch&
     if (loss != nullptr) *loss = 0.5 * (lp + lm);
     return (lp - lm) / (2.0 * options_.fd_epsilon);
   }
-  // Forward-mode AD: the flat buffer becomes a dual tensor whose tangent is z(seed); the loss's tangent is
-  // the directional derivative. No graph is recorded (no reverse-mode gradients).
+  // Forward-mode AD: the flat buffer becomes a dual tensor whose tangent is z(seed); the decoder carries
+  // tangents to the final hidden states, and the LM head and loss are differentiated by hand (see
+  // LlamaModel::LossDirectionalDerivative). No graph is recorded (no reverse-mode gradients).
   return model::CatchTorch("forward-mode AD", [&]() -> absl::StatusOr<double> {
     at::NoGradGuard no_grad;
     DualLevel level;
     at::Tensor tangent = at::zeros({params_.numel()}, at::kFloat);
     AddSeededNormal(tangent, seed, 1.0f);
     adapter_.SetFlatOverride(at::_make_dual(adapter_.flat().detach(), tangent, static_cast<int64_t>(level.level())));
-    absl::StatusOr<model::LossOutput> out = model_.Loss(batch.tokens, batch.labels, fo);
+    absl::StatusOr<model::LlamaModel::LossJvp> out =
+        model_.LossDirectionalDerivative(batch.tokens, batch.labels, fo, level.level());
     adapter_.SetFlatOverride(at::Tensor());
     SEEDLING_RETURN_IF_ERROR(out.status());
-    const at::Tensor mean = out->mean();
-    auto [primal, jvp] = at::_unpack_dual(mean, static_cast<int64_t>(level.level()));
-    if (loss != nullptr) *loss = primal.item<double>();
-    // A loss that does not depend on the parameters (no scored tokens) has no tangent.
-    return jvp.defined() ? jvp.item<double>() : 0.0;
+    if (loss != nullptr) *loss = out->loss;
+    return out->derivative;
   });
 }
 

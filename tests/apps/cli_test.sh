@@ -67,8 +67,86 @@ case "$case_name" in
   generate-bad-top-p)
     expect_error "top_p" "$seedling" generate --model "$model" --prompt "Hi" --top-p 1.5
     ;;
+  finetune-lora-bp)
+    out=$("$seedling" finetune --model "$model" --data "$repo/data/sample/instructions.jsonl" --method lora-bp \
+      --steps 8 --batch 2 --seq-len 96 --lr 3e-3 --out "$work/ft-bp" 2>/dev/null) || fail "finetune failed"
+    for key in loss_start loss_end steps skipped_steps peak_rss_bytes planned_peak_bytes plan; do
+      echo "$out" | grep -q "\"$key\"" || fail "no $key in: $out"
+    done
+    [ "$(echo "$out" | json_number steps)" = 8 ] || fail "steps: $out"
+    start=$(echo "$out" | json_number loss_start); end=$(echo "$out" | json_number loss_end)
+    awk -v s="$start" -v e="$end" 'BEGIN { exit !(e < s) }' || fail "held-out loss did not drop: $start -> $end"
+    [ -s "$work/ft-bp/adapter_config.json" ] && [ -s "$work/ft-bp/adapter_model.safetensors" ] || fail "no PEFT adapter"
+    ;;
+  finetune-zeroth-order)
+    for method in fwdgrad mezo kseed; do
+      out=$("$seedling" finetune --model "$model" --data "$repo/data/sample/instructions.jsonl" --method $method \
+        --steps 4 --seq-len 64 --out "$work/ft-$method" 2>/dev/null) || fail "finetune $method failed"
+      [ "$(echo "$out" | json_number steps)" = 4 ] || fail "$method steps: $out"
+    done
+    pairs=$(grep -o '\[[0-9]*,[-0-9.e+]*\]' "$work/ft-kseed/kseed_update.json" | wc -l)
+    [ "$pairs" = 4 ] || fail "kseed_update.json has $pairs pairs, expected 4"
+    ;;
+  finetune-budget)
+    # The planner's lightest plan for this model, from the refusal of an impossible budget...
+    err=$("$seedling" finetune --model "$model" --data "$repo/data/sample/instructions.jsonl" --method lora-bp \
+      --steps 2 --batch 4 --seq-len 128 --memory-budget 1M --out "$work/ft-budget" 2>&1 >/dev/null) && fail "1M fit"
+    echo "$err" | grep -q "does not fit a budget of 1.0 MiB" || fail "no refusal: $err"
+    need=$(echo "$err" | sed -n 's/.*the lightest plan needs \([0-9.]*\) MiB.*/\1/p')
+    [ -n "$need" ] || fail "no smallest budget in: $err"
+    budget=$(awk -v n="$need" 'BEGIN { printf "%d", (n + 1) * 1048576 }')
+    # ...is then a budget it keeps: the measured peak RSS stays within it.
+    out=$("$seedling" finetune --model "$model" --data "$repo/data/sample/instructions.jsonl" --method lora-bp \
+      --steps 2 --batch 4 --seq-len 128 --memory-budget "$budget" --out "$work/ft-budget" 2>/dev/null) \
+      || fail "finetune at the lightest budget failed"
+    peak=$(echo "$out" | json_number peak_rss_bytes)
+    [ "$peak" -le "$budget" ] || fail "peak RSS $peak exceeds the budget $budget: $out"
+    echo "$out" | grep -q '"recompute":true' || fail "the lightest plan should recompute: $out"
+    ;;
+  planner-smollm2)
+    "$seedling" init-model --preset smollm2-135m --out "$work/smol" --seed 2 --force >/dev/null || fail "init smollm2"
+    for method in lora-bp mezo; do
+      out=$("$seedling" finetune --model "$work/smol" --data "$repo/data/sample/instructions.jsonl" --method $method \
+        --steps 2 --seq-len 128 --heldout 0.01 --out "$work/smol-$method" 2>/dev/null) || fail "finetune $method"
+      peak=$(echo "$out" | json_number peak_rss_bytes); planned=$(echo "$out" | json_number planned_peak_bytes)
+      awk -v p="$peak" -v e="$planned" 'BEGIN { d = (e - p) / p; exit !(d < 0.25 && d > -0.25) }' \
+        || fail "$method: planned $planned vs measured $peak is off by more than 25%"
+      echo "$method: planned $planned, measured $peak"
+    done
+    rm -rf "$work/smol" "$work/smol-lora-bp" "$work/smol-mezo"
+    ;;
+  export-merged)
+    "$seedling" finetune --model "$model" --data "$repo/data/sample/instructions.jsonl" --steps 4 --lr 3e-3 \
+      --seq-len 64 --out "$work/ft-export" >/dev/null 2>&1 || fail "finetune for export failed"
+    "$seedling" export --model "$model" --adapter "$work/ft-export" --format safetensors --out "$work/merged" >/dev/null \
+      || fail "export safetensors"
+    with_adapter=$("$seedling" eval --model "$model" --adapter "$work/ft-export" --data "$repo/data/sample/eval.jsonl" | json_number loss)
+    merged=$("$seedling" eval --model "$work/merged" --data "$repo/data/sample/eval.jsonl" | json_number loss)
+    base=$("$seedling" eval --model "$model" --data "$repo/data/sample/eval.jsonl" | json_number loss)
+    awk -v a="$with_adapter" -v m="$merged" 'BEGIN { d = a - m; exit !(d < 1e-4 && d > -1e-4) }' \
+      || fail "merged model loss $merged != model + adapter loss $with_adapter"
+    [ "$with_adapter" != "$base" ] || fail "the adapter changed nothing"
+    "$seedling" export --model "$model" --adapter "$work/ft-export" --format gguf --out "$work/merged.gguf" >/dev/null \
+      || fail "export gguf"
+    [ "$(head -c 4 "$work/merged.gguf")" = "GGUF" ] || fail "not a GGUF file"
+    ;;
+  finetune-full-parameters)
+    out=$("$seedling" finetune --model "$model" --data "$repo/data/sample/instructions.jsonl" --method mezo --full \
+      --steps 3 --seq-len 64 --out "$work/ft-full" 2>/dev/null) || fail "full-parameter mezo failed"
+    [ -s "$work/ft-full/model.safetensors" ] && [ -s "$work/ft-full/config.json" ] || fail "no model written"
+    "$seedling" eval --model "$work/ft-full" --data "$repo/data/sample/eval.jsonl" >/dev/null || fail "cannot eval it"
+    expect_error "full parameters" "$seedling" finetune --model "$model" --data "$repo/data/sample/instructions.jsonl" \
+      --method lora-bp --full --steps 1 --out "$work/ft-x"
+    ;;
+  finetune-bad-data)
+    printf '{"text": 1}\nnot json\n' > "$work/allbad.jsonl"
+    expect_error "no usable row" "$seedling" finetune --model "$model" --data "$work/allbad.jsonl" --steps 1 \
+      --out "$work/ft-bad"
+    expect_error "unknown method" "$seedling" finetune --model "$model" --data "$work/allbad.jsonl" --method sgd \
+      --steps 1 --out "$work/ft-bad"
+    ;;
   help)
-    for cmd in init-model eval generate "bench forward"; do
+    for cmd in init-model eval generate finetune export "bench forward"; do
       # shellcheck disable=SC2086
       "$seedling" $cmd --help | grep -q "Usage" || fail "no usage for $cmd"
     done

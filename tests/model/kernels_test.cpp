@@ -17,7 +17,7 @@ at::Tensor FullCrossEntropySum(const at::Tensor& h, const at::Tensor& w, const a
   const at::Tensor logp = at::log_softmax(logits, 1);
   const at::Tensor valid = targets.ne(kIgnoreIndex);
   const at::Tensor picked = logp.gather(1, targets.masked_fill(~valid, 0).unsqueeze(1)).squeeze(1);
-  return -(picked * valid.to(at::kFloat)).sum();
+  return -(picked * valid.to(h.scalar_type())).sum();
 }
 
 double MaxAbsDiff(const at::Tensor& a, const at::Tensor& b) { return (a - b).abs().max().item<double>(); }
@@ -69,6 +69,21 @@ TEST_CASE("Chunked cross-entropy never allocates the whole (tokens x vocab) logi
   CHECK(full_peak >= full_logits_bytes);
   // Chunk logits and their softmax (2 x 512 KiB) plus the gradients (1 MiB + 128 KiB) and small change.
   CHECK(chunked_peak < full_logits_bytes / 2);
+}
+
+TEST_CASE("The hand-written cross-entropy JVP equals a float64 finite difference", "[model][kernels]") {
+  at::manual_seed(10);
+  const at::Tensor h = at::randn({13, 8}, at::kDouble);
+  const at::Tensor dh = at::randn({13, 8}, at::kDouble);
+  const at::Tensor w = at::randn({21, 8}, at::kDouble);
+  at::Tensor targets = at::randint(0, 21, {13}, at::kLong);
+  targets[4] = kIgnoreIndex;
+  auto [loss, jvp] = ChunkedCrossEntropyJvp(h, dh, w, targets, 5);
+  CHECK(std::abs(loss.item<double>() - FullCrossEntropySum(h, w, targets).item<double>()) < 1e-10);
+  const double eps = 1e-6;
+  const double fd = (FullCrossEntropySum(h + eps * dh, w, targets).item<double>() -
+                     FullCrossEntropySum(h - eps * dh, w, targets).item<double>()) / (2 * eps);
+  CHECK(std::abs(jvp.item<double>() - fd) < 1e-6 * std::max(1.0, std::abs(fd)));
 }
 
 TEST_CASE("Chunked cross-entropy without autograd equals the autograd path", "[model][kernels]") {

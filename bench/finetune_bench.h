@@ -1,0 +1,40 @@
+#pragma once
+
+// `seedling bench finetune`: one local training step configuration per child process (so each peak RSS is
+// its own), on a random model of a preset written once: plain inference, lora-bp as planned, lora-bp
+// without recomputation and with the cross-entropy in one chunk, fwdgrad, mezo and kseed. Prints tokens/s,
+// measured peak RSS, the planner's estimate and each peak relative to inference's.
+
+#include <cstdint>
+#include <iosfwd>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace seedling::bench {
+
+struct FinetuneBenchOptions {
+  std::string preset = "smollm2-135m";
+  int64_t seq_len = 256;
+  int64_t steps = 3;             // per method (fwdgrad: 1, it runs K perturbations per step)
+  int64_t perturbations = 4;     // fwdgrad K
+  std::string work_dir;          // where the model and outputs go; empty = a temporary directory
+  std::string data;              // JSONL; empty = data/sample/instructions.jsonl next to the repo's binary
+  bool bf16_stored = false;      // write the model in BF16 and keep the weights in BF16 (--weights stored)
+};
+
+struct FinetuneBenchRow {
+  std::string name;
+  double tokens_per_second = 0;
+  int64_t peak_rss_bytes = 0;
+  int64_t planned_peak_bytes = 0;
+  int64_t step_tensor_peak_bytes = 0;
+  std::string plan;
+};
+
+// `seedling` is the path of the seedling binary to run the children with.
+absl::StatusOr<std::vector<FinetuneBenchRow>> RunFinetuneBench(const FinetuneBenchOptions& options,
+                                                              const std::string& seedling, std::ostream& out);
+
+}  // namespace seedling::bench
