@@ -505,7 +505,7 @@ TEST_CASE("The summary names rows, skipped, train blocks, held-out examples and 
 
 TEST_CASE("The bundled topic-labelled instructions load whole, with a topic on every row",
           "[client][data]") {
-  const std::string path = StrCat(SEEDLING_TEST_DATA_DIR, "/../../data/sample/instructions.jsonl");
+  const std::string path = StrCat(SEEDLING_SOURCE_DIR, "/data/sample/instructions.jsonl");
   auto data = LocalDataset::Load(path, SmallTokenizer(), Opts());
   INFO(data.status().ToString());
   REQUIRE(data.ok());
