@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstring>
 
 #include "base/memory.h"
 #include "base/status.h"
@@ -109,7 +110,8 @@ int64_t MeasureRuntimeBytes() {
 
 absl::StatusOr<TrainingResult> RunLocalTraining(model::LlamaModel& model, lora::LoraAdapter* adapter,
                                                 const LocalDataset& data, const TrainingConfig& config,
-                                                const MemoryPlan& plan, const TrainingProgress& progress) {
+                                                const MemoryPlan& plan, const TrainingProgress& progress,
+                                                const TrainingControl& control) {
   if (config.steps < 0) return absl::InvalidArgumentError("steps must be >= 0");
   if (!config.full_parameters && adapter == nullptr) {
     return absl::InvalidArgumentError("training an adapter needs one (or full_parameters)");
@@ -118,6 +120,9 @@ absl::StatusOr<TrainingResult> RunLocalTraining(model::LlamaModel& model, lora::
     return absl::InvalidArgumentError(StrCat(optim::MethodName(config.method), " trains a LoRA adapter, not full parameters"));
   }
   if (plan.method != config.method) return absl::InvalidArgumentError("the memory plan is for another method");
+  if (config.full_parameters && (control.resume != nullptr || control.checkpoint_every > 0)) {
+    return absl::InvalidArgumentError("checkpoints and resume are for adapter runs");
+  }
   const double lr = config.lr > 0 ? config.lr : DefaultLearningRate(config.method, config.full_parameters);
   const double eps = config.epsilon > 0 ? config.epsilon : DefaultEpsilon(config.method, config.full_parameters);
   lora::LoraAdapter* forward_adapter = config.full_parameters ? nullptr : adapter;
@@ -154,6 +159,7 @@ absl::StatusOr<TrainingResult> RunLocalTraining(model::LlamaModel& model, lora::
       o.fd_epsilon = eps;
       o.ce_chunk_tokens = plan.ce_chunk_tokens;
       o.seed = config.seed;
+      o.apply_locally = config.fwdgrad_apply_locally;
       SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<optim::FwdGradTrainer> t, optim::FwdGradTrainer::Create(model, *adapter, o));
       fwdgrad = t.get();
       trainer = std::move(t);
@@ -187,24 +193,64 @@ absl::StatusOr<TrainingResult> RunLocalTraining(model::LlamaModel& model, lora::
   }
 
   TrainingResult result;
-  SEEDLING_ASSIGN_OR_RETURN(result.loss_start, HeldoutLoss(model, forward_adapter, data, plan));
   BatchIterator batches(data);
+  double seconds_before = 0;  // time spent before a resume
+  if (control.resume != nullptr) {
+    const TrainingCheckpoint& cp = *control.resume;
+    if (static_cast<int64_t>(cp.params.size()) != adapter->numel()) {
+      return absl::InvalidArgumentError(StrCat("the checkpoint holds ", cp.params.size(), " parameters; the adapter has ",
+                                               adapter->numel()));
+    }
+    SEEDLING_RETURN_IF_ERROR(batches.Restore(cp.data));
+    SEEDLING_RETURN_IF_ERROR(trainer->RestoreState(cp.trainer));
+    std::memcpy(adapter->flat().data_ptr<float>(), cp.params.data(), cp.params.size() * sizeof(float));
+    result.loss_start = cp.loss_start;
+    result.tokens = cp.tokens;
+    seconds_before = cp.seconds;
+  } else {
+    SEEDLING_ASSIGN_OR_RETURN(result.loss_start, HeldoutLoss(model, forward_adapter, data, plan));
+  }
+  auto checkpoint = [&](double seconds) -> absl::Status {
+    if (!control.on_checkpoint) return absl::OkStatus();
+    TrainingCheckpoint cp;
+    cp.trainer = trainer->SaveState();
+    const float* p = adapter->flat().data_ptr<float>();
+    cp.params.assign(p, p + adapter->numel());
+    cp.data = batches.position();
+    cp.loss_start = result.loss_start;
+    cp.tokens = result.tokens;
+    cp.seconds = seconds;
+    return control.on_checkpoint(cp);
+  };
   const auto t0 = std::chrono::steady_clock::now();
+  auto elapsed = [&] { return seconds_before + std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
   model::TensorMemoryTracker tracker;
-  for (int64_t step = 0; step < config.steps; ++step) {
+  for (int64_t step = trainer->steps(); step < config.steps; ++step) {
+    if (control.cancelled && control.cancelled()) {
+      SEEDLING_RETURN_IF_ERROR(checkpoint(elapsed()));
+      return absl::CancelledError(StrCat("cancelled after ", step, " of ", config.steps, " steps"));
+    }
     // Packed blocks can, rarely, hold no scored token; such batches teach nothing and are passed over.
     LocalBatch batch = batches.Next();
     for (int tries = 0; batch.scored_tokens == 0 && tries < 64; ++tries) batch = batches.Next();
     SEEDLING_ASSIGN_OR_RETURN(optim::StepResult r, trainer->Step(batch.batch));
     result.tokens += r.tokens;
     if (progress) progress(step + 1, config.steps, r.loss);
+    if (control.checkpoint_every > 0 && (step + 1) % control.checkpoint_every == 0 && step + 1 < config.steps) {
+      SEEDLING_RETURN_IF_ERROR(checkpoint(elapsed()));
+    }
   }
-  result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  result.seconds = elapsed();
   result.step_tensor_peak_bytes = tracker.peak_bytes();
   result.steps = trainer->steps();
   result.skipped_steps = trainer->skipped_steps();
   if (kseed != nullptr) result.kseed_pairs = kseed->pairs();
-  if (fwdgrad != nullptr) result.fwdgrad_last = fwdgrad->last_gradient();
+  if (fwdgrad != nullptr) {
+    result.fwdgrad_last = fwdgrad->last_gradient();
+    const at::Tensor& sum = fwdgrad->accumulated_estimate();
+    result.fwdgrad_sum.assign(sum.data_ptr<float>(), sum.data_ptr<float>() + sum.numel());
+    result.fwdgrad_pairs = fwdgrad->all_pairs();
+  }
   SEEDLING_ASSIGN_OR_RETURN(result.loss_end, HeldoutLoss(model, forward_adapter, data, plan));
   return result;
 }

@@ -31,6 +31,7 @@ struct TrainingConfig {
   double max_grad_norm = 1.0;     // lora-bp: gradient clipping (0 = off)
   int64_t kseed_pool_size = 4096; // kseed: K candidate seeds (the server's)
   uint64_t kseed_pool_seed = 0;   // kseed: the server's pool seed
+  bool fwdgrad_apply_locally = true;  // false in federated rounds: the server applies the summed estimate
 };
 
 // Published starting points (DESIGN.md §3): lora-bp 2e-4 (AdamW); fwdgrad 1e-2 (FwdLLM's SGD); mezo 1e-4 on
@@ -38,6 +39,25 @@ struct TrainingConfig {
 double DefaultLearningRate(optim::Method method, bool full_parameters);
 // mezo 1e-2 on LoRA, 1e-3 full; kseed 1e-2 on LoRA, 5e-4 full (FedKSeed); fwdgrad central difference 1e-2.
 double DefaultEpsilon(optim::Method method, bool full_parameters);
+
+// Where a run stood after some step, enough to continue it in a new process (the SDK keeps the latest in
+// its state directory). Adapter runs only: with full parameters the model itself would have to be saved.
+struct TrainingCheckpoint {
+  optim::TrainerState trainer;
+  std::vector<float> params;   // the adapter's flat buffer
+  IteratorPosition data;       // the next batch
+  double loss_start = 0;
+  int64_t tokens = 0;
+  double seconds = 0;
+};
+
+// Optional controls of a run.
+struct TrainingControl {
+  int64_t checkpoint_every = 0;  // steps between checkpoints (0 = none)
+  std::function<absl::Status(const TrainingCheckpoint&)> on_checkpoint;  // an error stops the run
+  const TrainingCheckpoint* resume = nullptr;  // continue from here instead of starting fresh
+  std::function<bool()> cancelled;             // polled between steps: Cancelled after a final checkpoint
+};
 
 struct TrainingResult {
   double loss_start = 0;          // held-out loss before training (the training data if nothing is held out)
@@ -49,6 +69,8 @@ struct TrainingResult {
   int64_t step_tensor_peak_bytes = 0;  // tensor high-water mark during the steps (TensorMemoryTracker)
   std::vector<optim::SeedScalar> kseed_pairs;  // kseed: the upload (seed index, scalar) per applied step
   optim::ForwardGradient fwdgrad_last;         // fwdgrad: the last step's (seed, derivative) pairs
+  std::vector<float> fwdgrad_sum;              // fwdgrad: Σ of the steps' estimates (the FwdLLM upload)
+  std::vector<std::pair<uint64_t, float>> fwdgrad_pairs;  // fwdgrad: the same as (seed, d/K) pairs
 };
 
 // Called after every step with (steps done, steps total, the step's loss).
@@ -60,7 +82,8 @@ using TrainingProgress = std::function<void(int64_t, int64_t, double)>;
 // errors are passed through. The model and adapter hold the trained parameters afterwards.
 absl::StatusOr<TrainingResult> RunLocalTraining(model::LlamaModel& model, lora::LoraAdapter* adapter,
                                                 const LocalDataset& data, const TrainingConfig& config,
-                                                const MemoryPlan& plan, const TrainingProgress& progress = nullptr);
+                                                const MemoryPlan& plan, const TrainingProgress& progress = nullptr,
+                                                const TrainingControl& control = {});
 
 // Resident bytes of a model's weights once loaded with `precision` from checkpoint dtype `torch_dtype`.
 int64_t ResidentWeightBytes(const model::ModelConfig& config, model::WeightPrecision precision);

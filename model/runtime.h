@@ -15,7 +15,10 @@
 namespace seedling::model {
 
 struct ComputeSettings {
-  int threads = 0;  // BLAS threads; 0 = all cores
+  // BLAS threads; 0 = all cores. Use 1 in processes that run models from several threads at once (the
+  // simulator, tests with many in-process clients): OpenBLAS 0.3.21's pthread pool deadlocks when several
+  // threads call sgemm concurrently (seen here: four client threads stuck in sgemm_thread_tn).
+  int threads = 0;
 };
 
 // Applies the settings and returns a one-line description ("OpenBLAS 0.3.21 (2 threads), ATen 1 thread").

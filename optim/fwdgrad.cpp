@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 
 #include "base/philox.h"
@@ -120,6 +121,25 @@ absl::StatusOr<double> FwdGradTrainer::DirectionalDerivative(const model::Batch&
   });
 }
 
+TrainerState FwdGradTrainer::SaveState() const {
+  TrainerState s = LocalTrainer::SaveState();
+  const float* p = accumulated_.data_ptr<float>();
+  s.buffers["accumulated"] = std::vector<float>(p, p + accumulated_.numel());
+  s.seed_pairs = all_pairs_;
+  return s;
+}
+
+absl::Status FwdGradTrainer::RestoreState(const TrainerState& state) {
+  auto it = state.buffers.find("accumulated");
+  if (it == state.buffers.end() || static_cast<int64_t>(it->second.size()) != accumulated_.numel()) {
+    return absl::InvalidArgumentError("trainer state lacks the accumulated forward gradient");
+  }
+  SEEDLING_RETURN_IF_ERROR(LocalTrainer::RestoreState(state));
+  std::memcpy(accumulated_.data_ptr<float>(), it->second.data(), it->second.size() * sizeof(float));
+  all_pairs_ = state.seed_pairs;
+  return absl::OkStatus();
+}
+
 absl::StatusOr<StepResult> FwdGradTrainer::Step(const model::Batch& batch) {
   const uint64_t step_seed = StepSeed(options_.seed, static_cast<uint64_t>(steps()));
   ForwardGradient g;
@@ -142,6 +162,8 @@ absl::StatusOr<StepResult> FwdGradTrainer::Step(const model::Batch& batch) {
     return Count(result);
   }
   last_ = std::move(g);
+  const float inv_k = 1.0f / static_cast<float>(last_.seeds.size());
+  for (size_t k = 0; k < last_.seeds.size(); ++k) all_pairs_.emplace_back(last_.seeds[k], last_.derivatives[k] * inv_k);
   last_dense_ = RebuildEstimate(last_);
   accumulated_.add_(last_dense_);
   if (options_.apply_locally) params_.AddDense(last_dense_, static_cast<float>(-options_.lr));

@@ -57,6 +57,12 @@ class FwdGradTrainer : public LocalTrainer {
   const at::Tensor& last_estimate() const { return last_dense_; }
   // Sum of the dense estimates of all non-skipped steps (what a FwdLLM client uploads, with its count).
   const at::Tensor& accumulated_estimate() const { return accumulated_; }
+  // The same sum as (seed, d_k / K) pairs of every perturbation of every non-skipped step, in order: the
+  // compact upload (Σ value · z(seed) rebuilds the sum).
+  const std::vector<std::pair<uint64_t, float>>& all_pairs() const { return all_pairs_; }
+
+  TrainerState SaveState() const override;  // + the accumulated estimate "accumulated"
+  absl::Status RestoreState(const TrainerState& state) override;
 
   // Reference direction for discriminative sampling (e.g. the previous round's global gradient), 1-D with
   // the adapter's numel(); an undefined tensor turns discriminative sampling off.
@@ -77,6 +83,7 @@ class FwdGradTrainer : public LocalTrainer {
   ForwardGradient last_;
   at::Tensor last_dense_;
   at::Tensor accumulated_;
+  std::vector<std::pair<uint64_t, float>> all_pairs_;
 };
 
 }  // namespace seedling::optim

@@ -112,6 +112,25 @@ absl::StatusOr<std::unique_ptr<KSeedTrainer>> KSeedTrainer::Create(const model::
                                                         std::move(cdf)));
 }
 
+TrainerState KSeedTrainer::SaveState() const {
+  TrainerState s = LocalTrainer::SaveState();
+  for (const SeedScalar& p : pairs_) s.pairs.emplace_back(p.index, p.value);
+  return s;
+}
+
+absl::Status KSeedTrainer::RestoreState(const TrainerState& state) {
+  std::vector<SeedScalar> pairs;
+  for (const auto& [index, value] : state.pairs) {
+    if (index >= pool_.size() || !std::isfinite(value)) {
+      return absl::InvalidArgumentError(StrCat("trainer state has an invalid seed pair (index ", index, ")"));
+    }
+    pairs.push_back({index, value});
+  }
+  SEEDLING_RETURN_IF_ERROR(LocalTrainer::RestoreState(state));
+  pairs_ = std::move(pairs);
+  return absl::OkStatus();
+}
+
 uint32_t KSeedTrainer::PickIndex(uint64_t step) const {
   Rng rng(StepSeed(options_.seed, step), rng_stream::kStepSeeds);
   if (cdf_.empty()) return static_cast<uint32_t>(rng.UniformInt(pool_.size()));

@@ -72,6 +72,8 @@ class KSeedTrainer : public LocalTrainer {
   // (seed index, ĝ) of every applied step, in step order.
   const std::vector<SeedScalar>& pairs() const { return pairs_; }
   const ParameterSet& parameters() const { return params_; }
+  TrainerState SaveState() const override;  // + the pairs so far
+  absl::Status RestoreState(const TrainerState& state) override;
 
  private:
   KSeedTrainer(const model::LlamaModel& model, lora::LoraAdapter* adapter, ParameterSet params,

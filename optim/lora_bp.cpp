@@ -1,6 +1,7 @@
 #include "optim/lora_bp.h"
 
 #include <cmath>
+#include <cstring>
 
 #include "base/status.h"
 #include "base/strings.h"
@@ -24,6 +25,44 @@ absl::StatusOr<std::unique_ptr<LoraBpTrainer>> LoraBpTrainer::Create(const model
   if (options.max_grad_norm < 0) return absl::InvalidArgumentError("max_grad_norm must be >= 0");
   if (options.micro_batch < 0) return absl::InvalidArgumentError("micro_batch must be >= 0");
   return std::unique_ptr<LoraBpTrainer>(new LoraBpTrainer(model, adapter, options));
+}
+
+namespace {
+
+std::vector<float> ToVector(const at::Tensor& t) {
+  const at::Tensor c = t.detach().contiguous();
+  return std::vector<float>(c.data_ptr<float>(), c.data_ptr<float>() + c.numel());
+}
+
+absl::Status FromVector(const std::map<std::string, std::vector<float>>& buffers, const char* name, at::Tensor& out) {
+  auto it = buffers.find(name);
+  if (it == buffers.end() || static_cast<int64_t>(it->second.size()) != out.numel()) {
+    return absl::InvalidArgumentError(StrCat("trainer state lacks buffer '", name, "' of ", out.numel(), " values"));
+  }
+  std::memcpy(out.data_ptr<float>(), it->second.data(), it->second.size() * sizeof(float));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+TrainerState LoraBpTrainer::SaveState() const {
+  TrainerState s = LocalTrainer::SaveState();
+  s.counter = t_;
+  s.buffers["m"] = ToVector(m_);
+  s.buffers["v"] = ToVector(v_);
+  return s;
+}
+
+absl::Status LoraBpTrainer::RestoreState(const TrainerState& state) {
+  if (state.counter < 0) return absl::InvalidArgumentError("negative AdamW step count");
+  at::Tensor m = at::empty_like(m_), v = at::empty_like(v_);
+  SEEDLING_RETURN_IF_ERROR(FromVector(state.buffers, "m", m));
+  SEEDLING_RETURN_IF_ERROR(FromVector(state.buffers, "v", v));
+  SEEDLING_RETURN_IF_ERROR(LocalTrainer::RestoreState(state));
+  m_ = m;
+  v_ = v;
+  t_ = state.counter;
+  return absl::OkStatus();
 }
 
 absl::StatusOr<StepResult> LoraBpTrainer::Step(const model::Batch& batch) {

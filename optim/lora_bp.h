@@ -39,6 +39,8 @@ class LoraBpTrainer : public LocalTrainer {
   const at::Tensor& second_moment() const { return v_; }
   int64_t adam_steps() const { return t_; }
   double last_grad_norm() const { return last_grad_norm_; }
+  TrainerState SaveState() const override;  // + AdamW moments "m", "v" and its step count
+  absl::Status RestoreState(const TrainerState& state) override;
 
  private:
   LoraBpTrainer(const model::LlamaModel& model, lora::LoraAdapter& adapter, const LoraBpOptions& options);

@@ -26,6 +26,22 @@ absl::StatusOr<Method> ParseMethod(std::string_view name) {
       StrCat("unknown method '", name, "' (expected lora-bp, fwdgrad, mezo or kseed)"));
 }
 
+TrainerState LocalTrainer::SaveState() const {
+  TrainerState s;
+  s.steps = steps_;
+  s.skipped = skipped_;
+  return s;
+}
+
+absl::Status LocalTrainer::RestoreState(const TrainerState& state) {
+  if (state.steps < 0 || state.skipped < 0 || state.skipped > state.steps) {
+    return absl::InvalidArgumentError("trainer state has inconsistent step counts");
+  }
+  steps_ = state.steps;
+  skipped_ = state.skipped;
+  return absl::OkStatus();
+}
+
 absl::StatusOr<model::LossOutput> ProbeLoss(const model::LlamaModel& model, const model::Batch& batch,
                                             const model::ForwardOptions& options) {
   at::NoGradGuard no_grad;

@@ -7,6 +7,9 @@
 
 #include <cstdint>
 #include <limits>
+#include <map>
+#include <utility>
+#include <vector>
 #include <string>
 #include <string_view>
 
@@ -33,6 +36,17 @@ struct StepResult {
   int64_t tokens = 0;    // scored tokens in the batch
 };
 
+// What a trainer needs besides the trained parameters to continue a run after the process was killed:
+// its step counters, optimizer buffers (AdamW moments, accumulated estimates) and seed-scalar pairs.
+struct TrainerState {
+  int64_t steps = 0;
+  int64_t skipped = 0;
+  int64_t counter = 0;  // a method-specific integer (lora-bp: AdamW's step count)
+  std::map<std::string, std::vector<float>> buffers;
+  std::vector<std::pair<uint32_t, float>> pairs;  // kseed: (seed index, scalar) of the applied steps
+  std::vector<std::pair<uint64_t, float>> seed_pairs;  // fwdgrad: (seed, d_k / K) of every perturbation
+};
+
 class LocalTrainer {
  public:
   virtual ~LocalTrainer() = default;
@@ -43,6 +57,12 @@ class LocalTrainer {
 
   int64_t steps() const { return steps_; }
   int64_t skipped_steps() const { return skipped_; }
+
+  // Resumable state (the parameters themselves are the caller's to save). RestoreState on a fresh trainer
+  // built with the same options continues exactly where SaveState was taken: every method is deterministic
+  // in (seed, step, data). InvalidArgument if the state does not fit this trainer.
+  virtual TrainerState SaveState() const;
+  virtual absl::Status RestoreState(const TrainerState& state);
 
  protected:
   // Counts a finished step.
