@@ -1,0 +1,276 @@
+#include "server/config.h"
+
+#include <cmath>
+#include <filesystem>
+#include <set>
+#include <toml++/toml.h>
+
+#include "base/file.h"
+#include "base/status.h"
+#include "base/strings.h"
+
+namespace seedling::server {
+namespace {
+
+absl::Status KeyError(std::string_view table, std::string_view key, std::string_view problem) {
+  return absl::InvalidArgumentError(StrCat("[", table, "] ", key, ": ", problem));
+}
+
+// Reads typed values from one TOML table and remembers which keys it knows, so unknown keys can be
+// reported.
+class Section {
+ public:
+  Section(const toml::table* table, std::string name) : table_(table), name_(std::move(name)) {}
+
+  template <typename T>
+  absl::Status Get(const char* key, T& out) {
+    known_.insert(key);
+    if (table_ == nullptr) return absl::OkStatus();
+    const toml::node* node = table_->get(key);
+    if (node == nullptr) return absl::OkStatus();
+    if constexpr (std::is_same_v<T, bool>) {
+      auto v = node->value<bool>();
+      if (!v) return KeyError(name_, key, "must be true or false");
+      out = *v;
+    } else if constexpr (std::is_same_v<T, std::string>) {
+      auto v = node->value<std::string>();
+      if (!v) return KeyError(name_, key, "must be a string");
+      out = *v;
+    } else if constexpr (std::is_floating_point_v<T>) {
+      auto v = node->value<double>();  // integers convert too
+      if (!v) return KeyError(name_, key, "must be a number");
+      out = static_cast<T>(*v);
+    } else if constexpr (std::is_same_v<T, std::vector<std::string>>) {
+      const toml::array* arr = node->as_array();
+      if (arr == nullptr) return KeyError(name_, key, "must be an array of strings");
+      out.clear();
+      for (const toml::node& e : *arr) {
+        auto v = e.value<std::string>();
+        if (!v) return KeyError(name_, key, "must be an array of strings");
+        out.push_back(*v);
+      }
+    } else {
+      static_assert(std::is_integral_v<T>);
+      auto v = node->value<int64_t>();
+      if (!v || (node->is_floating_point())) return KeyError(name_, key, "must be an integer");
+      if constexpr (std::is_unsigned_v<T>) {
+        if (*v < 0) return KeyError(name_, key, "must not be negative");
+      }
+      if (*v < static_cast<int64_t>(std::numeric_limits<T>::min()) ||
+          static_cast<uint64_t>(*v) > static_cast<uint64_t>(std::numeric_limits<T>::max())) {
+        return KeyError(name_, key, "is out of range");
+      }
+      out = static_cast<T>(*v);
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status CheckNoUnknownKeys() const {
+    if (table_ == nullptr) return absl::OkStatus();
+    for (const auto& [key, value] : *table_) {
+      const std::string k(key.str());
+      if (!known_.count(k)) return KeyError(name_, k, "is not a known key");
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  const toml::table* table_;
+  std::string name_;
+  std::set<std::string> known_;
+};
+
+}  // namespace
+
+absl::StatusOr<v1::Codec> ParseCodecName(std::string_view name) {
+  if (name == "fp32") return v1::CODEC_FP32;
+  if (name == "fp16") return v1::CODEC_FP16;
+  if (name == "int8") return v1::CODEC_INT8;
+  if (name == "int4") return v1::CODEC_INT4;
+  if (name == "topk") return v1::CODEC_TOPK;
+  if (name == "seed-scalars") return v1::CODEC_SEED_SCALARS;
+  return absl::InvalidArgumentError(
+      StrCat("unknown codec '", name, "' (expected fp32, fp16, int8, int4, topk or seed-scalars)"));
+}
+
+const char* CodecName(v1::Codec codec) {
+  switch (codec) {
+    case v1::CODEC_FP32:
+      return "fp32";
+    case v1::CODEC_FP16:
+      return "fp16";
+    case v1::CODEC_INT8:
+      return "int8";
+    case v1::CODEC_INT4:
+      return "int4";
+    case v1::CODEC_TOPK:
+      return "topk";
+    case v1::CODEC_SEED_SCALARS:
+      return "seed-scalars";
+    default:
+      return "unspecified";
+  }
+}
+
+int64_t ServerConfig::EffectiveMinReports() const {
+  return min_reports > 0 ? min_reports : std::max<int64_t>(1, (clients_per_round + 1) / 2);
+}
+
+int64_t ServerConfig::SelectionQuota() const {
+  return static_cast<int64_t>(std::ceil(static_cast<double>(clients_per_round) * over_selection - 1e-9));
+}
+
+absl::Status ServerConfig::Validate() const {
+  if (model_dir.empty()) return KeyError("model", "dir", "is required (the base model directory)");
+  if (method != "lora-bp" && method != "fwdgrad" && method != "mezo" && method != "kseed") {
+    return KeyError("training", "method", StrCat("'", method, "' is not lora-bp, fwdgrad, mezo or kseed"));
+  }
+  if (clients_per_round < 1) return KeyError("training", "clients_per_round", "must be >= 1");
+  if (!(over_selection >= 1.0)) return KeyError("training", "over_selection", "must be >= 1");
+  if (EffectiveMinReports() > clients_per_round) {
+    return KeyError("training", "min_reports", "must not exceed clients_per_round");
+  }
+  if (selection_window_s < 0 || round_deadline_s <= 0 || selection_window_s >= round_deadline_s) {
+    return KeyError("training", "round_deadline_s", "must be positive and longer than selection_window_s");
+  }
+  if (steps < 1 || batch < 1 || seq_len < 2) return KeyError("training", "steps/batch/seq_len", "must be positive");
+  if (max_update_bytes < 1024) return KeyError("training", "max_update_bytes", "must be at least 1024");
+  if (max_inflight_uploads < 1) return KeyError("training", "max_inflight_uploads", "must be >= 1");
+  SEEDLING_RETURN_IF_ERROR(comms::ValidateCodecOptions(codec));
+  const bool seed_codec = codec.codec == v1::CODEC_SEED_SCALARS;
+  if (method == "kseed" && !seed_codec) return KeyError("training", "codec", "kseed uploads need codec = \"seed-scalars\"");
+  if (seed_codec && method != "kseed" && method != "fwdgrad") {
+    return KeyError("training", "codec", "seed-scalars is for the kseed and fwdgrad methods");
+  }
+  if (lora_rank < 1 || !(lora_alpha > 0)) return KeyError("lora", "rank/alpha", "must be positive");
+  if (lora_targets.empty()) return KeyError("lora", "targets", "must name at least one projection");
+  if (io_threads < 1 || max_connections < 1) return KeyError("server", "io_threads/max_connections", "must be >= 1");
+  if (tick_ms < 10) return KeyError("server", "tick_ms", "must be >= 10");
+  if (!(retry_jitter >= 0 && retry_jitter < 1) || retry_base_s < 1) {
+    return KeyError("retry", "base_seconds/jitter", "need base >= 1 and 0 <= jitter < 1");
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<ServerConfig> ParseServerConfig(std::string_view toml_text) {
+  toml::table root;
+  try {
+    root = toml::parse(toml_text);
+  } catch (const toml::parse_error& e) {
+    return absl::InvalidArgumentError(StrCat("not valid TOML: ", e.description(), " (line ",
+                                             e.source().begin.line, ")"));
+  }
+  ServerConfig c;
+  auto table = [&](const char* name) { return root.get_as<toml::table>(name); };
+  for (const auto& [key, value] : root) {
+    const std::string k(key.str());
+    static const std::set<std::string> kTables = {"server", "model", "training", "lora", "strategy", "retry"};
+    if (!kTables.count(k)) return absl::InvalidArgumentError(StrCat("unknown section [", k, "]"));
+    if (!value.is_table()) return absl::InvalidArgumentError(StrCat("[", k, "] must be a table"));
+  }
+
+  Section server(table("server"), "server");
+  SEEDLING_RETURN_IF_ERROR(server.Get("state_dir", c.state_dir));
+  SEEDLING_RETURN_IF_ERROR(server.Get("bind", c.bind));
+  SEEDLING_RETURN_IF_ERROR(server.Get("port", c.port));
+  SEEDLING_RETURN_IF_ERROR(server.Get("cert_file", c.cert_file));
+  SEEDLING_RETURN_IF_ERROR(server.Get("key_file", c.key_file));
+  SEEDLING_RETURN_IF_ERROR(server.Get("client_ca_file", c.client_ca_file));
+  SEEDLING_RETURN_IF_ERROR(server.Get("io_threads", c.io_threads));
+  SEEDLING_RETURN_IF_ERROR(server.Get("max_connections", c.max_connections));
+  SEEDLING_RETURN_IF_ERROR(server.Get("handshake_timeout_ms", c.handshake_timeout_ms));
+  SEEDLING_RETURN_IF_ERROR(server.Get("read_timeout_ms", c.read_timeout_ms));
+  SEEDLING_RETURN_IF_ERROR(server.Get("idle_timeout_ms", c.idle_timeout_ms));
+  SEEDLING_RETURN_IF_ERROR(server.Get("write_timeout_ms", c.write_timeout_ms));
+  SEEDLING_RETURN_IF_ERROR(server.Get("http_bind", c.http_bind));
+  SEEDLING_RETURN_IF_ERROR(server.Get("http_port", c.http_port));
+  SEEDLING_RETURN_IF_ERROR(server.Get("tick_ms", c.tick_ms));
+  SEEDLING_RETURN_IF_ERROR(server.CheckNoUnknownKeys());
+
+  Section model(table("model"), "model");
+  SEEDLING_RETURN_IF_ERROR(model.Get("dir", c.model_dir));
+  SEEDLING_RETURN_IF_ERROR(model.Get("id", c.model_id));
+  SEEDLING_RETURN_IF_ERROR(model.CheckNoUnknownKeys());
+
+  Section training(table("training"), "training");
+  std::string codec = "fp16";
+  SEEDLING_RETURN_IF_ERROR(training.Get("method", c.method));
+  SEEDLING_RETURN_IF_ERROR(training.Get("rounds", c.rounds));
+  SEEDLING_RETURN_IF_ERROR(training.Get("clients_per_round", c.clients_per_round));
+  SEEDLING_RETURN_IF_ERROR(training.Get("over_selection", c.over_selection));
+  SEEDLING_RETURN_IF_ERROR(training.Get("min_reports", c.min_reports));
+  SEEDLING_RETURN_IF_ERROR(training.Get("selection_window_s", c.selection_window_s));
+  SEEDLING_RETURN_IF_ERROR(training.Get("round_deadline_s", c.round_deadline_s));
+  SEEDLING_RETURN_IF_ERROR(training.Get("seed", c.seed));
+  SEEDLING_RETURN_IF_ERROR(training.Get("steps", c.steps));
+  SEEDLING_RETURN_IF_ERROR(training.Get("batch", c.batch));
+  SEEDLING_RETURN_IF_ERROR(training.Get("seq_len", c.seq_len));
+  SEEDLING_RETURN_IF_ERROR(training.Get("lr", c.lr));
+  SEEDLING_RETURN_IF_ERROR(training.Get("epsilon", c.epsilon));
+  SEEDLING_RETURN_IF_ERROR(training.Get("perturbations", c.perturbations));
+  const bool codec_given = table("training") != nullptr && table("training")->get("codec") != nullptr;
+  SEEDLING_RETURN_IF_ERROR(training.Get("codec", codec));
+  SEEDLING_RETURN_IF_ERROR(training.Get("block_size", c.codec.block_size));
+  SEEDLING_RETURN_IF_ERROR(training.Get("topk_fraction", c.codec.topk_fraction));
+  SEEDLING_RETURN_IF_ERROR(training.Get("clip_norm", c.clip_norm));
+  SEEDLING_RETURN_IF_ERROR(training.Get("max_update_norm", c.max_update_norm));
+  SEEDLING_RETURN_IF_ERROR(training.Get("max_update_bytes", c.max_update_bytes));
+  SEEDLING_RETURN_IF_ERROR(training.Get("max_inflight_uploads", c.max_inflight_uploads));
+  SEEDLING_RETURN_IF_ERROR(training.Get("require_charging", c.require_charging));
+  SEEDLING_RETURN_IF_ERROR(training.Get("require_unmetered", c.require_unmetered));
+  SEEDLING_RETURN_IF_ERROR(training.Get("require_idle", c.require_idle));
+  SEEDLING_RETURN_IF_ERROR(training.CheckNoUnknownKeys());
+  if (!codec_given && c.method == "kseed") codec = "seed-scalars";
+  SEEDLING_ASSIGN_OR_RETURN(c.codec.codec, ParseCodecName(codec));
+
+  Section lora(table("lora"), "lora");
+  SEEDLING_RETURN_IF_ERROR(lora.Get("rank", c.lora_rank));
+  SEEDLING_RETURN_IF_ERROR(lora.Get("alpha", c.lora_alpha));
+  SEEDLING_RETURN_IF_ERROR(lora.Get("targets", c.lora_targets));
+  SEEDLING_RETURN_IF_ERROR(lora.Get("init_seed", c.lora_init_seed));
+  SEEDLING_RETURN_IF_ERROR(lora.CheckNoUnknownKeys());
+
+  Section strategy(table("strategy"), "strategy");
+  StrategyOptions& s = c.strategy;
+  s.name = c.method == "kseed" ? "kseed" : c.method == "fwdgrad" ? "fwdgrad" : "fedavg";
+  SEEDLING_RETURN_IF_ERROR(strategy.Get("name", s.name));
+  SEEDLING_RETURN_IF_ERROR(strategy.Get("server_lr", s.server_lr));
+  SEEDLING_RETURN_IF_ERROR(strategy.Get("momentum", s.momentum));
+  SEEDLING_RETURN_IF_ERROR(strategy.Get("beta1", s.beta1));
+  SEEDLING_RETURN_IF_ERROR(strategy.Get("beta2", s.beta2));
+  SEEDLING_RETURN_IF_ERROR(strategy.Get("tau", s.tau));
+  SEEDLING_RETURN_IF_ERROR(strategy.Get("fwdgrad_lr", s.fwdgrad_lr));
+  SEEDLING_RETURN_IF_ERROR(strategy.Get("warmup_fraction", s.warmup_fraction));
+  SEEDLING_RETURN_IF_ERROR(strategy.Get("kseed_pool_size", s.kseed_pool_size));
+  SEEDLING_RETURN_IF_ERROR(strategy.Get("kseed_pool_seed", s.kseed_pool_seed));
+  SEEDLING_RETURN_IF_ERROR(strategy.CheckNoUnknownKeys());
+  s.total_rounds = c.rounds > 0 ? c.rounds : 100;
+  s.max_update_norm = c.max_update_norm;
+
+  Section retry(table("retry"), "retry");
+  SEEDLING_RETURN_IF_ERROR(retry.Get("base_seconds", c.retry_base_s));
+  SEEDLING_RETURN_IF_ERROR(retry.Get("jitter", c.retry_jitter));
+  SEEDLING_RETURN_IF_ERROR(retry.CheckNoUnknownKeys());
+
+  SEEDLING_RETURN_IF_ERROR(c.Validate());
+  return c;
+}
+
+absl::StatusOr<ServerConfig> LoadServerConfig(const std::string& path) {
+  SEEDLING_ASSIGN_OR_RETURN(std::string text, ReadFile(path));
+  auto config = ParseServerConfig(text);
+  if (!config.ok()) return Annotate(config.status(), path);
+  // Relative paths are relative to the config file.
+  const std::filesystem::path base = std::filesystem::path(path).parent_path();
+  auto resolve = [&](std::string& p) {
+    if (!p.empty() && std::filesystem::path(p).is_relative()) p = (base / p).lexically_normal().string();
+  };
+  resolve(config->state_dir);
+  resolve(config->cert_file);
+  resolve(config->key_file);
+  resolve(config->client_ca_file);
+  resolve(config->model_dir);
+  return config;
+}
+
+}  // namespace seedling::server

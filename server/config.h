@@ -1,0 +1,88 @@
+#pragma once
+
+// The coordinator's configuration: `seedling serve --config server.toml`. Every field has a default (the
+// README lists them all); unknown keys are errors, so a typo never silently falls back to a default.
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "comms/codec.h"
+#include "server/strategy.h"
+
+namespace seedling::server {
+
+struct ServerConfig {
+  // [server]
+  std::string state_dir = "seedling-state";  // SQLite database and checkpoints
+  std::string bind = "127.0.0.1";
+  uint16_t port = 8443;                      // TLS port for devices
+  std::string cert_file = "certs/server.crt";
+  std::string key_file = "certs/server.key";
+  std::string client_ca_file;                // non-empty: mutual TLS, devices need a client certificate
+  int io_threads = 2;
+  int max_connections = 4096;
+  int64_t handshake_timeout_ms = 10000;
+  int64_t read_timeout_ms = 30000;
+  int64_t idle_timeout_ms = 60000;
+  int64_t write_timeout_ms = 30000;
+  std::string http_bind = "127.0.0.1";       // metrics, health and dashboard (plain HTTP)
+  uint16_t http_port = 9090;                 // 0: no HTTP server
+  int64_t tick_ms = 500;                     // how often the round state machine advances
+
+  // [model]
+  std::string model_dir;                     // base model directory (config.json gives the adapter's shapes)
+  std::string model_id;                      // default: hex SHA-256 of config.json
+
+  // [training]
+  std::string method = "lora-bp";            // lora-bp, fwdgrad, mezo, kseed
+  int64_t rounds = 0;                        // rounds to run; 0 = until stopped
+  int64_t clients_per_round = 10;            // reports wanted per round (the target)
+  double over_selection = 1.3;               // tasks handed out = ceil(target × this)
+  int64_t min_reports = 0;                   // fewer at the deadline: the round aborts; 0 = ceil(target / 2)
+  int64_t selection_window_s = 60;           // a round waits this long for check-ins before it collects
+  int64_t round_deadline_s = 600;            // from the round's opening; later uploads are Stale
+  uint64_t seed = 0;                         // rounds' seeds derive from it
+  int64_t steps = 20;                        // local steps per task
+  int64_t batch = 1;
+  int64_t seq_len = 256;
+  double lr = 0;                             // client lr; 0 = the method's default (client/local_training.h)
+  double epsilon = 0;                        // mezo / kseed / central differences; 0 = default
+  int64_t perturbations = 8;                 // fwdgrad K
+  comms::CodecOptions codec;                 // codec = "fp16", block_size = 64, topk_fraction = 0.01
+  double clip_norm = 0;                      // sent to clients (DP clipping, issue 6); 0 = none
+  double max_update_norm = 0;                // reject updates with a larger L2 norm; 0 = no cap
+  uint64_t max_update_bytes = 64ull << 20;   // encoded update cap
+  int64_t max_inflight_uploads = 256;        // uploads being received at once
+  bool require_charging = false;             // eligibility
+  bool require_unmetered = false;
+  bool require_idle = false;
+
+  // [lora]
+  int64_t lora_rank = 8;
+  double lora_alpha = 16;
+  std::vector<std::string> lora_targets = {"q_proj", "v_proj"};
+  uint64_t lora_init_seed = 0;
+
+  // [strategy] (name default: fedavg; kseed for method kseed, fwdgrad for method fwdgrad)
+  StrategyOptions strategy;
+
+  // [retry]
+  int64_t retry_base_s = 30;                 // RetryAfter for devices not selected
+  double retry_jitter = 0.5;                 // ± fraction of uniform jitter
+
+  int64_t EffectiveMinReports() const;
+  int64_t SelectionQuota() const;            // ceil(target × over_selection)
+  absl::Status Validate() const;
+};
+
+// Parses TOML text. InvalidArgument naming the key for unknown keys, wrong types or invalid values.
+absl::StatusOr<ServerConfig> ParseServerConfig(std::string_view toml_text);
+absl::StatusOr<ServerConfig> LoadServerConfig(const std::string& path);
+
+// Parses "fp32", "fp16", "int8", "int4", "topk", "seed-scalars".
+absl::StatusOr<v1::Codec> ParseCodecName(std::string_view name);
+const char* CodecName(v1::Codec codec);
+
+}  // namespace seedling::server

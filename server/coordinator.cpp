@@ -1,0 +1,903 @@
+#include "server/coordinator.h"
+
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/rand.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/str_format.h"
+#include "base/file.h"
+#include "base/philox.h"
+#include "base/status.h"
+#include "base/strings.h"
+#include "lora/adapter.h"
+#include "model/config.h"
+#include "spdlog/spdlog.h"
+
+namespace seedling::server {
+namespace {
+
+constexpr const char* kServerVersion = "seedling 0.1.0";
+
+v1::Envelope Response(uint64_t request_id) {
+  v1::Envelope e;
+  e.set_protocol_version(1);
+  e.set_request_id(request_id);
+  return e;
+}
+
+std::string Hex(std::string_view raw) {
+  static const char* kDigits = "0123456789abcdef";
+  std::string out;
+  out.reserve(raw.size() * 2);
+  for (unsigned char c : raw) {
+    out.push_back(kDigits[c >> 4]);
+    out.push_back(kDigits[c & 15]);
+  }
+  return out;
+}
+
+std::string ParamsBytes(const std::vector<float>& params) {
+  std::string bytes(params.size() * sizeof(float), '\0');
+  std::memcpy(bytes.data(), params.data(), bytes.size());  // little-endian hosts only (checked elsewhere)
+  return bytes;
+}
+
+// The key a device must use for an upload: one per (device, round, task).
+std::string ExpectedKey(const std::string& device_id, uint64_t round_id, const std::string& task_id) {
+  return StrCat(device_id, "/", round_id, "/", task_id);
+}
+
+}  // namespace
+
+// ---- helpers --------------------------------------------------------------------------------------------
+
+int64_t SystemClock::NowMs() const {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+std::string Sha256Raw(std::string_view bytes) {
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  EVP_Digest(bytes.data(), bytes.size(), digest, &len, EVP_sha256(), nullptr);
+  return std::string(reinterpret_cast<const char*>(digest), len);
+}
+
+std::string Sha256Hex(std::string_view bytes) { return Hex(Sha256Raw(bytes)); }
+
+absl::StatusOr<std::string> AddDevice(Store& store, const std::string& device_id, int64_t now_ms) {
+  if (device_id.empty() || device_id.size() > 128 || device_id.find_first_of("/ \t\n") != std::string::npos) {
+    return absl::InvalidArgumentError("device ids are 1-128 characters without '/' or whitespace");
+  }
+  unsigned char raw[32];
+  if (RAND_bytes(raw, sizeof(raw)) != 1) return absl::InternalError("no randomness for a token");
+  const std::string token = Hex(std::string_view(reinterpret_cast<const char*>(raw), sizeof(raw)));
+  DeviceRecord d;
+  d.device_id = device_id;
+  d.token_sha256 = Sha256Hex(token);
+  d.created_ms = now_ms;
+  SEEDLING_RETURN_IF_ERROR(store.AddDevice(d));
+  return token;
+}
+
+// ---- per-round bookkeeping ------------------------------------------------------------------------------
+
+struct Coordinator::Inflight {
+  std::string key;
+  std::string device_id;
+  std::string task_id;
+  uint64_t round_id = 0;
+  uint64_t total_bytes = 0;
+  v1::Codec codec = v1::CODEC_UNSPECIFIED;
+  uint64_t num_examples = 0;
+  v1::UpdateMetrics metrics;
+  std::string sha256;  // raw, as announced
+  std::string data;
+  int64_t last_activity_ms = 0;
+};
+
+struct Coordinator::RoundStats {
+  int64_t rejected = 0;
+  double loss_start_sum = 0, loss_end_sum = 0;
+  int64_t loss_count = 0;
+  uint64_t bytes_up = 0, bytes_down = 0;
+};
+
+// ---- the connection handler ------------------------------------------------------------------------------
+
+class Coordinator::Handler : public comms::ConnectionHandler {
+ public:
+  Handler(Coordinator* c, std::string peer) : c_(c), peer_(std::move(peer)) {
+    std::lock_guard<std::mutex> lock(c_->mu_);
+    ++c_->connections_;
+    if (c_->connections_gauge_ != nullptr) c_->connections_gauge_->Increment();
+  }
+
+  size_t MaxRequestBytes() const override {
+    return uploading_ ? comms::kMaxChunkFrameBytes : comms::kMaxControlFrameBytes;
+  }
+
+  v1::Envelope Handle(const v1::Envelope& request) override {
+    v1::Envelope reply;
+    switch (request.body_case()) {
+      case v1::Envelope::kHello:
+        c_->CountRequest("hello");
+        reply = c_->OnHello(request.hello(), &device_id_);
+        break;
+      case v1::Envelope::kCheckIn:
+      case v1::Envelope::kDownload:
+      case v1::Envelope::kUploadBegin:
+      case v1::Envelope::kUploadChunk:
+      case v1::Envelope::kUploadCommit:
+      case v1::Envelope::kDecline:
+        if (device_id_.empty()) {
+          std::lock_guard<std::mutex> lock(c_->mu_);
+          reply = c_->RejectLocked(v1::UNAUTHENTICATED, "send Hello with a valid device token first", "unauthenticated");
+          break;
+        }
+        reply = Dispatch(request);
+        break;
+      default: {
+        std::lock_guard<std::mutex> lock(c_->mu_);
+        reply = c_->RejectLocked(v1::MALFORMED_MESSAGE, "not a request", "malformed");
+      }
+    }
+    reply.set_protocol_version(1);
+    reply.set_request_id(request.request_id());
+    return reply;
+  }
+
+  v1::Envelope OnMalformed(const absl::Status& error) override {
+    std::lock_guard<std::mutex> lock(c_->mu_);
+    const bool too_large = error.code() == absl::StatusCode::kResourceExhausted;
+    v1::Envelope e = c_->RejectLocked(too_large ? v1::RESOURCE_EXHAUSTED : v1::MALFORMED_MESSAGE,
+                                      std::string(error.message()), too_large ? "frame_too_large" : "malformed");
+    e.set_protocol_version(1);
+    return e;
+  }
+
+  void OnClose() override {
+    std::lock_guard<std::mutex> lock(c_->mu_);
+    --c_->connections_;
+    if (c_->connections_gauge_ != nullptr) c_->connections_gauge_->Decrement();
+  }
+
+ private:
+  v1::Envelope Dispatch(const v1::Envelope& request) {
+    switch (request.body_case()) {
+      case v1::Envelope::kCheckIn:
+        c_->CountRequest("check_in");
+        return c_->OnCheckIn(device_id_, request.check_in());
+      case v1::Envelope::kDownload:
+        c_->CountRequest("download");
+        return c_->OnDownload(device_id_, request.download());
+      case v1::Envelope::kUploadBegin: {
+        c_->CountRequest("upload_begin");
+        v1::Envelope r = c_->OnUploadBegin(device_id_, request.upload_begin());
+        uploading_ = r.has_upload_ack() && !r.upload_ack().accepted();
+        return r;
+      }
+      case v1::Envelope::kUploadChunk:
+        c_->CountRequest("upload_chunk");
+        return c_->OnUploadChunk(device_id_, request.upload_chunk());
+      case v1::Envelope::kUploadCommit:
+        c_->CountRequest("upload_commit");
+        uploading_ = false;
+        return c_->OnUploadCommit(device_id_, request.upload_commit());
+      case v1::Envelope::kDecline:
+        c_->CountRequest("decline");
+        return c_->OnDecline(device_id_, request.decline());
+      default:
+        return Response(0);
+    }
+  }
+
+  Coordinator* const c_;
+  const std::string peer_;
+  std::string device_id_;  // set by a successful Hello
+  bool uploading_ = false;
+};
+
+// ---- construction ---------------------------------------------------------------------------------------
+
+Coordinator::Coordinator(const ServerConfig& config, const Clock* clock, Metrics* metrics, std::unique_ptr<Store> store)
+    : config_(config), clock_(clock), metrics_(metrics), store_(std::move(store)), stats_(std::make_unique<RoundStats>()) {
+  if (metrics_ != nullptr) {
+    requests_total_ = &metrics_->AddCounter("seedling_requests_total", "Requests from devices, by kind.", {"kind"});
+    rejections_total_ = &metrics_->AddCounter("seedling_rejections_total", "Requests refused, by reason.", {"reason"});
+    rounds_total_ = &metrics_->AddCounter("seedling_rounds_total", "Finished rounds, by outcome.", {"outcome"});
+    declines_total_ = &metrics_->AddCounter("seedling_declines_total", "Tasks declined by devices.", {"reason"});
+    accepted_total_ = &metrics_->AddCounter("seedling_updates_accepted_total", "Updates accepted.").Get();
+    tasks_total_ = &metrics_->AddCounter("seedling_tasks_assigned_total", "Tasks handed out.").Get();
+    global_version_gauge_ = &metrics_->AddGauge("seedling_global_version", "Committed global version.").Get();
+    connections_gauge_ = &metrics_->AddGauge("seedling_connections", "Open device connections.").Get();
+  }
+}
+
+Coordinator::~Coordinator() = default;
+
+absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(const ServerConfig& config, const Clock* clock,
+                                                                 Metrics* metrics) {
+  SEEDLING_RETURN_IF_ERROR(config.Validate());
+  SEEDLING_RETURN_IF_ERROR(MakeDirs(config.state_dir));
+  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<Store> store, Store::Open(config.state_dir));
+  const int64_t now = clock->NowMs();
+  SEEDLING_ASSIGN_OR_RETURN(std::vector<RoundRecord> aborted,
+                            store->RecoverAfterCrash(now, "server restarted during the round"));
+  for (const RoundRecord& r : aborted) {
+    spdlog::warn("round {} was interrupted by a restart and is aborted; its devices will be asked to retry",
+                 r.round_id);
+  }
+  std::unique_ptr<Coordinator> c(new Coordinator(config, clock, metrics, std::move(store)));
+  // Round ids are consecutive from 1 and every round is final after recovery: the latest id is the number
+  // of rounds run so far (so `rounds` in the config counts across restarts).
+  SEEDLING_ASSIGN_OR_RETURN(std::optional<RoundRecord> latest, c->store_->LatestRound());
+  c->finished_rounds_ = latest.has_value() ? static_cast<int64_t>(latest->round_id) : 0;
+
+  // The adapter's shapes come from the base model's config.json; its id defaults to that file's hash.
+  const std::string config_path = JoinPath(config.model_dir, "config.json");
+  SEEDLING_ASSIGN_OR_RETURN(std::string config_text, ReadFile(config_path));
+  SEEDLING_ASSIGN_OR_RETURN(model::ModelConfig model_config, model::ParseModelConfig(config_text));
+  c->model_id_ = config.model_id.empty() ? Sha256Hex(config_text) : config.model_id;
+  lora::LoraConfig lc;
+  lc.rank = config.lora_rank;
+  lc.alpha = config.lora_alpha;
+  lc.init_seed = config.lora_init_seed;
+  std::string targets;
+  for (const std::string& t : config.lora_targets) targets += (targets.empty() ? "" : ",") + t;
+  SEEDLING_ASSIGN_OR_RETURN(lc.targets, lora::ParseTargets(targets));
+  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<lora::LoraAdapter> adapter, lora::LoraAdapter::Create(model_config, lc));
+  c->num_parameters_ = adapter->numel();
+
+  StrategyOptions strategy = config.strategy;
+  strategy.max_update_norm = config.max_update_norm;  // one setting, enforced by the strategy
+  SEEDLING_ASSIGN_OR_RETURN(c->strategy_, MakeStrategy(strategy));
+  SEEDLING_ASSIGN_OR_RETURN(const uint64_t version, c->store_->GlobalVersion());
+  c->global_.version = version;
+  if (version == 0) {
+    // Version 0 is the adapter's deterministic initialization: the same bits every device computes.
+    const float* p = adapter->flat().data_ptr<float>();
+    c->global_.params.assign(p, p + adapter->numel());
+  } else {
+    SEEDLING_ASSIGN_OR_RETURN(std::vector<NamedVector> vectors, c->store_->ReadCheckpoint(version));
+    for (NamedVector& v : vectors) {
+      if (v.name == "params") {
+        c->global_.params = std::move(v.values);
+      } else {
+        c->global_.buffers[v.name] = std::move(v.values);
+      }
+    }
+    if (static_cast<int64_t>(c->global_.params.size()) != c->num_parameters_) {
+      return absl::FailedPreconditionError(StrCat("checkpoint of version ", version, " holds ", c->global_.params.size(),
+                                                  " parameters; the configured adapter has ", c->num_parameters_));
+    }
+  }
+  c->global_bytes_ = ParamsBytes(c->global_.params);
+  c->global_sha256_ = Sha256Raw(c->global_bytes_);
+  spdlog::info("coordinator: model {}, adapter of {} parameters, global version {}", c->model_id_.substr(0, 12),
+               c->num_parameters_, version);
+  return c;
+}
+
+comms::HandlerFactory Coordinator::handler_factory() {
+  return [this](const comms::PeerInfo& peer) -> std::unique_ptr<comms::ConnectionHandler> {
+    return std::make_unique<Handler>(this, peer.address);
+  };
+}
+
+void Coordinator::CountRequest(const char* kind) {
+  if (requests_total_ != nullptr) requests_total_->WithLabels({kind}).Increment();
+}
+
+v1::Envelope Coordinator::RejectLocked(v1::RejectCode code, std::string message, const char* reason) {
+  v1::Envelope e = Response(0);
+  v1::Reject* r = e.mutable_reject();
+  r->set_code(code);
+  r->set_message(std::move(message));
+  if (code == v1::STALE || code == v1::ABORTED || code == v1::NOT_SELECTED || code == v1::RESOURCE_EXHAUSTED) {
+    r->set_retry_after_seconds(RetrySecondsLocked());
+  }
+  ++rejected_by_reason_[reason];
+  ++stats_->rejected;
+  if (rejections_total_ != nullptr) rejections_total_->WithLabels({reason}).Increment();
+  return e;
+}
+
+uint32_t Coordinator::RetrySecondsLocked() {
+  // base ± jitter, from a deterministic stream (reproducible in tests and the simulator).
+  Rng rng(config_.seed, 0x7265747279ULL /* "retry" */ + retry_counter_++);
+  const double f = 1.0 + config_.retry_jitter * (2.0 * rng.Uniform() - 1.0);
+  return static_cast<uint32_t>(std::max(1.0, std::round(static_cast<double>(config_.retry_base_s) * f)));
+}
+
+// ---- Hello ----------------------------------------------------------------------------------------------
+
+v1::Envelope Coordinator::OnHello(const v1::Hello& hello, std::string* device_id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto device = store_->FindDevice(hello.device_id());
+  if (!device.ok()) return RejectLocked(v1::INTERNAL, "device registry unavailable", "internal");
+  // Compare hashes in constant time; an unknown device costs the same as a wrong token.
+  const std::string presented = Sha256Hex(hello.token());
+  const std::string expected = device->has_value() ? (*device)->token_sha256 : std::string(64, '0');
+  const bool ok = device->has_value() && presented.size() == expected.size() &&
+                  CRYPTO_memcmp(presented.data(), expected.data(), expected.size()) == 0;
+  if (!ok) return RejectLocked(v1::UNAUTHENTICATED, "unknown device or wrong token", "unauthenticated");
+  (void)store_->TouchDevice(hello.device_id(), clock_->NowMs());
+  *device_id = hello.device_id();
+  v1::Envelope e = Response(0);
+  e.mutable_hello_reply()->set_server_time_ms(static_cast<uint64_t>(clock_->NowMs()));
+  e.mutable_hello_reply()->set_server_version(kServerVersion);
+  return e;
+}
+
+// ---- Check-in -------------------------------------------------------------------------------------------
+
+v1::Task Coordinator::MakeTaskLocked(const RoundRecord& round, const TaskRecord& task) {
+  v1::Task t;
+  t.set_round_id(round.round_id);
+  t.set_task_id(task.task_id);
+  t.set_method(config_.method);
+  auto& hp = *t.mutable_hyperparameters();
+  hp["steps"] = static_cast<double>(config_.steps);
+  hp["batch"] = static_cast<double>(config_.batch);
+  hp["seq_len"] = static_cast<double>(config_.seq_len);
+  if (config_.lr > 0) hp["lr"] = config_.lr;
+  if (config_.epsilon > 0) hp["epsilon"] = config_.epsilon;
+  hp["perturbations"] = static_cast<double>(config_.perturbations);
+  t.set_global_version(round.base_version);
+  t.set_global_sha256(global_sha256_);
+  // Each task's seed: a fixed function of (run seed, round, task) so a re-sent task is the same task.
+  Rng rng(config_.seed ^ (round.round_id * 0x9E3779B97F4A7C15ULL), std::hash<std::string>{}(task.task_id));
+  t.set_seed(rng.NextU64());
+  t.mutable_codec()->set_codec(config_.codec.codec);
+  t.mutable_codec()->set_block_size(config_.codec.block_size);
+  t.mutable_codec()->set_topk_fraction(config_.codec.topk_fraction);
+  t.set_clip_norm(static_cast<float>(config_.clip_norm));
+  t.set_deadline_ms(static_cast<uint64_t>(round.deadline_ms));
+  t.set_num_parameters(static_cast<uint64_t>(num_parameters_));
+  t.set_max_update_bytes(config_.max_update_bytes);
+  t.mutable_lora()->set_rank(static_cast<uint32_t>(config_.lora_rank));
+  t.mutable_lora()->set_alpha(static_cast<float>(config_.lora_alpha));
+  for (const std::string& target : config_.lora_targets) t.mutable_lora()->add_targets(target);
+  t.mutable_lora()->set_init_seed(config_.lora_init_seed);
+  t.set_model_id(model_id_);
+  strategy_->ConfigureTask(global_.version, t);
+  return t;
+}
+
+v1::Envelope Coordinator::OnCheckIn(const std::string& device_id, const v1::CheckIn& check_in) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto retry = [&](const std::string& reason) {
+    v1::Envelope e = Response(0);
+    e.mutable_check_in_reply()->mutable_retry_after()->set_seconds(RetrySecondsLocked());
+    e.mutable_check_in_reply()->mutable_retry_after()->set_reason(reason);
+    return e;
+  };
+  const v1::DeviceConditions& cond = check_in.conditions();
+  if ((config_.require_charging && !cond.charging()) || (config_.require_unmetered && !cond.unmetered()) ||
+      (config_.require_idle && !cond.idle())) {
+    return retry("run conditions not met");
+  }
+  if (!round_.has_value() || (round_->state != RoundState::kOpen && round_->state != RoundState::kCollecting)) {
+    return retry("no open round");
+  }
+  // A device already selected in this round gets its task again (e.g. after a restart of the app).
+  auto existing = store_->FindTaskFor(round_->round_id, device_id);
+  if (!existing.ok()) return RejectLocked(v1::INTERNAL, "task registry unavailable", "internal");
+  if (existing->has_value()) {
+    const TaskRecord& task = **existing;
+    if (task.state == "assigned") {
+      v1::Envelope e = Response(0);
+      *e.mutable_check_in_reply()->mutable_task() = MakeTaskLocked(*round_, task);
+      return e;
+    }
+    return retry(task.state == "uploaded" ? "already reported this round" : "declined this round");
+  }
+  if (round_->state != RoundState::kOpen || round_->selected >= config_.SelectionQuota()) {
+    return retry("not selected");
+  }
+  TaskRecord task;
+  task.task_id = StrCat("r", round_->round_id, "-", round_->selected + 1);
+  task.round_id = round_->round_id;
+  task.device_id = device_id;
+  task.assigned_ms = clock_->NowMs();
+  if (absl::Status st = store_->AddTask(task); !st.ok()) {
+    spdlog::error("cannot record task: {}", std::string(st.message()));
+    return RejectLocked(v1::INTERNAL, "cannot record the task", "internal");
+  }
+  ++round_->selected;
+  if (tasks_total_ != nullptr) tasks_total_->Increment();
+  v1::Envelope e = Response(0);
+  *e.mutable_check_in_reply()->mutable_task() = MakeTaskLocked(*round_, task);
+  if (round_->selected >= config_.SelectionQuota()) {
+    if (store_->SetRoundState(round_->round_id, RoundState::kCollecting, clock_->NowMs()).ok()) {
+      round_->state = RoundState::kCollecting;
+    }
+  }
+  return e;
+}
+
+// ---- Download -------------------------------------------------------------------------------------------
+
+v1::Envelope Coordinator::OnDownload(const std::string& device_id, const v1::Download& download) {
+  std::lock_guard<std::mutex> lock(mu_);
+  v1::Envelope e = Response(0);
+  v1::DownloadReply* r = e.mutable_download_reply();
+  r->set_version(global_.version);
+  if (download.what() == v1::Download::ADAPTER) {
+    if (download.version() != global_.version) {
+      return RejectLocked(v1::STALE, StrCat("version ", download.version(), " is not the current global version ",
+                                            global_.version),
+                          "stale_version");
+    }
+    const uint64_t total = global_bytes_.size();
+    if (download.offset() > total) return RejectLocked(v1::MALFORMED_MESSAGE, "offset beyond the adapter", "malformed");
+    const uint64_t want = std::min<uint64_t>(download.max_bytes() == 0 ? comms::kMaxChunkBytes : download.max_bytes(),
+                                             comms::kMaxChunkBytes);
+    const uint64_t len = std::min<uint64_t>(want, total - download.offset());
+    r->set_total_bytes(total);
+    r->set_offset(download.offset());
+    r->set_data(global_bytes_.substr(download.offset(), len));
+    r->set_sha256(global_sha256_);
+    stats_->bytes_down += len;
+    return e;
+  }
+  if (download.what() == v1::Download::SEED_SUMS) {
+    auto blobs = store_->SeedSumsSince(download.since_version());
+    if (!blobs.ok()) return RejectLocked(v1::INTERNAL, "seed history unavailable", "internal");
+    size_t bytes = 0;
+    for (const auto& [version, blob] : *blobs) {
+      // Stay well inside one control frame; the device asks again from the last version it got.
+      if (bytes + blob.size() > (3u << 20) && r->rounds_size() > 0) break;
+      auto sums = ParseSeedSums(blob);
+      if (!sums.ok()) return RejectLocked(v1::INTERNAL, "corrupt seed history", "internal");
+      *r->add_rounds() = *sums;
+      bytes += blob.size();
+    }
+    stats_->bytes_down += bytes;
+    return e;
+  }
+  (void)device_id;
+  return RejectLocked(v1::MALFORMED_MESSAGE, "Download.what must be ADAPTER or SEED_SUMS", "malformed");
+}
+
+// ---- Upload ---------------------------------------------------------------------------------------------
+
+v1::Envelope Coordinator::OnUploadBegin(const std::string& device_id, const v1::UploadBegin& begin) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const int64_t now = clock_->NowMs();
+  // An exact retry of an update already in the ledger gets the same acknowledgement.
+  auto ledger = store_->FindLedgerEntry(begin.idempotency_key());
+  if (!ledger.ok()) return RejectLocked(v1::INTERNAL, "ledger unavailable", "internal");
+  if (ledger->has_value()) {
+    const LedgerEntry& entry = **ledger;
+    if (entry.device_id != device_id || entry.sha256 != Hex(begin.sha256())) {
+      return RejectLocked(v1::DUPLICATE, "this idempotency key was used for a different update", "duplicate");
+    }
+    auto round = store_->FindRound(entry.round_id);
+    if (round.ok() && round->has_value() && (*round)->state == RoundState::kAborted) {
+      return RejectLocked(v1::ABORTED, StrCat("round ", entry.round_id, " was aborted; check in for a new task"),
+                          "aborted");
+    }
+    v1::Envelope e = Response(0);
+    e.mutable_upload_ack()->set_received_bytes(entry.bytes);
+    e.mutable_upload_ack()->set_accepted(true);
+    e.mutable_upload_ack()->set_round_id(entry.round_id);
+    return e;
+  }
+  auto round_record = store_->FindRound(begin.round_id());
+  if (!round_record.ok()) return RejectLocked(v1::INTERNAL, "round registry unavailable", "internal");
+  if (!round_record->has_value()) return RejectLocked(v1::NOT_SELECTED, "no such round", "not_selected");
+  if ((*round_record)->state == RoundState::kAborted) {
+    return RejectLocked(v1::ABORTED, StrCat("round ", begin.round_id(), " was aborted; check in for a new task"),
+                        "aborted");
+  }
+  if (!round_.has_value() || round_->round_id != begin.round_id() ||
+      (round_->state != RoundState::kOpen && round_->state != RoundState::kCollecting)) {
+    return RejectLocked(v1::STALE, StrCat("round ", begin.round_id(), " is closed"), "stale");
+  }
+  if (now > round_->deadline_ms) return RejectLocked(v1::STALE, "the round's deadline has passed", "stale");
+  auto task = store_->FindTaskFor(begin.round_id(), device_id);
+  if (!task.ok()) return RejectLocked(v1::INTERNAL, "task registry unavailable", "internal");
+  if (!task->has_value() || (*task)->task_id != begin.task_id()) {
+    return RejectLocked(v1::NOT_SELECTED, "this device has no such task in the round", "not_selected");
+  }
+  if ((*task)->state == "declined") return RejectLocked(v1::STALE, "the task was declined", "stale");
+  if (begin.idempotency_key() != ExpectedKey(device_id, begin.round_id(), begin.task_id())) {
+    return RejectLocked(v1::MALFORMED_MESSAGE, "idempotency_key must be <device>/<round>/<task>", "malformed");
+  }
+  if (begin.total_bytes() == 0 || begin.total_bytes() > config_.max_update_bytes) {
+    return RejectLocked(v1::RESOURCE_EXHAUSTED,
+                        StrCat("update of ", begin.total_bytes(), " bytes; the cap is ", config_.max_update_bytes),
+                        "too_large");
+  }
+  if (begin.codec() != config_.codec.codec) {
+    return RejectLocked(v1::INVALID_UPDATE, StrCat("codec ", CodecName(begin.codec()), " is not the task's ",
+                                                   CodecName(config_.codec.codec)),
+                        "wrong_codec");
+  }
+  if (begin.num_examples() == 0) return RejectLocked(v1::INVALID_UPDATE, "num_examples must be > 0", "invalid");
+  if (begin.sha256().size() != 32) return RejectLocked(v1::MALFORMED_MESSAGE, "sha256 must be 32 bytes", "malformed");
+
+  auto it = inflight_.find(begin.idempotency_key());
+  if (it != inflight_.end() && it->second->total_bytes == begin.total_bytes() && it->second->sha256 == begin.sha256()) {
+    // Resume: the device reconnected mid-upload.
+    it->second->last_activity_ms = now;
+    v1::Envelope e = Response(0);
+    e.mutable_upload_ack()->set_received_bytes(it->second->data.size());
+    e.mutable_upload_ack()->set_round_id(begin.round_id());
+    return e;
+  }
+  if (it == inflight_.end() && static_cast<int64_t>(inflight_.size()) >= config_.max_inflight_uploads) {
+    return RejectLocked(v1::RESOURCE_EXHAUSTED, "too many uploads in progress", "busy");
+  }
+  auto up = std::make_unique<Inflight>();
+  up->key = begin.idempotency_key();
+  up->device_id = device_id;
+  up->task_id = begin.task_id();
+  up->round_id = begin.round_id();
+  up->total_bytes = begin.total_bytes();
+  up->codec = begin.codec();
+  up->num_examples = begin.num_examples();
+  up->metrics = begin.metrics();
+  up->sha256 = begin.sha256();
+  up->last_activity_ms = now;
+  inflight_[up->key] = std::move(up);
+  v1::Envelope e = Response(0);
+  e.mutable_upload_ack()->set_received_bytes(0);
+  e.mutable_upload_ack()->set_round_id(begin.round_id());
+  return e;
+}
+
+v1::Envelope Coordinator::OnUploadChunk(const std::string& device_id, const v1::UploadChunk& chunk) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = inflight_.find(chunk.idempotency_key());
+  if (it == inflight_.end() || it->second->device_id != device_id) {
+    return RejectLocked(v1::MALFORMED_MESSAGE, "no upload in progress under this key (send UploadBegin)", "malformed");
+  }
+  Inflight& up = *it->second;
+  if (chunk.data().size() > comms::kMaxChunkBytes) {
+    return RejectLocked(v1::RESOURCE_EXHAUSTED, "chunks carry at most 1 MiB", "too_large");
+  }
+  v1::Envelope e = Response(0);
+  e.mutable_upload_ack()->set_round_id(up.round_id);
+  if (chunk.offset() != up.data.size()) {
+    // Out of order (e.g. a retry of a chunk we already have): tell the device where we are.
+    e.mutable_upload_ack()->set_received_bytes(up.data.size());
+    return e;
+  }
+  if (up.data.size() + chunk.data().size() > up.total_bytes) {
+    inflight_.erase(it);
+    return RejectLocked(v1::INVALID_UPDATE, "more bytes than announced", "invalid");
+  }
+  up.data.append(chunk.data());
+  up.last_activity_ms = clock_->NowMs();
+  stats_->bytes_up += chunk.data().size();
+  e.mutable_upload_ack()->set_received_bytes(up.data.size());
+  return e;
+}
+
+v1::Envelope Coordinator::OnUploadCommit(const std::string& device_id, const v1::UploadCommit& commit) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const int64_t now = clock_->NowMs();
+  auto it = inflight_.find(commit.idempotency_key());
+  if (it == inflight_.end() || it->second->device_id != device_id) {
+    auto ledger = store_->FindLedgerEntry(commit.idempotency_key());
+    if (ledger.ok() && ledger->has_value() && (*ledger)->device_id == device_id) {
+      v1::Envelope e = Response(0);  // a retried commit of an accepted update
+      e.mutable_upload_ack()->set_received_bytes((*ledger)->bytes);
+      e.mutable_upload_ack()->set_accepted(true);
+      e.mutable_upload_ack()->set_round_id((*ledger)->round_id);
+      return e;
+    }
+    return RejectLocked(v1::MALFORMED_MESSAGE, "no upload in progress under this key", "malformed");
+  }
+  std::unique_ptr<Inflight> up = std::move(it->second);
+  inflight_.erase(it);
+  if (up->data.size() != up->total_bytes) {
+    inflight_[up->key] = std::move(up);  // keep it: the device may still send the rest
+    return RejectLocked(v1::MALFORMED_MESSAGE, "commit before all bytes arrived", "malformed");
+  }
+  if (Sha256Raw(up->data) != up->sha256) {
+    return RejectLocked(v1::INVALID_UPDATE, "SHA-256 of the received bytes does not match", "checksum");
+  }
+  if (!round_.has_value() || round_->round_id != up->round_id ||
+      (round_->state != RoundState::kOpen && round_->state != RoundState::kCollecting) || now > round_->deadline_ms) {
+    return RejectLocked(v1::STALE, StrCat("round ", up->round_id, " is closed"), "stale");
+  }
+  // Validate and accumulate (the strategy leaves the aggregate unchanged when it refuses).
+  UpdateView view{device_id, up->num_examples, up->data};
+  if (absl::Status st = strategy_->Accumulate(view); !st.ok()) {
+    strategy_->RecordFailure(device_id, std::string(st.message()));
+    return RejectLocked(v1::INVALID_UPDATE, std::string(st.message()), "invalid_update");
+  }
+  LedgerEntry entry;
+  entry.idempotency_key = up->key;
+  entry.round_id = up->round_id;
+  entry.task_id = up->task_id;
+  entry.device_id = device_id;
+  entry.num_examples = up->num_examples;
+  entry.bytes = up->total_bytes;
+  entry.sha256 = Hex(up->sha256);
+  entry.accepted_ms = now;
+  nlohmann::json m = {{"loss_start", up->metrics.loss_start()}, {"loss_end", up->metrics.loss_end()},
+                      {"steps", up->metrics.steps()}, {"skipped_steps", up->metrics.skipped_steps()}};
+  entry.metrics_json = m.dump();
+  if (absl::Status st = store_->RecordAcceptedUpdate(entry); !st.ok()) {
+    // The aggregate already holds the update but the ledger does not: this round cannot be trusted.
+    spdlog::error("cannot record an accepted update, aborting round {}: {}", up->round_id, std::string(st.message()));
+    AbortRoundLocked(now, "the ledger could not be written");
+    return RejectLocked(v1::INTERNAL, "the update could not be recorded; check in again", "internal");
+  }
+  ++round_->accepted;
+  if (std::isfinite(up->metrics.loss_start()) && std::isfinite(up->metrics.loss_end())) {
+    stats_->loss_start_sum += up->metrics.loss_start();
+    stats_->loss_end_sum += up->metrics.loss_end();
+    ++stats_->loss_count;
+  }
+  if (accepted_total_ != nullptr) accepted_total_->Increment();
+  v1::Envelope e = Response(0);
+  e.mutable_upload_ack()->set_received_bytes(up->total_bytes);
+  e.mutable_upload_ack()->set_accepted(true);
+  e.mutable_upload_ack()->set_round_id(up->round_id);
+  if (round_->accepted >= config_.clients_per_round) FinishRoundLocked(now);
+  return e;
+}
+
+v1::Envelope Coordinator::OnDecline(const std::string& device_id, const v1::Decline& decline) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto task = store_->FindTask(decline.task_id());
+  if (!task.ok()) return RejectLocked(v1::INTERNAL, "task registry unavailable", "internal");
+  if (!task->has_value() || (*task)->device_id != device_id || (*task)->round_id != decline.round_id()) {
+    return RejectLocked(v1::NOT_SELECTED, "no such task for this device", "not_selected");
+  }
+  if ((*task)->state == "assigned") {
+    const std::string reason = v1::Decline::Reason_Name(decline.reason());
+    (void)store_->SetTaskState(decline.task_id(), "declined", StrCat(reason, ": ", decline.detail()));
+    if (declines_total_ != nullptr) declines_total_->WithLabels({reason}).Increment();
+    strategy_->RecordFailure(device_id, StrCat("declined: ", reason));
+  }
+  v1::Envelope e = Response(0);
+  e.mutable_ack();
+  return e;
+}
+
+// ---- the round state machine ----------------------------------------------------------------------------
+
+absl::Status Coordinator::OpenRoundLocked(int64_t now) {
+  RoundRecord fields;
+  fields.method = config_.method;
+  fields.base_version = global_.version;
+  fields.target = config_.clients_per_round;
+  fields.min_reports = config_.EffectiveMinReports();
+  fields.opened_ms = now;
+  fields.deadline_ms = now + config_.round_deadline_s * 1000;
+  nlohmann::json cfg = {{"method", config_.method}, {"steps", config_.steps}, {"codec", CodecName(config_.codec.codec)},
+                        {"strategy", config_.strategy.name}};
+  fields.config_json = cfg.dump();
+  SEEDLING_ASSIGN_OR_RETURN(RoundRecord round, store_->CreateRound(fields));
+  SEEDLING_RETURN_IF_ERROR(strategy_->BeginRound(global_));
+  round_ = round;
+  *stats_ = RoundStats{};
+  spdlog::info("round {} open: target {}, up to {} tasks, deadline in {} s", round.round_id, round.target,
+               config_.SelectionQuota(), config_.round_deadline_s);
+  return absl::OkStatus();
+}
+
+void Coordinator::AbortRoundLocked(int64_t now, const std::string& reason) {
+  if (!round_.has_value()) return;
+  if (absl::Status st = store_->AbortRound(round_->round_id, now, reason); !st.ok()) {
+    spdlog::error("cannot mark round {} aborted: {}", round_->round_id, std::string(st.message()));
+    health_ = st;
+  }
+  spdlog::warn("round {} aborted: {}", round_->round_id, reason);
+  if (rounds_total_ != nullptr) rounds_total_->WithLabels({"aborted"}).Increment();
+  // Uploads in flight for the round are worthless now.
+  for (auto it = inflight_.begin(); it != inflight_.end();) {
+    it = it->second->round_id == round_->round_id ? inflight_.erase(it) : std::next(it);
+  }
+  round_.reset();
+  ++finished_rounds_;
+}
+
+void Coordinator::FinishRoundLocked(int64_t now) {
+  if (!round_.has_value()) return;
+  const uint64_t round_id = round_->round_id;
+  if (round_->state == RoundState::kOpen) {  // the store only moves Open → Collecting → Aggregating
+    if (absl::Status st = store_->SetRoundState(round_id, RoundState::kCollecting, now); !st.ok()) {
+      AbortRoundLocked(now, StrCat("cannot close selection: ", st.message()));
+      return;
+    }
+    round_->state = RoundState::kCollecting;
+  }
+  if (absl::Status st = store_->SetRoundState(round_id, RoundState::kAggregating, now); !st.ok()) {
+    AbortRoundLocked(now, StrCat("cannot start aggregating: ", st.message()));
+    return;
+  }
+  // Apply to a copy; the published model changes only once the commit is durable.
+  GlobalModel next = global_;
+  absl::StatusOr<RoundOutcome> outcome = strategy_->FinishRound(next);
+  if (!outcome.ok()) {
+    AbortRoundLocked(now, StrCat("aggregation failed: ", outcome.status().message()));
+    return;
+  }
+  next.version = global_.version + 1;
+  std::vector<NamedVector> vectors = {{"params", next.params}};
+  for (const auto& [name, values] : next.buffers) vectors.push_back({name, values});
+  if (absl::StatusOr<std::string> sha = store_->WriteCheckpoint(next.version, vectors); !sha.ok()) {
+    AbortRoundLocked(now, StrCat("checkpoint failed: ", sha.status().message()));
+    return;
+  }
+  std::string seed_blob = outcome->seed_sums_blob;
+  if (!seed_blob.empty()) {
+    // The strategy does not know the round id: stamp it into the stored sums.
+    auto sums = ParseSeedSums(seed_blob);
+    if (sums.ok()) {
+      sums->set_round_id(round_id);
+      sums->set_version(next.version);
+      seed_blob = sums->SerializeAsString();
+    }
+  }
+  nlohmann::json result = {{"accepted", round_->accepted}, {"selected", round_->selected},
+                           {"rejected", stats_->rejected}, {"bytes_up", stats_->bytes_up},
+                           {"bytes_down", stats_->bytes_down}};
+  if (stats_->loss_count > 0) {
+    result["loss_start"] = stats_->loss_start_sum / static_cast<double>(stats_->loss_count);
+    result["loss_end"] = stats_->loss_end_sum / static_cast<double>(stats_->loss_count);
+  }
+  for (const auto& [k, v] : outcome->metrics) result[k] = v;
+  if (absl::Status st = store_->CommitRound(round_id, next.version, now, result.dump(), seed_blob); !st.ok()) {
+    AbortRoundLocked(now, StrCat("commit failed: ", st.message()));
+    return;
+  }
+  global_ = std::move(next);
+  global_bytes_ = ParamsBytes(global_.params);
+  global_sha256_ = Sha256Raw(global_bytes_);
+  spdlog::info("round {} committed: {} updates, global version {}", round_id, round_->accepted, global_.version);
+  if (rounds_total_ != nullptr) rounds_total_->WithLabels({"committed"}).Increment();
+  if (global_version_gauge_ != nullptr) global_version_gauge_->Set(static_cast<double>(global_.version));
+  for (auto it = inflight_.begin(); it != inflight_.end();) {
+    it = it->second->round_id == round_id ? inflight_.erase(it) : std::next(it);
+  }
+  round_.reset();
+  ++finished_rounds_;
+}
+
+void Coordinator::Tick() {
+  std::lock_guard<std::mutex> lock(mu_);
+  const int64_t now = clock_->NowMs();
+  if (!round_.has_value()) {
+    if (config_.rounds > 0 && finished_rounds_ >= config_.rounds) return;
+    if (absl::Status st = OpenRoundLocked(now); !st.ok()) {
+      spdlog::error("cannot open a round: {}", std::string(st.message()));
+      health_ = st;
+    }
+    return;
+  }
+  RoundRecord& r = *round_;
+  if (r.state == RoundState::kOpen && now >= r.opened_ms + config_.selection_window_s * 1000 &&
+      r.selected >= r.min_reports) {
+    if (store_->SetRoundState(r.round_id, RoundState::kCollecting, now).ok()) r.state = RoundState::kCollecting;
+  }
+  if (now >= r.deadline_ms) {
+    if (r.accepted >= r.min_reports) {
+      FinishRoundLocked(now);
+    } else {
+      AbortRoundLocked(now, StrCat("only ", r.accepted, " of the ", r.min_reports, " reports needed by the deadline"));
+    }
+    return;
+  }
+  // Drop uploads that went silent for longer than a device could need to resume.
+  for (auto it = inflight_.begin(); it != inflight_.end();) {
+    it = now - it->second->last_activity_ms > 2 * config_.idle_timeout_ms ? inflight_.erase(it) : std::next(it);
+  }
+}
+
+void Coordinator::Shutdown() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (round_.has_value()) AbortRoundLocked(clock_->NowMs(), "server shut down during the round");
+}
+
+bool Coordinator::Finished() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return config_.rounds > 0 && finished_rounds_ >= config_.rounds && !round_.has_value();
+}
+
+DashboardRound Coordinator::ToDashboard(const RoundRecord& r) {
+  DashboardRound d;
+  d.round_id = r.round_id;
+  d.state = RoundStateName(r.state);
+  d.method = r.method;
+  d.selected = r.selected;
+  d.accepted = r.accepted;
+  d.opened_ms = r.opened_ms;
+  d.deadline_ms = r.deadline_ms;
+  d.closed_ms = r.closed_ms;
+  d.abort_reason = r.abort_reason;
+  if (!r.result_json.empty()) {
+    try {
+      const nlohmann::json j = nlohmann::json::parse(r.result_json);
+      d.rejected = j.value("rejected", int64_t{0});
+      d.bytes_up = j.value("bytes_up", uint64_t{0});
+      d.bytes_down = j.value("bytes_down", uint64_t{0});
+      if (j.contains("loss_start")) d.loss_start = j["loss_start"].get<double>();
+      if (j.contains("loss_end")) d.loss_end = j["loss_end"].get<double>();
+    } catch (const nlohmann::json::exception&) {
+      // A result the dashboard cannot read is shown without its details.
+    }
+  }
+  return d;
+}
+
+DashboardSnapshot Coordinator::Snapshot() {
+  std::lock_guard<std::mutex> lock(mu_);
+  DashboardSnapshot s;
+  s.server_version = kServerVersion;
+  s.global_version = global_.version;
+  if (round_.has_value()) {
+    DashboardRound d = ToDashboard(*round_);
+    d.rejected = stats_->rejected;
+    d.bytes_up = stats_->bytes_up;
+    d.bytes_down = stats_->bytes_down;
+    if (stats_->loss_count > 0) {
+      d.loss_start = stats_->loss_start_sum / static_cast<double>(stats_->loss_count);
+      d.loss_end = stats_->loss_end_sum / static_cast<double>(stats_->loss_count);
+    }
+    s.current = d;
+  }
+  if (auto recent = store_->RecentRounds(50); recent.ok()) {
+    for (const RoundRecord& r : *recent) {
+      if (r.state == RoundState::kCommitted || r.state == RoundState::kAborted) s.recent.push_back(ToDashboard(r));
+    }
+  }
+  s.rejected_by_reason = rejected_by_reason_;
+  if (auto devices = store_->ListDevices(); devices.ok()) s.devices_registered = static_cast<int64_t>(devices->size());
+  s.connections = connections_;
+  return s;
+}
+
+absl::Status Coordinator::Health() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return health_;
+}
+
+uint64_t Coordinator::global_version() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return global_.version;
+}
+
+std::vector<float> Coordinator::global_params() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return global_.params;
+}
+
+absl::StatusOr<std::vector<float>> Coordinator::CheckpointParams(uint64_t version) {
+  std::lock_guard<std::mutex> lock(mu_);
+  SEEDLING_ASSIGN_OR_RETURN(std::vector<NamedVector> vectors, store_->ReadCheckpoint(version));
+  for (NamedVector& v : vectors) {
+    if (v.name == "params") return std::move(v.values);
+  }
+  return absl::DataLossError(StrCat("checkpoint ", version, " has no params"));
+}
+
+absl::StatusOr<std::string> Coordinator::RegisterDevice(const std::string& device_id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  return AddDevice(*store_, device_id, clock_->NowMs());
+}
+
+absl::StatusOr<std::optional<RoundRecord>> Coordinator::FindRound(uint64_t round_id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  return store_->FindRound(round_id);
+}
+
+absl::StatusOr<std::string> Coordinator::StoreChecksum() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return store_->Checksum();
+}
+
+}  // namespace seedling::server

@@ -1,0 +1,162 @@
+#pragma once
+
+// The coordinator (DESIGN.md §2, §5): authenticates devices, runs rounds
+//   Open (handing out tasks, up to ceil(target × over_selection)) → Collecting (uploads until the target
+//   or the deadline) → Aggregating → Committed | Aborted (fewer than min_reports by the deadline),
+// validates and durably records uploads before acknowledging them, aggregates them with a Strategy as they
+// arrive, and publishes the next global adapter as a checkpoint. Transport-agnostic: TLS and the in-memory
+// transport both reach it through handler_factory(); time comes from a Clock so the simulator can drive it.
+//
+// Promises (tested in tests/server/): an acknowledged update is in a committed round or in a round marked
+// aborted after a crash (whose devices are told to retry), never lost or counted twice; a rejected request
+// changes nothing durable; the round counter only grows.
+//
+// Thread-safety: every public method may be called from any thread (one mutex guards the state).
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "comms/transport.h"
+#include "server/config.h"
+#include "server/http.h"
+#include "server/metrics.h"
+#include "server/store.h"
+#include "server/strategy.h"
+
+namespace seedling::server {
+
+// Milliseconds since the Unix epoch; injectable so tests and the simulator control time.
+class Clock {
+ public:
+  virtual ~Clock() = default;
+  virtual int64_t NowMs() const = 0;
+};
+
+class SystemClock : public Clock {
+ public:
+  int64_t NowMs() const override;
+};
+
+// A manually advanced clock (tests, simulator). Thread-safe.
+class ManualClock : public Clock {
+ public:
+  explicit ManualClock(int64_t start_ms = 1'700'000'000'000) : now_(start_ms) {}
+  int64_t NowMs() const override { return now_.load(); }
+  void Advance(int64_t ms) { now_ += ms; }
+  void Set(int64_t ms) { now_ = ms; }
+
+ private:
+  std::atomic<int64_t> now_;
+};
+
+// Hex SHA-256 of bytes.
+std::string Sha256Hex(std::string_view bytes);
+std::string Sha256Raw(std::string_view bytes);
+
+// Issues a new random device token (returned once; only its SHA-256 is stored). AlreadyExists if the id
+// is taken.
+absl::StatusOr<std::string> AddDevice(Store& store, const std::string& device_id, int64_t now_ms);
+
+class Coordinator {
+ public:
+  // Opens the store in config.state_dir, aborts rounds a crash left unfinished, and loads the current
+  // global model (or initializes it from the LoRA config and the base model's config.json). `clock` and
+  // `metrics` must outlive the coordinator.
+  static absl::StatusOr<std::unique_ptr<Coordinator>> Create(const ServerConfig& config, const Clock* clock,
+                                                             Metrics* metrics);
+  ~Coordinator();
+
+  // Creates the protocol handler of one connection.
+  comms::HandlerFactory handler_factory();
+
+  // Advances the round state machine to the clock's time: opens a round when none is active, closes
+  // selection, aggregates at the target or the deadline, aborts below min_reports. Call every tick_ms.
+  void Tick();
+
+  // True once `rounds` rounds (if > 0) have finished.
+  bool Finished();
+
+  // Graceful shutdown (after the transport stopped): an active round is aborted ("server shut down"), so
+  // its devices are told to retry when the server is back; nothing acknowledged is lost.
+  void Shutdown();
+
+  DashboardSnapshot Snapshot();
+  absl::Status Health();
+
+  // The committed global model (tests, tools).
+  uint64_t global_version();
+  std::vector<float> global_params();
+  // The "params" vector of a committed version's checkpoint.
+  absl::StatusOr<std::vector<float>> CheckpointParams(uint64_t version);
+  // Registers a device in the coordinator's store and returns its token (tests, tools).
+  absl::StatusOr<std::string> RegisterDevice(const std::string& device_id);
+  // A round as recorded in the store (tests, tools).
+  absl::StatusOr<std::optional<RoundRecord>> FindRound(uint64_t round_id);
+  // Store::Checksum() of the live store: equal before and after a request means it changed nothing durable.
+  absl::StatusOr<std::string> StoreChecksum();
+
+ private:
+  class Handler;
+  struct Inflight;
+  struct RoundStats;
+
+  Coordinator(const ServerConfig& config, const Clock* clock, Metrics* metrics, std::unique_ptr<Store> store);
+
+  // Request handling (called by Handler, without the lock held).
+  v1::Envelope OnHello(const v1::Hello& hello, std::string* device_id);
+  v1::Envelope OnCheckIn(const std::string& device_id, const v1::CheckIn& check_in);
+  v1::Envelope OnDownload(const std::string& device_id, const v1::Download& download);
+  v1::Envelope OnUploadBegin(const std::string& device_id, const v1::UploadBegin& begin);
+  v1::Envelope OnUploadChunk(const std::string& device_id, const v1::UploadChunk& chunk);
+  v1::Envelope OnUploadCommit(const std::string& device_id, const v1::UploadCommit& commit);
+  v1::Envelope OnDecline(const std::string& device_id, const v1::Decline& decline);
+  void CountRequest(const char* kind);
+  DashboardRound ToDashboard(const RoundRecord& r);
+
+  // With mu_ held.
+  v1::Envelope RejectLocked(v1::RejectCode code, std::string message, const char* reason);
+  v1::Task MakeTaskLocked(const RoundRecord& round, const TaskRecord& task);
+  absl::Status OpenRoundLocked(int64_t now);
+  void FinishRoundLocked(int64_t now);
+  void AbortRoundLocked(int64_t now, const std::string& reason);
+  uint32_t RetrySecondsLocked();
+
+  // Constant after construction.
+  const ServerConfig config_;
+  const Clock* const clock_;
+  Metrics* const metrics_;  // may be null
+  // Families registered once in metrics_ (null when metrics_ is).
+  CounterFamily* requests_total_ = nullptr;
+  CounterFamily* rejections_total_ = nullptr;
+  CounterFamily* rounds_total_ = nullptr;
+  CounterFamily* declines_total_ = nullptr;
+  Counter* accepted_total_ = nullptr;
+  Counter* tasks_total_ = nullptr;
+  Gauge* global_version_gauge_ = nullptr;
+  Gauge* connections_gauge_ = nullptr;
+  std::string model_id_;
+  int64_t num_parameters_ = 0;
+
+  std::mutex mu_;
+  // Guarded by mu_.
+  std::unique_ptr<Store> store_;
+  std::unique_ptr<Strategy> strategy_;
+  GlobalModel global_;
+  std::string global_bytes_;   // params as little-endian fp32 (what Download serves)
+  std::string global_sha256_;  // raw SHA-256 of global_bytes_
+  std::optional<RoundRecord> round_;  // the active round (not Committed/Aborted), if any
+  std::unique_ptr<RoundStats> stats_;
+  std::map<std::string, std::unique_ptr<Inflight>> inflight_;  // by idempotency key
+  std::map<std::string, int64_t> rejected_by_reason_;
+  int64_t finished_rounds_ = 0;
+  uint64_t retry_counter_ = 0;
+  absl::Status health_;
+  int64_t connections_ = 0;
+};
+
+}  // namespace seedling::server

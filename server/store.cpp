@@ -1,0 +1,1543 @@
+#include "server/store.h"
+
+#include <fcntl.h>
+#include <openssl/evp.h>
+#include <sqlite3.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <bit>
+#include <cctype>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <mutex>
+#include <set>
+#include <string_view>
+#include <unordered_map>
+#include <utility>
+
+#include "base/check.h"
+#include "base/file.h"
+#include "base/status.h"
+#include "base/strings.h"
+#include "model/safetensors.h"
+#include "spdlog/spdlog.h"
+
+namespace seedling::server {
+
+// Checkpoints store the host's float bytes as safetensors' little-endian F32.
+static_assert(std::endian::native == std::endian::little,
+              "checkpoints assume a little-endian host");
+
+namespace {
+
+// ---- C handles: one deleter for every C resource this file owns (CONVENTIONS.md §8)
+
+struct CHandleDeleter {
+  // close_v2 defers the close until the last statement is finalized, so member order cannot leak.
+  void operator()(sqlite3* db) const { sqlite3_close_v2(db); }
+  void operator()(sqlite3_stmt* stmt) const { sqlite3_finalize(stmt); }
+  void operator()(EVP_MD_CTX* ctx) const { EVP_MD_CTX_free(ctx); }
+};
+using DbPtr = std::unique_ptr<sqlite3, CHandleDeleter>;
+using StmtPtr = std::unique_ptr<sqlite3_stmt, CHandleDeleter>;
+using EvpMdCtxPtr = std::unique_ptr<EVP_MD_CTX, CHandleDeleter>;
+
+// A file descriptor closed on destruction (the directory lock).
+class UniqueFd {
+ public:
+  UniqueFd() = default;
+  explicit UniqueFd(int fd) : fd_(fd) {}
+  UniqueFd(UniqueFd&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
+  UniqueFd& operator=(UniqueFd&& o) noexcept {
+    if (this != &o) {
+      Reset();
+      fd_ = std::exchange(o.fd_, -1);
+    }
+    return *this;
+  }
+  ~UniqueFd() { Reset(); }
+  int get() const { return fd_; }
+
+ private:
+  void Reset() {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+  int fd_ = -1;
+};
+
+constexpr int kSchemaVersion = 1;
+// PRAGMA application_id, so a stray SQLite file is not mistaken for (and migrated into) a state
+// database.
+constexpr int32_t kApplicationId = 0x53444c47;  // "SDLG"
+// Long enough to ride out a checkpointing reader such as an operator's sqlite3 shell; short enough
+// that a wedged lock surfaces as Unavailable instead of hanging a request.
+constexpr int kBusyTimeoutMs = 5000;
+constexpr size_t kHashChunkBytes = size_t{1} << 20;
+constexpr char kCheckpointPrefix[] = "global-";
+constexpr char kCheckpointSuffix[] = ".safetensors";
+constexpr char kVersionMetadataKey[] = "seedling.checkpoint_version";
+
+absl::Status ErrnoStatus(int err, std::string_view what, std::string_view path) {
+  std::string msg = StrCat(what, " '", path, "': ", std::strerror(err));
+  switch (err) {
+    case ENOENT:
+    case ENOTDIR:
+      return absl::NotFoundError(msg);
+    case EACCES:
+    case EPERM:
+      return absl::PermissionDeniedError(msg);
+    case ENOSPC:
+    case EDQUOT:
+      return absl::ResourceExhaustedError(msg);
+    default:
+      return absl::InternalError(msg);
+  }
+}
+
+// ---- SHA-256
+
+class Sha256 {
+ public:
+  Sha256() : ctx_(EVP_MD_CTX_new()) {
+    // Only allocation failure makes these fail; there is nothing sensible to return to.
+    SEEDLING_CHECK(ctx_ != nullptr, "out of memory for EVP_MD_CTX");
+    SEEDLING_CHECK(EVP_DigestInit_ex(ctx_.get(), EVP_sha256(), nullptr) == 1);
+  }
+  void Update(const void* data, size_t n) {
+    SEEDLING_CHECK(EVP_DigestUpdate(ctx_.get(), data, n) == 1);
+  }
+  void Update(std::string_view s) { Update(s.data(), s.size()); }
+  void UpdateU64(uint64_t v) {
+    unsigned char b[8];
+    for (int i = 0; i < 8; ++i) b[i] = static_cast<unsigned char>(v >> (8 * i));
+    Update(b, sizeof(b));
+  }
+  // Length-prefixed, so concatenations of fields cannot collide.
+  void UpdateField(std::string_view s) {
+    UpdateU64(s.size());
+    Update(s);
+  }
+  std::string HexDigest() {
+    unsigned char digest[EVP_MAX_MD_SIZE];
+    unsigned int len = 0;
+    SEEDLING_CHECK(EVP_DigestFinal_ex(ctx_.get(), digest, &len) == 1);
+    static constexpr char kHex[] = "0123456789abcdef";
+    std::string out;
+    out.reserve(2 * len);
+    for (unsigned int i = 0; i < len; ++i) {
+      out.push_back(kHex[digest[i] >> 4]);
+      out.push_back(kHex[digest[i] & 15]);
+    }
+    return out;
+  }
+
+ private:
+  EvpMdCtxPtr ctx_;
+};
+
+// Streams the file through SHA-256 (checkpoints can be larger than we want to hold twice).
+absl::StatusOr<std::string> HashFile(const std::string& path) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (fd.get() < 0) return ErrnoStatus(errno, "cannot open", path);
+  Sha256 sha;
+  std::string buf(kHashChunkBytes, '\0');
+  while (true) {
+    ssize_t n = ::read(fd.get(), buf.data(), buf.size());
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return ErrnoStatus(errno, "cannot read", path);
+    }
+    if (n == 0) break;
+    sha.Update(buf.data(), static_cast<size_t>(n));
+  }
+  return sha.HexDigest();
+}
+
+absl::Status FsyncDir(const std::string& dir) {
+  UniqueFd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (fd.get() < 0) return ErrnoStatus(errno, "cannot open directory", dir);
+  if (::fsync(fd.get()) != 0) return ErrnoStatus(errno, "cannot fsync directory", dir);
+  return absl::OkStatus();
+}
+
+bool IsHexSha256(std::string_view s) {
+  return s.size() == 64 && std::all_of(s.begin(), s.end(), [](char c) {
+           return std::isxdigit(static_cast<unsigned char>(c));
+         });
+}
+
+// ---- SQLite errors and statements
+
+absl::Status SqliteStatus(sqlite3* db, int rc, const std::string& db_path,
+                          std::string_view context) {
+  const std::string msg =
+      StrCat("state database '", db_path, "': ", context, ": ",
+             db != nullptr ? sqlite3_errmsg(db) : sqlite3_errstr(rc), " (SQLite code ", rc, ")");
+  switch (rc & 0xff) {
+    case SQLITE_CONSTRAINT:
+      switch (rc) {
+        case SQLITE_CONSTRAINT_PRIMARYKEY:
+        case SQLITE_CONSTRAINT_UNIQUE:
+          return absl::AlreadyExistsError(msg);
+        case SQLITE_CONSTRAINT_CHECK:
+        case SQLITE_CONSTRAINT_NOTNULL:
+        case SQLITE_CONSTRAINT_DATATYPE:
+          return absl::InvalidArgumentError(msg);
+        default:
+          return absl::FailedPreconditionError(msg);
+      }
+    case SQLITE_BUSY:
+    case SQLITE_LOCKED:
+      return absl::UnavailableError(msg);
+    case SQLITE_FULL:
+    case SQLITE_NOMEM:
+      return absl::ResourceExhaustedError(msg);
+    case SQLITE_CORRUPT:
+    case SQLITE_NOTADB:
+      return absl::DataLossError(msg);
+    case SQLITE_PERM:
+    case SQLITE_READONLY:
+    case SQLITE_AUTH:
+      return absl::PermissionDeniedError(msg);
+    default:
+      return absl::InternalError(msg);
+  }
+}
+
+// One execution of a cached prepared statement. Binds parameters left to right; resets the
+// statement and clears its bindings when it goes out of scope, so the cache always hands out a
+// clean statement and no read stays open across COMMIT.
+class Query {
+ public:
+  Query(sqlite3* db, sqlite3_stmt* stmt, const std::string& db_path)
+      : db_(db), stmt_(stmt), db_path_(&db_path) {}
+  Query(Query&& o) noexcept
+      : db_(o.db_),
+        stmt_(std::exchange(o.stmt_, nullptr)),
+        db_path_(o.db_path_),
+        next_(o.next_),
+        bind_rc_(o.bind_rc_) {}
+  Query& operator=(Query&&) = delete;
+  ~Query() {
+    if (stmt_ != nullptr) {
+      sqlite3_reset(stmt_);
+      sqlite3_clear_bindings(stmt_);
+    }
+  }
+
+  Query& Bind(int64_t v) { return Note(sqlite3_bind_int64(stmt_, ++next_, v)); }
+  // SQLite integers are signed 64-bit; unsigned values round-trip bit for bit through the cast.
+  Query& Bind(uint64_t v) { return Bind(static_cast<int64_t>(v)); }
+  Query& Bind(int v) { return Bind(static_cast<int64_t>(v)); }
+  // A null data pointer would bind SQL NULL, so empty strings get a real (empty) one.
+  Query& Bind(std::string_view v) {
+    return Note(sqlite3_bind_text64(stmt_, ++next_, v.empty() ? "" : v.data(), v.size(),
+                                    SQLITE_TRANSIENT, SQLITE_UTF8));
+  }
+  Query& BindBlob(std::string_view v) {
+    return Note(
+        sqlite3_bind_blob64(stmt_, ++next_, v.empty() ? "" : v.data(), v.size(), SQLITE_TRANSIENT));
+  }
+
+  // True while there is a row to read.
+  absl::StatusOr<bool> Step() {
+    if (bind_rc_ != SQLITE_OK) return Error(bind_rc_, "cannot bind parameters");
+    const int rc = sqlite3_step(stmt_);
+    if (rc == SQLITE_ROW) return true;
+    if (rc == SQLITE_DONE) return false;
+    return Error(rc, "cannot execute");
+  }
+  // Steps to the end, ignoring rows.
+  absl::Status Run() {
+    while (true) {
+      SEEDLING_ASSIGN_OR_RETURN(bool row, Step());
+      if (!row) return absl::OkStatus();
+    }
+  }
+
+  int64_t Int(int col) const { return sqlite3_column_int64(stmt_, col); }
+  uint64_t UInt(int col) const { return static_cast<uint64_t>(Int(col)); }
+  // column_text/blob before column_bytes, as SQLite requires.
+  std::string Text(int col) const {
+    const unsigned char* p = sqlite3_column_text(stmt_, col);
+    const int n = sqlite3_column_bytes(stmt_, col);
+    return p == nullptr ? std::string()
+                        : std::string(reinterpret_cast<const char*>(p), static_cast<size_t>(n));
+  }
+  std::string Blob(int col) const {
+    const void* p = sqlite3_column_blob(stmt_, col);
+    const int n = sqlite3_column_bytes(stmt_, col);
+    return p == nullptr ? std::string()
+                        : std::string(static_cast<const char*>(p), static_cast<size_t>(n));
+  }
+  int ColumnCount() const { return sqlite3_column_count(stmt_); }
+  int ColumnType(int col) const { return sqlite3_column_type(stmt_, col); }
+  double Double(int col) const { return sqlite3_column_double(stmt_, col); }
+  int Changes() const { return sqlite3_changes(db_); }
+
+ private:
+  Query& Note(int rc) {
+    if (bind_rc_ == SQLITE_OK) bind_rc_ = rc;
+    return *this;
+  }
+  absl::Status Error(int rc, std::string_view what) const {
+    return SqliteStatus(db_, rc, *db_path_, StrCat(what, " '", sqlite3_sql(stmt_), "'"));
+  }
+
+  sqlite3* db_;
+  sqlite3_stmt* stmt_;  // borrowed from the cache
+  const std::string* db_path_;
+  int next_ = 0;
+  int bind_rc_ = SQLITE_OK;
+};
+
+// ---- schema
+
+// kMigrations[i] takes the schema from version i to i + 1; a new database runs them all. To change
+// the schema, append a step and bump kSchemaVersion; never edit a step that has shipped. STRICT
+// tables make SQLite enforce the declared column types.
+constexpr const char* kMigrations[] = {
+    // 0 → 1
+    R"sql(
+CREATE TABLE schema_version (
+  id INTEGER PRIMARY KEY CHECK (id = 1),
+  version INTEGER NOT NULL
+) STRICT;
+CREATE TABLE meta (
+  id INTEGER PRIMARY KEY CHECK (id = 1),
+  global_version INTEGER NOT NULL CHECK (global_version >= 0),
+  last_round_id INTEGER NOT NULL CHECK (last_round_id >= 0)  -- never decreases, even if rounds are deleted
+) STRICT;
+INSERT INTO meta (id, global_version, last_round_id) VALUES (1, 0, 0);
+CREATE TABLE devices (
+  device_id TEXT PRIMARY KEY NOT NULL,
+  token_sha256 TEXT NOT NULL,
+  created_ms INTEGER NOT NULL,
+  last_seen_ms INTEGER NOT NULL
+) STRICT;
+CREATE TABLE rounds (
+  round_id INTEGER PRIMARY KEY,
+  state TEXT NOT NULL CHECK (state IN ('open', 'collecting', 'aggregating', 'committed', 'aborted')),
+  method TEXT NOT NULL,
+  config_json TEXT NOT NULL,
+  base_version INTEGER NOT NULL,
+  result_version INTEGER NOT NULL,
+  target INTEGER NOT NULL,
+  min_reports INTEGER NOT NULL,
+  opened_ms INTEGER NOT NULL,
+  deadline_ms INTEGER NOT NULL,
+  closed_ms INTEGER NOT NULL,
+  selected INTEGER NOT NULL,
+  accepted INTEGER NOT NULL,
+  abort_reason TEXT NOT NULL,
+  result_json TEXT NOT NULL,
+  state_ms INTEGER NOT NULL
+) STRICT;
+CREATE TABLE tasks (
+  task_id TEXT PRIMARY KEY NOT NULL,
+  round_id INTEGER NOT NULL REFERENCES rounds (round_id),
+  device_id TEXT NOT NULL,
+  assigned_ms INTEGER NOT NULL,
+  state TEXT NOT NULL CHECK (state IN ('assigned', 'declined', 'uploaded')),
+  detail TEXT NOT NULL,
+  UNIQUE (round_id, device_id)
+) STRICT;
+CREATE TABLE ledger (
+  idempotency_key TEXT PRIMARY KEY NOT NULL,
+  round_id INTEGER NOT NULL REFERENCES rounds (round_id),
+  task_id TEXT NOT NULL UNIQUE REFERENCES tasks (task_id),
+  device_id TEXT NOT NULL,
+  num_examples INTEGER NOT NULL,
+  bytes INTEGER NOT NULL,
+  sha256 TEXT NOT NULL,
+  accepted_ms INTEGER NOT NULL,
+  metrics_json TEXT NOT NULL
+) STRICT;
+CREATE INDEX ledger_by_round ON ledger (round_id);
+CREATE TABLE seed_sums (
+  version INTEGER PRIMARY KEY,
+  round_id INTEGER NOT NULL REFERENCES rounds (round_id),
+  sums BLOB NOT NULL
+) STRICT;
+CREATE TABLE checkpoints (
+  version INTEGER PRIMARY KEY,
+  file TEXT NOT NULL,  -- relative to the state directory, so the directory can be moved
+  sha256 TEXT NOT NULL,
+  round_id INTEGER REFERENCES rounds (round_id)  -- NULL for the initial version 0
+) STRICT;
+)sql",
+};
+static_assert(std::size(kMigrations) == kSchemaVersion);
+
+constexpr char kRoundColumns[] =
+    "round_id, state, method, config_json, base_version, result_version, target, min_reports, "
+    "opened_ms, "
+    "deadline_ms, closed_ms, selected, accepted, abort_reason, result_json, state_ms";
+constexpr char kDeviceColumns[] = "device_id, token_sha256, created_ms, last_seen_ms";
+constexpr char kTaskColumns[] = "task_id, round_id, device_id, assigned_ms, state, detail";
+constexpr char kLedgerColumns[] =
+    "idempotency_key, round_id, task_id, device_id, num_examples, bytes, sha256, accepted_ms, "
+    "metrics_json";
+
+constexpr RoundState kAllStates[] = {RoundState::kOpen, RoundState::kCollecting,
+                                     RoundState::kAggregating, RoundState::kCommitted,
+                                     RoundState::kAborted};
+
+bool IsFinal(RoundState s) { return s == RoundState::kCommitted || s == RoundState::kAborted; }
+
+bool IsTaskState(std::string_view s) {
+  return s == "assigned" || s == "declined" || s == "uploaded";
+}
+
+absl::StatusOr<RoundState> ParseRoundState(std::string_view name) {
+  for (RoundState s : kAllStates) {
+    if (name == RoundStateName(s)) return s;
+  }
+  return absl::DataLossError(StrCat("state database holds an unknown round state '", name, "'"));
+}
+
+absl::StatusOr<RoundRecord> ReadRound(const Query& q) {
+  RoundRecord r;
+  r.round_id = q.UInt(0);
+  SEEDLING_ASSIGN_OR_RETURN(r.state, ParseRoundState(q.Text(1)));
+  r.method = q.Text(2);
+  r.config_json = q.Text(3);
+  r.base_version = q.UInt(4);
+  r.result_version = q.UInt(5);
+  r.target = q.Int(6);
+  r.min_reports = q.Int(7);
+  r.opened_ms = q.Int(8);
+  r.deadline_ms = q.Int(9);
+  r.closed_ms = q.Int(10);
+  r.selected = q.Int(11);
+  r.accepted = q.Int(12);
+  r.abort_reason = q.Text(13);
+  r.result_json = q.Text(14);
+  r.state_ms = q.Int(15);
+  return r;
+}
+
+DeviceRecord ReadDevice(const Query& q) {
+  DeviceRecord d;
+  d.device_id = q.Text(0);
+  d.token_sha256 = q.Text(1);
+  d.created_ms = q.Int(2);
+  d.last_seen_ms = q.Int(3);
+  return d;
+}
+
+TaskRecord ReadTask(const Query& q) {
+  TaskRecord t;
+  t.task_id = q.Text(0);
+  t.round_id = q.UInt(1);
+  t.device_id = q.Text(2);
+  t.assigned_ms = q.Int(3);
+  t.state = q.Text(4);
+  t.detail = q.Text(5);
+  return t;
+}
+
+LedgerEntry ReadLedger(const Query& q) {
+  LedgerEntry e;
+  e.idempotency_key = q.Text(0);
+  e.round_id = q.UInt(1);
+  e.task_id = q.Text(2);
+  e.device_id = q.Text(3);
+  e.num_examples = q.UInt(4);
+  e.bytes = q.UInt(5);
+  e.sha256 = q.Text(6);
+  e.accepted_ms = q.Int(7);
+  e.metrics_json = q.Text(8);
+  return e;
+}
+
+std::string CheckpointFileName(uint64_t version) {
+  return StrCat(kCheckpointPrefix, version, kCheckpointSuffix);
+}
+
+// "global-<digits>.safetensors" → the version; anything else (including temporaries) → nullopt.
+std::optional<uint64_t> ParseCheckpointFileName(std::string_view name) {
+  const std::string_view prefix = kCheckpointPrefix, suffix = kCheckpointSuffix;
+  if (name.size() <= prefix.size() + suffix.size() || name.substr(0, prefix.size()) != prefix ||
+      name.substr(name.size() - suffix.size()) != suffix) {
+    return std::nullopt;
+  }
+  const std::string_view digits =
+      name.substr(prefix.size(), name.size() - prefix.size() - suffix.size());
+  if (digits.size() > 19) return std::nullopt;
+  uint64_t v = 0;
+  for (char c : digits) {
+    if (c < '0' || c > '9') return std::nullopt;
+    v = v * 10 + static_cast<uint64_t>(c - '0');
+  }
+  return v;
+}
+
+std::string TransitionError(uint64_t round_id, RoundState from, RoundState to,
+                            std::string_view hint = "") {
+  return StrCat("round ", round_id, " cannot move from ", RoundStateName(from), " to ",
+                RoundStateName(to), hint);
+}
+
+// The state machine of DESIGN.md §5: Open → Collecting → Aggregating → Committed, and any non-final
+// state → Aborted.
+absl::Status CheckTransition(const RoundRecord& r, RoundState to) {
+  bool ok = false;
+  switch (to) {
+    case RoundState::kOpen:
+      ok = false;
+      break;
+    case RoundState::kCollecting:
+      ok = r.state == RoundState::kOpen;
+      break;
+    case RoundState::kAggregating:
+      ok = r.state == RoundState::kCollecting;
+      break;
+    case RoundState::kCommitted:
+      ok = r.state == RoundState::kAggregating;
+      break;
+    case RoundState::kAborted:
+      ok = !IsFinal(r.state);
+      break;
+  }
+  if (!ok) return absl::FailedPreconditionError(TransitionError(r.round_id, r.state, to));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+const char* RoundStateName(RoundState s) {
+  switch (s) {
+    case RoundState::kOpen:
+      return "open";
+    case RoundState::kCollecting:
+      return "collecting";
+    case RoundState::kAggregating:
+      return "aggregating";
+    case RoundState::kCommitted:
+      return "committed";
+    case RoundState::kAborted:
+      return "aborted";
+  }
+  return "unknown";
+}
+
+// ---- Impl
+
+struct Store::Impl {
+  // Constant after construction.
+  std::string dir;
+  std::string db_path;
+  std::string checkpoint_dir;
+  UniqueFd lock_fd;  // holds flock(LOCK_EX) on <dir>/LOCK for the Store's lifetime
+
+  // Serializes everything that writes, hashes-for-commit or deletes checkpoint files
+  // (WriteCheckpoint, CommitRound, RecoverAfterCrash), so a file cannot be replaced between its
+  // commit-time hash and the commit, and a checkpoint write does not hold `mu` (the database stays
+  // available while a large file is written). Acquired before `mu`.
+  std::mutex checkpoint_mu;
+
+  std::mutex mu;
+  // Guarded by mu. `statements` is declared after `db` so the statements are finalized first.
+  DbPtr db;
+  std::unordered_map<std::string, StmtPtr> statements;  // by SQL text
+
+  std::string CheckpointPath(uint64_t version) const {
+    return JoinPath(checkpoint_dir, CheckpointFileName(version));
+  }
+  static std::string CheckpointRelativePath(uint64_t version) {
+    return JoinPath("checkpoints", CheckpointFileName(version));
+  }
+
+  // A cached prepared statement, ready to bind. Requires mu.
+  absl::StatusOr<Query> Sql(const std::string& sql) {
+    auto it = statements.find(sql);
+    if (it == statements.end()) {
+      sqlite3_stmt* raw = nullptr;
+      const int rc = sqlite3_prepare_v3(db.get(), sql.c_str(), static_cast<int>(sql.size() + 1),
+                                        SQLITE_PREPARE_PERSISTENT, &raw, nullptr);
+      StmtPtr stmt(raw);
+      if (rc != SQLITE_OK)
+        return SqliteStatus(db.get(), rc, db_path, StrCat("cannot prepare '", sql, "'"));
+      it = statements.emplace(sql, std::move(stmt)).first;
+    }
+    return Query(db.get(), it->second.get(), db_path);
+  }
+
+  absl::Status Exec(const std::string& sql) {
+    SEEDLING_ASSIGN_OR_RETURN(Query q, Sql(sql));
+    return q.Run();
+  }
+
+  // Runs `body` in one write transaction: BEGIN IMMEDIATE takes the write lock up front, so a body
+  // that reads then writes cannot be refused half-way by another writer; any error rolls everything
+  // back. Requires mu.
+  template <typename Body>
+  absl::Status Write(Body&& body) {
+    SEEDLING_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
+    absl::Status st = body();
+    if (st.ok()) {
+      st = Exec("COMMIT");
+      if (st.ok()) return st;
+    }
+    // After some failures (e.g. a full disk) SQLite has already rolled back; ROLLBACK would then
+    // fail.
+    if (sqlite3_get_autocommit(db.get()) == 0) {
+      absl::Status rb = Exec("ROLLBACK");
+      if (!rb.ok()) spdlog::error("{}", std::string(rb.message()));
+    }
+    return st;
+  }
+
+  // ---- reads (require mu) ----
+
+  struct Meta {
+    uint64_t global_version = 0;
+    uint64_t last_round_id = 0;
+  };
+  absl::StatusOr<Meta> LoadMeta() {
+    SEEDLING_ASSIGN_OR_RETURN(Query q,
+                              Sql("SELECT global_version, last_round_id FROM meta WHERE id = 1"));
+    SEEDLING_ASSIGN_OR_RETURN(bool row, q.Step());
+    if (!row) return absl::DataLossError(StrCat("state database '", db_path, "' has no meta row"));
+    return Meta{q.UInt(0), q.UInt(1)};
+  }
+
+  absl::StatusOr<std::optional<RoundRecord>> LoadRound(uint64_t round_id) {
+    SEEDLING_ASSIGN_OR_RETURN(
+        Query q, Sql(StrCat("SELECT ", kRoundColumns, " FROM rounds WHERE round_id = ?")));
+    q.Bind(round_id);
+    SEEDLING_ASSIGN_OR_RETURN(bool row, q.Step());
+    if (!row) return std::optional<RoundRecord>();
+    SEEDLING_ASSIGN_OR_RETURN(RoundRecord r, ReadRound(q));
+    return std::optional<RoundRecord>(std::move(r));
+  }
+
+  absl::StatusOr<RoundRecord> RequireRound(uint64_t round_id) {
+    SEEDLING_ASSIGN_OR_RETURN(std::optional<RoundRecord> r, LoadRound(round_id));
+    if (!r) return absl::NotFoundError(StrCat("round ", round_id, " does not exist"));
+    return *std::move(r);
+  }
+
+  // A round that may still take tasks and updates.
+  absl::StatusOr<RoundRecord> RequireLiveRound(uint64_t round_id, std::string_view action) {
+    SEEDLING_ASSIGN_OR_RETURN(RoundRecord r, RequireRound(round_id));
+    if (IsFinal(r.state)) {
+      return absl::FailedPreconditionError(
+          StrCat("round ", round_id, " is ", RoundStateName(r.state), ": cannot ", action));
+    }
+    return r;
+  }
+
+  absl::StatusOr<std::vector<RoundRecord>> LoadRounds(const std::string& sql,
+                                                      std::optional<int64_t> arg) {
+    SEEDLING_ASSIGN_OR_RETURN(Query q, Sql(sql));
+    if (arg) q.Bind(*arg);
+    std::vector<RoundRecord> out;
+    while (true) {
+      SEEDLING_ASSIGN_OR_RETURN(bool row, q.Step());
+      if (!row) break;
+      SEEDLING_ASSIGN_OR_RETURN(RoundRecord r, ReadRound(q));
+      out.push_back(std::move(r));
+    }
+    return out;
+  }
+
+  absl::StatusOr<std::optional<DeviceRecord>> LoadDevice(const std::string& device_id) {
+    SEEDLING_ASSIGN_OR_RETURN(
+        Query q, Sql(StrCat("SELECT ", kDeviceColumns, " FROM devices WHERE device_id = ?")));
+    q.Bind(device_id);
+    SEEDLING_ASSIGN_OR_RETURN(bool row, q.Step());
+    if (!row) return std::optional<DeviceRecord>();
+    return std::optional<DeviceRecord>(ReadDevice(q));
+  }
+
+  absl::StatusOr<std::optional<TaskRecord>> LoadTask(const std::string& task_id) {
+    SEEDLING_ASSIGN_OR_RETURN(
+        Query q, Sql(StrCat("SELECT ", kTaskColumns, " FROM tasks WHERE task_id = ?")));
+    q.Bind(task_id);
+    SEEDLING_ASSIGN_OR_RETURN(bool row, q.Step());
+    if (!row) return std::optional<TaskRecord>();
+    return std::optional<TaskRecord>(ReadTask(q));
+  }
+
+  absl::StatusOr<std::optional<LedgerEntry>> LoadLedger(const std::string& key) {
+    SEEDLING_ASSIGN_OR_RETURN(
+        Query q, Sql(StrCat("SELECT ", kLedgerColumns, " FROM ledger WHERE idempotency_key = ?")));
+    q.Bind(key);
+    SEEDLING_ASSIGN_OR_RETURN(bool row, q.Step());
+    if (!row) return std::optional<LedgerEntry>();
+    return std::optional<LedgerEntry>(ReadLedger(q));
+  }
+
+  absl::StatusOr<std::optional<CheckpointRecord>> LoadCheckpoint(uint64_t version) {
+    SEEDLING_ASSIGN_OR_RETURN(Query q,
+                              Sql("SELECT file, sha256 FROM checkpoints WHERE version = ?"));
+    q.Bind(version);
+    SEEDLING_ASSIGN_OR_RETURN(bool row, q.Step());
+    if (!row) return std::optional<CheckpointRecord>();
+    return std::optional<CheckpointRecord>(
+        CheckpointRecord{version, JoinPath(dir, q.Text(0)), q.Text(1)});
+  }
+
+  // ---- opening ----
+
+  absl::Status Configure() {
+    sqlite3_extended_result_codes(db.get(), 1);
+    sqlite3_busy_timeout(db.get(), kBusyTimeoutMs);
+    {
+      SEEDLING_ASSIGN_OR_RETURN(Query q, Sql("PRAGMA journal_mode = WAL"));
+      SEEDLING_ASSIGN_OR_RETURN(bool row, q.Step());
+      const std::string mode = row ? q.Text(0) : "";
+      if (mode != "wal") {
+        return absl::FailedPreconditionError(StrCat(
+            "state database '", db_path, "': cannot enable WAL journaling (got '", mode, "')"));
+      }
+    }
+    // FULL: a transaction is on disk (WAL fsynced) when COMMIT returns, which the crash contract
+    // needs across power loss, not only process death.
+    SEEDLING_RETURN_IF_ERROR(Exec("PRAGMA synchronous = FULL"));
+    SEEDLING_RETURN_IF_ERROR(Exec("PRAGMA foreign_keys = ON"));
+    {
+      // Both pragmas are silently ignored by builds without the feature: check they took.
+      SEEDLING_ASSIGN_OR_RETURN(Query q,
+                                Sql("SELECT * FROM pragma_synchronous, pragma_foreign_keys"));
+      SEEDLING_ASSIGN_OR_RETURN(bool row, q.Step());
+      if (!row || q.Int(0) != 2 || q.Int(1) != 1) {
+        return absl::FailedPreconditionError(StrCat(
+            "state database '", db_path, "': SQLite refused synchronous=FULL or foreign_keys=ON"));
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  // Creates or migrates the schema in one transaction; refuses foreign and newer databases.
+  absl::Status Migrate() {
+    return Write([&]() -> absl::Status {
+      int64_t app_id = 0;
+      {
+        SEEDLING_ASSIGN_OR_RETURN(Query q, Sql("PRAGMA application_id"));
+        SEEDLING_ASSIGN_OR_RETURN(bool row, q.Step());
+        if (row) app_id = q.Int(0);
+      }
+      bool has_version_table = false;
+      int64_t other_tables = 0;
+      {
+        SEEDLING_ASSIGN_OR_RETURN(Query q, Sql("SELECT name FROM sqlite_schema WHERE type = "
+                                               "'table' AND name NOT LIKE 'sqlite_%'"));
+        while (true) {
+          SEEDLING_ASSIGN_OR_RETURN(bool row, q.Step());
+          if (!row) break;
+          if (q.Text(0) == "schema_version") {
+            has_version_table = true;
+          } else {
+            ++other_tables;
+          }
+        }
+      }
+      const bool fresh = app_id == 0 && !has_version_table && other_tables == 0;
+      if (!fresh && (app_id != kApplicationId || !has_version_table)) {
+        return absl::FailedPreconditionError(
+            StrCat("'", db_path, "' is not a Seedling state database"));
+      }
+      int64_t version = 0;
+      if (has_version_table) {
+        SEEDLING_ASSIGN_OR_RETURN(Query q, Sql("SELECT version FROM schema_version WHERE id = 1"));
+        SEEDLING_ASSIGN_OR_RETURN(bool row, q.Step());
+        if (!row)
+          return absl::DataLossError(
+              StrCat("state database '", db_path, "' has no schema version"));
+        version = q.Int(0);
+      }
+      if (version > kSchemaVersion) {
+        return absl::FailedPreconditionError(
+            StrCat("state database '", db_path, "' has schema version ", version,
+                   "; this build understands up to ", kSchemaVersion,
+                   " (was it written by a newer Seedling?)"));
+      }
+      if (version < 0) {
+        return absl::DataLossError(
+            StrCat("state database '", db_path, "' has schema version ", version));
+      }
+      for (int64_t v = version; v < kSchemaVersion; ++v) {
+        // DDL runs once per database, so it goes through sqlite3_exec rather than the statement
+        // cache.
+        char* err = nullptr;
+        const int rc = sqlite3_exec(db.get(), kMigrations[v], nullptr, nullptr, &err);
+        const std::string detail = err != nullptr ? err : "";
+        sqlite3_free(err);
+        if (rc != SQLITE_OK) {
+          return SqliteStatus(
+              db.get(), rc, db_path,
+              StrCat("cannot migrate schema from version ", v, " to ", v + 1, ": ", detail));
+        }
+      }
+      if (version < kSchemaVersion) {
+        SEEDLING_RETURN_IF_ERROR(Exec(StrCat("PRAGMA application_id = ", kApplicationId)));
+        SEEDLING_ASSIGN_OR_RETURN(
+            Query q, Sql("INSERT OR REPLACE INTO schema_version (id, version) VALUES (1, ?)"));
+        q.Bind(kSchemaVersion);
+        SEEDLING_RETURN_IF_ERROR(q.Run());
+      }
+      return absl::OkStatus();
+    });
+  }
+};
+
+// ---- Store
+
+Store::Store(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Store::~Store() = default;
+
+absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& dir) {
+  auto impl = std::make_unique<Impl>();
+  impl->dir = dir;
+  impl->db_path = JoinPath(dir, "state.db");
+  impl->checkpoint_dir = JoinPath(dir, "checkpoints");
+  SEEDLING_RETURN_IF_ERROR(MakeDirs(dir));
+  SEEDLING_RETURN_IF_ERROR(MakeDirs(impl->checkpoint_dir));
+
+  const std::string lock_path = JoinPath(dir, "LOCK");
+  impl->lock_fd = UniqueFd(::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644));
+  if (impl->lock_fd.get() < 0) return ErrnoStatus(errno, "cannot open lock file", lock_path);
+  // flock, not fcntl: flock locks belong to the open file description, so a second Store in the
+  // same process conflicts too.
+  while (::flock(impl->lock_fd.get(), LOCK_EX | LOCK_NB) != 0) {
+    if (errno == EINTR) continue;
+    if (errno == EWOULDBLOCK) {
+      return absl::FailedPreconditionError(StrCat("state directory '", dir,
+                                                  "' is in use by another Store (lock '", lock_path,
+                                                  "' is held)"));
+    }
+    return ErrnoStatus(errno, "cannot lock", lock_path);
+  }
+
+  sqlite3* raw = nullptr;
+  // NOMUTEX: `mu` already serializes every use of the connection.
+  const int rc =
+      sqlite3_open_v2(impl->db_path.c_str(), &raw,
+                      SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, nullptr);
+  impl->db.reset(raw);  // sqlite3_open_v2 allocates a handle even when it fails
+  if (rc != SQLITE_OK) return SqliteStatus(impl->db.get(), rc, impl->db_path, "cannot open");
+  {
+    std::lock_guard<std::mutex> lock(impl->mu);
+    SEEDLING_RETURN_IF_ERROR(impl->Configure());
+    SEEDLING_RETURN_IF_ERROR(impl->Migrate());
+  }
+  return std::unique_ptr<Store>(new Store(std::move(impl)));
+}
+
+absl::StatusOr<std::vector<RoundRecord>> Store::RecoverAfterCrash(int64_t now_ms,
+                                                                  const std::string& reason) {
+  Impl& im = *impl_;
+  std::lock_guard<std::mutex> ck(im.checkpoint_mu);
+  std::lock_guard<std::mutex> lock(im.mu);
+
+  // Without the current model the server cannot serve: say so before changing anything.
+  SEEDLING_ASSIGN_OR_RETURN(Impl::Meta meta, im.LoadMeta());
+  std::set<uint64_t> recorded;
+  {
+    SEEDLING_ASSIGN_OR_RETURN(Query q, im.Sql("SELECT version FROM checkpoints ORDER BY version"));
+    while (true) {
+      SEEDLING_ASSIGN_OR_RETURN(bool row, q.Step());
+      if (!row) break;
+      recorded.insert(q.UInt(0));
+    }
+  }
+  if (recorded.count(meta.global_version) != 0 &&
+      !FileExists(im.CheckpointPath(meta.global_version))) {
+    return absl::DataLossError(StrCat("the checkpoint of the current global version ",
+                                      meta.global_version, " ('",
+                                      im.CheckpointPath(meta.global_version), "') is missing"));
+  }
+
+  std::vector<RoundRecord> aborted;
+  SEEDLING_RETURN_IF_ERROR(im.Write([&]() -> absl::Status {
+    SEEDLING_ASSIGN_OR_RETURN(
+        aborted,
+        im.LoadRounds(
+            StrCat("SELECT ", kRoundColumns,
+                   " FROM rounds WHERE state NOT IN ('committed', 'aborted') ORDER BY round_id"),
+            std::nullopt));
+    for (RoundRecord& r : aborted) {
+      SEEDLING_ASSIGN_OR_RETURN(
+          Query q, im.Sql("UPDATE rounds SET state = 'aborted', closed_ms = ?, state_ms = ?, "
+                          "abort_reason = ? WHERE round_id = ?"));
+      q.Bind(now_ms).Bind(now_ms).Bind(reason).Bind(r.round_id);
+      SEEDLING_RETURN_IF_ERROR(q.Run());
+      r.state = RoundState::kAborted;
+      r.closed_ms = now_ms;
+      r.state_ms = now_ms;
+      r.abort_reason = reason;
+    }
+    return absl::OkStatus();
+  }));
+
+  // A checkpoint file no version refers to was written by a round that never committed (the process
+  // died between WriteCheckpoint and CommitRound); temporaries are writes that never finished. The
+  // directory lock guarantees no live writer owns either.
+  std::error_code ec;
+  std::filesystem::directory_iterator it(im.checkpoint_dir, ec);
+  if (ec) return ErrnoStatus(ec.value(), "cannot list", im.checkpoint_dir);
+  std::vector<std::string> doomed;
+  for (; it != std::filesystem::directory_iterator(); it.increment(ec)) {
+    if (ec) return ErrnoStatus(ec.value(), "cannot list", im.checkpoint_dir);
+    const std::string name = it->path().filename().string();
+    const std::optional<uint64_t> version = ParseCheckpointFileName(name);
+    if (name.find(".tmp.") != std::string::npos || (version && recorded.count(*version) == 0)) {
+      doomed.push_back(it->path().string());
+    }
+  }
+  if (ec) return ErrnoStatus(ec.value(), "cannot list", im.checkpoint_dir);
+  for (const std::string& path : doomed) {
+    if (::unlink(path.c_str()) != 0 && errno != ENOENT)
+      return ErrnoStatus(errno, "cannot delete", path);
+    spdlog::warn("store: deleted '{}', left by an interrupted checkpoint write or commit", path);
+  }
+  if (!doomed.empty()) SEEDLING_RETURN_IF_ERROR(FsyncDir(im.checkpoint_dir));
+  return aborted;
+}
+
+// ---- devices
+
+absl::Status Store::AddDevice(const DeviceRecord& device) {
+  if (device.device_id.empty()) return absl::InvalidArgumentError("a device id cannot be empty");
+  // Guards against a caller passing the bearer token itself; the message must not echo the value.
+  if (!IsHexSha256(device.token_sha256)) {
+    return absl::InvalidArgumentError(
+        StrCat("token_sha256 of device '", device.device_id,
+               "' must be 64 hex digits (the SHA-256 of the token, never the token)"));
+  }
+  Impl& im = *impl_;
+  std::lock_guard<std::mutex> lock(im.mu);
+  return im.Write([&]() -> absl::Status {
+    SEEDLING_ASSIGN_OR_RETURN(std::optional<DeviceRecord> existing,
+                              im.LoadDevice(device.device_id));
+    if (existing)
+      return absl::AlreadyExistsError(StrCat("device '", device.device_id, "' already exists"));
+    SEEDLING_ASSIGN_OR_RETURN(
+        Query q, im.Sql(StrCat("INSERT INTO devices (", kDeviceColumns, ") VALUES (?, ?, ?, ?)")));
+    q.Bind(device.device_id)
+        .Bind(device.token_sha256)
+        .Bind(device.created_ms)
+        .Bind(device.last_seen_ms);
+    return q.Run();
+  });
+}
+
+absl::StatusOr<std::optional<DeviceRecord>> Store::FindDevice(const std::string& device_id) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return impl_->LoadDevice(device_id);
+}
+
+absl::Status Store::TouchDevice(const std::string& device_id, int64_t now_ms) {
+  Impl& im = *impl_;
+  std::lock_guard<std::mutex> lock(im.mu);
+  return im.Write([&]() -> absl::Status {
+    SEEDLING_ASSIGN_OR_RETURN(Query q,
+                              im.Sql("UPDATE devices SET last_seen_ms = ? WHERE device_id = ?"));
+    q.Bind(now_ms).Bind(device_id);
+    SEEDLING_RETURN_IF_ERROR(q.Run());
+    if (q.Changes() == 0)
+      return absl::NotFoundError(StrCat("device '", device_id, "' does not exist"));
+    return absl::OkStatus();
+  });
+}
+
+absl::StatusOr<std::vector<DeviceRecord>> Store::ListDevices() {
+  Impl& im = *impl_;
+  std::lock_guard<std::mutex> lock(im.mu);
+  SEEDLING_ASSIGN_OR_RETURN(
+      Query q, im.Sql(StrCat("SELECT ", kDeviceColumns, " FROM devices ORDER BY device_id")));
+  std::vector<DeviceRecord> out;
+  while (true) {
+    SEEDLING_ASSIGN_OR_RETURN(bool row, q.Step());
+    if (!row) break;
+    out.push_back(ReadDevice(q));
+  }
+  return out;
+}
+
+// ---- meta
+
+absl::StatusOr<uint64_t> Store::GlobalVersion() {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  SEEDLING_ASSIGN_OR_RETURN(Impl::Meta meta, impl_->LoadMeta());
+  return meta.global_version;
+}
+
+// ---- rounds
+
+absl::StatusOr<RoundRecord> Store::CreateRound(const RoundRecord& fields) {
+  if (fields.target < 0 || fields.min_reports < 0) {
+    return absl::InvalidArgumentError(StrCat("a round needs target >= 0 and min_reports >= 0, got ",
+                                             fields.target, " and ", fields.min_reports));
+  }
+  Impl& im = *impl_;
+  std::lock_guard<std::mutex> lock(im.mu);
+  RoundRecord r;
+  r.method = fields.method;
+  r.config_json = fields.config_json;
+  r.base_version = fields.base_version;
+  r.target = fields.target;
+  r.min_reports = fields.min_reports;
+  r.opened_ms = fields.opened_ms;
+  r.deadline_ms = fields.deadline_ms;
+  r.state_ms = fields.opened_ms;
+  SEEDLING_RETURN_IF_ERROR(im.Write([&]() -> absl::Status {
+    SEEDLING_ASSIGN_OR_RETURN(Impl::Meta meta, im.LoadMeta());
+    if (r.base_version > meta.global_version) {
+      return absl::FailedPreconditionError(StrCat("a new round cannot start from version ",
+                                                  r.base_version, ": the global version is ",
+                                                  meta.global_version));
+    }
+    // The counter lives in meta, not in MAX(round_id), so ids are never reused even if rows go
+    // away.
+    r.round_id = meta.last_round_id + 1;
+    {
+      SEEDLING_ASSIGN_OR_RETURN(Query q, im.Sql("UPDATE meta SET last_round_id = ? WHERE id = 1"));
+      q.Bind(r.round_id);
+      SEEDLING_RETURN_IF_ERROR(q.Run());
+    }
+    SEEDLING_ASSIGN_OR_RETURN(
+        Query q, im.Sql(StrCat("INSERT INTO rounds (", kRoundColumns,
+                               ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")));
+    q.Bind(r.round_id)
+        .Bind(RoundStateName(r.state))
+        .Bind(r.method)
+        .Bind(r.config_json)
+        .Bind(r.base_version)
+        .Bind(r.result_version)
+        .Bind(r.target)
+        .Bind(r.min_reports)
+        .Bind(r.opened_ms)
+        .Bind(r.deadline_ms)
+        .Bind(r.closed_ms)
+        .Bind(r.selected)
+        .Bind(r.accepted)
+        .Bind(r.abort_reason)
+        .Bind(r.result_json)
+        .Bind(r.state_ms);
+    return q.Run();
+  }));
+  return r;
+}
+
+absl::StatusOr<std::optional<RoundRecord>> Store::FindRound(uint64_t round_id) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return impl_->LoadRound(round_id);
+}
+
+absl::StatusOr<std::optional<RoundRecord>> Store::LatestRound() {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  SEEDLING_ASSIGN_OR_RETURN(std::vector<RoundRecord> rounds,
+                            impl_->LoadRounds(StrCat("SELECT ", kRoundColumns,
+                                                     " FROM rounds ORDER BY round_id DESC LIMIT 1"),
+                                              std::nullopt));
+  if (rounds.empty()) return std::optional<RoundRecord>();
+  return std::optional<RoundRecord>(std::move(rounds.front()));
+}
+
+absl::StatusOr<std::vector<RoundRecord>> Store::RecentRounds(int limit) {
+  if (limit < 0)
+    return absl::InvalidArgumentError(StrCat("RecentRounds limit must be >= 0, got ", limit));
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return impl_->LoadRounds(
+      StrCat("SELECT ", kRoundColumns, " FROM rounds ORDER BY round_id DESC LIMIT ?"),
+      int64_t{limit});
+}
+
+absl::Status Store::SetRoundState(uint64_t round_id, RoundState state, int64_t now_ms) {
+  Impl& im = *impl_;
+  std::lock_guard<std::mutex> lock(im.mu);
+  return im.Write([&]() -> absl::Status {
+    SEEDLING_ASSIGN_OR_RETURN(RoundRecord r, im.RequireRound(round_id));
+    if (state == RoundState::kCommitted || state == RoundState::kAborted) {
+      return absl::FailedPreconditionError(TransitionError(
+          round_id, r.state, state,
+          state == RoundState::kCommitted ? " with SetRoundState (use CommitRound)"
+                                          : " with SetRoundState (use AbortRound)"));
+    }
+    SEEDLING_RETURN_IF_ERROR(CheckTransition(r, state));
+    SEEDLING_ASSIGN_OR_RETURN(
+        Query q, im.Sql("UPDATE rounds SET state = ?, state_ms = ? WHERE round_id = ?"));
+    q.Bind(RoundStateName(state)).Bind(now_ms).Bind(round_id);
+    return q.Run();
+  });
+}
+
+absl::Status Store::IncrementSelected(uint64_t round_id) {
+  Impl& im = *impl_;
+  std::lock_guard<std::mutex> lock(im.mu);
+  return im.Write([&]() -> absl::Status {
+    SEEDLING_RETURN_IF_ERROR(im.RequireLiveRound(round_id, "select devices"));
+    SEEDLING_ASSIGN_OR_RETURN(
+        Query q, im.Sql("UPDATE rounds SET selected = selected + 1 WHERE round_id = ?"));
+    q.Bind(round_id);
+    return q.Run();
+  });
+}
+
+absl::Status Store::CommitRound(uint64_t round_id, uint64_t new_version, int64_t now_ms,
+                                const std::string& result_json, const std::string& seed_sums_blob) {
+  Impl& im = *impl_;
+  std::lock_guard<std::mutex> ck(im.checkpoint_mu);
+  std::lock_guard<std::mutex> lock(im.mu);
+  return im.Write([&]() -> absl::Status {
+    SEEDLING_ASSIGN_OR_RETURN(RoundRecord r, im.RequireRound(round_id));
+    SEEDLING_RETURN_IF_ERROR(CheckTransition(r, RoundState::kCommitted));
+    SEEDLING_ASSIGN_OR_RETURN(Impl::Meta meta, im.LoadMeta());
+    if (new_version != meta.global_version + 1) {
+      return absl::FailedPreconditionError(StrCat(
+          "round ", round_id, " cannot commit version ", new_version, ": the global version is ",
+          meta.global_version, ", so the next is ", meta.global_version + 1));
+    }
+    const std::string path = im.CheckpointPath(new_version);
+    if (!FileExists(path)) {
+      return absl::FailedPreconditionError(StrCat("round ", round_id, " cannot commit version ",
+                                                  new_version, ": its checkpoint '", path,
+                                                  "' does not exist (WriteCheckpoint first)"));
+    }
+    // Hashed here, under checkpoint_mu, so the recorded hash is that of the file that becomes
+    // current.
+    SEEDLING_ASSIGN_OR_RETURN(std::string sha, HashFile(path));
+    {
+      SEEDLING_ASSIGN_OR_RETURN(
+          Query q, im.Sql("UPDATE rounds SET state = 'committed', result_version = ?, "
+                          "closed_ms = ?, state_ms = ?, result_json = ? WHERE round_id = ?"));
+      q.Bind(new_version).Bind(now_ms).Bind(now_ms).Bind(result_json).Bind(round_id);
+      SEEDLING_RETURN_IF_ERROR(q.Run());
+    }
+    {
+      SEEDLING_ASSIGN_OR_RETURN(Query q, im.Sql("UPDATE meta SET global_version = ? WHERE id = 1"));
+      q.Bind(new_version);
+      SEEDLING_RETURN_IF_ERROR(q.Run());
+    }
+    {
+      SEEDLING_ASSIGN_OR_RETURN(
+          Query q,
+          im.Sql("INSERT INTO checkpoints (version, file, sha256, round_id) VALUES (?, ?, ?, ?)"));
+      q.Bind(new_version).Bind(Impl::CheckpointRelativePath(new_version)).Bind(sha).Bind(round_id);
+      SEEDLING_RETURN_IF_ERROR(q.Run());
+    }
+    if (!seed_sums_blob.empty()) {
+      SEEDLING_ASSIGN_OR_RETURN(
+          Query q, im.Sql("INSERT INTO seed_sums (version, round_id, sums) VALUES (?, ?, ?)"));
+      q.Bind(new_version).Bind(round_id).BindBlob(seed_sums_blob);
+      SEEDLING_RETURN_IF_ERROR(q.Run());
+    }
+    return absl::OkStatus();
+  });
+}
+
+absl::Status Store::AbortRound(uint64_t round_id, int64_t now_ms, const std::string& reason) {
+  Impl& im = *impl_;
+  std::lock_guard<std::mutex> lock(im.mu);
+  return im.Write([&]() -> absl::Status {
+    SEEDLING_ASSIGN_OR_RETURN(RoundRecord r, im.RequireRound(round_id));
+    SEEDLING_RETURN_IF_ERROR(CheckTransition(r, RoundState::kAborted));
+    // The ledger rows stay: the round's state tells readers they were never aggregated.
+    SEEDLING_ASSIGN_OR_RETURN(
+        Query q, im.Sql("UPDATE rounds SET state = 'aborted', closed_ms = ?, state_ms = ?, "
+                        "abort_reason = ? WHERE round_id = ?"));
+    q.Bind(now_ms).Bind(now_ms).Bind(reason).Bind(round_id);
+    return q.Run();
+  });
+}
+
+// ---- tasks
+
+absl::Status Store::AddTask(const TaskRecord& task) {
+  if (task.task_id.empty()) return absl::InvalidArgumentError("a task id cannot be empty");
+  if (!IsTaskState(task.state)) {
+    return absl::InvalidArgumentError(StrCat("task '", task.task_id, "' has state '", task.state,
+                                             "'; expected assigned, declined or uploaded"));
+  }
+  if (task.state == "uploaded") {
+    return absl::InvalidArgumentError(
+        StrCat("task '", task.task_id,
+               "' cannot start uploaded: only RecordAcceptedUpdate marks a task uploaded"));
+  }
+  Impl& im = *impl_;
+  std::lock_guard<std::mutex> lock(im.mu);
+  return im.Write([&]() -> absl::Status {
+    SEEDLING_RETURN_IF_ERROR(
+        im.RequireLiveRound(task.round_id, StrCat("add task '", task.task_id, "'")));
+    SEEDLING_ASSIGN_OR_RETURN(std::optional<TaskRecord> existing, im.LoadTask(task.task_id));
+    if (existing)
+      return absl::AlreadyExistsError(StrCat("task '", task.task_id, "' already exists"));
+    {
+      SEEDLING_ASSIGN_OR_RETURN(
+          Query q, im.Sql("SELECT task_id FROM tasks WHERE round_id = ? AND device_id = ?"));
+      q.Bind(task.round_id).Bind(task.device_id);
+      SEEDLING_ASSIGN_OR_RETURN(bool row, q.Step());
+      if (row) {
+        return absl::AlreadyExistsError(StrCat("device '", task.device_id, "' already has task '",
+                                               q.Text(0), "' in round ", task.round_id));
+      }
+    }
+    {
+      SEEDLING_ASSIGN_OR_RETURN(Query q, im.Sql(StrCat("INSERT INTO tasks (", kTaskColumns,
+                                                       ") VALUES (?, ?, ?, ?, ?, ?)")));
+      q.Bind(task.task_id)
+          .Bind(task.round_id)
+          .Bind(task.device_id)
+          .Bind(task.assigned_ms)
+          .Bind(task.state)
+          .Bind(task.detail);
+      SEEDLING_RETURN_IF_ERROR(q.Run());
+    }
+    SEEDLING_ASSIGN_OR_RETURN(
+        Query q, im.Sql("UPDATE rounds SET selected = selected + 1 WHERE round_id = ?"));
+    q.Bind(task.round_id);
+    return q.Run();
+  });
+}
+
+absl::StatusOr<std::optional<TaskRecord>> Store::FindTask(const std::string& task_id) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return impl_->LoadTask(task_id);
+}
+
+absl::StatusOr<std::optional<TaskRecord>> Store::FindTaskFor(uint64_t round_id,
+                                                             const std::string& device_id) {
+  Impl& im = *impl_;
+  std::lock_guard<std::mutex> lock(im.mu);
+  SEEDLING_ASSIGN_OR_RETURN(
+      Query q,
+      im.Sql(StrCat("SELECT ", kTaskColumns, " FROM tasks WHERE round_id = ? AND device_id = ?")));
+  q.Bind(round_id).Bind(device_id);
+  SEEDLING_ASSIGN_OR_RETURN(bool row, q.Step());
+  if (!row) return std::optional<TaskRecord>();
+  return std::optional<TaskRecord>(ReadTask(q));
+}
+
+absl::Status Store::SetTaskState(const std::string& task_id, const std::string& state,
+                                 const std::string& detail) {
+  if (!IsTaskState(state)) {
+    return absl::InvalidArgumentError(StrCat("task '", task_id, "': unknown state '", state,
+                                             "'; expected assigned, declined or uploaded"));
+  }
+  Impl& im = *impl_;
+  std::lock_guard<std::mutex> lock(im.mu);
+  return im.Write([&]() -> absl::Status {
+    SEEDLING_ASSIGN_OR_RETURN(std::optional<TaskRecord> t, im.LoadTask(task_id));
+    if (!t) return absl::NotFoundError(StrCat("task '", task_id, "' does not exist"));
+    if (t->state == "uploaded" && state == "uploaded") return absl::OkStatus();
+    if (t->state == "uploaded" || state == "uploaded") {
+      return absl::FailedPreconditionError(
+          StrCat("task '", task_id, "' cannot move from ", t->state, " to ", state,
+                 ": only RecordAcceptedUpdate marks a task uploaded, and the ledger keeps it so"));
+    }
+    SEEDLING_ASSIGN_OR_RETURN(Query q,
+                              im.Sql("UPDATE tasks SET state = ?, detail = ? WHERE task_id = ?"));
+    q.Bind(state).Bind(detail).Bind(task_id);
+    return q.Run();
+  });
+}
+
+// ---- ledger
+
+absl::Status Store::RecordAcceptedUpdate(const LedgerEntry& entry) {
+  if (entry.idempotency_key.empty())
+    return absl::InvalidArgumentError("an idempotency key cannot be empty");
+  Impl& im = *impl_;
+  std::lock_guard<std::mutex> lock(im.mu);
+  return im.Write([&]() -> absl::Status {
+    const std::string& key = entry.idempotency_key;
+    SEEDLING_ASSIGN_OR_RETURN(std::optional<LedgerEntry> existing, im.LoadLedger(key));
+    if (existing) {
+      return absl::AlreadyExistsError(
+          StrCat("update '", key, "' is already in the ledger (round ", existing->round_id, ")"));
+    }
+    SEEDLING_ASSIGN_OR_RETURN(std::optional<TaskRecord> task, im.LoadTask(entry.task_id));
+    if (!task)
+      return absl::NotFoundError(
+          StrCat("update '", key, "': task '", entry.task_id, "' does not exist"));
+    if (task->round_id != entry.round_id || task->device_id != entry.device_id) {
+      return absl::InvalidArgumentError(StrCat("update '", key, "' claims round ", entry.round_id,
+                                               " and device '", entry.device_id, "', but task '",
+                                               entry.task_id, "' is round ", task->round_id,
+                                               " for device '", task->device_id, "'"));
+    }
+    if (task->state == "uploaded") {
+      return absl::AlreadyExistsError(StrCat("update '", key, "': task '", entry.task_id,
+                                             "' already has an update in the ledger"));
+    }
+    SEEDLING_RETURN_IF_ERROR(
+        im.RequireLiveRound(entry.round_id, StrCat("accept update '", key, "'")));
+    {
+      SEEDLING_ASSIGN_OR_RETURN(Query q, im.Sql(StrCat("INSERT INTO ledger (", kLedgerColumns,
+                                                       ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")));
+      q.Bind(key)
+          .Bind(entry.round_id)
+          .Bind(entry.task_id)
+          .Bind(entry.device_id)
+          .Bind(entry.num_examples)
+          .Bind(entry.bytes)
+          .Bind(entry.sha256)
+          .Bind(entry.accepted_ms)
+          .Bind(entry.metrics_json);
+      SEEDLING_RETURN_IF_ERROR(q.Run());
+    }
+    {
+      SEEDLING_ASSIGN_OR_RETURN(Query q,
+                                im.Sql("UPDATE tasks SET state = 'uploaded' WHERE task_id = ?"));
+      q.Bind(entry.task_id);
+      SEEDLING_RETURN_IF_ERROR(q.Run());
+    }
+    SEEDLING_ASSIGN_OR_RETURN(
+        Query q, im.Sql("UPDATE rounds SET accepted = accepted + 1 WHERE round_id = ?"));
+    q.Bind(entry.round_id);
+    return q.Run();
+  });
+}
+
+absl::StatusOr<std::optional<LedgerEntry>> Store::FindLedgerEntry(
+    const std::string& idempotency_key) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return impl_->LoadLedger(idempotency_key);
+}
+
+absl::StatusOr<std::vector<LedgerEntry>> Store::LedgerForRound(uint64_t round_id) {
+  Impl& im = *impl_;
+  std::lock_guard<std::mutex> lock(im.mu);
+  // rowid follows insertion order for a table that is never vacuumed of live rows.
+  SEEDLING_ASSIGN_OR_RETURN(
+      Query q,
+      im.Sql(StrCat("SELECT ", kLedgerColumns, " FROM ledger WHERE round_id = ? ORDER BY rowid")));
+  q.Bind(round_id);
+  std::vector<LedgerEntry> out;
+  while (true) {
+    SEEDLING_ASSIGN_OR_RETURN(bool row, q.Step());
+    if (!row) break;
+    out.push_back(ReadLedger(q));
+  }
+  return out;
+}
+
+// ---- seed sums
+
+absl::StatusOr<std::vector<std::pair<uint64_t, std::string>>> Store::SeedSumsSince(
+    uint64_t since_version) {
+  std::vector<std::pair<uint64_t, std::string>> out;
+  // Versions are stored as signed 64-bit; nothing can be newer than the largest one.
+  if (since_version >= static_cast<uint64_t>(INT64_MAX)) return out;
+  Impl& im = *impl_;
+  std::lock_guard<std::mutex> lock(im.mu);
+  SEEDLING_ASSIGN_OR_RETURN(
+      Query q, im.Sql("SELECT version, sums FROM seed_sums WHERE version > ? ORDER BY version"));
+  q.Bind(since_version);
+  while (true) {
+    SEEDLING_ASSIGN_OR_RETURN(bool row, q.Step());
+    if (!row) break;
+    out.emplace_back(q.UInt(0), q.Blob(1));
+  }
+  return out;
+}
+
+// ---- checkpoints
+
+absl::StatusOr<std::string> Store::WriteCheckpoint(uint64_t version,
+                                                   const std::vector<NamedVector>& vectors) {
+  Impl& im = *impl_;
+  std::lock_guard<std::mutex> ck(im.checkpoint_mu);
+  {
+    std::lock_guard<std::mutex> lock(im.mu);
+    SEEDLING_ASSIGN_OR_RETURN(std::optional<CheckpointRecord> recorded, im.LoadCheckpoint(version));
+    if (recorded) {
+      return absl::AlreadyExistsError(StrCat("checkpoint of version ", version, " ('",
+                                             recorded->path,
+                                             "') is recorded and cannot be rewritten"));
+    }
+    SEEDLING_ASSIGN_OR_RETURN(Impl::Meta meta, im.LoadMeta());
+    if (version != meta.global_version + 1 && !(version == 0 && meta.global_version == 0)) {
+      return absl::FailedPreconditionError(StrCat(
+          "cannot write the checkpoint of version ", version, ": the global version is ",
+          meta.global_version, ", so only version ", meta.global_version + 1, " can be written"));
+    }
+  }
+  // `mu` is released: the global version only changes in CommitRound, which waits for
+  // checkpoint_mu.
+
+  std::vector<model::TensorToWrite> tensors;
+  tensors.reserve(vectors.size());
+  for (const NamedVector& v : vectors) {
+    model::TensorToWrite t;
+    t.name = v.name;
+    t.dtype = model::DType::kF32;
+    t.shape = {static_cast<int64_t>(v.values.size())};
+    t.data = std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(v.values.data()),
+                                      v.values.size() * sizeof(float));
+    tensors.push_back(std::move(t));
+  }
+  const std::string path = im.CheckpointPath(version);
+  // The version inside the file catches a file renamed to another version's name.
+  SEEDLING_RETURN_IF_ERROR(
+      model::WriteSafetensors(path, tensors, {{kVersionMetadataKey, StrCat(version)}}));
+  SEEDLING_ASSIGN_OR_RETURN(std::string sha, HashFile(path));
+
+  if (version == 0) {
+    // The initial model has no round to commit it: record it now (a crash before this leaves an
+    // orphan that RecoverAfterCrash deletes, consistent with the call not having returned).
+    std::lock_guard<std::mutex> lock(im.mu);
+    SEEDLING_RETURN_IF_ERROR(im.Write([&]() -> absl::Status {
+      SEEDLING_ASSIGN_OR_RETURN(
+          Query q,
+          im.Sql(
+              "INSERT INTO checkpoints (version, file, sha256, round_id) VALUES (?, ?, ?, NULL)"));
+      q.Bind(version).Bind(Impl::CheckpointRelativePath(version)).Bind(sha);
+      return q.Run();
+    }));
+  }
+  return sha;
+}
+
+absl::StatusOr<std::vector<NamedVector>> Store::ReadCheckpoint(uint64_t version) {
+  Impl& im = *impl_;
+  const std::string path = im.CheckpointPath(version);
+  std::optional<CheckpointRecord> recorded;
+  {
+    std::lock_guard<std::mutex> lock(im.mu);
+    SEEDLING_ASSIGN_OR_RETURN(recorded, im.LoadCheckpoint(version));
+  }
+  // Recorded files are immutable (WriteCheckpoint refuses them), so no lock is needed from here on.
+  if (!FileExists(path)) {
+    if (recorded) {
+      return absl::DataLossError(
+          StrCat("checkpoint of version ", version, " ('", path, "') is recorded but missing"));
+    }
+    return absl::NotFoundError(
+        StrCat("there is no checkpoint of version ", version, " ('", path, "')"));
+  }
+  if (recorded) {
+    SEEDLING_ASSIGN_OR_RETURN(std::string sha, HashFile(path));
+    if (sha != recorded->sha256) {
+      return absl::DataLossError(StrCat("checkpoint '", path, "' has SHA-256 ", sha,
+                                        ", but version ", version, " was recorded with ",
+                                        recorded->sha256));
+    }
+  }
+  absl::StatusOr<std::unique_ptr<model::SafetensorsFile>> file = model::SafetensorsFile::Open(path);
+  if (!file.ok()) {
+    // A checkpoint the store wrote that no longer parses is damaged data, whatever the parser calls
+    // it.
+    if (file.status().code() == absl::StatusCode::kNotFound) return file.status();
+    return absl::DataLossError(
+        StrCat("checkpoint of version ", version, ": ", FromAbsl(file.status().message())));
+  }
+  const auto& meta = (*file)->metadata();
+  if (auto it = meta.find(kVersionMetadataKey); it != meta.end() && it->second != StrCat(version)) {
+    return absl::DataLossError(StrCat("checkpoint '", path, "' says it holds version ", it->second,
+                                      ", expected ", version));
+  }
+  std::vector<const model::TensorView*> views;
+  for (const auto& [name, view] : (*file)->tensors()) {
+    if (view.dtype != model::DType::kF32 || view.shape.size() != 1) {
+      return absl::DataLossError(StrCat("checkpoint '", path, "': tensor '", name, "' is ",
+                                        model::DTypeName(view.dtype), " with ", view.shape.size(),
+                                        " dimensions; expected a 1-D F32 vector"));
+    }
+    views.push_back(&view);
+  }
+  // Data offsets follow the order the vectors were written in; the map iterates by name, which
+  // breaks ties.
+  std::stable_sort(
+      views.begin(), views.end(),
+      [](const model::TensorView* a, const model::TensorView* b) { return a->data < b->data; });
+  std::vector<NamedVector> out;
+  out.reserve(views.size());
+  for (const model::TensorView* v : views) {
+    NamedVector nv;
+    nv.name = v->name;
+    nv.values.resize(v->nbytes / sizeof(float));
+    if (v->nbytes > 0) std::memcpy(nv.values.data(), v->data, v->nbytes);
+    out.push_back(std::move(nv));
+  }
+  return out;
+}
+
+absl::StatusOr<std::optional<CheckpointRecord>> Store::FindCheckpoint(uint64_t version) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return impl_->LoadCheckpoint(version);
+}
+
+// ---- checksum
+
+absl::StatusOr<std::string> Store::Checksum() {
+  Impl& im = *impl_;
+  std::lock_guard<std::mutex> lock(im.mu);
+  // The table list comes from the schema, so a table added by a later migration is covered without
+  // touching this function.
+  std::vector<std::string> tables;
+  {
+    SEEDLING_ASSIGN_OR_RETURN(Query q, im.Sql("SELECT name FROM sqlite_schema WHERE type = 'table' "
+                                              "AND name NOT LIKE 'sqlite_%' ORDER BY name"));
+    while (true) {
+      SEEDLING_ASSIGN_OR_RETURN(bool row, q.Step());
+      if (!row) break;
+      tables.push_back(q.Text(0));
+    }
+  }
+  Sha256 sha;
+  for (const std::string& table : tables) {
+    std::string order;
+    {
+      SEEDLING_ASSIGN_OR_RETURN(
+          Query q, im.Sql("SELECT name FROM pragma_table_info(?) WHERE pk > 0 ORDER BY pk"));
+      q.Bind(table);
+      while (true) {
+        SEEDLING_ASSIGN_OR_RETURN(bool row, q.Step());
+        if (!row) break;
+        order += StrCat(order.empty() ? "" : ", ", "\"", q.Text(0), "\"");
+      }
+    }
+    SEEDLING_ASSIGN_OR_RETURN(Query q,
+                              im.Sql(StrCat("SELECT * FROM \"", table, "\"",
+                                            order.empty() ? "" : StrCat(" ORDER BY ", order))));
+    sha.Update("T");
+    sha.UpdateField(table);
+    std::vector<std::string> rows;  // only used for tables without a primary key
+    while (true) {
+      SEEDLING_ASSIGN_OR_RETURN(bool row, q.Step());
+      if (!row) break;
+      // Typed, length-prefixed values: 1 and '1', or 'ab','c' and 'a','bc', hash differently.
+      Sha256 row_sha;
+      row_sha.UpdateU64(static_cast<uint64_t>(q.ColumnCount()));
+      for (int c = 0; c < q.ColumnCount(); ++c) {
+        const int type = q.ColumnType(c);
+        row_sha.UpdateU64(static_cast<uint64_t>(type));
+        switch (type) {
+          case SQLITE_INTEGER:
+            row_sha.UpdateU64(static_cast<uint64_t>(q.Int(c)));
+            break;
+          case SQLITE_FLOAT: {
+            const double d = q.Double(c);
+            row_sha.UpdateU64(std::bit_cast<uint64_t>(d));
+            break;
+          }
+          case SQLITE_TEXT:
+            row_sha.UpdateField(q.Text(c));
+            break;
+          case SQLITE_BLOB:
+            row_sha.UpdateField(q.Blob(c));
+            break;
+          default:  // NULL
+            break;
+        }
+      }
+      rows.push_back(row_sha.HexDigest());
+    }
+    // Without a primary key the SELECT order is unspecified: sort the row digests instead.
+    if (order.empty()) std::sort(rows.begin(), rows.end());
+    sha.UpdateU64(rows.size());
+    for (const std::string& r : rows) sha.Update(r);
+  }
+  return sha.HexDigest();
+}
+
+}  // namespace seedling::server

@@ -1,0 +1,509 @@
+#include "server/strategy.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <mutex>
+#include <span>
+#include <utility>
+
+#include "base/philox.h"
+#include "base/status.h"
+#include "base/strings.h"
+#include "comms/codec.h"
+#include "optim/kseed.h"
+#include "optim/server_optimizer.h"
+
+namespace seedling::server {
+namespace {
+
+constexpr const char* kMomentumBuffer = "momentum";  // fedavgm
+constexpr const char* kFirstMomentBuffer = "m";      // fedadam, fedyogi, fedadagrad
+constexpr const char* kSecondMomentBuffer = "v";
+
+bool IsDenseCodec(v1::Codec codec) {
+  return codec == v1::CODEC_FP32 || codec == v1::CODEC_FP16 || codec == v1::CODEC_INT8 ||
+         codec == v1::CODEC_INT4 || codec == v1::CODEC_TOPK;
+}
+
+// "CODEC_FP32", "CODEC_SEED_SCALARS (seed index, scalar) pairs", ...
+std::string PayloadKind(const comms::PayloadInfo& info) {
+  const std::string& name = v1::Codec_Name(info.codec);
+  std::string kind = name.empty() ? StrCat("codec ", static_cast<int>(info.codec)) : name;
+  if (info.codec == v1::CODEC_SEED_SCALARS) {
+    kind += info.seed_kind == comms::SeedScalarKind::kIndex ? " (seed index, scalar) pairs"
+                                                            : " (seed, scalar) pairs";
+  }
+  return kind;
+}
+
+absl::Status CodecNotAccepted(const std::string& strategy, const comms::PayloadInfo& info) {
+  return absl::InvalidArgumentError(
+      StrCat("strategy ", strategy, " does not accept codec ", PayloadKind(info)));
+}
+
+absl::Status InvalidUpdate(const UpdateView& update, std::string_view what) {
+  return absl::InvalidArgumentError(StrCat("update from device '", update.device_id, "': ", what));
+}
+
+// A codec error is a malformed payload: InvalidArgument whatever code the codec chose, with its
+// reason.
+absl::Status InvalidPayload(const UpdateView& update, const absl::Status& status) {
+  return InvalidUpdate(update, FromAbsl(status.message()));
+}
+
+// Bookkeeping shared by the built-in strategies: the round's counters, failures and the mutex that
+// serializes Accumulate.
+class RoundStrategy : public Strategy {
+ public:
+  explicit RoundStrategy(StrategyOptions options) : options_(std::move(options)) {}
+
+  std::string name() const override { return options_.name; }
+
+  void RecordFailure(const std::string& device_id, const std::string& reason) override {
+    (void)device_id, (void)reason;
+    std::lock_guard<std::mutex> lock(mu_);
+    ++failures_;
+  }
+
+  int64_t accumulated() const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return clients_;
+  }
+
+ protected:
+  // Starts a round over a vector of `numel` values. Requires mu_.
+  void ResetRoundLocked(size_t numel) {
+    open_ = true;
+    numel_ = numel;
+    clients_ = 0;
+    examples_ = 0;
+    client_norm_sum_ = 0;
+    failures_ = 0;
+  }
+
+  // Checks what every update needs before its payload is looked at. Requires mu_.
+  absl::Status CheckUpdateLocked(const UpdateView& update) const {
+    if (!open_)
+      return absl::FailedPreconditionError(StrCat("strategy ", name(), ": no round begun"));
+    if (update.num_examples == 0) return InvalidUpdate(update, "num_examples must be > 0, got 0");
+    if (update.num_examples > std::numeric_limits<uint64_t>::max() - examples_) {
+      return InvalidUpdate(
+          update, StrCat("num_examples ", update.num_examples, " overflows the round's total"));
+    }
+    return absl::OkStatus();
+  }
+
+  // Counts an accepted update. Requires mu_.
+  void CountLocked(const UpdateView& update, double client_norm) {
+    ++clients_;
+    examples_ += update.num_examples;
+    client_norm_sum_ += client_norm;
+  }
+
+  absl::Status CheckFinishLocked(const GlobalModel& global) const {
+    if (!open_ || clients_ == 0) {
+      return absl::FailedPreconditionError(
+          StrCat("strategy ", name(), ": nothing accumulated in this round"));
+    }
+    if (global.params.size() != numel_) {
+      return absl::FailedPreconditionError(StrCat("the global model has ", global.params.size(),
+                                                  " parameters; the round began with ", numel_));
+    }
+    return absl::OkStatus();
+  }
+
+  std::map<std::string, double> MetricsLocked(double update_norm) const {
+    return {{"clients", static_cast<double>(clients_)},
+            {"examples", static_cast<double>(examples_)},
+            {"update_norm", update_norm},
+            {"mean_client_norm", client_norm_sum_ / static_cast<double>(clients_)},
+            {"failures", static_cast<double>(failures_)}};
+  }
+
+  // Constant after construction.
+  const StrategyOptions options_;
+
+  mutable std::mutex mu_;
+  // Guarded by mu_.
+  bool open_ = false;      // between BeginRound and FinishRound
+  size_t numel_ = 0;       // length of the global vector of this round
+  int64_t clients_ = 0;    // accepted updates
+  uint64_t examples_ = 0;  // Σ n_c
+  double client_norm_sum_ = 0;
+  int64_t failures_ = 0;
+};
+
+// fedavg, fedavgm, fedadam, fedyogi, fedadagrad (a server optimizer step on the example-weighted
+// mean change) and fwdgrad (server SGD on the example-weighted mean forward gradient).
+class DenseStrategy final : public RoundStrategy {
+ public:
+  // `fwdgrad`: FwdLLM's rule (and seed-pair payloads) instead of `optimizer`.
+  DenseStrategy(StrategyOptions options, optim::ServerOptimizerOptions optimizer, bool fwdgrad)
+      : RoundStrategy(std::move(options)), optimizer_(optimizer), fwdgrad_(fwdgrad) {}
+
+  void ConfigureTask(uint64_t round_index, v1::Task& task) const override {
+    (void)round_index;
+    // FwdLLM clients only estimate: the server applies the averaged gradient.
+    if (fwdgrad_) (*task.mutable_hyperparameters())["apply_locally"] = 0.0;
+  }
+
+  absl::Status BeginRound(const GlobalModel& global) override {
+    const size_t n = global.params.size();
+    if (n == 0) return absl::FailedPreconditionError("the global model has no parameters");
+    SEEDLING_RETURN_IF_ERROR(CheckBuffers(global));
+    std::lock_guard<std::mutex> lock(mu_);
+    ResetRoundLocked(n);
+    sum_.assign(n, 0.0);
+    scratch_.assign(n, 0.0f);
+    return absl::OkStatus();
+  }
+
+  absl::Status Accumulate(const UpdateView& update) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    SEEDLING_RETURN_IF_ERROR(CheckUpdateLocked(update));
+
+    // Step 1: decode into the scratch buffer (the aggregate is not touched until step 3).
+    absl::StatusOr<comms::PayloadInfo> info = comms::InspectPayload(update.payload);
+    if (!info.ok()) return InvalidPayload(update, info.status());
+    if (IsDenseCodec(info->codec)) {
+      if (info->numel != numel_) {
+        return InvalidUpdate(
+            update, StrCat("the update has ", info->numel, " elements, the global model ", numel_));
+      }
+      std::fill(scratch_.begin(), scratch_.end(), 0.0f);
+      const absl::Status decoded = comms::DecodeDenseAdd(update.payload, 1.0f, scratch_);
+      if (!decoded.ok()) return InvalidPayload(update, decoded);
+    } else if (fwdgrad_ && info->codec == v1::CODEC_SEED_SCALARS &&
+               info->seed_kind == comms::SeedScalarKind::kSeed) {
+      // FwdLLM upload as pairs: g = Σ_k value_k z(seed_k) over the whole vector, offset 0, in pair
+      // order (the same arithmetic as optim::AddSeededNormal / RebuildEstimate).
+      absl::StatusOr<std::vector<comms::SeedValueScalar>> pairs =
+          comms::DecodeSeedValueScalars(update.payload);
+      if (!pairs.ok()) return InvalidPayload(update, pairs.status());
+      std::fill(scratch_.begin(), scratch_.end(), 0.0f);
+      for (const comms::SeedValueScalar& p : *pairs) {
+        seedling::AddNormal({p.seed, rng_stream::kPerturbation}, 0, p.value, scratch_);
+      }
+    } else {
+      return CodecNotAccepted(name(), *info);
+    }
+
+    // Step 2: validate the decoded values: finite, L2 norm under the cap.
+    double norm2 = 0.0;
+    for (size_t i = 0; i < numel_; ++i) {
+      const double v = scratch_[i];
+      if (!std::isfinite(v)) return InvalidUpdate(update, StrCat("element ", i, " is not finite"));
+      norm2 += v * v;
+    }
+    const double norm = std::sqrt(norm2);
+    if (options_.max_update_norm > 0 && norm > options_.max_update_norm) {
+      return InvalidUpdate(
+          update, StrCat("L2 norm ", norm, " exceeds max_update_norm ", options_.max_update_norm));
+    }
+
+    // Step 3: add to the running sum: Σ n_c Δ_c for the fedavg family; Σ g_c for fwdgrad, whose g_c
+    // is already a sum over the client's n_c examples' steps (FwdLLM divides the total by Σ n_c).
+    const double weight = fwdgrad_ ? 1.0 : static_cast<double>(update.num_examples);
+    for (size_t i = 0; i < numel_; ++i) sum_[i] += weight * static_cast<double>(scratch_[i]);
+    CountLocked(update, norm);
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<RoundOutcome> FinishRound(GlobalModel& global) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    SEEDLING_RETURN_IF_ERROR(CheckFinishLocked(global));
+    SEEDLING_RETURN_IF_ERROR(CheckBuffers(global));
+
+    // The round's mean, rounded once to fp32 (into the scratch buffer, no longer needed for
+    // decoding): fedavg family Δ̄ = Σ n_c Δ_c / Σ n_c; fwdgrad ḡ = Σ g_c / Σ n_c.
+    const double total = static_cast<double>(examples_);
+    for (size_t i = 0; i < numel_; ++i) scratch_[i] = static_cast<float>(sum_[i] / total);
+
+    RoundOutcome outcome;
+    double change2 = 0.0;
+    if (fwdgrad_) {
+      // FwdLLM server: θ ← θ − η_t ḡ, i.e. a kSgd step of rate −η_t on ḡ.
+      const double eta = FwdGradLearningRate(options_, global.version);
+      optim::ServerOptimizerOptions sgd;
+      sgd.kind = optim::ServerOptimizerKind::kSgd;
+      sgd.lr = -eta;
+      change2 = optim::ServerOptimizerStep(sgd, scratch_, global.params, {});
+      outcome.metrics = MetricsLocked(std::sqrt(change2));
+      outcome.metrics["lr"] = eta;
+    } else {
+      // Server optimizer state from the checkpointed buffers, created on first use (m = 0, v = τ²).
+      optim::ServerOptimizerState state;
+      if (optim::UsesFirstMoment(optimizer_.kind)) {
+        const char* m_name = optimizer_.kind == optim::ServerOptimizerKind::kMomentum
+                                 ? kMomentumBuffer
+                                 : kFirstMomentBuffer;
+        state.m = Buffer(global, m_name, 0.0f);
+      }
+      if (optim::UsesSecondMoment(optimizer_.kind)) {
+        state.v = Buffer(global, kSecondMomentBuffer, optim::InitialSecondMoment(optimizer_));
+      }
+      change2 = optim::ServerOptimizerStep(optimizer_, scratch_, global.params, state);
+      outcome.metrics = MetricsLocked(std::sqrt(change2));
+    }
+    open_ = false;
+    return outcome;
+  }
+
+ private:
+  // FailedPrecondition if a buffer this strategy uses exists with the wrong length (a checkpoint of
+  // another model).
+  absl::Status CheckBuffers(const GlobalModel& global) const {
+    for (const char* name : {kMomentumBuffer, kFirstMomentBuffer, kSecondMomentBuffer}) {
+      if (!Uses(name)) continue;
+      const auto it = global.buffers.find(name);
+      if (it != global.buffers.end() && it->second.size() != global.params.size()) {
+        return absl::FailedPreconditionError(StrCat("optimizer buffer '", name, "' has ",
+                                                    it->second.size(), " values, the global model ",
+                                                    global.params.size()));
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  bool Uses(std::string_view buffer) const {
+    if (fwdgrad_) return false;
+    if (buffer == kMomentumBuffer) return optimizer_.kind == optim::ServerOptimizerKind::kMomentum;
+    if (buffer == kFirstMomentBuffer) return optim::UsesSecondMoment(optimizer_.kind);
+    if (buffer == kSecondMomentBuffer) return optim::UsesSecondMoment(optimizer_.kind);
+    return false;
+  }
+
+  // The named buffer, created with `initial` values if missing (sizes were checked by
+  // CheckBuffers).
+  static std::span<float> Buffer(GlobalModel& global, const char* name, float initial) {
+    auto [it, inserted] = global.buffers.try_emplace(name);
+    if (inserted) it->second.assign(global.params.size(), initial);
+    return it->second;
+  }
+
+  // Constant after construction.
+  const optim::ServerOptimizerOptions optimizer_;
+  const bool fwdgrad_;
+
+  // Guarded by mu_. Both are allocated by BeginRound: O(params), independent of the number of
+  // clients.
+  std::vector<double> sum_;     // (P,) Σ_c n_c Δ_c (fwdgrad: Σ_c g_c), in double
+  std::vector<float> scratch_;  // (P,) the update being validated; the round's mean in FinishRound
+};
+
+// FedKSeed (Qin et al., ICML'24): per-seed sums of scalar gradients, applied as perturbations.
+class KSeedStrategy final : public RoundStrategy {
+ public:
+  explicit KSeedStrategy(StrategyOptions options)
+      : RoundStrategy(std::move(options)),
+        pool_(optim::CandidateSeeds(options_.kseed_pool_seed, options_.kseed_pool_size)),
+        wire_lr_(static_cast<float>(options_.kseed_lr)) {}
+
+  void ConfigureTask(uint64_t round_index, v1::Task& task) const override {
+    (void)round_index;
+    task.set_kseed_pool_seed(options_.kseed_pool_seed);
+    task.set_kseed_pool_size(options_.kseed_pool_size);
+    // The fp32 value the round's sums are published with, so local steps and replay use one lr.
+    (*task.mutable_hyperparameters())["lr"] = static_cast<double>(wire_lr_);
+  }
+
+  absl::Status BeginRound(const GlobalModel& global) override {
+    if (global.params.empty())
+      return absl::FailedPreconditionError("the global model has no parameters");
+    std::lock_guard<std::mutex> lock(mu_);
+    ResetRoundLocked(global.params.size());
+    sums_.assign(pool_.size(), 0.0);
+    return absl::OkStatus();
+  }
+
+  absl::Status Accumulate(const UpdateView& update) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    SEEDLING_RETURN_IF_ERROR(CheckUpdateLocked(update));
+    absl::StatusOr<comms::PayloadInfo> info = comms::InspectPayload(update.payload);
+    if (!info.ok()) return InvalidPayload(update, info.status());
+    if (info->codec != v1::CODEC_SEED_SCALARS || info->seed_kind != comms::SeedScalarKind::kIndex) {
+      return CodecNotAccepted(name(), *info);
+    }
+    // Step 1: decode and validate (indices < K, finite values) before anything is added.
+    absl::StatusOr<std::vector<comms::SeedIndexScalar>> pairs =
+        comms::DecodeSeedIndexScalars(update.payload, static_cast<uint32_t>(pool_.size()));
+    if (!pairs.ok()) return InvalidPayload(update, pairs.status());
+    // Step 2: FedKSeed server aggregation, G_i += n_c ĝ_c,i in double (divided by Σ n at the end).
+    const double weight = static_cast<double>(update.num_examples);
+    double norm2 = 0.0;
+    for (const comms::SeedIndexScalar& p : *pairs) {
+      const double g = p.value;
+      sums_[p.index] += weight * g;
+      norm2 += g * g;
+    }
+    CountLocked(update, std::sqrt(norm2));
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<RoundOutcome> FinishRound(GlobalModel& global) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    SEEDLING_RETURN_IF_ERROR(CheckFinishLocked(global));
+
+    // G_i = Σ_c (n_c / Σ n) ĝ_c,i, one rounding to fp32 per seed; zero sums dropped (as
+    // optim::SumPerSeed).
+    const double total = static_cast<double>(examples_);
+    std::vector<optim::SeedScalar> sums;
+    for (size_t i = 0; i < sums_.size(); ++i) {
+      if (sums_[i] == 0.0) continue;
+      const float g = static_cast<float>(sums_[i] / total);
+      if (g != 0.0f) sums.push_back({static_cast<uint32_t>(i), g});
+    }
+
+    // θ ← θ − lr Σ_i G_i z(pool[i]), ascending i, with optim::ApplySeedSums's arithmetic: one
+    // AddNormal per seed with scale float(−lr · G_i), lr = the fp32 published value. Applied chunk
+    // by chunk (every seed on one chunk, then the next) to measure the change in O(chunk) memory;
+    // an element's result does not depend on the chunking (AddNormal is element-wise), so the bits
+    // equal a whole-vector replay.
+    const double lr = static_cast<double>(wire_lr_);
+    std::vector<float> scales(sums.size());
+    for (size_t k = 0; k < sums.size(); ++k)
+      scales[k] = static_cast<float>(-lr * static_cast<double>(sums[k].value));
+    constexpr size_t kChunk = size_t{1} << 14;  // a multiple of 4: whole Philox blocks
+    std::vector<float> before(std::min(kChunk, numel_));
+    double change2 = 0.0;
+    for (size_t start = 0; start < numel_; start += kChunk) {
+      const std::span<float> chunk(global.params.data() + start, std::min(kChunk, numel_ - start));
+      std::copy(chunk.begin(), chunk.end(), before.begin());
+      for (size_t k = 0; k < sums.size(); ++k) {
+        seedling::AddNormal({pool_[sums[k].index], rng_stream::kPerturbation}, start, scales[k],
+                            chunk);
+      }
+      for (size_t j = 0; j < chunk.size(); ++j) {
+        const double c = static_cast<double>(chunk[j]) - static_cast<double>(before[j]);
+        change2 += c * c;
+      }
+    }
+
+    v1::RoundSeedSums published;
+    published.set_round_id(0);  // the coordinator knows the round id
+    published.set_version(global.version + 1);
+    published.set_lr(wire_lr_);
+    for (const optim::SeedScalar& s : sums) {
+      v1::SeedScalar* out = published.add_sums();
+      out->set_index(s.index);
+      out->set_value(s.value);
+    }
+    RoundOutcome outcome;
+    outcome.seed_sums_blob = published.SerializeAsString();
+    outcome.metrics = MetricsLocked(std::sqrt(change2));
+    outcome.metrics["seeds"] = static_cast<double>(sums.size());
+    open_ = false;
+    return outcome;
+  }
+
+ private:
+  // Constant after construction.
+  const std::vector<uint64_t> pool_;  // optim::CandidateSeeds(kseed_pool_seed, K)
+  const float wire_lr_;               // float(kseed_lr), as published in RoundSeedSums.lr
+
+  // Guarded by mu_.
+  std::vector<double> sums_;  // (K,) Σ_c n_c ĝ_c,i
+};
+
+absl::Status ValidateCommon(const StrategyOptions& o) {
+  if (!(o.max_update_norm >= 0) || !std::isfinite(o.max_update_norm)) {
+    return absl::InvalidArgumentError(
+        StrCat("max_update_norm must be finite and >= 0, got ", o.max_update_norm));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+double FwdGradLearningRate(const StrategyOptions& options, uint64_t round) {
+  const double total = static_cast<double>(options.total_rounds);
+  const double warmup = std::ceil(total * options.warmup_fraction);
+  const double t = static_cast<double>(round);
+  double ratio = 0.0;
+  if (t < warmup) {
+    ratio = (t + 1.0) / std::max(1.0, warmup);
+  } else {
+    ratio = std::max(0.0, (total - t) / std::max(1.0, total - warmup));
+  }
+  return options.fwdgrad_lr * ratio;
+}
+
+absl::StatusOr<std::unique_ptr<Strategy>> MakeStrategy(const StrategyOptions& options) {
+  SEEDLING_RETURN_IF_ERROR(ValidateCommon(options));
+  const std::string& name = options.name;
+  optim::ServerOptimizerOptions optimizer;
+  optimizer.lr = options.server_lr;
+  optimizer.momentum = options.momentum;
+  optimizer.beta1 = options.beta1;
+  optimizer.beta2 = options.beta2;
+  optimizer.tau = options.tau;
+  if (name == "fedavg" || name == "fedavgm" || name == "fedadam" || name == "fedyogi" ||
+      name == "fedadagrad") {
+    if (name == "fedavg") optimizer.kind = optim::ServerOptimizerKind::kSgd;
+    if (name == "fedavgm") optimizer.kind = optim::ServerOptimizerKind::kMomentum;
+    if (name == "fedadam") optimizer.kind = optim::ServerOptimizerKind::kAdam;
+    if (name == "fedyogi") optimizer.kind = optim::ServerOptimizerKind::kYogi;
+    if (name == "fedadagrad") optimizer.kind = optim::ServerOptimizerKind::kAdagrad;
+    const absl::Status valid = optim::ValidateServerOptimizerOptions(optimizer);
+    if (!valid.ok()) return Annotate(valid, StrCat("strategy ", name));
+    return std::unique_ptr<Strategy>(new DenseStrategy(options, optimizer, /*fwdgrad=*/false));
+  }
+  if (name == "fwdgrad") {
+    if (!(options.fwdgrad_lr > 0) || !std::isfinite(options.fwdgrad_lr)) {
+      return absl::InvalidArgumentError(
+          StrCat("fwdgrad_lr must be finite and > 0, got ", options.fwdgrad_lr));
+    }
+    if (!(options.warmup_fraction >= 0 && options.warmup_fraction < 1)) {
+      return absl::InvalidArgumentError(
+          StrCat("warmup_fraction must be in [0, 1), got ", options.warmup_fraction));
+    }
+    if (options.total_rounds < 1) {
+      return absl::InvalidArgumentError(
+          StrCat("total_rounds must be >= 1, got ", options.total_rounds));
+    }
+    return std::unique_ptr<Strategy>(new DenseStrategy(options, optimizer, /*fwdgrad=*/true));
+  }
+  if (name == "kseed") {
+    const float wire_lr = static_cast<float>(options.kseed_lr);
+    if (!(options.kseed_lr > 0) || !std::isfinite(wire_lr) || !(wire_lr > 0.0f)) {
+      return absl::InvalidArgumentError(
+          StrCat("kseed_lr must be > 0 and a positive finite fp32, got ", options.kseed_lr));
+    }
+    if (options.kseed_pool_size < 1)
+      return absl::InvalidArgumentError("kseed_pool_size must be >= 1, got 0");
+    return std::unique_ptr<Strategy>(new KSeedStrategy(options));
+  }
+  return absl::InvalidArgumentError(
+      StrCat("unknown strategy '", name,
+             "' (expected fedavg, fedavgm, fedadam, fedyogi, fedadagrad, fwdgrad "
+             "or kseed)"));
+}
+
+absl::StatusOr<v1::RoundSeedSums> ParseSeedSums(std::string_view blob) {
+  v1::RoundSeedSums sums;
+  if (blob.size() > static_cast<size_t>(std::numeric_limits<int>::max()) ||
+      !sums.ParseFromArray(blob.data(), static_cast<int>(blob.size()))) {
+    return absl::InvalidArgumentError(
+        StrCat("seed sums of ", blob.size(), " bytes do not parse as RoundSeedSums"));
+  }
+  if (!(sums.lr() > 0.0f) || !std::isfinite(sums.lr())) {
+    return absl::InvalidArgumentError(
+        StrCat("seed sums have lr ", sums.lr(), ", expected a finite value > 0"));
+  }
+  for (int k = 0; k < sums.sums_size(); ++k) {
+    const v1::SeedScalar& s = sums.sums(k);
+    if (!std::isfinite(s.value())) {
+      return absl::InvalidArgumentError(
+          StrCat("seed sum ", k, " (index ", s.index(), ") is not finite"));
+    }
+    if (k > 0 && s.index() <= sums.sums(k - 1).index()) {
+      return absl::InvalidArgumentError(StrCat("seed sum ", k, " has index ", s.index(),
+                                               " after index ", sums.sums(k - 1).index(),
+                                               ": indices must be strictly increasing"));
+    }
+  }
+  return sums;
+}
+
+}  // namespace seedling::server
