@@ -17,5 +17,6 @@ using Action = std::function<absl::Status()>;
 void RegisterModelCommands(CLI::App& app, Action& action);  // init-model, eval, generate
 void RegisterBenchCommands(CLI::App& app, Action& action);  // bench forward, bench finetune
 void RegisterFinetuneCommands(CLI::App& app, Action& action);  // finetune, export
+void RegisterServerCommands(CLI::App& app, Action& action);    // serve, certs, devices, client
 
 }  // namespace seedling::apps

@@ -23,6 +23,7 @@ int main(int argc, char** argv) {
   seedling::apps::Action action;
   seedling::apps::RegisterModelCommands(app, action);
   seedling::apps::RegisterFinetuneCommands(app, action);
+  seedling::apps::RegisterServerCommands(app, action);
   seedling::apps::RegisterBenchCommands(app, action);
 
   app.failure_message([](const CLI::App*, const CLI::Error& e) {

@@ -1,0 +1,166 @@
+#pragma once
+
+// The on-device SDK (DESIGN.md §2): one Client per app. RunOnce() does one step of the federated protocol:
+// finish an interrupted upload, or check in, and if the server assigns a task: sync the global adapter
+// (download it, or replay seed sums for kseed), plan memory (declining tasks that do not fit), train on the
+// device's data with checkpoints, encode the update with the task's codec and upload it in resumable
+// chunks. Everything it needs to resume after the app is killed lives in the state directory:
+//
+//   state.json         synced global version, the current task and phase (idle / training / trained)
+//   adapter.safetensors the global adapter at the synced version
+//   checkpoint.*       the latest training checkpoint of the current task
+//   update.bin         the encoded update waiting to be uploaded
+//   feedback.bin       top-k error feedback carried across rounds
+//   acks.jsonl         every acknowledged upload (idempotency key, round, time): the device's ledger
+//
+// Network errors are retried with exponential backoff and full jitter; the server's RetryAfter is
+// obeyed by returning kRetryLater with its delay. Thread-safety: RunOnce runs one at a time (a second
+// concurrent call waits); SetConditions, Cancel and the progress callback may be used from other threads.
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "comms/transport.h"
+#include "model/llama.h"
+#include "model/tokenizer.h"
+
+namespace seedling::client {
+
+struct ClientConfig {
+  // Server and identity.
+  std::string host = "127.0.0.1";
+  uint16_t port = 8443;
+  std::string ca_file;                      // PEM CA of the server certificate (required for TLS)
+  std::string pinned_public_key_sha256;     // optional pin of the server key (hex)
+  std::string server_name;                  // certificate name to expect; default: host
+  std::string client_cert_file;             // optional, mutual TLS
+  std::string client_key_file;
+  std::string device_id;
+  std::string token;                        // the device token from `seedling devices add`
+  // Local.
+  std::string state_dir;                    // required; created if missing
+  std::string model_dir;                    // the base model (the same as the server's)
+  std::string data_path;                    // JSONL of the device's examples; default <state_dir>/examples.jsonl
+  int64_t memory_budget_bytes = 0;          // peak process memory the app allows (0 = unlimited)
+  std::vector<std::string> methods = {"lora-bp", "fwdgrad", "mezo", "kseed"};
+  // Behaviour.
+  int64_t connect_timeout_ms = 10000;
+  int64_t call_timeout_ms = 30000;
+  int max_attempts = 6;                     // network attempts per RunOnce before giving up
+  double backoff_base_s = 0.5;              // full-jitter exponential backoff: U(0, min(max, base × 2^attempt))
+  double backoff_max_s = 30.0;
+  int64_t checkpoint_every = 5;             // training steps between checkpoints
+  uint64_t seed = 0;                        // backoff jitter stream
+  int64_t upload_chunk_bytes = 1 << 20;     // ≤ 1 MiB
+
+  // Parses JSON or TOML text (keys as the field names). InvalidArgument names unknown keys and bad values.
+  static absl::StatusOr<ClientConfig> FromJson(std::string_view json);
+  static absl::StatusOr<ClientConfig> FromToml(std::string_view toml);
+  absl::Status Validate() const;
+};
+
+struct Conditions {
+  bool charging = false;
+  bool unmetered = false;
+  bool idle = false;
+  float battery = 1.0f;
+};
+
+enum class RunOutcome {
+  kUploaded,    // an update was acknowledged (durable on the server)
+  kRetryLater,  // no task now (not selected, no round, conditions): call again after retry_after_seconds
+  kDeclined,    // a task was declined (memory budget, unsupported method or model)
+  kCancelled,   // Cancel() was called; progress is checkpointed
+};
+const char* RunOutcomeName(RunOutcome o);
+
+struct RunResult {
+  RunOutcome outcome = RunOutcome::kRetryLater;
+  uint32_t retry_after_seconds = 0;
+  uint64_t round_id = 0;
+  std::string detail;
+  double loss_start = 0;  // kUploaded: held-out loss before and after local training
+  double loss_end = 0;
+  uint64_t update_bytes = 0;
+};
+
+struct RunProgress {
+  std::string phase;  // "connecting", "syncing", "training", "uploading"
+  int64_t done = 0;
+  int64_t total = 0;
+};
+
+// Models shared between clients in one process (the simulator): a frozen base model and its tokenizer.
+struct SharedModel {
+  std::shared_ptr<const model::LlamaModel> model;
+  std::shared_ptr<const model::Tokenizer> tokenizer;
+};
+
+class Client {
+ public:
+  // `transport` defaults to TLS from the config. `shared` (optional) avoids loading the model per client.
+  static absl::StatusOr<std::unique_ptr<Client>> Create(ClientConfig config,
+                                                        std::unique_ptr<comms::Transport> transport = nullptr,
+                                                        SharedModel shared = {});
+  ~Client();
+
+  void SetConditions(const Conditions& conditions);
+  // Replaces the data file (JSONL, checked when the next task needs it).
+  absl::Status SetDataPath(const std::string& path);
+  // Appends one JSONL row to the local example store (<state_dir>/examples.jsonl). InvalidArgument if the
+  // row is not a JSON object.
+  absl::Status AddExample(std::string_view json_row);
+  void SetProgressCallback(std::function<void(const RunProgress&)> callback);
+  // For tests and the simulator: sees each encoded update before it is uploaded.
+  void SetUploadObserver(std::function<void(const v1::Task&, const std::string& payload, uint64_t num_examples)> f);
+
+  // Blocking. Errors: Unauthenticated (bad token), Unavailable / DeadlineExceeded after all retries,
+  // DataLoss (corrupt state directory), InvalidArgument (no usable data) ...; the state directory stays
+  // consistent whatever happens, so the next call continues.
+  absl::StatusOr<RunResult> RunOnce();
+  // Makes a running RunOnce return kCancelled at the next step boundary (after a checkpoint).
+  void Cancel();
+
+ private:
+  struct State;
+  Client(ClientConfig config, std::unique_ptr<comms::Transport> transport, SharedModel shared);
+
+  absl::StatusOr<RunResult> RunOnceLocked();
+  absl::StatusOr<std::unique_ptr<comms::Channel>> Connect();
+  absl::StatusOr<v1::Envelope> Call(std::unique_ptr<comms::Channel>& channel, v1::Envelope request);
+  absl::StatusOr<RunResult> Upload(std::unique_ptr<comms::Channel>& channel, State& state);
+  absl::Status SyncGlobal(std::unique_ptr<comms::Channel>& channel, const v1::Task& task, State& state);
+  absl::StatusOr<RunResult> Train(std::unique_ptr<comms::Channel>& channel, const v1::Task& task, State& state);
+  absl::Status EnsureModel();
+  bool SleepCancellable(double seconds);
+  void Report(const std::string& phase, int64_t done, int64_t total);
+
+  // Constant after construction.
+  const ClientConfig config_;
+  std::unique_ptr<comms::Transport> transport_;
+
+  std::mutex run_mu_;  // one RunOnce at a time; guards everything below except the atomics and mu_'s
+  SharedModel model_;
+  std::string model_id_;
+  uint64_t request_id_ = 0;
+  uint64_t attempt_counter_ = 0;
+
+  std::mutex mu_;  // guards conditions_, callbacks
+  Conditions conditions_;
+  std::function<void(const RunProgress&)> progress_;
+  std::function<void(const v1::Task&, const std::string&, uint64_t)> upload_observer_;
+  std::string data_path_;
+
+  std::atomic<bool> cancelled_{false};
+  std::mutex sleep_mu_;
+  std::condition_variable sleep_cv_;
+};
+
+}  // namespace seedling::client
