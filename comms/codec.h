@@ -151,6 +151,36 @@ absl::StatusOr<PayloadInfo> InspectPayload(std::string_view payload);
 // nothing. Thread-compatible: concurrent calls need distinct accumulators.
 absl::Status DecodeDenseAdd(std::string_view payload, float weight, std::span<float> accumulator);
 
+// A dense payload that passed every check DecodeDense makes (header, size, finite scales and values, codes
+// in range, top-k indices), with the squared L2 norm of its decoded values. It points into the payload's
+// bytes, which must outlive it unchanged. The server's streaming path: one read of the payload validates
+// it and measures its norm (for the norm cap), a second adds it, and nothing is materialized.
+class ValidatedDense {
+ public:
+  v1::Codec codec() const { return codec_; }
+  uint64_t numel() const { return numel_; }
+  // Σ decoded[i]², summed in double in an order of the implementation's choosing; for int8/int4 computed
+  // as Σ_b step_b² Σ q², which can differ from squaring the fp32-rounded decoded values in the last bits.
+  double squared_norm() const { return squared_norm_; }
+
+  // accumulator[i] += weight * double(decoded[i]) for every element the payload defines (top-k: the sent
+  // ones), in element order. InvalidArgument, nothing added, for a non-finite weight or an accumulator
+  // whose length is not numel(). Allocates nothing.
+  absl::Status AddTo(std::span<double> accumulator, double weight) const;
+
+ private:
+  friend absl::StatusOr<ValidatedDense> ValidateDensePayload(std::string_view payload);
+  v1::Codec codec_ = v1::CODEC_UNSPECIFIED;
+  uint64_t numel_ = 0;
+  uint64_t param_ = 0;
+  uint64_t num_blocks_ = 0;
+  const uint8_t* data_ = nullptr;
+  double squared_norm_ = 0;
+};
+
+// Validates a dense payload completely (InvalidArgument with the reason, as DecodeDense) and measures it.
+absl::StatusOr<ValidatedDense> ValidateDensePayload(std::string_view payload);
+
 // Decodes into a fresh vector (tests, clients). Allocates numel floats after validation; for top-k that
 // can be far more than the payload (numel up to 2^32 from 32 bytes), so code that decodes a peer's payload
 // should check InspectPayload(payload)->numel against the length it expects, or use DecodeDenseAdd.

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <limits>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <utility>
 
@@ -163,17 +164,22 @@ class DenseStrategy final : public RoundStrategy {
     std::lock_guard<std::mutex> lock(mu_);
     SEEDLING_RETURN_IF_ERROR(CheckUpdateLocked(update));
 
-    // Step 1: decode into the scratch buffer (the aggregate is not touched until step 3).
+    // Step 1: validate the whole update and measure its L2 norm (the aggregate is not touched until
+    // step 3). Dense codecs are read in place from the payload; FwdLLM seed pairs are expanded into the
+    // scratch buffer.
     absl::StatusOr<comms::PayloadInfo> info = comms::InspectPayload(update.payload);
     if (!info.ok()) return InvalidPayload(update, info.status());
+    std::optional<comms::ValidatedDense> dense;
+    double norm2 = 0.0;
     if (IsDenseCodec(info->codec)) {
       if (info->numel != numel_) {
         return InvalidUpdate(
             update, StrCat("the update has ", info->numel, " elements, the global model ", numel_));
       }
-      std::fill(scratch_.begin(), scratch_.end(), 0.0f);
-      const absl::Status decoded = comms::DecodeDenseAdd(update.payload, 1.0f, scratch_);
-      if (!decoded.ok()) return InvalidPayload(update, decoded);
+      absl::StatusOr<comms::ValidatedDense> validated = comms::ValidateDensePayload(update.payload);
+      if (!validated.ok()) return InvalidPayload(update, validated.status());
+      dense = *validated;
+      norm2 = dense->squared_norm();
     } else if (fwdgrad_ && info->codec == v1::CODEC_SEED_SCALARS &&
                info->seed_kind == comms::SeedScalarKind::kSeed) {
       // FwdLLM upload as pairs: g = Σ_k value_k z(seed_k) over the whole vector, offset 0, in pair
@@ -185,17 +191,16 @@ class DenseStrategy final : public RoundStrategy {
       for (const comms::SeedValueScalar& p : *pairs) {
         seedling::AddNormal({p.seed, rng_stream::kPerturbation}, 0, p.value, scratch_);
       }
+      for (size_t i = 0; i < numel_; ++i) {
+        const double v = scratch_[i];
+        if (!std::isfinite(v)) return InvalidUpdate(update, StrCat("element ", i, " is not finite"));
+        norm2 += v * v;
+      }
     } else {
       return CodecNotAccepted(name(), *info);
     }
 
-    // Step 2: validate the decoded values: finite, L2 norm under the cap.
-    double norm2 = 0.0;
-    for (size_t i = 0; i < numel_; ++i) {
-      const double v = scratch_[i];
-      if (!std::isfinite(v)) return InvalidUpdate(update, StrCat("element ", i, " is not finite"));
-      norm2 += v * v;
-    }
+    // Step 2: the L2 norm under the cap.
     const double norm = std::sqrt(norm2);
     if (options_.max_update_norm > 0 && norm > options_.max_update_norm) {
       return InvalidUpdate(
@@ -205,7 +210,12 @@ class DenseStrategy final : public RoundStrategy {
     // Step 3: add to the running sum: Σ n_c Δ_c for the fedavg family; Σ g_c for fwdgrad, whose g_c
     // is already a sum over the client's n_c examples' steps (FwdLLM divides the total by Σ n_c).
     const double weight = fwdgrad_ ? 1.0 : static_cast<double>(update.num_examples);
-    for (size_t i = 0; i < numel_; ++i) sum_[i] += weight * static_cast<double>(scratch_[i]);
+    if (dense) {
+      const absl::Status added = dense->AddTo(sum_, weight);
+      if (!added.ok()) return absl::InternalError(StrCat("adding a validated update: ", added.message()));
+    } else {
+      for (size_t i = 0; i < numel_; ++i) sum_[i] += weight * static_cast<double>(scratch_[i]);
+    }
     CountLocked(update, norm);
     return absl::OkStatus();
   }

@@ -574,6 +574,41 @@ TEST_CASE("DecodeDenseAdd adds weight times the decoded update", "[comms][codec]
   }
 }
 
+TEST_CASE("ValidateDensePayload measures the norm and AddTo adds in double", "[comms][codec]") {
+  const std::vector<float> x = RandomNormal(1001, 33);
+  for (v1::Codec codec : kDenseCodecs) {
+    INFO("codec " << codec);
+    ErrorFeedback feedback(x.size());
+    const std::string payload = MustEncode(x, Options(codec, 64, 0.1f), 5, &feedback);
+    const std::vector<float> decoded = MustDecode(payload);
+    absl::StatusOr<ValidatedDense> v = ValidateDensePayload(payload);
+    REQUIRE(v.ok());
+    CHECK(v->codec() == codec);
+    CHECK(v->numel() == x.size());
+    double norm2 = 0;
+    for (float d : decoded) norm2 += static_cast<double>(d) * d;
+    REQUIRE(norm2 > 0);
+    CHECK(std::abs(v->squared_norm() - norm2) <= 1e-6 * norm2);
+
+    std::vector<double> acc(x.size());
+    for (size_t i = 0; i < acc.size(); ++i) acc[i] = 0.25 * static_cast<double>(i);
+    const std::vector<double> before = acc;
+    const double weight = 3.0;
+    REQUIRE(v->AddTo(acc, weight).ok());
+    for (size_t i = 0; i < x.size(); ++i) {
+      INFO("element " << i);
+      REQUIRE(acc[i] == before[i] + weight * static_cast<double>(decoded[i]));
+    }
+    // Bad arguments add nothing.
+    const std::vector<double> after = acc;
+    CheckInvalid(v->AddTo(acc, std::numeric_limits<double>::quiet_NaN()), "weight");
+    std::vector<double> short_acc(x.size() - 1, 7.0);
+    CheckInvalid(v->AddTo(short_acc, 1.0), "does not match the accumulator");
+    CHECK(std::all_of(short_acc.begin(), short_acc.end(), [](double d) { return d == 7.0; }));
+    REQUIRE(acc == after);
+  }
+}
+
 TEST_CASE("DecodeDenseAdd leaves the accumulator untouched when the payload is bad",
           "[comms][codec]") {
   const std::vector<float> x = RandomNormal(1001, 41);
@@ -605,6 +640,7 @@ TEST_CASE("DecodeDenseAdd leaves the accumulator untouched when the payload is b
   for (const auto& [payload, message] : cases) {
     CheckInvalid(DecodeDenseAdd(payload, 1.0f, acc), message);
     REQUIRE(std::memcmp(acc.data(), before.data(), acc.size() * sizeof(float)) == 0);
+    CheckInvalid(ValidateDensePayload(payload).status(), message);
   }
   CheckInvalid(DecodeDenseAdd(fp32, std::numeric_limits<float>::infinity(), acc), "weight");
   std::vector<float> short_acc(x.size() - 1, 7.0f);
@@ -862,6 +898,7 @@ TEST_CASE("decoders reject corrupted payloads with a message that says what is w
       std::vector<float> acc(n, 1.0f);
       CheckInvalid(DecodeDenseAdd(row.payload, 1.0f, acc), row.message);
       CHECK(std::all_of(acc.begin(), acc.end(), [](float v) { return v == 1.0f; }));
+      CheckInvalid(ValidateDensePayload(row.payload).status(), row.message);
     }
   }
 }
