@@ -5,8 +5,10 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <utility>
 #include <toml++/toml.h>
 
 #include "absl/strings/escaping.h"
@@ -135,10 +137,14 @@ absl::Status ApplyConfig(const Json& j, ClientConfig& c) {
       if (!value.is_number()) return absl::InvalidArgumentError(StrCat("'", key, "' must be a number"));
       using T = std::remove_reference_t<decltype(out)>;
       if constexpr (std::is_integral_v<T>) {
-        if (!value.is_number_integer() || (std::is_unsigned_v<T> && value.get<int64_t>() < 0)) {
-          return absl::InvalidArgumentError(StrCat("'", key, "' must be a non-negative integer"));
+        // Range-checked: get<T>() alone would wrap 70000 into a uint16_t port, 2^32 + 1 into an int.
+        const bool in_range = value.is_number_unsigned() ? std::in_range<T>(value.get<uint64_t>())
+                                                         : value.is_number_integer() && std::in_range<T>(value.get<int64_t>());
+        if (!in_range) {
+          return absl::InvalidArgumentError(StrCat("'", key, "' must be an integer in [", std::numeric_limits<T>::min(),
+                                                   ", ", std::numeric_limits<T>::max(), "]"));
         }
-        out = value.get<T>();
+        out = value.is_number_unsigned() ? static_cast<T>(value.get<uint64_t>()) : static_cast<T>(value.get<int64_t>());
       } else {
         out = value.get<T>();
       }
@@ -195,6 +201,10 @@ absl::Status ClientConfig::Validate() const {
   if (model_dir.empty()) return absl::InvalidArgumentError("model_dir is required");
   if (memory_budget_bytes < 0) return absl::InvalidArgumentError("memory_budget_bytes must be >= 0");
   if (max_attempts < 1) return absl::InvalidArgumentError("max_attempts must be >= 1");
+  if (connect_timeout_ms < 1 || call_timeout_ms < 1) {
+    return absl::InvalidArgumentError("connect_timeout_ms and call_timeout_ms must be >= 1");
+  }
+  if (checkpoint_every < 0) return absl::InvalidArgumentError("checkpoint_every must be >= 0");
   if (!(backoff_base_s > 0) || backoff_max_s < backoff_base_s) {
     return absl::InvalidArgumentError("need 0 < backoff_base_s <= backoff_max_s");
   }
@@ -460,7 +470,16 @@ absl::StatusOr<v1::Envelope> Client::Call(std::unique_ptr<comms::Channel>& chann
 absl::StatusOr<RunResult> Client::RunOnce() {
   std::lock_guard<std::mutex> lock(run_mu_);
   cancelled_ = false;
-  return RunOnceLocked();
+  absl::StatusOr<RunResult> r = RunOnceLocked();
+  // Cancel() outside training (connecting, backing off, syncing, uploading) stops the run where it is; the
+  // state directory is consistent as after any error, and the caller sees kCancelled as documented.
+  if (!r.ok() && r.status().code() == absl::StatusCode::kCancelled && cancelled_) {
+    RunResult cancelled;
+    cancelled.outcome = RunOutcome::kCancelled;
+    cancelled.detail = std::string(r.status().message());
+    return cancelled;
+  }
+  return r;
 }
 
 absl::StatusOr<RunResult> Client::RunOnceLocked() {

@@ -1,0 +1,638 @@
+// The client SDK (client/client.h) against the real coordinator over the in-memory transport: a round
+// interrupted by Cancel() or by a broken upload resumes from the state directory in a new Client; network
+// errors are retried with backoff; the server's RetryAfter is obeyed; tasks over the memory budget are
+// declined with a reason the server counts; bad input is refused with a clear status.
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <catch2/catch.hpp>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <filesystem>
+#include <map>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <thread>
+
+#include "base/file.h"
+#include "base/strings.h"
+#include "client/client.h"
+#include "comms/codec.h"
+#include "comms/framing.h"
+#include "comms/in_memory.h"
+#include "model/init.h"
+#include "model/runtime.h"
+#include "model/tokenizer.h"
+#include "server/coordinator.h"
+#include "server/metrics.h"
+#include "server/store.h"
+
+namespace seedling::client {
+namespace {
+
+using Json = nlohmann::json;
+
+struct TempDir {
+  std::string path;
+  TempDir() {
+    static std::atomic<int> n{0};
+    path = std::filesystem::temp_directory_path() /
+           ("seedling_client_" + std::to_string(getpid()) + "_" + std::to_string(n++));
+    std::filesystem::create_directories(path);
+  }
+  ~TempDir() { std::filesystem::remove_all(path); }
+};
+
+// One tiny base model per process, shared by every client (as the simulator does).
+struct ModelFixture {
+  TempDir dir;
+  std::string model_dir = JoinPath(dir.path, "model");
+  SharedModel shared;
+
+  ModelFixture() {
+    model::ConfigureCompute({1});  // deterministic, and safe with a canceller thread: see model/runtime.h
+    model::InitModelOptions init;
+    init.preset = "tiny";
+    init.seed = 3;
+    REQUIRE(model::InitModel(model_dir, init).ok());
+    auto m = model::LlamaModel::Load(model_dir);
+    REQUIRE(m.ok());
+    auto t = model::LoadTokenizer(model_dir);
+    REQUIRE(t.ok());
+    shared.model = std::move(m).value();
+    shared.tokenizer = std::move(t).value();
+  }
+};
+
+const ModelFixture& Model() {
+  static ModelFixture fixture;  // built on first use, removed at exit
+  return fixture;
+}
+
+std::string SampleData() { return JoinPath(SEEDLING_SOURCE_DIR, "data/sample/instructions.jsonl"); }
+
+server::ServerConfig TinyServerConfig(const std::string& state_dir) {
+  server::ServerConfig c;
+  c.state_dir = state_dir;
+  c.model_dir = Model().model_dir;
+  c.method = "lora-bp";
+  c.codec.codec = v1::CODEC_FP32;  // lossless: updates can be compared bit for bit
+  c.steps = 6;
+  c.batch = 1;
+  c.seq_len = 32;
+  c.lr = 5e-3;
+  c.lora_rank = 4;
+  c.rounds = 1;
+  c.clients_per_round = 1;
+  c.min_reports = 1;
+  c.over_selection = 1.0;
+  c.selection_window_s = 60;
+  c.round_deadline_s = 600;
+  c.retry_base_s = 7;
+  c.retry_jitter = 0.0;
+  c.seed = 11;
+  return c;
+}
+
+// A coordinator on a manual clock, reached over the in-memory transport.
+struct Server {
+  server::ServerConfig config;
+  server::ManualClock clock;
+  server::Metrics metrics;
+  std::unique_ptr<server::Coordinator> coordinator;
+
+  explicit Server(server::ServerConfig c) : config(std::move(c)) {
+    REQUIRE(config.Validate().ok());
+    auto co = server::Coordinator::Create(config, &clock, &metrics);
+    REQUIRE(co.ok());
+    coordinator = std::move(co).value();
+  }
+  std::string Register(const std::string& device) {
+    auto token = coordinator->RegisterDevice(device);
+    REQUIRE(token.ok());
+    return *token;
+  }
+  std::unique_ptr<comms::Transport> Transport(comms::InMemoryFaults faults = {}) {
+    return comms::MakeInMemoryTransport(coordinator->handler_factory(), std::move(faults));
+  }
+  // Closes the coordinator (and its store) so the test can open the store itself.
+  std::unique_ptr<server::Store> CloseAndOpenStore() {
+    coordinator.reset();
+    auto store = server::Store::Open(config.state_dir);
+    REQUIRE(store.ok());
+    return std::move(store).value();
+  }
+};
+
+ClientConfig ClientFor(const std::string& state_dir, const std::string& device, const std::string& token) {
+  ClientConfig c;
+  c.device_id = device;
+  c.token = token;
+  c.state_dir = state_dir;
+  c.model_dir = Model().model_dir;
+  c.data_path = SampleData();
+  c.backoff_base_s = 0.001;
+  c.backoff_max_s = 0.01;
+  c.checkpoint_every = 0;
+  return c;
+}
+
+std::unique_ptr<Client> MakeClient(const ClientConfig& config, std::unique_ptr<comms::Transport> transport) {
+  auto c = Client::Create(config, std::move(transport), Model().shared);
+  REQUIRE(c.ok());
+  (*c)->SetConditions({true, true, true, 1.0f});
+  return std::move(c).value();
+}
+
+std::optional<v1::Envelope> Decode(const std::string& frame) {
+  auto e = comms::DecodeFrameBody(std::string_view(frame).substr(4));
+  if (!e.ok()) return std::nullopt;
+  return *e;
+}
+
+Json ReadJson(const std::string& path) {
+  auto text = ReadFile(path);
+  REQUIRE(text.ok());
+  return Json::parse(*text);
+}
+
+int CountLines(const std::string& path) {
+  auto text = ReadFile(path);
+  REQUIRE(text.ok());
+  return static_cast<int>(std::count(text->begin(), text->end(), '\n'));
+}
+
+// Wraps a transport: the first `failures` Connect() calls fail with Unavailable (the network is down).
+class FlakyTransport : public comms::Transport {
+ public:
+  FlakyTransport(std::unique_ptr<comms::Transport> inner, int failures) : inner_(std::move(inner)), failures_(failures) {}
+
+  absl::StatusOr<std::unique_ptr<comms::Channel>> Connect(comms::Duration timeout) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    times_.push_back(std::chrono::steady_clock::now());
+    if (static_cast<int>(times_.size()) <= failures_) return absl::UnavailableError("connection refused");
+    return inner_->Connect(timeout);
+  }
+  std::vector<std::chrono::steady_clock::time_point> times() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return times_;
+  }
+
+ private:
+  std::unique_ptr<comms::Transport> inner_;
+  const int failures_;
+  std::mutex mu_;
+  std::vector<std::chrono::steady_clock::time_point> times_;
+};
+
+// ---- the state directory: resume after Cancel() ------------------------------------------------------------
+
+// Runs the single task of a fresh one-device server to completion without interruption; returns its upload.
+std::string UninterruptedUpload(v1::Task* task_out) {
+  TempDir dir;
+  Server server(TinyServerConfig(JoinPath(dir.path, "server")));
+  const std::string token = server.Register("dev0");
+  server.coordinator->Tick();
+  auto c = MakeClient(ClientFor(JoinPath(dir.path, "client"), "dev0", token), server.Transport());
+  std::string payload;
+  int observed = 0;
+  c->SetUploadObserver([&](const v1::Task& task, const std::string& p, uint64_t) {
+    *task_out = task;
+    payload = p;
+    ++observed;
+  });
+  auto r = c->RunOnce();
+  REQUIRE(r.ok());
+  REQUIRE(r->outcome == RunOutcome::kUploaded);
+  REQUIRE(observed == 1);
+  return payload;
+}
+
+TEST_CASE("A round cancelled mid-training resumes from its checkpoint in a new Client and uploads the same update",
+          "[client][resume]") {
+  TempDir dir;
+  Server server(TinyServerConfig(JoinPath(dir.path, "server")));
+  const std::string token = server.Register("dev0");
+  server.coordinator->Tick();  // opens round 1
+  const ClientConfig config = ClientFor(JoinPath(dir.path, "client"), "dev0", token);
+
+  // 1. The first Client is cancelled from another thread after training step 2 of 6.
+  {
+    auto c = MakeClient(config, server.Transport());
+    std::mutex mu;
+    std::condition_variable cv;
+    bool reached = false, cancelled = false;
+    c->SetProgressCallback([&](const RunProgress& p) {
+      if (p.phase != "training" || p.done != 2) return;
+      std::unique_lock<std::mutex> lock(mu);
+      reached = true;
+      cv.notify_all();
+      cv.wait(lock, [&] { return cancelled; });  // the step boundary comes only after Cancel()
+    });
+    int observed = 0;
+    c->SetUploadObserver([&](const v1::Task&, const std::string&, uint64_t) { ++observed; });
+    std::thread canceller([&] {
+      std::unique_lock<std::mutex> lock(mu);
+      cv.wait(lock, [&] { return reached; });
+      c->Cancel();
+      cancelled = true;
+      cv.notify_all();
+    });
+    auto r = c->RunOnce();
+    canceller.join();
+    REQUIRE(r.ok());
+    CHECK(r->outcome == RunOutcome::kCancelled);
+    CHECK(r->round_id == 1);
+    CHECK(observed == 0);
+  }
+  // The checkpoint is on disk: step 2 of the task, and the state says "training".
+  REQUIRE(FileExists(JoinPath(config.state_dir, "checkpoint.safetensors")));
+  const Json cp = ReadJson(JoinPath(config.state_dir, "checkpoint.json"));
+  CHECK(cp.at("steps").get<int64_t>() == 2);
+  CHECK(cp.at("key").get<std::string>() == "dev0/1/r1-1");
+  CHECK(ReadJson(JoinPath(config.state_dir, "state.json")).at("phase") == "training");
+  CHECK_FALSE(FileExists(JoinPath(config.state_dir, "update.bin")));
+
+  // 2. A new Client on the same state directory continues at step 3 and uploads.
+  auto c = MakeClient(config, server.Transport());
+  std::vector<int64_t> steps_seen;
+  c->SetProgressCallback([&](const RunProgress& p) {
+    if (p.phase == "training") steps_seen.push_back(p.done);
+  });
+  std::string resumed;
+  v1::Task resumed_task;
+  c->SetUploadObserver([&](const v1::Task& task, const std::string& payload, uint64_t) {
+    resumed_task = task;
+    resumed = payload;
+  });
+  auto r = c->RunOnce();
+  REQUIRE(r.ok());
+  CHECK(r->outcome == RunOutcome::kUploaded);
+  CHECK(r->round_id == 1);
+  REQUIRE_FALSE(steps_seen.empty());
+  CHECK(steps_seen.front() == 3);  // resumed, not restarted
+  CHECK(steps_seen.back() == 6);
+  CHECK_FALSE(FileExists(JoinPath(config.state_dir, "checkpoint.json")));
+  CHECK(CountLines(JoinPath(config.state_dir, "acks.jsonl")) == 1);
+  CHECK(server.coordinator->global_version() == 1);
+
+  // 3. The same task run straight through (another server with the same seed, hence the same task seed)
+  // uploads exactly the same bytes: resuming loses nothing (trainer state, data position, parameters).
+  v1::Task straight_task;
+  const std::string straight = UninterruptedUpload(&straight_task);
+  REQUIRE(straight_task.seed() == resumed_task.seed());
+  REQUIRE(straight_task.task_id() == resumed_task.task_id());
+  auto decoded = comms::DecodeDense(resumed);
+  REQUIRE(decoded.ok());
+  CHECK(std::any_of(decoded->begin(), decoded->end(), [](float v) { return v != 0.0f; }));  // it trained
+  CHECK(resumed.size() == straight.size());
+  CHECK(resumed == straight);
+}
+
+// ---- the state directory: resume a broken upload -----------------------------------------------------------
+
+TEST_CASE("An upload cut off mid-way resumes in a new Client at the last acknowledged chunk and is recorded once",
+          "[client][upload]") {
+  TempDir dir;
+  Server server(TinyServerConfig(JoinPath(dir.path, "server")));
+  const std::string token = server.Register("dev0");
+  server.coordinator->Tick();
+  ClientConfig config = ClientFor(JoinPath(dir.path, "client"), "dev0", token);
+  config.upload_chunk_bytes = 1024;  // several chunks per update
+
+  // Every UploadChunk frame the devices send, by offset, and whether it reached the server.
+  struct Sent {
+    uint64_t offset;
+    bool delivered;
+    int client;
+  };
+  std::mutex mu;
+  std::vector<Sent> sent;
+  int client_index = 0;
+  auto faults = [&](int index) {
+    comms::InMemoryFaults f;
+    f.on_request = [&, index](std::string& frame) {
+      auto e = Decode(frame);
+      if (!e || !e->has_upload_chunk()) return true;
+      std::lock_guard<std::mutex> lock(mu);
+      const bool deliver = !(index == 0 && sent.size() == 2);  // the first device's third chunk is lost
+      sent.push_back({e->upload_chunk().offset(), deliver, index});
+      return deliver;
+    };
+    return f;
+  };
+
+  std::string payload;
+  {
+    ClientConfig first = config;
+    first.max_attempts = 1;  // no second chance: the app is killed with the upload half done
+    auto c = MakeClient(first, server.Transport(faults(client_index++)));
+    c->SetUploadObserver([&](const v1::Task&, const std::string& p, uint64_t) { payload = p; });
+    auto r = c->RunOnce();
+    REQUIRE_FALSE(r.ok());
+    CHECK(r.status().code() == absl::StatusCode::kUnavailable);
+  }
+  REQUIRE(payload.size() > 4 * static_cast<size_t>(config.upload_chunk_bytes));
+  CHECK(ReadJson(JoinPath(config.state_dir, "state.json")).at("phase") == "trained");
+  REQUIRE(FileExists(JoinPath(config.state_dir, "update.bin")));
+  REQUIRE(sent.size() == 3);
+  const uint64_t lost_offset = sent[2].offset;
+  CHECK(lost_offset == 2 * static_cast<uint64_t>(config.upload_chunk_bytes));
+
+  // The next launch: a new Client finishes the upload without training again.
+  auto c = MakeClient(config, server.Transport(faults(client_index++)));
+  bool trained = false;
+  c->SetProgressCallback([&](const RunProgress& p) {
+    if (p.phase == "training") trained = true;
+  });
+  auto r = c->RunOnce();
+  REQUIRE(r.ok());
+  CHECK(r->outcome == RunOutcome::kUploaded);
+  CHECK(r->update_bytes == payload.size());
+  CHECK_FALSE(trained);
+  CHECK_FALSE(FileExists(JoinPath(config.state_dir, "update.bin")));
+
+  // The second device's first chunk starts where the server stopped; no acknowledged chunk went twice.
+  std::vector<uint64_t> second;
+  std::map<uint64_t, int> delivered;
+  for (const Sent& s : sent) {
+    if (s.client == 1) second.push_back(s.offset);
+    if (s.delivered) ++delivered[s.offset];
+  }
+  REQUIRE_FALSE(second.empty());
+  CHECK(second.front() == lost_offset);
+  uint64_t expect = 0;
+  for (const auto& [offset, times] : delivered) {
+    INFO("offset " << offset);
+    CHECK(times == 1);
+    CHECK(offset == expect);  // contiguous
+    expect += static_cast<uint64_t>(config.upload_chunk_bytes);
+  }
+  CHECK(expect >= payload.size());
+
+  // Recorded exactly once: one ledger entry with the update's size and hash; the round committed.
+  auto round = server.coordinator->FindRound(1);
+  REQUIRE(round.ok());
+  REQUIRE(round->has_value());
+  CHECK((*round)->accepted == 1);
+  CHECK((*round)->state == server::RoundState::kCommitted);
+  CHECK(CountLines(JoinPath(config.state_dir, "acks.jsonl")) == 1);
+  auto store = server.CloseAndOpenStore();
+  auto ledger = store->LedgerForRound(1);
+  REQUIRE(ledger.ok());
+  REQUIRE(ledger->size() == 1);
+  CHECK((*ledger)[0].bytes == payload.size());
+  CHECK((*ledger)[0].sha256 == server::Sha256Hex(payload));
+}
+
+TEST_CASE("A lost commit acknowledgement is retried without counting the update twice", "[client][upload]") {
+  TempDir dir;
+  Server server(TinyServerConfig(JoinPath(dir.path, "server")));
+  const std::string token = server.Register("dev0");
+  server.coordinator->Tick();
+  std::atomic<int> accepted_acks{0};
+  comms::InMemoryFaults faults;
+  faults.on_response = [&](std::string& frame) {
+    auto e = Decode(frame);
+    // The server accepted the update, but the first acknowledgement never arrives.
+    if (e && e->has_upload_ack() && e->upload_ack().accepted()) return accepted_acks++ > 0;
+    return true;
+  };
+  const ClientConfig config = ClientFor(JoinPath(dir.path, "client"), "dev0", token);
+  auto c = MakeClient(config, server.Transport(std::move(faults)));
+  auto r = c->RunOnce();
+  REQUIRE(r.ok());
+  CHECK(r->outcome == RunOutcome::kUploaded);
+  CHECK(r->round_id == 1);
+  CHECK(accepted_acks == 2);  // the lost one, then the answer to the retry (from the ledger)
+  CHECK(CountLines(JoinPath(config.state_dir, "acks.jsonl")) == 1);
+  CHECK(server.coordinator->global_version() == 1);
+  auto store = server.CloseAndOpenStore();
+  auto ledger = store->LedgerForRound(1);
+  REQUIRE(ledger.ok());
+  CHECK(ledger->size() == 1);
+}
+
+// ---- retry and backoff ------------------------------------------------------------------------------------
+
+TEST_CASE("An unselected device is told to retry after the delay the server set", "[client][retry]") {
+  TempDir dir;
+  Server server(TinyServerConfig(JoinPath(dir.path, "server")));
+  const std::string token0 = server.Register("dev0");
+  const std::string token1 = server.Register("dev1");
+  server.coordinator->Tick();
+  // dev0 takes the round's only task (a raw check-in: the test plays that device).
+  {
+    auto transport = server.Transport();
+    auto ch = transport->Connect(comms::Duration(1000));
+    REQUIRE(ch.ok());
+    v1::Envelope hello;
+    hello.set_protocol_version(1);
+    hello.set_request_id(1);
+    hello.mutable_hello()->set_device_id("dev0");
+    hello.mutable_hello()->set_token(token0);
+    REQUIRE((*ch)->Call(hello, comms::Duration(1000)).ok());
+    v1::Envelope check_in;
+    check_in.set_protocol_version(1);
+    check_in.set_request_id(2);
+    check_in.mutable_check_in();
+    auto reply = (*ch)->Call(check_in, comms::Duration(1000));
+    REQUIRE(reply.ok());
+    REQUIRE(reply->check_in_reply().has_task());
+  }
+  auto c = MakeClient(ClientFor(JoinPath(dir.path, "client"), "dev1", token1), server.Transport());
+  auto r = c->RunOnce();
+  REQUIRE(r.ok());
+  CHECK(r->outcome == RunOutcome::kRetryLater);
+  CHECK(r->retry_after_seconds == 7);  // the server's retry_base_s (no jitter)
+  CHECK(r->detail == "not selected");
+}
+
+TEST_CASE("A client whose first connections fail backs off and succeeds within max_attempts", "[client][retry]") {
+  TempDir dir;
+  Server server(TinyServerConfig(JoinPath(dir.path, "server")));
+  const std::string token = server.Register("dev0");
+  // No Tick: no round is open, so a successful check-in answers RetryAfter.
+  ClientConfig config = ClientFor(JoinPath(dir.path, "client"), "dev0", token);
+  config.max_attempts = 4;
+  config.backoff_base_s = 0.05;
+  config.backoff_max_s = 0.15;
+  auto flaky = std::make_unique<FlakyTransport>(server.Transport(), 3);
+  FlakyTransport* transport = flaky.get();
+  auto c = MakeClient(config, std::move(flaky));
+  auto r = c->RunOnce();
+  REQUIRE(r.ok());
+  CHECK(r->outcome == RunOutcome::kRetryLater);
+  CHECK(r->detail == "no open round");
+  const auto times = transport->times();
+  REQUIRE(times.size() == 4);
+  // Full jitter: the wait before attempt k is in [0, min(max, base × 2^k)] (plus scheduling slack).
+  for (size_t k = 1; k < times.size(); ++k) {
+    const double gap = std::chrono::duration<double>(times[k] - times[k - 1]).count();
+    const double cap = std::min(config.backoff_max_s, config.backoff_base_s * std::pow(2.0, static_cast<double>(k)));
+    INFO("attempt " << k << ": waited " << gap << " s, cap " << cap << " s");
+    CHECK(gap <= cap + 0.5);
+  }
+}
+
+TEST_CASE("After max_attempts failed connections RunOnce returns Unavailable", "[client][retry]") {
+  TempDir dir;
+  Server server(TinyServerConfig(JoinPath(dir.path, "server")));
+  const std::string token = server.Register("dev0");
+  ClientConfig config = ClientFor(JoinPath(dir.path, "client"), "dev0", token);
+  config.max_attempts = 3;
+  auto flaky = std::make_unique<FlakyTransport>(server.Transport(), 1000);
+  FlakyTransport* transport = flaky.get();
+  auto c = MakeClient(config, std::move(flaky));
+  auto r = c->RunOnce();
+  REQUIRE_FALSE(r.ok());
+  CHECK(r.status().code() == absl::StatusCode::kUnavailable);
+  CHECK(transport->times().size() == 3);
+  // The state directory is untouched: the next call starts afresh.
+  CHECK_FALSE(FileExists(JoinPath(config.state_dir, "update.bin")));
+}
+
+TEST_CASE("Cancel() during the backoff makes RunOnce return kCancelled promptly", "[client][retry]") {
+  TempDir dir;
+  Server server(TinyServerConfig(JoinPath(dir.path, "server")));
+  const std::string token = server.Register("dev0");
+  ClientConfig config = ClientFor(JoinPath(dir.path, "client"), "dev0", token);
+  config.max_attempts = 6;
+  config.backoff_base_s = 20;  // waits of up to minutes
+  config.backoff_max_s = 60;
+  auto c = MakeClient(config, std::make_unique<FlakyTransport>(server.Transport(), 1000));
+  const auto t0 = std::chrono::steady_clock::now();
+  std::thread canceller([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    c->Cancel();
+  });
+  auto r = c->RunOnce();
+  canceller.join();
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  REQUIRE(r.ok());
+  CHECK(r->outcome == RunOutcome::kCancelled);
+  CHECK(seconds < 10);
+}
+
+TEST_CASE("A wrong token is Unauthenticated and is not retried", "[client][auth]") {
+  TempDir dir;
+  Server server(TinyServerConfig(JoinPath(dir.path, "server")));
+  server.Register("dev0");
+  server.coordinator->Tick();
+  auto flaky = std::make_unique<FlakyTransport>(server.Transport(), 0);
+  FlakyTransport* transport = flaky.get();
+  auto c = MakeClient(ClientFor(JoinPath(dir.path, "client"), "dev0", "not-the-token"), std::move(flaky));
+  auto r = c->RunOnce();
+  REQUIRE_FALSE(r.ok());
+  CHECK(r.status().code() == absl::StatusCode::kUnauthenticated);
+  CHECK(transport->times().size() == 1);
+}
+
+// ---- memory budget ----------------------------------------------------------------------------------------
+
+TEST_CASE("A task over the memory budget is declined and the server records the decline as MEMORY",
+          "[client][planner]") {
+  TempDir dir;
+  Server server(TinyServerConfig(JoinPath(dir.path, "server")));
+  const std::string token = server.Register("dev0");
+  server.coordinator->Tick();
+  ClientConfig config = ClientFor(JoinPath(dir.path, "client"), "dev0", token);
+  config.memory_budget_bytes = 64 << 10;  // 64 KiB: nothing fits
+  auto c = MakeClient(config, server.Transport());
+  bool trained = false;
+  c->SetProgressCallback([&](const RunProgress& p) {
+    if (p.phase == "training") trained = true;
+  });
+  auto r = c->RunOnce();
+  REQUIRE(r.ok());
+  CHECK(r->outcome == RunOutcome::kDeclined);
+  CHECK(r->round_id == 1);
+  CHECK_THAT(r->detail, Catch::Contains("does not fit"));
+  CHECK_FALSE(trained);
+  // The server counts it by reason ...
+  CHECK_THAT(server.metrics.RenderPrometheus(), Catch::Contains("seedling_declines_total{reason=\"MEMORY\"} 1"));
+  // ... does not hand the task out again ...
+  auto again = c->RunOnce();
+  REQUIRE(again.ok());
+  CHECK(again->outcome == RunOutcome::kRetryLater);
+  CHECK(again->detail == "declined this round");
+  // ... and the store holds the task as declined for MEMORY.
+  auto store = server.CloseAndOpenStore();
+  auto task = store->FindTaskFor(1, "dev0");
+  REQUIRE(task.ok());
+  REQUIRE(task->has_value());
+  CHECK((*task)->state == "declined");
+  CHECK_THAT((*task)->detail, Catch::StartsWith("MEMORY"));
+}
+
+// ---- bad input --------------------------------------------------------------------------------------------
+
+const char* kBase = R"("device_id": "d", "state_dir": "/tmp/s", "model_dir": "/tmp/m")";
+
+absl::Status ParseWith(const std::string& extra) {
+  return ClientConfig::FromJson(StrCat("{", kBase, extra.empty() ? "" : ", ", extra, "}")).status();
+}
+
+TEST_CASE("A bad JSON config is InvalidArgument naming the key", "[client][config]") {
+  REQUIRE(ParseWith("").ok());
+  REQUIRE(ParseWith(R"("port": 9443, "memory_budget": "600M", "methods": ["mezo"])").ok());
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {R"("prot": 9443)", "prot"},
+      {R"("port": "9443")", "port"},
+      {R"("port": 70000)", "port"},
+      {R"("port": -1)", "port"},
+      {R"("max_attempts": 1.5)", "max_attempts"},
+      {R"("max_attempts": 0)", "max_attempts"},
+      {R"("max_attempts": 4294967297)", "max_attempts"},
+      {R"("seed": -3)", "seed"},
+      {R"("upload_chunk_bytes": 10)", "upload_chunk_bytes"},
+      {R"("call_timeout_ms": 0)", "call_timeout_ms"},
+      {R"("checkpoint_every": -1)", "checkpoint_every"},
+      {R"("backoff_base_s": "fast")", "backoff_base_s"},
+      {R"("methods": "mezo")", "methods"},
+      {R"("methods": ["sgd"])", "sgd"},
+      {R"("memory_budget": "lots")", "lots"},
+  };
+  for (const auto& [extra, key] : cases) {
+    INFO(extra);
+    const absl::Status st = ParseWith(extra);
+    CHECK(st.code() == absl::StatusCode::kInvalidArgument);
+    CHECK_THAT(std::string(st.message()), Catch::Contains(key));
+  }
+  CHECK(ClientConfig::FromJson("{\"device_id\": ").status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(ClientConfig::FromJson("[1, 2]").status().code() == absl::StatusCode::kInvalidArgument);
+  const absl::Status missing = ClientConfig::FromJson(R"({"device_id": "d", "model_dir": "m"})").status();
+  CHECK_THAT(std::string(missing.message()), Catch::Contains("state_dir"));
+  const absl::Status toml = ClientConfig::FromToml("[client]\ndevice_id = \"d\"\nstate_dr = \"s\"\n").status();
+  CHECK(toml.code() == absl::StatusCode::kInvalidArgument);
+  CHECK_THAT(std::string(toml.message()), Catch::Contains("state_dr"));
+}
+
+TEST_CASE("AddExample refuses a row that is not a JSON object and keeps the store intact", "[client][data]") {
+  TempDir dir;
+  ClientConfig config = ClientFor(JoinPath(dir.path, "client"), "dev0", "t");
+  config.data_path.clear();  // the local example store
+  auto c = Client::Create(config, comms::MakeInMemoryTransport(nullptr), Model().shared);
+  REQUIRE(c.ok());
+  const std::string store = JoinPath(config.state_dir, "examples.jsonl");
+  REQUIRE((*c)->AddExample(R"({"text": "one"})").ok());
+  for (const char* bad : {"[1, 2]", "\"text\"", "42", "null", "{\"text\": ", ""}) {
+    INFO(bad);
+    const absl::Status st = (*c)->AddExample(bad);
+    CHECK(st.code() == absl::StatusCode::kInvalidArgument);
+  }
+  REQUIRE((*c)->AddExample(R"({"instruction": "two", "output": "2"})").ok());
+  CHECK(CountLines(store) == 2);
+  auto text = ReadFile(store);
+  REQUIRE(text.ok());
+  std::istringstream lines(*text);
+  std::string line;
+  while (std::getline(lines, line)) CHECK(Json::parse(line).is_object());
+}
+
+}  // namespace
+}  // namespace seedling::client
