@@ -153,6 +153,10 @@ absl::Status ServerConfig::Validate() const {
 }
 
 absl::StatusOr<ServerConfig> ParseServerConfig(std::string_view toml_text) {
+  return ParseServerConfig(toml_text, ServerConfig{});
+}
+
+absl::StatusOr<ServerConfig> ParseServerConfig(std::string_view toml_text, const ServerConfig& defaults) {
   toml::table root;
   try {
     root = toml::parse(toml_text);
@@ -160,7 +164,7 @@ absl::StatusOr<ServerConfig> ParseServerConfig(std::string_view toml_text) {
     return absl::InvalidArgumentError(StrCat("not valid TOML: ", e.description(), " (line ",
                                              e.source().begin.line, ")"));
   }
-  ServerConfig c;
+  ServerConfig c = defaults;
   auto table = [&](const char* name) { return root.get_as<toml::table>(name); };
   for (const auto& [key, value] : root) {
     const std::string k(key.str());
@@ -193,7 +197,7 @@ absl::StatusOr<ServerConfig> ParseServerConfig(std::string_view toml_text) {
   SEEDLING_RETURN_IF_ERROR(model.CheckNoUnknownKeys());
 
   Section training(table("training"), "training");
-  std::string codec = "fp16";
+  std::string codec = CodecName(c.codec.codec);
   SEEDLING_RETURN_IF_ERROR(training.Get("method", c.method));
   SEEDLING_RETURN_IF_ERROR(training.Get("rounds", c.rounds));
   SEEDLING_RETURN_IF_ERROR(training.Get("clients_per_round", c.clients_per_round));
@@ -241,6 +245,7 @@ absl::StatusOr<ServerConfig> ParseServerConfig(std::string_view toml_text) {
   SEEDLING_RETURN_IF_ERROR(strategy.Get("tau", s.tau));
   SEEDLING_RETURN_IF_ERROR(strategy.Get("fwdgrad_lr", s.fwdgrad_lr));
   SEEDLING_RETURN_IF_ERROR(strategy.Get("warmup_fraction", s.warmup_fraction));
+  SEEDLING_RETURN_IF_ERROR(strategy.Get("kseed_lr", s.kseed_lr));
   SEEDLING_RETURN_IF_ERROR(strategy.Get("kseed_pool_size", s.kseed_pool_size));
   SEEDLING_RETURN_IF_ERROR(strategy.Get("kseed_pool_seed", s.kseed_pool_seed));
   SEEDLING_RETURN_IF_ERROR(strategy.CheckNoUnknownKeys());

@@ -79,6 +79,8 @@ struct ServerConfig {
 
 // Parses TOML text. InvalidArgument naming the key for unknown keys, wrong types or invalid values.
 absl::StatusOr<ServerConfig> ParseServerConfig(std::string_view toml_text);
+// The same, starting from `defaults` instead of ServerConfig{} (the simulator's round defaults).
+absl::StatusOr<ServerConfig> ParseServerConfig(std::string_view toml_text, const ServerConfig& defaults);
 absl::StatusOr<ServerConfig> LoadServerConfig(const std::string& path);
 
 // Parses "fp32", "fp16", "int8", "int4", "topk", "seed-scalars".

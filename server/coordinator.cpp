@@ -1,5 +1,7 @@
 #include "server/coordinator.h"
 
+#include "absl/strings/numbers.h"
+
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
@@ -9,6 +11,7 @@
 #include <cstring>
 #include <nlohmann/json.hpp>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
 #include "base/file.h"
 #include "base/philox.h"
@@ -554,11 +557,25 @@ v1::Envelope Coordinator::OnUploadBegin(const std::string& device_id, const v1::
   return e;
 }
 
+// A chunk or commit under a key the server does not hold. In-flight uploads are dropped when their round
+// closes, so for a key of another round (the SDK's keys are "<device>/<round>/<task>") the answer is
+// Stale, which tells the device to stop and check in again; otherwise the device skipped UploadBegin.
+v1::Envelope Coordinator::NoUploadLocked(const std::string& key, const char* message) {
+  const size_t b = key.rfind('/');
+  const size_t a = b == std::string::npos || b == 0 ? std::string::npos : key.rfind('/', b - 1);
+  uint64_t round_id = 0;
+  if (a != std::string::npos && absl::SimpleAtoi(key.substr(a + 1, b - a - 1), &round_id) &&
+      (!round_.has_value() || round_id != round_->round_id)) {
+    return RejectLocked(v1::STALE, StrCat("round ", round_id, " is closed"), "stale");
+  }
+  return RejectLocked(v1::MALFORMED_MESSAGE, message, "malformed");
+}
+
 v1::Envelope Coordinator::OnUploadChunk(const std::string& device_id, const v1::UploadChunk& chunk) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = inflight_.find(chunk.idempotency_key());
   if (it == inflight_.end() || it->second->device_id != device_id) {
-    return RejectLocked(v1::MALFORMED_MESSAGE, "no upload in progress under this key (send UploadBegin)", "malformed");
+    return NoUploadLocked(chunk.idempotency_key(), "no upload in progress under this key (send UploadBegin)");
   }
   Inflight& up = *it->second;
   if (chunk.data().size() > comms::kMaxChunkBytes) {
@@ -595,7 +612,7 @@ v1::Envelope Coordinator::OnUploadCommit(const std::string& device_id, const v1:
       e.mutable_upload_ack()->set_round_id((*ledger)->round_id);
       return e;
     }
-    return RejectLocked(v1::MALFORMED_MESSAGE, "no upload in progress under this key", "malformed");
+    return NoUploadLocked(commit.idempotency_key(), "no upload in progress under this key");
   }
   std::unique_ptr<Inflight> up = std::move(it->second);
   inflight_.erase(it);

@@ -120,6 +120,7 @@ class Coordinator {
 
   // With mu_ held.
   v1::Envelope RejectLocked(v1::RejectCode code, std::string message, const char* reason);
+  v1::Envelope NoUploadLocked(const std::string& key, const char* message);
   v1::Task MakeTaskLocked(const RoundRecord& round, const TaskRecord& task);
   absl::Status OpenRoundLocked(int64_t now);
   void FinishRoundLocked(int64_t now);
