@@ -18,5 +18,6 @@ void RegisterModelCommands(CLI::App& app, Action& action);  // init-model, eval,
 void RegisterBenchCommands(CLI::App& app, Action& action);  // bench forward, bench finetune
 void RegisterFinetuneCommands(CLI::App& app, Action& action);  // finetune, export
 void RegisterServerCommands(CLI::App& app, Action& action);    // serve, certs, devices, client
+void RegisterSimulateCommands(CLI::App& app, Action& action);  // simulate
 
 }  // namespace seedling::apps

@@ -1,0 +1,176 @@
+#pragma once
+
+// Simulator outputs (DESIGN.md §7): one RoundRecord per server round and method, appended to
+// <run dir>/rounds.jsonl and rounds.csv as the run goes; a per-method summary (terminal table); and
+// a self-contained report.html whose plots are inline SVG drawn here (no scripts, styles or fonts
+// from elsewhere, so the file opens offline and can be mailed around).
+//
+// Missing values are NaN in the structs, null in JSON, an empty field in CSV and "-" in tables; NaN
+// points are left out of the plots and break the line there. Everything here is deterministic: the
+// same input gives byte-identical output (numbers are formatted with std::to_chars, independent of
+// the C locale).
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <span>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "nlohmann/json_fwd.hpp"
+
+namespace seedling::simulator {
+
+// What happened in one server round of one method. Byte and loss fields are means over the round's
+// participants (accepted updates) unless said otherwise.
+struct RoundRecord {
+  std::string method;        // "lora-bp", "fwdgrad", "mezo", "kseed", ...
+  int64_t round = 0;         // server round id (1-based)
+  bool committed = false;    // false: aborted (fewer than min_reports by the deadline)
+  double start_time_s = 0;   // simulated seconds since the simulation start when the round opened
+  double end_time_s = 0;     // ... when the round committed or aborted
+  int64_t available = 0;     // devices available during the round
+  int64_t selected = 0;      // tasks handed out
+  int64_t participants = 0;  // accepted updates
+  int64_t dropouts = 0;      // selected devices that dropped out
+  int64_t stragglers = 0;    // finished after the deadline / round end (their upload was stale)
+  int64_t declined = 0;      // declined the task (memory budget etc.)
+  double train_loss = NAN;   // mean over participants of their local loss after training
+  double eval_loss = NAN;    // held-out devices, global model after the round
+  double accuracy = NAN;     // in [0, 1], where the task has labels
+  double bytes_up_per_client = 0;    // bytes, mean over participants
+  double bytes_down_per_client = 0;  // bytes, mean over participants
+  double energy_joules = 0;          // all selected devices' training + radio energy this round, J
+  double epsilon = NAN;              // DP budget spent so far (privacy), NaN if DP is off
+  double wall_seconds = 0;           // host time spent simulating the round, s
+};
+
+// One JSON object with the field names above; NaN and ±inf become null.
+nlohmann::json ToJson(const RoundRecord& r);
+
+// Inverse of ToJson: null → NaN, missing fields keep their defaults. InvalidArgument naming the
+// field when a present field has the wrong type (e.g. a string where a number is expected).
+absl::StatusOr<RoundRecord> RoundRecordFromJson(const nlohmann::json& j);
+
+// CSV (RFC 4180): a header line with the field names in declaration order, then one row per record,
+// each ending in "\n". NaN → empty field; `committed` is true/false; strings are quoted when they
+// contain a comma, a double quote, CR or LF (quotes doubled). Numbers use the shortest round-trip
+// form.
+std::string CsvHeader();                     // ends in "\n"
+std::string ToCsvRow(const RoundRecord& r);  // ends in "\n"
+
+// Appends records to <dir>/rounds.jsonl (one ToJson object per line) and <dir>/rounds.csv, flushing
+// both to the OS after every record, so a killed run keeps every record it wrote (a power loss may
+// still lose the last few: there is no fsync per round). Not thread-safe; movable, not copyable.
+class RoundLog {
+ public:
+  // Creates `dir` if needed and opens both files for appending (a resumed run continues its log).
+  // Writes the CSV header when rounds.csv is new or empty; ends a partial last line (a run killed
+  // mid-write) so the next record starts on its own line. FailedPrecondition if an existing
+  // rounds.csv starts with a different header (written by another version: appending would misalign
+  // the columns); the errno-derived code with the path otherwise.
+  static absl::StatusOr<RoundLog> Open(const std::string& dir);
+
+  // Writes one line to each file and flushes them. After an error the log should not be used again.
+  absl::Status Append(const RoundRecord& r);
+
+  const std::string& jsonl_path() const { return jsonl_path_; }
+  const std::string& csv_path() const { return csv_path_; }
+
+ private:
+  struct FileCloser {
+    void operator()(std::FILE* f) const { std::fclose(f); }
+  };
+  using FilePtr = std::unique_ptr<std::FILE, FileCloser>;
+
+  RoundLog(std::string jsonl_path, std::string csv_path, FilePtr jsonl, FilePtr csv)
+      : jsonl_path_(std::move(jsonl_path)),
+        csv_path_(std::move(csv_path)),
+        jsonl_(std::move(jsonl)),
+        csv_(std::move(csv)) {}
+
+  std::string jsonl_path_;
+  std::string csv_path_;
+  FilePtr jsonl_;
+  FilePtr csv_;
+};
+
+// One method's run, condensed.
+struct MethodSummary {
+  std::string method;
+  int64_t rounds = 0;                            // records of this method
+  int64_t committed_rounds = 0;                  // of which committed
+  double initial_eval_loss = NAN;                // before round 1
+  double final_eval_loss = NAN;                  // see Summarize
+  double bytes_up_per_client_per_round = NAN;    // bytes, see Summarize
+  double bytes_down_per_client_per_round = NAN;  // bytes, see Summarize
+  double simulated_hours = 0;                    // latest end_time_s / 3600
+  double energy_kj = 0;         // sum of energy_joules / 1000, aborted rounds included
+  double wall_seconds = 0;      // sum of wall_seconds
+  double final_accuracy = NAN;  // last non-NaN accuracy in round order
+  double epsilon = NAN;         // last non-NaN epsilon in round order (the budget spent)
+};
+
+// Condenses the records of `method`; records of other methods are skipped, so the whole log can be
+// passed. Records are taken in round order whatever their order in the span.
+//  - final_eval_loss: the last non-NaN eval_loss (an aborted round evaluates the unchanged model,
+//    so its value counts too); initial_eval_loss when there is none.
+//  - bytes_*_per_client_per_round: bytes one participating client moved in one round, averaged
+//    over every accepted update of the committed rounds, i.e. Σ bytes_per_client·participants /
+//    Σ participants over committed rounds. Aborted rounds are excluded: their updates were thrown
+//    away and their per-client mean is over too few (often zero) participants to describe the
+//    method. NaN when no committed round had a participant.
+//  - energy and wall time include aborted rounds: that energy and time were spent.
+MethodSummary Summarize(std::string method, double initial_eval_loss,
+                        std::span<const RoundRecord> records);
+
+// An aligned plain-text table for the terminal: a header line, a rule, one line per summary,
+// every line the same width (method left-aligned, numbers right-aligned). Bytes use binary units
+// ("45.1 KiB"), NaN prints as "-". The accuracy and epsilon columns appear only when some summary
+// has a value.
+std::string SummaryTable(std::span<const MethodSummary> summaries);
+
+// Y axis of the bytes figure.
+enum class AxisScale {
+  kAuto,  // log when the positive values span more than two orders of magnitude (kseed vs LoRA)
+  kLinear,
+  kLog,
+};
+
+struct ReportInput {
+  std::string title;  // e.g. "Seedling simulation: 1000 phones, tiny model"
+  // Key/value table at the top (devices, rounds, model, seed, ...), in this order.
+  std::vector<std::pair<std::string, std::string>> settings;
+  // Free-text paragraphs (population summary, partition statistics); newlines are kept.
+  std::vector<std::string> notes;
+  std::vector<MethodSummary> summaries;
+  std::vector<RoundRecord> rounds;                  // all methods, any order
+  std::map<std::string, double> initial_eval_loss;  // per method: the point at round 0 / time 0
+  AxisScale bytes_axis = AxisScale::kAuto;          // y scale of the bytes figure
+};
+
+// The whole report as one HTML5 document. Methods get colours (Okabe–Ito palette, colour-blind
+// safe) in the order of `summaries`, then of first appearance in `rounds`. Figures, each a <figure
+// id="..."> holding one inline <svg>:
+//   fig-loss-round   eval loss vs round (round 0 = initial_eval_loss)
+//   fig-loss-time    eval loss vs simulated hours (time 0 = initial_eval_loss)
+//   fig-bytes        bytes up (solid) and down (dashed) per client per round
+//   fig-participation  participants (solid), dropouts (dashed), stragglers (dotted) per round
+//   fig-accuracy     accuracy vs round, only when some record has an accuracy
+//   fig-epsilon      DP epsilon vs round, only when some record has an epsilon
+// Each method's line in a figure is one <path class="line" data-method="..." data-metric="...">
+// whose `d` is "M x,y L x,y ..." with a new "M" after each NaN gap; aborted rounds get an "×"
+// marker (class="aborted"); axis ticks are <g class="xtick|ytick" data-v="value">. Every string
+// from the input is HTML-escaped. No external references.
+std::string RenderReportHtml(const ReportInput& input);
+
+// Renders and writes the report atomically (base/file.h WriteFileAtomic): readers see the old file
+// or the new one. The I/O error with the path when e.g. the directory does not exist.
+absl::Status WriteReport(const std::string& path, const ReportInput& input);
+
+}  // namespace seedling::simulator

@@ -1,0 +1,801 @@
+#include "simulator/simulation.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstring>
+#include <filesystem>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <queue>
+#include <thread>
+#include <tuple>
+
+#include <spdlog/spdlog.h>
+
+#include "base/file.h"
+#include "base/philox.h"
+#include "base/progress.h"
+#include "base/status.h"
+#include "base/strings.h"
+#include "client/client.h"
+#include "comms/in_memory.h"
+#include "lora/adapter.h"
+#include "model/dataset.h"
+#include "model/eval.h"
+#include "model/llama.h"
+#include "model/runtime.h"
+#include "model/tokenizer.h"
+#include "server/coordinator.h"
+
+namespace seedling::simulator {
+namespace {
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+// Philox stream of the devices' first check-in offsets (ASCII "firstwak").
+constexpr uint64_t kFirstWakeStream = 0x6669727374776b61ULL;
+
+int64_t ToMs(double seconds) { return static_cast<int64_t>(std::llround(seconds * 1000.0)); }
+
+std::string DeviceId(int64_t device) {
+  std::string digits = std::to_string(device);
+  if (digits.size() < 5) digits.insert(0, 5 - digits.size(), '0');
+  return "phone-" + digits;
+}
+
+std::string DefaultCodec(const std::string& method) {
+  if (method == "kseed") return "seed-scalars";
+  if (method == "fwdgrad") return "fp16";
+  return "int8";
+}
+
+std::string DefaultStrategy(const std::string& method) {
+  if (method == "kseed") return "kseed";
+  if (method == "fwdgrad") return "fwdgrad";
+  return "fedavg";
+}
+
+// Everything the methods share: the population, the data on disk, the model and the evaluation set.
+struct World {
+  const SimulationOptions* options = nullptr;
+  std::string work_dir;
+  bool remove_work_dir = false;
+  std::unique_ptr<Population> population;
+  std::vector<std::string> data_paths;  // per device
+  std::string partition_summary;
+  client::SharedModel shared;
+  model::ModelConfig model_config;
+  std::vector<model::Example> eval_examples;
+  double end_time_s = 0;
+};
+
+// One active device: its own clock and where it stands in the protocol. Guarded by MethodRun::mu_.
+struct Activation {
+  enum class State { kRunning, kWaiting, kGranted, kDone };
+  int64_t device = 0;
+  double vt = 0;     // the device's clock (Unix seconds)
+  double bound = 0;  // no request of this device can arrive before this time
+  State state = State::kRunning;
+  double wait_t = 0;  // kWaiting / kGranted: arrival time of the request at the gate
+  uint64_t seq = 0;
+  // The task of this activation, if the server assigned one.
+  bool has_task = false;
+  uint64_t round_id = 0;
+  uint64_t global_version = 0;
+  double compute_s = 0;
+  bool compute_accounted = false;
+  bool compute_energy_pending = false;  // compute time passed before this request (no download)
+  bool drops = false;
+  double drop_t = kInf;
+  bool dropped = false;
+  client::Client* client = nullptr;  // while RunOnce runs (for Cancel)
+  std::thread thread;
+  absl::StatusOr<client::RunResult> result = absl::UnknownError("still running");
+};
+
+// What the simulator observes of a round beyond the coordinator's own record. Updated only in event order
+// (when a request is granted and answered), so a round's figures do not depend on host timing.
+struct RoundStats {
+  bool opened = false;
+  int64_t available = 0;
+  int64_t declined = 0;
+  double energy_j = 0;
+  std::map<int64_t, double> drops;  // device → when it drops out; erased when its update is accepted
+};
+
+class MethodRun {
+ public:
+  MethodRun(const World& world, std::string method, RoundLog* log)
+      : world_(world), options_(*world.options), method_(std::move(method)), log_(log) {}
+
+  absl::StatusOr<MethodResult> Run();
+
+  // Called by SimChannel on the device's thread.
+  absl::StatusOr<v1::Envelope> DeviceCall(int64_t device, comms::Channel& inner, const v1::Envelope& request,
+                                          comms::Duration timeout);
+  bool DeviceDropped(int64_t device);
+
+ private:
+  absl::Status Setup();
+  void Loop();
+  void DeviceMain(Activation* a, client::Conditions conditions);
+  void Reap(Activation& a);
+  void CheckRounds();
+  absl::StatusOr<double> EvalLoss(const std::vector<float>& params);
+  void AfterReply(Activation& a, const v1::Envelope& request, const absl::StatusOr<v1::Envelope>& reply,
+                  double arrive);
+
+  // Constant after Setup().
+  const World& world_;
+  const SimulationOptions& options_;
+  const std::string method_;
+  RoundLog* const log_;
+  server::ServerConfig config_;
+  std::string dir_;
+  server::ManualClock clock_;
+  std::unique_ptr<server::Coordinator> coordinator_;
+  std::unique_ptr<comms::Transport> inner_;
+  std::vector<std::string> tokens_;
+  std::unique_ptr<lora::LoraAdapter> eval_adapter_;
+  int threads_ = 1;
+  int64_t steps_ = 0, batch_ = 0, seq_len_ = 0, perturbations_ = 0;
+  double flops_ = 0;  // one local run
+
+  std::mutex mu_;
+  std::condition_variable loop_cv_;    // the loop waits for devices to reach a gate or finish
+  std::condition_variable device_cv_;  // devices wait for their request to be granted
+  // Guarded by mu_.
+  std::map<int64_t, std::unique_ptr<Activation>> active_;
+  std::vector<uint32_t> tasks_;  // tasks each device has received (the dropout stream's counter)
+  std::priority_queue<std::pair<double, int64_t>, std::vector<std::pair<double, int64_t>>, std::greater<>> wakes_;
+  int running_ = 0;  // activations in kRunning or kGranted
+  uint64_t seq_ = 0;
+  bool stopping_ = false;
+  bool check_rounds_ = false;
+  std::map<uint64_t, RoundStats> stats_;
+  int64_t client_errors_ = 0;
+
+  // Loop thread only.
+  double next_tick_ = 0;
+  uint64_t last_recorded_ = 0;
+  std::vector<RoundRecord> records_;
+  std::chrono::steady_clock::time_point wall_start_, last_round_wall_;
+};
+
+// A device's connection: every request goes through the method run's gate.
+class SimChannel : public comms::Channel {
+ public:
+  SimChannel(MethodRun* run, int64_t device, std::unique_ptr<comms::Channel> inner)
+      : run_(run), device_(device), inner_(std::move(inner)) {}
+  absl::StatusOr<v1::Envelope> Call(const v1::Envelope& request, comms::Duration timeout) override {
+    return run_->DeviceCall(device_, *inner_, request, timeout);
+  }
+  void Close() override { inner_->Close(); }
+
+ private:
+  MethodRun* const run_;
+  const int64_t device_;
+  std::unique_ptr<comms::Channel> inner_;
+};
+
+class SimTransport : public comms::Transport {
+ public:
+  SimTransport(MethodRun* run, int64_t device, comms::Transport* inner) : run_(run), device_(device), inner_(inner) {}
+  absl::StatusOr<std::unique_ptr<comms::Channel>> Connect(comms::Duration timeout) override {
+    if (run_->DeviceDropped(device_)) return absl::UnavailableError("the device dropped out (simulated)");
+    SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<comms::Channel> channel, inner_->Connect(timeout));
+    return std::unique_ptr<comms::Channel>(new SimChannel(run_, device_, std::move(channel)));
+  }
+
+ private:
+  MethodRun* const run_;
+  const int64_t device_;
+  comms::Transport* const inner_;
+};
+
+absl::Status MethodRun::Setup() {
+  config_ = options_.server;
+  dir_ = JoinPath(world_.work_dir, method_);
+  std::error_code ec;
+  std::filesystem::remove_all(dir_, ec);
+  std::filesystem::create_directories(JoinPath(dir_, "devices"), ec);
+  if (ec) return absl::InternalError(StrCat("cannot create ", dir_, ": ", ec.message()));
+  config_.state_dir = JoinPath(dir_, "server");
+  config_.model_dir = options_.model_dir;
+  config_.http_port = 0;
+  config_.method = method_;
+  config_.seed = options_.seed;
+  config_.strategy.name = DefaultStrategy(method_);
+  const auto it = options_.method_settings.find(method_);
+  const MethodSettings settings = it == options_.method_settings.end() ? MethodSettings{} : it->second;
+  SEEDLING_ASSIGN_OR_RETURN(config_.codec.codec,
+                            server::ParseCodecName(settings.codec.empty() ? DefaultCodec(method_) : settings.codec));
+  if (settings.lr > 0) {
+    config_.lr = settings.lr;
+    if (method_ == "kseed") config_.strategy.kseed_lr = settings.lr;
+  }
+  if (settings.epsilon > 0) config_.epsilon = settings.epsilon;
+  if (method_ == "fwdgrad") config_.strategy.total_rounds = config_.rounds;
+  SEEDLING_RETURN_IF_ERROR(config_.Validate());
+
+  clock_.Set(ToMs(options_.start_time_s));
+  SEEDLING_ASSIGN_OR_RETURN(coordinator_, server::Coordinator::Create(config_, &clock_, nullptr));
+  inner_ = comms::MakeInMemoryTransport(coordinator_->handler_factory());
+  const int64_t n = world_.population->size();
+  tokens_.resize(static_cast<size_t>(n));
+  for (int64_t d = 0; d < n; ++d) {
+    SEEDLING_ASSIGN_OR_RETURN(tokens_[static_cast<size_t>(d)], coordinator_->RegisterDevice(DeviceId(d)));
+  }
+  tasks_.assign(static_cast<size_t>(n), 0);
+
+  lora::LoraConfig lc;
+  lc.rank = config_.lora_rank;
+  lc.alpha = config_.lora_alpha;
+  lc.init_seed = config_.lora_init_seed;
+  std::string targets;
+  for (const std::string& t : config_.lora_targets) targets += (targets.empty() ? "" : ",") + t;
+  SEEDLING_ASSIGN_OR_RETURN(lc.targets, lora::ParseTargets(targets));
+  SEEDLING_ASSIGN_OR_RETURN(eval_adapter_, lora::LoraAdapter::Create(world_.model_config, lc));
+
+  threads_ = options_.threads > 0 ? options_.threads : std::max(1u, std::thread::hardware_concurrency());
+  steps_ = config_.steps;
+  batch_ = config_.batch;
+  seq_len_ = config_.seq_len;
+  perturbations_ = method_ == "fwdgrad" ? config_.perturbations : 1;  // mezo / kseed: one z per step
+  flops_ = LocalTrainingFlops(world_.model_config, method_, steps_, batch_, seq_len_, perturbations_);
+
+  // First check-ins: when each device is first available, spread over one retry period.
+  const double spread = static_cast<double>(std::max<int64_t>(config_.retry_base_s, 1));
+  for (int64_t d = 0; d < n; ++d) {
+    Rng rng(options_.seed, kFirstWakeStream + static_cast<uint64_t>(d));
+    const double t = world_.population->NextAvailable(d, options_.start_time_s + rng.Uniform() * spread);
+    if (t < world_.end_time_s) wakes_.push({t, d});
+  }
+  next_tick_ = options_.start_time_s;
+  return absl::OkStatus();
+}
+
+bool MethodRun::DeviceDropped(int64_t device) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = active_.find(device);
+  return it != active_.end() && it->second->dropped;
+}
+
+absl::StatusOr<v1::Envelope> MethodRun::DeviceCall(int64_t device, comms::Channel& inner, const v1::Envelope& request,
+                                                   comms::Duration timeout) {
+  const Population& pop = *world_.population;
+  double arrive = 0;
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    Activation& a = *active_.at(device);
+    if (a.dropped) return absl::UnavailableError("the device dropped out (simulated)");
+    double send = std::max(a.vt, a.bound);
+    if (request.has_upload_begin() && a.has_task && !a.compute_accounted) {
+      // No download before training (already synced): the compute time passes here.
+      send += a.compute_s;
+      a.compute_accounted = true;
+      a.compute_energy_pending = true;
+    }
+    const uint64_t bytes = request.ByteSizeLong();
+    const double rtt = pop.UploadSeconds(device, 0);
+    arrive = send + rtt / 2 + (pop.UploadSeconds(device, bytes) - rtt);
+    if (a.drops && arrive >= a.drop_t) {
+      // Gone from here on. The bound stays (the loop may already be past drop_t), so the device's next
+      // check-in, scheduled from max(vt, bound), is never in the loop's past.
+      a.dropped = true;
+      a.vt = std::max(a.vt, a.drop_t);
+      return absl::UnavailableError("the device dropped out (simulated)");
+    }
+    a.state = Activation::State::kWaiting;
+    a.wait_t = arrive;
+    a.seq = ++seq_;
+    --running_;
+    loop_cv_.notify_one();
+    device_cv_.wait(lock, [&] { return a.state == Activation::State::kGranted || stopping_; });
+    if (a.state != Activation::State::kGranted) {
+      a.state = Activation::State::kRunning;
+      ++running_;
+      return absl::UnavailableError("the simulation is over");
+    }
+  }
+  // Granted: the coordinator handles the request at the device's arrival time, alone.
+  absl::StatusOr<v1::Envelope> reply = inner.Call(request, timeout);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    Activation& a = *active_.at(device);
+    AfterReply(a, request, reply, arrive);
+    a.state = Activation::State::kRunning;
+    loop_cv_.notify_one();
+  }
+  return reply;
+}
+
+void MethodRun::AfterReply(Activation& a, const v1::Envelope& request, const absl::StatusOr<v1::Envelope>& reply,
+                           double arrive) {
+  const Population& pop = *world_.population;
+  const int64_t device = a.device;
+  const uint64_t bytes = reply.ok() ? reply->ByteSizeLong() : 0;
+  const double rtt = pop.DownloadSeconds(device, 0);
+  const double down_s = pop.DownloadSeconds(device, bytes) - rtt;
+  a.vt = arrive + rtt / 2 + down_s;
+  a.bound = a.vt;
+  if (a.has_task) {
+    const double up_s = pop.UploadSeconds(device, request.ByteSizeLong()) - pop.UploadSeconds(device, 0);
+    RoundStats& s = stats_[a.round_id];
+    s.energy_j += (up_s + down_s) * options_.radio_watts;
+    if (a.compute_energy_pending) s.energy_j += pop.TrainingJoules(device, a.compute_s);
+    a.compute_energy_pending = false;
+  }
+  if (!reply.ok()) return;
+  if (request.has_upload_commit()) check_rounds_ = true;
+  if (reply->has_upload_ack() && reply->upload_ack().accepted()) {
+    stats_[reply->upload_ack().round_id()].drops.erase(device);
+  }
+  if (reply->has_check_in_reply() && reply->check_in_reply().has_task()) {
+    const v1::Task& task = reply->check_in_reply().task();
+    a.has_task = true;
+    a.round_id = task.round_id();
+    a.global_version = task.global_version();
+    a.compute_s = pop.ComputeSeconds(device, flops_);
+    a.compute_accounted = false;
+    const uint32_t k = tasks_[static_cast<size_t>(device)]++;
+    a.drops = pop.DropsOut(device, k);
+    if (a.drops) {
+      // Where in the task it happens: a fraction of its expected duration (sync, compute, upload).
+      const double adapter_bytes = static_cast<double>(task.num_parameters()) * 4;
+      const double expected = options_.plan_seconds + pop.DownloadSeconds(device, static_cast<uint64_t>(adapter_bytes)) +
+                              a.compute_s + pop.UploadSeconds(device, static_cast<uint64_t>(adapter_bytes / 4));
+      a.drop_t = a.vt + pop.DropoutPoint(device, k) * expected;
+      stats_[a.round_id].drops[device] = a.drop_t;
+    }
+    a.bound = a.vt + options_.plan_seconds;
+    return;
+  }
+  if (request.has_decline() && a.has_task) {
+    ++stats_[a.round_id].declined;
+    return;
+  }
+  if (reply->has_download_reply() && a.has_task && !a.compute_accounted) {
+    const v1::DownloadReply& d = reply->download_reply();
+    bool last = false;
+    if (request.download().what() == v1::Download::SEED_SUMS) {
+      uint64_t newest = 0;
+      for (const v1::RoundSeedSums& r : d.rounds()) newest = std::max<uint64_t>(newest, r.version());
+      last = d.rounds_size() == 0 || newest >= a.global_version;
+    } else {
+      last = d.offset() + d.data().size() >= d.total_bytes();
+    }
+    if (last) {
+      // Synced: the device trains now, so its next request cannot come before the compute time is over.
+      a.compute_accounted = true;
+      a.bound = a.vt + a.compute_s;
+      stats_[a.round_id].energy_j += pop.TrainingJoules(device, a.compute_s);
+    }
+  }
+}
+
+void MethodRun::DeviceMain(Activation* a, client::Conditions conditions) {
+  const int64_t d = a->device;
+  client::ClientConfig cc;
+  cc.device_id = DeviceId(d);
+  cc.token = tokens_[static_cast<size_t>(d)];
+  cc.state_dir = JoinPath(JoinPath(dir_, "devices"), DeviceId(d));
+  cc.model_dir = options_.model_dir;
+  cc.data_path = world_.data_paths[static_cast<size_t>(d)];
+  cc.memory_budget_bytes = world_.population->memory_budget_bytes(d);
+  cc.max_attempts = 1;  // a failed request ends the activation; the simulator reschedules the device
+  cc.checkpoint_every = 0;
+  cc.seed = options_.seed ^ static_cast<uint64_t>(d);
+  absl::StatusOr<client::RunResult> result = absl::UnknownError("not run");
+  {
+    absl::StatusOr<std::unique_ptr<client::Client>> c =
+        client::Client::Create(cc, std::make_unique<SimTransport>(this, d, inner_.get()), world_.shared);
+    if (!c.ok()) {
+      result = c.status();
+    } else {
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        a->client = c->get();
+      }
+      (*c)->SetConditions(conditions);
+      result = (*c)->RunOnce();
+      std::lock_guard<std::mutex> lock(mu_);
+      a->client = nullptr;
+    }
+  }  // the client and its connections are gone before the loop reaps the activation
+  std::lock_guard<std::mutex> lock(mu_);
+  a->result = std::move(result);
+  a->state = Activation::State::kDone;
+  --running_;
+  loop_cv_.notify_one();
+}
+
+// With mu_ held, for an activation in kDone: schedule the device's next check-in.
+void MethodRun::Reap(Activation& a) {
+  if (a.thread.joinable()) a.thread.join();
+  const double te = std::max(a.vt, a.bound);
+  double next = te + static_cast<double>(config_.retry_base_s);
+  if (a.dropped) {
+    next = te + 1800;  // offline for a while after dropping out
+  } else if (!a.result.ok()) {
+    // Aborted: the device's update came after its round closed (a straggler); anything else is a failure.
+    if (!stopping_ && a.result.status().code() != absl::StatusCode::kAborted) {
+      if (++client_errors_ <= 5) {
+        spdlog::warn("{} ({}): {}", DeviceId(a.device), method_, std::string(a.result.status().message()));
+      }
+    }
+  } else {
+    switch (a.result->outcome) {
+      case client::RunOutcome::kRetryLater:
+        if (a.result->retry_after_seconds > 0) next = te + a.result->retry_after_seconds;
+        break;
+      case client::RunOutcome::kDeclined:
+        next = te + 6 * 3600;  // it will not fit soon either
+        break;
+      case client::RunOutcome::kUploaded:
+      case client::RunOutcome::kCancelled:
+        break;
+    }
+  }
+  if (stopping_) return;
+  next = world_.population->NextAvailable(a.device, next);
+  if (next < world_.end_time_s) wakes_.push({next, a.device});
+}
+
+absl::StatusOr<double> MethodRun::EvalLoss(const std::vector<float>& params) {
+  if (static_cast<int64_t>(params.size()) != eval_adapter_->numel()) {
+    return absl::InternalError(StrCat("global model has ", params.size(), " parameters, the adapter ",
+                                      eval_adapter_->numel()));
+  }
+  std::memcpy(eval_adapter_->flat().data_ptr<float>(), params.data(), params.size() * sizeof(float));
+  model::EvalOptions eo;
+  eo.batch_size = 16;
+  eo.forward.adapter = eval_adapter_.get();
+  SEEDLING_ASSIGN_OR_RETURN(const model::EvalResult r, model::Evaluate(*world_.shared.model, world_.eval_examples, eo));
+  return r.loss;
+}
+
+// Loop thread, without mu_ held: records rounds that finished since the last call.
+void MethodRun::CheckRounds() {
+  const server::DashboardSnapshot snap = coordinator_->Snapshot();
+  if (snap.current.has_value()) {
+    std::lock_guard<std::mutex> lock(mu_);
+    RoundStats& s = stats_[snap.current->round_id];
+    if (!s.opened) {
+      s.opened = true;
+      const double t = static_cast<double>(snap.current->opened_ms) / 1000.0;
+      for (int64_t d = 0; d < world_.population->size(); ++d) s.available += world_.population->Available(d, t);
+    }
+  }
+  std::vector<const server::DashboardRound*> finished;
+  for (const server::DashboardRound& r : snap.recent) {
+    if (r.round_id > last_recorded_) finished.push_back(&r);
+  }
+  std::sort(finished.begin(), finished.end(), [](auto* x, auto* y) { return x->round_id < y->round_id; });
+  for (const server::DashboardRound* r : finished) {
+    RoundRecord rec;
+    rec.method = method_;
+    rec.round = static_cast<int64_t>(r->round_id);
+    rec.committed = r->state == "committed";
+    rec.start_time_s = static_cast<double>(r->opened_ms) / 1000.0 - options_.start_time_s;
+    rec.end_time_s = static_cast<double>(r->closed_ms) / 1000.0 - options_.start_time_s;
+    rec.selected = r->selected;
+    rec.participants = r->accepted;
+    rec.train_loss = r->loss_end;
+    rec.bytes_up_per_client = r->accepted > 0 ? static_cast<double>(r->bytes_up) / static_cast<double>(r->accepted) : 0;
+    rec.bytes_down_per_client = r->selected > 0 ? static_cast<double>(r->bytes_down) / static_cast<double>(r->selected) : 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      const RoundStats& s = stats_[r->round_id];
+      const double closed_s = static_cast<double>(r->closed_ms) / 1000.0;
+      rec.available = s.available;
+      rec.dropouts = std::count_if(s.drops.begin(), s.drops.end(), [&](auto& e) { return e.second <= closed_s; });
+      rec.declined = s.declined;
+      rec.stragglers = std::max<int64_t>(0, r->selected - r->accepted - rec.dropouts - s.declined);
+      rec.energy_joules = s.energy_j;
+    }
+    if (rec.committed) {
+      absl::StatusOr<double> loss = EvalLoss(coordinator_->global_params());
+      if (loss.ok()) {
+        rec.eval_loss = *loss;
+      } else {
+        spdlog::error("evaluation after round {} failed: {}", r->round_id, std::string(loss.status().message()));
+      }
+    } else if (!records_.empty()) {
+      rec.eval_loss = records_.back().eval_loss;  // the global model did not change
+    }
+    const auto now = std::chrono::steady_clock::now();
+    rec.wall_seconds = std::chrono::duration<double>(now - last_round_wall_).count();
+    last_round_wall_ = now;
+    last_recorded_ = r->round_id;
+    if (absl::Status st = log_->Append(rec); !st.ok()) spdlog::error("{}", std::string(st.message()));
+    if (options_.progress) {
+      const double wall = std::chrono::duration<double>(now - wall_start_).count();
+      const int64_t done = static_cast<int64_t>(records_.size()) + 1;
+      const double eta = wall / static_cast<double>(done) * static_cast<double>(config_.rounds - done);
+      std::fprintf(stderr,
+                   "[%s] round %lld/%lld %s  sim %s  eval loss %.4f  %lld/%lld reports, %lld dropouts, %lld "
+                   "stragglers  ETA %s\n",
+                   method_.c_str(), static_cast<long long>(done), static_cast<long long>(config_.rounds),
+                   rec.committed ? "committed" : "aborted", FormatDuration(rec.end_time_s).c_str(), rec.eval_loss,
+                   static_cast<long long>(rec.participants), static_cast<long long>(rec.selected),
+                   static_cast<long long>(rec.dropouts), static_cast<long long>(rec.stragglers),
+                   FormatDuration(eta).c_str());
+    }
+    records_.push_back(rec);
+  }
+}
+
+void MethodRun::Loop() {
+  std::unique_lock<std::mutex> lock(mu_);
+  while (true) {
+    for (auto it = active_.begin(); it != active_.end();) {
+      if (it->second->state == Activation::State::kDone) {
+        Reap(*it->second);
+        it = active_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    if (stopping_) {
+      if (active_.empty()) return;
+      for (auto& [d, a] : active_) {
+        if (a->client != nullptr) a->client->Cancel();
+      }
+      device_cv_.notify_all();
+      loop_cv_.wait_for(lock, std::chrono::milliseconds(50));
+      continue;
+    }
+    if (check_rounds_) {
+      check_rounds_ = false;
+      lock.unlock();
+      CheckRounds();
+      lock.lock();
+      if (coordinator_->Finished()) stopping_ = true;
+      continue;
+    }
+    // The earliest event: (time, kind, device, seq) with kinds 0 tick, 1 request, 2 wake-up.
+    double horizon = kInf;
+    std::tuple<double, int, int64_t, uint64_t> best{next_tick_, 0, -1, 0};
+    for (const auto& [d, a] : active_) {
+      if (a->state == Activation::State::kRunning || a->state == Activation::State::kGranted) {
+        horizon = std::min(horizon, a->bound);
+      } else if (a->state == Activation::State::kWaiting) {
+        best = std::min(best, std::tuple<double, int, int64_t, uint64_t>{a->wait_t, 1, d, a->seq});
+      }
+    }
+    if (!wakes_.empty()) {
+      best = std::min(best, std::tuple<double, int, int64_t, uint64_t>{wakes_.top().first, 2, wakes_.top().second, 0});
+    }
+    const auto [t, kind, device, seq] = best;
+    if (!(t < horizon) || (kind != 0 && running_ >= threads_)) {
+      loop_cv_.wait(lock);
+      continue;
+    }
+    if (t >= world_.end_time_s) {
+      spdlog::warn("{}: no more rounds within {} simulated hours", method_, options_.max_hours);
+      stopping_ = true;
+      continue;
+    }
+    clock_.Set(ToMs(t));
+    if (kind == 0) {
+      next_tick_ = t + options_.tick_s;
+      lock.unlock();
+      coordinator_->Tick();
+      CheckRounds();
+      lock.lock();
+      if (coordinator_->Finished()) stopping_ = true;
+    } else if (kind == 1) {
+      Activation& a = *active_.at(device);
+      a.state = Activation::State::kGranted;
+      a.bound = a.wait_t;
+      ++running_;
+      device_cv_.notify_all();
+    } else {
+      wakes_.pop();
+      if (active_.count(device) != 0) continue;  // cannot happen: a device is rescheduled when reaped
+      if (!world_.population->Available(device, t)) {
+        const double next = world_.population->NextAvailable(device, t);
+        if (next < world_.end_time_s) wakes_.push({next, device});
+        continue;
+      }
+      const DeviceConditions dc = world_.population->ConditionsAt(device, t);
+      client::Conditions c;
+      c.charging = dc.charging;
+      c.unmetered = dc.unmetered;
+      c.idle = dc.idle;
+      c.battery = dc.battery;
+      auto a = std::make_unique<Activation>();
+      a->device = device;
+      a->vt = a->bound = t;
+      Activation* raw = a.get();
+      active_[device] = std::move(a);
+      ++running_;
+      raw->thread = std::thread(&MethodRun::DeviceMain, this, raw, c);
+    }
+  }
+}
+
+absl::StatusOr<MethodResult> MethodRun::Run() {
+  SEEDLING_RETURN_IF_ERROR(Setup());
+  MethodResult result;
+  result.method = method_;
+  SEEDLING_ASSIGN_OR_RETURN(result.initial_eval_loss, EvalLoss(coordinator_->global_params()));
+  if (options_.progress) {
+    std::fprintf(stderr, "[%s] %lld devices, %lld rounds of %lld clients; initial eval loss %.4f\n", method_.c_str(),
+                 static_cast<long long>(world_.population->size()), static_cast<long long>(config_.rounds),
+                 static_cast<long long>(config_.clients_per_round), result.initial_eval_loss);
+  }
+  wall_start_ = last_round_wall_ = std::chrono::steady_clock::now();
+  Loop();
+  coordinator_->Shutdown();
+  result.rounds = records_;
+  result.client_errors = client_errors_;
+  result.summary = Summarize(method_, result.initial_eval_loss, result.rounds);
+  return result;
+}
+
+std::string DefaultPhoneClassesPath() { return std::string(SEEDLING_DATA_DIR) + "/phones/phone_classes.csv"; }
+
+absl::StatusOr<World> MakeWorld(const SimulationOptions& options) {
+  World w;
+  w.options = &options;
+  // Work directory: server and device state (tmpfs when available: fsync-heavy and thrown away).
+  if (options.work_dir.empty()) {
+    std::string base = std::filesystem::temp_directory_path().string();
+    if (std::filesystem::is_directory("/dev/shm") && access("/dev/shm", W_OK) == 0) base = "/dev/shm";
+    w.work_dir = JoinPath(base, StrCat("seedling-sim-", getpid()));
+    w.remove_work_dir = true;
+  } else {
+    w.work_dir = options.work_dir;
+  }
+  std::error_code ec;
+  std::filesystem::create_directories(JoinPath(w.work_dir, "data"), ec);
+  if (ec) return absl::InternalError(StrCat("cannot create ", w.work_dir, ": ", ec.message()));
+
+  // Model (shared read-only by every device) and its tokenizer.
+  SEEDLING_ASSIGN_OR_RETURN(w.model_config, model::LoadModelConfig(options.model_dir));
+  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<model::LlamaModel> m, model::LlamaModel::Load(options.model_dir));
+  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<model::Tokenizer> tok, model::LoadTokenizer(options.model_dir));
+  w.shared.model = std::shared_ptr<const model::LlamaModel>(std::move(m));
+  w.shared.tokenizer = std::shared_ptr<const model::Tokenizer>(std::move(tok));
+
+  // Population.
+  const std::string csv = options.phone_classes.empty() ? DefaultPhoneClassesPath() : options.phone_classes;
+  SEEDLING_ASSIGN_OR_RETURN(std::vector<PhoneClass> classes, LoadPhoneClasses(csv));
+  PopulationOptions po = options.population;
+  po.seed = options.seed;
+  SEEDLING_ASSIGN_OR_RETURN(Population pop, Population::Create(std::move(classes), po));
+  w.population = std::make_unique<Population>(std::move(pop));
+  const int64_t n = w.population->size();
+
+  // Data: each training device's rows as a JSONL file its client loads; held-out devices' rows evaluate.
+  std::vector<DataRow> rows;
+  std::vector<std::vector<uint32_t>> device_rows, heldout_rows;
+  if (options.data_path.empty()) {
+    SyntheticCorpusOptions co = options.corpus;
+    co.devices = n;
+    co.heldout_devices = options.heldout_devices;
+    co.seed = options.seed;
+    FederatedCorpus corpus = MakeSyntheticCorpus(co);
+    rows = std::move(corpus.rows);
+    device_rows = std::move(corpus.train.device_rows);
+    heldout_rows = std::move(corpus.heldout);
+    w.partition_summary = StrCat("built-in synthetic corpus: ", corpus.train.stats.ToString());
+  } else {
+    SEEDLING_ASSIGN_OR_RETURN(ReadRowsResult read, ReadRows(options.data_path));
+    if (read.skipped > 0) spdlog::warn("{}", read.message);
+    rows = std::move(read.rows);
+    PartitionOptions po2 = options.partition;
+    po2.seed = options.seed;
+    SEEDLING_ASSIGN_OR_RETURN(Partition p, PartitionRows(rows, n + options.heldout_devices, po2));
+    device_rows.assign(p.device_rows.begin(), p.device_rows.begin() + n);
+    heldout_rows.assign(p.device_rows.begin() + n, p.device_rows.end());
+    w.partition_summary = StrCat(options.data_path, ": ", p.stats.ToString());
+  }
+  if (static_cast<int64_t>(device_rows.size()) != n) {
+    return absl::InternalError(StrCat("the partition has ", device_rows.size(), " devices, expected ", n));
+  }
+  w.data_paths.resize(static_cast<size_t>(n));
+  for (int64_t d = 0; d < n; ++d) {
+    w.data_paths[static_cast<size_t>(d)] = JoinPath(JoinPath(w.work_dir, "data"), DeviceId(d) + ".jsonl");
+    SEEDLING_RETURN_IF_ERROR(WriteRowsJsonl(w.data_paths[static_cast<size_t>(d)], rows, device_rows[static_cast<size_t>(d)]));
+  }
+  model::DatasetOptions dso;
+  dso.max_seq_len = options.server.seq_len;
+  if (!w.model_config.eos_token_ids.empty()) dso.eos_id = static_cast<int32_t>(w.model_config.eos_token_ids[0]);
+  for (const std::vector<uint32_t>& device : heldout_rows) {
+    for (uint32_t i : device) {
+      if (static_cast<int64_t>(w.eval_examples.size()) >= options.eval_examples) break;
+      absl::StatusOr<model::Example> e = model::TokenizeRow(rows[i].json, *w.shared.tokenizer, dso);
+      if (e.ok() && e->ScoredTokens() > 0) w.eval_examples.push_back(*std::move(e));
+    }
+  }
+  if (w.eval_examples.empty()) return absl::InvalidArgumentError("no usable held-out example to evaluate on");
+  w.end_time_s = options.start_time_s + options.max_hours * 3600.0;
+  return w;
+}
+
+}  // namespace
+
+absl::Status SimulationOptions::Validate() const {
+  if (model_dir.empty()) return absl::InvalidArgumentError("model_dir is required");
+  if (methods.empty()) return absl::InvalidArgumentError("at least one method is required");
+  for (const std::string& m : methods) {
+    if (m != "lora-bp" && m != "fwdgrad" && m != "mezo" && m != "kseed") {
+      return absl::InvalidArgumentError(StrCat("unknown method '", m, "' (expected lora-bp, fwdgrad, mezo or kseed)"));
+    }
+  }
+  if (server.rounds < 1) return absl::InvalidArgumentError("rounds must be at least 1");
+  if (heldout_devices < 1) return absl::InvalidArgumentError("heldout_devices must be at least 1");
+  if (eval_examples < 1) return absl::InvalidArgumentError("eval_examples must be at least 1");
+  if (!(tick_s > 0)) return absl::InvalidArgumentError("tick_s must be positive");
+  if (!(max_hours > 0)) return absl::InvalidArgumentError("max_hours must be positive");
+  if (threads < 0) return absl::InvalidArgumentError("threads must be >= 0");
+  if (!(plan_seconds >= 0) || !(radio_watts >= 0)) {
+    return absl::InvalidArgumentError("plan_seconds and radio_watts must be >= 0");
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<SimulationResult> RunSimulation(const SimulationOptions& options) {
+  SEEDLING_RETURN_IF_ERROR(options.Validate());
+  // Many devices train at once in this process: one BLAS thread each (model/runtime.h), which also makes
+  // every device's arithmetic independent of the thread count.
+  model::ConfigureCompute({1});
+  SEEDLING_ASSIGN_OR_RETURN(World world, MakeWorld(options));
+  std::error_code ec;
+  std::filesystem::create_directories(options.out_dir, ec);
+  if (ec) return absl::InternalError(StrCat("cannot create ", options.out_dir, ": ", ec.message()));
+  SEEDLING_ASSIGN_OR_RETURN(RoundLog log, RoundLog::Open(options.out_dir));
+
+  SimulationResult result;
+  result.bytes_per_idle_device = world.population->bytes_per_device();
+  result.population_summary = world.population->Summary();
+  result.partition_summary = world.partition_summary;
+  ReportInput report;
+  for (const std::string& method : options.methods) {
+    MethodRun run(world, method, &log);
+    SEEDLING_ASSIGN_OR_RETURN(MethodResult r, run.Run());
+    report.initial_eval_loss[method] = r.initial_eval_loss;
+    report.summaries.push_back(r.summary);
+    report.rounds.insert(report.rounds.end(), r.rounds.begin(), r.rounds.end());
+    result.methods.push_back(std::move(r));
+  }
+  if (world.remove_work_dir) std::filesystem::remove_all(world.work_dir, ec);
+
+  result.summary_table = SummaryTable(report.summaries);
+  report.title = StrCat("Seedling simulation: ", world.population->size(), " phones, ",
+                        world.model_config.architecture, " (", options.model_dir, ")");
+  std::string methods;
+  for (const std::string& m : options.methods) methods += (methods.empty() ? "" : ", ") + m;
+  report.settings = {
+      {"devices", StrCat(world.population->size(), " (+", options.heldout_devices, " held out for evaluation)")},
+      {"methods", methods},
+      {"rounds", StrCat(options.server.rounds)},
+      {"clients per round", StrCat(options.server.clients_per_round, " (over-selection ×", options.server.over_selection, ")")},
+      {"local steps × batch × seq_len", StrCat(options.server.steps, " × ", options.server.batch, " × ", options.server.seq_len)},
+      {"round deadline", StrCat(options.server.round_deadline_s, " s")},
+      {"LoRA", StrCat("rank ", options.server.lora_rank, ", alpha ", options.server.lora_alpha)},
+      {"seed", StrCat(options.seed)},
+      {"bytes per idle device", StrCat(result.bytes_per_idle_device)},
+      {"simulated start (Unix s)", StrCat(static_cast<int64_t>(options.start_time_s))},
+  };
+  report.notes = {StrCat("Population: ", result.population_summary), StrCat("Data: ", result.partition_summary)};
+  for (const MethodResult& r : result.methods) {
+    if (r.client_errors > 0) {
+      report.notes.push_back(StrCat(r.method, ": ", r.client_errors, " client runs failed for reasons other than "
+                                    "simulated dropouts (see the log)"));
+    }
+  }
+  result.report_path = JoinPath(options.out_dir, "report.html");
+  SEEDLING_RETURN_IF_ERROR(WriteReport(result.report_path, report));
+  SEEDLING_RETURN_IF_ERROR(WriteFileAtomic(JoinPath(options.out_dir, "summary.txt"), result.summary_table));
+  return result;
+}
+
+}  // namespace seedling::simulator

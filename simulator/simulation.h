@@ -1,0 +1,106 @@
+#pragma once
+
+// The simulator (DESIGN.md §7): thousands of emulated phones running the real client SDK against the real
+// coordinator over the in-memory transport, on a simulated clock.
+//
+// How time works. The coordinator reads a ManualClock that only the event loop moves. Each active device
+// runs the real client::Client::RunOnce on its own thread, behind a transport that gives the device its own
+// clock: a request leaves at the device's time, arrives half a round trip plus its bytes over the device's
+// uplink later, and its response comes back over the downlink; after the task's last download the device
+// spends the compute time of its training run (the run's FLOPs at the device's sustained GFLOP/s) before it
+// can upload. Every request waits at a gate until the event loop grants it, and the loop grants events in
+// simulated-time order (ties: ticks, then requests by device and sequence, then device wake-ups) and only
+// when no running device could still produce an earlier one: a device that is training is known not to
+// call before its compute time is over. So the coordinator sees exactly the sequence it would see in
+// deployment, stragglers miss deadlines, and the result is the same for any number of host threads
+// (training itself is deterministic per device and task).
+//
+// Idle devices cost a profile and a few words of scheduling state (RunResult reports the bytes); a device's
+// adapter, checkpoints and data shard live in its state directory on disk, as on a phone.
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "server/config.h"
+#include "simulator/data.h"
+#include "simulator/population.h"
+#include "simulator/report.h"
+
+namespace seedling::simulator {
+
+// The simulator's defaults for rounds (a small model, phones polling every few minutes): 20 rounds of 10
+// clients, 10 local steps at seq_len 64, LoRA rank 8 on q/v, retry-after 300 s ± 50%, a 60 s selection
+// window and a 600 s deadline. Everything else as ServerConfig.
+server::ServerConfig DefaultSimulationServerConfig();
+
+// What differs between methods in one comparison run.
+struct MethodSettings {
+  std::string codec;  // "" = the method's default: int8 (lora-bp, mezo), fp16 (fwdgrad), seed-scalars (kseed)
+  double lr = 0;      // client learning rate; 0 = the method's default (kseed: the strategy's kseed_lr)
+  double epsilon = 0; // perturbation scale; 0 = the method's default
+};
+
+struct SimulationOptions {
+  std::string model_dir;                 // required: the base model (Hugging Face directory)
+  std::string out_dir = "sim-out";       // rounds.jsonl, rounds.csv, report.html, summary.txt
+  std::string work_dir;                  // server and device state; "" = a fresh temporary directory
+                                         // (in /dev/shm when available), removed at the end
+  std::vector<std::string> methods = {"lora-bp", "kseed"};  // run one after the other on the same population
+  uint64_t seed = 0;                     // population, data, availability, dropouts and the server's seeds
+  int threads = 0;                       // devices computing at once; 0 = the host's hardware threads
+  std::string phone_classes;             // CSV of phone classes; "" = data/phones/phone_classes.csv
+  PopulationOptions population;          // devices (default 1,000), dropout, variation, availability
+  std::string data_path;                 // JSONL; "" = the built-in synthetic corpus
+  PartitionOptions partition;            // how data_path is split across devices
+  SyntheticCorpusOptions corpus;         // the built-in corpus (devices and seed are set from the above)
+  int64_t heldout_devices = 50;          // devices whose data only evaluates the global model
+  int64_t eval_examples = 256;           // at most this many held-out examples per evaluation
+  server::ServerConfig server = DefaultSimulationServerConfig();  // round settings: rounds, clients_per_round, over_selection,
+                                         // deadlines, steps, seq_len, lora, retry; state and model dirs,
+                                         // method, codec and strategy are set per method
+  std::map<std::string, MethodSettings> method_settings;  // by method name
+  double start_time_s = 1767643200;      // simulated start, Unix seconds: Mon 2026-01-05 20:00 UTC
+  double tick_s = 1.0;                   // how often the coordinator's Tick runs, simulated seconds
+  double max_hours = 72;                 // give up on a method after this much simulated time
+  double plan_seconds = 0.05;            // a device's planning and data loading before it syncs
+  double radio_watts = 1.0;              // power while transferring (energy accounting)
+  bool progress = true;                  // a status line per round on stderr
+
+  absl::Status Validate() const;
+};
+
+struct MethodResult {
+  std::string method;
+  double initial_eval_loss = 0;   // held-out loss of the initial global model
+  std::vector<RoundRecord> rounds;
+  MethodSummary summary;
+  int64_t client_errors = 0;      // RunOnce errors other than injected dropouts (should be 0)
+};
+
+struct SimulationResult {
+  std::vector<MethodResult> methods;
+  std::string summary_table;      // SummaryTable of the methods
+  std::string report_path;        // <out_dir>/report.html
+  size_t bytes_per_idle_device = 0;
+  std::string population_summary;
+  std::string partition_summary;
+};
+
+// Parses sim.toml: a [simulation] table (keys: model, out, work_dir, methods, seed, threads, devices,
+// heldout_devices, eval_examples, phone_classes, data, partition, alpha, exponent, rows_per_device,
+// dropout_mean, variation, start_time, tick_s, max_hours, plan_seconds, radio_watts), optional
+// [methods.<name>] tables (codec, lr, epsilon), and the round settings in server.toml's own sections
+// ([training], [lora], [strategy], [retry]; README) on top of DefaultSimulationServerConfig().
+// InvalidArgument names the unknown or bad key.
+absl::StatusOr<SimulationOptions> ParseSimulationConfig(std::string_view toml_text);
+
+// Runs every method and writes <out_dir>/rounds.jsonl, rounds.csv and report.html. Errors: InvalidArgument
+// for bad options, NotFound for a missing model or data file; a method whose rounds cannot finish within
+// max_hours is reported with the rounds it completed (its summary says so).
+absl::StatusOr<SimulationResult> RunSimulation(const SimulationOptions& options);
+
+}  // namespace seedling::simulator

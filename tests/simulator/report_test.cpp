@@ -1,0 +1,594 @@
+#include "simulator/report.h"
+
+#include <unistd.h>
+
+#include <catch2/catch.hpp>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <regex>
+#include <sstream>
+
+#include "base/file.h"
+#include "nlohmann/json.hpp"
+
+namespace seedling::simulator {
+namespace {
+
+std::string TempDir(const std::string& name) {
+  std::string dir = std::filesystem::temp_directory_path() /
+                    ("seedling_report_test_" + std::to_string(getpid()) + "_" + name);
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  return dir;
+}
+
+std::vector<std::string> Lines(const std::string& text) {
+  std::vector<std::string> out;
+  std::istringstream in(text);
+  for (std::string line; std::getline(in, line);) out.push_back(line);
+  return out;
+}
+
+// RFC 4180 fields of one line (no embedded newlines in these tests), written for clarity.
+std::vector<std::string> CsvFields(const std::string& line) {
+  std::vector<std::string> out(1);
+  bool quoted = false;
+  for (size_t i = 0; i < line.size(); ++i) {
+    const char c = line[i];
+    if (quoted) {
+      if (c == '"' && i + 1 < line.size() && line[i + 1] == '"') {
+        out.back() += '"';
+        ++i;
+      } else if (c == '"') {
+        quoted = false;
+      } else {
+        out.back() += c;
+      }
+    } else if (c == '"') {
+      quoted = true;
+    } else if (c == ',') {
+      out.emplace_back();
+    } else {
+      out.back() += c;
+    }
+  }
+  return out;
+}
+
+RoundRecord Rec(std::string method, int64_t round, double eval_loss, bool committed = true) {
+  RoundRecord r;
+  r.method = std::move(method);
+  r.round = round;
+  r.committed = committed;
+  r.start_time_s = (round - 1) * 600.0;
+  r.end_time_s = round * 600.0 - 30;
+  r.available = 400;
+  r.selected = 60;
+  r.participants = committed ? 50 : 5;
+  r.dropouts = 6;
+  r.stragglers = committed ? 4 : 49;
+  r.declined = 1;
+  r.train_loss = eval_loss + 0.1;
+  r.eval_loss = eval_loss;
+  r.bytes_up_per_client = 1000;
+  r.bytes_down_per_client = 2000;
+  r.energy_joules = 1500;
+  r.wall_seconds = 0.5;
+  return r;
+}
+
+// A two-method run: LoRA moves tens of KB per client, kseed a few hundred bytes.
+ReportInput TwoMethodInput() {
+  ReportInput in;
+  in.title = "Seedling simulation: 1000 phones, tiny model";
+  in.settings = {{"devices", "1000"}, {"rounds", "6"}, {"seed", "42"}};
+  in.notes = {"Dirichlet alpha = 0.3 over topics."};
+  for (const std::string m : {"lora-bp", "kseed"}) {
+    in.initial_eval_loss[m] = 3.0;
+    for (int64_t round = 1; round <= 6; ++round) {
+      RoundRecord r = Rec(m, round, 3.0 - 0.2 * round * (m == "kseed" ? 0.5 : 1.0));
+      r.bytes_up_per_client = m == "kseed" ? 320 : 45000;
+      r.bytes_down_per_client = m == "kseed" ? 2400 : 45000;
+      if (m == "kseed") r.end_time_s *= 0.5;
+      in.rounds.push_back(r);
+    }
+    in.summaries.push_back(Summarize(m, 3.0, in.rounds));
+  }
+  return in;
+}
+
+// The text of <figure id="id">...</figure>, or "" when absent.
+std::string FigureText(const std::string& html, const std::string& id) {
+  const size_t begin = html.find("<figure id=\"" + id + "\">");
+  if (begin == std::string::npos) return "";
+  const size_t end = html.find("</figure>", begin);
+  REQUIRE(end != std::string::npos);
+  return html.substr(begin, end - begin);
+}
+
+size_t Count(const std::string& text, const std::string& needle) {
+  size_t n = 0;
+  for (size_t pos = text.find(needle); pos != std::string::npos; pos = text.find(needle, pos + 1))
+    ++n;
+  return n;
+}
+
+struct XY {
+  double x, y;
+};
+struct PathLine {
+  std::string method;
+  std::string metric;
+  std::vector<std::vector<XY>> subpaths;  // one per "M"
+  size_t points() const {
+    size_t n = 0;
+    for (const auto& s : subpaths) n += s.size();
+    return n;
+  }
+};
+
+std::vector<PathLine> Lines_(const std::string& figure) {
+  static const std::regex kPath(
+      R"re(<path class="line" data-method="([^"]*)" data-metric="([^"]*)"[^>]* d="([^"]*)"/>)re");
+  std::vector<PathLine> out;
+  for (std::sregex_iterator it(figure.begin(), figure.end(), kPath), end; it != end; ++it) {
+    PathLine p{(*it)[1], (*it)[2], {}};
+    std::istringstream d((*it)[3].str());
+    for (std::string tok; d >> tok;) {
+      const char cmd = tok[0];
+      REQUIRE((cmd == 'M' || cmd == 'L'));
+      const size_t comma = tok.find(',');
+      REQUIRE(comma != std::string::npos);
+      const XY xy{std::stod(tok.substr(1, comma - 1)), std::stod(tok.substr(comma + 1))};
+      if (cmd == 'M') p.subpaths.emplace_back();
+      REQUIRE(!p.subpaths.empty());
+      p.subpaths.back().push_back(xy);
+    }
+    out.push_back(std::move(p));
+  }
+  return out;
+}
+
+XY ViewBoxSize(const std::string& figure) {
+  static const std::regex kViewBox(R"re(viewBox="0 0 ([0-9.]+) ([0-9.]+)")re");
+  std::smatch m;
+  REQUIRE(std::regex_search(figure, m, kViewBox));
+  return {std::stod(m[1]), std::stod(m[2])};
+}
+
+std::vector<double> TickValues(const std::string& figure, const std::string& axis) {
+  const std::regex re("<g class=\"" + axis + "\" data-v=\"([^\"]+)\"");
+  std::vector<double> out;
+  for (std::sregex_iterator it(figure.begin(), figure.end(), re), end; it != end; ++it) {
+    out.push_back(std::stod((*it)[1]));
+  }
+  return out;
+}
+
+// A "nan" or "inf" word, as printed for a non-finite coordinate ("dominant" is fine).
+bool HasNonFinite(const std::string& html) {
+  static const std::regex kWord(R"re((^|[^a-zA-Z])-?(nan|inf)([^a-zA-Z]|$))re", std::regex::icase);
+  return std::regex_search(html, kWord);
+}
+
+TEST_CASE("A record's JSONL line parses back to the same values with NaN as null",
+          "[simulator][report]") {
+  RoundRecord r = Rec("mezo", 7, 2.75, /*committed=*/false);
+  r.accuracy = 0.625;
+  r.start_time_s = 0.1;  // not exactly representable: must survive the round trip
+  r.epsilon = NAN;
+  r.train_loss = NAN;
+  const std::string line = ToJson(r).dump();
+  REQUIRE(line.find('\n') == std::string::npos);
+  const nlohmann::json j = nlohmann::json::parse(line);
+  CHECK(j["method"] == "mezo");
+  CHECK(j["round"] == 7);
+  CHECK(j["committed"] == false);
+  CHECK(j["start_time_s"].get<double>() == 0.1);
+  CHECK(j["end_time_s"].get<double>() == r.end_time_s);
+  CHECK(j["participants"] == 5);
+  CHECK(j["stragglers"] == 49);
+  CHECK(j["declined"] == 1);
+  CHECK(j["eval_loss"].get<double>() == 2.75);
+  CHECK(j["accuracy"].get<double>() == 0.625);
+  CHECK(j["bytes_up_per_client"].get<double>() == 1000);
+  CHECK(j["energy_joules"].get<double>() == 1500);
+  CHECK(j["epsilon"].is_null());
+  CHECK(j["train_loss"].is_null());
+  CHECK(j.size() == 19);
+
+  auto back = RoundRecordFromJson(j);
+  REQUIRE(back.ok());
+  CHECK(back->method == r.method);
+  CHECK(back->round == r.round);
+  CHECK(back->committed == r.committed);
+  CHECK(back->start_time_s == r.start_time_s);
+  CHECK(back->dropouts == r.dropouts);
+  CHECK(back->eval_loss == r.eval_loss);
+  CHECK(std::isnan(back->epsilon));
+  CHECK(std::isnan(back->train_loss));
+  CHECK(back->wall_seconds == r.wall_seconds);
+}
+
+TEST_CASE("RoundRecordFromJson names the field that has the wrong type", "[simulator][report]") {
+  nlohmann::json j = ToJson(Rec("lora-bp", 1, 2.0));
+  j["eval_loss"] = "low";
+  auto r = RoundRecordFromJson(j);
+  REQUIRE(!r.ok());
+  CHECK(r.status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(std::string(r.status().message()).find("eval_loss") != std::string::npos);
+}
+
+TEST_CASE("CSV has the header and one row per record with every field", "[simulator][report]") {
+  const std::vector<std::string> header = CsvFields(Lines(CsvHeader()).at(0));
+  REQUIRE(header.size() == 19);
+  CHECK(header.front() == "method");
+  CHECK(header.back() == "wall_seconds");
+  CHECK(CsvHeader().back() == '\n');
+
+  RoundRecord r = Rec("fwdgrad", 3, 2.5);
+  r.epsilon = NAN;
+  r.accuracy = 0.5;
+  const std::string row = ToCsvRow(r);
+  CHECK(row.back() == '\n');
+  REQUIRE(Lines(row).size() == 1);
+  const std::vector<std::string> fields = CsvFields(Lines(row)[0]);
+  REQUIRE(fields.size() == header.size());
+  auto field = [&](const std::string& name) {
+    const auto it = std::find(header.begin(), header.end(), name);
+    REQUIRE(it != header.end());
+    return fields[it - header.begin()];
+  };
+  CHECK(field("method") == "fwdgrad");
+  CHECK(field("round") == "3");
+  CHECK(field("committed") == "true");
+  CHECK(field("epsilon").empty());  // NaN
+  CHECK(std::stod(field("eval_loss")) == 2.5);
+  CHECK(std::stod(field("accuracy")) == 0.5);
+  CHECK(std::stod(field("end_time_s")) == r.end_time_s);
+}
+
+TEST_CASE("CSV quotes a method name containing a comma or a quote", "[simulator][report]") {
+  RoundRecord r = Rec("lora,\"int8\"", 1, 2.0);
+  const std::string row = ToCsvRow(r);
+  CHECK(row.rfind("\"lora,\"\"int8\"\"\",", 0) == 0);
+  const std::vector<std::string> fields = CsvFields(Lines(row)[0]);
+  REQUIRE(fields.size() == 19);
+  CHECK(fields[0] == "lora,\"int8\"");
+}
+
+TEST_CASE("RoundLog appends and flushes every record while it is still open",
+          "[simulator][report]") {
+  const std::string dir = JoinPath(TempDir("log"), "run/nested");  // created by Open
+  auto log = RoundLog::Open(dir);
+  REQUIRE(log.ok());
+  REQUIRE(log->Append(Rec("lora-bp", 1, 2.9)).ok());
+  {
+    auto jsonl = ReadFile(JoinPath(dir, "rounds.jsonl"));
+    auto csv = ReadFile(JoinPath(dir, "rounds.csv"));
+    REQUIRE(jsonl.ok());
+    REQUIRE(csv.ok());
+    REQUIRE(Lines(*jsonl).size() == 1);
+    CHECK(nlohmann::json::parse(Lines(*jsonl)[0])["eval_loss"].get<double>() == 2.9);
+    REQUIRE(Lines(*csv).size() == 2);
+    CHECK(Lines(*csv)[0] + "\n" == CsvHeader());
+  }
+  RoundRecord second = Rec("lora-bp", 2, NAN);
+  REQUIRE(log->Append(second).ok());
+  auto jsonl = ReadFile(log->jsonl_path());
+  auto csv = ReadFile(log->csv_path());
+  REQUIRE(jsonl.ok());
+  REQUIRE(csv.ok());
+  const auto jl = Lines(*jsonl);
+  REQUIRE(jl.size() == 2);
+  CHECK(nlohmann::json::parse(jl[1])["round"] == 2);
+  CHECK(nlohmann::json::parse(jl[1])["eval_loss"].is_null());
+  const auto cl = Lines(*csv);
+  REQUIRE(cl.size() == 3);
+  CHECK(CsvFields(cl[2]).size() == 19);
+  std::filesystem::remove_all(std::filesystem::path(dir).parent_path().parent_path());
+}
+
+TEST_CASE("A reopened RoundLog continues the files without a second header",
+          "[simulator][report]") {
+  const std::string dir = TempDir("reopen");
+  {
+    auto log = RoundLog::Open(dir);
+    REQUIRE(log.ok());
+    REQUIRE(log->Append(Rec("kseed", 1, 2.9)).ok());
+  }
+  {
+    auto log = RoundLog::Open(dir);
+    REQUIRE(log.ok());
+    REQUIRE(log->Append(Rec("kseed", 2, 2.8)).ok());
+  }
+  const auto cl = Lines(*ReadFile(JoinPath(dir, "rounds.csv")));
+  REQUIRE(cl.size() == 3);
+  CHECK(cl[1].rfind("kseed,1,", 0) == 0);
+  CHECK(cl[2].rfind("kseed,2,", 0) == 0);
+  CHECK(Lines(*ReadFile(JoinPath(dir, "rounds.jsonl"))).size() == 2);
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("A reopened RoundLog starts a new line after a partial record of a killed run",
+          "[simulator][report]") {
+  const std::string dir = TempDir("partial");
+  REQUIRE(WriteFileAtomic(JoinPath(dir, "rounds.jsonl"), "{\"method\":\"kseed\",\"rou").ok());
+  REQUIRE(WriteFileAtomic(JoinPath(dir, "rounds.csv"), CsvHeader() + "kseed,1,tr").ok());
+  {
+    auto log = RoundLog::Open(dir);
+    REQUIRE(log.ok());
+    REQUIRE(log->Append(Rec("kseed", 2, 2.8)).ok());
+  }
+  const auto jl = Lines(*ReadFile(JoinPath(dir, "rounds.jsonl")));
+  REQUIRE(jl.size() == 2);
+  CHECK(nlohmann::json::parse(jl[1])["round"] == 2);
+  const auto cl = Lines(*ReadFile(JoinPath(dir, "rounds.csv")));
+  REQUIRE(cl.size() == 3);
+  CHECK(cl[2].rfind("kseed,2,", 0) == 0);
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("RoundLog refuses to append to a rounds.csv with another header", "[simulator][report]") {
+  const std::string dir = TempDir("header");
+  REQUIRE(WriteFileAtomic(JoinPath(dir, "rounds.csv"), "method,round\nx,1\n").ok());
+  auto log = RoundLog::Open(dir);
+  REQUIRE(!log.ok());
+  CHECK(log.status().code() == absl::StatusCode::kFailedPrecondition);
+  CHECK(std::string(log.status().message()).find("rounds.csv") != std::string::npos);
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE(
+    "Summarize takes finals in round order and weights bytes by participants of committed rounds",
+    "[simulator][report]") {
+  std::vector<RoundRecord> rs;
+  RoundRecord r3 = Rec("mezo", 3, NAN);  // last round: no eval → final loss from round 2
+  r3.participants = 30;
+  r3.bytes_up_per_client = 400;
+  r3.bytes_down_per_client = 100;
+  r3.end_time_s = 7200;
+  r3.energy_joules = 3000;
+  r3.accuracy = NAN;
+  RoundRecord r1 = Rec("mezo", 1, 2.5);
+  r1.participants = 10;
+  r1.bytes_up_per_client = 100;
+  r1.bytes_down_per_client = 1000;
+  r1.accuracy = 0.25;
+  r1.epsilon = 0.5;
+  RoundRecord r2 =
+      Rec("mezo", 2, 2.0, /*committed=*/false);  // aborted: bytes ignored, energy counted
+  r2.participants = 1;
+  r2.bytes_up_per_client = 1e6;
+  r2.bytes_down_per_client = 1e6;
+  r2.accuracy = 0.5;
+  r2.epsilon = 1.5;
+  RoundRecord other = Rec("kseed", 4, 0.1);  // another method: skipped
+  rs = {r3, other, r1, r2};
+
+  const MethodSummary s = Summarize("mezo", 3.0, rs);
+  CHECK(s.method == "mezo");
+  CHECK(s.rounds == 3);
+  CHECK(s.committed_rounds == 2);
+  CHECK(s.initial_eval_loss == 3.0);
+  CHECK(s.final_eval_loss == 2.0);  // round 2's (aborted rounds still evaluate the unchanged model)
+  CHECK(s.bytes_up_per_client_per_round == Approx((100.0 * 10 + 400.0 * 30) / 40));     // 325
+  CHECK(s.bytes_down_per_client_per_round == Approx((1000.0 * 10 + 100.0 * 30) / 40));  // 325
+  CHECK(s.simulated_hours == Approx(2.0));
+  CHECK(s.energy_kj == Approx(1.5 + 1.5 + 3.0));
+  CHECK(s.wall_seconds == Approx(1.5));
+  CHECK(s.final_accuracy == 0.5);
+  CHECK(s.epsilon == 1.5);
+}
+
+TEST_CASE("Summarize without records keeps the initial loss and has no byte means",
+          "[simulator][report]") {
+  const MethodSummary s = Summarize("kseed", 3.25, {});
+  CHECK(s.rounds == 0);
+  CHECK(s.final_eval_loss == 3.25);
+  CHECK(std::isnan(s.bytes_up_per_client_per_round));
+  CHECK(std::isnan(s.final_accuracy));
+  CHECK(s.simulated_hours == 0);
+}
+
+TEST_CASE("SummaryTable lists each method in aligned columns", "[simulator][report]") {
+  const ReportInput in = TwoMethodInput();
+  const std::string table = SummaryTable(in.summaries);
+  const auto lines = Lines(table);
+  REQUIRE(lines.size() == 4);  // header, rule, two methods
+  for (const auto& line : lines) CHECK(line.size() == lines[0].size());
+  CHECK(lines[1].find_first_not_of('-') == std::string::npos);
+  CHECK(lines[2].rfind("lora-bp ", 0) == 0);
+  CHECK(lines[3].rfind("kseed ", 0) == 0);
+  // Numeric columns are right-aligned under their header.
+  const size_t final_end = lines[0].find("final loss") + std::string("final loss").size();
+  CHECK(lines[2][final_end - 1] != ' ');
+  CHECK(lines[3][final_end - 1] != ' ');
+  CHECK(lines[2].substr(final_end, 2) == "  ");
+  CHECK(table.find("43.9 KiB") != std::string::npos);  // 45000 B
+  CHECK(table.find("320 B") != std::string::npos);
+  CHECK(lines[0].find("accuracy") == std::string::npos);  // no method has one
+}
+
+TEST_CASE("The report has one svg per figure and the accuracy figure only with accuracy",
+          "[simulator][report]") {
+  ReportInput in = TwoMethodInput();
+  std::string html = RenderReportHtml(in);
+  CHECK(Count(html, "<svg") == 4);
+  for (const char* id : {"fig-loss-round", "fig-loss-time", "fig-bytes", "fig-participation"}) {
+    const std::string fig = FigureText(html, id);
+    CHECK(Count(fig, "<svg") == 1);
+  }
+  CHECK(FigureText(html, "fig-accuracy").empty());
+  CHECK(html.find("<table class=\"summary\">") != std::string::npos);
+  CHECK(html.find("<th>seed</th><td>42</td>") != std::string::npos);
+
+  in.rounds[3].accuracy = 0.4;
+  html = RenderReportHtml(in);
+  CHECK(Count(html, "<svg") == 5);
+  const auto acc = Lines_(FigureText(html, "fig-accuracy"));
+  REQUIRE(acc.size() == 2);
+  CHECK(acc[0].points() == 1);  // lora-bp round 4
+  CHECK(acc[1].points() == 0);
+}
+
+TEST_CASE("The loss figure has one line per method with one point per round inside the view box",
+          "[simulator][report]") {
+  const ReportInput in = TwoMethodInput();
+  const std::string html = RenderReportHtml(in);
+  for (const char* id : {"fig-loss-round", "fig-loss-time"}) {
+    const std::string fig = FigureText(html, id);
+    const XY box = ViewBoxSize(fig);
+    const auto lines = Lines_(fig);
+    REQUIRE(lines.size() == 2);
+    CHECK(lines[0].method == "lora-bp");
+    CHECK(lines[1].method == "kseed");
+    for (const PathLine& l : lines) {
+      REQUIRE(l.subpaths.size() == 1);
+      CHECK(l.points() == 7);  // round 0 (initial) + 6 rounds
+      const auto& pts = l.subpaths[0];
+      for (size_t i = 0; i < pts.size(); ++i) {
+        CHECK(pts[i].x >= 0);
+        CHECK(pts[i].x <= box.x);
+        CHECK(pts[i].y >= 0);
+        CHECK(pts[i].y <= box.y);
+        if (i > 0) CHECK(pts[i].x > pts[i - 1].x);
+        if (i > 0) CHECK(pts[i].y > pts[i - 1].y);  // loss falls: SVG y grows downwards
+      }
+    }
+  }
+  // Linear axes use 1/2/5 × 10^k steps.
+  const std::vector<double> ticks = TickValues(FigureText(html, "fig-loss-round"), "ytick");
+  REQUIRE(ticks.size() >= 3);
+  const double step = ticks[1] - ticks[0];
+  const double mantissa = step / std::pow(10.0, std::floor(std::log10(step) + 1e-9));
+  CHECK((std::abs(mantissa - 1) < 1e-6 || std::abs(mantissa - 2) < 1e-6 ||
+         std::abs(mantissa - 5) < 1e-6));
+  for (size_t i = 1; i < ticks.size(); ++i) CHECK(ticks[i] - ticks[i - 1] == Approx(step));
+  CHECK(ticks.front() <= 1.8);  // covers lora-bp's final 1.8
+  CHECK(ticks.back() >= 3.0);
+}
+
+TEST_CASE("A NaN eval loss breaks the line and an aborted round gets a marker",
+          "[simulator][report]") {
+  ReportInput in = TwoMethodInput();
+  in.rounds[2].eval_loss = NAN;    // lora-bp round 3
+  in.rounds[4].committed = false;  // lora-bp round 5
+  const std::string fig = FigureText(RenderReportHtml(in), "fig-loss-round");
+  const auto lines = Lines_(fig);
+  REQUIRE(lines.size() == 2);
+  REQUIRE(lines[0].subpaths.size() == 2);
+  CHECK(lines[0].subpaths[0].size() == 3);  // rounds 0..2
+  CHECK(lines[0].subpaths[1].size() == 3);  // rounds 4..6
+  CHECK(lines[1].subpaths.size() == 1);
+  CHECK(Count(fig, "class=\"aborted\"") == 2);  // the marker and its legend entry
+  CHECK(fig.find("lora-bp: round 5 aborted") != std::string::npos);
+}
+
+TEST_CASE("The report escapes every input string and references nothing outside the file",
+          "[simulator][report]") {
+  ReportInput in = TwoMethodInput();
+  for (RoundRecord& r : in.rounds) {
+    if (r.method == "kseed") r.method = "<script>alert(1)</script>";
+  }
+  in.summaries[1].method = "<script>alert(1)</script>";
+  in.title = "A & B <b>";
+  in.settings.push_back({"model\"", "<img src=x>"});
+  in.notes.push_back("plain <i>note</i> & <style>");
+  const std::string html = RenderReportHtml(in);
+  CHECK(html.find("<script") == std::string::npos);
+  CHECK(html.find("&lt;script&gt;alert(1)&lt;/script&gt;") != std::string::npos);
+  CHECK(html.find("<img") == std::string::npos);
+  CHECK(html.find("<i>") == std::string::npos);
+  CHECK(html.find("plain &lt;i&gt;note&lt;/i&gt; &amp; &lt;style&gt;") != std::string::npos);
+  CHECK(html.find("A &amp; B &lt;b&gt;") != std::string::npos);
+  CHECK(html.find("http://") == std::string::npos);
+  CHECK(html.find("https://") == std::string::npos);
+  CHECK(html.find("url(") == std::string::npos);
+  CHECK(html.find(" src=\"") == std::string::npos);
+  CHECK(html.find(" href=\"") == std::string::npos);
+}
+
+TEST_CASE("The bytes figure switches to a log axis with power-of-ten ticks",
+          "[simulator][report]") {
+  ReportInput in = TwoMethodInput();  // 320 B vs 45000 B: auto picks log
+  std::string fig = FigureText(RenderReportHtml(in), "fig-bytes");
+  CHECK(fig.find("log scale") != std::string::npos);
+  std::vector<double> ticks = TickValues(fig, "ytick");
+  REQUIRE(ticks.size() >= 3);
+  for (double t : ticks) {
+    const double e = std::log10(t);
+    CHECK(e == Approx(std::round(e)).margin(1e-12));
+  }
+  CHECK(ticks.front() <= 320);
+  CHECK(ticks.back() >= 45000);
+
+  in.bytes_axis = AxisScale::kLinear;
+  fig = FigureText(RenderReportHtml(in), "fig-bytes");
+  CHECK(fig.find("log scale") == std::string::npos);
+  ticks = TickValues(fig, "ytick");
+  CHECK(ticks.front() == 0);
+}
+
+TEST_CASE("The report renders empty, single-point and all-NaN inputs with finite coordinates",
+          "[simulator][report]") {
+  ReportInput empty;
+  const std::string e = RenderReportHtml(empty);
+  CHECK(Count(e, "<svg") == 4);
+  CHECK(!HasNonFinite(e));
+
+  ReportInput one;
+  one.rounds.push_back(Rec("a-method-with-a-very-long-name-indeed", 1, NAN));
+  one.rounds.push_back(Rec("b", 1, 2.0));
+  one.rounds.back().bytes_up_per_client = 0;
+  one.bytes_axis = AxisScale::kLog;
+  const std::string o = RenderReportHtml(one);
+  CHECK(!HasNonFinite(o));
+  const std::string fig = FigureText(o, "fig-loss-round");
+  const auto lines = Lines_(fig);
+  REQUIRE(lines.size() == 2);
+  CHECK(lines[0].points() == 0);
+  CHECK(lines[1].points() == 1);
+  CHECK(Count(fig, "<circle") == 1);  // a lone point is drawn as a dot
+  // The legend cuts the long name; the full name stays in the tooltip.
+  CHECK(
+      fig.find("a-method-with-a-very\u2026<title>a-method-with-a-very-long-name-indeed</title>") !=
+      std::string::npos);
+}
+
+TEST_CASE("RenderReportHtml is deterministic", "[simulator][report]") {
+  const ReportInput in = TwoMethodInput();
+  const std::string a = RenderReportHtml(in);
+  const std::string b = RenderReportHtml(TwoMethodInput());
+  CHECK(a == b);
+}
+
+TEST_CASE("WriteReport replaces the file atomically and reports a missing directory",
+          "[simulator][report]") {
+  const std::string dir = TempDir("write");
+  const std::string path = JoinPath(dir, "report.html");
+  REQUIRE(WriteFileAtomic(path, "old").ok());
+  const ReportInput in = TwoMethodInput();
+  REQUIRE(WriteReport(path, in).ok());
+  auto got = ReadFile(path);
+  REQUIRE(got.ok());
+  CHECK(*got == RenderReportHtml(in));
+  int entries = 0;
+  for (const auto& e : std::filesystem::directory_iterator(dir)) {
+    (void)e;
+    ++entries;
+  }
+  CHECK(entries == 1);  // no temporary file left behind
+
+  const std::string missing = JoinPath(dir, "no/such/dir/report.html");
+  const absl::Status st = WriteReport(missing, in);
+  REQUIRE(!st.ok());
+  CHECK(st.code() == absl::StatusCode::kNotFound);
+  CHECK(std::string(st.message()).find(JoinPath(dir, "no/such/dir")) != std::string::npos);
+  CHECK(!FileExists(missing));
+  std::filesystem::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace seedling::simulator

@@ -1,0 +1,230 @@
+// The simulator end to end: real coordinator, real clients, simulated clock (simulator/simulation.h).
+
+#include <unistd.h>
+
+#include <atomic>
+#include <catch2/catch.hpp>
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+#include "base/file.h"
+#include "model/init.h"
+#include "simulator/simulation.h"
+
+namespace seedling::simulator {
+namespace {
+
+struct TempDir {
+  std::string path;
+  TempDir() {
+    static std::atomic<int> n{0};
+    path = std::filesystem::temp_directory_path() /
+           ("seedling_sim_" + std::to_string(getpid()) + "_" + std::to_string(n++));
+    std::filesystem::create_directories(path);
+  }
+  ~TempDir() { std::filesystem::remove_all(path); }
+};
+
+// One tiny model for every test in this file.
+const std::string& TinyModel() {
+  static TempDir dir;
+  static const std::string path = [] {
+    const std::string p = JoinPath(dir.path, "model");
+    model::InitModelOptions init;
+    init.preset = "tiny";
+    init.seed = 5;
+    REQUIRE(model::InitModel(p, init).ok());
+    return p;
+  }();
+  return path;
+}
+
+SimulationOptions Small(const std::string& out) {
+  SimulationOptions o;
+  o.model_dir = TinyModel();
+  o.out_dir = out;
+  o.methods = {"lora-bp", "kseed"};
+  o.seed = 11;
+  o.population.devices = 60;
+  o.population.dropout_mean = 0.1;
+  o.heldout_devices = 4;
+  o.eval_examples = 16;
+  o.corpus.rows_per_device = 6;
+  o.server.rounds = 3;
+  o.server.clients_per_round = 4;
+  o.server.steps = 2;
+  o.server.seq_len = 32;
+  o.server.lora_rank = 4;
+  o.progress = false;
+  return o;
+}
+
+// Everything a round reports except host time.
+std::string Deterministic(const RoundRecord& r) {
+  nlohmann::json j = ToJson(r);
+  j.erase("wall_seconds");
+  return j.dump();
+}
+
+std::string WriteClasses(const std::string& dir, const std::string& rows) {
+  const std::string path = JoinPath(dir, "classes.csv");
+  std::ofstream(path) << "name,share,gflops,ram_bytes,app_memory_bytes,uplink_mbps,downlink_mbps,rtt_ms,"
+                         "train_watts,source\n"
+                      << rows;
+  return path;
+}
+
+TEST_CASE("The same seed gives identical rounds with 1 and 2 threads", "[simulator]") {
+  TempDir dir;
+  SimulationOptions a = Small(JoinPath(dir.path, "a"));
+  a.threads = 1;
+  SimulationOptions b = Small(JoinPath(dir.path, "b"));
+  b.threads = 2;
+  auto ra = RunSimulation(a);
+  INFO(ra.status().ToString());
+  REQUIRE(ra.ok());
+  auto rb = RunSimulation(b);
+  INFO(rb.status().ToString());
+  REQUIRE(rb.ok());
+  REQUIRE(ra->methods.size() == 2);
+  REQUIRE(rb->methods.size() == 2);
+  int64_t participants = 0;
+  for (size_t m = 0; m < 2; ++m) {
+    const MethodResult& x = ra->methods[m];
+    const MethodResult& y = rb->methods[m];
+    CHECK(x.client_errors == 0);
+    REQUIRE(x.rounds.size() == 3);
+    REQUIRE(y.rounds.size() == x.rounds.size());
+    CHECK(x.initial_eval_loss == y.initial_eval_loss);
+    for (size_t i = 0; i < x.rounds.size(); ++i) {
+      CHECK(Deterministic(x.rounds[i]) == Deterministic(y.rounds[i]));
+      participants += x.rounds[i].participants;
+      CHECK(x.rounds[i].selected >= x.rounds[i].participants);
+      CHECK(x.rounds[i].end_time_s >= x.rounds[i].start_time_s);
+    }
+  }
+  CHECK(participants > 0);
+  // The files on disk hold the same records.
+  const auto lines = [](const std::string& path) {
+    auto text = ReadFile(path);
+    REQUIRE(text.ok());
+    return static_cast<int64_t>(std::count(text->begin(), text->end(), '\n'));
+  };
+  CHECK(lines(JoinPath(a.out_dir, "rounds.jsonl")) == 6);
+  CHECK(lines(JoinPath(a.out_dir, "rounds.csv")) == 7);
+  auto html = ReadFile(ra->report_path);
+  REQUIRE(html.ok());
+  CHECK(html->find("<svg") != std::string::npos);
+  CHECK(html->find("kseed") != std::string::npos);
+}
+
+TEST_CASE("A different seed gives different rounds", "[simulator]") {
+  TempDir dir;
+  SimulationOptions a = Small(JoinPath(dir.path, "a"));
+  a.methods = {"lora-bp"};
+  SimulationOptions b = a;
+  b.out_dir = JoinPath(dir.path, "b");
+  b.seed = 12;
+  auto ra = RunSimulation(a);
+  auto rb = RunSimulation(b);
+  REQUIRE(ra.ok());
+  REQUIRE(rb.ok());
+  std::string x, y;
+  for (const RoundRecord& r : ra->methods[0].rounds) x += Deterministic(r);
+  for (const RoundRecord& r : rb->methods[0].rounds) y += Deterministic(r);
+  CHECK(x != y);
+}
+
+TEST_CASE("Devices too slow for the deadline are stragglers and never counted", "[simulator]") {
+  TempDir dir;
+  // Training the tiny model for 2 steps of 32 tokens takes about a GFLOP: ~1 ms at 1000 GFLOP/s and
+  // ~1000 s at 0.001 GFLOP/s, beyond the 120 s deadline.
+  const std::string fast = "fast,1,1000,8000000000,4000000000,100,100,10,3,test\n";
+  const std::string slow = "slow,1,0.001,8000000000,4000000000,100,100,10,3,test\n";
+  SimulationOptions o = Small(JoinPath(dir.path, "x"));
+  o.methods = {"lora-bp"};
+  o.population.dropout_mean = 0;
+  o.population.variation = 0;
+  o.server.round_deadline_s = 120;
+  o.server.selection_window_s = 30;
+  o.server.retry_base_s = 20;
+  o.server.rounds = 2;
+
+  SECTION("only slow devices: every selected device straggles and every round aborts") {
+    o.phone_classes = WriteClasses(dir.path, slow);
+    auto r = RunSimulation(o);
+    INFO(r.status().ToString());
+    REQUIRE(r.ok());
+    for (const RoundRecord& rec : r->methods[0].rounds) {
+      CHECK_FALSE(rec.committed);
+      CHECK(rec.participants == 0);
+      CHECK(rec.selected > 0);
+      CHECK(rec.stragglers == rec.selected);
+      CHECK(rec.end_time_s - rec.start_time_s == Approx(120).margin(1.5));
+    }
+  }
+  SECTION("only fast devices: every round commits at its target, before the deadline") {
+    o.phone_classes = WriteClasses(dir.path, fast);
+    auto r = RunSimulation(o);
+    REQUIRE(r.ok());
+    for (const RoundRecord& rec : r->methods[0].rounds) {
+      INFO(Deterministic(rec));
+      CHECK(rec.committed);
+      CHECK(rec.participants == 4);
+      CHECK(rec.end_time_s - rec.start_time_s < 60);
+      // Only over-selected devices still running when the target was reached count as stragglers.
+      CHECK(rec.stragglers == rec.selected - 4);
+    }
+  }
+  SECTION("half and half: the round commits with the fast ones and the slow ones straggle") {
+    o.phone_classes = WriteClasses(dir.path, fast + slow);
+    auto r = RunSimulation(o);
+    REQUIRE(r.ok());
+    int64_t stragglers = 0;
+    for (const RoundRecord& rec : r->methods[0].rounds) {
+      INFO(Deterministic(rec));
+      CHECK(rec.committed);
+      CHECK(rec.participants + rec.stragglers == rec.selected);
+      stragglers += rec.stragglers;
+    }
+    CHECK(stragglers > 0);
+  }
+}
+
+TEST_CASE("sim.toml is parsed on top of the simulator's defaults and bad keys are named", "[simulator]") {
+  auto o = ParseSimulationConfig(R"(
+[simulation]
+model = "m"
+methods = ["kseed", "lora-bp"]
+devices = 300
+seed = 4
+[methods.kseed]
+lr = 0.002
+[training]
+rounds = 7
+)");
+  INFO(o.status().ToString());
+  REQUIRE(o.ok());
+  CHECK(o->model_dir == "m");
+  CHECK(o->methods == std::vector<std::string>{"kseed", "lora-bp"});
+  CHECK(o->population.devices == 300);
+  CHECK(o->seed == 4);
+  CHECK(o->method_settings.at("kseed").lr == 0.002);
+  CHECK(o->server.rounds == 7);
+  CHECK(o->server.seq_len == DefaultSimulationServerConfig().seq_len);
+  CHECK(o->server.retry_base_s == 300);
+
+  auto bad = ParseSimulationConfig("[simulation]\nmodel = \"m\"\ndevicez = 3\n");
+  REQUIRE_FALSE(bad.ok());
+  CHECK(std::string(bad.status().message()).find("devicez") != std::string::npos);
+  auto bad_method = ParseSimulationConfig("[simulation]\nmodel = \"m\"\nmethods = [\"sgd\"]\n");
+  REQUIRE_FALSE(bad_method.ok());
+  CHECK(std::string(bad_method.status().message()).find("sgd") != std::string::npos);
+  auto bad_server = ParseSimulationConfig("[simulation]\nmodel = \"m\"\n[training]\nroundz = 1\n");
+  REQUIRE_FALSE(bad_server.ok());
+  CHECK(std::string(bad_server.status().message()).find("roundz") != std::string::npos);
+}
+
+}  // namespace
+}  // namespace seedling::simulator
