@@ -192,6 +192,26 @@ TEST_CASE("Devices too slow for the deadline are stragglers and never counted", 
   }
 }
 
+TEST_CASE("Ten thousand devices with 50 clients per round run 2 rounds", "[simulator]") {
+  TempDir dir;
+  SimulationOptions o = Small(JoinPath(dir.path, "big"));
+  o.methods = {"lora-bp"};
+  o.population.devices = 10000;
+  o.server.clients_per_round = 50;
+  o.server.rounds = 2;
+  auto r = RunSimulation(o);
+  INFO(r.status().ToString());
+  REQUIRE(r.ok());
+  REQUIRE(r->methods[0].rounds.size() == 2);
+  for (const RoundRecord& rec : r->methods[0].rounds) {
+    CHECK(rec.committed);
+    CHECK(rec.participants == 50);
+    CHECK(rec.available > 1000);
+  }
+  CHECK(r->methods[0].client_errors == 0);
+  CHECK(r->bytes_per_idle_device <= 2048);
+}
+
 TEST_CASE("sim.toml is parsed on top of the simulator's defaults and bad keys are named", "[simulator]") {
   auto o = ParseSimulationConfig(R"(
 [simulation]
