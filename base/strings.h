@@ -35,4 +35,21 @@ std::string StrCat(const Args&... args) {
 inline absl::string_view ToAbsl(std::string_view s) { return absl::string_view(s.data(), s.size()); }
 inline std::string_view FromAbsl(absl::string_view s) { return std::string_view(s.data(), s.size()); }
 
+// Escapes & < > " ' for HTML text and attribute values (the dashboard, the simulator's report).
+inline std::string HtmlEscape(std::string_view s) {
+  std::string out;
+  out.reserve(s.size());
+  for (char c : s) {
+    switch (c) {
+      case '&': out += "&amp;"; break;
+      case '<': out += "&lt;"; break;
+      case '>': out += "&gt;"; break;
+      case '"': out += "&quot;"; break;
+      case '\'': out += "&#39;"; break;
+      default: out += c;
+    }
+  }
+  return out;
+}
+
 }  // namespace seedling
