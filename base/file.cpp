@@ -13,7 +13,6 @@
 #include "base/status.h"
 
 namespace seedling {
-namespace {
 
 absl::Status ErrnoStatus(int err, std::string_view what, std::string_view path) {
   std::string msg = StrCat(what, " '", path, "': ", std::strerror(err));
@@ -23,6 +22,7 @@ absl::Status ErrnoStatus(int err, std::string_view what, std::string_view path) 
       return absl::NotFoundError(msg);
     case EACCES:
     case EPERM:
+    case EROFS:
       return absl::PermissionDeniedError(msg);
     case ENOSPC:
     case EDQUOT:
@@ -31,6 +31,8 @@ absl::Status ErrnoStatus(int err, std::string_view what, std::string_view path) 
       return absl::InternalError(msg);
   }
 }
+
+namespace {
 
 // Closes a file descriptor on scope exit.
 struct FdCloser {

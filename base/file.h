@@ -13,6 +13,11 @@
 
 namespace seedling {
 
+// The canonical Status for a failed system call on `path` (errno `err`): NotFound (ENOENT, ENOTDIR),
+// PermissionDenied (EACCES, EPERM, EROFS), ResourceExhausted (ENOSPC, EDQUOT), else Internal; the message is
+// "<what> '<path>': <strerror>".
+absl::Status ErrnoStatus(int err, std::string_view what, std::string_view path);
+
 // Reads the whole file. NotFound if it does not exist, PermissionDenied / Internal on other I/O errors.
 absl::StatusOr<std::string> ReadFile(const std::string& path);
 

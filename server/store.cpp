@@ -81,23 +81,6 @@ constexpr char kCheckpointPrefix[] = "global-";
 constexpr char kCheckpointSuffix[] = ".safetensors";
 constexpr char kVersionMetadataKey[] = "seedling.checkpoint_version";
 
-absl::Status ErrnoStatus(int err, std::string_view what, std::string_view path) {
-  std::string msg = StrCat(what, " '", path, "': ", std::strerror(err));
-  switch (err) {
-    case ENOENT:
-    case ENOTDIR:
-      return absl::NotFoundError(msg);
-    case EACCES:
-    case EPERM:
-      return absl::PermissionDeniedError(msg);
-    case ENOSPC:
-    case EDQUOT:
-      return absl::ResourceExhaustedError(msg);
-    default:
-      return absl::InternalError(msg);
-  }
-}
-
 // ---- SHA-256
 
 class Sha256 {

@@ -104,24 +104,6 @@ size_t TextWidth(std::string_view s) {
   return n;
 }
 
-absl::Status ErrnoStatus(int err, std::string_view what, std::string_view path) {
-  const std::string msg = StrCat(what, " '", path, "': ", std::strerror(err));
-  switch (err) {
-    case ENOENT:
-    case ENOTDIR:
-      return absl::NotFoundError(ToAbsl(msg));
-    case EACCES:
-    case EPERM:
-    case EROFS:
-      return absl::PermissionDeniedError(ToAbsl(msg));
-    case ENOSPC:
-    case EDQUOT:
-      return absl::ResourceExhaustedError(ToAbsl(msg));
-    default:
-      return absl::InternalError(ToAbsl(msg));
-  }
-}
-
 // Field names in declaration order: the JSON keys and the CSV header.
 constexpr const char* kFields[] = {"method",
                                    "round",
