@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "tests/test_util.h"
 #include "base/file.h"
 #include "client/seedling_client.h"
 #include "comms/tls.h"
@@ -28,16 +29,7 @@ namespace {
 
 using Json = nlohmann::json;
 
-struct TempDir {
-  std::string path;
-  TempDir() {
-    static std::atomic<int> n{0};
-    path = std::filesystem::temp_directory_path() /
-           ("seedling_capi_" + std::to_string(getpid()) + "_" + std::to_string(n++));
-    std::filesystem::create_directories(path);
-  }
-  ~TempDir() { std::filesystem::remove_all(path); }
-};
+using seedling::testing::TempDir;
 
 // A tiny model, certificates and a running TLS coordinator (one client per round, one round).
 struct TlsWorld {

@@ -18,6 +18,7 @@
 #include <sstream>
 #include <thread>
 
+#include "tests/test_util.h"
 #include "base/file.h"
 #include "base/strings.h"
 #include "client/client.h"
@@ -36,16 +37,7 @@ namespace {
 
 using Json = nlohmann::json;
 
-struct TempDir {
-  std::string path;
-  TempDir() {
-    static std::atomic<int> n{0};
-    path = std::filesystem::temp_directory_path() /
-           ("seedling_client_" + std::to_string(getpid()) + "_" + std::to_string(n++));
-    std::filesystem::create_directories(path);
-  }
-  ~TempDir() { std::filesystem::remove_all(path); }
-};
+using seedling::testing::TempDir;
 
 // One tiny base model per process, shared by every client (as the simulator does).
 struct ModelFixture {

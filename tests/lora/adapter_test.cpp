@@ -1,3 +1,4 @@
+#include "tests/test_util.h"
 #include "lora/adapter.h"
 
 #include <unistd.h>
@@ -14,15 +15,7 @@ namespace {
 
 using model::Projection;
 
-struct TempDir {
-  std::string path;
-  TempDir() {
-    static int n = 0;
-    path = std::filesystem::temp_directory_path() / ("seedling_lora_test_" + std::to_string(getpid()) + "_" + std::to_string(n++));
-    std::filesystem::create_directories(path);
-  }
-  ~TempDir() { std::filesystem::remove_all(path); }
-};
+using seedling::testing::TempDir;
 
 model::ModelConfig SmallConfig() {
   auto c = model::PresetConfig("tiny-qwen2");  // q_dim != hidden? no: 6 heads x 32 = 192 = hidden; GQA, biases

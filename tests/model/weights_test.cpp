@@ -1,3 +1,4 @@
+#include "tests/test_util.h"
 #include "model/weights.h"
 
 #include <unistd.h>
@@ -12,16 +13,7 @@
 namespace seedling::model {
 namespace {
 
-struct TempDir {
-  std::string path;
-  TempDir() {
-    static int counter = 0;
-    path = std::filesystem::temp_directory_path() /
-           ("seedling_weights_test_" + std::to_string(getpid()) + "_" + std::to_string(counter++));
-    std::filesystem::create_directories(path);
-  }
-  ~TempDir() { std::filesystem::remove_all(path); }
-};
+using seedling::testing::TempDir;
 
 ModelConfig SmallConfig() {
   auto c = PresetConfig("tiny-qwen2");  // untied head, q/k/v biases

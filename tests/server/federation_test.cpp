@@ -13,6 +13,7 @@
 #include <mutex>
 #include <thread>
 
+#include "tests/test_util.h"
 #include "base/file.h"
 #include "base/philox.h"
 #include "client/client.h"
@@ -30,16 +31,7 @@
 namespace seedling::server {
 namespace {
 
-struct TempDir {
-  std::string path;
-  TempDir() {
-    static std::atomic<int> n{0};
-    path = std::filesystem::temp_directory_path() /
-           ("seedling_fed_" + std::to_string(getpid()) + "_" + std::to_string(n++));
-    std::filesystem::create_directories(path);
-  }
-  ~TempDir() { std::filesystem::remove_all(path); }
-};
+using seedling::testing::TempDir;
 
 // A tiny model, certificates and a server config shared by the scenarios.
 struct World {

@@ -8,6 +8,7 @@
 #include <fstream>
 #include <string>
 
+#include "tests/test_util.h"
 #include "base/file.h"
 #include "model/init.h"
 #include "simulator/simulation.h"
@@ -15,16 +16,7 @@
 namespace seedling::simulator {
 namespace {
 
-struct TempDir {
-  std::string path;
-  TempDir() {
-    static std::atomic<int> n{0};
-    path = std::filesystem::temp_directory_path() /
-           ("seedling_sim_" + std::to_string(getpid()) + "_" + std::to_string(n++));
-    std::filesystem::create_directories(path);
-  }
-  ~TempDir() { std::filesystem::remove_all(path); }
-};
+using seedling::testing::TempDir;
 
 // One tiny model for every test in this file.
 const std::string& TinyModel() {
