@@ -34,6 +34,7 @@ void RegisterSimulateCommands(CLI::App& app, Action& action) {
     double alpha = -1, dropout = -1;
     uint64_t seed = 0;
     bool seed_given = false;
+    bool loopback = false;
   };
   auto f = std::make_shared<Flags>();
   CLI::App* cmd = app.add_subcommand(
@@ -56,6 +57,8 @@ void RegisterSimulateCommands(CLI::App& app, Action& action) {
   cmd->add_option("--threads", f->threads, "Devices training at once (default: hardware threads)");
   cmd->add_option("--phones", f->phones, "CSV of phone classes (default data/phones/phone_classes.csv)");
   cmd->add_option("--work-dir", f->work_dir, "Keep server and device state here (default: a temporary directory)");
+  cmd->add_flag("--loopback", f->loopback,
+                "Devices connect through a real TLS server on 127.0.0.1 (same results, slower; small N)");
   cmd->add_option("--seed", f->seed, "Seed of everything random (default 0)")->each([f](const std::string&) {
     f->seed_given = true;
   });
@@ -88,10 +91,15 @@ void RegisterSimulateCommands(CLI::App& app, Action& action) {
       if (f->dropout >= 0) o.population.dropout_mean = f->dropout;
       if (f->threads >= 0) o.threads = f->threads;
       if (f->seed_given) o.seed = f->seed;
+      if (f->loopback) o.loopback = true;
       if (o.model_dir.empty()) return absl::InvalidArgumentError("--model (or [simulation] model) is required");
       o.server.model_dir = o.model_dir;
       SEEDLING_RETURN_IF_ERROR(o.server.Validate());
-      SEEDLING_ASSIGN_OR_RETURN(simulator::SimulationResult r, simulator::RunSimulation(o));
+      // Under mpirun with several ranks: rank 0 runs the hub and reports, the others run devices.
+      SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<simulator::MpiRanks> ranks, simulator::MpiRanks::FromEnvironment());
+      SEEDLING_ASSIGN_OR_RETURN(simulator::SimulationResult r, simulator::RunSimulation(o, ranks.get()));
+      if (r.rank != 0) return absl::OkStatus();
+      if (r.ranks > 1) std::printf("ranks: %d (devices dealt round-robin)\n", r.ranks);
       std::printf("%s\n", r.summary_table.c_str());
       for (const simulator::MethodResult& m : r.methods) {
         if (m.client_errors > 0) {

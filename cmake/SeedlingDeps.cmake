@@ -26,6 +26,8 @@ if(NOT SEEDLING_CLIENT_ONLY)
   find_package(CLI11 REQUIRED)
   find_package(SQLite3 REQUIRED)
   find_package(tomlplusplus REQUIRED)
+  # The simulator's scale-out (`mpirun -np R seedling simulate`); OpenMPI from Debian.
+  find_package(MPI REQUIRED COMPONENTS C)
 endif()
 if(SEEDLING_BUILD_TESTS)
   find_package(Catch2 2 REQUIRED)

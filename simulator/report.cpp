@@ -123,6 +123,7 @@ constexpr const char* kFields[] = {"method",
                                    "bytes_down_per_client",
                                    "energy_joules",
                                    "epsilon",
+                                   "global_sha256",
                                    "wall_seconds"};
 
 nlohmann::json JsonNumber(double v) {
@@ -545,6 +546,7 @@ nlohmann::json ToJson(const RoundRecord& r) {
   j["bytes_down_per_client"] = JsonNumber(r.bytes_down_per_client);
   j["energy_joules"] = JsonNumber(r.energy_joules);
   j["epsilon"] = JsonNumber(r.epsilon);
+  j["global_sha256"] = r.global_sha256;
   j["wall_seconds"] = JsonNumber(r.wall_seconds);
   return j;
 }
@@ -581,6 +583,10 @@ absl::StatusOr<RoundRecord> RoundRecordFromJson(const nlohmann::json& j) {
   if (auto it = j.find("method"); it != j.end()) {
     if (!it->is_string()) return bad("method", "a string", *it);
     r.method = it->get<std::string>();
+  }
+  if (auto it = j.find("global_sha256"); it != j.end()) {
+    if (!it->is_string()) return bad("global_sha256", "a string", *it);
+    r.global_sha256 = it->get<std::string>();
   }
   if (auto it = j.find("committed"); it != j.end()) {
     if (!it->is_boolean()) return bad("committed", "a boolean", *it);
@@ -623,7 +629,7 @@ std::string ToCsvRow(const RoundRecord& r) {
                 r.declined, ",", CsvNumber(r.train_loss), ",", CsvNumber(r.eval_loss), ",",
                 CsvNumber(r.accuracy), ",", CsvNumber(r.bytes_up_per_client), ",",
                 CsvNumber(r.bytes_down_per_client), ",", CsvNumber(r.energy_joules), ",",
-                CsvNumber(r.epsilon), ",", CsvNumber(r.wall_seconds), "\n");
+                CsvNumber(r.epsilon), ",", CsvField(r.global_sha256), ",", CsvNumber(r.wall_seconds), "\n");
 }
 
 namespace {

@@ -47,6 +47,8 @@ struct RoundRecord {
   double bytes_down_per_client = 0;  // bytes, mean over participants
   double energy_joules = 0;          // all selected devices' training + radio energy this round, J
   double epsilon = NAN;              // DP budget spent so far (privacy), NaN if DP is off
+  std::string global_sha256;         // hex SHA-256 of the global parameters after the round (float32
+                                     // bytes): equal across thread counts, ranks and transports
   double wall_seconds = 0;           // host time spent simulating the round, s
 };
 

@@ -12,6 +12,7 @@
 #include <memory>
 #include <mutex>
 #include <queue>
+#include <set>
 #include <thread>
 #include <tuple>
 
@@ -24,6 +25,7 @@
 #include "base/strings.h"
 #include "client/client.h"
 #include "comms/in_memory.h"
+#include "comms/tls.h"
 #include "lora/adapter.h"
 #include "model/dataset.h"
 #include "model/eval.h"
@@ -31,6 +33,7 @@
 #include "model/runtime.h"
 #include "model/tokenizer.h"
 #include "server/coordinator.h"
+#include "nlohmann/json.hpp"
 
 namespace seedling::simulator {
 namespace {
@@ -38,6 +41,9 @@ namespace {
 constexpr double kInf = std::numeric_limits<double>::infinity();
 // Philox stream of the devices' first check-in offsets (ASCII "firstwak").
 constexpr uint64_t kFirstWakeStream = 0x6669727374776b61ULL;
+
+// How long a rank waits for the next message of a device on another rank (its training, or the gate).
+constexpr std::chrono::milliseconds kRankTimeout{3'600'000};
 
 int64_t ToMs(double seconds) { return static_cast<int64_t>(std::llround(seconds * 1000.0)); }
 
@@ -71,6 +77,145 @@ struct World {
   model::ModelConfig model_config;
   std::vector<model::Example> eval_examples;
   double end_time_s = 0;
+  MpiRanks* ranks = nullptr;  // nullptr: one process
+
+  int Owner(int64_t device) const { return ranks == nullptr ? 0 : static_cast<int>(device % ranks->size()); }
+};
+
+// The client settings of simulated device `d` for the method whose state lives in `method_dir`.
+client::ClientConfig DeviceClientConfig(const World& world, const std::string& method_dir, int64_t d,
+                                        const std::string& token) {
+  client::ClientConfig cc;
+  cc.device_id = DeviceId(d);
+  cc.token = token;
+  cc.state_dir = JoinPath(JoinPath(method_dir, "devices"), DeviceId(d));
+  cc.model_dir = world.options->model_dir;
+  cc.data_path = world.data_paths[static_cast<size_t>(d)];
+  cc.memory_budget_bytes = world.population->memory_budget_bytes(d);
+  cc.max_attempts = 1;  // a failed request ends the activation; the simulator reschedules the device
+  cc.checkpoint_every = 0;
+  cc.seed = world.options->seed ^ static_cast<uint64_t>(d);
+  return cc;
+}
+
+// Messages between rank 0 and the rank of a forwarded device (simulator/mpi.h). The first byte is the
+// kind; statuses and small records are JSON, envelopes their protobuf bytes.
+enum MsgKind : char {
+  kStart = 'S',         // rank 0 → owner (control mailbox): run device {method, device, token, conditions}
+  kQuit = 'Q',          // rank 0 → all (control mailbox): the simulation is over
+  kConnect = 'c',       // owner → rank 0: open a connection; payload: timeout ms
+  kConnected = 'C',     // rank 0 → owner: status
+  kCall = 'q',          // owner → rank 0: 8-byte timeout ms, then the request envelope
+  kReply = 'R',         // rank 0 → owner: '1' + reply envelope, or '0' + status
+  kClose = 'x',         // owner → rank 0: close the connection
+  kDone = 'd',          // owner → rank 0: the RunOnce result
+};
+
+nlohmann::json StatusJson(const absl::Status& st) {
+  return {{"code", static_cast<int>(st.code())}, {"message", std::string(st.message())}};
+}
+
+absl::Status StatusFromJson(const nlohmann::json& j) {
+  if (!j.is_object() || !j.contains("code") || !j["code"].is_number_integer()) {
+    return absl::InternalError("malformed status from another rank");
+  }
+  return absl::Status(static_cast<absl::StatusCode>(j["code"].get<int>()),
+                      ToAbsl(j.value("message", std::string())));
+}
+
+std::string EncodeResult(const absl::StatusOr<client::RunResult>& r) {
+  nlohmann::json j;
+  if (!r.ok()) {
+    j["status"] = StatusJson(r.status());
+  } else {
+    j = {{"outcome", static_cast<int>(r->outcome)}, {"retry_after", r->retry_after_seconds},
+         {"round_id", r->round_id},                 {"detail", r->detail},
+         {"loss_start", r->loss_start},             {"loss_end", r->loss_end},
+         {"update_bytes", r->update_bytes}};
+  }
+  return std::string(1, kDone) + j.dump();
+}
+
+absl::StatusOr<client::RunResult> DecodeResult(std::string_view body) {
+  const nlohmann::json j = nlohmann::json::parse(body, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) return absl::InternalError("malformed run result from another rank");
+  if (j.contains("status")) return StatusFromJson(j["status"]);
+  client::RunResult r;
+  r.outcome = static_cast<client::RunOutcome>(j.value("outcome", 0));
+  r.retry_after_seconds = j.value("retry_after", 0u);
+  r.round_id = j.value("round_id", uint64_t{0});
+  r.detail = j.value("detail", std::string());
+  r.loss_start = j.value("loss_start", 0.0);
+  r.loss_end = j.value("loss_end", 0.0);
+  r.update_bytes = j.value("update_bytes", uint64_t{0});
+  return r;
+}
+
+void PutU64(std::string& out, uint64_t v) {
+  for (int i = 0; i < 8; ++i) out.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+}
+
+uint64_t GetU64(std::string_view in) {
+  uint64_t v = 0;
+  for (int i = 0; i < 8; ++i) v |= static_cast<uint64_t>(static_cast<unsigned char>(in[i])) << (8 * i);
+  return v;
+}
+
+// A device's connection to rank 0's coordinator, from another rank: each call is forwarded and answered
+// there at the gate (MethodRun::RemoteDeviceMain).
+class ForwardedChannel : public comms::Channel {
+ public:
+  ForwardedChannel(MpiRanks* ranks, int64_t device) : ranks_(ranks), device_(device) {}
+  ~ForwardedChannel() override { Close(); }
+
+  absl::StatusOr<v1::Envelope> Call(const v1::Envelope& request, comms::Duration timeout) override {
+    if (closed_) return absl::FailedPreconditionError("the connection is closed");
+    std::string msg(1, kCall);
+    PutU64(msg, static_cast<uint64_t>(timeout.count()));
+    request.AppendToString(&msg);
+    ranks_->Send(0, static_cast<uint64_t>(device_), std::move(msg));
+    SEEDLING_ASSIGN_OR_RETURN(MpiRanks::Message m, ranks_->Receive(static_cast<uint64_t>(device_), kRankTimeout));
+    if (m.payload.size() < 2 || m.payload[0] != kReply) return absl::InternalError("unexpected message from rank 0");
+    if (m.payload[1] == '1') {
+      v1::Envelope reply;
+      if (!reply.ParseFromArray(m.payload.data() + 2, static_cast<int>(m.payload.size() - 2))) {
+        return absl::InternalError("malformed reply envelope from rank 0");
+      }
+      return reply;
+    }
+    const nlohmann::json j = nlohmann::json::parse(m.payload.substr(2), nullptr, false);
+    return StatusFromJson(j);
+  }
+
+  void Close() override {
+    if (closed_) return;
+    closed_ = true;
+    ranks_->Send(0, static_cast<uint64_t>(device_), std::string(1, kClose));
+  }
+
+ private:
+  MpiRanks* const ranks_;
+  const int64_t device_;
+  bool closed_ = false;
+};
+
+class ForwardedTransport : public comms::Transport {
+ public:
+  ForwardedTransport(MpiRanks* ranks, int64_t device) : ranks_(ranks), device_(device) {}
+  absl::StatusOr<std::unique_ptr<comms::Channel>> Connect(comms::Duration timeout) override {
+    std::string msg(1, kConnect);
+    PutU64(msg, static_cast<uint64_t>(timeout.count()));
+    ranks_->Send(0, static_cast<uint64_t>(device_), std::move(msg));
+    SEEDLING_ASSIGN_OR_RETURN(MpiRanks::Message m, ranks_->Receive(static_cast<uint64_t>(device_), kRankTimeout));
+    if (m.payload.empty() || m.payload[0] != kConnected) return absl::InternalError("unexpected message from rank 0");
+    const nlohmann::json j = nlohmann::json::parse(m.payload.substr(1), nullptr, false);
+    SEEDLING_RETURN_IF_ERROR(StatusFromJson(j));
+    return std::unique_ptr<comms::Channel>(new ForwardedChannel(ranks_, device_));
+  }
+
+ private:
+  MpiRanks* const ranks_;
+  const int64_t device_;
 };
 
 // One active device: its own clock and where it stands in the protocol. Guarded by MethodRun::mu_.
@@ -123,6 +268,8 @@ class MethodRun {
   absl::Status Setup();
   void Loop();
   void DeviceMain(Activation* a, client::Conditions conditions);
+  void RemoteDeviceMain(Activation* a, client::Conditions conditions);
+  void Finish(Activation* a, absl::StatusOr<client::RunResult> result);
   void Reap(Activation& a);
   void CheckRounds();
   absl::StatusOr<double> EvalLoss(const std::vector<float>& params);
@@ -138,6 +285,7 @@ class MethodRun {
   std::string dir_;
   server::ManualClock clock_;
   std::unique_ptr<server::Coordinator> coordinator_;
+  std::unique_ptr<comms::TlsServer> tls_server_;  // loopback mode; stopped before the coordinator goes
   std::unique_ptr<comms::Transport> inner_;
   std::vector<std::string> tokens_;
   std::unique_ptr<lora::LoraAdapter> eval_adapter_;
@@ -152,7 +300,7 @@ class MethodRun {
   std::map<int64_t, std::unique_ptr<Activation>> active_;
   std::vector<uint32_t> tasks_;  // tasks each device has received (the dropout stream's counter)
   std::priority_queue<std::pair<double, int64_t>, std::vector<std::pair<double, int64_t>>, std::greater<>> wakes_;
-  int running_ = 0;  // activations in kRunning or kGranted
+  std::vector<int> running_;  // by rank: activations in kRunning or kGranted
   uint64_t seq_ = 0;
   bool stopping_ = false;
   bool check_rounds_ = false;
@@ -224,7 +372,25 @@ absl::Status MethodRun::Setup() {
 
   clock_.Set(ToMs(options_.start_time_s));
   SEEDLING_ASSIGN_OR_RETURN(coordinator_, server::Coordinator::Create(config_, &clock_, nullptr));
-  inner_ = comms::MakeInMemoryTransport(coordinator_->handler_factory());
+  if (options_.loopback) {
+    // The same coordinator behind a real TLS 1.3 server on 127.0.0.1, with certificates made for this run.
+    comms::CertificateOptions certs;
+    certs.dir = JoinPath(dir_, "certs");
+    SEEDLING_RETURN_IF_ERROR(comms::CreateCertificates(certs));
+    comms::TlsServerOptions so;
+    so.cert_file = JoinPath(certs.dir, "server.crt");
+    so.key_file = JoinPath(certs.dir, "server.key");
+    // A connection waits at the gate while other devices train (host time): do not close it as idle.
+    so.idle_timeout = comms::Duration(kRankTimeout);
+    SEEDLING_ASSIGN_OR_RETURN(tls_server_, comms::TlsServer::Start(so, coordinator_->handler_factory()));
+    comms::TlsClientOptions tc;
+    tc.port = tls_server_->port();
+    tc.ca_file = JoinPath(certs.dir, "ca.crt");
+    SEEDLING_ASSIGN_OR_RETURN(inner_, comms::MakeTlsTransport(tc));
+  } else {
+    inner_ = comms::MakeInMemoryTransport(coordinator_->handler_factory());
+  }
+  running_.assign(world_.ranks == nullptr ? 1 : static_cast<size_t>(world_.ranks->size()), 0);
   const int64_t n = world_.population->size();
   tokens_.resize(static_cast<size_t>(n));
   for (int64_t d = 0; d < n; ++d) {
@@ -293,12 +459,12 @@ absl::StatusOr<v1::Envelope> MethodRun::DeviceCall(int64_t device, comms::Channe
     a.state = Activation::State::kWaiting;
     a.wait_t = arrive;
     a.seq = ++seq_;
-    --running_;
+    --running_[world_.Owner(device)];
     loop_cv_.notify_one();
     device_cv_.wait(lock, [&] { return a.state == Activation::State::kGranted || stopping_; });
     if (a.state != Activation::State::kGranted) {
       a.state = Activation::State::kRunning;
-      ++running_;
+      ++running_[world_.Owner(device)];
       return absl::UnavailableError("the simulation is over");
     }
   }
@@ -380,16 +546,7 @@ void MethodRun::AfterReply(Activation& a, const v1::Envelope& request, const abs
 
 void MethodRun::DeviceMain(Activation* a, client::Conditions conditions) {
   const int64_t d = a->device;
-  client::ClientConfig cc;
-  cc.device_id = DeviceId(d);
-  cc.token = tokens_[static_cast<size_t>(d)];
-  cc.state_dir = JoinPath(JoinPath(dir_, "devices"), DeviceId(d));
-  cc.model_dir = options_.model_dir;
-  cc.data_path = world_.data_paths[static_cast<size_t>(d)];
-  cc.memory_budget_bytes = world_.population->memory_budget_bytes(d);
-  cc.max_attempts = 1;  // a failed request ends the activation; the simulator reschedules the device
-  cc.checkpoint_every = 0;
-  cc.seed = options_.seed ^ static_cast<uint64_t>(d);
+  const client::ClientConfig cc = DeviceClientConfig(world_, dir_, d, tokens_[static_cast<size_t>(d)]);
   absl::StatusOr<client::RunResult> result = absl::UnknownError("not run");
   {
     absl::StatusOr<std::unique_ptr<client::Client>> c =
@@ -407,11 +564,83 @@ void MethodRun::DeviceMain(Activation* a, client::Conditions conditions) {
       a->client = nullptr;
     }
   }  // the client and its connections are gone before the loop reaps the activation
+  Finish(a, std::move(result));
+}
+
+void MethodRun::Finish(Activation* a, absl::StatusOr<client::RunResult> result) {
   std::lock_guard<std::mutex> lock(mu_);
   a->result = std::move(result);
   a->state = Activation::State::kDone;
-  --running_;
+  --running_[world_.Owner(a->device)];
   loop_cv_.notify_one();
+}
+
+// Rank 0's side of a device that runs on another rank: starts it there, then serves its connection
+// requests exactly as SimTransport / SimChannel do for a local device, until it reports its result.
+void MethodRun::RemoteDeviceMain(Activation* a, client::Conditions conditions) {
+  const int64_t d = a->device;
+  const uint64_t key = static_cast<uint64_t>(d);
+  MpiRanks& ranks = *world_.ranks;
+  const int owner = world_.Owner(d);
+  const nlohmann::json start = {{"method", method_},          {"device", d},
+                                {"token", tokens_[static_cast<size_t>(d)]},
+                                {"charging", conditions.charging}, {"unmetered", conditions.unmetered},
+                                {"idle", conditions.idle},         {"battery", conditions.battery}};
+  ranks.Send(owner, MpiRanks::kControlKey, std::string(1, kStart) + start.dump());
+  std::unique_ptr<comms::Channel> channel;
+  absl::StatusOr<client::RunResult> result = absl::UnknownError("not run");
+  while (true) {
+    absl::StatusOr<MpiRanks::Message> m = ranks.Receive(key, kRankTimeout);
+    if (!m.ok()) {
+      result = m.status();
+      break;
+    }
+    const std::string& p = m->payload;
+    const char kind = p.empty() ? '\0' : p[0];
+    if (kind == kConnect && p.size() == 9) {
+      absl::Status st = absl::OkStatus();
+      if (DeviceDropped(d)) {
+        st = absl::UnavailableError("the device dropped out (simulated)");
+      } else {
+        absl::StatusOr<std::unique_ptr<comms::Channel>> c = inner_->Connect(comms::Duration(GetU64(p.substr(1))));
+        if (c.ok()) {
+          if (channel) channel->Close();
+          channel = *std::move(c);
+        } else {
+          st = c.status();
+        }
+      }
+      ranks.Send(owner, key, std::string(1, kConnected) + StatusJson(st).dump());
+    } else if (kind == kCall && p.size() >= 9) {
+      v1::Envelope request;
+      absl::StatusOr<v1::Envelope> reply = absl::FailedPreconditionError("no open connection");
+      if (!request.ParseFromArray(p.data() + 9, static_cast<int>(p.size() - 9))) {
+        reply = absl::InternalError("malformed request envelope from another rank");
+      } else if (channel) {
+        reply = DeviceCall(d, *channel, request, comms::Duration(GetU64(p.substr(1))));
+      }
+      std::string out(1, kReply);
+      if (reply.ok()) {
+        out += '1';
+        reply->AppendToString(&out);
+      } else {
+        out += '0';
+        out += StatusJson(reply.status()).dump();
+      }
+      ranks.Send(owner, key, std::move(out));
+    } else if (kind == kClose) {
+      if (channel) channel->Close();
+      channel.reset();
+    } else if (kind == kDone) {
+      result = DecodeResult(std::string_view(p).substr(1));
+      break;
+    } else {
+      result = absl::InternalError(StrCat("unexpected message kind '", std::string(1, kind), "' from rank ", owner));
+      break;
+    }
+  }
+  if (channel) channel->Close();
+  Finish(a, std::move(result));
 }
 
 // With mu_ held, for an activation in kDone: schedule the device's next check-in.
@@ -499,7 +728,10 @@ void MethodRun::CheckRounds() {
       rec.energy_joules = s.energy_j;
     }
     if (rec.committed) {
-      absl::StatusOr<double> loss = EvalLoss(coordinator_->global_params());
+      const std::vector<float> params = coordinator_->global_params();
+      rec.global_sha256 = server::Sha256Hex(
+          std::string_view(reinterpret_cast<const char*>(params.data()), params.size() * sizeof(float)));
+      absl::StatusOr<double> loss = EvalLoss(params);
       if (loss.ok()) {
         rec.eval_loss = *loss;
       } else {
@@ -507,6 +739,7 @@ void MethodRun::CheckRounds() {
       }
     } else if (!records_.empty()) {
       rec.eval_loss = records_.back().eval_loss;  // the global model did not change
+      rec.global_sha256 = records_.back().global_sha256;
     }
     const auto now = std::chrono::steady_clock::now();
     rec.wall_seconds = std::chrono::duration<double>(now - last_round_wall_).count();
@@ -572,7 +805,7 @@ void MethodRun::Loop() {
       best = std::min(best, std::tuple<double, int, int64_t, uint64_t>{wakes_.top().first, 2, wakes_.top().second, 0});
     }
     const auto [t, kind, device, seq] = best;
-    if (!(t < horizon) || (kind != 0 && running_ >= threads_)) {
+    if (!(t < horizon) || (kind != 0 && running_[world_.Owner(device)] >= threads_)) {
       loop_cv_.wait(lock);
       continue;
     }
@@ -593,7 +826,7 @@ void MethodRun::Loop() {
       Activation& a = *active_.at(device);
       a.state = Activation::State::kGranted;
       a.bound = a.wait_t;
-      ++running_;
+      ++running_[world_.Owner(device)];
       device_cv_.notify_all();
     } else {
       wakes_.pop();
@@ -614,8 +847,12 @@ void MethodRun::Loop() {
       a->vt = a->bound = t;
       Activation* raw = a.get();
       active_[device] = std::move(a);
-      ++running_;
-      raw->thread = std::thread(&MethodRun::DeviceMain, this, raw, c);
+      ++running_[world_.Owner(device)];
+      if (world_.Owner(device) == 0) {
+        raw->thread = std::thread(&MethodRun::DeviceMain, this, raw, c);
+      } else {
+        raw->thread = std::thread(&MethodRun::RemoteDeviceMain, this, raw, c);
+      }
     }
   }
 }
@@ -632,6 +869,7 @@ absl::StatusOr<MethodResult> MethodRun::Run() {
   }
   wall_start_ = last_round_wall_ = std::chrono::steady_clock::now();
   Loop();
+  if (tls_server_) tls_server_->Stop();
   coordinator_->Shutdown();
   result.rounds = records_;
   result.client_errors = client_errors_;
@@ -641,9 +879,10 @@ absl::StatusOr<MethodResult> MethodRun::Run() {
 
 std::string DefaultPhoneClassesPath() { return std::string(SEEDLING_DATA_DIR) + "/phones/phone_classes.csv"; }
 
-absl::StatusOr<World> MakeWorld(const SimulationOptions& options) {
+absl::StatusOr<World> MakeWorld(const SimulationOptions& options, MpiRanks* ranks) {
   World w;
   w.options = &options;
+  w.ranks = ranks;
   // Work directory: server and device state (tmpfs when available: fsync-heavy and thrown away).
   if (options.work_dir.empty()) {
     std::string base = std::filesystem::temp_directory_path().string();
@@ -653,6 +892,7 @@ absl::StatusOr<World> MakeWorld(const SimulationOptions& options) {
   } else {
     w.work_dir = options.work_dir;
   }
+  if (ranks != nullptr && ranks->rank() > 0) w.work_dir = JoinPath(w.work_dir, StrCat("rank-", ranks->rank()));
   std::error_code ec;
   std::filesystem::create_directories(JoinPath(w.work_dir, "data"), ec);
   if (ec) return absl::InternalError(StrCat("cannot create ", w.work_dir, ": ", ec.message()));
@@ -703,6 +943,7 @@ absl::StatusOr<World> MakeWorld(const SimulationOptions& options) {
   w.data_paths.resize(static_cast<size_t>(n));
   for (int64_t d = 0; d < n; ++d) {
     w.data_paths[static_cast<size_t>(d)] = JoinPath(JoinPath(w.work_dir, "data"), DeviceId(d) + ".jsonl");
+    if (w.Owner(d) != (ranks == nullptr ? 0 : ranks->rank())) continue;  // another rank's device
     SEEDLING_RETURN_IF_ERROR(WriteRowsJsonl(w.data_paths[static_cast<size_t>(d)], rows, device_rows[static_cast<size_t>(d)]));
   }
   model::DatasetOptions dso;
@@ -718,6 +959,68 @@ absl::StatusOr<World> MakeWorld(const SimulationOptions& options) {
   if (w.eval_examples.empty()) return absl::InvalidArgumentError("no usable held-out example to evaluate on");
   w.end_time_s = options.start_time_s + options.max_hours * 3600.0;
   return w;
+}
+
+// A rank other than 0: runs the clients of its devices when rank 0 starts them, until rank 0 says quit.
+absl::Status RunDeviceRank(const World& world) {
+  MpiRanks& ranks = *world.ranks;
+  std::map<int64_t, std::thread> threads;  // by device: its latest activation
+  std::set<std::string> methods_ready;
+  absl::Status failure = absl::OkStatus();
+  while (true) {
+    absl::StatusOr<MpiRanks::Message> m = ranks.Receive(MpiRanks::kControlKey, kRankTimeout);
+    if (!m.ok()) {
+      if (m.status().code() == absl::StatusCode::kDeadlineExceeded) continue;  // rank 0 is busy (evaluating)
+      failure = m.status();
+      break;
+    }
+    const std::string& p = m->payload;
+    if (!p.empty() && p[0] == kQuit) break;
+    const nlohmann::json j = p.empty() || p[0] != kStart ? nlohmann::json() : nlohmann::json::parse(p.substr(1), nullptr, false);
+    if (!j.is_object() || !j.contains("device") || !j.contains("method")) {
+      failure = absl::InternalError("malformed control message from rank 0");
+      break;
+    }
+    const int64_t d = j["device"].get<int64_t>();
+    const std::string method = j["method"].get<std::string>();
+    const std::string method_dir = JoinPath(world.work_dir, method);
+    if (d < 0 || d >= world.population->size() || world.Owner(d) != ranks.rank()) {
+      failure = absl::InternalError(StrCat("rank 0 started device ", d, ", which is not on rank ", ranks.rank()));
+      break;
+    }
+    if (methods_ready.insert(method).second) {
+      std::error_code ec;
+      std::filesystem::remove_all(method_dir, ec);
+      std::filesystem::create_directories(JoinPath(method_dir, "devices"), ec);
+      if (ec) {
+        failure = absl::InternalError(StrCat("cannot create ", method_dir, ": ", ec.message()));
+        break;
+      }
+    }
+    client::Conditions c;
+    c.charging = j.value("charging", false);
+    c.unmetered = j.value("unmetered", false);
+    c.idle = j.value("idle", false);
+    c.battery = j.value("battery", 0.0);
+    client::ClientConfig cc = DeviceClientConfig(world, method_dir, d, j.value("token", std::string()));
+    if (auto it = threads.find(d); it != threads.end()) it->second.join();  // it reported its result already
+    threads[d] = std::thread([&world, &ranks, cc = std::move(cc), c, d] {
+      absl::StatusOr<client::RunResult> result = absl::UnknownError("not run");
+      {
+        absl::StatusOr<std::unique_ptr<client::Client>> client =
+            client::Client::Create(cc, std::make_unique<ForwardedTransport>(&ranks, d), world.shared);
+        if (!client.ok()) {
+          result = client.status();
+        } else {
+          (*client)->SetConditions(c);
+          result = (*client)->RunOnce();
+        }
+      }  // its connection is closed (and rank 0 told) before the result goes
+      ranks.Send(0, static_cast<uint64_t>(d), EncodeResult(result));
+    });
+  }
+  for (auto& [d, t] : threads) t.join();
+  return failure;
 }
 
 }  // namespace
@@ -742,18 +1045,44 @@ absl::Status SimulationOptions::Validate() const {
   return absl::OkStatus();
 }
 
-absl::StatusOr<SimulationResult> RunSimulation(const SimulationOptions& options) {
-  SEEDLING_RETURN_IF_ERROR(options.Validate());
+absl::StatusOr<SimulationResult> RunSimulation(const SimulationOptions& options, MpiRanks* ranks) {
+  if (ranks != nullptr && ranks->size() == 1) ranks = nullptr;
+  // Rank 0 tells the other ranks to stop however it leaves (an error there would otherwise leave them
+  // waiting); a failing rank other than 0 aborts the whole job.
+  struct QuitOthers {
+    MpiRanks* ranks;
+    ~QuitOthers() {
+      if (ranks == nullptr || ranks->rank() != 0) return;
+      for (int r = 1; r < ranks->size(); ++r) ranks->Send(r, MpiRanks::kControlKey, std::string(1, kQuit));
+    }
+  } quit_others{ranks};
+  absl::Status valid = options.Validate();
+  if (!valid.ok() && ranks != nullptr && ranks->rank() > 0) ranks->Abort(std::string(valid.message()));
+  SEEDLING_RETURN_IF_ERROR(valid);
   // Many devices train at once in this process: one BLAS thread each (model/runtime.h), which also makes
   // every device's arithmetic independent of the thread count.
   model::ConfigureCompute({1});
-  SEEDLING_ASSIGN_OR_RETURN(World world, MakeWorld(options));
+  absl::StatusOr<World> made = MakeWorld(options, ranks);
+  if (!made.ok() && ranks != nullptr && ranks->rank() > 0) ranks->Abort(std::string(made.status().message()));
+  SEEDLING_RETURN_IF_ERROR(made.status());
+  World world = *std::move(made);
+  if (ranks != nullptr && ranks->rank() > 0) {
+    absl::Status st = RunDeviceRank(world);
+    std::error_code ec;
+    if (world.remove_work_dir) std::filesystem::remove_all(world.work_dir, ec);
+    if (!st.ok()) ranks->Abort(std::string(st.message()));
+    SimulationResult result;
+    result.rank = ranks->rank();
+    result.ranks = ranks->size();
+    return result;
+  }
   std::error_code ec;
   std::filesystem::create_directories(options.out_dir, ec);
   if (ec) return absl::InternalError(StrCat("cannot create ", options.out_dir, ": ", ec.message()));
   SEEDLING_ASSIGN_OR_RETURN(RoundLog log, RoundLog::Open(options.out_dir));
 
   SimulationResult result;
+  result.ranks = ranks == nullptr ? 1 : ranks->size();
   result.bytes_per_idle_device = world.population->bytes_per_device();
   result.population_summary = world.population->Summary();
   result.partition_summary = world.partition_summary;

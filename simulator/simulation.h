@@ -27,6 +27,7 @@
 #include "absl/status/statusor.h"
 #include "server/config.h"
 #include "simulator/data.h"
+#include "simulator/mpi.h"
 #include "simulator/population.h"
 #include "simulator/report.h"
 
@@ -69,6 +70,9 @@ struct SimulationOptions {
   double plan_seconds = 0.05;            // a device's planning and data loading before it syncs
   double radio_watts = 1.0;              // power while transferring (energy accounting)
   bool progress = true;                  // a status line per round on stderr
+  bool loopback = false;                 // devices reach the coordinator through a real TLS server on
+                                         // 127.0.0.1 (certificates made for the run) instead of the
+                                         // in-memory transport: same rounds, bit for bit, slower
 
   absl::Status Validate() const;
 };
@@ -88,11 +92,13 @@ struct SimulationResult {
   size_t bytes_per_idle_device = 0;
   std::string population_summary;
   std::string partition_summary;
+  int rank = 0;                   // this process's MPI rank; only rank 0 has results and writes files
+  int ranks = 1;
 };
 
 // Parses sim.toml: a [simulation] table (keys: model, out, work_dir, methods, seed, threads, devices,
 // heldout_devices, eval_examples, phone_classes, data, partition, alpha, exponent, rows_per_device,
-// dropout_mean, variation, start_time, tick_s, max_hours, plan_seconds, radio_watts), optional
+// dropout_mean, variation, start_time, tick_s, max_hours, plan_seconds, radio_watts, loopback), optional
 // [methods.<name>] tables (codec, lr, epsilon), and the round settings in server.toml's own sections
 // ([training], [lora], [strategy], [retry]; README) on top of DefaultSimulationServerConfig().
 // InvalidArgument names the unknown or bad key.
@@ -101,6 +107,10 @@ absl::StatusOr<SimulationOptions> ParseSimulationConfig(std::string_view toml_te
 // Runs every method and writes <out_dir>/rounds.jsonl, rounds.csv and report.html. Errors: InvalidArgument
 // for bad options, NotFound for a missing model or data file; a method whose rounds cannot finish within
 // max_hours is reported with the rounds it completed (its summary says so).
-absl::StatusOr<SimulationResult> RunSimulation(const SimulationOptions& options);
+//
+// With `ranks` (MPI, simulator/mpi.h) every rank calls this with the same options: rank 0 runs the hub and
+// returns the results; the other ranks run their devices' clients and return an empty result (rank set)
+// when rank 0 is done. A rank's work directory is <work_dir>/rank-<r> for r > 0.
+absl::StatusOr<SimulationResult> RunSimulation(const SimulationOptions& options, MpiRanks* ranks = nullptr);
 
 }  // namespace seedling::simulator

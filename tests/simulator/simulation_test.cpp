@@ -111,6 +111,47 @@ TEST_CASE("The same seed gives identical rounds with 1 and 2 threads", "[simulat
   CHECK(html->find("kseed") != std::string::npos);
 }
 
+TEST_CASE("Loopback TLS and in-memory transports give the same rounds and aggregates", "[simulator]") {
+  TempDir dir;
+  SimulationOptions a = Small(JoinPath(dir.path, "memory"));
+  a.server.rounds = 2;
+  a.threads = 2;
+  SimulationOptions b = a;
+  b.out_dir = JoinPath(dir.path, "tls");
+  b.loopback = true;
+  auto ra = RunSimulation(a);
+  INFO(ra.status().ToString());
+  REQUIRE(ra.ok());
+  auto rb = RunSimulation(b);
+  INFO(rb.status().ToString());
+  REQUIRE(rb.ok());
+  REQUIRE(ra->methods.size() == 2);
+  REQUIRE(rb->methods.size() == 2);
+  int64_t committed = 0;
+  for (size_t m = 0; m < 2; ++m) {
+    const MethodResult& x = ra->methods[m];
+    const MethodResult& y = rb->methods[m];
+    CHECK(x.client_errors == 0);
+    CHECK(y.client_errors == 0);
+    REQUIRE(x.rounds.size() == 2);
+    REQUIRE(y.rounds.size() == 2);
+    for (size_t i = 0; i < x.rounds.size(); ++i) {
+      // Includes the SHA-256 of the global parameters after the round: the same aggregate, bit for bit.
+      CHECK(Deterministic(x.rounds[i]) == Deterministic(y.rounds[i]));
+      if (x.rounds[i].committed) {
+        ++committed;
+        CHECK(x.rounds[i].global_sha256.size() == 64);
+        CHECK(x.rounds[i].global_sha256 == y.rounds[i].global_sha256);
+      }
+    }
+    // Each committed round changed the model.
+    if (x.rounds[0].committed && x.rounds[1].committed) {
+      CHECK(x.rounds[0].global_sha256 != x.rounds[1].global_sha256);
+    }
+  }
+  CHECK(committed >= 2);
+}
+
 TEST_CASE("A different seed gives different rounds", "[simulator]") {
   TempDir dir;
   SimulationOptions a = Small(JoinPath(dir.path, "a"));

@@ -1,0 +1,162 @@
+#include "simulator/mpi.h"
+
+// C API only: OpenMPI's deprecated C++ bindings would need libmpi_cxx.
+#define OMPI_SKIP_MPICXX 1
+#define MPICH_SKIP_MPICXX 1
+#include <mpi.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <list>
+#include <vector>
+
+#include "base/strings.h"
+
+namespace seedling::simulator {
+namespace {
+
+constexpr int kTag = 7;
+// How long the progress thread sleeps when there was nothing to do: short against a training step
+// (tens of ms), long enough not to burn a core spinning.
+constexpr auto kIdlePoll = std::chrono::microseconds(100);
+
+int EnvInt(const char* name) {
+  const char* v = std::getenv(name);
+  return v == nullptr ? 0 : std::atoi(v);
+}
+
+void PutKey(std::string& out, uint64_t key) {
+  for (int i = 0; i < 8; ++i) out.push_back(static_cast<char>((key >> (8 * i)) & 0xff));
+}
+
+uint64_t GetKey(const std::vector<char>& in) {
+  uint64_t key = 0;
+  for (int i = 0; i < 8; ++i) key |= static_cast<uint64_t>(static_cast<unsigned char>(in[i])) << (8 * i);
+  return key;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<MpiRanks>> MpiRanks::FromEnvironment() {
+  const int launched = std::max(EnvInt("OMPI_COMM_WORLD_SIZE"), EnvInt("PMI_SIZE"));
+  if (launched <= 1) return std::unique_ptr<MpiRanks>();
+  int provided = 0;
+  if (MPI_Init_thread(nullptr, nullptr, MPI_THREAD_SERIALIZED, &provided) != MPI_SUCCESS) {
+    return absl::InternalError("MPI_Init_thread failed");
+  }
+  if (provided < MPI_THREAD_SERIALIZED) {
+    MPI_Finalize();
+    return absl::InternalError(
+        StrCat("the MPI library gives thread level ", provided, "; the simulator needs MPI_THREAD_SERIALIZED"));
+  }
+  int rank = 0, size = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  return std::unique_ptr<MpiRanks>(new MpiRanks(rank, size));
+}
+
+MpiRanks::MpiRanks(int rank, int size) : rank_(rank), size_(size) {
+  progress_ = std::thread(&MpiRanks::Progress, this);
+}
+
+MpiRanks::~MpiRanks() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopping_ = true;
+  }
+  progress_cv_.notify_all();
+  mailbox_cv_.notify_all();
+  progress_.join();
+  MPI_Finalize();
+}
+
+void MpiRanks::Send(int dest, uint64_t key, std::string payload) {
+  std::string framed;
+  framed.reserve(8 + payload.size());
+  PutKey(framed, key);
+  framed += payload;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    outgoing_.emplace_back(dest, std::move(framed));
+  }
+  progress_cv_.notify_one();
+}
+
+absl::StatusOr<MpiRanks::Message> MpiRanks::Receive(uint64_t key, std::chrono::milliseconds timeout) {
+  std::unique_lock<std::mutex> lock(mu_);
+  std::deque<Message>& box = mailboxes_[key];
+  if (!mailbox_cv_.wait_for(lock, timeout, [&] { return !box.empty() || stopping_; })) {
+    return absl::DeadlineExceededError(StrCat("no message from another rank within ", timeout.count(), " ms"));
+  }
+  if (box.empty()) return absl::UnavailableError("the MPI ranks are shutting down");
+  Message m = std::move(box.front());
+  box.pop_front();
+  return m;
+}
+
+void MpiRanks::Abort(const std::string& why) {
+  std::fprintf(stderr, "rank %d: %s; aborting every rank\n", rank_, why.c_str());
+  std::fflush(stderr);
+  MPI_Abort(MPI_COMM_WORLD, 1);
+  std::abort();
+}
+
+// The only thread that calls MPI between init and finalize: posts sends, completes them, receives.
+void MpiRanks::Progress() {
+  struct Pending {
+    MPI_Request request;
+    std::string bytes;  // must outlive the send
+  };
+  std::list<Pending> pending;
+  std::vector<char> buffer;
+  while (true) {
+    std::deque<std::pair<int, std::string>> batch;
+    bool stopping = false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      batch.swap(outgoing_);
+      stopping = stopping_;
+    }
+    bool busy = !batch.empty();
+    for (auto& [dest, bytes] : batch) {
+      pending.push_back({MPI_REQUEST_NULL, std::move(bytes)});
+      Pending& p = pending.back();
+      MPI_Isend(p.bytes.data(), static_cast<int>(p.bytes.size()), MPI_BYTE, dest, kTag, MPI_COMM_WORLD, &p.request);
+    }
+    for (auto it = pending.begin(); it != pending.end();) {
+      int done = 0;
+      MPI_Test(&it->request, &done, MPI_STATUS_IGNORE);
+      it = done ? pending.erase(it) : std::next(it);
+    }
+    int arrived = 0;
+    MPI_Status status;
+    MPI_Iprobe(MPI_ANY_SOURCE, kTag, MPI_COMM_WORLD, &arrived, &status);
+    if (arrived) {
+      busy = true;
+      int count = 0;
+      MPI_Get_count(&status, MPI_BYTE, &count);
+      buffer.resize(static_cast<size_t>(count));
+      MPI_Recv(buffer.data(), count, MPI_BYTE, status.MPI_SOURCE, kTag, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+      if (count >= 8) {
+        Message m{status.MPI_SOURCE, std::string(buffer.data() + 8, buffer.size() - 8)};
+        {
+          std::lock_guard<std::mutex> lock(mu_);
+          mailboxes_[GetKey(buffer)].push_back(std::move(m));
+        }
+        mailbox_cv_.notify_all();
+      }
+    }
+    if (stopping && pending.empty()) {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (outgoing_.empty()) return;
+      continue;
+    }
+    if (!busy) {
+      std::unique_lock<std::mutex> lock(mu_);
+      progress_cv_.wait_for(lock, kIdlePoll, [&] { return !outgoing_.empty() || stopping_; });
+    }
+  }
+}
+
+}  // namespace seedling::simulator
