@@ -19,5 +19,6 @@ void RegisterBenchCommands(CLI::App& app, Action& action);  // bench forward, be
 void RegisterFinetuneCommands(CLI::App& app, Action& action);  // finetune, export
 void RegisterServerCommands(CLI::App& app, Action& action);    // serve, certs, devices, client
 void RegisterSimulateCommands(CLI::App& app, Action& action);  // simulate
+void RegisterPrivacyCommands(CLI::App& app, Action& action);   // privacy epsilon, privacy noise-for
 
 }  // namespace seedling::apps

@@ -26,6 +26,7 @@ int main(int argc, char** argv) {
   seedling::apps::RegisterServerCommands(app, action);
   seedling::apps::RegisterBenchCommands(app, action);
   seedling::apps::RegisterSimulateCommands(app, action);
+  seedling::apps::RegisterPrivacyCommands(app, action);
 
   app.failure_message([](const CLI::App*, const CLI::Error& e) {
     return std::string("seedling: error: ") + e.what() + "\nRun with --help for more information.\n";
