@@ -595,8 +595,12 @@ absl::Status Client::SyncGlobal(std::unique_ptr<comms::Channel>& channel, const 
       SEEDLING_ASSIGN_OR_RETURN(v1::Envelope reply, Call(channel, req));
       if (reply.has_reject()) return RejectStatus(reply.reject());
       if (!reply.has_download_reply() || reply.download_reply().rounds_size() == 0) break;
+      const uint64_t asked = since;
       for (const v1::RoundSeedSums& round : reply.download_reply().rounds()) {
         if (round.version() <= since) continue;
+        // A later round may have committed since the task was handed out (this device is a straggler):
+        // the task is for global_version, so stop there.
+        if (round.version() > task.global_version()) break;
         std::vector<optim::SeedScalar> sums;
         for (const v1::SeedScalar& s : round.sums()) sums.push_back({s.index(), s.value()});
         for (const optim::SeedScalar& s : sums) {
@@ -612,6 +616,7 @@ absl::Status Client::SyncGlobal(std::unique_ptr<comms::Channel>& channel, const 
         }
         since = round.version();
       }
+      if (since == asked) break;  // no progress (a gap in the history): fall back to the download
     }
     if (since == task.global_version() && sha_of(params) == task.global_sha256()) {
       state.synced_version = since;

@@ -561,6 +561,60 @@ TEST_CASE("A task over the memory budget is declined and the server records the 
   CHECK_THAT((*task)->detail, Catch::StartsWith("MEMORY"));
 }
 
+// ---- kseed: seed replay -------------------------------------------------------------------------------------
+
+TEST_CASE("A kseed straggler whose round committed meanwhile replays only up to its task's version",
+          "[client][kseed]") {
+  TempDir dir;
+  server::ServerConfig config = TinyServerConfig(JoinPath(dir.path, "server"));
+  config.method = "kseed";
+  config.codec.codec = v1::CODEC_SEED_SCALARS;
+  config.strategy.name = "kseed";
+  config.strategy.kseed_pool_size = 64;
+  config.strategy.kseed_lr = 1e-3;
+  config.steps = 2;
+  config.rounds = 3;
+  config.over_selection = 2.0;  // round 2 hands out 2 tasks for 1 report
+  Server server(config);
+  const std::string ta = server.Register("a"), tb = server.Register("b"), tc = server.Register("c");
+  server.coordinator->Tick();
+  // Round 1: device a alone → global version 1.
+  auto a = MakeClient(ClientFor(JoinPath(dir.path, "a"), "a", ta), server.Transport());
+  auto ra = a->RunOnce();
+  REQUIRE(ra.ok());
+  REQUIRE(ra->outcome == RunOutcome::kUploaded);
+  server.coordinator->Tick();
+  REQUIRE(server.coordinator->Snapshot().global_version == 1);
+  // Round 2: b gets a task for version 1, and c completes the round (version 2) before b syncs.
+  auto c = MakeClient(ClientFor(JoinPath(dir.path, "c"), "c", tc), server.Transport());
+  std::atomic<int> adapter_downloads{0};
+  bool c_ran = false;
+  comms::InMemoryFaults faults;
+  faults.on_request = [&](std::string& frame) {
+    std::optional<v1::Envelope> e = Decode(frame);
+    if (e && e->has_download()) {
+      if (e->download().what() == v1::Download::ADAPTER) ++adapter_downloads;
+      if (!c_ran) {
+        c_ran = true;
+        auto rc = c->RunOnce();
+        REQUIRE(rc.ok());
+        REQUIRE(rc->outcome == RunOutcome::kUploaded);
+        server.coordinator->Tick();
+        REQUIRE(server.coordinator->Snapshot().global_version == 2);
+      }
+    }
+    return true;
+  };
+  auto b = MakeClient(ClientFor(JoinPath(dir.path, "b"), "b", tb), server.Transport(std::move(faults)));
+  auto rb = b->RunOnce();
+  REQUIRE(c_ran);
+  // b synced to version 1 from the seed history alone (replaying version 2 as well would not match the
+  // task's SHA-256 and fall back to downloading the adapter), trained, and its upload came too late.
+  CHECK(adapter_downloads == 0);
+  INFO(rb.status().ToString());
+  CHECK((!rb.ok() && rb.status().code() == absl::StatusCode::kAborted));
+}
+
 // ---- bad input --------------------------------------------------------------------------------------------
 
 const char* kBase = R"("device_id": "d", "state_dir": "/tmp/s", "model_dir": "/tmp/m")";
