@@ -43,4 +43,38 @@ absl::StatusOr<EvalResult> Evaluate(const LlamaModel& model, std::span<const Exa
   return r;
 }
 
+absl::StatusOr<double> ChoiceAccuracy(const LlamaModel& model, std::span<const ChoiceItem> items,
+                                      const EvalOptions& options) {
+  if (items.empty()) return absl::InvalidArgumentError("no item to classify");
+  at::NoGradGuard no_grad;
+  int64_t right = 0;
+  for (size_t i = 0; i < items.size(); ++i) {
+    const ChoiceItem& item = items[i];
+    if (item.candidates.empty() || item.answer < 0 || item.answer >= static_cast<int64_t>(item.candidates.size())) {
+      return absl::InvalidArgumentError(StrCat("item ", i, ": answer ", item.answer, " is not one of its ",
+                                               item.candidates.size(), " candidates"));
+    }
+    int64_t best = -1;
+    double best_nll = 0;
+    for (size_t k = 0; k < item.candidates.size(); ++k) {
+      const Example& c = item.candidates[k];
+      if (c.ScoredTokens() == 0) {
+        return absl::InvalidArgumentError(StrCat("item ", i, ", candidate ", k, ": no scored token"));
+      }
+      // One candidate per forward: the loss sum is then that candidate's total NLL.
+      const Example* one[] = {&c};
+      const Batch batch = CollateRightPadded(std::span<const Example* const>(one, 1));
+      SEEDLING_ASSIGN_OR_RETURN(LossOutput out, model.Loss(batch.tokens, batch.labels, options.forward));
+      const double nll = out.sum.item<double>();
+      if (best < 0 || nll < best_nll) {  // ties: the first candidate
+        best = static_cast<int64_t>(k);
+        best_nll = nll;
+      }
+    }
+    right += best == item.answer;
+    if (options.progress) options.progress(static_cast<int64_t>(i) + 1, static_cast<int64_t>(items.size()));
+  }
+  return static_cast<double>(right) / static_cast<double>(items.size());
+}
+
 }  // namespace seedling::model

@@ -32,4 +32,17 @@ struct EvalResult {
 absl::StatusOr<EvalResult> Evaluate(const LlamaModel& model, std::span<const Example> examples,
                                     const EvalOptions& options = {});
 
+// Classification by likelihood (multiple choice, as lm-evaluation-harness scores it): an item's prediction
+// is the candidate whose scored (response) tokens have the lowest total negative log-likelihood under the
+// model; accuracy is the fraction of items predicted right.
+struct ChoiceItem {
+  std::vector<Example> candidates;  // the same prompt with each candidate answer as the response
+  int64_t answer = 0;               // index of the right candidate
+};
+
+// Returns the accuracy in [0, 1]. InvalidArgument for no items, an item without candidates, an answer index
+// out of range, or a candidate with no scored token. No gradients are recorded.
+absl::StatusOr<double> ChoiceAccuracy(const LlamaModel& model, std::span<const ChoiceItem> items,
+                                      const EvalOptions& options = {});
+
 }  // namespace seedling::model

@@ -76,6 +76,7 @@ struct World {
   client::SharedModel shared;
   model::ModelConfig model_config;
   std::vector<model::Example> eval_examples;
+  std::vector<model::ChoiceItem> choice_items;  // labelled held-out rows (accuracy); empty: no labels
   double end_time_s = 0;
   MpiRanks* ranks = nullptr;  // nullptr: one process
 
@@ -737,8 +738,19 @@ void MethodRun::CheckRounds() {
       } else {
         spdlog::error("evaluation after round {} failed: {}", r->round_id, std::string(loss.status().message()));
       }
+      if (!world_.choice_items.empty()) {
+        model::EvalOptions eo;
+        eo.forward.adapter = eval_adapter_.get();  // holds `params` (EvalLoss)
+        absl::StatusOr<double> acc = model::ChoiceAccuracy(*world_.shared.model, world_.choice_items, eo);
+        if (acc.ok()) {
+          rec.accuracy = *acc;
+        } else {
+          spdlog::error("accuracy after round {} failed: {}", r->round_id, std::string(acc.status().message()));
+        }
+      }
     } else if (!records_.empty()) {
       rec.eval_loss = records_.back().eval_loss;  // the global model did not change
+      rec.accuracy = records_.back().accuracy;
       rec.global_sha256 = records_.back().global_sha256;
     }
     const auto now = std::chrono::steady_clock::now();
@@ -879,6 +891,50 @@ absl::StatusOr<MethodResult> MethodRun::Run() {
 
 std::string DefaultPhoneClassesPath() { return std::string(SEEDLING_DATA_DIR) + "/phones/phone_classes.csv"; }
 
+// Accuracy where the task has labels: a row whose "output" equals its label (the classification form,
+// {"instruction": ..., "output": "sports", "topic": "sports"}) is labelled. Each labelled held-out row
+// becomes a multiple-choice item over the sorted label set (every candidate label as the output); none
+// when fewer than 2 or more than kMaxChoiceLabels labels.
+constexpr size_t kMaxChoiceLabels = 64;
+
+absl::StatusOr<std::vector<model::ChoiceItem>> ChoiceItems(const std::vector<DataRow>& rows,
+                                                           const std::vector<std::vector<uint32_t>>& heldout,
+                                                           const model::Tokenizer& tokenizer,
+                                                           const model::DatasetOptions& dso, int64_t limit) {
+  auto labelled = [](const DataRow& r, nlohmann::json* parsed) {
+    if (r.label.empty()) return false;
+    nlohmann::json j = nlohmann::json::parse(r.json, nullptr, false);
+    if (!j.is_object() || !j.contains("output") || !j["output"].is_string() || j["output"] != r.label) return false;
+    if (parsed != nullptr) *parsed = std::move(j);
+    return true;
+  };
+  std::set<std::string> label_set;
+  for (const DataRow& r : rows) {
+    if (labelled(r, nullptr)) label_set.insert(r.label);
+  }
+  std::vector<model::ChoiceItem> items;
+  if (label_set.size() < 2 || label_set.size() > kMaxChoiceLabels) return items;
+  const std::vector<std::string> labels(label_set.begin(), label_set.end());
+  for (const std::vector<uint32_t>& device : heldout) {
+    for (uint32_t i : device) {
+      if (static_cast<int64_t>(items.size()) >= limit) return items;
+      nlohmann::json j;
+      if (!labelled(rows[i], &j)) continue;
+      model::ChoiceItem item;
+      bool usable = true;
+      for (size_t k = 0; k < labels.size() && usable; ++k) {
+        j["output"] = labels[k];
+        absl::StatusOr<model::Example> e = model::TokenizeRow(j.dump(), tokenizer, dso);
+        usable = e.ok() && e->ScoredTokens() > 0;
+        if (usable) item.candidates.push_back(*std::move(e));
+        if (labels[k] == rows[i].label) item.answer = static_cast<int64_t>(k);
+      }
+      if (usable) items.push_back(std::move(item));
+    }
+  }
+  return items;
+}
+
 absl::StatusOr<World> MakeWorld(const SimulationOptions& options, MpiRanks* ranks) {
   World w;
   w.options = &options;
@@ -957,6 +1013,7 @@ absl::StatusOr<World> MakeWorld(const SimulationOptions& options, MpiRanks* rank
     }
   }
   if (w.eval_examples.empty()) return absl::InvalidArgumentError("no usable held-out example to evaluate on");
+  SEEDLING_ASSIGN_OR_RETURN(w.choice_items, ChoiceItems(rows, heldout_rows, *w.shared.tokenizer, dso, options.eval_examples));
   w.end_time_s = options.start_time_s + options.max_hours * 3600.0;
   return w;
 }

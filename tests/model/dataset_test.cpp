@@ -6,6 +6,7 @@
 #include <filesystem>
 
 #include "base/file.h"
+#include "base/strings.h"
 #include "model/eval.h"
 #include "model/kernels.h"
 
@@ -132,6 +133,59 @@ TEST_CASE("Evaluation does not depend on the batch size (padding is exact)", "[m
   CHECK(r3->tokens == scored);
   CHECK(std::abs(r1->loss - r3->loss) < 1e-5);
   CHECK(std::abs(r1->perplexity - std::exp(r1->loss)) < 1e-6 * r1->perplexity);
+}
+
+TEST_CASE("Choice accuracy picks the candidate of lowest total NLL, as a naive evaluation does", "[model][eval]") {
+  auto tok = SmallTokenizer();
+  auto config = PresetConfig("tiny");
+  REQUIRE(config.ok());
+  config->num_hidden_layers = 2;
+  config->vocab_size = 400;
+  ModelWeights w = RandomWeights(*config, 9);
+  for (const NamedWeight& nw : NamedWeights(w, *config)) {
+    if (nw.name.find("norm") == std::string::npos) nw.tensor.mul_(20.0);
+  }
+  auto model = LlamaModel::Create(*config, std::move(w));
+  REQUIRE(model.ok());
+  DatasetOptions o;
+  o.eos_id = 0;
+  const std::vector<std::string> labels = {"cat", "dog", "the mat", "log"};
+  std::vector<ChoiceItem> items;
+  std::vector<int64_t> naive_best;
+  for (const char* prompt : {"where sat the cat", "the dog", "on the", "instruction"}) {
+    ChoiceItem item;
+    int64_t best = -1;
+    double best_nll = 0;
+    for (const std::string& label : labels) {
+      auto ex = TokenizeRow(StrCat(R"({"instruction": ")", prompt, R"(", "output": ")", label, R"("})"), *tok, o);
+      REQUIRE(ex.ok());
+      // Naive: the mean loss of the candidate alone, times its scored tokens.
+      auto r = Evaluate(**model, std::span<const Example>(&*ex, 1));
+      REQUIRE(r.ok());
+      const double nll = r->loss * static_cast<double>(r->tokens);
+      if (best < 0 || nll < best_nll) {
+        best = static_cast<int64_t>(item.candidates.size());
+        best_nll = nll;
+      }
+      item.candidates.push_back(*ex);
+    }
+    naive_best.push_back(best);
+    items.push_back(std::move(item));
+  }
+  // Right answers for items 0 and 2, wrong ones for 1 and 3: accuracy 1/2 exactly.
+  for (size_t i = 0; i < items.size(); ++i) {
+    items[i].answer = i % 2 == 0 ? naive_best[i] : (naive_best[i] + 1) % static_cast<int64_t>(labels.size());
+  }
+  auto acc = ChoiceAccuracy(**model, items);
+  REQUIRE(acc.ok());
+  CHECK(*acc == 0.5);
+  items[1].answer = naive_best[1];
+  items[3].answer = naive_best[3];
+  CHECK(*ChoiceAccuracy(**model, items) == 1.0);
+  // Bad input is named.
+  items[0].answer = 7;
+  CHECK(ChoiceAccuracy(**model, items).status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(ChoiceAccuracy(**model, {}).status().code() == absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace

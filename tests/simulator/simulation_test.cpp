@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cmath>
 #include <catch2/catch.hpp>
 #include <filesystem>
 #include <fstream>
@@ -150,6 +151,47 @@ TEST_CASE("Loopback TLS and in-memory transports give the same rounds and aggreg
     }
   }
   CHECK(committed >= 2);
+}
+
+TEST_CASE("Accuracy is reported where held-out rows are labelled and only there", "[simulator]") {
+  TempDir dir;
+  // A 3-way topic classification task: the output is the row's label.
+  const std::string data = JoinPath(dir.path, "topics.jsonl");
+  {
+    std::ofstream f(data);
+    const char* topics[] = {"sports", "music", "food"};
+    const char* words[] = {"the match ended late", "the band played loud", "the soup was hot"};
+    for (int i = 0; i < 300; ++i) {
+      f << R"({"instruction": "Topic of: )" << words[i % 3] << R"(", "output": ")" << topics[i % 3]
+        << R"(", "topic": ")" << topics[i % 3] << "\"}\n";
+    }
+  }
+  SimulationOptions o = Small(JoinPath(dir.path, "out"));
+  o.methods = {"lora-bp"};
+  o.server.rounds = 2;
+  o.data_path = data;
+  o.server.seq_len = 128;  // the instruction template takes most of 32 tokens
+  auto r = RunSimulation(o);
+  INFO(r.status().ToString());
+  REQUIRE(r.ok());
+  int64_t measured = 0;
+  for (const RoundRecord& rec : r->methods[0].rounds) {
+    if (!rec.committed) continue;
+    ++measured;
+    CHECK(rec.accuracy >= 0.0);
+    CHECK(rec.accuracy <= 1.0);
+  }
+  CHECK(measured > 0);
+  auto html = ReadFile(r->report_path);
+  REQUIRE(html.ok());
+  CHECK(html->find("fig-accuracy") != std::string::npos);
+  // The built-in corpus has topics but its rows are not classification rows: no accuracy.
+  SimulationOptions plain = Small(JoinPath(dir.path, "plain"));
+  plain.methods = {"lora-bp"};
+  plain.server.rounds = 1;
+  auto p = RunSimulation(plain);
+  REQUIRE(p.ok());
+  for (const RoundRecord& rec : p->methods[0].rounds) CHECK(std::isnan(rec.accuracy));
 }
 
 TEST_CASE("A different seed gives different rounds", "[simulator]") {
