@@ -290,34 +290,39 @@ absl::StatusOr<NeighborGraph> NeighborGraph::Build(const SessionConfig& config,
     std::swap(ring[i], ring[r % range]);
   }
   NeighborGraph graph;
-  const uint32_t k = config.params.num_neighbors;
-  for (uint32_t pos = 0; pos < n; ++pos) {
-    std::vector<uint32_t>& nb = graph.neighbors_[ring[pos]];
-    nb.reserve(k);
-    if (k == n - 1) {
-      for (uint32_t j = 0; j < n; ++j) {
-        if (j != pos) nb.push_back(ring[j]);
-      }
-    } else {
-      for (uint32_t d = 1; d <= k / 2; ++d) {
-        nb.push_back(ring[(pos + d) % n]);
-        nb.push_back(ring[(pos + n - d) % n]);
-      }
-    }
-    std::sort(nb.begin(), nb.end());
-  }
+  graph.degree_ = config.params.num_neighbors;
+  for (uint32_t pos = 0; pos < n; ++pos) graph.position_.emplace(ring[pos], pos);
+  graph.ring_ = std::move(ring);
   return graph;
 }
 
-std::span<const uint32_t> NeighborGraph::Neighbors(uint32_t id) const {
-  auto it = neighbors_.find(id);
-  if (it == neighbors_.end()) return {};
-  return it->second;
+std::vector<uint32_t> NeighborGraph::Neighbors(uint32_t id) const {
+  auto it = position_.find(id);
+  if (it == position_.end()) return {};
+  const uint32_t n = static_cast<uint32_t>(ring_.size()), pos = it->second;
+  std::vector<uint32_t> nb;
+  nb.reserve(degree_);
+  if (degree_ == n - 1) {
+    for (uint32_t j = 0; j < n; ++j) {
+      if (j != pos) nb.push_back(ring_[j]);
+    }
+  } else {
+    for (uint32_t d = 1; d <= degree_ / 2; ++d) {
+      nb.push_back(ring_[(pos + d) % n]);
+      nb.push_back(ring_[(pos + n - d) % n]);
+    }
+  }
+  std::sort(nb.begin(), nb.end());
+  return nb;
 }
 
 bool NeighborGraph::AreNeighbors(uint32_t a, uint32_t b) const {
-  const auto nb = Neighbors(a);
-  return std::binary_search(nb.begin(), nb.end(), b);
+  auto ia = position_.find(a), ib = position_.find(b);
+  if (a == b || ia == position_.end() || ib == position_.end()) return false;
+  const uint32_t n = static_cast<uint32_t>(ring_.size());
+  if (degree_ == n - 1) return true;
+  const uint32_t d = (ia->second + n - ib->second) % n;
+  return std::min(d, n - d) <= degree_ / 2;
 }
 
 // ---- Quantization -------------------------------------------------------------------------------------------

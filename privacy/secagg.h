@@ -151,12 +151,16 @@ class NeighborGraph {
  public:
   static absl::StatusOr<NeighborGraph> Build(const SessionConfig& config, const SessionId& session_id);
 
-  // Sorted neighbour ids of `id`; empty if `id` is not in the cohort.
-  std::span<const uint32_t> Neighbors(uint32_t id) const;
+  // Sorted neighbour ids of `id` (k of them); empty if `id` is not in the cohort. O(k log k).
+  std::vector<uint32_t> Neighbors(uint32_t id) const;
+  // O(log n).
   bool AreNeighbors(uint32_t a, uint32_t b) const;
 
  private:
-  std::map<uint32_t, std::vector<uint32_t>> neighbors_;
+  // O(n) state, so every phone can hold the graph: the ring order and each id's position on it.
+  uint32_t degree_ = 0;
+  std::vector<uint32_t> ring_;
+  std::map<uint32_t, uint32_t> position_;
 };
 
 // ---- Quantization -------------------------------------------------------------------------------------------

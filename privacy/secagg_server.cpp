@@ -32,6 +32,7 @@ const char* StateName(SecAggServer::State s) {
 struct SecAggServer::Impl {
   SessionConfig config;
   NeighborGraph graph;
+  std::map<uint32_t, std::vector<uint32_t>> neighbors;  // graph.Neighbors(id) for every id, cached
   internal::MaskPrg prg;
   uint32_t min_survivors;
 
@@ -46,13 +47,15 @@ struct SecAggServer::Impl {
 
   Impl(SessionConfig c, NeighborGraph g, internal::MaskPrg p)
       : config(std::move(c)), graph(std::move(g)), prg(std::move(p)),
-        min_survivors(MinSurvivors(config.params)) {}
+        min_survivors(MinSurvivors(config.params)) {
+    for (uint32_t id : config.cohort) neighbors.emplace(id, graph.Neighbors(id));
+  }
 
   // The neighbours of `id` that are in `set` (a map or set keyed by id), sorted.
   template <typename Set>
   std::vector<uint32_t> NeighborsIn(uint32_t id, const Set& set) const {
     std::vector<uint32_t> out;
-    for (uint32_t v : graph.Neighbors(id)) {
+    for (uint32_t v : neighbors.at(id)) {
       if (set.count(v)) out.push_back(v);
     }
     return out;
@@ -100,7 +103,7 @@ absl::Status SecAggServer::Expect(State state, std::string_view call, const Sess
 absl::Status SecAggServer::AddAdvertiseKeys(const AdvertiseKeysMessage& message) {
   SEEDLING_RETURN_IF_ERROR(Expect(State::kAdvertiseKeys, "AdvertiseKeys", message.session_id));
   Impl& s = *impl_;
-  if (s.graph.Neighbors(message.sender).empty()) {
+  if (!s.neighbors.count(message.sender)) {
     return absl::InvalidArgumentError(
         StrCat("SecAgg server: AdvertiseKeys from ", message.sender, ", not in the cohort"));
   }
