@@ -1,24 +1,28 @@
-// SecAgg+ cost per client and on the server, and upload expansion over plaintext fp32 (issue 6; anchor:
-// Bonawitz et al. 2017 report 1.73× expansion and about 849 ms per client at n = 500, m = 100K, in Java).
+// SecAgg+ cost per client and on the server, and upload expansion over plaintext fp32 (issue 6;
+// anchor: Bonawitz et al. 2017 report 1.73× expansion and about 849 ms per client at n = 500, m =
+// 100K, in Java).
 //
 //   secagg_bench [--clients 100,500] [--numel 100000] [--dropouts 0,0.1] [--graphs complete,sparse]
 //                [--sparse-k 40]
 //
-// Every configuration runs one whole session in this process: the server and all n clients, simulated
-// sequentially, every message serialized and parsed as on the wire. Each client's compute is timed
-// separately across all four stages (building its state, quantizing its float vector, parsing what it
-// receives, the stage call, serializing what it sends), and the figure is the mean over the clients that
-// finished. Server time covers parsing uploads, every Add*/Close* call and Finish (unmasking, also shown on
-// its own). Dropouts happen after ShareKeys (the masked input is never sent): the case that makes the server
-// reconstruct mask keys and regenerate pairwise masks, as in Bonawitz et al.'s dropout figures.
+// Every configuration runs one whole session in this process: the server and all n clients,
+// simulated sequentially, every message serialized and parsed as on the wire. Each client's compute
+// is timed separately across all four stages (building its state, quantizing its float vector,
+// parsing what it receives, the stage call, serializing what it sends), and the figure is the mean
+// over the clients that finished. Server time covers parsing uploads, every Add*/Close* call and
+// Finish (unmasking, also shown on its own). Dropouts happen after ShareKeys (the masked input is
+// never sent): the case that makes the server reconstruct mask keys and regenerate pairwise masks,
+// as in Bonawitz et al.'s dropout figures.
 //
-// Upload expansion = bytes a client uploads over all stages / (m × 4 bytes of fp32). SecAgg's masked
-// vector is m + 1 uint32 (one slot carries the weight), so expansion is 1 + (keys, shares, unmask
-// shares) / 4m: the 16-bit-input, 3-byte-entry encoding behind Bonawitz's 1.73× is not the comparison.
+// Upload expansion = bytes a client uploads over all stages / (m × 4 bytes of fp32). SecAgg's
+// masked vector is m + 1 uint32 (one slot carries the weight), so expansion is 1 + (keys, shares,
+// unmask shares) / 4m: the 16-bit-input, 3-byte-entry encoding behind Bonawitz's 1.73× is not the
+// comparison.
 //
 // "sparse" uses k = --sparse-k neighbours (an example degree; the degree that meets Bell et al.'s
-// security bounds for a given corrupt fraction is an operator's choice) and "complete" k = n − 1 (SecAgg).
-// The threshold is the smallest allowed, t = ⌊k/2⌋ + 1. Quantization: 2^16 levels, clipping ±1, weight 1.
+// security bounds for a given corrupt fraction is an operator's choice) and "complete" k = n − 1
+// (SecAgg). The threshold is the smallest allowed, t = ⌊k/2⌋ + 1. Quantization: 2^16 levels,
+// clipping ±1, weight 1.
 
 #include <algorithm>
 #include <chrono>
@@ -121,12 +125,13 @@ Result RunOne(uint32_t n, uint32_t k, uint32_t numel, double dropout) {
   std::vector<SecAggClient> clients;
   clients.reserve(n);
   for (uint32_t id = 0; id < n; ++id) {
-    clients.push_back(Must(watch[id]([&] { return SecAggClient::Create(config, id, random); }),
-                           "client"));
+    clients.push_back(
+        Must(watch[id]([&] { return SecAggClient::Create(config, id, random); }), "client"));
   }
   // Stage 0.
   for (uint32_t id = 0; id < n; ++id) {
-    const std::string up = watch[id]([&] { return Must(clients[id].AdvertiseKeys(), "advertise").Serialize(); });
+    const std::string up =
+        watch[id]([&] { return Must(clients[id].AdvertiseKeys(), "advertise").Serialize(); });
     uploaded[id] += up.size();
     on_server([&] {
       Must(server.AddAdvertiseKeys(Must(AdvertiseKeysMessage::Parse(up), "parse")), "add keys");
@@ -223,18 +228,25 @@ int main(int argc, char** argv) {
       if (i + 1 >= argc) Die("missing value for " + arg);
       return argv[++i];
     };
-    if (arg == "--clients") clients = next();
-    else if (arg == "--numel") numel = static_cast<uint32_t>(std::stoul(next()));
-    else if (arg == "--dropouts") dropouts = next();
-    else if (arg == "--graphs") graphs = next();
-    else if (arg == "--sparse-k") sparse_k = static_cast<uint32_t>(std::stoul(next()));
-    else Die("unknown argument " + arg);
+    if (arg == "--clients")
+      clients = next();
+    else if (arg == "--numel")
+      numel = static_cast<uint32_t>(std::stoul(next()));
+    else if (arg == "--dropouts")
+      dropouts = next();
+    else if (arg == "--graphs")
+      graphs = next();
+    else if (arg == "--sparse-k")
+      sparse_k = static_cast<uint32_t>(std::stoul(next()));
+    else
+      Die("unknown argument " + arg);
   }
-  std::printf("SecAgg+ benchmark: m = %u entries (+1 weight slot), 2^16 quantization levels, "
-              "one session per row, clients simulated sequentially\n",
-              numel);
-  std::printf("%-9s %5s %4s %4s %7s | %11s %11s | %10s %10s | %12s %9s | %9s %5s\n", "graph", "n", "k",
-              "t", "dropout", "client mean", "client max", "server", "unmask", "upload/client",
+  std::printf(
+      "SecAgg+ benchmark: m = %u entries (+1 weight slot), 2^16 quantization levels, "
+      "one session per row, clients simulated sequentially\n",
+      numel);
+  std::printf("%-9s %5s %4s %4s %7s | %11s %11s | %10s %10s | %12s %9s | %9s %5s\n", "graph", "n",
+              "k", "t", "dropout", "client mean", "client max", "server", "unmask", "upload/client",
               "expansion", "peak RSS", "exact");
   for (const std::string& g : Split(graphs)) {
     for (const std::string& c : Split(clients)) {
@@ -245,10 +257,12 @@ int main(int argc, char** argv) {
       for (const std::string& d : Split(dropouts)) {
         seedling::ResetPeakRss();
         const Result r = RunOne(n, k, numel, std::stod(d));
-        std::printf("%-9s %5u %4u %4u %6.0f%% | %8.1f ms %8.1f ms | %7.0f ms %7.0f ms | %9.1f KB %8.4fx | %9s %5s\n",
-                    g.c_str(), n, k, k / 2 + 1, 100 * std::stod(d), r.client_mean_ms,
-                    r.client_max_ms, r.server_ms, r.unmask_ms, r.upload_bytes / 1000.0, r.expansion,
-                    seedling::FormatBytes(seedling::PeakRssBytes()).c_str(), r.exact ? "yes" : "NO");
+        std::printf(
+            "%-9s %5u %4u %4u %6.0f%% | %8.1f ms %8.1f ms | %7.0f ms %7.0f ms | %9.1f KB %8.4fx | "
+            "%9s %5s\n",
+            g.c_str(), n, k, k / 2 + 1, 100 * std::stod(d), r.client_mean_ms, r.client_max_ms,
+            r.server_ms, r.unmask_ms, r.upload_bytes / 1000.0, r.expansion,
+            seedling::FormatBytes(seedling::PeakRssBytes()).c_str(), r.exact ? "yes" : "NO");
         std::fflush(stdout);
         if (!r.exact) return 1;
       }

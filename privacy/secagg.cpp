@@ -1,5 +1,6 @@
-// SecAgg+ shared pieces: randomness, parameter rules, session id, neighbour graph, quantization and the
-// message encoding. The client and server state machines are in secagg_client.cpp and secagg_server.cpp.
+// SecAgg+ shared pieces: randomness, parameter rules, session id, neighbour graph, quantization and
+// the message encoding. The client and server state machines are in secagg_client.cpp and
+// secagg_server.cpp.
 
 #include "privacy/secagg.h"
 
@@ -104,7 +105,8 @@ absl::StatusOr<T> Done(WireReader& r, T value) {
 
 }  // namespace
 
-// ---- Randomness ---------------------------------------------------------------------------------------------
+// ---- Randomness
+// ---------------------------------------------------------------------------------------------
 
 absl::Status OsRandomSource::Fill(std::span<uint8_t> out) {
   if (out.empty()) return absl::OkStatus();
@@ -133,7 +135,8 @@ absl::Status SeededRandomSourceForSimulation::Fill(std::span<uint8_t> out) {
   return absl::OkStatus();
 }
 
-// ---- Parameters ---------------------------------------------------------------------------------------------
+// ---- Parameters
+// ---------------------------------------------------------------------------------------------
 
 uint32_t MinNeighbors(uint32_t num_clients) {
   if (num_clients < 2) return 0;
@@ -160,27 +163,30 @@ absl::Status ValidateParams(const SecAggParams& p) {
                "): with two, the sum reveals the other client's input"));
   }
   if (n > kMaxCohort) {
-    return absl::InvalidArgumentError(StrCat("num_clients = ", n, " exceeds the limit ", kMaxCohort));
+    return absl::InvalidArgumentError(
+        StrCat("num_clients = ", n, " exceeds the limit ", kMaxCohort));
   }
   if (k > n - 1) {
     return absl::InvalidArgumentError(
         StrCat("num_neighbors = ", k, " exceeds num_clients − 1 = ", n - 1));
   }
   if (k < MinNeighbors(n)) {
-    return absl::InvalidArgumentError(
-        StrCat("num_neighbors = ", k, " is below the minimum min(n − 1, 2·ceil(log2 n)) = ",
-               MinNeighbors(n), " for ", n, " clients"));
+    return absl::InvalidArgumentError(StrCat("num_neighbors = ", k,
+                                             " is below the minimum min(n − 1, 2·ceil(log2 n)) = ",
+                                             MinNeighbors(n), " for ", n, " clients"));
   }
   if (k != n - 1 && k % 2 != 0) {
-    return absl::InvalidArgumentError(StrCat(
-        "num_neighbors = ", k, " must be even (k/2 neighbours on each side of the ring) or n − 1 = ",
-        n - 1, " (complete graph)"));
+    return absl::InvalidArgumentError(
+        StrCat("num_neighbors = ", k,
+               " must be even (k/2 neighbours on each side of the ring) or n − 1 = ", n - 1,
+               " (complete graph)"));
   }
   if (2 * static_cast<uint64_t>(t) <= k || t > k) {
-    return absl::InvalidArgumentError(StrCat(
-        "threshold = ", t, " must satisfy k/2 < t ≤ k for k = ", k,
-        " neighbours (more than half, so the server can never collect t shares of both secrets of a "
-        "client)"));
+    return absl::InvalidArgumentError(StrCat("threshold = ", t,
+                                             " must satisfy k/2 < t ≤ k for k = ", k,
+                                             " neighbours (more than half, so the server can never "
+                                             "collect t shares of both secrets of a "
+                                             "client)"));
   }
   if (!(p.max_dropout_fraction >= 0.0 && p.max_dropout_fraction < 0.5)) {
     return absl::InvalidArgumentError(
@@ -189,18 +195,20 @@ absl::Status ValidateParams(const SecAggParams& p) {
   if (k == n - 1) {
     const uint32_t drops = n - MinSurvivors(p);
     if (t + drops > k) {
-      return absl::InvalidArgumentError(StrCat(
-          "threshold = ", t, " is unreachable after dropouts: with a complete graph of ", n,
-          " clients and max_dropout_fraction = ", p.max_dropout_fraction, " up to ", drops,
-          " neighbours may drop, leaving ", k - std::min(k, drops), " < t; need t ≤ k − floor(δ·n)"));
+      return absl::InvalidArgumentError(
+          StrCat("threshold = ", t, " is unreachable after dropouts: with a complete graph of ", n,
+                 " clients and max_dropout_fraction = ", p.max_dropout_fraction, " up to ", drops,
+                 " neighbours may drop, leaving ", k - std::min(k, drops),
+                 " < t; need t ≤ k − floor(δ·n)"));
     }
   } else {
     const auto drops = static_cast<uint32_t>(std::ceil(p.max_dropout_fraction * k - 1e-9));
     if (t + drops > k) {
-      return absl::InvalidArgumentError(StrCat(
-          "threshold = ", t, " is unreachable after dropouts: a neighbourhood of k = ", k,
-          " losing its share ceil(δ·k) = ", drops, " of max_dropout_fraction = ",
-          p.max_dropout_fraction, " keeps ", k - std::min(k, drops), " < t; need t ≤ k − ceil(δ·k)"));
+      return absl::InvalidArgumentError(
+          StrCat("threshold = ", t, " is unreachable after dropouts: a neighbourhood of k = ", k,
+                 " losing its share ceil(δ·k) = ", drops,
+                 " of max_dropout_fraction = ", p.max_dropout_fraction, " keeps ",
+                 k - std::min(k, drops), " < t; need t ≤ k − ceil(δ·k)"));
     }
   }
   if (p.quantization_levels < 2) {
@@ -211,25 +219,28 @@ absl::Status ValidateParams(const SecAggParams& p) {
   const unsigned __int128 worst =
       static_cast<unsigned __int128>(n) * p.max_weight * (p.quantization_levels - 1u);
   if (worst > 0xffffffffu) {
-    return absl::InvalidArgumentError(StrCat(
-        "overflow: num_clients ", n, " × max_weight ", p.max_weight, " × (quantization_levels ",
-        p.quantization_levels, " − 1) = ", static_cast<uint64_t>(std::min<unsigned __int128>(
-                                                 worst, std::numeric_limits<uint64_t>::max())),
-        " exceeds the modulus 2^32 − 1 = 4294967295, so the sum could wrap; use quantization_levels ≤ ",
-        MaxQuantizationLevels(n, p.max_weight), " for these n and W"));
+    return absl::InvalidArgumentError(
+        StrCat("overflow: num_clients ", n, " × max_weight ", p.max_weight,
+               " × (quantization_levels ", p.quantization_levels, " − 1) = ",
+               static_cast<uint64_t>(
+                   std::min<unsigned __int128>(worst, std::numeric_limits<uint64_t>::max())),
+               " exceeds the modulus 2^32 − 1 = 4294967295, so the sum could wrap; use "
+               "quantization_levels ≤ ",
+               MaxQuantizationLevels(n, p.max_weight), " for these n and W"));
   }
   if (!std::isfinite(p.clipping_range) || p.clipping_range <= 0.0f) {
     return absl::InvalidArgumentError(
         StrCat("clipping_range = ", p.clipping_range, " must be finite and positive"));
   }
   if (p.vector_length < 1 || p.vector_length > kMaxVectorLength) {
-    return absl::InvalidArgumentError(StrCat("vector_length = ", p.vector_length,
-                                             " must be in [1, ", kMaxVectorLength, "]"));
+    return absl::InvalidArgumentError(
+        StrCat("vector_length = ", p.vector_length, " must be in [1, ", kMaxVectorLength, "]"));
   }
   return absl::OkStatus();
 }
 
-// ---- Session ------------------------------------------------------------------------------------------------
+// ---- Session
+// ------------------------------------------------------------------------------------------------
 
 absl::StatusOr<SessionId> ComputeSessionId(const SessionConfig& config) {
   SEEDLING_RETURN_IF_ERROR(ValidateParams(config.params));
@@ -238,8 +249,8 @@ absl::StatusOr<SessionId> ComputeSessionId(const SessionConfig& config) {
                                              " ids, num_clients = ", config.params.num_clients));
   }
   if (config.model_hash.size() > kMaxModelHashBytes) {
-    return absl::InvalidArgumentError(StrCat("model hash of ", config.model_hash.size(),
-                                             " bytes exceeds ", kMaxModelHashBytes));
+    return absl::InvalidArgumentError(
+        StrCat("model hash of ", config.model_hash.size(), " bytes exceeds ", kMaxModelHashBytes));
   }
   SetupMessage canonical{config};
   std::sort(canonical.config.cohort.begin(), canonical.config.cohort.end());
@@ -325,14 +336,16 @@ bool NeighborGraph::AreNeighbors(uint32_t a, uint32_t b) const {
   return std::min(d, n - d) <= degree_ / 2;
 }
 
-// ---- Quantization -------------------------------------------------------------------------------------------
+// ---- Quantization
+// -------------------------------------------------------------------------------------------
 
 absl::StatusOr<std::vector<uint32_t>> EncodeInput(std::span<const float> x, uint32_t weight,
                                                   const SecAggParams& params, Rounding rounding,
                                                   RngKey stochastic_key) {
   if (params.vector_length < 1 || x.size() != params.vector_length - 1u) {
     return absl::InvalidArgumentError(StrCat("input has ", x.size(), " entries, expected ",
-                                             params.vector_length, " − 1 (one slot is the weight)"));
+                                             params.vector_length,
+                                             " − 1 (one slot is the weight)"));
   }
   if (weight > params.max_weight) {
     return absl::InvalidArgumentError(
@@ -388,7 +401,8 @@ absl::StatusOr<DecodedAggregate> DecodeAggregate(std::span<const uint32_t> sum,
   return out;
 }
 
-// ---- Messages -----------------------------------------------------------------------------------------------
+// ---- Messages
+// -----------------------------------------------------------------------------------------------
 
 std::string SetupMessage::Serialize() const {
   WireWriter w(kSetup, 64 + config.model_hash.size() + 4 * config.cohort.size());

@@ -1,5 +1,5 @@
-// The SecAgg+ client state machine (secagg.h). Bonawitz et al. 2017 §4 / Bell et al. 2020 Alg. 2, one
-// method per stage; steps are labelled with the paper's round names.
+// The SecAgg+ client state machine (secagg.h). Bonawitz et al. 2017 §4 / Bell et al. 2020 Alg. 2,
+// one method per stage; steps are labelled with the paper's round names.
 
 #include <algorithm>
 #include <cstring>
@@ -28,12 +28,18 @@ static_assert(kSharePlaintextBytes + internal::kGcmTagBytes == kShareCiphertextB
 
 const char* StateName(SecAggClient::State s) {
   switch (s) {
-    case SecAggClient::State::kAdvertiseKeys: return "AdvertiseKeys";
-    case SecAggClient::State::kShareKeys: return "ShareKeys";
-    case SecAggClient::State::kMaskedInput: return "MaskInput";
-    case SecAggClient::State::kUnmask: return "Unmask";
-    case SecAggClient::State::kDone: return "done";
-    case SecAggClient::State::kAborted: return "aborted";
+    case SecAggClient::State::kAdvertiseKeys:
+      return "AdvertiseKeys";
+    case SecAggClient::State::kShareKeys:
+      return "ShareKeys";
+    case SecAggClient::State::kMaskedInput:
+      return "MaskInput";
+    case SecAggClient::State::kUnmask:
+      return "Unmask";
+    case SecAggClient::State::kDone:
+      return "done";
+    case SecAggClient::State::kAborted:
+      return "aborted";
   }
   return "?";
 }
@@ -108,7 +114,8 @@ struct SecAggClient::Impl {
   }
 };
 
-SecAggClient::SecAggClient(std::unique_ptr<Impl> impl, uint32_t self_id, const SessionId& session_id)
+SecAggClient::SecAggClient(std::unique_ptr<Impl> impl, uint32_t self_id,
+                           const SessionId& session_id)
     : impl_(std::move(impl)), self_id_(self_id), session_id_(session_id) {}
 SecAggClient::SecAggClient(SecAggClient&&) noexcept = default;
 SecAggClient& SecAggClient::operator=(SecAggClient&&) noexcept = default;
@@ -139,9 +146,9 @@ absl::Status SecAggClient::Expect(State state, std::string_view call) {
         StrCat("SecAgg client ", self_id_, ": ", call, " after the client aborted"));
   }
   if (state_ != state) {
-    return Fail(absl::FailedPreconditionError(
-        StrCat("SecAgg client ", self_id_, ": out-of-order ", call, ", expected ",
-               StateName(state_), "; aborting")));
+    return Fail(
+        absl::FailedPreconditionError(StrCat("SecAgg client ", self_id_, ": out-of-order ", call,
+                                             ", expected ", StateName(state_), "; aborting")));
   }
   return absl::OkStatus();
 }
@@ -171,13 +178,14 @@ absl::StatusOr<ShareKeysMessage> SecAggClient::ShareKeys(const KeyDirectoryMessa
   Impl& s = *impl_;
   const SecAggParams& p = s.config.params;
   if (directory.session_id != session_id_) {
-    return Fail(absl::FailedPreconditionError(StrCat(
-        "SecAgg client ", self_id_, ": key directory is for session ", ShortHex(directory.session_id),
-        ", this client computed ", ShortHex(session_id_),
-        " (different round, model hash, cohort or parameters); aborting")));
+    return Fail(absl::FailedPreconditionError(
+        StrCat("SecAgg client ", self_id_, ": key directory is for session ",
+               ShortHex(directory.session_id), ", this client computed ", ShortHex(session_id_),
+               " (different round, model hash, cohort or parameters); aborting")));
   }
-  // The directory may list only graph neighbours, once each, with keys distinct from each other and from
-  // ours (Bonawitz et al. require distinct keys; a server repeating keys could make masks cancel).
+  // The directory may list only graph neighbours, once each, with keys distinct from each other and
+  // from ours (Bonawitz et al. require distinct keys; a server repeating keys could make masks
+  // cancel).
   std::set<PublicKey> keys_seen = {s.encryption_pk, s.mask_pk};
   for (const KeyDirectoryMessage::Entry& e : directory.entries) {
     if (!s.graph.AreNeighbors(self_id_, e.id)) {
@@ -189,13 +197,14 @@ absl::StatusOr<ShareKeysMessage> SecAggClient::ShareKeys(const KeyDirectoryMessa
           StrCat("SecAgg client ", self_id_, ": key directory lists ", e.id, " twice")));
     }
     if (!keys_seen.insert(e.encryption_key).second || !keys_seen.insert(e.mask_key).second) {
-      return Fail(absl::InvalidArgumentError(
-          StrCat("SecAgg client ", self_id_, ": key directory repeats a public key (client ", e.id, ")")));
+      return Fail(absl::InvalidArgumentError(StrCat(
+          "SecAgg client ", self_id_, ": key directory repeats a public key (client ", e.id, ")")));
     }
   }
   if (s.directory.size() < p.threshold) {
-    return Fail(absl::AbortedError(StrCat("SecAgg client ", self_id_, ": only ", s.directory.size(),
-                                          " neighbours advertised keys, threshold is ", p.threshold)));
+    return Fail(
+        absl::AbortedError(StrCat("SecAgg client ", self_id_, ": only ", s.directory.size(),
+                                  " neighbours advertised keys, threshold is ", p.threshold)));
   }
 
   // Self-mask seed b_u, and t-of-|directory| shares of b_u and s_u^SK at x_v = v + 1.
@@ -203,12 +212,14 @@ absl::StatusOr<ShareKeysMessage> SecAggClient::ShareKeys(const KeyDirectoryMessa
   std::vector<uint64_t> xs;
   xs.reserve(s.directory.size());
   for (const auto& [id, e] : s.directory) xs.push_back(uint64_t{id} + 1);
-  auto seed_shares = internal::ShamirSplit(s.self_seed, static_cast<int>(p.threshold), xs, *s.random);
+  auto seed_shares =
+      internal::ShamirSplit(s.self_seed, static_cast<int>(p.threshold), xs, *s.random);
   if (!seed_shares.ok()) return Fail(seed_shares.status());
   auto key_shares = internal::ShamirSplit(s.mask_sk, static_cast<int>(p.threshold), xs, *s.random);
   if (!key_shares.ok()) return Fail(key_shares.status());
 
-  // Encrypt (u, v, share of b_u, share of s_u^SK) for each v under KA(c_u, c_v), AD = (session, u, v).
+  // Encrypt (u, v, share of b_u, share of s_u^SK) for each v under KA(c_u, c_v), AD = (session, u,
+  // v).
   ShareKeysMessage out;
   out.session_id = session_id_;
   out.sender = self_id_;
@@ -254,9 +265,9 @@ absl::StatusOr<MaskedInputMessage> SecAggClient::MaskInput(const ShareRelayMessa
                ShortHex(relay.session_id), ", expected ", ShortHex(session_id_), "; aborting")));
   }
   if (input.size() != p.vector_length) {
-    return Fail(absl::InvalidArgumentError(StrCat("SecAgg client ", self_id_, ": input has ",
-                                                  input.size(), " entries, expected ",
-                                                  p.vector_length)));
+    return Fail(
+        absl::InvalidArgumentError(StrCat("SecAgg client ", self_id_, ": input has ", input.size(),
+                                          " entries, expected ", p.vector_length)));
   }
   const uint64_t max_entry = uint64_t{p.max_weight} * (p.quantization_levels - 1u);
   for (size_t i = 0; i < input.size(); ++i) {
@@ -272,16 +283,16 @@ absl::StatusOr<MaskedInputMessage> SecAggClient::MaskInput(const ShareRelayMessa
   for (const EncryptedShare& e : relay.shares) {
     auto it = s.directory.find(e.peer);
     if (it == s.directory.end()) {
-      return Fail(absl::InvalidArgumentError(StrCat("SecAgg client ", self_id_,
-                                                    ": relayed share from ", e.peer,
-                                                    ", not a neighbour in the key directory")));
+      return Fail(
+          absl::InvalidArgumentError(StrCat("SecAgg client ", self_id_, ": relayed share from ",
+                                            e.peer, ", not a neighbour in the key directory")));
     }
     if (s.held.count(e.peer)) {
       return Fail(absl::InvalidArgumentError(
           StrCat("SecAgg client ", self_id_, ": two relayed shares from ", e.peer)));
     }
-    auto key = internal::ShareEncryptionKey(session_id_, e.peer, self_id_,
-                                            s.encryption_shared.at(e.peer));
+    auto key =
+        internal::ShareEncryptionKey(session_id_, e.peer, self_id_, s.encryption_shared.at(e.peer));
     if (!key.ok()) return Fail(key.status());
     auto plain = internal::AesGcmOpen(
         *key, internal::ShareAad(session_id_, e.peer, self_id_),
@@ -294,25 +305,25 @@ absl::StatusOr<MaskedInputMessage> SecAggClient::MaskInput(const ShareRelayMessa
     }
     if (plain->size() != kSharePlaintextBytes || GetU32(plain->data()) != e.peer ||
         GetU32(plain->data() + 4) != self_id_) {
-      return Fail(absl::InvalidArgumentError(StrCat(
-          "SecAgg client ", self_id_, ": share from ", e.peer, " is malformed or misaddressed")));
+      return Fail(absl::InvalidArgumentError(StrCat("SecAgg client ", self_id_, ": share from ",
+                                                    e.peer, " is malformed or misaddressed")));
     }
     Impl::Held h;
     for (size_t j = 0; j < kShareElements; ++j) {
       h.self_seed[j] = GetU64(plain->data() + 8 + 8 * j);
       h.mask_key[j] = GetU64(plain->data() + 8 + 8 * (kShareElements + j));
       if (h.self_seed[j] >= internal::kShamirPrime || h.mask_key[j] >= internal::kShamirPrime) {
-        return Fail(absl::InvalidArgumentError(StrCat(
-            "SecAgg client ", self_id_, ": share from ", e.peer, " is not a field element")));
+        return Fail(absl::InvalidArgumentError(StrCat("SecAgg client ", self_id_, ": share from ",
+                                                      e.peer, " is not a field element")));
       }
     }
     internal::Cleanse(*plain);
     s.held.emplace(e.peer, h);
   }
   if (s.held.size() < p.threshold) {
-    return Fail(absl::AbortedError(StrCat("SecAgg client ", self_id_, ": shares from only ",
-                                          s.held.size(), " neighbours, threshold is ",
-                                          p.threshold)));
+    return Fail(
+        absl::AbortedError(StrCat("SecAgg client ", self_id_, ": shares from only ", s.held.size(),
+                                  " neighbours, threshold is ", p.threshold)));
   }
 
   // y_u = x_u + PRG(b_u) + Σ_{v>u} PRG(s_uv) − Σ_{v<u} PRG(s_uv)   (mod 2^32)
@@ -340,7 +351,8 @@ absl::StatusOr<MaskedInputMessage> SecAggClient::MaskInput(const ShareRelayMessa
   return out;
 }
 
-// Round 4, Unmasking: one share per listed neighbour, of b_v if v survived, of s_v^SK if it dropped.
+// Round 4, Unmasking: one share per listed neighbour, of b_v if v survived, of s_v^SK if it
+// dropped.
 absl::StatusOr<UnmaskResponseMessage> SecAggClient::Unmask(const UnmaskRequestMessage& request) {
   SEEDLING_RETURN_IF_ERROR(Expect(State::kUnmask, "Unmask"));
   Impl& s = *impl_;
@@ -366,15 +378,18 @@ absl::StatusOr<UnmaskResponseMessage> SecAggClient::Unmask(const UnmaskRequestMe
   }
   for (uint32_t id : survivors) {
     if (dropped.count(id)) {
-      return Fail(absl::AbortedError(StrCat(
-          "SecAgg client ", self_id_, ": unmask request asks for both the self-mask seed and the mask "
-          "key of client ", id, " (that would reveal its input); aborting")));
+      return Fail(absl::AbortedError(
+          StrCat("SecAgg client ", self_id_,
+                 ": unmask request asks for both the self-mask seed and the mask "
+                 "key of client ",
+                 id, " (that would reveal its input); aborting")));
     }
   }
   if (survivors.size() < s.config.params.threshold) {
-    return Fail(absl::AbortedError(StrCat(
-        "SecAgg client ", self_id_, ": only ", survivors.size(), " neighbours survived, threshold is ",
-        s.config.params.threshold, "; refusing to reveal any share")));
+    return Fail(
+        absl::AbortedError(StrCat("SecAgg client ", self_id_, ": only ", survivors.size(),
+                                  " neighbours survived, threshold is ", s.config.params.threshold,
+                                  "; refusing to reveal any share")));
   }
   UnmaskResponseMessage out;
   out.session_id = session_id_;

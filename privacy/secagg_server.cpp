@@ -1,5 +1,6 @@
-// The SecAgg+ server state machine (secagg.h). Bonawitz et al. 2017 §4 / Bell et al. 2020 Alg. 2 (server
-// side). U1 ⊇ U2 ⊇ U3 ⊇ U5 are the clients that completed AdvertiseKeys, ShareKeys, MaskedInput and Unmask.
+// The SecAgg+ server state machine (secagg.h). Bonawitz et al. 2017 §4 / Bell et al. 2020 Alg. 2
+// (server side). U1 ⊇ U2 ⊇ U3 ⊇ U5 are the clients that completed AdvertiseKeys, ShareKeys,
+// MaskedInput and Unmask.
 
 #include <algorithm>
 #include <set>
@@ -17,12 +18,18 @@ constexpr size_t kSecretBytes = 32;
 
 const char* StateName(SecAggServer::State s) {
   switch (s) {
-    case SecAggServer::State::kAdvertiseKeys: return "AdvertiseKeys";
-    case SecAggServer::State::kShareKeys: return "ShareKeys";
-    case SecAggServer::State::kMaskedInput: return "MaskedInput";
-    case SecAggServer::State::kUnmask: return "Unmask";
-    case SecAggServer::State::kDone: return "done";
-    case SecAggServer::State::kAborted: return "aborted";
+    case SecAggServer::State::kAdvertiseKeys:
+      return "AdvertiseKeys";
+    case SecAggServer::State::kShareKeys:
+      return "ShareKeys";
+    case SecAggServer::State::kMaskedInput:
+      return "MaskedInput";
+    case SecAggServer::State::kUnmask:
+      return "Unmask";
+    case SecAggServer::State::kDone:
+      return "done";
+    case SecAggServer::State::kAborted:
+      return "aborted";
   }
   return "?";
 }
@@ -36,17 +43,19 @@ struct SecAggServer::Impl {
   internal::MaskPrg prg;
   uint32_t min_survivors;
 
-  std::map<uint32_t, AdvertiseKeysMessage> keys;                   // U1
+  std::map<uint32_t, AdvertiseKeysMessage> keys;                    // U1
   std::map<uint32_t, std::map<uint32_t, std::string>> ciphertexts;  // U2: sender → receiver → ct
   std::set<uint32_t> u3;                                            // sent a masked input
   std::vector<uint32_t> accumulator;                                // (m) Σ_{U3} y_u
   std::map<uint32_t, UnmaskRequestMessage> requests;                // to U3
   std::set<uint32_t> u5;                                            // answered the unmask request
   std::map<uint32_t, std::vector<internal::ShamirShare>> seed_shares;  // owner ∈ U3 → shares of b
-  std::map<uint32_t, std::vector<internal::ShamirShare>> key_shares;   // owner ∈ U2∖U3 → of s^SK
+  std::map<uint32_t, std::vector<internal::ShamirShare>> key_shares;  // owner ∈ U2∖U3 → of s^SK
 
   Impl(SessionConfig c, NeighborGraph g, internal::MaskPrg p)
-      : config(std::move(c)), graph(std::move(g)), prg(std::move(p)),
+      : config(std::move(c)),
+        graph(std::move(g)),
+        prg(std::move(p)),
         min_survivors(MinSurvivors(config.params)) {
     for (uint32_t id : config.cohort) neighbors.emplace(id, graph.Neighbors(id));
   }
@@ -72,8 +81,7 @@ absl::StatusOr<SecAggServer> SecAggServer::Create(const SessionConfig& config) {
   SEEDLING_ASSIGN_OR_RETURN(const SessionId session_id, ComputeSessionId(config));
   SEEDLING_ASSIGN_OR_RETURN(NeighborGraph graph, NeighborGraph::Build(config, session_id));
   SEEDLING_ASSIGN_OR_RETURN(internal::MaskPrg prg, internal::MaskPrg::Create());
-  return SecAggServer(std::make_unique<Impl>(config, std::move(graph), std::move(prg)),
-                      session_id);
+  return SecAggServer(std::make_unique<Impl>(config, std::move(graph), std::move(prg)), session_id);
 }
 
 absl::Status SecAggServer::Abort(absl::Status status) {
@@ -90,9 +98,8 @@ absl::Status SecAggServer::Expect(State state, std::string_view call, const Sess
     return absl::AbortedError(StrCat("SecAgg server: ", call, " after the session aborted"));
   }
   if (state_ != state) {
-    return absl::FailedPreconditionError(StrCat("SecAgg server: ", call, " in stage ",
-                                                StateName(state_), ", expected ",
-                                                StateName(state)));
+    return absl::FailedPreconditionError(StrCat(
+        "SecAgg server: ", call, " in stage ", StateName(state_), ", expected ", StateName(state)));
   }
   if (session_id != session_id_) {
     return absl::FailedPreconditionError(StrCat("SecAgg server: ", call, " for another session"));
@@ -143,7 +150,8 @@ absl::Status SecAggServer::AddShareKeys(const ShareKeysMessage& message) {
         StrCat("SecAgg server: ShareKeys from ", message.sender, ", which did not advertise keys"));
   }
   if (s.ciphertexts.count(message.sender)) {
-    return absl::AlreadyExistsError(StrCat("SecAgg server: second ShareKeys from ", message.sender));
+    return absl::AlreadyExistsError(
+        StrCat("SecAgg server: second ShareKeys from ", message.sender));
   }
   // The receivers must be exactly the sender's key directory.
   const std::vector<uint32_t> expected = s.NeighborsIn(message.sender, s.keys);
@@ -198,7 +206,8 @@ absl::Status SecAggServer::AddMaskedInput(const MaskedInputMessage& message) {
         StrCat("SecAgg server: MaskedInput from ", message.sender, ", which did not share keys"));
   }
   if (s.u3.count(message.sender)) {
-    return absl::AlreadyExistsError(StrCat("SecAgg server: second MaskedInput from ", message.sender));
+    return absl::AlreadyExistsError(
+        StrCat("SecAgg server: second MaskedInput from ", message.sender));
   }
   if (message.masked.size() != s.accumulator.size()) {
     return absl::InvalidArgumentError(StrCat("SecAgg server: MaskedInput from ", message.sender,
@@ -255,8 +264,9 @@ absl::Status SecAggServer::AddUnmaskResponse(const UnmaskResponseMessage& messag
     const bool dropped = std::binary_search(r.dropped.begin(), r.dropped.end(), e.owner);
     const ShareKind want = survivor ? ShareKind::kSelfMaskSeed : ShareKind::kMaskKey;
     if ((!survivor && !dropped) || e.kind != want || !seen.insert(e.owner).second) {
-      return absl::InvalidArgumentError(StrCat("SecAgg server: UnmaskResponse from ", message.sender,
-                                               " has an unrequested share for ", e.owner));
+      return absl::InvalidArgumentError(StrCat("SecAgg server: UnmaskResponse from ",
+                                               message.sender, " has an unrequested share for ",
+                                               e.owner));
     }
     for (uint64_t v : e.share) {
       if (v >= internal::kShamirPrime) {
@@ -279,9 +289,9 @@ absl::StatusOr<AggregateResult> SecAggServer::Finish() {
   Impl& s = *impl_;
   const SecAggParams& p = s.config.params;
   if (s.u5.size() < s.min_survivors) {
-    return Abort(absl::AbortedError(StrCat("SecAgg server: ", s.u5.size(),
-                                           " clients answered the unmask request, need ",
-                                           s.min_survivors)));
+    return Abort(
+        absl::AbortedError(StrCat("SecAgg server: ", s.u5.size(),
+                                  " clients answered the unmask request, need ", s.min_survivors)));
   }
   // Check every threshold before unmasking anything.
   std::vector<uint32_t> dropped;  // U2 ∖ U3
@@ -290,16 +300,16 @@ absl::StatusOr<AggregateResult> SecAggServer::Finish() {
   }
   for (uint32_t u : s.u3) {
     if (s.seed_shares[u].size() < p.threshold) {
-      return Abort(absl::AbortedError(
-          StrCat("SecAgg server: only ", s.seed_shares[u].size(), " shares of client ", u,
-                 "'s self-mask seed, threshold is ", p.threshold)));
+      return Abort(absl::AbortedError(StrCat("SecAgg server: only ", s.seed_shares[u].size(),
+                                             " shares of client ", u,
+                                             "'s self-mask seed, threshold is ", p.threshold)));
     }
   }
   for (uint32_t v : dropped) {
     if (s.key_shares[v].size() < p.threshold) {
-      return Abort(absl::AbortedError(
-          StrCat("SecAgg server: only ", s.key_shares[v].size(), " shares of dropped client ", v,
-                 "'s mask key, threshold is ", p.threshold)));
+      return Abort(absl::AbortedError(StrCat("SecAgg server: only ", s.key_shares[v].size(),
+                                             " shares of dropped client ", v,
+                                             "'s mask key, threshold is ", p.threshold)));
     }
   }
   const int t = static_cast<int>(p.threshold);
@@ -319,8 +329,8 @@ absl::StatusOr<AggregateResult> SecAggServer::Finish() {
       return Abort(st);
     }
   }
-  // Remove the pairwise masks survivors w added with dropped neighbours v: w added +PRG(s_wv) if w < v
-  // and −PRG(s_wv) if w > v, so the server subtracts in the first case and adds in the second.
+  // Remove the pairwise masks survivors w added with dropped neighbours v: w added +PRG(s_wv) if w
+  // < v and −PRG(s_wv) if w > v, so the server subtracts in the first case and adds in the second.
   for (uint32_t v : dropped) {
     auto sk = internal::ShamirReconstruct(s.key_shares[v], t, kSecretBytes);
     if (!sk.ok()) {
@@ -333,8 +343,8 @@ absl::StatusOr<AggregateResult> SecAggServer::Finish() {
     internal::Cleanse(sv);
     if (!key_v.ok()) return Abort(key_v.status());
     if (key_v->public_key() != s.keys.at(v).mask_key) {
-      return Abort(absl::DataLossError(StrCat(
-          "SecAgg server: reconstructed mask key of ", v, " does not match its advertised key")));
+      return Abort(absl::DataLossError(StrCat("SecAgg server: reconstructed mask key of ", v,
+                                              " does not match its advertised key")));
     }
     for (uint32_t w : s.NeighborsIn(v, s.u3)) {
       auto shared = key_v->Agree(s.keys.at(w).mask_key);

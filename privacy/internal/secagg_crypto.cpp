@@ -213,7 +213,8 @@ absl::Status MaskPrg::AddMask(const Bytes16& key, bool subtract, std::span<uint3
       return OpenSslInternal("AES-CTR keystream");
     }
     uint32_t* out = inout.data() + begin;
-    // Little-endian words on every platform (the mask is a wire contract between client and server).
+    // Little-endian words on every platform (the mask is a wire contract between client and
+    // server).
     if (subtract) {
       for (size_t i = 0; i < words; ++i) {
         uint32_t w;
@@ -276,7 +277,8 @@ absl::StatusOr<Bytes16> PairMaskKey(const Bytes32& session_id, uint32_t a, uint3
   return key;
 }
 
-absl::StatusOr<Bytes16> SelfMaskKey(const Bytes32& session_id, uint32_t owner, const Bytes32& seed) {
+absl::StatusOr<Bytes16> SelfMaskKey(const Bytes32& session_id, uint32_t owner,
+                                    const Bytes32& seed) {
   Bytes16 key;
   const absl::Status s = HkdfSha256(seed, session_id, Info("self-mask", {owner}), key);
   if (!s.ok()) return s;

@@ -41,9 +41,7 @@ absl::StatusOr<uint64_t> RandomElement(RandomSource& random) {
 
 }  // namespace
 
-uint64_t FieldMul(uint64_t a, uint64_t b) {
-  return Reduce(static_cast<unsigned __int128>(a) * b);
-}
+uint64_t FieldMul(uint64_t a, uint64_t b) { return Reduce(static_cast<unsigned __int128>(a) * b); }
 
 uint64_t FieldInverse(uint64_t a) {
   // Fermat: a^(p−2).
@@ -88,7 +86,8 @@ absl::StatusOr<std::vector<ShamirShare>> ShamirSplit(std::span<const uint8_t> se
     }
     for (ShamirShare& share : shares) {
       uint64_t acc = 0;  // Horner
-      for (size_t c = coeffs.size(); c > 0; --c) acc = FieldAdd(FieldMul(acc, share.x), coeffs[c - 1]);
+      for (size_t c = coeffs.size(); c > 0; --c)
+        acc = FieldAdd(FieldMul(acc, share.x), coeffs[c - 1]);
       share.y[e] = acc;
     }
   }
@@ -97,7 +96,8 @@ absl::StatusOr<std::vector<ShamirShare>> ShamirSplit(std::span<const uint8_t> se
 }
 
 absl::StatusOr<std::vector<uint64_t>> ShamirInterpolateAtZero(std::span<const ShamirShare> shares) {
-  if (shares.empty()) return absl::InvalidArgumentError("Shamir interpolation needs at least one share");
+  if (shares.empty())
+    return absl::InvalidArgumentError("Shamir interpolation needs at least one share");
   const size_t elements = shares[0].y.size();
   std::set<uint64_t> seen;
   for (const ShamirShare& s : shares) {
@@ -133,16 +133,15 @@ absl::StatusOr<std::vector<uint64_t>> ShamirInterpolateAtZero(std::span<const Sh
 absl::StatusOr<std::vector<uint8_t>> ShamirReconstruct(std::span<const ShamirShare> shares,
                                                        int threshold, size_t secret_bytes) {
   if (threshold < 1 || shares.size() < static_cast<size_t>(threshold)) {
-    return absl::InvalidArgumentError(StrCat("Shamir reconstruction needs ", threshold,
-                                             " shares, got ", shares.size()));
+    return absl::InvalidArgumentError(
+        StrCat("Shamir reconstruction needs ", threshold, " shares, got ", shares.size()));
   }
   const size_t elements = ShamirElementCount(secret_bytes);
   SEEDLING_ASSIGN_OR_RETURN(std::vector<uint64_t> chunks,
                             ShamirInterpolateAtZero(shares.first(static_cast<size_t>(threshold))));
   if (chunks.size() != elements) {
-    return absl::InvalidArgumentError(StrCat("Shamir shares hold ", chunks.size(),
-                                             " elements, a ", secret_bytes, "-byte secret needs ",
-                                             elements));
+    return absl::InvalidArgumentError(StrCat("Shamir shares hold ", chunks.size(), " elements, a ",
+                                             secret_bytes, "-byte secret needs ", elements));
   }
   std::vector<uint8_t> secret(secret_bytes);
   for (size_t e = 0; e < elements; ++e) {

@@ -20,7 +20,8 @@
 namespace seedling::privacy {
 namespace {
 
-// ---- Helpers ------------------------------------------------------------------------------------------------
+// ---- Helpers
+// ------------------------------------------------------------------------------------------------
 
 SecAggParams Params(uint32_t n, uint32_t k, uint32_t t, double delta, uint32_t m = 1000) {
   SecAggParams p;
@@ -45,7 +46,8 @@ SessionConfig Config(const SecAggParams& params, uint64_t round = 7) {
   return c;
 }
 
-// n = 10: the complete graph (SecAgg); n = 100: a sparse SecAgg+ graph. Both tolerate a third dropping.
+// n = 10: the complete graph (SecAgg); n = 100: a sparse SecAgg+ graph. Both tolerate a third
+// dropping.
 SessionConfig ConfigFor(uint32_t n) {
   if (n == 10) return Config(Params(10, 9, 5, 0.34));
   return Config(Params(n, 80, 41, 0.34));
@@ -53,16 +55,17 @@ SessionConfig ConfigFor(uint32_t n) {
 
 enum class Drop { kNone, kBeforeAdvertise, kAfterAdvertise, kAfterShareKeys, kAfterMaskedInput };
 
-// Fault hooks on the serialized messages, by recipient (server → client) or sender (client → server).
+// Fault hooks on the serialized messages, by recipient (server → client) or sender (client →
+// server).
 using BytesHook = std::function<void(uint32_t client, std::string& bytes)>;
 
 struct Faults {
   std::map<uint32_t, Drop> drops;
   BytesHook to_client;
   BytesHook to_server;
-  std::set<uint32_t> out_of_order;              // call Unmask where ShareKeys is due
+  std::set<uint32_t> out_of_order;               // call Unmask where ShareKeys is due
   std::map<uint32_t, std::string> model_hashes;  // a client's own (different) model hash
-  std::optional<uint32_t> corrupt_input;         // this client's input gets an entry above W·(Q − 1)
+  std::optional<uint32_t> corrupt_input;  // this client's input gets an entry above W·(Q − 1)
 };
 
 struct Outcome {
@@ -237,7 +240,8 @@ void RequireExactSum(const Outcome& o) {
   REQUIRE(mismatches == 0);
 }
 
-// ---- Shamir -------------------------------------------------------------------------------------------------
+// ---- Shamir
+// -------------------------------------------------------------------------------------------------
 
 std::vector<uint8_t> Secret32(uint8_t first) {
   std::vector<uint8_t> s(32);
@@ -246,7 +250,8 @@ std::vector<uint8_t> Secret32(uint8_t first) {
   return s;
 }
 
-TEST_CASE("Shamir reconstructs a 32-byte secret from any t of k shares", "[privacy][secagg][shamir]") {
+TEST_CASE("Shamir reconstructs a 32-byte secret from any t of k shares",
+          "[privacy][secagg][shamir]") {
   SeededRandomSourceForSimulation random(3);
   const std::vector<uint8_t> secret = Secret32(200);
   const std::vector<uint64_t> xs = {2, 5, 9, 11, 12, 40, 77};
@@ -301,7 +306,8 @@ TEST_CASE("Shamir does not detect a tampered share; it yields a wrong secret",
   REQUIRE((*chunks)[0] != first);
 }
 
-TEST_CASE("Shamir split refuses bad thresholds and evaluation points", "[privacy][secagg][shamir]") {
+TEST_CASE("Shamir split refuses bad thresholds and evaluation points",
+          "[privacy][secagg][shamir]") {
   SeededRandomSourceForSimulation random(6);
   const std::vector<uint8_t> secret = Secret32(0);
   REQUIRE_FALSE(internal::ShamirSplit(secret, 4, std::vector<uint64_t>{1, 2, 3}, random).ok());
@@ -312,7 +318,8 @@ TEST_CASE("Shamir split refuses bad thresholds and evaluation points", "[privacy
           .ok());
 }
 
-// ---- Crypto pieces ------------------------------------------------------------------------------------------
+// ---- Crypto pieces
+// ------------------------------------------------------------------------------------------
 
 TEST_CASE("AES-GCM rejects a flipped bit, a wrong key and wrong associated data",
           "[privacy][secagg][crypto]") {
@@ -336,7 +343,8 @@ TEST_CASE("AES-GCM rejects a flipped bit, a wrong key and wrong associated data"
           absl::StatusCode::kUnauthenticated);
 }
 
-TEST_CASE("X25519 agreement is symmetric and pairwise mask keys agree", "[privacy][secagg][crypto]") {
+TEST_CASE("X25519 agreement is symmetric and pairwise mask keys agree",
+          "[privacy][secagg][crypto]") {
   SeededRandomSourceForSimulation random(7);
   internal::Bytes32 a{}, b{}, session{};
   REQUIRE(random.Fill(a).ok());
@@ -386,9 +394,11 @@ TEST_CASE("The mask PRG streams across chunk boundaries and cancels exactly",
   REQUIRE(x == original);
 }
 
-// ---- Parameters and graph -----------------------------------------------------------------------------------
+// ---- Parameters and graph
+// -----------------------------------------------------------------------------------
 
-TEST_CASE("Parameter validation refuses configurations that can overflow", "[privacy][secagg][params]") {
+TEST_CASE("Parameter validation refuses configurations that can overflow",
+          "[privacy][secagg][params]") {
   SecAggParams p = Params(100, 80, 41, 0.34);
   REQUIRE(ValidateParams(p).ok());
   // Flower's quantization range 2^22 with max weight 1000 cannot fit 100 clients in 2^32.
@@ -411,15 +421,15 @@ TEST_CASE("Parameter validation refuses configurations that can overflow", "[pri
 TEST_CASE("Parameter validation refuses thresholds that break correctness or security",
           "[privacy][secagg][params]") {
   REQUIRE(ValidateParams(Params(10, 9, 5, 0.34)).ok());
-  REQUIRE_FALSE(ValidateParams(Params(10, 9, 4, 0.34)).ok());   // t ≤ k/2
-  REQUIRE_FALSE(ValidateParams(Params(10, 9, 10, 0.0)).ok());   // t > k
-  REQUIRE_FALSE(ValidateParams(Params(10, 9, 7, 0.34)).ok());   // 3 dropouts leave 6 < 7
-  REQUIRE_FALSE(ValidateParams(Params(100, 80, 41, 0.5)).ok()); // δ ≥ 1/2
-  REQUIRE_FALSE(ValidateParams(Params(100, 80, 60, 0.34)).ok()); // 80 − ⌈27.2⌉ = 52 < 60
-  REQUIRE_FALSE(ValidateParams(Params(100, 81, 41, 0.34)).ok()); // odd sparse degree
-  REQUIRE_FALSE(ValidateParams(Params(100, 100, 51, 0.34)).ok()); // k > n − 1
-  REQUIRE_FALSE(ValidateParams(Params(100, 10, 6, 0.0)).ok());  // below 2·ceil(log2 100) = 14
-  REQUIRE_FALSE(ValidateParams(Params(2, 1, 1, 0.0)).ok());     // two clients
+  REQUIRE_FALSE(ValidateParams(Params(10, 9, 4, 0.34)).ok());      // t ≤ k/2
+  REQUIRE_FALSE(ValidateParams(Params(10, 9, 10, 0.0)).ok());      // t > k
+  REQUIRE_FALSE(ValidateParams(Params(10, 9, 7, 0.34)).ok());      // 3 dropouts leave 6 < 7
+  REQUIRE_FALSE(ValidateParams(Params(100, 80, 41, 0.5)).ok());    // δ ≥ 1/2
+  REQUIRE_FALSE(ValidateParams(Params(100, 80, 60, 0.34)).ok());   // 80 − ⌈27.2⌉ = 52 < 60
+  REQUIRE_FALSE(ValidateParams(Params(100, 81, 41, 0.34)).ok());   // odd sparse degree
+  REQUIRE_FALSE(ValidateParams(Params(100, 100, 51, 0.34)).ok());  // k > n − 1
+  REQUIRE_FALSE(ValidateParams(Params(100, 10, 6, 0.0)).ok());     // below 2·ceil(log2 100) = 14
+  REQUIRE_FALSE(ValidateParams(Params(2, 1, 1, 0.0)).ok());        // two clients
   SecAggParams p = Params(10, 9, 5, 0.34);
   p.clipping_range = std::nanf("");
   REQUIRE_FALSE(ValidateParams(p).ok());
@@ -459,7 +469,8 @@ TEST_CASE("The neighbour graph is k-regular, symmetric and a function of the ses
   REQUIRE(differ > 50);
 }
 
-TEST_CASE("The session id binds round, model hash, cohort and parameters", "[privacy][secagg][session]") {
+TEST_CASE("The session id binds round, model hash, cohort and parameters",
+          "[privacy][secagg][session]") {
   const SessionConfig base = Config(Params(10, 9, 5, 0.34));
   auto id = ComputeSessionId(base);
   REQUIRE(id.ok());
@@ -483,7 +494,8 @@ TEST_CASE("The session id binds round, model hash, cohort and parameters", "[pri
   REQUIRE_FALSE(ComputeSessionId(c).ok());
 }
 
-// ---- Quantization -------------------------------------------------------------------------------------------
+// ---- Quantization
+// -------------------------------------------------------------------------------------------
 
 TEST_CASE("Quantized inputs decode to the weighted sum within half a step per client",
           "[privacy][secagg][quantize]") {
@@ -519,7 +531,8 @@ TEST_CASE("Quantized inputs decode to the weighted sum within half a step per cl
   std::vector<float> bad(p.vector_length - 1, 0.0f);
   bad[3] = std::nanf("");
   REQUIRE_FALSE(EncodeInput(bad, 1, p, Rounding::kNearest).ok());
-  REQUIRE_FALSE(EncodeInput(std::vector<float>(p.vector_length - 1), 101, p, Rounding::kNearest).ok());
+  REQUIRE_FALSE(
+      EncodeInput(std::vector<float>(p.vector_length - 1), 101, p, Rounding::kNearest).ok());
   REQUIRE_FALSE(EncodeInput(std::vector<float>(p.vector_length), 1, p, Rounding::kNearest).ok());
 }
 
@@ -541,7 +554,8 @@ TEST_CASE("Stochastic rounding is unbiased", "[privacy][secagg][quantize]") {
   REQUIRE(mean_n == 0.0);  // 0.3 rounds to 0 every time
 }
 
-// ---- Serialization ------------------------------------------------------------------------------------------
+// ---- Serialization
+// ------------------------------------------------------------------------------------------
 
 SessionId TestSession() {
   SessionId id;
@@ -625,11 +639,13 @@ TEST_CASE("Every message survives a serialization round trip", "[privacy][secagg
 
 TEST_CASE("Parse rejects truncated, oversized and garbage input", "[privacy][secagg][wire]") {
   RequireRejectsCorruption<SetupMessage>(SetupMessage{Config(Params(10, 9, 5, 0.34))}.Serialize());
-  RequireRejectsCorruption<AdvertiseKeysMessage>(AdvertiseKeysMessage{TestSession(), 1}.Serialize());
+  RequireRejectsCorruption<AdvertiseKeysMessage>(
+      AdvertiseKeysMessage{TestSession(), 1}.Serialize());
   RequireRejectsCorruption<KeyDirectoryMessage>(
       KeyDirectoryMessage{TestSession(), {{4, {}, {}}, {9, {}, {}}}}.Serialize());
   RequireRejectsCorruption<ShareKeysMessage>(
-      ShareKeysMessage{TestSession(), 3, {{8, std::string(kShareCiphertextBytes, 'a')}}}.Serialize());
+      ShareKeysMessage{TestSession(), 3, {{8, std::string(kShareCiphertextBytes, 'a')}}}
+          .Serialize());
   RequireRejectsCorruption<ShareRelayMessage>(
       ShareRelayMessage{TestSession(), {{8, std::string(kShareCiphertextBytes, 'a')}}}.Serialize());
   RequireRejectsCorruption<MaskedInputMessage>(
@@ -649,13 +665,14 @@ TEST_CASE("Parse rejects truncated, oversized and garbage input", "[privacy][sec
   // A share ciphertext of the wrong size, and an unknown share kind.
   REQUIRE_FALSE(
       ShareKeysMessage::Parse(ShareKeysMessage{TestSession(), 3, {{8, "short"}}}.Serialize()).ok());
-  std::string kind = UnmaskResponseMessage{TestSession(), 6, {{1, ShareKind::kSelfMaskSeed, {}}}}
-                         .Serialize();
+  std::string kind =
+      UnmaskResponseMessage{TestSession(), 6, {{1, ShareKind::kSelfMaskSeed, {}}}}.Serialize();
   kind[4 + 32 + 4 + 4 + 4] = 3;
   REQUIRE_FALSE(UnmaskResponseMessage::Parse(kind).ok());
 }
 
-// ---- The protocol end to end --------------------------------------------------------------------------------
+// ---- The protocol end to end
+// --------------------------------------------------------------------------------
 
 TEST_CASE("The unmasked sum equals the survivors' exact modular sum under dropouts at every stage",
           "[privacy][secagg][protocol]") {
@@ -786,7 +803,8 @@ TEST_CASE("A client stays aborted and refuses every later stage", "[privacy][sec
   REQUIRE(fresh->state() == SecAggClient::State::kAborted);
 }
 
-TEST_CASE("An honest server rejects a client whose model hash differs", "[privacy][secagg][session]") {
+TEST_CASE("An honest server rejects a client whose model hash differs",
+          "[privacy][secagg][session]") {
   const SessionConfig config = ConfigFor(10);
   const uint32_t victim = config.cohort[3];
   Faults faults;
@@ -817,9 +835,9 @@ TEST_CASE("A client given a different model hash aborts even if the server lets 
 
 TEST_CASE("A server that rewrites session ids for a mismatched client makes honest clients abort",
           "[privacy][secagg][session]") {
-  // The session id is the HKDF salt and in the GCM associated data, so shares made for one session do not
-  // open in another: the victim cannot open its neighbours' shares and they cannot open the victim's.
-  // Everyone involved aborts and nothing is released.
+  // The session id is the HKDF salt and in the GCM associated data, so shares made for one session
+  // do not open in another: the victim cannot open its neighbours' shares and they cannot open the
+  // victim's. Everyone involved aborts and nothing is released.
   const SessionConfig config = ConfigFor(10);
   const uint32_t victim = config.cohort[3];
   SessionConfig victim_config = config;
@@ -862,7 +880,8 @@ TEST_CASE("The server rejects duplicates, strangers and wrong lengths without ch
   REQUIRE(server->state() == SecAggServer::State::kAborted);
 }
 
-TEST_CASE("A client aborts when fewer than t neighbours advertised keys", "[privacy][secagg][protocol]") {
+TEST_CASE("A client aborts when fewer than t neighbours advertised keys",
+          "[privacy][secagg][protocol]") {
   const SessionConfig config = ConfigFor(10);
   SeededRandomSourceForSimulation random(2);
   auto client = SecAggClient::Create(config, config.cohort[0], random);
