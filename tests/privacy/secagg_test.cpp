@@ -862,8 +862,9 @@ TEST_CASE("A server that rewrites session ids for a mismatched client makes hone
   REQUIRE(o.server_abort.code() == absl::StatusCode::kAborted);
 }
 
-TEST_CASE("The server rejects duplicates, strangers and wrong lengths without changing state",
-          "[privacy][secagg][protocol]") {
+TEST_CASE(
+    "The server rejects duplicates, strangers and out-of-stage messages without changing state",
+    "[privacy][secagg][protocol]") {
   const SessionConfig config = ConfigFor(10);
   auto server = SecAggServer::Create(config);
   REQUIRE(server.ok());
