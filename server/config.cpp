@@ -112,6 +112,46 @@ const char* CodecName(v1::Codec codec) {
   }
 }
 
+// [privacy]: checked whether or not dp is on (a typo should not wait for the day DP is enabled), except the
+// values that only make sense with dp = true.
+static absl::Status ValidatePrivacy(const ServerConfig& c) {
+  const PrivacyConfig& p = c.privacy;
+  auto finite_at_least = [](double v, double lo, bool strict) {
+    return std::isfinite(v) && (strict ? v > lo : v >= lo);
+  };
+  if (!(p.delta > 0 && p.delta < 1)) return KeyError("privacy", "delta", StrCat("must be in (0, 1), got ", p.delta));
+  if (p.noise != "csprng" && p.noise != "seeded") {
+    return KeyError("privacy", "noise", StrCat("must be \"csprng\" or \"seeded\", got \"", p.noise, "\""));
+  }
+  if (p.expected_clients < 0) {
+    return KeyError("privacy", "expected_clients", StrCat("must be >= 0 (0 = clients_per_round), got ", p.expected_clients));
+  }
+  if (!finite_at_least(p.clip_norm, 0, false) || !finite_at_least(p.noise_multiplier, 0, false) ||
+      !finite_at_least(p.target_epsilon, 0, false)) {
+    return KeyError("privacy", "clip_norm/noise_multiplier/target_epsilon", "must be finite and >= 0");
+  }
+  if (!p.dp) return absl::OkStatus();
+  if (!(p.clip_norm > 0)) {
+    return KeyError("privacy", "clip_norm", StrCat("must be > 0 with dp = true, got ", p.clip_norm));
+  }
+  if (!(p.noise_multiplier > 0)) {
+    return KeyError("privacy", "noise_multiplier",
+                    StrCat("must be > 0 with dp = true, got ", p.noise_multiplier,
+                           " (`seedling privacy noise-for` calibrates it)"));
+  }
+  if (!(p.target_epsilon > 0)) {
+    return KeyError("privacy", "target_epsilon", StrCat("must be > 0 with dp = true, got ", p.target_epsilon));
+  }
+  if (c.clip_norm != 0 && c.clip_norm != p.clip_norm) {
+    return KeyError("training", "clip_norm",
+                    StrCat("is ", c.clip_norm, " but [privacy] clip_norm is ", p.clip_norm,
+                           "; with dp = true leave it out (devices clip to [privacy] clip_norm)"));
+  }
+  return absl::OkStatus();
+}
+
+double ServerConfig::EffectiveClipNorm() const { return privacy.dp ? privacy.clip_norm : clip_norm; }
+
 int64_t ServerConfig::EffectiveMinReports() const {
   return min_reports > 0 ? min_reports : std::max<int64_t>(1, (clients_per_round + 1) / 2);
 }
@@ -146,6 +186,7 @@ absl::Status ServerConfig::Validate() const {
   if (lora_targets.empty()) return KeyError("lora", "targets", "must name at least one projection");
   if (io_threads < 1 || max_connections < 1) return KeyError("server", "io_threads/max_connections", "must be >= 1");
   if (tick_ms < 10) return KeyError("server", "tick_ms", "must be >= 10");
+  SEEDLING_RETURN_IF_ERROR(ValidatePrivacy(*this));
   if (!(retry_jitter >= 0 && retry_jitter < 1) || retry_base_s < 1) {
     return KeyError("retry", "base_seconds/jitter", "need base >= 1 and 0 <= jitter < 1");
   }
@@ -168,7 +209,7 @@ absl::StatusOr<ServerConfig> ParseServerConfig(std::string_view toml_text, const
   auto table = [&](const char* name) { return root.get_as<toml::table>(name); };
   for (const auto& [key, value] : root) {
     const std::string k(key.str());
-    static const std::set<std::string> kTables = {"server", "model", "training", "lora", "strategy", "retry"};
+    static const std::set<std::string> kTables = {"server", "model", "training", "lora", "strategy", "privacy", "retry"};
     if (!kTables.count(k)) return absl::InvalidArgumentError(StrCat("unknown section [", k, "]"));
     if (!value.is_table()) return absl::InvalidArgumentError(StrCat("[", k, "] must be a table"));
   }
@@ -251,6 +292,16 @@ absl::StatusOr<ServerConfig> ParseServerConfig(std::string_view toml_text, const
   SEEDLING_RETURN_IF_ERROR(strategy.CheckNoUnknownKeys());
   s.total_rounds = c.rounds > 0 ? c.rounds : 100;
   s.max_update_norm = c.max_update_norm;
+
+  Section privacy(table("privacy"), "privacy");
+  SEEDLING_RETURN_IF_ERROR(privacy.Get("dp", c.privacy.dp));
+  SEEDLING_RETURN_IF_ERROR(privacy.Get("clip_norm", c.privacy.clip_norm));
+  SEEDLING_RETURN_IF_ERROR(privacy.Get("noise_multiplier", c.privacy.noise_multiplier));
+  SEEDLING_RETURN_IF_ERROR(privacy.Get("target_epsilon", c.privacy.target_epsilon));
+  SEEDLING_RETURN_IF_ERROR(privacy.Get("delta", c.privacy.delta));
+  SEEDLING_RETURN_IF_ERROR(privacy.Get("expected_clients", c.privacy.expected_clients));
+  SEEDLING_RETURN_IF_ERROR(privacy.Get("noise", c.privacy.noise));
+  SEEDLING_RETURN_IF_ERROR(privacy.CheckNoUnknownKeys());
 
   Section retry(table("retry"), "retry");
   SEEDLING_RETURN_IF_ERROR(retry.Get("base_seconds", c.retry_base_s));

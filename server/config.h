@@ -13,6 +13,21 @@
 
 namespace seedling::server {
 
+// [privacy]: client-level DP-FedAvg (server/dp_strategy.h) and its RDP accountant (privacy/accountant.h).
+struct PrivacyConfig {
+  bool dp = false;                 // wrap the strategy in DpStrategy, account and enforce the budget
+  double clip_norm = 0;            // C: L2 bound of each client's update (also sent to clients); > 0 with dp
+  double noise_multiplier = 0;     // z: noise std on the sum = z·C; > 0 with dp (`seedling privacy noise-for`)
+  double target_epsilon = 0;       // budget: no round opens whose ε after it would exceed this; > 0 with dp
+  double delta = 1e-5;             // δ of the (ε, δ) guarantee, in (0, 1)
+  int64_t expected_clients = 0;    // m, the fixed denominator of the estimator; 0 = clients_per_round
+  std::string noise = "csprng";    // "csprng" (deployment) or "seeded" (simulator only, reproducible)
+
+  int64_t EffectiveExpectedClients(int64_t clients_per_round) const {
+    return expected_clients > 0 ? expected_clients : clients_per_round;
+  }
+};
+
 struct ServerConfig {
   // [server]
   std::string state_dir = "seedling-state";  // SQLite database and checkpoints
@@ -51,7 +66,7 @@ struct ServerConfig {
   double epsilon = 0;                        // mezo / kseed / central differences; 0 = default
   int64_t perturbations = 8;                 // fwdgrad K
   comms::CodecOptions codec;                 // codec = "fp16", block_size = 64, topk_fraction = 0.01
-  double clip_norm = 0;                      // sent to clients (DP clipping, issue 6); 0 = none
+  double clip_norm = 0;                      // sent to clients; 0 = none ([privacy] clip_norm replaces it with dp)
   double max_update_norm = 0;                // reject updates with a larger L2 norm; 0 = no cap
   uint64_t max_update_bytes = 64ull << 20;   // encoded update cap
   int64_t max_inflight_uploads = 256;        // uploads being received at once
@@ -68,12 +83,16 @@ struct ServerConfig {
   // [strategy] (name default: fedavg; kseed for method kseed, fwdgrad for method fwdgrad)
   StrategyOptions strategy;
 
+  // [privacy]
+  PrivacyConfig privacy;
+
   // [retry]
   int64_t retry_base_s = 30;                 // RetryAfter for devices not selected
   double retry_jitter = 0.5;                 // ± fraction of uniform jitter
 
   int64_t EffectiveMinReports() const;
   int64_t SelectionQuota() const;            // ceil(target × over_selection)
+  double EffectiveClipNorm() const;          // privacy.clip_norm with DP on, else clip_norm (what tasks carry)
   absl::Status Validate() const;
 };
 

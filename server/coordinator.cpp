@@ -19,6 +19,8 @@
 #include "base/strings.h"
 #include "lora/adapter.h"
 #include "model/config.h"
+#include "privacy/dp.h"
+#include "server/dp_strategy.h"
 #include "spdlog/spdlog.h"
 
 namespace seedling::server {
@@ -219,6 +221,11 @@ Coordinator::Coordinator(const ServerConfig& config, const Clock* clock, Metrics
     tasks_total_ = &metrics_->AddCounter("seedling_tasks_assigned_total", "Tasks handed out.").Get();
     global_version_gauge_ = &metrics_->AddGauge("seedling_global_version", "Committed global version.").Get();
     connections_gauge_ = &metrics_->AddGauge("seedling_connections", "Open device connections.").Get();
+    if (config_.privacy.dp) {
+      dp_epsilon_gauge_ = &metrics_->AddGauge("seedling_dp_epsilon",
+                                              "Differential privacy spent by the committed rounds (epsilon at the "
+                                              "configured delta).").Get();
+    }
   }
 }
 
@@ -258,9 +265,40 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(const ServerCon
   c->num_parameters_ = adapter->numel();
 
   StrategyOptions strategy = config.strategy;
-  strategy.max_update_norm = config.max_update_norm;  // one setting, enforced by the strategy
+  // One setting, enforced by the strategy (by the DP wrapper with DP on: the inner strategy then sees only
+  // the noised aggregate, which is not a client update).
+  strategy.max_update_norm = config.privacy.dp ? 0.0 : config.max_update_norm;
   SEEDLING_ASSIGN_OR_RETURN(c->strategy_, MakeStrategy(strategy));
   SEEDLING_ASSIGN_OR_RETURN(const uint64_t version, c->store_->GlobalVersion());
+  if (config.privacy.dp) {
+    const PrivacyConfig& p = config.privacy;
+    DpStrategyOptions dp;
+    dp.clip_norm = p.clip_norm;
+    dp.noise_multiplier = p.noise_multiplier;
+    dp.expected_clients = static_cast<double>(p.EffectiveExpectedClients(config.clients_per_round));
+    dp.max_update_norm = config.max_update_norm;
+    dp.kseed_pool_size = config.strategy.kseed_pool_size;
+    // The seeded stream (simulator only) continues from the committed version, so a restart does not
+    // replay the noise of earlier rounds.
+    SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<privacy::NoiseSource> noise,
+                              privacy::MakeNoiseSource(p.noise, config.seed ^ ((version + 1) * 0x9E3779B97F4A7C15ULL)));
+    if (!noise->cryptographically_secure()) {
+      spdlog::warn("DP noise comes from a seeded stream (noise = \"{}\"): reproducible for simulation, NOT private",
+                   p.noise);
+    }
+    SEEDLING_ASSIGN_OR_RETURN(c->strategy_, MakeDpStrategy(std::move(c->strategy_), dp, std::move(noise)));
+    // The budget spent so far, from the rounds the store committed.
+    c->accountant_.emplace();
+    SEEDLING_ASSIGN_OR_RETURN(std::vector<DpSpend> spent, c->store_->DpLedger());
+    for (const DpSpend& s : spent) {
+      SEEDLING_RETURN_IF_ERROR(c->accountant_->Compose(s.sampling_rate, s.noise_multiplier, s.steps));
+    }
+    SEEDLING_ASSIGN_OR_RETURN(privacy::PrivacySpent eps, c->accountant_->GetEpsilon(p.delta));
+    c->dp_epsilon_ = eps.epsilon;
+    if (c->dp_epsilon_gauge_ != nullptr) c->dp_epsilon_gauge_->Set(eps.epsilon);
+    spdlog::info("differential privacy: clip {} noise multiplier {}, {} rounds spent epsilon {:.4g} of {} (delta {})",
+                 p.clip_norm, p.noise_multiplier, spent.size(), eps.epsilon, p.target_epsilon, p.delta);
+  }
   c->global_.version = version;
   if (version == 0) {
     // Version 0 is the adapter's deterministic initialization: the same bits every device computes.
@@ -360,7 +398,7 @@ v1::Task Coordinator::MakeTaskLocked(const RoundRecord& round, const TaskRecord&
   t.mutable_codec()->set_codec(config_.codec.codec);
   t.mutable_codec()->set_block_size(config_.codec.block_size);
   t.mutable_codec()->set_topk_fraction(config_.codec.topk_fraction);
-  t.set_clip_norm(static_cast<float>(config_.clip_norm));
+  t.set_clip_norm(static_cast<float>(config_.EffectiveClipNorm()));
   t.set_deadline_ms(static_cast<uint64_t>(round.deadline_ms));
   t.set_num_parameters(static_cast<uint64_t>(num_parameters_));
   t.set_max_update_bytes(config_.max_update_bytes);
@@ -763,14 +801,39 @@ void Coordinator::FinishRoundLocked(int64_t now) {
   nlohmann::json result = {{"accepted", round_->accepted}, {"selected", round_->selected},
                            {"rejected", stats_->rejected}, {"bytes_up", stats_->bytes_up},
                            {"bytes_down", stats_->bytes_down}};
+  // DP: this round's cost, recorded in the commit's transaction; the accountant moves on only once it is
+  // durable.
+  std::optional<DpSpend> dp_spend;
+  std::optional<privacy::RdpAccountant> dp_next;
+  double dp_epsilon_next = NAN;
+  if (accountant_.has_value()) {
+    dp_spend = DpSpend{round_id, round_sampling_rate_, config_.privacy.noise_multiplier, 1};
+    dp_next = *accountant_;
+    absl::Status composed = dp_next->Compose(dp_spend->sampling_rate, dp_spend->noise_multiplier, dp_spend->steps);
+    absl::StatusOr<privacy::PrivacySpent> eps =
+        composed.ok() ? dp_next->GetEpsilon(config_.privacy.delta) : absl::StatusOr<privacy::PrivacySpent>(composed);
+    if (!eps.ok()) {
+      AbortRoundLocked(now, StrCat("privacy accounting failed: ", eps.status().message()));
+      return;
+    }
+    dp_epsilon_next = eps->epsilon;
+    result["dp_epsilon"] = dp_epsilon_next;
+    result["dp_sampling_rate"] = dp_spend->sampling_rate;
+  }
   if (stats_->loss_count > 0) {
     result["loss_start"] = stats_->loss_start_sum / static_cast<double>(stats_->loss_count);
     result["loss_end"] = stats_->loss_end_sum / static_cast<double>(stats_->loss_count);
   }
   for (const auto& [k, v] : outcome->metrics) result[k] = v;
-  if (absl::Status st = store_->CommitRound(round_id, next.version, now, result.dump(), seed_blob); !st.ok()) {
+  if (absl::Status st = store_->CommitRound(round_id, next.version, now, result.dump(), seed_blob, dp_spend);
+      !st.ok()) {
     AbortRoundLocked(now, StrCat("commit failed: ", st.message()));
     return;
+  }
+  if (dp_next.has_value()) {
+    accountant_ = std::move(dp_next);
+    dp_epsilon_ = dp_epsilon_next;
+    if (dp_epsilon_gauge_ != nullptr) dp_epsilon_gauge_->Set(dp_epsilon_);
   }
   global_ = std::move(next);
   global_bytes_ = ParamsBytes(global_.params);
@@ -790,6 +853,7 @@ void Coordinator::Tick() {
   const int64_t now = clock_->NowMs();
   if (!round_.has_value()) {
     if (config_.rounds > 0 && finished_rounds_ >= config_.rounds) return;
+    if (accountant_.has_value() && !DpAllowsNextRoundLocked()) return;
     if (absl::Status st = OpenRoundLocked(now); !st.ok()) {
       spdlog::error("cannot open a round: {}", std::string(st.message()));
       health_ = st;
@@ -822,7 +886,55 @@ void Coordinator::Shutdown() {
 
 bool Coordinator::Finished() {
   std::lock_guard<std::mutex> lock(mu_);
-  return config_.rounds > 0 && finished_rounds_ >= config_.rounds && !round_.has_value();
+  const bool limit = config_.rounds > 0 && finished_rounds_ >= config_.rounds;
+  return (limit || !dp_refusal_.empty()) && !round_.has_value();
+}
+
+double Coordinator::dp_epsilon() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return dp_epsilon_;
+}
+
+absl::StatusOr<double> Coordinator::DpSamplingRateLocked() {
+  // Selection is approximated as Poisson sampling with rate q = (clients whose updates a round can
+  // aggregate) / (registered devices): a round aggregates at most clients_per_round reports (the larger
+  // of that and expected_clients is used, to stay conservative). The real selection takes the first
+  // eligible devices that check in, which is not Poisson; README "Differential privacy" says so.
+  SEEDLING_ASSIGN_OR_RETURN(std::vector<DeviceRecord> devices, store_->ListDevices());
+  const double per_round = static_cast<double>(
+      std::max(config_.clients_per_round, config_.privacy.EffectiveExpectedClients(config_.clients_per_round)));
+  if (devices.empty()) return 1.0;
+  return std::min(1.0, per_round / static_cast<double>(devices.size()));
+}
+
+bool Coordinator::DpAllowsNextRoundLocked() {
+  const PrivacyConfig& p = config_.privacy;
+  absl::StatusOr<double> q = DpSamplingRateLocked();
+  std::string refusal;
+  if (!q.ok()) {
+    refusal = StrCat("no round opens: cannot count registered devices for privacy accounting: ", q.status().message());
+  } else {
+    privacy::RdpAccountant next = *accountant_;
+    absl::Status composed = next.Compose(*q, p.noise_multiplier, 1);
+    absl::StatusOr<privacy::PrivacySpent> eps =
+        composed.ok() ? next.GetEpsilon(p.delta) : absl::StatusOr<privacy::PrivacySpent>(composed);
+    if (!eps.ok()) {
+      refusal = StrCat("no round opens: privacy accounting failed: ", eps.status().message());
+    } else if (eps->epsilon > p.target_epsilon) {
+      refusal = StrCat("privacy budget exhausted: the next round (sampling rate ", *q, ", noise multiplier ",
+                       p.noise_multiplier, ") would bring epsilon from ", absl::StrFormat("%.4g", dp_epsilon_), " to ",
+                       absl::StrFormat("%.4g", eps->epsilon), " at delta ", p.delta, ", over target_epsilon ",
+                       p.target_epsilon, "; no round is opened");
+    }
+  }
+  if (!refusal.empty()) {
+    if (refusal != dp_refusal_) spdlog::warn("{}", refusal);  // once, not every tick
+    dp_refusal_ = refusal;
+    return false;
+  }
+  dp_refusal_.clear();
+  round_sampling_rate_ = *q;
+  return true;
 }
 
 DashboardRound Coordinator::ToDashboard(const RoundRecord& r) {
@@ -873,6 +985,12 @@ DashboardSnapshot Coordinator::Snapshot() {
     }
   }
   s.rejected_by_reason = rejected_by_reason_;
+  s.epsilon = dp_epsilon_;
+  if (config_.privacy.dp) {
+    s.dp_target_epsilon = config_.privacy.target_epsilon;
+    s.dp_delta = config_.privacy.delta;
+    s.dp_refusal = dp_refusal_;
+  }
   if (auto devices = store_->ListDevices(); devices.ok()) s.devices_registered = static_cast<int64_t>(devices->size());
   s.connections = connections_;
   return s;

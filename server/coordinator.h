@@ -13,15 +13,18 @@
 //
 // Thread-safety: every public method may be called from any thread (one mutex guards the state).
 
+#include <cmath>
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "comms/transport.h"
+#include "privacy/accountant.h"
 #include "server/config.h"
 #include "server/http.h"
 #include "server/metrics.h"
@@ -78,8 +81,13 @@ class Coordinator {
   // selection, aggregates at the target or the deadline, aborts below min_reports. Call every tick_ms.
   void Tick();
 
-  // True once `rounds` rounds (if > 0) have finished.
+  // True once `rounds` rounds (if > 0) have finished, or, with [privacy] dp, once the next round would exceed
+  // target_epsilon (no active round either way).
   bool Finished();
+
+  // With [privacy] dp: ε spent by the committed rounds at the configured δ (RDP accountant, Balle et al.
+  // 2020 conversion), 0 before the first; NaN when DP is off. The simulator reports this.
+  double dp_epsilon();
 
   // Graceful shutdown (after the transport stopped): an active round is aborted ("server shut down"), so
   // its devices are told to retry when the server is back; nothing acknowledged is lost.
@@ -126,6 +134,9 @@ class Coordinator {
   void FinishRoundLocked(int64_t now);
   void AbortRoundLocked(int64_t now, const std::string& reason);
   uint32_t RetrySecondsLocked();
+  // [privacy] dp: q for the next round, and whether the budget allows it (false: dp_refusal_ says why).
+  absl::StatusOr<double> DpSamplingRateLocked();
+  bool DpAllowsNextRoundLocked();
 
   // Constant after construction.
   const ServerConfig config_;
@@ -140,6 +151,7 @@ class Coordinator {
   Counter* tasks_total_ = nullptr;
   Gauge* global_version_gauge_ = nullptr;
   Gauge* connections_gauge_ = nullptr;
+  Gauge* dp_epsilon_gauge_ = nullptr;  // only with [privacy] dp
   std::string model_id_;
   int64_t num_parameters_ = 0;
 
@@ -158,6 +170,12 @@ class Coordinator {
   uint64_t retry_counter_ = 0;
   absl::Status health_;
   int64_t connections_ = 0;
+  // [privacy] dp only (guarded by mu_): the accountant composed from the store's dp_rounds, the ε it gives,
+  // the sampling rate fixed when the active round opened, and why no round opens (empty when one may).
+  std::optional<privacy::RdpAccountant> accountant_;
+  double dp_epsilon_ = NAN;
+  double round_sampling_rate_ = 0;
+  std::string dp_refusal_;
 };
 
 }  // namespace seedling::server

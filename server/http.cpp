@@ -353,6 +353,9 @@ std::string RenderStatusJson(const DashboardSnapshot& s) {
       {"devices_registered", s.devices_registered},
       {"connections", s.connections},
       {"epsilon", NumberOrNull(s.epsilon)},
+      {"dp_target_epsilon", NumberOrNull(s.dp_target_epsilon)},
+      {"dp_delta", NumberOrNull(s.dp_delta)},
+      {"dp_refusal", s.dp_refusal},
   };
   // replace: a reason string carrying a peer's bytes must not make dump() throw.
   return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
@@ -370,10 +373,15 @@ std::string RenderDashboardHtml(const DashboardSnapshot& s, int refresh_seconds)
   html += StrCat("<span>global model version ", s.global_version, "</span>");
   html += StrCat("<span>devices registered ", s.devices_registered, "</span>");
   html += StrCat("<span>open connections ", s.connections, "</span>");
-  html += StrCat("<span>",
-                 std::isfinite(s.epsilon) ? StrCat("privacy spent ε = ", Printf("%.4g", s.epsilon))
-                                          : std::string("differential privacy off"),
-                 "</span></p>\n");
+  std::string privacy = "differential privacy off";
+  if (std::isfinite(s.epsilon)) {
+    privacy = StrCat("privacy spent ε = ", Printf("%.4g", s.epsilon));
+    if (std::isfinite(s.dp_target_epsilon)) {
+      privacy += StrCat(" of ", Printf("%.4g", s.dp_target_epsilon), " (δ = ", Printf("%.3g", s.dp_delta), ")");
+    }
+  }
+  html += StrCat("<span>", privacy, "</span></p>\n");
+  if (!s.dp_refusal.empty()) html += StrCat("<p class=\"dp-refusal\">", HtmlEscape(s.dp_refusal), "</p>\n");
 
   html += "<h2>Current round</h2>\n";
   if (s.current) {

@@ -59,6 +59,9 @@ struct DashboardSnapshot {
   int64_t devices_registered = 0;
   int64_t connections = 0;
   double epsilon = NAN;  // DP budget spent so far; NaN when DP is off
+  double dp_target_epsilon = NAN;  // the budget ([privacy] target_epsilon); NaN when DP is off
+  double dp_delta = NAN;           // its δ; NaN when DP is off
+  std::string dp_refusal;          // why no round opens (budget exhausted), empty otherwise
 };
 
 // The snapshot as a JSON object with the field names above; NaN numbers become null, `current` is

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <bit>
 #include <cctype>
+#include <cmath>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -69,7 +70,7 @@ class UniqueFd {
   int fd_ = -1;
 };
 
-constexpr int kSchemaVersion = 1;
+constexpr int kSchemaVersion = 2;
 // PRAGMA application_id, so a stray SQLite file is not mistaken for (and migrated into) a state
 // database.
 constexpr int32_t kApplicationId = 0x53444c47;  // "SDLG"
@@ -216,6 +217,7 @@ class Query {
   // SQLite integers are signed 64-bit; unsigned values round-trip bit for bit through the cast.
   Query& Bind(uint64_t v) { return Bind(static_cast<int64_t>(v)); }
   Query& Bind(int v) { return Bind(static_cast<int64_t>(v)); }
+  Query& Bind(double v) { return Note(sqlite3_bind_double(stmt_, ++next_, v)); }
   // A null data pointer would bind SQL NULL, so empty strings get a real (empty) one.
   Query& Bind(std::string_view v) {
     return Note(sqlite3_bind_text64(stmt_, ++next_, v.empty() ? "" : v.data(), v.size(),
@@ -351,6 +353,16 @@ CREATE TABLE checkpoints (
   file TEXT NOT NULL,  -- relative to the state directory, so the directory can be moved
   sha256 TEXT NOT NULL,
   round_id INTEGER REFERENCES rounds (round_id)  -- NULL for the initial version 0
+) STRICT;
+)sql",
+    // 1 → 2: the differential-privacy budget, one row per committed round that released a noised aggregate
+    // (written in CommitRound's transaction, so the budget spent and the published versions always agree).
+    R"sql(
+CREATE TABLE dp_rounds (
+  round_id INTEGER PRIMARY KEY REFERENCES rounds (round_id),
+  sampling_rate REAL NOT NULL CHECK (sampling_rate >= 0 AND sampling_rate <= 1),
+  noise_multiplier REAL NOT NULL CHECK (noise_multiplier >= 0),
+  steps INTEGER NOT NULL CHECK (steps >= 0)
 ) STRICT;
 )sql",
 };
@@ -1066,7 +1078,14 @@ absl::Status Store::IncrementSelected(uint64_t round_id) {
 }
 
 absl::Status Store::CommitRound(uint64_t round_id, uint64_t new_version, int64_t now_ms,
-                                const std::string& result_json, const std::string& seed_sums_blob) {
+                                const std::string& result_json, const std::string& seed_sums_blob,
+                                const std::optional<DpSpend>& dp) {
+  if (dp.has_value() && (!(dp->sampling_rate >= 0 && dp->sampling_rate <= 1) ||
+                         !(dp->noise_multiplier >= 0) || !std::isfinite(dp->noise_multiplier) || dp->steps < 0)) {
+    return absl::InvalidArgumentError(StrCat("round ", round_id, ": DP spend needs sampling rate in [0, 1], noise ",
+                                             "multiplier >= 0 and steps >= 0, got ", dp->sampling_rate, ", ",
+                                             dp->noise_multiplier, ", ", dp->steps));
+  }
   Impl& im = *impl_;
   std::lock_guard<std::mutex> ck(im.checkpoint_mu);
   std::lock_guard<std::mutex> lock(im.mu);
@@ -1113,8 +1132,28 @@ absl::Status Store::CommitRound(uint64_t round_id, uint64_t new_version, int64_t
       q.Bind(new_version).Bind(round_id).BindBlob(seed_sums_blob);
       SEEDLING_RETURN_IF_ERROR(q.Run());
     }
+    if (dp.has_value()) {
+      SEEDLING_ASSIGN_OR_RETURN(
+          Query q, im.Sql("INSERT INTO dp_rounds (round_id, sampling_rate, noise_multiplier, steps) VALUES (?, ?, ?, ?)"));
+      q.Bind(round_id).Bind(dp->sampling_rate).Bind(dp->noise_multiplier).Bind(dp->steps);
+      SEEDLING_RETURN_IF_ERROR(q.Run());
+    }
     return absl::OkStatus();
   });
+}
+
+absl::StatusOr<std::vector<DpSpend>> Store::DpLedger() {
+  Impl& im = *impl_;
+  std::lock_guard<std::mutex> lock(im.mu);
+  std::vector<DpSpend> out;
+  SEEDLING_ASSIGN_OR_RETURN(
+      Query q, im.Sql("SELECT round_id, sampling_rate, noise_multiplier, steps FROM dp_rounds ORDER BY round_id"));
+  while (true) {
+    SEEDLING_ASSIGN_OR_RETURN(bool row, q.Step());
+    if (!row) break;
+    out.push_back({q.UInt(0), q.Double(1), q.Double(2), q.Int(3)});
+  }
+  return out;
 }
 
 absl::Status Store::AbortRound(uint64_t round_id, int64_t now_ms, const std::string& reason) {

@@ -93,6 +93,15 @@ struct CheckpointRecord {
   std::string sha256;  // hex SHA-256 of the file, as recorded when it was committed
 };
 
+// The differential-privacy cost of one committed round: `steps` steps of the Poisson-subsampled Gaussian
+// at this sampling rate and noise multiplier (privacy/accountant.h composes them).
+struct DpSpend {
+  uint64_t round_id = 0;
+  double sampling_rate = 0;
+  double noise_multiplier = 0;
+  int64_t steps = 1;
+};
+
 // One named fp32 vector of a checkpoint (the global adapter, optimizer moments, ...).
 struct NamedVector {
   std::string name;
@@ -142,10 +151,14 @@ class Store {
   // Aggregating → Committed in one transaction: the round gets `new_version` (which must be the current
   // global version + 1), the global version becomes `new_version`, the checkpoint (already written with
   // WriteCheckpoint for `new_version`) becomes the current one, and the seed sums (if any) are recorded.
-  // The SHA-256 recorded for the checkpoint is computed from the file at commit time.
-  // FailedPrecondition for a wrong state or version or a missing checkpoint file.
+  // The SHA-256 recorded for the checkpoint is computed from the file at commit time. With `dp`, the
+  // round's privacy cost is recorded in the same transaction (round_id taken from the call).
+  // FailedPrecondition for a wrong state or version or a missing checkpoint file; InvalidArgument for a
+  // DP spend out of range.
   absl::Status CommitRound(uint64_t round_id, uint64_t new_version, int64_t now_ms, const std::string& result_json,
-                           const std::string& seed_sums_blob = "");
+                           const std::string& seed_sums_blob = "", const std::optional<DpSpend>& dp = std::nullopt);
+  // Every recorded DP spend, by round id ascending.
+  absl::StatusOr<std::vector<DpSpend>> DpLedger();
   // Any non-final state → Aborted.
   absl::Status AbortRound(uint64_t round_id, int64_t now_ms, const std::string& reason);
 

@@ -1,0 +1,237 @@
+#include "server/dp_strategy.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <map>
+#include <utility>
+
+#include "base/philox.h"
+#include "base/status.h"
+#include "base/strings.h"
+#include "comms/codec.h"
+
+namespace seedling::server {
+namespace {
+
+absl::Status InvalidUpdate(const UpdateView& update, std::string_view what) {
+  return absl::InvalidArgumentError(StrCat("update from device '", update.device_id, "': ", what));
+}
+
+bool IsDenseCodec(v1::Codec codec) {
+  return codec == v1::CODEC_FP32 || codec == v1::CODEC_FP16 || codec == v1::CODEC_INT8 ||
+         codec == v1::CODEC_INT4 || codec == v1::CODEC_TOPK;
+}
+
+}  // namespace
+
+DpStrategy::DpStrategy(std::unique_ptr<Strategy> inner, DpStrategyOptions options,
+                       std::unique_ptr<privacy::NoiseSource> noise)
+    : inner_(std::move(inner)),
+      options_(options),
+      kseed_(inner_->name() == "kseed"),
+      fwdgrad_(inner_->name() == "fwdgrad"),
+      noise_(std::move(noise)) {}
+
+void DpStrategy::ConfigureTask(uint64_t round_index, v1::Task& task) const {
+  inner_->ConfigureTask(round_index, task);
+  task.set_clip_norm(static_cast<float>(options_.clip_norm));  // clients clip before upload
+}
+
+absl::Status DpStrategy::BeginRound(const GlobalModel& global) {
+  // The inner strategy checks the model (buffers, size) now, so a bad model fails at the round's start.
+  SEEDLING_RETURN_IF_ERROR(inner_->BeginRound(global));
+  std::lock_guard<std::mutex> lock(mu_);
+  open_ = true;
+  numel_ = global.params.size();
+  sum_.assign(kseed_ ? options_.kseed_pool_size : numel_, 0.0);
+  scratch_.assign(kseed_ ? 0 : numel_, 0.0f);
+  clients_ = 0;
+  examples_ = 0;
+  clipped_ = 0;
+  failures_ = 0;
+  client_norm_sum_ = 0;
+  return absl::OkStatus();
+}
+
+absl::Status DpStrategy::Accumulate(const UpdateView& update) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!open_) return absl::FailedPreconditionError(StrCat("strategy ", name(), ": no round begun"));
+  if (update.num_examples == 0) return InvalidUpdate(update, "num_examples must be > 0, got 0");
+  if (update.num_examples > std::numeric_limits<uint64_t>::max() - examples_) {
+    return InvalidUpdate(update, StrCat("num_examples ", update.num_examples, " overflows the round's total"));
+  }
+  SEEDLING_RETURN_IF_ERROR(kseed_ ? AccumulateSeedsLocked(update) : AccumulateDenseLocked(update));
+  ++clients_;
+  examples_ += update.num_examples;
+  return absl::OkStatus();
+}
+
+absl::Status DpStrategy::AccumulateDenseLocked(const UpdateView& update) {
+  absl::StatusOr<comms::PayloadInfo> info = comms::InspectPayload(update.payload);
+  if (!info.ok()) return InvalidUpdate(update, FromAbsl(info.status().message()));
+  // Step 1: decode the whole update into the scratch buffer (nothing is added until it passed).
+  std::fill(scratch_.begin(), scratch_.end(), 0.0f);
+  if (IsDenseCodec(info->codec)) {
+    if (info->numel != numel_) {
+      return InvalidUpdate(update, StrCat("the update has ", info->numel, " elements, the global model ", numel_));
+    }
+    if (absl::Status st = comms::DecodeDenseAdd(update.payload, 1.0f, scratch_); !st.ok()) {
+      return InvalidUpdate(update, FromAbsl(st.message()));
+    }
+  } else if (fwdgrad_ && info->codec == v1::CODEC_SEED_SCALARS && info->seed_kind == comms::SeedScalarKind::kSeed) {
+    // FwdLLM pairs: g = Σ_k value_k z(seed_k), the inner strategy's rebuild (optim::AddSeededNormal order).
+    absl::StatusOr<std::vector<comms::SeedValueScalar>> pairs = comms::DecodeSeedValueScalars(update.payload);
+    if (!pairs.ok()) return InvalidUpdate(update, FromAbsl(pairs.status().message()));
+    for (const comms::SeedValueScalar& p : *pairs) {
+      seedling::AddNormal({p.seed, rng_stream::kPerturbation}, 0, p.value, scratch_);
+    }
+  } else {
+    return absl::InvalidArgumentError(StrCat("strategy ", name(), " does not accept codec ",
+                                             v1::Codec_Name(info->codec)));
+  }
+  // Step 2: the cap (reject), then the clip (McMahan et al. 2018 Alg. 1, ClipFn: Δ · min(1, C/‖Δ‖)).
+  double norm2 = 0.0;
+  for (float v : scratch_) norm2 += static_cast<double>(v) * v;
+  const double norm = std::sqrt(norm2);
+  if (!std::isfinite(norm)) return InvalidUpdate(update, "the update is not finite");
+  if (options_.max_update_norm > 0 && norm > options_.max_update_norm) {
+    return InvalidUpdate(update, StrCat("L2 norm ", norm, " exceeds max_update_norm ", options_.max_update_norm));
+  }
+  absl::StatusOr<privacy::ClipResult> clip = privacy::ClipToL2Norm(scratch_, options_.clip_norm);
+  if (!clip.ok()) return InvalidUpdate(update, FromAbsl(clip.status().message()));
+  // Step 3: S += clip(Δ_c), weight 1.
+  for (size_t i = 0; i < numel_; ++i) sum_[i] += static_cast<double>(scratch_[i]);
+  if (clip->clipped()) ++clipped_;
+  client_norm_sum_ += norm;
+  return absl::OkStatus();
+}
+
+absl::Status DpStrategy::AccumulateSeedsLocked(const UpdateView& update) {
+  absl::StatusOr<comms::PayloadInfo> info = comms::InspectPayload(update.payload);
+  if (!info.ok()) return InvalidUpdate(update, FromAbsl(info.status().message()));
+  if (info->codec != v1::CODEC_SEED_SCALARS || info->seed_kind != comms::SeedScalarKind::kIndex) {
+    return absl::InvalidArgumentError(StrCat("strategy ", name(), " does not accept codec ",
+                                             v1::Codec_Name(info->codec), " without (seed index, scalar) pairs"));
+  }
+  absl::StatusOr<std::vector<comms::SeedIndexScalar>> pairs =
+      comms::DecodeSeedIndexScalars(update.payload, options_.kseed_pool_size);
+  if (!pairs.ok()) return InvalidUpdate(update, FromAbsl(pairs.status().message()));
+  // Each scalar to |ĝ| ≤ C (DESIGN.md §6), then the client's per-seed vector v_c (v_c,i = Σ of its scalars
+  // on seed i) to ‖v_c‖₂ ≤ C: the sensitivity the noise is calibrated to.
+  std::vector<float> values(pairs->size());
+  double raw2 = 0.0;
+  for (size_t k = 0; k < pairs->size(); ++k) {
+    values[k] = (*pairs)[k].value;
+    raw2 += static_cast<double>(values[k]) * values[k];
+  }
+  absl::StatusOr<int64_t> scalars_clipped = privacy::ClipScalars(values, options_.clip_norm);
+  if (!scalars_clipped.ok()) return InvalidUpdate(update, FromAbsl(scalars_clipped.status().message()));
+  std::map<uint32_t, double> per_seed;
+  for (size_t k = 0; k < pairs->size(); ++k) per_seed[(*pairs)[k].index] += static_cast<double>(values[k]);
+  double v2 = 0.0;
+  for (const auto& [index, v] : per_seed) v2 += v * v;
+  const double vnorm = std::sqrt(v2);
+  double scale = 1.0;
+  // (1 − 1e-12): S is summed in double, so the bound holds after rounding too.
+  if (vnorm > options_.clip_norm) scale = options_.clip_norm / vnorm * (1.0 - 1e-12);
+  for (const auto& [index, v] : per_seed) sum_[index] += v * scale;
+  if (*scalars_clipped > 0 || scale < 1.0) ++clipped_;
+  client_norm_sum_ += std::sqrt(raw2);
+  return absl::OkStatus();
+}
+
+void DpStrategy::RecordFailure(const std::string& device_id, const std::string& reason) {
+  (void)device_id, (void)reason;
+  std::lock_guard<std::mutex> lock(mu_);
+  ++failures_;
+}
+
+int64_t DpStrategy::accumulated() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return clients_;
+}
+
+absl::StatusOr<RoundOutcome> DpStrategy::FinishRound(GlobalModel& global) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!open_ || clients_ == 0) {
+    return absl::FailedPreconditionError(StrCat("strategy ", name(), ": nothing accumulated in this round"));
+  }
+  if (global.params.size() != numel_) {
+    return absl::FailedPreconditionError(
+        StrCat("the global model has ", global.params.size(), " parameters; the round began with ", numel_));
+  }
+  // Δ = (S + N(0, z²C² I)) / m (REFERENCES.md §9a steps 4–5): noise on the sum, then the fixed denominator.
+  // Noise is drawn into the sum in place; on failure the round is not released.
+  const double sum_stddev = options_.noise_multiplier * options_.clip_norm;
+  if (absl::Status st = noise_->AddGaussian(sum_stddev, sum_); !st.ok()) {
+    open_ = false;
+    return absl::InternalError(StrCat("DP noise: ", st.message()));
+  }
+  const double m = options_.expected_clients;
+  std::string payload;
+  if (kseed_) {
+    std::vector<comms::SeedIndexScalar> pairs;
+    pairs.reserve(sum_.size());
+    for (size_t i = 0; i < sum_.size(); ++i) {
+      pairs.push_back({static_cast<uint32_t>(i), static_cast<float>(sum_[i] / m)});
+    }
+    payload = comms::EncodeSeedIndexScalars(pairs);
+  } else {
+    for (size_t i = 0; i < numel_; ++i) scratch_[i] = static_cast<float>(sum_[i] / m);
+    comms::CodecOptions fp32;
+    fp32.codec = v1::CODEC_FP32;
+    absl::StatusOr<std::string> encoded = comms::EncodeDense(scratch_, fp32, 0);
+    if (!encoded.ok()) {
+      open_ = false;
+      return absl::InternalError(StrCat("encoding the noised aggregate: ", encoded.status().message()));
+    }
+    payload = *std::move(encoded);
+  }
+  open_ = false;
+  sum_.clear();
+  sum_.shrink_to_fit();
+
+  // The inner strategy's mean of this one weight-1 update is Δ; it applies its own step.
+  SEEDLING_RETURN_IF_ERROR(inner_->BeginRound(global));
+  UpdateView aggregate;
+  aggregate.device_id = "dp-aggregate";
+  aggregate.num_examples = 1;
+  aggregate.payload = payload;
+  if (absl::Status st = inner_->Accumulate(aggregate); !st.ok()) {
+    return absl::InternalError(StrCat("the inner strategy refused the noised aggregate: ", st.message()));
+  }
+  SEEDLING_ASSIGN_OR_RETURN(RoundOutcome outcome, inner_->FinishRound(global));
+  outcome.metrics["clients"] = static_cast<double>(clients_);
+  outcome.metrics["examples"] = static_cast<double>(examples_);
+  outcome.metrics["mean_client_norm"] = client_norm_sum_ / static_cast<double>(clients_);
+  outcome.metrics["failures"] = static_cast<double>(failures_);
+  outcome.metrics["dp_clipped"] = static_cast<double>(clipped_);
+  outcome.metrics["dp_noise_stddev"] = sum_stddev / m;
+  outcome.metrics["dp_expected_clients"] = m;
+  return outcome;
+}
+
+absl::StatusOr<std::unique_ptr<Strategy>> MakeDpStrategy(std::unique_ptr<Strategy> inner, const DpStrategyOptions& o,
+                                                         std::unique_ptr<privacy::NoiseSource> noise) {
+  if (inner == nullptr) return absl::InvalidArgumentError("DP needs an inner strategy");
+  if (noise == nullptr) return absl::InvalidArgumentError("DP needs a noise source");
+  if (!(o.clip_norm > 0) || !std::isfinite(o.clip_norm)) {
+    return absl::InvalidArgumentError(StrCat("DP clip_norm must be finite and > 0, got ", o.clip_norm));
+  }
+  if (!(o.noise_multiplier >= 0) || !std::isfinite(o.noise_multiplier)) {
+    return absl::InvalidArgumentError(StrCat("DP noise_multiplier must be finite and >= 0, got ", o.noise_multiplier));
+  }
+  if (!(o.expected_clients > 0) || !std::isfinite(o.expected_clients)) {
+    return absl::InvalidArgumentError(StrCat("DP expected_clients must be finite and > 0, got ", o.expected_clients));
+  }
+  if (!(o.max_update_norm >= 0) || !std::isfinite(o.max_update_norm)) {
+    return absl::InvalidArgumentError(StrCat("max_update_norm must be finite and >= 0, got ", o.max_update_norm));
+  }
+  if (inner->name() == "kseed" && o.kseed_pool_size < 1) {
+    return absl::InvalidArgumentError("kseed_pool_size must be >= 1, got 0");
+  }
+  return std::unique_ptr<Strategy>(new DpStrategy(std::move(inner), o, std::move(noise)));
+}
+
+}  // namespace seedling::server

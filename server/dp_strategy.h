@@ -1,0 +1,100 @@
+#pragma once
+
+// Client-level differential privacy as a Strategy wrapper (DESIGN.md §5–6, CONVENTIONS.md §3): DP-FedAvg
+// (McMahan et al. 2018, REFERENCES.md §9a) around any built-in strategy, which keeps doing the server
+// optimizer step (fedavg family), FwdLLM's step (fwdgrad) or FedKSeed's seed-sum step (kseed).
+//
+// Per round, with clip norm C, noise multiplier z and expected clients m = q·N (the fixed denominator):
+//   1. Accumulate: each update is decoded and validated (as the inner strategy would), rejected above
+//      max_update_norm when that cap is set, then clipped: dense updates (Δ_c, or g_c for fwdgrad) flat in
+//      L2 to C (Alg. 1 ClipFn, privacy::ClipToL2Norm); kseed uploads scalar by scalar to |ĝ| ≤ C
+//      (privacy::ClipScalars) and then, summed per seed index, as a K-vector to L2 norm C, because a client
+//      may upload many scalars and only the whole per-seed vector's norm bounds its sensitivity.
+//      Clients clip before upload too (the task carries C); the server clips again because a codec's
+//      rounding can push a clipped update a little above C and a client may not be honest.
+//      Every client has weight 1 (uniform w_k): example-count weights would make the sensitivity
+//      unbounded. S = Σ_c clip(Δ_c) is kept in double.
+//   2. FinishRound: Δ = (S + N(0, z²C² I)) / m  (Alg. 1 lines 4–5 with w_k = 1, W = N: the noise is added to
+//      the sum, whose sensitivity is C, and the result is divided by the fixed m, never by the number of
+//      clients that actually reported, which is itself private). For kseed the noise goes on all K
+//      per-seed sums, not only on seeds someone used (which seeds were used would otherwise leak).
+//      Δ is then handed to the inner strategy as one update of weight 1 (fp32 for dense strategies, K
+//      (index, value) pairs for kseed): the inner strategy's mean of one update is Δ itself, so its
+//      optimizer, buffers, schedules and kseed's published sums work unchanged, through its interface.
+//   Noise is added once per round to the aggregate, not per client (central DP: the server is trusted with
+//   the sum; with SecAgg it only ever sees the sum).
+//
+// Metrics: the inner strategy's ("update_norm", "lr", "seeds"), with "clients", "examples",
+// "mean_client_norm" (before clipping) and "failures" of the real updates, plus "dp_clipped" (updates
+// whose norm exceeded C), "dp_noise_stddev" (z·C/m, the noise's std on each coordinate of Δ) and
+// "dp_expected_clients" (m).
+//
+// Memory: O(model): a double sum and an fp32 scratch vector (12 bytes per parameter; kseed K doubles), plus
+// what the inner strategy holds. Thread-safe like the built-in strategies (one mutex).
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "privacy/dp.h"
+#include "server/strategy.h"
+
+namespace seedling::server {
+
+struct DpStrategyOptions {
+  double clip_norm = 0;             // C, > 0
+  double noise_multiplier = 0;      // z, ≥ 0 (0 only in tests: no privacy)
+  double expected_clients = 0;      // m = q·N, the fixed denominator, > 0
+  double max_update_norm = 0;       // reject (not clip) updates above this L2 norm; 0 = no cap
+  uint32_t kseed_pool_size = 4096;  // K, when the inner strategy is kseed
+};
+
+class DpStrategy final : public Strategy {
+ public:
+  // Takes ownership of `inner` (which must not cap update norms itself: the aggregate it is given is not
+  // a client update) and of `noise`. Use MakeDpStrategy, which validates.
+  DpStrategy(std::unique_ptr<Strategy> inner, DpStrategyOptions options, std::unique_ptr<privacy::NoiseSource> noise);
+
+  std::string name() const override { return "dp-" + inner_->name(); }
+  void ConfigureTask(uint64_t round_index, v1::Task& task) const override;
+  absl::Status BeginRound(const GlobalModel& global) override;
+  absl::Status Accumulate(const UpdateView& update) override;
+  void RecordFailure(const std::string& device_id, const std::string& reason) override;
+  int64_t accumulated() const override;
+  // Internal if the noise source fails (nothing is applied: a round is never released without noise).
+  absl::StatusOr<RoundOutcome> FinishRound(GlobalModel& global) override;
+
+ private:
+  absl::Status AccumulateDenseLocked(const UpdateView& update);
+  absl::Status AccumulateSeedsLocked(const UpdateView& update);
+
+  // Constant after construction.
+  const std::unique_ptr<Strategy> inner_;
+  const DpStrategyOptions options_;
+  const bool kseed_;    // inner is kseed: (seed index, scalar) uploads
+  const bool fwdgrad_;  // inner is fwdgrad: also (seed, scalar) uploads, rebuilt as dense vectors
+
+  mutable std::mutex mu_;
+  // Guarded by mu_.
+  std::unique_ptr<privacy::NoiseSource> noise_;
+  bool open_ = false;
+  size_t numel_ = 0;
+  std::vector<double> sum_;     // (P,) Σ_c clip(Δ_c); kseed: (K,) Σ_c clip(v_c)
+  std::vector<float> scratch_;  // (P,) the update being clipped (dense only)
+  int64_t clients_ = 0;
+  uint64_t examples_ = 0;
+  int64_t clipped_ = 0;
+  int64_t failures_ = 0;
+  double client_norm_sum_ = 0;
+};
+
+// Wraps `inner` (built with max_update_norm = 0) after validating the options: InvalidArgument unless
+// clip_norm is finite and > 0, noise_multiplier finite and ≥ 0, expected_clients finite and > 0,
+// max_update_norm finite and ≥ 0, and `noise` non-null.
+absl::StatusOr<std::unique_ptr<Strategy>> MakeDpStrategy(std::unique_ptr<Strategy> inner, const DpStrategyOptions& options,
+                                                         std::unique_ptr<privacy::NoiseSource> noise);
+
+}  // namespace seedling::server
