@@ -26,6 +26,7 @@
 #include "model/safetensors.h"
 #include "optim/kseed.h"
 #include "optim/parameters.h"
+#include "privacy/dp.h"
 #include "spdlog/spdlog.h"
 
 #include <openssl/evp.h>
@@ -818,6 +819,14 @@ absl::StatusOr<RunResult> Client::Train(std::unique_ptr<comms::Channel>& channel
   if (method == optim::Method::kKSeed) {
     std::vector<comms::SeedIndexScalar> pairs;
     for (const optim::SeedScalar& p : trained->kseed_pairs) pairs.push_back({p.index, p.value});
+    if (task.clip_norm() > 0) {
+      // DP (server/dp_strategy.h): each scalar to |ĝ| ≤ C before upload; the server clips again (scalars,
+      // then the per-seed vector's L2 norm) whatever arrives.
+      std::vector<float> values;
+      for (const comms::SeedIndexScalar& p : pairs) values.push_back(p.value);
+      SEEDLING_RETURN_IF_ERROR(privacy::ClipScalars(values, task.clip_norm()).status());
+      for (size_t k = 0; k < pairs.size(); ++k) pairs[k].value = values[k];
+    }
     payload = comms::EncodeSeedIndexScalars(pairs);
   } else if (method == optim::Method::kFwdGrad && task.codec().codec() == v1::CODEC_SEED_SCALARS) {
     std::vector<comms::SeedValueScalar> pairs;
@@ -831,13 +840,8 @@ absl::StatusOr<RunResult> Client::Train(std::unique_ptr<comms::Channel>& channel
       for (size_t i = 0; i < n; ++i) update[i] = flat[i] - global_params[i];  // Δ = θ_local − θ_global
     }
     if (task.clip_norm() > 0) {
-      double norm = 0;
-      for (float v : update) norm += static_cast<double>(v) * v;
-      norm = std::sqrt(norm);
-      if (norm > task.clip_norm()) {
-        const float scale = static_cast<float>(task.clip_norm() / norm);
-        for (float& v : update) v *= scale;
-      }
+      // Flat L2 clipping to C (DP-FedAvg); privacy::ClipToL2Norm guarantees ‖update‖ ≤ C after fp32 rounding.
+      SEEDLING_RETURN_IF_ERROR(privacy::ClipToL2Norm(update, task.clip_norm()).status());
     }
     comms::CodecOptions co;
     co.codec = task.codec().codec();
