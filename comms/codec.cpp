@@ -18,6 +18,7 @@
 #include "base/philox.h"
 #include "base/status.h"
 #include "base/strings.h"
+#include "comms/internal/dense_kernels.h"
 
 namespace seedling::comms {
 namespace {
@@ -106,17 +107,7 @@ inline uint16_t FloatToHalf(float x, uint32_t& bad) {
   return static_cast<uint16_t>(sign | (normal & normal_mask) | (subnormal & ~normal_mask));
 }
 
-// Exact conversion of a finite half (the caller has rejected exponent 31). Branch-free like the
-// encoder: a normal half is a rebias of the exponent, a subnormal one its mantissa times 2^-24.
-inline float HalfToFloat(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t em = h & 0x7fffu;
-  const uint32_t normal = (em << 13) + ((127u - 15u) << 23);
-  const uint32_t subnormal =
-      std::bit_cast<uint32_t>(static_cast<float>(static_cast<int32_t>(em)) * 0x1p-24f);
-  const uint32_t mask = 0u - static_cast<uint32_t>(em >= 0x400u);
-  return std::bit_cast<float>((normal & mask) | (subnormal & ~mask) | sign);
-}
+using internal::HalfToFloat;  // exact for every half; the validators reject exponent 31 first
 
 // ---- Header ----
 
@@ -901,30 +892,32 @@ double BlocksSquaredNorm(const Layout& l) {
   return total;
 }
 
-// A non-finite fp32 value makes the lane sums non-finite (finite values cannot: 2^64 squares of at
-// most 2^256 stay far below the double range), so the fused scan only runs the validator to name the
-// culprit.
+// The fused scans below come from internal::BestKernels() (AVX2 + F16C where the CPU has them, the
+// portable loops otherwise; both give the same bits). A non-finite fp32 value makes the lane sums
+// non-finite (finite values cannot: 2^64 squares of at most 2^256 stay far below the double range), so
+// the fused scan only runs the validator to name the culprit; likewise for fp16 and int8.
 absl::StatusOr<double> CheckedSquaredNorm(const Layout& l) {
+  const internal::DenseKernels& k = internal::BestKernels();
   const uint8_t* d = l.data;
   double norm2 = 0;
   switch (l.codec) {
     case v1::CODEC_FP32:
-      norm2 = LaneSumSquares(l.numel, [d](uint64_t i) { return double{LoadF32(d + 4 * i)}; });
+      norm2 = k.fp32_sum_squares(d, l.numel);
       if (!std::isfinite(norm2)) SEEDLING_RETURN_IF_ERROR(ValidateFp32(l));
       break;
     case v1::CODEC_FP16: {
-      // HalfToFloat assumes a finite half (exponent 31 would decode as 2^16-ish), so the largest
-      // magnitude bits are tracked alongside and any exponent-31 half sends us to the validator.
+      // An exponent-31 half (inf or NaN) shows in the largest magnitude bits.
       uint16_t max_bits = 0;
-      norm2 = LaneSumSquares(l.numel, [d, &max_bits](uint64_t i) {
-        const uint16_t h = LoadLe<uint16_t>(d + 2 * i);
-        max_bits = std::max<uint16_t>(max_bits, h & 0x7fffu);
-        return double{HalfToFloat(h)};
-      });
-      if (max_bits >= 0x7c00u || !std::isfinite(norm2)) SEEDLING_RETURN_IF_ERROR(ValidateFp16(l));
+      norm2 = k.fp16_sum_squares(d, l.numel, &max_bits);
+      if (max_bits >= kHalfExpMask || !std::isfinite(norm2)) SEEDLING_RETURN_IF_ERROR(ValidateFp16(l));
       break;
     }
     case v1::CODEC_INT8:
+      if (!k.int8_validate_norm(d, reinterpret_cast<const int8_t*>(d + 4 * l.num_blocks), l.numel,
+                                l.param, l.num_blocks, &norm2)) {
+        SEEDLING_RETURN_IF_ERROR(ValidateBlocks(l));
+      }
+      break;
     case v1::CODEC_INT4:
       SEEDLING_RETURN_IF_ERROR(ValidateBlocks(l));
       norm2 = BlocksSquaredNorm(l);
@@ -963,6 +956,8 @@ absl::StatusOr<ValidatedDense> ValidateDensePayload(std::string_view payload) {
   return v;
 }
 
+std::string_view DenseKernelName() { return internal::BestKernels().name; }
+
 absl::Status ValidatedDense::AddTo(std::span<double> accumulator, double weight) const {
   if (!std::isfinite(weight)) return Invalid(StrCat("weight ", weight, " is not finite"));
   if (accumulator.size() != numel_) {
@@ -975,7 +970,22 @@ absl::Status ValidatedDense::AddTo(std::span<double> accumulator, double weight)
   l.param = param_;
   l.num_blocks = num_blocks_;
   l.data = data_;
-  ApplyDense(l, AddDoubleSink{accumulator.data(), weight});
+  const internal::DenseKernels& k = internal::BestKernels();
+  switch (codec_) {
+    case v1::CODEC_FP32:
+      k.fp32_add(data_, numel_, weight, accumulator.data());
+      break;
+    case v1::CODEC_FP16:
+      k.fp16_add(data_, numel_, weight, accumulator.data());
+      break;
+    case v1::CODEC_INT8:
+      k.int8_add(data_, reinterpret_cast<const int8_t*>(data_ + 4 * num_blocks_), numel_, param_,
+                 num_blocks_, weight, accumulator.data());
+      break;
+    default:
+      ApplyDense(l, AddDoubleSink{accumulator.data(), weight});
+      break;
+  }
   return absl::OkStatus();
 }
 

@@ -181,6 +181,11 @@ class ValidatedDense {
 // Validates a dense payload completely (InvalidArgument with the reason, as DecodeDense) and measures it.
 absl::StatusOr<ValidatedDense> ValidateDensePayload(std::string_view payload);
 
+// Which implementation of ValidateDensePayload's and AddTo's fp32/fp16/int8 loops this process runs:
+// "avx2+f16c" (x86-64 CPUs that have them, chosen at run time) or "portable". Both give the same bits;
+// benchmarks print it next to their figures.
+std::string_view DenseKernelName();
+
 // Decodes into a fresh vector (tests, clients). Allocates numel floats after validation; for top-k that
 // can be far more than the payload (numel up to 2^32 from 32 bytes), so code that decodes a peer's payload
 // should check InspectPayload(payload)->numel against the length it expects, or use DecodeDenseAdd.

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "base/philox.h"
+#include "comms/internal/dense_kernels.h"
 
 namespace seedling::comms {
 namespace {
@@ -1000,6 +1001,176 @@ TEST_CASE("randomly corrupted payloads never crash and never decode to non-finit
   // Both outcomes must occur, or the mutations are not exercising the decoders.
   CHECK(accepted > 0);
   CHECK(rejected > 0);
+}
+
+
+// ---- The dispatched kernels (comms/internal/dense_kernels.h) ----------------------------------------
+
+// The AVX2 kernels of this build and CPU, or null (then the tests below have nothing to compare).
+const internal::DenseKernels* WideKernels() {
+  const internal::DenseKernels* k = internal::Avx2Kernels();
+  if (k == nullptr) WARN("no AVX2 + F16C kernels on this build or CPU: only the portable ones are tested");
+  return k;
+}
+
+std::string HalfBytes(std::span<const uint16_t> halves) {
+  std::string bytes(2 * halves.size(), '\0');
+  for (size_t i = 0; i < halves.size(); ++i) PutU16(bytes, 2 * i, halves[i]);
+  return bytes;
+}
+
+TEST_CASE("the portable half conversion is exact for every half, inf and NaN included",
+          "[comms][codec][kernels]") {
+  for (uint32_t h = 0; h <= 0xffff; ++h) {
+    INFO("half 0x" << std::hex << h);
+    const float f = internal::HalfToFloat(static_cast<uint16_t>(h));
+    const uint32_t sign = (h & 0x8000u) << 16;
+    if ((h & 0x7c00u) != 0x7c00u) {
+      REQUIRE(Bits(f) == Bits(static_cast<float>(HalfValue(static_cast<uint16_t>(h)))));
+    } else if ((h & 0x3ffu) == 0) {
+      REQUIRE(Bits(f) == (sign | 0x7f800000u));  // ±inf
+    } else {
+      // NaN: sign and payload kept, made quiet.
+      REQUIRE(Bits(f) == (sign | 0x7fc00000u | ((h & 0x3ffu) << 13)));
+    }
+  }
+}
+
+TEST_CASE("the F16C half conversion gives the portable bits for all 65,536 halves",
+          "[comms][codec][kernels]") {
+  std::vector<uint16_t> halves(1 << 16);
+  std::iota(halves.begin(), halves.end(), uint16_t{0});
+  const std::string bytes = HalfBytes(halves);
+  const auto* d = reinterpret_cast<const uint8_t*>(bytes.data());
+  std::vector<float> portable(halves.size()), wide(halves.size());
+  internal::PortableKernels().fp16_decode(d, halves.size(), portable.data());
+  for (size_t i = 0; i < halves.size(); ++i) {
+    INFO("half 0x" << std::hex << halves[i]);
+    REQUIRE(Bits(portable[i]) == Bits(internal::HalfToFloat(halves[i])));
+  }
+  const internal::DenseKernels* k = WideKernels();
+  if (k == nullptr) return;
+  k->fp16_decode(d, halves.size(), wide.data());
+  for (size_t i = 0; i < halves.size(); ++i) {
+    INFO("half 0x" << std::hex << halves[i]);
+    REQUIRE(Bits(wide[i]) == Bits(portable[i]));
+  }
+}
+
+// Element counts around the vector widths, so every tail length is exercised.
+constexpr uint64_t kKernelSizes[] = {0, 1, 7, 8, 15, 16, 17, 31, 33, 100, 1001, 4099};
+
+bool SameBits(double a, double b) { return std::bit_cast<uint64_t>(a) == std::bit_cast<uint64_t>(b); }
+
+TEST_CASE("the AVX2 fp32 and fp16 kernels give the portable bits", "[comms][codec][kernels]") {
+  const internal::DenseKernels& p = internal::PortableKernels();
+  const internal::DenseKernels* k = WideKernels();
+  if (k == nullptr) return;
+  for (uint64_t n : kKernelSizes) {
+    INFO("n " << n);
+    // Magnitudes over many binades, so lane order would show in the sums' last bits.
+    std::vector<float> x = RandomNormal(n, 50 + n);
+    for (size_t i = 0; i < n; ++i) x[i] = std::ldexp(x[i], static_cast<int>(i % 23) - 11);
+    const std::string f32 = MustEncode(x, Options(v1::CODEC_FP32));
+    const std::string f16 = MustEncode(x, Options(v1::CODEC_FP16));
+    const auto* d32 = reinterpret_cast<const uint8_t*>(f32.data()) + kHeader;
+    const auto* d16 = reinterpret_cast<const uint8_t*>(f16.data()) + kHeader;
+    CHECK(SameBits(k->fp32_sum_squares(d32, n), p.fp32_sum_squares(d32, n)));
+    uint16_t max_p = 1, max_k = 2;
+    CHECK(SameBits(k->fp16_sum_squares(d16, n, &max_k), p.fp16_sum_squares(d16, n, &max_p)));
+    CHECK(max_k == max_p);
+
+    std::vector<double> acc_p(n), acc_k(n);
+    for (size_t i = 0; i < n; ++i) acc_p[i] = acc_k[i] = 0.1 * static_cast<double>(i) - 3.0;
+    p.fp32_add(d32, n, 7.3, acc_p.data());
+    k->fp32_add(d32, n, 7.3, acc_k.data());
+    p.fp16_add(d16, n, -0.37, acc_p.data());
+    k->fp16_add(d16, n, -0.37, acc_k.data());
+    for (size_t i = 0; i < n; ++i) {
+      INFO("element " << i);
+      REQUIRE(SameBits(acc_k[i], acc_p[i]));
+    }
+  }
+}
+
+TEST_CASE("the AVX2 fp16 norm reports an inf or NaN anywhere, as the portable one does",
+          "[comms][codec][kernels]") {
+  const internal::DenseKernels& p = internal::PortableKernels();
+  const internal::DenseKernels* k = WideKernels();
+  if (k == nullptr) return;
+  for (uint16_t bad : {uint16_t{0x7c00}, uint16_t{0xfc00}, uint16_t{0x7e00}, uint16_t{0xfc01}}) {
+    for (size_t at : {size_t{0}, size_t{15}, size_t{16}, size_t{40}}) {
+      std::vector<uint16_t> halves(41, 0x3c00);  // 1.0
+      halves[at] = bad;
+      const std::string bytes = HalfBytes(halves);
+      const auto* d = reinterpret_cast<const uint8_t*>(bytes.data());
+      uint16_t max_p = 0, max_k = 0;
+      p.fp16_sum_squares(d, halves.size(), &max_p);
+      k->fp16_sum_squares(d, halves.size(), &max_k);
+      CHECK(max_p == (bad & 0x7fff));
+      CHECK(max_k == max_p);
+    }
+  }
+}
+
+TEST_CASE("the AVX2 int8 kernels give the portable bits and reject the same data",
+          "[comms][codec][kernels]") {
+  const internal::DenseKernels& p = internal::PortableKernels();
+  const internal::DenseKernels* k = WideKernels();
+  if (k == nullptr) return;
+  for (uint32_t block : {1u, 7u, 32u, 64u, 100u}) {
+    for (uint64_t n : kKernelSizes) {
+      INFO("block " << block << ", n " << n);
+      std::vector<float> x = RandomNormal(n, 70 + n);
+      for (size_t i = 0; i < n && i < 2 * block; ++i) x[i] = 0.0f;  // zero-scale blocks
+      const std::string payload = MustEncode(x, Options(v1::CODEC_INT8, block), 3);
+      const uint64_t nb = (n + block - 1) / block;
+      const auto* scales = reinterpret_cast<const uint8_t*>(payload.data()) + kHeader;
+      const auto* q = reinterpret_cast<const int8_t*>(scales + 4 * nb);
+      double norm_p = -1, norm_k = -2;
+      REQUIRE(p.int8_validate_norm(scales, q, n, block, nb, &norm_p));
+      REQUIRE(k->int8_validate_norm(scales, q, n, block, nb, &norm_k));
+      CHECK(SameBits(norm_k, norm_p));
+      std::vector<double> acc_p(n), acc_k(n);
+      for (size_t i = 0; i < n; ++i) acc_p[i] = acc_k[i] = 0.1 * static_cast<double>(i) - 3.0;
+      p.int8_add(scales, q, n, block, nb, 7.3, acc_p.data());
+      k->int8_add(scales, q, n, block, nb, 7.3, acc_k.data());
+      for (size_t i = 0; i < n; ++i) {
+        INFO("element " << i);
+        REQUIRE(SameBits(acc_k[i], acc_p[i]));
+      }
+      if (n == 0) continue;
+      // Each corruption at the first, a middle and the last element (or block).
+      for (uint64_t at : {uint64_t{0}, n / 2, n - 1}) {
+        const uint64_t b = at / block;
+        std::string min_code = payload;
+        PutU8(min_code, kHeader + 4 * nb + at, 0x80);
+        std::string nan_scale = payload;
+        PutF32(nan_scale, kHeader + 4 * b, std::numeric_limits<float>::quiet_NaN());
+        std::string negative_scale = payload;
+        PutF32(negative_scale, kHeader + 4 * b, -1.0f);
+        std::string inf_scale = payload;
+        PutF32(inf_scale, kHeader + 4 * b, std::numeric_limits<float>::infinity());
+        std::string nonzero_in_zero_block = payload;
+        PutF32(nonzero_in_zero_block, kHeader + 4 * b, 0.0f);
+        PutU8(nonzero_in_zero_block, kHeader + 4 * nb + at, 1);
+        for (const std::string* bad :
+             {&min_code, &nan_scale, &negative_scale, &inf_scale, &nonzero_in_zero_block}) {
+          const auto* bs = reinterpret_cast<const uint8_t*>(bad->data()) + kHeader;
+          const auto* bq = reinterpret_cast<const int8_t*>(bs + 4 * nb);
+          double unused;
+          CHECK_FALSE(p.int8_validate_norm(bs, bq, n, block, nb, &unused));
+          CHECK_FALSE(k->int8_validate_norm(bs, bq, n, block, nb, &unused));
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("ValidateDensePayload and AddTo use the fastest kernels this CPU has",
+          "[comms][codec][kernels]") {
+  const internal::DenseKernels* k = internal::Avx2Kernels();
+  CHECK(&internal::BestKernels() == (k != nullptr ? k : &internal::PortableKernels()));
 }
 
 }  // namespace
