@@ -66,6 +66,9 @@ server::ServerConfig DefaultSimulationServerConfig() {
   c.retry_base_s = 300;
   c.retry_jitter = 0.5;
   c.codec.codec = v1::CODEC_INT8;
+  // With [privacy] dp = true, the noise comes from a seeded stream so that runs repeat (simulation only:
+  // a deployment draws it from the CSPRNG). `noise = "csprng"` in sim.toml opts out.
+  c.privacy.noise = "seeded";
   return c;
 }
 

@@ -729,6 +729,7 @@ void MethodRun::CheckRounds() {
       rec.energy_joules = s.energy_j;
     }
     if (rec.committed) {
+      rec.epsilon = snap.epsilon;  // DP spent after this round (NaN without DP); one commit per check
       const std::vector<float> params = coordinator_->global_params();
       rec.global_sha256 = server::Sha256Hex(
           std::string_view(reinterpret_cast<const char*>(params.data()), params.size() * sizeof(float)));
@@ -751,6 +752,7 @@ void MethodRun::CheckRounds() {
     } else if (!records_.empty()) {
       rec.eval_loss = records_.back().eval_loss;  // the global model did not change
       rec.accuracy = records_.back().accuracy;
+      rec.epsilon = records_.back().epsilon;
       rec.global_sha256 = records_.back().global_sha256;
     }
     const auto now = std::chrono::steady_clock::now();
@@ -1170,7 +1172,16 @@ absl::StatusOr<SimulationResult> RunSimulation(const SimulationOptions& options,
       {"seed", StrCat(options.seed)},
       {"bytes per idle device", StrCat(result.bytes_per_idle_device)},
       {"simulated start (Unix s)", StrCat(static_cast<int64_t>(options.start_time_s))},
+      {"transport", options.loopback ? "TLS 1.3 over loopback" : "in-memory"},
+      {"MPI ranks", StrCat(result.ranks)},
   };
+  if (options.server.privacy.dp) {
+    const server::PrivacyConfig& p = options.server.privacy;
+    report.settings.push_back({"differential privacy",
+                               StrCat("clip ", p.clip_norm, ", noise multiplier ", p.noise_multiplier, ", target ε ",
+                                      p.target_epsilon, " at δ ", p.delta, ", noise ", p.noise,
+                                      p.noise == "seeded" ? " (simulation only)" : "")});
+  }
   report.notes = {StrCat("Population: ", result.population_summary), StrCat("Data: ", result.partition_summary)};
   for (const MethodResult& r : result.methods) {
     if (r.client_errors > 0) {

@@ -194,6 +194,41 @@ TEST_CASE("Accuracy is reported where held-out rows are labelled and only there"
   for (const RoundRecord& rec : p->methods[0].rounds) CHECK(std::isnan(rec.accuracy));
 }
 
+TEST_CASE("With DP on the records carry the epsilon spent, and seeded noise repeats", "[simulator]") {
+  TempDir dir;
+  SimulationOptions a = Small(JoinPath(dir.path, "a"));
+  a.methods = {"lora-bp"};
+  a.server.rounds = 2;
+  a.server.privacy.dp = true;
+  a.server.privacy.clip_norm = 0.5;
+  a.server.privacy.noise_multiplier = 1.0;
+  a.server.privacy.target_epsilon = 50;
+  a.server.privacy.noise = "seeded";
+  SimulationOptions b = a;
+  b.out_dir = JoinPath(dir.path, "b");
+  auto ra = RunSimulation(a);
+  INFO(ra.status().ToString());
+  REQUIRE(ra.ok());
+  auto rb = RunSimulation(b);
+  REQUIRE(rb.ok());
+  const std::vector<RoundRecord>& x = ra->methods[0].rounds;
+  const std::vector<RoundRecord>& y = rb->methods[0].rounds;
+  REQUIRE(x.size() == 2);
+  REQUIRE(y.size() == 2);
+  double last = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    CHECK(Deterministic(x[i]) == Deterministic(y[i]));
+    if (!x[i].committed) continue;
+    CHECK(std::isfinite(x[i].epsilon));
+    CHECK(x[i].epsilon > last);  // every committed round spends
+    last = x[i].epsilon;
+  }
+  CHECK(last > 0);
+  auto html = ReadFile(ra->report_path);
+  REQUIRE(html.ok());
+  CHECK(html->find("fig-epsilon") != std::string::npos);
+}
+
 TEST_CASE("A different seed gives different rounds", "[simulator]") {
   TempDir dir;
   SimulationOptions a = Small(JoinPath(dir.path, "a"));
