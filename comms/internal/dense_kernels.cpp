@@ -179,9 +179,13 @@ SEEDLING_AVX2 inline void AccumulateSquares(const float* f, uint64_t groups, __m
   }
 }
 
-// acc[i] = acc[i] + weight * double(f[i]) for i < n; n a multiple of 8.
+// acc[i] = acc[i] + weight * double(f[i]) for i < n; n a multiple of 8. Runs from the end down: the
+// validation pass has just read the payload front to back, so its last part is what the cache still
+// holds (each element's result does not depend on the order). That helps fp32 (1.8 MB payload with a
+// 3.7 MB sum, more than L2); the smaller fp16 and int8 payloads measured the same either way.
 SEEDLING_AVX2 inline void AddWidened(const float* f, uint64_t n, __m256d weight, double* acc) {
-  for (uint64_t i = 0; i < n; i += 8) {
+  for (uint64_t i = n; i-- > 0;) {
+    i -= 7;
     const __m256d a = Widen(f + i), b = Widen(f + i + 4);
     _mm256_storeu_pd(acc + i, _mm256_add_pd(_mm256_loadu_pd(acc + i), _mm256_mul_pd(weight, a)));
     _mm256_storeu_pd(acc + i + 4, _mm256_add_pd(_mm256_loadu_pd(acc + i + 4), _mm256_mul_pd(weight, b)));
