@@ -182,6 +182,13 @@ absl::Status ServerConfig::Validate() const {
   if (seed_codec && method != "kseed" && method != "fwdgrad") {
     return KeyError("training", "codec", "seed-scalars is for the kseed and fwdgrad methods");
   }
+  // The strategy must read what the method uploads: kseed's seed scalars, fwdgrad's gradient estimates,
+  // or the parameter changes the fedavg family averages.
+  if ((method == "kseed") != (strategy.name == "kseed") || (method == "fwdgrad") != (strategy.name == "fwdgrad")) {
+    return KeyError("strategy", "name",
+                    StrCat("'", strategy.name, "' cannot aggregate method ", method, " (kseed needs kseed, fwdgrad needs ",
+                           "fwdgrad, lora-bp and mezo need fedavg, fedavgm, fedadam, fedyogi or fedadagrad)"));
+  }
   if (lora_rank < 1 || !(lora_alpha > 0)) return KeyError("lora", "rank/alpha", "must be positive");
   if (lora_targets.empty()) return KeyError("lora", "targets", "must name at least one projection");
   if (io_threads < 1 || max_connections < 1) return KeyError("server", "io_threads/max_connections", "must be >= 1");
@@ -234,7 +241,11 @@ absl::StatusOr<ServerConfig> ParseServerConfig(std::string_view toml_text, const
 
   Section model(table("model"), "model");
   SEEDLING_RETURN_IF_ERROR(model.Get("dir", c.model_dir));
-  SEEDLING_RETURN_IF_ERROR(model.Get("id", c.model_id));
+  if (table("model") != nullptr && table("model")->get("id") != nullptr) {
+    // Devices identify the base model by the SHA-256 of their config.json and decline any other id, so a
+    // chosen id could only make every device decline.
+    return KeyError("model", "id", "is not a setting: the model id is the SHA-256 of [model] dir's config.json");
+  }
   SEEDLING_RETURN_IF_ERROR(model.CheckNoUnknownKeys());
 
   Section training(table("training"), "training");
@@ -279,6 +290,8 @@ absl::StatusOr<ServerConfig> ParseServerConfig(std::string_view toml_text, const
   StrategyOptions& s = c.strategy;
   s.name = c.method == "kseed" ? "kseed" : c.method == "fwdgrad" ? "fwdgrad" : "fedavg";
   SEEDLING_RETURN_IF_ERROR(strategy.Get("name", s.name));
+  // Adaptive server optimizers normalize the step, so η = 1 would move every coordinate by about 1.
+  if (s.name == "fedadam" || s.name == "fedyogi" || s.name == "fedadagrad") s.server_lr = 1e-2;
   SEEDLING_RETURN_IF_ERROR(strategy.Get("server_lr", s.server_lr));
   SEEDLING_RETURN_IF_ERROR(strategy.Get("momentum", s.momentum));
   SEEDLING_RETURN_IF_ERROR(strategy.Get("beta1", s.beta1));

@@ -48,7 +48,6 @@ struct ServerConfig {
 
   // [model]
   std::string model_dir;                     // base model directory (config.json gives the adapter's shapes)
-  std::string model_id;                      // default: hex SHA-256 of config.json
 
   // [training]
   std::string method = "lora-bp";            // lora-bp, fwdgrad, mezo, kseed

@@ -117,7 +117,8 @@ struct Coordinator::RoundStats {
 
 class Coordinator::Handler : public comms::ConnectionHandler {
  public:
-  Handler(Coordinator* c, std::string peer) : c_(c), peer_(std::move(peer)) {
+  Handler(Coordinator* c, std::string peer, std::string cert_subject)
+      : c_(c), peer_(std::move(peer)), cert_subject_(std::move(cert_subject)) {
     std::lock_guard<std::mutex> lock(c_->mu_);
     ++c_->connections_;
     if (c_->connections_gauge_ != nullptr) c_->connections_gauge_->Increment();
@@ -132,6 +133,13 @@ class Coordinator::Handler : public comms::ConnectionHandler {
     switch (request.body_case()) {
       case v1::Envelope::kHello:
         c_->CountRequest("hello");
+        if (!cert_subject_.empty() && request.hello().device_id() != cert_subject_) {
+          // Mutual TLS: a device certificate speaks for the device named in it and no other.
+          std::lock_guard<std::mutex> lock(c_->mu_);
+          reply = c_->RejectLocked(v1::UNAUTHENTICATED, "the client certificate was issued to another device",
+                                   "unauthenticated");
+          break;
+        }
         reply = c_->OnHello(request.hello(), &device_id_);
         break;
       case v1::Envelope::kCheckIn:
@@ -160,8 +168,13 @@ class Coordinator::Handler : public comms::ConnectionHandler {
   v1::Envelope OnMalformed(const absl::Status& error) override {
     std::lock_guard<std::mutex> lock(c_->mu_);
     const bool too_large = error.code() == absl::StatusCode::kResourceExhausted;
-    v1::Envelope e = c_->RejectLocked(too_large ? v1::RESOURCE_EXHAUSTED : v1::MALFORMED_MESSAGE,
-                                      std::string(error.message()), too_large ? "frame_too_large" : "malformed");
+    // The transport reports a protocol_version other than 1 as FailedPrecondition (comms/transport.h).
+    const bool version = error.code() == absl::StatusCode::kFailedPrecondition;
+    v1::Envelope e = c_->RejectLocked(too_large ? v1::RESOURCE_EXHAUSTED
+                                      : version ? v1::UNSUPPORTED_VERSION
+                                                : v1::MALFORMED_MESSAGE,
+                                      std::string(error.message()),
+                                      too_large ? "frame_too_large" : version ? "unsupported_version" : "malformed");
     e.set_protocol_version(1);
     return e;
   }
@@ -204,6 +217,7 @@ class Coordinator::Handler : public comms::ConnectionHandler {
 
   Coordinator* const c_;
   const std::string peer_;
+  const std::string cert_subject_;  // mutual TLS: the verified certificate's CN, else ""
   std::string device_id_;  // set by a successful Hello
   bool uploading_ = false;
 };
@@ -253,7 +267,7 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(const ServerCon
   const std::string config_path = JoinPath(config.model_dir, "config.json");
   SEEDLING_ASSIGN_OR_RETURN(std::string config_text, ReadFile(config_path));
   SEEDLING_ASSIGN_OR_RETURN(model::ModelConfig model_config, model::ParseModelConfig(config_text));
-  c->model_id_ = config.model_id.empty() ? Sha256Hex(config_text) : config.model_id;
+  c->model_id_ = Sha256Hex(config_text);  // what devices compute from their copy (client.h)
   lora::LoraConfig lc;
   lc.rank = config.lora_rank;
   lc.alpha = config.lora_alpha;
@@ -320,6 +334,7 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(const ServerCon
   }
   c->global_bytes_ = ParamsBytes(c->global_.params);
   c->global_sha256_ = Sha256Raw(c->global_bytes_);
+  if (c->global_version_gauge_ != nullptr) c->global_version_gauge_->Set(static_cast<double>(version));  // after a restart too
   spdlog::info("coordinator: model {}, adapter of {} parameters, global version {}", c->model_id_.substr(0, 12),
                c->num_parameters_, version);
   return c;
@@ -327,7 +342,7 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(const ServerCon
 
 comms::HandlerFactory Coordinator::handler_factory() {
   return [this](const comms::PeerInfo& peer) -> std::unique_ptr<comms::ConnectionHandler> {
-    return std::make_unique<Handler>(this, peer.address);
+    return std::make_unique<Handler>(this, peer.address, peer.client_cert_subject);
   };
 }
 

@@ -252,6 +252,20 @@ TEST_CASE("Bad input gets its own code and changes nothing durable", "[server][b
          return reply ? reject_code(*reply) : v1::REJECT_UNSPECIFIED;
        },
        v1::MALFORMED_MESSAGE},
+      {"a protocol version this server does not speak",
+       [&] {
+         RawTls raw(h.server->port());
+         REQUIRE(raw.handshake_ok);
+         raw.Write(Frame([] {
+           v1::Envelope e;
+           e.set_protocol_version(2);
+           e.mutable_hello()->set_device_id("phone");
+           return e;
+         }()));
+         auto reply = raw.ReadFrame();
+         return reply ? reject_code(*reply) : v1::REJECT_UNSPECIFIED;
+       },
+       v1::UNSUPPORTED_VERSION},
       {"truncated frame (then silence): closed after the read timeout, no answer",
        [&] {
          RawTls raw(h.server->port());

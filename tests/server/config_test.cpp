@@ -1,0 +1,164 @@
+// server.toml rules that protect operators from configurations that cannot work, the device certificate
+// binding of mutual TLS, and metrics that must be right after a restart.
+
+#include <catch2/catch.hpp>
+#include <string>
+
+#include "tests/test_util.h"
+#include "base/file.h"
+#include "base/strings.h"
+#include "comms/tls.h"
+#include "model/init.h"
+#include "server/config.h"
+#include "server/coordinator.h"
+#include "server/metrics.h"
+#include "client/client.h"
+#include "comms/in_memory.h"
+
+namespace seedling::server {
+namespace {
+
+using seedling::testing::TempDir;
+
+absl::StatusOr<ServerConfig> Parse(const std::string& text) {
+  return ParseServerConfig(StrCat("[model]\ndir = \"m\"\n", text));
+}
+
+TEST_CASE("A strategy that cannot read the method's uploads is refused at load", "[server][config]") {
+  for (const char* bad : {"[training]\nmethod = \"kseed\"\n[strategy]\nname = \"fedavg\"\n",
+                          "[training]\nmethod = \"lora-bp\"\n[strategy]\nname = \"kseed\"\n",
+                          "[training]\nmethod = \"fwdgrad\"\ncodec = \"fp16\"\n[strategy]\nname = \"fedadam\"\n",
+                          "[training]\nmethod = \"mezo\"\n[strategy]\nname = \"fwdgrad\"\n"}) {
+    INFO(bad);
+    auto c = Parse(bad);
+    REQUIRE_FALSE(c.ok());
+    CHECK(c.status().code() == absl::StatusCode::kInvalidArgument);
+    CHECK_THAT(std::string(c.status().message()), Catch::Contains("[strategy] name"));
+  }
+  // The strategy follows the method when not given, and compatible pairs load.
+  auto kseed = Parse("[training]\nmethod = \"kseed\"\n");
+  REQUIRE(kseed.ok());
+  CHECK(kseed->strategy.name == "kseed");
+  CHECK(Parse("[training]\nmethod = \"mezo\"\n[strategy]\nname = \"fedyogi\"\n").ok());
+}
+
+TEST_CASE("[model] id is refused: devices identify the model by its config.json hash", "[server][config]") {
+  auto c = Parse("id = \"smollm2-135m\"\n");
+  REQUIRE_FALSE(c.ok());
+  CHECK_THAT(std::string(c.status().message()), Catch::Contains("[model] id"));
+}
+
+TEST_CASE("Adaptive server optimizers default to server_lr 0.01, the fedavg family to 1", "[server][config]") {
+  for (const char* name : {"fedadam", "fedyogi", "fedadagrad"}) {
+    auto c = Parse(StrCat("[strategy]\nname = \"", name, "\"\n"));
+    REQUIRE(c.ok());
+    CHECK(c->strategy.server_lr == 0.01);
+  }
+  auto avg = Parse("[strategy]\nname = \"fedavgm\"\n");
+  REQUIRE(avg.ok());
+  CHECK(avg->strategy.server_lr == 1.0);
+  auto given = Parse("[strategy]\nname = \"fedadam\"\nserver_lr = 0.1\n");
+  REQUIRE(given.ok());
+  CHECK(given->strategy.server_lr == 0.1);
+}
+
+// A coordinator on a tiny model in `dir`.
+ServerConfig TinyConfig(const std::string& dir) {
+  model::InitModelOptions init;
+  init.preset = "tiny";
+  REQUIRE(model::InitModel(JoinPath(dir, "model"), init).ok());
+  ServerConfig c;
+  c.state_dir = JoinPath(dir, "state");
+  c.model_dir = JoinPath(dir, "model");
+  c.lora_rank = 2;
+  return c;
+}
+
+TEST_CASE("The global version gauge is right after a restart, before any new commit", "[server][metrics]") {
+  TempDir dir;
+  ServerConfig config = TinyConfig(dir.path);
+  config.method = "lora-bp";
+  config.clients_per_round = 1;
+  config.min_reports = 1;
+  config.over_selection = 1.0;
+  config.steps = 1;
+  config.seq_len = 96;
+  ManualClock clock;
+  {
+    // One committed round: a device trains and uploads.
+    auto c = Coordinator::Create(config, &clock, nullptr);
+    REQUIRE(c.ok());
+    auto token = (*c)->RegisterDevice("d");
+    REQUIRE(token.ok());
+    (*c)->Tick();
+    client::ClientConfig cc;
+    cc.device_id = "d";
+    cc.token = *token;
+    cc.state_dir = JoinPath(dir.path, "device");
+    cc.model_dir = config.model_dir;
+    cc.data_path = JoinPath(SEEDLING_SOURCE_DIR, "data/sample/instructions.jsonl");
+    auto client = client::Client::Create(cc, comms::MakeInMemoryTransport((*c)->handler_factory()));
+    REQUIRE(client.ok());
+    (*client)->SetConditions({true, true, true, 1.0f});
+    auto r = (*client)->RunOnce();
+    INFO(r.status().ToString());
+    REQUIRE(r.ok());
+    REQUIRE(r->outcome == client::RunOutcome::kUploaded);
+    (*c)->Tick();
+    REQUIRE((*c)->Snapshot().global_version == 1);
+  }
+  Metrics metrics;
+  auto restarted = Coordinator::Create(config, &clock, &metrics);
+  REQUIRE(restarted.ok());
+  CHECK_THAT(metrics.RenderPrometheus(), Catch::Contains("seedling_global_version 1"));
+}
+
+TEST_CASE("With mutual TLS a device certificate speaks only for its own device id", "[server][auth]") {
+  TempDir dir;
+  ServerConfig config = TinyConfig(dir.path);
+  ManualClock clock;
+  auto c = Coordinator::Create(config, &clock, nullptr);
+  REQUIRE(c.ok());
+  auto token_a = (*c)->RegisterDevice("phone-a");
+  auto token_b = (*c)->RegisterDevice("phone-b");
+  REQUIRE(token_a.ok());
+  REQUIRE(token_b.ok());
+  comms::CertificateOptions co;
+  co.dir = JoinPath(dir.path, "certs");
+  REQUIRE(comms::CreateCertificates(co).ok());
+  REQUIRE(comms::CreateClientCertificate(co.dir, "phone-a").ok());
+  comms::TlsServerOptions so;
+  so.cert_file = JoinPath(co.dir, "server.crt");
+  so.key_file = JoinPath(co.dir, "server.key");
+  so.client_ca_file = JoinPath(co.dir, "ca.crt");
+  auto server = comms::TlsServer::Start(so, (*c)->handler_factory());
+  REQUIRE(server.ok());
+  comms::TlsClientOptions tc;
+  tc.port = (*server)->port();
+  tc.ca_file = JoinPath(co.dir, "ca.crt");
+  tc.client_cert_file = JoinPath(co.dir, "phone-a.crt");
+  tc.client_key_file = JoinPath(co.dir, "phone-a.key");
+  auto transport = comms::MakeTlsTransport(tc);
+  REQUIRE(transport.ok());
+  auto hello = [&](const std::string& device, const std::string& token) {
+    auto ch = (*transport)->Connect(comms::Duration(5000));
+    REQUIRE(ch.ok());
+    v1::Envelope e;
+    e.set_protocol_version(1);
+    e.set_request_id(1);
+    e.mutable_hello()->set_device_id(device);
+    e.mutable_hello()->set_token(token);
+    auto r = (*ch)->Call(e, comms::Duration(5000));
+    REQUIRE(r.ok());
+    return *r;
+  };
+  CHECK(hello("phone-a", *token_a).has_hello_reply());
+  // phone-a's certificate with phone-b's (valid) token: refused.
+  const v1::Envelope other = hello("phone-b", *token_b);
+  REQUIRE(other.has_reject());
+  CHECK(other.reject().code() == v1::UNAUTHENTICATED);
+  (*server)->Stop();
+}
+
+}  // namespace
+}  // namespace seedling::server
