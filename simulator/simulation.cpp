@@ -1138,6 +1138,8 @@ absl::StatusOr<SimulationResult> RunSimulation(const SimulationOptions& options,
   std::error_code ec;
   std::filesystem::create_directories(options.out_dir, ec);
   if (ec) return absl::InternalError(StrCat("cannot create ", options.out_dir, ": ", ec.message()));
+  // A simulation starts from scratch, so its log does too (RoundLog appends, for runs that resume).
+  for (const char* name : {"rounds.jsonl", "rounds.csv"}) std::filesystem::remove(JoinPath(options.out_dir, name), ec);
   SEEDLING_ASSIGN_OR_RETURN(RoundLog log, RoundLog::Open(options.out_dir));
 
   SimulationResult result;

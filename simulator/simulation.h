@@ -47,7 +47,7 @@ struct MethodSettings {
 
 struct SimulationOptions {
   std::string model_dir;                 // required: the base model (Hugging Face directory)
-  std::string out_dir = "sim-out";       // rounds.jsonl, rounds.csv, report.html, summary.txt
+  std::string out_dir = "sim-out";       // rounds.jsonl, rounds.csv, report.html, summary.txt (replaced)
   std::string work_dir;                  // server and device state; "" = a fresh temporary directory
                                          // (in /dev/shm when available), removed at the end
   std::vector<std::string> methods = {"lora-bp", "kseed"};  // run one after the other on the same population

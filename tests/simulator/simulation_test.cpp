@@ -229,6 +229,21 @@ TEST_CASE("With DP on the records carry the epsilon spent, and seeded noise repe
   CHECK(html->find("fig-epsilon") != std::string::npos);
 }
 
+TEST_CASE("Running again into the same output directory replaces the round log", "[simulator]") {
+  TempDir dir;
+  SimulationOptions o = Small(JoinPath(dir.path, "out"));
+  o.methods = {"lora-bp"};
+  o.server.rounds = 1;
+  REQUIRE(RunSimulation(o).ok());
+  REQUIRE(RunSimulation(o).ok());
+  auto jsonl = ReadFile(JoinPath(o.out_dir, "rounds.jsonl"));
+  REQUIRE(jsonl.ok());
+  CHECK(std::count(jsonl->begin(), jsonl->end(), '\n') == 1);
+  auto csv = ReadFile(JoinPath(o.out_dir, "rounds.csv"));
+  REQUIRE(csv.ok());
+  CHECK(std::count(csv->begin(), csv->end(), '\n') == 2);  // header + 1 round
+}
+
 TEST_CASE("A different seed gives different rounds", "[simulator]") {
   TempDir dir;
   SimulationOptions a = Small(JoinPath(dir.path, "a"));
