@@ -99,18 +99,25 @@ TEST_CASE("Right-padded batches pad tokens with 0 and labels with -100", "[model
   CHECK(out.labels[0][2].item<int64_t>() == 7);
 }
 
-TEST_CASE("Evaluation does not depend on the batch size (padding is exact)", "[model][eval]") {
-  auto tok = SmallTokenizer();
+// A 2-layer tiny model over SmallTokenizer's vocabulary, with weights scaled up so that losses differ
+// clearly between inputs.
+absl::StatusOr<std::unique_ptr<LlamaModel>> SharpTinyModel(uint64_t seed) {
   auto config = PresetConfig("tiny");
   REQUIRE(config.ok());
   config->num_hidden_layers = 2;
   config->vocab_size = 400;
-  ModelWeights w = RandomWeights(*config, 8);
+  ModelWeights w = RandomWeights(*config, seed);
   for (const NamedWeight& nw : NamedWeights(w, *config)) {
     if (nw.name.find("norm") == std::string::npos) nw.tensor.mul_(20.0);
   }
   auto model = LlamaModel::Create(*config, std::move(w));
   REQUIRE(model.ok());
+  return model;
+}
+
+TEST_CASE("Evaluation does not depend on the batch size (padding is exact)", "[model][eval]") {
+  auto tok = SmallTokenizer();
+  auto model = SharpTinyModel(8);
   DatasetOptions o;
   o.eos_id = 0;
   std::vector<Example> examples;
@@ -137,16 +144,7 @@ TEST_CASE("Evaluation does not depend on the batch size (padding is exact)", "[m
 
 TEST_CASE("Choice accuracy picks the candidate of lowest total NLL, as a naive evaluation does", "[model][eval]") {
   auto tok = SmallTokenizer();
-  auto config = PresetConfig("tiny");
-  REQUIRE(config.ok());
-  config->num_hidden_layers = 2;
-  config->vocab_size = 400;
-  ModelWeights w = RandomWeights(*config, 9);
-  for (const NamedWeight& nw : NamedWeights(w, *config)) {
-    if (nw.name.find("norm") == std::string::npos) nw.tensor.mul_(20.0);
-  }
-  auto model = LlamaModel::Create(*config, std::move(w));
-  REQUIRE(model.ok());
+  auto model = SharpTinyModel(9);
   DatasetOptions o;
   o.eos_id = 0;
   const std::vector<std::string> labels = {"cat", "dog", "the mat", "log"};

@@ -68,24 +68,30 @@ std::string WriteClasses(const std::string& dir, const std::string& rows) {
   return path;
 }
 
-TEST_CASE("The same seed gives identical rounds with 1 and 2 threads", "[simulator]") {
-  TempDir dir;
-  SimulationOptions a = Small(JoinPath(dir.path, "a"));
-  a.threads = 1;
-  SimulationOptions b = Small(JoinPath(dir.path, "b"));
-  b.threads = 2;
+// Runs both simulations; each must succeed with every method.
+std::pair<SimulationResult, SimulationResult> RunBoth(const SimulationOptions& a, const SimulationOptions& b) {
   auto ra = RunSimulation(a);
   INFO(ra.status().ToString());
   REQUIRE(ra.ok());
   auto rb = RunSimulation(b);
   INFO(rb.status().ToString());
   REQUIRE(rb.ok());
-  REQUIRE(ra->methods.size() == 2);
-  REQUIRE(rb->methods.size() == 2);
+  REQUIRE(ra->methods.size() == a.methods.size());
+  REQUIRE(rb->methods.size() == b.methods.size());
+  return {*std::move(ra), *std::move(rb)};
+}
+
+TEST_CASE("The same seed gives identical rounds with 1 and 2 threads", "[simulator]") {
+  TempDir dir;
+  SimulationOptions a = Small(JoinPath(dir.path, "a"));
+  a.threads = 1;
+  SimulationOptions b = Small(JoinPath(dir.path, "b"));
+  b.threads = 2;
+  const auto [ra, rb] = RunBoth(a, b);
   int64_t participants = 0;
   for (size_t m = 0; m < 2; ++m) {
-    const MethodResult& x = ra->methods[m];
-    const MethodResult& y = rb->methods[m];
+    const MethodResult& x = ra.methods[m];
+    const MethodResult& y = rb.methods[m];
     CHECK(x.client_errors == 0);
     REQUIRE(x.rounds.size() == 3);
     REQUIRE(y.rounds.size() == x.rounds.size());
@@ -106,7 +112,7 @@ TEST_CASE("The same seed gives identical rounds with 1 and 2 threads", "[simulat
   };
   CHECK(lines(JoinPath(a.out_dir, "rounds.jsonl")) == 6);
   CHECK(lines(JoinPath(a.out_dir, "rounds.csv")) == 7);
-  auto html = ReadFile(ra->report_path);
+  auto html = ReadFile(ra.report_path);
   REQUIRE(html.ok());
   CHECK(html->find("<svg") != std::string::npos);
   CHECK(html->find("kseed") != std::string::npos);
@@ -120,18 +126,11 @@ TEST_CASE("Loopback TLS and in-memory transports give the same rounds and aggreg
   SimulationOptions b = a;
   b.out_dir = JoinPath(dir.path, "tls");
   b.loopback = true;
-  auto ra = RunSimulation(a);
-  INFO(ra.status().ToString());
-  REQUIRE(ra.ok());
-  auto rb = RunSimulation(b);
-  INFO(rb.status().ToString());
-  REQUIRE(rb.ok());
-  REQUIRE(ra->methods.size() == 2);
-  REQUIRE(rb->methods.size() == 2);
+  const auto [ra, rb] = RunBoth(a, b);
   int64_t committed = 0;
   for (size_t m = 0; m < 2; ++m) {
-    const MethodResult& x = ra->methods[m];
-    const MethodResult& y = rb->methods[m];
+    const MethodResult& x = ra.methods[m];
+    const MethodResult& y = rb.methods[m];
     CHECK(x.client_errors == 0);
     CHECK(y.client_errors == 0);
     REQUIRE(x.rounds.size() == 2);
@@ -206,13 +205,9 @@ TEST_CASE("With DP on the records carry the epsilon spent, and seeded noise repe
   a.server.privacy.noise = "seeded";
   SimulationOptions b = a;
   b.out_dir = JoinPath(dir.path, "b");
-  auto ra = RunSimulation(a);
-  INFO(ra.status().ToString());
-  REQUIRE(ra.ok());
-  auto rb = RunSimulation(b);
-  REQUIRE(rb.ok());
-  const std::vector<RoundRecord>& x = ra->methods[0].rounds;
-  const std::vector<RoundRecord>& y = rb->methods[0].rounds;
+  const auto [ra, rb] = RunBoth(a, b);
+  const std::vector<RoundRecord>& x = ra.methods[0].rounds;
+  const std::vector<RoundRecord>& y = rb.methods[0].rounds;
   REQUIRE(x.size() == 2);
   REQUIRE(y.size() == 2);
   double last = 0;
@@ -224,7 +219,7 @@ TEST_CASE("With DP on the records carry the epsilon spent, and seeded noise repe
     last = x[i].epsilon;
   }
   CHECK(last > 0);
-  auto html = ReadFile(ra->report_path);
+  auto html = ReadFile(ra.report_path);
   REQUIRE(html.ok());
   CHECK(html->find("fig-epsilon") != std::string::npos);
 }
