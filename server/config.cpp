@@ -8,6 +8,7 @@
 #include "base/file.h"
 #include "base/status.h"
 #include "base/strings.h"
+#include "server/secagg_strategy.h"
 
 namespace seedling::server {
 namespace {
@@ -150,6 +151,45 @@ static absl::Status ValidatePrivacy(const ServerConfig& c) {
   return absl::OkStatus();
 }
 
+// [secagg]: the keys' ranges always; with enabled = true, the method and strategy it supports and the
+// SecAgg+ parameters for the largest cohort a round can have (SelectionQuota(): the worst case for
+// overflow), checked by privacy::ValidateParams, so an overflow-prone setting is refused at load.
+static absl::Status ValidateSecAgg(const ServerConfig& c) {
+  const SecAggConfig& s = c.secagg;
+  if (s.neighbors < 0 || s.threshold < 0) return KeyError("secagg", "neighbors/threshold", "must be >= 0");
+  if (!(s.neighbors_fraction >= 0 && s.neighbors_fraction <= 1)) {
+    return KeyError("secagg", "neighbors_fraction", StrCat("must be in [0, 1], got ", s.neighbors_fraction));
+  }
+  if (s.quantization_levels < 2 || s.quantization_levels > int64_t{0xFFFFFFFF}) {
+    return KeyError("secagg", "quantization_levels", StrCat("must be in [2, 2^32 - 1], got ", s.quantization_levels));
+  }
+  if (s.max_weight < 1 || s.max_weight > int64_t{0xFFFFFFFF}) {
+    return KeyError("secagg", "max_weight", StrCat("must be in [1, 2^32 - 1], got ", s.max_weight));
+  }
+  if (!(std::isfinite(s.clipping_range) && s.clipping_range > 0)) {
+    return KeyError("secagg", "clipping_range", StrCat("must be finite and > 0, got ", s.clipping_range));
+  }
+  if (s.stage_timeout_ms < 100 || s.poll_ms < 10 || s.poll_ms > s.stage_timeout_ms) {
+    return KeyError("secagg", "stage_timeout_ms/poll_ms", "need stage_timeout_ms >= 100 and 10 <= poll_ms <= stage_timeout_ms");
+  }
+  if (!s.enabled) return absl::OkStatus();
+  if (c.method != "lora-bp" && c.method != "mezo") {
+    return KeyError("secagg", "enabled", StrCat("secure aggregation sums parameter deltas: method must be lora-bp or mezo, got ",
+                                                c.method));
+  }
+  if (c.privacy.dp && s.max_weight != 1) {
+    return KeyError("secagg", "max_weight", StrCat("must be 1 with [privacy] dp (DP-FedAvg weighs every device 1), got ",
+                                                   s.max_weight));
+  }
+  if (c.SelectionQuota() > int64_t{0xFFFFFFFF}) return KeyError("secagg", "enabled", "the cohort is too large");
+  absl::StatusOr<privacy::SecAggParams> params = SecAggParamsFor(s, static_cast<uint32_t>(c.SelectionQuota()), 1);
+  if (!params.ok()) {
+    return KeyError("secagg", "parameters", StrCat(params.status().message(), " (for the largest cohort, ",
+                                                   "ceil(clients_per_round x over_selection))"));
+  }
+  return absl::OkStatus();
+}
+
 double ServerConfig::EffectiveClipNorm() const { return privacy.dp ? privacy.clip_norm : clip_norm; }
 
 int64_t ServerConfig::EffectiveMinReports() const {
@@ -194,6 +234,7 @@ absl::Status ServerConfig::Validate() const {
   if (io_threads < 1 || max_connections < 1) return KeyError("server", "io_threads/max_connections", "must be >= 1");
   if (tick_ms < 10) return KeyError("server", "tick_ms", "must be >= 10");
   SEEDLING_RETURN_IF_ERROR(ValidatePrivacy(*this));
+  SEEDLING_RETURN_IF_ERROR(ValidateSecAgg(*this));
   if (!(retry_jitter >= 0 && retry_jitter < 1) || retry_base_s < 1) {
     return KeyError("retry", "base_seconds/jitter", "need base >= 1 and 0 <= jitter < 1");
   }
@@ -216,7 +257,7 @@ absl::StatusOr<ServerConfig> ParseServerConfig(std::string_view toml_text, const
   auto table = [&](const char* name) { return root.get_as<toml::table>(name); };
   for (const auto& [key, value] : root) {
     const std::string k(key.str());
-    static const std::set<std::string> kTables = {"server", "model", "training", "lora", "strategy", "privacy", "retry"};
+    static const std::set<std::string> kTables = {"server", "model", "training", "lora", "strategy", "privacy", "secagg", "retry"};
     if (!kTables.count(k)) return absl::InvalidArgumentError(StrCat("unknown section [", k, "]"));
     if (!value.is_table()) return absl::InvalidArgumentError(StrCat("[", k, "] must be a table"));
   }
@@ -315,6 +356,19 @@ absl::StatusOr<ServerConfig> ParseServerConfig(std::string_view toml_text, const
   SEEDLING_RETURN_IF_ERROR(privacy.Get("expected_clients", c.privacy.expected_clients));
   SEEDLING_RETURN_IF_ERROR(privacy.Get("noise", c.privacy.noise));
   SEEDLING_RETURN_IF_ERROR(privacy.CheckNoUnknownKeys());
+
+  Section secagg(table("secagg"), "secagg");
+  SEEDLING_RETURN_IF_ERROR(secagg.Get("enabled", c.secagg.enabled));
+  SEEDLING_RETURN_IF_ERROR(secagg.Get("neighbors", c.secagg.neighbors));
+  SEEDLING_RETURN_IF_ERROR(secagg.Get("neighbors_fraction", c.secagg.neighbors_fraction));
+  SEEDLING_RETURN_IF_ERROR(secagg.Get("threshold", c.secagg.threshold));
+  SEEDLING_RETURN_IF_ERROR(secagg.Get("max_dropout_fraction", c.secagg.max_dropout_fraction));
+  SEEDLING_RETURN_IF_ERROR(secagg.Get("quantization_levels", c.secagg.quantization_levels));
+  SEEDLING_RETURN_IF_ERROR(secagg.Get("clipping_range", c.secagg.clipping_range));
+  SEEDLING_RETURN_IF_ERROR(secagg.Get("max_weight", c.secagg.max_weight));
+  SEEDLING_RETURN_IF_ERROR(secagg.Get("stage_timeout_ms", c.secagg.stage_timeout_ms));
+  SEEDLING_RETURN_IF_ERROR(secagg.Get("poll_ms", c.secagg.poll_ms));
+  SEEDLING_RETURN_IF_ERROR(secagg.CheckNoUnknownKeys());
 
   Section retry(table("retry"), "retry");
   SEEDLING_RETURN_IF_ERROR(retry.Get("base_seconds", c.retry_base_s));

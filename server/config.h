@@ -28,6 +28,22 @@ struct PrivacyConfig {
   }
 };
 
+// [secagg]: SecAgg+ secure aggregation (privacy/secagg.h, server/secagg_strategy.h). The cohort is the set of
+// devices holding a task when selection closes; n below is its size (at most SelectionQuota()).
+struct SecAggConfig {
+  bool enabled = false;               // run rounds as SecAgg+ sessions; plaintext uploads are refused
+  int64_t neighbors = 0;              // k, the neighbour graph's degree; 0 = from neighbors_fraction
+  double neighbors_fraction = 0;      // k = ⌈fraction·(n − 1)⌉ (even); 0 with neighbors 0 = n − 1 (complete graph)
+  int64_t threshold = 0;              // t, Shamir threshold; 0 = ⌊k/2⌋ + 1
+  double max_dropout_fraction = 0.1;  // δ: up to ⌊δ·n⌋ devices may drop over the session; more aborts the round
+  int64_t quantization_levels = 1 << 20;  // Q: entries map to integers in [0, Q − 1]; n·W·(Q − 1) < 2^32
+  double clipping_range = 0.5;        // c: each entry of a delta is clipped to [−c, c] before quantization
+  int64_t max_weight = 1;             // W: a device's weight is min(its examples, W); 1 = unweighted mean
+  int64_t stage_timeout_ms = 30000;   // deadline of the setup/advertise, share and unmask stages (the masked
+                                      // input stage ends at the round's deadline: it includes training)
+  int64_t poll_ms = 200;              // retry hint for devices waiting for a stage to close
+};
+
 struct ServerConfig {
   // [server]
   std::string state_dir = "seedling-state";  // SQLite database and checkpoints
@@ -84,6 +100,9 @@ struct ServerConfig {
 
   // [privacy]
   PrivacyConfig privacy;
+
+  // [secagg]
+  SecAggConfig secagg;
 
   // [retry]
   int64_t retry_base_s = 30;                 // RetryAfter for devices not selected

@@ -67,6 +67,30 @@ absl::Status DpStrategy::Accumulate(const UpdateView& update) {
   return absl::OkStatus();
 }
 
+absl::Status DpStrategy::AccumulateSum(const SummedUpdate& sum) {
+  if (kseed_ || fwdgrad_) return absl::UnimplementedError(StrategyCannotTakeSums(name()));
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!open_) return absl::FailedPreconditionError(StrCat("strategy ", name(), ": no round begun"));
+  if (sum.weighted_sum.size() != numel_) {
+    return absl::InvalidArgumentError(
+        StrCat("the summed update has ", sum.weighted_sum.size(), " elements, the global model ", numel_));
+  }
+  if (sum.clients <= 0 || sum.total_weight != static_cast<uint64_t>(sum.clients)) {
+    return absl::InvalidArgumentError(StrCat("DP weighs every client 1: a summed update of ", sum.clients,
+                                             " clients must have total weight ", sum.clients, ", got ",
+                                             sum.total_weight));
+  }
+  for (size_t i = 0; i < numel_; ++i) {
+    if (!std::isfinite(sum.weighted_sum[i])) {
+      return absl::InvalidArgumentError(StrCat("element ", i, " of the summed update is not finite"));
+    }
+  }
+  for (size_t i = 0; i < numel_; ++i) sum_[i] += static_cast<double>(sum.weighted_sum[i]);
+  clients_ += sum.clients;
+  examples_ += sum.total_weight;
+  return absl::OkStatus();
+}
+
 absl::Status DpStrategy::AccumulateDenseLocked(const UpdateView& update) {
   absl::StatusOr<comms::PayloadInfo> info = comms::InspectPayload(update.payload);
   if (!info.ok()) return InvalidUpdate(update, FromAbsl(info.status().message()));

@@ -62,6 +62,10 @@ class DpStrategy final : public Strategy {
   void ConfigureTask(uint64_t round_index, v1::Task& task) const override;
   absl::Status BeginRound(const GlobalModel& global) override;
   absl::Status Accumulate(const UpdateView& update) override;
+  // Secure aggregation (server/secagg_strategy.h): S += the unmasked sum, which the server cannot clip
+  // (the clients clipped to C before masking; the task carries C). Every weight must be 1: InvalidArgument
+  // unless total_weight = clients. Dense inner strategies only (Unimplemented for kseed and fwdgrad).
+  absl::Status AccumulateSum(const SummedUpdate& sum) override;
   void RecordFailure(const std::string& device_id, const std::string& reason) override;
   int64_t accumulated() const override;
   // Internal if the noise source fails (nothing is applied: a round is never released without noise).

@@ -220,6 +220,32 @@ class DenseStrategy final : public RoundStrategy {
     return absl::OkStatus();
   }
 
+  absl::Status AccumulateSum(const SummedUpdate& sum) override {
+    // fwdgrad divides Σ g_c (unweighted) by Σ n_c: a weighted sum is not what it averages.
+    if (fwdgrad_) return absl::UnimplementedError(StrategyCannotTakeSums(name()));
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!open_) return absl::FailedPreconditionError(StrCat("strategy ", name(), ": no round begun"));
+    if (sum.weighted_sum.size() != numel_) {
+      return absl::InvalidArgumentError(
+          StrCat("the summed update has ", sum.weighted_sum.size(), " elements, the global model ", numel_));
+    }
+    if (sum.total_weight == 0 || sum.clients <= 0) {
+      return absl::InvalidArgumentError("a summed update needs total_weight > 0 and clients > 0");
+    }
+    if (sum.total_weight > std::numeric_limits<uint64_t>::max() - examples_) {
+      return absl::InvalidArgumentError(StrCat("total_weight ", sum.total_weight, " overflows the round's total"));
+    }
+    for (size_t i = 0; i < numel_; ++i) {
+      if (!std::isfinite(sum.weighted_sum[i])) {
+        return absl::InvalidArgumentError(StrCat("element ", i, " of the summed update is not finite"));
+      }
+    }
+    for (size_t i = 0; i < numel_; ++i) sum_[i] += static_cast<double>(sum.weighted_sum[i]);
+    clients_ += sum.clients;
+    examples_ += sum.total_weight;
+    return absl::OkStatus();
+  }
+
   absl::StatusOr<RoundOutcome> FinishRound(GlobalModel& global) override {
     std::lock_guard<std::mutex> lock(mu_);
     SEEDLING_RETURN_IF_ERROR(CheckFinishLocked(global));
@@ -437,6 +463,11 @@ double FwdGradLearningRate(const StrategyOptions& options, uint64_t round) {
     ratio = std::max(0.0, (total - t) / std::max(1.0, total - warmup));
   }
   return options.fwdgrad_lr * ratio;
+}
+
+std::string StrategyCannotTakeSums(std::string_view name) {
+  return StrCat("strategy ", name, " cannot aggregate a pre-summed update (secure aggregation works with the fedavg ",
+                "family: fedavg, fedavgm, fedadam, fedyogi, fedadagrad)");
 }
 
 absl::StatusOr<std::unique_ptr<Strategy>> MakeStrategy(const StrategyOptions& options) {

@@ -41,6 +41,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -63,6 +64,14 @@ struct UpdateView {
   std::string device_id;
   uint64_t num_examples = 0;      // weight (must be > 0)
   std::string_view payload;       // encoded with comms/codec.h
+};
+
+// A pre-summed aggregate of several clients' updates (secure aggregation: the server only ever sees the
+// sum). The same quantity the fedavg family accumulates update by update.
+struct SummedUpdate {
+  std::span<const float> weighted_sum;  // (P,) Σ_c w_c Δ_c
+  uint64_t total_weight = 0;            // Σ_c w_c, > 0
+  int64_t clients = 0;                  // how many clients the sum holds, > 0
 };
 
 struct RoundOutcome {
@@ -90,6 +99,9 @@ struct StrategyOptions {
   double max_update_norm = 0;      // reject dense updates whose L2 norm exceeds this; 0 = no cap
 };
 
+// The message of AccumulateSum's Unimplemented error for strategy `name`.
+std::string StrategyCannotTakeSums(std::string_view name);
+
 class Strategy {
  public:
   virtual ~Strategy() = default;
@@ -103,6 +115,16 @@ class Strategy {
   // FailedPrecondition before BeginRound. Thread-safe: concurrent calls are serialized (the built-in
   // strategies decode into one shared scratch buffer under a mutex).
   virtual absl::Status Accumulate(const UpdateView& update) = 0;
+  // Adds a pre-summed aggregate (server/secagg_strategy.h) as if its clients' updates had been accumulated
+  // one by one: the fedavg family adds Σ w_c Δ_c to its sum and Σ w_c to its weight, so the round's mean
+  // is the same weighted mean of deltas. No norm cap applies (the server cannot see a single update).
+  // InvalidArgument for a wrong length, a non-finite value or zero weight/clients (aggregate unchanged);
+  // FailedPrecondition before BeginRound; Unimplemented for strategies whose aggregate is not a weighted
+  // sum of what clients upload (fwdgrad, kseed: the default).
+  virtual absl::Status AccumulateSum(const SummedUpdate& sum) {
+    (void)sum;
+    return absl::UnimplementedError(StrategyCannotTakeSums(name()));
+  }
   // Rejected or vanished devices (for metrics; none of the built-in strategies changes its result).
   virtual void RecordFailure(const std::string& device_id, const std::string& reason) { (void)device_id, (void)reason; }
   // Number of updates accumulated in this round.
