@@ -19,6 +19,7 @@
 #include "client/local_data.h"
 #include "client/local_training.h"
 #include "client/memory_planner.h"
+#include "client/internal/secagg_participant.h"
 #include "comms/codec.h"
 #include "comms/tls.h"
 #include "lora/adapter.h"
@@ -732,6 +733,27 @@ absl::StatusOr<RunResult> Client::Train(std::unique_ptr<comms::Channel>& channel
   }
   std::memcpy(adapter->flat().data_ptr<float>(), global_params.data(), global_params.size() * sizeof(float));
 
+  // Secure aggregation: join the session (setup, keys, shares) before training, bound to the adapter this
+  // device verified; the masked input follows training. The session lives in memory only: if the app is
+  // killed, the device is one of the session's dropouts.
+  std::unique_ptr<internal::SecAggParticipant> secagg;
+  if (task.has_secagg()) {
+    if (method != optim::Method::kLoraBp && method != optim::Method::kMezo) {
+      return absl::FailedPreconditionError(StrCat("secure aggregation needs a dense delta; method ", task.method(),
+                                                  " does not produce one"));
+    }
+    internal::SecAggIo io;
+    io.call = [this, &channel](v1::Envelope request) { return Call(channel, std::move(request)); };
+    io.sleep = [this](double seconds) { return SleepCancellable(seconds); };
+    io.call_timeout_ms = config_.call_timeout_ms;
+    Report("secagg", 0, 1);
+    SEEDLING_ASSIGN_OR_RETURN(
+        secagg, internal::SecAggParticipant::Join(
+                    task, Sha256(std::string_view(reinterpret_cast<const char*>(global_params.data()),
+                                                  global_params.size() * sizeof(float))),
+                    std::move(io)));
+  }
+
   TrainingConfig tc;
   tc.method = method;
   tc.steps = static_cast<int64_t>(hp("steps", 20));
@@ -842,6 +864,35 @@ absl::StatusOr<RunResult> Client::Train(std::unique_ptr<comms::Channel>& channel
     if (task.clip_norm() > 0) {
       // Flat L2 clipping to C (DP-FedAvg); privacy::ClipToL2Norm guarantees ‖update‖ ≤ C after fp32 rounding.
       SEEDLING_RETURN_IF_ERROR(privacy::ClipToL2Norm(update, task.clip_norm()).status());
+    }
+    if (secagg != nullptr) {
+      // Quantize (weight = examples, capped at W), mask, send: only the masked vector leaves the device.
+      const uint64_t examples = std::max<uint64_t>(1, data.train().size());
+      SEEDLING_ASSIGN_OR_RETURN(std::vector<uint32_t> input, secagg->Encode(update, examples));
+      {
+        std::function<void(const v1::Task&, const std::string&, uint64_t)> observer;
+        {
+          std::lock_guard<std::mutex> lock(mu_);
+          observer = upload_observer_;
+        }
+        if (observer) {
+          observer(task, std::string(reinterpret_cast<const char*>(input.data()), input.size() * sizeof(uint32_t)),
+                   input[0]);
+        }
+      }
+      Report("uploading", 0, 1);
+      SEEDLING_RETURN_IF_ERROR(secagg->Submit(input));
+      state.phase = "idle";
+      SEEDLING_RETURN_IF_ERROR(state.Save());
+      std::filesystem::remove(state.Path("checkpoint.safetensors"));
+      std::filesystem::remove(state.Path("checkpoint.json"));
+      RunResult r;
+      r.outcome = RunOutcome::kUploaded;
+      r.round_id = task.round_id();
+      r.loss_start = trained->loss_start;
+      r.loss_end = trained->loss_end;
+      r.update_bytes = input.size() * sizeof(uint32_t);
+      return r;
     }
     comms::CodecOptions co;
     co.codec = task.codec().codec();

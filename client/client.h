@@ -118,7 +118,9 @@ class Client {
   // row is not a JSON object.
   absl::Status AddExample(std::string_view json_row);
   void SetProgressCallback(std::function<void(const RunProgress&)> callback);
-  // For tests and the simulator: sees each encoded update before it is uploaded.
+  // For tests and the simulator: sees each encoded update before it is uploaded. In a secure-aggregation
+  // round: the quantized input before masking (m uint32, little-endian) with its weight; it never leaves
+  // the device in that form.
   void SetUploadObserver(std::function<void(const v1::Task&, const std::string& payload, uint64_t num_examples)> f);
 
   // Blocking. Errors: Unauthenticated (bad token), Unavailable / DeadlineExceeded after all retries,

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <set>
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/numbers.h"
@@ -21,6 +22,7 @@
 #include "model/config.h"
 #include "privacy/dp.h"
 #include "server/dp_strategy.h"
+#include "server/secagg_strategy.h"
 #include "spdlog/spdlog.h"
 
 namespace seedling::server {
@@ -148,6 +150,7 @@ class Coordinator::Handler : public comms::ConnectionHandler {
       case v1::Envelope::kUploadChunk:
       case v1::Envelope::kUploadCommit:
       case v1::Envelope::kDecline:
+      case v1::Envelope::kSecagg:
         if (device_id_.empty()) {
           std::lock_guard<std::mutex> lock(c_->mu_);
           reply = c_->RejectLocked(v1::UNAUTHENTICATED, "send Hello with a valid device token first", "unauthenticated");
@@ -210,6 +213,9 @@ class Coordinator::Handler : public comms::ConnectionHandler {
       case v1::Envelope::kDecline:
         c_->CountRequest("decline");
         return c_->OnDecline(device_id_, request.decline());
+      case v1::Envelope::kSecagg:
+        c_->CountRequest("secagg");
+        return c_->OnSecAgg(device_id_, request.secagg());
       default:
         return Response(0);
     }
@@ -239,6 +245,11 @@ Coordinator::Coordinator(const ServerConfig& config, const Clock* clock, Metrics
       dp_epsilon_gauge_ = &metrics_->AddGauge("seedling_dp_epsilon",
                                               "Differential privacy spent by the committed rounds (epsilon at the "
                                               "configured delta).").Get();
+    }
+    if (config_.secagg.enabled) {
+      secagg_aborts_total_ = &metrics_->AddCounter("seedling_secagg_aborts_total",
+                                                   "Secure-aggregation rounds aborted, by the stage that failed.",
+                                                   {"stage"});
     }
   }
 }
@@ -281,7 +292,7 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(const ServerCon
   StrategyOptions strategy = config.strategy;
   // One setting, enforced by the strategy (by the DP wrapper with DP on: the inner strategy then sees only
   // the noised aggregate, which is not a client update).
-  strategy.max_update_norm = config.privacy.dp ? 0.0 : config.max_update_norm;
+  strategy.max_update_norm = config.privacy.dp || config.secagg.enabled ? 0.0 : config.max_update_norm;
   SEEDLING_ASSIGN_OR_RETURN(c->strategy_, MakeStrategy(strategy));
   SEEDLING_ASSIGN_OR_RETURN(const uint64_t version, c->store_->GlobalVersion());
   if (config.privacy.dp) {
@@ -312,6 +323,23 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(const ServerCon
     if (c->dp_epsilon_gauge_ != nullptr) c->dp_epsilon_gauge_->Set(eps.epsilon);
     spdlog::info("differential privacy: clip {} noise multiplier {}, {} rounds spent epsilon {:.4g} of {} (delta {})",
                  p.clip_norm, p.noise_multiplier, spent.size(), eps.epsilon, p.target_epsilon, p.delta);
+  }
+  if (config.secagg.enabled) {
+    // Outermost: the unmasked sum goes to DP (noise) or straight to the fedavg family. A masked input is
+    // 4 bytes per adapter entry plus the weight slot and travels in one control frame (comms/proto): refuse
+    // adapters that would not fit rather than fail every round.
+    const uint64_t m = static_cast<uint64_t>(c->num_parameters_) + 1;
+    if (m > privacy::kMaxVectorLength || 4 * m + 4096 > comms::kMaxControlFrameBytes) {
+      return absl::InvalidArgumentError(StrCat("[secagg] enabled: a masked input of this adapter (", m,
+                                               " entries) would not fit in one ", comms::kMaxControlFrameBytes,
+                                               "-byte frame; use a smaller rank or fewer targets"));
+    }
+    SEEDLING_RETURN_IF_ERROR(
+        SecAggParamsFor(config.secagg, static_cast<uint32_t>(config.SelectionQuota()), static_cast<uint32_t>(m)).status());
+    c->strategy_ = std::make_unique<SecAggStrategy>(std::move(c->strategy_));
+    spdlog::info("secure aggregation (SecAgg+): cohorts of up to {}, Q = {}, clipping range {}, max weight {}",
+                 config.SelectionQuota(), config.secagg.quantization_levels, config.secagg.clipping_range,
+                 config.secagg.max_weight);
   }
   c->global_.version = version;
   if (version == 0) {
@@ -422,6 +450,9 @@ v1::Task Coordinator::MakeTaskLocked(const RoundRecord& round, const TaskRecord&
   for (const std::string& target : config_.lora_targets) t.mutable_lora()->add_targets(target);
   t.mutable_lora()->set_init_seed(config_.lora_init_seed);
   t.set_model_id(model_id_);
+  if (auto p = secagg_participants_.find(task.device_id); config_.secagg.enabled && p != secagg_participants_.end()) {
+    t.mutable_secagg()->set_participant_id(p->second);
+  }
   strategy_->ConfigureTask(global_.version, t);
   return t;
 }
@@ -467,12 +498,15 @@ v1::Envelope Coordinator::OnCheckIn(const std::string& device_id, const v1::Chec
     return RejectLocked(v1::INTERNAL, "cannot record the task", "internal");
   }
   ++round_->selected;
+  // SecAgg participant ids: the task's ordinal in the round (1, 2, ...), distinct by construction.
+  if (config_.secagg.enabled) secagg_participants_[device_id] = static_cast<uint32_t>(round_->selected);
   if (tasks_total_ != nullptr) tasks_total_->Increment();
   v1::Envelope e = Response(0);
   *e.mutable_check_in_reply()->mutable_task() = MakeTaskLocked(*round_, task);
   if (round_->selected >= config_.SelectionQuota()) {
     if (store_->SetRoundState(round_->round_id, RoundState::kCollecting, clock_->NowMs()).ok()) {
       round_->state = RoundState::kCollecting;
+      if (config_.secagg.enabled) StartSecAggLocked(clock_->NowMs());
     }
   }
   return e;
@@ -526,6 +560,10 @@ v1::Envelope Coordinator::OnDownload(const std::string& device_id, const v1::Dow
 
 v1::Envelope Coordinator::OnUploadBegin(const std::string& device_id, const v1::UploadBegin& begin) {
   std::lock_guard<std::mutex> lock(mu_);
+  if (config_.secagg.enabled) {
+    return RejectLocked(v1::INVALID_UPDATE, "this server runs secure aggregation: updates go through the SecAgg stages",
+                        "secagg_plaintext");
+  }
   const int64_t now = clock_->NowMs();
   // An exact retry of an update already in the ledger gets the same acknowledgement.
   auto ledger = store_->FindLedgerEntry(begin.idempotency_key());
@@ -731,10 +769,278 @@ v1::Envelope Coordinator::OnDecline(const std::string& device_id, const v1::Decl
     (void)store_->SetTaskState(decline.task_id(), "declined", StrCat(reason, ": ", decline.detail()));
     if (declines_total_ != nullptr) declines_total_->WithLabels({reason}).Increment();
     strategy_->RecordFailure(device_id, StrCat("declined: ", reason));
+    // Before the session starts a declined device leaves the cohort; after, it is one of the dropouts.
+    if (secagg_ == nullptr) secagg_participants_.erase(device_id);
   }
   v1::Envelope e = Response(0);
   e.mutable_ack();
   return e;
+}
+
+// ---- secure aggregation (SecAgg+) -----------------------------------------------------------------------
+
+namespace {
+
+const char* StageName(v1::SecAggStage stage) {
+  switch (stage) {
+    case v1::SECAGG_SETUP:
+      return "setup";
+    case v1::SECAGG_ADVERTISE_KEYS:
+      return "advertise_keys";
+    case v1::SECAGG_SHARE_KEYS:
+      return "share_keys";
+    case v1::SECAGG_MASKED_INPUT:
+      return "masked_input";
+    case v1::SECAGG_UNMASK:
+      return "unmask";
+    default:
+      return "unspecified";
+  }
+}
+
+}  // namespace
+
+struct Coordinator::SecAggSession {
+  uint64_t round_id = 0;
+  privacy::SessionConfig config;
+  std::optional<privacy::SecAggServer> server;
+  std::string setup;  // privacy::SetupMessage, serialized: the SETUP reply
+  v1::SecAggStage stage = v1::SECAGG_ADVERTISE_KEYS;  // the stage being collected
+  int64_t stage_deadline_ms = 0;
+  std::set<uint32_t> expected;  // may answer `stage`: got the previous stage's reply
+  std::set<uint32_t> answered;  // ⊆ expected
+  std::map<uint32_t, std::string> submitted;  // SHA-256 of each answer to `stage`
+  std::map<uint32_t, std::string> replies;  // the closed previous stage's reply to each device, serialized
+};
+
+void Coordinator::StartSecAggLocked(int64_t now) {
+  if (!round_.has_value() || secagg_ != nullptr) return;
+  auto session = std::make_unique<SecAggSession>();
+  session->round_id = round_->round_id;
+  for (const auto& [device, id] : secagg_participants_) session->config.cohort.push_back(id);
+  absl::StatusOr<privacy::SecAggParams> params =
+      SecAggParamsFor(config_.secagg, static_cast<uint32_t>(session->config.cohort.size()),
+                      static_cast<uint32_t>(num_parameters_ + 1));
+  if (!params.ok()) {
+    AbortSecAggLocked(now, v1::SECAGG_SETUP, params.status());
+    return;
+  }
+  session->config.params = *params;
+  session->config.round_index = round_->round_id;
+  session->config.model_hash = global_sha256_;  // of the adapter at the round's base version (what tasks carry)
+  absl::StatusOr<privacy::SecAggServer> server = privacy::SecAggServer::Create(session->config);
+  if (!server.ok()) {
+    AbortSecAggLocked(now, v1::SECAGG_SETUP, server.status());
+    return;
+  }
+  session->server.emplace(std::move(server).value());
+  session->setup = privacy::SetupMessage{session->config}.Serialize();
+  session->expected.insert(session->config.cohort.begin(), session->config.cohort.end());
+  session->stage_deadline_ms = now + config_.secagg.stage_timeout_ms;
+  spdlog::info("round {}: secure aggregation session of {} devices (k = {}, t = {}, at most {} dropouts)",
+               round_->round_id, params->num_clients, params->num_neighbors, params->threshold,
+               params->num_clients - privacy::MinSurvivors(*params));
+  secagg_ = std::move(session);
+}
+
+void Coordinator::AbortSecAggLocked(int64_t now, v1::SecAggStage stage, const absl::Status& why) {
+  if (secagg_aborts_total_ != nullptr) secagg_aborts_total_->WithLabels({StageName(stage)}).Increment();
+  AbortRoundLocked(now, StrCat("secure aggregation aborted at stage ", StageName(stage),
+                               ", nothing released: ", why.message()));
+}
+
+void Coordinator::CloseSecAggStageLocked(int64_t now) {
+  SecAggSession& s = *secagg_;
+  const v1::SecAggStage stage = s.stage;
+  absl::Status failed;
+  std::map<uint32_t, std::string> replies;
+  auto collect = [&](auto result) {
+    if (!result.ok()) {
+      failed = result.status();
+      return;
+    }
+    for (const auto& [id, message] : *result) replies[id] = message.Serialize();
+  };
+  switch (stage) {
+    case v1::SECAGG_ADVERTISE_KEYS:
+      collect(s.server->CloseAdvertiseKeys());
+      break;
+    case v1::SECAGG_SHARE_KEYS:
+      collect(s.server->CloseShareKeys());
+      break;
+    case v1::SECAGG_MASKED_INPUT:
+      collect(s.server->CloseMaskedInput());
+      break;
+    case v1::SECAGG_UNMASK: {
+      // Reconstruct, unmask, decode Σ w·x and Σ w, and hand the sum to the strategy as one update.
+      absl::StatusOr<privacy::AggregateResult> result = s.server->Finish();
+      if (!result.ok()) return AbortSecAggLocked(now, stage, result.status());
+      absl::StatusOr<privacy::DecodedAggregate> decoded = privacy::DecodeAggregate(result->sum, s.config.params);
+      if (!decoded.ok()) return AbortSecAggLocked(now, stage, decoded.status());
+      SummedUpdate sum;
+      sum.weighted_sum = decoded->weighted_sum;
+      sum.total_weight = decoded->total_weight;
+      sum.clients = static_cast<int64_t>(result->survivors.size());
+      if (absl::Status st = strategy_->AccumulateSum(sum); !st.ok()) return AbortSecAggLocked(now, stage, st);
+      round_->accepted = sum.clients;
+      if (accepted_total_ != nullptr) accepted_total_->Increment(static_cast<uint64_t>(sum.clients));
+      spdlog::info("round {}: secure aggregation unmasked the sum of {} of {} devices (total weight {})",
+                   s.round_id, sum.clients, s.config.cohort.size(), sum.total_weight);
+      secagg_.reset();
+      FinishRoundLocked(now);
+      return;
+    }
+    default:
+      return AbortSecAggLocked(now, stage, absl::InternalError("no stage to close"));
+  }
+  if (!failed.ok()) return AbortSecAggLocked(now, stage, failed);
+  s.replies = std::move(replies);
+  s.expected.clear();
+  for (const auto& [id, reply] : s.replies) s.expected.insert(id);
+  s.answered.clear();
+  s.submitted.clear();
+  s.stage = static_cast<v1::SecAggStage>(stage + 1);
+  // The masked input includes local training: it has the round's deadline, as a plaintext upload would.
+  s.stage_deadline_ms = s.stage == v1::SECAGG_MASKED_INPUT ? round_->deadline_ms : now + config_.secagg.stage_timeout_ms;
+}
+
+v1::Envelope Coordinator::OnSecAgg(const std::string& device_id, const v1::SecAggRequest& request) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const int64_t now = clock_->NowMs();
+  auto not_ready = [&](int64_t deadline) {
+    v1::Envelope e = Response(0);
+    v1::SecAggReply* r = e.mutable_secagg_reply();
+    r->set_stage(request.stage());
+    r->mutable_not_ready()->set_retry_after_ms(static_cast<uint32_t>(config_.secagg.poll_ms));
+    r->mutable_not_ready()->set_stage_deadline_ms(static_cast<uint64_t>(std::max<int64_t>(0, deadline)));
+    r->mutable_not_ready()->set_server_time_ms(static_cast<uint64_t>(now));
+    return e;
+  };
+  auto reply = [&](const std::string& message) {
+    v1::Envelope e = Response(0);
+    e.mutable_secagg_reply()->set_stage(request.stage());
+    e.mutable_secagg_reply()->set_message(message);
+    return e;
+  };
+  if (!config_.secagg.enabled) {
+    return RejectLocked(v1::MALFORMED_MESSAGE, "this server does not run secure aggregation", "malformed");
+  }
+  if (request.stage() < v1::SECAGG_SETUP || request.stage() > v1::SECAGG_UNMASK) {
+    return RejectLocked(v1::MALFORMED_MESSAGE, "SecAggRequest.stage must be SETUP..UNMASK", "malformed");
+  }
+  if (!round_.has_value() || round_->round_id != request.round_id()) {
+    return RejectLocked(v1::ABORTED, StrCat("round ", request.round_id(), " is over; check in for a new task"), "stale");
+  }
+  auto task = store_->FindTaskFor(request.round_id(), device_id);
+  if (!task.ok()) return RejectLocked(v1::INTERNAL, "task registry unavailable", "internal");
+  auto participant = secagg_participants_.find(device_id);
+  if (!task->has_value() || (*task)->task_id != request.task_id() || participant == secagg_participants_.end()) {
+    return RejectLocked(v1::NOT_SELECTED, "this device has no such task in the round", "not_selected");
+  }
+  const uint32_t id = participant->second;
+  if (secagg_ == nullptr) {
+    // Selection is still open: the cohort is not fixed yet.
+    if (request.stage() == v1::SECAGG_SETUP) return not_ready(0);
+    return RejectLocked(v1::MALFORMED_MESSAGE, "the session has not started: ask for SETUP first", "malformed");
+  }
+  SecAggSession& s = *secagg_;
+  if (std::find(s.config.cohort.begin(), s.config.cohort.end(), id) == s.config.cohort.end()) {
+    return RejectLocked(v1::NOT_SELECTED, "this device is not in the round's secure-aggregation cohort", "not_selected");
+  }
+  if (request.stage() == v1::SECAGG_SETUP) return reply(s.setup);
+  const auto dropped = [&] {
+    return RejectLocked(v1::ABORTED, StrCat("this device is no longer in the secure-aggregation session (stage ",
+                                            StageName(s.stage), " is open)"),
+                        "secagg_dropped");
+  };
+  if (request.stage() + 1 == s.stage) {  // the previous stage closed: its reply, if the device made it
+    auto it = s.replies.find(id);
+    return it != s.replies.end() ? reply(it->second) : dropped();
+  }
+  if (request.stage() != s.stage) {
+    if (request.stage() > s.stage) {
+      return RejectLocked(v1::MALFORMED_MESSAGE, StrCat("stage ", StageName(request.stage()), " is not open yet"),
+                          "malformed");
+    }
+    return dropped();
+  }
+  if (!s.expected.count(id)) return dropped();
+  if (s.answered.count(id)) {
+    if (!request.message().empty() && Sha256Raw(request.message()) != s.submitted[id]) {
+      // E.g. the app restarted and drew new keys: its neighbours already hold the old ones.
+      return RejectLocked(v1::ABORTED, "a different message for a stage this device already answered", "secagg_dropped");
+    }
+    // A poll (or a re-sent submission after a lost reply): the server already holds this device's message.
+    return request.stage() == v1::SECAGG_UNMASK ? reply("") : not_ready(s.stage_deadline_ms);
+  }
+  if (request.message().empty()) {
+    return RejectLocked(v1::MALFORMED_MESSAGE, StrCat("no ", StageName(request.stage()), " message to poll for"),
+                        "malformed");
+  }
+  // Parse, check the sender is this device (an authenticated device speaks only for its own id), and add.
+  absl::Status added;
+  auto add = [&](auto parsed, auto add_fn) {
+    if (!parsed.ok()) {
+      added = parsed.status();
+    } else if (parsed->sender != id) {
+      added = absl::InvalidArgumentError(StrCat("message from participant ", parsed->sender, " sent by participant ", id));
+    } else {
+      added = add_fn(*parsed);
+    }
+  };
+  privacy::SecAggServer& server = *s.server;
+  switch (request.stage()) {
+    case v1::SECAGG_ADVERTISE_KEYS:
+      add(privacy::AdvertiseKeysMessage::Parse(request.message()),
+          [&](const auto& m) { return server.AddAdvertiseKeys(m); });
+      break;
+    case v1::SECAGG_SHARE_KEYS:
+      add(privacy::ShareKeysMessage::Parse(request.message()), [&](const auto& m) { return server.AddShareKeys(m); });
+      break;
+    case v1::SECAGG_MASKED_INPUT:
+      add(privacy::MaskedInputMessage::Parse(request.message()),
+          [&](const auto& m) { return server.AddMaskedInput(m); });
+      break;
+    default:
+      add(privacy::UnmaskResponseMessage::Parse(request.message()),
+          [&](const auto& m) { return server.AddUnmaskResponse(m); });
+  }
+  if (!added.ok()) {
+    // The library counts the sender as dropped; so does the session (it no longer waits for it).
+    s.expected.erase(id);
+    strategy_->RecordFailure(device_id, std::string(added.message()));
+    v1::Envelope e = RejectLocked(v1::INVALID_UPDATE, StrCat("secure aggregation: ", added.message()), "secagg_invalid");
+    if (s.answered.size() >= s.expected.size()) CloseSecAggStageLocked(now);
+    return e;
+  }
+  s.answered.insert(id);
+  s.submitted[id] = Sha256Raw(request.message());
+  if (request.stage() == v1::SECAGG_MASKED_INPUT) stats_->bytes_up += request.message().size();
+  const bool last = request.stage() == v1::SECAGG_UNMASK;
+  if (s.answered.size() >= s.expected.size()) {
+    CloseSecAggStageLocked(now);  // may finish (or abort) the round and reset secagg_
+    if (!last && secagg_ != nullptr) {
+      auto it = secagg_->replies.find(id);
+      if (it != secagg_->replies.end()) return reply(it->second);
+    }
+  }
+  if (last) return reply("");  // the device's part is over
+  if (secagg_ == nullptr) {
+    return RejectLocked(v1::ABORTED, StrCat("round ", request.round_id(), " was aborted; check in for a new task"),
+                        "aborted");
+  }
+  return not_ready(secagg_->stage_deadline_ms);
+}
+
+SecAggProgress Coordinator::secagg_progress() {
+  std::lock_guard<std::mutex> lock(mu_);
+  SecAggProgress p;
+  if (secagg_ == nullptr) return p;
+  p.stage = secagg_->stage;
+  p.cohort = static_cast<int64_t>(secagg_->config.cohort.size());
+  p.expected = static_cast<int64_t>(secagg_->expected.size());
+  p.answered = static_cast<int64_t>(secagg_->answered.size());
+  return p;
 }
 
 // ---- the round state machine ----------------------------------------------------------------------------
@@ -771,6 +1077,8 @@ void Coordinator::AbortRoundLocked(int64_t now, const std::string& reason) {
   for (auto it = inflight_.begin(); it != inflight_.end();) {
     it = it->second->round_id == round_->round_id ? inflight_.erase(it) : std::next(it);
   }
+  secagg_.reset();  // nothing of a SecAgg session outlives its round
+  secagg_participants_.clear();
   round_.reset();
   ++finished_rounds_;
 }
@@ -859,6 +1167,8 @@ void Coordinator::FinishRoundLocked(int64_t now) {
   for (auto it = inflight_.begin(); it != inflight_.end();) {
     it = it->second->round_id == round_id ? inflight_.erase(it) : std::next(it);
   }
+  secagg_.reset();
+  secagg_participants_.clear();
   round_.reset();
   ++finished_rounds_;
 }
@@ -873,6 +1183,24 @@ void Coordinator::Tick() {
       spdlog::error("cannot open a round: {}", std::string(st.message()));
       health_ = st;
     }
+    return;
+  }
+  if (config_.secagg.enabled) {
+    // A SecAgg round: selection closes as usual, then the session's stages run to their own deadlines
+    // (the masked-input stage ends at the round's deadline; the unmask stage may run past it).
+    RoundRecord& r = *round_;
+    if (r.state == RoundState::kOpen) {
+      if (now >= r.opened_ms + config_.selection_window_s * 1000 && r.selected >= r.min_reports) {
+        if (store_->SetRoundState(r.round_id, RoundState::kCollecting, now).ok()) {
+          r.state = RoundState::kCollecting;
+          StartSecAggLocked(now);
+        }
+      } else if (now >= r.deadline_ms) {
+        AbortRoundLocked(now, StrCat("only ", r.selected, " of the ", r.min_reports, " devices needed checked in"));
+      }
+      return;
+    }
+    if (secagg_ != nullptr && now >= secagg_->stage_deadline_ms) CloseSecAggStageLocked(now);
     return;
   }
   RoundRecord& r = *round_;

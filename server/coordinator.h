@@ -25,6 +25,7 @@
 #include "absl/status/statusor.h"
 #include "comms/transport.h"
 #include "privacy/accountant.h"
+#include "privacy/secagg.h"
 #include "server/config.h"
 #include "server/http.h"
 #include "server/metrics.h"
@@ -64,6 +65,15 @@ std::string Sha256Raw(std::string_view bytes);
 // Issues a new random device token (returned once; only its SHA-256 is stored). AlreadyExists if the id
 // is taken.
 absl::StatusOr<std::string> AddDevice(Store& store, const std::string& device_id, int64_t now_ms);
+
+// Where the active round's SecAgg+ session is (tests, tools): the stage being collected (UNSPECIFIED when
+// no session runs), the cohort size, and how many of the devices still in the session answered it.
+struct SecAggProgress {
+  v1::SecAggStage stage = v1::SECAGG_STAGE_UNSPECIFIED;
+  int64_t cohort = 0;
+  int64_t expected = 0;  // devices that may answer this stage (answered the previous one)
+  int64_t answered = 0;
+};
 
 class Coordinator {
  public:
@@ -107,11 +117,14 @@ class Coordinator {
   absl::StatusOr<std::optional<RoundRecord>> FindRound(uint64_t round_id);
   // Store::Checksum() of the live store: equal before and after a request means it changed nothing durable.
   absl::StatusOr<std::string> StoreChecksum();
+  // [secagg] enabled: the active session's progress.
+  SecAggProgress secagg_progress();
 
  private:
   class Handler;
   struct Inflight;
   struct RoundStats;
+  struct SecAggSession;
 
   Coordinator(const ServerConfig& config, const Clock* clock, Metrics* metrics, std::unique_ptr<Store> store);
 
@@ -123,6 +136,7 @@ class Coordinator {
   v1::Envelope OnUploadChunk(const std::string& device_id, const v1::UploadChunk& chunk);
   v1::Envelope OnUploadCommit(const std::string& device_id, const v1::UploadCommit& commit);
   v1::Envelope OnDecline(const std::string& device_id, const v1::Decline& decline);
+  v1::Envelope OnSecAgg(const std::string& device_id, const v1::SecAggRequest& request);
   void CountRequest(const char* kind);
   DashboardRound ToDashboard(const RoundRecord& r);
 
@@ -137,6 +151,14 @@ class Coordinator {
   // [privacy] dp: q for the next round, and whether the budget allows it (false: dp_refusal_ says why).
   absl::StatusOr<double> DpSamplingRateLocked();
   bool DpAllowsNextRoundLocked();
+  // [secagg] (with mu_ held): the session starts when selection closes (the cohort is the devices holding a
+  // task then); a stage closes when every device still in the session answered or at its deadline; the
+  // last one unmasks the sum, hands it to the strategy and commits the round. Any failure aborts the round
+  // and releases nothing. The session lives in memory only: a server crash aborts the round (as any
+  // unfinished round) and its devices check in again.
+  void StartSecAggLocked(int64_t now);
+  void CloseSecAggStageLocked(int64_t now);
+  void AbortSecAggLocked(int64_t now, v1::SecAggStage stage, const absl::Status& why);
 
   // Constant after construction.
   const ServerConfig config_;
@@ -152,6 +174,7 @@ class Coordinator {
   Gauge* global_version_gauge_ = nullptr;
   Gauge* connections_gauge_ = nullptr;
   Gauge* dp_epsilon_gauge_ = nullptr;  // only with [privacy] dp
+  CounterFamily* secagg_aborts_total_ = nullptr;  // only with [secagg] enabled
   std::string model_id_;
   int64_t num_parameters_ = 0;
 
@@ -176,6 +199,10 @@ class Coordinator {
   double dp_epsilon_ = NAN;
   double round_sampling_rate_ = 0;
   std::string dp_refusal_;
+  // [secagg] only (guarded by mu_): each device's participant id in the active round (from its task), and
+  // the session once selection closed.
+  std::map<std::string, uint32_t> secagg_participants_;
+  std::unique_ptr<SecAggSession> secagg_;
 };
 
 }  // namespace seedling::server
