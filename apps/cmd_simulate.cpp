@@ -27,7 +27,7 @@ std::vector<std::string> SplitComma(const std::string& s) {
 
 void RegisterSimulateCommands(CLI::App& app, Action& action) {
   struct Flags {
-    std::string config, model, data, out, methods, partition, work_dir, phones;
+    std::string config, model, data, out, methods, partition, work_dir, phones, mpi_placement;
     int64_t devices = -1, rounds = -1, clients_per_round = -1, steps = -1, seq_len = -1, deadline = -1;
     int64_t heldout_devices = -1;
     int threads = -1;
@@ -57,6 +57,8 @@ void RegisterSimulateCommands(CLI::App& app, Action& action) {
   cmd->add_option("--threads", f->threads, "Devices training at once (default: hardware threads)");
   cmd->add_option("--phones", f->phones, "CSV of phone classes (default data/phones/phone_classes.csv)");
   cmd->add_option("--work-dir", f->work_dir, "Keep server and device state here (default: a temporary directory)");
+  cmd->add_option("--mpi-placement", f->mpi_placement,
+                  "Under mpirun: auto (least busy rank when the work dir is shared) or static (device d on rank d % R)");
   cmd->add_flag("--loopback", f->loopback,
                 "Devices connect through a real TLS server on 127.0.0.1 (same results, slower; small N)");
   cmd->add_option("--seed", f->seed, "Seed of everything random (default 0)")->each([f](const std::string&) {
@@ -92,6 +94,7 @@ void RegisterSimulateCommands(CLI::App& app, Action& action) {
       if (f->threads >= 0) o.threads = f->threads;
       if (f->seed_given) o.seed = f->seed;
       if (f->loopback) o.loopback = true;
+      if (!f->mpi_placement.empty()) o.mpi_placement = f->mpi_placement;
       if (o.model_dir.empty()) return absl::InvalidArgumentError("--model (or [simulation] model) is required");
       o.server.model_dir = o.model_dir;
       SEEDLING_RETURN_IF_ERROR(o.server.Validate());

@@ -88,7 +88,7 @@ absl::StatusOr<SimulationOptions> ParseSimulationConfig(std::string_view toml_te
                                                 "heldout_devices", "eval_examples", "phone_classes", "data",
                                                 "partition", "alpha", "exponent", "rows_per_device", "dropout_mean",
                                                 "variation", "start_time", "tick_s", "max_hours", "plan_seconds",
-                                                "radio_watts", "loopback"}));
+                                                "radio_watts", "loopback", "mpi_placement"}));
     SEEDLING_RETURN_IF_ERROR(Get(*sim, n, "model", o.model_dir));
     SEEDLING_RETURN_IF_ERROR(Get(*sim, n, "out", o.out_dir));
     SEEDLING_RETURN_IF_ERROR(Get(*sim, n, "work_dir", o.work_dir));
@@ -126,6 +126,7 @@ absl::StatusOr<SimulationOptions> ParseSimulationConfig(std::string_view toml_te
     SEEDLING_RETURN_IF_ERROR(Get(*sim, n, "plan_seconds", o.plan_seconds));
     SEEDLING_RETURN_IF_ERROR(Get(*sim, n, "radio_watts", o.radio_watts));
     SEEDLING_RETURN_IF_ERROR(Get(*sim, n, "loopback", o.loopback));
+    SEEDLING_RETURN_IF_ERROR(Get(*sim, n, "mpi_placement", o.mpi_placement));
   }
   if (const toml::node* methods_node = root.get("methods"); methods_node != nullptr) {
     const toml::table* methods = methods_node->as_table();

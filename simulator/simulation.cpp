@@ -65,6 +65,38 @@ std::string DefaultStrategy(const std::string& method) {
   return "fedavg";
 }
 
+// The trainings one process runs at once (--threads). A device takes a slot when the answer to its task's
+// last download starts its training and gives it back with its next request: only training is counted,
+// because the protocol steps between are short and the event loop runs them one at a time anyway. A
+// device never waits at the gate while holding a slot, so slots cannot deadlock with the loop.
+class ComputeSlots {
+ public:
+  explicit ComputeSlots(int n) : free_(n) {}
+  void Acquire() {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return free_ > 0; });
+    --free_;
+  }
+  void Release() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      ++free_;
+    }
+    cv_.notify_one();
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int free_;
+};
+
+struct WorkDir {
+  std::string path;
+  bool remove = false;  // made for this run: removed at the end
+  bool shared = false;  // every rank sees it
+};
+
 // Everything the methods share: the population, the data on disk, the model and the evaluation set.
 struct World {
   const SimulationOptions* options = nullptr;
@@ -79,7 +111,12 @@ struct World {
   std::vector<model::ChoiceItem> choice_items;  // labelled held-out rows (accuracy); empty: no labels
   double end_time_s = 0;
   MpiRanks* ranks = nullptr;  // nullptr: one process
+  // Every rank sees work_dir (one machine, or a shared file system): a device's state can be used from
+  // any rank, so each activation runs on the least busy rank. Otherwise device d lives on rank d % R.
+  bool shared_work_dir = false;
 
+  int rank() const { return ranks == nullptr ? 0 : ranks->rank(); }
+  // Static placement (no shared work_dir): the rank that keeps device d's state.
   int Owner(int64_t device) const { return ranks == nullptr ? 0 : static_cast<int>(device % ranks->size()); }
 };
 
@@ -104,10 +141,13 @@ client::ClientConfig DeviceClientConfig(const World& world, const std::string& m
 enum MsgKind : char {
   kStart = 'S',         // rank 0 → owner (control mailbox): run device {method, device, token, conditions}
   kQuit = 'Q',          // rank 0 → all (control mailbox): the simulation is over
+  kWorkDir = 'W',       // rank 0 → all (control mailbox): {work_dir, token} of its work directory
+  kSeesWorkDir = 'w',   // rank r → rank 0 (control mailbox): {rank, sees}: whether it found the token
   kConnect = 'c',       // owner → rank 0: open a connection; payload: timeout ms
   kConnected = 'C',     // rank 0 → owner: status
   kCall = 'q',          // owner → rank 0: 8-byte timeout ms, then the request envelope
-  kReply = 'R',         // rank 0 → owner: '1' + reply envelope, or '0' + status
+  kReply = 'R',         // rank 0 → owner: 'T' (take a compute slot: training starts) or '-', then
+                        // '1' + reply envelope, or '0' + status
   kClose = 'x',         // owner → rank 0: close the connection
   kDone = 'd',          // owner → rank 0: the RunOnce result
 };
@@ -162,67 +202,84 @@ uint64_t GetU64(std::string_view in) {
   return v;
 }
 
+// A device on a rank other than 0: where its requests go, and the compute slot it may hold there.
+struct ForwardedDevice {
+  MpiRanks* ranks = nullptr;
+  int64_t device = 0;
+  ComputeSlots* slots = nullptr;  // the rank's
+  bool holds_slot = false;        // the device thread only
+
+  void ReleaseSlot() {
+    if (std::exchange(holds_slot, false)) slots->Release();
+  }
+};
+
 // A device's connection to rank 0's coordinator, from another rank: each call is forwarded and answered
 // there at the gate (MethodRun::RemoteDeviceMain).
 class ForwardedChannel : public comms::Channel {
  public:
-  ForwardedChannel(MpiRanks* ranks, int64_t device) : ranks_(ranks), device_(device) {}
+  explicit ForwardedChannel(std::shared_ptr<ForwardedDevice> dev) : dev_(std::move(dev)) {}
   ~ForwardedChannel() override { Close(); }
 
   absl::StatusOr<v1::Envelope> Call(const v1::Envelope& request, comms::Duration timeout) override {
     if (closed_) return absl::FailedPreconditionError("the connection is closed");
+    dev_->ReleaseSlot();  // a request after training: the training is over
     std::string msg(1, kCall);
     PutU64(msg, static_cast<uint64_t>(timeout.count()));
     request.AppendToString(&msg);
-    ranks_->Send(0, static_cast<uint64_t>(device_), std::move(msg));
-    SEEDLING_ASSIGN_OR_RETURN(MpiRanks::Message m, ranks_->Receive(static_cast<uint64_t>(device_), kRankTimeout));
-    if (m.payload.size() < 2 || m.payload[0] != kReply) return absl::InternalError("unexpected message from rank 0");
-    if (m.payload[1] == '1') {
+    const uint64_t key = static_cast<uint64_t>(dev_->device);
+    dev_->ranks->Send(0, key, std::move(msg));
+    SEEDLING_ASSIGN_OR_RETURN(MpiRanks::Message m, dev_->ranks->Receive(key, kRankTimeout));
+    const std::string& p = m.payload;
+    if (p.size() < 3 || p[0] != kReply) return absl::InternalError("unexpected message from rank 0");
+    if (p[1] == 'T') {
+      dev_->slots->Acquire();  // the reply starts this device's training
+      dev_->holds_slot = true;
+    }
+    if (p[2] == '1') {
       v1::Envelope reply;
-      if (!reply.ParseFromArray(m.payload.data() + 2, static_cast<int>(m.payload.size() - 2))) {
+      if (!reply.ParseFromArray(p.data() + 3, static_cast<int>(p.size() - 3))) {
         return absl::InternalError("malformed reply envelope from rank 0");
       }
       return reply;
     }
-    const nlohmann::json j = nlohmann::json::parse(m.payload.substr(2), nullptr, false);
-    return StatusFromJson(j);
+    return StatusFromJson(nlohmann::json::parse(p.substr(3), nullptr, false));
   }
 
   void Close() override {
     if (closed_) return;
     closed_ = true;
-    ranks_->Send(0, static_cast<uint64_t>(device_), std::string(1, kClose));
+    dev_->ranks->Send(0, static_cast<uint64_t>(dev_->device), std::string(1, kClose));
   }
 
  private:
-  MpiRanks* const ranks_;
-  const int64_t device_;
+  const std::shared_ptr<ForwardedDevice> dev_;
   bool closed_ = false;
 };
 
 class ForwardedTransport : public comms::Transport {
  public:
-  ForwardedTransport(MpiRanks* ranks, int64_t device) : ranks_(ranks), device_(device) {}
+  explicit ForwardedTransport(std::shared_ptr<ForwardedDevice> dev) : dev_(std::move(dev)) {}
   absl::StatusOr<std::unique_ptr<comms::Channel>> Connect(comms::Duration timeout) override {
     std::string msg(1, kConnect);
     PutU64(msg, static_cast<uint64_t>(timeout.count()));
-    ranks_->Send(0, static_cast<uint64_t>(device_), std::move(msg));
-    SEEDLING_ASSIGN_OR_RETURN(MpiRanks::Message m, ranks_->Receive(static_cast<uint64_t>(device_), kRankTimeout));
+    const uint64_t key = static_cast<uint64_t>(dev_->device);
+    dev_->ranks->Send(0, key, std::move(msg));
+    SEEDLING_ASSIGN_OR_RETURN(MpiRanks::Message m, dev_->ranks->Receive(key, kRankTimeout));
     if (m.payload.empty() || m.payload[0] != kConnected) return absl::InternalError("unexpected message from rank 0");
-    const nlohmann::json j = nlohmann::json::parse(m.payload.substr(1), nullptr, false);
-    SEEDLING_RETURN_IF_ERROR(StatusFromJson(j));
-    return std::unique_ptr<comms::Channel>(new ForwardedChannel(ranks_, device_));
+    SEEDLING_RETURN_IF_ERROR(StatusFromJson(nlohmann::json::parse(m.payload.substr(1), nullptr, false)));
+    return std::unique_ptr<comms::Channel>(new ForwardedChannel(dev_));
   }
 
  private:
-  MpiRanks* const ranks_;
-  const int64_t device_;
+  const std::shared_ptr<ForwardedDevice> dev_;
 };
 
 // One active device: its own clock and where it stands in the protocol. Guarded by MethodRun::mu_.
 struct Activation {
   enum class State { kRunning, kWaiting, kGranted, kDone };
   int64_t device = 0;
+  int rank = 0;      // where its client runs
   double vt = 0;     // the device's clock (Unix seconds)
   double bound = 0;  // no request of this device can arrive before this time
   State state = State::kRunning;
@@ -238,6 +295,8 @@ struct Activation {
   bool drops = false;
   double drop_t = kInf;
   bool dropped = false;
+  bool training_starts = false;  // set by AfterReply: the reply just answered starts the training
+  bool holds_slot = false;       // a local device holding one of compute_slots_
   client::Client* client = nullptr;  // while RunOnce runs (for Cancel)
   std::thread thread;
   absl::StatusOr<client::RunResult> result = absl::UnknownError("still running");
@@ -260,9 +319,11 @@ class MethodRun {
 
   absl::StatusOr<MethodResult> Run();
 
-  // Called by SimChannel on the device's thread.
+  // Called on the device's thread by SimChannel (local device: `training_starts` null, the call takes a
+  // compute slot itself when the reply starts the training, and gives it back with the next call) or by
+  // RemoteDeviceMain (device on another rank: *training_starts tells that rank to take one of its own).
   absl::StatusOr<v1::Envelope> DeviceCall(int64_t device, comms::Channel& inner, const v1::Envelope& request,
-                                          comms::Duration timeout);
+                                          comms::Duration timeout, bool* training_starts = nullptr);
   bool DeviceDropped(int64_t device);
 
  private:
@@ -270,6 +331,7 @@ class MethodRun {
   void Loop();
   void DeviceMain(Activation* a, client::Conditions conditions);
   void RemoteDeviceMain(Activation* a, client::Conditions conditions);
+  int PlaceActivation(int64_t device);  // with mu_ held
   void Finish(Activation* a, absl::StatusOr<client::RunResult> result);
   void Reap(Activation& a);
   void CheckRounds();
@@ -301,7 +363,10 @@ class MethodRun {
   std::map<int64_t, std::unique_ptr<Activation>> active_;
   std::vector<uint32_t> tasks_;  // tasks each device has received (the dropout stream's counter)
   std::priority_queue<std::pair<double, int64_t>, std::vector<std::pair<double, int64_t>>, std::greater<>> wakes_;
-  std::vector<int> running_;  // by rank: activations in kRunning or kGranted
+  int running_ = 0;  // activations in kRunning or kGranted
+  std::vector<int> activations_by_rank_;  // active activations per rank
+  std::vector<int> tasks_by_rank_;        // ... of which hold a task (will train)
+  std::unique_ptr<ComputeSlots> compute_slots_;  // this rank's trainings (threads_)
   uint64_t seq_ = 0;
   bool stopping_ = false;
   bool check_rounds_ = false;
@@ -391,7 +456,6 @@ absl::Status MethodRun::Setup() {
   } else {
     inner_ = comms::MakeInMemoryTransport(coordinator_->handler_factory());
   }
-  running_.assign(world_.ranks == nullptr ? 1 : static_cast<size_t>(world_.ranks->size()), 0);
   const int64_t n = world_.population->size();
   tokens_.resize(static_cast<size_t>(n));
   for (int64_t d = 0; d < n; ++d) {
@@ -409,6 +473,10 @@ absl::Status MethodRun::Setup() {
   SEEDLING_ASSIGN_OR_RETURN(eval_adapter_, lora::LoraAdapter::Create(world_.model_config, lc));
 
   threads_ = options_.threads > 0 ? options_.threads : std::max(1u, std::thread::hardware_concurrency());
+  compute_slots_ = std::make_unique<ComputeSlots>(threads_);
+  const size_t ranks = world_.ranks == nullptr ? 1 : static_cast<size_t>(world_.ranks->size());
+  activations_by_rank_.assign(ranks, 0);
+  tasks_by_rank_.assign(ranks, 0);
   steps_ = config_.steps;
   batch_ = config_.batch;
   seq_len_ = config_.seq_len;
@@ -433,9 +501,16 @@ bool MethodRun::DeviceDropped(int64_t device) {
 }
 
 absl::StatusOr<v1::Envelope> MethodRun::DeviceCall(int64_t device, comms::Channel& inner, const v1::Envelope& request,
-                                                   comms::Duration timeout) {
+                                                   comms::Duration timeout, bool* training_starts) {
   const Population& pop = *world_.population;
   double arrive = 0;
+  bool release = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    Activation& a = *active_.at(device);
+    release = std::exchange(a.holds_slot, false);  // its training is over: it is calling again
+  }
+  if (release) compute_slots_->Release();
   {
     std::unique_lock<std::mutex> lock(mu_);
     Activation& a = *active_.at(device);
@@ -460,24 +535,34 @@ absl::StatusOr<v1::Envelope> MethodRun::DeviceCall(int64_t device, comms::Channe
     a.state = Activation::State::kWaiting;
     a.wait_t = arrive;
     a.seq = ++seq_;
-    --running_[world_.Owner(device)];
+    --running_;
     loop_cv_.notify_one();
     device_cv_.wait(lock, [&] { return a.state == Activation::State::kGranted || stopping_; });
     if (a.state != Activation::State::kGranted) {
       a.state = Activation::State::kRunning;
-      ++running_[world_.Owner(device)];
+      ++running_;
       return absl::UnavailableError("the simulation is over");
     }
   }
   // Granted: the coordinator handles the request at the device's arrival time, alone.
   absl::StatusOr<v1::Envelope> reply = inner.Call(request, timeout);
+  bool acquire = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
     Activation& a = *active_.at(device);
     AfterReply(a, request, reply, arrive);
     a.state = Activation::State::kRunning;
+    const bool starts = std::exchange(a.training_starts, false);
+    if (training_starts != nullptr) {
+      *training_starts = starts;
+    } else if (starts) {
+      a.holds_slot = acquire = true;
+    }
     loop_cv_.notify_one();
   }
+  // Outside mu_: the loop goes on while this device waits for a slot (its next request is not before
+  // its bound, whenever its training runs).
+  if (acquire) compute_slots_->Acquire();
   return reply;
 }
 
@@ -504,6 +589,7 @@ void MethodRun::AfterReply(Activation& a, const v1::Envelope& request, const abs
   }
   if (reply->has_check_in_reply() && reply->check_in_reply().has_task()) {
     const v1::Task& task = reply->check_in_reply().task();
+    if (!a.has_task) ++tasks_by_rank_[static_cast<size_t>(a.rank)];
     a.has_task = true;
     a.round_id = task.round_id();
     a.global_version = task.global_version();
@@ -540,6 +626,7 @@ void MethodRun::AfterReply(Activation& a, const v1::Envelope& request, const abs
       // Synced: the device trains now, so its next request cannot come before the compute time is over.
       a.compute_accounted = true;
       a.bound = a.vt + a.compute_s;
+      a.training_starts = true;
       stats_[a.round_id].energy_j += pop.TrainingJoules(device, a.compute_s);
     }
   }
@@ -569,10 +656,16 @@ void MethodRun::DeviceMain(Activation* a, client::Conditions conditions) {
 }
 
 void MethodRun::Finish(Activation* a, absl::StatusOr<client::RunResult> result) {
+  bool release = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    release = std::exchange(a->holds_slot, false);  // it failed while training
+  }
+  if (release) compute_slots_->Release();
   std::lock_guard<std::mutex> lock(mu_);
   a->result = std::move(result);
   a->state = Activation::State::kDone;
-  --running_[world_.Owner(a->device)];
+  --running_;
   loop_cv_.notify_one();
 }
 
@@ -582,7 +675,7 @@ void MethodRun::RemoteDeviceMain(Activation* a, client::Conditions conditions) {
   const int64_t d = a->device;
   const uint64_t key = static_cast<uint64_t>(d);
   MpiRanks& ranks = *world_.ranks;
-  const int owner = world_.Owner(d);
+  const int owner = a->rank;
   const nlohmann::json start = {{"method", method_},          {"device", d},
                                 {"token", tokens_[static_cast<size_t>(d)]},
                                 {"charging", conditions.charging}, {"unmetered", conditions.unmetered},
@@ -615,12 +708,14 @@ void MethodRun::RemoteDeviceMain(Activation* a, client::Conditions conditions) {
     } else if (kind == kCall && p.size() >= 9) {
       v1::Envelope request;
       absl::StatusOr<v1::Envelope> reply = absl::FailedPreconditionError("no open connection");
+      bool training_starts = false;
       if (!request.ParseFromArray(p.data() + 9, static_cast<int>(p.size() - 9))) {
         reply = absl::InternalError("malformed request envelope from another rank");
       } else if (channel) {
-        reply = DeviceCall(d, *channel, request, comms::Duration(GetU64(p.substr(1))));
+        reply = DeviceCall(d, *channel, request, comms::Duration(GetU64(p.substr(1))), &training_starts);
       }
       std::string out(1, kReply);
+      out += training_starts ? 'T' : '-';  // the device's rank takes a compute slot before it trains
       if (reply.ok()) {
         out += '1';
         reply->AppendToString(&out);
@@ -645,8 +740,25 @@ void MethodRun::RemoteDeviceMain(Activation* a, client::Conditions conditions) {
 }
 
 // With mu_ held, for an activation in kDone: schedule the device's next check-in.
+int MethodRun::PlaceActivation(int64_t device) {
+  if (world_.ranks == nullptr) return 0;
+  if (!world_.shared_work_dir) return world_.Owner(device);
+  // The rank with the fewest devices that will train, then the fewest activations: where this one's
+  // training (if it gets a task) is likely to find a free compute slot soonest. Placement only moves
+  // host work: a device's state is in the shared work directory and its results do not depend on it.
+  size_t best = 0;
+  for (size_t r = 1; r < tasks_by_rank_.size(); ++r) {
+    if (std::tie(tasks_by_rank_[r], activations_by_rank_[r]) < std::tie(tasks_by_rank_[best], activations_by_rank_[best])) {
+      best = r;
+    }
+  }
+  return static_cast<int>(best);
+}
+
 void MethodRun::Reap(Activation& a) {
   if (a.thread.joinable()) a.thread.join();
+  --activations_by_rank_[static_cast<size_t>(a.rank)];
+  if (a.has_task) --tasks_by_rank_[static_cast<size_t>(a.rank)];
   const double te = std::max(a.vt, a.bound);
   double next = te + static_cast<double>(config_.retry_base_s);
   if (a.dropped) {
@@ -819,7 +931,7 @@ void MethodRun::Loop() {
       best = std::min(best, std::tuple<double, int, int64_t, uint64_t>{wakes_.top().first, 2, wakes_.top().second, 0});
     }
     const auto [t, kind, device, seq] = best;
-    if (!(t < horizon) || (kind != 0 && running_[world_.Owner(device)] >= threads_)) {
+    if (!(t < horizon)) {
       loop_cv_.wait(lock);
       continue;
     }
@@ -840,7 +952,7 @@ void MethodRun::Loop() {
       Activation& a = *active_.at(device);
       a.state = Activation::State::kGranted;
       a.bound = a.wait_t;
-      ++running_[world_.Owner(device)];
+      ++running_;
       device_cv_.notify_all();
     } else {
       wakes_.pop();
@@ -861,8 +973,10 @@ void MethodRun::Loop() {
       a->vt = a->bound = t;
       Activation* raw = a.get();
       active_[device] = std::move(a);
-      ++running_[world_.Owner(device)];
-      if (world_.Owner(device) == 0) {
+      ++running_;
+      raw->rank = PlaceActivation(device);
+      ++activations_by_rank_[static_cast<size_t>(raw->rank)];
+      if (raw->rank == 0) {
         raw->thread = std::thread(&MethodRun::DeviceMain, this, raw, c);
       } else {
         raw->thread = std::thread(&MethodRun::RemoteDeviceMain, this, raw, c);
@@ -876,6 +990,11 @@ absl::StatusOr<MethodResult> MethodRun::Run() {
   MethodResult result;
   result.method = method_;
   SEEDLING_ASSIGN_OR_RETURN(result.initial_eval_loss, EvalLoss(coordinator_->global_params()));
+  if (options_.progress && world_.ranks != nullptr) {
+    std::fprintf(stderr, "[%s] %d MPI ranks, %s\n", method_.c_str(), world_.ranks->size(),
+                 world_.shared_work_dir ? "shared work directory: each activation runs on the least busy rank"
+                                        : "no shared work directory: device d runs on rank d % ranks");
+  }
   if (options_.progress) {
     std::fprintf(stderr, "[%s] %lld devices, %lld rounds of %lld clients; initial eval loss %.4f\n", method_.c_str(),
                  static_cast<long long>(world_.population->size()), static_cast<long long>(config_.rounds),
@@ -937,20 +1056,68 @@ absl::StatusOr<std::vector<model::ChoiceItem>> ChoiceItems(const std::vector<Dat
   return items;
 }
 
-absl::StatusOr<World> MakeWorld(const SimulationOptions& options, MpiRanks* ranks) {
-  World w;
-  w.options = &options;
-  w.ranks = ranks;
-  // Work directory: server and device state (tmpfs when available: fsync-heavy and thrown away).
+// Where rank 0 keeps server and device state: tmpfs when available (fsync-heavy and thrown away).
+WorkDir RankZeroWorkDir(const SimulationOptions& options) {
+  WorkDir wd;
   if (options.work_dir.empty()) {
     std::string base = std::filesystem::temp_directory_path().string();
     if (std::filesystem::is_directory("/dev/shm") && access("/dev/shm", W_OK) == 0) base = "/dev/shm";
-    w.work_dir = JoinPath(base, StrCat("seedling-sim-", getpid()));
-    w.remove_work_dir = true;
+    wd.path = JoinPath(base, StrCat("seedling-sim-", getpid()));
+    wd.remove = true;
   } else {
-    w.work_dir = options.work_dir;
+    wd.path = options.work_dir;
   }
-  if (ranks != nullptr && ranks->rank() > 0) w.work_dir = JoinPath(w.work_dir, StrCat("rank-", ranks->rank()));
+  return wd;
+}
+
+// With several ranks: rank 0 announces its work directory and a token written there; every rank reports
+// whether it sees the token. If all do, they share rank 0's directory (dynamic placement); otherwise each
+// rank r > 0 works in <work_dir>/rank-<r> (static placement).
+absl::StatusOr<WorkDir> AgreeWorkDir(const SimulationOptions& options, MpiRanks& ranks) {
+  if (ranks.rank() == 0) {
+    WorkDir wd = RankZeroWorkDir(options);
+    SEEDLING_RETURN_IF_ERROR(MakeDirs(wd.path));
+    const std::string token = StrCat(getpid(), "-", std::chrono::steady_clock::now().time_since_epoch().count());
+    SEEDLING_RETURN_IF_ERROR(WriteFileAtomic(JoinPath(wd.path, "rank0.token"), token));
+    const nlohmann::json j = {{"work_dir", wd.path}, {"token", token}};
+    for (int r = 1; r < ranks.size(); ++r) ranks.Send(r, MpiRanks::kControlKey, std::string(1, kWorkDir) + j.dump());
+    wd.shared = true;
+    for (int r = 1; r < ranks.size(); ++r) {
+      SEEDLING_ASSIGN_OR_RETURN(MpiRanks::Message m, ranks.Receive(MpiRanks::kControlKey, kRankTimeout));
+      const nlohmann::json a = nlohmann::json::parse(m.payload.substr(std::min<size_t>(1, m.payload.size())), nullptr, false);
+      if (m.payload.empty() || m.payload[0] != kSeesWorkDir || !a.is_object()) {
+        return absl::InternalError(StrCat("unexpected message from rank ", m.source, " while agreeing on a work directory"));
+      }
+      wd.shared = wd.shared && a.value("sees", false);
+    }
+    return wd;
+  }
+  SEEDLING_ASSIGN_OR_RETURN(MpiRanks::Message m, ranks.Receive(MpiRanks::kControlKey, kRankTimeout));
+  const nlohmann::json j = nlohmann::json::parse(m.payload.substr(std::min<size_t>(1, m.payload.size())), nullptr, false);
+  if (m.payload.empty() || m.payload[0] != kWorkDir || !j.is_object() || !j.contains("work_dir")) {
+    return absl::InternalError("unexpected message from rank 0 while agreeing on a work directory");
+  }
+  WorkDir wd;
+  wd.path = j["work_dir"].get<std::string>();
+  absl::StatusOr<std::string> seen = ReadFile(JoinPath(wd.path, "rank0.token"));
+  wd.shared = options.mpi_placement == "auto" && seen.ok() && *seen == j.value("token", std::string());
+  ranks.Send(0, MpiRanks::kControlKey,
+             std::string(1, kSeesWorkDir) + nlohmann::json({{"rank", ranks.rank()}, {"sees", wd.shared}}).dump());
+  if (!wd.shared) {
+    WorkDir own = RankZeroWorkDir(options);
+    own.path = JoinPath(own.path, StrCat("rank-", ranks.rank()));
+    return own;
+  }
+  return wd;  // rank 0's: it removes it
+}
+
+absl::StatusOr<World> MakeWorld(const SimulationOptions& options, MpiRanks* ranks, const WorkDir& wd) {
+  World w;
+  w.options = &options;
+  w.ranks = ranks;
+  w.work_dir = wd.path;
+  w.remove_work_dir = wd.remove;
+  w.shared_work_dir = ranks != nullptr && wd.shared;
   std::error_code ec;
   std::filesystem::create_directories(JoinPath(w.work_dir, "data"), ec);
   if (ec) return absl::InternalError(StrCat("cannot create ", w.work_dir, ": ", ec.message()));
@@ -1001,7 +1168,8 @@ absl::StatusOr<World> MakeWorld(const SimulationOptions& options, MpiRanks* rank
   w.data_paths.resize(static_cast<size_t>(n));
   for (int64_t d = 0; d < n; ++d) {
     w.data_paths[static_cast<size_t>(d)] = JoinPath(JoinPath(w.work_dir, "data"), DeviceId(d) + ".jsonl");
-    if (w.Owner(d) != (ranks == nullptr ? 0 : ranks->rank())) continue;  // another rank's device
+    // Shared work directory: rank 0 writes every device's data; otherwise each rank its own devices'.
+    if (w.shared_work_dir ? w.rank() != 0 : w.Owner(d) != w.rank()) continue;
     SEEDLING_RETURN_IF_ERROR(WriteRowsJsonl(w.data_paths[static_cast<size_t>(d)], rows, device_rows[static_cast<size_t>(d)]));
   }
   model::DatasetOptions dso;
@@ -1023,6 +1191,8 @@ absl::StatusOr<World> MakeWorld(const SimulationOptions& options, MpiRanks* rank
 // A rank other than 0: runs the clients of its devices when rank 0 starts them, until rank 0 says quit.
 absl::Status RunDeviceRank(const World& world) {
   MpiRanks& ranks = *world.ranks;
+  const SimulationOptions& options = *world.options;
+  ComputeSlots slots(options.threads > 0 ? options.threads : std::max(1u, std::thread::hardware_concurrency()));
   std::map<int64_t, std::thread> threads;  // by device: its latest activation
   std::set<std::string> methods_ready;
   absl::Status failure = absl::OkStatus();
@@ -1043,11 +1213,11 @@ absl::Status RunDeviceRank(const World& world) {
     const int64_t d = j["device"].get<int64_t>();
     const std::string method = j["method"].get<std::string>();
     const std::string method_dir = JoinPath(world.work_dir, method);
-    if (d < 0 || d >= world.population->size() || world.Owner(d) != ranks.rank()) {
+    if (d < 0 || d >= world.population->size() || (!world.shared_work_dir && world.Owner(d) != ranks.rank())) {
       failure = absl::InternalError(StrCat("rank 0 started device ", d, ", which is not on rank ", ranks.rank()));
       break;
     }
-    if (methods_ready.insert(method).second) {
+    if (!world.shared_work_dir && methods_ready.insert(method).second) {  // shared: rank 0 made it
       std::error_code ec;
       std::filesystem::remove_all(method_dir, ec);
       std::filesystem::create_directories(JoinPath(method_dir, "devices"), ec);
@@ -1063,11 +1233,15 @@ absl::Status RunDeviceRank(const World& world) {
     c.battery = j.value("battery", 0.0);
     client::ClientConfig cc = DeviceClientConfig(world, method_dir, d, j.value("token", std::string()));
     if (auto it = threads.find(d); it != threads.end()) it->second.join();  // it reported its result already
-    threads[d] = std::thread([&world, &ranks, cc = std::move(cc), c, d] {
+    threads[d] = std::thread([&world, &ranks, &slots, cc = std::move(cc), c, d] {
+      auto dev = std::make_shared<ForwardedDevice>();
+      dev->ranks = &ranks;
+      dev->device = d;
+      dev->slots = &slots;
       absl::StatusOr<client::RunResult> result = absl::UnknownError("not run");
       {
         absl::StatusOr<std::unique_ptr<client::Client>> client =
-            client::Client::Create(cc, std::make_unique<ForwardedTransport>(&ranks, d), world.shared);
+            client::Client::Create(cc, std::make_unique<ForwardedTransport>(dev), world.shared);
         if (!client.ok()) {
           result = client.status();
         } else {
@@ -1075,6 +1249,7 @@ absl::Status RunDeviceRank(const World& world) {
           result = (*client)->RunOnce();
         }
       }  // its connection is closed (and rank 0 told) before the result goes
+      dev->ReleaseSlot();  // it failed while training
       ranks.Send(0, static_cast<uint64_t>(d), EncodeResult(result));
     });
   }
@@ -1098,6 +1273,9 @@ absl::Status SimulationOptions::Validate() const {
   if (!(tick_s > 0)) return absl::InvalidArgumentError("tick_s must be positive");
   if (!(max_hours > 0)) return absl::InvalidArgumentError("max_hours must be positive");
   if (threads < 0) return absl::InvalidArgumentError("threads must be >= 0");
+  if (mpi_placement != "auto" && mpi_placement != "static") {
+    return absl::InvalidArgumentError(StrCat("mpi_placement must be auto or static, got '", mpi_placement, "'"));
+  }
   if (!(plan_seconds >= 0) || !(radio_watts >= 0)) {
     return absl::InvalidArgumentError("plan_seconds and radio_watts must be >= 0");
   }
@@ -1121,7 +1299,10 @@ absl::StatusOr<SimulationResult> RunSimulation(const SimulationOptions& options,
   // Many devices train at once in this process: one BLAS thread each (model/runtime.h), which also makes
   // every device's arithmetic independent of the thread count.
   model::ConfigureCompute({1});
-  absl::StatusOr<World> made = MakeWorld(options, ranks);
+  absl::StatusOr<WorkDir> wd = ranks != nullptr ? AgreeWorkDir(options, *ranks) : RankZeroWorkDir(options);
+  if (!wd.ok() && ranks != nullptr && ranks->rank() > 0) ranks->Abort(std::string(wd.status().message()));
+  SEEDLING_RETURN_IF_ERROR(wd.status());
+  absl::StatusOr<World> made = MakeWorld(options, ranks, *wd);
   if (!made.ok() && ranks != nullptr && ranks->rank() > 0) ranks->Abort(std::string(made.status().message()));
   SEEDLING_RETURN_IF_ERROR(made.status());
   World world = *std::move(made);
@@ -1175,7 +1356,10 @@ absl::StatusOr<SimulationResult> RunSimulation(const SimulationOptions& options,
       {"bytes per idle device", StrCat(result.bytes_per_idle_device)},
       {"simulated start (Unix s)", StrCat(static_cast<int64_t>(options.start_time_s))},
       {"transport", options.loopback ? "TLS 1.3 over loopback" : "in-memory"},
-      {"MPI ranks", StrCat(result.ranks)},
+      {"MPI ranks", result.ranks == 1 ? std::string("1")
+                                       : StrCat(result.ranks, world.shared_work_dir
+                                                                  ? " (shared work directory: each activation on the least busy rank)"
+                                                                  : " (devices dealt round-robin: no shared work directory)")},
   };
   if (options.server.privacy.dp) {
     const server::PrivacyConfig& p = options.server.privacy;

@@ -52,7 +52,7 @@ struct SimulationOptions {
                                          // (in /dev/shm when available), removed at the end
   std::vector<std::string> methods = {"lora-bp", "kseed"};  // run one after the other on the same population
   uint64_t seed = 0;                     // population, data, availability, dropouts and the server's seeds
-  int threads = 0;                       // devices computing at once; 0 = the host's hardware threads
+  int threads = 0;                       // devices training at once (per MPI rank); 0 = the hardware threads
   std::string phone_classes;             // CSV of phone classes; "" = data/phones/phone_classes.csv
   PopulationOptions population;          // devices (default 1,000), dropout, variation, availability
   std::string data_path;                 // JSONL; "" = the built-in synthetic corpus
@@ -70,6 +70,9 @@ struct SimulationOptions {
   double plan_seconds = 0.05;            // a device's planning and data loading before it syncs
   double radio_watts = 1.0;              // power while transferring (energy accounting)
   bool progress = true;                  // a status line per round on stderr
+  std::string mpi_placement = "auto";    // with MPI ranks: "auto" = each activation on the least busy rank
+                                         // when every rank sees rank 0's work_dir (one machine or a shared
+                                         // file system), else "static"; "static" = device d on rank d % R
   bool loopback = false;                 // devices reach the coordinator through a real TLS server on
                                          // 127.0.0.1 (certificates made for the run) instead of the
                                          // in-memory transport: same rounds, bit for bit, slower
@@ -98,7 +101,7 @@ struct SimulationResult {
 
 // Parses sim.toml: a [simulation] table (keys: model, out, work_dir, methods, seed, threads, devices,
 // heldout_devices, eval_examples, phone_classes, data, partition, alpha, exponent, rows_per_device,
-// dropout_mean, variation, start_time, tick_s, max_hours, plan_seconds, radio_watts, loopback), optional
+// dropout_mean, variation, start_time, tick_s, max_hours, plan_seconds, radio_watts, loopback, mpi_placement), optional
 // [methods.<name>] tables (codec, lr, epsilon), and the round settings in server.toml's own sections
 // ([training], [lora], [strategy], [retry]; README) on top of DefaultSimulationServerConfig().
 // InvalidArgument names the unknown or bad key.
