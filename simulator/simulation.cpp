@@ -1273,6 +1273,11 @@ absl::Status SimulationOptions::Validate() const {
   if (!(tick_s > 0)) return absl::InvalidArgumentError("tick_s must be positive");
   if (!(max_hours > 0)) return absl::InvalidArgumentError("max_hours must be positive");
   if (threads < 0) return absl::InvalidArgumentError("threads must be >= 0");
+  if (server.secagg.enabled) {
+    // A device waiting for a SecAgg+ stage sleeps in host time and quantizes with OS randomness: a
+    // simulated run would neither be fast nor repeat (README "Secure aggregation").
+    return absl::UnimplementedError("[secagg] enabled: secure aggregation rounds are not simulated yet");
+  }
   if (mpi_placement != "auto" && mpi_placement != "static") {
     return absl::InvalidArgumentError(StrCat("mpi_placement must be auto or static, got '", mpi_placement, "'"));
   }

@@ -364,6 +364,11 @@ rounds = 7
   auto bad_server = ParseSimulationConfig("[simulation]\nmodel = \"m\"\n[training]\nroundz = 1\n");
   REQUIRE_FALSE(bad_server.ok());
   CHECK(std::string(bad_server.status().message()).find("roundz") != std::string::npos);
+  // SecAgg+ rounds are refused with the reason, not run slowly and irreproducibly.
+  auto secagg = ParseSimulationConfig("[simulation]\nmodel = \"m\"\n[secagg]\nenabled = true\n");
+  REQUIRE_FALSE(secagg.ok());
+  CHECK(secagg.status().code() == absl::StatusCode::kUnimplemented);
+  CHECK_THAT(std::string(secagg.status().message()), Catch::Contains("not simulated yet"));
 }
 
 }  // namespace
