@@ -179,6 +179,7 @@ TEST_CASE("A record's JSONL line parses back to the same values with NaN as null
   r.start_time_s = 0.1;  // not exactly representable: must survive the round trip
   r.epsilon = NAN;
   r.train_loss = NAN;
+  r.global_sha256 = std::string(64, 'c');
   const std::string line = ToJson(r).dump();
   REQUIRE(line.find('\n') == std::string::npos);
   const nlohmann::json j = nlohmann::json::parse(line);
@@ -196,7 +197,8 @@ TEST_CASE("A record's JSONL line parses back to the same values with NaN as null
   CHECK(j["energy_joules"].get<double>() == 1500);
   CHECK(j["epsilon"].is_null());
   CHECK(j["train_loss"].is_null());
-  CHECK(j.size() == 19);
+  CHECK(j["global_sha256"] == std::string(64, 'c'));
+  CHECK(j.size() == 20);
 
   auto back = RoundRecordFromJson(j);
   REQUIRE(back.ok());
@@ -209,6 +211,7 @@ TEST_CASE("A record's JSONL line parses back to the same values with NaN as null
   CHECK(std::isnan(back->epsilon));
   CHECK(std::isnan(back->train_loss));
   CHECK(back->wall_seconds == r.wall_seconds);
+  CHECK(back->global_sha256 == r.global_sha256);
 }
 
 TEST_CASE("RoundRecordFromJson names the field that has the wrong type", "[simulator][report]") {
@@ -222,7 +225,7 @@ TEST_CASE("RoundRecordFromJson names the field that has the wrong type", "[simul
 
 TEST_CASE("CSV has the header and one row per record with every field", "[simulator][report]") {
   const std::vector<std::string> header = CsvFields(Lines(CsvHeader()).at(0));
-  REQUIRE(header.size() == 19);
+  REQUIRE(header.size() == 20);
   CHECK(header.front() == "method");
   CHECK(header.back() == "wall_seconds");
   CHECK(CsvHeader().back() == '\n');
@@ -230,6 +233,7 @@ TEST_CASE("CSV has the header and one row per record with every field", "[simula
   RoundRecord r = Rec("fwdgrad", 3, 2.5);
   r.epsilon = NAN;
   r.accuracy = 0.5;
+  r.global_sha256 = "00ff";
   const std::string row = ToCsvRow(r);
   CHECK(row.back() == '\n');
   REQUIRE(Lines(row).size() == 1);
@@ -247,6 +251,7 @@ TEST_CASE("CSV has the header and one row per record with every field", "[simula
   CHECK(std::stod(field("eval_loss")) == 2.5);
   CHECK(std::stod(field("accuracy")) == 0.5);
   CHECK(std::stod(field("end_time_s")) == r.end_time_s);
+  CHECK(field("global_sha256") == "00ff");
 }
 
 TEST_CASE("CSV quotes a method name containing a comma or a quote", "[simulator][report]") {
@@ -254,7 +259,7 @@ TEST_CASE("CSV quotes a method name containing a comma or a quote", "[simulator]
   const std::string row = ToCsvRow(r);
   CHECK(row.rfind("\"lora,\"\"int8\"\"\",", 0) == 0);
   const std::vector<std::string> fields = CsvFields(Lines(row)[0]);
-  REQUIRE(fields.size() == 19);
+  REQUIRE(fields.size() == 20);
   CHECK(fields[0] == "lora,\"int8\"");
 }
 
@@ -286,7 +291,7 @@ TEST_CASE("RoundLog appends and flushes every record while it is still open",
   CHECK(nlohmann::json::parse(jl[1])["eval_loss"].is_null());
   const auto cl = Lines(*csv);
   REQUIRE(cl.size() == 3);
-  CHECK(CsvFields(cl[2]).size() == 19);
+  CHECK(CsvFields(cl[2]).size() == 20);
   std::filesystem::remove_all(std::filesystem::path(dir).parent_path().parent_path());
 }
 
