@@ -19,10 +19,13 @@ namespace seedling::simulator {
 namespace {
 
 constexpr int kTag = 7;
-// How long the progress thread sleeps when there was nothing to do: short against a training step
-// (tens of ms), long enough not to burn a core. (Spinning for a few ms after each message instead was
-// measured: no faster, the cores are busy training.)
-constexpr auto kIdlePoll = std::chrono::microseconds(100);
+// How long the progress thread sleeps when there was nothing to do: from kMinIdlePoll right after a
+// message (the answer to a request usually follows within a few hundred microseconds), doubling while
+// nothing comes, up to kMaxIdlePoll, short against a training step (tens of ms). Each poll costs a timed
+// wait and an MPI_Iprobe: polling every 100 µs throughout cost several percent of a core per rank.
+// (Spinning for a few ms after each message was measured too: no faster, the cores are busy training.)
+constexpr auto kMinIdlePoll = std::chrono::microseconds(50);
+constexpr auto kMaxIdlePoll = std::chrono::microseconds(1000);
 
 int EnvInt(const char* name) {
   const char* v = std::getenv(name);
@@ -121,6 +124,7 @@ void MpiRanks::Progress() {
   };
   std::list<Pending> pending;
   std::vector<char> buffer;
+  auto idle_poll = kMinIdlePoll;
   while (true) {
     std::deque<std::pair<int, std::string>> batch;
     bool stopping = false;
@@ -163,9 +167,12 @@ void MpiRanks::Progress() {
       if (outgoing_.empty()) return;
       continue;
     }
-    if (!busy) {
+    if (busy) {
+      idle_poll = kMinIdlePoll;
+    } else {
       std::unique_lock<std::mutex> lock(mu_);
-      progress_cv_.wait_for(lock, kIdlePoll, [&] { return !outgoing_.empty() || stopping_; });
+      progress_cv_.wait_for(lock, idle_poll, [&] { return !outgoing_.empty() || stopping_; });
+      idle_poll = std::min<std::chrono::microseconds>(idle_poll * 2, kMaxIdlePoll);
     }
   }
 }
