@@ -119,6 +119,7 @@ struct CancelPoint {
   std::condition_variable cv;
   bool reached = false;
   bool cancelled = false;
+  bool finished = false;  // run_once returned (without reaching stop_at, the canceller must not wait on)
   std::vector<int64_t> steps;  // training progress seen
 };
 
@@ -208,11 +209,18 @@ TEST_CASE("A C client trains on added examples, is cancelled from another thread
   CHECK_THAT(std::string(seedling_client_last_error(c)), Catch::Contains("INVALID_ARGUMENT"));
   CHECK(seedling_client_add_example(c, nullptr) == -1);
 
+  // The ticker opens the round; a check-in before that would only be told to retry later.
+  for (int i = 0; i < 500 && !w.coordinator->Snapshot().current.has_value(); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  REQUIRE(w.coordinator->Snapshot().current.has_value());
+
   CancelPoint point;
   seedling_client_set_progress(c, OnProgress, &point);
   std::thread canceller([&] {
     std::unique_lock<std::mutex> lock(point.mu);
-    point.cv.wait(lock, [&] { return point.reached; });
+    point.cv.wait(lock, [&] { return point.reached || point.finished; });
+    if (!point.reached) return;  // run_once ended without training to stop_at: the checks below fail
     seedling_client_cancel(c);
     point.cancelled = true;
     point.cv.notify_all();
@@ -220,7 +228,13 @@ TEST_CASE("A C client trains on added examples, is cancelled from another thread
   seedling_run_result r;
   std::memset(&r, 0xff, sizeof r);
   const int rc = seedling_client_run_once(c, &r);
+  {
+    std::lock_guard<std::mutex> lock(point.mu);
+    point.finished = true;
+  }
+  point.cv.notify_all();
   canceller.join();
+  CHECK(point.reached);
   INFO(seedling_client_last_error(c));
   REQUIRE(rc == 0);
   CHECK(r.outcome == SEEDLING_OUTCOME_CANCELLED);
