@@ -363,7 +363,6 @@ class MethodRun {
   std::map<int64_t, std::unique_ptr<Activation>> active_;
   std::vector<uint32_t> tasks_;  // tasks each device has received (the dropout stream's counter)
   std::priority_queue<std::pair<double, int64_t>, std::vector<std::pair<double, int64_t>>, std::greater<>> wakes_;
-  int running_ = 0;  // activations in kRunning or kGranted
   std::vector<int> activations_by_rank_;  // active activations per rank
   std::vector<int> tasks_by_rank_;        // ... of which hold a task (will train)
   std::unique_ptr<ComputeSlots> compute_slots_;  // this rank's trainings (threads_)
@@ -535,12 +534,10 @@ absl::StatusOr<v1::Envelope> MethodRun::DeviceCall(int64_t device, comms::Channe
     a.state = Activation::State::kWaiting;
     a.wait_t = arrive;
     a.seq = ++seq_;
-    --running_;
     loop_cv_.notify_one();
     device_cv_.wait(lock, [&] { return a.state == Activation::State::kGranted || stopping_; });
     if (a.state != Activation::State::kGranted) {
       a.state = Activation::State::kRunning;
-      ++running_;
       return absl::UnavailableError("the simulation is over");
     }
   }
@@ -665,7 +662,6 @@ void MethodRun::Finish(Activation* a, absl::StatusOr<client::RunResult> result) 
   std::lock_guard<std::mutex> lock(mu_);
   a->result = std::move(result);
   a->state = Activation::State::kDone;
-  --running_;
   loop_cv_.notify_one();
 }
 
@@ -952,7 +948,6 @@ void MethodRun::Loop() {
       Activation& a = *active_.at(device);
       a.state = Activation::State::kGranted;
       a.bound = a.wait_t;
-      ++running_;
       device_cv_.notify_all();
     } else {
       wakes_.pop();
@@ -973,7 +968,6 @@ void MethodRun::Loop() {
       a->vt = a->bound = t;
       Activation* raw = a.get();
       active_[device] = std::move(a);
-      ++running_;
       raw->rank = PlaceActivation(device);
       ++activations_by_rank_[static_cast<size_t>(raw->rank)];
       if (raw->rank == 0) {
