@@ -1233,6 +1233,12 @@ bool Coordinator::Finished() {
   return (limit || !dp_refusal_.empty()) && !round_.has_value();
 }
 
+bool Coordinator::Selecting() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!round_.has_value()) return !(config_.rounds > 0 && finished_rounds_ >= config_.rounds) && dp_refusal_.empty();
+  return round_->state == RoundState::kOpen && round_->selected < config_.SelectionQuota();
+}
+
 double Coordinator::dp_epsilon() {
   std::lock_guard<std::mutex> lock(mu_);
   return dp_epsilon_;

@@ -99,6 +99,10 @@ class Coordinator {
   // 2020 conversion), 0 before the first; NaN when DP is off. The simulator reports this.
   double dp_epsilon();
 
+  // True when a check-in now could get a task: a round is open with room left in its selection, or none is
+  // active and another will open. A hint for the simulator's placement, not a promise.
+  bool Selecting();
+
   // Graceful shutdown (after the transport stopped): an active round is aborted ("server shut down"), so
   // its devices are told to retry when the server is back; nothing acknowledged is lost.
   void Shutdown();

@@ -287,6 +287,7 @@ struct Activation {
   uint64_t seq = 0;
   // The task of this activation, if the server assigned one.
   bool has_task = false;
+  bool counted = false;  // in MethodRun::trainers_by_rank_
   uint64_t round_id = 0;
   uint64_t global_version = 0;
   double compute_s = 0;
@@ -363,8 +364,7 @@ class MethodRun {
   std::map<int64_t, std::unique_ptr<Activation>> active_;
   std::vector<uint32_t> tasks_;  // tasks each device has received (the dropout stream's counter)
   std::priority_queue<std::pair<double, int64_t>, std::vector<std::pair<double, int64_t>>, std::greater<>> wakes_;
-  std::vector<int> activations_by_rank_;  // active activations per rank
-  std::vector<int> tasks_by_rank_;        // ... of which hold a task (will train)
+  std::vector<int> trainers_by_rank_;  // activations per rank that hold a task or were placed to get one
   std::unique_ptr<ComputeSlots> compute_slots_;  // this rank's trainings (threads_)
   uint64_t seq_ = 0;
   bool stopping_ = false;
@@ -474,8 +474,7 @@ absl::Status MethodRun::Setup() {
   threads_ = options_.threads > 0 ? options_.threads : std::max(1u, std::thread::hardware_concurrency());
   compute_slots_ = std::make_unique<ComputeSlots>(threads_);
   const size_t ranks = world_.ranks == nullptr ? 1 : static_cast<size_t>(world_.ranks->size());
-  activations_by_rank_.assign(ranks, 0);
-  tasks_by_rank_.assign(ranks, 0);
+  trainers_by_rank_.assign(ranks, 0);
   steps_ = config_.steps;
   batch_ = config_.batch;
   seq_len_ = config_.seq_len;
@@ -586,7 +585,7 @@ void MethodRun::AfterReply(Activation& a, const v1::Envelope& request, const abs
   }
   if (reply->has_check_in_reply() && reply->check_in_reply().has_task()) {
     const v1::Task& task = reply->check_in_reply().task();
-    if (!a.has_task) ++tasks_by_rank_[static_cast<size_t>(a.rank)];
+    if (!std::exchange(a.counted, true)) ++trainers_by_rank_[static_cast<size_t>(a.rank)];
     a.has_task = true;
     a.round_id = task.round_id();
     a.global_version = task.global_version();
@@ -735,26 +734,28 @@ void MethodRun::RemoteDeviceMain(Activation* a, client::Conditions conditions) {
   Finish(a, std::move(result));
 }
 
-// With mu_ held, for an activation in kDone: schedule the device's next check-in.
+// With mu_ held: the rank where a new activation of `device` runs its client.
 int MethodRun::PlaceActivation(int64_t device) {
   if (world_.ranks == nullptr) return 0;
   if (!world_.shared_work_dir) return world_.Owner(device);
-  // The rank with the fewest devices that will train, then the fewest activations: where this one's
-  // training (if it gets a task) is likely to find a free compute slot soonest. Placement only moves
-  // host work: a device's state is in the shared work directory and its results do not depend on it.
-  size_t best = 0;
-  for (size_t r = 1; r < tasks_by_rank_.size(); ++r) {
-    if (std::tie(tasks_by_rank_[r], activations_by_rank_[r]) < std::tie(tasks_by_rank_[best], activations_by_rank_[best])) {
-      best = r;
-    }
+  // A check-in that cannot get a task (no room in the round's selection) is a short exchange: rank 0
+  // answers it without a round trip to another rank, during which the event loop could not pass the
+  // device's clock. One that may get a task goes to the rank with the fewest devices that hold or may get
+  // one (ties away from rank 0, which also runs the hub): where its training is likely to find a compute
+  // slot soonest. Placement only moves host work: a device's state is in the shared work directory, and
+  // the results do not depend on where it runs.
+  if (!coordinator_->Selecting()) return 0;
+  size_t best = trainers_by_rank_.size() - 1;
+  for (size_t r = best; r-- > 0;) {
+    if (trainers_by_rank_[r] < trainers_by_rank_[best]) best = r;
   }
   return static_cast<int>(best);
 }
 
+// With mu_ held, for an activation in kDone: schedule the device's next check-in.
 void MethodRun::Reap(Activation& a) {
   if (a.thread.joinable()) a.thread.join();
-  --activations_by_rank_[static_cast<size_t>(a.rank)];
-  if (a.has_task) --tasks_by_rank_[static_cast<size_t>(a.rank)];
+  if (a.counted) --trainers_by_rank_[static_cast<size_t>(a.rank)];
   const double te = std::max(a.vt, a.bound);
   double next = te + static_cast<double>(config_.retry_base_s);
   if (a.dropped) {
@@ -969,7 +970,10 @@ void MethodRun::Loop() {
       Activation* raw = a.get();
       active_[device] = std::move(a);
       raw->rank = PlaceActivation(device);
-      ++activations_by_rank_[static_cast<size_t>(raw->rank)];
+      if (coordinator_->Selecting()) {
+        raw->counted = true;  // may get a task
+        ++trainers_by_rank_[static_cast<size_t>(raw->rank)];
+      }
       if (raw->rank == 0) {
         raw->thread = std::thread(&MethodRun::DeviceMain, this, raw, c);
       } else {
@@ -1017,7 +1021,7 @@ absl::StatusOr<std::vector<model::ChoiceItem>> ChoiceItems(const std::vector<Dat
                                                            const model::Tokenizer& tokenizer,
                                                            const model::DatasetOptions& dso, int64_t limit) {
   auto labelled = [](const DataRow& r, nlohmann::json* parsed) {
-    if (r.label.empty()) return false;
+    if (r.label.empty() || r.json.find("\"output\"") == std::string::npos) return false;  // most rows: no parse
     nlohmann::json j = nlohmann::json::parse(r.json, nullptr, false);
     if (!j.is_object() || !j.contains("output") || !j["output"].is_string() || j["output"] != r.label) return false;
     if (parsed != nullptr) *parsed = std::move(j);
