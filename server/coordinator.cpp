@@ -904,6 +904,18 @@ void Coordinator::CloseSecAggStageLocked(int64_t now) {
   s.stage_deadline_ms = s.stage == v1::SECAGG_MASKED_INPUT ? round_->deadline_ms : now + config_.secagg.stage_timeout_ms;
 }
 
+// The masked-input stage may close before its deadline once the round's target of inputs is in and the
+// devices still missing fit in the session's dropout budget: as a plaintext round finishes at its target,
+// a SecAgg round need not wait for the deadline because one device vanished. The missing devices are then
+// the session's dropouts (their masks are removed in the unmask stage).
+bool Coordinator::EnoughMaskedInputsLocked(const SecAggSession& s) const {
+  if (s.stage != v1::SECAGG_MASKED_INPUT) return false;
+  const uint64_t answered = s.answered.size();
+  const uint64_t cohort = s.config.cohort.size();
+  const uint64_t max_dropouts = cohort - privacy::MinSurvivors(s.config.params);
+  return answered >= static_cast<uint64_t>(config_.clients_per_round) && cohort - answered <= max_dropouts;
+}
+
 v1::Envelope Coordinator::OnSecAgg(const std::string& device_id, const v1::SecAggRequest& request) {
   std::lock_guard<std::mutex> lock(mu_);
   const int64_t now = clock_->NowMs();
@@ -1015,9 +1027,9 @@ v1::Envelope Coordinator::OnSecAgg(const std::string& device_id, const v1::SecAg
   }
   s.answered.insert(id);
   s.submitted[id] = Sha256Raw(request.message());
-  if (request.stage() == v1::SECAGG_MASKED_INPUT) stats_->bytes_up += request.message().size();
+  stats_->bytes_up += request.message().size();  // keys, shares, the masked input and unmasking shares
   const bool last = request.stage() == v1::SECAGG_UNMASK;
-  if (s.answered.size() >= s.expected.size()) {
+  if (s.answered.size() >= s.expected.size() || EnoughMaskedInputsLocked(s)) {
     CloseSecAggStageLocked(now);  // may finish (or abort) the round and reset secagg_
     if (!last && secagg_ != nullptr) {
       auto it = secagg_->replies.find(id);
@@ -1301,6 +1313,8 @@ DashboardRound Coordinator::ToDashboard(const RoundRecord& r) {
     try {
       const nlohmann::json j = nlohmann::json::parse(r.result_json);
       d.rejected = j.value("rejected", int64_t{0});
+      // A SecAgg round records no single update: its survivors are counted in the result only.
+      d.accepted = j.value("accepted", d.accepted);
       d.bytes_up = j.value("bytes_up", uint64_t{0});
       d.bytes_down = j.value("bytes_down", uint64_t{0});
       if (j.contains("loss_start")) d.loss_start = j["loss_start"].get<double>();

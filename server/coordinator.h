@@ -162,6 +162,7 @@ class Coordinator {
   // unfinished round) and its devices check in again.
   void StartSecAggLocked(int64_t now);
   void CloseSecAggStageLocked(int64_t now);
+  bool EnoughMaskedInputsLocked(const SecAggSession& s) const;
   void AbortSecAggLocked(int64_t now, v1::SecAggStage stage, const absl::Status& why);
 
   // Constant after construction.

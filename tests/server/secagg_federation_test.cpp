@@ -262,11 +262,14 @@ struct DropoutRun {
 
 // `clients` devices (the whole cohort); the first `vanishing` vanish when they send their masked input.
 // The test thread ticks the coordinator and, once every survivor's masked input arrived, moves the manual
-// clock past the round's deadline so the stage closes without the vanished devices.
-DropoutRun RunWithDropouts(World& w, int clients, int vanishing) {
+// clock past the round's deadline so the stage closes without the vanished devices. With `target` > 0
+// the round wants only `target` reports (the cohort is over-selected) and the clock never moves: the
+// stage must close on its own.
+DropoutRun RunWithDropouts(World& w, int clients, int vanishing, int target = 0) {
   w.config.rounds = 1;
-  w.config.clients_per_round = clients;
-  w.config.min_reports = clients;
+  w.config.clients_per_round = target > 0 ? target : clients;
+  w.config.over_selection = static_cast<double>(clients) / w.config.clients_per_round;
+  w.config.min_reports = w.config.clients_per_round;
   REQUIRE(w.config.Validate().ok());
   ManualClock clock;
   Metrics metrics;
@@ -307,7 +310,7 @@ DropoutRun RunWithDropouts(World& w, int clients, int vanishing) {
   while (running > 0 && std::chrono::steady_clock::now() < give_up) {
     (*coordinator)->Tick();
     const SecAggProgress p = (*coordinator)->secagg_progress();
-    if (!advanced && p.stage == v1::SECAGG_MASKED_INPUT && p.answered == clients - vanishing) {
+    if (target == 0 && !advanced && p.stage == v1::SECAGG_MASKED_INPUT && p.answered == clients - vanishing) {
       clock.Advance(static_cast<int64_t>(w.config.round_deadline_s) * 1000 + 1);
       advanced = true;
     }
@@ -316,7 +319,7 @@ DropoutRun RunWithDropouts(World& w, int clients, int vanishing) {
   for (std::thread& t : threads) t.join();
   (*coordinator)->Tick();
   DropoutRun run;
-  CHECK(advanced);
+  CHECK(advanced == (target == 0));
   for (int i = 0; i < clients; ++i) {
     if (results[i].ok() && results[i]->outcome == client::RunOutcome::kUploaded) {
       ++run.uploaded;
@@ -346,6 +349,19 @@ TEST_CASE("SecAgg+ devices vanishing during the masked-input stage leave the exa
   const std::vector<float> expected = ExpectedNext(w.config, run.initial, run.survivor_inputs, 8, &by_hand);
   CHECK(run.committed == expected);
   CHECK(MaxAbsDiff(run.committed, by_hand) < 1e-6);
+}
+
+TEST_CASE("With its target of masked inputs in and the rest within the dropout budget, the stage closes early",
+          "[server][secagg][federation]") {
+  World w;  // 8 devices for a target of 4, δ = 0.25: 2 vanish, and the round ends without its deadline
+  const DropoutRun run = RunWithDropouts(w, 8, 2, 4);
+  REQUIRE(run.round.has_value());
+  INFO("abort reason: " << run.round->abort_reason);
+  REQUIRE(run.round->state == RoundState::kCommitted);
+  CHECK(run.round->closed_ms < run.round->deadline_ms);
+  CHECK(run.uploaded == 6);
+  std::vector<float> by_hand;
+  CHECK(run.committed == ExpectedNext(w.config, run.initial, run.survivor_inputs, 8, &by_hand));
 }
 
 TEST_CASE("Too many SecAgg+ dropouts abort the round and release nothing", "[server][secagg][federation]") {
