@@ -412,9 +412,25 @@ void Client::Report(const std::string& phase, int64_t done, int64_t total) {
   if (f) f({phase, done, total});
 }
 
-bool Client::SleepCancellable(double seconds) {
+void Client::SetSimulationHooks(SimulationHooks hooks) {
+  std::lock_guard<std::mutex> lock(run_mu_);
+  hooks_ = std::move(hooks);
+}
+
+bool Client::Sleep(double seconds) {
+  if (hooks_.sleep) {
+    if (cancelled_) return false;
+    hooks_.sleep(seconds);
+    return !cancelled_;
+  }
   std::unique_lock<std::mutex> lock(sleep_mu_);
   return !sleep_cv_.wait_for(lock, std::chrono::duration<double>(seconds), [&] { return cancelled_.load(); });
+}
+
+int64_t Client::NowMs() {
+  if (hooks_.now_ms) return hooks_.now_ms();
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
 }
 
 absl::StatusOr<std::unique_ptr<comms::Channel>> Client::Connect() {
@@ -425,7 +441,7 @@ absl::StatusOr<std::unique_ptr<comms::Channel>> Client::Connect() {
       // Full jitter (Brooker, "Exponential Backoff And Jitter"): U(0, min(max, base × 2^attempt)).
       Rng rng(config_.seed, 0x6261636b6f6666ULL /* "backoff" */ + attempt_counter_++);
       const double cap = std::min(config_.backoff_max_s, config_.backoff_base_s * std::pow(2.0, attempt));
-      if (!SleepCancellable(rng.Uniform() * cap)) return absl::CancelledError("cancelled");
+      if (!Sleep(rng.Uniform() * cap)) return absl::CancelledError("cancelled");
     }
     Report("connecting", attempt, config_.max_attempts);
     auto channel = transport_->Connect(comms::Duration(config_.connect_timeout_ms));
@@ -744,7 +760,9 @@ absl::StatusOr<RunResult> Client::Train(std::unique_ptr<comms::Channel>& channel
     }
     internal::SecAggIo io;
     io.call = [this, &channel](v1::Envelope request) { return Call(channel, std::move(request)); };
-    io.sleep = [this](double seconds) { return SleepCancellable(seconds); };
+    io.sleep = [this](double seconds) { return Sleep(seconds); };
+    io.now_ms = [this] { return NowMs(); };
+    io.rounding_seed = hooks_.secagg_rounding_seed;
     io.call_timeout_ms = config_.call_timeout_ms;
     Report("secagg", 0, 1);
     SEEDLING_ASSIGN_OR_RETURN(

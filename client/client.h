@@ -23,6 +23,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -103,6 +104,19 @@ struct SharedModel {
   std::shared_ptr<const model::Tokenizer> tokenizer;
 };
 
+// Simulation only (simulator/): the device's clock and the one random choice that shapes a
+// secure-aggregation sum. Never set in an app.
+struct SimulationHooks {
+  // The device's clock (ms) and a wait on it: a device waiting between protocol steps (a SecAgg stage
+  // that is not closed yet, a back-off) passes simulated time instead of sleeping; `sleep` returns at
+  // once. Both set, or neither (the host's steady clock and a real, cancellable sleep).
+  std::function<int64_t()> now_ms;
+  std::function<void(double seconds)> sleep;
+  // Seeds the stochastic rounding of SecAgg inputs (per round) instead of the OS CSPRNG, so that a
+  // simulation repeats; the masks and keys still come from the CSPRNG (they cancel out of the sum).
+  std::optional<uint64_t> secagg_rounding_seed;
+};
+
 class Client {
  public:
   // `transport` defaults to TLS from the config. `shared` (optional) avoids loading the model per client.
@@ -122,6 +136,8 @@ class Client {
   // round: the quantized input before masking (m uint32, little-endian) with its weight; it never leaves
   // the device in that form.
   void SetUploadObserver(std::function<void(const v1::Task&, const std::string& payload, uint64_t num_examples)> f);
+  // See SimulationHooks. Waits for a running RunOnce to return.
+  void SetSimulationHooks(SimulationHooks hooks);
 
   // Blocking. Errors: Unauthenticated (bad token), Unavailable / DeadlineExceeded after all retries,
   // DataLoss (corrupt state directory), InvalidArgument (no usable data) ...; the state directory stays
@@ -141,7 +157,9 @@ class Client {
   absl::Status SyncGlobal(std::unique_ptr<comms::Channel>& channel, const v1::Task& task, State& state);
   absl::StatusOr<RunResult> Train(std::unique_ptr<comms::Channel>& channel, const v1::Task& task, State& state);
   absl::Status EnsureModel();
-  bool SleepCancellable(double seconds);
+  // Waits `seconds` on the device's clock (SimulationHooks) or the host's; false if cancelled.
+  bool Sleep(double seconds);
+  int64_t NowMs();
   void Report(const std::string& phase, int64_t done, int64_t total);
 
   // Constant after construction.
@@ -153,6 +171,7 @@ class Client {
   std::string model_id_;
   uint64_t request_id_ = 0;
   uint64_t attempt_counter_ = 0;
+  SimulationHooks hooks_;
 
   std::mutex mu_;  // guards conditions_, callbacks
   Conditions conditions_;

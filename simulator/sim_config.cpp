@@ -80,6 +80,7 @@ absl::StatusOr<SimulationOptions> ParseSimulationConfig(std::string_view toml_te
     return absl::InvalidArgumentError(StrCat("not valid TOML: ", e.description(), " (line ", e.source().begin.line, ")"));
   }
   SimulationOptions o;
+  const toml::node* sim_methods = root["simulation"]["methods"].node();
   if (const toml::node* sim_node = root.get("simulation"); sim_node != nullptr) {
     const toml::table* sim = sim_node->as_table();
     if (sim == nullptr) return absl::InvalidArgumentError("[simulation] must be a table");
@@ -152,8 +153,9 @@ absl::StatusOr<SimulationOptions> ParseSimulationConfig(std::string_view toml_te
   defaults.model_dir = o.model_dir.empty() ? "." : o.model_dir;  // [simulation] model is the base model
   SEEDLING_ASSIGN_OR_RETURN(o.server, server::ParseServerConfig(rest.str(), defaults));
   o.server.model_dir = o.model_dir;
-  SimulationOptions check = o;  // the model may still come from a flag
+  SimulationOptions check = o;  // the model and the methods may still come from flags
   if (check.model_dir.empty()) check.model_dir = ".";
+  if (sim_methods == nullptr) check.methods = {"lora-bp"};
   SEEDLING_RETURN_IF_ERROR(check.Validate());
   return o;
 }

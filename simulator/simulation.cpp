@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <bit>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
@@ -145,9 +146,11 @@ enum MsgKind : char {
   kSeesWorkDir = 'w',   // rank r → rank 0 (control mailbox): {rank, sees}: whether it found the token
   kConnect = 'c',       // owner → rank 0: open a connection; payload: timeout ms
   kConnected = 'C',     // rank 0 → owner: status
-  kCall = 'q',          // owner → rank 0: 8-byte timeout ms, then the request envelope
-  kReply = 'R',         // rank 0 → owner: 'T' (take a compute slot: training starts) or '-', then
-                        // '1' + reply envelope, or '0' + status
+  kCall = 'q',          // owner → rank 0: 8-byte timeout ms, 8-byte seconds the device slept since its
+                        // last call (a double), then the request envelope
+  kReply = 'R',         // rank 0 → owner: 'T' (take a compute slot: training starts) or '-', the
+                        // device's clock after the reply (8-byte double), then '1' + reply envelope, or
+                        // '0' + status
   kClose = 'x',         // owner → rank 0: close the connection
   kDone = 'd',          // owner → rank 0: the RunOnce result
 };
@@ -202,12 +205,20 @@ uint64_t GetU64(std::string_view in) {
   return v;
 }
 
-// A device on a rank other than 0: where its requests go, and the compute slot it may hold there.
+void PutDouble(std::string& out, double v) { PutU64(out, std::bit_cast<uint64_t>(v)); }
+double GetDouble(std::string_view in) { return std::bit_cast<double>(GetU64(in)); }
+
+// A device on a rank other than 0: where its requests go, the compute slot it may hold there, and its
+// clock (client::SimulationHooks): its time after the last reply, plus what it slept since, which the
+// next call carries to rank 0.
 struct ForwardedDevice {
   MpiRanks* ranks = nullptr;
   int64_t device = 0;
   ComputeSlots* slots = nullptr;  // the rank's
-  bool holds_slot = false;        // the device thread only
+  // The device thread only.
+  bool holds_slot = false;
+  double vt = 0;
+  double slept = 0;
 
   void ReleaseSlot() {
     if (std::exchange(holds_slot, false)) slots->Release();
@@ -226,24 +237,26 @@ class ForwardedChannel : public comms::Channel {
     dev_->ReleaseSlot();  // a request after training: the training is over
     std::string msg(1, kCall);
     PutU64(msg, static_cast<uint64_t>(timeout.count()));
+    PutDouble(msg, std::exchange(dev_->slept, 0.0));
     request.AppendToString(&msg);
     const uint64_t key = static_cast<uint64_t>(dev_->device);
     dev_->ranks->Send(0, key, std::move(msg));
     SEEDLING_ASSIGN_OR_RETURN(MpiRanks::Message m, dev_->ranks->Receive(key, kRankTimeout));
     const std::string& p = m.payload;
-    if (p.size() < 3 || p[0] != kReply) return absl::InternalError("unexpected message from rank 0");
+    if (p.size() < 11 || p[0] != kReply) return absl::InternalError("unexpected message from rank 0");
     if (p[1] == 'T') {
       dev_->slots->Acquire();  // the reply starts this device's training
       dev_->holds_slot = true;
     }
-    if (p[2] == '1') {
+    dev_->vt = GetDouble(std::string_view(p).substr(2));
+    if (p[10] == '1') {
       v1::Envelope reply;
-      if (!reply.ParseFromArray(p.data() + 3, static_cast<int>(p.size() - 3))) {
+      if (!reply.ParseFromArray(p.data() + 11, static_cast<int>(p.size() - 11))) {
         return absl::InternalError("malformed reply envelope from rank 0");
       }
       return reply;
     }
-    return StatusFromJson(nlohmann::json::parse(p.substr(3), nullptr, false));
+    return StatusFromJson(nlohmann::json::parse(p.substr(11), nullptr, false));
   }
 
   void Close() override {
@@ -287,6 +300,7 @@ struct Activation {
   uint64_t seq = 0;
   // The task of this activation, if the server assigned one.
   bool has_task = false;
+  bool secagg = false;   // the task is a secure-aggregation round's: training starts after SHARE_KEYS
   bool counted = false;  // in MethodRun::trainers_by_rank_
   uint64_t round_id = 0;
   uint64_t global_version = 0;
@@ -326,6 +340,10 @@ class MethodRun {
   absl::StatusOr<v1::Envelope> DeviceCall(int64_t device, comms::Channel& inner, const v1::Envelope& request,
                                           comms::Duration timeout, bool* training_starts = nullptr);
   bool DeviceDropped(int64_t device);
+  // The device's clock (client::SimulationHooks): a wait of `seconds` moves it (and the earliest time of
+  // its next request) on, costing no host time.
+  void DeviceSleep(int64_t device, double seconds);
+  int64_t DeviceNowMs(int64_t device);
 
  private:
   absl::Status Setup();
@@ -498,6 +516,20 @@ bool MethodRun::DeviceDropped(int64_t device) {
   return it != active_.end() && it->second->dropped;
 }
 
+void MethodRun::DeviceSleep(int64_t device, double seconds) {
+  if (!(seconds > 0)) return;
+  std::lock_guard<std::mutex> lock(mu_);
+  Activation& a = *active_.at(device);
+  a.vt = std::max(a.vt, a.bound) + seconds;
+  a.bound = a.vt;
+  loop_cv_.notify_one();
+}
+
+int64_t MethodRun::DeviceNowMs(int64_t device) {
+  std::lock_guard<std::mutex> lock(mu_);
+  return ToMs(active_.at(device)->vt);
+}
+
 absl::StatusOr<v1::Envelope> MethodRun::DeviceCall(int64_t device, comms::Channel& inner, const v1::Envelope& request,
                                                    comms::Duration timeout, bool* training_starts) {
   const Population& pop = *world_.population;
@@ -583,10 +615,23 @@ void MethodRun::AfterReply(Activation& a, const v1::Envelope& request, const abs
   if (reply->has_upload_ack() && reply->upload_ack().accepted()) {
     stats_[reply->upload_ack().round_id()].drops.erase(device);
   }
+  const bool secagg_answer = request.has_secagg() && reply->has_secagg_reply() && !request.secagg().message().empty();
+  if (secagg_answer && request.secagg().stage() == v1::SECAGG_MASKED_INPUT) {
+    stats_[request.secagg().round_id()].drops.erase(device);  // its input is in the session's sum
+  }
+  // Synced (and, in a SecAgg round, keys shared): the device trains now, so its next request cannot come
+  // before the compute time is over.
+  auto start_training = [&] {
+    a.compute_accounted = true;
+    a.bound = a.vt + a.compute_s;
+    a.training_starts = true;
+    stats_[a.round_id].energy_j += pop.TrainingJoules(device, a.compute_s);
+  };
   if (reply->has_check_in_reply() && reply->check_in_reply().has_task()) {
     const v1::Task& task = reply->check_in_reply().task();
     if (!std::exchange(a.counted, true)) ++trainers_by_rank_[static_cast<size_t>(a.rank)];
     a.has_task = true;
+    a.secagg = task.has_secagg();
     a.round_id = task.round_id();
     a.global_version = task.global_version();
     a.compute_s = pop.ComputeSeconds(device, flops_);
@@ -608,7 +653,13 @@ void MethodRun::AfterReply(Activation& a, const v1::Envelope& request, const abs
     ++stats_[a.round_id].declined;
     return;
   }
-  if (reply->has_download_reply() && a.has_task && !a.compute_accounted) {
+  if (a.secagg && a.has_task && !a.compute_accounted && reply->has_secagg_reply() &&
+      reply->secagg_reply().stage() == v1::SECAGG_SHARE_KEYS &&
+      reply->secagg_reply().outcome_case() == v1::SecAggReply::kMessage) {
+    start_training();  // the key shares are relayed: the device trains, then masks its input
+    return;
+  }
+  if (reply->has_download_reply() && a.has_task && !a.secagg && !a.compute_accounted) {
     const v1::DownloadReply& d = reply->download_reply();
     bool last = false;
     if (request.download().what() == v1::Download::SEED_SUMS) {
@@ -618,13 +669,7 @@ void MethodRun::AfterReply(Activation& a, const v1::Envelope& request, const abs
     } else {
       last = d.offset() + d.data().size() >= d.total_bytes();
     }
-    if (last) {
-      // Synced: the device trains now, so its next request cannot come before the compute time is over.
-      a.compute_accounted = true;
-      a.bound = a.vt + a.compute_s;
-      a.training_starts = true;
-      stats_[a.round_id].energy_j += pop.TrainingJoules(device, a.compute_s);
-    }
+    if (last) start_training();
   }
 }
 
@@ -643,6 +688,11 @@ void MethodRun::DeviceMain(Activation* a, client::Conditions conditions) {
         a->client = c->get();
       }
       (*c)->SetConditions(conditions);
+      client::SimulationHooks hooks;
+      hooks.now_ms = [this, d] { return DeviceNowMs(d); };
+      hooks.sleep = [this, d](double seconds) { DeviceSleep(d, seconds); };
+      hooks.secagg_rounding_seed = cc.seed;
+      (*c)->SetSimulationHooks(std::move(hooks));
       result = (*c)->RunOnce();
       std::lock_guard<std::mutex> lock(mu_);
       a->client = nullptr;
@@ -671,8 +721,13 @@ void MethodRun::RemoteDeviceMain(Activation* a, client::Conditions conditions) {
   const uint64_t key = static_cast<uint64_t>(d);
   MpiRanks& ranks = *world_.ranks;
   const int owner = a->rank;
+  double vt = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    vt = a->vt;
+  }
   const nlohmann::json start = {{"method", method_},          {"device", d},
-                                {"token", tokens_[static_cast<size_t>(d)]},
+                                {"token", tokens_[static_cast<size_t>(d)]}, {"vt", vt},
                                 {"charging", conditions.charging}, {"unmetered", conditions.unmetered},
                                 {"idle", conditions.idle},         {"battery", conditions.battery}};
   ranks.Send(owner, MpiRanks::kControlKey, std::string(1, kStart) + start.dump());
@@ -700,17 +755,22 @@ void MethodRun::RemoteDeviceMain(Activation* a, client::Conditions conditions) {
         }
       }
       ranks.Send(owner, key, std::string(1, kConnected) + StatusJson(st).dump());
-    } else if (kind == kCall && p.size() >= 9) {
+    } else if (kind == kCall && p.size() >= 17) {
       v1::Envelope request;
       absl::StatusOr<v1::Envelope> reply = absl::FailedPreconditionError("no open connection");
       bool training_starts = false;
-      if (!request.ParseFromArray(p.data() + 9, static_cast<int>(p.size() - 9))) {
+      if (!request.ParseFromArray(p.data() + 17, static_cast<int>(p.size() - 17))) {
         reply = absl::InternalError("malformed request envelope from another rank");
       } else if (channel) {
+        DeviceSleep(d, GetDouble(std::string_view(p).substr(9)));
         reply = DeviceCall(d, *channel, request, comms::Duration(GetU64(p.substr(1))), &training_starts);
       }
       std::string out(1, kReply);
       out += training_starts ? 'T' : '-';  // the device's rank takes a compute slot before it trains
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        PutDouble(out, a->vt);
+      }
       if (reply.ok()) {
         out += '1';
         reply->AppendToString(&out);
@@ -1231,11 +1291,13 @@ absl::Status RunDeviceRank(const World& world) {
     c.battery = j.value("battery", 0.0);
     client::ClientConfig cc = DeviceClientConfig(world, method_dir, d, j.value("token", std::string()));
     if (auto it = threads.find(d); it != threads.end()) it->second.join();  // it reported its result already
-    threads[d] = std::thread([&world, &ranks, &slots, cc = std::move(cc), c, d] {
+    const double vt = j.value("vt", 0.0);
+    threads[d] = std::thread([&world, &ranks, &slots, cc = std::move(cc), c, d, vt] {
       auto dev = std::make_shared<ForwardedDevice>();
       dev->ranks = &ranks;
       dev->device = d;
       dev->slots = &slots;
+      dev->vt = vt;
       absl::StatusOr<client::RunResult> result = absl::UnknownError("not run");
       {
         absl::StatusOr<std::unique_ptr<client::Client>> client =
@@ -1244,6 +1306,11 @@ absl::Status RunDeviceRank(const World& world) {
           result = client.status();
         } else {
           (*client)->SetConditions(c);
+          client::SimulationHooks hooks;
+          hooks.now_ms = [dev] { return ToMs(dev->vt + dev->slept); };
+          hooks.sleep = [dev](double seconds) { dev->slept += seconds; };
+          hooks.secagg_rounding_seed = cc.seed;
+          (*client)->SetSimulationHooks(std::move(hooks));
           result = (*client)->RunOnce();
         }
       }  // its connection is closed (and rank 0 told) before the result goes
@@ -1272,9 +1339,12 @@ absl::Status SimulationOptions::Validate() const {
   if (!(max_hours > 0)) return absl::InvalidArgumentError("max_hours must be positive");
   if (threads < 0) return absl::InvalidArgumentError("threads must be >= 0");
   if (server.secagg.enabled) {
-    // A device waiting for a SecAgg+ stage sleeps in host time and quantizes with OS randomness: a
-    // simulated run would neither be fast nor repeat (README "Secure aggregation").
-    return absl::UnimplementedError("[secagg] enabled: secure aggregation rounds are not simulated yet");
+    for (const std::string& m : methods) {
+      if (m != "lora-bp" && m != "mezo") {
+        return absl::InvalidArgumentError(StrCat("[secagg] enabled: method ", m, " does not upload a dense delta; "
+                                                 "secure aggregation runs with lora-bp and mezo"));
+      }
+    }
   }
   if (mpi_placement != "auto" && mpi_placement != "static") {
     return absl::InvalidArgumentError(StrCat("mpi_placement must be auto or static, got '", mpi_placement, "'"));
@@ -1370,6 +1440,16 @@ absl::StatusOr<SimulationResult> RunSimulation(const SimulationOptions& options,
                                StrCat("clip ", p.clip_norm, ", noise multiplier ", p.noise_multiplier, ", target ε ",
                                       p.target_epsilon, " at δ ", p.delta, ", noise ", p.noise,
                                       p.noise == "seeded" ? " (simulation only)" : "")});
+  }
+  if (options.server.secagg.enabled) {
+    const server::SecAggConfig& sa = options.server.secagg;
+    report.settings.push_back(
+        {"secure aggregation",
+         StrCat("SecAgg+, ", sa.neighbors > 0 ? StrCat(sa.neighbors, " neighbours")
+                             : sa.neighbors_fraction > 0 ? StrCat("neighbours ", sa.neighbors_fraction, " of the cohort")
+                                                         : std::string("complete graph"),
+                ", up to ", sa.max_dropout_fraction, " dropouts, Q = ", sa.quantization_levels, ", clipping ±",
+                sa.clipping_range, ", max weight ", sa.max_weight, " (stochastic rounding seeded: simulation only)")});
   }
   report.notes = {StrCat("Population: ", result.population_summary), StrCat("Data: ", result.partition_summary)};
   for (const MethodResult& r : result.methods) {

@@ -30,6 +30,14 @@ int64_t SteadyMs() {
       .count();
 }
 
+// Simulation only: the rounding seed of one round, from the device's seed.
+uint64_t RoundingSeed(uint64_t device_seed, uint64_t round_id) {
+  uint64_t z = device_seed ^ (round_id * 0x9e3779b97f4a7c15ULL);  // SplitMix64 finalizer (Steele et al. 2014)
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
 absl::Status FromReject(v1::SecAggStage stage, const v1::Reject& r) {
   const std::string msg = StrCat("secure aggregation (", v1::SecAggStage_Name(stage), "): ",
                                  v1::RejectCode_Name(r.code()), ": ", r.message());
@@ -75,7 +83,7 @@ absl::StatusOr<std::string> SecAggParticipant::Exchange(v1::SecAggStage stage, s
     const uint64_t deadline = wait.stage_deadline_ms() > 0 ? wait.stage_deadline_ms() : task_.deadline_ms();
     const int64_t remaining =
         deadline > wait.server_time_ms() ? static_cast<int64_t>(deadline - wait.server_time_ms()) : 0;
-    const int64_t now = SteadyMs();
+    const int64_t now = io_.now_ms();
     if (give_up_ms < 0 || deadline != announced) {
       announced = deadline;
       give_up_ms = now + remaining + io_.call_timeout_ms;
@@ -83,7 +91,7 @@ absl::StatusOr<std::string> SecAggParticipant::Exchange(v1::SecAggStage stage, s
     if (now > give_up_ms) break;
     const double delay_s = std::clamp<double>(wait.retry_after_ms(), 10.0, 10000.0) / 1000.0;
     if (!io_.sleep(delay_s)) return absl::CancelledError("cancelled");
-    if (SteadyMs() > give_up_ms) break;
+    if (io_.now_ms() > give_up_ms) break;
     request.mutable_secagg()->clear_message();  // the server holds the submission: just ask again
   }
   return absl::DeadlineExceededError(
@@ -93,6 +101,7 @@ absl::StatusOr<std::string> SecAggParticipant::Exchange(v1::SecAggStage stage, s
 absl::StatusOr<std::unique_ptr<SecAggParticipant>> SecAggParticipant::Join(const v1::Task& task,
                                                                            std::string verified_model_hash,
                                                                            SecAggIo io) {
+  if (!io.now_ms) io.now_ms = SteadyMs;
   std::unique_ptr<SecAggParticipant> p(new SecAggParticipant(task, std::move(io)));
   SEEDLING_ASSIGN_OR_RETURN(std::string setup_bytes, p->Exchange(v1::SECAGG_SETUP, ""));
   SEEDLING_ASSIGN_OR_RETURN(privacy::SetupMessage setup, privacy::SetupMessage::Parse(setup_bytes));
@@ -127,10 +136,14 @@ absl::StatusOr<std::unique_ptr<SecAggParticipant>> SecAggParticipant::Join(const
 
 absl::StatusOr<std::vector<uint32_t>> SecAggParticipant::Encode(std::span<const float> update, uint64_t weight) {
   const uint32_t w = static_cast<uint32_t>(std::clamp<uint64_t>(weight, 1, config_.params.max_weight));
-  uint8_t seed_bytes[8];
-  SEEDLING_RETURN_IF_ERROR(random_.Fill(seed_bytes));
   uint64_t seed = 0;
-  std::memcpy(&seed, seed_bytes, sizeof(seed));
+  if (io_.rounding_seed.has_value()) {
+    seed = RoundingSeed(*io_.rounding_seed, task_.round_id());
+  } else {
+    uint8_t seed_bytes[8];
+    SEEDLING_RETURN_IF_ERROR(random_.Fill(seed_bytes));
+    std::memcpy(&seed, seed_bytes, sizeof(seed));
+  }
   return privacy::EncodeInput(update, w, config_.params, privacy::Rounding::kStochastic,
                               RngKey{seed, kSecAggRoundingStream});
 }

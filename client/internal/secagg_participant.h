@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 
@@ -32,6 +33,10 @@ struct SecAggIo {
   std::function<absl::StatusOr<v1::Envelope>(v1::Envelope)> call;
   // Sleeps; false if the run was cancelled meanwhile.
   std::function<bool(double seconds)> sleep;
+  // The device's clock in ms (any epoch): bounds the waits. Null: the host's steady clock.
+  std::function<int64_t()> now_ms;
+  // Simulation only (client::SimulationHooks): seeds Encode's stochastic rounding instead of the CSPRNG.
+  std::optional<uint64_t> rounding_seed;
   int64_t call_timeout_ms = 30000;
 };
 
@@ -47,7 +52,7 @@ class SecAggParticipant {
   const privacy::SecAggParams& params() const { return config_.params; }
 
   // Quantizes `update` (clipped to ±c, w = min(weight, W)) with unbiased stochastic rounding from the OS
-  // CSPRNG; the result is what Submit masks. InvalidArgument for a wrong length or non-finite values.
+  // CSPRNG (or io.rounding_seed and the round); the result is what Submit masks. InvalidArgument for a wrong length or non-finite values.
   absl::StatusOr<std::vector<uint32_t>> Encode(std::span<const float> update, uint64_t weight);
 
   // Masks `input` (from Encode), sends it, and answers the unmask request. OK once the server holds the
