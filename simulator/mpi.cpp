@@ -13,6 +13,7 @@
 #include <list>
 #include <vector>
 
+#include "base/bytes.h"
 #include "base/strings.h"
 
 namespace seedling::simulator {
@@ -30,16 +31,6 @@ constexpr auto kMaxIdlePoll = std::chrono::microseconds(1000);
 int EnvInt(const char* name) {
   const char* v = std::getenv(name);
   return v == nullptr ? 0 : std::atoi(v);
-}
-
-void PutKey(std::string& out, uint64_t key) {
-  for (int i = 0; i < 8; ++i) out.push_back(static_cast<char>((key >> (8 * i)) & 0xff));
-}
-
-uint64_t GetKey(const std::vector<char>& in) {
-  uint64_t key = 0;
-  for (int i = 0; i < 8; ++i) key |= static_cast<uint64_t>(static_cast<unsigned char>(in[i])) << (8 * i);
-  return key;
 }
 
 }  // namespace
@@ -88,7 +79,7 @@ MpiRanks::~MpiRanks() {
 void MpiRanks::Send(int dest, uint64_t key, std::string payload) {
   std::string framed;
   framed.reserve(8 + payload.size());
-  PutKey(framed, key);
+  AppendU64Le(framed, key);
   framed += payload;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -157,7 +148,7 @@ void MpiRanks::Progress() {
         Message m{status.MPI_SOURCE, std::string(buffer.data() + 8, buffer.size() - 8)};
         {
           std::lock_guard<std::mutex> lock(mu_);
-          mailboxes_[GetKey(buffer)].push_back(std::move(m));
+          mailboxes_[LoadU64Le(std::string_view(buffer.data(), buffer.size()))].push_back(std::move(m));
         }
         mailbox_cv_.notify_all();
       }
