@@ -487,11 +487,14 @@ absl::StatusOr<v1::Envelope> Client::Call(std::unique_ptr<comms::Channel>& chann
 
 absl::StatusOr<RunResult> Client::RunOnce() {
   std::lock_guard<std::mutex> lock(run_mu_);
-  cancelled_ = false;
-  absl::StatusOr<RunResult> r = RunOnceLocked();
+  // A Cancel() that came while no run was going (e.g. just before this one started on another thread)
+  // applies to this run: it is not lost.
+  absl::StatusOr<RunResult> r =
+      cancelled_ ? absl::StatusOr<RunResult>(absl::CancelledError("cancelled before the run started")) : RunOnceLocked();
+  const bool was_cancelled = cancelled_.exchange(false);  // one Cancel() stops one run
   // Cancel() outside training (connecting, backing off, syncing, uploading) stops the run where it is; the
   // state directory is consistent as after any error, and the caller sees kCancelled as documented.
-  if (!r.ok() && r.status().code() == absl::StatusCode::kCancelled && cancelled_) {
+  if (!r.ok() && r.status().code() == absl::StatusCode::kCancelled && was_cancelled) {
     RunResult cancelled;
     cancelled.outcome = RunOutcome::kCancelled;
     cancelled.detail = std::string(r.status().message());
@@ -995,6 +998,8 @@ absl::StatusOr<RunResult> Client::Upload(std::unique_ptr<comms::Channel>& channe
     bool broken = false;
     while (offset < payload.size()) {
       Report("uploading", static_cast<int64_t>(offset), static_cast<int64_t>(payload.size()));
+      // The update stays in update.bin (phase "trained"): the next run resumes where the server stands.
+      if (cancelled_) return absl::CancelledError("cancelled while uploading; the next run resumes the upload");
       v1::Envelope chunk;
       chunk.mutable_upload_chunk()->set_idempotency_key(state.idempotency_key);
       chunk.mutable_upload_chunk()->set_offset(offset);

@@ -143,7 +143,9 @@ class Client {
   // DataLoss (corrupt state directory), InvalidArgument (no usable data) ...; the state directory stays
   // consistent whatever happens, so the next call continues.
   absl::StatusOr<RunResult> RunOnce();
-  // Makes a running RunOnce return kCancelled at the next step boundary (after a checkpoint).
+  // Makes a running RunOnce return kCancelled at the next step boundary (after a checkpoint), between
+  // upload chunks, or during a wait; if no RunOnce is running, the next one returns kCancelled at once.
+  // One Cancel() stops one run.
   void Cancel();
 
  private:

@@ -12,7 +12,8 @@
  * port, ca_file, device_id, token, state_dir, model_dir, data_path, memory_budget ("600M") ...
  * Functions return 0 on success and -1 on error (the message is in seedling_client_last_error). run_once
  * blocks; seedling_client_cancel may be called from any other thread and makes it return soon with
- * SEEDLING_OUTCOME_CANCELLED. The progress callback is called on the thread running run_once.
+ * SEEDLING_OUTCOME_CANCELLED (called while no run_once runs, it cancels the next one; one cancel stops
+ * one run). The progress callback is called on the thread running run_once.
  */
 #ifndef SEEDLING_CLIENT_H_
 #define SEEDLING_CLIENT_H_

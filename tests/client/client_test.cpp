@@ -510,6 +510,60 @@ TEST_CASE("Cancel() during the backoff makes RunOnce return kCancelled promptly"
   CHECK(seconds < 10);
 }
 
+TEST_CASE("A Cancel() before RunOnce is not lost: that run returns kCancelled at once, the next one runs",
+          "[client][cancel]") {
+  TempDir dir;
+  Server server(TinyServerConfig(JoinPath(dir.path, "server")));
+  const std::string token = server.Register("dev0");
+  server.coordinator->Tick();
+  auto flaky = std::make_unique<FlakyTransport>(server.Transport(), 0);
+  FlakyTransport* transport = flaky.get();
+  auto c = MakeClient(ClientFor(JoinPath(dir.path, "client"), "dev0", token), std::move(flaky));
+  c->Cancel();
+  auto first = c->RunOnce();
+  REQUIRE(first.ok());
+  CHECK(first->outcome == RunOutcome::kCancelled);
+  CHECK(transport->times().empty());  // it did not even connect
+  auto second = c->RunOnce();
+  REQUIRE(second.ok());
+  CHECK(second->outcome == RunOutcome::kUploaded);
+}
+
+TEST_CASE("Cancel() between upload chunks keeps the update; the next run resumes the upload", "[client][cancel]") {
+  TempDir dir;
+  Server server(TinyServerConfig(JoinPath(dir.path, "server")));
+  const std::string token = server.Register("dev0");
+  server.coordinator->Tick();
+  ClientConfig config = ClientFor(JoinPath(dir.path, "client"), "dev0", token);
+  config.upload_chunk_bytes = 512;  // several chunks
+  auto c = MakeClient(config, server.Transport());
+  int64_t cancelled_at = -1, total = 0;
+  c->SetProgressCallback([&](const RunProgress& p) {
+    if (p.phase != "uploading" || p.done == 0 || cancelled_at >= 0) return;
+    cancelled_at = p.done;  // the first chunk is on the server
+    total = p.total;
+    c->Cancel();
+  });
+  auto r = c->RunOnce();
+  REQUIRE(r.ok());
+  CHECK(r->outcome == RunOutcome::kCancelled);
+  REQUIRE(cancelled_at > 0);
+  REQUIRE(cancelled_at < total);
+  CHECK(ReadJson(JoinPath(config.state_dir, "state.json")).at("phase") == "trained");
+  CHECK(FileExists(JoinPath(config.state_dir, "update.bin")));
+  // The next run uploads the rest, starting where the server stands.
+  std::vector<int64_t> offsets;
+  c->SetProgressCallback([&](const RunProgress& p) {
+    if (p.phase == "uploading") offsets.push_back(p.done);
+  });
+  auto again = c->RunOnce();
+  REQUIRE(again.ok());
+  CHECK(again->outcome == RunOutcome::kUploaded);
+  CHECK(again->round_id == 1);
+  REQUIRE_FALSE(offsets.empty());
+  CHECK(offsets.front() == cancelled_at);
+}
+
 TEST_CASE("A wrong token is Unauthenticated and is not retried", "[client][auth]") {
   TempDir dir;
   Server server(TinyServerConfig(JoinPath(dir.path, "server")));
