@@ -19,6 +19,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include "base/bytes.h"
 #include "base/file.h"
 #include "base/philox.h"
 #include "base/progress.h"
@@ -195,18 +196,8 @@ absl::StatusOr<client::RunResult> DecodeResult(std::string_view body) {
   return r;
 }
 
-void PutU64(std::string& out, uint64_t v) {
-  for (int i = 0; i < 8; ++i) out.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
-}
-
-uint64_t GetU64(std::string_view in) {
-  uint64_t v = 0;
-  for (int i = 0; i < 8; ++i) v |= static_cast<uint64_t>(static_cast<unsigned char>(in[i])) << (8 * i);
-  return v;
-}
-
-void PutDouble(std::string& out, double v) { PutU64(out, std::bit_cast<uint64_t>(v)); }
-double GetDouble(std::string_view in) { return std::bit_cast<double>(GetU64(in)); }
+void PutDouble(std::string& out, double v) { AppendU64Le(out, std::bit_cast<uint64_t>(v)); }
+double GetDouble(std::string_view in) { return std::bit_cast<double>(LoadU64Le(in)); }
 
 // A device on a rank other than 0: where its requests go, the compute slot it may hold there, and its
 // clock (client::SimulationHooks): its time after the last reply, plus what it slept since, which the
@@ -236,7 +227,7 @@ class ForwardedChannel : public comms::Channel {
     if (closed_) return absl::FailedPreconditionError("the connection is closed");
     dev_->ReleaseSlot();  // a request after training: the training is over
     std::string msg(1, kCall);
-    PutU64(msg, static_cast<uint64_t>(timeout.count()));
+    AppendU64Le(msg, static_cast<uint64_t>(timeout.count()));
     PutDouble(msg, std::exchange(dev_->slept, 0.0));
     request.AppendToString(&msg);
     const uint64_t key = static_cast<uint64_t>(dev_->device);
@@ -275,7 +266,7 @@ class ForwardedTransport : public comms::Transport {
   explicit ForwardedTransport(std::shared_ptr<ForwardedDevice> dev) : dev_(std::move(dev)) {}
   absl::StatusOr<std::unique_ptr<comms::Channel>> Connect(comms::Duration timeout) override {
     std::string msg(1, kConnect);
-    PutU64(msg, static_cast<uint64_t>(timeout.count()));
+    AppendU64Le(msg, static_cast<uint64_t>(timeout.count()));
     const uint64_t key = static_cast<uint64_t>(dev_->device);
     dev_->ranks->Send(0, key, std::move(msg));
     SEEDLING_ASSIGN_OR_RETURN(MpiRanks::Message m, dev_->ranks->Receive(key, kRankTimeout));
@@ -746,7 +737,7 @@ void MethodRun::RemoteDeviceMain(Activation* a, client::Conditions conditions) {
       if (DeviceDropped(d)) {
         st = absl::UnavailableError("the device dropped out (simulated)");
       } else {
-        absl::StatusOr<std::unique_ptr<comms::Channel>> c = inner_->Connect(comms::Duration(GetU64(p.substr(1))));
+        absl::StatusOr<std::unique_ptr<comms::Channel>> c = inner_->Connect(comms::Duration(LoadU64Le(p.substr(1))));
         if (c.ok()) {
           if (channel) channel->Close();
           channel = *std::move(c);
@@ -763,7 +754,7 @@ void MethodRun::RemoteDeviceMain(Activation* a, client::Conditions conditions) {
         reply = absl::InternalError("malformed request envelope from another rank");
       } else if (channel) {
         DeviceSleep(d, GetDouble(std::string_view(p).substr(9)));
-        reply = DeviceCall(d, *channel, request, comms::Duration(GetU64(p.substr(1))), &training_starts);
+        reply = DeviceCall(d, *channel, request, comms::Duration(LoadU64Le(p.substr(1))), &training_starts);
       }
       std::string out(1, kReply);
       out += training_starts ? 'T' : '-';  // the device's rank takes a compute slot before it trains
