@@ -405,6 +405,28 @@ TEST_CASE("Ten thousand devices with 50 clients per round run 2 rounds", "[simul
   CHECK(r->bytes_per_idle_device <= 2048);
 }
 
+TEST_CASE("The shipped simulation configs parse, and SecAgg+ with a method without a dense delta is refused",
+          "[simulator]") {
+  for (const char* name : {"simulate-demo.toml", "simulate-secagg.toml"}) {
+    auto text = ReadFile(JoinPath(JoinPath(SEEDLING_SOURCE_DIR, "configs"), name));
+    REQUIRE(text.ok());
+    auto o = ParseSimulationConfig(*text);
+    INFO(name << ": " << o.status().ToString());
+    CHECK(o.ok());
+  }
+  auto secagg = ReadFile(JoinPath(JoinPath(SEEDLING_SOURCE_DIR, "configs"), "simulate-secagg.toml"));
+  REQUIRE(secagg.ok());
+  auto o = ParseSimulationConfig(*secagg);
+  REQUIRE(o.ok());
+  CHECK(o->server.secagg.enabled);
+  o->model_dir = "m";  // from --model
+  CHECK(o->Validate().ok());
+  o->methods = {"lora-bp", "kseed"};
+  const absl::Status st = o->Validate();
+  CHECK(st.code() == absl::StatusCode::kInvalidArgument);
+  CHECK(std::string(st.message()).find("method kseed") != std::string::npos);
+}
+
 TEST_CASE("sim.toml is parsed on top of the simulator's defaults and bad keys are named", "[simulator]") {
   auto o = ParseSimulationConfig(R"(
 [simulation]
@@ -437,11 +459,14 @@ rounds = 7
   auto bad_server = ParseSimulationConfig("[simulation]\nmodel = \"m\"\n[training]\nroundz = 1\n");
   REQUIRE_FALSE(bad_server.ok());
   CHECK(std::string(bad_server.status().message()).find("roundz") != std::string::npos);
-  // SecAgg+ rounds are refused with the reason, not run slowly and irreproducibly.
+  // [secagg] passes through to the rounds; a method in sim.toml that cannot take part is named.
   auto secagg = ParseSimulationConfig("[simulation]\nmodel = \"m\"\n[secagg]\nenabled = true\n");
-  REQUIRE_FALSE(secagg.ok());
-  CHECK(secagg.status().code() == absl::StatusCode::kUnimplemented);
-  CHECK_THAT(std::string(secagg.status().message()), Catch::Contains("not simulated yet"));
+  REQUIRE(secagg.ok());
+  CHECK(secagg->server.secagg.enabled);
+  auto secagg_kseed =
+      ParseSimulationConfig("[simulation]\nmodel = \"m\"\nmethods = [\"kseed\"]\n[secagg]\nenabled = true\n");
+  REQUIRE_FALSE(secagg_kseed.ok());
+  CHECK_THAT(std::string(secagg_kseed.status().message()), Catch::Contains("method kseed"));
 }
 
 }  // namespace
