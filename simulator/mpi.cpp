@@ -23,10 +23,12 @@ constexpr int kTag = 7;
 // How long the progress thread sleeps when there was nothing to do: from kMinIdlePoll right after a
 // message (the answer to a request usually follows within a few hundred microseconds), doubling while
 // nothing comes, up to kMaxIdlePoll, short against a training step (tens of ms). Each poll costs a timed
-// wait and an MPI_Iprobe: polling every 100 µs throughout cost several percent of a core per rank.
-// (Spinning for a few ms after each message was measured too: no faster, the cores are busy training.)
+// wait and an MPI_Iprobe, and each wake-up preempts the rank's training on a busy core. Measured with
+// 2 ranks on 2 cores (bench/simulate_bench.sh's MPI case, 4 rounds): a 0.2 ms cap gave 1.55x over one
+// rank, 1 ms 1.69x, 2-3 ms 1.74-1.75x, 8 ms 1.69x (the answers wait too long). Spinning for a few ms
+// after each message was no faster either.
 constexpr auto kMinIdlePoll = std::chrono::microseconds(50);
-constexpr auto kMaxIdlePoll = std::chrono::microseconds(1000);
+constexpr auto kMaxIdlePoll = std::chrono::microseconds(2000);
 
 int EnvInt(const char* name) {
   const char* v = std::getenv(name);
