@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # Simulator throughput and memory: simulated client-rounds per second (tasks handed out, i.e. devices that ran
 # a round's protocol and training) and host peak RSS for populations of 1,000 and 10,000 phones, plus the
-# bytes the simulator keeps per idle device. Usage: bench/simulate_bench.sh [build-dir]
+# bytes the simulator keeps per idle device; then the MPI speed-up. Usage:
+#   bench/simulate_bench.sh [build-dir] [all|population|mpi]
 set -euo pipefail
 BUILD="${1:-build}"
+WHAT="${2:-all}"
+case "$WHAT" in all|population|mpi) ;; *) echo "usage: $0 [build-dir] [all|population|mpi]" >&2; exit 2;; esac
 SEEDLING="$BUILD/bin/seedling"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 "$SEEDLING" init-model --preset tiny --out "$WORK/model" --seed 1 >/dev/null
 for devices in 1000 10000; do
+  [ "$WHAT" = mpi ] && break
   out="$WORK/sim-$devices"
   /usr/bin/time -f "%e %M" -o "$WORK/time" "$SEEDLING" simulate --model "$WORK/model" --devices "$devices" \
     --rounds 10 --clients-per-round 50 --methods lora-bp,kseed --steps 5 --seq-len 64 --seed 3 --out "$out" \
@@ -27,7 +31,7 @@ done
 # 40 local steps, and 16 evaluation examples, so that the hub's serial evaluation does not dominate; 8 rounds,
 # so that the fixed start-up (MPI_Init, each rank building the world) weighs as it would in a longer study
 # (the line also gives the ratio within the rounds alone). RSS is that of the largest process.
-if command -v mpirun >/dev/null; then
+if [ "$WHAT" != population ] && command -v mpirun >/dev/null; then
   export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
   printf '[simulation]\neval_examples = 16\n' >"$WORK/mpi.toml"
   args=(simulate --config "$WORK/mpi.toml" --model "$WORK/model" --devices 10000 --rounds 8 --clients-per-round 20
