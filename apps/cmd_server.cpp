@@ -161,7 +161,8 @@ void RegisterDevices(CLI::App& app, Action& action) {
     action = [config_path, ids, json]() -> absl::Status {
       SEEDLING_ASSIGN_OR_RETURN(server::ServerConfig config, server::LoadServerConfig(*config_path));
       SEEDLING_RETURN_IF_ERROR(MakeDirs(config.state_dir));
-      SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<server::Store> store, server::Store::Open(config.state_dir));
+      // Works beside a running `seedling serve` too: it authenticates the new devices at their next Hello.
+      SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<server::Store> store, server::Store::OpenForDevices(config.state_dir));
       server::SystemClock clock;
       nlohmann::json out = nlohmann::json::object();
       for (const std::string& id : *ids) {
@@ -179,7 +180,7 @@ void RegisterDevices(CLI::App& app, Action& action) {
   list->callback([list_config, &action] {
     action = [list_config]() -> absl::Status {
       SEEDLING_ASSIGN_OR_RETURN(server::ServerConfig config, server::LoadServerConfig(*list_config));
-      SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<server::Store> store, server::Store::Open(config.state_dir));
+      SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<server::Store> store, server::Store::OpenForDevices(config.state_dir));
       SEEDLING_ASSIGN_OR_RETURN(std::vector<server::DeviceRecord> devices, store->ListDevices());
       for (const server::DeviceRecord& d : devices) std::printf("%s\n", d.device_id.c_str());
       return absl::OkStatus();

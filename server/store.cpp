@@ -529,6 +529,7 @@ struct Store::Impl {
   std::string db_path;
   std::string checkpoint_dir;
   UniqueFd lock_fd;  // holds flock(LOCK_EX) on <dir>/LOCK for the Store's lifetime
+  bool owner = true;  // false: opened by OpenForDevices beside the process that holds the lock
 
   // Serializes everything that writes, hashes-for-commit or deletes checkpoint files
   // (WriteCheckpoint, CommitRound, RecoverAfterCrash), so a file cannot be replaced between its
@@ -710,8 +711,9 @@ struct Store::Impl {
     return absl::OkStatus();
   }
 
-  // Creates or migrates the schema in one transaction; refuses foreign and newer databases.
-  absl::Status Migrate() {
+  // Creates or migrates the schema in one transaction; refuses foreign and newer databases. With
+  // `may_change` false (beside a running owner), refuses any schema but the current one instead.
+  absl::Status Migrate(bool may_change = true) {
     return Write([&]() -> absl::Status {
       int64_t app_id = 0;
       {
@@ -758,6 +760,11 @@ struct Store::Impl {
         return absl::DataLossError(
             StrCat("state database '", db_path, "' has schema version ", version));
       }
+      if (!may_change && version != kSchemaVersion) {
+        return absl::FailedPreconditionError(
+            StrCat("state database '", db_path, "' has schema version ", version, " and is in use by a server; this "
+                   "build's version is ", kSchemaVersion, ": stop the server (or use its own seedling) first"));
+      }
       for (int64_t v = version; v < kSchemaVersion; ++v) {
         // DDL runs once per database, so it goes through sqlite3_exec rather than the statement
         // cache.
@@ -788,7 +795,11 @@ struct Store::Impl {
 Store::Store(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Store::~Store() = default;
 
-absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& dir) {
+absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& dir) { return OpenImpl(dir, false); }
+
+absl::StatusOr<std::unique_ptr<Store>> Store::OpenForDevices(const std::string& dir) { return OpenImpl(dir, true); }
+
+absl::StatusOr<std::unique_ptr<Store>> Store::OpenImpl(const std::string& dir, bool beside_owner) {
   auto impl = std::make_unique<Impl>();
   impl->dir = dir;
   impl->db_path = JoinPath(dir, "state.db");
@@ -804,6 +815,11 @@ absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& dir) {
   while (::flock(impl->lock_fd.get(), LOCK_EX | LOCK_NB) != 0) {
     if (errno == EINTR) continue;
     if (errno == EWOULDBLOCK) {
+      if (beside_owner) {
+        impl->lock_fd = UniqueFd();
+        impl->owner = false;
+        break;
+      }
       return absl::FailedPreconditionError(StrCat("state directory '", dir,
                                                   "' is in use by another Store (lock '", lock_path,
                                                   "' is held)"));
@@ -812,23 +828,32 @@ absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& dir) {
   }
 
   sqlite3* raw = nullptr;
-  // NOMUTEX: `mu` already serializes every use of the connection.
-  const int rc =
-      sqlite3_open_v2(impl->db_path.c_str(), &raw,
-                      SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, nullptr);
+  // NOMUTEX: `mu` already serializes every use of the connection. Beside a running owner, the database
+  // must already exist.
+  const int flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX | (impl->owner ? SQLITE_OPEN_CREATE : 0);
+  const int rc = sqlite3_open_v2(impl->db_path.c_str(), &raw, flags, nullptr);
   impl->db.reset(raw);  // sqlite3_open_v2 allocates a handle even when it fails
   if (rc != SQLITE_OK) return SqliteStatus(impl->db.get(), rc, impl->db_path, "cannot open");
   {
     std::lock_guard<std::mutex> lock(impl->mu);
     SEEDLING_RETURN_IF_ERROR(impl->Configure());
-    SEEDLING_RETURN_IF_ERROR(impl->Migrate());
+    SEEDLING_RETURN_IF_ERROR(impl->Migrate(/*may_change=*/impl->owner));
   }
   return std::unique_ptr<Store>(new Store(std::move(impl)));
 }
 
+namespace {
+absl::Status RefuseBesideOwner(const std::string& dir, const char* what) {
+  return absl::FailedPreconditionError(StrCat(what, ": the state directory '", dir,
+                                              "' is held by a running server; this Store was opened for the "
+                                              "device registry only"));
+}
+}  // namespace
+
 absl::StatusOr<std::vector<RoundRecord>> Store::RecoverAfterCrash(int64_t now_ms,
                                                                   const std::string& reason) {
   Impl& im = *impl_;
+  if (!im.owner) return RefuseBesideOwner(im.dir, "RecoverAfterCrash");
   std::lock_guard<std::mutex> ck(im.checkpoint_mu);
   std::lock_guard<std::mutex> lock(im.mu);
 
@@ -1080,6 +1105,7 @@ absl::Status Store::IncrementSelected(uint64_t round_id) {
 absl::Status Store::CommitRound(uint64_t round_id, uint64_t new_version, int64_t now_ms,
                                 const std::string& result_json, const std::string& seed_sums_blob,
                                 const std::optional<DpSpend>& dp) {
+  if (!impl_->owner) return RefuseBesideOwner(impl_->dir, "CommitRound");
   if (dp.has_value() && (!(dp->sampling_rate >= 0 && dp->sampling_rate <= 1) ||
                          !(dp->noise_multiplier >= 0) || !std::isfinite(dp->noise_multiplier) || dp->steps < 0)) {
     return absl::InvalidArgumentError(StrCat("round ", round_id, ": DP spend needs sampling rate in [0, 1], noise ",
@@ -1367,6 +1393,7 @@ absl::StatusOr<std::vector<std::pair<uint64_t, std::string>>> Store::SeedSumsSin
 absl::StatusOr<std::string> Store::WriteCheckpoint(uint64_t version,
                                                    const std::vector<NamedVector>& vectors) {
   Impl& im = *impl_;
+  if (!im.owner) return RefuseBesideOwner(im.dir, "WriteCheckpoint");
   std::lock_guard<std::mutex> ck(im.checkpoint_mu);
   {
     std::lock_guard<std::mutex> lock(im.mu);

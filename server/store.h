@@ -114,6 +114,13 @@ class Store {
   // FailedPrecondition if another Store holds the directory, if state.db is not a Seedling database or
   // has a newer schema than this build understands; older schemas are migrated in one transaction.
   static absl::StatusOr<std::unique_ptr<Store>> Open(const std::string& dir);
+  // For the device registry (`seedling devices add|list`), also while a server runs on `dir`: as Open
+  // when no other process holds the directory; otherwise opens the existing database beside it without the
+  // lock. SQLite's own locking orders the writes (a running server authenticates a new device at its next
+  // Hello), and the methods that touch checkpoint files (RecoverAfterCrash, WriteCheckpoint, CommitRound)
+  // are refused (FailedPrecondition). FailedPrecondition too if the running server's database has
+  // another schema version than this build's (nothing is migrated under a live server).
+  static absl::StatusOr<std::unique_ptr<Store>> OpenForDevices(const std::string& dir);
   ~Store();
 
   // Marks unfinished rounds Aborted with `reason` (closed_ms = now_ms), removes orphan checkpoint files
@@ -212,6 +219,7 @@ class Store {
 
  private:
   struct Impl;
+  static absl::StatusOr<std::unique_ptr<Store>> OpenImpl(const std::string& dir, bool beside_owner);
   explicit Store(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };

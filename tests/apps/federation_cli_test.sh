@@ -4,7 +4,8 @@
 #   federation  init-model, certs init, devices add (x2), serve a one-round config, two `seedling client`
 #               processes; the round commits and serve exits 0 by itself. Restarted, it reports the
 #               committed round over HTTP (/api/status, /healthz), the same devices complete round 2
-#               (/api/status, /metrics), and serve exits 0 on SIGTERM.
+#               (/api/status, /metrics), a device added while it runs is counted at once, and serve exits
+#               0 on SIGTERM.
 #   client-c    the examples/client_c program (the C SDK) completes a one-client round against serve, and
 #               reports a wrong token as UNAUTHENTICATED with exit status 1.
 # Every case uses its own work directory and the OS's choice of TLS port (port 0 + --port-file), so
@@ -179,6 +180,12 @@ case "$case_name" in
                 'seedling_rounds_total{outcome="committed"} 1'; do
       echo "$metrics" | grep -qxF "$want" || fail "no '$want' in /metrics: $(echo "$metrics" | grep -v '^#')"
     done
+    # ... a device registered while it runs is known to it at once (no restart) ...
+    tok2=$(register dev2) || exit 1
+    [ -n "$tok2" ] || fail "no token for dev2"
+    status=$(timeout 10 curl -sf "http://127.0.0.1:$http_port/api/status") || fail "GET /api/status"
+    echo "$status" | jq -e '.devices_registered == 3' > /dev/null || fail "dev2 not seen by the running server: $status"
+    timeout 30 "$seedling" devices list --config "$work/server.toml" | grep -qx dev2 || fail "devices list lacks dev2"
     # ... and SIGTERM stops it cleanly.
     kill -TERM "$server_pid"
     wait_server 30

@@ -564,6 +564,28 @@ TEST_CASE("Cancel() between upload chunks keeps the update; the next run resumes
   CHECK(offsets.front() == cancelled_at);
 }
 
+TEST_CASE("A device registered beside the running server (devices add) is authenticated without a restart",
+          "[client][auth]") {
+  TempDir dir;
+  Server server(TinyServerConfig(JoinPath(dir.path, "server")));
+  server.coordinator->Tick();
+  // What `seedling devices add` does while `seedling serve` holds the state directory.
+  std::string token;
+  {
+    auto registry = server::Store::OpenForDevices(server.config.state_dir);
+    INFO(registry.status().ToString());
+    REQUIRE(registry.ok());
+    auto added = server::AddDevice(**registry, "late-phone", 1);
+    REQUIRE(added.ok());
+    token = *added;
+  }
+  auto c = MakeClient(ClientFor(JoinPath(dir.path, "client"), "late-phone", token), server.Transport());
+  auto r = c->RunOnce();
+  INFO(r.status().ToString());
+  REQUIRE(r.ok());
+  CHECK(r->outcome == RunOutcome::kUploaded);
+}
+
 TEST_CASE("A wrong token is Unauthenticated and is not retried", "[client][auth]") {
   TempDir dir;
   Server server(TinyServerConfig(JoinPath(dir.path, "server")));

@@ -593,6 +593,47 @@ TEST_CASE("Open refuses a second Store on the same directory", "[server][store]"
   CHECK(Store::Open(dir.path()).ok());
 }
 
+TEST_CASE("OpenForDevices beside a running Store registers devices the owner sees, and nothing else",
+          "[server][store]") {
+  TempDir dir;
+  auto owner = OpenStore(dir.path());
+  REQUIRE_OK(owner->AddDevice(Device("phone-1", 1)));
+  auto registry = Value(Store::OpenForDevices(dir.path()));
+  REQUIRE_OK(registry->AddDevice(Device("phone-2", 2)));
+  const std::optional<DeviceRecord> seen = Value(owner->FindDevice("phone-2"));  // no reopen needed
+  REQUIRE(seen.has_value());
+  CHECK(seen->created_ms == 2);
+  CHECK(Value(registry->ListDevices()).size() == 2);
+  CHECK(registry->AddDevice(Device("phone-1", 3)).code() == absl::StatusCode::kAlreadyExists);
+  // The methods that touch checkpoint files belong to the owner.
+  const std::string before = Value(owner->Checksum());
+  CHECK(registry->RecoverAfterCrash(10, "test").status().code() == absl::StatusCode::kFailedPrecondition);
+  CHECK(registry->WriteCheckpoint(1, Vectors(1)).status().code() == absl::StatusCode::kFailedPrecondition);
+  CHECK(registry->CommitRound(1, 1, 10, "{}", "", std::nullopt).code() == absl::StatusCode::kFailedPrecondition);
+  CHECK(Value(owner->Checksum()) == before);
+  // It never makes a second owner.
+  CHECK(Store::Open(dir.path()).status().code() == absl::StatusCode::kFailedPrecondition);
+}
+
+TEST_CASE("OpenForDevices owns a directory nobody holds, and refuses a live database of another schema",
+          "[server][store]") {
+  TempDir fresh;
+  {
+    auto store = Value(Store::OpenForDevices(fresh.path()));  // creates it, as Open does
+    REQUIRE_OK(store->AddDevice(Device("phone-1", 1)));
+    CHECK(store->RecoverAfterCrash(10, "test").ok());
+    CHECK(Store::Open(fresh.path()).status().code() == absl::StatusCode::kFailedPrecondition);
+  }
+  CHECK(Value(OpenStore(fresh.path())->FindDevice("phone-1")).has_value());
+
+  TempDir old;
+  auto owner = OpenStore(old.path());
+  RawSql(old.path(), "UPDATE schema_version SET version = 1");  // as if the server were an older build
+  const auto st = Store::OpenForDevices(old.path());
+  CHECK(st.status().code() == absl::StatusCode::kFailedPrecondition);
+  CHECK(std::string(st.status().message()).find("schema version 1") != std::string::npos);
+}
+
 TEST_CASE("The state database is in WAL mode and survives reopening unchanged", "[server][store]") {
   TempDir dir;
   std::string sum;
