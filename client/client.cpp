@@ -767,6 +767,7 @@ absl::StatusOr<RunResult> Client::Train(std::unique_ptr<comms::Channel>& channel
     io.now_ms = [this] { return NowMs(); };
     io.rounding_seed = hooks_.secagg_rounding_seed;
     io.call_timeout_ms = config_.call_timeout_ms;
+    io.max_piece_bytes = static_cast<size_t>(config_.upload_chunk_bytes);
     Report("secagg", 0, 1);
     SEEDLING_ASSIGN_OR_RETURN(
         secagg, internal::SecAggParticipant::Join(

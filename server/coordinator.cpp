@@ -326,13 +326,11 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(const ServerCon
   }
   if (config.secagg.enabled) {
     // Outermost: the unmasked sum goes to DP (noise) or straight to the fedavg family. A masked input is
-    // 4 bytes per adapter entry plus the weight slot and travels in one control frame (comms/proto): refuse
-    // adapters that would not fit rather than fail every round.
+    // 4 bytes per adapter entry plus the weight slot (in pieces when it exceeds a frame, comms/proto).
     const uint64_t m = static_cast<uint64_t>(c->num_parameters_) + 1;
-    if (m > privacy::kMaxVectorLength || 4 * m + 4096 > comms::kMaxControlFrameBytes) {
-      return absl::InvalidArgumentError(StrCat("[secagg] enabled: a masked input of this adapter (", m,
-                                               " entries) would not fit in one ", comms::kMaxControlFrameBytes,
-                                               "-byte frame; use a smaller rank or fewer targets"));
+    if (m > privacy::kMaxVectorLength) {
+      return absl::InvalidArgumentError(StrCat("[secagg] enabled: the adapter's ", m, " entries exceed the ",
+                                               privacy::kMaxVectorLength, " a secure-aggregation session masks"));
     }
     SEEDLING_RETURN_IF_ERROR(
         SecAggParamsFor(config.secagg, static_cast<uint32_t>(config.SelectionQuota()), static_cast<uint32_t>(m)).status());
@@ -811,6 +809,7 @@ struct Coordinator::SecAggSession {
   std::set<uint32_t> answered;  // ⊆ expected
   std::map<uint32_t, std::string> submitted;  // SHA-256 of each answer to `stage`
   std::map<uint32_t, std::string> replies;  // the closed previous stage's reply to each device, serialized
+  std::map<uint32_t, std::string> pieces;   // `stage` messages arriving in pieces, so far (comms/proto)
 };
 
 void Coordinator::StartSecAggLocked(int64_t now) {
@@ -899,6 +898,7 @@ void Coordinator::CloseSecAggStageLocked(int64_t now) {
   for (const auto& [id, reply] : s.replies) s.expected.insert(id);
   s.answered.clear();
   s.submitted.clear();
+  s.pieces.clear();  // a message still incomplete when its stage closed came too late
   s.stage = static_cast<v1::SecAggStage>(stage + 1);
   // The masked input includes local training: it has the round's deadline, as a plaintext upload would.
   s.stage_deadline_ms = s.stage == v1::SECAGG_MASKED_INPUT ? round_->deadline_ms : now + config_.secagg.stage_timeout_ms;
@@ -978,7 +978,8 @@ v1::Envelope Coordinator::OnSecAgg(const std::string& device_id, const v1::SecAg
   }
   if (!s.expected.count(id)) return dropped();
   if (s.answered.count(id)) {
-    if (!request.message().empty() && Sha256Raw(request.message()) != s.submitted[id]) {
+    // (A piece of a whole message that already arrived is a re-send after a lost reply: a poll too.)
+    if (!request.message().empty() && request.message_size() == 0 && Sha256Raw(request.message()) != s.submitted[id]) {
       // E.g. the app restarted and drew new keys: its neighbours already hold the old ones.
       return RejectLocked(v1::ABORTED, "a different message for a stage this device already answered", "secagg_dropped");
     }
@@ -988,6 +989,37 @@ v1::Envelope Coordinator::OnSecAgg(const std::string& device_id, const v1::SecAg
   if (request.message().empty()) {
     return RejectLocked(v1::MALFORMED_MESSAGE, StrCat("no ", StageName(request.stage()), " message to poll for"),
                         "malformed");
+  }
+  // A message in pieces: hold them in order until the last one is in (comms/proto "Size").
+  std::string assembled;
+  const std::string* message = &request.message();
+  if (request.message_size() > 0) {
+    const uint64_t limit = request.stage() == v1::SECAGG_MASKED_INPUT
+                               ? 4 * static_cast<uint64_t>(s.config.params.vector_length) + 4096
+                               : comms::kMaxControlFrameBytes;
+    if (request.message_size() > limit) {
+      return RejectLocked(v1::RESOURCE_EXHAUSTED,
+                          StrCat("a ", StageName(request.stage()), " message of ", request.message_size(),
+                                 " bytes; this session's are at most ", limit),
+                          "secagg_too_large");
+    }
+    std::string& held = s.pieces[id];
+    const uint64_t offset = request.message_offset();
+    const uint64_t size = request.message().size();
+    if (offset + size <= held.size() && held.compare(offset, size, request.message()) == 0) {
+      return not_ready(s.stage_deadline_ms);  // a piece re-sent after a lost reply
+    }
+    if (offset != held.size() || offset + size > request.message_size()) {
+      return RejectLocked(v1::MALFORMED_MESSAGE,
+                          StrCat("a piece of ", size, " bytes at offset ", offset, " of a ", request.message_size(),
+                                 "-byte message; the server holds ", held.size(), " bytes of it"),
+                          "malformed");
+    }
+    held += request.message();
+    if (held.size() < request.message_size()) return not_ready(s.stage_deadline_ms);
+    assembled = std::move(held);
+    s.pieces.erase(id);
+    message = &assembled;
   }
   // Parse, check the sender is this device (an authenticated device speaks only for its own id), and add.
   absl::Status added;
@@ -1003,18 +1035,16 @@ v1::Envelope Coordinator::OnSecAgg(const std::string& device_id, const v1::SecAg
   privacy::SecAggServer& server = *s.server;
   switch (request.stage()) {
     case v1::SECAGG_ADVERTISE_KEYS:
-      add(privacy::AdvertiseKeysMessage::Parse(request.message()),
-          [&](const auto& m) { return server.AddAdvertiseKeys(m); });
+      add(privacy::AdvertiseKeysMessage::Parse(*message), [&](const auto& m) { return server.AddAdvertiseKeys(m); });
       break;
     case v1::SECAGG_SHARE_KEYS:
-      add(privacy::ShareKeysMessage::Parse(request.message()), [&](const auto& m) { return server.AddShareKeys(m); });
+      add(privacy::ShareKeysMessage::Parse(*message), [&](const auto& m) { return server.AddShareKeys(m); });
       break;
     case v1::SECAGG_MASKED_INPUT:
-      add(privacy::MaskedInputMessage::Parse(request.message()),
-          [&](const auto& m) { return server.AddMaskedInput(m); });
+      add(privacy::MaskedInputMessage::Parse(*message), [&](const auto& m) { return server.AddMaskedInput(m); });
       break;
     default:
-      add(privacy::UnmaskResponseMessage::Parse(request.message()),
+      add(privacy::UnmaskResponseMessage::Parse(*message),
           [&](const auto& m) { return server.AddUnmaskResponse(m); });
   }
   if (!added.ok()) {
@@ -1026,8 +1056,8 @@ v1::Envelope Coordinator::OnSecAgg(const std::string& device_id, const v1::SecAg
     return e;
   }
   s.answered.insert(id);
-  s.submitted[id] = Sha256Raw(request.message());
-  stats_->bytes_up += request.message().size();  // keys, shares, the masked input and unmasking shares
+  s.submitted[id] = Sha256Raw(*message);
+  stats_->bytes_up += message->size();  // keys, shares, the masked input and unmasking shares
   const bool last = request.stage() == v1::SECAGG_UNMASK;
   if (s.answered.size() >= s.expected.size() || EnoughMaskedInputsLocked(s)) {
     CloseSecAggStageLocked(now);  // may finish (or abort) the round and reset secagg_

@@ -63,6 +63,25 @@ absl::StatusOr<std::string> SecAggParticipant::Exchange(v1::SecAggStage stage, s
   r->set_round_id(task_.round_id());
   r->set_task_id(task_.task_id());
   r->set_stage(stage);
+  // A message longer than a piece: all pieces but the last first, each answered NotReady (or a Reject);
+  // the last one goes through the loop below as a whole message would.
+  const size_t piece = std::max<size_t>(1, io_.max_piece_bytes);
+  size_t offset = 0;
+  if (message.size() > piece) {
+    r->set_message_size(message.size());
+    for (; message.size() - offset > piece; offset += piece) {
+      r->set_message_offset(offset);
+      r->set_message(message.substr(offset, piece));
+      SEEDLING_ASSIGN_OR_RETURN(v1::Envelope reply, io_.call(request));
+      if (reply.has_reject()) return FromReject(stage, reply.reject());
+      if (!reply.has_secagg_reply() || reply.secagg_reply().stage() != stage ||
+          reply.secagg_reply().outcome_case() != v1::SecAggReply::kNotReady) {
+        return absl::InternalError(StrCat("unexpected answer to a piece of SecAgg stage ", v1::SecAggStage_Name(stage)));
+      }
+    }
+    r->set_message_offset(offset);
+    message.erase(0, offset);
+  }
   r->set_message(std::move(message));
   int64_t give_up_ms = -1;     // steady clock; set by a NotReady announcing a new deadline
   uint64_t announced = 0;      // the deadline give_up_ms was computed from
@@ -93,6 +112,8 @@ absl::StatusOr<std::string> SecAggParticipant::Exchange(v1::SecAggStage stage, s
     if (!io_.sleep(delay_s)) return absl::CancelledError("cancelled");
     if (io_.now_ms() > give_up_ms) break;
     request.mutable_secagg()->clear_message();  // the server holds the submission: just ask again
+    request.mutable_secagg()->clear_message_offset();
+    request.mutable_secagg()->clear_message_size();
   }
   return absl::DeadlineExceededError(
       StrCat("secure aggregation: stage ", v1::SecAggStage_Name(stage), " did not close by its deadline"));

@@ -38,6 +38,8 @@ struct SecAggIo {
   // Simulation only (client::SimulationHooks): seeds Encode's stochastic rounding instead of the CSPRNG.
   std::optional<uint64_t> rounding_seed;
   int64_t call_timeout_ms = 30000;
+  // A message longer than this goes in pieces of this size (the client's upload chunk size, ≤ 1 MiB).
+  size_t max_piece_bytes = 1 << 20;
 };
 
 class SecAggParticipant {

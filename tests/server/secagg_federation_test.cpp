@@ -6,6 +6,7 @@
 #include <atomic>
 #include <catch2/catch.hpp>
 #include <chrono>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <thread>
@@ -82,8 +83,10 @@ struct World {
     c.backoff_base_s = 0.05;
     c.backoff_max_s = 0.5;
     c.checkpoint_every = 0;
+    if (upload_chunk_bytes > 0) c.upload_chunk_bytes = upload_chunk_bytes;
     return c;
   }
+  int64_t upload_chunk_bytes = 0;  // > 0: devices send their masked inputs in pieces of this size
 };
 
 // A device's quantized input [w, w·q(x_0), ...] as the upload observer saw it (before masking).
@@ -185,7 +188,11 @@ TEST_CASE("A loopback TLS federation with SecAgg+ equals the plaintext aggregate
   for (int i = 0; i < clients; ++i) {
     threads.emplace_back([&, i] {
       const std::string id = "dev" + std::to_string(i);
-      auto c = client::Client::Create(w.ClientFor(id, tokens[id], (*server)->port()));
+      client::ClientConfig cc = w.ClientFor(id, tokens[id], (*server)->port());
+      // Half the devices send their masked input (4 bytes × 13,313 entries) in 4 KiB pieces, as a device
+      // with an adapter over ~1M entries must (comms/proto "Size").
+      if (i % 2 == 0) cc.upload_chunk_bytes = 4096;
+      auto c = client::Client::Create(cc);
       if (!c.ok()) {
         ++failures;
         return;
@@ -252,6 +259,7 @@ std::unique_ptr<comms::Transport> VanishAtMaskedInput(comms::HandlerFactory fact
 }
 
 struct DropoutRun {
+  std::vector<std::string> errors;  // the failed devices' statuses
   std::optional<RoundRecord> round;
   uint64_t global_version = 0;
   std::vector<Input> survivor_inputs;
@@ -265,7 +273,8 @@ struct DropoutRun {
 // clock past the round's deadline so the stage closes without the vanished devices. With `target` > 0
 // the round wants only `target` reports (the cohort is over-selected) and the clock never moves: the
 // stage must close on its own.
-DropoutRun RunWithDropouts(World& w, int clients, int vanishing, int target = 0) {
+DropoutRun RunWithDropouts(World& w, int clients, int vanishing, int target = 0,
+                           std::function<std::unique_ptr<comms::Transport>(comms::HandlerFactory, int)> bad = nullptr) {
   w.config.rounds = 1;
   w.config.clients_per_round = target > 0 ? target : clients;
   w.config.over_selection = static_cast<double>(clients) / w.config.clients_per_round;
@@ -285,8 +294,9 @@ DropoutRun RunWithDropouts(World& w, int clients, int vanishing, int target = 0)
     REQUIRE(token.ok());
     client::ClientConfig cc = w.ClientFor(id, *token, 0);
     cc.max_attempts = 1;
-    auto transport = i < vanishing ? VanishAtMaskedInput((*coordinator)->handler_factory())
-                                   : comms::MakeInMemoryTransport((*coordinator)->handler_factory());
+    auto transport = i >= vanishing ? comms::MakeInMemoryTransport((*coordinator)->handler_factory())
+                     : bad         ? bad((*coordinator)->handler_factory(), i)
+                                   : VanishAtMaskedInput((*coordinator)->handler_factory());
     auto c = client::Client::Create(cc, std::move(transport));
     REQUIRE(c.ok());
     (*c)->SetConditions({true, true, true, 1.0f});
@@ -321,6 +331,7 @@ DropoutRun RunWithDropouts(World& w, int clients, int vanishing, int target = 0)
   DropoutRun run;
   CHECK(advanced == (target == 0));
   for (int i = 0; i < clients; ++i) {
+    if (!results[i].ok()) run.errors.push_back(results[i].status().ToString());
     if (results[i].ok() && results[i]->outcome == client::RunOutcome::kUploaded) {
       ++run.uploaded;
       run.survivor_inputs.push_back({"dev" + std::to_string(i), inputs["dev" + std::to_string(i)]});
@@ -362,6 +373,41 @@ TEST_CASE("With its target of masked inputs in and the rest within the dropout b
   CHECK(run.uploaded == 6);
   std::vector<float> by_hand;
   CHECK(run.committed == ExpectedNext(w.config, run.initial, run.survivor_inputs, 8, &by_hand));
+}
+
+// Rewrites the device's masked-input pieces: device 0 sends its second piece one byte late, device 1 claims a
+// message far larger than the session's masked inputs.
+std::unique_ptr<comms::Transport> TamperPieces(comms::HandlerFactory factory, int device) {
+  comms::InMemoryFaults faults;
+  faults.on_request = [device](std::string& frame) {
+    auto e = comms::DecodeFrameBody(std::string_view(frame).substr(4));
+    if (!e.ok() || !e->has_secagg() || e->secagg().message_size() == 0) return true;
+    v1::SecAggRequest* r = e->mutable_secagg();
+    if (device == 0 && r->message_offset() > 0) r->set_message_offset(r->message_offset() + 1);
+    if (device == 1) r->set_message_size(uint64_t{1} << 40);
+    auto re = comms::EncodeFrame(*e, comms::kMaxControlFrameBytes);
+    REQUIRE(re.ok());
+    frame = *re;
+    return true;
+  };
+  return comms::MakeInMemoryTransport(std::move(factory), std::move(faults));
+}
+
+TEST_CASE("Masked inputs in pieces add up exactly; a piece out of order or too large drops only its device",
+          "[server][secagg][federation]") {
+  World w;  // 8 devices, δ = 0.25: the 2 tampering devices drop, the other 6 are summed
+  w.upload_chunk_bytes = 4096;
+  const DropoutRun run = RunWithDropouts(w, 8, 2, 0, TamperPieces);
+  REQUIRE(run.round.has_value());
+  INFO("abort reason: " << run.round->abort_reason);
+  REQUIRE(run.round->state == RoundState::kCommitted);
+  CHECK(run.uploaded == 6);
+  std::vector<float> by_hand;
+  CHECK(run.committed == ExpectedNext(w.config, run.initial, run.survivor_inputs, 8, &by_hand));
+  REQUIRE(run.errors.size() == 2);
+  const std::string all = run.errors[0] + "\n" + run.errors[1];
+  CHECK_THAT(all, Catch::Contains("MALFORMED_MESSAGE") && Catch::Contains("offset"));
+  CHECK_THAT(all, Catch::Contains("RESOURCE_EXHAUSTED") && Catch::Contains("at most"));
 }
 
 TEST_CASE("Too many SecAgg+ dropouts abort the round and release nothing", "[server][secagg][federation]") {
