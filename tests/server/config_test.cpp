@@ -88,11 +88,11 @@ TEST_CASE("The global version gauge is right after a restart, before any new com
     // One committed round: a device trains and uploads.
     auto c = Coordinator::Create(config, &clock, nullptr);
     REQUIRE(c.ok());
-    auto token = (*c)->RegisterDevice("d");
+    auto token = (*c)->RegisterDevice("phone-1");
     REQUIRE(token.ok());
     (*c)->Tick();
     client::ClientConfig cc;
-    cc.device_id = "d";
+    cc.device_id = "phone-1";
     cc.token = *token;
     cc.state_dir = JoinPath(dir.path, "device");
     cc.model_dir = config.model_dir;
