@@ -13,6 +13,7 @@
 #include <mutex>
 #include <thread>
 
+#include "tests/server/federation_world.h"
 #include "tests/test_util.h"
 #include "base/file.h"
 #include "base/philox.h"
@@ -31,76 +32,14 @@
 namespace seedling::server {
 namespace {
 
-using seedling::testing::TempDir;
 
-// A tiny model, certificates and a server config shared by the scenarios.
-struct World {
-  TempDir dir;
-  std::string model_dir = JoinPath(dir.path, "model");
-  std::string certs = JoinPath(dir.path, "certs");
-  std::string data = std::string(SEEDLING_SOURCE_DIR) + "/data/sample/instructions.jsonl";
-  ServerConfig config;
-
-  World() {
-    model::ConfigureCompute({1});  // many client threads run models at once: see model/runtime.h
-    model::InitModelOptions init;
-    init.preset = "tiny";
-    init.seed = 3;
-    REQUIRE(model::InitModel(model_dir, init).ok());
-    comms::CertificateOptions co;
-    co.dir = certs;
-    REQUIRE(comms::CreateCertificates(co).ok());
-    config.state_dir = JoinPath(dir.path, "state");
-    config.cert_file = JoinPath(certs, "server.crt");
-    config.key_file = JoinPath(certs, "server.key");
-    config.port = 0;
-    config.http_port = 0;
-    config.model_dir = model_dir;
-    config.steps = 2;
-    config.batch = 1;
-    config.seq_len = 48;
-    config.over_selection = 1.0;
-    config.selection_window_s = 1;
-    config.round_deadline_s = 300;
-    config.retry_base_s = 1;
-    config.retry_jitter = 0.0;
-    config.lora_rank = 4;
-  }
-
-  client::ClientConfig ClientFor(const std::string& device, const std::string& token, uint16_t port) const {
-    client::ClientConfig c;
-    c.port = port;
-    c.ca_file = JoinPath(certs, "ca.crt");
-    c.server_name = "localhost";
-    c.device_id = device;
-    c.token = token;
-    c.state_dir = JoinPath(dir.path, "client-" + device);
-    c.model_dir = model_dir;
-    c.data_path = data;
-    c.backoff_base_s = 0.05;
-    c.backoff_max_s = 0.5;
-    c.checkpoint_every = 0;
-    return c;
-  }
-};
+using World = seedling::testing::FederationWorld;
 
 struct Observed {
   std::string device;
   std::string payload;
   uint64_t num_examples = 0;
 };
-
-std::vector<float> InitialAdapter(const World& w) {
-  auto config = model::LoadModelConfig(w.model_dir);
-  REQUIRE(config.ok());
-  lora::LoraConfig lc;
-  lc.rank = w.config.lora_rank;
-  lc.alpha = w.config.lora_alpha;
-  lc.init_seed = w.config.lora_init_seed;
-  auto a = lora::LoraAdapter::Create(*config, lc);
-  REQUIRE(a.ok());
-  return std::vector<float>((*a)->flat().data_ptr<float>(), (*a)->flat().data_ptr<float>() + (*a)->numel());
-}
 
 // θ_r from θ_{r-1} and the round's updates, computed directly from the payloads (no strategy object).
 std::vector<float> ExpectedNext(const ServerConfig& config, const std::vector<float>& prev, uint64_t round_index,
@@ -167,29 +106,8 @@ void RunLoopback(World& w, int clients, int rounds) {
   w.config.clients_per_round = clients;
   w.config.min_reports = clients;
   REQUIRE(w.config.Validate().ok());
-  SystemClock clock;
-  Metrics metrics;
-  auto coordinator = Coordinator::Create(w.config, &clock, &metrics);
-  REQUIRE(coordinator.ok());
-  std::map<std::string, std::string> tokens;
-  for (int i = 0; i < clients; ++i) {
-    const std::string id = "dev" + std::to_string(i);
-    auto token = (*coordinator)->RegisterDevice(id);
-    REQUIRE(token.ok());
-    tokens[id] = *token;
-  }
-  comms::TlsServerOptions tls;
-  tls.cert_file = w.config.cert_file;
-  tls.key_file = w.config.key_file;
-  auto server = comms::TlsServer::Start(tls, (*coordinator)->handler_factory());
-  REQUIRE(server.ok());
-  std::atomic<bool> stop{false};
-  std::thread ticker([&] {
-    while (!stop) {
-      (*coordinator)->Tick();
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-  });
+  testing::LoopbackCoordinator served(w.config, clients);
+  Coordinator& coordinator = served.coordinator();
 
   std::mutex mu;
   std::map<uint64_t, std::vector<Observed>> by_round;  // what each client sent, by round
@@ -198,7 +116,7 @@ void RunLoopback(World& w, int clients, int rounds) {
   for (int i = 0; i < clients; ++i) {
     threads.emplace_back([&, i] {
       const std::string id = "dev" + std::to_string(i);
-      auto c = client::Client::Create(w.ClientFor(id, tokens[id], (*server)->port()));
+      auto c = client::Client::Create(w.ClientFor(id, served.token(id), served.port()));
       if (!c.ok()) {
         ++failures;
         return;
@@ -227,20 +145,18 @@ void RunLoopback(World& w, int clients, int rounds) {
   }
   for (std::thread& t : threads) t.join();
   // Wait for the last round's commit (the last upload triggers it, but give the ticker a moment).
-  for (int i = 0; i < 200 && (*coordinator)->global_version() < static_cast<uint64_t>(rounds); ++i) {
+  for (int i = 0; i < 200 && coordinator.global_version() < static_cast<uint64_t>(rounds); ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
-  stop = true;
-  ticker.join();
-  (*server)->Stop();
+  served.Stop();
   REQUIRE(failures == 0);
-  REQUIRE((*coordinator)->global_version() == static_cast<uint64_t>(rounds));
+  REQUIRE(coordinator.global_version() == static_cast<uint64_t>(rounds));
 
-  std::vector<float> prev = InitialAdapter(w);
+  std::vector<float> prev = w.InitialAdapter();
   for (int r = 1; r <= rounds; ++r) {
     INFO("round " << r << " (" << w.config.method << ")");
     REQUIRE(by_round[static_cast<uint64_t>(r)].size() == static_cast<size_t>(clients));
-    auto actual = (*coordinator)->CheckpointParams(static_cast<uint64_t>(r));
+    auto actual = coordinator.CheckpointParams(static_cast<uint64_t>(r));
     REQUIRE(actual.ok());
     const std::vector<float> expected = ExpectedNext(w.config, prev, static_cast<uint64_t>(r - 1), by_round[r]);
     const double rel = MaxRelativeDiff(*actual, expected);

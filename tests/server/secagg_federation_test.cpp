@@ -23,70 +23,24 @@
 #include "server/coordinator.h"
 #include "server/secagg_strategy.h"
 #include "server/store.h"
+#include "tests/server/federation_world.h"
 #include "tests/test_util.h"
 
 namespace seedling::server {
 namespace {
 
-using seedling::testing::TempDir;
 
-struct World {
-  TempDir dir;
-  std::string model_dir = JoinPath(dir.path, "model");
-  std::string certs = JoinPath(dir.path, "certs");
-  std::string data = std::string(SEEDLING_SOURCE_DIR) + "/data/sample/instructions.jsonl";
-  ServerConfig config;
-
+// The federation world with SecAgg+ on: 8-device cohorts may lose 2.
+struct World : testing::FederationWorld {
   World() {
-    model::ConfigureCompute({1});
-    model::InitModelOptions init;
-    init.preset = "tiny";
-    init.seed = 3;
-    REQUIRE(model::InitModel(model_dir, init).ok());
-    comms::CertificateOptions co;
-    co.dir = certs;
-    REQUIRE(comms::CreateCertificates(co).ok());
-    config.state_dir = JoinPath(dir.path, "state");
-    config.cert_file = JoinPath(certs, "server.crt");
-    config.key_file = JoinPath(certs, "server.key");
-    config.port = 0;
-    config.http_port = 0;
-    config.model_dir = model_dir;
     config.method = "lora-bp";
     config.lr = 5e-3;
-    config.steps = 2;
-    config.batch = 1;
-    config.seq_len = 48;
-    config.over_selection = 1.0;
-    config.selection_window_s = 1;
-    config.round_deadline_s = 300;
-    config.retry_base_s = 1;
-    config.retry_jitter = 0.0;
-    config.lora_rank = 4;
     config.secagg.enabled = true;
     config.secagg.max_dropout_fraction = 0.25;
     config.secagg.clipping_range = 0.05;
     config.secagg.max_weight = 50;
     config.secagg.poll_ms = 20;
   }
-
-  client::ClientConfig ClientFor(const std::string& device, const std::string& token, uint16_t port) const {
-    client::ClientConfig c;
-    c.port = port;
-    c.ca_file = JoinPath(certs, "ca.crt");
-    c.server_name = "localhost";
-    c.device_id = device;
-    c.token = token;
-    c.state_dir = JoinPath(dir.path, "client-" + device);
-    c.model_dir = model_dir;
-    c.data_path = data;
-    c.backoff_base_s = 0.05;
-    c.backoff_max_s = 0.5;
-    c.checkpoint_every = 0;
-    if (upload_chunk_bytes > 0) c.upload_chunk_bytes = upload_chunk_bytes;
-    return c;
-  }
-  int64_t upload_chunk_bytes = 0;  // > 0: devices send their masked inputs in pieces of this size
 };
 
 // A device's quantized input [w, w·q(x_0), ...] as the upload observer saw it (before masking).
@@ -99,18 +53,6 @@ std::vector<uint32_t> AsWords(const std::string& bytes) {
   std::vector<uint32_t> v(bytes.size() / 4);
   std::memcpy(v.data(), bytes.data(), v.size() * 4);
   return v;
-}
-
-std::vector<float> InitialAdapter(const World& w) {
-  auto config = model::LoadModelConfig(w.model_dir);
-  REQUIRE(config.ok());
-  lora::LoraConfig lc;
-  lc.rank = w.config.lora_rank;
-  lc.alpha = w.config.lora_alpha;
-  lc.init_seed = w.config.lora_init_seed;
-  auto a = lora::LoraAdapter::Create(*config, lc);
-  REQUIRE(a.ok());
-  return std::vector<float>((*a)->flat().data_ptr<float>(), (*a)->flat().data_ptr<float>() + (*a)->numel());
 }
 
 // The plaintext reference: Σ of the inputs mod 2^32 (the integer sum: no overflow by the validated
@@ -158,29 +100,8 @@ TEST_CASE("A loopback TLS federation with SecAgg+ equals the plaintext aggregate
   w.config.clients_per_round = clients;
   w.config.min_reports = clients;
   REQUIRE(w.config.Validate().ok());
-  SystemClock clock;
-  Metrics metrics;
-  auto coordinator = Coordinator::Create(w.config, &clock, &metrics);
-  REQUIRE(coordinator.ok());
-  std::map<std::string, std::string> tokens;
-  for (int i = 0; i < clients; ++i) {
-    const std::string id = "dev" + std::to_string(i);
-    auto token = (*coordinator)->RegisterDevice(id);
-    REQUIRE(token.ok());
-    tokens[id] = *token;
-  }
-  comms::TlsServerOptions tls;
-  tls.cert_file = w.config.cert_file;
-  tls.key_file = w.config.key_file;
-  auto server = comms::TlsServer::Start(tls, (*coordinator)->handler_factory());
-  REQUIRE(server.ok());
-  std::atomic<bool> stop{false};
-  std::thread ticker([&] {
-    while (!stop) {
-      (*coordinator)->Tick();
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-  });
+  testing::LoopbackCoordinator served(w.config, clients);
+  Coordinator& coordinator = served.coordinator();
   std::mutex mu;
   std::map<uint64_t, std::vector<Input>> by_round;
   std::atomic<int> failures{0};
@@ -188,7 +109,7 @@ TEST_CASE("A loopback TLS federation with SecAgg+ equals the plaintext aggregate
   for (int i = 0; i < clients; ++i) {
     threads.emplace_back([&, i] {
       const std::string id = "dev" + std::to_string(i);
-      client::ClientConfig cc = w.ClientFor(id, tokens[id], (*server)->port());
+      client::ClientConfig cc = w.ClientFor(id, served.token(id), served.port());
       // Half the devices send their masked input (4 bytes × 13,313 entries) in 4 KiB pieces, as a device
       // with an adapter over ~1M entries must (comms/proto "Size").
       if (i % 2 == 0) cc.upload_chunk_bytes = 4096;
@@ -216,22 +137,20 @@ TEST_CASE("A loopback TLS federation with SecAgg+ equals the plaintext aggregate
     });
   }
   for (std::thread& t : threads) t.join();
-  for (int i = 0; i < 200 && (*coordinator)->global_version() < static_cast<uint64_t>(rounds); ++i) {
+  for (int i = 0; i < 200 && coordinator.global_version() < static_cast<uint64_t>(rounds); ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
-  stop = true;
-  ticker.join();
-  (*server)->Stop();
+  served.Stop();
   REQUIRE(failures == 0);
-  REQUIRE((*coordinator)->global_version() == static_cast<uint64_t>(rounds));
+  REQUIRE(coordinator.global_version() == static_cast<uint64_t>(rounds));
 
-  std::vector<float> prev = InitialAdapter(w);
+  std::vector<float> prev = w.InitialAdapter();
   for (int r = 1; r <= rounds; ++r) {
     INFO("round " << r);
     const std::vector<Input>& inputs = by_round[static_cast<uint64_t>(r)];
     REQUIRE(inputs.size() == static_cast<size_t>(clients));
     for (const Input& in : inputs) CHECK(in.values[0] >= 1);  // the weight slot: examples capped at W
-    auto actual = (*coordinator)->CheckpointParams(static_cast<uint64_t>(r));
+    auto actual = coordinator.CheckpointParams(static_cast<uint64_t>(r));
     REQUIRE(actual.ok());
     std::vector<float> by_hand;
     const std::vector<float> expected = ExpectedNext(w.config, prev, inputs, clients, &by_hand);
@@ -241,7 +160,7 @@ TEST_CASE("A loopback TLS federation with SecAgg+ equals the plaintext aggregate
     prev = *actual;
   }
   // No plaintext update went through the upload path.
-  CHECK(metrics.RenderPrometheus().find("seedling_requests_total{kind=\"upload_begin\"}") == std::string::npos);
+  CHECK(served.metrics().RenderPrometheus().find("seedling_requests_total{kind=\"upload_begin\"}") == std::string::npos);
 }
 
 // ---- dropouts, with the in-memory transport and a manual clock -------------------------------------------
@@ -341,7 +260,7 @@ DropoutRun RunWithDropouts(World& w, int clients, int vanishing, int target = 0,
   REQUIRE(round.ok());
   run.round = *round;
   run.global_version = (*coordinator)->global_version();
-  run.initial = InitialAdapter(w);
+  run.initial = w.InitialAdapter();
   run.committed = (*coordinator)->global_params();
   run.metrics = metrics.RenderPrometheus();
   return run;
