@@ -205,6 +205,25 @@ void RegisterClient(CLI::App& app, Action& action) {
       ShutdownSignal shutdown;
       SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<client::Client> c, client::Client::Create(config));
       c->SetConditions(*conditions);
+      // Ctrl-C / SIGTERM cancel the run in progress (training stops at the next step, after a checkpoint;
+      // the next run resumes there) instead of waiting for the whole round.
+      struct Watcher {
+        std::atomic<bool> done{false};
+        std::thread thread;
+        ~Watcher() {
+          done = true;
+          if (thread.joinable()) thread.join();
+        }
+      } watcher;
+      watcher.thread = std::thread([&watcher, &shutdown, client = c.get()] {
+        while (!watcher.done) {
+          if (shutdown.requested()) {
+            client->Cancel();
+            return;
+          }
+          std::this_thread::sleep_for(std::chrono::milliseconds(50));
+        }
+      });
       int uploaded = 0;
       double waited = 0;
       while (!shutdown.requested() && (*rounds == 0 || uploaded < *rounds)) {

@@ -6,6 +6,8 @@
 #               committed round over HTTP (/api/status, /healthz), the same devices complete round 2
 #               (/api/status, /metrics), a device added while it runs is counted at once, and serve exits
 #               0 on SIGTERM.
+#   client-cancel  SIGINT to a training `seedling client` cancels the run at the next step: it exits 0
+#               promptly, prints the cancelled outcome and leaves a checkpoint to resume from.
 #   client-c    the examples/client_c program (the C SDK) completes a one-client round against serve, and
 #               reports a wrong token as UNAUTHENTICATED with exit status 1.
 # Every case uses its own work directory and the OS's choice of TLS port (port 0 + --port-file), so
@@ -14,8 +16,11 @@ set -uo pipefail
 case_name="$1"; seedling="$2"; work="$3/$1"; repo="$4"; client_c="${5:-}"
 
 server_pid=""
-# On any exit: stop a server still running. $server_pid is the `timeout` wrapper, which passes TERM on.
+client_pid=""
+# On any exit: stop a client and a server still running. $server_pid is the `timeout` wrapper, which passes
+# TERM on.
 cleanup() {
+  [ -n "$client_pid" ] && kill -KILL "$client_pid" 2>/dev/null
   [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null || return 0
   kill -TERM "$server_pid" 2>/dev/null
   for _ in $(seq 1 100); do kill -0 "$server_pid" 2>/dev/null || return 0; sleep 0.1; done
@@ -217,6 +222,44 @@ case "$case_name" in
     kill -TERM "$server_pid"
     wait_server 30
     [ "$server_rc" -eq 0 ] || fail "serve exited with $server_rc after SIGTERM"
+    ;;
+  client-cancel)
+    setup
+    write_server_config "$work/server.toml" 1 1 0
+    sed -i 's/^steps = 2$/steps = 3000/' "$work/server.toml"  # a round long enough to interrupt
+    tok=$(register phone) || exit 1
+    start_server "$work/server.toml" "$work/serve.log"
+    cat > "$work/phone.toml" <<EOF
+[client]
+host = "127.0.0.1"
+port = $port
+ca_file = "$work/certs/ca.crt"
+server_name = "localhost"
+device_id = "phone"
+token = "$tok"
+state_dir = "$work/phone"
+model_dir = "$work/model"
+data_path = "$repo/data/sample/instructions.jsonl"
+backoff_base_s = 0.05
+checkpoint_every = 2
+EOF
+    timeout 120 "$seedling" client --config "$work/phone.toml" --rounds 1 > "$work/phone.out" 2> "$work/phone.log" &
+    client_pid=$!
+    for _ in $(seq 1 600); do [ -s "$work/phone/checkpoint.json" ] && break; sleep 0.05; done
+    [ -s "$work/phone/checkpoint.json" ] || fail "the client wrote no training checkpoint"
+    # Ctrl-C: the client cancels the run at the next step (checkpointed) and exits 0 well before 3,000 steps.
+    kill -INT "$client_pid"
+    deadline=$((SECONDS + 20))
+    while kill -0 "$client_pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.1; done
+    kill -0 "$client_pid" 2>/dev/null && fail "the client did not stop within 20 s of SIGINT"
+    wait "$client_pid"; rc=$?; client_pid=""
+    [ "$rc" -eq 0 ] || fail "the client exited with $rc after SIGINT"
+    grep -q '"outcome":"cancelled"' "$work/phone.out" || fail "no cancelled outcome: $(cat "$work/phone.out")"
+    jq -e '.phase == "training"' "$work/phone/state.json" > /dev/null || fail "state after cancel: $(cat "$work/phone/state.json")"
+    steps=$(jq -r .steps "$work/phone/checkpoint.json")
+    [ "$steps" -ge 2 ] && [ "$steps" -lt 3000 ] || fail "checkpoint at step $steps"
+    kill -TERM "$server_pid"
+    wait_server 30
     ;;
   *)
     fail "unknown case '$case_name'"
