@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "tests/server/federation_world.h"
 #include "tests/test_util.h"
 #include "base/file.h"
 #include "client/seedling_client.h"
@@ -29,74 +30,29 @@ namespace {
 
 using Json = nlohmann::json;
 
-using seedling::testing::TempDir;
 
 // A tiny model, certificates and a running TLS coordinator (one client per round, one round).
-struct TlsWorld {
-  TempDir dir;
-  std::string model_dir = JoinPath(dir.path, "model");
-  std::string certs = JoinPath(dir.path, "certs");
-  server::ServerConfig config;
-  server::SystemClock clock;
-  std::unique_ptr<server::Coordinator> coordinator;
-  std::unique_ptr<comms::TlsServer> tls;
-  std::atomic<bool> stop{false};
-  std::thread ticker;
+struct TlsWorld : testing::FederationWorld {
+  std::unique_ptr<testing::LoopbackCoordinator> served;
+  server::Coordinator* coordinator = nullptr;
 
   TlsWorld() {
-    model::ConfigureCompute({1});  // the canceller thread and the server run beside training
-    model::InitModelOptions init;
-    init.preset = "tiny";
-    init.seed = 3;
-    REQUIRE(model::InitModel(model_dir, init).ok());
-    comms::CertificateOptions co;
-    co.dir = certs;
-    REQUIRE(comms::CreateCertificates(co).ok());
-    config.state_dir = JoinPath(dir.path, "server");
-    config.cert_file = JoinPath(certs, "server.crt");
-    config.key_file = JoinPath(certs, "server.key");
-    config.port = 0;
-    config.http_port = 0;
-    config.model_dir = model_dir;
     config.method = "lora-bp";
     config.codec.codec = v1::CODEC_INT8;
     config.steps = 6;
     config.seq_len = 32;
-    config.lora_rank = 4;
     config.rounds = 1;
     config.clients_per_round = 1;
     config.min_reports = 1;
-    config.over_selection = 1.0;
     config.selection_window_s = 30;
-    config.round_deadline_s = 300;
-    config.retry_base_s = 1;
-    config.retry_jitter = 0.0;
     REQUIRE(config.Validate().ok());
-    auto c = server::Coordinator::Create(config, &clock, nullptr);
-    REQUIRE(c.ok());
-    coordinator = std::move(c).value();
-    comms::TlsServerOptions o;
-    o.cert_file = config.cert_file;
-    o.key_file = config.key_file;
-    auto s = comms::TlsServer::Start(o, coordinator->handler_factory());
-    REQUIRE(s.ok());
-    tls = std::move(s).value();
-    ticker = std::thread([this] {
-      while (!stop) {
-        coordinator->Tick();
-        std::this_thread::sleep_for(std::chrono::milliseconds(20));
-      }
-    });
-  }
-  ~TlsWorld() {
-    stop = true;
-    ticker.join();
-    tls->Stop();
+    served = std::make_unique<testing::LoopbackCoordinator>(config, 0);
+    coordinator = &served->coordinator();
   }
 
   std::string ClientJson(const std::string& device, const std::string& token, bool with_data_path) const {
     Json j = {{"host", "127.0.0.1"},
-              {"port", tls->port()},
+              {"port", served->port()},
               {"ca_file", JoinPath(certs, "ca.crt")},
               {"server_name", "localhost"},
               {"device_id", device},
