@@ -182,7 +182,27 @@ void RegisterDevices(CLI::App& app, Action& action) {
       SEEDLING_ASSIGN_OR_RETURN(server::ServerConfig config, server::LoadServerConfig(*list_config));
       SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<server::Store> store, server::Store::OpenForDevices(config.state_dir));
       SEEDLING_ASSIGN_OR_RETURN(std::vector<server::DeviceRecord> devices, store->ListDevices());
-      for (const server::DeviceRecord& d : devices) std::printf("%s\n", d.device_id.c_str());
+      for (const server::DeviceRecord& d : devices) {
+        std::printf("%s%s\n", d.device_id.c_str(), d.revoked_ms != 0 ? " revoked" : "");
+      }
+      return absl::OkStatus();
+    };
+  });
+  auto revoke_config = std::make_shared<std::string>();
+  auto revoke_ids = std::make_shared<std::vector<std::string>>();
+  CLI::App* revoke = devices->add_subcommand("revoke", "Revoke devices: their tokens stop authenticating");
+  revoke->add_option("--config", *revoke_config, "server.toml")->required();
+  revoke->add_option("--id", *revoke_ids, "Device id(s)")->required()->delimiter(',');
+  revoke->callback([revoke_config, revoke_ids, &action] {
+    action = [revoke_config, revoke_ids]() -> absl::Status {
+      SEEDLING_ASSIGN_OR_RETURN(server::ServerConfig config, server::LoadServerConfig(*revoke_config));
+      // Beside a running server too: its next Hello from the device is refused.
+      SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<server::Store> store, server::Store::OpenForDevices(config.state_dir));
+      server::SystemClock clock;
+      for (const std::string& id : *revoke_ids) {
+        SEEDLING_RETURN_IF_ERROR(store->RevokeDevice(id, clock.NowMs()));
+        std::printf("%s revoked\n", id.c_str());
+      }
       return absl::OkStatus();
     };
   });

@@ -409,6 +409,10 @@ v1::Envelope Coordinator::OnHello(const v1::Hello& hello, std::string* device_id
   const bool ok = device->has_value() && presented.size() == expected.size() &&
                   CRYPTO_memcmp(presented.data(), expected.data(), expected.size()) == 0;
   if (!ok) return RejectLocked(v1::UNAUTHENTICATED, "unknown device or wrong token", "unauthenticated");
+  if ((*device)->revoked_ms != 0) {
+    // Only a holder of the right token learns this: the app can stop retrying.
+    return RejectLocked(v1::UNAUTHENTICATED, "this device was revoked by the operator", "revoked");
+  }
   (void)store_->TouchDevice(hello.device_id(), clock_->NowMs());
   *device_id = hello.device_id();
   v1::Envelope e = Response(0);

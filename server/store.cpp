@@ -70,7 +70,7 @@ class UniqueFd {
   int fd_ = -1;
 };
 
-constexpr int kSchemaVersion = 2;
+constexpr int kSchemaVersion = 3;
 // PRAGMA application_id, so a stray SQLite file is not mistaken for (and migrated into) a state
 // database.
 constexpr int32_t kApplicationId = 0x53444c47;  // "SDLG"
@@ -365,6 +365,10 @@ CREATE TABLE dp_rounds (
   steps INTEGER NOT NULL CHECK (steps >= 0)
 ) STRICT;
 )sql",
+    // 2 → 3: revoked devices (seedling devices revoke): 0 while the device may connect.
+    R"sql(
+ALTER TABLE devices ADD COLUMN revoked_ms INTEGER NOT NULL DEFAULT 0;
+)sql",
 };
 static_assert(std::size(kMigrations) == kSchemaVersion);
 
@@ -372,7 +376,7 @@ constexpr char kRoundColumns[] =
     "round_id, state, method, config_json, base_version, result_version, target, min_reports, "
     "opened_ms, "
     "deadline_ms, closed_ms, selected, accepted, abort_reason, result_json, state_ms";
-constexpr char kDeviceColumns[] = "device_id, token_sha256, created_ms, last_seen_ms";
+constexpr char kDeviceColumns[] = "device_id, token_sha256, created_ms, last_seen_ms, revoked_ms";
 constexpr char kTaskColumns[] = "task_id, round_id, device_id, assigned_ms, state, detail";
 constexpr char kLedgerColumns[] =
     "idempotency_key, round_id, task_id, device_id, num_examples, bytes, sha256, accepted_ms, "
@@ -422,6 +426,7 @@ DeviceRecord ReadDevice(const Query& q) {
   d.token_sha256 = q.Text(1);
   d.created_ms = q.Int(2);
   d.last_seen_ms = q.Int(3);
+  d.revoked_ms = q.Int(4);
   return d;
 }
 
@@ -940,11 +945,12 @@ absl::Status Store::AddDevice(const DeviceRecord& device) {
     if (existing)
       return absl::AlreadyExistsError(StrCat("device '", device.device_id, "' already exists"));
     SEEDLING_ASSIGN_OR_RETURN(
-        Query q, im.Sql(StrCat("INSERT INTO devices (", kDeviceColumns, ") VALUES (?, ?, ?, ?)")));
+        Query q, im.Sql(StrCat("INSERT INTO devices (", kDeviceColumns, ") VALUES (?, ?, ?, ?, ?)")));
     q.Bind(device.device_id)
         .Bind(device.token_sha256)
         .Bind(device.created_ms)
-        .Bind(device.last_seen_ms);
+        .Bind(device.last_seen_ms)
+        .Bind(device.revoked_ms);
     return q.Run();
   });
 }
@@ -965,6 +971,19 @@ absl::Status Store::TouchDevice(const std::string& device_id, int64_t now_ms) {
     if (q.Changes() == 0)
       return absl::NotFoundError(StrCat("device '", device_id, "' does not exist"));
     return absl::OkStatus();
+  });
+}
+
+absl::Status Store::RevokeDevice(const std::string& device_id, int64_t now_ms) {
+  Impl& im = *impl_;
+  std::lock_guard<std::mutex> lock(im.mu);
+  return im.Write([&]() -> absl::Status {
+    SEEDLING_ASSIGN_OR_RETURN(std::optional<DeviceRecord> existing, im.LoadDevice(device_id));
+    if (!existing) return absl::NotFoundError(StrCat("device '", device_id, "' does not exist"));
+    if (existing->revoked_ms != 0) return absl::OkStatus();  // already revoked: keep the first time
+    SEEDLING_ASSIGN_OR_RETURN(Query q, im.Sql("UPDATE devices SET revoked_ms = ? WHERE device_id = ?"));
+    q.Bind(std::max<int64_t>(1, now_ms)).Bind(device_id);
+    return q.Run();
   });
 }
 

@@ -44,6 +44,7 @@ struct DeviceRecord {
   std::string token_sha256;  // hex SHA-256 of the bearer token (the token itself is never stored)
   int64_t created_ms = 0;
   int64_t last_seen_ms = 0;
+  int64_t revoked_ms = 0;    // > 0: revoked then (`seedling devices revoke`); the device is refused at Hello
 };
 
 struct RoundRecord {
@@ -135,6 +136,9 @@ class Store {
   absl::StatusOr<std::optional<DeviceRecord>> FindDevice(const std::string& device_id);
   absl::Status TouchDevice(const std::string& device_id, int64_t now_ms);
   absl::StatusOr<std::vector<DeviceRecord>> ListDevices();
+  // Revokes a device for good: its token no longer authenticates (a connection already open keeps working
+  // until it closes). Idempotent (the first revocation time stays); NotFound for an unknown device.
+  absl::Status RevokeDevice(const std::string& device_id, int64_t now_ms);
 
   // --- meta
   // Current committed global version (0 before any commit).

@@ -586,6 +586,28 @@ TEST_CASE("A device registered beside the running server (devices add) is authen
   CHECK(r->outcome == RunOutcome::kUploaded);
 }
 
+TEST_CASE("A device revoked while the server runs is refused at its next Hello, and told so", "[client][auth]") {
+  TempDir dir;
+  Server server(TinyServerConfig(JoinPath(dir.path, "server")));
+  const std::string token = server.Register("dev0");
+  server.coordinator->Tick();
+  {
+    auto registry = server::Store::OpenForDevices(server.config.state_dir);  // `seedling devices revoke`
+    REQUIRE(registry.ok());
+    REQUIRE((*registry)->RevokeDevice("dev0", 1).ok());
+  }
+  auto c = MakeClient(ClientFor(JoinPath(dir.path, "client"), "dev0", token), server.Transport());
+  auto r = c->RunOnce();
+  REQUIRE_FALSE(r.ok());
+  CHECK(r.status().code() == absl::StatusCode::kUnauthenticated);
+  CHECK_THAT(std::string(r.status().message()), Catch::Contains("revoked"));
+  // A wrong token for the same id learns nothing about the revocation.
+  auto wrong = MakeClient(ClientFor(JoinPath(dir.path, "other"), "dev0", "not-the-token"), server.Transport());
+  auto w = wrong->RunOnce();
+  REQUIRE_FALSE(w.ok());
+  CHECK(std::string(w.status().message()).find("revoked") == std::string::npos);
+}
+
 TEST_CASE("A wrong token is Unauthenticated and is not retried", "[client][auth]") {
   TempDir dir;
   Server server(TinyServerConfig(JoinPath(dir.path, "server")));

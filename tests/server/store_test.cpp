@@ -211,6 +211,45 @@ TEST_CASE("AddDevice refuses a token hash that is not 64 hex digits", "[server][
   CHECK_FALSE(Value(store->FindDevice("phone-1")).has_value());
 }
 
+TEST_CASE("RevokeDevice revokes once, keeps the first time, and reports an unknown device", "[server][store]") {
+  TempDir dir;
+  auto store = OpenStore(dir.path());
+  REQUIRE_OK(store->AddDevice(Device("phone-1", 1)));
+  REQUIRE_OK(store->AddDevice(Device("phone-2", 1)));
+  CHECK(Value(store->FindDevice("phone-1"))->revoked_ms == 0);
+  REQUIRE_OK(store->RevokeDevice("phone-1", 500));
+  REQUIRE_OK(store->RevokeDevice("phone-1", 900));  // idempotent
+  CHECK(Value(store->FindDevice("phone-1"))->revoked_ms == 500);
+  CHECK(Value(store->FindDevice("phone-2"))->revoked_ms == 0);
+  const std::string before = Value(store->Checksum());
+  const absl::Status unknown = store->RevokeDevice("phone-9", 1000);
+  CHECK(unknown.code() == absl::StatusCode::kNotFound);
+  CHECK(std::string(unknown.message()).find("phone-9") != std::string::npos);
+  CHECK(Value(store->Checksum()) == before);
+  // Durable, and the id stays taken.
+  store.reset();
+  store = OpenStore(dir.path());
+  CHECK(Value(store->FindDevice("phone-1"))->revoked_ms == 500);
+  CHECK(store->AddDevice(Device("phone-1", 2)).code() == absl::StatusCode::kAlreadyExists);
+}
+
+TEST_CASE("A version-2 state database gains the revocation column and keeps its devices active",
+          "[server][store]") {
+  TempDir dir;
+  {
+    auto store = OpenStore(dir.path());
+    REQUIRE_OK(store->AddDevice(Device("phone-1", 7)));
+  }
+  // What a build before device revocation left behind.
+  RawSql(dir.path(), "ALTER TABLE devices DROP COLUMN revoked_ms; UPDATE schema_version SET version = 2");
+  auto store = OpenStore(dir.path());
+  const std::optional<DeviceRecord> d = Value(store->FindDevice("phone-1"));
+  REQUIRE(d.has_value());
+  CHECK(d->created_ms == 7);
+  CHECK(d->revoked_ms == 0);
+  REQUIRE_OK(store->RevokeDevice("phone-1", 10));
+}
+
 TEST_CASE("TouchDevice updates last_seen and reports an unknown device", "[server][store]") {
   TempDir dir;
   auto store = OpenStore(dir.path());
