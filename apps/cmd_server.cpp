@@ -166,9 +166,14 @@ void RegisterDevices(CLI::App& app, Action& action) {
       server::SystemClock clock;
       nlohmann::json out = nlohmann::json::object();
       for (const std::string& id : *ids) {
-        SEEDLING_ASSIGN_OR_RETURN(std::string token, server::AddDevice(*store, id, clock.NowMs()));
-        out[id] = token;
-        if (!*json) std::printf("%s %s\n", id.c_str(), token.c_str());
+        absl::StatusOr<std::string> token = server::AddDevice(*store, id, clock.NowMs());
+        if (!token.ok()) {
+          // The devices already added are registered: print their tokens before the error, or they are lost.
+          if (*json && !out.empty()) std::printf("%s\n", out.dump().c_str());
+          return token.status();
+        }
+        out[id] = *token;
+        if (!*json) std::printf("%s %s\n", id.c_str(), token->c_str());
       }
       if (*json) std::printf("%s\n", out.dump().c_str());
       return absl::OkStatus();
@@ -185,6 +190,32 @@ void RegisterDevices(CLI::App& app, Action& action) {
       for (const server::DeviceRecord& d : devices) {
         std::printf("%s%s\n", d.device_id.c_str(), d.revoked_ms != 0 ? " revoked" : "");
       }
+      return absl::OkStatus();
+    };
+  });
+  auto rotate_config = std::make_shared<std::string>();
+  auto rotate_ids = std::make_shared<std::vector<std::string>>();
+  auto rotate_json = std::make_shared<bool>(false);
+  CLI::App* rotate = devices->add_subcommand("rotate", "Issue new tokens for devices (shown once); the old ones stop working");
+  rotate->add_option("--config", *rotate_config, "server.toml")->required();
+  rotate->add_option("--id", *rotate_ids, "Device id(s)")->required()->delimiter(',');
+  rotate->add_flag("--json", *rotate_json, "Print {\"device\": \"token\", ...}");
+  rotate->callback([rotate_config, rotate_ids, rotate_json, &action] {
+    action = [rotate_config, rotate_ids, rotate_json]() -> absl::Status {
+      SEEDLING_ASSIGN_OR_RETURN(server::ServerConfig config, server::LoadServerConfig(*rotate_config));
+      SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<server::Store> store, server::Store::OpenForDevices(config.state_dir));
+      nlohmann::json out = nlohmann::json::object();
+      for (const std::string& id : *rotate_ids) {
+        absl::StatusOr<std::string> token = server::RotateDeviceToken(*store, id);
+        if (!token.ok()) {
+          // The tokens already rotated are in effect: print them before the error, or they are lost.
+          if (*rotate_json && !out.empty()) std::printf("%s\n", out.dump().c_str());
+          return token.status();
+        }
+        out[id] = *token;
+        if (!*rotate_json) std::printf("%s %s\n", id.c_str(), token->c_str());
+      }
+      if (*rotate_json) std::printf("%s\n", out.dump().c_str());
       return absl::OkStatus();
     };
   });

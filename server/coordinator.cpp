@@ -77,13 +77,25 @@ std::string Sha256Raw(std::string_view bytes) {
 
 std::string Sha256Hex(std::string_view bytes) { return Hex(Sha256Raw(bytes)); }
 
+namespace {
+absl::StatusOr<std::string> NewToken() {
+  unsigned char raw[32];
+  if (RAND_bytes(raw, sizeof(raw)) != 1) return absl::InternalError("no randomness for a token");
+  return Hex(std::string_view(reinterpret_cast<const char*>(raw), sizeof(raw)));
+}
+}  // namespace
+
+absl::StatusOr<std::string> RotateDeviceToken(Store& store, const std::string& device_id) {
+  SEEDLING_ASSIGN_OR_RETURN(const std::string token, NewToken());
+  SEEDLING_RETURN_IF_ERROR(store.SetDeviceToken(device_id, Sha256Hex(token)));
+  return token;
+}
+
 absl::StatusOr<std::string> AddDevice(Store& store, const std::string& device_id, int64_t now_ms) {
   if (device_id.empty() || device_id.size() > 128 || device_id.find_first_of("/ \t\n") != std::string::npos) {
     return absl::InvalidArgumentError("device ids are 1-128 characters without '/' or whitespace");
   }
-  unsigned char raw[32];
-  if (RAND_bytes(raw, sizeof(raw)) != 1) return absl::InternalError("no randomness for a token");
-  const std::string token = Hex(std::string_view(reinterpret_cast<const char*>(raw), sizeof(raw)));
+  SEEDLING_ASSIGN_OR_RETURN(const std::string token, NewToken());
   DeviceRecord d;
   d.device_id = device_id;
   d.token_sha256 = Sha256Hex(token);

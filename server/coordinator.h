@@ -65,6 +65,9 @@ std::string Sha256Raw(std::string_view bytes);
 // Issues a new random device token (returned once; only its SHA-256 is stored). AlreadyExists if the id
 // is taken.
 absl::StatusOr<std::string> AddDevice(Store& store, const std::string& device_id, int64_t now_ms);
+// Issues a new random token for a registered device and returns it (once); the old token stops
+// authenticating. NotFound for an unknown device, FailedPrecondition for a revoked one.
+absl::StatusOr<std::string> RotateDeviceToken(Store& store, const std::string& device_id);
 
 // Where the active round's SecAgg+ session is (tests, tools): the stage being collected (UNSPECIFIED when
 // no session runs), the cohort size, and how many of the devices still in the session answered it.

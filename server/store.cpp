@@ -987,6 +987,25 @@ absl::Status Store::RevokeDevice(const std::string& device_id, int64_t now_ms) {
   });
 }
 
+absl::Status Store::SetDeviceToken(const std::string& device_id, const std::string& token_sha256) {
+  if (!IsHexSha256(token_sha256)) {
+    return absl::InvalidArgumentError(StrCat("the new token_sha256 of device '", device_id,
+                                             "' must be 64 hex digits (the SHA-256 of the token, never the token)"));
+  }
+  Impl& im = *impl_;
+  std::lock_guard<std::mutex> lock(im.mu);
+  return im.Write([&]() -> absl::Status {
+    SEEDLING_ASSIGN_OR_RETURN(std::optional<DeviceRecord> existing, im.LoadDevice(device_id));
+    if (!existing) return absl::NotFoundError(StrCat("device '", device_id, "' does not exist"));
+    if (existing->revoked_ms != 0) {
+      return absl::FailedPreconditionError(StrCat("device '", device_id, "' is revoked; register a new id"));
+    }
+    SEEDLING_ASSIGN_OR_RETURN(Query q, im.Sql("UPDATE devices SET token_sha256 = ? WHERE device_id = ?"));
+    q.Bind(token_sha256).Bind(device_id);
+    return q.Run();
+  });
+}
+
 absl::StatusOr<std::vector<DeviceRecord>> Store::ListDevices() {
   Impl& im = *impl_;
   std::lock_guard<std::mutex> lock(im.mu);

@@ -139,6 +139,9 @@ class Store {
   // Revokes a device for good: its token no longer authenticates (a connection already open keeps working
   // until it closes). Idempotent (the first revocation time stays); NotFound for an unknown device.
   absl::Status RevokeDevice(const std::string& device_id, int64_t now_ms);
+  // Replaces a device's token hash (token rotation). InvalidArgument unless 64 hex digits, NotFound for an
+  // unknown device, FailedPrecondition for a revoked one.
+  absl::Status SetDeviceToken(const std::string& device_id, const std::string& token_sha256);
 
   // --- meta
   // Current committed global version (0 before any commit).

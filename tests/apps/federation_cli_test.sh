@@ -196,6 +196,11 @@ case "$case_name" in
     timeout 30 "$seedling" devices list --config "$work/server.toml" | grep -qx "dev2 revoked" || fail "dev2 not listed as revoked"
     timeout 30 "$seedling" devices revoke --config "$work/server.toml" --id nosuch > /dev/null 2>&1 \
       && fail "revoking an unknown device succeeded"
+    rotated=$(timeout 30 "$seedling" devices rotate --config "$work/server.toml" --id dev0 --json) || fail "devices rotate dev0"
+    new0=$(echo "$rotated" | jq -er '.dev0') || fail "no new token in: $rotated"
+    [ "$new0" != "$tok0" ] || fail "rotate returned the old token"
+    timeout 30 "$seedling" devices rotate --config "$work/server.toml" --id dev2 > /dev/null 2>&1 \
+      && fail "rotating a revoked device succeeded"
     # ... and SIGTERM stops it cleanly.
     kill -TERM "$server_pid"
     wait_server 30

@@ -608,6 +608,36 @@ TEST_CASE("A device revoked while the server runs is refused at its next Hello, 
   CHECK(std::string(w.status().message()).find("revoked") == std::string::npos);
 }
 
+TEST_CASE("After a token rotation the old token is refused and the new one works", "[client][auth]") {
+  TempDir dir;
+  Server server(TinyServerConfig(JoinPath(dir.path, "server")));
+  const std::string old_token = server.Register("dev0");
+  server.coordinator->Tick();
+  std::string new_token;
+  {
+    auto registry = server::Store::OpenForDevices(server.config.state_dir);  // `seedling devices rotate`
+    REQUIRE(registry.ok());
+    auto rotated = server::RotateDeviceToken(**registry, "dev0");
+    REQUIRE(rotated.ok());
+    new_token = *rotated;
+    CHECK(server::RotateDeviceToken(**registry, "nosuch").status().code() == absl::StatusCode::kNotFound);
+    REQUIRE((*registry)->AddDevice({"dev1", std::string(64, 'a'), 1, 0, 0}).ok());
+    REQUIRE((*registry)->RevokeDevice("dev1", 2).ok());
+    CHECK(server::RotateDeviceToken(**registry, "dev1").status().code() == absl::StatusCode::kFailedPrecondition);
+    CHECK((*registry)->SetDeviceToken("dev0", "not-a-hash").code() == absl::StatusCode::kInvalidArgument);
+  }
+  CHECK(new_token != old_token);
+  auto stale = MakeClient(ClientFor(JoinPath(dir.path, "old"), "dev0", old_token), server.Transport());
+  auto r = stale->RunOnce();
+  REQUIRE_FALSE(r.ok());
+  CHECK(r.status().code() == absl::StatusCode::kUnauthenticated);
+  auto fresh = MakeClient(ClientFor(JoinPath(dir.path, "new"), "dev0", new_token), server.Transport());
+  auto ok = fresh->RunOnce();
+  INFO(ok.status().ToString());
+  REQUIRE(ok.ok());
+  CHECK(ok->outcome == RunOutcome::kUploaded);
+}
+
 TEST_CASE("A wrong token is Unauthenticated and is not retried", "[client][auth]") {
   TempDir dir;
   Server server(TinyServerConfig(JoinPath(dir.path, "server")));
