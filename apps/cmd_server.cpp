@@ -3,6 +3,7 @@
 #include <signal.h>
 
 #include <atomic>
+#include <functional>
 #include <chrono>
 #include <cstdio>
 #include <iostream>
@@ -147,6 +148,25 @@ void RegisterCerts(CLI::App& app, Action& action) {
   });
 }
 
+// Issues a token per id with `issue` and prints "id token" lines, or one JSON object with --json. The
+// tokens are in effect once issued: if a later id fails, the ones issued so far are printed before the
+// error rather than lost.
+absl::Status IssueTokens(const std::vector<std::string>& ids, bool json,
+                         const std::function<absl::StatusOr<std::string>(const std::string&)>& issue) {
+  nlohmann::json out = nlohmann::json::object();
+  for (const std::string& id : ids) {
+    absl::StatusOr<std::string> token = issue(id);
+    if (!token.ok()) {
+      if (json && !out.empty()) std::printf("%s\n", out.dump().c_str());
+      return token.status();
+    }
+    out[id] = *token;
+    if (!json) std::printf("%s %s\n", id.c_str(), token->c_str());
+  }
+  if (json) std::printf("%s\n", out.dump().c_str());
+  return absl::OkStatus();
+}
+
 void RegisterDevices(CLI::App& app, Action& action) {
   CLI::App* devices = app.add_subcommand("devices", "The device registry");
   devices->require_subcommand(1);
@@ -164,19 +184,7 @@ void RegisterDevices(CLI::App& app, Action& action) {
       // Works beside a running `seedling serve` too: it authenticates the new devices at their next Hello.
       SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<server::Store> store, server::Store::OpenForDevices(config.state_dir));
       server::SystemClock clock;
-      nlohmann::json out = nlohmann::json::object();
-      for (const std::string& id : *ids) {
-        absl::StatusOr<std::string> token = server::AddDevice(*store, id, clock.NowMs());
-        if (!token.ok()) {
-          // The devices already added are registered: print their tokens before the error, or they are lost.
-          if (*json && !out.empty()) std::printf("%s\n", out.dump().c_str());
-          return token.status();
-        }
-        out[id] = *token;
-        if (!*json) std::printf("%s %s\n", id.c_str(), token->c_str());
-      }
-      if (*json) std::printf("%s\n", out.dump().c_str());
-      return absl::OkStatus();
+      return IssueTokens(*ids, *json, [&](const std::string& id) { return server::AddDevice(*store, id, clock.NowMs()); });
     };
   });
   auto list_config = std::make_shared<std::string>();
@@ -204,19 +212,8 @@ void RegisterDevices(CLI::App& app, Action& action) {
     action = [rotate_config, rotate_ids, rotate_json]() -> absl::Status {
       SEEDLING_ASSIGN_OR_RETURN(server::ServerConfig config, server::LoadServerConfig(*rotate_config));
       SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<server::Store> store, server::Store::OpenForDevices(config.state_dir));
-      nlohmann::json out = nlohmann::json::object();
-      for (const std::string& id : *rotate_ids) {
-        absl::StatusOr<std::string> token = server::RotateDeviceToken(*store, id);
-        if (!token.ok()) {
-          // The tokens already rotated are in effect: print them before the error, or they are lost.
-          if (*rotate_json && !out.empty()) std::printf("%s\n", out.dump().c_str());
-          return token.status();
-        }
-        out[id] = *token;
-        if (!*rotate_json) std::printf("%s %s\n", id.c_str(), token->c_str());
-      }
-      if (*rotate_json) std::printf("%s\n", out.dump().c_str());
-      return absl::OkStatus();
+      return IssueTokens(*rotate_ids, *rotate_json,
+                         [&](const std::string& id) { return server::RotateDeviceToken(*store, id); });
     };
   });
   auto revoke_config = std::make_shared<std::string>();
