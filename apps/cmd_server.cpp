@@ -3,9 +3,9 @@
 #include <signal.h>
 
 #include <atomic>
-#include <functional>
 #include <chrono>
 #include <cstdio>
+#include <functional>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <thread>

@@ -1285,15 +1285,19 @@ void Coordinator::Shutdown() {
   if (round_.has_value()) AbortRoundLocked(clock_->NowMs(), "server shut down during the round");
 }
 
+bool Coordinator::NoMoreRoundsLocked() const {
+  const bool limit = config_.rounds > 0 && finished_rounds_ >= config_.rounds;
+  return limit || !dp_refusal_.empty();
+}
+
 bool Coordinator::Finished() {
   std::lock_guard<std::mutex> lock(mu_);
-  const bool limit = config_.rounds > 0 && finished_rounds_ >= config_.rounds;
-  return (limit || !dp_refusal_.empty()) && !round_.has_value();
+  return NoMoreRoundsLocked() && !round_.has_value();
 }
 
 bool Coordinator::Selecting() {
   std::lock_guard<std::mutex> lock(mu_);
-  if (!round_.has_value()) return !(config_.rounds > 0 && finished_rounds_ >= config_.rounds) && dp_refusal_.empty();
+  if (!round_.has_value()) return !NoMoreRoundsLocked();
   return round_->state == RoundState::kOpen && round_->selected < config_.SelectionQuota();
 }
 

@@ -166,6 +166,8 @@ class Coordinator {
   void StartSecAggLocked(int64_t now);
   void CloseSecAggStageLocked(int64_t now);
   bool EnoughMaskedInputsLocked(const SecAggSession& s) const;
+  // `rounds` rounds have finished, or DP refuses the next one (with mu_ held).
+  bool NoMoreRoundsLocked() const;
   void AbortSecAggLocked(int64_t now, v1::SecAggStage stage, const absl::Status& why);
 
   // Constant after construction.

@@ -13,7 +13,8 @@
 // Thread-safety: all methods may be called from any thread; they serialize on one connection.
 //
 // One process at a time: Open takes an exclusive flock on <dir>/LOCK (released when the Store is destroyed or
-// the process dies), because RecoverAfterCrash deletes files that a second live Store could be writing. The
+// the process dies), because RecoverAfterCrash deletes files that a second live Store could be writing
+// (OpenForDevices, for the device registry only, may open the database beside the lock holder). The
 // lock descriptor is inherited by fork(): do not fork while a Store is open unless the child execs or exits.
 //
 // Errors: NotFound for a missing device / round / task / checkpoint, FailedPrecondition for a call the
@@ -115,7 +116,7 @@ class Store {
   // FailedPrecondition if another Store holds the directory, if state.db is not a Seedling database or
   // has a newer schema than this build understands; older schemas are migrated in one transaction.
   static absl::StatusOr<std::unique_ptr<Store>> Open(const std::string& dir);
-  // For the device registry (`seedling devices add|list`), also while a server runs on `dir`: as Open
+  // For the device registry (`seedling devices add|list|rotate|revoke`), also while a server runs on `dir`: as Open
   // when no other process holds the directory; otherwise opens the existing database beside it without the
   // lock. SQLite's own locking orders the writes (a running server authenticates a new device at its next
   // Hello), and the methods that touch checkpoint files (RecoverAfterCrash, WriteCheckpoint, CommitRound)

@@ -67,8 +67,8 @@ std::string DefaultStrategy(const std::string& method) {
   return "fedavg";
 }
 
-// The trainings one process runs at once (--threads). A device takes a slot when the answer to its task's
-// last download starts its training and gives it back with its next request: only training is counted,
+// The trainings one process runs at once (--threads). A device takes a slot when a reply starts its
+// training (the last download's, or SHARE_KEYS' in a SecAgg round) and gives it back with its next request: only training is counted,
 // because the protocol steps between are short and the event loop runs them one at a time anyway. A
 // device never waits at the gate while holding a slot, so slots cannot deadlock with the loop.
 class ComputeSlots {
@@ -341,7 +341,7 @@ class MethodRun {
   void Loop();
   void DeviceMain(Activation* a, client::Conditions conditions);
   void RemoteDeviceMain(Activation* a, client::Conditions conditions);
-  int PlaceActivation(int64_t device);  // with mu_ held
+  int PlaceActivation(int64_t device, bool may_get_task);  // with mu_ held
   void Finish(Activation* a, absl::StatusOr<client::RunResult> result);
   void Reap(Activation& a);
   void CheckRounds();
@@ -785,8 +785,9 @@ void MethodRun::RemoteDeviceMain(Activation* a, client::Conditions conditions) {
   Finish(a, std::move(result));
 }
 
-// With mu_ held: the rank where a new activation of `device` runs its client.
-int MethodRun::PlaceActivation(int64_t device) {
+// With mu_ held: the rank where a new activation of `device` runs its client (`may_get_task`: the
+// coordinator is selecting, Coordinator::Selecting()).
+int MethodRun::PlaceActivation(int64_t device, bool may_get_task) {
   if (world_.ranks == nullptr) return 0;
   if (!world_.shared_work_dir) return world_.Owner(device);
   // A check-in that cannot get a task (no room in the round's selection) is a short exchange: rank 0
@@ -795,7 +796,7 @@ int MethodRun::PlaceActivation(int64_t device) {
   // one (ties away from rank 0, which also runs the hub): where its training is likely to find a compute
   // slot soonest. Placement only moves host work: a device's state is in the shared work directory, and
   // the results do not depend on where it runs.
-  if (!coordinator_->Selecting()) return 0;
+  if (!may_get_task) return 0;
   size_t best = trainers_by_rank_.size() - 1;
   for (size_t r = best; r-- > 0;) {
     if (trainers_by_rank_[r] < trainers_by_rank_[best]) best = r;
@@ -1020,9 +1021,11 @@ void MethodRun::Loop() {
       a->vt = a->bound = t;
       Activation* raw = a.get();
       active_[device] = std::move(a);
-      raw->rank = PlaceActivation(device);
-      if (coordinator_->Selecting()) {
-        raw->counted = true;  // may get a task
+      // Placement is a choice only with ranks sharing the work directory (World::shared_work_dir).
+      const bool may_get_task = world_.shared_work_dir && coordinator_->Selecting();
+      raw->rank = PlaceActivation(device, may_get_task);
+      if (may_get_task) {
+        raw->counted = true;
         ++trainers_by_rank_[static_cast<size_t>(raw->rank)];
       }
       if (raw->rank == 0) {

@@ -103,7 +103,7 @@ struct SimulationResult {
 // heldout_devices, eval_examples, phone_classes, data, partition, alpha, exponent, rows_per_device,
 // dropout_mean, variation, start_time, tick_s, max_hours, plan_seconds, radio_watts, loopback, mpi_placement), optional
 // [methods.<name>] tables (codec, lr, epsilon), and the round settings in server.toml's own sections
-// ([training], [lora], [strategy], [retry]; README) on top of DefaultSimulationServerConfig().
+// ([training], [lora], [strategy], [retry], [privacy], [secagg]; README) on top of DefaultSimulationServerConfig().
 // InvalidArgument names the unknown or bad key.
 absl::StatusOr<SimulationOptions> ParseSimulationConfig(std::string_view toml_text);
 

@@ -54,7 +54,8 @@ class SecAggParticipant {
   const privacy::SecAggParams& params() const { return config_.params; }
 
   // Quantizes `update` (clipped to ±c, w = min(weight, W)) with unbiased stochastic rounding from the OS
-  // CSPRNG (or io.rounding_seed and the round); the result is what Submit masks. InvalidArgument for a wrong length or non-finite values.
+  // CSPRNG (or from io.rounding_seed and the round); the result is what Submit masks. InvalidArgument for a
+  // wrong length or non-finite values.
   absl::StatusOr<std::vector<uint32_t>> Encode(std::span<const float> update, uint64_t weight);
 
   // Masks `input` (from Encode), sends it, and answers the unmask request. OK once the server holds the

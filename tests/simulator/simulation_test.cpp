@@ -250,9 +250,10 @@ TEST_CASE("SecAgg+ rounds in the simulator repeat with 1 and 2 threads despite d
   CHECK(ra.methods[0].client_errors == 0);
   REQUIRE(x.size() == 3);
   REQUIRE(y.size() == 3);
-  int64_t committed = 0;
+  int64_t committed = 0, dropouts = 0;
   for (size_t i = 0; i < x.size(); ++i) {
     CHECK(Deterministic(x[i]) == Deterministic(y[i]));
+    dropouts += x[i].dropouts;
     if (!x[i].committed) continue;
     ++committed;
     CHECK(x[i].participants > 0);
@@ -260,6 +261,7 @@ TEST_CASE("SecAgg+ rounds in the simulator repeat with 1 and 2 threads despite d
     CHECK(x[i].bytes_up_per_client > 0);
   }
   CHECK(committed >= 2);
+  CHECK(dropouts > 0);  // the sessions did lose devices
   std::set<std::string> globals;  // every committed round moved the model
   for (const RoundRecord& r : x) {
     if (r.committed) globals.insert(r.global_sha256);
