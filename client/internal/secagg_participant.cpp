@@ -30,14 +30,6 @@ int64_t SteadyMs() {
       .count();
 }
 
-// Simulation only: the rounding seed of one round, from the device's seed.
-uint64_t RoundingSeed(uint64_t device_seed, uint64_t round_id) {
-  uint64_t z = device_seed ^ (round_id * 0x9e3779b97f4a7c15ULL);  // SplitMix64 finalizer (Steele et al. 2014)
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
-
 absl::Status FromReject(v1::SecAggStage stage, const v1::Reject& r) {
   const std::string msg = StrCat("secure aggregation (", v1::SecAggStage_Name(stage), "): ",
                                  v1::RejectCode_Name(r.code()), ": ", r.message());
@@ -159,7 +151,8 @@ absl::StatusOr<std::vector<uint32_t>> SecAggParticipant::Encode(std::span<const 
   const uint32_t w = static_cast<uint32_t>(std::clamp<uint64_t>(weight, 1, config_.params.max_weight));
   uint64_t seed = 0;
   if (io_.rounding_seed.has_value()) {
-    seed = RoundingSeed(*io_.rounding_seed, task_.round_id());
+    // Simulation only: one seed per device and round, from the device's seed (base/philox.h streams).
+    seed = Rng(*io_.rounding_seed, kSecAggRoundingStream + task_.round_id()).NextU64();
   } else {
     uint8_t seed_bytes[8];
     SEEDLING_RETURN_IF_ERROR(random_.Fill(seed_bytes));
