@@ -116,6 +116,28 @@ absl::Status AtomicFileWriter::Append(std::string_view data) {
   return absl::OkStatus();
 }
 
+absl::Status AtomicFileWriter::WriteAt(uint64_t offset, std::string_view data) {
+  if (fd_ < 0) return absl::FailedPreconditionError(StrCat("writer for '", path_, "' is closed"));
+  if (offset > bytes_written_ || data.size() > bytes_written_ - offset) {
+    return absl::InvalidArgumentError(StrCat("cannot overwrite [", offset, ", ", offset + data.size(), ") of '",
+                                             tmp_path_, "': only ", bytes_written_, " bytes were written"));
+  }
+  size_t done = 0;
+  while (done < data.size()) {
+    const ssize_t n = ::pwrite(fd_, data.data() + done, data.size() - done, static_cast<off_t>(offset + done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      absl::Status st = ErrnoStatus(errno, "cannot write", tmp_path_);
+      ::close(fd_);
+      fd_ = -1;
+      ::unlink(tmp_path_.c_str());
+      return st;
+    }
+    done += static_cast<size_t>(n);
+  }
+  return absl::OkStatus();
+}
+
 absl::Status AtomicFileWriter::Commit() {
   if (fd_ < 0) return absl::FailedPreconditionError(StrCat("writer for '", path_, "' is closed"));
   const int fd = fd_;

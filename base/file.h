@@ -36,6 +36,9 @@ class AtomicFileWriter {
   AtomicFileWriter& operator=(const AtomicFileWriter&) = delete;
 
   absl::Status Append(std::string_view data);
+  // Overwrites bytes already appended, at [offset, offset + data.size()) (e.g. a digest in a header that
+  // was written with a placeholder before the data it covers). InvalidArgument past what was written.
+  absl::Status WriteAt(uint64_t offset, std::string_view data);
   absl::Status Commit();
   uint64_t bytes_written() const { return bytes_written_; }
 

@@ -1,11 +1,20 @@
 #include "base/memory.h"
 
+#include <fcntl.h>
 #include <sys/resource.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
 #include <string>
+#include <string_view>
+#include <thread>
 
 #include "absl/strings/str_format.h"
 
@@ -26,7 +35,77 @@ int64_t ProcStatusKb(const char* key) {
   return -1;
 }
 
+// The value of "Key:   1234 kB" in `status` (the text of /proc/self/status), in bytes; 0 if absent.
+int64_t StatusBytes(std::string_view status, std::string_view key) {
+  size_t at = 0;
+  while ((at = status.find(key, at)) != std::string_view::npos) {
+    const bool line_start = at == 0 || status[at - 1] == '\n';
+    at += key.size();
+    if (line_start && at < status.size() && status[at] == ':') {
+      long long kb = 0;
+      if (std::sscanf(std::string(status.substr(at + 1, 32)).c_str(), "%lld", &kb) == 1) return kb * 1024;
+    }
+  }
+  return 0;
+}
+
 }  // namespace
+
+RssParts CurrentRssParts() {
+  // One read(2) of the whole file: cheap enough to sample every few milliseconds.
+  char buf[4096];
+  const int fd = ::open("/proc/self/status", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return {};
+  const ssize_t n = ::read(fd, buf, sizeof(buf));
+  ::close(fd);
+  if (n <= 0) return {};
+  const std::string_view status(buf, static_cast<size_t>(n));
+  return {StatusBytes(status, "RssAnon"), StatusBytes(status, "RssFile"), StatusBytes(status, "RssShmem")};
+}
+
+struct RssPeakSampler::State {
+  std::mutex mu;
+  std::condition_variable wake;
+  bool stop = false;  // guarded by mu
+  RssParts peak;      // guarded by mu
+  std::thread thread;
+
+  void Sample() {
+    const RssParts now = CurrentRssParts();
+    std::lock_guard<std::mutex> lock(mu);
+    peak.anon = std::max(peak.anon, now.anon);
+    peak.file = std::max(peak.file, now.file);
+    peak.shmem = std::max(peak.shmem, now.shmem);
+  }
+};
+
+RssPeakSampler::RssPeakSampler(int interval_ms) : state_(std::make_unique<State>()) {
+  State* state = state_.get();
+  state->Sample();
+  state->thread = std::thread([state, interval_ms] {
+    std::unique_lock<std::mutex> lock(state->mu);
+    while (!state->wake.wait_for(lock, std::chrono::milliseconds(interval_ms), [&] { return state->stop; })) {
+      lock.unlock();
+      state->Sample();
+      lock.lock();
+    }
+  });
+}
+
+RssPeakSampler::~RssPeakSampler() {
+  {
+    std::lock_guard<std::mutex> lock(state_->mu);
+    state_->stop = true;
+  }
+  state_->wake.notify_all();
+  state_->thread.join();
+}
+
+RssParts RssPeakSampler::Peak() const {
+  state_->Sample();
+  std::lock_guard<std::mutex> lock(state_->mu);
+  return state_->peak;
+}
 
 int64_t PeakRssBytes() {
   int64_t kb = ProcStatusKb("VmHWM");

@@ -3,6 +3,7 @@
 // Memory accounting: resident set size of this process, for reports next to every speed figure.
 
 #include <cstdint>
+#include <memory>
 #include <string>
 
 namespace seedling {
@@ -12,6 +13,36 @@ int64_t PeakRssBytes();
 
 // Current resident set size (Linux VmRSS), in bytes; 0 if unknown.
 int64_t CurrentRssBytes();
+
+// The parts of the resident set (Linux /proc/self/status RssAnon, RssFile, RssShmem), in bytes; 0 if
+// unknown. Anonymous pages are dirty memory (heap, tensors, copies of weights): what mobile memory killers
+// count. File pages are clean views of files (memory-mapped weights, code) that the OS can drop and read
+// again.
+struct RssParts {
+  int64_t anon = 0;
+  int64_t file = 0;
+  int64_t shmem = 0;
+  int64_t total() const { return anon + file + shmem; }
+};
+RssParts CurrentRssParts();
+
+// Samples RssParts on a background thread from construction to destruction and keeps each part's peak
+// (the kernel keeps only VmHWM, the peak of the sum). A peak shorter than the interval can be missed, so
+// report VmHWM (PeakRssBytes) as the total. Thread-safe.
+class RssPeakSampler {
+ public:
+  explicit RssPeakSampler(int interval_ms = 2);
+  ~RssPeakSampler();
+  RssPeakSampler(const RssPeakSampler&) = delete;
+  RssPeakSampler& operator=(const RssPeakSampler&) = delete;
+
+  // The largest value each part reached so far (not necessarily at the same moment).
+  RssParts Peak() const;
+
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
+};
 
 // Resets the peak RSS counter to the current RSS where the kernel allows it (Linux: writes "5" to
 // /proc/self/clear_refs). Returns false if it could not.

@@ -74,39 +74,7 @@ inline bool IsFiniteBits(uint32_t bits) { return (bits & kF32ExpMask) != kF32Exp
 
 constexpr uint16_t kHalfExpMask = 0x7c00;
 
-// Rounds x to binary16 with round-to-nearest-even and returns the bits (with x's sign). Sets `bad`
-// when x is not finite or rounds to infinity: a non-finite update is invalid, so the caller rejects
-// it rather than sending inf. Branch-free (both paths computed, one selected) so the encode loop
-// vectorizes, and integer arithmetic plus exact float scalings only, so the result does not depend
-// on the FPU's rounding mode.
-inline uint16_t FloatToHalf(float x, uint32_t& bad) {
-  const uint32_t bits = std::bit_cast<uint32_t>(x);
-  const uint32_t sign = (bits >> 16) & 0x8000u;
-  const uint32_t a = bits & 0x7fffffffu;
-  // 65520 is the midpoint between 65504 (the largest half) and 2^16; the tie goes to the even
-  // mantissa, which is 2^16 = inf. So everything from there up (inf and NaN too) has no finite
-  // half.
-  bad |= static_cast<uint32_t>(a >= 0x477ff000u);
-  // Normal half (|x| >= 2^-14): rebias the exponent (127 -> 15) and keep 10 of the 23 mantissa
-  // bits. Adding 0xfff plus the kept lsb before dropping 13 bits rounds to nearest even; a carry
-  // out of the mantissa correctly bumps the exponent.
-  const uint32_t normal = ((a + 0x0fffu + ((a >> 13) & 1u)) >> 13) - ((127u - 15u) << 10);
-  // Subnormal half: a multiple of 2^-24. For |x| < 2^-14, |x| * 2^24 < 2^10 is exact, as are its
-  // integer part and remainder. Rounding up from 1023.5+ gives 0x400, the smallest normal: also the
-  // right bits. Larger inputs are replaced by 0 here so the float-to-int conversion stays in range.
-  const uint32_t normal_mask = 0u - static_cast<uint32_t>(a >= 0x38800000u);
-  const float m = std::bit_cast<float>(a & ~normal_mask) * 0x1p24f;
-  const int32_t whole = static_cast<int32_t>(m);
-  const float rest = m - static_cast<float>(whole);
-  // Half to even on the remainder, with all-ones masks: GCC leaves a loop with bool arithmetic
-  // on float compares unvectorized.
-  const int32_t above_half = -static_cast<int32_t>(rest > 0.5f);
-  const int32_t at_half = -static_cast<int32_t>(rest == 0.5f);
-  const int32_t up = (above_half | (at_half & whole)) & 1;
-  const uint32_t subnormal = static_cast<uint32_t>(whole + up);
-  return static_cast<uint16_t>(sign | (normal & normal_mask) | (subnormal & ~normal_mask));
-}
-
+using seedling::FloatToHalf;  // base/half.h
 using internal::HalfToFloat;  // exact for every half; the validators reject exponent 31 first
 
 // ---- Header ----

@@ -15,26 +15,11 @@
 #include <bit>
 #include <cstdint>
 
+#include "base/half.h"
+
 namespace seedling::comms::internal {
 
-// binary16 bits -> float, exactly, for every pattern: finite values (subnormals included) exactly;
-// ±inf to ±inf; a NaN keeps its sign and payload and is made quiet (the F16C instruction's rule, so the
-// two versions agree on all 65,536 inputs). Branch-free so loops over it vectorize.
-inline float HalfToFloat(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t em = h & 0x7fffu;
-  // Normal: rebias the exponent (15 -> 127). Subnormal: the mantissa times 2^-24 (exact).
-  const uint32_t normal = (em << 13) + ((127u - 15u) << 23);
-  const uint32_t subnormal =
-      std::bit_cast<uint32_t>(static_cast<float>(static_cast<int32_t>(em)) * 0x1p-24f);
-  // Exponent 31: float exponent 255, the mantissa shifted up, the quiet bit set for a NaN.
-  const uint32_t special = 0x7f800000u | ((em & 0x3ffu) << 13) | ((em & 0x3ffu) != 0 ? 0x00400000u : 0u);
-  const uint32_t is_normal = 0u - static_cast<uint32_t>(em >= 0x400u);
-  const uint32_t is_special = 0u - static_cast<uint32_t>(em >= 0x7c00u);
-  const uint32_t finite = (normal & is_normal) | (subnormal & ~is_normal);
-  const uint32_t bits = (special & is_special) | (finite & ~is_special) | sign;
-  return std::bit_cast<float>(bits);
-}
+using seedling::HalfToFloat;  // base/half.h
 
 // One implementation of the kernels. `n` counts elements; `d` points at the first data byte.
 struct DenseKernels {
