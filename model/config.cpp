@@ -1,4 +1,5 @@
 #include "model/config.h"
+#include "model/gguf_model.h"
 
 #include <nlohmann/json.hpp>
 
@@ -244,6 +245,10 @@ absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view json_text) {
 }
 
 absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir) {
+  if (IsGgufPath(model_dir)) {
+    SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<GgufFile> file, GgufFile::Open(model_dir));
+    return ConfigFromGguf(*file);
+  }
   const std::string path = JoinPath(model_dir, "config.json");
   SEEDLING_ASSIGN_OR_RETURN(std::string text, ReadFile(path));
   auto config = ParseModelConfig(text);

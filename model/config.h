@@ -61,7 +61,7 @@ struct ModelConfig {
 // unknown architectures, activations other than SiLU, or unsupported rope_scaling types.
 absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view json_text);
 
-// Reads <model_dir>/config.json.
+// Reads <model_dir>/config.json, or the config of a GGUF file when `model_dir` is one (model/gguf_model.h).
 absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir);
 
 // Serializes to a config.json that Hugging Face transformers loads.

@@ -1,4 +1,5 @@
 #include "model/tokenizer.h"
+#include "model/gguf_model.h"
 
 #include <nlohmann/json.hpp>
 #include <utility>
@@ -9,6 +10,7 @@
 #include "model/internal/bpe_trainer.h"
 #include "model/internal/sentencepiece_tokenizer.h"
 #include "model/internal/tokenizer_json.h"
+#include "model/internal/tokenizer_vocabulary.h"
 
 namespace seedling::model {
 namespace {
@@ -131,6 +133,10 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> ApplyConfigIds(std::unique_ptr<Tokeni
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& model_dir) {
+  if (IsGgufPath(model_dir)) {
+    SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<GgufFile> file, GgufFile::Open(model_dir));
+    return TokenizerFromGguf(*file);
+  }
   const std::string json_path = JoinPath(model_dir, "tokenizer.json");
   const std::string sp_path = JoinPath(model_dir, "tokenizer.model");
   const std::string config_path = JoinPath(model_dir, "tokenizer_config.json");
@@ -163,6 +169,18 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> ParseTokenizerJson(std::string_view j
 absl::StatusOr<std::unique_ptr<Tokenizer>> LoadSentencePieceTokenizer(const std::string& path,
                                                                       bool add_bos, bool add_eos) {
   return internal::LoadSentencePiece(path, add_bos, add_eos);
+}
+
+absl::StatusOr<std::unique_ptr<Tokenizer>> TokenizerFromVocabulary(
+    const TokenizerVocabulary& vocab, const VocabularyTokenizerOptions& options) {
+  absl::StatusOr<nlohmann::json> doc =
+      internal::TokenizerJsonFromVocabulary(vocab, options.add_space_prefix);
+  if (!doc.ok()) return Annotate(doc.status(), options.source);
+  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer,
+                            internal::ParseTokenizerJsonDocument(*doc, options.source));
+  // The post-processor defines BOS / EOS only when it adds them.
+  if (tokenizer->bos_id() == vocab.bos_id && tokenizer->eos_id() == vocab.eos_id) return tokenizer;
+  return std::make_unique<WithSpecialIds>(std::move(tokenizer), vocab.bos_id, vocab.eos_id);
 }
 
 absl::StatusOr<std::string> TrainByteLevelBpeTokenizerJson(std::string_view corpus,

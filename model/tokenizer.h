@@ -107,7 +107,8 @@ class Tokenizer {
 // Loads the tokenizer of a Hugging Face model directory: tokenizer.json if present, else tokenizer.model.
 // tokenizer_config.json, when present, supplies add_bos_token / add_eos_token and bos/eos token names.
 // NotFound if neither file exists; InvalidArgument (naming the file and the field) if a file is malformed or
-// uses a component this implementation does not support.
+// uses a component this implementation does not support. A GGUF file's path gives its tokenizer.ggml.* tokenizer
+// (model/gguf_model.h).
 absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& model_dir);
 
 // Parses a tokenizer.json document (the file's contents).
@@ -117,6 +118,33 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> ParseTokenizerJson(std::string_view j
 absl::StatusOr<std::unique_ptr<Tokenizer>> LoadSentencePieceTokenizer(const std::string& path,
                                                                       bool add_bos = true,
                                                                       bool add_eos = false);
+
+// What a TokenizerVocabulary leaves implicit, for TokenizerFromVocabulary.
+struct VocabularyTokenizerOptions {
+  // SentencePiece kinds: prepend "▁" to the text and after every added token, and strip it again
+  // when decoding (SentencePiece's add_dummy_prefix, GGUF's tokenizer.ggml.add_space_prefix).
+  // Default true, as in Llama 2.
+  bool add_space_prefix = true;
+  std::string source = "vocabulary";  // names the vocabulary in error messages
+};
+
+// Builds a tokenizer from a vocabulary, the inverse of Tokenizer::Vocabulary() as llama.cpp
+// interprets a GGUF vocabulary (model/gguf_model.h reads one):
+//   * kByteLevelBpe: BPE on GPT-2's byte alphabet with `merges` and the pre-tokenizer
+//     `pre_tokenizer` names (kOther is InvalidArgument); Llama 3's ignores merges for whole words.
+//   * kSentencePieceBpe / kSentencePieceModel: BPE on "▁"-escaped text, with byte fallback when
+//     there are kByte tokens. `merges`, or when empty every split of a token into two tokens
+//     ranked by the token's score (llama.cpp's SentencePiece tokenizer joins the best-scoring
+//     pair first).
+// Tokens of type kControl and kUnknown are special added tokens, kUserDefined ones non-special
+// added tokens; all are matched in the raw text first. Encode(text, true) adds bos_id / eos_id as
+// add_bos / add_eos say; bos_id() / eos_id() are the vocabulary's. kUnused tokens are in the
+// vocabulary but never produced.
+// InvalidArgument, prefixed with options.source: per-id vectors of different lengths, an empty or
+// duplicate token, an unknown type, a non-finite score, a special id outside the vocabulary,
+// add_bos / add_eos without the id, or merges naming tokens that do not exist.
+absl::StatusOr<std::unique_ptr<Tokenizer>> TokenizerFromVocabulary(
+    const TokenizerVocabulary& vocab, const VocabularyTokenizerOptions& options = {});
 
 // Options for training a byte-level BPE tokenizer (GPT-2 style: bytes mapped to printable characters,
 // GPT-2 pre-tokenizer regex).

@@ -147,9 +147,9 @@ class AddedTokenMatcher {
 
 class JsonTokenizer final : public Tokenizer {
  public:
-  // Parses a whole tokenizer.json document. nlohmann::json exceptions may escape (the caller
-  // converts).
-  static absl::StatusOr<std::unique_ptr<Tokenizer>> Parse(std::string_view text);
+  // Builds the tokenizer of a parsed tokenizer.json document. nlohmann::json exceptions may escape
+  // (the caller converts).
+  static absl::StatusOr<std::unique_ptr<Tokenizer>> Parse(const nlohmann::json& doc);
 
   JsonTokenizer(const JsonTokenizer&) = delete;
   JsonTokenizer& operator=(const JsonTokenizer&) = delete;
@@ -402,13 +402,6 @@ void FlattenStages(const json& j, const char* list_key, std::vector<const json*>
   out->push_back(&j);
 }
 
-// The regexes of the Split stage of Llama 3 and Qwen2 tokenizer.json files (they differ only in how
-// digits group: up to three, or one).
-constexpr std::string_view kLlama3SplitRegex =
-    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
-constexpr std::string_view kQwen2SplitRegex =
-    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
-
 // Recognizes the pre-tokenizers llama.cpp implements by name. Anything not exactly one of them is
 // kOther: a near miss (say, add_prefix_space=true) would tokenize differently there.
 TokenizerVocabulary::PreTokenizer ClassifyPreTokenizer(const json& pre) {
@@ -556,13 +549,7 @@ absl::Status JsonTokenizer::ParseAddedTokens(const json& doc) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::unique_ptr<Tokenizer>> JsonTokenizer::Parse(std::string_view text) {
-  json doc;
-  try {
-    doc = json::parse(text.begin(), text.end());
-  } catch (const json::parse_error& e) {
-    return absl::InvalidArgumentError(StrCat("not valid JSON: ", e.what()));
-  }
+absl::StatusOr<std::unique_ptr<Tokenizer>> JsonTokenizer::Parse(const json& doc) {
   if (!doc.is_object()) return absl::InvalidArgumentError("the document must be a JSON object");
   std::unique_ptr<JsonTokenizer> t(new JsonTokenizer());
   auto m = doc.find("model");
@@ -616,9 +603,20 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> JsonTokenizer::Parse(std::string_view
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> ParseTokenizerJson(std::string_view json,
                                                               std::string_view source) {
+  nlohmann::json doc;
+  try {
+    doc = nlohmann::json::parse(json.begin(), json.end());
+  } catch (const nlohmann::json::parse_error& e) {
+    return Annotate(absl::InvalidArgumentError(StrCat("not valid JSON: ", e.what())), source);
+  }
+  return ParseTokenizerJsonDocument(doc, source);
+}
+
+absl::StatusOr<std::unique_ptr<Tokenizer>> ParseTokenizerJsonDocument(const nlohmann::json& doc,
+                                                                      std::string_view source) {
   absl::StatusOr<std::unique_ptr<Tokenizer>> result;
   try {
-    result = JsonTokenizer::Parse(json);
+    result = JsonTokenizer::Parse(doc);
   } catch (const nlohmann::json::exception& e) {
     // The parser checks every type before reading; this only guards against a missed case.
     result = absl::InvalidArgumentError(e.what());

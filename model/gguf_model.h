@@ -1,0 +1,101 @@
+#pragma once
+
+// Seedling's model from a GGUF file (`--model file.gguf`): the config from the `<arch>.*` keys, the
+// weights from llama.cpp's tensor names, the tokenizer from `tokenizer.ggml.*`. The inverse of
+// model/gguf.h's WriteGguf: a file it writes reads back to the same config, weights and token ids.
+//
+// Architectures: "llama" (LlamaForCausalLM; also what Mistral exports as) and "qwen2"
+// (Qwen2ForCausalLM). Tensor types: F32, F16, BF16, Q8_0 and Q4_0; files of other types (Q4_K,
+// Q6_K, IQ*, ...) are refused, naming the tensor and its type. All errors name the file and the key
+// or tensor concerned.
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "model/config.h"
+#include "model/gguf_reader.h"
+#include "model/tokenizer.h"
+#include "model/weights.h"
+
+namespace seedling::model {
+
+// The config a GGUF file describes:
+//   sizes from <arch>.{context_length, embedding_length, block_count, feed_forward_length,
+//     attention.head_count, attention.head_count_kv (default head_count), attention.key_length
+//     (default embedding_length / head_count)}; vocab_size from <arch>.vocab_size, else the length
+//     of tokenizer.ggml.tokens, else the rows of token_embd.weight (the first two must agree);
+//   rms_norm_eps, rope_theta (default 10000) from float32 keys, widened through their shortest
+//     decimal form so that 1e-5 written as float32 reads back as the double 1e-5;
+//   RoPE scaling: rope.scaling.type "linear" with rope.scaling.factor (or the legacy
+//     rope.scale_linear); Llama 3 scaling from the rope_freqs.weight tensor (llama only), whose
+//     per-pair factors are matched to Llama 3's formula: low / high frequency factors 1 and 4 (as
+//     every Llama 3.x uses) with the original context length solved for, else a general fit; the
+//     reconstruction is verified against every factor;
+//   tie_word_embeddings when there is no output.weight; qkv_bias / o_bias / mlp_bias from the
+//     presence of blk.0.attn_q.bias / attn_output.bias / ffn_{gate,up,down}.bias;
+//   bos_token_id from tokenizer.ggml.bos_token_id; eos_token_ids from eos_token_id, then eot / eom
+//     when different;
+//   torch_dtype from token_embd.weight's type (f32 -> float32, bf16 -> bfloat16, else float16).
+// InvalidArgument for another architecture, a key of the wrong type, a head_dim llama.cpp would
+// rotate only partly (rope.dimension_count != key length), value_length != key_length, experts
+// (MoE), an unsupported scaling type (yarn, longrope), rope_freqs.weight that is not Llama 3
+// scaling or on qwen2, or a config that fails ModelConfig::Validate. NotFound for a missing
+// required key.
+absl::StatusOr<ModelConfig> ConfigFromGguf(const GgufFile& file);
+
+// The weights of `file` for `config` (normally ConfigFromGguf(file)), under llama.cpp's names
+// (token_embd.weight, blk.N.attn_norm.weight, blk.N.attn_{q,k,v,output}.weight, attn_{q,k,v}.bias,
+// blk.N.ffn_norm.weight, blk.N.ffn_{gate,up,down}.weight, output_norm.weight, output.weight).
+//   * Matrices (embedding, projections, LM head) follow model/quant.h: F32 / F16 / BF16 as
+//     (rows, cols) tensors of that dtype, Q8_0 / Q4_0 as uint8 (rows, cols / 32, 34 or 18), viewing
+//     the mapping without a copy (each tensor's deleter keeps the file mapped; a tensor whose bytes
+//     are not aligned for its dtype is copied).
+//   * For "llama" the q / k rows (weights and biases) are un-permuted from GGML's interleaved RoPE
+//     layout back to Hugging Face's (model/gguf.h): a copy of q and k only; block rows move whole,
+//     nothing is requantized.
+//   * Norm weights and biases are always fp32 (copied if stored as F16 / BF16).
+//   * precision kFloat32 converts every matrix to fp32 (DequantizeMatrix); kStored keeps the
+//     file's formats; kQ8_0 / kQ4_0 also return the file's formats: converting is the caller's
+//     (LlamaModel's quantized base) business.
+//   * A tied config gets lm_head = embed.
+// The pages of a source that was copied (converted or un-permuted) are released from RSS.
+// NotFound lists missing tensors; InvalidArgument names a tensor of the wrong shape, of a type
+// Seedling does not load (with the `llama-quantize --pure` hint), a 1-D tensor that is not float,
+// or tensors the architecture does not have (rope_freqs.weight is expected exactly when the config
+// has Llama 3 scaling). Internal / ResourceExhausted if LibTorch fails.
+absl::StatusOr<ModelWeights> WeightsFromGguf(const GgufFile& file, const ModelConfig& config,
+                                             WeightPrecision precision);
+
+// The tokenizer of `file`, built as llama.cpp interprets tokenizer.ggml.* (see
+// TokenizerFromVocabulary in model/tokenizer.h):
+//   model "gpt2": byte-level BPE from tokens, merges ("a b") and token_type, with the
+//     pre-tokenizer tokenizer.ggml.pre names: gpt-2, smollm, llama-bpe (llama3, llama-v3), qwen2
+//     (deepseek-r1-qwen);
+//   model "llama": SentencePiece-style BPE from tokens, scores and token_type (byte tokens
+//     "<0xXX>" give byte fallback), with tokenizer.ggml.add_space_prefix (default true).
+// Control and unknown tokens (types 3, 2) are matched in text as special tokens, user-defined ones
+// (4) as plain added tokens. add_bos_token (default true for "llama", false for "gpt2") and
+// add_eos_token decide what Encode(text, true) adds; bos / eos / unknown / padding ids come from
+// their keys.
+// InvalidArgument naming the key for another tokenizer model, an unknown or missing pre-tokenizer,
+// arrays of different lengths, a malformed merge, duplicate tokens or ids out of range.
+absl::StatusOr<std::unique_ptr<Tokenizer>> TokenizerFromGguf(const GgufFile& file);
+
+// True if `path` names a GGUF file: it ends in ".gguf", or it is a regular file starting with the
+// magic "GGUF". Never fails (an unreadable file is simply not recognized).
+bool IsGgufPath(const std::string& path);
+
+struct GgufModel {
+  ModelConfig config;
+  ModelWeights weights;  // keep the file mapped (see WeightsFromGguf)
+  std::unique_ptr<Tokenizer> tokenizer;
+};
+
+// Opens `path` and builds all three. The file is mapped copy-on-write, like LlamaModel::Load's
+// safetensors, so weights viewing it may be written in place (an adapter merge) without touching
+// the file. Errors as from GgufFile::Open and the three functions above.
+absl::StatusOr<GgufModel> LoadGgufModel(const std::string& path,
+                                        WeightPrecision precision = WeightPrecision::kFloat32);
+
+}  // namespace seedling::model

@@ -1,0 +1,68 @@
+#pragma once
+
+// tokenizer.json documents shared by the model tests.
+
+#include <nlohmann/json.hpp>
+
+#include <cstdio>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace seedling::model::testing {
+
+// A SentencePiece-style tokenizer.json as Hugging Face converts Llama 2 / TinyLlama tokenizers: "▁" (U+2581)
+// is prepended and replaces spaces, byte fallback, <s> added by the post-processor. Ids: <unk> <s> </s> are
+// 0-2, the byte tokens <0x00>..<0xFF> 3-258, then `pieces` in order, then the result of each merge ("a" + "b")
+// that is not a piece already; `merges` rank in the order given. doc["model"]["vocab"] maps tokens to ids.
+inline nlohmann::json SentencePieceStyleTokenizerJson(const std::vector<std::string>& pieces,
+                                                      const std::vector<std::pair<std::string, std::string>>& merges) {
+  using nlohmann::json;
+  const std::string meta = "\xE2\x96\x81";
+  json vocab = json::object();
+  int next = 0;
+  for (const std::string t : {"<unk>", "<s>", "</s>"}) vocab[t] = next++;
+  for (int b = 0; b < 256; ++b) {
+    char name[8];
+    std::snprintf(name, sizeof(name), "<0x%02X>", b);
+    vocab[name] = next++;
+  }
+  for (const std::string& p : pieces) vocab[p] = next++;
+  json merge_list = json::array();
+  for (const auto& [a, b] : merges) {
+    if (!vocab.contains(a + b)) vocab[a + b] = next++;
+    merge_list.push_back(a + " " + b);
+  }
+  auto added = [](int id, const std::string& content) {
+    return json{{"id", id}, {"content", content}, {"special", true}, {"normalized", false}};
+  };
+  return json{{"added_tokens", {added(0, "<unk>"), added(1, "<s>"), added(2, "</s>")}},
+              {"normalizer",
+               {{"type", "Sequence"},
+                {"normalizers",
+                 {{{"type", "Prepend"}, {"prepend", meta}},
+                  {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", meta}}}}}},
+              {"pre_tokenizer", nullptr},
+              {"post_processor",
+               {{"type", "TemplateProcessing"},
+                {"single",
+                 {{{"SpecialToken", {{"id", "<s>"}, {"type_id", 0}}}}, {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}},
+                {"pair", json::array()},
+                {"special_tokens", {{"<s>", {{"id", "<s>"}, {"ids", {1}}, {"tokens", {"<s>"}}}}}}}},
+              {"decoder",
+               {{"type", "Sequence"},
+                {"decoders",
+                 {{{"type", "Replace"}, {"pattern", {{"String", meta}}}, {"content", " "}},
+                  {{"type", "ByteFallback"}},
+                  {{"type", "Fuse"}},
+                  {{"type", "Strip"}, {"content", " "}, {"start", 1}, {"stop", 0}}}}}},
+              {"model",
+               {{"type", "BPE"},
+                {"unk_token", "<unk>"},
+                {"byte_fallback", true},
+                {"fuse_unk", true},
+                {"vocab", vocab},
+                {"merges", merge_list}}}};
+}
+
+}  // namespace seedling::model::testing
