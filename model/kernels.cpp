@@ -9,6 +9,8 @@
 #include <numbers>
 
 #include "base/check.h"
+#include "model/frozen_linear.h"
+#include "model/quant.h"
 
 namespace seedling::model {
 namespace {
@@ -16,10 +18,10 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-int64_t PickChunk(int64_t chunk_tokens, int64_t vocab) {
-  if (chunk_tokens > 0) return chunk_tokens;
-  constexpr int64_t kChunkBytes = 16 << 20;
-  return std::max<int64_t>(1, kChunkBytes / (4 * std::max<int64_t>(vocab, 1)));
+// Token chunk of the cross-entropy: all rows unless asked otherwise. Memory is bounded by the vocabulary
+// tiles, not by the chunk: a chunk holds (chunk × tile rows) logits at a time.
+int64_t PickChunk(int64_t chunk_tokens, int64_t rows) {
+  return chunk_tokens > 0 ? chunk_tokens : std::max<int64_t>(rows, 1);
 }
 
 // Rows [start, start + len) of the loss inputs; ignored targets are replaced by 0 (masked out by `valid`).
@@ -35,56 +37,122 @@ CeChunk SliceChunk(const at::Tensor& hidden, const at::Tensor& targets, int64_t 
   return {hidden.narrow(0, start, len), valid, t.masked_fill(~valid, 0)};
 }
 
-// Plain chunked loop: sum of per-row losses. Uses only differentiable standard ops, so it also serves
-// forward-mode AD; under reverse-mode autograd it would keep every chunk's logits, which is why the custom
-// function below exists.
-at::Tensor ChunkedCeLoop(const at::Tensor& hidden, const at::Tensor& weight_f, const at::Tensor& targets,
-                         int64_t chunk) {
-  const int64_t n = hidden.size(0);
-  at::Tensor total = at::zeros({}, hidden.options());
-  for (int64_t start = 0; start < n; start += chunk) {
-    const CeChunk c = SliceChunk(hidden, targets, start, std::min(chunk, n - start));
-    const at::Tensor logits = at::matmul(c.h, weight_f.t());  // (c, V)
-    const at::Tensor lse = at::logsumexp(logits, {1});        // (c)
-    const at::Tensor target_logit = logits.gather(1, c.safe_t.unsqueeze(1)).squeeze(1);  // (c)
-    total = total + ((lse - target_logit) * c.valid.to(hidden.scalar_type())).sum();
+// Which rows of a chunk have their target inside vocabulary tile [v0, v0 + n), and its column there.
+struct TileTargets {
+  at::Tensor column;   // (c, 1) int64, clamped into the tile
+  at::Tensor present;  // (c) in the logits' dtype: 1 where the target is in the tile
+};
+
+TileTargets TargetsInTile(const CeChunk& c, int64_t v0, int64_t n, at::ScalarType dtype) {
+  const at::Tensor in_tile = c.safe_t.ge(v0).logical_and(c.safe_t.lt(v0 + n));
+  return {(c.safe_t - v0).clamp(0, n - 1).unsqueeze(1), in_tile.to(dtype)};
+}
+
+// Online log-sum-exp over vocabulary tiles (Milakov & Gimelshein 2018): per row the running max m, the
+// sum of exp(z - m), and optionally the sum of exp(z - m) · dz for a tangent dz of the logits.
+struct RowStats {
+  at::Tensor max, sum, tangent_sum, target, target_tangent;  // (c) each
+
+  RowStats(int64_t c, const at::TensorOptions& options)
+      : max(at::full({c}, -std::numeric_limits<double>::infinity(), options)),
+        sum(at::zeros({c}, options)),
+        tangent_sum(at::zeros({c}, options)),
+        target(at::zeros({c}, options)),
+        target_tangent(at::zeros({c}, options)) {}
+
+  // z (c, n) logits of one tile, dz its tangent or undefined.
+  void Add(const at::Tensor& z, const at::Tensor& dz, const TileTargets& t) {
+    const at::Tensor new_max = at::maximum(max, std::get<0>(z.max(1)));
+    const at::Tensor rescale = (max - new_max).exp_();
+    const at::Tensor e = (z - new_max.unsqueeze(1)).exp_();  // (c, n)
+    sum.mul_(rescale).add_(e.sum(1));
+    target.add_(z.gather(1, t.column).squeeze(1) * t.present);
+    if (dz.defined()) {
+      tangent_sum.mul_(rescale).add_((e * dz).sum(1));
+      target_tangent.add_(dz.gather(1, t.column).squeeze(1) * t.present);
+    }
+    max = new_max;
   }
-  return total;
+  at::Tensor LogSumExp() const { return max + sum.log(); }
+};
+
+// Forward of the loss sum (and, with a tangent, its directional derivative) over token chunks and
+// vocabulary tiles. `lse_out`, when given, receives each row's log-sum-exp (N) for the backward.
+std::pair<at::Tensor, at::Tensor> ChunkedCeForward(const at::Tensor& hidden, const at::Tensor& tangent,
+                                                   const at::Tensor& weight, const at::Tensor& targets,
+                                                   int64_t chunk, at::Tensor* lse_out) {
+  WeightTiles tiles(weight);
+  const int64_t n_rows = hidden.size(0);
+  at::Tensor loss = at::zeros({}, hidden.options());
+  at::Tensor derivative = at::zeros({}, hidden.options());
+  if (lse_out != nullptr) *lse_out = at::empty({n_rows}, hidden.options());
+  for (int64_t start = 0; start < n_rows; start += chunk) {
+    const int64_t len = std::min(chunk, n_rows - start);
+    const CeChunk c = SliceChunk(hidden, targets, start, len);
+    // Primal and tangent rows share each tile's multiply.
+    const at::Tensor rows = tangent.defined() ? at::cat({c.h, tangent.narrow(0, start, len)}, 0) : c.h;
+    RowStats stats(len, hidden.options());
+    for (int64_t v0 = 0; v0 < tiles.rows(); v0 += tiles.tile_rows()) {
+      const int64_t n = std::min(tiles.tile_rows(), tiles.rows() - v0);
+      const at::Tensor z = at::mm(rows, tiles.Tile(v0, n).t());  // (c or 2c, n)
+      const TileTargets t = TargetsInTile(c, v0, n, z.scalar_type());
+      if (tangent.defined()) {
+        stats.Add(z.narrow(0, 0, len), z.narrow(0, len, len), t);
+      } else {
+        stats.Add(z, at::Tensor(), t);
+      }
+    }
+    const at::Tensor valid = c.valid.to(hidden.scalar_type());
+    const at::Tensor lse = stats.LogSumExp();
+    loss = loss + ((lse - stats.target) * valid).sum();
+    if (tangent.defined()) derivative = derivative + ((stats.tangent_sum / stats.sum - stats.target_tangent) * valid).sum();
+    if (lse_out != nullptr) lse_out->narrow(0, start, len).copy_(lse);
+  }
+  return {loss, derivative};
 }
 
 struct ChunkedCeFunction : public torch::autograd::Function<ChunkedCeFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& hidden, const at::Tensor& weight,
                             const at::Tensor& targets, int64_t chunk) {
-    ctx->save_for_backward({hidden, weight, targets});
+    at::Tensor lse;
+    at::Tensor loss = ChunkedCeForward(hidden, at::Tensor(), weight, targets, chunk, &lse).first;
+    ctx->save_for_backward({hidden, weight, targets, lse});
     ctx->saved_data["chunk"] = chunk;
-    return ChunkedCeLoop(hidden, AsCompute(weight), targets, chunk);
+    return loss;
   }
 
-  // d loss / d logits = softmax(logits) - onehot(target), zero for ignored rows; recomputed per chunk.
+  // d loss / d logits = softmax(logits) - onehot(target), zero for ignored rows; each tile's logits are
+  // recomputed and turned into their gradient in place.
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor& hidden = saved[0];
     const at::Tensor& weight = saved[1];
     const at::Tensor& targets = saved[2];
+    const at::Tensor& lse = saved[3];
     const int64_t chunk = ctx->saved_data["chunk"].toInt();
     const at::Tensor g = grad_outputs[0];  // scalar
     const bool need_h = ctx->needs_input_grad(0);
     const bool need_w = ctx->needs_input_grad(1);
-    const at::Tensor weight_f = AsCompute(weight);
-    at::Tensor grad_h = need_h ? at::empty_like(hidden) : at::Tensor();
-    at::Tensor grad_w = need_w ? at::zeros_like(weight_f) : at::Tensor();
-    const int64_t n = hidden.size(0);
-    for (int64_t start = 0; start < n; start += chunk) {
-      const int64_t len = std::min(chunk, n - start);
+    WeightTiles tiles(weight);
+    at::Tensor grad_h = need_h ? at::zeros_like(hidden) : at::Tensor();
+    at::Tensor grad_w = need_w ? at::zeros(LogicalShape(weight), hidden.options()) : at::Tensor();
+    const int64_t n_rows = hidden.size(0);
+    for (int64_t start = 0; start < n_rows; start += chunk) {
+      const int64_t len = std::min(chunk, n_rows - start);
       const CeChunk c = SliceChunk(hidden, targets, start, len);
-      at::Tensor p = at::matmul(c.h, weight_f.t());  // (c, V) logits
-      const at::Tensor lse = at::logsumexp(p, {1}, /*keepdim=*/true);
-      p.sub_(lse).exp_();                            // softmax, in place
-      const at::Tensor row_scale = c.valid.to(p.scalar_type()) * g;  // (c)
-      p.scatter_add_(1, c.safe_t.unsqueeze(1), -at::ones({len, 1}, p.options()));
-      p.mul_(row_scale.unsqueeze(1));
-      if (need_h) grad_h.narrow(0, start, len).copy_(at::matmul(p, weight_f));  // (c, H)
-      if (need_w) grad_w.addmm_(p.t(), c.h);                                      // (V, H)
+      const at::Tensor row_lse = lse.narrow(0, start, len).unsqueeze(1);          // (c, 1)
+      const at::Tensor row_scale = (c.valid.to(hidden.scalar_type()) * g).unsqueeze(1);  // (c, 1)
+      for (int64_t v0 = 0; v0 < tiles.rows(); v0 += tiles.tile_rows()) {
+        const int64_t n = std::min(tiles.tile_rows(), tiles.rows() - v0);
+        const at::Tensor tile = tiles.Tile(v0, n);
+        at::Tensor p = at::mm(c.h, tile.t());  // (c, n) logits
+        p.sub_(row_lse).exp_();                // softmax, in place
+        const TileTargets t = TargetsInTile(c, v0, n, p.scalar_type());
+        p.scatter_add_(1, t.column, -t.present.unsqueeze(1));
+        p.mul_(row_scale);
+        if (need_h) grad_h.narrow(0, start, len).addmm_(p, tile);  // (c, H)
+        if (need_w) grad_w.narrow(0, v0, n).addmm_(p.t(), c.h);     // (n, H)
+      }
     }
     if (need_w && grad_w.scalar_type() != weight.scalar_type()) grad_w = grad_w.to(weight.scalar_type());
     return {grad_h, grad_w, at::Tensor(), at::Tensor()};
@@ -147,13 +215,13 @@ class CheckpointNode : public torch::autograd::Node {
 
 at::Tensor ChunkedCrossEntropy(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
                                int64_t chunk_tokens) {
-  SEEDLING_CHECK(hidden.dim() == 2 && weight.dim() == 2 && targets.dim() == 1);
-  SEEDLING_CHECK(hidden.size(0) == targets.size(0) && hidden.size(1) == weight.size(1));
-  const int64_t chunk = PickChunk(chunk_tokens, weight.size(0));
+  SEEDLING_CHECK(hidden.dim() == 2 && targets.dim() == 1);
+  SEEDLING_CHECK(hidden.size(0) == targets.size(0) && hidden.size(1) == LogicalShape(weight)[1]);
+  const int64_t chunk = PickChunk(chunk_tokens, hidden.size(0));
   const bool needs_autograd =
       at::GradMode::is_enabled() && (hidden.requires_grad() || weight.requires_grad());
   if (needs_autograd) return ChunkedCeFunction::apply(hidden, weight, targets, chunk);
-  return ChunkedCeLoop(hidden, AsCompute(weight), targets, chunk);
+  return ChunkedCeForward(hidden, at::Tensor(), weight, targets, chunk, nullptr).first;
 }
 
 std::pair<at::Tensor, at::Tensor> ChunkedCrossEntropyJvp(const at::Tensor& hidden, const at::Tensor& hidden_tangent,
@@ -161,25 +229,7 @@ std::pair<at::Tensor, at::Tensor> ChunkedCrossEntropyJvp(const at::Tensor& hidde
                                                          int64_t chunk_tokens) {
   SEEDLING_CHECK(hidden.sizes() == hidden_tangent.sizes() && hidden.dim() == 2 && targets.dim() == 1);
   at::NoGradGuard no_grad;
-  const int64_t chunk = PickChunk(chunk_tokens, weight.size(0));
-  const at::Tensor weight_f = AsCompute(weight);
-  const int64_t n = hidden.size(0);
-  at::Tensor loss = at::zeros({}, hidden.options());
-  at::Tensor derivative = at::zeros({}, hidden.options());
-  for (int64_t start = 0; start < n; start += chunk) {
-    const int64_t len = std::min(chunk, n - start);
-    const CeChunk c = SliceChunk(hidden, targets, start, len);
-    const at::Tensor dh = hidden_tangent.narrow(0, start, len);
-    const at::Tensor z = at::matmul(c.h, weight_f.t());   // (c, V)
-    const at::Tensor dz = at::matmul(dh, weight_f.t());   // (c, V)
-    const at::Tensor lse = at::logsumexp(z, {1}, /*keepdim=*/true);
-    const at::Tensor valid = c.valid.to(hidden.scalar_type());
-    const at::Tensor index = c.safe_t.unsqueeze(1);
-    loss = loss + ((lse.squeeze(1) - z.gather(1, index).squeeze(1)) * valid).sum();
-    const at::Tensor p = (z - lse).exp_();                // softmax, reusing the subtraction's buffer
-    derivative = derivative + (((p * dz).sum(1) - dz.gather(1, index).squeeze(1)) * valid).sum();
-  }
-  return {loss, derivative};
+  return ChunkedCeForward(hidden, hidden_tangent, weight, targets, PickChunk(chunk_tokens, hidden.size(0)), nullptr);
 }
 
 at::Tensor Checkpoint(std::function<at::Tensor(const at::Tensor&)> fn, const at::Tensor& x,

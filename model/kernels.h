@@ -24,19 +24,22 @@ namespace seedling::model {
 inline constexpr int64_t kIgnoreIndex = -100;
 
 // Sum over rows n with targets[n] != kIgnoreIndex of -log softmax(hidden[n] · weightᵀ)[targets[n]].
-//   hidden  (N, H) fp32; weight (V, H) fp32, bf16 or f16 (upcast per chunk); targets (N) int64.
-// Never materializes more than (chunk_tokens × V) logits, in forward or backward. Differentiable w.r.t.
-// hidden and weight through a custom autograd function when grad mode is on and either requires grad;
-// otherwise a plain chunked loop (which also works with forward-mode AD dual tensors).
-// chunk_tokens <= 0 picks a chunk of about 16 MiB of logits.
+//   hidden  (N, H) fp32 (or fp64 with an fp64 weight); weight logical (V, H) in any weight format
+//   (model/quant.h); targets (N) int64.
+// The logits never exist whole: the vocabulary is walked in tiles of the LM head (model/frozen_linear.h,
+// about 2 MiB of decoded weights each) with an online log-sum-exp, for `chunk_tokens` rows at a time
+// (<= 0: all rows), so at most (chunk × tile rows) logits exist, in forward and backward. Differentiable
+// w.r.t. hidden (and an fp32 weight that requires grad) through a custom autograd function that keeps
+// only each row's log-sum-exp and recomputes the tiles' logits in backward.
 at::Tensor ChunkedCrossEntropy(const at::Tensor& hidden, const at::Tensor& weight,
                                const at::Tensor& targets, int64_t chunk_tokens = 0);
 
 // The chunked cross-entropy sum (as above) and its directional derivative along a tangent of the hidden
-// states, computed by hand per chunk: with z = h Wᵀ and dz = dh Wᵀ, d(lse(z) − z_t) = Σ_v softmax(z)_v dz_v
-// − dz_t. Used by forward-gradient methods instead of LibTorch's forward-mode AD through the LM head, whose
-// matmul formula materializes a zero tangent the size of the (vocab × hidden) weight. No autograd.
-//   hidden and hidden_tangent (N, H); weight (V, H); targets (N). Returns {loss sum, derivative sum}.
+// states, computed by hand per vocabulary tile with an online log-sum-exp: with z = h Wᵀ and dz = dh Wᵀ,
+// d(lse(z) − z_t) = Σ_v softmax(z)_v dz_v − dz_t. Used by forward-gradient methods instead of LibTorch's
+// forward-mode AD through the LM head. Primal and tangent rows share each tile's multiply. No autograd.
+//   hidden and hidden_tangent (N, H); weight logical (V, H), any format; targets (N). Returns {loss sum,
+//   derivative sum}.
 std::pair<at::Tensor, at::Tensor> ChunkedCrossEntropyJvp(const at::Tensor& hidden, const at::Tensor& hidden_tangent,
                                                          const at::Tensor& weight, const at::Tensor& targets,
                                                          int64_t chunk_tokens = 0);

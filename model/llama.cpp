@@ -5,6 +5,10 @@
 #include "base/check.h"
 #include "base/status.h"
 #include "base/strings.h"
+#include "model/frozen_linear.h"
+#include "model/gguf_model.h"
+#include "model/quant.h"
+#include "model/weight_cache.h"
 #include "model/torch_status.h"
 
 namespace seedling::model {
@@ -56,11 +60,45 @@ int64_t KvCache::bytes() const {
 LlamaModel::LlamaModel(ModelConfig config, ModelWeights weights)
     : config_(std::move(config)), weights_(std::move(weights)), inv_freq_(RopeInverseFrequencies(config_)) {}
 
+namespace {
+
+bool IsQuantizedPrecision(WeightPrecision p) { return p == WeightPrecision::kQ8_0 || p == WeightPrecision::kQ4_0; }
+
+WeightFormat BlockFormat(WeightPrecision p) {
+  return p == WeightPrecision::kQ8_0 ? WeightFormat::kQ8_0 : WeightFormat::kQ4_0;
+}
+
+absl::StatusOr<ModelWeights> LoadGgufWeights(const std::string& path, const ModelConfig& config,
+                                             const LoadOptions& options) {
+  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<GgufFile> file, GgufFile::Open(path, MappedFile::Mode::kCopyOnWrite));
+  SEEDLING_ASSIGN_OR_RETURN(ModelWeights weights, WeightsFromGguf(*file, config, options.precision));
+  if (IsQuantizedPrecision(options.precision)) {
+    SEEDLING_RETURN_IF_ERROR(QuantizeMatrices(weights, config, BlockFormat(options.precision)));
+  }
+  return weights;
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& dir,
                                                              const LoadOptions& options) {
   SEEDLING_ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(dir));
-  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsCollection> files,
-                            SafetensorsCollection::Open(dir, MappedFile::Mode::kCopyOnWrite));
+  if (IsGgufPath(dir)) {
+    auto weights = CatchTorch("loading weights", [&] { return LoadGgufWeights(dir, config, options); });
+    if (!weights.ok()) return Annotate(weights.status(), dir);
+    return Create(std::move(config), std::move(weights).value());
+  }
+  const bool quantized = IsQuantizedPrecision(options.precision);
+  SEEDLING_ASSIGN_OR_RETURN(
+      std::unique_ptr<SafetensorsCollection> files,
+      SafetensorsCollection::Open(dir, quantized ? MappedFile::Mode::kReadOnly : MappedFile::Mode::kCopyOnWrite));
+  if (quantized) {
+    // The matrices come from the weight cache; the source is read only to (re)build it.
+    WeightCacheOptions cache_options{options.cache_dir, options.cache_progress};
+    SEEDLING_ASSIGN_OR_RETURN(WeightCache cache,
+                              OpenWeightCache(*files, dir, config, BlockFormat(options.precision), cache_options));
+    files = std::move(cache.files);
+  }
   auto weights = CatchTorch("loading weights", [&] { return LoadWeights(*files, config, options); });
   if (!weights.ok()) return Annotate(weights.status(), dir);
   return Create(std::move(config), std::move(weights).value());
@@ -79,9 +117,9 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Create(ModelConfig confi
   for (size_t i = 0; i < named.size(); ++i) {
     const at::Tensor& t = named[i].tensor;
     if (!t.defined()) return absl::InvalidArgumentError(StrCat("weight '", named[i].name, "' is missing"));
-    if (t.sizes().vec() != expected[i].second) {
+    if (LogicalShape(t) != expected[i].second) {
       return absl::InvalidArgumentError(StrCat("weight '", named[i].name, "' has shape ",
-                                               ShapeString(t.sizes()), ", config implies ",
+                                               ShapeString(LogicalShape(t)), ", config implies ",
                                                ShapeString(expected[i].second)));
     }
   }
@@ -108,21 +146,37 @@ absl::Status LlamaModel::ValidateTokens(const at::Tensor& tokens) const {
 }
 
 at::Tensor LlamaModel::Embed(const at::Tensor& tokens) const {
-  return AsCompute(at::embedding(weights_.embed, tokens));  // (B, T, H)
+  return FrozenEmbedding(weights_.embed, tokens);  // (B, T, H)
 }
 
 at::Tensor LlamaModel::Project(int64_t layer, Projection p, const at::Tensor& x, const at::Tensor& w,
                                const at::Tensor& b, const ForwardOptions& options) const {
-  at::Tensor y = at::linear(x, AsCompute(w), b.defined() ? c10::optional<at::Tensor>(AsCompute(b)) : c10::nullopt);
+  at::Tensor y = FrozenLinear(x, w, b, options.forward_level);
   if (options.adapter != nullptr) y = options.adapter->Apply(layer, p, x, y);
   return y;
 }
 
 at::Tensor LlamaModel::Mlp(int64_t layer, const at::Tensor& x, const ForwardOptions& options) const {
+  const int64_t rows = x.numel() / x.size(-1);
+  const int64_t chunk = options.mlp_chunk_tokens;
+  if (chunk <= 0 || rows <= chunk || at::GradMode::is_enabled() || options.forward_level >= 0) {
+    return MlpRows(layer, x, options);
+  }
+  // Without autograd, a chunk of tokens at a time: the (tokens × intermediate) transients stay small.
+  const at::Tensor flat = x.reshape({rows, x.size(-1)});  // (N, H)
+  at::Tensor out = at::empty_like(flat);
+  for (int64_t start = 0; start < rows; start += chunk) {
+    const int64_t len = std::min(chunk, rows - start);
+    out.narrow(0, start, len).copy_(MlpRows(layer, flat.narrow(0, start, len), options));
+  }
+  return out.view(x.sizes());
+}
+
+at::Tensor LlamaModel::MlpRows(int64_t layer, const at::Tensor& x, const ForwardOptions& options) const {
   const LayerWeights& w = weights_.layers[static_cast<size_t>(layer)];
-  const at::Tensor gate = Project(layer, Projection::kGate, x, w.gate, w.gate_bias, options);  // (B, T, I)
-  const at::Tensor up = Project(layer, Projection::kUp, x, w.up, w.up_bias, options);          // (B, T, I)
-  return Project(layer, Projection::kDown, at::silu(gate) * up, w.down, w.down_bias, options);  // (B, T, H)
+  const at::Tensor gate = Project(layer, Projection::kGate, x, w.gate, w.gate_bias, options);  // (..., I)
+  const at::Tensor up = Project(layer, Projection::kUp, x, w.up, w.up_bias, options);          // (..., I)
+  return Project(layer, Projection::kDown, at::silu(gate) * up, w.down, w.down_bias, options);  // (..., H)
 }
 
 at::Tensor LlamaModel::DecoderLayer(int64_t layer, const at::Tensor& x, const RopeTables& rope,
@@ -195,7 +249,7 @@ absl::StatusOr<at::Tensor> LlamaModel::Hidden(const at::Tensor& tokens, const Fo
 }
 
 at::Tensor LlamaModel::LmHead(const at::Tensor& hidden) const {
-  return at::matmul(hidden, AsCompute(weights_.lm_head).t());
+  return FrozenLinear(hidden, weights_.lm_head, at::Tensor());
 }
 
 absl::StatusOr<at::Tensor> LlamaModel::Logits(const at::Tensor& tokens, const ForwardOptions& options) const {
@@ -221,7 +275,9 @@ absl::StatusOr<LlamaModel::LossJvp> LlamaModel::LossDirectionalDerivative(const 
                                                                           const ForwardOptions& options,
                                                                           uint64_t level) const {
   SEEDLING_RETURN_IF_ERROR(ValidateLabels(tokens, labels));
-  SEEDLING_ASSIGN_OR_RETURN(at::Tensor hidden, Hidden(tokens, options));
+  ForwardOptions dual_options = options;
+  dual_options.forward_level = static_cast<int64_t>(level);
+  SEEDLING_ASSIGN_OR_RETURN(at::Tensor hidden, Hidden(tokens, dual_options));
   return CatchTorch("loss derivative", [&] {
     const int64_t b = tokens.size(0), t = tokens.size(1), h = config_.hidden_size;
     LossJvp out;

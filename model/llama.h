@@ -48,7 +48,13 @@ class ProjectionAdapter {
 struct ForwardOptions {
   const ProjectionAdapter* adapter = nullptr;  // borrowed; null = base model only
   bool recompute = false;  // per-layer activation checkpointing (matters only when autograd records)
-  int64_t ce_chunk_tokens = 0;  // chunk of the cross-entropy in tokens; 0 = about 16 MiB of logits
+  int64_t ce_chunk_tokens = 0;  // rows of the cross-entropy per chunk; 0 = all (memory is bounded by tiles)
+  // Forward-mode AD level whose tangents the frozen projections propagate (model/frozen_linear.h); -1 =
+  // none. LossDirectionalDerivative sets it.
+  int64_t forward_level = -1;
+  // Without autograd (inference, zeroth-order probes), run the MLP over chunks of this many tokens so its
+  // (tokens × intermediate) transients stay small; 0 = all tokens at once (fastest).
+  int64_t mlp_chunk_tokens = 0;
 };
 
 // Keys and values of past positions, for ForwardCached. Preallocated to `max_length` positions.
@@ -136,6 +142,7 @@ class LlamaModel {
   at::Tensor Project(int64_t layer, Projection p, const at::Tensor& x, const at::Tensor& w,
                      const at::Tensor& b, const ForwardOptions& options) const;
   at::Tensor Mlp(int64_t layer, const at::Tensor& x, const ForwardOptions& options) const;
+  at::Tensor MlpRows(int64_t layer, const at::Tensor& x, const ForwardOptions& options) const;
   // With a cache, writes this step's keys/values at [q_start, q_start + T) and attends over [0, q_start + T).
   at::Tensor DecoderLayerImpl(int64_t layer, const at::Tensor& x, const RopeTables& rope,
                               const ForwardOptions& options, KvCache* cache, int64_t q_start) const;

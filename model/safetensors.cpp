@@ -11,6 +11,8 @@
 #include <utility>
 
 #include "base/check.h"
+#include "base/file.h"
+#include "base/sha256.h"
 #include "base/status.h"
 #include "base/strings.h"
 
@@ -462,6 +464,8 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
     view.file = file;
     result->tensors_.emplace(std::move(entry.name), std::move(view));
   }
+  result->header_ = std::string_view(header_begin, header_bytes);
+  result->data_section_ = std::span<const uint8_t>(data, size - data_offset);
   result->file_ = std::move(file);
   return result;
 }
@@ -515,6 +519,12 @@ const TensorView* SafetensorsCollection::Find(std::string_view name) const {
   return it == index_.end() ? nullptr : it->second;
 }
 
+std::vector<const SafetensorsFile*> SafetensorsCollection::files() const {
+  std::vector<const SafetensorsFile*> out;
+  for (const auto& f : files_) out.push_back(f.get());
+  return out;
+}
+
 std::vector<std::string> SafetensorsCollection::names() const {
   std::vector<std::string> names;
   names.reserve(index_.size());
@@ -522,17 +532,17 @@ std::vector<std::string> SafetensorsCollection::names() const {
   return names;
 }
 
-absl::Status WriteSafetensors(const std::string& path, std::span<const TensorToWrite> tensors,
-                              const std::map<std::string, std::string>& metadata) {
-  auto bad = [&](std::string_view message) {
-    return Error(absl::StatusCode::kInvalidArgument,
-                 StrCat("cannot write safetensors file '", path, "': ", message));
-  };
+namespace {
 
-  // Validate everything and build the header before creating any file, so a bad call leaves nothing
-  // behind. The header is built by hand, in the given order, in the compact form Hugging Face's
-  // library writes:
-  // {"__metadata__":{...},"name":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},...}.
+// The header, laid out in the given order in the compact form Hugging Face's library writes:
+// {"__metadata__":{...},"name":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},...}, padded with spaces
+// to kHeaderAlignment. Validates every spec first, so a bad call leaves nothing behind.
+absl::StatusOr<std::string> BuildHeader(const std::string& path, std::span<const TensorSpec> specs,
+                                        const std::map<std::string, std::string>& metadata,
+                                        std::vector<uint64_t>& sizes) {
+  auto bad = [&](std::string_view message) {
+    return Error(absl::StatusCode::kInvalidArgument, StrCat("cannot write safetensors file '", path, "': ", message));
+  };
   std::string header = "{";
   std::set<std::string_view> seen;
   uint64_t offset = 0;
@@ -541,26 +551,21 @@ absl::Status WriteSafetensors(const std::string& path, std::span<const TensorToW
       // nlohmann::json objects are std::maps, so the keys come out sorted, like `metadata`.
       header += StrCat("\"", kMetadataKey, "\":", Json(metadata).dump());
     }
-    for (const TensorToWrite& t : tensors) {
+    for (const TensorSpec& t : specs) {
       if (t.name.empty()) return bad("a tensor has an empty name");
-      if (t.name == kMetadataKey)
-        return bad(StrCat("a tensor cannot be named '", kMetadataKey, "'"));
+      if (t.name == kMetadataKey) return bad(StrCat("a tensor cannot be named '", kMetadataKey, "'"));
       if (!seen.insert(t.name).second) return bad(StrCat("duplicate tensor name '", t.name, "'"));
       std::optional<uint64_t> bytes = CheckedByteSize(t.shape, t.dtype);
       if (!bytes) {
-        return bad(StrCat("tensor '", t.name, "': shape ", ShapeString(t.shape),
-                          " has a negative dimension or overflows"));
-      }
-      if (t.data.size() != *bytes) {
-        return bad(StrCat("tensor '", t.name, "' has ", t.data.size(), " bytes, but dtype ",
-                          DTypeName(t.dtype), " shape ", ShapeString(t.shape), " needs ", *bytes));
+        return bad(StrCat("tensor '", t.name, "': shape ", ShapeString(t.shape), " has a negative dimension or overflows"));
       }
       uint64_t end = 0;
       if (__builtin_add_overflow(offset, *bytes, &end)) return bad("total size overflows 64 bits");
-      header += StrCat(header.size() > 1 ? "," : "", Json(t.name).dump(), ":{\"dtype\":\"",
-                       DTypeName(t.dtype), "\",\"shape\":[");
+      header += StrCat(header.size() > 1 ? "," : "", Json(t.name).dump(), ":{\"dtype\":\"", DTypeName(t.dtype),
+                       "\",\"shape\":[");
       for (size_t i = 0; i < t.shape.size(); ++i) header += StrCat(i ? "," : "", t.shape[i]);
       header += StrCat("],\"data_offsets\":[", offset, ",", end, "]}");
+      sizes.push_back(*bytes);
       offset = end;
     }
   } catch (const Json::exception& e) {
@@ -572,21 +577,57 @@ absl::Status WriteSafetensors(const std::string& path, std::span<const TensorToW
   if (header.size() > kMaxHeaderBytes) {
     return bad(StrCat("header of ", header.size(), " bytes exceeds the 100 MiB limit of readers"));
   }
+  return header;
+}
 
-  char length[kHeaderLengthBytes];
-  for (uint64_t i = 0; i < kHeaderLengthBytes; ++i) {
-    length[i] = static_cast<char>((uint64_t{header.size()} >> (8 * i)) & 0xff);
-  }
-  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<AtomicFileWriter> writer,
-                            AtomicFileWriter::Create(path));
-  SEEDLING_RETURN_IF_ERROR(writer->Append(std::string_view(length, kHeaderLengthBytes)));
+std::string LengthPrefix(uint64_t n) {
+  std::string length(kHeaderLengthBytes, '\0');
+  for (uint64_t i = 0; i < kHeaderLengthBytes; ++i) length[i] = static_cast<char>((n >> (8 * i)) & 0xff);
+  return length;
+}
+
+}  // namespace
+
+absl::Status WriteSafetensorsStreamed(const std::string& path, std::span<const TensorSpec> specs,
+                                      const TensorProducer& produce,
+                                      const std::map<std::string, std::string>& metadata,
+                                      const std::string& digest_key) {
+  std::map<std::string, std::string> meta = metadata;
+  // A placeholder of the digest's exact length, found again by its unique pattern.
+  const std::string placeholder(64, '#');
+  if (!digest_key.empty()) meta[digest_key] = placeholder;
+  std::vector<uint64_t> sizes;
+  SEEDLING_ASSIGN_OR_RETURN(std::string header, BuildHeader(path, specs, meta, sizes));
+  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<AtomicFileWriter> writer, AtomicFileWriter::Create(path));
+  SEEDLING_RETURN_IF_ERROR(writer->Append(LengthPrefix(header.size())));
   SEEDLING_RETURN_IF_ERROR(writer->Append(header));
-  for (const TensorToWrite& t : tensors) {
-    if (t.data.empty()) continue;
-    SEEDLING_RETURN_IF_ERROR(writer->Append(
-        std::string_view(reinterpret_cast<const char*>(t.data.data()), t.data.size())));
+  Sha256Hasher hasher;
+  for (size_t i = 0; i < specs.size(); ++i) {
+    SEEDLING_ASSIGN_OR_RETURN(std::span<const uint8_t> bytes, produce(i));
+    if (bytes.size() != sizes[i]) {
+      return absl::InvalidArgumentError(StrCat("cannot write safetensors file '", path, "': tensor '", specs[i].name,
+                                               "' has ", bytes.size(), " bytes, but dtype ", DTypeName(specs[i].dtype), " shape ",
+                                               ShapeString(specs[i].shape), " needs ", sizes[i]));
+    }
+    const std::string_view view(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+    if (!digest_key.empty()) hasher.Update(view);
+    SEEDLING_RETURN_IF_ERROR(writer->Append(view));
+  }
+  if (!digest_key.empty()) {
+    const size_t at = header.find(placeholder);
+    SEEDLING_CHECK(at != std::string::npos);
+    SEEDLING_RETURN_IF_ERROR(writer->WriteAt(kHeaderLengthBytes + at, HexOf(hasher.Finish())));
   }
   return writer->Commit();
+}
+
+absl::Status WriteSafetensors(const std::string& path, std::span<const TensorToWrite> tensors,
+                              const std::map<std::string, std::string>& metadata) {
+  std::vector<TensorSpec> specs;
+  specs.reserve(tensors.size());
+  for (const TensorToWrite& t : tensors) specs.push_back({t.name, t.dtype, t.shape});
+  return WriteSafetensorsStreamed(
+      path, specs, [&](size_t i) -> absl::StatusOr<std::span<const uint8_t>> { return tensors[i].data; }, metadata);
 }
 
 }  // namespace seedling::model

@@ -11,6 +11,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <span>
@@ -60,11 +61,19 @@ class SafetensorsFile {
   // The optional "__metadata__" string map.
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   const std::string& path() const { return file_->path(); }
+  uint64_t file_size() const { return file_->size(); }
+  // The header's JSON bytes and the data section, inside the mapping.
+  std::string_view header() const { return header_; }
+  std::span<const uint8_t> data_section() const { return data_section_; }
+  // Drops the resident pages of `bytes` (inside this file's mapping) from RSS (MappedFile::Release).
+  void Release(std::span<const uint8_t> bytes) const { file_->Release(bytes.data(), bytes.size()); }
 
  private:
   SafetensorsFile() = default;
 
   std::shared_ptr<MappedFile> file_;
+  std::string_view header_;
+  std::span<const uint8_t> data_section_;
   std::map<std::string, TensorView> tensors_;
   std::map<std::string, std::string> metadata_;
 };
@@ -81,6 +90,8 @@ class SafetensorsCollection {
   const TensorView* Find(std::string_view name) const;
   // All tensor names, sorted.
   std::vector<std::string> names() const;
+  // The files, sorted by name (one for a single-file model).
+  std::vector<const SafetensorsFile*> files() const;
   size_t size() const { return index_.size(); }
 
  private:
@@ -97,6 +108,26 @@ struct TensorToWrite {
   std::vector<int64_t> shape;
   std::span<const uint8_t> data;
 };
+
+// The layout of a tensor whose bytes are produced while the file is written (WriteSafetensorsStreamed).
+struct TensorSpec {
+  std::string name;
+  DType dtype = DType::kF32;
+  std::vector<int64_t> shape;
+};
+
+// Produces tensor i's bytes (exactly dtype × shape of them), valid until the next call; an error aborts
+// the write.
+using TensorProducer = std::function<absl::StatusOr<std::span<const uint8_t>>(size_t index)>;
+
+// Like WriteSafetensors, but each tensor's bytes are asked for when it is written, so only one tensor's
+// bytes need exist at a time (e.g. a model quantized tensor by tensor). With `digest_key`, metadata[digest_key]
+// is set to the lower-case hex SHA-256 of the data section (every tensor's bytes, in order): written as a
+// placeholder first and filled in once the data is known. Nothing is left at `path` on error.
+absl::Status WriteSafetensorsStreamed(const std::string& path, std::span<const TensorSpec> specs,
+                                      const TensorProducer& produce,
+                                      const std::map<std::string, std::string>& metadata = {},
+                                      const std::string& digest_key = "");
 
 // Writes a .safetensors file atomically (temp file, fsync, rename), streaming the tensors without copying
 // them into one buffer. Tensors are laid out in the order given, contiguous from offset 0; the header is

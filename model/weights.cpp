@@ -2,6 +2,9 @@
 
 #include <cmath>
 #include <cstring>
+#include <functional>
+#include <map>
+#include <numeric>
 #include <set>
 #include <span>
 
@@ -9,6 +12,8 @@
 #include "base/philox.h"
 #include "base/status.h"
 #include "base/strings.h"
+#include "model/gguf_model.h"
+#include "model/quant.h"
 
 namespace seedling::model {
 namespace {
@@ -61,12 +66,15 @@ at::ScalarType TorchType(DType d) {
       return at::kHalf;
     case DType::kBF16:
       return at::kBFloat16;
+    case DType::kU8:
+      return at::kByte;  // GGUF blocks in a weight cache
     default:
-      return at::kFloat;  // unreachable: callers accept only float dtypes
+      return at::kFloat;  // unreachable: callers accept only float dtypes and U8 blocks
   }
 }
 
-// A tensor over the mapped bytes (no copy when aligned); the deleter keeps the mapping alive.
+}  // namespace
+
 at::Tensor TensorFromView(const TensorView& view) {
   const at::ScalarType type = TorchType(view.dtype);
   const size_t elem = DTypeSize(view.dtype);
@@ -81,7 +89,28 @@ at::Tensor TensorFromView(const TensorView& view) {
       data, view.shape, [keep](void*) mutable { keep.reset(); }, at::TensorOptions().dtype(type));
 }
 
-}  // namespace
+const char* WeightPrecisionName(WeightPrecision precision) {
+  switch (precision) {
+    case WeightPrecision::kFloat32:
+      return "fp32";
+    case WeightPrecision::kStored:
+      return "stored";
+    case WeightPrecision::kQ8_0:
+      return "q8_0";
+    case WeightPrecision::kQ4_0:
+      return "q4_0";
+  }
+  return "?";
+}
+
+absl::StatusOr<WeightPrecision> ParseWeightPrecision(std::string_view name) {
+  for (WeightPrecision p : {WeightPrecision::kFloat32, WeightPrecision::kStored, WeightPrecision::kQ8_0,
+                            WeightPrecision::kQ4_0}) {
+    if (name == WeightPrecisionName(p)) return p;
+  }
+  return absl::InvalidArgumentError(
+      StrCat("weights must be fp32, stored, q8_0 or q4_0, got '", name, "'"));
+}
 
 std::vector<NamedWeight> NamedWeights(const ModelWeights& weights, const ModelConfig& config) {
   std::vector<NamedWeight> out;
@@ -107,6 +136,8 @@ std::vector<std::pair<std::string, std::vector<int64_t>>> ExpectedTensors(const 
 
 absl::StatusOr<ModelWeights> LoadWeights(const SafetensorsCollection& files, const ModelConfig& config,
                                          const LoadOptions& options) {
+  // q8_0 / q4_0 read a weight cache (model/weight_cache.h), whose matrices are U8 GGUF blocks.
+  const bool cached = options.precision == WeightPrecision::kQ8_0 || options.precision == WeightPrecision::kQ4_0;
   ModelWeights w;
   std::vector<std::string> missing;
   absl::Status error;
@@ -120,21 +151,28 @@ absl::StatusOr<ModelWeights> LoadWeights(const SafetensorsCollection& files, con
                     return;
                   }
                   used.insert(name);
+                  const bool blocks = cached && view->dtype == DType::kU8 && kind != Kind::kNorm &&
+                                      kind != Kind::kBias;
                   if (view->dtype != DType::kF32 && view->dtype != DType::kF16 &&
-                      view->dtype != DType::kBF16) {
+                      view->dtype != DType::kBF16 && !blocks) {
                     error = absl::InvalidArgumentError(StrCat("tensor '", name, "' has dtype ",
                                                               DTypeName(view->dtype),
                                                               "; expected F32, F16 or BF16"));
                     return;
                   }
-                  if (view->shape != shape) {
+                  const std::vector<int64_t> stored_shape =
+                      blocks && view->shape.size() == 3 ? std::vector<int64_t>{view->shape[0], view->shape[1] * kQuantBlock}
+                                                        : view->shape;
+                  if (stored_shape != shape || (blocks && view->shape.size() != 3) ||
+                      (blocks && view->shape[2] != BlockBytes(WeightFormat::kQ8_0) &&
+                       view->shape[2] != BlockBytes(WeightFormat::kQ4_0))) {
                     error = absl::InvalidArgumentError(
                         StrCat("tensor '", name, "' has shape ", ShapeString(view->shape),
                                ", config implies ", ShapeString(shape)));
                     return;
                   }
                   at::Tensor t = TensorFromView(*view);
-                  const bool keep_stored = options.precision == WeightPrecision::kStored &&
+                  const bool keep_stored = (options.precision != WeightPrecision::kFloat32) &&
                                            (kind == Kind::kMatrix || kind == Kind::kEmbedding);
                   if (t.scalar_type() != at::kFloat && !keep_stored) {
                     t = t.to(at::kFloat);
@@ -168,6 +206,72 @@ absl::StatusOr<ModelWeights> LoadWeights(const SafetensorsCollection& files, con
   }
   if (config.tie_word_embeddings) w.lm_head = w.embed;
   return w;
+}
+
+namespace {
+
+// Bytes of every matrix as stored in the file at `model_path`, by Hugging Face name for safetensors; for a
+// GGUF file (whose names differ) the sum over its 2-D tensors under the key "".
+absl::StatusOr<std::map<std::string, int64_t>> StoredMatrixBytes(const std::string& model_path) {
+  std::map<std::string, int64_t> bytes;
+  if (IsGgufPath(model_path)) {
+    SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<GgufFile> file, GgufFile::Open(model_path));
+    for (const GgufTensorInfo& t : file->tensors()) {
+      if (t.shape.size() == 2) bytes[""] += static_cast<int64_t>(t.nbytes);
+    }
+    return bytes;
+  }
+  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsCollection> files, SafetensorsCollection::Open(model_path));
+  for (const std::string& name : files->names()) {
+    const TensorView* view = files->Find(name);
+    if (view->shape.size() == 2) bytes[name] = static_cast<int64_t>(view->nbytes);
+  }
+  return bytes;
+}
+
+}  // namespace
+
+absl::StatusOr<int64_t> ResidentWeightBytes(const std::string& model_path, const ModelConfig& config,
+                                            WeightPrecision precision) {
+  std::map<std::string, int64_t> stored;
+  if (precision == WeightPrecision::kStored) {
+    SEEDLING_ASSIGN_OR_RETURN(stored, StoredMatrixBytes(model_path));
+  }
+  int64_t total = stored.count("") ? stored[""] : 0;  // a GGUF file's matrices, counted as a whole
+  for (const auto& [name, shape] : ExpectedTensors(config)) {
+    const int64_t numel = std::accumulate(shape.begin(), shape.end(), int64_t{1}, std::multiplies<>());
+    if (shape.size() != 2 || precision == WeightPrecision::kFloat32) {
+      total += 4 * numel;
+    } else if (precision == WeightPrecision::kStored) {
+      if (!stored.count("")) total += stored.count(name) ? stored[name] : 4 * numel;
+    } else {
+      const WeightFormat format = precision == WeightPrecision::kQ8_0 ? WeightFormat::kQ8_0 : WeightFormat::kQ4_0;
+      total += shape[0] * RowBytes(MatrixFormatFor(format, shape[1]), shape[1]);
+    }
+  }
+  return total;
+}
+
+absl::Status QuantizeMatrices(ModelWeights& weights, const ModelConfig& config, WeightFormat format) {
+  absl::Status error;
+  ForEachWeight(weights, config, /*include_tied_head=*/false,
+                [&](const std::string& name, const std::vector<int64_t>& shape, Kind kind, at::Tensor& slot) {
+                  if (!error.ok() || (kind != Kind::kMatrix && kind != Kind::kEmbedding)) return;
+                  const WeightFormat target = MatrixFormatFor(format, shape[1]);
+                  if (FormatOf(slot) == target) return;
+                  if (!IsBlockFormat(target)) {
+                    slot = DequantizeMatrix(slot).to(at::kHalf);
+                    return;
+                  }
+                  absl::StatusOr<at::Tensor> q = QuantizeMatrix(DequantizeMatrix(slot), target, name);
+                  if (!q.ok()) {
+                    error = q.status();
+                    return;
+                  }
+                  slot = *std::move(q);
+                });
+  if (config.tie_word_embeddings) weights.lm_head = weights.embed;
+  return error;
 }
 
 ModelWeights RandomWeights(const ModelConfig& config, uint64_t seed) {

@@ -12,12 +12,15 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <functional>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "model/config.h"
+#include "model/quant.h"
 #include "model/safetensors.h"
 
 namespace seedling::model {
@@ -40,14 +43,30 @@ struct ModelWeights {
   at::Tensor lm_head;     // (V, H); the same tensor as `embed` when the config ties them
 };
 
+// How the frozen matrices (projections, embedding, LM head) are held; norms and biases are always fp32.
 enum class WeightPrecision {
-  kFloat32,  // convert 16-bit weights to fp32 at load (default)
-  kStored,   // keep 16-bit matrices in their stored dtype, convert per use
+  kFloat32,  // convert every matrix to fp32 at load (default for safetensors: fastest, largest)
+  kStored,   // keep each matrix in its stored format (F32, F16, BF16, or a GGUF file's Q8_0 / Q4_0)
+  kQ8_0,     // GGUF Q8_0 blocks (model/quant.h), from a weight cache file
+  kQ4_0,     // GGUF Q4_0 blocks (model/quant.h), from a weight cache file
 };
+
+// "fp32", "stored", "q8_0", "q4_0".
+const char* WeightPrecisionName(WeightPrecision precision);
+// Parses the names above; InvalidArgument lists them.
+absl::StatusOr<WeightPrecision> ParseWeightPrecision(std::string_view name);
 
 struct LoadOptions {
   WeightPrecision precision = WeightPrecision::kFloat32;  // see the file comment
+  // q8_0 / q4_0: directory of the weight cache (model/weight_cache.h); empty = <model_dir>/.seedling-cache.
+  std::string cache_dir;
+  // q8_0 / q4_0: called while the cache is built, (tensors done, tensors in all). May be empty.
+  std::function<void(int64_t done, int64_t total)> cache_progress;
 };
+
+// A tensor over a safetensors view's mapped bytes (no copy when aligned for its dtype; the tensor keeps
+// the mapping alive). F32 / F16 / BF16 views give tensors of that dtype, U8 gives uint8.
+at::Tensor TensorFromView(const TensorView& view);
 
 // A weight with its Hugging Face name ("model.layers.0.self_attn.q_proj.weight"). The tensor shares storage
 // with the model's, so in-place operations on it change the model.
@@ -69,6 +88,19 @@ std::vector<std::pair<std::string, std::vector<int64_t>>> ExpectedTensors(const 
 // has shape [192, 576], config implies [256, 576]"; NotFound lists missing names.
 absl::StatusOr<ModelWeights> LoadWeights(const SafetensorsCollection& files, const ModelConfig& config,
                                          const LoadOptions& options = {});
+
+// Bytes the model at `model_path` (a Hugging Face directory or a GGUF file) holds in memory once loaded with
+// `precision`, from its headers alone (no weight is read): norms and biases as fp32, a tied LM head once,
+// matrices in the format `precision` gives them (fp32: 4 bytes per weight; stored: the file's; q8_0 / q4_0:
+// their blocks, MatrixFormatFor's F16 fallback included). For the memory planner. Errors from opening the
+// files.
+absl::StatusOr<int64_t> ResidentWeightBytes(const std::string& model_path, const ModelConfig& config,
+                                            WeightPrecision precision);
+
+// Brings every matrix (embedding, projections, LM head) to `format` in memory: matrices already in the
+// format MatrixFormatFor (model/quant.h) gives them stay as they are; others are decoded and converted.
+// For GGUF input, which has no weight cache. InvalidArgument for values that cannot be quantized.
+absl::Status QuantizeMatrices(ModelWeights& weights, const ModelConfig& config, WeightFormat format);
 
 // Random weights (initializer_range 0.02 normals from the seeded Philox init stream, norms 1, biases small
 // normals), fp32. Deterministic for a given (config, seed).

@@ -1,0 +1,62 @@
+#pragma once
+
+// Compute on frozen matrices in any weight format (model/quant.h: fp32, f16, bf16, Q8_0, Q4_0) without
+// ever converting a whole matrix: a tile of rows is decoded into a small fp32 buffer that stays in
+// cache, multiplied (BLAS), and overwritten by the next tile.
+//
+//  * FrozenLinear: y = x Wᵀ + b. Under autograd a custom function whose backward computes the input
+//    gradient dx = dy W tile by tile; it saves only the reference to W (which is frozen, so there is no
+//    dW and no need to keep x). fp32 matrices are multiplied whole, in place.
+//  * FrozenEmbedding: rows of the embedding matrix gathered and decoded per token.
+//  * WeightTiles: the tile iterator the two above and the cross-entropy's LM head (model/kernels.h) share.
+//
+// Numbers: a tile holds exactly the decoded weights (model/quant.h), so results equal decoding the
+// whole matrix and multiplying, up to the summation order of the matrix multiply.
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace seedling::model {
+
+// fp32 bytes of one decoded tile (the tile's rows × the matrix's columns ≈ this). Each tile is one BLAS
+// call that packs the activations again, so tiles are large: on Qwen2.5-0.5B shapes (2 cores, 2 MiB L2,
+// 32 MiB L3) eval with q4_0 weights took 28.2 s with 256 KiB tiles, 18.8 s with 512 KiB, 13.5 s with 2 MiB,
+// 13.3 s with 4-8 MiB, against 14.8 s for fp32 weights used in place.
+inline constexpr int64_t kWeightTileBytes = 2 << 20;
+
+// Visits a frozen matrix (logical (rows, cols)) as consecutive row tiles. fp32 and fp64 matrices are
+// handed out as views (no copy); other formats are decoded into one reused fp32 buffer, so a tile is
+// valid only until the next call. Not thread-safe; cheap to construct.
+class WeightTiles {
+ public:
+  // tile_rows <= 0 picks about kWeightTileBytes of fp32 per tile (at least 16 rows).
+  explicit WeightTiles(const at::Tensor& w, int64_t tile_rows = 0);
+
+  int64_t rows() const { return rows_; }
+  int64_t cols() const { return cols_; }
+  int64_t tile_rows() const { return tile_rows_; }
+  // Rows [row0, row0 + count) as a (count, cols) tensor; count <= tile_rows().
+  at::Tensor Tile(int64_t row0, int64_t count);
+
+ private:
+  at::Tensor w_;
+  int64_t rows_ = 0, cols_ = 0, tile_rows_ = 0;
+  bool decode_ = false;  // false: tiles are views of w_
+  at::Tensor buffer_;    // (tile_rows, cols) fp32 when decoding
+};
+
+// y = x Wᵀ (+ bias).
+//   x (..., in) fp32 (fp64 with an fp64 W, for tests); w logical (out, in) in any weight format; bias (out)
+//   fp32 or undefined. Returns (..., out).
+// Autograd: differentiable w.r.t. x; a W or bias that requires grad (dense, e.g. full backprop in tests)
+// goes through LibTorch's own linear instead. For forward-mode AD,
+// pass the dual level: when x carries a tangent at `forward_level`, the result carries tangent Wᵀ·dx.
+at::Tensor FrozenLinear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
+                        int64_t forward_level = -1);
+
+// Rows of a frozen embedding matrix: (..., H) fp32 for token ids (...) int64, ids already validated.
+at::Tensor FrozenEmbedding(const at::Tensor& w, const at::Tensor& tokens);
+
+}  // namespace seedling::model
