@@ -3,46 +3,40 @@
 #include <ATen/ATen.h>
 
 #include <bit>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <set>
 #include <span>
 #include <string_view>
 #include <unordered_map>
 #include <utility>
 #include <vector>
 
+#include "base/check.h"
 #include "base/file.h"
 #include "base/status.h"
 #include "base/strings.h"
+#include "model/internal/gguf_format.h"
 #include "model/kernels.h"
 #include "model/torch_status.h"
 
 namespace seedling::model {
 namespace {
 
+using internal::GgmlType;
+using internal::GgufValueType;
+
 // GGUF stores everything little-endian; so does every target Seedling builds for, so values are
 // copied as they are in memory.
 static_assert(std::endian::native == std::endian::little,
               "the GGUF writer assumes a little-endian host");
+static_assert(kGgufAlignment == internal::kGgufDefaultAlignment);
 
-// gguf_metadata_value_type (the subset written here).
-enum class ValueType : uint32_t {
-  kUint32 = 4,
-  kInt32 = 5,
-  kFloat32 = 6,
-  kBool = 7,
-  kString = 8,
-  kArray = 9
-};
-// ggml_type (the subset written here).
-enum class GgmlType : uint32_t { kF32 = 0, kF16 = 1 };
-// general.file_type values (llama_ftype): ALL_F32, MOSTLY_F16.
-constexpr uint32_t kFileTypeAllF32 = 0;
-constexpr uint32_t kFileTypeMostlyF16 = 1;
-// ggml's GGML_MAX_NAME counts the terminating NUL.
-constexpr size_t kMaxTensorName = 63;
+// general.quantization_version of files with block-quantized tensors (ggml's GGML_QNT_VERSION).
+constexpr uint32_t kQuantizationVersion = 2;
 
 uint64_t AlignUp(uint64_t n) { return (n + kGgufAlignment - 1) / kGgufAlignment * kGgufAlignment; }
 
@@ -72,44 +66,44 @@ class Encoder {
 class Metadata {
  public:
   void U32(std::string_view key, uint64_t v) {
-    Key(key, ValueType::kUint32);
+    Key(key, GgufValueType::kUint32);
     out_.U32(static_cast<uint32_t>(v));
   }
   void F32(std::string_view key, double v) {
-    Key(key, ValueType::kFloat32);
+    Key(key, GgufValueType::kFloat32);
     out_.F32(static_cast<float>(v));
   }
   void Bool(std::string_view key, bool v) {
-    Key(key, ValueType::kBool);
+    Key(key, GgufValueType::kBool);
     out_.Bool(v);
   }
   void Str(std::string_view key, std::string_view v) {
-    Key(key, ValueType::kString);
+    Key(key, GgufValueType::kString);
     out_.Str(v);
   }
   void StrArray(std::string_view key, const std::vector<std::string>& v) {
-    ArrayHeader(key, ValueType::kString, v.size());
+    ArrayHeader(key, GgufValueType::kString, v.size());
     for (const std::string& s : v) out_.Str(s);
   }
   void I32Array(std::string_view key, std::span<const int32_t> v) {
-    ArrayHeader(key, ValueType::kInt32, v.size());
+    ArrayHeader(key, GgufValueType::kInt32, v.size());
     for (int32_t x : v) out_.I32(x);
   }
   void F32Array(std::string_view key, std::span<const float> v) {
-    ArrayHeader(key, ValueType::kFloat32, v.size());
+    ArrayHeader(key, GgufValueType::kFloat32, v.size());
     for (float x : v) out_.F32(x);
   }
   uint64_t count() const { return count_; }
   std::string& bytes() { return out_.bytes(); }
 
  private:
-  void Key(std::string_view key, ValueType type) {
+  void Key(std::string_view key, GgufValueType type) {
     out_.Str(key);
     out_.U32(static_cast<uint32_t>(type));
     ++count_;
   }
-  void ArrayHeader(std::string_view key, ValueType element, uint64_t n) {
-    Key(key, ValueType::kArray);
+  void ArrayHeader(std::string_view key, GgufValueType element, uint64_t n) {
+    Key(key, GgufValueType::kArray);
     out_.U32(static_cast<uint32_t>(element));
     out_.U64(n);
   }
@@ -118,16 +112,44 @@ class Metadata {
   uint64_t count_ = 0;
 };
 
-// One tensor of the file: where its data comes from and where it goes.
+// One tensor of the file: where its data comes from and how the file stores it.
 struct TensorPlan {
   std::string name;            // llama.cpp name, e.g. "blk.3.attn_q.weight"
-  at::Tensor source;           // shares storage with the caller's weights; never written to
-  std::vector<int64_t> shape;  // PyTorch order; GGUF stores it reversed (ne[0] varies fastest)
-  GgmlType type = GgmlType::kF32;
+  at::Tensor source;           // shares storage with the caller's tensor; never written to
+  std::vector<int64_t> shape;  // logical, PyTorch order; GGUF stores it reversed (ne[0] fastest)
+  WeightFormat format = WeightFormat::kF32;  // in the file: kF32, kF16, kQ8_0 or kQ4_0
   int64_t rope_heads = 0;  // > 0: permute rows for GGML's interleaved RoPE, in this many heads
-  uint64_t nbytes = 0;
-  uint64_t offset = 0;  // from the start of the data section
 };
+
+// How GGUF names a weight format: the ggml type of its tensors and the general.file_type
+// (llama_ftype) of a model whose matrices were requested in it.
+struct GgufCodes {
+  GgmlType type;
+  uint32_t file_type;
+};
+GgufCodes CodesOf(WeightFormat format) {
+  switch (format) {
+    case WeightFormat::kF32:
+      return {GgmlType::kF32, internal::kFileTypeAllF32};
+    case WeightFormat::kF16:
+      return {GgmlType::kF16, internal::kFileTypeMostlyF16};
+    case WeightFormat::kBF16:
+      return {GgmlType::kBF16, internal::kFileTypeMostlyBF16};
+    case WeightFormat::kQ8_0:
+      return {GgmlType::kQ8_0, internal::kFileTypeMostlyQ8_0};
+    case WeightFormat::kQ4_0:
+      return {GgmlType::kQ4_0, internal::kFileTypeMostlyQ4_0};
+  }
+  SEEDLING_CHECK(false, "unknown weight format");
+  return {};
+}
+
+// Bytes of the tensor in the file (rows of the last dimension, each RowBytes long).
+uint64_t FileBytes(const TensorPlan& p) {
+  int64_t rows = 1;
+  for (size_t d = 0; d + 1 < p.shape.size(); ++d) rows *= p.shape[d];
+  return static_cast<uint64_t>(rows * RowBytes(p.format, p.shape.back()));
+}
 
 // The architecture name in GGUF and what llama.cpp's implementation of it can express.
 absl::StatusOr<std::string> GgufArchitecture(const ModelConfig& c) {
@@ -168,48 +190,98 @@ absl::StatusOr<std::string> GgufArchitecture(const ModelConfig& c) {
              "Qwen2ForCausalLM)"));
 }
 
+// llama.cpp's name of a decoder layer's projection weight: "blk.<layer>.attn_q.weight", ...
+std::string ProjectionTensorName(int64_t layer, Projection p) {
+  static constexpr const char* kNames[kNumProjections] = {
+      "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"};
+  return StrCat("blk.", layer, ".", kNames[static_cast<int>(p)], ".weight");
+}
+
+// A projection's weight shape (out, in), as nn.Linear stores it.
+std::vector<int64_t> ProjectionShape(const ModelConfig& c, Projection p) {
+  switch (p) {
+    case Projection::kQ:
+      return {c.q_dim(), c.hidden_size};
+    case Projection::kK:
+    case Projection::kV:
+      return {c.kv_dim(), c.hidden_size};
+    case Projection::kO:
+      return {c.hidden_size, c.q_dim()};
+    case Projection::kGate:
+    case Projection::kUp:
+      return {c.intermediate_size, c.hidden_size};
+    case Projection::kDown:
+      return {c.hidden_size, c.intermediate_size};
+  }
+  SEEDLING_CHECK(false, "unknown projection");
+  return {};
+}
+
+// The heads whose output rows are permuted for GGML's interleaved RoPE: q and k of the llama
+// architecture (qwen2 rotates halves like Hugging Face); 0 = no permutation.
+int64_t RopeHeads(const ModelConfig& c, const std::string& arch, Projection p) {
+  if (arch != "llama") return 0;
+  if (p == Projection::kQ) return c.num_attention_heads;
+  if (p == Projection::kK) return c.num_key_value_heads;
+  return 0;
+}
+
 std::string ShapeString(const std::vector<int64_t>& shape) {
   std::string s = "[";
   for (size_t i = 0; i < shape.size(); ++i) s += StrCat(i > 0 ? ", " : "", shape[i]);
   return s + "]";
 }
 
-// Collects the tensors in file order, checking each against the config.
+// InvalidArgument unless `t` is a tensor the writer can convert: floating point, or a matrix of
+// GGUF blocks (FormatOf aborts on any other uint8 layout, so it is checked here first).
+absl::Status CheckSourceType(const std::string& name, const at::Tensor& t) {
+  const at::ScalarType st = t.scalar_type();
+  if (st == at::kByte) {
+    if (t.dim() == 3 && (t.size(2) == BlockBytes(WeightFormat::kQ8_0) ||
+                         t.size(2) == BlockBytes(WeightFormat::kQ4_0))) {
+      return absl::OkStatus();
+    }
+    return absl::InvalidArgumentError(StrCat("weight for '", name, "' is a uint8 tensor of shape ",
+                                             ShapeString(t.sizes().vec()),
+                                             "; expected GGUF blocks (rows, cols / 32, 34 or 18)"));
+  }
+  if (st != at::kFloat && st != at::kHalf && st != at::kBFloat16 && st != at::kDouble) {
+    return absl::InvalidArgumentError(StrCat("weight for '", name, "' has dtype ",
+                                             c10::toString(st),
+                                             "; expected a floating-point tensor or GGUF blocks"));
+  }
+  return absl::OkStatus();
+}
+
+// Collects the tensors in file order, checking each against the shape it must have.
 class TensorPlanner {
  public:
-  explicit TensorPlanner(GgmlType matrix_type) : matrix_type_(matrix_type) {}
+  // `matrix_format`: the requested format of 2-D tensors (see GgufOptions::format).
+  explicit TensorPlanner(WeightFormat matrix_format) : matrix_format_(matrix_format) {}
 
-  // A weight the architecture requires. 2-D tensors take the export dtype, 1-D ones F32.
+  // A tensor the file requires. 2-D tensors take MatrixFormatFor(matrix format, cols), 1-D ones
+  // F32.
   absl::Status Add(std::string name, const at::Tensor& t, std::vector<int64_t> shape,
                    int64_t rope_heads = 0) {
-    if (name.size() > kMaxTensorName) {
+    if (name.size() > internal::kGgufMaxTensorName) {
       return absl::InvalidArgumentError(
-          StrCat("tensor name '", name, "' is longer than ", kMaxTensorName));
+          StrCat("tensor name '", name, "' is longer than ", internal::kGgufMaxTensorName));
     }
     if (!t.defined())
       return absl::InvalidArgumentError(StrCat("weight for '", name, "' is missing"));
-    if (t.sizes().vec() != shape) {
+    SEEDLING_RETURN_IF_ERROR(CheckSourceType(name, t));
+    if (LogicalShape(t) != shape) {
       return absl::InvalidArgumentError(StrCat("weight for '", name, "' has shape ",
-                                               ShapeString(t.sizes().vec()), ", config implies ",
+                                               ShapeString(LogicalShape(t)), ", config implies ",
                                                ShapeString(shape)));
-    }
-    const at::ScalarType st = t.scalar_type();
-    if (st != at::kFloat && st != at::kHalf && st != at::kBFloat16 && st != at::kDouble) {
-      return absl::InvalidArgumentError(StrCat("weight for '", name, "' has dtype ",
-                                               c10::toString(st),
-                                               "; expected a floating-point tensor"));
     }
     TensorPlan p;
     p.name = std::move(name);
     p.source = t;
     p.shape = std::move(shape);
-    p.type = p.shape.size() == 2 ? matrix_type_ : GgmlType::kF32;
+    p.format =
+        p.shape.size() == 2 ? MatrixFormatFor(matrix_format_, p.shape[1]) : WeightFormat::kF32;
     p.rope_heads = rope_heads;
-    int64_t numel = 1;
-    for (int64_t d : p.shape) numel *= d;
-    p.nbytes = static_cast<uint64_t>(numel) * (p.type == GgmlType::kF32 ? 4 : 2);
-    p.offset = next_offset_;
-    next_offset_ = AlignUp(p.offset + p.nbytes);
     plans_.push_back(std::move(p));
     return absl::OkStatus();
   }
@@ -230,22 +302,19 @@ class TensorPlanner {
   std::vector<TensorPlan>& plans() { return plans_; }
 
  private:
-  const GgmlType matrix_type_;
+  const WeightFormat matrix_format_;
   std::vector<TensorPlan> plans_;
-  uint64_t next_offset_ = 0;
 };
 
 absl::StatusOr<std::vector<TensorPlan>> PlanTensors(const ModelConfig& c, const std::string& arch,
-                                                    const ModelWeights& w, GgmlType matrix_type) {
+                                                    const ModelWeights& w,
+                                                    WeightFormat matrix_format) {
   const int64_t H = c.hidden_size, V = c.vocab_size, I = c.intermediate_size;
   const int64_t q = c.q_dim(), kv = c.kv_dim();
-  // Only the llama architecture rotates interleaved pairs; qwen2 uses rotate-half like Hugging
-  // Face.
-  const bool permute = arch == "llama";
-  const int64_t q_heads = permute ? c.num_attention_heads : 0;
-  const int64_t k_heads = permute ? c.num_key_value_heads : 0;
+  const int64_t q_heads = RopeHeads(c, arch, Projection::kQ);
+  const int64_t k_heads = RopeHeads(c, arch, Projection::kK);
 
-  TensorPlanner planner(matrix_type);
+  TensorPlanner planner(matrix_format);
   SEEDLING_RETURN_IF_ERROR(planner.Add("token_embd.weight", w.embed, {V, H}));
   if (c.rope_scaling.type == RopeScaling::Type::kLlama3) {
     // llama.cpp implements Llama 3 scaling as per-pair factors that divide the rotation angle: the
@@ -264,23 +333,27 @@ absl::StatusOr<std::vector<TensorPlan>> PlanTensors(const ModelConfig& c, const 
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
     const LayerWeights& l = w.layers[i];
     const std::string blk = StrCat("blk.", i, ".");
+    auto projection = [&](Projection p, const at::Tensor& t) {
+      return planner.Add(ProjectionTensorName(i, p), t, ProjectionShape(c, p),
+                         RopeHeads(c, arch, p));
+    };
     SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "attn_norm.weight", l.input_norm, {H}));
-    SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "attn_q.weight", l.q, {q, H}, q_heads));
+    SEEDLING_RETURN_IF_ERROR(projection(Projection::kQ, l.q));
     SEEDLING_RETURN_IF_ERROR(
         planner.AddBias(c.qkv_bias, blk + "attn_q.bias", l.q_bias, q, q_heads));
-    SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "attn_k.weight", l.k, {kv, H}, k_heads));
+    SEEDLING_RETURN_IF_ERROR(projection(Projection::kK, l.k));
     SEEDLING_RETURN_IF_ERROR(
         planner.AddBias(c.qkv_bias, blk + "attn_k.bias", l.k_bias, kv, k_heads));
-    SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "attn_v.weight", l.v, {kv, H}));
+    SEEDLING_RETURN_IF_ERROR(projection(Projection::kV, l.v));
     SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.qkv_bias, blk + "attn_v.bias", l.v_bias, kv));
-    SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "attn_output.weight", l.o, {H, q}));
+    SEEDLING_RETURN_IF_ERROR(projection(Projection::kO, l.o));
     SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.o_bias, blk + "attn_output.bias", l.o_bias, H));
     SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "ffn_norm.weight", l.post_norm, {H}));
-    SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "ffn_gate.weight", l.gate, {I, H}));
+    SEEDLING_RETURN_IF_ERROR(projection(Projection::kGate, l.gate));
     SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.mlp_bias, blk + "ffn_gate.bias", l.gate_bias, I));
-    SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "ffn_up.weight", l.up, {I, H}));
+    SEEDLING_RETURN_IF_ERROR(projection(Projection::kUp, l.up));
     SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.mlp_bias, blk + "ffn_up.bias", l.up_bias, I));
-    SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "ffn_down.weight", l.down, {H, I}));
+    SEEDLING_RETURN_IF_ERROR(projection(Projection::kDown, l.down));
     SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.mlp_bias, blk + "ffn_down.bias", l.down_bias, H));
   }
   SEEDLING_RETURN_IF_ERROR(planner.Add("output_norm.weight", w.final_norm, {H}));
@@ -290,19 +363,80 @@ absl::StatusOr<std::vector<TensorPlan>> PlanTensors(const ModelConfig& c, const 
   return std::move(planner.plans());
 }
 
-// The tensor's bytes as the file stores them. Converts (and permutes) a copy; an F32 source that
-// needs neither is returned as is, without a copy.
-at::Tensor FileData(const TensorPlan& p) {
-  at::Tensor t = p.source.detach();
-  if (p.rope_heads > 0) {
-    // convert_hf_to_gguf.py LlamaModel.permute: within each head, rows (i, i + D/2) of Hugging
-    // Face's rotate-half layout become the adjacent pair (2i, 2i + 1) that GGML's llama RoPE
-    // rotates together.
-    std::vector<int64_t> split = {p.rope_heads, 2, p.shape[0] / p.rope_heads / 2};
-    split.insert(split.end(), p.shape.begin() + 1, p.shape.end());
-    t = t.reshape(split).transpose(1, 2).reshape(p.shape);
+// The source in the file's format, rows in the source's order. A block source already in that
+// format is returned as is; any other is dequantized to fp32 first (see WriteGguf).
+absl::StatusOr<at::Tensor> ToFileFormat(const TensorPlan& p) {
+  const at::Tensor t = p.source.detach();
+  const bool blocks = t.scalar_type() == at::kByte;
+  if (blocks && FormatOf(t) == p.format) return t;
+  const at::Tensor values = blocks ? DequantizeMatrix(t) : t;
+  if (IsBlockFormat(p.format)) return QuantizeMatrix(values, p.format, p.name);
+  return values.to(p.format == WeightFormat::kF32 ? at::kFloat : at::kHalf);
+}
+
+// convert_hf_to_gguf.py LlamaModel.permute: within each head, rows (i, i + D/2) of Hugging Face's
+// rotate-half layout become the adjacent pair (2i, 2i + 1) that GGML's llama RoPE rotates
+// together. Rows move whole, so this works on any representation of them (floats or blocks).
+at::Tensor PermuteRopeRows(const at::Tensor& t, int64_t heads) {
+  if (heads == 0) return t;
+  std::vector<int64_t> split = {heads, 2, t.size(0) / heads / 2};
+  split.insert(split.end(), t.sizes().begin() + 1, t.sizes().end());
+  return t.reshape(split).transpose(1, 2).reshape(t.sizes());
+}
+
+// The tensor's bytes as the file stores them: converted, then permuted (quantization works per
+// row, so permuting first would give the same bytes; the converted tensor is the smaller one). An
+// F32 source that needs neither is returned as is, without a copy.
+absl::StatusOr<at::Tensor> FileData(const TensorPlan& p) {
+  SEEDLING_ASSIGN_OR_RETURN(const at::Tensor converted, ToFileFormat(p));
+  return PermuteRopeRows(converted, p.rope_heads).contiguous();
+}
+
+// The header: magic, version, counts, `md` (consumed), the tensor infos with offsets packed in
+// `plans` order, each tensor padded to the alignment, then zeros up to the aligned data section.
+std::string EncodeHeader(Metadata& md, const std::vector<TensorPlan>& plans) {
+  Encoder header;
+  header.U32(internal::kGgufMagic);
+  header.U32(internal::kGgufVersion);
+  header.U64(plans.size());
+  header.U64(md.count());
+  header.bytes() += md.bytes();
+  md.bytes().clear();
+  md.bytes().shrink_to_fit();
+  uint64_t offset = 0;  // from the start of the data section
+  for (const TensorPlan& p : plans) {
+    header.Str(p.name);
+    header.U32(static_cast<uint32_t>(p.shape.size()));
+    for (auto d = p.shape.rbegin(); d != p.shape.rend(); ++d) header.U64(static_cast<uint64_t>(*d));
+    header.U32(static_cast<uint32_t>(CodesOf(p.format).type));
+    header.U64(offset);
+    offset = AlignUp(offset + FileBytes(p));
   }
-  return t.to(p.type == GgmlType::kF32 ? at::kFloat : at::kHalf).contiguous();
+  header.PadTo(AlignUp(header.bytes().size()));
+  return std::move(header.bytes());
+}
+
+// The generic streaming writer behind both exports: EncodeHeader, then each tensor's FileData
+// padded to the alignment, one at a time (memory stays at the sources plus the largest converted
+// tensor). Goes through a temporary file that is fsynced and renamed (AtomicFileWriter): on any
+// error no file is left behind. LibTorch may throw: call it inside CatchTorch.
+absl::Status WriteGgufFile(const std::string& path, Metadata& md,
+                           const std::vector<TensorPlan>& plans) {
+  const std::string header = EncodeHeader(md, plans);
+  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<AtomicFileWriter> file, AtomicFileWriter::Create(path));
+  SEEDLING_RETURN_IF_ERROR(file->Append(header));
+  static const char kZeros[kGgufAlignment] = {};
+  for (const TensorPlan& p : plans) {
+    SEEDLING_ASSIGN_OR_RETURN(const at::Tensor data, FileData(p));
+    const uint64_t nbytes = FileBytes(p);
+    SEEDLING_CHECK(static_cast<uint64_t>(data.nbytes()) == nbytes,
+                   "tensor bytes differ from the header");
+    SEEDLING_RETURN_IF_ERROR(
+        file->Append(std::string_view(static_cast<const char*>(data.data_ptr()), nbytes)));
+    // Every tensor, the last included, is padded: llama.cpp checks each one lies within the file.
+    SEEDLING_RETURN_IF_ERROR(file->Append(std::string_view(kZeros, AlignUp(nbytes) - nbytes)));
+  }
+  return file->Commit();
 }
 
 // tokenizer.ggml.pre for a byte-level tokenizer: the name llama.cpp's vocabulary loader maps to the
@@ -433,7 +567,9 @@ absl::Status AddHyperparameters(const ModelConfig& c, const std::string& arch,
   }
   md.Str("general.architecture", arch);
   md.Str("general.name", options.name.empty() ? c.architecture : options.name);
-  md.U32("general.file_type", options.dtype == DType::kF32 ? kFileTypeAllF32 : kFileTypeMostlyF16);
+  md.U32("general.file_type", CodesOf(options.format).file_type);
+  // As llama-quantize writes it: the version of the block layouts.
+  if (IsBlockFormat(options.format)) md.U32("general.quantization_version", kQuantizationVersion);
   md.U32("general.alignment", kGgufAlignment);
   const std::string p = arch + ".";
   md.U32(p + "vocab_size", c.vocab_size);
@@ -458,70 +594,91 @@ absl::Status AddHyperparameters(const ModelConfig& c, const std::string& arch,
   return absl::OkStatus();
 }
 
+// The adapter's tensors, "<base>.lora_a" then "<base>.lora_b" per pair, checked against the model;
+// sets `rank` to the pairs' common rank.
+absl::StatusOr<std::vector<TensorPlan>> PlanLoraTensors(const ModelConfig& c,
+                                                        const std::string& arch,
+                                                        const std::vector<GgufLoraPair>& pairs,
+                                                        WeightFormat format, int64_t& rank) {
+  if (pairs.empty()) return absl::InvalidArgumentError("the LoRA adapter has no tensors");
+  TensorPlanner planner(format);
+  std::set<std::pair<int64_t, Projection>> seen;
+  rank = 0;
+  for (const GgufLoraPair& pair : pairs) {
+    if (pair.layer < 0 || pair.layer >= c.num_hidden_layers) {
+      return absl::InvalidArgumentError(StrCat("LoRA pair for layer ", pair.layer,
+                                               ", the model has ", c.num_hidden_layers, " layers"));
+    }
+    const std::string base = ProjectionTensorName(pair.layer, pair.projection);
+    if (!seen.emplace(pair.layer, pair.projection).second) {
+      return absl::InvalidArgumentError(StrCat("two LoRA pairs for '", base, "'"));
+    }
+    if (!pair.a.defined() || pair.a.dim() != 2 || pair.a.size(0) < 1) {
+      return absl::InvalidArgumentError(
+          StrCat("lora_a for '", base, "' must be a 2-D (rank, in) tensor with rank >= 1"));
+    }
+    if (rank == 0) rank = pair.a.size(0);
+    if (pair.a.size(0) != rank) {
+      return absl::InvalidArgumentError(
+          StrCat("'", base, "' has rank ", pair.a.size(0), " but earlier pairs have rank ", rank,
+                 "; llama.cpp's single adapter.lora.alpha needs one rank"));
+    }
+    const std::vector<int64_t> shape = ProjectionShape(c, pair.projection);  // (out, in)
+    SEEDLING_RETURN_IF_ERROR(planner.Add(base + ".lora_a", pair.a, {rank, shape[1]}));
+    // B's rows are the projection's output rows, so q / k rows move as the base weight's do.
+    SEEDLING_RETURN_IF_ERROR(planner.Add(base + ".lora_b", pair.b, {shape[0], rank},
+                                         RopeHeads(c, arch, pair.projection)));
+  }
+  return std::move(planner.plans());
+}
+
 }  // namespace
 
 absl::Status WriteGguf(const std::string& path, const ModelConfig& config,
                        const ModelWeights& weights, const Tokenizer& tokenizer,
                        const GgufOptions& options) {
-  if (options.dtype != DType::kF32 && options.dtype != DType::kF16) {
+  if (options.format == WeightFormat::kBF16) {
     return absl::InvalidArgumentError(
-        StrCat("GGUF export writes F32 or F16 weights, not ", DTypeName(options.dtype)));
+        "GGUF export writes f32, f16, q8_0 or q4_0 matrices, not bf16");
   }
   SEEDLING_RETURN_IF_ERROR(config.Validate());
   SEEDLING_ASSIGN_OR_RETURN(const std::string arch, GgufArchitecture(config));
-
   Metadata md;
   SEEDLING_RETURN_IF_ERROR(AddHyperparameters(config, arch, options, md));
   SEEDLING_RETURN_IF_ERROR(AddTokenizer(config, tokenizer, options, md));
-
   return CatchTorch("GGUF export", [&]() -> absl::Status {
-    SEEDLING_ASSIGN_OR_RETURN(
-        std::vector<TensorPlan> plans,
-        PlanTensors(config, arch, weights,
-                    options.dtype == DType::kF32 ? GgmlType::kF32 : GgmlType::kF16));
+    SEEDLING_ASSIGN_OR_RETURN(const std::vector<TensorPlan> plans,
+                              PlanTensors(config, arch, weights, options.format));
+    return WriteGgufFile(path, md, plans);
+  });
+}
 
-    // Header: magic, version, counts, metadata, tensor infos, then zeros up to the aligned data
-    // section.
-    Encoder header;
-    header.Raw("GGUF", 4);
-    header.U32(3);
-    header.U64(plans.size());
-    header.U64(md.count());
-    header.bytes() += md.bytes();
-    md.bytes().clear();
-    md.bytes().shrink_to_fit();
-    for (const TensorPlan& p : plans) {
-      header.Str(p.name);
-      header.U32(static_cast<uint32_t>(p.shape.size()));
-      for (auto d = p.shape.rbegin(); d != p.shape.rend(); ++d)
-        header.U64(static_cast<uint64_t>(*d));
-      header.U32(static_cast<uint32_t>(p.type));
-      header.U64(p.offset);
-    }
-    header.PadTo(AlignUp(header.bytes().size()));
-
-    SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<AtomicFileWriter> file,
-                              AtomicFileWriter::Create(path));
-    SEEDLING_RETURN_IF_ERROR(file->Append(header.bytes()));
-    const uint64_t data_start = file->bytes_written();
-    static const char kZeros[kGgufAlignment] = {};
-    for (const TensorPlan& p : plans) {
-      if (file->bytes_written() != data_start + p.offset) {
-        return absl::InternalError(StrCat("tensor '", p.name, "' would land at the wrong offset"));
-      }
-      // One converted tensor at a time: memory stays at the weights plus the largest tensor.
-      const at::Tensor data = FileData(p);
-      if (static_cast<uint64_t>(data.nbytes()) != p.nbytes) {
-        return absl::InternalError(
-            StrCat("tensor '", p.name, "' has ", data.nbytes(), " bytes, planned ", p.nbytes));
-      }
-      SEEDLING_RETURN_IF_ERROR(
-          file->Append(std::string_view(static_cast<const char*>(data.data_ptr()), p.nbytes)));
-      // Every tensor, the last included, is padded: llama.cpp checks each one lies within the file.
-      SEEDLING_RETURN_IF_ERROR(
-          file->Append(std::string_view(kZeros, AlignUp(p.nbytes) - p.nbytes)));
-    }
-    return file->Commit();
+absl::Status WriteGgufLora(const std::string& path, const ModelConfig& config,
+                           const std::vector<GgufLoraPair>& pairs, double scale,
+                           const GgufLoraOptions& options) {
+  if (options.format != WeightFormat::kF32 && options.format != WeightFormat::kF16) {
+    return absl::InvalidArgumentError(StrCat("a GGUF LoRA adapter is written in f32 or f16, not ",
+                                             WeightFormatName(options.format)));
+  }
+  if (!(scale > 0) || !std::isfinite(scale)) {
+    return absl::InvalidArgumentError(StrCat(
+        "LoRA scale must be finite and > 0 (llama.cpp reads alpha 0 as scale 1), got ", scale));
+  }
+  SEEDLING_RETURN_IF_ERROR(config.Validate());
+  SEEDLING_ASSIGN_OR_RETURN(const std::string arch, GgufArchitecture(config));
+  return CatchTorch("GGUF LoRA export", [&]() -> absl::Status {
+    int64_t rank = 0;
+    SEEDLING_ASSIGN_OR_RETURN(const std::vector<TensorPlan> plans,
+                              PlanLoraTensors(config, arch, pairs, options.format, rank));
+    // llama-adapter.cpp checks general.type, general.architecture (against the base model) and
+    // adapter.type; it scales B A by adapter.lora.alpha / rank.
+    Metadata md;
+    md.Str("general.architecture", arch);
+    md.Str("general.type", "adapter");
+    md.U32("general.alignment", kGgufAlignment);
+    md.Str("adapter.type", "lora");
+    md.F32("adapter.lora.alpha", scale * static_cast<double>(rank));
+    return WriteGgufFile(path, md, plans);
   });
 }
 

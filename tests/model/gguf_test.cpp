@@ -10,14 +10,19 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <limits>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <numbers>
+#include <random>
 #include <set>
 #include <string>
 #include <vector>
 
 #include "model/config.h"
+#include "model/llama.h"
+#include "model/quant.h"
+#include "tests/model/tokenizer_fixtures.h"
 #include "model/tokenizer.h"
 #include "model/weights.h"
 
@@ -47,6 +52,8 @@ enum : uint32_t {
 // ggml_type
 constexpr uint32_t kGgmlF32 = 0;
 constexpr uint32_t kGgmlF16 = 1;
+constexpr uint32_t kGgmlQ4_0 = 2;
+constexpr uint32_t kGgmlQ8_0 = 8;
 
 struct Value {
   uint32_t type = 0;
@@ -95,15 +102,30 @@ struct GgufFile {
   const char* Data(const TensorInfo& t) const { return bytes.data() + data_start + t.offset; }
 };
 
-uint64_t ElementBytes(uint32_t ggml_type) {
-  REQUIRE((ggml_type == kGgmlF32 || ggml_type == kGgmlF16));
-  return ggml_type == kGgmlF32 ? 4 : 2;
+// Bytes of a row of n values: 4 / 2 per value, or blocks of 32 values in 34 (Q8_0: a half scale
+// and 32 int8) or 18 bytes (Q4_0: a half scale and 16 bytes of nibbles), per ggml-common.h.
+uint64_t TensorRowBytes(uint32_t ggml_type, uint64_t n) {
+  switch (ggml_type) {
+    case kGgmlF32:
+      return 4 * n;
+    case kGgmlF16:
+      return 2 * n;
+    case kGgmlQ8_0:
+      REQUIRE(n % 32 == 0);
+      return n / 32 * 34;
+    case kGgmlQ4_0:
+      REQUIRE(n % 32 == 0);
+      return n / 32 * 18;
+    default:
+      FAIL("unexpected ggml type " << ggml_type);
+  }
+  return 0;
 }
 
 uint64_t TensorBytes(const TensorInfo& t) {
-  uint64_t n = ElementBytes(t.type);
-  for (uint64_t d : t.ne) n *= d;
-  return n;
+  uint64_t rows = 1;
+  for (size_t d = 1; d < t.ne.size(); ++d) rows *= t.ne[d];
+  return rows * TensorRowBytes(t.type, t.ne[0]);
 }
 
 class Reader {
@@ -283,22 +305,54 @@ std::vector<float> ToVector(const at::Tensor& t) {
   return std::vector<float>(c.data_ptr<float>(), c.data_ptr<float>() + c.numel());
 }
 
-// Undoes llama.cpp's q/k row permutation, written as index arithmetic: within each head of D rows,
-// file row 2i + j holds original row j * D/2 + i (i < D/2, j in {0, 1}).
-std::vector<float> Unpermute(const std::vector<float>& rows, int64_t n_rows, int64_t n_cols,
-                             int64_t heads) {
+std::vector<uint8_t> Bytes(const GgufFile& f, const TensorInfo& t) {
+  const auto* p = reinterpret_cast<const uint8_t*>(f.Data(t));
+  return std::vector<uint8_t>(p, p + TensorBytes(t));
+}
+
+std::vector<uint8_t> Bytes(const at::Tensor& t) {
+  const at::Tensor c = t.contiguous();
+  REQUIRE(c.scalar_type() == at::kByte);
+  return std::vector<uint8_t>(c.data_ptr<uint8_t>(), c.data_ptr<uint8_t>() + c.numel());
+}
+
+// llama.cpp's q/k row permutation, written as index arithmetic: within each head of D rows, file
+// row 2i + j holds original row j * D/2 + i (i < D/2, j in {0, 1}). Rows are `n_cols` elements.
+enum class RowOrder { kToFile, kToOriginal };
+template <typename T>
+std::vector<T> PermuteRows(const std::vector<T>& rows, int64_t n_rows, int64_t n_cols,
+                           int64_t heads, RowOrder order) {
   const int64_t d = n_rows / heads;
-  std::vector<float> out(rows.size());
+  std::vector<T> out(rows.size());
   for (int64_t h = 0; h < heads; ++h) {
     for (int64_t i = 0; i < d / 2; ++i) {
       for (int64_t j = 0; j < 2; ++j) {
         const int64_t file_row = h * d + 2 * i + j;
         const int64_t original_row = h * d + j * (d / 2) + i;
-        std::copy_n(rows.begin() + file_row * n_cols, n_cols, out.begin() + original_row * n_cols);
+        const int64_t from = order == RowOrder::kToFile ? original_row : file_row;
+        const int64_t to = order == RowOrder::kToFile ? file_row : original_row;
+        std::copy_n(rows.begin() + from * n_cols, n_cols, out.begin() + to * n_cols);
       }
     }
   }
   return out;
+}
+
+std::vector<float> Unpermute(const std::vector<float>& rows, int64_t n_rows, int64_t n_cols,
+                             int64_t heads) {
+  return PermuteRows(rows, n_rows, n_cols, heads, RowOrder::kToOriginal);
+}
+
+// What a block-format export holds for the float matrix `values` (rows, cols): QuantizeMatrix of
+// its rows in file order (permuted in `heads` heads, or not when 0).
+std::vector<uint8_t> ExpectedBlocks(const at::Tensor& values, WeightFormat format, int64_t heads) {
+  const int64_t n_rows = values.size(0), n_cols = values.size(1);
+  std::vector<float> rows = ToVector(values);
+  if (heads > 0) rows = PermuteRows(rows, n_rows, n_cols, heads, RowOrder::kToFile);
+  auto blocks = QuantizeMatrix(at::from_blob(rows.data(), {n_rows, n_cols}, at::kFloat), format);
+  INFO(blocks.status().ToString());
+  REQUIRE(blocks.ok());
+  return Bytes(*blocks);
 }
 
 // ---- Fixtures -----------------------------------------------------------------------------------
@@ -387,7 +441,7 @@ GgufFile Export(const std::string& path, const ModelConfig& c, const ModelWeight
 
 GgufOptions F32() {
   GgufOptions o;
-  o.dtype = DType::kF32;
+  o.format = WeightFormat::kF32;
   return o;
 }
 
@@ -426,26 +480,59 @@ int64_t PermutedHeads(const std::string& name, const ModelConfig& c) {
   return 0;
 }
 
-// Checks every tensor of `f` against `w`: ggml dims are the PyTorch shape reversed, and the values
-// equal `expected(original)` after undoing the q/k permutation when `permuted`.
+uint32_t GgmlTypeFor(WeightFormat format) {
+  switch (format) {
+    case WeightFormat::kF32:
+      return kGgmlF32;
+    case WeightFormat::kF16:
+      return kGgmlF16;
+    case WeightFormat::kQ8_0:
+      return kGgmlQ8_0;
+    case WeightFormat::kQ4_0:
+      return kGgmlQ4_0;
+    default:
+      FAIL("no GGUF export in " << WeightFormatName(format));
+  }
+  return 0;
+}
+
+// The format a tensor must have in a file whose matrices were requested in `requested`: 1-D
+// tensors F32; a block format only for rows of whole blocks (cols % 32 == 0), else F16.
+WeightFormat ExpectedFormat(const at::Tensor& original, WeightFormat requested) {
+  if (original.dim() == 1) return WeightFormat::kF32;
+  const bool blocks = requested == WeightFormat::kQ8_0 || requested == WeightFormat::kQ4_0;
+  return blocks && LogicalShape(original)[1] % 32 != 0 ? WeightFormat::kF16 : requested;
+}
+
+// Checks every tensor of `f` against `w`: ggml dims are the (logical) PyTorch shape reversed, and
+// the contents are the weight's values (dequantized first if `w` holds blocks) in the file's
+// format: rounded to F16, or QuantizeMatrix's blocks, with q/k rows permuted when `permuted`.
 void CheckTensorData(const GgufFile& f, const ModelConfig& c, const ModelWeights& w, bool permuted,
-                     at::ScalarType matrix_dtype) {
+                     WeightFormat matrix_format) {
   const auto originals = ByGgufName(w);
   for (const TensorInfo& t : f.tensors) {
     if (t.name == "rope_freqs.weight") continue;
     INFO("tensor " << t.name);
     const at::Tensor& original = originals.at(t.name);
     REQUIRE(original.defined());
-    std::vector<uint64_t> reversed(original.sizes().rbegin(), original.sizes().rend());
-    CHECK(t.ne == reversed);
-    const bool matrix = original.dim() == 2;
-    CHECK(t.type == (matrix && matrix_dtype == at::kHalf ? kGgmlF16 : kGgmlF32));
-    // What the file should hold: the weight rounded to the file's type (a no-op for F32).
-    const std::vector<float> want = ToVector(original.to(matrix ? matrix_dtype : at::kFloat));
-    std::vector<float> got = Floats(f, t);
+    const std::vector<int64_t> shape = LogicalShape(original);
+    CHECK(t.ne == std::vector<uint64_t>(shape.rbegin(), shape.rend()));
+    const WeightFormat format = ExpectedFormat(original, matrix_format);
+    CHECK(t.type == GgmlTypeFor(format));
+    const at::Tensor values =
+        original.scalar_type() == at::kByte ? DequantizeMatrix(original) : original;
     const int64_t heads = permuted ? PermutedHeads(t.name, c) : 0;
+    if (format == WeightFormat::kQ8_0 || format == WeightFormat::kQ4_0) {
+      CHECK(Bytes(f, t) == ExpectedBlocks(values, format, heads));
+      if (heads > 0) CHECK(Bytes(f, t) != ExpectedBlocks(values, format, 0));
+      continue;
+    }
+    // What the file should hold: the weight rounded to the file's type (a no-op for F32).
+    const std::vector<float> want =
+        ToVector(values.to(format == WeightFormat::kF16 ? at::kHalf : at::kFloat));
+    std::vector<float> got = Floats(f, t);
     if (heads > 0) {
-      const int64_t rows = original.size(0), cols = matrix ? original.size(1) : 1;
+      const int64_t rows = shape[0], cols = shape.size() == 2 ? shape[1] : 1;
       // The permutation must have moved something, or the un-permuting below proves nothing.
       CHECK(got != want);
       got = Unpermute(got, rows, cols, heads);
@@ -586,7 +673,7 @@ TEST_CASE(
   auto tok = ParseTokenizer(TokenizerJson());
   const GgufFile f = Export(dir + "/model.gguf", c, w, *tok, F32());
   CHECK(f.Get("general.file_type").u == 0);  // ALL_F32
-  CheckTensorData(f, c, w, /*permuted=*/true, at::kFloat);
+  CheckTensorData(f, c, w, /*permuted=*/true, WeightFormat::kF32);
   std::filesystem::remove_all(dir);
 }
 
@@ -600,7 +687,7 @@ TEST_CASE("An F16 export rounds every matrix to half precision and keeps norms i
   CHECK(f.Get("general.file_type").u == 1);
   CHECK(f.Tensor("blk.0.attn_v.weight").type == kGgmlF16);
   CHECK(f.Tensor("blk.0.attn_norm.weight").type == kGgmlF32);
-  CheckTensorData(f, c, w, /*permuted=*/true, at::kHalf);
+  CheckTensorData(f, c, w, /*permuted=*/true, WeightFormat::kF16);
   // Half precision keeps 11 significant bits: the file is within 2^-11 (relative) of the fp32
   // weights.
   const TensorInfo& v = f.Tensor("blk.1.attn_v.weight");
@@ -627,8 +714,178 @@ TEST_CASE("Weights held in bfloat16 or float16 are converted to the file's types
   auto tok = ParseTokenizer(TokenizerJson());
   // F32 holds the 16-bit values exactly; F16 rounds the bfloat16 ones (more exponent, fewer
   // mantissa bits).
-  CheckTensorData(Export(dir + "/f32.gguf", c, w, *tok, F32()), c, w, true, at::kFloat);
-  CheckTensorData(Export(dir + "/f16.gguf", c, w, *tok), c, w, true, at::kHalf);
+  CheckTensorData(Export(dir + "/f32.gguf", c, w, *tok, F32()), c, w, true, WeightFormat::kF32);
+  CheckTensorData(Export(dir + "/f16.gguf", c, w, *tok), c, w, true, WeightFormat::kF16);
+  std::filesystem::remove_all(dir);
+}
+
+GgufOptions Format(WeightFormat format) {
+  GgufOptions o;
+  o.format = format;
+  return o;
+}
+
+TEST_CASE("A Q8_0 export holds QuantizeMatrix's blocks of every matrix, q and k rows permuted",
+          "[model][gguf][quant]") {
+  const std::string dir = TempDir("q8_0");
+  const ModelConfig c = TinyLlama();
+  const ModelWeights w = RandomWeights(c, 20);
+  auto tok = ParseTokenizer(TokenizerJson());
+  const GgufFile f = Export(dir + "/model.gguf", c, w, *tok, Format(WeightFormat::kQ8_0));
+  CHECK(f.Tensor("blk.0.attn_q.weight").type == kGgmlQ8_0);
+  CHECK(f.Tensor("token_embd.weight").type == kGgmlQ8_0);
+  CheckTensorData(f, c, w, /*permuted=*/true, WeightFormat::kQ8_0);
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("A Q4_0 export holds QuantizeMatrix's blocks of every matrix, q and k rows permuted",
+          "[model][gguf][quant]") {
+  const std::string dir = TempDir("q4_0");
+  const ModelConfig c = TinyLlamaWithBiases();  // q / k biases stay F32 but are permuted
+  const ModelWeights w = RandomWeights(c, 21);
+  auto tok = ParseTokenizer(TokenizerJson());
+  const GgufFile f = Export(dir + "/model.gguf", c, w, *tok, Format(WeightFormat::kQ4_0));
+  CHECK(f.Tensor("blk.1.attn_k.weight").type == kGgmlQ4_0);
+  CHECK(f.Tensor("blk.1.attn_k.bias").type == kGgmlF32);
+  CheckTensorData(f, c, w, /*permuted=*/true, WeightFormat::kQ4_0);
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("A Qwen2 Q4_0 export quantizes q and k rows in their original order",
+          "[model][gguf][quant]") {
+  const std::string dir = TempDir("qwen2_q4_0");
+  const ModelConfig c = TinyQwen2();
+  const ModelWeights w = RandomWeights(c, 22);
+  auto tok = ParseTokenizer(TokenizerJson());
+  const GgufFile f = Export(dir + "/model.gguf", c, w, *tok, Format(WeightFormat::kQ4_0));
+  CHECK(f.Tensor("output.weight").type == kGgmlQ4_0);
+  CheckTensorData(f, c, w, /*permuted=*/false, WeightFormat::kQ4_0);
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("A matrix whose column count is not a multiple of 32 is written F16 in a Q4_0 export",
+          "[model][gguf][quant]") {
+  const std::string dir = TempDir("odd_cols");
+  const ModelConfig c = TinyLlama();
+  REQUIRE(c.intermediate_size == 688);  // down_proj (256, 688): 21.5 blocks per row
+  // The in-memory quantized base follows the same rule, so both hold the same numbers.
+  REQUIRE(MatrixFormatFor(WeightFormat::kQ4_0, 688) == WeightFormat::kF16);
+  const ModelWeights w = RandomWeights(c, 23);
+  auto tok = ParseTokenizer(TokenizerJson());
+  const GgufFile f = Export(dir + "/model.gguf", c, w, *tok, Format(WeightFormat::kQ4_0));
+  const TensorInfo& down = f.Tensor("blk.0.ffn_down.weight");
+  CHECK(down.type == kGgmlF16);
+  CHECK(down.ne == std::vector<uint64_t>{688, 256});
+  CHECK(Floats(f, down) == ToVector(w.layers[0].down.to(at::kHalf)));
+  CHECK(f.Tensor("blk.0.ffn_up.weight").type == kGgmlQ4_0);  // (688, 256): whole blocks
+  CHECK(f.Get("general.file_type").u == 2);                  // still MOSTLY_Q4_0
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE(
+    "general.file_type names the requested format, and block formats add the quantization version",
+    "[model][gguf][quant]") {
+  const std::string dir = TempDir("file_type");
+  const ModelConfig c = TinyLlama();
+  const ModelWeights w = RandomWeights(c, 24);
+  auto tok = ParseTokenizer(TokenizerJson());
+  // llama_ftype: ALL_F32 = 0, MOSTLY_F16 = 1, MOSTLY_Q4_0 = 2, MOSTLY_Q8_0 = 7.
+  const std::pair<WeightFormat, uint64_t> cases[] = {{WeightFormat::kF32, 0},
+                                                     {WeightFormat::kF16, 1},
+                                                     {WeightFormat::kQ4_0, 2},
+                                                     {WeightFormat::kQ8_0, 7}};
+  for (const auto& [format, file_type] : cases) {
+    INFO(WeightFormatName(format));
+    const GgufFile f = Export(dir + "/model.gguf", c, w, *tok, Format(format));
+    CHECK(f.Get("general.file_type").type == kU32);
+    CHECK(f.Get("general.file_type").u == file_type);
+    if (file_type >= 2) {
+      CHECK(f.Get("general.quantization_version").type == kU32);
+      CHECK(f.Get("general.quantization_version").u == 2);  // ggml's GGML_QNT_VERSION
+    } else {
+      CHECK_FALSE(f.kv.count("general.quantization_version"));
+    }
+  }
+  std::filesystem::remove_all(dir);
+}
+
+// A (rows, cols) matrix of valid GGUF blocks that QuantizeMatrix would never produce (every code
+// well inside its range, one fixed scale), so copying and re-quantizing give different bytes.
+at::Tensor OffGridBlocks(int64_t rows, int64_t cols, WeightFormat format, uint32_t seed) {
+  const int64_t block_bytes = BlockBytes(format);
+  at::Tensor t = at::empty({rows, cols / 32, block_bytes}, at::kByte);
+  std::mt19937 rng(seed);
+  uint8_t* p = t.data_ptr<uint8_t>();
+  for (int64_t b = 0; b < rows * cols / 32; ++b, p += block_bytes) {
+    p[0] = 0x1F;  // binary16 0x211F, about 0.01
+    p[1] = 0x21;
+    for (int64_t k = 2; k < block_bytes; ++k) {
+      if (format == WeightFormat::kQ8_0) {
+        p[k] = static_cast<uint8_t>(static_cast<int8_t>(static_cast<int>(rng() % 101) - 50));
+      } else {
+        p[k] = static_cast<uint8_t>((2 + rng() % 12) | ((2 + rng() % 12) << 4));
+      }
+    }
+  }
+  return t;
+}
+
+// `c`'s weights with every matrix of whole blocks in `format` (off-grid blocks) and the others F16,
+// as a quantized base holds them.
+ModelWeights QuantizedWeights(const ModelConfig& c, WeightFormat format) {
+  ModelWeights w = RandomWeights(c, 25);
+  uint32_t seed = 0;
+  auto quantize = [&](at::Tensor& t) {
+    t = t.size(1) % 32 == 0 ? OffGridBlocks(t.size(0), t.size(1), format, ++seed) : t.to(at::kHalf);
+  };
+  quantize(w.embed);
+  w.lm_head = w.embed;
+  for (LayerWeights& l : w.layers) {
+    for (at::Tensor* t : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down}) quantize(*t);
+  }
+  return w;
+}
+
+TEST_CASE(
+    "Weights already in the requested block format are copied block for block, q/k rows permuted",
+    "[model][gguf][quant]") {
+  const std::string dir = TempDir("copy_blocks");
+  const ModelConfig c = TinyLlama();
+  auto tok = ParseTokenizer(TokenizerJson());
+  for (const WeightFormat format : {WeightFormat::kQ8_0, WeightFormat::kQ4_0}) {
+    INFO(WeightFormatName(format));
+    const ModelWeights w = QuantizedWeights(c, format);
+    const GgufFile f = Export(dir + "/model.gguf", c, w, *tok, Format(format));
+    for (const auto& [name, original] : ByGgufName(w)) {
+      if (!original.defined() || original.scalar_type() != at::kByte || !f.HasTensor(name))
+        continue;
+      INFO("tensor " << name);
+      const TensorInfo& t = f.Tensor(name);
+      CHECK(t.type == GgmlTypeFor(format));
+      const int64_t heads = PermutedHeads(name, c);
+      const std::vector<uint8_t> blocks = Bytes(original);
+      const int64_t rows = original.size(0), row_bytes = original.size(1) * original.size(2);
+      CHECK(Bytes(f, t) ==
+            (heads > 0 ? PermuteRows(blocks, rows, row_bytes, heads, RowOrder::kToFile) : blocks));
+      // Re-quantizing would have changed them.
+      CHECK(Bytes(f, t) != ExpectedBlocks(DequantizeMatrix(original), format, heads));
+    }
+    CHECK(f.Tensor("blk.0.ffn_down.weight").type == kGgmlF16);
+  }
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("Quantized weights exported in another format are dequantized, then converted",
+          "[model][gguf][quant]") {
+  const std::string dir = TempDir("requantize");
+  const ModelConfig c = TinyLlama();
+  const ModelWeights w = QuantizedWeights(c, WeightFormat::kQ8_0);
+  auto tok = ParseTokenizer(TokenizerJson());
+  for (const WeightFormat format : {WeightFormat::kQ4_0, WeightFormat::kF32, WeightFormat::kF16}) {
+    INFO(WeightFormatName(format));
+    CheckTensorData(Export(dir + "/model.gguf", c, w, *tok, Format(format)), c, w,
+                    /*permuted=*/true, format);
+  }
   std::filesystem::remove_all(dir);
 }
 
@@ -806,7 +1063,7 @@ TEST_CASE("An untied Qwen2 model's GGUF has output.weight and F32 q/k/v biases, 
   }
   CHECK_FALSE(f.HasTensor("rope_freqs.weight"));
   // qwen2 uses rotate-half RoPE like Hugging Face: rows stay in place.
-  CheckTensorData(f, c, w, /*permuted=*/false, at::kHalf);
+  CheckTensorData(f, c, w, /*permuted=*/false, WeightFormat::kF16);
   std::filesystem::remove_all(dir);
 }
 
@@ -859,45 +1116,9 @@ TEST_CASE(
     "A SentencePiece-style tokenizer.json exports as llama.cpp's 'llama' tokenizer with scores",
     "[model][gguf]") {
   const std::string meta = "\xE2\x96\x81";  // "▁"
-  json vocab = json::object();
-  int32_t next = 0;
-  for (const std::string t : {"<unk>", "<s>", "</s>"}) vocab[t] = next++;
-  for (int b = 0; b < 256; ++b) {
-    char name[8];
-    std::snprintf(name, sizeof(name), "<0x%02X>", b);
-    vocab[name] = next++;
-  }
-  for (const std::string& t : std::vector<std::string>{meta, "h", "i", meta + "h", meta + "hi"})
-    vocab[t] = next++;
-  const json doc = {
-      {"added_tokens", json::array({{{"id", 0}, {"content", "<unk>"}, {"special", true}},
-                                    {{"id", 1}, {"content", "<s>"}, {"special", true}},
-                                    {{"id", 2}, {"content", "</s>"}, {"special", true}}})},
-      {"normalizer",
-       {{"type", "Sequence"},
-        {"normalizers",
-         {{{"type", "Prepend"}, {"prepend", meta}},
-          {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", meta}}}}}},
-      {"pre_tokenizer", nullptr},
-      {"post_processor",
-       {{"type", "TemplateProcessing"},
-        {"single",
-         {{{"SpecialToken", {{"id", "<s>"}, {"type_id", 0}}}},
-          {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}},
-        {"pair", json::array()},
-        {"special_tokens", {{"<s>", {{"id", "<s>"}, {"ids", {1}}, {"tokens", {"<s>"}}}}}}}},
-      {"decoder",
-       {{"type", "Sequence"},
-        {"decoders",
-         {{{"type", "Replace"}, {"pattern", {{"String", meta}}}, {"content", " "}},
-          {{"type", "ByteFallback"}},
-          {{"type", "Fuse"}}}}}},
-      {"model",
-       {{"type", "BPE"},
-        {"unk_token", "<unk>"},
-        {"byte_fallback", true},
-        {"vocab", vocab},
-        {"merges", {meta + " h", meta + "h i"}}}}};
+  const json doc = testing::SentencePieceStyleTokenizerJson({meta, "h", "i", meta + "h", meta + "hi"},
+                                                            {{meta, "h"}, {meta + "h", "i"}});
+  const json& vocab = doc["model"]["vocab"];
   auto tok = ParseTokenizer(doc.dump());
   const std::string dir = TempDir("spm");
   const ModelConfig c = TinyLlama();
@@ -960,9 +1181,9 @@ TEST_CASE("Requesting BF16 is InvalidArgument and leaves no file behind", "[mode
   const ModelConfig c = TinyLlama();
   auto tok = ParseTokenizer(TokenizerJson());
   GgufOptions options;
-  options.dtype = DType::kBF16;
+  options.format = WeightFormat::kBF16;
   CheckRefused(WriteGguf(dir + "/model.gguf", c, RandomWeights(c, 12), *tok, options), dir,
-               "F32 or F16");
+               "not bf16");
   std::filesystem::remove_all(dir);
 }
 
@@ -1018,6 +1239,266 @@ TEST_CASE("Weights or a tokenizer that do not fit the config are refused without
     w.lm_head = at::Tensor();
     CheckRefused(WriteGguf(path, c, w, *tok), dir, "output.weight");
   }
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("A uint8 weight that is not GGUF blocks is refused without a file",
+          "[model][gguf][quant]") {
+  const std::string dir = TempDir("bad_blocks");
+  const ModelConfig c = TinyLlama();
+  ModelWeights w = RandomWeights(c, 26);
+  w.layers[0].v = at::zeros({64, 8, 33}, at::kByte);  // 33-byte "blocks"
+  auto tok = ParseTokenizer(TokenizerJson());
+  CheckRefused(WriteGguf(dir + "/model.gguf", c, w, *tok, Format(WeightFormat::kQ8_0)), dir,
+               "'blk.0.attn_v.weight' is a uint8 tensor of shape [64, 8, 33]");
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("A weight that cannot be quantized is refused and leaves no file",
+          "[model][gguf][quant]") {
+  const std::string dir = TempDir("nan");
+  const ModelConfig c = TinyLlama();
+  ModelWeights w = RandomWeights(c, 27);
+  w.layers[1].up[5][7] = std::numeric_limits<float>::quiet_NaN();
+  auto tok = ParseTokenizer(TokenizerJson());
+  CheckRefused(WriteGguf(dir + "/model.gguf", c, w, *tok, Format(WeightFormat::kQ4_0)), dir,
+               "'blk.1.ffn_up.weight' row 5");
+  std::filesystem::remove_all(dir);
+}
+
+// ---- LoRA adapters ------------------------------------------------------------------------------
+
+// A (rows, cols) fp32 matrix of normals from its own seeded stream.
+at::Tensor RandomMatrix(int64_t rows, int64_t cols, uint32_t seed) {
+  at::Tensor t = at::empty({rows, cols}, at::kFloat);
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 0.1f);
+  for (int64_t k = 0; k < t.numel(); ++k) t.data_ptr<float>()[k] = normal(rng);
+  return t;
+}
+
+constexpr Projection kAllProjections[] = {Projection::kQ,   Projection::kK,    Projection::kV,
+                                          Projection::kO,   Projection::kGate, Projection::kUp,
+                                          Projection::kDown};
+
+// The weight a projection adapts, (out, in).
+const at::Tensor& BaseWeight(const ModelWeights& w, int64_t layer, Projection p) {
+  const LayerWeights& l = w.layers[layer];
+  const at::Tensor* slots[] = {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down};
+  return *slots[static_cast<int>(p)];
+}
+
+// Random rank-`rank` pairs for every projection of every layer, shaped after `w`.
+std::vector<GgufLoraPair> RandomPairs(const ModelConfig& c, const ModelWeights& w, int64_t rank) {
+  std::vector<GgufLoraPair> pairs;
+  uint32_t seed = 100;
+  for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) {
+    for (Projection p : kAllProjections) {
+      const at::Tensor& base = BaseWeight(w, layer, p);
+      pairs.push_back({layer, p, RandomMatrix(rank, base.size(1), ++seed),
+                       RandomMatrix(base.size(0), rank, ++seed)});
+    }
+  }
+  return pairs;
+}
+
+std::string GgufBase(const GgufLoraPair& pair) {
+  static const char* kNames[] = {"attn_q",   "attn_k", "attn_v",  "attn_output",
+                                 "ffn_gate", "ffn_up", "ffn_down"};
+  return "blk." + std::to_string(pair.layer) + "." + kNames[static_cast<int>(pair.projection)] +
+         ".weight";
+}
+
+GgufFile ExportLora(const std::string& path, const ModelConfig& c,
+                    const std::vector<GgufLoraPair>& pairs, double scale,
+                    const GgufLoraOptions& options = {}) {
+  const absl::Status s = WriteGgufLora(path, c, pairs, scale, options);
+  INFO(s.ToString());
+  REQUIRE(s.ok());
+  return ReadGguf(path);
+}
+
+TEST_CASE(
+    "A LoRA adapter GGUF has llama.cpp's adapter keys and a lora_a / lora_b pair per projection",
+    "[model][gguf][lora]") {
+  const std::string dir = TempDir("lora_layout");
+  const ModelConfig c = TinyLlama();
+  const ModelWeights w = RandomWeights(c, 30);
+  const std::vector<GgufLoraPair> pairs = RandomPairs(c, w, 4);
+  const GgufFile f = ExportLora(dir + "/adapter.gguf", c, pairs, /*scale=*/2.0);
+
+  std::set<std::string> keys;
+  for (const auto& [key, value] : f.kv) keys.insert(key);
+  CHECK(keys == std::set<std::string>{"general.architecture", "general.type", "general.alignment",
+                                      "adapter.type", "adapter.lora.alpha"});
+  CHECK(f.Get("general.architecture").s == "llama");
+  CHECK(f.Get("general.type").s == "adapter");
+  CHECK(f.Get("adapter.type").s == "lora");
+  CHECK(f.Get("adapter.lora.alpha").type == kF32);
+  CHECK(f.Get("adapter.lora.alpha").f == 8.0);  // llama.cpp applies alpha / rank = 2
+  CHECK(f.Get("general.alignment").u == 32);
+
+  REQUIRE(f.tensors.size() == 2 * pairs.size());
+  for (size_t k = 0; k < pairs.size(); ++k) {
+    const std::string base = GgufBase(pairs[k]);
+    INFO(base);
+    const at::Tensor& weight = BaseWeight(w, pairs[k].layer, pairs[k].projection);
+    const uint64_t out = weight.size(0), in = weight.size(1);
+    // Shapes as llama-adapter.cpp checks them: a->ne[0] = the base's ne[0] (in), b->ne[1] = its
+    // ne[1] (out), a->ne[1] = b->ne[0] = rank.
+    CHECK(f.tensors[2 * k].name == base + ".lora_a");
+    CHECK(f.tensors[2 * k].ne == std::vector<uint64_t>{in, 4});
+    CHECK(f.tensors[2 * k].type == kGgmlF32);
+    CHECK(f.tensors[2 * k + 1].name == base + ".lora_b");
+    CHECK(f.tensors[2 * k + 1].ne == std::vector<uint64_t>{4, out});
+    CHECK(f.tensors[2 * k + 1].type == kGgmlF32);
+  }
+  std::filesystem::remove_all(dir);
+}
+
+// Checks the values of every pair in `f`: A as given, B with q/k rows permuted when `permuted`.
+void CheckLoraData(const GgufFile& f, const ModelConfig& c, const std::vector<GgufLoraPair>& pairs,
+                   bool permuted, at::ScalarType dtype) {
+  for (const GgufLoraPair& pair : pairs) {
+    const std::string base = GgufBase(pair);
+    INFO(base);
+    CHECK(Floats(f, f.Tensor(base + ".lora_a")) == ToVector(pair.a.to(dtype)));
+    std::vector<float> b = Floats(f, f.Tensor(base + ".lora_b"));
+    const std::vector<float> want = ToVector(pair.b.to(dtype));
+    const int64_t heads = permuted ? PermutedHeads(base, c) : 0;
+    if (heads > 0) {
+      CHECK(b != want);
+      b = Unpermute(b, pair.b.size(0), pair.b.size(1), heads);
+    }
+    CHECK(b == want);
+  }
+}
+
+TEST_CASE("A llama LoRA adapter holds A as given and B with q/k rows permuted like the base",
+          "[model][gguf][lora]") {
+  const std::string dir = TempDir("lora_llama");
+  const ModelConfig c = TinyLlama();
+  const ModelWeights w = RandomWeights(c, 31);
+  const std::vector<GgufLoraPair> pairs = RandomPairs(c, w, 8);
+  const GgufFile f = ExportLora(dir + "/adapter.gguf", c, pairs, 2.0);
+  CheckLoraData(f, c, pairs, /*permuted=*/true, at::kFloat);
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("A Qwen2 LoRA adapter keeps B's rows in their original order", "[model][gguf][lora]") {
+  const std::string dir = TempDir("lora_qwen2");
+  const ModelConfig c = TinyQwen2();
+  const ModelWeights w = RandomWeights(c, 32);
+  const std::vector<GgufLoraPair> pairs = RandomPairs(c, w, 4);
+  const GgufFile f = ExportLora(dir + "/adapter.gguf", c, pairs, 2.0);
+  CHECK(f.Get("general.architecture").s == "qwen2");
+  CheckLoraData(f, c, pairs, /*permuted=*/false, at::kFloat);
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE(
+    "llama.cpp's W + (alpha / rank) B A on the exported files gives the export of the merged model",
+    "[model][gguf][lora]") {
+  const std::string dir = TempDir("lora_merge");
+  const ModelConfig c = TinyLlama();
+  const ModelWeights w = RandomWeights(c, 33);
+  const std::vector<GgufLoraPair> pairs = RandomPairs(c, w, 4);
+  const double scale = 0.75;
+  ModelWeights merged = RandomWeights(c, 33);
+  for (const GgufLoraPair& pair : pairs) {
+    const_cast<at::Tensor&>(BaseWeight(merged, pair.layer, pair.projection))
+        .add_(at::matmul(pair.b, pair.a), scale);
+  }
+  auto tok = ParseTokenizer(TokenizerJson());
+  const GgufFile base = Export(dir + "/base.gguf", c, w, *tok, F32());
+  const GgufFile want = Export(dir + "/merged.gguf", c, merged, *tok, F32());
+  const GgufFile adapter = ExportLora(dir + "/adapter.gguf", c, pairs, scale);
+  const double alpha = adapter.Get("adapter.lora.alpha").f;
+  for (const GgufLoraPair& pair : pairs) {
+    const std::string name = GgufBase(pair);
+    INFO(name);
+    // In ggml's terms: the base is (out rows, in cols), lora_a (rank rows, in cols), lora_b
+    // (out rows, rank cols), each row-major in file order.
+    const TensorInfo& a = adapter.Tensor(name + ".lora_a");
+    const TensorInfo& b = adapter.Tensor(name + ".lora_b");
+    const int64_t rank = static_cast<int64_t>(b.ne[0]), in = static_cast<int64_t>(a.ne[0]);
+    const int64_t out = static_cast<int64_t>(b.ne[1]);
+    const std::vector<float> a_rows = Floats(adapter, a), b_rows = Floats(adapter, b);
+    const std::vector<float> w_rows = Floats(base, base.Tensor(name));
+    const std::vector<float> merged_rows = Floats(want, want.Tensor(name));
+    for (int64_t r = 0; r < out; r += 7) {
+      for (int64_t k = 0; k < in; k += 5) {
+        double delta = 0;
+        for (int64_t j = 0; j < rank; ++j) delta += b_rows[r * rank + j] * a_rows[j * in + k];
+        REQUIRE(w_rows[r * in + k] + alpha / rank * delta ==
+                Approx(merged_rows[r * in + k]).margin(1e-6));
+      }
+    }
+  }
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("An rsLoRA scale is carried as adapter.lora.alpha = scale * rank",
+          "[model][gguf][lora]") {
+  const std::string dir = TempDir("lora_rslora");
+  const ModelConfig c = TinyLlama();
+  const ModelWeights w = RandomWeights(c, 34);
+  const double scale = 16.0 / std::sqrt(8.0);  // rsLoRA: alpha / sqrt(r)
+  const GgufFile f = ExportLora(dir + "/adapter.gguf", c, RandomPairs(c, w, 8), scale);
+  CHECK(f.Get("adapter.lora.alpha").f == static_cast<float>(scale * 8));
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("An F16 LoRA adapter rounds A and B to half precision", "[model][gguf][lora]") {
+  const std::string dir = TempDir("lora_f16");
+  const ModelConfig c = TinyLlama();
+  const ModelWeights w = RandomWeights(c, 35);
+  const std::vector<GgufLoraPair> pairs = RandomPairs(c, w, 4);
+  GgufLoraOptions options;
+  options.format = WeightFormat::kF16;
+  const GgufFile f = ExportLora(dir + "/adapter.gguf", c, pairs, 2.0, options);
+  for (const TensorInfo& t : f.tensors) CHECK(t.type == kGgmlF16);
+  CheckLoraData(f, c, pairs, /*permuted=*/true, at::kHalf);
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("LoRA pairs or options that do not fit are refused without a file",
+          "[model][gguf][lora]") {
+  const std::string dir = TempDir("lora_refused");
+  const std::string path = dir + "/adapter.gguf";
+  const ModelConfig c = TinyLlama();
+  const ModelWeights w = RandomWeights(c, 36);
+  const std::vector<GgufLoraPair> good = RandomPairs(c, w, 4);
+  {
+    std::vector<GgufLoraPair> pairs = good;
+    pairs[1].b = RandomMatrix(32, 4, 1);  // k_proj has 64 output rows
+    CheckRefused(WriteGgufLora(path, c, pairs, 2.0), dir,
+                 "'blk.0.attn_k.weight.lora_b' has shape [32, 4], config implies [64, 4]");
+  }
+  {
+    std::vector<GgufLoraPair> pairs = good;
+    pairs[2].a = RandomMatrix(8, 256, 2);
+    CheckRefused(WriteGgufLora(path, c, pairs, 2.0), dir, "rank 8 but earlier pairs have rank 4");
+  }
+  {
+    std::vector<GgufLoraPair> pairs = good;
+    pairs.push_back(good[3]);
+    CheckRefused(WriteGgufLora(path, c, pairs, 2.0), dir,
+                 "two LoRA pairs for 'blk.0.attn_output.weight'");
+  }
+  {
+    std::vector<GgufLoraPair> pairs = good;
+    pairs[0].layer = 2;
+    CheckRefused(WriteGgufLora(path, c, pairs, 2.0), dir, "layer 2, the model has 2 layers");
+  }
+  CheckRefused(WriteGgufLora(path, c, {}, 2.0), dir, "no tensors");
+  CheckRefused(WriteGgufLora(path, c, good, 0.0), dir, "scale");
+  GgufLoraOptions q8;
+  q8.format = WeightFormat::kQ8_0;
+  CheckRefused(WriteGgufLora(path, c, good, 2.0, q8), dir, "f32 or f16, not q8_0");
+  ModelConfig gemma = c;
+  gemma.architecture = "GemmaForCausalLM";
+  CheckRefused(WriteGgufLora(path, gemma, good, 2.0), dir, "GemmaForCausalLM");
   std::filesystem::remove_all(dir);
 }
 
