@@ -1,5 +1,7 @@
 #include "lora/adapter.h"
 
+#include <torch/csrc/autograd/custom_function.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -80,6 +82,43 @@ std::optional<Projection> ProjectionFromName(std::string_view name) {
     if (name == model::ProjectionName(p)) return p;
   }
   return std::nullopt;
+}
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// scale · (x Aᵀ) Bᵀ, whose backward recomputes the rank-sized h = x Aᵀ instead of keeping it (MeSP,
+// "Memory-efficient Structured Backpropagation"): it keeps only x, A and B, which live anyway.
+struct LoraDeltaFunction : public torch::autograd::Function<LoraDeltaFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
+                            double scale) {
+    ctx->save_for_backward({x, a, b});
+    ctx->saved_data["scale"] = scale;
+    return at::linear(at::linear(x, a), b) * scale;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor& a = saved[1];  // (r, in)
+    const at::Tensor& b = saved[2];  // (out, r)
+    const at::Tensor x = saved[0].reshape({-1, a.size(1)});                                      // (N, in)
+    const at::Tensor g = (grad_outputs[0] * ctx->saved_data["scale"].toDouble()).reshape({-1, b.size(0)});  // (N, out)
+    const at::Tensor h = at::mm(x, a.t());  // (N, r), recomputed
+    const at::Tensor dh = at::mm(g, b);     // (N, r)
+    at::Tensor dx;
+    if (ctx->needs_input_grad(0)) dx = at::mm(dh, a).view(saved[0].sizes());
+    return {dx, ctx->needs_input_grad(1) ? at::mm(dh.t(), x) : at::Tensor(),
+            ctx->needs_input_grad(2) ? at::mm(g.t(), h) : at::Tensor(), at::Tensor()};
+  }
+};
+
+// The adapter's contribution; through the recomputing function when reverse-mode autograd records it
+// (forward-mode duals and no-grad probes take the plain expression).
+at::Tensor LoraDelta(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b, double scale) {
+  if (at::GradMode::is_enabled() && (x.requires_grad() || a.requires_grad() || b.requires_grad())) {
+    return LoraDeltaFunction::apply(x, a, b, scale);
+  }
+  return at::linear(at::linear(x, a), b) * scale;
 }
 
 }  // namespace
@@ -197,7 +236,7 @@ at::Tensor LoraAdapter::Apply(int64_t layer, Projection p, const at::Tensor& x, 
   }
   const at::Tensor a = Matrix(*va);  // (r, in)
   const at::Tensor b = Matrix(*vb);  // (out, r)
-  return base_out + at::linear(at::linear(input, a), b) * config_.scale();
+  return base_out + LoraDelta(input, a, b, config_.scale());
 }
 
 std::vector<at::Tensor> LoraAdapter::LayerTensors(int64_t layer) const {

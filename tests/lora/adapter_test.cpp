@@ -249,6 +249,39 @@ TEST_CASE("Gradients reach only the flat buffer, and recomputation gives the sam
   CHECK_FALSE(m->weights().layers[0].q.grad().defined());
 }
 
+TEST_CASE("The adapter's backward (recomputing x A) equals plain autograd through the LoRA expression", "[lora]") {
+  const auto c = SmallConfig();
+  auto a = LoraAdapter::Create(c, AllTargets(3));
+  REQUIRE(a.ok());
+  RandomizeB(**a);
+  const LoraView* va = nullptr;
+  for (const LoraView& v : (*a)->views()) {
+    if (v.layer == 1 && v.projection == Projection::kUp && v.is_a) va = &v;
+  }
+  REQUIRE(va != nullptr);
+  const LoraView& vb = *(va + 1);
+  const at::Tensor x0 = at::randn({2, 5, c.hidden_size});
+  const at::Tensor upstream = at::randn({2, 5, c.intermediate_size});
+  // Through the adapter.
+  at::Tensor& flat = (*a)->flat();
+  flat.requires_grad_(true);
+  at::Tensor x = x0.clone().requires_grad_(true);
+  (*a)->Apply(1, Projection::kUp, x, at::zeros({2, 5, c.intermediate_size})).backward(upstream);
+  const at::Tensor grad_a = flat.grad().narrow(0, va->offset, va->numel()).view({va->rows, va->cols}).clone();
+  const at::Tensor grad_b = flat.grad().narrow(0, vb.offset, vb.numel()).view({vb.rows, vb.cols}).clone();
+  flat.requires_grad_(false);
+  flat.mutable_grad() = at::Tensor();
+  // The same expression with LibTorch's own formulas.
+  at::Tensor ra = (*a)->Matrix(*va).detach().clone().requires_grad_(true);
+  at::Tensor rb = (*a)->Matrix(vb).detach().clone().requires_grad_(true);
+  at::Tensor rx = x0.clone().requires_grad_(true);
+  (at::linear(at::linear(rx, ra), rb) * (*a)->config().scale()).backward(upstream);
+  CHECK(grad_b.abs().max().item<double>() > 0);
+  CHECK((x.grad() - rx.grad()).abs().max().item<double>() < 1e-5);
+  CHECK((grad_a - ra.grad()).abs().max().item<double>() < 1e-5);
+  CHECK((grad_b - rb.grad()).abs().max().item<double>() < 1e-5);
+}
+
 TEST_CASE("Dropout masks depend on the step only in training mode", "[lora]") {
   const auto c = SmallConfig();
   auto m = SmallModel(c);
