@@ -31,6 +31,7 @@ absl::StatusOr<double> HeldoutLoss(const model::LlamaModel& model, lora::LoraAda
   eo.batch_size = std::max<int64_t>(1, plan.micro_batch);
   eo.forward.adapter = adapter;
   eo.forward.ce_chunk_tokens = plan.ce_chunk_tokens;
+  eo.forward.mlp_chunk_tokens = plan.mlp_chunk_tokens;
   SEEDLING_ASSIGN_OR_RETURN(model::EvalResult r, model::Evaluate(model, examples, eo));
   return r.loss;
 }
@@ -62,48 +63,54 @@ double DefaultEpsilon(Method method, bool full_parameters) {
   }
 }
 
-int64_t ResidentWeightBytes(const model::ModelConfig& config, model::WeightPrecision precision) {
-  const bool sixteen_bit = config.torch_dtype == "bfloat16" || config.torch_dtype == "float16";
-  const int64_t bytes_per_parameter = (precision == model::WeightPrecision::kStored && sixteen_bit) ? 2 : 4;
-  return bytes_per_parameter * config.NumParameters();
+namespace {
+
+// One training step of every method on `model` (a micro model) with `adapter`.
+void WarmUpMethods(const model::LlamaModel& model, lora::LoraAdapter& adapter) {
+  const at::Tensor tokens = at::arange(0, 16, at::kLong).view({2, 8});
+  const model::Batch batch{tokens, tokens.clone()};
+  for (bool recompute : {false, true}) {
+    optim::LoraBpOptions o;
+    o.recompute = recompute;
+    if (auto t = optim::LoraBpTrainer::Create(model, adapter, o); t.ok()) (void)(*t)->Step(batch);
+  }
+  optim::FwdGradOptions f;
+  f.perturbations = 1;
+  if (auto t = optim::FwdGradTrainer::Create(model, adapter, f); t.ok()) (void)(*t)->Step(batch);
+  if (auto t = optim::MezoTrainer::Create(model, &adapter, optim::ParameterSet::Adapter(adapter), {}); t.ok()) {
+    (void)(*t)->Step(batch);
+  }
 }
+
+}  // namespace
 
 int64_t MeasureRuntimeBytes() {
   {
+    // OpenBLAS allocates and touches its per-thread buffers, and a multiply this large runs the threaded
+    // driver and the large-matrix kernels that real steps use (small ones take other code paths).
     at::NoGradGuard no_grad;
-    const at::Tensor a = at::ones({256, 256});
-    (void)at::mm(a, a);  // OpenBLAS allocates and touches its per-thread buffers
+    const at::Tensor a = at::ones({1024, 1024});
+    (void)at::mm(a, a);
   }
   model::ModelConfig c;
   c.architecture = "LlamaForCausalLM";
   c.model_type = "llama";
   c.vocab_size = 64;
-  c.hidden_size = 16;
-  c.intermediate_size = 32;
+  c.hidden_size = 32;  // a multiple of 32, so the block formats' decoders run too
+  c.intermediate_size = 64;
   c.num_hidden_layers = 2;
   c.num_attention_heads = 2;
   c.num_key_value_heads = 1;
   c.head_dim = 8;
-  auto model = model::LlamaModel::Create(c, model::RandomWeights(c, 0));
   lora::LoraConfig lc;
   lc.rank = 2;
   lc.targets = {model::Projection::kQ, model::Projection::kV, model::Projection::kDown};
-  auto adapter = lora::LoraAdapter::Create(c, lc);
-  if (model.ok() && adapter.ok()) {
-    const at::Tensor tokens = at::arange(0, 16, at::kLong).view({2, 8});
-    const model::Batch batch{tokens, tokens.clone()};
-    for (bool recompute : {false, true}) {
-      optim::LoraBpOptions o;
-      o.recompute = recompute;
-      if (auto t = optim::LoraBpTrainer::Create(**model, **adapter, o); t.ok()) (void)(*t)->Step(batch);
-    }
-    optim::FwdGradOptions f;
-    f.perturbations = 1;
-    if (auto t = optim::FwdGradTrainer::Create(**model, **adapter, f); t.ok()) (void)(*t)->Step(batch);
-    if (auto t = optim::MezoTrainer::Create(**model, adapter->get(), optim::ParameterSet::Adapter(**adapter), {});
-        t.ok()) {
-      (void)(*t)->Step(batch);
-    }
+  for (model::WeightFormat format : {model::WeightFormat::kF32, model::WeightFormat::kQ8_0, model::WeightFormat::kQ4_0}) {
+    model::ModelWeights weights = model::RandomWeights(c, 0);
+    if (format != model::WeightFormat::kF32 && !model::QuantizeMatrices(weights, c, format).ok()) continue;
+    auto model = model::LlamaModel::Create(c, std::move(weights));
+    auto adapter = lora::LoraAdapter::Create(c, lc);
+    if (model.ok() && adapter.ok()) WarmUpMethods(**model, **adapter);
   }
   return CurrentRssBytes();
 }
@@ -171,6 +178,7 @@ absl::StatusOr<TrainingResult> RunLocalTraining(model::LlamaModel& model, lora::
       o.epsilon = eps;
       o.exact_restore = plan.variant == "exact-restore";
       o.ce_chunk_tokens = plan.ce_chunk_tokens;
+      o.mlp_chunk_tokens = plan.mlp_chunk_tokens;
       o.seed = config.seed;
       SEEDLING_ASSIGN_OR_RETURN(trainer, optim::MezoTrainer::Create(model, forward_adapter, params, o));
       break;
@@ -183,6 +191,7 @@ absl::StatusOr<TrainingResult> RunLocalTraining(model::LlamaModel& model, lora::
       o.epsilon = eps;
       o.exact_restore = plan.variant == "exact-restore";
       o.ce_chunk_tokens = plan.ce_chunk_tokens;
+      o.mlp_chunk_tokens = plan.mlp_chunk_tokens;
       o.seed = config.seed;
       SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<optim::KSeedTrainer> t,
                                 optim::KSeedTrainer::Create(model, forward_adapter, params, o));

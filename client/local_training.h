@@ -85,9 +85,6 @@ absl::StatusOr<TrainingResult> RunLocalTraining(model::LlamaModel& model, lora::
                                                 const MemoryPlan& plan, const TrainingProgress& progress = nullptr,
                                                 const TrainingControl& control = {});
 
-// Resident bytes of a model's weights once loaded with `precision` from checkpoint dtype `torch_dtype`.
-int64_t ResidentWeightBytes(const model::ModelConfig& config, model::WeightPrecision precision);
-
 // Process RSS after warming up, as the planner's runtime baseline: a training step of every method on a
 // micro model (a few KiB of weights) first touches the BLAS thread buffers and the LibTorch code that
 // forward, backward and forward-mode AD run through (tens of MiB of code pages counted in RSS), which

@@ -9,6 +9,7 @@
 #include "absl/strings/str_format.h"
 #include "base/memory.h"
 #include "base/strings.h"
+#include "model/frozen_linear.h"
 
 namespace seedling::client {
 namespace {
@@ -18,14 +19,15 @@ using optim::Method;
 
 constexpr int64_t kFloat = 4;          // bytes per fp32 element
 // glibc's heap does not return the holes that a step's short-lived tensors leave between its long-lived
-// ones, so a step's RSS exceeds its tensor high-water mark. Measured on SmolLM2-135M (RSS growth over
-// TensorMemoryTracker's peak): lora-bp seq 256 605 vs 350 MiB; lora-bp with recomputation, 2 x 256
-// tokens, 186 vs 70 MiB (the backward re-runs each layer, interleaving its temporaries with the
-// gradients); fwdgrad 196 vs 143; mezo 61 vs 32. Slack is a fraction of the activation estimate plus
-// 16 MiB for small objects.
+// ones, so a step's RSS exceeds its tensor high-water mark. Slack is a fraction of the activation estimate
+// plus 16 MiB for small objects. Measured (RSS over runtime + weights + trainable + activations, as a
+// fraction of the activation estimate), seq 256: lora-bp with recomputation (the backward re-runs each
+// layer, interleaving its temporaries with the gradients) on SmolLM2-135M 2 x 256 fp32 0.53 and q8_0 0.73,
+// Qwen2.5-0.5B q4_0 0.74, TinyLlama-1.1B q4_0 0.60; without recomputation Qwen2.5-0.5B q4_0 lora-bp
+// stays 1% under the estimate with 0.75.
 constexpr int64_t kSlackFixed = 16 << 20;
 constexpr double kSlackFraction = 0.75;
-constexpr double kSlackFractionRecompute = 1.6;
+constexpr double kSlackFractionRecompute = 0.9;
 
 bool Has(const lora::LoraConfig& c, Projection p) {
   return std::find(c.targets.begin(), c.targets.end(), p) != c.targets.end();
@@ -63,9 +65,11 @@ LayerShapes Shapes(const model::ModelConfig& m, int64_t rows, int64_t t) {
 // Largest set of tensors alive at once inside one layer's forward without autograd. Attention: the
 // residual input, the normed input, q/k/v, their RoPE copies and the folded q, plus two score-sized tensors
 // (masked scores and probabilities). MLP: gate, up, silu(gate) and their product next to the residual.
-int64_t InferenceLayerPeak(const LayerShapes& s) {
+// `mlp_rows` > 0: the MLP runs that many tokens at a time (ForwardOptions::mlp_chunk_tokens).
+int64_t InferenceLayerPeak(const LayerShapes& s, int64_t mlp_rows = 0) {
   const int64_t attention = s.n * (2 * s.h + 3 * s.q + 4 * s.kv) + 2 * s.scores;
-  const int64_t mlp = s.n * (2 * s.h) + 4 * s.n * s.i;
+  const int64_t rows = mlp_rows > 0 ? std::min(mlp_rows, s.n) : s.n;
+  const int64_t mlp = s.n * (2 * s.h) + 4 * rows * s.i;
   return std::max(attention, mlp);
 }
 
@@ -84,19 +88,31 @@ int64_t SavedPerLayer(const LayerShapes& s, const lora::LoraConfig& c) {
   return s.n * per_token + s.scores;
 }
 
-// Cross-entropy (model/kernels.cpp), which runs after the last layer's transients are freed: the
-// flattened hidden states it reads, a chunk of logits and the log-sum-exp's temporary (forward), plus the
-// softmax being turned into the logits' gradient and the hidden states' gradient (backward). The
-// forward-gradient version (ChunkedCrossEntropyJvp) holds the logits, their tangent and the softmax.
-int64_t CrossEntropyPeak(const model::ModelConfig& m, int64_t n, int64_t chunk, bool backward) {
-  return 2 * std::min(chunk, n) * m.vocab_size + (backward ? 3 : 1) * n * m.hidden_size;
-}
-int64_t CrossEntropyPeakForwardAD(const model::ModelConfig& m, int64_t n, int64_t chunk) {
-  return 3 * std::min(chunk, n) * m.vocab_size + 2 * n * m.hidden_size;
+// Rows of one decoded weight tile (model/frozen_linear.h) of a matrix with `cols` columns.
+int64_t TileRows(int64_t cols) {
+  return std::max<int64_t>(16, model::kWeightTileBytes / (kFloat * std::max<int64_t>(cols, 1)) / 16 * 16);
 }
 
-int64_t DefaultChunk(const model::ModelConfig& m) {
-  return std::max<int64_t>(1, (int64_t{16} << 20) / (kFloat * m.vocab_size));
+// Cross-entropy (model/kernels.cpp), which runs after the last layer's transients are freed: the
+// flattened hidden states it reads, and per vocabulary tile the decoded LM-head tile, its logits and
+// their exponentials for a chunk of rows, plus the hidden states' gradient (backward). The
+// forward-gradient version stacks primal and tangent rows, so its logits are twice as tall.
+int64_t CrossEntropyPeak(const model::ModelConfig& m, int64_t n, int64_t chunk, bool backward) {
+  const int64_t rows = std::min(chunk > 0 ? chunk : n, n);
+  const int64_t tile = std::min(TileRows(m.hidden_size), m.vocab_size);
+  return tile * m.hidden_size + 3 * rows * tile + (backward ? 3 : 1) * n * m.hidden_size;
+}
+int64_t CrossEntropyPeakForwardAD(const model::ModelConfig& m, int64_t n, int64_t chunk) {
+  const int64_t rows = std::min(chunk > 0 ? chunk : n, n);
+  const int64_t tile = std::min(TileRows(m.hidden_size), m.vocab_size);
+  return tile * m.hidden_size + 6 * rows * tile + 4 * n * m.hidden_size;
+}
+
+// The decoded tile of the widest frozen matrix a layer multiplies by (none for fp32 weights, which are
+// used in place).
+int64_t LinearTile(const model::ModelConfig& m) {
+  const int64_t widest = std::max({m.hidden_size, m.intermediate_size, m.q_dim()});
+  return TileRows(widest) * widest;
 }
 
 std::string Mib(int64_t bytes) { return absl::StrFormat("%.1f", static_cast<double>(bytes) / (1 << 20)); }
@@ -104,7 +120,7 @@ std::string Mib(int64_t bytes) { return absl::StrFormat("%.1f", static_cast<doub
 }  // namespace
 
 MemoryPlan EstimatePlan(const PlanRequest& r, const std::string& variant, int64_t micro_batch, bool recompute,
-                        int64_t ce_chunk_tokens) {
+                        int64_t ce_chunk_tokens, int64_t mlp_chunk_tokens) {
   const model::ModelConfig& m = r.model;
   MemoryPlan plan;
   plan.method = r.method;
@@ -112,6 +128,7 @@ MemoryPlan EstimatePlan(const PlanRequest& r, const std::string& variant, int64_
   plan.micro_batch = micro_batch;
   plan.recompute = recompute;
   plan.ce_chunk_tokens = ce_chunk_tokens;
+  plan.mlp_chunk_tokens = (r.method == Method::kMezo || r.method == Method::kKSeed) ? mlp_chunk_tokens : 0;
   plan.runtime_bytes = r.runtime_bytes >= 0 ? r.runtime_bytes : CurrentRssBytes();
   plan.weight_bytes = r.weight_bytes >= 0 ? r.weight_bytes : kFloat * m.NumParameters();
 
@@ -154,25 +171,15 @@ MemoryPlan EstimatePlan(const PlanRequest& r, const std::string& variant, int64_
       // restore, one copy of them.
       plan.trainable_bytes = kFloat * ((r.full_parameters ? 0 : p) + (variant == "exact-restore" ? params : 0));
       // The residual stream, then the larger of a layer's transients and the cross-entropy.
-      elements = s.n * s.h + std::max(InferenceLayerPeak(s), CrossEntropyPeak(m, s.n, ce_chunk_tokens, false));
+      elements = s.n * s.h + std::max(InferenceLayerPeak(s, plan.mlp_chunk_tokens),
+                                      CrossEntropyPeak(m, s.n, ce_chunk_tokens, false));
       break;
     }
   }
-  // Slack scales with the step's own temporaries; weight upcasts below get their own, smaller share.
+  // Slack scales with the step's own temporaries.
   const double fraction = recompute ? kSlackFractionRecompute : kSlackFraction;
   plan.slack_bytes = kSlackFixed + static_cast<int64_t>(fraction * static_cast<double>(kFloat * elements));
-  if (r.weights_16bit) {
-    // AsCompute upcasts each matrix where it is used: the LM head as a whole in the cross-entropy, and
-    // one layer's matrices at a time in the forward. lora-bp's autograd keeps every upcast copy it
-    // multiplies by (for the input gradient), one layer's worth with recomputation.
-    const int64_t layer_matrices = (m.NumParameters() - m.vocab_size * m.hidden_size * (m.tie_word_embeddings ? 1 : 2)) /
-                                   std::max<int64_t>(1, layers);
-    const int64_t upcast = m.vocab_size * m.hidden_size +
-                           ((r.method == Method::kLoraBp && !recompute) ? layers * layer_matrices : layer_matrices);
-    elements += upcast;
-    // Large regular blocks fragment the heap less than a step's small temporaries (measured: 20-30%).
-    plan.slack_bytes += static_cast<int64_t>(0.3 * static_cast<double>(kFloat * upcast));
-  }
+  if (r.weights_decoded_per_tile) elements += LinearTile(m);
   plan.activation_bytes = kFloat * elements;
   return plan;
 }
@@ -212,12 +219,14 @@ absl::StatusOr<MemoryPlan> PlanMemory(const PlanRequest& r) {
   while (r.method == Method::kLoraBp && micro_batches.back() > 1) {
     micro_batches.push_back(micro_batches.back() / 2);
   }
-  std::vector<int64_t> chunks;
-  // The forward-gradient cross-entropy holds three chunk-sized tensors (see above): start it at a third of
-  // the default chunk, so its peak stays near inference's.
-  const int64_t first_chunk = std::max<int64_t>(1, DefaultChunk(r.model) / (r.method == Method::kFwdGrad ? 3 : 1));
-  for (int64_t c = first_chunk; c >= 1; c /= 4) chunks.push_back(c);
-  if (chunks.back() != 1) chunks.push_back(1);
+  // The cross-entropy's memory is bounded by its vocabulary tiles: all rows in one chunk, then halves.
+  std::vector<int64_t> chunks = {0};
+  for (int64_t c = r.seq_len * r.batch / 2; c >= 16; c /= 2) chunks.push_back(c);
+  // mezo / kseed can run the MLP a chunk of tokens at a time, at some speed (15-30% on Qwen2.5-0.5B).
+  std::vector<int64_t> mlp_chunks = {0};
+  if (r.method == Method::kMezo || r.method == Method::kKSeed) {
+    for (int64_t c = 128; c >= 32 && c < r.seq_len * r.batch; c /= 2) mlp_chunks.push_back(c);
+  }
   const std::vector<bool> recompute_options =
       r.method == Method::kLoraBp ? std::vector<bool>{false, true} : std::vector<bool>{false};
 
@@ -225,10 +234,12 @@ absl::StatusOr<MemoryPlan> PlanMemory(const PlanRequest& r) {
   for (const std::string& variant : variants) {
     for (bool recompute : recompute_options) {
       for (int64_t mb : micro_batches) {
-        for (int64_t chunk : chunks) {
-          MemoryPlan plan = EstimatePlan(request, variant, mb, recompute, chunk);
-          if (r.budget_bytes == 0 || plan.total_bytes() <= r.budget_bytes) return plan;
-          if (!smallest || plan.total_bytes() < smallest->total_bytes()) smallest = plan;
+        for (int64_t mlp : mlp_chunks) {
+          for (int64_t chunk : chunks) {
+            MemoryPlan plan = EstimatePlan(request, variant, mb, recompute, chunk, mlp);
+            if (r.budget_bytes == 0 || plan.total_bytes() <= r.budget_bytes) return plan;
+            if (!smallest || plan.total_bytes() < smallest->total_bytes()) smallest = plan;
+          }
         }
       }
     }
@@ -242,7 +253,9 @@ std::string MemoryPlan::Describe() const {
   std::string settings = optim::MethodName(method);
   if (!variant.empty()) settings += StrCat(" (", variant, ")");
   settings += StrCat(": micro-batch ", micro_batch, ", recompute ", recompute ? "on" : "off", ", CE chunk ",
-                     ce_chunk_tokens, " tokens; ", Mib(total_bytes()), " MiB = runtime ", Mib(runtime_bytes),
+                     ce_chunk_tokens > 0 ? StrCat(ce_chunk_tokens, " tokens") : std::string("all tokens"),
+                     mlp_chunk_tokens > 0 ? StrCat(", MLP chunk ", mlp_chunk_tokens, " tokens") : std::string(), "; ",
+                     Mib(total_bytes()), " MiB = runtime ", Mib(runtime_bytes),
                      " + weights ", Mib(weight_bytes), " + trainable ", Mib(trainable_bytes), " + activations ",
                      Mib(activation_bytes), " + slack ", Mib(slack_bytes));
   return settings;
@@ -250,10 +263,11 @@ std::string MemoryPlan::Describe() const {
 
 std::string MemoryPlan::ToJson() const {
   return absl::StrFormat(
-      R"({"method":"%s","variant":"%s","micro_batch":%d,"recompute":%s,"ce_chunk_tokens":%d,)"
+      R"({"method":"%s","variant":"%s","micro_batch":%d,"recompute":%s,"ce_chunk_tokens":%d,"mlp_chunk_tokens":%d,)"
       R"("runtime_bytes":%d,"weight_bytes":%d,"trainable_bytes":%d,"activation_bytes":%d,"slack_bytes":%d,)"
       R"("total_bytes":%d})",
-      optim::MethodName(method), variant, micro_batch, recompute ? "true" : "false", ce_chunk_tokens, runtime_bytes,
+      optim::MethodName(method), variant, micro_batch, recompute ? "true" : "false", ce_chunk_tokens, mlp_chunk_tokens,
+      runtime_bytes,
       weight_bytes, trainable_bytes, activation_bytes, slack_bytes, total_bytes());
 }
 

@@ -9,7 +9,7 @@
 //
 // The estimate is of process RSS, as the OS counts it when it decides to kill an app:
 //   runtime   measured: what the process holds before the model (code, LibTorch, BLAS buffers)
-//   weights   resident model weights (fp32: 4 bytes/parameter; 16-bit kept as stored: 2)
+//   weights   resident model weights (fp32: 4 bytes/parameter; 16-bit as stored: 2; q8_0: 34/32; q4_0: 18/32)
 //   trainable the trained parameters and their optimizer state (LoRA: a few MiB)
 //   activation the step's peak tensor memory: saved activations, the largest transient, cross-entropy chunk
 //   slack     heap fragmentation and small objects (75% of activations + 16 MiB, measured)
@@ -34,9 +34,9 @@ struct PlanRequest {
   int64_t batch = 1;              // sequences per step
   int64_t budget_bytes = 0;       // 0 = unlimited: plan the fastest settings
   int64_t runtime_bytes = -1;     // RSS outside the model; -1 = measure now (CurrentRssBytes)
-  int64_t weight_bytes = -1;      // resident weight bytes; -1 = 4 bytes per parameter
-  bool weights_16bit = false;     // matrices kept in BF16/F16 (WeightPrecision::kStored): each use makes an
-                                  // fp32 copy, which autograd keeps for backward
+  int64_t weight_bytes = -1;      // resident weight bytes (model::ResidentWeightBytes); -1 = 4 per parameter
+  bool weights_decoded_per_tile = false;  // matrices in 16-bit or block formats: each multiply decodes
+                                          // one tile at a time (model/frozen_linear.h)
   int64_t perturbations = 8;      // fwdgrad: perturbations per step (the dense estimate's buffers)
 };
 
@@ -46,7 +46,8 @@ struct MemoryPlan {
                                   // "in-place-restore" (mezo, kseed), "" (lora-bp)
   int64_t micro_batch = 1;        // sequences per forward/backward (lora-bp accumulates)
   bool recompute = false;         // per-layer recomputation
-  int64_t ce_chunk_tokens = 0;    // cross-entropy chunk in tokens
+  int64_t ce_chunk_tokens = 0;    // cross-entropy rows per chunk; 0 = all
+  int64_t mlp_chunk_tokens = 0;   // mezo / kseed: MLP tokens per chunk without autograd; 0 = all
 
   int64_t runtime_bytes = 0;
   int64_t weight_bytes = 0;
@@ -65,7 +66,7 @@ struct MemoryPlan {
 
 // Estimates one configuration (no search, no budget check).
 MemoryPlan EstimatePlan(const PlanRequest& request, const std::string& variant, int64_t micro_batch, bool recompute,
-                        int64_t ce_chunk_tokens);
+                        int64_t ce_chunk_tokens, int64_t mlp_chunk_tokens = 0);
 
 // The fastest configuration whose estimate fits the budget. ResourceExhausted when none does: the message
 // gives the smallest budget that would fit and the plan it would use. InvalidArgument for a bad request

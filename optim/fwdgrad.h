@@ -28,7 +28,7 @@ struct FwdGradOptions {
   double fd_epsilon = 1e-2;       // h of the central difference
   int64_t candidates_factor = 10; // candidates per kept perturbation when a reference gradient is set
   bool apply_locally = true;      // update θ after each step (off: only estimate, as a pure FwdLLM client)
-  int64_t ce_chunk_tokens = 0;    // cross-entropy chunk; 0 = about 16 MiB of logits
+  int64_t ce_chunk_tokens = 0;    // cross-entropy rows per chunk; 0 = all (tiles bound the memory)
   uint64_t seed = 0;              // perturbation seeds are StepSeed-derived from this
 };
 

@@ -143,6 +143,7 @@ absl::StatusOr<StepResult> KSeedTrainer::Step(const model::Batch& batch) {
   model::ForwardOptions fo;
   fo.adapter = adapter_;
   fo.ce_chunk_tokens = options_.ce_chunk_tokens;
+  fo.mlp_chunk_tokens = options_.mlp_chunk_tokens;
   const uint32_t index = PickIndex(static_cast<uint64_t>(steps()));
   SEEDLING_ASSIGN_OR_RETURN(SpsaProbe probe, Spsa(model_, batch, fo, params_, pool_[index], options_.epsilon,
                                                    options_.exact_restore));

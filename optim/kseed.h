@@ -56,7 +56,8 @@ struct KSeedOptions {
   // bit for bit (one copy of the parameters: cheap for an adapter). Off: MeZO's in-place restore.
   bool exact_restore = true;
   std::vector<double> probabilities;  // FedKSeed-Pro sampling weights over the pool; empty = uniform
-  int64_t ce_chunk_tokens = 0;   // cross-entropy chunk; 0 = about 16 MiB of logits
+  int64_t ce_chunk_tokens = 0;   // cross-entropy rows per chunk; 0 = all (tiles bound the memory)
+  int64_t mlp_chunk_tokens = 0;  // MLP tokens per chunk (ForwardOptions); 0 = all
   uint64_t seed = 0;             // the device's sampling seed
 };
 

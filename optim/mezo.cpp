@@ -48,6 +48,7 @@ absl::StatusOr<StepResult> MezoTrainer::Step(const model::Batch& batch) {
   model::ForwardOptions fo;
   fo.adapter = adapter_;
   fo.ce_chunk_tokens = options_.ce_chunk_tokens;
+  fo.mlp_chunk_tokens = options_.mlp_chunk_tokens;
   const uint64_t seed = StepSeed(options_.seed, static_cast<uint64_t>(steps()));
   SEEDLING_ASSIGN_OR_RETURN(SpsaProbe probe,
                             Spsa(model_, batch, fo, params_, seed, options_.epsilon, options_.exact_restore));

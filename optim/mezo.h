@@ -21,7 +21,8 @@ struct MezoOptions {
   bool exact_restore = false;
   double epsilon = 1e-2;       // perturbation scale ε
   double weight_decay = 0.0;   // θ −= lr · wd · θ (MeZO exempts nothing here: the set is chosen by the caller)
-  int64_t ce_chunk_tokens = 0; // cross-entropy chunk; 0 = about 16 MiB of logits
+  int64_t ce_chunk_tokens = 0; // cross-entropy rows per chunk; 0 = all (tiles bound the memory)
+  int64_t mlp_chunk_tokens = 0;  // MLP tokens per chunk (ForwardOptions); 0 = all
   uint64_t seed = 0;           // step seeds are StepSeed(seed, step)
 };
 
