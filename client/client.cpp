@@ -14,6 +14,7 @@
 #include "absl/strings/escaping.h"
 #include "base/file.h"
 #include "base/philox.h"
+#include "base/sha256.h"
 #include "base/status.h"
 #include "base/strings.h"
 #include "client/local_data.h"
@@ -25,34 +26,16 @@
 #include "lora/adapter.h"
 #include "model/config.h"
 #include "model/safetensors.h"
+#include "model/weights.h"
 #include "optim/kseed.h"
 #include "optim/parameters.h"
 #include "privacy/dp.h"
 #include "spdlog/spdlog.h"
 
-#include <openssl/evp.h>
-
 namespace seedling::client {
 namespace {
 
 using Json = nlohmann::json;
-
-std::string Sha256(std::string_view bytes) {
-  unsigned char digest[EVP_MAX_MD_SIZE];
-  unsigned int len = 0;
-  EVP_Digest(bytes.data(), bytes.size(), digest, &len, EVP_sha256(), nullptr);
-  return std::string(reinterpret_cast<const char*>(digest), len);
-}
-
-std::string HexOf(std::string_view raw) {
-  static const char* kDigits = "0123456789abcdef";
-  std::string out;
-  for (unsigned char c : raw) {
-    out.push_back(kDigits[c >> 4]);
-    out.push_back(kDigits[c & 15]);
-  }
-  return out;
-}
 
 std::string B64(std::string_view raw) { return absl::Base64Escape(ToAbsl(raw)); }
 absl::StatusOr<std::string> UnB64(const std::string& text) {
@@ -164,6 +147,8 @@ absl::Status ApplyConfig(const Json& j, ClientConfig& c) {
     else if (key == "token") st = str(c.token);
     else if (key == "state_dir") st = str(c.state_dir);
     else if (key == "model_dir") st = str(c.model_dir);
+    else if (key == "weights") st = str(c.weights);
+    else if (key == "weight_cache_dir") st = str(c.weight_cache_dir);
     else if (key == "data_path") st = str(c.data_path);
     else if (key == "memory_budget_bytes") st = num(c.memory_budget_bytes);
     else if (key == "memory_budget") {
@@ -201,6 +186,10 @@ absl::Status ClientConfig::Validate() const {
   if (device_id.empty()) return absl::InvalidArgumentError("device_id is required");
   if (state_dir.empty()) return absl::InvalidArgumentError("state_dir is required");
   if (model_dir.empty()) return absl::InvalidArgumentError("model_dir is required");
+  if (!weights.empty() && !model::ParseWeightPrecision(weights).ok()) {
+    return absl::InvalidArgumentError(
+        StrCat("weights must be fp32, stored, q8_0 or q4_0 (or empty: as the task says), got '", weights, "'"));
+  }
   if (memory_budget_bytes < 0) return absl::InvalidArgumentError("memory_budget_bytes must be >= 0");
   if (max_attempts < 1) return absl::InvalidArgumentError("max_attempts must be >= 1");
   if (connect_timeout_ms < 1 || call_timeout_ms < 1) {
@@ -543,37 +532,60 @@ absl::StatusOr<RunResult> Client::RunOnceLocked() {
   const v1::Task& task = reply.check_in_reply().task();
 
   // 3. Tasks the device cannot run are declined with a reason the server counts.
-  auto decline = [&](v1::Decline::Reason reason, std::string detail) -> absl::StatusOr<RunResult> {
-    v1::Envelope d;
-    d.mutable_decline()->set_round_id(task.round_id());
-    d.mutable_decline()->set_task_id(task.task_id());
-    d.mutable_decline()->set_reason(reason);
-    d.mutable_decline()->set_detail(detail);
-    SEEDLING_ASSIGN_OR_RETURN(v1::Envelope ack, Call(channel, d));
-    (void)ack;
-    RunResult r;
-    r.outcome = RunOutcome::kDeclined;
-    r.round_id = task.round_id();
-    r.detail = std::move(detail);
-    return r;
-  };
-  if (task.model_id() != model_id_) return decline(v1::Decline::UNSUPPORTED, "a different base model");
+  if (task.model_id() != model_id_) return Decline(channel, task, v1::Decline::UNSUPPORTED, "a different base model");
   if (std::find(config_.methods.begin(), config_.methods.end(), task.method()) == config_.methods.end()) {
-    return decline(v1::Decline::UNSUPPORTED, StrCat("method ", task.method(), " is not enabled here"));
+    return Decline(channel, task, v1::Decline::UNSUPPORTED, StrCat("method ", task.method(), " is not enabled here"));
   }
-  return Train(channel, task, state);
+  // The frozen weights: this device's own choice, else the task's (a server that predates the field sends
+  // none: fp32).
+  const std::string weights_name = !config_.weights.empty() ? config_.weights
+                                   : task.weights().empty() ? std::string("fp32")
+                                                            : task.weights();
+  absl::StatusOr<model::WeightPrecision> weights = model::ParseWeightPrecision(weights_name);
+  if (!weights.ok()) {
+    return Decline(channel, task, v1::Decline::UNSUPPORTED,
+                   StrCat("weights '", weights_name, "' are not supported by this SDK"));
+  }
+  return Train(channel, task, *weights, state);
 }
 
-absl::Status Client::EnsureModel() {
-  if (model_.model != nullptr && model_.tokenizer != nullptr) return absl::OkStatus();
-  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<model::LlamaModel> m, model::LlamaModel::Load(config_.model_dir));
-  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<model::Tokenizer> t, model::LoadTokenizer(config_.model_dir));
-  model_.model = std::move(m);
-  model_.tokenizer = std::move(t);
+absl::StatusOr<RunResult> Client::Decline(std::unique_ptr<comms::Channel>& channel, const v1::Task& task,
+                                          v1::Decline::Reason reason, std::string detail) {
+  v1::Envelope d;
+  d.mutable_decline()->set_round_id(task.round_id());
+  d.mutable_decline()->set_task_id(task.task_id());
+  d.mutable_decline()->set_reason(reason);
+  d.mutable_decline()->set_detail(detail);
+  SEEDLING_ASSIGN_OR_RETURN(v1::Envelope ack, Call(channel, d));
+  (void)ack;
+  RunResult r;
+  r.outcome = RunOutcome::kDeclined;
+  r.round_id = task.round_id();
+  r.detail = std::move(detail);
+  return r;
+}
+
+absl::Status Client::EnsureModel(model::WeightPrecision weights) {
+  if (model_.tokenizer == nullptr) {
+    SEEDLING_ASSIGN_OR_RETURN(model_.tokenizer, model::LoadTokenizer(config_.model_dir));
+  }
+  if (model_.model != nullptr && model_.precision == weights) return absl::OkStatus();
+  if (model_.model != nullptr) {
+    spdlog::info("reloading the base model with {} weights (it was held as {})", model::WeightPrecisionName(weights),
+                 model::WeightPrecisionName(model_.precision));
+  }
+  model_.model.reset();  // one copy at a time (a shared one stays with its other users)
+  model::LoadOptions options;
+  options.precision = weights;
+  options.cache_dir =
+      config_.weight_cache_dir.empty() ? JoinPath(config_.state_dir, "model-cache") : config_.weight_cache_dir;
+  SEEDLING_ASSIGN_OR_RETURN(model_.model, model::LlamaModel::Load(config_.model_dir, options));
+  model_.precision = weights;
   return absl::OkStatus();
 }
 
-absl::Status Client::SyncGlobal(std::unique_ptr<comms::Channel>& channel, const v1::Task& task, State& state) {
+absl::Status Client::SyncGlobal(std::unique_ptr<comms::Channel>& channel, const v1::Task& task,
+                                const model::ModelConfig& model_config, State& state) {
   Report("syncing", 0, 1);
   const std::string adapter_path = state.Path("adapter.safetensors");
   std::vector<float> params;
@@ -595,7 +607,6 @@ absl::Status Client::SyncGlobal(std::unique_ptr<comms::Channel>& channel, const 
   if (task.method() == "kseed") {
     if (!have_local || state.synced_version == 0) {
       // Version 0 is the adapter's deterministic initialization: compute it.
-      SEEDLING_RETURN_IF_ERROR(EnsureModel());
       lora::LoraConfig lc;
       lc.rank = task.lora().rank();
       lc.alpha = task.lora().alpha();
@@ -603,7 +614,7 @@ absl::Status Client::SyncGlobal(std::unique_ptr<comms::Channel>& channel, const 
       std::string targets;
       for (const std::string& t : task.lora().targets()) targets += (targets.empty() ? "" : ",") + t;
       SEEDLING_ASSIGN_OR_RETURN(lc.targets, lora::ParseTargets(targets));
-      SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<lora::LoraAdapter> a, lora::LoraAdapter::Create(model_.model->config(), lc));
+      SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<lora::LoraAdapter> a, lora::LoraAdapter::Create(model_config, lc));
       params.assign(a->flat().data_ptr<float>(), a->flat().data_ptr<float>() + a->numel());
       state.synced_version = 0;
     }
@@ -675,7 +686,8 @@ absl::Status Client::SyncGlobal(std::unique_ptr<comms::Channel>& channel, const 
   return state.Save();
 }
 
-absl::StatusOr<RunResult> Client::Train(std::unique_ptr<comms::Channel>& channel, const v1::Task& task, State& state) {
+absl::StatusOr<RunResult> Client::Train(std::unique_ptr<comms::Channel>& channel, const v1::Task& task,
+                                        model::WeightPrecision weights, State& state) {
   const auto hp = [&](const char* key, double fallback) {
     auto it = task.hyperparameters().find(key);
     return it == task.hyperparameters().end() ? fallback : it->second;
@@ -690,8 +702,10 @@ absl::StatusOr<RunResult> Client::Train(std::unique_ptr<comms::Channel>& channel
   SEEDLING_ASSIGN_OR_RETURN(lc.targets, lora::ParseTargets(targets));
 
   // Plan memory before loading anything big: a task that cannot fit is declined.
-  SEEDLING_ASSIGN_OR_RETURN(const std::string config_text, ReadFile(JoinPath(config_.model_dir, "config.json")));
-  SEEDLING_ASSIGN_OR_RETURN(const model::ModelConfig model_config, model::ParseModelConfig(config_text));
+  SEEDLING_ASSIGN_OR_RETURN(const model::ModelConfig model_config, model::LoadModelConfig(config_.model_dir));
+  // The runtime baseline is measured once, before this client loads a model (measured later it would count
+  // the model twice). A shared model (the simulator) lives in a process that is not the device's: none.
+  if (runtime_bytes_ < 0) runtime_bytes_ = model_.model != nullptr ? 0 : MeasureRuntimeBytes();
   PlanRequest request;
   request.model = model_config;
   request.method = method;
@@ -699,27 +713,23 @@ absl::StatusOr<RunResult> Client::Train(std::unique_ptr<comms::Channel>& channel
   request.seq_len = static_cast<int64_t>(hp("seq_len", 256));
   request.batch = static_cast<int64_t>(hp("batch", 1));
   request.budget_bytes = config_.memory_budget_bytes;
-  request.runtime_bytes = model_.model != nullptr ? 0 : MeasureRuntimeBytes();
-  request.weight_bytes = model_.model != nullptr ? 0 : ResidentWeightBytes(model_config, model::WeightPrecision::kFloat32);
+  request.runtime_bytes = runtime_bytes_;
+  // The weights as this task will hold them, whether or not a model is loaded yet: the budget is for the
+  // whole process.
+  SEEDLING_ASSIGN_OR_RETURN(request.weight_bytes, model::ResidentWeightBytes(config_.model_dir, model_config, weights));
+  request.weights_decoded_per_tile = weights != model::WeightPrecision::kFloat32;
   request.perturbations = static_cast<int64_t>(hp("perturbations", 8));
+  const std::string weights_name = model::WeightPrecisionName(weights);
   absl::StatusOr<MemoryPlan> plan = PlanMemory(request);
   if (!plan.ok()) {
     if (plan.status().code() != absl::StatusCode::kResourceExhausted) return plan.status();
-    v1::Envelope d;
-    d.mutable_decline()->set_round_id(task.round_id());
-    d.mutable_decline()->set_task_id(task.task_id());
-    d.mutable_decline()->set_reason(v1::Decline::MEMORY);
-    d.mutable_decline()->set_detail(std::string(plan.status().message()));
-    SEEDLING_ASSIGN_OR_RETURN(v1::Envelope ack, Call(channel, d));
-    (void)ack;
-    RunResult r;
-    r.outcome = RunOutcome::kDeclined;
-    r.round_id = task.round_id();
-    r.detail = std::string(plan.status().message());
+    SEEDLING_ASSIGN_OR_RETURN(RunResult r, Decline(channel, task, v1::Decline::MEMORY,
+                                                   StrCat(weights_name, " weights: ", plan.status().message())));
+    r.weights = weights_name;
     return r;
   }
-  SEEDLING_RETURN_IF_ERROR(EnsureModel());
-  SEEDLING_RETURN_IF_ERROR(SyncGlobal(channel, task, state));
+  SEEDLING_RETURN_IF_ERROR(EnsureModel(weights));
+  SEEDLING_RETURN_IF_ERROR(SyncGlobal(channel, task, model_config, state));
 
   // A different task than the one we were training: drop its checkpoint.
   const std::string key = StrCat(config_.device_id, "/", task.round_id(), "/", task.task_id());
@@ -914,6 +924,7 @@ absl::StatusOr<RunResult> Client::Train(std::unique_ptr<comms::Channel>& channel
       r.loss_start = trained->loss_start;
       r.loss_end = trained->loss_end;
       r.update_bytes = input.size() * sizeof(uint32_t);
+      r.weights = weights_name;
       return r;
     }
     comms::CodecOptions co;
@@ -956,7 +967,9 @@ absl::StatusOr<RunResult> Client::Train(std::unique_ptr<comms::Channel>& channel
   SEEDLING_RETURN_IF_ERROR(state.Save());
   std::filesystem::remove(state.Path("checkpoint.safetensors"));
   std::filesystem::remove(state.Path("checkpoint.json"));
-  return Upload(channel, state);
+  absl::StatusOr<RunResult> uploaded = Upload(channel, state);
+  if (uploaded.ok()) uploaded->weights = weights_name;
+  return uploaded;
 }
 
 absl::StatusOr<RunResult> Client::Upload(std::unique_ptr<comms::Channel>& channel, State& state) {

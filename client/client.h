@@ -48,6 +48,11 @@ struct ClientConfig {
   // Local.
   std::string state_dir;                    // required; created if missing
   std::string model_dir;                    // the base model (the same as the server's)
+  std::string weights;                      // how to hold the frozen base weights: "" = as the task says
+                                            // (server.toml [model] weights), or this device's own choice:
+                                            // fp32 | stored | q8_0 | q4_0 (model/weights.h)
+  std::string weight_cache_dir;             // q8_0 / q4_0 weight cache (model/weight_cache.h), built once;
+                                            // default <state_dir>/model-cache (the model may be read-only)
   std::string data_path;                    // JSONL of the device's examples; default <state_dir>/examples.jsonl
   int64_t memory_budget_bytes = 0;          // peak process memory the app allows (0 = unlimited)
   std::vector<std::string> methods = {"lora-bp", "fwdgrad", "mezo", "kseed"};
@@ -90,6 +95,8 @@ struct RunResult {
   double loss_start = 0;  // kUploaded: held-out loss before and after local training
   double loss_end = 0;
   uint64_t update_bytes = 0;
+  std::string weights;    // kUploaded after training, and kDeclined for memory: the representation of the frozen
+                          // base weights the device planned (and trained) with: "fp32", "stored", "q8_0", "q4_0"
 };
 
 struct RunProgress {
@@ -99,9 +106,11 @@ struct RunProgress {
 };
 
 // Models shared between clients in one process (the simulator): a frozen base model and its tokenizer.
+// A client uses `model` for tasks that want its `precision`; for another it loads its own copy.
 struct SharedModel {
   std::shared_ptr<const model::LlamaModel> model;
   std::shared_ptr<const model::Tokenizer> tokenizer;
+  model::WeightPrecision precision = model::WeightPrecision::kFloat32;  // how `model` holds its frozen weights
 };
 
 // Simulation only (simulator/): the device's clock and the one random choice that shapes a
@@ -156,9 +165,16 @@ class Client {
   absl::StatusOr<std::unique_ptr<comms::Channel>> Connect();
   absl::StatusOr<v1::Envelope> Call(std::unique_ptr<comms::Channel>& channel, v1::Envelope request);
   absl::StatusOr<RunResult> Upload(std::unique_ptr<comms::Channel>& channel, State& state);
-  absl::Status SyncGlobal(std::unique_ptr<comms::Channel>& channel, const v1::Task& task, State& state);
-  absl::StatusOr<RunResult> Train(std::unique_ptr<comms::Channel>& channel, const v1::Task& task, State& state);
-  absl::Status EnsureModel();
+  absl::Status SyncGlobal(std::unique_ptr<comms::Channel>& channel, const v1::Task& task,
+                          const model::ModelConfig& model_config, State& state);
+  absl::StatusOr<RunResult> Train(std::unique_ptr<comms::Channel>& channel, const v1::Task& task,
+                                  model::WeightPrecision weights, State& state);
+  // Tells the server this device will not run `task` (it counts the reason) and returns kDeclined.
+  absl::StatusOr<RunResult> Decline(std::unique_ptr<comms::Channel>& channel, const v1::Task& task,
+                                    v1::Decline::Reason reason, std::string detail);
+  // Loads the tokenizer, and the base model with `weights` unless model_ already holds it that way (a model
+  // held another way is dropped first: one copy at a time).
+  absl::Status EnsureModel(model::WeightPrecision weights);
   // Waits `seconds` on the device's clock (SimulationHooks) or the host's; false if cancelled.
   bool Sleep(double seconds);
   int64_t NowMs();
@@ -170,6 +186,7 @@ class Client {
 
   std::mutex run_mu_;  // one RunOnce at a time; guards everything below except the atomics and mu_'s
   SharedModel model_;
+  int64_t runtime_bytes_ = -1;  // the planner's runtime baseline, measured before the first model load
   std::string model_id_;
   uint64_t request_id_ = 0;
   uint64_t attempt_counter_ = 0;

@@ -9,7 +9,8 @@
  *   seedling_client_destroy(c);
  *
  * The config is a JSON object with the keys of seedling::client::ClientConfig (client/client.h): host,
- * port, ca_file, device_id, token, state_dir, model_dir, data_path, memory_budget ("600M") ...
+ * port, ca_file, device_id, token, state_dir, model_dir, data_path, memory_budget ("600M"), weights
+ * ("q4_0"; default: as the server's task says), weight_cache_dir ...
  * Functions return 0 on success and -1 on error (the message is in seedling_client_last_error). run_once
  * blocks; seedling_client_cancel may be called from any other thread and makes it return soon with
  * SEEDLING_OUTCOME_CANCELLED (called while no run_once runs, it cancels the next one; one cancel stops

@@ -282,6 +282,13 @@ absl::StatusOr<ServerConfig> ParseServerConfig(std::string_view toml_text, const
 
   Section model(table("model"), "model");
   SEEDLING_RETURN_IF_ERROR(model.Get("dir", c.model_dir));
+  std::string weights = model::WeightPrecisionName(c.weights);
+  SEEDLING_RETURN_IF_ERROR(model.Get("weights", weights));
+  if (absl::StatusOr<model::WeightPrecision> precision = model::ParseWeightPrecision(weights); precision.ok()) {
+    c.weights = *precision;
+  } else {
+    return KeyError("model", "weights", StrCat("must be fp32, stored, q8_0 or q4_0, got \"", weights, "\""));
+  }
   if (table("model") != nullptr && table("model")->get("id") != nullptr) {
     // Devices identify the base model by the SHA-256 of their config.json and decline any other id, so a
     // chosen id could only make every device decline.

@@ -9,6 +9,7 @@
 
 #include "absl/status/statusor.h"
 #include "comms/codec.h"
+#include "model/weights.h"
 #include "server/strategy.h"
 
 namespace seedling::server {
@@ -64,6 +65,8 @@ struct ServerConfig {
 
   // [model]
   std::string model_dir;                     // base model directory (config.json gives the adapter's shapes)
+  model::WeightPrecision weights = model::WeightPrecision::kFloat32;  // how devices hold the frozen base
+                                             // weights (tasks carry it; a device's config may override it)
 
   // [training]
   std::string method = "lora-bp";            // lora-bp, fwdgrad, mezo, kseed

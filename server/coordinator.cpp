@@ -20,6 +20,7 @@
 #include "base/strings.h"
 #include "lora/adapter.h"
 #include "model/config.h"
+#include "model/weights.h"
 #include "privacy/dp.h"
 #include "server/dp_strategy.h"
 #include "server/secagg_strategy.h"
@@ -373,8 +374,8 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(const ServerCon
   c->global_bytes_ = ParamsBytes(c->global_.params);
   c->global_sha256_ = Sha256Raw(c->global_bytes_);
   if (c->global_version_gauge_ != nullptr) c->global_version_gauge_->Set(static_cast<double>(version));  // after a restart too
-  spdlog::info("coordinator: model {}, adapter of {} parameters, global version {}", c->model_id_.substr(0, 12),
-               c->num_parameters_, version);
+  spdlog::info("coordinator: model {} ({} weights on devices), adapter of {} parameters, global version {}",
+               c->model_id_.substr(0, 12), model::WeightPrecisionName(config.weights), c->num_parameters_, version);
   return c;
 }
 
@@ -464,6 +465,7 @@ v1::Task Coordinator::MakeTaskLocked(const RoundRecord& round, const TaskRecord&
   for (const std::string& target : config_.lora_targets) t.mutable_lora()->add_targets(target);
   t.mutable_lora()->set_init_seed(config_.lora_init_seed);
   t.set_model_id(model_id_);
+  t.set_weights(model::WeightPrecisionName(config_.weights));
   if (auto p = secagg_participants_.find(task.device_id); config_.secagg.enabled && p != secagg_participants_.end()) {
     t.mutable_secagg()->set_participant_id(p->second);
   }
@@ -1112,7 +1114,7 @@ absl::Status Coordinator::OpenRoundLocked(int64_t now) {
   fields.opened_ms = now;
   fields.deadline_ms = now + config_.round_deadline_s * 1000;
   nlohmann::json cfg = {{"method", config_.method}, {"steps", config_.steps}, {"codec", CodecName(config_.codec.codec)},
-                        {"strategy", config_.strategy.name}};
+                        {"strategy", config_.strategy.name}, {"weights", model::WeightPrecisionName(config_.weights)}};
   fields.config_json = cfg.dump();
   SEEDLING_ASSIGN_OR_RETURN(RoundRecord round, store_->CreateRound(fields));
   SEEDLING_RETURN_IF_ERROR(strategy_->BeginRound(global_));

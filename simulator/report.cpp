@@ -116,6 +116,8 @@ constexpr const char* kFields[] = {"method",
                                    "dropouts",
                                    "stragglers",
                                    "declined",
+                                   "declined_memory",
+                                   "declined_unsupported",
                                    "train_loss",
                                    "eval_loss",
                                    "accuracy",
@@ -499,6 +501,50 @@ Chart MetricChart(std::string id, std::string title, std::string x_label, std::s
 double ByRound(const RoundRecord& r) { return static_cast<double>(r.round); }
 double ByHours(const RoundRecord& r) { return r.end_time_s / 3600; }
 
+// Declined tasks by reason: per method, the rounds with a decline and a total.
+std::string DeclineTable(const std::vector<MethodData>& methods) {
+  struct Counts {
+    int64_t declined = 0, memory = 0, unsupported = 0;
+    void Add(const RoundRecord& r) {
+      declined += r.declined;
+      memory += r.declined_memory;
+      unsupported += r.declined_unsupported;
+    }
+  };
+  auto cells = [](const Counts& c) {
+    std::string o;
+    for (int64_t v : {c.declined, c.memory, c.unsupported, c.declined - c.memory - c.unsupported}) {
+      o += StrCat("<td class=\"num\">", v, "</td>");
+    }
+    return o;
+  };
+  std::string rows;
+  for (const MethodData& m : methods) {
+    Counts total;
+    for (const RoundRecord* r : m.records) {
+      if (r->declined == 0) continue;
+      Counts round;
+      round.Add(*r);
+      total.Add(*r);
+      rows += StrCat("<tr><td>", HtmlEscape(m.name), "</td><td class=\"num\">", r->round, "</td>", cells(round),
+                     "</tr>\n");
+    }
+    if (total.declined > 0) {
+      rows += StrCat("<tr class=\"total\"><td>", HtmlEscape(m.name), "</td><td>total</td>", cells(total), "</tr>\n");
+    }
+  }
+  std::string o = "<h2>Declined tasks</h2>\n";
+  if (rows.empty()) return o + "<p>No selected device declined its task.</p>\n";
+  o += "<table class=\"declines\">\n<tr><th>method</th><th>round</th><th>declined</th><th>memory</th>"
+       "<th>unsupported</th><th>other</th></tr>\n";
+  o += rows;
+  o += "</table>\n<p class=\"legend-note\">Selected devices that declined their task, by reason: <b>memory</b>, "
+       "the device's memory planner found no plan within its budget (base weights, adapter, activations); "
+       "<b>unsupported</b>, a method, weight representation or base model the device does not run; "
+       "<b>other</b>, run conditions or the user. Rounds without a decline are left out.</p>\n";
+  return o;
+}
+
 std::string Figure(const Chart& c, std::string_view caption) {
   return StrCat("<figure id=\"", c.id, "\">\n", RenderChart(c), "\n<figcaption>",
                 HtmlEscape(caption), "</figcaption>\n</figure>\n");
@@ -509,7 +555,7 @@ constexpr std::string_view kStyle =
 h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;font-size:0.9em;margin:8px 0}
 th,td{border:1px solid #ccc;padding:3px 8px}th{background:#f3f3f3;text-align:left}
-td.num{text-align:right;font-variant-numeric:tabular-nums}
+td.num{text-align:right;font-variant-numeric:tabular-nums}tr.total td{font-weight:600}
 .notes p{white-space:pre-wrap}
 .swatch-box{display:inline-block;width:10px;height:10px;margin-right:6px;vertical-align:baseline}
 figure{margin:16px 0}figcaption{font-size:0.85em;color:#555;max-width:780px}
@@ -539,6 +585,8 @@ nlohmann::json ToJson(const RoundRecord& r) {
   j["dropouts"] = r.dropouts;
   j["stragglers"] = r.stragglers;
   j["declined"] = r.declined;
+  j["declined_memory"] = r.declined_memory;
+  j["declined_unsupported"] = r.declined_unsupported;
   j["train_loss"] = JsonNumber(r.train_loss);
   j["eval_loss"] = JsonNumber(r.eval_loss);
   j["accuracy"] = JsonNumber(r.accuracy);
@@ -601,6 +649,8 @@ absl::StatusOr<RoundRecord> RoundRecordFromJson(const nlohmann::json& j) {
   SEEDLING_RETURN_IF_ERROR(get_int("dropouts", r.dropouts));
   SEEDLING_RETURN_IF_ERROR(get_int("stragglers", r.stragglers));
   SEEDLING_RETURN_IF_ERROR(get_int("declined", r.declined));
+  SEEDLING_RETURN_IF_ERROR(get_int("declined_memory", r.declined_memory));
+  SEEDLING_RETURN_IF_ERROR(get_int("declined_unsupported", r.declined_unsupported));
   SEEDLING_RETURN_IF_ERROR(get_double("train_loss", r.train_loss));
   SEEDLING_RETURN_IF_ERROR(get_double("eval_loss", r.eval_loss));
   SEEDLING_RETURN_IF_ERROR(get_double("accuracy", r.accuracy));
@@ -626,7 +676,7 @@ std::string ToCsvRow(const RoundRecord& r) {
   return StrCat(CsvField(r.method), ",", r.round, ",", r.committed ? "true" : "false", ",",
                 CsvNumber(r.start_time_s), ",", CsvNumber(r.end_time_s), ",", r.available, ",",
                 r.selected, ",", r.participants, ",", r.dropouts, ",", r.stragglers, ",",
-                r.declined, ",", CsvNumber(r.train_loss), ",", CsvNumber(r.eval_loss), ",",
+                r.declined, ",", r.declined_memory, ",", r.declined_unsupported, ",", CsvNumber(r.train_loss), ",", CsvNumber(r.eval_loss), ",",
                 CsvNumber(r.accuracy), ",", CsvNumber(r.bytes_up_per_client), ",",
                 CsvNumber(r.bytes_down_per_client), ",", CsvNumber(r.energy_joules), ",",
                 CsvNumber(r.epsilon), ",", CsvField(r.global_sha256), ",", CsvNumber(r.wall_seconds), "\n");
@@ -959,6 +1009,7 @@ std::string RenderReportHtml(const ReportInput& input) {
     c.zero_y = true;
     o += Figure(c, "Differential-privacy epsilon spent so far.");
   }
+  o += DeclineTable(methods);
   o += "</body>\n</html>\n";
   return o;
 }

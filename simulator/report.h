@@ -39,7 +39,10 @@ struct RoundRecord {
   int64_t participants = 0;  // accepted updates
   int64_t dropouts = 0;      // selected devices that dropped out
   int64_t stragglers = 0;    // finished after the deadline / round end (their upload was stale)
-  int64_t declined = 0;      // declined the task (memory budget etc.)
+  int64_t declined = 0;      // declined the task, for any reason
+  int64_t declined_memory = 0;       // of which: no memory plan fits the device's budget (Decline MEMORY)
+  int64_t declined_unsupported = 0;  // of which: a method, weight representation or base model the device
+                                     // does not run (Decline UNSUPPORTED)
   double train_loss = NAN;   // mean over participants of their local loss after training
   double eval_loss = NAN;    // held-out devices, global model after the round
   double accuracy = NAN;     // in [0, 1], where the task has labels
@@ -165,6 +168,9 @@ struct ReportInput {
 //   fig-participation  participants (solid), dropouts (dashed), stragglers (dotted) per round
 //   fig-accuracy     accuracy vs round, only when some record has an accuracy
 //   fig-epsilon      DP epsilon vs round, only when some record has an epsilon
+// After the figures, <table class="declines">: per method, a row per round with a declined task
+// (declined, memory, unsupported, other) and a total row (class="total"); a sentence instead when no
+// task was declined.
 // Each method's line in a figure is one <path class="line" data-method="..." data-metric="...">
 // whose `d` is "M x,y L x,y ..." with a new "M" after each NaN gap; aborted rounds get an "×"
 // marker (class="aborted"); axis ticks are <g class="xtick|ytick" data-v="value">. Every string

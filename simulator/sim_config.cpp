@@ -144,6 +144,11 @@ absl::StatusOr<SimulationOptions> ParseSimulationConfig(std::string_view toml_te
       SEEDLING_RETURN_IF_ERROR(Get(*t, tn, "epsilon", ms.epsilon));
     }
   }
+  // [model]: weights is server.toml's key (the rounds carry it); weight_cache_dir is the simulator's own.
+  if (toml::table* model = root.get_as<toml::table>("model"); model != nullptr) {
+    SEEDLING_RETURN_IF_ERROR(Get(*model, "model", "weight_cache_dir", o.weight_cache_dir));
+    model->erase("weight_cache_dir");
+  }
   // The round settings: everything else, in server.toml's sections.
   root.erase("simulation");
   root.erase("methods");

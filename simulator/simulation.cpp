@@ -21,6 +21,7 @@
 
 #include "base/bytes.h"
 #include "base/file.h"
+#include "base/memory.h"
 #include "base/philox.h"
 #include "base/progress.h"
 #include "base/status.h"
@@ -34,6 +35,7 @@
 #include "model/llama.h"
 #include "model/runtime.h"
 #include "model/tokenizer.h"
+#include "model/weights.h"
 #include "server/coordinator.h"
 #include "nlohmann/json.hpp"
 
@@ -107,7 +109,9 @@ struct World {
   std::unique_ptr<Population> population;
   std::vector<std::string> data_paths;  // per device
   std::string partition_summary;
-  client::SharedModel shared;
+  client::SharedModel shared;   // loaded with options->server.weights
+  std::string weight_cache_dir;  // of the shared model's weight cache, and of any device that needs another
+  int64_t weight_bytes = 0;      // resident bytes of the shared model's weights (what each device plans for)
   model::ModelConfig model_config;
   std::vector<model::Example> eval_examples;
   std::vector<model::ChoiceItem> choice_items;  // labelled held-out rows (accuracy); empty: no labels
@@ -130,6 +134,7 @@ client::ClientConfig DeviceClientConfig(const World& world, const std::string& m
   cc.token = token;
   cc.state_dir = JoinPath(JoinPath(method_dir, "devices"), DeviceId(d));
   cc.model_dir = world.options->model_dir;
+  cc.weight_cache_dir = world.weight_cache_dir;
   cc.data_path = world.data_paths[static_cast<size_t>(d)];
   cc.memory_budget_bytes = world.population->memory_budget_bytes(d);
   cc.max_attempts = 1;  // a failed request ends the activation; the simulator reschedules the device
@@ -176,7 +181,7 @@ std::string EncodeResult(const absl::StatusOr<client::RunResult>& r) {
     j = {{"outcome", static_cast<int>(r->outcome)}, {"retry_after", r->retry_after_seconds},
          {"round_id", r->round_id},                 {"detail", r->detail},
          {"loss_start", r->loss_start},             {"loss_end", r->loss_end},
-         {"update_bytes", r->update_bytes}};
+         {"update_bytes", r->update_bytes},         {"weights", r->weights}};
   }
   return std::string(1, kDone) + j.dump();
 }
@@ -193,6 +198,7 @@ absl::StatusOr<client::RunResult> DecodeResult(std::string_view body) {
   r.loss_start = j.value("loss_start", 0.0);
   r.loss_end = j.value("loss_end", 0.0);
   r.update_bytes = j.value("update_bytes", uint64_t{0});
+  r.weights = j.value("weights", std::string());
   return r;
 }
 
@@ -314,6 +320,8 @@ struct RoundStats {
   bool opened = false;
   int64_t available = 0;
   int64_t declined = 0;
+  int64_t declined_memory = 0;       // of which for want of memory (Decline MEMORY)
+  int64_t declined_unsupported = 0;  // ... and because the device cannot run the task (UNSUPPORTED)
   double energy_j = 0;
   std::map<int64_t, double> drops;  // device → when it drops out; erased when its update is accepted
 };
@@ -641,7 +649,10 @@ void MethodRun::AfterReply(Activation& a, const v1::Envelope& request, const abs
     return;
   }
   if (request.has_decline() && a.has_task) {
-    ++stats_[a.round_id].declined;
+    RoundStats& s = stats_[a.round_id];
+    ++s.declined;
+    if (request.decline().reason() == v1::Decline::MEMORY) ++s.declined_memory;
+    if (request.decline().reason() == v1::Decline::UNSUPPORTED) ++s.declined_unsupported;
     return;
   }
   if (a.secagg && a.has_task && !a.compute_accounted && reply->has_secagg_reply() &&
@@ -886,6 +897,8 @@ void MethodRun::CheckRounds() {
       rec.available = s.available;
       rec.dropouts = std::count_if(s.drops.begin(), s.drops.end(), [&](auto& e) { return e.second <= closed_s; });
       rec.declined = s.declined;
+      rec.declined_memory = s.declined_memory;
+      rec.declined_unsupported = s.declined_unsupported;
       rec.stragglers = std::max<int64_t>(0, r->selected - r->accepted - rec.dropouts - s.declined);
       rec.energy_joules = s.energy_j;
     }
@@ -927,12 +940,12 @@ void MethodRun::CheckRounds() {
       const double eta = wall / static_cast<double>(done) * static_cast<double>(config_.rounds - done);
       std::fprintf(stderr,
                    "[%s] round %lld/%lld %s  sim %s  eval loss %.4f  %lld/%lld reports, %lld dropouts, %lld "
-                   "stragglers  ETA %s\n",
+                   "stragglers, %lld declined  ETA %s\n",
                    method_.c_str(), static_cast<long long>(done), static_cast<long long>(config_.rounds),
                    rec.committed ? "committed" : "aborted", FormatDuration(rec.end_time_s).c_str(), rec.eval_loss,
                    static_cast<long long>(rec.participants), static_cast<long long>(rec.selected),
                    static_cast<long long>(rec.dropouts), static_cast<long long>(rec.stragglers),
-                   FormatDuration(eta).c_str());
+                   static_cast<long long>(rec.declined), FormatDuration(eta).c_str());
     }
     records_.push_back(rec);
   }
@@ -1174,12 +1187,30 @@ absl::StatusOr<World> MakeWorld(const SimulationOptions& options, MpiRanks* rank
   std::filesystem::create_directories(JoinPath(w.work_dir, "data"), ec);
   if (ec) return absl::InternalError(StrCat("cannot create ", w.work_dir, ": ", ec.message()));
 
-  // Model (shared read-only by every device) and its tokenizer.
+  // Model (shared read-only by every device, held as the rounds' tasks say) and its tokenizer.
   SEEDLING_ASSIGN_OR_RETURN(w.model_config, model::LoadModelConfig(options.model_dir));
-  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<model::LlamaModel> m, model::LlamaModel::Load(options.model_dir));
+  w.weight_cache_dir =
+      options.weight_cache_dir.empty() ? JoinPath(options.model_dir, ".seedling-cache") : options.weight_cache_dir;
+  model::LoadOptions load;
+  load.precision = options.server.weights;
+  load.cache_dir = w.weight_cache_dir;
+  std::unique_ptr<Progress> cache_progress;
+  if (options.progress && w.rank() == 0) {
+    load.cache_progress = [&](int64_t done, int64_t total) {
+      if (cache_progress == nullptr) {
+        cache_progress = std::make_unique<Progress>(
+            StrCat("building the ", model::WeightPrecisionName(load.precision), " weight cache"), total);
+      }
+      cache_progress->Update(done);
+    };
+  }
+  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<model::LlamaModel> m, model::LlamaModel::Load(options.model_dir, load));
+  cache_progress.reset();
   SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<model::Tokenizer> tok, model::LoadTokenizer(options.model_dir));
   w.shared.model = std::shared_ptr<const model::LlamaModel>(std::move(m));
   w.shared.tokenizer = std::shared_ptr<const model::Tokenizer>(std::move(tok));
+  w.shared.precision = load.precision;
+  SEEDLING_ASSIGN_OR_RETURN(w.weight_bytes, model::ResidentWeightBytes(options.model_dir, w.model_config, load.precision));
 
   // Population.
   const std::string csv = options.phone_classes.empty() ? DefaultPhoneClassesPath() : options.phone_classes;
@@ -1419,6 +1450,8 @@ absl::StatusOr<SimulationResult> RunSimulation(const SimulationOptions& options,
       {"local steps × batch × seq_len", StrCat(options.server.steps, " × ", options.server.batch, " × ", options.server.seq_len)},
       {"round deadline", StrCat(options.server.round_deadline_s, " s")},
       {"LoRA", StrCat("rank ", options.server.lora_rank, ", alpha ", options.server.lora_alpha)},
+      {"base weights", StrCat(model::WeightPrecisionName(options.server.weights), ": ", FormatBytes(world.weight_bytes),
+                              " resident per device (one copy shared by the simulated devices)")},
       {"seed", StrCat(options.seed)},
       {"bytes per idle device", StrCat(result.bytes_per_idle_device)},
       {"simulated start (Unix s)", StrCat(static_cast<int64_t>(options.start_time_s))},

@@ -61,8 +61,11 @@ struct SimulationOptions {
   int64_t heldout_devices = 50;          // devices whose data only evaluates the global model
   int64_t eval_examples = 256;           // at most this many held-out examples per evaluation
   server::ServerConfig server = DefaultSimulationServerConfig();  // round settings: rounds, clients_per_round, over_selection,
-                                         // deadlines, steps, seq_len, lora, retry; state and model dirs,
-                                         // method, codec and strategy are set per method
+                                         // deadlines, steps, seq_len, lora, retry, weights (the shared base
+                                         // model is loaded that way, and tasks carry it); state and model
+                                         // dirs, method, codec and strategy are set per method
+  std::string weight_cache_dir;          // q8_0 / q4_0 weight cache of the base model (built once, reused by
+                                         // later runs); "" = <model_dir>/.seedling-cache
   std::map<std::string, MethodSettings> method_settings;  // by method name
   double start_time_s = 1767643200;      // simulated start, Unix seconds: Mon 2026-01-05 20:00 UTC
   double tick_s = 1.0;                   // how often the coordinator's Tick runs, simulated seconds
@@ -102,9 +105,9 @@ struct SimulationResult {
 // Parses sim.toml: a [simulation] table (keys: model, out, work_dir, methods, seed, threads, devices,
 // heldout_devices, eval_examples, phone_classes, data, partition, alpha, exponent, rows_per_device,
 // dropout_mean, variation, start_time, tick_s, max_hours, plan_seconds, radio_watts, loopback, mpi_placement), optional
-// [methods.<name>] tables (codec, lr, epsilon), and the round settings in server.toml's own sections
-// ([training], [lora], [strategy], [retry], [privacy], [secagg]; README) on top of DefaultSimulationServerConfig().
-// InvalidArgument names the unknown or bad key.
+// [methods.<name>] tables (codec, lr, epsilon), [model] weights (server.toml's key) and weight_cache_dir, and the
+// round settings in server.toml's own sections ([training], [lora], [strategy], [retry], [privacy], [secagg];
+// README) on top of DefaultSimulationServerConfig(). InvalidArgument names the unknown or bad key.
 absl::StatusOr<SimulationOptions> ParseSimulationConfig(std::string_view toml_text);
 
 // Runs every method and writes <out_dir>/rounds.jsonl, rounds.csv and report.html. Errors: InvalidArgument

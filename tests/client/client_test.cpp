@@ -28,6 +28,7 @@
 #include "model/init.h"
 #include "model/runtime.h"
 #include "model/tokenizer.h"
+#include "model/weights.h"
 #include "server/coordinator.h"
 #include "server/metrics.h"
 #include "server/store.h"
@@ -535,7 +536,7 @@ TEST_CASE("Cancel() between upload chunks keeps the update; the next run resumes
   const std::string token = server.Register("dev0");
   server.coordinator->Tick();
   ClientConfig config = ClientFor(JoinPath(dir.path, "client"), "dev0", token);
-  config.upload_chunk_bytes = 512;  // several chunks
+  config.upload_chunk_bytes = 1024;  // several chunks (the smallest allowed)
   auto c = MakeClient(config, server.Transport());
   int64_t cancelled_at = -1, total = 0;
   c->SetProgressCallback([&](const RunProgress& p) {
@@ -689,6 +690,71 @@ TEST_CASE("A task over the memory budget is declined and the server records the 
   CHECK_THAT((*task)->detail, Catch::StartsWith("MEMORY"));
 }
 
+// ---- frozen weights: the task's representation, or the device's ---------------------------------------------
+
+// Runs the single task of a fresh one-device server whose tasks ask for `server_weights`; the client's config
+// says `device_weights`. Returns the run's result and the task the device trained on.
+std::pair<RunResult, v1::Task> RunWithWeights(const std::string& dir, model::WeightPrecision server_weights,
+                                              const std::string& device_weights) {
+  server::ServerConfig sc = TinyServerConfig(JoinPath(dir, "server"));
+  sc.weights = server_weights;
+  Server server(sc);
+  const std::string token = server.Register("dev0");
+  server.coordinator->Tick();
+  ClientConfig config = ClientFor(JoinPath(dir, "client"), "dev0", token);
+  config.weights = device_weights;
+  auto c = MakeClient(config, server.Transport());
+  v1::Task task;
+  c->SetUploadObserver([&](const v1::Task& t, const std::string&, uint64_t) { task = t; });
+  auto r = c->RunOnce();
+  INFO(r.status().ToString());
+  REQUIRE(r.ok());
+  INFO(r->detail);
+  REQUIRE(r->outcome == RunOutcome::kUploaded);
+  return {*r, task};
+}
+
+TEST_CASE("A task carries the server's weights and the client trains with them", "[client][weights]") {
+  TempDir dir;
+  // The shared test model is fp32: the client loads its own q8_0 copy from a cache in its state directory.
+  const auto [r, task] = RunWithWeights(dir.path, model::WeightPrecision::kQ8_0, "");
+  CHECK(task.weights() == "q8_0");
+  CHECK(r.weights == "q8_0");
+  CHECK(FileExists(JoinPath(dir.path, "client/model-cache/weights-q8_0.safetensors")));
+}
+
+TEST_CASE("A device's own weights setting wins over the task's", "[client][weights]") {
+  TempDir dir;
+  const auto [r, task] = RunWithWeights(dir.path, model::WeightPrecision::kQ8_0, "fp32");
+  CHECK(task.weights() == "q8_0");
+  CHECK(r.weights == "fp32");
+  CHECK_FALSE(std::filesystem::exists(JoinPath(dir.path, "client/model-cache")));  // the fp32 model needs no cache
+}
+
+TEST_CASE("A task asking for weights this SDK does not know is declined as UNSUPPORTED", "[client][weights]") {
+  TempDir dir;
+  Server server(TinyServerConfig(JoinPath(dir.path, "server")));
+  const std::string token = server.Register("dev0");
+  server.coordinator->Tick();
+  comms::InMemoryFaults faults;
+  faults.on_response = [](std::string& frame) {
+    std::optional<v1::Envelope> e = Decode(frame);
+    if (e && e->has_check_in_reply() && e->check_in_reply().has_task()) {
+      e->mutable_check_in_reply()->mutable_task()->set_weights("q3_k");  // a newer server's representation
+      auto encoded = comms::EncodeFrame(*e, comms::kMaxControlFrameBytes);
+      REQUIRE(encoded.ok());
+      frame = *encoded;
+    }
+    return true;
+  };
+  auto c = MakeClient(ClientFor(JoinPath(dir.path, "client"), "dev0", token), server.Transport(std::move(faults)));
+  auto r = c->RunOnce();
+  REQUIRE(r.ok());
+  CHECK(r->outcome == RunOutcome::kDeclined);
+  CHECK_THAT(r->detail, Catch::Contains("q3_k"));
+  CHECK_THAT(server.metrics.RenderPrometheus(), Catch::Contains("seedling_declines_total{reason=\"UNSUPPORTED\"} 1"));
+}
+
 // ---- kseed: seed replay -------------------------------------------------------------------------------------
 
 TEST_CASE("A kseed straggler whose round committed meanwhile replays only up to its task's version",
@@ -770,6 +836,9 @@ TEST_CASE("A bad JSON config is InvalidArgument naming the key", "[client][confi
       {R"("methods": "mezo")", "methods"},
       {R"("methods": ["sgd"])", "sgd"},
       {R"("memory_budget": "lots")", "lots"},
+      {R"("weights": "q5_k")", "weights"},
+      {R"("weights": 4)", "weights"},
+      {R"("weight_cache_dir": ["c"])", "weight_cache_dir"},
   };
   for (const auto& [extra, key] : cases) {
     INFO(extra);
@@ -784,6 +853,21 @@ TEST_CASE("A bad JSON config is InvalidArgument naming the key", "[client][confi
   const absl::Status toml = ClientConfig::FromToml("[client]\ndevice_id = \"d\"\nstate_dr = \"s\"\n").status();
   CHECK(toml.code() == absl::StatusCode::kInvalidArgument);
   CHECK_THAT(std::string(toml.message()), Catch::Contains("state_dr"));
+}
+
+TEST_CASE("The weights and weight_cache_dir keys are read from JSON and TOML, empty by default", "[client][config]") {
+  auto json = ClientConfig::FromJson(StrCat("{", kBase, R"(, "weights": "q4_0", "weight_cache_dir": "/tmp/c"})"));
+  REQUIRE(json.ok());
+  CHECK(json->weights == "q4_0");
+  CHECK(json->weight_cache_dir == "/tmp/c");
+  auto toml = ClientConfig::FromToml(
+      "[client]\ndevice_id = \"d\"\nstate_dir = \"s\"\nmodel_dir = \"m\"\nweights = \"stored\"\n");
+  REQUIRE(toml.ok());
+  CHECK(toml->weights == "stored");
+  auto defaults = ClientConfig::FromJson(StrCat("{", kBase, "}"));
+  REQUIRE(defaults.ok());
+  CHECK(defaults->weights.empty());  // as the task says
+  CHECK(defaults->weight_cache_dir.empty());  // <state_dir>/model-cache
 }
 
 TEST_CASE("AddExample refuses a row that is not a JSON object and keeps the store intact", "[client][data]") {

@@ -48,6 +48,27 @@ TEST_CASE("[model] id is refused: devices identify the model by its config.json 
   CHECK_THAT(std::string(c.status().message()), Catch::Contains("[model] id"));
 }
 
+TEST_CASE("[model] weights defaults to fp32 and accepts the four representations", "[server][config]") {
+  auto defaults = Parse("");
+  REQUIRE(defaults.ok());
+  CHECK(defaults->weights == model::WeightPrecision::kFloat32);
+  for (const char* name : {"fp32", "stored", "q8_0", "q4_0"}) {
+    auto c = Parse(StrCat("weights = \"", name, "\"\n"));
+    REQUIRE(c.ok());
+    CHECK(model::WeightPrecisionName(c->weights) == std::string(name));
+  }
+}
+
+TEST_CASE("A bad [model] weights value is refused naming the key", "[server][config]") {
+  for (const char* bad : {"weights = \"q5_k\"\n", "weights = \"\"\n", "weights = 4\n"}) {
+    INFO(bad);
+    auto c = Parse(bad);
+    REQUIRE_FALSE(c.ok());
+    CHECK(c.status().code() == absl::StatusCode::kInvalidArgument);
+    CHECK_THAT(std::string(c.status().message()), Catch::Contains("[model] weights"));
+  }
+}
+
 TEST_CASE("Adaptive server optimizers default to server_lr 0.01, the fedavg family to 1", "[server][config]") {
   for (const char* name : {"fedadam", "fedyogi", "fedadagrad"}) {
     auto c = Parse(StrCat("[strategy]\nname = \"", name, "\"\n"));

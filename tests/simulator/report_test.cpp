@@ -69,6 +69,7 @@ RoundRecord Rec(std::string method, int64_t round, double eval_loss, bool commit
   r.dropouts = 6;
   r.stragglers = committed ? 4 : 49;
   r.declined = 1;
+  r.declined_memory = 1;
   r.train_loss = eval_loss + 0.1;
   r.eval_loss = eval_loss;
   r.bytes_up_per_client = 1000;
@@ -191,6 +192,8 @@ TEST_CASE("A record's JSONL line parses back to the same values with NaN as null
   CHECK(j["participants"] == 5);
   CHECK(j["stragglers"] == 49);
   CHECK(j["declined"] == 1);
+  CHECK(j["declined_memory"] == 1);
+  CHECK(j["declined_unsupported"] == 0);
   CHECK(j["eval_loss"].get<double>() == 2.75);
   CHECK(j["accuracy"].get<double>() == 0.625);
   CHECK(j["bytes_up_per_client"].get<double>() == 1000);
@@ -198,7 +201,7 @@ TEST_CASE("A record's JSONL line parses back to the same values with NaN as null
   CHECK(j["epsilon"].is_null());
   CHECK(j["train_loss"].is_null());
   CHECK(j["global_sha256"] == std::string(64, 'c'));
-  CHECK(j.size() == 20);
+  CHECK(j.size() == 22);
 
   auto back = RoundRecordFromJson(j);
   REQUIRE(back.ok());
@@ -207,6 +210,7 @@ TEST_CASE("A record's JSONL line parses back to the same values with NaN as null
   CHECK(back->committed == r.committed);
   CHECK(back->start_time_s == r.start_time_s);
   CHECK(back->dropouts == r.dropouts);
+  CHECK(back->declined_memory == r.declined_memory);
   CHECK(back->eval_loss == r.eval_loss);
   CHECK(std::isnan(back->epsilon));
   CHECK(std::isnan(back->train_loss));
@@ -225,7 +229,7 @@ TEST_CASE("RoundRecordFromJson names the field that has the wrong type", "[simul
 
 TEST_CASE("CSV has the header and one row per record with every field", "[simulator][report]") {
   const std::vector<std::string> header = CsvFields(Lines(CsvHeader()).at(0));
-  REQUIRE(header.size() == 20);
+  REQUIRE(header.size() == 22);
   CHECK(header.front() == "method");
   CHECK(header.back() == "wall_seconds");
   CHECK(CsvHeader().back() == '\n');
@@ -252,6 +256,8 @@ TEST_CASE("CSV has the header and one row per record with every field", "[simula
   CHECK(std::stod(field("accuracy")) == 0.5);
   CHECK(std::stod(field("end_time_s")) == r.end_time_s);
   CHECK(field("global_sha256") == "00ff");
+  CHECK(field("declined_memory") == "1");
+  CHECK(field("declined_unsupported") == "0");
 }
 
 TEST_CASE("CSV quotes a method name containing a comma or a quote", "[simulator][report]") {
@@ -259,7 +265,7 @@ TEST_CASE("CSV quotes a method name containing a comma or a quote", "[simulator]
   const std::string row = ToCsvRow(r);
   CHECK(row.rfind("\"lora,\"\"int8\"\"\",", 0) == 0);
   const std::vector<std::string> fields = CsvFields(Lines(row)[0]);
-  REQUIRE(fields.size() == 20);
+  REQUIRE(fields.size() == 22);
   CHECK(fields[0] == "lora,\"int8\"");
 }
 
@@ -291,7 +297,7 @@ TEST_CASE("RoundLog appends and flushes every record while it is still open",
   CHECK(nlohmann::json::parse(jl[1])["eval_loss"].is_null());
   const auto cl = Lines(*csv);
   REQUIRE(cl.size() == 3);
-  CHECK(CsvFields(cl[2]).size() == 20);
+  CHECK(CsvFields(cl[2]).size() == 22);
   std::filesystem::remove_all(std::filesystem::path(dir).parent_path().parent_path());
 }
 
@@ -436,6 +442,52 @@ TEST_CASE("The report has one svg per figure and the accuracy figure only with a
   REQUIRE(acc.size() == 2);
   CHECK(acc[0].points() == 1);  // lora-bp round 4
   CHECK(acc[1].points() == 0);
+}
+
+// The rows of <table class="declines"> as their cell texts.
+std::vector<std::vector<std::string>> DeclineRows(const std::string& html) {
+  const size_t begin = html.find("<table class=\"declines\">");
+  if (begin == std::string::npos) return {};
+  const std::string table = html.substr(begin, html.find("</table>", begin) - begin);
+  static const std::regex kRow(R"re(<tr[^>]*>(.*?)</tr>)re");
+  static const std::regex kCell(R"re(<t[dh][^>]*>([^<]*)</t[dh]>)re");
+  std::vector<std::vector<std::string>> rows;
+  for (std::sregex_iterator it(table.begin(), table.end(), kRow), end; it != end; ++it) {
+    const std::string row = (*it)[1];
+    rows.emplace_back();
+    for (std::sregex_iterator c(row.begin(), row.end(), kCell); c != end; ++c) rows.back().push_back((*c)[1]);
+  }
+  return rows;
+}
+
+TEST_CASE("The report lists declines by reason for each round with one and a total per method",
+          "[simulator][report]") {
+  ReportInput in = TwoMethodInput();
+  for (RoundRecord& r : in.rounds) {
+    r.declined = r.declined_memory = r.declined_unsupported = 0;
+    if (r.method == "lora-bp" && r.round == 2) r.declined = r.declined_memory = 3;
+    if (r.method == "lora-bp" && r.round == 5) {
+      r.declined = 4;  // 2 memory, 1 unsupported, 1 other
+      r.declined_memory = 2;
+      r.declined_unsupported = 1;
+    }
+  }
+  const auto rows = DeclineRows(RenderReportHtml(in));
+  const std::vector<std::vector<std::string>> expected = {
+      {"method", "round", "declined", "memory", "unsupported", "other"},
+      {"lora-bp", "2", "3", "3", "0", "0"},
+      {"lora-bp", "5", "4", "2", "1", "1"},
+      {"lora-bp", "total", "7", "5", "1", "1"},
+  };
+  CHECK(rows == expected);  // kseed declined nothing: no rows
+}
+
+TEST_CASE("Without a declined task the report says so instead of a table", "[simulator][report]") {
+  ReportInput in = TwoMethodInput();
+  for (RoundRecord& r : in.rounds) r.declined = r.declined_memory = 0;
+  const std::string html = RenderReportHtml(in);
+  CHECK(DeclineRows(html).empty());
+  CHECK(html.find("No selected device declined its task.") != std::string::npos);
 }
 
 TEST_CASE("The loss figure has one line per method with one point per round inside the view box",

@@ -8,11 +8,17 @@
 #include <filesystem>
 #include <fstream>
 #include <set>
+#include <sstream>
 #include <string>
 
 #include "tests/test_util.h"
 #include "base/file.h"
+#include "base/strings.h"
+#include "client/memory_planner.h"
+#include "lora/adapter.h"
+#include "model/config.h"
 #include "model/init.h"
+#include "model/weights.h"
 #include "simulator/simulation.h"
 
 namespace seedling::simulator {
@@ -387,6 +393,106 @@ TEST_CASE("Devices too slow for the deadline are stragglers and never counted", 
   }
 }
 
+// A budget that a lora-bp step of Small()'s rounds fits with q8_0 base weights and does not with fp32 ones:
+// the q8_0 plan's fastest settings (a device of this class shares the simulator's model, so no runtime).
+int64_t BudgetForQ8ButNotFp32(const SimulationOptions& o) {
+  auto config = model::LoadModelConfig(o.model_dir);
+  REQUIRE(config.ok());
+  client::PlanRequest request;
+  request.model = *config;
+  request.method = optim::Method::kLoraBp;
+  request.lora.rank = o.server.lora_rank;
+  request.lora.alpha = o.server.lora_alpha;
+  auto targets = lora::ParseTargets("q_proj,v_proj");
+  REQUIRE(targets.ok());
+  request.lora.targets = *targets;
+  request.seq_len = o.server.seq_len;
+  request.batch = o.server.batch;
+  request.runtime_bytes = 0;
+  auto plan_with = [&](model::WeightPrecision weights, int64_t budget) {
+    client::PlanRequest r = request;
+    auto bytes = model::ResidentWeightBytes(o.model_dir, *config, weights);
+    REQUIRE(bytes.ok());
+    r.weight_bytes = *bytes;
+    r.weights_decoded_per_tile = weights != model::WeightPrecision::kFloat32;
+    r.budget_bytes = budget;
+    return client::PlanMemory(r);
+  };
+  auto q8 = plan_with(model::WeightPrecision::kQ8_0, 0);
+  REQUIRE(q8.ok());
+  const int64_t budget = q8->total_bytes();
+  REQUIRE(plan_with(model::WeightPrecision::kFloat32, budget).status().code() ==
+          absl::StatusCode::kResourceExhausted);
+  return budget;
+}
+
+// Half the phones have room to spare; the other half have BudgetForQ8ButNotFp32 as their app budget.
+SimulationOptions RoomyAndTight(const std::string& dir, model::WeightPrecision weights) {
+  SimulationOptions o = Small(JoinPath(dir, "out"));
+  o.methods = {"lora-bp"};
+  o.population.dropout_mean = 0;
+  o.population.variation = 0;
+  o.server.weights = weights;
+  o.weight_cache_dir = JoinPath(dir, "cache");
+  const int64_t tight = BudgetForQ8ButNotFp32(o);
+  o.phone_classes = WriteClasses(dir, StrCat("roomy,1,100,8000000000,4000000000,100,100,10,3,test\n",
+                                             "tight,1,100,", tight, ",", tight, ",100,100,10,3,test\n"));
+  return o;
+}
+
+TEST_CASE("Phones whose budget cannot hold the base weights decline with MEMORY, counted per round and reported",
+          "[simulator][weights]") {
+  TempDir dir;
+  const SimulationOptions o = RoomyAndTight(dir.path, model::WeightPrecision::kFloat32);
+  auto r = RunSimulation(o);
+  INFO(r.status().ToString());
+  REQUIRE(r.ok());
+  int64_t memory = 0, participants = 0;
+  for (const RoundRecord& rec : r->methods[0].rounds) {
+    INFO(Deterministic(rec));
+    CHECK(rec.declined == rec.declined_memory);
+    memory += rec.declined_memory;
+    participants += rec.participants;
+  }
+  CHECK(memory > 0);
+  CHECK(participants > 0);  // the roomy half trains
+  CHECK(r->methods[0].client_errors == 0);
+  auto jsonl = ReadFile(JoinPath(o.out_dir, "rounds.jsonl"));
+  REQUIRE(jsonl.ok());
+  int64_t logged = 0;
+  std::istringstream lines(*jsonl);
+  for (std::string line; std::getline(lines, line);) logged += nlohmann::json::parse(line)["declined_memory"].get<int64_t>();
+  CHECK(logged == memory);
+  auto html = ReadFile(r->report_path);
+  REQUIRE(html.ok());
+  CHECK_THAT(*html, Catch::Contains("<table class=\"declines\">"));
+  CHECK_THAT(*html, Catch::Contains(StrCat("<td>total</td><td class=\"num\">", memory, "</td><td class=\"num\">",
+                                           memory, "</td>")));
+  CHECK_THAT(*html, Catch::Contains("<th>base weights</th><td>fp32: "));
+}
+
+TEST_CASE("With q8_0 base weights the same phones fit the model and nobody declines", "[simulator][weights]") {
+  TempDir dir;
+  const SimulationOptions o = RoomyAndTight(dir.path, model::WeightPrecision::kQ8_0);
+  auto r = RunSimulation(o);
+  INFO(r.status().ToString());
+  REQUIRE(r.ok());
+  int64_t participants = 0;
+  for (const RoundRecord& rec : r->methods[0].rounds) {
+    INFO(Deterministic(rec));
+    CHECK(rec.committed);
+    CHECK(rec.declined == 0);
+    participants += rec.participants;
+  }
+  CHECK(participants > 0);
+  CHECK(r->methods[0].client_errors == 0);
+  CHECK(FileExists(JoinPath(o.weight_cache_dir, "weights-q8_0.safetensors")));  // the shared model's cache
+  auto html = ReadFile(r->report_path);
+  REQUIRE(html.ok());
+  CHECK_THAT(*html, Catch::Contains("<th>base weights</th><td>q8_0: "));
+  CHECK_THAT(*html, Catch::Contains("No selected device declined its task."));
+}
+
 TEST_CASE("Ten thousand devices with 50 clients per round run 2 rounds", "[simulator]") {
   TempDir dir;
   SimulationOptions o = Small(JoinPath(dir.path, "big"));
@@ -409,7 +515,7 @@ TEST_CASE("Ten thousand devices with 50 clients per round run 2 rounds", "[simul
 
 TEST_CASE("The shipped simulation configs parse, and SecAgg+ with a method without a dense delta is refused",
           "[simulator]") {
-  for (const char* name : {"simulate-demo.toml", "simulate-secagg.toml"}) {
+  for (const char* name : {"simulate-demo.toml", "simulate-secagg.toml", "simulate-qwen05-q4.toml"}) {
     auto text = ReadFile(JoinPath(JoinPath(SEEDLING_SOURCE_DIR, "configs"), name));
     REQUIRE(text.ok());
     auto o = ParseSimulationConfig(*text);
@@ -469,6 +575,33 @@ rounds = 7
       ParseSimulationConfig("[simulation]\nmodel = \"m\"\nmethods = [\"kseed\"]\n[secagg]\nenabled = true\n");
   REQUIRE_FALSE(secagg_kseed.ok());
   CHECK_THAT(std::string(secagg_kseed.status().message()), Catch::Contains("method kseed"));
+}
+
+TEST_CASE("sim.toml [model] sets the base weights, fp32 by default, and their cache directory", "[simulator]") {
+  auto defaults = ParseSimulationConfig("[simulation]\nmodel = \"m\"\n");
+  REQUIRE(defaults.ok());
+  CHECK(defaults->server.weights == model::WeightPrecision::kFloat32);
+  CHECK(defaults->weight_cache_dir.empty());
+  auto q4 = ParseSimulationConfig("[simulation]\nmodel = \"m\"\n[model]\nweights = \"q4_0\"\nweight_cache_dir = \"c\"\n");
+  INFO(q4.status().ToString());
+  REQUIRE(q4.ok());
+  CHECK(q4->server.weights == model::WeightPrecision::kQ4_0);
+  CHECK(q4->weight_cache_dir == "c");
+  CHECK(q4->model_dir == "m");
+}
+
+TEST_CASE("A bad sim.toml [model] key or value is refused naming it", "[simulator]") {
+  for (const auto& [text, key] : std::vector<std::pair<std::string, std::string>>{
+           {"weights = \"q5_k\"\n", "weights"},
+           {"weight_cache_dir = 3\n", "weight_cache_dir"},
+           {"weight_cache = \"c\"\n", "weight_cache"},
+       }) {
+    INFO(text);
+    auto o = ParseSimulationConfig("[simulation]\nmodel = \"m\"\n[model]\n" + text);
+    REQUIRE_FALSE(o.ok());
+    CHECK(o.status().code() == absl::StatusCode::kInvalidArgument);
+    CHECK_THAT(std::string(o.status().message()), Catch::Contains(StrCat("[model] ", key)));
+  }
 }
 
 }  // namespace
