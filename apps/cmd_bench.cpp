@@ -64,7 +64,9 @@ void RegisterFinetuneBench(CLI::App* bench, Action& action) {
   cmd->add_option("--perturbations", options->perturbations, "fwdgrad perturbations")->capture_default_str();
   cmd->add_option("--data", options->data, "JSONL data (default: data/sample/instructions.jsonl)");
   cmd->add_option("--work-dir", options->work_dir, "Keep the model and outputs here (default: a temporary directory)");
-  cmd->add_flag("--bf16", options->bf16_stored, "Write the model in BF16 and keep its weights in BF16");
+  cmd->add_flag("--bf16", options->bf16, "Write the model file in BF16 (default F32)");
+  cmd->add_option("--weights", options->weights, "Frozen weights of every run: fp32, stored, q8_0 or q4_0")
+      ->capture_default_str();
   cmd->callback([options, &action] {
     action = [options]() -> absl::Status {
       char exe[PATH_MAX];

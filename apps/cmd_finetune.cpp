@@ -1,11 +1,15 @@
 // finetune, export.
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
 #include <nlohmann/json.hpp>
+#include <span>
 
 #include "apps/commands.h"
+#include "apps/weight_flags.h"
+#include "base/check.h"
 #include "base/file.h"
 #include "base/memory.h"
 #include "base/progress.h"
@@ -17,6 +21,7 @@
 #include "lora/adapter.h"
 #include "model/gguf.h"
 #include "model/llama.h"
+#include "model/quant.h"
 #include "model/tokenizer.h"
 #include "model/weights.h"
 
@@ -48,16 +53,10 @@ absl::Status SaveModelDir(const std::string& out, const std::string& source_dir,
   return WriteFileAtomic(JoinPath(out, "config.json"), model::ModelConfigToJson(c));
 }
 
-absl::StatusOr<model::DType> ParseDtype(const std::string& s) {
-  if (s == "f32") return model::DType::kF32;
-  if (s == "f16") return model::DType::kF16;
-  if (s == "bf16") return model::DType::kBF16;
-  return absl::InvalidArgumentError(StrCat("--dtype must be f32, f16 or bf16, got '", s, "'"));
-}
-
 void RegisterFinetune(CLI::App& app, Action& action) {
   struct Flags {
-    std::string model_dir, data, method = "lora-bp", budget, out, targets = "q_proj,v_proj", weights = "fp32";
+    std::string model_dir, data, method = "lora-bp", budget, out, targets = "q_proj,v_proj";
+    WeightFlags weights;
     std::string recompute = "auto";
     int64_t ce_chunk = 0;
     client::TrainingConfig training;
@@ -92,7 +91,7 @@ void RegisterFinetune(CLI::App& app, Action& action) {
   cmd->add_option("--perturbations", f->training.perturbations, "fwdgrad: perturbations per step")->capture_default_str();
   cmd->add_option("--pool-size", f->training.kseed_pool_size, "kseed: candidate seeds")->capture_default_str();
   cmd->add_option("--pool-seed", f->training.kseed_pool_seed, "kseed: the pool's seed")->capture_default_str();
-  cmd->add_option("--weights", f->weights, "fp32 or stored (keep 16-bit weights; not with --full)")->capture_default_str();
+  AddWeightFlags(cmd, f->weights);
   cmd->add_option("--recompute", f->recompute, "lora-bp: per-layer recomputation auto (the planner decides), on or off")
       ->capture_default_str();
   cmd->add_option("--ce-chunk", f->ce_chunk, "Cross-entropy chunk in tokens (0 = the planner decides)")
@@ -103,12 +102,8 @@ void RegisterFinetune(CLI::App& app, Action& action) {
       SEEDLING_ASSIGN_OR_RETURN(f->lora.targets, lora::ParseTargets(f->targets));
       f->lora.init_seed = f->training.seed;
       f->training.full_parameters = f->full;
-      if (f->weights != "fp32" && f->weights != "stored") {
-        return absl::InvalidArgumentError(StrCat("--weights must be fp32 or stored, got '", f->weights, "'"));
-      }
-      model::LoadOptions load;
-      load.precision = f->weights == "stored" ? model::WeightPrecision::kStored : model::WeightPrecision::kFloat32;
-      if (f->full && load.precision == model::WeightPrecision::kStored) {
+      SEEDLING_ASSIGN_OR_RETURN(model::LoadOptions load, LoadOptionsFromFlags(f->weights, f->model_dir));
+      if (f->full && load.precision != model::WeightPrecision::kFloat32) {
         return absl::InvalidArgumentError("--full trains the weights themselves: use --weights fp32");
       }
       int64_t budget = 0;
@@ -139,9 +134,8 @@ void RegisterFinetune(CLI::App& app, Action& action) {
       request.batch = f->batch;
       request.budget_bytes = budget;
       request.runtime_bytes = client::MeasureRuntimeBytes();
-      request.weight_bytes = client::ResidentWeightBytes(config, load.precision);
-      request.weights_16bit = load.precision == model::WeightPrecision::kStored &&
-                              (config.torch_dtype == "bfloat16" || config.torch_dtype == "float16");
+      SEEDLING_ASSIGN_OR_RETURN(request.weight_bytes, model::ResidentWeightBytes(f->model_dir, config, load.precision));
+      request.weights_decoded_per_tile = load.precision != model::WeightPrecision::kFloat32;
       request.perturbations = f->training.perturbations;
       if (f->recompute != "auto" && f->recompute != "on" && f->recompute != "off") {
         return absl::InvalidArgumentError(StrCat("--recompute must be auto, on or off, got '", f->recompute, "'"));
@@ -151,7 +145,7 @@ void RegisterFinetune(CLI::App& app, Action& action) {
         // Settings forced by the user: re-estimate them (and still refuse what cannot fit).
         plan = client::EstimatePlan(request, plan.variant, plan.micro_batch,
                                     f->recompute == "auto" ? plan.recompute : f->recompute == "on",
-                                    f->ce_chunk > 0 ? f->ce_chunk : plan.ce_chunk_tokens);
+                                    f->ce_chunk > 0 ? f->ce_chunk : plan.ce_chunk_tokens, plan.mlp_chunk_tokens);
         if (budget > 0 && plan.total_bytes() > budget) {
           return absl::ResourceExhaustedError(StrCat("the forced settings do not fit the budget: ", plan.Describe()));
         }
@@ -164,6 +158,7 @@ void RegisterFinetune(CLI::App& app, Action& action) {
         SEEDLING_ASSIGN_OR_RETURN(adapter, lora::LoraAdapter::Create(config, f->lora));
       }
 
+      RssPeakSampler rss;  // anonymous and file-backed peaks, reported apart
       Progress progress(StrCat("finetune ", f->method), f->training.steps);
       double last_loss = 0;
       SEEDLING_ASSIGN_OR_RETURN(
@@ -197,6 +192,9 @@ void RegisterFinetune(CLI::App& app, Action& action) {
                             {"tokens_per_second", r.seconds > 0 ? static_cast<double>(r.tokens) / r.seconds : 0.0},
                             {"seconds", r.seconds},
                             {"peak_rss_bytes", PeakRssBytes()},
+                            {"peak_rss_anon_bytes", rss.Peak().anon},
+                            {"peak_rss_file_bytes", rss.Peak().file},
+                            {"weights", model::WeightPrecisionName(load.precision)},
                             {"step_tensor_peak_bytes", r.step_tensor_peak_bytes},
                             {"planned_peak_bytes", plan.total_bytes()},
                             {"plan", nlohmann::json::parse(plan.ToJson())},
@@ -207,40 +205,121 @@ void RegisterFinetune(CLI::App& app, Action& action) {
   });
 }
 
+// `seedling export --format`: what each writes and the --dtype values it takes (the first is the
+// default).
+struct ExportFormat {
+  const char* name;
+  std::span<const model::WeightFormat> dtypes;
+};
+constexpr model::WeightFormat kSafetensorsDtypes[] = {model::WeightFormat::kF32, model::WeightFormat::kF16,
+                                                      model::WeightFormat::kBF16};
+constexpr model::WeightFormat kGgufDtypes[] = {model::WeightFormat::kF16, model::WeightFormat::kF32,
+                                               model::WeightFormat::kQ8_0, model::WeightFormat::kQ4_0};
+constexpr model::WeightFormat kGgufLoraDtypes[] = {model::WeightFormat::kF32, model::WeightFormat::kF16};
+constexpr ExportFormat kExportFormats[] = {
+    {"safetensors", kSafetensorsDtypes}, {"gguf", kGgufDtypes}, {"gguf-lora", kGgufLoraDtypes}};
+
+// The --dtype for --format `format` (the format's default when `dtype` is empty). InvalidArgument for an
+// unknown format or a dtype the format does not take, naming the ones it does.
+absl::StatusOr<model::WeightFormat> ParseExportDtype(const std::string& format, const std::string& dtype) {
+  const auto* f = std::find_if(std::begin(kExportFormats), std::end(kExportFormats),
+                               [&](const ExportFormat& e) { return format == e.name; });
+  if (f == std::end(kExportFormats)) {
+    return absl::InvalidArgumentError(
+        StrCat("--format must be safetensors, gguf or gguf-lora, got '", format, "'"));
+  }
+  if (dtype.empty()) return f->dtypes.front();
+  std::string names;
+  for (model::WeightFormat d : f->dtypes) {
+    if (dtype == model::WeightFormatName(d)) return d;
+    names += StrCat(names.empty() ? "" : ", ", model::WeightFormatName(d));
+  }
+  const bool block = dtype == "q8_0" || dtype == "q4_0";
+  return absl::InvalidArgumentError(StrCat("--format ", format, " takes --dtype ", names, ", got '", dtype, "'",
+                                           block ? " (q8_0 and q4_0 are for --format gguf)" : ""));
+}
+
+model::DType SafetensorsDType(model::WeightFormat format) {
+  return format == model::WeightFormat::kF32 ? model::DType::kF32
+         : format == model::WeightFormat::kF16 ? model::DType::kF16
+                                               : model::DType::kBF16;
+}
+
+// --format gguf-lora: the PEFT adapter in `adapter_dir` as a GGUF LoRA adapter for llama.cpp. Only the base
+// model's config is read (for the architecture and the shapes), not its weights.
+absl::Status ExportGgufLora(const std::string& model_dir, const std::string& adapter_dir, const std::string& out,
+                            model::WeightFormat dtype) {
+  if (adapter_dir.empty()) {
+    return absl::InvalidArgumentError("--format gguf-lora exports an adapter: give --adapter DIR");
+  }
+  SEEDLING_ASSIGN_OR_RETURN(const model::ModelConfig config, model::LoadModelConfig(model_dir));
+  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<lora::LoraAdapter> adapter, lora::LoadPeft(adapter_dir, config));
+  std::vector<model::GgufLoraPair> pairs;
+  for (const lora::LoraView& view : adapter->views()) {  // each projection's A, then its B
+    if (view.is_a) {
+      pairs.push_back({view.layer, view.projection, adapter->Matrix(view), at::Tensor()});
+    } else {
+      SEEDLING_CHECK(!pairs.empty() && pairs.back().layer == view.layer &&
+                     pairs.back().projection == view.projection);
+      pairs.back().b = adapter->Matrix(view);
+    }
+  }
+  model::GgufLoraOptions options;
+  options.format = dtype;
+  // scale() is alpha / r, or alpha / sqrt(r) with rsLoRA: WriteGgufLora turns it into llama.cpp's alpha.
+  return model::WriteGgufLora(out, config, pairs, adapter->config().scale(), options);
+}
+
+// --format safetensors / gguf: the model, with the adapter in `adapter_dir` (if any) merged in.
+absl::Status ExportModel(const std::string& model_dir, const std::string& adapter_dir, const std::string& format,
+                         const std::string& out, model::WeightFormat dtype) {
+  // Without an adapter to merge, GGUF converts each matrix from its stored dtype, one at a time.
+  model::LoadOptions load;
+  if (adapter_dir.empty() && format == "gguf") load.precision = model::WeightPrecision::kStored;
+  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<model::LlamaModel> model, model::LlamaModel::Load(model_dir, load));
+  if (!adapter_dir.empty()) {
+    SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<lora::LoraAdapter> adapter,
+                              lora::LoadPeft(adapter_dir, model->config()));
+    SEEDLING_RETURN_IF_ERROR(adapter->Merge(model->mutable_weights()));
+  }
+  if (format == "safetensors") {
+    return SaveModelDir(out, model_dir, model->config(), model->weights(), SafetensorsDType(dtype));
+  }
+  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<model::Tokenizer> tokenizer, model::LoadTokenizer(model_dir));
+  model::GgufOptions options;
+  options.format = dtype;
+  return model::WriteGguf(out, model->config(), model->weights(), *tokenizer, options);
+}
+
 void RegisterExport(CLI::App& app, Action& action) {
   struct Flags {
     std::string model_dir, adapter_dir, format = "safetensors", out, dtype;
   };
   auto f = std::make_shared<Flags>();
-  CLI::App* cmd = app.add_subcommand("export", "Export a model (with a LoRA adapter merged in) as safetensors or GGUF");
-  cmd->add_option("--model", f->model_dir, "Hugging Face model directory")->required();
-  cmd->add_option("--adapter", f->adapter_dir, "PEFT adapter directory to merge");
-  cmd->add_option("--format", f->format, "safetensors (a model directory) or gguf (one file)")->capture_default_str();
-  cmd->add_option("--out", f->out, "Output directory (safetensors) or file (gguf)")->required();
-  cmd->add_option("--dtype", f->dtype, "f32, f16 or bf16 (safetensors; default f32) / f32 or f16 (gguf; default f16)");
+  CLI::App* cmd = app.add_subcommand(
+      "export", "Export a model (with a LoRA adapter merged in) as safetensors or GGUF, or an adapter as GGUF");
+  cmd->add_option("--model", f->model_dir, "Hugging Face model directory (gguf-lora: the adapter's base)")->required();
+  cmd->add_option("--adapter", f->adapter_dir,
+                  "PEFT adapter directory: merged (safetensors, gguf) or exported (gguf-lora)");
+  cmd->add_option("--format", f->format,
+                  "safetensors (a model directory), gguf (one model file) or gguf-lora (a llama.cpp --lora file)")
+      ->capture_default_str();
+  cmd->add_option("--out", f->out, "Output directory (safetensors) or file (gguf, gguf-lora)")->required();
+  cmd->add_option("--dtype", f->dtype,
+                  "safetensors: f32 (default), f16, bf16; gguf: f16 (default), f32, q8_0, q4_0; gguf-lora: f32 "
+                  "(default), f16");
   cmd->callback([f, &action] {
     action = [f]() -> absl::Status {
-      if (f->format != "safetensors" && f->format != "gguf") {
-        return absl::InvalidArgumentError(StrCat("--format must be safetensors or gguf, got '", f->format, "'"));
-      }
-      const std::string dtype_name = !f->dtype.empty() ? f->dtype : (f->format == "gguf" ? "f16" : "f32");
-      SEEDLING_ASSIGN_OR_RETURN(model::DType dtype, ParseDtype(dtype_name));
-      SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<model::LlamaModel> model, model::LlamaModel::Load(f->model_dir));
-      if (!f->adapter_dir.empty()) {
-        SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<lora::LoraAdapter> adapter,
-                                  lora::LoadPeft(f->adapter_dir, model->config()));
-        SEEDLING_RETURN_IF_ERROR(adapter->Merge(model->mutable_weights()));
-      }
-      if (f->format == "safetensors") {
-        SEEDLING_RETURN_IF_ERROR(SaveModelDir(f->out, f->model_dir, model->config(), model->weights(), dtype));
+      SEEDLING_ASSIGN_OR_RETURN(const model::WeightFormat dtype, ParseExportDtype(f->format, f->dtype));
+      if (f->format == "gguf-lora") {
+        SEEDLING_RETURN_IF_ERROR(ExportGgufLora(f->model_dir, f->adapter_dir, f->out, dtype));
       } else {
-        SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<model::Tokenizer> tokenizer, model::LoadTokenizer(f->model_dir));
-        model::GgufOptions options;
-        options.dtype = dtype;
-        SEEDLING_RETURN_IF_ERROR(model::WriteGguf(f->out, model->config(), model->weights(), *tokenizer, options));
+        SEEDLING_RETURN_IF_ERROR(ExportModel(f->model_dir, f->adapter_dir, f->format, f->out, dtype));
       }
-      std::printf("wrote %s (%s%s) to %s\n", f->format.c_str(), dtype_name.c_str(),
-                  f->adapter_dir.empty() ? "" : ", adapter merged", f->out.c_str());
+      const char* what = f->format == "gguf-lora"   ? ", adapter only"
+                         : f->adapter_dir.empty() ? ""
+                                                  : ", adapter merged";
+      std::printf("wrote %s (%s%s) to %s\n", f->format.c_str(), model::WeightFormatName(dtype), what, f->out.c_str());
       return absl::OkStatus();
     };
   });

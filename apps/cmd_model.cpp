@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_format.h"
 #include "apps/commands.h"
+#include "apps/weight_flags.h"
 #include "base/file.h"
 #include "base/memory.h"
 #include "base/progress.h"
@@ -27,18 +28,6 @@ absl::StatusOr<model::DType> ParseDtypeFlag(const std::string& s) {
   if (s == "f16" || s == "float16") return model::DType::kF16;
   if (s == "bf16" || s == "bfloat16") return model::DType::kBF16;
   return absl::InvalidArgumentError(StrCat("--dtype must be f32, f16 or bf16, got '", s, "'"));
-}
-
-absl::StatusOr<model::LoadOptions> ParseWeightsFlag(const std::string& s) {
-  model::LoadOptions o;
-  if (s == "fp32") {
-    o.precision = model::WeightPrecision::kFloat32;
-  } else if (s == "stored") {
-    o.precision = model::WeightPrecision::kStored;
-  } else {
-    return absl::InvalidArgumentError(StrCat("--weights must be fp32 or stored, got '", s, "'"));
-  }
-  return o;
 }
 
 void RegisterInitModel(CLI::App& app, Action& action) {
@@ -75,7 +64,8 @@ void RegisterInitModel(CLI::App& app, Action& action) {
 
 void RegisterEval(CLI::App& app, Action& action) {
   struct Flags {
-    std::string model_dir, data, weights = "fp32", adapter;
+    std::string model_dir, data, adapter;
+    WeightFlags weights;
     int64_t max_seq_len = 512, batch_size = 8;
   };
   auto flags = std::make_shared<Flags>();
@@ -87,12 +77,11 @@ void RegisterEval(CLI::App& app, Action& action) {
   cmd->add_option("--max-seq-len", flags->max_seq_len, "Truncate examples to this many tokens")
       ->capture_default_str()->check(CLI::PositiveNumber);
   cmd->add_option("--batch-size", flags->batch_size, "Examples per forward pass")->capture_default_str()->check(CLI::PositiveNumber);
-  cmd->add_option("--weights", flags->weights, "fp32 (convert 16-bit weights at load) or stored (keep their dtype)")
-      ->capture_default_str();
+  AddWeightFlags(cmd, flags->weights);
   cmd->add_option("--adapter", flags->adapter, "PEFT LoRA adapter directory to apply");
   cmd->callback([flags, &action] {
     action = [flags]() -> absl::Status {
-      SEEDLING_ASSIGN_OR_RETURN(model::LoadOptions load, ParseWeightsFlag(flags->weights));
+      SEEDLING_ASSIGN_OR_RETURN(model::LoadOptions load, LoadOptionsFromFlags(flags->weights, flags->model_dir));
       SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<model::LlamaModel> m, model::LlamaModel::Load(flags->model_dir, load));
       std::unique_ptr<lora::LoraAdapter> adapter;
       if (!flags->adapter.empty()) {
@@ -122,7 +111,8 @@ void RegisterEval(CLI::App& app, Action& action) {
 
 void RegisterGenerate(CLI::App& app, Action& action) {
   struct Flags {
-    std::string model_dir, prompt, weights = "fp32";
+    std::string model_dir, prompt;
+    WeightFlags weights;
     bool greedy = false;
     model::GenerateOptions options;
   };
@@ -139,11 +129,11 @@ void RegisterGenerate(CLI::App& app, Action& action) {
   cmd->add_option("--top-p", flags->options.top_p, "Nucleus sampling mass in (0, 1]")->capture_default_str();
   cmd->add_option("--top-k", flags->options.top_k, "Sample among the k most likely tokens (0 = all)")->capture_default_str();
   cmd->add_flag("--greedy", flags->greedy, "Always pick the most likely token");
-  cmd->add_option("--weights", flags->weights, "fp32 or stored")->capture_default_str();
+  AddWeightFlags(cmd, flags->weights);
   cmd->callback([flags, &action] {
     action = [flags]() -> absl::Status {
       if (flags->greedy) flags->options.temperature = 0;
-      SEEDLING_ASSIGN_OR_RETURN(model::LoadOptions load, ParseWeightsFlag(flags->weights));
+      SEEDLING_ASSIGN_OR_RETURN(model::LoadOptions load, LoadOptionsFromFlags(flags->weights, flags->model_dir));
       SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<model::LlamaModel> m, model::LlamaModel::Load(flags->model_dir, load));
       SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<model::Tokenizer> tok, model::LoadTokenizer(flags->model_dir));
       SEEDLING_ASSIGN_OR_RETURN(model::GenerateResult r,

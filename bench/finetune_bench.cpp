@@ -15,6 +15,8 @@
 #include "base/status.h"
 #include "base/strings.h"
 #include "model/init.h"
+#include "model/llama.h"
+#include "model/weights.h"
 
 extern char** environ;
 
@@ -68,8 +70,14 @@ absl::StatusOr<std::vector<FinetuneBenchRow>> RunFinetuneBench(const FinetuneBen
   init.preset = o.preset;
   init.seed = 1;
   init.overwrite = true;
-  if (o.bf16_stored) init.dtype = model::DType::kBF16;
+  if (o.bf16) init.dtype = model::DType::kBF16;
   SEEDLING_RETURN_IF_ERROR(model::InitModel(model_dir, init));
+  SEEDLING_ASSIGN_OR_RETURN(const model::WeightPrecision precision, model::ParseWeightPrecision(o.weights));
+  if (precision == model::WeightPrecision::kQ8_0 || precision == model::WeightPrecision::kQ4_0) {
+    model::LoadOptions load;
+    load.precision = precision;
+    SEEDLING_RETURN_IF_ERROR(model::LlamaModel::Load(model_dir, load).status());  // builds the weight cache
+  }
   std::string data = o.data;
   if (data.empty()) {
     // The repository's sample, found from the binary's location (build/bin/seedling).
@@ -93,17 +101,17 @@ absl::StatusOr<std::vector<FinetuneBenchRow>> RunFinetuneBench(const FinetuneBen
       {"mezo", {"--method", "mezo", "--steps", steps}},
       {"kseed", {"--method", "kseed", "--steps", steps}},
   };
-  out << absl::StrFormat("%s (%s weights), sequence 1 x %d, %s\n", o.preset,
-                         o.bf16_stored ? "BF16 stored" : "fp32", o.seq_len, data);
-  out << absl::StrFormat("%-36s %9s %11s %11s %9s %13s %12s\n", "configuration", "tokens/s", "peak RSS", "planned",
-                         "x infer.", "above infer.", "step tensors");
+  out << absl::StrFormat("%s (%s file, --weights %s), sequence 1 x %d, %s\n", o.preset, o.bf16 ? "BF16" : "F32",
+                         o.weights, o.seq_len, data);
+  out << absl::StrFormat("%-36s %9s %11s %11s %11s %11s %9s %13s %12s\n", "configuration", "tokens/s", "peak RSS",
+                         "anonymous", "file", "planned", "x infer.", "above infer.", "step tensors");
   out.flush();
   std::vector<FinetuneBenchRow> rows;
   int64_t inference_peak = 0;
   for (const Config& c : configs) {
     std::vector<std::string> args = {seedling, "finetune", "--model", model_dir, "--data", data, "--seq-len",
                                      std::to_string(o.seq_len), "--batch", "1", "--heldout", "0.02", "--out",
-                                     JoinPath(work, "out"), "--weights", o.bf16_stored ? "stored" : "fp32"};
+                                     JoinPath(work, "out"), "--weights", o.weights};
     args.insert(args.end(), c.extra.begin(), c.extra.end());
     SEEDLING_ASSIGN_OR_RETURN(std::string stdout_text, RunChild(args));
     nlohmann::json j;
@@ -118,12 +126,15 @@ absl::StatusOr<std::vector<FinetuneBenchRow>> RunFinetuneBench(const FinetuneBen
     r.name = c.name;
     r.tokens_per_second = j.value("tokens_per_second", 0.0);
     r.peak_rss_bytes = j.value("peak_rss_bytes", int64_t{0});
+    r.peak_rss_anon_bytes = j.value("peak_rss_anon_bytes", int64_t{0});
+    r.peak_rss_file_bytes = j.value("peak_rss_file_bytes", int64_t{0});
     r.planned_peak_bytes = j.value("planned_peak_bytes", int64_t{0});
     r.plan = j.contains("plan") ? j["plan"].dump() : "";
     r.step_tensor_peak_bytes = j.value("step_tensor_peak_bytes", int64_t{0});
     if (rows.empty()) inference_peak = r.peak_rss_bytes;
-    out << absl::StrFormat("%-36s %9.0f %11s %11s %8.2fx %13s %12s\n", r.name, r.tokens_per_second,
-                           FormatBytes(r.peak_rss_bytes), FormatBytes(r.planned_peak_bytes),
+    out << absl::StrFormat("%-36s %9.0f %11s %11s %11s %11s %8.2fx %13s %12s\n", r.name, r.tokens_per_second,
+                           FormatBytes(r.peak_rss_bytes), FormatBytes(r.peak_rss_anon_bytes),
+                           FormatBytes(r.peak_rss_file_bytes), FormatBytes(r.planned_peak_bytes),
                            static_cast<double>(r.peak_rss_bytes) / static_cast<double>(std::max<int64_t>(inference_peak, 1)),
                            FormatBytes(std::max<int64_t>(0, r.peak_rss_bytes - inference_peak)),
                            rows.empty() ? std::string("-") : FormatBytes(r.step_tensor_peak_bytes));

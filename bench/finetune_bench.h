@@ -3,7 +3,9 @@
 // `seedling bench finetune`: one local training step configuration per child process (so each peak RSS is
 // its own), on a random model of a preset written once: plain inference, lora-bp as planned, lora-bp
 // without recomputation and with the cross-entropy in one chunk, fwdgrad, mezo and kseed. Prints tokens/s,
-// measured peak RSS, the planner's estimate and each peak relative to inference's.
+// measured peak RSS (and its anonymous and file-backed parts), the planner's estimate and each peak relative
+// to inference's. With q8_0 / q4_0 weights the weight cache is built before the first run, so no run pays
+// for it.
 
 #include <cstdint>
 #include <iosfwd>
@@ -21,13 +23,16 @@ struct FinetuneBenchOptions {
   int64_t perturbations = 4;     // fwdgrad K
   std::string work_dir;          // where the model and outputs go; empty = a temporary directory
   std::string data;              // JSONL; empty = data/sample/instructions.jsonl next to the repo's binary
-  bool bf16_stored = false;      // write the model in BF16 and keep the weights in BF16 (--weights stored)
+  bool bf16 = false;             // write the model file in BF16 (as Hugging Face checkpoints are) instead of F32
+  std::string weights = "fp32";  // --weights of every run: fp32, stored, q8_0 or q4_0
 };
 
 struct FinetuneBenchRow {
   std::string name;
   double tokens_per_second = 0;
   int64_t peak_rss_bytes = 0;
+  int64_t peak_rss_anon_bytes = 0;  // anonymous (dirty) part, sampled
+  int64_t peak_rss_file_bytes = 0;  // file-backed part (mapped weights, code), sampled
   int64_t planned_peak_bytes = 0;
   int64_t step_tensor_peak_bytes = 0;
   std::string plan;

@@ -130,6 +130,105 @@ case "$case_name" in
       || fail "export gguf"
     [ "$(head -c 4 "$work/merged.gguf")" = "GGUF" ] || fail "not a GGUF file"
     ;;
+  export-quantized)
+    # Block formats shrink the file: Q4_0 (18 bytes per 32 weights) < Q8_0 (34) < F16 (64).
+    for dtype in f16 q8_0 q4_0; do
+      out=$("$seedling" export --model "$model" --format gguf --dtype $dtype --out "$work/model-$dtype.gguf") \
+        || fail "export gguf $dtype"
+      echo "$out" | grep -qF "wrote gguf ($dtype)" || fail "unexpected output: $out"
+      [ "$(head -c 4 "$work/model-$dtype.gguf")" = "GGUF" ] || fail "$dtype: not a GGUF file"
+    done
+    f16=$(stat -c %s "$work/model-f16.gguf"); q8=$(stat -c %s "$work/model-q8_0.gguf")
+    q4=$(stat -c %s "$work/model-q4_0.gguf")
+    [ "$q4" -lt "$q8" ] && [ "$q8" -lt "$f16" ] || fail "sizes: q4_0 $q4, q8_0 $q8, f16 $f16"
+    grep -qa "general.quantization_version" "$work/model-q4_0.gguf" || fail "no quantization version"
+    rm -f "$work"/model-*.gguf
+    ;;
+  export-gguf-lora)
+    "$seedling" finetune --model "$model" --data "$repo/data/sample/instructions.jsonl" --steps 2 --lr 3e-3 \
+      --seq-len 64 --lora-targets q_proj,k_proj,v_proj --out "$work/ft-lora" >/dev/null 2>&1 \
+      || fail "finetune for the adapter failed"
+    out=$("$seedling" export --model "$model" --adapter "$work/ft-lora" --format gguf-lora --out "$work/adapter.gguf") \
+      || fail "export gguf-lora"
+    echo "$out" | grep -qF "wrote gguf-lora (f32, adapter only)" || fail "unexpected output: $out"
+    [ "$(head -c 4 "$work/adapter.gguf")" = "GGUF" ] || fail "not a GGUF file"
+    for s in general.type adapter adapter.type lora adapter.lora.alpha blk.0.attn_q.weight.lora_a \
+      blk.0.attn_k.weight.lora_b blk.1.attn_v.weight.lora_b; do
+      grep -qaF "$s" "$work/adapter.gguf" || fail "no '$s' in the adapter file"
+    done
+    ! grep -qaF "attn_output.weight.lora" "$work/adapter.gguf" || fail "o_proj was not adapted"
+    ;;
+  gguf-input)
+    # A Q8_0 GGUF export and `--weights q8_0` on its source hold the same numbers, so they evaluate alike.
+    "$seedling" export --model "$model" --format gguf --dtype q8_0 --out "$work/input-q8_0.gguf" >/dev/null \
+      || fail "export q8_0"
+    data="$repo/data/sample/eval.jsonl"
+    gguf=$("$seedling" eval --model "$work/input-q8_0.gguf" --data "$data" | json_number loss)
+    cached=$("$seedling" eval --model "$model" --weights q8_0 --cache-dir "$work/input-cache" --data "$data" \
+      | json_number loss)
+    fp32=$("$seedling" eval --model "$model" --data "$data" | json_number loss)
+    [ -n "$gguf" ] && [ -n "$cached" ] && [ -n "$fp32" ] || fail "eval failed: gguf '$gguf' cached '$cached'"
+    awk -v a="$gguf" -v b="$cached" 'BEGIN { d = (a - b) / b; exit !(d < 1e-4 && d > -1e-4) }' \
+      || fail "GGUF q8_0 loss $gguf != --weights q8_0 loss $cached"
+    [ "$gguf" != "$fp32" ] || fail "q8_0 changed nothing: $gguf"
+    # LoRA training on the GGUF base writes a PEFT adapter that works on the source model too.
+    "$seedling" finetune --model "$work/input-q8_0.gguf" --data "$repo/data/sample/instructions.jsonl" --steps 3 \
+      --lr 3e-3 --seq-len 64 --out "$work/gguf-adapter" >/dev/null 2>&1 || fail "finetune on the GGUF base"
+    [ -s "$work/gguf-adapter/adapter_config.json" ] || fail "no PEFT adapter"
+    on_gguf=$("$seedling" eval --model "$work/input-q8_0.gguf" --adapter "$work/gguf-adapter" --data "$data" \
+      | json_number loss)
+    on_source=$("$seedling" eval --model "$model" --weights q8_0 --cache-dir "$work/input-cache" \
+      --adapter "$work/gguf-adapter" --data "$data" | json_number loss)
+    awk -v a="$on_gguf" -v b="$on_source" 'BEGIN { d = (a - b) / b; exit !(d < 1e-4 && d > -1e-4) }' \
+      || fail "adapter on the GGUF base $on_gguf != on the source $on_source"
+    [ "$on_gguf" != "$gguf" ] || fail "the adapter changed nothing"
+    ;;
+  weights-planner)
+    # Every representation: the planner's estimate is within 20% of the measured peak (on this 3.5M-parameter
+    # model the measured runtime baseline is most of the total; docs/memory.md has 0.5B and 1.1B figures)...
+    for weights in fp32 stored q8_0 q4_0; do
+      for method in lora-bp mezo; do
+        out=$("$seedling" finetune --model "$model" --data "$repo/data/sample/instructions.jsonl" --method $method \
+          --weights $weights --cache-dir "$work/planner-cache" --steps 2 --seq-len 128 --heldout 0.02 \
+          --out "$work/planner-$weights-$method" 2>/dev/null) || fail "finetune $method --weights $weights"
+        peak=$(echo "$out" | json_number peak_rss_bytes); planned=$(echo "$out" | json_number planned_peak_bytes)
+        awk -v p="$peak" -v e="$planned" 'BEGIN { d = (e - p) / p; exit !(d < 0.20 && d > -0.20) }' \
+          || fail "$method --weights $weights: planned $planned vs measured $peak is off by more than 20%"
+        echo "$method --weights $weights: planned $planned, measured $peak"
+      done
+    done
+    # ...and the lightest plan with q4_0 weights keeps its budget.
+    err=$("$seedling" finetune --model "$model" --data "$repo/data/sample/instructions.jsonl" --weights q4_0 \
+      --cache-dir "$work/planner-cache" --steps 2 --batch 4 --seq-len 128 --memory-budget 1M --out "$work/x" 2>&1 \
+      >/dev/null) && fail "1M fit"
+    need=$(echo "$err" | sed -n 's/.*the lightest plan needs \([0-9.]*\) MiB.*/\1/p')
+    [ -n "$need" ] || fail "no smallest budget in: $err"
+    budget=$(awk -v n="$need" 'BEGIN { printf "%d", (n + 1) * 1048576 }')
+    out=$("$seedling" finetune --model "$model" --data "$repo/data/sample/instructions.jsonl" --weights q4_0 \
+      --cache-dir "$work/planner-cache" --steps 2 --batch 4 --seq-len 128 --memory-budget "$budget" \
+      --out "$work/planner-budget" 2>/dev/null) || fail "finetune at the lightest q4_0 budget failed"
+    peak=$(echo "$out" | json_number peak_rss_bytes)
+    [ "$peak" -le "$budget" ] || fail "peak RSS $peak exceeds the budget $budget: $out"
+    rm -rf "$work"/planner-*
+    ;;
+  weights-bad-flags)
+    expect_error "--weights must be fp32, stored, q8_0 or q4_0, got 'q5_0'" "$seedling" eval --model "$model" \
+      --weights q5_0 --data "$repo/data/sample/eval.jsonl"
+    expect_error "--full trains the weights themselves" "$seedling" finetune --model "$model" --method mezo --full \
+      --weights q4_0 --data "$repo/data/sample/instructions.jsonl" --out "$work/x"
+    ;;
+  export-bad-flags)
+    expect_error "--format must be safetensors, gguf or gguf-lora" "$seedling" export --model "$model" \
+      --format onnx --out "$work/x"
+    expect_error "q8_0 and q4_0 are for --format gguf" "$seedling" export --model "$model" --format safetensors \
+      --dtype q4_0 --out "$work/x"
+    expect_error "--format gguf-lora takes --dtype f32, f16, got 'q8_0'" "$seedling" export --model "$model" \
+      --adapter "$work/x" --format gguf-lora --dtype q8_0 --out "$work/x.gguf"
+    expect_error "--format gguf takes --dtype f16, f32, q8_0, q4_0, got 'bf16'" "$seedling" export \
+      --model "$model" --format gguf --dtype bf16 --out "$work/x.gguf"
+    expect_error "give --adapter DIR" "$seedling" export --model "$model" --format gguf-lora --out "$work/x.gguf"
+    [ ! -e "$work/x" ] && [ ! -e "$work/x.gguf" ] || fail "a refused export wrote something"
+    ;;
   finetune-full-parameters)
     out=$("$seedling" finetune --model "$model" --data "$repo/data/sample/instructions.jsonl" --method mezo --full \
       --steps 3 --seq-len 64 --out "$work/ft-full" 2>/dev/null) || fail "full-parameter mezo failed"
