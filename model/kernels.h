@@ -29,8 +29,11 @@ inline constexpr int64_t kIgnoreIndex = -100;
 // The logits never exist whole: the vocabulary is walked in tiles of the LM head (model/frozen_linear.h,
 // about 2 MiB of decoded weights each) with an online log-sum-exp, for `chunk_tokens` rows at a time
 // (<= 0: all rows), so at most (chunk × tile rows) logits exist, in forward and backward. Differentiable
-// w.r.t. hidden (and an fp32 weight that requires grad) through a custom autograd function that keeps
-// only each row's log-sum-exp and recomputes the tiles' logits in backward.
+// w.r.t. hidden (and an fp32 weight that requires grad) through a custom autograd function. With a frozen
+// weight the hidden states' gradient is computed in the forward pass, Σ_v softmax(z)_v W_v − W_t
+// accumulated tile by tile under the running max (as flash attention accumulates its output), and
+// backward only scales it by the upstream gradient: two multiplies per tile instead of three. A weight
+// that requires grad keeps each row's log-sum-exp instead and recomputes the tiles' logits in backward.
 at::Tensor ChunkedCrossEntropy(const at::Tensor& hidden, const at::Tensor& weight,
                                const at::Tensor& targets, int64_t chunk_tokens = 0);
 
