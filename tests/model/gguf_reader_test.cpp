@@ -22,7 +22,7 @@
 #include "model/quant.h"
 #include "model/tokenizer.h"
 #include "model/weights.h"
-#include "tests/model/tokenizer_fixtures.h"
+#include "tests/model/fixtures.h"
 #include "tests/test_util.h"
 
 namespace seedling::model {
@@ -304,40 +304,11 @@ absl::StatusOr<ModelWeights> LoadMini(const TempDir& dir, const GgufBuilder& b,
 
 // ---- Seedling's own export as the reference ---------------------------------------------------
 
-std::string Corpus() {
-  std::string s;
-  for (int i = 0; i < 20; ++i) {
-    s += "The phone learns a little every night, and the server averages what the phones learned. ";
-    s += "Federated fine-tuning keeps the data on the device; only the updates travel. 12345\n";
-  }
-  return s;
-}
-
-constexpr int64_t kModelVocab = 320;  // the trained tokenizer has 290 ids; the rest is padding
-
-std::string TokenizerJson() {
-  BpeTrainerOptions options;
-  options.vocab_size = 290;
-  auto doc = TrainByteLevelBpeTokenizerJson(Corpus(), options);
-  REQUIRE(doc.ok());
-  return *doc;
-}
-
-std::unique_ptr<Tokenizer> ParseTokenizer(const std::string& doc) {
-  auto t = ParseTokenizerJson(doc);
-  INFO(t.status().ToString());
-  REQUIRE(t.ok());
-  return std::move(*t);
-}
-
-// "tiny" (Llama, GQA 8 / 2 heads of 32, tied) with 2 layers and a 320-id vocabulary.
-ModelConfig TinyLlama() {
-  auto c = PresetConfig("tiny");
-  REQUIRE(c.ok());
-  c->num_hidden_layers = 2;
-  c->vocab_size = kModelVocab;
-  return *c;
-}
+using testing::Corpus;
+using testing::kModelVocab;
+using testing::ParseTokenizer;
+using testing::TinyLlama;
+using testing::TokenizerJson;
 
 // "tiny-qwen2" (q/k/v biases, untied) with 2 layers, one EOS id and no RoPE scaling, which
 // llama.cpp's qwen2 cannot express.

@@ -22,9 +22,9 @@
 #include "model/config.h"
 #include "model/llama.h"
 #include "model/quant.h"
-#include "tests/model/tokenizer_fixtures.h"
 #include "model/tokenizer.h"
 #include "model/weights.h"
+#include "tests/model/fixtures.h"
 
 namespace seedling::model {
 namespace {
@@ -367,44 +367,12 @@ std::string TempDir(const std::string& name) {
 
 bool DirEmpty(const std::string& dir) { return std::filesystem::is_empty(dir); }
 
-std::string Corpus() {
-  std::string s;
-  for (int i = 0; i < 20; ++i) {
-    s += "The phone learns a little every night, and the server averages what the phones learned. ";
-    s += "Federated fine-tuning keeps the data on the device; only the updates travel. 12345 "
-         "67890\n";
-  }
-  return s;
-}
-
-constexpr int32_t kTokenizerVocab = 290;  // 256 bytes + 3 specials + 31 merges
-constexpr int64_t kModelVocab = 320;      // the last 30 ids are padding
-
-std::string TokenizerJson() {
-  BpeTrainerOptions options;
-  options.vocab_size = kTokenizerVocab;
-  auto doc = TrainByteLevelBpeTokenizerJson(Corpus(), options);
-  INFO(doc.status().ToString());
-  REQUIRE(doc.ok());
-  return *doc;
-}
-
-std::unique_ptr<Tokenizer> ParseTokenizer(const std::string& doc) {
-  auto t = ParseTokenizerJson(doc);
-  INFO(t.status().ToString());
-  REQUIRE(t.ok());
-  return std::move(*t);
-}
-
-// "tiny" (Llama, GQA 8/2 heads, head_dim 32, tied) with 2 layers and a 320-id vocabulary.
-ModelConfig TinyLlama() {
-  auto c = PresetConfig("tiny");
-  REQUIRE(c.ok());
-  c->num_hidden_layers = 2;
-  c->vocab_size = kModelVocab;
-  REQUIRE(c->Validate().ok());
-  return *c;
-}
+using testing::Corpus;
+using testing::kModelVocab;
+using testing::kTokenizerVocab;
+using testing::ParseTokenizer;
+using testing::TinyLlama;
+using testing::TokenizerJson;
 
 // TinyLlama() with every optional Llama bias (attention_bias, mlp_bias) and an intermediate size
 // whose F32 vectors (690 x 4 bytes) are not a multiple of the alignment, so the padding between

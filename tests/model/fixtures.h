@@ -1,15 +1,61 @@
 #pragma once
 
-// tokenizer.json documents shared by the model tests.
+// Models and tokenizers shared by the model tests (the GGUF writer's and reader's tests build on the same ones).
 
 #include <nlohmann/json.hpp>
 
+#include <catch2/catch.hpp>
 #include <cstdio>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "model/config.h"
+#include "model/tokenizer.h"
+
 namespace seedling::model::testing {
+
+inline constexpr int32_t kTokenizerVocab = 290;  // 256 bytes + 3 specials + 31 merges
+inline constexpr int64_t kModelVocab = 320;      // the last 30 ids are padding
+
+// A short English text, repeated so a byte-level BPE learns kTokenizerVocab ids from it.
+inline std::string Corpus() {
+  std::string s;
+  for (int i = 0; i < 20; ++i) {
+    s += "The phone learns a little every night, and the server averages what the phones learned. ";
+    s += "Federated fine-tuning keeps the data on the device; only the updates travel. 12345 "
+         "67890\n";
+  }
+  return s;
+}
+
+// A byte-level BPE tokenizer.json learned from Corpus().
+inline std::string TokenizerJson() {
+  BpeTrainerOptions options;
+  options.vocab_size = kTokenizerVocab;
+  auto doc = TrainByteLevelBpeTokenizerJson(Corpus(), options);
+  INFO(doc.status().ToString());
+  REQUIRE(doc.ok());
+  return *doc;
+}
+
+inline std::unique_ptr<Tokenizer> ParseTokenizer(const std::string& doc) {
+  auto t = ParseTokenizerJson(doc);
+  INFO(t.status().ToString());
+  REQUIRE(t.ok());
+  return std::move(*t);
+}
+
+// "tiny" (Llama, GQA 8/2 heads, head_dim 32, tied) with 2 layers and a kModelVocab-id vocabulary.
+inline ModelConfig TinyLlama() {
+  auto c = PresetConfig("tiny");
+  REQUIRE(c.ok());
+  c->num_hidden_layers = 2;
+  c->vocab_size = kModelVocab;
+  REQUIRE(c->Validate().ok());
+  return *c;
+}
 
 // A SentencePiece-style tokenizer.json as Hugging Face converts Llama 2 / TinyLlama tokenizers: "▁" (U+2581)
 // is prepended and replaces spaces, byte fallback, <s> added by the post-processor. Ids: <unk> <s> </s> are
