@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include <catch2/catch.hpp>
+#include <cstdint>
 #include <cstdio>
 #include <memory>
 #include <string>
@@ -15,6 +16,25 @@
 #include "model/tokenizer.h"
 
 namespace seedling::model::testing {
+
+// GGUF metadata value types (gguf_type), written from the specification (ggml docs/gguf.md) and not taken from
+// model/internal/gguf_format.h, so the tests' own GGUF encoder and decoder stay independent of the code they test.
+// `using enum testing::GgufSpecType;` brings the names in.
+enum GgufSpecType : uint32_t {
+  kU8 = 0,
+  kI8 = 1,
+  kU16 = 2,
+  kI16 = 3,
+  kU32 = 4,
+  kI32 = 5,
+  kF32 = 6,
+  kBool = 7,
+  kString = 8,
+  kArray = 9,
+  kU64 = 10,
+  kI64 = 11,
+  kF64 = 12,
+};
 
 inline constexpr int32_t kTokenizerVocab = 290;  // 256 bytes + 3 specials + 31 merges
 inline constexpr int64_t kModelVocab = 320;      // the last 30 ids are padding

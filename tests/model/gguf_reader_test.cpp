@@ -29,27 +29,12 @@ namespace seedling::model {
 namespace {
 
 using json = nlohmann::json;
+using enum testing::GgufSpecType;
 using seedling::testing::TempDir;
 
 // ---- A GGUF encoder written from the specification (ggml docs/gguf.md), independent of the
 // writer, so tests can build files with exactly the flaw they need --------------------------------
 
-// gguf_type values.
-enum : uint32_t {
-  kU8 = 0,
-  kI8 = 1,
-  kU16 = 2,
-  kI16 = 3,
-  kU32 = 4,
-  kI32 = 5,
-  kF32 = 6,
-  kBool = 7,
-  kString = 8,
-  kArray = 9,
-  kU64 = 10,
-  kI64 = 11,
-  kF64 = 12,
-};
 // ggml_type values.
 enum : uint32_t { kTypeF32 = 0, kTypeF16 = 1, kTypeQ4_0 = 2, kTypeQ8_0 = 8, kTypeQ6_K = 14 };
 

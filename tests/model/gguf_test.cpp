@@ -30,25 +30,10 @@ namespace seedling::model {
 namespace {
 
 using json = nlohmann::json;
+using enum testing::GgufSpecType;
 
 // ---- An independent GGUF reader, written from the specification (ggml docs/gguf.md) -------------
 
-// gguf_metadata_value_type
-enum : uint32_t {
-  kU8 = 0,
-  kI8 = 1,
-  kU16 = 2,
-  kI16 = 3,
-  kU32 = 4,
-  kI32 = 5,
-  kF32 = 6,
-  kBool = 7,
-  kString = 8,
-  kArray = 9,
-  kU64 = 10,
-  kI64 = 11,
-  kF64 = 12,
-};
 // ggml_type
 constexpr uint32_t kGgmlF32 = 0;
 constexpr uint32_t kGgmlF16 = 1;
