@@ -13,14 +13,16 @@
 
 #include "absl/strings/escaping.h"
 #include "base/file.h"
+#include "base/json.h"
 #include "base/philox.h"
 #include "base/sha256.h"
 #include "base/status.h"
 #include "base/strings.h"
+#include "base/toml.h"
+#include "client/internal/secagg_participant.h"
 #include "client/local_data.h"
 #include "client/local_training.h"
 #include "client/memory_planner.h"
-#include "client/internal/secagg_participant.h"
 #include "comms/codec.h"
 #include "comms/tls.h"
 #include "lora/adapter.h"
@@ -209,24 +211,14 @@ absl::Status ClientConfig::Validate() const {
 }
 
 absl::StatusOr<ClientConfig> ClientConfig::FromJson(std::string_view json) {
-  Json j;
-  try {
-    j = Json::parse(json);
-  } catch (const Json::exception&) {
-    return absl::InvalidArgumentError("the client config is not valid JSON");
-  }
+  SEEDLING_ASSIGN_OR_RETURN(const Json j, ParseJson(json, "the client config"));
   ClientConfig c;
   SEEDLING_RETURN_IF_ERROR(ApplyConfig(j, c));
   return c;
 }
 
 absl::StatusOr<ClientConfig> ClientConfig::FromToml(std::string_view text) {
-  toml::table root;
-  try {
-    root = toml::parse(text);
-  } catch (const toml::parse_error& e) {
-    return absl::InvalidArgumentError(StrCat("not valid TOML: ", e.description()));
-  }
+  SEEDLING_ASSIGN_OR_RETURN(const toml::table root, ParseToml(text));
   // Flatten [client] (or the top level) into the JSON form: one set of keys for both formats.
   const toml::table* t = root.get_as<toml::table>("client");
   if (t == nullptr) t = &root;
@@ -362,12 +354,7 @@ absl::Status Client::SetDataPath(const std::string& path) {
 }
 
 absl::Status Client::AddExample(std::string_view json_row) {
-  Json row;
-  try {
-    row = Json::parse(json_row);
-  } catch (const Json::exception&) {
-    return absl::InvalidArgumentError("the example is not valid JSON");
-  }
+  SEEDLING_ASSIGN_OR_RETURN(const Json row, ParseJson(json_row, "the example"));
   if (!row.is_object()) return absl::InvalidArgumentError("an example must be a JSON object");
   std::lock_guard<std::mutex> lock(mu_);
   std::ofstream out(JoinPath(config_.state_dir, "examples.jsonl"), std::ios::app);

@@ -10,6 +10,7 @@
 
 #include "base/check.h"
 #include "base/file.h"
+#include "base/json.h"
 #include "base/philox.h"
 #include "base/status.h"
 #include "base/strings.h"
@@ -141,12 +142,7 @@ absl::StatusOr<LocalExample> TokenizeLocalRow(std::string_view line,
   if (const size_t bad = FirstInvalidUtf8(line); bad != std::string_view::npos) {
     return absl::InvalidArgumentError(StrCat("not valid UTF-8 (byte ", bad + 1, ")"));
   }
-  Json row;
-  try {
-    row = Json::parse(line.begin(), line.end());
-  } catch (const Json::parse_error& e) {
-    return absl::InvalidArgumentError(StrCat("not valid JSON (byte ", e.byte, ")"));
-  }
+  SEEDLING_ASSIGN_OR_RETURN(const Json row, ParseJson(line, ""));
   if (!row.is_object()) return absl::InvalidArgumentError("each line must be a JSON object");
 
   LocalExample out;

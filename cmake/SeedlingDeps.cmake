@@ -22,10 +22,10 @@ endif()
 find_package(OpenSSL REQUIRED)
 find_package(Boost 1.81 REQUIRED)
 find_package(Protobuf REQUIRED)
+find_package(tomlplusplus REQUIRED)  # base/toml.h: the client's config and the operators' files
 if(NOT SEEDLING_CLIENT_ONLY)
   find_package(CLI11 REQUIRED)
   find_package(SQLite3 REQUIRED)
-  find_package(tomlplusplus REQUIRED)
   # The simulator's scale-out (`mpirun -np R seedling simulate`); OpenMPI from Debian.
   find_package(MPI REQUIRED COMPONENTS C)
 endif()

@@ -3,6 +3,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "base/json.h"
 #include "base/status.h"
 #include "base/strings.h"
 #include "model/kernels.h"
@@ -43,13 +44,7 @@ std::string InstructionPrompt(std::string_view instruction, std::string_view inp
 }
 
 absl::StatusOr<Example> TokenizeRow(std::string_view line, const Tokenizer& tokenizer, const DatasetOptions& options) {
-  Json row;
-  try {
-    row = Json::parse(line);
-  } catch (const Json::parse_error& e) {
-    // Not e.what(): nlohmann quotes the text it read, and rows are user data that must not reach logs.
-    return absl::InvalidArgumentError(StrCat("not valid JSON (syntax error at byte ", e.byte, ")"));
-  }
+  SEEDLING_ASSIGN_OR_RETURN(const Json row, ParseJson(line, ""));
   if (!row.is_object()) return absl::InvalidArgumentError("each line must be a JSON object");
   Example ex;
   if (row.contains("text")) {

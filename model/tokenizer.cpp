@@ -1,10 +1,11 @@
-#include "model/tokenizer.h"
 #include "model/gguf_model.h"
+#include "model/tokenizer.h"
 
 #include <nlohmann/json.hpp>
 #include <utility>
 
 #include "base/file.h"
+#include "base/json.h"
 #include "base/status.h"
 #include "base/strings.h"
 #include "model/internal/bpe_trainer.h"
@@ -53,12 +54,7 @@ absl::StatusOr<std::optional<bool>> OptionalBool(const nlohmann::json& doc, cons
 
 absl::StatusOr<TokenizerConfig> ReadTokenizerConfig(const std::string& path) {
   SEEDLING_ASSIGN_OR_RETURN(std::string text, ReadFile(path));
-  nlohmann::json doc;
-  try {
-    doc = nlohmann::json::parse(text);
-  } catch (const nlohmann::json::parse_error& e) {
-    return absl::InvalidArgumentError(StrCat(path, ": not valid JSON: ", e.what()));
-  }
+  SEEDLING_ASSIGN_OR_RETURN(const nlohmann::json doc, ParseJson(text, path));
   if (!doc.is_object()) {
     return absl::InvalidArgumentError(StrCat(path, ": the document must be a JSON object"));
   }

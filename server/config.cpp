@@ -8,6 +8,7 @@
 #include "base/file.h"
 #include "base/status.h"
 #include "base/strings.h"
+#include "base/toml.h"
 #include "server/secagg_strategy.h"
 
 namespace seedling::server {
@@ -246,13 +247,7 @@ absl::StatusOr<ServerConfig> ParseServerConfig(std::string_view toml_text) {
 }
 
 absl::StatusOr<ServerConfig> ParseServerConfig(std::string_view toml_text, const ServerConfig& defaults) {
-  toml::table root;
-  try {
-    root = toml::parse(toml_text);
-  } catch (const toml::parse_error& e) {
-    return absl::InvalidArgumentError(StrCat("not valid TOML: ", e.description(), " (line ",
-                                             e.source().begin.line, ")"));
-  }
+  SEEDLING_ASSIGN_OR_RETURN(const toml::table root, ParseToml(toml_text));
   ServerConfig c = defaults;
   auto table = [&](const char* name) { return root.get_as<toml::table>(name); };
   for (const auto& [key, value] : root) {

@@ -10,6 +10,7 @@
 #include "absl/strings/str_format.h"
 #include "base/check.h"
 #include "base/file.h"
+#include "base/json.h"
 #include "base/philox.h"
 #include "base/status.h"
 #include "base/strings.h"
@@ -261,15 +262,15 @@ absl::StatusOr<ReadRowsResult> ReadRows(const std::string& path, const std::stri
 
     Json row;
     const char* error = nullptr;
-    try {
+    if (JsonNestingDepth(line) > kMaxJsonDepth) {
+      error = "JSON nested too deep";
+    } else {
       row = Json::parse(line.begin(), line.end(), nullptr, /*allow_exceptions=*/false);
       if (row.is_discarded()) {
         error = "not valid JSON";
       } else if (!row.is_object()) {
         error = "not a JSON object";
       }
-    } catch (const Json::exception&) {
-      error = "not valid JSON";
     }
     if (error != nullptr) {
       if (result.skipped++ == 0) {

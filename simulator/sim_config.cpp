@@ -7,6 +7,7 @@
 
 #include "base/status.h"
 #include "base/strings.h"
+#include "base/toml.h"
 #include "simulator/simulation.h"
 
 namespace seedling::simulator {
@@ -73,12 +74,7 @@ server::ServerConfig DefaultSimulationServerConfig() {
 }
 
 absl::StatusOr<SimulationOptions> ParseSimulationConfig(std::string_view toml_text) {
-  toml::table root;
-  try {
-    root = toml::parse(toml_text);
-  } catch (const toml::parse_error& e) {
-    return absl::InvalidArgumentError(StrCat("not valid TOML: ", e.description(), " (line ", e.source().begin.line, ")"));
-  }
+  SEEDLING_ASSIGN_OR_RETURN(toml::table root, ParseToml(toml_text));
   SimulationOptions o;
   const toml::node* sim_methods = root["simulation"]["methods"].node();
   if (const toml::node* sim_node = root.get("simulation"); sim_node != nullptr) {

@@ -6,6 +6,7 @@
 #include <utility>
 #include <vector>
 
+#include "base/json.h"
 #include "base/status.h"
 #include "base/strings.h"
 #include "model/internal/bpe.h"
@@ -603,13 +604,9 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> JsonTokenizer::Parse(const json& doc)
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> ParseTokenizerJson(std::string_view json,
                                                               std::string_view source) {
-  nlohmann::json doc;
-  try {
-    doc = nlohmann::json::parse(json.begin(), json.end());
-  } catch (const nlohmann::json::parse_error& e) {
-    return Annotate(absl::InvalidArgumentError(StrCat("not valid JSON: ", e.what())), source);
-  }
-  return ParseTokenizerJsonDocument(doc, source);
+  auto doc = ParseJson(json, "");
+  if (!doc.ok()) return Annotate(doc.status(), source);
+  return ParseTokenizerJsonDocument(*doc, source);
 }
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> ParseTokenizerJsonDocument(const nlohmann::json& doc,

@@ -691,6 +691,21 @@ TEST_CASE("tokenizer.json that is not JSON, or has an unsupported model, is Inva
   CheckInvalid(doc.dump(), "model.byte_fallback must be a boolean, got string");
 }
 
+TEST_CASE("tokenizer.json with a Sequence normalizer nested 20,000 deep is refused, not a crash",
+          "[model][tokenizer]") {
+  // The reader recurses once per Sequence level; a hostile file used to overflow the stack.
+  json doc = json::parse(ByteLevelFixture().doc);
+  doc["normalizer"] = "@@";
+  std::string text = doc.dump();
+  std::string nested;
+  constexpr int kDepth = 20000;
+  for (int i = 0; i < kDepth; ++i) nested += R"({"type":"Sequence","normalizers":[)";
+  nested += R"({"type":"NFC"})";
+  for (int i = 0; i < kDepth; ++i) nested += "]}";
+  text.replace(text.find("\"@@\""), 4, nested);
+  CheckInvalid(text, "JSON nested deeper than 128 levels");
+}
+
 // ---- Concurrency and scale ----------------------------------------------------------------------
 
 TEST_CASE("Concurrent Encode calls on one tokenizer agree with a serial run",

@@ -1,0 +1,37 @@
+#include "base/toml.h"
+
+#include <catch2/catch.hpp>
+#include <string>
+
+namespace seedling {
+namespace {
+
+TEST_CASE("TomlKeyParts finds the longest dotted key and ignores values, strings and comments", "[base][toml]") {
+  CHECK(TomlKeyParts("a = 1") == 1);
+  CHECK(TomlKeyParts("[server]\nport = 8443\n") == 1);
+  CHECK(TomlKeyParts("rate = 1.5") == 2);  // a float's one dot counts: values never reach the bound
+  CHECK(TomlKeyParts("model.lora.rank = 8") == 3);
+  CHECK(TomlKeyParts("[a . \"b.c\" . d]\nx = 1") == 3);
+  CHECK(TomlKeyParts("x = \"a.b.c.d.e\" # f.g.h.i.j\ny = '''k.l.m.n.o'''") == 1);
+  CHECK(TomlKeyParts("t = 1979-05-27T07:32:00.999Z") == 2);
+}
+
+TEST_CASE("ParseToml refuses keys 50,000 parts deep instead of overflowing the stack", "[base][toml]") {
+  std::string key = "a";
+  for (int i = 0; i < 50000; ++i) key += ".b";
+  for (const std::string& doc : {key + " = 1", "[" + key + "]\nx = 1"}) {
+    auto t = ParseToml(doc);
+    REQUIRE_FALSE(t.ok());
+    CHECK(t.status().code() == absl::StatusCode::kInvalidArgument);
+    CHECK_THAT(std::string(t.status().message()), Catch::Contains("has 50001 parts; at most 64"));
+  }
+  auto ok = ParseToml("[server]\nport = 8443\nmodel.name = \"x\"");
+  REQUIRE(ok.ok());
+  CHECK((*ok)["server"]["model"]["name"].value<std::string>() == "x");
+  auto bad = ParseToml("[server\nport = 1");
+  REQUIRE_FALSE(bad.ok());
+  CHECK_THAT(std::string(bad.status().message()), Catch::StartsWith("not valid TOML: ") && Catch::Contains("(line 1)"));
+}
+
+}  // namespace
+}  // namespace seedling
