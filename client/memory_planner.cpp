@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_format.h"
 #include "base/memory.h"
+#include "base/status.h"
 #include "base/strings.h"
 #include "model/frozen_linear.h"
 
@@ -186,7 +187,17 @@ MemoryPlan EstimatePlan(const PlanRequest& r, const std::string& variant, int64_
 
 absl::StatusOr<MemoryPlan> PlanMemory(const PlanRequest& r) {
   if (r.seq_len < 2 || r.batch < 1) return absl::InvalidArgumentError("plan needs seq_len >= 2 and batch >= 1");
+  if (r.seq_len > kMaxPlanTokens / r.batch) {
+    return absl::InvalidArgumentError(StrCat("plan: seq_len x batch (", r.seq_len, " x ", r.batch,
+                                             ") is more than ", kMaxPlanTokens, " tokens per step"));
+  }
+  if (r.perturbations < 0 || r.perturbations > kMaxPlanPerturbations) {
+    return absl::InvalidArgumentError(
+        StrCat("plan: perturbations must be in [0, ", kMaxPlanPerturbations, "], got ", r.perturbations));
+  }
   if (r.budget_bytes < 0) return absl::InvalidArgumentError("the memory budget must be >= 0");
+  // The sizes below multiply the model's dimensions: they are only bounded once the config is valid.
+  SEEDLING_RETURN_IF_ERROR(r.model.Validate());
   if (r.full_parameters && (r.method == Method::kLoraBp || r.method == Method::kFwdGrad)) {
     return absl::InvalidArgumentError(
         StrCat(optim::MethodName(r.method), " trains a LoRA adapter; full parameters are for mezo and kseed"));
@@ -290,6 +301,9 @@ absl::StatusOr<int64_t> ParseByteSize(std::string_view text) {
   if (unit == "G" || unit == "GB" || unit == "GIB") mult = 1024.0 * 1024 * 1024;
   if (mult == 0 || !(value >= 0) || !std::isfinite(value)) {
     return absl::InvalidArgumentError(StrCat("'", text, "' is not a size (examples: 512M, 1.5G, 800MiB)"));
+  }
+  if (value * mult > static_cast<double>(kMaxByteSize)) {
+    return absl::InvalidArgumentError(StrCat("'", text, "' is more than 1 PiB"));
   }
   return static_cast<int64_t>(value * mult);
 }

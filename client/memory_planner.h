@@ -25,6 +25,12 @@
 
 namespace seedling::client {
 
+// Bounds on a plan's inputs (PlanMemory refuses more): with ModelConfig's own bounds they keep every
+// byte count the planner multiplies out within int64.
+inline constexpr int64_t kMaxPlanTokens = int64_t{1} << 18;  // seq_len x batch per step
+inline constexpr int64_t kMaxPlanPerturbations = 4096;
+inline constexpr int64_t kMaxByteSize = int64_t{1} << 50;    // ParseByteSize: 1 PiB
+
 struct PlanRequest {
   model::ModelConfig model;
   optim::Method method = optim::Method::kLoraBp;

@@ -12,11 +12,12 @@
 
 #include "absl/strings/str_split.h"
 #include "base/file.h"
+#include "base/json.h"
 #include "base/philox.h"
 #include "base/status.h"
 #include "base/strings.h"
-#include "model/torch_status.h"
 #include "model/safetensors.h"
+#include "model/torch_status.h"
 
 namespace seedling::lora {
 namespace {
@@ -128,7 +129,9 @@ double LoraConfig::scale() const {
 }
 
 absl::Status LoraConfig::Validate(const ModelConfig& model) const {
-  if (rank < 1) return absl::InvalidArgumentError(StrCat("LoRA rank must be >= 1, got ", rank));
+  if (rank < 1 || rank > kMaxLoraRank) {
+    return absl::InvalidArgumentError(StrCat("LoRA rank must be in [1, ", kMaxLoraRank, "], got ", rank));
+  }
   if (!(alpha > 0)) return absl::InvalidArgumentError(StrCat("LoRA alpha must be > 0, got ", alpha));
   if (!(dropout >= 0 && dropout < 1)) {
     return absl::InvalidArgumentError(StrCat("LoRA dropout must be in [0, 1), got ", dropout));
@@ -399,12 +402,7 @@ std::string Shape(int64_t r, int64_t c) { return StrCat("[", r, ", ", c, "]"); }
 absl::StatusOr<std::unique_ptr<LoraAdapter>> LoadPeft(const std::string& dir, const ModelConfig& model) {
   const std::string config_path = JoinPath(dir, "adapter_config.json");
   SEEDLING_ASSIGN_OR_RETURN(std::string text, ReadFile(config_path));
-  Json j;
-  try {
-    j = Json::parse(text);
-  } catch (const Json::exception& e) {
-    return absl::InvalidArgumentError(StrCat(config_path, ": not valid JSON: ", e.what()));
-  }
+  SEEDLING_ASSIGN_OR_RETURN(const Json j, ParseJson(text, config_path));
   if (!j.is_object()) return absl::InvalidArgumentError(StrCat(config_path, ": must be a JSON object"));
   auto config = ParsePeftConfig(j, model);
   if (!config.ok()) return Annotate(config.status(), config_path);

@@ -26,6 +26,9 @@
 
 namespace seedling::lora {
 
+// Ranks above this are refused: beyond any use, and they would multiply into absurd sizes.
+inline constexpr int64_t kMaxLoraRank = 4096;
+
 struct LoraConfig {
   int64_t rank = 8;                 // r
   double alpha = 16.0;              // scale numerator

@@ -1,9 +1,11 @@
 #include "model/config.h"
 #include "model/gguf_model.h"
 
+#include <cmath>
 #include <nlohmann/json.hpp>
 
 #include "base/file.h"
+#include "base/json.h"
 #include "base/status.h"
 #include "base/strings.h"
 
@@ -25,7 +27,8 @@ absl::StatusOr<int64_t> GetInt(const Json& j, const char* key, std::optional<int
   if (it->is_number_integer()) return it->get<int64_t>();
   if (it->is_number_float()) {
     const double d = it->get<double>();
-    if (d == static_cast<double>(static_cast<int64_t>(d))) return static_cast<int64_t>(d);
+    // In range before the cast (casting 1e300 to an integer is undefined), then whole.
+    if (std::abs(d) < 0x1p62 && d == std::trunc(d)) return static_cast<int64_t>(d);
   }
   return FieldError(key, StrCat("must be an integer, got ", it->dump()));
 }
@@ -103,18 +106,21 @@ int64_t ModelConfig::NumParameters() const {
 }
 
 absl::Status ModelConfig::Validate() const {
-  auto positive = [](int64_t v, const char* name) -> absl::Status {
+  // Every size must be positive and at most its bound: the bounds sit well above any real model and
+  // keep every byte count the loader, the planner and the kernels multiply out of these within int64.
+  auto in_range = [](int64_t v, const char* name, int64_t max) -> absl::Status {
     if (v <= 0) return FieldError(name, StrCat("must be positive, got ", v));
+    if (v > max) return FieldError(name, StrCat("is ", v, "; at most ", max, " is supported"));
     return absl::OkStatus();
   };
-  SEEDLING_RETURN_IF_ERROR(positive(vocab_size, "vocab_size"));
-  SEEDLING_RETURN_IF_ERROR(positive(hidden_size, "hidden_size"));
-  SEEDLING_RETURN_IF_ERROR(positive(intermediate_size, "intermediate_size"));
-  SEEDLING_RETURN_IF_ERROR(positive(num_hidden_layers, "num_hidden_layers"));
-  SEEDLING_RETURN_IF_ERROR(positive(num_attention_heads, "num_attention_heads"));
-  SEEDLING_RETURN_IF_ERROR(positive(num_key_value_heads, "num_key_value_heads"));
-  SEEDLING_RETURN_IF_ERROR(positive(head_dim, "head_dim"));
-  SEEDLING_RETURN_IF_ERROR(positive(max_position_embeddings, "max_position_embeddings"));
+  SEEDLING_RETURN_IF_ERROR(in_range(vocab_size, "vocab_size", kMaxVocabSize));
+  SEEDLING_RETURN_IF_ERROR(in_range(hidden_size, "hidden_size", kMaxHiddenSize));
+  SEEDLING_RETURN_IF_ERROR(in_range(intermediate_size, "intermediate_size", kMaxIntermediateSize));
+  SEEDLING_RETURN_IF_ERROR(in_range(num_hidden_layers, "num_hidden_layers", kMaxLayers));
+  SEEDLING_RETURN_IF_ERROR(in_range(num_attention_heads, "num_attention_heads", kMaxHeads));
+  SEEDLING_RETURN_IF_ERROR(in_range(num_key_value_heads, "num_key_value_heads", kMaxHeads));
+  SEEDLING_RETURN_IF_ERROR(in_range(head_dim, "head_dim", kMaxHeadDim));
+  SEEDLING_RETURN_IF_ERROR(in_range(max_position_embeddings, "max_position_embeddings", kMaxPositions));
   if (num_attention_heads % num_key_value_heads != 0) {
     return FieldError("num_key_value_heads", StrCat("(", num_key_value_heads,
                                                     ") must divide num_attention_heads (",
@@ -123,7 +129,7 @@ absl::Status ModelConfig::Validate() const {
   if (head_dim % 2 != 0) return FieldError("head_dim", StrCat("must be even for RoPE, got ", head_dim));
   if (!(rms_norm_eps > 0)) return FieldError("rms_norm_eps", "must be positive");
   if (!(rope_theta > 0)) return FieldError("rope_theta", "must be positive");
-  if (sliding_window && *sliding_window <= 0) return FieldError("sliding_window", "must be positive");
+  if (sliding_window) SEEDLING_RETURN_IF_ERROR(in_range(*sliding_window, "sliding_window", kMaxPositions));
   if (bos_token_id && (*bos_token_id < 0 || *bos_token_id >= vocab_size)) {
     return FieldError("bos_token_id", StrCat("(", *bos_token_id, ") is outside the vocabulary"));
   }
@@ -136,12 +142,7 @@ absl::Status ModelConfig::Validate() const {
 }
 
 absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view json_text) {
-  Json j;
-  try {
-    j = Json::parse(json_text);
-  } catch (const Json::parse_error& e) {
-    return absl::InvalidArgumentError(StrCat("config.json is not valid JSON: ", e.what()));
-  }
+  SEEDLING_ASSIGN_OR_RETURN(const Json j, ParseJson(json_text, "config.json"));
   if (!j.is_object()) return absl::InvalidArgumentError("config.json must be a JSON object");
   try {
     ModelConfig c;

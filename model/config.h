@@ -24,6 +24,18 @@ struct RopeScaling {
   int64_t original_max_position_embeddings = 8192;
 };
 
+// The largest sizes a config may give (ModelConfig::Validate). Real models sit far below: Gemma's
+// 262,144-token vocabulary, Llama 3.1 405B's 16,384 hidden size and 126 layers. The bounds keep every
+// product the loader and the memory planner form out of them (vocab x hidden x 4 bytes, tokens x
+// hidden x layers) inside int64, so a hostile config.json gets an error, not a wrapped size.
+inline constexpr int64_t kMaxVocabSize = int64_t{1} << 22;
+inline constexpr int64_t kMaxHiddenSize = int64_t{1} << 16;
+inline constexpr int64_t kMaxIntermediateSize = int64_t{1} << 20;
+inline constexpr int64_t kMaxLayers = 512;
+inline constexpr int64_t kMaxHeads = 1024;
+inline constexpr int64_t kMaxHeadDim = 4096;
+inline constexpr int64_t kMaxPositions = int64_t{1} << 24;
+
 // Architecture hyper-parameters. Field names follow config.json.
 struct ModelConfig {
   std::string architecture;  // "LlamaForCausalLM", "Qwen2ForCausalLM" or "MistralForCausalLM"

@@ -105,6 +105,37 @@ TEST_CASE("Byte sizes parse with binary units", "[client][planner]") {
   CHECK(ParseByteSize("lots").status().code() == absl::StatusCode::kInvalidArgument);
   CHECK(ParseByteSize("-1M").status().code() == absl::StatusCode::kInvalidArgument);
   CHECK(ParseByteSize("5X").status().code() == absl::StatusCode::kInvalidArgument);
+  // Beyond int64 the conversion itself would be undefined: refused with the bound.
+  CHECK(ParseByteSize("1e30G").status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(*ParseByteSize("1024G") == 1024LL << 30);
+}
+
+TEST_CASE("Absurd plan inputs are refused, never wrapped into a size", "[client][planner]") {
+  // An unvalidated config with a 2^62-token vocabulary used to wrap a byte count to 0 and die of SIGFPE.
+  PlanRequest huge_vocab = SmolRequest(optim::Method::kMezo);
+  huge_vocab.model.vocab_size = int64_t{1} << 62;
+  auto plan = PlanMemory(huge_vocab);
+  REQUIRE_FALSE(plan.ok());
+  CHECK(plan.status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK_THAT(std::string(plan.status().message()), Catch::Contains("vocab_size"));
+
+  PlanRequest long_seq = SmolRequest(optim::Method::kLoraBp);
+  long_seq.seq_len = int64_t{1} << 40;
+  CHECK_THAT(std::string(PlanMemory(long_seq).status().message()), Catch::Contains("tokens per step"));
+  PlanRequest many = SmolRequest(optim::Method::kFwdGrad);
+  many.perturbations = int64_t{1} << 40;
+  CHECK_THAT(std::string(PlanMemory(many).status().message()), Catch::Contains("perturbations"));
+
+  // The largest accepted request still plans to a positive total below 2^62.
+  PlanRequest largest = SmolRequest(optim::Method::kLoraBp);
+  largest.seq_len = kMaxPlanTokens;
+  largest.batch = 1;
+  largest.model.vocab_size = model::kMaxVocabSize;
+  largest.model.num_hidden_layers = model::kMaxLayers;
+  auto big = PlanMemory(largest);
+  REQUIRE(big.ok());
+  CHECK(big->total_bytes() > 0);
+  CHECK(big->total_bytes() < (int64_t{1} << 62));
 }
 
 // The activation estimate against the exact tensor high-water mark of a real step on the tiny model.

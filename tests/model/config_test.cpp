@@ -108,6 +108,37 @@ TEST_CASE("Unsupported rope_scaling, activations and inconsistent heads are reje
   CHECK(Contains(wrong_type.status(), "num_attention_heads"));
 }
 
+TEST_CASE("Sizes beyond their bounds are refused at parse time, not wrapped", "[model][config]") {
+  // 2^62 used to pass and wrap to 0 in the memory planner's byte counts (SIGFPE on the division).
+  const std::string base = R"("architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+    "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4)";
+  auto vocab = ParseModelConfig("{" + base + R"(, "vocab_size": 4611686018427387904})");
+  REQUIRE_FALSE(vocab.ok());
+  CHECK(Contains(vocab.status(), "field 'vocab_size' is 4611686018427387904; at most 4194304 is supported"));
+  auto layers = ParseModelConfig("{" + base + R"(, "vocab_size": 100, "num_hidden_layers": 100000})");
+  CHECK(Contains(layers.status(), "num_hidden_layers"));
+  // A float beyond int64 is not an integer (the cast alone would be undefined behaviour).
+  auto huge = ParseModelConfig("{" + base + R"(, "vocab_size": 1e300})");
+  CHECK(Contains(huge.status(), "field 'vocab_size' must be an integer"));
+  std::string mistral = base;
+  mistral.replace(mistral.find("LlamaForCausalLM"), 16, "MistralForCausalLM");
+  auto window = ParseModelConfig("{" + mistral + R"(, "vocab_size": 100, "sliding_window": 1e18})");
+  CHECK(Contains(window.status(), "sliding_window"));
+  // The largest accepted sizes still give a parameter count that fits int64.
+  ModelConfig max;
+  max.vocab_size = kMaxVocabSize;
+  max.hidden_size = kMaxHiddenSize;
+  max.intermediate_size = kMaxIntermediateSize;
+  max.num_hidden_layers = kMaxLayers;
+  max.num_attention_heads = kMaxHeads;
+  max.num_key_value_heads = kMaxHeads;
+  max.head_dim = kMaxHeadDim;
+  max.max_position_embeddings = kMaxPositions;
+  REQUIRE(max.Validate().ok());
+  CHECK(max.NumParameters() > 0);
+  CHECK(max.NumParameters() < (int64_t{1} << 56));
+}
+
 TEST_CASE("Every preset validates and unknown presets list the valid names", "[model][config]") {
   for (const std::string& name : PresetNames()) {
     INFO(name);
