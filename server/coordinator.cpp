@@ -371,6 +371,12 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(const ServerCon
                                                   " parameters; the configured adapter has ", c->num_parameters_));
     }
   }
+  if (std::optional<std::string> bad = FindNonFinite(c->global_); bad.has_value()) {
+    // Written by a version before commits were checked: serve nothing until an operator rolls back.
+    c->health_ = absl::DataLossError(StrCat("global model version ", version, " is not finite (", *bad,
+                                            "); no rounds open until the state directory holds a finite checkpoint"));
+    spdlog::error("coordinator: {}", std::string(c->health_.message()));
+  }
   c->global_bytes_ = ParamsBytes(c->global_.params);
   c->global_sha256_ = Sha256Raw(c->global_bytes_);
   if (c->global_version_gauge_ != nullptr) c->global_version_gauge_->Set(static_cast<double>(version));  // after a restart too
@@ -1164,6 +1170,11 @@ void Coordinator::FinishRoundLocked(int64_t now) {
     AbortRoundLocked(now, StrCat("aggregation failed: ", outcome.status().message()));
     return;
   }
+  // Finite updates can still sum past float's range (3e38 twice): such an aggregate is never committed.
+  if (std::optional<std::string> bad = FindNonFinite(next); bad.has_value()) {
+    AbortRoundLocked(now, StrCat("the aggregate is not finite (", *bad, "); the global model is unchanged"));
+    return;
+  }
   next.version = global_.version + 1;
   std::vector<NamedVector> vectors = {{"params", next.params}};
   for (const auto& [name, values] : next.buffers) vectors.push_back({name, values});
@@ -1239,6 +1250,7 @@ void Coordinator::Tick() {
   if (!round_.has_value()) {
     if (config_.rounds > 0 && finished_rounds_ >= config_.rounds) return;
     if (accountant_.has_value() && !DpAllowsNextRoundLocked()) return;
+    if (health_.code() == absl::StatusCode::kDataLoss) return;  // a non-finite global model is never served
     if (absl::Status st = OpenRoundLocked(now); !st.ok()) {
       spdlog::error("cannot open a round: {}", std::string(st.message()));
       health_ = st;

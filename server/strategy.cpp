@@ -547,4 +547,19 @@ absl::StatusOr<v1::RoundSeedSums> ParseSeedSums(std::string_view blob) {
   return sums;
 }
 
+std::optional<std::string> FindNonFinite(const GlobalModel& model) {
+  auto first_bad = [](const std::vector<float>& v) {
+    return std::find_if(v.begin(), v.end(), [](float x) { return !std::isfinite(x); }) - v.begin();
+  };
+  if (const auto i = first_bad(model.params); i < static_cast<std::ptrdiff_t>(model.params.size())) {
+    return StrCat("params[", i, "]");
+  }
+  for (const auto& [name, values] : model.buffers) {
+    if (const auto i = first_bad(values); i < static_cast<std::ptrdiff_t>(values.size())) {
+      return StrCat("buffers.", name, "[", i, "]");
+    }
+  }
+  return std::nullopt;
+}
+
 }  // namespace seedling::server

@@ -41,6 +41,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -58,6 +59,10 @@ struct GlobalModel {
   std::vector<float> params;
   std::map<std::string, std::vector<float>> buffers;
 };
+
+// Where `model` holds a NaN or an infinity ("params[12]", "buffers.adam_m[3]"), if anywhere. A model with
+// one must never be committed or served: devices would train on it and every later round would be lost.
+std::optional<std::string> FindNonFinite(const GlobalModel& model);
 
 // One accepted update, as the strategy sees it.
 struct UpdateView {

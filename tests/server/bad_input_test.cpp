@@ -34,8 +34,10 @@ struct Harness {
   std::unique_ptr<comms::TlsServer> server;
   std::unique_ptr<comms::Transport> transport;
   std::string token;
+  std::string other_token;
 
-  Harness() {
+  // `max_update_norm`: the server's cap; 0 turns it off, so what lies behind it can be tested.
+  explicit Harness(double max_update_norm = 5.0) {
     static std::atomic<int> n{0};
     dir = std::filesystem::temp_directory_path() / ("seedling_bad_" + std::to_string(getpid()) + "_" + std::to_string(n++));
     std::filesystem::create_directories(dir);
@@ -52,7 +54,7 @@ struct Harness {
     config.codec.codec = v1::CODEC_FP32;
     config.clients_per_round = 2;
     config.min_reports = 1;
-    config.max_update_norm = 5.0;
+    config.max_update_norm = max_update_norm;
     config.lora_rank = 2;
     auto c = Coordinator::Create(config, &clock, nullptr);
     REQUIRE(c.ok());
@@ -60,7 +62,9 @@ struct Harness {
     auto t = coordinator->RegisterDevice("phone");
     REQUIRE(t.ok());
     token = *t;
-    REQUIRE(coordinator->RegisterDevice("other").ok());
+    auto o = coordinator->RegisterDevice("other");
+    REQUIRE(o.ok());
+    other_token = *o;
     coordinator->Tick();  // round 1 opens
     comms::TlsServerOptions tls;
     tls.cert_file = config.cert_file;
@@ -80,7 +84,7 @@ struct Harness {
     transport = std::move(tr).value();
   }
   ~Harness() {
-    server->Stop();
+    if (server != nullptr) server->Stop();
     std::filesystem::remove_all(dir);
   }
 
@@ -97,7 +101,7 @@ struct Harness {
     hello.set_protocol_version(1);
     hello.set_request_id(1);
     hello.mutable_hello()->set_device_id(device);
-    hello.mutable_hello()->set_token(token);
+    hello.mutable_hello()->set_token(device == "other" ? other_token : token);
     auto r = (*ch)->Call(hello, comms::Duration(5000));
     REQUIRE(r.ok());
     REQUIRE(r->has_hello_reply());
@@ -369,6 +373,87 @@ TEST_CASE("An upload after the round's deadline is Stale and changes nothing", "
   REQUIRE(r.has_reject());
   CHECK(r.reject().code() == v1::STALE);
   CHECK(h.Checksum() == before);
+}
+
+TEST_CASE("Huge finite updates never commit a non-finite global model", "[server][bad-input]") {
+  // 3e38 per element is finite, but two of them sum past float's range. With the norm cap off, only
+  // the check of the aggregate stands between them and a global model of infinities.
+  Harness h(/*max_update_norm=*/0);
+  for (int round = 0; round < 3; ++round) {
+    for (const std::string device : {"phone", "other"}) {
+      auto ch = h.Authenticated(device);
+      const v1::Task task = h.CheckIn(*ch);
+      const v1::Envelope r = h.Upload(*ch, task, h.Dense(task, 3e38f), device);
+      REQUIRE(r.has_upload_ack());
+      CHECK(r.upload_ack().accepted());
+    }
+    h.coordinator->Tick();  // the next round opens
+  }
+  int aborted = 0;
+  for (uint64_t id = 1; id <= 3; ++id) {
+    auto round = h.coordinator->FindRound(id);
+    REQUIRE(round.ok());
+    REQUIRE(round->has_value());
+    if ((*round)->state == RoundState::kAborted) {
+      ++aborted;
+      CHECK_THAT((*round)->abort_reason, Catch::Contains("the aggregate is not finite (params[0])"));
+    }
+  }
+  CHECK(aborted >= 2);  // 3e38 + 3e38 overflows whatever the first round committed
+  CHECK(h.coordinator->global_version() < 3);
+  for (float x : h.coordinator->global_params()) REQUIRE(std::isfinite(x));
+  CHECK(h.coordinator->Health().ok());
+}
+
+TEST_CASE("The default norm cap refuses a 3e38 update on its own", "[server][bad-input]") {
+  Harness h(kDefaultMaxUpdateNorm);
+  auto ch = h.Authenticated();
+  const v1::Task task = h.CheckIn(*ch);
+  const std::string before = h.Checksum();
+  const v1::Envelope r = h.Upload(*ch, task, h.Dense(task, 3e38f));
+  REQUIRE(r.has_reject());
+  CHECK(r.reject().code() == v1::INVALID_UPDATE);
+  CHECK_THAT(r.reject().message(), Catch::Contains("exceeds max_update_norm 100000"));
+  CHECK(h.Checksum() == before);
+  // An honest update (norm ~0.3) passes the same cap.
+  const v1::Envelope ok = h.Upload(*ch, task, h.Dense(task, 0.001f));
+  REQUIRE(ok.has_upload_ack());
+  CHECK(ok.upload_ack().accepted());
+}
+
+TEST_CASE("A stored non-finite global model makes /healthz unhealthy and opens no round", "[server][bad-input]") {
+  Harness h;
+  const size_t n = h.coordinator->global_params().size();
+  h.server->Stop();
+  h.server.reset();
+  h.coordinator.reset();
+  {
+    // What a build before the aggregate check could commit.
+    auto store = Store::Open(h.config.state_dir);
+    REQUIRE(store.ok());
+    REQUIRE((*store)->AbortRound(1, 1, "test").ok());
+    RoundRecord f;
+    f.method = "lora-bp";
+    f.config_json = "{}";
+    f.target = 1;
+    f.min_reports = 1;
+    const uint64_t id = (*store)->CreateRound(f)->round_id;
+    REQUIRE((*store)->SetRoundState(id, RoundState::kCollecting, 1).ok());
+    REQUIRE((*store)->SetRoundState(id, RoundState::kAggregating, 2).ok());
+    std::vector<float> params(n, 0.0f);
+    params[7] = std::numeric_limits<float>::infinity();
+    REQUIRE((*store)->WriteCheckpoint(1, {{"params", params}}).ok());
+    REQUIRE((*store)->CommitRound(id, 1, 3, "{}", "").ok());
+  }
+  auto c = Coordinator::Create(h.config, &h.clock, nullptr);
+  REQUIRE(c.ok());
+  const absl::Status health = (*c)->Health();
+  CHECK(health.code() == absl::StatusCode::kDataLoss);
+  CHECK_THAT(std::string(health.message()), Catch::Contains("global model version 1 is not finite (params[7])"));
+  (*c)->Tick();
+  auto next = (*c)->FindRound(3);
+  REQUIRE(next.ok());
+  CHECK_FALSE(next->has_value());
 }
 
 }  // namespace

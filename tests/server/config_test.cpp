@@ -69,6 +69,33 @@ TEST_CASE("A bad [model] weights value is refused naming the key", "[server][con
   }
 }
 
+TEST_CASE("The README's server.toml table states the defaults the code has", "[server][config]") {
+  auto readme = ReadFile(StrCat(SEEDLING_SOURCE_DIR, "/README.md"));
+  REQUIRE(readme.ok());
+  auto d = Parse("");
+  REQUIRE(d.ok());
+  const std::vector<std::pair<std::string, std::string>> rows = {
+      {"codec", StrCat("\"", CodecName(d->codec.codec), "\"")},
+      {"max_update_norm", StrCat(d->max_update_norm)},
+      {"clients_per_round", StrCat(d->clients_per_round)},
+      {"over_selection", StrCat(d->over_selection)},
+      {"round_deadline_s", StrCat(d->round_deadline_s)},
+      {"clip_norm", StrCat(d->clip_norm)},
+      {"perturbations", StrCat(d->perturbations)},
+      {"max_update_bytes", StrCat(d->max_update_bytes)},
+  };
+  for (const auto& [key, value] : rows) {
+    INFO(key << " = " << value);
+    CHECK(readme->find(StrCat("| `", key, "` | `", value, "`")) != std::string::npos);
+  }
+  // The choices behind two of them: fp16 halves fp32's bytes, and some cap is always on.
+  CHECK(d->codec.codec == v1::CODEC_FP16);
+  CHECK(d->max_update_norm == kDefaultMaxUpdateNorm);
+  auto kseed = Parse("[training]\nmethod = \"kseed\"\n[strategy]\nname = \"kseed\"");
+  REQUIRE(kseed.ok());
+  CHECK(kseed->codec.codec == v1::CODEC_SEED_SCALARS);
+}
+
 TEST_CASE("Adaptive server optimizers default to server_lr 0.01, the fedavg family to 1", "[server][config]") {
   for (const char* name : {"fedadam", "fedyogi", "fedadagrad"}) {
     auto c = Parse(StrCat("[strategy]\nname = \"", name, "\"\n"));
