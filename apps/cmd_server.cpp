@@ -284,6 +284,7 @@ void RegisterClient(CLI::App& app, Action& action) {
           line["loss_end"] = r.loss_end;
           line["update_bytes"] = r.update_bytes;
         }
+        // kDropped (a straggler's update after its round closed) needs no wait: the next call checks in.
         std::cout << line.dump() << std::endl;
         if (r.outcome == client::RunOutcome::kRetryLater || r.outcome == client::RunOutcome::kDeclined) {
           const double wait = std::max<double>(1.0, r.retry_after_seconds);

@@ -101,6 +101,13 @@ void seedling_client_set_progress(seedling_client* client, seedling_progress_fn 
   });
 }
 
+// The C outcome is the C++ one's value.
+static_assert(SEEDLING_OUTCOME_UPLOADED == static_cast<int>(seedling::client::RunOutcome::kUploaded));
+static_assert(SEEDLING_OUTCOME_RETRY_LATER == static_cast<int>(seedling::client::RunOutcome::kRetryLater));
+static_assert(SEEDLING_OUTCOME_DECLINED == static_cast<int>(seedling::client::RunOutcome::kDeclined));
+static_assert(SEEDLING_OUTCOME_CANCELLED == static_cast<int>(seedling::client::RunOutcome::kCancelled));
+static_assert(SEEDLING_OUTCOME_DROPPED == static_cast<int>(seedling::client::RunOutcome::kDropped));
+
 int seedling_client_run_once(seedling_client* client, seedling_run_result* result) {
   return Guard(client, [&] {
     if (result == nullptr) return absl::InvalidArgumentError("result is NULL");

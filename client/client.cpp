@@ -103,6 +103,8 @@ const char* RunOutcomeName(RunOutcome o) {
       return "declined";
     case RunOutcome::kCancelled:
       return "cancelled";
+    case RunOutcome::kDropped:
+      return "dropped";
   }
   return "?";
 }
@@ -476,6 +478,15 @@ absl::StatusOr<RunResult> Client::RunOnce() {
     cancelled.detail = std::string(r.status().message());
     return cancelled;
   }
+  // Aborted is the round going away under the device (an over-selected straggler's upload after the round
+  // closed, an aborted round, a refused update): routine in federated learning, so an outcome, not an error.
+  // The state directory is already back to idle.
+  if (!r.ok() && r.status().code() == absl::StatusCode::kAborted) {
+    RunResult dropped;
+    dropped.outcome = RunOutcome::kDropped;
+    dropped.detail = std::string(r.status().message());
+    return dropped;
+  }
   return r;
 }
 
@@ -489,8 +500,8 @@ absl::StatusOr<RunResult> Client::RunOnceLocked() {
   // 1. An update trained before the app was killed: upload it first.
   if (state.phase == "trained") {
     absl::StatusOr<RunResult> r = Upload(channel, state);
-    if (r.ok() || r.status().code() != absl::StatusCode::kAborted) return r;
-    spdlog::info("the pending update is no longer wanted ({}); checking in", std::string(r.status().message()));
+    if (!r.ok() || r->outcome != RunOutcome::kDropped) return r;
+    spdlog::info("the pending update is no longer wanted ({}); checking in", r->detail);
   }
 
   // 2. Check in.
@@ -963,11 +974,16 @@ absl::StatusOr<RunResult> Client::Upload(std::unique_ptr<comms::Channel>& channe
   SEEDLING_ASSIGN_OR_RETURN(const std::string payload, ReadFile(state.Path("update.bin")));
   if (Sha256(payload) != state.update_sha256) return absl::DataLossError("the pending update file is corrupt");
   const v1::Task& task = state.task;
-  auto discard = [&](const std::string& why) -> absl::Status {
+  // The server will not take this update (its round closed or aborted, or it refused it): drop it.
+  auto discard = [&](const std::string& why) -> absl::StatusOr<RunResult> {
     state.phase = "idle";
     SEEDLING_RETURN_IF_ERROR(state.Save());
     std::filesystem::remove(state.Path("update.bin"));
-    return absl::AbortedError(why);
+    RunResult dropped;
+    dropped.outcome = RunOutcome::kDropped;
+    dropped.round_id = task.round_id();
+    dropped.detail = why;
+    return dropped;
   };
   v1::Envelope begin;
   v1::UploadBegin* b = begin.mutable_upload_begin();
@@ -988,7 +1004,7 @@ absl::StatusOr<RunResult> Client::Upload(std::unique_ptr<comms::Channel>& channe
     SEEDLING_ASSIGN_OR_RETURN(v1::Envelope reply, Call(channel, begin));
     if (reply.has_reject()) {
       absl::Status st = RejectStatus(reply.reject());
-      if (st.code() == absl::StatusCode::kAborted) return discard(st.ToString());
+      if (st.code() == absl::StatusCode::kAborted) return discard(std::string(st.message()));
       return st;
     }
     offset = reply.upload_ack().received_bytes();
@@ -1018,7 +1034,7 @@ absl::StatusOr<RunResult> Client::Upload(std::unique_ptr<comms::Channel>& channe
       }
       if (ack->has_reject()) {
         absl::Status st = RejectStatus(ack->reject());
-        if (st.code() == absl::StatusCode::kAborted) return discard(st.ToString());
+        if (st.code() == absl::StatusCode::kAborted) return discard(std::string(st.message()));
         return st;
       }
       offset = ack->upload_ack().received_bytes();
@@ -1033,8 +1049,8 @@ absl::StatusOr<RunResult> Client::Upload(std::unique_ptr<comms::Channel>& channe
     }
     if (reply2->has_reject()) {
       absl::Status st = RejectStatus(reply2->reject());
-      if (st.code() == absl::StatusCode::kAborted) return discard(st.ToString());
-      if (reply2->reject().code() == v1::INVALID_UPDATE) return discard(st.ToString());
+      if (st.code() == absl::StatusCode::kAborted) return discard(std::string(st.message()));
+      if (reply2->reject().code() == v1::INVALID_UPDATE) return discard(std::string(st.message()));
       return st;
     }
     accepted = reply2->upload_ack().accepted();

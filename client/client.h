@@ -84,6 +84,9 @@ enum class RunOutcome {
   kRetryLater,  // no task now (not selected, no round, conditions): call again after retry_after_seconds
   kDeclined,    // a task was declined (memory budget, unsupported method or model)
   kCancelled,   // Cancel() was called; progress is checkpointed
+  kDropped,     // the task's round closed or was aborted (STALE, ABORTED; a straggler's routine fate), or the
+                // server refused the update (INVALID_UPDATE): any trained update is discarded, `detail` says
+                // why; call again now, the next call checks in afresh
 };
 const char* RunOutcomeName(RunOutcome o);
 

@@ -33,6 +33,8 @@ typedef enum {
   SEEDLING_OUTCOME_RETRY_LATER = 1, /* no task now: call again after retry_after_seconds */
   SEEDLING_OUTCOME_DECLINED = 2,    /* a task did not fit the memory budget (or method / model) */
   SEEDLING_OUTCOME_CANCELLED = 3,   /* seedling_client_cancel was called; progress is saved */
+  SEEDLING_OUTCOME_DROPPED = 4,     /* the round closed or was aborted before the upload (a straggler), or the
+                                       server refused the update: it is discarded; call again */
 } seedling_outcome;
 
 typedef struct {

@@ -41,6 +41,8 @@ int main(int argc, char** argv) {
              (unsigned long long)r.update_bytes, r.loss_start, r.loss_end);
     } else if (r.outcome == SEEDLING_OUTCOME_RETRY_LATER) {
       sleep(r.retry_after_seconds < 5 ? r.retry_after_seconds : 5);
+    } else if (r.outcome == SEEDLING_OUTCOME_DROPPED) {
+      printf("the round closed before the upload; checking in again\n");
     } else {
       printf("outcome %d\n", (int)r.outcome);
       break;

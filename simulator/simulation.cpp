@@ -824,8 +824,7 @@ void MethodRun::Reap(Activation& a) {
   if (a.dropped) {
     next = te + 1800;  // offline for a while after dropping out
   } else if (!a.result.ok()) {
-    // Aborted: the device's update came after its round closed (a straggler); anything else is a failure.
-    if (!stopping_ && a.result.status().code() != absl::StatusCode::kAborted) {
+    if (!stopping_) {
       if (++client_errors_ <= 5) {
         spdlog::warn("{} ({}): {}", DeviceId(a.device), method_, std::string(a.result.status().message()));
       }
@@ -840,6 +839,7 @@ void MethodRun::Reap(Activation& a) {
         break;
       case client::RunOutcome::kUploaded:
       case client::RunOutcome::kCancelled:
+      case client::RunOutcome::kDropped:  // a straggler: its update came after the round closed
         break;
     }
   }

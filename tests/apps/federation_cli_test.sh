@@ -8,6 +8,9 @@
 #               0 on SIGTERM.
 #   client-cancel  SIGINT to a training `seedling client` cancels the run at the next step: it exits 0
 #               promptly, prints the cancelled outcome and leaves a checkpoint to resume from.
+#   client-straggler  with over-selection, a device stopped mid-training while another completes the
+#               round gets STALE for its late upload: `seedling client` prints the dropped outcome, checks in
+#               again, uploads in round 2 and exits 0 (a straggler's fate is routine, not an error).
 #   client-c    the examples/client_c program (the C SDK) completes a one-client round against serve, and
 #               reports a wrong token as UNAUTHENTICATED with exit status 1.
 # Every case uses its own work directory and the OS's choice of TLS port (port 0 + --port-file), so
@@ -113,12 +116,10 @@ setup() {
   for f in ca.crt server.crt server.key; do [ -s "$work/certs/$f" ] || fail "certs init wrote no $f"; done
 }
 
-# run_clients <round>: one `seedling client --rounds 1` process per device; each must upload in <round>.
-run_clients() {
-  local pids=() i tok_var
-  for i in 0 1; do
-    tok_var="tok$i"
-    cat > "$work/client$i.toml" <<EOF
+# write_client_config <i>: $work/client<i>.toml for device dev<i> with token $tok<i>.
+write_client_config() {
+  local i="$1" tok_var="tok$1"
+  cat > "$work/client$i.toml" <<EOF
 [client]
 host = "127.0.0.1"
 port = $port
@@ -132,6 +133,13 @@ data_path = "$repo/data/sample/instructions.jsonl"
 backoff_base_s = 0.05
 backoff_max_s = 0.5
 EOF
+}
+
+# run_clients <round>: one `seedling client --rounds 1` process per device; each must upload in <round>.
+run_clients() {
+  local pids=() i
+  for i in 0 1; do
+    write_client_config "$i"
     timeout 120 "$seedling" client --config "$work/client$i.toml" --rounds 1 --max-wait 60 \
       > "$work/client$i-r$1.out" 2> "$work/client$i-r$1.log" &
     pids+=($!)
@@ -206,6 +214,39 @@ case "$case_name" in
     wait_server 30
     [ "$server_rc" -eq 0 ] || fail "serve exited with $server_rc after SIGTERM"
     grep -q "stopped at global version 2" "$work/serve2.log" || fail "serve did not stop cleanly at version 2"
+    ;;
+  client-straggler)
+    setup
+    write_server_config "$work/server.toml" 1 2 0
+    sed -i 's/^over_selection = 1.0$/over_selection = 2.0/; s/^steps = 2$/steps = 40/' "$work/server.toml"
+    tok0=$(register dev0) || exit 1
+    tok1=$(register dev1) || exit 1
+    start_server "$work/server.toml" "$work/serve.log"
+    write_client_config 0
+    write_client_config 1
+    # dev1 takes one of round 1's two tasks and is frozen while it trains ...
+    timeout 120 "$seedling" client --config "$work/client1.toml" --rounds 1 --max-wait 60 \
+      > "$work/client1.out" 2> "$work/client1.log" &
+    client_pid=$!
+    for _ in $(seq 1 1000); do
+      jq -e '.phase == "training"' "$work/client1/state.json" > /dev/null 2>&1 && break
+      sleep 0.01
+    done
+    pkill -STOP -P "$client_pid"  # the client itself: $client_pid is its `timeout`, which does not pass STOP on
+    jq -e '.phase == "training"' "$work/client1/state.json" > /dev/null 2>&1 || fail "dev1 never started training"
+    # ... dev0 takes the other task and completes the round alone (1 report wanted) ...
+    timeout 120 "$seedling" client --config "$work/client0.toml" --rounds 1 --max-wait 60 \
+      > "$work/client0.out" 2> "$work/client0.log" || fail "dev0 failed: $(cat "$work/client0.out")"
+    grep '"outcome":"uploaded"' "$work/client0.out" | grep -q '"round":1[,}]' || fail "dev0: $(cat "$work/client0.out")"
+    # ... so dev1's upload comes after round 1 closed: dropped, then it checks in and uploads in round 2.
+    pkill -CONT -P "$client_pid"
+    wait "$client_pid"; rc=$?; client_pid=""
+    [ "$rc" -eq 0 ] || fail "the straggler exited with $rc: $(cat "$work/client1.out")"
+    grep '"outcome":"dropped"' "$work/client1.out" | grep -q 'STALE' || fail "no dropped outcome: $(cat "$work/client1.out")"
+    grep '"outcome":"uploaded"' "$work/client1.out" | grep -q '"round":2[,}]' || fail "dev1 did not upload in round 2: $(cat "$work/client1.out")"
+    wait_server 60
+    [ "$server_rc" -eq 0 ] || fail "serve exited with $server_rc"
+    grep -q "stopped at global version 2" "$work/serve.log" || fail "serve did not commit version 2"
     ;;
   client-c)
     [ -x "$client_c" ] || fail "no client_c binary: '$client_c'"
