@@ -63,6 +63,7 @@ void RegisterFinetune(CLI::App& app, Action& action) {
     lora::LoraConfig lora;
     int64_t seq_len = 256, batch = 1;
     double heldout = 0.1;
+    int64_t max_row_bytes = client::LocalDataOptions{}.max_row_bytes;
     bool full = false, pack = true;
   };
   auto f = std::make_shared<Flags>();
@@ -82,6 +83,8 @@ void RegisterFinetune(CLI::App& app, Action& action) {
   cmd->add_option("--batch", f->batch, "Sequences per step")->capture_default_str()->check(CLI::PositiveNumber);
   cmd->add_flag("!--no-pack", f->pack, "Do not pack examples into full sequences");
   cmd->add_option("--heldout", f->heldout, "Fraction of rows held out for loss_start/loss_end")->capture_default_str();
+  cmd->add_option("--max-row-bytes", f->max_row_bytes, "Skip (and count) data rows longer than this")
+      ->capture_default_str();
   cmd->add_option("--lora-rank", f->lora.rank, "LoRA rank")->capture_default_str();
   cmd->add_option("--lora-alpha", f->lora.alpha, "LoRA alpha")->capture_default_str();
   cmd->add_option("--lora-dropout", f->lora.dropout, "LoRA dropout (lora-bp)")->capture_default_str();
@@ -118,6 +121,7 @@ void RegisterFinetune(CLI::App& app, Action& action) {
       data_options.seq_len = f->seq_len;
       data_options.pack = f->pack;
       data_options.heldout_fraction = f->heldout;
+      data_options.max_row_bytes = f->max_row_bytes;
       data_options.seed = f->training.seed;
       data_options.batch_size = f->batch;
       if (!config.eos_token_ids.empty()) data_options.eos_id = static_cast<int32_t>(config.eos_token_ids[0]);

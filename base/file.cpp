@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -81,6 +82,70 @@ absl::StatusOr<std::string> ReadFile(const std::string& path) {
   }
   out.resize(got);
   return out;
+}
+
+absl::Status ForEachLine(const std::string& path, int64_t max_line_bytes, const LineFn& fn) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return ErrnoStatus(errno, "cannot open", path);
+  FdCloser closer{fd};
+  struct stat st;
+  if (::fstat(fd, &st) != 0) return ErrnoStatus(errno, "cannot stat", path);
+  if (S_ISDIR(st.st_mode)) return absl::InvalidArgumentError(StrCat("'", path, "' is a directory"));
+  const auto cap = static_cast<size_t>(std::max<int64_t>(max_line_bytes, 0));
+  std::string buffer(64 << 10, '\0');
+  std::string current;  // the line so far, up to `cap` bytes
+  Line line;
+  line.number = 1;
+  bool pending = false;  // bytes of an unfinished line were read
+  auto emit = [&]() -> absl::Status {
+    line.text = line.too_long ? std::string_view() : std::string_view(current);
+    SEEDLING_RETURN_IF_ERROR(fn(line));
+    current.clear();
+    line = Line{.number = line.number + 1};
+    pending = false;
+    return absl::OkStatus();
+  };
+  while (true) {
+    ssize_t n = ::read(fd, buffer.data(), buffer.size());
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return ErrnoStatus(errno, "cannot read", path);
+    }
+    if (n == 0) break;
+    std::string_view chunk(buffer.data(), static_cast<size_t>(n));
+    while (!chunk.empty()) {
+      const size_t newline = chunk.find('\n');
+      const std::string_view part = chunk.substr(0, newline);
+      line.bytes += static_cast<int64_t>(part.size());
+      pending = true;
+      if (!line.too_long && current.size() + part.size() > cap) {
+        line.too_long = true;
+        std::string().swap(current);  // give the memory back at once
+      }
+      if (!line.too_long) current.append(part);
+      if (newline == std::string_view::npos) break;
+      SEEDLING_RETURN_IF_ERROR(emit());
+      chunk.remove_prefix(newline + 1);
+    }
+  }
+  if (pending) SEEDLING_RETURN_IF_ERROR(emit());
+  return absl::OkStatus();
+}
+
+absl::Status ForEachLineIn(std::string_view text, int64_t max_line_bytes, const LineFn& fn) {
+  int64_t number = 0;
+  for (size_t pos = 0; pos < text.size();) {
+    size_t end = text.find('\n', pos);
+    if (end == std::string_view::npos) end = text.size();
+    Line line;
+    line.number = ++number;
+    line.bytes = static_cast<int64_t>(end - pos);
+    line.too_long = line.bytes > max_line_bytes;
+    if (!line.too_long) line.text = text.substr(pos, end - pos);
+    SEEDLING_RETURN_IF_ERROR(fn(line));
+    pos = end + 1;
+  }
+  return absl::OkStatus();
 }
 
 absl::Status WriteFileAtomic(const std::string& path, std::string_view data) {

@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -20,6 +21,22 @@ absl::Status ErrnoStatus(int err, std::string_view what, std::string_view path);
 
 // Reads the whole file. NotFound if it does not exist, PermissionDenied / Internal on other I/O errors.
 absl::StatusOr<std::string> ReadFile(const std::string& path);
+
+// One line of a line-oriented file (JSONL), without its '\n'.
+struct Line {
+  int64_t number = 0;     // 1-based
+  std::string_view text;  // empty when too_long; valid only during the callback
+  int64_t bytes = 0;      // the line's full length
+  bool too_long = false;  // longer than the reader's max_line_bytes: its text was not kept
+};
+using LineFn = std::function<absl::Status(const Line&)>;
+
+// Calls `fn` for each line of `path` in order ('\n'-separated; a last line without one counts), holding at
+// most `max_line_bytes` of a line in memory, whatever the file's size or its longest line. Stops at the
+// first error `fn` returns. Errors as ReadFile's.
+absl::Status ForEachLine(const std::string& path, int64_t max_line_bytes, const LineFn& fn);
+// The same over text already in memory.
+absl::Status ForEachLineIn(std::string_view text, int64_t max_line_bytes, const LineFn& fn);
 
 // Writes `data` to `path` so that after a crash the file holds either its old or its new contents, never a
 // mix: write to `path.tmp.<pid>` in the same directory, fsync it, rename over `path`, fsync the directory.

@@ -155,6 +155,7 @@ absl::Status ApplyConfig(const Json& j, ClientConfig& c) {
     else if (key == "weight_cache_dir") st = str(c.weight_cache_dir);
     else if (key == "data_path") st = str(c.data_path);
     else if (key == "memory_budget_bytes") st = num(c.memory_budget_bytes);
+    else if (key == "max_row_bytes") st = num(c.max_row_bytes);
     else if (key == "memory_budget") {
       if (value.is_string()) {
         auto b = ParseByteSize(value.get<std::string>());
@@ -195,6 +196,10 @@ absl::Status ClientConfig::Validate() const {
         StrCat("weights must be fp32, stored, q8_0 or q4_0 (or empty: as the task says), got '", weights, "'"));
   }
   if (memory_budget_bytes < 0) return absl::InvalidArgumentError("memory_budget_bytes must be >= 0");
+  if (max_row_bytes < kMinMaxRowBytes || max_row_bytes > kMaxMaxRowBytes) {
+    return absl::InvalidArgumentError(
+        StrCat("max_row_bytes must be in [", kMinMaxRowBytes, ", ", kMaxMaxRowBytes, "], got ", max_row_bytes));
+  }
   if (max_attempts < 1) return absl::InvalidArgumentError("max_attempts must be >= 1");
   if (connect_timeout_ms < 1 || call_timeout_ms < 1) {
     return absl::InvalidArgumentError("connect_timeout_ms and call_timeout_ms must be >= 1");
@@ -356,6 +361,10 @@ absl::Status Client::SetDataPath(const std::string& path) {
 }
 
 absl::Status Client::AddExample(std::string_view json_row) {
+  if (static_cast<int64_t>(json_row.size()) > config_.max_row_bytes) {
+    return absl::InvalidArgumentError(StrCat("the example is ", json_row.size(), " bytes; max_row_bytes is ",
+                                             config_.max_row_bytes));
+  }
   SEEDLING_ASSIGN_OR_RETURN(const Json row, ParseJson(json_row, "the example"));
   if (!row.is_object()) return absl::InvalidArgumentError("an example must be a JSON object");
   std::lock_guard<std::mutex> lock(mu_);
@@ -712,6 +721,20 @@ absl::StatusOr<RunResult> Client::Train(std::unique_ptr<comms::Channel>& channel
   request.batch = static_cast<int64_t>(hp("batch", 1));
   request.budget_bytes = config_.memory_budget_bytes;
   request.runtime_bytes = runtime_bytes_;
+  // The data as loading will hold it, bounded by one streaming pass before anything is parsed.
+  std::string data_path;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    data_path = data_path_;
+  }
+  LocalDataOptions data_options;
+  data_options.seq_len = request.seq_len;
+  data_options.batch_size = request.batch;
+  data_options.seed = task.seed();
+  data_options.max_row_bytes = config_.max_row_bytes;
+  if (!model_config.eos_token_ids.empty()) data_options.eos_id = static_cast<int32_t>(model_config.eos_token_ids[0]);
+  SEEDLING_ASSIGN_OR_RETURN(const DataFootprint footprint, ScanDataFootprint(data_path, data_options));
+  request.data_bytes = footprint.total_bytes();
   // The weights as this task will hold them, whether or not a model is loaded yet: the budget is for the
   // whole process.
   SEEDLING_ASSIGN_OR_RETURN(request.weight_bytes, model::ResidentWeightBytes(config_.model_dir, model_config, weights));
@@ -740,16 +763,6 @@ absl::StatusOr<RunResult> Client::Train(std::unique_ptr<comms::Channel>& channel
   state.idempotency_key = key;
   SEEDLING_RETURN_IF_ERROR(state.Save());
 
-  std::string data_path;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    data_path = data_path_;
-  }
-  LocalDataOptions data_options;
-  data_options.seq_len = request.seq_len;
-  data_options.batch_size = request.batch;
-  data_options.seed = task.seed();
-  if (!model_config.eos_token_ids.empty()) data_options.eos_id = static_cast<int32_t>(model_config.eos_token_ids[0]);
   SEEDLING_ASSIGN_OR_RETURN(LocalDataset data, LocalDataset::Load(data_path, *model_.tokenizer, data_options));
 
   SEEDLING_ASSIGN_OR_RETURN(auto global, ReadVectors(state.Path("adapter.safetensors")));

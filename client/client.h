@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "client/local_data.h"
 #include "comms/transport.h"
 #include "model/llama.h"
 #include "model/tokenizer.h"
@@ -55,6 +56,8 @@ struct ClientConfig {
                                             // default <state_dir>/model-cache (the model may be read-only)
   std::string data_path;                    // JSONL of the device's examples; default <state_dir>/examples.jsonl
   int64_t memory_budget_bytes = 0;          // peak process memory the app allows (0 = unlimited)
+  int64_t max_row_bytes = LocalDataOptions{}.max_row_bytes;  // longer data rows are skipped (local_data.h);
+                                                              // AddExample refuses them
   std::vector<std::string> methods = {"lora-bp", "fwdgrad", "mezo", "kseed"};
   // Behaviour.
   int64_t connect_timeout_ms = 10000;

@@ -214,6 +214,10 @@ absl::Status ValidateOptions(const LocalDataOptions& o, const model::Tokenizer& 
     return absl::InvalidArgumentError(StrCat("seq_len must be >= 2, got ", o.seq_len));
   if (o.batch_size < 1)
     return absl::InvalidArgumentError(StrCat("batch_size must be >= 1, got ", o.batch_size));
+  if (o.max_row_bytes < kMinMaxRowBytes || o.max_row_bytes > kMaxMaxRowBytes) {
+    return absl::InvalidArgumentError(StrCat("max_row_bytes must be in [", kMinMaxRowBytes, ", ", kMaxMaxRowBytes,
+                                             "], got ", o.max_row_bytes));
+  }
   if (!(o.heldout_fraction >= 0.0 && o.heldout_fraction < 1.0)) {
     return absl::InvalidArgumentError(
         StrCat("heldout_fraction must be in [0, 1), got ", o.heldout_fraction));
@@ -241,13 +245,20 @@ std::string LoadStats::SkipMessage() const {
 absl::StatusOr<LocalDataset> LocalDataset::Load(const std::string& path,
                                                 const model::Tokenizer& tokenizer,
                                                 const LocalDataOptions& options) {
-  SEEDLING_ASSIGN_OR_RETURN(const std::string contents, ReadFile(path));
-  return Parse(contents, path, tokenizer, options);
+  // Streamed: at most one row (of at most max_row_bytes) is in memory besides the tokens kept.
+  return FromLines(path, tokenizer, options, [&](const LineFn& fn) { return ForEachLine(path, options.max_row_bytes, fn); });
 }
 
 absl::StatusOr<LocalDataset> LocalDataset::Parse(std::string_view jsonl, std::string_view name,
                                                  const model::Tokenizer& tokenizer,
                                                  const LocalDataOptions& options) {
+  return FromLines(name, tokenizer, options,
+                   [&](const LineFn& fn) { return ForEachLineIn(jsonl, options.max_row_bytes, fn); });
+}
+
+absl::StatusOr<LocalDataset> LocalDataset::FromLines(std::string_view name, const model::Tokenizer& tokenizer,
+                                                     const LocalDataOptions& options,
+                                                     const std::function<absl::Status(const LineFn&)>& lines) {
   SEEDLING_RETURN_IF_ERROR(ValidateOptions(options, tokenizer));
   LocalDataset data;
   data.options_ = options;
@@ -256,16 +267,23 @@ absl::StatusOr<LocalDataset> LocalDataset::Parse(std::string_view jsonl, std::st
 
   std::vector<LocalExample> usable;
   std::vector<uint64_t> keys;
-  int64_t line_no = 0;
-  for (size_t pos = 0; pos < jsonl.size();) {
-    size_t end = jsonl.find('\n', pos);
-    if (end == std::string_view::npos) end = jsonl.size();
-    std::string_view line = jsonl.substr(pos, end - pos);
-    pos = end + 1;
-    ++line_no;
-    if (line_no == 1 && line.starts_with(kUtf8Bom)) line.remove_prefix(kUtf8Bom.size());
+  auto skip = [&](int64_t line_no, std::string why) {
+    if (stats.skipped++ == 0) {
+      stats.first_bad_line = line_no;
+      stats.first_error = std::move(why);
+    }
+  };
+  SEEDLING_RETURN_IF_ERROR(lines([&](const Line& l) -> absl::Status {
+    if (l.too_long) {
+      ++stats.rows;
+      ++stats.too_long;
+      skip(l.number, StrCat("row of ", l.bytes, " bytes is longer than max_row_bytes (", options.max_row_bytes, ")"));
+      return absl::OkStatus();
+    }
+    std::string_view line = l.text;
+    if (l.number == 1 && line.starts_with(kUtf8Bom)) line.remove_prefix(kUtf8Bom.size());
     if (line.ends_with('\r')) line.remove_suffix(1);
-    if (line.find_first_not_of(" \t\r") == std::string_view::npos) continue;
+    if (line.find_first_not_of(" \t\r") == std::string_view::npos) return absl::OkStatus();
     ++stats.rows;
 
     bool truncated = false;
@@ -278,17 +296,17 @@ absl::StatusOr<LocalDataset> LocalDataset::Parse(std::string_view jsonl, std::st
       ex = absl::InvalidArgumentError(StrCat("JSON error ", e.id));
     }
     if (!ex.ok()) {
-      if (stats.skipped++ == 0) {
-        stats.first_bad_line = line_no;
-        stats.first_error = std::string(FromAbsl(ex.status().message()));
-      }
-      continue;
+      skip(l.number, std::string(FromAbsl(ex.status().message())));
+      return absl::OkStatus();
     }
-    ex->line = line_no;
+    ex->line = l.number;
+    ex->example.tokens.shrink_to_fit();  // truncation to seq_len left the full row's capacity
+    ex->example.labels.shrink_to_fit();
     stats.truncated += truncated;
     keys.push_back(HeldoutKey(line, options.seed));
     usable.push_back(std::move(ex).value());
-  }
+    return absl::OkStatus();
+  }));
 
   if (stats.rows == 0) return absl::InvalidArgumentError(StrCat(name, ": no rows"));
   if (usable.empty())
@@ -458,6 +476,24 @@ LocalBatch BatchIterator::Next() {
     offset_ = 0;
   }
   return out;
+}
+
+absl::StatusOr<DataFootprint> ScanDataFootprint(const std::string& path, const LocalDataOptions& options) {
+  // Tokens per row: byte-level BPE and SentencePiece's byte fallback give at most one token per byte, plus
+  // the instruction template's text and BOS / EOS.
+  constexpr int64_t kTemplateBytes = 64;
+  constexpr int64_t kPerExample = static_cast<int64_t>(sizeof(LocalExample)) + 16;  // + held-out key, order
+  DataFootprint f;
+  SEEDLING_RETURN_IF_ERROR(ForEachLine(path, options.max_row_bytes, [&](const Line& l) {
+    if (l.too_long || l.text.find_first_not_of(" \t\r") == std::string_view::npos) return absl::OkStatus();
+    ++f.rows;
+    f.longest_row_bytes = std::max(f.longest_row_bytes, l.bytes);
+    const int64_t tokens = std::min(l.bytes + kTemplateBytes, options.seq_len);
+    f.held_bytes += kPerExample + tokens * 2 * static_cast<int64_t>(sizeof(int32_t));
+    return absl::OkStatus();
+  }));
+  f.transient_bytes = f.longest_row_bytes * kRowTokenizeBytesPerByte;
+  return f;
 }
 
 }  // namespace seedling::client

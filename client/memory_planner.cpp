@@ -131,6 +131,7 @@ MemoryPlan EstimatePlan(const PlanRequest& r, const std::string& variant, int64_
   plan.ce_chunk_tokens = ce_chunk_tokens;
   plan.mlp_chunk_tokens = (r.method == Method::kMezo || r.method == Method::kKSeed) ? mlp_chunk_tokens : 0;
   plan.runtime_bytes = r.runtime_bytes >= 0 ? r.runtime_bytes : CurrentRssBytes();
+  plan.data_bytes = r.data_bytes;
   plan.weight_bytes = r.weight_bytes >= 0 ? r.weight_bytes : kFloat * m.NumParameters();
 
   const int64_t p = r.full_parameters ? 0 : LoraParameters(m, r.lora);
@@ -196,6 +197,9 @@ absl::StatusOr<MemoryPlan> PlanMemory(const PlanRequest& r) {
         StrCat("plan: perturbations must be in [0, ", kMaxPlanPerturbations, "], got ", r.perturbations));
   }
   if (r.budget_bytes < 0) return absl::InvalidArgumentError("the memory budget must be >= 0");
+  if (r.data_bytes < 0 || r.data_bytes > kMaxByteSize) {
+    return absl::InvalidArgumentError(StrCat("plan: data_bytes must be in [0, 2^50], got ", r.data_bytes));
+  }
   // The sizes below multiply the model's dimensions: they are only bounded once the config is valid.
   SEEDLING_RETURN_IF_ERROR(r.model.Validate());
   if (r.full_parameters && (r.method == Method::kLoraBp || r.method == Method::kFwdGrad)) {
@@ -267,6 +271,7 @@ std::string MemoryPlan::Describe() const {
                      ce_chunk_tokens > 0 ? StrCat(ce_chunk_tokens, " tokens") : std::string("all tokens"),
                      mlp_chunk_tokens > 0 ? StrCat(", MLP chunk ", mlp_chunk_tokens, " tokens") : std::string(), "; ",
                      Mib(total_bytes()), " MiB = runtime ", Mib(runtime_bytes),
+                     data_bytes > 0 ? StrCat(" + data ", Mib(data_bytes)) : std::string(),
                      " + weights ", Mib(weight_bytes), " + trainable ", Mib(trainable_bytes), " + activations ",
                      Mib(activation_bytes), " + slack ", Mib(slack_bytes));
   return settings;
@@ -275,10 +280,10 @@ std::string MemoryPlan::Describe() const {
 std::string MemoryPlan::ToJson() const {
   return absl::StrFormat(
       R"({"method":"%s","variant":"%s","micro_batch":%d,"recompute":%s,"ce_chunk_tokens":%d,"mlp_chunk_tokens":%d,)"
-      R"("runtime_bytes":%d,"weight_bytes":%d,"trainable_bytes":%d,"activation_bytes":%d,"slack_bytes":%d,)"
+      R"("runtime_bytes":%d,"data_bytes":%d,"weight_bytes":%d,"trainable_bytes":%d,"activation_bytes":%d,"slack_bytes":%d,)"
       R"("total_bytes":%d})",
       optim::MethodName(method), variant, micro_batch, recompute ? "true" : "false", ce_chunk_tokens, mlp_chunk_tokens,
-      runtime_bytes,
+      runtime_bytes, data_bytes,
       weight_bytes, trainable_bytes, activation_bytes, slack_bytes, total_bytes());
 }
 

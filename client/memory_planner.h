@@ -40,6 +40,7 @@ struct PlanRequest {
   int64_t batch = 1;              // sequences per step
   int64_t budget_bytes = 0;       // 0 = unlimited: plan the fastest settings
   int64_t runtime_bytes = -1;     // RSS outside the model; -1 = measure now (CurrentRssBytes)
+  int64_t data_bytes = 0;         // what loading the local data holds and takes (DataFootprint::total_bytes)
   int64_t weight_bytes = -1;      // resident weight bytes (model::ResidentWeightBytes); -1 = 4 per parameter
   bool weights_decoded_per_tile = false;  // matrices in 16-bit or block formats: each multiply decodes
                                           // one tile at a time (model/frozen_linear.h)
@@ -56,12 +57,13 @@ struct MemoryPlan {
   int64_t mlp_chunk_tokens = 0;   // mezo / kseed: MLP tokens per chunk without autograd; 0 = all
 
   int64_t runtime_bytes = 0;
+  int64_t data_bytes = 0;
   int64_t weight_bytes = 0;
   int64_t trainable_bytes = 0;
   int64_t activation_bytes = 0;
   int64_t slack_bytes = 0;
   int64_t total_bytes() const {
-    return runtime_bytes + weight_bytes + trainable_bytes + activation_bytes + slack_bytes;
+    return runtime_bytes + data_bytes + weight_bytes + trainable_bytes + activation_bytes + slack_bytes;
   }
 
   // "lora-bp: micro-batch 2, recompute on, CE chunk 85 tokens; 812.3 MiB = runtime 160.1 + weights 513.0 + ..."

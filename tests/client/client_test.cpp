@@ -690,6 +690,46 @@ TEST_CASE("A task over the memory budget is declined and the server records the 
   CHECK_THAT((*task)->detail, Catch::StartsWith("MEMORY"));
 }
 
+TEST_CASE("The plan counts the data, and rows over max_row_bytes are skipped instead of loaded",
+          "[client][planner]") {
+  TempDir dir;
+  server::ServerConfig sc = TinyServerConfig(JoinPath(dir.path, "server"));
+  sc.clients_per_round = 2;  // a task for each device
+  Server server(sc);
+  const std::string token = server.Register("dev0");
+  const std::string token1 = server.Register("dev1");
+  server.coordinator->Tick();
+  auto sample = ReadFile(SampleData());
+  REQUIRE(sample.ok());
+  // A 200 KiB row (within the default cap): tokenizing it may take ~19 MiB, and the plan says so.
+  const std::string long_row = StrCat(R"({"text": ")", std::string(200 << 10, 'a'), R"("})");
+  const std::string data = JoinPath(dir.path, "data.jsonl");
+  REQUIRE(WriteFileAtomic(data, StrCat(*sample, long_row, "\n")).ok());
+  ClientConfig config = ClientFor(JoinPath(dir.path, "client"), "dev0", token);
+  config.data_path = data;
+  config.memory_budget_bytes = 64 << 10;  // nothing fits: the decline shows the smallest plan
+  auto declined = MakeClient(config, server.Transport())->RunOnce();
+  REQUIRE(declined.ok());
+  REQUIRE(declined->outcome == RunOutcome::kDeclined);
+  const std::string detail = declined->detail;
+  const size_t at = detail.find(" + data ");
+  REQUIRE(at != std::string::npos);
+  CHECK(std::stod(detail.substr(at + 8)) >= 200.0 * 1024 * kRowTokenizeBytesPerByte / (1 << 20));
+
+  // A 3 MiB row is over the cap: skipped and counted, never held, and the device trains on the rest.
+  const std::string huge_row = StrCat(R"({"text": ")", std::string(3 << 20, 'a'), R"("})");
+  REQUIRE(WriteFileAtomic(data, StrCat(huge_row, "\n", *sample)).ok());
+  ClientConfig roomy = ClientFor(JoinPath(dir.path, "client1"), "dev1", token1);
+  roomy.data_path = data;
+  auto uploaded = MakeClient(roomy, server.Transport())->RunOnce();
+  REQUIRE(uploaded.ok());
+  INFO(uploaded->detail);
+  CHECK(uploaded->outcome == RunOutcome::kUploaded);
+  // AddExample refuses such a row at once.
+  auto adder = MakeClient(roomy, server.Transport());
+  CHECK_THAT(std::string(adder->AddExample(huge_row).message()), Catch::Contains("max_row_bytes is 262144"));
+}
+
 // ---- frozen weights: the task's representation, or the device's ---------------------------------------------
 
 // Runs the single task of a fresh one-device server whose tasks ask for `server_weights`; the client's config
