@@ -5,6 +5,7 @@
 #include <catch2/catch.hpp>
 #include <cstring>
 #include <filesystem>
+#include <vector>
 
 #include "base/memory.h"
 
@@ -75,6 +76,50 @@ TEST_CASE("Peak RSS grows when memory is touched", "[base][memory]") {
   std::memset(big.data(), 1, big.size());
   CHECK(PeakRssBytes() >= before + (48 << 20));
   CHECK(big[12345] == 1);
+}
+
+TEST_CASE("ForEachLine streams lines, caps what it holds, and agrees with ForEachLineIn", "[base][file]") {
+  const std::string dir = TempDir();
+  const std::string path = JoinPath(dir, "lines.txt");
+  // Lines across the 64 KiB read buffer, an empty line, an over-long line and no final newline.
+  const std::string text = "a\n\n" + std::string(70000, 'x') + "\n" + std::string(200000, 'y') + "\nlast";
+  REQUIRE(WriteFileAtomic(path, text).ok());
+  struct Seen {
+    int64_t number;
+    std::string text;
+    int64_t bytes;
+    bool too_long;
+    bool operator==(const Seen&) const = default;
+  };
+  auto collect = [](std::vector<Seen>& out) {
+    return [&out](const Line& l) {
+      out.push_back({l.number, std::string(l.text), l.bytes, l.too_long});
+      return absl::OkStatus();
+    };
+  };
+  std::vector<Seen> streamed, in_memory;
+  REQUIRE(ForEachLine(path, 100000, collect(streamed)).ok());
+  REQUIRE(ForEachLineIn(text, 100000, collect(in_memory)).ok());
+  REQUIRE(streamed.size() == 5);
+  CHECK(streamed == in_memory);
+  CHECK(streamed[0].text == "a");
+  CHECK(streamed[1].text.empty());
+  CHECK(streamed[2].text == std::string(70000, 'x'));
+  CHECK(streamed[3].too_long);
+  CHECK(streamed[3].text.empty());
+  CHECK(streamed[3].bytes == 200000);
+  CHECK(streamed[4].text == "last");
+  CHECK(streamed[4].number == 5);
+  // The callback's error stops the walk.
+  int calls = 0;
+  const absl::Status stop = ForEachLine(path, 100, [&](const Line&) {
+    ++calls;
+    return absl::CancelledError("enough");
+  });
+  CHECK(stop.code() == absl::StatusCode::kCancelled);
+  CHECK(calls == 1);
+  CHECK(ForEachLine(JoinPath(dir, "missing"), 10, collect(streamed)).code() == absl::StatusCode::kNotFound);
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace
