@@ -67,13 +67,31 @@ void RegisterFinetuneBench(CLI::App* bench, Action& action) {
   cmd->add_flag("--bf16", options->bf16, "Write the model file in BF16 (default F32)");
   cmd->add_option("--weights", options->weights, "Frozen weights of every run: fp32, stored, q8_0 or q4_0")
       ->capture_default_str();
-  cmd->callback([options, &action] {
-    action = [options]() -> absl::Status {
+  auto json = std::make_shared<bool>(false);
+  cmd->add_flag("--json", *json, "Also print one JSON line per row");
+  cmd->callback([options, json, &action] {
+    action = [options, json]() -> absl::Status {
       char exe[PATH_MAX];
       const ssize_t n = ::readlink("/proc/self/exe", exe, sizeof(exe) - 1);
       if (n <= 0) return absl::InternalError("cannot find the seedling binary");
       exe[n] = '\0';
-      return bench::RunFinetuneBench(*options, exe, std::cout).status();
+      SEEDLING_ASSIGN_OR_RETURN(std::vector<bench::FinetuneBenchRow> rows, bench::RunFinetuneBench(*options, exe, std::cout));
+      if (*json) {
+        for (const auto& r : rows) {
+          std::cout << nlohmann::json{{"name", r.name},
+                                      {"method", r.method},
+                                      {"tokens_per_second", r.tokens_per_second},
+                                      {"mfu", r.mfu},
+                                      {"peak_rss_bytes", r.peak_rss_bytes},
+                                      {"peak_rss_anon_bytes", r.peak_rss_anon_bytes},
+                                      {"peak_rss_file_bytes", r.peak_rss_file_bytes},
+                                      {"planned_peak_bytes", r.planned_peak_bytes},
+                                      {"step_tensor_peak_bytes", r.step_tensor_peak_bytes}}
+                           .dump()
+                    << "\n";
+        }
+      }
+      return absl::OkStatus();
     };
   });
 }

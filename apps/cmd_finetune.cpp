@@ -15,12 +15,14 @@
 #include "base/progress.h"
 #include "base/status.h"
 #include "base/strings.h"
+#include "client/compute_model.h"
 #include "client/local_data.h"
 #include "client/local_training.h"
 #include "client/memory_planner.h"
 #include "lora/adapter.h"
 #include "model/gguf.h"
 #include "model/llama.h"
+#include "model/runtime.h"
 #include "model/quant.h"
 #include "model/tokenizer.h"
 #include "model/weights.h"
@@ -172,6 +174,13 @@ void RegisterFinetune(CLI::App& app, Action& action) {
             progress.Update(done);
           }));
       progress.Finish();
+      // Peaks first: the in-run sgemm reference for MFU comes after training and must not count in them.
+      const int64_t peak_rss = PeakRssBytes();
+      const RssParts peak_parts = rss.Peak();
+      const double sgemm_gflops = model::MeasureSgemmGflops(1024, 0.25);
+      const int64_t passes_k = f->training.method == optim::Method::kFwdGrad ? f->training.perturbations : 1;
+      const double mfu = client::TrainingMfu(config, optim::MethodName(f->training.method), r.steps, f->batch,
+                                             f->seq_len, passes_k, r.processed_tokens, r.seconds, sgemm_gflops);
 
       SEEDLING_RETURN_IF_ERROR(MakeDirs(f->out));
       if (f->full) {
@@ -192,12 +201,15 @@ void RegisterFinetune(CLI::App& app, Action& action) {
                             {"loss_end", r.loss_end},
                             {"steps", r.steps},
                             {"skipped_steps", r.skipped_steps},
-                            {"tokens", r.tokens},
-                            {"tokens_per_second", r.seconds > 0 ? static_cast<double>(r.tokens) / r.seconds : 0.0},
+                            {"tokens", r.processed_tokens},
+                            {"scored_tokens", r.scored_tokens},
+                            {"tokens_per_second", r.seconds > 0 ? static_cast<double>(r.processed_tokens) / r.seconds : 0.0},
+                            {"mfu", mfu},
+                            {"sgemm_gflops", sgemm_gflops},
                             {"seconds", r.seconds},
-                            {"peak_rss_bytes", PeakRssBytes()},
-                            {"peak_rss_anon_bytes", rss.Peak().anon},
-                            {"peak_rss_file_bytes", rss.Peak().file},
+                            {"peak_rss_bytes", peak_rss},
+                            {"peak_rss_anon_bytes", peak_parts.anon},
+                            {"peak_rss_file_bytes", peak_parts.file},
                             {"weights", model::WeightPrecisionName(load.precision)},
                             {"step_tensor_peak_bytes", r.step_tensor_peak_bytes},
                             {"planned_peak_bytes", plan.total_bytes()},

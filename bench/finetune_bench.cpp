@@ -89,22 +89,24 @@ absl::StatusOr<std::vector<FinetuneBenchRow>> RunFinetuneBench(const FinetuneBen
 
   struct Config {
     std::string name;
+    std::string label;
+    std::string method;
     std::vector<std::string> extra;
   };
   const std::string steps = std::to_string(o.steps);
   const std::vector<Config> configs = {
-      {"inference (eval)", {"--method", "mezo", "--steps", "0"}},
-      {"lora-bp (planned)", {"--method", "lora-bp", "--steps", steps, "--recompute", "on"}},
-      {"lora-bp, no recompute, 1 CE chunk",
-       {"--method", "lora-bp", "--steps", steps, "--recompute", "off", "--ce-chunk", std::to_string(o.seq_len)}},
-      {"fwdgrad (forward AD)", {"--method", "fwdgrad", "--steps", "1", "--perturbations", std::to_string(o.perturbations)}},
-      {"mezo", {"--method", "mezo", "--steps", steps}},
-      {"kseed", {"--method", "kseed", "--steps", steps}},
+      {"inference", "inference (eval)", "mezo", {"--steps", "0"}},
+      {"lora-bp", "lora-bp (planned)", "lora-bp", {"--steps", steps, "--recompute", "on"}},
+      {"lora-bp-no-recompute", "lora-bp, no recompute, 1 CE chunk", "lora-bp",
+       {"--steps", steps, "--recompute", "off", "--ce-chunk", std::to_string(o.seq_len)}},
+      {"fwdgrad", "fwdgrad (forward AD)", "fwdgrad", {"--steps", "1", "--perturbations", std::to_string(o.perturbations)}},
+      {"mezo", "mezo", "mezo", {"--steps", steps}},
+      {"kseed", "kseed", "kseed", {"--steps", steps}},
   };
   out << absl::StrFormat("%s (%s file, --weights %s), sequence 1 x %d, %s\n", o.preset, o.bf16 ? "BF16" : "F32",
                          o.weights, o.seq_len, data);
-  out << absl::StrFormat("%-36s %9s %11s %11s %11s %11s %9s %13s %12s\n", "configuration", "tokens/s", "peak RSS",
-                         "anonymous", "file", "planned", "x infer.", "above infer.", "step tensors");
+  out << absl::StrFormat("%-36s %9s %6s %11s %11s %11s %11s %9s %13s %12s\n", "configuration", "tokens/s", "MFU",
+                         "peak RSS", "anonymous", "file", "planned", "x infer.", "above infer.", "step tensors");
   out.flush();
   std::vector<FinetuneBenchRow> rows;
   int64_t inference_peak = 0;
@@ -112,6 +114,7 @@ absl::StatusOr<std::vector<FinetuneBenchRow>> RunFinetuneBench(const FinetuneBen
     std::vector<std::string> args = {seedling, "finetune", "--model", model_dir, "--data", data, "--seq-len",
                                      std::to_string(o.seq_len), "--batch", "1", "--heldout", "0.02", "--out",
                                      JoinPath(work, "out"), "--weights", o.weights};
+    args.insert(args.end(), {"--method", c.method});
     args.insert(args.end(), c.extra.begin(), c.extra.end());
     SEEDLING_ASSIGN_OR_RETURN(std::string stdout_text, RunChild(args));
     nlohmann::json j;
@@ -124,7 +127,10 @@ absl::StatusOr<std::vector<FinetuneBenchRow>> RunFinetuneBench(const FinetuneBen
     }
     FinetuneBenchRow r;
     r.name = c.name;
+    r.label = c.label;
+    r.method = c.method;
     r.tokens_per_second = j.value("tokens_per_second", 0.0);
+    r.mfu = j.value("mfu", 0.0);
     r.peak_rss_bytes = j.value("peak_rss_bytes", int64_t{0});
     r.peak_rss_anon_bytes = j.value("peak_rss_anon_bytes", int64_t{0});
     r.peak_rss_file_bytes = j.value("peak_rss_file_bytes", int64_t{0});
@@ -132,7 +138,8 @@ absl::StatusOr<std::vector<FinetuneBenchRow>> RunFinetuneBench(const FinetuneBen
     r.plan = j.contains("plan") ? j["plan"].dump() : "";
     r.step_tensor_peak_bytes = j.value("step_tensor_peak_bytes", int64_t{0});
     if (rows.empty()) inference_peak = r.peak_rss_bytes;
-    out << absl::StrFormat("%-36s %9.0f %11s %11s %11s %11s %8.2fx %13s %12s\n", r.name, r.tokens_per_second,
+    out << absl::StrFormat("%-36s %9.0f %5.1f%% %11s %11s %11s %11s %8.2fx %13s %12s\n", r.label, r.tokens_per_second,
+                           100.0 * r.mfu,
                            FormatBytes(r.peak_rss_bytes), FormatBytes(r.peak_rss_anon_bytes),
                            FormatBytes(r.peak_rss_file_bytes), FormatBytes(r.planned_peak_bytes),
                            static_cast<double>(r.peak_rss_bytes) / static_cast<double>(std::max<int64_t>(inference_peak, 1)),

@@ -28,8 +28,11 @@ struct FinetuneBenchOptions {
 };
 
 struct FinetuneBenchRow {
-  std::string name;
-  double tokens_per_second = 0;
+  std::string name;                 // stable id: inference, lora-bp, lora-bp-no-recompute, fwdgrad, mezo, kseed
+  std::string label;                // the table's description
+  std::string method;
+  double tokens_per_second = 0;     // processed tokens (prompts included), as `bench forward` counts
+  double mfu = 0;                   // model FLOP/s over the in-run sgemm GFLOP/s (client/compute_model.h)
   int64_t peak_rss_bytes = 0;
   int64_t peak_rss_anon_bytes = 0;  // anonymous (dirty) part, sampled
   int64_t peak_rss_file_bytes = 0;  // file-backed part (mapped weights, code), sampled

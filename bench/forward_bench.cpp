@@ -63,24 +63,11 @@ absl::StatusOr<Timing> TimeIt(const ForwardBenchOptions& o, Fn step) {
 
 }  // namespace
 
-double MeasureSgemmGflops(int64_t n, double min_seconds) {
-  const at::Tensor a = at::randn({n, n});
-  const at::Tensor b = at::randn({n, n});
-  at::Tensor c = at::mm(a, b);  // warm-up
-  int iters = 0;
-  const auto t0 = Clock::now();
-  while (iters < 3 || Seconds(t0) < min_seconds) {
-    at::mm_out(c, a, b);
-    ++iters;
-  }
-  return 2.0 * static_cast<double>(n) * static_cast<double>(n) * static_cast<double>(n) * iters / Seconds(t0) / 1e9;
-}
-
 absl::StatusOr<std::vector<ForwardBenchRow>> RunForwardBench(const ForwardBenchOptions& o, std::ostream& out) {
   if (o.seq_len < 2 || o.batch < 1) return absl::InvalidArgumentError("need seq_len >= 2 and batch >= 1");
   std::vector<ForwardBenchRow> rows;
   out << absl::StrFormat("compute: %s\nsequence: %d x %d tokens\n", model::DescribeCompute(), o.batch, o.seq_len);
-  const double sgemm = MeasureSgemmGflops(o.sgemm_size, 1.0);
+  const double sgemm = model::MeasureSgemmGflops(o.sgemm_size, 1.0);
   out << absl::StrFormat("sgemm %dx%dx%d fp32: %.1f GFLOP/s (in-run reference)\n", o.sgemm_size, o.sgemm_size,
                          o.sgemm_size, sgemm);
   out << absl::StrFormat("%-14s %-28s %10s %10s %9s %8s %10s %12s\n", "preset", "phase", "tokens/s", "ms/iter",

@@ -37,8 +37,6 @@ struct ForwardBenchRow {
   int64_t peak_tensor_bytes = 0;  // high-water mark of tensor storage allocated during one step
 };
 
-// Measures sgemm GFLOP/s for an n x n x n fp32 matrix multiply with LibTorch's current thread count.
-double MeasureSgemmGflops(int64_t n, double min_seconds);
 
 // Runs the benchmark, printing a table to `out` as rows complete.
 absl::StatusOr<std::vector<ForwardBenchRow>> RunForwardBench(const ForwardBenchOptions& options, std::ostream& out);

@@ -829,7 +829,8 @@ absl::StatusOr<RunResult> Client::Train(std::unique_ptr<comms::Channel>& channel
           resume.data.offset = j.at("offset").get<uint64_t>();
           resume.data.fingerprint = j.at("fingerprint").get<uint64_t>();
           resume.loss_start = j.at("loss_start").get<double>();
-          resume.tokens = j.at("tokens").get<int64_t>();
+          resume.scored_tokens = j.at("tokens").get<int64_t>();
+          resume.processed_tokens = j.value("processed_tokens", int64_t{0});  // absent before it was counted
           resume.seconds = j.at("seconds").get<double>();
           for (auto& [name, values] : *vectors) {
             if (name == "params") {
@@ -859,7 +860,7 @@ absl::StatusOr<RunResult> Client::Train(std::unique_ptr<comms::Channel>& channel
     Json j = {{"key", key}, {"steps", cp.trainer.steps}, {"skipped", cp.trainer.skipped},
               {"counter", cp.trainer.counter}, {"pairs", pairs}, {"seed_pairs", seed_pairs},
               {"epoch", cp.data.epoch}, {"offset", cp.data.offset}, {"fingerprint", cp.data.fingerprint},
-              {"loss_start", cp.loss_start}, {"tokens", cp.tokens}, {"seconds", cp.seconds}};
+              {"loss_start", cp.loss_start}, {"tokens", cp.scored_tokens}, {"processed_tokens", cp.processed_tokens}, {"seconds", cp.seconds}};
     return WriteFileAtomic(state.Path("checkpoint.json"), j.dump() + "\n");
   };
   model::LlamaModel& model = const_cast<model::LlamaModel&>(*model_.model);  // adapter runs never write the base

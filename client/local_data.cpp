@@ -461,6 +461,7 @@ LocalBatch BatchIterator::Next() {
   for (uint64_t i = offset_; i < end; ++i) {
     items.push_back(plan_->Item(static_cast<int64_t>(i)));
     out.scored_tokens += items.back().ScoredTokens();
+    out.tokens += static_cast<int64_t>(items.back().tokens.size());
   }
   std::vector<const model::Example*> rows;
   rows.reserve(items.size());

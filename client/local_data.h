@@ -191,6 +191,7 @@ struct LocalBatch {
   uint64_t epoch = 0;   // the epoch it belongs to
   uint64_t offset = 0;  // index of its first item in that epoch's order
   int64_t items = 0;    // rows in the batch
+  int64_t tokens = 0;   // tokens in the rows, without padding: what a step processes
   // Sum of Example::ScoredTokens() over rows. Can be 0 when packing (a block whose only scored
   // label sits at its position 0, which nothing predicts): a step a trainer should skip.
   int64_t scored_tokens = 0;

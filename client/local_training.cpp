@@ -214,7 +214,8 @@ absl::StatusOr<TrainingResult> RunLocalTraining(model::LlamaModel& model, lora::
     SEEDLING_RETURN_IF_ERROR(trainer->RestoreState(cp.trainer));
     std::memcpy(adapter->flat().data_ptr<float>(), cp.params.data(), cp.params.size() * sizeof(float));
     result.loss_start = cp.loss_start;
-    result.tokens = cp.tokens;
+    result.scored_tokens = cp.scored_tokens;
+    result.processed_tokens = cp.processed_tokens;
     seconds_before = cp.seconds;
   } else {
     SEEDLING_ASSIGN_OR_RETURN(result.loss_start, HeldoutLoss(model, forward_adapter, data, plan));
@@ -227,7 +228,8 @@ absl::StatusOr<TrainingResult> RunLocalTraining(model::LlamaModel& model, lora::
     cp.params.assign(p, p + adapter->numel());
     cp.data = batches.position();
     cp.loss_start = result.loss_start;
-    cp.tokens = result.tokens;
+    cp.scored_tokens = result.scored_tokens;
+    cp.processed_tokens = result.processed_tokens;
     cp.seconds = seconds;
     return control.on_checkpoint(cp);
   };
@@ -243,7 +245,8 @@ absl::StatusOr<TrainingResult> RunLocalTraining(model::LlamaModel& model, lora::
     LocalBatch batch = batches.Next();
     for (int tries = 0; batch.scored_tokens == 0 && tries < 64; ++tries) batch = batches.Next();
     SEEDLING_ASSIGN_OR_RETURN(optim::StepResult r, trainer->Step(batch.batch));
-    result.tokens += r.tokens;
+    result.scored_tokens += r.tokens;
+    result.processed_tokens += batch.tokens;
     if (progress) progress(step + 1, config.steps, r.loss);
     if (control.checkpoint_every > 0 && (step + 1) % control.checkpoint_every == 0 && step + 1 < config.steps) {
       SEEDLING_RETURN_IF_ERROR(checkpoint(elapsed()));

@@ -47,7 +47,8 @@ struct TrainingCheckpoint {
   std::vector<float> params;   // the adapter's flat buffer
   IteratorPosition data;       // the next batch
   double loss_start = 0;
-  int64_t tokens = 0;
+  int64_t scored_tokens = 0;
+  int64_t processed_tokens = 0;
   double seconds = 0;
 };
 
@@ -64,7 +65,10 @@ struct TrainingResult {
   double loss_end = 0;            // and after
   int64_t steps = 0;
   int64_t skipped_steps = 0;      // non-finite losses or gradients
-  int64_t tokens = 0;             // scored training tokens processed
+  // Tokens the steps processed (every token of every row, prompts included: what throughput counts, as
+  // `bench forward` and other tools do) and, of those, the ones the loss scored (responses, not prompts).
+  int64_t processed_tokens = 0;
+  int64_t scored_tokens = 0;
   double seconds = 0;             // training steps only
   int64_t step_tensor_peak_bytes = 0;  // tensor high-water mark during the steps (TensorMemoryTracker)
   std::vector<optim::SeedScalar> kseed_pairs;  // kseed: the upload (seed index, scalar) per applied step

@@ -1,10 +1,12 @@
 #include "model/runtime.h"
 
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <dlfcn.h>
 #include <malloc.h>
 
 #include <algorithm>
+#include <chrono>
 #include <thread>
 
 #include "base/strings.h"
@@ -45,6 +47,22 @@ std::string ConfigureCompute(const ComputeSettings& settings) {
     spdlog::warn("libblas is not OpenBLAS: matrix multiplies may be very slow (install libopenblas0-pthread)");
   }
   return DescribeCompute();
+}
+
+double MeasureSgemmGflops(int64_t n, double min_seconds) {
+  using Clock = std::chrono::steady_clock;
+  auto seconds_since = [](Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); };
+  const at::Tensor a = at::randn({n, n});
+  const at::Tensor b = at::randn({n, n});
+  at::Tensor c = at::mm(a, b);  // warm-up
+  int iters = 0;
+  const auto t0 = Clock::now();
+  while (iters < 3 || seconds_since(t0) < min_seconds) {
+    at::mm_out(c, a, b);
+    ++iters;
+  }
+  const double dn = static_cast<double>(n);
+  return 2.0 * dn * dn * dn * iters / seconds_since(t0) / 1e9;
 }
 
 }  // namespace seedling::model

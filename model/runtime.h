@@ -10,6 +10,7 @@
 // Element-wise work is a few percent of a forward, so ATen runs it on the calling thread and GEMMs get all
 // cores.
 
+#include <cstdint>
 #include <string>
 
 namespace seedling::model {
@@ -29,5 +30,9 @@ std::string ConfigureCompute(const ComputeSettings& settings);
 
 // Describes the current settings in the same form, without changing them.
 std::string DescribeCompute();
+
+// GFLOP/s of an n x n x n fp32 matrix multiply with the current settings, timed for at least
+// `min_seconds` (and 3 multiplies): the in-run reference that MFU figures divide by.
+double MeasureSgemmGflops(int64_t n, double min_seconds);
 
 }  // namespace seedling::model

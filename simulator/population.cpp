@@ -561,42 +561,6 @@ absl::StatusOr<std::vector<PhoneClass>> LoadPhoneClasses(const std::string& csv_
   return ParsePhoneClasses(text, csv_path);
 }
 
-// ---- FLOPs -----------------------------------------------------------------------------------
-
-bool IsKnownTrainingMethod(std::string_view method) {
-  return method == "lora-bp" || method == "fwdgrad" || method == "mezo" || method == "kseed";
-}
-
-double LocalTrainingFlops(const model::ModelConfig& config, std::string_view method, int64_t steps,
-                          int64_t batch, int64_t seq_len, int64_t perturbations) {
-  SEEDLING_CHECK(IsKnownTrainingMethod(method), "unknown training method");
-  const double hidden = static_cast<double>(config.hidden_size);
-  const double head_dim =
-      config.head_dim > 0
-          ? static_cast<double>(config.head_dim)
-          : hidden / static_cast<double>(std::max<int64_t>(1, config.num_attention_heads));
-  const double q_dim = static_cast<double>(config.num_attention_heads) * head_dim;
-  const double kv_dim = static_cast<double>(config.num_key_value_heads) * head_dim;
-  const double layers = static_cast<double>(config.num_hidden_layers);
-  const double seq = static_cast<double>(seq_len);
-  // Per layer: q, k, v, o projections and the gated MLP (gate, up, down).
-  const double matmul_params = hidden * q_dim + 2.0 * hidden * kv_dim + q_dim * hidden +
-                               3.0 * hidden * static_cast<double>(config.intermediate_size);
-  const double per_token = 2.0 * layers * matmul_params  // projections and MLP
-                           + 4.0 * seq * q_dim * layers  // QKᵀ and AV
-                           + 2.0 * hidden * static_cast<double>(config.vocab_size);  // LM head
-  const double forward = static_cast<double>(batch) * seq * per_token;
-  const double p = static_cast<double>(std::max<int64_t>(1, perturbations));
-  double passes = 0;
-  if (method == "lora-bp") {
-    passes = 3.0;
-  } else if (method == "fwdgrad") {
-    passes = 1.0 + p;
-  } else {  // mezo, kseed
-    passes = 2.0 * p;
-  }
-  return static_cast<double>(steps) * passes * forward;
-}
 
 // ---- Population ------------------------------------------------------------------------------
 

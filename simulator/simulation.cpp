@@ -27,6 +27,7 @@
 #include "base/status.h"
 #include "base/strings.h"
 #include "client/client.h"
+#include "client/compute_model.h"
 #include "comms/in_memory.h"
 #include "comms/tls.h"
 #include "lora/adapter.h"
@@ -496,7 +497,7 @@ absl::Status MethodRun::Setup() {
   batch_ = config_.batch;
   seq_len_ = config_.seq_len;
   perturbations_ = method_ == "fwdgrad" ? config_.perturbations : 1;  // mezo / kseed: one z per step
-  flops_ = LocalTrainingFlops(world_.model_config, method_, steps_, batch_, seq_len_, perturbations_);
+  flops_ = client::LocalTrainingFlops(world_.model_config, method_, steps_, batch_, seq_len_, perturbations_);
 
   // First check-ins: when each device is first available, spread over one retry period.
   const double spread = static_cast<double>(std::max<int64_t>(config_.retry_base_s, 1));

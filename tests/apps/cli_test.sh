@@ -74,6 +74,16 @@ case "$case_name" in
       echo "$out" | grep -q "\"$key\"" || fail "no $key in: $out"
     done
     [ "$(echo "$out" | json_number steps)" = 8 ] || fail "steps: $out"
+    # Throughput counts processed tokens, prompts included: instruction rows mask their prompts, so fewer
+    # are scored. tokens_per_second = tokens / seconds, and the MFU is a fraction.
+    tokens=$(echo "$out" | json_number tokens); scored=$(echo "$out" | json_number scored_tokens)
+    tps=$(echo "$out" | json_number tokens_per_second); secs=$(echo "$out" | json_number seconds)
+    mfu=$(echo "$out" | json_number mfu)
+    awk -v t="$tokens" -v s="$scored" 'BEGIN { exit !(s > 0 && t > s && t <= 8 * 2 * 96) }' \
+      || fail "tokens $tokens should exceed scored_tokens $scored: $out"
+    awk -v t="$tokens" -v r="$tps" -v s="$secs" 'BEGIN { d = r - t / s; exit !(d < 0.01 * r && -d < 0.01 * r) }' \
+      || fail "tokens_per_second $tps is not tokens / seconds: $out"
+    awk -v m="$mfu" 'BEGIN { exit !(m > 0 && m <= 1) }' || fail "mfu $mfu: $out"
     start=$(echo "$out" | json_number loss_start); end=$(echo "$out" | json_number loss_end)
     awk -v s="$start" -v e="$end" 'BEGIN { exit !(e < s) }' || fail "held-out loss did not drop: $start -> $end"
     [ -s "$work/ft-bp/adapter_config.json" ] && [ -s "$work/ft-bp/adapter_model.safetensors" ] || fail "no PEFT adapter"
@@ -243,6 +253,22 @@ case "$case_name" in
       --out "$work/ft-bad"
     expect_error "unknown method" "$seedling" finetune --model "$model" --data "$work/allbad.jsonl" --method sgd \
       --steps 1 --out "$work/ft-bad"
+    ;;
+  bench-finetune-json)
+    out=$("$seedling" bench finetune --preset tiny --seq 32 --steps 1 --perturbations 2 --work-dir "$work/bench-ft" \
+      --data "$repo/data/sample/instructions.jsonl" --json 2>/dev/null) || fail "bench finetune failed"
+    lines=$(echo "$out" | grep '^{')
+    [ "$(echo "$lines" | wc -l)" -eq 6 ] || fail "expected 6 JSON rows: $out"
+    for name in inference lora-bp lora-bp-no-recompute fwdgrad mezo kseed; do
+      row=$(echo "$lines" | grep "\"name\":\"$name\"") || fail "no row $name: $out"
+      for key in tokens_per_second mfu peak_rss_bytes planned_peak_bytes step_tensor_peak_bytes; do
+        v=$(echo "$row" | json_number "$key")
+        awk -v v="$v" 'BEGIN { exit !(v ~ /^[-0-9.e+]+$/ && v >= 0) }' || fail "$name $key = '$v': $row"
+      done
+      [ "$name" = inference ] && continue
+      awk -v v="$(echo "$row" | json_number tokens_per_second)" -v m="$(echo "$row" | json_number mfu)" \
+        'BEGIN { exit !(v > 0 && m > 0 && m <= 1) }' || fail "$name has no throughput: $row"
+    done
     ;;
   help)
     for cmd in init-model eval generate finetune export "bench forward"; do

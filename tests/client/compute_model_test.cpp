@@ -1,0 +1,59 @@
+#include "client/compute_model.h"
+
+#include <catch2/catch.hpp>
+
+namespace seedling::client {
+namespace {
+
+// Forward FLOPs written out for clarity, to check LocalTrainingFlops against.
+double NaiveForwardFlops(const model::ModelConfig& c, double tokens, double seq) {
+  const double h = static_cast<double>(c.hidden_size);
+  const double q = static_cast<double>(c.num_attention_heads * c.head_dim);
+  const double kv = static_cast<double>(c.num_key_value_heads * c.head_dim);
+  const double mlp = 3.0 * h * static_cast<double>(c.intermediate_size);
+  double per_token = 0;
+  for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) {
+    per_token += 2.0 * (h * q + h * kv + h * kv + q * h + mlp);  // projections and MLP
+    per_token += 2.0 * seq * q + 2.0 * seq * q;                  // QKᵀ, AV
+  }
+  per_token += 2.0 * h * static_cast<double>(c.vocab_size);  // LM head
+  return tokens * per_token;
+}
+
+TEST_CASE("LocalTrainingFlops is linear in steps and ordered mezo = kseed = fwdgrad < lora-bp",
+          "[client][compute]") {
+  auto config = model::PresetConfig("smollm2-135m");
+  REQUIRE(config.ok());
+  const double forward = NaiveForwardFlops(*config, 4.0 * 128, 128);
+  CHECK(LocalTrainingFlops(*config, "mezo", 1, 4, 128, 1) == Approx(2 * forward));
+  CHECK(LocalTrainingFlops(*config, "kseed", 1, 4, 128, 1) == Approx(2 * forward));
+  CHECK(LocalTrainingFlops(*config, "fwdgrad", 1, 4, 128, 1) == Approx(2 * forward));
+  CHECK(LocalTrainingFlops(*config, "lora-bp", 1, 4, 128, 1) == Approx(3 * forward));
+  CHECK(LocalTrainingFlops(*config, "fwdgrad", 1, 4, 128, 4) == Approx(5 * forward));
+  CHECK(LocalTrainingFlops(*config, "mezo", 1, 4, 128, 4) == Approx(8 * forward));
+  for (const char* method : {"lora-bp", "fwdgrad", "mezo", "kseed"}) {
+    INFO(method);
+    CHECK(LocalTrainingFlops(*config, method, 10, 4, 128, 2) ==
+          Approx(10 * LocalTrainingFlops(*config, method, 1, 4, 128, 2)));
+  }
+  // smollm2-135m: about 2 × 135M × 512 tokens ≈ 1.4e11 per forward, plus attention.
+  CHECK(forward > 1.2e11);
+  CHECK(forward < 2.5e11);
+  CHECK(IsKnownTrainingMethod("kseed"));
+  CHECK_FALSE(IsKnownTrainingMethod("sgd"));
+}
+
+TEST_CASE("TrainingMfu is the model FLOP rate over the sgemm rate, scaled to the tokens processed", "[client][compute]") {
+  auto config = model::PresetConfig("smollm2-135m");
+  REQUIRE(config.ok());
+  const double flops = LocalTrainingFlops(*config, "mezo", 2, 1, 256, 1);
+  // All 512 tokens in one second at exactly the model's FLOP count per second: MFU 1 against that rate.
+  CHECK(TrainingMfu(*config, "mezo", 2, 1, 256, 1, 512, 1.0, flops / 1e9) == Approx(1.0));
+  // Half the tokens (short rows) in the same time is half the utilization.
+  CHECK(TrainingMfu(*config, "mezo", 2, 1, 256, 1, 256, 1.0, flops / 1e9) == Approx(0.5));
+  CHECK(TrainingMfu(*config, "mezo", 2, 1, 256, 1, 512, 0.0, 10.0) == 0);
+  CHECK(TrainingMfu(*config, "sgd", 2, 1, 256, 1, 512, 1.0, 10.0) == 0);
+}
+
+}  // namespace
+}  // namespace seedling::client
