@@ -283,6 +283,8 @@ void RegisterClient(CLI::App& app, Action& action) {
           line["loss_start"] = r.loss_start;
           line["loss_end"] = r.loss_end;
           line["update_bytes"] = r.update_bytes;
+          line["tokens_per_second"] = r.tokens_per_second;
+          line["scored_tokens"] = r.scored_tokens;
         }
         // kDropped (a straggler's update after its round closed) needs no wait: the next call checks in.
         std::cout << line.dump() << std::endl;

@@ -937,6 +937,9 @@ absl::StatusOr<RunResult> Client::Train(std::unique_ptr<comms::Channel>& channel
       r.loss_end = trained->loss_end;
       r.update_bytes = input.size() * sizeof(uint32_t);
       r.weights = weights_name;
+      r.processed_tokens = static_cast<uint64_t>(trained->processed_tokens);
+      r.scored_tokens = static_cast<uint64_t>(trained->scored_tokens);
+      r.tokens_per_second = trained->seconds > 0 ? static_cast<double>(trained->processed_tokens) / trained->seconds : 0.0;
       return r;
     }
     comms::CodecOptions co;
@@ -976,6 +979,8 @@ absl::StatusOr<RunResult> Client::Train(std::unique_ptr<comms::Channel>& channel
   state.metrics.set_steps(static_cast<uint32_t>(trained->steps));
   state.metrics.set_skipped_steps(static_cast<uint32_t>(trained->skipped_steps));
   state.metrics.set_train_seconds(static_cast<float>(trained->seconds));
+  state.metrics.set_processed_tokens(static_cast<uint64_t>(trained->processed_tokens));
+  state.metrics.set_scored_tokens(static_cast<uint64_t>(trained->scored_tokens));
   SEEDLING_RETURN_IF_ERROR(state.Save());
   std::filesystem::remove(state.Path("checkpoint.safetensors"));
   std::filesystem::remove(state.Path("checkpoint.json"));
@@ -1077,6 +1082,11 @@ absl::StatusOr<RunResult> Client::Upload(std::unique_ptr<comms::Channel>& channe
   r.outcome = RunOutcome::kUploaded;
   r.round_id = round_id;
   r.loss_start = state.metrics.loss_start();
+  r.processed_tokens = state.metrics.processed_tokens();
+  r.scored_tokens = state.metrics.scored_tokens();
+  r.tokens_per_second = state.metrics.train_seconds() > 0
+                            ? static_cast<double>(r.processed_tokens) / state.metrics.train_seconds()
+                            : 0.0;
   r.loss_end = state.metrics.loss_end();
   r.update_bytes = payload.size();
   state.phase = "idle";

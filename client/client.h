@@ -101,6 +101,9 @@ struct RunResult {
   double loss_start = 0;  // kUploaded: held-out loss before and after local training
   double loss_end = 0;
   uint64_t update_bytes = 0;
+  uint64_t processed_tokens = 0;  // kUploaded after training: tokens the steps processed (prompts included),
+  uint64_t scored_tokens = 0;     // the ones the loss scored,
+  double tokens_per_second = 0;   // and processed tokens per second of training
   std::string weights;    // kUploaded after training, and kDeclined for memory: the representation of the frozen
                           // base weights the device planned (and trained) with: "fp32", "stored", "q8_0", "q4_0"
 };

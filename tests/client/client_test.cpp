@@ -725,6 +725,10 @@ TEST_CASE("The plan counts the data, and rows over max_row_bytes are skipped ins
   REQUIRE(uploaded.ok());
   INFO(uploaded->detail);
   CHECK(uploaded->outcome == RunOutcome::kUploaded);
+  // Throughput in processed tokens: the sample's instruction rows mask their prompts, so fewer are scored.
+  CHECK(uploaded->scored_tokens > 0);
+  CHECK(uploaded->processed_tokens > uploaded->scored_tokens);
+  CHECK(uploaded->tokens_per_second > 0);
   // AddExample refuses such a row at once.
   auto adder = MakeClient(roomy, server.Transport());
   CHECK_THAT(std::string(adder->AddExample(huge_row).message()), Catch::Contains("max_row_bytes is 262144"));
