@@ -58,17 +58,24 @@ absl::Status WriteAll(int fd, std::string_view data, const std::string& path) {
   return absl::OkStatus();
 }
 
+// Opens `path` for reading into `closer` and returns its size; a directory is InvalidArgument.
+absl::StatusOr<size_t> OpenForReading(const std::string& path, FdCloser& closer) {
+  closer.fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (closer.fd < 0) return ErrnoStatus(errno, "cannot open", path);
+  struct stat st;
+  if (::fstat(closer.fd, &st) != 0) return ErrnoStatus(errno, "cannot stat", path);
+  if (S_ISDIR(st.st_mode)) return absl::InvalidArgumentError(StrCat("'", path, "' is a directory"));
+  return static_cast<size_t>(st.st_size);
+}
+
 }  // namespace
 
 absl::StatusOr<std::string> ReadFile(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return ErrnoStatus(errno, "cannot open", path);
-  FdCloser closer{fd};
-  struct stat st;
-  if (::fstat(fd, &st) != 0) return ErrnoStatus(errno, "cannot stat", path);
-  if (S_ISDIR(st.st_mode)) return absl::InvalidArgumentError(StrCat("'", path, "' is a directory"));
+  FdCloser closer{-1};
+  SEEDLING_ASSIGN_OR_RETURN(const size_t size, OpenForReading(path, closer));
+  const int fd = closer.fd;
   std::string out;
-  out.resize(static_cast<size_t>(st.st_size));
+  out.resize(size);
   size_t got = 0;
   while (true) {
     if (got == out.size()) out.resize(out.size() * 2 + 4096);  // file grew or is a pipe
@@ -85,12 +92,9 @@ absl::StatusOr<std::string> ReadFile(const std::string& path) {
 }
 
 absl::Status ForEachLine(const std::string& path, int64_t max_line_bytes, const LineFn& fn) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return ErrnoStatus(errno, "cannot open", path);
-  FdCloser closer{fd};
-  struct stat st;
-  if (::fstat(fd, &st) != 0) return ErrnoStatus(errno, "cannot stat", path);
-  if (S_ISDIR(st.st_mode)) return absl::InvalidArgumentError(StrCat("'", path, "' is a directory"));
+  FdCloser closer{-1};
+  SEEDLING_RETURN_IF_ERROR(OpenForReading(path, closer).status());
+  const int fd = closer.fd;
   const auto cap = static_cast<size_t>(std::max<int64_t>(max_line_bytes, 0));
   std::string buffer(64 << 10, '\0');
   std::string current;  // the line so far, up to `cap` bytes
