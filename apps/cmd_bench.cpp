@@ -60,7 +60,9 @@ void RegisterFinetuneBench(CLI::App* bench, Action& action) {
       "finetune", "Every local method in its own process: tokens/s, peak RSS, planned peak, vs plain inference");
   cmd->add_option("--preset", options->preset, "Model preset (a random model is written once)")->capture_default_str();
   cmd->add_option("--seq", options->seq_len, "Tokens per sequence")->capture_default_str();
-  cmd->add_option("--steps", options->steps, "Steps per method")->capture_default_str();
+  cmd->add_option("--steps", options->steps, "Timed steps per method at least (after one untimed warm-up step)")
+      ->capture_default_str();
+  cmd->add_option("--seconds", options->seconds, "Timed work per method at least")->capture_default_str();
   cmd->add_option("--perturbations", options->perturbations, "fwdgrad perturbations")->capture_default_str();
   cmd->add_option("--data", options->data, "JSONL data (default: data/sample/instructions.jsonl)");
   cmd->add_option("--work-dir", options->work_dir, "Keep the model and outputs here (default: a temporary directory)");

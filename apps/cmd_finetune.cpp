@@ -76,6 +76,12 @@ void RegisterFinetune(CLI::App& app, Action& action) {
   cmd->add_option("--data", f->data, "JSONL: text, instruction/input/output or Dolly rows")->required();
   cmd->add_option("--method", f->method, "lora-bp, fwdgrad, mezo or kseed")->capture_default_str();
   cmd->add_option("--steps", f->training.steps, "Optimization steps")->capture_default_str()->check(CLI::NonNegativeNumber);
+  cmd->add_option("--untimed-steps", f->training.untimed_steps,
+                  "Benchmarks: leave the first N steps (warm-up) out of seconds and tokens/s")
+      ->capture_default_str();
+  cmd->add_option("--min-seconds", f->training.min_seconds,
+                  "Benchmarks: keep stepping past --steps until the timed steps took this long")
+      ->capture_default_str();
   cmd->add_option("--memory-budget", f->budget, "Peak process memory allowed, e.g. 600M or 1.5G (default: none)");
   cmd->add_option("--out", f->out, "Output directory (PEFT adapter, or full model with --full)")->required();
   cmd->add_option("--lr", f->training.lr, "Learning rate (default: the method's published value)");

@@ -93,13 +93,16 @@ absl::StatusOr<std::vector<FinetuneBenchRow>> RunFinetuneBench(const FinetuneBen
     std::string method;
     std::vector<std::string> extra;
   };
-  const std::string steps = std::to_string(o.steps);
+  // One untimed warm-up step, then at least o.steps timed steps and o.seconds of timed work.
+  const std::string steps = std::to_string(o.steps + 1);
+  const std::string seconds = absl::StrFormat("%g", o.seconds);
+  const std::vector<std::string> timing = {"--untimed-steps", "1", "--min-seconds", seconds};
   const std::vector<Config> configs = {
       {"inference", "inference (eval)", "mezo", {"--steps", "0"}},
       {"lora-bp", "lora-bp (planned)", "lora-bp", {"--steps", steps, "--recompute", "on"}},
       {"lora-bp-no-recompute", "lora-bp, no recompute, 1 CE chunk", "lora-bp",
        {"--steps", steps, "--recompute", "off", "--ce-chunk", std::to_string(o.seq_len)}},
-      {"fwdgrad", "fwdgrad (forward AD)", "fwdgrad", {"--steps", "1", "--perturbations", std::to_string(o.perturbations)}},
+      {"fwdgrad", "fwdgrad (forward AD)", "fwdgrad", {"--steps", "2", "--perturbations", std::to_string(o.perturbations)}},
       {"mezo", "mezo", "mezo", {"--steps", steps}},
       {"kseed", "kseed", "kseed", {"--steps", steps}},
   };
@@ -116,6 +119,7 @@ absl::StatusOr<std::vector<FinetuneBenchRow>> RunFinetuneBench(const FinetuneBen
                                      JoinPath(work, "out"), "--weights", o.weights};
     args.insert(args.end(), {"--method", c.method});
     args.insert(args.end(), c.extra.begin(), c.extra.end());
+    if (c.name != "inference") args.insert(args.end(), timing.begin(), timing.end());
     SEEDLING_ASSIGN_OR_RETURN(std::string stdout_text, RunChild(args));
     nlohmann::json j;
     const size_t brace = stdout_text.find('{');

@@ -19,7 +19,9 @@ namespace seedling::bench {
 struct FinetuneBenchOptions {
   std::string preset = "smollm2-135m";
   int64_t seq_len = 256;
-  int64_t steps = 3;             // per method (fwdgrad: 1, it runs K perturbations per step)
+  int64_t steps = 3;             // timed steps per method at least (fwdgrad: 1, it runs K perturbations per step),
+                                 // after one untimed warm-up step
+  double seconds = 10;           // and at least this much timed work per row
   int64_t perturbations = 4;     // fwdgrad K
   std::string work_dir;          // where the model and outputs go; empty = a temporary directory
   std::string data;              // JSONL; empty = data/sample/instructions.jsonl next to the repo's binary

@@ -120,6 +120,12 @@ absl::StatusOr<TrainingResult> RunLocalTraining(model::LlamaModel& model, lora::
                                                 const MemoryPlan& plan, const TrainingProgress& progress,
                                                 const TrainingControl& control) {
   if (config.steps < 0) return absl::InvalidArgumentError("steps must be >= 0");
+  if (config.untimed_steps < 0 || config.untimed_steps > config.steps) {
+    return absl::InvalidArgumentError(StrCat("untimed_steps must be in [0, steps], got ", config.untimed_steps));
+  }
+  if (!(config.min_seconds >= 0 && config.min_seconds <= 3600)) {
+    return absl::InvalidArgumentError(StrCat("min_seconds must be in [0, 3600], got ", config.min_seconds));
+  }
   if (!config.full_parameters && adapter == nullptr) {
     return absl::InvalidArgumentError("training an adapter needs one (or full_parameters)");
   }
@@ -233,10 +239,22 @@ absl::StatusOr<TrainingResult> RunLocalTraining(model::LlamaModel& model, lora::
     cp.seconds = seconds;
     return control.on_checkpoint(cp);
   };
-  const auto t0 = std::chrono::steady_clock::now();
+  auto t0 = std::chrono::steady_clock::now();
   auto elapsed = [&] { return seconds_before + std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
   model::TensorMemoryTracker tracker;
-  for (int64_t step = trainer->steps(); step < config.steps; ++step) {
+  // Past `steps` only while a benchmark's timed steps are shorter than min_seconds (bounded all the same).
+  auto more = [&](int64_t step) {
+    return step < config.steps ||
+           (config.min_seconds > 0 && step > config.untimed_steps && elapsed() < config.min_seconds &&
+            step < 1000 * std::max<int64_t>(config.steps, 1));
+  };
+  for (int64_t step = trainer->steps(); more(step); ++step) {
+    if (step == config.untimed_steps && step > 0) {  // warm-up done: time from here
+      t0 = std::chrono::steady_clock::now();
+      seconds_before = 0;
+      result.scored_tokens = 0;
+      result.processed_tokens = 0;
+    }
     if (control.cancelled && control.cancelled()) {
       SEEDLING_RETURN_IF_ERROR(checkpoint(elapsed()));
       return absl::CancelledError(StrCat("cancelled after ", step, " of ", config.steps, " steps"));
@@ -247,7 +265,7 @@ absl::StatusOr<TrainingResult> RunLocalTraining(model::LlamaModel& model, lora::
     SEEDLING_ASSIGN_OR_RETURN(optim::StepResult r, trainer->Step(batch.batch));
     result.scored_tokens += r.tokens;
     result.processed_tokens += batch.tokens;
-    if (progress) progress(step + 1, config.steps, r.loss);
+    if (progress) progress(step + 1, std::max(config.steps, step + 1), r.loss);
     if (control.checkpoint_every > 0 && (step + 1) % control.checkpoint_every == 0 && step + 1 < config.steps) {
       SEEDLING_RETURN_IF_ERROR(checkpoint(elapsed()));
     }

@@ -32,6 +32,11 @@ struct TrainingConfig {
   int64_t kseed_pool_size = 4096; // kseed: K candidate seeds (the server's)
   uint64_t kseed_pool_seed = 0;   // kseed: the server's pool seed
   bool fwdgrad_apply_locally = true;  // false in federated rounds: the server applies the summed estimate
+  // Benchmarks: the first `untimed_steps` steps (warming caches, the allocator and lazily built kernels) are
+  // left out of `seconds` and the token counts, and steps continue past `steps` until the timed steps took
+  // `min_seconds`. Both 0 in training proper.
+  int64_t untimed_steps = 0;
+  double min_seconds = 0;
 };
 
 // Published starting points (DESIGN.md §3): lora-bp 2e-4 (AdamW); fwdgrad 1e-2 (FwdLLM's SGD); mezo 1e-4 on

@@ -96,6 +96,16 @@ case "$case_name" in
     done
     pairs=$(grep -o '\[[0-9]*,[-0-9.e+]*\]' "$work/ft-kseed/kseed_update.json" | wc -l)
     [ "$pairs" = 4 ] || fail "kseed_update.json has $pairs pairs, expected 4"
+    # Benchmark timing: the warm-up step is left out of the tokens (packed blocks of 64 tokens each) ...
+    out=$("$seedling" finetune --model "$model" --data "$repo/data/sample/instructions.jsonl" --method mezo \
+      --steps 3 --untimed-steps 1 --seq-len 64 --out "$work/ft-timed" 2>/dev/null) || fail "finetune --untimed-steps failed"
+    [ "$(echo "$out" | json_number steps)" = 3 ] || fail "untimed steps: $out"
+    [ "$(echo "$out" | json_number tokens)" = 128 ] || fail "two timed steps of 64 tokens expected: $out"
+    # ... and --min-seconds keeps stepping past --steps until the timed steps took that long.
+    out=$("$seedling" finetune --model "$model" --data "$repo/data/sample/instructions.jsonl" --method mezo \
+      --steps 2 --untimed-steps 1 --min-seconds 1 --seq-len 64 --out "$work/ft-timed" 2>/dev/null) || fail "--min-seconds failed"
+    awk -v s="$(echo "$out" | json_number seconds)" -v n="$(echo "$out" | json_number steps)" \
+      'BEGIN { exit !(s >= 1 && n > 2) }' || fail "--min-seconds 1: $out"
     ;;
   finetune-budget)
     # The planner's lightest plan for this model, from the refusal of an impossible budget...
@@ -255,7 +265,7 @@ case "$case_name" in
       --steps 1 --out "$work/ft-bad"
     ;;
   bench-finetune-json)
-    out=$("$seedling" bench finetune --preset tiny --seq 32 --steps 1 --perturbations 2 --work-dir "$work/bench-ft" \
+    out=$("$seedling" bench finetune --preset tiny --seq 32 --steps 1 --seconds 0 --perturbations 2 --work-dir "$work/bench-ft" \
       --data "$repo/data/sample/instructions.jsonl" --json 2>/dev/null) || fail "bench finetune failed"
     lines=$(echo "$out" | grep '^{')
     [ "$(echo "$lines" | wc -l)" -eq 6 ] || fail "expected 6 JSON rows: $out"
