@@ -284,6 +284,7 @@ void RegisterClient(CLI::App& app, Action& action) {
           line["loss_end"] = r.loss_end;
           line["update_bytes"] = r.update_bytes;
           line["tokens_per_second"] = r.tokens_per_second;
+          line["weights"] = r.weights;  // the frozen base weights' representation it trained with
           line["scored_tokens"] = r.scored_tokens;
         }
         // kDropped (a straggler's update after its round closed) needs no wait: the next call checks in.

@@ -244,6 +244,7 @@ case "$case_name" in
     [ "$rc" -eq 0 ] || fail "the straggler exited with $rc: $(cat "$work/client1.out")"
     grep '"outcome":"dropped"' "$work/client1.out" | grep -q 'STALE' || fail "no dropped outcome: $(cat "$work/client1.out")"
     grep '"outcome":"uploaded"' "$work/client1.out" | grep -q '"round":2[,}]' || fail "dev1 did not upload in round 2: $(cat "$work/client1.out")"
+    grep '"outcome":"uploaded"' "$work/client1.out" | grep -q '"weights":"fp32"' || fail "no weights in: $(cat "$work/client1.out")"
     wait_server 60
     [ "$server_rc" -eq 0 ] || fail "serve exited with $server_rc"
     grep -q "stopped at global version 2" "$work/serve.log" || fail "serve did not commit version 2"
