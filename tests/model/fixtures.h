@@ -77,6 +77,18 @@ inline ModelConfig TinyLlama() {
   return *c;
 }
 
+// "tiny-qwen2" (q/k/v biases, untied) with 2 layers, a kModelVocab-id vocabulary and no RoPE scaling
+// (llama.cpp's qwen2 cannot express the preset's llama3 scaling).
+inline ModelConfig TinyQwen2() {
+  auto c = PresetConfig("tiny-qwen2");
+  REQUIRE(c.ok());
+  c->num_hidden_layers = 2;
+  c->vocab_size = kModelVocab;
+  c->rope_scaling = RopeScaling{};
+  REQUIRE(c->Validate().ok());
+  return *c;
+}
+
 // A SentencePiece-style tokenizer.json as Hugging Face converts Llama 2 / TinyLlama tokenizers: "▁" (U+2581)
 // is prepended and replaces spaces, byte fallback, <s> added by the post-processor. Ids: <unk> <s> </s> are
 // 0-2, the byte tokens <0x00>..<0xFF> 3-258, then `pieces` in order, then the result of each merge ("a" + "b")

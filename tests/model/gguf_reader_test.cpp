@@ -293,18 +293,14 @@ using testing::Corpus;
 using testing::kModelVocab;
 using testing::ParseTokenizer;
 using testing::TinyLlama;
+using testing::TinyQwen2;
 using testing::TokenizerJson;
 
-// "tiny-qwen2" (q/k/v biases, untied) with 2 layers, one EOS id and no RoPE scaling, which
-// llama.cpp's qwen2 cannot express.
-ModelConfig TinyQwen2() {
-  auto c = PresetConfig("tiny-qwen2");
-  REQUIRE(c.ok());
-  c->num_hidden_layers = 2;
-  c->vocab_size = kModelVocab;
-  c->rope_scaling = RopeScaling{};
-  c->eos_token_ids = {2};
-  return *c;
+// The shared tiny-qwen2 with one EOS id.
+ModelConfig TinyQwen2OneEos() {
+  ModelConfig c = TinyQwen2();
+  c.eos_token_ids = {2};
+  return c;
 }
 
 GgufOptions Format(WeightFormat format) {
@@ -968,7 +964,7 @@ TEST_CASE("A Q8_0 export reads back block for block; matrices that cannot be blo
 TEST_CASE("A Qwen2 export reads back: untied head, q/k/v biases, rows not interleaved",
           "[model][gguf]") {
   TempDir dir;
-  const ModelConfig c = TinyQwen2();
+  const ModelConfig c = TinyQwen2OneEos();
   const ModelWeights w = RandomWeights(c, 34);
   auto tok = ParseTokenizer(TokenizerJson());
   const std::unique_ptr<GgufFile> f = MustOpen(Export(dir, c, w, *tok));
@@ -1260,7 +1256,7 @@ TEST_CASE("IsGgufPath recognizes the suffix or the magic", "[model][gguf]") {
 TEST_CASE("LoadGgufModel returns config, weights and tokenizer, or the first error",
           "[model][gguf]") {
   TempDir dir;
-  const ModelConfig c = TinyQwen2();
+  const ModelConfig c = TinyQwen2OneEos();
   auto tok = ParseTokenizer(TokenizerJson());
   auto model = LoadGgufModel(Export(dir, c, RandomWeights(c, 44), *tok, WeightFormat::kF16),
                              WeightPrecision::kStored);

@@ -357,6 +357,7 @@ using testing::kModelVocab;
 using testing::kTokenizerVocab;
 using testing::ParseTokenizer;
 using testing::TinyLlama;
+using testing::TinyQwen2;
 using testing::TokenizerJson;
 
 // TinyLlama() with every optional Llama bias (attention_bias, mlp_bias) and an intermediate size
@@ -372,17 +373,6 @@ ModelConfig TinyLlamaWithBiases() {
   return c;
 }
 
-// "tiny-qwen2" (q/k/v biases, untied) with 2 layers, a 320-id vocabulary and no RoPE scaling
-// (llama.cpp's qwen2 cannot express the preset's llama3 scaling).
-ModelConfig TinyQwen2() {
-  auto c = PresetConfig("tiny-qwen2");
-  REQUIRE(c.ok());
-  c->num_hidden_layers = 2;
-  c->vocab_size = kModelVocab;
-  c->rope_scaling = RopeScaling{};
-  REQUIRE(c->Validate().ok());
-  return *c;
-}
 
 GgufFile Export(const std::string& path, const ModelConfig& c, const ModelWeights& w,
                 const Tokenizer& t, const GgufOptions& options = {}) {
