@@ -105,7 +105,9 @@ absl::Status ForEachLine(const std::string& path, int64_t max_line_bytes, const 
     line.text = line.too_long ? std::string_view() : std::string_view(current);
     SEEDLING_RETURN_IF_ERROR(fn(line));
     current.clear();
-    line = Line{.number = line.number + 1};
+    const int64_t next = line.number + 1;
+    line = Line();
+    line.number = next;
     pending = false;
     return absl::OkStatus();
   };
