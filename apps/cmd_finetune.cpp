@@ -157,7 +157,8 @@ void RegisterFinetune(CLI::App& app, Action& action) {
         // Settings forced by the user: re-estimate them (and still refuse what cannot fit).
         plan = client::EstimatePlan(request, plan.variant, plan.micro_batch,
                                     f->recompute == "auto" ? plan.recompute : f->recompute == "on",
-                                    f->ce_chunk > 0 ? f->ce_chunk : plan.ce_chunk_tokens, plan.mlp_chunk_tokens);
+                                    f->ce_chunk > 0 ? f->ce_chunk : plan.ce_chunk_tokens, plan.mlp_chunk_tokens,
+                                    plan.tangents_per_pass);
         if (budget > 0 && plan.total_bytes() > budget) {
           return absl::ResourceExhaustedError(StrCat("the forced settings do not fit the budget: ", plan.Describe()));
         }

@@ -166,7 +166,9 @@ absl::StatusOr<TrainingResult> RunLocalTraining(model::LlamaModel& model, lora::
     case Method::kFwdGrad: {
       optim::FwdGradOptions o;
       o.mode = plan.variant == "central-difference" ? optim::FwdGradOptions::Mode::kCentralDifference
-                                                    : optim::FwdGradOptions::Mode::kForwardAD;
+                                                    : optim::FwdGradOptions::Mode::kBatchedJvp;
+      o.tangents_per_pass = plan.tangents_per_pass;
+      o.mlp_chunk_tokens = plan.mlp_chunk_tokens;
       o.perturbations = config.perturbations;
       o.lr = lr;
       o.fd_epsilon = eps;

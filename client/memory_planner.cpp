@@ -103,10 +103,23 @@ int64_t CrossEntropyPeak(const model::ModelConfig& m, int64_t n, int64_t chunk, 
   const int64_t tile = std::min(TileRows(m.hidden_size), m.vocab_size);
   return tile * m.hidden_size + 3 * rows * tile + (backward ? 3 : 1) * n * m.hidden_size;
 }
-int64_t CrossEntropyPeakForwardAD(const model::ModelConfig& m, int64_t n, int64_t chunk) {
-  const int64_t rows = std::min(chunk > 0 ? chunk : n, n);
-  const int64_t tile = std::min(TileRows(m.hidden_size), m.vocab_size);
-  return tile * m.hidden_size + 6 * rows * tile + 4 * n * m.hidden_size;
+
+// One decoder layer with stacked tangents (model/kernels.h), `slices` = 1 + tangents per pass. Attention:
+// the normed input, q/k/v with their RoPE copies and the output, per slice, and the primal scores and
+// probabilities next to one direction's score tangent and its product with them. MLP (over `mlp_rows`
+// tokens at a time): gate, up and their SwiGLU per slice, σ, silu and silu'·up of the primal, and two
+// products per direction.
+int64_t TangentLayerPeak(const LayerShapes& s, int64_t slices, int64_t mlp_rows) {
+  const int64_t attention = slices * s.n * (2 * s.h + 4 * s.q + 4 * s.kv) + 5 * s.scores;
+  const int64_t rows = mlp_rows > 0 ? std::min(mlp_rows, s.n) : s.n;
+  const int64_t mlp = slices * s.n * 2 * s.h + (5 * slices + 4) * rows * s.i;
+  return std::max(attention, mlp);
+}
+
+// The batched forward gradient's loss: the stacked final hidden states, the loss's gradient and the
+// per-direction products, next to the primal cross-entropy.
+int64_t CrossEntropyPeakTangents(const model::ModelConfig& m, int64_t n, int64_t chunk, int64_t slices) {
+  return 2 * slices * n * m.hidden_size + CrossEntropyPeak(m, n, chunk, false);
 }
 
 // The decoded tile of the widest frozen matrix a layer multiplies by (none for fp32 weights, which are
@@ -121,7 +134,7 @@ std::string Mib(int64_t bytes) { return absl::StrFormat("%.1f", static_cast<doub
 }  // namespace
 
 MemoryPlan EstimatePlan(const PlanRequest& r, const std::string& variant, int64_t micro_batch, bool recompute,
-                        int64_t ce_chunk_tokens, int64_t mlp_chunk_tokens) {
+                        int64_t ce_chunk_tokens, int64_t mlp_chunk_tokens, int64_t tangents_per_pass) {
   const model::ModelConfig& m = r.model;
   MemoryPlan plan;
   plan.method = r.method;
@@ -129,7 +142,12 @@ MemoryPlan EstimatePlan(const PlanRequest& r, const std::string& variant, int64_
   plan.micro_batch = micro_batch;
   plan.recompute = recompute;
   plan.ce_chunk_tokens = ce_chunk_tokens;
-  plan.mlp_chunk_tokens = (r.method == Method::kMezo || r.method == Method::kKSeed) ? mlp_chunk_tokens : 0;
+  const bool batched_jvp = r.method == Method::kFwdGrad && variant == "batched-jvp";
+  plan.mlp_chunk_tokens =
+      (r.method == Method::kMezo || r.method == Method::kKSeed || batched_jvp) ? mlp_chunk_tokens : 0;
+  const int64_t perturbations = std::max<int64_t>(r.perturbations, 1);
+  plan.tangents_per_pass =
+      batched_jvp ? (tangents_per_pass > 0 ? std::min(tangents_per_pass, perturbations) : perturbations) : 0;
   plan.runtime_bytes = r.runtime_bytes >= 0 ? r.runtime_bytes : CurrentRssBytes();
   plan.data_bytes = r.data_bytes;
   plan.weight_bytes = r.weight_bytes >= 0 ? r.weight_bytes : kFloat * m.NumParameters();
@@ -157,10 +175,11 @@ MemoryPlan EstimatePlan(const PlanRequest& r, const std::string& variant, int64_
     case Method::kFwdGrad: {
       // Flat, tangent, the step's dense estimate, the run's accumulated estimate and one regenerated z.
       plan.trainable_bytes = kFloat * 5 * p;
-      if (variant == "forward-ad") {
-        // Every activation carries a tangent, and the tangent formulas add temporaries: measured at about
-        // three times a layer's inference transient (TensorMemoryTracker, SmolLM2-135M).
-        elements = 2 * s.n * s.h + std::max(3 * InferenceLayerPeak(s), CrossEntropyPeakForwardAD(m, s.n, ce_chunk_tokens));
+      if (batched_jvp) {
+        // The residual stream with its tangents, then the larger of a layer's and the loss's transients.
+        const int64_t slices = 1 + plan.tangents_per_pass;
+        elements = slices * s.n * s.h + std::max(TangentLayerPeak(s, slices, plan.mlp_chunk_tokens),
+                                                 CrossEntropyPeakTangents(m, s.n, ce_chunk_tokens, slices));
       } else {
         elements = s.n * s.h + std::max(InferenceLayerPeak(s), CrossEntropyPeak(m, s.n, ce_chunk_tokens, false));
       }
@@ -220,7 +239,9 @@ absl::StatusOr<MemoryPlan> PlanMemory(const PlanRequest& r) {
       variants = {""};
       break;
     case Method::kFwdGrad:
-      variants = {"forward-ad", "central-difference"};
+      // Forward-mode AD one tangent at a time (FwdGradOptions::Mode::kForwardAD) is slower than a batched
+      // pass of one tangent and needs more memory, so the planner never picks it.
+      variants = {"batched-jvp", "central-difference"};
       break;
     case Method::kMezo:
       variants = {"in-place-restore"};  // MeZO's own restore; exact restore is not needed for MeZO
@@ -239,8 +260,14 @@ absl::StatusOr<MemoryPlan> PlanMemory(const PlanRequest& r) {
   for (int64_t c = r.seq_len * r.batch / 2; c >= 16; c /= 2) chunks.push_back(c);
   // mezo / kseed can run the MLP a chunk of tokens at a time, at some speed (15-30% on Qwen2.5-0.5B).
   std::vector<int64_t> mlp_chunks = {0};
-  if (r.method == Method::kMezo || r.method == Method::kKSeed) {
+  if (r.method == Method::kMezo || r.method == Method::kKSeed || r.method == Method::kFwdGrad) {
     for (int64_t c = 128; c >= 32 && c < r.seq_len * r.batch; c /= 2) mlp_chunks.push_back(c);
+  }
+  // fwdgrad's batched pass carries all tangents, then halves (each pass re-runs the primal).
+  std::vector<int64_t> tangent_groups = {0};
+  if (r.method == Method::kFwdGrad) {
+    tangent_groups = {std::max<int64_t>(r.perturbations, 1)};
+    while (tangent_groups.back() > 1) tangent_groups.push_back(tangent_groups.back() / 2);
   }
   const std::vector<bool> recompute_options =
       r.method == Method::kLoraBp ? std::vector<bool>{false, true} : std::vector<bool>{false};
@@ -249,11 +276,13 @@ absl::StatusOr<MemoryPlan> PlanMemory(const PlanRequest& r) {
   for (const std::string& variant : variants) {
     for (bool recompute : recompute_options) {
       for (int64_t mb : micro_batches) {
-        for (int64_t mlp : mlp_chunks) {
-          for (int64_t chunk : chunks) {
-            MemoryPlan plan = EstimatePlan(request, variant, mb, recompute, chunk, mlp);
-            if (r.budget_bytes == 0 || plan.total_bytes() <= r.budget_bytes) return plan;
-            if (!smallest || plan.total_bytes() < smallest->total_bytes()) smallest = plan;
+        for (int64_t tangents : variant == "batched-jvp" ? tangent_groups : std::vector<int64_t>{0}) {
+          for (int64_t mlp : mlp_chunks) {
+            for (int64_t chunk : chunks) {
+              MemoryPlan plan = EstimatePlan(request, variant, mb, recompute, chunk, mlp, tangents);
+              if (r.budget_bytes == 0 || plan.total_bytes() <= r.budget_bytes) return plan;
+              if (!smallest || plan.total_bytes() < smallest->total_bytes()) smallest = plan;
+            }
           }
         }
       }
@@ -269,7 +298,8 @@ std::string MemoryPlan::Describe() const {
   if (!variant.empty()) settings += StrCat(" (", variant, ")");
   settings += StrCat(": micro-batch ", micro_batch, ", recompute ", recompute ? "on" : "off", ", CE chunk ",
                      ce_chunk_tokens > 0 ? StrCat(ce_chunk_tokens, " tokens") : std::string("all tokens"),
-                     mlp_chunk_tokens > 0 ? StrCat(", MLP chunk ", mlp_chunk_tokens, " tokens") : std::string(), "; ",
+                     mlp_chunk_tokens > 0 ? StrCat(", MLP chunk ", mlp_chunk_tokens, " tokens") : std::string(),
+                     tangents_per_pass > 0 ? StrCat(", ", tangents_per_pass, " tangents per pass") : std::string(), "; ",
                      Mib(total_bytes()), " MiB = runtime ", Mib(runtime_bytes),
                      data_bytes > 0 ? StrCat(" + data ", Mib(data_bytes)) : std::string(),
                      " + weights ", Mib(weight_bytes), " + trainable ", Mib(trainable_bytes), " + activations ",
@@ -280,9 +310,11 @@ std::string MemoryPlan::Describe() const {
 std::string MemoryPlan::ToJson() const {
   return absl::StrFormat(
       R"({"method":"%s","variant":"%s","micro_batch":%d,"recompute":%s,"ce_chunk_tokens":%d,"mlp_chunk_tokens":%d,)"
+      R"("tangents_per_pass":%d,)"
       R"("runtime_bytes":%d,"data_bytes":%d,"weight_bytes":%d,"trainable_bytes":%d,"activation_bytes":%d,"slack_bytes":%d,)"
       R"("total_bytes":%d})",
       optim::MethodName(method), variant, micro_batch, recompute ? "true" : "false", ce_chunk_tokens, mlp_chunk_tokens,
+      tangents_per_pass,
       runtime_bytes, data_bytes,
       weight_bytes, trainable_bytes, activation_bytes, slack_bytes, total_bytes());
 }

@@ -49,12 +49,13 @@ struct PlanRequest {
 
 struct MemoryPlan {
   optim::Method method = optim::Method::kLoraBp;
-  std::string variant;            // "forward-ad" / "central-difference" (fwdgrad), "exact-restore" /
+  std::string variant;            // "batched-jvp" / "central-difference" (fwdgrad), "exact-restore" /
                                   // "in-place-restore" (mezo, kseed), "" (lora-bp)
   int64_t micro_batch = 1;        // sequences per forward/backward (lora-bp accumulates)
   bool recompute = false;         // per-layer recomputation
   int64_t ce_chunk_tokens = 0;    // cross-entropy rows per chunk; 0 = all
-  int64_t mlp_chunk_tokens = 0;   // mezo / kseed: MLP tokens per chunk without autograd; 0 = all
+  int64_t mlp_chunk_tokens = 0;   // mezo / kseed / fwdgrad: MLP tokens per chunk without autograd; 0 = all
+  int64_t tangents_per_pass = 0;  // fwdgrad batched-jvp: tangents one forward carries; 0 otherwise
 
   int64_t runtime_bytes = 0;
   int64_t data_bytes = 0;
@@ -73,8 +74,9 @@ struct MemoryPlan {
 };
 
 // Estimates one configuration (no search, no budget check).
+// `tangents_per_pass` matters for fwdgrad's batched-jvp only (<= 0: all of request.perturbations).
 MemoryPlan EstimatePlan(const PlanRequest& request, const std::string& variant, int64_t micro_batch, bool recompute,
-                        int64_t ce_chunk_tokens, int64_t mlp_chunk_tokens = 0);
+                        int64_t ce_chunk_tokens, int64_t mlp_chunk_tokens = 0, int64_t tangents_per_pass = 0);
 
 // The fastest configuration whose estimate fits the budget. ResourceExhausted when none does: the message
 // gives the smallest budget that would fit and the plan it would use. InvalidArgument for a bad request

@@ -11,6 +11,7 @@
 #include <span>
 
 #include "absl/strings/str_split.h"
+#include "base/check.h"
 #include "base/file.h"
 #include "base/json.h"
 #include "base/philox.h"
@@ -220,26 +221,81 @@ const LoraView* LoraAdapter::Find(int64_t layer, Projection p, bool is_a) const 
   return &views_[static_cast<size_t>(is_a ? i : i + 1)];
 }
 
+at::Tensor LoraAdapter::Dropout(int64_t layer, Projection p, const at::Tensor& x, at::IntArrayRef mask_shape) const {
+  if (!training_ || config_.dropout <= 0) return x;
+  // Counter-based mask: (seed, step, layer, projection) -> the same mask when recomputed in backward.
+  at::Tensor u = at::empty(mask_shape, at::kFloat);
+  const uint64_t offset =
+      ((step_ * static_cast<uint64_t>(model_.num_hidden_layers) + static_cast<uint64_t>(layer)) * model::kNumProjections +
+       static_cast<uint64_t>(p))
+      << 32;
+  FillUniform({dropout_seed_, rng_stream::kDropout}, offset,
+              std::span<float>(u.data_ptr<float>(), static_cast<size_t>(u.numel())));
+  const double keep = 1.0 - config_.dropout;
+  return x * (u.ge(config_.dropout).to(at::kFloat) * (1.0 / keep));
+}
+
 at::Tensor LoraAdapter::Apply(int64_t layer, Projection p, const at::Tensor& x, const at::Tensor& base_out) const {
   const LoraView* va = Find(layer, p, true);
   if (va == nullptr) return base_out;
   const LoraView* vb = va + 1;
-  at::Tensor input = x;
-  if (training_ && config_.dropout > 0) {
-    // Counter-based mask: (seed, step, layer, projection) -> the same mask when recomputed in backward.
-    at::Tensor u = at::empty(x.sizes(), at::kFloat);
-    const uint64_t offset =
-        ((step_ * static_cast<uint64_t>(model_.num_hidden_layers) + static_cast<uint64_t>(layer)) * model::kNumProjections +
-         static_cast<uint64_t>(p))
-        << 32;
-    FillUniform({dropout_seed_, rng_stream::kDropout}, offset,
-                std::span<float>(u.data_ptr<float>(), static_cast<size_t>(u.numel())));
-    const double keep = 1.0 - config_.dropout;
-    input = x * (u.ge(config_.dropout).to(at::kFloat) * (1.0 / keep));
-  }
+  const at::Tensor input = Dropout(layer, p, x, x.sizes());
   const at::Tensor a = Matrix(*va);  // (r, in)
   const at::Tensor b = Matrix(*vb);  // (out, r)
   return base_out + LoraDelta(input, a, b, config_.scale());
+}
+
+void LoraAdapter::SetTangentSeeds(std::vector<uint64_t> seeds) {
+  tangent_seeds_ = std::move(seeds);
+  tangents_ = LayerTangents{};
+}
+
+const LoraAdapter::LayerTangents& LoraAdapter::TangentsOf(int64_t layer) const {
+  if (tangents_.layer == layer) return tangents_;
+  // The layer's views are consecutive in the flat buffer (layers ascending, then projections).
+  int64_t begin = -1, end = -1;
+  for (Projection p : kAllProjections) {
+    const LoraView* va = Find(layer, p, true);
+    if (va == nullptr) continue;
+    if (begin < 0) begin = va->offset;
+    end = (va + 1)->offset + (va + 1)->numel();
+  }
+  SEEDLING_CHECK(begin >= 0);
+  const int64_t k = TangentCount();
+  tangents_.layer = layer;
+  tangents_.offset = begin;
+  tangents_.values = at::empty({k, end - begin}, at::kFloat);
+  float* data = tangents_.values.data_ptr<float>();
+  for (int64_t i = 0; i < k; ++i) {
+    FillNormal({tangent_seeds_[static_cast<size_t>(i)], rng_stream::kPerturbation}, static_cast<uint64_t>(begin),
+               std::span<float>(data + i * (end - begin), static_cast<size_t>(end - begin)));
+  }
+  return tangents_;
+}
+
+at::Tensor LoraAdapter::ApplyTangents(int64_t layer, Projection p, const at::Tensor& x,
+                                      const at::Tensor& base_out) const {
+  const LoraView* va = Find(layer, p, true);
+  if (va == nullptr) return base_out;
+  const LoraView* vb = va + 1;
+  const int64_t k = TangentCount();
+  SEEDLING_CHECK(x.size(0) == 1 + k && base_out.size(0) == 1 + k);
+  const LayerTangents& t = TangentsOf(layer);
+  auto direction = [&](const LoraView& v) {  // (K, rows, cols)
+    return t.values.narrow(1, v.offset - t.offset, v.numel()).view({k, v.rows, v.cols}).to(x.scalar_type());
+  };
+  const at::Tensor input = Dropout(layer, p, x, x.select(0, 0).sizes());
+  const at::Tensor a = Matrix(*va), b = Matrix(*vb);  // (r, in), (out, r)
+  const double scale = config_.scale();
+  // y = W x + s B A x, so with directions dA, dB: dy = W dx + s (B A dx + B dA x + dB A x).
+  const int64_t in = a.size(1);
+  const int64_t rows = input.numel() / ((1 + k) * in);
+  at::Tensor mid = at::linear(input.reshape({1 + k, rows, in}), a);  // (1+K, N, r): A x and A dx
+  const at::Tensor x0 = input.select(0, 0).reshape({rows, in});
+  mid.narrow(0, 1, k).add_(at::matmul(x0, direction(*va).transpose(1, 2)));  // + dA x
+  at::Tensor delta = at::linear(mid, b);  // (1+K, N, out): B A x, and B (A dx + dA x)
+  delta.narrow(0, 1, k).add_(at::matmul(mid.select(0, 0), direction(*vb).transpose(1, 2)));  // + dB A x
+  return base_out + delta.mul_(scale).view(base_out.sizes());
 }
 
 std::vector<at::Tensor> LoraAdapter::LayerTensors(int64_t layer) const {

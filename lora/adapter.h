@@ -76,6 +76,12 @@ class LoraAdapter : public model::ProjectionAdapter {
   // flat(); pass an undefined tensor to go back. Not thread-safe with concurrent forwards.
   void SetFlatOverride(at::Tensor replacement) { override_ = std::move(replacement); }
 
+  // Forward-mode directions for LossTangents (model/llama.h): direction k is z(seeds[k]), the standard
+  // normal perturbation stream (base/philox.h, rng_stream::kPerturbation) over the flat buffer, the same
+  // z that optim's AddSeededNormal adds. Each layer's slice of the K directions is generated when a
+  // forward reaches the layer, so at most one layer's K tangents exist. An empty list clears them.
+  void SetTangentSeeds(std::vector<uint64_t> seeds);
+
   // Dropout is active only in training mode. Masks come from Philox keyed by (dropout_seed, step, layer,
   // projection), so recomputation in backward regenerates the same mask; call SetStep before each step.
   void SetTraining(bool training) { training_ = training; }
@@ -88,6 +94,9 @@ class LoraAdapter : public model::ProjectionAdapter {
   at::Tensor Apply(int64_t layer, model::Projection p, const at::Tensor& x,
                    const at::Tensor& base_out) const override;
   std::vector<at::Tensor> LayerTensors(int64_t layer) const override;
+  int64_t TangentCount() const override { return static_cast<int64_t>(tangent_seeds_.size()); }
+  at::Tensor ApplyTangents(int64_t layer, model::Projection p, const at::Tensor& x,
+                           const at::Tensor& base_out) const override;
 
   // W += scale · B A for every adapted projection (Merge) or W -= ... (Unmerge), in place. The model's
   // targeted weights must be fp32 (FailedPrecondition otherwise, e.g. with WeightPrecision::kStored).
@@ -99,6 +108,16 @@ class LoraAdapter : public model::ProjectionAdapter {
   LoraAdapter(model::ModelConfig model, LoraConfig config);
   const LoraView* Find(int64_t layer, model::Projection p, bool is_a) const;
   absl::Status AddDelta(model::ModelWeights& weights, double sign) const;
+  // The dropout-masked input of projection `p` of `layer` (x itself outside training or without dropout);
+  // `mask_shape` is the primal's shape, the mask is shared by all of x's slices when x is stacked.
+  at::Tensor Dropout(int64_t layer, model::Projection p, const at::Tensor& x, at::IntArrayRef mask_shape) const;
+  // Direction k's values for the views of `layer`: (K, span) where span covers the layer's views.
+  struct LayerTangents {
+    int64_t layer = -1;
+    int64_t offset = 0;  // flat offset of column 0
+    at::Tensor values;   // (K, span)
+  };
+  const LayerTangents& TangentsOf(int64_t layer) const;
 
   // Constant after construction.
   model::ModelConfig model_;
@@ -109,6 +128,8 @@ class LoraAdapter : public model::ProjectionAdapter {
 
   at::Tensor flat_;
   at::Tensor override_;
+  std::vector<uint64_t> tangent_seeds_;
+  mutable LayerTangents tangents_;  // cache of the last layer's directions (not thread-safe, like override_)
   bool training_ = false;
   uint64_t dropout_seed_ = 0;
   uint64_t step_ = 0;

@@ -255,6 +255,16 @@ std::pair<at::Tensor, at::Tensor> ChunkedCrossEntropyJvp(const at::Tensor& hidde
   return ChunkedCeForward(hidden, hidden_tangent, weight, targets, PickChunk(chunk_tokens, hidden.size(0)), nullptr);
 }
 
+std::pair<at::Tensor, at::Tensor> ChunkedCrossEntropyWithGrad(const at::Tensor& hidden, const at::Tensor& weight,
+                                                              const at::Tensor& targets, int64_t chunk_tokens) {
+  SEEDLING_CHECK(hidden.dim() == 2 && targets.dim() == 1 && hidden.size(0) == targets.size(0));
+  at::NoGradGuard no_grad;
+  at::Tensor grad;
+  at::Tensor loss = ChunkedCeForward(hidden, at::Tensor(), weight, targets, PickChunk(chunk_tokens, hidden.size(0)),
+                                     nullptr, &grad).first;
+  return {loss, grad};
+}
+
 at::Tensor Checkpoint(std::function<at::Tensor(const at::Tensor&)> fn, const at::Tensor& x,
                       std::vector<at::Tensor> params) {
   bool any_grad = x.requires_grad();
@@ -332,23 +342,95 @@ at::Tensor ApplyRope(const at::Tensor& x, const RopeTables& rope) {
   return at::cat({x1 * c - x2 * s, x2 * c + x1 * s}, -1);
 }
 
-at::Tensor GroupedQueryAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                 int64_t q_start, std::optional<int64_t> sliding_window) {
-  const int64_t b = q.size(0), hq = q.size(1), t = q.size(2), d = q.size(3);
-  const int64_t hkv = k.size(1), s = k.size(2);
-  SEEDLING_CHECK(hq % hkv == 0 && v.size(1) == hkv && v.size(2) == s);
-  const int64_t groups = hq / hkv;
-  // Query head h uses KV head h / groups (Hugging Face repeat_kv order), so the `groups` query heads of a
-  // KV head are consecutive and fold into rows: (B, Hkv, groups*T, D).
-  const at::Tensor qg = (q * (1.0 / std::sqrt(static_cast<double>(d)))).reshape({b, hkv, groups * t, d});
+namespace {
+
+// Softmax probabilities of causal grouped-query attention with the `groups` query heads of each KV head
+// folded into rows: qg (B, Hkv, groups*T, D), already scaled by 1/√D; k (B, Hkv, S, D). Returns
+// (B, Hkv, groups*T, S).
+at::Tensor AttentionProbs(const at::Tensor& qg, const at::Tensor& k, int64_t groups, int64_t q_start,
+                          std::optional<int64_t> sliding_window) {
+  const int64_t b = qg.size(0), hkv = qg.size(1), t = qg.size(2) / groups, s = k.size(2);
   at::Tensor scores = at::matmul(qg, k.transpose(-1, -2)).view({b, hkv, groups, t, s});  // (B,Hkv,G,T,S)
   const at::Tensor q_pos = at::arange(q_start, q_start + t, at::kLong).unsqueeze(1);      // (T, 1)
   const at::Tensor k_pos = at::arange(0, s, at::kLong).unsqueeze(0);                      // (1, S)
   at::Tensor masked = k_pos.gt(q_pos);
   if (sliding_window) masked = masked.logical_or(k_pos.le(q_pos - *sliding_window));
   scores = scores.masked_fill(masked, -std::numeric_limits<float>::infinity());
-  const at::Tensor probs = at::softmax(scores, -1).view({b, hkv, groups * t, s});
+  return at::softmax(scores, -1).view({b, hkv, groups * t, s});
+}
+
+// q (B, Hq, T, D) scaled by 1/√D and folded to (B, Hkv, groups*T, D): query head h uses KV head h / groups
+// (Hugging Face repeat_kv order), so the `groups` query heads of a KV head are consecutive rows.
+at::Tensor FoldQueries(const at::Tensor& q, int64_t hkv) {
+  const int64_t b = q.size(0), hq = q.size(1), t = q.size(2), d = q.size(3);
+  return (q * (1.0 / std::sqrt(static_cast<double>(d)))).reshape({b, hkv, (hq / hkv) * t, d});
+}
+
+}  // namespace
+
+at::Tensor GroupedQueryAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 int64_t q_start, std::optional<int64_t> sliding_window) {
+  const int64_t b = q.size(0), hq = q.size(1), t = q.size(2), d = q.size(3);
+  const int64_t hkv = k.size(1), s = k.size(2);
+  SEEDLING_CHECK(hq % hkv == 0 && v.size(1) == hkv && v.size(2) == s);
+  const at::Tensor probs = AttentionProbs(FoldQueries(q, hkv), k, hq / hkv, q_start, sliding_window);
   return at::matmul(probs, v).view({b, hq, t, d});
+}
+
+at::Tensor RmsNormTangents(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const int64_t directions = x.size(0) - 1;
+  const at::Tensor x0 = x.select(0, 0);
+  const at::Tensor inv_rms = at::rsqrt(x0.pow(2).mean({-1}, /*keepdim=*/true) + eps);
+  const at::Tensor w = AsCompute(weight);
+  at::Tensor out = at::empty_like(x);
+  out.select(0, 0).copy_(x0 * inv_rms * w);  // exactly RmsNorm(x0)
+  if (directions > 0) {
+    const at::Tensor dx = x.narrow(0, 1, directions);
+    const at::Tensor dot = (dx * x0).mean({-1}, /*keepdim=*/true);  // mean(x dx), per direction
+    out.narrow(0, 1, directions).copy_((dx - x0 * (inv_rms * inv_rms) * dot) * (inv_rms * w));
+  }
+  return out;
+}
+
+at::Tensor SwiGluTangents(const at::Tensor& gate, const at::Tensor& up) {
+  const int64_t directions = gate.size(0) - 1;
+  const at::Tensor g0 = gate.select(0, 0), u0 = up.select(0, 0);
+  const at::Tensor silu = at::silu(g0);
+  at::Tensor out = at::empty_like(gate);
+  out.select(0, 0).copy_(silu * u0);  // exactly at::silu(gate) * up
+  if (directions > 0) {
+    // In place, so the tangents add no temporaries of their own size.
+    const at::Tensor sig = at::sigmoid(g0);
+    at::Tensor dsilu_u = 1 - sig;
+    dsilu_u.mul_(g0).add_(1).mul_(sig).mul_(u0);  // silu'(g) · u = σ (1 + g (1 − σ)) u
+    at::Tensor d = out.narrow(0, 1, directions);
+    at::mul_out(d, gate.narrow(0, 1, directions), dsilu_u);
+    d.addcmul_(up.narrow(0, 1, directions), silu);
+  }
+  return out;
+}
+
+at::Tensor GroupedQueryAttentionTangents(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                         std::optional<int64_t> sliding_window) {
+  const int64_t slices = q.size(0), b = q.size(1), hq = q.size(2), t = q.size(3), d = q.size(4);
+  const int64_t hkv = k.size(2);
+  SEEDLING_CHECK(k.size(0) == slices && v.size(0) == slices && hq % hkv == 0 && k.size(3) == t);
+  const at::Tensor q0 = FoldQueries(q.select(0, 0), hkv);  // (B, Hkv, G*T, D)
+  const at::Tensor k0 = k.select(0, 0), v0 = v.select(0, 0);
+  const at::Tensor probs = AttentionProbs(q0, k0, hq / hkv, 0, sliding_window);  // (B, Hkv, G*T, S)
+  at::Tensor out = at::empty_like(q);
+  out.select(0, 0).copy_(at::matmul(probs, v0).view({b, hq, t, d}));
+  for (int64_t i = 1; i < slices; ++i) {
+    // dS = dq kᵀ + q dkᵀ (both scaled through the folded queries); masked entries have P = 0, so dP = 0.
+    at::Tensor ds = at::matmul(FoldQueries(q.select(0, i), hkv), k0.transpose(-1, -2));
+    ds.add_(at::matmul(q0, k.select(0, i).transpose(-1, -2)));
+    const at::Tensor row = (probs * ds).sum(-1, /*keepdim=*/true);
+    ds.sub_(row).mul_(probs);  // dP
+    at::Tensor dout = at::matmul(ds, v0);
+    dout.add_(at::matmul(probs, v.select(0, i)));
+    out.select(0, i).copy_(dout.view({b, hq, t, d}));
+  }
+  return out;
 }
 
 }  // namespace seedling::model

@@ -15,6 +15,8 @@
 #include <ATen/ATen.h>
 
 #include <functional>
+#include <optional>
+#include <utility>
 #include <vector>
 
 #include "model/config.h"
@@ -46,6 +48,13 @@ at::Tensor ChunkedCrossEntropy(const at::Tensor& hidden, const at::Tensor& weigh
 std::pair<at::Tensor, at::Tensor> ChunkedCrossEntropyJvp(const at::Tensor& hidden, const at::Tensor& hidden_tangent,
                                                          const at::Tensor& weight, const at::Tensor& targets,
                                                          int64_t chunk_tokens = 0);
+
+// The chunked cross-entropy sum (as above) and its gradient with respect to the hidden states, (N, H),
+// zero on ignored rows, from one pass over the LM head (Σ_v softmax(z)_v W_v − W_t accumulated tile by
+// tile). No autograd. The batched forward gradient uses it: the directional derivative of the loss along
+// any tangent dh of the hidden states is then Σ grad · dh, so K tangents need no LM-head multiplies.
+std::pair<at::Tensor, at::Tensor> ChunkedCrossEntropyWithGrad(const at::Tensor& hidden, const at::Tensor& weight,
+                                                              const at::Tensor& targets, int64_t chunk_tokens = 0);
 
 // Runs y = fn(x) such that, under autograd, only `x` is kept for backward; the backward re-runs fn with
 // autograd on and propagates to `x` and to every tensor in `params` that requires grad (fn must use no other
@@ -79,6 +88,26 @@ at::Tensor ApplyRope(const at::Tensor& x, const RopeTables& rope);
 // The query heads of each KV group are folded into the row dimension, so K and V are never repeated.
 at::Tensor GroupedQueryAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  int64_t q_start, std::optional<int64_t> sliding_window = std::nullopt);
+
+// Stacked tangents (forward mode by hand, for the batched forward gradient). A stacked tensor has a
+// leading dimension 1 + K: slice 0 is the primal value, slice k the tangent along the k-th direction. Each
+// function returns the stacked output: slice 0 equals the plain function of slice 0 (the same operations),
+// slice k its derivative along slice k of the input. Linear maps (projections, RoPE, residual additions)
+// need no rule: they act on every slice alike; a bias belongs to slice 0 only.
+
+// RmsNorm: d/dx [x r g] · dx = g r (dx − x r² mean(x dx)), r = rsqrt(mean(x²) + eps).
+at::Tensor RmsNormTangents(const at::Tensor& x, const at::Tensor& weight, double eps);
+
+// silu(gate) · up, for gate and up stacked alike: d = silu'(g) dg · u + silu(g) · du,
+// silu'(g) = σ(g) (1 + g (1 − σ(g))).
+at::Tensor SwiGluTangents(const at::Tensor& gate, const at::Tensor& up);
+
+// GroupedQueryAttention (q_start 0, full causal self-attention) on stacked q (1+K, B, Hq, T, D), k and v
+// (1+K, B, Hkv, T, D): with scores S = q kᵀ/√D and P = softmax(S), dS = (dq kᵀ + q dkᵀ)/√D,
+// dP = P ⊙ (dS − rowsum(P ⊙ dS)), dO = dP v + P dv. The primal probabilities are computed once and the
+// tangents are walked one at a time, so at most three score-sized tensors exist.
+at::Tensor GroupedQueryAttentionTangents(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                         std::optional<int64_t> sliding_window = std::nullopt);
 
 // The compute dtype of a weight: 16-bit weights (kept in their stored dtype) are upcast to fp32; fp32 and
 // fp64 (used by tests that need exact references) are returned as they are.

@@ -216,6 +216,56 @@ at::Tensor LlamaModel::DecoderLayerImpl(int64_t layer, const at::Tensor& x, cons
   return x1 + Mlp(layer, RmsNorm(x1, w.post_norm, eps), options);
 }
 
+at::Tensor LlamaModel::ProjectTangents(int64_t layer, Projection p, const at::Tensor& x, const at::Tensor& w,
+                                       const at::Tensor& b, const ForwardOptions& options) const {
+  at::Tensor y = FrozenLinear(x, w, at::Tensor());  // one multiply for the primal and every tangent
+  if (b.defined()) y.select(0, 0).add_(AsCompute(b));  // a constant: the tangents have no bias
+  return options.adapter->ApplyTangents(layer, p, x, y);
+}
+
+at::Tensor LlamaModel::MlpTangents(int64_t layer, const at::Tensor& x, const ForwardOptions& options) const {
+  const LayerWeights& w = weights_.layers[static_cast<size_t>(layer)];
+  const int64_t slices = x.size(0), hidden = x.size(-1);
+  const int64_t rows = x.numel() / (slices * hidden);
+  const at::Tensor flat = x.reshape({slices, rows, hidden});  // (1+K, N, H)
+  const int64_t chunk = options.mlp_chunk_tokens > 0 ? std::min(options.mlp_chunk_tokens, rows) : rows;
+  at::Tensor out = chunk == rows ? at::Tensor() : at::empty_like(flat);
+  for (int64_t start = 0; start < rows; start += chunk) {
+    // The MLP acts on each token alone: a chunk of tokens with all its slices is a complete sub-problem.
+    const at::Tensor in = chunk == rows ? flat : flat.narrow(1, start, std::min(chunk, rows - start));
+    const at::Tensor gate = ProjectTangents(layer, Projection::kGate, in, w.gate, w.gate_bias, options);
+    const at::Tensor up = ProjectTangents(layer, Projection::kUp, in, w.up, w.up_bias, options);
+    at::Tensor y = ProjectTangents(layer, Projection::kDown, SwiGluTangents(gate, up), w.down, w.down_bias, options);
+    if (chunk == rows) return y.view(x.sizes());
+    out.narrow(1, start, in.size(1)).copy_(y);
+  }
+  return out.view(x.sizes());
+}
+
+at::Tensor LlamaModel::DecoderLayerTangents(int64_t layer, const at::Tensor& x, const RopeTables& rope,
+                                            const ForwardOptions& options) const {
+  const LayerWeights& w = weights_.layers[static_cast<size_t>(layer)];
+  const int64_t slices = x.size(0), b = x.size(1), t = x.size(2);
+  const int64_t hq = config_.num_attention_heads, hkv = config_.num_key_value_heads, d = config_.head_dim;
+  const double eps = config_.rms_norm_eps;
+
+  // Attention block. RoPE is linear: it rotates every slice alike.
+  const at::Tensor h = RmsNormTangents(x, w.input_norm, eps);  // (1+K, B, T, H)
+  auto heads = [&](Projection p, const at::Tensor& weight, const at::Tensor& bias, int64_t n) {
+    return ProjectTangents(layer, p, h, weight, bias, options).view({slices, b, t, n, d}).transpose(2, 3);
+  };
+  const at::Tensor q = ApplyRope(heads(Projection::kQ, w.q, w.q_bias, hq), rope);  // (1+K, B, Hq, T, D)
+  const at::Tensor k = ApplyRope(heads(Projection::kK, w.k, w.k_bias, hkv), rope);  // (1+K, B, Hkv, T, D)
+  const at::Tensor v = heads(Projection::kV, w.v, w.v_bias, hkv);
+  const at::Tensor attn = GroupedQueryAttentionTangents(q, k, v, config_.sliding_window)  // (1+K, B, Hq, T, D)
+                              .transpose(2, 3)
+                              .reshape({slices, b, t, hq * d});
+  const at::Tensor x1 = x + ProjectTangents(layer, Projection::kO, attn, w.o, w.o_bias, options);
+
+  // MLP block.
+  return x1 + MlpTangents(layer, RmsNormTangents(x1, w.post_norm, eps), options);
+}
+
 std::vector<at::Tensor> LlamaModel::LayerTensors(int64_t layer, const ForwardOptions& options) const {
   const LayerWeights& w = weights_.layers[static_cast<size_t>(layer)];
   std::vector<at::Tensor> out;
@@ -291,6 +341,43 @@ absl::StatusOr<LlamaModel::LossJvp> LlamaModel::LossDirectionalDerivative(const 
     const double denom = static_cast<double>(std::max<int64_t>(out.tokens, 1));
     out.loss = loss.item<double>() / denom;
     out.derivative = derivative.item<double>() / denom;
+    return out;
+  });
+}
+
+absl::StatusOr<LlamaModel::LossJvps> LlamaModel::LossTangents(const at::Tensor& tokens, const at::Tensor& labels,
+                                                               const ForwardOptions& options) const {
+  SEEDLING_RETURN_IF_ERROR(ValidateTokens(tokens));
+  SEEDLING_RETURN_IF_ERROR(ValidateLabels(tokens, labels));
+  if (options.adapter == nullptr || options.adapter->TangentCount() < 1) {
+    return absl::InvalidArgumentError("loss tangents need an adapter with at least one tangent direction");
+  }
+  return CatchTorch("loss tangents", [&] {
+    at::NoGradGuard no_grad;
+    const int64_t directions = options.adapter->TangentCount();
+    const int64_t b = tokens.size(0), t = tokens.size(1), h = config_.hidden_size;
+    // The embedding is frozen: the tangents start at zero and grow from the adapter's first projection.
+    const at::Tensor embedded = Embed(tokens);  // (B, T, H)
+    at::Tensor x = at::zeros({1 + directions, b, t, h}, embedded.options());
+    x.select(0, 0).copy_(embedded);
+    RopeTables rope = MakeRopeTables(inv_freq_, 0, t);
+    rope = {rope.cos.to(x.scalar_type()), rope.sin.to(x.scalar_type())};
+    for (int64_t l = 0; l < config_.num_hidden_layers; ++l) x = DecoderLayerTangents(l, x, rope, options);
+    x = RmsNormTangents(x, weights_.final_norm, config_.rms_norm_eps);
+    LossJvps out;
+    out.derivatives.assign(static_cast<size_t>(directions), 0.0);
+    if (t < 2) return out;
+    // One LM-head pass gives the loss and its gradient w.r.t. the hidden states; each direction's
+    // derivative is that gradient dotted with the direction's hidden-state tangent.
+    const at::Tensor hidden = x.narrow(2, 0, t - 1).reshape({1 + directions, b * (t - 1), h});  // (1+K, N, H)
+    const at::Tensor targets = labels.narrow(1, 1, t - 1).reshape({b * (t - 1)});
+    auto [loss, grad] = ChunkedCrossEntropyWithGrad(hidden.select(0, 0), weights_.lm_head, targets,
+                                                    options.ce_chunk_tokens);
+    const at::Tensor dots = (hidden.narrow(0, 1, directions) * grad).sum({1, 2}).to(at::kDouble);  // (K)
+    out.tokens = targets.ne(kIgnoreIndex).sum().item<int64_t>();
+    const double denom = static_cast<double>(std::max<int64_t>(out.tokens, 1));
+    out.loss = loss.item<double>() / denom;
+    for (int64_t i = 0; i < directions; ++i) out.derivatives[static_cast<size_t>(i)] = dots[i].item<double>() / denom;
     return out;
   });
 }

@@ -43,6 +43,14 @@ class ProjectionAdapter {
                            const at::Tensor& base_out) const = 0;
   // Every tensor Apply uses for `layer` that may require grad (recomputation needs the list).
   virtual std::vector<at::Tensor> LayerTensors(int64_t layer) const = 0;
+
+  // Forward mode with stacked tangents (model/kernels.h): the adapter's parameters move along
+  // TangentCount() = K directions of its own (set through the adapter's API). x (1+K, ..., in) and
+  // base_out (1+K, ..., out) hold the primal in slice 0 and in slice k the tangent along direction k;
+  // returns base_out plus this adapter's contribution, differentiated along each direction.
+  virtual int64_t TangentCount() const = 0;
+  virtual at::Tensor ApplyTangents(int64_t layer, Projection p, const at::Tensor& x,
+                                   const at::Tensor& base_out) const = 0;
 };
 
 struct ForwardOptions {
@@ -121,6 +129,21 @@ class LlamaModel {
   absl::StatusOr<LossJvp> LossDirectionalDerivative(const at::Tensor& tokens, const at::Tensor& labels,
                                                     const ForwardOptions& options, uint64_t level) const;
 
+  // The mean loss and its directional derivatives along the adapter's K = TangentCount() parameter
+  // directions, from one batched forward in which every activation carries its K tangents as extra slices
+  // (model/kernels.h, "stacked tangents"): each frozen matrix multiplies the primal and all tangents in one
+  // call (one decode per tile for quantized weights), and the LM head is multiplied once, for the loss's
+  // gradient w.r.t. the final hidden states, whose dot product with each hidden-state tangent is that
+  // direction's derivative. Needs options.adapter with TangentCount() >= 1. mlp_chunk_tokens applies (the
+  // MLP of a chunk of tokens runs with all its slices at once). No autograd.
+  struct LossJvps {
+    double loss = 0;                  // mean over scored tokens
+    std::vector<double> derivatives;  // K directional derivatives of the mean
+    int64_t tokens = 0;
+  };
+  absl::StatusOr<LossJvps> LossTangents(const at::Tensor& tokens, const at::Tensor& labels,
+                                        const ForwardOptions& options) const;
+
   // Runs tokens (B, t) at positions [cache.length(), cache.length() + t), appends their keys and values to
   // the cache, and returns logits (B, t, V), or (B, 1, V) for the last position only with last_only.
   // OutOfRange if the cache would overflow; InvalidArgument for bad tokens or a batch mismatch.
@@ -147,6 +170,12 @@ class LlamaModel {
   at::Tensor DecoderLayerImpl(int64_t layer, const at::Tensor& x, const RopeTables& rope,
                               const ForwardOptions& options, KvCache* cache, int64_t q_start) const;
   std::vector<at::Tensor> LayerTensors(int64_t layer, const ForwardOptions& options) const;
+  // Stacked-tangent versions of Project, Mlp and DecoderLayer (LossTangents): tensors (1+K, B, T, ...).
+  at::Tensor ProjectTangents(int64_t layer, Projection p, const at::Tensor& x, const at::Tensor& w,
+                             const at::Tensor& b, const ForwardOptions& options) const;
+  at::Tensor MlpTangents(int64_t layer, const at::Tensor& x, const ForwardOptions& options) const;
+  at::Tensor DecoderLayerTangents(int64_t layer, const at::Tensor& x, const RopeTables& rope,
+                                  const ForwardOptions& options) const;
 
   // Constant after construction (weights may be changed in place by their owner, e.g. an adapter merge).
   ModelConfig config_;

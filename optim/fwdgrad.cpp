@@ -48,6 +48,8 @@ absl::StatusOr<std::unique_ptr<FwdGradTrainer>> FwdGradTrainer::Create(const mod
   if (!(options.lr > 0)) return absl::InvalidArgumentError(StrCat("lr must be > 0, got ", options.lr));
   if (!(options.fd_epsilon > 0)) return absl::InvalidArgumentError("fd_epsilon must be > 0");
   if (options.candidates_factor < 1) return absl::InvalidArgumentError("candidates_factor must be >= 1");
+  if (options.tangents_per_pass < 0) return absl::InvalidArgumentError("tangents_per_pass must be >= 0");
+  if (options.mlp_chunk_tokens < 0) return absl::InvalidArgumentError("mlp_chunk_tokens must be >= 0");
   return std::unique_ptr<FwdGradTrainer>(new FwdGradTrainer(model, adapter, options));
 }
 
@@ -111,7 +113,8 @@ absl::StatusOr<double> FwdGradTrainer::DirectionalDerivative(const model::Batch&
     DualLevel level;
     at::Tensor tangent = at::zeros({params_.numel()}, at::kFloat);
     AddSeededNormal(tangent, seed, 1.0f);
-    adapter_.SetFlatOverride(at::_make_dual(adapter_.flat().detach(), tangent, static_cast<int64_t>(level.level())));
+    adapter_.SetFlatOverride(at::_make_dual(adapter_.flat().detach(), tangent.to(adapter_.flat().scalar_type()),
+                                            static_cast<int64_t>(level.level())));
     absl::StatusOr<model::LlamaModel::LossJvp> out =
         model_.LossDirectionalDerivative(batch.tokens, batch.labels, fo, level.level());
     adapter_.SetFlatOverride(at::Tensor());
@@ -119,6 +122,28 @@ absl::StatusOr<double> FwdGradTrainer::DirectionalDerivative(const model::Batch&
     if (loss != nullptr) *loss = out->loss;
     return out->derivative;
   });
+}
+
+absl::StatusOr<std::vector<double>> FwdGradTrainer::DirectionalDerivatives(const model::Batch& batch,
+                                                                           const std::vector<uint64_t>& seeds,
+                                                                           double* loss) {
+  model::ForwardOptions fo;
+  fo.adapter = &adapter_;
+  fo.ce_chunk_tokens = options_.ce_chunk_tokens;
+  fo.mlp_chunk_tokens = options_.mlp_chunk_tokens;
+  const size_t per_pass = options_.tangents_per_pass > 0 ? static_cast<size_t>(options_.tangents_per_pass) : seeds.size();
+  std::vector<double> derivatives;
+  for (size_t start = 0; start < seeds.size(); start += per_pass) {
+    const size_t end = std::min(seeds.size(), start + per_pass);
+    adapter_.SetTangentSeeds(std::vector<uint64_t>(seeds.begin() + static_cast<std::ptrdiff_t>(start),
+                                                   seeds.begin() + static_cast<std::ptrdiff_t>(end)));
+    absl::StatusOr<model::LlamaModel::LossJvps> out = model_.LossTangents(batch.tokens, batch.labels, fo);
+    adapter_.SetTangentSeeds({});
+    SEEDLING_RETURN_IF_ERROR(out.status());
+    if (loss != nullptr) *loss = out->loss;
+    derivatives.insert(derivatives.end(), out->derivatives.begin(), out->derivatives.end());
+  }
+  return derivatives;
 }
 
 TrainerState FwdGradTrainer::SaveState() const {
@@ -146,16 +171,26 @@ absl::StatusOr<StepResult> FwdGradTrainer::Step(const model::Batch& batch) {
   g.numel = params_.numel();
   g.seeds = PickSeeds(step_seed);
   StepResult result;
-  double loss_sum = 0;
   bool finite = true;
-  for (uint64_t seed : g.seeds) {
-    double loss = 0;
-    SEEDLING_ASSIGN_OR_RETURN(double d, DirectionalDerivative(batch, seed, &loss));
-    finite = finite && std::isfinite(d) && std::isfinite(loss);
-    g.derivatives.push_back(static_cast<float>(d));
-    loss_sum += loss;
+  if (options_.mode == FwdGradOptions::Mode::kBatchedJvp) {
+    // One primal for all tangents: its loss is the step's loss.
+    SEEDLING_ASSIGN_OR_RETURN(std::vector<double> d, DirectionalDerivatives(batch, g.seeds, &result.loss));
+    finite = std::isfinite(result.loss);
+    for (double v : d) {
+      finite = finite && std::isfinite(v);
+      g.derivatives.push_back(static_cast<float>(v));
+    }
+  } else {
+    double loss_sum = 0;
+    for (uint64_t seed : g.seeds) {
+      double loss = 0;
+      SEEDLING_ASSIGN_OR_RETURN(double d, DirectionalDerivative(batch, seed, &loss));
+      finite = finite && std::isfinite(d) && std::isfinite(loss);
+      g.derivatives.push_back(static_cast<float>(d));
+      loss_sum += loss;
+    }
+    result.loss = loss_sum / static_cast<double>(g.seeds.size());
   }
-  result.loss = loss_sum / static_cast<double>(g.seeds.size());
   result.tokens = batch.labels.narrow(1, 1, batch.labels.size(1) - 1).ne(model::kIgnoreIndex).sum().item<int64_t>();
   if (!finite) {
     result.skipped = true;

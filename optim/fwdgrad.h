@@ -2,7 +2,11 @@
 
 // fwdgrad: the forward gradient of FwdLLM (Xu et al., ATC'24; Baydin et al. 2022). For perturbations
 // v_k = z(seed_k) (base/philox.h), the directional derivative d_k = ∇L · v_k is computed
-//   * by forward-mode AD (LibTorch dual tensors on the LoRA flat buffer): exact, one forward with tangents; or
+//   * by batched forward mode (the default): one forward in which every activation carries the K tangents
+//     as extra slices (LlamaModel::LossTangents, rules written by hand in model/kernels.h), so each frozen
+//     matrix is multiplied once for the primal and all tangents and the LM head once in all; exact;
+//   * by forward-mode AD (LibTorch dual tensors on the LoRA flat buffer): exact, one forward with tangents
+//     per perturbation; the reference the batched mode is tested against; or
 //   * by a central difference (L(θ + h v) − L(θ − h v)) / 2h (FwdLLM's code, h = 0.01): two plain forwards.
 // The estimate is g = (1/K) Σ_k d_k v_k. It can be reported densely or as the K (seed, d_k) pairs, from
 // which RebuildEstimate() reproduces g bit for bit.
@@ -21,9 +25,11 @@
 namespace seedling::optim {
 
 struct FwdGradOptions {
-  enum class Mode { kForwardAD, kCentralDifference };
-  Mode mode = Mode::kForwardAD;
+  enum class Mode { kBatchedJvp, kForwardAD, kCentralDifference };
+  Mode mode = Mode::kBatchedJvp;
   int64_t perturbations = 8;      // K per step
+  int64_t tangents_per_pass = 0;  // kBatchedJvp: tangents carried by one forward (memory grows with it); 0 = K
+  int64_t mlp_chunk_tokens = 0;   // kBatchedJvp: MLP tokens per chunk (ForwardOptions); 0 = all
   double lr = 1e-3;               // local SGD step θ -= lr · g (apply_locally)
   double fd_epsilon = 1e-2;       // h of the central difference
   int64_t candidates_factor = 10; // candidates per kept perturbation when a reference gradient is set
@@ -68,8 +74,13 @@ class FwdGradTrainer : public LocalTrainer {
   // the adapter's numel(); an undefined tensor turns discriminative sampling off.
   absl::Status SetReference(at::Tensor reference);
 
-  // Directional derivative of the batch loss along z(seed) at the current parameters (no update).
+  // Directional derivative of the batch loss along z(seed) at the current parameters (no update), by the
+  // forward-AD or central-difference mode (kBatchedJvp uses forward AD here).
   absl::StatusOr<double> DirectionalDerivative(const model::Batch& batch, uint64_t seed, double* loss);
+  // The derivatives along z(seeds[k]) for all k from batched forwards of at most tangents_per_pass tangents
+  // each (no update); `loss` receives the batch loss.
+  absl::StatusOr<std::vector<double>> DirectionalDerivatives(const model::Batch& batch,
+                                                             const std::vector<uint64_t>& seeds, double* loss);
 
  private:
   FwdGradTrainer(const model::LlamaModel& model, lora::LoraAdapter& adapter, const FwdGradOptions& options);

@@ -31,7 +31,8 @@ TEST_CASE("Without a budget the planner picks the fastest settings", "[client][p
   CHECK(plan->weight_bytes == 4 * SmolRequest(optim::Method::kLoraBp).model.NumParameters());
   auto fwd = PlanMemory(SmolRequest(optim::Method::kFwdGrad));
   REQUIRE(fwd.ok());
-  CHECK(fwd->variant == "forward-ad");
+  CHECK(fwd->variant == "batched-jvp");
+  CHECK(fwd->tangents_per_pass == 8);  // every perturbation in one pass
 }
 
 TEST_CASE("A tighter budget turns on recomputation, then smaller micro-batches", "[client][planner]") {
@@ -52,11 +53,26 @@ TEST_CASE("A tighter budget turns on recomputation, then smaller micro-batches",
   CHECK(plan->total_bytes() <= r.budget_bytes);
 }
 
-TEST_CASE("fwdgrad falls back to central differences when forward-mode AD does not fit", "[client][planner]") {
+TEST_CASE("A tighter budget makes fwdgrad carry fewer tangents per pass", "[client][planner]") {
+  PlanRequest r = SmolRequest(optim::Method::kFwdGrad);
+  // The lightest settings (MLP chunk 32, CE chunk 16) with all 8 tangents, and with 4.
+  const MemoryPlan all = EstimatePlan(r, "batched-jvp", r.batch, false, 16, 32, 8);
+  const MemoryPlan half = EstimatePlan(r, "batched-jvp", r.batch, false, 16, 32, 4);
+  REQUIRE(half.total_bytes() < all.total_bytes());
+  r.budget_bytes = half.total_bytes();
+  auto plan = PlanMemory(r);
+  REQUIRE(plan.ok());
+  CHECK(plan->variant == "batched-jvp");
+  CHECK(plan->tangents_per_pass == 4);
+  CHECK(plan->Describe().find("4 tangents per pass") != std::string::npos);
+  CHECK(plan->ToJson().find("\"tangents_per_pass\":4") != std::string::npos);
+}
+
+TEST_CASE("fwdgrad falls back to central differences when one tangent per pass does not fit", "[client][planner]") {
   PlanRequest r = SmolRequest(optim::Method::kFwdGrad);
   const MemoryPlan ad = *PlanMemory(r);
-  const MemoryPlan cd = EstimatePlan(r, "central-difference", r.batch, false, ad.ce_chunk_tokens);
-  REQUIRE(cd.total_bytes() < ad.total_bytes());
+  const MemoryPlan cd = EstimatePlan(r, "central-difference", r.batch, false, 16);
+  REQUIRE(cd.total_bytes() < EstimatePlan(r, "batched-jvp", r.batch, false, 16, 32, 1).total_bytes());
   r.budget_bytes = cd.total_bytes();
   auto plan = PlanMemory(r);
   REQUIRE(plan.ok());
@@ -178,10 +194,15 @@ TEST_CASE("Activation estimates bound the measured tensor peak of each method on
   {
     auto a = lora::LoraAdapter::Create(*c, lc);
     optim::FwdGradOptions o;
-    o.perturbations = 2;
+    o.perturbations = 4;
     auto t = optim::FwdGradTrainer::Create(**m, **a, o);
     r.method = optim::Method::kFwdGrad;
-    check("fwdgrad", measure(**t), EstimatePlan(r, "forward-ad", 2, false, 2048));
+    r.perturbations = 4;
+    check("fwdgrad", measure(**t), EstimatePlan(r, "batched-jvp", 2, false, 2048));
+    o.tangents_per_pass = 1;
+    o.mlp_chunk_tokens = 64;
+    auto one = optim::FwdGradTrainer::Create(**m, **a, o);
+    check("fwdgrad, one tangent per pass", measure(**one), EstimatePlan(r, "batched-jvp", 2, false, 2048, 64, 1));
   }
   {
     auto a = lora::LoraAdapter::Create(*c, lc);

@@ -3,9 +3,12 @@
 
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/forward_grad.h>
 
 #include <catch2/catch.hpp>
 #include <cmath>
+#include <functional>
+#include <optional>
 #include <limits>
 
 namespace seedling::model {
@@ -232,6 +235,83 @@ TEST_CASE("RmsNorm normalizes by the root mean square", "[model][kernels]") {
   const double rms = std::sqrt((9.0 + 16.0) / 2.0);
   CHECK(std::abs(y[0][0].item<double>() - 3.0 / rms) < 1e-6);
   CHECK(std::abs(y[0][1].item<double>() - 2.0 * 4.0 / rms) < 1e-6);
+}
+
+// The stacked-tangent rules against LibTorch's own forward-mode AD: for each direction i, the inputs
+// become dual tensors (slice 0, slice i) and the output's tangent is unpacked. Float64, so the two
+// computations agree to rounding (1e-10 relative), far below any error in a rule (a dropped term is O(1)).
+at::Tensor DualReference(const std::function<at::Tensor(const std::vector<at::Tensor>&)>& fn,
+                         const std::vector<at::Tensor>& stacked) {
+  const int64_t slices = stacked[0].size(0);
+  std::vector<at::Tensor> primal;
+  for (const at::Tensor& s : stacked) primal.push_back(s.select(0, 0));
+  std::vector<at::Tensor> out = {fn(primal)};
+  for (int64_t i = 1; i < slices; ++i) {
+    const uint64_t level = torch::autograd::ForwardADLevel::get_next_idx();
+    std::vector<at::Tensor> duals;
+    for (const at::Tensor& s : stacked) {
+      duals.push_back(at::_make_dual(s.select(0, 0), s.select(0, i), static_cast<int64_t>(level)));
+    }
+    out.push_back(std::get<1>(at::_unpack_dual(fn(duals), static_cast<int64_t>(level))).clone());
+    torch::autograd::ForwardADLevel::release_idx(level);
+  }
+  return at::stack(out, 0);
+}
+
+void CheckTangents(const at::Tensor& got, const at::Tensor& want) {
+  REQUIRE(got.sizes() == want.sizes());
+  const double scale = want.abs().max().item<double>();
+  INFO("max |difference| " << MaxAbsDiff(got, want) << " at scale " << scale);
+  CHECK(scale > 1e-3);
+  CHECK(MaxAbsDiff(got, want) <= 1e-10 * scale);
+}
+
+TEST_CASE("Stacked-tangent RmsNorm and SwiGLU equal LibTorch's forward-mode AD", "[model][kernels][tangents]") {
+  at::manual_seed(4);
+  const at::Tensor x = at::randn({4, 2, 5, 16}, at::kDouble);  // primal + 3 directions
+  const at::Tensor w = at::randn({16}, at::kDouble);
+  CheckTangents(RmsNormTangents(x, w, 1e-5),
+                DualReference([&](const std::vector<at::Tensor>& in) { return RmsNorm(in[0], w, 1e-5); }, {x}));
+  CHECK(MaxAbsDiff(RmsNormTangents(x, w, 1e-5).select(0, 0), RmsNorm(x.select(0, 0), w, 1e-5)) == 0.0);
+  const at::Tensor gate = at::randn({4, 7, 24}, at::kDouble), up = at::randn({4, 7, 24}, at::kDouble);
+  CheckTangents(SwiGluTangents(gate, up),
+                DualReference([](const std::vector<at::Tensor>& in) { return at::silu(in[0]) * in[1]; }, {gate, up}));
+}
+
+TEST_CASE("Stacked-tangent attention equals LibTorch's forward-mode AD, with GQA and a sliding window",
+          "[model][kernels][tangents]") {
+  at::manual_seed(5);
+  const at::Tensor q = at::randn({4, 2, 6, 9, 8}, at::kDouble);  // (1+K, B, Hq, T, D)
+  const at::Tensor k = at::randn({4, 2, 3, 9, 8}, at::kDouble);  // (1+K, B, Hkv, T, D)
+  const at::Tensor v = at::randn({4, 2, 3, 9, 8}, at::kDouble);
+  for (std::optional<int64_t> window : {std::optional<int64_t>(), std::optional<int64_t>(4)}) {
+    INFO("sliding window " << (window ? *window : 0));
+    const at::Tensor got = GroupedQueryAttentionTangents(q, k, v, window);
+    CheckTangents(got, DualReference(
+                           [&](const std::vector<at::Tensor>& in) {
+                             return GroupedQueryAttention(in[0], in[1], in[2], 0, window);
+                           },
+                           {q, k, v}));
+    CHECK(MaxAbsDiff(got.select(0, 0),
+                     GroupedQueryAttention(q.select(0, 0), k.select(0, 0), v.select(0, 0), 0, window)) == 0.0);
+  }
+}
+
+TEST_CASE("Cross-entropy with its hidden-state gradient equals autograd's", "[model][kernels]") {
+  at::manual_seed(6);
+  const at::Tensor hidden = at::randn({21, 16}, at::kDouble);
+  const at::Tensor weight = at::randn({40, 16}, at::kDouble);
+  at::Tensor targets = at::randint(0, 40, {21}, at::kLong);
+  targets.index_put_({at::arange(0, 21, 5)}, kIgnoreIndex);
+  at::Tensor h = hidden.clone().requires_grad_(true);
+  const at::Tensor ref = FullCrossEntropySum(h, weight, targets);
+  ref.backward();
+  for (int64_t chunk : {0, 4}) {
+    auto [loss, grad] = ChunkedCrossEntropyWithGrad(hidden, weight, targets, chunk);
+    CHECK(std::abs(loss.item<double>() - ref.item<double>()) < 1e-10 * std::abs(ref.item<double>()));
+    CHECK(MaxAbsDiff(grad, h.grad()) < 1e-12);
+    CHECK(grad.index({at::arange(0, 21, 5)}).abs().max().item<double>() == 0.0);  // ignored rows
+  }
 }
 
 }  // namespace
