@@ -25,20 +25,19 @@ double LocalTrainingFlops(const model::ModelConfig& config, std::string_view met
   // Per layer: q, k, v, o projections and the gated MLP (gate, up, down).
   const double matmul_params = hidden * q_dim + 2.0 * hidden * kv_dim + q_dim * hidden +
                                3.0 * hidden * static_cast<double>(config.intermediate_size);
-  const double per_token = 2.0 * layers * matmul_params  // projections and MLP
-                           + 4.0 * seq * q_dim * layers  // QKᵀ and AV
-                           + 2.0 * hidden * static_cast<double>(config.vocab_size);  // LM head
-  const double forward = static_cast<double>(batch) * seq * per_token;
+  const double projections = 2.0 * layers * matmul_params;                        // P
+  const double attention = 4.0 * seq * q_dim * layers;                             // A
+  const double head = 2.0 * hidden * static_cast<double>(config.vocab_size);      // H
   const double p = static_cast<double>(std::max<int64_t>(1, perturbations));
-  double passes = 0;
+  double per_token = 0;
   if (method == "lora-bp") {
-    passes = 3.0;
+    per_token = 2.0 * projections + 3.0 * attention + 2.0 * head;
   } else if (method == "fwdgrad") {
-    passes = 1.0 + p;
+    per_token = (1.0 + p) * projections + (1.0 + 2.0 * p) * attention + 2.0 * head;
   } else {  // mezo, kseed
-    passes = 2.0 * p;
+    per_token = 2.0 * p * (projections + attention + head);
   }
-  return static_cast<double>(steps) * passes * forward;
+  return static_cast<double>(steps) * static_cast<double>(batch) * seq * per_token;
 }
 
 double TrainingMfu(const model::ModelConfig& config, std::string_view method, int64_t steps, int64_t batch,

@@ -14,26 +14,27 @@ namespace seedling::client {
 // Training methods LocalTrainingFlops knows: "lora-bp", "fwdgrad", "mezo", "kseed".
 bool IsKnownTrainingMethod(std::string_view method);
 
-// FLOPs of one device's local run of `steps` steps on `batch` sequences of `seq_len` tokens.
-// Assumptions (tokens = batch × seq_len; norms, RoPE, softmax and the optimizer are ignored):
+// FLOPs of one device's local run of `steps` steps on `batch` sequences of `seq_len` tokens, counted
+// per token in three parts (tokens = batch × seq_len; norms, RoPE, softmax and the optimizer ignored):
 //
-//   forward F = tokens × (2 × the non-embedding matmul parameters: q, k, v, o, gate, up and down
-//               over all layers
-//               + 4 × seq_len × q_dim × layers: QKᵀ and AV over the full square, the causal mask's
-//               halving ignored
-//               + 2 × hidden × vocab: the LM head)
-//   "lora-bp"  3F per step: the forward, the backward for activation gradients through the frozen
-//              weights (about F), and the LoRA gradients plus the elementwise backward (counted as
-//              another F; the frozen weights get no weight gradient, so this is an upper bound, the
-//              usual 6-FLOPs-per-parameter-per-token training estimate).
-//   "fwdgrad"  (1 + perturbations) F per step: one primal pass plus one tangent pass per
-//              perturbation (forward-mode AD costs about 1.5-2 forwards; we count the tangent as a
-//              full forward, so 2F for one perturbation).
-//   "mezo", "kseed"  2 × perturbations forwards per step (+z and -z; MeZO's 2F for one).
+//   P = 2 × the non-embedding matmul parameters (q, k, v, o, gate, up, down over all layers)
+//   A = 4 × seq_len × q_dim × layers: QKᵀ and AV over the full square (the causal halving ignored)
+//   H = 2 × hidden × vocab: the LM head
+//   forward F = P + A + H
 //
-// perturbations < 1 counts as 1. With one perturbation: mezo = kseed = fwdgrad = 2F < lora-bp = 3F.
-// Linear in steps and in batch. An unknown method is a programming error (aborts): check
-// IsKnownTrainingMethod first.
+//   "lora-bp"  2P + 3A + 2H per step: the forward, and the backward's activation gradients through the
+//              frozen weights (one more multiply per projection, two per attention product); the
+//              cross-entropy's hidden-state gradient is accumulated in its forward pass (one more
+//              LM-head multiply). The frozen weights get no weight gradient and the rank-r LoRA
+//              gradients are negligible, so about 2F, not the 6-per-parameter (3F) of full training.
+//   "fwdgrad"  (1 + K) P + (1 + 2K) A + 2H per step with K = perturbations: one batched pass carries
+//              the primal and K tangents through every projection, a tangent's attention takes four
+//              products to the primal's two, and the LM head runs once for the loss and once for its
+//              gradient, whose dot product with each tangent gives the derivatives.
+//   "mezo", "kseed"  2 × perturbations forwards per step (+z and −z; MeZO's 2F for one).
+//
+// perturbations < 1 counts as 1. Linear in steps and in batch. An unknown method is a programming error
+// (aborts): check IsKnownTrainingMethod first.
 double LocalTrainingFlops(const model::ModelConfig& config, std::string_view method, int64_t steps,
                           int64_t batch, int64_t seq_len, int64_t perturbations);
 

@@ -5,32 +5,43 @@
 namespace seedling::client {
 namespace {
 
-// Forward FLOPs written out for clarity, to check LocalTrainingFlops against.
-double NaiveForwardFlops(const model::ModelConfig& c, double tokens, double seq) {
+// Forward FLOPs written out for clarity, to check LocalTrainingFlops against, in its three parts.
+struct NaiveFlops {
+  double projections = 0, attention = 0, head = 0;
+  double forward() const { return projections + attention + head; }
+};
+NaiveFlops NaiveForwardFlops(const model::ModelConfig& c, double tokens, double seq) {
   const double h = static_cast<double>(c.hidden_size);
   const double q = static_cast<double>(c.num_attention_heads * c.head_dim);
   const double kv = static_cast<double>(c.num_key_value_heads * c.head_dim);
   const double mlp = 3.0 * h * static_cast<double>(c.intermediate_size);
-  double per_token = 0;
+  NaiveFlops f;
   for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) {
-    per_token += 2.0 * (h * q + h * kv + h * kv + q * h + mlp);  // projections and MLP
-    per_token += 2.0 * seq * q + 2.0 * seq * q;                  // QKᵀ, AV
+    f.projections += tokens * 2.0 * (h * q + h * kv + h * kv + q * h + mlp);  // projections and MLP
+    f.attention += tokens * (2.0 * seq * q + 2.0 * seq * q);                  // QKᵀ, AV
   }
-  per_token += 2.0 * h * static_cast<double>(c.vocab_size);  // LM head
-  return tokens * per_token;
+  f.head = tokens * 2.0 * h * static_cast<double>(c.vocab_size);  // LM head
+  return f;
 }
 
-TEST_CASE("LocalTrainingFlops is linear in steps and ordered mezo = kseed = fwdgrad < lora-bp",
-          "[client][compute]") {
+TEST_CASE("LocalTrainingFlops counts each method's multiplies and is linear in steps", "[client][compute]") {
   auto config = model::PresetConfig("smollm2-135m");
   REQUIRE(config.ok());
-  const double forward = NaiveForwardFlops(*config, 4.0 * 128, 128);
+  const NaiveFlops f = NaiveForwardFlops(*config, 4.0 * 128, 128);
+  const double forward = f.forward();
   CHECK(LocalTrainingFlops(*config, "mezo", 1, 4, 128, 1) == Approx(2 * forward));
   CHECK(LocalTrainingFlops(*config, "kseed", 1, 4, 128, 1) == Approx(2 * forward));
-  CHECK(LocalTrainingFlops(*config, "fwdgrad", 1, 4, 128, 1) == Approx(2 * forward));
-  CHECK(LocalTrainingFlops(*config, "lora-bp", 1, 4, 128, 1) == Approx(3 * forward));
-  CHECK(LocalTrainingFlops(*config, "fwdgrad", 1, 4, 128, 4) == Approx(5 * forward));
   CHECK(LocalTrainingFlops(*config, "mezo", 1, 4, 128, 4) == Approx(8 * forward));
+  // lora-bp: forward + activation gradients (projections once more, attention twice more, the LM head
+  // once more for the hidden-state gradient).
+  CHECK(LocalTrainingFlops(*config, "lora-bp", 1, 4, 128, 1) ==
+        Approx(2 * f.projections + 3 * f.attention + 2 * f.head));
+  // fwdgrad: the primal and K tangents through the projections, four attention products per tangent,
+  // and the LM head twice whatever K.
+  CHECK(LocalTrainingFlops(*config, "fwdgrad", 1, 4, 128, 1) == Approx(2 * f.projections + 3 * f.attention + 2 * f.head));
+  CHECK(LocalTrainingFlops(*config, "fwdgrad", 1, 4, 128, 4) == Approx(5 * f.projections + 9 * f.attention + 2 * f.head));
+  // One mezo step (two forwards) costs less than one lora-bp step (its backward's attention is dearer).
+  CHECK(LocalTrainingFlops(*config, "mezo", 1, 4, 128, 1) < LocalTrainingFlops(*config, "lora-bp", 1, 4, 128, 1));
   for (const char* method : {"lora-bp", "fwdgrad", "mezo", "kseed"}) {
     INFO(method);
     CHECK(LocalTrainingFlops(*config, method, 10, 4, 128, 2) ==
