@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 #include <span>
 
+#include "absl/strings/str_join.h"
 #include "apps/commands.h"
 #include "apps/weight_flags.h"
 #include "base/check.h"
@@ -60,6 +61,7 @@ void RegisterFinetune(CLI::App& app, Action& action) {
     std::string model_dir, data, method = "lora-bp", budget, out, targets = "q_proj,v_proj";
     WeightFlags weights;
     std::string recompute = "auto";
+    std::string variant;
     int64_t ce_chunk = 0;
     client::TrainingConfig training;
     lora::LoraConfig lora;
@@ -99,12 +101,16 @@ void RegisterFinetune(CLI::App& app, Action& action) {
   cmd->add_option("--lora-targets", f->targets, "Projections: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj or all")
       ->capture_default_str();
   cmd->add_flag("--full", f->full, "mezo/kseed: train every weight instead of a LoRA adapter");
-  cmd->add_option("--perturbations", f->training.perturbations, "fwdgrad: perturbations per step")->capture_default_str();
+  cmd->add_option("--perturbations", f->training.perturbations,
+                  "Perturbations per step: fwdgrad's K tangents (default 8), mezo/kseed's q probes, batched (default 1)");
   cmd->add_option("--pool-size", f->training.kseed_pool_size, "kseed: candidate seeds")->capture_default_str();
   cmd->add_option("--pool-seed", f->training.kseed_pool_seed, "kseed: the pool's seed")->capture_default_str();
   AddWeightFlags(cmd, f->weights);
   cmd->add_option("--recompute", f->recompute, "lora-bp: per-layer recomputation auto (the planner decides), on or off")
       ->capture_default_str();
+  cmd->add_option("--variant", f->variant,
+                  "How the method runs (default: the planner decides): fwdgrad batched-jvp or central-difference; "
+                  "mezo batched or in-place-restore; kseed batched, exact-restore or in-place-restore");
   cmd->add_option("--ce-chunk", f->ce_chunk, "Cross-entropy chunk in tokens (0 = the planner decides)")
       ->capture_default_str()->check(CLI::NonNegativeNumber);
   cmd->callback([f, &action] {
@@ -148,14 +154,19 @@ void RegisterFinetune(CLI::App& app, Action& action) {
       request.runtime_bytes = client::MeasureRuntimeBytes();
       SEEDLING_ASSIGN_OR_RETURN(request.weight_bytes, model::ResidentWeightBytes(f->model_dir, config, load.precision));
       request.weights_decoded_per_tile = load.precision != model::WeightPrecision::kFloat32;
-      request.perturbations = f->training.perturbations;
+      request.perturbations = client::PerturbationsPerStep(f->training);
       if (f->recompute != "auto" && f->recompute != "on" && f->recompute != "off") {
         return absl::InvalidArgumentError(StrCat("--recompute must be auto, on or off, got '", f->recompute, "'"));
       }
+      const std::vector<std::string> variants = client::PlanVariants(f->training.method, f->full);
+      if (!f->variant.empty() && std::find(variants.begin(), variants.end(), f->variant) == variants.end()) {
+        return absl::InvalidArgumentError(StrCat("--variant ", f->variant, " is not one of ", f->method,
+                                                 f->full ? " --full" : "", "'s: ", absl::StrJoin(variants, ", ")));
+      }
       SEEDLING_ASSIGN_OR_RETURN(client::MemoryPlan plan, client::PlanMemory(request));
-      if (f->recompute != "auto" || f->ce_chunk > 0) {
+      if (f->recompute != "auto" || f->ce_chunk > 0 || !f->variant.empty()) {
         // Settings forced by the user: re-estimate them (and still refuse what cannot fit).
-        plan = client::EstimatePlan(request, plan.variant, plan.micro_batch,
+        plan = client::EstimatePlan(request, f->variant.empty() ? plan.variant : f->variant, plan.micro_batch,
                                     f->recompute == "auto" ? plan.recompute : f->recompute == "on",
                                     f->ce_chunk > 0 ? f->ce_chunk : plan.ce_chunk_tokens, plan.mlp_chunk_tokens,
                                     plan.tangents_per_pass);
@@ -185,7 +196,7 @@ void RegisterFinetune(CLI::App& app, Action& action) {
       const int64_t peak_rss = PeakRssBytes();
       const RssParts peak_parts = rss.Peak();
       const double sgemm_gflops = model::MeasureSgemmGflops(1024, 0.25);
-      const int64_t passes_k = f->training.method == optim::Method::kFwdGrad ? f->training.perturbations : 1;
+      const int64_t passes_k = client::PerturbationsPerStep(f->training);
       const double mfu = client::TrainingMfu(config, optim::MethodName(f->training.method), r.steps, f->batch,
                                              f->seq_len, passes_k, r.processed_tokens, r.seconds, sgemm_gflops);
 
@@ -212,6 +223,9 @@ void RegisterFinetune(CLI::App& app, Action& action) {
                             {"scored_tokens", r.scored_tokens},
                             {"tokens_per_second", r.seconds > 0 ? static_cast<double>(r.processed_tokens) / r.seconds : 0.0},
                             {"mfu", mfu},
+                            {"eval_tokens", r.eval_processed_tokens},
+                            {"eval_tokens_per_second",
+                             r.eval_seconds > 0 ? static_cast<double>(r.eval_processed_tokens) / r.eval_seconds : 0.0},
                             {"sgemm_gflops", sgemm_gflops},
                             {"seconds", r.seconds},
                             {"peak_rss_bytes", peak_rss},

@@ -19,13 +19,22 @@ namespace {
 
 using optim::Method;
 
-// Held-out loss (the first training examples when nothing is held out) with the adapter, no gradients.
-absl::StatusOr<double> HeldoutLoss(const model::LlamaModel& model, lora::LoraAdapter* adapter,
-                                   const LocalDataset& data, const MemoryPlan& plan) {
+// Held-out loss (the first training examples when nothing is held out) with the adapter, no gradients,
+// with the tokens it processed and its time.
+struct Heldout {
+  double loss = 0;
+  int64_t processed_tokens = 0;
+  double seconds = 0;
+};
+
+absl::StatusOr<Heldout> HeldoutLoss(const model::LlamaModel& model, lora::LoraAdapter* adapter,
+                                    const LocalDataset& data, const MemoryPlan& plan) {
   std::vector<model::Example> examples;
   std::span<const LocalExample> source = data.heldout().empty() ? data.train() : data.heldout();
+  Heldout out;
   for (size_t i = 0; i < source.size() && (!data.heldout().empty() || i < 32); ++i) {
     examples.push_back(source[i].example);
+    out.processed_tokens += static_cast<int64_t>(source[i].example.tokens.size());
   }
   model::EvalOptions eo;
   eo.batch_size = std::max<int64_t>(1, plan.micro_batch);
@@ -33,7 +42,9 @@ absl::StatusOr<double> HeldoutLoss(const model::LlamaModel& model, lora::LoraAda
   eo.forward.ce_chunk_tokens = plan.ce_chunk_tokens;
   eo.forward.mlp_chunk_tokens = plan.mlp_chunk_tokens;
   SEEDLING_ASSIGN_OR_RETURN(model::EvalResult r, model::Evaluate(model, examples, eo));
-  return r.loss;
+  out.loss = r.loss;
+  out.seconds = r.seconds;
+  return out;
 }
 
 }  // namespace
@@ -50,6 +61,11 @@ double DefaultLearningRate(Method method, bool full_parameters) {
       return full_parameters ? 3e-7 : 1e-4;
   }
   return 1e-4;
+}
+
+int64_t PerturbationsPerStep(const TrainingConfig& config) {
+  if (config.perturbations > 0) return config.perturbations;
+  return config.method == Method::kFwdGrad ? 8 : 1;
 }
 
 double DefaultEpsilon(Method method, bool full_parameters) {
@@ -133,6 +149,9 @@ absl::StatusOr<TrainingResult> RunLocalTraining(model::LlamaModel& model, lora::
     return absl::InvalidArgumentError(StrCat(optim::MethodName(config.method), " trains a LoRA adapter, not full parameters"));
   }
   if (plan.method != config.method) return absl::InvalidArgumentError("the memory plan is for another method");
+  if (config.perturbations < 0 || config.perturbations > 4096) {
+    return absl::InvalidArgumentError(StrCat("perturbations must be in [0, 4096], got ", config.perturbations));
+  }
   if (config.full_parameters && (control.resume != nullptr || control.checkpoint_every > 0)) {
     return absl::InvalidArgumentError("checkpoints and resume are for adapter runs");
   }
@@ -169,7 +188,7 @@ absl::StatusOr<TrainingResult> RunLocalTraining(model::LlamaModel& model, lora::
                                                     : optim::FwdGradOptions::Mode::kBatchedJvp;
       o.tangents_per_pass = plan.tangents_per_pass;
       o.mlp_chunk_tokens = plan.mlp_chunk_tokens;
-      o.perturbations = config.perturbations;
+      o.perturbations = PerturbationsPerStep(config);
       o.lr = lr;
       o.fd_epsilon = eps;
       o.ce_chunk_tokens = plan.ce_chunk_tokens;
@@ -185,6 +204,8 @@ absl::StatusOr<TrainingResult> RunLocalTraining(model::LlamaModel& model, lora::
       o.lr = lr;
       o.epsilon = eps;
       o.exact_restore = plan.variant == "exact-restore";
+      o.perturbations = PerturbationsPerStep(config);
+      o.batched = plan.variant == "batched";
       o.ce_chunk_tokens = plan.ce_chunk_tokens;
       o.mlp_chunk_tokens = plan.mlp_chunk_tokens;
       o.seed = config.seed;
@@ -198,6 +219,8 @@ absl::StatusOr<TrainingResult> RunLocalTraining(model::LlamaModel& model, lora::
       o.lr = lr;
       o.epsilon = eps;
       o.exact_restore = plan.variant == "exact-restore";
+      o.perturbations = PerturbationsPerStep(config);
+      o.batched = plan.variant == "batched";
       o.ce_chunk_tokens = plan.ce_chunk_tokens;
       o.mlp_chunk_tokens = plan.mlp_chunk_tokens;
       o.seed = config.seed;
@@ -226,7 +249,8 @@ absl::StatusOr<TrainingResult> RunLocalTraining(model::LlamaModel& model, lora::
     result.processed_tokens = cp.processed_tokens;
     seconds_before = cp.seconds;
   } else {
-    SEEDLING_ASSIGN_OR_RETURN(result.loss_start, HeldoutLoss(model, forward_adapter, data, plan));
+    SEEDLING_ASSIGN_OR_RETURN(const Heldout start, HeldoutLoss(model, forward_adapter, data, plan));
+    result.loss_start = start.loss;
   }
   auto checkpoint = [&](double seconds) -> absl::Status {
     if (!control.on_checkpoint) return absl::OkStatus();
@@ -283,7 +307,10 @@ absl::StatusOr<TrainingResult> RunLocalTraining(model::LlamaModel& model, lora::
     result.fwdgrad_sum.assign(sum.data_ptr<float>(), sum.data_ptr<float>() + sum.numel());
     result.fwdgrad_pairs = fwdgrad->all_pairs();
   }
-  SEEDLING_ASSIGN_OR_RETURN(result.loss_end, HeldoutLoss(model, forward_adapter, data, plan));
+  SEEDLING_ASSIGN_OR_RETURN(const Heldout end, HeldoutLoss(model, forward_adapter, data, plan));
+  result.loss_end = end.loss;
+  result.eval_processed_tokens = end.processed_tokens;
+  result.eval_seconds = end.seconds;
   return result;
 }
 

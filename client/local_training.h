@@ -27,7 +27,9 @@ struct TrainingConfig {
   double epsilon = 0;             // SPSA / central-difference scale; 0 = the method's default
   uint64_t seed = 0;              // perturbation, sampling and dropout seeds derive from it
   bool full_parameters = false;   // mezo / kseed: train every weight instead of the adapter
-  int64_t perturbations = 8;      // fwdgrad: K per step
+  // Perturbations per step: fwdgrad's K, mezo / kseed's q (n-SPSA); 0 = the method's default
+  // (PerturbationsPerStep: 8 for fwdgrad, 1 for mezo and kseed).
+  int64_t perturbations = 0;
   double max_grad_norm = 1.0;     // lora-bp: gradient clipping (0 = off)
   int64_t kseed_pool_size = 4096; // kseed: K candidate seeds (the server's)
   uint64_t kseed_pool_seed = 0;   // kseed: the server's pool seed
@@ -38,6 +40,9 @@ struct TrainingConfig {
   int64_t untimed_steps = 0;
   double min_seconds = 0;
 };
+
+// config.perturbations, or the method's default when it is 0.
+int64_t PerturbationsPerStep(const TrainingConfig& config);
 
 // Published starting points (DESIGN.md §3): lora-bp 2e-4 (AdamW); fwdgrad 1e-2 (FwdLLM's SGD); mezo 1e-4 on
 // LoRA, 1e-6 on full parameters; kseed 1e-4 on LoRA, 3e-7 on full parameters (FedKSeed).
@@ -75,6 +80,9 @@ struct TrainingResult {
   int64_t processed_tokens = 0;
   int64_t scored_tokens = 0;
   double seconds = 0;             // training steps only
+  // The final held-out evaluation (loss_end), warm after the first: the forward alone, for comparison.
+  int64_t eval_processed_tokens = 0;
+  double eval_seconds = 0;
   int64_t step_tensor_peak_bytes = 0;  // tensor high-water mark during the steps (TensorMemoryTracker)
   std::vector<optim::SeedScalar> kseed_pairs;  // kseed: the upload (seed index, scalar) per applied step
   optim::ForwardGradient fwdgrad_last;         // fwdgrad: the last step's (seed, derivative) pairs

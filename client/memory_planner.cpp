@@ -64,11 +64,13 @@ LayerShapes Shapes(const model::ModelConfig& m, int64_t rows, int64_t t) {
 }
 
 // Largest set of tensors alive at once inside one layer's forward without autograd. Attention: the
-// residual input, the normed input, q/k/v, their RoPE copies and the folded q, plus two score-sized tensors
-// (masked scores and probabilities). MLP: gate, up, silu(gate) and their product next to the residual.
+// residual input, the normed input and an adapter's sum, q/k/v, their RoPE copies and halves, the folded
+// q, plus three score-sized tensors (scores, masked scores, probabilities: measured with 4 batched copies
+// on the tiny model, where attention is the peak). MLP: gate, up, silu(gate) and their product next to the
+// residual.
 // `mlp_rows` > 0: the MLP runs that many tokens at a time (ForwardOptions::mlp_chunk_tokens).
 int64_t InferenceLayerPeak(const LayerShapes& s, int64_t mlp_rows = 0) {
-  const int64_t attention = s.n * (2 * s.h + 3 * s.q + 4 * s.kv) + 2 * s.scores;
+  const int64_t attention = s.n * (3 * s.h + 4 * s.q + 4 * s.kv) + 3 * s.scores;
   const int64_t rows = mlp_rows > 0 ? std::min(mlp_rows, s.n) : s.n;
   const int64_t mlp = s.n * (2 * s.h) + 4 * rows * s.i;
   return std::max(attention, mlp);
@@ -188,6 +190,16 @@ MemoryPlan EstimatePlan(const PlanRequest& r, const std::string& variant, int64_
     case Method::kMezo:
     case Method::kKSeed: {
       const int64_t params = r.full_parameters ? m.NumParameters() : p;
+      if (variant == "batched") {
+        // 2q copies of the batch in one forward (optim::BatchedSpsa): the copies' residual stream and a
+        // layer's transients for all of them, or the copies' final hidden states next to one copy's loss.
+        const int64_t copies = 2 * std::max<int64_t>(r.perturbations, 1);
+        const LayerShapes all = Shapes(m, micro_batch * copies, r.seq_len);
+        plan.trainable_bytes = kFloat * p;
+        elements = all.n * all.h + std::max(InferenceLayerPeak(all, plan.mlp_chunk_tokens),
+                                            all.n * all.h + CrossEntropyPeak(m, s.n, ce_chunk_tokens, false));
+        break;
+      }
       // The parameters (already counted with the weights when they are the weights) and, for an exact
       // restore, one copy of them.
       plan.trainable_bytes = kFloat * ((r.full_parameters ? 0 : p) + (variant == "exact-restore" ? params : 0));
@@ -203,6 +215,26 @@ MemoryPlan EstimatePlan(const PlanRequest& r, const std::string& variant, int64_
   if (r.weights_decoded_per_tile) elements += LinearTile(m);
   plan.activation_bytes = kFloat * elements;
   return plan;
+}
+
+std::vector<std::string> PlanVariants(Method method, bool full_parameters) {
+  switch (method) {
+    case Method::kLoraBp:
+      return {""};
+    case Method::kFwdGrad:
+      // Forward-mode AD one tangent at a time (FwdGradOptions::Mode::kForwardAD) is slower than a batched
+      // pass of one tangent and needs more memory, so the planner never picks it.
+      return {"batched-jvp", "central-difference"};
+    case Method::kMezo:
+      // Batched probes (an adapter's perturbed copies, never writing θ), then MeZO's own in-place restore;
+      // exact restore is not needed for MeZO.
+      if (full_parameters) return {"in-place-restore"};
+      return {"batched", "in-place-restore"};
+    case Method::kKSeed:
+      if (full_parameters) return {"exact-restore", "in-place-restore"};
+      return {"batched", "exact-restore", "in-place-restore"};
+  }
+  return {""};
 }
 
 absl::StatusOr<MemoryPlan> PlanMemory(const PlanRequest& r) {
@@ -232,24 +264,7 @@ absl::StatusOr<MemoryPlan> PlanMemory(const PlanRequest& r) {
   PlanRequest request = r;
   if (request.runtime_bytes < 0) request.runtime_bytes = CurrentRssBytes();
 
-  // Candidates, fastest first.
-  std::vector<std::string> variants;
-  switch (r.method) {
-    case Method::kLoraBp:
-      variants = {""};
-      break;
-    case Method::kFwdGrad:
-      // Forward-mode AD one tangent at a time (FwdGradOptions::Mode::kForwardAD) is slower than a batched
-      // pass of one tangent and needs more memory, so the planner never picks it.
-      variants = {"batched-jvp", "central-difference"};
-      break;
-    case Method::kMezo:
-      variants = {"in-place-restore"};  // MeZO's own restore; exact restore is not needed for MeZO
-      break;
-    case Method::kKSeed:
-      variants = {"exact-restore", "in-place-restore"};
-      break;
-  }
+  const std::vector<std::string> variants = PlanVariants(r.method, r.full_parameters);
   // lora-bp can accumulate over smaller micro-batches (halving); the other methods run the whole batch.
   std::vector<int64_t> micro_batches = {r.batch};
   while (r.method == Method::kLoraBp && micro_batches.back() > 1) {

@@ -17,6 +17,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "lora/adapter.h"
@@ -44,12 +45,12 @@ struct PlanRequest {
   int64_t weight_bytes = -1;      // resident weight bytes (model::ResidentWeightBytes); -1 = 4 per parameter
   bool weights_decoded_per_tile = false;  // matrices in 16-bit or block formats: each multiply decodes
                                           // one tile at a time (model/frozen_linear.h)
-  int64_t perturbations = 8;      // fwdgrad: perturbations per step (the dense estimate's buffers)
+  int64_t perturbations = 8;      // per step: fwdgrad's K (tangents), mezo / kseed's q (2q batched copies)
 };
 
 struct MemoryPlan {
   optim::Method method = optim::Method::kLoraBp;
-  std::string variant;            // "batched-jvp" / "central-difference" (fwdgrad), "exact-restore" /
+  std::string variant;            // "batched-jvp" / "central-difference" (fwdgrad), "batched" / "exact-restore" /
                                   // "in-place-restore" (mezo, kseed), "" (lora-bp)
   int64_t micro_batch = 1;        // sequences per forward/backward (lora-bp accumulates)
   bool recompute = false;         // per-layer recomputation
@@ -72,6 +73,11 @@ struct MemoryPlan {
   // One JSON object with every field above.
   std::string ToJson() const;
 };
+
+// The variants PlanMemory considers for a method, fastest first: "" (lora-bp); "batched-jvp",
+// "central-difference" (fwdgrad); "batched" (adapter runs only), "exact-restore" (kseed),
+// "in-place-restore" (mezo, kseed).
+std::vector<std::string> PlanVariants(optim::Method method, bool full_parameters);
 
 // Estimates one configuration (no search, no budget check).
 // `tangents_per_pass` matters for fwdgrad's batched-jvp only (<= 0: all of request.perturbations).

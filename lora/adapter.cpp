@@ -236,6 +236,7 @@ at::Tensor LoraAdapter::Dropout(int64_t layer, Projection p, const at::Tensor& x
 }
 
 at::Tensor LoraAdapter::Apply(int64_t layer, Projection p, const at::Tensor& x, const at::Tensor& base_out) const {
+  if (slice_mode_ == SliceMode::kPerturbations) return ApplyPerturbed(layer, p, x, base_out);
   const LoraView* va = Find(layer, p, true);
   if (va == nullptr) return base_out;
   const LoraView* vb = va + 1;
@@ -246,12 +247,22 @@ at::Tensor LoraAdapter::Apply(int64_t layer, Projection p, const at::Tensor& x, 
 }
 
 void LoraAdapter::SetTangentSeeds(std::vector<uint64_t> seeds) {
-  tangent_seeds_ = std::move(seeds);
-  tangents_ = LayerTangents{};
+  slice_mode_ = seeds.empty() ? SliceMode::kNone : SliceMode::kTangents;
+  slice_seeds_ = std::move(seeds);
+  slice_scales_.clear();
+  slices_ = LayerSlices{};
 }
 
-const LoraAdapter::LayerTangents& LoraAdapter::TangentsOf(int64_t layer) const {
-  if (tangents_.layer == layer) return tangents_;
+void LoraAdapter::SetPerturbations(std::vector<uint64_t> seeds, std::vector<float> scales) {
+  SEEDLING_CHECK(seeds.size() == scales.size());
+  slice_mode_ = seeds.empty() ? SliceMode::kNone : SliceMode::kPerturbations;
+  slice_seeds_ = std::move(seeds);
+  slice_scales_ = std::move(scales);
+  slices_ = LayerSlices{};
+}
+
+const LoraAdapter::LayerSlices& LoraAdapter::SlicesOf(int64_t layer) const {
+  if (slices_.layer == layer) return slices_;
   // The layer's views are consecutive in the flat buffer (layers ascending, then projections).
   int64_t begin = -1, end = -1;
   for (Projection p : kAllProjections) {
@@ -261,16 +272,37 @@ const LoraAdapter::LayerTangents& LoraAdapter::TangentsOf(int64_t layer) const {
     end = (va + 1)->offset + (va + 1)->numel();
   }
   SEEDLING_CHECK(begin >= 0);
-  const int64_t k = TangentCount();
-  tangents_.layer = layer;
-  tangents_.offset = begin;
-  tangents_.values = at::empty({k, end - begin}, at::kFloat);
-  float* data = tangents_.values.data_ptr<float>();
-  for (int64_t i = 0; i < k; ++i) {
-    FillNormal({tangent_seeds_[static_cast<size_t>(i)], rng_stream::kPerturbation}, static_cast<uint64_t>(begin),
-               std::span<float>(data + i * (end - begin), static_cast<size_t>(end - begin)));
+  const int64_t n = static_cast<int64_t>(slice_seeds_.size()), span = end - begin;
+  slices_.layer = layer;
+  slices_.offset = begin;
+  slices_.values = at::empty({n, span}, at::kFloat);
+  const at::Tensor theta = (override_.defined() ? override_ : flat_).narrow(0, begin, span);
+  for (int64_t i = 0; i < n; ++i) {
+    at::Tensor row = slices_.values.select(0, i);
+    FillNormal({slice_seeds_[static_cast<size_t>(i)], rng_stream::kPerturbation}, static_cast<uint64_t>(begin),
+               std::span<float>(row.data_ptr<float>(), static_cast<size_t>(span)));
+    // θ + float(scale · z), as AddNormal computes it in place.
+    if (slice_mode_ == SliceMode::kPerturbations) row.mul_(slice_scales_[static_cast<size_t>(i)]).add_(theta);
   }
-  return tangents_;
+  return slices_;
+}
+
+at::Tensor LoraAdapter::SliceMatrices(const LayerSlices& slices, const LoraView& view, at::ScalarType dtype) const {
+  const int64_t n = slices.values.size(0);
+  return slices.values.narrow(1, view.offset - slices.offset, view.numel()).view({n, view.rows, view.cols}).to(dtype);
+}
+
+at::Tensor LoraAdapter::ApplyPerturbed(int64_t layer, Projection p, const at::Tensor& x, const at::Tensor& base_out) const {
+  const LoraView* va = Find(layer, p, true);
+  if (va == nullptr) return base_out;
+  const int64_t n = PerturbationCount(), in = va->cols;
+  SEEDLING_CHECK(x.size(0) % n == 0);
+  const LayerSlices& slices = SlicesOf(layer);
+  const at::Tensor a = SliceMatrices(slices, *va, x.scalar_type());        // (n, r, in)
+  const at::Tensor b = SliceMatrices(slices, *(va + 1), x.scalar_type());  // (n, out, r)
+  const at::Tensor input = Dropout(layer, p, x, x.sizes()).reshape({n, -1, in});  // (n, rows, in)
+  at::Tensor delta = at::bmm(at::bmm(input, a.transpose(1, 2)), b.transpose(1, 2));  // (n, rows, out)
+  return base_out + delta.mul_(config_.scale()).view(base_out.sizes());
 }
 
 at::Tensor LoraAdapter::ApplyTangents(int64_t layer, Projection p, const at::Tensor& x,
@@ -280,10 +312,8 @@ at::Tensor LoraAdapter::ApplyTangents(int64_t layer, Projection p, const at::Ten
   const LoraView* vb = va + 1;
   const int64_t k = TangentCount();
   SEEDLING_CHECK(x.size(0) == 1 + k && base_out.size(0) == 1 + k);
-  const LayerTangents& t = TangentsOf(layer);
-  auto direction = [&](const LoraView& v) {  // (K, rows, cols)
-    return t.values.narrow(1, v.offset - t.offset, v.numel()).view({k, v.rows, v.cols}).to(x.scalar_type());
-  };
+  const LayerSlices& t = SlicesOf(layer);
+  auto direction = [&](const LoraView& v) { return SliceMatrices(t, v, x.scalar_type()); };  // (K, rows, cols)
   const at::Tensor input = Dropout(layer, p, x, x.select(0, 0).sizes());
   const at::Tensor a = Matrix(*va), b = Matrix(*vb);  // (r, in), (out, r)
   const double scale = config_.scale();

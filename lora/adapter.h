@@ -82,6 +82,16 @@ class LoraAdapter : public model::ProjectionAdapter {
   // forward reaches the layer, so at most one layer's K tangents exist. An empty list clears them.
   void SetTangentSeeds(std::vector<uint64_t> seeds);
 
+  // Perturbed copies for batched zeroth-order probes (MobiZO-style): with n = seeds.size() > 0, a forward's
+  // batch is n equal groups of sequences, and group i is computed with θ + scales[i] · z(seeds[i]) (the
+  // same stream and arithmetic as optim::ParameterSet::AddNormal: θ + float(scale · z)), while θ itself
+  // is never written. Each layer's n perturbed slices are built when a forward reaches the layer. Empty
+  // lists switch it off. Not together with tangents.
+  void SetPerturbations(std::vector<uint64_t> seeds, std::vector<float> scales);
+  int64_t PerturbationCount() const {
+    return slice_mode_ == SliceMode::kPerturbations ? static_cast<int64_t>(slice_seeds_.size()) : 0;
+  }
+
   // Dropout is active only in training mode. Masks come from Philox keyed by (dropout_seed, step, layer,
   // projection), so recomputation in backward regenerates the same mask; call SetStep before each step.
   void SetTraining(bool training) { training_ = training; }
@@ -94,7 +104,9 @@ class LoraAdapter : public model::ProjectionAdapter {
   at::Tensor Apply(int64_t layer, model::Projection p, const at::Tensor& x,
                    const at::Tensor& base_out) const override;
   std::vector<at::Tensor> LayerTensors(int64_t layer) const override;
-  int64_t TangentCount() const override { return static_cast<int64_t>(tangent_seeds_.size()); }
+  int64_t TangentCount() const override {
+    return slice_mode_ == SliceMode::kTangents ? static_cast<int64_t>(slice_seeds_.size()) : 0;
+  }
   at::Tensor ApplyTangents(int64_t layer, model::Projection p, const at::Tensor& x,
                            const at::Tensor& base_out) const override;
 
@@ -111,13 +123,18 @@ class LoraAdapter : public model::ProjectionAdapter {
   // The dropout-masked input of projection `p` of `layer` (x itself outside training or without dropout);
   // `mask_shape` is the primal's shape, the mask is shared by all of x's slices when x is stacked.
   at::Tensor Dropout(int64_t layer, model::Projection p, const at::Tensor& x, at::IntArrayRef mask_shape) const;
-  // Direction k's values for the views of `layer`: (K, span) where span covers the layer's views.
-  struct LayerTangents {
+  // The tangent directions z(seed_k) or the perturbed parameters θ + scale_k z(seed_k) of the views of
+  // `layer`, one row per seed: (n, span) where span covers the layer's views.
+  struct LayerSlices {
     int64_t layer = -1;
     int64_t offset = 0;  // flat offset of column 0
-    at::Tensor values;   // (K, span)
+    at::Tensor values;   // (n, span)
   };
-  const LayerTangents& TangentsOf(int64_t layer) const;
+  const LayerSlices& SlicesOf(int64_t layer) const;
+  // (n, rows, cols) of `view` within the current layer's slices.
+  at::Tensor SliceMatrices(const LayerSlices& slices, const LoraView& view, at::ScalarType dtype) const;
+  // Apply with perturbed copies: x (n·B, ..., in), group i through its own A_i, B_i.
+  at::Tensor ApplyPerturbed(int64_t layer, model::Projection p, const at::Tensor& x, const at::Tensor& base_out) const;
 
   // Constant after construction.
   model::ModelConfig model_;
@@ -128,8 +145,11 @@ class LoraAdapter : public model::ProjectionAdapter {
 
   at::Tensor flat_;
   at::Tensor override_;
-  std::vector<uint64_t> tangent_seeds_;
-  mutable LayerTangents tangents_;  // cache of the last layer's directions (not thread-safe, like override_)
+  enum class SliceMode { kNone, kTangents, kPerturbations };
+  SliceMode slice_mode_ = SliceMode::kNone;
+  std::vector<uint64_t> slice_seeds_;
+  std::vector<float> slice_scales_;  // kPerturbations
+  mutable LayerSlices slices_;  // cache of the last layer's slices (not thread-safe, like override_)
   bool training_ = false;
   uint64_t dropout_seed_ = 0;
   uint64_t step_ = 0;

@@ -159,17 +159,20 @@ at::Tensor LlamaModel::Project(int64_t layer, Projection p, const at::Tensor& x,
 at::Tensor LlamaModel::Mlp(int64_t layer, const at::Tensor& x, const ForwardOptions& options) const {
   const int64_t rows = x.numel() / x.size(-1);
   const int64_t chunk = options.mlp_chunk_tokens;
-  if (chunk <= 0 || rows <= chunk || at::GradMode::is_enabled() || options.forward_level >= 0) {
+  if (chunk <= 0 || rows <= chunk || at::GradMode::is_enabled() || options.forward_level >= 0 || x.dim() != 3) {
     return MlpRows(layer, x, options);
   }
-  // Without autograd, a chunk of tokens at a time: the (tokens × intermediate) transients stay small.
-  const at::Tensor flat = x.reshape({rows, x.size(-1)});  // (N, H)
-  at::Tensor out = at::empty_like(flat);
-  for (int64_t start = 0; start < rows; start += chunk) {
-    const int64_t len = std::min(chunk, rows - start);
-    out.narrow(0, start, len).copy_(MlpRows(layer, flat.narrow(0, start, len), options));
+  // Without autograd, a span of positions of every sequence at a time (about `chunk` tokens): the
+  // (tokens × intermediate) transients stay small, and each chunk keeps the batch's sequences together
+  // (an adapter with perturbed copies tells them apart by batch row).
+  const int64_t batch = x.size(0), t = x.size(1);
+  const int64_t span = std::max<int64_t>(1, chunk / batch);
+  at::Tensor out = at::empty_like(x);
+  for (int64_t start = 0; start < t; start += span) {
+    const int64_t len = std::min(span, t - start);
+    out.narrow(1, start, len).copy_(MlpRows(layer, x.narrow(1, start, len), options));
   }
-  return out.view(x.sizes());
+  return out;
 }
 
 at::Tensor LlamaModel::MlpRows(int64_t layer, const at::Tensor& x, const ForwardOptions& options) const {
@@ -397,6 +400,32 @@ absl::StatusOr<LossOutput> LlamaModel::Loss(const at::Tensor& tokens, const at::
     const at::Tensor targets = labels.narrow(1, 1, t - 1).reshape({b * (t - 1)});  // (N)
     out.sum = ChunkedCrossEntropy(hs, weights_.lm_head, targets, options.ce_chunk_tokens);
     out.tokens = targets.ne(kIgnoreIndex).sum().item<int64_t>();
+    return out;
+  });
+}
+
+absl::StatusOr<std::vector<LossOutput>> LlamaModel::GroupLosses(const at::Tensor& tokens, const at::Tensor& labels,
+                                                                 int64_t groups, const ForwardOptions& options) const {
+  SEEDLING_RETURN_IF_ERROR(ValidateLabels(tokens, labels));
+  if (groups < 1 || tokens.size(0) % groups != 0) {
+    return absl::InvalidArgumentError(StrCat("a batch of ", tokens.size(0), " sequences is not ", groups, " equal groups"));
+  }
+  at::NoGradGuard no_grad;
+  SEEDLING_ASSIGN_OR_RETURN(at::Tensor hidden, Hidden(tokens, options));
+  return CatchTorch("group losses", [&] {
+    const int64_t b = tokens.size(0) / groups, t = tokens.size(1), h = config_.hidden_size;
+    std::vector<LossOutput> out(static_cast<size_t>(groups));
+    for (int64_t g = 0; g < groups; ++g) {
+      LossOutput& o = out[static_cast<size_t>(g)];
+      if (t < 2) {
+        o.sum = at::zeros({}, hidden.options());
+        continue;
+      }
+      const at::Tensor hs = hidden.narrow(0, g * b, b).narrow(1, 0, t - 1).reshape({b * (t - 1), h});
+      const at::Tensor targets = labels.narrow(0, g * b, b).narrow(1, 1, t - 1).reshape({b * (t - 1)});
+      o.sum = ChunkedCrossEntropy(hs, weights_.lm_head, targets, options.ce_chunk_tokens);
+      o.tokens = targets.ne(kIgnoreIndex).sum().item<int64_t>();
+    }
     return out;
   });
 }

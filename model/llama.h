@@ -117,6 +117,12 @@ class LlamaModel {
   absl::StatusOr<LossOutput> Loss(const at::Tensor& tokens, const at::Tensor& labels,
                                   const ForwardOptions& options = {}) const;
 
+  // Loss of each of `groups` equal consecutive groups of sequences: tokens and labels (groups × B, T), e.g.
+  // one batch repeated for an adapter's perturbed copies (lora::LoraAdapter::SetPerturbations). One forward
+  // for all groups; each loss is computed as Loss computes it on its group alone. No autograd.
+  absl::StatusOr<std::vector<LossOutput>> GroupLosses(const at::Tensor& tokens, const at::Tensor& labels,
+                                                      int64_t groups, const ForwardOptions& options = {}) const;
+
   // The mean loss and its directional derivative, for forward-gradient methods: something in the forward
   // (typically the adapter's parameters) is a forward-mode dual tensor at `level`, and the derivative is
   // that of the mean loss along its tangent. The LM head and cross-entropy are differentiated by hand

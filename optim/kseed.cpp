@@ -92,6 +92,12 @@ absl::StatusOr<std::unique_ptr<KSeedTrainer>> KSeedTrainer::Create(const model::
   if (!(options.lr > 0)) return absl::InvalidArgumentError(StrCat("lr must be > 0, got ", options.lr));
   if (!(options.epsilon > 0)) return absl::InvalidArgumentError("epsilon must be > 0");
   if (params.numel() == 0) return absl::InvalidArgumentError("nothing to train: the parameter set is empty");
+  if (options.perturbations < 1) {
+    return absl::InvalidArgumentError(StrCat("perturbations must be >= 1, got ", options.perturbations));
+  }
+  if (options.batched && adapter == nullptr) {
+    return absl::InvalidArgumentError("batched probes perturb an adapter's copies; full-parameter kseed probes in place");
+  }
   std::vector<double> cdf;
   if (!options.probabilities.empty()) {
     if (static_cast<int64_t>(options.probabilities.size()) != options.pool_size) {
@@ -131,12 +137,19 @@ absl::Status KSeedTrainer::RestoreState(const TrainerState& state) {
   return absl::OkStatus();
 }
 
-uint32_t KSeedTrainer::PickIndex(uint64_t step) const {
+std::vector<uint32_t> KSeedTrainer::PickIndices(uint64_t step) const {
   Rng rng(StepSeed(options_.seed, step), rng_stream::kStepSeeds);
-  if (cdf_.empty()) return static_cast<uint32_t>(rng.UniformInt(pool_.size()));
-  const double u = rng.Uniform();
-  const auto it = std::upper_bound(cdf_.begin(), cdf_.end(), u);
-  return static_cast<uint32_t>(std::min<size_t>(static_cast<size_t>(it - cdf_.begin()), pool_.size() - 1));
+  std::vector<uint32_t> indices;
+  for (int64_t i = 0; i < options_.perturbations; ++i) {
+    if (cdf_.empty()) {
+      indices.push_back(static_cast<uint32_t>(rng.UniformInt(pool_.size())));
+      continue;
+    }
+    const double u = rng.Uniform();
+    const auto it = std::upper_bound(cdf_.begin(), cdf_.end(), u);
+    indices.push_back(static_cast<uint32_t>(std::min<size_t>(static_cast<size_t>(it - cdf_.begin()), pool_.size() - 1)));
+  }
+  return indices;
 }
 
 absl::StatusOr<StepResult> KSeedTrainer::Step(const model::Batch& batch) {
@@ -144,20 +157,27 @@ absl::StatusOr<StepResult> KSeedTrainer::Step(const model::Batch& batch) {
   fo.adapter = adapter_;
   fo.ce_chunk_tokens = options_.ce_chunk_tokens;
   fo.mlp_chunk_tokens = options_.mlp_chunk_tokens;
-  const uint32_t index = PickIndex(static_cast<uint64_t>(steps()));
-  SEEDLING_ASSIGN_OR_RETURN(SpsaProbe probe, Spsa(model_, batch, fo, params_, pool_[index], options_.epsilon,
-                                                   options_.exact_restore));
+  const std::vector<uint32_t> indices = PickIndices(static_cast<uint64_t>(steps()));
+  std::vector<uint64_t> seeds;
+  for (uint32_t i : indices) seeds.push_back(pool_[i]);
+  SEEDLING_ASSIGN_OR_RETURN(std::vector<SpsaProbe> probes,
+                            RunProbes(model_, batch, fo, adapter_, params_, seeds, options_.epsilon, options_.batched,
+                                      options_.exact_restore));
   StepResult result;
-  result.loss = 0.5 * (probe.loss_plus + probe.loss_minus);
+  result.loss = MeanProbeLoss(probes);
   result.tokens = batch.labels.narrow(1, 1, batch.labels.size(1) - 1).ne(model::kIgnoreIndex).sum().item<int64_t>();
-  if (!probe.finite()) {
+  if (!AllFinite(probes)) {
     result.skipped = true;
     return Count(result);
   }
-  const SeedScalar pair{index, static_cast<float>(probe.projected_gradient)};
-  // The same arithmetic as ApplySeedSums for a single pair, so the local path and replay agree bit for bit.
-  SEEDLING_RETURN_IF_ERROR(ApplySeedSums(params_, pool_, {pair}, options_.lr));
-  pairs_.push_back(pair);
+  const double q = static_cast<double>(probes.size());
+  std::vector<SeedScalar> step_pairs;
+  for (size_t i = 0; i < probes.size(); ++i) {
+    step_pairs.push_back({indices[i], static_cast<float>(probes[i].projected_gradient / q)});
+  }
+  // The same arithmetic as ApplySeedSums on the step's pairs, so the local path and replay agree bit for bit.
+  SEEDLING_RETURN_IF_ERROR(ApplySeedSums(params_, pool_, step_pairs, options_.lr));
+  pairs_.insert(pairs_.end(), step_pairs.begin(), step_pairs.end());
   return Count(result);
 }
 

@@ -55,6 +55,9 @@ struct KSeedOptions {
   // Restore θ after each probe from a copy, so the local trajectory equals ReplaySeedHistory of pairs()
   // bit for bit (one copy of the parameters: cheap for an adapter). Off: MeZO's in-place restore.
   bool exact_restore = true;
+  // q seeds per step, each probed (SPSA) and applied with ĝ_i / q, recorded as q pairs (index, ĝ_i / q).
+  int64_t perturbations = 1;
+  bool batched = false;          // the 2q probes in one batched forward (mezo.h, BatchedSpsa; LoRA only)
   std::vector<double> probabilities;  // FedKSeed-Pro sampling weights over the pool; empty = uniform
   int64_t ce_chunk_tokens = 0;   // cross-entropy rows per chunk; 0 = all (tiles bound the memory)
   int64_t mlp_chunk_tokens = 0;  // MLP tokens per chunk (ForwardOptions); 0 = all
@@ -81,7 +84,8 @@ class KSeedTrainer : public LocalTrainer {
                const KSeedOptions& options, std::vector<uint64_t> pool, std::vector<double> cdf)
       : model_(model), adapter_(adapter), params_(std::move(params)), options_(options), pool_(std::move(pool)),
         cdf_(std::move(cdf)) {}
-  uint32_t PickIndex(uint64_t step) const;
+  // The q pool indices of step `step` (q = options.perturbations), drawn in order from the step's seed.
+  std::vector<uint32_t> PickIndices(uint64_t step) const;
 
   const model::LlamaModel& model_;
   lora::LoraAdapter* adapter_;

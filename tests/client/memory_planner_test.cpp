@@ -79,6 +79,25 @@ TEST_CASE("fwdgrad falls back to central differences when one tangent per pass d
   CHECK(plan->variant == "central-difference");
 }
 
+TEST_CASE("mezo and kseed batch their probes when it fits, and probe in place when not", "[client][planner]") {
+  for (optim::Method method : {optim::Method::kMezo, optim::Method::kKSeed}) {
+    PlanRequest r = SmolRequest(method);
+    r.perturbations = 4;
+    const MemoryPlan fastest = *PlanMemory(r);
+    CHECK(fastest.variant == "batched");
+    const MemoryPlan in_place = EstimatePlan(r, "in-place-restore", r.batch, false, 16, 32);
+    REQUIRE(in_place.total_bytes() < EstimatePlan(r, "batched", r.batch, false, 16, 32).total_bytes());
+    r.budget_bytes = in_place.total_bytes();
+    auto plan = PlanMemory(r);
+    REQUIRE(plan.ok());
+    CHECK(plan->variant != "batched");
+    // Full-parameter runs have no adapter copies to batch.
+    r.budget_bytes = 0;
+    r.full_parameters = true;
+    CHECK(PlanMemory(r)->variant != "batched");
+  }
+}
+
 TEST_CASE("An impossible budget is ResourceExhausted with the smallest budget that fits", "[client][planner]") {
   PlanRequest r = SmolRequest(optim::Method::kMezo);
   r.budget_bytes = 300 << 20;  // less than the weights alone
@@ -209,6 +228,12 @@ TEST_CASE("Activation estimates bound the measured tensor peak of each method on
     auto t = optim::MezoTrainer::Create(**m, a->get(), optim::ParameterSet::Adapter(**a), optim::MezoOptions{});
     r.method = optim::Method::kMezo;
     check("mezo", measure(**t), EstimatePlan(r, "in-place-restore", 2, false, 2048));
+    optim::MezoOptions o;
+    o.batched = true;
+    o.perturbations = 2;
+    auto b = optim::MezoTrainer::Create(**m, a->get(), optim::ParameterSet::Adapter(**a), o);
+    r.perturbations = 2;
+    check("mezo, batched q = 2", measure(**b), EstimatePlan(r, "batched", 2, false, 2048));
   }
 }
 

@@ -103,6 +103,137 @@ TEST_CASE("A NaN loss skips MeZO and lora-bp steps and never poisons the paramet
   CHECK((*bp)->adam_steps() == 0);
 }
 
+// Adapter on every projection of a config with every bias, B != 0, so each perturbation moves the loss.
+std::unique_ptr<lora::LoraAdapter> EveryProjectionAdapter(const model::ModelConfig& c) {
+  lora::LoraConfig lc;
+  lc.rank = 2;
+  lc.targets = {model::Projection::kQ,    model::Projection::kK,  model::Projection::kV,   model::Projection::kO,
+                model::Projection::kGate, model::Projection::kUp, model::Projection::kDown};
+  auto a = lora::LoraAdapter::Create(c, lc);
+  REQUIRE(a.ok());
+  at::manual_seed(8);
+  (*a)->flat().copy_(at::randn({(*a)->numel()}) * 0.3);
+  return std::move(a).value();
+}
+
+model::ModelConfig BiasedMicroConfig() {
+  model::ModelConfig c = MicroConfig();
+  c.qkv_bias = c.o_bias = c.mlp_bias = true;
+  return c;
+}
+
+// The loss at θ + float(scale · z(seed)) by a plain forward (the reference for one perturbed copy).
+double PerturbedLoss(const model::LlamaModel& m, lora::LoraAdapter& a, const model::Batch& batch, uint64_t seed,
+                     float scale, int64_t mlp_chunk) {
+  at::Tensor theta = a.flat().clone();
+  AddSeededNormal(theta, seed, scale);
+  a.SetFlatOverride(theta);
+  model::ForwardOptions fo;
+  fo.adapter = &a;
+  fo.mlp_chunk_tokens = mlp_chunk;
+  auto loss = ProbeLoss(m, batch, fo);
+  a.SetFlatOverride(at::Tensor());
+  REQUIRE(loss.ok());
+  return loss->mean().item<double>();
+}
+
+TEST_CASE("Batched probes give each perturbation the loss of a forward on its own", "[optim][mezo][batched]") {
+  const model::ModelConfig c = BiasedMicroConfig();
+  auto m = MakeModel(c, 6);
+  auto a = EveryProjectionAdapter(c);
+  const model::Batch batch = RuleBatch(2, 10, c.vocab_size, 3);
+  const at::Tensor before = a->flat().clone();
+  const std::vector<uint64_t> seeds = {101, 102, 103, 104};
+  const double eps = 1e-2;
+  for (int64_t mlp_chunk : {0, 6}) {
+    INFO("MLP chunk " << mlp_chunk);
+    model::ForwardOptions fo;
+    fo.adapter = a.get();
+    fo.mlp_chunk_tokens = mlp_chunk;
+    auto probes = BatchedSpsa(*m, batch, fo, *a, seeds, eps);
+    REQUIRE(probes.ok());
+    REQUIRE(probes->size() == seeds.size());
+    for (size_t i = 0; i < seeds.size(); ++i) {
+      const double plus = PerturbedLoss(*m, *a, batch, seeds[i], static_cast<float>(eps), mlp_chunk);
+      const double minus = PerturbedLoss(*m, *a, batch, seeds[i], static_cast<float>(-eps), mlp_chunk);
+      INFO("seed " << seeds[i] << ": batched " << (*probes)[i].loss_plus << " / " << (*probes)[i].loss_minus
+                   << ", one by one " << plus << " / " << minus);
+      // fp32, the same arithmetic in batched multiplies: rounding only (relative 1e-6 of a loss near 3).
+      CHECK(std::abs((*probes)[i].loss_plus - plus) <= 1e-6 * plus);
+      CHECK(std::abs((*probes)[i].loss_minus - minus) <= 1e-6 * minus);
+      CHECK(std::abs(plus - minus) > 1e-4);  // the perturbation is visible in the loss
+    }
+  }
+  CHECK(at::equal(a->flat(), before));  // θ was never written
+  CHECK(a->PerturbationCount() == 0);   // and the copies are gone
+}
+
+TEST_CASE("MeZO and kseed steps with batched probes follow the one-by-one steps", "[optim][mezo][kseed][batched]") {
+  const model::ModelConfig c = BiasedMicroConfig();
+  auto m = MakeModel(c, 7);
+  for (int64_t q : {1, 4}) {
+    INFO("q = " << q);
+    auto a1 = EveryProjectionAdapter(c);
+    auto a2 = EveryProjectionAdapter(c);
+    MezoOptions batched, sequential;
+    batched.perturbations = sequential.perturbations = q;
+    batched.batched = true;
+    sequential.exact_restore = true;
+    auto t1 = MezoTrainer::Create(*m, a1.get(), ParameterSet::Adapter(*a1), batched);
+    auto t2 = MezoTrainer::Create(*m, a2.get(), ParameterSet::Adapter(*a2), sequential);
+    REQUIRE(t1.ok());
+    REQUIRE(t2.ok());
+    KSeedOptions kb, ks;
+    kb.perturbations = ks.perturbations = q;
+    kb.pool_size = ks.pool_size = 64;
+    kb.lr = ks.lr = 1e-3;
+    kb.batched = true;
+    auto a3 = EveryProjectionAdapter(c);
+    auto a4 = EveryProjectionAdapter(c);
+    auto k1 = KSeedTrainer::Create(*m, a3.get(), ParameterSet::Adapter(*a3), kb);
+    auto k2 = KSeedTrainer::Create(*m, a4.get(), ParameterSet::Adapter(*a4), ks);
+    REQUIRE(k1.ok());
+    REQUIRE(k2.ok());
+    const at::Tensor start = a1->flat().clone();
+    for (int step = 0; step < 3; ++step) {
+      const model::Batch batch = RuleBatch(2, 10, c.vocab_size, 30 + static_cast<uint64_t>(step));
+      auto r1 = (*t1)->Step(batch);
+      auto r2 = (*t2)->Step(batch);
+      auto r3 = (*k1)->Step(batch);
+      auto r4 = (*k2)->Step(batch);
+      REQUIRE((r1.ok() && r2.ok() && r3.ok() && r4.ok()));
+      CHECK(std::abs(r1->loss - r2->loss) <= 1e-5 * r2->loss);
+      CHECK(std::abs(r3->loss - r4->loss) <= 1e-5 * r4->loss);
+    }
+    // The minus probe differs only in rounding ((θ + εz) − 2εz against θ − εz), so the projected
+    // gradients, and the parameters, agree to about 1e-3 relative of the distance moved.
+    const double moved = (a2->flat() - start).norm().item<double>();
+    CHECK(moved > 1e-5);
+    CHECK((a1->flat() - a2->flat()).norm().item<double>() <= 1e-2 * moved);
+    REQUIRE((*k1)->pairs().size() == static_cast<size_t>(3 * q));
+    for (size_t i = 0; i < (*k1)->pairs().size(); ++i) {
+      CHECK((*k1)->pairs()[i].index == (*k2)->pairs()[i].index);
+      CHECK(std::abs((*k1)->pairs()[i].value - (*k2)->pairs()[i].value) <=
+            1e-2 * std::abs((*k2)->pairs()[i].value) + 1e-3);
+    }
+  }
+}
+
+TEST_CASE("Batched probes need an adapter", "[optim][mezo][batched]") {
+  const model::ModelConfig c = MicroConfig();
+  auto m = MakeModel(c, 1);
+  auto all = ParameterSet::AllWeights(m->weights(), c);
+  REQUIRE(all.ok());
+  MezoOptions o;
+  o.batched = true;
+  auto t = MezoTrainer::Create(*m, nullptr, *all, o);
+  REQUIRE_FALSE(t.ok());
+  CHECK(std::string(t.status().message()).find("full-parameter") != std::string::npos);
+  o.batched = false;
+  o.perturbations = 0;
+  CHECK_FALSE(MezoTrainer::Create(*m, nullptr, *all, o).ok());
+}
+
 TEST_CASE("kseed: local steps (exact restore) equal a replay of their pairs bit for bit", "[optim][kseed]") {
   const model::ModelConfig c = MicroConfig();
   auto m = MakeModel(c, 4);
