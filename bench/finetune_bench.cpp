@@ -98,13 +98,17 @@ absl::StatusOr<std::vector<FinetuneBenchRow>> RunFinetuneBench(const FinetuneBen
   const std::string seconds = absl::StrFormat("%g", o.seconds);
   const std::vector<std::string> timing = {"--untimed-steps", "1", "--min-seconds", seconds};
   const std::vector<Config> configs = {
-      {"inference", "inference (eval)", "mezo", {"--steps", "0"}},
+      {"inference", "inference (eval)", "mezo", {"--steps", "0", "--variant", "in-place-restore"}},
       {"lora-bp", "lora-bp (planned)", "lora-bp", {"--steps", steps, "--recompute", "on"}},
       {"lora-bp-no-recompute", "lora-bp, no recompute, 1 CE chunk", "lora-bp",
        {"--steps", steps, "--recompute", "off", "--ce-chunk", std::to_string(o.seq_len)}},
-      {"fwdgrad", "fwdgrad (forward AD)", "fwdgrad", {"--steps", "2", "--perturbations", std::to_string(o.perturbations)}},
-      {"mezo", "mezo", "mezo", {"--steps", steps}},
-      {"kseed", "kseed", "kseed", {"--steps", steps}},
+      {"fwdgrad", absl::StrFormat("fwdgrad (batched JVP, K = %d)", o.perturbations), "fwdgrad",
+       {"--steps", steps, "--perturbations", std::to_string(o.perturbations)}},
+      {"mezo", "mezo (batched probes)", "mezo", {"--steps", steps}},
+      {"mezo-in-place", "mezo (in-place probes)", "mezo", {"--steps", steps, "--variant", "in-place-restore"}},
+      {"mezo-q4", "mezo, q = 4 batched probes", "mezo", {"--steps", steps, "--perturbations", "4"}},
+      {"kseed", "kseed (batched probes)", "kseed", {"--steps", steps}},
+      {"kseed-q4", "kseed, q = 4 batched probes", "kseed", {"--steps", steps, "--perturbations", "4"}},
   };
   out << absl::StrFormat("%s (%s file, --weights %s), sequence 1 x %d, %s\n", o.preset, o.bf16 ? "BF16" : "F32",
                          o.weights, o.seq_len, data);
@@ -133,7 +137,8 @@ absl::StatusOr<std::vector<FinetuneBenchRow>> RunFinetuneBench(const FinetuneBen
     r.name = c.name;
     r.label = c.label;
     r.method = c.method;
-    r.tokens_per_second = j.value("tokens_per_second", 0.0);
+    // The inference row trains nothing: its figure is the warm held-out evaluation's forward.
+    r.tokens_per_second = j.value(c.name == "inference" ? "eval_tokens_per_second" : "tokens_per_second", 0.0);
     r.mfu = j.value("mfu", 0.0);
     r.peak_rss_bytes = j.value("peak_rss_bytes", int64_t{0});
     r.peak_rss_anon_bytes = j.value("peak_rss_anon_bytes", int64_t{0});

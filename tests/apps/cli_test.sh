@@ -96,6 +96,18 @@ case "$case_name" in
     done
     pairs=$(grep -o '\[[0-9]*,[-0-9.e+]*\]' "$work/ft-kseed/kseed_update.json" | wc -l)
     [ "$pairs" = 4 ] || fail "kseed_update.json has $pairs pairs, expected 4"
+    # q = 3 probes per step, batched by the planner: three pairs per kseed step.
+    for method in mezo kseed; do
+      out=$("$seedling" finetune --model "$model" --data "$repo/data/sample/instructions.jsonl" --method $method \
+        --perturbations 3 --steps 2 --seq-len 64 --out "$work/ft-q3-$method" 2>/dev/null) || fail "$method q=3 failed"
+      echo "$out" | grep -q '"variant":"batched"' || fail "$method q=3 not batched: $out"
+    done
+    pairs=$(grep -o '\[[0-9]*,[-0-9.e+]*\]' "$work/ft-q3-kseed/kseed_update.json" | wc -l)
+    [ "$pairs" = 6 ] || fail "kseed q=3: $pairs pairs, expected 6"
+    # A variant the method does not have is refused, naming the ones it has.
+    err=$("$seedling" finetune --model "$model" --data "$repo/data/sample/instructions.jsonl" --method mezo \
+      --variant batched-jvp --steps 1 --seq-len 64 --out "$work/ft-bad" 2>&1 >/dev/null) && fail "bad variant accepted"
+    echo "$err" | grep -q "not one of mezo's: batched, in-place-restore" || fail "bad variant message: $err"
     # Benchmark timing: the warm-up step is left out of the tokens (packed blocks of 64 tokens each) ...
     out=$("$seedling" finetune --model "$model" --data "$repo/data/sample/instructions.jsonl" --method mezo \
       --steps 3 --untimed-steps 1 --seq-len 64 --out "$work/ft-timed" 2>/dev/null) || fail "finetune --untimed-steps failed"
@@ -268,14 +280,17 @@ case "$case_name" in
     out=$("$seedling" bench finetune --preset tiny --seq 32 --steps 1 --seconds 0 --perturbations 2 --work-dir "$work/bench-ft" \
       --data "$repo/data/sample/instructions.jsonl" --json 2>/dev/null) || fail "bench finetune failed"
     lines=$(echo "$out" | grep '^{')
-    [ "$(echo "$lines" | wc -l)" -eq 6 ] || fail "expected 6 JSON rows: $out"
-    for name in inference lora-bp lora-bp-no-recompute fwdgrad mezo kseed; do
+    [ "$(echo "$lines" | wc -l)" -eq 9 ] || fail "expected 9 JSON rows: $out"
+    for name in inference lora-bp lora-bp-no-recompute fwdgrad mezo mezo-in-place mezo-q4 kseed kseed-q4; do
       row=$(echo "$lines" | grep "\"name\":\"$name\"") || fail "no row $name: $out"
       for key in tokens_per_second mfu peak_rss_bytes planned_peak_bytes step_tensor_peak_bytes; do
         v=$(echo "$row" | json_number "$key")
         awk -v v="$v" 'BEGIN { exit !(v ~ /^[-0-9.e+]+$/ && v >= 0) }' || fail "$name $key = '$v': $row"
       done
-      [ "$name" = inference ] && continue
+      if [ "$name" = inference ]; then  # the warm held-out forward's speed; nothing trained
+        awk -v v="$(echo "$row" | json_number tokens_per_second)" 'BEGIN { exit !(v > 0) }' || fail "no forward speed: $row"
+        continue
+      fi
       awk -v v="$(echo "$row" | json_number tokens_per_second)" -v m="$(echo "$row" | json_number mfu)" \
         'BEGIN { exit !(v > 0 && m > 0 && m <= 1) }' || fail "$name has no throughput: $row"
     done
