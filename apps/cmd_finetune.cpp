@@ -84,6 +84,9 @@ void RegisterFinetune(CLI::App& app, Action& action) {
   cmd->add_option("--min-seconds", f->training.min_seconds,
                   "Benchmarks: keep stepping past --steps until the timed steps took this long")
       ->capture_default_str();
+  cmd->add_option("--forward-seconds", f->training.forward_seconds,
+                  "Benchmarks: after training, time plain forwards on training batches this long "
+                  "(forward_tokens_per_second)");
   cmd->add_option("--memory-budget", f->budget, "Peak process memory allowed, e.g. 600M or 1.5G (default: none)");
   cmd->add_option("--out", f->out, "Output directory (PEFT adapter, or full model with --full)")->required();
   cmd->add_option("--lr", f->training.lr, "Learning rate (default: the method's published value)");
@@ -223,9 +226,10 @@ void RegisterFinetune(CLI::App& app, Action& action) {
                             {"scored_tokens", r.scored_tokens},
                             {"tokens_per_second", r.seconds > 0 ? static_cast<double>(r.processed_tokens) / r.seconds : 0.0},
                             {"mfu", mfu},
-                            {"eval_tokens", r.eval_processed_tokens},
-                            {"eval_tokens_per_second",
-                             r.eval_seconds > 0 ? static_cast<double>(r.eval_processed_tokens) / r.eval_seconds : 0.0},
+                            {"forward_tokens", r.forward_processed_tokens},
+                            {"forward_tokens_per_second",
+                             r.forward_seconds > 0 ? static_cast<double>(r.forward_processed_tokens) / r.forward_seconds
+                                                   : 0.0},
                             {"sgemm_gflops", sgemm_gflops},
                             {"seconds", r.seconds},
                             {"peak_rss_bytes", peak_rss},

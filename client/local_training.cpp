@@ -19,22 +19,13 @@ namespace {
 
 using optim::Method;
 
-// Held-out loss (the first training examples when nothing is held out) with the adapter, no gradients,
-// with the tokens it processed and its time.
-struct Heldout {
-  double loss = 0;
-  int64_t processed_tokens = 0;
-  double seconds = 0;
-};
-
-absl::StatusOr<Heldout> HeldoutLoss(const model::LlamaModel& model, lora::LoraAdapter* adapter,
-                                    const LocalDataset& data, const MemoryPlan& plan) {
+// Held-out loss (the first training examples when nothing is held out) with the adapter, no gradients.
+absl::StatusOr<double> HeldoutLoss(const model::LlamaModel& model, lora::LoraAdapter* adapter,
+                                   const LocalDataset& data, const MemoryPlan& plan) {
   std::vector<model::Example> examples;
   std::span<const LocalExample> source = data.heldout().empty() ? data.train() : data.heldout();
-  Heldout out;
   for (size_t i = 0; i < source.size() && (!data.heldout().empty() || i < 32); ++i) {
     examples.push_back(source[i].example);
-    out.processed_tokens += static_cast<int64_t>(source[i].example.tokens.size());
   }
   model::EvalOptions eo;
   eo.batch_size = std::max<int64_t>(1, plan.micro_batch);
@@ -42,9 +33,28 @@ absl::StatusOr<Heldout> HeldoutLoss(const model::LlamaModel& model, lora::LoraAd
   eo.forward.ce_chunk_tokens = plan.ce_chunk_tokens;
   eo.forward.mlp_chunk_tokens = plan.mlp_chunk_tokens;
   SEEDLING_ASSIGN_OR_RETURN(model::EvalResult r, model::Evaluate(model, examples, eo));
-  out.loss = r.loss;
-  out.seconds = r.seconds;
-  return out;
+  return r.loss;
+}
+
+// Benchmarks: plain forwards (the loss, no gradients) on training batches, one untimed, then for at least
+// `seconds`: the inference reference in the shapes the steps use.
+absl::Status TimeForwards(const model::LlamaModel& model, lora::LoraAdapter* adapter, BatchIterator& batches,
+                          const MemoryPlan& plan, double seconds, TrainingResult& result) {
+  model::ForwardOptions fo;
+  fo.adapter = adapter;
+  fo.ce_chunk_tokens = plan.ce_chunk_tokens;
+  fo.mlp_chunk_tokens = plan.mlp_chunk_tokens;
+  SEEDLING_RETURN_IF_ERROR(optim::ProbeLoss(model, batches.Next().batch, fo).status());  // warm-up
+  const auto t0 = std::chrono::steady_clock::now();
+  double elapsed = 0;
+  for (int64_t n = 0; elapsed < seconds && n < 100000; ++n) {
+    const LocalBatch batch = batches.Next();
+    SEEDLING_RETURN_IF_ERROR(optim::ProbeLoss(model, batch.batch, fo).status());
+    result.forward_processed_tokens += batch.tokens;
+    elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+  result.forward_seconds = elapsed;
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -141,6 +151,9 @@ absl::StatusOr<TrainingResult> RunLocalTraining(model::LlamaModel& model, lora::
   }
   if (!(config.min_seconds >= 0 && config.min_seconds <= 3600)) {
     return absl::InvalidArgumentError(StrCat("min_seconds must be in [0, 3600], got ", config.min_seconds));
+  }
+  if (!(config.forward_seconds >= 0 && config.forward_seconds <= 3600)) {
+    return absl::InvalidArgumentError(StrCat("forward_seconds must be in [0, 3600], got ", config.forward_seconds));
   }
   if (!config.full_parameters && adapter == nullptr) {
     return absl::InvalidArgumentError("training an adapter needs one (or full_parameters)");
@@ -249,8 +262,7 @@ absl::StatusOr<TrainingResult> RunLocalTraining(model::LlamaModel& model, lora::
     result.processed_tokens = cp.processed_tokens;
     seconds_before = cp.seconds;
   } else {
-    SEEDLING_ASSIGN_OR_RETURN(const Heldout start, HeldoutLoss(model, forward_adapter, data, plan));
-    result.loss_start = start.loss;
+    SEEDLING_ASSIGN_OR_RETURN(result.loss_start, HeldoutLoss(model, forward_adapter, data, plan));
   }
   auto checkpoint = [&](double seconds) -> absl::Status {
     if (!control.on_checkpoint) return absl::OkStatus();
@@ -307,10 +319,10 @@ absl::StatusOr<TrainingResult> RunLocalTraining(model::LlamaModel& model, lora::
     result.fwdgrad_sum.assign(sum.data_ptr<float>(), sum.data_ptr<float>() + sum.numel());
     result.fwdgrad_pairs = fwdgrad->all_pairs();
   }
-  SEEDLING_ASSIGN_OR_RETURN(const Heldout end, HeldoutLoss(model, forward_adapter, data, plan));
-  result.loss_end = end.loss;
-  result.eval_processed_tokens = end.processed_tokens;
-  result.eval_seconds = end.seconds;
+  SEEDLING_ASSIGN_OR_RETURN(result.loss_end, HeldoutLoss(model, forward_adapter, data, plan));
+  if (config.forward_seconds > 0) {
+    SEEDLING_RETURN_IF_ERROR(TimeForwards(model, forward_adapter, batches, plan, config.forward_seconds, result));
+  }
   return result;
 }
 

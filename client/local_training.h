@@ -39,6 +39,10 @@ struct TrainingConfig {
   // `min_seconds`. Both 0 in training proper.
   int64_t untimed_steps = 0;
   double min_seconds = 0;
+  // Benchmarks: after training, time plain forwards (the loss without gradients, the plan's chunking) on
+  // training batches for at least this long (one untimed first): the inference figure the steps compare
+  // to, in their own shapes. 0 = off.
+  double forward_seconds = 0;
 };
 
 // config.perturbations, or the method's default when it is 0.
@@ -80,9 +84,9 @@ struct TrainingResult {
   int64_t processed_tokens = 0;
   int64_t scored_tokens = 0;
   double seconds = 0;             // training steps only
-  // The final held-out evaluation (loss_end), warm after the first: the forward alone, for comparison.
-  int64_t eval_processed_tokens = 0;
-  double eval_seconds = 0;
+  // TrainingConfig::forward_seconds: plain forwards timed on training batches after training.
+  int64_t forward_processed_tokens = 0;
+  double forward_seconds = 0;
   int64_t step_tensor_peak_bytes = 0;  // tensor high-water mark during the steps (TensorMemoryTracker)
   std::vector<optim::SeedScalar> kseed_pairs;  // kseed: the upload (seed index, scalar) per applied step
   optim::ForwardGradient fwdgrad_last;         // fwdgrad: the last step's (seed, derivative) pairs
