@@ -8,6 +8,8 @@
 namespace seedling::optim {
 namespace {
 
+using testing::BiasedMicroConfig;
+using testing::EveryProjection;
 using testing::MakeModel;
 using testing::MicroConfig;
 using testing::RuleBatch;
@@ -85,25 +87,10 @@ TEST_CASE("The forward-mode JVP equals a float64 central finite difference", "[o
   }
 }
 
-// A config with every bias (Qwen2's q/k/v, Llama's attention_bias and mlp_bias): a bias belongs to the
-// primal only, which the batched rules must respect.
-model::ModelConfig BiasedConfig() {
-  model::ModelConfig c = MicroConfig();
-  c.qkv_bias = true;
-  c.o_bias = true;
-  c.mlp_bias = true;
-  return c;
-}
-
-const std::vector<model::Projection> kEveryProjection = {model::Projection::kQ,    model::Projection::kK,
-                                                         model::Projection::kV,    model::Projection::kO,
-                                                         model::Projection::kGate, model::Projection::kUp,
-                                                         model::Projection::kDown};
-
 TEST_CASE("The batched forward gradient equals per-tangent forward-mode AD", "[optim][fwdgrad][tangents]") {
-  const model::ModelConfig c = BiasedConfig();
+  const model::ModelConfig c = BiasedMicroConfig();
   auto m = MakeModel(c, 4);
-  auto a = RandomAdapter(c, 2, kEveryProjection);
+  auto a = RandomAdapter(c, 2, EveryProjection());
   const model::Batch batch = RuleBatch(2, 12, c.vocab_size, 7);
   const std::vector<uint64_t> seeds = {31, 32, 33, 34, 35};
 
@@ -155,10 +142,10 @@ TEST_CASE("The batched forward gradient equals per-tangent forward-mode AD", "[o
 
 TEST_CASE("Batched and per-tangent training steps give the same losses and parameters",
           "[optim][fwdgrad][tangents]") {
-  const model::ModelConfig c = BiasedConfig();
+  const model::ModelConfig c = BiasedMicroConfig();
   auto m = MakeModel(c, 5);
-  auto a1 = RandomAdapter(c, 2, kEveryProjection);
-  auto a2 = RandomAdapter(c, 2, kEveryProjection);
+  auto a1 = RandomAdapter(c, 2, EveryProjection());
+  auto a2 = RandomAdapter(c, 2, EveryProjection());
   FwdGradOptions batched, per_tangent;
   batched.perturbations = per_tangent.perturbations = 4;
   batched.lr = per_tangent.lr = 1e-3;

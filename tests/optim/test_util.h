@@ -6,6 +6,7 @@
 
 #include <catch2/catch.hpp>
 #include <memory>
+#include <vector>
 
 #include "lora/adapter.h"
 #include "model/dataset.h"
@@ -28,6 +29,21 @@ inline model::ModelConfig MicroConfig() {
   c.rope_theta = 10000.0;
   c.tie_word_embeddings = true;
   return c;
+}
+
+// MicroConfig with every bias (Qwen2's q/k/v, Llama's attention_bias and mlp_bias): a bias belongs to the
+// primal only, which batched tangent and probe computations must respect.
+inline model::ModelConfig BiasedMicroConfig() {
+  model::ModelConfig c = MicroConfig();
+  c.qkv_bias = true;
+  c.o_bias = true;
+  c.mlp_bias = true;
+  return c;
+}
+
+inline std::vector<model::Projection> EveryProjection() {
+  return {model::Projection::kQ,    model::Projection::kK,  model::Projection::kV,   model::Projection::kO,
+          model::Projection::kGate, model::Projection::kUp, model::Projection::kDown};
 }
 
 inline std::unique_ptr<model::LlamaModel> MakeModel(const model::ModelConfig& c, uint64_t seed, double scale = 10.0) {

@@ -10,6 +10,8 @@
 namespace seedling::optim {
 namespace {
 
+using testing::BiasedMicroConfig;
+using testing::EveryProjection;
 using testing::MakeModel;
 using testing::MicroConfig;
 using testing::RuleBatch;
@@ -107,19 +109,12 @@ TEST_CASE("A NaN loss skips MeZO and lora-bp steps and never poisons the paramet
 std::unique_ptr<lora::LoraAdapter> EveryProjectionAdapter(const model::ModelConfig& c) {
   lora::LoraConfig lc;
   lc.rank = 2;
-  lc.targets = {model::Projection::kQ,    model::Projection::kK,  model::Projection::kV,   model::Projection::kO,
-                model::Projection::kGate, model::Projection::kUp, model::Projection::kDown};
+  lc.targets = EveryProjection();
   auto a = lora::LoraAdapter::Create(c, lc);
   REQUIRE(a.ok());
   at::manual_seed(8);
   (*a)->flat().copy_(at::randn({(*a)->numel()}) * 0.3);
   return std::move(a).value();
-}
-
-model::ModelConfig BiasedMicroConfig() {
-  model::ModelConfig c = MicroConfig();
-  c.qkv_bias = c.o_bias = c.mlp_bias = true;
-  return c;
 }
 
 // The loss at θ + float(scale · z(seed)) by a plain forward (the reference for one perturbed copy).
