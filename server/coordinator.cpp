@@ -6,6 +6,7 @@
 #include <openssl/evp.h>
 #include <openssl/rand.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -121,10 +122,15 @@ struct Coordinator::Inflight {
   int64_t last_activity_ms = 0;
 };
 
+// A device's own count of tokens it processed is informational; capped so a hostile value cannot
+// overflow a round's sum.
+constexpr uint64_t kMaxReportedTokens = uint64_t{1} << 40;
+
 struct Coordinator::RoundStats {
   int64_t rejected = 0;
   double loss_start_sum = 0, loss_end_sum = 0;
   int64_t loss_count = 0;
+  int64_t processed_tokens = 0;  // as reported (each capped at kMaxReportedTokens)
   uint64_t bytes_up = 0, bytes_down = 0;
 };
 
@@ -755,8 +761,11 @@ v1::Envelope Coordinator::OnUploadCommit(const std::string& device_id, const v1:
   entry.bytes = up->total_bytes;
   entry.sha256 = Hex(up->sha256);
   entry.accepted_ms = now;
+  const uint64_t processed = std::min(up->metrics.processed_tokens(), kMaxReportedTokens);
   nlohmann::json m = {{"loss_start", up->metrics.loss_start()}, {"loss_end", up->metrics.loss_end()},
-                      {"steps", up->metrics.steps()}, {"skipped_steps", up->metrics.skipped_steps()}};
+                      {"steps", up->metrics.steps()}, {"skipped_steps", up->metrics.skipped_steps()},
+                      {"processed_tokens", processed},
+                      {"scored_tokens", std::min(up->metrics.scored_tokens(), kMaxReportedTokens)}};
   entry.metrics_json = m.dump();
   if (absl::Status st = store_->RecordAcceptedUpdate(entry); !st.ok()) {
     // The aggregate already holds the update but the ledger does not: this round cannot be trusted.
@@ -765,6 +774,7 @@ v1::Envelope Coordinator::OnUploadCommit(const std::string& device_id, const v1:
     return RejectLocked(v1::INTERNAL, "the update could not be recorded; check in again", "internal");
   }
   ++round_->accepted;
+  stats_->processed_tokens += static_cast<int64_t>(processed);
   if (std::isfinite(up->metrics.loss_start()) && std::isfinite(up->metrics.loss_end())) {
     stats_->loss_start_sum += up->metrics.loss_start();
     stats_->loss_end_sum += up->metrics.loss_end();
@@ -1218,6 +1228,7 @@ void Coordinator::FinishRoundLocked(int64_t now) {
     result["loss_start"] = stats_->loss_start_sum / static_cast<double>(stats_->loss_count);
     result["loss_end"] = stats_->loss_end_sum / static_cast<double>(stats_->loss_count);
   }
+  if (stats_->processed_tokens > 0) result["processed_tokens"] = stats_->processed_tokens;
   for (const auto& [k, v] : outcome->metrics) result[k] = v;
   if (absl::Status st = store_->CommitRound(round_id, next.version, now, result.dump(), seed_blob, dp_spend);
       !st.ok()) {
@@ -1383,6 +1394,7 @@ DashboardRound Coordinator::ToDashboard(const RoundRecord& r) {
       d.bytes_down = j.value("bytes_down", uint64_t{0});
       if (j.contains("loss_start")) d.loss_start = j["loss_start"].get<double>();
       if (j.contains("loss_end")) d.loss_end = j["loss_end"].get<double>();
+      d.processed_tokens = j.value("processed_tokens", int64_t{0});
     } catch (const nlohmann::json::exception&) {
       // A result the dashboard cannot read is shown without its details.
     }
@@ -1400,6 +1412,7 @@ DashboardSnapshot Coordinator::Snapshot() {
     d.rejected = stats_->rejected;
     d.bytes_up = stats_->bytes_up;
     d.bytes_down = stats_->bytes_down;
+    d.processed_tokens = stats_->processed_tokens;
     if (stats_->loss_count > 0) {
       d.loss_start = stats_->loss_start_sum / static_cast<double>(stats_->loss_count);
       d.loss_end = stats_->loss_end_sum / static_cast<double>(stats_->loss_count);

@@ -43,6 +43,7 @@ struct DashboardRound {
   double loss_end = NAN;    // mean over reporting clients after local training; NaN if none
   uint64_t bytes_up = 0;    // client → server payload bytes
   uint64_t bytes_down = 0;  // server → client payload bytes
+  int64_t processed_tokens = 0;  // tokens the accepted updates' local steps processed, as the devices report
   int64_t opened_ms = 0;
   int64_t deadline_ms = 0;  // when collecting stops; 0 = no deadline
   int64_t closed_ms = 0;

@@ -123,6 +123,8 @@ constexpr const char* kFields[] = {"method",
                                    "accuracy",
                                    "bytes_up_per_client",
                                    "bytes_down_per_client",
+                                   "processed_tokens",
+                                   "device_tokens_per_second",
                                    "energy_joules",
                                    "epsilon",
                                    "global_sha256",
@@ -592,6 +594,8 @@ nlohmann::json ToJson(const RoundRecord& r) {
   j["accuracy"] = JsonNumber(r.accuracy);
   j["bytes_up_per_client"] = JsonNumber(r.bytes_up_per_client);
   j["bytes_down_per_client"] = JsonNumber(r.bytes_down_per_client);
+  j["processed_tokens"] = r.processed_tokens;
+  j["device_tokens_per_second"] = JsonNumber(r.device_tokens_per_second);
   j["energy_joules"] = JsonNumber(r.energy_joules);
   j["epsilon"] = JsonNumber(r.epsilon);
   j["global_sha256"] = r.global_sha256;
@@ -656,6 +660,8 @@ absl::StatusOr<RoundRecord> RoundRecordFromJson(const nlohmann::json& j) {
   SEEDLING_RETURN_IF_ERROR(get_double("accuracy", r.accuracy));
   SEEDLING_RETURN_IF_ERROR(get_double("bytes_up_per_client", r.bytes_up_per_client));
   SEEDLING_RETURN_IF_ERROR(get_double("bytes_down_per_client", r.bytes_down_per_client));
+  SEEDLING_RETURN_IF_ERROR(get_int("processed_tokens", r.processed_tokens));
+  SEEDLING_RETURN_IF_ERROR(get_double("device_tokens_per_second", r.device_tokens_per_second));
   SEEDLING_RETURN_IF_ERROR(get_double("energy_joules", r.energy_joules));
   SEEDLING_RETURN_IF_ERROR(get_double("epsilon", r.epsilon));
   SEEDLING_RETURN_IF_ERROR(get_double("wall_seconds", r.wall_seconds));
@@ -678,7 +684,8 @@ std::string ToCsvRow(const RoundRecord& r) {
                 r.selected, ",", r.participants, ",", r.dropouts, ",", r.stragglers, ",",
                 r.declined, ",", r.declined_memory, ",", r.declined_unsupported, ",", CsvNumber(r.train_loss), ",", CsvNumber(r.eval_loss), ",",
                 CsvNumber(r.accuracy), ",", CsvNumber(r.bytes_up_per_client), ",",
-                CsvNumber(r.bytes_down_per_client), ",", CsvNumber(r.energy_joules), ",",
+                CsvNumber(r.bytes_down_per_client), ",", r.processed_tokens, ",",
+                CsvNumber(r.device_tokens_per_second), ",", CsvNumber(r.energy_joules), ",",
                 CsvNumber(r.epsilon), ",", CsvField(r.global_sha256), ",", CsvNumber(r.wall_seconds), "\n");
 }
 

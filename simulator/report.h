@@ -48,6 +48,9 @@ struct RoundRecord {
   double accuracy = NAN;     // in [0, 1], where the task has labels
   double bytes_up_per_client = 0;    // bytes, mean over participants
   double bytes_down_per_client = 0;  // bytes, mean over participants
+  int64_t processed_tokens = 0;      // tokens the participants' local steps processed (prompts included)
+  double device_tokens_per_second = NAN;  // processed_tokens over the participants' simulated compute
+                                          // seconds: the phones' training speed as the time model has it
   double energy_joules = 0;          // all selected devices' training + radio energy this round, J
   double epsilon = NAN;              // DP budget spent so far (privacy), NaN if DP is off
   std::string global_sha256;         // hex SHA-256 of the global parameters after the round (float32

@@ -324,6 +324,7 @@ struct RoundStats {
   int64_t declined_memory = 0;       // of which for want of memory (Decline MEMORY)
   int64_t declined_unsupported = 0;  // ... and because the device cannot run the task (UNSUPPORTED)
   double energy_j = 0;
+  double accepted_compute_s = 0;    // simulated training time of the devices whose update was accepted
   std::map<int64_t, double> drops;  // device → when it drops out; erased when its update is accepted
 };
 
@@ -613,7 +614,9 @@ void MethodRun::AfterReply(Activation& a, const v1::Envelope& request, const abs
   if (!reply.ok()) return;
   if (request.has_upload_commit()) check_rounds_ = true;
   if (reply->has_upload_ack() && reply->upload_ack().accepted()) {
-    stats_[reply->upload_ack().round_id()].drops.erase(device);
+    RoundStats& s = stats_[reply->upload_ack().round_id()];
+    s.drops.erase(device);
+    s.accepted_compute_s += a.compute_s;
   }
   const bool secagg_answer = request.has_secagg() && reply->has_secagg_reply() && !request.secagg().message().empty();
   if (secagg_answer && request.secagg().stage() == v1::SECAGG_MASKED_INPUT) {
@@ -902,6 +905,10 @@ void MethodRun::CheckRounds() {
       rec.declined_unsupported = s.declined_unsupported;
       rec.stragglers = std::max<int64_t>(0, r->selected - r->accepted - rec.dropouts - s.declined);
       rec.energy_joules = s.energy_j;
+      rec.processed_tokens = r->processed_tokens;
+      if (s.accepted_compute_s > 0 && r->processed_tokens > 0) {
+        rec.device_tokens_per_second = static_cast<double>(r->processed_tokens) / s.accepted_compute_s;
+      }
     }
     if (rec.committed) {
       rec.epsilon = snap.epsilon;  // DP spent after this round (NaN without DP); one commit per check

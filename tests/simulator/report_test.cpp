@@ -75,6 +75,8 @@ RoundRecord Rec(std::string method, int64_t round, double eval_loss, bool commit
   r.bytes_up_per_client = 1000;
   r.bytes_down_per_client = 2000;
   r.energy_joules = 1500;
+  r.processed_tokens = 12800;
+  r.device_tokens_per_second = 64;
   r.wall_seconds = 0.5;
   return r;
 }
@@ -201,7 +203,9 @@ TEST_CASE("A record's JSONL line parses back to the same values with NaN as null
   CHECK(j["epsilon"].is_null());
   CHECK(j["train_loss"].is_null());
   CHECK(j["global_sha256"] == std::string(64, 'c'));
-  CHECK(j.size() == 22);
+  CHECK(j["processed_tokens"] == 12800);
+  CHECK(j["device_tokens_per_second"].get<double>() == 64);
+  CHECK(j.size() == 24);
 
   auto back = RoundRecordFromJson(j);
   REQUIRE(back.ok());
@@ -215,6 +219,8 @@ TEST_CASE("A record's JSONL line parses back to the same values with NaN as null
   CHECK(std::isnan(back->epsilon));
   CHECK(std::isnan(back->train_loss));
   CHECK(back->wall_seconds == r.wall_seconds);
+  CHECK(back->processed_tokens == r.processed_tokens);
+  CHECK(back->device_tokens_per_second == r.device_tokens_per_second);
   CHECK(back->global_sha256 == r.global_sha256);
 }
 
@@ -229,7 +235,7 @@ TEST_CASE("RoundRecordFromJson names the field that has the wrong type", "[simul
 
 TEST_CASE("CSV has the header and one row per record with every field", "[simulator][report]") {
   const std::vector<std::string> header = CsvFields(Lines(CsvHeader()).at(0));
-  REQUIRE(header.size() == 22);
+  REQUIRE(header.size() == 24);
   CHECK(header.front() == "method");
   CHECK(header.back() == "wall_seconds");
   CHECK(CsvHeader().back() == '\n');
@@ -254,6 +260,8 @@ TEST_CASE("CSV has the header and one row per record with every field", "[simula
   CHECK(field("epsilon").empty());  // NaN
   CHECK(std::stod(field("eval_loss")) == 2.5);
   CHECK(std::stod(field("accuracy")) == 0.5);
+  CHECK(field("processed_tokens") == "12800");
+  CHECK(std::stod(field("device_tokens_per_second")) == 64);
   CHECK(std::stod(field("end_time_s")) == r.end_time_s);
   CHECK(field("global_sha256") == "00ff");
   CHECK(field("declined_memory") == "1");
@@ -265,7 +273,7 @@ TEST_CASE("CSV quotes a method name containing a comma or a quote", "[simulator]
   const std::string row = ToCsvRow(r);
   CHECK(row.rfind("\"lora,\"\"int8\"\"\",", 0) == 0);
   const std::vector<std::string> fields = CsvFields(Lines(row)[0]);
-  REQUIRE(fields.size() == 22);
+  REQUIRE(fields.size() == 24);
   CHECK(fields[0] == "lora,\"int8\"");
 }
 
@@ -297,7 +305,7 @@ TEST_CASE("RoundLog appends and flushes every record while it is still open",
   CHECK(nlohmann::json::parse(jl[1])["eval_loss"].is_null());
   const auto cl = Lines(*csv);
   REQUIRE(cl.size() == 3);
-  CHECK(CsvFields(cl[2]).size() == 22);
+  CHECK(CsvFields(cl[2]).size() == 24);
   std::filesystem::remove_all(std::filesystem::path(dir).parent_path().parent_path());
 }
 

@@ -107,6 +107,11 @@ TEST_CASE("The same seed gives identical rounds with 1 and 2 threads", "[simulat
       CHECK(Deterministic(x.rounds[i]) == Deterministic(y.rounds[i]));
       participants += x.rounds[i].participants;
       CHECK(x.rounds[i].selected >= x.rounds[i].participants);
+      if (x.rounds[i].committed && x.rounds[i].participants > 0) {
+        // The participants' processed tokens over their simulated compute time: the phones' speed.
+        CHECK(x.rounds[i].processed_tokens > 0);
+        CHECK(x.rounds[i].device_tokens_per_second > 0);
+      }
       CHECK(x.rounds[i].end_time_s >= x.rounds[i].start_time_s);
     }
   }
