@@ -70,7 +70,6 @@ TEST_CASE("A tighter budget makes fwdgrad carry fewer tangents per pass", "[clie
 
 TEST_CASE("fwdgrad falls back to central differences when one tangent per pass does not fit", "[client][planner]") {
   PlanRequest r = SmolRequest(optim::Method::kFwdGrad);
-  const MemoryPlan ad = *PlanMemory(r);
   const MemoryPlan cd = EstimatePlan(r, "central-difference", r.batch, false, 16);
   REQUIRE(cd.total_bytes() < EstimatePlan(r, "batched-jvp", r.batch, false, 16, 32, 1).total_bytes());
   r.budget_bytes = cd.total_bytes();
