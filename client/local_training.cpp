@@ -162,8 +162,9 @@ absl::StatusOr<TrainingResult> RunLocalTraining(model::LlamaModel& model, lora::
     return absl::InvalidArgumentError(StrCat(optim::MethodName(config.method), " trains a LoRA adapter, not full parameters"));
   }
   if (plan.method != config.method) return absl::InvalidArgumentError("the memory plan is for another method");
-  if (config.perturbations < 0 || config.perturbations > 4096) {
-    return absl::InvalidArgumentError(StrCat("perturbations must be in [0, 4096], got ", config.perturbations));
+  if (config.perturbations < 0 || config.perturbations > kMaxPlanPerturbations) {
+    return absl::InvalidArgumentError(
+        StrCat("perturbations must be in [0, ", kMaxPlanPerturbations, "], got ", config.perturbations));
   }
   if (config.full_parameters && (control.resume != nullptr || control.checkpoint_every > 0)) {
     return absl::InvalidArgumentError("checkpoints and resume are for adapter runs");
