@@ -8,6 +8,7 @@
 #include "base/status.h"
 #include "bench/finetune_bench.h"
 #include "bench/forward_bench.h"
+#include "client/memory_planner.h"
 
 #include <climits>
 #include <unistd.h>
@@ -69,6 +70,9 @@ void RegisterFinetuneBench(CLI::App* bench, Action& action) {
   cmd->add_flag("--bf16", options->bf16, "Write the model file in BF16 (default F32)");
   cmd->add_option("--weights", options->weights, "Frozen weights of every run: fp32, stored, q8_0 or q4_0")
       ->capture_default_str();
+  cmd->add_option("--memory-budget", options->memory_budget,
+                  "The lora-bp row's budget, e.g. 900M: the planner recomputes as few layers as fit (default: "
+                  "recompute every layer)");
   auto json = std::make_shared<bool>(false);
   cmd->add_flag("--json", *json, "Also print one JSON line per row");
   cmd->callback([options, json, &action] {
@@ -77,6 +81,9 @@ void RegisterFinetuneBench(CLI::App* bench, Action& action) {
       const ssize_t n = ::readlink("/proc/self/exe", exe, sizeof(exe) - 1);
       if (n <= 0) return absl::InternalError("cannot find the seedling binary");
       exe[n] = '\0';
+      if (!options->memory_budget.empty()) {
+        SEEDLING_RETURN_IF_ERROR(client::ParseByteSize(options->memory_budget).status());  // before any row runs
+      }
       SEEDLING_ASSIGN_OR_RETURN(std::vector<bench::FinetuneBenchRow> rows, bench::RunFinetuneBench(*options, exe, std::cout));
       if (*json) {
         for (const auto& r : rows) {

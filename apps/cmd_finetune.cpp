@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 #include <span>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_join.h"
 #include "apps/commands.h"
 #include "apps/weight_flags.h"
@@ -55,6 +56,29 @@ absl::Status SaveModelDir(const std::string& out, const std::string& source_dir,
   SEEDLING_RETURN_IF_ERROR(CopyTokenizerFiles(source_dir, out));
   return WriteFileAtomic(JoinPath(out, "config.json"), model::ModelConfigToJson(c));
 }
+
+namespace {
+
+// --recompute: "auto" (the planner decides), "on" (every layer), "off", or N (the first N layers).
+struct RecomputeFlag {
+  bool automatic = true;
+  bool on = false;
+  int64_t stored_layers = 0;
+};
+
+absl::StatusOr<RecomputeFlag> ParseRecompute(const std::string& text, int64_t layers) {
+  if (text == "auto") return RecomputeFlag{};
+  if (text == "on") return RecomputeFlag{false, true, 0};
+  if (text == "off") return RecomputeFlag{false, false, 0};
+  int64_t n = -1;
+  if (!absl::SimpleAtoi(ToAbsl(text), &n) || n < 0 || n > layers) {
+    return absl::InvalidArgumentError(StrCat("--recompute must be auto, on, off or a number of layers in [0, ",
+                                             layers, "], got '", text, "'"));
+  }
+  return RecomputeFlag{false, n > 0, n > 0 ? layers - n : 0};
+}
+
+}  // namespace
 
 void RegisterFinetune(CLI::App& app, Action& action) {
   struct Flags {
@@ -109,7 +133,9 @@ void RegisterFinetune(CLI::App& app, Action& action) {
   cmd->add_option("--pool-size", f->training.kseed_pool_size, "kseed: candidate seeds")->capture_default_str();
   cmd->add_option("--pool-seed", f->training.kseed_pool_seed, "kseed: the pool's seed")->capture_default_str();
   AddWeightFlags(cmd, f->weights);
-  cmd->add_option("--recompute", f->recompute, "lora-bp: per-layer recomputation auto (the planner decides), on or off")
+  cmd->add_option("--recompute", f->recompute,
+                  "lora-bp: per-layer recomputation auto (the planner decides), on, off, or a number of layers "
+                  "(the first ones; the rest keep their activations)")
       ->capture_default_str();
   cmd->add_option("--variant", f->variant,
                   "How the method runs (default: the planner decides): fwdgrad batched-jvp or central-difference; "
@@ -158,21 +184,19 @@ void RegisterFinetune(CLI::App& app, Action& action) {
       SEEDLING_ASSIGN_OR_RETURN(request.weight_bytes, model::ResidentWeightBytes(f->model_dir, config, load.precision));
       request.weights_decoded_per_tile = load.precision != model::WeightPrecision::kFloat32;
       request.perturbations = client::PerturbationsPerStep(f->training);
-      if (f->recompute != "auto" && f->recompute != "on" && f->recompute != "off") {
-        return absl::InvalidArgumentError(StrCat("--recompute must be auto, on or off, got '", f->recompute, "'"));
-      }
+      SEEDLING_ASSIGN_OR_RETURN(const RecomputeFlag recompute, ParseRecompute(f->recompute, config.num_hidden_layers));
       const std::vector<std::string> variants = client::PlanVariants(f->training.method, f->full);
       if (!f->variant.empty() && std::find(variants.begin(), variants.end(), f->variant) == variants.end()) {
         return absl::InvalidArgumentError(StrCat("--variant ", f->variant, " is not one of ", f->method,
                                                  f->full ? " --full" : "", "'s: ", absl::StrJoin(variants, ", ")));
       }
       SEEDLING_ASSIGN_OR_RETURN(client::MemoryPlan plan, client::PlanMemory(request));
-      if (f->recompute != "auto" || f->ce_chunk > 0 || !f->variant.empty()) {
+      if (!recompute.automatic || f->ce_chunk > 0 || !f->variant.empty()) {
         // Settings forced by the user: re-estimate them (and still refuse what cannot fit).
         plan = client::EstimatePlan(request, f->variant.empty() ? plan.variant : f->variant, plan.micro_batch,
-                                    f->recompute == "auto" ? plan.recompute : f->recompute == "on",
+                                    recompute.automatic ? plan.recompute : recompute.on,
                                     f->ce_chunk > 0 ? f->ce_chunk : plan.ce_chunk_tokens, plan.mlp_chunk_tokens,
-                                    plan.tangents_per_pass);
+                                    plan.tangents_per_pass, recompute.automatic ? plan.stored_layers : recompute.stored_layers);
         if (budget > 0 && plan.total_bytes() > budget) {
           return absl::ResourceExhaustedError(StrCat("the forced settings do not fit the budget: ", plan.Describe()));
         }

@@ -101,7 +101,10 @@ absl::StatusOr<std::vector<FinetuneBenchRow>> RunFinetuneBench(const FinetuneBen
   const std::vector<Config> configs = {
       {"inference", "inference (forward)", "mezo",
        {"--steps", "0", "--variant", "in-place-restore", "--forward-seconds", forward_seconds}},
-      {"lora-bp", "lora-bp (planned)", "lora-bp", {"--steps", steps, "--recompute", "on"}},
+      o.memory_budget.empty()
+          ? Config{"lora-bp", "lora-bp (recompute every layer)", "lora-bp", {"--steps", steps, "--recompute", "on"}}
+          : Config{"lora-bp", StrCat("lora-bp (planned, budget ", o.memory_budget, ")"), "lora-bp",
+                   {"--steps", steps, "--memory-budget", o.memory_budget}},
       {"lora-bp-no-recompute", "lora-bp, no recompute, 1 CE chunk", "lora-bp",
        {"--steps", steps, "--recompute", "off", "--ce-chunk", std::to_string(o.seq_len)}},
       {"fwdgrad", absl::StrFormat("fwdgrad (batched JVP, K = %d)", o.perturbations), "fwdgrad",

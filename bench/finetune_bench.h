@@ -27,6 +27,8 @@ struct FinetuneBenchOptions {
   std::string data;              // JSONL; empty = data/sample/instructions.jsonl next to the repo's binary
   bool bf16 = false;             // write the model file in BF16 (as Hugging Face checkpoints are) instead of F32
   std::string weights = "fp32";  // --weights of every run: fp32, stored, q8_0 or q4_0
+  std::string memory_budget;     // the lora-bp row's --memory-budget (the planner decides how many layers to
+                                 // recompute); empty = recompute every layer (the lightest plan)
 };
 
 struct FinetuneBenchRow {

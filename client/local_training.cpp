@@ -191,6 +191,7 @@ absl::StatusOr<TrainingResult> RunLocalTraining(model::LlamaModel& model, lora::
       o.max_grad_norm = config.max_grad_norm;
       o.micro_batch = plan.micro_batch;
       o.recompute = plan.recompute;
+      o.stored_layers = plan.stored_layers;
       o.ce_chunk_tokens = plan.ce_chunk_tokens;
       o.seed = config.seed;
       SEEDLING_ASSIGN_OR_RETURN(trainer, optim::LoraBpTrainer::Create(model, *adapter, o));

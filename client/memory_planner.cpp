@@ -79,18 +79,21 @@ int64_t InferenceLayerPeak(const LayerShapes& s, int64_t mlp_rows = 0) {
 
 // What autograd keeps per layer when a LoRA adapter trains on a frozen base (counted from the saved
 // tensors of each op in model/llama.cpp and model/kernels.cpp): the layer input and the post-attention
-// residual (saved by the RMSNorm squares), the folded q and rotated k (score matmul), v and the
-// probabilities (value matmul), gate / silu / up (SwiGLU), and each adapted projection's input (once per
-// distinct input) and rank-sized middle.
+// residual (RmsNorm), the rotated q and k and v (attention rebuilds its probabilities in backward), gate
+// and up (SwiGLU), and each adapted projection's input (once per distinct input) and rank-sized middle.
 int64_t SavedPerLayer(const LayerShapes& s, const lora::LoraConfig& c) {
-  int64_t per_token = 2 * s.h + s.q + 2 * s.kv + 3 * s.i;
+  int64_t per_token = 2 * s.h + s.q + 2 * s.kv + 2 * s.i;
   if (Has(c, Projection::kQ) || Has(c, Projection::kK) || Has(c, Projection::kV)) per_token += s.h;
   if (Has(c, Projection::kO)) per_token += s.q;
   if (Has(c, Projection::kGate) || Has(c, Projection::kUp)) per_token += s.h;
   if (Has(c, Projection::kDown)) per_token += s.i;
   per_token += c.rank * static_cast<int64_t>(c.targets.size());
-  return s.n * per_token + s.scores;
+  return s.n * per_token;
 }
+
+// Transients of one layer's backward besides its saved set: the gradients flowing through it (about a
+// saved set's worth) and attention's rebuilt probabilities, their gradient and one product of the two.
+int64_t LayerBackwardTransient(const LayerShapes& s, int64_t saved) { return saved + 3 * s.scores; }
 
 // Rows of one decoded weight tile (model/frozen_linear.h) of a matrix with `cols` columns.
 int64_t TileRows(int64_t cols) {
@@ -137,13 +140,17 @@ std::string Mib(int64_t bytes) { return absl::StrFormat("%.1f", static_cast<doub
 }  // namespace
 
 MemoryPlan EstimatePlan(const PlanRequest& r, const std::string& variant, int64_t micro_batch, bool recompute,
-                        int64_t ce_chunk_tokens, int64_t mlp_chunk_tokens, int64_t tangents_per_pass) {
+                        int64_t ce_chunk_tokens, int64_t mlp_chunk_tokens, int64_t tangents_per_pass,
+                        int64_t stored_layers) {
   const model::ModelConfig& m = r.model;
   MemoryPlan plan;
   plan.method = r.method;
   plan.variant = variant;
   plan.micro_batch = micro_batch;
   plan.recompute = recompute;
+  plan.stored_layers = r.method == Method::kLoraBp && recompute
+                           ? std::clamp<int64_t>(stored_layers, 0, r.model.num_hidden_layers)
+                           : 0;
   plan.ce_chunk_tokens = ce_chunk_tokens;
   const bool batched_jvp = r.method == Method::kFwdGrad && variant == "batched-jvp";
   plan.mlp_chunk_tokens =
@@ -165,13 +172,20 @@ MemoryPlan EstimatePlan(const PlanRequest& r, const std::string& variant, int64_
       plan.trainable_bytes = kFloat * 5 * p;
       const int64_t saved = SavedPerLayer(s, r.lora);
       const int64_t ce = CrossEntropyPeak(m, s.n, ce_chunk_tokens, true);
-      if (recompute) {
-        // Every layer's input; in backward either one layer's rebuilt saved set next to its gradients or
+      const int64_t transient = LayerBackwardTransient(s, saved);
+      if (recompute && plan.stored_layers == 0) {
+        // Every layer's input; in backward either one layer's rebuilt saved set next to its transients or
         // the cross-entropy's backward, whichever is larger.
-        elements = layers * s.n * s.h + std::max(2 * saved, ce);
+        elements = layers * s.n * s.h + std::max(saved + transient, ce);
+      } else if (recompute) {
+        // The recomputed layers' inputs and the stored layers' saved sets; in backward the stored layers
+        // go first (the cross-entropy's backward next to their transients), then one rebuilt layer at a
+        // time next to its transients.
+        const int64_t recomputed = layers - plan.stored_layers;
+        elements = recomputed * s.n * s.h + plan.stored_layers * saved + std::max(transient + ce, saved + transient);
       } else {
-        // Every layer's saved set, the gradients flowing through one layer, and the cross-entropy backward.
-        elements = layers * saved + saved + ce;
+        // Every layer's saved set, the transients of one layer's backward, and the cross-entropy backward.
+        elements = layers * saved + transient + ce;
       }
       break;
     }
@@ -285,17 +299,26 @@ absl::StatusOr<MemoryPlan> PlanMemory(const PlanRequest& r) {
     tangent_groups = {std::max<int64_t>(r.perturbations, 1)};
     while (tangent_groups.back() > 1) tangent_groups.push_back(tangent_groups.back() / 2);
   }
-  const std::vector<bool> recompute_options =
-      r.method == Method::kLoraBp ? std::vector<bool>{false, true} : std::vector<bool>{false};
+  // lora-bp: no recomputation, then recomputation of more and more layers (the last ones keep their
+  // activations: partial checkpointing spends a budget between the two on speed), then of all of them.
+  struct Recompute {
+    bool on;
+    int64_t stored_layers;
+  };
+  std::vector<Recompute> recompute_options = {{false, 0}};
+  if (r.method == Method::kLoraBp) {
+    for (int64_t stored = r.model.num_hidden_layers - 1; stored >= 0; --stored) recompute_options.push_back({true, stored});
+  }
 
   std::optional<MemoryPlan> smallest;
   for (const std::string& variant : variants) {
-    for (bool recompute : recompute_options) {
+    for (const Recompute& recompute : recompute_options) {
       for (int64_t mb : micro_batches) {
         for (int64_t tangents : variant == "batched-jvp" ? tangent_groups : std::vector<int64_t>{0}) {
           for (int64_t mlp : mlp_chunks) {
             for (int64_t chunk : chunks) {
-              MemoryPlan plan = EstimatePlan(request, variant, mb, recompute, chunk, mlp, tangents);
+              MemoryPlan plan =
+                  EstimatePlan(request, variant, mb, recompute.on, chunk, mlp, tangents, recompute.stored_layers);
               if (r.budget_bytes == 0 || plan.total_bytes() <= r.budget_bytes) return plan;
               if (!smallest || plan.total_bytes() < smallest->total_bytes()) smallest = plan;
             }
@@ -312,7 +335,9 @@ absl::StatusOr<MemoryPlan> PlanMemory(const PlanRequest& r) {
 std::string MemoryPlan::Describe() const {
   std::string settings = optim::MethodName(method);
   if (!variant.empty()) settings += StrCat(" (", variant, ")");
-  settings += StrCat(": micro-batch ", micro_batch, ", recompute ", recompute ? "on" : "off", ", CE chunk ",
+  settings += StrCat(": micro-batch ", micro_batch, ", recompute ", recompute ? "on" : "off",
+                     stored_layers > 0 ? StrCat(" (the last ", stored_layers, " layers stored)") : std::string(),
+                     ", CE chunk ",
                      ce_chunk_tokens > 0 ? StrCat(ce_chunk_tokens, " tokens") : std::string("all tokens"),
                      mlp_chunk_tokens > 0 ? StrCat(", MLP chunk ", mlp_chunk_tokens, " tokens") : std::string(),
                      tangents_per_pass > 0 ? StrCat(", ", tangents_per_pass, " tangents per pass") : std::string(), "; ",
@@ -325,11 +350,13 @@ std::string MemoryPlan::Describe() const {
 
 std::string MemoryPlan::ToJson() const {
   return absl::StrFormat(
-      R"({"method":"%s","variant":"%s","micro_batch":%d,"recompute":%s,"ce_chunk_tokens":%d,"mlp_chunk_tokens":%d,)"
+      R"({"method":"%s","variant":"%s","micro_batch":%d,"recompute":%s,"stored_layers":%d,"ce_chunk_tokens":%d,)"
+      R"("mlp_chunk_tokens":%d,)"
       R"("tangents_per_pass":%d,)"
       R"("runtime_bytes":%d,"data_bytes":%d,"weight_bytes":%d,"trainable_bytes":%d,"activation_bytes":%d,"slack_bytes":%d,)"
       R"("total_bytes":%d})",
-      optim::MethodName(method), variant, micro_batch, recompute ? "true" : "false", ce_chunk_tokens, mlp_chunk_tokens,
+      optim::MethodName(method), variant, micro_batch, recompute ? "true" : "false", stored_layers, ce_chunk_tokens,
+      mlp_chunk_tokens,
       tangents_per_pass,
       runtime_bytes, data_bytes,
       weight_bytes, trainable_bytes, activation_bytes, slack_bytes, total_bytes());

@@ -54,6 +54,7 @@ struct MemoryPlan {
                                   // "in-place-restore" (mezo, kseed), "" (lora-bp)
   int64_t micro_batch = 1;        // sequences per forward/backward (lora-bp accumulates)
   bool recompute = false;         // per-layer recomputation
+  int64_t stored_layers = 0;      // with recompute: the last layers that keep their activations instead
   int64_t ce_chunk_tokens = 0;    // cross-entropy rows per chunk; 0 = all
   int64_t mlp_chunk_tokens = 0;   // mezo / kseed / fwdgrad: MLP tokens per chunk without autograd; 0 = all
   int64_t tangents_per_pass = 0;  // fwdgrad batched-jvp: tangents one forward carries; 0 otherwise
@@ -81,8 +82,10 @@ std::vector<std::string> PlanVariants(optim::Method method, bool full_parameters
 
 // Estimates one configuration (no search, no budget check).
 // `tangents_per_pass` matters for fwdgrad's batched-jvp only (<= 0: all of request.perturbations).
+// `stored_layers` matters for lora-bp with recompute only (clamped to [0, layers]).
 MemoryPlan EstimatePlan(const PlanRequest& request, const std::string& variant, int64_t micro_batch, bool recompute,
-                        int64_t ce_chunk_tokens, int64_t mlp_chunk_tokens = 0, int64_t tangents_per_pass = 0);
+                        int64_t ce_chunk_tokens, int64_t mlp_chunk_tokens = 0, int64_t tangents_per_pass = 0,
+                        int64_t stored_layers = 0);
 
 // The fastest configuration whose estimate fits the budget. ResourceExhausted when none does: the message
 // gives the smallest budget that would fit and the plan it would use. InvalidArgument for a bad request

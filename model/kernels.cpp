@@ -286,9 +286,79 @@ at::Tensor Checkpoint(std::function<at::Tensor(const at::Tensor&)> fn, const at:
   return y;
 }
 
+namespace {
+
+// LibTorch 1.13 has a single forward-AD level, 0: a dual tensor takes the plain expressions, whose
+// operations LibTorch differentiates in forward mode itself.
+bool IsDual(const at::Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); }
+
+// True when reverse-mode autograd would record an operation on these inputs (and none is a dual).
+bool RecordsBackward(std::initializer_list<at::Tensor> inputs) {
+  if (!at::GradMode::is_enabled()) return false;
+  bool any = false;
+  for (const at::Tensor& t : inputs) {
+    if (IsDual(t)) return false;
+    any = any || (t.defined() && t.requires_grad());
+  }
+  return any;
+}
+
+at::Tensor InverseRms(const at::Tensor& x, double eps) { return at::rsqrt(x.pow(2).mean({-1}, /*keepdim=*/true) + eps); }
+
+// RmsNorm under reverse-mode autograd, keeping x and the per-row 1/rms only (the plain expression also
+// keeps x · 1/rms): with g = dy ⊙ w, dx = r (g − x r² mean(g ⊙ x)), dw = Σ_rows dy ⊙ x r.
+struct RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight, double eps) {
+    at::NoGradGuard no_grad;
+    const at::Tensor inv_rms = InverseRms(x, eps);
+    ctx->save_for_backward({x, weight, inv_rms});
+    return x * inv_rms * weight;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &inv_rms = saved[2];
+    const at::Tensor& dy = grad_outputs[0];
+    at::Tensor dx, dw;
+    if (ctx->needs_input_grad(0)) {
+      const at::Tensor g = dy * weight;
+      const at::Tensor coefficient = (g * x).mean({-1}, /*keepdim=*/true).mul_(inv_rms.pow(2));
+      dx = g.sub_(x * coefficient).mul_(inv_rms);
+    }
+    if (ctx->needs_input_grad(1)) dw = (dy * x * inv_rms).reshape({-1, x.size(-1)}).sum(0);
+    return {dx, dw, at::Tensor()};
+  }
+};
+
+// silu(gate) · up under reverse-mode autograd, keeping gate and up (the plain expression also keeps
+// silu(gate)): dgate = silu'(gate) (dy ⊙ up), dup = dy ⊙ silu(gate), silu recomputed.
+struct SwiGluFunction : public torch::autograd::Function<SwiGluFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gate, const at::Tensor& up) {
+    at::NoGradGuard no_grad;
+    ctx->save_for_backward({gate, up});
+    return at::silu(gate).mul_(up);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &gate = saved[0], &up = saved[1];
+    const at::Tensor& dy = grad_outputs[0];
+    return {ctx->needs_input_grad(0) ? at::silu_backward(dy * up, gate) : at::Tensor(),
+            ctx->needs_input_grad(1) ? at::silu(gate).mul_(dy) : at::Tensor()};
+  }
+};
+
+}  // namespace
+
 at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  const at::Tensor inv_rms = at::rsqrt(x.pow(2).mean({-1}, /*keepdim=*/true) + eps);
-  return x * inv_rms * AsCompute(weight);
+  const at::Tensor w = AsCompute(weight);
+  if (RecordsBackward({x, w})) return RmsNormFunction::apply(x, w, eps);
+  return x * InverseRms(x, eps) * w;
+}
+
+at::Tensor SwiGlu(const at::Tensor& gate, const at::Tensor& up) {
+  if (RecordsBackward({gate, up})) return SwiGluFunction::apply(gate, up);
+  return at::silu(gate) * up;
 }
 
 at::Tensor RopeInverseFrequencies(const ModelConfig& c) {
@@ -366,6 +436,42 @@ at::Tensor FoldQueries(const at::Tensor& q, int64_t hkv) {
   return (q * (1.0 / std::sqrt(static_cast<double>(d)))).reshape({b, hkv, (hq / hkv) * t, d});
 }
 
+// Causal grouped-query attention under reverse-mode autograd that keeps only q, k and v (not the
+// (rows × keys) probabilities, the largest tensor of a layer at training lengths): backward rebuilds the
+// probabilities P with one more score multiply, as flash attention's backward does, then
+// dV = Pᵀ dO, dP = dO Vᵀ, dS = P ⊙ (dP − rowsum(P ⊙ dP)), dQ = dS K / √D, dK = dSᵀ Q / √D.
+struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            int64_t q_start, int64_t window) {
+    at::NoGradGuard no_grad;
+    ctx->save_for_backward({q, k, v});
+    ctx->saved_data["q_start"] = q_start;
+    ctx->saved_data["window"] = window;
+    const int64_t b = q.size(0), hq = q.size(1), t = q.size(2), d = q.size(3), hkv = k.size(1);
+    const at::Tensor probs = AttentionProbs(FoldQueries(q, hkv), k, hq / hkv, q_start, Window(window));
+    return at::matmul(probs, v).view({b, hq, t, d});
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2];
+    const int64_t b = q.size(0), hq = q.size(1), t = q.size(2), d = q.size(3), hkv = k.size(1);
+    const at::Tensor qg = FoldQueries(q, hkv);  // (B, Hkv, G*T, D), scaled
+    const at::Tensor probs = AttentionProbs(qg, k, hq / hkv, ctx->saved_data["q_start"].toInt(),
+                                            Window(ctx->saved_data["window"].toInt()));  // (B, Hkv, G*T, S)
+    const at::Tensor d_out = grad_outputs[0].reshape({b, hkv, (hq / hkv) * t, d});
+    const at::Tensor dv = at::matmul(probs.transpose(-1, -2), d_out);  // sums the group's rows per KV head
+    at::Tensor ds = at::matmul(d_out, v.transpose(-1, -2));            // dP, then dS in place
+    ds.sub_((ds * probs).sum(-1, /*keepdim=*/true)).mul_(probs);
+    const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+    const at::Tensor dq = at::matmul(ds, k).mul_(scale).view({b, hq, t, d});
+    const at::Tensor dk = at::matmul(ds.transpose(-1, -2), qg);  // qg carries the 1/√D
+    return {dq, dk, dv, at::Tensor(), at::Tensor()};
+  }
+
+  static std::optional<int64_t> Window(int64_t w) { return w > 0 ? std::optional<int64_t>(w) : std::nullopt; }
+};
+
 }  // namespace
 
 at::Tensor GroupedQueryAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -373,6 +479,7 @@ at::Tensor GroupedQueryAttention(const at::Tensor& q, const at::Tensor& k, const
   const int64_t b = q.size(0), hq = q.size(1), t = q.size(2), d = q.size(3);
   const int64_t hkv = k.size(1), s = k.size(2);
   SEEDLING_CHECK(hq % hkv == 0 && v.size(1) == hkv && v.size(2) == s);
+  if (RecordsBackward({q, k, v})) return AttentionFunction::apply(q, k, v, q_start, sliding_window.value_or(0));
   const at::Tensor probs = AttentionProbs(FoldQueries(q, hkv), k, hq / hkv, q_start, sliding_window);
   return at::matmul(probs, v).view({b, hq, t, d});
 }

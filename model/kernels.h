@@ -63,8 +63,13 @@ std::pair<at::Tensor, at::Tensor> ChunkedCrossEntropyWithGrad(const at::Tensor& 
 at::Tensor Checkpoint(std::function<at::Tensor(const at::Tensor&)> fn, const at::Tensor& x,
                       std::vector<at::Tensor> params);
 
-// x * rsqrt(mean(x², -1) + eps) * weight, over the last dimension.
+// x * rsqrt(mean(x², -1) + eps) * weight, over the last dimension. Under reverse-mode autograd it keeps
+// only x and the rows' 1/rms for backward.
 at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps);
+
+// silu(gate) · up, the gated MLP's activation. Under reverse-mode autograd it keeps only gate and up
+// (backward recomputes silu).
+at::Tensor SwiGlu(const at::Tensor& gate, const at::Tensor& up);
 
 // RoPE inverse frequencies (head_dim / 2), with the config's rope_scaling applied. Double precision.
 at::Tensor RopeInverseFrequencies(const ModelConfig& config);
@@ -86,6 +91,7 @@ at::Tensor ApplyRope(const at::Tensor& x, const RopeTables& rope);
 //   q_start + t and may attend to keys at positions <= its own (keys occupy positions [0, S)), and, with a
 //   sliding window w, only to the last w of them. Returns (B, Hq, T, D).
 // The query heads of each KV group are folded into the row dimension, so K and V are never repeated.
+// Under reverse-mode autograd only q, k and v are kept: backward rebuilds the probabilities.
 at::Tensor GroupedQueryAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  int64_t q_start, std::optional<int64_t> sliding_window = std::nullopt);
 

@@ -1,5 +1,7 @@
 #include "model/llama.h"
 
+#include <algorithm>
+
 #include <torch/csrc/autograd/generated/variable_factories.h>
 
 #include "base/check.h"
@@ -179,7 +181,7 @@ at::Tensor LlamaModel::MlpRows(int64_t layer, const at::Tensor& x, const Forward
   const LayerWeights& w = weights_.layers[static_cast<size_t>(layer)];
   const at::Tensor gate = Project(layer, Projection::kGate, x, w.gate, w.gate_bias, options);  // (..., I)
   const at::Tensor up = Project(layer, Projection::kUp, x, w.up, w.up_bias, options);          // (..., I)
-  return Project(layer, Projection::kDown, at::silu(gate) * up, w.down, w.down_bias, options);  // (..., H)
+  return Project(layer, Projection::kDown, SwiGlu(gate, up), w.down, w.down_bias, options);  // (..., H)
 }
 
 at::Tensor LlamaModel::DecoderLayer(int64_t layer, const at::Tensor& x, const RopeTables& rope,
@@ -289,8 +291,9 @@ absl::StatusOr<at::Tensor> LlamaModel::Hidden(const at::Tensor& tokens, const Fo
     RopeTables rope = MakeRopeTables(inv_freq_, 0, tokens.size(1));
     rope = {rope.cos.to(x.scalar_type()), rope.sin.to(x.scalar_type())};  // once, not per layer
     const bool recompute = options.recompute && at::GradMode::is_enabled();
+    const int64_t recomputed = config_.num_hidden_layers - std::clamp<int64_t>(options.stored_layers, 0, config_.num_hidden_layers);
     for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
-      if (recompute) {
+      if (recompute && l < recomputed) {
         x = Checkpoint([this, l, rope, options](const at::Tensor& in) { return DecoderLayer(l, in, rope, options); },
                        x, LayerTensors(l, options));
       } else {

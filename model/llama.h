@@ -56,6 +56,9 @@ class ProjectionAdapter {
 struct ForwardOptions {
   const ProjectionAdapter* adapter = nullptr;  // borrowed; null = base model only
   bool recompute = false;  // per-layer activation checkpointing (matters only when autograd records)
+  // With recompute: this many of the last layers keep their activations instead (partial checkpointing,
+  // for a budget between all and none); the first num_hidden_layers - stored_layers are recomputed.
+  int64_t stored_layers = 0;
   int64_t ce_chunk_tokens = 0;  // rows of the cross-entropy per chunk; 0 = all (memory is bounded by tiles)
   // Forward-mode AD level whose tangents the frozen projections propagate (model/frozen_linear.h); -1 =
   // none. LossDirectionalDerivative sets it.

@@ -24,6 +24,10 @@ absl::StatusOr<std::unique_ptr<LoraBpTrainer>> LoraBpTrainer::Create(const model
   }
   if (options.max_grad_norm < 0) return absl::InvalidArgumentError("max_grad_norm must be >= 0");
   if (options.micro_batch < 0) return absl::InvalidArgumentError("micro_batch must be >= 0");
+  if (options.stored_layers < 0 || options.stored_layers > model.config().num_hidden_layers) {
+    return absl::InvalidArgumentError(StrCat("stored_layers must be in [0, ", model.config().num_hidden_layers,
+                                             "], got ", options.stored_layers));
+  }
   return std::unique_ptr<LoraBpTrainer>(new LoraBpTrainer(model, adapter, options));
 }
 
@@ -74,6 +78,7 @@ absl::StatusOr<StepResult> LoraBpTrainer::Step(const model::Batch& batch) {
   model::ForwardOptions fo;
   fo.adapter = &adapter_;
   fo.recompute = options_.recompute;
+  fo.stored_layers = options_.stored_layers;
   fo.ce_chunk_tokens = options_.ce_chunk_tokens;
 
   const int64_t rows = batch.tokens.size(0);

@@ -21,6 +21,7 @@ struct LoraBpOptions {
   double max_grad_norm = 1.0;   // clip the global gradient norm to this; 0 = no clipping
   int64_t micro_batch = 0;      // rows per forward/backward (gradient accumulation); 0 = the whole batch
   bool recompute = false;       // per-layer recomputation in backward
+  int64_t stored_layers = 0;    // with recompute, the last layers that keep their activations instead
   int64_t ce_chunk_tokens = 0;  // cross-entropy rows per chunk; 0 = all (tiles bound the memory)
   uint64_t seed = 0;            // LoRA dropout masks
 };

@@ -134,6 +134,16 @@ case "$case_name" in
     peak=$(echo "$out" | json_number peak_rss_bytes)
     [ "$peak" -le "$budget" ] || fail "peak RSS $peak exceeds the budget $budget: $out"
     echo "$out" | grep -q '"recompute":true' || fail "the lightest plan should recompute: $out"
+    # --recompute N recomputes the first N layers; the tiny model's other 3 keep their activations.
+    out=$("$seedling" finetune --model "$model" --data "$repo/data/sample/instructions.jsonl" --method lora-bp \
+      --steps 1 --seq-len 64 --recompute 1 --out "$work/ft-budget" 2>/dev/null) || fail "--recompute 1 failed"
+    { echo "$out" | grep -q '"recompute":true' && echo "$out" | grep -q '"stored_layers":3'; } \
+      || fail "--recompute 1 should store 3 layers: $out"
+    for bad in 5 -1 some; do
+      expect_error "--recompute must be auto, on, off or a number of layers in [0, 4], got '$bad'" "$seedling" finetune \
+        --model "$model" --data "$repo/data/sample/instructions.jsonl" --method lora-bp --steps 1 --recompute "$bad" \
+        --out "$work/ft-budget"
+    done
     ;;
   planner-smollm2)
     "$seedling" init-model --preset smollm2-135m --out "$work/smol" --seed 2 --force >/dev/null || fail "init smollm2"
@@ -281,6 +291,7 @@ case "$case_name" in
       --data "$repo/data/sample/instructions.jsonl" --json 2>/dev/null) || fail "bench finetune failed"
     lines=$(echo "$out" | grep '^{')
     [ "$(echo "$lines" | wc -l)" -eq 9 ] || fail "expected 9 JSON rows: $out"
+    echo "$out" | grep -q "lora-bp (recompute every layer)" || fail "without a budget lora-bp recomputes every layer: $out"
     for name in inference lora-bp lora-bp-no-recompute fwdgrad mezo mezo-in-place mezo-q4 kseed kseed-q4; do
       row=$(echo "$lines" | grep "\"name\":\"$name\"") || fail "no row $name: $out"
       for key in tokens_per_second mfu peak_rss_bytes planned_peak_bytes step_tensor_peak_bytes; do

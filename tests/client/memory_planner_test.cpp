@@ -35,21 +35,51 @@ TEST_CASE("Without a budget the planner picks the fastest settings", "[client][p
   CHECK(fwd->tangents_per_pass == 8);  // every perturbation in one pass
 }
 
-TEST_CASE("A tighter budget turns on recomputation, then smaller micro-batches", "[client][planner]") {
+TEST_CASE("A tighter budget recomputes more layers, then uses smaller micro-batches", "[client][planner]") {
   PlanRequest r = SmolRequest(optim::Method::kLoraBp);
-  const MemoryPlan fastest = *PlanMemory(r);
-  const MemoryPlan recomputed = EstimatePlan(r, "", 4, true, fastest.ce_chunk_tokens);
-  REQUIRE(recomputed.total_bytes() < fastest.total_bytes());
-  r.budget_bytes = recomputed.total_bytes();
+  r.batch = 1;  // first one sequence: no smaller micro-batch to fall back on
+  const int64_t layers = r.model.num_hidden_layers;
+  MemoryPlan fastest = *PlanMemory(r);
+  CHECK_FALSE(fastest.recompute);
+  MemoryPlan all = EstimatePlan(r, "", 1, true, fastest.ce_chunk_tokens);
+  REQUIRE(all.total_bytes() < fastest.total_bytes());
+  // Budgets between recomputing every layer and none: the planner keeps as many of the last layers'
+  // activations as fit, more with more memory, before it would shrink the micro-batch.
+  int64_t previous_stored = -1;
+  for (double fraction : {0.25, 0.5, 0.75}) {
+    r.budget_bytes = all.total_bytes() +
+                     static_cast<int64_t>(fraction * static_cast<double>(fastest.total_bytes() - all.total_bytes()));
+    auto plan = PlanMemory(r);
+    REQUIRE(plan.ok());
+    INFO("budget fraction " << fraction << ": " << plan->Describe());
+    CHECK(plan->total_bytes() <= r.budget_bytes);
+    CHECK(plan->recompute);
+    CHECK(plan->stored_layers > previous_stored);
+    CHECK(plan->stored_layers < layers);
+    // One more stored layer would not have fit.
+    CHECK(EstimatePlan(r, "", 1, true, plan->ce_chunk_tokens, 0, 0, plan->stored_layers + 1).total_bytes() >
+          r.budget_bytes);
+    previous_stored = plan->stored_layers;
+  }
+  CHECK(previous_stored > 0);
+  // Four sequences with the budget of recomputing every layer at micro-batch 4: smaller micro-batches
+  // free room for stored layers, and recomputing fewer layers saves more time than larger multiplies.
+  r.budget_bytes = 0;
+  r.batch = 4;
+  fastest = *PlanMemory(r);
+  all = EstimatePlan(r, "", 4, true, fastest.ce_chunk_tokens);
+  r.budget_bytes = all.total_bytes();
   auto plan = PlanMemory(r);
   REQUIRE(plan.ok());
   CHECK(plan->total_bytes() <= r.budget_bytes);
   CHECK(plan->recompute);
-  CHECK(plan->micro_batch == 4);
+  CHECK(plan->stored_layers > 0);
+  // Below that, smaller micro-batches.
   r.budget_bytes = EstimatePlan(r, "", 1, true, fastest.ce_chunk_tokens).total_bytes();
   plan = PlanMemory(r);
   REQUIRE(plan.ok());
   CHECK(plan->micro_batch == 1);
+  CHECK(plan->stored_layers == 0);
   CHECK(plan->total_bytes() <= r.budget_bytes);
 }
 
@@ -201,13 +231,17 @@ TEST_CASE("Activation estimates bound the measured tensor peak of each method on
     CHECK(estimate >= measured * 9 / 10);
     CHECK(estimate <= measured * 2);
   };
-  for (bool recompute : {false, true}) {
+  // No recomputation, every layer recomputed, and the last two of the tiny model's four layers stored.
+  for (auto [recompute, stored] : {std::pair<bool, int64_t>{false, 0}, {true, 0}, {true, 2}}) {
     auto a = lora::LoraAdapter::Create(*c, lc);
     optim::LoraBpOptions o;
     o.recompute = recompute;
+    o.stored_layers = stored;
     auto t = optim::LoraBpTrainer::Create(**m, **a, o);
     r.method = optim::Method::kLoraBp;
-    check(recompute ? "lora-bp recompute" : "lora-bp", measure(**t), EstimatePlan(r, "", 2, recompute, 2048));
+    const MemoryPlan plan = EstimatePlan(r, "", 2, recompute, 2048, 0, 0, stored);
+    REQUIRE(plan.stored_layers == stored);
+    check(recompute ? (stored > 0 ? "lora-bp, 2 layers stored" : "lora-bp recompute") : "lora-bp", measure(**t), plan);
   }
   {
     auto a = lora::LoraAdapter::Create(*c, lc);

@@ -156,6 +156,65 @@ TEST_CASE("Grouped-query attention handles a query offset and a sliding window",
   CHECK(MaxAbsDiff(GroupedQueryAttention(q, k, v, 5, 3), GroupedQueryAttention(q, k, v, 5)) > 1e-3);
 }
 
+TEST_CASE("Grouped-query attention's gradients, from rebuilt probabilities, equal autograd's", "[model][kernels]") {
+  at::manual_seed(6);
+  // float64, so the two differ only by rounding; a query offset with a sliding window covers the masks.
+  struct Case {
+    int64_t t, s, q_start;
+    std::optional<int64_t> window;
+  };
+  for (const Case& c : {Case{7, 7, 0, std::nullopt}, Case{7, 7, 0, 3}, Case{3, 9, 6, 4}}) {
+    INFO("t " << c.t << ", s " << c.s << ", q_start " << c.q_start);
+    const auto opts = at::TensorOptions().dtype(at::kDouble);
+    const at::Tensor q0 = at::randn({2, 6, c.t, 8}, opts), k0 = at::randn({2, 2, c.s, 8}, opts);
+    const at::Tensor v0 = at::randn({2, 2, c.s, 8}, opts), upstream = at::randn({2, 6, c.t, 8}, opts);
+    auto grads = [&](bool reference) {
+      const at::Tensor q = q0.clone().requires_grad_(true), k = k0.clone().requires_grad_(true);
+      const at::Tensor v = v0.clone().requires_grad_(true);
+      const at::Tensor out = reference ? RepeatedKvAttention(q, k, v, c.q_start, c.window)
+                                       : GroupedQueryAttention(q, k, v, c.q_start, c.window);
+      return torch::autograd::grad({(out * upstream).sum()}, {q, k, v});
+    };
+    const auto got = grads(false), want = grads(true);
+    for (size_t i = 0; i < 3; ++i) {
+      INFO("gradient " << i);
+      CHECK(want[i].abs().max().item<double>() > 1e-3);
+      CHECK(MaxAbsDiff(got[i], want[i]) < 1e-10);
+    }
+  }
+}
+
+TEST_CASE("RmsNorm's and SwiGLU's lean backward equal autograd through the plain expressions", "[model][kernels]") {
+  at::manual_seed(7);
+  const auto opts = at::TensorOptions().dtype(at::kDouble);
+  const at::Tensor x0 = at::randn({2, 5, 12}, opts), w0 = at::randn({12}, opts), dy = at::randn({2, 5, 12}, opts);
+  SECTION("RmsNorm, with and without a trained weight") {
+    for (bool train_weight : {false, true}) {
+      INFO("weight trained: " << train_weight);
+      auto grads = [&](bool reference) {
+        const at::Tensor x = x0.clone().requires_grad_(true), w = w0.clone().requires_grad_(train_weight);
+        const at::Tensor y = reference ? x * at::rsqrt(x.pow(2).mean({-1}, true) + 1e-5) * w : RmsNorm(x, w, 1e-5);
+        std::vector<at::Tensor> wrt = {x};
+        if (train_weight) wrt.push_back(w);
+        return torch::autograd::grad({(y * dy).sum()}, wrt);
+      };
+      const auto got = grads(false), want = grads(true);
+      REQUIRE(got.size() == want.size());
+      for (size_t i = 0; i < got.size(); ++i) CHECK(MaxAbsDiff(got[i], want[i]) < 1e-12);
+    }
+  }
+  SECTION("SwiGLU") {
+    const at::Tensor g0 = at::randn({2, 5, 12}, opts) * 3, u0 = at::randn({2, 5, 12}, opts);
+    auto grads = [&](bool reference) {
+      const at::Tensor g = g0.clone().requires_grad_(true), u = u0.clone().requires_grad_(true);
+      const at::Tensor y = reference ? g * at::sigmoid(g) * u : SwiGlu(g, u);
+      return torch::autograd::grad({(y * dy).sum()}, {g, u});
+    };
+    const auto got = grads(false), want = grads(true);
+    for (size_t i = 0; i < 2; ++i) CHECK(MaxAbsDiff(got[i], want[i]) < 1e-12);
+  }
+}
+
 TEST_CASE("RoPE rotates each pair (i, i + D/2) by position times frequency", "[model][kernels]") {
   ModelConfig c;
   c.head_dim = 8;

@@ -195,7 +195,7 @@ TEST_CASE("A KV cache that would overflow is an OutOfRange error and keeps its l
   CHECK(cache.length() == 3);
 }
 
-TEST_CASE("Recomputation on and off give the same loss and gradients", "[model][llama]") {
+TEST_CASE("Recomputation on, off and of some layers gives the same loss and gradients", "[model][llama]") {
   const ModelConfig c = TwoLayerConfig(true);
   auto model = MakeModel(c, 14);
   std::vector<NamedWeight> named = NamedWeights(model->weights(), c);
@@ -204,10 +204,11 @@ TEST_CASE("Recomputation on and off give the same loss and gradients", "[model][
   at::Tensor labels = tokens.clone();
   labels[0][2] = kIgnoreIndex;
 
-  auto run = [&](bool recompute) {
+  auto run = [&](bool recompute, int64_t stored_layers) {
     for (NamedWeight& nw : named) nw.tensor.mutable_grad() = at::Tensor();
     ForwardOptions opts;
     opts.recompute = recompute;
+    opts.stored_layers = stored_layers;
     opts.ce_chunk_tokens = 3;
     auto loss = model->Loss(tokens, labels, opts);
     REQUIRE(loss.ok());
@@ -217,20 +218,24 @@ TEST_CASE("Recomputation on and off give the same loss and gradients", "[model][
     for (NamedWeight& nw : named) grads.push_back(nw.tensor.grad().clone());
     return std::make_pair(loss->mean().item<double>(), grads);
   };
-  const auto [loss_plain, grads_plain] = run(false);
-  const auto [loss_recompute, grads_recompute] = run(true);
-  CHECK(std::abs(loss_plain - loss_recompute) < 1e-6);
-  for (size_t i = 0; i < named.size(); ++i) {
-    INFO(named[i].name);
-    REQUIRE(grads_plain[i].defined());
-    CHECK(grads_plain[i].abs().max().item<double>() > 0);
-    CHECK((grads_plain[i] - grads_recompute[i]).abs().max().item<double>() < 1e-5);
+  const auto [loss_plain, grads_plain] = run(false, 0);
+  for (int64_t stored : {0, 1}) {  // every layer recomputed, or only the first (the last one stored)
+    INFO("stored layers " << stored);
+    const auto [loss_recompute, grads_recompute] = run(true, stored);
+    CHECK(std::abs(loss_plain - loss_recompute) < 1e-6);
+    for (size_t i = 0; i < named.size(); ++i) {
+      INFO(named[i].name);
+      REQUIRE(grads_plain[i].defined());
+      CHECK(grads_plain[i].abs().max().item<double>() > 0);
+      CHECK((grads_plain[i] - grads_recompute[i]).abs().max().item<double>() < 1e-5);
+    }
   }
 }
 
-TEST_CASE("Recomputation lowers the peak tensor memory of a training step", "[model][llama]") {
+TEST_CASE("Recomputation lowers the peak tensor memory of a training step, partly with stored layers",
+          "[model][llama]") {
   ModelConfig c = TwoLayerConfig(false);
-  c.num_hidden_layers = 6;
+  c.num_hidden_layers = 12;
   c.hidden_size = 32;
   c.intermediate_size = 96;
   c.num_attention_heads = 4;
@@ -240,19 +245,23 @@ TEST_CASE("Recomputation lowers the peak tensor memory of a training step", "[mo
   REQUIRE(model.ok());
   // Only the embedding output needs gradients (as with an adapter): the peak is activations.
   const at::Tensor tokens = at::randint(0, c.vocab_size, {2, 128}, at::kLong);
-  auto peak = [&](bool recompute) {
+  auto peak = [&](bool recompute, int64_t stored_layers) {
     for (const NamedWeight& nw : NamedWeights((*model)->weights(), c)) nw.tensor.requires_grad_(nw.name.find("embed") != std::string::npos);
     TensorMemoryTracker tracker;
     ForwardOptions o;
     o.recompute = recompute;
+    o.stored_layers = stored_layers;
     auto loss = (*model)->Loss(tokens, tokens, o);
     REQUIRE(loss.ok());
     loss->mean().backward();
     return tracker.peak_bytes();
   };
-  const int64_t plain = peak(false), recomputed = peak(true);
-  INFO("peak without recomputation " << plain << " B, with " << recomputed << " B");
+  const int64_t plain = peak(false, 0), recomputed = peak(true, 0), half = peak(true, 6);
+  INFO("peak without recomputation " << plain << " B, with " << recomputed << " B, half the layers stored " << half
+                                     << " B");
   CHECK(recomputed < plain / 2);
+  CHECK(half > recomputed);
+  CHECK(half < plain);
 }
 
 TEST_CASE("Loss equals cross-entropy computed from the full logits", "[model][llama]") {
