@@ -22,6 +22,23 @@ std::string ShapeString(at::IntArrayRef shape) {
   return s + "]";
 }
 
+// Next-token prediction reads the hidden states of positions 0..T-2 against the labels of positions
+// 1..T-1. PredictingRows: (..., B, T, H) -> (..., B (T-1), H), leading dimensions (stacked tangents)
+// kept; NextTokenTargets: (B, T) -> (B (T-1)); ScoredTokens counts the targets that are not ignored.
+at::Tensor PredictingRows(const at::Tensor& hidden) {
+  const int64_t d = hidden.dim(), b = hidden.size(d - 3), t = hidden.size(d - 2), h = hidden.size(d - 1);
+  std::vector<int64_t> shape(hidden.sizes().begin(), hidden.sizes().end() - 3);
+  shape.push_back(b * (t - 1));
+  shape.push_back(h);
+  return hidden.narrow(d - 2, 0, t - 1).reshape(shape);
+}
+
+at::Tensor NextTokenTargets(const at::Tensor& labels) {
+  return labels.narrow(1, 1, labels.size(1) - 1).reshape({-1});
+}
+
+int64_t ScoredTokens(const at::Tensor& targets) { return targets.ne(kIgnoreIndex).sum().item<int64_t>(); }
+
 }  // namespace
 
 const char* ProjectionName(Projection p) {
@@ -335,15 +352,14 @@ absl::StatusOr<LlamaModel::LossJvp> LlamaModel::LossDirectionalDerivative(const 
   dual_options.forward_level = static_cast<int64_t>(level);
   SEEDLING_ASSIGN_OR_RETURN(at::Tensor hidden, Hidden(tokens, dual_options));
   return CatchTorch("loss derivative", [&] {
-    const int64_t b = tokens.size(0), t = tokens.size(1), h = config_.hidden_size;
     LossJvp out;
-    if (t < 2) return out;
+    if (tokens.size(1) < 2) return out;
     auto [primal, tangent] = at::_unpack_dual(hidden, static_cast<int64_t>(level));
-    const at::Tensor hs = primal.narrow(1, 0, t - 1).reshape({b * (t - 1), h});  // (N, H)
-    const at::Tensor dhs = tangent.defined() ? tangent.narrow(1, 0, t - 1).reshape({b * (t - 1), h}) : at::zeros_like(hs);
-    const at::Tensor targets = labels.narrow(1, 1, t - 1).reshape({b * (t - 1)});  // (N)
+    const at::Tensor hs = PredictingRows(primal);  // (N, H)
+    const at::Tensor dhs = tangent.defined() ? PredictingRows(tangent) : at::zeros_like(hs);
+    const at::Tensor targets = NextTokenTargets(labels);  // (N)
     auto [loss, derivative] = ChunkedCrossEntropyJvp(hs, dhs, weights_.lm_head, targets, options.ce_chunk_tokens);
-    out.tokens = targets.ne(kIgnoreIndex).sum().item<int64_t>();
+    out.tokens = ScoredTokens(targets);
     const double denom = static_cast<double>(std::max<int64_t>(out.tokens, 1));
     out.loss = loss.item<double>() / denom;
     out.derivative = derivative.item<double>() / denom;
@@ -375,12 +391,12 @@ absl::StatusOr<LlamaModel::LossJvps> LlamaModel::LossTangents(const at::Tensor& 
     if (t < 2) return out;
     // One LM-head pass gives the loss and its gradient w.r.t. the hidden states; each direction's
     // derivative is that gradient dotted with the direction's hidden-state tangent.
-    const at::Tensor hidden = x.narrow(2, 0, t - 1).reshape({1 + directions, b * (t - 1), h});  // (1+K, N, H)
-    const at::Tensor targets = labels.narrow(1, 1, t - 1).reshape({b * (t - 1)});
+    const at::Tensor hidden = PredictingRows(x);  // (1+K, N, H)
+    const at::Tensor targets = NextTokenTargets(labels);
     auto [loss, grad] = ChunkedCrossEntropyWithGrad(hidden.select(0, 0), weights_.lm_head, targets,
                                                     options.ce_chunk_tokens);
     const at::Tensor dots = (hidden.narrow(0, 1, directions) * grad).sum({1, 2}).to(at::kDouble);  // (K)
-    out.tokens = targets.ne(kIgnoreIndex).sum().item<int64_t>();
+    out.tokens = ScoredTokens(targets);
     const double denom = static_cast<double>(std::max<int64_t>(out.tokens, 1));
     out.loss = loss.item<double>() / denom;
     for (int64_t i = 0; i < directions; ++i) out.derivatives[static_cast<size_t>(i)] = dots[i].item<double>() / denom;
@@ -393,16 +409,14 @@ absl::StatusOr<LossOutput> LlamaModel::Loss(const at::Tensor& tokens, const at::
   SEEDLING_RETURN_IF_ERROR(ValidateLabels(tokens, labels));
   SEEDLING_ASSIGN_OR_RETURN(at::Tensor hidden, Hidden(tokens, options));
   return CatchTorch("loss", [&] {
-    const int64_t b = tokens.size(0), t = tokens.size(1), h = config_.hidden_size;
     LossOutput out;
-    if (t < 2) {
+    if (tokens.size(1) < 2) {
       out.sum = (hidden.sum() * 0.0);  // nothing to predict; keeps the graph connected
       return out;
     }
-    const at::Tensor hs = hidden.narrow(1, 0, t - 1).reshape({b * (t - 1), h});  // (N, H)
-    const at::Tensor targets = labels.narrow(1, 1, t - 1).reshape({b * (t - 1)});  // (N)
-    out.sum = ChunkedCrossEntropy(hs, weights_.lm_head, targets, options.ce_chunk_tokens);
-    out.tokens = targets.ne(kIgnoreIndex).sum().item<int64_t>();
+    const at::Tensor targets = NextTokenTargets(labels);  // (N)
+    out.sum = ChunkedCrossEntropy(PredictingRows(hidden), weights_.lm_head, targets, options.ce_chunk_tokens);
+    out.tokens = ScoredTokens(targets);
     return out;
   });
 }
@@ -416,18 +430,18 @@ absl::StatusOr<std::vector<LossOutput>> LlamaModel::GroupLosses(const at::Tensor
   at::NoGradGuard no_grad;
   SEEDLING_ASSIGN_OR_RETURN(at::Tensor hidden, Hidden(tokens, options));
   return CatchTorch("group losses", [&] {
-    const int64_t b = tokens.size(0) / groups, t = tokens.size(1), h = config_.hidden_size;
+    const int64_t b = tokens.size(0) / groups;
     std::vector<LossOutput> out(static_cast<size_t>(groups));
     for (int64_t g = 0; g < groups; ++g) {
       LossOutput& o = out[static_cast<size_t>(g)];
-      if (t < 2) {
+      if (tokens.size(1) < 2) {
         o.sum = at::zeros({}, hidden.options());
         continue;
       }
-      const at::Tensor hs = hidden.narrow(0, g * b, b).narrow(1, 0, t - 1).reshape({b * (t - 1), h});
-      const at::Tensor targets = labels.narrow(0, g * b, b).narrow(1, 1, t - 1).reshape({b * (t - 1)});
-      o.sum = ChunkedCrossEntropy(hs, weights_.lm_head, targets, options.ce_chunk_tokens);
-      o.tokens = targets.ne(kIgnoreIndex).sum().item<int64_t>();
+      const at::Tensor targets = NextTokenTargets(labels.narrow(0, g * b, b));
+      o.sum = ChunkedCrossEntropy(PredictingRows(hidden.narrow(0, g * b, b)), weights_.lm_head, targets,
+                                  options.ce_chunk_tokens);
+      o.tokens = ScoredTokens(targets);
     }
     return out;
   });
