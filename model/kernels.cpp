@@ -4,9 +4,11 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/function.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <numbers>
+#include <vector>
 
 #include "base/check.h"
 #include "model/frozen_linear.h"
@@ -436,10 +438,45 @@ at::Tensor FoldQueries(const at::Tensor& q, int64_t hkv) {
   return (q * (1.0 / std::sqrt(static_cast<double>(d)))).reshape({b, hkv, (hq / hkv) * t, d});
 }
 
+// Queries per block of causal attention: a block attends only to the keys up to its last position, so of
+// the (T × S) scores only the blocks on or left of the diagonal are computed (5/8 of them at T = S = 256).
+constexpr int64_t kAttentionQueryBlock = 64;
+
+// Query positions [start, start + length) and the keys [0, keys) they may see.
+struct QueryBlock {
+  int64_t start, length, keys;
+};
+
+std::vector<QueryBlock> QueryBlocks(int64_t t, int64_t s, int64_t q_start) {
+  std::vector<QueryBlock> blocks;
+  for (int64_t start = 0; start < t; start += kAttentionQueryBlock) {
+    const int64_t length = std::min(kAttentionQueryBlock, t - start);
+    blocks.push_back({start, length, std::clamp<int64_t>(q_start + start + length, 1, s)});
+  }
+  return blocks;
+}
+
+// Causal GQA attention, one query block at a time (one block for short inputs). Returns (B, Hq, T, D).
+at::Tensor BlockedAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t q_start,
+                            std::optional<int64_t> window) {
+  const int64_t b = q.size(0), hq = q.size(1), t = q.size(2), d = q.size(3), hkv = k.size(1), s = k.size(2);
+  if (t <= kAttentionQueryBlock) {
+    return at::matmul(AttentionProbs(FoldQueries(q, hkv), k, hq / hkv, q_start, window), v).view({b, hq, t, d});
+  }
+  at::Tensor out = at::empty({b, hq, t, d}, q.options());
+  for (const QueryBlock& blk : QueryBlocks(t, s, q_start)) {
+    const at::Tensor probs = AttentionProbs(FoldQueries(q.narrow(2, blk.start, blk.length), hkv),
+                                            k.narrow(2, 0, blk.keys), hq / hkv, q_start + blk.start, window);
+    out.narrow(2, blk.start, blk.length).copy_(at::matmul(probs, v.narrow(2, 0, blk.keys)).view({b, hq, blk.length, d}));
+  }
+  return out;
+}
+
 // Causal grouped-query attention under reverse-mode autograd that keeps only q, k and v (not the
 // (rows × keys) probabilities, the largest tensor of a layer at training lengths): backward rebuilds the
 // probabilities P with one more score multiply, as flash attention's backward does, then
-// dV = Pᵀ dO, dP = dO Vᵀ, dS = P ⊙ (dP − rowsum(P ⊙ dP)), dQ = dS K / √D, dK = dSᵀ Q / √D.
+// dV = Pᵀ dO, dP = dO Vᵀ, dS = P ⊙ (dP − rowsum(P ⊙ dP)), dQ = dS K / √D, dK = dSᵀ Q / √D, one query
+// block at a time (a block's keys and values gather the gradients of every block that sees them).
 struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             int64_t q_start, int64_t window) {
@@ -447,25 +484,30 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     ctx->save_for_backward({q, k, v});
     ctx->saved_data["q_start"] = q_start;
     ctx->saved_data["window"] = window;
-    const int64_t b = q.size(0), hq = q.size(1), t = q.size(2), d = q.size(3), hkv = k.size(1);
-    const at::Tensor probs = AttentionProbs(FoldQueries(q, hkv), k, hq / hkv, q_start, Window(window));
-    return at::matmul(probs, v).view({b, hq, t, d});
+    return BlockedAttention(q, k, v, q_start, Window(window));
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2];
-    const int64_t b = q.size(0), hq = q.size(1), t = q.size(2), d = q.size(3), hkv = k.size(1);
-    const at::Tensor qg = FoldQueries(q, hkv);  // (B, Hkv, G*T, D), scaled
-    const at::Tensor probs = AttentionProbs(qg, k, hq / hkv, ctx->saved_data["q_start"].toInt(),
-                                            Window(ctx->saved_data["window"].toInt()));  // (B, Hkv, G*T, S)
-    const at::Tensor d_out = grad_outputs[0].reshape({b, hkv, (hq / hkv) * t, d});
-    const at::Tensor dv = at::matmul(probs.transpose(-1, -2), d_out);  // sums the group's rows per KV head
-    at::Tensor ds = at::matmul(d_out, v.transpose(-1, -2));            // dP, then dS in place
-    ds.sub_((ds * probs).sum(-1, /*keepdim=*/true)).mul_(probs);
+    const int64_t b = q.size(0), hq = q.size(1), t = q.size(2), d = q.size(3), hkv = k.size(1), s = k.size(2);
+    const int64_t q_start = ctx->saved_data["q_start"].toInt();
+    const std::optional<int64_t> window = Window(ctx->saved_data["window"].toInt());
     const double scale = 1.0 / std::sqrt(static_cast<double>(d));
-    const at::Tensor dq = at::matmul(ds, k).mul_(scale).view({b, hq, t, d});
-    const at::Tensor dk = at::matmul(ds.transpose(-1, -2), qg);  // qg carries the 1/√D
+    at::Tensor dq = at::empty({b, hq, t, d}, q.options());
+    at::Tensor dk = at::zeros_like(k, at::MemoryFormat::Contiguous);
+    at::Tensor dv = at::zeros_like(v, at::MemoryFormat::Contiguous);
+    for (const QueryBlock& blk : QueryBlocks(t, s, q_start)) {
+      const at::Tensor kb = k.narrow(2, 0, blk.keys), vb = v.narrow(2, 0, blk.keys);
+      const at::Tensor qg = FoldQueries(q.narrow(2, blk.start, blk.length), hkv);  // (B, Hkv, G*len, D), scaled
+      const at::Tensor probs = AttentionProbs(qg, kb, hq / hkv, q_start + blk.start, window);  // (B, Hkv, G*len, keys)
+      const at::Tensor d_out = grad_outputs[0].narrow(2, blk.start, blk.length).reshape({b, hkv, -1, d});
+      dv.narrow(2, 0, blk.keys).add_(at::matmul(probs.transpose(-1, -2), d_out));  // sums the group's rows
+      at::Tensor ds = at::matmul(d_out, vb.transpose(-1, -2));  // dP, then dS in place
+      ds.sub_((ds * probs).sum(-1, /*keepdim=*/true)).mul_(probs);
+      dq.narrow(2, blk.start, blk.length).copy_(at::matmul(ds, kb).mul_(scale).view({b, hq, blk.length, d}));
+      dk.narrow(2, 0, blk.keys).add_(at::matmul(ds.transpose(-1, -2), qg));  // qg carries the 1/√D
+    }
     return {dq, dk, dv, at::Tensor(), at::Tensor()};
   }
 
@@ -476,12 +518,14 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
 
 at::Tensor GroupedQueryAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  int64_t q_start, std::optional<int64_t> sliding_window) {
-  const int64_t b = q.size(0), hq = q.size(1), t = q.size(2), d = q.size(3);
-  const int64_t hkv = k.size(1), s = k.size(2);
+  const int64_t hq = q.size(1), hkv = k.size(1), s = k.size(2);
   SEEDLING_CHECK(hq % hkv == 0 && v.size(1) == hkv && v.size(2) == s);
   if (RecordsBackward({q, k, v})) return AttentionFunction::apply(q, k, v, q_start, sliding_window.value_or(0));
-  const at::Tensor probs = AttentionProbs(FoldQueries(q, hkv), k, hq / hkv, q_start, sliding_window);
-  return at::matmul(probs, v).view({b, hq, t, d});
+  if (IsDual(q) || IsDual(k) || IsDual(v)) {  // forward-mode AD (reference mode): LibTorch's own rules
+    const int64_t b = q.size(0), t = q.size(2), d = q.size(3);
+    return at::matmul(AttentionProbs(FoldQueries(q, hkv), k, hq / hkv, q_start, sliding_window), v).view({b, hq, t, d});
+  }
+  return BlockedAttention(q, k, v, q_start, sliding_window);
 }
 
 at::Tensor RmsNormTangents(const at::Tensor& x, const at::Tensor& weight, double eps) {

@@ -163,7 +163,10 @@ TEST_CASE("Grouped-query attention's gradients, from rebuilt probabilities, equa
     int64_t t, s, q_start;
     std::optional<int64_t> window;
   };
-  for (const Case& c : {Case{7, 7, 0, std::nullopt}, Case{7, 7, 0, 3}, Case{3, 9, 6, 4}}) {
+  // Short inputs run as one query block; the long ones in blocks of 64 queries (the last one partial),
+  // each over the keys up to its last position.
+  for (const Case& c : {Case{7, 7, 0, std::nullopt}, Case{7, 7, 0, 3}, Case{3, 9, 6, 4}, Case{150, 150, 0, std::nullopt},
+                        Case{150, 150, 0, 40}, Case{70, 100, 30, std::nullopt}}) {
     INFO("t " << c.t << ", s " << c.s << ", q_start " << c.q_start);
     const auto opts = at::TensorOptions().dtype(at::kDouble);
     const at::Tensor q0 = at::randn({2, 6, c.t, 8}, opts), k0 = at::randn({2, 2, c.s, 8}, opts);
@@ -175,6 +178,9 @@ TEST_CASE("Grouped-query attention's gradients, from rebuilt probabilities, equa
                                        : GroupedQueryAttention(q, k, v, c.q_start, c.window);
       return torch::autograd::grad({(out * upstream).sum()}, {q, k, v});
     };
+    // The inference path (no autograd: q0, k0, v0 do not require grad) blocks queries too.
+    CHECK(MaxAbsDiff(GroupedQueryAttention(q0, k0, v0, c.q_start, c.window),
+                     RepeatedKvAttention(q0, k0, v0, c.q_start, c.window)) < 1e-12);
     const auto got = grads(false), want = grads(true);
     for (size_t i = 0; i < 3; ++i) {
       INFO("gradient " << i);
