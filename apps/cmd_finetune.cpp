@@ -196,7 +196,8 @@ void RegisterFinetune(CLI::App& app, Action& action) {
         plan = client::EstimatePlan(request, f->variant.empty() ? plan.variant : f->variant, plan.micro_batch,
                                     recompute.automatic ? plan.recompute : recompute.on,
                                     f->ce_chunk > 0 ? f->ce_chunk : plan.ce_chunk_tokens, plan.mlp_chunk_tokens,
-                                    plan.tangents_per_pass, recompute.automatic ? plan.stored_layers : recompute.stored_layers);
+                                    plan.tangents_per_pass,
+                                    recompute.automatic ? plan.stored_layers : recompute.stored_layers);
         if (budget > 0 && plan.total_bytes() > budget) {
           return absl::ResourceExhaustedError(StrCat("the forced settings do not fit the budget: ", plan.Describe()));
         }

@@ -182,7 +182,8 @@ MemoryPlan EstimatePlan(const PlanRequest& r, const std::string& variant, int64_
         // go first (the cross-entropy's backward next to their transients), then one rebuilt layer at a
         // time next to its transients.
         const int64_t recomputed = layers - plan.stored_layers;
-        elements = recomputed * s.n * s.h + plan.stored_layers * saved + std::max(transient + ce, saved + transient);
+        elements = recomputed * s.n * s.h + plan.stored_layers * saved +
+                   std::max(transient + ce, saved + transient);
       } else {
         // Every layer's saved set, the transients of one layer's backward, and the cross-entropy backward.
         elements = layers * saved + transient + ce;
@@ -307,7 +308,9 @@ absl::StatusOr<MemoryPlan> PlanMemory(const PlanRequest& r) {
   };
   std::vector<Recompute> recompute_options = {{false, 0}};
   if (r.method == Method::kLoraBp) {
-    for (int64_t stored = r.model.num_hidden_layers - 1; stored >= 0; --stored) recompute_options.push_back({true, stored});
+    for (int64_t stored = r.model.num_hidden_layers - 1; stored >= 0; --stored) {
+      recompute_options.push_back({true, stored});
+    }
   }
 
   std::optional<MemoryPlan> smallest;

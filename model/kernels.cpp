@@ -305,7 +305,9 @@ bool RecordsBackward(std::initializer_list<at::Tensor> inputs) {
   return any;
 }
 
-at::Tensor InverseRms(const at::Tensor& x, double eps) { return at::rsqrt(x.pow(2).mean({-1}, /*keepdim=*/true) + eps); }
+at::Tensor InverseRms(const at::Tensor& x, double eps) {
+  return at::rsqrt(x.pow(2).mean({-1}, /*keepdim=*/true) + eps);
+}
 
 // RmsNorm under reverse-mode autograd, keeping x and the per-row 1/rms only (the plain expression also
 // keeps x · 1/rms): with g = dy ⊙ w, dx = r (g − x r² mean(g ⊙ x)), dw = Σ_rows dy ⊙ x r.
@@ -456,18 +458,23 @@ std::vector<QueryBlock> QueryBlocks(int64_t t, int64_t s, int64_t q_start) {
   return blocks;
 }
 
+// Causal GQA attention of every query against every key in one multiply each. Returns (B, Hq, T, D).
+at::Tensor WholeAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t q_start,
+                          std::optional<int64_t> window) {
+  const int64_t b = q.size(0), hq = q.size(1), t = q.size(2), d = q.size(3), hkv = k.size(1);
+  return at::matmul(AttentionProbs(FoldQueries(q, hkv), k, hq / hkv, q_start, window), v).view({b, hq, t, d});
+}
+
 // Causal GQA attention, one query block at a time (one block for short inputs). Returns (B, Hq, T, D).
 at::Tensor BlockedAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t q_start,
                             std::optional<int64_t> window) {
-  const int64_t b = q.size(0), hq = q.size(1), t = q.size(2), d = q.size(3), hkv = k.size(1), s = k.size(2);
-  if (t <= kAttentionQueryBlock) {
-    return at::matmul(AttentionProbs(FoldQueries(q, hkv), k, hq / hkv, q_start, window), v).view({b, hq, t, d});
-  }
+  const int64_t b = q.size(0), hq = q.size(1), t = q.size(2), d = q.size(3), s = k.size(2);
+  if (t <= kAttentionQueryBlock) return WholeAttention(q, k, v, q_start, window);
   at::Tensor out = at::empty({b, hq, t, d}, q.options());
   for (const QueryBlock& blk : QueryBlocks(t, s, q_start)) {
-    const at::Tensor probs = AttentionProbs(FoldQueries(q.narrow(2, blk.start, blk.length), hkv),
-                                            k.narrow(2, 0, blk.keys), hq / hkv, q_start + blk.start, window);
-    out.narrow(2, blk.start, blk.length).copy_(at::matmul(probs, v.narrow(2, 0, blk.keys)).view({b, hq, blk.length, d}));
+    out.narrow(2, blk.start, blk.length)
+        .copy_(WholeAttention(q.narrow(2, blk.start, blk.length), k.narrow(2, 0, blk.keys),
+                              v.narrow(2, 0, blk.keys), q_start + blk.start, window));
   }
   return out;
 }
@@ -522,8 +529,7 @@ at::Tensor GroupedQueryAttention(const at::Tensor& q, const at::Tensor& k, const
   SEEDLING_CHECK(hq % hkv == 0 && v.size(1) == hkv && v.size(2) == s);
   if (RecordsBackward({q, k, v})) return AttentionFunction::apply(q, k, v, q_start, sliding_window.value_or(0));
   if (IsDual(q) || IsDual(k) || IsDual(v)) {  // forward-mode AD (reference mode): LibTorch's own rules
-    const int64_t b = q.size(0), t = q.size(2), d = q.size(3);
-    return at::matmul(AttentionProbs(FoldQueries(q, hkv), k, hq / hkv, q_start, sliding_window), v).view({b, hq, t, d});
+    return WholeAttention(q, k, v, q_start, sliding_window);
   }
   return BlockedAttention(q, k, v, q_start, sliding_window);
 }

@@ -308,8 +308,9 @@ absl::StatusOr<at::Tensor> LlamaModel::Hidden(const at::Tensor& tokens, const Fo
     RopeTables rope = MakeRopeTables(inv_freq_, 0, tokens.size(1));
     rope = {rope.cos.to(x.scalar_type()), rope.sin.to(x.scalar_type())};  // once, not per layer
     const bool recompute = options.recompute && at::GradMode::is_enabled();
-    const int64_t recomputed = config_.num_hidden_layers - std::clamp<int64_t>(options.stored_layers, 0, config_.num_hidden_layers);
-    for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
+    const int64_t layers = config_.num_hidden_layers;
+    const int64_t recomputed = layers - std::clamp<int64_t>(options.stored_layers, 0, layers);
+    for (int64_t l = 0; l < layers; ++l) {
       if (recompute && l < recomputed) {
         x = Checkpoint([this, l, rope, options](const at::Tensor& in) { return DecoderLayer(l, in, rope, options); },
                        x, LayerTensors(l, options));

@@ -165,8 +165,8 @@ TEST_CASE("Grouped-query attention's gradients, from rebuilt probabilities, equa
   };
   // Short inputs run as one query block; the long ones in blocks of 64 queries (the last one partial),
   // each over the keys up to its last position.
-  for (const Case& c : {Case{7, 7, 0, std::nullopt}, Case{7, 7, 0, 3}, Case{3, 9, 6, 4}, Case{150, 150, 0, std::nullopt},
-                        Case{150, 150, 0, 40}, Case{70, 100, 30, std::nullopt}}) {
+  for (const Case& c : {Case{7, 7, 0, std::nullopt}, Case{7, 7, 0, 3}, Case{3, 9, 6, 4},
+                        Case{150, 150, 0, std::nullopt}, Case{150, 150, 0, 40}, Case{70, 100, 30, std::nullopt}}) {
     INFO("t " << c.t << ", s " << c.s << ", q_start " << c.q_start);
     const auto opts = at::TensorOptions().dtype(at::kDouble);
     const at::Tensor q0 = at::randn({2, 6, c.t, 8}, opts), k0 = at::randn({2, 2, c.s, 8}, opts);
