@@ -47,21 +47,23 @@ at::Tensor InputGradient(const at::Tensor& dy, const at::Tensor& w) {
   return dx;
 }
 
-// Saves only W: the input gradient needs W, and W is frozen, so x is never kept.
+// Saves only W: the input gradient needs W, and W is frozen, so x is never kept. Without `values` the
+// forward skips the multiply and returns zeros (FrozenLinearGraph).
 struct FrozenLinearFunction : public torch::autograd::Function<FrozenLinearFunction> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w) {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, bool values) {
     ctx->save_for_backward({w});
+    if (!values) return at::zeros({x.size(0), LogicalShape(w)[0]}, x.options());
     return LinearNoGrad(x, w);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const at::Tensor w = ctx->get_saved_variables()[0];
-    return {InputGradient(grad_outputs[0].contiguous(), w), at::Tensor()};
+    return {InputGradient(grad_outputs[0].contiguous(), w), at::Tensor(), at::Tensor()};
   }
 };
 
 // x (N, in) -> (N, out), through autograd when x requires grad.
 at::Tensor Linear2d(const at::Tensor& x, const at::Tensor& w) {
-  if (at::GradMode::is_enabled() && x.requires_grad()) return FrozenLinearFunction::apply(x, w);
+  if (at::GradMode::is_enabled() && x.requires_grad()) return FrozenLinearFunction::apply(x, w, true);
   return LinearNoGrad(x, w);
 }
 
@@ -109,6 +111,18 @@ at::Tensor FrozenLinear(const at::Tensor& x, const at::Tensor& w, const at::Tens
   at::Tensor y = Linear2d(x.reshape({-1, shape[1]}), w).view(out_sizes);
   if (bias.defined()) y = y + bias;
   return y;
+}
+
+at::Tensor FrozenLinearGraph(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
+  if (!at::GradMode::is_enabled() || !x.requires_grad() || w.requires_grad() ||
+      (bias.defined() && bias.requires_grad())) {
+    return FrozenLinear(x, w, bias);
+  }
+  const int64_t in = LogicalShape(w)[1];
+  std::vector<int64_t> out_sizes = x.sizes().vec();
+  out_sizes.back() = LogicalShape(w)[0];
+  // No bias: the output's value is unspecified, and the bias has no gradient here.
+  return FrozenLinearFunction::apply(x.reshape({-1, in}), w, false).view(out_sizes);
 }
 
 at::Tensor FrozenEmbedding(const at::Tensor& w, const at::Tensor& tokens) {

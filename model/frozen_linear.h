@@ -56,6 +56,12 @@ class WeightTiles {
 at::Tensor FrozenLinear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
                         int64_t forward_level = -1);
 
+// FrozenLinear's graph without its product, for recomputation in backward, where a layer's last
+// projection is re-run only so that gradients flow through it and its output is never read: under
+// reverse-mode autograd (x requires grad, W and bias frozen) the result is zeros of the output's shape
+// with FrozenLinear's backward (dx = dy W), and the multiply is skipped. Otherwise FrozenLinear(x, w, bias).
+at::Tensor FrozenLinearGraph(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias);
+
 // Rows of a frozen embedding matrix: (..., H) fp32 for token ids (...) int64, ids already validated.
 at::Tensor FrozenEmbedding(const at::Tensor& w, const at::Tensor& tokens);
 

@@ -187,8 +187,7 @@ struct ChunkedCeFunction : public torch::autograd::Function<ChunkedCeFunction> {
 // Backward node of Checkpoint(): re-runs the layer with autograd on, then backpropagates through it.
 class CheckpointNode : public torch::autograd::Node {
  public:
-  CheckpointNode(std::function<at::Tensor(const at::Tensor&)> fn, at::Tensor input,
-                 std::vector<at::Tensor> params)
+  CheckpointNode(LayerFn fn, at::Tensor input, std::vector<at::Tensor> params)
       : fn_(std::move(fn)), input_(std::move(input)), params_(std::move(params)) {}
 
   std::string name() const override { return "seedling::CheckpointNode"; }
@@ -231,7 +230,7 @@ class CheckpointNode : public torch::autograd::Node {
     fn_ = nullptr;
   }
 
-  std::function<at::Tensor(const at::Tensor&)> fn_;
+  LayerFn fn_;  // the recomputation: builds the layer's graph (its output's value is not read)
   at::Tensor input_;
   std::vector<at::Tensor> params_;
 };
@@ -267,8 +266,7 @@ std::pair<at::Tensor, at::Tensor> ChunkedCrossEntropyWithGrad(const at::Tensor& 
   return {loss, grad};
 }
 
-at::Tensor Checkpoint(std::function<at::Tensor(const at::Tensor&)> fn, const at::Tensor& x,
-                      std::vector<at::Tensor> params) {
+at::Tensor Checkpoint(LayerFn fn, const at::Tensor& x, std::vector<at::Tensor> params, LayerFn recompute) {
   bool any_grad = x.requires_grad();
   for (const at::Tensor& p : params) any_grad = any_grad || p.requires_grad();
   if (!at::GradMode::is_enabled() || !any_grad) return fn(x);
@@ -281,8 +279,9 @@ at::Tensor Checkpoint(std::function<at::Tensor(const at::Tensor&)> fn, const at:
   inputs.reserve(1 + params.size());
   inputs.push_back(x);
   for (const at::Tensor& p : params) inputs.push_back(p);
-  auto node = std::shared_ptr<CheckpointNode>(new CheckpointNode(std::move(fn), x.detach(), std::move(params)),
-                                              torch::autograd::deleteNode);
+  if (!recompute) recompute = std::move(fn);
+  auto node = std::shared_ptr<CheckpointNode>(
+      new CheckpointNode(std::move(recompute), x.detach(), std::move(params)), torch::autograd::deleteNode);
   node->set_next_edges(torch::autograd::collect_next_edges(inputs));
   torch::autograd::create_gradient_edge(y, node);
   return y;

@@ -60,8 +60,10 @@ std::pair<at::Tensor, at::Tensor> ChunkedCrossEntropyWithGrad(const at::Tensor& 
 // autograd on and propagates to `x` and to every tensor in `params` that requires grad (fn must use no other
 // tensor that requires grad, and must be deterministic). `fn` and what it captures must outlive backward.
 // Without grad mode, or when neither x nor params require grad, this is just fn(x).
-at::Tensor Checkpoint(std::function<at::Tensor(const at::Tensor&)> fn, const at::Tensor& x,
-                      std::vector<at::Tensor> params);
+// `recompute`, when given, is what backward re-runs instead of fn: it must build fn's graph, but the value
+// of its output is never read, so it may skip work that only produces that value (FrozenLinearGraph).
+using LayerFn = std::function<at::Tensor(const at::Tensor&)>;
+at::Tensor Checkpoint(LayerFn fn, const at::Tensor& x, std::vector<at::Tensor> params, LayerFn recompute = nullptr);
 
 // x * rsqrt(mean(x², -1) + eps) * weight, over the last dimension. Under reverse-mode autograd it keeps
 // only x and the rows' 1/rms for backward.

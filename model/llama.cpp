@@ -169,17 +169,19 @@ at::Tensor LlamaModel::Embed(const at::Tensor& tokens) const {
 }
 
 at::Tensor LlamaModel::Project(int64_t layer, Projection p, const at::Tensor& x, const at::Tensor& w,
-                               const at::Tensor& b, const ForwardOptions& options) const {
-  at::Tensor y = FrozenLinear(x, w, b, options.forward_level);
+                               const at::Tensor& b, const ForwardOptions& options, LayerOutput output) const {
+  at::Tensor y = output == LayerOutput::kGraphOnly ? FrozenLinearGraph(x, w, b)
+                                                   : FrozenLinear(x, w, b, options.forward_level);
   if (options.adapter != nullptr) y = options.adapter->Apply(layer, p, x, y);
   return y;
 }
 
-at::Tensor LlamaModel::Mlp(int64_t layer, const at::Tensor& x, const ForwardOptions& options) const {
+at::Tensor LlamaModel::Mlp(int64_t layer, const at::Tensor& x, const ForwardOptions& options,
+                           LayerOutput output) const {
   const int64_t rows = x.numel() / x.size(-1);
   const int64_t chunk = options.mlp_chunk_tokens;
   if (chunk <= 0 || rows <= chunk || at::GradMode::is_enabled() || options.forward_level >= 0 || x.dim() != 3) {
-    return MlpRows(layer, x, options);
+    return MlpRows(layer, x, options, output);
   }
   // Without autograd, a span of positions of every sequence at a time (about `chunk` tokens): the
   // (tokens × intermediate) transients stay small, and each chunk keeps the batch's sequences together
@@ -194,11 +196,12 @@ at::Tensor LlamaModel::Mlp(int64_t layer, const at::Tensor& x, const ForwardOpti
   return out;
 }
 
-at::Tensor LlamaModel::MlpRows(int64_t layer, const at::Tensor& x, const ForwardOptions& options) const {
+at::Tensor LlamaModel::MlpRows(int64_t layer, const at::Tensor& x, const ForwardOptions& options,
+                               LayerOutput output) const {
   const LayerWeights& w = weights_.layers[static_cast<size_t>(layer)];
   const at::Tensor gate = Project(layer, Projection::kGate, x, w.gate, w.gate_bias, options);  // (..., I)
   const at::Tensor up = Project(layer, Projection::kUp, x, w.up, w.up_bias, options);          // (..., I)
-  return Project(layer, Projection::kDown, SwiGlu(gate, up), w.down, w.down_bias, options);  // (..., H)
+  return Project(layer, Projection::kDown, SwiGlu(gate, up), w.down, w.down_bias, options, output);  // (..., H)
 }
 
 at::Tensor LlamaModel::DecoderLayer(int64_t layer, const at::Tensor& x, const RopeTables& rope,
@@ -207,8 +210,8 @@ at::Tensor LlamaModel::DecoderLayer(int64_t layer, const at::Tensor& x, const Ro
 }
 
 at::Tensor LlamaModel::DecoderLayerImpl(int64_t layer, const at::Tensor& x, const RopeTables& rope,
-                                        const ForwardOptions& options, KvCache* cache,
-                                        int64_t q_start) const {
+                                        const ForwardOptions& options, KvCache* cache, int64_t q_start,
+                                        LayerOutput output) const {
   const LayerWeights& w = weights_.layers[static_cast<size_t>(layer)];
   const int64_t b = x.size(0), t = x.size(1);
   const int64_t hq = config_.num_attention_heads, hkv = config_.num_key_value_heads, d = config_.head_dim;
@@ -235,7 +238,7 @@ at::Tensor LlamaModel::DecoderLayerImpl(int64_t layer, const at::Tensor& x, cons
   const at::Tensor x1 = x + Project(layer, Projection::kO, attn, w.o, w.o_bias, options);
 
   // MLP block.
-  return x1 + Mlp(layer, RmsNorm(x1, w.post_norm, eps), options);
+  return x1 + Mlp(layer, RmsNorm(x1, w.post_norm, eps), options, output);
 }
 
 at::Tensor LlamaModel::ProjectTangents(int64_t layer, Projection p, const at::Tensor& x, const at::Tensor& w,
@@ -312,8 +315,12 @@ absl::StatusOr<at::Tensor> LlamaModel::Hidden(const at::Tensor& tokens, const Fo
     const int64_t recomputed = layers - std::clamp<int64_t>(options.stored_layers, 0, layers);
     for (int64_t l = 0; l < layers; ++l) {
       if (recompute && l < recomputed) {
+        // Backward re-runs the layer for its graph only: the MLP's down projection, whose product only
+        // feeds the layer's output, is not multiplied again.
         x = Checkpoint([this, l, rope, options](const at::Tensor& in) { return DecoderLayer(l, in, rope, options); },
-                       x, LayerTensors(l, options));
+                       x, LayerTensors(l, options), [this, l, rope, options](const at::Tensor& in) {
+                         return DecoderLayerImpl(l, in, rope, options, nullptr, 0, LayerOutput::kGraphOnly);
+                       });
       } else {
         x = DecoderLayer(l, x, rope, options);
       }

@@ -171,13 +171,19 @@ class LlamaModel {
   absl::Status ValidateTokens(const at::Tensor& tokens) const;
   absl::Status ValidateLabels(const at::Tensor& tokens, const at::Tensor& labels) const;
   at::Tensor Embed(const at::Tensor& tokens) const;
-  at::Tensor Project(int64_t layer, Projection p, const at::Tensor& x, const at::Tensor& w,
-                     const at::Tensor& b, const ForwardOptions& options) const;
-  at::Tensor Mlp(int64_t layer, const at::Tensor& x, const ForwardOptions& options) const;
-  at::Tensor MlpRows(int64_t layer, const at::Tensor& x, const ForwardOptions& options) const;
+  // kGraphOnly: a recomputation in backward (Checkpoint), which reads only the layer's graph, so the last
+  // projection skips its multiply (FrozenLinearGraph) and the layer's output values are unspecified.
+  enum class LayerOutput { kValues, kGraphOnly };
+  at::Tensor Project(int64_t layer, Projection p, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                     const ForwardOptions& options, LayerOutput output = LayerOutput::kValues) const;
+  at::Tensor Mlp(int64_t layer, const at::Tensor& x, const ForwardOptions& options,
+                 LayerOutput output = LayerOutput::kValues) const;
+  at::Tensor MlpRows(int64_t layer, const at::Tensor& x, const ForwardOptions& options,
+                     LayerOutput output = LayerOutput::kValues) const;
   // With a cache, writes this step's keys/values at [q_start, q_start + T) and attends over [0, q_start + T).
   at::Tensor DecoderLayerImpl(int64_t layer, const at::Tensor& x, const RopeTables& rope,
-                              const ForwardOptions& options, KvCache* cache, int64_t q_start) const;
+                              const ForwardOptions& options, KvCache* cache, int64_t q_start,
+                              LayerOutput output = LayerOutput::kValues) const;
   std::vector<at::Tensor> LayerTensors(int64_t layer, const ForwardOptions& options) const;
   // Stacked-tangent versions of Project, Mlp and DecoderLayer (LossTangents): tensors (1+K, B, T, ...).
   at::Tensor ProjectTangents(int64_t layer, Projection p, const at::Tensor& x, const at::Tensor& w,

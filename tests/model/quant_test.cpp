@@ -167,6 +167,27 @@ TEST_CASE("Frozen linear's input gradient equals decode-then-matmul's", "[model]
   }
 }
 
+TEST_CASE("Frozen linear's graph-only form skips the product and keeps the input gradient", "[model][quant]") {
+  const at::Tensor w = TestMatrix(130, 64, 4);
+  const at::Tensor bias = at::randn({130});
+  const at::Tensor x0 = at::randn({2, 5, 64});
+  const at::Tensor dy = at::randn({2, 5, 130});
+  for (const at::Tensor& wf : AllFormats(w)) {
+    INFO(WeightFormatName(FormatOf(wf)));
+    at::Tensor x = x0.clone().requires_grad_(true);
+    const at::Tensor y = FrozenLinearGraph(x, wf, bias);
+    CHECK(y.sizes() == at::IntArrayRef({2, 5, 130}));
+    CHECK(y.abs().max().item<double>() == 0);  // no product, no bias
+    y.backward(dy);
+    at::Tensor x_ref = x0.clone().requires_grad_(true);
+    FrozenLinear(x_ref, wf, bias).backward(dy);
+    CHECK(MaxAbsDiff(x.grad(), x_ref.grad()) < 1e-6);
+    // Where no graph is recorded the values are needed: it is FrozenLinear itself.
+    at::NoGradGuard no_grad;
+    CHECK(MaxAbsDiff(FrozenLinearGraph(x0, wf, bias), FrozenLinear(x0, wf, bias)) < 1e-6);
+  }
+}
+
 TEST_CASE("Frozen linear keeps neither the input nor a decoded copy of the weight for backward",
           "[model][quant]") {
   const at::Tensor w = *QuantizeMatrix(TestMatrix(2048, 512, 5), WeightFormat::kQ4_0);
