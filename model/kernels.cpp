@@ -351,6 +351,35 @@ struct SwiGluFunction : public torch::autograd::Function<SwiGluFunction> {
   }
 };
 
+// RoPE's rotation by +θ (sign 1) or −θ (sign −1) in the "rotate half" layout, written into one output
+// (no concatenation): out1 = x1 c − sign x2 s, out2 = x2 c + sign x1 s. No autograd.
+at::Tensor Rotate(const at::Tensor& x, const at::Tensor& c, const at::Tensor& s, double sign) {
+  const int64_t half = x.size(-1) / 2;
+  const at::Tensor x1 = x.narrow(-1, 0, half), x2 = x.narrow(-1, half, half);
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  at::Tensor o1 = out.narrow(-1, 0, half), o2 = out.narrow(-1, half, half);
+  // Products rounded apart, then added, as the plain expression rounds them (a fused multiply-add would
+  // round differently, and the stacked-tangent path must match forward-mode AD through the plain one).
+  at::mul_out(o1, x1, c).sub_(x2 * s, sign);
+  at::mul_out(o2, x2, c).add_(x1 * s, sign);
+  return out;
+}
+
+// RoPE under reverse-mode autograd: the rotation is orthogonal, so backward rotates the gradient by −θ.
+// Keeps only the cos and sin tables (no slices of x, no concatenation's pieces).
+struct RopeFunction : public torch::autograd::Function<RopeFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& c, const at::Tensor& s) {
+    at::NoGradGuard no_grad;
+    ctx->save_for_backward({c, s});
+    return Rotate(x, c, s, 1.0);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    return {Rotate(grad_outputs[0], saved[0], saved[1], -1.0), at::Tensor(), at::Tensor()};
+  }
+};
+
 }  // namespace
 
 at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps) {
@@ -408,11 +437,14 @@ RopeTables MakeRopeTables(const at::Tensor& inv_freq, int64_t start, int64_t len
 }
 
 at::Tensor ApplyRope(const at::Tensor& x, const RopeTables& rope) {
-  const int64_t half = x.size(-1) / 2;
-  const at::Tensor x1 = x.narrow(-1, 0, half);     // (B, h, T, D/2)
-  const at::Tensor x2 = x.narrow(-1, half, half);  // (B, h, T, D/2)
   const at::Tensor c = rope.cos.to(x.scalar_type()), s = rope.sin.to(x.scalar_type());  // tables are fp64
-  return at::cat({x1 * c - x2 * s, x2 * c + x1 * s}, -1);
+  if (RecordsBackward({x})) return RopeFunction::apply(x, c, s);
+  if (IsDual(x)) {  // forward-mode AD (reference mode): LibTorch differentiates the plain expression
+    const int64_t half = x.size(-1) / 2;
+    const at::Tensor x1 = x.narrow(-1, 0, half), x2 = x.narrow(-1, half, half);  // (..., T, D/2)
+    return at::cat({x1 * c - x2 * s, x2 * c + x1 * s}, -1);
+  }
+  return Rotate(x, c, s, 1.0);
 }
 
 namespace {

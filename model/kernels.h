@@ -85,7 +85,8 @@ struct RopeTables {
 RopeTables MakeRopeTables(const at::Tensor& inv_freq, int64_t start, int64_t length);
 
 // Applies RoPE in the Hugging Face "rotate half" layout (first half / second half of each head, not
-// interleaved) to x (B, heads, T, D).
+// interleaved) to x (B, heads, T, D), writing both halves into one output. Under reverse-mode autograd a
+// custom function whose backward rotates the gradient back (it keeps no slices of x).
 at::Tensor ApplyRope(const at::Tensor& x, const RopeTables& rope);
 
 // Causal grouped-query attention.

@@ -240,6 +240,30 @@ TEST_CASE("RoPE rotates each pair (i, i + D/2) by position times frequency", "[m
   }
 }
 
+TEST_CASE("RoPE's backward rotates the gradient back, as autograd through the plain expression does",
+          "[model][kernels]") {
+  ModelConfig c;
+  c.head_dim = 8;
+  const RopeTables rope = MakeRopeTables(RopeInverseFrequencies(c), 2, 5);  // positions 2..6, fp64
+  at::manual_seed(8);
+  const auto opts = at::TensorOptions().dtype(at::kDouble);
+  // (B, T, heads, D) viewed as (B, heads, T, D), the strided layout the decoder hands over.
+  const at::Tensor x0 = at::randn({2, 5, 3, 8}, opts).transpose(1, 2), dy = at::randn({2, 3, 5, 8}, opts);
+  auto plain = [&](const at::Tensor& x) {
+    const at::Tensor x1 = x.narrow(-1, 0, 4), x2 = x.narrow(-1, 4, 4);
+    return at::cat({x1 * rope.cos - x2 * rope.sin, x2 * rope.cos + x1 * rope.sin}, -1);
+  };
+  const at::Tensor x = x0.clone().requires_grad_(true), x_ref = x0.clone().requires_grad_(true);
+  const at::Tensor y = ApplyRope(x, rope), y_ref = plain(x_ref);
+  CHECK(MaxAbsDiff(y, y_ref) < 1e-12);
+  const at::Tensor got = torch::autograd::grad({(y * dy).sum()}, {x})[0];
+  const at::Tensor want = torch::autograd::grad({(y_ref * dy).sum()}, {x_ref})[0];
+  CHECK(MaxAbsDiff(got, want) < 1e-12);
+  CHECK(MaxAbsDiff(got, dy) > 0.1);  // the rotation is not the identity at these positions
+  at::NoGradGuard no_grad;
+  CHECK(MaxAbsDiff(ApplyRope(x0, rope), plain(x0)) < 1e-12);
+}
+
 TEST_CASE("RoPE scaling: linear divides every frequency, llama3 only the long wavelengths",
           "[model][kernels]") {
   ModelConfig c;
