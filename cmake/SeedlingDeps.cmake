@@ -29,6 +29,31 @@ if(NOT SEEDLING_CLIENT_ONLY)
   # The simulator's scale-out (`mpirun -np R seedling simulate`); OpenMPI from Debian.
   find_package(MPI REQUIRED COMPONENTS C)
 endif()
+# The command-line programs allocate through tcmalloc (Debian's libgoogle-perftools-dev): a training step's
+# short-lived tensors leave holes between its long-lived ones that glibc's heap keeps resident (about 130 MB
+# at SmolLM2-135M's lora-bp peak, docs/memory.md); tcmalloc's size classes reuse them, at the same speed. The
+# SDK libraries never force an allocator on the app that embeds them, and sanitizer builds keep the system one.
+# The memory planner reads which allocator it runs under (base/memory.h) and sizes its slack to match.
+if(SEEDLING_TCMALLOC AND CMAKE_CXX_FLAGS MATCHES "-fsanitize")
+  message(STATUS "Seedling: sanitizer build, programs use the system allocator")
+  set(SEEDLING_TCMALLOC OFF)
+endif()
+if(SEEDLING_TCMALLOC)
+  find_library(SEEDLING_TCMALLOC_LIBRARY NAMES tcmalloc_minimal)
+  if(NOT SEEDLING_TCMALLOC_LIBRARY)
+    message(WARNING "Seedling: libtcmalloc_minimal not found (apt-get install libgoogle-perftools-dev); programs "
+                    "use the system allocator and keep about 15% more memory during training")
+  endif()
+endif()
+# seedling_use_program_allocator(<executable>): links tcmalloc into a program (not into a library). The
+# program references none of its symbols, so keep it from being dropped as not needed.
+function(seedling_use_program_allocator target)
+  if(SEEDLING_TCMALLOC AND SEEDLING_TCMALLOC_LIBRARY)
+    # One item: CMake de-duplicates repeated separate flags such as -Wl,--pop-state.
+    target_link_libraries(${target} PRIVATE "-Wl,--push-state,--no-as-needed,${SEEDLING_TCMALLOC_LIBRARY},--pop-state")
+  endif()
+endfunction()
+
 if(SEEDLING_BUILD_TESTS)
   find_package(Catch2 2 REQUIRED)
   include(Catch)

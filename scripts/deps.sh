@@ -10,6 +10,7 @@ PACKAGES=(
   catch2 libabsl-dev nlohmann-json3-dev libpcre2-dev libsentencepiece-dev libicu-dev
   libsqlite3-dev libcli11-dev libspdlog-dev libtomlplusplus-dev
   libopenmpi-dev openmpi-bin libbenchmark-dev
+  libgoogle-perftools-dev                     # tcmalloc for the programs: less heap fragmentation in training
 )
 
 missing=()
