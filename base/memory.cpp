@@ -1,5 +1,6 @@
 #include "base/memory.h"
 
+#include <dlfcn.h>
 #include <fcntl.h>
 #include <sys/resource.h>
 #include <unistd.h>
@@ -126,6 +127,15 @@ bool ResetPeakRss() {
   bool ok = std::fputs("5", f) >= 0;
   ok = (std::fclose(f) == 0) && ok;
   return ok;
+}
+
+HeapAllocator CurrentHeapAllocator() {
+  // tcmalloc exports its entry points under their own names too, whether linked in or preloaded.
+  return dlsym(RTLD_DEFAULT, "tc_malloc") != nullptr ? HeapAllocator::kTcmalloc : HeapAllocator::kSystem;
+}
+
+const char* HeapAllocatorName(HeapAllocator allocator) {
+  return allocator == HeapAllocator::kTcmalloc ? "tcmalloc" : "system";
 }
 
 std::string FormatBytes(int64_t bytes) {

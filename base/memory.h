@@ -48,6 +48,13 @@ class RssPeakSampler {
 // /proc/self/clear_refs). Returns false if it could not.
 bool ResetPeakRss();
 
+// The heap allocator this process runs under. How much memory a training step's freed tensors leave
+// resident depends on it, so the memory planner sizes its slack to match (client/memory_planner.cpp).
+// The programs link tcmalloc (CMake option SEEDLING_TCMALLOC); an app embedding the SDK keeps its own.
+enum class HeapAllocator { kSystem, kTcmalloc };
+HeapAllocator CurrentHeapAllocator();  // kTcmalloc when tcmalloc is linked in or preloaded
+const char* HeapAllocatorName(HeapAllocator allocator);  // "system", "tcmalloc"
+
 // "1.50 GiB", "12.0 MiB", "512 B".
 std::string FormatBytes(int64_t bytes);
 

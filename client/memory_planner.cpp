@@ -19,20 +19,31 @@ using model::Projection;
 using optim::Method;
 
 constexpr int64_t kFloat = 4;          // bytes per fp32 element
-// glibc's heap does not return the holes that a step's short-lived tensors leave between its long-lived
-// ones, so a step's RSS exceeds its tensor high-water mark. Slack is a fraction of the activation estimate
-// plus 16 MiB for small objects. Measured (RSS over runtime + weights + trainable + activations, as a
-// fraction of the activation estimate), seq 256: lora-bp with recomputation (the backward re-runs each
-// layer, interleaving its temporaries with the gradients) on SmolLM2-135M 2 x 256 fp32 0.53 and q8_0 0.73,
-// Qwen2.5-0.5B q4_0 0.74, TinyLlama-1.1B q4_0 0.60; without recomputation Qwen2.5-0.5B q4_0 lora-bp
-// stays 1% under the estimate with 0.75.
-// The saved sets of the layers a partial plan stores are long-lived and leave few holes: on SmolLM2-135M
-// fp32, 1 x 256, each stored layer raised the peak RSS by 1.45 times its saved set (fraction 0.45, measured
-// from 0 to 20 stored layers), so they take a fraction of 0.5.
+// A step's RSS exceeds its tensor high-water mark by what the heap keeps resident in holes that short-lived
+// tensors leave between long-lived ones. Slack is 16 MiB for small objects plus fractions of the activation
+// estimate, measured per allocator (RSS over runtime + weights + trainable + activations, as a fraction of
+// the activation estimate; seq 256).
+struct SlackFractions {
+  double temporaries;  // the step's activations without recomputation
+  double recompute;    // with recomputation (the backward re-runs each layer, interleaving its temporaries
+                       // with the gradients)
+  double stored;       // the saved sets of the layers a partial plan stores: long-lived, few holes
+};
+// glibc's heap does not reuse those holes well. With recomputation: SmolLM2-135M 2 x 256 fp32 0.53 and q8_0
+// 0.73, Qwen2.5-0.5B q4_0 0.74, TinyLlama-1.1B q4_0 0.60; without, Qwen2.5-0.5B q4_0 lora-bp stays 1% under
+// the estimate with 0.75. Stored layers: on SmolLM2-135M fp32, 1 x 256, each raised the peak RSS by 1.45
+// times its saved set (0.45, from 0 to 20 stored layers).
+constexpr SlackFractions kSystemHeapSlack{0.75, 0.9, 0.5};
+// tcmalloc's size classes reuse the holes: every measured step stayed under its estimate without slack
+// (fractions -0.17 to -0.04: SmolLM2-135M fp32 lora-bp with 0, 10, 20 and all 30 layers stored, Qwen2.5-0.5B
+// q4_0 and q8_0 lora-bp with and without recomputation, q4_0 mezo; TinyLlama-1.1B q4_0 lora-bp), so only the
+// fixed part remains.
+constexpr SlackFractions kTcmallocSlack{0.0, 0.0, 0.0};
 constexpr int64_t kSlackFixed = 16 << 20;
-constexpr double kSlackFraction = 0.75;
-constexpr double kSlackFractionRecompute = 0.9;
-constexpr double kSlackFractionStored = 0.5;
+
+const SlackFractions& SlackFor(HeapAllocator allocator) {
+  return allocator == HeapAllocator::kTcmalloc ? kTcmallocSlack : kSystemHeapSlack;
+}
 
 bool Has(const lora::LoraConfig& c, Projection p) {
   return std::find(c.targets.begin(), c.targets.end(), p) != c.targets.end();
@@ -163,6 +174,7 @@ MemoryPlan EstimatePlan(const PlanRequest& r, const std::string& variant, int64_
   plan.tangents_per_pass =
       batched_jvp ? (tangents_per_pass > 0 ? std::min(tangents_per_pass, perturbations) : perturbations) : 0;
   plan.runtime_bytes = r.runtime_bytes >= 0 ? r.runtime_bytes : CurrentRssBytes();
+  plan.heap = r.heap;
   plan.data_bytes = r.data_bytes;
   plan.weight_bytes = r.weight_bytes >= 0 ? r.weight_bytes : kFloat * m.NumParameters();
 
@@ -231,9 +243,10 @@ MemoryPlan EstimatePlan(const PlanRequest& r, const std::string& variant, int64_
     }
   }
   // Slack scales with the step's own temporaries.
-  const double fraction = recompute ? kSlackFractionRecompute : kSlackFraction;
+  const SlackFractions& slack = SlackFor(r.heap);
+  const double fraction = recompute ? slack.recompute : slack.temporaries;
   const double slack_elements = fraction * static_cast<double>(elements - stored_elements) +
-                                kSlackFractionStored * static_cast<double>(stored_elements);
+                                slack.stored * static_cast<double>(stored_elements);
   plan.slack_bytes = kSlackFixed + static_cast<int64_t>(kFloat * slack_elements);
   if (r.weights_decoded_per_tile) elements += LinearTile(m);
   plan.activation_bytes = kFloat * elements;
@@ -354,7 +367,7 @@ std::string MemoryPlan::Describe() const {
                      Mib(total_bytes()), " MiB = runtime ", Mib(runtime_bytes),
                      data_bytes > 0 ? StrCat(" + data ", Mib(data_bytes)) : std::string(),
                      " + weights ", Mib(weight_bytes), " + trainable ", Mib(trainable_bytes), " + activations ",
-                     Mib(activation_bytes), " + slack ", Mib(slack_bytes));
+                     Mib(activation_bytes), " + slack ", Mib(slack_bytes), " (", HeapAllocatorName(heap), " heap)");
   return settings;
 }
 
@@ -364,12 +377,12 @@ std::string MemoryPlan::ToJson() const {
       R"("mlp_chunk_tokens":%d,)"
       R"("tangents_per_pass":%d,)"
       R"("runtime_bytes":%d,"data_bytes":%d,"weight_bytes":%d,"trainable_bytes":%d,"activation_bytes":%d,"slack_bytes":%d,)"
-      R"("total_bytes":%d})",
+      R"("total_bytes":%d,"heap":"%s"})",
       optim::MethodName(method), variant, micro_batch, recompute ? "true" : "false", stored_layers, ce_chunk_tokens,
       mlp_chunk_tokens,
       tangents_per_pass,
       runtime_bytes, data_bytes,
-      weight_bytes, trainable_bytes, activation_bytes, slack_bytes, total_bytes());
+      weight_bytes, trainable_bytes, activation_bytes, slack_bytes, total_bytes(), HeapAllocatorName(heap));
 }
 
 absl::StatusOr<int64_t> ParseByteSize(std::string_view text) {

@@ -12,7 +12,8 @@
 //   weights   resident model weights (fp32: 4 bytes/parameter; 16-bit as stored: 2; q8_0: 34/32; q4_0: 18/32)
 //   trainable the trained parameters and their optimizer state (LoRA: a few MiB)
 //   activation the step's peak tensor memory: saved activations, the largest transient, cross-entropy chunk
-//   slack     heap fragmentation and small objects (75% of activations + 16 MiB, measured)
+//   slack     heap fragmentation and small objects (measured per heap allocator: with the system's glibc heap
+//             75-90% of the activations + 16 MiB; with tcmalloc, which the programs link, 16 MiB)
 // See client/memory_planner.cpp for each formula and the measurements behind it.
 
 #include <cstdint>
@@ -20,6 +21,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "base/memory.h"
 #include "lora/adapter.h"
 #include "model/config.h"
 #include "optim/trainer.h"
@@ -46,6 +48,7 @@ struct PlanRequest {
   bool weights_decoded_per_tile = false;  // matrices in 16-bit or block formats: each multiply decodes
                                           // one tile at a time (model/frozen_linear.h)
   int64_t perturbations = 8;      // per step: fwdgrad's K (tangents), mezo / kseed's q (2q batched copies)
+  HeapAllocator heap = CurrentHeapAllocator();  // sizes the slack for fragmentation
 };
 
 struct MemoryPlan {
@@ -65,6 +68,7 @@ struct MemoryPlan {
   int64_t trainable_bytes = 0;
   int64_t activation_bytes = 0;
   int64_t slack_bytes = 0;
+  HeapAllocator heap = HeapAllocator::kSystem;  // the allocator the slack was sized for
   int64_t total_bytes() const {
     return runtime_bytes + data_bytes + weight_bytes + trainable_bytes + activation_bytes + slack_bytes;
   }

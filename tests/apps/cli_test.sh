@@ -74,6 +74,9 @@ case "$case_name" in
       echo "$out" | grep -q "\"$key\"" || fail "no $key in: $out"
     done
     [ "$(echo "$out" | json_number steps)" = 8 ] || fail "steps: $out"
+    # The program links tcmalloc when the build found it, and the plan's slack is sized for that heap.
+    if ldd "$seedling" | grep -q libtcmalloc; then heap=tcmalloc; else heap=system; fi
+    echo "$out" | grep -q "\"heap\":\"$heap\"" || fail "plan not sized for the $heap heap: $out"
     # Throughput counts processed tokens, prompts included: instruction rows mask their prompts, so fewer
     # are scored. tokens_per_second = tokens / seconds, and the MFU is a fraction.
     tokens=$(echo "$out" | json_number tokens); scored=$(echo "$out" | json_number scored_tokens)

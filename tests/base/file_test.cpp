@@ -3,8 +3,10 @@
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <string>
 #include <vector>
 
 #include "base/memory.h"
@@ -76,6 +78,15 @@ TEST_CASE("Peak RSS grows when memory is touched", "[base][memory]") {
   std::memset(big.data(), 1, big.size());
   CHECK(PeakRssBytes() >= before + (48 << 20));
   CHECK(big[12345] == 1);
+}
+
+TEST_CASE("The heap allocator is the system's unless tcmalloc is linked in", "[base][memory]") {
+  // The tests link no allocator (tests/apps/cli_test.sh checks the programs, which link tcmalloc).
+  const bool preloaded = std::getenv("LD_PRELOAD") != nullptr &&
+                         std::string(std::getenv("LD_PRELOAD")).find("tcmalloc") != std::string::npos;
+  CHECK(CurrentHeapAllocator() == (preloaded ? HeapAllocator::kTcmalloc : HeapAllocator::kSystem));
+  CHECK(std::string(HeapAllocatorName(HeapAllocator::kTcmalloc)) == "tcmalloc");
+  CHECK(std::string(HeapAllocatorName(HeapAllocator::kSystem)) == "system");
 }
 
 TEST_CASE("ForEachLine streams lines, caps what it holds, and agrees with ForEachLineIn", "[base][file]") {

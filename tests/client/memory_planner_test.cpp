@@ -83,6 +83,32 @@ TEST_CASE("A tighter budget recomputes more layers, then uses smaller micro-batc
   CHECK(plan->total_bytes() <= r.budget_bytes);
 }
 
+TEST_CASE("The slack follows the heap allocator, and tcmalloc's smaller slack stores more layers",
+          "[client][planner]") {
+  PlanRequest r = SmolRequest(optim::Method::kLoraBp);
+  r.batch = 1;
+  r.heap = HeapAllocator::kSystem;
+  const MemoryPlan system = EstimatePlan(r, "", 1, false, 0);
+  const MemoryPlan system_recompute = EstimatePlan(r, "", 1, true, 0, 0, 0, 10);
+  r.heap = HeapAllocator::kTcmalloc;
+  const MemoryPlan tcmalloc = EstimatePlan(r, "", 1, false, 0);
+  // Only the fixed 16 MiB for small objects with tcmalloc; glibc's holes scale with the activations.
+  CHECK(tcmalloc.slack_bytes == 16 << 20);
+  CHECK(system.slack_bytes > tcmalloc.slack_bytes + system.activation_bytes / 2);
+  CHECK(system_recompute.slack_bytes > 16 << 20);
+  CHECK(tcmalloc.activation_bytes == system.activation_bytes);
+  CHECK(tcmalloc.ToJson().find(R"("heap":"tcmalloc")") != std::string::npos);
+  CHECK(system.Describe().find("(system heap)") != std::string::npos);
+  // One budget, between the two allocators' full-recompute and no-recompute estimates.
+  r.budget_bytes = (EstimatePlan(r, "", 1, true, 0).total_bytes() + tcmalloc.total_bytes()) / 2;
+  const auto with_tcmalloc = PlanMemory(r);
+  r.heap = HeapAllocator::kSystem;
+  const auto with_system = PlanMemory(r);
+  REQUIRE(with_tcmalloc.ok());
+  REQUIRE(with_system.ok());
+  CHECK(with_tcmalloc->stored_layers > with_system->stored_layers);
+}
+
 TEST_CASE("A tighter budget makes fwdgrad carry fewer tangents per pass", "[client][planner]") {
   PlanRequest r = SmolRequest(optim::Method::kFwdGrad);
   // The lightest settings (MLP chunk 32, CE chunk 16) with all 8 tangents, and with 4.
