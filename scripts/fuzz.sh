@@ -24,7 +24,7 @@ fi
 TARGET="$1"
 SECONDS_TO_RUN="$2"
 shift 2
-if ! targets | grep -qx "$TARGET"; then
+if [[ ! -f "$FUZZ_DIR/${TARGET}_fuzz.cpp" ]]; then
   echo "fuzz.sh: unknown target '$TARGET'; known: $(targets | tr '\n' ' ')" >&2
   exit 2
 fi
