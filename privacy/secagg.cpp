@@ -508,7 +508,8 @@ std::string MaskedInputMessage::Serialize() const {
   const size_t head = out.size();
   out.resize(head + 4 * masked.size());
   if constexpr (std::endian::native == std::endian::little) {
-    std::memcpy(out.data() + head, masked.data(), 4 * masked.size());
+    // Not with an empty list: memcpy from its null data() is undefined even for 0 bytes.
+    if (!masked.empty()) std::memcpy(out.data() + head, masked.data(), 4 * masked.size());
   } else {
     for (size_t i = 0; i < masked.size(); ++i) {
       for (int b = 0; b < 4; ++b) out[head + 4 * i + b] = static_cast<char>(masked[i] >> (8 * b));
@@ -523,7 +524,9 @@ absl::StatusOr<MaskedInputMessage> MaskedInputMessage::Parse(std::string_view by
   r.Fixed(m.session_id);
   m.sender = r.U32();
   const uint32_t n = r.Count(kMaxVectorLength, 4);
-  if (r.ok()) {
+  // n = 0 parses to an empty list (the server refuses it against the session's vector length); memcpy
+  // into its null data() would be undefined even for 0 bytes (found by fuzzing).
+  if (r.ok() && n > 0) {
     m.masked.resize(n);
     if constexpr (std::endian::native == std::endian::little) {
       std::memcpy(m.masked.data(), r.Cursor(), 4 * size_t{n});

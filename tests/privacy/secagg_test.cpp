@@ -637,6 +637,15 @@ TEST_CASE("Every message survives a serialization round trip", "[privacy][secagg
            resp2->entries[0].share == resp.entries[0].share));
 }
 
+TEST_CASE("An empty masked input round-trips; the server, not the parser, refuses its length",
+          "[privacy][secagg][wire]") {
+  // Found by fuzzing: a count of 0 made Parse memcpy into an empty vector's null data().
+  MaskedInputMessage empty{TestSession(), 5, {}};
+  auto parsed = MaskedInputMessage::Parse(empty.Serialize());
+  REQUIRE(parsed.ok());
+  REQUIRE(parsed->masked.empty());
+}
+
 TEST_CASE("Parse rejects truncated, oversized and garbage input", "[privacy][secagg][wire]") {
   RequireRejectsCorruption<SetupMessage>(SetupMessage{Config(Params(10, 9, 5, 0.34))}.Serialize());
   RequireRejectsCorruption<AdvertiseKeysMessage>(
