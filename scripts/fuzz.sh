@@ -5,7 +5,8 @@
 #   scripts/fuzz.sh TARGET SECONDS [libFuzzer flags...]
 #
 # Builds in its own directory (SEEDLING_FUZZ_BUILD_DIR, default build-fuzz/) with -DSEEDLING_FUZZ=ON, tcmalloc
-# off (the sanitizers need the system allocator) and no benchmarks, then runs the target for SECONDS on a
+# off (the sanitizers need the system allocator), no benchmarks and no precompiled LibTorch header (clang's
+# -fpch-instantiate-templates rejects it), then runs the target for SECONDS on a
 # working corpus (build-fuzz/corpus/TARGET, seeded from tests/fuzz/corpus/TARGET, which is only read).
 # Prints the executions and the path of any crash file (build-fuzz/artifacts/TARGET/); to keep a crash,
 # copy it into tests/fuzz/corpus/TARGET/ and fix the parser.
@@ -38,7 +39,7 @@ SANITIZE="-fsanitize=address,undefined,fuzzer-no-link -fno-sanitize-recover=unde
 cmake -S "$ROOT" -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++ \
   -DCMAKE_C_FLAGS="$SANITIZE" -DCMAKE_CXX_FLAGS="$SANITIZE" \
-  -DSEEDLING_FUZZ=ON -DSEEDLING_TCMALLOC=OFF -DSEEDLING_BUILD_BENCH=OFF >/dev/null
+  -DSEEDLING_FUZZ=ON -DSEEDLING_TCMALLOC=OFF -DSEEDLING_BUILD_BENCH=OFF -DSEEDLING_USE_PCH=OFF >/dev/null
 nice ninja -C "$BUILD_DIR" "seedling_fuzz_$TARGET"
 
 WORK="$BUILD_DIR/corpus/$TARGET"
