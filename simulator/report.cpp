@@ -996,10 +996,22 @@ std::string RenderReportHtml(const ReportInput& input) {
         "Accepted updates (solid), dropouts (dashed) and stragglers whose upload came too late "
         "(dotted) per round.");
   }
-  bool any_accuracy = false, any_epsilon = false;
+  bool any_accuracy = false, any_epsilon = false, any_speed = false;
   for (const RoundRecord& r : input.rounds) {
     any_accuracy |= std::isfinite(r.accuracy);
     any_epsilon |= std::isfinite(r.epsilon);
+    any_speed |= std::isfinite(r.device_tokens_per_second);
+  }
+  if (any_speed) {
+    Chart c = MetricChart("fig-device-speed", "Device training speed per round", "round", "tokens per second",
+                          methods,
+                          {{"tokens/s", [](const RoundRecord& r) { return r.device_tokens_per_second; }}},
+                          ByRound, false);
+    c.integer_x = true;
+    c.zero_y = true;
+    o += Figure(c,
+                "Tokens the participants' local steps processed over their simulated compute seconds: the "
+                "phones' training speed under the time model (device_tokens_per_second).");
   }
   if (any_accuracy) {
     Chart c = MetricChart("fig-accuracy", "Accuracy vs round", "round", "accuracy", methods,

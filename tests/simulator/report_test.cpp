@@ -434,8 +434,8 @@ TEST_CASE("The report has one svg per figure and the accuracy figure only with a
           "[simulator][report]") {
   ReportInput in = TwoMethodInput();
   std::string html = RenderReportHtml(in);
-  CHECK(Count(html, "<svg") == 4);
-  for (const char* id : {"fig-loss-round", "fig-loss-time", "fig-bytes", "fig-participation"}) {
+  CHECK(Count(html, "<svg") == 5);
+  for (const char* id : {"fig-loss-round", "fig-loss-time", "fig-bytes", "fig-participation", "fig-device-speed"}) {
     const std::string fig = FigureText(html, id);
     CHECK(Count(fig, "<svg") == 1);
   }
@@ -445,11 +445,27 @@ TEST_CASE("The report has one svg per figure and the accuracy figure only with a
 
   in.rounds[3].accuracy = 0.4;
   html = RenderReportHtml(in);
-  CHECK(Count(html, "<svg") == 5);
+  CHECK(Count(html, "<svg") == 6);
   const auto acc = Lines_(FigureText(html, "fig-accuracy"));
   REQUIRE(acc.size() == 2);
   CHECK(acc[0].points() == 1);  // lora-bp round 4
   CHECK(acc[1].points() == 0);
+}
+
+TEST_CASE("The device-speed figure plots each method's tokens per second, and is left out without any",
+          "[simulator][report]") {
+  ReportInput in = TwoMethodInput();
+  for (RoundRecord& r : in.rounds) r.device_tokens_per_second = r.method == "kseed" ? 200 + r.round : NAN;
+  in.rounds[1].device_tokens_per_second = 90;  // lora-bp round 2: its only finite figure
+  std::string html = RenderReportHtml(in);
+  const auto lines = Lines_(FigureText(html, "fig-device-speed"));
+  REQUIRE(lines.size() == 2);
+  CHECK(lines[0].points() == 1);  // lora-bp
+  CHECK(lines[1].points() == 6);  // kseed
+  for (RoundRecord& r : in.rounds) r.device_tokens_per_second = NAN;
+  html = RenderReportHtml(in);
+  CHECK(FigureText(html, "fig-device-speed").empty());
+  CHECK(Count(html, "<svg") == 4);
 }
 
 // The rows of <table class="declines"> as their cell texts.
