@@ -56,7 +56,9 @@ absl::StatusOr<std::unique_ptr<BpeModel>> BpeModel::Create(
   model->merges_.Reserve(merges.size());
   model->in_merge_.assign(max_id + 1, false);
   for (size_t rank = 0; rank < merges.size(); ++rank) {
-    const auto& [a, b] = merges[rank];
+    // Named references, not a structured binding: clang before 16 cannot capture one in a lambda.
+    const std::string& a = merges[rank].first;
+    const std::string& b = merges[rank].second;
     auto describe = [&] { return StrCat("merge ", rank, " ('", a, "', '", b, "')"); };
     auto a_it = model->vocab_.find(a);
     if (a_it == model->vocab_.end()) {
