@@ -456,11 +456,16 @@ at::Tensor AttentionProbs(const at::Tensor& qg, const at::Tensor& k, int64_t gro
                           std::optional<int64_t> sliding_window) {
   const int64_t b = qg.size(0), hkv = qg.size(1), t = qg.size(2) / groups, s = k.size(2);
   at::Tensor scores = at::matmul(qg, k.transpose(-1, -2)).view({b, hkv, groups, t, s});  // (B,Hkv,G,T,S)
-  const at::Tensor q_pos = at::arange(q_start, q_start + t, at::kLong).unsqueeze(1);      // (T, 1)
-  const at::Tensor k_pos = at::arange(0, s, at::kLong).unsqueeze(0);                      // (1, S)
-  at::Tensor masked = k_pos.gt(q_pos);
-  if (sliding_window) masked = masked.logical_or(k_pos.le(q_pos - *sliding_window));
-  scores = scores.masked_fill(masked, -std::numeric_limits<float>::infinity());
+  // Only keys after the first query's position can be in the future of some query, so without a window
+  // the mask covers the columns from there on; it is applied in place.
+  const int64_t first = sliding_window ? 0 : std::clamp<int64_t>(q_start + 1, 0, s);
+  if (first < s) {
+    const at::Tensor q_pos = at::arange(q_start, q_start + t, at::kLong).unsqueeze(1);  // (T, 1)
+    const at::Tensor k_pos = at::arange(first, s, at::kLong).unsqueeze(0);              // (1, S - first)
+    at::Tensor masked = k_pos.gt(q_pos);
+    if (sliding_window) masked = masked.logical_or(k_pos.le(q_pos - *sliding_window));
+    scores.narrow(-1, first, s - first).masked_fill_(masked, -std::numeric_limits<float>::infinity());
+  }
   return at::softmax(scores, -1).view({b, hkv, groups * t, s});
 }
 
@@ -535,16 +540,20 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     at::Tensor dq = at::empty({b, hq, t, d}, q.options());
     at::Tensor dk = at::zeros_like(k, at::MemoryFormat::Contiguous);
     at::Tensor dv = at::zeros_like(v, at::MemoryFormat::Contiguous);
+    at::Tensor dk3 = dk.view({b * hkv, s, d}), dv3 = dv.view({b * hkv, s, d});
     for (const QueryBlock& blk : QueryBlocks(t, s, q_start)) {
       const at::Tensor kb = k.narrow(2, 0, blk.keys), vb = v.narrow(2, 0, blk.keys);
       const at::Tensor qg = FoldQueries(q.narrow(2, blk.start, blk.length), hkv);  // (B, Hkv, G*len, D), scaled
       const at::Tensor probs = AttentionProbs(qg, kb, hq / hkv, q_start + blk.start, window);  // (B, Hkv, G*len, keys)
       const at::Tensor d_out = grad_outputs[0].narrow(2, blk.start, blk.length).reshape({b, hkv, -1, d});
-      dv.narrow(2, 0, blk.keys).add_(at::matmul(probs.transpose(-1, -2), d_out));  // sums the group's rows
+      // Accumulated in place, one (B·Hkv) batch of multiplies; summing over rows sums the group's heads.
+      dv3.narrow(1, 0, blk.keys).baddbmm_(probs.reshape({b * hkv, -1, blk.keys}).transpose(1, 2),
+                                          d_out.reshape({b * hkv, -1, d}));
       at::Tensor ds = at::matmul(d_out, vb.transpose(-1, -2));  // dP, then dS in place
       ds.sub_((ds * probs).sum(-1, /*keepdim=*/true)).mul_(probs);
       dq.narrow(2, blk.start, blk.length).copy_(at::matmul(ds, kb).mul_(scale).view({b, hq, blk.length, d}));
-      dk.narrow(2, 0, blk.keys).add_(at::matmul(ds.transpose(-1, -2), qg));  // qg carries the 1/√D
+      dk3.narrow(1, 0, blk.keys).baddbmm_(ds.reshape({b * hkv, -1, blk.keys}).transpose(1, 2),
+                                          qg.reshape({b * hkv, -1, d}));  // qg carries the 1/√D
     }
     return {dq, dk, dv, at::Tensor(), at::Tensor()};
   }
