@@ -210,8 +210,30 @@ absl::StatusOr<std::unique_ptr<LoraAdapter>> LoraAdapter::Create(const ModelConf
 }
 
 at::Tensor LoraAdapter::Matrix(const LoraView& view) const {
+  if (!leaves_.empty() && !override_.defined() && &view >= views_.data() && &view < views_.data() + views_.size()) {
+    return leaves_[static_cast<size_t>(&view - views_.data())];
+  }
   const at::Tensor& src = override_.defined() ? override_ : flat_;
   return src.narrow(0, view.offset, view.numel()).view({view.rows, view.cols});
+}
+
+void LoraAdapter::BeginGradients() {
+  SEEDLING_CHECK(!flat_.requires_grad(), "BeginGradients with a flat buffer that requires grad");
+  leaves_.clear();
+  leaves_.reserve(views_.size());
+  for (const LoraView& v : views_) {
+    leaves_.push_back(flat_.narrow(0, v.offset, v.numel()).view({v.rows, v.cols}).detach().requires_grad_(true));
+  }
+}
+
+at::Tensor LoraAdapter::TakeGradients() {
+  at::Tensor grad = at::zeros_like(flat_);
+  for (size_t i = 0; i < leaves_.size() && i < views_.size(); ++i) {
+    const at::Tensor& g = leaves_[i].grad();
+    if (g.defined()) grad.narrow(0, views_[i].offset, views_[i].numel()).copy_(g.reshape({-1}));
+  }
+  leaves_.clear();
+  return grad;
 }
 
 const LoraView* LoraAdapter::Find(int64_t layer, Projection p, bool is_a) const {
@@ -329,6 +351,16 @@ at::Tensor LoraAdapter::ApplyTangents(int64_t layer, Projection p, const at::Ten
 }
 
 std::vector<at::Tensor> LoraAdapter::LayerTensors(int64_t layer) const {
+  if (!leaves_.empty() && !override_.defined()) {
+    std::vector<at::Tensor> out;
+    for (Projection p : kAllProjections) {
+      const LoraView* va = Find(layer, p, true);
+      if (va == nullptr) continue;
+      out.push_back(Matrix(*va));
+      out.push_back(Matrix(*(va + 1)));
+    }
+    return out;
+  }
   for (Projection p : kAllProjections) {
     if (Find(layer, p, true) != nullptr) return {override_.defined() ? override_ : flat_};
   }

@@ -70,9 +70,7 @@ absl::Status LoraBpTrainer::RestoreState(const TrainerState& state) {
 }
 
 absl::StatusOr<StepResult> LoraBpTrainer::Step(const model::Batch& batch) {
-  at::Tensor& flat = adapter_.flat();
-  flat.requires_grad_(true);
-  flat.mutable_grad() = at::Tensor();
+  adapter_.BeginGradients();
   adapter_.SetTraining(true);
   adapter_.SetStep(options_.seed, static_cast<uint64_t>(steps()));
   model::ForwardOptions fo;
@@ -96,8 +94,7 @@ absl::StatusOr<StepResult> LoraBpTrainer::Step(const model::Batch& batch) {
     absl::StatusOr<model::LossOutput> loss = model_.Loss(tokens, labels, fo);
     if (!loss.ok()) {
       adapter_.SetTraining(false);
-      flat.mutable_grad() = at::Tensor();
-      flat.requires_grad_(false);
+      adapter_.EndGradients();
       return loss.status();
     }
     if (loss->tokens == 0) continue;
@@ -108,17 +105,14 @@ absl::StatusOr<StepResult> LoraBpTrainer::Step(const model::Batch& batch) {
     });
     if (!st.ok()) {
       adapter_.SetTraining(false);
-      flat.mutable_grad() = at::Tensor();
-      flat.requires_grad_(false);
+      adapter_.EndGradients();
       return st;
     }
   }
   adapter_.SetTraining(false);
   result.loss = total_tokens > 0 ? loss_sum / static_cast<double>(total_tokens) : 0.0;
-  at::Tensor grad = flat.grad();
-  flat.requires_grad_(false);
-  flat.mutable_grad() = at::Tensor();
-  if (!grad.defined()) grad = at::zeros_like(flat);
+  at::Tensor grad = adapter_.TakeGradients();
+  at::Tensor& flat = adapter_.flat();
 
   at::NoGradGuard no_grad;
   const double norm = grad.norm().item<double>();

@@ -249,6 +249,36 @@ TEST_CASE("Gradients reach only the flat buffer, and recomputation gives the sam
   CHECK_FALSE(m->weights().layers[0].q.grad().defined());
 }
 
+TEST_CASE("Per-matrix gradient leaves give the flat buffer's gradients, accumulated over backward calls", "[lora]") {
+  const auto c = SmallConfig();
+  auto m = SmallModel(c);
+  auto a = LoraAdapter::Create(c, AllTargets(2));
+  REQUIRE(a.ok());
+  RandomizeB(**a);
+  at::Tensor& flat = (*a)->flat();
+  model::ForwardOptions fo;
+  fo.adapter = a->get();
+  // Reference: gradients through views of the flat buffer, two backward calls accumulating.
+  flat.requires_grad_(true);
+  for (int i = 0; i < 2; ++i) m->Loss(Tokens(), Tokens(), fo)->mean().backward();
+  const at::Tensor want = flat.grad().clone();
+  flat.mutable_grad() = at::Tensor();
+  flat.requires_grad_(false);
+  REQUIRE(want.abs().max().item<double>() > 0);
+  // Without recomputation, with every layer recomputed, and with the last layer stored.
+  for (const auto& [recompute, stored] : {std::pair{false, 0}, std::pair{true, 0}, std::pair{true, 1}}) {
+    INFO("recompute " << recompute << ", stored " << stored);
+    fo.recompute = recompute;
+    fo.stored_layers = stored;
+    (*a)->BeginGradients();
+    for (int i = 0; i < 2; ++i) m->Loss(Tokens(), Tokens(), fo)->mean().backward();
+    const at::Tensor got = (*a)->TakeGradients();
+    CHECK((got - want).abs().max().item<double>() < 1e-6);
+    CHECK_FALSE(flat.grad().defined());  // the flat buffer itself never took part
+    CHECK_FALSE((*a)->Matrix((*a)->views()[0]).requires_grad());  // the leaves are gone
+  }
+}
+
 TEST_CASE("The adapter's backward (recomputing x A) equals plain autograd through the LoRA expression", "[lora]") {
   const auto c = SmallConfig();
   auto a = LoraAdapter::Create(c, AllTargets(3));
