@@ -71,9 +71,11 @@ echo "executions: $(grep -oE 'stat::number_of_executed_units: *[0-9]+' "$LOG" | 
 echo "seconds:    $(grep -oE 'Done [0-9]+ runs in [0-9]+ second' "$LOG" | grep -oE '[0-9]+ second' | grep -oE '[0-9]+' || echo "$SECONDS_TO_RUN (stopped early)")"
 CRASHES=$(grep -oE "(Test unit|artifact_prefix.*; Test unit) written to [^ ]+" "$LOG" | awk '{print $NF}' || true)
 if [[ -n "$CRASHES" ]]; then
-  echo "crash files:"
-  echo "$CRASHES" | sed 's/^/  /'
+  # crash-, leak-, oom- and timeout- files are findings; a slow-unit- file can also be a stall of a busy machine
+  # (re-run it alone: build-fuzz/tests/fuzz/seedling_fuzz_TARGET FILE).
+  echo "artifacts:"
+  echo "$CRASHES" | sort -u | sed 's/^/  /'
 else
-  echo "crash files: none"
+  echo "artifacts: none"
 fi
 exit "$STATUS"
