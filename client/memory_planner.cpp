@@ -35,7 +35,7 @@ struct SlackFractions {
 // times its saved set (0.45, from 0 to 20 stored layers).
 constexpr SlackFractions kSystemHeapSlack{0.75, 0.9, 0.5};
 // tcmalloc's size classes reuse the holes: every measured step stayed under its estimate without slack
-// (fractions -0.17 to -0.04: SmolLM2-135M fp32 lora-bp with 0, 10, 20 and all 30 layers stored, Qwen2.5-0.5B
+// (fractions -0.58 to -0.04: SmolLM2-135M fp32 lora-bp with 0, 10, 20 and all 30 layers stored, Qwen2.5-0.5B
 // q4_0 and q8_0 lora-bp with and without recomputation, q4_0 mezo; TinyLlama-1.1B q4_0 lora-bp), so only the
 // fixed part remains.
 constexpr SlackFractions kTcmallocSlack{0.0, 0.0, 0.0};
