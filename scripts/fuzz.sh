@@ -47,6 +47,11 @@ if ! [[ "$SECONDS_TO_RUN" =~ ^[0-9]+$ ]]; then
   exit 2
 fi
 
+if ! command -v clang++ >/dev/null 2>&1; then
+  echo "fuzz.sh: needs clang with libFuzzer (Debian: apt-get install clang)" >&2
+  exit 1
+fi
+
 BUILD_DIR="${SEEDLING_FUZZ_BUILD_DIR:-$ROOT/build-fuzz}"
 SANITIZE="-fsanitize=address,undefined,fuzzer-no-link -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g"
 cmake -S "$ROOT" -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
