@@ -24,5 +24,6 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   for (const auto& tensor : (*file)->tensors()) {
     if (tensor.nbytes > 0) sum += tensor.data[0] + tensor.data[tensor.nbytes - 1];
   }
-  return sum == 42 ? 0 : 0;
+  seedling::fuzz::Consume(sum);
+  return 0;
 }

@@ -17,5 +17,6 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (view.nbytes > 0) sum += view.data[0] + view.data[view.nbytes - 1];
     sum += static_cast<uint64_t>(view.numel());
   }
-  return sum == 42 ? 0 : 0;
+  seedling::fuzz::Consume(sum);
+  return 0;
 }
