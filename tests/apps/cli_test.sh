@@ -75,7 +75,9 @@ case "$case_name" in
     done
     [ "$(echo "$out" | json_number steps)" = 8 ] || fail "steps: $out"
     # The program links tcmalloc when the build found it, and the plan's slack is sized for that heap.
-    if ldd "$seedling" | grep -q libtcmalloc; then heap=tcmalloc; else heap=system; fi
+    # (ldd's output is read whole first: with pipefail, 'ldd | grep -q' fails when grep exits early.)
+    libs=$(ldd "$seedling") || fail "ldd failed"
+    if grep -q libtcmalloc <<< "$libs"; then heap=tcmalloc; else heap=system; fi
     echo "$out" | grep -q "\"heap\":\"$heap\"" || fail "plan not sized for the $heap heap: $out"
     # Throughput counts processed tokens, prompts included: instruction rows mask their prompts, so fewer
     # are scored. tokens_per_second = tokens / seconds, and the MFU is a fraction.
@@ -312,7 +314,7 @@ case "$case_name" in
   help)
     for cmd in init-model eval generate finetune export "bench forward"; do
       # shellcheck disable=SC2086
-      "$seedling" $cmd --help | grep -q "Usage" || fail "no usage for $cmd"
+      grep -q "Usage" <<< "$("$seedling" $cmd --help)" || fail "no usage for $cmd"
     done
     ;;
   *) fail "unknown case $case_name" ;;

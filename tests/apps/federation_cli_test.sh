@@ -198,10 +198,10 @@ case "$case_name" in
     [ -n "$tok2" ] || fail "no token for dev2"
     status=$(timeout 10 curl -sf "http://127.0.0.1:$http_port/api/status") || fail "GET /api/status"
     echo "$status" | jq -e '.devices_registered == 3' > /dev/null || fail "dev2 not seen by the running server: $status"
-    timeout 30 "$seedling" devices list --config "$work/server.toml" | grep -qx dev2 || fail "devices list lacks dev2"
-    timeout 30 "$seedling" devices revoke --config "$work/server.toml" --id dev2 | grep -qx "dev2 revoked" \
+    grep -qx dev2 <<< "$(timeout 30 "$seedling" devices list --config "$work/server.toml")" || fail "devices list lacks dev2"
+    grep -qx "dev2 revoked" <<< "$(timeout 30 "$seedling" devices revoke --config "$work/server.toml" --id dev2)" \
       || fail "devices revoke dev2"
-    timeout 30 "$seedling" devices list --config "$work/server.toml" | grep -qx "dev2 revoked" || fail "dev2 not listed as revoked"
+    grep -qx "dev2 revoked" <<< "$(timeout 30 "$seedling" devices list --config "$work/server.toml")" || fail "dev2 not listed as revoked"
     timeout 30 "$seedling" devices revoke --config "$work/server.toml" --id nosuch > /dev/null 2>&1 \
       && fail "revoking an unknown device succeeded"
     rotated=$(timeout 30 "$seedling" devices rotate --config "$work/server.toml" --id dev0 --json) || fail "devices rotate dev0"
