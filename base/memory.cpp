@@ -2,6 +2,7 @@
 
 #include <dlfcn.h>
 #include <fcntl.h>
+#include <malloc.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -132,6 +133,16 @@ bool ResetPeakRss() {
 HeapAllocator CurrentHeapAllocator() {
   // tcmalloc exports its entry points under their own names too, whether linked in or preloaded.
   return dlsym(RTLD_DEFAULT, "tc_malloc") != nullptr ? HeapAllocator::kTcmalloc : HeapAllocator::kSystem;
+}
+
+void ReleaseFreeHeapMemory() {
+  using Release = void (*)();
+  auto release = reinterpret_cast<Release>(dlsym(RTLD_DEFAULT, "MallocExtension_ReleaseFreeMemory"));
+  if (release != nullptr) {
+    release();
+  } else {
+    malloc_trim(0);
+  }
 }
 
 const char* HeapAllocatorName(HeapAllocator allocator) {

@@ -55,6 +55,11 @@ enum class HeapAllocator { kSystem, kTcmalloc };
 HeapAllocator CurrentHeapAllocator();  // kTcmalloc when tcmalloc is linked in or preloaded
 const char* HeapAllocatorName(HeapAllocator allocator);  // "system", "tcmalloc"
 
+// Hands the heap's free pages back to the OS (tcmalloc: MallocExtension_ReleaseFreeMemory; glibc:
+// malloc_trim). For the end of a one-off phase whose large buffers the next phase does not reuse, such as
+// building a weight cache: neither heap returns such memory promptly by itself.
+void ReleaseFreeHeapMemory();
+
 // "1.50 GiB", "12.0 MiB", "512 B".
 std::string FormatBytes(int64_t bytes);
 

@@ -142,7 +142,8 @@ std::vector<int64_t> LogicalShape(const at::Tensor& w) {
 
 int64_t MatrixBytes(const at::Tensor& w) { return w.defined() ? static_cast<int64_t>(w.nbytes()) : 0; }
 
-absl::StatusOr<at::Tensor> QuantizeMatrix(const at::Tensor& w, WeightFormat format, std::string_view name) {
+absl::StatusOr<at::Tensor> QuantizeMatrix(const at::Tensor& w, WeightFormat format, std::string_view name,
+                                          const RowsDone& rows_done) {
   SEEDLING_CHECK(IsBlockFormat(format));
   const std::string label = name.empty() ? std::string("matrix") : StrCat("'", name, "'");
   if (w.dim() != 2) return absl::InvalidArgumentError(StrCat(label, " is not 2-D"));
@@ -156,6 +157,8 @@ absl::StatusOr<at::Tensor> QuantizeMatrix(const at::Tensor& w, WeightFormat form
   std::vector<float> row(static_cast<size_t>(cols));
   uint8_t* dst = out.data_ptr<uint8_t>();
   // One row at a time in fp32, so a 16-bit source is never converted as a whole.
+  const int64_t band_rows = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, cols * w.element_size()));
+  int64_t band_start = 0;
   for (int64_t r = 0; r < rows; ++r, dst += cols / kQuantBlock * bytes) {
     const at::Tensor src = w[r];
     if (src.scalar_type() == at::kFloat && src.is_contiguous()) {
@@ -180,6 +183,10 @@ absl::StatusOr<at::Tensor> QuantizeMatrix(const at::Tensor& w, WeightFormat form
             StrCat(label, " row ", r, ": a block's scale does not fit binary16 (weights too large for ",
                    WeightFormatName(format), ")"));
       }
+    }
+    if (rows_done && (r + 1 - band_start == band_rows || r + 1 == rows)) {
+      rows_done(band_start, r + 1 - band_start);
+      band_start = r + 1;
     }
   }
   return out;

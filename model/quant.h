@@ -23,6 +23,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <functional>
 #include <string_view>
 #include <vector>
 
@@ -75,8 +76,12 @@ int64_t MatrixBytes(const at::Tensor& w);
 
 // Quantizes a 2-D float tensor (f32, f16, bf16 or f64) to `format` (kQ8_0 or kQ4_0), row by row.
 // InvalidArgument if cols is not a multiple of 32, a value is not finite, or a block's scale does not
-// fit binary16. `name` goes into the messages.
-absl::StatusOr<at::Tensor> QuantizeMatrix(const at::Tensor& w, WeightFormat format, std::string_view name = "");
+// fit binary16. `name` goes into the messages. `rows_done`, if set, is called after each band of rows
+// (about 1 MiB of source) with the band's first row and row count, so a caller converting from a mapped
+// file can drop the source pages it has finished with.
+using RowsDone = std::function<void(int64_t first_row, int64_t rows)>;
+absl::StatusOr<at::Tensor> QuantizeMatrix(const at::Tensor& w, WeightFormat format, std::string_view name = "",
+                                          const RowsDone& rows_done = nullptr);
 
 // The matrix in fp32, (rows, cols): a copy for 16-bit and block formats, `w` itself for fp32. For
 // tests, export and merges; compute paths use model/frozen_linear.h, which never converts a whole

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "base/file.h"
+#include "base/memory.h"
 #include "base/sha256.h"
 #include "base/status.h"
 #include "base/strings.h"
@@ -101,8 +102,15 @@ absl::StatusOr<at::Tensor> Convert(const TensorView& view, const TensorSpec& spe
       return source.to(at::kFloat).contiguous();
     case DType::kF16:
       return source.to(at::kHalf).contiguous();
-    default:
-      return QuantizeMatrix(source, MatrixFormatFor(format, view.shape[1]), spec.name);
+    default: {
+      // Drop each band's source pages as it is done: the embedding's 16-bit source alone is larger than
+      // a tight budget's whole activation share.
+      const int64_t row_bytes = static_cast<int64_t>(view.nbytes) / std::max<int64_t>(1, view.shape[0]);
+      auto release = [&](int64_t first_row, int64_t rows) {
+        view.file->Release(view.data + first_row * row_bytes, static_cast<size_t>(rows * row_bytes));
+      };
+      return QuantizeMatrix(source, MatrixFormatFor(format, view.shape[1]), spec.name, release);
+    }
   }
 }
 
@@ -154,7 +162,9 @@ absl::StatusOr<WeightCache> OpenWeightCache(const SafetensorsCollection& source,
     cache.rebuild_reason = "missing";
   }
   SEEDLING_RETURN_IF_ERROR(MakeDirs(std::filesystem::path(cache.path).parent_path().string()));
-  SEEDLING_RETURN_IF_ERROR(Build(source, specs, format, fingerprint, cache.path, options));
+  const absl::Status built = Build(source, specs, format, fingerprint, cache.path, options);
+  ReleaseFreeHeapMemory();  // the conversion's buffers: training would otherwise run on top of them
+  SEEDLING_RETURN_IF_ERROR(built);
   cache.built = true;
   SEEDLING_ASSIGN_OR_RETURN(cache.files, SafetensorsCollection::Open(cache.path, MappedFile::Mode::kReadOnly));
   return cache;

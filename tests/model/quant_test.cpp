@@ -92,6 +92,18 @@ TEST_CASE("Quantizing keeps every weight within half a step of its block", "[mod
   }
 }
 
+TEST_CASE("Quantizing reports its rows in order, in bands of about 1 MiB of source, each row once",
+          "[model][quant]") {
+  // 4,096 bf16 columns are 8 KiB a row: bands of 128 rows, and a short last band.
+  const at::Tensor w = at::randn({300, 4096}).to(at::kBFloat16);
+  std::vector<std::pair<int64_t, int64_t>> bands;
+  auto done = [&](int64_t first, int64_t rows) { bands.emplace_back(first, rows); };
+  const at::Tensor q = *QuantizeMatrix(w, WeightFormat::kQ4_0, "embed", done);
+  const std::vector<std::pair<int64_t, int64_t>> expected = {{0, 128}, {128, 128}, {256, 44}};
+  CHECK(bands == expected);
+  CHECK(DequantizeMatrix(q).equal(DequantizeMatrix(*QuantizeMatrix(w, WeightFormat::kQ4_0))));
+}
+
 TEST_CASE("Quantizing refuses columns that are not a multiple of 32 and non-finite weights", "[model][quant]") {
   auto odd = QuantizeMatrix(at::zeros({2, 40}), WeightFormat::kQ4_0, "mlp.down_proj");
   REQUIRE_FALSE(odd.ok());
