@@ -69,6 +69,20 @@ std::vector<TensorSpec> CacheSpecs(const ModelConfig& config, WeightFormat forma
   return specs;
 }
 
+// SHA-256 of the data section, hex. Each 8 MiB read is dropped from RSS once hashed: the check should
+// not leave the whole cache resident when training then streams its weights (model/frozen_linear.h).
+std::string DataDigest(const SafetensorsFile& file) {
+  constexpr size_t kChunk = size_t{8} << 20;
+  const std::span<const uint8_t> data = file.data_section();
+  Sha256Hasher hasher;
+  for (size_t at = 0; at < data.size(); at += kChunk) {
+    const std::span<const uint8_t> chunk = data.subspan(at, std::min(kChunk, data.size() - at));
+    hasher.Update(chunk.data(), chunk.size());
+    file.Release(chunk);
+  }
+  return HexOf(hasher.Finish());
+}
+
 // Empty when the opened file is the cache these arguments describe; otherwise why it is not.
 std::string Mismatch(const SafetensorsFile& file, const std::vector<TensorSpec>& specs, WeightFormat format,
                      const std::string& fingerprint) {
@@ -87,10 +101,7 @@ std::string Mismatch(const SafetensorsFile& file, const std::vector<TensorSpec>&
       return StrCat("damaged: tensor '", spec.name, "' has the wrong dtype or shape");
     }
   }
-  const std::span<const uint8_t> data = file.data_section();
-  const std::string digest =
-      HexOf(Sha256(std::string_view(reinterpret_cast<const char*>(data.data()), data.size())));
-  if (meta(kDigestKey) != digest) return "damaged: the data does not match its SHA-256";
+  if (meta(kDigestKey) != DataDigest(file)) return "damaged: the data does not match its SHA-256";
   return "";
 }
 
