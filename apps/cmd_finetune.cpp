@@ -85,6 +85,7 @@ void RegisterFinetune(CLI::App& app, Action& action) {
     std::string model_dir, data, method = "lora-bp", budget, out, targets = "q_proj,v_proj";
     WeightFlags weights;
     std::string recompute = "auto";
+    std::string stream_weights = "auto";
     std::string variant;
     int64_t ce_chunk = 0;
     client::TrainingConfig training;
@@ -137,6 +138,11 @@ void RegisterFinetune(CLI::App& app, Action& action) {
                   "lora-bp: per-layer recomputation auto (the planner decides), on, off, or a number of layers "
                   "(the first ones; the rest keep their activations)")
       ->capture_default_str();
+  cmd->add_option("--stream-weights", f->stream_weights,
+                  "q8_0/q4_0: release the layers' weight pages after each tile, keeping RSS near one tile per "
+                  "matrix: auto (the planner streams when the budget needs it), on, off")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"auto", "on", "off"}));
   cmd->add_option("--variant", f->variant,
                   "How the method runs (default: the planner decides): fwdgrad batched-jvp or central-difference; "
                   "mezo batched or in-place-restore; kseed batched, exact-restore or in-place-restore");
@@ -183,6 +189,12 @@ void RegisterFinetune(CLI::App& app, Action& action) {
       request.runtime_bytes = client::MeasureRuntimeBytes();
       SEEDLING_ASSIGN_OR_RETURN(request.weight_bytes, model::ResidentWeightBytes(f->model_dir, config, load.precision));
       request.weights_decoded_per_tile = load.precision != model::WeightPrecision::kFloat32;
+      request.streamed_weight_bytes = model::StreamedWeightBytes(config, load.precision, request.weight_bytes);
+      if (f->stream_weights != "auto" && request.streamed_weight_bytes < 0) {
+        return absl::InvalidArgumentError(StrCat("--stream-weights ", f->stream_weights,
+                                                 ": only q8_0 and q4_0 weights can be streamed (--weights)"));
+      }
+      if (f->stream_weights == "off") request.streamed_weight_bytes = -1;
       request.perturbations = client::PerturbationsPerStep(f->training);
       SEEDLING_ASSIGN_OR_RETURN(const RecomputeFlag recompute, ParseRecompute(f->recompute, config.num_hidden_layers));
       const std::vector<std::string> variants = client::PlanVariants(f->training.method, f->full);
@@ -191,13 +203,15 @@ void RegisterFinetune(CLI::App& app, Action& action) {
                                                  f->full ? " --full" : "", "'s: ", absl::StrJoin(variants, ", ")));
       }
       SEEDLING_ASSIGN_OR_RETURN(client::MemoryPlan plan, client::PlanMemory(request));
-      if (!recompute.automatic || f->ce_chunk > 0 || !f->variant.empty()) {
+      const bool force_stream = f->stream_weights == "on";
+      if (!recompute.automatic || f->ce_chunk > 0 || !f->variant.empty() || force_stream) {
         // Settings forced by the user: re-estimate them (and still refuse what cannot fit).
         plan = client::EstimatePlan(request, f->variant.empty() ? plan.variant : f->variant, plan.micro_batch,
                                     recompute.automatic ? plan.recompute : recompute.on,
                                     f->ce_chunk > 0 ? f->ce_chunk : plan.ce_chunk_tokens, plan.mlp_chunk_tokens,
                                     plan.tangents_per_pass,
-                                    recompute.automatic ? plan.stored_layers : recompute.stored_layers);
+                                    recompute.automatic ? plan.stored_layers : recompute.stored_layers,
+                                    plan.stream_weights || force_stream);
         if (budget > 0 && plan.total_bytes() > budget) {
           return absl::ResourceExhaustedError(StrCat("the forced settings do not fit the budget: ", plan.Describe()));
         }

@@ -739,6 +739,7 @@ absl::StatusOr<RunResult> Client::Train(std::unique_ptr<comms::Channel>& channel
   // whole process.
   SEEDLING_ASSIGN_OR_RETURN(request.weight_bytes, model::ResidentWeightBytes(config_.model_dir, model_config, weights));
   request.weights_decoded_per_tile = weights != model::WeightPrecision::kFloat32;
+  request.streamed_weight_bytes = model::StreamedWeightBytes(model_config, weights, request.weight_bytes);
   // The server's `perturbations` is fwdgrad's K; federated mezo / kseed probe one seed per step.
   request.perturbations = method == optim::Method::kFwdGrad ? static_cast<int64_t>(hp("perturbations", 8)) : 1;
   const std::string weights_name = model::WeightPrecisionName(weights);

@@ -172,6 +172,8 @@ absl::StatusOr<TrainingResult> RunLocalTraining(model::LlamaModel& model, lora::
   const double lr = config.lr > 0 ? config.lr : DefaultLearningRate(config.method, config.full_parameters);
   const double eps = config.epsilon > 0 ? config.epsilon : DefaultEpsilon(config.method, config.full_parameters);
   lora::LoraAdapter* forward_adapter = config.full_parameters ? nullptr : adapter;
+  // The plan holds the layers' weights to a page per tile when it streams them (model::WeightPages).
+  model.set_stream_weights(plan.stream_weights);
 
   // The trained parameters: the adapter's flat buffer or every weight.
   optim::ParameterSet params;

@@ -156,7 +156,7 @@ std::string Mib(int64_t bytes) { return absl::StrFormat("%.1f", static_cast<doub
 
 MemoryPlan EstimatePlan(const PlanRequest& r, const std::string& variant, int64_t micro_batch, bool recompute,
                         int64_t ce_chunk_tokens, int64_t mlp_chunk_tokens, int64_t tangents_per_pass,
-                        int64_t stored_layers) {
+                        int64_t stored_layers, bool stream_weights) {
   const model::ModelConfig& m = r.model;
   MemoryPlan plan;
   plan.method = r.method;
@@ -177,6 +177,8 @@ MemoryPlan EstimatePlan(const PlanRequest& r, const std::string& variant, int64_
   plan.heap = r.heap;
   plan.data_bytes = r.data_bytes;
   plan.weight_bytes = r.weight_bytes >= 0 ? r.weight_bytes : kFloat * m.NumParameters();
+  plan.stream_weights = stream_weights && r.streamed_weight_bytes >= 0 && !r.full_parameters;
+  if (plan.stream_weights) plan.weight_bytes = r.streamed_weight_bytes;
 
   const int64_t p = r.full_parameters ? 0 : LoraParameters(m, r.lora);
   const LayerShapes s = Shapes(m, micro_batch, r.seq_len);
@@ -273,6 +275,87 @@ std::vector<std::string> PlanVariants(Method method, bool full_parameters) {
   return {""};
 }
 
+namespace {
+
+// The settings PlanMemory tries, each list fastest first.
+struct SearchSpace {
+  struct Recompute {
+    bool on;
+    int64_t stored_layers;
+  };
+  std::vector<std::string> variants;
+  std::vector<Recompute> recompute_options;
+  std::vector<int64_t> micro_batches;
+  std::vector<int64_t> tangent_groups;
+  std::vector<int64_t> mlp_chunks;
+  std::vector<int64_t> ce_chunks;
+  std::vector<bool> stream_weights;
+};
+
+SearchSpace BuildSearchSpace(const PlanRequest& r) {
+  SearchSpace space;
+  space.variants = PlanVariants(r.method, r.full_parameters);
+  // lora-bp can accumulate over smaller micro-batches (halving); the other methods run the whole batch.
+  space.micro_batches = {r.batch};
+  while (r.method == Method::kLoraBp && space.micro_batches.back() > 1) {
+    space.micro_batches.push_back(space.micro_batches.back() / 2);
+  }
+  // The cross-entropy's memory is bounded by its vocabulary tiles: all rows in one chunk, then halves.
+  space.ce_chunks = {0};
+  for (int64_t c = r.seq_len * r.batch / 2; c >= 16; c /= 2) space.ce_chunks.push_back(c);
+  // mezo / kseed can run the MLP a chunk of tokens at a time, at some speed (15-30% on Qwen2.5-0.5B).
+  space.mlp_chunks = {0};
+  if (r.method == Method::kMezo || r.method == Method::kKSeed || r.method == Method::kFwdGrad) {
+    for (int64_t c = 128; c >= 32 && c < r.seq_len * r.batch; c /= 2) space.mlp_chunks.push_back(c);
+  }
+  // fwdgrad's batched pass carries all tangents, then halves (each pass re-runs the primal).
+  space.tangent_groups = {0};
+  if (r.method == Method::kFwdGrad) {
+    space.tangent_groups = {std::max<int64_t>(r.perturbations, 1)};
+    while (space.tangent_groups.back() > 1) space.tangent_groups.push_back(space.tangent_groups.back() / 2);
+  }
+  // Streamed weights last at each setting: page faults on every pass cost Qwen2.5-0.5B q4_0 0-7% (mezo)
+  // and 8-12% (lora-bp, which reads the weights again in backward), less than any setting above.
+  space.stream_weights = {false};
+  if (r.streamed_weight_bytes >= 0 && !r.full_parameters) space.stream_weights.push_back(true);
+  // lora-bp: no recomputation, then recomputation of more and more layers (the last ones keep their
+  // activations: partial checkpointing spends a budget between the two on speed), then of all of them.
+  space.recompute_options = {{false, 0}};
+  if (r.method == Method::kLoraBp) {
+    for (int64_t stored = r.model.num_hidden_layers - 1; stored >= 0; --stored) {
+      space.recompute_options.push_back({true, stored});
+    }
+  }
+  return space;
+}
+
+// The first configuration of `space` that fits the budget; tracks the lightest one seen in `smallest` for
+// the refusal's message.
+std::optional<MemoryPlan> FirstFit(const PlanRequest& r, const SearchSpace& space,
+                                   std::optional<MemoryPlan>& smallest) {
+  for (const std::string& variant : space.variants) {
+    for (const SearchSpace::Recompute& recompute : space.recompute_options) {
+      for (int64_t mb : space.micro_batches) {
+        for (int64_t tangents : variant == "batched-jvp" ? space.tangent_groups : std::vector<int64_t>{0}) {
+          for (int64_t mlp : space.mlp_chunks) {
+            for (int64_t chunk : space.ce_chunks) {
+              for (bool stream : space.stream_weights) {
+                MemoryPlan plan = EstimatePlan(r, variant, mb, recompute.on, chunk, mlp, tangents,
+                                               recompute.stored_layers, stream);
+                if (r.budget_bytes == 0 || plan.total_bytes() <= r.budget_bytes) return plan;
+                if (!smallest || plan.total_bytes() < smallest->total_bytes()) smallest = plan;
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  return std::nullopt;
+}
+
+}  // namespace
+
 absl::StatusOr<MemoryPlan> PlanMemory(const PlanRequest& r) {
   if (r.seq_len < 2 || r.batch < 1) return absl::InvalidArgumentError("plan needs seq_len >= 2 and batch >= 1");
   if (r.seq_len > kMaxPlanTokens / r.batch) {
@@ -300,56 +383,9 @@ absl::StatusOr<MemoryPlan> PlanMemory(const PlanRequest& r) {
   PlanRequest request = r;
   if (request.runtime_bytes < 0) request.runtime_bytes = CurrentRssBytes();
 
-  const std::vector<std::string> variants = PlanVariants(r.method, r.full_parameters);
-  // lora-bp can accumulate over smaller micro-batches (halving); the other methods run the whole batch.
-  std::vector<int64_t> micro_batches = {r.batch};
-  while (r.method == Method::kLoraBp && micro_batches.back() > 1) {
-    micro_batches.push_back(micro_batches.back() / 2);
-  }
-  // The cross-entropy's memory is bounded by its vocabulary tiles: all rows in one chunk, then halves.
-  std::vector<int64_t> chunks = {0};
-  for (int64_t c = r.seq_len * r.batch / 2; c >= 16; c /= 2) chunks.push_back(c);
-  // mezo / kseed can run the MLP a chunk of tokens at a time, at some speed (15-30% on Qwen2.5-0.5B).
-  std::vector<int64_t> mlp_chunks = {0};
-  if (r.method == Method::kMezo || r.method == Method::kKSeed || r.method == Method::kFwdGrad) {
-    for (int64_t c = 128; c >= 32 && c < r.seq_len * r.batch; c /= 2) mlp_chunks.push_back(c);
-  }
-  // fwdgrad's batched pass carries all tangents, then halves (each pass re-runs the primal).
-  std::vector<int64_t> tangent_groups = {0};
-  if (r.method == Method::kFwdGrad) {
-    tangent_groups = {std::max<int64_t>(r.perturbations, 1)};
-    while (tangent_groups.back() > 1) tangent_groups.push_back(tangent_groups.back() / 2);
-  }
-  // lora-bp: no recomputation, then recomputation of more and more layers (the last ones keep their
-  // activations: partial checkpointing spends a budget between the two on speed), then of all of them.
-  struct Recompute {
-    bool on;
-    int64_t stored_layers;
-  };
-  std::vector<Recompute> recompute_options = {{false, 0}};
-  if (r.method == Method::kLoraBp) {
-    for (int64_t stored = r.model.num_hidden_layers - 1; stored >= 0; --stored) {
-      recompute_options.push_back({true, stored});
-    }
-  }
-
   std::optional<MemoryPlan> smallest;
-  for (const std::string& variant : variants) {
-    for (const Recompute& recompute : recompute_options) {
-      for (int64_t mb : micro_batches) {
-        for (int64_t tangents : variant == "batched-jvp" ? tangent_groups : std::vector<int64_t>{0}) {
-          for (int64_t mlp : mlp_chunks) {
-            for (int64_t chunk : chunks) {
-              MemoryPlan plan =
-                  EstimatePlan(request, variant, mb, recompute.on, chunk, mlp, tangents, recompute.stored_layers);
-              if (r.budget_bytes == 0 || plan.total_bytes() <= r.budget_bytes) return plan;
-              if (!smallest || plan.total_bytes() < smallest->total_bytes()) smallest = plan;
-            }
-          }
-        }
-      }
-    }
-  }
+  std::optional<MemoryPlan> fit = FirstFit(request, BuildSearchSpace(r), smallest);
+  if (fit) return *fit;
   return absl::ResourceExhaustedError(StrCat(optim::MethodName(r.method), " does not fit a budget of ",
                                              Mib(r.budget_bytes), " MiB: the lightest plan needs ",
                                              Mib(smallest->total_bytes()), " MiB (", smallest->Describe(), ")"));
@@ -363,7 +399,8 @@ std::string MemoryPlan::Describe() const {
                      ", CE chunk ",
                      ce_chunk_tokens > 0 ? StrCat(ce_chunk_tokens, " tokens") : std::string("all tokens"),
                      mlp_chunk_tokens > 0 ? StrCat(", MLP chunk ", mlp_chunk_tokens, " tokens") : std::string(),
-                     tangents_per_pass > 0 ? StrCat(", ", tangents_per_pass, " tangents per pass") : std::string(), "; ",
+                     tangents_per_pass > 0 ? StrCat(", ", tangents_per_pass, " tangents per pass") : std::string(),
+                     stream_weights ? ", weights streamed" : "", "; ",
                      Mib(total_bytes()), " MiB = runtime ", Mib(runtime_bytes),
                      data_bytes > 0 ? StrCat(" + data ", Mib(data_bytes)) : std::string(),
                      " + weights ", Mib(weight_bytes), " + trainable ", Mib(trainable_bytes), " + activations ",
@@ -375,12 +412,12 @@ std::string MemoryPlan::ToJson() const {
   return absl::StrFormat(
       R"({"method":"%s","variant":"%s","micro_batch":%d,"recompute":%s,"stored_layers":%d,"ce_chunk_tokens":%d,)"
       R"("mlp_chunk_tokens":%d,)"
-      R"("tangents_per_pass":%d,)"
+      R"("tangents_per_pass":%d,"stream_weights":%s,)"
       R"("runtime_bytes":%d,"data_bytes":%d,"weight_bytes":%d,"trainable_bytes":%d,"activation_bytes":%d,"slack_bytes":%d,)"
       R"("total_bytes":%d,"heap":"%s"})",
       optim::MethodName(method), variant, micro_batch, recompute ? "true" : "false", stored_layers, ce_chunk_tokens,
       mlp_chunk_tokens,
-      tangents_per_pass,
+      tangents_per_pass, stream_weights ? "true" : "false",
       runtime_bytes, data_bytes,
       weight_bytes, trainable_bytes, activation_bytes, slack_bytes, total_bytes(), HeapAllocatorName(heap));
 }

@@ -47,6 +47,8 @@ struct PlanRequest {
   int64_t weight_bytes = -1;      // resident weight bytes (model::ResidentWeightBytes); -1 = 4 per parameter
   bool weights_decoded_per_tile = false;  // matrices in 16-bit or block formats: each multiply decodes
                                           // one tile at a time (model/frozen_linear.h)
+  int64_t streamed_weight_bytes = -1;     // resident weight bytes when streamed (model::StreamedWeightBytes);
+                                          // -1 = these weights cannot be streamed
   int64_t perturbations = 8;      // per step: fwdgrad's K (tangents), mezo / kseed's q (2q batched copies)
   HeapAllocator heap = CurrentHeapAllocator();  // sizes the slack for fragmentation
 };
@@ -61,6 +63,7 @@ struct MemoryPlan {
   int64_t ce_chunk_tokens = 0;    // cross-entropy rows per chunk; 0 = all
   int64_t mlp_chunk_tokens = 0;   // mezo / kseed / fwdgrad: MLP tokens per chunk without autograd; 0 = all
   int64_t tangents_per_pass = 0;  // fwdgrad batched-jvp: tangents one forward carries; 0 otherwise
+  bool stream_weights = false;    // release the layers' weight pages after each tile (model::LlamaModel)
 
   int64_t runtime_bytes = 0;
   int64_t data_bytes = 0;
@@ -85,13 +88,17 @@ struct MemoryPlan {
 std::vector<std::string> PlanVariants(optim::Method method, bool full_parameters);
 
 // Estimates one configuration (no search, no budget check).
+// `stream_weights` counts request.streamed_weight_bytes instead of request.weight_bytes (ignored when the
+// request's weights cannot be streamed).
 // `tangents_per_pass` matters for fwdgrad's batched-jvp only (<= 0: all of request.perturbations).
 // `stored_layers` matters for lora-bp with recompute only (clamped to [0, layers]).
 MemoryPlan EstimatePlan(const PlanRequest& request, const std::string& variant, int64_t micro_batch, bool recompute,
                         int64_t ce_chunk_tokens, int64_t mlp_chunk_tokens = 0, int64_t tangents_per_pass = 0,
-                        int64_t stored_layers = 0);
+                        int64_t stored_layers = 0, bool stream_weights = false);
 
-// The fastest configuration whose estimate fits the budget. ResourceExhausted when none does: the message
+// The fastest configuration whose estimate fits the budget. At each setting, resident weights come first,
+// then streamed ones (when the request's weights can be streamed): streaming costs page faults, less than
+// any other setting. ResourceExhausted when none does: the message
 // gives the smallest budget that would fit and the plan it would use. InvalidArgument for a bad request
 // (non-positive sizes, a LoRA config that does not fit the model, fwdgrad on full parameters).
 absl::StatusOr<MemoryPlan> PlanMemory(const PlanRequest& request);

@@ -120,7 +120,13 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& 
   }
   auto weights = CatchTorch("loading weights", [&] { return LoadWeights(*files, config, options); });
   if (!weights.ok()) return Annotate(weights.status(), dir);
-  return Create(std::move(config), std::move(weights).value());
+  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<LlamaModel> model, Create(std::move(config), std::move(weights).value()));
+  if (quantized) {
+    std::vector<std::shared_ptr<const MappedFile>> mappings;
+    for (const SafetensorsFile* file : files->files()) mappings.push_back(file->mapping());
+    model->pages_ = std::make_shared<const WeightPages>(std::move(mappings));
+  }
+  return model;
 }
 
 absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Create(ModelConfig config, ModelWeights weights) {
@@ -170,8 +176,8 @@ at::Tensor LlamaModel::Embed(const at::Tensor& tokens) const {
 
 at::Tensor LlamaModel::Project(int64_t layer, Projection p, const at::Tensor& x, const at::Tensor& w,
                                const at::Tensor& b, const ForwardOptions& options, LayerOutput output) const {
-  at::Tensor y = output == LayerOutput::kGraphOnly ? FrozenLinearGraph(x, w, b)
-                                                   : FrozenLinear(x, w, b, options.forward_level);
+  at::Tensor y = output == LayerOutput::kGraphOnly ? FrozenLinearGraph(x, w, b, Stream())
+                                                   : FrozenLinear(x, w, b, options.forward_level, Stream());
   if (options.adapter != nullptr) y = options.adapter->Apply(layer, p, x, y);
   return y;
 }
@@ -243,7 +249,7 @@ at::Tensor LlamaModel::DecoderLayerImpl(int64_t layer, const at::Tensor& x, cons
 
 at::Tensor LlamaModel::ProjectTangents(int64_t layer, Projection p, const at::Tensor& x, const at::Tensor& w,
                                        const at::Tensor& b, const ForwardOptions& options) const {
-  at::Tensor y = FrozenLinear(x, w, at::Tensor());  // one multiply for the primal and every tangent
+  at::Tensor y = FrozenLinear(x, w, at::Tensor(), -1, Stream());  // one multiply: primal and every tangent
   if (b.defined()) y.select(0, 0).add_(AsCompute(b));  // a constant: the tangents have no bias
   return options.adapter->ApplyTangents(layer, p, x, y);
 }

@@ -15,6 +15,7 @@
 
 #include <ATen/ATen.h>
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -22,6 +23,7 @@
 
 #include "absl/status/statusor.h"
 #include "model/config.h"
+#include "model/frozen_linear.h"
 #include "model/kernels.h"
 #include "model/weights.h"
 
@@ -104,6 +106,16 @@ class LlamaModel {
 
   const ModelConfig& config() const { return config_; }
   const ModelWeights& weights() const { return weights_; }
+
+  // Streamed weights: every multiply releases each tile of a frozen matrix once it is decoded, so the
+  // process keeps about one tile of each matrix resident instead of all of them (WeightPages); the pages
+  // stay in the OS page cache and fault back in on the next pass. Only weights mapped read-only from a
+  // q8_0 / q4_0 weight cache can be streamed (streamable()); elsewhere the setting does nothing. The
+  // embedding, LM head, norms and biases stay resident. Streaming changes what stays resident, never a
+  // result, so models shared by threads (the simulator's devices) may set it at any time.
+  bool streamable() const { return pages_ != nullptr && !pages_->empty(); }
+  void set_stream_weights(bool on) { stream_weights_.store(on, std::memory_order_relaxed); }
+  bool stream_weights() const { return stream_weights_.load(std::memory_order_relaxed) && streamable(); }
   ModelWeights& mutable_weights() { return weights_; }
 
   // tokens (B, T) int64. Returns the final-normed hidden states (B, T, H).
@@ -193,9 +205,14 @@ class LlamaModel {
                                   const ForwardOptions& options) const;
 
   // Constant after construction (weights may be changed in place by their owner, e.g. an adapter merge).
+  // The layers' pages to release while streaming, or null.
+  const WeightPages* Stream() const { return stream_weights() ? pages_.get() : nullptr; }
+
   ModelConfig config_;
   ModelWeights weights_;
   at::Tensor inv_freq_;  // RoPE inverse frequencies (D/2), double
+  std::shared_ptr<const WeightPages> pages_;  // the read-only mappings the matrices view (Load), or null
+  std::atomic<bool> stream_weights_{false};
 };
 
 }  // namespace seedling::model

@@ -67,6 +67,8 @@ class SafetensorsFile {
   std::span<const uint8_t> data_section() const { return data_section_; }
   // Drops the resident pages of `bytes` (inside this file's mapping) from RSS (MappedFile::Release).
   void Release(std::span<const uint8_t> bytes) const { file_->Release(bytes.data(), bytes.size()); }
+  // The mapping the tensors view.
+  const std::shared_ptr<MappedFile>& mapping() const { return file_; }
 
  private:
   SafetensorsFile() = default;

@@ -1,5 +1,7 @@
 #include "model/weights.h"
 
+#include <unistd.h>
+
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -12,6 +14,7 @@
 #include "base/philox.h"
 #include "base/status.h"
 #include "base/strings.h"
+#include "model/frozen_linear.h"
 #include "model/gguf_model.h"
 #include "model/quant.h"
 
@@ -250,6 +253,22 @@ absl::StatusOr<int64_t> ResidentWeightBytes(const std::string& model_path, const
     }
   }
   return total;
+}
+
+int64_t StreamedWeightBytes(const ModelConfig& config, WeightPrecision precision, int64_t resident_bytes) {
+  if (precision != WeightPrecision::kQ8_0 && precision != WeightPrecision::kQ4_0) return -1;
+  const WeightFormat format = precision == WeightPrecision::kQ8_0 ? WeightFormat::kQ8_0 : WeightFormat::kQ4_0;
+  const auto page = static_cast<int64_t>(::sysconf(_SC_PAGESIZE));
+  int64_t streamed = 0, kept_pages = 0, largest_tile = 0;
+  for (const auto& [name, shape] : ExpectedTensors(config)) {
+    if (shape.size() != 2 || name.rfind("model.layers.", 0) != 0) continue;
+    const int64_t row_bytes = RowBytes(MatrixFormatFor(format, shape[1]), shape[1]);
+    const int64_t tile_rows = DefaultTileRows(shape[0], shape[1]);
+    streamed += shape[0] * row_bytes;
+    kept_pages += (shape[0] + tile_rows - 1) / tile_rows + 1;
+    largest_tile = std::max(largest_tile, tile_rows * row_bytes);
+  }
+  return resident_bytes - streamed + kept_pages * page + largest_tile;
 }
 
 absl::Status QuantizeMatrices(ModelWeights& weights, const ModelConfig& config, WeightFormat format) {

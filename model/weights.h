@@ -97,6 +97,12 @@ absl::StatusOr<ModelWeights> LoadWeights(const SafetensorsCollection& files, con
 absl::StatusOr<int64_t> ResidentWeightBytes(const std::string& model_path, const ModelConfig& config,
                                             WeightPrecision precision);
 
+// What stays resident of the weights when they are streamed (LlamaModel::set_stream_weights): everything
+// ResidentWeightBytes counts except the decoder layers' matrices, of which only a page per tile (tile
+// boundaries are not page-aligned) and the tile being decoded remain. -1 for precisions whose weights
+// cannot be streamed (only q8_0 / q4_0, read from a mapped weight cache, can).
+int64_t StreamedWeightBytes(const ModelConfig& config, WeightPrecision precision, int64_t resident_bytes);
+
 // Brings every matrix (embedding, projections, LM head) to `format` in memory: matrices already in the
 // format MatrixFormatFor (model/quant.h) gives them stay as they are; others are decoded and converted.
 // For GGUF input, which has no weight cache. InvalidArgument for values that cannot be quantized.

@@ -256,6 +256,18 @@ case "$case_name" in
       --out "$work/planner-budget" 2>/dev/null) || fail "finetune at the lightest q4_0 budget failed"
     peak=$(echo "$out" | json_number peak_rss_bytes)
     [ "$peak" -le "$budget" ] || fail "peak RSS $peak exceeds the budget $budget: $out"
+    # Streamed weights: the plan says so, counts less than the resident weights, and the run trains.
+    for stream in off on; do
+      out=$("$seedling" finetune --model "$model" --data "$repo/data/sample/instructions.jsonl" --weights q4_0 \
+        --cache-dir "$work/planner-cache" --steps 2 --seq-len 128 --stream-weights $stream \
+        --out "$work/planner-stream-$stream" 2>/dev/null) || fail "finetune --stream-weights $stream failed"
+      expected=false; [ $stream = on ] && expected=true
+      grep -q "\"stream_weights\":$expected" <<< "$out" || fail "--stream-weights $stream: $out"
+      eval "weights_$stream=$(echo "$out" | json_number weight_bytes)"
+      eval "loss_$stream=$(echo "$out" | json_number loss_end)"
+    done
+    [ "$weights_on" -lt "$weights_off" ] || fail "streamed weights $weights_on not below resident $weights_off"
+    [ "$loss_on" = "$loss_off" ] || fail "streaming changed the loss: $loss_off -> $loss_on"
     rm -rf "$work"/planner-*
     ;;
   weights-bad-flags)
@@ -263,6 +275,8 @@ case "$case_name" in
       --weights q5_0 --data "$repo/data/sample/eval.jsonl"
     expect_error "--full trains the weights themselves" "$seedling" finetune --model "$model" --method mezo --full \
       --weights q4_0 --data "$repo/data/sample/instructions.jsonl" --out "$work/x"
+    expect_error "only q8_0 and q4_0 weights can be streamed" "$seedling" finetune --model "$model" \
+      --stream-weights on --data "$repo/data/sample/instructions.jsonl" --out "$work/x"
     ;;
   export-bad-flags)
     expect_error "--format must be safetensors, gguf or gguf-lora" "$seedling" export --model "$model" \

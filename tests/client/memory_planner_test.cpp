@@ -153,6 +153,44 @@ TEST_CASE("mezo and kseed batch their probes when it fits, and probe in place wh
   }
 }
 
+TEST_CASE("Streamed weights come after resident ones at each setting and before slower settings",
+          "[client][planner]") {
+  for (optim::Method method : {optim::Method::kLoraBp, optim::Method::kMezo}) {
+    INFO(optim::MethodName(method));
+    PlanRequest r = SmolRequest(method);
+    r.batch = 1;
+    r.weight_bytes = 200 << 20;
+    r.streamed_weight_bytes = 40 << 20;
+    const MemoryPlan fastest = *PlanMemory(r);  // no budget: resident weights
+    CHECK_FALSE(fastest.stream_weights);
+    CHECK(fastest.weight_bytes == r.weight_bytes);
+    // A budget the fastest settings fit only with streamed weights: stream them, change nothing else.
+    r.budget_bytes = fastest.total_bytes() - (100 << 20);
+    auto streamed = PlanMemory(r);
+    REQUIRE(streamed.ok());
+    CHECK(streamed->stream_weights);
+    CHECK(streamed->weight_bytes == r.streamed_weight_bytes);
+    CHECK(streamed->variant == fastest.variant);
+    CHECK(streamed->recompute == fastest.recompute);
+    CHECK(streamed->mlp_chunk_tokens == fastest.mlp_chunk_tokens);
+    CHECK(streamed->ToJson().find("\"stream_weights\":true") != std::string::npos);
+    CHECK(streamed->Describe().find("weights streamed") != std::string::npos);
+    // Weights that cannot be streamed (-1) never are: the same budget then needs slower settings or fails.
+    r.streamed_weight_bytes = -1;
+    auto resident = PlanMemory(r);
+    if (resident.ok()) {
+      CHECK_FALSE(resident->stream_weights);
+    } else {
+      CHECK(resident.status().code() == absl::StatusCode::kResourceExhausted);
+    }
+  }
+  // Full-parameter runs perturb the weights themselves: never streamed.
+  PlanRequest full = SmolRequest(optim::Method::kMezo);
+  full.full_parameters = true;
+  full.streamed_weight_bytes = 1 << 20;
+  CHECK_FALSE(EstimatePlan(full, "in-place-restore", 4, false, 0, 0, 0, 0, true).stream_weights);
+}
+
 TEST_CASE("An impossible budget is ResourceExhausted with the smallest budget that fits", "[client][planner]") {
   PlanRequest r = SmolRequest(optim::Method::kMezo);
   r.budget_bytes = 300 << 20;  // less than the weights alone

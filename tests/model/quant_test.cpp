@@ -9,11 +9,14 @@
 #include <cstring>
 #include <vector>
 
+#include "base/file.h"
 #include "base/half.h"
+#include "base/memory.h"
 #include "model/frozen_linear.h"
 #include "model/internal/quant_kernels.h"
 #include "model/kernels.h"
 #include "model/memory_tracker.h"
+#include "tests/test_util.h"
 
 namespace seedling::model {
 namespace {
@@ -232,6 +235,44 @@ TEST_CASE("Frozen linear propagates a forward-mode tangent", "[model][quant]") {
   CHECK(MaxAbsDiff(tangent, at::linear(dx, dense)) < 1e-5);
   CHECK(MaxAbsDiff(primal, at::linear(x, dense, bias)) < 1e-5);
   torch::autograd::ForwardADLevel::release_idx(level_index);
+}
+
+TEST_CASE("Streamed weights leave RSS after each tile and change no result, forward and backward",
+          "[model][quant]") {
+  testing::TempDir tmp;
+  const at::Tensor q = *QuantizeMatrix(TestMatrix(4096, 1024, 9), WeightFormat::kQ8_0);  // 4.25 MiB of blocks
+  const std::string path = JoinPath(tmp.path, "w.q8_0");
+  REQUIRE(WriteFileAtomic(path, std::string_view(static_cast<const char*>(q.data_ptr()), q.nbytes())).ok());
+  std::shared_ptr<MappedFile> file = *MappedFile::Open(path);
+  const at::Tensor mapped = at::from_blob(const_cast<uint8_t*>(file->data()), q.sizes(), at::kByte);
+  const WeightPages pages({file});
+  at::manual_seed(4);
+  const at::Tensor x0 = at::randn({8, 1024});
+  auto run = [&](const at::Tensor& w, const WeightPages* stream) {
+    const at::Tensor x = x0.clone().requires_grad_(true);
+    const at::Tensor y = FrozenLinear(x, w, at::Tensor(), -1, stream);
+    y.pow(2).sum().backward();
+    return std::make_pair(y.detach(), x.grad());
+  };
+  const auto [y_ref, dx_ref] = run(q, nullptr);
+
+  file->Release(file->data(), file->size());
+  const int64_t before = CurrentRssParts().file;
+  const auto [y, dx] = run(mapped, &pages);
+  const int64_t streamed = CurrentRssParts().file - before;
+  CHECK(y.equal(y_ref));
+  CHECK(dx.equal(dx_ref));
+  CHECK(streamed < (1 << 20));  // a page per tile boundary, of 4.25 MiB read twice
+  // Without streaming the pages stay resident: the check above can fail.
+  run(mapped, nullptr);
+  CHECK(CurrentRssParts().file - before > (4 << 20));
+
+  // Memory outside the mappings is never released: an anonymous matrix keeps its values.
+  const at::Tensor copy = q.clone();
+  const auto [y_anon, dx_anon] = run(q, &pages);
+  CHECK(q.equal(copy));
+  CHECK(y_anon.equal(y_ref));
+  CHECK(dx_anon.equal(dx_ref));
 }
 
 TEST_CASE("Frozen embedding gathers decoded rows", "[model][quant]") {

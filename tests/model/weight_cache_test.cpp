@@ -173,6 +173,51 @@ TEST_CASE("A model over a weight cache computes what its decoded weights compute
   }
 }
 
+TEST_CASE("A model over a weight cache streams its layers with the same results; others cannot stream",
+          "[model][weight_cache]") {
+  TempDir tmp;
+  const std::string dir = WriteTinyModel(tmp.path);
+  auto quantized = LlamaModel::Load(dir, Quantized(WeightPrecision::kQ4_0, JoinPath(tmp.path, "cache")));
+  REQUIRE(quantized.ok());
+  LlamaModel& model = **quantized;
+  REQUIRE(model.streamable());
+  const at::Tensor tokens = at::arange(0, 40, at::kLong).view({2, 20}) * 37 % 2000;
+  const at::Tensor resident = *model.Logits(tokens);
+  model.set_stream_weights(true);
+  CHECK(model.stream_weights());
+  CHECK(model.Logits(tokens)->equal(resident));
+  CHECK(model.Logits(tokens)->equal(resident));  // the released pages fault back in from the cache
+
+  auto fp32 = LlamaModel::Load(dir, {});
+  REQUIRE(fp32.ok());
+  CHECK_FALSE((*fp32)->streamable());
+  (*fp32)->set_stream_weights(true);
+  CHECK_FALSE((*fp32)->stream_weights());
+}
+
+TEST_CASE("Streamed weight bytes keep everything but the layers' matrices, for q8_0 and q4_0 only",
+          "[model][weight_cache]") {
+  TempDir tmp;
+  const std::string dir = WriteTinyModel(tmp.path);
+  const ModelConfig c = *LoadModelConfig(dir);
+  for (WeightPrecision p : {WeightPrecision::kFloat32, WeightPrecision::kStored}) {
+    CHECK(StreamedWeightBytes(c, p, *ResidentWeightBytes(dir, c, p)) == -1);
+  }
+  for (WeightPrecision p : {WeightPrecision::kQ8_0, WeightPrecision::kQ4_0}) {
+    INFO(WeightPrecisionName(p));
+    const int64_t resident = *ResidentWeightBytes(dir, c, p);
+    auto model = LlamaModel::Load(dir, Quantized(p, JoinPath(tmp.path, "cache")));
+    REQUIRE(model.ok());
+    int64_t layers = 0;  // the layers' matrices as held
+    for (const LayerWeights& l : (*model)->weights().layers) {
+      for (const at::Tensor* t : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down}) layers += MatrixBytes(*t);
+    }
+    const int64_t streamed = StreamedWeightBytes(c, p, resident);
+    CHECK(streamed > resident - layers);
+    CHECK(streamed < resident - layers + 256 * 4096 + layers / 2);
+  }
+}
+
 TEST_CASE("Resident weight bytes follow the representation", "[model][weight_cache]") {
   TempDir tmp;
   const std::string dir = WriteTinyModel(tmp.path);
