@@ -711,8 +711,12 @@ absl::StatusOr<RunResult> Client::Train(std::unique_ptr<comms::Channel>& channel
   // Plan memory before loading anything big: a task that cannot fit is declined.
   SEEDLING_ASSIGN_OR_RETURN(const model::ModelConfig model_config, model::LoadModelConfig(config_.model_dir));
   // The runtime baseline is measured once, before this client loads a model (measured later it would count
-  // the model twice). A shared model (the simulator) lives in a process that is not the device's: none.
-  if (runtime_bytes_ < 0) runtime_bytes_ = model_.model != nullptr ? 0 : MeasureRuntimeBytes();
+  // the model twice), unless the embedder gives it (the simulator measures it once for all its devices).
+  if (runtime_bytes_ < 0) {
+    runtime_bytes_ = config_.runtime_bytes >= 0 ? config_.runtime_bytes
+                     : model_.model != nullptr  ? 0
+                                                : MeasureRuntimeBytes();
+  }
   PlanRequest request;
   request.model = model_config;
   request.method = method;

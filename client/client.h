@@ -56,6 +56,9 @@ struct ClientConfig {
                                             // default <state_dir>/model-cache (the model may be read-only)
   std::string data_path;                    // JSONL of the device's examples; default <state_dir>/examples.jsonl
   int64_t memory_budget_bytes = 0;          // peak process memory the app allows (0 = unlimited)
+  int64_t runtime_bytes = -1;               // the planner's runtime baseline (code, LibTorch, BLAS before the
+                                            // model); -1 = measured before this client first loads a model.
+                                            // Set by embedders that share a model (the simulator's devices)
   int64_t max_row_bytes = LocalDataOptions{}.max_row_bytes;  // longer data rows are skipped (local_data.h);
                                                               // AddExample refuses them
   std::vector<std::string> methods = {"lora-bp", "fwdgrad", "mezo", "kseed"};

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -210,9 +211,10 @@ absl::StatusOr<std::unique_ptr<LoraAdapter>> LoraAdapter::Create(const ModelConf
 }
 
 at::Tensor LoraAdapter::Matrix(const LoraView& view) const {
-  if (!leaves_.empty() && !override_.defined() && &view >= views_.data() && &view < views_.data() + views_.size()) {
-    return leaves_[static_cast<size_t>(&view - views_.data())];
-  }
+  // std::less orders any two pointers (the built-in < is unspecified across arrays): `view` may be a copy.
+  const std::less<const LoraView*> before;
+  const bool own = !before(&view, views_.data()) && before(&view, views_.data() + views_.size());
+  if (!leaves_.empty() && !override_.defined() && own) return leaves_[static_cast<size_t>(&view - views_.data())];
   const at::Tensor& src = override_.defined() ? override_ : flat_;
   return src.narrow(0, view.offset, view.numel()).view({view.rows, view.cols});
 }

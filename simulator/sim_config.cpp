@@ -8,6 +8,7 @@
 #include "base/status.h"
 #include "base/strings.h"
 #include "base/toml.h"
+#include "client/memory_planner.h"
 #include "simulator/simulation.h"
 
 namespace seedling::simulator {
@@ -85,7 +86,7 @@ absl::StatusOr<SimulationOptions> ParseSimulationConfig(std::string_view toml_te
                                                 "heldout_devices", "eval_examples", "phone_classes", "data",
                                                 "partition", "alpha", "exponent", "rows_per_device", "dropout_mean",
                                                 "variation", "start_time", "tick_s", "max_hours", "plan_seconds",
-                                                "radio_watts", "loopback", "mpi_placement"}));
+                                                "radio_watts", "loopback", "mpi_placement", "device_runtime"}));
     SEEDLING_RETURN_IF_ERROR(Get(*sim, n, "model", o.model_dir));
     SEEDLING_RETURN_IF_ERROR(Get(*sim, n, "out", o.out_dir));
     SEEDLING_RETURN_IF_ERROR(Get(*sim, n, "work_dir", o.work_dir));
@@ -124,6 +125,14 @@ absl::StatusOr<SimulationOptions> ParseSimulationConfig(std::string_view toml_te
     SEEDLING_RETURN_IF_ERROR(Get(*sim, n, "radio_watts", o.radio_watts));
     SEEDLING_RETURN_IF_ERROR(Get(*sim, n, "loopback", o.loopback));
     SEEDLING_RETURN_IF_ERROR(Get(*sim, n, "mpi_placement", o.mpi_placement));
+    std::string runtime = "auto";
+    SEEDLING_RETURN_IF_ERROR(Get(*sim, n, "device_runtime", runtime));
+    if (runtime != "auto") {
+      absl::StatusOr<int64_t> bytes = client::ParseByteSize(runtime);
+      if (!bytes.ok()) return KeyError(n, "device_runtime", StrCat("expected \"auto\" or a size such as \"180M\": ",
+                                                                  bytes.status().message()));
+      o.device_runtime_bytes = *bytes;
+    }
   }
   if (const toml::node* methods_node = root.get("methods"); methods_node != nullptr) {
     const toml::table* methods = methods_node->as_table();

@@ -28,6 +28,7 @@
 #include "base/strings.h"
 #include "client/client.h"
 #include "client/compute_model.h"
+#include "client/local_training.h"
 #include "comms/in_memory.h"
 #include "comms/tls.h"
 #include "lora/adapter.h"
@@ -113,6 +114,7 @@ struct World {
   client::SharedModel shared;   // loaded with options->server.weights
   std::string weight_cache_dir;  // of the shared model's weight cache, and of any device that needs another
   int64_t weight_bytes = 0;      // resident bytes of the shared model's weights (what each device plans for)
+  int64_t device_runtime_bytes = 0;  // each device's planned runtime baseline (SimulationOptions)
   model::ModelConfig model_config;
   std::vector<model::Example> eval_examples;
   std::vector<model::ChoiceItem> choice_items;  // labelled held-out rows (accuracy); empty: no labels
@@ -138,6 +140,7 @@ client::ClientConfig DeviceClientConfig(const World& world, const std::string& m
   cc.weight_cache_dir = world.weight_cache_dir;
   cc.data_path = world.data_paths[static_cast<size_t>(d)];
   cc.memory_budget_bytes = world.population->memory_budget_bytes(d);
+  cc.runtime_bytes = world.device_runtime_bytes;
   cc.max_attempts = 1;  // a failed request ends the activation; the simulator reschedules the device
   cc.checkpoint_every = 0;
   cc.seed = world.options->seed ^ static_cast<uint64_t>(d);
@@ -1212,6 +1215,9 @@ absl::StatusOr<World> MakeWorld(const SimulationOptions& options, MpiRanks* rank
       cache_progress->Update(done);
     };
   }
+  // Before the shared model exists: what a device's process holds besides its model.
+  w.device_runtime_bytes =
+      options.device_runtime_bytes >= 0 ? options.device_runtime_bytes : client::MeasureRuntimeBytes();
   SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<model::LlamaModel> m, model::LlamaModel::Load(options.model_dir, load));
   cache_progress.reset();
   SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<model::Tokenizer> tok, model::LoadTokenizer(options.model_dir));
@@ -1460,6 +1466,8 @@ absl::StatusOr<SimulationResult> RunSimulation(const SimulationOptions& options,
       {"LoRA", StrCat("rank ", options.server.lora_rank, ", alpha ", options.server.lora_alpha)},
       {"base weights", StrCat(model::WeightPrecisionName(options.server.weights), ": ", FormatBytes(world.weight_bytes),
                               " resident per device (one copy shared by the simulated devices)")},
+      {"device runtime", StrCat(FormatBytes(world.device_runtime_bytes),
+                                " planned per device besides its model and training (code, LibTorch, BLAS)")},
       {"seed", StrCat(options.seed)},
       {"bytes per idle device", StrCat(result.bytes_per_idle_device)},
       {"simulated start (Unix s)", StrCat(static_cast<int64_t>(options.start_time_s))},

@@ -66,6 +66,9 @@ struct SimulationOptions {
                                          // dirs, method, codec and strategy are set per method
   std::string weight_cache_dir;          // q8_0 / q4_0 weight cache of the base model (built once, reused by
                                          // later runs); "" = <model_dir>/.seedling-cache
+  int64_t device_runtime_bytes = -1;     // what each device's planner counts besides the model, data and
+                                         // training (code, LibTorch, BLAS); -1 = measured in this process
+                                         // before the shared model loads (sim.toml: device_runtime)
   std::map<std::string, MethodSettings> method_settings;  // by method name
   double start_time_s = 1767643200;      // simulated start, Unix seconds: Mon 2026-01-05 20:00 UTC
   double tick_s = 1.0;                   // how often the coordinator's Tick runs, simulated seconds
@@ -104,7 +107,8 @@ struct SimulationResult {
 
 // Parses sim.toml: a [simulation] table (keys: model, out, work_dir, methods, seed, threads, devices,
 // heldout_devices, eval_examples, phone_classes, data, partition, alpha, exponent, rows_per_device,
-// dropout_mean, variation, start_time, tick_s, max_hours, plan_seconds, radio_watts, loopback, mpi_placement), optional
+// dropout_mean, variation, start_time, tick_s, max_hours, plan_seconds, radio_watts, loopback, mpi_placement,
+// device_runtime: "auto" or a size such as "180M"), optional
 // [methods.<name>] tables (codec, lr, epsilon), [model] weights (server.toml's key) and weight_cache_dir, and the
 // round settings in server.toml's own sections ([training], [lora], [strategy], [retry], [privacy], [secagg];
 // README) on top of DefaultSimulationServerConfig(). InvalidArgument names the unknown or bad key.

@@ -131,7 +131,9 @@ case "$case_name" in
     echo "$err" | grep -q "does not fit a budget of 1.0 MiB" || fail "no refusal: $err"
     need=$(echo "$err" | sed -n 's/.*the lightest plan needs \([0-9.]*\) MiB.*/\1/p')
     [ -n "$need" ] || fail "no smallest budget in: $err"
-    budget=$(awk -v n="$need" 'BEGIN { printf "%d", (n + 1) * 1048576 }')
+    # Each run measures its own runtime baseline, which varies by up to about 2 MiB between runs (what the
+    # heap keeps after the warm-up): the budget leaves 4 MiB for that, and the run must still keep it.
+    budget=$(awk -v n="$need" 'BEGIN { printf "%d", (n + 4) * 1048576 }')
     # ...is then a budget it keeps: the measured peak RSS stays within it.
     out=$("$seedling" finetune --model "$model" --data "$repo/data/sample/instructions.jsonl" --method lora-bp \
       --steps 2 --batch 4 --seq-len 128 --memory-budget "$budget" --out "$work/ft-budget" 2>/dev/null) \
@@ -250,7 +252,9 @@ case "$case_name" in
       >/dev/null) && fail "1M fit"
     need=$(echo "$err" | sed -n 's/.*the lightest plan needs \([0-9.]*\) MiB.*/\1/p')
     [ -n "$need" ] || fail "no smallest budget in: $err"
-    budget=$(awk -v n="$need" 'BEGIN { printf "%d", (n + 1) * 1048576 }')
+    # Each run measures its own runtime baseline, which varies by up to about 2 MiB between runs (what the
+    # heap keeps after the warm-up): the budget leaves 4 MiB for that, and the run must still keep it.
+    budget=$(awk -v n="$need" 'BEGIN { printf "%d", (n + 4) * 1048576 }')
     out=$("$seedling" finetune --model "$model" --data "$repo/data/sample/instructions.jsonl" --weights q4_0 \
       --cache-dir "$work/planner-cache" --steps 2 --batch 4 --seq-len 128 --memory-budget "$budget" \
       --out "$work/planner-budget" 2>/dev/null) || fail "finetune at the lightest q4_0 budget failed"

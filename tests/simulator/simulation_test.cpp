@@ -399,7 +399,7 @@ TEST_CASE("Devices too slow for the deadline are stragglers and never counted", 
 }
 
 // A budget that a lora-bp step of Small()'s rounds fits with q8_0 base weights and does not with fp32 ones:
-// the q8_0 plan's fastest settings (a device of this class shares the simulator's model, so no runtime).
+// the q8_0 plan's fastest settings, with the devices' runtime baseline (o.device_runtime_bytes).
 int64_t BudgetForQ8ButNotFp32(const SimulationOptions& o) {
   auto config = model::LoadModelConfig(o.model_dir);
   REQUIRE(config.ok());
@@ -413,7 +413,7 @@ int64_t BudgetForQ8ButNotFp32(const SimulationOptions& o) {
   request.lora.targets = *targets;
   request.seq_len = o.server.seq_len;
   request.batch = o.server.batch;
-  request.runtime_bytes = 0;
+  request.runtime_bytes = o.device_runtime_bytes;
   auto plan_with = [&](model::WeightPrecision weights, int64_t budget) {
     client::PlanRequest r = request;
     auto bytes = model::ResidentWeightBytes(o.model_dir, *config, weights);
@@ -439,6 +439,9 @@ SimulationOptions RoomyAndTight(const std::string& dir, model::WeightPrecision w
   o.population.variation = 0;
   o.server.weights = weights;
   o.weight_cache_dir = JoinPath(dir, "cache");
+  // The devices plan with this runtime: if the simulator dropped it, the tight phones' budget would hold
+  // fp32 weights too and the test below would fail.
+  o.device_runtime_bytes = int64_t{150} << 20;
   const int64_t tight = BudgetForQ8ButNotFp32(o);
   o.phone_classes = WriteClasses(dir, StrCat("roomy,1,100,8000000000,4000000000,100,100,10,3,test\n",
                                              "tight,1,100,", tight, ",", tight, ",100,100,10,3,test\n"));
@@ -593,6 +596,22 @@ TEST_CASE("sim.toml [model] sets the base weights, fp32 by default, and their ca
   CHECK(q4->server.weights == model::WeightPrecision::kQ4_0);
   CHECK(q4->weight_cache_dir == "c");
   CHECK(q4->model_dir == "m");
+}
+
+TEST_CASE("sim.toml device_runtime is measured by default, or a size; anything else is refused", "[simulator]") {
+  auto defaults = ParseSimulationConfig("[simulation]\nmodel = \"m\"\n");
+  REQUIRE(defaults.ok());
+  CHECK(defaults->device_runtime_bytes == -1);
+  auto sized = ParseSimulationConfig("[simulation]\nmodel = \"m\"\ndevice_runtime = \"180M\"\n");
+  REQUIRE(sized.ok());
+  CHECK(sized->device_runtime_bytes == int64_t{180} << 20);
+  CHECK(ParseSimulationConfig("[simulation]\nmodel = \"m\"\ndevice_runtime = \"auto\"\n")->device_runtime_bytes == -1);
+  for (const char* bad : {"\"lots\"", "\"-5M\"", "12"}) {
+    auto o = ParseSimulationConfig(StrCat("[simulation]\nmodel = \"m\"\ndevice_runtime = ", bad, "\n"));
+    INFO(bad);
+    REQUIRE_FALSE(o.ok());
+    CHECK_THAT(std::string(o.status().message()), Catch::Contains("device_runtime"));
+  }
 }
 
 TEST_CASE("A bad sim.toml [model] key or value is refused naming it", "[simulator]") {
