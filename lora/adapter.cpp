@@ -211,10 +211,13 @@ absl::StatusOr<std::unique_ptr<LoraAdapter>> LoraAdapter::Create(const ModelConf
 }
 
 at::Tensor LoraAdapter::Matrix(const LoraView& view) const {
-  // std::less orders any two pointers (the built-in < is unspecified across arrays): `view` may be a copy.
-  const std::less<const LoraView*> before;
-  const bool own = !before(&view, views_.data()) && before(&view, views_.data() + views_.size());
-  if (!leaves_.empty() && !override_.defined() && own) return leaves_[static_cast<size_t>(&view - views_.data())];
+  if (!leaves_.empty() && !override_.defined()) {
+    // std::less orders any two pointers (the built-in < is unspecified across arrays): `view` may be a copy.
+    const std::less<const LoraView*> before;
+    if (!before(&view, views_.data()) && before(&view, views_.data() + views_.size())) {
+      return leaves_[static_cast<size_t>(&view - views_.data())];
+    }
+  }
   const at::Tensor& src = override_.defined() ? override_ : flat_;
   return src.narrow(0, view.offset, view.numel()).view({view.rows, view.cols});
 }

@@ -87,27 +87,24 @@ absl::StatusOr<StepResult> LoraBpTrainer::Step(const model::Batch& batch) {
   StepResult result;
   result.tokens = total_tokens;
   double loss_sum = 0;
+  auto fail = [&](absl::Status status) {  // a failed step leaves the adapter as it was
+    adapter_.SetTraining(false);
+    adapter_.EndGradients();
+    return status;
+  };
   for (int64_t start = 0; start < rows; start += micro) {
     const int64_t len = std::min(micro, rows - start);
     const at::Tensor tokens = batch.tokens.narrow(0, start, len);
     const at::Tensor labels = batch.labels.narrow(0, start, len);
     absl::StatusOr<model::LossOutput> loss = model_.Loss(tokens, labels, fo);
-    if (!loss.ok()) {
-      adapter_.SetTraining(false);
-      adapter_.EndGradients();
-      return loss.status();
-    }
+    if (!loss.ok()) return fail(loss.status());
     if (loss->tokens == 0) continue;
     absl::Status st = model::CatchTorch("backward", [&]() -> absl::Status {
       loss_sum += loss->sum.item<double>();
       (loss->sum / static_cast<double>(std::max<int64_t>(total_tokens, 1))).backward();
       return absl::OkStatus();
     });
-    if (!st.ok()) {
-      adapter_.SetTraining(false);
-      adapter_.EndGradients();
-      return st;
-    }
+    if (!st.ok()) return fail(st);
   }
   adapter_.SetTraining(false);
   result.loss = total_tokens > 0 ? loss_sum / static_cast<double>(total_tokens) : 0.0;
