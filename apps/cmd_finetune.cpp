@@ -23,6 +23,7 @@
 #include "client/memory_planner.h"
 #include "lora/adapter.h"
 #include "model/gguf.h"
+#include "model/gguf_model.h"
 #include "model/llama.h"
 #include "model/runtime.h"
 #include "model/quant.h"
@@ -44,6 +45,14 @@ absl::Status CopyTokenizerFiles(const std::string& from, const std::string& to) 
     SEEDLING_RETURN_IF_ERROR(WriteFileAtomic(JoinPath(to, name), bytes));
   }
   return absl::OkStatus();
+}
+
+// A Hugging Face directory needs the source's tokenizer files; a GGUF file holds its tokenizer as metadata,
+// which Seedling does not write back as tokenizer.json. Checked before any work is done.
+absl::Status CheckModelDirSource(const std::string& source, std::string_view what) {
+  if (!model::IsGgufPath(source)) return absl::OkStatus();
+  return absl::InvalidArgumentError(StrCat(what, " writes a Hugging Face model directory, whose tokenizer files a GGUF ",
+                                           "model (", source, ") does not have: use the model's directory"));
 }
 
 // Writes a full Hugging Face model directory: config.json, model.safetensors and the tokenizer files.
@@ -99,7 +108,7 @@ void RegisterFinetune(CLI::App& app, Action& action) {
   f->training.steps = 100;
   CLI::App* cmd = app.add_subcommand(
       "finetune", "Fine-tune on one device's data under a memory budget (what the SDK does inside a round)");
-  cmd->add_option("--model", f->model_dir, "Hugging Face model directory")->required();
+  cmd->add_option("--model", f->model_dir, "Hugging Face model directory or GGUF file")->required();
   cmd->add_option("--data", f->data, "JSONL: text, instruction/input/output or Dolly rows")->required();
   cmd->add_option("--method", f->method, "lora-bp, fwdgrad, mezo or kseed")->capture_default_str();
   cmd->add_option("--steps", f->training.steps, "Optimization steps")->capture_default_str()->check(CLI::NonNegativeNumber);
@@ -158,6 +167,7 @@ void RegisterFinetune(CLI::App& app, Action& action) {
       if (f->full && load.precision != model::WeightPrecision::kFloat32) {
         return absl::InvalidArgumentError("--full trains the weights themselves: use --weights fp32");
       }
+      if (f->full) SEEDLING_RETURN_IF_ERROR(CheckModelDirSource(f->model_dir, "--full"));
       int64_t budget = 0;
       if (!f->budget.empty()) {
         SEEDLING_ASSIGN_OR_RETURN(budget, client::ParseByteSize(f->budget));
@@ -189,10 +199,13 @@ void RegisterFinetune(CLI::App& app, Action& action) {
       request.runtime_bytes = client::MeasureRuntimeBytes();
       SEEDLING_ASSIGN_OR_RETURN(request.weight_bytes, model::ResidentWeightBytes(f->model_dir, config, load.precision));
       request.weights_decoded_per_tile = load.precision != model::WeightPrecision::kFloat32;
-      request.streamed_weight_bytes = model::StreamedWeightBytes(config, load.precision, request.weight_bytes);
+      SEEDLING_ASSIGN_OR_RETURN(request.streamed_weight_bytes,
+                                model::StreamedWeightBytes(f->model_dir, config, load.precision, request.weight_bytes));
       if (f->stream_weights != "auto" && request.streamed_weight_bytes < 0) {
-        return absl::InvalidArgumentError(StrCat("--stream-weights ", f->stream_weights,
-                                                 ": only q8_0 and q4_0 weights can be streamed (--weights)"));
+        return absl::InvalidArgumentError(
+            StrCat("--stream-weights ", f->stream_weights, ": --weights ", model::WeightPrecisionName(load.precision),
+                   " cannot be streamed (a directory's q8_0 / q4_0 weights can, and a GGUF file's with any "
+                   "--weights but fp32)"));
       }
       if (f->stream_weights == "off") request.streamed_weight_bytes = -1;
       request.perturbations = client::PerturbationsPerStep(f->training);
@@ -353,6 +366,7 @@ absl::Status ExportGgufLora(const std::string& model_dir, const std::string& ada
 // --format safetensors / gguf: the model, with the adapter in `adapter_dir` (if any) merged in.
 absl::Status ExportModel(const std::string& model_dir, const std::string& adapter_dir, const std::string& format,
                          const std::string& out, model::WeightFormat dtype) {
+  if (format == "safetensors") SEEDLING_RETURN_IF_ERROR(CheckModelDirSource(model_dir, "--format safetensors"));
   // Without an adapter to merge, GGUF converts each matrix from its stored dtype, one at a time.
   model::LoadOptions load;
   if (adapter_dir.empty() && format == "gguf") load.precision = model::WeightPrecision::kStored;
@@ -378,7 +392,7 @@ void RegisterExport(CLI::App& app, Action& action) {
   auto f = std::make_shared<Flags>();
   CLI::App* cmd = app.add_subcommand(
       "export", "Export a model (with a LoRA adapter merged in) as safetensors or GGUF, or an adapter as GGUF");
-  cmd->add_option("--model", f->model_dir, "Hugging Face model directory (gguf-lora: the adapter's base)")->required();
+  cmd->add_option("--model", f->model_dir, "Hugging Face model directory or GGUF file (gguf-lora: the adapter's base)")->required();
   cmd->add_option("--adapter", f->adapter_dir,
                   "PEFT adapter directory: merged (safetensors, gguf) or exported (gguf-lora)");
   cmd->add_option("--format", f->format,

@@ -71,7 +71,7 @@ void RegisterEval(CLI::App& app, Action& action) {
   auto flags = std::make_shared<Flags>();
   CLI::App* cmd = app.add_subcommand(
       "eval", "Loss and perplexity of a model on a JSONL file; prints one JSON line with tokens, loss, perplexity");
-  cmd->add_option("--model", flags->model_dir, "Hugging Face model directory")->required();
+  cmd->add_option("--model", flags->model_dir, "Hugging Face model directory or GGUF file")->required();
   cmd->add_option("--data", flags->data, R"(JSONL: {"text": ...} or {"instruction", "input", "output"} rows)")
       ->required();
   cmd->add_option("--max-seq-len", flags->max_seq_len, "Truncate examples to this many tokens")
@@ -120,7 +120,7 @@ void RegisterGenerate(CLI::App& app, Action& action) {
   flags->options.temperature = 0.8;
   flags->options.top_p = 0.95;
   CLI::App* cmd = app.add_subcommand("generate", "Generate text from a prompt (streams to stdout)");
-  cmd->add_option("--model", flags->model_dir, "Hugging Face model directory")->required();
+  cmd->add_option("--model", flags->model_dir, "Hugging Face model directory or GGUF file")->required();
   cmd->add_option("--prompt", flags->prompt, "Prompt text")->required();
   cmd->add_option("--max-new-tokens", flags->options.max_new_tokens, "Tokens to generate at most")
       ->capture_default_str()->check(CLI::NonNegativeNumber);

@@ -40,7 +40,7 @@ void RegisterSimulateCommands(CLI::App& app, Action& action) {
   CLI::App* cmd = app.add_subcommand(
       "simulate", "Simulate a federation of phones running the real client and server code, with a report");
   cmd->add_option("--config", f->config, "sim.toml ([simulation], [methods.<name>], server.toml round sections)");
-  cmd->add_option("--model", f->model, "Base model directory (e.g. from `seedling init-model`)");
+  cmd->add_option("--model", f->model, "Base model: a directory (e.g. from `seedling init-model`) or a GGUF file");
   cmd->add_option("--data", f->data, "JSONL data to split across devices (default: built-in synthetic corpus)");
   cmd->add_option("--out", f->out, "Output directory (default sim-out)");
   cmd->add_option("--methods", f->methods, "Comma-separated: lora-bp,fwdgrad,mezo,kseed (default lora-bp,kseed)");

@@ -343,9 +343,9 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Create(ClientConfig config, std:
     SEEDLING_ASSIGN_OR_RETURN(transport, comms::MakeTlsTransport(o));
   }
   std::unique_ptr<Client> c(new Client(std::move(config), std::move(transport), std::move(shared)));
-  // The model id the server uses: the SHA-256 of the base model's config.json.
-  SEEDLING_ASSIGN_OR_RETURN(std::string config_text, ReadFile(JoinPath(c->config_.model_dir, "config.json")));
-  c->model_id_ = HexOf(Sha256(config_text));
+  // The model id the server sends with each task (model::ModelId).
+  SEEDLING_ASSIGN_OR_RETURN(const model::ModelConfig model_config, model::LoadModelConfig(c->config_.model_dir));
+  c->model_id_ = model::ModelId(model_config);
   return c;
 }
 
@@ -743,7 +743,8 @@ absl::StatusOr<RunResult> Client::Train(std::unique_ptr<comms::Channel>& channel
   // whole process.
   SEEDLING_ASSIGN_OR_RETURN(request.weight_bytes, model::ResidentWeightBytes(config_.model_dir, model_config, weights));
   request.weights_decoded_per_tile = weights != model::WeightPrecision::kFloat32;
-  request.streamed_weight_bytes = model::StreamedWeightBytes(model_config, weights, request.weight_bytes);
+  SEEDLING_ASSIGN_OR_RETURN(request.streamed_weight_bytes,
+                            model::StreamedWeightBytes(config_.model_dir, model_config, weights, request.weight_bytes));
   // The server's `perturbations` is fwdgrad's K; federated mezo / kseed probe one seed per step.
   request.perturbations = method == optim::Method::kFwdGrad ? static_cast<int64_t>(hp("perturbations", 8)) : 1;
   const std::string weights_name = model::WeightPrecisionName(weights);

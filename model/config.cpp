@@ -6,6 +6,7 @@
 
 #include "base/file.h"
 #include "base/json.h"
+#include "base/sha256.h"
 #include "base/status.h"
 #include "base/strings.h"
 
@@ -301,6 +302,14 @@ std::string ModelConfigToJson(const ModelConfig& c) {
   j["torch_dtype"] = c.torch_dtype;
   j["use_cache"] = true;
   return j.dump(2) + "\n";
+}
+
+std::string ModelId(const ModelConfig& config) {
+  ModelConfig architecture = config;
+  architecture.torch_dtype.clear();
+  architecture.bos_token_id.reset();
+  architecture.eos_token_ids.clear();
+  return HexOf(Sha256(ModelConfigToJson(architecture)));
 }
 
 namespace {

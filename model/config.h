@@ -79,6 +79,12 @@ absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir);
 // Serializes to a config.json that Hugging Face transformers loads.
 std::string ModelConfigToJson(const ModelConfig& config);
 
+// The base model's id that the server sends with each task and a device compares with its own copy: the
+// lower-case hex SHA-256 of `config`'s architecture (ModelConfigToJson without torch_dtype and the bos / eos
+// token ids, which do not change the adapter's shapes or the arithmetic). So a model directory, a GGUF file
+// converted from it and any `--weights` representation share one id, and two models of different shapes never do.
+std::string ModelId(const ModelConfig& config);
+
 // Presets for `init-model`: "tiny" (about 3.5M parameters, GQA, tied), "tiny-qwen2" (q/k/v bias, untied
 // LM head, llama3 RoPE scaling: exercises every option), "smollm2-135m", "smollm2-360m", "qwen2.5-0.5b",
 // "tinyllama-1.1b" (the exact shapes of the published models). NotFound lists the valid names.

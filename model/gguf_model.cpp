@@ -363,6 +363,24 @@ std::optional<Storage> StorageOf(GgmlType type) {
   }
 }
 
+// The weight format a matrix of ggml type `type` is held in, if Seedling loads that type.
+std::optional<WeightFormat> MatrixFormatOf(GgmlType type) {
+  switch (type) {
+    case GgmlType::kF32:
+      return WeightFormat::kF32;
+    case GgmlType::kF16:
+      return WeightFormat::kF16;
+    case GgmlType::kBF16:
+      return WeightFormat::kBF16;
+    case GgmlType::kQ8_0:
+      return WeightFormat::kQ8_0;
+    case GgmlType::kQ4_0:
+      return WeightFormat::kQ4_0;
+    default:
+      return std::nullopt;
+  }
+}
+
 // The tensor's bytes as a tensor (model/quant.h layout): a view of the mapping whose deleter keeps
 // the file mapped, or a copy when the bytes are not aligned for the dtype. Sets `copied`.
 at::Tensor MappedTensor(const GgufTensorInfo& t, const Storage& storage, bool& copied) {
@@ -625,6 +643,24 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> TokenizerFromGguf(const GgufFile& fil
   SEEDLING_RETURN_IF_ERROR(ReadTokenizerFlags(file, v, options.add_space_prefix));
   options.source = StrCat("GGUF file '", file.path(), "': tokenizer");
   return TokenizerFromVocabulary(v, options);
+}
+
+std::vector<HeldMatrix> GgufStreamableMatrices(const GgufFile& file, const ModelConfig& config,
+                                                WeightPrecision precision) {
+  std::vector<HeldMatrix> out;
+  if (precision == WeightPrecision::kFloat32) return out;
+  ModelWeights slots;
+  for (const Expected& e : GgufTensorSlots(config, slots)) {
+    if (e.shape.size() != 2 || !e.name.starts_with("blk.") || e.rope_heads > 0) continue;
+    const GgufTensorInfo* t = file.FindTensor(e.name);
+    if (t == nullptr || t->shape != e.shape) continue;
+    const std::optional<WeightFormat> held = MatrixFormatOf(t->type);
+    if (!held.has_value() || *held == WeightFormat::kF32) continue;
+    const std::optional<WeightFormat> block = BlockFormatOf(precision);
+    if (block.has_value() && *held != MatrixFormatFor(*block, e.shape[1])) continue;  // converted at load
+    out.push_back({e.shape[0], e.shape[1], static_cast<int64_t>(t->nbytes)});
+  }
+  return out;
 }
 
 bool IsGgufPath(const std::string& path) {

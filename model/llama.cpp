@@ -81,20 +81,27 @@ LlamaModel::LlamaModel(ModelConfig config, ModelWeights weights)
 
 namespace {
 
-bool IsQuantizedPrecision(WeightPrecision p) { return p == WeightPrecision::kQ8_0 || p == WeightPrecision::kQ4_0; }
+// A GGUF file's weights and the mapping they view. Only fp32 weights (which --full trains in place) map the
+// file copy-on-write; every other precision keeps its matrices frozen, so they view a read-only mapping whose
+// pages can be streamed (WeightPages).
+struct GgufWeights {
+  ModelWeights weights;
+  std::shared_ptr<const MappedFile> mapping;
+};
 
-WeightFormat BlockFormat(WeightPrecision p) {
-  return p == WeightPrecision::kQ8_0 ? WeightFormat::kQ8_0 : WeightFormat::kQ4_0;
-}
-
-absl::StatusOr<ModelWeights> LoadGgufWeights(const std::string& path, const ModelConfig& config,
-                                             const LoadOptions& options) {
-  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<GgufFile> file, GgufFile::Open(path, MappedFile::Mode::kCopyOnWrite));
-  SEEDLING_ASSIGN_OR_RETURN(ModelWeights weights, WeightsFromGguf(*file, config, options.precision));
-  if (IsQuantizedPrecision(options.precision)) {
-    SEEDLING_RETURN_IF_ERROR(QuantizeMatrices(weights, config, BlockFormat(options.precision)));
+absl::StatusOr<GgufWeights> LoadGgufWeights(const std::string& path, const ModelConfig& config,
+                                            const LoadOptions& options) {
+  const bool frozen = options.precision != WeightPrecision::kFloat32;
+  SEEDLING_ASSIGN_OR_RETURN(
+      std::unique_ptr<GgufFile> file,
+      GgufFile::Open(path, frozen ? MappedFile::Mode::kReadOnly : MappedFile::Mode::kCopyOnWrite));
+  GgufWeights out;
+  SEEDLING_ASSIGN_OR_RETURN(out.weights, WeightsFromGguf(*file, config, options.precision));
+  if (const std::optional<WeightFormat> block = BlockFormatOf(options.precision)) {
+    SEEDLING_RETURN_IF_ERROR(QuantizeMatrices(out.weights, config, *block));
   }
-  return weights;
+  if (frozen) out.mapping = file->file();
+  return out;
 }
 
 }  // namespace
@@ -103,11 +110,17 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& 
                                                              const LoadOptions& options) {
   SEEDLING_ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(dir));
   if (IsGgufPath(dir)) {
-    auto weights = CatchTorch("loading weights", [&] { return LoadGgufWeights(dir, config, options); });
-    if (!weights.ok()) return Annotate(weights.status(), dir);
-    return Create(std::move(config), std::move(weights).value());
+    auto loaded = CatchTorch("loading weights", [&] { return LoadGgufWeights(dir, config, options); });
+    if (!loaded.ok()) return Annotate(loaded.status(), dir);
+    SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<LlamaModel> model,
+                              Create(std::move(config), std::move(loaded->weights)));
+    if (loaded->mapping != nullptr) {
+      model->pages_ = std::make_shared<const WeightPages>(std::vector{std::move(loaded->mapping)});
+    }
+    return model;
   }
-  const bool quantized = IsQuantizedPrecision(options.precision);
+  const std::optional<WeightFormat> block = BlockFormatOf(options.precision);
+  const bool quantized = block.has_value();
   SEEDLING_ASSIGN_OR_RETURN(
       std::unique_ptr<SafetensorsCollection> files,
       SafetensorsCollection::Open(dir, quantized ? MappedFile::Mode::kReadOnly : MappedFile::Mode::kCopyOnWrite));
@@ -115,7 +128,7 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& 
     // The matrices come from the weight cache; the source is read only to (re)build it.
     WeightCacheOptions cache_options{options.cache_dir, options.cache_progress};
     SEEDLING_ASSIGN_OR_RETURN(WeightCache cache,
-                              OpenWeightCache(*files, dir, config, BlockFormat(options.precision), cache_options));
+                              OpenWeightCache(*files, dir, config, *block, cache_options));
     files = std::move(cache.files);
   }
   auto weights = CatchTorch("loading weights", [&] { return LoadWeights(*files, config, options); });

@@ -109,8 +109,9 @@ class LlamaModel {
 
   // Streamed weights: every multiply releases each tile of a frozen matrix once it is decoded, so the
   // process keeps about one tile of each matrix resident instead of all of them (WeightPages); the pages
-  // stay in the OS page cache and fault back in on the next pass. Only weights mapped read-only from a
-  // q8_0 / q4_0 weight cache can be streamed (streamable()); elsewhere the setting does nothing. The
+  // stay in the OS page cache and fault back in on the next pass. Only weights mapped read-only can be
+  // streamed (streamable()): a q8_0 / q4_0 weight cache, or a GGUF file loaded with any precision but fp32
+  // (its matrices in a 16-bit or block format that are used in place); elsewhere the setting does nothing. The
   // embedding, LM head, norms and biases stay resident. Streaming changes what stays resident, never a
   // result, so models shared by threads (the simulator's devices) may set it at any time.
   bool streamable() const { return pages_ != nullptr && !pages_->empty(); }

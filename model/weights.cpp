@@ -106,6 +106,12 @@ const char* WeightPrecisionName(WeightPrecision precision) {
   return "?";
 }
 
+std::optional<WeightFormat> BlockFormatOf(WeightPrecision precision) {
+  if (precision == WeightPrecision::kQ8_0) return WeightFormat::kQ8_0;
+  if (precision == WeightPrecision::kQ4_0) return WeightFormat::kQ4_0;
+  return std::nullopt;
+}
+
 absl::StatusOr<WeightPrecision> ParseWeightPrecision(std::string_view name) {
   for (WeightPrecision p : {WeightPrecision::kFloat32, WeightPrecision::kStored, WeightPrecision::kQ8_0,
                             WeightPrecision::kQ4_0}) {
@@ -248,25 +254,43 @@ absl::StatusOr<int64_t> ResidentWeightBytes(const std::string& model_path, const
     } else if (precision == WeightPrecision::kStored) {
       if (!stored.count("")) total += stored.count(name) ? stored[name] : 4 * numel;
     } else {
-      const WeightFormat format = precision == WeightPrecision::kQ8_0 ? WeightFormat::kQ8_0 : WeightFormat::kQ4_0;
-      total += shape[0] * RowBytes(MatrixFormatFor(format, shape[1]), shape[1]);
+      total += shape[0] * RowBytes(MatrixFormatFor(*BlockFormatOf(precision), shape[1]), shape[1]);
     }
   }
   return total;
 }
 
-int64_t StreamedWeightBytes(const ModelConfig& config, WeightPrecision precision, int64_t resident_bytes) {
-  if (precision != WeightPrecision::kQ8_0 && precision != WeightPrecision::kQ4_0) return -1;
-  const WeightFormat format = precision == WeightPrecision::kQ8_0 ? WeightFormat::kQ8_0 : WeightFormat::kQ4_0;
-  const auto page = static_cast<int64_t>(::sysconf(_SC_PAGESIZE));
-  int64_t streamed = 0, kept_pages = 0, largest_tile = 0;
+namespace {
+
+// The decoder layers' matrices of a q8_0 / q4_0 weight cache (all of them, read-only mapped).
+std::vector<HeldMatrix> CacheStreamableMatrices(const ModelConfig& config, WeightFormat format) {
+  std::vector<HeldMatrix> out;
   for (const auto& [name, shape] : ExpectedTensors(config)) {
     if (shape.size() != 2 || name.rfind("model.layers.", 0) != 0) continue;
-    const int64_t row_bytes = RowBytes(MatrixFormatFor(format, shape[1]), shape[1]);
-    const int64_t tile_rows = DefaultTileRows(shape[0], shape[1]);
-    streamed += shape[0] * row_bytes;
-    kept_pages += (shape[0] + tile_rows - 1) / tile_rows + 1;
-    largest_tile = std::max(largest_tile, tile_rows * row_bytes);
+    out.push_back({shape[0], shape[1], shape[0] * RowBytes(MatrixFormatFor(format, shape[1]), shape[1])});
+  }
+  return out;
+}
+
+}  // namespace
+
+absl::StatusOr<int64_t> StreamedWeightBytes(const std::string& model_path, const ModelConfig& config,
+                                            WeightPrecision precision, int64_t resident_bytes) {
+  std::vector<HeldMatrix> matrices;
+  if (IsGgufPath(model_path)) {
+    SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<GgufFile> file, GgufFile::Open(model_path));
+    matrices = GgufStreamableMatrices(*file, config, precision);
+  } else if (const std::optional<WeightFormat> block = BlockFormatOf(precision)) {
+    matrices = CacheStreamableMatrices(config, *block);
+  }
+  if (matrices.empty()) return -1;
+  const auto page = static_cast<int64_t>(::sysconf(_SC_PAGESIZE));
+  int64_t streamed = 0, kept_pages = 0, largest_tile = 0;
+  for (const HeldMatrix& m : matrices) {
+    const int64_t tile_rows = DefaultTileRows(m.rows, m.cols);
+    streamed += m.bytes;
+    kept_pages += (m.rows + tile_rows - 1) / tile_rows + 1;
+    largest_tile = std::max(largest_tile, m.bytes / m.rows * tile_rows);
   }
   return resident_bytes - streamed + kept_pages * page + largest_tile;
 }

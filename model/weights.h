@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -53,6 +54,8 @@ enum class WeightPrecision {
 
 // "fp32", "stored", "q8_0", "q4_0".
 const char* WeightPrecisionName(WeightPrecision precision);
+// The block format of kQ8_0 / kQ4_0; nullopt for the others.
+std::optional<WeightFormat> BlockFormatOf(WeightPrecision precision);
 // Parses the names above; InvalidArgument lists them.
 absl::StatusOr<WeightPrecision> ParseWeightPrecision(std::string_view name);
 
@@ -97,11 +100,20 @@ absl::StatusOr<ModelWeights> LoadWeights(const SafetensorsCollection& files, con
 absl::StatusOr<int64_t> ResidentWeightBytes(const std::string& model_path, const ModelConfig& config,
                                             WeightPrecision precision);
 
-// What stays resident of the weights when they are streamed (LlamaModel::set_stream_weights): everything
-// ResidentWeightBytes counts except the decoder layers' matrices, of which only a page per tile (tile
-// boundaries are not page-aligned) and the tile being decoded remain. -1 for precisions whose weights
-// cannot be streamed (only q8_0 / q4_0, read from a mapped weight cache, can).
-int64_t StreamedWeightBytes(const ModelConfig& config, WeightPrecision precision, int64_t resident_bytes);
+// One frozen matrix as held in memory: logical (rows, cols) and its bytes.
+struct HeldMatrix {
+  int64_t rows = 0, cols = 0, bytes = 0;
+};
+
+// What stays resident of the weights of the model at `model_path` (loaded with `precision`, holding
+// `resident_bytes` as ResidentWeightBytes says) when they are streamed (LlamaModel::set_stream_weights):
+// everything but the decoder layers' streamable matrices, of which only a page per tile (tile boundaries are
+// not page-aligned) and the tile being decoded remain. Streamable are the matrices viewing a read-only
+// mapping in a format decoded tile by tile: a directory's q8_0 / q4_0 weight cache, and a GGUF file's
+// matrices used in place (GgufStreamableMatrices). -1 when none is (fp32 weights, a directory's stored ones).
+// Errors from opening a GGUF file.
+absl::StatusOr<int64_t> StreamedWeightBytes(const std::string& model_path, const ModelConfig& config,
+                                            WeightPrecision precision, int64_t resident_bytes);
 
 // Brings every matrix (embedding, projections, LM head) to `format` in memory: matrices already in the
 // format MatrixFormatFor (model/quant.h) gives them stay as they are; others are decoded and converted.

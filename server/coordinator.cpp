@@ -293,11 +293,10 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(const ServerCon
   SEEDLING_ASSIGN_OR_RETURN(std::optional<RoundRecord> latest, c->store_->LatestRound());
   c->finished_rounds_ = latest.has_value() ? static_cast<int64_t>(latest->round_id) : 0;
 
-  // The adapter's shapes come from the base model's config.json; its id defaults to that file's hash.
-  const std::string config_path = JoinPath(config.model_dir, "config.json");
-  SEEDLING_ASSIGN_OR_RETURN(std::string config_text, ReadFile(config_path));
-  SEEDLING_ASSIGN_OR_RETURN(model::ModelConfig model_config, model::ParseModelConfig(config_text));
-  c->model_id_ = Sha256Hex(config_text);  // what devices compute from their copy (client.h)
+  // The adapter's shapes come from the base model's config (config.json or a GGUF file's metadata); its id
+  // is what devices compute from their copy (model::ModelId).
+  SEEDLING_ASSIGN_OR_RETURN(model::ModelConfig model_config, model::LoadModelConfig(config.model_dir));
+  c->model_id_ = model::ModelId(model_config);
   lora::LoraConfig lc;
   lc.rank = config.lora_rank;
   lc.alpha = config.lora_alpha;

@@ -13,6 +13,9 @@
 #               again, uploads in round 2 and exits 0 (a straggler's fate is routine, not an error).
 #   client-c    the examples/client_c program (the C SDK) completes a one-client round against serve, and
 #               reports a wrong token as UNAUTHENTICATED with exit status 1.
+#   gguf-model  serve with a Q8_0 GGUF export of the model as its base ([model] weights = "q8_0"): a device
+#               holding the GGUF and one holding the source directory (which builds its q8_0 cache) both
+#               train and upload, and the round commits.
 # Every case uses its own work directory and the OS's choice of TLS port (port 0 + --port-file), so
 # parallel ctest runs do not clash; everything runs under `timeout`.
 set -uo pipefail
@@ -57,7 +60,7 @@ cert_file = "$work/certs/server.crt"
 key_file = "$work/certs/server.key"
 tick_ms = 50
 [model]
-dir = "$work/model"
+dir = "${server_model:-$work/model}"
 [training]
 method = "lora-bp"
 rounds = $3
@@ -116,9 +119,9 @@ setup() {
   for f in ca.crt server.crt server.key; do [ -s "$work/certs/$f" ] || fail "certs init wrote no $f"; done
 }
 
-# write_client_config <i>: $work/client<i>.toml for device dev<i> with token $tok<i>.
+# write_client_config <i> [model]: $work/client<i>.toml for device dev<i> with token $tok<i>.
 write_client_config() {
-  local i="$1" tok_var="tok$1"
+  local i="$1" tok_var="tok$1" model="${2:-$work/model}"
   cat > "$work/client$i.toml" <<EOF
 [client]
 host = "127.0.0.1"
@@ -128,18 +131,19 @@ server_name = "localhost"
 device_id = "dev$i"
 token = "${!tok_var}"
 state_dir = "$work/client$i"
-model_dir = "$work/model"
+model_dir = "$model"
 data_path = "$repo/data/sample/instructions.jsonl"
 backoff_base_s = 0.05
 backoff_max_s = 0.5
 EOF
 }
 
-# run_clients <round>: one `seedling client --rounds 1` process per device; each must upload in <round>.
+# run_clients <round> [model of dev0] [model of dev1]: one `seedling client --rounds 1` process per device;
+# each must upload in <round>.
 run_clients() {
-  local pids=() i
+  local pids=() i models=("${2:-$work/model}" "${3:-$work/model}")
   for i in 0 1; do
-    write_client_config "$i"
+    write_client_config "$i" "${models[$i]}"
     timeout 120 "$seedling" client --config "$work/client$i.toml" --rounds 1 --max-wait 60 \
       > "$work/client$i-r$1.out" 2> "$work/client$i-r$1.log" &
     pids+=($!)
@@ -312,6 +316,27 @@ EOF
     [ "$steps" -ge 2 ] && [ "$steps" -lt 3000 ] || fail "checkpoint at step $steps"
     kill -TERM "$server_pid"
     wait_server 30
+    ;;
+  gguf-model)
+    setup
+    timeout 60 "$seedling" export --model "$work/model" --format gguf --dtype q8_0 --out "$work/model-q8_0.gguf" \
+      > /dev/null || fail "export q8_0"
+    server_model="$work/model-q8_0.gguf"
+    write_server_config "$work/server.toml" 2 1 0
+    sed -i 's/^\[model\]$/[model]\nweights = "q8_0"/' "$work/server.toml"
+    tok0=$(register dev0) || exit 1
+    tok1=$(register dev1) || exit 1
+    start_server "$work/server.toml" "$work/serve.log"
+    run_clients 1 "$work/model-q8_0.gguf" "$work/model"
+    for i in 0 1; do
+      grep '"outcome":"uploaded"' "$work/client$i-r1.out" | grep -q '"weights":"q8_0"' \
+        || fail "client $i did not train with q8_0 weights: $(cat "$work/client$i-r1.out")"
+    done
+    [ -s "$work/client1/model-cache/weights-q8_0.safetensors" ] || fail "the directory's device built no q8_0 cache"
+    [ -e "$work/client0/model-cache" ] && fail "the GGUF's device built a cache it does not need"
+    wait_server 60
+    [ "$server_rc" -eq 0 ] || fail "serve exited with $server_rc"
+    grep -q "stopped at global version 1" "$work/serve.log" || fail "serve did not commit version 1"
     ;;
   *)
     fail "unknown case '$case_name'"

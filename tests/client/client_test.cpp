@@ -25,6 +25,7 @@
 #include "comms/codec.h"
 #include "comms/framing.h"
 #include "comms/in_memory.h"
+#include "model/gguf.h"
 #include "model/init.h"
 #include "model/runtime.h"
 #include "model/tokenizer.h"
@@ -796,6 +797,59 @@ TEST_CASE("A task asking for weights this SDK does not know is declined as UNSUP
   REQUIRE(r.ok());
   CHECK(r->outcome == RunOutcome::kDeclined);
   CHECK_THAT(r->detail, Catch::Contains("q3_k"));
+  CHECK_THAT(server.metrics.RenderPrometheus(), Catch::Contains("seedling_declines_total{reason=\"UNSUPPORTED\"} 1"));
+}
+
+// ---- The base model: directory or GGUF file, compared by architecture --------------------------------------
+
+// A device that loads its base model itself (no SharedModel) from `model_path`.
+std::unique_ptr<Client> ClientOwningModel(ClientConfig config, const std::string& model_path,
+                                          std::unique_ptr<comms::Transport> transport) {
+  config.model_dir = model_path;
+  auto c = Client::Create(config, std::move(transport), SharedModel{});
+  REQUIRE(c.ok());
+  (*c)->SetConditions({true, true, true, 1.0f});
+  return std::move(c).value();
+}
+
+TEST_CASE("A device holding the server's model as a GGUF file trains on it and uploads", "[client][gguf]") {
+  TempDir dir;
+  const std::string gguf = JoinPath(dir.path, "model-q8_0.gguf");
+  {
+    auto m = model::LlamaModel::Load(Model().model_dir);
+    REQUIRE(m.ok());
+    model::GgufOptions options;
+    options.format = model::WeightFormat::kQ8_0;
+    REQUIRE(model::WriteGguf(gguf, (*m)->config(), (*m)->weights(), *Model().shared.tokenizer, options).ok());
+  }
+  Server server(TinyServerConfig(JoinPath(dir.path, "server")));
+  const std::string token = server.Register("dev0");
+  server.coordinator->Tick();
+  ClientConfig config = ClientFor(JoinPath(dir.path, "client"), "dev0", token);
+  config.weights = "stored";  // the file's Q8_0 blocks in place
+  auto c = ClientOwningModel(config, gguf, server.Transport());
+  auto r = c->RunOnce();
+  REQUIRE(r.ok());
+  CHECK(r->outcome == RunOutcome::kUploaded);
+  CHECK(r->weights == "stored");
+  server.coordinator->Tick();
+  CHECK_THAT(server.metrics.RenderPrometheus(), Catch::Contains("seedling_global_version 1"));  // accepted
+}
+
+TEST_CASE("A device whose base model has other shapes declines the task as UNSUPPORTED", "[client][gguf]") {
+  TempDir dir;
+  const std::string other = JoinPath(dir.path, "other-model");
+  model::InitModelOptions init;
+  init.preset = "tiny-qwen2";
+  REQUIRE(model::InitModel(other, init).ok());
+  Server server(TinyServerConfig(JoinPath(dir.path, "server")));
+  const std::string token = server.Register("dev0");
+  server.coordinator->Tick();
+  auto c = ClientOwningModel(ClientFor(JoinPath(dir.path, "client"), "dev0", token), other, server.Transport());
+  auto r = c->RunOnce();
+  REQUIRE(r.ok());
+  CHECK(r->outcome == RunOutcome::kDeclined);
+  CHECK_THAT(r->detail, Catch::Contains("a different base model"));
   CHECK_THAT(server.metrics.RenderPrometheus(), Catch::Contains("seedling_declines_total{reason=\"UNSUPPORTED\"} 1"));
 }
 

@@ -77,6 +77,27 @@ TEST_CASE("Llama 3 rope_scaling and an eos_token_id list are parsed", "[model][c
   CHECK(ModelConfigToJson(*round_trip) == ModelConfigToJson(*c));
 }
 
+TEST_CASE("The model id covers the architecture, not the stored dtype or the bos / eos ids", "[model][config]") {
+  auto base = PresetConfig("qwen2.5-0.5b");
+  REQUIRE(base.ok());
+  const std::string id = ModelId(*base);
+  CHECK(id.size() == 64);
+  ModelConfig same = *base;
+  same.torch_dtype = "float16";
+  same.bos_token_id = 7;
+  same.eos_token_ids = {1, 2};
+  CHECK(ModelId(same) == id);
+  ModelConfig wider = *base;
+  wider.intermediate_size += 32;
+  CHECK(ModelId(wider) != id);
+  ModelConfig untied = *base;
+  untied.tie_word_embeddings = false;
+  CHECK(ModelId(untied) != id);
+  ModelConfig theta = *base;
+  theta.rope_theta = 10000.0;
+  CHECK(ModelId(theta) != id);
+}
+
 TEST_CASE("A missing required field is an error naming it", "[model][config]") {
   auto c = ParseModelConfig(R"({"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
     "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100})");

@@ -937,6 +937,8 @@ TEST_CASE("An F16 export keeps f16 matrices with kStored and converts them with 
   ModelConfig want = c;
   want.torch_dtype = "float16";
   CheckSameConfig(MustConfig(*f), want);
+  // The server's model id: a device holding the GGUF and one holding the source directory agree.
+  CHECK(ModelId(MustConfig(*f)) == ModelId(c));
   auto rounded = [](const at::Tensor& t) { return t.dim() == 1 ? t : t.to(at::kHalf); };
   CheckWeights(MustWeights(*f, c, WeightPrecision::kStored), w, rounded);
   CheckWeights(MustWeights(*f, c, WeightPrecision::kFloat32), w,
@@ -959,6 +961,42 @@ TEST_CASE("A Q8_0 export reads back block for block; matrices that cannot be blo
     REQUIRE(q.ok());
     return *q;
   });
+}
+
+TEST_CASE("A GGUF model with frozen weights streams the layer matrices it uses in place, with the same results",
+          "[model][gguf]") {
+  TempDir dir;
+  const ModelConfig c = TinyLlama();  // intermediate 688: ffn_down is written F16
+  auto tok = ParseTokenizer(TokenizerJson());
+  const std::string path = Export(dir, c, RandomWeights(c, 36), *tok, WeightFormat::kQ8_0);
+  const std::unique_ptr<GgufFile> f = MustOpen(path);
+  const int64_t layers = c.num_hidden_layers;
+  // stored: v, o, gate, up (Q8_0) and down (F16) in place; q and k are un-permuted copies.
+  CHECK(static_cast<int64_t>(GgufStreamableMatrices(*f, c, WeightPrecision::kStored).size()) == 5 * layers);
+  CHECK(static_cast<int64_t>(GgufStreamableMatrices(*f, c, WeightPrecision::kQ8_0).size()) == 5 * layers);
+  // q4_0 converts the Q8_0 blocks into memory; only the F16 ffn_down stays as the file holds it.
+  CHECK(static_cast<int64_t>(GgufStreamableMatrices(*f, c, WeightPrecision::kQ4_0).size()) == layers);
+  CHECK(GgufStreamableMatrices(*f, c, WeightPrecision::kFloat32).empty());
+  const int64_t resident = *ResidentWeightBytes(path, c, WeightPrecision::kStored);
+  const int64_t streamed = *StreamedWeightBytes(path, c, WeightPrecision::kStored, resident);
+  CHECK(streamed > 0);
+  CHECK(streamed < resident);
+  CHECK(*StreamedWeightBytes(path, c, WeightPrecision::kFloat32, resident) == -1);
+
+  LoadOptions stored;
+  stored.precision = WeightPrecision::kStored;
+  auto model = LlamaModel::Load(path, stored);
+  REQUIRE(model.ok());
+  REQUIRE((*model)->streamable());
+  const at::Tensor tokens = at::arange(0, 40, at::kLong).view({2, 20}) * 37 % kModelVocab;
+  const at::Tensor in_memory = *(*model)->Logits(tokens);
+  (*model)->set_stream_weights(true);
+  CHECK((*model)->stream_weights());
+  CHECK((*model)->Logits(tokens)->equal(in_memory));
+  CHECK((*model)->Logits(tokens)->equal(in_memory));  // released pages fault back in from the file
+  auto fp32 = LlamaModel::Load(path, {});
+  REQUIRE(fp32.ok());
+  CHECK_FALSE((*fp32)->streamable());  // copy-on-write: --full may train its F32 matrices in place
 }
 
 TEST_CASE("A Qwen2 export reads back: untied head, q/k/v biases, rows not interleaved",

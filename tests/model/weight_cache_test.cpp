@@ -201,7 +201,7 @@ TEST_CASE("Streamed weight bytes keep everything but the layers' matrices, for q
   const std::string dir = WriteTinyModel(tmp.path);
   const ModelConfig c = *LoadModelConfig(dir);
   for (WeightPrecision p : {WeightPrecision::kFloat32, WeightPrecision::kStored}) {
-    CHECK(StreamedWeightBytes(c, p, *ResidentWeightBytes(dir, c, p)) == -1);
+    CHECK(*StreamedWeightBytes(dir, c, p, *ResidentWeightBytes(dir, c, p)) == -1);
   }
   for (WeightPrecision p : {WeightPrecision::kQ8_0, WeightPrecision::kQ4_0}) {
     INFO(WeightPrecisionName(p));
@@ -212,7 +212,7 @@ TEST_CASE("Streamed weight bytes keep everything but the layers' matrices, for q
     for (const LayerWeights& l : (*model)->weights().layers) {
       for (const at::Tensor* t : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down}) layers += MatrixBytes(*t);
     }
-    const int64_t streamed = StreamedWeightBytes(c, p, resident);
+    const int64_t streamed = *StreamedWeightBytes(dir, c, p, resident);
     CHECK(streamed > resident - layers);
     CHECK(streamed < resident - layers + 256 * 4096 + layers / 2);
   }
