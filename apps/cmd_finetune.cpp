@@ -282,6 +282,8 @@ void RegisterFinetune(CLI::App& app, Action& action) {
                             {"forward_tokens_per_second",
                              r.forward_seconds > 0 ? static_cast<double>(r.forward_processed_tokens) / r.forward_seconds
                                                    : 0.0},
+                            {"forward_mfu", client::ForwardMfu(config, f->seq_len, r.forward_processed_tokens,
+                                                               r.forward_seconds, sgemm_gflops)},
                             {"sgemm_gflops", sgemm_gflops},
                             {"seconds", r.seconds},
                             {"peak_rss_bytes", peak_rss},

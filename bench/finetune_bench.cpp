@@ -144,7 +144,7 @@ absl::StatusOr<std::vector<FinetuneBenchRow>> RunFinetuneBench(const FinetuneBen
     r.method = c.method;
     // The inference row trains nothing: its figure is plain forwards on the same training batches.
     r.tokens_per_second = j.value(c.name == "inference" ? "forward_tokens_per_second" : "tokens_per_second", 0.0);
-    r.mfu = j.value("mfu", 0.0);
+    r.mfu = j.value(c.name == "inference" ? "forward_mfu" : "mfu", 0.0);
     r.peak_rss_bytes = j.value("peak_rss_bytes", int64_t{0});
     r.peak_rss_anon_bytes = j.value("peak_rss_anon_bytes", int64_t{0});
     r.peak_rss_file_bytes = j.value("peak_rss_file_bytes", int64_t{0});

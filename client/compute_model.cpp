@@ -10,9 +10,16 @@ bool IsKnownTrainingMethod(std::string_view method) {
   return method == "lora-bp" || method == "fwdgrad" || method == "mezo" || method == "kseed";
 }
 
-double LocalTrainingFlops(const model::ModelConfig& config, std::string_view method, int64_t steps,
-                          int64_t batch, int64_t seq_len, int64_t perturbations) {
-  SEEDLING_CHECK(IsKnownTrainingMethod(method), "unknown training method");
+namespace {
+
+// The per-token FLOPs of one forward in the three parts compute_model.h names.
+struct ForwardParts {
+  double projections = 0;  // P
+  double attention = 0;    // A
+  double head = 0;         // H
+};
+
+ForwardParts PartsOf(const model::ModelConfig& config, int64_t seq_len) {
   const double hidden = static_cast<double>(config.hidden_size);
   const double head_dim =
       config.head_dim > 0
@@ -21,23 +28,40 @@ double LocalTrainingFlops(const model::ModelConfig& config, std::string_view met
   const double q_dim = static_cast<double>(config.num_attention_heads) * head_dim;
   const double kv_dim = static_cast<double>(config.num_key_value_heads) * head_dim;
   const double layers = static_cast<double>(config.num_hidden_layers);
-  const double seq = static_cast<double>(seq_len);
   // Per layer: q, k, v, o projections and the gated MLP (gate, up, down).
   const double matmul_params = hidden * q_dim + 2.0 * hidden * kv_dim + q_dim * hidden +
                                3.0 * hidden * static_cast<double>(config.intermediate_size);
-  const double projections = 2.0 * layers * matmul_params;                        // P
-  const double attention = 4.0 * seq * q_dim * layers;                             // A
-  const double head = 2.0 * hidden * static_cast<double>(config.vocab_size);      // H
+  ForwardParts parts;
+  parts.projections = 2.0 * layers * matmul_params;
+  parts.attention = 4.0 * static_cast<double>(seq_len) * q_dim * layers;
+  parts.head = 2.0 * hidden * static_cast<double>(config.vocab_size);
+  return parts;
+}
+
+}  // namespace
+
+double LocalTrainingFlops(const model::ModelConfig& config, std::string_view method, int64_t steps,
+                          int64_t batch, int64_t seq_len, int64_t perturbations) {
+  SEEDLING_CHECK(IsKnownTrainingMethod(method), "unknown training method");
+  const ForwardParts f = PartsOf(config, seq_len);
   const double p = static_cast<double>(std::max<int64_t>(1, perturbations));
   double per_token = 0;
   if (method == "lora-bp") {
-    per_token = 2.0 * projections + 3.0 * attention + 2.0 * head;
+    per_token = 2.0 * f.projections + 3.0 * f.attention + 2.0 * f.head;
   } else if (method == "fwdgrad") {
-    per_token = (1.0 + p) * projections + (1.0 + 2.0 * p) * attention + 2.0 * head;
+    per_token = (1.0 + p) * f.projections + (1.0 + 2.0 * p) * f.attention + 2.0 * f.head;
   } else {  // mezo, kseed
-    per_token = 2.0 * p * (projections + attention + head);
+    per_token = 2.0 * p * (f.projections + f.attention + f.head);
   }
-  return static_cast<double>(steps) * static_cast<double>(batch) * seq * per_token;
+  return static_cast<double>(steps) * static_cast<double>(batch) * static_cast<double>(seq_len) * per_token;
+}
+
+double ForwardMfu(const model::ModelConfig& config, int64_t seq_len, int64_t processed_tokens, double seconds,
+                  double sgemm_gflops) {
+  if (seq_len < 1 || processed_tokens <= 0 || !(seconds > 0) || !(sgemm_gflops > 0)) return 0;
+  const ForwardParts f = PartsOf(config, seq_len);
+  const double flops = static_cast<double>(processed_tokens) * (f.projections + f.attention + f.head);
+  return flops / seconds / (sgemm_gflops * 1e9);
 }
 
 double TrainingMfu(const model::ModelConfig& config, std::string_view method, int64_t steps, int64_t batch,

@@ -46,4 +46,9 @@ double TrainingMfu(const model::ModelConfig& config, std::string_view method, in
                    int64_t seq_len, int64_t perturbations, int64_t processed_tokens, double seconds,
                    double sgemm_gflops);
 
+// The MFU of plain forwards (F = P + A + H per token, at sequence length `seq_len`) that processed
+// `processed_tokens` in `seconds`, over `sgemm_gflops`. 0 when any figure is missing.
+double ForwardMfu(const model::ModelConfig& config, int64_t seq_len, int64_t processed_tokens, double seconds,
+                  double sgemm_gflops);
+
 }  // namespace seedling::client

@@ -66,5 +66,15 @@ TEST_CASE("TrainingMfu is the model FLOP rate over the sgemm rate, scaled to the
   CHECK(TrainingMfu(*config, "sgd", 2, 1, 256, 1, 512, 1.0, 10.0) == 0);
 }
 
+TEST_CASE("ForwardMfu counts one forward per token: half a mezo step's FLOPs", "[client][compute]") {
+  auto config = model::PresetConfig("smollm2-135m");
+  REQUIRE(config.ok());
+  const double step_flops = LocalTrainingFlops(*config, "mezo", 1, 1, 256, 1);  // two forwards of 256 tokens
+  CHECK(ForwardMfu(*config, 256, 256, 1.0, step_flops / 2 / 1e9) == Approx(1.0));
+  CHECK(ForwardMfu(*config, 256, 128, 1.0, step_flops / 2 / 1e9) == Approx(0.5));
+  CHECK(ForwardMfu(*config, 256, 256, 0.0, 10.0) == 0);
+  CHECK(ForwardMfu(*config, 256, 0, 1.0, 10.0) == 0);
+}
+
 }  // namespace
 }  // namespace seedling::client
