@@ -5,6 +5,7 @@
 //   seedling_bench_concurrency [--n 100,500,1000,2000] [--work-dir DIR] [--client-threads 2]
 //                              [--max-inflight 0] [--session-timeout-s 60] [--server-io-threads 2]
 //                              [--chunk-bytes 1048576] [--json] [--keep-work-dir] [--seedling PATH]
+//                              [--soak-seconds 0] [--soak-sample-s 10]
 //
 // One session, as a phone runs it: TCP connect, TLS 1.3 handshake (server certificate verified
 // against the benchmark's CA and its IP subjectAltName), Hello with the device's token, CheckIn,
@@ -32,6 +33,14 @@
 // done sessions. After the clients finish, the server's VmHWM is read from /proc, the server is
 // stopped with SIGTERM, and its store is opened to check round 1 against what the clients were told
 // (an acknowledged upload must be in the ledger).
+//
+// Soak (--soak-seconds S): each of the N devices runs session after session for S seconds, as a phone
+// does over a day: after a RetryAfter it waits the seconds the server said (at most 60), after an
+// upload or an error 1 s. The server runs rounds back to back (clients_per_round = N / 10, a 5 s
+// selection window, rounds until stopped), so devices get tasks, upload, and rounds commit throughout.
+// The server's VmRSS is sampled every --soak-sample-s seconds; the benchmark prints the samples and the
+// growth of the last half's peak over the first half's (after the first minute), and checks every
+// round's ledger against the uploads the devices were told were accepted.
 
 #include <fcntl.h>
 #include <openssl/ssl.h>
@@ -121,6 +130,8 @@ struct Options {
   int server_io_threads = 2;   // [server] io_threads
   int64_t chunk_bytes = comms::kMaxChunkBytes;  // UploadChunk size (the SDK's default: 1 MiB)
   bool json = false;                            // one JSON line per N at the end
+  int soak_s = 0;         // > 0: every device runs sessions in a loop for this long (see the file comment)
+  int soak_sample_s = 10;  // the soak's RSS sampling period
   std::string seedling_binary = SEEDLING_BINARY;
 };
 
@@ -130,7 +141,8 @@ struct Options {
       "usage: seedling_bench_concurrency [--n 100,500,1000,2000] [--work-dir DIR] "
       "[--keep-work-dir]\n"
       "         [--client-threads 2] [--max-inflight 0 (= all N)] [--session-timeout-s 60]\n"
-      "         [--server-io-threads 2] [--chunk-bytes 1048576] [--json] [--seedling PATH]\n");
+      "         [--server-io-threads 2] [--chunk-bytes 1048576] [--json] [--seedling PATH]\n"
+      "         [--soak-seconds 0 (off)] [--soak-sample-s 10]\n");
   std::exit(code);
 }
 
@@ -185,6 +197,10 @@ Options ParseOptions(int argc, char** argv) {
       }
     } else if (arg == "--json") {
       o.json = true;
+    } else if (arg == "--soak-seconds") {
+      o.soak_s = ParsePositive(arg, value(), 0);
+    } else if (arg == "--soak-sample-s") {
+      o.soak_sample_s = ParsePositive(arg, value(), 1);
     } else if (arg == "--seedling") {
       o.seedling_binary = value();
     } else {
@@ -391,6 +407,7 @@ struct SessionResult {
   bool done = false;  // the server answered every request (task, RetryAfter, Reject or acceptance)
   bool got_task = false;
   bool retry_after = false;
+  uint32_t retry_seconds = 0;  // what the RetryAfter said
   std::string retry_reason;
   bool accepted = false;  // UploadCommit acknowledged with accepted = true
   bool rejected = false;
@@ -415,6 +432,8 @@ struct RunState {
   std::vector<std::string> device_ids;
   std::vector<std::string> tokens;
   std::vector<SessionResult> results;
+  SteadyClock::time_point soak_end;        // soak: no session starts after this
+  std::vector<SessionResult> soak_results;  // soak: every finished session; guarded by mu
   std::atomic<int> next{0};  // next session index to start
   std::atomic<int> in_flight{0};
   std::atomic<int> peak_in_flight{0};
@@ -536,6 +555,7 @@ asio::awaitable<void> SessionBody(RunState& run, int index, Connection& c, Sessi
   if (reply->check_in_reply().has_retry_after()) {
     r.done = true;
     r.retry_after = true;
+    r.retry_seconds = reply->check_in_reply().retry_after().seconds();
     r.retry_reason = reply->check_in_reply().retry_after().reason();
     co_return;
   }
@@ -617,8 +637,7 @@ asio::awaitable<void> SessionBody(RunState& run, int index, Connection& c, Sessi
   r.accepted = true;
 }
 
-asio::awaitable<void> RunSession(RunState& run, int index) {
-  SessionResult& r = run.results[index];
+asio::awaitable<void> RunSession(RunState& run, int index, SessionResult& r) {
   const int now_in_flight = ++run.in_flight;
   for (int peak = run.peak_in_flight.load();
        now_in_flight > peak && !run.peak_in_flight.compare_exchange_weak(peak, now_in_flight);) {
@@ -649,7 +668,24 @@ asio::awaitable<void> RunSession(RunState& run, int index) {
 // Runs sessions one after the other until none are left; there are min(N, max_inflight) workers.
 asio::awaitable<void> Worker(RunState& run) {
   for (int index = run.next++; index < static_cast<int>(run.results.size()); index = run.next++) {
-    co_await RunSession(run, index);
+    co_await RunSession(run, index, run.results[index]);
+  }
+}
+
+// Soak: device `index` runs sessions until the soak ends, pausing as the server said (RetryAfter, at
+// most 60 s) or 1 s; the pause ends early when the soak does.
+asio::awaitable<void> SoakDevice(RunState& run, int index) {
+  asio::steady_timer pause(co_await asio::this_coro::executor);
+  while (SteadyClock::now() < run.soak_end) {
+    SessionResult r;
+    co_await RunSession(run, index, r);
+    const int wait_s = r.retry_after ? std::clamp<int>(static_cast<int>(r.retry_seconds), 1, 60) : 1;
+    {
+      std::lock_guard<std::mutex> lock(run.mu);
+      run.soak_results.push_back(std::move(r));
+    }
+    pause.expires_at(std::min(SteadyClock::now() + std::chrono::seconds(wait_s), run.soak_end));
+    co_await pause.async_wait(kAwait);
   }
 }
 
@@ -677,6 +713,10 @@ struct Summary {
   std::string round1_state = "?";
   int64_t round1_selected = -1, round1_accepted = -1, ledger_entries = -1;
   double setup_s = 0;
+  // Soak only: (seconds since the start, server VmRSS) samples, rounds committed, ledger entries of all
+  // rounds.
+  std::vector<std::pair<double, int64_t>> rss_samples;
+  int64_t rounds_committed = -1, soak_ledger_entries = -1;
   std::string failure;  // non-empty: the run could not be measured (server died, ...)
   bool ledger_violation = false;
 };
@@ -699,15 +739,19 @@ std::string ServerToml(const Options& o, int n, const std::string& dir, const st
                        const std::string& model) {
   // Every device can get a task and nothing closes the round during the run: the benchmark measures
   // the request path, not the round's timers. Server timeouts stay at their production defaults.
+  // A soak runs rounds back to back instead (see the file comment).
+  const std::string rounds =
+      o.soak_s > 0 ? StrCat("clients_per_round = ", std::max(1, n / 10), "\n", "over_selection = 1.0\n",
+                            "min_reports = 1\n", "selection_window_s = 5\n", "round_deadline_s = 60\n")
+                   : StrCat("clients_per_round = ", n, "\n", "over_selection = 1.0\n", "min_reports = 1\n",
+                            "selection_window_s = 3600\n", "round_deadline_s = 7200\n");
   return StrCat("[server]\n", "state_dir = ", TomlString(seedling::JoinPath(dir, "state")), "\n",
                 "bind = \"", kLoopback, "\"\n", "port = 0\n",
                 "cert_file = ", TomlString(seedling::JoinPath(certs, "server.crt")), "\n",
                 "key_file = ", TomlString(seedling::JoinPath(certs, "server.key")), "\n",
                 "io_threads = ", o.server_io_threads, "\n", "max_connections = ", n + 64, "\n",
                 "http_port = 0\n", "\n[model]\n", "dir = ", TomlString(model), "\n",
-                "\n[training]\n", "method = \"lora-bp\"\n", "rounds = 0\n",
-                "clients_per_round = ", n, "\n", "over_selection = 1.0\n", "min_reports = 1\n",
-                "selection_window_s = 3600\n", "round_deadline_s = 7200\n", "codec = \"fp32\"\n",
+                "\n[training]\n", "method = \"lora-bp\"\n", "rounds = 0\n", rounds, "codec = \"fp32\"\n",
                 "max_inflight_uploads = ", n, "\n");
 }
 
@@ -752,11 +796,94 @@ void ScanServerLog(const std::string& path, Summary& s) {
   }
 }
 
+// Soak: the rounds the server committed and the ledger entries of every round.
+void CountSoakRounds(server::Store& store, Summary& s) {
+  absl::StatusOr<std::optional<server::RoundRecord>> latest = store.LatestRound();
+  if (!latest.ok() || !latest->has_value()) return;
+  s.rounds_committed = 0;
+  s.soak_ledger_entries = 0;
+  for (uint64_t id = 1; id <= (*latest)->round_id; ++id) {
+    absl::StatusOr<std::optional<server::RoundRecord>> round = store.FindRound(id);
+    if (round.ok() && round->has_value() && (*round)->state == server::RoundState::kCommitted) ++s.rounds_committed;
+    absl::StatusOr<std::vector<server::LedgerEntry>> ledger = store.LedgerForRound(id);
+    if (ledger.ok()) s.soak_ledger_entries += static_cast<int64_t>(ledger->size());
+  }
+}
+
+// The soak's RSS growth: the peak of the samples in the last half of the run over the peak of those
+// between the first minute and the half, minus 1 (0.05 = 5% more). 0 without enough samples.
+double SoakRssGrowth(const Summary& s, int soak_s) {
+  int64_t first = 0, last = 0;
+  for (const auto& [t, rss] : s.rss_samples) {
+    if (t >= soak_s / 2.0) {
+      last = std::max(last, rss);
+    } else if (t >= std::min(60.0, soak_s / 4.0)) {
+      first = std::max(first, rss);
+    }
+  }
+  return first > 0 && last > 0 ? static_cast<double>(last) / static_cast<double>(first) - 1 : 0;
+}
+
+// Counts, percentiles and rates of the finished sessions into `s`.
+void TallySessions(const std::vector<SessionResult>& results, Summary& s) {
+  std::vector<double> latencies, handshakes;
+  SteadyClock::time_point first = SteadyClock::time_point::max(),
+                          last = SteadyClock::time_point::min();
+  for (const SessionResult& r : results) {
+    if (!r.started || (!r.done && !r.error)) {
+      ++s.not_run;
+      continue;
+    }
+    first = std::min(first, r.start);
+    last = std::max(last, r.end);
+    if (r.got_task) ++s.got_task;
+    if (r.num_parameters != 0) s.num_parameters = r.num_parameters;
+    if (r.update_bytes != 0) s.update_bytes = r.update_bytes;
+    if (r.connected != SteadyClock::time_point{}) handshakes.push_back(Ms(r.connected - r.start));
+    if (r.error) {
+      ++s.errors;
+      if (r.timed_out) ++s.timeouts;
+      s.errors_by_kind[StrCat(StageName(r.stage), ": ", r.error_message.substr(0, 100))]++;
+      continue;
+    }
+    ++s.done;
+    latencies.push_back(Ms(r.end - r.start));
+    if (r.retry_after) {
+      ++s.retry_after;
+      s.retry_reasons[r.retry_reason]++;
+    }
+    if (r.accepted) ++s.accepted;
+    if (r.rejected) {
+      ++s.rejected;
+      const std::string code =
+          StrCat(v1::RejectCode_Name(r.reject_code), " at ", StageName(r.stage));
+      s.rejected_by_code[code]++;
+      s.reject_examples.emplace(code, r.reject_message.substr(0, 160));
+    }
+  }
+  std::sort(latencies.begin(), latencies.end());
+  std::sort(handshakes.begin(), handshakes.end());
+  s.p50_ms = Percentile(latencies, 50);
+  s.p90_ms = Percentile(latencies, 90);
+  s.p99_ms = Percentile(latencies, 99);
+  s.max_ms = latencies.empty() ? 0 : latencies.back();
+  double sum = 0;
+  for (double v : latencies) sum += v;
+  s.mean_ms = latencies.empty() ? 0 : sum / static_cast<double>(latencies.size());
+  s.handshake_p50_ms = Percentile(handshakes, 50);
+  s.handshake_p99_ms = Percentile(handshakes, 99);
+  if (last > first) {
+    s.wall_s = std::chrono::duration<double>(last - first).count();
+    s.sessions_per_s = static_cast<double>(s.done) / s.wall_s;
+  }
+
+}
+
 Summary RunOne(const Options& o, int n, const std::string& work_dir, const std::string& certs,
                const std::string& model, ssl::context& tls) {
   Summary s;
   s.n = n;
-  s.workers = o.max_inflight > 0 ? std::min(n, o.max_inflight) : n;
+  s.workers = o.max_inflight > 0 && o.soak_s == 0 ? std::min(n, o.max_inflight) : n;
   const auto setup_start = SteadyClock::now();
   const std::string dir = seedling::JoinPath(work_dir, StrCat("n", n));
   std::error_code fs_ec;
@@ -844,8 +971,10 @@ Summary RunOne(const Options& o, int n, const std::string& work_dir, const std::
   // All workers are spawned before any thread runs the io_context, so with max_inflight = 0 every
   // session's connect is issued in the first pass over the queue.
   asio::io_context ioc(o.client_threads);
+  const auto run_start = SteadyClock::now();
+  run.soak_end = run_start + std::chrono::seconds(o.soak_s);
   for (int w = 0; w < s.workers; ++w) {
-    asio::co_spawn(asio::make_strand(ioc), Worker(run), [&run](std::exception_ptr e) {
+    asio::co_spawn(asio::make_strand(ioc), o.soak_s > 0 ? SoakDevice(run, w) : Worker(run), [&run](std::exception_ptr e) {
       if (e) {
         std::string what = "unknown exception";
         try {
@@ -863,11 +992,18 @@ Summary RunOne(const Options& o, int n, const std::string& work_dir, const std::
   std::vector<std::thread> threads;
   for (int t = 0; t < o.client_threads; ++t) threads.emplace_back([&ioc] { ioc.run(); });
   // Sessions end by their own deadline; this outer bound only catches a benchmark bug.
-  const auto hard_deadline = SteadyClock::now() +
-                             std::chrono::seconds(o.session_timeout_s) * (1 + (n - 1) / s.workers) +
-                             std::chrono::seconds(30);
+  const auto hard_deadline =
+      o.soak_s > 0 ? run.soak_end + std::chrono::seconds(o.session_timeout_s + 30)
+                   : SteadyClock::now() + std::chrono::seconds(o.session_timeout_s) * (1 + (n - 1) / s.workers) +
+                         std::chrono::seconds(30);
   bool server_died = false, hung = false;
+  auto next_sample = run_start;
   while (run.workers_done.load() < s.workers) {
+    if (o.soak_s > 0 && SteadyClock::now() >= next_sample) {
+      s.rss_samples.emplace_back(std::chrono::duration<double>(SteadyClock::now() - run_start).count(),
+                                 ProcStatusBytes(server.pid(), "VmRSS"));
+      next_sample += std::chrono::seconds(o.soak_sample_s);
+    }
     if (!server.Running()) {
       server_died = true;
       break;
@@ -900,58 +1036,8 @@ Summary RunOne(const Options& o, int n, const std::string& work_dir, const std::
   }
   ScanServerLog(log_path, s);
 
-  // Tally the sessions.
-  std::vector<double> latencies, handshakes;
-  SteadyClock::time_point first = SteadyClock::time_point::max(),
-                          last = SteadyClock::time_point::min();
-  for (const SessionResult& r : run.results) {
-    if (!r.started || (!r.done && !r.error)) {
-      ++s.not_run;
-      continue;
-    }
-    first = std::min(first, r.start);
-    last = std::max(last, r.end);
-    if (r.got_task) ++s.got_task;
-    if (r.num_parameters != 0) s.num_parameters = r.num_parameters;
-    if (r.update_bytes != 0) s.update_bytes = r.update_bytes;
-    if (r.connected != SteadyClock::time_point{}) handshakes.push_back(Ms(r.connected - r.start));
-    if (r.error) {
-      ++s.errors;
-      if (r.timed_out) ++s.timeouts;
-      s.errors_by_kind[StrCat(StageName(r.stage), ": ", r.error_message.substr(0, 100))]++;
-      continue;
-    }
-    ++s.done;
-    latencies.push_back(Ms(r.end - r.start));
-    if (r.retry_after) {
-      ++s.retry_after;
-      s.retry_reasons[r.retry_reason]++;
-    }
-    if (r.accepted) ++s.accepted;
-    if (r.rejected) {
-      ++s.rejected;
-      const std::string code =
-          StrCat(v1::RejectCode_Name(r.reject_code), " at ", StageName(r.stage));
-      s.rejected_by_code[code]++;
-      s.reject_examples.emplace(code, r.reject_message.substr(0, 160));
-    }
-  }
-  std::sort(latencies.begin(), latencies.end());
-  std::sort(handshakes.begin(), handshakes.end());
-  s.p50_ms = Percentile(latencies, 50);
-  s.p90_ms = Percentile(latencies, 90);
-  s.p99_ms = Percentile(latencies, 99);
-  s.max_ms = latencies.empty() ? 0 : latencies.back();
-  double sum = 0;
-  for (double v : latencies) sum += v;
-  s.mean_ms = latencies.empty() ? 0 : sum / static_cast<double>(latencies.size());
-  s.handshake_p50_ms = Percentile(handshakes, 50);
-  s.handshake_p99_ms = Percentile(handshakes, 99);
+  TallySessions(o.soak_s > 0 ? run.soak_results : run.results, s);
   s.peak_in_flight = run.peak_in_flight.load();
-  if (last > first) {
-    s.wall_s = std::chrono::duration<double>(last - first).count();
-    s.sessions_per_s = static_cast<double>(s.done) / s.wall_s;
-  }
 
   // The server's own record of round 1, once it has stopped and released the store.
   if (!server.Running()) {
@@ -965,12 +1051,14 @@ Summary RunOne(const Options& o, int n, const std::string& work_dir, const std::
       }
       absl::StatusOr<std::vector<server::LedgerEntry>> ledger = (*store)->LedgerForRound(1);
       if (ledger.ok()) s.ledger_entries = static_cast<int64_t>(ledger->size());
+      if (o.soak_s > 0) CountSoakRounds(**store, s);
     } else {
       s.round1_state = StrCat("store unreadable: ", store.status().ToString());
     }
     // Every acknowledged upload must be in the ledger (the reverse need not hold: an
     // acknowledgement can be lost to a client deadline after the server recorded the update).
-    s.ledger_violation = s.ledger_entries >= 0 && s.accepted > s.ledger_entries;
+    const int64_t ledger = o.soak_s > 0 ? s.soak_ledger_entries : s.ledger_entries;
+    s.ledger_violation = ledger >= 0 && s.accepted > ledger;
   }
   return s;
 }
@@ -1023,6 +1111,13 @@ void PrintDetails(const Summary& s) {
               s.round1_state.c_str(), static_cast<long long>(s.round1_selected),
               static_cast<long long>(s.round1_accepted), static_cast<long long>(s.ledger_entries),
               s.ledger_violation ? "  <-- FEWER THAN THE CLIENTS' ACKNOWLEDGED UPLOADS" : "");
+  if (!s.rss_samples.empty()) {
+    std::printf("  soak: %lld rounds committed, ledger entries of all rounds %lld; server RSS (s: MiB):",
+                static_cast<long long>(s.rounds_committed), static_cast<long long>(s.soak_ledger_entries));
+    for (const auto& [t, rss] : s.rss_samples) std::printf(" %.0f: %.0f", t, static_cast<double>(rss) / (1 << 20));
+    std::printf("\n  soak: peak RSS of the last half vs the first (after warm-up): %+.1f%%\n",
+                100.0 * SoakRssGrowth(s, static_cast<int>(s.rss_samples.back().first)));
+  }
   std::printf("  server log: %d warnings, %d errors\n", s.log_warnings, s.log_errors);
   for (const std::string& line : s.log_samples) std::printf("    %s\n", line.c_str());
   if (!s.failure.empty()) std::printf("  FAILED: %s\n", s.failure.c_str());
@@ -1067,6 +1162,10 @@ nlohmann::json ToJson(const Summary& s, const Options& o) {
             {"selected", s.round1_selected},
             {"accepted", s.round1_accepted},
             {"ledger_entries", s.ledger_entries}}},
+          {"soak_seconds", o.soak_s},
+          {"soak_rounds_committed", s.rounds_committed},
+          {"soak_ledger_entries", s.soak_ledger_entries},
+          {"soak_rss_samples", s.rss_samples},
           {"server_log_warnings", s.log_warnings},
           {"server_log_errors", s.log_errors},
           {"failure", s.failure}};
