@@ -656,6 +656,7 @@ std::vector<HeldMatrix> GgufStreamableMatrices(const GgufFile& file, const Model
     if (t == nullptr || t->shape != e.shape) continue;
     const std::optional<WeightFormat> held = MatrixFormatOf(t->type);
     if (!held.has_value() || *held == WeightFormat::kF32) continue;
+    if (reinterpret_cast<uintptr_t>(t->data) % StorageOf(t->type)->element_bytes != 0) continue;  // copied
     const std::optional<WeightFormat> block = BlockFormatOf(precision);
     if (block.has_value() && *held != MatrixFormatFor(*block, e.shape[1])) continue;  // converted at load
     out.push_back({e.shape[0], e.shape[1], static_cast<int64_t>(t->nbytes)});

@@ -90,8 +90,8 @@ bool IsGgufPath(const std::string& path);
 // mapping in a format decoded tile by tile (F16, BF16, Q8_0, Q4_0), so they can be streamed (model/weights.h
 // StreamedWeightBytes): none for kFloat32 (converted, or F32 used in place, which is never released); with
 // kQ8_0 / kQ4_0 those the file already holds in the format MatrixFormatFor gives them; never the llama
-// architecture's q / k matrices (un-permuted into copies). Matrices the file lacks are skipped (loading
-// reports them).
+// architecture's q / k matrices (un-permuted into copies), nor a tensor copied for its alignment. Matrices
+// the file lacks are skipped (loading reports them).
 std::vector<HeldMatrix> GgufStreamableMatrices(const GgufFile& file, const ModelConfig& config,
                                                 WeightPrecision precision);
 
