@@ -651,7 +651,8 @@ std::vector<HeldMatrix> GgufStreamableMatrices(const GgufFile& file, const Model
   if (precision == WeightPrecision::kFloat32) return out;
   ModelWeights slots;
   for (const Expected& e : GgufTensorSlots(config, slots)) {
-    if (e.shape.size() != 2 || !e.name.starts_with("blk.") || e.rope_heads > 0) continue;
+    const bool head = e.name == "output.weight" || (config.tie_word_embeddings && e.name == "token_embd.weight");
+    if (e.shape.size() != 2 || (!head && !e.name.starts_with("blk.")) || e.rope_heads > 0) continue;
     const GgufTensorInfo* t = file.FindTensor(e.name);
     if (t == nullptr || t->shape != e.shape) continue;
     const std::optional<WeightFormat> held = MatrixFormatOf(t->type);

@@ -86,7 +86,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> TokenizerFromGguf(const GgufFile& fil
 // magic "GGUF". Never fails (an unreadable file is simply not recognized).
 bool IsGgufPath(const std::string& path);
 
-// The decoder layers' matrices that a model loaded from `file` with `precision` keeps viewing the file's
+// The decoder layers' and the LM head's (the embedding, when tied) matrices that a model loaded from
+// `file` with `precision` keeps viewing the file's
 // mapping in a format decoded tile by tile (F16, BF16, Q8_0, Q4_0), so they can be streamed (model/weights.h
 // StreamedWeightBytes): none for kFloat32 (converted, or F32 used in place, which is never released); with
 // kQ8_0 / kQ4_0 those the file already holds in the format MatrixFormatFor gives them; never the llama

@@ -86,10 +86,12 @@ struct RowStats {
 // `grad_out`, when given, receives d loss / d hidden (N, H), computed in the same pass: with p = softmax(z),
 // d/dh (lse(z) - z_t) = Σ_v p_v W_v - W_t, and Σ_v exp(z_v - m) W_v is accumulated tile by tile with the
 // running max, so the gradient costs one more multiply per tile instead of recomputing the logits.
+// `stream` (may be null) releases the weight's pages tile by tile (model/frozen_linear.h WeightPages).
 std::pair<at::Tensor, at::Tensor> ChunkedCeForward(const at::Tensor& hidden, const at::Tensor& tangent,
                                                    const at::Tensor& weight, const at::Tensor& targets,
-                                                   int64_t chunk, at::Tensor* lse_out, at::Tensor* grad_out = nullptr) {
-  WeightTiles tiles(weight);
+                                                   int64_t chunk, const WeightPages* stream, at::Tensor* lse_out,
+                                                   at::Tensor* grad_out = nullptr) {
+  WeightTiles tiles(weight, 0, stream);
   const int64_t n_rows = hidden.size(0);
   at::Tensor loss = at::zeros({}, hidden.options());
   at::Tensor derivative = at::zeros({}, hidden.options());
@@ -128,18 +130,21 @@ std::pair<at::Tensor, at::Tensor> ChunkedCeForward(const at::Tensor& hidden, con
 }
 
 struct ChunkedCeFunction : public torch::autograd::Function<ChunkedCeFunction> {
+  // `stream` serves the forward pass only: a weight that requires grad (the only case whose backward reads
+  // the weight again) is dense and never streamed.
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& hidden, const at::Tensor& weight,
-                            const at::Tensor& targets, int64_t chunk) {
+                            const at::Tensor& targets, int64_t chunk, const WeightPages* stream) {
     at::Tensor lse;
     if (!weight.requires_grad()) {
       // The common case (a frozen LM head): the hidden states' gradient comes out of the forward pass, and
       // backward only scales it: two multiplies per tile in all instead of three.
       at::Tensor grad_hidden;
-      at::Tensor loss = ChunkedCeForward(hidden, at::Tensor(), weight, targets, chunk, nullptr, &grad_hidden).first;
+      at::Tensor loss =
+          ChunkedCeForward(hidden, at::Tensor(), weight, targets, chunk, stream, nullptr, &grad_hidden).first;
       ctx->save_for_backward({grad_hidden});
       return loss;
     }
-    at::Tensor loss = ChunkedCeForward(hidden, at::Tensor(), weight, targets, chunk, &lse).first;
+    at::Tensor loss = ChunkedCeForward(hidden, at::Tensor(), weight, targets, chunk, nullptr, &lse).first;
     ctx->save_for_backward({hidden, weight, targets, lse});
     ctx->saved_data["chunk"] = chunk;
     return loss;
@@ -149,7 +154,7 @@ struct ChunkedCeFunction : public torch::autograd::Function<ChunkedCeFunction> {
   // recomputed and turned into their gradient in place.
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
-    if (saved.size() == 1) return {saved[0] * grad_outputs[0], at::Tensor(), at::Tensor(), at::Tensor()};
+    if (saved.size() == 1) return {saved[0] * grad_outputs[0], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     const at::Tensor& hidden = saved[0];
     const at::Tensor& weight = saved[1];
     const at::Tensor& targets = saved[2];
@@ -180,7 +185,7 @@ struct ChunkedCeFunction : public torch::autograd::Function<ChunkedCeFunction> {
       }
     }
     if (need_w && grad_w.scalar_type() != weight.scalar_type()) grad_w = grad_w.to(weight.scalar_type());
-    return {grad_h, grad_w, at::Tensor(), at::Tensor()};
+    return {grad_h, grad_w, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -238,31 +243,33 @@ class CheckpointNode : public torch::autograd::Node {
 }  // namespace
 
 at::Tensor ChunkedCrossEntropy(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
-                               int64_t chunk_tokens) {
+                               int64_t chunk_tokens, const WeightPages* stream) {
   SEEDLING_CHECK(hidden.dim() == 2 && targets.dim() == 1);
   SEEDLING_CHECK(hidden.size(0) == targets.size(0) && hidden.size(1) == LogicalShape(weight)[1]);
   const int64_t chunk = PickChunk(chunk_tokens, hidden.size(0));
   const bool needs_autograd =
       at::GradMode::is_enabled() && (hidden.requires_grad() || weight.requires_grad());
-  if (needs_autograd) return ChunkedCeFunction::apply(hidden, weight, targets, chunk);
-  return ChunkedCeForward(hidden, at::Tensor(), weight, targets, chunk, nullptr).first;
+  if (needs_autograd) return ChunkedCeFunction::apply(hidden, weight, targets, chunk, stream);
+  return ChunkedCeForward(hidden, at::Tensor(), weight, targets, chunk, stream, nullptr).first;
 }
 
 std::pair<at::Tensor, at::Tensor> ChunkedCrossEntropyJvp(const at::Tensor& hidden, const at::Tensor& hidden_tangent,
                                                          const at::Tensor& weight, const at::Tensor& targets,
-                                                         int64_t chunk_tokens) {
+                                                         int64_t chunk_tokens, const WeightPages* stream) {
   SEEDLING_CHECK(hidden.sizes() == hidden_tangent.sizes() && hidden.dim() == 2 && targets.dim() == 1);
   at::NoGradGuard no_grad;
-  return ChunkedCeForward(hidden, hidden_tangent, weight, targets, PickChunk(chunk_tokens, hidden.size(0)), nullptr);
+  return ChunkedCeForward(hidden, hidden_tangent, weight, targets, PickChunk(chunk_tokens, hidden.size(0)), stream,
+                          nullptr);
 }
 
 std::pair<at::Tensor, at::Tensor> ChunkedCrossEntropyWithGrad(const at::Tensor& hidden, const at::Tensor& weight,
-                                                              const at::Tensor& targets, int64_t chunk_tokens) {
+                                                              const at::Tensor& targets, int64_t chunk_tokens,
+                                                              const WeightPages* stream) {
   SEEDLING_CHECK(hidden.dim() == 2 && targets.dim() == 1 && hidden.size(0) == targets.size(0));
   at::NoGradGuard no_grad;
   at::Tensor grad;
   at::Tensor loss = ChunkedCeForward(hidden, at::Tensor(), weight, targets, PickChunk(chunk_tokens, hidden.size(0)),
-                                     nullptr, &grad).first;
+                                     stream, nullptr, &grad).first;
   return {loss, grad};
 }
 

@@ -23,6 +23,8 @@
 
 namespace seedling::model {
 
+class WeightPages;  // model/frozen_linear.h
+
 inline constexpr int64_t kIgnoreIndex = -100;
 
 // Sum over rows n with targets[n] != kIgnoreIndex of -log softmax(hidden[n] · weightᵀ)[targets[n]].
@@ -36,8 +38,11 @@ inline constexpr int64_t kIgnoreIndex = -100;
 // accumulated tile by tile under the running max (as flash attention accumulates its output), and
 // backward only scales it by the upstream gradient: two multiplies per tile instead of three. A weight
 // that requires grad keeps each row's log-sum-exp instead and recomputes the tiles' logits in backward.
+// `stream` (may be null; all three functions) releases each decoded tile's pages of a weight mapped
+// read-only (model/frozen_linear.h WeightPages): the LM head of a model whose weights are streamed.
 at::Tensor ChunkedCrossEntropy(const at::Tensor& hidden, const at::Tensor& weight,
-                               const at::Tensor& targets, int64_t chunk_tokens = 0);
+                               const at::Tensor& targets, int64_t chunk_tokens = 0,
+                               const WeightPages* stream = nullptr);
 
 // The chunked cross-entropy sum (as above) and its directional derivative along a tangent of the hidden
 // states, computed by hand per vocabulary tile with an online log-sum-exp: with z = h Wᵀ and dz = dh Wᵀ,
@@ -47,14 +52,15 @@ at::Tensor ChunkedCrossEntropy(const at::Tensor& hidden, const at::Tensor& weigh
 //   derivative sum}.
 std::pair<at::Tensor, at::Tensor> ChunkedCrossEntropyJvp(const at::Tensor& hidden, const at::Tensor& hidden_tangent,
                                                          const at::Tensor& weight, const at::Tensor& targets,
-                                                         int64_t chunk_tokens = 0);
+                                                         int64_t chunk_tokens = 0, const WeightPages* stream = nullptr);
 
 // The chunked cross-entropy sum (as above) and its gradient with respect to the hidden states, (N, H),
 // zero on ignored rows, from one pass over the LM head (Σ_v softmax(z)_v W_v − W_t accumulated tile by
 // tile). No autograd. The batched forward gradient uses it: the directional derivative of the loss along
 // any tangent dh of the hidden states is then Σ grad · dh, so K tangents need no LM-head multiplies.
 std::pair<at::Tensor, at::Tensor> ChunkedCrossEntropyWithGrad(const at::Tensor& hidden, const at::Tensor& weight,
-                                                              const at::Tensor& targets, int64_t chunk_tokens = 0);
+                                                              const at::Tensor& targets, int64_t chunk_tokens = 0,
+                                                              const WeightPages* stream = nullptr);
 
 // Runs y = fn(x) such that, under autograd, only `x` is kept for backward; the backward re-runs fn with
 // autograd on and propagates to `x` and to every tensor in `params` that requires grad (fn must use no other

@@ -349,7 +349,7 @@ absl::StatusOr<at::Tensor> LlamaModel::Hidden(const at::Tensor& tokens, const Fo
 }
 
 at::Tensor LlamaModel::LmHead(const at::Tensor& hidden) const {
-  return FrozenLinear(hidden, weights_.lm_head, at::Tensor());
+  return FrozenLinear(hidden, weights_.lm_head, at::Tensor(), -1, Stream());
 }
 
 absl::StatusOr<at::Tensor> LlamaModel::Logits(const at::Tensor& tokens, const ForwardOptions& options) const {
@@ -385,7 +385,8 @@ absl::StatusOr<LlamaModel::LossJvp> LlamaModel::LossDirectionalDerivative(const 
     const at::Tensor hs = PredictingRows(primal);  // (N, H)
     const at::Tensor dhs = tangent.defined() ? PredictingRows(tangent) : at::zeros_like(hs);
     const at::Tensor targets = NextTokenTargets(labels);  // (N)
-    auto [loss, derivative] = ChunkedCrossEntropyJvp(hs, dhs, weights_.lm_head, targets, options.ce_chunk_tokens);
+    auto [loss, derivative] =
+        ChunkedCrossEntropyJvp(hs, dhs, weights_.lm_head, targets, options.ce_chunk_tokens, Stream());
     out.tokens = ScoredTokens(targets);
     const double denom = static_cast<double>(std::max<int64_t>(out.tokens, 1));
     out.loss = loss.item<double>() / denom;
@@ -421,7 +422,7 @@ absl::StatusOr<LlamaModel::LossJvps> LlamaModel::LossTangents(const at::Tensor& 
     const at::Tensor hidden = PredictingRows(x);  // (1+K, N, H)
     const at::Tensor targets = NextTokenTargets(labels);
     auto [loss, grad] = ChunkedCrossEntropyWithGrad(hidden.select(0, 0), weights_.lm_head, targets,
-                                                    options.ce_chunk_tokens);
+                                                    options.ce_chunk_tokens, Stream());
     const at::Tensor dots = (hidden.narrow(0, 1, directions) * grad).sum({1, 2}).to(at::kDouble);  // (K)
     out.tokens = ScoredTokens(targets);
     const double denom = static_cast<double>(std::max<int64_t>(out.tokens, 1));
@@ -442,7 +443,8 @@ absl::StatusOr<LossOutput> LlamaModel::Loss(const at::Tensor& tokens, const at::
       return out;
     }
     const at::Tensor targets = NextTokenTargets(labels);  // (N)
-    out.sum = ChunkedCrossEntropy(PredictingRows(hidden), weights_.lm_head, targets, options.ce_chunk_tokens);
+    out.sum =
+        ChunkedCrossEntropy(PredictingRows(hidden), weights_.lm_head, targets, options.ce_chunk_tokens, Stream());
     out.tokens = ScoredTokens(targets);
     return out;
   });
@@ -467,7 +469,7 @@ absl::StatusOr<std::vector<LossOutput>> LlamaModel::GroupLosses(const at::Tensor
       }
       const at::Tensor targets = NextTokenTargets(labels.narrow(0, g * b, b));
       o.sum = ChunkedCrossEntropy(PredictingRows(hidden.narrow(0, g * b, b)), weights_.lm_head, targets,
-                                  options.ce_chunk_tokens);
+                                  options.ce_chunk_tokens, Stream());
       o.tokens = ScoredTokens(targets);
     }
     return out;

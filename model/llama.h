@@ -112,8 +112,10 @@ class LlamaModel {
   // stay in the OS page cache and fault back in on the next pass. Only weights mapped read-only can be
   // streamed (streamable()): a q8_0 / q4_0 weight cache, or a GGUF file loaded with any precision but fp32
   // (its matrices in a 16-bit or block format that are used in place); elsewhere the setting does nothing. The
-  // embedding, LM head, norms and biases stay resident. Streaming changes what stays resident, never a
-  // result, so models shared by threads (the simulator's devices) may set it at any time.
+  // LM head (a tied embedding too) streams with the layers' matrices in the cross-entropy's vocabulary
+  // walk; an untied embedding is only gathered by row, and norms and biases stay resident. Streaming changes
+  // what stays resident, never a result, so models shared by threads (the simulator's devices) may set it
+  // at any time.
   bool streamable() const { return pages_ != nullptr && !pages_->empty(); }
   void set_stream_weights(bool on) { stream_weights_.store(on, std::memory_order_relaxed); }
   bool stream_weights() const { return stream_weights_.load(std::memory_order_relaxed) && streamable(); }

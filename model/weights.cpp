@@ -262,11 +262,13 @@ absl::StatusOr<int64_t> ResidentWeightBytes(const std::string& model_path, const
 
 namespace {
 
-// The decoder layers' matrices of a q8_0 / q4_0 weight cache (all of them, read-only mapped).
+// The streamable matrices of a q8_0 / q4_0 weight cache: all of them are read-only mapped; the decoder
+// layers' and the LM head's (the embedding, when tied) are walked tile by tile.
 std::vector<HeldMatrix> CacheStreamableMatrices(const ModelConfig& config, WeightFormat format) {
   std::vector<HeldMatrix> out;
   for (const auto& [name, shape] : ExpectedTensors(config)) {
-    if (shape.size() != 2 || name.rfind("model.layers.", 0) != 0) continue;
+    const bool head = name == "lm_head.weight" || (config.tie_word_embeddings && name == "model.embed_tokens.weight");
+    if (shape.size() != 2 || (!head && name.rfind("model.layers.", 0) != 0)) continue;
     out.push_back({shape[0], shape[1], shape[0] * RowBytes(MatrixFormatFor(format, shape[1]), shape[1])});
   }
   return out;
@@ -285,7 +287,10 @@ absl::StatusOr<int64_t> StreamedWeightBytes(const std::string& model_path, const
   }
   if (matrices.empty()) return -1;
   const auto page = static_cast<int64_t>(::sysconf(_SC_PAGESIZE));
-  int64_t streamed = 0, kept_pages = 0, largest_tile = 0;
+  // A tied embedding streamed as the LM head still has the rows of a batch's tokens gathered between two
+  // walks of the head: about a page each, for up to kGatheredRows tokens.
+  constexpr int64_t kGatheredRows = 256;
+  int64_t streamed = 0, kept_pages = config.tie_word_embeddings ? kGatheredRows : 0, largest_tile = 0;
   for (const HeldMatrix& m : matrices) {
     const int64_t tile_rows = DefaultTileRows(m.rows, m.cols);
     streamed += m.bytes;

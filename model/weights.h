@@ -107,8 +107,9 @@ struct HeldMatrix {
 
 // What stays resident of the weights of the model at `model_path` (loaded with `precision`, holding
 // `resident_bytes` as ResidentWeightBytes says) when they are streamed (LlamaModel::set_stream_weights):
-// everything but the decoder layers' streamable matrices, of which only a page per tile (tile boundaries are
-// not page-aligned) and the tile being decoded remain. Streamable are the matrices viewing a read-only
+// everything but the streamable matrices of the decoder layers and the LM head (the embedding, when tied),
+// of which only a page per tile (tile boundaries are not page-aligned), the tile being decoded and, for a
+// tied embedding, a page per gathered token row (up to 256) remain. Streamable are the matrices viewing a read-only
 // mapping in a format decoded tile by tile: a directory's q8_0 / q4_0 weight cache, and a GGUF file's
 // matrices used in place (GgufStreamableMatrices). -1 when none is (fp32 weights, a directory's stored ones).
 // Errors from opening a GGUF file.

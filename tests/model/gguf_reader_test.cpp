@@ -971,9 +971,10 @@ TEST_CASE("A GGUF model with frozen weights streams the layer matrices it uses i
   const std::string path = Export(dir, c, RandomWeights(c, 36), *tok, WeightFormat::kQ8_0);
   const std::unique_ptr<GgufFile> f = MustOpen(path);
   const int64_t layers = c.num_hidden_layers;
-  // stored: v, o, gate, up (Q8_0) and down (F16) in place; q and k are un-permuted copies.
-  CHECK(static_cast<int64_t>(GgufStreamableMatrices(*f, c, WeightPrecision::kStored).size()) == 5 * layers);
-  CHECK(static_cast<int64_t>(GgufStreamableMatrices(*f, c, WeightPrecision::kQ8_0).size()) == 5 * layers);
+  // stored: v, o, gate, up (Q8_0) and down (F16) in place, and the tied embedding as the LM head (Q8_0);
+  // q and k are un-permuted copies.
+  CHECK(static_cast<int64_t>(GgufStreamableMatrices(*f, c, WeightPrecision::kStored).size()) == 5 * layers + 1);
+  CHECK(static_cast<int64_t>(GgufStreamableMatrices(*f, c, WeightPrecision::kQ8_0).size()) == 5 * layers + 1);
   // q4_0 converts the Q8_0 blocks into memory; only the F16 ffn_down stays as the file holds it.
   CHECK(static_cast<int64_t>(GgufStreamableMatrices(*f, c, WeightPrecision::kQ4_0).size()) == layers);
   CHECK(GgufStreamableMatrices(*f, c, WeightPrecision::kFloat32).empty());
