@@ -202,7 +202,7 @@ int64_t ServerConfig::SelectionQuota() const {
 }
 
 absl::Status ServerConfig::Validate() const {
-  if (model_dir.empty()) return KeyError("model", "dir", "is required (the base model directory)");
+  if (model_dir.empty()) return KeyError("model", "dir", "is required (the base model: a directory or a GGUF file)");
   if (method != "lora-bp" && method != "fwdgrad" && method != "mezo" && method != "kseed") {
     return KeyError("training", "method", StrCat("'", method, "' is not lora-bp, fwdgrad, mezo or kseed"));
   }

@@ -70,7 +70,7 @@ struct ServerConfig {
   int64_t tick_ms = 500;                     // how often the round state machine advances
 
   // [model]
-  std::string model_dir;                     // base model directory (config.json gives the adapter's shapes)
+  std::string model_dir;                     // base model: directory or GGUF file (its config gives the adapter's shapes)
   model::WeightPrecision weights = model::WeightPrecision::kFloat32;  // how devices hold the frozen base
                                              // weights (tasks carry it; a device's config may override it)
 

@@ -46,7 +46,7 @@ struct MethodSettings {
 };
 
 struct SimulationOptions {
-  std::string model_dir;                 // required: the base model (Hugging Face directory)
+  std::string model_dir;                 // required: the base model (Hugging Face directory or GGUF file)
   std::string out_dir = "sim-out";       // rounds.jsonl, rounds.csv, report.html, summary.txt (replaced)
   std::string work_dir;                  // server and device state; "" = a fresh temporary directory
                                          // (in /dev/shm when available), removed at the end
