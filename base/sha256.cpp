@@ -31,6 +31,8 @@ std::string HexOf(std::string_view raw) {
   return out;
 }
 
+std::string Sha256Hex(std::string_view bytes) { return HexOf(Sha256(bytes)); }
+
 Sha256Hasher::Sha256Hasher() : context_(std::make_unique<Context>()) {
   SEEDLING_CHECK(context_->ctx != nullptr && EVP_DigestInit_ex(context_->ctx.get(), EVP_sha256(), nullptr) == 1);
 }

@@ -15,6 +15,9 @@ std::string Sha256(std::string_view bytes);
 // Lower-case hex of raw bytes ("a1fe..."), e.g. of a digest.
 std::string HexOf(std::string_view raw);
 
+// The 64-character hex digest of `bytes`: HexOf(Sha256(bytes)).
+std::string Sha256Hex(std::string_view bytes);
+
 // An incremental SHA-256 over pieces of data, for streams too large to hold at once.
 class Sha256Hasher {
  public:

@@ -90,6 +90,7 @@
 #include "base/file.h"
 #include "base/memory.h"
 #include "base/philox.h"
+#include "base/sha256.h"
 #include "base/status.h"
 #include "base/strings.h"
 #include "comms/codec.h"
@@ -600,7 +601,7 @@ asio::awaitable<void> SessionBody(RunState& run, int index, Connection& c, Sessi
   b->mutable_metrics()->set_loss_start(3.0f);
   b->mutable_metrics()->set_loss_end(2.5f);
   b->mutable_metrics()->set_steps(20);
-  b->set_sha256(server::Sha256Raw(*payload));
+  b->set_sha256(seedling::Sha256(*payload));
   reply = co_await Call(c, begin);
   if (!reply.ok()) co_return Fail(r, c, Stage::kUploadBegin, std::string(reply.status().message()));
   if (reply->has_reject()) co_return Reject(r, Stage::kUploadBegin, reply->reject());

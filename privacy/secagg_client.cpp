@@ -7,6 +7,7 @@
 #include <set>
 #include <tuple>
 
+#include "base/sha256.h"
 #include "base/status.h"
 #include "base/strings.h"
 #include "privacy/internal/secagg_crypto.h"
@@ -61,15 +62,8 @@ uint64_t GetU64(const uint8_t* p) {
   return v;
 }
 
-std::string ShortHex(const SessionId& id) {
-  static constexpr char kHex[] = "0123456789abcdef";
-  std::string out;
-  for (int i = 0; i < 6; ++i) {
-    out += kHex[id[i] >> 4];
-    out += kHex[id[i] & 15];
-  }
-  return out;
-}
+// The first 6 bytes of a session id, in hex, for messages.
+std::string ShortHex(const SessionId& id) { return HexOf(std::string_view(reinterpret_cast<const char*>(id.data()), 6)); }
 
 }  // namespace
 

@@ -17,6 +17,7 @@
 #include "absl/strings/str_format.h"
 #include "base/file.h"
 #include "base/philox.h"
+#include "base/sha256.h"
 #include "base/status.h"
 #include "base/strings.h"
 #include "lora/adapter.h"
@@ -39,17 +40,6 @@ v1::Envelope Response(uint64_t request_id) {
   return e;
 }
 
-std::string Hex(std::string_view raw) {
-  static const char* kDigits = "0123456789abcdef";
-  std::string out;
-  out.reserve(raw.size() * 2);
-  for (unsigned char c : raw) {
-    out.push_back(kDigits[c >> 4]);
-    out.push_back(kDigits[c & 15]);
-  }
-  return out;
-}
-
 std::string ParamsBytes(const std::vector<float>& params) {
   std::string bytes(params.size() * sizeof(float), '\0');
   std::memcpy(bytes.data(), params.data(), bytes.size());  // little-endian hosts only (checked elsewhere)
@@ -70,20 +60,11 @@ int64_t SystemClock::NowMs() const {
       .count();
 }
 
-std::string Sha256Raw(std::string_view bytes) {
-  unsigned char digest[EVP_MAX_MD_SIZE];
-  unsigned int len = 0;
-  EVP_Digest(bytes.data(), bytes.size(), digest, &len, EVP_sha256(), nullptr);
-  return std::string(reinterpret_cast<const char*>(digest), len);
-}
-
-std::string Sha256Hex(std::string_view bytes) { return Hex(Sha256Raw(bytes)); }
-
 namespace {
 absl::StatusOr<std::string> NewToken() {
   unsigned char raw[32];
   if (RAND_bytes(raw, sizeof(raw)) != 1) return absl::InternalError("no randomness for a token");
-  return Hex(std::string_view(reinterpret_cast<const char*>(raw), sizeof(raw)));
+  return HexOf(std::string_view(reinterpret_cast<const char*>(raw), sizeof(raw)));
 }
 }  // namespace
 
@@ -383,7 +364,7 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(const ServerCon
     spdlog::error("coordinator: {}", std::string(c->health_.message()));
   }
   c->global_bytes_ = ParamsBytes(c->global_.params);
-  c->global_sha256_ = Sha256Raw(c->global_bytes_);
+  c->global_sha256_ = Sha256(c->global_bytes_);
   if (c->global_version_gauge_ != nullptr) c->global_version_gauge_->Set(static_cast<double>(version));  // after a restart too
   spdlog::info("coordinator: model {} ({} weights on devices), adapter of {} parameters, global version {}",
                c->model_id_.substr(0, 12), model::WeightPrecisionName(config.weights), c->num_parameters_, version);
@@ -597,7 +578,7 @@ v1::Envelope Coordinator::OnUploadBegin(const std::string& device_id, const v1::
   if (!ledger.ok()) return RejectLocked(v1::INTERNAL, "ledger unavailable", "internal");
   if (ledger->has_value()) {
     const LedgerEntry& entry = **ledger;
-    if (entry.device_id != device_id || entry.sha256 != Hex(begin.sha256())) {
+    if (entry.device_id != device_id || entry.sha256 != HexOf(begin.sha256())) {
       return RejectLocked(v1::DUPLICATE, "this idempotency key was used for a different update", "duplicate");
     }
     auto round = store_->FindRound(entry.round_id);
@@ -738,7 +719,7 @@ v1::Envelope Coordinator::OnUploadCommit(const std::string& device_id, const v1:
     inflight_[up->key] = std::move(up);  // keep it: the device may still send the rest
     return RejectLocked(v1::MALFORMED_MESSAGE, "commit before all bytes arrived", "malformed");
   }
-  if (Sha256Raw(up->data) != up->sha256) {
+  if (Sha256(up->data) != up->sha256) {
     return RejectLocked(v1::INVALID_UPDATE, "SHA-256 of the received bytes does not match", "checksum");
   }
   if (!round_.has_value() || round_->round_id != up->round_id ||
@@ -758,7 +739,7 @@ v1::Envelope Coordinator::OnUploadCommit(const std::string& device_id, const v1:
   entry.device_id = device_id;
   entry.num_examples = up->num_examples;
   entry.bytes = up->total_bytes;
-  entry.sha256 = Hex(up->sha256);
+  entry.sha256 = HexOf(up->sha256);
   entry.accepted_ms = now;
   const uint64_t processed = std::min(up->metrics.processed_tokens(), kMaxReportedTokens);
   nlohmann::json m = {{"loss_start", up->metrics.loss_start()}, {"loss_end", up->metrics.loss_end()},
@@ -1012,7 +993,7 @@ v1::Envelope Coordinator::OnSecAgg(const std::string& device_id, const v1::SecAg
   if (!s.expected.count(id)) return dropped();
   if (s.answered.count(id)) {
     // (A piece of a whole message that already arrived is a re-send after a lost reply: a poll too.)
-    if (!request.message().empty() && request.message_size() == 0 && Sha256Raw(request.message()) != s.submitted[id]) {
+    if (!request.message().empty() && request.message_size() == 0 && Sha256(request.message()) != s.submitted[id]) {
       // E.g. the app restarted and drew new keys: its neighbours already hold the old ones.
       return RejectLocked(v1::ABORTED, "a different message for a stage this device already answered", "secagg_dropped");
     }
@@ -1089,7 +1070,7 @@ v1::Envelope Coordinator::OnSecAgg(const std::string& device_id, const v1::SecAg
     return e;
   }
   s.answered.insert(id);
-  s.submitted[id] = Sha256Raw(*message);
+  s.submitted[id] = Sha256(*message);
   stats_->bytes_up += message->size();  // keys, shares, the masked input and unmasking shares
   const bool last = request.stage() == v1::SECAGG_UNMASK;
   if (s.answered.size() >= s.expected.size() || EnoughMaskedInputsLocked(s)) {
@@ -1241,7 +1222,7 @@ void Coordinator::FinishRoundLocked(int64_t now) {
   }
   global_ = std::move(next);
   global_bytes_ = ParamsBytes(global_.params);
-  global_sha256_ = Sha256Raw(global_bytes_);
+  global_sha256_ = Sha256(global_bytes_);
   spdlog::info("round {} committed: {} updates, global version {}", round_id, round_->accepted, global_.version);
   if (rounds_total_ != nullptr) rounds_total_->WithLabels({"committed"}).Increment();
   if (global_version_gauge_ != nullptr) global_version_gauge_->Set(static_cast<double>(global_.version));

@@ -58,10 +58,6 @@ class ManualClock : public Clock {
   std::atomic<int64_t> now_;
 };
 
-// Hex SHA-256 of bytes.
-std::string Sha256Hex(std::string_view bytes);
-std::string Sha256Raw(std::string_view bytes);
-
 // Issues a new random device token (returned once; only its SHA-256 is stored). AlreadyExists if the id
 // is taken.
 absl::StatusOr<std::string> AddDevice(Store& store, const std::string& device_id, int64_t now_ms);

@@ -1,7 +1,6 @@
 #include "server/store.h"
 
 #include <fcntl.h>
-#include <openssl/evp.h>
 #include <sqlite3.h>
 #include <sys/file.h>
 #include <unistd.h>
@@ -21,6 +20,7 @@
 
 #include "base/check.h"
 #include "base/file.h"
+#include "base/sha256.h"
 #include "base/status.h"
 #include "base/strings.h"
 #include "model/safetensors.h"
@@ -40,11 +40,9 @@ struct CHandleDeleter {
   // close_v2 defers the close until the last statement is finalized, so member order cannot leak.
   void operator()(sqlite3* db) const { sqlite3_close_v2(db); }
   void operator()(sqlite3_stmt* stmt) const { sqlite3_finalize(stmt); }
-  void operator()(EVP_MD_CTX* ctx) const { EVP_MD_CTX_free(ctx); }
 };
 using DbPtr = std::unique_ptr<sqlite3, CHandleDeleter>;
 using StmtPtr = std::unique_ptr<sqlite3_stmt, CHandleDeleter>;
-using EvpMdCtxPtr = std::unique_ptr<EVP_MD_CTX, CHandleDeleter>;
 
 // A file descriptor closed on destruction (the directory lock).
 class UniqueFd {
@@ -82,52 +80,25 @@ constexpr char kCheckpointPrefix[] = "global-";
 constexpr char kCheckpointSuffix[] = ".safetensors";
 constexpr char kVersionMetadataKey[] = "seedling.checkpoint_version";
 
-// ---- SHA-256
+// ---- SHA-256 of the store's contents (base/sha256.h), with the two encodings of a field
 
-class Sha256 {
- public:
-  Sha256() : ctx_(EVP_MD_CTX_new()) {
-    // Only allocation failure makes these fail; there is nothing sensible to return to.
-    SEEDLING_CHECK(ctx_ != nullptr, "out of memory for EVP_MD_CTX");
-    SEEDLING_CHECK(EVP_DigestInit_ex(ctx_.get(), EVP_sha256(), nullptr) == 1);
-  }
-  void Update(const void* data, size_t n) {
-    SEEDLING_CHECK(EVP_DigestUpdate(ctx_.get(), data, n) == 1);
-  }
-  void Update(std::string_view s) { Update(s.data(), s.size()); }
-  void UpdateU64(uint64_t v) {
-    unsigned char b[8];
-    for (int i = 0; i < 8; ++i) b[i] = static_cast<unsigned char>(v >> (8 * i));
-    Update(b, sizeof(b));
-  }
-  // Length-prefixed, so concatenations of fields cannot collide.
-  void UpdateField(std::string_view s) {
-    UpdateU64(s.size());
-    Update(s);
-  }
-  std::string HexDigest() {
-    unsigned char digest[EVP_MAX_MD_SIZE];
-    unsigned int len = 0;
-    SEEDLING_CHECK(EVP_DigestFinal_ex(ctx_.get(), digest, &len) == 1);
-    static constexpr char kHex[] = "0123456789abcdef";
-    std::string out;
-    out.reserve(2 * len);
-    for (unsigned int i = 0; i < len; ++i) {
-      out.push_back(kHex[digest[i] >> 4]);
-      out.push_back(kHex[digest[i] & 15]);
-    }
-    return out;
-  }
+void HashU64(Sha256Hasher& sha, uint64_t v) {
+  unsigned char b[8];
+  for (int i = 0; i < 8; ++i) b[i] = static_cast<unsigned char>(v >> (8 * i));
+  sha.Update(b, sizeof(b));
+}
 
- private:
-  EvpMdCtxPtr ctx_;
-};
+// Length-prefixed, so concatenations of fields cannot collide.
+void HashField(Sha256Hasher& sha, std::string_view s) {
+  HashU64(sha, s.size());
+  sha.Update(s);
+}
 
 // Streams the file through SHA-256 (checkpoints can be larger than we want to hold twice).
 absl::StatusOr<std::string> HashFile(const std::string& path) {
   UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (fd.get() < 0) return ErrnoStatus(errno, "cannot open", path);
-  Sha256 sha;
+  Sha256Hasher sha;
   std::string buf(kHashChunkBytes, '\0');
   while (true) {
     ssize_t n = ::read(fd.get(), buf.data(), buf.size());
@@ -138,7 +109,7 @@ absl::StatusOr<std::string> HashFile(const std::string& path) {
     if (n == 0) break;
     sha.Update(buf.data(), static_cast<size_t>(n));
   }
-  return sha.HexDigest();
+  return HexOf(sha.Finish());
 }
 
 absl::Status FsyncDir(const std::string& dir) {
@@ -1570,7 +1541,7 @@ absl::StatusOr<std::string> Store::Checksum() {
       tables.push_back(q.Text(0));
     }
   }
-  Sha256 sha;
+  Sha256Hasher sha;
   for (const std::string& table : tables) {
     std::string order;
     {
@@ -1587,44 +1558,44 @@ absl::StatusOr<std::string> Store::Checksum() {
                               im.Sql(StrCat("SELECT * FROM \"", table, "\"",
                                             order.empty() ? "" : StrCat(" ORDER BY ", order))));
     sha.Update("T");
-    sha.UpdateField(table);
+    HashField(sha, table);
     std::vector<std::string> rows;  // only used for tables without a primary key
     while (true) {
       SEEDLING_ASSIGN_OR_RETURN(bool row, q.Step());
       if (!row) break;
       // Typed, length-prefixed values: 1 and '1', or 'ab','c' and 'a','bc', hash differently.
-      Sha256 row_sha;
-      row_sha.UpdateU64(static_cast<uint64_t>(q.ColumnCount()));
+      Sha256Hasher row_sha;
+      HashU64(row_sha, static_cast<uint64_t>(q.ColumnCount()));
       for (int c = 0; c < q.ColumnCount(); ++c) {
         const int type = q.ColumnType(c);
-        row_sha.UpdateU64(static_cast<uint64_t>(type));
+        HashU64(row_sha, static_cast<uint64_t>(type));
         switch (type) {
           case SQLITE_INTEGER:
-            row_sha.UpdateU64(static_cast<uint64_t>(q.Int(c)));
+            HashU64(row_sha, static_cast<uint64_t>(q.Int(c)));
             break;
           case SQLITE_FLOAT: {
             const double d = q.Double(c);
-            row_sha.UpdateU64(std::bit_cast<uint64_t>(d));
+            HashU64(row_sha, std::bit_cast<uint64_t>(d));
             break;
           }
           case SQLITE_TEXT:
-            row_sha.UpdateField(q.Text(c));
+            HashField(row_sha, q.Text(c));
             break;
           case SQLITE_BLOB:
-            row_sha.UpdateField(q.Blob(c));
+            HashField(row_sha, q.Blob(c));
             break;
           default:  // NULL
             break;
         }
       }
-      rows.push_back(row_sha.HexDigest());
+      rows.push_back(HexOf(row_sha.Finish()));
     }
     // Without a primary key the SELECT order is unspecified: sort the row digests instead.
     if (order.empty()) std::sort(rows.begin(), rows.end());
-    sha.UpdateU64(rows.size());
+    HashU64(sha, rows.size());
     for (const std::string& r : rows) sha.Update(r);
   }
-  return sha.HexDigest();
+  return HexOf(sha.Finish());
 }
 
 }  // namespace seedling::server

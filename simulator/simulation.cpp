@@ -24,6 +24,7 @@
 #include "base/memory.h"
 #include "base/philox.h"
 #include "base/progress.h"
+#include "base/sha256.h"
 #include "base/status.h"
 #include "base/strings.h"
 #include "client/client.h"
@@ -916,7 +917,7 @@ void MethodRun::CheckRounds() {
     if (rec.committed) {
       rec.epsilon = snap.epsilon;  // DP spent after this round (NaN without DP); one commit per check
       const std::vector<float> params = coordinator_->global_params();
-      rec.global_sha256 = server::Sha256Hex(
+      rec.global_sha256 = Sha256Hex(
           std::string_view(reinterpret_cast<const char*>(params.data()), params.size() * sizeof(float)));
       absl::StatusOr<double> loss = EvalLoss(params);
       if (loss.ok()) {

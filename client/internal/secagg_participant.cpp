@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "base/philox.h"
+#include "base/sha256.h"
 #include "base/status.h"
 #include "base/strings.h"
 
@@ -14,16 +15,6 @@ namespace {
 // Philox stream of the stochastic rounding, keyed by a fresh OS-random seed per update (the server cannot
 // reproduce the rounding of any single device).
 constexpr uint64_t kSecAggRoundingStream = 0x7365636167ULL;  // "secag"
-
-std::string Hex(std::string_view raw) {
-  static const char* kDigits = "0123456789abcdef";
-  std::string out;
-  for (unsigned char c : raw) {
-    out.push_back(kDigits[c >> 4]);
-    out.push_back(kDigits[c & 15]);
-  }
-  return out;
-}
 
 int64_t SteadyMs() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now().time_since_epoch())
@@ -127,8 +118,8 @@ absl::StatusOr<std::unique_ptr<SecAggParticipant>> SecAggParticipant::Join(const
   if (theirs != ours || mine.round_index != task.round_id()) {
     return absl::FailedPreconditionError(StrCat(
         "secure aggregation: the server's session (round ", setup.config.round_index, ", model ",
-        Hex(setup.config.model_hash).substr(0, 16), ") is not the one this device verified (round ", task.round_id(),
-        ", model ", Hex(mine.model_hash).substr(0, 16), "); not taking part"));
+        HexOf(setup.config.model_hash).substr(0, 16), ") is not the one this device verified (round ", task.round_id(),
+        ", model ", HexOf(mine.model_hash).substr(0, 16), "); not taking part"));
   }
   if (mine.params.vector_length != task.num_parameters() + 1) {
     return absl::FailedPreconditionError(StrCat("secure aggregation: the session masks ", mine.params.vector_length,

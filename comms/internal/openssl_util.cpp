@@ -4,6 +4,7 @@
 #include <openssl/pem.h>
 #include <openssl/sha.h>
 
+#include "base/sha256.h"
 #include "base/strings.h"
 
 namespace seedling::comms::internal {
@@ -19,17 +20,6 @@ std::string OpenSslErrors() {
   return out.empty() ? "no OpenSSL error" : out;
 }
 
-std::string HexEncode(std::string_view bytes) {
-  static constexpr char kDigits[] = "0123456789abcdef";
-  std::string out;
-  out.reserve(bytes.size() * 2);
-  for (unsigned char c : bytes) {
-    out.push_back(kDigits[c >> 4]);
-    out.push_back(kDigits[c & 15]);
-  }
-  return out;
-}
-
 absl::StatusOr<std::string> SubjectPublicKeySha256(X509* cert) {
   unsigned char* der = nullptr;
   const int len = i2d_X509_PUBKEY(X509_get_X509_PUBKEY(cert), &der);
@@ -38,7 +28,7 @@ absl::StatusOr<std::string> SubjectPublicKeySha256(X509* cert) {
   unsigned char digest[SHA256_DIGEST_LENGTH];
   SHA256(der, static_cast<size_t>(len), digest);
   OPENSSL_free(der);
-  return HexEncode(std::string_view(reinterpret_cast<const char*>(digest), sizeof(digest)));
+  return HexOf(std::string_view(reinterpret_cast<const char*>(digest), sizeof(digest)));
 }
 
 std::string SubjectCommonName(X509* cert) {

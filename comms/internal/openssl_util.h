@@ -44,8 +44,6 @@ using Asn1Ia5StringPtr = std::unique_ptr<ASN1_IA5STRING, OpenSslDeleter<&ASN1_IA
 // Drains this thread's OpenSSL error queue into "reason; reason" ("no OpenSSL error" if empty).
 std::string OpenSslErrors();
 
-// Lowercase hex of `bytes`.
-std::string HexEncode(std::string_view bytes);
 
 // Hex SHA-256 of the certificate's SubjectPublicKeyInfo (DER). Internal if OpenSSL fails.
 absl::StatusOr<std::string> SubjectPublicKeySha256(X509* cert);

@@ -12,6 +12,7 @@
 #include <initializer_list>
 #include <string_view>
 
+#include "base/sha256.h"
 #include "base/status.h"
 #include "base/strings.h"
 
@@ -47,13 +48,9 @@ std::string OpenSslErrors() {
 }
 
 Bytes32 Sha256(std::span<const uint8_t> data) {
+  const std::string digest = ::seedling::Sha256(std::string_view(reinterpret_cast<const char*>(data.data()), data.size()));
   Bytes32 out;
-  unsigned int len = 0;
-  // EVP_Digest with SHA-256 cannot fail on valid arguments; a failure is a broken OpenSSL build.
-  if (EVP_Digest(data.data(), data.size(), out.data(), &len, EVP_sha256(), nullptr) != 1 ||
-      len != out.size()) {
-    std::abort();
-  }
+  std::memcpy(out.data(), digest.data(), out.size());
   return out;
 }
 

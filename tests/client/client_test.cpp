@@ -20,6 +20,7 @@
 
 #include "tests/test_util.h"
 #include "base/file.h"
+#include "base/sha256.h"
 #include "base/strings.h"
 #include "client/client.h"
 #include "comms/codec.h"
@@ -380,7 +381,7 @@ TEST_CASE("An upload cut off mid-way resumes in a new Client at the last acknowl
   REQUIRE(ledger.ok());
   REQUIRE(ledger->size() == 1);
   CHECK((*ledger)[0].bytes == payload.size());
-  CHECK((*ledger)[0].sha256 == server::Sha256Hex(payload));
+  CHECK((*ledger)[0].sha256 == Sha256Hex(payload));
 }
 
 TEST_CASE("A lost commit acknowledgement is retried without counting the update twice", "[client][upload]") {

@@ -17,6 +17,7 @@
 #include <limits>
 
 #include "base/file.h"
+#include "base/sha256.h"
 #include "comms/codec.h"
 #include "comms/framing.h"
 #include "comms/tls.h"
@@ -137,7 +138,7 @@ struct Harness {
     b.mutable_upload_begin()->set_total_bytes(payload.size());
     b.mutable_upload_begin()->set_codec(task.codec().codec());
     b.mutable_upload_begin()->set_num_examples(3);
-    b.mutable_upload_begin()->set_sha256(Sha256Raw(payload));
+    b.mutable_upload_begin()->set_sha256(Sha256(payload));
     v1::Envelope r = Call(ch, b);
     if (r.has_reject() || r.upload_ack().accepted()) return r;
     for (size_t off = 0; off < payload.size(); off += comms::kMaxChunkBytes) {
