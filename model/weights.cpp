@@ -269,7 +269,8 @@ std::vector<HeldMatrix> CacheStreamableMatrices(const ModelConfig& config, Weigh
   for (const auto& [name, shape] : ExpectedTensors(config)) {
     const bool head = name == "lm_head.weight" || (config.tie_word_embeddings && name == "model.embed_tokens.weight");
     if (shape.size() != 2 || (!head && name.rfind("model.layers.", 0) != 0)) continue;
-    out.push_back({shape[0], shape[1], shape[0] * RowBytes(MatrixFormatFor(format, shape[1]), shape[1])});
+    out.push_back({shape[0], shape[1], shape[0] * RowBytes(MatrixFormatFor(format, shape[1]), shape[1]),
+                   name == "model.embed_tokens.weight"});
   }
   return out;
 }
@@ -290,11 +291,11 @@ absl::StatusOr<int64_t> StreamedWeightBytes(const std::string& model_path, const
   // A tied embedding streamed as the LM head still has the rows of a batch's tokens gathered between two
   // walks of the head: about a page each, for up to kGatheredRows tokens.
   constexpr int64_t kGatheredRows = 256;
-  int64_t streamed = 0, kept_pages = config.tie_word_embeddings ? kGatheredRows : 0, largest_tile = 0;
+  int64_t streamed = 0, kept_pages = 0, largest_tile = 0;
   for (const HeldMatrix& m : matrices) {
     const int64_t tile_rows = DefaultTileRows(m.rows, m.cols);
     streamed += m.bytes;
-    kept_pages += (m.rows + tile_rows - 1) / tile_rows + 1;
+    kept_pages += (m.rows + tile_rows - 1) / tile_rows + 1 + (m.gathered ? kGatheredRows : 0);
     largest_tile = std::max(largest_tile, m.bytes / m.rows * tile_rows);
   }
   return resident_bytes - streamed + kept_pages * page + largest_tile;

@@ -103,6 +103,7 @@ absl::StatusOr<int64_t> ResidentWeightBytes(const std::string& model_path, const
 // One frozen matrix as held in memory: logical (rows, cols) and its bytes.
 struct HeldMatrix {
   int64_t rows = 0, cols = 0, bytes = 0;
+  bool gathered = false;  // a tied embedding: the LM head whose rows are also gathered per token
 };
 
 // What stays resident of the weights of the model at `model_path` (loaded with `precision`, holding
