@@ -1,7 +1,8 @@
 #include "model/config.h"
-#include "model/gguf_model.h"
+#include "model/gguf_config.h"
 
 #include <cmath>
+#include <numbers>
 #include <nlohmann/json.hpp>
 
 #include "base/file.h"
@@ -256,6 +257,43 @@ absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir) {
   auto config = ParseModelConfig(text);
   if (!config.ok()) return Annotate(config.status(), path);
   return config;
+}
+
+std::vector<double> RopeInverseFrequencyValues(const ModelConfig& c) {
+  const int64_t half = c.head_dim / 2;
+  std::vector<double> inv(static_cast<size_t>(half));
+  double* p = inv.data();
+  for (int64_t i = 0; i < half; ++i) {
+    p[i] = 1.0 / std::pow(c.rope_theta, static_cast<double>(2 * i) / static_cast<double>(c.head_dim));
+  }
+  const RopeScaling& rs = c.rope_scaling;
+  switch (rs.type) {
+    case RopeScaling::Type::kNone:
+      break;
+    case RopeScaling::Type::kLinear:
+      // Position interpolation: positions / factor, i.e. frequencies / factor.
+      for (int64_t i = 0; i < half; ++i) p[i] /= rs.factor;
+      break;
+    case RopeScaling::Type::kLlama3: {
+      // Llama 3.1: long wavelengths scaled by 1/factor, short ones kept, a smooth ramp in between.
+      const double old_len = static_cast<double>(rs.original_max_position_embeddings);
+      const double low_freq_wavelen = old_len / rs.low_freq_factor;
+      const double high_freq_wavelen = old_len / rs.high_freq_factor;
+      for (int64_t i = 0; i < half; ++i) {
+        const double wavelen = 2.0 * std::numbers::pi / p[i];
+        if (wavelen < high_freq_wavelen) continue;
+        if (wavelen > low_freq_wavelen) {
+          p[i] /= rs.factor;
+          continue;
+        }
+        const double smooth =
+            (old_len / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor);
+        p[i] = (1.0 - smooth) * p[i] / rs.factor + smooth * p[i];
+      }
+      break;
+    }
+  }
+  return inv;
 }
 
 std::string ModelConfigToJson(const ModelConfig& c) {

@@ -76,6 +76,10 @@ absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view json_text);
 // Reads <model_dir>/config.json, or the config of a GGUF file when `model_dir` is one (model/gguf_model.h).
 absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir);
 
+// RoPE inverse frequencies (head_dim / 2 of them), with the config's rope_scaling applied: pair i turns
+// by 1 / theta^(2i / head_dim) per position, divided as linear or Llama 3 scaling says.
+std::vector<double> RopeInverseFrequencyValues(const ModelConfig& config);
+
 // Serializes to a config.json that Hugging Face transformers loads.
 std::string ModelConfigToJson(const ModelConfig& config);
 

@@ -18,279 +18,15 @@
 #include "base/strings.h"
 #include "model/kernels.h"
 #include "model/quant.h"
+#include "model/internal/gguf_util.h"
 #include "model/torch_status.h"
 
 namespace seedling::model {
 namespace {
 
-// ---- Helpers
-// --------------------------------------------------------------------------------------
-
-absl::Status FileError(const GgufFile& f, std::string_view message) {
-  return absl::InvalidArgumentError(StrCat("GGUF file '", f.path(), "': ", message));
-}
-
-// A getter's value, or nullopt when the key is absent; a wrong type stays an error.
-template <typename T>
-absl::StatusOr<std::optional<T>> Optional(absl::StatusOr<T> value) {
-  if (value.ok()) return std::optional<T>(*std::move(value));
-  if (absl::IsNotFound(value.status())) return std::optional<T>();
-  return value.status();
-}
-
-// The double a float32 key was meant to be: its shortest decimal form, read as a double (1e-5f
-// becomes 1e-5, not 9.99999974737875e-06), so a config written as float32 reads back equal.
-double Widen(float value) {
-  char buffer[32];
-  const auto written = std::to_chars(buffer, buffer + sizeof(buffer), value);
-  double widened = value;
-  std::from_chars(buffer, written.ptr, widened);
-  return widened;
-}
-
-std::string ShapeString(const std::vector<int64_t>& shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) s += StrCat(i > 0 ? ", " : "", shape[i]);
-  return s + "]";
-}
-
-// ---- Config -------------------------------------------------------------------------------------
-
-absl::Status ReadSizes(const GgufFile& f, const std::string& p, ModelConfig& c) {
-  SEEDLING_ASSIGN_OR_RETURN(c.max_position_embeddings, f.GetU32(p + "context_length"));
-  SEEDLING_ASSIGN_OR_RETURN(c.hidden_size, f.GetU32(p + "embedding_length"));
-  SEEDLING_ASSIGN_OR_RETURN(c.num_hidden_layers, f.GetU32(p + "block_count"));
-  SEEDLING_ASSIGN_OR_RETURN(c.intermediate_size, f.GetU32(p + "feed_forward_length"));
-  SEEDLING_ASSIGN_OR_RETURN(c.num_attention_heads, f.GetU32(p + "attention.head_count"));
-  if (c.num_attention_heads == 0) return FileError(f, StrCat(p, "attention.head_count is 0"));
-  SEEDLING_ASSIGN_OR_RETURN(std::optional<uint32_t> kv,
-                            Optional(f.GetU32(p + "attention.head_count_kv")));
-  c.num_key_value_heads = kv.value_or(c.num_attention_heads);
-  SEEDLING_ASSIGN_OR_RETURN(std::optional<uint32_t> experts,
-                            Optional(f.GetU32(p + "expert_count")));
-  if (experts.value_or(0) > 0) {
-    return FileError(f, StrCat(p, "expert_count is ", *experts,
-                               ": mixture-of-experts models are not supported"));
-  }
-  SEEDLING_ASSIGN_OR_RETURN(const float eps, f.GetF32(p + "attention.layer_norm_rms_epsilon"));
-  c.rms_norm_eps = Widen(eps);
-  return absl::OkStatus();
-}
-
-// head_dim: llama.cpp's key length, which defaults to embedding_length / head_count.
-absl::Status ReadHeadDim(const GgufFile& f, const std::string& p, ModelConfig& c) {
-  SEEDLING_ASSIGN_OR_RETURN(std::optional<uint32_t> key_length,
-                            Optional(f.GetU32(p + "attention.key_length")));
-  if (!key_length.has_value() && c.hidden_size % c.num_attention_heads != 0) {
-    return FileError(
-        f, StrCat(p, "embedding_length ", c.hidden_size, " is not a multiple of the head count ",
-                  c.num_attention_heads, " and ", p, "attention.key_length is missing"));
-  }
-  c.head_dim = key_length.value_or(c.hidden_size / c.num_attention_heads);
-  SEEDLING_ASSIGN_OR_RETURN(std::optional<uint32_t> value_length,
-                            Optional(f.GetU32(p + "attention.value_length")));
-  if (value_length.has_value() && *value_length != c.head_dim) {
-    return FileError(
-        f, StrCat(p, "attention.value_length ", *value_length, " differs from the key length ",
-                  c.head_dim, "; Seedling's attention needs them equal"));
-  }
-  return absl::OkStatus();
-}
-
-absl::Status ReadVocabSize(const GgufFile& f, const std::string& p, ModelConfig& c) {
-  SEEDLING_ASSIGN_OR_RETURN(std::optional<uint32_t> declared, Optional(f.GetU32(p + "vocab_size")));
-  std::optional<int64_t> tokens;
-  if (f.Has("tokenizer.ggml.tokens")) {
-    SEEDLING_ASSIGN_OR_RETURN(const GgufValue array, f.GetArray("tokenizer.ggml.tokens"));
-    tokens = static_cast<int64_t>(array.count);
-  }
-  if (declared.has_value() && tokens.has_value() && *declared != *tokens) {
-    return FileError(f, StrCat(p, "vocab_size is ", *declared, " but tokenizer.ggml.tokens has ",
-                               *tokens, " tokens"));
-  }
-  const GgufTensorInfo* embed = f.FindTensor("token_embd.weight");
-  if (declared.has_value()) {
-    c.vocab_size = *declared;
-  } else if (tokens.has_value()) {
-    c.vocab_size = *tokens;
-  } else if (embed != nullptr && embed->shape.size() == 2) {
-    c.vocab_size = embed->shape[0];
-  } else {
-    return FileError(f, StrCat("no vocabulary size: neither ", p,
-                               "vocab_size, tokenizer.ggml.tokens nor token_embd.weight"));
-  }
-  return absl::OkStatus();
-}
-
-// The factor each frequency pair's angle is divided by under `scaling` (what rope_freqs.weight
-// holds).
-std::vector<double> RopeFactors(const ModelConfig& c, const RopeScaling& scaling) {
-  ModelConfig unscaled = c, scaled = c;
-  unscaled.rope_scaling = RopeScaling{};
-  scaled.rope_scaling = scaling;
-  const at::Tensor ratio = RopeInverseFrequencies(unscaled) / RopeInverseFrequencies(scaled);
-  const double* p = ratio.data_ptr<double>();
-  return std::vector<double>(p, p + ratio.numel());
-}
-
-bool FactorsMatch(const ModelConfig& c, const RopeScaling& scaling,
-                  const std::vector<double>& factors) {
-  const std::vector<double> want = RopeFactors(c, scaling);
-  for (size_t i = 0; i < factors.size(); ++i) {
-    // The file holds float32: a relative error of 6e-8, plus a rounded context length.
-    if (!(std::abs(want[i] - factors[i]) <= 1e-5 * want[i])) return false;
-  }
-  return true;
-}
-
-// Llama 3 scaling (Hugging Face's _compute_llama3_parameters) divides pair i's frequency by
-//   1 when its wavelength is below orig / high, `factor` above orig / low, and between them by
-//   1 / ((1 - s) / factor + s) with s = (orig / wavelength - low) / (high - low).
-// Candidates for (low, high, orig) given the factors; FactorsMatch picks the right one.
-std::vector<RopeScaling> Llama3Candidates(const ModelConfig& c,
-                                          const std::vector<double>& factors) {
-  RopeScaling base;
-  base.type = RopeScaling::Type::kLlama3;
-  base.factor = *std::max_element(factors.begin(), factors.end());
-  ModelConfig unscaled = c;
-  unscaled.rope_scaling = RopeScaling{};
-  const at::Tensor inv_tensor = RopeInverseFrequencies(unscaled);
-  const double* inv = inv_tensor.data_ptr<double>();
-  // (wavelength, s) of every pair on the ramp.
-  std::vector<std::pair<double, double>> ramp;
-  for (size_t i = 0; i < factors.size(); ++i) {
-    if (factors[i] > 1 + 1e-6 && factors[i] < base.factor * (1 - 1e-6)) {
-      const double s = (1 / factors[i] - 1 / base.factor) / (1 - 1 / base.factor);
-      ramp.emplace_back(2 * std::numbers::pi / inv[i], s);
-    }
-  }
-  std::vector<RopeScaling> out;
-  // Every Llama 3.x: low 1, high 4; orig from the ramp (orig = wavelength * (low + s (high -
-  // low))), or Llama 3.1's 8192 when no pair is on the ramp.
-  RopeScaling standard = base;
-  if (!ramp.empty()) {
-    double sum = 0;
-    for (const auto& [wavelength, s] : ramp) sum += wavelength * (1 + 3 * s);
-    standard.original_max_position_embeddings =
-        std::llround(sum / static_cast<double>(ramp.size()));
-  }
-  out.push_back(standard);
-  if (ramp.size() >= 2) {
-    // s is linear in 1 / wavelength: s = a / wavelength + b with a = orig / (high - low) and
-    // b = -low / (high - low). With low = 1: high = 1 - 1 / b and orig = -a / b.
-    const auto [w0, s0] = ramp.front();
-    const auto [w1, s1] = ramp.back();
-    const double a = (s1 - s0) / (1 / w1 - 1 / w0);
-    const double b = s0 - a / w0;
-    if (b < 0) {
-      RopeScaling fitted = base;
-      fitted.low_freq_factor = 1;
-      fitted.high_freq_factor = 1 - 1 / b;
-      fitted.original_max_position_embeddings = std::llround(-a / b);
-      out.push_back(fitted);
-    }
-  }
-  return out;
-}
-
-absl::StatusOr<RopeScaling> Llama3FromRopeFreqs(const GgufFile& f, const ModelConfig& c) {
-  const GgufTensorInfo& t = *f.FindTensor("rope_freqs.weight");
-  if (t.type != GgmlType::kF32 || t.shape != std::vector<int64_t>{c.head_dim / 2}) {
-    return FileError(f, StrCat("tensor 'rope_freqs.weight' is ", GgmlTypeName(t.type), " ",
-                               ShapeString(t.shape), ", expected f32 [", c.head_dim / 2, "]"));
-  }
-  std::vector<double> factors(c.head_dim / 2);
-  for (size_t i = 0; i < factors.size(); ++i) {
-    float v;
-    std::memcpy(&v, t.data + 4 * i, 4);
-    if (!(v >= 1 - 1e-6 && std::isfinite(v))) {
-      return FileError(f, StrCat("tensor 'rope_freqs.weight' holds factor ", v, " at ", i,
-                                 "; Llama 3 scaling factors are >= 1"));
-    }
-    factors[i] = v;
-  }
-  for (const RopeScaling& candidate : Llama3Candidates(c, factors)) {
-    if (FactorsMatch(c, candidate, factors)) return candidate;
-  }
-  return FileError(f,
-                   "tensor 'rope_freqs.weight' does not follow Llama 3 RoPE scaling for any "
-                   "low/high frequency factors and original context length; other frequency "
-                   "factors are not supported");
-}
-
-// rope.scaling.type "linear" with rope.scaling.factor, or the legacy rope.scale_linear.
-absl::Status ReadLinearScaling(const GgufFile& f, const std::string& p, ModelConfig& c) {
-  SEEDLING_ASSIGN_OR_RETURN(std::optional<std::string_view> type,
-                            Optional(f.GetString(p + "rope.scaling.type")));
-  SEEDLING_ASSIGN_OR_RETURN(std::optional<float> factor,
-                            Optional(f.GetF32(p + "rope.scaling.factor")));
-  SEEDLING_ASSIGN_OR_RETURN(std::optional<float> legacy,
-                            Optional(f.GetF32(p + "rope.scale_linear")));
-  if (type.has_value() && *type != "none" && *type != "linear") {
-    return FileError(
-        f, StrCat(p, "rope.scaling.type '", *type, "' is not supported (supported: none, linear)"));
-  }
-  if ((type == "linear" && factor.has_value()) || (!type.has_value() && legacy.has_value())) {
-    const float value = type.has_value() ? *factor : *legacy;
-    if (!(value >= 1))
-      return FileError(f, StrCat("linear RoPE scaling factor ", value, " is below 1"));
-    c.rope_scaling.type = RopeScaling::Type::kLinear;
-    c.rope_scaling.factor = Widen(value);
-  } else if (type == "linear") {
-    return FileError(
-        f, StrCat(p, "rope.scaling.type is linear but ", p, "rope.scaling.factor is missing"));
-  }
-  return absl::OkStatus();
-}
-
-absl::Status ReadRope(const GgufFile& f, const std::string& p, std::string_view arch,
-                      ModelConfig& c) {
-  SEEDLING_ASSIGN_OR_RETURN(std::optional<float> theta, Optional(f.GetF32(p + "rope.freq_base")));
-  c.rope_theta = theta.has_value() ? Widen(*theta) : 10000.0;
-  SEEDLING_ASSIGN_OR_RETURN(std::optional<uint32_t> rotated,
-                            Optional(f.GetU32(p + "rope.dimension_count")));
-  if (rotated.has_value() && *rotated != c.head_dim) {
-    return FileError(f, StrCat(p, "rope.dimension_count ", *rotated, " differs from the head size ",
-                               c.head_dim, ": partial rotary embeddings are not supported"));
-  }
-  SEEDLING_RETURN_IF_ERROR(ReadLinearScaling(f, p, c));
-  if (f.FindTensor("rope_freqs.weight") == nullptr) return absl::OkStatus();
-  if (arch != "llama" || c.rope_scaling.type != RopeScaling::Type::kNone) {
-    return FileError(
-        f, StrCat("tensor 'rope_freqs.weight' (Llama 3 RoPE scaling) is only supported for "
-                  "architecture llama without other scaling"));
-  }
-  SEEDLING_ASSIGN_OR_RETURN(c.rope_scaling, Llama3FromRopeFreqs(f, c));
-  return absl::OkStatus();
-}
-
-absl::Status ReadSpecialIds(const GgufFile& f, ModelConfig& c) {
-  SEEDLING_ASSIGN_OR_RETURN(std::optional<uint32_t> bos,
-                            Optional(f.GetU32("tokenizer.ggml.bos_token_id")));
-  if (bos.has_value()) c.bos_token_id = *bos;
-  for (const char* key : {"tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
-                          "tokenizer.ggml.eom_token_id"}) {
-    SEEDLING_ASSIGN_OR_RETURN(std::optional<uint32_t> id, Optional(f.GetU32(key)));
-    if (id.has_value() &&
-        std::find(c.eos_token_ids.begin(), c.eos_token_ids.end(), *id) == c.eos_token_ids.end()) {
-      c.eos_token_ids.push_back(*id);
-    }
-  }
-  return absl::OkStatus();
-}
-
-void ReadLayout(const GgufFile& f, ModelConfig& c) {
-  auto has = [&](const char* name) { return f.FindTensor(name) != nullptr; };
-  c.tie_word_embeddings = !has("output.weight");
-  c.qkv_bias = has("blk.0.attn_q.bias");
-  c.o_bias = has("blk.0.attn_output.bias");
-  c.mlp_bias = has("blk.0.ffn_gate.bias") || has("blk.0.ffn_up.bias") || has("blk.0.ffn_down.bias");
-  const GgufTensorInfo* embed = f.FindTensor("token_embd.weight");
-  const GgmlType type = embed != nullptr ? embed->type : GgmlType::kF16;
-  c.torch_dtype = type == GgmlType::kF32    ? "float32"
-                  : type == GgmlType::kBF16 ? "bfloat16"
-                                            : "float16";
-}
+using internal::FileError;
+using internal::Optional;
+using internal::ShapeString;
 
 // ---- Weights ------------------------------------------------------------------------------------
 
@@ -347,22 +83,6 @@ struct Storage {
   int64_t element_bytes;  // the alignment a from_blob view needs
 };
 
-std::optional<Storage> StorageOf(GgmlType type) {
-  switch (type) {
-    case GgmlType::kF32:
-      return Storage{at::kFloat, 4};
-    case GgmlType::kF16:
-      return Storage{at::kHalf, 2};
-    case GgmlType::kBF16:
-      return Storage{at::kBFloat16, 2};
-    case GgmlType::kQ8_0:
-    case GgmlType::kQ4_0:
-      return Storage{at::kByte, 1};
-    default:
-      return std::nullopt;
-  }
-}
-
 // The weight format a matrix of ggml type `type` is held in, if Seedling loads that type.
 std::optional<WeightFormat> MatrixFormatOf(GgmlType type) {
   switch (type) {
@@ -379,6 +99,25 @@ std::optional<WeightFormat> MatrixFormatOf(GgmlType type) {
     default:
       return std::nullopt;
   }
+}
+
+// How a tensor of ggml type `type` is held in memory, if Seedling loads that type: 16-bit and fp32 as
+// their dtype, blocks as bytes (model/quant.h).
+std::optional<Storage> StorageOf(GgmlType type) {
+  const std::optional<WeightFormat> format = MatrixFormatOf(type);
+  if (!format.has_value()) return std::nullopt;
+  switch (*format) {
+    case WeightFormat::kF32:
+      return Storage{at::kFloat, 4};
+    case WeightFormat::kF16:
+      return Storage{at::kHalf, 2};
+    case WeightFormat::kBF16:
+      return Storage{at::kBFloat16, 2};
+    case WeightFormat::kQ8_0:
+    case WeightFormat::kQ4_0:
+      return Storage{at::kByte, 1};
+  }
+  return std::nullopt;
 }
 
 // The tensor's bytes as a tensor (model/quant.h layout): a view of the mapping whose deleter keeps
@@ -593,31 +332,6 @@ absl::Status ReadTokenizerFlags(const GgufFile& f, Vocab& v, bool& add_space_pre
 
 }  // namespace
 
-absl::StatusOr<ModelConfig> ConfigFromGguf(const GgufFile& file) {
-  SEEDLING_ASSIGN_OR_RETURN(const std::string_view arch, file.GetString("general.architecture"));
-  ModelConfig c;
-  if (arch == "llama") {
-    c.architecture = "LlamaForCausalLM";
-  } else if (arch == "qwen2") {
-    c.architecture = "Qwen2ForCausalLM";
-  } else {
-    return FileError(file, StrCat("general.architecture '", arch,
-                                  "' is not supported (supported: llama, qwen2)"));
-  }
-  c.model_type = std::string(arch);
-  const std::string p = StrCat(arch, ".");
-  return CatchTorch("GGUF config", [&]() -> absl::StatusOr<ModelConfig> {
-    SEEDLING_RETURN_IF_ERROR(ReadSizes(file, p, c));
-    SEEDLING_RETURN_IF_ERROR(ReadHeadDim(file, p, c));
-    SEEDLING_RETURN_IF_ERROR(ReadVocabSize(file, p, c));
-    SEEDLING_RETURN_IF_ERROR(ReadRope(file, p, arch, c));
-    SEEDLING_RETURN_IF_ERROR(ReadSpecialIds(file, c));
-    ReadLayout(file, c);
-    const absl::Status valid = c.Validate();
-    if (!valid.ok()) return Annotate(valid, StrCat("GGUF file '", file.path(), "'"));
-    return c;
-  });
-}
 
 absl::StatusOr<ModelWeights> WeightsFromGguf(const GgufFile& file, const ModelConfig& config,
                                              WeightPrecision precision) {
@@ -649,6 +363,7 @@ std::vector<HeldMatrix> GgufStreamableMatrices(const GgufFile& file, const Model
                                                 WeightPrecision precision) {
   std::vector<HeldMatrix> out;
   if (precision == WeightPrecision::kFloat32) return out;
+  const std::optional<WeightFormat> block = BlockFormatOf(precision);
   ModelWeights slots;
   for (const Expected& e : GgufTensorSlots(config, slots)) {
     const bool head = e.name == "output.weight" || (config.tie_word_embeddings && e.name == "token_embd.weight");
@@ -658,22 +373,12 @@ std::vector<HeldMatrix> GgufStreamableMatrices(const GgufFile& file, const Model
     const std::optional<WeightFormat> held = MatrixFormatOf(t->type);
     if (!held.has_value() || *held == WeightFormat::kF32) continue;
     if (reinterpret_cast<uintptr_t>(t->data) % StorageOf(t->type)->element_bytes != 0) continue;  // copied
-    const std::optional<WeightFormat> block = BlockFormatOf(precision);
     if (block.has_value() && *held != MatrixFormatFor(*block, e.shape[1])) continue;  // converted at load
-    out.push_back({e.shape[0], e.shape[1], static_cast<int64_t>(t->nbytes)});
+    out.push_back({e.shape[0], e.shape[1], static_cast<int64_t>(t->nbytes), e.name == "token_embd.weight"});
   }
   return out;
 }
 
-bool IsGgufPath(const std::string& path) {
-  if (path.ends_with(".gguf")) return true;
-  std::error_code ec;
-  if (!std::filesystem::is_regular_file(path, ec)) return false;
-  std::ifstream in(path, std::ios::binary);
-  char magic[4] = {};
-  in.read(magic, sizeof(magic));
-  return in.gcount() == sizeof(magic) && std::memcmp(magic, "GGUF", sizeof(magic)) == 0;
-}
 
 absl::StatusOr<GgufModel> LoadGgufModel(const std::string& path, WeightPrecision precision) {
   SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<GgufFile> file,

@@ -401,40 +401,8 @@ at::Tensor SwiGlu(const at::Tensor& gate, const at::Tensor& up) {
 }
 
 at::Tensor RopeInverseFrequencies(const ModelConfig& c) {
-  const int64_t half = c.head_dim / 2;
-  at::Tensor inv = at::empty({half}, at::kDouble);
-  double* p = inv.data_ptr<double>();
-  for (int64_t i = 0; i < half; ++i) {
-    p[i] = 1.0 / std::pow(c.rope_theta, static_cast<double>(2 * i) / static_cast<double>(c.head_dim));
-  }
-  const RopeScaling& rs = c.rope_scaling;
-  switch (rs.type) {
-    case RopeScaling::Type::kNone:
-      break;
-    case RopeScaling::Type::kLinear:
-      // Position interpolation: positions / factor, i.e. frequencies / factor.
-      for (int64_t i = 0; i < half; ++i) p[i] /= rs.factor;
-      break;
-    case RopeScaling::Type::kLlama3: {
-      // Llama 3.1: long wavelengths scaled by 1/factor, short ones kept, a smooth ramp in between.
-      const double old_len = static_cast<double>(rs.original_max_position_embeddings);
-      const double low_freq_wavelen = old_len / rs.low_freq_factor;
-      const double high_freq_wavelen = old_len / rs.high_freq_factor;
-      for (int64_t i = 0; i < half; ++i) {
-        const double wavelen = 2.0 * std::numbers::pi / p[i];
-        if (wavelen < high_freq_wavelen) continue;
-        if (wavelen > low_freq_wavelen) {
-          p[i] /= rs.factor;
-          continue;
-        }
-        const double smooth =
-            (old_len / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor);
-        p[i] = (1.0 - smooth) * p[i] / rs.factor + smooth * p[i];
-      }
-      break;
-    }
-  }
-  return inv;
+  const std::vector<double> inv = RopeInverseFrequencyValues(c);
+  return at::tensor(at::ArrayRef<double>(inv), at::kDouble);
 }
 
 RopeTables MakeRopeTables(const at::Tensor& inv_freq, int64_t start, int64_t length) {

@@ -79,7 +79,8 @@ at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps);
 // (backward recomputes silu).
 at::Tensor SwiGlu(const at::Tensor& gate, const at::Tensor& up);
 
-// RoPE inverse frequencies (head_dim / 2), with the config's rope_scaling applied. Double precision.
+// RoPE inverse frequencies (head_dim / 2), with the config's rope_scaling applied
+// (RopeInverseFrequencyValues in model/config.h), as a double-precision tensor.
 at::Tensor RopeInverseFrequencies(const ModelConfig& config);
 
 // cos and sin tables for positions [start, start + length): each (length, head_dim / 2), fp64 (ApplyRope

@@ -18,7 +18,7 @@ FUZZ_DIR="$ROOT/tests/fuzz"
 targets() { for f in "$FUZZ_DIR"/*_fuzz.cpp; do basename "$f" _fuzz.cpp; done; }
 # Parsers in files that include LibTorch, whose headers clang 14 cannot compile in C++20: their corpora are
 # replayed by CTest in normal builds, but there is no libFuzzer binary (tests/fuzz/CMakeLists.txt).
-REPLAY_ONLY=" model_config peft_config server_config client_config sim_config "
+REPLAY_ONLY=" peft_config server_config client_config sim_config "
 
 if [[ "${1:-}" == "--list" ]]; then
   for t in $(targets); do

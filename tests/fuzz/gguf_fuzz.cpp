@@ -1,9 +1,12 @@
 // Fuzz target: a GGUF file (model/gguf_reader.h): the whole header is validated at Open, then the typed
-// getters read metadata values out of the mapping.
+// getters read metadata values out of the mapping, and the model config is read from it
+// (model/gguf_config.h): a config it accepts must pass Validate().
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 
+#include "model/gguf_config.h"
 #include "model/gguf_reader.h"
 #include "tests/fuzz/fuzz_util.h"
 
@@ -24,6 +27,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   for (const auto& tensor : (*file)->tensors()) {
     if (tensor.nbytes > 0) sum += tensor.data[0] + tensor.data[tensor.nbytes - 1];
   }
+  auto config = seedling::model::ConfigFromGguf(**file);
+  if (config.ok() && !config->Validate().ok()) std::abort();
   seedling::fuzz::Consume(sum);
   return 0;
 }

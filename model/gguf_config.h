@@ -1,0 +1,43 @@
+#pragma once
+
+// The model config a GGUF file describes, read from its metadata alone (no weight is decoded, no
+// LibTorch), so config.json's and a GGUF file's configs come from code that builds without LibTorch
+// (the fuzz targets build it with clang). Weights and tokenizer: model/gguf_model.h.
+
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "model/config.h"
+#include "model/gguf_reader.h"
+
+namespace seedling::model {
+
+// The config a GGUF file describes:
+//   sizes from <arch>.{context_length, embedding_length, block_count, feed_forward_length,
+//     attention.head_count, attention.head_count_kv (default head_count), attention.key_length
+//     (default embedding_length / head_count)}; vocab_size from <arch>.vocab_size, else the length
+//     of tokenizer.ggml.tokens, else the rows of token_embd.weight (the first two must agree);
+//   rms_norm_eps, rope_theta (default 10000) from float32 keys, widened through their shortest
+//     decimal form so that 1e-5 written as float32 reads back as the double 1e-5;
+//   RoPE scaling: rope.scaling.type "linear" with rope.scaling.factor (or the legacy
+//     rope.scale_linear); Llama 3 scaling from the rope_freqs.weight tensor (llama only), whose
+//     per-pair factors are matched to Llama 3's formula: low / high frequency factors 1 and 4 (as
+//     every Llama 3.x uses) with the original context length solved for, else a general fit; the
+//     reconstruction is verified against every factor;
+//   tie_word_embeddings when there is no output.weight; qkv_bias / o_bias / mlp_bias from the
+//     presence of blk.0.attn_q.bias / attn_output.bias / ffn_{gate,up,down}.bias;
+//   bos_token_id from tokenizer.ggml.bos_token_id; eos_token_ids from eos_token_id, then eot / eom
+//     when different;
+//   torch_dtype from token_embd.weight's type (f32 -> float32, bf16 -> bfloat16, else float16).
+// InvalidArgument for another architecture, a key of the wrong type, a head_dim llama.cpp would
+// rotate only partly (rope.dimension_count != key length), value_length != key_length, experts
+// (MoE), an unsupported scaling type (yarn, longrope), rope_freqs.weight that is not Llama 3
+// scaling or on qwen2, or a config that fails ModelConfig::Validate. NotFound for a missing
+// required key.
+absl::StatusOr<ModelConfig> ConfigFromGguf(const GgufFile& file);
+
+// True if `path` names a GGUF file: it ends in ".gguf", or it is a regular file starting with the
+// magic "GGUF". Never fails (an unreadable file is simply not recognized).
+bool IsGgufPath(const std::string& path);
+
+}  // namespace seedling::model
