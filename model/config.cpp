@@ -296,6 +296,15 @@ std::vector<double> RopeInverseFrequencyValues(const ModelConfig& c) {
   return inv;
 }
 
+std::vector<double> RopeScalingFactors(const ModelConfig& c) {
+  ModelConfig unscaled = c;
+  unscaled.rope_scaling = RopeScaling{};
+  const std::vector<double> base = RopeInverseFrequencyValues(unscaled);
+  std::vector<double> factors = RopeInverseFrequencyValues(c);
+  for (size_t i = 0; i < factors.size(); ++i) factors[i] = base[i] / factors[i];
+  return factors;
+}
+
 std::string ModelConfigToJson(const ModelConfig& c) {
   Json j = Json::object();
   j["architectures"] = Json::array({c.architecture});

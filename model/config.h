@@ -79,6 +79,9 @@ absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir);
 // RoPE inverse frequencies (head_dim / 2 of them), with the config's rope_scaling applied: pair i turns
 // by 1 / theta^(2i / head_dim) per position, divided as linear or Llama 3 scaling says.
 std::vector<double> RopeInverseFrequencyValues(const ModelConfig& config);
+// What the config's rope_scaling divides each pair's angle by: the unscaled inverse frequency over the
+// scaled one (a GGUF file's rope_freqs.weight; all 1 without scaling).
+std::vector<double> RopeScalingFactors(const ModelConfig& config);
 
 // Serializes to a config.json that Hugging Face transformers loads.
 std::string ModelConfigToJson(const ModelConfig& config);

@@ -320,10 +320,9 @@ absl::StatusOr<std::vector<TensorPlan>> PlanTensors(const ModelConfig& c, const 
     // llama.cpp implements Llama 3 scaling as per-pair factors that divide the rotation angle: the
     // unscaled inverse frequency over the scaled one (convert_hf_to_gguf.py,
     // LlamaModel.generate_extra_tensors).
-    ModelConfig unscaled = c;
-    unscaled.rope_scaling = RopeScaling{};
+    const std::vector<double> ratios = RopeScalingFactors(c);
     const at::Tensor factors =
-        (RopeInverseFrequencies(unscaled) / RopeInverseFrequencies(c)).to(at::kFloat);
+        at::tensor(at::ArrayRef<double>(ratios), at::TensorOptions().dtype(at::kDouble)).to(at::kFloat);
     SEEDLING_RETURN_IF_ERROR(planner.Add("rope_freqs.weight", factors, {c.head_dim / 2}));
   }
   if (static_cast<int64_t>(w.layers.size()) != c.num_hidden_layers) {

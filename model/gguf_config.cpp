@@ -102,13 +102,9 @@ absl::Status ReadVocabSize(const GgufFile& f, const std::string& p, ModelConfig&
 // The factor each frequency pair's angle is divided by under `scaling` (what rope_freqs.weight
 // holds).
 std::vector<double> RopeFactors(const ModelConfig& c, const RopeScaling& scaling) {
-  ModelConfig unscaled = c, scaled = c;
-  unscaled.rope_scaling = RopeScaling{};
+  ModelConfig scaled = c;
   scaled.rope_scaling = scaling;
-  const std::vector<double> base = RopeInverseFrequencyValues(unscaled);
-  std::vector<double> ratio = RopeInverseFrequencyValues(scaled);
-  for (size_t i = 0; i < ratio.size(); ++i) ratio[i] = base[i] / ratio[i];
-  return ratio;
+  return RopeScalingFactors(scaled);
 }
 
 bool FactorsMatch(const ModelConfig& c, const RopeScaling& scaling,

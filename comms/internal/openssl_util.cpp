@@ -2,7 +2,6 @@
 
 #include <openssl/err.h>
 #include <openssl/pem.h>
-#include <openssl/sha.h>
 
 #include "base/sha256.h"
 #include "base/strings.h"
@@ -25,10 +24,9 @@ absl::StatusOr<std::string> SubjectPublicKeySha256(X509* cert) {
   const int len = i2d_X509_PUBKEY(X509_get_X509_PUBKEY(cert), &der);
   if (len <= 0)
     return absl::InternalError(StrCat("cannot encode the public key: ", OpenSslErrors()));
-  unsigned char digest[SHA256_DIGEST_LENGTH];
-  SHA256(der, static_cast<size_t>(len), digest);
+  std::string hex = Sha256Hex(std::string_view(reinterpret_cast<const char*>(der), static_cast<size_t>(len)));
   OPENSSL_free(der);
-  return HexOf(std::string_view(reinterpret_cast<const char*>(digest), sizeof(digest)));
+  return hex;
 }
 
 std::string SubjectCommonName(X509* cert) {
