@@ -267,8 +267,12 @@ absl::StatusOr<std::shared_ptr<MappedFile>> MappedFile::Open(const std::string& 
   return std::shared_ptr<MappedFile>(new MappedFile(path, data, size, mode));
 }
 
+std::shared_ptr<MappedFile> MappedFile::FromBytes(std::string name, std::string bytes) {
+  return std::shared_ptr<MappedFile>(new MappedFile(std::move(name), std::move(bytes)));
+}
+
 void MappedFile::Release(const uint8_t* p, size_t n) const {
-  if (data_ == nullptr || p < data_ || p + n > data_ + size_) return;
+  if (!mapped_ || data_ == nullptr || p < data_ || p + n > data_ + size_) return;
   const auto page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
   const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + page - 1) / page * page;
   const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + n) / page * page;
@@ -276,7 +280,7 @@ void MappedFile::Release(const uint8_t* p, size_t n) const {
 }
 
 MappedFile::~MappedFile() {
-  if (data_ != nullptr) ::munmap(data_, size_);
+  if (mapped_ && data_ != nullptr) ::munmap(data_, size_);
 }
 
 std::string JoinPath(std::string_view a, std::string_view b) {

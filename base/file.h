@@ -86,6 +86,10 @@ class MappedFile {
   // Maps the whole file. NotFound / PermissionDenied / Internal with the path in the message.
   static absl::StatusOr<std::shared_ptr<MappedFile>> Open(const std::string& path,
                                                           Mode mode = Mode::kReadOnly);
+  // Holds `bytes` already in memory (a download, a buffer an app hands over) behind the same interface, so
+  // the file parsers read it without a round trip through the file system. `name` stands in for the path
+  // in messages. kReadOnly; Release does nothing.
+  static std::shared_ptr<MappedFile> FromBytes(std::string name, std::string bytes);
   ~MappedFile();
   MappedFile(const MappedFile&) = delete;
   MappedFile& operator=(const MappedFile&) = delete;
@@ -103,13 +107,22 @@ class MappedFile {
 
  private:
   MappedFile(std::string path, uint8_t* data, size_t size, Mode mode)
-      : path_(std::move(path)), data_(data), size_(size), mode_(mode) {}
+      : path_(std::move(path)), data_(data), size_(size), mode_(mode), mapped_(true) {}
+  MappedFile(std::string name, std::string bytes)
+      : path_(std::move(name)),
+        owned_(std::move(bytes)),
+        data_(reinterpret_cast<uint8_t*>(owned_.data())),
+        size_(owned_.size()),
+        mode_(Mode::kReadOnly),
+        mapped_(false) {}
 
   // Constant after construction.
   const std::string path_;
+  std::string owned_;  // FromBytes: the bytes data_ points into
   uint8_t* const data_;
   const size_t size_;
   const Mode mode_;
+  const bool mapped_;  // data_ is an mmap of the file (else it points into owned_)
 };
 
 // Joins two path components with exactly one '/'.

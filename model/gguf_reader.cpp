@@ -471,6 +471,11 @@ std::string GgmlTypeName(GgmlType type) {
 absl::StatusOr<std::unique_ptr<GgufFile>> GgufFile::Open(const std::string& path,
                                                          MappedFile::Mode mode) {
   SEEDLING_ASSIGN_OR_RETURN(std::shared_ptr<MappedFile> file, MappedFile::Open(path, mode));
+  return FromMapping(std::move(file));
+}
+
+absl::StatusOr<std::unique_ptr<GgufFile>> GgufFile::FromMapping(std::shared_ptr<MappedFile> file) {
+  const std::string& path = file->path();
   std::unique_ptr<GgufFile> result(new GgufFile());
   Cursor in(*file);
   SEEDLING_ASSIGN_OR_RETURN(const Header header, ParseHeader(in));

@@ -71,6 +71,8 @@ class GgufFile {
   // NotFound / PermissionDenied from the file system; DataLoss / InvalidArgument for bad content.
   static absl::StatusOr<std::unique_ptr<GgufFile>> Open(
       const std::string& path, MappedFile::Mode mode = MappedFile::Mode::kReadOnly);
+  // Validates the GGUF bytes `file` holds (a mapping, or bytes in memory: MappedFile::FromBytes).
+  static absl::StatusOr<std::unique_ptr<GgufFile>> FromMapping(std::shared_ptr<MappedFile> file);
 
   const std::string& path() const { return file_->path(); }
   uint32_t version() const { return version_; }

@@ -402,6 +402,11 @@ int64_t TensorView::numel() const {
 absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path,
                                                                        MappedFile::Mode mode) {
   SEEDLING_ASSIGN_OR_RETURN(std::shared_ptr<MappedFile> file, MappedFile::Open(path, mode));
+  return FromMapping(std::move(file));
+}
+
+absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::FromMapping(std::shared_ptr<MappedFile> file) {
+  const std::string& path = file->path();
   const uint64_t size = file->size();
   if (size < kHeaderLengthBytes) {
     return FileError(absl::StatusCode::kDataLoss, path,

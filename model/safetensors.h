@@ -53,6 +53,8 @@ class SafetensorsFile {
   // adapter in place) without touching the file.
   static absl::StatusOr<std::unique_ptr<SafetensorsFile>> Open(
       const std::string& path, MappedFile::Mode mode = MappedFile::Mode::kReadOnly);
+  // Validates the safetensors bytes `file` holds (a mapping, or bytes in memory: MappedFile::FromBytes).
+  static absl::StatusOr<std::unique_ptr<SafetensorsFile>> FromMapping(std::shared_ptr<MappedFile> file);
 
   // Tensors by name, in name order.
   const std::map<std::string, TensorView>& tensors() const { return tensors_; }

@@ -71,6 +71,19 @@ TEST_CASE("MappedFile copy-on-write never changes the file", "[base][file]") {
   std::filesystem::remove_all(dir);
 }
 
+TEST_CASE("MappedFile::FromBytes holds the bytes, and Release leaves them intact", "[base][file]") {
+  const std::string bytes(3 * 4096, 'q');
+  auto m = MappedFile::FromBytes("in-memory", bytes);
+  REQUIRE(m->size() == bytes.size());
+  CHECK(m->path() == "in-memory");
+  CHECK(m->mode() == MappedFile::Mode::kReadOnly);
+  // Release on a real mapping drops pages (they read back from the file); on heap memory that would
+  // zero them, so it must do nothing here.
+  m->Release(m->data(), m->size());
+  CHECK(std::string(reinterpret_cast<const char*>(m->data()), m->size()) == bytes);
+  CHECK(MappedFile::FromBytes("empty", "")->size() == 0);
+}
+
 TEST_CASE("Peak RSS grows when memory is touched", "[base][memory]") {
   const int64_t before = PeakRssBytes();
   REQUIRE(before > 0);

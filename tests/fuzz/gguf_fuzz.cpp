@@ -1,18 +1,21 @@
-// Fuzz target: a GGUF file (model/gguf_reader.h): the whole header is validated at Open, then the typed
+// Fuzz target: a GGUF file (model/gguf_reader.h), parsed in memory (MappedFile::FromBytes; Open runs the same
+// parser on a mapping): the whole header is validated first, then the typed
 // getters read metadata values out of the mapping, and the model config is read from it
 // (model/gguf_config.h): a config it accepts must pass Validate().
 
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
+#include <string>
 
+#include "base/file.h"
 #include "model/gguf_config.h"
 #include "model/gguf_reader.h"
 #include "tests/fuzz/fuzz_util.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  const std::string path = seedling::fuzz::WriteInputFile(data, size, "input.gguf");
-  auto file = seedling::model::GgufFile::Open(path);
+  auto file = seedling::model::GgufFile::FromMapping(
+      seedling::MappedFile::FromBytes("input.gguf", std::string(reinterpret_cast<const char*>(data), size)));
   if (!file.ok()) return 0;
   uint64_t sum = 0;
   for (const auto& [key, value] : (*file)->metadata()) {

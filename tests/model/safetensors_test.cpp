@@ -242,6 +242,35 @@ TEST_CASE("Copy-on-write mode lets callers write through a tensor without changi
   CHECK((*again)->Find("t")->data[0] == 1);
 }
 
+TEST_CASE("Safetensors bytes in memory parse as the file does, and corrupt bytes fail the same way",
+          "[model][safetensors]") {
+  TempDir dir;
+  const std::string path = dir.file("m.safetensors");
+  const std::vector<uint8_t> a = {1, 2, 3, 4, 5, 6, 7, 8};
+  const std::vector<uint8_t> b = {9, 10};
+  const std::vector<TensorToWrite> tensors = {{"a", DType::kF32, {2}, AsBytes(a)}, {"b", DType::kU8, {2}, AsBytes(b)}};
+  REQUIRE(WriteSafetensors(path, tensors, {{"format", "pt"}}).ok());
+  auto from_file = SafetensorsFile::Open(path);
+  REQUIRE(from_file.ok());
+  auto bytes = ReadFile(path);
+  REQUIRE(bytes.ok());
+  auto in_memory = SafetensorsFile::FromMapping(MappedFile::FromBytes("buffer", *bytes));
+  REQUIRE(in_memory.ok());
+  CHECK((*in_memory)->header() == (*from_file)->header());
+  CHECK((*in_memory)->metadata() == (*from_file)->metadata());
+  REQUIRE((*in_memory)->tensors().size() == 2);
+  for (const auto& [name, view] : (*from_file)->tensors()) {
+    const TensorView* other = (*in_memory)->Find(name);
+    REQUIRE(other != nullptr);
+    CHECK(other->shape == view.shape);
+    CHECK(std::memcmp(other->data, view.data, view.nbytes) == 0);
+  }
+  auto cut = SafetensorsFile::FromMapping(MappedFile::FromBytes("buffer", bytes->substr(0, bytes->size() - 1)));
+  REQUIRE(!cut.ok());
+  CHECK(cut.status().code() == absl::StatusCode::kDataLoss);
+  CHECK(std::string(cut.status().message()).find("buffer") != std::string::npos);
+}
+
 TEST_CASE("Find returns nullptr for a tensor that is not present", "[model][safetensors]") {
   TempDir dir;
   const std::vector<uint8_t> bytes = {1};
