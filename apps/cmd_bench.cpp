@@ -82,7 +82,7 @@ void RegisterFinetuneBench(CLI::App* bench, Action& action) {
       if (n <= 0) return absl::InternalError("cannot find the seedling binary");
       exe[n] = '\0';
       if (!options->memory_budget.empty()) {
-        SEEDLING_RETURN_IF_ERROR(client::ParseByteSize(options->memory_budget).status());  // before any row runs
+        SEEDLING_RETURN_IF_ERROR(ParseByteSize(options->memory_budget).status());  // before any row runs
       }
       SEEDLING_ASSIGN_OR_RETURN(std::vector<bench::FinetuneBenchRow> rows, bench::RunFinetuneBench(*options, exe, std::cout));
       if (*json) {

@@ -170,7 +170,7 @@ void RegisterFinetune(CLI::App& app, Action& action) {
       if (f->full) SEEDLING_RETURN_IF_ERROR(CheckModelDirSource(f->model_dir, "--full"));
       int64_t budget = 0;
       if (!f->budget.empty()) {
-        SEEDLING_ASSIGN_OR_RETURN(budget, client::ParseByteSize(f->budget));
+        SEEDLING_ASSIGN_OR_RETURN(budget, ParseByteSize(f->budget));
       }
 
       // Everything but the weights first: the planner's runtime baseline includes tokenizer and data.

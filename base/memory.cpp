@@ -6,6 +6,8 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <cctype>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -19,6 +21,7 @@
 #include <thread>
 
 #include "absl/strings/str_format.h"
+#include "base/strings.h"
 
 namespace seedling {
 namespace {
@@ -155,6 +158,32 @@ std::string FormatBytes(int64_t bytes) {
   if (bytes >= (int64_t{1} << 20)) return absl::StrFormat("%.1f MiB", b / (1 << 20));
   if (bytes >= (int64_t{1} << 10)) return absl::StrFormat("%.1f KiB", b / (1 << 10));
   return absl::StrFormat("%d B", bytes);
+}
+
+absl::StatusOr<int64_t> ParseByteSize(std::string_view text) {
+  std::string s(text);
+  s.erase(std::remove_if(s.begin(), s.end(), [](unsigned char c) { return std::isspace(c); }), s.end());
+  size_t pos = 0;
+  double value = 0;
+  try {
+    value = std::stod(s, &pos);
+  } catch (const std::exception&) {
+    return absl::InvalidArgumentError(StrCat("'", text, "' is not a size (examples: 512M, 1.5G, 800MiB)"));
+  }
+  std::string unit = s.substr(pos);
+  for (char& c : unit) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+  double mult = 0;
+  if (unit.empty() || unit == "B") mult = 1;
+  if (unit == "K" || unit == "KB" || unit == "KIB") mult = 1024.0;
+  if (unit == "M" || unit == "MB" || unit == "MIB") mult = 1024.0 * 1024;
+  if (unit == "G" || unit == "GB" || unit == "GIB") mult = 1024.0 * 1024 * 1024;
+  if (mult == 0 || !(value >= 0) || !std::isfinite(value)) {
+    return absl::InvalidArgumentError(StrCat("'", text, "' is not a size (examples: 512M, 1.5G, 800MiB)"));
+  }
+  if (value * mult > static_cast<double>(kMaxByteSize)) {
+    return absl::InvalidArgumentError(StrCat("'", text, "' is more than 1 PiB"));
+  }
+  return static_cast<int64_t>(value * mult);
 }
 
 }  // namespace seedling

@@ -5,6 +5,9 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <string_view>
+
+#include "absl/status/statusor.h"
 
 namespace seedling {
 
@@ -62,5 +65,10 @@ void ReleaseFreeHeapMemory();
 
 // "1.50 GiB", "12.0 MiB", "512 B".
 std::string FormatBytes(int64_t bytes);
+
+inline constexpr int64_t kMaxByteSize = int64_t{1} << 50;  // ParseByteSize refuses more: 1 PiB
+// Parses "512M", "1.5G", "2GiB", "800MB", "1048576" (bytes) into bytes; powers of 1024. InvalidArgument
+// for anything else, a negative or non-finite number, or more than kMaxByteSize.
+absl::StatusOr<int64_t> ParseByteSize(std::string_view text);
 
 }  // namespace seedling

@@ -31,6 +31,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "base/file.h"
+#include "client/row_limits.h"
 #include "model/dataset.h"
 #include "model/tokenizer.h"
 
@@ -62,10 +63,8 @@ struct LocalDataOptions {
   // about kRowTokenizeBytesPerByte times its size). In [kMinMaxRowBytes, kMaxMaxRowBytes].
   // Default 256 KiB: over 50,000 tokens of text, far beyond any seq_len (a row is cut to seq_len
   // tokens), so only broken or hostile rows hit it; raise it for corpora of long documents.
-  int64_t max_row_bytes = int64_t{256} << 10;
+  int64_t max_row_bytes = kDefaultMaxRowBytes;
 };
-inline constexpr int64_t kMinMaxRowBytes = 1024;
-inline constexpr int64_t kMaxMaxRowBytes = int64_t{1} << 30;
 
 // One usable row.
 struct LocalExample {

@@ -422,30 +422,4 @@ std::string MemoryPlan::ToJson() const {
       weight_bytes, trainable_bytes, activation_bytes, slack_bytes, total_bytes(), HeapAllocatorName(heap));
 }
 
-absl::StatusOr<int64_t> ParseByteSize(std::string_view text) {
-  std::string s(text);
-  s.erase(std::remove_if(s.begin(), s.end(), [](unsigned char c) { return std::isspace(c); }), s.end());
-  size_t pos = 0;
-  double value = 0;
-  try {
-    value = std::stod(s, &pos);
-  } catch (const std::exception&) {
-    return absl::InvalidArgumentError(StrCat("'", text, "' is not a size (examples: 512M, 1.5G, 800MiB)"));
-  }
-  std::string unit = s.substr(pos);
-  for (char& c : unit) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
-  double mult = 0;
-  if (unit.empty() || unit == "B") mult = 1;
-  if (unit == "K" || unit == "KB" || unit == "KIB") mult = 1024.0;
-  if (unit == "M" || unit == "MB" || unit == "MIB") mult = 1024.0 * 1024;
-  if (unit == "G" || unit == "GB" || unit == "GIB") mult = 1024.0 * 1024 * 1024;
-  if (mult == 0 || !(value >= 0) || !std::isfinite(value)) {
-    return absl::InvalidArgumentError(StrCat("'", text, "' is not a size (examples: 512M, 1.5G, 800MiB)"));
-  }
-  if (value * mult > static_cast<double>(kMaxByteSize)) {
-    return absl::InvalidArgumentError(StrCat("'", text, "' is more than 1 PiB"));
-  }
-  return static_cast<int64_t>(value * mult);
-}
-
 }  // namespace seedling::client

@@ -32,7 +32,6 @@ namespace seedling::client {
 // byte count the planner multiplies out within int64.
 inline constexpr int64_t kMaxPlanTokens = int64_t{1} << 18;  // seq_len x batch per step
 inline constexpr int64_t kMaxPlanPerturbations = 4096;
-inline constexpr int64_t kMaxByteSize = int64_t{1} << 50;    // ParseByteSize: 1 PiB
 
 struct PlanRequest {
   model::ModelConfig model;
@@ -102,8 +101,5 @@ MemoryPlan EstimatePlan(const PlanRequest& request, const std::string& variant, 
 // gives the smallest budget that would fit and the plan it would use. InvalidArgument for a bad request
 // (non-positive sizes, a LoRA config that does not fit the model, fwdgrad on full parameters).
 absl::StatusOr<MemoryPlan> PlanMemory(const PlanRequest& request);
-
-// Parses "512M", "1.5G", "2GiB", "800MB", "1048576" (bytes) into bytes; powers of 1024.
-absl::StatusOr<int64_t> ParseByteSize(std::string_view text);
 
 }  // namespace seedling::client

@@ -7,14 +7,11 @@
 #include <cstring>
 #include <functional>
 #include <map>
-#include <nlohmann/json.hpp>
 #include <set>
 #include <span>
 
-#include "absl/strings/str_split.h"
 #include "base/check.h"
 #include "base/file.h"
-#include "base/json.h"
 #include "base/philox.h"
 #include "base/status.h"
 #include "base/strings.h"
@@ -26,10 +23,6 @@ namespace {
 
 using model::ModelConfig;
 using model::Projection;
-using Json = nlohmann::json;
-
-constexpr Projection kAllProjections[] = {Projection::kQ,    Projection::kK,  Projection::kV,   Projection::kO,
-                                          Projection::kGate, Projection::kUp, Projection::kDown};
 
 // (in, out) features of a projection.
 std::pair<int64_t, int64_t> Features(const ModelConfig& c, Projection p) {
@@ -80,13 +73,6 @@ at::Tensor& BaseWeight(model::ModelWeights& w, int64_t layer, Projection p) {
   return lw.q;
 }
 
-std::optional<Projection> ProjectionFromName(std::string_view name) {
-  for (Projection p : kAllProjections) {
-    if (name == model::ProjectionName(p)) return p;
-  }
-  return std::nullopt;
-}
-
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
@@ -126,50 +112,6 @@ at::Tensor LoraDelta(const at::Tensor& x, const at::Tensor& a, const at::Tensor&
 
 }  // namespace
 
-double LoraConfig::scale() const {
-  return use_rslora ? alpha / std::sqrt(static_cast<double>(rank)) : alpha / static_cast<double>(rank);
-}
-
-absl::Status LoraConfig::Validate(const ModelConfig& model) const {
-  if (rank < 1 || rank > kMaxLoraRank) {
-    return absl::InvalidArgumentError(StrCat("LoRA rank must be in [1, ", kMaxLoraRank, "], got ", rank));
-  }
-  if (!(alpha > 0)) return absl::InvalidArgumentError(StrCat("LoRA alpha must be > 0, got ", alpha));
-  if (!(dropout >= 0 && dropout < 1)) {
-    return absl::InvalidArgumentError(StrCat("LoRA dropout must be in [0, 1), got ", dropout));
-  }
-  if (targets.empty()) return absl::InvalidArgumentError("LoRA needs at least one target projection");
-  std::set<Projection> seen(targets.begin(), targets.end());
-  if (seen.size() != targets.size()) return absl::InvalidArgumentError("LoRA targets contain a duplicate");
-  for (int64_t l : layers) {
-    if (l < 0 || l >= model.num_hidden_layers) {
-      return absl::InvalidArgumentError(
-          StrCat("LoRA layer ", l, " does not exist (the model has ", model.num_hidden_layers, " layers)"));
-    }
-  }
-  return absl::OkStatus();
-}
-
-absl::StatusOr<std::vector<Projection>> ParseTargets(std::string_view list) {
-  std::vector<Projection> out;
-  if (list == "all" || list == "all-linear") return std::vector<Projection>(std::begin(kAllProjections), std::end(kAllProjections));
-  for (absl::string_view part : absl::StrSplit(ToAbsl(list), ',', absl::SkipWhitespace())) {
-    std::string name(part.data(), part.size());
-    name.erase(0, name.find_first_not_of(' '));
-    name.erase(name.find_last_not_of(' ') + 1);
-    if (name.find('_') == std::string::npos) name += "_proj";  // "q" -> "q_proj"
-    auto p = ProjectionFromName(name);
-    if (!p) {
-      return absl::InvalidArgumentError(StrCat("unknown LoRA target '", name,
-                                               "' (expected q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
-                                               "down_proj, or all)"));
-    }
-    if (std::find(out.begin(), out.end(), *p) == out.end()) out.push_back(*p);
-  }
-  if (out.empty()) return absl::InvalidArgumentError("no LoRA targets given");
-  return out;
-}
-
 LoraAdapter::LoraAdapter(ModelConfig model, LoraConfig config) : model_(std::move(model)), config_(std::move(config)) {}
 
 absl::StatusOr<std::unique_ptr<LoraAdapter>> LoraAdapter::Create(const ModelConfig& model, const LoraConfig& config) {
@@ -184,7 +126,7 @@ absl::StatusOr<std::unique_ptr<LoraAdapter>> LoraAdapter::Create(const ModelConf
   a->index_.assign(static_cast<size_t>(model.num_hidden_layers * model::kNumProjections), -1);
   int64_t offset = 0;
   for (int64_t l : layers) {
-    for (Projection p : kAllProjections) {
+    for (Projection p : model::kAllProjections) {
       if (std::find(config.targets.begin(), config.targets.end(), p) == config.targets.end()) continue;
       const auto [in, out] = Features(model, p);
       a->index_[static_cast<size_t>(l * model::kNumProjections + static_cast<int>(p))] =
@@ -292,7 +234,7 @@ const LoraAdapter::LayerSlices& LoraAdapter::SlicesOf(int64_t layer) const {
   if (slices_.layer == layer) return slices_;
   // The layer's views are consecutive in the flat buffer (layers ascending, then projections).
   int64_t begin = -1, end = -1;
-  for (Projection p : kAllProjections) {
+  for (Projection p : model::kAllProjections) {
     const LoraView* va = Find(layer, p, true);
     if (va == nullptr) continue;
     if (begin < 0) begin = va->offset;
@@ -358,7 +300,7 @@ at::Tensor LoraAdapter::ApplyTangents(int64_t layer, Projection p, const at::Ten
 std::vector<at::Tensor> LoraAdapter::LayerTensors(int64_t layer) const {
   if (!leaves_.empty() && !override_.defined()) {
     std::vector<at::Tensor> out;
-    for (Projection p : kAllProjections) {
+    for (Projection p : model::kAllProjections) {
       const LoraView* va = Find(layer, p, true);
       if (va == nullptr) continue;
       out.push_back(Matrix(*va));
@@ -366,7 +308,7 @@ std::vector<at::Tensor> LoraAdapter::LayerTensors(int64_t layer) const {
     }
     return out;
   }
-  for (Projection p : kAllProjections) {
+  for (Projection p : model::kAllProjections) {
     if (Find(layer, p, true) != nullptr) return {override_.defined() ? override_ : flat_};
   }
   return {};
@@ -405,29 +347,6 @@ absl::Status LoraAdapter::Unmerge(model::ModelWeights& weights) const { return A
 
 absl::Status SavePeft(const LoraAdapter& adapter, const std::string& dir, const std::string& base_model) {
   SEEDLING_RETURN_IF_ERROR(MakeDirs(dir));
-  const LoraConfig& c = adapter.config();
-  Json targets = Json::array();
-  for (Projection p : kAllProjections) {
-    if (std::find(c.targets.begin(), c.targets.end(), p) != c.targets.end()) targets.push_back(model::ProjectionName(p));
-  }
-  Json config = {{"peft_type", "LORA"},
-                 {"task_type", "CAUSAL_LM"},
-                 {"r", c.rank},
-                 {"lora_alpha", c.alpha},
-                 {"lora_dropout", c.dropout},
-                 {"target_modules", targets},
-                 {"bias", "none"},
-                 {"fan_in_fan_out", false},
-                 {"use_rslora", c.use_rslora},
-                 {"use_dora", false},
-                 {"init_lora_weights", true},
-                 {"inference_mode", true},
-                 {"modules_to_save", nullptr},
-                 {"rank_pattern", Json::object()},
-                 {"alpha_pattern", Json::object()},
-                 {"layers_to_transform", c.layers.empty() ? Json(nullptr) : Json(c.layers)},
-                 {"base_model_name_or_path", base_model},
-                 {"revision", nullptr}};
   const at::Tensor flat = adapter.flat().detach().contiguous();
   const auto* bytes = static_cast<const uint8_t*>(flat.data_ptr());
   std::vector<model::TensorToWrite> tensors;
@@ -437,86 +356,10 @@ absl::Status SavePeft(const LoraAdapter& adapter, const std::string& dir, const 
   }
   SEEDLING_RETURN_IF_ERROR(model::WriteSafetensors(JoinPath(dir, "adapter_model.safetensors"), tensors,
                                                    {{"format", "pt"}}));
-  return WriteFileAtomic(JoinPath(dir, "adapter_config.json"), config.dump(2) + "\n");
+  return WriteFileAtomic(JoinPath(dir, "adapter_config.json"), PeftConfigJson(adapter.config(), base_model));
 }
 
 namespace {
-
-absl::StatusOr<LoraConfig> ParsePeftConfig(const Json& j, const ModelConfig& model) {
-  auto str = [&](const char* key) -> std::string {
-    auto it = j.find(key);
-    return (it != j.end() && it->is_string()) ? it->get<std::string>() : std::string();
-  };
-  if (str("peft_type") != "LORA") {
-    return absl::InvalidArgumentError(StrCat("peft_type is '", str("peft_type"), "'; only LORA adapters are supported"));
-  }
-  LoraConfig c;
-  if (!j.contains("r") || !j["r"].is_number_integer()) return absl::InvalidArgumentError("'r' must be an integer");
-  c.rank = j["r"].get<int64_t>();
-  if (!j.contains("lora_alpha") || !j["lora_alpha"].is_number()) {
-    return absl::InvalidArgumentError("'lora_alpha' must be a number");
-  }
-  c.alpha = j["lora_alpha"].get<double>();
-  if (j.contains("lora_dropout") && j["lora_dropout"].is_number()) c.dropout = j["lora_dropout"].get<double>();
-  if (j.contains("use_rslora") && j["use_rslora"].is_boolean()) c.use_rslora = j["use_rslora"].get<bool>();
-  if (j.contains("use_dora") && j["use_dora"].is_boolean() && j["use_dora"].get<bool>()) {
-    return absl::InvalidArgumentError("DoRA adapters (use_dora) are not supported");
-  }
-  for (const char* key : {"rank_pattern", "alpha_pattern"}) {
-    if (j.contains(key) && j[key].is_object() && !j[key].empty()) {
-      return absl::InvalidArgumentError(StrCat("'", key, "' (per-module ranks or alphas) is not supported"));
-    }
-  }
-  if (!str("bias").empty() && str("bias") != "none") {
-    return absl::InvalidArgumentError(StrCat("bias '", str("bias"), "' is not supported (only \"none\")"));
-  }
-  if (j.contains("fan_in_fan_out") && j["fan_in_fan_out"].is_boolean() && j["fan_in_fan_out"].get<bool>()) {
-    return absl::InvalidArgumentError("fan_in_fan_out adapters (GPT-2 Conv1D) are not supported");
-  }
-  if (j.contains("modules_to_save") && !j["modules_to_save"].is_null() &&
-      !(j["modules_to_save"].is_array() && j["modules_to_save"].empty())) {
-    return absl::InvalidArgumentError("modules_to_save (fully trained extra modules) is not supported");
-  }
-  const Json& tm = j.contains("target_modules") ? j["target_modules"] : Json();
-  c.targets.clear();
-  if (tm.is_string()) {
-    const std::string s = tm.get<std::string>();
-    if (s != "all-linear") {
-      return absl::InvalidArgumentError(
-          StrCat("target_modules is the pattern '", s, "'; give a list of module names or \"all-linear\""));
-    }
-    c.targets.assign(std::begin(kAllProjections), std::end(kAllProjections));
-  } else if (tm.is_array()) {
-    for (const Json& t : tm) {
-      if (!t.is_string()) return absl::InvalidArgumentError("target_modules must hold strings");
-      std::string name = t.get<std::string>();
-      name = name.substr(name.rfind('.') == std::string::npos ? 0 : name.rfind('.') + 1);
-      auto p = ProjectionFromName(name);
-      if (!p) {
-        return absl::InvalidArgumentError(
-            StrCat("target module '", t.get<std::string>(), "' is not a projection of ", model.architecture));
-      }
-      if (std::find(c.targets.begin(), c.targets.end(), *p) == c.targets.end()) c.targets.push_back(*p);
-    }
-  } else {
-    return absl::InvalidArgumentError("target_modules is missing");
-  }
-  if (j.contains("layers_to_transform") && !j["layers_to_transform"].is_null()) {
-    const Json& l = j["layers_to_transform"];
-    if (l.is_number_integer()) {
-      c.layers = {l.get<int64_t>()};
-    } else if (l.is_array()) {
-      for (const Json& x : l) {
-        if (!x.is_number_integer()) return absl::InvalidArgumentError("layers_to_transform must hold integers");
-        c.layers.push_back(x.get<int64_t>());
-      }
-    } else {
-      return absl::InvalidArgumentError("layers_to_transform must be an integer or a list");
-    }
-  }
-  SEEDLING_RETURN_IF_ERROR(c.Validate(model));
-  return c;
-}
 
 std::string Shape(int64_t r, int64_t c) { return StrCat("[", r, ", ", c, "]"); }
 
@@ -525,9 +368,7 @@ std::string Shape(int64_t r, int64_t c) { return StrCat("[", r, ", ", c, "]"); }
 absl::StatusOr<std::unique_ptr<LoraAdapter>> LoadPeft(const std::string& dir, const ModelConfig& model) {
   const std::string config_path = JoinPath(dir, "adapter_config.json");
   SEEDLING_ASSIGN_OR_RETURN(std::string text, ReadFile(config_path));
-  SEEDLING_ASSIGN_OR_RETURN(const Json j, ParseJson(text, config_path));
-  if (!j.is_object()) return absl::InvalidArgumentError(StrCat(config_path, ": must be a JSON object"));
-  auto config = ParsePeftConfig(j, model);
+  auto config = ParsePeftConfig(text, model);
   if (!config.ok()) return Annotate(config.status(), config_path);
   SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<LoraAdapter> adapter, LoraAdapter::Create(model, *config));
 

@@ -21,29 +21,11 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "lora/lora_config.h"
 #include "model/config.h"
 #include "model/llama.h"
 
 namespace seedling::lora {
-
-// Ranks above this are refused: beyond any use, and they would multiply into absurd sizes.
-inline constexpr int64_t kMaxLoraRank = 4096;
-
-struct LoraConfig {
-  int64_t rank = 8;                 // r
-  double alpha = 16.0;              // scale numerator
-  double dropout = 0.0;             // probability of zeroing an input element of A (training only)
-  bool use_rslora = false;          // scale alpha / sqrt(r) instead of alpha / r
-  std::vector<model::Projection> targets = {model::Projection::kQ, model::Projection::kV};
-  std::vector<int64_t> layers;      // layers to adapt; empty = all
-  uint64_t init_seed = 0;           // A ~ U(-1/sqrt(in), 1/sqrt(in)) from this seed (PEFT's Kaiming init)
-
-  double scale() const;
-  absl::Status Validate(const model::ModelConfig& model) const;
-};
-
-// Parses "q_proj,v_proj" (or "q,v", or "all") into projections. InvalidArgument names a bad entry.
-absl::StatusOr<std::vector<model::Projection>> ParseTargets(std::string_view list);
 
 // One A or B matrix inside the flat buffer.
 struct LoraView {

@@ -433,4 +433,31 @@ absl::StatusOr<ModelConfig> PresetConfig(std::string_view name) {
   return c;
 }
 
+const char* ProjectionName(Projection p) {
+  switch (p) {
+    case Projection::kQ:
+      return "q_proj";
+    case Projection::kK:
+      return "k_proj";
+    case Projection::kV:
+      return "v_proj";
+    case Projection::kO:
+      return "o_proj";
+    case Projection::kGate:
+      return "gate_proj";
+    case Projection::kUp:
+      return "up_proj";
+    case Projection::kDown:
+      return "down_proj";
+  }
+  return "?";
+}
+
+std::optional<Projection> ProjectionFromName(std::string_view name) {
+  for (Projection p : kAllProjections) {
+    if (name == ProjectionName(p)) return p;
+  }
+  return std::nullopt;
+}
+
 }  // namespace seedling::model

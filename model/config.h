@@ -98,4 +98,14 @@ std::string ModelId(const ModelConfig& config);
 absl::StatusOr<ModelConfig> PresetConfig(std::string_view name);
 std::vector<std::string> PresetNames();
 
+// The linear projections of a decoder layer, in Hugging Face naming.
+enum class Projection { kQ, kK, kV, kO, kGate, kUp, kDown };
+inline constexpr int kNumProjections = 7;
+inline constexpr Projection kAllProjections[] = {Projection::kQ,    Projection::kK,  Projection::kV,   Projection::kO,
+                                                 Projection::kGate, Projection::kUp, Projection::kDown};
+// "q_proj", "k_proj", ..., "down_proj".
+const char* ProjectionName(Projection p);
+// The projection of a name ProjectionName gives; nullopt for any other.
+std::optional<Projection> ProjectionFromName(std::string_view name);
+
 }  // namespace seedling::model

@@ -41,26 +41,6 @@ int64_t ScoredTokens(const at::Tensor& targets) { return targets.ne(kIgnoreIndex
 
 }  // namespace
 
-const char* ProjectionName(Projection p) {
-  switch (p) {
-    case Projection::kQ:
-      return "q_proj";
-    case Projection::kK:
-      return "k_proj";
-    case Projection::kV:
-      return "v_proj";
-    case Projection::kO:
-      return "o_proj";
-    case Projection::kGate:
-      return "gate_proj";
-    case Projection::kUp:
-      return "up_proj";
-    case Projection::kDown:
-      return "down_proj";
-  }
-  return "?";
-}
-
 KvCache::KvCache(const ModelConfig& config, int64_t batch, int64_t max_length)
     : batch_(batch), max_length_(max_length) {
   SEEDLING_CHECK(batch > 0 && max_length > 0);

@@ -29,12 +29,6 @@
 
 namespace seedling::model {
 
-// The linear projections of a decoder layer, in Hugging Face naming.
-enum class Projection { kQ, kK, kV, kO, kGate, kUp, kDown };
-inline constexpr int kNumProjections = 7;
-// "q_proj", "k_proj", ..., "down_proj".
-const char* ProjectionName(Projection p);
-
 // Adds a learned delta to projections (LoRA and friends live in lora/, not here).
 class ProjectionAdapter {
  public:

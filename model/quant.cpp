@@ -21,52 +21,6 @@ uint16_t Scale(float d, uint32_t& bad) { return FloatToHalf(d, bad); }
 
 }  // namespace
 
-const char* WeightFormatName(WeightFormat format) {
-  switch (format) {
-    case WeightFormat::kF32:
-      return "f32";
-    case WeightFormat::kF16:
-      return "f16";
-    case WeightFormat::kBF16:
-      return "bf16";
-    case WeightFormat::kQ8_0:
-      return "q8_0";
-    case WeightFormat::kQ4_0:
-      return "q4_0";
-  }
-  return "?";
-}
-
-int64_t BlockBytes(WeightFormat format) {
-  switch (format) {
-    case WeightFormat::kQ8_0:
-      return kQ8Bytes;
-    case WeightFormat::kQ4_0:
-      return kQ4Bytes;
-    default:
-      return 0;
-  }
-}
-
-int64_t RowBytes(WeightFormat format, int64_t cols) {
-  switch (format) {
-    case WeightFormat::kF32:
-      return 4 * cols;
-    case WeightFormat::kF16:
-    case WeightFormat::kBF16:
-      return 2 * cols;
-    case WeightFormat::kQ8_0:
-    case WeightFormat::kQ4_0:
-      return cols / kQuantBlock * BlockBytes(format);
-  }
-  return 0;
-}
-
-WeightFormat MatrixFormatFor(WeightFormat requested, int64_t cols) {
-  if (IsBlockFormat(requested) && cols % kQuantBlock != 0) return WeightFormat::kF16;
-  return requested;
-}
-
 // ggml quantize_row_q8_0_ref.
 void QuantizeRowQ8_0(const float* x, BlockQ8_0* y, int64_t n) {
   SEEDLING_CHECK(n % kQuantBlock == 0);

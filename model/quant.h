@@ -1,16 +1,6 @@
 #pragma once
 
-// Frozen weight formats: fp32, the two 16-bit float types, and GGUF's block formats Q8_0 and Q4_0.
-//
-// Block formats (ggml-common.h, bit for bit, so a quantized base model and a quantized GGUF export
-// hold the same numbers): a row of `cols` weights (cols % 32 == 0) is cols / 32 blocks of 32 weights,
-// each with a binary16 scale d:
-//   Q8_0 (34 bytes): d, then 32 int8 codes q;            weight j = q[j] * d.
-//   Q4_0 (18 bytes): d, then 16 bytes of packed nibbles;  weight j     = ((qs[j] & 0xF) - 8) * d,
-//                                                          weight j+16 = ((qs[j] >> 4)  - 8) * d.
-// Quantization follows ggml's reference (quantize_row_q8_0_ref / quantize_row_q4_0_ref):
-//   Q8_0: d = max|x| / 127, q = round(x / d).
-//   Q4_0: m = the x of largest magnitude (sign kept), d = m / -8, q = min(15, trunc(x / d + 8.5)).
+// Frozen weight formats (model/weight_format.h) held as LibTorch tensors, and the block codecs.
 //
 // In memory a frozen matrix of logical shape (rows, cols) is an at::Tensor:
 //   kF32 / kF16 / kBF16: a (rows, cols) tensor of that dtype;
@@ -28,36 +18,9 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "model/weight_format.h"
 
 namespace seedling::model {
-
-enum class WeightFormat : uint8_t { kF32, kF16, kBF16, kQ8_0, kQ4_0 };
-
-// "f32", "f16", "bf16", "q8_0", "q4_0".
-const char* WeightFormatName(WeightFormat format);
-
-inline constexpr int64_t kQuantBlock = 32;  // weights per block (QK8_0 = QK4_0 = 32)
-
-struct BlockQ8_0 {
-  uint16_t d;  // binary16 scale
-  int8_t qs[kQuantBlock];
-};
-struct BlockQ4_0 {
-  uint16_t d;  // binary16 scale
-  uint8_t qs[kQuantBlock / 2];
-};
-static_assert(sizeof(BlockQ8_0) == 34 && sizeof(BlockQ4_0) == 18, "GGUF block layouts");
-
-inline bool IsBlockFormat(WeightFormat f) { return f == WeightFormat::kQ8_0 || f == WeightFormat::kQ4_0; }
-// Bytes per block of 32 weights (34, 18); 0 for the float formats.
-int64_t BlockBytes(WeightFormat format);
-// Bytes of one row of `cols` weights (cols % 32 == 0 for block formats).
-int64_t RowBytes(WeightFormat format, int64_t cols);
-
-// The format a matrix of `cols` columns is stored in when `requested` is asked for: a block format
-// needs cols % 32 == 0; other matrices fall back to F16 (llama.cpp cannot block such rows either).
-// The weight cache and the GGUF export both follow this rule, so they hold the same numbers.
-WeightFormat MatrixFormatFor(WeightFormat requested, int64_t cols);
 
 // Reference codecs on raw blocks; n % 32 == 0. Pure functions of their input.
 void QuantizeRowQ8_0(const float* x, BlockQ8_0* y, int64_t n);

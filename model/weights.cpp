@@ -92,35 +92,6 @@ at::Tensor TensorFromView(const TensorView& view) {
       data, view.shape, [keep](void*) mutable { keep.reset(); }, at::TensorOptions().dtype(type));
 }
 
-const char* WeightPrecisionName(WeightPrecision precision) {
-  switch (precision) {
-    case WeightPrecision::kFloat32:
-      return "fp32";
-    case WeightPrecision::kStored:
-      return "stored";
-    case WeightPrecision::kQ8_0:
-      return "q8_0";
-    case WeightPrecision::kQ4_0:
-      return "q4_0";
-  }
-  return "?";
-}
-
-std::optional<WeightFormat> BlockFormatOf(WeightPrecision precision) {
-  if (precision == WeightPrecision::kQ8_0) return WeightFormat::kQ8_0;
-  if (precision == WeightPrecision::kQ4_0) return WeightFormat::kQ4_0;
-  return std::nullopt;
-}
-
-absl::StatusOr<WeightPrecision> ParseWeightPrecision(std::string_view name) {
-  for (WeightPrecision p : {WeightPrecision::kFloat32, WeightPrecision::kStored, WeightPrecision::kQ8_0,
-                            WeightPrecision::kQ4_0}) {
-    if (name == WeightPrecisionName(p)) return p;
-  }
-  return absl::InvalidArgumentError(
-      StrCat("weights must be fp32, stored, q8_0 or q4_0, got '", name, "'"));
-}
-
 std::vector<NamedWeight> NamedWeights(const ModelWeights& weights, const ModelConfig& config) {
   std::vector<NamedWeight> out;
   ModelWeights& w = const_cast<ModelWeights&>(weights);  // ForEachWeight only reads the slots here

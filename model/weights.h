@@ -22,6 +22,7 @@
 #include "absl/status/statusor.h"
 #include "model/config.h"
 #include "model/quant.h"
+#include "model/weight_format.h"
 #include "model/safetensors.h"
 
 namespace seedling::model {
@@ -43,21 +44,6 @@ struct ModelWeights {
   at::Tensor final_norm;  // (H)
   at::Tensor lm_head;     // (V, H); the same tensor as `embed` when the config ties them
 };
-
-// How the frozen matrices (projections, embedding, LM head) are held; norms and biases are always fp32.
-enum class WeightPrecision {
-  kFloat32,  // convert every matrix to fp32 at load (default for safetensors: fastest, largest)
-  kStored,   // keep each matrix in its stored format (F32, F16, BF16, or a GGUF file's Q8_0 / Q4_0)
-  kQ8_0,     // GGUF Q8_0 blocks (model/quant.h), from a weight cache file
-  kQ4_0,     // GGUF Q4_0 blocks (model/quant.h), from a weight cache file
-};
-
-// "fp32", "stored", "q8_0", "q4_0".
-const char* WeightPrecisionName(WeightPrecision precision);
-// The block format of kQ8_0 / kQ4_0; nullopt for the others.
-std::optional<WeightFormat> BlockFormatOf(WeightPrecision precision);
-// Parses the names above; InvalidArgument lists them.
-absl::StatusOr<WeightPrecision> ParseWeightPrecision(std::string_view name);
 
 struct LoadOptions {
   WeightPrecision precision = WeightPrecision::kFloat32;  // see the file comment

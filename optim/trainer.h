@@ -16,19 +16,9 @@
 #include "absl/status/statusor.h"
 #include "model/dataset.h"
 #include "model/llama.h"
+#include "optim/method.h"
 
 namespace seedling::optim {
-
-enum class Method {
-  kLoraBp,   // LoRA + backprop (AdamW)
-  kFwdGrad,  // forward gradient (FwdLLM): directional derivatives along seeded perturbations
-  kMezo,     // zeroth-order SPSA (MeZO)
-  kKSeed,    // zeroth-order with a finite seed pool (FedKSeed)
-};
-
-// "lora-bp", "fwdgrad", "mezo", "kseed".
-const char* MethodName(Method m);
-absl::StatusOr<Method> ParseMethod(std::string_view name);
 
 struct StepResult {
   double loss = std::numeric_limits<double>::quiet_NaN();  // mean loss per scored token on the batch

@@ -9,7 +9,8 @@
 
 #include "absl/status/statusor.h"
 #include "comms/codec.h"
-#include "model/weights.h"
+#include "model/weight_format.h"
+#include "privacy/secagg.h"
 #include "server/strategy.h"
 
 namespace seedling::server {
@@ -133,5 +134,14 @@ absl::StatusOr<ServerConfig> LoadServerConfig(const std::string& path);
 // Parses "fp32", "fp16", "int8", "int4", "topk", "seed-scalars".
 absl::StatusOr<v1::Codec> ParseCodecName(std::string_view name);
 const char* CodecName(v1::Codec codec);
+
+// The SecAgg+ parameters of a round whose cohort has `cohort` devices and whose masked vectors have
+// `vector_length` entries (adapter entries + 1), from [secagg]:
+//   k = neighbors if set (n − 1 when the cohort is smaller), else ⌈neighbors_fraction·(n − 1)⌉ rounded up to
+//       even (n − 1 when that reaches it), else n − 1 (the complete graph: SecAgg);
+//   t = threshold if set, else ⌊k/2⌋ + 1 (the smallest secure threshold: tolerates the most dropouts).
+// InvalidArgument (privacy::ValidateParams' message, prefixed with the cohort) if the result is refused.
+absl::StatusOr<privacy::SecAggParams> SecAggParamsFor(const SecAggConfig& config, uint32_t cohort,
+                                                      uint32_t vector_length);
 
 }  // namespace seedling::server

@@ -49,13 +49,4 @@ class SecAggStrategy final : public Strategy {
   const std::unique_ptr<Strategy> inner_;
 };
 
-// The SecAgg+ parameters of a round whose cohort has `cohort` devices and whose masked vectors have
-// `vector_length` entries (adapter entries + 1), from [secagg]:
-//   k = neighbors if set (n − 1 when the cohort is smaller), else ⌈neighbors_fraction·(n − 1)⌉ rounded up to
-//       even (n − 1 when that reaches it), else n − 1 (the complete graph: SecAgg);
-//   t = threshold if set, else ⌊k/2⌋ + 1 (the smallest secure threshold: tolerates the most dropouts).
-// InvalidArgument (privacy::ValidateParams' message, prefixed with the cohort) if the result is refused.
-absl::StatusOr<privacy::SecAggParams> SecAggParamsFor(const SecAggConfig& config, uint32_t cohort,
-                                                      uint32_t vector_length);
-
 }  // namespace seedling::server

@@ -1,4 +1,5 @@
 // sim.toml: the [simulation] and [methods.*] tables here; round settings through server::ParseServerConfig.
+// No LibTorch: scripts/fuzz.sh fuzzes this parser with clang.
 
 #include <set>
 #include <sstream>
@@ -8,7 +9,8 @@
 #include "base/status.h"
 #include "base/strings.h"
 #include "base/toml.h"
-#include "client/memory_planner.h"
+#include "base/memory.h"
+#include "optim/method.h"
 #include "simulator/simulation.h"
 
 namespace seedling::simulator {
@@ -128,7 +130,7 @@ absl::StatusOr<SimulationOptions> ParseSimulationConfig(std::string_view toml_te
     std::string runtime = "auto";
     SEEDLING_RETURN_IF_ERROR(Get(*sim, n, "device_runtime", runtime));
     if (runtime != "auto") {
-      absl::StatusOr<int64_t> bytes = client::ParseByteSize(runtime);
+      absl::StatusOr<int64_t> bytes = ParseByteSize(runtime);
       if (!bytes.ok()) return KeyError(n, "device_runtime", StrCat("expected \"auto\" or a size such as \"180M\": ",
                                                                   bytes.status().message()));
       o.device_runtime_bytes = *bytes;
@@ -168,6 +170,33 @@ absl::StatusOr<SimulationOptions> ParseSimulationConfig(std::string_view toml_te
   if (sim_methods == nullptr) check.methods = {"lora-bp"};
   SEEDLING_RETURN_IF_ERROR(check.Validate());
   return o;
+}
+
+absl::Status SimulationOptions::Validate() const {
+  if (model_dir.empty()) return absl::InvalidArgumentError("model_dir is required");
+  if (methods.empty()) return absl::InvalidArgumentError("at least one method is required");
+  for (const std::string& m : methods) SEEDLING_RETURN_IF_ERROR(optim::ParseMethod(m).status());
+  if (server.rounds < 1) return absl::InvalidArgumentError("rounds must be at least 1");
+  if (heldout_devices < 1) return absl::InvalidArgumentError("heldout_devices must be at least 1");
+  if (eval_examples < 1) return absl::InvalidArgumentError("eval_examples must be at least 1");
+  if (!(tick_s > 0)) return absl::InvalidArgumentError("tick_s must be positive");
+  if (!(max_hours > 0)) return absl::InvalidArgumentError("max_hours must be positive");
+  if (threads < 0) return absl::InvalidArgumentError("threads must be >= 0");
+  if (server.secagg.enabled) {
+    for (const std::string& m : methods) {
+      if (m != "lora-bp" && m != "mezo") {
+        return absl::InvalidArgumentError(StrCat("[secagg] enabled: method ", m, " does not upload a dense delta; "
+                                                 "secure aggregation runs with lora-bp and mezo"));
+      }
+    }
+  }
+  if (mpi_placement != "auto" && mpi_placement != "static") {
+    return absl::InvalidArgumentError(StrCat("mpi_placement must be auto or static, got '", mpi_placement, "'"));
+  }
+  if (!(plan_seconds >= 0) || !(radio_watts >= 0)) {
+    return absl::InvalidArgumentError("plan_seconds and radio_watts must be >= 0");
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace seedling::simulator

@@ -1364,37 +1364,6 @@ absl::Status RunDeviceRank(const World& world) {
 
 }  // namespace
 
-absl::Status SimulationOptions::Validate() const {
-  if (model_dir.empty()) return absl::InvalidArgumentError("model_dir is required");
-  if (methods.empty()) return absl::InvalidArgumentError("at least one method is required");
-  for (const std::string& m : methods) {
-    if (m != "lora-bp" && m != "fwdgrad" && m != "mezo" && m != "kseed") {
-      return absl::InvalidArgumentError(StrCat("unknown method '", m, "' (expected lora-bp, fwdgrad, mezo or kseed)"));
-    }
-  }
-  if (server.rounds < 1) return absl::InvalidArgumentError("rounds must be at least 1");
-  if (heldout_devices < 1) return absl::InvalidArgumentError("heldout_devices must be at least 1");
-  if (eval_examples < 1) return absl::InvalidArgumentError("eval_examples must be at least 1");
-  if (!(tick_s > 0)) return absl::InvalidArgumentError("tick_s must be positive");
-  if (!(max_hours > 0)) return absl::InvalidArgumentError("max_hours must be positive");
-  if (threads < 0) return absl::InvalidArgumentError("threads must be >= 0");
-  if (server.secagg.enabled) {
-    for (const std::string& m : methods) {
-      if (m != "lora-bp" && m != "mezo") {
-        return absl::InvalidArgumentError(StrCat("[secagg] enabled: method ", m, " does not upload a dense delta; "
-                                                 "secure aggregation runs with lora-bp and mezo"));
-      }
-    }
-  }
-  if (mpi_placement != "auto" && mpi_placement != "static") {
-    return absl::InvalidArgumentError(StrCat("mpi_placement must be auto or static, got '", mpi_placement, "'"));
-  }
-  if (!(plan_seconds >= 0) || !(radio_watts >= 0)) {
-    return absl::InvalidArgumentError("plan_seconds and radio_watts must be >= 0");
-  }
-  return absl::OkStatus();
-}
-
 absl::StatusOr<SimulationResult> RunSimulation(const SimulationOptions& options, MpiRanks* ranks) {
   if (ranks != nullptr && ranks->size() == 1) ranks = nullptr;
   // Rank 0 tells the other ranks to stop however it leaves (an error there would otherwise leave them

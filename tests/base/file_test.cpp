@@ -84,6 +84,21 @@ TEST_CASE("MappedFile::FromBytes holds the bytes, and Release leaves them intact
   CHECK(MappedFile::FromBytes("empty", "")->size() == 0);
 }
 
+TEST_CASE("ParseByteSize reads binary units and refuses more than 1 PiB", "[base][memory]") {
+  CHECK(*ParseByteSize("512M") == 512LL << 20);
+  CHECK(*ParseByteSize("1.5G") == 3LL << 29);
+  CHECK(*ParseByteSize("800MiB") == 800LL << 20);
+  CHECK(*ParseByteSize("4096") == 4096);
+  CHECK(*ParseByteSize(" 2 gb ") == 2LL << 30);
+  CHECK(*ParseByteSize("1024G") == 1024LL << 30);
+  CHECK(ParseByteSize("lots").status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(ParseByteSize("-1M").status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(ParseByteSize("5X").status().code() == absl::StatusCode::kInvalidArgument);
+  // Beyond int64 the conversion itself would be undefined: refused with the bound.
+  CHECK(ParseByteSize("1e30G").status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(ParseByteSize("1025T").status().code() == absl::StatusCode::kInvalidArgument);
+}
+
 TEST_CASE("Peak RSS grows when memory is touched", "[base][memory]") {
   const int64_t before = PeakRssBytes();
   REQUIRE(before > 0);

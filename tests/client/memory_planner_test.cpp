@@ -224,20 +224,6 @@ TEST_CASE("Full-parameter zeroth-order plans count the weights once and an exact
   CHECK(PlanMemory(r).status().code() == absl::StatusCode::kInvalidArgument);
 }
 
-TEST_CASE("Byte sizes parse with binary units", "[client][planner]") {
-  CHECK(*ParseByteSize("512M") == 512LL << 20);
-  CHECK(*ParseByteSize("1.5G") == 3LL << 29);
-  CHECK(*ParseByteSize("800MiB") == 800LL << 20);
-  CHECK(*ParseByteSize("4096") == 4096);
-  CHECK(*ParseByteSize(" 2 gb ") == 2LL << 30);
-  CHECK(ParseByteSize("lots").status().code() == absl::StatusCode::kInvalidArgument);
-  CHECK(ParseByteSize("-1M").status().code() == absl::StatusCode::kInvalidArgument);
-  CHECK(ParseByteSize("5X").status().code() == absl::StatusCode::kInvalidArgument);
-  // Beyond int64 the conversion itself would be undefined: refused with the bound.
-  CHECK(ParseByteSize("1e30G").status().code() == absl::StatusCode::kInvalidArgument);
-  CHECK(*ParseByteSize("1024G") == 1024LL << 30);
-}
-
 TEST_CASE("Absurd plan inputs are refused, never wrapped into a size", "[client][planner]") {
   // An unvalidated config with a 2^62-token vocabulary used to wrap a byte count to 0 and die of SIGFPE.
   PlanRequest huge_vocab = SmolRequest(optim::Method::kMezo);

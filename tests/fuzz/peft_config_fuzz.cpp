@@ -1,15 +1,15 @@
-// Fuzz target: a PEFT adapter_config.json (lora/adapter.h LoadPeft) for the "tiny" preset model. The input
-// is written as the adapter's config; there are no weights, so an accepted config ends in NotFound for
-// adapter_model.safetensors after the adapter was sized from it (the rank is bounded before that).
+// Fuzz target: a PEFT adapter_config.json (lora/lora_config.h ParsePeftConfig, which lora::LoadPeft reads
+// before it sizes the adapter) for the "tiny" preset model. An accepted config must pass Validate against the
+// model and give a finite, positive scale; anything else aborts (a finding).
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
-#include <filesystem>
+#include <string_view>
 
-#include "lora/adapter.h"
+#include "lora/lora_config.h"
 #include "model/config.h"
-#include "tests/fuzz/fuzz_util.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   static const seedling::model::ModelConfig model = [] {
@@ -17,7 +17,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (!preset.ok()) std::abort();
     return *preset;
   }();
-  const std::string path = seedling::fuzz::WriteInputFile(data, size, "adapter_config.json");
-  (void)seedling::lora::LoadPeft(std::filesystem::path(path).parent_path().string(), model);
+  auto config = seedling::lora::ParsePeftConfig(std::string_view(reinterpret_cast<const char*>(data), size), model);
+  if (!config.ok()) return 0;
+  if (!config->Validate(model).ok()) std::abort();
+  const double scale = config->scale();
+  if (!std::isfinite(scale) || !(scale > 0)) std::abort();
   return 0;
 }

@@ -1220,10 +1220,6 @@ at::Tensor RandomMatrix(int64_t rows, int64_t cols, uint32_t seed) {
   return t;
 }
 
-constexpr Projection kAllProjections[] = {Projection::kQ,   Projection::kK,    Projection::kV,
-                                          Projection::kO,   Projection::kGate, Projection::kUp,
-                                          Projection::kDown};
-
 // The weight a projection adapts, (out, in).
 const at::Tensor& BaseWeight(const ModelWeights& w, int64_t layer, Projection p) {
   const LayerWeights& l = w.layers[layer];

@@ -1,0 +1,169 @@
+#include "lora/lora_config.h"
+
+#include <algorithm>
+#include <cmath>
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "absl/strings/str_split.h"
+#include "base/json.h"
+#include "base/status.h"
+#include "base/strings.h"
+
+namespace seedling::lora {
+
+using model::ModelConfig;
+using model::Projection;
+using model::ProjectionFromName;
+using model::kAllProjections;
+using Json = nlohmann::json;
+
+double LoraConfig::scale() const {
+  return use_rslora ? alpha / std::sqrt(static_cast<double>(rank)) : alpha / static_cast<double>(rank);
+}
+
+absl::Status LoraConfig::Validate(const ModelConfig& model) const {
+  if (rank < 1 || rank > kMaxLoraRank) {
+    return absl::InvalidArgumentError(StrCat("LoRA rank must be in [1, ", kMaxLoraRank, "], got ", rank));
+  }
+  if (!(alpha > 0)) return absl::InvalidArgumentError(StrCat("LoRA alpha must be > 0, got ", alpha));
+  if (!(dropout >= 0 && dropout < 1)) {
+    return absl::InvalidArgumentError(StrCat("LoRA dropout must be in [0, 1), got ", dropout));
+  }
+  if (targets.empty()) return absl::InvalidArgumentError("LoRA needs at least one target projection");
+  std::set<Projection> seen(targets.begin(), targets.end());
+  if (seen.size() != targets.size()) return absl::InvalidArgumentError("LoRA targets contain a duplicate");
+  for (int64_t l : layers) {
+    if (l < 0 || l >= model.num_hidden_layers) {
+      return absl::InvalidArgumentError(
+          StrCat("LoRA layer ", l, " does not exist (the model has ", model.num_hidden_layers, " layers)"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<Projection>> ParseTargets(std::string_view list) {
+  std::vector<Projection> out;
+  if (list == "all" || list == "all-linear") return std::vector<Projection>(std::begin(kAllProjections), std::end(kAllProjections));
+  for (absl::string_view part : absl::StrSplit(ToAbsl(list), ',', absl::SkipWhitespace())) {
+    std::string name(part.data(), part.size());
+    name.erase(0, name.find_first_not_of(' '));
+    name.erase(name.find_last_not_of(' ') + 1);
+    if (name.find('_') == std::string::npos) name += "_proj";  // "q" -> "q_proj"
+    auto p = ProjectionFromName(name);
+    if (!p) {
+      return absl::InvalidArgumentError(StrCat("unknown LoRA target '", name,
+                                               "' (expected q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+                                               "down_proj, or all)"));
+    }
+    if (std::find(out.begin(), out.end(), *p) == out.end()) out.push_back(*p);
+  }
+  if (out.empty()) return absl::InvalidArgumentError("no LoRA targets given");
+  return out;
+}
+
+absl::StatusOr<LoraConfig> ParsePeftConfig(std::string_view json_text, const ModelConfig& model) {
+  SEEDLING_ASSIGN_OR_RETURN(const Json j, ParseJson(json_text, "the adapter config"));
+  if (!j.is_object()) return absl::InvalidArgumentError("the adapter config must be a JSON object");
+  auto str = [&](const char* key) -> std::string {
+    auto it = j.find(key);
+    return (it != j.end() && it->is_string()) ? it->get<std::string>() : std::string();
+  };
+  if (str("peft_type") != "LORA") {
+    return absl::InvalidArgumentError(StrCat("peft_type is '", str("peft_type"), "'; only LORA adapters are supported"));
+  }
+  LoraConfig c;
+  if (!j.contains("r") || !j["r"].is_number_integer()) return absl::InvalidArgumentError("'r' must be an integer");
+  c.rank = j["r"].get<int64_t>();
+  if (!j.contains("lora_alpha") || !j["lora_alpha"].is_number()) {
+    return absl::InvalidArgumentError("'lora_alpha' must be a number");
+  }
+  c.alpha = j["lora_alpha"].get<double>();
+  if (j.contains("lora_dropout") && j["lora_dropout"].is_number()) c.dropout = j["lora_dropout"].get<double>();
+  if (j.contains("use_rslora") && j["use_rslora"].is_boolean()) c.use_rslora = j["use_rslora"].get<bool>();
+  if (j.contains("use_dora") && j["use_dora"].is_boolean() && j["use_dora"].get<bool>()) {
+    return absl::InvalidArgumentError("DoRA adapters (use_dora) are not supported");
+  }
+  for (const char* key : {"rank_pattern", "alpha_pattern"}) {
+    if (j.contains(key) && j[key].is_object() && !j[key].empty()) {
+      return absl::InvalidArgumentError(StrCat("'", key, "' (per-module ranks or alphas) is not supported"));
+    }
+  }
+  if (!str("bias").empty() && str("bias") != "none") {
+    return absl::InvalidArgumentError(StrCat("bias '", str("bias"), "' is not supported (only \"none\")"));
+  }
+  if (j.contains("fan_in_fan_out") && j["fan_in_fan_out"].is_boolean() && j["fan_in_fan_out"].get<bool>()) {
+    return absl::InvalidArgumentError("fan_in_fan_out adapters (GPT-2 Conv1D) are not supported");
+  }
+  if (j.contains("modules_to_save") && !j["modules_to_save"].is_null() &&
+      !(j["modules_to_save"].is_array() && j["modules_to_save"].empty())) {
+    return absl::InvalidArgumentError("modules_to_save (fully trained extra modules) is not supported");
+  }
+  const Json& tm = j.contains("target_modules") ? j["target_modules"] : Json();
+  c.targets.clear();
+  if (tm.is_string()) {
+    const std::string s = tm.get<std::string>();
+    if (s != "all-linear") {
+      return absl::InvalidArgumentError(
+          StrCat("target_modules is the pattern '", s, "'; give a list of module names or \"all-linear\""));
+    }
+    c.targets.assign(std::begin(kAllProjections), std::end(kAllProjections));
+  } else if (tm.is_array()) {
+    for (const Json& t : tm) {
+      if (!t.is_string()) return absl::InvalidArgumentError("target_modules must hold strings");
+      std::string name = t.get<std::string>();
+      name = name.substr(name.rfind('.') == std::string::npos ? 0 : name.rfind('.') + 1);
+      auto p = ProjectionFromName(name);
+      if (!p) {
+        return absl::InvalidArgumentError(
+            StrCat("target module '", t.get<std::string>(), "' is not a projection of ", model.architecture));
+      }
+      if (std::find(c.targets.begin(), c.targets.end(), *p) == c.targets.end()) c.targets.push_back(*p);
+    }
+  } else {
+    return absl::InvalidArgumentError("target_modules is missing");
+  }
+  if (j.contains("layers_to_transform") && !j["layers_to_transform"].is_null()) {
+    const Json& l = j["layers_to_transform"];
+    if (l.is_number_integer()) {
+      c.layers = {l.get<int64_t>()};
+    } else if (l.is_array()) {
+      for (const Json& x : l) {
+        if (!x.is_number_integer()) return absl::InvalidArgumentError("layers_to_transform must hold integers");
+        c.layers.push_back(x.get<int64_t>());
+      }
+    } else {
+      return absl::InvalidArgumentError("layers_to_transform must be an integer or a list");
+    }
+  }
+  SEEDLING_RETURN_IF_ERROR(c.Validate(model));
+  return c;
+}
+
+std::string PeftConfigJson(const LoraConfig& c, const std::string& base_model) {
+  Json targets = Json::array();
+  for (Projection p : model::kAllProjections) {
+    if (std::find(c.targets.begin(), c.targets.end(), p) != c.targets.end()) targets.push_back(model::ProjectionName(p));
+  }
+  Json config = {{"peft_type", "LORA"},
+                 {"task_type", "CAUSAL_LM"},
+                 {"r", c.rank},
+                 {"lora_alpha", c.alpha},
+                 {"lora_dropout", c.dropout},
+                 {"target_modules", targets},
+                 {"bias", "none"},
+                 {"fan_in_fan_out", false},
+                 {"use_rslora", c.use_rslora},
+                 {"use_dora", false},
+                 {"init_lora_weights", true},
+                 {"inference_mode", true},
+                 {"modules_to_save", nullptr},
+                 {"rank_pattern", Json::object()},
+                 {"alpha_pattern", Json::object()},
+                 {"layers_to_transform", c.layers.empty() ? Json(nullptr) : Json(c.layers)},
+                 {"base_model_name_or_path", base_model},
+                 {"revision", nullptr}};
+  return config.dump(2) + "\n";
+}
+
+}  // namespace seedling::lora

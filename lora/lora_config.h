@@ -1,0 +1,46 @@
+#pragma once
+
+// A LoRA adapter's configuration and its PEFT form (adapter_config.json), without LibTorch: the simulator's
+// and the server's configuration, the memory planner and the PEFT reader share it (lora/adapter.h holds the
+// adapter itself).
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "model/config.h"
+
+namespace seedling::lora {
+
+// Ranks above this are refused: beyond any use, and they would multiply into absurd sizes.
+inline constexpr int64_t kMaxLoraRank = 4096;
+
+struct LoraConfig {
+  int64_t rank = 8;                 // r
+  double alpha = 16.0;              // scale numerator
+  double dropout = 0.0;             // probability of zeroing an input element of A (training only)
+  bool use_rslora = false;          // scale alpha / sqrt(r) instead of alpha / r
+  std::vector<model::Projection> targets = {model::Projection::kQ, model::Projection::kV};
+  std::vector<int64_t> layers;      // layers to adapt; empty = all
+  uint64_t init_seed = 0;           // A ~ U(-1/sqrt(in), 1/sqrt(in)) from this seed (PEFT's Kaiming init)
+
+  double scale() const;
+  absl::Status Validate(const model::ModelConfig& model) const;
+};
+
+// Parses "q_proj,v_proj" (or "q,v", or "all") into projections. InvalidArgument names a bad entry.
+absl::StatusOr<std::vector<model::Projection>> ParseTargets(std::string_view list);
+
+// Parses a PEFT adapter_config.json for `model`: target_modules as a list of module names (or
+// "all-linear"), optional layers_to_transform, use_rslora, any rank. InvalidArgument names what does not fit:
+// a target this model lacks, a bad value, or an unsupported option (rank_pattern, alpha_pattern, DoRA, a
+// regex target_modules, bias other than "none", fan_in_fan_out, modules_to_save).
+absl::StatusOr<LoraConfig> ParsePeftConfig(std::string_view json_text, const model::ModelConfig& model);
+
+// The adapter_config.json PEFT writes for `config` (pretty-printed, newline-terminated); `base_model` goes
+// to base_model_name_or_path.
+std::string PeftConfigJson(const LoraConfig& config, const std::string& base_model);
+
+}  // namespace seedling::lora

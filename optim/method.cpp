@@ -1,0 +1,29 @@
+#include "optim/method.h"
+
+#include "base/strings.h"
+
+namespace seedling::optim {
+
+const char* MethodName(Method m) {
+  switch (m) {
+    case Method::kLoraBp:
+      return "lora-bp";
+    case Method::kFwdGrad:
+      return "fwdgrad";
+    case Method::kMezo:
+      return "mezo";
+    case Method::kKSeed:
+      return "kseed";
+  }
+  return "?";
+}
+
+absl::StatusOr<Method> ParseMethod(std::string_view name) {
+  for (Method m : {Method::kLoraBp, Method::kFwdGrad, Method::kMezo, Method::kKSeed}) {
+    if (name == MethodName(m)) return m;
+  }
+  return absl::InvalidArgumentError(
+      StrCat("unknown method '", name, "' (expected lora-bp, fwdgrad, mezo or kseed)"));
+}
+
+}  // namespace seedling::optim

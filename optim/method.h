@@ -1,0 +1,22 @@
+#pragma once
+
+// The local training methods by name, without LibTorch (configuration parsers use it).
+
+#include <string_view>
+
+#include "absl/status/statusor.h"
+
+namespace seedling::optim {
+
+enum class Method {
+  kLoraBp,   // LoRA + backprop (AdamW)
+  kFwdGrad,  // forward gradient (FwdLLM): directional derivatives along seeded perturbations
+  kMezo,     // zeroth-order SPSA (MeZO)
+  kKSeed,    // zeroth-order with a finite seed pool (FedKSeed)
+};
+
+// "lora-bp", "fwdgrad", "mezo", "kseed".
+const char* MethodName(Method m);
+absl::StatusOr<Method> ParseMethod(std::string_view name);
+
+}  // namespace seedling::optim
