@@ -53,16 +53,9 @@ class Section {
       }
     } else {
       static_assert(std::is_integral_v<T>);
-      auto v = node->value<int64_t>();
-      if (!v || (node->is_floating_point())) return KeyError(name_, key, "must be an integer");
-      if constexpr (std::is_unsigned_v<T>) {
-        if (*v < 0) return KeyError(name_, key, "must not be negative");
-      }
-      if (*v < static_cast<int64_t>(std::numeric_limits<T>::min()) ||
-          static_cast<uint64_t>(*v) > static_cast<uint64_t>(std::numeric_limits<T>::max())) {
-        return KeyError(name_, key, "is out of range");
-      }
-      out = static_cast<T>(*v);
+      absl::StatusOr<T> v = TomlInteger<T>(*node);
+      if (!v.ok()) return KeyError(name_, key, FromAbsl(v.status().message()));
+      out = *v;
     }
     return absl::OkStatus();
   }

@@ -40,10 +40,9 @@ absl::Status Get(const toml::table& table, const std::string& name, const char* 
       return KeyError(name, key, "expected a number");
     }
   } else {
-    if (!node->is_integer()) return KeyError(name, key, "expected an integer");
-    const int64_t v = node->as_integer()->get();
-    if (v < 0 && std::is_unsigned_v<T>) return KeyError(name, key, "must not be negative");
-    out = static_cast<T>(v);
+    absl::StatusOr<T> v = TomlInteger<T>(*node);
+    if (!v.ok()) return KeyError(name, key, std::string(FromAbsl(v.status().message())));
+    out = *v;
   }
   return absl::OkStatus();
 }

@@ -69,6 +69,27 @@ TEST_CASE("A bad [model] weights value is refused naming the key", "[server][con
   }
 }
 
+TEST_CASE("An integer key given a float, a negative or an out-of-range value is refused naming the key",
+          "[server][config]") {
+  // Found by fuzzing: toml++ converts a float node to an integer with a plain cast, so 4.0e69 for an
+  // integer key was undefined behaviour (UBSan: float-cast-overflow) before it could be refused.
+  const std::pair<const char*, const char*> cases[] = {
+      {"[strategy]\nkseed_pool_size = 4.0e69\n", "must be an integer"},
+      {"[strategy]\nkseed_pool_size = 4.0\n", "must be an integer"},
+      {"[training]\nsteps = -1e300\n", "must be an integer"},
+      {"[training]\nrounds = \"7\"\n", "must be an integer"},
+      {"[strategy]\nkseed_pool_size = -3\n", "must not be negative"},
+      {"[strategy]\nkseed_pool_size = 9223372036854775807\n", "is out of range"},
+  };
+  for (const auto& [text, problem] : cases) {
+    INFO(text);
+    auto c = Parse(text);
+    REQUIRE_FALSE(c.ok());
+    CHECK(c.status().code() == absl::StatusCode::kInvalidArgument);
+    CHECK_THAT(std::string(c.status().message()), Catch::Contains(problem));
+  }
+}
+
 TEST_CASE("The README's server.toml table states the defaults the code has", "[server][config]") {
   auto readme = ReadFile(StrCat(SEEDLING_SOURCE_DIR, "/README.md"));
   REQUIRE(readme.ok());

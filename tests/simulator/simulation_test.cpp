@@ -572,6 +572,15 @@ rounds = 7
   auto bad_method = ParseSimulationConfig("[simulation]\nmodel = \"m\"\nmethods = [\"sgd\"]\n");
   REQUIRE_FALSE(bad_method.ok());
   CHECK(std::string(bad_method.status().message()).find("sgd") != std::string::npos);
+  // Integers are range-checked, never cast (a float for an integer key was undefined behaviour; fuzzing).
+  for (const char* text : {"[simulation]\nmodel = \"m\"\nthreads = 4294967296\n",
+                           "[simulation]\nmodel = \"m\"\ndevices = 1.0e300\n",
+                           "[simulation]\nmodel = \"m\"\n[training]\nsteps = 1.0e300\n"}) {
+    INFO(text);
+    auto bad_integer = ParseSimulationConfig(text);
+    REQUIRE_FALSE(bad_integer.ok());
+    CHECK(bad_integer.status().code() == absl::StatusCode::kInvalidArgument);
+  }
   auto bad_server = ParseSimulationConfig("[simulation]\nmodel = \"m\"\n[training]\nroundz = 1\n");
   REQUIRE_FALSE(bad_server.ok());
   CHECK(std::string(bad_server.status().message()).find("roundz") != std::string::npos);
