@@ -29,7 +29,7 @@ struct ClientConfig {
   std::string model_dir;                    // the base model (the same as the server's)
   std::string weights;                      // how to hold the frozen base weights: "" = as the task says
                                             // (server.toml [model] weights), or this device's own choice:
-                                            // fp32 | stored | q8_0 | q4_0 (model/weights.h)
+                                            // fp32 | stored | q8_0 | q4_0 (model/weight_format.h)
   std::string weight_cache_dir;             // q8_0 / q4_0 weight cache (model/weight_cache.h), built once;
                                             // default <state_dir>/model-cache (the model may be read-only)
   std::string data_path;                    // JSONL of the device's examples; default <state_dir>/examples.jsonl

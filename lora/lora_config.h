@@ -1,8 +1,8 @@
 #pragma once
 
-// A LoRA adapter's configuration and its PEFT form (adapter_config.json), without LibTorch: the simulator's
-// and the server's configuration, the memory planner and the PEFT reader share it (lora/adapter.h holds the
-// adapter itself).
+// A LoRA adapter's configuration and its PEFT form (adapter_config.json), without LibTorch, so the PEFT
+// reader can be fuzzed with clang (lora/adapter.h holds the adapter itself; the memory planner, the
+// coordinator and the trainers take a LoraConfig).
 
 #include <cstdint>
 #include <string>
