@@ -1,6 +1,6 @@
 #pragma once
 
-// Invariant checks that abort loudly with file:line (CONVENTIONS.md §7). Use them for broken invariants
+// Invariant checks that abort loudly with file:line (docs/contributing.md, "Errors"). Use them for broken invariants
 // (programming errors); errors caused by input, the environment or a peer return an absl::Status instead.
 
 #include <cstdio>

@@ -1,6 +1,6 @@
 #pragma once
 
-// Status glue on top of Abseil: early-return macros used at every module boundary (CONVENTIONS.md §5).
+// Status glue on top of Abseil: early-return macros used at every module boundary (docs/contributing.md, "Errors").
 
 #include <exception>
 #include <string>

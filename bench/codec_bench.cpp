@@ -1,6 +1,6 @@
 // Update codec throughput: encode and decode MB/s per codec for one flat update, the encoded size,
-// and a memcpy figure from the same run as the memory-bandwidth yardstick (DESIGN.md §9: claims
-// live in bench/).
+// and a memcpy figure from the same run as the memory-bandwidth yardstick (docs/architecture.md, "Performance
+// principles": claims live in bench/).
 //
 //   codec_bench [--numel N] [--reps R]      defaults: 10,000,000 floats, best of 5
 //

@@ -1,4 +1,4 @@
-// SecAgg+ cost per client and on the server, and upload expansion over plaintext fp32 (issue 6;
+// SecAgg+ cost per client and on the server, and upload expansion over plaintext fp32 (the
 // anchor: Bonawitz et al. 2017 report 1.73× expansion and about 849 ms per client at n = 500, m =
 // 100K, in Java).
 //

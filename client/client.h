@@ -1,10 +1,10 @@
 #pragma once
 
-// The on-device SDK (DESIGN.md §2): one Client per app. RunOnce() does one step of the federated protocol:
-// finish an interrupted upload, or check in, and if the server assigns a task: sync the global adapter
-// (download it, or replay seed sums for kseed), plan memory (declining tasks that do not fit), train on the
-// device's data with checkpoints, encode the update with the task's codec and upload it in resumable
-// chunks. Everything it needs to resume after the app is killed lives in the state directory:
+// The on-device SDK (docs/architecture.md, "One round, end to end"): one Client per app. RunOnce() does one step of the
+// federated protocol: finish an interrupted upload, or check in, and if the server assigns a task: sync the global
+// adapter (download it, or replay seed sums for kseed), plan memory (declining tasks that do not fit), train on the
+// device's data with checkpoints, encode the update with the task's codec and upload it in resumable chunks. Everything
+// it needs to resume after the app is killed lives in the state directory:
 //
 //   state.json         synced global version, the current task and phase (idle / training / trained)
 //   adapter.safetensors the global adapter at the synced version

@@ -48,7 +48,7 @@ struct TrainingConfig {
 // config.perturbations, or the method's default when it is 0.
 int64_t PerturbationsPerStep(const TrainingConfig& config);
 
-// Published starting points (DESIGN.md §3): lora-bp 2e-4 (AdamW); fwdgrad 1e-2 (FwdLLM's SGD); mezo 1e-4 on
+// Published starting points (docs/methods.md): lora-bp 2e-4 (AdamW); fwdgrad 1e-2 (FwdLLM's SGD); mezo 1e-4 on
 // LoRA, 1e-6 on full parameters; kseed 1e-4 on LoRA, 3e-7 on full parameters (FedKSeed).
 double DefaultLearningRate(optim::Method method, bool full_parameters);
 // mezo 1e-2 on LoRA, 1e-3 full; kseed 1e-2 on LoRA, 5e-4 full (FedKSeed); fwdgrad central difference 1e-2.

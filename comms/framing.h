@@ -1,6 +1,6 @@
 #pragma once
 
-// Frames: a 4-byte big-endian length, then that many bytes of one serialized Envelope (DESIGN.md §4).
+// Frames: a 4-byte big-endian length, then that many bytes of one serialized Envelope (docs/protocol.md).
 
 #include <cstdint>
 #include <optional>

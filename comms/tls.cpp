@@ -1,10 +1,10 @@
 #include "comms/tls.h"
 
-// Server: the shape of Boost.Beast's async SSL server examples (CONVENTIONS.md §10). An acceptor on
-// its own strand hands each socket to a Session that owns itself through shared_from_this and runs
-// on its own strand; the Server registers sessions so that Stop() can close them all. Each
-// handshake, read and write arms the session's one timer first; when it fires the socket is closed
-// and the pending operation ends with an error that goes to Session::Fail.
+// Server: the shape of Boost.Beast's async SSL server examples (docs/contributing.md, "Ownership and concurrency"). An
+// acceptor on its own strand hands each socket to a Session that owns itself through shared_from_this and runs on its
+// own strand; the Server registers sessions so that Stop() can close them all. Each handshake, read and write arms the
+// session's one timer first; when it fires the socket is closed and the pending operation ends with an error that goes
+// to Session::Fail.
 //
 // Client: each Channel has its own io_context, run on the calling thread until the operation
 // completes or the deadline timer closes the socket, so the synchronous Channel API keeps every

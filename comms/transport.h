@@ -1,6 +1,6 @@
 #pragma once
 
-// The seam between protocol logic and the network (CONVENTIONS.md §2): the client talks to a Channel
+// The seam between protocol logic and the network (docs/contributing.md, "Shape"): the client talks to a Channel
 // (request → response), the server implements a ConnectionHandler per connection. Two implementations:
 // TLS over Boost.Asio + OpenSSL (comms/tls.h) and in-memory (comms/in_memory.h) for tests and the
 // simulator. Both carry the same frames (comms/framing.h), with the same size limits.
@@ -19,7 +19,7 @@ namespace seedling::comms {
 using Clock = std::chrono::steady_clock;
 using Duration = std::chrono::milliseconds;
 
-// Frame size limits (DESIGN.md §4), checked against the 4-byte length before anything is allocated.
+// Frame size limits (docs/protocol.md), checked against the 4-byte length before anything is allocated.
 inline constexpr size_t kMaxControlFrameBytes = 4u << 20;           // any message
 inline constexpr size_t kMaxChunkBytes = 1u << 20;                  // UploadChunk.data / DownloadReply.data
 inline constexpr size_t kMaxChunkFrameBytes = kMaxChunkBytes + 4096;  // a chunk message with its envelope

@@ -1,7 +1,7 @@
 #pragma once
 
 // Converts exceptions thrown by LibTorch (c10::Error, std::bad_alloc) into absl::Status at module edges
-// (CONVENTIONS.md §6: no exception crosses a module boundary).
+// (docs/contributing.md, "Errors": no exception crosses a module boundary).
 
 #include <c10/util/Exception.h>
 

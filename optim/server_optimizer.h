@@ -15,7 +15,7 @@
 //
 // The adaptive rules are Reddi et al., "Adaptive Federated Optimization" (ICLR 2021), Algorithm 2,
 // without bias correction. Its initialization is m_{−1} = 0 and v_{−1} ≥ τ²; we take v_{−1} = τ²,
-// the smallest value the algorithm allows (REFERENCES.md §10 notes that the google-research code
+// the smallest value the algorithm allows (docs/methods.md, "Server optimizers", notes that the google-research code
 // starts the Adagrad / Yogi accumulators at 0 instead). sign(0) = 0 for Yogi.
 //
 // Arithmetic: every element is computed in double from the fp32 inputs and rounded once to fp32

@@ -1,6 +1,7 @@
 #pragma once
 
-// Rényi-DP accountant for the Poisson-subsampled Gaussian mechanism (DESIGN.md §6, REFERENCES.md §9b).
+// Rényi-DP accountant for the Poisson-subsampled Gaussian mechanism (docs/methods.md, "Differential privacy (DP-FedAvg
+// and the accountant)").
 //
 // One step releases f(D_sampled) + N(0, σ² S²), where every record (here: every device) is in the sample
 // independently with probability q and f has L2 sensitivity S; σ is the noise multiplier. Mironov, Talwar

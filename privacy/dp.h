@@ -1,7 +1,7 @@
 #pragma once
 
-// Client-level differential privacy primitives (DESIGN.md §6, REFERENCES.md §9a): flat L2 clipping of an
-// update, clipping of seed-method scalars, and Gaussian noise sources.
+// Client-level differential privacy primitives (docs/methods.md, "Differential privacy (DP-FedAvg and the
+// accountant)"): flat L2 clipping of an update, clipping of seed-method scalars, and Gaussian noise sources.
 //
 // Noise sources (one small interface, NoiseSource):
 //   * CsprngGaussianNoise — for deployment. 64-bit words from OpenSSL RAND_bytes (the OS-seeded DRBG), turned
@@ -12,8 +12,8 @@
 //     side channels of Mironov 2012 / Jin et al. 2022 (the low bits of a noised value can carry information);
 //     the released aggregate here is rounded to fp32 afterwards, which blurs but does not provably remove it.
 //   * SeededNoiseForSimulation — NOT FOR DEPLOYMENT: anyone who knows the seed can subtract the noise. The
-//     simulator uses it so that a run is reproducible (CONVENTIONS.md §13). Draws N(0, 1) from the Philox
-//     stream (seed, kDpNoiseStream) with base/philox.h's Box–Muller (seedling::Rng::Normal).
+//     simulator uses it so that a run is reproducible (docs/contributing.md, "Memory and numbers"). Draws N(0, 1) from
+//     the Philox stream (seed, kDpNoiseStream) with base/philox.h's Box–Muller (seedling::Rng::Normal).
 //
 // Thread safety: the functions are pure; a NoiseSource instance is not thread-safe (one per aggregator).
 

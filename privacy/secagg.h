@@ -1,7 +1,7 @@
 #pragma once
 
 // SecAgg+ secure aggregation (Bell et al., CCS 2020), with SecAgg (Bonawitz et al., CCS 2017) as the special
-// case of a complete neighbour graph. DESIGN.md §6, REFERENCES.md §8.
+// case of a complete neighbour graph. docs/architecture.md, "Privacy"; docs/methods.md, "Secure aggregation (SecAgg+)".
 //
 // The server learns Σ_u x_u mod 2^32 over the surviving clients and nothing else about any single x_u
 // (semi-honest server; the active-adversary consistency-check round is not implemented). Four stages, each a
@@ -65,8 +65,8 @@ class OsRandomSource final : public RandomSource {
 };
 
 // NOT SECURE: a deterministic stream SHA-256("seedling/secagg/seeded" ‖ seed ‖ counter), for tests and the
-// simulator only (CONVENTIONS.md §13), so a simulated round replays bit for bit. Anyone who knows the seed
-// knows every key.
+// simulator only (docs/contributing.md, "Memory and numbers"), so a simulated round replays bit for bit. Anyone who
+// knows the seed knows every key.
 class SeededRandomSourceForSimulation final : public RandomSource {
  public:
   explicit SeededRandomSourceForSimulation(uint64_t seed) : seed_(seed) {}

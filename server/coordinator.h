@@ -1,6 +1,6 @@
 #pragma once
 
-// The coordinator (DESIGN.md §2, §5): authenticates devices, runs rounds
+// The coordinator (docs/architecture.md, "One round, end to end" and "The server"): authenticates devices, runs rounds
 //   Open (handing out tasks, up to ceil(target × over_selection)) → Collecting (uploads until the target
 //   or the deadline) → Aggregating → Committed | Aborted (fewer than min_reports by the deadline),
 // validates and durably records uploads before acknowledging them, aggregates them with a Strategy as they

@@ -141,8 +141,8 @@ absl::Status DpStrategy::AccumulateSeedsLocked(const UpdateView& update) {
   absl::StatusOr<std::vector<comms::SeedIndexScalar>> pairs =
       comms::DecodeSeedIndexScalars(update.payload, options_.kseed_pool_size);
   if (!pairs.ok()) return InvalidUpdate(update, FromAbsl(pairs.status().message()));
-  // Each scalar to |ĝ| ≤ C (DESIGN.md §6), then the client's per-seed vector v_c (v_c,i = Σ of its scalars
-  // on seed i) to ‖v_c‖₂ ≤ C: the sensitivity the noise is calibrated to.
+  // Each scalar to |ĝ| ≤ C (docs/architecture.md, "Privacy"), then the client's per-seed vector v_c (v_c,i = Σ of its
+  // scalars on seed i) to ‖v_c‖₂ ≤ C: the sensitivity the noise is calibrated to.
   std::vector<float> values(pairs->size());
   double raw2 = 0.0;
   for (size_t k = 0; k < pairs->size(); ++k) {
@@ -185,8 +185,9 @@ absl::StatusOr<RoundOutcome> DpStrategy::FinishRound(GlobalModel& global) {
     return absl::FailedPreconditionError(
         StrCat("the global model has ", global.params.size(), " parameters; the round began with ", numel_));
   }
-  // Δ = (S + N(0, z²C² I)) / m (REFERENCES.md §9a steps 4–5): noise on the sum, then the fixed denominator.
-  // Noise is drawn into the sum in place; on failure the round is not released.
+  // Δ = (S + N(0, z²C² I)) / m (docs/methods.md, "Differential privacy (DP-FedAvg and the accountant)", steps 4–5):
+  // noise on the sum, then the fixed denominator. Noise is drawn into the sum in place; on failure the round is not
+  // released.
   const double sum_stddev = options_.noise_multiplier * options_.clip_norm;
   if (absl::Status st = noise_->AddGaussian(sum_stddev, sum_); !st.ok()) {
     open_ = false;

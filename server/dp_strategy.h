@@ -1,8 +1,9 @@
 #pragma once
 
-// Client-level differential privacy as a Strategy wrapper (DESIGN.md §5–6, CONVENTIONS.md §3): DP-FedAvg
-// (McMahan et al. 2018, REFERENCES.md §9a) around any built-in strategy, which keeps doing the server
-// optimizer step (fedavg family), FwdLLM's step (fwdgrad) or FedKSeed's seed-sum step (kseed).
+// Client-level differential privacy as a Strategy wrapper (docs/architecture.md, "The server" and "Privacy"): DP-FedAvg
+// (McMahan et al. 2018, docs/methods.md, "Differential privacy (DP-FedAvg and the accountant)") around any built-in
+// strategy, which keeps doing the server optimizer step (fedavg family), FwdLLM's step (fwdgrad) or FedKSeed's seed-sum
+// step (kseed).
 //
 // Per round, with clip norm C, noise multiplier z and expected clients m = q·N (the fixed denominator):
 //   1. Accumulate: each update is decoded and validated (as the inner strategy would), rejected above

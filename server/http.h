@@ -1,6 +1,6 @@
 #pragma once
 
-// The coordinator's observability endpoint (DESIGN.md §5): plain HTTP on its own port, separate
+// The coordinator's observability endpoint (docs/architecture.md, "The server"): plain HTTP on its own port, separate
 // from the device protocol, bound to 127.0.0.1 unless configured otherwise.
 //
 //   GET /            self-contained HTML dashboard (no scripts, no external assets, optional meta

@@ -1,6 +1,6 @@
 #pragma once
 
-// The coordinator's metrics registry (DESIGN.md §5, "Observability"): counters, gauges and
+// The coordinator's metrics registry (docs/architecture.md, "The server"): counters, gauges and
 // fixed-bucket histograms, optionally split by labels, rendered in the Prometheus text exposition
 // format 0.0.4 for GET /metrics (server/http.h).
 //

@@ -1,6 +1,6 @@
 #pragma once
 
-// Secure aggregation as a Strategy wrapper (DESIGN.md §5–6, CONVENTIONS.md §3). In a SecAgg+ round
+// Secure aggregation as a Strategy wrapper (docs/architecture.md, "The server" and "Privacy"). In a SecAgg+ round
 // (privacy/secagg.h) the coordinator never sees a client's update: devices upload masked, quantized vectors
 // and the server unmasks only their sum Σ_u [w_u, w_u·q(x_u)] mod 2^32. The coordinator decodes that sum
 // (privacy::DecodeAggregate: Σ w_u x_u per entry and Σ w_u) and hands it to this wrapper once, as one

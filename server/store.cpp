@@ -34,7 +34,7 @@ static_assert(std::endian::native == std::endian::little,
 
 namespace {
 
-// ---- C handles: one deleter for every C resource this file owns (CONVENTIONS.md §8)
+// ---- C handles: one deleter for every C resource this file owns (docs/contributing.md, "Ownership and concurrency")
 
 struct CHandleDeleter {
   // close_v2 defers the close until the last statement is finalized, so member order cannot leak.
@@ -454,8 +454,8 @@ std::string TransitionError(uint64_t round_id, RoundState from, RoundState to,
                 RoundStateName(to), hint);
 }
 
-// The state machine of DESIGN.md §5: Open → Collecting → Aggregating → Committed, and any non-final
-// state → Aborted.
+// The state machine of docs/architecture.md, "The server": Open → Collecting → Aggregating → Committed, and any
+// non-final state → Aborted.
 absl::Status CheckTransition(const RoundRecord& r, RoundState to) {
   bool ok = false;
   switch (to) {

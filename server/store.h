@@ -1,7 +1,7 @@
 #pragma once
 
-// The coordinator's durable state (DESIGN.md §5): one SQLite database (WAL, synchronous=FULL) in the state
-// directory for devices, rounds, tasks, the accepted-update ledger, the seed-sum history and metadata; global
+// The coordinator's durable state (docs/architecture.md, "The server"): one SQLite database (WAL, synchronous=FULL) in
+// the state directory for devices, rounds, tasks, the accepted-update ledger, the seed-sum history and metadata; global
 // checkpoints as safetensors files next to it, written temp → fsync → rename → fsync directory.
 //
 // Crash contract (what the coordinator builds on): every method that changes state commits one

@@ -1,10 +1,10 @@
 #pragma once
 
-// Aggregation strategies (DESIGN.md §5, CONVENTIONS.md §3): objects that configure a round's tasks and
+// Aggregation strategies (docs/architecture.md, "The server"): objects that configure a round's tasks and
 // aggregate its accepted updates into the global model. Aggregation streams: each update is decoded and
 // added as it arrives, so server memory is O(model) whatever the number of clients. Failures (rejected or
-// vanished devices) are passed in as data. DP and secure aggregation wrap a Strategy (issue 6); they are
-// not flags in here.
+// vanished devices) are passed in as data. DP and secure aggregation wrap a Strategy (server/dp_strategy.h,
+// server/secagg_strategy.h); they are not flags in here.
 //
 //   fedavg      θ ← θ + η · Σ n_c Δ_c / Σ n_c                      (McMahan et al. 2017; η = server_lr, 1)
 //   fedavgm     m ← μ m + Δ̄;  θ ← θ + η m                            (Hsu et al. 2019)

@@ -9,10 +9,10 @@
 // {"instruction","input","output"}, Dolly {"instruction","context","response"}, extra fields)
 // reaches it unchanged. Only "user" and one label field (default "topic") are read here.
 //
-// Determinism (CONVENTIONS.md §13): every random draw comes from seedling::Rng. Partitioners use
-// (options.seed, rng_stream::kData); synthetic device d uses (options.seed, kCorpusStreamBase + d).
-// The same rows, devices and options give the same partition. Dirichlet and power-law draws use
-// libm's log / exp / sqrt, so they are bit-identical on one platform, not across libm versions.
+// Determinism (docs/contributing.md, "Memory and numbers"): every random draw comes from seedling::Rng. Partitioners
+// use (options.seed, rng_stream::kData); synthetic device d uses (options.seed, kCorpusStreamBase + d). The same rows,
+// devices and options give the same partition. Dirichlet and power-law draws use libm's log / exp / sqrt, so they are
+// bit-identical on one platform, not across libm versions.
 //
 // Nothing here is thread-safe unless stated; all functions are reentrant (no shared state).
 

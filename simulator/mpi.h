@@ -1,6 +1,6 @@
 #pragma once
 
-// Scale-out over MPI ranks (DESIGN.md §7): `mpirun -np R seedling simulate ...`.
+// Scale-out over MPI ranks (docs/architecture.md, "The simulator"): `mpirun -np R seedling simulate ...`.
 //
 // Rank 0 runs the hub: the coordinator, the simulated clock and the event loop that grants every device
 // request in simulated-time order. Devices are dealt to ranks round-robin (device d lives on rank d % R);

@@ -1,6 +1,6 @@
 #pragma once
 
-// The simulator's device population (DESIGN.md §7): N phones, each with a profile drawn from a
+// The simulator's device population (docs/architecture.md, "The simulator"): N phones, each with a profile drawn from a
 // table of phone classes (data/phones/phone_classes.csv), an availability pattern, and a dropout
 // probability.
 //

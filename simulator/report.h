@@ -1,6 +1,6 @@
 #pragma once
 
-// Simulator outputs (DESIGN.md §7): one RoundRecord per server round and method, appended to
+// Simulator outputs (docs/architecture.md, "The simulator"): one RoundRecord per server round and method, appended to
 // <run dir>/rounds.jsonl and rounds.csv as the run goes; a per-method summary (terminal table); and
 // a self-contained report.html whose plots are inline SVG drawn here (no scripts, styles or fonts
 // from elsewhere, so the file opens offline and can be mailed around).

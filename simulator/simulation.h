@@ -1,7 +1,7 @@
 #pragma once
 
-// The simulator (DESIGN.md §7): thousands of emulated phones running the real client SDK against the real
-// coordinator over the in-memory transport, on a simulated clock.
+// The simulator (docs/architecture.md, "The simulator"): thousands of emulated phones running the real client SDK
+// against the real coordinator over the in-memory transport, on a simulated clock.
 //
 // How time works. The coordinator reads a ManualClock that only the event loop moves. Each active device
 // runs the real client::Client::RunOnce on its own thread, behind a transport that gives the device its own

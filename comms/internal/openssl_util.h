@@ -1,7 +1,7 @@
 #pragma once
 
-// OpenSSL glue for comms: one owning pointer type per OpenSSL handle (CONVENTIONS.md §8), the error
-// queue as text, and the public-key fingerprint used for pinning. Internal to comms.
+// OpenSSL glue for comms: one owning pointer type per OpenSSL handle (docs/contributing.md, "Ownership and
+// concurrency"), the error queue as text, and the public-key fingerprint used for pinning. Internal to comms.
 
 #include <openssl/bio.h>
 #include <openssl/bn.h>

@@ -4,7 +4,8 @@
 // SHA-256, X25519, HKDF-SHA256, AES-256-GCM for the encrypted shares, and the AES-128-CTR mask PRG that adds
 // (or subtracts) its keystream, read as little-endian uint32 words, into a vector in place.
 //
-// Every OpenSSL handle is owned by a unique_ptr with its free function as deleter (CONVENTIONS.md §8).
+// Every OpenSSL handle is owned by a unique_ptr with its free function as deleter (docs/contributing.md, "Ownership and
+// concurrency").
 
 #include <openssl/evp.h>
 #include <openssl/kdf.h>
