@@ -3,9 +3,9 @@
 // The memory planner (ggml's gallocr_reserve idea, docs/contributing.md, "Memory and numbers"): before anything is
 // allocated, it estimates from shapes the peak resident memory of a local training step for a method and picks the
 // fastest settings that fit a byte budget: micro-batch, per-layer recomputation, cross-entropy chunk, and the method's
-// variant (fwdgrad: forward-mode AD or central difference; kseed/mezo: exact or in-place restore). It never switches
-// methods: the server assigns the method; a device that cannot fit it declines with ResourceExhausted and the smallest
-// budget that would fit.
+// variant (fwdgrad: batched-jvp or central-difference; mezo/kseed: batched probes, or exact-restore (kseed) or
+// in-place-restore). It never switches methods: the server assigns the method; a device that cannot fit it declines
+// with ResourceExhausted and the smallest budget that would fit.
 //
 // The estimate is of process RSS, as the OS counts it when it decides to kill an app:
 //   runtime   measured: what the process holds before the model (code, LibTorch, BLAS buffers)

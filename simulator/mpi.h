@@ -3,8 +3,9 @@
 // Scale-out over MPI ranks (docs/architecture.md, "The simulator"): `mpirun -np R seedling simulate ...`.
 //
 // Rank 0 runs the hub: the coordinator, the simulated clock and the event loop that grants every device
-// request in simulated-time order. Devices are dealt to ranks round-robin (device d lives on rank d % R);
-// a device on another rank runs the real client there, and its connection is forwarded: each request
+// request in simulated-time order. Each activation runs on the least busy rank when every rank sees rank 0's
+// work directory (mpi_placement "auto"), else device d lives on rank d % R ("static"); a device on another
+// rank runs the real client there, and its connection is forwarded: each request
 // travels to rank 0 as bytes, waits at the same gate as a local device's, and its reply travels back. So
 // the coordinator sees the same sequence of requests for any number of ranks, and the per-round metrics
 // are identical to a one-rank run with the same seed; ranks add training throughput.
