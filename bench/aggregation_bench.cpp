@@ -157,7 +157,7 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  auto codec = server::ParseCodecName(args.codec);
+  auto codec = comms::ParseCodecName(args.codec);
   if (!codec.ok()) {
     std::fprintf(stderr, "%s\n", std::string(codec.status().message()).c_str());
     return 2;

@@ -79,25 +79,6 @@ using internal::HalfToFloat;  // exact for every half; the validators reject exp
 
 // ---- Header ----
 
-std::string_view CodecName(v1::Codec codec) {
-  switch (codec) {
-    case v1::CODEC_FP32:
-      return "fp32";
-    case v1::CODEC_FP16:
-      return "fp16";
-    case v1::CODEC_INT8:
-      return "int8";
-    case v1::CODEC_INT4:
-      return "int4";
-    case v1::CODEC_TOPK:
-      return "top-k";
-    case v1::CODEC_SEED_SCALARS:
-      return "seed-scalars";
-    default:
-      return "unknown";
-  }
-}
-
 bool IsDenseCodec(v1::Codec codec) {
   return codec == v1::CODEC_FP32 || codec == v1::CODEC_FP16 || codec == v1::CODEC_INT8 ||
          codec == v1::CODEC_INT4 || codec == v1::CODEC_TOPK;
@@ -1035,6 +1016,34 @@ absl::StatusOr<std::vector<SeedValueScalar>> DecodeSeedValueScalars(std::string_
     pairs[i].value = LoadF32(d + 12 * i + 8);
   }
   return pairs;
+}
+
+std::string_view CodecName(v1::Codec codec) {
+  switch (codec) {
+    case v1::CODEC_FP32:
+      return "fp32";
+    case v1::CODEC_FP16:
+      return "fp16";
+    case v1::CODEC_INT8:
+      return "int8";
+    case v1::CODEC_INT4:
+      return "int4";
+    case v1::CODEC_TOPK:
+      return "topk";
+    case v1::CODEC_SEED_SCALARS:
+      return "seed-scalars";
+    default:
+      return "unspecified";
+  }
+}
+
+absl::StatusOr<v1::Codec> ParseCodecName(std::string_view name) {
+  for (v1::Codec codec : {v1::CODEC_FP32, v1::CODEC_FP16, v1::CODEC_INT8, v1::CODEC_INT4, v1::CODEC_TOPK,
+                          v1::CODEC_SEED_SCALARS}) {
+    if (name == CodecName(codec)) return codec;
+  }
+  return absl::InvalidArgumentError(
+      StrCat("unknown codec '", name, "' (expected fp32, fp16, int8, int4, topk or seed-scalars)"));
 }
 
 }  // namespace seedling::comms

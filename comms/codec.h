@@ -66,6 +66,12 @@
 
 namespace seedling::comms {
 
+// A codec's name in server.toml, sim.toml, the dashboard and messages: "fp32", "fp16", "int8", "int4", "topk",
+// "seed-scalars"; "unspecified" for any other value.
+std::string_view CodecName(v1::Codec codec);
+// Parses the names CodecName gives; InvalidArgument lists them.
+absl::StatusOr<v1::Codec> ParseCodecName(std::string_view name);
+
 struct CodecOptions {
   v1::Codec codec = v1::CODEC_FP32;
   uint32_t block_size = 64;      // int8 / int4: values per scale (even for int4)

@@ -77,36 +77,6 @@ class Section {
 
 }  // namespace
 
-absl::StatusOr<v1::Codec> ParseCodecName(std::string_view name) {
-  if (name == "fp32") return v1::CODEC_FP32;
-  if (name == "fp16") return v1::CODEC_FP16;
-  if (name == "int8") return v1::CODEC_INT8;
-  if (name == "int4") return v1::CODEC_INT4;
-  if (name == "topk") return v1::CODEC_TOPK;
-  if (name == "seed-scalars") return v1::CODEC_SEED_SCALARS;
-  return absl::InvalidArgumentError(
-      StrCat("unknown codec '", name, "' (expected fp32, fp16, int8, int4, topk or seed-scalars)"));
-}
-
-const char* CodecName(v1::Codec codec) {
-  switch (codec) {
-    case v1::CODEC_FP32:
-      return "fp32";
-    case v1::CODEC_FP16:
-      return "fp16";
-    case v1::CODEC_INT8:
-      return "int8";
-    case v1::CODEC_INT4:
-      return "int4";
-    case v1::CODEC_TOPK:
-      return "topk";
-    case v1::CODEC_SEED_SCALARS:
-      return "seed-scalars";
-    default:
-      return "unspecified";
-  }
-}
-
 // [privacy]: checked whether or not dp is on (a typo should not wait for the day DP is enabled), except the
 // values that only make sense with dp = true.
 static absl::Status ValidatePrivacy(const ServerConfig& c) {
@@ -285,7 +255,7 @@ absl::StatusOr<ServerConfig> ParseServerConfig(std::string_view toml_text, const
   SEEDLING_RETURN_IF_ERROR(model.CheckNoUnknownKeys());
 
   Section training(table("training"), "training");
-  std::string codec = CodecName(c.codec.codec);
+  std::string codec(comms::CodecName(c.codec.codec));
   SEEDLING_RETURN_IF_ERROR(training.Get("method", c.method));
   SEEDLING_RETURN_IF_ERROR(training.Get("rounds", c.rounds));
   SEEDLING_RETURN_IF_ERROR(training.Get("clients_per_round", c.clients_per_round));
@@ -313,7 +283,7 @@ absl::StatusOr<ServerConfig> ParseServerConfig(std::string_view toml_text, const
   SEEDLING_RETURN_IF_ERROR(training.Get("require_idle", c.require_idle));
   SEEDLING_RETURN_IF_ERROR(training.CheckNoUnknownKeys());
   if (!codec_given && c.method == "kseed") codec = "seed-scalars";
-  SEEDLING_ASSIGN_OR_RETURN(c.codec.codec, ParseCodecName(codec));
+  SEEDLING_ASSIGN_OR_RETURN(c.codec.codec, comms::ParseCodecName(codec));
 
   Section lora(table("lora"), "lora");
   SEEDLING_RETURN_IF_ERROR(lora.Get("rank", c.lora_rank));

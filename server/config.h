@@ -131,9 +131,6 @@ absl::StatusOr<ServerConfig> ParseServerConfig(std::string_view toml_text);
 absl::StatusOr<ServerConfig> ParseServerConfig(std::string_view toml_text, const ServerConfig& defaults);
 absl::StatusOr<ServerConfig> LoadServerConfig(const std::string& path);
 
-// Parses "fp32", "fp16", "int8", "int4", "topk", "seed-scalars".
-absl::StatusOr<v1::Codec> ParseCodecName(std::string_view name);
-const char* CodecName(v1::Codec codec);
 
 // The SecAgg+ parameters of a round whose cohort has `cohort` devices and whose masked vectors have
 // `vector_length` entries (adapter entries + 1), from [secagg]:

@@ -619,8 +619,8 @@ v1::Envelope Coordinator::OnUploadBegin(const std::string& device_id, const v1::
                         "too_large");
   }
   if (begin.codec() != config_.codec.codec) {
-    return RejectLocked(v1::INVALID_UPDATE, StrCat("codec ", CodecName(begin.codec()), " is not the task's ",
-                                                   CodecName(config_.codec.codec)),
+    return RejectLocked(v1::INVALID_UPDATE, StrCat("codec ", comms::CodecName(begin.codec()), " is not the task's ",
+                                                   comms::CodecName(config_.codec.codec)),
                         "wrong_codec");
   }
   if (begin.num_examples() == 0) return RejectLocked(v1::INVALID_UPDATE, "num_examples must be > 0", "invalid");
@@ -1109,8 +1109,11 @@ absl::Status Coordinator::OpenRoundLocked(int64_t now) {
   fields.min_reports = config_.EffectiveMinReports();
   fields.opened_ms = now;
   fields.deadline_ms = now + config_.round_deadline_s * 1000;
-  nlohmann::json cfg = {{"method", config_.method}, {"steps", config_.steps}, {"codec", CodecName(config_.codec.codec)},
-                        {"strategy", config_.strategy.name}, {"weights", model::WeightPrecisionName(config_.weights)}};
+  nlohmann::json cfg = {{"method", config_.method},
+                        {"steps", config_.steps},
+                        {"codec", std::string(comms::CodecName(config_.codec.codec))},
+                        {"strategy", config_.strategy.name},
+                        {"weights", model::WeightPrecisionName(config_.weights)}};
   fields.config_json = cfg.dump();
   SEEDLING_ASSIGN_OR_RETURN(RoundRecord round, store_->CreateRound(fields));
   SEEDLING_RETURN_IF_ERROR(strategy_->BeginRound(global_));

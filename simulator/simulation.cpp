@@ -449,7 +449,7 @@ absl::Status MethodRun::Setup() {
   const auto it = options_.method_settings.find(method_);
   const MethodSettings settings = it == options_.method_settings.end() ? MethodSettings{} : it->second;
   SEEDLING_ASSIGN_OR_RETURN(config_.codec.codec,
-                            server::ParseCodecName(settings.codec.empty() ? DefaultCodec(method_) : settings.codec));
+                            comms::ParseCodecName(settings.codec.empty() ? DefaultCodec(method_) : settings.codec));
   if (settings.lr > 0) {
     config_.lr = settings.lr;
     if (method_ == "kseed") config_.strategy.kseed_lr = settings.lr;

@@ -135,6 +135,25 @@ const v1::Codec kDenseCodecs[] = {v1::CODEC_FP32, v1::CODEC_FP16, v1::CODEC_INT8
 // ---- fp32 / fp16
 // --------------------------------------------------------------------------------------
 
+TEST_CASE("Every codec's name parses back to it, and other names are refused listing the six",
+          "[comms][codec]") {
+  const std::pair<v1::Codec, const char*> names[] = {{v1::CODEC_FP32, "fp32"}, {v1::CODEC_FP16, "fp16"},
+                                                     {v1::CODEC_INT8, "int8"}, {v1::CODEC_INT4, "int4"},
+                                                     {v1::CODEC_TOPK, "topk"}, {v1::CODEC_SEED_SCALARS, "seed-scalars"}};
+  for (const auto& [codec, name] : names) {
+    CHECK(CodecName(codec) == name);
+    auto parsed = ParseCodecName(name);
+    REQUIRE(parsed.ok());
+    CHECK(*parsed == codec);
+  }
+  for (const char* bad : {"top-k", "FP16", "", "unspecified"}) {
+    auto parsed = ParseCodecName(bad);
+    REQUIRE_FALSE(parsed.ok());
+    CHECK(parsed.status().code() == absl::StatusCode::kInvalidArgument);
+    CHECK(std::string(parsed.status().message()).find("seed-scalars") != std::string::npos);
+  }
+}
+
 TEST_CASE("fp32 round trip is bit-exact and takes 24 + 4n bytes", "[comms][codec]") {
   std::vector<float> x = RandomNormal(1001, 1, 3.0f);
   x[5] = -0.0f;

@@ -96,7 +96,7 @@ TEST_CASE("The README's server.toml table states the defaults the code has", "[s
   auto d = Parse("");
   REQUIRE(d.ok());
   const std::vector<std::pair<std::string, std::string>> rows = {
-      {"codec", StrCat("\"", CodecName(d->codec.codec), "\"")},
+      {"codec", StrCat("\"", comms::CodecName(d->codec.codec), "\"")},
       {"max_update_norm", StrCat(d->max_update_norm)},
       {"clients_per_round", StrCat(d->clients_per_round)},
       {"over_selection", StrCat(d->over_selection)},
