@@ -2,6 +2,10 @@
 
 // Frozen weight formats (model/weight_format.h) held as LibTorch tensors, and the block codecs.
 //
+// Quantization follows ggml's reference (quantize_row_q8_0_ref / quantize_row_q4_0_ref):
+//   Q8_0: d = max|x| / 127, q = round(x / d).
+//   Q4_0: m = the x of largest magnitude (sign kept), d = m / -8, q = min(15, trunc(x / d + 8.5)).
+//
 // In memory a frozen matrix of logical shape (rows, cols) is an at::Tensor:
 //   kF32 / kF16 / kBF16: a (rows, cols) tensor of that dtype;
 //   kQ8_0 / kQ4_0:       a uint8 tensor (rows, cols / 32, 34 or 18): each row's blocks in file order,

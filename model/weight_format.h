@@ -12,9 +12,6 @@
 //   Q8_0 (34 bytes): d, then 32 int8 codes q;            weight j = q[j] * d.
 //   Q4_0 (18 bytes): d, then 16 bytes of packed nibbles;  weight j     = ((qs[j] & 0xF) - 8) * d,
 //                                                          weight j+16 = ((qs[j] >> 4)  - 8) * d.
-// Quantization follows ggml's reference (quantize_row_q8_0_ref / quantize_row_q4_0_ref):
-//   Q8_0: d = max|x| / 127, q = round(x / d).
-//   Q4_0: m = the x of largest magnitude (sign kept), d = m / -8, q = min(15, trunc(x / d + 8.5)).
 
 #include <cstdint>
 #include <optional>

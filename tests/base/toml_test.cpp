@@ -33,5 +33,22 @@ TEST_CASE("ParseToml refuses keys 50,000 parts deep instead of overflowing the s
   CHECK_THAT(std::string(bad.status().message()), Catch::StartsWith("not valid TOML: ") && Catch::Contains("(line 1)"));
 }
 
+TEST_CASE("TomlInteger takes integer nodes within the type and refuses floats, negatives and overflow",
+          "[base][toml]") {
+  auto table = ParseToml("byte = 255\nwide = 256\nnegative = -1\nhuge_float = 4.0e69\nwhole_float = 4.0\n"
+                         "text = \"7\"\n");
+  REQUIRE(table.ok());
+  auto read = [&](const char* key) { return TomlInteger<uint8_t>(*table->get(key)); };
+  REQUIRE(read("byte").ok());
+  CHECK(*read("byte") == 255);
+  CHECK(read("wide").status().message() == "is out of range");
+  CHECK(read("negative").status().message() == "must not be negative");
+  // toml++'s value<int64_t>() would cast these (4.0e69 is undefined behaviour); only integer nodes count.
+  CHECK(read("huge_float").status().message() == "must be an integer");
+  CHECK(read("whole_float").status().message() == "must be an integer");
+  CHECK(read("text").status().message() == "must be an integer");
+  CHECK(*TomlInteger<int64_t>(*table->get("negative")) == -1);
+}
+
 }  // namespace
 }  // namespace seedling
