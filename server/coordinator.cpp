@@ -24,8 +24,7 @@
 #include "model/config.h"
 #include "model/weights.h"
 #include "privacy/dp.h"
-#include "server/dp_strategy.h"
-#include "server/secagg_strategy.h"
+#include "server/strategy_stack.h"
 #include "spdlog/spdlog.h"
 
 namespace seedling::server {
@@ -288,55 +287,16 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(const ServerCon
   SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<lora::LoraAdapter> adapter, lora::LoraAdapter::Create(model_config, lc));
   c->num_parameters_ = adapter->numel();
 
-  StrategyOptions strategy = config.strategy;
-  // One setting, enforced by the strategy (by the DP wrapper with DP on: the inner strategy then sees only
-  // the noised aggregate, which is not a client update).
-  strategy.max_update_norm = config.privacy.dp || config.secagg.enabled ? 0.0 : config.max_update_norm;
-  SEEDLING_ASSIGN_OR_RETURN(c->strategy_, MakeStrategy(strategy));
   SEEDLING_ASSIGN_OR_RETURN(const uint64_t version, c->store_->GlobalVersion());
+  SEEDLING_ASSIGN_OR_RETURN(c->strategy_, MakeServerStrategy(config, c->num_parameters_, version));
   if (config.privacy.dp) {
-    const PrivacyConfig& p = config.privacy;
-    DpStrategyOptions dp;
-    dp.clip_norm = p.clip_norm;
-    dp.noise_multiplier = p.noise_multiplier;
-    dp.expected_clients = static_cast<double>(p.EffectiveExpectedClients(config.clients_per_round));
-    dp.max_update_norm = config.max_update_norm;
-    dp.kseed_pool_size = config.strategy.kseed_pool_size;
-    // The seeded stream (simulator only) continues from the committed version, so a restart does not
-    // replay the noise of earlier rounds.
-    SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<privacy::NoiseSource> noise,
-                              privacy::MakeNoiseSource(p.noise, config.seed ^ ((version + 1) * 0x9E3779B97F4A7C15ULL)));
-    if (!noise->cryptographically_secure()) {
-      spdlog::warn("DP noise comes from a seeded stream (noise = \"{}\"): reproducible for simulation, NOT private",
-                   p.noise);
-    }
-    SEEDLING_ASSIGN_OR_RETURN(c->strategy_, MakeDpStrategy(std::move(c->strategy_), dp, std::move(noise)));
     // The budget spent so far, from the rounds the store committed.
-    c->accountant_.emplace();
     SEEDLING_ASSIGN_OR_RETURN(std::vector<DpSpend> spent, c->store_->DpLedger());
-    for (const DpSpend& s : spent) {
-      SEEDLING_RETURN_IF_ERROR(c->accountant_->Compose(s.sampling_rate, s.noise_multiplier, s.steps));
-    }
-    SEEDLING_ASSIGN_OR_RETURN(privacy::PrivacySpent eps, c->accountant_->GetEpsilon(p.delta));
-    c->dp_epsilon_ = eps.epsilon;
-    if (c->dp_epsilon_gauge_ != nullptr) c->dp_epsilon_gauge_->Set(eps.epsilon);
+    SEEDLING_ASSIGN_OR_RETURN(c->dp_budget_, DpBudget::Create(config.privacy, spent));
+    if (c->dp_epsilon_gauge_ != nullptr) c->dp_epsilon_gauge_->Set(c->dp_budget_->epsilon());
     spdlog::info("differential privacy: clip {} noise multiplier {}, {} rounds spent epsilon {:.4g} of {} (delta {})",
-                 p.clip_norm, p.noise_multiplier, spent.size(), eps.epsilon, p.target_epsilon, p.delta);
-  }
-  if (config.secagg.enabled) {
-    // Outermost: the unmasked sum goes to DP (noise) or straight to the fedavg family. A masked input is
-    // 4 bytes per adapter entry plus the weight slot (in pieces when it exceeds a frame, comms/proto).
-    const uint64_t m = static_cast<uint64_t>(c->num_parameters_) + 1;
-    if (m > privacy::kMaxVectorLength) {
-      return absl::InvalidArgumentError(StrCat("[secagg] enabled: the adapter's ", m, " entries exceed the ",
-                                               privacy::kMaxVectorLength, " a secure-aggregation session masks"));
-    }
-    SEEDLING_RETURN_IF_ERROR(
-        SecAggParamsFor(config.secagg, static_cast<uint32_t>(config.SelectionQuota()), static_cast<uint32_t>(m)).status());
-    c->strategy_ = std::make_unique<SecAggStrategy>(std::move(c->strategy_));
-    spdlog::info("secure aggregation (SecAgg+): cohorts of up to {}, Q = {}, clipping range {}, max weight {}",
-                 config.SelectionQuota(), config.secagg.quantization_levels, config.secagg.clipping_range,
-                 config.secagg.max_weight);
+                 config.privacy.clip_norm, config.privacy.noise_multiplier, spent.size(), c->dp_budget_->epsilon(),
+                 config.privacy.target_epsilon, config.privacy.delta);
   }
   c->global_.version = version;
   if (version == 0) {
@@ -791,163 +751,62 @@ v1::Envelope Coordinator::OnDecline(const std::string& device_id, const v1::Decl
 
 // ---- secure aggregation (SecAgg+) -----------------------------------------------------------------------
 
-namespace {
-
-const char* StageName(v1::SecAggStage stage) {
-  switch (stage) {
-    case v1::SECAGG_SETUP:
-      return "setup";
-    case v1::SECAGG_ADVERTISE_KEYS:
-      return "advertise_keys";
-    case v1::SECAGG_SHARE_KEYS:
-      return "share_keys";
-    case v1::SECAGG_MASKED_INPUT:
-      return "masked_input";
-    case v1::SECAGG_UNMASK:
-      return "unmask";
-    default:
-      return "unspecified";
-  }
-}
-
-}  // namespace
-
-struct Coordinator::SecAggSession {
-  uint64_t round_id = 0;
-  privacy::SessionConfig config;
-  std::optional<privacy::SecAggServer> server;
-  std::string setup;  // privacy::SetupMessage, serialized: the SETUP reply
-  v1::SecAggStage stage = v1::SECAGG_ADVERTISE_KEYS;  // the stage being collected
-  int64_t stage_deadline_ms = 0;
-  std::set<uint32_t> expected;  // may answer `stage`: got the previous stage's reply
-  std::set<uint32_t> answered;  // ⊆ expected
-  std::map<uint32_t, std::string> submitted;  // SHA-256 of each answer to `stage`
-  std::map<uint32_t, std::string> replies;  // the closed previous stage's reply to each device, serialized
-  std::map<uint32_t, std::string> pieces;   // `stage` messages arriving in pieces, so far (comms/proto)
-};
-
 void Coordinator::StartSecAggLocked(int64_t now) {
   if (!round_.has_value() || secagg_ != nullptr) return;
-  auto session = std::make_unique<SecAggSession>();
-  session->round_id = round_->round_id;
-  for (const auto& [device, id] : secagg_participants_) session->config.cohort.push_back(id);
-  absl::StatusOr<privacy::SecAggParams> params =
-      SecAggParamsFor(config_.secagg, static_cast<uint32_t>(session->config.cohort.size()),
-                      static_cast<uint32_t>(num_parameters_ + 1));
-  if (!params.ok()) {
-    AbortSecAggLocked(now, v1::SECAGG_SETUP, params.status());
-    return;
-  }
-  session->config.params = *params;
-  session->config.round_index = round_->round_id;
-  session->config.model_hash = global_sha256_;  // of the adapter at the round's base version (what tasks carry)
-  absl::StatusOr<privacy::SecAggServer> server = privacy::SecAggServer::Create(session->config);
-  if (!server.ok()) {
-    AbortSecAggLocked(now, v1::SECAGG_SETUP, server.status());
-    return;
-  }
-  session->server.emplace(std::move(server).value());
-  session->setup = privacy::SetupMessage{session->config}.Serialize();
-  session->expected.insert(session->config.cohort.begin(), session->config.cohort.end());
-  session->stage_deadline_ms = now + config_.secagg.stage_timeout_ms;
-  spdlog::info("round {}: secure aggregation session of {} devices (k = {}, t = {}, at most {} dropouts)",
-               round_->round_id, params->num_clients, params->num_neighbors, params->threshold,
-               params->num_clients - privacy::MinSurvivors(*params));
-  secagg_ = std::move(session);
+  std::vector<uint32_t> cohort;
+  for (const auto& [device, id] : secagg_participants_) cohort.push_back(id);
+  absl::StatusOr<std::unique_ptr<SecAggSession>> session =
+      SecAggSession::Start(config_.secagg, round_->round_id, std::move(cohort),
+                           static_cast<uint32_t>(num_parameters_ + 1), global_sha256_, now, round_->deadline_ms);
+  if (!session.ok()) return AbortSecAggLocked(now, v1::SECAGG_SETUP, session.status());
+  secagg_ = std::move(session).value();
 }
 
 void Coordinator::AbortSecAggLocked(int64_t now, v1::SecAggStage stage, const absl::Status& why) {
-  if (secagg_aborts_total_ != nullptr) secagg_aborts_total_->WithLabels({StageName(stage)}).Increment();
-  AbortRoundLocked(now, StrCat("secure aggregation aborted at stage ", StageName(stage),
+  if (secagg_aborts_total_ != nullptr) secagg_aborts_total_->WithLabels({SecAggStageName(stage)}).Increment();
+  AbortRoundLocked(now, StrCat("secure aggregation aborted at stage ", SecAggStageName(stage),
                                ", nothing released: ", why.message()));
 }
 
+// Closes the session's open stage; after the unmask stage, hands the sum to the strategy as one update and
+// commits the round.
 void Coordinator::CloseSecAggStageLocked(int64_t now) {
-  SecAggSession& s = *secagg_;
-  const v1::SecAggStage stage = s.stage;
-  absl::Status failed;
-  std::map<uint32_t, std::string> replies;
-  auto collect = [&](auto result) {
-    if (!result.ok()) {
-      failed = result.status();
-      return;
-    }
-    for (const auto& [id, message] : *result) replies[id] = message.Serialize();
-  };
-  switch (stage) {
-    case v1::SECAGG_ADVERTISE_KEYS:
-      collect(s.server->CloseAdvertiseKeys());
-      break;
-    case v1::SECAGG_SHARE_KEYS:
-      collect(s.server->CloseShareKeys());
-      break;
-    case v1::SECAGG_MASKED_INPUT:
-      collect(s.server->CloseMaskedInput());
-      break;
-    case v1::SECAGG_UNMASK: {
-      // Reconstruct, unmask, decode Σ w·x and Σ w, and hand the sum to the strategy as one update.
-      absl::StatusOr<privacy::AggregateResult> result = s.server->Finish();
-      if (!result.ok()) return AbortSecAggLocked(now, stage, result.status());
-      absl::StatusOr<privacy::DecodedAggregate> decoded = privacy::DecodeAggregate(result->sum, s.config.params);
-      if (!decoded.ok()) return AbortSecAggLocked(now, stage, decoded.status());
-      SummedUpdate sum;
-      sum.weighted_sum = decoded->weighted_sum;
-      sum.total_weight = decoded->total_weight;
-      sum.clients = static_cast<int64_t>(result->survivors.size());
-      if (absl::Status st = strategy_->AccumulateSum(sum); !st.ok()) return AbortSecAggLocked(now, stage, st);
-      round_->accepted = sum.clients;
-      if (accepted_total_ != nullptr) accepted_total_->Increment(static_cast<uint64_t>(sum.clients));
-      spdlog::info("round {}: secure aggregation unmasked the sum of {} of {} devices (total weight {})",
-                   s.round_id, sum.clients, s.config.cohort.size(), sum.total_weight);
-      secagg_.reset();
-      FinishRoundLocked(now);
-      return;
-    }
-    default:
-      return AbortSecAggLocked(now, stage, absl::InternalError("no stage to close"));
-  }
-  if (!failed.ok()) return AbortSecAggLocked(now, stage, failed);
-  s.replies = std::move(replies);
-  s.expected.clear();
-  for (const auto& [id, reply] : s.replies) s.expected.insert(id);
-  s.answered.clear();
-  s.submitted.clear();
-  s.pieces.clear();  // a message still incomplete when its stage closed came too late
-  s.stage = static_cast<v1::SecAggStage>(stage + 1);
-  // The masked input includes local training: it has the round's deadline, as a plaintext upload would.
-  s.stage_deadline_ms = s.stage == v1::SECAGG_MASKED_INPUT ? round_->deadline_ms : now + config_.secagg.stage_timeout_ms;
+  const v1::SecAggStage stage = secagg_->stage();
+  absl::StatusOr<std::optional<SecAggSum>> closed = secagg_->CloseStage(now);
+  if (!closed.ok()) return AbortSecAggLocked(now, stage, closed.status());
+  if (!closed->has_value()) return;  // the next stage is open
+  const SecAggSum& result = **closed;
+  SummedUpdate sum;
+  sum.weighted_sum = result.aggregate.weighted_sum;
+  sum.total_weight = result.aggregate.total_weight;
+  sum.clients = result.clients;
+  if (absl::Status st = strategy_->AccumulateSum(sum); !st.ok()) return AbortSecAggLocked(now, stage, st);
+  round_->accepted = sum.clients;
+  if (accepted_total_ != nullptr) accepted_total_->Increment(static_cast<uint64_t>(sum.clients));
+  spdlog::info("round {}: secure aggregation unmasked the sum of {} of {} devices (total weight {})",
+               round_->round_id, sum.clients, secagg_->cohort_size(), sum.total_weight);
+  secagg_.reset();
+  FinishRoundLocked(now);
 }
 
-// The masked-input stage may close before its deadline once the round's target of inputs is in and the
-// devices still missing fit in the session's dropout budget: as a plaintext round finishes at its target,
-// a SecAgg round need not wait for the deadline because one device vanished. The missing devices are then
-// the session's dropouts (their masks are removed in the unmask stage).
-bool Coordinator::EnoughMaskedInputsLocked(const SecAggSession& s) const {
-  if (s.stage != v1::SECAGG_MASKED_INPUT) return false;
-  const uint64_t answered = s.answered.size();
-  const uint64_t cohort = s.config.cohort.size();
-  const uint64_t max_dropouts = cohort - privacy::MinSurvivors(s.config.params);
-  return answered >= static_cast<uint64_t>(config_.clients_per_round) && cohort - answered <= max_dropouts;
+v1::Envelope Coordinator::SecAggEnvelopeLocked(v1::SecAggStage stage, const SecAggAnswer& answer, int64_t now) {
+  if (answer.kind == SecAggAnswer::Kind::kReject) return RejectLocked(answer.code, answer.message, answer.reason);
+  v1::Envelope e = Response(0);
+  v1::SecAggReply* r = e.mutable_secagg_reply();
+  r->set_stage(stage);
+  if (answer.kind == SecAggAnswer::Kind::kReply) {
+    r->set_message(answer.message);
+    return e;
+  }
+  r->mutable_not_ready()->set_retry_after_ms(static_cast<uint32_t>(config_.secagg.poll_ms));
+  r->mutable_not_ready()->set_stage_deadline_ms(static_cast<uint64_t>(std::max<int64_t>(0, answer.deadline_ms)));
+  r->mutable_not_ready()->set_server_time_ms(static_cast<uint64_t>(now));
+  return e;
 }
 
 v1::Envelope Coordinator::OnSecAgg(const std::string& device_id, const v1::SecAggRequest& request) {
   std::lock_guard<std::mutex> lock(mu_);
   const int64_t now = clock_->NowMs();
-  auto not_ready = [&](int64_t deadline) {
-    v1::Envelope e = Response(0);
-    v1::SecAggReply* r = e.mutable_secagg_reply();
-    r->set_stage(request.stage());
-    r->mutable_not_ready()->set_retry_after_ms(static_cast<uint32_t>(config_.secagg.poll_ms));
-    r->mutable_not_ready()->set_stage_deadline_ms(static_cast<uint64_t>(std::max<int64_t>(0, deadline)));
-    r->mutable_not_ready()->set_server_time_ms(static_cast<uint64_t>(now));
-    return e;
-  };
-  auto reply = [&](const std::string& message) {
-    v1::Envelope e = Response(0);
-    e.mutable_secagg_reply()->set_stage(request.stage());
-    e.mutable_secagg_reply()->set_message(message);
-    return e;
-  };
   if (!config_.secagg.enabled) {
     return RejectLocked(v1::MALFORMED_MESSAGE, "this server does not run secure aggregation", "malformed");
   }
@@ -963,140 +822,33 @@ v1::Envelope Coordinator::OnSecAgg(const std::string& device_id, const v1::SecAg
   if (!task->has_value() || (*task)->task_id != request.task_id() || participant == secagg_participants_.end()) {
     return RejectLocked(v1::NOT_SELECTED, "this device has no such task in the round", "not_selected");
   }
-  const uint32_t id = participant->second;
   if (secagg_ == nullptr) {
     // Selection is still open: the cohort is not fixed yet.
-    if (request.stage() == v1::SECAGG_SETUP) return not_ready(0);
+    if (request.stage() == v1::SECAGG_SETUP) return SecAggEnvelopeLocked(request.stage(), SecAggAnswer::NotReady(0), now);
     return RejectLocked(v1::MALFORMED_MESSAGE, "the session has not started: ask for SETUP first", "malformed");
   }
-  SecAggSession& s = *secagg_;
-  if (std::find(s.config.cohort.begin(), s.config.cohort.end(), id) == s.config.cohort.end()) {
-    return RejectLocked(v1::NOT_SELECTED, "this device is not in the round's secure-aggregation cohort", "not_selected");
-  }
-  if (request.stage() == v1::SECAGG_SETUP) return reply(s.setup);
-  const auto dropped = [&] {
-    return RejectLocked(v1::ABORTED, StrCat("this device is no longer in the secure-aggregation session (stage ",
-                                            StageName(s.stage), " is open)"),
-                        "secagg_dropped");
-  };
-  if (request.stage() + 1 == s.stage) {  // the previous stage closed: its reply, if the device made it
-    auto it = s.replies.find(id);
-    return it != s.replies.end() ? reply(it->second) : dropped();
-  }
-  if (request.stage() != s.stage) {
-    if (request.stage() > s.stage) {
-      return RejectLocked(v1::MALFORMED_MESSAGE, StrCat("stage ", StageName(request.stage()), " is not open yet"),
-                          "malformed");
-    }
-    return dropped();
-  }
-  if (!s.expected.count(id)) return dropped();
-  if (s.answered.count(id)) {
-    // (A piece of a whole message that already arrived is a re-send after a lost reply: a poll too.)
-    if (!request.message().empty() && request.message_size() == 0 && Sha256(request.message()) != s.submitted[id]) {
-      // E.g. the app restarted and drew new keys: its neighbours already hold the old ones.
-      return RejectLocked(v1::ABORTED, "a different message for a stage this device already answered", "secagg_dropped");
-    }
-    // A poll (or a re-sent submission after a lost reply): the server already holds this device's message.
-    return request.stage() == v1::SECAGG_UNMASK ? reply("") : not_ready(s.stage_deadline_ms);
-  }
-  if (request.message().empty()) {
-    return RejectLocked(v1::MALFORMED_MESSAGE, StrCat("no ", StageName(request.stage()), " message to poll for"),
-                        "malformed");
-  }
-  // A message in pieces: hold them in order until the last one is in (comms/proto "Size").
-  std::string assembled;
-  const std::string* message = &request.message();
-  if (request.message_size() > 0) {
-    const uint64_t limit = request.stage() == v1::SECAGG_MASKED_INPUT
-                               ? 4 * static_cast<uint64_t>(s.config.params.vector_length) + 4096
-                               : comms::kMaxControlFrameBytes;
-    if (request.message_size() > limit) {
-      return RejectLocked(v1::RESOURCE_EXHAUSTED,
-                          StrCat("a ", StageName(request.stage()), " message of ", request.message_size(),
-                                 " bytes; this session's are at most ", limit),
-                          "secagg_too_large");
-    }
-    std::string& held = s.pieces[id];
-    const uint64_t offset = request.message_offset();
-    const uint64_t size = request.message().size();
-    if (offset + size <= held.size() && held.compare(offset, size, request.message()) == 0) {
-      return not_ready(s.stage_deadline_ms);  // a piece re-sent after a lost reply
-    }
-    if (offset != held.size() || offset + size > request.message_size()) {
-      return RejectLocked(v1::MALFORMED_MESSAGE,
-                          StrCat("a piece of ", size, " bytes at offset ", offset, " of a ", request.message_size(),
-                                 "-byte message; the server holds ", held.size(), " bytes of it"),
-                          "malformed");
-    }
-    held += request.message();
-    if (held.size() < request.message_size()) return not_ready(s.stage_deadline_ms);
-    assembled = std::move(held);
-    s.pieces.erase(id);
-    message = &assembled;
-  }
-  // Parse, check the sender is this device (an authenticated device speaks only for its own id), and add.
-  absl::Status added;
-  auto add = [&](auto parsed, auto add_fn) {
-    if (!parsed.ok()) {
-      added = parsed.status();
-    } else if (parsed->sender != id) {
-      added = absl::InvalidArgumentError(StrCat("message from participant ", parsed->sender, " sent by participant ", id));
-    } else {
-      added = add_fn(*parsed);
-    }
-  };
-  privacy::SecAggServer& server = *s.server;
-  switch (request.stage()) {
-    case v1::SECAGG_ADVERTISE_KEYS:
-      add(privacy::AdvertiseKeysMessage::Parse(*message), [&](const auto& m) { return server.AddAdvertiseKeys(m); });
-      break;
-    case v1::SECAGG_SHARE_KEYS:
-      add(privacy::ShareKeysMessage::Parse(*message), [&](const auto& m) { return server.AddShareKeys(m); });
-      break;
-    case v1::SECAGG_MASKED_INPUT:
-      add(privacy::MaskedInputMessage::Parse(*message), [&](const auto& m) { return server.AddMaskedInput(m); });
-      break;
-    default:
-      add(privacy::UnmaskResponseMessage::Parse(*message),
-          [&](const auto& m) { return server.AddUnmaskResponse(m); });
-  }
-  if (!added.ok()) {
-    // The library counts the sender as dropped; so does the session (it no longer waits for it).
-    s.expected.erase(id);
-    strategy_->RecordFailure(device_id, std::string(added.message()));
-    v1::Envelope e = RejectLocked(v1::INVALID_UPDATE, StrCat("secure aggregation: ", added.message()), "secagg_invalid");
-    if (s.answered.size() >= s.expected.size()) CloseSecAggStageLocked(now);
+  const uint32_t id = participant->second;
+  const SecAggAnswer answer = secagg_->Handle(id, request);
+  if (!answer.invalid.empty()) {
+    strategy_->RecordFailure(device_id, answer.invalid);
+    v1::Envelope e = SecAggEnvelopeLocked(request.stage(), answer, now);
+    if (secagg_->AllAnswered()) CloseSecAggStageLocked(now);
     return e;
   }
-  s.answered.insert(id);
-  s.submitted[id] = Sha256(*message);
-  stats_->bytes_up += message->size();  // keys, shares, the masked input and unmasking shares
-  const bool last = request.stage() == v1::SECAGG_UNMASK;
-  if (s.answered.size() >= s.expected.size() || EnoughMaskedInputsLocked(s)) {
-    CloseSecAggStageLocked(now);  // may finish (or abort) the round and reset secagg_
-    if (!last && secagg_ != nullptr) {
-      auto it = secagg_->replies.find(id);
-      if (it != secagg_->replies.end()) return reply(it->second);
-    }
+  if (answer.kind != SecAggAnswer::Kind::kAccepted) return SecAggEnvelopeLocked(request.stage(), answer, now);
+  stats_->bytes_up += answer.bytes;  // keys, shares, the masked input and unmasking shares
+  if (secagg_->ReadyToClose(config_.clients_per_round)) CloseSecAggStageLocked(now);  // may end the round
+  if (secagg_ != nullptr) {
+    return SecAggEnvelopeLocked(request.stage(), secagg_->AnswerAfterSubmit(id, request.stage()), now);
   }
-  if (last) return reply("");  // the device's part is over
-  if (secagg_ == nullptr) {
-    return RejectLocked(v1::ABORTED, StrCat("round ", request.round_id(), " was aborted; check in for a new task"),
-                        "aborted");
-  }
-  return not_ready(secagg_->stage_deadline_ms);
+  if (request.stage() == v1::SECAGG_UNMASK) return SecAggEnvelopeLocked(request.stage(), SecAggAnswer::Reply(""), now);
+  return RejectLocked(v1::ABORTED, StrCat("round ", request.round_id(), " was aborted; check in for a new task"),
+                      "aborted");
 }
 
 SecAggProgress Coordinator::secagg_progress() {
   std::lock_guard<std::mutex> lock(mu_);
-  SecAggProgress p;
-  if (secagg_ == nullptr) return p;
-  p.stage = secagg_->stage;
-  p.cohort = static_cast<int64_t>(secagg_->config.cohort.size());
-  p.expected = static_cast<int64_t>(secagg_->expected.size());
-  p.answered = static_cast<int64_t>(secagg_->answered.size());
-  return p;
+  return secagg_ != nullptr ? secagg_->progress() : SecAggProgress{};
 }
 
 // ---- the round state machine ----------------------------------------------------------------------------
@@ -1188,24 +940,17 @@ void Coordinator::FinishRoundLocked(int64_t now) {
   nlohmann::json result = {{"accepted", round_->accepted}, {"selected", round_->selected},
                            {"rejected", stats_->rejected}, {"bytes_up", stats_->bytes_up},
                            {"bytes_down", stats_->bytes_down}};
-  // DP: this round's cost, recorded in the commit's transaction; the accountant moves on only once it is
-  // durable.
-  std::optional<DpSpend> dp_spend;
-  std::optional<privacy::RdpAccountant> dp_next;
-  double dp_epsilon_next = NAN;
-  if (accountant_.has_value()) {
-    dp_spend = DpSpend{round_id, round_sampling_rate_, config_.privacy.noise_multiplier, 1};
-    dp_next = *accountant_;
-    absl::Status composed = dp_next->Compose(dp_spend->sampling_rate, dp_spend->noise_multiplier, dp_spend->steps);
-    absl::StatusOr<privacy::PrivacySpent> eps =
-        composed.ok() ? dp_next->GetEpsilon(config_.privacy.delta) : absl::StatusOr<privacy::PrivacySpent>(composed);
-    if (!eps.ok()) {
-      AbortRoundLocked(now, StrCat("privacy accounting failed: ", eps.status().message()));
+  // DP: this round's cost, recorded in the commit's transaction; the budget moves on only once it is durable.
+  std::optional<DpBudget::Price> dp_price;
+  if (dp_budget_.has_value()) {
+    absl::StatusOr<DpBudget::Price> price = dp_budget_->PriceRound(round_id);
+    if (!price.ok()) {
+      AbortRoundLocked(now, StrCat("privacy accounting failed: ", price.status().message()));
       return;
     }
-    dp_epsilon_next = eps->epsilon;
-    result["dp_epsilon"] = dp_epsilon_next;
-    result["dp_sampling_rate"] = dp_spend->sampling_rate;
+    dp_price = std::move(price).value();
+    result["dp_epsilon"] = dp_price->epsilon_after;
+    result["dp_sampling_rate"] = dp_price->spend.sampling_rate;
   }
   if (stats_->loss_count > 0) {
     result["loss_start"] = stats_->loss_start_sum / static_cast<double>(stats_->loss_count);
@@ -1213,15 +958,16 @@ void Coordinator::FinishRoundLocked(int64_t now) {
   }
   if (stats_->processed_tokens > 0) result["processed_tokens"] = stats_->processed_tokens;
   for (const auto& [k, v] : outcome->metrics) result[k] = v;
+  std::optional<DpSpend> dp_spend;
+  if (dp_price.has_value()) dp_spend = dp_price->spend;
   if (absl::Status st = store_->CommitRound(round_id, next.version, now, result.dump(), seed_blob, dp_spend);
       !st.ok()) {
     AbortRoundLocked(now, StrCat("commit failed: ", st.message()));
     return;
   }
-  if (dp_next.has_value()) {
-    accountant_ = std::move(dp_next);
-    dp_epsilon_ = dp_epsilon_next;
-    if (dp_epsilon_gauge_ != nullptr) dp_epsilon_gauge_->Set(dp_epsilon_);
+  if (dp_price.has_value()) {
+    dp_budget_->Commit(std::move(*dp_price));
+    if (dp_epsilon_gauge_ != nullptr) dp_epsilon_gauge_->Set(dp_budget_->epsilon());
   }
   global_ = std::move(next);
   global_bytes_ = ParamsBytes(global_.params);
@@ -1243,7 +989,7 @@ void Coordinator::Tick() {
   const int64_t now = clock_->NowMs();
   if (!round_.has_value()) {
     if (config_.rounds > 0 && finished_rounds_ >= config_.rounds) return;
-    if (accountant_.has_value() && !DpAllowsNextRoundLocked()) return;
+    if (dp_budget_.has_value() && !dp_budget_->AllowsNextRound(DpSamplingRateLocked())) return;
     if (health_.code() == absl::StatusCode::kDataLoss) return;  // a non-finite global model is never served
     if (absl::Status st = OpenRoundLocked(now); !st.ok()) {
       spdlog::error("cannot open a round: {}", std::string(st.message()));
@@ -1266,7 +1012,7 @@ void Coordinator::Tick() {
       }
       return;
     }
-    if (secagg_ != nullptr && now >= secagg_->stage_deadline_ms) CloseSecAggStageLocked(now);
+    if (secagg_ != nullptr && now >= secagg_->stage_deadline_ms()) CloseSecAggStageLocked(now);
     return;
   }
   RoundRecord& r = *round_;
@@ -1295,7 +1041,7 @@ void Coordinator::Shutdown() {
 
 bool Coordinator::NoMoreRoundsLocked() const {
   const bool limit = config_.rounds > 0 && finished_rounds_ >= config_.rounds;
-  return limit || !dp_refusal_.empty();
+  return limit || (dp_budget_.has_value() && !dp_budget_->refusal().empty());
 }
 
 bool Coordinator::Finished() {
@@ -1311,49 +1057,17 @@ bool Coordinator::Selecting() {
 
 double Coordinator::dp_epsilon() {
   std::lock_guard<std::mutex> lock(mu_);
-  return dp_epsilon_;
+  return dp_budget_.has_value() ? dp_budget_->epsilon() : NAN;
 }
 
 absl::StatusOr<double> Coordinator::DpSamplingRateLocked() {
-  // Selection is approximated as Poisson sampling with rate q = (clients whose updates a round can
-  // aggregate) / (registered devices): a round aggregates at most clients_per_round reports (the larger
-  // of that and expected_clients is used, to stay conservative). The real selection takes the first
-  // eligible devices that check in, which is not Poisson; README "Differential privacy" says so.
+  // A round aggregates at most clients_per_round reports (the larger of that and expected_clients is used,
+  // to stay conservative). The real selection takes the first eligible devices that check in, which is not
+  // Poisson; README "Differential privacy" says so.
   SEEDLING_ASSIGN_OR_RETURN(std::vector<DeviceRecord> devices, store_->ListDevices());
   const double per_round = static_cast<double>(
       std::max(config_.clients_per_round, config_.privacy.EffectiveExpectedClients(config_.clients_per_round)));
-  if (devices.empty()) return 1.0;
-  return std::min(1.0, per_round / static_cast<double>(devices.size()));
-}
-
-bool Coordinator::DpAllowsNextRoundLocked() {
-  const PrivacyConfig& p = config_.privacy;
-  absl::StatusOr<double> q = DpSamplingRateLocked();
-  std::string refusal;
-  if (!q.ok()) {
-    refusal = StrCat("no round opens: cannot count registered devices for privacy accounting: ", q.status().message());
-  } else {
-    privacy::RdpAccountant next = *accountant_;
-    absl::Status composed = next.Compose(*q, p.noise_multiplier, 1);
-    absl::StatusOr<privacy::PrivacySpent> eps =
-        composed.ok() ? next.GetEpsilon(p.delta) : absl::StatusOr<privacy::PrivacySpent>(composed);
-    if (!eps.ok()) {
-      refusal = StrCat("no round opens: privacy accounting failed: ", eps.status().message());
-    } else if (eps->epsilon > p.target_epsilon) {
-      refusal = StrCat("privacy budget exhausted: the next round (sampling rate ", *q, ", noise multiplier ",
-                       p.noise_multiplier, ") would bring epsilon from ", absl::StrFormat("%.4g", dp_epsilon_), " to ",
-                       absl::StrFormat("%.4g", eps->epsilon), " at delta ", p.delta, ", over target_epsilon ",
-                       p.target_epsilon, "; no round is opened");
-    }
-  }
-  if (!refusal.empty()) {
-    if (refusal != dp_refusal_) spdlog::warn("{}", refusal);  // once, not every tick
-    dp_refusal_ = refusal;
-    return false;
-  }
-  dp_refusal_.clear();
-  round_sampling_rate_ = *q;
-  return true;
+  return DpSamplingRate(per_round, devices.size());
 }
 
 DashboardRound Coordinator::ToDashboard(const RoundRecord& r) {
@@ -1408,11 +1122,12 @@ DashboardSnapshot Coordinator::Snapshot() {
     }
   }
   s.rejected_by_reason = rejected_by_reason_;
-  s.epsilon = dp_epsilon_;
-  if (config_.privacy.dp) {
+  s.epsilon = NAN;
+  if (dp_budget_.has_value()) {
+    s.epsilon = dp_budget_->epsilon();
     s.dp_target_epsilon = config_.privacy.target_epsilon;
     s.dp_delta = config_.privacy.delta;
-    s.dp_refusal = dp_refusal_;
+    s.dp_refusal = dp_budget_->refusal();
   }
   if (auto devices = store_->ListDevices(); devices.ok()) s.devices_registered = static_cast<int64_t>(devices->size());
   s.connections = connections_;

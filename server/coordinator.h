@@ -27,8 +27,10 @@
 #include "privacy/accountant.h"
 #include "privacy/secagg.h"
 #include "server/config.h"
+#include "server/dp_budget.h"
 #include "server/http.h"
 #include "server/metrics.h"
+#include "server/secagg_session.h"
 #include "server/store.h"
 #include "server/strategy.h"
 
@@ -64,15 +66,6 @@ absl::StatusOr<std::string> AddDevice(Store& store, const std::string& device_id
 // Issues a new random token for a registered device and returns it (once); the old token stops
 // authenticating. NotFound for an unknown device, FailedPrecondition for a revoked one.
 absl::StatusOr<std::string> RotateDeviceToken(Store& store, const std::string& device_id);
-
-// Where the active round's SecAgg+ session is (tests, tools): the stage being collected (UNSPECIFIED when
-// no session runs), the cohort size, and how many of the devices still in the session answered it.
-struct SecAggProgress {
-  v1::SecAggStage stage = v1::SECAGG_STAGE_UNSPECIFIED;
-  int64_t cohort = 0;
-  int64_t expected = 0;  // devices that may answer this stage (answered the previous one)
-  int64_t answered = 0;
-};
 
 class Coordinator {
  public:
@@ -127,7 +120,6 @@ class Coordinator {
   class Handler;
   struct Inflight;
   struct RoundStats;
-  struct SecAggSession;
 
   Coordinator(const ServerConfig& config, const Clock* clock, Metrics* metrics, std::unique_ptr<Store> store);
 
@@ -151,17 +143,14 @@ class Coordinator {
   void FinishRoundLocked(int64_t now);
   void AbortRoundLocked(int64_t now, const std::string& reason);
   uint32_t RetrySecondsLocked();
-  // [privacy] dp: q for the next round, and whether the budget allows it (false: dp_refusal_ says why).
+  // [privacy] dp: q for the next round (devices registered now).
   absl::StatusOr<double> DpSamplingRateLocked();
-  bool DpAllowsNextRoundLocked();
-  // [secagg] (with mu_ held): the session starts when selection closes (the cohort is the devices holding a
-  // task then); a stage closes when every device still in the session answered or at its deadline; the
-  // last one unmasks the sum, hands it to the strategy and commits the round. Any failure aborts the round
-  // and releases nothing. The session lives in memory only: a server crash aborts the round (as any
-  // unfinished round) and its devices check in again.
+  // [secagg] (with mu_ held): the session (server/secagg_session.h) starts when selection closes, with the
+  // devices holding a task then; its last stage hands the unmasked sum to the strategy and commits the round.
+  // Any failure aborts the round and releases nothing.
   void StartSecAggLocked(int64_t now);
   void CloseSecAggStageLocked(int64_t now);
-  bool EnoughMaskedInputsLocked(const SecAggSession& s) const;
+  v1::Envelope SecAggEnvelopeLocked(v1::SecAggStage stage, const SecAggAnswer& answer, int64_t now);
   // `rounds` rounds have finished, or DP refuses the next one (with mu_ held).
   bool NoMoreRoundsLocked() const;
   void AbortSecAggLocked(int64_t now, v1::SecAggStage stage, const absl::Status& why);
@@ -199,12 +188,8 @@ class Coordinator {
   uint64_t retry_counter_ = 0;
   absl::Status health_;
   int64_t connections_ = 0;
-  // [privacy] dp only (guarded by mu_): the accountant composed from the store's dp_rounds, the ε it gives,
-  // the sampling rate fixed when the active round opened, and why no round opens (empty when one may).
-  std::optional<privacy::RdpAccountant> accountant_;
-  double dp_epsilon_ = NAN;
-  double round_sampling_rate_ = 0;
-  std::string dp_refusal_;
+  // [privacy] dp only (guarded by mu_): the accountant composed from the store's ledger and the budget gate.
+  std::optional<DpBudget> dp_budget_;
   // [secagg] only (guarded by mu_): each device's participant id in the active round (from its task), and
   // the session once selection closed.
   std::map<std::string, uint32_t> secagg_participants_;

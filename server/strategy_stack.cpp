@@ -1,0 +1,69 @@
+#include "server/strategy_stack.h"
+
+#include <utility>
+
+#include "base/status.h"
+#include "base/strings.h"
+#include "privacy/dp.h"
+#include "privacy/secagg.h"
+#include "server/dp_strategy.h"
+#include "server/secagg_strategy.h"
+#include "spdlog/spdlog.h"
+
+namespace seedling::server {
+namespace {
+
+absl::StatusOr<std::unique_ptr<Strategy>> WrapWithDp(std::unique_ptr<Strategy> inner, const ServerConfig& config,
+                                                     uint64_t version) {
+  const PrivacyConfig& p = config.privacy;
+  DpStrategyOptions dp;
+  dp.clip_norm = p.clip_norm;
+  dp.noise_multiplier = p.noise_multiplier;
+  dp.expected_clients = static_cast<double>(p.EffectiveExpectedClients(config.clients_per_round));
+  dp.max_update_norm = config.max_update_norm;
+  dp.kseed_pool_size = config.strategy.kseed_pool_size;
+  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<privacy::NoiseSource> noise,
+                            privacy::MakeNoiseSource(p.noise, config.seed ^ ((version + 1) * 0x9E3779B97F4A7C15ULL)));
+  if (!noise->cryptographically_secure()) {
+    spdlog::warn("DP noise comes from a seeded stream (noise = \"{}\"): reproducible for simulation, NOT private",
+                 p.noise);
+  }
+  return MakeDpStrategy(std::move(inner), dp, std::move(noise));
+}
+
+// Outermost: the unmasked sum goes to DP (noise) or straight to the fedavg family. A masked input is 4 bytes
+// per adapter entry plus the weight slot (in pieces when it exceeds a frame, comms/proto).
+absl::StatusOr<std::unique_ptr<Strategy>> WrapWithSecAgg(std::unique_ptr<Strategy> inner, const ServerConfig& config,
+                                                         int64_t num_parameters) {
+  const uint64_t m = static_cast<uint64_t>(num_parameters) + 1;
+  if (m > privacy::kMaxVectorLength) {
+    return absl::InvalidArgumentError(StrCat("[secagg] enabled: the adapter's ", m, " entries exceed the ",
+                                             privacy::kMaxVectorLength, " a secure-aggregation session masks"));
+  }
+  SEEDLING_RETURN_IF_ERROR(
+      SecAggParamsFor(config.secagg, static_cast<uint32_t>(config.SelectionQuota()), static_cast<uint32_t>(m)).status());
+  spdlog::info("secure aggregation (SecAgg+): cohorts of up to {}, Q = {}, clipping range {}, max weight {}",
+               config.SelectionQuota(), config.secagg.quantization_levels, config.secagg.clipping_range,
+               config.secagg.max_weight);
+  return std::make_unique<SecAggStrategy>(std::move(inner));
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Strategy>> MakeServerStrategy(const ServerConfig& config, int64_t num_parameters,
+                                                             uint64_t version) {
+  StrategyOptions options = config.strategy;
+  // One setting, enforced by the strategy (by the DP wrapper with DP on: the inner strategy then sees only
+  // the noised aggregate, which is not a client update).
+  options.max_update_norm = config.privacy.dp || config.secagg.enabled ? 0.0 : config.max_update_norm;
+  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<Strategy> strategy, MakeStrategy(options));
+  if (config.privacy.dp) {
+    SEEDLING_ASSIGN_OR_RETURN(strategy, WrapWithDp(std::move(strategy), config, version));
+  }
+  if (config.secagg.enabled) {
+    SEEDLING_ASSIGN_OR_RETURN(strategy, WrapWithSecAgg(std::move(strategy), config, num_parameters));
+  }
+  return strategy;
+}
+
+}  // namespace seedling::server

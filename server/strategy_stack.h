@@ -1,0 +1,27 @@
+#pragma once
+
+// The coordinator's strategy, assembled from the config (docs/architecture.md, "The server"): the built-in
+// strategy ([strategy], server/strategy.h), wrapped by DpStrategy with [privacy] dp (server/dp_strategy.h), and
+// outermost by SecAggStrategy with [secagg] enabled (server/secagg_strategy.h):
+//
+//   SecAggStrategy → DpStrategy → fedavg family | fwdgrad | kseed
+//
+// Each privacy mechanism is a wrapper behind the Strategy interface, so the coordinator's round loop is the
+// same with or without them.
+
+#include <cstdint>
+#include <memory>
+
+#include "absl/status/statusor.h"
+#include "server/config.h"
+#include "server/strategy.h"
+
+namespace seedling::server {
+
+// The strategy for an adapter of `num_parameters` entries whose committed version is `version` (the seeded
+// DP noise stream continues from it, so a restart does not replay earlier rounds' noise). InvalidArgument
+// when the options do not fit, e.g. an adapter too large for a secure-aggregation session.
+absl::StatusOr<std::unique_ptr<Strategy>> MakeServerStrategy(const ServerConfig& config, int64_t num_parameters,
+                                                             uint64_t version);
+
+}  // namespace seedling::server
