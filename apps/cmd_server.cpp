@@ -18,6 +18,7 @@
 #include "comms/tls.h"
 #include "server/config.h"
 #include "server/coordinator.h"
+#include "server/devices.h"
 #include "server/http.h"
 #include "server/metrics.h"
 #include "server/store.h"
@@ -67,7 +68,7 @@ void RegisterServe(CLI::App& app, Action& action) {
     action = [config_path, port_file]() -> absl::Status {
       SEEDLING_ASSIGN_OR_RETURN(server::ServerConfig config, server::LoadServerConfig(*config_path));
       ShutdownSignal shutdown;  // before any thread starts, so they inherit the blocked mask
-      server::SystemClock clock;
+      SystemClock clock;
       server::Metrics metrics;
       SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<server::Coordinator> coordinator,
                                 server::Coordinator::Create(config, &clock, &metrics));
@@ -183,7 +184,7 @@ void RegisterDevices(CLI::App& app, Action& action) {
       SEEDLING_RETURN_IF_ERROR(MakeDirs(config.state_dir));
       // Works beside a running `seedling serve` too: it authenticates the new devices at their next Hello.
       SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<server::Store> store, server::Store::OpenForDevices(config.state_dir));
-      server::SystemClock clock;
+      SystemClock clock;
       return IssueTokens(*ids, *json, [&](const std::string& id) { return server::AddDevice(*store, id, clock.NowMs()); });
     };
   });
@@ -226,7 +227,7 @@ void RegisterDevices(CLI::App& app, Action& action) {
       SEEDLING_ASSIGN_OR_RETURN(server::ServerConfig config, server::LoadServerConfig(*revoke_config));
       // Beside a running server too: its next Hello from the device is refused.
       SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<server::Store> store, server::Store::OpenForDevices(config.state_dir));
-      server::SystemClock clock;
+      SystemClock clock;
       for (const std::string& id : *revoke_ids) {
         SEEDLING_RETURN_IF_ERROR(store->RevokeDevice(id, clock.NowMs()));
         std::printf("%s revoked\n", id.c_str());

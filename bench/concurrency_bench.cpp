@@ -99,6 +99,7 @@
 #include "comms/tls.h"
 #include "model/init.h"
 #include "server/coordinator.h"
+#include "server/devices.h"
 #include "server/store.h"
 
 extern char** environ;
@@ -920,7 +921,7 @@ Summary RunOne(const Options& o, int n, const std::string& work_dir, const std::
       s.failure = StrCat("cannot open the store: ", store.status().ToString());
       return s;
     }
-    server::SystemClock clock;
+    seedling::SystemClock clock;
     for (int i = 0; i < n; ++i) {
       char id[32];
       std::snprintf(id, sizeof(id), "bench-%05d", i);

@@ -1,20 +1,11 @@
 #include "server/coordinator.h"
 
-#include "absl/strings/numbers.h"
-
-#include <openssl/crypto.h>
-#include <openssl/evp.h>
-#include <openssl/rand.h>
-
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstring>
-#include <set>
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/numbers.h"
-#include "absl/strings/str_format.h"
 #include "base/file.h"
 #include "base/philox.h"
 #include "base/sha256.h"
@@ -23,7 +14,7 @@
 #include "lora/adapter.h"
 #include "model/config.h"
 #include "model/weights.h"
-#include "privacy/dp.h"
+#include "server/devices.h"
 #include "server/strategy_stack.h"
 #include "spdlog/spdlog.h"
 
@@ -52,59 +43,7 @@ std::string ExpectedKey(const std::string& device_id, uint64_t round_id, const s
 
 }  // namespace
 
-// ---- helpers --------------------------------------------------------------------------------------------
-
-int64_t SystemClock::NowMs() const {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
-      .count();
-}
-
-namespace {
-absl::StatusOr<std::string> NewToken() {
-  unsigned char raw[32];
-  if (RAND_bytes(raw, sizeof(raw)) != 1) return absl::InternalError("no randomness for a token");
-  return HexOf(std::string_view(reinterpret_cast<const char*>(raw), sizeof(raw)));
-}
-}  // namespace
-
-absl::StatusOr<std::string> RotateDeviceToken(Store& store, const std::string& device_id) {
-  SEEDLING_ASSIGN_OR_RETURN(const std::string token, NewToken());
-  SEEDLING_RETURN_IF_ERROR(store.SetDeviceToken(device_id, Sha256Hex(token)));
-  return token;
-}
-
-absl::StatusOr<std::string> AddDevice(Store& store, const std::string& device_id, int64_t now_ms) {
-  if (device_id.empty() || device_id.size() > 128 || device_id.find_first_of("/ \t\n") != std::string::npos) {
-    return absl::InvalidArgumentError("device ids are 1-128 characters without '/' or whitespace");
-  }
-  SEEDLING_ASSIGN_OR_RETURN(const std::string token, NewToken());
-  DeviceRecord d;
-  d.device_id = device_id;
-  d.token_sha256 = Sha256Hex(token);
-  d.created_ms = now_ms;
-  SEEDLING_RETURN_IF_ERROR(store.AddDevice(d));
-  return token;
-}
-
 // ---- per-round bookkeeping ------------------------------------------------------------------------------
-
-struct Coordinator::Inflight {
-  std::string key;
-  std::string device_id;
-  std::string task_id;
-  uint64_t round_id = 0;
-  uint64_t total_bytes = 0;
-  v1::Codec codec = v1::CODEC_UNSPECIFIED;
-  uint64_t num_examples = 0;
-  v1::UpdateMetrics metrics;
-  std::string sha256;  // raw, as announced
-  std::string data;
-  int64_t last_activity_ms = 0;
-};
-
-// A device's own count of tokens it processed is informational; capped so a hostile value cannot
-// overflow a round's sum.
-constexpr uint64_t kMaxReportedTokens = uint64_t{1} << 40;
 
 struct Coordinator::RoundStats {
   int64_t rejected = 0;
@@ -114,123 +53,12 @@ struct Coordinator::RoundStats {
   uint64_t bytes_up = 0, bytes_down = 0;
 };
 
-// ---- the connection handler ------------------------------------------------------------------------------
-
-class Coordinator::Handler : public comms::ConnectionHandler {
- public:
-  Handler(Coordinator* c, std::string peer, std::string cert_subject)
-      : c_(c), peer_(std::move(peer)), cert_subject_(std::move(cert_subject)) {
-    std::lock_guard<std::mutex> lock(c_->mu_);
-    ++c_->connections_;
-    if (c_->connections_gauge_ != nullptr) c_->connections_gauge_->Increment();
-  }
-
-  size_t MaxRequestBytes() const override {
-    return uploading_ ? comms::kMaxChunkFrameBytes : comms::kMaxControlFrameBytes;
-  }
-
-  v1::Envelope Handle(const v1::Envelope& request) override {
-    v1::Envelope reply;
-    switch (request.body_case()) {
-      case v1::Envelope::kHello:
-        c_->CountRequest("hello");
-        if (!cert_subject_.empty() && request.hello().device_id() != cert_subject_) {
-          // Mutual TLS: a device certificate speaks for the device named in it and no other.
-          std::lock_guard<std::mutex> lock(c_->mu_);
-          reply = c_->RejectLocked(v1::UNAUTHENTICATED, "the client certificate was issued to another device",
-                                   "unauthenticated");
-          break;
-        }
-        reply = c_->OnHello(request.hello(), &device_id_);
-        break;
-      case v1::Envelope::kCheckIn:
-      case v1::Envelope::kDownload:
-      case v1::Envelope::kUploadBegin:
-      case v1::Envelope::kUploadChunk:
-      case v1::Envelope::kUploadCommit:
-      case v1::Envelope::kDecline:
-      case v1::Envelope::kSecagg:
-        if (device_id_.empty()) {
-          std::lock_guard<std::mutex> lock(c_->mu_);
-          reply = c_->RejectLocked(v1::UNAUTHENTICATED, "send Hello with a valid device token first", "unauthenticated");
-          break;
-        }
-        reply = Dispatch(request);
-        break;
-      default: {
-        std::lock_guard<std::mutex> lock(c_->mu_);
-        reply = c_->RejectLocked(v1::MALFORMED_MESSAGE, "not a request", "malformed");
-      }
-    }
-    reply.set_protocol_version(1);
-    reply.set_request_id(request.request_id());
-    return reply;
-  }
-
-  v1::Envelope OnMalformed(const absl::Status& error) override {
-    std::lock_guard<std::mutex> lock(c_->mu_);
-    const bool too_large = error.code() == absl::StatusCode::kResourceExhausted;
-    // The transport reports a protocol_version other than 1 as FailedPrecondition (comms/transport.h).
-    const bool version = error.code() == absl::StatusCode::kFailedPrecondition;
-    v1::Envelope e = c_->RejectLocked(too_large ? v1::RESOURCE_EXHAUSTED
-                                      : version ? v1::UNSUPPORTED_VERSION
-                                                : v1::MALFORMED_MESSAGE,
-                                      std::string(error.message()),
-                                      too_large ? "frame_too_large" : version ? "unsupported_version" : "malformed");
-    e.set_protocol_version(1);
-    return e;
-  }
-
-  void OnClose() override {
-    std::lock_guard<std::mutex> lock(c_->mu_);
-    --c_->connections_;
-    if (c_->connections_gauge_ != nullptr) c_->connections_gauge_->Decrement();
-  }
-
- private:
-  v1::Envelope Dispatch(const v1::Envelope& request) {
-    switch (request.body_case()) {
-      case v1::Envelope::kCheckIn:
-        c_->CountRequest("check_in");
-        return c_->OnCheckIn(device_id_, request.check_in());
-      case v1::Envelope::kDownload:
-        c_->CountRequest("download");
-        return c_->OnDownload(device_id_, request.download());
-      case v1::Envelope::kUploadBegin: {
-        c_->CountRequest("upload_begin");
-        v1::Envelope r = c_->OnUploadBegin(device_id_, request.upload_begin());
-        uploading_ = r.has_upload_ack() && !r.upload_ack().accepted();
-        return r;
-      }
-      case v1::Envelope::kUploadChunk:
-        c_->CountRequest("upload_chunk");
-        return c_->OnUploadChunk(device_id_, request.upload_chunk());
-      case v1::Envelope::kUploadCommit:
-        c_->CountRequest("upload_commit");
-        uploading_ = false;
-        return c_->OnUploadCommit(device_id_, request.upload_commit());
-      case v1::Envelope::kDecline:
-        c_->CountRequest("decline");
-        return c_->OnDecline(device_id_, request.decline());
-      case v1::Envelope::kSecagg:
-        c_->CountRequest("secagg");
-        return c_->OnSecAgg(device_id_, request.secagg());
-      default:
-        return Response(0);
-    }
-  }
-
-  Coordinator* const c_;
-  const std::string peer_;
-  const std::string cert_subject_;  // mutual TLS: the verified certificate's CN, else ""
-  std::string device_id_;  // set by a successful Hello
-  bool uploading_ = false;
-};
-
 // ---- construction ---------------------------------------------------------------------------------------
 
 Coordinator::Coordinator(const ServerConfig& config, const Clock* clock, Metrics* metrics, std::unique_ptr<Store> store)
-    : config_(config), clock_(clock), metrics_(metrics), store_(std::move(store)), stats_(std::make_unique<RoundStats>()) {
+    : config_(config), clock_(clock), metrics_(metrics), store_(std::move(store)),
+      stats_(std::make_unique<RoundStats>()),
+      uploads_(config.max_inflight_uploads) {
   if (metrics_ != nullptr) {
     requests_total_ = &metrics_->AddCounter("seedling_requests_total", "Requests from devices, by kind.", {"kind"});
     rejections_total_ = &metrics_->AddCounter("seedling_rejections_total", "Requests refused, by reason.", {"reason"});
@@ -331,12 +159,6 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(const ServerCon
   return c;
 }
 
-comms::HandlerFactory Coordinator::handler_factory() {
-  return [this](const comms::PeerInfo& peer) -> std::unique_ptr<comms::ConnectionHandler> {
-    return std::make_unique<Handler>(this, peer.address, peer.client_cert_subject);
-  };
-}
-
 void Coordinator::CountRequest(const char* kind) {
   if (requests_total_ != nullptr) requests_total_->WithLabels({kind}).Increment();
 }
@@ -366,17 +188,15 @@ uint32_t Coordinator::RetrySecondsLocked() {
 
 v1::Envelope Coordinator::OnHello(const v1::Hello& hello, std::string* device_id) {
   std::lock_guard<std::mutex> lock(mu_);
-  auto device = store_->FindDevice(hello.device_id());
-  if (!device.ok()) return RejectLocked(v1::INTERNAL, "device registry unavailable", "internal");
-  // Compare hashes in constant time; an unknown device costs the same as a wrong token.
-  const std::string presented = Sha256Hex(hello.token());
-  const std::string expected = device->has_value() ? (*device)->token_sha256 : std::string(64, '0');
-  const bool ok = device->has_value() && presented.size() == expected.size() &&
-                  CRYPTO_memcmp(presented.data(), expected.data(), expected.size()) == 0;
-  if (!ok) return RejectLocked(v1::UNAUTHENTICATED, "unknown device or wrong token", "unauthenticated");
-  if ((*device)->revoked_ms != 0) {
-    // Only a holder of the right token learns this: the app can stop retrying.
-    return RejectLocked(v1::UNAUTHENTICATED, "this device was revoked by the operator", "revoked");
+  switch (AuthenticateDevice(*store_, hello.device_id(), hello.token())) {
+    case DeviceAuth::kUnavailable:
+      return RejectLocked(v1::INTERNAL, "device registry unavailable", "internal");
+    case DeviceAuth::kRejected:
+      return RejectLocked(v1::UNAUTHENTICATED, "unknown device or wrong token", "unauthenticated");
+    case DeviceAuth::kRevoked:
+      return RejectLocked(v1::UNAUTHENTICATED, "this device was revoked by the operator", "revoked");
+    case DeviceAuth::kAuthenticated:
+      break;
   }
   (void)store_->TouchDevice(hello.device_id(), clock_->NowMs());
   *device_id = hello.device_id();
@@ -586,32 +406,10 @@ v1::Envelope Coordinator::OnUploadBegin(const std::string& device_id, const v1::
   if (begin.num_examples() == 0) return RejectLocked(v1::INVALID_UPDATE, "num_examples must be > 0", "invalid");
   if (begin.sha256().size() != 32) return RejectLocked(v1::MALFORMED_MESSAGE, "sha256 must be 32 bytes", "malformed");
 
-  auto it = inflight_.find(begin.idempotency_key());
-  if (it != inflight_.end() && it->second->total_bytes == begin.total_bytes() && it->second->sha256 == begin.sha256()) {
-    // Resume: the device reconnected mid-upload.
-    it->second->last_activity_ms = now;
-    v1::Envelope e = Response(0);
-    e.mutable_upload_ack()->set_received_bytes(it->second->data.size());
-    e.mutable_upload_ack()->set_round_id(begin.round_id());
-    return e;
-  }
-  if (it == inflight_.end() && static_cast<int64_t>(inflight_.size()) >= config_.max_inflight_uploads) {
-    return RejectLocked(v1::RESOURCE_EXHAUSTED, "too many uploads in progress", "busy");
-  }
-  auto up = std::make_unique<Inflight>();
-  up->key = begin.idempotency_key();
-  up->device_id = device_id;
-  up->task_id = begin.task_id();
-  up->round_id = begin.round_id();
-  up->total_bytes = begin.total_bytes();
-  up->codec = begin.codec();
-  up->num_examples = begin.num_examples();
-  up->metrics = begin.metrics();
-  up->sha256 = begin.sha256();
-  up->last_activity_ms = now;
-  inflight_[up->key] = std::move(up);
+  absl::StatusOr<uint64_t> held = uploads_.Begin(device_id, begin, now);
+  if (!held.ok()) return RejectLocked(v1::RESOURCE_EXHAUSTED, std::string(held.status().message()), "busy");
   v1::Envelope e = Response(0);
-  e.mutable_upload_ack()->set_received_bytes(0);
+  e.mutable_upload_ack()->set_received_bytes(*held);
   e.mutable_upload_ack()->set_round_id(begin.round_id());
   return e;
 }
@@ -632,37 +430,35 @@ v1::Envelope Coordinator::NoUploadLocked(const std::string& key, const char* mes
 
 v1::Envelope Coordinator::OnUploadChunk(const std::string& device_id, const v1::UploadChunk& chunk) {
   std::lock_guard<std::mutex> lock(mu_);
-  auto it = inflight_.find(chunk.idempotency_key());
-  if (it == inflight_.end() || it->second->device_id != device_id) {
+  Upload* up = uploads_.Find(chunk.idempotency_key(), device_id);
+  if (up == nullptr) {
     return NoUploadLocked(chunk.idempotency_key(), "no upload in progress under this key (send UploadBegin)");
   }
-  Inflight& up = *it->second;
   if (chunk.data().size() > comms::kMaxChunkBytes) {
     return RejectLocked(v1::RESOURCE_EXHAUSTED, "chunks carry at most 1 MiB", "too_large");
   }
   v1::Envelope e = Response(0);
-  e.mutable_upload_ack()->set_round_id(up.round_id);
-  if (chunk.offset() != up.data.size()) {
+  e.mutable_upload_ack()->set_round_id(up->round_id);
+  if (chunk.offset() != up->data.size()) {
     // Out of order (e.g. a retry of a chunk we already have): tell the device where we are.
-    e.mutable_upload_ack()->set_received_bytes(up.data.size());
+    e.mutable_upload_ack()->set_received_bytes(up->data.size());
     return e;
   }
-  if (up.data.size() + chunk.data().size() > up.total_bytes) {
-    inflight_.erase(it);
+  if (up->data.size() + chunk.data().size() > up->total_bytes) {
+    uploads_.Take(chunk.idempotency_key());
     return RejectLocked(v1::INVALID_UPDATE, "more bytes than announced", "invalid");
   }
-  up.data.append(chunk.data());
-  up.last_activity_ms = clock_->NowMs();
+  up->data.append(chunk.data());
+  up->last_activity_ms = clock_->NowMs();
   stats_->bytes_up += chunk.data().size();
-  e.mutable_upload_ack()->set_received_bytes(up.data.size());
+  e.mutable_upload_ack()->set_received_bytes(up->data.size());
   return e;
 }
 
 v1::Envelope Coordinator::OnUploadCommit(const std::string& device_id, const v1::UploadCommit& commit) {
   std::lock_guard<std::mutex> lock(mu_);
   const int64_t now = clock_->NowMs();
-  auto it = inflight_.find(commit.idempotency_key());
-  if (it == inflight_.end() || it->second->device_id != device_id) {
+  if (uploads_.Find(commit.idempotency_key(), device_id) == nullptr) {
     auto ledger = store_->FindLedgerEntry(commit.idempotency_key());
     if (ledger.ok() && ledger->has_value() && (*ledger)->device_id == device_id) {
       v1::Envelope e = Response(0);  // a retried commit of an accepted update
@@ -673,10 +469,9 @@ v1::Envelope Coordinator::OnUploadCommit(const std::string& device_id, const v1:
     }
     return NoUploadLocked(commit.idempotency_key(), "no upload in progress under this key");
   }
-  std::unique_ptr<Inflight> up = std::move(it->second);
-  inflight_.erase(it);
-  if (up->data.size() != up->total_bytes) {
-    inflight_[up->key] = std::move(up);  // keep it: the device may still send the rest
+  std::unique_ptr<Upload> up = uploads_.Take(commit.idempotency_key());
+  if (!up->Complete()) {
+    uploads_.Put(std::move(up));  // keep it: the device may still send the rest
     return RejectLocked(v1::MALFORMED_MESSAGE, "commit before all bytes arrived", "malformed");
   }
   if (Sha256(up->data) != up->sha256) {
@@ -692,21 +487,7 @@ v1::Envelope Coordinator::OnUploadCommit(const std::string& device_id, const v1:
     strategy_->RecordFailure(device_id, std::string(st.message()));
     return RejectLocked(v1::INVALID_UPDATE, std::string(st.message()), "invalid_update");
   }
-  LedgerEntry entry;
-  entry.idempotency_key = up->key;
-  entry.round_id = up->round_id;
-  entry.task_id = up->task_id;
-  entry.device_id = device_id;
-  entry.num_examples = up->num_examples;
-  entry.bytes = up->total_bytes;
-  entry.sha256 = HexOf(up->sha256);
-  entry.accepted_ms = now;
-  const uint64_t processed = std::min(up->metrics.processed_tokens(), kMaxReportedTokens);
-  nlohmann::json m = {{"loss_start", up->metrics.loss_start()}, {"loss_end", up->metrics.loss_end()},
-                      {"steps", up->metrics.steps()}, {"skipped_steps", up->metrics.skipped_steps()},
-                      {"processed_tokens", processed},
-                      {"scored_tokens", std::min(up->metrics.scored_tokens(), kMaxReportedTokens)}};
-  entry.metrics_json = m.dump();
+  const LedgerEntry entry = LedgerEntryFor(*up, now);
   if (absl::Status st = store_->RecordAcceptedUpdate(entry); !st.ok()) {
     // The aggregate already holds the update but the ledger does not: this round cannot be trusted.
     spdlog::error("cannot record an accepted update, aborting round {}: {}", up->round_id, std::string(st.message()));
@@ -714,7 +495,7 @@ v1::Envelope Coordinator::OnUploadCommit(const std::string& device_id, const v1:
     return RejectLocked(v1::INTERNAL, "the update could not be recorded; check in again", "internal");
   }
   ++round_->accepted;
-  stats_->processed_tokens += static_cast<int64_t>(processed);
+  stats_->processed_tokens += static_cast<int64_t>(std::min(up->metrics.processed_tokens(), kMaxReportedTokens));
   if (std::isfinite(up->metrics.loss_start()) && std::isfinite(up->metrics.loss_end())) {
     stats_->loss_start_sum += up->metrics.loss_start();
     stats_->loss_end_sum += up->metrics.loss_end();
@@ -884,10 +665,7 @@ void Coordinator::AbortRoundLocked(int64_t now, const std::string& reason) {
   }
   spdlog::warn("round {} aborted: {}", round_->round_id, reason);
   if (rounds_total_ != nullptr) rounds_total_->WithLabels({"aborted"}).Increment();
-  // Uploads in flight for the round are worthless now.
-  for (auto it = inflight_.begin(); it != inflight_.end();) {
-    it = it->second->round_id == round_->round_id ? inflight_.erase(it) : std::next(it);
-  }
+  uploads_.DropRound(round_->round_id);  // worthless now
   secagg_.reset();  // nothing of a SecAgg session outlives its round
   secagg_participants_.clear();
   round_.reset();
@@ -975,9 +753,7 @@ void Coordinator::FinishRoundLocked(int64_t now) {
   spdlog::info("round {} committed: {} updates, global version {}", round_id, round_->accepted, global_.version);
   if (rounds_total_ != nullptr) rounds_total_->WithLabels({"committed"}).Increment();
   if (global_version_gauge_ != nullptr) global_version_gauge_->Set(static_cast<double>(global_.version));
-  for (auto it = inflight_.begin(); it != inflight_.end();) {
-    it = it->second->round_id == round_id ? inflight_.erase(it) : std::next(it);
-  }
+  uploads_.DropRound(round_id);
   secagg_.reset();
   secagg_participants_.clear();
   round_.reset();
@@ -1029,9 +805,7 @@ void Coordinator::Tick() {
     return;
   }
   // Drop uploads that went silent for longer than a device could need to resume.
-  for (auto it = inflight_.begin(); it != inflight_.end();) {
-    it = now - it->second->last_activity_ms > 2 * config_.idle_timeout_ms ? inflight_.erase(it) : std::next(it);
-  }
+  uploads_.DropSilent(now, 2 * config_.idle_timeout_ms);
 }
 
 void Coordinator::Shutdown() {

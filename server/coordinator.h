@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "base/clock.h"
 #include "comms/transport.h"
 #include "privacy/accountant.h"
 #include "privacy/secagg.h"
@@ -33,39 +34,9 @@
 #include "server/secagg_session.h"
 #include "server/store.h"
 #include "server/strategy.h"
+#include "server/uploads.h"
 
 namespace seedling::server {
-
-// Milliseconds since the Unix epoch; injectable so tests and the simulator control time.
-class Clock {
- public:
-  virtual ~Clock() = default;
-  virtual int64_t NowMs() const = 0;
-};
-
-class SystemClock : public Clock {
- public:
-  int64_t NowMs() const override;
-};
-
-// A manually advanced clock (tests, simulator). Thread-safe.
-class ManualClock : public Clock {
- public:
-  explicit ManualClock(int64_t start_ms = 1'700'000'000'000) : now_(start_ms) {}
-  int64_t NowMs() const override { return now_.load(); }
-  void Advance(int64_t ms) { now_ += ms; }
-  void Set(int64_t ms) { now_ = ms; }
-
- private:
-  std::atomic<int64_t> now_;
-};
-
-// Issues a new random device token (returned once; only its SHA-256 is stored). AlreadyExists if the id
-// is taken.
-absl::StatusOr<std::string> AddDevice(Store& store, const std::string& device_id, int64_t now_ms);
-// Issues a new random token for a registered device and returns it (once); the old token stops
-// authenticating. NotFound for an unknown device, FailedPrecondition for a revoked one.
-absl::StatusOr<std::string> RotateDeviceToken(Store& store, const std::string& device_id);
 
 class Coordinator {
  public:
@@ -118,7 +89,6 @@ class Coordinator {
 
  private:
   class Handler;
-  struct Inflight;
   struct RoundStats;
 
   Coordinator(const ServerConfig& config, const Clock* clock, Metrics* metrics, std::unique_ptr<Store> store);
@@ -182,7 +152,7 @@ class Coordinator {
   std::string global_sha256_;  // raw SHA-256 of global_bytes_
   std::optional<RoundRecord> round_;  // the active round (not Committed/Aborted), if any
   std::unique_ptr<RoundStats> stats_;
-  std::map<std::string, std::unique_ptr<Inflight>> inflight_;  // by idempotency key
+  Uploads uploads_;
   std::map<std::string, int64_t> rejected_by_reason_;
   int64_t finished_rounds_ = 0;
   uint64_t retry_counter_ = 0;

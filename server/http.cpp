@@ -19,6 +19,7 @@
 #include <unordered_map>
 #include <utility>
 
+#include "base/clock.h"
 #include "base/status.h"
 #include "base/strings.h"
 #include "nlohmann/json.hpp"
@@ -82,12 +83,6 @@ std::string FormatBytes(uint64_t bytes) {
   const ByteUnit u = UnitFor(static_cast<double>(bytes));
   if (u.scale == 1.0) return StrCat(bytes, " B");
   return StrCat(Printf("%.1f", bytes / u.scale), " ", u.name);
-}
-
-int64_t NowMs() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(
-             std::chrono::system_clock::now().time_since_epoch())
-      .count();
 }
 
 // "Nice numbers for graph labels" (Heckbert, Graphics Gems, 1990): the 1-2-5 number near x.
@@ -362,7 +357,7 @@ std::string RenderStatusJson(const DashboardSnapshot& s) {
 }
 
 std::string RenderDashboardHtml(const DashboardSnapshot& s, int refresh_seconds) {
-  const int64_t now = NowMs();
+  const int64_t now = SystemClock().NowMs();
   std::string html = "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">";
   if (refresh_seconds > 0) {
     html += StrCat("<meta http-equiv=\"refresh\" content=\"", refresh_seconds, "\">");

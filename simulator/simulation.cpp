@@ -370,7 +370,7 @@ class MethodRun {
   RoundLog* const log_;
   server::ServerConfig config_;
   std::string dir_;
-  server::ManualClock clock_;
+  ManualClock clock_;
   std::unique_ptr<server::Coordinator> coordinator_;
   std::unique_ptr<comms::TlsServer> tls_server_;  // loopback mode; stopped before the coordinator goes
   std::unique_ptr<comms::Transport> inner_;

@@ -32,6 +32,7 @@
 #include "model/tokenizer.h"
 #include "model/weights.h"
 #include "server/coordinator.h"
+#include "server/devices.h"
 #include "server/metrics.h"
 #include "server/store.h"
 
@@ -96,7 +97,7 @@ server::ServerConfig TinyServerConfig(const std::string& state_dir) {
 // A coordinator on a manual clock, reached over the in-memory transport.
 struct Server {
   server::ServerConfig config;
-  server::ManualClock clock;
+  ManualClock clock;
   server::Metrics metrics;
   std::unique_ptr<server::Coordinator> coordinator;
 

@@ -27,6 +27,7 @@
 #include "model/init.h"
 #include "model/runtime.h"
 #include "server/coordinator.h"
+#include "server/devices.h"
 #include "server/store.h"
 
 namespace seedling::server {

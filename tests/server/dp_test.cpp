@@ -17,6 +17,7 @@
 #include "privacy/dp.h"
 #include "server/config.h"
 #include "server/coordinator.h"
+#include "server/devices.h"
 #include "server/dp_strategy.h"
 #include "server/store.h"
 #include "tests/test_util.h"

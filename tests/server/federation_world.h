@@ -134,7 +134,7 @@ class LoopbackCoordinator {
   const std::string& token(const std::string& device) const { return tokens_.at(device); }
 
  private:
-  server::SystemClock clock_;
+  SystemClock clock_;
   server::Metrics metrics_;
   std::unique_ptr<server::Coordinator> coordinator_;
   std::map<std::string, std::string> tokens_;
