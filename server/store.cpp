@@ -499,6 +499,9 @@ const char* RoundStateName(RoundState s) {
 
 // ---- Impl
 
+// How a write transaction reaches the disk (store.h, "Lazy writes").
+enum class Sync { kFull, kLazy };
+
 struct Store::Impl {
   // Constant after construction.
   std::string dir;
@@ -547,9 +550,15 @@ struct Store::Impl {
 
   // Runs `body` in one write transaction: BEGIN IMMEDIATE takes the write lock up front, so a body
   // that reads then writes cannot be refused half-way by another writer; any error rolls everything
-  // back. Requires mu.
+  // back. Requires mu. Sync::kLazy commits without waiting for the disk (store.h, "Lazy writes").
   template <typename Body>
-  absl::Status Write(Body&& body) {
+  absl::Status Write(Body&& body, Sync sync = Sync::kFull) {
+    if (sync == Sync::kLazy) {
+      SEEDLING_RETURN_IF_ERROR(Exec("PRAGMA synchronous = NORMAL"));
+      absl::Status st = Write(std::forward<Body>(body));
+      absl::Status full = Exec("PRAGMA synchronous = FULL");
+      return st.ok() ? full : st;
+    }
     SEEDLING_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
     absl::Status st = body();
     if (st.ok()) {
@@ -942,7 +951,7 @@ absl::Status Store::TouchDevice(const std::string& device_id, int64_t now_ms) {
     if (q.Changes() == 0)
       return absl::NotFoundError(StrCat("device '", device_id, "' does not exist"));
     return absl::OkStatus();
-  });
+  }, Sync::kLazy);
 }
 
 absl::Status Store::RevokeDevice(const std::string& device_id, int64_t now_ms) {
@@ -1252,7 +1261,7 @@ absl::Status Store::AddTask(const TaskRecord& task) {
         Query q, im.Sql("UPDATE rounds SET selected = selected + 1 WHERE round_id = ?"));
     q.Bind(task.round_id);
     return q.Run();
-  });
+  }, Sync::kLazy);
 }
 
 absl::StatusOr<std::optional<TaskRecord>> Store::FindTask(const std::string& task_id) {

@@ -10,6 +10,13 @@
 // updates stay in the ledger, flagged by the round's state), deletes checkpoint files no committed round
 // refers to, and returns those rounds. The round counter never decreases.
 //
+// Lazy writes: TouchDevice and AddTask commit without waiting for the disk (SQLite synchronous=NORMAL for
+// their transaction), because a session would otherwise wait for three fsyncs where one carries a promise.
+// They survive process death like every write. Across a power loss they are durable once any later write
+// commits (the WAL is written in order and a FULL commit syncs all of it), and losing them loses nothing
+// promised: last-seen times are informational, and a round whose tasks were lost is aborted on restart anyway
+// (devices holding its tasks are told so and check in again). Every other method syncs before returning.
+//
 // Thread-safety: all methods may be called from any thread; they serialize on one connection.
 //
 // One process at a time: Open takes an exclusive flock on <dir>/LOCK (released when the Store is destroyed or
