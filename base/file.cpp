@@ -10,6 +10,7 @@
 #include <cstring>
 #include <filesystem>
 
+#include "base/sha256.h"
 #include "base/strings.h"
 #include "base/status.h"
 
@@ -154,15 +155,17 @@ absl::Status ForEachLineIn(std::string_view text, int64_t max_line_bytes, const 
   return absl::OkStatus();
 }
 
-absl::Status WriteFileAtomic(const std::string& path, std::string_view data) {
-  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<AtomicFileWriter> writer, AtomicFileWriter::Create(path));
+absl::Status WriteFileAtomic(const std::string& path, std::string_view data, mode_t mode) {
+  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<AtomicFileWriter> writer, AtomicFileWriter::Create(path, mode));
   SEEDLING_RETURN_IF_ERROR(writer->Append(data));
   return writer->Commit();
 }
 
-absl::StatusOr<std::unique_ptr<AtomicFileWriter>> AtomicFileWriter::Create(const std::string& path) {
+absl::StatusOr<std::unique_ptr<AtomicFileWriter>> AtomicFileWriter::Create(const std::string& path, mode_t mode) {
   const std::string tmp = StrCat(path, ".tmp.", ::getpid());
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  // A fresh file (never a leftover one reopened), so it has `mode` from the start.
+  ::unlink(tmp.c_str());
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode);
   if (fd < 0) return ErrnoStatus(errno, "cannot create", tmp);
   return std::unique_ptr<AtomicFileWriter>(new AtomicFileWriter(path, tmp, fd));
 }
@@ -224,12 +227,31 @@ absl::Status AtomicFileWriter::Commit() {
     return st;
   }
   std::filesystem::path dir = std::filesystem::path(path_).parent_path();
-  if (dir.empty()) dir = ".";
-  int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd < 0) return ErrnoStatus(errno, "cannot open directory", dir.string());
+  return FsyncDirectory(dir.empty() ? "." : dir.string());
+}
+
+absl::Status FsyncDirectory(const std::string& dir) {
+  const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd < 0) return ErrnoStatus(errno, "cannot open directory", dir);
   FdCloser dcloser{dfd};
-  if (::fsync(dfd) != 0) return ErrnoStatus(errno, "cannot fsync directory", dir.string());
+  if (::fsync(dfd) != 0) return ErrnoStatus(errno, "cannot fsync directory", dir);
   return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> FileSha256Hex(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return ErrnoStatus(errno, "cannot open", path);
+  FdCloser closer{fd};
+  Sha256Hasher sha;
+  std::string buf(size_t{1} << 20, '\0');
+  while (true) {
+    const ssize_t n = ::read(fd, buf.data(), buf.size());
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return ErrnoStatus(errno, "cannot read", path);
+    if (n == 0) break;
+    sha.Update(buf.data(), static_cast<size_t>(n));
+  }
+  return HexOf(sha.Finish());
 }
 
 absl::Status MakeDirs(const std::string& dir) {

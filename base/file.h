@@ -9,6 +9,8 @@
 #include <string>
 #include <string_view>
 
+#include <sys/types.h>
+
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 
@@ -40,14 +42,22 @@ absl::Status ForEachLineIn(std::string_view text, int64_t max_line_bytes, const 
 
 // Writes `data` to `path` so that after a crash the file holds either its old or its new contents, never a
 // mix: write to `path.tmp.<pid>` in the same directory, fsync it, rename over `path`, fsync the directory.
-absl::Status WriteFileAtomic(const std::string& path, std::string_view data);
+// `mode` is the file's permission bits, which the temporary file has from its creation on (0600 for a
+// secret: it is never readable by others, not even before the rename).
+absl::Status WriteFileAtomic(const std::string& path, std::string_view data, mode_t mode = 0644);
+
+// fsyncs a directory, so that a rename, creation or unlink in it survives a power loss.
+absl::Status FsyncDirectory(const std::string& dir);
+
+// The 64-character hex SHA-256 of a file's contents, streamed (the file is never held whole).
+absl::StatusOr<std::string> FileSha256Hex(const std::string& path);
 
 // Streams a large file to disk with the same crash guarantee as WriteFileAtomic: bytes go to a temporary file
 // next to `path`; Commit() fsyncs, renames and fsyncs the directory. Destroying an uncommitted writer removes
 // the temporary file and leaves `path` untouched. Not thread-safe.
 class AtomicFileWriter {
  public:
-  static absl::StatusOr<std::unique_ptr<AtomicFileWriter>> Create(const std::string& path);
+  static absl::StatusOr<std::unique_ptr<AtomicFileWriter>> Create(const std::string& path, mode_t mode = 0644);
   ~AtomicFileWriter();
   AtomicFileWriter(const AtomicFileWriter&) = delete;
   AtomicFileWriter& operator=(const AtomicFileWriter&) = delete;

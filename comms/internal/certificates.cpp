@@ -180,49 +180,11 @@ absl::StatusOr<std::string> PrivateKeyPem(EVP_PKEY* key) {
   return BioContents(bio.get());
 }
 
-absl::Status ErrnoError(std::string_view what, const std::string& path) {
-  const int err = errno;
-  return absl::InternalError(StrCat(what, " '", path, "': ", std::strerror(err)));
-}
-
-// WriteFileAtomic's steps (temporary file, fsync, rename, fsync the directory), but the file is
-// created with mode 0600 so that the key is never readable by others, not even before the rename.
-// (base's WriteFileAtomic creates 0644 files and has no mode parameter.)
-absl::Status WritePrivateFileAtomic(const std::string& path, std::string_view data) {
-  const std::string tmp = StrCat(path, ".tmp.", ::getpid());
-  ::unlink(tmp.c_str());
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-  if (fd < 0) return ErrnoError("cannot create", tmp);
-  absl::Status status;
-  size_t done = 0;
-  while (done < data.size() && status.ok()) {
-    const ssize_t n = ::write(fd, data.data() + done, data.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) status = ErrnoError("cannot write", tmp);
-    if (n > 0) done += static_cast<size_t>(n);
-  }
-  if (status.ok() && ::fsync(fd) != 0) status = ErrnoError("cannot fsync", tmp);
-  if (::close(fd) != 0 && status.ok()) status = ErrnoError("cannot close", tmp);
-  if (status.ok() && ::rename(tmp.c_str(), path.c_str()) != 0)
-    status = ErrnoError("cannot rename to", path);
-  if (!status.ok()) {
-    ::unlink(tmp.c_str());
-    return status;
-  }
-  std::filesystem::path dir = std::filesystem::path(path).parent_path();
-  if (dir.empty()) dir = ".";
-  const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd < 0) return ErrnoError("cannot open directory", dir.string());
-  if (::fsync(dfd) != 0) status = ErrnoError("cannot fsync directory", dir.string());
-  ::close(dfd);
-  return status;
-}
-
 absl::Status WriteIssued(const Issued& issued, const std::string& cert_path,
                          const std::string& key_path) {
   SEEDLING_ASSIGN_OR_RETURN(const std::string key_pem, PrivateKeyPem(issued.key.get()));
   SEEDLING_ASSIGN_OR_RETURN(const std::string cert_pem, CertificatePem(issued.cert.get()));
-  SEEDLING_RETURN_IF_ERROR(WritePrivateFileAtomic(key_path, key_pem));
+  SEEDLING_RETURN_IF_ERROR(WriteFileAtomic(key_path, key_pem, 0600));
   return WriteFileAtomic(cert_path, cert_pem);
 }
 

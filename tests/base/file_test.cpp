@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "base/memory.h"
+#include "base/sha256.h"
 
 namespace seedling {
 namespace {
@@ -34,6 +35,36 @@ TEST_CASE("WriteFileAtomic replaces the contents and leaves no temporary file", 
     ++entries;
   }
   CHECK(entries == 1);
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("WriteFileAtomic gives the file its mode from creation on, even over a stale temporary",
+          "[base][file]") {
+  const std::string dir = TempDir();
+  const std::string path = JoinPath(dir, "key.pem");
+  // A temporary left by a crashed writer with wider permissions must not be reused.
+  const std::string stale = path + ".tmp." + std::to_string(getpid());
+  REQUIRE(WriteFileAtomic(stale, "leftover").ok());
+  std::filesystem::permissions(stale, std::filesystem::perms(0644));
+  REQUIRE(WriteFileAtomic(path, "secret", 0600).ok());
+  CHECK((std::filesystem::status(path).permissions() & std::filesystem::perms::all) == std::filesystem::perms(0600));
+  CHECK(*ReadFile(path) == "secret");
+  CHECK_FALSE(std::filesystem::exists(stale));
+  CHECK(FsyncDirectory(dir).ok());
+  CHECK(FsyncDirectory(JoinPath(dir, "missing")).code() == absl::StatusCode::kNotFound);
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("FileSha256Hex streams a file larger than its buffer and matches Sha256Hex", "[base][file]") {
+  const std::string dir = TempDir();
+  const std::string path = JoinPath(dir, "big.bin");
+  std::string data(3 * (size_t{1} << 20) + 17, '\0');
+  for (size_t i = 0; i < data.size(); ++i) data[i] = static_cast<char>(i * 131 + (i >> 12));
+  REQUIRE(WriteFileAtomic(path, data).ok());
+  auto hex = FileSha256Hex(path);
+  REQUIRE(hex.ok());
+  CHECK(*hex == Sha256Hex(data));
+  CHECK(FileSha256Hex(JoinPath(dir, "missing")).status().code() == absl::StatusCode::kNotFound);
   std::filesystem::remove_all(dir);
 }
 
