@@ -24,6 +24,8 @@
 #include "base/status.h"
 #include "base/strings.h"
 #include "model/safetensors.h"
+#include "server/internal/sqlite.h"
+#include "server/internal/store_schema.h"
 #include "spdlog/spdlog.h"
 
 namespace seedling::server {
@@ -34,15 +36,12 @@ static_assert(std::endian::native == std::endian::little,
 
 namespace {
 
-// ---- C handles: one deleter for every C resource this file owns (docs/contributing.md, "Ownership and concurrency")
+using namespace store_internal;  // NOLINT: the store's own building blocks (server/internal/)
 
-struct CHandleDeleter {
-  // close_v2 defers the close until the last statement is finalized, so member order cannot leak.
-  void operator()(sqlite3* db) const { sqlite3_close_v2(db); }
-  void operator()(sqlite3_stmt* stmt) const { sqlite3_finalize(stmt); }
-};
-using DbPtr = std::unique_ptr<sqlite3, CHandleDeleter>;
-using StmtPtr = std::unique_ptr<sqlite3_stmt, CHandleDeleter>;
+// Long enough to ride out a checkpointing reader such as an operator's sqlite3 shell; short enough
+// that a wedged lock surfaces as Unavailable instead of hanging a request.
+constexpr int kBusyTimeoutMs = 5000;
+constexpr char kVersionMetadataKey[] = "seedling.checkpoint_version";
 
 // A file descriptor closed on destruction (the directory lock).
 class UniqueFd {
@@ -68,18 +67,6 @@ class UniqueFd {
   int fd_ = -1;
 };
 
-constexpr int kSchemaVersion = 3;
-// PRAGMA application_id, so a stray SQLite file is not mistaken for (and migrated into) a state
-// database.
-constexpr int32_t kApplicationId = 0x53444c47;  // "SDLG"
-// Long enough to ride out a checkpointing reader such as an operator's sqlite3 shell; short enough
-// that a wedged lock surfaces as Unavailable instead of hanging a request.
-constexpr int kBusyTimeoutMs = 5000;
-constexpr size_t kHashChunkBytes = size_t{1} << 20;
-constexpr char kCheckpointPrefix[] = "global-";
-constexpr char kCheckpointSuffix[] = ".safetensors";
-constexpr char kVersionMetadataKey[] = "seedling.checkpoint_version";
-
 // ---- SHA-256 of the store's contents (base/sha256.h), with the two encodings of a field
 
 void HashU64(Sha256Hasher& sha, uint64_t v) {
@@ -94,389 +81,10 @@ void HashField(Sha256Hasher& sha, std::string_view s) {
   sha.Update(s);
 }
 
-// Streams the file through SHA-256 (checkpoints can be larger than we want to hold twice).
-absl::StatusOr<std::string> HashFile(const std::string& path) {
-  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (fd.get() < 0) return ErrnoStatus(errno, "cannot open", path);
-  Sha256Hasher sha;
-  std::string buf(kHashChunkBytes, '\0');
-  while (true) {
-    ssize_t n = ::read(fd.get(), buf.data(), buf.size());
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return ErrnoStatus(errno, "cannot read", path);
-    }
-    if (n == 0) break;
-    sha.Update(buf.data(), static_cast<size_t>(n));
-  }
-  return HexOf(sha.Finish());
-}
-
-absl::Status FsyncDir(const std::string& dir) {
-  UniqueFd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (fd.get() < 0) return ErrnoStatus(errno, "cannot open directory", dir);
-  if (::fsync(fd.get()) != 0) return ErrnoStatus(errno, "cannot fsync directory", dir);
-  return absl::OkStatus();
-}
-
 bool IsHexSha256(std::string_view s) {
   return s.size() == 64 && std::all_of(s.begin(), s.end(), [](char c) {
            return std::isxdigit(static_cast<unsigned char>(c));
          });
-}
-
-// ---- SQLite errors and statements
-
-absl::Status SqliteStatus(sqlite3* db, int rc, const std::string& db_path,
-                          std::string_view context) {
-  const std::string msg =
-      StrCat("state database '", db_path, "': ", context, ": ",
-             db != nullptr ? sqlite3_errmsg(db) : sqlite3_errstr(rc), " (SQLite code ", rc, ")");
-  switch (rc & 0xff) {
-    case SQLITE_CONSTRAINT:
-      switch (rc) {
-        case SQLITE_CONSTRAINT_PRIMARYKEY:
-        case SQLITE_CONSTRAINT_UNIQUE:
-          return absl::AlreadyExistsError(msg);
-        case SQLITE_CONSTRAINT_CHECK:
-        case SQLITE_CONSTRAINT_NOTNULL:
-        case SQLITE_CONSTRAINT_DATATYPE:
-          return absl::InvalidArgumentError(msg);
-        default:
-          return absl::FailedPreconditionError(msg);
-      }
-    case SQLITE_BUSY:
-    case SQLITE_LOCKED:
-      return absl::UnavailableError(msg);
-    case SQLITE_FULL:
-    case SQLITE_NOMEM:
-      return absl::ResourceExhaustedError(msg);
-    case SQLITE_CORRUPT:
-    case SQLITE_NOTADB:
-      return absl::DataLossError(msg);
-    case SQLITE_PERM:
-    case SQLITE_READONLY:
-    case SQLITE_AUTH:
-      return absl::PermissionDeniedError(msg);
-    default:
-      return absl::InternalError(msg);
-  }
-}
-
-// One execution of a cached prepared statement. Binds parameters left to right; resets the
-// statement and clears its bindings when it goes out of scope, so the cache always hands out a
-// clean statement and no read stays open across COMMIT.
-class Query {
- public:
-  Query(sqlite3* db, sqlite3_stmt* stmt, const std::string& db_path)
-      : db_(db), stmt_(stmt), db_path_(&db_path) {}
-  Query(Query&& o) noexcept
-      : db_(o.db_),
-        stmt_(std::exchange(o.stmt_, nullptr)),
-        db_path_(o.db_path_),
-        next_(o.next_),
-        bind_rc_(o.bind_rc_) {}
-  Query& operator=(Query&&) = delete;
-  ~Query() {
-    if (stmt_ != nullptr) {
-      sqlite3_reset(stmt_);
-      sqlite3_clear_bindings(stmt_);
-    }
-  }
-
-  Query& Bind(int64_t v) { return Note(sqlite3_bind_int64(stmt_, ++next_, v)); }
-  // SQLite integers are signed 64-bit; unsigned values round-trip bit for bit through the cast.
-  Query& Bind(uint64_t v) { return Bind(static_cast<int64_t>(v)); }
-  Query& Bind(int v) { return Bind(static_cast<int64_t>(v)); }
-  Query& Bind(double v) { return Note(sqlite3_bind_double(stmt_, ++next_, v)); }
-  // A null data pointer would bind SQL NULL, so empty strings get a real (empty) one.
-  Query& Bind(std::string_view v) {
-    return Note(sqlite3_bind_text64(stmt_, ++next_, v.empty() ? "" : v.data(), v.size(),
-                                    SQLITE_TRANSIENT, SQLITE_UTF8));
-  }
-  Query& BindBlob(std::string_view v) {
-    return Note(
-        sqlite3_bind_blob64(stmt_, ++next_, v.empty() ? "" : v.data(), v.size(), SQLITE_TRANSIENT));
-  }
-
-  // True while there is a row to read.
-  absl::StatusOr<bool> Step() {
-    if (bind_rc_ != SQLITE_OK) return Error(bind_rc_, "cannot bind parameters");
-    const int rc = sqlite3_step(stmt_);
-    if (rc == SQLITE_ROW) return true;
-    if (rc == SQLITE_DONE) return false;
-    return Error(rc, "cannot execute");
-  }
-  // Steps to the end, ignoring rows.
-  absl::Status Run() {
-    while (true) {
-      SEEDLING_ASSIGN_OR_RETURN(bool row, Step());
-      if (!row) return absl::OkStatus();
-    }
-  }
-
-  int64_t Int(int col) const { return sqlite3_column_int64(stmt_, col); }
-  uint64_t UInt(int col) const { return static_cast<uint64_t>(Int(col)); }
-  // column_text/blob before column_bytes, as SQLite requires.
-  std::string Text(int col) const {
-    const unsigned char* p = sqlite3_column_text(stmt_, col);
-    const int n = sqlite3_column_bytes(stmt_, col);
-    return p == nullptr ? std::string()
-                        : std::string(reinterpret_cast<const char*>(p), static_cast<size_t>(n));
-  }
-  std::string Blob(int col) const {
-    const void* p = sqlite3_column_blob(stmt_, col);
-    const int n = sqlite3_column_bytes(stmt_, col);
-    return p == nullptr ? std::string()
-                        : std::string(static_cast<const char*>(p), static_cast<size_t>(n));
-  }
-  int ColumnCount() const { return sqlite3_column_count(stmt_); }
-  int ColumnType(int col) const { return sqlite3_column_type(stmt_, col); }
-  double Double(int col) const { return sqlite3_column_double(stmt_, col); }
-  int Changes() const { return sqlite3_changes(db_); }
-
- private:
-  Query& Note(int rc) {
-    if (bind_rc_ == SQLITE_OK) bind_rc_ = rc;
-    return *this;
-  }
-  absl::Status Error(int rc, std::string_view what) const {
-    return SqliteStatus(db_, rc, *db_path_, StrCat(what, " '", sqlite3_sql(stmt_), "'"));
-  }
-
-  sqlite3* db_;
-  sqlite3_stmt* stmt_;  // borrowed from the cache
-  const std::string* db_path_;
-  int next_ = 0;
-  int bind_rc_ = SQLITE_OK;
-};
-
-// ---- schema
-
-// kMigrations[i] takes the schema from version i to i + 1; a new database runs them all. To change
-// the schema, append a step and bump kSchemaVersion; never edit a step that has shipped. STRICT
-// tables make SQLite enforce the declared column types.
-constexpr const char* kMigrations[] = {
-    // 0 → 1
-    R"sql(
-CREATE TABLE schema_version (
-  id INTEGER PRIMARY KEY CHECK (id = 1),
-  version INTEGER NOT NULL
-) STRICT;
-CREATE TABLE meta (
-  id INTEGER PRIMARY KEY CHECK (id = 1),
-  global_version INTEGER NOT NULL CHECK (global_version >= 0),
-  last_round_id INTEGER NOT NULL CHECK (last_round_id >= 0)  -- never decreases, even if rounds are deleted
-) STRICT;
-INSERT INTO meta (id, global_version, last_round_id) VALUES (1, 0, 0);
-CREATE TABLE devices (
-  device_id TEXT PRIMARY KEY NOT NULL,
-  token_sha256 TEXT NOT NULL,
-  created_ms INTEGER NOT NULL,
-  last_seen_ms INTEGER NOT NULL
-) STRICT;
-CREATE TABLE rounds (
-  round_id INTEGER PRIMARY KEY,
-  state TEXT NOT NULL CHECK (state IN ('open', 'collecting', 'aggregating', 'committed', 'aborted')),
-  method TEXT NOT NULL,
-  config_json TEXT NOT NULL,
-  base_version INTEGER NOT NULL,
-  result_version INTEGER NOT NULL,
-  target INTEGER NOT NULL,
-  min_reports INTEGER NOT NULL,
-  opened_ms INTEGER NOT NULL,
-  deadline_ms INTEGER NOT NULL,
-  closed_ms INTEGER NOT NULL,
-  selected INTEGER NOT NULL,
-  accepted INTEGER NOT NULL,
-  abort_reason TEXT NOT NULL,
-  result_json TEXT NOT NULL,
-  state_ms INTEGER NOT NULL
-) STRICT;
-CREATE TABLE tasks (
-  task_id TEXT PRIMARY KEY NOT NULL,
-  round_id INTEGER NOT NULL REFERENCES rounds (round_id),
-  device_id TEXT NOT NULL,
-  assigned_ms INTEGER NOT NULL,
-  state TEXT NOT NULL CHECK (state IN ('assigned', 'declined', 'uploaded')),
-  detail TEXT NOT NULL,
-  UNIQUE (round_id, device_id)
-) STRICT;
-CREATE TABLE ledger (
-  idempotency_key TEXT PRIMARY KEY NOT NULL,
-  round_id INTEGER NOT NULL REFERENCES rounds (round_id),
-  task_id TEXT NOT NULL UNIQUE REFERENCES tasks (task_id),
-  device_id TEXT NOT NULL,
-  num_examples INTEGER NOT NULL,
-  bytes INTEGER NOT NULL,
-  sha256 TEXT NOT NULL,
-  accepted_ms INTEGER NOT NULL,
-  metrics_json TEXT NOT NULL
-) STRICT;
-CREATE INDEX ledger_by_round ON ledger (round_id);
-CREATE TABLE seed_sums (
-  version INTEGER PRIMARY KEY,
-  round_id INTEGER NOT NULL REFERENCES rounds (round_id),
-  sums BLOB NOT NULL
-) STRICT;
-CREATE TABLE checkpoints (
-  version INTEGER PRIMARY KEY,
-  file TEXT NOT NULL,  -- relative to the state directory, so the directory can be moved
-  sha256 TEXT NOT NULL,
-  round_id INTEGER REFERENCES rounds (round_id)  -- NULL for the initial version 0
-) STRICT;
-)sql",
-    // 1 → 2: the differential-privacy budget, one row per committed round that released a noised aggregate
-    // (written in CommitRound's transaction, so the budget spent and the published versions always agree).
-    R"sql(
-CREATE TABLE dp_rounds (
-  round_id INTEGER PRIMARY KEY REFERENCES rounds (round_id),
-  sampling_rate REAL NOT NULL CHECK (sampling_rate >= 0 AND sampling_rate <= 1),
-  noise_multiplier REAL NOT NULL CHECK (noise_multiplier >= 0),
-  steps INTEGER NOT NULL CHECK (steps >= 0)
-) STRICT;
-)sql",
-    // 2 → 3: revoked devices (seedling devices revoke): 0 while the device may connect.
-    R"sql(
-ALTER TABLE devices ADD COLUMN revoked_ms INTEGER NOT NULL DEFAULT 0;
-)sql",
-};
-static_assert(std::size(kMigrations) == kSchemaVersion);
-
-constexpr char kRoundColumns[] =
-    "round_id, state, method, config_json, base_version, result_version, target, min_reports, "
-    "opened_ms, "
-    "deadline_ms, closed_ms, selected, accepted, abort_reason, result_json, state_ms";
-constexpr char kDeviceColumns[] = "device_id, token_sha256, created_ms, last_seen_ms, revoked_ms";
-constexpr char kTaskColumns[] = "task_id, round_id, device_id, assigned_ms, state, detail";
-constexpr char kLedgerColumns[] =
-    "idempotency_key, round_id, task_id, device_id, num_examples, bytes, sha256, accepted_ms, "
-    "metrics_json";
-
-constexpr RoundState kAllStates[] = {RoundState::kOpen, RoundState::kCollecting,
-                                     RoundState::kAggregating, RoundState::kCommitted,
-                                     RoundState::kAborted};
-
-bool IsFinal(RoundState s) { return s == RoundState::kCommitted || s == RoundState::kAborted; }
-
-bool IsTaskState(std::string_view s) {
-  return s == "assigned" || s == "declined" || s == "uploaded";
-}
-
-absl::StatusOr<RoundState> ParseRoundState(std::string_view name) {
-  for (RoundState s : kAllStates) {
-    if (name == RoundStateName(s)) return s;
-  }
-  return absl::DataLossError(StrCat("state database holds an unknown round state '", name, "'"));
-}
-
-absl::StatusOr<RoundRecord> ReadRound(const Query& q) {
-  RoundRecord r;
-  r.round_id = q.UInt(0);
-  SEEDLING_ASSIGN_OR_RETURN(r.state, ParseRoundState(q.Text(1)));
-  r.method = q.Text(2);
-  r.config_json = q.Text(3);
-  r.base_version = q.UInt(4);
-  r.result_version = q.UInt(5);
-  r.target = q.Int(6);
-  r.min_reports = q.Int(7);
-  r.opened_ms = q.Int(8);
-  r.deadline_ms = q.Int(9);
-  r.closed_ms = q.Int(10);
-  r.selected = q.Int(11);
-  r.accepted = q.Int(12);
-  r.abort_reason = q.Text(13);
-  r.result_json = q.Text(14);
-  r.state_ms = q.Int(15);
-  return r;
-}
-
-DeviceRecord ReadDevice(const Query& q) {
-  DeviceRecord d;
-  d.device_id = q.Text(0);
-  d.token_sha256 = q.Text(1);
-  d.created_ms = q.Int(2);
-  d.last_seen_ms = q.Int(3);
-  d.revoked_ms = q.Int(4);
-  return d;
-}
-
-TaskRecord ReadTask(const Query& q) {
-  TaskRecord t;
-  t.task_id = q.Text(0);
-  t.round_id = q.UInt(1);
-  t.device_id = q.Text(2);
-  t.assigned_ms = q.Int(3);
-  t.state = q.Text(4);
-  t.detail = q.Text(5);
-  return t;
-}
-
-LedgerEntry ReadLedger(const Query& q) {
-  LedgerEntry e;
-  e.idempotency_key = q.Text(0);
-  e.round_id = q.UInt(1);
-  e.task_id = q.Text(2);
-  e.device_id = q.Text(3);
-  e.num_examples = q.UInt(4);
-  e.bytes = q.UInt(5);
-  e.sha256 = q.Text(6);
-  e.accepted_ms = q.Int(7);
-  e.metrics_json = q.Text(8);
-  return e;
-}
-
-std::string CheckpointFileName(uint64_t version) {
-  return StrCat(kCheckpointPrefix, version, kCheckpointSuffix);
-}
-
-// "global-<digits>.safetensors" → the version; anything else (including temporaries) → nullopt.
-std::optional<uint64_t> ParseCheckpointFileName(std::string_view name) {
-  const std::string_view prefix = kCheckpointPrefix, suffix = kCheckpointSuffix;
-  if (name.size() <= prefix.size() + suffix.size() || name.substr(0, prefix.size()) != prefix ||
-      name.substr(name.size() - suffix.size()) != suffix) {
-    return std::nullopt;
-  }
-  const std::string_view digits =
-      name.substr(prefix.size(), name.size() - prefix.size() - suffix.size());
-  if (digits.size() > 19) return std::nullopt;
-  uint64_t v = 0;
-  for (char c : digits) {
-    if (c < '0' || c > '9') return std::nullopt;
-    v = v * 10 + static_cast<uint64_t>(c - '0');
-  }
-  return v;
-}
-
-std::string TransitionError(uint64_t round_id, RoundState from, RoundState to,
-                            std::string_view hint = "") {
-  return StrCat("round ", round_id, " cannot move from ", RoundStateName(from), " to ",
-                RoundStateName(to), hint);
-}
-
-// The state machine of docs/architecture.md, "The server": Open → Collecting → Aggregating → Committed, and any
-// non-final state → Aborted.
-absl::Status CheckTransition(const RoundRecord& r, RoundState to) {
-  bool ok = false;
-  switch (to) {
-    case RoundState::kOpen:
-      ok = false;
-      break;
-    case RoundState::kCollecting:
-      ok = r.state == RoundState::kOpen;
-      break;
-    case RoundState::kAggregating:
-      ok = r.state == RoundState::kCollecting;
-      break;
-    case RoundState::kCommitted:
-      ok = r.state == RoundState::kAggregating;
-      break;
-    case RoundState::kAborted:
-      ok = !IsFinal(r.state);
-      break;
-  }
-  if (!ok) return absl::FailedPreconditionError(TransitionError(r.round_id, r.state, to));
-  return absl::OkStatus();
 }
 
 }  // namespace
@@ -754,7 +362,7 @@ struct Store::Impl {
         // DDL runs once per database, so it goes through sqlite3_exec rather than the statement
         // cache.
         char* err = nullptr;
-        const int rc = sqlite3_exec(db.get(), kMigrations[v], nullptr, nullptr, &err);
+        const int rc = sqlite3_exec(db.get(), Migrations()[v], nullptr, nullptr, &err);
         const std::string detail = err != nullptr ? err : "";
         sqlite3_free(err);
         if (rc != SQLITE_OK) {
@@ -903,7 +511,7 @@ absl::StatusOr<std::vector<RoundRecord>> Store::RecoverAfterCrash(int64_t now_ms
       return ErrnoStatus(errno, "cannot delete", path);
     spdlog::warn("store: deleted '{}', left by an interrupted checkpoint write or commit", path);
   }
-  if (!doomed.empty()) SEEDLING_RETURN_IF_ERROR(FsyncDir(im.checkpoint_dir));
+  if (!doomed.empty()) SEEDLING_RETURN_IF_ERROR(FsyncDirectory(im.checkpoint_dir));
   return aborted;
 }
 
@@ -1150,7 +758,7 @@ absl::Status Store::CommitRound(uint64_t round_id, uint64_t new_version, int64_t
     }
     // Hashed here, under checkpoint_mu, so the recorded hash is that of the file that becomes
     // current.
-    SEEDLING_ASSIGN_OR_RETURN(std::string sha, HashFile(path));
+    SEEDLING_ASSIGN_OR_RETURN(std::string sha, FileSha256Hex(path));
     {
       SEEDLING_ASSIGN_OR_RETURN(
           Query q, im.Sql("UPDATE rounds SET state = 'committed', result_version = ?, "
@@ -1446,7 +1054,7 @@ absl::StatusOr<std::string> Store::WriteCheckpoint(uint64_t version,
   // The version inside the file catches a file renamed to another version's name.
   SEEDLING_RETURN_IF_ERROR(
       model::WriteSafetensors(path, tensors, {{kVersionMetadataKey, StrCat(version)}}));
-  SEEDLING_ASSIGN_OR_RETURN(std::string sha, HashFile(path));
+  SEEDLING_ASSIGN_OR_RETURN(std::string sha, FileSha256Hex(path));
 
   if (version == 0) {
     // The initial model has no round to commit it: record it now (a crash before this leaves an
@@ -1482,7 +1090,7 @@ absl::StatusOr<std::vector<NamedVector>> Store::ReadCheckpoint(uint64_t version)
         StrCat("there is no checkpoint of version ", version, " ('", path, "')"));
   }
   if (recorded) {
-    SEEDLING_ASSIGN_OR_RETURN(std::string sha, HashFile(path));
+    SEEDLING_ASSIGN_OR_RETURN(std::string sha, FileSha256Hex(path));
     if (sha != recorded->sha256) {
       return absl::DataLossError(StrCat("checkpoint '", path, "' has SHA-256 ", sha,
                                         ", but version ", version, " was recorded with ",
