@@ -11,6 +11,7 @@
 #include "base/sha256.h"
 #include "base/status.h"
 #include "base/strings.h"
+#include "base/version.h"
 #include "lora/adapter.h"
 #include "model/config.h"
 #include "model/weights.h"
@@ -20,8 +21,6 @@
 
 namespace seedling::server {
 namespace {
-
-constexpr const char* kServerVersion = "seedling 0.1.0";
 
 v1::Envelope Response(uint64_t request_id) {
   v1::Envelope e;
@@ -42,16 +41,6 @@ std::string ExpectedKey(const std::string& device_id, uint64_t round_id, const s
 }
 
 }  // namespace
-
-// ---- per-round bookkeeping ------------------------------------------------------------------------------
-
-struct Coordinator::RoundStats {
-  int64_t rejected = 0;
-  double loss_start_sum = 0, loss_end_sum = 0;
-  int64_t loss_count = 0;
-  int64_t processed_tokens = 0;  // as reported (each capped at kMaxReportedTokens)
-  uint64_t bytes_up = 0, bytes_down = 0;
-};
 
 // ---- construction ---------------------------------------------------------------------------------------
 
@@ -202,7 +191,7 @@ v1::Envelope Coordinator::OnHello(const v1::Hello& hello, std::string* device_id
   *device_id = hello.device_id();
   v1::Envelope e = Response(0);
   e.mutable_hello_reply()->set_server_time_ms(static_cast<uint64_t>(clock_->NowMs()));
-  e.mutable_hello_reply()->set_server_version(kServerVersion);
+  e.mutable_hello_reply()->set_server_version(kVersionString);
   return e;
 }
 
@@ -627,11 +616,6 @@ v1::Envelope Coordinator::OnSecAgg(const std::string& device_id, const v1::SecAg
                       "aborted");
 }
 
-SecAggProgress Coordinator::secagg_progress() {
-  std::lock_guard<std::mutex> lock(mu_);
-  return secagg_ != nullptr ? secagg_->progress() : SecAggProgress{};
-}
-
 // ---- the round state machine ----------------------------------------------------------------------------
 
 absl::Status Coordinator::OpenRoundLocked(int64_t now) {
@@ -672,84 +656,93 @@ void Coordinator::AbortRoundLocked(int64_t now, const std::string& reason) {
   ++finished_rounds_;
 }
 
+// Aggregate → checkpoint → price (DP) → commit → publish. A failing step aborts the round; the published model
+// changes only once the commit is durable.
 void Coordinator::FinishRoundLocked(int64_t now) {
   if (!round_.has_value()) return;
+  absl::Status st = StartAggregatingLocked(now);
+  absl::StatusOr<PendingCommit> pending = st.ok() ? AggregateLocked() : absl::StatusOr<PendingCommit>(st);
+  if (pending.ok()) st = CommitLocked(*pending, now);
+  if (!pending.ok() || !st.ok()) {
+    AbortRoundLocked(now, std::string(pending.ok() ? st.message() : pending.status().message()));
+    return;
+  }
+  PublishLocked(std::move(pending).value());
+}
+
+absl::Status Coordinator::StartAggregatingLocked(int64_t now) {
   const uint64_t round_id = round_->round_id;
   if (round_->state == RoundState::kOpen) {  // the store only moves Open → Collecting → Aggregating
-    if (absl::Status st = store_->SetRoundState(round_id, RoundState::kCollecting, now); !st.ok()) {
-      AbortRoundLocked(now, StrCat("cannot close selection: ", st.message()));
-      return;
-    }
+    SEEDLING_RETURN_IF_ERROR(
+        Annotate(store_->SetRoundState(round_id, RoundState::kCollecting, now), "cannot close selection"));
     round_->state = RoundState::kCollecting;
   }
-  if (absl::Status st = store_->SetRoundState(round_id, RoundState::kAggregating, now); !st.ok()) {
-    AbortRoundLocked(now, StrCat("cannot start aggregating: ", st.message()));
-    return;
-  }
-  // Apply to a copy; the published model changes only once the commit is durable.
-  GlobalModel next = global_;
-  absl::StatusOr<RoundOutcome> outcome = strategy_->FinishRound(next);
-  if (!outcome.ok()) {
-    AbortRoundLocked(now, StrCat("aggregation failed: ", outcome.status().message()));
-    return;
-  }
+  return Annotate(store_->SetRoundState(round_id, RoundState::kAggregating, now), "cannot start aggregating");
+}
+
+absl::StatusOr<Coordinator::PendingCommit> Coordinator::AggregateLocked() {
+  PendingCommit p;
+  p.next = global_;  // a copy: the served model stays as it is until the commit
+  absl::StatusOr<RoundOutcome> outcome = strategy_->FinishRound(p.next);
+  if (!outcome.ok()) return Annotate(outcome.status(), "aggregation failed");
+  p.outcome = std::move(outcome).value();
   // Finite updates can still sum past float's range (3e38 twice): such an aggregate is never committed.
-  if (std::optional<std::string> bad = FindNonFinite(next); bad.has_value()) {
-    AbortRoundLocked(now, StrCat("the aggregate is not finite (", *bad, "); the global model is unchanged"));
-    return;
+  if (std::optional<std::string> bad = FindNonFinite(p.next); bad.has_value()) {
+    return absl::FailedPreconditionError(
+        StrCat("the aggregate is not finite (", *bad, "); the global model is unchanged"));
   }
-  next.version = global_.version + 1;
-  std::vector<NamedVector> vectors = {{"params", next.params}};
-  for (const auto& [name, values] : next.buffers) vectors.push_back({name, values});
-  if (absl::StatusOr<std::string> sha = store_->WriteCheckpoint(next.version, vectors); !sha.ok()) {
-    AbortRoundLocked(now, StrCat("checkpoint failed: ", sha.status().message()));
-    return;
-  }
-  std::string seed_blob = outcome->seed_sums_blob;
-  if (!seed_blob.empty()) {
+  p.next.version = global_.version + 1;
+  std::vector<NamedVector> vectors = {{"params", p.next.params}};
+  for (const auto& [name, values] : p.next.buffers) vectors.push_back({name, values});
+  SEEDLING_RETURN_IF_ERROR(Annotate(store_->WriteCheckpoint(p.next.version, vectors).status(), "checkpoint failed"));
+  p.seed_blob = p.outcome.seed_sums_blob;
+  if (!p.seed_blob.empty()) {
     // The strategy does not know the round id: stamp it into the stored sums.
-    auto sums = ParseSeedSums(seed_blob);
+    auto sums = ParseSeedSums(p.seed_blob);
     if (sums.ok()) {
-      sums->set_round_id(round_id);
-      sums->set_version(next.version);
-      seed_blob = sums->SerializeAsString();
+      sums->set_round_id(round_->round_id);
+      sums->set_version(p.next.version);
+      p.seed_blob = sums->SerializeAsString();
     }
   }
+  if (dp_budget_.has_value()) {
+    // This round's cost, recorded in the commit's transaction; the budget moves on only once it is durable.
+    absl::StatusOr<DpBudget::Price> price = dp_budget_->PriceRound(round_->round_id);
+    if (!price.ok()) return Annotate(price.status(), "privacy accounting failed");
+    p.dp_price = std::move(price).value();
+  }
+  return p;
+}
+
+absl::Status Coordinator::CommitLocked(const PendingCommit& p, int64_t now) {
   nlohmann::json result = {{"accepted", round_->accepted}, {"selected", round_->selected},
                            {"rejected", stats_->rejected}, {"bytes_up", stats_->bytes_up},
                            {"bytes_down", stats_->bytes_down}};
-  // DP: this round's cost, recorded in the commit's transaction; the budget moves on only once it is durable.
-  std::optional<DpBudget::Price> dp_price;
-  if (dp_budget_.has_value()) {
-    absl::StatusOr<DpBudget::Price> price = dp_budget_->PriceRound(round_id);
-    if (!price.ok()) {
-      AbortRoundLocked(now, StrCat("privacy accounting failed: ", price.status().message()));
-      return;
-    }
-    dp_price = std::move(price).value();
-    result["dp_epsilon"] = dp_price->epsilon_after;
-    result["dp_sampling_rate"] = dp_price->spend.sampling_rate;
+  std::optional<DpSpend> dp_spend;
+  if (p.dp_price.has_value()) {
+    dp_spend = p.dp_price->spend;
+    result["dp_epsilon"] = p.dp_price->epsilon_after;
+    result["dp_sampling_rate"] = p.dp_price->spend.sampling_rate;
   }
   if (stats_->loss_count > 0) {
     result["loss_start"] = stats_->loss_start_sum / static_cast<double>(stats_->loss_count);
     result["loss_end"] = stats_->loss_end_sum / static_cast<double>(stats_->loss_count);
   }
   if (stats_->processed_tokens > 0) result["processed_tokens"] = stats_->processed_tokens;
-  for (const auto& [k, v] : outcome->metrics) result[k] = v;
-  std::optional<DpSpend> dp_spend;
-  if (dp_price.has_value()) dp_spend = dp_price->spend;
-  if (absl::Status st = store_->CommitRound(round_id, next.version, now, result.dump(), seed_blob, dp_spend);
-      !st.ok()) {
-    AbortRoundLocked(now, StrCat("commit failed: ", st.message()));
-    return;
-  }
-  if (dp_price.has_value()) {
-    dp_budget_->Commit(std::move(*dp_price));
+  for (const auto& [k, v] : p.outcome.metrics) result[k] = v;
+  return Annotate(store_->CommitRound(round_->round_id, p.next.version, now, result.dump(), p.seed_blob, dp_spend),
+                  "commit failed");
+}
+
+void Coordinator::PublishLocked(PendingCommit p) {
+  if (p.dp_price.has_value()) {
+    dp_budget_->Commit(std::move(*p.dp_price));
     if (dp_epsilon_gauge_ != nullptr) dp_epsilon_gauge_->Set(dp_budget_->epsilon());
   }
-  global_ = std::move(next);
+  global_ = std::move(p.next);
   global_bytes_ = ParamsBytes(global_.params);
   global_sha256_ = Sha256(global_bytes_);
+  const uint64_t round_id = round_->round_id;
   spdlog::info("round {} committed: {} updates, global version {}", round_id, round_->accepted, global_.version);
   if (rounds_total_ != nullptr) rounds_total_->WithLabels({"committed"}).Increment();
   if (global_version_gauge_ != nullptr) global_version_gauge_->Set(static_cast<double>(global_.version));
@@ -829,11 +822,6 @@ bool Coordinator::Selecting() {
   return round_->state == RoundState::kOpen && round_->selected < config_.SelectionQuota();
 }
 
-double Coordinator::dp_epsilon() {
-  std::lock_guard<std::mutex> lock(mu_);
-  return dp_budget_.has_value() ? dp_budget_->epsilon() : NAN;
-}
-
 absl::StatusOr<double> Coordinator::DpSamplingRateLocked() {
   // A round aggregates at most clients_per_round reports (the larger of that and expected_clients is used,
   // to stay conservative). The real selection takes the first eligible devices that check in, which is not
@@ -842,109 +830,6 @@ absl::StatusOr<double> Coordinator::DpSamplingRateLocked() {
   const double per_round = static_cast<double>(
       std::max(config_.clients_per_round, config_.privacy.EffectiveExpectedClients(config_.clients_per_round)));
   return DpSamplingRate(per_round, devices.size());
-}
-
-DashboardRound Coordinator::ToDashboard(const RoundRecord& r) {
-  DashboardRound d;
-  d.round_id = r.round_id;
-  d.state = RoundStateName(r.state);
-  d.method = r.method;
-  d.selected = r.selected;
-  d.accepted = r.accepted;
-  d.opened_ms = r.opened_ms;
-  d.deadline_ms = r.deadline_ms;
-  d.closed_ms = r.closed_ms;
-  d.abort_reason = r.abort_reason;
-  if (!r.result_json.empty()) {
-    try {
-      const nlohmann::json j = nlohmann::json::parse(r.result_json);
-      d.rejected = j.value("rejected", int64_t{0});
-      // A SecAgg round records no single update: its survivors are counted in the result only.
-      d.accepted = j.value("accepted", d.accepted);
-      d.bytes_up = j.value("bytes_up", uint64_t{0});
-      d.bytes_down = j.value("bytes_down", uint64_t{0});
-      if (j.contains("loss_start")) d.loss_start = j["loss_start"].get<double>();
-      if (j.contains("loss_end")) d.loss_end = j["loss_end"].get<double>();
-      d.processed_tokens = j.value("processed_tokens", int64_t{0});
-    } catch (const nlohmann::json::exception&) {
-      // A result the dashboard cannot read is shown without its details.
-    }
-  }
-  return d;
-}
-
-DashboardSnapshot Coordinator::Snapshot() {
-  std::lock_guard<std::mutex> lock(mu_);
-  DashboardSnapshot s;
-  s.server_version = kServerVersion;
-  s.global_version = global_.version;
-  if (round_.has_value()) {
-    DashboardRound d = ToDashboard(*round_);
-    d.rejected = stats_->rejected;
-    d.bytes_up = stats_->bytes_up;
-    d.bytes_down = stats_->bytes_down;
-    d.processed_tokens = stats_->processed_tokens;
-    if (stats_->loss_count > 0) {
-      d.loss_start = stats_->loss_start_sum / static_cast<double>(stats_->loss_count);
-      d.loss_end = stats_->loss_end_sum / static_cast<double>(stats_->loss_count);
-    }
-    s.current = d;
-  }
-  if (auto recent = store_->RecentRounds(50); recent.ok()) {
-    for (const RoundRecord& r : *recent) {
-      if (r.state == RoundState::kCommitted || r.state == RoundState::kAborted) s.recent.push_back(ToDashboard(r));
-    }
-  }
-  s.rejected_by_reason = rejected_by_reason_;
-  s.epsilon = NAN;
-  if (dp_budget_.has_value()) {
-    s.epsilon = dp_budget_->epsilon();
-    s.dp_target_epsilon = config_.privacy.target_epsilon;
-    s.dp_delta = config_.privacy.delta;
-    s.dp_refusal = dp_budget_->refusal();
-  }
-  if (auto devices = store_->ListDevices(); devices.ok()) s.devices_registered = static_cast<int64_t>(devices->size());
-  s.connections = connections_;
-  return s;
-}
-
-absl::Status Coordinator::Health() {
-  std::lock_guard<std::mutex> lock(mu_);
-  return health_;
-}
-
-uint64_t Coordinator::global_version() {
-  std::lock_guard<std::mutex> lock(mu_);
-  return global_.version;
-}
-
-std::vector<float> Coordinator::global_params() {
-  std::lock_guard<std::mutex> lock(mu_);
-  return global_.params;
-}
-
-absl::StatusOr<std::vector<float>> Coordinator::CheckpointParams(uint64_t version) {
-  std::lock_guard<std::mutex> lock(mu_);
-  SEEDLING_ASSIGN_OR_RETURN(std::vector<NamedVector> vectors, store_->ReadCheckpoint(version));
-  for (NamedVector& v : vectors) {
-    if (v.name == "params") return std::move(v.values);
-  }
-  return absl::DataLossError(StrCat("checkpoint ", version, " has no params"));
-}
-
-absl::StatusOr<std::string> Coordinator::RegisterDevice(const std::string& device_id) {
-  std::lock_guard<std::mutex> lock(mu_);
-  return AddDevice(*store_, device_id, clock_->NowMs());
-}
-
-absl::StatusOr<std::optional<RoundRecord>> Coordinator::FindRound(uint64_t round_id) {
-  std::lock_guard<std::mutex> lock(mu_);
-  return store_->FindRound(round_id);
-}
-
-absl::StatusOr<std::string> Coordinator::StoreChecksum() {
-  std::lock_guard<std::mutex> lock(mu_);
-  return store_->Checksum();
 }
 
 }  // namespace seedling::server

@@ -11,6 +11,12 @@
 // aborted after a crash (whose devices are told to retry), never lost or counted twice; a rejected request
 // changes nothing durable; the round counter only grows.
 //
+// The coordinator is the round loop (configure → collect → aggregate → commit) and its request handlers
+// (coordinator.cpp); the connection handler (coordinator_handler.cpp) and the read-only views
+// (coordinator_views.cpp) are in their own files, and it delegates to components that stand alone: device
+// tokens (devices.h), uploads in progress (uploads.h), the strategy stack with its privacy wrappers
+// (strategy_stack.h), the DP budget (dp_budget.h) and the SecAgg+ session (secagg_session.h).
+//
 // Thread-safety: every public method may be called from any thread (one mutex guards the state).
 
 #include <cmath>
@@ -25,8 +31,6 @@
 #include "absl/status/statusor.h"
 #include "base/clock.h"
 #include "comms/transport.h"
-#include "privacy/accountant.h"
-#include "privacy/secagg.h"
 #include "server/config.h"
 #include "server/dp_budget.h"
 #include "server/http.h"
@@ -89,7 +93,22 @@ class Coordinator {
 
  private:
   class Handler;
-  struct RoundStats;
+  // What the active round has seen so far (its result in the store and the dashboard).
+  struct RoundStats {
+    int64_t rejected = 0;
+    double loss_start_sum = 0, loss_end_sum = 0;
+    int64_t loss_count = 0;
+    int64_t processed_tokens = 0;  // as reported (each capped at kMaxReportedTokens)
+    uint64_t bytes_up = 0, bytes_down = 0;
+  };
+  // A round's aggregate on its way to the store: the next model (checkpointed), the strategy's outcome, the
+  // stamped seed sums and the DP price.
+  struct PendingCommit {
+    GlobalModel next;
+    RoundOutcome outcome;
+    std::string seed_blob;
+    std::optional<DpBudget::Price> dp_price;
+  };
 
   Coordinator(const ServerConfig& config, const Clock* clock, Metrics* metrics, std::unique_ptr<Store> store);
 
@@ -110,7 +129,12 @@ class Coordinator {
   v1::Envelope NoUploadLocked(const std::string& key, const char* message);
   v1::Task MakeTaskLocked(const RoundRecord& round, const TaskRecord& task);
   absl::Status OpenRoundLocked(int64_t now);
+  // The round's steps from its last upload to the published model (FinishRoundLocked runs them in order).
   void FinishRoundLocked(int64_t now);
+  absl::Status StartAggregatingLocked(int64_t now);
+  absl::StatusOr<PendingCommit> AggregateLocked();
+  absl::Status CommitLocked(const PendingCommit& p, int64_t now);
+  void PublishLocked(PendingCommit p);
   void AbortRoundLocked(int64_t now, const std::string& reason);
   uint32_t RetrySecondsLocked();
   // [privacy] dp: q for the next round (devices registered now).
