@@ -67,4 +67,17 @@ absl::StatusOr<toml::table> ParseToml(std::string_view text) {
   }
 }
 
+absl::Status TomlSection::Error(std::string_view key, std::string_view problem) const {
+  return absl::InvalidArgumentError(StrCat("[", name_, "] ", key, ": ", problem));
+}
+
+absl::Status TomlSection::CheckNoUnknownKeys() const {
+  if (table_ == nullptr) return absl::OkStatus();
+  for (const auto& [key, value] : *table_) {
+    const std::string k(key.str());
+    if (!known_.count(k)) return Error(k, "is not a known key");
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace seedling

@@ -18,63 +18,6 @@ absl::Status KeyError(std::string_view table, std::string_view key, std::string_
   return absl::InvalidArgumentError(StrCat("[", table, "] ", key, ": ", problem));
 }
 
-// Reads typed values from one TOML table and remembers which keys it knows, so unknown keys can be
-// reported.
-class Section {
- public:
-  Section(const toml::table* table, std::string name) : table_(table), name_(std::move(name)) {}
-
-  template <typename T>
-  absl::Status Get(const char* key, T& out) {
-    known_.insert(key);
-    if (table_ == nullptr) return absl::OkStatus();
-    const toml::node* node = table_->get(key);
-    if (node == nullptr) return absl::OkStatus();
-    if constexpr (std::is_same_v<T, bool>) {
-      auto v = node->value<bool>();
-      if (!v) return KeyError(name_, key, "must be true or false");
-      out = *v;
-    } else if constexpr (std::is_same_v<T, std::string>) {
-      auto v = node->value<std::string>();
-      if (!v) return KeyError(name_, key, "must be a string");
-      out = *v;
-    } else if constexpr (std::is_floating_point_v<T>) {
-      auto v = node->value<double>();  // integers convert too
-      if (!v) return KeyError(name_, key, "must be a number");
-      out = static_cast<T>(*v);
-    } else if constexpr (std::is_same_v<T, std::vector<std::string>>) {
-      const toml::array* arr = node->as_array();
-      if (arr == nullptr) return KeyError(name_, key, "must be an array of strings");
-      out.clear();
-      for (const toml::node& e : *arr) {
-        auto v = e.value<std::string>();
-        if (!v) return KeyError(name_, key, "must be an array of strings");
-        out.push_back(*v);
-      }
-    } else {
-      static_assert(std::is_integral_v<T>);
-      absl::StatusOr<T> v = TomlInteger<T>(*node);
-      if (!v.ok()) return KeyError(name_, key, FromAbsl(v.status().message()));
-      out = *v;
-    }
-    return absl::OkStatus();
-  }
-
-  absl::Status CheckNoUnknownKeys() const {
-    if (table_ == nullptr) return absl::OkStatus();
-    for (const auto& [key, value] : *table_) {
-      const std::string k(key.str());
-      if (!known_.count(k)) return KeyError(name_, k, "is not a known key");
-    }
-    return absl::OkStatus();
-  }
-
- private:
-  const toml::table* table_;
-  std::string name_;
-  std::set<std::string> known_;
-};
-
 }  // namespace
 
 // [privacy]: checked whether or not dp is on (a typo should not wait for the day DP is enabled), except the
@@ -220,7 +163,7 @@ absl::StatusOr<ServerConfig> ParseServerConfig(std::string_view toml_text, const
     if (!value.is_table()) return absl::InvalidArgumentError(StrCat("[", k, "] must be a table"));
   }
 
-  Section server(table("server"), "server");
+  TomlSection server(table("server"), "server");
   SEEDLING_RETURN_IF_ERROR(server.Get("state_dir", c.state_dir));
   SEEDLING_RETURN_IF_ERROR(server.Get("bind", c.bind));
   SEEDLING_RETURN_IF_ERROR(server.Get("port", c.port));
@@ -238,7 +181,7 @@ absl::StatusOr<ServerConfig> ParseServerConfig(std::string_view toml_text, const
   SEEDLING_RETURN_IF_ERROR(server.Get("tick_ms", c.tick_ms));
   SEEDLING_RETURN_IF_ERROR(server.CheckNoUnknownKeys());
 
-  Section model(table("model"), "model");
+  TomlSection model(table("model"), "model");
   SEEDLING_RETURN_IF_ERROR(model.Get("dir", c.model_dir));
   std::string weights = model::WeightPrecisionName(c.weights);
   SEEDLING_RETURN_IF_ERROR(model.Get("weights", weights));
@@ -254,7 +197,7 @@ absl::StatusOr<ServerConfig> ParseServerConfig(std::string_view toml_text, const
   }
   SEEDLING_RETURN_IF_ERROR(model.CheckNoUnknownKeys());
 
-  Section training(table("training"), "training");
+  TomlSection training(table("training"), "training");
   std::string codec(comms::CodecName(c.codec.codec));
   SEEDLING_RETURN_IF_ERROR(training.Get("method", c.method));
   SEEDLING_RETURN_IF_ERROR(training.Get("rounds", c.rounds));
@@ -285,14 +228,14 @@ absl::StatusOr<ServerConfig> ParseServerConfig(std::string_view toml_text, const
   if (!codec_given && c.method == "kseed") codec = "seed-scalars";
   SEEDLING_ASSIGN_OR_RETURN(c.codec.codec, comms::ParseCodecName(codec));
 
-  Section lora(table("lora"), "lora");
+  TomlSection lora(table("lora"), "lora");
   SEEDLING_RETURN_IF_ERROR(lora.Get("rank", c.lora_rank));
   SEEDLING_RETURN_IF_ERROR(lora.Get("alpha", c.lora_alpha));
   SEEDLING_RETURN_IF_ERROR(lora.Get("targets", c.lora_targets));
   SEEDLING_RETURN_IF_ERROR(lora.Get("init_seed", c.lora_init_seed));
   SEEDLING_RETURN_IF_ERROR(lora.CheckNoUnknownKeys());
 
-  Section strategy(table("strategy"), "strategy");
+  TomlSection strategy(table("strategy"), "strategy");
   StrategyOptions& s = c.strategy;
   s.name = c.method == "kseed" ? "kseed" : c.method == "fwdgrad" ? "fwdgrad" : "fedavg";
   SEEDLING_RETURN_IF_ERROR(strategy.Get("name", s.name));
@@ -312,7 +255,7 @@ absl::StatusOr<ServerConfig> ParseServerConfig(std::string_view toml_text, const
   s.total_rounds = c.rounds > 0 ? c.rounds : 100;
   s.max_update_norm = c.max_update_norm;
 
-  Section privacy(table("privacy"), "privacy");
+  TomlSection privacy(table("privacy"), "privacy");
   SEEDLING_RETURN_IF_ERROR(privacy.Get("dp", c.privacy.dp));
   SEEDLING_RETURN_IF_ERROR(privacy.Get("clip_norm", c.privacy.clip_norm));
   SEEDLING_RETURN_IF_ERROR(privacy.Get("noise_multiplier", c.privacy.noise_multiplier));
@@ -322,7 +265,7 @@ absl::StatusOr<ServerConfig> ParseServerConfig(std::string_view toml_text, const
   SEEDLING_RETURN_IF_ERROR(privacy.Get("noise", c.privacy.noise));
   SEEDLING_RETURN_IF_ERROR(privacy.CheckNoUnknownKeys());
 
-  Section secagg(table("secagg"), "secagg");
+  TomlSection secagg(table("secagg"), "secagg");
   SEEDLING_RETURN_IF_ERROR(secagg.Get("enabled", c.secagg.enabled));
   SEEDLING_RETURN_IF_ERROR(secagg.Get("neighbors", c.secagg.neighbors));
   SEEDLING_RETURN_IF_ERROR(secagg.Get("neighbors_fraction", c.secagg.neighbors_fraction));
@@ -335,7 +278,7 @@ absl::StatusOr<ServerConfig> ParseServerConfig(std::string_view toml_text, const
   SEEDLING_RETURN_IF_ERROR(secagg.Get("poll_ms", c.secagg.poll_ms));
   SEEDLING_RETURN_IF_ERROR(secagg.CheckNoUnknownKeys());
 
-  Section retry(table("retry"), "retry");
+  TomlSection retry(table("retry"), "retry");
   SEEDLING_RETURN_IF_ERROR(retry.Get("base_seconds", c.retry_base_s));
   SEEDLING_RETURN_IF_ERROR(retry.Get("jitter", c.retry_jitter));
   SEEDLING_RETURN_IF_ERROR(retry.CheckNoUnknownKeys());

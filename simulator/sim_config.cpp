@@ -14,49 +14,6 @@
 #include "simulator/simulation.h"
 
 namespace seedling::simulator {
-namespace {
-
-absl::Status KeyError(const std::string& table, const std::string& key, const std::string& what) {
-  return absl::InvalidArgumentError(StrCat("[", table, "] ", key, ": ", what));
-}
-
-// Reads `key` of `table` into `out` when present; InvalidArgument naming the key for a wrong type.
-template <typename T>
-absl::Status Get(const toml::table& table, const std::string& name, const char* key, T& out) {
-  const toml::node* node = table.get(key);
-  if (node == nullptr) return absl::OkStatus();
-  if constexpr (std::is_same_v<T, std::string>) {
-    if (!node->is_string()) return KeyError(name, key, "expected a string");
-    out = node->as_string()->get();
-  } else if constexpr (std::is_same_v<T, bool>) {
-    if (!node->is_boolean()) return KeyError(name, key, "expected true or false");
-    out = node->as_boolean()->get();
-  } else if constexpr (std::is_floating_point_v<T>) {
-    if (node->is_integer()) {
-      out = static_cast<T>(node->as_integer()->get());
-    } else if (node->is_floating_point()) {
-      out = static_cast<T>(node->as_floating_point()->get());
-    } else {
-      return KeyError(name, key, "expected a number");
-    }
-  } else {
-    absl::StatusOr<T> v = TomlInteger<T>(*node);
-    if (!v.ok()) return KeyError(name, key, std::string(FromAbsl(v.status().message())));
-    out = *v;
-  }
-  return absl::OkStatus();
-}
-
-absl::Status CheckKeys(const toml::table& table, const std::string& name, const std::set<std::string>& known) {
-  for (const auto& [key, value] : table) {
-    if (!known.count(std::string(key.str()))) {
-      return absl::InvalidArgumentError(StrCat("[", name, "]: unknown key '", std::string(key.str()), "'"));
-    }
-  }
-  return absl::OkStatus();
-}
-
-}  // namespace
 
 server::ServerConfig DefaultSimulationServerConfig() {
   server::ServerConfig c;
@@ -83,57 +40,46 @@ absl::StatusOr<SimulationOptions> ParseSimulationConfig(std::string_view toml_te
     const toml::table* sim = sim_node->as_table();
     if (sim == nullptr) return absl::InvalidArgumentError("[simulation] must be a table");
     const std::string n = "simulation";
-    SEEDLING_RETURN_IF_ERROR(CheckKeys(*sim, n, {"model", "out", "work_dir", "methods", "seed", "threads", "devices",
-                                                "heldout_devices", "eval_examples", "phone_classes", "data",
-                                                "partition", "alpha", "exponent", "rows_per_device", "dropout_mean",
-                                                "variation", "start_time", "tick_s", "max_hours", "plan_seconds",
-                                                "radio_watts", "loopback", "mpi_placement", "device_runtime"}));
-    SEEDLING_RETURN_IF_ERROR(Get(*sim, n, "model", o.model_dir));
-    SEEDLING_RETURN_IF_ERROR(Get(*sim, n, "out", o.out_dir));
-    SEEDLING_RETURN_IF_ERROR(Get(*sim, n, "work_dir", o.work_dir));
-    if (const toml::node* m = sim->get("methods"); m != nullptr) {
-      const toml::array* arr = m->as_array();
-      if (arr == nullptr) return KeyError(n, "methods", "expected an array of strings");
-      o.methods.clear();
-      for (const toml::node& e : *arr) {
-        if (!e.is_string()) return KeyError(n, "methods", "expected an array of strings");
-        o.methods.push_back(e.as_string()->get());
-      }
-    }
-    SEEDLING_RETURN_IF_ERROR(Get(*sim, n, "seed", o.seed));
-    SEEDLING_RETURN_IF_ERROR(Get(*sim, n, "threads", o.threads));
-    SEEDLING_RETURN_IF_ERROR(Get(*sim, n, "devices", o.population.devices));
-    SEEDLING_RETURN_IF_ERROR(Get(*sim, n, "heldout_devices", o.heldout_devices));
-    SEEDLING_RETURN_IF_ERROR(Get(*sim, n, "eval_examples", o.eval_examples));
-    SEEDLING_RETURN_IF_ERROR(Get(*sim, n, "phone_classes", o.phone_classes));
-    SEEDLING_RETURN_IF_ERROR(Get(*sim, n, "data", o.data_path));
+    TomlSection section(sim, n);
+    SEEDLING_RETURN_IF_ERROR(section.Get("model", o.model_dir));
+    SEEDLING_RETURN_IF_ERROR(section.Get("out", o.out_dir));
+    SEEDLING_RETURN_IF_ERROR(section.Get("work_dir", o.work_dir));
+    SEEDLING_RETURN_IF_ERROR(section.Get("methods", o.methods));
+    SEEDLING_RETURN_IF_ERROR(section.Get("seed", o.seed));
+    SEEDLING_RETURN_IF_ERROR(section.Get("threads", o.threads));
+    SEEDLING_RETURN_IF_ERROR(section.Get("devices", o.population.devices));
+    SEEDLING_RETURN_IF_ERROR(section.Get("heldout_devices", o.heldout_devices));
+    SEEDLING_RETURN_IF_ERROR(section.Get("eval_examples", o.eval_examples));
+    SEEDLING_RETURN_IF_ERROR(section.Get("phone_classes", o.phone_classes));
+    SEEDLING_RETURN_IF_ERROR(section.Get("data", o.data_path));
     std::string partition;
-    SEEDLING_RETURN_IF_ERROR(Get(*sim, n, "partition", partition));
+    SEEDLING_RETURN_IF_ERROR(section.Get("partition", partition));
     if (!partition.empty()) {
       absl::StatusOr<PartitionKind> kind = ParsePartitionKind(partition);
-      if (!kind.ok()) return KeyError(n, "partition", std::string(kind.status().message()));
+      if (!kind.ok()) return section.Error("partition", FromAbsl(kind.status().message()));
       o.partition.kind = *kind;
     }
-    SEEDLING_RETURN_IF_ERROR(Get(*sim, n, "alpha", o.partition.alpha));
-    SEEDLING_RETURN_IF_ERROR(Get(*sim, n, "exponent", o.partition.exponent));
-    SEEDLING_RETURN_IF_ERROR(Get(*sim, n, "rows_per_device", o.corpus.rows_per_device));
-    SEEDLING_RETURN_IF_ERROR(Get(*sim, n, "dropout_mean", o.population.dropout_mean));
-    SEEDLING_RETURN_IF_ERROR(Get(*sim, n, "variation", o.population.variation));
-    SEEDLING_RETURN_IF_ERROR(Get(*sim, n, "start_time", o.start_time_s));
-    SEEDLING_RETURN_IF_ERROR(Get(*sim, n, "tick_s", o.tick_s));
-    SEEDLING_RETURN_IF_ERROR(Get(*sim, n, "max_hours", o.max_hours));
-    SEEDLING_RETURN_IF_ERROR(Get(*sim, n, "plan_seconds", o.plan_seconds));
-    SEEDLING_RETURN_IF_ERROR(Get(*sim, n, "radio_watts", o.radio_watts));
-    SEEDLING_RETURN_IF_ERROR(Get(*sim, n, "loopback", o.loopback));
-    SEEDLING_RETURN_IF_ERROR(Get(*sim, n, "mpi_placement", o.mpi_placement));
+    SEEDLING_RETURN_IF_ERROR(section.Get("alpha", o.partition.alpha));
+    SEEDLING_RETURN_IF_ERROR(section.Get("exponent", o.partition.exponent));
+    SEEDLING_RETURN_IF_ERROR(section.Get("rows_per_device", o.corpus.rows_per_device));
+    SEEDLING_RETURN_IF_ERROR(section.Get("dropout_mean", o.population.dropout_mean));
+    SEEDLING_RETURN_IF_ERROR(section.Get("variation", o.population.variation));
+    SEEDLING_RETURN_IF_ERROR(section.Get("start_time", o.start_time_s));
+    SEEDLING_RETURN_IF_ERROR(section.Get("tick_s", o.tick_s));
+    SEEDLING_RETURN_IF_ERROR(section.Get("max_hours", o.max_hours));
+    SEEDLING_RETURN_IF_ERROR(section.Get("plan_seconds", o.plan_seconds));
+    SEEDLING_RETURN_IF_ERROR(section.Get("radio_watts", o.radio_watts));
+    SEEDLING_RETURN_IF_ERROR(section.Get("loopback", o.loopback));
+    SEEDLING_RETURN_IF_ERROR(section.Get("mpi_placement", o.mpi_placement));
     std::string runtime = "auto";
-    SEEDLING_RETURN_IF_ERROR(Get(*sim, n, "device_runtime", runtime));
+    SEEDLING_RETURN_IF_ERROR(section.Get("device_runtime", runtime));
     if (runtime != "auto") {
       absl::StatusOr<int64_t> bytes = ParseByteSize(runtime);
-      if (!bytes.ok()) return KeyError(n, "device_runtime", StrCat("expected \"auto\" or a size such as \"180M\": ",
+      if (!bytes.ok()) return section.Error("device_runtime", StrCat("expected \"auto\" or a size such as \"180M\": ",
                                                                   bytes.status().message()));
       o.device_runtime_bytes = *bytes;
     }
+    SEEDLING_RETURN_IF_ERROR(section.CheckNoUnknownKeys());
   }
   if (const toml::node* methods_node = root.get("methods"); methods_node != nullptr) {
     const toml::table* methods = methods_node->as_table();
@@ -143,16 +89,18 @@ absl::StatusOr<SimulationOptions> ParseSimulationConfig(std::string_view toml_te
       const toml::table* t = value.as_table();
       const std::string tn = StrCat("methods.", name);
       if (t == nullptr) return absl::InvalidArgumentError(StrCat("[", tn, "] must be a table"));
-      SEEDLING_RETURN_IF_ERROR(CheckKeys(*t, tn, {"codec", "lr", "epsilon"}));
       MethodSettings& ms = o.method_settings[name];
-      SEEDLING_RETURN_IF_ERROR(Get(*t, tn, "codec", ms.codec));
-      SEEDLING_RETURN_IF_ERROR(Get(*t, tn, "lr", ms.lr));
-      SEEDLING_RETURN_IF_ERROR(Get(*t, tn, "epsilon", ms.epsilon));
+      TomlSection section(t, tn);
+      SEEDLING_RETURN_IF_ERROR(section.Get("codec", ms.codec));
+      SEEDLING_RETURN_IF_ERROR(section.Get("lr", ms.lr));
+      SEEDLING_RETURN_IF_ERROR(section.Get("epsilon", ms.epsilon));
+      SEEDLING_RETURN_IF_ERROR(section.CheckNoUnknownKeys());
     }
   }
   // [model]: weights is server.toml's key (the rounds carry it); weight_cache_dir is the simulator's own.
   if (toml::table* model = root.get_as<toml::table>("model"); model != nullptr) {
-    SEEDLING_RETURN_IF_ERROR(Get(*model, "model", "weight_cache_dir", o.weight_cache_dir));
+    // The other [model] keys are server.toml's: only this one is read (and checked) here.
+    SEEDLING_RETURN_IF_ERROR(TomlSection(model, "model").Get("weight_cache_dir", o.weight_cache_dir));
     model->erase("weight_cache_dir");
   }
   // The round settings: everything else, in server.toml's sections.

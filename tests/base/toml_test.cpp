@@ -2,6 +2,7 @@
 
 #include <catch2/catch.hpp>
 #include <string>
+#include <vector>
 
 namespace seedling {
 namespace {
@@ -48,6 +49,47 @@ TEST_CASE("TomlInteger takes integer nodes within the type and refuses floats, n
   CHECK(read("whole_float").status().message() == "must be an integer");
   CHECK(read("text").status().message() == "must be an integer");
   CHECK(*TomlInteger<int64_t>(*table->get("negative")) == -1);
+}
+
+TEST_CASE("TomlSection reads each type, names the table and key in errors, and refuses unknown keys",
+          "[base][toml]") {
+  auto root = ParseToml("[t]\nflag = true\nname = \"x\"\nrate = 2\nlist = [\"a\", \"b\"]\nsmall = 7\n"
+                        "typo = 1\n");
+  REQUIRE(root.ok());
+  TomlSection t(root->get_as<toml::table>("t"), "t");
+  bool flag = false;
+  std::string name;
+  double rate = 0;
+  std::vector<std::string> list;
+  uint8_t small = 0;
+  int missing = 42;
+  REQUIRE(t.Get("flag", flag).ok());
+  REQUIRE(t.Get("name", name).ok());
+  REQUIRE(t.Get("rate", rate).ok());  // an integer converts to a number
+  REQUIRE(t.Get("list", list).ok());
+  REQUIRE(t.Get("small", small).ok());
+  REQUIRE(t.Get("missing", missing).ok());
+  CHECK(flag);
+  CHECK(name == "x");
+  CHECK(rate == 2.0);
+  CHECK(list == std::vector<std::string>{"a", "b"});
+  CHECK(small == 7);
+  CHECK(missing == 42);  // absent keys leave the default
+  CHECK(t.CheckNoUnknownKeys().message() == "[t] typo: is not a known key");
+
+  // A wrong type names the table and key, and leaves the value as it was.
+  CHECK(t.Get("name", flag).message() == "[t] name: must be true or false");
+  CHECK(t.Get("flag", name).message() == "[t] flag: must be a string");
+  CHECK(t.Get("name", rate).message() == "[t] name: must be a number");
+  CHECK(t.Get("rate", list).message() == "[t] rate: must be an array of strings");
+  CHECK(t.Get("rate", small).ok());
+  CHECK(t.Get("list", small).message() == "[t] list: must be an integer");
+  CHECK(flag);
+  CHECK(name == "x");
+
+  TomlSection absent(nullptr, "none");
+  CHECK(absent.Get("anything", missing).ok());
+  CHECK(absent.CheckNoUnknownKeys().ok());
 }
 
 }  // namespace
