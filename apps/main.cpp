@@ -8,12 +8,13 @@
 
 #include "apps/commands.h"
 #include "base/logging.h"
+#include "base/version.h"
 #include "model/runtime.h"
 
 int main(int argc, char** argv) {
   CLI::App app("Seedling: federated fine-tuning of small LLMs on phones", "seedling");
   app.require_subcommand(1);
-  app.set_version_flag("--version", "seedling 0.1.0");
+  app.set_version_flag("--version", seedling::kVersionString);
   int threads = 0;
   std::string log_level = "warn";
   app.add_option("--threads", threads, "CPU threads for matrix multiplies (0 = all cores)")

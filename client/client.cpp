@@ -19,6 +19,7 @@
 #include "base/status.h"
 #include "base/strings.h"
 #include "base/toml.h"
+#include "base/version.h"
 #include "client/internal/secagg_participant.h"
 #include "client/local_data.h"
 #include "client/local_training.h"
@@ -294,7 +295,7 @@ absl::StatusOr<std::unique_ptr<comms::Channel>> Client::Connect() {
     hello.set_request_id(++request_id_);
     hello.mutable_hello()->set_device_id(config_.device_id);
     hello.mutable_hello()->set_token(config_.token);
-    hello.mutable_hello()->set_sdk_version("seedling 0.1.0");
+    hello.mutable_hello()->set_sdk_version(kVersionString);
     for (const std::string& m : config_.methods) hello.mutable_hello()->add_methods(m);
     auto reply = (*channel)->Call(hello, comms::Duration(config_.call_timeout_ms));
     if (!reply.ok()) {
