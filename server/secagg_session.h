@@ -1,7 +1,7 @@
 #pragma once
 
-// One round's SecAgg+ session on the server (docs/architecture.md, "Privacy"; the protocol in docs/protocol.md,
-// "Secure aggregation"): the stage machine between the coordinator and privacy::SecAggServer.
+// One round's SecAgg+ session on the server (docs/architecture.md, "Privacy"; the messages in docs/protocol.md,
+// "SecAgg+ stages"): the stage machine between the coordinator and privacy::SecAggServer.
 //
 //   SETUP → ADVERTISE_KEYS → SHARE_KEYS → MASKED_INPUT → UNMASK → the unmasked sum
 //

@@ -1,6 +1,6 @@
 #pragma once
 
-// Plaintext uploads in progress (docs/protocol.md, "Uploads"): the bytes of each update between UploadBegin and
+// Plaintext uploads in progress (docs/protocol.md, "UploadBegin / UploadChunk / UploadCommit"): the bytes of each update between UploadBegin and
 // UploadCommit, held in memory by idempotency key until the coordinator validates, aggregates and records
 // them. A device that reconnects mid-upload resumes where the server's copy ends. Uploads die with their
 // round, or when they stay silent for longer than a device could need to resume. Not thread-safe (the
