@@ -1,6 +1,6 @@
 #pragma once
 
-// OpenSSL glue for comms: one owning pointer type per OpenSSL handle (docs/contributing.md, "Ownership and
+// OpenSSL glue for comms: one owning pointer type per OpenSSL handle (the shared ones in base/openssl.h) (docs/contributing.md, "Ownership and
 // concurrency"), the error queue as text, and the public-key fingerprint used for pinning. Internal to comms.
 
 #include <openssl/bio.h>
@@ -15,23 +15,18 @@
 #include <string_view>
 
 #include "absl/status/statusor.h"
+#include "base/openssl.h"
 
 namespace seedling::comms::internal {
 
-// Calls the OpenSSL free function `Free` on destruction.
-template <auto Free>
-struct OpenSslDeleter {
-  template <typename T>
-  void operator()(T* p) const {
-    Free(p);
-  }
-};
+using ::seedling::EvpPkeyPtr;
+using ::seedling::OpenSslDeleter;
+using ::seedling::OpenSslErrors;
 
 using SslCtxPtr = std::unique_ptr<SSL_CTX, OpenSslDeleter<&SSL_CTX_free>>;
 using SslPtr = std::unique_ptr<SSL, OpenSslDeleter<&SSL_free>>;
 using BioPtr = std::unique_ptr<BIO, OpenSslDeleter<&BIO_free_all>>;
 using BignumPtr = std::unique_ptr<BIGNUM, OpenSslDeleter<&BN_free>>;
-using EvpPkeyPtr = std::unique_ptr<EVP_PKEY, OpenSslDeleter<&EVP_PKEY_free>>;
 using X509Ptr = std::unique_ptr<X509, OpenSslDeleter<&X509_free>>;
 using X509NamePtr = std::unique_ptr<X509_NAME, OpenSslDeleter<&X509_NAME_free>>;
 using X509ExtensionPtr = std::unique_ptr<X509_EXTENSION, OpenSslDeleter<&X509_EXTENSION_free>>;
@@ -40,9 +35,6 @@ using GeneralNamePtr = std::unique_ptr<GENERAL_NAME, OpenSslDeleter<&GENERAL_NAM
 using Asn1OctetStringPtr =
     std::unique_ptr<ASN1_OCTET_STRING, OpenSslDeleter<&ASN1_OCTET_STRING_free>>;
 using Asn1Ia5StringPtr = std::unique_ptr<ASN1_IA5STRING, OpenSslDeleter<&ASN1_IA5STRING_free>>;
-
-// Drains this thread's OpenSSL error queue into "reason; reason" ("no OpenSSL error" if empty).
-std::string OpenSslErrors();
 
 
 // Hex SHA-256 of the certificate's SubjectPublicKeyInfo (DER). Internal if OpenSSL fails.

@@ -36,17 +36,6 @@ absl::StatusOr<EvpPkeyPtr> X25519FromPrivate(const Bytes32& private_key) {
 
 }  // namespace
 
-std::string OpenSslErrors() {
-  std::string out;
-  while (unsigned long code = ERR_get_error()) {
-    char buf[256];
-    ERR_error_string_n(code, buf, sizeof(buf));
-    if (!out.empty()) out += "; ";
-    out += buf;
-  }
-  return out.empty() ? "no OpenSSL error" : out;
-}
-
 Bytes32 Sha256(std::span<const uint8_t> data) {
   const std::string digest = ::seedling::Sha256(std::string_view(reinterpret_cast<const char*>(data.data()), data.size()));
   Bytes32 out;

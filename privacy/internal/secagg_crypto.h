@@ -19,20 +19,15 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "base/openssl.h"
 
 namespace seedling::privacy::internal {
 
-// Calls the OpenSSL free function `Free` on destruction.
-template <auto Free>
-struct OpenSslDeleter {
-  template <typename T>
-  void operator()(T* p) const {
-    Free(p);
-  }
-};
+using ::seedling::EvpPkeyCtxPtr;
+using ::seedling::EvpPkeyPtr;
+using ::seedling::OpenSslDeleter;
+using ::seedling::OpenSslErrors;
 
-using EvpPkeyPtr = std::unique_ptr<EVP_PKEY, OpenSslDeleter<&EVP_PKEY_free>>;
-using EvpPkeyCtxPtr = std::unique_ptr<EVP_PKEY_CTX, OpenSslDeleter<&EVP_PKEY_CTX_free>>;
 using EvpCipherPtr = std::unique_ptr<EVP_CIPHER, OpenSslDeleter<&EVP_CIPHER_free>>;
 using EvpCipherCtxPtr = std::unique_ptr<EVP_CIPHER_CTX, OpenSslDeleter<&EVP_CIPHER_CTX_free>>;
 using EvpKdfPtr = std::unique_ptr<EVP_KDF, OpenSslDeleter<&EVP_KDF_free>>;
@@ -41,8 +36,6 @@ using EvpKdfCtxPtr = std::unique_ptr<EVP_KDF_CTX, OpenSslDeleter<&EVP_KDF_CTX_fr
 using Bytes32 = std::array<uint8_t, 32>;
 using Bytes16 = std::array<uint8_t, 16>;
 
-// Drains this thread's OpenSSL error queue into "reason; reason" ("no OpenSSL error" if empty).
-std::string OpenSslErrors();
 
 // SHA-256 of `data`.
 Bytes32 Sha256(std::span<const uint8_t> data);
