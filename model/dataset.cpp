@@ -1,8 +1,8 @@
 #include "model/dataset.h"
 
-#include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "base/file.h"
 #include "base/json.h"
 #include "base/status.h"
 #include "base/strings.h"
@@ -74,19 +74,18 @@ absl::StatusOr<Example> TokenizeRow(std::string_view line, const Tokenizer& toke
 
 absl::StatusOr<std::vector<Example>> LoadJsonlExamples(const std::string& path, const Tokenizer& tokenizer,
                                                        const DatasetOptions& options) {
-  std::ifstream in(path);
-  if (!in) return absl::NotFoundError(StrCat("cannot open data file '", path, "'"));
   std::vector<Example> out;
-  std::string line;
-  int64_t line_no = 0;
-  while (std::getline(in, line)) {
-    ++line_no;
-    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-    auto ex = TokenizeRow(line, tokenizer, options);
-    if (!ex.ok()) return Annotate(ex.status(), StrCat(path, ":", line_no));
+  SEEDLING_RETURN_IF_ERROR(ForEachLine(path, options.max_row_bytes, [&](const Line& line) -> absl::Status {
+    if (line.too_long) {
+      return absl::InvalidArgumentError(StrCat(path, ":", line.number, ": the row is ", line.bytes,
+                                               " bytes, more than max_row_bytes (", options.max_row_bytes, ")"));
+    }
+    if (line.text.find_first_not_of(" \t\r") == std::string_view::npos) return absl::OkStatus();
+    auto ex = TokenizeRow(line.text, tokenizer, options);
+    if (!ex.ok()) return Annotate(ex.status(), StrCat(path, ":", line.number));
     out.push_back(std::move(ex).value());
-  }
-  if (in.bad()) return absl::DataLossError(StrCat("error reading '", path, "'"));
+    return absl::OkStatus();
+  }));
   return out;
 }
 

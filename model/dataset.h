@@ -30,6 +30,7 @@ struct Example {
 struct DatasetOptions {
   int64_t max_seq_len = 512;         // longer examples are truncated (the start is kept); <= 0: no limit
   std::optional<int32_t> eos_id;     // appended to every example's text/output when set
+  int64_t max_row_bytes = int64_t{1} << 28;  // LoadJsonlExamples refuses longer rows, naming the line
 };
 
 // The prompt for an instruction row:
@@ -41,7 +42,8 @@ std::string InstructionPrompt(std::string_view instruction, std::string_view inp
 // string "text" or string "instruction" and "output" fields.
 absl::StatusOr<Example> TokenizeRow(std::string_view line, const Tokenizer& tokenizer, const DatasetOptions& options);
 
-// Reads a JSONL file (blank lines skipped). Errors name the file and line: "data.jsonl:17: ...".
+// Reads a JSONL file (blank lines skipped), streaming it a line at a time. Errors name the file and line:
+// "data.jsonl:17: ...". NotFound if the file does not exist.
 absl::StatusOr<std::vector<Example>> LoadJsonlExamples(const std::string& path, const Tokenizer& tokenizer,
                                                        const DatasetOptions& options);
 

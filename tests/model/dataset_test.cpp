@@ -87,6 +87,19 @@ TEST_CASE("Malformed JSONL rows are errors naming the file and line", "[model][d
   }
   std::filesystem::remove(path);
   CHECK(LoadJsonlExamples("/nonexistent.jsonl", *tok, {}).status().code() == absl::StatusCode::kNotFound);
+
+  // A row beyond max_row_bytes is refused by line, without being held whole.
+  const std::string long_path =
+      WriteTemp("seedling_long_row_", "{\"text\": \"ok\"}\n{\"text\": \"" + std::string(200, 'a') + "\"}\n");
+  DatasetOptions capped;
+  capped.max_row_bytes = 64;
+  auto too_long = LoadJsonlExamples(long_path, *tok, capped);
+  REQUIRE_FALSE(too_long.ok());
+  CHECK(too_long.status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(std::string(too_long.status().message()).find(":2:") != std::string::npos);
+  CHECK(std::string(too_long.status().message()).find("max_row_bytes") != std::string::npos);
+  REQUIRE(LoadJsonlExamples(long_path, *tok, {}).ok());
+  std::filesystem::remove(long_path);
 }
 
 TEST_CASE("Right-padded batches pad tokens with 0 and labels with -100", "[model][dataset]") {
