@@ -13,7 +13,7 @@
 namespace seedling::optim {
 
 struct LoraBpOptions {
-  double lr = 1e-4;             // AdamW learning rate
+  double lr = 2e-4;             // AdamW learning rate (the published LoRA starting point, docs/methods.md)
   double beta1 = 0.9;           // first-moment decay
   double beta2 = 0.999;         // second-moment decay
   double eps = 1e-8;            // AdamW epsilon
