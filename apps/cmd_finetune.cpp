@@ -21,6 +21,7 @@
 #include "client/local_data.h"
 #include "client/local_training.h"
 #include "client/memory_planner.h"
+#include "client/task_spec.h"
 #include "lora/adapter.h"
 #include "model/gguf.h"
 #include "model/gguf_model.h"
@@ -176,31 +177,23 @@ void RegisterFinetune(CLI::App& app, Action& action) {
       // Everything but the weights first: the planner's runtime baseline includes tokenizer and data.
       SEEDLING_ASSIGN_OR_RETURN(model::ModelConfig config, model::LoadModelConfig(f->model_dir));
       SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<model::Tokenizer> tokenizer, model::LoadTokenizer(f->model_dir));
-      client::LocalDataOptions data_options;
-      data_options.seq_len = f->seq_len;
+      client::TaskSpec spec;
+      spec.training = f->training;
+      spec.lora = f->lora;
+      spec.seq_len = f->seq_len;
+      spec.batch = f->batch;
+      client::LocalDataOptions data_options = client::DataOptionsFor(spec, config);
       data_options.pack = f->pack;
       data_options.heldout_fraction = f->heldout;
       data_options.max_row_bytes = f->max_row_bytes;
-      data_options.seed = f->training.seed;
-      data_options.batch_size = f->batch;
-      if (!config.eos_token_ids.empty()) data_options.eos_id = static_cast<int32_t>(config.eos_token_ids[0]);
       SEEDLING_ASSIGN_OR_RETURN(client::LocalDataset data, client::LocalDataset::Load(f->data, *tokenizer, data_options));
       std::fprintf(stderr, "%s\n", data.Summary().c_str());
       if (data.stats().skipped > 0) std::fprintf(stderr, "%s\n", data.stats().SkipMessage().c_str());
 
-      client::PlanRequest request;
-      request.model = config;
-      request.method = f->training.method;
-      request.lora = f->lora;
-      request.full_parameters = f->full;
-      request.seq_len = f->seq_len;
-      request.batch = f->batch;
+      SEEDLING_ASSIGN_OR_RETURN(client::PlanRequest request,
+                                client::PlanRequestFor(spec, f->model_dir, config, load.precision));
       request.budget_bytes = budget;
       request.runtime_bytes = client::MeasureRuntimeBytes();
-      SEEDLING_ASSIGN_OR_RETURN(request.weight_bytes, model::ResidentWeightBytes(f->model_dir, config, load.precision));
-      request.weights_decoded_per_tile = load.precision != model::WeightPrecision::kFloat32;
-      SEEDLING_ASSIGN_OR_RETURN(request.streamed_weight_bytes,
-                                model::StreamedWeightBytes(f->model_dir, config, load.precision, request.weight_bytes));
       if (f->stream_weights != "auto" && request.streamed_weight_bytes < 0) {
         return absl::InvalidArgumentError(
             StrCat("--stream-weights ", f->stream_weights, ": --weights ", model::WeightPrecisionName(load.precision),
@@ -208,7 +201,6 @@ void RegisterFinetune(CLI::App& app, Action& action) {
                    "--weights but fp32)"));
       }
       if (f->stream_weights == "off") request.streamed_weight_bytes = -1;
-      request.perturbations = client::PerturbationsPerStep(f->training);
       SEEDLING_ASSIGN_OR_RETURN(const RecomputeFlag recompute, ParseRecompute(f->recompute, config.num_hidden_layers));
       const std::vector<std::string> variants = client::PlanVariants(f->training.method, f->full);
       if (!f->variant.empty() && std::find(variants.begin(), variants.end(), f->variant) == variants.end()) {

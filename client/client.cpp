@@ -21,9 +21,11 @@
 #include "base/toml.h"
 #include "base/version.h"
 #include "client/internal/secagg_participant.h"
+#include "client/internal/state_dir.h"
 #include "client/local_data.h"
 #include "client/local_training.h"
 #include "client/memory_planner.h"
+#include "client/task_spec.h"
 #include "comms/codec.h"
 #include "comms/tls.h"
 #include "lora/adapter.h"
@@ -39,13 +41,6 @@ namespace seedling::client {
 namespace {
 
 using Json = nlohmann::json;
-
-std::string B64(std::string_view raw) { return absl::Base64Escape(ToAbsl(raw)); }
-absl::StatusOr<std::string> UnB64(const std::string& text) {
-  std::string out;
-  if (!absl::Base64Unescape(text, &out)) return absl::DataLossError("corrupt base64 in the client state");
-  return out;
-}
 
 // Errors worth retrying on a new connection.
 bool Transient(const absl::Status& s) {
@@ -69,27 +64,108 @@ absl::Status RejectStatus(const v1::Reject& r) {
   }
 }
 
-absl::Status WriteVectors(const std::string& path, const std::vector<std::pair<std::string, std::vector<float>>>& vs) {
-  std::vector<model::TensorToWrite> tensors;
-  for (const auto& [name, values] : vs) {
-    tensors.push_back({name, model::DType::kF32, {static_cast<int64_t>(values.size())},
-                       std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(values.data()), values.size() * 4)});
+// The global adapter this round starts from: its flat parameters as synced and an adapter holding them.
+struct GlobalAdapter {
+  std::vector<float> params;
+  std::unique_ptr<lora::LoraAdapter> adapter;
+};
+
+absl::StatusOr<GlobalAdapter> LoadGlobalAdapter(const internal::StateDir& state, const model::ModelConfig& model_config,
+                                                const lora::LoraConfig& lora) {
+  SEEDLING_ASSIGN_OR_RETURN(auto vectors, internal::ReadVectors(state.Path("adapter.safetensors")));
+  GlobalAdapter global;
+  global.params = std::move(vectors["params"]);
+  SEEDLING_ASSIGN_OR_RETURN(global.adapter, lora::LoraAdapter::Create(model_config, lora));
+  if (global.adapter->numel() != static_cast<int64_t>(global.params.size())) {
+    return absl::FailedPreconditionError("the task's adapter does not match the synced global adapter");
   }
-  return model::WriteSafetensors(path, tensors);
+  std::memcpy(global.adapter->flat().data_ptr<float>(), global.params.data(), global.params.size() * sizeof(float));
+  return global;
 }
 
-absl::StatusOr<std::map<std::string, std::vector<float>>> ReadVectors(const std::string& path) {
-  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<model::SafetensorsFile> file, model::SafetensorsFile::Open(path));
-  std::map<std::string, std::vector<float>> out;
-  for (const auto& [name, view] : file->tensors()) {
-    if (view.dtype != model::DType::kF32 || view.shape.size() != 1) {
-      return absl::DataLossError(StrCat(path, ": tensor '", name, "' is not a 1-D F32 vector"));
-    }
-    std::vector<float> v(static_cast<size_t>(view.shape[0]));
-    std::memcpy(v.data(), view.data, view.nbytes);
-    out[name] = std::move(v);
+// The dense update, clipped to the task's L2 bound: FwdLLM uploads the summed forward gradient, the other
+// methods Δ = θ_local − θ_global.
+absl::StatusOr<std::vector<float>> ClippedDenseUpdate(const v1::Task& task, const TaskSpec& spec,
+                                                      const TrainingResult& trained, const GlobalAdapter& global) {
+  std::vector<float> update;
+  if (spec.training.method == optim::Method::kFwdGrad) {
+    update = trained.fwdgrad_sum;
+  } else {
+    const float* flat = global.adapter->flat().data_ptr<float>();
+    update.resize(global.params.size());
+    for (size_t i = 0; i < update.size(); ++i) update[i] = flat[i] - global.params[i];
   }
-  return out;
+  if (task.clip_norm() > 0) {
+    // Flat L2 clipping to C (DP-FedAvg); privacy::ClipToL2Norm guarantees ‖update‖ ≤ C after fp32 rounding.
+    SEEDLING_RETURN_IF_ERROR(privacy::ClipToL2Norm(update, task.clip_norm()).status());
+  }
+  return update;
+}
+
+// kseed: the (seed index, scalar) pairs of the applied steps, each scalar clipped to |ĝ| ≤ C under DP (the
+// server clips again, scalars then the per-seed vector's L2 norm, whatever arrives).
+absl::StatusOr<std::string> EncodeKSeedUpdate(const v1::Task& task, const TrainingResult& trained) {
+  std::vector<comms::SeedIndexScalar> pairs;
+  for (const optim::SeedScalar& p : trained.kseed_pairs) pairs.push_back({p.index, p.value});
+  if (task.clip_norm() > 0) {
+    std::vector<float> values;
+    for (const comms::SeedIndexScalar& p : pairs) values.push_back(p.value);
+    SEEDLING_RETURN_IF_ERROR(privacy::ClipScalars(values, task.clip_norm()).status());
+    for (size_t k = 0; k < pairs.size(); ++k) pairs[k].value = values[k];
+  }
+  return comms::EncodeSeedIndexScalars(pairs);
+}
+
+// A dense update with the task's codec; top-k carries its error feedback across rounds in feedback.bin.
+absl::StatusOr<std::string> EncodeDenseUpdate(const v1::Task& task, const std::vector<float>& update,
+                                              const internal::StateDir& state) {
+  comms::CodecOptions co;
+  co.codec = task.codec().codec();
+  co.block_size = task.codec().block_size() > 0 ? task.codec().block_size() : 64;
+  co.topk_fraction = task.codec().topk_fraction() > 0 ? task.codec().topk_fraction() : 0.01f;
+  comms::ErrorFeedback feedback(update.size());
+  const std::string feedback_path = state.Path("feedback.bin");
+  if (co.codec == v1::CODEC_TOPK && FileExists(feedback_path)) {
+    absl::StatusOr<std::string> bytes = ReadFile(feedback_path);
+    if (bytes.ok()) {
+      auto loaded = comms::ErrorFeedback::Deserialize(*bytes);
+      if (loaded.ok() && loaded->residual().size() == update.size()) feedback = std::move(loaded).value();
+    }
+  }
+  SEEDLING_ASSIGN_OR_RETURN(std::string payload, comms::EncodeDense(update, co, task.seed(), &feedback));
+  if (co.codec == v1::CODEC_TOPK) SEEDLING_RETURN_IF_ERROR(WriteFileAtomic(feedback_path, feedback.Serialize()));
+  return payload;
+}
+
+// The update as it will be uploaded (plaintext rounds): seeds and scalars for kseed and for fwdgrad with the
+// seed-scalar codec, otherwise the clipped dense update with the task's codec. ResourceExhausted above the
+// task's cap.
+absl::StatusOr<std::string> EncodeUpdate(const v1::Task& task, const TaskSpec& spec, const TrainingResult& trained,
+                                         const GlobalAdapter& global, const internal::StateDir& state) {
+  std::string payload;
+  if (spec.training.method == optim::Method::kKSeed) {
+    SEEDLING_ASSIGN_OR_RETURN(payload, EncodeKSeedUpdate(task, trained));
+  } else if (spec.training.method == optim::Method::kFwdGrad && task.codec().codec() == v1::CODEC_SEED_SCALARS) {
+    std::vector<comms::SeedValueScalar> pairs;
+    for (const auto& [seed, value] : trained.fwdgrad_pairs) pairs.push_back({seed, value});
+    payload = comms::EncodeSeedValueScalars(pairs);
+  } else {
+    SEEDLING_ASSIGN_OR_RETURN(const std::vector<float> update, ClippedDenseUpdate(task, spec, trained, global));
+    SEEDLING_ASSIGN_OR_RETURN(payload, EncodeDenseUpdate(task, update, state));
+  }
+  if (payload.size() > task.max_update_bytes()) {
+    return absl::ResourceExhaustedError(StrCat("the encoded update (", payload.size(), " bytes) exceeds the task's cap"));
+  }
+  return payload;
+}
+
+// What training measured, for the caller's RunResult.
+void SetTrainingFigures(const TrainingResult& trained, RunResult& r) {
+  r.loss_start = trained.loss_start;
+  r.loss_end = trained.loss_end;
+  r.processed_tokens = static_cast<uint64_t>(trained.processed_tokens);
+  r.scored_tokens = static_cast<uint64_t>(trained.scored_tokens);
+  r.tokens_per_second = trained.seconds > 0 ? static_cast<double>(trained.processed_tokens) / trained.seconds : 0.0;
 }
 
 }  // namespace
@@ -109,66 +185,6 @@ const char* RunOutcomeName(RunOutcome o) {
   }
   return "?";
 }
-
-// ---- the state directory --------------------------------------------------------------------------------
-
-struct Client::State {
-  std::string dir;
-  uint64_t synced_version = 0;
-  std::string phase = "idle";  // idle, training, trained
-  v1::Task task;
-  std::string idempotency_key;
-  uint64_t num_examples = 0;
-  v1::UpdateMetrics metrics;
-  std::string update_sha256;  // raw
-
-  std::string Path(const char* name) const { return JoinPath(dir, name); }
-
-  absl::Status Load() {
-    const std::string path = Path("state.json");
-    if (!FileExists(path)) return absl::OkStatus();
-    SEEDLING_ASSIGN_OR_RETURN(std::string text, ReadFile(path));
-    try {
-      const Json j = Json::parse(text);
-      synced_version = j.at("synced_version").get<uint64_t>();
-      phase = j.at("phase").get<std::string>();
-      idempotency_key = j.value("idempotency_key", "");
-      num_examples = j.value("num_examples", uint64_t{0});
-      SEEDLING_ASSIGN_OR_RETURN(std::string task_bytes, UnB64(j.value("task", "")));
-      SEEDLING_ASSIGN_OR_RETURN(std::string metric_bytes, UnB64(j.value("metrics", "")));
-      SEEDLING_ASSIGN_OR_RETURN(update_sha256, UnB64(j.value("update_sha256", "")));
-      if (!task.ParseFromString(task_bytes) || !metrics.ParseFromString(metric_bytes)) {
-        return absl::DataLossError(StrCat(path, ": corrupt task"));
-      }
-    } catch (const Json::exception&) {
-      return absl::DataLossError(StrCat(path, " is corrupt"));
-    }
-    if (phase != "idle" && phase != "training" && phase != "trained") {
-      return absl::DataLossError(StrCat(path, ": unknown phase '", phase, "'"));
-    }
-    return absl::OkStatus();
-  }
-
-  absl::Status Save() const {
-    Json j = {{"synced_version", synced_version},  {"phase", phase},
-              {"idempotency_key", idempotency_key}, {"num_examples", num_examples},
-              {"task", B64(task.SerializeAsString())}, {"metrics", B64(metrics.SerializeAsString())},
-              {"update_sha256", B64(update_sha256)}};
-    return WriteFileAtomic(Path("state.json"), j.dump(2) + "\n");
-  }
-
-  absl::Status AppendAck(uint64_t round_id, int64_t now_ms) const {
-    // Append with a full line per acknowledgement, then fsync through an atomic rewrite: a crash leaves
-    // the old or the new log.
-    std::string log;
-    if (FileExists(Path("acks.jsonl"))) {
-      SEEDLING_ASSIGN_OR_RETURN(log, ReadFile(Path("acks.jsonl")));
-    }
-    log += Json({{"key", idempotency_key}, {"round", round_id}, {"time_ms", now_ms},
-                 {"sha256", HexOf(update_sha256)}}).dump() + "\n";
-    return WriteFileAtomic(Path("acks.jsonl"), log);
-  }
-};
 
 // ---- Client ---------------------------------------------------------------------------------------------
 
@@ -360,7 +376,7 @@ absl::StatusOr<RunResult> Client::RunOnceLocked() {
   SEEDLING_ASSIGN_OR_RETURN(channel, Connect());
 
   // 1. An update trained before the app was killed: upload it first.
-  if (state.phase == "trained") {
+  if (state.phase == internal::Phase::kTrained) {
     absl::StatusOr<RunResult> r = Upload(channel, state);
     if (!r.ok() || r->outcome != RunOutcome::kDropped) return r;
     spdlog::info("the pending update is no longer wanted ({}); checking in", r->detail);
@@ -445,13 +461,13 @@ absl::Status Client::EnsureModel(model::WeightPrecision weights) {
 }
 
 absl::Status Client::SyncGlobal(std::unique_ptr<comms::Channel>& channel, const v1::Task& task,
-                                const model::ModelConfig& model_config, State& state) {
+                                const lora::LoraConfig& lora, const model::ModelConfig& model_config, State& state) {
   Report("syncing", 0, 1);
   const std::string adapter_path = state.Path("adapter.safetensors");
   std::vector<float> params;
   bool have_local = false;
   if (FileExists(adapter_path)) {
-    auto vectors = ReadVectors(adapter_path);
+    auto vectors = internal::ReadVectors(adapter_path);
     if (vectors.ok() && vectors->count("params") && vectors->at("params").size() == task.num_parameters()) {
       params = std::move(vectors->at("params"));
       have_local = true;
@@ -467,14 +483,7 @@ absl::Status Client::SyncGlobal(std::unique_ptr<comms::Channel>& channel, const 
   if (task.method() == "kseed") {
     if (!have_local || state.synced_version == 0) {
       // Version 0 is the adapter's deterministic initialization: compute it.
-      lora::LoraConfig lc;
-      lc.rank = task.lora().rank();
-      lc.alpha = task.lora().alpha();
-      lc.init_seed = task.lora().init_seed();
-      std::string targets;
-      for (const std::string& t : task.lora().targets()) targets += (targets.empty() ? "" : ",") + t;
-      SEEDLING_ASSIGN_OR_RETURN(lc.targets, lora::ParseTargets(targets));
-      SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<lora::LoraAdapter> a, lora::LoraAdapter::Create(model_config, lc));
+      SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<lora::LoraAdapter> a, lora::LoraAdapter::Create(model_config, lora));
       params.assign(a->flat().data_ptr<float>(), a->flat().data_ptr<float>() + a->numel());
       state.synced_version = 0;
     }
@@ -512,7 +521,7 @@ absl::Status Client::SyncGlobal(std::unique_ptr<comms::Channel>& channel, const 
     }
     if (since == task.global_version() && sha_of(params) == task.global_sha256()) {
       state.synced_version = since;
-      SEEDLING_RETURN_IF_ERROR(WriteVectors(adapter_path, {{"params", params}}));
+      SEEDLING_RETURN_IF_ERROR(internal::WriteVectors(adapter_path, {{"params", params}}));
       return state.Save();
     }
     spdlog::warn("seed replay did not reproduce global version {}; downloading the adapter", task.global_version());
@@ -542,66 +551,22 @@ absl::Status Client::SyncGlobal(std::unique_ptr<comms::Channel>& channel, const 
   params.resize(task.num_parameters());
   std::memcpy(params.data(), bytes.data(), bytes.size());
   state.synced_version = task.global_version();
-  SEEDLING_RETURN_IF_ERROR(WriteVectors(adapter_path, {{"params", params}}));
+  SEEDLING_RETURN_IF_ERROR(internal::WriteVectors(adapter_path, {{"params", params}}));
   return state.Save();
 }
 
+// ---- Train: plan -> sync -> load data -> train -> clip -> encode -> upload ---------------------------------
+
 absl::StatusOr<RunResult> Client::Train(std::unique_ptr<comms::Channel>& channel, const v1::Task& task,
                                         model::WeightPrecision weights, State& state) {
-  const auto hp = [&](const char* key, double fallback) {
-    auto it = task.hyperparameters().find(key);
-    return it == task.hyperparameters().end() ? fallback : it->second;
-  };
-  SEEDLING_ASSIGN_OR_RETURN(const optim::Method method, optim::ParseMethod(task.method()));
-  lora::LoraConfig lc;
-  lc.rank = task.lora().rank();
-  lc.alpha = task.lora().alpha();
-  lc.init_seed = task.lora().init_seed();
-  std::string targets;
-  for (const std::string& t : task.lora().targets()) targets += (targets.empty() ? "" : ",") + t;
-  SEEDLING_ASSIGN_OR_RETURN(lc.targets, lora::ParseTargets(targets));
+  SEEDLING_ASSIGN_OR_RETURN(const TaskSpec spec, TaskSpecFromTask(task));
+  SEEDLING_ASSIGN_OR_RETURN(const model::ModelConfig model_config, model::LoadModelConfig(config_.model_dir));
+  const std::string data_path = DataPath();
+  const LocalDataOptions data_options = DataOptions(spec, model_config);
+  const std::string weights_name = model::WeightPrecisionName(weights);
 
   // Plan memory before loading anything big: a task that cannot fit is declined.
-  SEEDLING_ASSIGN_OR_RETURN(const model::ModelConfig model_config, model::LoadModelConfig(config_.model_dir));
-  // The runtime baseline is measured once, before this client loads a model (measured later it would count
-  // the model twice), unless the embedder gives it (the simulator measures it once for all its devices).
-  if (runtime_bytes_ < 0) {
-    runtime_bytes_ = config_.runtime_bytes >= 0 ? config_.runtime_bytes
-                     : model_.model != nullptr  ? 0
-                                                : MeasureRuntimeBytes();
-  }
-  PlanRequest request;
-  request.model = model_config;
-  request.method = method;
-  request.lora = lc;
-  request.seq_len = static_cast<int64_t>(hp("seq_len", 256));
-  request.batch = static_cast<int64_t>(hp("batch", 1));
-  request.budget_bytes = config_.memory_budget_bytes;
-  request.runtime_bytes = runtime_bytes_;
-  // The data as loading will hold it, bounded by one streaming pass before anything is parsed.
-  std::string data_path;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    data_path = data_path_;
-  }
-  LocalDataOptions data_options;
-  data_options.seq_len = request.seq_len;
-  data_options.batch_size = request.batch;
-  data_options.seed = task.seed();
-  data_options.max_row_bytes = config_.max_row_bytes;
-  if (!model_config.eos_token_ids.empty()) data_options.eos_id = static_cast<int32_t>(model_config.eos_token_ids[0]);
-  SEEDLING_ASSIGN_OR_RETURN(const DataFootprint footprint, ScanDataFootprint(data_path, data_options));
-  request.data_bytes = footprint.total_bytes();
-  // The weights as this task will hold them, whether or not a model is loaded yet: the budget is for the
-  // whole process.
-  SEEDLING_ASSIGN_OR_RETURN(request.weight_bytes, model::ResidentWeightBytes(config_.model_dir, model_config, weights));
-  request.weights_decoded_per_tile = weights != model::WeightPrecision::kFloat32;
-  SEEDLING_ASSIGN_OR_RETURN(request.streamed_weight_bytes,
-                            model::StreamedWeightBytes(config_.model_dir, model_config, weights, request.weight_bytes));
-  // The server's `perturbations` is fwdgrad's K; federated mezo / kseed probe one seed per step.
-  request.perturbations = method == optim::Method::kFwdGrad ? static_cast<int64_t>(hp("perturbations", 8)) : 1;
-  const std::string weights_name = model::WeightPrecisionName(weights);
-  absl::StatusOr<MemoryPlan> plan = PlanMemory(request);
+  absl::StatusOr<MemoryPlan> plan = PlanTask(spec, model_config, weights, data_path, data_options);
   if (!plan.ok()) {
     if (plan.status().code() != absl::StatusCode::kResourceExhausted) return plan.status();
     SEEDLING_ASSIGN_OR_RETURN(RunResult r, Decline(channel, task, v1::Decline::MEMORY,
@@ -609,244 +574,166 @@ absl::StatusOr<RunResult> Client::Train(std::unique_ptr<comms::Channel>& channel
     r.weights = weights_name;
     return r;
   }
+
   SEEDLING_RETURN_IF_ERROR(EnsureModel(weights));
-  SEEDLING_RETURN_IF_ERROR(SyncGlobal(channel, task, model_config, state));
-
-  // A different task than the one we were training: drop its checkpoint.
-  const std::string key = StrCat(config_.device_id, "/", task.round_id(), "/", task.task_id());
-  if (state.idempotency_key != key) {
-    std::filesystem::remove(state.Path("checkpoint.safetensors"));
-    std::filesystem::remove(state.Path("checkpoint.json"));
-  }
-  state.task = task;
-  state.phase = "training";
-  state.idempotency_key = key;
-  SEEDLING_RETURN_IF_ERROR(state.Save());
-
-  SEEDLING_ASSIGN_OR_RETURN(LocalDataset data, LocalDataset::Load(data_path, *model_.tokenizer, data_options));
-
-  SEEDLING_ASSIGN_OR_RETURN(auto global, ReadVectors(state.Path("adapter.safetensors")));
-  const std::vector<float>& global_params = global.at("params");
-  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<lora::LoraAdapter> adapter, lora::LoraAdapter::Create(model_config, lc));
-  if (adapter->numel() != static_cast<int64_t>(global_params.size())) {
-    return absl::FailedPreconditionError("the task's adapter does not match the synced global adapter");
-  }
-  std::memcpy(adapter->flat().data_ptr<float>(), global_params.data(), global_params.size() * sizeof(float));
+  SEEDLING_RETURN_IF_ERROR(SyncGlobal(channel, task, spec.lora, model_config, state));
+  SEEDLING_RETURN_IF_ERROR(BeginTask(task, state));
+  SEEDLING_ASSIGN_OR_RETURN(const LocalDataset data, LocalDataset::Load(data_path, *model_.tokenizer, data_options));
+  SEEDLING_ASSIGN_OR_RETURN(const GlobalAdapter global, LoadGlobalAdapter(state, model_config, spec.lora));
+  const uint64_t examples = std::max<uint64_t>(1, data.train().size());
 
   // Secure aggregation: join the session (setup, keys, shares) before training, bound to the adapter this
   // device verified; the masked input follows training. The session lives in memory only: if the app is
   // killed, the device is one of the session's dropouts.
   std::unique_ptr<internal::SecAggParticipant> secagg;
   if (task.has_secagg()) {
-    if (method != optim::Method::kLoraBp && method != optim::Method::kMezo) {
-      return absl::FailedPreconditionError(StrCat("secure aggregation needs a dense delta; method ", task.method(),
-                                                  " does not produce one"));
-    }
-    internal::SecAggIo io;
-    io.call = [this, &channel](v1::Envelope request) { return Call(channel, std::move(request)); };
-    io.sleep = [this](double seconds) { return Sleep(seconds); };
-    io.now_ms = [this] { return NowMs(); };
-    io.rounding_seed = hooks_.secagg_rounding_seed;
-    io.call_timeout_ms = config_.call_timeout_ms;
-    io.max_piece_bytes = static_cast<size_t>(config_.upload_chunk_bytes);
-    Report("secagg", 0, 1);
-    SEEDLING_ASSIGN_OR_RETURN(
-        secagg, internal::SecAggParticipant::Join(
-                    task, Sha256(std::string_view(reinterpret_cast<const char*>(global_params.data()),
-                                                  global_params.size() * sizeof(float))),
-                    std::move(io)));
+    SEEDLING_ASSIGN_OR_RETURN(secagg, JoinSecAgg(channel, task, spec.training.method, global.params));
   }
 
-  TrainingConfig tc;
-  tc.method = method;
-  tc.steps = static_cast<int64_t>(hp("steps", 20));
-  tc.lr = hp("lr", 0);
-  tc.epsilon = hp("epsilon", 0);
-  tc.seed = task.seed();
-  tc.perturbations = request.perturbations;
-  tc.kseed_pool_size = task.kseed_pool_size();
-  tc.kseed_pool_seed = task.kseed_pool_seed();
-  tc.fwdgrad_apply_locally = hp("apply_locally", 1) != 0;
+  const absl::StatusOr<TrainingResult> trained = TrainLocally(spec, *plan, data, *global.adapter, state);
+  if (!trained.ok() && trained.status().code() == absl::StatusCode::kCancelled) {
+    RunResult r;
+    r.outcome = RunOutcome::kCancelled;
+    r.round_id = task.round_id();
+    r.detail = std::string(trained.status().message());
+    return r;
+  }
+  SEEDLING_RETURN_IF_ERROR(trained.status());
 
-  // Resume from the task's latest checkpoint, if any.
-  TrainingCheckpoint resume;
-  bool resuming = false;
-  if (FileExists(state.Path("checkpoint.json")) && FileExists(state.Path("checkpoint.safetensors"))) {
-    auto text = ReadFile(state.Path("checkpoint.json"));
-    auto vectors = ReadVectors(state.Path("checkpoint.safetensors"));
-    if (text.ok() && vectors.ok()) {
-      try {
-        const Json j = Json::parse(*text);
-        if (j.at("key").get<std::string>() == key) {
-          resume.trainer.steps = j.at("steps").get<int64_t>();
-          resume.trainer.skipped = j.at("skipped").get<int64_t>();
-          resume.trainer.counter = j.at("counter").get<int64_t>();
-          for (const Json& p : j.at("pairs")) resume.trainer.pairs.emplace_back(p[0].get<uint32_t>(), p[1].get<float>());
-          for (const Json& p : j.at("seed_pairs")) {
-            resume.trainer.seed_pairs.emplace_back(p[0].get<uint64_t>(), p[1].get<float>());
-          }
-          resume.data.epoch = j.at("epoch").get<uint64_t>();
-          resume.data.offset = j.at("offset").get<uint64_t>();
-          resume.data.fingerprint = j.at("fingerprint").get<uint64_t>();
-          resume.loss_start = j.at("loss_start").get<double>();
-          resume.scored_tokens = j.at("tokens").get<int64_t>();
-          resume.processed_tokens = j.value("processed_tokens", int64_t{0});  // absent before it was counted
-          resume.seconds = j.at("seconds").get<double>();
-          for (auto& [name, values] : *vectors) {
-            if (name == "params") {
-              resume.params = std::move(values);
-            } else {
-              resume.trainer.buffers[name] = std::move(values);
-            }
-          }
-          resuming = !resume.params.empty();
-        }
-      } catch (const Json::exception&) {
-        spdlog::warn("ignoring a corrupt training checkpoint");
-      }
-    }
+  if (secagg != nullptr) {
+    SEEDLING_ASSIGN_OR_RETURN(const std::vector<float> update, ClippedDenseUpdate(task, spec, *trained, global));
+    SEEDLING_ASSIGN_OR_RETURN(RunResult r, SubmitSecAgg(*secagg, task, update, examples, state));
+    SetTrainingFigures(*trained, r);
+    r.weights = weights_name;
+    return r;
   }
-  TrainingControl control;
-  control.checkpoint_every = config_.checkpoint_every;
-  control.resume = resuming ? &resume : nullptr;
-  control.cancelled = [this] { return cancelled_.load(); };
-  control.on_checkpoint = [&](const TrainingCheckpoint& cp) -> absl::Status {
-    std::vector<std::pair<std::string, std::vector<float>>> vs = {{"params", cp.params}};
-    for (const auto& [name, values] : cp.trainer.buffers) vs.emplace_back(name, values);
-    SEEDLING_RETURN_IF_ERROR(WriteVectors(state.Path("checkpoint.safetensors"), vs));
-    Json pairs = Json::array(), seed_pairs = Json::array();
-    for (const auto& [i, v] : cp.trainer.pairs) pairs.push_back({i, v});
-    for (const auto& [s, v] : cp.trainer.seed_pairs) seed_pairs.push_back({s, v});
-    Json j = {{"key", key}, {"steps", cp.trainer.steps}, {"skipped", cp.trainer.skipped},
-              {"counter", cp.trainer.counter}, {"pairs", pairs}, {"seed_pairs", seed_pairs},
-              {"epoch", cp.data.epoch}, {"offset", cp.data.offset}, {"fingerprint", cp.data.fingerprint},
-              {"loss_start", cp.loss_start}, {"tokens", cp.scored_tokens}, {"processed_tokens", cp.processed_tokens}, {"seconds", cp.seconds}};
-    return WriteFileAtomic(state.Path("checkpoint.json"), j.dump() + "\n");
-  };
-  model::LlamaModel& model = const_cast<model::LlamaModel&>(*model_.model);  // adapter runs never write the base
-  absl::StatusOr<TrainingResult> trained = RunLocalTraining(
-      model, adapter.get(), data, tc, *plan,
-      [this](int64_t done, int64_t total, double) { Report("training", done, total); }, control);
-  if (!trained.ok()) {
-    if (trained.status().code() == absl::StatusCode::kCancelled) {
-      RunResult r;
-      r.outcome = RunOutcome::kCancelled;
-      r.round_id = task.round_id();
-      r.detail = std::string(trained.status().message());
-      return r;
-    }
-    return trained.status();
-  }
-
-  // Encode the update with the task's codec.
-  std::string payload;
-  const float* flat = adapter->flat().data_ptr<float>();
-  const size_t n = global_params.size();
-  if (method == optim::Method::kKSeed) {
-    std::vector<comms::SeedIndexScalar> pairs;
-    for (const optim::SeedScalar& p : trained->kseed_pairs) pairs.push_back({p.index, p.value});
-    if (task.clip_norm() > 0) {
-      // DP (server/dp_strategy.h): each scalar to |ĝ| ≤ C before upload; the server clips again (scalars,
-      // then the per-seed vector's L2 norm) whatever arrives.
-      std::vector<float> values;
-      for (const comms::SeedIndexScalar& p : pairs) values.push_back(p.value);
-      SEEDLING_RETURN_IF_ERROR(privacy::ClipScalars(values, task.clip_norm()).status());
-      for (size_t k = 0; k < pairs.size(); ++k) pairs[k].value = values[k];
-    }
-    payload = comms::EncodeSeedIndexScalars(pairs);
-  } else if (method == optim::Method::kFwdGrad && task.codec().codec() == v1::CODEC_SEED_SCALARS) {
-    std::vector<comms::SeedValueScalar> pairs;
-    for (const auto& [seed, value] : trained->fwdgrad_pairs) pairs.push_back({seed, value});
-    payload = comms::EncodeSeedValueScalars(pairs);
-  } else {
-    std::vector<float> update(n);
-    if (method == optim::Method::kFwdGrad) {
-      update = trained->fwdgrad_sum;  // FwdLLM uploads the summed forward gradient
-    } else {
-      for (size_t i = 0; i < n; ++i) update[i] = flat[i] - global_params[i];  // Δ = θ_local − θ_global
-    }
-    if (task.clip_norm() > 0) {
-      // Flat L2 clipping to C (DP-FedAvg); privacy::ClipToL2Norm guarantees ‖update‖ ≤ C after fp32 rounding.
-      SEEDLING_RETURN_IF_ERROR(privacy::ClipToL2Norm(update, task.clip_norm()).status());
-    }
-    if (secagg != nullptr) {
-      // Quantize (weight = examples, capped at W), mask, send: only the masked vector leaves the device.
-      const uint64_t examples = std::max<uint64_t>(1, data.train().size());
-      SEEDLING_ASSIGN_OR_RETURN(std::vector<uint32_t> input, secagg->Encode(update, examples));
-      {
-        std::function<void(const v1::Task&, const std::string&, uint64_t)> observer;
-        {
-          std::lock_guard<std::mutex> lock(mu_);
-          observer = upload_observer_;
-        }
-        if (observer) {
-          observer(task, std::string(reinterpret_cast<const char*>(input.data()), input.size() * sizeof(uint32_t)),
-                   input[0]);
-        }
-      }
-      Report("uploading", 0, 1);
-      SEEDLING_RETURN_IF_ERROR(secagg->Submit(input));
-      state.phase = "idle";
-      SEEDLING_RETURN_IF_ERROR(state.Save());
-      std::filesystem::remove(state.Path("checkpoint.safetensors"));
-      std::filesystem::remove(state.Path("checkpoint.json"));
-      RunResult r;
-      r.outcome = RunOutcome::kUploaded;
-      r.round_id = task.round_id();
-      r.loss_start = trained->loss_start;
-      r.loss_end = trained->loss_end;
-      r.update_bytes = input.size() * sizeof(uint32_t);
-      r.weights = weights_name;
-      r.processed_tokens = static_cast<uint64_t>(trained->processed_tokens);
-      r.scored_tokens = static_cast<uint64_t>(trained->scored_tokens);
-      r.tokens_per_second = trained->seconds > 0 ? static_cast<double>(trained->processed_tokens) / trained->seconds : 0.0;
-      return r;
-    }
-    comms::CodecOptions co;
-    co.codec = task.codec().codec();
-    co.block_size = task.codec().block_size() > 0 ? task.codec().block_size() : 64;
-    co.topk_fraction = task.codec().topk_fraction() > 0 ? task.codec().topk_fraction() : 0.01f;
-    comms::ErrorFeedback feedback(n);
-    const std::string feedback_path = state.Path("feedback.bin");
-    if (co.codec == v1::CODEC_TOPK && FileExists(feedback_path)) {
-      auto bytes = ReadFile(feedback_path);
-      if (bytes.ok()) {
-        auto loaded = comms::ErrorFeedback::Deserialize(*bytes);
-        if (loaded.ok() && loaded->residual().size() == n) feedback = std::move(loaded).value();
-      }
-    }
-    SEEDLING_ASSIGN_OR_RETURN(payload, comms::EncodeDense(update, co, task.seed(), &feedback));
-    if (co.codec == v1::CODEC_TOPK) SEEDLING_RETURN_IF_ERROR(WriteFileAtomic(feedback_path, feedback.Serialize()));
-  }
-  if (payload.size() > task.max_update_bytes()) {
-    return absl::ResourceExhaustedError(StrCat("the encoded update (", payload.size(), " bytes) exceeds the task's cap"));
-  }
-  {
-    std::function<void(const v1::Task&, const std::string&, uint64_t)> observer;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      observer = upload_observer_;
-    }
-    if (observer) observer(task, payload, static_cast<uint64_t>(data.train().size()));
-  }
-  // Durable before the upload starts: a kill from here on resumes with the upload.
-  SEEDLING_RETURN_IF_ERROR(WriteFileAtomic(state.Path("update.bin"), payload));
-  state.phase = "trained";
-  state.num_examples = std::max<uint64_t>(1, data.train().size());
-  state.update_sha256 = Sha256(payload);
-  state.metrics.set_loss_start(static_cast<float>(trained->loss_start));
-  state.metrics.set_loss_end(static_cast<float>(trained->loss_end));
-  state.metrics.set_steps(static_cast<uint32_t>(trained->steps));
-  state.metrics.set_skipped_steps(static_cast<uint32_t>(trained->skipped_steps));
-  state.metrics.set_train_seconds(static_cast<float>(trained->seconds));
-  state.metrics.set_processed_tokens(static_cast<uint64_t>(trained->processed_tokens));
-  state.metrics.set_scored_tokens(static_cast<uint64_t>(trained->scored_tokens));
-  SEEDLING_RETURN_IF_ERROR(state.Save());
-  std::filesystem::remove(state.Path("checkpoint.safetensors"));
-  std::filesystem::remove(state.Path("checkpoint.json"));
+  SEEDLING_ASSIGN_OR_RETURN(const std::string payload, EncodeUpdate(task, spec, *trained, global, state));
+  Observe(task, payload, static_cast<uint64_t>(data.train().size()));
+  SEEDLING_RETURN_IF_ERROR(StageUpload(payload, examples, *trained, state));
   absl::StatusOr<RunResult> uploaded = Upload(channel, state);
   if (uploaded.ok()) uploaded->weights = weights_name;
   return uploaded;
+}
+
+std::string Client::DataPath() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return data_path_;
+}
+
+LocalDataOptions Client::DataOptions(const TaskSpec& spec, const model::ModelConfig& model_config) const {
+  LocalDataOptions options = DataOptionsFor(spec, model_config);
+  options.max_row_bytes = config_.max_row_bytes;
+  return options;
+}
+
+absl::StatusOr<MemoryPlan> Client::PlanTask(const TaskSpec& spec, const model::ModelConfig& model_config,
+                                            model::WeightPrecision weights, const std::string& data_path,
+                                            const LocalDataOptions& data_options) {
+  // The runtime baseline is measured once, before this client loads a model (measured later it would count
+  // the model twice), unless the embedder gives it (the simulator measures it once for all its devices).
+  if (runtime_bytes_ < 0) {
+    runtime_bytes_ = config_.runtime_bytes >= 0 ? config_.runtime_bytes
+                     : model_.model != nullptr  ? 0
+                                                : MeasureRuntimeBytes();
+  }
+  SEEDLING_ASSIGN_OR_RETURN(PlanRequest request, PlanRequestFor(spec, config_.model_dir, model_config, weights));
+  request.budget_bytes = config_.memory_budget_bytes;
+  request.runtime_bytes = runtime_bytes_;
+  // The data as loading will hold it, bounded by one streaming pass before anything is parsed.
+  SEEDLING_ASSIGN_OR_RETURN(const DataFootprint footprint, ScanDataFootprint(data_path, data_options));
+  request.data_bytes = footprint.total_bytes();
+  return PlanMemory(request);
+}
+
+absl::Status Client::BeginTask(const v1::Task& task, State& state) {
+  // A different task than the one we were training: drop its checkpoint.
+  const std::string key = StrCat(config_.device_id, "/", task.round_id(), "/", task.task_id());
+  if (state.idempotency_key != key) state.RemoveCheckpoint();
+  state.task = task;
+  state.phase = internal::Phase::kTraining;
+  state.idempotency_key = key;
+  return state.Save();
+}
+
+absl::StatusOr<std::unique_ptr<internal::SecAggParticipant>> Client::JoinSecAgg(std::unique_ptr<comms::Channel>& channel,
+                                                                                const v1::Task& task, optim::Method method,
+                                                                                const std::vector<float>& global) {
+  if (method != optim::Method::kLoraBp && method != optim::Method::kMezo) {
+    return absl::FailedPreconditionError(
+        StrCat("secure aggregation needs a dense delta; method ", task.method(), " does not produce one"));
+  }
+  internal::SecAggIo io;
+  io.call = [this, &channel](v1::Envelope request) { return Call(channel, std::move(request)); };
+  io.sleep = [this](double seconds) { return Sleep(seconds); };
+  io.now_ms = [this] { return NowMs(); };
+  io.rounding_seed = hooks_.secagg_rounding_seed;
+  io.call_timeout_ms = config_.call_timeout_ms;
+  io.max_piece_bytes = static_cast<size_t>(config_.upload_chunk_bytes);
+  Report("secagg", 0, 1);
+  return internal::SecAggParticipant::Join(
+      task, Sha256(std::string_view(reinterpret_cast<const char*>(global.data()), global.size() * sizeof(float))),
+      std::move(io));
+}
+
+absl::StatusOr<TrainingResult> Client::TrainLocally(const TaskSpec& spec, const MemoryPlan& plan,
+                                                   const LocalDataset& data, lora::LoraAdapter& adapter,
+                                                   const State& state) {
+  // Resume from the task's latest checkpoint, if any.
+  const std::string& key = state.idempotency_key;
+  const std::optional<TrainingCheckpoint> resume = state.ReadCheckpoint(key);
+  TrainingControl control;
+  control.checkpoint_every = config_.checkpoint_every;
+  control.resume = resume.has_value() ? &*resume : nullptr;
+  control.cancelled = [this] { return cancelled_.load(); };
+  control.on_checkpoint = [&](const TrainingCheckpoint& cp) { return state.WriteCheckpoint(key, cp); };
+  return RunAdapterTraining(
+      *model_.model, adapter, data, spec.training, plan,
+      [this](int64_t done, int64_t total, double) { Report("training", done, total); }, control);
+}
+
+absl::StatusOr<RunResult> Client::SubmitSecAgg(internal::SecAggParticipant& secagg, const v1::Task& task,
+                                               const std::vector<float>& update, uint64_t examples, State& state) {
+  // Quantize (weight = examples, capped at W), mask, send: only the masked vector leaves the device.
+  SEEDLING_ASSIGN_OR_RETURN(std::vector<uint32_t> input, secagg.Encode(update, examples));
+  Observe(task, std::string(reinterpret_cast<const char*>(input.data()), input.size() * sizeof(uint32_t)), input[0]);
+  Report("uploading", 0, 1);
+  SEEDLING_RETURN_IF_ERROR(secagg.Submit(input));
+  state.phase = internal::Phase::kIdle;
+  SEEDLING_RETURN_IF_ERROR(state.Save());
+  state.RemoveCheckpoint();
+  RunResult r;
+  r.outcome = RunOutcome::kUploaded;
+  r.round_id = task.round_id();
+  r.update_bytes = input.size() * sizeof(uint32_t);
+  return r;
+}
+
+void Client::Observe(const v1::Task& task, const std::string& payload, uint64_t weight) {
+  std::function<void(const v1::Task&, const std::string&, uint64_t)> observer;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    observer = upload_observer_;
+  }
+  if (observer) observer(task, payload, weight);
+}
+
+absl::Status Client::StageUpload(const std::string& payload, uint64_t examples, const TrainingResult& trained,
+                                 State& state) {
+  // Durable before the upload starts: a kill from here on resumes with the upload.
+  SEEDLING_RETURN_IF_ERROR(WriteFileAtomic(state.Path("update.bin"), payload));
+  state.phase = internal::Phase::kTrained;
+  state.num_examples = examples;
+  state.update_sha256 = Sha256(payload);
+  state.metrics.set_loss_start(static_cast<float>(trained.loss_start));
+  state.metrics.set_loss_end(static_cast<float>(trained.loss_end));
+  state.metrics.set_steps(static_cast<uint32_t>(trained.steps));
+  state.metrics.set_skipped_steps(static_cast<uint32_t>(trained.skipped_steps));
+  state.metrics.set_train_seconds(static_cast<float>(trained.seconds));
+  state.metrics.set_processed_tokens(static_cast<uint64_t>(trained.processed_tokens));
+  state.metrics.set_scored_tokens(static_cast<uint64_t>(trained.scored_tokens));
+  SEEDLING_RETURN_IF_ERROR(state.Save());
+  state.RemoveCheckpoint();
+  return absl::OkStatus();
 }
 
 absl::StatusOr<RunResult> Client::Upload(std::unique_ptr<comms::Channel>& channel, State& state) {
@@ -855,7 +742,7 @@ absl::StatusOr<RunResult> Client::Upload(std::unique_ptr<comms::Channel>& channe
   const v1::Task& task = state.task;
   // The server will not take this update (its round closed or aborted, or it refused it): drop it.
   auto discard = [&](const std::string& why) -> absl::StatusOr<RunResult> {
-    state.phase = "idle";
+    state.phase = internal::Phase::kIdle;
     SEEDLING_RETURN_IF_ERROR(state.Save());
     std::filesystem::remove(state.Path("update.bin"));
     RunResult dropped;
@@ -949,7 +836,7 @@ absl::StatusOr<RunResult> Client::Upload(std::unique_ptr<comms::Channel>& channe
                             : 0.0;
   r.loss_end = state.metrics.loss_end();
   r.update_bytes = payload.size();
-  state.phase = "idle";
+  state.phase = internal::Phase::kIdle;
   SEEDLING_RETURN_IF_ERROR(state.Save());
   std::filesystem::remove(state.Path("update.bin"));
   return r;

@@ -1,17 +1,11 @@
 #pragma once
 
-// The on-device SDK (docs/architecture.md, "One round, end to end"): one Client per app. RunOnce() does one step of the
-// federated protocol: finish an interrupted upload, or check in, and if the server assigns a task: sync the global
-// adapter (download it, or replay seed sums for kseed), plan memory (declining tasks that do not fit), train on the
-// device's data with checkpoints, encode the update with the task's codec and upload it in resumable chunks. Everything
-// it needs to resume after the app is killed lives in the state directory:
-//
-//   state.json         synced global version, the current task and phase (idle / training / trained)
-//   adapter.safetensors the global adapter at the synced version
-//   checkpoint.*       the latest training checkpoint of the current task
-//   update.bin         the encoded update waiting to be uploaded
-//   feedback.bin       top-k error feedback carried across rounds
-//   acks.jsonl         every acknowledged upload (idempotency key, round, time): the device's ledger
+// The on-device SDK (docs/architecture.md, "The client"): one Client per app. RunOnce() does one step of the
+// federated protocol: finish an interrupted upload, or check in, and if the server assigns a task, run it in named
+// stages (Client::Train): plan memory (declining tasks that do not fit), sync the global adapter (download it, or
+// replay seed sums for kseed), load the device's data, train with checkpoints, clip, encode the update with the
+// task's codec and upload it in resumable chunks. Everything it needs to resume after the app is killed lives in
+// the state directory (client/internal/state_dir.h).
 //
 // Network errors are retried with exponential backoff and full jitter; the server's RetryAfter is
 // obeyed by returning kRetryLater with its delay. Thread-safety: RunOnce runs one at a time (a second
@@ -27,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "client/client_config.h"
 #include "client/local_data.h"
@@ -34,7 +29,22 @@
 #include "model/llama.h"
 #include "model/tokenizer.h"
 
+namespace seedling::lora {
+class LoraAdapter;
+struct LoraConfig;
+}  // namespace seedling::lora
+namespace seedling::optim {
+enum class Method;
+}  // namespace seedling::optim
+
 namespace seedling::client {
+namespace internal {
+class SecAggParticipant;
+struct StateDir;
+}  // namespace internal
+struct MemoryPlan;
+struct TaskSpec;
+struct TrainingResult;
 
 struct Conditions {
   bool charging = false;
@@ -128,23 +138,48 @@ class Client {
   void Cancel();
 
  private:
-  struct State;
+  using State = internal::StateDir;
   Client(ClientConfig config, std::unique_ptr<comms::Transport> transport, SharedModel shared);
 
   absl::StatusOr<RunResult> RunOnceLocked();
   absl::StatusOr<std::unique_ptr<comms::Channel>> Connect();
   absl::StatusOr<v1::Envelope> Call(std::unique_ptr<comms::Channel>& channel, v1::Envelope request);
   absl::StatusOr<RunResult> Upload(std::unique_ptr<comms::Channel>& channel, State& state);
-  absl::Status SyncGlobal(std::unique_ptr<comms::Channel>& channel, const v1::Task& task,
-                          const model::ModelConfig& model_config, State& state);
-  absl::StatusOr<RunResult> Train(std::unique_ptr<comms::Channel>& channel, const v1::Task& task,
-                                  model::WeightPrecision weights, State& state);
   // Tells the server this device will not run `task` (it counts the reason) and returns kDeclined.
   absl::StatusOr<RunResult> Decline(std::unique_ptr<comms::Channel>& channel, const v1::Task& task,
                                     v1::Decline::Reason reason, std::string detail);
+
+  // Train runs one task in named stages: plan -> sync -> load data -> train -> clip -> encode -> upload.
+  absl::StatusOr<RunResult> Train(std::unique_ptr<comms::Channel>& channel, const v1::Task& task,
+                                  model::WeightPrecision weights, State& state);
+  // Plan: the memory plan for the task on this device's budget; ResourceExhausted if it cannot fit.
+  absl::StatusOr<MemoryPlan> PlanTask(const TaskSpec& spec, const model::ModelConfig& model_config,
+                                      model::WeightPrecision weights, const std::string& data_path,
+                                      const LocalDataOptions& data_options);
   // Loads the tokenizer, and the base model with `weights` unless model_ already holds it that way (a model
   // held another way is dropped first: one copy at a time).
   absl::Status EnsureModel(model::WeightPrecision weights);
+  // Sync: brings adapter.safetensors to the task's global version (seed replay for kseed, else download).
+  absl::Status SyncGlobal(std::unique_ptr<comms::Channel>& channel, const v1::Task& task, const lora::LoraConfig& lora,
+                          const model::ModelConfig& model_config, State& state);
+  // Records the task as the one being trained (phase kTraining), dropping another task's checkpoint.
+  absl::Status BeginTask(const v1::Task& task, State& state);
+  absl::StatusOr<std::unique_ptr<internal::SecAggParticipant>> JoinSecAgg(std::unique_ptr<comms::Channel>& channel,
+                                                                          const v1::Task& task, optim::Method method,
+                                                                          const std::vector<float>& global);
+  // Train: local steps from the task's checkpoint if there is one, checkpointing as configured. Cancelled
+  // if Cancel() came.
+  absl::StatusOr<TrainingResult> TrainLocally(const TaskSpec& spec, const MemoryPlan& plan, const LocalDataset& data,
+                                              lora::LoraAdapter& adapter, const State& state);
+  absl::StatusOr<RunResult> SubmitSecAgg(internal::SecAggParticipant& secagg, const v1::Task& task,
+                                         const std::vector<float>& update, uint64_t examples, State& state);
+  // Writes the encoded update durably (phase kTrained) before the upload starts.
+  absl::Status StageUpload(const std::string& payload, uint64_t examples, const TrainingResult& trained,
+                           State& state);
+  std::string DataPath();
+  LocalDataOptions DataOptions(const TaskSpec& spec, const model::ModelConfig& model_config) const;
+  // Shows the upload observer (SetUploadObserver) what is about to leave the device.
+  void Observe(const v1::Task& task, const std::string& payload, uint64_t weight);
   // Waits `seconds` on the device's clock (SimulationHooks) or the host's; false if cancelled.
   bool Sleep(double seconds);
   int64_t NowMs();
@@ -162,11 +197,11 @@ class Client {
   uint64_t attempt_counter_ = 0;
   SimulationHooks hooks_;
 
-  std::mutex mu_;  // guards conditions_, callbacks
-  Conditions conditions_;
-  std::function<void(const RunProgress&)> progress_;
-  std::function<void(const v1::Task&, const std::string&, uint64_t)> upload_observer_;
-  std::string data_path_;
+  std::mutex mu_;  // the settings other threads may change during a run
+  Conditions conditions_ ABSL_GUARDED_BY(mu_);
+  std::function<void(const RunProgress&)> progress_ ABSL_GUARDED_BY(mu_);
+  std::function<void(const v1::Task&, const std::string&, uint64_t)> upload_observer_ ABSL_GUARDED_BY(mu_);
+  std::string data_path_ ABSL_GUARDED_BY(mu_);
 
   std::atomic<bool> cancelled_{false};
   std::mutex sleep_mu_;

@@ -141,10 +141,14 @@ int64_t MeasureRuntimeBytes() {
   return CurrentRssBytes();
 }
 
-absl::StatusOr<TrainingResult> RunLocalTraining(model::LlamaModel& model, lora::LoraAdapter* adapter,
-                                                const LocalDataset& data, const TrainingConfig& config,
-                                                const MemoryPlan& plan, const TrainingProgress& progress,
-                                                const TrainingControl& control) {
+namespace {
+
+// RunLocalTraining and RunAdapterTraining: the model is written only with full_parameters (through the
+// tensors ParameterSet::AllWeights shares with it), which only RunLocalTraining's mutable model allows.
+absl::StatusOr<TrainingResult> RunTraining(const model::LlamaModel& model, lora::LoraAdapter* adapter,
+                                           const LocalDataset& data, const TrainingConfig& config,
+                                           const MemoryPlan& plan, const TrainingProgress& progress,
+                                           const TrainingControl& control) {
   if (config.steps < 0) return absl::InvalidArgumentError("steps must be >= 0");
   if (config.untimed_steps < 0 || config.untimed_steps > config.steps) {
     return absl::InvalidArgumentError(StrCat("untimed_steps must be in [0, steps], got ", config.untimed_steps));
@@ -328,6 +332,25 @@ absl::StatusOr<TrainingResult> RunLocalTraining(model::LlamaModel& model, lora::
     SEEDLING_RETURN_IF_ERROR(TimeForwards(model, forward_adapter, batches, plan, config.forward_seconds, result));
   }
   return result;
+}
+
+}  // namespace
+
+absl::StatusOr<TrainingResult> RunLocalTraining(model::LlamaModel& model, lora::LoraAdapter* adapter,
+                                                const LocalDataset& data, const TrainingConfig& config,
+                                                const MemoryPlan& plan, const TrainingProgress& progress,
+                                                const TrainingControl& control) {
+  return RunTraining(model, adapter, data, config, plan, progress, control);
+}
+
+absl::StatusOr<TrainingResult> RunAdapterTraining(const model::LlamaModel& model, lora::LoraAdapter& adapter,
+                                                  const LocalDataset& data, const TrainingConfig& config,
+                                                  const MemoryPlan& plan, const TrainingProgress& progress,
+                                                  const TrainingControl& control) {
+  if (config.full_parameters) {
+    return absl::InvalidArgumentError("full-parameter training writes the model: use RunLocalTraining");
+  }
+  return RunTraining(model, &adapter, data, config, plan, progress, control);
 }
 
 }  // namespace seedling::client

@@ -106,6 +106,13 @@ absl::StatusOr<TrainingResult> RunLocalTraining(model::LlamaModel& model, lora::
                                                 const MemoryPlan& plan, const TrainingProgress& progress = nullptr,
                                                 const TrainingControl& control = {});
 
+// An adapter run on a base model that is only read (one shared by clients, as in the simulator).
+// InvalidArgument with config.full_parameters; otherwise as RunLocalTraining.
+absl::StatusOr<TrainingResult> RunAdapterTraining(const model::LlamaModel& model, lora::LoraAdapter& adapter,
+                                                  const LocalDataset& data, const TrainingConfig& config,
+                                                  const MemoryPlan& plan, const TrainingProgress& progress = nullptr,
+                                                  const TrainingControl& control = {});
+
 // Process RSS after warming up, as the planner's runtime baseline: a training step of every method on a
 // micro model (a few KiB of weights) first touches the BLAS thread buffers and the LibTorch code that
 // forward, backward and forward-mode AD run through (tens of MiB of code pages counted in RSS), which

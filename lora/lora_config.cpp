@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "base/json.h"
 #include "base/status.h"
@@ -60,6 +61,16 @@ absl::StatusOr<std::vector<Projection>> ParseTargets(std::string_view list) {
   }
   if (out.empty()) return absl::InvalidArgumentError("no LoRA targets given");
   return out;
+}
+
+absl::StatusOr<LoraConfig> MakeLoraConfig(int64_t rank, double alpha, const std::vector<std::string>& targets,
+                                          uint64_t init_seed) {
+  LoraConfig c;
+  c.rank = rank;
+  c.alpha = alpha;
+  c.init_seed = init_seed;
+  SEEDLING_ASSIGN_OR_RETURN(c.targets, ParseTargets(absl::StrJoin(targets, ",")));
+  return c;
 }
 
 absl::StatusOr<LoraConfig> ParsePeftConfig(std::string_view json_text, const ModelConfig& model) {

@@ -33,6 +33,11 @@ struct LoraConfig {
 // Parses "q_proj,v_proj" (or "q,v", or "all") into projections. InvalidArgument names a bad entry.
 absl::StatusOr<std::vector<model::Projection>> ParseTargets(std::string_view list);
 
+// A LoraConfig from the parts a server config or a task carries (target module names as ParseTargets reads
+// them). InvalidArgument names a bad target; the rest is checked by Validate against a model.
+absl::StatusOr<LoraConfig> MakeLoraConfig(int64_t rank, double alpha, const std::vector<std::string>& targets,
+                                          uint64_t init_seed);
+
 // Parses a PEFT adapter_config.json for `model`: target_modules as a list of module names (or
 // "all-linear"), optional layers_to_transform, use_rslora, any rank. InvalidArgument names what does not fit:
 // a target this model lacks, a bad value, or an unsupported option (rank_pattern, alpha_pattern, DoRA, a

@@ -111,7 +111,8 @@ class LlamaModel {
   // what stays resident, never a result, so models shared by threads (the simulator's devices) may set it
   // at any time.
   bool streamable() const { return pages_ != nullptr && !pages_->empty(); }
-  void set_stream_weights(bool on) { stream_weights_.store(on, std::memory_order_relaxed); }
+  // const: it changes what stays resident, never a result (see above).
+  void set_stream_weights(bool on) const { stream_weights_.store(on, std::memory_order_relaxed); }
   bool stream_weights() const { return stream_weights_.load(std::memory_order_relaxed) && streamable(); }
   ModelWeights& mutable_weights() { return weights_; }
 
@@ -209,7 +210,7 @@ class LlamaModel {
   ModelWeights weights_;
   at::Tensor inv_freq_;  // RoPE inverse frequencies (D/2), double
   std::shared_ptr<const WeightPages> pages_;  // the read-only mappings the matrices view (Load), or null
-  std::atomic<bool> stream_weights_{false};
+  mutable std::atomic<bool> stream_weights_{false};
 };
 
 }  // namespace seedling::model
