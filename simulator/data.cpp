@@ -21,6 +21,8 @@ namespace {
 using Json = nlohmann::json;
 
 constexpr std::string_view kUtf8Bom = "\xEF\xBB\xBF";
+// A row longer than this is skipped and counted (never held whole): far beyond any real example.
+constexpr int64_t kMaxRowBytes = int64_t{1} << 30;
 
 // A row's "user" / label field: a string, or an integer as its decimal text (as client/local_data
 // reads "topic" and "user"); "" if absent or of another type.
@@ -244,25 +246,21 @@ absl::StatusOr<std::vector<std::vector<uint32_t>>> UserPartition(const std::vect
 // --- Reading and writing ---------------------------------------------------------------------------
 
 absl::StatusOr<ReadRowsResult> ReadRows(const std::string& path, const std::string& label_field) {
-  SEEDLING_ASSIGN_OR_RETURN(const std::string data, ReadFile(path));
-  const std::string_view jsonl = data;
   ReadRowsResult result;
-  int64_t line_no = 0, nonblank = 0, first_bad_line = 0;
+  int64_t nonblank = 0, first_bad_line = 0;
   std::string first_error;
-  for (size_t pos = 0; pos < jsonl.size();) {
-    size_t end = jsonl.find('\n', pos);
-    if (end == std::string_view::npos) end = jsonl.size();
-    std::string_view line = jsonl.substr(pos, end - pos);
-    pos = end + 1;
-    ++line_no;
-    if (line_no == 1 && line.starts_with(kUtf8Bom)) line.remove_prefix(kUtf8Bom.size());
+  SEEDLING_RETURN_IF_ERROR(ForEachLine(path, kMaxRowBytes, [&](const Line& read) -> absl::Status {
+    std::string_view line = read.text;
+    if (read.number == 1 && line.starts_with(kUtf8Bom)) line.remove_prefix(kUtf8Bom.size());
     if (line.ends_with('\r')) line.remove_suffix(1);
-    if (line.find_first_not_of(" \t\r") == std::string_view::npos) continue;
+    if (!read.too_long && line.find_first_not_of(" \t\r") == std::string_view::npos) return absl::OkStatus();
     ++nonblank;
 
     Json row;
     const char* error = nullptr;
-    if (JsonNestingDepth(line) > kMaxJsonDepth) {
+    if (read.too_long) {
+      error = "row longer than 1 GiB";
+    } else if (JsonNestingDepth(line) > kMaxJsonDepth) {
       error = "JSON nested too deep";
     } else {
       row = Json::parse(line.begin(), line.end(), nullptr, /*allow_exceptions=*/false);
@@ -274,13 +272,14 @@ absl::StatusOr<ReadRowsResult> ReadRows(const std::string& path, const std::stri
     }
     if (error != nullptr) {
       if (result.skipped++ == 0) {
-        first_bad_line = line_no;
+        first_bad_line = read.number;
         first_error = error;
       }
-      continue;
+      return absl::OkStatus();
     }
     result.rows.push_back(DataRow{std::string(line), Tag(row, "user"), Tag(row, label_field)});
-  }
+    return absl::OkStatus();
+  }));
   if (result.skipped > 0) {
     result.message = StrCat("skipped ", result.skipped, " of ", nonblank, " rows; first at line ",
                             first_bad_line, ": ", first_error);
