@@ -144,11 +144,15 @@ int MethodRun::PlaceActivation(int64_t device, bool may_get_task) {
   return static_cast<int>(best);
 }
 
-// With mu_ held, for an activation in kDone: schedule the device's next check-in.
-void MethodRun::Reap(Activation& a) {
+// With mu_ held, for a device the gate reports finished at `end_s`: ends its activation and schedules its
+// next check-in.
+void MethodRun::Reap(int64_t device, double end_s) {
+  const std::unique_ptr<Activation> owned = std::move(active_.at(device));
+  active_.erase(device);
+  Activation& a = *owned;
   if (a.thread.joinable()) a.thread.join();
   if (a.counted) --trainers_by_rank_[static_cast<size_t>(a.rank)];
-  const double te = std::max(a.vt, a.bound);
+  const double te = end_s;
   double next = te + static_cast<double>(config_.retry_base_s);
   if (a.dropped) {
     next = te + 1800;  // offline for a while after dropping out
@@ -285,24 +289,53 @@ void MethodRun::CheckRounds() {
   }
 }
 
+// With mu_ held: a wake-up of `device` at `t`. An available device starts an activation, on its own
+// thread here or served for another rank; an unavailable one is woken again when it is next available.
+void MethodRun::Activate(int64_t device, double t) {
+  if (active_.count(device) != 0) return;  // cannot happen: a device is rescheduled when reaped
+  if (!world_.population->Available(device, t)) {
+    const double next = world_.population->NextAvailable(device, t);
+    if (next < world_.end_time_s) wakes_.push({next, device});
+    return;
+  }
+  const DeviceConditions dc = world_.population->ConditionsAt(device, t);
+  client::Conditions c;
+  c.charging = dc.charging;
+  c.unmetered = dc.unmetered;
+  c.idle = dc.idle;
+  c.battery = dc.battery;
+  auto a = std::make_unique<Activation>();
+  a->device = device;
+  gate_.Add(device, t);
+  Activation* raw = a.get();
+  active_[device] = std::move(a);
+  // Placement is a choice only with ranks sharing the work directory (World::shared_work_dir).
+  const bool may_get_task = world_.shared_work_dir && coordinator_->Selecting();
+  raw->rank = PlaceActivation(device, may_get_task);
+  if (may_get_task) {
+    raw->counted = true;
+    ++trainers_by_rank_[static_cast<size_t>(raw->rank)];
+  }
+  if (raw->rank == 0) {
+    raw->thread = std::thread(&MethodRun::DeviceMain, this, raw, c);
+  } else {
+    raw->thread = std::thread(&MethodRun::RemoteDeviceMain, this, raw, c);
+  }
+}
+
 void MethodRun::Loop() {
   std::unique_lock<std::mutex> lock(mu_);
   while (true) {
-    for (auto it = active_.begin(); it != active_.end();) {
-      if (it->second->state == Activation::State::kDone) {
-        Reap(*it->second);
-        it = active_.erase(it);
-      } else {
-        ++it;
-      }
-    }
+    for (const auto& [device, end_s] : gate_.TakeFinished()) Reap(device, end_s);
     if (stopping_) {
       if (active_.empty()) return;
       for (auto& [d, a] : active_) {
         if (a->client != nullptr) a->client->Cancel();
       }
-      device_cv_.notify_all();
-      loop_cv_.wait_for(lock, std::chrono::milliseconds(50));
+      gate_.Close();
+      lock.unlock();
+      gate_.AwaitChange(std::chrono::milliseconds(50));
+      lock.lock();
       continue;
     }
     if (check_rounds_) {
@@ -313,73 +346,40 @@ void MethodRun::Loop() {
       if (coordinator_->Finished()) stopping_ = true;
       continue;
     }
-    // The earliest event: (time, kind, device, seq) with kinds 0 tick, 1 request, 2 wake-up.
-    double horizon = kInf;
-    std::tuple<double, int, int64_t, uint64_t> best{next_tick_, 0, -1, 0};
-    for (const auto& [d, a] : active_) {
-      if (a->state == Activation::State::kRunning || a->state == Activation::State::kGranted) {
-        horizon = std::min(horizon, a->bound);
-      } else if (a->state == Activation::State::kWaiting) {
-        best = std::min(best, std::tuple<double, int, int64_t, uint64_t>{a->wait_t, 1, d, a->seq});
-      }
-    }
+    // The loop's own next event, the next tick or the earliest wake-up, against the devices' requests.
+    GateEvent own{next_tick_, GateEvent::Kind::kTick};
     if (!wakes_.empty()) {
-      best = std::min(best, std::tuple<double, int, int64_t, uint64_t>{wakes_.top().first, 2, wakes_.top().second, 0});
+      own = std::min(own, GateEvent{wakes_.top().first, GateEvent::Kind::kWake, wakes_.top().second});
     }
-    const auto [t, kind, device, seq] = best;
-    if (!(t < horizon)) {
-      loop_cv_.wait(lock);
-      continue;
-    }
+    lock.unlock();
+    const std::optional<GateEvent> next = gate_.Next(own);
+    lock.lock();
+    // Nothing yet (a device changed state), or a device answered before Next committed an upload: its
+    // round is recorded before any later event, as above.
+    if (!next.has_value() || check_rounds_) continue;
+    const double t = next->t;
     if (t >= world_.end_time_s) {
       spdlog::warn("{}: no more rounds within {} simulated hours", method_, options_.max_hours);
       stopping_ = true;
       continue;
     }
     clock_.Set(ToMs(t));
-    if (kind == 0) {
-      next_tick_ = t + options_.tick_s;
-      lock.unlock();
-      coordinator_->Tick();
-      CheckRounds();
-      lock.lock();
-      if (coordinator_->Finished()) stopping_ = true;
-    } else if (kind == 1) {
-      Activation& a = *active_.at(device);
-      a.state = Activation::State::kGranted;
-      a.bound = a.wait_t;
-      device_cv_.notify_all();
-    } else {
-      wakes_.pop();
-      if (active_.count(device) != 0) continue;  // cannot happen: a device is rescheduled when reaped
-      if (!world_.population->Available(device, t)) {
-        const double next = world_.population->NextAvailable(device, t);
-        if (next < world_.end_time_s) wakes_.push({next, device});
-        continue;
-      }
-      const DeviceConditions dc = world_.population->ConditionsAt(device, t);
-      client::Conditions c;
-      c.charging = dc.charging;
-      c.unmetered = dc.unmetered;
-      c.idle = dc.idle;
-      c.battery = dc.battery;
-      auto a = std::make_unique<Activation>();
-      a->device = device;
-      a->vt = a->bound = t;
-      Activation* raw = a.get();
-      active_[device] = std::move(a);
-      // Placement is a choice only with ranks sharing the work directory (World::shared_work_dir).
-      const bool may_get_task = world_.shared_work_dir && coordinator_->Selecting();
-      raw->rank = PlaceActivation(device, may_get_task);
-      if (may_get_task) {
-        raw->counted = true;
-        ++trainers_by_rank_[static_cast<size_t>(raw->rank)];
-      }
-      if (raw->rank == 0) {
-        raw->thread = std::thread(&MethodRun::DeviceMain, this, raw, c);
-      } else {
-        raw->thread = std::thread(&MethodRun::RemoteDeviceMain, this, raw, c);
-      }
+    switch (next->kind) {
+      case GateEvent::Kind::kTick:
+        next_tick_ = t + options_.tick_s;
+        lock.unlock();
+        coordinator_->Tick();
+        CheckRounds();
+        lock.lock();
+        if (coordinator_->Finished()) stopping_ = true;
+        break;
+      case GateEvent::Kind::kRequest:
+        gate_.Grant(next->device);
+        break;
+      case GateEvent::Kind::kWake:
+        wakes_.pop();
+        Activate(next->device, t);
+        break;
     }
   }
 }

@@ -5,7 +5,6 @@
 // wait, and what the simulator records of each round. Internal to the simulator.
 
 #include <chrono>
-#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <limits>
@@ -27,6 +26,7 @@
 #include "server/config.h"
 #include "server/coordinator.h"
 #include "simulator/internal/compute_slots.h"
+#include "simulator/internal/gate.h"
 #include "simulator/internal/world.h"
 #include "simulator/report.h"
 #include "simulator/simulation.h"
@@ -35,16 +35,10 @@ namespace seedling::simulator::internal {
 
 inline constexpr double kInf = std::numeric_limits<double>::infinity();
 
-// One active device: its own clock and where it stands in the protocol. Guarded by MethodRun::mu_.
+// One active device: where it stands in the protocol (its clock is the gate's). Guarded by MethodRun::mu_.
 struct Activation {
-  enum class State { kRunning, kWaiting, kGranted, kDone };
   int64_t device = 0;
-  int rank = 0;      // where its client runs
-  double vt = 0;     // the device's clock (Unix seconds)
-  double bound = 0;  // no request of this device can arrive before this time
-  State state = State::kRunning;
-  double wait_t = 0;  // kWaiting / kGranted: arrival time of the request at the gate
-  uint64_t seq = 0;
+  int rank = 0;  // where its client runs
   // The task of this activation, if the server assigned one.
   bool has_task = false;
   bool secagg = false;   // the task is a secure-aggregation round's: training starts after SHARE_KEYS
@@ -98,14 +92,18 @@ class MethodRun {
  private:
   absl::Status Setup();
   void Loop();
+  void Activate(int64_t device, double t);  // with mu_ held
   void DeviceMain(Activation* a, client::Conditions conditions);
   void RemoteDeviceMain(Activation* a, client::Conditions conditions);
   int PlaceActivation(int64_t device, bool may_get_task);  // with mu_ held
   void Finish(Activation* a, absl::StatusOr<client::RunResult> result);
-  void Reap(Activation& a);
+  void Reap(int64_t device, double end_s);  // with mu_ held
   void CheckRounds();
   absl::StatusOr<double> EvalLoss(const std::vector<float>& params);
-  void AfterReply(Activation& a, const v1::Envelope& request, const absl::StatusOr<v1::Envelope>& reply, double arrive);
+  // With mu_ held, after a granted request: the device's clock after the reply, and what the reply means
+  // for the activation and the round's figures.
+  DeviceTime AfterReply(Activation& a, const v1::Envelope& request, const absl::StatusOr<v1::Envelope>& reply,
+                        double arrive);
 
   // Constant after Setup().
   const World& world_;
@@ -124,16 +122,15 @@ class MethodRun {
   int64_t steps_ = 0, batch_ = 0, seq_len_ = 0, perturbations_ = 0;
   double flops_ = 0;  // one local run
 
+  Gate gate_;  // the devices' clocks; taken inside mu_, never the other way round
+
   std::mutex mu_;
-  std::condition_variable loop_cv_;    // the loop waits for devices to reach a gate or finish
-  std::condition_variable device_cv_;  // devices wait for their request to be granted
   // Guarded by mu_.
   std::map<int64_t, std::unique_ptr<Activation>> active_;
   std::vector<uint32_t> tasks_;  // tasks each device has received (the dropout stream's counter)
   std::priority_queue<std::pair<double, int64_t>, std::vector<std::pair<double, int64_t>>, std::greater<>> wakes_;
   std::vector<int> trainers_by_rank_;            // activations per rank that hold a task or were placed to get one
   std::unique_ptr<ComputeSlots> compute_slots_;  // this rank's trainings (threads_)
-  uint64_t seq_ = 0;
   bool stopping_ = false;
   bool check_rounds_ = false;
   std::map<uint64_t, RoundStats> stats_;

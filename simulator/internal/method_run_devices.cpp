@@ -19,19 +19,9 @@ bool MethodRun::DeviceDropped(int64_t device) {
   return it != active_.end() && it->second->dropped;
 }
 
-void MethodRun::DeviceSleep(int64_t device, double seconds) {
-  if (!(seconds > 0)) return;
-  std::lock_guard<std::mutex> lock(mu_);
-  Activation& a = *active_.at(device);
-  a.vt = std::max(a.vt, a.bound) + seconds;
-  a.bound = a.vt;
-  loop_cv_.notify_one();
-}
+void MethodRun::DeviceSleep(int64_t device, double seconds) { gate_.Sleep(device, seconds); }
 
-int64_t MethodRun::DeviceNowMs(int64_t device) {
-  std::lock_guard<std::mutex> lock(mu_);
-  return ToMs(active_.at(device)->vt);
-}
+int64_t MethodRun::DeviceNowMs(int64_t device) { return ToMs(gate_.Now(device)); }
 
 absl::StatusOr<v1::Envelope> MethodRun::DeviceCall(int64_t device, comms::Channel& inner, const v1::Envelope& request,
                                                    comms::Duration timeout, bool* training_starts) {
@@ -45,10 +35,11 @@ absl::StatusOr<v1::Envelope> MethodRun::DeviceCall(int64_t device, comms::Channe
   }
   if (release) compute_slots_->Release();
   {
-    std::unique_lock<std::mutex> lock(mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     Activation& a = *active_.at(device);
     if (a.dropped) return absl::UnavailableError("the device dropped out (simulated)");
-    double send = std::max(a.vt, a.bound);
+    const DeviceTime time = gate_.Time(device);
+    double send = std::max(time.vt, time.bound);
     if (request.has_upload_begin() && a.has_task && !a.compute_accounted) {
       // No download before training (already synced): the compute time passes here.
       send += a.compute_s;
@@ -62,34 +53,26 @@ absl::StatusOr<v1::Envelope> MethodRun::DeviceCall(int64_t device, comms::Channe
       // Gone from here on. The bound stays (the loop may already be past drop_t), so the device's next
       // check-in, scheduled from max(vt, bound), is never in the loop's past.
       a.dropped = true;
-      a.vt = std::max(a.vt, a.drop_t);
+      gate_.Reach(device, a.drop_t);
       return absl::UnavailableError("the device dropped out (simulated)");
     }
-    a.state = Activation::State::kWaiting;
-    a.wait_t = arrive;
-    a.seq = ++seq_;
-    loop_cv_.notify_one();
-    device_cv_.wait(lock, [&] { return a.state == Activation::State::kGranted || stopping_; });
-    if (a.state != Activation::State::kGranted) {
-      a.state = Activation::State::kRunning;
-      return absl::UnavailableError("the simulation is over");
-    }
   }
+  // Outside mu_: until the request is granted the device is running with a bound no later than `arrive`,
+  // so the loop cannot pass it meanwhile.
+  if (!gate_.Wait(device, arrive)) return absl::UnavailableError("the simulation is over");
   // Granted: the coordinator handles the request at the device's arrival time, alone.
   absl::StatusOr<v1::Envelope> reply = inner.Call(request, timeout);
   bool acquire = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
     Activation& a = *active_.at(device);
-    AfterReply(a, request, reply, arrive);
-    a.state = Activation::State::kRunning;
+    gate_.Resume(device, AfterReply(a, request, reply, arrive));
     const bool starts = std::exchange(a.training_starts, false);
     if (training_starts != nullptr) {
       *training_starts = starts;
     } else if (starts) {
       a.holds_slot = acquire = true;
     }
-    loop_cv_.notify_one();
   }
   // Outside mu_: the loop goes on while this device waits for a slot (its next request is not before
   // its bound, whenever its training runs).
@@ -97,15 +80,16 @@ absl::StatusOr<v1::Envelope> MethodRun::DeviceCall(int64_t device, comms::Channe
   return reply;
 }
 
-void MethodRun::AfterReply(Activation& a, const v1::Envelope& request, const absl::StatusOr<v1::Envelope>& reply,
-                           double arrive) {
+DeviceTime MethodRun::AfterReply(Activation& a, const v1::Envelope& request, const absl::StatusOr<v1::Envelope>& reply,
+                                 double arrive) {
   const Population& pop = *world_.population;
   const int64_t device = a.device;
   const uint64_t bytes = reply.ok() ? reply->ByteSizeLong() : 0;
   const double rtt = pop.DownloadSeconds(device, 0);
   const double down_s = pop.DownloadSeconds(device, bytes) - rtt;
-  a.vt = arrive + rtt / 2 + down_s;
-  a.bound = a.vt;
+  DeviceTime time;
+  time.vt = arrive + rtt / 2 + down_s;
+  time.bound = time.vt;
   if (a.has_task) {
     const double up_s = pop.UploadSeconds(device, request.ByteSizeLong()) - pop.UploadSeconds(device, 0);
     RoundStats& s = stats_[a.round_id];
@@ -113,7 +97,7 @@ void MethodRun::AfterReply(Activation& a, const v1::Envelope& request, const abs
     if (a.compute_energy_pending) s.energy_j += pop.TrainingJoules(device, a.compute_s);
     a.compute_energy_pending = false;
   }
-  if (!reply.ok()) return;
+  if (!reply.ok()) return time;
   if (request.has_upload_commit()) check_rounds_ = true;
   if (reply->has_upload_ack() && reply->upload_ack().accepted()) {
     RoundStats& s = stats_[reply->upload_ack().round_id()];
@@ -128,7 +112,7 @@ void MethodRun::AfterReply(Activation& a, const v1::Envelope& request, const abs
   // before the compute time is over.
   auto start_training = [&] {
     a.compute_accounted = true;
-    a.bound = a.vt + a.compute_s;
+    time.bound = time.vt + a.compute_s;
     a.training_starts = true;
     stats_[a.round_id].energy_j += pop.TrainingJoules(device, a.compute_s);
   };
@@ -149,24 +133,24 @@ void MethodRun::AfterReply(Activation& a, const v1::Envelope& request, const abs
       const double expected = options_.plan_seconds +
                               pop.DownloadSeconds(device, static_cast<uint64_t>(adapter_bytes)) + a.compute_s +
                               pop.UploadSeconds(device, static_cast<uint64_t>(adapter_bytes / 4));
-      a.drop_t = a.vt + pop.DropoutPoint(device, k) * expected;
+      a.drop_t = time.vt + pop.DropoutPoint(device, k) * expected;
       stats_[a.round_id].drops[device] = a.drop_t;
     }
-    a.bound = a.vt + options_.plan_seconds;
-    return;
+    time.bound = time.vt + options_.plan_seconds;
+    return time;
   }
   if (request.has_decline() && a.has_task) {
     RoundStats& s = stats_[a.round_id];
     ++s.declined;
     if (request.decline().reason() == v1::Decline::MEMORY) ++s.declined_memory;
     if (request.decline().reason() == v1::Decline::UNSUPPORTED) ++s.declined_unsupported;
-    return;
+    return time;
   }
   if (a.secagg && a.has_task && !a.compute_accounted && reply->has_secagg_reply() &&
       reply->secagg_reply().stage() == v1::SECAGG_SHARE_KEYS &&
       reply->secagg_reply().outcome_case() == v1::SecAggReply::kMessage) {
     start_training();  // the key shares are relayed: the device trains, then masks its input
-    return;
+    return time;
   }
   if (reply->has_download_reply() && a.has_task && !a.secagg && !a.compute_accounted) {
     const v1::DownloadReply& d = reply->download_reply();
@@ -180,6 +164,7 @@ void MethodRun::AfterReply(Activation& a, const v1::Envelope& request, const abs
     }
     if (last) start_training();
   }
+  return time;
 }
 
 void MethodRun::DeviceMain(Activation* a, client::Conditions conditions) {
@@ -217,10 +202,12 @@ void MethodRun::Finish(Activation* a, absl::StatusOr<client::RunResult> result) 
     release = std::exchange(a->holds_slot, false);  // it failed while training
   }
   if (release) compute_slots_->Release();
-  std::lock_guard<std::mutex> lock(mu_);
-  a->result = std::move(result);
-  a->state = Activation::State::kDone;
-  loop_cv_.notify_one();
+  const int64_t device = a->device;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    a->result = std::move(result);
+  }
+  gate_.Finish(device);  // the loop may reap `a` from here on
 }
 
 // Rank 0's side of a device that runs on another rank: starts it there, then serves its connection
@@ -230,11 +217,7 @@ void MethodRun::RemoteDeviceMain(Activation* a, client::Conditions conditions) {
   const uint64_t key = static_cast<uint64_t>(d);
   MpiRanks& ranks = *world_.ranks;
   const int owner = a->rank;
-  double vt = 0;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    vt = a->vt;
-  }
+  const double vt = gate_.Now(d);
   const nlohmann::json start = {{"method", method_},
                                 {"device", d},
                                 {"token", tokens_[static_cast<size_t>(d)]},
@@ -280,10 +263,7 @@ void MethodRun::RemoteDeviceMain(Activation* a, client::Conditions conditions) {
       }
       std::string out(1, kReply);
       out += training_starts ? 'T' : '-';  // the device's rank takes a compute slot before it trains
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        PutDouble(out, a->vt);
-      }
+      PutDouble(out, gate_.Now(d));
       if (reply.ok()) {
         out += '1';
         reply->AppendToString(&out);
