@@ -21,6 +21,8 @@
 #include <utility>
 #include <vector>
 
+#include "base/clock.h"
+
 namespace seedling::simulator::internal {
 
 // An event the loop may run next. Events are ordered by time, then kind, then device and sequence number,
@@ -109,6 +111,19 @@ class Gate {
   std::map<int64_t, Device> devices_;
   uint64_t seq_ = 0;
   bool closed_ = false;
+};
+
+// A device's clock as its client sees it (client::SimulationHooks): the gate's clock of `device`, in
+// milliseconds; a wait moves it and the device's bound on, costing no host time. `gate` must outlive it.
+class GateClock final : public SimulatedClock {
+ public:
+  GateClock(Gate& gate, int64_t device) : gate_(gate), device_(device) {}
+  int64_t NowMs() const override { return SecondsToMs(gate_.Now(device_)); }
+  void Sleep(double seconds) override { gate_.Sleep(device_, seconds); }
+
+ private:
+  Gate& gate_;
+  const int64_t device_;
 };
 
 }  // namespace seedling::simulator::internal

@@ -68,7 +68,7 @@ absl::Status MethodRun::Setup() {
   if (method_ == "fwdgrad") config_.strategy.total_rounds = config_.rounds;
   SEEDLING_RETURN_IF_ERROR(config_.Validate());
 
-  clock_.Set(ToMs(options_.start_time_s));
+  clock_.Set(SecondsToMs(options_.start_time_s));
   SEEDLING_ASSIGN_OR_RETURN(coordinator_, server::Coordinator::Create(config_, &clock_, nullptr));
   if (options_.loopback) {
     // The same coordinator behind a real TLS 1.3 server on 127.0.0.1, with certificates made for this run.
@@ -363,7 +363,7 @@ void MethodRun::Loop() {
       stopping_ = true;
       continue;
     }
-    clock_.Set(ToMs(t));
+    clock_.Set(SecondsToMs(t));
     switch (next->kind) {
       case GateEvent::Kind::kTick:
         next_tick_ = t + options_.tick_s;

@@ -84,10 +84,6 @@ class MethodRun {
   absl::StatusOr<v1::Envelope> DeviceCall(int64_t device, comms::Channel& inner, const v1::Envelope& request,
                                           comms::Duration timeout, bool* training_starts = nullptr);
   bool DeviceDropped(int64_t device);
-  // The device's clock (client::SimulationHooks): a wait of `seconds` moves it (and the earliest time of
-  // its next request) on, costing no host time.
-  void DeviceSleep(int64_t device, double seconds);
-  int64_t DeviceNowMs(int64_t device);
 
  private:
   absl::Status Setup();

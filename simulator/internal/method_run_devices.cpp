@@ -19,10 +19,6 @@ bool MethodRun::DeviceDropped(int64_t device) {
   return it != active_.end() && it->second->dropped;
 }
 
-void MethodRun::DeviceSleep(int64_t device, double seconds) { gate_.Sleep(device, seconds); }
-
-int64_t MethodRun::DeviceNowMs(int64_t device) { return ToMs(gate_.Now(device)); }
-
 absl::StatusOr<v1::Envelope> MethodRun::DeviceCall(int64_t device, comms::Channel& inner, const v1::Envelope& request,
                                                    comms::Duration timeout, bool* training_starts) {
   const Population& pop = *world_.population;
@@ -172,6 +168,7 @@ void MethodRun::DeviceMain(Activation* a, client::Conditions conditions) {
   const client::ClientConfig cc = DeviceClientConfig(world_, dir_, d, tokens_[static_cast<size_t>(d)]);
   absl::StatusOr<client::RunResult> result = absl::UnknownError("not run");
   {
+    GateClock clock(gate_, d);  // outlives the client
     absl::StatusOr<std::unique_ptr<client::Client>> c =
         client::Client::Create(cc, std::make_unique<SimTransport>(this, d, inner_.get()), world_.shared);
     if (!c.ok()) {
@@ -183,8 +180,7 @@ void MethodRun::DeviceMain(Activation* a, client::Conditions conditions) {
       }
       (*c)->SetConditions(conditions);
       client::SimulationHooks hooks;
-      hooks.now_ms = [this, d] { return DeviceNowMs(d); };
-      hooks.sleep = [this, d](double seconds) { DeviceSleep(d, seconds); };
+      hooks.clock = &clock;
       hooks.secagg_rounding_seed = cc.seed;
       (*c)->SetSimulationHooks(std::move(hooks));
       result = (*c)->RunOnce();
@@ -258,7 +254,7 @@ void MethodRun::RemoteDeviceMain(Activation* a, client::Conditions conditions) {
       if (!request.ParseFromArray(p.data() + 17, static_cast<int>(p.size() - 17))) {
         reply = absl::InternalError("malformed request envelope from another rank");
       } else if (channel) {
-        DeviceSleep(d, GetDouble(std::string_view(p).substr(9)));
+        gate_.Sleep(d, GetDouble(std::string_view(p).substr(9)));  // what it slept on its rank since its last call
         reply = DeviceCall(d, *channel, request, comms::Duration(LoadU64Le(p.substr(1))), &training_starts);
       }
       std::string out(1, kReply);

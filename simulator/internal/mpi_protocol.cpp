@@ -162,6 +162,7 @@ absl::Status RunDeviceRank(const World& world) {
       dev->vt = vt;
       absl::StatusOr<client::RunResult> result = absl::UnknownError("not run");
       {
+        ForwardedClock clock(dev);  // outlives the client
         absl::StatusOr<std::unique_ptr<client::Client>> client =
             client::Client::Create(cc, std::make_unique<ForwardedTransport>(dev), world.shared);
         if (!client.ok()) {
@@ -169,8 +170,7 @@ absl::Status RunDeviceRank(const World& world) {
         } else {
           (*client)->SetConditions(c);
           client::SimulationHooks hooks;
-          hooks.now_ms = [dev] { return ToMs(dev->vt + dev->slept); };
-          hooks.sleep = [dev](double seconds) { dev->slept += seconds; };
+          hooks.clock = &clock;
           hooks.secagg_rounding_seed = cc.seed;
           (*client)->SetSimulationHooks(std::move(hooks));
           result = (*client)->RunOnce();
@@ -183,4 +183,5 @@ absl::Status RunDeviceRank(const World& world) {
   for (auto& [d, t] : threads) t.join();
   return failure;
 }
+
 }  // namespace seedling::simulator::internal

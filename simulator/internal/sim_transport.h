@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "absl/status/statusor.h"
+#include "base/clock.h"
 #include "comms/transport.h"
 #include "simulator/internal/compute_slots.h"
 #include "simulator/mpi.h"
@@ -46,6 +47,20 @@ struct ForwardedDevice {
   void ReleaseSlot() {
     if (std::exchange(holds_slot, false)) slots->Release();
   }
+};
+
+// A forwarded device's clock as its client sees it (client::SimulationHooks): its time after the last
+// reply plus what it slept since, in milliseconds. The device thread only.
+class ForwardedClock final : public SimulatedClock {
+ public:
+  explicit ForwardedClock(std::shared_ptr<ForwardedDevice> dev) : dev_(std::move(dev)) {}
+  int64_t NowMs() const override { return SecondsToMs(dev_->vt + dev_->slept); }
+  void Sleep(double seconds) override {
+    if (seconds > 0) dev_->slept += seconds;
+  }
+
+ private:
+  const std::shared_ptr<ForwardedDevice> dev_;
 };
 
 class ForwardedTransport : public comms::Transport {

@@ -4,7 +4,6 @@
 // the devices' data on disk, the shared base model and the evaluation set; and the client settings of one
 // simulated device. Internal to the simulator.
 
-#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -20,9 +19,6 @@
 #include "simulator/simulation.h"
 
 namespace seedling::simulator::internal {
-
-// Simulated seconds (double) to the clocks' milliseconds.
-inline int64_t ToMs(double seconds) { return static_cast<int64_t>(std::llround(seconds * 1000.0)); }
 
 // "phone-00042": the id device `device` registers with and its state directory's name.
 std::string DeviceId(int64_t device);
