@@ -274,20 +274,16 @@ void Client::SetSimulationHooks(SimulationHooks hooks) {
 }
 
 bool Client::Sleep(double seconds) {
-  if (hooks_.sleep) {
+  if (hooks_.clock != nullptr) {
     if (cancelled_) return false;
-    hooks_.sleep(seconds);
+    hooks_.clock->Sleep(seconds);
     return !cancelled_;
   }
   std::unique_lock<std::mutex> lock(sleep_mu_);
   return !sleep_cv_.wait_for(lock, std::chrono::duration<double>(seconds), [&] { return cancelled_.load(); });
 }
 
-int64_t Client::NowMs() {
-  if (hooks_.now_ms) return hooks_.now_ms();
-  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
+int64_t Client::NowMs() { return hooks_.clock != nullptr ? hooks_.clock->NowMs() : SteadyClock().NowMs(); }
 
 absl::StatusOr<std::unique_ptr<comms::Channel>> Client::Connect() {
   absl::Status last;
@@ -665,7 +661,7 @@ absl::StatusOr<std::unique_ptr<internal::SecAggParticipant>> Client::JoinSecAgg(
   internal::SecAggIo io;
   io.call = [this, &channel](v1::Envelope request) { return Call(channel, std::move(request)); };
   io.sleep = [this](double seconds) { return Sleep(seconds); };
-  io.now_ms = [this] { return NowMs(); };
+  io.clock = hooks_.clock;  // null: the participant reads the host's steady clock, as NowMs does
   io.rounding_seed = hooks_.secagg_rounding_seed;
   io.call_timeout_ms = config_.call_timeout_ms;
   io.max_piece_bytes = static_cast<size_t>(config_.upload_chunk_bytes);

@@ -23,6 +23,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "base/clock.h"
 #include "client/client_config.h"
 #include "client/local_data.h"
 #include "comms/transport.h"
@@ -96,11 +97,10 @@ struct SharedModel {
 // Simulation only (simulator/): the device's clock and the one random choice that shapes a
 // secure-aggregation sum. Never set in an app.
 struct SimulationHooks {
-  // The device's clock (ms) and a wait on it: a device waiting between protocol steps (a SecAgg stage
-  // that is not closed yet, a back-off) passes simulated time instead of sleeping; `sleep` returns at
-  // once. Both set, or neither (the host's steady clock and a real, cancellable sleep).
-  std::function<int64_t()> now_ms;
-  std::function<void(double seconds)> sleep;
+  // The device's clock (base/clock.h): a device waiting between protocol steps (a SecAgg stage that is not
+  // closed yet, a back-off) passes simulated time with clock->Sleep instead of sleeping. Must outlive the
+  // RunOnce calls that use it. Null: the host's SteadyClock and a real, cancellable sleep.
+  SimulatedClock* clock = nullptr;
   // Seeds the stochastic rounding of SecAgg inputs (per round) instead of the OS CSPRNG, so that a
   // simulation repeats; the masks and keys still come from the CSPRNG (they cancel out of the sum).
   std::optional<uint64_t> secagg_rounding_seed;

@@ -35,16 +35,19 @@ absl::StatusOr<v1::Envelope> DecodeWholeFrame(const std::string& frame, size_t m
 
 class InMemoryChannel final : public Channel {
  public:
+  // `clock`: null = a SteadyClock of the channel's own.
   InMemoryChannel(std::unique_ptr<ConnectionHandler> handler,
-                  std::shared_ptr<const InMemoryFaults> faults)
-      : handler_(std::move(handler)), faults_(std::move(faults)) {}
+                  std::shared_ptr<const InMemoryFaults> faults, const seedling::Clock* clock)
+      : handler_(std::move(handler)),
+        faults_(std::move(faults)),
+        clock_(clock != nullptr ? clock : &steady_) {}
   ~InMemoryChannel() override { Close(); }
 
   absl::StatusOr<v1::Envelope> Call(const v1::Envelope& request, Duration timeout) override {
     if (handler_ == nullptr) return absl::UnavailableError("in-memory channel is closed");
-    const Clock::time_point deadline = Clock::now() + timeout;
+    const int64_t deadline_ms = clock_->NowMs() + timeout.count();
     absl::StatusOr<v1::Envelope> response = Exchange(request);
-    if (response.ok() && Clock::now() > deadline) {
+    if (response.ok() && clock_->NowMs() > deadline_ms) {
       response = absl::DeadlineExceededError(StrCat("no response within ", timeout.count(), " ms"));
     }
     if (!response.ok() || close_after_response_) Close();
@@ -112,14 +115,17 @@ class InMemoryChannel final : public Channel {
 
   std::unique_ptr<ConnectionHandler> handler_;  // null once closed
   const std::shared_ptr<const InMemoryFaults> faults_;
+  const seedling::SteadyClock steady_;
+  const seedling::Clock* const clock_;  // steady_ or the transport's
   bool close_after_response_ = false;
 };
 
 class InMemoryTransport final : public Transport {
  public:
-  InMemoryTransport(HandlerFactory factory, InMemoryFaults faults)
+  InMemoryTransport(HandlerFactory factory, InMemoryFaults faults, const seedling::Clock* clock)
       : factory_(std::move(factory)),
-        faults_(std::make_shared<const InMemoryFaults>(std::move(faults))) {}
+        faults_(std::make_shared<const InMemoryFaults>(std::move(faults))),
+        clock_(clock) {}
 
   absl::StatusOr<std::unique_ptr<Channel>> Connect(Duration timeout) override {
     PeerInfo peer;
@@ -133,20 +139,23 @@ class InMemoryTransport final : public Transport {
     }
     if (handler == nullptr)
       return absl::UnavailableError("connection refused by the server (no handler)");
-    return std::unique_ptr<Channel>(std::make_unique<InMemoryChannel>(std::move(handler), faults_));
+    return std::unique_ptr<Channel>(
+        std::make_unique<InMemoryChannel>(std::move(handler), faults_, clock_));
   }
 
  private:
   // Constant after construction.
   const HandlerFactory factory_;
   const std::shared_ptr<const InMemoryFaults> faults_;
+  const seedling::Clock* const clock_;  // null: each channel's own SteadyClock
   std::atomic<uint64_t> next_connection_{0};
 };
 
 }  // namespace
 
-std::unique_ptr<Transport> MakeInMemoryTransport(HandlerFactory factory, InMemoryFaults faults) {
-  return std::make_unique<InMemoryTransport>(std::move(factory), std::move(faults));
+std::unique_ptr<Transport> MakeInMemoryTransport(HandlerFactory factory, InMemoryFaults faults,
+                                                 const seedling::Clock* clock) {
+  return std::make_unique<InMemoryTransport>(std::move(factory), std::move(faults), clock);
 }
 
 }  // namespace seedling::comms

@@ -9,7 +9,8 @@
 // truncated or extended, since each call carries exactly one frame - is answered with the handler's
 // OnMalformed response (returned by Call, request_id 0), and the channel is closed after it. A response
 // frame the hook damaged is InvalidArgument. Handle cannot be interrupted: a call that took longer than its
-// timeout (a delaying hook, a slow handler) returns DeadlineExceeded when it is done. Every error closes
+// timeout on the transport's clock (a delaying hook, a slow handler) returns DeadlineExceeded when it is
+// done. Every error closes
 // the channel; OnClose runs once, on Close(), on destruction or on the error. Connect() may be called from
 // many threads at once (the factory and the hooks must allow that); each Channel is used by one thread.
 
@@ -17,6 +18,7 @@
 #include <memory>
 #include <string>
 
+#include "base/clock.h"
 #include "comms/transport.h"
 
 namespace seedling::comms {
@@ -29,6 +31,9 @@ struct InMemoryFaults {
   std::function<bool(std::string& frame)> on_response;
 };
 
-std::unique_ptr<Transport> MakeInMemoryTransport(HandlerFactory factory, InMemoryFaults faults = {});
+// `clock` times each call against its timeout (base/clock.h; not comms::Clock): null = the host's
+// SteadyClock; otherwise it must outlive the transport and its channels.
+std::unique_ptr<Transport> MakeInMemoryTransport(HandlerFactory factory, InMemoryFaults faults = {},
+                                                 const seedling::Clock* clock = nullptr);
 
 }  // namespace seedling::comms

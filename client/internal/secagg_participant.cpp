@@ -1,7 +1,6 @@
 #include "client/internal/secagg_participant.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cstring>
 
 #include "base/philox.h"
@@ -15,11 +14,6 @@ namespace {
 // Philox stream of the stochastic rounding, keyed by a fresh OS-random seed per update (the server cannot
 // reproduce the rounding of any single device).
 constexpr uint64_t kSecAggRoundingStream = 0x7365636167ULL;  // "secag"
-
-int64_t SteadyMs() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
 
 absl::Status FromReject(v1::SecAggStage stage, const v1::Reject& r) {
   const std::string msg = StrCat("secure aggregation (", v1::SecAggStage_Name(stage), "): ",
@@ -66,7 +60,7 @@ absl::StatusOr<std::string> SecAggParticipant::Exchange(v1::SecAggStage stage, s
     message.erase(0, offset);
   }
   r->set_message(std::move(message));
-  int64_t give_up_ms = -1;     // steady clock; set by a NotReady announcing a new deadline
+  int64_t give_up_ms = -1;     // device clock; set by a NotReady announcing a new deadline
   uint64_t announced = 0;      // the deadline give_up_ms was computed from
   for (;;) {
     SEEDLING_ASSIGN_OR_RETURN(v1::Envelope reply, io_.call(request));
@@ -85,7 +79,7 @@ absl::StatusOr<std::string> SecAggParticipant::Exchange(v1::SecAggStage stage, s
     const uint64_t deadline = wait.stage_deadline_ms() > 0 ? wait.stage_deadline_ms() : task_.deadline_ms();
     const int64_t remaining =
         deadline > wait.server_time_ms() ? static_cast<int64_t>(deadline - wait.server_time_ms()) : 0;
-    const int64_t now = io_.now_ms();
+    const int64_t now = NowMs();
     if (give_up_ms < 0 || deadline != announced) {
       announced = deadline;
       give_up_ms = now + remaining + io_.call_timeout_ms;
@@ -93,7 +87,7 @@ absl::StatusOr<std::string> SecAggParticipant::Exchange(v1::SecAggStage stage, s
     if (now > give_up_ms) break;
     const double delay_s = std::clamp<double>(wait.retry_after_ms(), 10.0, 10000.0) / 1000.0;
     if (!io_.sleep(delay_s)) return absl::CancelledError("cancelled");
-    if (io_.now_ms() > give_up_ms) break;
+    if (NowMs() > give_up_ms) break;
     request.mutable_secagg()->clear_message();  // the server holds the submission: just ask again
     request.mutable_secagg()->clear_message_offset();
     request.mutable_secagg()->clear_message_size();
@@ -105,7 +99,6 @@ absl::StatusOr<std::string> SecAggParticipant::Exchange(v1::SecAggStage stage, s
 absl::StatusOr<std::unique_ptr<SecAggParticipant>> SecAggParticipant::Join(const v1::Task& task,
                                                                            std::string verified_model_hash,
                                                                            SecAggIo io) {
-  if (!io.now_ms) io.now_ms = SteadyMs;
   std::unique_ptr<SecAggParticipant> p(new SecAggParticipant(task, std::move(io)));
   SEEDLING_ASSIGN_OR_RETURN(std::string setup_bytes, p->Exchange(v1::SECAGG_SETUP, ""));
   SEEDLING_ASSIGN_OR_RETURN(privacy::SetupMessage setup, privacy::SetupMessage::Parse(setup_bytes));

@@ -23,6 +23,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "base/clock.h"
 #include "comms/proto/seedling.pb.h"
 #include "privacy/secagg.h"
 
@@ -33,8 +34,9 @@ struct SecAggIo {
   std::function<absl::StatusOr<v1::Envelope>(v1::Envelope)> call;
   // Sleeps; false if the run was cancelled meanwhile.
   std::function<bool(double seconds)> sleep;
-  // The device's clock in ms (any epoch): bounds the waits. Null: the host's steady clock.
-  std::function<int64_t()> now_ms;
+  // The device's clock (any epoch; base/clock.h): bounds the waits. Null: the host's SteadyClock;
+  // otherwise it must outlive the participant.
+  const Clock* clock = nullptr;
   // Simulation only (client::SimulationHooks): seeds Encode's stochastic rounding instead of the CSPRNG.
   std::optional<uint64_t> rounding_seed;
   int64_t call_timeout_ms = 30000;
@@ -66,9 +68,11 @@ class SecAggParticipant {
   SecAggParticipant(const v1::Task& task, SecAggIo io) : task_(task), io_(std::move(io)) {}
   // Sends `message` for `stage`, then asks again while the server is not ready; returns the reply's message.
   absl::StatusOr<std::string> Exchange(v1::SecAggStage stage, std::string message);
+  int64_t NowMs() const { return (io_.clock != nullptr ? *io_.clock : steady_).NowMs(); }
 
   v1::Task task_;
   SecAggIo io_;
+  const SteadyClock steady_;        // the clock when io_.clock is null
   privacy::OsRandomSource random_;  // must outlive client_ (declared before it)
   privacy::SessionConfig config_;
   std::optional<privacy::SecAggClient> client_;

@@ -26,6 +26,7 @@
 #include <thread>
 #include <vector>
 
+#include "base/clock.h"
 #include "base/file.h"
 #include "base/memory.h"
 #include "comms/framing.h"
@@ -620,6 +621,24 @@ TEST_CASE("A delayed in-memory call past its timeout is DeadlineExceeded", "[com
   std::unique_ptr<Transport> transport = MakeInMemoryTransport(FactoryFor(stats), faults);
   std::unique_ptr<Channel> channel = std::move(*transport->Connect(1s));
   CHECK(channel->Call(Hello(1, "a"), 10ms).status().code() == absl::StatusCode::kDeadlineExceeded);
+}
+
+TEST_CASE("An in-memory call is timed on the transport's clock: past its timeout there is DeadlineExceeded",
+          "[comms][transport]") {
+  auto stats = std::make_shared<HandlerStats>();
+  ManualClock clock;
+  int64_t delay_ms = 0;
+  InMemoryFaults faults;
+  faults.on_request = [&](std::string&) {
+    clock.Advance(delay_ms);  // the call takes this long on the transport's clock, no host time
+    return true;
+  };
+  std::unique_ptr<Transport> transport = MakeInMemoryTransport(FactoryFor(stats), faults, &clock);
+  std::unique_ptr<Channel> channel = std::move(*transport->Connect(1s));
+  delay_ms = 10;
+  REQUIRE(channel->Call(Hello(1, "a"), 10ms).ok());  // exactly at the timeout is in time
+  delay_ms = 11;
+  CHECK(channel->Call(Hello(2, "a"), 10ms).status().code() == absl::StatusCode::kDeadlineExceeded);
 }
 
 TEST_CASE("A response with another request_id is an error", "[comms][transport]") {
