@@ -95,13 +95,8 @@ absl::Status MethodRun::Setup() {
   }
   tasks_.assign(static_cast<size_t>(n), 0);
 
-  lora::LoraConfig lc;
-  lc.rank = config_.lora_rank;
-  lc.alpha = config_.lora_alpha;
-  lc.init_seed = config_.lora_init_seed;
-  std::string targets;
-  for (const std::string& t : config_.lora_targets) targets += (targets.empty() ? "" : ",") + t;
-  SEEDLING_ASSIGN_OR_RETURN(lc.targets, lora::ParseTargets(targets));
+  SEEDLING_ASSIGN_OR_RETURN(const lora::LoraConfig lc, lora::MakeLoraConfig(config_.lora_rank, config_.lora_alpha,
+                                                                         config_.lora_targets, config_.lora_init_seed));
   SEEDLING_ASSIGN_OR_RETURN(eval_adapter_, lora::LoraAdapter::Create(world_.model_config, lc));
 
   threads_ = options_.threads > 0 ? options_.threads : std::max(1u, std::thread::hardware_concurrency());
