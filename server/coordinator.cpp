@@ -484,7 +484,7 @@ v1::Envelope Coordinator::OnUploadCommit(const std::string& device_id, const v1:
     return RejectLocked(v1::INTERNAL, "the update could not be recorded; check in again", "internal");
   }
   ++round_->accepted;
-  stats_->processed_tokens += static_cast<int64_t>(std::min(up->metrics.processed_tokens(), kMaxReportedTokens));
+  stats_->processed_tokens += static_cast<int64_t>(up->metrics.processed_tokens());  // capped at UploadBegin
   if (std::isfinite(up->metrics.loss_start()) && std::isfinite(up->metrics.loss_end())) {
     stats_->loss_start_sum += up->metrics.loss_start();
     stats_->loss_end_sum += up->metrics.loss_end();
