@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <catch2/catch.hpp>
+#include <condition_variable>
 #include <map>
 #include <mutex>
 #include <set>
@@ -34,6 +35,12 @@ struct World {
   std::mutex mu;
   std::string fail_transaction;  // guarded by mu: fail the COMMIT of the next transaction of this name...
   int fail_after = 0;            // guarded by mu: ...after letting this many of them through
+  // Holds the COMMIT of the next transaction of this name until Release(): the coordinator is then inside
+  // its I/O, and the test can see what other requests get meanwhile.
+  std::string hold_transaction;  // guarded by mu
+  bool held = false;             // guarded by mu
+  bool released = false;         // guarded by mu
+  std::condition_variable changed;
   std::unique_ptr<Coordinator> coordinator;
   std::map<std::string, std::string> tokens;
 
@@ -63,7 +70,13 @@ struct World {
     StoreOptions options;
     options.fs = &files;
     options.before_commit = [this](std::string_view transaction, int) -> absl::Status {
-      std::lock_guard<std::mutex> lock(mu);
+      std::unique_lock<std::mutex> lock(mu);
+      if (!hold_transaction.empty() && transaction == hold_transaction) {
+        hold_transaction.clear();
+        held = true;
+        changed.notify_all();
+        changed.wait(lock, [this] { return released; });
+      }
       if (fail_transaction.empty() || transaction != fail_transaction) return absl::OkStatus();
       if (fail_after-- > 0) return absl::OkStatus();
       fail_transaction.clear();
@@ -78,6 +91,20 @@ struct World {
     std::lock_guard<std::mutex> lock(mu);
     fail_transaction = transaction;
     fail_after = after;
+  }
+
+  void Hold(const std::string& transaction) {
+    std::lock_guard<std::mutex> lock(mu);
+    hold_transaction = transaction;
+  }
+  void WaitUntilHeld() {
+    std::unique_lock<std::mutex> lock(mu);
+    changed.wait(lock, [this] { return held; });
+  }
+  void Release() {
+    std::lock_guard<std::mutex> lock(mu);
+    released = true;
+    changed.notify_all();
   }
 
   RoundRecord Round(uint64_t round_id) {
@@ -297,6 +324,76 @@ TEST_CASE("When a group commit fails, exactly the acknowledged uploads are in th
   CHECK(r.state == RoundState::kAborted);
   CHECK(r.accepted == static_cast<int64_t>(acknowledged.size()));
   CHECK(LedgerKeys(world, 1) == acknowledged);
+}
+
+// The tests below hold a transaction's COMMIT (with the store's own lock, which serializes its one SQLite
+// connection) and meanwhile send requests that need only the coordinator's state: with the coordinator's lock
+// held across that I/O they would never return, and the test would hang.
+
+v1::Envelope DownloadAdapter(Device& d, uint64_t version) {
+  v1::Envelope e;
+  e.mutable_download()->set_what(v1::Download::ADAPTER);
+  e.mutable_download()->set_version(version);
+  return d.Call(e);
+}
+
+TEST_CASE("While an upload's ledger entry is being written, other requests are served", "[server][faults]") {
+  World world(2, 2);
+  world.coordinator->Tick();
+  Device a(world, "phone-0");
+  Device b(world, "phone-1");
+  a.CheckIn();
+  a.Send();
+  b.CheckIn();
+  const std::string payload = b.Payload();
+  REQUIRE(b.Begin(payload).has_upload_ack());
+  world.Hold("RecordAcceptedUpdates");
+  bool acknowledged = false;
+  std::thread commit([&] { acknowledged = a.Commit(); });
+  world.WaitUntilHeld();
+  // Answered while a's entry is not yet durable.
+  CHECK(DownloadAdapter(b, 0).download_reply().total_bytes() > 0);
+  v1::Envelope chunk;
+  chunk.mutable_upload_chunk()->set_idempotency_key(b.Key());
+  chunk.mutable_upload_chunk()->set_offset(0);
+  chunk.mutable_upload_chunk()->set_data(payload);
+  CHECK(b.Call(chunk).upload_ack().received_bytes() == payload.size());
+  world.Release();
+  commit.join();
+  CHECK(acknowledged);
+  CHECK(world.Round(1).accepted == 1);
+}
+
+TEST_CASE("While a round commits, requests see it closed and Tick starts no second commit", "[server][faults]") {
+  World world(2, 2);
+  world.coordinator->Tick();
+  Device a(world, "phone-0");
+  Device b(world, "phone-1");
+  REQUIRE(a.Upload());
+  b.CheckIn();
+  b.Send();
+  world.Hold("CommitRound");
+  bool acknowledged = false;
+  std::thread last([&] { acknowledged = b.Commit(); });  // reaches the target: the round's end starts
+  world.WaitUntilHeld();
+  v1::Envelope check_in;
+  check_in.mutable_check_in()->mutable_conditions()->set_charging(true);
+  const v1::Envelope retry = a.Call(check_in);
+  REQUIRE(retry.check_in_reply().has_retry_after());
+  CHECK(retry.check_in_reply().retry_after().reason() == "no open round");
+  CHECK(DownloadAdapter(a, 0).download_reply().version() == 0);  // the old model until the commit is durable
+  // Past the deadline, a tick must leave the round to the commit in progress (not abort or finish it again).
+  world.clock.Advance(int64_t{world.config.round_deadline_s} * 1000 + 1);
+  world.coordinator->Tick();
+  world.Release();
+  last.join();
+  CHECK(acknowledged);
+  const RoundRecord r = world.Round(1);
+  CHECK(r.state == RoundState::kCommitted);
+  CHECK(r.result_version == 1);
+  CHECK(world.coordinator->global_version() == 1);
+  world.coordinator->Shutdown();  // nothing left to abort
+  CHECK(world.Round(1).state == RoundState::kCommitted);
 }
 
 }  // namespace
