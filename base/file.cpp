@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <utility>
 
 #include "base/sha256.h"
 #include "base/strings.h"
@@ -155,88 +156,134 @@ absl::Status ForEachLineIn(std::string_view text, int64_t max_line_bytes, const 
   return absl::OkStatus();
 }
 
-absl::Status WriteFileAtomic(const std::string& path, std::string_view data, mode_t mode) {
-  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<AtomicFileWriter> writer, AtomicFileWriter::Create(path, mode));
+namespace {
+
+// The POSIX file behind PosixFileSystem::NewWritableFile.
+class PosixWritableFile : public WritableFile {
+ public:
+  PosixWritableFile(std::string path, int fd) : path_(std::move(path)), fd_(fd) {}
+  ~PosixWritableFile() override {
+    if (fd_ >= 0) ::close(fd_);
+  }
+
+  absl::Status Append(std::string_view data) override { return WriteAll(fd_, data, path_); }
+
+  absl::Status WriteAt(uint64_t offset, std::string_view data) override {
+    size_t done = 0;
+    while (done < data.size()) {
+      const ssize_t n = ::pwrite(fd_, data.data() + done, data.size() - done, static_cast<off_t>(offset + done));
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) return ErrnoStatus(errno, "cannot write", path_);
+      done += static_cast<size_t>(n);
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Sync() override {
+    if (::fsync(fd_) != 0) return ErrnoStatus(errno, "cannot fsync", path_);
+    return absl::OkStatus();
+  }
+
+  absl::Status Close() override {
+    const int fd = std::exchange(fd_, -1);
+    if (fd >= 0 && ::close(fd) != 0) return ErrnoStatus(errno, "cannot close", path_);
+    return absl::OkStatus();
+  }
+
+ private:
+  const std::string path_;
+  int fd_;
+};
+
+class PosixFileSystem : public FileSystem {
+ public:
+  absl::StatusOr<std::unique_ptr<WritableFile>> NewWritableFile(const std::string& path, mode_t mode) override {
+    // A fresh file (never a leftover one reopened), so it has `mode` from the start.
+    ::unlink(path.c_str());
+    const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode);
+    if (fd < 0) return ErrnoStatus(errno, "cannot create", path);
+    return std::make_unique<PosixWritableFile>(path, fd);
+  }
+
+  absl::Status Rename(const std::string& from, const std::string& to) override {
+    if (::rename(from.c_str(), to.c_str()) != 0) return ErrnoStatus(errno, "cannot rename to", to);
+    return absl::OkStatus();
+  }
+
+  absl::Status Remove(const std::string& path) override {
+    if (::unlink(path.c_str()) != 0) return ErrnoStatus(errno, "cannot delete", path);
+    return absl::OkStatus();
+  }
+
+  absl::Status SyncDirectory(const std::string& dir) override {
+    const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd < 0) return ErrnoStatus(errno, "cannot open directory", dir);
+    FdCloser dcloser{dfd};
+    if (::fsync(dfd) != 0) return ErrnoStatus(errno, "cannot fsync directory", dir);
+    return absl::OkStatus();
+  }
+};
+
+}  // namespace
+
+FileSystem* FileSystem::Default() {
+  static PosixFileSystem* const fs = new PosixFileSystem();  // never destroyed: usable during exit
+  return fs;
+}
+
+absl::Status WriteFileAtomic(const std::string& path, std::string_view data, mode_t mode, FileSystem* fs) {
+  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<AtomicFileWriter> writer, AtomicFileWriter::Create(path, mode, fs));
   SEEDLING_RETURN_IF_ERROR(writer->Append(data));
   return writer->Commit();
 }
 
-absl::StatusOr<std::unique_ptr<AtomicFileWriter>> AtomicFileWriter::Create(const std::string& path, mode_t mode) {
-  const std::string tmp = StrCat(path, ".tmp.", ::getpid());
-  // A fresh file (never a leftover one reopened), so it has `mode` from the start.
-  ::unlink(tmp.c_str());
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode);
-  if (fd < 0) return ErrnoStatus(errno, "cannot create", tmp);
-  return std::unique_ptr<AtomicFileWriter>(new AtomicFileWriter(path, tmp, fd));
+absl::StatusOr<std::unique_ptr<AtomicFileWriter>> AtomicFileWriter::Create(const std::string& path, mode_t mode,
+                                                                           FileSystem* fs) {
+  if (fs == nullptr) fs = FileSystem::Default();
+  std::string tmp = StrCat(path, ".tmp.", ::getpid());
+  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<WritableFile> file, fs->NewWritableFile(tmp, mode));
+  return std::unique_ptr<AtomicFileWriter>(new AtomicFileWriter(fs, path, std::move(tmp), std::move(file)));
 }
 
 AtomicFileWriter::~AtomicFileWriter() {
-  if (fd_ >= 0) {
-    ::close(fd_);
-    ::unlink(tmp_path_.c_str());
-  }
+  if (file_ != nullptr) (void)Fail(absl::OkStatus());
+}
+
+absl::Status AtomicFileWriter::Fail(absl::Status error) {
+  file_.reset();
+  (void)fs_->Remove(tmp_path_);  // best effort: RecoverAfterCrash-style cleanups remove leftovers
+  return error;
 }
 
 absl::Status AtomicFileWriter::Append(std::string_view data) {
-  if (fd_ < 0) return absl::FailedPreconditionError(StrCat("writer for '", path_, "' is closed"));
-  absl::Status st = WriteAll(fd_, data, tmp_path_);
-  if (!st.ok()) {
-    ::close(fd_);
-    fd_ = -1;
-    ::unlink(tmp_path_.c_str());
-    return st;
-  }
+  if (file_ == nullptr) return absl::FailedPreconditionError(StrCat("writer for '", path_, "' is closed"));
+  if (absl::Status st = file_->Append(data); !st.ok()) return Fail(std::move(st));
   bytes_written_ += data.size();
   return absl::OkStatus();
 }
 
 absl::Status AtomicFileWriter::WriteAt(uint64_t offset, std::string_view data) {
-  if (fd_ < 0) return absl::FailedPreconditionError(StrCat("writer for '", path_, "' is closed"));
+  if (file_ == nullptr) return absl::FailedPreconditionError(StrCat("writer for '", path_, "' is closed"));
   if (offset > bytes_written_ || data.size() > bytes_written_ - offset) {
     return absl::InvalidArgumentError(StrCat("cannot overwrite [", offset, ", ", offset + data.size(), ") of '",
                                              tmp_path_, "': only ", bytes_written_, " bytes were written"));
   }
-  size_t done = 0;
-  while (done < data.size()) {
-    const ssize_t n = ::pwrite(fd_, data.data() + done, data.size() - done, static_cast<off_t>(offset + done));
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      absl::Status st = ErrnoStatus(errno, "cannot write", tmp_path_);
-      ::close(fd_);
-      fd_ = -1;
-      ::unlink(tmp_path_.c_str());
-      return st;
-    }
-    done += static_cast<size_t>(n);
-  }
+  if (absl::Status st = file_->WriteAt(offset, data); !st.ok()) return Fail(std::move(st));
   return absl::OkStatus();
 }
 
 absl::Status AtomicFileWriter::Commit() {
-  if (fd_ < 0) return absl::FailedPreconditionError(StrCat("writer for '", path_, "' is closed"));
-  const int fd = fd_;
-  fd_ = -1;
-  absl::Status st;
-  if (::fsync(fd) != 0) st = ErrnoStatus(errno, "cannot fsync", tmp_path_);
-  if (::close(fd) != 0 && st.ok()) st = ErrnoStatus(errno, "cannot close", tmp_path_);
-  if (st.ok() && ::rename(tmp_path_.c_str(), path_.c_str()) != 0) {
-    st = ErrnoStatus(errno, "cannot rename to", path_);
-  }
-  if (!st.ok()) {
-    ::unlink(tmp_path_.c_str());
-    return st;
-  }
+  if (file_ == nullptr) return absl::FailedPreconditionError(StrCat("writer for '", path_, "' is closed"));
+  absl::Status st = file_->Sync();
+  if (absl::Status closed = file_->Close(); st.ok()) st = std::move(closed);
+  if (st.ok()) st = fs_->Rename(tmp_path_, path_);
+  if (!st.ok()) return Fail(std::move(st));
+  file_.reset();
   std::filesystem::path dir = std::filesystem::path(path_).parent_path();
-  return FsyncDirectory(dir.empty() ? "." : dir.string());
+  return fs_->SyncDirectory(dir.empty() ? "." : dir.string());
 }
 
-absl::Status FsyncDirectory(const std::string& dir) {
-  const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd < 0) return ErrnoStatus(errno, "cannot open directory", dir);
-  FdCloser dcloser{dfd};
-  if (::fsync(dfd) != 0) return ErrnoStatus(errno, "cannot fsync directory", dir);
-  return absl::OkStatus();
-}
+absl::Status FsyncDirectory(const std::string& dir) { return FileSystem::Default()->SyncDirectory(dir); }
 
 absl::StatusOr<std::string> FileSha256Hex(const std::string& path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);

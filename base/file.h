@@ -40,24 +40,63 @@ absl::Status ForEachLine(const std::string& path, int64_t max_line_bytes, const 
 // The same over text already in memory.
 absl::Status ForEachLineIn(std::string_view text, int64_t max_line_bytes, const LineFn& fn);
 
+// ---- the file-system seam
+
+// A file being written, from FileSystem::NewWritableFile. Destroying it closes the file without syncing it.
+// Not thread-safe.
+class WritableFile {
+ public:
+  virtual ~WritableFile() = default;
+  virtual absl::Status Append(std::string_view data) = 0;
+  // Overwrites [offset, offset + data.size()), bytes that were already appended.
+  virtual absl::Status WriteAt(uint64_t offset, std::string_view data) = 0;
+  // Flushes the file's data and metadata to the disk (fsync).
+  virtual absl::Status Sync() = 0;
+  virtual absl::Status Close() = 0;
+};
+
+// The calls behind the crash-safe writes below and the server's checkpoint files, behind an interface (as
+// LevelDB's Env) so a test can make a chosen write, fsync or rename fail. Errors are those of ErrnoStatus,
+// naming the path. Implementations are thread-safe.
+class FileSystem {
+ public:
+  virtual ~FileSystem() = default;
+  // The operating system's file system (POSIX calls). Stateless, so one instance serves the whole process.
+  static FileSystem* Default();
+
+  // Creates `path` afresh (a leftover file there is removed first) with permission bits `mode` from its
+  // creation on, open for writing.
+  virtual absl::StatusOr<std::unique_ptr<WritableFile>> NewWritableFile(const std::string& path, mode_t mode) = 0;
+  // rename(2): replaces `to` atomically.
+  virtual absl::Status Rename(const std::string& from, const std::string& to) = 0;
+  // Removes a file; NotFound if there is none.
+  virtual absl::Status Remove(const std::string& path) = 0;
+  // fsyncs a directory, so that a rename, creation or unlink in it survives a power loss.
+  virtual absl::Status SyncDirectory(const std::string& dir) = 0;
+};
+
 // Writes `data` to `path` so that after a crash the file holds either its old or its new contents, never a
 // mix: write to `path.tmp.<pid>` in the same directory, fsync it, rename over `path`, fsync the directory.
 // `mode` is the file's permission bits, which the temporary file has from its creation on (0600 for a
-// secret: it is never readable by others, not even before the rename).
-absl::Status WriteFileAtomic(const std::string& path, std::string_view data, mode_t mode = 0644);
+// secret: it is never readable by others, not even before the rename). `fs` null means FileSystem::Default().
+absl::Status WriteFileAtomic(const std::string& path, std::string_view data, mode_t mode = 0644,
+                             FileSystem* fs = nullptr);
 
-// fsyncs a directory, so that a rename, creation or unlink in it survives a power loss.
+// fsyncs a directory of the default file system (FileSystem::SyncDirectory).
 absl::Status FsyncDirectory(const std::string& dir);
 
 // The 64-character hex SHA-256 of a file's contents, streamed (the file is never held whole).
 absl::StatusOr<std::string> FileSha256Hex(const std::string& path);
 
 // Streams a large file to disk with the same crash guarantee as WriteFileAtomic: bytes go to a temporary file
-// next to `path`; Commit() fsyncs, renames and fsyncs the directory. Destroying an uncommitted writer removes
-// the temporary file and leaves `path` untouched. Not thread-safe.
+// next to `path`; Commit() fsyncs, renames and fsyncs the directory. Any failed step removes the temporary
+// file and leaves `path` as it was (a failed directory fsync after the rename leaves the new file in place,
+// maybe not durable). Destroying an uncommitted writer removes the temporary file and leaves `path`
+// untouched. `fs` (null: FileSystem::Default()) must outlive the writer. Not thread-safe.
 class AtomicFileWriter {
  public:
-  static absl::StatusOr<std::unique_ptr<AtomicFileWriter>> Create(const std::string& path, mode_t mode = 0644);
+  static absl::StatusOr<std::unique_ptr<AtomicFileWriter>> Create(const std::string& path, mode_t mode = 0644,
+                                                                  FileSystem* fs = nullptr);
   ~AtomicFileWriter();
   AtomicFileWriter(const AtomicFileWriter&) = delete;
   AtomicFileWriter& operator=(const AtomicFileWriter&) = delete;
@@ -70,12 +109,15 @@ class AtomicFileWriter {
   uint64_t bytes_written() const { return bytes_written_; }
 
  private:
-  AtomicFileWriter(std::string path, std::string tmp_path, int fd)
-      : path_(std::move(path)), tmp_path_(std::move(tmp_path)), fd_(fd) {}
+  AtomicFileWriter(FileSystem* fs, std::string path, std::string tmp_path, std::unique_ptr<WritableFile> file)
+      : fs_(fs), path_(std::move(path)), tmp_path_(std::move(tmp_path)), file_(std::move(file)) {}
+  // Closes and removes the temporary file after a failed step; returns `error`.
+  absl::Status Fail(absl::Status error);
 
+  FileSystem* const fs_;
   const std::string path_;
   const std::string tmp_path_;
-  int fd_;  // -1 once committed or failed
+  std::unique_ptr<WritableFile> file_;  // null once committed or failed
   uint64_t bytes_written_ = 0;
 };
 

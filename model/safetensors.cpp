@@ -596,14 +596,14 @@ std::string LengthPrefix(uint64_t n) {
 absl::Status WriteSafetensorsStreamed(const std::string& path, std::span<const TensorSpec> specs,
                                       const TensorProducer& produce,
                                       const std::map<std::string, std::string>& metadata,
-                                      const std::string& digest_key) {
+                                      const std::string& digest_key, FileSystem* fs) {
   std::map<std::string, std::string> meta = metadata;
   // A placeholder of the digest's exact length, found again by its unique pattern.
   const std::string placeholder(64, '#');
   if (!digest_key.empty()) meta[digest_key] = placeholder;
   std::vector<uint64_t> sizes;
   SEEDLING_ASSIGN_OR_RETURN(std::string header, BuildHeader(path, specs, meta, sizes));
-  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<AtomicFileWriter> writer, AtomicFileWriter::Create(path));
+  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<AtomicFileWriter> writer, AtomicFileWriter::Create(path, 0644, fs));
   SEEDLING_RETURN_IF_ERROR(writer->Append(LengthPrefix(header.size())));
   SEEDLING_RETURN_IF_ERROR(writer->Append(header));
   Sha256Hasher hasher;
@@ -627,12 +627,12 @@ absl::Status WriteSafetensorsStreamed(const std::string& path, std::span<const T
 }
 
 absl::Status WriteSafetensors(const std::string& path, std::span<const TensorToWrite> tensors,
-                              const std::map<std::string, std::string>& metadata) {
+                              const std::map<std::string, std::string>& metadata, FileSystem* fs) {
   std::vector<TensorSpec> specs;
   specs.reserve(tensors.size());
   for (const TensorToWrite& t : tensors) specs.push_back({t.name, t.dtype, t.shape});
   return WriteSafetensorsStreamed(
-      path, specs, [&](size_t i) -> absl::StatusOr<std::span<const uint8_t>> { return tensors[i].data; }, metadata);
+      path, specs, [&](size_t i) -> absl::StatusOr<std::span<const uint8_t>> { return tensors[i].data; }, metadata, "", fs);
 }
 
 }  // namespace seedling::model

@@ -127,17 +127,18 @@ using TensorProducer = std::function<absl::StatusOr<std::span<const uint8_t>>(si
 // Like WriteSafetensors, but each tensor's bytes are asked for when it is written, so only one tensor's
 // bytes need exist at a time (e.g. a model quantized tensor by tensor). With `digest_key`, metadata[digest_key]
 // is set to the lower-case hex SHA-256 of the data section (every tensor's bytes, in order): written as a
-// placeholder first and filled in once the data is known. Nothing is left at `path` on error.
+// placeholder first and filled in once the data is known. Nothing is left at `path` on error. The file goes
+// through `fs` (null: FileSystem::Default(), base/file.h).
 absl::Status WriteSafetensorsStreamed(const std::string& path, std::span<const TensorSpec> specs,
                                       const TensorProducer& produce,
                                       const std::map<std::string, std::string>& metadata = {},
-                                      const std::string& digest_key = "");
+                                      const std::string& digest_key = "", FileSystem* fs = nullptr);
 
 // Writes a .safetensors file atomically (temp file, fsync, rename), streaming the tensors without copying
 // them into one buffer. Tensors are laid out in the order given, contiguous from offset 0; the header is
 // padded with spaces to a multiple of 8 bytes. InvalidArgument for duplicate or empty names or a byte
-// length that does not match dtype × shape.
+// length that does not match dtype × shape. The file goes through `fs` (null: FileSystem::Default()).
 absl::Status WriteSafetensors(const std::string& path, std::span<const TensorToWrite> tensors,
-                              const std::map<std::string, std::string>& metadata = {});
+                              const std::map<std::string, std::string>& metadata = {}, FileSystem* fs = nullptr);
 
 }  // namespace seedling::model

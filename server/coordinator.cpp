@@ -73,10 +73,10 @@ Coordinator::Coordinator(const ServerConfig& config, const Clock* clock, Metrics
 Coordinator::~Coordinator() = default;
 
 absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(const ServerConfig& config, const Clock* clock,
-                                                                 Metrics* metrics) {
+                                                                 Metrics* metrics, const StoreOptions& store_options) {
   SEEDLING_RETURN_IF_ERROR(config.Validate());
   SEEDLING_RETURN_IF_ERROR(MakeDirs(config.state_dir));
-  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<Store> store, Store::Open(config.state_dir));
+  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<Store> store, Store::Open(config.state_dir, store_options));
   const int64_t now = clock->NowMs();
   SEEDLING_ASSIGN_OR_RETURN(std::vector<RoundRecord> aborted,
                             store->RecoverAfterCrash(now, "server restarted during the round"));
@@ -85,6 +85,9 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(const ServerCon
                  r.round_id);
   }
   std::unique_ptr<Coordinator> c(new Coordinator(config, clock, metrics, std::move(store)));
+  // Nobody else can see `c` yet; the lock keeps the guarded members' contract (and the thread annotations)
+  // simple.
+  absl::MutexLock lock(&c->mu_);
   // Round ids are consecutive from 1 and every round is final after recovery: the latest id is the number
   // of rounds run so far (so `rounds` in the config counts across restarts).
   SEEDLING_ASSIGN_OR_RETURN(std::optional<RoundRecord> latest, c->store_->LatestRound());
@@ -176,16 +179,18 @@ uint32_t Coordinator::RetrySecondsLocked() {
 // ---- Hello ----------------------------------------------------------------------------------------------
 
 v1::Envelope Coordinator::OnHello(const v1::Hello& hello, std::string* device_id) {
-  std::lock_guard<std::mutex> lock(mu_);
-  switch (AuthenticateDevice(*store_, hello.device_id(), hello.token())) {
-    case DeviceAuth::kUnavailable:
-      return RejectLocked(v1::INTERNAL, "device registry unavailable", "internal");
-    case DeviceAuth::kRejected:
-      return RejectLocked(v1::UNAUTHENTICATED, "unknown device or wrong token", "unauthenticated");
-    case DeviceAuth::kRevoked:
-      return RejectLocked(v1::UNAUTHENTICATED, "this device was revoked by the operator", "revoked");
-    case DeviceAuth::kAuthenticated:
-      break;
+  // Only the (thread-safe) store is involved until a rejection: other requests need not wait for it.
+  const DeviceAuth auth = AuthenticateDevice(*store_, hello.device_id(), hello.token());
+  if (auth != DeviceAuth::kAuthenticated) {
+    absl::MutexLock lock(&mu_);
+    switch (auth) {
+      case DeviceAuth::kUnavailable:
+        return RejectLocked(v1::INTERNAL, "device registry unavailable", "internal");
+      case DeviceAuth::kRevoked:
+        return RejectLocked(v1::UNAUTHENTICATED, "this device was revoked by the operator", "revoked");
+      default:
+        return RejectLocked(v1::UNAUTHENTICATED, "unknown device or wrong token", "unauthenticated");
+    }
   }
   (void)store_->TouchDevice(hello.device_id(), clock_->NowMs());
   *device_id = hello.device_id();
@@ -235,7 +240,7 @@ v1::Task Coordinator::MakeTaskLocked(const RoundRecord& round, const TaskRecord&
 }
 
 v1::Envelope Coordinator::OnCheckIn(const std::string& device_id, const v1::CheckIn& check_in) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   auto retry = [&](const std::string& reason) {
     v1::Envelope e = Response(0);
     e.mutable_check_in_reply()->mutable_retry_after()->set_seconds(RetrySecondsLocked());
@@ -292,7 +297,7 @@ v1::Envelope Coordinator::OnCheckIn(const std::string& device_id, const v1::Chec
 // ---- Download -------------------------------------------------------------------------------------------
 
 v1::Envelope Coordinator::OnDownload(const std::string& device_id, const v1::Download& download) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   v1::Envelope e = Response(0);
   v1::DownloadReply* r = e.mutable_download_reply();
   r->set_version(global_.version);
@@ -336,7 +341,7 @@ v1::Envelope Coordinator::OnDownload(const std::string& device_id, const v1::Dow
 // ---- Upload ---------------------------------------------------------------------------------------------
 
 v1::Envelope Coordinator::OnUploadBegin(const std::string& device_id, const v1::UploadBegin& begin) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   if (config_.secagg.enabled) {
     return RejectLocked(v1::INVALID_UPDATE, "this server runs secure aggregation: updates go through the SecAgg stages",
                         "secagg_plaintext");
@@ -368,7 +373,7 @@ v1::Envelope Coordinator::OnUploadBegin(const std::string& device_id, const v1::
     return RejectLocked(v1::ABORTED, StrCat("round ", begin.round_id(), " was aborted; check in for a new task"),
                         "aborted");
   }
-  if (!round_.has_value() || round_->round_id != begin.round_id() ||
+  if (!round_.has_value() || round_->round_id != begin.round_id() || round_closing_ ||
       (round_->state != RoundState::kOpen && round_->state != RoundState::kCollecting)) {
     return RejectLocked(v1::STALE, StrCat("round ", begin.round_id(), " is closed"), "stale");
   }
@@ -411,14 +416,14 @@ v1::Envelope Coordinator::NoUploadLocked(const std::string& key, const char* mes
   const size_t a = b == std::string::npos || b == 0 ? std::string::npos : key.rfind('/', b - 1);
   uint64_t round_id = 0;
   if (a != std::string::npos && absl::SimpleAtoi(key.substr(a + 1, b - a - 1), &round_id) &&
-      (!round_.has_value() || round_id != round_->round_id)) {
+      (!round_.has_value() || round_id != round_->round_id || round_closing_)) {
     return RejectLocked(v1::STALE, StrCat("round ", round_id, " is closed"), "stale");
   }
   return RejectLocked(v1::MALFORMED_MESSAGE, message, "malformed");
 }
 
 v1::Envelope Coordinator::OnUploadChunk(const std::string& device_id, const v1::UploadChunk& chunk) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   Upload* up = uploads_.Find(chunk.idempotency_key(), device_id);
   if (up == nullptr) {
     return NoUploadLocked(chunk.idempotency_key(), "no upload in progress under this key (send UploadBegin)");
@@ -445,7 +450,7 @@ v1::Envelope Coordinator::OnUploadChunk(const std::string& device_id, const v1::
 }
 
 v1::Envelope Coordinator::OnUploadCommit(const std::string& device_id, const v1::UploadCommit& commit) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   const int64_t now = clock_->NowMs();
   if (uploads_.Find(commit.idempotency_key(), device_id) == nullptr) {
     auto ledger = store_->FindLedgerEntry(commit.idempotency_key());
@@ -466,7 +471,7 @@ v1::Envelope Coordinator::OnUploadCommit(const std::string& device_id, const v1:
   if (Sha256(up->data) != up->sha256) {
     return RejectLocked(v1::INVALID_UPDATE, "SHA-256 of the received bytes does not match", "checksum");
   }
-  if (!round_.has_value() || round_->round_id != up->round_id ||
+  if (!round_.has_value() || round_->round_id != up->round_id || round_closing_ ||
       (round_->state != RoundState::kOpen && round_->state != RoundState::kCollecting) || now > round_->deadline_ms) {
     return RejectLocked(v1::STALE, StrCat("round ", up->round_id, " is closed"), "stale");
   }
@@ -476,31 +481,72 @@ v1::Envelope Coordinator::OnUploadCommit(const std::string& device_id, const v1:
     strategy_->RecordFailure(device_id, std::string(st.message()));
     return RejectLocked(v1::INVALID_UPDATE, std::string(st.message()), "invalid_update");
   }
-  const LedgerEntry entry = LedgerEntryFor(*up, now);
-  if (absl::Status st = store_->RecordAcceptedUpdate(entry); !st.ok()) {
-    // The aggregate already holds the update but the ledger does not: this round cannot be trusted.
-    spdlog::error("cannot record an accepted update, aborting round {}: {}", up->round_id, std::string(st.message()));
-    AbortRoundLocked(now, "the ledger could not be written");
-    return RejectLocked(v1::INTERNAL, "the update could not be recorded; check in again", "internal");
-  }
-  ++round_->accepted;
-  stats_->processed_tokens += static_cast<int64_t>(std::min(up->metrics.processed_tokens(), kMaxReportedTokens));
-  if (std::isfinite(up->metrics.loss_start()) && std::isfinite(up->metrics.loss_end())) {
-    stats_->loss_start_sum += up->metrics.loss_start();
-    stats_->loss_end_sum += up->metrics.loss_end();
-    ++stats_->loss_count;
-  }
-  if (accepted_total_ != nullptr) accepted_total_->Increment();
+  // Acknowledged only once its ledger entry is durable.
+  LedgerWrite w;
+  w.entry = LedgerEntryFor(*up, now);
+  w.metrics = up->metrics;
+  WriteLedgerLocked(&w, now);
+  if (!w.status.ok()) return RejectLocked(v1::INTERNAL, "the update could not be recorded; check in again", "internal");
   v1::Envelope e = Response(0);
   e.mutable_upload_ack()->set_received_bytes(up->total_bytes);
   e.mutable_upload_ack()->set_accepted(true);
   e.mutable_upload_ack()->set_round_id(up->round_id);
-  if (round_->accepted >= config_.clients_per_round) FinishRoundLocked(now);
+  if (round_.has_value() && round_->round_id == up->round_id && round_->accepted >= config_.clients_per_round) {
+    FinishRoundLocked(now);
+  }
   return e;
 }
 
+void Coordinator::WriteLedgerLocked(LedgerWrite* w, int64_t now) {
+  ledger_queue_.push_back(w);
+  while (!w->done && ledger_queue_.front() != w) io_done_.Wait(&mu_);
+  if (w->done) return;  // an earlier writer's batch took it
+  // `w` leads: its batch is every write queued now. It stays at the front while mu_ is released, so writes
+  // arriving meanwhile wait for the next batch.
+  const std::vector<LedgerWrite*> batch(ledger_queue_.begin(), ledger_queue_.end());
+  std::vector<LedgerEntry> entries;
+  entries.reserve(batch.size());
+  for (const LedgerWrite* b : batch) entries.push_back(b->entry);
+  mu_.Unlock();
+  std::vector<absl::Status> results = store_->RecordAcceptedUpdates(entries);
+  mu_.Lock();
+  std::optional<absl::Status> failure;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    LedgerWrite& b = *batch[i];
+    b.status = std::move(results[i]);
+    b.done = true;
+    // No round ends while its ledger writes are queued (FinishRoundLocked, Tick and Shutdown wait for
+    // them), so a durable entry belongs to the active round, unless a failure below aborted it already.
+    if (!b.status.ok()) {
+      if (!failure.has_value()) failure = b.status;
+      continue;
+    }
+    if (!round_.has_value() || round_->round_id != b.entry.round_id) continue;
+    ++round_->accepted;
+    stats_->processed_tokens += static_cast<int64_t>(b.metrics.processed_tokens());  // capped at UploadBegin
+    if (std::isfinite(b.metrics.loss_start()) && std::isfinite(b.metrics.loss_end())) {
+      stats_->loss_start_sum += b.metrics.loss_start();
+      stats_->loss_end_sum += b.metrics.loss_end();
+      ++stats_->loss_count;
+    }
+    if (accepted_total_ != nullptr) accepted_total_->Increment();
+  }
+  ledger_queue_.erase(ledger_queue_.begin(), ledger_queue_.begin() + static_cast<ptrdiff_t>(batch.size()));
+  if (failure.has_value() && round_.has_value() && round_->round_id == w->entry.round_id) {
+    // The aggregate already holds these updates but the ledger does not: this round cannot be trusted.
+    spdlog::error("cannot record an accepted update, aborting round {}: {}", round_->round_id,
+                  std::string(failure->message()));
+    AbortRoundLocked(now, "the ledger could not be written");
+  }
+  io_done_.SignalAll();
+}
+
+void Coordinator::WaitForLedgerLocked() {
+  while (!ledger_queue_.empty()) io_done_.Wait(&mu_);
+}
+
 v1::Envelope Coordinator::OnDecline(const std::string& device_id, const v1::Decline& decline) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   auto task = store_->FindTask(decline.task_id());
   if (!task.ok()) return RejectLocked(v1::INTERNAL, "task registry unavailable", "internal");
   if (!task->has_value() || (*task)->device_id != device_id || (*task)->round_id != decline.round_id()) {
@@ -510,7 +556,9 @@ v1::Envelope Coordinator::OnDecline(const std::string& device_id, const v1::Decl
     const std::string reason = v1::Decline::Reason_Name(decline.reason());
     (void)store_->SetTaskState(decline.task_id(), "declined", StrCat(reason, ": ", decline.detail()));
     if (declines_total_ != nullptr) declines_total_->WithLabels({reason}).Increment();
-    strategy_->RecordFailure(device_id, StrCat("declined: ", reason));
+    // While a round finishes, its strategy is in the finishing thread's hands; a decline then is too late
+    // for the round, as it was before a finish left the lock (the next BeginRound clears the failures).
+    if (!finishing_) strategy_->RecordFailure(device_id, StrCat("declined: ", reason));
     // Before the session starts a declined device leaves the cohort; after, it is one of the dropouts.
     if (secagg_ == nullptr) secagg_participants_.erase(device_id);
   }
@@ -575,7 +623,7 @@ v1::Envelope Coordinator::SecAggEnvelopeLocked(v1::SecAggStage stage, const SecA
 }
 
 v1::Envelope Coordinator::OnSecAgg(const std::string& device_id, const v1::SecAggRequest& request) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   const int64_t now = clock_->NowMs();
   if (!config_.secagg.enabled) {
     return RejectLocked(v1::MALFORMED_MESSAGE, "this server does not run secure aggregation", "malformed");
@@ -583,7 +631,8 @@ v1::Envelope Coordinator::OnSecAgg(const std::string& device_id, const v1::SecAg
   if (request.stage() < v1::SECAGG_SETUP || request.stage() > v1::SECAGG_UNMASK) {
     return RejectLocked(v1::MALFORMED_MESSAGE, "SecAggRequest.stage must be SETUP..UNMASK", "malformed");
   }
-  if (!round_.has_value() || round_->round_id != request.round_id()) {
+  // A round that is aggregating is over for its devices, as it is once committed.
+  if (!round_.has_value() || round_->round_id != request.round_id() || round_->state == RoundState::kAggregating) {
     return RejectLocked(v1::ABORTED, StrCat("round ", request.round_id(), " is over; check in for a new task"), "stale");
   }
   auto task = store_->FindTaskFor(request.round_id(), device_id);
@@ -635,6 +684,7 @@ absl::Status Coordinator::OpenRoundLocked(int64_t now) {
   SEEDLING_ASSIGN_OR_RETURN(RoundRecord round, store_->CreateRound(fields));
   SEEDLING_RETURN_IF_ERROR(strategy_->BeginRound(global_));
   round_ = round;
+  round_closing_ = false;
   *stats_ = RoundStats{};
   spdlog::info("round {} open: target {}, up to {} tasks, deadline in {} s", round.round_id, round.target,
                config_.SelectionQuota(), config_.round_deadline_s);
@@ -656,34 +706,62 @@ void Coordinator::AbortRoundLocked(int64_t now, const std::string& reason) {
   ++finished_rounds_;
 }
 
-// Aggregate → checkpoint → price (DP) → commit → publish. A failing step aborts the round; the published model
-// changes only once the commit is durable.
 void Coordinator::FinishRoundLocked(int64_t now) {
-  if (!round_.has_value()) return;
-  absl::Status st = StartAggregatingLocked(now);
-  absl::StatusOr<PendingCommit> pending = st.ok() ? AggregateLocked() : absl::StatusOr<PendingCommit>(st);
-  if (pending.ok()) st = CommitLocked(*pending, now);
-  if (!pending.ok() || !st.ok()) {
-    AbortRoundLocked(now, std::string(pending.ok() ? st.message() : pending.status().message()));
+  if (!round_.has_value() || finishing_) return;
+  finishing_ = true;
+  round_closing_ = true;
+  PendingCommit p;
+  p.was_open = round_->state == RoundState::kOpen;
+  round_->state = RoundState::kAggregating;  // requests see the round as it is in the store from now on
+  const uint64_t round_id = round_->round_id;
+  uploads_.DropRound(round_id);  // worthless now
+  WaitForLedgerLocked();  // the round's count is final once the entries in flight are durable (or failed)
+  if (!round_.has_value() || round_->round_id != round_id) {  // a failed ledger write aborted it meanwhile
+    finishing_ = false;
+    io_done_.SignalAll();
     return;
   }
-  PublishLocked(std::move(pending).value());
+  absl::Status st;
+  if (dp_budget_.has_value()) {
+    // This round's cost, recorded in the commit's transaction; the budget moves on only once it is durable.
+    absl::StatusOr<DpBudget::Price> price = dp_budget_->PriceRound(round_id);
+    if (price.ok()) {
+      p.dp_price = std::move(price).value();
+    } else {
+      st = Annotate(price.status(), "privacy accounting failed");
+    }
+  }
+  if (st.ok()) {
+    p.round = *round_;
+    p.stats = *stats_;
+    p.next = global_;  // a copy: the served model stays as it is until the commit
+    Strategy& strategy = *strategy_;
+    mu_.Unlock();
+    st = MarkAggregating(p, now);
+    if (st.ok()) st = Aggregate(strategy, p);
+    if (st.ok()) st = Commit(p, now);
+    mu_.Lock();
+  }
+  finishing_ = false;
+  if (st.ok()) {
+    PublishLocked(std::move(p));
+  } else {
+    AbortRoundLocked(now, std::string(st.message()));
+  }
+  io_done_.SignalAll();
 }
 
-absl::Status Coordinator::StartAggregatingLocked(int64_t now) {
-  const uint64_t round_id = round_->round_id;
-  if (round_->state == RoundState::kOpen) {  // the store only moves Open → Collecting → Aggregating
+absl::Status Coordinator::MarkAggregating(const PendingCommit& p, int64_t now) {
+  const uint64_t round_id = p.round.round_id;
+  if (p.was_open) {  // the store only moves Open → Collecting → Aggregating
     SEEDLING_RETURN_IF_ERROR(
         Annotate(store_->SetRoundState(round_id, RoundState::kCollecting, now), "cannot close selection"));
-    round_->state = RoundState::kCollecting;
   }
   return Annotate(store_->SetRoundState(round_id, RoundState::kAggregating, now), "cannot start aggregating");
 }
 
-absl::StatusOr<Coordinator::PendingCommit> Coordinator::AggregateLocked() {
-  PendingCommit p;
-  p.next = global_;  // a copy: the served model stays as it is until the commit
-  absl::StatusOr<RoundOutcome> outcome = strategy_->FinishRound(p.next);
+absl::Status Coordinator::Aggregate(Strategy& strategy, PendingCommit& p) {
+  absl::StatusOr<RoundOutcome> outcome = strategy.FinishRound(p.next);
   if (!outcome.ok()) return Annotate(outcome.status(), "aggregation failed");
   p.outcome = std::move(outcome).value();
   // Finite updates can still sum past float's range (3e38 twice): such an aggregate is never committed.
@@ -691,7 +769,7 @@ absl::StatusOr<Coordinator::PendingCommit> Coordinator::AggregateLocked() {
     return absl::FailedPreconditionError(
         StrCat("the aggregate is not finite (", *bad, "); the global model is unchanged"));
   }
-  p.next.version = global_.version + 1;
+  p.next.version += 1;
   std::vector<NamedVector> vectors = {{"params", p.next.params}};
   for (const auto& [name, values] : p.next.buffers) vectors.push_back({name, values});
   SEEDLING_RETURN_IF_ERROR(Annotate(store_->WriteCheckpoint(p.next.version, vectors).status(), "checkpoint failed"));
@@ -700,37 +778,31 @@ absl::StatusOr<Coordinator::PendingCommit> Coordinator::AggregateLocked() {
     // The strategy does not know the round id: stamp it into the stored sums.
     auto sums = ParseSeedSums(p.seed_blob);
     if (sums.ok()) {
-      sums->set_round_id(round_->round_id);
+      sums->set_round_id(p.round.round_id);
       sums->set_version(p.next.version);
       p.seed_blob = sums->SerializeAsString();
     }
   }
-  if (dp_budget_.has_value()) {
-    // This round's cost, recorded in the commit's transaction; the budget moves on only once it is durable.
-    absl::StatusOr<DpBudget::Price> price = dp_budget_->PriceRound(round_->round_id);
-    if (!price.ok()) return Annotate(price.status(), "privacy accounting failed");
-    p.dp_price = std::move(price).value();
-  }
-  return p;
+  return absl::OkStatus();
 }
 
-absl::Status Coordinator::CommitLocked(const PendingCommit& p, int64_t now) {
-  nlohmann::json result = {{"accepted", round_->accepted}, {"selected", round_->selected},
-                           {"rejected", stats_->rejected}, {"bytes_up", stats_->bytes_up},
-                           {"bytes_down", stats_->bytes_down}};
+absl::Status Coordinator::Commit(const PendingCommit& p, int64_t now) {
+  nlohmann::json result = {{"accepted", p.round.accepted}, {"selected", p.round.selected},
+                           {"rejected", p.stats.rejected}, {"bytes_up", p.stats.bytes_up},
+                           {"bytes_down", p.stats.bytes_down}};
   std::optional<DpSpend> dp_spend;
   if (p.dp_price.has_value()) {
     dp_spend = p.dp_price->spend;
     result["dp_epsilon"] = p.dp_price->epsilon_after;
     result["dp_sampling_rate"] = p.dp_price->spend.sampling_rate;
   }
-  if (stats_->loss_count > 0) {
-    result["loss_start"] = stats_->loss_start_sum / static_cast<double>(stats_->loss_count);
-    result["loss_end"] = stats_->loss_end_sum / static_cast<double>(stats_->loss_count);
+  if (p.stats.loss_count > 0) {
+    result["loss_start"] = p.stats.loss_start_sum / static_cast<double>(p.stats.loss_count);
+    result["loss_end"] = p.stats.loss_end_sum / static_cast<double>(p.stats.loss_count);
   }
-  if (stats_->processed_tokens > 0) result["processed_tokens"] = stats_->processed_tokens;
+  if (p.stats.processed_tokens > 0) result["processed_tokens"] = p.stats.processed_tokens;
   for (const auto& [k, v] : p.outcome.metrics) result[k] = v;
-  return Annotate(store_->CommitRound(round_->round_id, p.next.version, now, result.dump(), p.seed_blob, dp_spend),
+  return Annotate(store_->CommitRound(p.round.round_id, p.next.version, now, result.dump(), p.seed_blob, dp_spend),
                   "commit failed");
 }
 
@@ -754,7 +826,7 @@ void Coordinator::PublishLocked(PendingCommit p) {
 }
 
 void Coordinator::Tick() {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   const int64_t now = clock_->NowMs();
   if (!round_.has_value()) {
     if (config_.rounds > 0 && finished_rounds_ >= config_.rounds) return;
@@ -766,6 +838,7 @@ void Coordinator::Tick() {
     }
     return;
   }
+  if (finishing_) return;  // another thread is committing the round
   if (config_.secagg.enabled) {
     // A SecAgg round: selection closes as usual, then the session's stages run to their own deadlines
     // (the masked-input stage ends at the round's deadline; the unmask stage may run past it).
@@ -790,10 +863,16 @@ void Coordinator::Tick() {
     if (store_->SetRoundState(r.round_id, RoundState::kCollecting, now).ok()) r.state = RoundState::kCollecting;
   }
   if (now >= r.deadline_ms) {
-    if (r.accepted >= r.min_reports) {
+    // No upload joins any more; the count is final once the ledger writes in flight are done.
+    const uint64_t round_id = r.round_id;
+    round_closing_ = true;
+    WaitForLedgerLocked();
+    if (!round_.has_value() || round_->round_id != round_id || finishing_) return;  // ended or ending meanwhile
+    if (round_->accepted >= round_->min_reports) {
       FinishRoundLocked(now);
     } else {
-      AbortRoundLocked(now, StrCat("only ", r.accepted, " of the ", r.min_reports, " reports needed by the deadline"));
+      AbortRoundLocked(now, StrCat("only ", round_->accepted, " of the ", round_->min_reports,
+                                   " reports needed by the deadline"));
     }
     return;
   }
@@ -802,7 +881,14 @@ void Coordinator::Tick() {
 }
 
 void Coordinator::Shutdown() {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
+  // A round being committed finishes first (its commit cannot be taken back half-way); uploads in flight
+  // are recorded or refused first.
+  while (true) {
+    if (round_.has_value()) round_closing_ = true;
+    if (!finishing_ && ledger_queue_.empty()) break;
+    io_done_.Wait(&mu_);
+  }
   if (round_.has_value()) AbortRoundLocked(clock_->NowMs(), "server shut down during the round");
 }
 
@@ -812,12 +898,12 @@ bool Coordinator::NoMoreRoundsLocked() const {
 }
 
 bool Coordinator::Finished() {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   return NoMoreRoundsLocked() && !round_.has_value();
 }
 
 bool Coordinator::Selecting() {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   if (!round_.has_value()) return !NoMoreRoundsLocked();
   return round_->state == RoundState::kOpen && round_->selected < config_.SelectionQuota();
 }

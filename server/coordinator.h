@@ -17,18 +17,24 @@
 // tokens (devices.h), uploads in progress (uploads.h), the strategy stack with its privacy wrappers
 // (strategy_stack.h), the DP budget (dp_budget.h) and the SecAgg+ session (secagg_session.h).
 //
-// Thread-safety: every public method may be called from any thread (one mutex guards the state).
+// Thread-safety: every public method may be called from any thread. One mutex guards the state, but no
+// fsync runs under it (docs/architecture.md, "The server"): an accepted upload's ledger entry is written by
+// a group commit outside the lock (the upload is acknowledged once it is durable), and the end of a round
+// marks the round aggregating under the lock, then aggregates, writes the checkpoint and commits without it,
+// and takes it again to publish.
 
 #include <cmath>
 #include <cstdint>
 #include <map>
 #include <memory>
-#include <mutex>
+#include <deque>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "base/clock.h"
 #include "comms/transport.h"
 #include "server/config.h"
@@ -46,9 +52,11 @@ class Coordinator {
  public:
   // Opens the store in config.state_dir, aborts rounds a crash left unfinished, and loads the current
   // global model (or initializes it from the LoRA config and the base model's config.json). `clock` and
-  // `metrics` must outlive the coordinator.
+  // `metrics` must outlive the coordinator. `store_options` says how the store reaches the disk (tests inject
+  // faults there; its file system must outlive the coordinator).
   static absl::StatusOr<std::unique_ptr<Coordinator>> Create(const ServerConfig& config, const Clock* clock,
-                                                             Metrics* metrics);
+                                                             Metrics* metrics,
+                                                             const StoreOptions& store_options = {});
   ~Coordinator();
 
   // Creates the protocol handler of one connection.
@@ -98,56 +106,84 @@ class Coordinator {
     int64_t rejected = 0;
     double loss_start_sum = 0, loss_end_sum = 0;
     int64_t loss_count = 0;
-    int64_t processed_tokens = 0;  // as reported (each capped at kMaxReportedTokens)
+    int64_t processed_tokens = 0;  // as reported (each capped at kMaxReportedTokens by Uploads::Begin)
     uint64_t bytes_up = 0, bytes_down = 0;
   };
-  // A round's aggregate on its way to the store: the next model (checkpointed), the strategy's outcome, the
-  // stamped seed sums and the DP price.
+  // A round on its way from its last upload to the store: what it had seen when it closed (copied under the
+  // lock), then the next model (checkpointed), the strategy's outcome, the stamped seed sums and the DP price.
   struct PendingCommit {
+    RoundRecord round;
+    RoundStats stats;
+    bool was_open = false;  // closed straight from Open (the store moves Open → Collecting → Aggregating)
     GlobalModel next;
     RoundOutcome outcome;
     std::string seed_blob;
     std::optional<DpBudget::Price> dp_price;
   };
+  // An accepted upload waiting for its ledger entry to be durable (group commit in OnUploadCommit).
+  struct LedgerWrite {
+    LedgerEntry entry;
+    v1::UpdateMetrics metrics;  // counted into the round's stats once the entry is durable
+    absl::Status status;        // the store's answer, once done
+    bool done = false;
+  };
 
   Coordinator(const ServerConfig& config, const Clock* clock, Metrics* metrics, std::unique_ptr<Store> store);
 
   // Request handling (called by Handler, without the lock held).
-  v1::Envelope OnHello(const v1::Hello& hello, std::string* device_id);
-  v1::Envelope OnCheckIn(const std::string& device_id, const v1::CheckIn& check_in);
-  v1::Envelope OnDownload(const std::string& device_id, const v1::Download& download);
-  v1::Envelope OnUploadBegin(const std::string& device_id, const v1::UploadBegin& begin);
-  v1::Envelope OnUploadChunk(const std::string& device_id, const v1::UploadChunk& chunk);
-  v1::Envelope OnUploadCommit(const std::string& device_id, const v1::UploadCommit& commit);
-  v1::Envelope OnDecline(const std::string& device_id, const v1::Decline& decline);
-  v1::Envelope OnSecAgg(const std::string& device_id, const v1::SecAggRequest& request);
+  v1::Envelope OnHello(const v1::Hello& hello, std::string* device_id) ABSL_LOCKS_EXCLUDED(mu_);
+  v1::Envelope OnCheckIn(const std::string& device_id, const v1::CheckIn& check_in) ABSL_LOCKS_EXCLUDED(mu_);
+  v1::Envelope OnDownload(const std::string& device_id, const v1::Download& download) ABSL_LOCKS_EXCLUDED(mu_);
+  v1::Envelope OnUploadBegin(const std::string& device_id, const v1::UploadBegin& begin) ABSL_LOCKS_EXCLUDED(mu_);
+  v1::Envelope OnUploadChunk(const std::string& device_id, const v1::UploadChunk& chunk) ABSL_LOCKS_EXCLUDED(mu_);
+  v1::Envelope OnUploadCommit(const std::string& device_id, const v1::UploadCommit& commit)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  v1::Envelope OnDecline(const std::string& device_id, const v1::Decline& decline) ABSL_LOCKS_EXCLUDED(mu_);
+  v1::Envelope OnSecAgg(const std::string& device_id, const v1::SecAggRequest& request) ABSL_LOCKS_EXCLUDED(mu_);
   void CountRequest(const char* kind);
   DashboardRound ToDashboard(const RoundRecord& r);
 
   // With mu_ held.
-  v1::Envelope RejectLocked(v1::RejectCode code, std::string message, const char* reason);
-  v1::Envelope NoUploadLocked(const std::string& key, const char* message);
-  v1::Task MakeTaskLocked(const RoundRecord& round, const TaskRecord& task);
-  absl::Status OpenRoundLocked(int64_t now);
-  // The round's steps from its last upload to the published model (FinishRoundLocked runs them in order).
-  void FinishRoundLocked(int64_t now);
-  absl::Status StartAggregatingLocked(int64_t now);
-  absl::StatusOr<PendingCommit> AggregateLocked();
-  absl::Status CommitLocked(const PendingCommit& p, int64_t now);
-  void PublishLocked(PendingCommit p);
-  void AbortRoundLocked(int64_t now, const std::string& reason);
-  uint32_t RetrySecondsLocked();
+  v1::Envelope RejectLocked(v1::RejectCode code, std::string message, const char* reason)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  v1::Envelope NoUploadLocked(const std::string& key, const char* message) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  v1::Task MakeTaskLocked(const RoundRecord& round, const TaskRecord& task) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status OpenRoundLocked(int64_t now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Group commit (LevelDB's writer queue): `w` joins the queue; whoever is at its front writes the entries of
+  // every queued upload in one transaction with mu_ released, counts the durable ones into the round, and
+  // wakes the others. Returns with w->done. A failed write aborts the round: its aggregate holds updates the
+  // ledger does not.
+  void WriteLedgerLocked(LedgerWrite* w, int64_t now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Waits (releasing mu_) until no ledger write is queued or in flight.
+  void WaitForLedgerLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Aggregate → checkpoint → commit → publish the active round, unless another thread is already finishing
+  // it. Marks the round aggregating (no upload joins it any more), waits for the ledger writes in flight,
+  // then releases mu_ for the I/O (MarkAggregating, Aggregate, Commit) and takes it again to publish. A
+  // failing step aborts the round; the published model changes only once the commit is durable. One finish
+  // runs at a time (finishing_). The round may have ended when this returns, and any state read before
+  // the call must be read again.
+  void FinishRoundLocked(int64_t now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // FinishRoundLocked's steps without the lock: they touch only the store (thread-safe), the strategy (no
+  // other thread uses it while the round is aggregating) and `p`.
+  absl::Status MarkAggregating(const PendingCommit& p, int64_t now) ABSL_LOCKS_EXCLUDED(mu_);
+  absl::Status Aggregate(Strategy& strategy, PendingCommit& p) ABSL_LOCKS_EXCLUDED(mu_);
+  absl::Status Commit(const PendingCommit& p, int64_t now) ABSL_LOCKS_EXCLUDED(mu_);
+  void PublishLocked(PendingCommit p) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void AbortRoundLocked(int64_t now, const std::string& reason) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  uint32_t RetrySecondsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // [privacy] dp: q for the next round (devices registered now).
-  absl::StatusOr<double> DpSamplingRateLocked();
+  absl::StatusOr<double> DpSamplingRateLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // [secagg] (with mu_ held): the session (server/secagg_session.h) starts when selection closes, with the
   // devices holding a task then; its last stage hands the unmasked sum to the strategy and commits the round.
   // Any failure aborts the round and releases nothing.
-  void StartSecAggLocked(int64_t now);
-  void CloseSecAggStageLocked(int64_t now);
-  v1::Envelope SecAggEnvelopeLocked(v1::SecAggStage stage, const SecAggAnswer& answer, int64_t now);
+  void StartSecAggLocked(int64_t now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void CloseSecAggStageLocked(int64_t now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  v1::Envelope SecAggEnvelopeLocked(v1::SecAggStage stage, const SecAggAnswer& answer, int64_t now)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // `rounds` rounds have finished, or DP refuses the next one (with mu_ held).
-  bool NoMoreRoundsLocked() const;
-  void AbortSecAggLocked(int64_t now, v1::SecAggStage stage, const absl::Status& why);
+  bool NoMoreRoundsLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void AbortSecAggLocked(int64_t now, v1::SecAggStage stage, const absl::Status& why)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // Constant after construction.
   const ServerConfig config_;
@@ -166,28 +202,40 @@ class Coordinator {
   CounterFamily* secagg_aborts_total_ = nullptr;  // only with [secagg] enabled
   std::string model_id_;
   int64_t num_parameters_ = 0;
+  // Thread-safe itself, so used with or without mu_ (the I/O of a round's end and of group commits runs
+  // without it).
+  const std::unique_ptr<Store> store_;
 
-  std::mutex mu_;
-  // Guarded by mu_.
-  std::unique_ptr<Store> store_;
-  std::unique_ptr<Strategy> strategy_;
-  GlobalModel global_;
-  std::string global_bytes_;   // params as little-endian fp32 (what Download serves)
-  std::string global_sha256_;  // raw SHA-256 of global_bytes_
-  std::optional<RoundRecord> round_;  // the active round (not Committed/Aborted), if any
-  std::unique_ptr<RoundStats> stats_;
-  Uploads uploads_;
-  std::map<std::string, int64_t> rejected_by_reason_;
-  int64_t finished_rounds_ = 0;
-  uint64_t retry_counter_ = 0;
-  absl::Status health_;
-  int64_t connections_ = 0;
-  // [privacy] dp only (guarded by mu_): the accountant composed from the store's ledger and the budget gate.
-  std::optional<DpBudget> dp_budget_;
-  // [secagg] only (guarded by mu_): each device's participant id in the active round (from its task), and
-  // the session once selection closed.
-  std::map<std::string, uint32_t> secagg_participants_;
-  std::unique_ptr<SecAggSession> secagg_;
+  absl::Mutex mu_;
+  // Signalled (SignalAll) when a ledger batch was written or a round's finish is over.
+  absl::CondVar io_done_;
+  // Guarded by mu_. While finishing_, the finishing thread uses strategy_ without the lock; nobody else
+  // touches it then (the round is aggregating: no task, upload or decline reaches the strategy).
+  std::unique_ptr<Strategy> strategy_ ABSL_GUARDED_BY(mu_);
+  GlobalModel global_ ABSL_GUARDED_BY(mu_);
+  std::string global_bytes_ ABSL_GUARDED_BY(mu_);   // params as little-endian fp32 (what Download serves)
+  std::string global_sha256_ ABSL_GUARDED_BY(mu_);  // raw SHA-256 of global_bytes_
+  std::optional<RoundRecord> round_ ABSL_GUARDED_BY(mu_);  // the active round (not Committed/Aborted), if any
+  std::unique_ptr<RoundStats> stats_ ABSL_GUARDED_BY(mu_);
+  // The active round takes no more uploads: it is aggregating, or its deadline is being acted on.
+  bool round_closing_ ABSL_GUARDED_BY(mu_) = false;
+  // A FinishRoundLocked is running (possibly without the lock): no second one starts, Tick leaves the round
+  // alone, and Shutdown waits.
+  bool finishing_ ABSL_GUARDED_BY(mu_) = false;
+  // Uploads whose ledger entries are being written (the front batch) or wait to be (group commit).
+  std::deque<LedgerWrite*> ledger_queue_ ABSL_GUARDED_BY(mu_);
+  Uploads uploads_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, int64_t> rejected_by_reason_ ABSL_GUARDED_BY(mu_);
+  int64_t finished_rounds_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t retry_counter_ ABSL_GUARDED_BY(mu_) = 0;
+  absl::Status health_ ABSL_GUARDED_BY(mu_);
+  int64_t connections_ ABSL_GUARDED_BY(mu_) = 0;
+  // [privacy] dp only: the accountant composed from the store's ledger and the budget gate.
+  std::optional<DpBudget> dp_budget_ ABSL_GUARDED_BY(mu_);
+  // [secagg] only: each device's participant id in the active round (from its task), and the session once
+  // selection closed.
+  std::map<std::string, uint32_t> secagg_participants_ ABSL_GUARDED_BY(mu_);
+  std::unique_ptr<SecAggSession> secagg_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace seedling::server

@@ -3,7 +3,6 @@
 // The transport's side of the coordinator: one Handler per connection authenticates it with Hello (and, with
 // mutual TLS, checks the certificate names the same device), then dispatches each request to the coordinator.
 
-#include <mutex>
 #include <string>
 
 namespace seedling::server {
@@ -14,7 +13,7 @@ class Coordinator::Handler : public comms::ConnectionHandler {
  public:
   Handler(Coordinator* c, std::string peer, std::string cert_subject)
       : c_(c), peer_(std::move(peer)), cert_subject_(std::move(cert_subject)) {
-    std::lock_guard<std::mutex> lock(c_->mu_);
+    absl::MutexLock lock(&c_->mu_);
     ++c_->connections_;
     if (c_->connections_gauge_ != nullptr) c_->connections_gauge_->Increment();
   }
@@ -30,7 +29,7 @@ class Coordinator::Handler : public comms::ConnectionHandler {
         c_->CountRequest("hello");
         if (!cert_subject_.empty() && request.hello().device_id() != cert_subject_) {
           // Mutual TLS: a device certificate speaks for the device named in it and no other.
-          std::lock_guard<std::mutex> lock(c_->mu_);
+          absl::MutexLock lock(&c_->mu_);
           reply = c_->RejectLocked(v1::UNAUTHENTICATED, "the client certificate was issued to another device",
                                    "unauthenticated");
           break;
@@ -45,14 +44,14 @@ class Coordinator::Handler : public comms::ConnectionHandler {
       case v1::Envelope::kDecline:
       case v1::Envelope::kSecagg:
         if (device_id_.empty()) {
-          std::lock_guard<std::mutex> lock(c_->mu_);
+          absl::MutexLock lock(&c_->mu_);
           reply = c_->RejectLocked(v1::UNAUTHENTICATED, "send Hello with a valid device token first", "unauthenticated");
           break;
         }
         reply = Dispatch(request);
         break;
       default: {
-        std::lock_guard<std::mutex> lock(c_->mu_);
+        absl::MutexLock lock(&c_->mu_);
         reply = c_->RejectLocked(v1::MALFORMED_MESSAGE, "not a request", "malformed");
       }
     }
@@ -62,7 +61,7 @@ class Coordinator::Handler : public comms::ConnectionHandler {
   }
 
   v1::Envelope OnMalformed(const absl::Status& error) override {
-    std::lock_guard<std::mutex> lock(c_->mu_);
+    absl::MutexLock lock(&c_->mu_);
     const bool too_large = error.code() == absl::StatusCode::kResourceExhausted;
     // The transport reports a protocol_version other than 1 as FailedPrecondition (comms/transport.h).
     const bool version = error.code() == absl::StatusCode::kFailedPrecondition;
@@ -76,7 +75,7 @@ class Coordinator::Handler : public comms::ConnectionHandler {
   }
 
   void OnClose() override {
-    std::lock_guard<std::mutex> lock(c_->mu_);
+    absl::MutexLock lock(&c_->mu_);
     --c_->connections_;
     if (c_->connections_gauge_ != nullptr) c_->connections_gauge_->Decrement();
   }

@@ -1,10 +1,9 @@
 #include "server/coordinator.h"
 
 // What the coordinator shows: the dashboard's snapshot, health, and the read-only views tests and tools use.
-// Each takes the coordinator's lock for its own duration.
+// Each takes the coordinator's lock for its own duration, except those that only read the (thread-safe) store.
 
 #include <cmath>
-#include <mutex>
 #include <nlohmann/json.hpp>
 
 #include "base/status.h"
@@ -44,7 +43,7 @@ DashboardRound Coordinator::ToDashboard(const RoundRecord& r) {
 }
 
 DashboardSnapshot Coordinator::Snapshot() {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   DashboardSnapshot s;
   s.server_version = kVersionString;
   s.global_version = global_.version;
@@ -79,22 +78,21 @@ DashboardSnapshot Coordinator::Snapshot() {
 }
 
 absl::Status Coordinator::Health() {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   return health_;
 }
 
 uint64_t Coordinator::global_version() {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   return global_.version;
 }
 
 std::vector<float> Coordinator::global_params() {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   return global_.params;
 }
 
 absl::StatusOr<std::vector<float>> Coordinator::CheckpointParams(uint64_t version) {
-  std::lock_guard<std::mutex> lock(mu_);
   SEEDLING_ASSIGN_OR_RETURN(std::vector<NamedVector> vectors, store_->ReadCheckpoint(version));
   for (NamedVector& v : vectors) {
     if (v.name == "params") return std::move(v.values);
@@ -103,27 +101,24 @@ absl::StatusOr<std::vector<float>> Coordinator::CheckpointParams(uint64_t versio
 }
 
 absl::StatusOr<std::string> Coordinator::RegisterDevice(const std::string& device_id) {
-  std::lock_guard<std::mutex> lock(mu_);
   return AddDevice(*store_, device_id, clock_->NowMs());
 }
 
 absl::StatusOr<std::optional<RoundRecord>> Coordinator::FindRound(uint64_t round_id) {
-  std::lock_guard<std::mutex> lock(mu_);
   return store_->FindRound(round_id);
 }
 
 absl::StatusOr<std::string> Coordinator::StoreChecksum() {
-  std::lock_guard<std::mutex> lock(mu_);
   return store_->Checksum();
 }
 
 SecAggProgress Coordinator::secagg_progress() {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   return secagg_ != nullptr ? secagg_->progress() : SecAggProgress{};
 }
 
 double Coordinator::dp_epsilon() {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   return dp_budget_.has_value() ? dp_budget_->epsilon() : NAN;
 }
 

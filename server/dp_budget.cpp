@@ -34,9 +34,10 @@ absl::StatusOr<DpBudget::Price> DpBudget::PriceAt(uint64_t round_id, double q) c
 
 bool DpBudget::AllowsNextRound(const absl::StatusOr<double>& q) {
   std::string refusal;
+  absl::StatusOr<Price> price = absl::FailedPreconditionError("no sampling rate");
   if (!q.ok()) {
     refusal = StrCat("no round opens: cannot count registered devices for privacy accounting: ", q.status().message());
-  } else if (absl::StatusOr<Price> price = PriceAt(0, *q); !price.ok()) {
+  } else if (price = PriceAt(0, *q); !price.ok()) {
     refusal = StrCat("no round opens: privacy accounting failed: ", price.status().message());
   } else if (price->epsilon_after > config_.target_epsilon) {
     refusal = StrCat("privacy budget exhausted: the next round (sampling rate ", *q, ", noise multiplier ",
@@ -47,20 +48,27 @@ bool DpBudget::AllowsNextRound(const absl::StatusOr<double>& q) {
   if (!refusal.empty()) {
     if (refusal != refusal_) spdlog::warn("{}", refusal);  // once, not every tick
     refusal_ = std::move(refusal);
+    next_price_.reset();
     return false;
   }
   refusal_.clear();
-  sampling_rate_ = *q;
+  next_price_ = std::move(price).value();
   return true;
 }
 
 absl::StatusOr<DpBudget::Price> DpBudget::PriceRound(uint64_t round_id) const {
-  return PriceAt(round_id, sampling_rate_);
+  if (!next_price_.has_value()) {
+    return absl::FailedPreconditionError("no round was priced: AllowsNextRound must accept it first");
+  }
+  Price price = *next_price_;
+  price.spend.round_id = round_id;
+  return price;
 }
 
 void DpBudget::Commit(Price price) {
   accountant_ = std::move(price.after);
   epsilon_ = price.epsilon_after;
+  next_price_.reset();  // priced against the accountant before this round
 }
 
 }  // namespace seedling::server

@@ -10,6 +10,7 @@
 // devices), one step per round. Not thread-safe (the coordinator holds its lock).
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -42,9 +43,12 @@ class DpBudget {
   const std::string& refusal() const { return refusal_; }
 
   // Whether a round at sampling rate `q` keeps ε within target_epsilon (an error in `q`, e.g. the devices
-  // could not be counted, refuses too). Remembers q for PriceRound; the refusal is logged once per change.
+  // could not be counted, refuses too). Keeps the price it computed for PriceRound; the refusal is logged
+  // once per change.
   bool AllowsNextRound(const absl::StatusOr<double>& q);
-  // The cost of round `round_id` at the rate AllowsNextRound accepted.
+  // The cost of round `round_id`: the price the last accepting AllowsNextRound computed (the accountant
+  // only moves in Commit, and one round runs at a time, so pricing it again would give the same numbers).
+  // FailedPrecondition if AllowsNextRound has not accepted a round since the last Commit.
   absl::StatusOr<Price> PriceRound(uint64_t round_id) const;
   // The priced round is committed: ε moves on.
   void Commit(Price price);
@@ -59,7 +63,7 @@ class DpBudget {
   PrivacyConfig config_;
   privacy::RdpAccountant accountant_;
   double epsilon_ = 0;
-  double sampling_rate_ = 0;  // of the round the last AllowsNextRound accepted
+  std::optional<Price> next_price_;  // of the round the last AllowsNextRound accepted (round_id 0)
   std::string refusal_;
 };
 

@@ -41,7 +41,7 @@ void DpStrategy::ConfigureTask(uint64_t round_index, v1::Task& task) const {
 absl::Status DpStrategy::BeginRound(const GlobalModel& global) {
   // The inner strategy checks the model (buffers, size) now, so a bad model fails at the round's start.
   SEEDLING_RETURN_IF_ERROR(inner_->BeginRound(global));
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   open_ = true;
   numel_ = global.params.size();
   sum_.assign(kseed_ ? options_.kseed_pool_size : numel_, 0.0);
@@ -55,7 +55,7 @@ absl::Status DpStrategy::BeginRound(const GlobalModel& global) {
 }
 
 absl::Status DpStrategy::Accumulate(const UpdateView& update) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   if (!open_) return absl::FailedPreconditionError(StrCat("strategy ", name(), ": no round begun"));
   if (update.num_examples == 0) return InvalidUpdate(update, "num_examples must be > 0, got 0");
   if (update.num_examples > std::numeric_limits<uint64_t>::max() - examples_) {
@@ -69,7 +69,7 @@ absl::Status DpStrategy::Accumulate(const UpdateView& update) {
 
 absl::Status DpStrategy::AccumulateSum(const SummedUpdate& sum) {
   if (kseed_ || fwdgrad_) return absl::UnimplementedError(StrategyCannotTakeSums(name()));
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   if (!open_) return absl::FailedPreconditionError(StrCat("strategy ", name(), ": no round begun"));
   if (sum.weighted_sum.size() != numel_) {
     return absl::InvalidArgumentError(
@@ -167,17 +167,17 @@ absl::Status DpStrategy::AccumulateSeedsLocked(const UpdateView& update) {
 
 void DpStrategy::RecordFailure(const std::string& device_id, const std::string& reason) {
   (void)device_id, (void)reason;
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   ++failures_;
 }
 
 int64_t DpStrategy::accumulated() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   return clients_;
 }
 
 absl::StatusOr<RoundOutcome> DpStrategy::FinishRound(GlobalModel& global) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   if (!open_ || clients_ == 0) {
     return absl::FailedPreconditionError(StrCat("strategy ", name(), ": nothing accumulated in this round"));
   }

@@ -35,11 +35,12 @@
 
 #include <cstdint>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "privacy/dp.h"
 #include "server/strategy.h"
 
@@ -73,8 +74,8 @@ class DpStrategy final : public Strategy {
   absl::StatusOr<RoundOutcome> FinishRound(GlobalModel& global) override;
 
  private:
-  absl::Status AccumulateDenseLocked(const UpdateView& update);
-  absl::Status AccumulateSeedsLocked(const UpdateView& update);
+  absl::Status AccumulateDenseLocked(const UpdateView& update) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status AccumulateSeedsLocked(const UpdateView& update) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // Constant after construction.
   const std::unique_ptr<Strategy> inner_;
@@ -82,18 +83,17 @@ class DpStrategy final : public Strategy {
   const bool kseed_;    // inner is kseed: (seed index, scalar) uploads
   const bool fwdgrad_;  // inner is fwdgrad: also (seed, scalar) uploads, rebuilt as dense vectors
 
-  mutable std::mutex mu_;
-  // Guarded by mu_.
-  std::unique_ptr<privacy::NoiseSource> noise_;
-  bool open_ = false;
-  size_t numel_ = 0;
-  std::vector<double> sum_;     // (P,) Σ_c clip(Δ_c); kseed: (K,) Σ_c clip(v_c)
-  std::vector<float> scratch_;  // (P,) the update being clipped (dense only)
-  int64_t clients_ = 0;
-  uint64_t examples_ = 0;
-  int64_t clipped_ = 0;
-  int64_t failures_ = 0;
-  double client_norm_sum_ = 0;
+  mutable absl::Mutex mu_;
+  std::unique_ptr<privacy::NoiseSource> noise_ ABSL_GUARDED_BY(mu_);
+  bool open_ ABSL_GUARDED_BY(mu_) = false;
+  size_t numel_ ABSL_GUARDED_BY(mu_) = 0;
+  std::vector<double> sum_ ABSL_GUARDED_BY(mu_);     // (P,) Σ_c clip(Δ_c); kseed: (K,) Σ_c clip(v_c)
+  std::vector<float> scratch_ ABSL_GUARDED_BY(mu_);  // (P,) the update being clipped (dense only)
+  int64_t clients_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t examples_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t clipped_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t failures_ ABSL_GUARDED_BY(mu_) = 0;
+  double client_norm_sum_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 // Wraps `inner` (built with max_update_norm = 0) after validating the options: InvalidArgument unless

@@ -12,13 +12,14 @@
 #include <cstdio>
 #include <ctime>
 #include <exception>
-#include <mutex>
 #include <string_view>
 #include <thread>
 #include <tuple>
 #include <unordered_map>
 #include <utility>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "base/clock.h"
 #include "base/status.h"
 #include "base/strings.h"
@@ -542,9 +543,9 @@ class Server {
 
   // Declared before ioc_: sessions still queued in ioc_ when it is destroyed unregister themselves
   // here.
-  std::mutex mu_;
-  bool stopping_ = false;                                          // guarded by mu_
-  std::unordered_map<Session*, std::weak_ptr<Session>> sessions_;  // guarded by mu_
+  absl::Mutex mu_;
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  std::unordered_map<Session*, std::weak_ptr<Session>> sessions_ ABSL_GUARDED_BY(mu_);
 
   net::io_context ioc_;
   tcp::acceptor acceptor_;         // used on its strand only (after Listen)
@@ -700,7 +701,7 @@ void Server::OnAccept(beast::error_code ec, tcp::socket socket) {
   auto session = std::make_shared<Session>(std::move(socket), *this);
   bool run = false;
   {
-    std::lock_guard lock(mu_);
+    absl::MutexLock lock(&mu_);
     if (!stopping_ && sessions_.size() < static_cast<size_t>(options_.max_connections)) {
       sessions_.emplace(session.get(), session);
       run = true;
@@ -717,7 +718,7 @@ void Server::OnAccept(beast::error_code ec, tcp::socket socket) {
 }
 
 void Server::Unregister(Session* s) {
-  std::lock_guard lock(mu_);
+  absl::MutexLock lock(&mu_);
   sessions_.erase(s);
 }
 
@@ -726,7 +727,7 @@ void Server::Stop() {
   stopped_ = true;
   std::vector<std::shared_ptr<Session>> open;
   {
-    std::lock_guard lock(mu_);
+    absl::MutexLock lock(&mu_);
     stopping_ = true;
     for (auto& [ptr, weak] : sessions_) {
       if (auto s = weak.lock()) open.push_back(std::move(s));

@@ -271,11 +271,11 @@ T& Family<T>::WithLabels(const std::vector<std::string>& label_values) {
   SEEDLING_CHECK(label_values.size() == label_names().size(),
                  "wrong number of label values for this metric");
   {
-    std::shared_lock lock(mu_);
+    absl::ReaderMutexLock lock(&mu_);
     const auto it = series_.find(label_values);
     if (it != series_.end()) return *it->second;
   }
-  std::unique_lock lock(mu_);
+  absl::MutexLock lock(&mu_);
   auto [it, inserted] = series_.try_emplace(label_values);
   if (inserted) {
     if constexpr (std::is_same_v<T, Histogram>) {
@@ -304,7 +304,7 @@ void Family<T>::Render(std::string& out) const {
   out += ' ';
   out += TypeName(type());
   out += '\n';
-  std::shared_lock lock(mu_);
+  absl::ReaderMutexLock lock(&mu_);
   for (const auto& [values, series] : series_) {
     AppendSample(out, *series, name(), label_names(), values, upper_bounds_);
   }
@@ -346,7 +346,7 @@ metrics_internal::FamilyBase& Metrics::Add(std::string_view name, std::string_vi
                    "\"le\" is reserved for histogram buckets");
   }
 
-  std::lock_guard lock(mu_);
+  absl::MutexLock lock(&mu_);
   if (const auto it = families_.find(name); it != families_.end()) {
     metrics_internal::FamilyBase& f = *it->second;
     SEEDLING_CHECK(f.type() == type && f.label_names() == label_names,
@@ -392,7 +392,7 @@ metrics_internal::FamilyBase& Metrics::Add(std::string_view name, std::string_vi
 
 std::string Metrics::RenderPrometheus() const {
   std::string out;
-  std::lock_guard lock(mu_);
+  absl::MutexLock lock(&mu_);
   for (const auto& [name, family] : families_) family->Render(out);
   return out;
 }

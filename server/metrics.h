@@ -26,11 +26,12 @@
 #include <cstdint>
 #include <map>
 #include <memory>
-#include <mutex>
-#include <shared_mutex>
 #include <string>
 #include <string_view>
 #include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 
 namespace seedling::server {
 
@@ -142,10 +143,10 @@ class Family final : public metrics_internal::FamilyBase {
   // Constant after construction.
   const std::vector<double> upper_bounds_;
 
-  mutable std::shared_mutex mu_;
-  // Guarded by mu_. Sorted by label values, which gives RenderPrometheus its stable order;
-  // unique_ptr because atomics do not move and callers keep references.
-  std::map<std::vector<std::string>, std::unique_ptr<T>> series_;
+  mutable absl::Mutex mu_;
+  // Sorted by label values, which gives RenderPrometheus its stable order; unique_ptr because atomics do
+  // not move and callers keep references.
+  std::map<std::vector<std::string>, std::unique_ptr<T>> series_ ABSL_GUARDED_BY(mu_);
 };
 
 using CounterFamily = Family<Counter>;
@@ -189,9 +190,9 @@ class Metrics {
                                     std::vector<std::string> label_names,
                                     std::vector<double> upper_bounds);
 
-  mutable std::mutex mu_;
-  std::map<std::string, std::unique_ptr<metrics_internal::FamilyBase>, std::less<>>
-      families_;  // guarded by mu_
+  mutable absl::Mutex mu_;
+  std::map<std::string, std::unique_ptr<metrics_internal::FamilyBase>, std::less<>> families_
+      ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace seedling::server

@@ -12,12 +12,13 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
-#include <mutex>
 #include <set>
 #include <string_view>
 #include <unordered_map>
 #include <utility>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "base/check.h"
 #include "base/file.h"
 #include "base/sha256.h"
@@ -117,17 +118,19 @@ struct Store::Impl {
   std::string checkpoint_dir;
   UniqueFd lock_fd;  // holds flock(LOCK_EX) on <dir>/LOCK for the Store's lifetime
   bool owner = true;  // false: opened by OpenForDevices beside the process that holds the lock
+  StoreOptions options;
+  FileSystem* fs = nullptr;  // options.fs, or the default
 
   // Serializes everything that writes, hashes-for-commit or deletes checkpoint files
   // (WriteCheckpoint, CommitRound, RecoverAfterCrash), so a file cannot be replaced between its
   // commit-time hash and the commit, and a checkpoint write does not hold `mu` (the database stays
   // available while a large file is written). Acquired before `mu`.
-  std::mutex checkpoint_mu;
+  absl::Mutex checkpoint_mu ABSL_ACQUIRED_BEFORE(mu);
 
-  std::mutex mu;
-  // Guarded by mu. `statements` is declared after `db` so the statements are finalized first.
-  DbPtr db;
-  std::unordered_map<std::string, StmtPtr> statements;  // by SQL text
+  absl::Mutex mu;
+  // `statements` is declared after `db` so the statements are finalized first.
+  DbPtr db ABSL_GUARDED_BY(mu);
+  std::unordered_map<std::string, StmtPtr> statements ABSL_GUARDED_BY(mu);  // by SQL text
 
   std::string CheckpointPath(uint64_t version) const {
     return JoinPath(checkpoint_dir, CheckpointFileName(version));
@@ -136,8 +139,11 @@ struct Store::Impl {
     return JoinPath("checkpoints", CheckpointFileName(version));
   }
 
-  // A cached prepared statement, ready to bind. Requires mu.
+  // A cached prepared statement, ready to bind. Requires mu: asserted rather than annotated, because the
+  // bodies of Write's transactions (lambdas, which the thread-safety analysis sees as separate functions)
+  // reach it, and every helper below that says "Requires mu" goes through it.
   absl::StatusOr<Query> Sql(const std::string& sql) {
+    mu.AssertHeld();
     auto it = statements.find(sql);
     if (it == statements.end()) {
       sqlite3_stmt* raw = nullptr;
@@ -156,19 +162,21 @@ struct Store::Impl {
     return q.Run();
   }
 
-  // Runs `body` in one write transaction: BEGIN IMMEDIATE takes the write lock up front, so a body
-  // that reads then writes cannot be refused half-way by another writer; any error rolls everything
-  // back. Requires mu. Sync::kLazy commits without waiting for the disk (store.h, "Lazy writes").
+  // Runs `body` in one write transaction named `what` (the Store method, for StoreOptions::before_commit):
+  // BEGIN IMMEDIATE takes the write lock up front, so a body that reads then writes cannot be refused
+  // half-way by another writer; any error rolls everything back. Requires mu. Sync::kLazy commits without
+  // waiting for the disk (store.h, "Lazy writes").
   template <typename Body>
-  absl::Status Write(Body&& body, Sync sync = Sync::kFull) {
+  absl::Status Write(const char* what, Body&& body, Sync sync = Sync::kFull) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
     if (sync == Sync::kLazy) {
       SEEDLING_RETURN_IF_ERROR(Exec("PRAGMA synchronous = NORMAL"));
-      absl::Status st = Write(std::forward<Body>(body));
+      absl::Status st = Write(what, std::forward<Body>(body));
       absl::Status full = Exec("PRAGMA synchronous = FULL");
       return st.ok() ? full : st;
     }
     SEEDLING_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
     absl::Status st = body();
+    if (st.ok() && options.before_commit) st = BeforeCommit(what);
     if (st.ok()) {
       st = Exec("COMMIT");
       if (st.ok()) return st;
@@ -180,6 +188,14 @@ struct Store::Impl {
       if (!rb.ok()) spdlog::error("{}", std::string(rb.message()));
     }
     return st;
+  }
+
+  // StoreOptions::before_commit with the connection's synchronous setting. Requires mu.
+  absl::Status BeforeCommit(const char* what) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    SEEDLING_ASSIGN_OR_RETURN(Query q, Sql("PRAGMA synchronous"));
+    SEEDLING_ASSIGN_OR_RETURN(bool row, q.Step());
+    const int synchronous = row ? static_cast<int>(q.Int(0)) : -1;
+    return options.before_commit(what, synchronous);
   }
 
   // ---- reads (require mu) ----
@@ -222,8 +238,7 @@ struct Store::Impl {
     return r;
   }
 
-  absl::StatusOr<std::vector<RoundRecord>> LoadRounds(const std::string& sql,
-                                                      std::optional<int64_t> arg) {
+  absl::StatusOr<std::vector<RoundRecord>> LoadRounds(const std::string& sql, std::optional<int64_t> arg) {
     SEEDLING_ASSIGN_OR_RETURN(Query q, Sql(sql));
     if (arg) q.Bind(*arg);
     std::vector<RoundRecord> out;
@@ -273,9 +288,60 @@ struct Store::Impl {
         CheckpointRecord{version, JoinPath(dir, q.Text(0)), q.Text(1)});
   }
 
+  // The checks and rows of one accepted update (Store::RecordAcceptedUpdates), inside a transaction.
+  // Requires mu.
+  absl::Status InsertLedgerEntry(const LedgerEntry& entry) {
+    const std::string& key = entry.idempotency_key;
+    SEEDLING_ASSIGN_OR_RETURN(std::optional<LedgerEntry> existing, LoadLedger(key));
+    if (existing) {
+      return absl::AlreadyExistsError(
+          StrCat("update '", key, "' is already in the ledger (round ", existing->round_id, ")"));
+    }
+    SEEDLING_ASSIGN_OR_RETURN(std::optional<TaskRecord> task, LoadTask(entry.task_id));
+    if (!task)
+      return absl::NotFoundError(
+          StrCat("update '", key, "': task '", entry.task_id, "' does not exist"));
+    if (task->round_id != entry.round_id || task->device_id != entry.device_id) {
+      return absl::InvalidArgumentError(StrCat("update '", key, "' claims round ", entry.round_id,
+                                               " and device '", entry.device_id, "', but task '",
+                                               entry.task_id, "' is round ", task->round_id,
+                                               " for device '", task->device_id, "'"));
+    }
+    if (task->state == "uploaded") {
+      return absl::AlreadyExistsError(StrCat("update '", key, "': task '", entry.task_id,
+                                             "' already has an update in the ledger"));
+    }
+    SEEDLING_RETURN_IF_ERROR(
+        RequireLiveRound(entry.round_id, StrCat("accept update '", key, "'")));
+    {
+      SEEDLING_ASSIGN_OR_RETURN(Query q, Sql(StrCat("INSERT INTO ledger (", kLedgerColumns,
+                                                    ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")));
+      q.Bind(key)
+          .Bind(entry.round_id)
+          .Bind(entry.task_id)
+          .Bind(entry.device_id)
+          .Bind(entry.num_examples)
+          .Bind(entry.bytes)
+          .Bind(entry.sha256)
+          .Bind(entry.accepted_ms)
+          .Bind(entry.metrics_json);
+      SEEDLING_RETURN_IF_ERROR(q.Run());
+    }
+    {
+      SEEDLING_ASSIGN_OR_RETURN(Query q,
+                                Sql("UPDATE tasks SET state = 'uploaded' WHERE task_id = ?"));
+      q.Bind(entry.task_id);
+      SEEDLING_RETURN_IF_ERROR(q.Run());
+    }
+    SEEDLING_ASSIGN_OR_RETURN(
+        Query q, Sql("UPDATE rounds SET accepted = accepted + 1 WHERE round_id = ?"));
+    q.Bind(entry.round_id);
+    return q.Run();
+  }
+
   // ---- opening ----
 
-  absl::Status Configure() {
+  absl::Status Configure() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
     sqlite3_extended_result_codes(db.get(), 1);
     sqlite3_busy_timeout(db.get(), kBusyTimeoutMs);
     {
@@ -306,8 +372,8 @@ struct Store::Impl {
 
   // Creates or migrates the schema in one transaction; refuses foreign and newer databases. With
   // `may_change` false (beside a running owner), refuses any schema but the current one instead.
-  absl::Status Migrate(bool may_change = true) {
-    return Write([&]() -> absl::Status {
+  absl::Status Migrate(bool may_change = true) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    return Write("Migrate", [&]() -> absl::Status {
       int64_t app_id = 0;
       {
         SEEDLING_ASSIGN_OR_RETURN(Query q, Sql("PRAGMA application_id"));
@@ -362,6 +428,7 @@ struct Store::Impl {
         // DDL runs once per database, so it goes through sqlite3_exec rather than the statement
         // cache.
         char* err = nullptr;
+        mu.AssertHeld();  // inside Write's body (see Sql)
         const int rc = sqlite3_exec(db.get(), Migrations()[v], nullptr, nullptr, &err);
         const std::string detail = err != nullptr ? err : "";
         sqlite3_free(err);
@@ -388,12 +455,19 @@ struct Store::Impl {
 Store::Store(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Store::~Store() = default;
 
-absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& dir) { return OpenImpl(dir, false); }
+absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& dir, const StoreOptions& options) {
+  return OpenImpl(dir, false, options);
+}
 
-absl::StatusOr<std::unique_ptr<Store>> Store::OpenForDevices(const std::string& dir) { return OpenImpl(dir, true); }
+absl::StatusOr<std::unique_ptr<Store>> Store::OpenForDevices(const std::string& dir) {
+  return OpenImpl(dir, true, StoreOptions());
+}
 
-absl::StatusOr<std::unique_ptr<Store>> Store::OpenImpl(const std::string& dir, bool beside_owner) {
+absl::StatusOr<std::unique_ptr<Store>> Store::OpenImpl(const std::string& dir, bool beside_owner,
+                                                       const StoreOptions& options) {
   auto impl = std::make_unique<Impl>();
+  impl->options = options;
+  impl->fs = options.fs != nullptr ? options.fs : FileSystem::Default();
   impl->dir = dir;
   impl->db_path = JoinPath(dir, "state.db");
   impl->checkpoint_dir = JoinPath(dir, "checkpoints");
@@ -425,10 +499,10 @@ absl::StatusOr<std::unique_ptr<Store>> Store::OpenImpl(const std::string& dir, b
   // must already exist.
   const int flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX | (impl->owner ? SQLITE_OPEN_CREATE : 0);
   const int rc = sqlite3_open_v2(impl->db_path.c_str(), &raw, flags, nullptr);
-  impl->db.reset(raw);  // sqlite3_open_v2 allocates a handle even when it fails
-  if (rc != SQLITE_OK) return SqliteStatus(impl->db.get(), rc, impl->db_path, "cannot open");
   {
-    std::lock_guard<std::mutex> lock(impl->mu);
+    absl::MutexLock lock(&impl->mu);
+    impl->db.reset(raw);  // sqlite3_open_v2 allocates a handle even when it fails
+    if (rc != SQLITE_OK) return SqliteStatus(impl->db.get(), rc, impl->db_path, "cannot open");
     SEEDLING_RETURN_IF_ERROR(impl->Configure());
     SEEDLING_RETURN_IF_ERROR(impl->Migrate(/*may_change=*/impl->owner));
   }
@@ -447,8 +521,8 @@ absl::StatusOr<std::vector<RoundRecord>> Store::RecoverAfterCrash(int64_t now_ms
                                                                   const std::string& reason) {
   Impl& im = *impl_;
   if (!im.owner) return RefuseBesideOwner(im.dir, "RecoverAfterCrash");
-  std::lock_guard<std::mutex> ck(im.checkpoint_mu);
-  std::lock_guard<std::mutex> lock(im.mu);
+  absl::MutexLock ck(&im.checkpoint_mu);
+  absl::MutexLock lock(&im.mu);
 
   // Without the current model the server cannot serve: say so before changing anything.
   SEEDLING_ASSIGN_OR_RETURN(Impl::Meta meta, im.LoadMeta());
@@ -469,7 +543,7 @@ absl::StatusOr<std::vector<RoundRecord>> Store::RecoverAfterCrash(int64_t now_ms
   }
 
   std::vector<RoundRecord> aborted;
-  SEEDLING_RETURN_IF_ERROR(im.Write([&]() -> absl::Status {
+  SEEDLING_RETURN_IF_ERROR(im.Write("RecoverAfterCrash", [&]() -> absl::Status {
     SEEDLING_ASSIGN_OR_RETURN(
         aborted,
         im.LoadRounds(
@@ -507,11 +581,10 @@ absl::StatusOr<std::vector<RoundRecord>> Store::RecoverAfterCrash(int64_t now_ms
   }
   if (ec) return ErrnoStatus(ec.value(), "cannot list", im.checkpoint_dir);
   for (const std::string& path : doomed) {
-    if (::unlink(path.c_str()) != 0 && errno != ENOENT)
-      return ErrnoStatus(errno, "cannot delete", path);
+    if (absl::Status st = im.fs->Remove(path); !st.ok() && st.code() != absl::StatusCode::kNotFound) return st;
     spdlog::warn("store: deleted '{}', left by an interrupted checkpoint write or commit", path);
   }
-  if (!doomed.empty()) SEEDLING_RETURN_IF_ERROR(FsyncDirectory(im.checkpoint_dir));
+  if (!doomed.empty()) SEEDLING_RETURN_IF_ERROR(im.fs->SyncDirectory(im.checkpoint_dir));
   return aborted;
 }
 
@@ -526,8 +599,8 @@ absl::Status Store::AddDevice(const DeviceRecord& device) {
                "' must be 64 hex digits (the SHA-256 of the token, never the token)"));
   }
   Impl& im = *impl_;
-  std::lock_guard<std::mutex> lock(im.mu);
-  return im.Write([&]() -> absl::Status {
+  absl::MutexLock lock(&im.mu);
+  return im.Write("AddDevice", [&]() -> absl::Status {
     SEEDLING_ASSIGN_OR_RETURN(std::optional<DeviceRecord> existing,
                               im.LoadDevice(device.device_id));
     if (existing)
@@ -544,14 +617,14 @@ absl::Status Store::AddDevice(const DeviceRecord& device) {
 }
 
 absl::StatusOr<std::optional<DeviceRecord>> Store::FindDevice(const std::string& device_id) {
-  std::lock_guard<std::mutex> lock(impl_->mu);
+  absl::MutexLock lock(&impl_->mu);
   return impl_->LoadDevice(device_id);
 }
 
 absl::Status Store::TouchDevice(const std::string& device_id, int64_t now_ms) {
   Impl& im = *impl_;
-  std::lock_guard<std::mutex> lock(im.mu);
-  return im.Write([&]() -> absl::Status {
+  absl::MutexLock lock(&im.mu);
+  return im.Write("TouchDevice", [&]() -> absl::Status {
     SEEDLING_ASSIGN_OR_RETURN(Query q,
                               im.Sql("UPDATE devices SET last_seen_ms = ? WHERE device_id = ?"));
     q.Bind(now_ms).Bind(device_id);
@@ -564,8 +637,8 @@ absl::Status Store::TouchDevice(const std::string& device_id, int64_t now_ms) {
 
 absl::Status Store::RevokeDevice(const std::string& device_id, int64_t now_ms) {
   Impl& im = *impl_;
-  std::lock_guard<std::mutex> lock(im.mu);
-  return im.Write([&]() -> absl::Status {
+  absl::MutexLock lock(&im.mu);
+  return im.Write("RevokeDevice", [&]() -> absl::Status {
     SEEDLING_ASSIGN_OR_RETURN(std::optional<DeviceRecord> existing, im.LoadDevice(device_id));
     if (!existing) return absl::NotFoundError(StrCat("device '", device_id, "' does not exist"));
     if (existing->revoked_ms != 0) return absl::OkStatus();  // already revoked: keep the first time
@@ -581,8 +654,8 @@ absl::Status Store::SetDeviceToken(const std::string& device_id, const std::stri
                                              "' must be 64 hex digits (the SHA-256 of the token, never the token)"));
   }
   Impl& im = *impl_;
-  std::lock_guard<std::mutex> lock(im.mu);
-  return im.Write([&]() -> absl::Status {
+  absl::MutexLock lock(&im.mu);
+  return im.Write("SetDeviceToken", [&]() -> absl::Status {
     SEEDLING_ASSIGN_OR_RETURN(std::optional<DeviceRecord> existing, im.LoadDevice(device_id));
     if (!existing) return absl::NotFoundError(StrCat("device '", device_id, "' does not exist"));
     if (existing->revoked_ms != 0) {
@@ -596,7 +669,7 @@ absl::Status Store::SetDeviceToken(const std::string& device_id, const std::stri
 
 absl::StatusOr<std::vector<DeviceRecord>> Store::ListDevices() {
   Impl& im = *impl_;
-  std::lock_guard<std::mutex> lock(im.mu);
+  absl::MutexLock lock(&im.mu);
   SEEDLING_ASSIGN_OR_RETURN(
       Query q, im.Sql(StrCat("SELECT ", kDeviceColumns, " FROM devices ORDER BY device_id")));
   std::vector<DeviceRecord> out;
@@ -611,7 +684,7 @@ absl::StatusOr<std::vector<DeviceRecord>> Store::ListDevices() {
 // ---- meta
 
 absl::StatusOr<uint64_t> Store::GlobalVersion() {
-  std::lock_guard<std::mutex> lock(impl_->mu);
+  absl::MutexLock lock(&impl_->mu);
   SEEDLING_ASSIGN_OR_RETURN(Impl::Meta meta, impl_->LoadMeta());
   return meta.global_version;
 }
@@ -624,7 +697,7 @@ absl::StatusOr<RoundRecord> Store::CreateRound(const RoundRecord& fields) {
                                              fields.target, " and ", fields.min_reports));
   }
   Impl& im = *impl_;
-  std::lock_guard<std::mutex> lock(im.mu);
+  absl::MutexLock lock(&im.mu);
   RoundRecord r;
   r.method = fields.method;
   r.config_json = fields.config_json;
@@ -634,7 +707,7 @@ absl::StatusOr<RoundRecord> Store::CreateRound(const RoundRecord& fields) {
   r.opened_ms = fields.opened_ms;
   r.deadline_ms = fields.deadline_ms;
   r.state_ms = fields.opened_ms;
-  SEEDLING_RETURN_IF_ERROR(im.Write([&]() -> absl::Status {
+  SEEDLING_RETURN_IF_ERROR(im.Write("CreateRound", [&]() -> absl::Status {
     SEEDLING_ASSIGN_OR_RETURN(Impl::Meta meta, im.LoadMeta());
     if (r.base_version > meta.global_version) {
       return absl::FailedPreconditionError(StrCat("a new round cannot start from version ",
@@ -674,12 +747,12 @@ absl::StatusOr<RoundRecord> Store::CreateRound(const RoundRecord& fields) {
 }
 
 absl::StatusOr<std::optional<RoundRecord>> Store::FindRound(uint64_t round_id) {
-  std::lock_guard<std::mutex> lock(impl_->mu);
+  absl::MutexLock lock(&impl_->mu);
   return impl_->LoadRound(round_id);
 }
 
 absl::StatusOr<std::optional<RoundRecord>> Store::LatestRound() {
-  std::lock_guard<std::mutex> lock(impl_->mu);
+  absl::MutexLock lock(&impl_->mu);
   SEEDLING_ASSIGN_OR_RETURN(std::vector<RoundRecord> rounds,
                             impl_->LoadRounds(StrCat("SELECT ", kRoundColumns,
                                                      " FROM rounds ORDER BY round_id DESC LIMIT 1"),
@@ -691,7 +764,7 @@ absl::StatusOr<std::optional<RoundRecord>> Store::LatestRound() {
 absl::StatusOr<std::vector<RoundRecord>> Store::RecentRounds(int limit) {
   if (limit < 0)
     return absl::InvalidArgumentError(StrCat("RecentRounds limit must be >= 0, got ", limit));
-  std::lock_guard<std::mutex> lock(impl_->mu);
+  absl::MutexLock lock(&impl_->mu);
   return impl_->LoadRounds(
       StrCat("SELECT ", kRoundColumns, " FROM rounds ORDER BY round_id DESC LIMIT ?"),
       int64_t{limit});
@@ -699,8 +772,8 @@ absl::StatusOr<std::vector<RoundRecord>> Store::RecentRounds(int limit) {
 
 absl::Status Store::SetRoundState(uint64_t round_id, RoundState state, int64_t now_ms) {
   Impl& im = *impl_;
-  std::lock_guard<std::mutex> lock(im.mu);
-  return im.Write([&]() -> absl::Status {
+  absl::MutexLock lock(&im.mu);
+  return im.Write("SetRoundState", [&]() -> absl::Status {
     SEEDLING_ASSIGN_OR_RETURN(RoundRecord r, im.RequireRound(round_id));
     if (state == RoundState::kCommitted || state == RoundState::kAborted) {
       return absl::FailedPreconditionError(TransitionError(
@@ -718,8 +791,8 @@ absl::Status Store::SetRoundState(uint64_t round_id, RoundState state, int64_t n
 
 absl::Status Store::IncrementSelected(uint64_t round_id) {
   Impl& im = *impl_;
-  std::lock_guard<std::mutex> lock(im.mu);
-  return im.Write([&]() -> absl::Status {
+  absl::MutexLock lock(&im.mu);
+  return im.Write("IncrementSelected", [&]() -> absl::Status {
     SEEDLING_RETURN_IF_ERROR(im.RequireLiveRound(round_id, "select devices"));
     SEEDLING_ASSIGN_OR_RETURN(
         Query q, im.Sql("UPDATE rounds SET selected = selected + 1 WHERE round_id = ?"));
@@ -739,9 +812,9 @@ absl::Status Store::CommitRound(uint64_t round_id, uint64_t new_version, int64_t
                                              dp->noise_multiplier, ", ", dp->steps));
   }
   Impl& im = *impl_;
-  std::lock_guard<std::mutex> ck(im.checkpoint_mu);
-  std::lock_guard<std::mutex> lock(im.mu);
-  return im.Write([&]() -> absl::Status {
+  absl::MutexLock ck(&im.checkpoint_mu);
+  absl::MutexLock lock(&im.mu);
+  return im.Write("CommitRound", [&]() -> absl::Status {
     SEEDLING_ASSIGN_OR_RETURN(RoundRecord r, im.RequireRound(round_id));
     SEEDLING_RETURN_IF_ERROR(CheckTransition(r, RoundState::kCommitted));
     SEEDLING_ASSIGN_OR_RETURN(Impl::Meta meta, im.LoadMeta());
@@ -796,7 +869,7 @@ absl::Status Store::CommitRound(uint64_t round_id, uint64_t new_version, int64_t
 
 absl::StatusOr<std::vector<DpSpend>> Store::DpLedger() {
   Impl& im = *impl_;
-  std::lock_guard<std::mutex> lock(im.mu);
+  absl::MutexLock lock(&im.mu);
   std::vector<DpSpend> out;
   SEEDLING_ASSIGN_OR_RETURN(
       Query q, im.Sql("SELECT round_id, sampling_rate, noise_multiplier, steps FROM dp_rounds ORDER BY round_id"));
@@ -810,8 +883,8 @@ absl::StatusOr<std::vector<DpSpend>> Store::DpLedger() {
 
 absl::Status Store::AbortRound(uint64_t round_id, int64_t now_ms, const std::string& reason) {
   Impl& im = *impl_;
-  std::lock_guard<std::mutex> lock(im.mu);
-  return im.Write([&]() -> absl::Status {
+  absl::MutexLock lock(&im.mu);
+  return im.Write("AbortRound", [&]() -> absl::Status {
     SEEDLING_ASSIGN_OR_RETURN(RoundRecord r, im.RequireRound(round_id));
     SEEDLING_RETURN_IF_ERROR(CheckTransition(r, RoundState::kAborted));
     // The ledger rows stay: the round's state tells readers they were never aggregated.
@@ -837,8 +910,8 @@ absl::Status Store::AddTask(const TaskRecord& task) {
                "' cannot start uploaded: only RecordAcceptedUpdate marks a task uploaded"));
   }
   Impl& im = *impl_;
-  std::lock_guard<std::mutex> lock(im.mu);
-  return im.Write([&]() -> absl::Status {
+  absl::MutexLock lock(&im.mu);
+  return im.Write("AddTask", [&]() -> absl::Status {
     SEEDLING_RETURN_IF_ERROR(
         im.RequireLiveRound(task.round_id, StrCat("add task '", task.task_id, "'")));
     SEEDLING_ASSIGN_OR_RETURN(std::optional<TaskRecord> existing, im.LoadTask(task.task_id));
@@ -873,14 +946,14 @@ absl::Status Store::AddTask(const TaskRecord& task) {
 }
 
 absl::StatusOr<std::optional<TaskRecord>> Store::FindTask(const std::string& task_id) {
-  std::lock_guard<std::mutex> lock(impl_->mu);
+  absl::MutexLock lock(&impl_->mu);
   return impl_->LoadTask(task_id);
 }
 
 absl::StatusOr<std::optional<TaskRecord>> Store::FindTaskFor(uint64_t round_id,
                                                              const std::string& device_id) {
   Impl& im = *impl_;
-  std::lock_guard<std::mutex> lock(im.mu);
+  absl::MutexLock lock(&im.mu);
   SEEDLING_ASSIGN_OR_RETURN(
       Query q,
       im.Sql(StrCat("SELECT ", kTaskColumns, " FROM tasks WHERE round_id = ? AND device_id = ?")));
@@ -897,8 +970,8 @@ absl::Status Store::SetTaskState(const std::string& task_id, const std::string& 
                                              "'; expected assigned, declined or uploaded"));
   }
   Impl& im = *impl_;
-  std::lock_guard<std::mutex> lock(im.mu);
-  return im.Write([&]() -> absl::Status {
+  absl::MutexLock lock(&im.mu);
+  return im.Write("SetTaskState", [&]() -> absl::Status {
     SEEDLING_ASSIGN_OR_RETURN(std::optional<TaskRecord> t, im.LoadTask(task_id));
     if (!t) return absl::NotFoundError(StrCat("task '", task_id, "' does not exist"));
     if (t->state == "uploaded" && state == "uploaded") return absl::OkStatus();
@@ -917,69 +990,46 @@ absl::Status Store::SetTaskState(const std::string& task_id, const std::string& 
 // ---- ledger
 
 absl::Status Store::RecordAcceptedUpdate(const LedgerEntry& entry) {
-  if (entry.idempotency_key.empty())
-    return absl::InvalidArgumentError("an idempotency key cannot be empty");
+  return RecordAcceptedUpdates(std::span<const LedgerEntry>(&entry, 1)).front();
+}
+
+std::vector<absl::Status> Store::RecordAcceptedUpdates(std::span<const LedgerEntry> entries) {
+  std::vector<absl::Status> results(entries.size());
+  for (size_t i = 0; i < entries.size(); ++i) {
+    if (entries[i].idempotency_key.empty()) {
+      results[i] = absl::InvalidArgumentError("an idempotency key cannot be empty");
+    }
+  }
   Impl& im = *impl_;
-  std::lock_guard<std::mutex> lock(im.mu);
-  return im.Write([&]() -> absl::Status {
-    const std::string& key = entry.idempotency_key;
-    SEEDLING_ASSIGN_OR_RETURN(std::optional<LedgerEntry> existing, im.LoadLedger(key));
-    if (existing) {
-      return absl::AlreadyExistsError(
-          StrCat("update '", key, "' is already in the ledger (round ", existing->round_id, ")"));
+  absl::MutexLock lock(&im.mu);
+  const absl::Status st = im.Write("RecordAcceptedUpdates", [&]() -> absl::Status {
+    for (size_t i = 0; i < entries.size(); ++i) {
+      if (!results[i].ok()) continue;
+      // A savepoint per entry: one refused entry leaves the others of the transaction in.
+      SEEDLING_RETURN_IF_ERROR(im.Exec("SAVEPOINT ledger_entry"));
+      results[i] = im.InsertLedgerEntry(entries[i]);
+      if (!results[i].ok()) SEEDLING_RETURN_IF_ERROR(im.Exec("ROLLBACK TO ledger_entry"));
+      SEEDLING_RETURN_IF_ERROR(im.Exec("RELEASE ledger_entry"));
     }
-    SEEDLING_ASSIGN_OR_RETURN(std::optional<TaskRecord> task, im.LoadTask(entry.task_id));
-    if (!task)
-      return absl::NotFoundError(
-          StrCat("update '", key, "': task '", entry.task_id, "' does not exist"));
-    if (task->round_id != entry.round_id || task->device_id != entry.device_id) {
-      return absl::InvalidArgumentError(StrCat("update '", key, "' claims round ", entry.round_id,
-                                               " and device '", entry.device_id, "', but task '",
-                                               entry.task_id, "' is round ", task->round_id,
-                                               " for device '", task->device_id, "'"));
-    }
-    if (task->state == "uploaded") {
-      return absl::AlreadyExistsError(StrCat("update '", key, "': task '", entry.task_id,
-                                             "' already has an update in the ledger"));
-    }
-    SEEDLING_RETURN_IF_ERROR(
-        im.RequireLiveRound(entry.round_id, StrCat("accept update '", key, "'")));
-    {
-      SEEDLING_ASSIGN_OR_RETURN(Query q, im.Sql(StrCat("INSERT INTO ledger (", kLedgerColumns,
-                                                       ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")));
-      q.Bind(key)
-          .Bind(entry.round_id)
-          .Bind(entry.task_id)
-          .Bind(entry.device_id)
-          .Bind(entry.num_examples)
-          .Bind(entry.bytes)
-          .Bind(entry.sha256)
-          .Bind(entry.accepted_ms)
-          .Bind(entry.metrics_json);
-      SEEDLING_RETURN_IF_ERROR(q.Run());
-    }
-    {
-      SEEDLING_ASSIGN_OR_RETURN(Query q,
-                                im.Sql("UPDATE tasks SET state = 'uploaded' WHERE task_id = ?"));
-      q.Bind(entry.task_id);
-      SEEDLING_RETURN_IF_ERROR(q.Run());
-    }
-    SEEDLING_ASSIGN_OR_RETURN(
-        Query q, im.Sql("UPDATE rounds SET accepted = accepted + 1 WHERE round_id = ?"));
-    q.Bind(entry.round_id);
-    return q.Run();
+    return absl::OkStatus();
   });
+  if (!st.ok()) {
+    for (absl::Status& r : results) {
+      if (r.ok()) r = st;
+    }
+  }
+  return results;
 }
 
 absl::StatusOr<std::optional<LedgerEntry>> Store::FindLedgerEntry(
     const std::string& idempotency_key) {
-  std::lock_guard<std::mutex> lock(impl_->mu);
+  absl::MutexLock lock(&impl_->mu);
   return impl_->LoadLedger(idempotency_key);
 }
 
 absl::StatusOr<std::vector<LedgerEntry>> Store::LedgerForRound(uint64_t round_id) {
   Impl& im = *impl_;
-  std::lock_guard<std::mutex> lock(im.mu);
+  absl::MutexLock lock(&im.mu);
   // rowid follows insertion order for a table that is never vacuumed of live rows.
   SEEDLING_ASSIGN_OR_RETURN(
       Query q,
@@ -1002,7 +1052,7 @@ absl::StatusOr<std::vector<std::pair<uint64_t, std::string>>> Store::SeedSumsSin
   // Versions are stored as signed 64-bit; nothing can be newer than the largest one.
   if (since_version >= static_cast<uint64_t>(INT64_MAX)) return out;
   Impl& im = *impl_;
-  std::lock_guard<std::mutex> lock(im.mu);
+  absl::MutexLock lock(&im.mu);
   SEEDLING_ASSIGN_OR_RETURN(
       Query q, im.Sql("SELECT version, sums FROM seed_sums WHERE version > ? ORDER BY version"));
   q.Bind(since_version);
@@ -1020,9 +1070,9 @@ absl::StatusOr<std::string> Store::WriteCheckpoint(uint64_t version,
                                                    const std::vector<NamedVector>& vectors) {
   Impl& im = *impl_;
   if (!im.owner) return RefuseBesideOwner(im.dir, "WriteCheckpoint");
-  std::lock_guard<std::mutex> ck(im.checkpoint_mu);
+  absl::MutexLock ck(&im.checkpoint_mu);
   {
-    std::lock_guard<std::mutex> lock(im.mu);
+    absl::MutexLock lock(&im.mu);
     SEEDLING_ASSIGN_OR_RETURN(std::optional<CheckpointRecord> recorded, im.LoadCheckpoint(version));
     if (recorded) {
       return absl::AlreadyExistsError(StrCat("checkpoint of version ", version, " ('",
@@ -1053,14 +1103,14 @@ absl::StatusOr<std::string> Store::WriteCheckpoint(uint64_t version,
   const std::string path = im.CheckpointPath(version);
   // The version inside the file catches a file renamed to another version's name.
   SEEDLING_RETURN_IF_ERROR(
-      model::WriteSafetensors(path, tensors, {{kVersionMetadataKey, StrCat(version)}}));
+      model::WriteSafetensors(path, tensors, {{kVersionMetadataKey, StrCat(version)}}, im.fs));
   SEEDLING_ASSIGN_OR_RETURN(std::string sha, FileSha256Hex(path));
 
   if (version == 0) {
     // The initial model has no round to commit it: record it now (a crash before this leaves an
     // orphan that RecoverAfterCrash deletes, consistent with the call not having returned).
-    std::lock_guard<std::mutex> lock(im.mu);
-    SEEDLING_RETURN_IF_ERROR(im.Write([&]() -> absl::Status {
+    absl::MutexLock lock(&im.mu);
+    SEEDLING_RETURN_IF_ERROR(im.Write("WriteCheckpoint", [&]() -> absl::Status {
       SEEDLING_ASSIGN_OR_RETURN(
           Query q,
           im.Sql(
@@ -1077,7 +1127,7 @@ absl::StatusOr<std::vector<NamedVector>> Store::ReadCheckpoint(uint64_t version)
   const std::string path = im.CheckpointPath(version);
   std::optional<CheckpointRecord> recorded;
   {
-    std::lock_guard<std::mutex> lock(im.mu);
+    absl::MutexLock lock(&im.mu);
     SEEDLING_ASSIGN_OR_RETURN(recorded, im.LoadCheckpoint(version));
   }
   // Recorded files are immutable (WriteCheckpoint refuses them), so no lock is needed from here on.
@@ -1137,7 +1187,7 @@ absl::StatusOr<std::vector<NamedVector>> Store::ReadCheckpoint(uint64_t version)
 }
 
 absl::StatusOr<std::optional<CheckpointRecord>> Store::FindCheckpoint(uint64_t version) {
-  std::lock_guard<std::mutex> lock(impl_->mu);
+  absl::MutexLock lock(&impl_->mu);
   return impl_->LoadCheckpoint(version);
 }
 
@@ -1145,7 +1195,7 @@ absl::StatusOr<std::optional<CheckpointRecord>> Store::FindCheckpoint(uint64_t v
 
 absl::StatusOr<std::string> Store::Checksum() {
   Impl& im = *impl_;
-  std::lock_guard<std::mutex> lock(im.mu);
+  absl::MutexLock lock(&im.mu);
   // The table list comes from the schema, so a table added by a later migration is covered without
   // touching this function.
   std::vector<std::string> tables;

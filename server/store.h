@@ -33,14 +33,17 @@
 // Messages name the file, round, task, device or key. No exception escapes.
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "base/file.h"
 
 namespace seedling::server {
 
@@ -117,12 +120,25 @@ struct NamedVector {
   std::vector<float> values;
 };
 
+// How the store reaches the disk: the defaults are what a server runs with; tests inject faults here.
+struct StoreOptions {
+  // Checkpoint files go through it: their writes, fsyncs and renames, and the deletions and directory fsync
+  // of RecoverAfterCrash. Null: FileSystem::Default() (base/file.h). Must outlive the store.
+  FileSystem* fs = nullptr;
+  // Testing only; empty by default. Called right before each write transaction's COMMIT with the name of
+  // the Store method that runs it ("CommitRound", "RecordAcceptedUpdates", ...) and the connection's
+  // PRAGMA synchronous (2 = FULL, 1 = NORMAL). An error it returns fails the transaction as a failed COMMIT
+  // would: everything rolls back and the method returns that error. SQLite's own writes and fsyncs do not
+  // go through `fs` (that would take a SQLite VFS); this hook stands in for their failure.
+  std::function<absl::Status(std::string_view transaction, int synchronous)> before_commit;
+};
+
 class Store {
  public:
   // Opens (creating if needed) <dir>/state.db and <dir>/checkpoints/. Failures name the file.
   // FailedPrecondition if another Store holds the directory, if state.db is not a Seedling database or
   // has a newer schema than this build understands; older schemas are migrated in one transaction.
-  static absl::StatusOr<std::unique_ptr<Store>> Open(const std::string& dir);
+  static absl::StatusOr<std::unique_ptr<Store>> Open(const std::string& dir, const StoreOptions& options = {});
   // For the device registry (`seedling devices add|list|rotate|revoke`), also while a server runs on `dir`: as Open
   // when no other process holds the directory; otherwise opens the existing database beside it without the
   // lock. SQLite's own locking orders the writes (a running server authenticates a new device at its next
@@ -204,6 +220,11 @@ class Store {
   // task or round, FailedPrecondition for a final round, InvalidArgument if the entry's round or device
   // differ from its task's.
   absl::Status RecordAcceptedUpdate(const LedgerEntry& entry);
+  // Group commit: records each entry as RecordAcceptedUpdate would, all in one transaction (one fsync), and
+  // returns one status per entry. An entry its checks refuse changes nothing and the others are still
+  // recorded; if the transaction itself fails, nothing is recorded and every entry not refused by its own
+  // checks gets that error.
+  std::vector<absl::Status> RecordAcceptedUpdates(std::span<const LedgerEntry> entries);
   absl::StatusOr<std::optional<LedgerEntry>> FindLedgerEntry(const std::string& idempotency_key);
   // In the order they were recorded.
   absl::StatusOr<std::vector<LedgerEntry>> LedgerForRound(uint64_t round_id);
@@ -234,7 +255,8 @@ class Store {
 
  private:
   struct Impl;
-  static absl::StatusOr<std::unique_ptr<Store>> OpenImpl(const std::string& dir, bool beside_owner);
+  static absl::StatusOr<std::unique_ptr<Store>> OpenImpl(const std::string& dir, bool beside_owner,
+                                                         const StoreOptions& options);
   explicit Store(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };

@@ -3,11 +3,12 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <mutex>
 #include <optional>
 #include <span>
 #include <utility>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "base/philox.h"
 #include "base/status.h"
 #include "base/strings.h"
@@ -63,18 +64,18 @@ class RoundStrategy : public Strategy {
 
   void RecordFailure(const std::string& device_id, const std::string& reason) override {
     (void)device_id, (void)reason;
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     ++failures_;
   }
 
   int64_t accumulated() const override {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     return clients_;
   }
 
  protected:
   // Starts a round over a vector of `numel` values. Requires mu_.
-  void ResetRoundLocked(size_t numel) {
+  void ResetRoundLocked(size_t numel) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     open_ = true;
     numel_ = numel;
     clients_ = 0;
@@ -84,7 +85,7 @@ class RoundStrategy : public Strategy {
   }
 
   // Checks what every update needs before its payload is looked at. Requires mu_.
-  absl::Status CheckUpdateLocked(const UpdateView& update) const {
+  absl::Status CheckUpdateLocked(const UpdateView& update) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (!open_)
       return absl::FailedPreconditionError(StrCat("strategy ", name(), ": no round begun"));
     if (update.num_examples == 0) return InvalidUpdate(update, "num_examples must be > 0, got 0");
@@ -96,13 +97,13 @@ class RoundStrategy : public Strategy {
   }
 
   // Counts an accepted update. Requires mu_.
-  void CountLocked(const UpdateView& update, double client_norm) {
+  void CountLocked(const UpdateView& update, double client_norm) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     ++clients_;
     examples_ += update.num_examples;
     client_norm_sum_ += client_norm;
   }
 
-  absl::Status CheckFinishLocked(const GlobalModel& global) const {
+  absl::Status CheckFinishLocked(const GlobalModel& global) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (!open_ || clients_ == 0) {
       return absl::FailedPreconditionError(
           StrCat("strategy ", name(), ": nothing accumulated in this round"));
@@ -114,7 +115,7 @@ class RoundStrategy : public Strategy {
     return absl::OkStatus();
   }
 
-  std::map<std::string, double> MetricsLocked(double update_norm) const {
+  std::map<std::string, double> MetricsLocked(double update_norm) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     return {{"clients", static_cast<double>(clients_)},
             {"examples", static_cast<double>(examples_)},
             {"update_norm", update_norm},
@@ -125,14 +126,13 @@ class RoundStrategy : public Strategy {
   // Constant after construction.
   const StrategyOptions options_;
 
-  mutable std::mutex mu_;
-  // Guarded by mu_.
-  bool open_ = false;      // between BeginRound and FinishRound
-  size_t numel_ = 0;       // length of the global vector of this round
-  int64_t clients_ = 0;    // accepted updates
-  uint64_t examples_ = 0;  // Σ n_c
-  double client_norm_sum_ = 0;
-  int64_t failures_ = 0;
+  mutable absl::Mutex mu_;
+  bool open_ ABSL_GUARDED_BY(mu_) = false;      // between BeginRound and FinishRound
+  size_t numel_ ABSL_GUARDED_BY(mu_) = 0;       // length of the global vector of this round
+  int64_t clients_ ABSL_GUARDED_BY(mu_) = 0;    // accepted updates
+  uint64_t examples_ ABSL_GUARDED_BY(mu_) = 0;  // Σ n_c
+  double client_norm_sum_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t failures_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 // fedavg, fedavgm, fedadam, fedyogi, fedadagrad (a server optimizer step on the example-weighted
@@ -153,7 +153,7 @@ class DenseStrategy final : public RoundStrategy {
     const size_t n = global.params.size();
     if (n == 0) return absl::FailedPreconditionError("the global model has no parameters");
     SEEDLING_RETURN_IF_ERROR(CheckBuffers(global));
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     ResetRoundLocked(n);
     sum_.assign(n, 0.0);
     scratch_.assign(n, 0.0f);
@@ -161,7 +161,7 @@ class DenseStrategy final : public RoundStrategy {
   }
 
   absl::Status Accumulate(const UpdateView& update) override {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     SEEDLING_RETURN_IF_ERROR(CheckUpdateLocked(update));
 
     // Step 1: validate the whole update and measure its L2 norm (the aggregate is not touched until
@@ -223,7 +223,7 @@ class DenseStrategy final : public RoundStrategy {
   absl::Status AccumulateSum(const SummedUpdate& sum) override {
     // fwdgrad divides Σ g_c (unweighted) by Σ n_c: a weighted sum is not what it averages.
     if (fwdgrad_) return absl::UnimplementedError(StrategyCannotTakeSums(name()));
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     if (!open_) return absl::FailedPreconditionError(StrCat("strategy ", name(), ": no round begun"));
     if (sum.weighted_sum.size() != numel_) {
       return absl::InvalidArgumentError(
@@ -247,7 +247,7 @@ class DenseStrategy final : public RoundStrategy {
   }
 
   absl::StatusOr<RoundOutcome> FinishRound(GlobalModel& global) override {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     SEEDLING_RETURN_IF_ERROR(CheckFinishLocked(global));
     SEEDLING_RETURN_IF_ERROR(CheckBuffers(global));
 
@@ -322,10 +322,10 @@ class DenseStrategy final : public RoundStrategy {
   const optim::ServerOptimizerOptions optimizer_;
   const bool fwdgrad_;
 
-  // Guarded by mu_. Both are allocated by BeginRound: O(params), independent of the number of
-  // clients.
-  std::vector<double> sum_;     // (P,) Σ_c n_c Δ_c (fwdgrad: Σ_c g_c), in double
-  std::vector<float> scratch_;  // (P,) the update being validated; the round's mean in FinishRound
+  // Both are allocated by BeginRound: O(params), independent of the number of clients.
+  std::vector<double> sum_ ABSL_GUARDED_BY(mu_);     // (P,) Σ_c n_c Δ_c (fwdgrad: Σ_c g_c), in double
+  std::vector<float> scratch_ ABSL_GUARDED_BY(mu_);  // (P,) the update being validated; the round's mean
+                                                     // in FinishRound
 };
 
 // FedKSeed (Qin et al., ICML'24): per-seed sums of scalar gradients, applied as perturbations.
@@ -347,14 +347,14 @@ class KSeedStrategy final : public RoundStrategy {
   absl::Status BeginRound(const GlobalModel& global) override {
     if (global.params.empty())
       return absl::FailedPreconditionError("the global model has no parameters");
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     ResetRoundLocked(global.params.size());
     sums_.assign(pool_.size(), 0.0);
     return absl::OkStatus();
   }
 
   absl::Status Accumulate(const UpdateView& update) override {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     SEEDLING_RETURN_IF_ERROR(CheckUpdateLocked(update));
     absl::StatusOr<comms::PayloadInfo> info = comms::InspectPayload(update.payload);
     if (!info.ok()) return InvalidPayload(update, info.status());
@@ -378,7 +378,7 @@ class KSeedStrategy final : public RoundStrategy {
   }
 
   absl::StatusOr<RoundOutcome> FinishRound(GlobalModel& global) override {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     SEEDLING_RETURN_IF_ERROR(CheckFinishLocked(global));
 
     // G_i = Σ_c (n_c / Σ n) ĝ_c,i, one rounding to fp32 per seed; zero sums dropped (as
@@ -438,8 +438,7 @@ class KSeedStrategy final : public RoundStrategy {
   const std::vector<uint64_t> pool_;  // optim::CandidateSeeds(kseed_pool_seed, K)
   const float wire_lr_;               // float(kseed_lr), as published in RoundSeedSums.lr
 
-  // Guarded by mu_.
-  std::vector<double> sums_;  // (K,) Σ_c n_c ĝ_c,i
+  std::vector<double> sums_ ABSL_GUARDED_BY(mu_);  // (K,) Σ_c n_c ĝ_c,i
 };
 
 absl::Status ValidateCommon(const StrategyOptions& o) {

@@ -22,8 +22,8 @@ LedgerEntry LedgerEntryFor(const Upload& upload, int64_t now_ms) {
                                {"loss_end", m.loss_end()},
                                {"steps", m.steps()},
                                {"skipped_steps", m.skipped_steps()},
-                               {"processed_tokens", std::min(m.processed_tokens(), kMaxReportedTokens)},
-                               {"scored_tokens", std::min(m.scored_tokens(), kMaxReportedTokens)}};
+                               {"processed_tokens", m.processed_tokens()},
+                               {"scored_tokens", m.scored_tokens()}};
   entry.metrics_json = json.dump();
   return entry;
 }
@@ -47,6 +47,9 @@ absl::StatusOr<uint64_t> Uploads::Begin(const std::string& device_id, const v1::
   up->codec = begin.codec();
   up->num_examples = begin.num_examples();
   up->metrics = begin.metrics();
+  // Capped once, here: the ledger entry and the round's sums both read these.
+  up->metrics.set_processed_tokens(std::min(up->metrics.processed_tokens(), kMaxReportedTokens));
+  up->metrics.set_scored_tokens(std::min(up->metrics.scored_tokens(), kMaxReportedTokens));
   up->sha256 = begin.sha256();
   up->last_activity_ms = now_ms;
   uploads_[up->key] = std::move(up);

@@ -25,7 +25,7 @@ struct Upload {
   uint64_t total_bytes = 0;
   v1::Codec codec = v1::CODEC_UNSPECIFIED;
   uint64_t num_examples = 0;
-  v1::UpdateMetrics metrics;
+  v1::UpdateMetrics metrics;  // as announced, token counts capped at kMaxReportedTokens
   std::string sha256;  // raw, as announced
   std::string data;    // received so far
   int64_t last_activity_ms = 0;
@@ -38,7 +38,7 @@ struct Upload {
 // round's sum.
 inline constexpr uint64_t kMaxReportedTokens = uint64_t{1} << 40;
 
-// The ledger entry of an accepted upload (its metrics as JSON, token counts capped at kMaxReportedTokens).
+// The ledger entry of an accepted upload (its metrics as JSON).
 LedgerEntry LedgerEntryFor(const Upload& upload, int64_t now_ms);
 
 class Uploads {

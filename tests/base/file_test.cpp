@@ -11,6 +11,7 @@
 
 #include "base/memory.h"
 #include "base/sha256.h"
+#include "tests/fault_file_system.h"
 
 namespace seedling {
 namespace {
@@ -78,6 +79,30 @@ TEST_CASE("An uncommitted AtomicFileWriter leaves the old file untouched", "[bas
     REQUIRE((*w)->Append("new contents").ok());
   }  // destroyed without Commit
   CHECK(*ReadFile(path) == "old");
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("A failed write, fsync or rename leaves the old file and no temporary file", "[base][file]") {
+  using Op = testing::FaultFileSystem::Op;
+  const std::string dir = TempDir();
+  const std::string path = JoinPath(dir, "faulty.bin");
+  REQUIRE(WriteFileAtomic(path, "old").ok());
+  for (Op op : {Op::kWrite, Op::kSync, Op::kRename}) {
+    testing::FaultFileSystem fs;
+    fs.FailNext(op, "faulty.bin", 1, op == Op::kWrite ? ENOSPC : EIO);
+    const absl::Status st = WriteFileAtomic(path, "new", 0644, &fs);
+    CHECK(fs.injected() == 1);
+    CHECK(st.code() == (op == Op::kWrite ? absl::StatusCode::kResourceExhausted : absl::StatusCode::kInternal));
+    CHECK(*ReadFile(path) == "old");
+    size_t entries = 0;
+    for (const auto& e : std::filesystem::directory_iterator(dir)) entries += e.path().filename() == "faulty.bin" ? 0 : 1;
+    CHECK(entries == 0);
+  }
+  // A failed directory fsync comes after the rename: the caller hears of it, and the new file is in place.
+  testing::FaultFileSystem fs;
+  fs.FailNext(Op::kSyncDirectory, dir);
+  CHECK_FALSE(WriteFileAtomic(path, "new", 0644, &fs).ok());
+  CHECK(*ReadFile(path) == "new");
   std::filesystem::remove_all(dir);
 }
 

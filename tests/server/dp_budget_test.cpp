@@ -50,6 +50,26 @@ TEST_CASE("The DP budget composes the ledger and moves on only when a priced rou
   CHECK(budget->epsilon() == Approx(EpsilonAfter(3, 0.01)));
 }
 
+TEST_CASE("A round is priced once, at the gate, and only a round the gate accepted has a price", "[server][dp]") {
+  auto budget = DpBudget::Create(Privacy(100), {});
+  REQUIRE(budget.ok());
+  CHECK(budget->PriceRound(1).status().code() == absl::StatusCode::kFailedPrecondition);
+  REQUIRE(budget->AllowsNextRound(0.02));
+  auto price = budget->PriceRound(1);
+  REQUIRE(price.ok());
+  CHECK(price->spend.round_id == 1);
+  CHECK(price->spend.sampling_rate == 0.02);
+  CHECK(price->epsilon_after == Approx(EpsilonAfter(1, 0.02)));
+  // A refused gate leaves no price behind, and neither does a commit (the next round is priced afresh).
+  CHECK_FALSE(budget->AllowsNextRound(absl::UnavailableError("no store")));
+  CHECK(budget->PriceRound(1).status().code() == absl::StatusCode::kFailedPrecondition);
+  REQUIRE(budget->AllowsNextRound(0.02));
+  budget->Commit(*budget->PriceRound(1));
+  CHECK(budget->PriceRound(2).status().code() == absl::StatusCode::kFailedPrecondition);
+  REQUIRE(budget->AllowsNextRound(0.02));
+  CHECK(budget->PriceRound(2)->epsilon_after == Approx(EpsilonAfter(2, 0.02)));
+}
+
 TEST_CASE("The DP budget refuses a round that would exceed target_epsilon, and says why", "[server][dp]") {
   const double target = (EpsilonAfter(1, 0.5) + EpsilonAfter(2, 0.5)) / 2;  // room for one round, not two
   auto budget = DpBudget::Create(Privacy(target), {{1, 0.5, 1.1, 1}});

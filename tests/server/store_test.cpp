@@ -15,6 +15,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <mutex>
 #include <random>
 #include <set>
 #include <string>
@@ -24,6 +25,7 @@
 #include "base/file.h"
 #include "base/strings.h"
 #include "model/safetensors.h"
+#include "tests/fault_file_system.h"
 
 namespace seedling::server {
 namespace {
@@ -560,6 +562,113 @@ TEST_CASE("RecordAcceptedUpdate refuses unknown tasks, mismatched entries and fi
   CHECK(final_round.code() == absl::StatusCode::kFailedPrecondition);
   CHECK(std::string(final_round.message()).find("aborted") != std::string::npos);
   CHECK(Value(store->Checksum()) == before);
+}
+
+// Every COMMIT the store runs: its transaction and the connection's synchronous setting then.
+struct CommitLog {
+  std::mutex mu;
+  std::vector<std::pair<std::string, int>> commits;
+  std::string fail;  // a transaction to fail, once
+  StoreOptions Options() {
+    StoreOptions o;
+    o.before_commit = [this](std::string_view transaction, int synchronous) -> absl::Status {
+      std::lock_guard<std::mutex> lock(mu);
+      commits.emplace_back(std::string(transaction), synchronous);
+      if (!fail.empty() && transaction == fail) {
+        fail.clear();
+        return absl::InternalError("injected COMMIT failure");
+      }
+      return absl::OkStatus();
+    };
+    return o;
+  }
+};
+
+TEST_CASE("RecordAcceptedUpdates writes a batch in one transaction and refuses only the bad entries",
+          "[server][store]") {
+  TempDir dir;
+  CommitLog log;
+  auto store = Value(Store::Open(dir.path(), log.Options()));
+  const uint64_t id = Value(store->CreateRound(Fields())).round_id;
+  REQUIRE_OK(store->AddTask(Task("t1", id, "d1")));
+  REQUIRE_OK(store->AddTask(Task("t2", id, "d2")));
+  log.commits.clear();
+  const std::vector<LedgerEntry> batch = {Entry("k1", id, "t1", "d1"), Entry("k1", id, "t1", "d1"),
+                                          Entry("", id, "t2", "d2"), Entry("k2", id, "t2", "d2")};
+  const std::vector<absl::Status> results = store->RecordAcceptedUpdates(batch);
+  REQUIRE(results.size() == 4);
+  CHECK(results[0].ok());
+  CHECK(results[1].code() == absl::StatusCode::kAlreadyExists);
+  CHECK(results[2].code() == absl::StatusCode::kInvalidArgument);
+  CHECK(results[3].ok());
+  REQUIRE(log.commits.size() == 1);
+  CHECK(log.commits[0].first == "RecordAcceptedUpdates");
+  CHECK(Value(store->FindRound(id))->accepted == 2);
+  const std::vector<LedgerEntry> ledger = Value(store->LedgerForRound(id));
+  REQUIRE(ledger.size() == 2);
+  CHECK(ledger[0].idempotency_key == "k1");
+  CHECK(ledger[1].idempotency_key == "k2");
+}
+
+TEST_CASE("A failed COMMIT of RecordAcceptedUpdates records nothing of its batch", "[server][store]") {
+  TempDir dir;
+  CommitLog log;
+  auto store = Value(Store::Open(dir.path(), log.Options()));
+  const uint64_t id = Value(store->CreateRound(Fields())).round_id;
+  REQUIRE_OK(store->AddTask(Task("t1", id, "d1")));
+  REQUIRE_OK(store->AddTask(Task("t2", id, "d2")));
+  const std::string before = Value(store->Checksum());
+  log.fail = "RecordAcceptedUpdates";
+  const std::vector<absl::Status> results =
+      store->RecordAcceptedUpdates(std::vector<LedgerEntry>{Entry("k1", id, "t1", "d1"), Entry("k2", id, "t2", "d2")});
+  REQUIRE(results.size() == 2);
+  CHECK(results[0].code() == absl::StatusCode::kInternal);
+  CHECK(results[1].code() == absl::StatusCode::kInternal);
+  CHECK(Value(store->Checksum()) == before);
+  // The store is usable afterwards: the same entries go in.
+  CHECK(store->RecordAcceptedUpdate(Entry("k1", id, "t1", "d1")).ok());
+  CHECK(Value(store->FindRound(id))->accepted == 1);
+}
+
+TEST_CASE("After a lazy write the next write commits with synchronous FULL again", "[server][store]") {
+  TempDir dir;
+  CommitLog log;
+  auto store = Value(Store::Open(dir.path(), log.Options()));
+  const uint64_t id = Value(store->CreateRound(Fields())).round_id;
+  REQUIRE_OK(store->AddDevice(Device("d1")));
+  log.commits.clear();
+  REQUIRE_OK(store->TouchDevice("d1", 500));
+  REQUIRE_OK(store->AddDevice(Device("d2")));
+  REQUIRE_OK(store->AddTask(Task("t1", id, "d1")));
+  REQUIRE_OK(store->RecordAcceptedUpdate(Entry("k1", id, "t1", "d1")));
+  // A lazy write that fails still restores FULL for the next one.
+  CHECK(store->AddTask(Task("t1", id, "d1")).code() == absl::StatusCode::kAlreadyExists);
+  REQUIRE_OK(store->SetRoundState(id, RoundState::kCollecting, 600));
+  const std::vector<std::pair<std::string, int>> expected = {
+      {"TouchDevice", 1}, {"AddDevice", 2}, {"AddTask", 1}, {"RecordAcceptedUpdates", 2}, {"SetRoundState", 2}};
+  CHECK(log.commits == expected);
+}
+
+TEST_CASE("A failed checkpoint write, fsync or rename leaves no checkpoint and a usable store",
+          "[server][store]") {
+  using Op = testing::FaultFileSystem::Op;
+  for (Op op : {Op::kWrite, Op::kSync, Op::kRename}) {
+    TempDir dir;
+    testing::FaultFileSystem files;
+    StoreOptions options;
+    options.fs = &files;
+    auto store = Value(Store::Open(dir.path(), options));
+    const uint64_t id = AggregatingRound(*store, "a");
+    files.FailNext(op, "global-1.safetensors");
+    CHECK_FALSE(store->WriteCheckpoint(1, Vectors(1)).ok());
+    CHECK(files.injected() == 1);
+    CHECK(ListDir(CheckpointsDir(dir.path())).empty());  // neither the file nor its temporary
+    CHECK(store->CommitRound(id, 1, 5000, "{}").code() == absl::StatusCode::kFailedPrecondition);
+    CHECK(Value(store->GlobalVersion()) == 0);
+    Commit(*store, id, 1);
+    CHECK(Value(store->GlobalVersion()) == 1);
+    CHECK(SameVectors(Value(store->ReadCheckpoint(1)), Vectors(1)));
+  }
 }
 
 TEST_CASE("AbortRound keeps the round's ledger entries", "[server][store]") {
