@@ -97,13 +97,8 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(const ServerCon
   // is what devices compute from their copy (model::ModelId).
   SEEDLING_ASSIGN_OR_RETURN(model::ModelConfig model_config, model::LoadModelConfig(config.model_dir));
   c->model_id_ = model::ModelId(model_config);
-  lora::LoraConfig lc;
-  lc.rank = config.lora_rank;
-  lc.alpha = config.lora_alpha;
-  lc.init_seed = config.lora_init_seed;
-  std::string targets;
-  for (const std::string& t : config.lora_targets) targets += (targets.empty() ? "" : ",") + t;
-  SEEDLING_ASSIGN_OR_RETURN(lc.targets, lora::ParseTargets(targets));
+  SEEDLING_ASSIGN_OR_RETURN(const lora::LoraConfig lc, lora::MakeLoraConfig(config.lora_rank, config.lora_alpha,
+                                                                         config.lora_targets, config.lora_init_seed));
   SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<lora::LoraAdapter> adapter, lora::LoraAdapter::Create(model_config, lc));
   c->num_parameters_ = adapter->numel();
 
