@@ -11,6 +11,7 @@ PACKAGES=(
   libsqlite3-dev libcli11-dev libspdlog-dev libtomlplusplus-dev
   libopenmpi-dev openmpi-bin libbenchmark-dev
   libgoogle-perftools-dev                     # tcmalloc for the programs: less heap fragmentation in training
+  clang-format                                # scripts/format.sh --check, the first step of scripts/test.sh
 )
 
 missing=()
