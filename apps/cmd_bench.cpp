@@ -1,5 +1,8 @@
 // bench forward.
 
+#include <unistd.h>
+
+#include <climits>
 #include <iostream>
 #include <nlohmann/json.hpp>
 
@@ -10,9 +13,6 @@
 #include "bench/forward_bench.h"
 #include "client/memory_planner.h"
 
-#include <climits>
-#include <unistd.h>
-
 namespace seedling::apps {
 
 void RegisterFinetuneBench(CLI::App* bench, Action& action);
@@ -22,10 +22,12 @@ void RegisterBenchCommands(CLI::App& app, Action& action) {
   bench->require_subcommand(1);
   auto options = std::make_shared<bench::ForwardBenchOptions>();
   auto json = std::make_shared<bool>(false);
-  CLI::App* fwd = bench->add_subcommand(
-      "forward", "Forward and forward+backward tokens/s, GFLOP/s vs an in-run sgemm, peak RSS");
+  CLI::App* fwd =
+      bench->add_subcommand("forward", "Forward and forward+backward tokens/s, GFLOP/s vs an in-run sgemm, peak RSS");
   fwd->add_option("--presets", options->presets, "Model presets to measure")->delimiter(',')->capture_default_str();
-  fwd->add_option("--seq", options->seq_len, "Tokens per sequence")->capture_default_str()->check(CLI::Range(2, 1 << 16));
+  fwd->add_option("--seq", options->seq_len, "Tokens per sequence")
+      ->capture_default_str()
+      ->check(CLI::Range(2, 1 << 16));
   fwd->add_option("--batch", options->batch, "Sequences per step")->capture_default_str()->check(CLI::PositiveNumber);
   fwd->add_option("--min-seconds", options->min_seconds, "Time each phase at least this long")->capture_default_str();
   fwd->add_flag("!--no-backward", options->backward, "Skip the forward+backward phases");
@@ -84,7 +86,8 @@ void RegisterFinetuneBench(CLI::App* bench, Action& action) {
       if (!options->memory_budget.empty()) {
         SEEDLING_RETURN_IF_ERROR(ParseByteSize(options->memory_budget).status());  // before any row runs
       }
-      SEEDLING_ASSIGN_OR_RETURN(std::vector<bench::FinetuneBenchRow> rows, bench::RunFinetuneBench(*options, exe, std::cout));
+      SEEDLING_ASSIGN_OR_RETURN(std::vector<bench::FinetuneBenchRow> rows,
+                                bench::RunFinetuneBench(*options, exe, std::cout));
       if (*json) {
         for (const auto& r : rows) {
           std::cout << nlohmann::json{{"name", r.name},

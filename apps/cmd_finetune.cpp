@@ -26,8 +26,8 @@
 #include "model/gguf.h"
 #include "model/gguf_model.h"
 #include "model/llama.h"
-#include "model/runtime.h"
 #include "model/quant.h"
+#include "model/runtime.h"
 #include "model/tokenizer.h"
 #include "model/weights.h"
 
@@ -52,7 +52,8 @@ absl::Status CopyTokenizerFiles(const std::string& from, const std::string& to) 
 // which Seedling does not write back as tokenizer.json. Checked before any work is done.
 absl::Status CheckModelDirSource(const std::string& source, std::string_view what) {
   if (!model::IsGgufPath(source)) return absl::OkStatus();
-  return absl::InvalidArgumentError(StrCat(what, " writes a Hugging Face model directory, whose tokenizer files a GGUF ",
+  return absl::InvalidArgumentError(StrCat(what,
+                                           " writes a Hugging Face model directory, whose tokenizer files a GGUF ",
                                            "model (", source, ") does not have: use the model's directory"));
 }
 
@@ -82,8 +83,8 @@ absl::StatusOr<RecomputeFlag> ParseRecompute(const std::string& text, int64_t la
   if (text == "off") return RecomputeFlag{false, false, 0};
   int64_t n = -1;
   if (!absl::SimpleAtoi(ToAbsl(text), &n) || n < 0 || n > layers) {
-    return absl::InvalidArgumentError(StrCat("--recompute must be auto, on, off or a number of layers in [0, ",
-                                             layers, "], got '", text, "'"));
+    return absl::InvalidArgumentError(
+        StrCat("--recompute must be auto, on, off or a number of layers in [0, ", layers, "], got '", text, "'"));
   }
   return RecomputeFlag{false, n > 0, n > 0 ? layers - n : 0};
 }
@@ -112,7 +113,9 @@ void RegisterFinetune(CLI::App& app, Action& action) {
   cmd->add_option("--model", f->model_dir, "Hugging Face model directory or GGUF file")->required();
   cmd->add_option("--data", f->data, "JSONL: text, instruction/input/output or Dolly rows")->required();
   cmd->add_option("--method", f->method, "lora-bp, fwdgrad, mezo or kseed")->capture_default_str();
-  cmd->add_option("--steps", f->training.steps, "Optimization steps")->capture_default_str()->check(CLI::NonNegativeNumber);
+  cmd->add_option("--steps", f->training.steps, "Optimization steps")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   cmd->add_option("--untimed-steps", f->training.untimed_steps,
                   "Benchmarks: leave the first N steps (warm-up) out of seconds and tokens/s")
       ->capture_default_str();
@@ -126,7 +129,8 @@ void RegisterFinetune(CLI::App& app, Action& action) {
   cmd->add_option("--out", f->out, "Output directory (PEFT adapter, or full model with --full)")->required();
   cmd->add_option("--lr", f->training.lr, "Learning rate (default: the method's published value)");
   cmd->add_option("--epsilon", f->training.epsilon, "Perturbation scale for mezo/kseed/central differences");
-  cmd->add_option("--seed", f->training.seed, "Seed of perturbations, sampling, dropout and data order")->capture_default_str();
+  cmd->add_option("--seed", f->training.seed, "Seed of perturbations, sampling, dropout and data order")
+      ->capture_default_str();
   cmd->add_option("--seq-len", f->seq_len, "Tokens per sequence (truncation and packing)")->capture_default_str();
   cmd->add_option("--batch", f->batch, "Sequences per step")->capture_default_str()->check(CLI::PositiveNumber);
   cmd->add_flag("!--no-pack", f->pack, "Do not pack examples into full sequences");
@@ -136,11 +140,13 @@ void RegisterFinetune(CLI::App& app, Action& action) {
   cmd->add_option("--lora-rank", f->lora.rank, "LoRA rank")->capture_default_str();
   cmd->add_option("--lora-alpha", f->lora.alpha, "LoRA alpha")->capture_default_str();
   cmd->add_option("--lora-dropout", f->lora.dropout, "LoRA dropout (lora-bp)")->capture_default_str();
-  cmd->add_option("--lora-targets", f->targets, "Projections: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj or all")
+  cmd->add_option("--lora-targets", f->targets,
+                  "Projections: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj or all")
       ->capture_default_str();
   cmd->add_flag("--full", f->full, "mezo/kseed: train every weight instead of a LoRA adapter");
-  cmd->add_option("--perturbations", f->training.perturbations,
-                  "Perturbations per step: fwdgrad's K tangents (default 8), mezo/kseed's q probes, batched (default 1)");
+  cmd->add_option(
+      "--perturbations", f->training.perturbations,
+      "Perturbations per step: fwdgrad's K tangents (default 8), mezo/kseed's q probes, batched (default 1)");
   cmd->add_option("--pool-size", f->training.kseed_pool_size, "kseed: candidate seeds")->capture_default_str();
   cmd->add_option("--pool-seed", f->training.kseed_pool_seed, "kseed: the pool's seed")->capture_default_str();
   AddWeightFlags(cmd, f->weights);
@@ -157,7 +163,8 @@ void RegisterFinetune(CLI::App& app, Action& action) {
                   "How the method runs (default: the planner decides): fwdgrad batched-jvp or central-difference; "
                   "mezo batched or in-place-restore; kseed batched, exact-restore or in-place-restore");
   cmd->add_option("--ce-chunk", f->ce_chunk, "Cross-entropy chunk in tokens (0 = the planner decides)")
-      ->capture_default_str()->check(CLI::NonNegativeNumber);
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   cmd->callback([f, &action] {
     action = [f]() -> absl::Status {
       SEEDLING_ASSIGN_OR_RETURN(f->training.method, optim::ParseMethod(f->method));
@@ -186,7 +193,8 @@ void RegisterFinetune(CLI::App& app, Action& action) {
       data_options.pack = f->pack;
       data_options.heldout_fraction = f->heldout;
       data_options.max_row_bytes = f->max_row_bytes;
-      SEEDLING_ASSIGN_OR_RETURN(client::LocalDataset data, client::LocalDataset::Load(f->data, *tokenizer, data_options));
+      SEEDLING_ASSIGN_OR_RETURN(client::LocalDataset data,
+                                client::LocalDataset::Load(f->data, *tokenizer, data_options));
       std::fprintf(stderr, "%s\n", data.Summary().c_str());
       if (data.stats().skipped > 0) std::fprintf(stderr, "%s\n", data.stats().SkipMessage().c_str());
 
@@ -211,12 +219,11 @@ void RegisterFinetune(CLI::App& app, Action& action) {
       const bool force_stream = f->stream_weights == "on";
       if (!recompute.automatic || f->ce_chunk > 0 || !f->variant.empty() || force_stream) {
         // Settings forced by the user: re-estimate them (and still refuse what cannot fit).
-        plan = client::EstimatePlan(request, f->variant.empty() ? plan.variant : f->variant, plan.micro_batch,
-                                    recompute.automatic ? plan.recompute : recompute.on,
-                                    f->ce_chunk > 0 ? f->ce_chunk : plan.ce_chunk_tokens, plan.mlp_chunk_tokens,
-                                    plan.tangents_per_pass,
-                                    recompute.automatic ? plan.stored_layers : recompute.stored_layers,
-                                    plan.stream_weights || force_stream);
+        plan = client::EstimatePlan(
+            request, f->variant.empty() ? plan.variant : f->variant, plan.micro_batch,
+            recompute.automatic ? plan.recompute : recompute.on, f->ce_chunk > 0 ? f->ce_chunk : plan.ce_chunk_tokens,
+            plan.mlp_chunk_tokens, plan.tangents_per_pass,
+            recompute.automatic ? plan.stored_layers : recompute.stored_layers, plan.stream_weights || force_stream);
         if (budget > 0 && plan.total_bytes() > budget) {
           return absl::ResourceExhaustedError(StrCat("the forced settings do not fit the budget: ", plan.Describe()));
         }
@@ -232,12 +239,12 @@ void RegisterFinetune(CLI::App& app, Action& action) {
       RssPeakSampler rss;  // anonymous and file-backed peaks, reported apart
       Progress progress(StrCat("finetune ", f->method), f->training.steps);
       double last_loss = 0;
-      SEEDLING_ASSIGN_OR_RETURN(
-          client::TrainingResult r,
-          client::RunLocalTraining(*model, adapter.get(), data, f->training, plan, [&](int64_t done, int64_t, double loss) {
-            last_loss = loss;
-            progress.Update(done);
-          }));
+      SEEDLING_ASSIGN_OR_RETURN(client::TrainingResult r,
+                                client::RunLocalTraining(*model, adapter.get(), data, f->training, plan,
+                                                         [&](int64_t done, int64_t, double loss) {
+                                                           last_loss = loss;
+                                                           progress.Update(done);
+                                                         }));
       progress.Finish();
       // Peaks first: the in-run sgemm reference for MFU comes after training and must not count in them.
       const int64_t peak_rss = PeakRssBytes();
@@ -257,35 +264,37 @@ void RegisterFinetune(CLI::App& app, Action& action) {
       if (f->training.method == optim::Method::kKSeed) {
         nlohmann::json pairs = nlohmann::json::array();
         for (const optim::SeedScalar& p : r.kseed_pairs) pairs.push_back({p.index, p.value});
-        update = {{"method", "kseed"}, {"pool_seed", f->training.kseed_pool_seed},
-                  {"pool_size", f->training.kseed_pool_size}, {"pairs", pairs}};
+        update = {{"method", "kseed"},
+                  {"pool_seed", f->training.kseed_pool_seed},
+                  {"pool_size", f->training.kseed_pool_size},
+                  {"pairs", pairs}};
         SEEDLING_RETURN_IF_ERROR(WriteFileAtomic(JoinPath(f->out, "kseed_update.json"), update.dump() + "\n"));
       }
-      nlohmann::json out = {{"method", f->method},
-                            {"loss_start", r.loss_start},
-                            {"loss_end", r.loss_end},
-                            {"steps", r.steps},
-                            {"skipped_steps", r.skipped_steps},
-                            {"tokens", r.processed_tokens},
-                            {"scored_tokens", r.scored_tokens},
-                            {"tokens_per_second", r.seconds > 0 ? static_cast<double>(r.processed_tokens) / r.seconds : 0.0},
-                            {"mfu", mfu},
-                            {"forward_tokens", r.forward_processed_tokens},
-                            {"forward_tokens_per_second",
-                             r.forward_seconds > 0 ? static_cast<double>(r.forward_processed_tokens) / r.forward_seconds
-                                                   : 0.0},
-                            {"forward_mfu", client::ForwardMfu(config, f->seq_len, r.forward_processed_tokens,
-                                                               r.forward_seconds, sgemm_gflops)},
-                            {"sgemm_gflops", sgemm_gflops},
-                            {"seconds", r.seconds},
-                            {"peak_rss_bytes", peak_rss},
-                            {"peak_rss_anon_bytes", peak_parts.anon},
-                            {"peak_rss_file_bytes", peak_parts.file},
-                            {"weights", model::WeightPrecisionName(load.precision)},
-                            {"step_tensor_peak_bytes", r.step_tensor_peak_bytes},
-                            {"planned_peak_bytes", plan.total_bytes()},
-                            {"plan", nlohmann::json::parse(plan.ToJson())},
-                            {"out", f->out}};
+      nlohmann::json out = {
+          {"method", f->method},
+          {"loss_start", r.loss_start},
+          {"loss_end", r.loss_end},
+          {"steps", r.steps},
+          {"skipped_steps", r.skipped_steps},
+          {"tokens", r.processed_tokens},
+          {"scored_tokens", r.scored_tokens},
+          {"tokens_per_second", r.seconds > 0 ? static_cast<double>(r.processed_tokens) / r.seconds : 0.0},
+          {"mfu", mfu},
+          {"forward_tokens", r.forward_processed_tokens},
+          {"forward_tokens_per_second",
+           r.forward_seconds > 0 ? static_cast<double>(r.forward_processed_tokens) / r.forward_seconds : 0.0},
+          {"forward_mfu",
+           client::ForwardMfu(config, f->seq_len, r.forward_processed_tokens, r.forward_seconds, sgemm_gflops)},
+          {"sgemm_gflops", sgemm_gflops},
+          {"seconds", r.seconds},
+          {"peak_rss_bytes", peak_rss},
+          {"peak_rss_anon_bytes", peak_parts.anon},
+          {"peak_rss_file_bytes", peak_parts.file},
+          {"weights", model::WeightPrecisionName(load.precision)},
+          {"step_tensor_peak_bytes", r.step_tensor_peak_bytes},
+          {"planned_peak_bytes", plan.total_bytes()},
+          {"plan", nlohmann::json::parse(plan.ToJson())},
+          {"out", f->out}};
       std::cout << out.dump() << std::endl;
       return absl::OkStatus();
     };
@@ -312,8 +321,7 @@ absl::StatusOr<model::WeightFormat> ParseExportDtype(const std::string& format, 
   const auto* f = std::find_if(std::begin(kExportFormats), std::end(kExportFormats),
                                [&](const ExportFormat& e) { return format == e.name; });
   if (f == std::end(kExportFormats)) {
-    return absl::InvalidArgumentError(
-        StrCat("--format must be safetensors, gguf or gguf-lora, got '", format, "'"));
+    return absl::InvalidArgumentError(StrCat("--format must be safetensors, gguf or gguf-lora, got '", format, "'"));
   }
   if (dtype.empty()) return f->dtypes.front();
   std::string names;
@@ -327,7 +335,7 @@ absl::StatusOr<model::WeightFormat> ParseExportDtype(const std::string& format, 
 }
 
 model::DType SafetensorsDType(model::WeightFormat format) {
-  return format == model::WeightFormat::kF32 ? model::DType::kF32
+  return format == model::WeightFormat::kF32   ? model::DType::kF32
          : format == model::WeightFormat::kF16 ? model::DType::kF16
                                                : model::DType::kBF16;
 }
@@ -346,8 +354,7 @@ absl::Status ExportGgufLora(const std::string& model_dir, const std::string& ada
     if (view.is_a) {
       pairs.push_back({view.layer, view.projection, adapter->Matrix(view), at::Tensor()});
     } else {
-      SEEDLING_CHECK(!pairs.empty() && pairs.back().layer == view.layer &&
-                     pairs.back().projection == view.projection);
+      SEEDLING_CHECK(!pairs.empty() && pairs.back().layer == view.layer && pairs.back().projection == view.projection);
       pairs.back().b = adapter->Matrix(view);
     }
   }
@@ -366,8 +373,7 @@ absl::Status ExportModel(const std::string& model_dir, const std::string& adapte
   if (adapter_dir.empty() && format == "gguf") load.precision = model::WeightPrecision::kStored;
   SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<model::LlamaModel> model, model::LlamaModel::Load(model_dir, load));
   if (!adapter_dir.empty()) {
-    SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<lora::LoraAdapter> adapter,
-                              lora::LoadPeft(adapter_dir, model->config()));
+    SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<lora::LoraAdapter> adapter, lora::LoadPeft(adapter_dir, model->config()));
     SEEDLING_RETURN_IF_ERROR(adapter->Merge(model->mutable_weights()));
   }
   if (format == "safetensors") {
@@ -386,7 +392,8 @@ void RegisterExport(CLI::App& app, Action& action) {
   auto f = std::make_shared<Flags>();
   CLI::App* cmd = app.add_subcommand(
       "export", "Export a model (with a LoRA adapter merged in) as safetensors or GGUF, or an adapter as GGUF");
-  cmd->add_option("--model", f->model_dir, "Hugging Face model directory or GGUF file (gguf-lora: the adapter's base)")->required();
+  cmd->add_option("--model", f->model_dir, "Hugging Face model directory or GGUF file (gguf-lora: the adapter's base)")
+      ->required();
   cmd->add_option("--adapter", f->adapter_dir,
                   "PEFT adapter directory: merged (safetensors, gguf) or exported (gguf-lora)");
   cmd->add_option("--format", f->format,
@@ -404,9 +411,7 @@ void RegisterExport(CLI::App& app, Action& action) {
       } else {
         SEEDLING_RETURN_IF_ERROR(ExportModel(f->model_dir, f->adapter_dir, f->format, f->out, dtype));
       }
-      const char* what = f->format == "gguf-lora"   ? ", adapter only"
-                         : f->adapter_dir.empty() ? ""
-                                                  : ", adapter merged";
+      const char* what = f->format == "gguf-lora" ? ", adapter only" : f->adapter_dir.empty() ? "" : ", adapter merged";
       std::printf("wrote %s (%s%s) to %s\n", f->format.c_str(), model::WeightFormatName(dtype), what, f->out.c_str());
       return absl::OkStatus();
     };

@@ -42,10 +42,12 @@ void RegisterInitModel(CLI::App& app, Action& action) {
   cmd->add_option("--preset", flags->options.preset, "Architecture preset: " + presets)->capture_default_str();
   cmd->add_option("--out", flags->out, "Output directory")->required();
   cmd->add_option("--seed", flags->options.seed, "Seed of the weights")->capture_default_str();
-  cmd->add_option("--dtype", flags->dtype, "Weight dtype in model.safetensors: f32, f16 or bf16")->capture_default_str();
+  cmd->add_option("--dtype", flags->dtype, "Weight dtype in model.safetensors: f32, f16 or bf16")
+      ->capture_default_str();
   cmd->add_option("--tokenizer-vocab", flags->options.tokenizer_vocab,
                   "Tokenizer vocabulary to learn (0 = min(model vocab, 4096))");
-  cmd->add_option("--tokenizer-corpus", flags->corpus, "Text file to learn the tokenizer from (default: bundled sample)");
+  cmd->add_option("--tokenizer-corpus", flags->corpus,
+                  "Text file to learn the tokenizer from (default: bundled sample)");
   cmd->add_flag("--force", flags->options.overwrite, "Overwrite a model already in --out");
   cmd->callback([flags, &action] {
     action = [flags]() -> absl::Status {
@@ -75,8 +77,11 @@ void RegisterEval(CLI::App& app, Action& action) {
   cmd->add_option("--data", flags->data, R"(JSONL: {"text": ...} or {"instruction", "input", "output"} rows)")
       ->required();
   cmd->add_option("--max-seq-len", flags->max_seq_len, "Truncate examples to this many tokens")
-      ->capture_default_str()->check(CLI::PositiveNumber);
-  cmd->add_option("--batch-size", flags->batch_size, "Examples per forward pass")->capture_default_str()->check(CLI::PositiveNumber);
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--batch-size", flags->batch_size, "Examples per forward pass")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   AddWeightFlags(cmd, flags->weights);
   cmd->add_option("--adapter", flags->adapter, "PEFT LoRA adapter directory to apply");
   cmd->callback([flags, &action] {
@@ -100,9 +105,8 @@ void RegisterEval(CLI::App& app, Action& action) {
       eo.progress = [&progress](int64_t done, int64_t) { progress.Update(done); };
       SEEDLING_ASSIGN_OR_RETURN(model::EvalResult r, model::Evaluate(*m, examples, eo));
       progress.Finish();
-      nlohmann::json out = {{"examples", r.examples}, {"tokens", r.tokens},
-                            {"loss", r.loss},         {"perplexity", r.perplexity},
-                            {"seconds", r.seconds},   {"peak_rss_bytes", PeakRssBytes()}};
+      nlohmann::json out = {{"examples", r.examples},     {"tokens", r.tokens},   {"loss", r.loss},
+                            {"perplexity", r.perplexity}, {"seconds", r.seconds}, {"peak_rss_bytes", PeakRssBytes()}};
       std::cout << out.dump() << std::endl;
       return absl::OkStatus();
     };
@@ -123,11 +127,14 @@ void RegisterGenerate(CLI::App& app, Action& action) {
   cmd->add_option("--model", flags->model_dir, "Hugging Face model directory or GGUF file")->required();
   cmd->add_option("--prompt", flags->prompt, "Prompt text")->required();
   cmd->add_option("--max-new-tokens", flags->options.max_new_tokens, "Tokens to generate at most")
-      ->capture_default_str()->check(CLI::NonNegativeNumber);
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   cmd->add_option("--seed", flags->options.seed, "Seed of the sampling stream")->capture_default_str();
-  cmd->add_option("--temperature", flags->options.temperature, "Sampling temperature (0 = greedy)")->capture_default_str();
+  cmd->add_option("--temperature", flags->options.temperature, "Sampling temperature (0 = greedy)")
+      ->capture_default_str();
   cmd->add_option("--top-p", flags->options.top_p, "Nucleus sampling mass in (0, 1]")->capture_default_str();
-  cmd->add_option("--top-k", flags->options.top_k, "Sample among the k most likely tokens (0 = all)")->capture_default_str();
+  cmd->add_option("--top-k", flags->options.top_k, "Sample among the k most likely tokens (0 = all)")
+      ->capture_default_str();
   cmd->add_flag("--greedy", flags->greedy, "Always pick the most likely token");
   AddWeightFlags(cmd, flags->weights);
   cmd->callback([flags, &action] {
@@ -142,11 +149,11 @@ void RegisterGenerate(CLI::App& app, Action& action) {
                                   std::fflush(stdout);
                                 }));
       std::printf("\n");
-      std::fprintf(stderr, "[%zu prompt tokens, %zu generated (%s); prefill %.0f tok/s, decode %.1f tok/s; peak RSS %s]\n",
-                   r.prompt_tokens.size(), r.tokens.size(), r.stop == model::StopReason::kEos ? "eos" : "max tokens",
-                   static_cast<double>(r.prompt_tokens.size()) / std::max(r.prefill_seconds, 1e-9),
-                   static_cast<double>(r.tokens.size()) / std::max(r.decode_seconds, 1e-9),
-                   FormatBytes(PeakRssBytes()).c_str());
+      std::fprintf(
+          stderr, "[%zu prompt tokens, %zu generated (%s); prefill %.0f tok/s, decode %.1f tok/s; peak RSS %s]\n",
+          r.prompt_tokens.size(), r.tokens.size(), r.stop == model::StopReason::kEos ? "eos" : "max tokens",
+          static_cast<double>(r.prompt_tokens.size()) / std::max(r.prefill_seconds, 1e-9),
+          static_cast<double>(r.tokens.size()) / std::max(r.decode_seconds, 1e-9), FormatBytes(PeakRssBytes()).c_str());
       return absl::OkStatus();
     };
   });

@@ -25,8 +25,7 @@ void AddCommonOptions(CLI::App* cmd, PrivacyFlags& f) {
   cmd->add_option("--sampling-rate", f.sampling_rate, "Poisson sampling rate q per step, in [0, 1]")->required();
   cmd->add_option("--steps", f.steps, "Number of steps (rounds), >= 0")->required();
   cmd->add_option("--delta", f.delta, "Target delta, in (0, 1)")->required();
-  cmd->add_option("--conversion", f.conversion, "RDP to (epsilon, delta): balle2020 or classic")
-      ->capture_default_str();
+  cmd->add_option("--conversion", f.conversion, "RDP to (epsilon, delta): balle2020 or classic")->capture_default_str();
 }
 
 // JSON has no infinity: an unbounded ε (σ = 0) prints as null.
@@ -61,8 +60,8 @@ void RegisterPrivacyCommands(CLI::App& app, Action& action) {
   noise->callback([f, &action] {
     action = [f]() -> absl::Status {
       SEEDLING_ASSIGN_OR_RETURN(privacy::EpsilonConversion conversion, privacy::ParseEpsilonConversion(f->conversion));
-      SEEDLING_ASSIGN_OR_RETURN(
-          double sigma, privacy::NoiseForEpsilon(f->epsilon, f->sampling_rate, f->steps, f->delta, conversion));
+      SEEDLING_ASSIGN_OR_RETURN(double sigma,
+                                privacy::NoiseForEpsilon(f->epsilon, f->sampling_rate, f->steps, f->delta, conversion));
       std::cout << nlohmann::json{{"noise_multiplier", sigma}}.dump() << std::endl;
       return absl::OkStatus();
     };

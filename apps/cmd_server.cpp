@@ -54,7 +54,8 @@ class ShutdownSignal {
   }
 
  private:
-  struct sigaction old_int_ {}, old_term_ {};
+  struct sigaction old_int_ {
+  }, old_term_{};
   mutable std::atomic<bool> logged_{false};
 };
 
@@ -122,7 +123,8 @@ void RegisterCerts(CLI::App& app, Action& action) {
   auto options = std::make_shared<comms::CertificateOptions>();
   CLI::App* init = certs->add_subcommand("init", "Write a CA and a server certificate (ECDSA P-256)");
   init->add_option("--dir", options->dir, "Output directory")->required();
-  init->add_option("--names", options->server_names, "Server DNS names / IP addresses")->delimiter(',')
+  init->add_option("--names", options->server_names, "Server DNS names / IP addresses")
+      ->delimiter(',')
       ->capture_default_str();
   init->add_option("--days", options->validity_days, "Validity in days")->capture_default_str();
   init->add_flag("--force", options->overwrite, "Replace existing files");
@@ -185,7 +187,8 @@ void RegisterDevices(CLI::App& app, Action& action) {
       // Works beside a running `seedling serve` too: it authenticates the new devices at their next Hello.
       SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<server::Store> store, server::Store::OpenForDevices(config.state_dir));
       SystemClock clock;
-      return IssueTokens(*ids, *json, [&](const std::string& id) { return server::AddDevice(*store, id, clock.NowMs()); });
+      return IssueTokens(*ids, *json,
+                         [&](const std::string& id) { return server::AddDevice(*store, id, clock.NowMs()); });
     };
   });
   auto list_config = std::make_shared<std::string>();
@@ -205,7 +208,8 @@ void RegisterDevices(CLI::App& app, Action& action) {
   auto rotate_config = std::make_shared<std::string>();
   auto rotate_ids = std::make_shared<std::vector<std::string>>();
   auto rotate_json = std::make_shared<bool>(false);
-  CLI::App* rotate = devices->add_subcommand("rotate", "Issue new tokens for devices (shown once); the old ones stop working");
+  CLI::App* rotate =
+      devices->add_subcommand("rotate", "Issue new tokens for devices (shown once); the old ones stop working");
   rotate->add_option("--config", *rotate_config, "server.toml")->required();
   rotate->add_option("--id", *rotate_ids, "Device id(s)")->required()->delimiter(',');
   rotate->add_flag("--json", *rotate_json, "Print {\"device\": \"token\", ...}");
@@ -277,8 +281,10 @@ void RegisterClient(CLI::App& app, Action& action) {
       double waited = 0;
       while (!shutdown.requested() && (*rounds == 0 || uploaded < *rounds)) {
         SEEDLING_ASSIGN_OR_RETURN(client::RunResult r, c->RunOnce());
-        nlohmann::json line = {{"outcome", client::RunOutcomeName(r.outcome)}, {"round", r.round_id},
-                               {"retry_after_seconds", r.retry_after_seconds}, {"detail", r.detail}};
+        nlohmann::json line = {{"outcome", client::RunOutcomeName(r.outcome)},
+                               {"round", r.round_id},
+                               {"retry_after_seconds", r.retry_after_seconds},
+                               {"detail", r.detail}};
         if (r.outcome == client::RunOutcome::kUploaded) {
           ++uploaded;
           line["loss_start"] = r.loss_start;

@@ -57,8 +57,9 @@ void RegisterSimulateCommands(CLI::App& app, Action& action) {
   cmd->add_option("--threads", f->threads, "Devices training at once (default: hardware threads)");
   cmd->add_option("--phones", f->phones, "CSV of phone classes (default data/phones/phone_classes.csv)");
   cmd->add_option("--work-dir", f->work_dir, "Keep server and device state here (default: a temporary directory)");
-  cmd->add_option("--mpi-placement", f->mpi_placement,
-                  "Under mpirun: auto (least busy rank when the work dir is shared) or static (device d on rank d % R)");
+  cmd->add_option(
+      "--mpi-placement", f->mpi_placement,
+      "Under mpirun: auto (least busy rank when the work dir is shared) or static (device d on rank d % R)");
   cmd->add_flag("--loopback", f->loopback,
                 "Devices connect through a real TLS server on 127.0.0.1 (same results, slower; small N)");
   cmd->add_option("--seed", f->seed, "Seed of everything random (default 0)")->each([f](const std::string&) {

@@ -4,9 +4,8 @@
 // is chosen on the command line its callback stores the work to run in `action`, which main() runs
 // after parsing (so errors print as one line and set the exit code in one place).
 
-#include <functional>
-
 #include <CLI/CLI.hpp>
+#include <functional>
 
 #include "absl/status/status.h"
 
@@ -14,8 +13,8 @@ namespace seedling::apps {
 
 using Action = std::function<absl::Status()>;
 
-void RegisterModelCommands(CLI::App& app, Action& action);  // init-model, eval, generate
-void RegisterBenchCommands(CLI::App& app, Action& action);  // bench forward, bench finetune
+void RegisterModelCommands(CLI::App& app, Action& action);     // init-model, eval, generate
+void RegisterBenchCommands(CLI::App& app, Action& action);     // bench forward, bench finetune
 void RegisterFinetuneCommands(CLI::App& app, Action& action);  // finetune, export
 void RegisterServerCommands(CLI::App& app, Action& action);    // serve, certs, devices, client
 void RegisterSimulateCommands(CLI::App& app, Action& action);  // simulate

@@ -4,12 +4,11 @@
 #include <cstdio>
 #include <thread>
 
-#include "spdlog/spdlog.h"
-
 #include "apps/commands.h"
 #include "base/logging.h"
 #include "base/version.h"
 #include "model/runtime.h"
+#include "spdlog/spdlog.h"
 
 int main(int argc, char** argv) {
   CLI::App app("Seedling: federated fine-tuning of small LLMs on phones", "seedling");

@@ -2,10 +2,9 @@
 
 // `--weights` and `--cache-dir`, shared by finetune, eval, generate and bench.
 
+#include <CLI/CLI.hpp>
 #include <memory>
 #include <string>
-
-#include <CLI/CLI.hpp>
 
 #include "absl/status/statusor.h"
 #include "base/progress.h"
@@ -14,8 +13,8 @@
 namespace seedling::apps {
 
 struct WeightFlags {
-  std::string weights;    // fp32 | stored | q8_0 | q4_0; empty = fp32 for safetensors, stored for GGUF
-  std::string cache_dir;  // weight cache directory for q8_0 / q4_0; empty = <model>/.seedling-cache
+  std::string weights;                 // fp32 | stored | q8_0 | q4_0; empty = fp32 for safetensors, stored for GGUF
+  std::string cache_dir;               // weight cache directory for q8_0 / q4_0; empty = <model>/.seedling-cache
   std::shared_ptr<Progress> progress;  // the cache build's progress line, once it starts
 };
 

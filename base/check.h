@@ -15,8 +15,8 @@ namespace seedling::check_internal {
 }  // namespace seedling::check_internal
 
 // SEEDLING_CHECK(cond) or SEEDLING_CHECK(cond, "message"): aborts when `cond` is false, in every build type.
-#define SEEDLING_CHECK(cond, ...)                                                      \
-  do {                                                                                 \
-    if (!(cond)) [[unlikely]]                                                          \
-      ::seedling::check_internal::Fail(__FILE__, __LINE__, #cond, "" __VA_ARGS__);     \
+#define SEEDLING_CHECK(cond, ...)                                                  \
+  do {                                                                             \
+    if (!(cond)) [[unlikely]]                                                      \
+      ::seedling::check_internal::Fail(__FILE__, __LINE__, #cond, "" __VA_ARGS__); \
   } while (0)

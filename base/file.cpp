@@ -12,8 +12,8 @@
 #include <utility>
 
 #include "base/sha256.h"
-#include "base/strings.h"
 #include "base/status.h"
+#include "base/strings.h"
 
 namespace seedling {
 

@@ -2,14 +2,14 @@
 
 // File utilities: whole-file reads, crash-safe atomic writes, and read-only memory maps.
 
+#include <sys/types.h>
+
 #include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
-
-#include <sys/types.h>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -136,8 +136,7 @@ class MappedFile {
   };
 
   // Maps the whole file. NotFound / PermissionDenied / Internal with the path in the message.
-  static absl::StatusOr<std::shared_ptr<MappedFile>> Open(const std::string& path,
-                                                          Mode mode = Mode::kReadOnly);
+  static absl::StatusOr<std::shared_ptr<MappedFile>> Open(const std::string& path, Mode mode = Mode::kReadOnly);
   // Holds `bytes` already in memory (a download, a buffer an app hands over) behind the same interface, so
   // the file parsers read it without a round trip through the file system. `name` stands in for the path
   // in messages. kReadOnly; Release does nothing.

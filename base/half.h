@@ -17,8 +17,7 @@ inline float HalfToFloat(uint16_t h) {
   const uint32_t em = h & 0x7fffu;
   // Normal: rebias the exponent (15 -> 127). Subnormal: the mantissa times 2^-24 (exact).
   const uint32_t normal = (em << 13) + ((127u - 15u) << 23);
-  const uint32_t subnormal =
-      std::bit_cast<uint32_t>(static_cast<float>(static_cast<int32_t>(em)) * 0x1p-24f);
+  const uint32_t subnormal = std::bit_cast<uint32_t>(static_cast<float>(static_cast<int32_t>(em)) * 0x1p-24f);
   // Exponent 31: float exponent 255, the mantissa shifted up, the quiet bit set for a NaN.
   const uint32_t special = 0x7f800000u | ((em & 0x3ffu) << 13) | ((em & 0x3ffu) != 0 ? 0x00400000u : 0u);
   const uint32_t is_normal = 0u - static_cast<uint32_t>(em >= 0x400u);

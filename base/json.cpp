@@ -41,7 +41,9 @@ int JsonNestingDepth(std::string_view text, int limit) {
       continue;
     }
     switch (c) {
-      case '"': in_string = true; break;
+      case '"':
+        in_string = true;
+        break;
       case '[':
       case '{':
         if (++depth > deepest) deepest = depth;
@@ -51,7 +53,8 @@ int JsonNestingDepth(std::string_view text, int limit) {
       case '}':
         if (depth > 0) --depth;
         break;
-      default: break;
+      default:
+        break;
     }
   }
   return deepest;
@@ -66,7 +69,8 @@ absl::StatusOr<nlohmann::json> ParseJson(std::string_view text, std::string_view
     return nlohmann::json::parse(text.begin(), text.end());
   } catch (const nlohmann::json::parse_error& e) {
     // Not e.what(): nlohmann quotes the text it read, and rows are user data that must not reach logs.
-    return absl::InvalidArgumentError(ToAbsl(StrCat(Prefix(what), "not valid JSON (syntax error at ", Where(text, e.byte), ")")));
+    return absl::InvalidArgumentError(
+        ToAbsl(StrCat(Prefix(what), "not valid JSON (syntax error at ", Where(text, e.byte), ")")));
   } catch (const nlohmann::json::exception&) {
     return absl::InvalidArgumentError(ToAbsl(StrCat(Prefix(what), "not valid JSON")));
   }

@@ -24,7 +24,6 @@ int JsonNestingDepth(std::string_view text, int limit = kMaxJsonDepth);
 
 // Parses `text`; an error names `what` (a path; empty for none) and says why: not valid JSON, or nested
 // deeper than `max_depth`.
-absl::StatusOr<nlohmann::json> ParseJson(std::string_view text, std::string_view what,
-                                         int max_depth = kMaxJsonDepth);
+absl::StatusOr<nlohmann::json> ParseJson(std::string_view text, std::string_view what, int max_depth = kMaxJsonDepth);
 
 }  // namespace seedling

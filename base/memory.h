@@ -55,7 +55,7 @@ bool ResetPeakRss();
 // resident depends on it, so the memory planner sizes its slack to match (client/memory_planner.cpp).
 // The programs link tcmalloc (CMake option SEEDLING_TCMALLOC); an app embedding the SDK keeps its own.
 enum class HeapAllocator { kSystem, kTcmalloc };
-HeapAllocator CurrentHeapAllocator();  // kTcmalloc when tcmalloc is linked in or preloaded
+HeapAllocator CurrentHeapAllocator();                    // kTcmalloc when tcmalloc is linked in or preloaded
 const char* HeapAllocatorName(HeapAllocator allocator);  // "system", "tcmalloc"
 
 // Hands the heap's free pages back to the OS (tcmalloc: MallocExtension_ReleaseFreeMemory; glibc:

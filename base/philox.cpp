@@ -110,7 +110,7 @@ inline void DeterministicCosSin2Pi(uint32_t w, double* c_out, double* s_out) {
 inline void BoxMuller(uint32_t w_u, uint32_t w_theta, float* z0, float* z1) {
   constexpr double kInv2_32 = 1.0 / 4294967296.0;
   const double u = (static_cast<double>(w_u) + 0.5) * kInv2_32;  // (0, 1), never 0
-  const double r = std::sqrt(-2.0 * DeterministicLog(u));         // sqrt is correctly rounded (IEEE)
+  const double r = std::sqrt(-2.0 * DeterministicLog(u));        // sqrt is correctly rounded (IEEE)
   double c, s;
   DeterministicCosSin2Pi(w_theta, &c, &s);
   *z0 = static_cast<float>(r * c);

@@ -33,10 +33,10 @@ inline absl::Status Annotate(const absl::Status& status, std::string_view contex
 #define SEEDLING_STATUS_CONCAT(a, b) SEEDLING_STATUS_CONCAT_INNER(a, b)
 
 // Evaluates `expr` (a Status or StatusOr) and returns its status from the enclosing function if not OK.
-#define SEEDLING_RETURN_IF_ERROR(expr)                                                   \
-  do {                                                                                   \
-    ::absl::Status _seedling_status = ::seedling::status_internal::AsStatus((expr));     \
-    if (!_seedling_status.ok()) return _seedling_status;                                 \
+#define SEEDLING_RETURN_IF_ERROR(expr)                                               \
+  do {                                                                               \
+    ::absl::Status _seedling_status = ::seedling::status_internal::AsStatus((expr)); \
+    if (!_seedling_status.ok()) return _seedling_status;                             \
   } while (0)
 
 // `SEEDLING_ASSIGN_OR_RETURN(auto x, MakeX());` assigns the value or returns the error.

@@ -55,15 +55,14 @@ int TomlKeyParts(std::string_view text) {
 
 absl::StatusOr<toml::table> ParseToml(std::string_view text) {
   if (const int parts = TomlKeyParts(text); parts > kMaxTomlKeyParts) {
-    return absl::InvalidArgumentError(
-        ToAbsl(StrCat("not valid TOML: a dotted key or table header has ", parts, " parts; at most ",
-                      kMaxTomlKeyParts, " are supported")));
+    return absl::InvalidArgumentError(ToAbsl(StrCat("not valid TOML: a dotted key or table header has ", parts,
+                                                    " parts; at most ", kMaxTomlKeyParts, " are supported")));
   }
   try {
     return toml::parse(text);
   } catch (const toml::parse_error& e) {
-    return absl::InvalidArgumentError(ToAbsl(
-        StrCat("not valid TOML: ", e.description(), " (line ", e.source().begin.line, ")")));
+    return absl::InvalidArgumentError(
+        ToAbsl(StrCat("not valid TOML: ", e.description(), " (line ", e.source().begin.line, ")")));
   }
 }
 

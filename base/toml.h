@@ -5,6 +5,8 @@
 // `[a.b.b...]` header 50,000 parts long builds a table chain whose recursive handling overflows the
 // stack. Every TOML document goes through ParseToml.
 
+#include <toml++/toml.h>
+
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -16,7 +18,6 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include <toml++/toml.h>
 
 namespace seedling {
 

@@ -178,14 +178,15 @@ int main(int argc, char** argv) {
   const double memcpy_after = MemcpyGbPerSecond(static_cast<size_t>(n) * sizeof(float));
   const double memcpy_gbs = (memcpy_before + memcpy_after) / 2;
   const double gbs = static_cast<double>(payload.size()) * static_cast<double>(args.updates) / seconds / 1e9;
-  std::printf("memcpy of one fp32 update (%.1f MiB): %.2f GB/s (in-run reference, one thread; %.2f before, "
-              "%.2f after)\n",
-              static_cast<double>(n) * 4 / (1 << 20), memcpy_gbs, memcpy_before, memcpy_after);
-  std::printf("aggregated %lld updates in %.3f s on one thread (%s kernels): %.0f updates/s, %.2f GB/s of "
-              "payload (%.0f%% of memcpy)\n",
-              static_cast<long long>(args.updates), seconds, std::string(comms::DenseKernelName()).c_str(),
-              static_cast<double>(args.updates) / seconds, gbs,
-              100.0 * gbs / memcpy_gbs);
+  std::printf(
+      "memcpy of one fp32 update (%.1f MiB): %.2f GB/s (in-run reference, one thread; %.2f before, "
+      "%.2f after)\n",
+      static_cast<double>(n) * 4 / (1 << 20), memcpy_gbs, memcpy_before, memcpy_after);
+  std::printf(
+      "aggregated %lld updates in %.3f s on one thread (%s kernels): %.0f updates/s, %.2f GB/s of "
+      "payload (%.0f%% of memcpy)\n",
+      static_cast<long long>(args.updates), seconds, std::string(comms::DenseKernelName()).c_str(),
+      static_cast<double>(args.updates) / seconds, gbs, 100.0 * gbs / memcpy_gbs);
   const auto [validate_s, add_s] = PassSeconds(payload, n, args.updates);
   const double bytes = static_cast<double>(payload.size()) * static_cast<double>(args.updates);
   std::printf("  of which: validate + norm %.2f GB/s (%.3f s), add into the double sum %.2f GB/s (%.3f s)\n",

@@ -81,8 +81,7 @@ int main(int argc, char** argv) {
     asm volatile("" : : "r"(buffer.data()) : "memory");
   });
   std::printf("numel %zu (%.1f MB fp32), best of %d\n", numel, mb, reps);
-  std::printf("memcpy: %.2f GB/s; a fresh zeroed %.1f MB buffer: %.1f ms\n\n", mb / 1e3 / memcpy_s,
-              mb, fresh_s * 1e3);
+  std::printf("memcpy: %.2f GB/s; a fresh zeroed %.1f MB buffer: %.1f ms\n\n", mb / 1e3 / memcpy_s, mb, fresh_s * 1e3);
 
   struct Case {
     const char* name;
@@ -93,8 +92,8 @@ int main(int argc, char** argv) {
       {"int8/64", {v1::CODEC_INT8, 64, 0.01f}},  {"int4/64", {v1::CODEC_INT4, 64, 0.01f}},
       {"top-k 1%", {v1::CODEC_TOPK, 64, 0.01f}},
   };
-  std::printf("%-10s %14s %10s %12s %14s %12s\n", "codec", "encoded bytes", "ratio", "encode MB/s",
-              "decode-add MB/s", "decode MB/s");
+  std::printf("%-10s %14s %10s %12s %14s %12s\n", "codec", "encoded bytes", "ratio", "encode MB/s", "decode-add MB/s",
+              "decode MB/s");
   std::vector<float> accumulator(numel, 0.0f);
   for (const Case& c : cases) {
     std::string payload;
@@ -119,8 +118,8 @@ int main(int argc, char** argv) {
       if (!decoded.ok()) Die(decoded.status().ToString());
     });
     std::printf("%-10s %14zu %9.1fx %12.0f %14.0f %12.0f\n", c.name, payload.size(),
-                4.0 * static_cast<double>(numel) / static_cast<double>(payload.size()),
-                mb / encode_s, mb / add_s, mb / decode_s);
+                4.0 * static_cast<double>(numel) / static_cast<double>(payload.size()), mb / encode_s, mb / add_s,
+                mb / decode_s);
   }
 
   // Seed methods: FedKSeed's 200 steps and an FwdLLM round of 64 perturbations, for scale.

@@ -124,27 +124,26 @@ constexpr const char* kLoopback = "127.0.0.1";
 
 struct Options {
   std::vector<int> ns = {100, 500, 1000, 2000};  // device counts, one server run each
-  std::string work_dir;        // empty: a fresh directory under /tmp, removed afterwards
-  bool keep_work_dir = false;  // keep the temporary work directory (logs, state)
-  int client_threads = 2;      // threads running the clients' io_context
-  int max_inflight = 0;        // sessions in flight at once; 0 = all N
-  int session_timeout_s = 60;  // per-session deadline, connect to last response
-  int server_io_threads = 2;   // [server] io_threads
-  int64_t chunk_bytes = comms::kMaxChunkBytes;  // UploadChunk size (the SDK's default: 1 MiB)
-  bool json = false;                            // one JSON line per N at the end
-  int soak_s = 0;         // > 0: every device runs sessions in a loop for this long (see the file comment)
+  std::string work_dir;                          // empty: a fresh directory under /tmp, removed afterwards
+  bool keep_work_dir = false;                    // keep the temporary work directory (logs, state)
+  int client_threads = 2;                        // threads running the clients' io_context
+  int max_inflight = 0;                          // sessions in flight at once; 0 = all N
+  int session_timeout_s = 60;                    // per-session deadline, connect to last response
+  int server_io_threads = 2;                     // [server] io_threads
+  int64_t chunk_bytes = comms::kMaxChunkBytes;   // UploadChunk size (the SDK's default: 1 MiB)
+  bool json = false;                             // one JSON line per N at the end
+  int soak_s = 0;          // > 0: every device runs sessions in a loop for this long (see the file comment)
   int soak_sample_s = 10;  // the soak's RSS sampling period
   std::string seedling_binary = SEEDLING_BINARY;
 };
 
 [[noreturn]] void Usage(int code) {
-  std::fprintf(
-      code == 0 ? stdout : stderr,
-      "usage: seedling_bench_concurrency [--n 100,500,1000,2000] [--work-dir DIR] "
-      "[--keep-work-dir]\n"
-      "         [--client-threads 2] [--max-inflight 0 (= all N)] [--session-timeout-s 60]\n"
-      "         [--server-io-threads 2] [--chunk-bytes 1048576] [--json] [--seedling PATH]\n"
-      "         [--soak-seconds 0 (off)] [--soak-sample-s 10]\n");
+  std::fprintf(code == 0 ? stdout : stderr,
+               "usage: seedling_bench_concurrency [--n 100,500,1000,2000] [--work-dir DIR] "
+               "[--keep-work-dir]\n"
+               "         [--client-threads 2] [--max-inflight 0 (= all N)] [--session-timeout-s 60]\n"
+               "         [--server-io-threads 2] [--chunk-bytes 1048576] [--json] [--seedling PATH]\n"
+               "         [--soak-seconds 0 (off)] [--soak-sample-s 10]\n");
   std::exit(code);
 }
 
@@ -152,8 +151,8 @@ int ParsePositive(const std::string& flag, const std::string& text, int min_valu
   char* end = nullptr;
   const long v = std::strtol(text.c_str(), &end, 10);
   if (end == text.c_str() || *end != '\0' || v < min_value || v > (1 << 30)) {
-    std::fprintf(stderr, "seedling_bench_concurrency: %s wants an integer >= %d, got '%s'\n",
-                 flag.c_str(), min_value, text.c_str());
+    std::fprintf(stderr, "seedling_bench_concurrency: %s wants an integer >= %d, got '%s'\n", flag.c_str(), min_value,
+                 text.c_str());
     Usage(2);
   }
   return static_cast<int>(v);
@@ -175,8 +174,7 @@ Options ParseOptions(int argc, char** argv) {
     } else if (arg == "--n") {
       o.ns.clear();
       std::stringstream list(value());
-      for (std::string item; std::getline(list, item, ',');)
-        o.ns.push_back(ParsePositive("--n", item, 1));
+      for (std::string item; std::getline(list, item, ',');) o.ns.push_back(ParsePositive("--n", item, 1));
       if (o.ns.empty()) Usage(2);
     } else if (arg == "--work-dir") {
       o.work_dir = value();
@@ -193,8 +191,7 @@ Options ParseOptions(int argc, char** argv) {
     } else if (arg == "--chunk-bytes") {
       o.chunk_bytes = ParsePositive(arg, value(), 1);
       if (o.chunk_bytes > static_cast<int64_t>(comms::kMaxChunkBytes)) {
-        std::fprintf(stderr, "seedling_bench_concurrency: --chunk-bytes is at most %zu\n",
-                     comms::kMaxChunkBytes);
+        std::fprintf(stderr, "seedling_bench_concurrency: --chunk-bytes is at most %zu\n", comms::kMaxChunkBytes);
         Usage(2);
       }
     } else if (arg == "--json") {
@@ -222,8 +219,7 @@ int64_t ProcStatusBytes(pid_t pid, std::string_view key) {
   if (!text.ok()) return -1;
   std::istringstream in(*text);
   for (std::string line; std::getline(in, line);) {
-    if (line.compare(0, key.size(), key) == 0 && line.size() > key.size() &&
-        line[key.size()] == ':') {
+    if (line.compare(0, key.size(), key) == 0 && line.size() > key.size() && line[key.size()] == ':') {
       return std::strtoll(line.c_str() + key.size() + 1, nullptr, 10) * 1024;
     }
   }
@@ -284,15 +280,13 @@ class ServerProcess {
   // Starts `binary --log-level info serve --config <config> --port-file <port_file>` with stdout
   // and stderr going to `log_path` (info level: round open / commit lines and every
   // connection-level failure).
-  static absl::StatusOr<std::unique_ptr<ServerProcess>> Spawn(const std::string& binary,
-                                                              const std::string& config,
+  static absl::StatusOr<std::unique_ptr<ServerProcess>> Spawn(const std::string& binary, const std::string& config,
                                                               const std::string& port_file,
                                                               const std::string& log_path) {
     posix_spawn_file_actions_t actions;
     posix_spawn_file_actions_init(&actions);
     posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
-    posix_spawn_file_actions_addopen(&actions, 1, log_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC,
-                                     0644);
+    posix_spawn_file_actions_addopen(&actions, 1, log_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
     posix_spawn_file_actions_adddup2(&actions, 1, 2);
     std::vector<std::string> args = {binary,     "--log-level", "info",        "serve",
                                      "--config", config,        "--port-file", port_file};
@@ -302,8 +296,7 @@ class ServerProcess {
     pid_t pid = -1;
     const int rc = posix_spawn(&pid, binary.c_str(), &actions, nullptr, argv.data(), environ);
     posix_spawn_file_actions_destroy(&actions);
-    if (rc != 0)
-      return absl::InternalError(StrCat("cannot start ", binary, ": ", std::strerror(rc)));
+    if (rc != 0) return absl::InternalError(StrCat("cannot start ", binary, ": ", std::strerror(rc)));
     return std::unique_ptr<ServerProcess>(new ServerProcess(pid));
   }
 
@@ -327,8 +320,7 @@ class ServerProcess {
     if (!exited_) return "";
     if (WIFEXITED(status_)) return StrCat("exit status ", WEXITSTATUS(status_));
     if (WIFSIGNALED(status_))
-      return StrCat("killed by signal ", WTERMSIG(status_), " (", strsignal(WTERMSIG(status_)),
-                    ")");
+      return StrCat("killed by signal ", WTERMSIG(status_), " (", strsignal(WTERMSIG(status_)), ")");
     return "ended";
   }
   bool ExitedCleanly() const { return exited_ && WIFEXITED(status_) && WEXITSTATUS(status_) == 0; }
@@ -336,20 +328,16 @@ class ServerProcess {
   // SIGTERM (the server's graceful shutdown), then SIGKILL after `grace`. Error if it had to be
   // killed or did not exit with status 0.
   absl::Status Stop(std::chrono::seconds grace) {
-    if (!Running())
-      return absl::UnavailableError(StrCat("the server had already ended: ", ExitDescription()));
+    if (!Running()) return absl::UnavailableError(StrCat("the server had already ended: ", ExitDescription()));
     kill(pid_, SIGTERM);
     const auto deadline = SteadyClock::now() + grace;
-    while (Running() && SteadyClock::now() < deadline)
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    while (Running() && SteadyClock::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(20));
     if (Running()) {
       kill(pid_, SIGKILL);
       Reap(/*block=*/true);
-      return absl::DeadlineExceededError(
-          StrCat("the server did not stop within ", grace.count(), " s of SIGTERM"));
+      return absl::DeadlineExceededError(StrCat("the server did not stop within ", grace.count(), " s of SIGTERM"));
     }
-    if (!ExitedCleanly())
-      return absl::InternalError(StrCat("the server stopped with ", ExitDescription()));
+    if (!ExitedCleanly()) return absl::InternalError(StrCat("the server stopped with ", ExitDescription()));
     return absl::OkStatus();
   }
 
@@ -373,15 +361,7 @@ class ServerProcess {
 // ---- one device session
 // ---------------------------------------------------------------------------------
 
-enum class Stage {
-  kConnect,
-  kHandshake,
-  kHello,
-  kCheckIn,
-  kUploadBegin,
-  kUploadChunk,
-  kUploadCommit
-};
+enum class Stage { kConnect, kHandshake, kHello, kCheckIn, kUploadBegin, kUploadChunk, kUploadCommit };
 
 const char* StageName(Stage s) {
   switch (s) {
@@ -434,9 +414,9 @@ struct RunState {
   std::vector<std::string> device_ids;
   std::vector<std::string> tokens;
   std::vector<SessionResult> results;
-  SteadyClock::time_point soak_end;        // soak: no session starts after this
+  SteadyClock::time_point soak_end;         // soak: no session starts after this
   std::vector<SessionResult> soak_results;  // soak: every finished session; guarded by mu
-  std::atomic<int> next{0};  // next session index to start
+  std::atomic<int> next{0};                 // next session index to start
   std::atomic<int> in_flight{0};
   std::atomic<int> peak_in_flight{0};
   std::atomic<int> workers_done{0};
@@ -447,8 +427,7 @@ struct RunState {
 // The socket, and a deadline timer that closes it: every pending operation then completes with an
 // error, so no session outlives its deadline whatever the server does.
 struct Connection {
-  Connection(const asio::any_io_executor& executor, ssl::context& tls)
-      : stream(executor, tls), deadline(executor) {}
+  Connection(const asio::any_io_executor& executor, ssl::context& tls) : stream(executor, tls), deadline(executor) {}
   ssl::stream<tcp::socket> stream;
   asio::steady_timer deadline;
   bool timed_out = false;
@@ -473,8 +452,7 @@ asio::awaitable<absl::StatusOr<v1::Envelope>> Call(Connection& c, v1::Envelope r
   std::array<uint8_t, 4> header{};
   auto [header_ec, header_n] = co_await asio::async_read(c.stream, asio::buffer(header), kAwait);
   if (header_ec) co_return IoError(c, "read", header_ec);
-  absl::StatusOr<uint32_t> length =
-      comms::DecodeFrameLength(header.data(), comms::kMaxControlFrameBytes);
+  absl::StatusOr<uint32_t> length = comms::DecodeFrameLength(header.data(), comms::kMaxControlFrameBytes);
   if (!length.ok()) co_return length.status();
   std::string body(*length, '\0');
   auto [body_ec, body_n] = co_await asio::async_read(c.stream, asio::buffer(body), kAwait);
@@ -520,9 +498,8 @@ asio::awaitable<void> SessionBody(RunState& run, int index, Connection& c, Sessi
   if (handshake_ec) {
     const long verify = SSL_get_verify_result(native);
     co_return Fail(r, c, Stage::kHandshake,
-                   verify != X509_V_OK
-                       ? StrCat("certificate verification: ", X509_verify_cert_error_string(verify))
-                       : handshake_ec.message());
+                   verify != X509_V_OK ? StrCat("certificate verification: ", X509_verify_cert_error_string(verify))
+                                       : handshake_ec.message());
   }
   if (SSL_version(native) != TLS1_3_VERSION) co_return Fail(r, c, Stage::kHandshake, "not TLS 1.3");
   r.connected = SteadyClock::now();
@@ -536,8 +513,7 @@ asio::awaitable<void> SessionBody(RunState& run, int index, Connection& c, Sessi
   absl::StatusOr<v1::Envelope> reply = co_await Call(c, hello);
   if (!reply.ok()) co_return Fail(r, c, Stage::kHello, std::string(reply.status().message()));
   if (reply->has_reject()) co_return Reject(r, Stage::kHello, reply->reject());
-  if (!reply->has_hello_reply())
-    co_return Fail(r, c, Stage::kHello, "the answer to Hello is not a HelloReply");
+  if (!reply->has_hello_reply()) co_return Fail(r, c, Stage::kHello, "the answer to Hello is not a HelloReply");
 
   // CheckIn: a phone on a charger, on Wi-Fi, idle, with room for the tiny model.
   constexpr uint64_t kNumExamples = 100;
@@ -561,8 +537,7 @@ asio::awaitable<void> SessionBody(RunState& run, int index, Connection& c, Sessi
     r.retry_reason = reply->check_in_reply().retry_after().reason();
     co_return;
   }
-  if (!reply->check_in_reply().has_task())
-    co_return Fail(r, c, Stage::kCheckIn, "CheckInReply has no outcome");
+  if (!reply->check_in_reply().has_task()) co_return Fail(r, c, Stage::kCheckIn, "CheckInReply has no outcome");
   const v1::Task task = reply->check_in_reply().task();
   r.got_task = true;
   r.num_parameters = task.num_parameters();
@@ -570,23 +545,20 @@ asio::awaitable<void> SessionBody(RunState& run, int index, Connection& c, Sessi
   // The update: small Gaussian values, different for every device (a real device's update would be
   // its training result; the server's cost does not depend on the values).
   if (task.num_parameters() > (64ull << 20)) {
-    co_return Fail(r, c, Stage::kUploadBegin,
-                   StrCat("task has ", task.num_parameters(), " parameters"));
+    co_return Fail(r, c, Stage::kUploadBegin, StrCat("task has ", task.num_parameters(), " parameters"));
   }
   std::vector<float> update(task.num_parameters());
-  seedling::FillNormal({static_cast<uint64_t>(index) + 1, seedling::rng_stream::kPerturbation}, 0,
-                       update);
+  seedling::FillNormal({static_cast<uint64_t>(index) + 1, seedling::rng_stream::kPerturbation}, 0, update);
   for (float& x : update) x *= 1e-3f;
   comms::CodecOptions codec;
   codec.codec = task.codec().codec();
   codec.block_size = task.codec().block_size();
   codec.topk_fraction = task.codec().topk_fraction();
   comms::ErrorFeedback feedback(codec.codec == v1::CODEC_TOPK ? update.size() : 0);
-  absl::StatusOr<std::string> payload = comms::EncodeDense(
-      update, codec, task.seed(), codec.codec == v1::CODEC_TOPK ? &feedback : nullptr);
+  absl::StatusOr<std::string> payload =
+      comms::EncodeDense(update, codec, task.seed(), codec.codec == v1::CODEC_TOPK ? &feedback : nullptr);
   if (!payload.ok()) {
-    co_return Fail(r, c, Stage::kUploadBegin,
-                   StrCat("cannot encode the update: ", payload.status().message()));
+    co_return Fail(r, c, Stage::kUploadBegin, StrCat("cannot encode the update: ", payload.status().message()));
   }
   r.update_bytes = payload->size();
   const std::string key = StrCat(run.device_ids[index], "/", task.round_id(), "/", task.task_id());
@@ -606,21 +578,17 @@ asio::awaitable<void> SessionBody(RunState& run, int index, Connection& c, Sessi
   reply = co_await Call(c, begin);
   if (!reply.ok()) co_return Fail(r, c, Stage::kUploadBegin, std::string(reply.status().message()));
   if (reply->has_reject()) co_return Reject(r, Stage::kUploadBegin, reply->reject());
-  if (!reply->has_upload_ack())
-    co_return Fail(r, c, Stage::kUploadBegin, "the answer is not an UploadAck");
+  if (!reply->has_upload_ack()) co_return Fail(r, c, Stage::kUploadBegin, "the answer is not an UploadAck");
   uint64_t offset = reply->upload_ack().received_bytes();
   while (offset < payload->size()) {
     v1::Envelope chunk;
     chunk.mutable_upload_chunk()->set_idempotency_key(key);
     chunk.mutable_upload_chunk()->set_offset(offset);
-    chunk.mutable_upload_chunk()->set_data(
-        payload->substr(offset, static_cast<size_t>(run.chunk_bytes)));
+    chunk.mutable_upload_chunk()->set_data(payload->substr(offset, static_cast<size_t>(run.chunk_bytes)));
     reply = co_await Call(c, chunk);
-    if (!reply.ok())
-      co_return Fail(r, c, Stage::kUploadChunk, std::string(reply.status().message()));
+    if (!reply.ok()) co_return Fail(r, c, Stage::kUploadChunk, std::string(reply.status().message()));
     if (reply->has_reject()) co_return Reject(r, Stage::kUploadChunk, reply->reject());
-    if (!reply->has_upload_ack())
-      co_return Fail(r, c, Stage::kUploadChunk, "the answer is not an UploadAck");
+    if (!reply->has_upload_ack()) co_return Fail(r, c, Stage::kUploadChunk, "the answer is not an UploadAck");
     if (reply->upload_ack().received_bytes() <= offset) {
       co_return Fail(r, c, Stage::kUploadChunk, "the server acknowledged no progress");
     }
@@ -629,8 +597,7 @@ asio::awaitable<void> SessionBody(RunState& run, int index, Connection& c, Sessi
   v1::Envelope commit;
   commit.mutable_upload_commit()->set_idempotency_key(key);
   reply = co_await Call(c, commit);
-  if (!reply.ok())
-    co_return Fail(r, c, Stage::kUploadCommit, std::string(reply.status().message()));
+  if (!reply.ok()) co_return Fail(r, c, Stage::kUploadCommit, std::string(reply.status().message()));
   if (reply->has_reject()) co_return Reject(r, Stage::kUploadCommit, reply->reject());
   if (!reply->has_upload_ack() || !reply->upload_ack().accepted()) {
     co_return Fail(r, c, Stage::kUploadCommit, "the commit was answered without accepted = true");
@@ -698,8 +665,7 @@ struct Summary {
   int n = 0;
   int workers = 0;         // sessions allowed in flight at once
   int peak_in_flight = 0;  // measured
-  int done = 0, got_task = 0, retry_after = 0, accepted = 0, rejected = 0, errors = 0, timeouts = 0,
-      not_run = 0;
+  int done = 0, got_task = 0, retry_after = 0, accepted = 0, rejected = 0, errors = 0, timeouts = 0, not_run = 0;
   std::map<std::string, int> rejected_by_code;  // "STALE at upload_commit"
   std::map<std::string, int> retry_reasons;
   std::map<std::string, int> errors_by_kind;           // "<stage>: <message>"
@@ -726,16 +692,13 @@ struct Summary {
 // Nearest-rank percentile of sorted values.
 double Percentile(const std::vector<double>& sorted, double p) {
   if (sorted.empty()) return 0;
-  const size_t rank =
-      static_cast<size_t>(std::ceil(p / 100.0 * static_cast<double>(sorted.size())));
+  const size_t rank = static_cast<size_t>(std::ceil(p / 100.0 * static_cast<double>(sorted.size())));
   return sorted[std::clamp<size_t>(rank, 1, sorted.size()) - 1];
 }
 
 double Ms(SteadyClock::duration d) { return std::chrono::duration<double, std::milli>(d).count(); }
 
-std::string TomlString(const std::string& s) {
-  return nlohmann::json(s).dump();
-}  // a JSON string is TOML
+std::string TomlString(const std::string& s) { return nlohmann::json(s).dump(); }  // a JSON string is TOML
 
 std::string ServerToml(const Options& o, int n, const std::string& dir, const std::string& certs,
                        const std::string& model) {
@@ -747,14 +710,12 @@ std::string ServerToml(const Options& o, int n, const std::string& dir, const st
                             "min_reports = 1\n", "selection_window_s = 5\n", "round_deadline_s = 60\n")
                    : StrCat("clients_per_round = ", n, "\n", "over_selection = 1.0\n", "min_reports = 1\n",
                             "selection_window_s = 3600\n", "round_deadline_s = 7200\n");
-  return StrCat("[server]\n", "state_dir = ", TomlString(seedling::JoinPath(dir, "state")), "\n",
-                "bind = \"", kLoopback, "\"\n", "port = 0\n",
-                "cert_file = ", TomlString(seedling::JoinPath(certs, "server.crt")), "\n",
-                "key_file = ", TomlString(seedling::JoinPath(certs, "server.key")), "\n",
-                "io_threads = ", o.server_io_threads, "\n", "max_connections = ", n + 64, "\n",
-                "http_port = 0\n", "\n[model]\n", "dir = ", TomlString(model), "\n",
-                "\n[training]\n", "method = \"lora-bp\"\n", "rounds = 0\n", rounds, "codec = \"fp32\"\n",
-                "max_inflight_uploads = ", n, "\n");
+  return StrCat("[server]\n", "state_dir = ", TomlString(seedling::JoinPath(dir, "state")), "\n", "bind = \"",
+                kLoopback, "\"\n", "port = 0\n", "cert_file = ", TomlString(seedling::JoinPath(certs, "server.crt")),
+                "\n", "key_file = ", TomlString(seedling::JoinPath(certs, "server.key")), "\n",
+                "io_threads = ", o.server_io_threads, "\n", "max_connections = ", n + 64, "\n", "http_port = 0\n",
+                "\n[model]\n", "dir = ", TomlString(model), "\n", "\n[training]\n", "method = \"lora-bp\"\n",
+                "rounds = 0\n", rounds, "codec = \"fp32\"\n", "max_inflight_uploads = ", n, "\n");
 }
 
 // Waits for `pred` while the server runs, polling; false on timeout or if the server ended.
@@ -778,8 +739,7 @@ void ScanServerLog(const std::string& path, Summary& s) {
   std::map<std::string, int> seen;
   for (std::string line; std::getline(in, line);) {
     const bool warning = line.find("] [warning] ") != std::string::npos;
-    const bool error = line.find("] [error] ") != std::string::npos ||
-                       line.find("check failed") != std::string::npos;
+    const bool error = line.find("] [error] ") != std::string::npos || line.find("check failed") != std::string::npos;
     if (!warning && !error) continue;
     // Caused by the benchmark's own SIGTERM: the shutdown notice and the abort of the round opened
     // after round 1 committed.
@@ -829,8 +789,7 @@ double SoakRssGrowth(const Summary& s, int soak_s) {
 // Counts, percentiles and rates of the finished sessions into `s`.
 void TallySessions(const std::vector<SessionResult>& results, Summary& s) {
   std::vector<double> latencies, handshakes;
-  SteadyClock::time_point first = SteadyClock::time_point::max(),
-                          last = SteadyClock::time_point::min();
+  SteadyClock::time_point first = SteadyClock::time_point::max(), last = SteadyClock::time_point::min();
   for (const SessionResult& r : results) {
     if (!r.started || (!r.done && !r.error)) {
       ++s.not_run;
@@ -857,8 +816,7 @@ void TallySessions(const std::vector<SessionResult>& results, Summary& s) {
     if (r.accepted) ++s.accepted;
     if (r.rejected) {
       ++s.rejected;
-      const std::string code =
-          StrCat(v1::RejectCode_Name(r.reject_code), " at ", StageName(r.stage));
+      const std::string code = StrCat(v1::RejectCode_Name(r.reject_code), " at ", StageName(r.stage));
       s.rejected_by_code[code]++;
       s.reject_examples.emplace(code, r.reject_message.substr(0, 160));
     }
@@ -878,11 +836,10 @@ void TallySessions(const std::vector<SessionResult>& results, Summary& s) {
     s.wall_s = std::chrono::duration<double>(last - first).count();
     s.sessions_per_s = static_cast<double>(s.done) / s.wall_s;
   }
-
 }
 
-Summary RunOne(const Options& o, int n, const std::string& work_dir, const std::string& certs,
-               const std::string& model, ssl::context& tls) {
+Summary RunOne(const Options& o, int n, const std::string& work_dir, const std::string& certs, const std::string& model,
+               ssl::context& tls) {
   Summary s;
   s.n = n;
   s.workers = o.max_inflight > 0 && o.soak_s == 0 ? std::min(n, o.max_inflight) : n;
@@ -898,8 +855,7 @@ Summary RunOne(const Options& o, int n, const std::string& work_dir, const std::
   const std::string port_file = seedling::JoinPath(dir, "ports.json");
   const std::string log_path = seedling::JoinPath(dir, "server.log");
   const std::string state_dir = seedling::JoinPath(dir, "state");
-  if (absl::Status st = seedling::WriteFileAtomic(config_path, ServerToml(o, n, dir, certs, model));
-      !st.ok()) {
+  if (absl::Status st = seedling::WriteFileAtomic(config_path, ServerToml(o, n, dir, certs, model)); !st.ok()) {
     s.failure = st.ToString();
     return s;
   }
@@ -958,9 +914,8 @@ Summary RunOne(const Options& o, int n, const std::string& work_dir, const std::
                             return text.ok() && text->find("round 1 open:") != std::string::npos;
                           });
   if (!round_open) {
-    s.failure = server.Running()
-                    ? "the server did not open round 1 within the wait (see its log)"
-                    : StrCat("the server ended during start-up: ", server.ExitDescription());
+    s.failure = server.Running() ? "the server did not open round 1 within the wait (see its log)"
+                                 : StrCat("the server ended during start-up: ", server.ExitDescription());
     ScanServerLog(log_path, s);
     return s;
   }
@@ -976,28 +931,29 @@ Summary RunOne(const Options& o, int n, const std::string& work_dir, const std::
   const auto run_start = SteadyClock::now();
   run.soak_end = run_start + std::chrono::seconds(o.soak_s);
   for (int w = 0; w < s.workers; ++w) {
-    asio::co_spawn(asio::make_strand(ioc), o.soak_s > 0 ? SoakDevice(run, w) : Worker(run), [&run](std::exception_ptr e) {
-      if (e) {
-        std::string what = "unknown exception";
-        try {
-          std::rethrow_exception(e);
-        } catch (const std::exception& ex) {
-          what = ex.what();
-        } catch (...) {
-        }
-        std::lock_guard<std::mutex> lock(run.mu);
-        run.worker_failures.push_back(what);
-      }
-      ++run.workers_done;
-    });
+    asio::co_spawn(asio::make_strand(ioc), o.soak_s > 0 ? SoakDevice(run, w) : Worker(run),
+                   [&run](std::exception_ptr e) {
+                     if (e) {
+                       std::string what = "unknown exception";
+                       try {
+                         std::rethrow_exception(e);
+                       } catch (const std::exception& ex) {
+                         what = ex.what();
+                       } catch (...) {
+                       }
+                       std::lock_guard<std::mutex> lock(run.mu);
+                       run.worker_failures.push_back(what);
+                     }
+                     ++run.workers_done;
+                   });
   }
   std::vector<std::thread> threads;
   for (int t = 0; t < o.client_threads; ++t) threads.emplace_back([&ioc] { ioc.run(); });
   // Sessions end by their own deadline; this outer bound only catches a benchmark bug.
-  const auto hard_deadline =
-      o.soak_s > 0 ? run.soak_end + std::chrono::seconds(o.session_timeout_s + 30)
-                   : SteadyClock::now() + std::chrono::seconds(o.session_timeout_s) * (1 + (n - 1) / s.workers) +
-                         std::chrono::seconds(30);
+  const auto hard_deadline = o.soak_s > 0 ? run.soak_end + std::chrono::seconds(o.session_timeout_s + 30)
+                                          : SteadyClock::now() +
+                                                std::chrono::seconds(o.session_timeout_s) * (1 + (n - 1) / s.workers) +
+                                                std::chrono::seconds(30);
   bool server_died = false, hung = false;
   auto next_sample = run_start;
   while (run.workers_done.load() < s.workers) {
@@ -1028,13 +984,11 @@ Summary RunOne(const Options& o, int n, const std::string& work_dir, const std::
   {
     std::lock_guard<std::mutex> lock(run.mu);
     if (!run.worker_failures.empty() && s.failure.empty()) {
-      s.failure = StrCat(run.worker_failures.size(),
-                         " client workers threw, first: ", run.worker_failures.front());
+      s.failure = StrCat(run.worker_failures.size(), " client workers threw, first: ", run.worker_failures.front());
     }
   }
   if (s.failure.empty()) {
-    if (absl::Status st = server.Stop(std::chrono::seconds(30)); !st.ok())
-      s.failure = st.ToString();
+    if (absl::Status st = server.Stop(std::chrono::seconds(30)); !st.ok()) s.failure = st.ToString();
   }
   ScanServerLog(log_path, s);
 
@@ -1076,16 +1030,15 @@ std::string Mib(int64_t bytes) {
 }
 
 void PrintTableHeader() {
-  std::printf("%6s %8s %6s %6s %6s %6s %6s %6s %8s %8s %8s %8s %7s %7s %12s %12s\n", "N",
-              "inflight", "done", "task", "retry", "accept", "reject", "errors", "p50 ms", "p90 ms",
-              "p99 ms", "max ms", "wall s", "sess/s", "srv RSS start", "srv RSS peak");
+  std::printf("%6s %8s %6s %6s %6s %6s %6s %6s %8s %8s %8s %8s %7s %7s %12s %12s\n", "N", "inflight", "done", "task",
+              "retry", "accept", "reject", "errors", "p50 ms", "p90 ms", "p99 ms", "max ms", "wall s", "sess/s",
+              "srv RSS start", "srv RSS peak");
 }
 
 void PrintTableRow(const Summary& s) {
-  std::printf("%6d %8d %6d %6d %6d %6d %6d %6d %8.1f %8.1f %8.1f %8.1f %7.2f %7.1f %12s %12s\n",
-              s.n, s.peak_in_flight, s.done, s.got_task, s.retry_after, s.accepted, s.rejected,
-              s.errors, s.p50_ms, s.p90_ms, s.p99_ms, s.max_ms, s.wall_s, s.sessions_per_s,
-              Mib(s.server_rss_start).c_str(), Mib(s.server_rss_peak).c_str());
+  std::printf("%6d %8d %6d %6d %6d %6d %6d %6d %8.1f %8.1f %8.1f %8.1f %7.2f %7.1f %12s %12s\n", s.n, s.peak_in_flight,
+              s.done, s.got_task, s.retry_after, s.accepted, s.rejected, s.errors, s.p50_ms, s.p90_ms, s.p99_ms,
+              s.max_ms, s.wall_s, s.sessions_per_s, Mib(s.server_rss_start).c_str(), Mib(s.server_rss_peak).c_str());
 }
 
 void PrintDetails(const Summary& s) {
@@ -1093,22 +1046,18 @@ void PrintDetails(const Summary& s) {
       "  N=%d: %d sessions allowed in flight, peak %d measured; setup (devices + server start) "
       "%.1f s\n",
       s.n, s.workers, s.peak_in_flight, s.setup_s);
-  std::printf("  connect + TLS handshake: p50 %.1f ms, p99 %.1f ms; session mean %.1f ms\n",
-              s.handshake_p50_ms, s.handshake_p99_ms, s.mean_ms);
-  std::printf("  CPU during the run: server %.2f s, benchmark clients %.2f s (wall %.2f s)\n",
-              s.server_cpu_s, s.client_cpu_s, s.wall_s);
+  std::printf("  connect + TLS handshake: p50 %.1f ms, p99 %.1f ms; session mean %.1f ms\n", s.handshake_p50_ms,
+              s.handshake_p99_ms, s.mean_ms);
+  std::printf("  CPU during the run: server %.2f s, benchmark clients %.2f s (wall %.2f s)\n", s.server_cpu_s,
+              s.client_cpu_s, s.wall_s);
   std::printf("  server RSS: start %s, end %s, peak (VmHWM) %s\n", Mib(s.server_rss_start).c_str(),
               Mib(s.server_rss_end).c_str(), Mib(s.server_rss_peak).c_str());
-  for (const auto& [reason, count] : s.retry_reasons)
-    std::printf("  retry_after \"%s\": %d\n", reason.c_str(), count);
+  for (const auto& [reason, count] : s.retry_reasons) std::printf("  retry_after \"%s\": %d\n", reason.c_str(), count);
   for (const auto& [code, count] : s.rejected_by_code) {
-    std::printf("  rejected %s: %d (e.g. \"%s\")\n", code.c_str(), count,
-                s.reject_examples.at(code).c_str());
+    std::printf("  rejected %s: %d (e.g. \"%s\")\n", code.c_str(), count, s.reject_examples.at(code).c_str());
   }
-  for (const auto& [kind, count] : s.errors_by_kind)
-    std::printf("  error %s: %d\n", kind.c_str(), count);
-  if (s.not_run > 0)
-    std::printf("  sessions unfinished when the run stopped (not counted): %d\n", s.not_run);
+  for (const auto& [kind, count] : s.errors_by_kind) std::printf("  error %s: %d\n", kind.c_str(), count);
+  if (s.not_run > 0) std::printf("  sessions unfinished when the run stopped (not counted): %d\n", s.not_run);
   std::printf("  server store: round 1 %s, selected %lld, accepted %lld, ledger entries %lld%s\n",
               s.round1_state.c_str(), static_cast<long long>(s.round1_selected),
               static_cast<long long>(s.round1_accepted), static_cast<long long>(s.ledger_entries),
@@ -1127,50 +1076,46 @@ void PrintDetails(const Summary& s) {
 }
 
 nlohmann::json ToJson(const Summary& s, const Options& o) {
-  return {{"n", s.n},
-          {"cores", sysconf(_SC_NPROCESSORS_ONLN)},
-          {"max_inflight", s.workers},
-          {"peak_inflight", s.peak_in_flight},
-          {"client_threads", o.client_threads},
-          {"server_io_threads", o.server_io_threads},
-          {"done", s.done},
-          {"got_task", s.got_task},
-          {"retry_after", s.retry_after},
-          {"retry_reasons", s.retry_reasons},
-          {"accepted", s.accepted},
-          {"rejected", s.rejected},
-          {"rejected_by_code", s.rejected_by_code},
-          {"errors", s.errors},
-          {"timeouts", s.timeouts},
-          {"errors_by_kind", s.errors_by_kind},
-          {"latency_ms",
-           {{"p50", s.p50_ms},
-            {"p90", s.p90_ms},
-            {"p99", s.p99_ms},
-            {"max", s.max_ms},
-            {"mean", s.mean_ms}}},
-          {"handshake_ms", {{"p50", s.handshake_p50_ms}, {"p99", s.handshake_p99_ms}}},
-          {"wall_s", s.wall_s},
-          {"sessions_per_s", s.sessions_per_s},
-          {"server_rss_start_bytes", s.server_rss_start},
-          {"server_rss_end_bytes", s.server_rss_end},
-          {"server_rss_peak_bytes", s.server_rss_peak},
-          {"server_cpu_s", s.server_cpu_s},
-          {"client_cpu_s", s.client_cpu_s},
-          {"num_parameters", s.num_parameters},
-          {"update_bytes", s.update_bytes},
-          {"round1",
-           {{"state", s.round1_state},
-            {"selected", s.round1_selected},
-            {"accepted", s.round1_accepted},
-            {"ledger_entries", s.ledger_entries}}},
-          {"soak_seconds", o.soak_s},
-          {"soak_rounds_committed", s.rounds_committed},
-          {"soak_ledger_entries", s.soak_ledger_entries},
-          {"soak_rss_samples", s.rss_samples},
-          {"server_log_warnings", s.log_warnings},
-          {"server_log_errors", s.log_errors},
-          {"failure", s.failure}};
+  return {
+      {"n", s.n},
+      {"cores", sysconf(_SC_NPROCESSORS_ONLN)},
+      {"max_inflight", s.workers},
+      {"peak_inflight", s.peak_in_flight},
+      {"client_threads", o.client_threads},
+      {"server_io_threads", o.server_io_threads},
+      {"done", s.done},
+      {"got_task", s.got_task},
+      {"retry_after", s.retry_after},
+      {"retry_reasons", s.retry_reasons},
+      {"accepted", s.accepted},
+      {"rejected", s.rejected},
+      {"rejected_by_code", s.rejected_by_code},
+      {"errors", s.errors},
+      {"timeouts", s.timeouts},
+      {"errors_by_kind", s.errors_by_kind},
+      {"latency_ms", {{"p50", s.p50_ms}, {"p90", s.p90_ms}, {"p99", s.p99_ms}, {"max", s.max_ms}, {"mean", s.mean_ms}}},
+      {"handshake_ms", {{"p50", s.handshake_p50_ms}, {"p99", s.handshake_p99_ms}}},
+      {"wall_s", s.wall_s},
+      {"sessions_per_s", s.sessions_per_s},
+      {"server_rss_start_bytes", s.server_rss_start},
+      {"server_rss_end_bytes", s.server_rss_end},
+      {"server_rss_peak_bytes", s.server_rss_peak},
+      {"server_cpu_s", s.server_cpu_s},
+      {"client_cpu_s", s.client_cpu_s},
+      {"num_parameters", s.num_parameters},
+      {"update_bytes", s.update_bytes},
+      {"round1",
+       {{"state", s.round1_state},
+        {"selected", s.round1_selected},
+        {"accepted", s.round1_accepted},
+        {"ledger_entries", s.ledger_entries}}},
+      {"soak_seconds", o.soak_s},
+      {"soak_rounds_committed", s.rounds_committed},
+      {"soak_ledger_entries", s.soak_ledger_entries},
+      {"soak_rss_samples", s.rss_samples},
+      {"server_log_warnings", s.log_warnings},
+      {"server_log_errors", s.log_errors},
+      {"failure", s.failure}};
 }
 
 // ---- main
@@ -1214,8 +1159,7 @@ absl::Status ConfigureClientTls(ssl::context& tls, const std::string& ca_file) {
   tls.set_verify_mode(ssl::verify_peer);
   error_code ec;
   tls.load_verify_file(ca_file, ec);
-  if (ec)
-    return absl::InvalidArgumentError(StrCat("cannot load the CA '", ca_file, "': ", ec.message()));
+  if (ec) return absl::InvalidArgumentError(StrCat("cannot load the CA '", ca_file, "': ", ec.message()));
   return absl::OkStatus();
 }
 
@@ -1228,18 +1172,16 @@ int Main(int argc, char** argv) {
   const rlim_t nofile = RaiseFileLimit(&nofile_before);
   cpu_set_t affinity;
   CPU_ZERO(&affinity);
-  const int usable_cores =
-      sched_getaffinity(0, sizeof(affinity), &affinity) == 0 ? CPU_COUNT(&affinity) : -1;
+  const int usable_cores = sched_getaffinity(0, sizeof(affinity), &affinity) == 0 ? CPU_COUNT(&affinity) : -1;
 
   std::printf("command: %s\n", command.c_str());
-  std::printf("machine: %ld online cores (%d usable by this process), %s\n",
-              sysconf(_SC_NPROCESSORS_ONLN), usable_cores, CpuModel().c_str());
+  std::printf("machine: %ld online cores (%d usable by this process), %s\n", sysconf(_SC_NPROCESSORS_ONLN),
+              usable_cores, CpuModel().c_str());
   std::printf(
       "limits: RLIMIT_NOFILE %llu (raised from %llu; the server inherits it), somaxconn %s, "
       "tcp_max_syn_backlog %s\n",
       static_cast<unsigned long long>(nofile), static_cast<unsigned long long>(nofile_before),
-      ReadSysctl("/proc/sys/net/core/somaxconn").c_str(),
-      ReadSysctl("/proc/sys/net/ipv4/tcp_max_syn_backlog").c_str());
+      ReadSysctl("/proc/sys/net/core/somaxconn").c_str(), ReadSysctl("/proc/sys/net/ipv4/tcp_max_syn_backlog").c_str());
   std::printf(
       "server: %s serve, io_threads %d, TLS 1.3 with an ECDSA P-256 certificate verified against "
       "the "
@@ -1285,8 +1227,7 @@ int Main(int argc, char** argv) {
   std::fflush(stdout);
   std::string certs, model;
   if (absl::Status st = PrepareWorkDir(work_dir, &certs, &model); !st.ok()) {
-    std::fprintf(stderr, "seedling_bench_concurrency: preparing %s: %s\n", work_dir.c_str(),
-                 st.ToString().c_str());
+    std::fprintf(stderr, "seedling_bench_concurrency: preparing %s: %s\n", work_dir.c_str(), st.ToString().c_str());
     return 1;
   }
   ssl::context tls(ssl::context::tls_client);
@@ -1298,8 +1239,7 @@ int Main(int argc, char** argv) {
   std::vector<Summary> summaries;
   bool failed = false;
   for (int n : o.ns) {
-    std::fprintf(stderr, "N=%d: registering devices, starting the server, running %d sessions...\n",
-                 n, n);
+    std::fprintf(stderr, "N=%d: registering devices, starting the server, running %d sessions...\n", n, n);
     Summary s = RunOne(o, n, work_dir, certs, model, tls);
     PrintDetails(s);
     summaries.push_back(s);
@@ -1316,8 +1256,7 @@ int Main(int argc, char** argv) {
         "%llu UploadChunk, UploadCommit\n",
         static_cast<unsigned long long>(summaries.front().num_parameters),
         static_cast<unsigned long long>(summaries.front().update_bytes),
-        static_cast<unsigned long long>((summaries.front().update_bytes + o.chunk_bytes - 1) /
-                                        o.chunk_bytes));
+        static_cast<unsigned long long>((summaries.front().update_bytes + o.chunk_bytes - 1) / o.chunk_bytes));
   }
   std::printf("\n");
   PrintTableHeader();

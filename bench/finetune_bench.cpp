@@ -60,8 +60,8 @@ absl::StatusOr<std::string> RunChild(const std::vector<std::string>& args) {
 
 }  // namespace
 
-absl::StatusOr<std::vector<FinetuneBenchRow>> RunFinetuneBench(const FinetuneBenchOptions& o, const std::string& seedling,
-                                                              std::ostream& out) {
+absl::StatusOr<std::vector<FinetuneBenchRow>> RunFinetuneBench(const FinetuneBenchOptions& o,
+                                                               const std::string& seedling, std::ostream& out) {
   std::string work = o.work_dir;
   if (work.empty()) work = (std::filesystem::temp_directory_path() / StrCat("seedling_bench_", ::getpid())).string();
   SEEDLING_RETURN_IF_ERROR(MakeDirs(work));
@@ -99,15 +99,23 @@ absl::StatusOr<std::vector<FinetuneBenchRow>> RunFinetuneBench(const FinetuneBen
   const std::string forward_seconds = absl::StrFormat("%g", std::max(o.seconds, 1e-3));  // at least one forward
   const std::vector<std::string> timing = {"--untimed-steps", "1", "--min-seconds", seconds};
   const std::vector<Config> configs = {
-      {"inference", "inference (forward)", "mezo",
+      {"inference",
+       "inference (forward)",
+       "mezo",
        {"--steps", "0", "--variant", "in-place-restore", "--forward-seconds", forward_seconds}},
       o.memory_budget.empty()
           ? Config{"lora-bp", "lora-bp (recompute every layer)", "lora-bp", {"--steps", steps, "--recompute", "on"}}
-          : Config{"lora-bp", StrCat("lora-bp (planned, budget ", o.memory_budget, ")"), "lora-bp",
+          : Config{"lora-bp",
+                   StrCat("lora-bp (planned, budget ", o.memory_budget, ")"),
+                   "lora-bp",
                    {"--steps", steps, "--memory-budget", o.memory_budget}},
-      {"lora-bp-no-recompute", "lora-bp, no recompute, 1 CE chunk", "lora-bp",
+      {"lora-bp-no-recompute",
+       "lora-bp, no recompute, 1 CE chunk",
+       "lora-bp",
        {"--steps", steps, "--recompute", "off", "--ce-chunk", std::to_string(o.seq_len)}},
-      {"fwdgrad", absl::StrFormat("fwdgrad (batched JVP, K = %d)", o.perturbations), "fwdgrad",
+      {"fwdgrad",
+       absl::StrFormat("fwdgrad (batched JVP, K = %d)", o.perturbations),
+       "fwdgrad",
        {"--steps", steps, "--perturbations", std::to_string(o.perturbations)}},
       {"mezo", "mezo (batched probes)", "mezo", {"--steps", steps}},
       {"mezo-in-place", "mezo (in-place probes)", "mezo", {"--steps", steps, "--variant", "in-place-restore"}},
@@ -123,9 +131,14 @@ absl::StatusOr<std::vector<FinetuneBenchRow>> RunFinetuneBench(const FinetuneBen
   std::vector<FinetuneBenchRow> rows;
   int64_t inference_peak = 0;
   for (const Config& c : configs) {
-    std::vector<std::string> args = {seedling, "finetune", "--model", model_dir, "--data", data, "--seq-len",
-                                     std::to_string(o.seq_len), "--batch", "1", "--heldout", "0.02", "--out",
-                                     JoinPath(work, "out"), "--weights", o.weights};
+    std::vector<std::string> args = {seedling,    "finetune",
+                                     "--model",   model_dir,
+                                     "--data",    data,
+                                     "--seq-len", std::to_string(o.seq_len),
+                                     "--batch",   "1",
+                                     "--heldout", "0.02",
+                                     "--out",     JoinPath(work, "out"),
+                                     "--weights", o.weights};
     args.insert(args.end(), {"--method", c.method});
     args.insert(args.end(), c.extra.begin(), c.extra.end());
     if (c.name != "inference") args.insert(args.end(), timing.begin(), timing.end());
@@ -152,13 +165,13 @@ absl::StatusOr<std::vector<FinetuneBenchRow>> RunFinetuneBench(const FinetuneBen
     r.plan = j.contains("plan") ? j["plan"].dump() : "";
     r.step_tensor_peak_bytes = j.value("step_tensor_peak_bytes", int64_t{0});
     if (rows.empty()) inference_peak = r.peak_rss_bytes;
-    out << absl::StrFormat("%-36s %9.0f %5.1f%% %11s %11s %11s %11s %8.2fx %13s %12s\n", r.label, r.tokens_per_second,
-                           100.0 * r.mfu,
-                           FormatBytes(r.peak_rss_bytes), FormatBytes(r.peak_rss_anon_bytes),
-                           FormatBytes(r.peak_rss_file_bytes), FormatBytes(r.planned_peak_bytes),
-                           static_cast<double>(r.peak_rss_bytes) / static_cast<double>(std::max<int64_t>(inference_peak, 1)),
-                           FormatBytes(std::max<int64_t>(0, r.peak_rss_bytes - inference_peak)),
-                           rows.empty() ? std::string("-") : FormatBytes(r.step_tensor_peak_bytes));
+    out << absl::StrFormat(
+        "%-36s %9.0f %5.1f%% %11s %11s %11s %11s %8.2fx %13s %12s\n", r.label, r.tokens_per_second, 100.0 * r.mfu,
+        FormatBytes(r.peak_rss_bytes), FormatBytes(r.peak_rss_anon_bytes), FormatBytes(r.peak_rss_file_bytes),
+        FormatBytes(r.planned_peak_bytes),
+        static_cast<double>(r.peak_rss_bytes) / static_cast<double>(std::max<int64_t>(inference_peak, 1)),
+        FormatBytes(std::max<int64_t>(0, r.peak_rss_bytes - inference_peak)),
+        rows.empty() ? std::string("-") : FormatBytes(r.step_tensor_peak_bytes));
     out.flush();
     rows.push_back(r);
   }

@@ -32,11 +32,11 @@ struct FinetuneBenchOptions {
 };
 
 struct FinetuneBenchRow {
-  std::string name;                 // stable id: inference, lora-bp, lora-bp-no-recompute, fwdgrad, mezo, kseed
-  std::string label;                // the table's description
+  std::string name;   // stable id: inference, lora-bp, lora-bp-no-recompute, fwdgrad, mezo, kseed
+  std::string label;  // the table's description
   std::string method;
-  double tokens_per_second = 0;     // processed tokens (prompts included), as `bench forward` counts
-  double mfu = 0;                   // model FLOP/s over the in-run sgemm GFLOP/s (client/compute_model.h)
+  double tokens_per_second = 0;  // processed tokens (prompts included), as `bench forward` counts
+  double mfu = 0;                // model FLOP/s over the in-run sgemm GFLOP/s (client/compute_model.h)
   int64_t peak_rss_bytes = 0;
   int64_t peak_rss_anon_bytes = 0;  // anonymous (dirty) part, sampled
   int64_t peak_rss_file_bytes = 0;  // file-backed part (mapped weights, code), sampled
@@ -47,6 +47,6 @@ struct FinetuneBenchRow {
 
 // `seedling` is the path of the seedling binary to run the children with.
 absl::StatusOr<std::vector<FinetuneBenchRow>> RunFinetuneBench(const FinetuneBenchOptions& options,
-                                                              const std::string& seedling, std::ostream& out);
+                                                               const std::string& seedling, std::ostream& out);
 
 }  // namespace seedling::bench

@@ -29,7 +29,8 @@ double ForwardFlops(const model::ModelConfig& c, int64_t batch, int64_t seq) {
   const double h = static_cast<double>(c.hidden_size);
   const double per_layer = h * static_cast<double>(c.q_dim() + 2 * c.kv_dim()) + static_cast<double>(c.q_dim()) * h +
                            3.0 * h * static_cast<double>(c.intermediate_size);
-  const double matmul_params = static_cast<double>(c.num_hidden_layers) * per_layer + static_cast<double>(c.vocab_size) * h;
+  const double matmul_params =
+      static_cast<double>(c.num_hidden_layers) * per_layer + static_cast<double>(c.vocab_size) * h;
   const double tokens = static_cast<double>(batch * seq);
   const double attention = 4.0 * static_cast<double>(batch) * static_cast<double>(seq) * static_cast<double>(seq) *
                            static_cast<double>(c.q_dim()) * static_cast<double>(c.num_hidden_layers);
@@ -37,7 +38,7 @@ double ForwardFlops(const model::ModelConfig& c, int64_t batch, int64_t seq) {
 }
 
 struct Timing {
-  double seconds = 0;            // per step
+  double seconds = 0;             // per step
   int64_t peak_tensor_bytes = 0;  // of the warm-up step
 };
 
@@ -92,18 +93,18 @@ absl::StatusOr<std::vector<ForwardBenchRow>> RunForwardBench(const ForwardBenchO
       r.sgemm_gflops = sgemm;
       r.peak_rss_bytes = PeakRssBytes();
       r.peak_tensor_bytes = timing.peak_tensor_bytes;
-      out << absl::StrFormat("%-14s %-28s %10.0f %10.1f %9.1f %7.0f%% %10s %12s\n", preset, phase,
-                             r.tokens_per_second, seconds * 1e3, r.gflops, 100.0 * r.gflops / sgemm,
-                             FormatBytes(r.peak_rss_bytes), FormatBytes(r.peak_tensor_bytes));
+      out << absl::StrFormat("%-14s %-28s %10.0f %10.1f %9.1f %7.0f%% %10s %12s\n", preset, phase, r.tokens_per_second,
+                             seconds * 1e3, r.gflops, 100.0 * r.gflops / sgemm, FormatBytes(r.peak_rss_bytes),
+                             FormatBytes(r.peak_tensor_bytes));
       out.flush();
       rows.push_back(r);
     };
 
     ResetPeakRss();
     SEEDLING_ASSIGN_OR_RETURN(Timing fwd, TimeIt(o, [&]() -> absl::Status {
-      at::NoGradGuard no_grad;
-      return m->Logits(tokens).status();
-    }));
+                                at::NoGradGuard no_grad;
+                                return m->Logits(tokens).status();
+                              }));
     report("forward", fwd, fwd_flops);
 
     if (!o.backward) continue;
@@ -128,11 +129,12 @@ absl::StatusOr<std::vector<ForwardBenchRow>> RunForwardBench(const ForwardBenchO
       model::ForwardOptions fo;
       fo.recompute = phase.recompute;
       SEEDLING_ASSIGN_OR_RETURN(Timing fb, TimeIt(o, [&]() -> absl::Status {
-        SEEDLING_ASSIGN_OR_RETURN(model::LossOutput loss, m->Loss(tokens, tokens, fo));
-        loss.mean().backward();
-        for (model::NamedWeight& w : weights) w.tensor.mutable_grad() = at::Tensor();  // freed inside the step
-        return absl::OkStatus();
-      }));
+                                  SEEDLING_ASSIGN_OR_RETURN(model::LossOutput loss, m->Loss(tokens, tokens, fo));
+                                  loss.mean().backward();
+                                  for (model::NamedWeight& w : weights)
+                                    w.tensor.mutable_grad() = at::Tensor();  // freed inside the step
+                                  return absl::OkStatus();
+                                }));
       report(phase.name, fb, phase.flops_factor * fwd_flops);
     }
   }

@@ -27,16 +27,15 @@ struct ForwardBenchOptions {
 struct ForwardBenchRow {
   std::string preset;
   int64_t parameters = 0;
-  std::string phase;          // "forward", "fwd+bwd all weights", "fwd+bwd frozen", "fwd+bwd frozen, recompute"
-  int64_t tokens = 0;         // per iteration
-  double seconds = 0;         // per iteration
+  std::string phase;   // "forward", "fwd+bwd all weights", "fwd+bwd frozen", "fwd+bwd frozen, recompute"
+  int64_t tokens = 0;  // per iteration
+  double seconds = 0;  // per iteration
   double tokens_per_second = 0;
-  double gflops = 0;          // model FLOPs per second (recomputation not counted as useful work)
-  double sgemm_gflops = 0;    // in-run reference
+  double gflops = 0;        // model FLOPs per second (recomputation not counted as useful work)
+  double sgemm_gflops = 0;  // in-run reference
   int64_t peak_rss_bytes = 0;
   int64_t peak_tensor_bytes = 0;  // high-water mark of tensor storage allocated during one step
 };
-
 
 // Runs the benchmark, printing a table to `out` as rows complete.
 absl::StatusOr<std::vector<ForwardBenchRow>> RunForwardBench(const ForwardBenchOptions& options, std::ostream& out);

@@ -125,13 +125,11 @@ Result RunOne(uint32_t n, uint32_t k, uint32_t numel, double dropout) {
   std::vector<SecAggClient> clients;
   clients.reserve(n);
   for (uint32_t id = 0; id < n; ++id) {
-    clients.push_back(
-        Must(watch[id]([&] { return SecAggClient::Create(config, id, random); }), "client"));
+    clients.push_back(Must(watch[id]([&] { return SecAggClient::Create(config, id, random); }), "client"));
   }
   // Stage 0.
   for (uint32_t id = 0; id < n; ++id) {
-    const std::string up =
-        watch[id]([&] { return Must(clients[id].AdvertiseKeys(), "advertise").Serialize(); });
+    const std::string up = watch[id]([&] { return Must(clients[id].AdvertiseKeys(), "advertise").Serialize(); });
     uploaded[id] += up.size();
     on_server([&] {
       Must(server.AddAdvertiseKeys(Must(AdvertiseKeysMessage::Parse(up), "parse")), "add keys");
@@ -143,8 +141,7 @@ Result RunOne(uint32_t n, uint32_t k, uint32_t numel, double dropout) {
   for (uint32_t id = 0; id < n; ++id) {
     const std::string down = directories.at(id).Serialize();
     const std::string up = watch[id]([&] {
-      return Must(clients[id].ShareKeys(Must(KeyDirectoryMessage::Parse(down), "parse")), "share")
-          .Serialize();
+      return Must(clients[id].ShareKeys(Must(KeyDirectoryMessage::Parse(down), "parse")), "share").Serialize();
     });
     uploaded[id] += up.size();
     on_server([&] {
@@ -164,12 +161,10 @@ Result RunOne(uint32_t n, uint32_t k, uint32_t numel, double dropout) {
     const std::string down = relays.at(id).Serialize();
     std::vector<uint32_t> encoded;
     const std::string up = watch[id]([&] {
-      encoded = Must(EncodeInput(x, 1, config.params, Rounding::kStochastic,
-                                 seedling::RngKey{id, seedling::rng_stream::kDropout}),
-                     "encode");
-      return Must(clients[id].MaskInput(Must(ShareRelayMessage::Parse(down), "parse"), encoded),
-                  "mask")
-          .Serialize();
+      encoded = Must(
+          EncodeInput(x, 1, config.params, Rounding::kStochastic, seedling::RngKey{id, seedling::rng_stream::kDropout}),
+          "encode");
+      return Must(clients[id].MaskInput(Must(ShareRelayMessage::Parse(down), "parse"), encoded), "mask").Serialize();
     });
     for (size_t i = 0; i < expected.size(); ++i) expected[i] += encoded[i];
     uploaded[id] += up.size();
@@ -184,8 +179,7 @@ Result RunOne(uint32_t n, uint32_t k, uint32_t numel, double dropout) {
   for (const auto& [id, request] : requests) {
     const std::string down = request.Serialize();
     const std::string up = watch[id]([&] {
-      return Must(clients[id].Unmask(Must(UnmaskRequestMessage::Parse(down), "parse")), "unmask")
-          .Serialize();
+      return Must(clients[id].Unmask(Must(UnmaskRequestMessage::Parse(down), "parse")), "unmask").Serialize();
     });
     uploaded[id] += up.size();
     on_server([&] {
@@ -245,9 +239,8 @@ int main(int argc, char** argv) {
       "SecAgg+ benchmark: m = %u entries (+1 weight slot), 2^16 quantization levels, "
       "one session per row, clients simulated sequentially\n",
       numel);
-  std::printf("%-9s %5s %4s %4s %7s | %11s %11s | %10s %10s | %12s %9s | %9s %5s\n", "graph", "n",
-              "k", "t", "dropout", "client mean", "client max", "server", "unmask", "upload/client",
-              "expansion", "peak RSS", "exact");
+  std::printf("%-9s %5s %4s %4s %7s | %11s %11s | %10s %10s | %12s %9s | %9s %5s\n", "graph", "n", "k", "t", "dropout",
+              "client mean", "client max", "server", "unmask", "upload/client", "expansion", "peak RSS", "exact");
   for (const std::string& g : Split(graphs)) {
     for (const std::string& c : Split(clients)) {
       const uint32_t n = static_cast<uint32_t>(std::stoul(c));
@@ -260,9 +253,9 @@ int main(int argc, char** argv) {
         std::printf(
             "%-9s %5u %4u %4u %6.0f%% | %8.1f ms %8.1f ms | %7.0f ms %7.0f ms | %9.1f KB %8.4fx | "
             "%9s %5s\n",
-            g.c_str(), n, k, k / 2 + 1, 100 * std::stod(d), r.client_mean_ms, r.client_max_ms,
-            r.server_ms, r.unmask_ms, r.upload_bytes / 1000.0, r.expansion,
-            seedling::FormatBytes(seedling::PeakRssBytes()).c_str(), r.exact ? "yes" : "NO");
+            g.c_str(), n, k, k / 2 + 1, 100 * std::stod(d), r.client_mean_ms, r.client_max_ms, r.server_ms, r.unmask_ms,
+            r.upload_bytes / 1000.0, r.expansion, seedling::FormatBytes(seedling::PeakRssBytes()).c_str(),
+            r.exact ? "yes" : "NO");
         std::fflush(stdout);
         if (!r.exact) return 1;
       }

@@ -96,9 +96,8 @@ void seedling_client_set_progress(seedling_client* client, seedling_progress_fn 
     client->client->SetProgressCallback(nullptr);
     return;
   }
-  client->client->SetProgressCallback([fn, user](const seedling::client::RunProgress& p) {
-    fn(p.phase.c_str(), p.done, p.total, user);
-  });
+  client->client->SetProgressCallback(
+      [fn, user](const seedling::client::RunProgress& p) { fn(p.phase.c_str(), p.done, p.total, user); });
 }
 
 // The C outcome is the C++ one's value.

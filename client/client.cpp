@@ -1,5 +1,7 @@
 #include "client/client.h"
 
+#include <toml++/toml.h>
+
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -9,7 +11,6 @@
 #include <nlohmann/json.hpp>
 #include <set>
 #include <utility>
-#include <toml++/toml.h>
 
 #include "absl/strings/escaping.h"
 #include "base/file.h"
@@ -154,7 +155,8 @@ absl::StatusOr<std::string> EncodeUpdate(const v1::Task& task, const TaskSpec& s
     SEEDLING_ASSIGN_OR_RETURN(payload, EncodeDenseUpdate(task, update, state));
   }
   if (payload.size() > task.max_update_bytes()) {
-    return absl::ResourceExhaustedError(StrCat("the encoded update (", payload.size(), " bytes) exceeds the task's cap"));
+    return absl::ResourceExhaustedError(
+        StrCat("the encoded update (", payload.size(), " bytes) exceeds the task's cap"));
   }
   return payload;
 }
@@ -231,8 +233,8 @@ absl::Status Client::SetDataPath(const std::string& path) {
 
 absl::Status Client::AddExample(std::string_view json_row) {
   if (static_cast<int64_t>(json_row.size()) > config_.max_row_bytes) {
-    return absl::InvalidArgumentError(StrCat("the example is ", json_row.size(), " bytes; max_row_bytes is ",
-                                             config_.max_row_bytes));
+    return absl::InvalidArgumentError(
+        StrCat("the example is ", json_row.size(), " bytes; max_row_bytes is ", config_.max_row_bytes));
   }
   SEEDLING_ASSIGN_OR_RETURN(const Json row, ParseJson(json_row, "the example"));
   if (!row.is_object()) return absl::InvalidArgumentError("an example must be a JSON object");
@@ -319,7 +321,8 @@ absl::StatusOr<std::unique_ptr<comms::Channel>> Client::Connect() {
     if (!reply->has_hello_reply()) return absl::InternalError("the server did not answer Hello");
     return std::move(channel).value();
   }
-  return absl::UnavailableError(StrCat("server unreachable after ", config_.max_attempts, " attempts: ", last.message()));
+  return absl::UnavailableError(
+      StrCat("server unreachable after ", config_.max_attempts, " attempts: ", last.message()));
 }
 
 absl::StatusOr<v1::Envelope> Client::Call(std::unique_ptr<comms::Channel>& channel, v1::Envelope request) {
@@ -342,7 +345,8 @@ absl::StatusOr<RunResult> Client::RunOnce() {
   // A Cancel() that came while no run was going (e.g. just before this one started on another thread)
   // applies to this run: it is not lost.
   absl::StatusOr<RunResult> r =
-      cancelled_ ? absl::StatusOr<RunResult>(absl::CancelledError("cancelled before the run started")) : RunOnceLocked();
+      cancelled_ ? absl::StatusOr<RunResult>(absl::CancelledError("cancelled before the run started"))
+                 : RunOnceLocked();
   const bool was_cancelled = cancelled_.exchange(false);  // one Cancel() stops one run
   // Cancel() outside training (connecting, backing off, syncing, uploading) stops the run where it is; the
   // state directory is consistent as after any error, and the caller sees kCancelled as documented.
@@ -651,9 +655,9 @@ absl::Status Client::BeginTask(const v1::Task& task, State& state) {
   return state.Save();
 }
 
-absl::StatusOr<std::unique_ptr<internal::SecAggParticipant>> Client::JoinSecAgg(std::unique_ptr<comms::Channel>& channel,
-                                                                                const v1::Task& task, optim::Method method,
-                                                                                const std::vector<float>& global) {
+absl::StatusOr<std::unique_ptr<internal::SecAggParticipant>> Client::JoinSecAgg(
+    std::unique_ptr<comms::Channel>& channel, const v1::Task& task, optim::Method method,
+    const std::vector<float>& global) {
   if (method != optim::Method::kLoraBp && method != optim::Method::kMezo) {
     return absl::FailedPreconditionError(
         StrCat("secure aggregation needs a dense delta; method ", task.method(), " does not produce one"));
@@ -672,8 +676,8 @@ absl::StatusOr<std::unique_ptr<internal::SecAggParticipant>> Client::JoinSecAgg(
 }
 
 absl::StatusOr<TrainingResult> Client::TrainLocally(const TaskSpec& spec, const MemoryPlan& plan,
-                                                   const LocalDataset& data, lora::LoraAdapter& adapter,
-                                                   const State& state) {
+                                                    const LocalDataset& data, lora::LoraAdapter& adapter,
+                                                    const State& state) {
   // Resume from the task's latest checkpoint, if any.
   const std::string& key = state.idempotency_key;
   const std::optional<TrainingCheckpoint> resume = state.ReadCheckpoint(key);
@@ -827,9 +831,8 @@ absl::StatusOr<RunResult> Client::Upload(std::unique_ptr<comms::Channel>& channe
   r.loss_start = state.metrics.loss_start();
   r.processed_tokens = state.metrics.processed_tokens();
   r.scored_tokens = state.metrics.scored_tokens();
-  r.tokens_per_second = state.metrics.train_seconds() > 0
-                            ? static_cast<double>(r.processed_tokens) / state.metrics.train_seconds()
-                            : 0.0;
+  r.tokens_per_second =
+      state.metrics.train_seconds() > 0 ? static_cast<double>(r.processed_tokens) / state.metrics.train_seconds() : 0.0;
   r.loss_end = state.metrics.loss_end();
   r.update_bytes = payload.size();
   state.phase = internal::Phase::kIdle;

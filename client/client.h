@@ -76,8 +76,8 @@ struct RunResult {
   uint64_t processed_tokens = 0;  // kUploaded after training: tokens the steps processed (prompts included),
   uint64_t scored_tokens = 0;     // the ones the loss scored,
   double tokens_per_second = 0;   // and processed tokens per second of training
-  std::string weights;    // kUploaded after training, and kDeclined for memory: the representation of the frozen
-                          // base weights the device planned (and trained) with: "fp32", "stored", "q8_0", "q4_0"
+  std::string weights;  // kUploaded after training, and kDeclined for memory: the representation of the frozen
+                        // base weights the device planned (and trained) with: "fp32", "stored", "q8_0", "q4_0"
 };
 
 struct RunProgress {
@@ -174,8 +174,7 @@ class Client {
   absl::StatusOr<RunResult> SubmitSecAgg(internal::SecAggParticipant& secagg, const v1::Task& task,
                                          const std::vector<float>& update, uint64_t examples, State& state);
   // Writes the encoded update durably (phase kTrained) before the upload starts.
-  absl::Status StageUpload(const std::string& payload, uint64_t examples, const TrainingResult& trained,
-                           State& state);
+  absl::Status StageUpload(const std::string& payload, uint64_t examples, const TrainingResult& trained, State& state);
   std::string DataPath();
   LocalDataOptions DataOptions(const TaskSpec& spec, const model::ModelConfig& model_config) const;
   // Shows the upload observer (SetUploadObserver) what is about to leave the device.

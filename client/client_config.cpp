@@ -1,8 +1,9 @@
 #include "client/client_config.h"
 
+#include <toml++/toml.h>
+
 #include <limits>
 #include <nlohmann/json.hpp>
-#include <toml++/toml.h>
 #include <type_traits>
 #include <utility>
 
@@ -39,8 +40,9 @@ absl::Status ApplyConfig(const Json& j, ClientConfig& c) {
       using T = std::remove_reference_t<decltype(out)>;
       if constexpr (std::is_integral_v<T>) {
         // Range-checked: get<T>() alone would wrap 70000 into a uint16_t port, 2^32 + 1 into an int.
-        const bool in_range = value.is_number_unsigned() ? std::in_range<T>(value.get<uint64_t>())
-                                                         : value.is_number_integer() && std::in_range<T>(value.get<int64_t>());
+        const bool in_range = value.is_number_unsigned()
+                                  ? std::in_range<T>(value.get<uint64_t>())
+                                  : value.is_number_integer() && std::in_range<T>(value.get<int64_t>());
         if (!in_range) {
           return absl::InvalidArgumentError(StrCat("'", key, "' must be an integer in [", std::numeric_limits<T>::min(),
                                                    ", ", std::numeric_limits<T>::max(), "]"));
@@ -52,22 +54,38 @@ absl::Status ApplyConfig(const Json& j, ClientConfig& c) {
       return absl::OkStatus();
     };
     absl::Status st;
-    if (key == "host") st = str(c.host);
-    else if (key == "port") st = num(c.port);
-    else if (key == "ca_file") st = str(c.ca_file);
-    else if (key == "pinned_public_key_sha256") st = str(c.pinned_public_key_sha256);
-    else if (key == "server_name") st = str(c.server_name);
-    else if (key == "client_cert_file") st = str(c.client_cert_file);
-    else if (key == "client_key_file") st = str(c.client_key_file);
-    else if (key == "device_id") st = str(c.device_id);
-    else if (key == "token") st = str(c.token);
-    else if (key == "state_dir") st = str(c.state_dir);
-    else if (key == "model_dir") st = str(c.model_dir);
-    else if (key == "weights") st = str(c.weights);
-    else if (key == "weight_cache_dir") st = str(c.weight_cache_dir);
-    else if (key == "data_path") st = str(c.data_path);
-    else if (key == "memory_budget_bytes") st = num(c.memory_budget_bytes);
-    else if (key == "max_row_bytes") st = num(c.max_row_bytes);
+    if (key == "host")
+      st = str(c.host);
+    else if (key == "port")
+      st = num(c.port);
+    else if (key == "ca_file")
+      st = str(c.ca_file);
+    else if (key == "pinned_public_key_sha256")
+      st = str(c.pinned_public_key_sha256);
+    else if (key == "server_name")
+      st = str(c.server_name);
+    else if (key == "client_cert_file")
+      st = str(c.client_cert_file);
+    else if (key == "client_key_file")
+      st = str(c.client_key_file);
+    else if (key == "device_id")
+      st = str(c.device_id);
+    else if (key == "token")
+      st = str(c.token);
+    else if (key == "state_dir")
+      st = str(c.state_dir);
+    else if (key == "model_dir")
+      st = str(c.model_dir);
+    else if (key == "weights")
+      st = str(c.weights);
+    else if (key == "weight_cache_dir")
+      st = str(c.weight_cache_dir);
+    else if (key == "data_path")
+      st = str(c.data_path);
+    else if (key == "memory_budget_bytes")
+      st = num(c.memory_budget_bytes);
+    else if (key == "max_row_bytes")
+      st = num(c.max_row_bytes);
     else if (key == "memory_budget") {
       if (value.is_string()) {
         auto b = ParseByteSize(value.get<std::string>());
@@ -83,15 +101,24 @@ absl::Status ApplyConfig(const Json& j, ClientConfig& c) {
         if (!m.is_string()) return absl::InvalidArgumentError("'methods' must be an array of strings");
         c.methods.push_back(m.get<std::string>());
       }
-    } else if (key == "connect_timeout_ms") st = num(c.connect_timeout_ms);
-    else if (key == "call_timeout_ms") st = num(c.call_timeout_ms);
-    else if (key == "max_attempts") st = num(c.max_attempts);
-    else if (key == "backoff_base_s") st = num(c.backoff_base_s);
-    else if (key == "backoff_max_s") st = num(c.backoff_max_s);
-    else if (key == "checkpoint_every") st = num(c.checkpoint_every);
-    else if (key == "seed") st = num(c.seed);
-    else if (key == "upload_chunk_bytes") st = num(c.upload_chunk_bytes);
-    else return absl::InvalidArgumentError(StrCat("unknown client config key '", key, "'"));
+    } else if (key == "connect_timeout_ms")
+      st = num(c.connect_timeout_ms);
+    else if (key == "call_timeout_ms")
+      st = num(c.call_timeout_ms);
+    else if (key == "max_attempts")
+      st = num(c.max_attempts);
+    else if (key == "backoff_base_s")
+      st = num(c.backoff_base_s);
+    else if (key == "backoff_max_s")
+      st = num(c.backoff_max_s);
+    else if (key == "checkpoint_every")
+      st = num(c.checkpoint_every);
+    else if (key == "seed")
+      st = num(c.seed);
+    else if (key == "upload_chunk_bytes")
+      st = num(c.upload_chunk_bytes);
+    else
+      return absl::InvalidArgumentError(StrCat("unknown client config key '", key, "'"));
     SEEDLING_RETURN_IF_ERROR(st);
   }
   return c.Validate();

@@ -21,10 +21,9 @@ struct ForwardParts {
 
 ForwardParts PartsOf(const model::ModelConfig& config, int64_t seq_len) {
   const double hidden = static_cast<double>(config.hidden_size);
-  const double head_dim =
-      config.head_dim > 0
-          ? static_cast<double>(config.head_dim)
-          : hidden / static_cast<double>(std::max<int64_t>(1, config.num_attention_heads));
+  const double head_dim = config.head_dim > 0
+                              ? static_cast<double>(config.head_dim)
+                              : hidden / static_cast<double>(std::max<int64_t>(1, config.num_attention_heads));
   const double q_dim = static_cast<double>(config.num_attention_heads) * head_dim;
   const double kv_dim = static_cast<double>(config.num_key_value_heads) * head_dim;
   const double layers = static_cast<double>(config.num_hidden_layers);
@@ -40,8 +39,8 @@ ForwardParts PartsOf(const model::ModelConfig& config, int64_t seq_len) {
 
 }  // namespace
 
-double LocalTrainingFlops(const model::ModelConfig& config, std::string_view method, int64_t steps,
-                          int64_t batch, int64_t seq_len, int64_t perturbations) {
+double LocalTrainingFlops(const model::ModelConfig& config, std::string_view method, int64_t steps, int64_t batch,
+                          int64_t seq_len, int64_t perturbations) {
   SEEDLING_CHECK(IsKnownTrainingMethod(method), "unknown training method");
   const ForwardParts f = PartsOf(config, seq_len);
   const double p = static_cast<double>(std::max<int64_t>(1, perturbations));

@@ -35,8 +35,8 @@ bool IsKnownTrainingMethod(std::string_view method);
 //
 // perturbations < 1 counts as 1. Linear in steps and in batch. An unknown method is a programming error
 // (aborts): check IsKnownTrainingMethod first.
-double LocalTrainingFlops(const model::ModelConfig& config, std::string_view method, int64_t steps,
-                          int64_t batch, int64_t seq_len, int64_t perturbations);
+double LocalTrainingFlops(const model::ModelConfig& config, std::string_view method, int64_t steps, int64_t batch,
+                          int64_t seq_len, int64_t perturbations);
 
 // Model FLOP utilization of a run that processed `processed_tokens` in `seconds` with the given shape:
 // LocalTrainingFlops scaled to the tokens actually processed (rows can be shorter than seq_len), per

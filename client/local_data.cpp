@@ -50,8 +50,8 @@ uint64_t Fnv1aU64(uint64_t h, uint64_t v) {
 // base/philox.h's streams.
 std::array<uint32_t, 4> DataBlock(uint64_t seed, uint64_t block) {
   constexpr uint64_t kStream = rng_stream::kData;
-  return Philox4x32({static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32),
-                     static_cast<uint32_t>(kStream), static_cast<uint32_t>(kStream >> 32)},
+  return Philox4x32({static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32), static_cast<uint32_t>(kStream),
+                     static_cast<uint32_t>(kStream >> 32)},
                     {static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)});
 }
 
@@ -121,23 +121,19 @@ absl::StatusOr<std::string> DollyAsAlpaca(const Json& row) {
   if (const auto it = row.find("instruction"); it != row.end()) alpaca["instruction"] = *it;
   const auto context = row.find("context");
   if (context != row.end() && !context->is_null()) {
-    if (!context->is_string())
-      return absl::InvalidArgumentError(R"(field "context" must be a string)");
+    if (!context->is_string()) return absl::InvalidArgumentError(R"(field "context" must be a string)");
     alpaca["input"] = *context;
   }
   const auto response = row.find("response");
-  if (response == row.end() || response->is_null())
-    return absl::InvalidArgumentError(R"(missing field "response")");
-  if (!response->is_string())
-    return absl::InvalidArgumentError(R"(field "response" must be a string)");
+  if (response == row.end() || response->is_null()) return absl::InvalidArgumentError(R"(missing field "response")");
+  if (!response->is_string()) return absl::InvalidArgumentError(R"(field "response" must be a string)");
   alpaca["output"] = *response;
   return alpaca.dump();
 }
 
 // Parses and tokenizes one non-blank row; any error is the reason to skip it. Sets `truncated` when
 // the example was cut to seq_len.
-absl::StatusOr<LocalExample> TokenizeLocalRow(std::string_view line,
-                                              const model::Tokenizer& tokenizer,
+absl::StatusOr<LocalExample> TokenizeLocalRow(std::string_view line, const model::Tokenizer& tokenizer,
                                               const LocalDataOptions& options, bool& truncated) {
   if (const size_t bad = FirstInvalidUtf8(line); bad != std::string_view::npos) {
     return absl::InvalidArgumentError(StrCat("not valid UTF-8 (byte ", bad + 1, ")"));
@@ -186,23 +182,20 @@ absl::StatusOr<LocalExample> TokenizeLocalRow(std::string_view line,
   }
   model::Example& ex = out.example;
   if (ex.ScoredTokens() == 0) {
-    return absl::InvalidArgumentError(
-        StrCat("row has no token to score (", ex.tokens.size(), " tokens)"));
+    return absl::InvalidArgumentError(StrCat("row has no token to score (", ex.tokens.size(), " tokens)"));
   }
   const auto seq_len = static_cast<size_t>(options.seq_len);
   truncated = ex.tokens.size() > seq_len;
   if (truncated) {
-    const auto prompt_len =
-        static_cast<int64_t>(std::find_if(ex.labels.begin(), ex.labels.end(),
-                                          [](int32_t l) { return l != model::kIgnoreIndex; }) -
-                             ex.labels.begin());
+    const auto prompt_len = static_cast<int64_t>(
+        std::find_if(ex.labels.begin(), ex.labels.end(), [](int32_t l) { return l != model::kIgnoreIndex; }) -
+        ex.labels.begin());
     ex.tokens.resize(seq_len);
     ex.labels.resize(seq_len);
     // Kept rows always have a scored token of their own, so no unpacked batch row is all -100
     // (a 0/0 loss).
     if (ex.ScoredTokens() == 0) {
-      return absl::InvalidArgumentError(StrCat("the prompt is ", prompt_len, " tokens; seq_len ",
-                                               options.seq_len,
+      return absl::InvalidArgumentError(StrCat("the prompt is ", prompt_len, " tokens; seq_len ", options.seq_len,
                                                " leaves no response token to score"));
     }
   }
@@ -210,22 +203,18 @@ absl::StatusOr<LocalExample> TokenizeLocalRow(std::string_view line,
 }
 
 absl::Status ValidateOptions(const LocalDataOptions& o, const model::Tokenizer& tokenizer) {
-  if (o.seq_len < 2)
-    return absl::InvalidArgumentError(StrCat("seq_len must be >= 2, got ", o.seq_len));
-  if (o.batch_size < 1)
-    return absl::InvalidArgumentError(StrCat("batch_size must be >= 1, got ", o.batch_size));
+  if (o.seq_len < 2) return absl::InvalidArgumentError(StrCat("seq_len must be >= 2, got ", o.seq_len));
+  if (o.batch_size < 1) return absl::InvalidArgumentError(StrCat("batch_size must be >= 1, got ", o.batch_size));
   if (o.max_row_bytes < kMinMaxRowBytes || o.max_row_bytes > kMaxMaxRowBytes) {
-    return absl::InvalidArgumentError(StrCat("max_row_bytes must be in [", kMinMaxRowBytes, ", ", kMaxMaxRowBytes,
-                                             "], got ", o.max_row_bytes));
+    return absl::InvalidArgumentError(
+        StrCat("max_row_bytes must be in [", kMinMaxRowBytes, ", ", kMaxMaxRowBytes, "], got ", o.max_row_bytes));
   }
   if (!(o.heldout_fraction >= 0.0 && o.heldout_fraction < 1.0)) {
-    return absl::InvalidArgumentError(
-        StrCat("heldout_fraction must be in [0, 1), got ", o.heldout_fraction));
+    return absl::InvalidArgumentError(StrCat("heldout_fraction must be in [0, 1), got ", o.heldout_fraction));
   }
   if (o.eos_id && (*o.eos_id < 0 || *o.eos_id >= tokenizer.vocab_size())) {
-    return absl::InvalidArgumentError(StrCat("eos_id ", *o.eos_id,
-                                             " is not a token id of the tokenizer (vocab size ",
-                                             tokenizer.vocab_size(), ")"));
+    return absl::InvalidArgumentError(
+        StrCat("eos_id ", *o.eos_id, " is not a token id of the tokenizer (vocab size ", tokenizer.vocab_size(), ")"));
   }
   return absl::OkStatus();
 }
@@ -236,22 +225,20 @@ int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 std::string LoadStats::SkipMessage() const {
   if (skipped == 0) return "";
-  return StrCat("skipped ", skipped, " of ", rows, " rows; first at line ", first_bad_line, ": ",
-                first_error);
+  return StrCat("skipped ", skipped, " of ", rows, " rows; first at line ", first_bad_line, ": ", first_error);
 }
 
 // ---- LocalDataset ----
 
-absl::StatusOr<LocalDataset> LocalDataset::Load(const std::string& path,
-                                                const model::Tokenizer& tokenizer,
+absl::StatusOr<LocalDataset> LocalDataset::Load(const std::string& path, const model::Tokenizer& tokenizer,
                                                 const LocalDataOptions& options) {
   // Streamed: at most one row (of at most max_row_bytes) is in memory besides the tokens kept.
-  return FromLines(path, tokenizer, options, [&](const LineFn& fn) { return ForEachLine(path, options.max_row_bytes, fn); });
+  return FromLines(path, tokenizer, options,
+                   [&](const LineFn& fn) { return ForEachLine(path, options.max_row_bytes, fn); });
 }
 
 absl::StatusOr<LocalDataset> LocalDataset::Parse(std::string_view jsonl, std::string_view name,
-                                                 const model::Tokenizer& tokenizer,
-                                                 const LocalDataOptions& options) {
+                                                 const model::Tokenizer& tokenizer, const LocalDataOptions& options) {
   return FromLines(name, tokenizer, options,
                    [&](const LineFn& fn) { return ForEachLineIn(jsonl, options.max_row_bytes, fn); });
 }
@@ -309,25 +296,21 @@ absl::StatusOr<LocalDataset> LocalDataset::FromLines(std::string_view name, cons
   }));
 
   if (stats.rows == 0) return absl::InvalidArgumentError(StrCat(name, ": no rows"));
-  if (usable.empty())
-    return absl::InvalidArgumentError(StrCat(name, ": no usable row: ", stats.SkipMessage()));
+  if (usable.empty()) return absl::InvalidArgumentError(StrCat(name, ": no usable row: ", stats.SkipMessage()));
   if (usable.size() > std::numeric_limits<uint32_t>::max()) {
-    return absl::InvalidArgumentError(
-        StrCat(name, ": ", usable.size(), " rows, more than 2^32 - 1"));
+    return absl::InvalidArgumentError(StrCat(name, ": ", usable.size(), " rows, more than 2^32 - 1"));
   }
 
   // Held-out split: the k rows of smallest key.
   const auto n = static_cast<int64_t>(usable.size());
   int64_t k = 0;
   if (n >= 2 && options.heldout_fraction > 0) {
-    k = std::clamp<int64_t>(std::llround(options.heldout_fraction * static_cast<double>(n)), 1,
-                            n - 1);
+    k = std::clamp<int64_t>(std::llround(options.heldout_fraction * static_cast<double>(n)), 1, n - 1);
   }
   std::vector<uint32_t> by_key(static_cast<size_t>(n));
   std::iota(by_key.begin(), by_key.end(), 0u);
-  std::nth_element(by_key.begin(), by_key.begin() + k, by_key.end(), [&](uint32_t a, uint32_t b) {
-    return std::pair(keys[a], a) < std::pair(keys[b], b);
-  });
+  std::nth_element(by_key.begin(), by_key.begin() + k, by_key.end(),
+                   [&](uint32_t a, uint32_t b) { return std::pair(keys[a], a) < std::pair(keys[b], b); });
   std::vector<bool> held(static_cast<size_t>(n), false);
   for (int64_t i = 0; i < k; ++i) held[by_key[static_cast<size_t>(i)]] = true;
 
@@ -350,25 +333,21 @@ absl::StatusOr<LocalDataset> LocalDataset::FromLines(std::string_view name, cons
   h = Fnv1aU64(h, static_cast<uint64_t>(data.train_.size()));
   for (const LocalExample& ex : data.train_) {
     h = Fnv1aU64(h, static_cast<uint64_t>(ex.example.tokens.size()));
-    for (const int32_t t : ex.example.tokens)
-      h = Fnv1aU64(h, static_cast<uint64_t>(static_cast<uint32_t>(t)));
-    for (const int32_t l : ex.example.labels)
-      h = Fnv1aU64(h, static_cast<uint64_t>(static_cast<uint32_t>(l)));
+    for (const int32_t t : ex.example.tokens) h = Fnv1aU64(h, static_cast<uint64_t>(static_cast<uint32_t>(t)));
+    for (const int32_t l : ex.example.labels) h = Fnv1aU64(h, static_cast<uint64_t>(static_cast<uint32_t>(l)));
   }
   data.fingerprint_ = h;
   return data;
 }
 
 int64_t LocalDataset::items_per_epoch() const {
-  return options_.pack ? CeilDiv(train_tokens_, options_.seq_len)
-                       : static_cast<int64_t>(train_.size());
+  return options_.pack ? CeilDiv(train_tokens_, options_.seq_len) : static_cast<int64_t>(train_.size());
 }
 
 std::string LocalDataset::Summary() const {
   std::string s = StrCat(name_, ": ", stats_.rows, " rows");
   if (stats_.skipped > 0) {
-    s += StrCat(" (", stats_.skipped, " skipped, first at line ", stats_.first_bad_line, ": ",
-                stats_.first_error, ")");
+    s += StrCat(" (", stats_.skipped, " skipped, first at line ", stats_.first_bad_line, ": ", stats_.first_error, ")");
   }
   if (stats_.truncated > 0) s += StrCat(", ", stats_.truncated, " truncated to ", options_.seq_len);
   s += StrCat("; train ", train_.size(), " examples, ", train_tokens_, " tokens");
@@ -392,8 +371,7 @@ EpochPlan::EpochPlan(const LocalDataset& data, uint64_t epoch) : data_(&data), e
     starts_.resize(n + 1);
     starts_[0] = 0;
     for (size_t j = 0; j < n; ++j) {
-      starts_[j + 1] =
-          starts_[j] + static_cast<int64_t>(data.train()[order_[j]].example.tokens.size());
+      starts_[j + 1] = starts_[j] + static_cast<int64_t>(data.train()[order_[j]].example.tokens.size());
     }
   }
 }
@@ -413,16 +391,13 @@ model::Example EpochPlan::Item(int64_t i) const {
   block.labels.reserve(static_cast<size_t>(end - begin));
   // The example holding position `begin`: every example is non-empty, so starts_ is strictly
   // increasing.
-  auto j = static_cast<size_t>(std::upper_bound(starts_.begin(), starts_.end(), begin) -
-                               starts_.begin() - 1);
+  auto j = static_cast<size_t>(std::upper_bound(starts_.begin(), starts_.end(), begin) - starts_.begin() - 1);
   for (int64_t pos = begin; pos < end; ++j) {
     const model::Example& ex = train[order_[j]].example;
     const int64_t from = pos - starts_[j];
     const int64_t take = std::min(static_cast<int64_t>(ex.tokens.size()) - from, end - pos);
-    block.tokens.insert(block.tokens.end(), ex.tokens.begin() + from,
-                        ex.tokens.begin() + from + take);
-    block.labels.insert(block.labels.end(), ex.labels.begin() + from,
-                        ex.labels.begin() + from + take);
+    block.tokens.insert(block.tokens.end(), ex.tokens.begin() + from, ex.tokens.begin() + from + take);
+    block.labels.insert(block.labels.end(), ex.labels.begin() + from, ex.labels.begin() + from + take);
     pos += take;
   }
   return block;
@@ -434,14 +409,14 @@ BatchIterator::BatchIterator(const LocalDataset& data) : data_(data) {}
 
 absl::Status BatchIterator::Restore(const IteratorPosition& position) {
   if (position.fingerprint != data_.fingerprint()) {
-    return absl::InvalidArgumentError(StrCat(
-        "iterator position was saved for other data or options (fingerprint ",
-        absl::Hex(position.fingerprint), ", this data has ", absl::Hex(data_.fingerprint()), ")"));
+    return absl::InvalidArgumentError(StrCat("iterator position was saved for other data or options (fingerprint ",
+                                             absl::Hex(position.fingerprint), ", this data has ",
+                                             absl::Hex(data_.fingerprint()), ")"));
   }
   const auto items = static_cast<uint64_t>(data_.items_per_epoch());
   if (position.offset >= items) {
-    return absl::InvalidArgumentError(StrCat("iterator position offset ", position.offset,
-                                             " is not below the epoch's ", items, " items"));
+    return absl::InvalidArgumentError(
+        StrCat("iterator position offset ", position.offset, " is not below the epoch's ", items, " items"));
   }
   epoch_ = position.epoch;
   offset_ = position.offset;

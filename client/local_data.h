@@ -69,9 +69,9 @@ struct LocalDataOptions {
 // One usable row.
 struct LocalExample {
   model::Example example;  // tokens and labels, at most seq_len long
-  std::string topic;  // the row's "topic" field, "" if absent or neither a string nor an integer
-  std::string user;   // the row's "user" field, same rules
-  int64_t line = 0;   // 1-based line number in the file
+  std::string topic;       // the row's "topic" field, "" if absent or neither a string nor an integer
+  std::string user;        // the row's "user" field, same rules
+  int64_t line = 0;        // 1-based line number in the file
 };
 
 // What loading saw. Rows are non-blank lines; rows = usable + skipped.
@@ -133,13 +133,11 @@ class LocalDataset {
   // Reads and tokenizes a JSONL file. NotFound if it does not exist; InvalidArgument for invalid
   // options, or if no row is usable ("data.jsonl: no usable row: skipped 3 of 3 rows; first at line
   // 1: ..."). Skipped rows are reported in stats(). The tokenizer is only used during the call.
-  static absl::StatusOr<LocalDataset> Load(const std::string& path,
-                                           const model::Tokenizer& tokenizer,
+  static absl::StatusOr<LocalDataset> Load(const std::string& path, const model::Tokenizer& tokenizer,
                                            const LocalDataOptions& options);
   // Same, from JSONL text already in memory; `name` stands for the file in messages.
   static absl::StatusOr<LocalDataset> Parse(std::string_view jsonl, std::string_view name,
-                                            const model::Tokenizer& tokenizer,
-                                            const LocalDataOptions& options);
+                                            const model::Tokenizer& tokenizer, const LocalDataOptions& options);
 
   const LocalDataOptions& options() const { return options_; }
   const LoadStats& stats() const { return stats_; }
@@ -232,10 +230,10 @@ class BatchIterator {
 // What loading a data file will hold, bounded before loading it (one streaming pass, nothing parsed), so
 // the memory planner can count data next to weights and activations.
 struct DataFootprint {
-  int64_t rows = 0;              // non-blank rows within max_row_bytes
+  int64_t rows = 0;  // non-blank rows within max_row_bytes
   int64_t longest_row_bytes = 0;
-  int64_t held_bytes = 0;        // examples kept: at most min(row bytes + template, seq_len) tokens a row
-  int64_t transient_bytes = 0;   // tokenizing the longest row
+  int64_t held_bytes = 0;       // examples kept: at most min(row bytes + template, seq_len) tokens a row
+  int64_t transient_bytes = 0;  // tokenizing the longest row
   int64_t total_bytes() const { return held_bytes + transient_bytes; }
 };
 

@@ -20,8 +20,8 @@ namespace {
 using optim::Method;
 
 // Held-out loss (the first training examples when nothing is held out) with the adapter, no gradients.
-absl::StatusOr<double> HeldoutLoss(const model::LlamaModel& model, lora::LoraAdapter* adapter,
-                                   const LocalDataset& data, const MemoryPlan& plan) {
+absl::StatusOr<double> HeldoutLoss(const model::LlamaModel& model, lora::LoraAdapter* adapter, const LocalDataset& data,
+                                   const MemoryPlan& plan) {
   std::vector<model::Example> examples;
   std::span<const LocalExample> source = data.heldout().empty() ? data.train() : data.heldout();
   for (size_t i = 0; i < source.size() && (!data.heldout().empty() || i < 32); ++i) {
@@ -131,7 +131,8 @@ int64_t MeasureRuntimeBytes() {
   lora::LoraConfig lc;
   lc.rank = 2;
   lc.targets = {model::Projection::kQ, model::Projection::kV, model::Projection::kDown};
-  for (model::WeightFormat format : {model::WeightFormat::kF32, model::WeightFormat::kQ8_0, model::WeightFormat::kQ4_0}) {
+  for (model::WeightFormat format :
+       {model::WeightFormat::kF32, model::WeightFormat::kQ8_0, model::WeightFormat::kQ4_0}) {
     model::ModelWeights weights = model::RandomWeights(c, 0);
     if (format != model::WeightFormat::kF32 && !model::QuantizeMatrices(weights, c, format).ok()) continue;
     auto model = model::LlamaModel::Create(c, std::move(weights));
@@ -163,7 +164,8 @@ absl::StatusOr<TrainingResult> RunTraining(const model::LlamaModel& model, lora:
     return absl::InvalidArgumentError("training an adapter needs one (or full_parameters)");
   }
   if (config.full_parameters && (config.method == Method::kLoraBp || config.method == Method::kFwdGrad)) {
-    return absl::InvalidArgumentError(StrCat(optim::MethodName(config.method), " trains a LoRA adapter, not full parameters"));
+    return absl::InvalidArgumentError(
+        StrCat(optim::MethodName(config.method), " trains a LoRA adapter, not full parameters"));
   }
   if (plan.method != config.method) return absl::InvalidArgumentError("the memory plan is for another method");
   if (config.perturbations < 0 || config.perturbations > kMaxPlanPerturbations) {
@@ -215,7 +217,8 @@ absl::StatusOr<TrainingResult> RunTraining(const model::LlamaModel& model, lora:
       o.ce_chunk_tokens = plan.ce_chunk_tokens;
       o.seed = config.seed;
       o.apply_locally = config.fwdgrad_apply_locally;
-      SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<optim::FwdGradTrainer> t, optim::FwdGradTrainer::Create(model, *adapter, o));
+      SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<optim::FwdGradTrainer> t,
+                                optim::FwdGradTrainer::Create(model, *adapter, o));
       fwdgrad = t.get();
       trainer = std::move(t);
       break;
@@ -259,8 +262,8 @@ absl::StatusOr<TrainingResult> RunTraining(const model::LlamaModel& model, lora:
   if (control.resume != nullptr) {
     const TrainingCheckpoint& cp = *control.resume;
     if (static_cast<int64_t>(cp.params.size()) != adapter->numel()) {
-      return absl::InvalidArgumentError(StrCat("the checkpoint holds ", cp.params.size(), " parameters; the adapter has ",
-                                               adapter->numel()));
+      return absl::InvalidArgumentError(
+          StrCat("the checkpoint holds ", cp.params.size(), " parameters; the adapter has ", adapter->numel()));
     }
     SEEDLING_RETURN_IF_ERROR(batches.Restore(cp.data));
     SEEDLING_RETURN_IF_ERROR(trainer->RestoreState(cp.trainer));
@@ -286,13 +289,14 @@ absl::StatusOr<TrainingResult> RunTraining(const model::LlamaModel& model, lora:
     return control.on_checkpoint(cp);
   };
   auto t0 = std::chrono::steady_clock::now();
-  auto elapsed = [&] { return seconds_before + std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
+  auto elapsed = [&] {
+    return seconds_before + std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  };
   model::TensorMemoryTracker tracker;
   // Past `steps` only while a benchmark's timed steps are shorter than min_seconds (bounded all the same).
   auto more = [&](int64_t step) {
-    return step < config.steps ||
-           (config.min_seconds > 0 && step > config.untimed_steps && elapsed() < config.min_seconds &&
-            step < 1000 * std::max<int64_t>(config.steps, 1));
+    return step < config.steps || (config.min_seconds > 0 && step > config.untimed_steps &&
+                                   elapsed() < config.min_seconds && step < 1000 * std::max<int64_t>(config.steps, 1));
   };
   for (int64_t step = trainer->steps(); more(step); ++step) {
     if (step == config.untimed_steps && step > 0) {  // warm-up done: time from here

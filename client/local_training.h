@@ -22,17 +22,17 @@ namespace seedling::client {
 
 struct TrainingConfig {
   optim::Method method = optim::Method::kLoraBp;
-  int64_t steps = 100;            // optimization steps
-  double lr = 0;                  // 0 = the method's default (see DefaultLearningRate)
-  double epsilon = 0;             // SPSA / central-difference scale; 0 = the method's default
-  uint64_t seed = 0;              // perturbation, sampling and dropout seeds derive from it
-  bool full_parameters = false;   // mezo / kseed: train every weight instead of the adapter
+  int64_t steps = 100;           // optimization steps
+  double lr = 0;                 // 0 = the method's default (see DefaultLearningRate)
+  double epsilon = 0;            // SPSA / central-difference scale; 0 = the method's default
+  uint64_t seed = 0;             // perturbation, sampling and dropout seeds derive from it
+  bool full_parameters = false;  // mezo / kseed: train every weight instead of the adapter
   // Perturbations per step: fwdgrad's K, mezo / kseed's q (n-SPSA); 0 = the method's default
   // (PerturbationsPerStep: 8 for fwdgrad, 1 for mezo and kseed).
   int64_t perturbations = 0;
-  double max_grad_norm = 1.0;     // lora-bp: gradient clipping (0 = off)
-  int64_t kseed_pool_size = 4096; // kseed: K candidate seeds (the server's)
-  uint64_t kseed_pool_seed = 0;   // kseed: the server's pool seed
+  double max_grad_norm = 1.0;         // lora-bp: gradient clipping (0 = off)
+  int64_t kseed_pool_size = 4096;     // kseed: K candidate seeds (the server's)
+  uint64_t kseed_pool_seed = 0;       // kseed: the server's pool seed
   bool fwdgrad_apply_locally = true;  // false in federated rounds: the server applies the summed estimate
   // Benchmarks: the first `untimed_steps` steps (warming caches, the allocator and lazily built kernels) are
   // left out of `seconds` and the token counts, and steps continue past `steps` until the timed steps took
@@ -58,8 +58,8 @@ double DefaultEpsilon(optim::Method method, bool full_parameters);
 // its state directory). Adapter runs only: with full parameters the model itself would have to be saved.
 struct TrainingCheckpoint {
   optim::TrainerState trainer;
-  std::vector<float> params;   // the adapter's flat buffer
-  IteratorPosition data;       // the next batch
+  std::vector<float> params;  // the adapter's flat buffer
+  IteratorPosition data;      // the next batch
   double loss_start = 0;
   int64_t scored_tokens = 0;
   int64_t processed_tokens = 0;
@@ -68,26 +68,26 @@ struct TrainingCheckpoint {
 
 // Optional controls of a run.
 struct TrainingControl {
-  int64_t checkpoint_every = 0;  // steps between checkpoints (0 = none)
+  int64_t checkpoint_every = 0;                                          // steps between checkpoints (0 = none)
   std::function<absl::Status(const TrainingCheckpoint&)> on_checkpoint;  // an error stops the run
-  const TrainingCheckpoint* resume = nullptr;  // continue from here instead of starting fresh
-  std::function<bool()> cancelled;             // polled between steps: Cancelled after a final checkpoint
+  const TrainingCheckpoint* resume = nullptr;                            // continue from here instead of starting fresh
+  std::function<bool()> cancelled;  // polled between steps: Cancelled after a final checkpoint
 };
 
 struct TrainingResult {
-  double loss_start = 0;          // held-out loss before training (the training data if nothing is held out)
-  double loss_end = 0;            // and after
+  double loss_start = 0;  // held-out loss before training (the training data if nothing is held out)
+  double loss_end = 0;    // and after
   int64_t steps = 0;
-  int64_t skipped_steps = 0;      // non-finite losses or gradients
+  int64_t skipped_steps = 0;  // non-finite losses or gradients
   // Tokens the steps processed (every token of every row, prompts included: what throughput counts, as
   // `bench forward` and other tools do) and, of those, the ones the loss scored (responses, not prompts).
   int64_t processed_tokens = 0;
   int64_t scored_tokens = 0;
-  double seconds = 0;             // training steps only
+  double seconds = 0;  // training steps only
   // TrainingConfig::forward_seconds: plain forwards timed on training batches after training.
   int64_t forward_processed_tokens = 0;
   double forward_seconds = 0;
-  int64_t step_tensor_peak_bytes = 0;  // tensor high-water mark during the steps (TensorMemoryTracker)
+  int64_t step_tensor_peak_bytes = 0;          // tensor high-water mark during the steps (TensorMemoryTracker)
   std::vector<optim::SeedScalar> kseed_pairs;  // kseed: the upload (seed index, scalar) per applied step
   optim::ForwardGradient fwdgrad_last;         // fwdgrad: the last step's (seed, derivative) pairs
   std::vector<float> fwdgrad_sum;              // fwdgrad: Σ of the steps' estimates (the FwdLLM upload)

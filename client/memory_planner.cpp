@@ -18,7 +18,7 @@ namespace {
 using model::Projection;
 using optim::Method;
 
-constexpr int64_t kFloat = 4;          // bytes per fp32 element
+constexpr int64_t kFloat = 4;  // bytes per fp32 element
 // A step's RSS exceeds its tensor high-water mark by what the heap keeps resident in holes that short-lived
 // tensors leave between long-lived ones. Slack is 16 MiB for small objects plus fractions of the activation
 // estimate, measured per allocator (RSS over runtime + weights + trainable + activations, as a fraction of
@@ -74,7 +74,13 @@ struct LayerShapes {
 };
 
 LayerShapes Shapes(const model::ModelConfig& m, int64_t rows, int64_t t) {
-  return {rows * t, t, rows, m.hidden_size, m.q_dim(), m.kv_dim(), m.intermediate_size,
+  return {rows * t,
+          t,
+          rows,
+          m.hidden_size,
+          m.q_dim(),
+          m.kv_dim(),
+          m.intermediate_size,
           rows * m.num_attention_heads * t * t};
 }
 
@@ -163,9 +169,8 @@ MemoryPlan EstimatePlan(const PlanRequest& r, const std::string& variant, int64_
   plan.variant = variant;
   plan.micro_batch = micro_batch;
   plan.recompute = recompute;
-  plan.stored_layers = r.method == Method::kLoraBp && recompute
-                           ? std::clamp<int64_t>(stored_layers, 0, r.model.num_hidden_layers)
-                           : 0;
+  plan.stored_layers =
+      r.method == Method::kLoraBp && recompute ? std::clamp<int64_t>(stored_layers, 0, r.model.num_hidden_layers) : 0;
   plan.ce_chunk_tokens = ce_chunk_tokens;
   const bool batched_jvp = r.method == Method::kFwdGrad && variant == "batched-jvp";
   plan.mlp_chunk_tokens =
@@ -247,8 +252,8 @@ MemoryPlan EstimatePlan(const PlanRequest& r, const std::string& variant, int64_
   // Slack scales with the step's own temporaries.
   const SlackFractions& slack = SlackFor(r.heap);
   const double fraction = recompute ? slack.recompute : slack.temporaries;
-  const double slack_elements = fraction * static_cast<double>(elements - stored_elements) +
-                                slack.stored * static_cast<double>(stored_elements);
+  const double slack_elements =
+      fraction * static_cast<double>(elements - stored_elements) + slack.stored * static_cast<double>(stored_elements);
   plan.slack_bytes = kSlackFixed + static_cast<int64_t>(kFloat * slack_elements);
   if (r.weights_decoded_per_tile) elements += LinearTile(m);
   plan.activation_bytes = kFloat * elements;
@@ -340,8 +345,8 @@ std::optional<MemoryPlan> FirstFit(const PlanRequest& r, const SearchSpace& spac
           for (int64_t mlp : space.mlp_chunks) {
             for (int64_t chunk : space.ce_chunks) {
               for (bool stream : space.stream_weights) {
-                MemoryPlan plan = EstimatePlan(r, variant, mb, recompute.on, chunk, mlp, tangents,
-                                               recompute.stored_layers, stream);
+                MemoryPlan plan =
+                    EstimatePlan(r, variant, mb, recompute.on, chunk, mlp, tangents, recompute.stored_layers, stream);
                 if (r.budget_bytes == 0 || plan.total_bytes() <= r.budget_bytes) return plan;
                 if (!smallest || plan.total_bytes() < smallest->total_bytes()) smallest = plan;
               }
@@ -359,8 +364,8 @@ std::optional<MemoryPlan> FirstFit(const PlanRequest& r, const SearchSpace& spac
 absl::StatusOr<MemoryPlan> PlanMemory(const PlanRequest& r) {
   if (r.seq_len < 2 || r.batch < 1) return absl::InvalidArgumentError("plan needs seq_len >= 2 and batch >= 1");
   if (r.seq_len > kMaxPlanTokens / r.batch) {
-    return absl::InvalidArgumentError(StrCat("plan: seq_len x batch (", r.seq_len, " x ", r.batch,
-                                             ") is more than ", kMaxPlanTokens, " tokens per step"));
+    return absl::InvalidArgumentError(StrCat("plan: seq_len x batch (", r.seq_len, " x ", r.batch, ") is more than ",
+                                             kMaxPlanTokens, " tokens per step"));
   }
   if (r.perturbations < 0 || r.perturbations > kMaxPlanPerturbations) {
     return absl::InvalidArgumentError(
@@ -394,17 +399,16 @@ absl::StatusOr<MemoryPlan> PlanMemory(const PlanRequest& r) {
 std::string MemoryPlan::Describe() const {
   std::string settings = optim::MethodName(method);
   if (!variant.empty()) settings += StrCat(" (", variant, ")");
-  settings += StrCat(": micro-batch ", micro_batch, ", recompute ", recompute ? "on" : "off",
-                     stored_layers > 0 ? StrCat(" (the last ", stored_layers, " layers stored)") : std::string(),
-                     ", CE chunk ",
-                     ce_chunk_tokens > 0 ? StrCat(ce_chunk_tokens, " tokens") : std::string("all tokens"),
-                     mlp_chunk_tokens > 0 ? StrCat(", MLP chunk ", mlp_chunk_tokens, " tokens") : std::string(),
-                     tangents_per_pass > 0 ? StrCat(", ", tangents_per_pass, " tangents per pass") : std::string(),
-                     stream_weights ? ", weights streamed" : "", "; ",
-                     Mib(total_bytes()), " MiB = runtime ", Mib(runtime_bytes),
-                     data_bytes > 0 ? StrCat(" + data ", Mib(data_bytes)) : std::string(),
-                     " + weights ", Mib(weight_bytes), " + trainable ", Mib(trainable_bytes), " + activations ",
-                     Mib(activation_bytes), " + slack ", Mib(slack_bytes), " (", HeapAllocatorName(heap), " heap)");
+  settings +=
+      StrCat(": micro-batch ", micro_batch, ", recompute ", recompute ? "on" : "off",
+             stored_layers > 0 ? StrCat(" (the last ", stored_layers, " layers stored)") : std::string(), ", CE chunk ",
+             ce_chunk_tokens > 0 ? StrCat(ce_chunk_tokens, " tokens") : std::string("all tokens"),
+             mlp_chunk_tokens > 0 ? StrCat(", MLP chunk ", mlp_chunk_tokens, " tokens") : std::string(),
+             tangents_per_pass > 0 ? StrCat(", ", tangents_per_pass, " tangents per pass") : std::string(),
+             stream_weights ? ", weights streamed" : "", "; ", Mib(total_bytes()), " MiB = runtime ",
+             Mib(runtime_bytes), data_bytes > 0 ? StrCat(" + data ", Mib(data_bytes)) : std::string(), " + weights ",
+             Mib(weight_bytes), " + trainable ", Mib(trainable_bytes), " + activations ", Mib(activation_bytes),
+             " + slack ", Mib(slack_bytes), " (", HeapAllocatorName(heap), " heap)");
   return settings;
 }
 
@@ -416,10 +420,8 @@ std::string MemoryPlan::ToJson() const {
       R"("runtime_bytes":%d,"data_bytes":%d,"weight_bytes":%d,"trainable_bytes":%d,"activation_bytes":%d,"slack_bytes":%d,)"
       R"("total_bytes":%d,"heap":"%s"})",
       optim::MethodName(method), variant, micro_batch, recompute ? "true" : "false", stored_layers, ce_chunk_tokens,
-      mlp_chunk_tokens,
-      tangents_per_pass, stream_weights ? "true" : "false",
-      runtime_bytes, data_bytes,
-      weight_bytes, trainable_bytes, activation_bytes, slack_bytes, total_bytes(), HeapAllocatorName(heap));
+      mlp_chunk_tokens, tangents_per_pass, stream_weights ? "true" : "false", runtime_bytes, data_bytes, weight_bytes,
+      trainable_bytes, activation_bytes, slack_bytes, total_bytes(), HeapAllocatorName(heap));
 }
 
 }  // namespace seedling::client

@@ -36,19 +36,19 @@ inline constexpr int64_t kMaxPlanPerturbations = 4096;
 struct PlanRequest {
   model::ModelConfig model;
   optim::Method method = optim::Method::kLoraBp;
-  lora::LoraConfig lora;          // the adapter (ignored with full_parameters)
-  bool full_parameters = false;   // mezo / kseed on every weight instead of an adapter
-  int64_t seq_len = 256;          // tokens per sequence
-  int64_t batch = 1;              // sequences per step
-  int64_t budget_bytes = 0;       // 0 = unlimited: plan the fastest settings
-  int64_t runtime_bytes = -1;     // RSS outside the model; -1 = measure now (CurrentRssBytes)
-  int64_t data_bytes = 0;         // what loading the local data holds and takes (DataFootprint::total_bytes)
-  int64_t weight_bytes = -1;      // resident weight bytes (model::ResidentWeightBytes); -1 = 4 per parameter
+  lora::LoraConfig lora;                  // the adapter (ignored with full_parameters)
+  bool full_parameters = false;           // mezo / kseed on every weight instead of an adapter
+  int64_t seq_len = 256;                  // tokens per sequence
+  int64_t batch = 1;                      // sequences per step
+  int64_t budget_bytes = 0;               // 0 = unlimited: plan the fastest settings
+  int64_t runtime_bytes = -1;             // RSS outside the model; -1 = measure now (CurrentRssBytes)
+  int64_t data_bytes = 0;                 // what loading the local data holds and takes (DataFootprint::total_bytes)
+  int64_t weight_bytes = -1;              // resident weight bytes (model::ResidentWeightBytes); -1 = 4 per parameter
   bool weights_decoded_per_tile = false;  // matrices in 16-bit or block formats: each multiply decodes
                                           // one tile at a time (model/frozen_linear.h)
   int64_t streamed_weight_bytes = -1;     // resident weight bytes when streamed (model::StreamedWeightBytes);
                                           // -1 = these weights cannot be streamed
-  int64_t perturbations = 8;      // per step: fwdgrad's K (tangents), mezo / kseed's q (2q batched copies)
+  int64_t perturbations = 8;              // per step: fwdgrad's K (tangents), mezo / kseed's q (2q batched copies)
   HeapAllocator heap = CurrentHeapAllocator();  // sizes the slack for fragmentation
 };
 

@@ -36,9 +36,7 @@ constexpr size_t kRoundingChunk = 1024;
 
 constexpr uint32_t kF32ExpMask = 0x7f800000u;
 
-absl::Status Invalid(std::string_view message) {
-  return absl::InvalidArgumentError(StrCat("update codec: ", message));
-}
+absl::Status Invalid(std::string_view message) { return absl::InvalidArgumentError(StrCat("update codec: ", message)); }
 
 // ---- Little-endian access ----
 // memcpy-based so unaligned access is defined; on little-endian hosts (every phone and server we
@@ -74,14 +72,14 @@ inline bool IsFiniteBits(uint32_t bits) { return (bits & kF32ExpMask) != kF32Exp
 
 constexpr uint16_t kHalfExpMask = 0x7c00;
 
-using seedling::FloatToHalf;  // base/half.h
 using internal::HalfToFloat;  // exact for every half; the validators reject exponent 31 first
+using seedling::FloatToHalf;  // base/half.h
 
 // ---- Header ----
 
 bool IsDenseCodec(v1::Codec codec) {
-  return codec == v1::CODEC_FP32 || codec == v1::CODEC_FP16 || codec == v1::CODEC_INT8 ||
-         codec == v1::CODEC_INT4 || codec == v1::CODEC_TOPK;
+  return codec == v1::CODEC_FP32 || codec == v1::CODEC_FP16 || codec == v1::CODEC_INT8 || codec == v1::CODEC_INT4 ||
+         codec == v1::CODEC_TOPK;
 }
 
 bool IsBlockCodec(v1::Codec codec) { return codec == v1::CODEC_INT8 || codec == v1::CODEC_INT4; }
@@ -108,8 +106,7 @@ bool DataBytes(v1::Codec codec, uint64_t numel, uint64_t param, uint64_t* bytes)
     case v1::CODEC_TOPK:
       return !__builtin_mul_overflow(param, uint64_t{8}, bytes);
     case v1::CODEC_SEED_SCALARS:
-      return !__builtin_mul_overflow(
-          numel, uint64_t{SeedPairBytes(static_cast<SeedScalarKind>(param))}, bytes);
+      return !__builtin_mul_overflow(numel, uint64_t{SeedPairBytes(static_cast<SeedScalarKind>(param))}, bytes);
     default:
       return false;
   }
@@ -127,16 +124,16 @@ struct Layout {
 
 absl::StatusOr<Layout> ParseLayout(std::string_view payload) {
   if (payload.size() < kPayloadHeaderBytes) {
-    return Invalid(StrCat("truncated header: payload has ", payload.size(),
-                          " bytes, the header needs ", kPayloadHeaderBytes));
+    return Invalid(
+        StrCat("truncated header: payload has ", payload.size(), " bytes, the header needs ", kPayloadHeaderBytes));
   }
   const auto* p = reinterpret_cast<const uint8_t*>(payload.data());
   if (std::memcmp(p, kMagic, 4) != 0) {
     return Invalid("bad magic: payload does not start with \"SDLU\"");
   }
   if (p[4] != kFormatVersion) {
-    return Invalid(StrCat("unsupported format version ", static_cast<int>(p[4]),
-                          " (this build reads version ", static_cast<int>(kFormatVersion), ")"));
+    return Invalid(StrCat("unsupported format version ", static_cast<int>(p[4]), " (this build reads version ",
+                          static_cast<int>(kFormatVersion), ")"));
   }
   if (p[5] < v1::CODEC_FP32 || p[5] > v1::CODEC_SEED_SCALARS) {
     return Invalid(StrCat("unknown codec id ", static_cast<int>(p[5])));
@@ -189,18 +186,17 @@ absl::StatusOr<Layout> ParseLayout(std::string_view payload) {
 
   uint64_t need = 0;
   if (!DataBytes(layout.codec, layout.numel, layout.param, &need)) {
-    return Invalid(StrCat(name, " numel ", layout.numel,
-                          " is too large: its data size overflows 64 bits (payload has ",
+    return Invalid(StrCat(name, " numel ", layout.numel, " is too large: its data size overflows 64 bits (payload has ",
                           payload.size(), " bytes)"));
   }
   const uint64_t have = payload.size() - kPayloadHeaderBytes;
   if (need > have) {
-    return Invalid(StrCat("truncated data: ", name, " payload with numel ", layout.numel, " needs ",
-                          need, " data bytes, got ", have));
+    return Invalid(StrCat("truncated data: ", name, " payload with numel ", layout.numel, " needs ", need,
+                          " data bytes, got ", have));
   }
   if (need < have) {
-    return Invalid(StrCat("trailing bytes: ", name, " payload with numel ", layout.numel, " needs ",
-                          need, " data bytes, got ", have));
+    return Invalid(StrCat("trailing bytes: ", name, " payload with numel ", layout.numel, " needs ", need,
+                          " data bytes, got ", have));
   }
   return layout;
 }
@@ -225,8 +221,7 @@ absl::Status ValidateFp32(const Layout& l) {
   if (bad == 0) return absl::OkStatus();
   for (uint64_t i = 0; i < l.numel; ++i) {
     if (!IsFiniteBits(LoadLe<uint32_t>(d + 4 * i))) {
-      return Invalid(
-          StrCat("fp32 value at element ", i, " is not finite (", LoadF32(d + 4 * i), ")"));
+      return Invalid(StrCat("fp32 value at element ", i, " is not finite (", LoadF32(d + 4 * i), ")"));
     }
   }
   return absl::OkStatus();
@@ -242,8 +237,8 @@ absl::Status ValidateFp16(const Layout& l) {
   for (uint64_t i = 0; i < l.numel; ++i) {
     const uint16_t h = LoadLe<uint16_t>(d + 2 * i);
     if ((h & kHalfExpMask) == kHalfExpMask) {
-      return Invalid(StrCat("fp16 value at element ", i, " is not finite (bits 0x",
-                            absl::Hex(h, absl::kZeroPad4), ")"));
+      return Invalid(
+          StrCat("fp16 value at element ", i, " is not finite (bits 0x", absl::Hex(h, absl::kZeroPad4), ")"));
     }
   }
   return absl::OkStatus();
@@ -259,8 +254,7 @@ absl::Status ValidateBlocks(const Layout& l) {
     const float scale = LoadF32(scales + 4 * b);
     // NaN fails both comparisons; a negative scale is never written (it is a max of magnitudes).
     if (!(scale >= 0.0f) || !std::isfinite(scale)) {
-      return Invalid(
-          StrCat(name, " block ", b, " scale is not finite and non-negative (", scale, ")"));
+      return Invalid(StrCat(name, " block ", b, " scale is not finite and non-negative (", scale, ")"));
     }
   }
   // Values: the rejected codes (-128, nibble -8) and, in zero-scale blocks, any nonzero code.
@@ -274,8 +268,8 @@ absl::Status ValidateBlocks(const Layout& l) {
       bad |= (values[j] & 0xf0u) == 0x80u;
     }
     if (l.numel % 2 != 0 && (values[bytes - 1] & 0xf0u) != 0) {
-      return Invalid(StrCat("int4 padding nibble after the last element is not zero (byte ",
-                            values[bytes - 1] >> 4, ")"));
+      return Invalid(
+          StrCat("int4 padding nibble after the last element is not zero (byte ", values[bytes - 1] >> 4, ")"));
     }
   }
   auto code_at = [&](uint64_t i) -> int {
@@ -288,8 +282,8 @@ absl::Status ValidateBlocks(const Layout& l) {
     const int min_code = int8 ? -128 : -8;
     for (uint64_t i = 0; i < l.numel; ++i) {
       if (code_at(i) == min_code) {
-        return Invalid(StrCat(name, " value ", min_code, " at element ", i, " is out of range [",
-                              min_code + 1, ", ", -min_code - 1, "]"));
+        return Invalid(StrCat(name, " value ", min_code, " at element ", i, " is out of range [", min_code + 1, ", ",
+                              -min_code - 1, "]"));
       }
     }
   }
@@ -298,8 +292,7 @@ absl::Status ValidateBlocks(const Layout& l) {
     const uint64_t end = std::min(l.numel, (b + 1) * block);
     for (uint64_t i = b * block; i < end; ++i) {
       if (code_at(i) != 0) {
-        return Invalid(
-            StrCat(name, " block ", b, " has scale 0 but a nonzero value at element ", i));
+        return Invalid(StrCat(name, " block ", b, " has scale 0 but a nonzero value at element ", i));
       }
     }
   }
@@ -314,15 +307,13 @@ absl::Status ValidateTopK(const Layout& l) {
     const uint32_t index = LoadLe<uint32_t>(d + 8 * e);
     const uint32_t value_bits = LoadLe<uint32_t>(d + 8 * e + 4);
     if (index >= l.numel) {
-      return Invalid(
-          StrCat("top-k index ", index, " at entry ", e, " is out of range (numel ", l.numel, ")"));
+      return Invalid(StrCat("top-k index ", index, " at entry ", e, " is out of range (numel ", l.numel, ")"));
     }
     if (static_cast<int64_t>(index) == previous) {
       return Invalid(StrCat("duplicate top-k index ", index, " at entry ", e));
     }
     if (static_cast<int64_t>(index) < previous) {
-      return Invalid(StrCat("top-k indices are not sorted: index ", index, " at entry ", e,
-                            " follows ", previous));
+      return Invalid(StrCat("top-k indices are not sorted: index ", index, " at entry ", e, " follows ", previous));
     }
     if (!IsFiniteBits(value_bits)) {
       return Invalid(StrCat("top-k value at entry ", e, " (index ", index, ") is not finite (",
@@ -433,8 +424,7 @@ size_t FirstNonFinite(std::span<const float> x) {
 // Stochastic rounding of one run of a block (see codec.h): q = sign(y) (floor|y| + [u < frac|y|]).
 // |y| <= levels because |x| <= scale and both the division and the multiplication round
 // monotonically, so the truncating conversion and the +1 stay within [-levels, levels].
-inline void StochasticQuantize(const float* x, const float* u, size_t len, float scale,
-                               float levels, int8_t* q) {
+inline void StochasticQuantize(const float* x, const float* u, size_t len, float scale, float levels, int8_t* q) {
   for (size_t j = 0; j < len; ++j) {
     const float y = x[j] / scale * levels;
     const float a = std::fabs(y);
@@ -445,8 +435,7 @@ inline void StochasticQuantize(const float* x, const float* u, size_t len, float
   }
 }
 
-void EncodeBlocks(std::span<const float> x, v1::Codec codec, uint64_t block, uint64_t rounding_seed,
-                  uint8_t* data) {
+void EncodeBlocks(std::span<const float> x, v1::Codec codec, uint64_t block, uint64_t rounding_seed, uint8_t* data) {
   const bool int8 = codec == v1::CODEC_INT8;
   const float levels = int8 ? kInt8Levels : kInt4Levels;
   const uint64_t n = x.size();
@@ -492,8 +481,7 @@ void EncodeBlocks(std::span<const float> x, v1::Codec codec, uint64_t block, uin
 // values for finite non-negative floats: O(n) streaming passes and a 512 KiB histogram instead of
 // sorting or materializing v. v = update + residual is recomputed in each pass (the same fp32 sum
 // each time), so the residual is only written in the last pass, after everything has been checked.
-absl::Status EncodeTopK(std::span<const float> update, std::span<float> residual, uint64_t k,
-                        uint8_t* data) {
+absl::Status EncodeTopK(std::span<const float> update, std::span<float> residual, uint64_t k, uint8_t* data) {
   const size_t n = update.size();
   const float* x = update.data();
   const float* e = residual.data();
@@ -509,12 +497,10 @@ absl::Status EncodeTopK(std::span<const float> update, std::span<float> residual
   if (bad != 0) {
     for (size_t i = 0; i < n; ++i) {
       if (!std::isfinite(e[i])) {
-        return Invalid(
-            StrCat("error-feedback residual element ", i, " is not finite (", e[i], ")"));
+        return Invalid(StrCat("error-feedback residual element ", i, " is not finite (", e[i], ")"));
       }
       if (key_at(i) >= kF32ExpMask) {
-        return Invalid(
-            StrCat("update + residual overflows at element ", i, " (", x[i], " + ", e[i], ")"));
+        return Invalid(StrCat("update + residual overflows at element ", i, " (", x[i], " + ", e[i], ")"));
       }
     }
   }
@@ -578,12 +564,11 @@ absl::StatusOr<Layout> ParseSeedLayout(std::string_view payload, SeedScalarKind 
     return Invalid(StrCat("expected a seed-scalars payload, got codec ", CodecName(l.codec)));
   }
   if (static_cast<SeedScalarKind>(l.param) != want) {
-    return Invalid(
-        want == SeedScalarKind::kIndex
-            ? "seed scalar kind mismatch: payload holds (seed, scalar) pairs, expected "
-              "(seed index, scalar) pairs"
-            : "seed scalar kind mismatch: payload holds (seed index, scalar) pairs, expected "
-              "(seed, scalar) pairs");
+    return Invalid(want == SeedScalarKind::kIndex
+                       ? "seed scalar kind mismatch: payload holds (seed, scalar) pairs, expected "
+                         "(seed index, scalar) pairs"
+                       : "seed scalar kind mismatch: payload holds (seed index, scalar) pairs, expected "
+                         "(seed, scalar) pairs");
   }
   return l;
 }
@@ -665,20 +650,17 @@ std::string ErrorFeedback::Serialize() const {
 }
 
 absl::StatusOr<ErrorFeedback> ErrorFeedback::Deserialize(std::string_view bytes) {
-  auto fail = [](std::string_view message) {
-    return absl::InvalidArgumentError(StrCat("error feedback: ", message));
-  };
+  auto fail = [](std::string_view message) { return absl::InvalidArgumentError(StrCat("error feedback: ", message)); };
   if (bytes.size() < kFeedbackHeaderBytes) {
-    return fail(StrCat("truncated header: ", bytes.size(), " bytes, the header needs ",
-                       kFeedbackHeaderBytes));
+    return fail(StrCat("truncated header: ", bytes.size(), " bytes, the header needs ", kFeedbackHeaderBytes));
   }
   const auto* p = reinterpret_cast<const uint8_t*>(bytes.data());
   if (std::memcmp(p, kFeedbackMagic, 4) != 0) {
     return fail("bad magic: does not start with \"SDLE\"");
   }
   if (p[4] != kFeedbackVersion) {
-    return fail(StrCat("unsupported format version ", static_cast<int>(p[4]),
-                       " (this build reads version ", static_cast<int>(kFeedbackVersion), ")"));
+    return fail(StrCat("unsupported format version ", static_cast<int>(p[4]), " (this build reads version ",
+                       static_cast<int>(kFeedbackVersion), ")"));
   }
   if (p[5] != 0 || p[6] != 0 || p[7] != 0) return fail("reserved header bytes 5..7 must be zero");
   const uint64_t numel = LoadLe<uint64_t>(p + 8);
@@ -688,8 +670,7 @@ absl::StatusOr<ErrorFeedback> ErrorFeedback::Deserialize(std::string_view bytes)
     return fail(StrCat("truncated data: numel ", numel, " does not fit in ", have, " data bytes"));
   }
   if (numel * 4 != have) {
-    return fail(
-        StrCat("trailing bytes: numel ", numel, " needs ", numel * 4, " data bytes, got ", have));
+    return fail(StrCat("trailing bytes: numel ", numel, " needs ", numel * 4, " data bytes, got ", have));
   }
   const uint8_t* d = p + kFeedbackHeaderBytes;
   for (uint64_t i = 0; i < numel; ++i) {
@@ -712,8 +693,8 @@ absl::StatusOr<std::string> EncodeDense(std::span<const float> update, const Cod
   if (options.codec == v1::CODEC_TOPK) {
     if (feedback == nullptr) return Invalid("top-k needs an ErrorFeedback (got null)");
     if (feedback->residual().size() != update.size()) {
-      return Invalid(StrCat("error feedback has ", feedback->residual().size(),
-                            " elements, the update has ", update.size()));
+      return Invalid(
+          StrCat("error feedback has ", feedback->residual().size(), " elements, the update has ", update.size()));
     }
   }
   if (const size_t bad = FirstNonFinite(update); bad != update.size()) {
@@ -740,8 +721,8 @@ absl::StatusOr<std::string> EncodeDense(std::span<const float> update, const Cod
           uint32_t bad = 0;
           FloatToHalf(update[i], bad);
           if (bad != 0) {
-            return Invalid(StrCat("update element ", i, " (", update[i],
-                                  ") overflows fp16 (|x| >= 65520 rounds to infinity)"));
+            return Invalid(
+                StrCat("update element ", i, " (", update[i], ") overflows fp16 (|x| >= 65520 rounds to infinity)"));
           }
         }
       }
@@ -782,8 +763,8 @@ absl::Status DecodeDenseAdd(std::string_view payload, float weight, std::span<fl
     return Invalid(StrCat("codec ", CodecName(l.codec), " is not a dense update codec"));
   }
   if (l.numel != accumulator.size()) {
-    return Invalid(StrCat("payload numel ", l.numel, " does not match the accumulator's ",
-                          accumulator.size(), " elements"));
+    return Invalid(
+        StrCat("payload numel ", l.numel, " does not match the accumulator's ", accumulator.size(), " elements"));
   }
   SEEDLING_RETURN_IF_ERROR(ValidateDense(l));
   ApplyDense(l, AddSink{accumulator.data(), weight});
@@ -862,8 +843,8 @@ absl::StatusOr<double> CheckedSquaredNorm(const Layout& l) {
       break;
     }
     case v1::CODEC_INT8:
-      if (!k.int8_validate_norm(d, reinterpret_cast<const int8_t*>(d + 4 * l.num_blocks), l.numel,
-                                l.param, l.num_blocks, &norm2)) {
+      if (!k.int8_validate_norm(d, reinterpret_cast<const int8_t*>(d + 4 * l.num_blocks), l.numel, l.param,
+                                l.num_blocks, &norm2)) {
         SEEDLING_RETURN_IF_ERROR(ValidateBlocks(l));
       }
       break;
@@ -910,8 +891,8 @@ std::string_view DenseKernelName() { return internal::BestKernels().name; }
 absl::Status ValidatedDense::AddTo(std::span<double> accumulator, double weight) const {
   if (!std::isfinite(weight)) return Invalid(StrCat("weight ", weight, " is not finite"));
   if (accumulator.size() != numel_) {
-    return Invalid(StrCat("payload numel ", numel_, " does not match the accumulator's ",
-                          accumulator.size(), " elements"));
+    return Invalid(
+        StrCat("payload numel ", numel_, " does not match the accumulator's ", accumulator.size(), " elements"));
   }
   Layout l;
   l.codec = codec_;
@@ -928,8 +909,8 @@ absl::Status ValidatedDense::AddTo(std::span<double> accumulator, double weight)
       k.fp16_add(data_, numel_, weight, accumulator.data());
       break;
     case v1::CODEC_INT8:
-      k.int8_add(data_, reinterpret_cast<const int8_t*>(data_ + 4 * num_blocks_), numel_, param_,
-                 num_blocks_, weight, accumulator.data());
+      k.int8_add(data_, reinterpret_cast<const int8_t*>(data_ + 4 * num_blocks_), numel_, param_, num_blocks_, weight,
+                 accumulator.data());
       break;
     default:
       ApplyDense(l, AddDoubleSink{accumulator.data(), weight});
@@ -953,8 +934,7 @@ absl::StatusOr<std::vector<float>> DecodeDense(std::string_view payload) {
 std::string EncodeSeedIndexScalars(std::span<const SeedIndexScalar> pairs) {
   std::string payload(kPayloadHeaderBytes + 8 * pairs.size(), '\0');
   auto* p = reinterpret_cast<uint8_t*>(payload.data());
-  WriteHeader(p, v1::CODEC_SEED_SCALARS, pairs.size(),
-              static_cast<uint64_t>(SeedScalarKind::kIndex));
+  WriteHeader(p, v1::CODEC_SEED_SCALARS, pairs.size(), static_cast<uint64_t>(SeedScalarKind::kIndex));
   uint8_t* d = p + kPayloadHeaderBytes;
   for (const SeedIndexScalar& pair : pairs) {
     StoreLe<uint32_t>(d, pair.index);
@@ -967,8 +947,7 @@ std::string EncodeSeedIndexScalars(std::span<const SeedIndexScalar> pairs) {
 std::string EncodeSeedValueScalars(std::span<const SeedValueScalar> pairs) {
   std::string payload(kPayloadHeaderBytes + 12 * pairs.size(), '\0');
   auto* p = reinterpret_cast<uint8_t*>(payload.data());
-  WriteHeader(p, v1::CODEC_SEED_SCALARS, pairs.size(),
-              static_cast<uint64_t>(SeedScalarKind::kSeed));
+  WriteHeader(p, v1::CODEC_SEED_SCALARS, pairs.size(), static_cast<uint64_t>(SeedScalarKind::kSeed));
   uint8_t* d = p + kPayloadHeaderBytes;
   for (const SeedValueScalar& pair : pairs) {
     StoreLe<uint64_t>(d, pair.seed);
@@ -978,19 +957,16 @@ std::string EncodeSeedValueScalars(std::span<const SeedValueScalar> pairs) {
   return payload;
 }
 
-absl::StatusOr<std::vector<SeedIndexScalar>> DecodeSeedIndexScalars(std::string_view payload,
-                                                                    uint32_t pool_size) {
+absl::StatusOr<std::vector<SeedIndexScalar>> DecodeSeedIndexScalars(std::string_view payload, uint32_t pool_size) {
   SEEDLING_ASSIGN_OR_RETURN(const Layout l, ParseSeedLayout(payload, SeedScalarKind::kIndex));
   const uint8_t* d = l.data;
   for (uint64_t i = 0; i < l.numel; ++i) {
     const uint32_t index = LoadLe<uint32_t>(d + 8 * i);
     if (index >= pool_size) {
-      return Invalid(StrCat("seed index ", index, " at pair ", i, " is out of the pool (size ",
-                            pool_size, ")"));
+      return Invalid(StrCat("seed index ", index, " at pair ", i, " is out of the pool (size ", pool_size, ")"));
     }
     if (!IsFiniteBits(LoadLe<uint32_t>(d + 8 * i + 4))) {
-      return Invalid(
-          StrCat("seed scalar value at pair ", i, " is not finite (", LoadF32(d + 8 * i + 4), ")"));
+      return Invalid(StrCat("seed scalar value at pair ", i, " is not finite (", LoadF32(d + 8 * i + 4), ")"));
     }
   }
   std::vector<SeedIndexScalar> pairs(l.numel);
@@ -1006,8 +982,7 @@ absl::StatusOr<std::vector<SeedValueScalar>> DecodeSeedValueScalars(std::string_
   const uint8_t* d = l.data;
   for (uint64_t i = 0; i < l.numel; ++i) {
     if (!IsFiniteBits(LoadLe<uint32_t>(d + 12 * i + 8))) {
-      return Invalid(StrCat("seed scalar value at pair ", i, " is not finite (",
-                            LoadF32(d + 12 * i + 8), ")"));
+      return Invalid(StrCat("seed scalar value at pair ", i, " is not finite (", LoadF32(d + 12 * i + 8), ")"));
     }
   }
   std::vector<SeedValueScalar> pairs(l.numel);
@@ -1038,8 +1013,8 @@ std::string_view CodecName(v1::Codec codec) {
 }
 
 absl::StatusOr<v1::Codec> ParseCodecName(std::string_view name) {
-  for (v1::Codec codec : {v1::CODEC_FP32, v1::CODEC_FP16, v1::CODEC_INT8, v1::CODEC_INT4, v1::CODEC_TOPK,
-                          v1::CODEC_SEED_SCALARS}) {
+  for (v1::Codec codec :
+       {v1::CODEC_FP32, v1::CODEC_FP16, v1::CODEC_INT8, v1::CODEC_INT4, v1::CODEC_TOPK, v1::CODEC_SEED_SCALARS}) {
     if (name == CodecName(codec)) return codec;
   }
   return absl::InvalidArgumentError(

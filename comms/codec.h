@@ -74,8 +74,8 @@ absl::StatusOr<v1::Codec> ParseCodecName(std::string_view name);
 
 struct CodecOptions {
   v1::Codec codec = v1::CODEC_FP32;
-  uint32_t block_size = 64;      // int8 / int4: values per scale (even for int4)
-  float topk_fraction = 0.01f;   // top-k: fraction of elements sent, at least 1
+  uint32_t block_size = 64;     // int8 / int4: values per scale (even for int4)
+  float topk_fraction = 0.01f;  // top-k: fraction of elements sent, at least 1
 };
 
 // Validates options (known codec, block size > 0 and even for int4, 0 < topk_fraction <= 1). Only the
@@ -139,9 +139,9 @@ enum class SeedScalarKind : uint8_t {
 // Header fields of a payload, validated against its size.
 struct PayloadInfo {
   v1::Codec codec = v1::CODEC_UNSPECIFIED;
-  uint64_t numel = 0;        // dense: vector length; seed scalars: number of pairs
+  uint64_t numel = 0;  // dense: vector length; seed scalars: number of pairs
   uint32_t block_size = 0;
-  uint64_t entries = 0;      // top-k: pairs sent
+  uint64_t entries = 0;                              // top-k: pairs sent
   SeedScalarKind seed_kind = SeedScalarKind::kNone;  // seed scalars only
 };
 // Reads and validates only the header and the payload's size against it (O(1): the data is not read, so

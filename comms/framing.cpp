@@ -19,8 +19,8 @@ uint32_t ReadBigEndian32(const uint8_t b[4]) {
 absl::StatusOr<std::string> EncodeFrame(const v1::Envelope& envelope, size_t max_bytes) {
   const size_t body_bytes = envelope.ByteSizeLong();
   if (body_bytes > max_bytes || body_bytes > UINT32_MAX) {
-    return absl::InvalidArgumentError(StrCat(
-        "envelope of ", body_bytes, " bytes exceeds the frame limit of ", max_bytes, " bytes"));
+    return absl::InvalidArgumentError(
+        StrCat("envelope of ", body_bytes, " bytes exceeds the frame limit of ", max_bytes, " bytes"));
   }
   std::string frame(kHeaderBytes + body_bytes, '\0');
   const auto n = static_cast<uint32_t>(body_bytes);
@@ -52,9 +52,8 @@ absl::StatusOr<v1::Envelope> DecodeFrameBody(std::string_view body) {
   }
   // The version first: a newer peer's envelope may carry a body this version does not know.
   if (envelope.protocol_version() != kProtocolVersion) {
-    return absl::FailedPreconditionError(StrCat("unsupported protocol_version ",
-                                                envelope.protocol_version(), ", expected ",
-                                                kProtocolVersion));
+    return absl::FailedPreconditionError(
+        StrCat("unsupported protocol_version ", envelope.protocol_version(), ", expected ", kProtocolVersion));
   }
   if (envelope.body_case() == v1::Envelope::BODY_NOT_SET) {
     return absl::InvalidArgumentError("malformed envelope: no body");
@@ -85,16 +84,14 @@ absl::StatusOr<std::optional<v1::Envelope>> FrameDecoder::Next() {
   if (!error_.ok()) return error_;
   if (buffer_.size() < kHeaderBytes) return std::nullopt;
   // Checked again: the limit may have changed since the bytes were fed.
-  absl::StatusOr<uint32_t> length =
-      DecodeFrameLength(reinterpret_cast<const uint8_t*>(buffer_.data()), max_bytes_);
+  absl::StatusOr<uint32_t> length = DecodeFrameLength(reinterpret_cast<const uint8_t*>(buffer_.data()), max_bytes_);
   if (!length.ok()) {
     error_ = length.status();
     std::string().swap(buffer_);
     return error_;
   }
   if (buffer_.size() - kHeaderBytes < *length) return std::nullopt;
-  absl::StatusOr<v1::Envelope> envelope =
-      DecodeFrameBody(std::string_view(buffer_).substr(kHeaderBytes, *length));
+  absl::StatusOr<v1::Envelope> envelope = DecodeFrameBody(std::string_view(buffer_).substr(kHeaderBytes, *length));
   if (!envelope.ok()) {
     error_ = envelope.status();
     std::string().swap(buffer_);

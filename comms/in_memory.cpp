@@ -20,11 +20,9 @@ constexpr size_t kHeaderBytes = 4;
 // (trailing bytes) is malformed (InvalidArgument).
 absl::StatusOr<v1::Envelope> DecodeWholeFrame(const std::string& frame, size_t max_bytes) {
   if (frame.size() < kHeaderBytes) {
-    return absl::InvalidArgumentError(
-        StrCat("truncated frame: ", frame.size(), " bytes, no complete length prefix"));
+    return absl::InvalidArgumentError(StrCat("truncated frame: ", frame.size(), " bytes, no complete length prefix"));
   }
-  absl::StatusOr<uint32_t> length =
-      DecodeFrameLength(reinterpret_cast<const uint8_t*>(frame.data()), max_bytes);
+  absl::StatusOr<uint32_t> length = DecodeFrameLength(reinterpret_cast<const uint8_t*>(frame.data()), max_bytes);
   if (!length.ok()) return length.status();
   if (frame.size() - kHeaderBytes != *length) {
     return absl::InvalidArgumentError(
@@ -36,11 +34,9 @@ absl::StatusOr<v1::Envelope> DecodeWholeFrame(const std::string& frame, size_t m
 class InMemoryChannel final : public Channel {
  public:
   // `clock`: null = a SteadyClock of the channel's own.
-  InMemoryChannel(std::unique_ptr<ConnectionHandler> handler,
-                  std::shared_ptr<const InMemoryFaults> faults, const seedling::Clock* clock)
-      : handler_(std::move(handler)),
-        faults_(std::move(faults)),
-        clock_(clock != nullptr ? clock : &steady_) {}
+  InMemoryChannel(std::unique_ptr<ConnectionHandler> handler, std::shared_ptr<const InMemoryFaults> faults,
+                  const seedling::Clock* clock)
+      : handler_(std::move(handler)), faults_(std::move(faults)), clock_(clock != nullptr ? clock : &steady_) {}
   ~InMemoryChannel() override { Close(); }
 
   absl::StatusOr<v1::Envelope> Call(const v1::Envelope& request, Duration timeout) override {
@@ -77,8 +73,7 @@ class InMemoryChannel final : public Channel {
     // Server side.
     v1::Envelope reply;
     try {
-      absl::StatusOr<v1::Envelope> decoded =
-          DecodeWholeFrame(*request_frame, handler_->MaxRequestBytes());
+      absl::StatusOr<v1::Envelope> decoded = DecodeWholeFrame(*request_frame, handler_->MaxRequestBytes());
       if (decoded.ok()) {
         reply = handler_->Handle(*decoded);
       } else {
@@ -92,9 +87,8 @@ class InMemoryChannel final : public Channel {
     }
     absl::StatusOr<std::string> response_frame = EncodeFrame(reply, kMaxControlFrameBytes);
     if (!response_frame.ok()) {
-      spdlog::error(
-          "in-memory transport: dropping the connection, the handler's response is unusable: {}",
-          response_frame.status().ToString());
+      spdlog::error("in-memory transport: dropping the connection, the handler's response is unusable: {}",
+                    response_frame.status().ToString());
       return absl::UnavailableError("connection closed by the server");
     }
 
@@ -102,11 +96,9 @@ class InMemoryChannel final : public Channel {
     if (faults_->on_response && !faults_->on_response(*response_frame)) {
       return absl::UnavailableError("response dropped (in-memory fault)");
     }
-    absl::StatusOr<v1::Envelope> response =
-        DecodeWholeFrame(*response_frame, kMaxControlFrameBytes);
+    absl::StatusOr<v1::Envelope> response = DecodeWholeFrame(*response_frame, kMaxControlFrameBytes);
     if (!response.ok()) {
-      return absl::InvalidArgumentError(
-          StrCat("bad response frame: ", response.status().message()));
+      return absl::InvalidArgumentError(StrCat("bad response frame: ", response.status().message()));
     }
     absl::Status id_check = internal::CheckResponseId(request, *response);
     if (!id_check.ok()) return id_check;
@@ -134,13 +126,10 @@ class InMemoryTransport final : public Transport {
     try {
       handler = factory_(peer);
     } catch (const std::exception& e) {
-      spdlog::error("in-memory transport: the handler factory threw for {}: {}", peer.address,
-                    e.what());
+      spdlog::error("in-memory transport: the handler factory threw for {}: {}", peer.address, e.what());
     }
-    if (handler == nullptr)
-      return absl::UnavailableError("connection refused by the server (no handler)");
-    return std::unique_ptr<Channel>(
-        std::make_unique<InMemoryChannel>(std::move(handler), faults_, clock_));
+    if (handler == nullptr) return absl::UnavailableError("connection refused by the server (no handler)");
+    return std::unique_ptr<Channel>(std::make_unique<InMemoryChannel>(std::move(handler), faults_, clock_));
   }
 
  private:

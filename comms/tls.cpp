@@ -67,9 +67,8 @@ std::string EndpointString(const tcp::endpoint& endpoint) {
 
 // The peer closed or reset the connection: an ordinary end of a connection.
 bool IsPeerGone(const error_code& ec) {
-  return ec == asio::error::eof || ec == ssl::error::stream_truncated ||
-         ec == asio::error::connection_reset || ec == asio::error::broken_pipe ||
-         ec == asio::error::connection_aborted;
+  return ec == asio::error::eof || ec == ssl::error::stream_truncated || ec == asio::error::connection_reset ||
+         ec == asio::error::broken_pipe || ec == asio::error::connection_aborted;
 }
 
 // TLS errors that mean a certificate was refused, by us or by the peer (its alert).
@@ -93,8 +92,7 @@ bool IsCertificateRejection(const error_code& ec) {
 }
 
 absl::Status ValidateDuration(Duration d, std::string_view name) {
-  if (d.count() <= 0)
-    return absl::InvalidArgumentError(StrCat(name, " must be positive, got ", d.count(), " ms"));
+  if (d.count() <= 0) return absl::InvalidArgumentError(StrCat(name, " must be positive, got ", d.count(), " ms"));
   return absl::OkStatus();
 }
 
@@ -182,8 +180,7 @@ class Session : public std::enable_shared_from_this<Session> {
   void Start() {
     asio::dispatch(stream_.get_executor(), [self = shared_from_this()] {
       self->ArmTimer(self->server_.options().handshake_timeout, "handshake");
-      self->stream_.async_handshake(ssl::stream_base::server,
-                                    [self](const error_code& ec) { self->OnHandshake(ec); });
+      self->stream_.async_handshake(ssl::stream_base::server, [self](const error_code& ec) { self->OnHandshake(ec); });
     });
   }
 
@@ -248,9 +245,8 @@ class Session : public std::enable_shared_from_this<Session> {
   // Waits (up to idle_timeout) for the first byte of the next frame.
   void ReadFrameStart() {
     ArmTimer(server_.options().idle_timeout, "idle");
-    stream_.async_read_some(
-        asio::buffer(header_),
-        [self = shared_from_this()](const error_code& ec, size_t n) { self->OnFirstBytes(ec, n); });
+    stream_.async_read_some(asio::buffer(header_),
+                            [self = shared_from_this()](const error_code& ec, size_t n) { self->OnFirstBytes(ec, n); });
   }
 
   // The rest of the frame gets read_timeout from here.
@@ -258,23 +254,20 @@ class Session : public std::enable_shared_from_this<Session> {
     if (ec) return Fail(ec, "read");
     ArmTimer(server_.options().read_timeout, "read");
     if (n >= kHeaderBytes) return OnHeader({});
-    asio::async_read(
-        stream_, asio::buffer(header_.data() + n, kHeaderBytes - n),
-        [self = shared_from_this()](const error_code& ec, size_t) { self->OnHeader(ec); });
+    asio::async_read(stream_, asio::buffer(header_.data() + n, kHeaderBytes - n),
+                     [self = shared_from_this()](const error_code& ec, size_t) { self->OnHeader(ec); });
   }
 
   void OnHeader(const error_code& ec) {
     if (ec) return Fail(ec, "read");
     size_t limit = 0;
-    if (!GuardHandler("MaxRequestBytes", [&] { limit = handler_->MaxRequestBytes(); }))
-      return Finish();
+    if (!GuardHandler("MaxRequestBytes", [&] { limit = handler_->MaxRequestBytes(); })) return Finish();
     // The length is checked before the body is allocated.
     absl::StatusOr<uint32_t> length = DecodeFrameLength(header_.data(), limit);
     if (!length.ok()) return RejectAndClose(length.status());
     body_.resize(*length);
-    asio::async_read(
-        stream_, asio::buffer(body_),
-        [self = shared_from_this()](const error_code& ec, size_t) { self->OnBody(ec); });
+    asio::async_read(stream_, asio::buffer(body_),
+                     [self = shared_from_this()](const error_code& ec, size_t) { self->OnBody(ec); });
   }
 
   void OnBody(const error_code& ec) {
@@ -291,8 +284,7 @@ class Session : public std::enable_shared_from_this<Session> {
   void RejectAndClose(const absl::Status& error) {
     spdlog::info("tls server: bad frame from {}, closing: {}", address_, error.ToString());
     v1::Envelope response;
-    if (!GuardHandler("OnMalformed", [&] { response = handler_->OnMalformed(error); }))
-      return Finish();
+    if (!GuardHandler("OnMalformed", [&] { response = handler_->OnMalformed(error); })) return Finish();
     Reply(response, /*close_after=*/true);
   }
 
@@ -305,10 +297,9 @@ class Session : public std::enable_shared_from_this<Session> {
     }
     out_ = std::move(*frame);
     ArmTimer(server_.options().write_timeout, "write");
-    asio::async_write(stream_, asio::buffer(out_),
-                      [self = shared_from_this(), close_after](const error_code& ec, size_t) {
-                        self->OnWrite(ec, close_after);
-                      });
+    asio::async_write(
+        stream_, asio::buffer(out_),
+        [self = shared_from_this(), close_after](const error_code& ec, size_t) { self->OnWrite(ec, close_after); });
   }
 
   void OnWrite(const error_code& ec, bool close_after) {
@@ -402,8 +393,7 @@ bool Server::Register(const std::shared_ptr<Session>& session, const std::string
   std::lock_guard<std::mutex> lock(mu_);
   if (stopping_) return false;
   if (sessions_.size() >= static_cast<size_t>(options_.max_connections)) {
-    spdlog::warn("tls server: refusing {}: {} connections open (max_connections)", address,
-                 sessions_.size());
+    spdlog::warn("tls server: refusing {}: {} connections open (max_connections)", address, sessions_.size());
     return false;
   }
   sessions_.emplace(session.get(), session);
@@ -427,19 +417,16 @@ absl::Status Server::ConfigureTls() {
   error_code ec;
   ssl_ctx_.use_certificate_chain_file(options_.cert_file, ec);
   if (ec) {
-    return absl::InvalidArgumentError(
-        StrCat("cannot load the certificate '", options_.cert_file, "': ", ec.message()));
+    return absl::InvalidArgumentError(StrCat("cannot load the certificate '", options_.cert_file, "': ", ec.message()));
   }
   ssl_ctx_.use_private_key_file(options_.key_file, ssl::context::pem, ec);
   if (ec) {
-    return absl::InvalidArgumentError(
-        StrCat("cannot load the private key '", options_.key_file, "': ", ec.message()));
+    return absl::InvalidArgumentError(StrCat("cannot load the private key '", options_.key_file, "': ", ec.message()));
   }
   if (SSL_CTX_check_private_key(native) != 1) {
     ERR_clear_error();
-    return absl::InvalidArgumentError(StrCat("the private key '", options_.key_file,
-                                             "' does not match the certificate '",
-                                             options_.cert_file, "'"));
+    return absl::InvalidArgumentError(
+        StrCat("the private key '", options_.key_file, "' does not match the certificate '", options_.cert_file, "'"));
   }
   if (!options_.client_ca_file.empty()) {
     ssl_ctx_.load_verify_file(options_.client_ca_file, ec);
@@ -461,8 +448,7 @@ absl::Status Server::Listen() {
   error_code ec;
   const asio::ip::address address = asio::ip::make_address(options_.bind_address, ec);
   if (ec) {
-    return absl::InvalidArgumentError(
-        StrCat("bind_address '", options_.bind_address, "' is not an IP address"));
+    return absl::InvalidArgumentError(StrCat("bind_address '", options_.bind_address, "' is not an IP address"));
   }
   const tcp::endpoint endpoint(address, options_.port);
   const std::string where = EndpointString(endpoint);
@@ -498,9 +484,8 @@ void Server::RunIoThread() {
 }
 
 void Server::DoAccept() {
-  acceptor_.async_accept(asio::make_strand(ioc_), [this](const error_code& ec, tcp::socket socket) {
-    OnAccept(ec, std::move(socket));
-  });
+  acceptor_.async_accept(asio::make_strand(ioc_),
+                         [this](const error_code& ec, tcp::socket socket) { OnAccept(ec, std::move(socket)); });
 }
 
 void Server::OnAccept(const error_code& ec, tcp::socket socket) {
@@ -566,8 +551,8 @@ void Server::Stop() {
 // Resolves a host name by the deadline. getaddrinfo cannot be cancelled (Asio's async_resolve only
 // reports the cancellation once it returns), so it runs on a detached thread that the caller stops
 // waiting for at the deadline; the thread finishes on its own and frees the shared state.
-absl::StatusOr<std::vector<tcp::endpoint>> Resolve(const std::string& host, uint16_t port,
-                                                   Clock::time_point deadline, Duration timeout) {
+absl::StatusOr<std::vector<tcp::endpoint>> Resolve(const std::string& host, uint16_t port, Clock::time_point deadline,
+                                                   Duration timeout) {
   struct State {
     std::mutex mu;
     std::condition_variable cv;
@@ -593,8 +578,7 @@ absl::StatusOr<std::vector<tcp::endpoint>> Resolve(const std::string& host, uint
   }).detach();
   std::unique_lock<std::mutex> lock(state->mu);
   if (!state->cv.wait_until(lock, deadline, [&] { return state->done; })) {
-    return absl::DeadlineExceededError(
-        StrCat("resolving ", host, " took over ", timeout.count(), " ms"));
+    return absl::DeadlineExceededError(StrCat("resolving ", host, " took over ", timeout.count(), " ms"));
   }
   if (state->ec || state->endpoints.empty()) {
     return absl::UnavailableError(StrCat("cannot resolve ", host, ": ", state->ec.message()));
@@ -631,8 +615,7 @@ class TlsChannel final : public Channel {
 
   absl::Status Connect(Clock::time_point deadline, Duration timeout);
   absl::Status Handshake(Clock::time_point deadline, Duration timeout);
-  absl::StatusOr<v1::Envelope> Exchange(const v1::Envelope& request, Clock::time_point deadline,
-                                        Duration timeout);
+  absl::StatusOr<v1::Envelope> Exchange(const v1::Envelope& request, Clock::time_point deadline, Duration timeout);
   void StartReadResponse();
   void CloseSocket() {
     error_code ignored;
@@ -681,15 +664,13 @@ bool TlsChannel::RunUntil(Done&& done, Clock::time_point deadline, OnTimeout&& o
   while (!timer_done) {
     if (ioc_.run_one() == 0) break;
   }
-  SEEDLING_CHECK(done() && timer_done,
-                 "TLS channel: io_context ran out of work with operations pending");
+  SEEDLING_CHECK(done() && timer_done, "TLS channel: io_context ran out of work with operations pending");
   return timed_out;
 }
 
 absl::Status TlsChannel::ConnectionError(const error_code& ec, std::string_view what) const {
   if (IsCertificateRejection(ec)) {
-    return absl::UnauthenticatedError(
-        StrCat(what, " with ", Where(), " failed, certificate refused: ", ec.message()));
+    return absl::UnauthenticatedError(StrCat(what, " with ", Where(), " failed, certificate refused: ", ec.message()));
   }
   return absl::UnavailableError(StrCat(what, " with ", Where(), " failed: ", ec.message()));
 }
@@ -706,18 +687,15 @@ absl::Status TlsChannel::Connect(Clock::time_point deadline, Duration timeout) {
   }
   bool done = false;
   error_code connect_ec;
-  asio::async_connect(stream_.lowest_layer(), endpoints,
-                      [&](const error_code& e, const tcp::endpoint&) {
-                        connect_ec = e;
-                        done = true;
-                      });
+  asio::async_connect(stream_.lowest_layer(), endpoints, [&](const error_code& e, const tcp::endpoint&) {
+    connect_ec = e;
+    done = true;
+  });
   if (RunUntil([&] { return done; }, deadline, [&] { CloseSocket(); })) {
-    return absl::DeadlineExceededError(
-        StrCat("connecting to ", Where(), " took over ", timeout.count(), " ms"));
+    return absl::DeadlineExceededError(StrCat("connecting to ", Where(), " took over ", timeout.count(), " ms"));
   }
   if (connect_ec) {
-    return absl::UnavailableError(
-        StrCat("cannot connect to ", Where(), ": ", connect_ec.message()));
+    return absl::UnavailableError(StrCat("cannot connect to ", Where(), ": ", connect_ec.message()));
   }
   stream_.lowest_layer().set_option(tcp::no_delay(true), ec);
   return absl::OkStatus();
@@ -731,12 +709,10 @@ absl::Status TlsChannel::Handshake(Clock::time_point deadline, Duration timeout)
   if (ec) {
     // A DNS name: sent as SNI and checked against the certificate's subjectAltName DNS entries.
     if (SSL_set_tlsext_host_name(ssl, name.c_str()) != 1 || SSL_set1_host(ssl, name.c_str()) != 1) {
-      return absl::InternalError(
-          StrCat("cannot set the server name '", name, "': ", internal::OpenSslErrors()));
+      return absl::InternalError(StrCat("cannot set the server name '", name, "': ", internal::OpenSslErrors()));
     }
   } else if (X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl), name.c_str()) != 1) {
-    return absl::InternalError(
-        StrCat("cannot set the server address '", name, "': ", internal::OpenSslErrors()));
+    return absl::InternalError(StrCat("cannot set the server address '", name, "': ", internal::OpenSslErrors()));
   }
   bool done = false;
   error_code handshake_ec;
@@ -745,26 +721,23 @@ absl::Status TlsChannel::Handshake(Clock::time_point deadline, Duration timeout)
     done = true;
   });
   if (RunUntil([&] { return done; }, deadline, [&] { CloseSocket(); })) {
-    return absl::DeadlineExceededError(
-        StrCat("TLS handshake with ", Where(), " took over ", timeout.count(), " ms"));
+    return absl::DeadlineExceededError(StrCat("TLS handshake with ", Where(), " took over ", timeout.count(), " ms"));
   }
   if (handshake_ec) {
     const long verify = SSL_get_verify_result(ssl);
     if (verify != X509_V_OK) {
-      return absl::UnauthenticatedError(
-          StrCat("the certificate of ", Where(), " (as '", name,
-                 "') failed verification: ", X509_verify_cert_error_string(verify)));
+      return absl::UnauthenticatedError(StrCat("the certificate of ", Where(), " (as '", name,
+                                               "') failed verification: ", X509_verify_cert_error_string(verify)));
     }
     return ConnectionError(handshake_ec, "TLS handshake");
   }
   if (!config_->pin.empty()) {
     X509* cert = SSL_get0_peer_certificate(ssl);
-    if (cert == nullptr)
-      return absl::UnauthenticatedError(StrCat(Where(), " presented no certificate"));
+    if (cert == nullptr) return absl::UnauthenticatedError(StrCat(Where(), " presented no certificate"));
     SEEDLING_ASSIGN_OR_RETURN(const std::string actual, internal::SubjectPublicKeySha256(cert));
     if (actual != config_->pin) {
-      return absl::UnauthenticatedError(StrCat("the public key of ", Where(), " has SHA-256 ",
-                                               actual, ", the pinned key is ", config_->pin));
+      return absl::UnauthenticatedError(
+          StrCat("the public key of ", Where(), " has SHA-256 ", actual, ", the pinned key is ", config_->pin));
     }
   }
   return absl::OkStatus();
@@ -796,8 +769,7 @@ void TlsChannel::StartReadResponse() {
     }
     absl::StatusOr<uint32_t> length = DecodeFrameLength(header_.data(), kMaxControlFrameBytes);
     if (!length.ok()) {
-      read_status_ =
-          absl::InvalidArgumentError(StrCat("bad response frame: ", length.status().message()));
+      read_status_ = absl::InvalidArgumentError(StrCat("bad response frame: ", length.status().message()));
       return finish();
     }
     body_.resize(*length);
@@ -808,8 +780,8 @@ void TlsChannel::StartReadResponse() {
   });
 }
 
-absl::StatusOr<v1::Envelope> TlsChannel::Exchange(const v1::Envelope& request,
-                                                  Clock::time_point deadline, Duration timeout) {
+absl::StatusOr<v1::Envelope> TlsChannel::Exchange(const v1::Envelope& request, Clock::time_point deadline,
+                                                  Duration timeout) {
   SEEDLING_ASSIGN_OR_RETURN(write_buffer_, EncodeFrame(request, kMaxControlFrameBytes));
   write_done_ = read_done_ = false;
   write_ec_ = read_ec_ = {};
@@ -821,23 +793,19 @@ absl::StatusOr<v1::Envelope> TlsChannel::Exchange(const v1::Envelope& request,
     write_done_ = true;
   });
   StartReadResponse();
-  const bool timed_out =
-      RunUntil([this] { return read_done_ && write_done_; }, deadline, [this] { CloseSocket(); });
+  const bool timed_out = RunUntil([this] { return read_done_ && write_done_; }, deadline, [this] { CloseSocket(); });
   if (write_buffer_.size() > kKeepBufferBytes) std::string().swap(write_buffer_);
   if (timed_out)
-    return absl::DeadlineExceededError(
-        StrCat("no response from ", Where(), " within ", timeout.count(), " ms"));
+    return absl::DeadlineExceededError(StrCat("no response from ", Where(), " within ", timeout.count(), " ms"));
   if (!read_status_.ok()) return read_status_;
   if (read_ec_) {
     // A failed write (the peer went away) usually explains a failed read better.
-    return ConnectionError(write_ec_ && !IsCertificateRejection(read_ec_) ? write_ec_ : read_ec_,
-                           "call");
+    return ConnectionError(write_ec_ && !IsCertificateRejection(read_ec_) ? write_ec_ : read_ec_, "call");
   }
   absl::StatusOr<v1::Envelope> response = DecodeFrameBody(body_);
   if (body_.size() > kKeepBufferBytes) std::string().swap(body_);
   if (!response.ok()) {
-    return absl::Status(response.status().code(),
-                        StrCat("bad response frame: ", response.status().message()));
+    return absl::Status(response.status().code(), StrCat("bad response frame: ", response.status().message()));
   }
   SEEDLING_RETURN_IF_ERROR(internal::CheckResponseId(request, *response));
   return response;
@@ -903,22 +871,18 @@ absl::StatusOr<std::string> NormalizePin(const std::string& pin) {
 // ---- Public surface ----------------------------------------------------------------------------
 
 struct TlsServer::Impl {
-  Impl(TlsServerOptions options, HandlerFactory factory)
-      : server(std::move(options), std::move(factory)) {}
+  Impl(TlsServerOptions options, HandlerFactory factory) : server(std::move(options), std::move(factory)) {}
   Server server;
 };
 
-absl::StatusOr<std::unique_ptr<TlsServer>> TlsServer::Start(const TlsServerOptions& options,
-                                                            HandlerFactory factory) {
+absl::StatusOr<std::unique_ptr<TlsServer>> TlsServer::Start(const TlsServerOptions& options, HandlerFactory factory) {
   if (options.cert_file.empty() || options.key_file.empty()) {
     return absl::InvalidArgumentError("TlsServerOptions: cert_file and key_file are required");
   }
   if (!factory) return absl::InvalidArgumentError("TlsServer: the handler factory is empty");
-  if (options.threads < 1)
-    return absl::InvalidArgumentError(StrCat("threads must be >= 1, got ", options.threads));
+  if (options.threads < 1) return absl::InvalidArgumentError(StrCat("threads must be >= 1, got ", options.threads));
   if (options.max_connections < 1) {
-    return absl::InvalidArgumentError(
-        StrCat("max_connections must be >= 1, got ", options.max_connections));
+    return absl::InvalidArgumentError(StrCat("max_connections must be >= 1, got ", options.max_connections));
   }
   SEEDLING_RETURN_IF_ERROR(ValidateDuration(options.handshake_timeout, "handshake_timeout"));
   SEEDLING_RETURN_IF_ERROR(ValidateDuration(options.read_timeout, "read_timeout"));
@@ -946,11 +910,9 @@ int TlsServer::active_connections() const { return impl_->server.active_connecti
 absl::StatusOr<std::unique_ptr<Transport>> MakeTlsTransport(const TlsClientOptions& options) {
   if (options.host.empty()) return absl::InvalidArgumentError("TlsClientOptions: host is required");
   if (options.port == 0) return absl::InvalidArgumentError("TlsClientOptions: port is required");
-  if (options.ca_file.empty())
-    return absl::InvalidArgumentError("TlsClientOptions: ca_file is required");
+  if (options.ca_file.empty()) return absl::InvalidArgumentError("TlsClientOptions: ca_file is required");
   if (options.client_cert_file.empty() != options.client_key_file.empty()) {
-    return absl::InvalidArgumentError(
-        "TlsClientOptions: client_cert_file and client_key_file go together");
+    return absl::InvalidArgumentError("TlsClientOptions: client_cert_file and client_key_file go together");
   }
   try {
     auto config = std::make_shared<ClientConfig>();
@@ -967,14 +929,12 @@ absl::StatusOr<std::unique_ptr<Transport>> MakeTlsTransport(const TlsClientOptio
     config->ctx.set_verify_mode(ssl::verify_peer);
     error_code ec;
     config->ctx.load_verify_file(options.ca_file, ec);
-    if (ec)
-      return absl::InvalidArgumentError(
-          StrCat("cannot load the CA '", options.ca_file, "': ", ec.message()));
+    if (ec) return absl::InvalidArgumentError(StrCat("cannot load the CA '", options.ca_file, "': ", ec.message()));
     if (!options.client_cert_file.empty()) {
       config->ctx.use_certificate_chain_file(options.client_cert_file, ec);
       if (ec) {
-        return absl::InvalidArgumentError(StrCat("cannot load the client certificate '",
-                                                 options.client_cert_file, "': ", ec.message()));
+        return absl::InvalidArgumentError(
+            StrCat("cannot load the client certificate '", options.client_cert_file, "': ", ec.message()));
       }
       config->ctx.use_private_key_file(options.client_key_file, ssl::context::pem, ec);
       if (ec) {
@@ -983,9 +943,8 @@ absl::StatusOr<std::unique_ptr<Transport>> MakeTlsTransport(const TlsClientOptio
       }
       if (SSL_CTX_check_private_key(native) != 1) {
         ERR_clear_error();
-        return absl::InvalidArgumentError(StrCat("the client key '", options.client_key_file,
-                                                 "' does not match '", options.client_cert_file,
-                                                 "'"));
+        return absl::InvalidArgumentError(
+            StrCat("the client key '", options.client_key_file, "' does not match '", options.client_cert_file, "'"));
       }
     }
     return std::unique_ptr<Transport>(std::make_unique<TlsTransport>(std::move(config)));

@@ -26,16 +26,16 @@ namespace seedling::comms {
 
 struct TlsServerOptions {
   std::string bind_address = "127.0.0.1";
-  uint16_t port = 0;                       // 0: pick a free port (see TlsServer::port())
-  std::string cert_file;                   // PEM server certificate (chain)
-  std::string key_file;                    // PEM private key
-  std::string client_ca_file;              // non-empty: require client certificates signed by this CA
+  uint16_t port = 0;           // 0: pick a free port (see TlsServer::port())
+  std::string cert_file;       // PEM server certificate (chain)
+  std::string key_file;        // PEM private key
+  std::string client_ca_file;  // non-empty: require client certificates signed by this CA
   Duration handshake_timeout{10000};
-  Duration read_timeout{30000};            // for the rest of a frame once its first byte arrived
-  Duration idle_timeout{60000};            // between frames
+  Duration read_timeout{30000};  // for the rest of a frame once its first byte arrived
+  Duration idle_timeout{60000};  // between frames
   Duration write_timeout{30000};
-  int threads = 2;                         // I/O threads
-  int max_connections = 4096;              // further connections are closed right after accept
+  int threads = 2;             // I/O threads
+  int max_connections = 4096;  // further connections are closed right after accept
 };
 
 class TlsServer {
@@ -61,10 +61,10 @@ class TlsServer {
 struct TlsClientOptions {
   std::string host = "127.0.0.1";
   uint16_t port = 0;
-  std::string ca_file;                 // PEM CA that signed the server certificate (required)
+  std::string ca_file;                   // PEM CA that signed the server certificate (required)
   std::string pinned_public_key_sha256;  // optional hex SHA-256 of the server's SubjectPublicKeyInfo (DER)
-  std::string server_name;             // SNI and the name checked against the certificate; default `host`
-  std::string client_cert_file;        // optional, for mutual TLS
+  std::string server_name;               // SNI and the name checked against the certificate; default `host`
+  std::string client_cert_file;          // optional, for mutual TLS
   std::string client_key_file;
 };
 

@@ -20,8 +20,8 @@ using Clock = std::chrono::steady_clock;
 using Duration = std::chrono::milliseconds;
 
 // Frame size limits (docs/protocol.md), checked against the 4-byte length before anything is allocated.
-inline constexpr size_t kMaxControlFrameBytes = 4u << 20;           // any message
-inline constexpr size_t kMaxChunkBytes = 1u << 20;                  // UploadChunk.data / DownloadReply.data
+inline constexpr size_t kMaxControlFrameBytes = 4u << 20;             // any message
+inline constexpr size_t kMaxChunkBytes = 1u << 20;                    // UploadChunk.data / DownloadReply.data
 inline constexpr size_t kMaxChunkFrameBytes = kMaxChunkBytes + 4096;  // a chunk message with its envelope
 
 // A client's connection. Not thread-safe: one call at a time.
@@ -50,7 +50,7 @@ class Transport {
 
 // What the server knows about a connection's peer before any message.
 struct PeerInfo {
-  std::string address;            // "127.0.0.1:53211", "in-memory:7"
+  std::string address;              // "127.0.0.1:53211", "in-memory:7"
   std::string client_cert_subject;  // with mutual TLS: the verified client certificate's CN, else ""
 };
 

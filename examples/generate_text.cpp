@@ -32,8 +32,9 @@ int main(int argc, char** argv) {
   seedling::model::GenerateOptions options;
   options.max_new_tokens = argc > 3 ? std::atoi(argv[3]) : 16;
   options.temperature = 0;  // greedy
-  auto result = seedling::model::Generate(**model, **tokenizer, argv[2], options,
-                                          [](std::string_view text) { std::fwrite(text.data(), 1, text.size(), stdout); });
+  auto result = seedling::model::Generate(**model, **tokenizer, argv[2], options, [](std::string_view text) {
+    std::fwrite(text.data(), 1, text.size(), stdout);
+  });
   if (!result.ok()) {
     std::fprintf(stderr, "%s\n", std::string(result.status().message()).c_str());
     return 1;

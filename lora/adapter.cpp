@@ -88,9 +88,9 @@ struct LoraDeltaFunction : public torch::autograd::Function<LoraDeltaFunction> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor& a = saved[1];  // (r, in)
-    const at::Tensor& b = saved[2];  // (out, r)
-    const at::Tensor x = saved[0].reshape({-1, a.size(1)});                                      // (N, in)
+    const at::Tensor& a = saved[1];                                                                         // (r, in)
+    const at::Tensor& b = saved[2];                                                                         // (out, r)
+    const at::Tensor x = saved[0].reshape({-1, a.size(1)});                                                 // (N, in)
     const at::Tensor g = (grad_outputs[0] * ctx->saved_data["scale"].toDouble()).reshape({-1, b.size(0)});  // (N, out)
     const at::Tensor h = at::mm(x, a.t());  // (N, r), recomputed
     const at::Tensor dh = at::mm(g, b);     // (N, r)
@@ -194,10 +194,10 @@ at::Tensor LoraAdapter::Dropout(int64_t layer, Projection p, const at::Tensor& x
   if (!training_ || config_.dropout <= 0) return x;
   // Counter-based mask: (seed, step, layer, projection) -> the same mask when recomputed in backward.
   at::Tensor u = at::empty(mask_shape, at::kFloat);
-  const uint64_t offset =
-      ((step_ * static_cast<uint64_t>(model_.num_hidden_layers) + static_cast<uint64_t>(layer)) * model::kNumProjections +
-       static_cast<uint64_t>(p))
-      << 32;
+  const uint64_t offset = ((step_ * static_cast<uint64_t>(model_.num_hidden_layers) + static_cast<uint64_t>(layer)) *
+                               model::kNumProjections +
+                           static_cast<uint64_t>(p))
+                          << 32;
   FillUniform({dropout_seed_, rng_stream::kDropout}, offset,
               std::span<float>(u.data_ptr<float>(), static_cast<size_t>(u.numel())));
   const double keep = 1.0 - config_.dropout;
@@ -261,15 +261,16 @@ at::Tensor LoraAdapter::SliceMatrices(const LayerSlices& slices, const LoraView&
   return slices.values.narrow(1, view.offset - slices.offset, view.numel()).view({n, view.rows, view.cols}).to(dtype);
 }
 
-at::Tensor LoraAdapter::ApplyPerturbed(int64_t layer, Projection p, const at::Tensor& x, const at::Tensor& base_out) const {
+at::Tensor LoraAdapter::ApplyPerturbed(int64_t layer, Projection p, const at::Tensor& x,
+                                       const at::Tensor& base_out) const {
   const LoraView* va = Find(layer, p, true);
   if (va == nullptr) return base_out;
   const int64_t n = PerturbationCount(), in = va->cols;
   SEEDLING_CHECK(x.size(0) % n == 0);
   const LayerSlices& slices = SlicesOf(layer);
-  const at::Tensor a = SliceMatrices(slices, *va, x.scalar_type());        // (n, r, in)
-  const at::Tensor b = SliceMatrices(slices, *(va + 1), x.scalar_type());  // (n, out, r)
-  const at::Tensor input = Dropout(layer, p, x, x.sizes()).reshape({n, -1, in});  // (n, rows, in)
+  const at::Tensor a = SliceMatrices(slices, *va, x.scalar_type());                  // (n, r, in)
+  const at::Tensor b = SliceMatrices(slices, *(va + 1), x.scalar_type());            // (n, out, r)
+  const at::Tensor input = Dropout(layer, p, x, x.sizes()).reshape({n, -1, in});     // (n, rows, in)
   at::Tensor delta = at::bmm(at::bmm(input, a.transpose(1, 2)), b.transpose(1, 2));  // (n, rows, out)
   return base_out + delta.mul_(config_.scale()).view(base_out.sizes());
 }
@@ -324,8 +325,7 @@ absl::Status LoraAdapter::AddDelta(model::ModelWeights& weights, double sign) co
     if (w.scalar_type() != at::kFloat) {
       return absl::FailedPreconditionError(
           StrCat("merging needs fp32 weights; layer ", va.layer, " ", model::ProjectionName(va.projection),
-                 " is stored as ", std::string(c10::toString(w.scalar_type())),
-                 " (load the model with fp32 weights)"));
+                 " is stored as ", std::string(c10::toString(w.scalar_type())), " (load the model with fp32 weights)"));
     }
   }
   return model::CatchTorch("merging the adapter", [&]() -> absl::Status {
@@ -334,7 +334,8 @@ absl::Status LoraAdapter::AddDelta(model::ModelWeights& weights, double sign) co
       const LoraView& va = views_[i];
       at::Tensor& w = BaseWeight(weights, va.layer, va.projection);
       // W (out, in) += sign * scale * B (out, r) @ A (r, in)
-      w.add_(at::matmul(flat_.narrow(0, views_[i + 1].offset, views_[i + 1].numel()).view({views_[i + 1].rows, views_[i + 1].cols}),
+      w.add_(at::matmul(flat_.narrow(0, views_[i + 1].offset, views_[i + 1].numel())
+                            .view({views_[i + 1].rows, views_[i + 1].cols}),
                         flat_.narrow(0, va.offset, va.numel()).view({va.rows, va.cols})),
              sign * config_.scale());
     }
@@ -351,11 +352,13 @@ absl::Status SavePeft(const LoraAdapter& adapter, const std::string& dir, const 
   const auto* bytes = static_cast<const uint8_t*>(flat.data_ptr());
   std::vector<model::TensorToWrite> tensors;
   for (const LoraView& v : adapter.views()) {
-    tensors.push_back({v.name, model::DType::kF32, {v.rows, v.cols},
+    tensors.push_back({v.name,
+                       model::DType::kF32,
+                       {v.rows, v.cols},
                        std::span<const uint8_t>(bytes + v.offset * 4, static_cast<size_t>(v.numel() * 4))});
   }
-  SEEDLING_RETURN_IF_ERROR(model::WriteSafetensors(JoinPath(dir, "adapter_model.safetensors"), tensors,
-                                                   {{"format", "pt"}}));
+  SEEDLING_RETURN_IF_ERROR(
+      model::WriteSafetensors(JoinPath(dir, "adapter_model.safetensors"), tensors, {{"format", "pt"}}));
   return WriteFileAtomic(JoinPath(dir, "adapter_config.json"), PeftConfigJson(adapter.config(), base_model));
 }
 
@@ -422,8 +425,8 @@ absl::StatusOr<std::unique_ptr<LoraAdapter>> LoadPeft(const std::string& dir, co
   SEEDLING_RETURN_IF_ERROR(st);
   for (const auto& [name, view] : by_name) {
     if (!used.count(name)) {
-      return absl::InvalidArgumentError(StrCat(weights_path, ": tensor '", name,
-                                               "' does not belong to a LoRA adapter with this configuration"));
+      return absl::InvalidArgumentError(
+          StrCat(weights_path, ": tensor '", name, "' does not belong to a LoRA adapter with this configuration"));
     }
   }
   return adapter;

@@ -41,8 +41,7 @@ struct LoraView {
 class LoraAdapter : public model::ProjectionAdapter {
  public:
   // A new adapter for `model` (A random from config.init_seed, B zero). InvalidArgument for a bad config.
-  static absl::StatusOr<std::unique_ptr<LoraAdapter>> Create(const model::ModelConfig& model,
-                                                             const LoraConfig& config);
+  static absl::StatusOr<std::unique_ptr<LoraAdapter>> Create(const model::ModelConfig& model, const LoraConfig& config);
 
   const LoraConfig& config() const { return config_; }
   const std::vector<LoraView>& views() const { return views_; }
@@ -94,8 +93,7 @@ class LoraAdapter : public model::ProjectionAdapter {
   }
 
   // model::ProjectionAdapter
-  at::Tensor Apply(int64_t layer, model::Projection p, const at::Tensor& x,
-                   const at::Tensor& base_out) const override;
+  at::Tensor Apply(int64_t layer, model::Projection p, const at::Tensor& x, const at::Tensor& base_out) const override;
   std::vector<at::Tensor> LayerTensors(int64_t layer) const override;
   int64_t TangentCount() const override {
     return slice_mode_ == SliceMode::kTangents ? static_cast<int64_t>(slice_seeds_.size()) : 0;
@@ -143,7 +141,7 @@ class LoraAdapter : public model::ProjectionAdapter {
   SliceMode slice_mode_ = SliceMode::kNone;
   std::vector<uint64_t> slice_seeds_;
   std::vector<float> slice_scales_;  // kPerturbations
-  mutable LayerSlices slices_;  // cache of the last layer's slices (not thread-safe, like override_)
+  mutable LayerSlices slices_;       // cache of the last layer's slices (not thread-safe, like override_)
   bool training_ = false;
   uint64_t dropout_seed_ = 0;
   uint64_t step_ = 0;

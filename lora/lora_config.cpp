@@ -13,10 +13,10 @@
 
 namespace seedling::lora {
 
+using model::kAllProjections;
 using model::ModelConfig;
 using model::Projection;
 using model::ProjectionFromName;
-using model::kAllProjections;
 using Json = nlohmann::json;
 
 double LoraConfig::scale() const {
@@ -45,7 +45,8 @@ absl::Status LoraConfig::Validate(const ModelConfig& model) const {
 
 absl::StatusOr<std::vector<Projection>> ParseTargets(std::string_view list) {
   std::vector<Projection> out;
-  if (list == "all" || list == "all-linear") return std::vector<Projection>(std::begin(kAllProjections), std::end(kAllProjections));
+  if (list == "all" || list == "all-linear")
+    return std::vector<Projection>(std::begin(kAllProjections), std::end(kAllProjections));
   for (absl::string_view part : absl::StrSplit(ToAbsl(list), ',', absl::SkipWhitespace())) {
     std::string name(part.data(), part.size());
     name.erase(0, name.find_first_not_of(' '));
@@ -81,7 +82,8 @@ absl::StatusOr<LoraConfig> ParsePeftConfig(std::string_view json_text, const Mod
     return (it != j.end() && it->is_string()) ? it->get<std::string>() : std::string();
   };
   if (str("peft_type") != "LORA") {
-    return absl::InvalidArgumentError(StrCat("peft_type is '", str("peft_type"), "'; only LORA adapters are supported"));
+    return absl::InvalidArgumentError(
+        StrCat("peft_type is '", str("peft_type"), "'; only LORA adapters are supported"));
   }
   LoraConfig c;
   if (!j.contains("r") || !j["r"].is_number_integer()) return absl::InvalidArgumentError("'r' must be an integer");
@@ -154,7 +156,8 @@ absl::StatusOr<LoraConfig> ParsePeftConfig(std::string_view json_text, const Mod
 std::string PeftConfigJson(const LoraConfig& c, const std::string& base_model) {
   Json targets = Json::array();
   for (Projection p : model::kAllProjections) {
-    if (std::find(c.targets.begin(), c.targets.end(), p) != c.targets.end()) targets.push_back(model::ProjectionName(p));
+    if (std::find(c.targets.begin(), c.targets.end(), p) != c.targets.end())
+      targets.push_back(model::ProjectionName(p));
   }
   Json config = {{"peft_type", "LORA"},
                  {"task_type", "CAUSAL_LM"},

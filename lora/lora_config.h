@@ -18,13 +18,13 @@ namespace seedling::lora {
 inline constexpr int64_t kMaxLoraRank = 4096;
 
 struct LoraConfig {
-  int64_t rank = 8;                 // r
-  double alpha = 16.0;              // scale numerator
-  double dropout = 0.0;             // probability of zeroing an input element of A (training only)
-  bool use_rslora = false;          // scale alpha / sqrt(r) instead of alpha / r
+  int64_t rank = 8;         // r
+  double alpha = 16.0;      // scale numerator
+  double dropout = 0.0;     // probability of zeroing an input element of A (training only)
+  bool use_rslora = false;  // scale alpha / sqrt(r) instead of alpha / r
   std::vector<model::Projection> targets = {model::Projection::kQ, model::Projection::kV};
-  std::vector<int64_t> layers;      // layers to adapt; empty = all
-  uint64_t init_seed = 0;           // A ~ U(-1/sqrt(in), 1/sqrt(in)) from this seed (PEFT's Kaiming init)
+  std::vector<int64_t> layers;  // layers to adapt; empty = all
+  uint64_t init_seed = 0;       // A ~ U(-1/sqrt(in), 1/sqrt(in)) from this seed (PEFT's Kaiming init)
 
   double scale() const;
   absl::Status Validate(const model::ModelConfig& model) const;

@@ -1,15 +1,15 @@
 #include "model/config.h"
-#include "model/gguf_config.h"
 
 #include <cmath>
-#include <numbers>
 #include <nlohmann/json.hpp>
+#include <numbers>
 
 #include "base/file.h"
 #include "base/json.h"
 #include "base/sha256.h"
 #include "base/status.h"
 #include "base/strings.h"
+#include "model/gguf_config.h"
 
 namespace seedling::model {
 namespace {
@@ -73,8 +73,7 @@ absl::StatusOr<RopeScaling> ParseRopeScaling(const Json& j) {
     rs.type = RopeScaling::Type::kLlama3;
     SEEDLING_ASSIGN_OR_RETURN(rs.low_freq_factor, GetDouble(r, "low_freq_factor", 1.0));
     SEEDLING_ASSIGN_OR_RETURN(rs.high_freq_factor, GetDouble(r, "high_freq_factor", 4.0));
-    SEEDLING_ASSIGN_OR_RETURN(rs.original_max_position_embeddings,
-                              GetInt(r, "original_max_position_embeddings", 8192));
+    SEEDLING_ASSIGN_OR_RETURN(rs.original_max_position_embeddings, GetInt(r, "original_max_position_embeddings", 8192));
     if (!(rs.high_freq_factor > rs.low_freq_factor)) {
       return FieldError("rope_scaling", "needs high_freq_factor > low_freq_factor");
     }
@@ -124,8 +123,7 @@ absl::Status ModelConfig::Validate() const {
   SEEDLING_RETURN_IF_ERROR(in_range(head_dim, "head_dim", kMaxHeadDim));
   SEEDLING_RETURN_IF_ERROR(in_range(max_position_embeddings, "max_position_embeddings", kMaxPositions));
   if (num_attention_heads % num_key_value_heads != 0) {
-    return FieldError("num_key_value_heads", StrCat("(", num_key_value_heads,
-                                                    ") must divide num_attention_heads (",
+    return FieldError("num_key_value_heads", StrCat("(", num_key_value_heads, ") must divide num_attention_heads (",
                                                     num_attention_heads, ")"));
   }
   if (head_dim % 2 != 0) return FieldError("head_dim", StrCat("must be even for RoPE, got ", head_dim));
@@ -179,8 +177,7 @@ absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view json_text) {
     SEEDLING_ASSIGN_OR_RETURN(c.intermediate_size, GetInt(j, "intermediate_size", std::nullopt));
     SEEDLING_ASSIGN_OR_RETURN(c.num_hidden_layers, GetInt(j, "num_hidden_layers", std::nullopt));
     SEEDLING_ASSIGN_OR_RETURN(c.num_attention_heads, GetInt(j, "num_attention_heads", std::nullopt));
-    SEEDLING_ASSIGN_OR_RETURN(c.num_key_value_heads,
-                              GetInt(j, "num_key_value_heads", c.num_attention_heads));
+    SEEDLING_ASSIGN_OR_RETURN(c.num_key_value_heads, GetInt(j, "num_key_value_heads", c.num_attention_heads));
     if (c.num_attention_heads <= 0) return FieldError("num_attention_heads", "must be positive");
     SEEDLING_ASSIGN_OR_RETURN(c.head_dim, GetInt(j, "head_dim", c.hidden_size / c.num_attention_heads));
     if (!j.contains("head_dim") && c.hidden_size % c.num_attention_heads != 0) {
@@ -286,8 +283,7 @@ std::vector<double> RopeInverseFrequencyValues(const ModelConfig& c) {
           p[i] /= rs.factor;
           continue;
         }
-        const double smooth =
-            (old_len / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor);
+        const double smooth = (old_len / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor);
         p[i] = (1.0 - smooth) * p[i] / rs.factor + smooth * p[i];
       }
       break;
@@ -327,12 +323,11 @@ std::string ModelConfigToJson(const ModelConfig& c) {
       j["rope_scaling"] = {{"rope_type", "linear"}, {"factor", c.rope_scaling.factor}};
       break;
     case RopeScaling::Type::kLlama3:
-      j["rope_scaling"] = {
-          {"rope_type", "llama3"},
-          {"factor", c.rope_scaling.factor},
-          {"low_freq_factor", c.rope_scaling.low_freq_factor},
-          {"high_freq_factor", c.rope_scaling.high_freq_factor},
-          {"original_max_position_embeddings", c.rope_scaling.original_max_position_embeddings}};
+      j["rope_scaling"] = {{"rope_type", "llama3"},
+                           {"factor", c.rope_scaling.factor},
+                           {"low_freq_factor", c.rope_scaling.low_freq_factor},
+                           {"high_freq_factor", c.rope_scaling.high_freq_factor},
+                           {"original_max_position_embeddings", c.rope_scaling.original_max_position_embeddings}};
       break;
   }
   j["tie_word_embeddings"] = c.tie_word_embeddings;
@@ -361,8 +356,8 @@ std::string ModelId(const ModelConfig& config) {
 
 namespace {
 
-ModelConfig Llama(int64_t vocab, int64_t hidden, int64_t inter, int64_t layers, int64_t heads, int64_t kv,
-                  double theta, double eps, bool tied, int64_t max_pos) {
+ModelConfig Llama(int64_t vocab, int64_t hidden, int64_t inter, int64_t layers, int64_t heads, int64_t kv, double theta,
+                  double eps, bool tied, int64_t max_pos) {
   ModelConfig c;
   c.architecture = "LlamaForCausalLM";
   c.model_type = "llama";

@@ -52,12 +52,12 @@ struct ModelConfig {
   double rope_theta = 10000.0;
   RopeScaling rope_scaling;
   bool tie_word_embeddings = false;
-  bool qkv_bias = false;  // q/k/v projections have a bias (Qwen2 always; Llama with attention_bias)
-  bool o_bias = false;    // o_proj has a bias (Llama with attention_bias)
-  bool mlp_bias = false;  // gate/up/down have biases (Llama mlp_bias)
+  bool qkv_bias = false;                  // q/k/v projections have a bias (Qwen2 always; Llama with attention_bias)
+  bool o_bias = false;                    // o_proj has a bias (Llama with attention_bias)
+  bool mlp_bias = false;                  // gate/up/down have biases (Llama mlp_bias)
   std::optional<int64_t> sliding_window;  // Mistral / Qwen2 with use_sliding_window: attend to the last N
   std::optional<int64_t> bos_token_id;
-  std::vector<int64_t> eos_token_ids;  // config.json allows one id or a list
+  std::vector<int64_t> eos_token_ids;   // config.json allows one id or a list
   std::string torch_dtype = "float32";  // dtype of the stored weights ("bfloat16", "float16", "float32")
 
   int64_t kv_dim() const { return num_key_value_heads * head_dim; }

@@ -28,8 +28,8 @@ struct Example {
 };
 
 struct DatasetOptions {
-  int64_t max_seq_len = 512;         // longer examples are truncated (the start is kept); <= 0: no limit
-  std::optional<int32_t> eos_id;     // appended to every example's text/output when set
+  int64_t max_seq_len = 512;                 // longer examples are truncated (the start is kept); <= 0: no limit
+  std::optional<int32_t> eos_id;             // appended to every example's text/output when set
   int64_t max_row_bytes = int64_t{1} << 28;  // LoadJsonlExamples refuses longer rows, naming the line
 };
 

@@ -27,7 +27,8 @@ absl::StatusOr<EvalResult> Evaluate(const LlamaModel& model, std::span<const Exa
   const auto n = static_cast<int64_t>(order.size());
   for (int64_t start = 0; start < n; start += options.batch_size) {
     const int64_t len = std::min(options.batch_size, n - start);
-    const Batch batch = CollateRightPadded(std::span<const Example* const>(order.data() + start, static_cast<size_t>(len)));
+    const Batch batch =
+        CollateRightPadded(std::span<const Example* const>(order.data() + start, static_cast<size_t>(len)));
     SEEDLING_ASSIGN_OR_RETURN(LossOutput out, model.Loss(batch.tokens, batch.labels, options.forward));
     loss_sum += out.sum.item<double>();
     tokens += out.tokens;
@@ -51,8 +52,8 @@ absl::StatusOr<double> ChoiceAccuracy(const LlamaModel& model, std::span<const C
   for (size_t i = 0; i < items.size(); ++i) {
     const ChoiceItem& item = items[i];
     if (item.candidates.empty() || item.answer < 0 || item.answer >= static_cast<int64_t>(item.candidates.size())) {
-      return absl::InvalidArgumentError(StrCat("item ", i, ": answer ", item.answer, " is not one of its ",
-                                               item.candidates.size(), " candidates"));
+      return absl::InvalidArgumentError(
+          StrCat("item ", i, ": answer ", item.answer, " is not one of its ", item.candidates.size(), " candidates"));
     }
     int64_t best = -1;
     double best_nll = 0;

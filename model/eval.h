@@ -13,17 +13,17 @@
 namespace seedling::model {
 
 struct EvalOptions {
-  int64_t batch_size = 8;   // examples per forward (sorted by length, right-padded)
-  ForwardOptions forward;   // adapter etc.
+  int64_t batch_size = 8;  // examples per forward (sorted by length, right-padded)
+  ForwardOptions forward;  // adapter etc.
   // Called after each batch with (examples done, examples total).
   std::function<void(int64_t, int64_t)> progress;
 };
 
 struct EvalResult {
   int64_t examples = 0;
-  int64_t tokens = 0;       // scored tokens
-  double loss = 0;          // mean cross-entropy per scored token (nats)
-  double perplexity = 0;    // exp(loss)
+  int64_t tokens = 0;     // scored tokens
+  double loss = 0;        // mean cross-entropy per scored token (nats)
+  double perplexity = 0;  // exp(loss)
   double seconds = 0;
 };
 

@@ -13,9 +13,7 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-bool IsDense(const at::Tensor& w) {
-  return w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble;
-}
+bool IsDense(const at::Tensor& w) { return w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble; }
 
 // y (N, out) = x (N, in) Wᵀ, without autograd.
 at::Tensor LinearNoGrad(const at::Tensor& x, const at::Tensor& w, const WeightPages* stream) {

@@ -79,8 +79,8 @@ class WeightTiles {
 // pass the dual level: when x carries a tangent at `forward_level`, the result carries tangent Wᵀ·dx.
 // `stream` (may be null) releases W's pages tile by tile, in forward and in backward (WeightPages); it
 // must outlive the autograd graph.
-at::Tensor FrozenLinear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
-                        int64_t forward_level = -1, const WeightPages* stream = nullptr);
+at::Tensor FrozenLinear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, int64_t forward_level = -1,
+                        const WeightPages* stream = nullptr);
 
 // FrozenLinear's graph without its product, for recomputation in backward, where a layer's last
 // projection is re-run only so that gradients flow through it and its output is never read: under

@@ -86,8 +86,8 @@ absl::StatusOr<GenerateResult> GenerateTokens(const LlamaModel& model, std::vect
   auto t0 = std::chrono::steady_clock::now();
   const at::Tensor prompt_tensor =
       at::tensor(std::vector<int64_t>(prompt.begin(), prompt.end()), at::kLong).view({1, -1});
-  SEEDLING_ASSIGN_OR_RETURN(at::Tensor logits, model.ForwardCached(prompt_tensor, cache, /*last_only=*/true,
-                                                                   options.forward));
+  SEEDLING_ASSIGN_OR_RETURN(at::Tensor logits,
+                            model.ForwardCached(prompt_tensor, cache, /*last_only=*/true, options.forward));
   result.prefill_seconds = SecondsSince(t0);
   t0 = std::chrono::steady_clock::now();
   for (int64_t step = 0; step < options.max_new_tokens; ++step) {

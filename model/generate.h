@@ -48,13 +48,12 @@ using TokenCallback = std::function<absl::Status(const std::vector<int32_t>& gen
 // Generates from token ids. InvalidArgument for an empty prompt, ids outside the vocabulary or bad
 // options (top_p outside (0, 1], negative max_new_tokens).
 absl::StatusOr<GenerateResult> GenerateTokens(const LlamaModel& model, std::vector<int32_t> prompt,
-                                              const GenerateOptions& options,
-                                              const TokenCallback& on_token = nullptr);
+                                              const GenerateOptions& options, const TokenCallback& on_token = nullptr);
 
 // Encodes `prompt` (with the tokenizer's special tokens, e.g. BOS), generates, and decodes. `on_text`, if
 // set, receives the text as it is produced (only complete UTF-8 sequences).
-absl::StatusOr<GenerateResult> Generate(const LlamaModel& model, const Tokenizer& tokenizer,
-                                        std::string_view prompt, const GenerateOptions& options,
+absl::StatusOr<GenerateResult> Generate(const LlamaModel& model, const Tokenizer& tokenizer, std::string_view prompt,
+                                        const GenerateOptions& options,
                                         const std::function<void(std::string_view)>& on_text = nullptr);
 
 }  // namespace seedling::model

@@ -31,8 +31,7 @@ using internal::GgufValueType;
 
 // GGUF stores everything little-endian; so does every target Seedling builds for, so values are
 // copied as they are in memory.
-static_assert(std::endian::native == std::endian::little,
-              "the GGUF writer assumes a little-endian host");
+static_assert(std::endian::native == std::endian::little, "the GGUF writer assumes a little-endian host");
 static_assert(kGgufAlignment == internal::kGgufDefaultAlignment);
 
 // general.quantization_version of files with block-quantized tensors (ggml's GGML_QNT_VERSION).
@@ -114,11 +113,11 @@ class Metadata {
 
 // One tensor of the file: where its data comes from and how the file stores it.
 struct TensorPlan {
-  std::string name;            // llama.cpp name, e.g. "blk.3.attn_q.weight"
-  at::Tensor source;           // shares storage with the caller's tensor; never written to
-  std::vector<int64_t> shape;  // logical, PyTorch order; GGUF stores it reversed (ne[0] fastest)
+  std::string name;                          // llama.cpp name, e.g. "blk.3.attn_q.weight"
+  at::Tensor source;                         // shares storage with the caller's tensor; never written to
+  std::vector<int64_t> shape;                // logical, PyTorch order; GGUF stores it reversed (ne[0] fastest)
   WeightFormat format = WeightFormat::kF32;  // in the file: kF32, kF16, kQ8_0 or kQ4_0
-  int64_t rope_heads = 0;  // > 0: permute rows for GGML's interleaved RoPE, in this many heads
+  int64_t rope_heads = 0;                    // > 0: permute rows for GGML's interleaved RoPE, in this many heads
 };
 
 // How GGUF names a weight format: the ggml type of its tensors and the general.file_type
@@ -177,10 +176,9 @@ absl::StatusOr<std::string> GgufArchitecture(const ModelConfig& c) {
           "llama.cpp's qwen2 architecture has no such tensors");
     }
     if (c.q_dim() != c.hidden_size) {
-      return absl::InvalidArgumentError(StrCat(
-          "Qwen2ForCausalLM with head_dim * num_attention_heads = ", c.q_dim(), " != hidden_size ",
-          c.hidden_size,
-          " cannot be exported: llama.cpp's qwen2 architecture sizes q_proj as hidden x hidden"));
+      return absl::InvalidArgumentError(
+          StrCat("Qwen2ForCausalLM with head_dim * num_attention_heads = ", c.q_dim(), " != hidden_size ",
+                 c.hidden_size, " cannot be exported: llama.cpp's qwen2 architecture sizes q_proj as hidden x hidden"));
     }
     return std::string("qwen2");
   }
@@ -192,8 +190,8 @@ absl::StatusOr<std::string> GgufArchitecture(const ModelConfig& c) {
 
 // llama.cpp's name of a decoder layer's projection weight: "blk.<layer>.attn_q.weight", ...
 std::string ProjectionTensorName(int64_t layer, Projection p) {
-  static constexpr const char* kNames[kNumProjections] = {
-      "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"};
+  static constexpr const char* kNames[kNumProjections] = {"attn_q",   "attn_k", "attn_v",  "attn_output",
+                                                          "ffn_gate", "ffn_up", "ffn_down"};
   return StrCat("blk.", layer, ".", kNames[static_cast<int>(p)], ".weight");
 }
 
@@ -237,8 +235,8 @@ std::string ShapeString(const std::vector<int64_t>& shape) {
 absl::Status CheckSourceType(const std::string& name, const at::Tensor& t) {
   const at::ScalarType st = t.scalar_type();
   if (st == at::kByte) {
-    if (t.dim() == 3 && (t.size(2) == BlockBytes(WeightFormat::kQ8_0) ||
-                         t.size(2) == BlockBytes(WeightFormat::kQ4_0))) {
+    if (t.dim() == 3 &&
+        (t.size(2) == BlockBytes(WeightFormat::kQ8_0) || t.size(2) == BlockBytes(WeightFormat::kQ4_0))) {
       return absl::OkStatus();
     }
     return absl::InvalidArgumentError(StrCat("weight for '", name, "' is a uint8 tensor of shape ",
@@ -246,8 +244,7 @@ absl::Status CheckSourceType(const std::string& name, const at::Tensor& t) {
                                              "; expected GGUF blocks (rows, cols / 32, 34 or 18)"));
   }
   if (st != at::kFloat && st != at::kHalf && st != at::kBFloat16 && st != at::kDouble) {
-    return absl::InvalidArgumentError(StrCat("weight for '", name, "' has dtype ",
-                                             c10::toString(st),
+    return absl::InvalidArgumentError(StrCat("weight for '", name, "' has dtype ", c10::toString(st),
                                              "; expected a floating-point tensor or GGUF blocks"));
   }
   return absl::OkStatus();
@@ -261,38 +258,32 @@ class TensorPlanner {
 
   // A tensor the file requires. 2-D tensors take MatrixFormatFor(matrix format, cols), 1-D ones
   // F32.
-  absl::Status Add(std::string name, const at::Tensor& t, std::vector<int64_t> shape,
-                   int64_t rope_heads = 0) {
+  absl::Status Add(std::string name, const at::Tensor& t, std::vector<int64_t> shape, int64_t rope_heads = 0) {
     if (name.size() > internal::kGgufMaxTensorName) {
       return absl::InvalidArgumentError(
           StrCat("tensor name '", name, "' is longer than ", internal::kGgufMaxTensorName));
     }
-    if (!t.defined())
-      return absl::InvalidArgumentError(StrCat("weight for '", name, "' is missing"));
+    if (!t.defined()) return absl::InvalidArgumentError(StrCat("weight for '", name, "' is missing"));
     SEEDLING_RETURN_IF_ERROR(CheckSourceType(name, t));
     if (LogicalShape(t) != shape) {
-      return absl::InvalidArgumentError(StrCat("weight for '", name, "' has shape ",
-                                               ShapeString(LogicalShape(t)), ", config implies ",
-                                               ShapeString(shape)));
+      return absl::InvalidArgumentError(StrCat("weight for '", name, "' has shape ", ShapeString(LogicalShape(t)),
+                                               ", config implies ", ShapeString(shape)));
     }
     TensorPlan p;
     p.name = std::move(name);
     p.source = t;
     p.shape = std::move(shape);
-    p.format =
-        p.shape.size() == 2 ? MatrixFormatFor(matrix_format_, p.shape[1]) : WeightFormat::kF32;
+    p.format = p.shape.size() == 2 ? MatrixFormatFor(matrix_format_, p.shape[1]) : WeightFormat::kF32;
     p.rope_heads = rope_heads;
     plans_.push_back(std::move(p));
     return absl::OkStatus();
   }
 
   // An optional bias: present exactly when the config says so.
-  absl::Status AddBias(bool expected, std::string name, const at::Tensor& t, int64_t size,
-                       int64_t rope_heads = 0) {
+  absl::Status AddBias(bool expected, std::string name, const at::Tensor& t, int64_t size, int64_t rope_heads = 0) {
     if (!expected) {
       if (t.defined()) {
-        return absl::InvalidArgumentError(
-            StrCat("weights have '", name, "' but the config has no such bias"));
+        return absl::InvalidArgumentError(StrCat("weights have '", name, "' but the config has no such bias"));
       }
       return absl::OkStatus();
     }
@@ -307,8 +298,7 @@ class TensorPlanner {
 };
 
 absl::StatusOr<std::vector<TensorPlan>> PlanTensors(const ModelConfig& c, const std::string& arch,
-                                                    const ModelWeights& w,
-                                                    WeightFormat matrix_format) {
+                                                    const ModelWeights& w, WeightFormat matrix_format) {
   const int64_t H = c.hidden_size, V = c.vocab_size, I = c.intermediate_size;
   const int64_t q = c.q_dim(), kv = c.kv_dim();
   const int64_t q_heads = RopeHeads(c, arch, Projection::kQ);
@@ -333,16 +323,13 @@ absl::StatusOr<std::vector<TensorPlan>> PlanTensors(const ModelConfig& c, const 
     const LayerWeights& l = w.layers[i];
     const std::string blk = StrCat("blk.", i, ".");
     auto projection = [&](Projection p, const at::Tensor& t) {
-      return planner.Add(ProjectionTensorName(i, p), t, ProjectionShape(c, p),
-                         RopeHeads(c, arch, p));
+      return planner.Add(ProjectionTensorName(i, p), t, ProjectionShape(c, p), RopeHeads(c, arch, p));
     };
     SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "attn_norm.weight", l.input_norm, {H}));
     SEEDLING_RETURN_IF_ERROR(projection(Projection::kQ, l.q));
-    SEEDLING_RETURN_IF_ERROR(
-        planner.AddBias(c.qkv_bias, blk + "attn_q.bias", l.q_bias, q, q_heads));
+    SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.qkv_bias, blk + "attn_q.bias", l.q_bias, q, q_heads));
     SEEDLING_RETURN_IF_ERROR(projection(Projection::kK, l.k));
-    SEEDLING_RETURN_IF_ERROR(
-        planner.AddBias(c.qkv_bias, blk + "attn_k.bias", l.k_bias, kv, k_heads));
+    SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.qkv_bias, blk + "attn_k.bias", l.k_bias, kv, k_heads));
     SEEDLING_RETURN_IF_ERROR(projection(Projection::kV, l.v));
     SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.qkv_bias, blk + "attn_v.bias", l.v_bias, kv));
     SEEDLING_RETURN_IF_ERROR(projection(Projection::kO, l.o));
@@ -357,8 +344,7 @@ absl::StatusOr<std::vector<TensorPlan>> PlanTensors(const ModelConfig& c, const 
   }
   SEEDLING_RETURN_IF_ERROR(planner.Add("output_norm.weight", w.final_norm, {H}));
   // A tied head is left out: llama.cpp then reads token_embd.weight for the output projection.
-  if (!c.tie_word_embeddings)
-    SEEDLING_RETURN_IF_ERROR(planner.Add("output.weight", w.lm_head, {V, H}));
+  if (!c.tie_word_embeddings) SEEDLING_RETURN_IF_ERROR(planner.Add("output.weight", w.lm_head, {V, H}));
   return std::move(planner.plans());
 }
 
@@ -419,8 +405,7 @@ std::string EncodeHeader(Metadata& md, const std::vector<TensorPlan>& plans) {
 // padded to the alignment, one at a time (memory stays at the sources plus the largest converted
 // tensor). Goes through a temporary file that is fsynced and renamed (AtomicFileWriter): on any
 // error no file is left behind. LibTorch may throw: call it inside CatchTorch.
-absl::Status WriteGgufFile(const std::string& path, Metadata& md,
-                           const std::vector<TensorPlan>& plans) {
+absl::Status WriteGgufFile(const std::string& path, Metadata& md, const std::vector<TensorPlan>& plans) {
   const std::string header = EncodeHeader(md, plans);
   SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<AtomicFileWriter> file, AtomicFileWriter::Create(path));
   SEEDLING_RETURN_IF_ERROR(file->Append(header));
@@ -428,10 +413,8 @@ absl::Status WriteGgufFile(const std::string& path, Metadata& md,
   for (const TensorPlan& p : plans) {
     SEEDLING_ASSIGN_OR_RETURN(const at::Tensor data, FileData(p));
     const uint64_t nbytes = FileBytes(p);
-    SEEDLING_CHECK(static_cast<uint64_t>(data.nbytes()) == nbytes,
-                   "tensor bytes differ from the header");
-    SEEDLING_RETURN_IF_ERROR(
-        file->Append(std::string_view(static_cast<const char*>(data.data_ptr()), nbytes)));
+    SEEDLING_CHECK(static_cast<uint64_t>(data.nbytes()) == nbytes, "tensor bytes differ from the header");
+    SEEDLING_RETURN_IF_ERROR(file->Append(std::string_view(static_cast<const char*>(data.data_ptr()), nbytes)));
     // Every tensor, the last included, is padded: llama.cpp checks each one lies within the file.
     SEEDLING_RETURN_IF_ERROR(file->Append(std::string_view(kZeros, AlignUp(nbytes) - nbytes)));
   }
@@ -440,8 +423,7 @@ absl::Status WriteGgufFile(const std::string& path, Metadata& md,
 
 // tokenizer.ggml.pre for a byte-level tokenizer: the name llama.cpp's vocabulary loader maps to the
 // same pre-tokenizer (llama-vocab.cpp).
-absl::StatusOr<std::string> PreTokenizerName(const TokenizerVocabulary& v,
-                                             const GgufOptions& options) {
+absl::StatusOr<std::string> PreTokenizerName(const TokenizerVocabulary& v, const GgufOptions& options) {
   if (!options.tokenizer_pre.empty()) return options.tokenizer_pre;
   if (v.kind != TokenizerVocabulary::Kind::kByteLevelBpe) return std::string("default");
   switch (v.pre_tokenizer) {
@@ -468,13 +450,12 @@ absl::StatusOr<std::string> PreTokenizerName(const TokenizerVocabulary& v,
 
 // Writes the tokenizer.ggml.* keys. The vocabulary is padded to config.vocab_size, as llama.cpp
 // sizes the embedding by the number of tokens.
-absl::Status AddTokenizer(const ModelConfig& c, const Tokenizer& tokenizer,
-                          const GgufOptions& options, Metadata& md) {
+absl::Status AddTokenizer(const ModelConfig& c, const Tokenizer& tokenizer, const GgufOptions& options, Metadata& md) {
   SEEDLING_ASSIGN_OR_RETURN(TokenizerVocabulary v, tokenizer.Vocabulary());
   const size_t n = v.tokens.size();
   if (v.scores.size() != n || v.types.size() != n) {
-    return absl::InternalError(StrCat("tokenizer vocabulary has ", n, " tokens but ",
-                                      v.scores.size(), " scores and ", v.types.size(), " types"));
+    return absl::InternalError(StrCat("tokenizer vocabulary has ", n, " tokens but ", v.scores.size(), " scores and ",
+                                      v.types.size(), " types"));
   }
   if (static_cast<int64_t>(n) > c.vocab_size) {
     return absl::InvalidArgumentError(
@@ -502,8 +483,7 @@ absl::Status AddTokenizer(const ModelConfig& c, const Tokenizer& tokenizer,
   for (int64_t id = 0; id < c.vocab_size; ++id) {
     auto [it, inserted] = seen.emplace(v.tokens[id], id);
     if (!inserted) {
-      return absl::InvalidArgumentError(StrCat("token '", v.tokens[id], "' has two ids, ",
-                                               it->second, " and ", id,
+      return absl::InvalidArgumentError(StrCat("token '", v.tokens[id], "' has two ids, ", it->second, " and ", id,
                                                "; llama.cpp requires token strings to be unique"));
     }
   }
@@ -523,8 +503,7 @@ absl::Status AddTokenizer(const ModelConfig& c, const Tokenizer& tokenizer,
       // llama.cpp splits "a b" at the first space after the first byte.
       if (a.empty() || b.empty() || a.find(' ', 1) != std::string::npos) {
         return absl::InvalidArgumentError(
-            StrCat("merge ", rank, " ('", a, "', '", b,
-                   "') cannot be written as the \"a b\" string llama.cpp parses"));
+            StrCat("merge ", rank, " ('", a, "', '", b, "') cannot be written as the \"a b\" string llama.cpp parses"));
       }
       merges.push_back(StrCat(a, " ", b));
     }
@@ -536,16 +515,14 @@ absl::Status AddTokenizer(const ModelConfig& c, const Tokenizer& tokenizer,
   std::optional<int64_t> bos = v.bos_id, eos = v.eos_id;
   if (!bos.has_value()) bos = c.bos_token_id;
   if (!eos.has_value() && !c.eos_token_ids.empty()) eos = c.eos_token_ids.front();
-  const std::pair<const char*, std::optional<int64_t>> ids[] = {
-      {"tokenizer.ggml.bos_token_id", bos},
-      {"tokenizer.ggml.eos_token_id", eos},
-      {"tokenizer.ggml.unknown_token_id", v.unk_id},
-      {"tokenizer.ggml.padding_token_id", v.pad_id}};
+  const std::pair<const char*, std::optional<int64_t>> ids[] = {{"tokenizer.ggml.bos_token_id", bos},
+                                                                {"tokenizer.ggml.eos_token_id", eos},
+                                                                {"tokenizer.ggml.unknown_token_id", v.unk_id},
+                                                                {"tokenizer.ggml.padding_token_id", v.pad_id}};
   for (const auto& [key, id] : ids) {
     if (!id.has_value()) continue;
     if (*id < 0 || *id >= c.vocab_size) {
-      return absl::InvalidArgumentError(
-          StrCat(key, " ", *id, " is outside the vocabulary [0, ", c.vocab_size, ")"));
+      return absl::InvalidArgumentError(StrCat(key, " ", *id, " is outside the vocabulary [0, ", c.vocab_size, ")"));
     }
     md.U32(key, static_cast<uint64_t>(*id));
   }
@@ -554,14 +531,12 @@ absl::Status AddTokenizer(const ModelConfig& c, const Tokenizer& tokenizer,
   return absl::OkStatus();
 }
 
-absl::Status AddHyperparameters(const ModelConfig& c, const std::string& arch,
-                                const GgufOptions& options, Metadata& md) {
-  for (int64_t v :
-       {c.vocab_size, c.max_position_embeddings, c.hidden_size, c.num_hidden_layers,
-        c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim}) {
+absl::Status AddHyperparameters(const ModelConfig& c, const std::string& arch, const GgufOptions& options,
+                                Metadata& md) {
+  for (int64_t v : {c.vocab_size, c.max_position_embeddings, c.hidden_size, c.num_hidden_layers, c.intermediate_size,
+                    c.num_attention_heads, c.num_key_value_heads, c.head_dim}) {
     if (v > std::numeric_limits<uint32_t>::max()) {
-      return absl::InvalidArgumentError(
-          StrCat("config value ", v, " does not fit GGUF's uint32 fields"));
+      return absl::InvalidArgumentError(StrCat("config value ", v, " does not fit GGUF's uint32 fields"));
     }
   }
   md.Str("general.architecture", arch);
@@ -595,18 +570,17 @@ absl::Status AddHyperparameters(const ModelConfig& c, const std::string& arch,
 
 // The adapter's tensors, "<base>.lora_a" then "<base>.lora_b" per pair, checked against the model;
 // sets `rank` to the pairs' common rank.
-absl::StatusOr<std::vector<TensorPlan>> PlanLoraTensors(const ModelConfig& c,
-                                                        const std::string& arch,
-                                                        const std::vector<GgufLoraPair>& pairs,
-                                                        WeightFormat format, int64_t& rank) {
+absl::StatusOr<std::vector<TensorPlan>> PlanLoraTensors(const ModelConfig& c, const std::string& arch,
+                                                        const std::vector<GgufLoraPair>& pairs, WeightFormat format,
+                                                        int64_t& rank) {
   if (pairs.empty()) return absl::InvalidArgumentError("the LoRA adapter has no tensors");
   TensorPlanner planner(format);
   std::set<std::pair<int64_t, Projection>> seen;
   rank = 0;
   for (const GgufLoraPair& pair : pairs) {
     if (pair.layer < 0 || pair.layer >= c.num_hidden_layers) {
-      return absl::InvalidArgumentError(StrCat("LoRA pair for layer ", pair.layer,
-                                               ", the model has ", c.num_hidden_layers, " layers"));
+      return absl::InvalidArgumentError(
+          StrCat("LoRA pair for layer ", pair.layer, ", the model has ", c.num_hidden_layers, " layers"));
     }
     const std::string base = ProjectionTensorName(pair.layer, pair.projection);
     if (!seen.emplace(pair.layer, pair.projection).second) {
@@ -618,27 +592,25 @@ absl::StatusOr<std::vector<TensorPlan>> PlanLoraTensors(const ModelConfig& c,
     }
     if (rank == 0) rank = pair.a.size(0);
     if (pair.a.size(0) != rank) {
-      return absl::InvalidArgumentError(
-          StrCat("'", base, "' has rank ", pair.a.size(0), " but earlier pairs have rank ", rank,
-                 "; llama.cpp's single adapter.lora.alpha needs one rank"));
+      return absl::InvalidArgumentError(StrCat("'", base, "' has rank ", pair.a.size(0),
+                                               " but earlier pairs have rank ", rank,
+                                               "; llama.cpp's single adapter.lora.alpha needs one rank"));
     }
     const std::vector<int64_t> shape = ProjectionShape(c, pair.projection);  // (out, in)
     SEEDLING_RETURN_IF_ERROR(planner.Add(base + ".lora_a", pair.a, {rank, shape[1]}));
     // B's rows are the projection's output rows, so q / k rows move as the base weight's do.
-    SEEDLING_RETURN_IF_ERROR(planner.Add(base + ".lora_b", pair.b, {shape[0], rank},
-                                         RopeHeads(c, arch, pair.projection)));
+    SEEDLING_RETURN_IF_ERROR(
+        planner.Add(base + ".lora_b", pair.b, {shape[0], rank}, RopeHeads(c, arch, pair.projection)));
   }
   return std::move(planner.plans());
 }
 
 }  // namespace
 
-absl::Status WriteGguf(const std::string& path, const ModelConfig& config,
-                       const ModelWeights& weights, const Tokenizer& tokenizer,
-                       const GgufOptions& options) {
+absl::Status WriteGguf(const std::string& path, const ModelConfig& config, const ModelWeights& weights,
+                       const Tokenizer& tokenizer, const GgufOptions& options) {
   if (options.format == WeightFormat::kBF16) {
-    return absl::InvalidArgumentError(
-        "GGUF export writes f32, f16, q8_0 or q4_0 matrices, not bf16");
+    return absl::InvalidArgumentError("GGUF export writes f32, f16, q8_0 or q4_0 matrices, not bf16");
   }
   SEEDLING_RETURN_IF_ERROR(config.Validate());
   SEEDLING_ASSIGN_OR_RETURN(const std::string arch, GgufArchitecture(config));
@@ -646,22 +618,20 @@ absl::Status WriteGguf(const std::string& path, const ModelConfig& config,
   SEEDLING_RETURN_IF_ERROR(AddHyperparameters(config, arch, options, md));
   SEEDLING_RETURN_IF_ERROR(AddTokenizer(config, tokenizer, options, md));
   return CatchTorch("GGUF export", [&]() -> absl::Status {
-    SEEDLING_ASSIGN_OR_RETURN(const std::vector<TensorPlan> plans,
-                              PlanTensors(config, arch, weights, options.format));
+    SEEDLING_ASSIGN_OR_RETURN(const std::vector<TensorPlan> plans, PlanTensors(config, arch, weights, options.format));
     return WriteGgufFile(path, md, plans);
   });
 }
 
-absl::Status WriteGgufLora(const std::string& path, const ModelConfig& config,
-                           const std::vector<GgufLoraPair>& pairs, double scale,
-                           const GgufLoraOptions& options) {
+absl::Status WriteGgufLora(const std::string& path, const ModelConfig& config, const std::vector<GgufLoraPair>& pairs,
+                           double scale, const GgufLoraOptions& options) {
   if (options.format != WeightFormat::kF32 && options.format != WeightFormat::kF16) {
-    return absl::InvalidArgumentError(StrCat("a GGUF LoRA adapter is written in f32 or f16, not ",
-                                             WeightFormatName(options.format)));
+    return absl::InvalidArgumentError(
+        StrCat("a GGUF LoRA adapter is written in f32 or f16, not ", WeightFormatName(options.format)));
   }
   if (!(scale > 0) || !std::isfinite(scale)) {
-    return absl::InvalidArgumentError(StrCat(
-        "LoRA scale must be finite and > 0 (llama.cpp reads alpha 0 as scale 1), got ", scale));
+    return absl::InvalidArgumentError(
+        StrCat("LoRA scale must be finite and > 0 (llama.cpp reads alpha 0 as scale 1), got ", scale));
   }
   SEEDLING_RETURN_IF_ERROR(config.Validate());
   SEEDLING_ASSIGN_OR_RETURN(const std::string arch, GgufArchitecture(config));

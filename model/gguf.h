@@ -77,9 +77,8 @@ struct GgufOptions {
 //   I/O errors from the file system; Internal / ResourceExhausted if LibTorch fails converting a
 //   tensor.
 // Thread-safe with respect to other readers of `weights` and `tokenizer`.
-absl::Status WriteGguf(const std::string& path, const ModelConfig& config,
-                       const ModelWeights& weights, const Tokenizer& tokenizer,
-                       const GgufOptions& options = {});
+absl::Status WriteGguf(const std::string& path, const ModelConfig& config, const ModelWeights& weights,
+                       const Tokenizer& tokenizer, const GgufOptions& options = {});
 
 // ---- LoRA adapters for llama.cpp (`llama-cli -m base.gguf --lora adapter.gguf`) -----------------
 //
@@ -113,8 +112,7 @@ struct GgufLoraOptions {
 // architecture WriteGguf refuses; no pairs; scale not > 0 (llama.cpp reads alpha 0 as "scale 1");
 // pairs of different ranks (one alpha cannot give them the same scale); a layer outside the model,
 // a projection given twice, or A / B of the wrong shape or dtype. I/O errors from the file system.
-absl::Status WriteGgufLora(const std::string& path, const ModelConfig& config,
-                           const std::vector<GgufLoraPair>& pairs, double scale,
-                           const GgufLoraOptions& options = {});
+absl::Status WriteGgufLora(const std::string& path, const ModelConfig& config, const std::vector<GgufLoraPair>& pairs,
+                           double scale, const GgufLoraOptions& options = {});
 
 }  // namespace seedling::model

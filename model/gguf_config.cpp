@@ -40,14 +40,11 @@ absl::Status ReadSizes(const GgufFile& f, const std::string& p, ModelConfig& c) 
   SEEDLING_ASSIGN_OR_RETURN(c.intermediate_size, f.GetU32(p + "feed_forward_length"));
   SEEDLING_ASSIGN_OR_RETURN(c.num_attention_heads, f.GetU32(p + "attention.head_count"));
   if (c.num_attention_heads == 0) return FileError(f, StrCat(p, "attention.head_count is 0"));
-  SEEDLING_ASSIGN_OR_RETURN(std::optional<uint32_t> kv,
-                            Optional(f.GetU32(p + "attention.head_count_kv")));
+  SEEDLING_ASSIGN_OR_RETURN(std::optional<uint32_t> kv, Optional(f.GetU32(p + "attention.head_count_kv")));
   c.num_key_value_heads = kv.value_or(c.num_attention_heads);
-  SEEDLING_ASSIGN_OR_RETURN(std::optional<uint32_t> experts,
-                            Optional(f.GetU32(p + "expert_count")));
+  SEEDLING_ASSIGN_OR_RETURN(std::optional<uint32_t> experts, Optional(f.GetU32(p + "expert_count")));
   if (experts.value_or(0) > 0) {
-    return FileError(f, StrCat(p, "expert_count is ", *experts,
-                               ": mixture-of-experts models are not supported"));
+    return FileError(f, StrCat(p, "expert_count is ", *experts, ": mixture-of-experts models are not supported"));
   }
   SEEDLING_ASSIGN_OR_RETURN(const float eps, f.GetF32(p + "attention.layer_norm_rms_epsilon"));
   c.rms_norm_eps = Widen(eps);
@@ -56,20 +53,16 @@ absl::Status ReadSizes(const GgufFile& f, const std::string& p, ModelConfig& c) 
 
 // head_dim: llama.cpp's key length, which defaults to embedding_length / head_count.
 absl::Status ReadHeadDim(const GgufFile& f, const std::string& p, ModelConfig& c) {
-  SEEDLING_ASSIGN_OR_RETURN(std::optional<uint32_t> key_length,
-                            Optional(f.GetU32(p + "attention.key_length")));
+  SEEDLING_ASSIGN_OR_RETURN(std::optional<uint32_t> key_length, Optional(f.GetU32(p + "attention.key_length")));
   if (!key_length.has_value() && c.hidden_size % c.num_attention_heads != 0) {
-    return FileError(
-        f, StrCat(p, "embedding_length ", c.hidden_size, " is not a multiple of the head count ",
-                  c.num_attention_heads, " and ", p, "attention.key_length is missing"));
+    return FileError(f, StrCat(p, "embedding_length ", c.hidden_size, " is not a multiple of the head count ",
+                               c.num_attention_heads, " and ", p, "attention.key_length is missing"));
   }
   c.head_dim = key_length.value_or(c.hidden_size / c.num_attention_heads);
-  SEEDLING_ASSIGN_OR_RETURN(std::optional<uint32_t> value_length,
-                            Optional(f.GetU32(p + "attention.value_length")));
+  SEEDLING_ASSIGN_OR_RETURN(std::optional<uint32_t> value_length, Optional(f.GetU32(p + "attention.value_length")));
   if (value_length.has_value() && *value_length != c.head_dim) {
-    return FileError(
-        f, StrCat(p, "attention.value_length ", *value_length, " differs from the key length ",
-                  c.head_dim, "; Seedling's attention needs them equal"));
+    return FileError(f, StrCat(p, "attention.value_length ", *value_length, " differs from the key length ", c.head_dim,
+                               "; Seedling's attention needs them equal"));
   }
   return absl::OkStatus();
 }
@@ -82,8 +75,7 @@ absl::Status ReadVocabSize(const GgufFile& f, const std::string& p, ModelConfig&
     tokens = static_cast<int64_t>(array.count);
   }
   if (declared.has_value() && tokens.has_value() && *declared != *tokens) {
-    return FileError(f, StrCat(p, "vocab_size is ", *declared, " but tokenizer.ggml.tokens has ",
-                               *tokens, " tokens"));
+    return FileError(f, StrCat(p, "vocab_size is ", *declared, " but tokenizer.ggml.tokens has ", *tokens, " tokens"));
   }
   const GgufTensorInfo* embed = f.FindTensor("token_embd.weight");
   if (declared.has_value()) {
@@ -93,8 +85,8 @@ absl::Status ReadVocabSize(const GgufFile& f, const std::string& p, ModelConfig&
   } else if (embed != nullptr && embed->shape.size() == 2) {
     c.vocab_size = embed->shape[0];
   } else {
-    return FileError(f, StrCat("no vocabulary size: neither ", p,
-                               "vocab_size, tokenizer.ggml.tokens nor token_embd.weight"));
+    return FileError(
+        f, StrCat("no vocabulary size: neither ", p, "vocab_size, tokenizer.ggml.tokens nor token_embd.weight"));
   }
   return absl::OkStatus();
 }
@@ -107,8 +99,7 @@ std::vector<double> RopeFactors(const ModelConfig& c, const RopeScaling& scaling
   return RopeScalingFactors(scaled);
 }
 
-bool FactorsMatch(const ModelConfig& c, const RopeScaling& scaling,
-                  const std::vector<double>& factors) {
+bool FactorsMatch(const ModelConfig& c, const RopeScaling& scaling, const std::vector<double>& factors) {
   const std::vector<double> want = RopeFactors(c, scaling);
   for (size_t i = 0; i < factors.size(); ++i) {
     // The file holds float32: a relative error of 6e-8, plus a rounded context length.
@@ -121,8 +112,7 @@ bool FactorsMatch(const ModelConfig& c, const RopeScaling& scaling,
 //   1 when its wavelength is below orig / high, `factor` above orig / low, and between them by
 //   1 / ((1 - s) / factor + s) with s = (orig / wavelength - low) / (high - low).
 // Candidates for (low, high, orig) given the factors; FactorsMatch picks the right one.
-std::vector<RopeScaling> Llama3Candidates(const ModelConfig& c,
-                                          const std::vector<double>& factors) {
+std::vector<RopeScaling> Llama3Candidates(const ModelConfig& c, const std::vector<double>& factors) {
   RopeScaling base;
   base.type = RopeScaling::Type::kLlama3;
   base.factor = *std::max_element(factors.begin(), factors.end());
@@ -144,8 +134,7 @@ std::vector<RopeScaling> Llama3Candidates(const ModelConfig& c,
   if (!ramp.empty()) {
     double sum = 0;
     for (const auto& [wavelength, s] : ramp) sum += wavelength * (1 + 3 * s);
-    standard.original_max_position_embeddings =
-        std::llround(sum / static_cast<double>(ramp.size()));
+    standard.original_max_position_embeddings = std::llround(sum / static_cast<double>(ramp.size()));
   }
   out.push_back(standard);
   if (ramp.size() >= 2) {
@@ -169,16 +158,16 @@ std::vector<RopeScaling> Llama3Candidates(const ModelConfig& c,
 absl::StatusOr<RopeScaling> Llama3FromRopeFreqs(const GgufFile& f, const ModelConfig& c) {
   const GgufTensorInfo& t = *f.FindTensor("rope_freqs.weight");
   if (t.type != GgmlType::kF32 || t.shape != std::vector<int64_t>{c.head_dim / 2}) {
-    return FileError(f, StrCat("tensor 'rope_freqs.weight' is ", GgmlTypeName(t.type), " ",
-                               ShapeString(t.shape), ", expected f32 [", c.head_dim / 2, "]"));
+    return FileError(f, StrCat("tensor 'rope_freqs.weight' is ", GgmlTypeName(t.type), " ", ShapeString(t.shape),
+                               ", expected f32 [", c.head_dim / 2, "]"));
   }
   std::vector<double> factors(c.head_dim / 2);
   for (size_t i = 0; i < factors.size(); ++i) {
     float v;
     std::memcpy(&v, t.data + 4 * i, 4);
     if (!(v >= 1 - 1e-6 && std::isfinite(v))) {
-      return FileError(f, StrCat("tensor 'rope_freqs.weight' holds factor ", v, " at ", i,
-                                 "; Llama 3 scaling factors are >= 1"));
+      return FileError(
+          f, StrCat("tensor 'rope_freqs.weight' holds factor ", v, " at ", i, "; Llama 3 scaling factors are >= 1"));
     }
     factors[i] = v;
   }
@@ -193,59 +182,48 @@ absl::StatusOr<RopeScaling> Llama3FromRopeFreqs(const GgufFile& f, const ModelCo
 
 // rope.scaling.type "linear" with rope.scaling.factor, or the legacy rope.scale_linear.
 absl::Status ReadLinearScaling(const GgufFile& f, const std::string& p, ModelConfig& c) {
-  SEEDLING_ASSIGN_OR_RETURN(std::optional<std::string_view> type,
-                            Optional(f.GetString(p + "rope.scaling.type")));
-  SEEDLING_ASSIGN_OR_RETURN(std::optional<float> factor,
-                            Optional(f.GetF32(p + "rope.scaling.factor")));
-  SEEDLING_ASSIGN_OR_RETURN(std::optional<float> legacy,
-                            Optional(f.GetF32(p + "rope.scale_linear")));
+  SEEDLING_ASSIGN_OR_RETURN(std::optional<std::string_view> type, Optional(f.GetString(p + "rope.scaling.type")));
+  SEEDLING_ASSIGN_OR_RETURN(std::optional<float> factor, Optional(f.GetF32(p + "rope.scaling.factor")));
+  SEEDLING_ASSIGN_OR_RETURN(std::optional<float> legacy, Optional(f.GetF32(p + "rope.scale_linear")));
   if (type.has_value() && *type != "none" && *type != "linear") {
-    return FileError(
-        f, StrCat(p, "rope.scaling.type '", *type, "' is not supported (supported: none, linear)"));
+    return FileError(f, StrCat(p, "rope.scaling.type '", *type, "' is not supported (supported: none, linear)"));
   }
   if ((type == "linear" && factor.has_value()) || (!type.has_value() && legacy.has_value())) {
     const float value = type.has_value() ? *factor : *legacy;
-    if (!(value >= 1))
-      return FileError(f, StrCat("linear RoPE scaling factor ", value, " is below 1"));
+    if (!(value >= 1)) return FileError(f, StrCat("linear RoPE scaling factor ", value, " is below 1"));
     c.rope_scaling.type = RopeScaling::Type::kLinear;
     c.rope_scaling.factor = Widen(value);
   } else if (type == "linear") {
-    return FileError(
-        f, StrCat(p, "rope.scaling.type is linear but ", p, "rope.scaling.factor is missing"));
+    return FileError(f, StrCat(p, "rope.scaling.type is linear but ", p, "rope.scaling.factor is missing"));
   }
   return absl::OkStatus();
 }
 
-absl::Status ReadRope(const GgufFile& f, const std::string& p, std::string_view arch,
-                      ModelConfig& c) {
+absl::Status ReadRope(const GgufFile& f, const std::string& p, std::string_view arch, ModelConfig& c) {
   SEEDLING_ASSIGN_OR_RETURN(std::optional<float> theta, Optional(f.GetF32(p + "rope.freq_base")));
   c.rope_theta = theta.has_value() ? Widen(*theta) : 10000.0;
-  SEEDLING_ASSIGN_OR_RETURN(std::optional<uint32_t> rotated,
-                            Optional(f.GetU32(p + "rope.dimension_count")));
+  SEEDLING_ASSIGN_OR_RETURN(std::optional<uint32_t> rotated, Optional(f.GetU32(p + "rope.dimension_count")));
   if (rotated.has_value() && *rotated != c.head_dim) {
-    return FileError(f, StrCat(p, "rope.dimension_count ", *rotated, " differs from the head size ",
-                               c.head_dim, ": partial rotary embeddings are not supported"));
+    return FileError(f, StrCat(p, "rope.dimension_count ", *rotated, " differs from the head size ", c.head_dim,
+                               ": partial rotary embeddings are not supported"));
   }
   SEEDLING_RETURN_IF_ERROR(ReadLinearScaling(f, p, c));
   if (f.FindTensor("rope_freqs.weight") == nullptr) return absl::OkStatus();
   if (arch != "llama" || c.rope_scaling.type != RopeScaling::Type::kNone) {
-    return FileError(
-        f, StrCat("tensor 'rope_freqs.weight' (Llama 3 RoPE scaling) is only supported for "
-                  "architecture llama without other scaling"));
+    return FileError(f, StrCat("tensor 'rope_freqs.weight' (Llama 3 RoPE scaling) is only supported for "
+                               "architecture llama without other scaling"));
   }
   SEEDLING_ASSIGN_OR_RETURN(c.rope_scaling, Llama3FromRopeFreqs(f, c));
   return absl::OkStatus();
 }
 
 absl::Status ReadSpecialIds(const GgufFile& f, ModelConfig& c) {
-  SEEDLING_ASSIGN_OR_RETURN(std::optional<uint32_t> bos,
-                            Optional(f.GetU32("tokenizer.ggml.bos_token_id")));
+  SEEDLING_ASSIGN_OR_RETURN(std::optional<uint32_t> bos, Optional(f.GetU32("tokenizer.ggml.bos_token_id")));
   if (bos.has_value()) c.bos_token_id = *bos;
-  for (const char* key : {"tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
-                          "tokenizer.ggml.eom_token_id"}) {
+  for (const char* key :
+       {"tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"}) {
     SEEDLING_ASSIGN_OR_RETURN(std::optional<uint32_t> id, Optional(f.GetU32(key)));
-    if (id.has_value() &&
-        std::find(c.eos_token_ids.begin(), c.eos_token_ids.end(), *id) == c.eos_token_ids.end()) {
+    if (id.has_value() && std::find(c.eos_token_ids.begin(), c.eos_token_ids.end(), *id) == c.eos_token_ids.end()) {
       c.eos_token_ids.push_back(*id);
     }
   }
@@ -260,9 +238,7 @@ void ReadLayout(const GgufFile& f, ModelConfig& c) {
   c.mlp_bias = has("blk.0.ffn_gate.bias") || has("blk.0.ffn_up.bias") || has("blk.0.ffn_down.bias");
   const GgufTensorInfo* embed = f.FindTensor("token_embd.weight");
   const GgmlType type = embed != nullptr ? embed->type : GgmlType::kF16;
-  c.torch_dtype = type == GgmlType::kF32    ? "float32"
-                  : type == GgmlType::kBF16 ? "bfloat16"
-                                            : "float16";
+  c.torch_dtype = type == GgmlType::kF32 ? "float32" : type == GgmlType::kBF16 ? "bfloat16" : "float16";
 }
 
 }  // namespace
@@ -275,8 +251,7 @@ absl::StatusOr<ModelConfig> ConfigFromGguf(const GgufFile& file) {
   } else if (arch == "qwen2") {
     c.architecture = "Qwen2ForCausalLM";
   } else {
-    return FileError(file, StrCat("general.architecture '", arch,
-                                  "' is not supported (supported: llama, qwen2)"));
+    return FileError(file, StrCat("general.architecture '", arch, "' is not supported (supported: llama, qwen2)"));
   }
   c.model_type = std::string(arch);
   const std::string p = StrCat(arch, ".");

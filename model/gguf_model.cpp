@@ -16,9 +16,9 @@
 
 #include "base/status.h"
 #include "base/strings.h"
+#include "model/internal/gguf_util.h"
 #include "model/kernels.h"
 #include "model/quant.h"
-#include "model/internal/gguf_util.h"
 #include "model/torch_status.h"
 
 namespace seedling::model {
@@ -149,26 +149,24 @@ at::Tensor UndoRopeInterleave(const at::Tensor& w, int64_t heads) {
 }
 
 absl::Status UnsupportedType(const GgufFile& f, const GgufTensorInfo& t) {
-  return FileError(
-      f, StrCat("tensor '", t.name, "' has type ", GgmlTypeName(t.type),
-                ", which Seedling cannot load (supported: f32, f16, bf16, q8_0, q4_0); convert the "
-                "model with `llama-quantize --pure` to q8_0 or q4_0 (add --allow-requantize for an "
-                "already quantized file), or export it as f16"));
+  return FileError(f, StrCat("tensor '", t.name, "' has type ", GgmlTypeName(t.type),
+                             ", which Seedling cannot load (supported: f32, f16, bf16, q8_0, q4_0); convert the "
+                             "model with `llama-quantize --pure` to q8_0 or q4_0 (add --allow-requantize for an "
+                             "already quantized file), or export it as f16"));
 }
 
 absl::StatusOr<at::Tensor> LoadTensor(const GgufFile& f, const GgufTensorInfo& t, const Expected& e,
                                       WeightPrecision precision) {
   if (t.shape != e.shape) {
-    return FileError(f, StrCat("tensor '", t.name, "' has shape ", ShapeString(t.shape),
-                               ", config implies ", ShapeString(e.shape)));
+    return FileError(
+        f, StrCat("tensor '", t.name, "' has shape ", ShapeString(t.shape), ", config implies ", ShapeString(e.shape)));
   }
   const std::optional<Storage> storage = StorageOf(t.type);
   if (!storage.has_value()) return UnsupportedType(f, t);
   const bool matrix = e.shape.size() == 2;
   if (!matrix && storage->dtype == at::kByte) {
-    return FileError(
-        f, StrCat("tensor '", t.name, "' is 1-D but has block type ", GgmlTypeName(t.type),
-                  "; norms and biases must be f32, f16 or bf16"));
+    return FileError(f, StrCat("tensor '", t.name, "' is 1-D but has block type ", GgmlTypeName(t.type),
+                               "; norms and biases must be f32, f16 or bf16"));
   }
   bool copied = false;
   at::Tensor out = MappedTensor(t, *storage, copied);
@@ -188,14 +186,12 @@ absl::StatusOr<at::Tensor> LoadTensor(const GgufFile& f, const GgufTensorInfo& t
 
 std::string NameList(const std::vector<std::string>& names) {
   std::string list;
-  for (size_t i = 0; i < names.size() && i < 5; ++i)
-    list += StrCat(i ? ", " : "", "'", names[i], "'");
+  for (size_t i = 0; i < names.size() && i < 5; ++i) list += StrCat(i ? ", " : "", "'", names[i], "'");
   if (names.size() > 5) list += StrCat(" and ", names.size() - 5, " more");
   return list;
 }
 
-absl::StatusOr<ModelWeights> LoadGgufWeights(const GgufFile& f, const ModelConfig& c,
-                                             WeightPrecision precision) {
+absl::StatusOr<ModelWeights> LoadGgufWeights(const GgufFile& f, const ModelConfig& c, WeightPrecision precision) {
   ModelWeights w;
   std::vector<std::string> missing;
   std::set<std::string, std::less<>> used;
@@ -214,8 +210,7 @@ absl::StatusOr<ModelWeights> LoadGgufWeights(const GgufFile& f, const ModelConfi
     used.insert("rope_freqs.weight");
   }
   if (!missing.empty()) {
-    return absl::NotFoundError(StrCat("GGUF file '", f.path(), "': ", missing.size(),
-                                      " tensor(s) the ", c.architecture,
+    return absl::NotFoundError(StrCat("GGUF file '", f.path(), "': ", missing.size(), " tensor(s) the ", c.architecture,
                                       " config requires are missing: ", NameList(missing)));
   }
   std::vector<std::string> unexpected;
@@ -251,29 +246,26 @@ constexpr PreTokenizerName kPreTokenizers[] = {
 };
 
 absl::StatusOr<Vocab::PreTokenizer> ReadPreTokenizer(const GgufFile& f) {
-  SEEDLING_ASSIGN_OR_RETURN(std::optional<std::string_view> name,
-                            Optional(f.GetString("tokenizer.ggml.pre")));
+  SEEDLING_ASSIGN_OR_RETURN(std::optional<std::string_view> name, Optional(f.GetString("tokenizer.ggml.pre")));
   std::string known;
   for (const PreTokenizerName& p : kPreTokenizers) {
     if (name == p.name) return p.pre;
     known += StrCat(known.empty() ? "" : ", ", p.name);
   }
   return FileError(
-      f, StrCat("tokenizer.ggml.pre ",
-                name.has_value() ? StrCat("'", *name, "' is not supported") : "is missing",
+      f, StrCat("tokenizer.ggml.pre ", name.has_value() ? StrCat("'", *name, "' is not supported") : "is missing",
                 " for a gpt2 tokenizer (supported: ", known, ")"));
 }
 
 absl::Status ReadMerges(const GgufFile& f, Vocab& v) {
-  SEEDLING_ASSIGN_OR_RETURN(const std::vector<std::string_view> merges,
-                            f.GetStringArray("tokenizer.ggml.merges"));
+  SEEDLING_ASSIGN_OR_RETURN(const std::vector<std::string_view> merges, f.GetStringArray("tokenizer.ggml.merges"));
   v.merges.reserve(merges.size());
   for (size_t i = 0; i < merges.size(); ++i) {
     // llama.cpp splits at the first space after the first byte (a token may be a space).
     const size_t space = merges[i].find(' ', 1);
     if (space == std::string_view::npos) {
-      return FileError(f, StrCat("tokenizer.ggml.merges[", i, "] '", merges[i],
-                                 "' is not two tokens separated by a space"));
+      return FileError(
+          f, StrCat("tokenizer.ggml.merges[", i, "] '", merges[i], "' is not two tokens separated by a space"));
     }
     v.merges.emplace_back(merges[i].substr(0, space), merges[i].substr(space + 1));
   }
@@ -281,8 +273,7 @@ absl::Status ReadMerges(const GgufFile& f, Vocab& v) {
 }
 
 absl::Status ReadTokens(const GgufFile& f, Vocab& v) {
-  SEEDLING_ASSIGN_OR_RETURN(const std::vector<std::string_view> tokens,
-                            f.GetStringArray("tokenizer.ggml.tokens"));
+  SEEDLING_ASSIGN_OR_RETURN(const std::vector<std::string_view> tokens, f.GetStringArray("tokenizer.ggml.tokens"));
   v.tokens.assign(tokens.begin(), tokens.end());
   const size_t n = tokens.size();
   if (f.Has("tokenizer.ggml.token_type")) {
@@ -296,33 +287,28 @@ absl::Status ReadTokens(const GgufFile& f, Vocab& v) {
     SEEDLING_ASSIGN_OR_RETURN(v.scores, f.GetF32Array("tokenizer.ggml.scores"));
   }
   if (v.types.size() != n || (!v.scores.empty() && v.scores.size() != n)) {
-    return FileError(f, StrCat("tokenizer.ggml.tokens has ", n, " entries but token_type has ",
-                               v.types.size(), " and scores ", v.scores.size()));
+    return FileError(f, StrCat("tokenizer.ggml.tokens has ", n, " entries but token_type has ", v.types.size(),
+                               " and scores ", v.scores.size()));
   }
   return absl::OkStatus();
 }
 
 absl::Status ReadTokenizerFlags(const GgufFile& f, Vocab& v, bool& add_space_prefix) {
-  const std::pair<const char*, std::optional<int32_t>*> ids[] = {
-      {"tokenizer.ggml.bos_token_id", &v.bos_id},
-      {"tokenizer.ggml.eos_token_id", &v.eos_id},
-      {"tokenizer.ggml.unknown_token_id", &v.unk_id},
-      {"tokenizer.ggml.padding_token_id", &v.pad_id}};
+  const std::pair<const char*, std::optional<int32_t>*> ids[] = {{"tokenizer.ggml.bos_token_id", &v.bos_id},
+                                                                 {"tokenizer.ggml.eos_token_id", &v.eos_id},
+                                                                 {"tokenizer.ggml.unknown_token_id", &v.unk_id},
+                                                                 {"tokenizer.ggml.padding_token_id", &v.pad_id}};
   for (const auto& [key, id] : ids) {
     SEEDLING_ASSIGN_OR_RETURN(std::optional<uint32_t> value, Optional(f.GetU32(key)));
     if (value.has_value() && *value >= v.tokens.size()) {
-      return FileError(f, StrCat(key, " ", *value, " is outside the vocabulary of ",
-                                 v.tokens.size(), " tokens"));
+      return FileError(f, StrCat(key, " ", *value, " is outside the vocabulary of ", v.tokens.size(), " tokens"));
     }
     if (value.has_value()) *id = static_cast<int32_t>(*value);
   }
   const bool spm = v.kind != Vocab::Kind::kByteLevelBpe;
-  SEEDLING_ASSIGN_OR_RETURN(std::optional<bool> add_bos,
-                            Optional(f.GetBool("tokenizer.ggml.add_bos_token")));
-  SEEDLING_ASSIGN_OR_RETURN(std::optional<bool> add_eos,
-                            Optional(f.GetBool("tokenizer.ggml.add_eos_token")));
-  SEEDLING_ASSIGN_OR_RETURN(std::optional<bool> prefix,
-                            Optional(f.GetBool("tokenizer.ggml.add_space_prefix")));
+  SEEDLING_ASSIGN_OR_RETURN(std::optional<bool> add_bos, Optional(f.GetBool("tokenizer.ggml.add_bos_token")));
+  SEEDLING_ASSIGN_OR_RETURN(std::optional<bool> add_eos, Optional(f.GetBool("tokenizer.ggml.add_eos_token")));
+  SEEDLING_ASSIGN_OR_RETURN(std::optional<bool> prefix, Optional(f.GetBool("tokenizer.ggml.add_space_prefix")));
   // llama.cpp adds BOS by default for SentencePiece vocabularies (when they name one).
   v.add_bos = add_bos.value_or(spm && v.bos_id.has_value());
   v.add_eos = add_eos.value_or(false);
@@ -332,11 +318,9 @@ absl::Status ReadTokenizerFlags(const GgufFile& f, Vocab& v, bool& add_space_pre
 
 }  // namespace
 
-
 absl::StatusOr<ModelWeights> WeightsFromGguf(const GgufFile& file, const ModelConfig& config,
                                              WeightPrecision precision) {
-  return CatchTorch(StrCat("GGUF file '", file.path(), "'"),
-                    [&] { return LoadGgufWeights(file, config, precision); });
+  return CatchTorch(StrCat("GGUF file '", file.path(), "'"), [&] { return LoadGgufWeights(file, config, precision); });
 }
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> TokenizerFromGguf(const GgufFile& file) {
@@ -349,8 +333,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> TokenizerFromGguf(const GgufFile& fil
   } else if (model == "llama") {
     v.kind = Vocab::Kind::kSentencePieceBpe;
   } else {
-    return FileError(file, StrCat("tokenizer.ggml.model '", model,
-                                  "' is not supported (supported: gpt2, llama)"));
+    return FileError(file, StrCat("tokenizer.ggml.model '", model, "' is not supported (supported: gpt2, llama)"));
   }
   SEEDLING_RETURN_IF_ERROR(ReadTokens(file, v));
   VocabularyTokenizerOptions options;
@@ -360,7 +343,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> TokenizerFromGguf(const GgufFile& fil
 }
 
 std::vector<HeldMatrix> GgufStreamableMatrices(const GgufFile& file, const ModelConfig& config,
-                                                WeightPrecision precision) {
+                                               WeightPrecision precision) {
   std::vector<HeldMatrix> out;
   if (precision == WeightPrecision::kFloat32) return out;
   const std::optional<WeightFormat> block = BlockFormatOf(precision);
@@ -373,16 +356,14 @@ std::vector<HeldMatrix> GgufStreamableMatrices(const GgufFile& file, const Model
     const std::optional<WeightFormat> held = MatrixFormatOf(t->type);
     if (!held.has_value() || *held == WeightFormat::kF32) continue;
     if (reinterpret_cast<uintptr_t>(t->data) % StorageOf(t->type)->element_bytes != 0) continue;  // copied
-    if (block.has_value() && *held != MatrixFormatFor(*block, e.shape[1])) continue;  // converted at load
+    if (block.has_value() && *held != MatrixFormatFor(*block, e.shape[1])) continue;              // converted at load
     out.push_back({e.shape[0], e.shape[1], static_cast<int64_t>(t->nbytes), e.name == "token_embd.weight"});
   }
   return out;
 }
 
-
 absl::StatusOr<GgufModel> LoadGgufModel(const std::string& path, WeightPrecision precision) {
-  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<GgufFile> file,
-                            GgufFile::Open(path, MappedFile::Mode::kCopyOnWrite));
+  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<GgufFile> file, GgufFile::Open(path, MappedFile::Mode::kCopyOnWrite));
   GgufModel model;
   SEEDLING_ASSIGN_OR_RETURN(model.config, ConfigFromGguf(*file));
   SEEDLING_ASSIGN_OR_RETURN(model.tokenizer, TokenizerFromGguf(*file));

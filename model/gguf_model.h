@@ -67,7 +67,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> TokenizerFromGguf(const GgufFile& fil
 // architecture's q / k matrices (un-permuted into copies), nor a tensor copied for its alignment. Matrices
 // the file lacks are skipped (loading reports them).
 std::vector<HeldMatrix> GgufStreamableMatrices(const GgufFile& file, const ModelConfig& config,
-                                                WeightPrecision precision);
+                                               WeightPrecision precision);
 
 struct GgufModel {
   ModelConfig config;
@@ -78,7 +78,6 @@ struct GgufModel {
 // Opens `path` and builds all three. The file is mapped copy-on-write, like LlamaModel::Load's
 // safetensors, so weights viewing it may be written in place (an adapter merge) without touching
 // the file. Errors as from GgufFile::Open and the three functions above.
-absl::StatusOr<GgufModel> LoadGgufModel(const std::string& path,
-                                        WeightPrecision precision = WeightPrecision::kFloat32);
+absl::StatusOr<GgufModel> LoadGgufModel(const std::string& path, WeightPrecision precision = WeightPrecision::kFloat32);
 
 }  // namespace seedling::model

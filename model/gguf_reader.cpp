@@ -19,8 +19,7 @@ using internal::kGgufMaxDims;
 using internal::kGgufMaxTensorName;
 
 // Values are copied out of the mapping as they are in memory.
-static_assert(std::endian::native == std::endian::little,
-              "the GGUF reader assumes a little-endian host");
+static_assert(std::endian::native == std::endian::little, "the GGUF reader assumes a little-endian host");
 
 // The smallest possible encodings, for bounding counts by the bytes left before anything is
 // allocated. A key-value pair: key length, at least one key byte, value type, a 1-byte value. A
@@ -105,9 +104,7 @@ std::optional<uint64_t> ScalarBytes(GgufValueType type) {
   return std::nullopt;
 }
 
-bool IsKnownValueType(uint32_t type) {
-  return type <= static_cast<uint32_t>(GgufValueType::kFloat64);
-}
+bool IsKnownValueType(uint32_t type) { return type <= static_cast<uint32_t>(GgufValueType::kFloat64); }
 
 // The smallest encoding of one value of `type` (a string: its length; an array: type and count).
 uint64_t MinValueBytes(GgufValueType type) {
@@ -116,9 +113,7 @@ uint64_t MinValueBytes(GgufValueType type) {
   return *ScalarBytes(type);
 }
 
-uint64_t AlignUp(uint64_t n, uint64_t alignment) {
-  return (n + alignment - 1) / alignment * alignment;
-}
+uint64_t AlignUp(uint64_t n, uint64_t alignment) { return (n + alignment - 1) / alignment * alignment; }
 
 template <typename T>
 T Load(const uint8_t* p) {
@@ -170,10 +165,9 @@ class Cursor {
   // before anything is sized by `count`.
   absl::Status CheckCount(uint64_t count, uint64_t min_bytes, std::string_view what) const {
     if (count <= remaining() / min_bytes) return absl::OkStatus();
-    return FileError(
-        absl::StatusCode::kDataLoss, path(),
-        StrCat("truncated or corrupt: ", what, " ", count, " needs at least ", min_bytes,
-               " bytes each, but only ", remaining(), " bytes remain after offset ", pos_));
+    return FileError(absl::StatusCode::kDataLoss, path(),
+                     StrCat("truncated or corrupt: ", what, " ", count, " needs at least ", min_bytes,
+                            " bytes each, but only ", remaining(), " bytes remain after offset ", pos_));
   }
 
  private:
@@ -182,8 +176,7 @@ class Cursor {
 };
 
 absl::Status KeyError(const Cursor& in, std::string_view key, std::string_view message) {
-  return FileError(absl::StatusCode::kInvalidArgument, in.path(),
-                   StrCat("key '", key, "': ", message));
+  return FileError(absl::StatusCode::kInvalidArgument, in.path(), StrCat("key '", key, "': ", message));
 }
 
 absl::Status CheckBools(const Cursor& in, std::string_view key, const uint8_t* p, uint64_t n) {
@@ -194,14 +187,12 @@ absl::Status CheckBools(const Cursor& in, std::string_view key, const uint8_t* p
 }
 
 absl::StatusOr<GgufValueType> ReadValueType(Cursor& in, std::string_view key, const char* what) {
-  SEEDLING_ASSIGN_OR_RETURN(const uint32_t type,
-                            in.Read<uint32_t>(StrCat("key '", key, "' ", what)));
+  SEEDLING_ASSIGN_OR_RETURN(const uint32_t type, in.Read<uint32_t>(StrCat("key '", key, "' ", what)));
   if (!IsKnownValueType(type)) return KeyError(in, key, StrCat("unknown ", what, " ", type));
   return static_cast<GgufValueType>(type);
 }
 
-absl::StatusOr<GgufValue> ParseValue(Cursor& in, std::string_view key, GgufValueType type,
-                                     int depth);
+absl::StatusOr<GgufValue> ParseValue(Cursor& in, std::string_view key, GgufValueType type, int depth);
 
 // An array's header and elements; `depth` counts the arrays around this one.
 absl::StatusOr<GgufValue> ParseArray(Cursor& in, std::string_view key, int depth) {
@@ -213,8 +204,8 @@ absl::StatusOr<GgufValue> ParseArray(Cursor& in, std::string_view key, int depth
   value.data = in.here();
   SEEDLING_ASSIGN_OR_RETURN(value.element_type, ReadValueType(in, key, "array element type"));
   SEEDLING_ASSIGN_OR_RETURN(value.count, in.Read<uint64_t>(StrCat("key '", key, "' array length")));
-  SEEDLING_RETURN_IF_ERROR(in.CheckCount(value.count, MinValueBytes(value.element_type),
-                                         StrCat("key '", key, "' array length")));
+  SEEDLING_RETURN_IF_ERROR(
+      in.CheckCount(value.count, MinValueBytes(value.element_type), StrCat("key '", key, "' array length")));
   value.elements = in.here();
   if (std::optional<uint64_t> size = ScalarBytes(value.element_type)) {
     SEEDLING_RETURN_IF_ERROR(in.Skip(value.count * *size, StrCat("key '", key, "' array")));
@@ -230,8 +221,7 @@ absl::StatusOr<GgufValue> ParseArray(Cursor& in, std::string_view key, int depth
 }
 
 // Validates one value of `type` at the cursor and moves past it.
-absl::StatusOr<GgufValue> ParseValue(Cursor& in, std::string_view key, GgufValueType type,
-                                     int depth) {
+absl::StatusOr<GgufValue> ParseValue(Cursor& in, std::string_view key, GgufValueType type, int depth) {
   if (type == GgufValueType::kArray) return ParseArray(in, key, depth);
   GgufValue value;
   value.type = type;
@@ -253,9 +243,9 @@ struct Header {
 
 absl::StatusOr<Header> ParseHeader(Cursor& in) {
   if (in.remaining() < kHeaderBytes) {
-    return FileError(absl::StatusCode::kDataLoss, in.path(),
-                     StrCat("truncated: ", in.remaining(), " bytes, shorter than the ",
-                            kHeaderBytes, "-byte GGUF header"));
+    return FileError(
+        absl::StatusCode::kDataLoss, in.path(),
+        StrCat("truncated: ", in.remaining(), " bytes, shorter than the ", kHeaderBytes, "-byte GGUF header"));
   }
   const uint32_t magic = *in.Read<uint32_t>("magic");
   if (magic != kGgufMagic) {
@@ -278,20 +268,17 @@ absl::StatusOr<Header> ParseHeader(Cursor& in) {
   const uint64_t left = in.remaining() - h.metadata_count * kMinKeyValueBytes;
   if (h.tensor_count > left / kMinTensorInfoBytes) {
     return FileError(absl::StatusCode::kDataLoss, in.path(),
-                     StrCat("truncated or corrupt: tensor count ", h.tensor_count,
-                            " needs at least ", kMinTensorInfoBytes, " bytes each, but only ", left,
-                            " bytes remain for tensor infos"));
+                     StrCat("truncated or corrupt: tensor count ", h.tensor_count, " needs at least ",
+                            kMinTensorInfoBytes, " bytes each, but only ", left, " bytes remain for tensor infos"));
   }
   return h;
 }
 
-absl::Status ParseMetadata(Cursor& in, uint64_t count,
-                           std::map<std::string, GgufValue, std::less<>>& out) {
+absl::Status ParseMetadata(Cursor& in, uint64_t count, std::map<std::string, GgufValue, std::less<>>& out) {
   for (uint64_t i = 0; i < count; ++i) {
     SEEDLING_ASSIGN_OR_RETURN(const std::string_view key, in.String(StrCat("key #", i)));
     if (key.empty()) {
-      return FileError(absl::StatusCode::kInvalidArgument, in.path(),
-                       StrCat("key #", i, " is empty"));
+      return FileError(absl::StatusCode::kInvalidArgument, in.path(), StrCat("key #", i, " is empty"));
     }
     SEEDLING_ASSIGN_OR_RETURN(const GgufValueType type, ReadValueType(in, key, "value type"));
     SEEDLING_ASSIGN_OR_RETURN(GgufValue value, ParseValue(in, key, type, 0));
@@ -307,9 +294,9 @@ absl::StatusOr<uint64_t> ParseAlignment(const std::string& path,
   auto it = md.find("general.alignment");
   if (it == md.end()) return uint64_t{kGgufDefaultAlignment};
   if (it->second.type != GgufValueType::kUint32) {
-    return FileError(absl::StatusCode::kInvalidArgument, path,
-                     StrCat("key 'general.alignment' has type ", GgufValueTypeName(it->second.type),
-                            ", expected uint32"));
+    return FileError(
+        absl::StatusCode::kInvalidArgument, path,
+        StrCat("key 'general.alignment' has type ", GgufValueTypeName(it->second.type), ", expected uint32"));
   }
   const uint32_t alignment = Load<uint32_t>(it->second.data);
   if (alignment == 0 || !std::has_single_bit(alignment)) {
@@ -320,24 +307,20 @@ absl::StatusOr<uint64_t> ParseAlignment(const std::string& path,
 }
 
 absl::Status TensorError(const Cursor& in, std::string_view name, std::string_view message) {
-  return FileError(absl::StatusCode::kInvalidArgument, in.path(),
-                   StrCat("tensor '", name, "': ", message));
+  return FileError(absl::StatusCode::kInvalidArgument, in.path(), StrCat("tensor '", name, "': ", message));
 }
 
 // Reads ne[0..n_dims) into `info.shape` (reversed) and sets `info.nbytes`, checking sizes.
 absl::Status ParseDims(Cursor& in, GgufTensorInfo& info, const TypeTraits*& traits) {
-  SEEDLING_ASSIGN_OR_RETURN(const uint32_t n_dims,
-                            in.Read<uint32_t>(StrCat("tensor '", info.name, "' n_dims")));
+  SEEDLING_ASSIGN_OR_RETURN(const uint32_t n_dims, in.Read<uint32_t>(StrCat("tensor '", info.name, "' n_dims")));
   if (n_dims < 1 || n_dims > kGgufMaxDims) {
-    return TensorError(in, info.name,
-                       StrCat("n_dims ", n_dims, " is outside [1, ", kGgufMaxDims, "]"));
+    return TensorError(in, info.name, StrCat("n_dims ", n_dims, " is outside [1, ", kGgufMaxDims, "]"));
   }
   std::vector<uint64_t> ne(n_dims);
   for (uint32_t d = 0; d < n_dims; ++d) {
     SEEDLING_ASSIGN_OR_RETURN(ne[d], in.Read<uint64_t>(StrCat("tensor '", info.name, "' ne")));
   }
-  SEEDLING_ASSIGN_OR_RETURN(const uint32_t type,
-                            in.Read<uint32_t>(StrCat("tensor '", info.name, "' type")));
+  SEEDLING_ASSIGN_OR_RETURN(const uint32_t type, in.Read<uint32_t>(StrCat("tensor '", info.name, "' type")));
   traits = FindTraits(type);
   if (traits == nullptr) return TensorError(in, info.name, StrCat("unknown ggml type ", type));
   info.type = traits->type;
@@ -350,10 +333,10 @@ absl::Status ParseDims(Cursor& in, GgufTensorInfo& info, const TypeTraits*& trai
   }
   info.shape.assign(ne.rbegin(), ne.rend());
   if (ne[0] % traits->block != 0) {
-    return TensorError(in, info.name,
-                       StrCat("type ", traits->name, " stores blocks of ", traits->block,
-                              " elements, but ne[0] (the row length) is ", ne[0],
-                              ", not a multiple of ", traits->block));
+    return TensorError(
+        in, info.name,
+        StrCat("type ", traits->name, " stores blocks of ", traits->block, " elements, but ne[0] (the row length) is ",
+               ne[0], ", not a multiple of ", traits->block));
   }
   if (__builtin_mul_overflow(numel / traits->block, traits->bytes, &info.nbytes)) {
     return TensorError(in, info.name, "the byte size overflows");
@@ -363,22 +346,18 @@ absl::Status ParseDims(Cursor& in, GgufTensorInfo& info, const TypeTraits*& trai
 
 absl::StatusOr<GgufTensorInfo> ParseTensorInfo(Cursor& in, uint64_t index, uint64_t alignment) {
   GgufTensorInfo info;
-  SEEDLING_ASSIGN_OR_RETURN(const std::string_view name,
-                            in.String(StrCat("tensor #", index, " name")));
+  SEEDLING_ASSIGN_OR_RETURN(const std::string_view name, in.String(StrCat("tensor #", index, " name")));
   info.name = std::string(name);
   if (name.size() > kGgufMaxTensorName) {
-    return TensorError(
-        in, info.name,
-        StrCat("name is ", name.size(), " bytes, longer than ggml's ", kGgufMaxTensorName));
+    return TensorError(in, info.name,
+                       StrCat("name is ", name.size(), " bytes, longer than ggml's ", kGgufMaxTensorName));
   }
   const TypeTraits* traits = nullptr;
   SEEDLING_RETURN_IF_ERROR(ParseDims(in, info, traits));
-  SEEDLING_ASSIGN_OR_RETURN(info.offset,
-                            in.Read<uint64_t>(StrCat("tensor '", info.name, "' offset")));
+  SEEDLING_ASSIGN_OR_RETURN(info.offset, in.Read<uint64_t>(StrCat("tensor '", info.name, "' offset")));
   if (info.offset % alignment != 0) {
-    return TensorError(
-        in, info.name,
-        StrCat("offset ", info.offset, " is not a multiple of the alignment ", alignment));
+    return TensorError(in, info.name,
+                       StrCat("offset ", info.offset, " is not a multiple of the alignment ", alignment));
   }
   return info;
 }
@@ -387,8 +366,8 @@ absl::StatusOr<GgufTensorInfo> ParseTensorInfo(Cursor& in, uint64_t index, uint6
 // when the tensors are packed as GGUF writers lay them out (in offset order from 0, each at the
 // aligned end of the one before), the header is believable and the file was cut short, DataLoss;
 // otherwise the offset itself is wrong, InvalidArgument.
-absl::Status CheckLayout(const std::string& path, const std::vector<GgufTensorInfo>& tensors,
-                         uint64_t data_size, uint64_t alignment) {
+absl::Status CheckLayout(const std::string& path, const std::vector<GgufTensorInfo>& tensors, uint64_t data_size,
+                         uint64_t alignment) {
   std::vector<const GgufTensorInfo*> sorted;
   sorted.reserve(tensors.size());
   for (const GgufTensorInfo& t : tensors) sorted.push_back(&t);
@@ -407,9 +386,8 @@ absl::Status CheckLayout(const std::string& path, const std::vector<GgufTensorIn
     if (__builtin_add_overflow(t->offset, t->nbytes, &t_end)) return out_of_range(*t);
     if (previous != nullptr && t->offset < end) {
       return FileError(absl::StatusCode::kInvalidArgument, path,
-                       StrCat("tensors '", previous->name, "' and '", t->name, "' overlap: '",
-                              t->name, "' starts at data offset ", t->offset, ", before '",
-                              previous->name, "' ends at ", end));
+                       StrCat("tensors '", previous->name, "' and '", t->name, "' overlap: '", t->name,
+                              "' starts at data offset ", t->offset, ", before '", previous->name, "' ends at ", end));
     }
     packed = packed && t->offset == AlignUp(end, alignment);
     end = t_end;
@@ -418,10 +396,9 @@ absl::Status CheckLayout(const std::string& path, const std::vector<GgufTensorIn
   for (const GgufTensorInfo* t : sorted) {
     if (t->offset + t->nbytes <= data_size) continue;
     if (packed) {
-      return FileError(
-          absl::StatusCode::kDataLoss, path,
-          StrCat("truncated: tensor '", t->name, "' occupies data bytes [", t->offset, ", ",
-                 t->offset + t->nbytes, "), but the data section has only ", data_size, " bytes"));
+      return FileError(absl::StatusCode::kDataLoss, path,
+                       StrCat("truncated: tensor '", t->name, "' occupies data bytes [", t->offset, ", ",
+                              t->offset + t->nbytes, "), but the data section has only ", data_size, " bytes"));
     }
     return out_of_range(*t);
   }
@@ -464,12 +441,10 @@ const char* GgufValueTypeName(GgufValueType type) {
 
 std::string GgmlTypeName(GgmlType type) {
   const TypeTraits* traits = FindTraits(static_cast<uint32_t>(type));
-  return traits != nullptr ? std::string(traits->name)
-                           : StrCat("type ", static_cast<uint32_t>(type));
+  return traits != nullptr ? std::string(traits->name) : StrCat("type ", static_cast<uint32_t>(type));
 }
 
-absl::StatusOr<std::unique_ptr<GgufFile>> GgufFile::Open(const std::string& path,
-                                                         MappedFile::Mode mode) {
+absl::StatusOr<std::unique_ptr<GgufFile>> GgufFile::Open(const std::string& path, MappedFile::Mode mode) {
   SEEDLING_ASSIGN_OR_RETURN(std::shared_ptr<MappedFile> file, MappedFile::Open(path, mode));
   return FromMapping(std::move(file));
 }
@@ -515,28 +490,25 @@ absl::StatusOr<const GgufValue*> GgufFile::Typed(std::string_view key, GgufValue
   }
   if (it->second.type != type) {
     return FileError(absl::StatusCode::kInvalidArgument, path(),
-                     StrCat("key '", key, "' has type ", GgufValueTypeName(it->second.type),
-                            ", expected ", GgufValueTypeName(type)));
+                     StrCat("key '", key, "' has type ", GgufValueTypeName(it->second.type), ", expected ",
+                            GgufValueTypeName(type)));
   }
   return &it->second;
 }
 
-absl::StatusOr<const GgufValue*> GgufFile::TypedArray(std::string_view key,
-                                                      GgufValueType element) const {
+absl::StatusOr<const GgufValue*> GgufFile::TypedArray(std::string_view key, GgufValueType element) const {
   SEEDLING_ASSIGN_OR_RETURN(const GgufValue* value, Typed(key, GgufValueType::kArray));
   if (value->element_type != element) {
-    return FileError(
-        absl::StatusCode::kInvalidArgument, path(),
-        StrCat("key '", key, "' is an array of ", GgufValueTypeName(value->element_type),
-               ", expected an array of ", GgufValueTypeName(element)));
+    return FileError(absl::StatusCode::kInvalidArgument, path(),
+                     StrCat("key '", key, "' is an array of ", GgufValueTypeName(value->element_type),
+                            ", expected an array of ", GgufValueTypeName(element)));
   }
   return value;
 }
 
 absl::StatusOr<std::string_view> GgufFile::GetString(std::string_view key) const {
   SEEDLING_ASSIGN_OR_RETURN(const GgufValue* value, Typed(key, GgufValueType::kString));
-  return std::string_view(reinterpret_cast<const char*>(value->data) + 8,
-                          Load<uint64_t>(value->data));
+  return std::string_view(reinterpret_cast<const char*>(value->data) + 8, Load<uint64_t>(value->data));
 }
 
 template <typename T>
@@ -585,8 +557,7 @@ absl::StatusOr<std::vector<std::string_view>> GgufFile::GetStringArray(std::stri
 }
 
 template <typename T>
-absl::StatusOr<std::vector<T>> GgufFile::ScalarArray(std::string_view key,
-                                                     GgufValueType element) const {
+absl::StatusOr<std::vector<T>> GgufFile::ScalarArray(std::string_view key, GgufValueType element) const {
   SEEDLING_ASSIGN_OR_RETURN(const GgufValue* value, TypedArray(key, element));
   std::vector<T> out(value->count);
   if (value->count > 0) std::memcpy(out.data(), value->elements, value->count * sizeof(T));

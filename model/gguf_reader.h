@@ -69,8 +69,8 @@ class GgufFile {
   // Maps `path` and validates it (see the file comment). `mode` kCopyOnWrite lets callers write
   // through tensor pointers (e.g. merge an adapter into a weight) without changing the file.
   // NotFound / PermissionDenied from the file system; DataLoss / InvalidArgument for bad content.
-  static absl::StatusOr<std::unique_ptr<GgufFile>> Open(
-      const std::string& path, MappedFile::Mode mode = MappedFile::Mode::kReadOnly);
+  static absl::StatusOr<std::unique_ptr<GgufFile>> Open(const std::string& path,
+                                                        MappedFile::Mode mode = MappedFile::Mode::kReadOnly);
   // Validates the GGUF bytes `file` holds (a mapping, or bytes in memory: MappedFile::FromBytes).
   static absl::StatusOr<std::unique_ptr<GgufFile>> FromMapping(std::shared_ptr<MappedFile> file);
 

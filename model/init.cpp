@@ -6,8 +6,8 @@
 #include "base/status.h"
 #include "base/strings.h"
 #include "model/config.h"
-#include "model/torch_status.h"
 #include "model/tokenizer.h"
+#include "model/torch_status.h"
 #include "model/weights.h"
 
 namespace seedling::model {
@@ -29,8 +29,8 @@ absl::Status InitModel(const std::string& out_dir, const InitModelOptions& optio
   tok.vocab_size = options.tokenizer_vocab > 0 ? options.tokenizer_vocab
                                                : static_cast<int32_t>(std::min<int64_t>(config.vocab_size, 4096));
   if (tok.vocab_size > config.vocab_size) {
-    return absl::InvalidArgumentError(StrCat("tokenizer vocabulary ", tok.vocab_size,
-                                             " exceeds the model's vocab_size ", config.vocab_size));
+    return absl::InvalidArgumentError(
+        StrCat("tokenizer vocabulary ", tok.vocab_size, " exceeds the model's vocab_size ", config.vocab_size));
   }
   const std::string_view corpus =
       options.tokenizer_corpus.empty() ? BundledSampleCorpus() : std::string_view(options.tokenizer_corpus);
@@ -39,11 +39,14 @@ absl::Status InitModel(const std::string& out_dir, const InitModelOptions& optio
   config.eos_token_ids = {0};
   config.torch_dtype = options.dtype == DType::kF32 ? "float32" : options.dtype == DType::kF16 ? "float16" : "bfloat16";
 
-  nlohmann::json tokenizer_config = {
-      {"bos_token", "<|endoftext|>"},        {"eos_token", "<|endoftext|>"},
-      {"unk_token", "<|endoftext|>"},        {"add_bos_token", false},
-      {"add_eos_token", false},              {"model_max_length", config.max_position_embeddings},
-      {"tokenizer_class", "GPT2Tokenizer"},  {"clean_up_tokenization_spaces", false}};
+  nlohmann::json tokenizer_config = {{"bos_token", "<|endoftext|>"},
+                                     {"eos_token", "<|endoftext|>"},
+                                     {"unk_token", "<|endoftext|>"},
+                                     {"add_bos_token", false},
+                                     {"add_eos_token", false},
+                                     {"model_max_length", config.max_position_embeddings},
+                                     {"tokenizer_class", "GPT2Tokenizer"},
+                                     {"clean_up_tokenization_spaces", false}};
 
   // Weights last: the model is complete only once model.safetensors exists.
   SEEDLING_RETURN_IF_ERROR(WriteFileAtomic(JoinPath(out_dir, "tokenizer.json"), tokenizer_json));

@@ -55,7 +55,7 @@ TileTargets TargetsInTile(const CeChunk& c, int64_t v0, int64_t n, at::ScalarTyp
 // of exp(z - m) · W_v over the vocabulary rows (for the gradient, as flash attention accumulates its output).
 struct RowStats {
   at::Tensor max, sum, tangent_sum, target, target_tangent;  // (c) each
-  at::Tensor weighted_rows;  // (c, H) when the gradient is accumulated, else undefined
+  at::Tensor weighted_rows;                                  // (c, H) when the gradient is accumulated, else undefined
 
   RowStats(int64_t c, const at::TensorOptions& options)
       : max(at::full({c}, -std::numeric_limits<double>::infinity(), options)),
@@ -88,8 +88,8 @@ struct RowStats {
 // running max, so the gradient costs one more multiply per tile instead of recomputing the logits.
 // `stream` (may be null) releases the weight's pages tile by tile (model/frozen_linear.h WeightPages).
 std::pair<at::Tensor, at::Tensor> ChunkedCeForward(const at::Tensor& hidden, const at::Tensor& tangent,
-                                                   const at::Tensor& weight, const at::Tensor& targets,
-                                                   int64_t chunk, const WeightPages* stream, at::Tensor* lse_out,
+                                                   const at::Tensor& weight, const at::Tensor& targets, int64_t chunk,
+                                                   const WeightPages* stream, at::Tensor* lse_out,
                                                    at::Tensor* grad_out = nullptr) {
   WeightTiles tiles(weight, 0, stream);
   const int64_t n_rows = hidden.size(0);
@@ -123,7 +123,8 @@ std::pair<at::Tensor, at::Tensor> ChunkedCeForward(const at::Tensor& hidden, con
       grad_out->narrow(0, start, len)
           .copy_((stats.weighted_rows / stats.sum.unsqueeze(1) - target_rows) * valid.unsqueeze(1));
     }
-    if (tangent.defined()) derivative = derivative + ((stats.tangent_sum / stats.sum - stats.target_tangent) * valid).sum();
+    if (tangent.defined())
+      derivative = derivative + ((stats.tangent_sum / stats.sum - stats.target_tangent) * valid).sum();
     if (lse_out != nullptr) lse_out->narrow(0, start, len).copy_(lse);
   }
   return {loss, derivative};
@@ -170,7 +171,7 @@ struct ChunkedCeFunction : public torch::autograd::Function<ChunkedCeFunction> {
     for (int64_t start = 0; start < n_rows; start += chunk) {
       const int64_t len = std::min(chunk, n_rows - start);
       const CeChunk c = SliceChunk(hidden, targets, start, len);
-      const at::Tensor row_lse = lse.narrow(0, start, len).unsqueeze(1);          // (c, 1)
+      const at::Tensor row_lse = lse.narrow(0, start, len).unsqueeze(1);                 // (c, 1)
       const at::Tensor row_scale = (c.valid.to(hidden.scalar_type()) * g).unsqueeze(1);  // (c, 1)
       for (int64_t v0 = 0; v0 < tiles.rows(); v0 += tiles.tile_rows()) {
         const int64_t n = std::min(tiles.tile_rows(), tiles.rows() - v0);
@@ -181,7 +182,7 @@ struct ChunkedCeFunction : public torch::autograd::Function<ChunkedCeFunction> {
         p.scatter_add_(1, t.column, -t.present.unsqueeze(1));
         p.mul_(row_scale);
         if (need_h) grad_h.narrow(0, start, len).addmm_(p, tile);  // (c, H)
-        if (need_w) grad_w.narrow(0, v0, n).addmm_(p.t(), c.h);     // (n, H)
+        if (need_w) grad_w.narrow(0, v0, n).addmm_(p.t(), c.h);    // (n, H)
       }
     }
     if (need_w && grad_w.scalar_type() != weight.scalar_type()) grad_w = grad_w.to(weight.scalar_type());
@@ -223,7 +224,7 @@ class CheckpointNode : public torch::autograd::Node {
     variable_list out(1 + params_.size());
     if (wrt.empty() || !y.requires_grad()) return out;
     variable_list g = torch::autograd::grad({y}, wrt, {grads[0]}, /*retain_graph=*/false,
-                                           /*create_graph=*/false, /*allow_unused=*/true);
+                                            /*create_graph=*/false, /*allow_unused=*/true);
     for (size_t i = 0; i < wrt.size(); ++i) out[slot[i]] = g[i];
     return out;
   }
@@ -247,8 +248,7 @@ at::Tensor ChunkedCrossEntropy(const at::Tensor& hidden, const at::Tensor& weigh
   SEEDLING_CHECK(hidden.dim() == 2 && targets.dim() == 1);
   SEEDLING_CHECK(hidden.size(0) == targets.size(0) && hidden.size(1) == LogicalShape(weight)[1]);
   const int64_t chunk = PickChunk(chunk_tokens, hidden.size(0));
-  const bool needs_autograd =
-      at::GradMode::is_enabled() && (hidden.requires_grad() || weight.requires_grad());
+  const bool needs_autograd = at::GradMode::is_enabled() && (hidden.requires_grad() || weight.requires_grad());
   if (needs_autograd) return ChunkedCeFunction::apply(hidden, weight, targets, chunk, stream);
   return ChunkedCeForward(hidden, at::Tensor(), weight, targets, chunk, stream, nullptr).first;
 }
@@ -269,7 +269,8 @@ std::pair<at::Tensor, at::Tensor> ChunkedCrossEntropyWithGrad(const at::Tensor& 
   at::NoGradGuard no_grad;
   at::Tensor grad;
   at::Tensor loss = ChunkedCeForward(hidden, at::Tensor(), weight, targets, PickChunk(chunk_tokens, hidden.size(0)),
-                                     stream, nullptr, &grad).first;
+                                     stream, nullptr, &grad)
+                        .first;
   return {loss, grad};
 }
 
@@ -287,8 +288,8 @@ at::Tensor Checkpoint(LayerFn fn, const at::Tensor& x, std::vector<at::Tensor> p
   inputs.push_back(x);
   for (const at::Tensor& p : params) inputs.push_back(p);
   if (!recompute) recompute = std::move(fn);
-  auto node = std::shared_ptr<CheckpointNode>(
-      new CheckpointNode(std::move(recompute), x.detach(), std::move(params)), torch::autograd::deleteNode);
+  auto node = std::shared_ptr<CheckpointNode>(new CheckpointNode(std::move(recompute), x.detach(), std::move(params)),
+                                              torch::autograd::deleteNode);
   node->set_next_edges(torch::autograd::collect_next_edges(inputs));
   torch::autograd::create_gradient_edge(y, node);
   return y;
@@ -484,8 +485,8 @@ at::Tensor BlockedAttention(const at::Tensor& q, const at::Tensor& k, const at::
   at::Tensor out = at::empty({b, hq, t, d}, q.options());
   for (const QueryBlock& blk : QueryBlocks(t, s, q_start)) {
     out.narrow(2, blk.start, blk.length)
-        .copy_(WholeAttention(q.narrow(2, blk.start, blk.length), k.narrow(2, 0, blk.keys),
-                              v.narrow(2, 0, blk.keys), q_start + blk.start, window));
+        .copy_(WholeAttention(q.narrow(2, blk.start, blk.length), k.narrow(2, 0, blk.keys), v.narrow(2, 0, blk.keys),
+                              q_start + blk.start, window));
   }
   return out;
 }
@@ -522,13 +523,14 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
       const at::Tensor probs = AttentionProbs(qg, kb, hq / hkv, q_start + blk.start, window);  // (B, Hkv, G*len, keys)
       const at::Tensor d_out = grad_outputs[0].narrow(2, blk.start, blk.length).reshape({b, hkv, -1, d});
       // Accumulated in place, one (B·Hkv) batch of multiplies; summing over rows sums the group's heads.
-      dv3.narrow(1, 0, blk.keys).baddbmm_(probs.reshape({b * hkv, -1, blk.keys}).transpose(1, 2),
-                                          d_out.reshape({b * hkv, -1, d}));
+      dv3.narrow(1, 0, blk.keys)
+          .baddbmm_(probs.reshape({b * hkv, -1, blk.keys}).transpose(1, 2), d_out.reshape({b * hkv, -1, d}));
       at::Tensor ds = at::matmul(d_out, vb.transpose(-1, -2));  // dP, then dS in place
       ds.sub_((ds * probs).sum(-1, /*keepdim=*/true)).mul_(probs);
       dq.narrow(2, blk.start, blk.length).copy_(at::matmul(ds, kb).mul_(scale).view({b, hq, blk.length, d}));
-      dk3.narrow(1, 0, blk.keys).baddbmm_(ds.reshape({b * hkv, -1, blk.keys}).transpose(1, 2),
-                                          qg.reshape({b * hkv, -1, d}));  // qg carries the 1/√D
+      dk3.narrow(1, 0, blk.keys)
+          .baddbmm_(ds.reshape({b * hkv, -1, blk.keys}).transpose(1, 2),
+                    qg.reshape({b * hkv, -1, d}));  // qg carries the 1/√D
     }
     return {dq, dk, dv, at::Tensor(), at::Tensor()};
   }
@@ -538,8 +540,8 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
 
 }  // namespace
 
-at::Tensor GroupedQueryAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                 int64_t q_start, std::optional<int64_t> sliding_window) {
+at::Tensor GroupedQueryAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t q_start,
+                                 std::optional<int64_t> sliding_window) {
   const int64_t hq = q.size(1), hkv = k.size(1), s = k.size(2);
   SEEDLING_CHECK(hq % hkv == 0 && v.size(1) == hkv && v.size(2) == s);
   if (RecordsBackward({q, k, v})) return AttentionFunction::apply(q, k, v, q_start, sliding_window.value_or(0));

@@ -40,9 +40,8 @@ inline constexpr int64_t kIgnoreIndex = -100;
 // that requires grad keeps each row's log-sum-exp instead and recomputes the tiles' logits in backward.
 // `stream` (may be null; all three functions) releases each decoded tile's pages of a weight mapped
 // read-only (model/frozen_linear.h WeightPages): the LM head of a model whose weights are streamed.
-at::Tensor ChunkedCrossEntropy(const at::Tensor& hidden, const at::Tensor& weight,
-                               const at::Tensor& targets, int64_t chunk_tokens = 0,
-                               const WeightPages* stream = nullptr);
+at::Tensor ChunkedCrossEntropy(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+                               int64_t chunk_tokens = 0, const WeightPages* stream = nullptr);
 
 // The chunked cross-entropy sum (as above) and its directional derivative along a tangent of the hidden
 // states, computed by hand per vocabulary tile with an online log-sum-exp: with z = h Wᵀ and dz = dh Wᵀ,
@@ -104,8 +103,8 @@ at::Tensor ApplyRope(const at::Tensor& x, const RopeTables& rope);
 // Queries go in blocks of 64 positions, each against the keys up to its last position, so most of the
 // masked upper triangle is never computed (5/8 of the scores at T = S = 256). Under reverse-mode autograd
 // only q, k and v are kept: backward rebuilds the probabilities block by block.
-at::Tensor GroupedQueryAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                 int64_t q_start, std::optional<int64_t> sliding_window = std::nullopt);
+at::Tensor GroupedQueryAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t q_start,
+                                 std::optional<int64_t> sliding_window = std::nullopt);
 
 // Stacked tangents (forward mode by hand, for the batched forward gradient). A stacked tensor has a
 // leading dimension 1 + K: slice 0 is the primal value, slice k the tangent along the k-th direction. Each

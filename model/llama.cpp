@@ -1,8 +1,8 @@
 #include "model/llama.h"
 
-#include <algorithm>
-
 #include <torch/csrc/autograd/generated/variable_factories.h>
+
+#include <algorithm>
 
 #include "base/check.h"
 #include "base/status.h"
@@ -10,8 +10,8 @@
 #include "model/frozen_linear.h"
 #include "model/gguf_model.h"
 #include "model/quant.h"
-#include "model/weight_cache.h"
 #include "model/torch_status.h"
+#include "model/weight_cache.h"
 
 namespace seedling::model {
 namespace {
@@ -33,9 +33,7 @@ at::Tensor PredictingRows(const at::Tensor& hidden) {
   return hidden.narrow(d - 2, 0, t - 1).reshape(shape);
 }
 
-at::Tensor NextTokenTargets(const at::Tensor& labels) {
-  return labels.narrow(1, 1, labels.size(1) - 1).reshape({-1});
-}
+at::Tensor NextTokenTargets(const at::Tensor& labels) { return labels.narrow(1, 1, labels.size(1) - 1).reshape({-1}); }
 
 int64_t ScoredTokens(const at::Tensor& targets) { return targets.ne(kIgnoreIndex).sum().item<int64_t>(); }
 
@@ -86,14 +84,12 @@ absl::StatusOr<GgufWeights> LoadGgufWeights(const std::string& path, const Model
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& dir,
-                                                             const LoadOptions& options) {
+absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& dir, const LoadOptions& options) {
   SEEDLING_ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(dir));
   if (IsGgufPath(dir)) {
     auto loaded = CatchTorch("loading weights", [&] { return LoadGgufWeights(dir, config, options); });
     if (!loaded.ok()) return Annotate(loaded.status(), dir);
-    SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<LlamaModel> model,
-                              Create(std::move(config), std::move(loaded->weights)));
+    SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<LlamaModel> model, Create(std::move(config), std::move(loaded->weights)));
     if (loaded->mapping != nullptr) {
       model->pages_ = std::make_shared<const WeightPages>(std::vector{std::move(loaded->mapping)});
     }
@@ -107,8 +103,7 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& 
   if (quantized) {
     // The matrices come from the weight cache; the source is read only to (re)build it.
     WeightCacheOptions cache_options{options.cache_dir, options.cache_progress};
-    SEEDLING_ASSIGN_OR_RETURN(WeightCache cache,
-                              OpenWeightCache(*files, dir, config, *block, cache_options));
+    SEEDLING_ASSIGN_OR_RETURN(WeightCache cache, OpenWeightCache(*files, dir, config, *block, cache_options));
     files = std::move(cache.files);
   }
   auto weights = CatchTorch("loading weights", [&] { return LoadWeights(*files, config, options); });
@@ -125,8 +120,8 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& 
 absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Create(ModelConfig config, ModelWeights weights) {
   SEEDLING_RETURN_IF_ERROR(config.Validate());
   if (static_cast<int64_t>(weights.layers.size()) != config.num_hidden_layers) {
-    return absl::InvalidArgumentError(StrCat("weights have ", weights.layers.size(), " layers, config has ",
-                                             config.num_hidden_layers));
+    return absl::InvalidArgumentError(
+        StrCat("weights have ", weights.layers.size(), " layers, config has ", config.num_hidden_layers));
   }
   if (!weights.lm_head.defined() && config.tie_word_embeddings) weights.lm_head = weights.embed;
   const auto expected = ExpectedTensors(config);
@@ -136,9 +131,8 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Create(ModelConfig confi
     const at::Tensor& t = named[i].tensor;
     if (!t.defined()) return absl::InvalidArgumentError(StrCat("weight '", named[i].name, "' is missing"));
     if (LogicalShape(t) != expected[i].second) {
-      return absl::InvalidArgumentError(StrCat("weight '", named[i].name, "' has shape ",
-                                               ShapeString(LogicalShape(t)), ", config implies ",
-                                               ShapeString(expected[i].second)));
+      return absl::InvalidArgumentError(StrCat("weight '", named[i].name, "' has shape ", ShapeString(LogicalShape(t)),
+                                               ", config implies ", ShapeString(expected[i].second)));
     }
   }
   if (!weights.lm_head.defined()) return absl::InvalidArgumentError("weight 'lm_head.weight' is missing");
@@ -157,8 +151,8 @@ absl::Status LlamaModel::ValidateTokens(const at::Tensor& tokens) const {
   const int64_t lo = tokens.min().item<int64_t>();
   const int64_t hi = tokens.max().item<int64_t>();
   if (lo < 0 || hi >= config_.vocab_size) {
-    return absl::InvalidArgumentError(StrCat("token id ", lo < 0 ? lo : hi, " is outside the vocabulary [0, ",
-                                             config_.vocab_size, ")"));
+    return absl::InvalidArgumentError(
+        StrCat("token id ", lo < 0 ? lo : hi, " is outside the vocabulary [0, ", config_.vocab_size, ")"));
   }
   return absl::OkStatus();
 }
@@ -198,8 +192,8 @@ at::Tensor LlamaModel::Mlp(int64_t layer, const at::Tensor& x, const ForwardOpti
 at::Tensor LlamaModel::MlpRows(int64_t layer, const at::Tensor& x, const ForwardOptions& options,
                                LayerOutput output) const {
   const LayerWeights& w = weights_.layers[static_cast<size_t>(layer)];
-  const at::Tensor gate = Project(layer, Projection::kGate, x, w.gate, w.gate_bias, options);  // (..., I)
-  const at::Tensor up = Project(layer, Projection::kUp, x, w.up, w.up_bias, options);          // (..., I)
+  const at::Tensor gate = Project(layer, Projection::kGate, x, w.gate, w.gate_bias, options);        // (..., I)
+  const at::Tensor up = Project(layer, Projection::kUp, x, w.up, w.up_bias, options);                // (..., I)
   return Project(layer, Projection::kDown, SwiGlu(gate, up), w.down, w.down_bias, options, output);  // (..., H)
 }
 
@@ -243,7 +237,7 @@ at::Tensor LlamaModel::DecoderLayerImpl(int64_t layer, const at::Tensor& x, cons
 at::Tensor LlamaModel::ProjectTangents(int64_t layer, Projection p, const at::Tensor& x, const at::Tensor& w,
                                        const at::Tensor& b, const ForwardOptions& options) const {
   at::Tensor y = FrozenLinear(x, w, at::Tensor(), -1, Stream());  // one multiply: primal and every tangent
-  if (b.defined()) y.select(0, 0).add_(AsCompute(b));  // a constant: the tangents have no bias
+  if (b.defined()) y.select(0, 0).add_(AsCompute(b));             // a constant: the tangents have no bias
   return options.adapter->ApplyTangents(layer, p, x, y);
 }
 
@@ -278,7 +272,7 @@ at::Tensor LlamaModel::DecoderLayerTangents(int64_t layer, const at::Tensor& x, 
   auto heads = [&](Projection p, const at::Tensor& weight, const at::Tensor& bias, int64_t n) {
     return ProjectTangents(layer, p, h, weight, bias, options).view({slices, b, t, n, d}).transpose(2, 3);
   };
-  const at::Tensor q = ApplyRope(heads(Projection::kQ, w.q, w.q_bias, hq), rope);  // (1+K, B, Hq, T, D)
+  const at::Tensor q = ApplyRope(heads(Projection::kQ, w.q, w.q_bias, hq), rope);   // (1+K, B, Hq, T, D)
   const at::Tensor k = ApplyRope(heads(Projection::kK, w.k, w.k_bias, hkv), rope);  // (1+K, B, Hkv, T, D)
   const at::Tensor v = heads(Projection::kV, w.v, w.v_bias, hkv);
   const at::Tensor attn = GroupedQueryAttentionTangents(q, k, v, config_.sliding_window)  // (1+K, B, Hq, T, D)
@@ -316,8 +310,9 @@ absl::StatusOr<at::Tensor> LlamaModel::Hidden(const at::Tensor& tokens, const Fo
       if (recompute && l < recomputed) {
         // Backward re-runs the layer for its graph only: the MLP's down projection, whose product only
         // feeds the layer's output, is not multiplied again.
-        x = Checkpoint([this, l, rope, options](const at::Tensor& in) { return DecoderLayer(l, in, rope, options); },
-                       x, LayerTensors(l, options), [this, l, rope, options](const at::Tensor& in) {
+        x = Checkpoint([this, l, rope, options](const at::Tensor& in) { return DecoderLayer(l, in, rope, options); }, x,
+                       LayerTensors(l, options),
+                       [this, l, rope, options](const at::Tensor& in) {
                          return DecoderLayerImpl(l, in, rope, options, nullptr, 0, LayerOutput::kGraphOnly);
                        });
       } else {
@@ -339,9 +334,9 @@ absl::StatusOr<at::Tensor> LlamaModel::Logits(const at::Tensor& tokens, const Fo
 
 absl::Status LlamaModel::ValidateLabels(const at::Tensor& tokens, const at::Tensor& labels) const {
   if (!labels.defined() || labels.sizes() != tokens.sizes() || labels.scalar_type() != at::kLong) {
-    return absl::InvalidArgumentError(
-        StrCat("labels must be int64 with the tokens' shape ", ShapeString(tokens.sizes()), ", got ",
-               labels.defined() ? ShapeString(labels.sizes()) : "undefined"));
+    return absl::InvalidArgumentError(StrCat("labels must be int64 with the tokens' shape ",
+                                             ShapeString(tokens.sizes()), ", got ",
+                                             labels.defined() ? ShapeString(labels.sizes()) : "undefined"));
   }
   const at::Tensor bad = labels.ne(kIgnoreIndex).logical_and(labels.lt(0).logical_or(labels.ge(config_.vocab_size)));
   if (bad.any().item<bool>()) {
@@ -376,7 +371,7 @@ absl::StatusOr<LlamaModel::LossJvp> LlamaModel::LossDirectionalDerivative(const 
 }
 
 absl::StatusOr<LlamaModel::LossJvps> LlamaModel::LossTangents(const at::Tensor& tokens, const at::Tensor& labels,
-                                                               const ForwardOptions& options) const {
+                                                              const ForwardOptions& options) const {
   SEEDLING_RETURN_IF_ERROR(ValidateTokens(tokens));
   SEEDLING_RETURN_IF_ERROR(ValidateLabels(tokens, labels));
   if (options.adapter == nullptr || options.adapter->TangentCount() < 1) {
@@ -401,8 +396,8 @@ absl::StatusOr<LlamaModel::LossJvps> LlamaModel::LossTangents(const at::Tensor& 
     // derivative is that gradient dotted with the direction's hidden-state tangent.
     const at::Tensor hidden = PredictingRows(x);  // (1+K, N, H)
     const at::Tensor targets = NextTokenTargets(labels);
-    auto [loss, grad] = ChunkedCrossEntropyWithGrad(hidden.select(0, 0), weights_.lm_head, targets,
-                                                    options.ce_chunk_tokens, Stream());
+    auto [loss, grad] =
+        ChunkedCrossEntropyWithGrad(hidden.select(0, 0), weights_.lm_head, targets, options.ce_chunk_tokens, Stream());
     const at::Tensor dots = (hidden.narrow(0, 1, directions) * grad).sum({1, 2}).to(at::kDouble);  // (K)
     out.tokens = ScoredTokens(targets);
     const double denom = static_cast<double>(std::max<int64_t>(out.tokens, 1));
@@ -423,18 +418,18 @@ absl::StatusOr<LossOutput> LlamaModel::Loss(const at::Tensor& tokens, const at::
       return out;
     }
     const at::Tensor targets = NextTokenTargets(labels);  // (N)
-    out.sum =
-        ChunkedCrossEntropy(PredictingRows(hidden), weights_.lm_head, targets, options.ce_chunk_tokens, Stream());
+    out.sum = ChunkedCrossEntropy(PredictingRows(hidden), weights_.lm_head, targets, options.ce_chunk_tokens, Stream());
     out.tokens = ScoredTokens(targets);
     return out;
   });
 }
 
 absl::StatusOr<std::vector<LossOutput>> LlamaModel::GroupLosses(const at::Tensor& tokens, const at::Tensor& labels,
-                                                                 int64_t groups, const ForwardOptions& options) const {
+                                                                int64_t groups, const ForwardOptions& options) const {
   SEEDLING_RETURN_IF_ERROR(ValidateLabels(tokens, labels));
   if (groups < 1 || tokens.size(0) % groups != 0) {
-    return absl::InvalidArgumentError(StrCat("a batch of ", tokens.size(0), " sequences is not ", groups, " equal groups"));
+    return absl::InvalidArgumentError(
+        StrCat("a batch of ", tokens.size(0), " sequences is not ", groups, " equal groups"));
   }
   at::NoGradGuard no_grad;
   SEEDLING_ASSIGN_OR_RETURN(at::Tensor hidden, Hidden(tokens, options));
@@ -467,8 +462,8 @@ absl::StatusOr<at::Tensor> LlamaModel::ForwardCached(const at::Tensor& tokens, K
   }
   const int64_t t = tokens.size(1), start = cache.length_;
   if (start + t > cache.max_length_) {
-    return absl::OutOfRangeError(StrCat("KV cache holds ", cache.max_length_, " positions; ", start, " used, ", t,
-                                        " more requested"));
+    return absl::OutOfRangeError(
+        StrCat("KV cache holds ", cache.max_length_, " positions; ", start, " used, ", t, " more requested"));
   }
   return CatchTorch("cached forward", [&] {
     at::NoGradGuard no_grad;

@@ -35,8 +35,7 @@ class ProjectionAdapter {
   virtual ~ProjectionAdapter() = default;
   // Returns base_out plus this adapter's contribution for projection `p` of decoder layer `layer`.
   //   x (B, T, in), base_out (B, T, out). Must be deterministic (it is re-run under recomputation).
-  virtual at::Tensor Apply(int64_t layer, Projection p, const at::Tensor& x,
-                           const at::Tensor& base_out) const = 0;
+  virtual at::Tensor Apply(int64_t layer, Projection p, const at::Tensor& x, const at::Tensor& base_out) const = 0;
   // Every tensor Apply uses for `layer` that may require grad (recomputation needs the list).
   virtual std::vector<at::Tensor> LayerTensors(int64_t layer) const = 0;
 
@@ -93,8 +92,7 @@ class LlamaModel {
  public:
   // Loads <dir>/config.json and the safetensors weights (single file or sharded). The weights are mapped
   // copy-on-write: writing a weight in place never changes the file.
-  static absl::StatusOr<std::unique_ptr<LlamaModel>> Load(const std::string& dir,
-                                                          const LoadOptions& options = {});
+  static absl::StatusOr<std::unique_ptr<LlamaModel>> Load(const std::string& dir, const LoadOptions& options = {});
   // Takes ownership of `weights` after checking their shapes against `config`.
   static absl::StatusOr<std::unique_ptr<LlamaModel>> Create(ModelConfig config, ModelWeights weights);
 
@@ -191,13 +189,12 @@ class LlamaModel {
   at::Tensor MlpRows(int64_t layer, const at::Tensor& x, const ForwardOptions& options,
                      LayerOutput output = LayerOutput::kValues) const;
   // With a cache, writes this step's keys/values at [q_start, q_start + T) and attends over [0, q_start + T).
-  at::Tensor DecoderLayerImpl(int64_t layer, const at::Tensor& x, const RopeTables& rope,
-                              const ForwardOptions& options, KvCache* cache, int64_t q_start,
-                              LayerOutput output = LayerOutput::kValues) const;
+  at::Tensor DecoderLayerImpl(int64_t layer, const at::Tensor& x, const RopeTables& rope, const ForwardOptions& options,
+                              KvCache* cache, int64_t q_start, LayerOutput output = LayerOutput::kValues) const;
   std::vector<at::Tensor> LayerTensors(int64_t layer, const ForwardOptions& options) const;
   // Stacked-tangent versions of Project, Mlp and DecoderLayer (LossTangents): tensors (1+K, B, T, ...).
-  at::Tensor ProjectTangents(int64_t layer, Projection p, const at::Tensor& x, const at::Tensor& w,
-                             const at::Tensor& b, const ForwardOptions& options) const;
+  at::Tensor ProjectTangents(int64_t layer, Projection p, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                             const ForwardOptions& options) const;
   at::Tensor MlpTangents(int64_t layer, const at::Tensor& x, const ForwardOptions& options) const;
   at::Tensor DecoderLayerTangents(int64_t layer, const at::Tensor& x, const RopeTables& rope,
                                   const ForwardOptions& options) const;
@@ -208,7 +205,7 @@ class LlamaModel {
 
   ModelConfig config_;
   ModelWeights weights_;
-  at::Tensor inv_freq_;  // RoPE inverse frequencies (D/2), double
+  at::Tensor inv_freq_;                       // RoPE inverse frequencies (D/2), double
   std::shared_ptr<const WeightPages> pages_;  // the read-only mappings the matrices view (Load), or null
   mutable std::atomic<bool> stream_weights_{false};
 };

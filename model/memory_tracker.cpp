@@ -10,8 +10,8 @@ struct TensorMemoryTracker::Reporter : public c10::MemoryReportingInfoBase {
   int64_t current = 0;
   int64_t peak = 0;
 
-  void reportMemoryUsage(void* /*ptr*/, int64_t alloc_size, int64_t /*total_allocated*/,
-                         int64_t /*total_reserved*/, c10::Device /*device*/) override {
+  void reportMemoryUsage(void* /*ptr*/, int64_t alloc_size, int64_t /*total_allocated*/, int64_t /*total_reserved*/,
+                         c10::Device /*device*/) override {
     current += alloc_size;  // negative for frees
     peak = std::max(peak, current);
   }

@@ -103,8 +103,8 @@ absl::StatusOr<at::Tensor> QuantizeMatrix(const at::Tensor& w, WeightFormat form
   if (w.dim() != 2) return absl::InvalidArgumentError(StrCat(label, " is not 2-D"));
   const int64_t rows = w.size(0), cols = w.size(1);
   if (cols % kQuantBlock != 0) {
-    return absl::InvalidArgumentError(StrCat(label, " has ", cols, " columns; ", WeightFormatName(format),
-                                             " needs a multiple of ", kQuantBlock));
+    return absl::InvalidArgumentError(
+        StrCat(label, " has ", cols, " columns; ", WeightFormatName(format), " needs a multiple of ", kQuantBlock));
   }
   const int64_t bytes = BlockBytes(format);
   at::Tensor out = at::empty({rows, cols / kQuantBlock, bytes}, at::kByte);
@@ -133,9 +133,9 @@ absl::StatusOr<at::Tensor> QuantizeMatrix(const at::Tensor& w, WeightFormat form
       uint16_t d;
       std::memcpy(&d, dst + b * bytes, sizeof(d));
       if ((d & 0x7c00u) == 0x7c00u) {
-        return absl::InvalidArgumentError(
-            StrCat(label, " row ", r, ": a block's scale does not fit binary16 (weights too large for ",
-                   WeightFormatName(format), ")"));
+        return absl::InvalidArgumentError(StrCat(label, " row ", r,
+                                                 ": a block's scale does not fit binary16 (weights too large for ",
+                                                 WeightFormatName(format), ")"));
       }
     }
     if (rows_done && (r + 1 - band_start == band_rows || r + 1 == rows)) {
@@ -163,12 +163,12 @@ void DequantizeRows(const at::Tensor& w, int64_t row0, int64_t count, float* out
       k.bf16_to_f32(reinterpret_cast<const uint16_t*>(w.data_ptr()) + row0 * cols, count * cols, out);
       return;
     case WeightFormat::kQ8_0:
-      k.q8_0_to_f32(w.data_ptr<uint8_t>() + row0 * RowBytes(WeightFormat::kQ8_0, cols),
-                    count * cols / kQuantBlock, out);
+      k.q8_0_to_f32(w.data_ptr<uint8_t>() + row0 * RowBytes(WeightFormat::kQ8_0, cols), count * cols / kQuantBlock,
+                    out);
       return;
     case WeightFormat::kQ4_0:
-      k.q4_0_to_f32(w.data_ptr<uint8_t>() + row0 * RowBytes(WeightFormat::kQ4_0, cols),
-                    count * cols / kQuantBlock, out);
+      k.q4_0_to_f32(w.data_ptr<uint8_t>() + row0 * RowBytes(WeightFormat::kQ4_0, cols), count * cols / kQuantBlock,
+                    out);
       return;
   }
 }

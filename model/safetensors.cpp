@@ -20,8 +20,7 @@ namespace seedling::model {
 namespace {
 
 // Tensor bytes pass through unconverted, and safetensors is little-endian.
-static_assert(std::endian::native == std::endian::little,
-              "safetensors I/O assumes a little-endian host");
+static_assert(std::endian::native == std::endian::little, "safetensors I/O assumes a little-endian host");
 
 using Json = nlohmann::json;
 
@@ -42,10 +41,9 @@ struct DTypeInfo {
 };
 
 constexpr DTypeInfo kDTypes[] = {
-    {DType::kF64, "F64", 8},   {DType::kF32, "F32", 4}, {DType::kF16, "F16", 2},
-    {DType::kBF16, "BF16", 2}, {DType::kI64, "I64", 8}, {DType::kI32, "I32", 4},
-    {DType::kI16, "I16", 2},   {DType::kI8, "I8", 1},   {DType::kU8, "U8", 1},
-    {DType::kBool, "BOOL", 1},
+    {DType::kF64, "F64", 8}, {DType::kF32, "F32", 4},   {DType::kF16, "F16", 2}, {DType::kBF16, "BF16", 2},
+    {DType::kI64, "I64", 8}, {DType::kI32, "I32", 4},   {DType::kI16, "I16", 2}, {DType::kI8, "I8", 1},
+    {DType::kU8, "U8", 1},   {DType::kBool, "BOOL", 1},
 };
 
 const DTypeInfo& InfoOf(DType dtype) {
@@ -77,9 +75,7 @@ std::optional<uint64_t> CheckedByteSize(const std::vector<int64_t>& shape, DType
   return bytes;
 }
 
-absl::Status Error(absl::StatusCode code, std::string_view message) {
-  return absl::Status(code, ToAbsl(message));
-}
+absl::Status Error(absl::StatusCode code, std::string_view message) { return absl::Status(code, ToAbsl(message)); }
 
 absl::Status FileError(absl::StatusCode code, std::string_view path, std::string_view message) {
   return Error(code, StrCat("safetensors file '", path, "': ", message));
@@ -96,8 +92,7 @@ absl::Status TensorError(absl::StatusCode code, std::string_view path, std::stri
 // inserted, so it tracks the keys of each object being parsed. `top_level_key` names what a
 // top-level key is ("tensor name") for the message. InvalidArgument without a file name: callers
 // add it.
-absl::StatusOr<Json> ParseJsonRejectingDuplicates(std::string_view text,
-                                                  std::string_view top_level_key) {
+absl::StatusOr<Json> ParseJsonRejectingDuplicates(std::string_view text, std::string_view top_level_key) {
   struct OpenObject {
     std::set<std::string> keys;
     std::string current_key;
@@ -116,9 +111,9 @@ absl::StatusOr<Json> ParseJsonRejectingDuplicates(std::string_view text,
         std::string key = parsed.get<std::string>();
         OpenObject& object = open.back();
         if (!object.keys.insert(key).second && duplicate.empty()) {
-          duplicate = open.size() == 1 ? StrCat("duplicate ", top_level_key, " '", key, "'")
-                                       : StrCat("duplicate key '", key, "' in '",
-                                                open[open.size() - 2].current_key, "'");
+          duplicate = open.size() == 1
+                          ? StrCat("duplicate ", top_level_key, " '", key, "'")
+                          : StrCat("duplicate key '", key, "' in '", open[open.size() - 2].current_key, "'");
         }
         object.current_key = std::move(key);
         break;
@@ -154,8 +149,7 @@ struct Entry {
   uint64_t end = 0;
 };
 
-absl::StatusOr<Entry> ParseEntry(const std::string& path, const std::string& name,
-                                 const Json& json) {
+absl::StatusOr<Entry> ParseEntry(const std::string& path, const std::string& name, const Json& json) {
   auto bad = [&](std::string_view message) {
     return TensorError(absl::StatusCode::kInvalidArgument, path, name, message);
   };
@@ -194,8 +188,8 @@ absl::StatusOr<Entry> ParseEntry(const std::string& path, const std::string& nam
   }
 
   auto offsets_it = json.find("data_offsets");
-  if (offsets_it == json.end() || !offsets_it->is_array() || offsets_it->size() != 2 ||
-      !AsUnsigned((*offsets_it)[0]) || !AsUnsigned((*offsets_it)[1])) {
+  if (offsets_it == json.end() || !offsets_it->is_array() || offsets_it->size() != 2 || !AsUnsigned((*offsets_it)[0]) ||
+      !AsUnsigned((*offsets_it)[1])) {
     return bad("\"data_offsets\" missing or not an array of two non-negative integers");
   }
   entry.begin = *AsUnsigned((*offsets_it)[0]);
@@ -210,25 +204,22 @@ absl::StatusOr<Entry> ParseEntry(const std::string& path, const std::string& nam
                       " overflows 64 bits (dtype/shape mismatch with data_offsets)"));
   }
   if (*bytes != entry.end - entry.begin) {
-    return bad(StrCat("dtype ", DTypeName(entry.dtype), " shape ", ShapeString(entry.shape),
-                      " needs ", *bytes, " bytes but data_offsets [", entry.begin, ", ", entry.end,
-                      "] span ", entry.end - entry.begin, " (dtype/shape mismatch)"));
+    return bad(StrCat("dtype ", DTypeName(entry.dtype), " shape ", ShapeString(entry.shape), " needs ", *bytes,
+                      " bytes but data_offsets [", entry.begin, ", ", entry.end, "] span ", entry.end - entry.begin,
+                      " (dtype/shape mismatch)"));
   }
   return entry;
 }
 
-absl::StatusOr<std::map<std::string, std::string>> ParseMetadata(const std::string& path,
-                                                                 const Json& json) {
+absl::StatusOr<std::map<std::string, std::string>> ParseMetadata(const std::string& path, const Json& json) {
   if (!json.is_object()) {
-    return FileError(absl::StatusCode::kInvalidArgument, path,
-                     "\"__metadata__\" is not a JSON object of strings");
+    return FileError(absl::StatusCode::kInvalidArgument, path, "\"__metadata__\" is not a JSON object of strings");
   }
   std::map<std::string, std::string> metadata;
   for (const auto& [key, value] : json.items()) {
     if (!value.is_string()) {
-      return FileError(
-          absl::StatusCode::kInvalidArgument, path,
-          StrCat("\"__metadata__\" value of '", key, "' is not a string: ", value.dump()));
+      return FileError(absl::StatusCode::kInvalidArgument, path,
+                       StrCat("\"__metadata__\" value of '", key, "' is not a string: ", value.dump()));
     }
     metadata.emplace(key, value.get<std::string>());
   }
@@ -240,8 +231,7 @@ absl::StatusOr<std::map<std::string, std::string>> ParseMetadata(const std::stri
 // is believable and the file was cut short: DataLoss "truncated". If not, the header itself is
 // wrong: InvalidArgument, with "out of range" for the first entry past the end in preference to the
 // overlap or hole it also causes.
-absl::Status CheckLayout(const std::string& path, const std::vector<Entry>& entries,
-                         uint64_t data_size) {
+absl::Status CheckLayout(const std::string& path, const std::vector<Entry>& entries, uint64_t data_size) {
   std::vector<const Entry*> sorted;
   sorted.reserve(entries.size());
   for (const Entry& e : entries) sorted.push_back(&e);
@@ -256,17 +246,16 @@ absl::Status CheckLayout(const std::string& path, const std::vector<Entry>& entr
   const Entry* previous = nullptr;
   for (const Entry* e : sorted) {
     if (e->begin < covered) {
-      layout = FileError(absl::StatusCode::kInvalidArgument, path,
-                         StrCat("tensors '", previous->name, "' and '", e->name,
-                                "' overlap: data_offsets of '", e->name, "' start at ", e->begin,
-                                ", before the end of '", previous->name, "' at ", covered));
+      layout =
+          FileError(absl::StatusCode::kInvalidArgument, path,
+                    StrCat("tensors '", previous->name, "' and '", e->name, "' overlap: data_offsets of '", e->name,
+                           "' start at ", e->begin, ", before the end of '", previous->name, "' at ", covered));
       break;
     }
     if (e->begin > covered) {
       layout = FileError(
           absl::StatusCode::kInvalidArgument, path,
-          StrCat("hole of ", e->begin - covered, " bytes in the data section at [", covered, ", ",
-                 e->begin, ") ",
+          StrCat("hole of ", e->begin - covered, " bytes in the data section at [", covered, ", ", e->begin, ") ",
                  previous ? StrCat("between tensors '", previous->name, "' and '", e->name, "'")
                           : StrCat("before tensor '", e->name, "'"),
                  "; tensors must cover the data section contiguously"));
@@ -279,21 +268,20 @@ absl::Status CheckLayout(const std::string& path, const std::vector<Entry>& entr
   for (const Entry* e : sorted) {
     if (e->end <= data_size) continue;
     if (layout.ok()) {
-      return TensorError(absl::StatusCode::kDataLoss, path, e->name,
-                         StrCat("truncated: data_offsets [", e->begin, ", ", e->end,
-                                "] end past the data section, which has ", data_size, " of the ",
-                                covered, " bytes the header describes"));
+      return TensorError(
+          absl::StatusCode::kDataLoss, path, e->name,
+          StrCat("truncated: data_offsets [", e->begin, ", ", e->end, "] end past the data section, which has ",
+                 data_size, " of the ", covered, " bytes the header describes"));
     }
-    return TensorError(absl::StatusCode::kInvalidArgument, path, e->name,
-                       StrCat("data_offsets [", e->begin, ", ", e->end,
-                              "] out of range: the data section has ", data_size, " bytes"));
+    return TensorError(
+        absl::StatusCode::kInvalidArgument, path, e->name,
+        StrCat("data_offsets [", e->begin, ", ", e->end, "] out of range: the data section has ", data_size, " bytes"));
   }
   if (!layout.ok()) return layout;
   if (covered < data_size) {
     return FileError(absl::StatusCode::kInvalidArgument, path,
-                     StrCat("hole of ", data_size - covered,
-                            " bytes at the end of the data section: tensors cover ", covered,
-                            " of ", data_size, " bytes"));
+                     StrCat("hole of ", data_size - covered, " bytes at the end of the data section: tensors cover ",
+                            covered, " of ", data_size, " bytes"));
   }
   return absl::OkStatus();
 }
@@ -310,11 +298,9 @@ struct Shards {
   std::map<std::string, const TensorView*, std::less<>> index;
 };
 
-absl::StatusOr<Shards> OpenShards(const std::string& dir, const std::string& index_path,
-                                  MappedFile::Mode mode) {
+absl::StatusOr<Shards> OpenShards(const std::string& dir, const std::string& index_path, MappedFile::Mode mode) {
   auto bad = [&](std::string_view message) {
-    return Error(absl::StatusCode::kInvalidArgument,
-                 StrCat("safetensors index '", index_path, "': ", message));
+    return Error(absl::StatusCode::kInvalidArgument, StrCat("safetensors index '", index_path, "': ", message));
   };
   SEEDLING_ASSIGN_OR_RETURN(std::string text, ReadFile(index_path));
   absl::StatusOr<Json> index = ParseJsonRejectingDuplicates(text, "key");
@@ -335,8 +321,8 @@ absl::StatusOr<Shards> OpenShards(const std::string& dir, const std::string& ind
     }
     const std::string& shard_name = shard.get_ref<const std::string&>();
     if (!IsPlainFileName(shard_name)) {
-      return bad(StrCat("shard '", shard_name, "' of tensor '", tensor,
-                        "' is not a plain file name in the model directory"));
+      return bad(
+          StrCat("shard '", shard_name, "' of tensor '", tensor, "' is not a plain file name in the model directory"));
     }
     shard_of.emplace(tensor, shard_name);
     example_tensor.emplace(shard_name, tensor);
@@ -345,21 +331,19 @@ absl::StatusOr<Shards> OpenShards(const std::string& dir, const std::string& ind
   Shards shards;
   // Each shard is mapped once, however many tensors the index puts in it.
   for (const auto& [shard_name, tensor] : example_tensor) {
-    absl::StatusOr<std::unique_ptr<SafetensorsFile>> file =
-        SafetensorsFile::Open(JoinPath(dir, shard_name), mode);
+    absl::StatusOr<std::unique_ptr<SafetensorsFile>> file = SafetensorsFile::Open(JoinPath(dir, shard_name), mode);
     if (!file.ok()) {
-      return Annotate(file.status(), StrCat("safetensors index '", index_path, "' names shard '",
-                                            shard_name, "' (e.g. for tensor '", tensor, "')"));
+      return Annotate(file.status(), StrCat("safetensors index '", index_path, "' names shard '", shard_name,
+                                            "' (e.g. for tensor '", tensor, "')"));
     }
     for (const auto& [name, view] : (*file)->tensors()) {
       auto listed = shard_of.find(name);
       if (listed == shard_of.end()) {
-        return bad(StrCat("shard '", shard_name, "' holds tensor '", name,
-                          "', which the index does not list"));
+        return bad(StrCat("shard '", shard_name, "' holds tensor '", name, "', which the index does not list"));
       }
       if (listed->second != shard_name) {
-        return bad(StrCat("tensor '", name, "' is in shard '", shard_name,
-                          "' but the index puts it in shard '", listed->second, "'"));
+        return bad(StrCat("tensor '", name, "' is in shard '", shard_name, "' but the index puts it in shard '",
+                          listed->second, "'"));
       }
       shards.index.emplace(name, &view);
     }
@@ -368,8 +352,7 @@ absl::StatusOr<Shards> OpenShards(const std::string& dir, const std::string& ind
 
   for (const auto& [tensor, shard_name] : shard_of) {
     if (!shards.index.contains(tensor)) {
-      return bad(StrCat("index puts tensor '", tensor, "' in shard '", shard_name,
-                        "', which does not hold it"));
+      return bad(StrCat("index puts tensor '", tensor, "' in shard '", shard_name, "', which does not hold it"));
     }
   }
   return shards;
@@ -399,8 +382,7 @@ int64_t TensorView::numel() const {
   return n;
 }
 
-absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path,
-                                                                       MappedFile::Mode mode) {
+absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path, MappedFile::Mode mode) {
   SEEDLING_ASSIGN_OR_RETURN(std::shared_ptr<MappedFile> file, MappedFile::Open(path, mode));
   return FromMapping(std::move(file));
 }
@@ -417,9 +399,9 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::FromMapping(st
     header_bytes |= uint64_t{file->data()[i]} << (8 * i);
   }
   if (header_bytes > kMaxHeaderBytes) {
-    return FileError(absl::StatusCode::kInvalidArgument, path,
-                     StrCat("header length ", header_bytes, " exceeds the limit of ",
-                            kMaxHeaderBytes, " bytes (100 MiB)"));
+    return FileError(
+        absl::StatusCode::kInvalidArgument, path,
+        StrCat("header length ", header_bytes, " exceeds the limit of ", kMaxHeaderBytes, " bytes (100 MiB)"));
   }
   if (header_bytes > size - kHeaderLengthBytes) {
     return FileError(absl::StatusCode::kDataLoss, path,
@@ -431,8 +413,7 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::FromMapping(st
   absl::StatusOr<Json> header =
       ParseJsonRejectingDuplicates(std::string_view(header_begin, header_bytes), "tensor name");
   if (!header.ok()) {
-    return FileError(absl::StatusCode::kInvalidArgument, path,
-                     StrCat("header: ", FromAbsl(header.status().message())));
+    return FileError(absl::StatusCode::kInvalidArgument, path, StrCat("header: ", FromAbsl(header.status().message())));
   }
   if (!header->is_object()) {
     return FileError(absl::StatusCode::kInvalidArgument, path, "header is not a JSON object");
@@ -480,17 +461,15 @@ const TensorView* SafetensorsFile::Find(std::string_view name) const {
   return it == tensors_.end() ? nullptr : &it->second;
 }
 
-absl::StatusOr<std::unique_ptr<SafetensorsCollection>> SafetensorsCollection::Open(
-    const std::string& dir_or_file, MappedFile::Mode mode) {
+absl::StatusOr<std::unique_ptr<SafetensorsCollection>> SafetensorsCollection::Open(const std::string& dir_or_file,
+                                                                                   MappedFile::Mode mode) {
   std::error_code ec;
   const std::filesystem::file_status status = std::filesystem::status(dir_or_file, ec);
   if (status.type() == std::filesystem::file_type::not_found) {
-    return Error(absl::StatusCode::kNotFound,
-                 StrCat("model weights '", dir_or_file, "' do not exist"));
+    return Error(absl::StatusCode::kNotFound, StrCat("model weights '", dir_or_file, "' do not exist"));
   }
   if (ec) {
-    return Error(ec == std::errc::permission_denied ? absl::StatusCode::kPermissionDenied
-                                                    : absl::StatusCode::kInternal,
+    return Error(ec == std::errc::permission_denied ? absl::StatusCode::kPermissionDenied : absl::StatusCode::kInternal,
                  StrCat("cannot stat model weights '", dir_or_file, "': ", ec.message()));
   }
 
@@ -502,9 +481,8 @@ absl::StatusOr<std::unique_ptr<SafetensorsCollection>> SafetensorsCollection::Op
     if (!FileExists(single_path)) {
       const std::string index_path = JoinPath(dir_or_file, kIndexFileName);
       if (!FileExists(index_path)) {
-        return Error(absl::StatusCode::kNotFound,
-                     StrCat("model directory '", dir_or_file, "' has neither ", kSingleFileName,
-                            " nor ", kIndexFileName));
+        return Error(absl::StatusCode::kNotFound, StrCat("model directory '", dir_or_file, "' has neither ",
+                                                         kSingleFileName, " nor ", kIndexFileName));
       }
       SEEDLING_ASSIGN_OR_RETURN(Shards shards, OpenShards(dir_or_file, index_path, mode));
       result->files_ = std::move(shards.files);
@@ -512,8 +490,7 @@ absl::StatusOr<std::unique_ptr<SafetensorsCollection>> SafetensorsCollection::Op
       return result;
     }
   }
-  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsFile> file,
-                            SafetensorsFile::Open(single_path, mode));
+  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsFile> file, SafetensorsFile::Open(single_path, mode));
   for (const auto& [name, view] : file->tensors()) result->index_.emplace(name, &view);
   result->files_.push_back(std::move(file));
   return result;
@@ -562,7 +539,8 @@ absl::StatusOr<std::string> BuildHeader(const std::string& path, std::span<const
       if (!seen.insert(t.name).second) return bad(StrCat("duplicate tensor name '", t.name, "'"));
       std::optional<uint64_t> bytes = CheckedByteSize(t.shape, t.dtype);
       if (!bytes) {
-        return bad(StrCat("tensor '", t.name, "': shape ", ShapeString(t.shape), " has a negative dimension or overflows"));
+        return bad(
+            StrCat("tensor '", t.name, "': shape ", ShapeString(t.shape), " has a negative dimension or overflows"));
       }
       uint64_t end = 0;
       if (__builtin_add_overflow(offset, *bytes, &end)) return bad("total size overflows 64 bits");
@@ -594,8 +572,7 @@ std::string LengthPrefix(uint64_t n) {
 }  // namespace
 
 absl::Status WriteSafetensorsStreamed(const std::string& path, std::span<const TensorSpec> specs,
-                                      const TensorProducer& produce,
-                                      const std::map<std::string, std::string>& metadata,
+                                      const TensorProducer& produce, const std::map<std::string, std::string>& metadata,
                                       const std::string& digest_key, FileSystem* fs) {
   std::map<std::string, std::string> meta = metadata;
   // A placeholder of the digest's exact length, found again by its unique pattern.
@@ -611,8 +588,8 @@ absl::Status WriteSafetensorsStreamed(const std::string& path, std::span<const T
     SEEDLING_ASSIGN_OR_RETURN(std::span<const uint8_t> bytes, produce(i));
     if (bytes.size() != sizes[i]) {
       return absl::InvalidArgumentError(StrCat("cannot write safetensors file '", path, "': tensor '", specs[i].name,
-                                               "' has ", bytes.size(), " bytes, but dtype ", DTypeName(specs[i].dtype), " shape ",
-                                               ShapeString(specs[i].shape), " needs ", sizes[i]));
+                                               "' has ", bytes.size(), " bytes, but dtype ", DTypeName(specs[i].dtype),
+                                               " shape ", ShapeString(specs[i].shape), " needs ", sizes[i]));
     }
     const std::string_view view(reinterpret_cast<const char*>(bytes.data()), bytes.size());
     if (!digest_key.empty()) hasher.Update(view);
@@ -632,7 +609,8 @@ absl::Status WriteSafetensors(const std::string& path, std::span<const TensorToW
   specs.reserve(tensors.size());
   for (const TensorToWrite& t : tensors) specs.push_back({t.name, t.dtype, t.shape});
   return WriteSafetensorsStreamed(
-      path, specs, [&](size_t i) -> absl::StatusOr<std::span<const uint8_t>> { return tensors[i].data; }, metadata, "", fs);
+      path, specs, [&](size_t i) -> absl::StatusOr<std::span<const uint8_t>> { return tensors[i].data; }, metadata, "",
+      fs);
 }
 
 }  // namespace seedling::model

@@ -51,8 +51,8 @@ class SafetensorsFile {
  public:
   // Maps and validates `path`. `mode` kCopyOnWrite lets callers write through tensor pointers (e.g. merging an
   // adapter in place) without touching the file.
-  static absl::StatusOr<std::unique_ptr<SafetensorsFile>> Open(
-      const std::string& path, MappedFile::Mode mode = MappedFile::Mode::kReadOnly);
+  static absl::StatusOr<std::unique_ptr<SafetensorsFile>> Open(const std::string& path,
+                                                               MappedFile::Mode mode = MappedFile::Mode::kReadOnly);
   // Validates the safetensors bytes `file` holds (a mapping, or bytes in memory: MappedFile::FromBytes).
   static absl::StatusOr<std::unique_ptr<SafetensorsFile>> FromMapping(std::shared_ptr<MappedFile> file);
 

@@ -1,4 +1,3 @@
-#include "model/gguf_model.h"
 #include "model/tokenizer.h"
 
 #include <nlohmann/json.hpp>
@@ -8,6 +7,7 @@
 #include "base/json.h"
 #include "base/status.h"
 #include "base/strings.h"
+#include "model/gguf_model.h"
 #include "model/internal/bpe_trainer.h"
 #include "model/internal/sentencepiece_tokenizer.h"
 #include "model/internal/tokenizer_json.h"
@@ -37,17 +37,14 @@ absl::StatusOr<std::optional<std::string>> TokenName(const nlohmann::json& doc, 
     }
   }
   return absl::InvalidArgumentError(
-      StrCat(path, ": ", key, " must be a string or an object with a string \"content\", got ",
-             it->dump()));
+      StrCat(path, ": ", key, " must be a string or an object with a string \"content\", got ", it->dump()));
 }
 
-absl::StatusOr<std::optional<bool>> OptionalBool(const nlohmann::json& doc, const char* key,
-                                                 const std::string& path) {
+absl::StatusOr<std::optional<bool>> OptionalBool(const nlohmann::json& doc, const char* key, const std::string& path) {
   auto it = doc.find(key);
   if (it == doc.end() || it->is_null()) return std::optional<bool>();
   if (!it->is_boolean()) {
-    return absl::InvalidArgumentError(
-        StrCat(path, ": ", key, " must be a boolean, got ", it->dump()));
+    return absl::InvalidArgumentError(StrCat(path, ": ", key, " must be a boolean, got ", it->dump()));
   }
   return std::optional<bool>(it->get<bool>());
 }
@@ -70,21 +67,16 @@ absl::StatusOr<TokenizerConfig> ReadTokenizerConfig(const std::string& path) {
 // tokenizer_config.json supplied because the tokenizer itself does not define them.
 class WithSpecialIds final : public Tokenizer {
  public:
-  WithSpecialIds(std::unique_ptr<Tokenizer> inner, std::optional<int32_t> bos,
-                 std::optional<int32_t> eos)
+  WithSpecialIds(std::unique_ptr<Tokenizer> inner, std::optional<int32_t> bos, std::optional<int32_t> eos)
       : inner_(std::move(inner)), bos_(bos), eos_(eos) {}
-  absl::StatusOr<std::vector<int32_t>> Encode(std::string_view text,
-                                              bool add_special_tokens) const override {
+  absl::StatusOr<std::vector<int32_t>> Encode(std::string_view text, bool add_special_tokens) const override {
     return inner_->Encode(text, add_special_tokens);
   }
-  absl::StatusOr<std::string> Decode(std::span<const int32_t> ids,
-                                     bool skip_special_tokens) const override {
+  absl::StatusOr<std::string> Decode(std::span<const int32_t> ids, bool skip_special_tokens) const override {
     return inner_->Decode(ids, skip_special_tokens);
   }
   int32_t vocab_size() const override { return inner_->vocab_size(); }
-  std::optional<int32_t> TokenToId(std::string_view token) const override {
-    return inner_->TokenToId(token);
-  }
+  std::optional<int32_t> TokenToId(std::string_view token) const override { return inner_->TokenToId(token); }
   std::optional<std::string> IdToToken(int32_t id) const override { return inner_->IdToToken(id); }
   bool IsSpecial(int32_t id) const override { return inner_->IsSpecial(id); }
   std::optional<int32_t> bos_id() const override { return bos_; }
@@ -118,10 +110,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> ApplyConfigIds(std::unique_ptr<Tokeni
     }
     return id;
   };
-  SEEDLING_ASSIGN_OR_RETURN(std::optional<int32_t> bos,
-                            resolve(tokenizer->bos_id(), config.bos_token, "bos_token"));
-  SEEDLING_ASSIGN_OR_RETURN(std::optional<int32_t> eos,
-                            resolve(tokenizer->eos_id(), config.eos_token, "eos_token"));
+  SEEDLING_ASSIGN_OR_RETURN(std::optional<int32_t> bos, resolve(tokenizer->bos_id(), config.bos_token, "bos_token"));
+  SEEDLING_ASSIGN_OR_RETURN(std::optional<int32_t> eos, resolve(tokenizer->eos_id(), config.eos_token, "eos_token"));
   if (bos == tokenizer->bos_id() && eos == tokenizer->eos_id()) return tokenizer;
   return std::make_unique<WithSpecialIds>(std::move(tokenizer), bos, eos);
 }
@@ -148,12 +138,10 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& mode
     SEEDLING_ASSIGN_OR_RETURN(std::string text, ReadFile(json_path));
     SEEDLING_ASSIGN_OR_RETURN(tokenizer, internal::ParseTokenizerJson(text, json_path));
   } else if (FileExists(sp_path)) {
-    SEEDLING_ASSIGN_OR_RETURN(
-        tokenizer, internal::LoadSentencePiece(sp_path, config.add_bos_token.value_or(true),
-                                               config.add_eos_token.value_or(false)));
+    SEEDLING_ASSIGN_OR_RETURN(tokenizer, internal::LoadSentencePiece(sp_path, config.add_bos_token.value_or(true),
+                                                                     config.add_eos_token.value_or(false)));
   } else {
-    return absl::NotFoundError(
-        StrCat(model_dir, ": neither tokenizer.json nor tokenizer.model exists"));
+    return absl::NotFoundError(StrCat(model_dir, ": neither tokenizer.json nor tokenizer.model exists"));
   }
   return ApplyConfigIds(std::move(tokenizer), config, config_path);
 }
@@ -162,15 +150,14 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> ParseTokenizerJson(std::string_view j
   return internal::ParseTokenizerJson(json, "tokenizer.json");
 }
 
-absl::StatusOr<std::unique_ptr<Tokenizer>> LoadSentencePieceTokenizer(const std::string& path,
-                                                                      bool add_bos, bool add_eos) {
+absl::StatusOr<std::unique_ptr<Tokenizer>> LoadSentencePieceTokenizer(const std::string& path, bool add_bos,
+                                                                      bool add_eos) {
   return internal::LoadSentencePiece(path, add_bos, add_eos);
 }
 
-absl::StatusOr<std::unique_ptr<Tokenizer>> TokenizerFromVocabulary(
-    const TokenizerVocabulary& vocab, const VocabularyTokenizerOptions& options) {
-  absl::StatusOr<nlohmann::json> doc =
-      internal::TokenizerJsonFromVocabulary(vocab, options.add_space_prefix);
+absl::StatusOr<std::unique_ptr<Tokenizer>> TokenizerFromVocabulary(const TokenizerVocabulary& vocab,
+                                                                   const VocabularyTokenizerOptions& options) {
+  absl::StatusOr<nlohmann::json> doc = internal::TokenizerJsonFromVocabulary(vocab, options.add_space_prefix);
   if (!doc.ok()) return Annotate(doc.status(), options.source);
   SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer,
                             internal::ParseTokenizerJsonDocument(*doc, options.source));
@@ -179,8 +166,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> TokenizerFromVocabulary(
   return std::make_unique<WithSpecialIds>(std::move(tokenizer), vocab.bos_id, vocab.eos_id);
 }
 
-absl::StatusOr<std::string> TrainByteLevelBpeTokenizerJson(std::string_view corpus,
-                                                           const BpeTrainerOptions& options) {
+absl::StatusOr<std::string> TrainByteLevelBpeTokenizerJson(std::string_view corpus, const BpeTrainerOptions& options) {
   return internal::TrainByteLevelBpe(corpus, options);
 }
 

@@ -74,8 +74,7 @@ class Tokenizer {
   // Encodes UTF-8 `text` into token ids. With `add_special_tokens`, applies the tokenizer's post-processor
   // (e.g. prepends BOS for Llama-2/3 style tokenizers). Text equal to an added/special token's content is
   // encoded as that token. InvalidArgument if `text` is not valid UTF-8.
-  virtual absl::StatusOr<std::vector<int32_t>> Encode(std::string_view text,
-                                                      bool add_special_tokens = false) const = 0;
+  virtual absl::StatusOr<std::vector<int32_t>> Encode(std::string_view text, bool add_special_tokens = false) const = 0;
 
   // Decodes ids back to text (bytes; may be invalid UTF-8 if the ids split a character: byte tokens are
   // returned as they are, never replaced by U+FFFD). With `skip_special_tokens`, special tokens are
@@ -84,8 +83,7 @@ class Tokenizer {
   // normalize lossily. Byte-level tokenizers without a normalizer, SentencePiece-style tokenizer.json files
   // (for text without "▁") and tokenizer.model files with identity normalization are lossless; NFC /
   // lowercasing normalizers, Metaspace pre-tokenizers and add_prefix_space are not.
-  virtual absl::StatusOr<std::string> Decode(std::span<const int32_t> ids,
-                                             bool skip_special_tokens = false) const = 0;
+  virtual absl::StatusOr<std::string> Decode(std::span<const int32_t> ids, bool skip_special_tokens = false) const = 0;
 
   // Number of ids (highest id + 1), including added tokens.
   virtual int32_t vocab_size() const = 0;
@@ -115,8 +113,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& mode
 absl::StatusOr<std::unique_ptr<Tokenizer>> ParseTokenizerJson(std::string_view json);
 
 // Loads a SentencePiece `tokenizer.model` file.
-absl::StatusOr<std::unique_ptr<Tokenizer>> LoadSentencePieceTokenizer(const std::string& path,
-                                                                      bool add_bos = true,
+absl::StatusOr<std::unique_ptr<Tokenizer>> LoadSentencePieceTokenizer(const std::string& path, bool add_bos = true,
                                                                       bool add_eos = false);
 
 // What a TokenizerVocabulary leaves implicit, for TokenizerFromVocabulary.
@@ -143,8 +140,8 @@ struct VocabularyTokenizerOptions {
 // InvalidArgument, prefixed with options.source: per-id vectors of different lengths, an empty or
 // duplicate token, an unknown type, a non-finite score, a special id outside the vocabulary,
 // add_bos / add_eos without the id, or merges naming tokens that do not exist.
-absl::StatusOr<std::unique_ptr<Tokenizer>> TokenizerFromVocabulary(
-    const TokenizerVocabulary& vocab, const VocabularyTokenizerOptions& options = {});
+absl::StatusOr<std::unique_ptr<Tokenizer>> TokenizerFromVocabulary(const TokenizerVocabulary& vocab,
+                                                                   const VocabularyTokenizerOptions& options = {});
 
 // Options for training a byte-level BPE tokenizer (GPT-2 style: bytes mapped to printable characters,
 // GPT-2 pre-tokenizer regex).
@@ -158,7 +155,6 @@ struct BpeTrainerOptions {
 // Trains a byte-level BPE tokenizer on `corpus` and returns a complete tokenizer.json document (model,
 // pre-tokenizer, decoder, added tokens) that ParseTokenizerJson and Hugging Face `tokenizers` both load.
 // Stops early if no pair reaches min_frequency. InvalidArgument if vocab_size < 256 + specials.
-absl::StatusOr<std::string> TrainByteLevelBpeTokenizerJson(std::string_view corpus,
-                                                           const BpeTrainerOptions& options);
+absl::StatusOr<std::string> TrainByteLevelBpeTokenizerJson(std::string_view corpus, const BpeTrainerOptions& options);
 
 }  // namespace seedling::model

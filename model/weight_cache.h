@@ -41,7 +41,7 @@ struct WeightCacheOptions {
 struct WeightCache {
   std::unique_ptr<SafetensorsCollection> files;  // the cache file, mapped read-only (LoadWeights reads it)
   std::string path;
-  bool built = false;  // true when this call (re)built the file
+  bool built = false;          // true when this call (re)built the file
   std::string rebuild_reason;  // why it was rebuilt ("missing", "stale: ...", "damaged: ..."); empty if not
 };
 

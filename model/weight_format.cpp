@@ -71,12 +71,11 @@ std::optional<WeightFormat> BlockFormatOf(WeightPrecision precision) {
 }
 
 absl::StatusOr<WeightPrecision> ParseWeightPrecision(std::string_view name) {
-  for (WeightPrecision p : {WeightPrecision::kFloat32, WeightPrecision::kStored, WeightPrecision::kQ8_0,
-                            WeightPrecision::kQ4_0}) {
+  for (WeightPrecision p :
+       {WeightPrecision::kFloat32, WeightPrecision::kStored, WeightPrecision::kQ8_0, WeightPrecision::kQ4_0}) {
     if (name == WeightPrecisionName(p)) return p;
   }
-  return absl::InvalidArgumentError(
-      StrCat("weights must be fp32, stored, q8_0 or q4_0, got '", name, "'"));
+  return absl::InvalidArgumentError(StrCat("weights must be fp32, stored, q8_0 or q4_0, got '", name, "'"));
 }
 
 }  // namespace seedling::model

@@ -122,58 +122,55 @@ absl::StatusOr<ModelWeights> LoadWeights(const SafetensorsCollection& files, con
   std::vector<std::string> missing;
   absl::Status error;
   std::set<std::string, std::less<>> used;
-  ForEachWeight(w, config, /*include_tied_head=*/false,
-                [&](const std::string& name, const std::vector<int64_t>& shape, Kind kind, at::Tensor& slot) {
-                  if (!error.ok()) return;
-                  const TensorView* view = files.Find(name);
-                  if (view == nullptr) {
-                    missing.push_back(name);
-                    return;
-                  }
-                  used.insert(name);
-                  const bool blocks = cached && view->dtype == DType::kU8 && kind != Kind::kNorm &&
-                                      kind != Kind::kBias;
-                  if (view->dtype != DType::kF32 && view->dtype != DType::kF16 &&
-                      view->dtype != DType::kBF16 && !blocks) {
-                    error = absl::InvalidArgumentError(StrCat("tensor '", name, "' has dtype ",
-                                                              DTypeName(view->dtype),
-                                                              "; expected F32, F16 or BF16"));
-                    return;
-                  }
-                  const std::vector<int64_t> stored_shape =
-                      blocks && view->shape.size() == 3 ? std::vector<int64_t>{view->shape[0], view->shape[1] * kQuantBlock}
-                                                        : view->shape;
-                  if (stored_shape != shape || (blocks && view->shape.size() != 3) ||
-                      (blocks && view->shape[2] != BlockBytes(WeightFormat::kQ8_0) &&
-                       view->shape[2] != BlockBytes(WeightFormat::kQ4_0))) {
-                    error = absl::InvalidArgumentError(
-                        StrCat("tensor '", name, "' has shape ", ShapeString(view->shape),
-                               ", config implies ", ShapeString(shape)));
-                    return;
-                  }
-                  at::Tensor t = TensorFromView(*view);
-                  const bool keep_stored = (options.precision != WeightPrecision::kFloat32) &&
-                                           (kind == Kind::kMatrix || kind == Kind::kEmbedding);
-                  if (t.scalar_type() != at::kFloat && !keep_stored) {
-                    t = t.to(at::kFloat);
-                    // The 16-bit source pages are no longer needed: without this, loading a BF16
-                    // checkpoint peaks at 6 bytes per parameter instead of 4.
-                    view->file->Release(view->data, view->nbytes);
-                  }
-                  slot = std::move(t);
-                });
+  ForEachWeight(
+      w, config, /*include_tied_head=*/false,
+      [&](const std::string& name, const std::vector<int64_t>& shape, Kind kind, at::Tensor& slot) {
+        if (!error.ok()) return;
+        const TensorView* view = files.Find(name);
+        if (view == nullptr) {
+          missing.push_back(name);
+          return;
+        }
+        used.insert(name);
+        const bool blocks = cached && view->dtype == DType::kU8 && kind != Kind::kNorm && kind != Kind::kBias;
+        if (view->dtype != DType::kF32 && view->dtype != DType::kF16 && view->dtype != DType::kBF16 && !blocks) {
+          error = absl::InvalidArgumentError(
+              StrCat("tensor '", name, "' has dtype ", DTypeName(view->dtype), "; expected F32, F16 or BF16"));
+          return;
+        }
+        const std::vector<int64_t> stored_shape =
+            blocks && view->shape.size() == 3 ? std::vector<int64_t>{view->shape[0], view->shape[1] * kQuantBlock}
+                                              : view->shape;
+        if (stored_shape != shape || (blocks && view->shape.size() != 3) ||
+            (blocks && view->shape[2] != BlockBytes(WeightFormat::kQ8_0) &&
+             view->shape[2] != BlockBytes(WeightFormat::kQ4_0))) {
+          error = absl::InvalidArgumentError(StrCat("tensor '", name, "' has shape ", ShapeString(view->shape),
+                                                    ", config implies ", ShapeString(shape)));
+          return;
+        }
+        at::Tensor t = TensorFromView(*view);
+        const bool keep_stored =
+            (options.precision != WeightPrecision::kFloat32) && (kind == Kind::kMatrix || kind == Kind::kEmbedding);
+        if (t.scalar_type() != at::kFloat && !keep_stored) {
+          t = t.to(at::kFloat);
+          // The 16-bit source pages are no longer needed: without this, loading a BF16
+          // checkpoint peaks at 6 bytes per parameter instead of 4.
+          view->file->Release(view->data, view->nbytes);
+        }
+        slot = std::move(t);
+      });
   SEEDLING_RETURN_IF_ERROR(error);
   if (!missing.empty()) {
     std::string list;
     for (size_t i = 0; i < missing.size() && i < 5; ++i) list += StrCat(i ? ", " : "", "'", missing[i], "'");
     if (missing.size() > 5) list += StrCat(" and ", missing.size() - 5, " more");
-    return absl::NotFoundError(StrCat(missing.size(), " tensor(s) the ", config.architecture,
-                                      " config requires are missing: ", list));
+    return absl::NotFoundError(
+        StrCat(missing.size(), " tensor(s) the ", config.architecture, " config requires are missing: ", list));
   }
   std::vector<std::string> unexpected;
   for (const std::string& name : files.names()) {
     if (used.count(name)) continue;
-    if (name.ends_with("rotary_emb.inv_freq")) continue;                    // old Llama buffers
+    if (name.ends_with("rotary_emb.inv_freq")) continue;                   // old Llama buffers
     if (name == "lm_head.weight" && config.tie_word_embeddings) continue;  // redundant copy when tied
     unexpected.push_back(name);
   }
@@ -181,8 +178,8 @@ absl::StatusOr<ModelWeights> LoadWeights(const SafetensorsCollection& files, con
     std::string list;
     for (size_t i = 0; i < unexpected.size() && i < 5; ++i) list += StrCat(i ? ", " : "", "'", unexpected[i], "'");
     if (unexpected.size() > 5) list += StrCat(" and ", unexpected.size() - 5, " more");
-    return absl::InvalidArgumentError(StrCat(unexpected.size(), " tensor(s) are not part of a ",
-                                             config.architecture, " with this config: ", list));
+    return absl::InvalidArgumentError(
+        StrCat(unexpected.size(), " tensor(s) are not part of a ", config.architecture, " with this config: ", list));
   }
   if (config.tie_word_embeddings) w.lm_head = w.embed;
   return w;
@@ -317,8 +314,7 @@ ModelWeights RandomWeights(const ModelConfig& config, uint64_t seed) {
   return w;
 }
 
-absl::Status SaveWeights(const std::string& path, const ModelWeights& weights, const ModelConfig& config,
-                         DType dtype) {
+absl::Status SaveWeights(const std::string& path, const ModelWeights& weights, const ModelConfig& config, DType dtype) {
   if (dtype != DType::kF32 && dtype != DType::kF16 && dtype != DType::kBF16) {
     return absl::InvalidArgumentError(StrCat("cannot save weights as ", DTypeName(dtype)));
   }
@@ -332,8 +328,7 @@ absl::Status SaveWeights(const std::string& path, const ModelWeights& weights, c
     at::Tensor t = nw.tensor.detach().to(TorchType(dtype)).contiguous();
     converted.push_back(t);
     const auto* bytes = static_cast<const uint8_t*>(t.data_ptr());
-    out.push_back({nw.name, dtype, t.sizes().vec(),
-                   std::span<const uint8_t>(bytes, static_cast<size_t>(t.nbytes()))});
+    out.push_back({nw.name, dtype, t.sizes().vec(), std::span<const uint8_t>(bytes, static_cast<size_t>(t.nbytes()))});
   }
   return WriteSafetensors(path, out, {{"format", "pt"}});
 }

@@ -22,24 +22,24 @@
 #include "absl/status/statusor.h"
 #include "model/config.h"
 #include "model/quant.h"
-#include "model/weight_format.h"
 #include "model/safetensors.h"
+#include "model/weight_format.h"
 
 namespace seedling::model {
 
 // One decoder layer. Shapes follow nn.Linear: weight (out, in). Optional biases are undefined tensors
 // when the architecture has none.
 struct LayerWeights {
-  at::Tensor input_norm;         // (H)
-  at::Tensor q, k, v, o;         // (Hq*D, H), (Hkv*D, H), (Hkv*D, H), (H, Hq*D)
+  at::Tensor input_norm;  // (H)
+  at::Tensor q, k, v, o;  // (Hq*D, H), (Hkv*D, H), (Hkv*D, H), (H, Hq*D)
   at::Tensor q_bias, k_bias, v_bias, o_bias;
-  at::Tensor post_norm;          // (H)
-  at::Tensor gate, up, down;     // (I, H), (I, H), (H, I)
+  at::Tensor post_norm;       // (H)
+  at::Tensor gate, up, down;  // (I, H), (I, H), (H, I)
   at::Tensor gate_bias, up_bias, down_bias;
 };
 
 struct ModelWeights {
-  at::Tensor embed;       // (V, H)
+  at::Tensor embed;  // (V, H)
   std::vector<LayerWeights> layers;
   at::Tensor final_norm;  // (H)
   at::Tensor lm_head;     // (V, H); the same tensor as `embed` when the config ties them
@@ -113,7 +113,6 @@ absl::Status QuantizeMatrices(ModelWeights& weights, const ModelConfig& config, 
 ModelWeights RandomWeights(const ModelConfig& config, uint64_t seed);
 
 // Writes `weights` as one .safetensors file in `dtype` (F32, F16 or BF16) with Hugging Face names.
-absl::Status SaveWeights(const std::string& path, const ModelWeights& weights, const ModelConfig& config,
-                         DType dtype);
+absl::Status SaveWeights(const std::string& path, const ModelWeights& weights, const ModelConfig& config, DType dtype);
 
 }  // namespace seedling::model

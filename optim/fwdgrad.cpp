@@ -54,10 +54,10 @@ absl::StatusOr<std::unique_ptr<FwdGradTrainer>> FwdGradTrainer::Create(const mod
 }
 
 absl::Status FwdGradTrainer::SetReference(at::Tensor reference) {
-  if (reference.defined() && (reference.dim() != 1 || reference.numel() != params_.numel() ||
-                              reference.scalar_type() != at::kFloat)) {
-    return absl::InvalidArgumentError(StrCat("the reference gradient must be a 1-D fp32 tensor of ",
-                                             params_.numel(), " elements"));
+  if (reference.defined() &&
+      (reference.dim() != 1 || reference.numel() != params_.numel() || reference.scalar_type() != at::kFloat)) {
+    return absl::InvalidArgumentError(
+        StrCat("the reference gradient must be a 1-D fp32 tensor of ", params_.numel(), " elements"));
   }
   reference_ = reference.defined() ? reference.contiguous() : at::Tensor();
   return absl::OkStatus();
@@ -131,7 +131,8 @@ absl::StatusOr<std::vector<double>> FwdGradTrainer::DirectionalDerivatives(const
   fo.adapter = &adapter_;
   fo.ce_chunk_tokens = options_.ce_chunk_tokens;
   fo.mlp_chunk_tokens = options_.mlp_chunk_tokens;
-  const size_t per_pass = options_.tangents_per_pass > 0 ? static_cast<size_t>(options_.tangents_per_pass) : seeds.size();
+  const size_t per_pass =
+      options_.tangents_per_pass > 0 ? static_cast<size_t>(options_.tangents_per_pass) : seeds.size();
   std::vector<double> derivatives;
   for (size_t start = 0; start < seeds.size(); start += per_pass) {
     const size_t end = std::min(seeds.size(), start + per_pass);

@@ -27,15 +27,15 @@ namespace seedling::optim {
 struct FwdGradOptions {
   enum class Mode { kBatchedJvp, kForwardAD, kCentralDifference };
   Mode mode = Mode::kBatchedJvp;
-  int64_t perturbations = 8;      // K per step
-  int64_t tangents_per_pass = 0;  // kBatchedJvp: tangents carried by one forward (memory grows with it); 0 = K
-  int64_t mlp_chunk_tokens = 0;   // kBatchedJvp: MLP tokens per chunk (ForwardOptions); 0 = all
-  double lr = 1e-3;               // local SGD step θ -= lr · g (apply_locally)
-  double fd_epsilon = 1e-2;       // h of the central difference
-  int64_t candidates_factor = 10; // candidates per kept perturbation when a reference gradient is set
-  bool apply_locally = true;      // update θ after each step (off: only estimate, as a pure FwdLLM client)
-  int64_t ce_chunk_tokens = 0;    // cross-entropy rows per chunk; 0 = all (tiles bound the memory)
-  uint64_t seed = 0;              // perturbation seeds are StepSeed-derived from this
+  int64_t perturbations = 8;       // K per step
+  int64_t tangents_per_pass = 0;   // kBatchedJvp: tangents carried by one forward (memory grows with it); 0 = K
+  int64_t mlp_chunk_tokens = 0;    // kBatchedJvp: MLP tokens per chunk (ForwardOptions); 0 = all
+  double lr = 1e-3;                // local SGD step θ -= lr · g (apply_locally)
+  double fd_epsilon = 1e-2;        // h of the central difference
+  int64_t candidates_factor = 10;  // candidates per kept perturbation when a reference gradient is set
+  bool apply_locally = true;       // update θ after each step (off: only estimate, as a pure FwdLLM client)
+  int64_t ce_chunk_tokens = 0;     // cross-entropy rows per chunk; 0 = all (tiles bound the memory)
+  uint64_t seed = 0;               // perturbation seeds are StepSeed-derived from this
 };
 
 // One step's estimate as seeds and derivatives.

@@ -29,8 +29,8 @@ std::vector<SeedScalar> SumPerSeed(const std::vector<SeedScalar>& pairs, double 
   return out;
 }
 
-absl::Status ApplySeedSums(const ParameterSet& params, const std::vector<uint64_t>& pool,
-                           std::vector<SeedScalar> sums, double lr) {
+absl::Status ApplySeedSums(const ParameterSet& params, const std::vector<uint64_t>& pool, std::vector<SeedScalar> sums,
+                           double lr) {
   for (const SeedScalar& s : sums) {
     if (s.index >= pool.size()) {
       return absl::InvalidArgumentError(StrCat("seed index ", s.index, " is outside the pool of ", pool.size()));
@@ -39,7 +39,8 @@ absl::Status ApplySeedSums(const ParameterSet& params, const std::vector<uint64_
       return absl::InvalidArgumentError(StrCat("the scalar for seed index ", s.index, " is not finite"));
     }
   }
-  std::stable_sort(sums.begin(), sums.end(), [](const SeedScalar& a, const SeedScalar& b) { return a.index < b.index; });
+  std::stable_sort(sums.begin(), sums.end(),
+                   [](const SeedScalar& a, const SeedScalar& b) { return a.index < b.index; });
   for (const SeedScalar& s : sums) {
     params.AddNormal(pool[s.index], static_cast<float>(-lr * static_cast<double>(s.value)));
   }
@@ -96,13 +97,14 @@ absl::StatusOr<std::unique_ptr<KSeedTrainer>> KSeedTrainer::Create(const model::
     return absl::InvalidArgumentError(StrCat("perturbations must be >= 1, got ", options.perturbations));
   }
   if (options.batched && adapter == nullptr) {
-    return absl::InvalidArgumentError("batched probes perturb an adapter's copies; full-parameter kseed probes in place");
+    return absl::InvalidArgumentError(
+        "batched probes perturb an adapter's copies; full-parameter kseed probes in place");
   }
   std::vector<double> cdf;
   if (!options.probabilities.empty()) {
     if (static_cast<int64_t>(options.probabilities.size()) != options.pool_size) {
-      return absl::InvalidArgumentError(StrCat("probabilities has ", options.probabilities.size(),
-                                               " entries for a pool of ", options.pool_size));
+      return absl::InvalidArgumentError(
+          StrCat("probabilities has ", options.probabilities.size(), " entries for a pool of ", options.pool_size));
     }
     double total = 0;
     for (double p : options.probabilities) {
@@ -147,7 +149,8 @@ std::vector<uint32_t> KSeedTrainer::PickIndices(uint64_t step) const {
     }
     const double u = rng.Uniform();
     const auto it = std::upper_bound(cdf_.begin(), cdf_.end(), u);
-    indices.push_back(static_cast<uint32_t>(std::min<size_t>(static_cast<size_t>(it - cdf_.begin()), pool_.size() - 1)));
+    indices.push_back(
+        static_cast<uint32_t>(std::min<size_t>(static_cast<size_t>(it - cdf_.begin()), pool_.size() - 1)));
   }
   return indices;
 }

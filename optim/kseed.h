@@ -36,8 +36,8 @@ std::vector<SeedScalar> SumPerSeed(const std::vector<SeedScalar>& pairs, double 
 
 // θ −= lr · Σ_i G_i z(pool[i]) for the given per-seed sums (any order: applied in ascending index).
 // InvalidArgument for an index outside the pool or a non-finite sum; θ is untouched on error.
-absl::Status ApplySeedSums(const ParameterSet& params, const std::vector<uint64_t>& pool,
-                           std::vector<SeedScalar> sums, double lr);
+absl::Status ApplySeedSums(const ParameterSet& params, const std::vector<uint64_t>& pool, std::vector<SeedScalar> sums,
+                           double lr);
 
 // Applies rounds of per-seed sums in order (a client syncing from an older model).
 absl::Status ReplaySeedHistory(const ParameterSet& params, const std::vector<uint64_t>& pool,
@@ -48,20 +48,20 @@ absl::Status ReplaySeedHistory(const ParameterSet& params, const std::vector<uin
 std::vector<double> SeedProbabilities(const std::vector<std::vector<float>>& history, double clip = 1000.0);
 
 struct KSeedOptions {
-  int64_t pool_size = 4096;      // K
-  uint64_t pool_seed = 0;        // the server's pool seed
-  double lr = 3e-7;              // constant (FedKSeed's published value for full parameters)
-  double epsilon = 5e-4;         // SPSA ε
+  int64_t pool_size = 4096;  // K
+  uint64_t pool_seed = 0;    // the server's pool seed
+  double lr = 3e-7;          // constant (FedKSeed's published value for full parameters)
+  double epsilon = 5e-4;     // SPSA ε
   // Restore θ after each probe from a copy, so the local trajectory equals ReplaySeedHistory of pairs()
   // bit for bit (one copy of the parameters: cheap for an adapter). Off: MeZO's in-place restore.
   bool exact_restore = true;
   // q seeds per step, each probed (SPSA) and applied with ĝ_i / q, recorded as q pairs (index, ĝ_i / q).
   int64_t perturbations = 1;
-  bool batched = false;          // the 2q probes in one batched forward (mezo.h, BatchedSpsa; LoRA only)
+  bool batched = false;               // the 2q probes in one batched forward (mezo.h, BatchedSpsa; LoRA only)
   std::vector<double> probabilities;  // FedKSeed-Pro sampling weights over the pool; empty = uniform
-  int64_t ce_chunk_tokens = 0;   // cross-entropy rows per chunk; 0 = all (tiles bound the memory)
-  int64_t mlp_chunk_tokens = 0;  // MLP tokens per chunk (ForwardOptions); 0 = all
-  uint64_t seed = 0;             // the device's sampling seed
+  int64_t ce_chunk_tokens = 0;        // cross-entropy rows per chunk; 0 = all (tiles bound the memory)
+  int64_t mlp_chunk_tokens = 0;       // MLP tokens per chunk (ForwardOptions); 0 = all
+  uint64_t seed = 0;                  // the device's sampling seed
 };
 
 class KSeedTrainer : public LocalTrainer {
@@ -82,7 +82,11 @@ class KSeedTrainer : public LocalTrainer {
  private:
   KSeedTrainer(const model::LlamaModel& model, lora::LoraAdapter* adapter, ParameterSet params,
                const KSeedOptions& options, std::vector<uint64_t> pool, std::vector<double> cdf)
-      : model_(model), adapter_(adapter), params_(std::move(params)), options_(options), pool_(std::move(pool)),
+      : model_(model),
+        adapter_(adapter),
+        params_(std::move(params)),
+        options_(options),
+        pool_(std::move(pool)),
         cdf_(std::move(cdf)) {}
   // The q pool indices of step `step` (q = options.perturbations), drawn in order from the step's seed.
   std::vector<uint32_t> PickIndices(uint64_t step) const;

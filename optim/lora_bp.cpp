@@ -25,8 +25,8 @@ absl::StatusOr<std::unique_ptr<LoraBpTrainer>> LoraBpTrainer::Create(const model
   if (options.max_grad_norm < 0) return absl::InvalidArgumentError("max_grad_norm must be >= 0");
   if (options.micro_batch < 0) return absl::InvalidArgumentError("micro_batch must be >= 0");
   if (options.stored_layers < 0 || options.stored_layers > model.config().num_hidden_layers) {
-    return absl::InvalidArgumentError(StrCat("stored_layers must be in [0, ", model.config().num_hidden_layers,
-                                             "], got ", options.stored_layers));
+    return absl::InvalidArgumentError(
+        StrCat("stored_layers must be in [0, ", model.config().num_hidden_layers, "], got ", options.stored_layers));
   }
   return std::unique_ptr<LoraBpTrainer>(new LoraBpTrainer(model, adapter, options));
 }
@@ -83,7 +83,8 @@ absl::StatusOr<StepResult> LoraBpTrainer::Step(const model::Batch& batch) {
   const int64_t micro = options_.micro_batch > 0 ? std::min(options_.micro_batch, rows) : rows;
   // Token-weighted mean over the whole batch: each micro-batch's summed loss is divided by the batch's
   // scored-token count, so accumulation gives exactly the full-batch gradient.
-  const int64_t total_tokens = batch.labels.narrow(1, 1, batch.labels.size(1) - 1).ne(model::kIgnoreIndex).sum().item<int64_t>();
+  const int64_t total_tokens =
+      batch.labels.narrow(1, 1, batch.labels.size(1) - 1).ne(model::kIgnoreIndex).sum().item<int64_t>();
   StepResult result;
   result.tokens = total_tokens;
   double loss_sum = 0;

@@ -22,8 +22,7 @@ absl::StatusOr<Method> ParseMethod(std::string_view name) {
   for (Method m : {Method::kLoraBp, Method::kFwdGrad, Method::kMezo, Method::kKSeed}) {
     if (name == MethodName(m)) return m;
   }
-  return absl::InvalidArgumentError(
-      StrCat("unknown method '", name, "' (expected lora-bp, fwdgrad, mezo or kseed)"));
+  return absl::InvalidArgumentError(StrCat("unknown method '", name, "' (expected lora-bp, fwdgrad, mezo or kseed)"));
 }
 
 }  // namespace seedling::optim

@@ -83,7 +83,8 @@ absl::StatusOr<std::unique_ptr<MezoTrainer>> MezoTrainer::Create(const model::Ll
     return absl::InvalidArgumentError(StrCat("perturbations must be >= 1, got ", options.perturbations));
   }
   if (options.batched && adapter == nullptr) {
-    return absl::InvalidArgumentError("batched probes perturb an adapter's copies; full-parameter mezo probes in place");
+    return absl::InvalidArgumentError(
+        "batched probes perturb an adapter's copies; full-parameter mezo probes in place");
   }
   return std::unique_ptr<MezoTrainer>(new MezoTrainer(model, adapter, std::move(params), options));
 }
@@ -122,8 +123,8 @@ absl::StatusOr<StepResult> MezoTrainer::Step(const model::Batch& batch) {
   fo.adapter = adapter_;
   fo.ce_chunk_tokens = options_.ce_chunk_tokens;
   fo.mlp_chunk_tokens = options_.mlp_chunk_tokens;
-  const std::vector<uint64_t> seeds = ProbeSeeds(StepSeed(options_.seed, static_cast<uint64_t>(steps())),
-                                                 options_.perturbations);
+  const std::vector<uint64_t> seeds =
+      ProbeSeeds(StepSeed(options_.seed, static_cast<uint64_t>(steps())), options_.perturbations);
   SEEDLING_ASSIGN_OR_RETURN(std::vector<SpsaProbe> probes, Probe(batch, fo, seeds));
   StepResult result;
   result.loss = MeanProbeLoss(probes);

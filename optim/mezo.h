@@ -16,7 +16,7 @@
 namespace seedling::optim {
 
 struct MezoOptions {
-  double lr = 1e-4;            // SGD step on ĝ z
+  double lr = 1e-4;  // SGD step on ĝ z
   // q SPSA probes per step, averaged (MeZO's n-SPSA): θ −= lr · (1/q) Σ_i ĝ_i z_i. q = 1 is MeZO's default.
   int64_t perturbations = 1;
   // Evaluate the 2q perturbed losses in one batched forward over 2q copies of the batch, each through its own
@@ -25,11 +25,11 @@ struct MezoOptions {
   // Restore θ after the probes from a copy (bit-exact, costs one copy of the parameters) instead of by
   // adding +εz back (MeZO's way: memory-free, leaves float rounding of about 1e-7 relative).
   bool exact_restore = false;
-  double epsilon = 1e-2;       // perturbation scale ε
-  double weight_decay = 0.0;   // θ −= lr · wd · θ (MeZO exempts nothing here: the set is chosen by the caller)
-  int64_t ce_chunk_tokens = 0; // cross-entropy rows per chunk; 0 = all (tiles bound the memory)
+  double epsilon = 1e-2;         // perturbation scale ε
+  double weight_decay = 0.0;     // θ −= lr · wd · θ (MeZO exempts nothing here: the set is chosen by the caller)
+  int64_t ce_chunk_tokens = 0;   // cross-entropy rows per chunk; 0 = all (tiles bound the memory)
   int64_t mlp_chunk_tokens = 0;  // MLP tokens per chunk (ForwardOptions); 0 = all
-  uint64_t seed = 0;           // step seeds are StepSeed(seed, step)
+  uint64_t seed = 0;             // step seeds are StepSeed(seed, step)
 };
 
 // One SPSA probe along z(seed): perturbs, measures, restores. `projected_gradient` = (L+ − L−) / 2ε.
@@ -67,9 +67,8 @@ class MezoTrainer : public LocalTrainer {
  public:
   // `model` (and the tensors of `params`) must outlive the trainer. `adapter` may be null when `params`
   // are the model's own weights.
-  static absl::StatusOr<std::unique_ptr<MezoTrainer>> Create(const model::LlamaModel& model,
-                                                             lora::LoraAdapter* adapter, ParameterSet params,
-                                                             const MezoOptions& options);
+  static absl::StatusOr<std::unique_ptr<MezoTrainer>> Create(const model::LlamaModel& model, lora::LoraAdapter* adapter,
+                                                             ParameterSet params, const MezoOptions& options);
   Method method() const override { return Method::kMezo; }
   absl::StatusOr<StepResult> Step(const model::Batch& batch) override;
   const ParameterSet& parameters() const { return params_; }
@@ -80,7 +79,7 @@ class MezoTrainer : public LocalTrainer {
       : model_(model), adapter_(adapter), params_(std::move(params)), options_(options) {}
 
   absl::StatusOr<std::vector<SpsaProbe>> Probe(const model::Batch& batch, const model::ForwardOptions& fo,
-                                                const std::vector<uint64_t>& seeds) const;
+                                               const std::vector<uint64_t>& seeds) const;
 
   const model::LlamaModel& model_;
   lora::LoraAdapter* adapter_;

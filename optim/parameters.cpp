@@ -26,9 +26,9 @@ absl::StatusOr<ParameterSet> ParameterSet::AllWeights(const model::ModelWeights&
   ParameterSet set;
   for (const model::NamedWeight& w : model::NamedWeights(weights, config)) {
     if (w.tensor.scalar_type() != at::kFloat || !w.tensor.is_contiguous()) {
-      return absl::FailedPreconditionError(
-          StrCat("full-parameter training needs contiguous fp32 weights; '", w.name, "' is ",
-                 std::string(c10::toString(w.tensor.scalar_type())), " (load with fp32 weights)"));
+      return absl::FailedPreconditionError(StrCat("full-parameter training needs contiguous fp32 weights; '", w.name,
+                                                  "' is ", std::string(c10::toString(w.tensor.scalar_type())),
+                                                  " (load with fp32 weights)"));
     }
     set.slices_.push_back({w.name, w.tensor, set.numel_});
     set.numel_ += w.tensor.numel();

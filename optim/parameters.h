@@ -23,16 +23,15 @@ class ParameterSet {
  public:
   struct Slice {
     std::string name;
-    at::Tensor tensor;  // contiguous fp32; shares storage with the model / adapter
-    int64_t offset = 0; // first element of this slice in the set
+    at::Tensor tensor;   // contiguous fp32; shares storage with the model / adapter
+    int64_t offset = 0;  // first element of this slice in the set
   };
 
   // The adapter's flat buffer (one slice).
   static ParameterSet Adapter(lora::LoraAdapter& adapter);
   // Every weight of the model in checkpoint order (a tied LM head counted once). FailedPrecondition if a
   // weight is not fp32 or not contiguous (load with WeightPrecision::kFloat32).
-  static absl::StatusOr<ParameterSet> AllWeights(const model::ModelWeights& weights,
-                                                 const model::ModelConfig& config);
+  static absl::StatusOr<ParameterSet> AllWeights(const model::ModelWeights& weights, const model::ModelConfig& config);
 
   int64_t numel() const { return numel_; }
   const std::vector<Slice>& slices() const { return slices_; }

@@ -19,8 +19,7 @@ absl::Status ValidateServerOptimizerOptions(const ServerOptimizerOptions& option
     return absl::InvalidArgumentError(StrCat("server lr must be finite and > 0, got ", options.lr));
   }
   if (options.kind == ServerOptimizerKind::kMomentum && !InUnitInterval(options.momentum)) {
-    return absl::InvalidArgumentError(
-        StrCat("server momentum must be in [0, 1), got ", options.momentum));
+    return absl::InvalidArgumentError(StrCat("server momentum must be in [0, 1), got ", options.momentum));
   }
   if (UsesSecondMoment(options.kind)) {
     if (!InUnitInterval(options.beta1)) {
@@ -30,10 +29,8 @@ absl::Status ValidateServerOptimizerOptions(const ServerOptimizerOptions& option
       return absl::InvalidArgumentError(StrCat("beta2 must be in [0, 1), got ", options.beta2));
     }
     // τ² must be a positive fp32 so that √v + τ > 0 from the first step.
-    if (!(options.tau > 0.0) || !std::isfinite(options.tau) ||
-        !(InitialSecondMoment(options) > 0.0f)) {
-      return absl::InvalidArgumentError(
-          StrCat("tau must be finite and > 0 with tau² > 0 in fp32, got ", options.tau));
+    if (!(options.tau > 0.0) || !std::isfinite(options.tau) || !(InitialSecondMoment(options) > 0.0f)) {
+      return absl::InvalidArgumentError(StrCat("tau must be finite and > 0 with tau² > 0 in fp32, got ", options.tau));
     }
   }
   return absl::OkStatus();
@@ -50,14 +47,12 @@ float InitialSecondMoment(const ServerOptimizerOptions& options) {
   return static_cast<float>(options.tau * options.tau);
 }
 
-double ServerOptimizerStep(const ServerOptimizerOptions& options, std::span<const float> delta,
-                           std::span<float> params, ServerOptimizerState state) {
+double ServerOptimizerStep(const ServerOptimizerOptions& options, std::span<const float> delta, std::span<float> params,
+                           ServerOptimizerState state) {
   const size_t n = params.size();
   SEEDLING_CHECK(delta.size() == n, "delta and params differ in length");
-  if (UsesFirstMoment(options.kind))
-    SEEDLING_CHECK(state.m.size() == n, "m and params differ in length");
-  if (UsesSecondMoment(options.kind))
-    SEEDLING_CHECK(state.v.size() == n, "v and params differ in length");
+  if (UsesFirstMoment(options.kind)) SEEDLING_CHECK(state.m.size() == n, "m and params differ in length");
+  if (UsesSecondMoment(options.kind)) SEEDLING_CHECK(state.v.size() == n, "v and params differ in length");
 
   const double lr = options.lr;
   const double b1 = options.beta1;

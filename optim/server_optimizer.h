@@ -32,8 +32,7 @@ enum class ServerOptimizerKind { kSgd, kMomentum, kAdagrad, kAdam, kYogi };
 
 struct ServerOptimizerOptions {
   ServerOptimizerKind kind = ServerOptimizerKind::kSgd;
-  double lr =
-      1.0;  // η, server learning rate (> 0 for validation; the step itself accepts any sign)
+  double lr = 1.0;        // η, server learning rate (> 0 for validation; the step itself accepts any sign)
   double momentum = 0.9;  // μ of kMomentum, in [0, 1)
   double beta1 = 0.9;     // first-moment decay of the adaptive kinds, in [0, 1)
   double beta2 = 0.99;    // second-moment decay of kAdam / kYogi, in [0, 1)
@@ -61,8 +60,8 @@ struct ServerOptimizerState {
 // must have params.size() elements (checked: aborts otherwise, a programming error). Returns Σ_i
 // (θ_new,i − θ_old,i)², the squared L2 norm of the applied change, computed in double from the fp32
 // values.
-double ServerOptimizerStep(const ServerOptimizerOptions& options, std::span<const float> delta,
-                           std::span<float> params, ServerOptimizerState state);
+double ServerOptimizerStep(const ServerOptimizerOptions& options, std::span<const float> delta, std::span<float> params,
+                           ServerOptimizerState state);
 
 std::string_view ServerOptimizerName(ServerOptimizerKind kind);
 

@@ -8,10 +8,10 @@
 #include <cstdint>
 #include <limits>
 #include <map>
-#include <utility>
-#include <vector>
 #include <string>
 #include <string_view>
+#include <utility>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "model/dataset.h"
@@ -22,8 +22,8 @@ namespace seedling::optim {
 
 struct StepResult {
   double loss = std::numeric_limits<double>::quiet_NaN();  // mean loss per scored token on the batch
-  bool skipped = false;  // non-finite loss or gradient: nothing was applied
-  int64_t tokens = 0;    // scored tokens in the batch
+  bool skipped = false;                                    // non-finite loss or gradient: nothing was applied
+  int64_t tokens = 0;                                      // scored tokens in the batch
 };
 
 // What a trainer needs besides the trained parameters to continue a run after the process was killed:
@@ -33,7 +33,7 @@ struct TrainerState {
   int64_t skipped = 0;
   int64_t counter = 0;  // a method-specific integer (lora-bp: AdamW's step count)
   std::map<std::string, std::vector<float>> buffers;
-  std::vector<std::pair<uint32_t, float>> pairs;  // kseed: (seed index, scalar) of the applied steps
+  std::vector<std::pair<uint32_t, float>> pairs;       // kseed: (seed index, scalar) of the applied steps
   std::vector<std::pair<uint64_t, float>> seed_pairs;  // fwdgrad: (seed, d_k / K) of every perturbation
 };
 

@@ -56,8 +56,8 @@ double LogAIntegerOrder(double q, double sigma, int64_t alpha) {
   double log_a = kNegInf;
   for (int64_t k = 0; k <= alpha; ++k) {
     const double kd = static_cast<double>(k);
-    const double term = LogAbsBinomial(a, kd) + kd * log_q + (a - kd) * log_1mq +
-                        (kd * kd - kd) / (2.0 * sigma * sigma);
+    const double term =
+        LogAbsBinomial(a, kd) + kd * log_q + (a - kd) * log_1mq + (kd * kd - kd) / (2.0 * sigma * sigma);
     log_a = LogAdd(log_a, term);
   }
   return log_a;
@@ -110,8 +110,7 @@ absl::Status CheckMechanism(double q, double noise_multiplier) {
     return absl::InvalidArgumentError(StrCat("sampling rate must be in [0, 1], got ", q));
   }
   if (!(noise_multiplier >= 0.0) || !std::isfinite(noise_multiplier)) {
-    return absl::InvalidArgumentError(
-        StrCat("noise multiplier must be finite and >= 0, got ", noise_multiplier));
+    return absl::InvalidArgumentError(StrCat("noise multiplier must be finite and >= 0, got ", noise_multiplier));
   }
   return absl::OkStatus();
 }
@@ -140,9 +139,8 @@ double RdpOneStep(double q, double sigma, double order) {
   if (q == 0.0) return 0.0;
   if (sigma == 0.0) return kInf;
   if (q == 1.0) return order / (2.0 * sigma * sigma);
-  const double log_a = order == std::floor(order)
-                           ? LogAIntegerOrder(q, sigma, static_cast<int64_t>(order))
-                           : LogAFractionalOrder(q, sigma, order);
+  const double log_a = order == std::floor(order) ? LogAIntegerOrder(q, sigma, static_cast<int64_t>(order))
+                                                  : LogAFractionalOrder(q, sigma, order);
   // log A_α ≥ 0 mathematically (A_α ≥ 1); clamp rounding noise.
   return std::max(0.0, log_a) / (order - 1.0);
 }
@@ -152,8 +150,7 @@ double RdpOneStep(double q, double sigma, double order) {
 absl::StatusOr<EpsilonConversion> ParseEpsilonConversion(std::string_view name) {
   if (name == "balle2020") return EpsilonConversion::kBalle2020;
   if (name == "classic") return EpsilonConversion::kClassic;
-  return absl::InvalidArgumentError(
-      StrCat("unknown epsilon conversion '", name, "' (expected balle2020 or classic)"));
+  return absl::InvalidArgumentError(StrCat("unknown epsilon conversion '", name, "' (expected balle2020 or classic)"));
 }
 
 const char* EpsilonConversionName(EpsilonConversion conversion) {
@@ -196,8 +193,8 @@ absl::StatusOr<std::vector<double>> ComputeRdp(double q, double noise_multiplier
   return rdp;
 }
 
-absl::StatusOr<PrivacySpent> EpsilonFromRdp(std::span<const double> orders, std::span<const double> rdp,
-                                            double delta, EpsilonConversion conversion) {
+absl::StatusOr<PrivacySpent> EpsilonFromRdp(std::span<const double> orders, std::span<const double> rdp, double delta,
+                                            EpsilonConversion conversion) {
   SEEDLING_RETURN_IF_ERROR(CheckDelta(delta));
   if (orders.empty() || orders.size() != rdp.size()) {
     return absl::InvalidArgumentError(StrCat("expected one RDP value per order and at least one order, got ",
@@ -267,9 +264,9 @@ absl::StatusOr<double> NoiseForEpsilon(double target_epsilon, double q, int64_t 
     if (eps <= target_epsilon) break;
     lo = hi;
     if (hi >= kMaxSigma) {
-      return absl::OutOfRangeError(StrCat("target epsilon ", target_epsilon, " at delta ", delta, " with sampling rate ",
-                                          q, " over ", steps, " steps is unreachable: even noise multiplier ", hi,
-                                          " gives epsilon ", eps));
+      return absl::OutOfRangeError(StrCat("target epsilon ", target_epsilon, " at delta ", delta,
+                                          " with sampling rate ", q, " over ", steps,
+                                          " steps is unreachable: even noise multiplier ", hi, " gives epsilon ", eps));
     }
     hi = std::min(kMaxSigma, hi * 2.0);
   }

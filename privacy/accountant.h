@@ -73,8 +73,7 @@ struct PrivacySpent {
 
 // (ε, δ) from RDP values at `orders` (same length, orders > 1, RDP ≥ 0 or +∞). InvalidArgument for
 // δ ∉ (0, 1), mismatched or empty spans, bad orders or negative / NaN RDP values.
-absl::StatusOr<PrivacySpent> EpsilonFromRdp(std::span<const double> orders, std::span<const double> rdp,
-                                            double delta,
+absl::StatusOr<PrivacySpent> EpsilonFromRdp(std::span<const double> orders, std::span<const double> rdp, double delta,
                                             EpsilonConversion conversion = EpsilonConversion::kBalle2020);
 
 // ε after `steps` steps at sampling rate q and noise multiplier σ (ComputeRdp + EpsilonFromRdp). Empty

@@ -104,7 +104,8 @@ absl::Status CsprngGaussianNoise::FillStandardNormal(std::span<double> out) {
   size_t i = 0;
   while (i < out.size()) {
     const size_t pairs = std::min(kPairs, (out.size() - i + 1) / 2);
-    if (RAND_bytes(reinterpret_cast<unsigned char*>(words.data()), static_cast<int>(pairs * 2 * sizeof(uint64_t))) != 1) {
+    if (RAND_bytes(reinterpret_cast<unsigned char*>(words.data()), static_cast<int>(pairs * 2 * sizeof(uint64_t))) !=
+        1) {
       return absl::InternalError("OpenSSL RAND_bytes failed: no cryptographically secure randomness available");
     }
     for (size_t p = 0; p < pairs; ++p) {

@@ -78,8 +78,7 @@ std::vector<EncryptedShare> ReadShares(WireReader& r) {
     s.peer = r.U32();
     s.ciphertext = r.Bytes(kShareCiphertextBytes);
     if (r.ok() && s.ciphertext.size() != kShareCiphertextBytes) {
-      r.Fail(StrCat("share ciphertext of ", s.ciphertext.size(), " bytes, expected ",
-                    kShareCiphertextBytes));
+      r.Fail(StrCat("share ciphertext of ", s.ciphertext.size(), " bytes, expected ", kShareCiphertextBytes));
     }
   }
   return shares;
@@ -158,32 +157,27 @@ uint32_t MaxQuantizationLevels(uint32_t num_clients, uint32_t max_weight) {
 absl::Status ValidateParams(const SecAggParams& p) {
   const uint32_t n = p.num_clients, k = p.num_neighbors, t = p.threshold;
   if (n < 3) {
-    return absl::InvalidArgumentError(
-        StrCat("SecAgg needs at least 3 clients (num_clients = ", n,
-               "): with two, the sum reveals the other client's input"));
+    return absl::InvalidArgumentError(StrCat("SecAgg needs at least 3 clients (num_clients = ", n,
+                                             "): with two, the sum reveals the other client's input"));
   }
   if (n > kMaxCohort) {
-    return absl::InvalidArgumentError(
-        StrCat("num_clients = ", n, " exceeds the limit ", kMaxCohort));
+    return absl::InvalidArgumentError(StrCat("num_clients = ", n, " exceeds the limit ", kMaxCohort));
   }
   if (k > n - 1) {
-    return absl::InvalidArgumentError(
-        StrCat("num_neighbors = ", k, " exceeds num_clients − 1 = ", n - 1));
+    return absl::InvalidArgumentError(StrCat("num_neighbors = ", k, " exceeds num_clients − 1 = ", n - 1));
   }
   if (k < MinNeighbors(n)) {
     return absl::InvalidArgumentError(StrCat("num_neighbors = ", k,
-                                             " is below the minimum min(n − 1, 2·ceil(log2 n)) = ",
-                                             MinNeighbors(n), " for ", n, " clients"));
+                                             " is below the minimum min(n − 1, 2·ceil(log2 n)) = ", MinNeighbors(n),
+                                             " for ", n, " clients"));
   }
   if (k != n - 1 && k % 2 != 0) {
     return absl::InvalidArgumentError(
-        StrCat("num_neighbors = ", k,
-               " must be even (k/2 neighbours on each side of the ring) or n − 1 = ", n - 1,
+        StrCat("num_neighbors = ", k, " must be even (k/2 neighbours on each side of the ring) or n − 1 = ", n - 1,
                " (complete graph)"));
   }
   if (2 * static_cast<uint64_t>(t) <= k || t > k) {
-    return absl::InvalidArgumentError(StrCat("threshold = ", t,
-                                             " must satisfy k/2 < t ≤ k for k = ", k,
+    return absl::InvalidArgumentError(StrCat("threshold = ", t, " must satisfy k/2 < t ≤ k for k = ", k,
                                              " neighbours (more than half, so the server can never "
                                              "collect t shares of both secrets of a "
                                              "client)"));
@@ -198,39 +192,32 @@ absl::Status ValidateParams(const SecAggParams& p) {
       return absl::InvalidArgumentError(
           StrCat("threshold = ", t, " is unreachable after dropouts: with a complete graph of ", n,
                  " clients and max_dropout_fraction = ", p.max_dropout_fraction, " up to ", drops,
-                 " neighbours may drop, leaving ", k - std::min(k, drops),
-                 " < t; need t ≤ k − floor(δ·n)"));
+                 " neighbours may drop, leaving ", k - std::min(k, drops), " < t; need t ≤ k − floor(δ·n)"));
     }
   } else {
     const auto drops = static_cast<uint32_t>(std::ceil(p.max_dropout_fraction * k - 1e-9));
     if (t + drops > k) {
       return absl::InvalidArgumentError(
           StrCat("threshold = ", t, " is unreachable after dropouts: a neighbourhood of k = ", k,
-                 " losing its share ceil(δ·k) = ", drops,
-                 " of max_dropout_fraction = ", p.max_dropout_fraction, " keeps ",
-                 k - std::min(k, drops), " < t; need t ≤ k − ceil(δ·k)"));
+                 " losing its share ceil(δ·k) = ", drops, " of max_dropout_fraction = ", p.max_dropout_fraction,
+                 " keeps ", k - std::min(k, drops), " < t; need t ≤ k − ceil(δ·k)"));
     }
   }
   if (p.quantization_levels < 2) {
-    return absl::InvalidArgumentError(
-        StrCat("quantization_levels = ", p.quantization_levels, " must be at least 2"));
+    return absl::InvalidArgumentError(StrCat("quantization_levels = ", p.quantization_levels, " must be at least 2"));
   }
   if (p.max_weight < 1) return absl::InvalidArgumentError("max_weight must be at least 1");
-  const unsigned __int128 worst =
-      static_cast<unsigned __int128>(n) * p.max_weight * (p.quantization_levels - 1u);
+  const unsigned __int128 worst = static_cast<unsigned __int128>(n) * p.max_weight * (p.quantization_levels - 1u);
   if (worst > 0xffffffffu) {
-    return absl::InvalidArgumentError(
-        StrCat("overflow: num_clients ", n, " × max_weight ", p.max_weight,
-               " × (quantization_levels ", p.quantization_levels, " − 1) = ",
-               static_cast<uint64_t>(
-                   std::min<unsigned __int128>(worst, std::numeric_limits<uint64_t>::max())),
-               " exceeds the modulus 2^32 − 1 = 4294967295, so the sum could wrap; use "
-               "quantization_levels ≤ ",
-               MaxQuantizationLevels(n, p.max_weight), " for these n and W"));
+    return absl::InvalidArgumentError(StrCat(
+        "overflow: num_clients ", n, " × max_weight ", p.max_weight, " × (quantization_levels ", p.quantization_levels,
+        " − 1) = ", static_cast<uint64_t>(std::min<unsigned __int128>(worst, std::numeric_limits<uint64_t>::max())),
+        " exceeds the modulus 2^32 − 1 = 4294967295, so the sum could wrap; use "
+        "quantization_levels ≤ ",
+        MaxQuantizationLevels(n, p.max_weight), " for these n and W"));
   }
   if (!std::isfinite(p.clipping_range) || p.clipping_range <= 0.0f) {
-    return absl::InvalidArgumentError(
-        StrCat("clipping_range = ", p.clipping_range, " must be finite and positive"));
+    return absl::InvalidArgumentError(StrCat("clipping_range = ", p.clipping_range, " must be finite and positive"));
   }
   if (p.vector_length < 1 || p.vector_length > kMaxVectorLength) {
     return absl::InvalidArgumentError(
@@ -245,8 +232,8 @@ absl::Status ValidateParams(const SecAggParams& p) {
 absl::StatusOr<SessionId> ComputeSessionId(const SessionConfig& config) {
   SEEDLING_RETURN_IF_ERROR(ValidateParams(config.params));
   if (config.cohort.size() != config.params.num_clients) {
-    return absl::InvalidArgumentError(StrCat("cohort has ", config.cohort.size(),
-                                             " ids, num_clients = ", config.params.num_clients));
+    return absl::InvalidArgumentError(
+        StrCat("cohort has ", config.cohort.size(), " ids, num_clients = ", config.params.num_clients));
   }
   if (config.model_hash.size() > kMaxModelHashBytes) {
     return absl::InvalidArgumentError(
@@ -259,19 +246,16 @@ absl::StatusOr<SessionId> ComputeSessionId(const SessionConfig& config) {
     return absl::InvalidArgumentError("cohort ids are not distinct");
   }
   const std::string encoded = StrCat("seedling/secagg/v1/session", canonical.Serialize());
-  return internal::Sha256(
-      std::span(reinterpret_cast<const uint8_t*>(encoded.data()), encoded.size()));
+  return internal::Sha256(std::span(reinterpret_cast<const uint8_t*>(encoded.data()), encoded.size()));
 }
 
-absl::StatusOr<NeighborGraph> NeighborGraph::Build(const SessionConfig& config,
-                                                   const SessionId& session_id) {
+absl::StatusOr<NeighborGraph> NeighborGraph::Build(const SessionConfig& config, const SessionId& session_id) {
   SEEDLING_RETURN_IF_ERROR(ValidateParams(config.params));
   std::vector<uint32_t> ring = config.cohort;
   std::sort(ring.begin(), ring.end());
   const uint32_t n = static_cast<uint32_t>(ring.size());
   if (n != config.params.num_clients) {
-    return absl::InvalidArgumentError(
-        StrCat("cohort has ", n, " ids, num_clients = ", config.params.num_clients));
+    return absl::InvalidArgumentError(StrCat("cohort has ", n, " ids, num_clients = ", config.params.num_clients));
   }
   // Fisher–Yates driven by SHA-256(session id ‖ "graph" ‖ counter), uniform by rejection.
   std::array<uint8_t, 32 + 5 + 8> seed_input{};
@@ -339,17 +323,14 @@ bool NeighborGraph::AreNeighbors(uint32_t a, uint32_t b) const {
 // ---- Quantization
 // -------------------------------------------------------------------------------------------
 
-absl::StatusOr<std::vector<uint32_t>> EncodeInput(std::span<const float> x, uint32_t weight,
-                                                  const SecAggParams& params, Rounding rounding,
-                                                  RngKey stochastic_key) {
+absl::StatusOr<std::vector<uint32_t>> EncodeInput(std::span<const float> x, uint32_t weight, const SecAggParams& params,
+                                                  Rounding rounding, RngKey stochastic_key) {
   if (params.vector_length < 1 || x.size() != params.vector_length - 1u) {
-    return absl::InvalidArgumentError(StrCat("input has ", x.size(), " entries, expected ",
-                                             params.vector_length,
-                                             " − 1 (one slot is the weight)"));
+    return absl::InvalidArgumentError(
+        StrCat("input has ", x.size(), " entries, expected ", params.vector_length, " − 1 (one slot is the weight)"));
   }
   if (weight > params.max_weight) {
-    return absl::InvalidArgumentError(
-        StrCat("weight ", weight, " exceeds max_weight ", params.max_weight));
+    return absl::InvalidArgumentError(StrCat("weight ", weight, " exceeds max_weight ", params.max_weight));
   }
   if (params.quantization_levels < 2 || !(params.clipping_range > 0.0f)) {
     return absl::InvalidArgumentError("quantization_levels < 2 or clipping_range ≤ 0");
@@ -380,11 +361,9 @@ absl::StatusOr<std::vector<uint32_t>> EncodeInput(std::span<const float> x, uint
   return out;
 }
 
-absl::StatusOr<DecodedAggregate> DecodeAggregate(std::span<const uint32_t> sum,
-                                                 const SecAggParams& params) {
+absl::StatusOr<DecodedAggregate> DecodeAggregate(std::span<const uint32_t> sum, const SecAggParams& params) {
   if (sum.size() != params.vector_length || sum.empty()) {
-    return absl::InvalidArgumentError(
-        StrCat("sum has ", sum.size(), " entries, expected ", params.vector_length));
+    return absl::InvalidArgumentError(StrCat("sum has ", sum.size(), " entries, expected ", params.vector_length));
   }
   if (params.quantization_levels < 2) {
     return absl::InvalidArgumentError("quantization_levels must be at least 2");

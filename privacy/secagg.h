@@ -83,14 +83,14 @@ class SeededRandomSourceForSimulation final : public RandomSource {
 
 // Every field must be set (there is no sensible default cohort); ValidateParams states the rules.
 struct SecAggParams {
-  uint32_t num_clients = 0;           // n: cohort size (clients invited to the session)
-  uint32_t num_neighbors = 0;         // k: degree of the neighbour graph; n − 1 = complete graph (SecAgg)
-  uint32_t threshold = 0;             // t: Shamir shares needed to reconstruct a secret; t > k/2, t ≤ k
-  double max_dropout_fraction = 0.1;  // δ: fraction of the cohort that may drop over the whole session
-  uint32_t vector_length = 0;         // m: uint32 entries masked = model entries + 1 (the weight slot)
+  uint32_t num_clients = 0;                 // n: cohort size (clients invited to the session)
+  uint32_t num_neighbors = 0;               // k: degree of the neighbour graph; n − 1 = complete graph (SecAgg)
+  uint32_t threshold = 0;                   // t: Shamir shares needed to reconstruct a secret; t > k/2, t ≤ k
+  double max_dropout_fraction = 0.1;        // δ: fraction of the cohort that may drop over the whole session
+  uint32_t vector_length = 0;               // m: uint32 entries masked = model entries + 1 (the weight slot)
   uint32_t quantization_levels = 1u << 16;  // Q: a clipped value maps to an integer in [0, Q − 1]
-  uint32_t max_weight = 1;            // W: largest integer weight a client may give its input
-  float clipping_range = 8.0f;        // c: values are clipped to [−c, c] before quantization
+  uint32_t max_weight = 1;                  // W: largest integer weight a client may give its input
+  float clipping_range = 8.0f;              // c: values are clipped to [−c, c] before quantization
 };
 
 inline constexpr uint32_t kMaxVectorLength = 1u << 28;  // 1 GiB of uint32: refuses absurd sizes early
@@ -142,9 +142,10 @@ struct SessionConfig {
 absl::StatusOr<SessionId> ComputeSessionId(const SessionConfig& config);
 
 // The neighbour graph: a Harary graph with a random assignment of clients to nodes (the k-nearest-on-a-ring
-// construction Flower's SecAgg+ uses; Bell et al. analyse random k-regular graphs): the cohort is shuffled by Fisher–Yates driven by SHA-256(session id ‖ "graph" ‖ counter), placed
-// on a ring, and each client is joined to the k/2 nearest on each side (k even), or to everyone when
-// k = n − 1. The graph is k-regular, symmetric, and every party derives the same one from the session id.
+// construction Flower's SecAgg+ uses; Bell et al. analyse random k-regular graphs): the cohort is shuffled by
+// Fisher–Yates driven by SHA-256(session id ‖ "graph" ‖ counter), placed on a ring, and each client is joined to the
+// k/2 nearest on each side (k even), or to everyone when k = n − 1. The graph is k-regular, symmetric, and every party
+// derives the same one from the session id.
 class NeighborGraph {
  public:
   static absl::StatusOr<NeighborGraph> Build(const SessionConfig& config, const SessionId& session_id);
@@ -172,9 +173,8 @@ enum class Rounding : uint8_t {
 // q(x) = round((clip(x, −c, c) + c) / (2c) · (Q − 1)) ∈ [0, Q − 1]. Slot 0 carries the weight so the server
 // learns Σw and can dequantize. `stochastic_key` is used only for kStochastic. InvalidArgument if
 // x.size() ≠ m − 1, x has a NaN or infinity, or weight > W.
-absl::StatusOr<std::vector<uint32_t>> EncodeInput(std::span<const float> x, uint32_t weight,
-                                                  const SecAggParams& params, Rounding rounding,
-                                                  RngKey stochastic_key = {});
+absl::StatusOr<std::vector<uint32_t>> EncodeInput(std::span<const float> x, uint32_t weight, const SecAggParams& params,
+                                                  Rounding rounding, RngKey stochastic_key = {});
 
 // Dequantized aggregate: Σ_u w_u·x_u per entry (divide by total_weight for the weighted mean), from
 // Σ w·q = sum[1 + i] and Σ w = sum[0]: Σ w·x = sum[1 + i] · 2c/(Q − 1) − c · Σ w.
@@ -182,8 +182,7 @@ struct DecodedAggregate {
   uint64_t total_weight = 0;
   std::vector<float> weighted_sum;  // (m − 1)
 };
-absl::StatusOr<DecodedAggregate> DecodeAggregate(std::span<const uint32_t> sum,
-                                                 const SecAggParams& params);
+absl::StatusOr<DecodedAggregate> DecodeAggregate(std::span<const uint32_t> sum, const SecAggParams& params);
 
 // ---- Messages -----------------------------------------------------------------------------------------------
 //
@@ -223,8 +222,8 @@ struct KeyDirectoryMessage {
 
 // One encrypted share pair from `sender` to `receiver` (the side not implied by the message).
 struct EncryptedShare {
-  uint32_t peer = 0;             // receiver in ShareKeysMessage, sender in ShareRelayMessage
-  std::string ciphertext;        // AES-256-GCM, kShareCiphertextBytes
+  uint32_t peer = 0;       // receiver in ShareKeysMessage, sender in ShareRelayMessage
+  std::string ciphertext;  // AES-256-GCM, kShareCiphertextBytes
 };
 inline constexpr size_t kShareCiphertextBytes = 4 + 4 + 2 * 5 * 8 + 16;  // ids, 2 shares, GCM tag
 
@@ -287,8 +286,7 @@ class SecAggClient {
 
   // InvalidArgument if the config is invalid or `self_id` is not in the cohort. `random` must outlive the
   // client (OsRandomSource on a device).
-  static absl::StatusOr<SecAggClient> Create(const SessionConfig& config, uint32_t self_id,
-                                             RandomSource& random);
+  static absl::StatusOr<SecAggClient> Create(const SessionConfig& config, uint32_t self_id, RandomSource& random);
 
   // Stage 0: draws the two key pairs.
   absl::StatusOr<AdvertiseKeysMessage> AdvertiseKeys();
@@ -297,8 +295,7 @@ class SecAggClient {
   absl::StatusOr<ShareKeysMessage> ShareKeys(const KeyDirectoryMessage& directory);
   // Stage 2: decrypts and checks the relayed shares (at least t), then masks `input` (m entries, each
   // ≤ W·(Q − 1), e.g. from EncodeInput).
-  absl::StatusOr<MaskedInputMessage> MaskInput(const ShareRelayMessage& relay,
-                                               std::span<const uint32_t> input);
+  absl::StatusOr<MaskedInputMessage> MaskInput(const ShareRelayMessage& relay, std::span<const uint32_t> input);
   // Stage 3: refuses (Aborted) if fewer than t neighbours survived or any id is listed both as survivor and
   // as dropped; otherwise reveals one share per listed neighbour.
   absl::StatusOr<UnmaskResponseMessage> Unmask(const UnmaskRequestMessage& request);

@@ -63,7 +63,9 @@ uint64_t GetU64(const uint8_t* p) {
 }
 
 // The first 6 bytes of a session id, in hex, for messages.
-std::string ShortHex(const SessionId& id) { return HexOf(std::string_view(reinterpret_cast<const char*>(id.data()), 6)); }
+std::string ShortHex(const SessionId& id) {
+  return HexOf(std::string_view(reinterpret_cast<const char*>(id.data()), 6));
+}
 
 }  // namespace
 
@@ -108,23 +110,20 @@ struct SecAggClient::Impl {
   }
 };
 
-SecAggClient::SecAggClient(std::unique_ptr<Impl> impl, uint32_t self_id,
-                           const SessionId& session_id)
+SecAggClient::SecAggClient(std::unique_ptr<Impl> impl, uint32_t self_id, const SessionId& session_id)
     : impl_(std::move(impl)), self_id_(self_id), session_id_(session_id) {}
 SecAggClient::SecAggClient(SecAggClient&&) noexcept = default;
 SecAggClient& SecAggClient::operator=(SecAggClient&&) noexcept = default;
 SecAggClient::~SecAggClient() = default;
 
-absl::StatusOr<SecAggClient> SecAggClient::Create(const SessionConfig& config, uint32_t self_id,
-                                                  RandomSource& random) {
+absl::StatusOr<SecAggClient> SecAggClient::Create(const SessionConfig& config, uint32_t self_id, RandomSource& random) {
   SEEDLING_ASSIGN_OR_RETURN(const SessionId session_id, ComputeSessionId(config));
   if (std::find(config.cohort.begin(), config.cohort.end(), self_id) == config.cohort.end()) {
     return absl::InvalidArgumentError(StrCat("client ", self_id, " is not in the cohort"));
   }
   SEEDLING_ASSIGN_OR_RETURN(NeighborGraph graph, NeighborGraph::Build(config, session_id));
   SEEDLING_ASSIGN_OR_RETURN(internal::MaskPrg prg, internal::MaskPrg::Create());
-  return SecAggClient(std::make_unique<Impl>(config, std::move(graph), &random, std::move(prg)),
-                      self_id, session_id);
+  return SecAggClient(std::make_unique<Impl>(config, std::move(graph), &random, std::move(prg)), self_id, session_id);
 }
 
 absl::Status SecAggClient::Fail(absl::Status status) {
@@ -136,13 +135,11 @@ absl::Status SecAggClient::Fail(absl::Status status) {
 
 absl::Status SecAggClient::Expect(State state, std::string_view call) {
   if (state_ == State::kAborted) {
-    return absl::FailedPreconditionError(
-        StrCat("SecAgg client ", self_id_, ": ", call, " after the client aborted"));
+    return absl::FailedPreconditionError(StrCat("SecAgg client ", self_id_, ": ", call, " after the client aborted"));
   }
   if (state_ != state) {
-    return Fail(
-        absl::FailedPreconditionError(StrCat("SecAgg client ", self_id_, ": out-of-order ", call,
-                                             ", expected ", StateName(state_), "; aborting")));
+    return Fail(absl::FailedPreconditionError(
+        StrCat("SecAgg client ", self_id_, ": out-of-order ", call, ", expected ", StateName(state_), "; aborting")));
   }
   return absl::OkStatus();
 }
@@ -173,8 +170,8 @@ absl::StatusOr<ShareKeysMessage> SecAggClient::ShareKeys(const KeyDirectoryMessa
   const SecAggParams& p = s.config.params;
   if (directory.session_id != session_id_) {
     return Fail(absl::FailedPreconditionError(
-        StrCat("SecAgg client ", self_id_, ": key directory is for session ",
-               ShortHex(directory.session_id), ", this client computed ", ShortHex(session_id_),
+        StrCat("SecAgg client ", self_id_, ": key directory is for session ", ShortHex(directory.session_id),
+               ", this client computed ", ShortHex(session_id_),
                " (different round, model hash, cohort or parameters); aborting")));
   }
   // The directory may list only graph neighbours, once each, with keys distinct from each other and
@@ -187,18 +184,17 @@ absl::StatusOr<ShareKeysMessage> SecAggClient::ShareKeys(const KeyDirectoryMessa
           StrCat("SecAgg client ", self_id_, ": key directory lists ", e.id, ", not a neighbour")));
     }
     if (!s.directory.emplace(e.id, e).second) {
-      return Fail(absl::InvalidArgumentError(
-          StrCat("SecAgg client ", self_id_, ": key directory lists ", e.id, " twice")));
+      return Fail(
+          absl::InvalidArgumentError(StrCat("SecAgg client ", self_id_, ": key directory lists ", e.id, " twice")));
     }
     if (!keys_seen.insert(e.encryption_key).second || !keys_seen.insert(e.mask_key).second) {
-      return Fail(absl::InvalidArgumentError(StrCat(
-          "SecAgg client ", self_id_, ": key directory repeats a public key (client ", e.id, ")")));
+      return Fail(absl::InvalidArgumentError(
+          StrCat("SecAgg client ", self_id_, ": key directory repeats a public key (client ", e.id, ")")));
     }
   }
   if (s.directory.size() < p.threshold) {
-    return Fail(
-        absl::AbortedError(StrCat("SecAgg client ", self_id_, ": only ", s.directory.size(),
-                                  " neighbours advertised keys, threshold is ", p.threshold)));
+    return Fail(absl::AbortedError(StrCat("SecAgg client ", self_id_, ": only ", s.directory.size(),
+                                          " neighbours advertised keys, threshold is ", p.threshold)));
   }
 
   // Self-mask seed b_u, and t-of-|directory| shares of b_u and s_u^SK at x_v = v + 1.
@@ -206,8 +202,7 @@ absl::StatusOr<ShareKeysMessage> SecAggClient::ShareKeys(const KeyDirectoryMessa
   std::vector<uint64_t> xs;
   xs.reserve(s.directory.size());
   for (const auto& [id, e] : s.directory) xs.push_back(uint64_t{id} + 1);
-  auto seed_shares =
-      internal::ShamirSplit(s.self_seed, static_cast<int>(p.threshold), xs, *s.random);
+  auto seed_shares = internal::ShamirSplit(s.self_seed, static_cast<int>(p.threshold), xs, *s.random);
   if (!seed_shares.ok()) return Fail(seed_shares.status());
   auto key_shares = internal::ShamirSplit(s.mask_sk, static_cast<int>(p.threshold), xs, *s.random);
   if (!key_shares.ok()) return Fail(key_shares.status());
@@ -254,22 +249,20 @@ absl::StatusOr<MaskedInputMessage> SecAggClient::MaskInput(const ShareRelayMessa
   Impl& s = *impl_;
   const SecAggParams& p = s.config.params;
   if (relay.session_id != session_id_) {
-    return Fail(absl::FailedPreconditionError(
-        StrCat("SecAgg client ", self_id_, ": share relay is for session ",
-               ShortHex(relay.session_id), ", expected ", ShortHex(session_id_), "; aborting")));
+    return Fail(absl::FailedPreconditionError(StrCat("SecAgg client ", self_id_, ": share relay is for session ",
+                                                     ShortHex(relay.session_id), ", expected ", ShortHex(session_id_),
+                                                     "; aborting")));
   }
   if (input.size() != p.vector_length) {
-    return Fail(
-        absl::InvalidArgumentError(StrCat("SecAgg client ", self_id_, ": input has ", input.size(),
-                                          " entries, expected ", p.vector_length)));
+    return Fail(absl::InvalidArgumentError(
+        StrCat("SecAgg client ", self_id_, ": input has ", input.size(), " entries, expected ", p.vector_length)));
   }
   const uint64_t max_entry = uint64_t{p.max_weight} * (p.quantization_levels - 1u);
   for (size_t i = 0; i < input.size(); ++i) {
     if (input[i] > max_entry) {
-      return Fail(absl::InvalidArgumentError(
-          StrCat("SecAgg client ", self_id_, ": input entry ", i, " = ", input[i],
-                 " exceeds max_weight·(quantization_levels − 1) = ", max_entry,
-                 " (the bound that keeps the sum from wrapping)")));
+      return Fail(absl::InvalidArgumentError(StrCat("SecAgg client ", self_id_, ": input entry ", i, " = ", input[i],
+                                                    " exceeds max_weight·(quantization_levels − 1) = ", max_entry,
+                                                    " (the bound that keeps the sum from wrapping)")));
     }
   }
 
@@ -277,47 +270,42 @@ absl::StatusOr<MaskedInputMessage> SecAggClient::MaskInput(const ShareRelayMessa
   for (const EncryptedShare& e : relay.shares) {
     auto it = s.directory.find(e.peer);
     if (it == s.directory.end()) {
-      return Fail(
-          absl::InvalidArgumentError(StrCat("SecAgg client ", self_id_, ": relayed share from ",
-                                            e.peer, ", not a neighbour in the key directory")));
+      return Fail(absl::InvalidArgumentError(StrCat("SecAgg client ", self_id_, ": relayed share from ", e.peer,
+                                                    ", not a neighbour in the key directory")));
     }
     if (s.held.count(e.peer)) {
-      return Fail(absl::InvalidArgumentError(
-          StrCat("SecAgg client ", self_id_, ": two relayed shares from ", e.peer)));
+      return Fail(absl::InvalidArgumentError(StrCat("SecAgg client ", self_id_, ": two relayed shares from ", e.peer)));
     }
-    auto key =
-        internal::ShareEncryptionKey(session_id_, e.peer, self_id_, s.encryption_shared.at(e.peer));
+    auto key = internal::ShareEncryptionKey(session_id_, e.peer, self_id_, s.encryption_shared.at(e.peer));
     if (!key.ok()) return Fail(key.status());
-    auto plain = internal::AesGcmOpen(
-        *key, internal::ShareAad(session_id_, e.peer, self_id_),
-        std::span(reinterpret_cast<const uint8_t*>(e.ciphertext.data()), e.ciphertext.size()));
+    auto plain =
+        internal::AesGcmOpen(*key, internal::ShareAad(session_id_, e.peer, self_id_),
+                             std::span(reinterpret_cast<const uint8_t*>(e.ciphertext.data()), e.ciphertext.size()));
     internal::Cleanse(*key);
     if (!plain.ok()) {
-      return Fail(absl::Status(plain.status().code(),
-                               StrCat("SecAgg client ", self_id_, ": share from ", e.peer, ": ",
-                                      plain.status().message(), "; aborting")));
+      return Fail(absl::Status(plain.status().code(), StrCat("SecAgg client ", self_id_, ": share from ", e.peer, ": ",
+                                                             plain.status().message(), "; aborting")));
     }
     if (plain->size() != kSharePlaintextBytes || GetU32(plain->data()) != e.peer ||
         GetU32(plain->data() + 4) != self_id_) {
-      return Fail(absl::InvalidArgumentError(StrCat("SecAgg client ", self_id_, ": share from ",
-                                                    e.peer, " is malformed or misaddressed")));
+      return Fail(absl::InvalidArgumentError(
+          StrCat("SecAgg client ", self_id_, ": share from ", e.peer, " is malformed or misaddressed")));
     }
     Impl::Held h;
     for (size_t j = 0; j < kShareElements; ++j) {
       h.self_seed[j] = GetU64(plain->data() + 8 + 8 * j);
       h.mask_key[j] = GetU64(plain->data() + 8 + 8 * (kShareElements + j));
       if (h.self_seed[j] >= internal::kShamirPrime || h.mask_key[j] >= internal::kShamirPrime) {
-        return Fail(absl::InvalidArgumentError(StrCat("SecAgg client ", self_id_, ": share from ",
-                                                      e.peer, " is not a field element")));
+        return Fail(absl::InvalidArgumentError(
+            StrCat("SecAgg client ", self_id_, ": share from ", e.peer, " is not a field element")));
       }
     }
     internal::Cleanse(*plain);
     s.held.emplace(e.peer, h);
   }
   if (s.held.size() < p.threshold) {
-    return Fail(
-        absl::AbortedError(StrCat("SecAgg client ", self_id_, ": shares from only ", s.held.size(),
-                                  " neighbours, threshold is ", p.threshold)));
+    return Fail(absl::AbortedError(StrCat("SecAgg client ", self_id_, ": shares from only ", s.held.size(),
+                                          " neighbours, threshold is ", p.threshold)));
   }
 
   // y_u = x_u + PRG(b_u) + Σ_{v>u} PRG(s_uv) − Σ_{v<u} PRG(s_uv)   (mod 2^32)
@@ -351,39 +339,36 @@ absl::StatusOr<UnmaskResponseMessage> SecAggClient::Unmask(const UnmaskRequestMe
   SEEDLING_RETURN_IF_ERROR(Expect(State::kUnmask, "Unmask"));
   Impl& s = *impl_;
   if (request.session_id != session_id_) {
-    return Fail(absl::FailedPreconditionError(
-        StrCat("SecAgg client ", self_id_, ": unmask request is for session ",
-               ShortHex(request.session_id), ", expected ", ShortHex(session_id_), "; aborting")));
+    return Fail(absl::FailedPreconditionError(StrCat("SecAgg client ", self_id_, ": unmask request is for session ",
+                                                     ShortHex(request.session_id), ", expected ", ShortHex(session_id_),
+                                                     "; aborting")));
   }
   std::set<uint32_t> survivors, dropped;
-  for (auto [list, set, what] : {std::tuple(&request.survivors, &survivors, "survivor"),
-                                 std::tuple(&request.dropped, &dropped, "dropped")}) {
+  for (auto [list, set, what] :
+       {std::tuple(&request.survivors, &survivors, "survivor"), std::tuple(&request.dropped, &dropped, "dropped")}) {
     for (uint32_t id : *list) {
       if (!s.held.count(id)) {
-        return Fail(absl::InvalidArgumentError(
-            StrCat("SecAgg client ", self_id_, ": unmask request lists ", what, " ", id,
-                   ", not a neighbour this client masked with")));
+        return Fail(absl::InvalidArgumentError(StrCat("SecAgg client ", self_id_, ": unmask request lists ", what, " ",
+                                                      id, ", not a neighbour this client masked with")));
       }
       if (!set->insert(id).second) {
-        return Fail(absl::InvalidArgumentError(
-            StrCat("SecAgg client ", self_id_, ": unmask request lists ", id, " twice")));
+        return Fail(
+            absl::InvalidArgumentError(StrCat("SecAgg client ", self_id_, ": unmask request lists ", id, " twice")));
       }
     }
   }
   for (uint32_t id : survivors) {
     if (dropped.count(id)) {
-      return Fail(absl::AbortedError(
-          StrCat("SecAgg client ", self_id_,
-                 ": unmask request asks for both the self-mask seed and the mask "
-                 "key of client ",
-                 id, " (that would reveal its input); aborting")));
+      return Fail(absl::AbortedError(StrCat("SecAgg client ", self_id_,
+                                            ": unmask request asks for both the self-mask seed and the mask "
+                                            "key of client ",
+                                            id, " (that would reveal its input); aborting")));
     }
   }
   if (survivors.size() < s.config.params.threshold) {
-    return Fail(
-        absl::AbortedError(StrCat("SecAgg client ", self_id_, ": only ", survivors.size(),
-                                  " neighbours survived, threshold is ", s.config.params.threshold,
-                                  "; refusing to reveal any share")));
+    return Fail(absl::AbortedError(StrCat("SecAgg client ", self_id_, ": only ", survivors.size(),
+                                          " neighbours survived, threshold is ", s.config.params.threshold,
+                                          "; refusing to reveal any share")));
   }
   UnmaskResponseMessage out;
   out.session_id = session_id_;

@@ -43,20 +43,17 @@ struct SecAggServer::Impl {
   internal::MaskPrg prg;
   uint32_t min_survivors;
 
-  std::map<uint32_t, AdvertiseKeysMessage> keys;                    // U1
-  std::map<uint32_t, std::map<uint32_t, std::string>> ciphertexts;  // U2: sender → receiver → ct
-  std::set<uint32_t> u3;                                            // sent a masked input
-  std::vector<uint32_t> accumulator;                                // (m) Σ_{U3} y_u
-  std::map<uint32_t, UnmaskRequestMessage> requests;                // to U3
-  std::set<uint32_t> u5;                                            // answered the unmask request
+  std::map<uint32_t, AdvertiseKeysMessage> keys;                       // U1
+  std::map<uint32_t, std::map<uint32_t, std::string>> ciphertexts;     // U2: sender → receiver → ct
+  std::set<uint32_t> u3;                                               // sent a masked input
+  std::vector<uint32_t> accumulator;                                   // (m) Σ_{U3} y_u
+  std::map<uint32_t, UnmaskRequestMessage> requests;                   // to U3
+  std::set<uint32_t> u5;                                               // answered the unmask request
   std::map<uint32_t, std::vector<internal::ShamirShare>> seed_shares;  // owner ∈ U3 → shares of b
-  std::map<uint32_t, std::vector<internal::ShamirShare>> key_shares;  // owner ∈ U2∖U3 → of s^SK
+  std::map<uint32_t, std::vector<internal::ShamirShare>> key_shares;   // owner ∈ U2∖U3 → of s^SK
 
   Impl(SessionConfig c, NeighborGraph g, internal::MaskPrg p)
-      : config(std::move(c)),
-        graph(std::move(g)),
-        prg(std::move(p)),
-        min_survivors(MinSurvivors(config.params)) {
+      : config(std::move(c)), graph(std::move(g)), prg(std::move(p)), min_survivors(MinSurvivors(config.params)) {
     for (uint32_t id : config.cohort) neighbors.emplace(id, graph.Neighbors(id));
   }
 
@@ -98,8 +95,8 @@ absl::Status SecAggServer::Expect(State state, std::string_view call, const Sess
     return absl::AbortedError(StrCat("SecAgg server: ", call, " after the session aborted"));
   }
   if (state_ != state) {
-    return absl::FailedPreconditionError(StrCat(
-        "SecAgg server: ", call, " in stage ", StateName(state_), ", expected ", StateName(state)));
+    return absl::FailedPreconditionError(
+        StrCat("SecAgg server: ", call, " in stage ", StateName(state_), ", expected ", StateName(state)));
   }
   if (session_id != session_id_) {
     return absl::FailedPreconditionError(StrCat("SecAgg server: ", call, " for another session"));
@@ -115,8 +112,7 @@ absl::Status SecAggServer::AddAdvertiseKeys(const AdvertiseKeysMessage& message)
         StrCat("SecAgg server: AdvertiseKeys from ", message.sender, ", not in the cohort"));
   }
   if (s.keys.count(message.sender)) {
-    return absl::AlreadyExistsError(
-        StrCat("SecAgg server: second AdvertiseKeys from ", message.sender));
+    return absl::AlreadyExistsError(StrCat("SecAgg server: second AdvertiseKeys from ", message.sender));
   }
   s.keys.emplace(message.sender, message);
   return absl::OkStatus();
@@ -126,8 +122,8 @@ absl::StatusOr<std::map<uint32_t, KeyDirectoryMessage>> SecAggServer::CloseAdver
   SEEDLING_RETURN_IF_ERROR(Expect(State::kAdvertiseKeys, "CloseAdvertiseKeys", session_id_));
   Impl& s = *impl_;
   if (s.keys.size() < s.min_survivors) {
-    return Abort(absl::AbortedError(StrCat("SecAgg server: ", s.keys.size(),
-                                           " clients advertised keys, need ", s.min_survivors)));
+    return Abort(absl::AbortedError(
+        StrCat("SecAgg server: ", s.keys.size(), " clients advertised keys, need ", s.min_survivors)));
   }
   std::map<uint32_t, KeyDirectoryMessage> out;
   for (const auto& [id, k] : s.keys) {
@@ -150,8 +146,7 @@ absl::Status SecAggServer::AddShareKeys(const ShareKeysMessage& message) {
         StrCat("SecAgg server: ShareKeys from ", message.sender, ", which did not advertise keys"));
   }
   if (s.ciphertexts.count(message.sender)) {
-    return absl::AlreadyExistsError(
-        StrCat("SecAgg server: second ShareKeys from ", message.sender));
+    return absl::AlreadyExistsError(StrCat("SecAgg server: second ShareKeys from ", message.sender));
   }
   // The receivers must be exactly the sender's key directory.
   const std::vector<uint32_t> expected = s.NeighborsIn(message.sender, s.keys);
@@ -159,20 +154,18 @@ absl::Status SecAggServer::AddShareKeys(const ShareKeysMessage& message) {
   for (const EncryptedShare& e : message.shares) {
     if (e.ciphertext.size() != kShareCiphertextBytes) {
       return absl::InvalidArgumentError(StrCat("SecAgg server: ShareKeys from ", message.sender,
-                                               " has a ciphertext of ", e.ciphertext.size(),
-                                               " bytes, expected ", kShareCiphertextBytes));
+                                               " has a ciphertext of ", e.ciphertext.size(), " bytes, expected ",
+                                               kShareCiphertextBytes));
     }
     if (!std::binary_search(expected.begin(), expected.end(), e.peer) ||
         !by_receiver.emplace(e.peer, e.ciphertext).second) {
-      return absl::InvalidArgumentError(StrCat("SecAgg server: ShareKeys from ", message.sender,
-                                               " addresses ", e.peer,
+      return absl::InvalidArgumentError(StrCat("SecAgg server: ShareKeys from ", message.sender, " addresses ", e.peer,
                                                ", not a neighbour in its directory (or twice)"));
     }
   }
   if (by_receiver.size() != expected.size()) {
-    return absl::InvalidArgumentError(StrCat("SecAgg server: ShareKeys from ", message.sender,
-                                             " has ", by_receiver.size(), " shares, expected ",
-                                             expected.size()));
+    return absl::InvalidArgumentError(StrCat("SecAgg server: ShareKeys from ", message.sender, " has ",
+                                             by_receiver.size(), " shares, expected ", expected.size()));
   }
   s.ciphertexts.emplace(message.sender, std::move(by_receiver));
   return absl::OkStatus();
@@ -182,8 +175,8 @@ absl::StatusOr<std::map<uint32_t, ShareRelayMessage>> SecAggServer::CloseShareKe
   SEEDLING_RETURN_IF_ERROR(Expect(State::kShareKeys, "CloseShareKeys", session_id_));
   Impl& s = *impl_;
   if (s.ciphertexts.size() < s.min_survivors) {
-    return Abort(absl::AbortedError(StrCat("SecAgg server: ", s.ciphertexts.size(),
-                                           " clients shared keys, need ", s.min_survivors)));
+    return Abort(absl::AbortedError(
+        StrCat("SecAgg server: ", s.ciphertexts.size(), " clients shared keys, need ", s.min_survivors)));
   }
   std::map<uint32_t, ShareRelayMessage> out;
   for (const auto& [v, unused] : s.ciphertexts) {
@@ -206,13 +199,11 @@ absl::Status SecAggServer::AddMaskedInput(const MaskedInputMessage& message) {
         StrCat("SecAgg server: MaskedInput from ", message.sender, ", which did not share keys"));
   }
   if (s.u3.count(message.sender)) {
-    return absl::AlreadyExistsError(
-        StrCat("SecAgg server: second MaskedInput from ", message.sender));
+    return absl::AlreadyExistsError(StrCat("SecAgg server: second MaskedInput from ", message.sender));
   }
   if (message.masked.size() != s.accumulator.size()) {
-    return absl::InvalidArgumentError(StrCat("SecAgg server: MaskedInput from ", message.sender,
-                                             " has ", message.masked.size(), " entries, expected ",
-                                             s.accumulator.size()));
+    return absl::InvalidArgumentError(StrCat("SecAgg server: MaskedInput from ", message.sender, " has ",
+                                             message.masked.size(), " entries, expected ", s.accumulator.size()));
   }
   uint32_t* acc = s.accumulator.data();
   const uint32_t* y = message.masked.data();
@@ -225,8 +216,8 @@ absl::StatusOr<std::map<uint32_t, UnmaskRequestMessage>> SecAggServer::CloseMask
   SEEDLING_RETURN_IF_ERROR(Expect(State::kMaskedInput, "CloseMaskedInput", session_id_));
   Impl& s = *impl_;
   if (s.u3.size() < s.min_survivors) {
-    return Abort(absl::AbortedError(StrCat("SecAgg server: ", s.u3.size(),
-                                           " clients sent masked inputs, need ", s.min_survivors)));
+    return Abort(absl::AbortedError(
+        StrCat("SecAgg server: ", s.u3.size(), " clients sent masked inputs, need ", s.min_survivors)));
   }
   for (uint32_t u : s.u3) {
     UnmaskRequestMessage& r = s.requests[u];
@@ -244,18 +235,17 @@ absl::Status SecAggServer::AddUnmaskResponse(const UnmaskResponseMessage& messag
   Impl& s = *impl_;
   auto req = s.requests.find(message.sender);
   if (req == s.requests.end()) {
-    return absl::InvalidArgumentError(StrCat("SecAgg server: UnmaskResponse from ", message.sender,
-                                             ", which sent no masked input"));
+    return absl::InvalidArgumentError(
+        StrCat("SecAgg server: UnmaskResponse from ", message.sender, ", which sent no masked input"));
   }
   if (s.u5.count(message.sender)) {
-    return absl::AlreadyExistsError(
-        StrCat("SecAgg server: second UnmaskResponse from ", message.sender));
+    return absl::AlreadyExistsError(StrCat("SecAgg server: second UnmaskResponse from ", message.sender));
   }
   // Exactly the shares requested: one per listed neighbour, of the kind its fate calls for.
   const UnmaskRequestMessage& r = req->second;
   if (message.entries.size() != r.survivors.size() + r.dropped.size()) {
-    return absl::InvalidArgumentError(StrCat("SecAgg server: UnmaskResponse from ", message.sender,
-                                             " has ", message.entries.size(), " shares, expected ",
+    return absl::InvalidArgumentError(StrCat("SecAgg server: UnmaskResponse from ", message.sender, " has ",
+                                             message.entries.size(), " shares, expected ",
                                              r.survivors.size() + r.dropped.size()));
   }
   std::set<uint32_t> seen;
@@ -264,21 +254,19 @@ absl::Status SecAggServer::AddUnmaskResponse(const UnmaskResponseMessage& messag
     const bool dropped = std::binary_search(r.dropped.begin(), r.dropped.end(), e.owner);
     const ShareKind want = survivor ? ShareKind::kSelfMaskSeed : ShareKind::kMaskKey;
     if ((!survivor && !dropped) || e.kind != want || !seen.insert(e.owner).second) {
-      return absl::InvalidArgumentError(StrCat("SecAgg server: UnmaskResponse from ",
-                                               message.sender, " has an unrequested share for ",
-                                               e.owner));
+      return absl::InvalidArgumentError(
+          StrCat("SecAgg server: UnmaskResponse from ", message.sender, " has an unrequested share for ", e.owner));
     }
     for (uint64_t v : e.share) {
       if (v >= internal::kShamirPrime) {
-        return absl::InvalidArgumentError(StrCat("SecAgg server: UnmaskResponse from ",
-                                                 message.sender, " has a non-field share value"));
+        return absl::InvalidArgumentError(
+            StrCat("SecAgg server: UnmaskResponse from ", message.sender, " has a non-field share value"));
       }
     }
   }
   for (const UnmaskResponseMessage::Entry& e : message.entries) {
     auto& bucket = e.kind == ShareKind::kSelfMaskSeed ? s.seed_shares : s.key_shares;
-    bucket[e.owner].push_back(
-        {uint64_t{message.sender} + 1, std::vector<uint64_t>(e.share.begin(), e.share.end())});
+    bucket[e.owner].push_back({uint64_t{message.sender} + 1, std::vector<uint64_t>(e.share.begin(), e.share.end())});
   }
   s.u5.insert(message.sender);
   return absl::OkStatus();
@@ -289,9 +277,8 @@ absl::StatusOr<AggregateResult> SecAggServer::Finish() {
   Impl& s = *impl_;
   const SecAggParams& p = s.config.params;
   if (s.u5.size() < s.min_survivors) {
-    return Abort(
-        absl::AbortedError(StrCat("SecAgg server: ", s.u5.size(),
-                                  " clients answered the unmask request, need ", s.min_survivors)));
+    return Abort(absl::AbortedError(
+        StrCat("SecAgg server: ", s.u5.size(), " clients answered the unmask request, need ", s.min_survivors)));
   }
   // Check every threshold before unmasking anything.
   std::vector<uint32_t> dropped;  // U2 ∖ U3
@@ -300,16 +287,15 @@ absl::StatusOr<AggregateResult> SecAggServer::Finish() {
   }
   for (uint32_t u : s.u3) {
     if (s.seed_shares[u].size() < p.threshold) {
-      return Abort(absl::AbortedError(StrCat("SecAgg server: only ", s.seed_shares[u].size(),
-                                             " shares of client ", u,
+      return Abort(absl::AbortedError(StrCat("SecAgg server: only ", s.seed_shares[u].size(), " shares of client ", u,
                                              "'s self-mask seed, threshold is ", p.threshold)));
     }
   }
   for (uint32_t v : dropped) {
     if (s.key_shares[v].size() < p.threshold) {
-      return Abort(absl::AbortedError(StrCat("SecAgg server: only ", s.key_shares[v].size(),
-                                             " shares of dropped client ", v,
-                                             "'s mask key, threshold is ", p.threshold)));
+      return Abort(
+          absl::AbortedError(StrCat("SecAgg server: only ", s.key_shares[v].size(), " shares of dropped client ", v,
+                                    "'s mask key, threshold is ", p.threshold)));
     }
   }
   const int t = static_cast<int>(p.threshold);
@@ -317,8 +303,7 @@ absl::StatusOr<AggregateResult> SecAggServer::Finish() {
   for (uint32_t u : s.u3) {
     auto seed = internal::ShamirReconstruct(s.seed_shares[u], t, kSecretBytes);
     if (!seed.ok()) {
-      return Abort(absl::DataLossError(
-          StrCat("SecAgg server: self-mask seed of ", u, ": ", seed.status().message())));
+      return Abort(absl::DataLossError(StrCat("SecAgg server: self-mask seed of ", u, ": ", seed.status().message())));
     }
     internal::Bytes32 b;
     std::copy(seed->begin(), seed->end(), b.begin());
@@ -334,8 +319,7 @@ absl::StatusOr<AggregateResult> SecAggServer::Finish() {
   for (uint32_t v : dropped) {
     auto sk = internal::ShamirReconstruct(s.key_shares[v], t, kSecretBytes);
     if (!sk.ok()) {
-      return Abort(absl::DataLossError(
-          StrCat("SecAgg server: mask key of ", v, ": ", sk.status().message())));
+      return Abort(absl::DataLossError(StrCat("SecAgg server: mask key of ", v, ": ", sk.status().message())));
     }
     internal::Bytes32 sv;
     std::copy(sk->begin(), sk->end(), sv.begin());
@@ -343,8 +327,8 @@ absl::StatusOr<AggregateResult> SecAggServer::Finish() {
     internal::Cleanse(sv);
     if (!key_v.ok()) return Abort(key_v.status());
     if (key_v->public_key() != s.keys.at(v).mask_key) {
-      return Abort(absl::DataLossError(StrCat("SecAgg server: reconstructed mask key of ", v,
-                                              " does not match its advertised key")));
+      return Abort(absl::DataLossError(
+          StrCat("SecAgg server: reconstructed mask key of ", v, " does not match its advertised key")));
     }
     for (uint32_t w : s.NeighborsIn(v, s.u3)) {
       auto shared = key_v->Agree(s.keys.at(w).mask_key);

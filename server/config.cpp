@@ -1,10 +1,11 @@
 #include "server/config.h"
 
+#include <toml++/toml.h>
+
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <set>
-#include <toml++/toml.h>
 
 #include "base/file.h"
 #include "base/status.h"
@@ -32,7 +33,8 @@ static absl::Status ValidatePrivacy(const ServerConfig& c) {
     return KeyError("privacy", "noise", StrCat("must be \"csprng\" or \"seeded\", got \"", p.noise, "\""));
   }
   if (p.expected_clients < 0) {
-    return KeyError("privacy", "expected_clients", StrCat("must be >= 0 (0 = clients_per_round), got ", p.expected_clients));
+    return KeyError("privacy", "expected_clients",
+                    StrCat("must be >= 0 (0 = clients_per_round), got ", p.expected_clients));
   }
   if (!finite_at_least(p.clip_norm, 0, false) || !finite_at_least(p.noise_multiplier, 0, false) ||
       !finite_at_least(p.target_epsilon, 0, false)) {
@@ -77,22 +79,24 @@ static absl::Status ValidateSecAgg(const ServerConfig& c) {
     return KeyError("secagg", "clipping_range", StrCat("must be finite and > 0, got ", s.clipping_range));
   }
   if (s.stage_timeout_ms < 100 || s.poll_ms < 10 || s.poll_ms > s.stage_timeout_ms) {
-    return KeyError("secagg", "stage_timeout_ms/poll_ms", "need stage_timeout_ms >= 100 and 10 <= poll_ms <= stage_timeout_ms");
+    return KeyError("secagg", "stage_timeout_ms/poll_ms",
+                    "need stage_timeout_ms >= 100 and 10 <= poll_ms <= stage_timeout_ms");
   }
   if (!s.enabled) return absl::OkStatus();
   if (c.method != "lora-bp" && c.method != "mezo") {
-    return KeyError("secagg", "enabled", StrCat("secure aggregation sums parameter deltas: method must be lora-bp or mezo, got ",
-                                                c.method));
+    return KeyError("secagg", "enabled",
+                    StrCat("secure aggregation sums parameter deltas: method must be lora-bp or mezo, got ", c.method));
   }
   if (c.privacy.dp && s.max_weight != 1) {
-    return KeyError("secagg", "max_weight", StrCat("must be 1 with [privacy] dp (DP-FedAvg weighs every device 1), got ",
-                                                   s.max_weight));
+    return KeyError("secagg", "max_weight",
+                    StrCat("must be 1 with [privacy] dp (DP-FedAvg weighs every device 1), got ", s.max_weight));
   }
   if (c.SelectionQuota() > int64_t{0xFFFFFFFF}) return KeyError("secagg", "enabled", "the cohort is too large");
   absl::StatusOr<privacy::SecAggParams> params = SecAggParamsFor(s, static_cast<uint32_t>(c.SelectionQuota()), 1);
   if (!params.ok()) {
-    return KeyError("secagg", "parameters", StrCat(params.status().message(), " (for the largest cohort, ",
-                                                   "ceil(clients_per_round x over_selection))"));
+    return KeyError(
+        "secagg", "parameters",
+        StrCat(params.status().message(), " (for the largest cohort, ", "ceil(clients_per_round x over_selection))"));
   }
   return absl::OkStatus();
 }
@@ -125,16 +129,18 @@ absl::Status ServerConfig::Validate() const {
   if (max_inflight_uploads < 1) return KeyError("training", "max_inflight_uploads", "must be >= 1");
   SEEDLING_RETURN_IF_ERROR(comms::ValidateCodecOptions(codec));
   const bool seed_codec = codec.codec == v1::CODEC_SEED_SCALARS;
-  if (method == "kseed" && !seed_codec) return KeyError("training", "codec", "kseed uploads need codec = \"seed-scalars\"");
+  if (method == "kseed" && !seed_codec)
+    return KeyError("training", "codec", "kseed uploads need codec = \"seed-scalars\"");
   if (seed_codec && method != "kseed" && method != "fwdgrad") {
     return KeyError("training", "codec", "seed-scalars is for the kseed and fwdgrad methods");
   }
   // The strategy must read what the method uploads: kseed's seed scalars, fwdgrad's gradient estimates,
   // or the parameter changes the fedavg family averages.
   if ((method == "kseed") != (strategy.name == "kseed") || (method == "fwdgrad") != (strategy.name == "fwdgrad")) {
-    return KeyError("strategy", "name",
-                    StrCat("'", strategy.name, "' cannot aggregate method ", method, " (kseed needs kseed, fwdgrad needs ",
-                           "fwdgrad, lora-bp and mezo need fedavg, fedavgm, fedadam, fedyogi or fedadagrad)"));
+    return KeyError(
+        "strategy", "name",
+        StrCat("'", strategy.name, "' cannot aggregate method ", method, " (kseed needs kseed, fwdgrad needs ",
+               "fwdgrad, lora-bp and mezo need fedavg, fedavgm, fedadam, fedyogi or fedadagrad)"));
   }
   if (lora_rank < 1 || !(lora_alpha > 0)) return KeyError("lora", "rank/alpha", "must be positive");
   if (lora_targets.empty()) return KeyError("lora", "targets", "must name at least one projection");
@@ -158,7 +164,8 @@ absl::StatusOr<ServerConfig> ParseServerConfig(std::string_view toml_text, const
   auto table = [&](const char* name) { return root.get_as<toml::table>(name); };
   for (const auto& [key, value] : root) {
     const std::string k(key.str());
-    static const std::set<std::string> kTables = {"server", "model", "training", "lora", "strategy", "privacy", "secagg", "retry"};
+    static const std::set<std::string> kTables = {"server",   "model",   "training", "lora",
+                                                  "strategy", "privacy", "secagg",   "retry"};
     if (!kTables.count(k)) return absl::InvalidArgumentError(StrCat("unknown section [", k, "]"));
     if (!value.is_table()) return absl::InvalidArgumentError(StrCat("[", k, "] must be a table"));
   }

@@ -45,7 +45,10 @@ std::string ExpectedKey(const std::string& device_id, uint64_t round_id, const s
 // ---- construction ---------------------------------------------------------------------------------------
 
 Coordinator::Coordinator(const ServerConfig& config, const Clock* clock, Metrics* metrics, std::unique_ptr<Store> store)
-    : config_(config), clock_(clock), metrics_(metrics), store_(std::move(store)),
+    : config_(config),
+      clock_(clock),
+      metrics_(metrics),
+      store_(std::move(store)),
       stats_(std::make_unique<RoundStats>()),
       uploads_(config.max_inflight_uploads) {
   if (metrics_ != nullptr) {
@@ -58,14 +61,15 @@ Coordinator::Coordinator(const ServerConfig& config, const Clock* clock, Metrics
     global_version_gauge_ = &metrics_->AddGauge("seedling_global_version", "Committed global version.").Get();
     connections_gauge_ = &metrics_->AddGauge("seedling_connections", "Open device connections.").Get();
     if (config_.privacy.dp) {
-      dp_epsilon_gauge_ = &metrics_->AddGauge("seedling_dp_epsilon",
-                                              "Differential privacy spent by the committed rounds (epsilon at the "
-                                              "configured delta).").Get();
+      dp_epsilon_gauge_ = &metrics_
+                               ->AddGauge("seedling_dp_epsilon",
+                                          "Differential privacy spent by the committed rounds (epsilon at the "
+                                          "configured delta).")
+                               .Get();
     }
     if (config_.secagg.enabled) {
-      secagg_aborts_total_ = &metrics_->AddCounter("seedling_secagg_aborts_total",
-                                                   "Secure-aggregation rounds aborted, by the stage that failed.",
-                                                   {"stage"});
+      secagg_aborts_total_ = &metrics_->AddCounter(
+          "seedling_secagg_aborts_total", "Secure-aggregation rounds aborted, by the stage that failed.", {"stage"});
     }
   }
 }
@@ -97,8 +101,9 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(const ServerCon
   // is what devices compute from their copy (model::ModelId).
   SEEDLING_ASSIGN_OR_RETURN(model::ModelConfig model_config, model::LoadModelConfig(config.model_dir));
   c->model_id_ = model::ModelId(model_config);
-  SEEDLING_ASSIGN_OR_RETURN(const lora::LoraConfig lc, lora::MakeLoraConfig(config.lora_rank, config.lora_alpha,
-                                                                         config.lora_targets, config.lora_init_seed));
+  SEEDLING_ASSIGN_OR_RETURN(
+      const lora::LoraConfig lc,
+      lora::MakeLoraConfig(config.lora_rank, config.lora_alpha, config.lora_targets, config.lora_init_seed));
   SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<lora::LoraAdapter> adapter, lora::LoraAdapter::Create(model_config, lc));
   c->num_parameters_ = adapter->numel();
 
@@ -128,8 +133,9 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(const ServerCon
       }
     }
     if (static_cast<int64_t>(c->global_.params.size()) != c->num_parameters_) {
-      return absl::FailedPreconditionError(StrCat("checkpoint of version ", version, " holds ", c->global_.params.size(),
-                                                  " parameters; the configured adapter has ", c->num_parameters_));
+      return absl::FailedPreconditionError(StrCat("checkpoint of version ", version, " holds ",
+                                                  c->global_.params.size(), " parameters; the configured adapter has ",
+                                                  c->num_parameters_));
     }
   }
   if (std::optional<std::string> bad = FindNonFinite(c->global_); bad.has_value()) {
@@ -140,7 +146,8 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(const ServerCon
   }
   c->global_bytes_ = ParamsBytes(c->global_.params);
   c->global_sha256_ = Sha256(c->global_bytes_);
-  if (c->global_version_gauge_ != nullptr) c->global_version_gauge_->Set(static_cast<double>(version));  // after a restart too
+  if (c->global_version_gauge_ != nullptr)
+    c->global_version_gauge_->Set(static_cast<double>(version));  // after a restart too
   spdlog::info("coordinator: model {} ({} weights on devices), adapter of {} parameters, global version {}",
                c->model_id_.substr(0, 12), model::WeightPrecisionName(config.weights), c->num_parameters_, version);
   return c;
@@ -298,9 +305,9 @@ v1::Envelope Coordinator::OnDownload(const std::string& device_id, const v1::Dow
   r->set_version(global_.version);
   if (download.what() == v1::Download::ADAPTER) {
     if (download.version() != global_.version) {
-      return RejectLocked(v1::STALE, StrCat("version ", download.version(), " is not the current global version ",
-                                            global_.version),
-                          "stale_version");
+      return RejectLocked(
+          v1::STALE, StrCat("version ", download.version(), " is not the current global version ", global_.version),
+          "stale_version");
     }
     const uint64_t total = global_bytes_.size();
     if (download.offset() > total) return RejectLocked(v1::MALFORMED_MESSAGE, "offset beyond the adapter", "malformed");
@@ -388,9 +395,10 @@ v1::Envelope Coordinator::OnUploadBegin(const std::string& device_id, const v1::
                         "too_large");
   }
   if (begin.codec() != config_.codec.codec) {
-    return RejectLocked(v1::INVALID_UPDATE, StrCat("codec ", comms::CodecName(begin.codec()), " is not the task's ",
-                                                   comms::CodecName(config_.codec.codec)),
-                        "wrong_codec");
+    return RejectLocked(
+        v1::INVALID_UPDATE,
+        StrCat("codec ", comms::CodecName(begin.codec()), " is not the task's ", comms::CodecName(config_.codec.codec)),
+        "wrong_codec");
   }
   if (begin.num_examples() == 0) return RejectLocked(v1::INVALID_UPDATE, "num_examples must be > 0", "invalid");
   if (begin.sha256().size() != 32) return RejectLocked(v1::MALFORMED_MESSAGE, "sha256 must be 32 bytes", "malformed");
@@ -596,8 +604,8 @@ void Coordinator::CloseSecAggStageLocked(int64_t now) {
   if (absl::Status st = strategy_->AccumulateSum(sum); !st.ok()) return AbortSecAggLocked(now, stage, st);
   round_->accepted = sum.clients;
   if (accepted_total_ != nullptr) accepted_total_->Increment(static_cast<uint64_t>(sum.clients));
-  spdlog::info("round {}: secure aggregation unmasked the sum of {} of {} devices (total weight {})",
-               round_->round_id, sum.clients, secagg_->cohort_size(), sum.total_weight);
+  spdlog::info("round {}: secure aggregation unmasked the sum of {} of {} devices (total weight {})", round_->round_id,
+               sum.clients, secagg_->cohort_size(), sum.total_weight);
   secagg_.reset();
   FinishRoundLocked(now);
 }
@@ -628,7 +636,8 @@ v1::Envelope Coordinator::OnSecAgg(const std::string& device_id, const v1::SecAg
   }
   // A round that is aggregating is over for its devices, as it is once committed.
   if (!round_.has_value() || round_->round_id != request.round_id() || round_->state == RoundState::kAggregating) {
-    return RejectLocked(v1::ABORTED, StrCat("round ", request.round_id(), " is over; check in for a new task"), "stale");
+    return RejectLocked(v1::ABORTED, StrCat("round ", request.round_id(), " is over; check in for a new task"),
+                        "stale");
   }
   auto task = store_->FindTaskFor(request.round_id(), device_id);
   if (!task.ok()) return RejectLocked(v1::INTERNAL, "task registry unavailable", "internal");
@@ -638,7 +647,8 @@ v1::Envelope Coordinator::OnSecAgg(const std::string& device_id, const v1::SecAg
   }
   if (secagg_ == nullptr) {
     // Selection is still open: the cohort is not fixed yet.
-    if (request.stage() == v1::SECAGG_SETUP) return SecAggEnvelopeLocked(request.stage(), SecAggAnswer::NotReady(0), now);
+    if (request.stage() == v1::SECAGG_SETUP)
+      return SecAggEnvelopeLocked(request.stage(), SecAggAnswer::NotReady(0), now);
     return RejectLocked(v1::MALFORMED_MESSAGE, "the session has not started: ask for SETUP first", "malformed");
   }
   const uint32_t id = participant->second;
@@ -695,7 +705,7 @@ void Coordinator::AbortRoundLocked(int64_t now, const std::string& reason) {
   spdlog::warn("round {} aborted: {}", round_->round_id, reason);
   if (rounds_total_ != nullptr) rounds_total_->WithLabels({"aborted"}).Increment();
   uploads_.DropRound(round_->round_id);  // worthless now
-  secagg_.reset();  // nothing of a SecAgg session outlives its round
+  secagg_.reset();                       // nothing of a SecAgg session outlives its round
   secagg_participants_.clear();
   round_.reset();
   ++finished_rounds_;
@@ -710,7 +720,7 @@ void Coordinator::FinishRoundLocked(int64_t now) {
   round_->state = RoundState::kAggregating;  // requests see the round as it is in the store from now on
   const uint64_t round_id = round_->round_id;
   uploads_.DropRound(round_id);  // worthless now
-  WaitForLedgerLocked();  // the round's count is final once the entries in flight are durable (or failed)
+  WaitForLedgerLocked();         // the round's count is final once the entries in flight are durable (or failed)
   if (!round_.has_value() || round_->round_id != round_id) {  // a failed ledger write aborted it meanwhile
     finishing_ = false;
     io_done_.SignalAll();
@@ -782,8 +792,10 @@ absl::Status Coordinator::Aggregate(Strategy& strategy, PendingCommit& p) {
 }
 
 absl::Status Coordinator::Commit(const PendingCommit& p, int64_t now) {
-  nlohmann::json result = {{"accepted", p.round.accepted}, {"selected", p.round.selected},
-                           {"rejected", p.stats.rejected}, {"bytes_up", p.stats.bytes_up},
+  nlohmann::json result = {{"accepted", p.round.accepted},
+                           {"selected", p.round.selected},
+                           {"rejected", p.stats.rejected},
+                           {"bytes_up", p.stats.bytes_up},
                            {"bytes_down", p.stats.bytes_down}};
   std::optional<DpSpend> dp_spend;
   if (p.dp_price.has_value()) {
@@ -866,8 +878,8 @@ void Coordinator::Tick() {
     if (round_->accepted >= round_->min_reports) {
       FinishRoundLocked(now);
     } else {
-      AbortRoundLocked(now, StrCat("only ", round_->accepted, " of the ", round_->min_reports,
-                                   " reports needed by the deadline"));
+      AbortRoundLocked(
+          now, StrCat("only ", round_->accepted, " of the ", round_->min_reports, " reports needed by the deadline"));
     }
     return;
   }

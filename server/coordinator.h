@@ -25,9 +25,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <memory>
-#include <deque>
 #include <optional>
 #include <string>
 #include <vector>
@@ -55,8 +55,7 @@ class Coordinator {
   // `metrics` must outlive the coordinator. `store_options` says how the store reaches the disk (tests inject
   // faults there; its file system must outlive the coordinator).
   static absl::StatusOr<std::unique_ptr<Coordinator>> Create(const ServerConfig& config, const Clock* clock,
-                                                             Metrics* metrics,
-                                                             const StoreOptions& store_options = {});
+                                                             Metrics* metrics, const StoreOptions& store_options = {});
   ~Coordinator();
 
   // Creates the protocol handler of one connection.
@@ -136,8 +135,7 @@ class Coordinator {
   v1::Envelope OnDownload(const std::string& device_id, const v1::Download& download) ABSL_LOCKS_EXCLUDED(mu_);
   v1::Envelope OnUploadBegin(const std::string& device_id, const v1::UploadBegin& begin) ABSL_LOCKS_EXCLUDED(mu_);
   v1::Envelope OnUploadChunk(const std::string& device_id, const v1::UploadChunk& chunk) ABSL_LOCKS_EXCLUDED(mu_);
-  v1::Envelope OnUploadCommit(const std::string& device_id, const v1::UploadCommit& commit)
-      ABSL_LOCKS_EXCLUDED(mu_);
+  v1::Envelope OnUploadCommit(const std::string& device_id, const v1::UploadCommit& commit) ABSL_LOCKS_EXCLUDED(mu_);
   v1::Envelope OnDecline(const std::string& device_id, const v1::Decline& decline) ABSL_LOCKS_EXCLUDED(mu_);
   v1::Envelope OnSecAgg(const std::string& device_id, const v1::SecAggRequest& request) ABSL_LOCKS_EXCLUDED(mu_);
   void CountRequest(const char* kind);
@@ -198,7 +196,7 @@ class Coordinator {
   Counter* tasks_total_ = nullptr;
   Gauge* global_version_gauge_ = nullptr;
   Gauge* connections_gauge_ = nullptr;
-  Gauge* dp_epsilon_gauge_ = nullptr;  // only with [privacy] dp
+  Gauge* dp_epsilon_gauge_ = nullptr;             // only with [privacy] dp
   CounterFamily* secagg_aborts_total_ = nullptr;  // only with [secagg] enabled
   std::string model_id_;
   int64_t num_parameters_ = 0;
@@ -213,8 +211,8 @@ class Coordinator {
   // touches it then (the round is aggregating: no task, upload or decline reaches the strategy).
   std::unique_ptr<Strategy> strategy_ ABSL_GUARDED_BY(mu_);
   GlobalModel global_ ABSL_GUARDED_BY(mu_);
-  std::string global_bytes_ ABSL_GUARDED_BY(mu_);   // params as little-endian fp32 (what Download serves)
-  std::string global_sha256_ ABSL_GUARDED_BY(mu_);  // raw SHA-256 of global_bytes_
+  std::string global_bytes_ ABSL_GUARDED_BY(mu_);          // params as little-endian fp32 (what Download serves)
+  std::string global_sha256_ ABSL_GUARDED_BY(mu_);         // raw SHA-256 of global_bytes_
   std::optional<RoundRecord> round_ ABSL_GUARDED_BY(mu_);  // the active round (not Committed/Aborted), if any
   std::unique_ptr<RoundStats> stats_ ABSL_GUARDED_BY(mu_);
   // The active round takes no more uploads: it is aggregating, or its deadline is being acted on.

@@ -45,7 +45,8 @@ class Coordinator::Handler : public comms::ConnectionHandler {
       case v1::Envelope::kSecagg:
         if (device_id_.empty()) {
           absl::MutexLock lock(&c_->mu_);
-          reply = c_->RejectLocked(v1::UNAUTHENTICATED, "send Hello with a valid device token first", "unauthenticated");
+          reply =
+              c_->RejectLocked(v1::UNAUTHENTICATED, "send Hello with a valid device token first", "unauthenticated");
           break;
         }
         reply = Dispatch(request);
@@ -69,7 +70,9 @@ class Coordinator::Handler : public comms::ConnectionHandler {
                                       : version ? v1::UNSUPPORTED_VERSION
                                                 : v1::MALFORMED_MESSAGE,
                                       std::string(error.message()),
-                                      too_large ? "frame_too_large" : version ? "unsupported_version" : "malformed");
+                                      too_large ? "frame_too_large"
+                                      : version ? "unsupported_version"
+                                                : "malformed");
     e.set_protocol_version(1);
     return e;
   }
@@ -116,7 +119,7 @@ class Coordinator::Handler : public comms::ConnectionHandler {
   Coordinator* const c_;
   const std::string peer_;
   const std::string cert_subject_;  // mutual TLS: the verified certificate's CN, else ""
-  std::string device_id_;  // set by a successful Hello
+  std::string device_id_;           // set by a successful Hello
   bool uploading_ = false;
 };
 

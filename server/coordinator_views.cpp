@@ -108,9 +108,7 @@ absl::StatusOr<std::optional<RoundRecord>> Coordinator::FindRound(uint64_t round
   return store_->FindRound(round_id);
 }
 
-absl::StatusOr<std::string> Coordinator::StoreChecksum() {
-  return store_->Checksum();
-}
+absl::StatusOr<std::string> Coordinator::StoreChecksum() { return store_->Checksum(); }
 
 SecAggProgress Coordinator::secagg_progress() {
   absl::MutexLock lock(&mu_);

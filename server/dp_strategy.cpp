@@ -19,8 +19,8 @@ absl::Status InvalidUpdate(const UpdateView& update, std::string_view what) {
 }
 
 bool IsDenseCodec(v1::Codec codec) {
-  return codec == v1::CODEC_FP32 || codec == v1::CODEC_FP16 || codec == v1::CODEC_INT8 ||
-         codec == v1::CODEC_INT4 || codec == v1::CODEC_TOPK;
+  return codec == v1::CODEC_FP32 || codec == v1::CODEC_FP16 || codec == v1::CODEC_INT8 || codec == v1::CODEC_INT4 ||
+         codec == v1::CODEC_TOPK;
 }
 
 }  // namespace
@@ -111,8 +111,8 @@ absl::Status DpStrategy::AccumulateDenseLocked(const UpdateView& update) {
       seedling::AddNormal({p.seed, rng_stream::kPerturbation}, 0, p.value, scratch_);
     }
   } else {
-    return absl::InvalidArgumentError(StrCat("strategy ", name(), " does not accept codec ",
-                                             v1::Codec_Name(info->codec)));
+    return absl::InvalidArgumentError(
+        StrCat("strategy ", name(), " does not accept codec ", v1::Codec_Name(info->codec)));
   }
   // Step 2: the cap (reject), then the clip (McMahan et al. 2018 Alg. 1, ClipFn: Δ · min(1, C/‖Δ‖)).
   double norm2 = 0.0;

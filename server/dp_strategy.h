@@ -99,7 +99,8 @@ class DpStrategy final : public Strategy {
 // Wraps `inner` (built with max_update_norm = 0) after validating the options: InvalidArgument unless
 // clip_norm is finite and > 0, noise_multiplier finite and ≥ 0, expected_clients finite and > 0,
 // max_update_norm finite and ≥ 0, and `noise` non-null.
-absl::StatusOr<std::unique_ptr<Strategy>> MakeDpStrategy(std::unique_ptr<Strategy> inner, const DpStrategyOptions& options,
+absl::StatusOr<std::unique_ptr<Strategy>> MakeDpStrategy(std::unique_ptr<Strategy> inner,
+                                                         const DpStrategyOptions& options,
                                                          std::unique_ptr<privacy::NoiseSource> noise);
 
 }  // namespace seedling::server

@@ -36,7 +36,6 @@ using tcp = net::ip::tcp;
 
 // ---- Formatting helpers -------------------------------------------------------------------------
 
-
 std::string Printf(const char* fmt, double v) {
   char buf[64];
   std::snprintf(buf, sizeof(buf), fmt, v);
@@ -124,29 +123,25 @@ struct Plot {
   double PlotWidth() const { return kWidth - kLeft - kRight; }
   double Band() const { return PlotWidth() / static_cast<double>(rounds); }
   double X(size_t i) const { return kLeft + (static_cast<double>(i) + 0.5) * Band(); }
-  double Y(double v) const {
-    return kTop + (kHeight - kTop - kBottom) * (1.0 - (v - y_lo) / (y_hi - y_lo));
-  }
+  double Y(double v) const { return kTop + (kHeight - kTop - kBottom) * (1.0 - (v - y_lo) / (y_hi - y_lo)); }
   double Bottom() const { return kHeight - kBottom; }
 };
 
 // Grid lines, y tick labels, round-id x labels (thinned to about a dozen) and both axis titles.
 void AppendAxes(std::string& svg, const Plot& p, const std::vector<double>& ticks,
-                const std::vector<std::string>& tick_labels,
-                const std::vector<const DashboardRound*>& rounds, std::string_view y_title) {
+                const std::vector<std::string>& tick_labels, const std::vector<const DashboardRound*>& rounds,
+                std::string_view y_title) {
   for (size_t i = 0; i < ticks.size(); ++i) {
     const std::string y = Coord(p.Y(ticks[i]));
     svg += StrCat("<line class=\"grid\" x1=\"", Coord(Plot::kLeft), "\" y1=\"", y, "\" x2=\"",
                   Coord(Plot::kWidth - Plot::kRight), "\" y2=\"", y, "\"/>");
     svg += StrCat("<text class=\"tick\" x=\"", Coord(Plot::kLeft - 6), "\" y=\"", y,
-                  "\" text-anchor=\"end\" dominant-baseline=\"middle\">",
-                  HtmlEscape(tick_labels[i]), "</text>");
+                  "\" text-anchor=\"end\" dominant-baseline=\"middle\">", HtmlEscape(tick_labels[i]), "</text>");
   }
-  svg += StrCat("<line class=\"axis\" x1=\"", Coord(Plot::kLeft), "\" y1=\"", Coord(Plot::kTop),
-                "\" x2=\"", Coord(Plot::kLeft), "\" y2=\"", Coord(p.Bottom()), "\"/>");
-  svg +=
-      StrCat("<line class=\"axis\" x1=\"", Coord(Plot::kLeft), "\" y1=\"", Coord(p.Bottom()),
-             "\" x2=\"", Coord(Plot::kWidth - Plot::kRight), "\" y2=\"", Coord(p.Bottom()), "\"/>");
+  svg += StrCat("<line class=\"axis\" x1=\"", Coord(Plot::kLeft), "\" y1=\"", Coord(Plot::kTop), "\" x2=\"",
+                Coord(Plot::kLeft), "\" y2=\"", Coord(p.Bottom()), "\"/>");
+  svg += StrCat("<line class=\"axis\" x1=\"", Coord(Plot::kLeft), "\" y1=\"", Coord(p.Bottom()), "\" x2=\"",
+                Coord(Plot::kWidth - Plot::kRight), "\" y2=\"", Coord(p.Bottom()), "\"/>");
   const size_t every = std::max<size_t>(1, (rounds.size() + 11) / 12);
   for (size_t i = 0; i < rounds.size(); i += every) {
     svg += StrCat("<text class=\"tick\" x=\"", Coord(p.X(i)), "\" y=\"", Coord(p.Bottom() + 16),
@@ -154,35 +149,31 @@ void AppendAxes(std::string& svg, const Plot& p, const std::vector<double>& tick
   }
   svg += StrCat("<text class=\"title\" x=\"", Coord(Plot::kLeft + p.PlotWidth() / 2), "\" y=\"",
                 Coord(Plot::kHeight - 8), "\" text-anchor=\"middle\">round</text>");
-  svg += StrCat(
-      "<text class=\"title\" x=\"14\" y=\"", Coord(Plot::kTop + (p.Bottom() - Plot::kTop) / 2),
-      "\" text-anchor=\"middle\" transform=\"rotate(-90 14 ",
-      Coord(Plot::kTop + (p.Bottom() - Plot::kTop) / 2), ")\">", HtmlEscape(y_title), "</text>");
+  svg += StrCat("<text class=\"title\" x=\"14\" y=\"", Coord(Plot::kTop + (p.Bottom() - Plot::kTop) / 2),
+                "\" text-anchor=\"middle\" transform=\"rotate(-90 14 ",
+                Coord(Plot::kTop + (p.Bottom() - Plot::kTop) / 2), ")\">", HtmlEscape(y_title), "</text>");
 }
 
 std::string SvgOpen(std::string_view css_class, std::string_view label) {
-  return StrCat("<svg class=\"", css_class, "\" xmlns=\"http://www.w3.org/2000/svg\" width=\"",
-                Coord(Plot::kWidth), "\" height=\"", Coord(Plot::kHeight), "\" viewBox=\"0 0 ",
-                Coord(Plot::kWidth), " ", Coord(Plot::kHeight), "\" role=\"img\" aria-label=\"",
-                HtmlEscape(label), "\">");
+  return StrCat("<svg class=\"", css_class, "\" xmlns=\"http://www.w3.org/2000/svg\" width=\"", Coord(Plot::kWidth),
+                "\" height=\"", Coord(Plot::kHeight), "\" viewBox=\"0 0 ", Coord(Plot::kWidth), " ",
+                Coord(Plot::kHeight), "\" role=\"img\" aria-label=\"", HtmlEscape(label), "\">");
 }
 
 std::string SvgEmpty(std::string_view css_class, std::string_view label, std::string_view message) {
-  return StrCat(SvgOpen(css_class, label), "<text class=\"empty\" x=\"", Coord(Plot::kWidth / 2),
-                "\" y=\"", Coord(Plot::kHeight / 2), "\" text-anchor=\"middle\">",
-                HtmlEscape(message), "</text></svg>");
+  return StrCat(SvgOpen(css_class, label), "<text class=\"empty\" x=\"", Coord(Plot::kWidth / 2), "\" y=\"",
+                Coord(Plot::kHeight / 2), "\" text-anchor=\"middle\">", HtmlEscape(message), "</text></svg>");
 }
 
 // A legend entry; its "key" class keeps it apart from the data marks that share its colour class.
-void AppendLegend(std::string& svg, double x, std::string_view css_class, std::string_view text,
-                  bool bar) {
+void AppendLegend(std::string& svg, double x, std::string_view css_class, std::string_view text, bool bar) {
   const double y = 14;
   if (bar) {
     svg += StrCat("<rect class=\"", css_class, " key\" x=\"", Coord(x), "\" y=\"", Coord(y - 5),
                   "\" width=\"10\" height=\"10\"/>");
   } else {
-    svg += StrCat("<line class=\"", css_class, " key\" x1=\"", Coord(x), "\" y1=\"", Coord(y),
-                  "\" x2=\"", Coord(x + 18), "\" y2=\"", Coord(y), "\"/>");
+    svg += StrCat("<line class=\"", css_class, " key\" x1=\"", Coord(x), "\" y1=\"", Coord(y), "\" x2=\"",
+                  Coord(x + 18), "\" y2=\"", Coord(y), "\"/>");
   }
   svg += StrCat("<text class=\"legend\" x=\"", Coord(x + (bar ? 14 : 22)), "\" y=\"", Coord(y),
                 "\" dominant-baseline=\"middle\">", HtmlEscape(text), "</text>");
@@ -229,17 +220,16 @@ std::string LossChart(const std::vector<const DashboardRound*>& rounds) {
         pen_down = false;
         continue;
       }
-      path +=
-          StrCat(pen_down ? " L" : (path.empty() ? "M" : " M"), Coord(p.X(i)), " ", Coord(p.Y(v)));
+      path += StrCat(pen_down ? " L" : (path.empty() ? "M" : " M"), Coord(p.X(i)), " ", Coord(p.Y(v)));
       pen_down = true;
     }
     if (!path.empty()) svg += StrCat("<path class=\"", s.line_class, "\" d=\"", path, "\"/>");
     for (size_t i = 0; i < rounds.size(); ++i) {
       const double v = rounds[i]->*s.field;
       if (!std::isfinite(v)) continue;
-      svg += StrCat("<circle class=\"", s.point_class, "\" cx=\"", Coord(p.X(i)), "\" cy=\"",
-                    Coord(p.Y(v)), "\" r=\"3\"><title>round ", rounds[i]->round_id, ": ", s.name,
-                    " loss ", FormatLoss(v), "</title></circle>");
+      svg += StrCat("<circle class=\"", s.point_class, "\" cx=\"", Coord(p.X(i)), "\" cy=\"", Coord(p.Y(v)),
+                    "\" r=\"3\"><title>round ", rounds[i]->round_id, ": ", s.name, " loss ", FormatLoss(v),
+                    "</title></circle>");
     }
   }
   AppendLegend(svg, Plot::kWidth - 260, "line-start", "before local training", false);
@@ -254,8 +244,7 @@ std::string BytesChart(const std::vector<const DashboardRound*>& rounds) {
   if (rounds.empty()) return SvgEmpty(kClass, kLabel, "no rounds yet");
   double max_bytes = 0;
   for (const DashboardRound* r : rounds) {
-    max_bytes =
-        std::max({max_bytes, static_cast<double>(r->bytes_up), static_cast<double>(r->bytes_down)});
+    max_bytes = std::max({max_bytes, static_cast<double>(r->bytes_up), static_cast<double>(r->bytes_down)});
   }
   const ByteUnit unit = UnitFor(max_bytes);
   const std::vector<double> ticks = NiceTicks(0, std::max(max_bytes / unit.scale, 1.0), 5);
@@ -272,13 +261,11 @@ std::string BytesChart(const std::vector<const DashboardRound*>& rounds) {
   for (size_t i = 0; i < rounds.size(); ++i) {
     const DashboardRound& r = *rounds[i];
     for (const auto& [bytes, css, dir, x] :
-         {std::tuple{r.bytes_up, "bar-up", "up", p.X(i) - bar},
-          std::tuple{r.bytes_down, "bar-down", "down", p.X(i)}}) {
+         {std::tuple{r.bytes_up, "bar-up", "up", p.X(i) - bar}, std::tuple{r.bytes_down, "bar-down", "down", p.X(i)}}) {
       const double top = p.Y(static_cast<double>(bytes) / unit.scale);
-      svg +=
-          StrCat("<rect class=\"", css, "\" x=\"", Coord(x), "\" y=\"", Coord(top), "\" width=\"",
-                 Coord(bar), "\" height=\"", Coord(p.Bottom() - top), "\"><title>round ",
-                 r.round_id, ": ", FormatBytes(bytes), " ", dir, "</title></rect>");
+      svg += StrCat("<rect class=\"", css, "\" x=\"", Coord(x), "\" y=\"", Coord(top), "\" width=\"", Coord(bar),
+                    "\" height=\"", Coord(p.Bottom() - top), "\"><title>round ", r.round_id, ": ", FormatBytes(bytes),
+                    " ", dir, "</title></rect>");
     }
   }
   AppendLegend(svg, Plot::kWidth - 200, "bar-up", "up (to server)", true);
@@ -301,20 +288,16 @@ svg text{font-size:11px;fill:#444}svg .title{font-size:12px}svg .empty{fill:#888
 )css";
 
 void AppendRoundRow(std::string& html, const DashboardRound& r) {
-  html +=
-      StrCat("<tr", r.abort_reason.empty() ? "" : " class=\"aborted\"", "><td>", r.round_id,
-             "</td><td class=\"l\">", HtmlEscape(r.state), "</td><td class=\"l\">",
-             HtmlEscape(r.method), "</td><td>", r.selected, "</td><td>", r.accepted, "</td><td>",
-             r.rejected, "</td><td>", FormatLoss(r.loss_start), "</td><td>", FormatLoss(r.loss_end),
-             "</td><td>", FormatBytes(r.bytes_up), "</td><td>", FormatBytes(r.bytes_down),
-             "</td><td>", FormatTime(r.opened_ms), "</td><td>",
-             r.opened_ms > 0 && r.closed_ms > 0 ? FormatDuration(r.closed_ms - r.opened_ms) : "–",
-             "</td><td class=\"l\">", HtmlEscape(r.abort_reason), "</td></tr>\n");
+  html += StrCat("<tr", r.abort_reason.empty() ? "" : " class=\"aborted\"", "><td>", r.round_id,
+                 "</td><td class=\"l\">", HtmlEscape(r.state), "</td><td class=\"l\">", HtmlEscape(r.method),
+                 "</td><td>", r.selected, "</td><td>", r.accepted, "</td><td>", r.rejected, "</td><td>",
+                 FormatLoss(r.loss_start), "</td><td>", FormatLoss(r.loss_end), "</td><td>", FormatBytes(r.bytes_up),
+                 "</td><td>", FormatBytes(r.bytes_down), "</td><td>", FormatTime(r.opened_ms), "</td><td>",
+                 r.opened_ms > 0 && r.closed_ms > 0 ? FormatDuration(r.closed_ms - r.opened_ms) : "–",
+                 "</td><td class=\"l\">", HtmlEscape(r.abort_reason), "</td></tr>\n");
 }
 
-nlohmann::json NumberOrNull(double v) {
-  return std::isfinite(v) ? nlohmann::json(v) : nlohmann::json(nullptr);
-}
+nlohmann::json NumberOrNull(double v) { return std::isfinite(v) ? nlohmann::json(v) : nlohmann::json(nullptr); }
 
 nlohmann::json RoundJson(const DashboardRound& r) {
   return {{"round_id", r.round_id},
@@ -384,20 +367,18 @@ std::string RenderDashboardHtml(const DashboardSnapshot& s, int refresh_seconds)
     const DashboardRound& c = *s.current;
     std::string deadline = FormatTime(c.deadline_ms);
     if (c.deadline_ms > 0) {
-      deadline += c.deadline_ms >= now ? StrCat(" (in ", FormatDuration(c.deadline_ms - now), ")")
-                                       : std::string(" (passed)");
+      deadline +=
+          c.deadline_ms >= now ? StrCat(" (in ", FormatDuration(c.deadline_ms - now), ")") : std::string(" (passed)");
     }
-    html += StrCat(
-        "<table class=\"current\"><tr><th class=\"l\">round</th><td id=\"current-round\">",
-        c.round_id, "</td></tr><tr><th class=\"l\">state</th><td class=\"l\">", HtmlEscape(c.state),
-        "</td></tr><tr><th class=\"l\">method</th><td class=\"l\">", HtmlEscape(c.method),
-        "</td></tr><tr><th class=\"l\">selected / accepted / rejected</th><td>", c.selected, " / ",
-        c.accepted, " / ", c.rejected, "</td></tr><tr><th class=\"l\">opened</th><td class=\"l\">",
-        FormatTime(c.opened_ms), "</td></tr><tr><th class=\"l\">deadline</th><td class=\"l\">",
-        deadline, "</td></tr>");
+    html +=
+        StrCat("<table class=\"current\"><tr><th class=\"l\">round</th><td id=\"current-round\">", c.round_id,
+               "</td></tr><tr><th class=\"l\">state</th><td class=\"l\">", HtmlEscape(c.state),
+               "</td></tr><tr><th class=\"l\">method</th><td class=\"l\">", HtmlEscape(c.method),
+               "</td></tr><tr><th class=\"l\">selected / accepted / rejected</th><td>", c.selected, " / ", c.accepted,
+               " / ", c.rejected, "</td></tr><tr><th class=\"l\">opened</th><td class=\"l\">", FormatTime(c.opened_ms),
+               "</td></tr><tr><th class=\"l\">deadline</th><td class=\"l\">", deadline, "</td></tr>");
     if (!c.abort_reason.empty()) {
-      html += StrCat("<tr><th class=\"l\">abort reason</th><td class=\"l\">",
-                     HtmlEscape(c.abort_reason), "</td></tr>");
+      html += StrCat("<tr><th class=\"l\">abort reason</th><td class=\"l\">", HtmlEscape(c.abort_reason), "</td></tr>");
     }
     html += "</table>\n";
   } else {
@@ -484,8 +465,8 @@ std::string ReasonPhrase(http::status status) {
   return std::string(r.data(), r.size());
 }
 
-Response MakeResponse(http::status status, unsigned version, bool keep_alive,
-                      std::string_view content_type, std::string body) {
+Response MakeResponse(http::status status, unsigned version, bool keep_alive, std::string_view content_type,
+                      std::string body) {
   Response res{status, version};
   res.set(http::field::server, "seedling");
   res.set(http::field::content_type, std::string(content_type));
@@ -510,9 +491,9 @@ class Server {
       : options_(std::move(options)),
         provider_(std::move(provider)),
         health_(std::move(health)),
-        requests_(metrics.AddCounter(
-            "seedling_http_requests_total",
-            "HTTP requests to the observability port, by route and status.", {"route", "code"})),
+        requests_(metrics.AddCounter("seedling_http_requests_total",
+                                     "HTTP requests to the observability port, by route and status.",
+                                     {"route", "code"})),
         metrics_(metrics),
         ioc_(options_.threads),
         acceptor_(net::make_strand(ioc_)),
@@ -567,10 +548,7 @@ class Session : public std::enable_shared_from_this<Session> {
 
   ~Session() { server_.Unregister(this); }
 
-  void Run() {
-    net::dispatch(stream_.get_executor(),
-                  beast::bind_front_handler(&Session::DoRead, shared_from_this()));
-  }
+  void Run() { net::dispatch(stream_.get_executor(), beast::bind_front_handler(&Session::DoRead, shared_from_this())); }
 
   // From any thread: closes the socket on the session's strand, which cancels its pending
   // operation.
@@ -588,8 +566,7 @@ class Session : public std::enable_shared_from_this<Session> {
     parser_->header_limit(server_.options().max_header_bytes);
     parser_->body_limit(server_.options().max_body_bytes);
     stream_.expires_after(server_.options().read_timeout);
-    http::async_read(stream_, buffer_, *parser_,
-                     beast::bind_front_handler(&Session::OnRead, shared_from_this()));
+    http::async_read(stream_, buffer_, *parser_, beast::bind_front_handler(&Session::OnRead, shared_from_this()));
   }
 
   void OnRead(beast::error_code ec, std::size_t) {
@@ -600,10 +577,9 @@ class Session : public std::enable_shared_from_this<Session> {
       if (ec.category() != http::make_error_code(http::error::bad_method).category()) {
         return Fail(ec, "read");
       }
-      const http::status status = ec == http::error::body_limit ? http::status::payload_too_large
-                                  : ec == http::error::header_limit
-                                      ? http::status::request_header_fields_too_large
-                                      : http::status::bad_request;
+      const http::status status = ec == http::error::body_limit     ? http::status::payload_too_large
+                                  : ec == http::error::header_limit ? http::status::request_header_fields_too_large
+                                                                    : http::status::bad_request;
       server_.CountResponse(Route::kOther, status);
       return Send(MakeResponse(status, 11, /*keep_alive=*/false, "text/plain; charset=utf-8",
                                StrCat(ReasonPhrase(status), "\n")));
@@ -615,8 +591,7 @@ class Session : public std::enable_shared_from_this<Session> {
     res_ = std::move(res);
     const bool keep_alive = res_.keep_alive();
     stream_.expires_after(server_.options().write_timeout);
-    http::async_write(stream_, res_,
-                      beast::bind_front_handler(&Session::OnWrite, shared_from_this(), keep_alive));
+    http::async_write(stream_, res_, beast::bind_front_handler(&Session::OnWrite, shared_from_this(), keep_alive));
   }
 
   void OnWrite(bool keep_alive, beast::error_code ec, std::size_t) {
@@ -647,13 +622,12 @@ absl::Status Server::Listen() {
   }
   const tcp::endpoint endpoint(address, options_.port);
   const auto fail = [&](const char* step) {
-    return absl::UnavailableError(StrCat("http: cannot listen on ", options_.bind_address, ":",
-                                         options_.port, " (", step, "): ", ec.message()));
+    return absl::UnavailableError(
+        StrCat("http: cannot listen on ", options_.bind_address, ":", options_.port, " (", step, "): ", ec.message()));
   };
   if (acceptor_.open(endpoint.protocol(), ec); ec) return fail("open");
   // Lets a restarted coordinator rebind while old connections sit in TIME_WAIT.
-  if (acceptor_.set_option(net::socket_base::reuse_address(true), ec); ec)
-    return fail("setsockopt");
+  if (acceptor_.set_option(net::socket_base::reuse_address(true), ec); ec) return fail("setsockopt");
   if (acceptor_.bind(endpoint, ec); ec) return fail("bind");
   if (acceptor_.listen(net::socket_base::max_listen_connections, ec); ec) return fail("listen");
   const tcp::endpoint local = acceptor_.local_endpoint(ec);
@@ -683,8 +657,7 @@ void Server::StartThreads() {
 
 void Server::DoAccept() {
   // Each connection gets its own strand: its handlers never run concurrently.
-  acceptor_.async_accept(net::make_strand(ioc_),
-                         beast::bind_front_handler(&Server::OnAccept, this));
+  acceptor_.async_accept(net::make_strand(ioc_), beast::bind_front_handler(&Server::OnAccept, this));
 }
 
 void Server::OnAccept(beast::error_code ec, tcp::socket socket) {
@@ -711,8 +684,7 @@ void Server::OnAccept(beast::error_code ec, tcp::socket socket) {
   if (run) {
     session->Run();
   } else {
-    spdlog::debug("http: connection refused (stopping or {} connections open)",
-                  options_.max_connections);
+    spdlog::debug("http: connection refused (stopping or {} connections open)", options_.max_connections);
   }
   DoAccept();
 }
@@ -748,8 +720,7 @@ void Server::Stop() {
 }
 
 void Server::CountResponse(Route route, http::status status) {
-  requests_.WithLabels({RouteLabel(route), std::to_string(static_cast<unsigned>(status))})
-      .Increment();
+  requests_.WithLabels({RouteLabel(route), std::to_string(static_cast<unsigned>(status))}).Increment();
 }
 
 Response Server::Handle(const Request& req) {
@@ -764,33 +735,29 @@ Response Server::Handle(const Request& req) {
     if (route == Route::kOther) {
       res = MakeResponse(http::status::not_found, version, keep_alive, kText, "not found\n");
     } else if (req.method() != http::verb::get) {
-      res = MakeResponse(http::status::method_not_allowed, version, keep_alive, kText,
-                         "method not allowed\n");
+      res = MakeResponse(http::status::method_not_allowed, version, keep_alive, kText, "method not allowed\n");
       res.set(http::field::allow, "GET");
     } else {
       switch (route) {
         case Route::kMetrics:
-          res =
-              MakeResponse(http::status::ok, version, keep_alive,
-                           "text/plain; version=0.0.4; charset=utf-8", metrics_.RenderPrometheus());
+          res = MakeResponse(http::status::ok, version, keep_alive, "text/plain; version=0.0.4; charset=utf-8",
+                             metrics_.RenderPrometheus());
           break;
         case Route::kHealth: {
           const absl::Status health = health_ ? health_() : absl::OkStatus();
           res = health.ok() ? MakeResponse(http::status::ok, version, keep_alive, kText, "ok")
-                            : MakeResponse(http::status::service_unavailable, version, keep_alive,
-                                           kText, StrCat("unavailable: ", health.message(), "\n"));
+                            : MakeResponse(http::status::service_unavailable, version, keep_alive, kText,
+                                           StrCat("unavailable: ", health.message(), "\n"));
           break;
         }
         case Route::kStatus:
-          res = MakeResponse(http::status::ok, version, keep_alive, "application/json",
-                             RenderStatusJson(provider_()));
+          res = MakeResponse(http::status::ok, version, keep_alive, "application/json", RenderStatusJson(provider_()));
           break;
         case Route::kDashboard:
           res = MakeResponse(http::status::ok, version, keep_alive, "text/html; charset=utf-8",
                              RenderDashboardHtml(provider_(), options_.dashboard_refresh_seconds));
           // The page needs nothing but its own inline styles; forbid everything else outright.
-          res.set("Content-Security-Policy",
-                  "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'");
+          res.set("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'");
           break;
         case Route::kOther:
           break;
@@ -800,8 +767,7 @@ Response Server::Handle(const Request& req) {
     // The provider and health callbacks are the coordinator's code: a throw there is its bug, but
     // it must not take the I/O thread down.
     spdlog::error("http: {} failed: {}", RouteLabel(route), e.what());
-    res = MakeResponse(http::status::internal_server_error, version, keep_alive, kText,
-                       "internal error\n");
+    res = MakeResponse(http::status::internal_server_error, version, keep_alive, kText, "internal error\n");
   }
   CountResponse(route, res.result());
   return res;
@@ -815,27 +781,23 @@ HttpServer::HttpServer(Metrics& metrics) : metrics_(metrics) {}
 
 HttpServer::~HttpServer() { Stop(); }
 
-absl::Status HttpServer::Start(const HttpOptions& options, SnapshotProvider provider,
-                               HealthCheck health) {
+absl::Status HttpServer::Start(const HttpOptions& options, SnapshotProvider provider, HealthCheck health) {
   if (started_) return absl::FailedPreconditionError("http: server already started");
   if (options.threads < 1) {
     return absl::InvalidArgumentError(StrCat("http: threads must be >= 1, got ", options.threads));
   }
   if (options.max_connections < 1) {
-    return absl::InvalidArgumentError(
-        StrCat("http: max_connections must be >= 1, got ", options.max_connections));
+    return absl::InvalidArgumentError(StrCat("http: max_connections must be >= 1, got ", options.max_connections));
   }
   if (options.max_header_bytes < 1024) {
-    return absl::InvalidArgumentError(
-        StrCat("http: max_header_bytes must be >= 1024, got ", options.max_header_bytes));
+    return absl::InvalidArgumentError(StrCat("http: max_header_bytes must be >= 1024, got ", options.max_header_bytes));
   }
   if (options.read_timeout.count() <= 0 || options.write_timeout.count() <= 0) {
     return absl::InvalidArgumentError("http: read_timeout and write_timeout must be positive");
   }
   if (!provider) return absl::InvalidArgumentError("http: a snapshot provider is required");
   try {
-    auto impl = std::make_unique<http_internal::Server>(metrics_, options, std::move(provider),
-                                                        std::move(health));
+    auto impl = std::make_unique<http_internal::Server>(metrics_, options, std::move(provider), std::move(health));
     SEEDLING_RETURN_IF_ERROR(impl->Listen());
     impl->StartThreads();
     impl_ = std::move(impl);

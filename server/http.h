@@ -34,15 +34,15 @@ class Server;
 // One round as the dashboard shows it. Times are milliseconds since the Unix epoch, 0 = not yet.
 struct DashboardRound {
   uint64_t round_id = 0;
-  std::string state;        // "open", "collecting", "aggregating", "committed", "aborted"
-  std::string method;       // "fedavg", "mezo", ...
-  int64_t selected = 0;     // tasks handed out
-  int64_t accepted = 0;     // updates accepted
-  int64_t rejected = 0;     // updates refused
-  double loss_start = NAN;  // mean over reporting clients before local training; NaN if none
-  double loss_end = NAN;    // mean over reporting clients after local training; NaN if none
-  uint64_t bytes_up = 0;    // client → server payload bytes
-  uint64_t bytes_down = 0;  // server → client payload bytes
+  std::string state;             // "open", "collecting", "aggregating", "committed", "aborted"
+  std::string method;            // "fedavg", "mezo", ...
+  int64_t selected = 0;          // tasks handed out
+  int64_t accepted = 0;          // updates accepted
+  int64_t rejected = 0;          // updates refused
+  double loss_start = NAN;       // mean over reporting clients before local training; NaN if none
+  double loss_end = NAN;         // mean over reporting clients after local training; NaN if none
+  uint64_t bytes_up = 0;         // client → server payload bytes
+  uint64_t bytes_down = 0;       // server → client payload bytes
   int64_t processed_tokens = 0;  // tokens the accepted updates' local steps processed, as the devices report
   int64_t opened_ms = 0;
   int64_t deadline_ms = 0;  // when collecting stops; 0 = no deadline
@@ -59,7 +59,7 @@ struct DashboardSnapshot {
   std::map<std::string, int64_t> rejected_by_reason;
   int64_t devices_registered = 0;
   int64_t connections = 0;
-  double epsilon = NAN;  // DP budget spent so far; NaN when DP is off
+  double epsilon = NAN;            // DP budget spent so far; NaN when DP is off
   double dp_target_epsilon = NAN;  // the budget ([privacy] target_epsilon); NaN when DP is off
   double dp_delta = NAN;           // its δ; NaN when DP is off
   std::string dp_refusal;          // why no round opens (budget exhausted), empty otherwise
@@ -77,16 +77,15 @@ std::string RenderStatusJson(const DashboardSnapshot& snapshot);
 std::string RenderDashboardHtml(const DashboardSnapshot& snapshot, int refresh_seconds);
 
 struct HttpOptions {
-  std::string bind_address =
-      "127.0.0.1";    // IPv4 or IPv6 literal; "0.0.0.0" exposes it to the network
-  uint16_t port = 0;  // 0 = the OS picks a free port (see HttpServer::port())
-  int threads = 1;    // I/O threads, >= 1
-  std::chrono::milliseconds read_timeout{30000};  // a whole request, including keep-alive idle time
+  std::string bind_address = "127.0.0.1";          // IPv4 or IPv6 literal; "0.0.0.0" exposes it to the network
+  uint16_t port = 0;                               // 0 = the OS picks a free port (see HttpServer::port())
+  int threads = 1;                                 // I/O threads, >= 1
+  std::chrono::milliseconds read_timeout{30000};   // a whole request, including keep-alive idle time
   std::chrono::milliseconds write_timeout{30000};  // a whole response
-  uint32_t max_header_bytes = 8 * 1024;  // request line + headers (>= 1024); more: 431 and close
-  uint32_t max_body_bytes = 1024;        // routes are GET-only; a bigger body gets 413 and a close
-  int max_connections = 64;              // further connections are closed on accept
-  int dashboard_refresh_seconds = 10;    // meta refresh of GET /; 0 = none
+  uint32_t max_header_bytes = 8 * 1024;            // request line + headers (>= 1024); more: 431 and close
+  uint32_t max_body_bytes = 1024;                  // routes are GET-only; a bigger body gets 413 and a close
+  int max_connections = 64;                        // further connections are closed on accept
+  int dashboard_refresh_seconds = 10;              // meta refresh of GET /; 0 = none
 };
 
 // Produces the dashboard data. Called on an I/O thread per request to / or /api/status, possibly
@@ -116,8 +115,7 @@ class HttpServer {
   // Unavailable when the address cannot be bound (in use, not local, no permission),
   // FailedPrecondition when called a second time (a server starts at most once).
   // A missing `health` means "healthy while running".
-  absl::Status Start(const HttpOptions& options, SnapshotProvider provider,
-                     HealthCheck health = {});
+  absl::Status Start(const HttpOptions& options, SnapshotProvider provider, HealthCheck health = {});
 
   // Stops accepting, closes every open connection (including idle keep-alive ones) and joins the
   // I/O threads. Requests being answered at that moment are cut off. Idempotent; a no-op before

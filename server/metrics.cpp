@@ -34,15 +34,13 @@ bool IsDigit(char c) { return c >= '0' && c <= '9'; }
 // [a-zA-Z_:][a-zA-Z0-9_:]*
 bool ValidMetricName(std::string_view s) {
   if (s.empty() || IsDigit(s[0])) return false;
-  return std::all_of(s.begin(), s.end(),
-                     [](char c) { return IsAlpha(c) || IsDigit(c) || c == '_' || c == ':'; });
+  return std::all_of(s.begin(), s.end(), [](char c) { return IsAlpha(c) || IsDigit(c) || c == '_' || c == ':'; });
 }
 
 // [a-zA-Z_][a-zA-Z0-9_]*, and "__" prefixes are reserved for Prometheus itself.
 bool ValidLabelName(std::string_view s) {
   if (s.empty() || IsDigit(s[0]) || s.substr(0, 2) == "__") return false;
-  return std::all_of(s.begin(), s.end(),
-                     [](char c) { return IsAlpha(c) || IsDigit(c) || c == '_'; });
+  return std::all_of(s.begin(), s.end(), [](char c) { return IsAlpha(c) || IsDigit(c) || c == '_'; });
 }
 
 // Length of the valid UTF-8 sequence at s[i], or 0 if there is none (RFC 3629: no overlong forms,
@@ -115,8 +113,8 @@ void AppendUint(std::string& out, uint64_t v) {
 }
 
 // {a="x",b="y"} plus an optional trailing le="…"; nothing at all for an empty set.
-void AppendLabels(std::string& out, const std::vector<std::string>& names,
-                  const std::vector<std::string>& values, const std::string* le = nullptr) {
+void AppendLabels(std::string& out, const std::vector<std::string>& names, const std::vector<std::string>& values,
+                  const std::string* le = nullptr) {
   if (names.empty() && le == nullptr) return;
   out += '{';
   for (size_t i = 0; i < names.size(); ++i) {
@@ -136,8 +134,8 @@ void AppendLabels(std::string& out, const std::vector<std::string>& names,
 }
 
 void AppendSample(std::string& out, const Counter& c, const std::string& name,
-                  const std::vector<std::string>& label_names,
-                  const std::vector<std::string>& values, const std::vector<double>&) {
+                  const std::vector<std::string>& label_names, const std::vector<std::string>& values,
+                  const std::vector<double>&) {
   out += name;
   AppendLabels(out, label_names, values);
   out += ' ';
@@ -146,8 +144,8 @@ void AppendSample(std::string& out, const Counter& c, const std::string& name,
 }
 
 void AppendSample(std::string& out, const Gauge& g, const std::string& name,
-                  const std::vector<std::string>& label_names,
-                  const std::vector<std::string>& values, const std::vector<double>&) {
+                  const std::vector<std::string>& label_names, const std::vector<std::string>& values,
+                  const std::vector<double>&) {
   out += name;
   AppendLabels(out, label_names, values);
   out += ' ';
@@ -156,8 +154,8 @@ void AppendSample(std::string& out, const Gauge& g, const std::string& name,
 }
 
 void AppendSample(std::string& out, const Histogram& h, const std::string& name,
-                  const std::vector<std::string>& label_names,
-                  const std::vector<std::string>& values, const std::vector<double>& bounds) {
+                  const std::vector<std::string>& label_names, const std::vector<std::string>& values,
+                  const std::vector<double>& bounds) {
   const Histogram::Snapshot snap = h.Collect();
   for (size_t i = 0; i <= bounds.size(); ++i) {
     std::string le;
@@ -190,10 +188,8 @@ void AppendSample(std::string& out, const Histogram& h, const std::string& name,
 void CheckBounds(const std::vector<double>& bounds) {
   SEEDLING_CHECK(!bounds.empty(), "a histogram needs at least one finite bucket bound");
   for (size_t i = 0; i < bounds.size(); ++i) {
-    SEEDLING_CHECK(std::isfinite(bounds[i]),
-                   "histogram bucket bounds must be finite (+Inf is implicit)");
-    SEEDLING_CHECK(i == 0 || bounds[i - 1] < bounds[i],
-                   "histogram bucket bounds must be strictly increasing");
+    SEEDLING_CHECK(std::isfinite(bounds[i]), "histogram bucket bounds must be finite (+Inf is implicit)");
+    SEEDLING_CHECK(i == 0 || bounds[i - 1] < bounds[i], "histogram bucket bounds must be strictly increasing");
   }
 }
 
@@ -202,16 +198,14 @@ void CheckBounds(const std::vector<double>& bounds) {
 // ---- Histogram ----------------------------------------------------------------------------------
 
 Histogram::Histogram(std::vector<double> upper_bounds)
-    : upper_bounds_(std::move(upper_bounds)),
-      counts_(new std::atomic<uint64_t>[upper_bounds_.size() + 1]) {
+    : upper_bounds_(std::move(upper_bounds)), counts_(new std::atomic<uint64_t>[upper_bounds_.size() + 1]) {
   CheckBounds(upper_bounds_);
   for (size_t i = 0; i <= upper_bounds_.size(); ++i) counts_[i].store(0, std::memory_order_relaxed);
 }
 
 void Histogram::Observe(double v) {
   if (std::isnan(v)) return;
-  const size_t bucket =
-      std::lower_bound(upper_bounds_.begin(), upper_bounds_.end(), v) - upper_bounds_.begin();
+  const size_t bucket = std::lower_bound(upper_bounds_.begin(), upper_bounds_.end(), v) - upper_bounds_.begin();
   counts_[bucket].fetch_add(1, std::memory_order_relaxed);
   sum_.fetch_add(v, std::memory_order_relaxed);
 }
@@ -248,18 +242,14 @@ std::vector<double> Histogram::ExponentialBuckets(double start, double factor, i
 
 namespace metrics_internal {
 
-FamilyBase::FamilyBase(std::string name, std::string help, Type type,
-                       std::vector<std::string> label_names)
-    : name_(std::move(name)),
-      help_(std::move(help)),
-      type_(type),
-      label_names_(std::move(label_names)) {}
+FamilyBase::FamilyBase(std::string name, std::string help, Type type, std::vector<std::string> label_names)
+    : name_(std::move(name)), help_(std::move(help)), type_(type), label_names_(std::move(label_names)) {}
 
 }  // namespace metrics_internal
 
 template <typename T>
-Family<T>::Family(std::string name, std::string help, Type type,
-                  std::vector<std::string> label_names, std::vector<double> upper_bounds)
+Family<T>::Family(std::string name, std::string help, Type type, std::vector<std::string> label_names,
+                  std::vector<double> upper_bounds)
     : FamilyBase(std::move(name), std::move(help), type, std::move(label_names)),
       upper_bounds_(std::move(upper_bounds)) {
   // Exported at zero before the first event, so a rate() over a fresh process has a starting point.
@@ -268,8 +258,7 @@ Family<T>::Family(std::string name, std::string help, Type type,
 
 template <typename T>
 T& Family<T>::WithLabels(const std::vector<std::string>& label_values) {
-  SEEDLING_CHECK(label_values.size() == label_names().size(),
-                 "wrong number of label values for this metric");
+  SEEDLING_CHECK(label_values.size() == label_names().size(), "wrong number of label values for this metric");
   {
     absl::ReaderMutexLock lock(&mu_);
     const auto it = series_.find(label_values);
@@ -316,18 +305,15 @@ template class Family<Histogram>;
 
 // ---- Registry -----------------------------------------------------------------------------------
 
-CounterFamily& Metrics::AddCounter(std::string_view name, std::string_view help,
-                                   std::vector<std::string> label_names) {
+CounterFamily& Metrics::AddCounter(std::string_view name, std::string_view help, std::vector<std::string> label_names) {
   return static_cast<CounterFamily&>(Add(name, help, Type::kCounter, std::move(label_names), {}));
 }
 
-GaugeFamily& Metrics::AddGauge(std::string_view name, std::string_view help,
-                               std::vector<std::string> label_names) {
+GaugeFamily& Metrics::AddGauge(std::string_view name, std::string_view help, std::vector<std::string> label_names) {
   return static_cast<GaugeFamily&>(Add(name, help, Type::kGauge, std::move(label_names), {}));
 }
 
-HistogramFamily& Metrics::AddHistogram(std::string_view name, std::string_view help,
-                                       std::vector<double> upper_bounds,
+HistogramFamily& Metrics::AddHistogram(std::string_view name, std::string_view help, std::vector<double> upper_bounds,
                                        std::vector<std::string> label_names) {
   CheckBounds(upper_bounds);
   return static_cast<HistogramFamily&>(
@@ -335,15 +321,13 @@ HistogramFamily& Metrics::AddHistogram(std::string_view name, std::string_view h
 }
 
 metrics_internal::FamilyBase& Metrics::Add(std::string_view name, std::string_view help, Type type,
-                                           std::vector<std::string> label_names,
-                                           std::vector<double> upper_bounds) {
+                                           std::vector<std::string> label_names, std::vector<double> upper_bounds) {
   SEEDLING_CHECK(ValidMetricName(name), "invalid Prometheus metric name");
   std::set<std::string_view> seen;
   for (const std::string& l : label_names) {
     SEEDLING_CHECK(ValidLabelName(l), "invalid Prometheus label name");
     SEEDLING_CHECK(seen.insert(l).second, "duplicate label name");
-    SEEDLING_CHECK(type != Type::kHistogram || l != "le",
-                   "\"le\" is reserved for histogram buckets");
+    SEEDLING_CHECK(type != Type::kHistogram || l != "le", "\"le\" is reserved for histogram buckets");
   }
 
   absl::MutexLock lock(&mu_);
@@ -374,16 +358,16 @@ metrics_internal::FamilyBase& Metrics::Add(std::string_view name, std::string_vi
   std::string n(name), h(help);
   switch (type) {
     case Type::kCounter:
-      family = std::make_unique<CounterFamily>(std::move(n), std::move(h), type,
-                                               std::move(label_names), std::vector<double>{});
+      family = std::make_unique<CounterFamily>(std::move(n), std::move(h), type, std::move(label_names),
+                                               std::vector<double>{});
       break;
     case Type::kGauge:
-      family = std::make_unique<GaugeFamily>(std::move(n), std::move(h), type,
-                                             std::move(label_names), std::vector<double>{});
+      family = std::make_unique<GaugeFamily>(std::move(n), std::move(h), type, std::move(label_names),
+                                             std::vector<double>{});
       break;
     case Type::kHistogram:
-      family = std::make_unique<HistogramFamily>(std::move(n), std::move(h), type,
-                                                 std::move(label_names), std::move(upper_bounds));
+      family = std::make_unique<HistogramFamily>(std::move(n), std::move(h), type, std::move(label_names),
+                                                 std::move(upper_bounds));
       break;
   }
   auto [it, inserted] = families_.emplace(std::string(name), std::move(family));

@@ -127,8 +127,8 @@ template <typename T>
 class Family final : public metrics_internal::FamilyBase {
  public:
   // Internal: use Metrics::Add*. `upper_bounds` is used by histogram families only.
-  Family(std::string name, std::string help, metrics_internal::Type type,
-         std::vector<std::string> label_names, std::vector<double> upper_bounds);
+  Family(std::string name, std::string help, metrics_internal::Type type, std::vector<std::string> label_names,
+         std::vector<double> upper_bounds);
 
   // The series for `label_values` (one per label name, in the same order), created at zero on first
   // use. Aborts on a wrong number of values. The reference is valid as long as the Metrics object.
@@ -169,12 +169,9 @@ class Metrics {
   // [a-zA-Z_:][a-zA-Z0-9_:]*; label names match [a-zA-Z_][a-zA-Z0-9_]*, do not start with "__", are
   // distinct, and are not "le" for histograms. A family without labels starts with its one series
   // at 0, so it is exported before the first event.
-  CounterFamily& AddCounter(std::string_view name, std::string_view help,
-                            std::vector<std::string> label_names = {});
-  GaugeFamily& AddGauge(std::string_view name, std::string_view help,
-                        std::vector<std::string> label_names = {});
-  HistogramFamily& AddHistogram(std::string_view name, std::string_view help,
-                                std::vector<double> upper_bounds,
+  CounterFamily& AddCounter(std::string_view name, std::string_view help, std::vector<std::string> label_names = {});
+  GaugeFamily& AddGauge(std::string_view name, std::string_view help, std::vector<std::string> label_names = {});
+  HistogramFamily& AddHistogram(std::string_view name, std::string_view help, std::vector<double> upper_bounds,
                                 std::vector<std::string> label_names = {});
 
   // The Prometheus text exposition format 0.0.4 (serve as "text/plain; version=0.0.4"): for every
@@ -185,14 +182,11 @@ class Metrics {
   std::string RenderPrometheus() const;
 
  private:
-  metrics_internal::FamilyBase& Add(std::string_view name, std::string_view help,
-                                    metrics_internal::Type type,
-                                    std::vector<std::string> label_names,
-                                    std::vector<double> upper_bounds);
+  metrics_internal::FamilyBase& Add(std::string_view name, std::string_view help, metrics_internal::Type type,
+                                    std::vector<std::string> label_names, std::vector<double> upper_bounds);
 
   mutable absl::Mutex mu_;
-  std::map<std::string, std::unique_ptr<metrics_internal::FamilyBase>, std::less<>> families_
-      ABSL_GUARDED_BY(mu_);
+  std::map<std::string, std::unique_ptr<metrics_internal::FamilyBase>, std::less<>> families_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace seedling::server

@@ -150,11 +150,11 @@ std::optional<std::string> SecAggSession::Assemble(uint32_t id, const v1::SecAgg
     return std::nullopt;
   }
   if (offset != held.size() || offset + size > request.message_size()) {
-    *answer = SecAggAnswer::Reject(v1::MALFORMED_MESSAGE,
-                                   StrCat("a piece of ", size, " bytes at offset ", offset, " of a ",
-                                          request.message_size(), "-byte message; the server holds ", held.size(),
-                                          " bytes of it"),
-                                   "malformed");
+    *answer =
+        SecAggAnswer::Reject(v1::MALFORMED_MESSAGE,
+                             StrCat("a piece of ", size, " bytes at offset ", offset, " of a ", request.message_size(),
+                                    "-byte message; the server holds ", held.size(), " bytes of it"),
+                             "malformed");
     return std::nullopt;
   }
   held += request.message();
@@ -175,7 +175,8 @@ SecAggAnswer SecAggSession::Add(uint32_t id, v1::SecAggStage stage, const std::s
     if (!parsed.ok()) {
       added = parsed.status();
     } else if (parsed->sender != id) {
-      added = absl::InvalidArgumentError(StrCat("message from participant ", parsed->sender, " sent by participant ", id));
+      added =
+          absl::InvalidArgumentError(StrCat("message from participant ", parsed->sender, " sent by participant ", id));
     } else {
       added = add_fn(*parsed);
     }
@@ -191,14 +192,13 @@ SecAggAnswer SecAggSession::Add(uint32_t id, v1::SecAggStage stage, const std::s
       add(privacy::MaskedInputMessage::Parse(message), [&](const auto& m) { return server_.AddMaskedInput(m); });
       break;
     default:
-      add(privacy::UnmaskResponseMessage::Parse(message),
-          [&](const auto& m) { return server_.AddUnmaskResponse(m); });
+      add(privacy::UnmaskResponseMessage::Parse(message), [&](const auto& m) { return server_.AddUnmaskResponse(m); });
   }
   if (!added.ok()) {
     // The library counts the sender as dropped; so does the session (it no longer waits for it).
     expected_.erase(id);
-    SecAggAnswer answer = SecAggAnswer::Reject(v1::INVALID_UPDATE, StrCat("secure aggregation: ", added.message()),
-                                               "secagg_invalid");
+    SecAggAnswer answer =
+        SecAggAnswer::Reject(v1::INVALID_UPDATE, StrCat("secure aggregation: ", added.message()), "secagg_invalid");
     answer.invalid = std::string(added.message());
     return answer;
   }

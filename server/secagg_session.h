@@ -104,8 +104,8 @@ class SecAggSession {
   SecAggProgress progress() const;
 
  private:
-  SecAggSession(const SecAggConfig& config, privacy::SessionConfig session, privacy::SecAggServer server,
-                int64_t now, int64_t round_deadline_ms);
+  SecAggSession(const SecAggConfig& config, privacy::SessionConfig session, privacy::SecAggServer server, int64_t now,
+                int64_t round_deadline_ms);
 
   SecAggAnswer Dropped() const;
   SecAggAnswer Poll(uint32_t id, const v1::SecAggRequest& request);

@@ -8,8 +8,8 @@
 #include <algorithm>
 #include <bit>
 #include <cctype>
-#include <cmath>
 #include <cerrno>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <set>
@@ -32,8 +32,7 @@
 namespace seedling::server {
 
 // Checkpoints store the host's float bytes as safetensors' little-endian F32.
-static_assert(std::endian::native == std::endian::little,
-              "checkpoints assume a little-endian host");
+static_assert(std::endian::native == std::endian::little, "checkpoints assume a little-endian host");
 
 namespace {
 
@@ -83,9 +82,8 @@ void HashField(Sha256Hasher& sha, std::string_view s) {
 }
 
 bool IsHexSha256(std::string_view s) {
-  return s.size() == 64 && std::all_of(s.begin(), s.end(), [](char c) {
-           return std::isxdigit(static_cast<unsigned char>(c));
-         });
+  return s.size() == 64 &&
+         std::all_of(s.begin(), s.end(), [](char c) { return std::isxdigit(static_cast<unsigned char>(c)); });
 }
 
 }  // namespace
@@ -116,7 +114,7 @@ struct Store::Impl {
   std::string dir;
   std::string db_path;
   std::string checkpoint_dir;
-  UniqueFd lock_fd;  // holds flock(LOCK_EX) on <dir>/LOCK for the Store's lifetime
+  UniqueFd lock_fd;   // holds flock(LOCK_EX) on <dir>/LOCK for the Store's lifetime
   bool owner = true;  // false: opened by OpenForDevices beside the process that holds the lock
   StoreOptions options;
   FileSystem* fs = nullptr;  // options.fs, or the default
@@ -132,9 +130,7 @@ struct Store::Impl {
   DbPtr db ABSL_GUARDED_BY(mu);
   std::unordered_map<std::string, StmtPtr> statements ABSL_GUARDED_BY(mu);  // by SQL text
 
-  std::string CheckpointPath(uint64_t version) const {
-    return JoinPath(checkpoint_dir, CheckpointFileName(version));
-  }
+  std::string CheckpointPath(uint64_t version) const { return JoinPath(checkpoint_dir, CheckpointFileName(version)); }
   static std::string CheckpointRelativePath(uint64_t version) {
     return JoinPath("checkpoints", CheckpointFileName(version));
   }
@@ -150,8 +146,7 @@ struct Store::Impl {
       const int rc = sqlite3_prepare_v3(db.get(), sql.c_str(), static_cast<int>(sql.size() + 1),
                                         SQLITE_PREPARE_PERSISTENT, &raw, nullptr);
       StmtPtr stmt(raw);
-      if (rc != SQLITE_OK)
-        return SqliteStatus(db.get(), rc, db_path, StrCat("cannot prepare '", sql, "'"));
+      if (rc != SQLITE_OK) return SqliteStatus(db.get(), rc, db_path, StrCat("cannot prepare '", sql, "'"));
       it = statements.emplace(sql, std::move(stmt)).first;
     }
     return Query(db.get(), it->second.get(), db_path);
@@ -205,16 +200,14 @@ struct Store::Impl {
     uint64_t last_round_id = 0;
   };
   absl::StatusOr<Meta> LoadMeta() {
-    SEEDLING_ASSIGN_OR_RETURN(Query q,
-                              Sql("SELECT global_version, last_round_id FROM meta WHERE id = 1"));
+    SEEDLING_ASSIGN_OR_RETURN(Query q, Sql("SELECT global_version, last_round_id FROM meta WHERE id = 1"));
     SEEDLING_ASSIGN_OR_RETURN(bool row, q.Step());
     if (!row) return absl::DataLossError(StrCat("state database '", db_path, "' has no meta row"));
     return Meta{q.UInt(0), q.UInt(1)};
   }
 
   absl::StatusOr<std::optional<RoundRecord>> LoadRound(uint64_t round_id) {
-    SEEDLING_ASSIGN_OR_RETURN(
-        Query q, Sql(StrCat("SELECT ", kRoundColumns, " FROM rounds WHERE round_id = ?")));
+    SEEDLING_ASSIGN_OR_RETURN(Query q, Sql(StrCat("SELECT ", kRoundColumns, " FROM rounds WHERE round_id = ?")));
     q.Bind(round_id);
     SEEDLING_ASSIGN_OR_RETURN(bool row, q.Step());
     if (!row) return std::optional<RoundRecord>();
@@ -252,8 +245,7 @@ struct Store::Impl {
   }
 
   absl::StatusOr<std::optional<DeviceRecord>> LoadDevice(const std::string& device_id) {
-    SEEDLING_ASSIGN_OR_RETURN(
-        Query q, Sql(StrCat("SELECT ", kDeviceColumns, " FROM devices WHERE device_id = ?")));
+    SEEDLING_ASSIGN_OR_RETURN(Query q, Sql(StrCat("SELECT ", kDeviceColumns, " FROM devices WHERE device_id = ?")));
     q.Bind(device_id);
     SEEDLING_ASSIGN_OR_RETURN(bool row, q.Step());
     if (!row) return std::optional<DeviceRecord>();
@@ -261,8 +253,7 @@ struct Store::Impl {
   }
 
   absl::StatusOr<std::optional<TaskRecord>> LoadTask(const std::string& task_id) {
-    SEEDLING_ASSIGN_OR_RETURN(
-        Query q, Sql(StrCat("SELECT ", kTaskColumns, " FROM tasks WHERE task_id = ?")));
+    SEEDLING_ASSIGN_OR_RETURN(Query q, Sql(StrCat("SELECT ", kTaskColumns, " FROM tasks WHERE task_id = ?")));
     q.Bind(task_id);
     SEEDLING_ASSIGN_OR_RETURN(bool row, q.Step());
     if (!row) return std::optional<TaskRecord>();
@@ -270,8 +261,8 @@ struct Store::Impl {
   }
 
   absl::StatusOr<std::optional<LedgerEntry>> LoadLedger(const std::string& key) {
-    SEEDLING_ASSIGN_OR_RETURN(
-        Query q, Sql(StrCat("SELECT ", kLedgerColumns, " FROM ledger WHERE idempotency_key = ?")));
+    SEEDLING_ASSIGN_OR_RETURN(Query q,
+                              Sql(StrCat("SELECT ", kLedgerColumns, " FROM ledger WHERE idempotency_key = ?")));
     q.Bind(key);
     SEEDLING_ASSIGN_OR_RETURN(bool row, q.Step());
     if (!row) return std::optional<LedgerEntry>();
@@ -279,13 +270,11 @@ struct Store::Impl {
   }
 
   absl::StatusOr<std::optional<CheckpointRecord>> LoadCheckpoint(uint64_t version) {
-    SEEDLING_ASSIGN_OR_RETURN(Query q,
-                              Sql("SELECT file, sha256 FROM checkpoints WHERE version = ?"));
+    SEEDLING_ASSIGN_OR_RETURN(Query q, Sql("SELECT file, sha256 FROM checkpoints WHERE version = ?"));
     q.Bind(version);
     SEEDLING_ASSIGN_OR_RETURN(bool row, q.Step());
     if (!row) return std::optional<CheckpointRecord>();
-    return std::optional<CheckpointRecord>(
-        CheckpointRecord{version, JoinPath(dir, q.Text(0)), q.Text(1)});
+    return std::optional<CheckpointRecord>(CheckpointRecord{version, JoinPath(dir, q.Text(0)), q.Text(1)});
   }
 
   // The checks and rows of one accepted update (Store::RecordAcceptedUpdates), inside a transaction.
@@ -298,24 +287,20 @@ struct Store::Impl {
           StrCat("update '", key, "' is already in the ledger (round ", existing->round_id, ")"));
     }
     SEEDLING_ASSIGN_OR_RETURN(std::optional<TaskRecord> task, LoadTask(entry.task_id));
-    if (!task)
-      return absl::NotFoundError(
-          StrCat("update '", key, "': task '", entry.task_id, "' does not exist"));
+    if (!task) return absl::NotFoundError(StrCat("update '", key, "': task '", entry.task_id, "' does not exist"));
     if (task->round_id != entry.round_id || task->device_id != entry.device_id) {
-      return absl::InvalidArgumentError(StrCat("update '", key, "' claims round ", entry.round_id,
-                                               " and device '", entry.device_id, "', but task '",
-                                               entry.task_id, "' is round ", task->round_id,
-                                               " for device '", task->device_id, "'"));
+      return absl::InvalidArgumentError(StrCat("update '", key, "' claims round ", entry.round_id, " and device '",
+                                               entry.device_id, "', but task '", entry.task_id, "' is round ",
+                                               task->round_id, " for device '", task->device_id, "'"));
     }
     if (task->state == "uploaded") {
-      return absl::AlreadyExistsError(StrCat("update '", key, "': task '", entry.task_id,
-                                             "' already has an update in the ledger"));
+      return absl::AlreadyExistsError(
+          StrCat("update '", key, "': task '", entry.task_id, "' already has an update in the ledger"));
     }
-    SEEDLING_RETURN_IF_ERROR(
-        RequireLiveRound(entry.round_id, StrCat("accept update '", key, "'")));
+    SEEDLING_RETURN_IF_ERROR(RequireLiveRound(entry.round_id, StrCat("accept update '", key, "'")));
     {
-      SEEDLING_ASSIGN_OR_RETURN(Query q, Sql(StrCat("INSERT INTO ledger (", kLedgerColumns,
-                                                    ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")));
+      SEEDLING_ASSIGN_OR_RETURN(
+          Query q, Sql(StrCat("INSERT INTO ledger (", kLedgerColumns, ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")));
       q.Bind(key)
           .Bind(entry.round_id)
           .Bind(entry.task_id)
@@ -328,13 +313,11 @@ struct Store::Impl {
       SEEDLING_RETURN_IF_ERROR(q.Run());
     }
     {
-      SEEDLING_ASSIGN_OR_RETURN(Query q,
-                                Sql("UPDATE tasks SET state = 'uploaded' WHERE task_id = ?"));
+      SEEDLING_ASSIGN_OR_RETURN(Query q, Sql("UPDATE tasks SET state = 'uploaded' WHERE task_id = ?"));
       q.Bind(entry.task_id);
       SEEDLING_RETURN_IF_ERROR(q.Run());
     }
-    SEEDLING_ASSIGN_OR_RETURN(
-        Query q, Sql("UPDATE rounds SET accepted = accepted + 1 WHERE round_id = ?"));
+    SEEDLING_ASSIGN_OR_RETURN(Query q, Sql("UPDATE rounds SET accepted = accepted + 1 WHERE round_id = ?"));
     q.Bind(entry.round_id);
     return q.Run();
   }
@@ -349,8 +332,8 @@ struct Store::Impl {
       SEEDLING_ASSIGN_OR_RETURN(bool row, q.Step());
       const std::string mode = row ? q.Text(0) : "";
       if (mode != "wal") {
-        return absl::FailedPreconditionError(StrCat(
-            "state database '", db_path, "': cannot enable WAL journaling (got '", mode, "')"));
+        return absl::FailedPreconditionError(
+            StrCat("state database '", db_path, "': cannot enable WAL journaling (got '", mode, "')"));
       }
     }
     // FULL: a transaction is on disk (WAL fsynced) when COMMIT returns, which the crash contract
@@ -359,12 +342,11 @@ struct Store::Impl {
     SEEDLING_RETURN_IF_ERROR(Exec("PRAGMA foreign_keys = ON"));
     {
       // Both pragmas are silently ignored by builds without the feature: check they took.
-      SEEDLING_ASSIGN_OR_RETURN(Query q,
-                                Sql("SELECT * FROM pragma_synchronous, pragma_foreign_keys"));
+      SEEDLING_ASSIGN_OR_RETURN(Query q, Sql("SELECT * FROM pragma_synchronous, pragma_foreign_keys"));
       SEEDLING_ASSIGN_OR_RETURN(bool row, q.Step());
       if (!row || q.Int(0) != 2 || q.Int(1) != 1) {
-        return absl::FailedPreconditionError(StrCat(
-            "state database '", db_path, "': SQLite refused synchronous=FULL or foreign_keys=ON"));
+        return absl::FailedPreconditionError(
+            StrCat("state database '", db_path, "': SQLite refused synchronous=FULL or foreign_keys=ON"));
       }
     }
     return absl::OkStatus();
@@ -397,32 +379,29 @@ struct Store::Impl {
       }
       const bool fresh = app_id == 0 && !has_version_table && other_tables == 0;
       if (!fresh && (app_id != kApplicationId || !has_version_table)) {
-        return absl::FailedPreconditionError(
-            StrCat("'", db_path, "' is not a Seedling state database"));
+        return absl::FailedPreconditionError(StrCat("'", db_path, "' is not a Seedling state database"));
       }
       int64_t version = 0;
       if (has_version_table) {
         SEEDLING_ASSIGN_OR_RETURN(Query q, Sql("SELECT version FROM schema_version WHERE id = 1"));
         SEEDLING_ASSIGN_OR_RETURN(bool row, q.Step());
-        if (!row)
-          return absl::DataLossError(
-              StrCat("state database '", db_path, "' has no schema version"));
+        if (!row) return absl::DataLossError(StrCat("state database '", db_path, "' has no schema version"));
         version = q.Int(0);
       }
       if (version > kSchemaVersion) {
-        return absl::FailedPreconditionError(
-            StrCat("state database '", db_path, "' has schema version ", version,
-                   "; this build understands up to ", kSchemaVersion,
-                   " (was it written by a newer Seedling?)"));
+        return absl::FailedPreconditionError(StrCat("state database '", db_path, "' has schema version ", version,
+                                                    "; this build understands up to ", kSchemaVersion,
+                                                    " (was it written by a newer Seedling?)"));
       }
       if (version < 0) {
-        return absl::DataLossError(
-            StrCat("state database '", db_path, "' has schema version ", version));
+        return absl::DataLossError(StrCat("state database '", db_path, "' has schema version ", version));
       }
       if (!may_change && version != kSchemaVersion) {
-        return absl::FailedPreconditionError(
-            StrCat("state database '", db_path, "' has schema version ", version, " and is in use by a server; this "
-                   "build's version is ", kSchemaVersion, ": stop the server (or use its own seedling) first"));
+        return absl::FailedPreconditionError(StrCat("state database '", db_path, "' has schema version ", version,
+                                                    " and is in use by a server; this "
+                                                    "build's version is ",
+                                                    kSchemaVersion,
+                                                    ": stop the server (or use its own seedling) first"));
       }
       for (int64_t v = version; v < kSchemaVersion; ++v) {
         // DDL runs once per database, so it goes through sqlite3_exec rather than the statement
@@ -433,15 +412,13 @@ struct Store::Impl {
         const std::string detail = err != nullptr ? err : "";
         sqlite3_free(err);
         if (rc != SQLITE_OK) {
-          return SqliteStatus(
-              db.get(), rc, db_path,
-              StrCat("cannot migrate schema from version ", v, " to ", v + 1, ": ", detail));
+          return SqliteStatus(db.get(), rc, db_path,
+                              StrCat("cannot migrate schema from version ", v, " to ", v + 1, ": ", detail));
         }
       }
       if (version < kSchemaVersion) {
         SEEDLING_RETURN_IF_ERROR(Exec(StrCat("PRAGMA application_id = ", kApplicationId)));
-        SEEDLING_ASSIGN_OR_RETURN(
-            Query q, Sql("INSERT OR REPLACE INTO schema_version (id, version) VALUES (1, ?)"));
+        SEEDLING_ASSIGN_OR_RETURN(Query q, Sql("INSERT OR REPLACE INTO schema_version (id, version) VALUES (1, ?)"));
         q.Bind(kSchemaVersion);
         SEEDLING_RETURN_IF_ERROR(q.Run());
       }
@@ -487,9 +464,8 @@ absl::StatusOr<std::unique_ptr<Store>> Store::OpenImpl(const std::string& dir, b
         impl->owner = false;
         break;
       }
-      return absl::FailedPreconditionError(StrCat("state directory '", dir,
-                                                  "' is in use by another Store (lock '", lock_path,
-                                                  "' is held)"));
+      return absl::FailedPreconditionError(
+          StrCat("state directory '", dir, "' is in use by another Store (lock '", lock_path, "' is held)"));
     }
     return ErrnoStatus(errno, "cannot lock", lock_path);
   }
@@ -517,8 +493,7 @@ absl::Status RefuseBesideOwner(const std::string& dir, const char* what) {
 }
 }  // namespace
 
-absl::StatusOr<std::vector<RoundRecord>> Store::RecoverAfterCrash(int64_t now_ms,
-                                                                  const std::string& reason) {
+absl::StatusOr<std::vector<RoundRecord>> Store::RecoverAfterCrash(int64_t now_ms, const std::string& reason) {
   Impl& im = *impl_;
   if (!im.owner) return RefuseBesideOwner(im.dir, "RecoverAfterCrash");
   absl::MutexLock ck(&im.checkpoint_mu);
@@ -535,25 +510,20 @@ absl::StatusOr<std::vector<RoundRecord>> Store::RecoverAfterCrash(int64_t now_ms
       recorded.insert(q.UInt(0));
     }
   }
-  if (recorded.count(meta.global_version) != 0 &&
-      !FileExists(im.CheckpointPath(meta.global_version))) {
-    return absl::DataLossError(StrCat("the checkpoint of the current global version ",
-                                      meta.global_version, " ('",
+  if (recorded.count(meta.global_version) != 0 && !FileExists(im.CheckpointPath(meta.global_version))) {
+    return absl::DataLossError(StrCat("the checkpoint of the current global version ", meta.global_version, " ('",
                                       im.CheckpointPath(meta.global_version), "') is missing"));
   }
 
   std::vector<RoundRecord> aborted;
   SEEDLING_RETURN_IF_ERROR(im.Write("RecoverAfterCrash", [&]() -> absl::Status {
     SEEDLING_ASSIGN_OR_RETURN(
-        aborted,
-        im.LoadRounds(
-            StrCat("SELECT ", kRoundColumns,
-                   " FROM rounds WHERE state NOT IN ('committed', 'aborted') ORDER BY round_id"),
-            std::nullopt));
+        aborted, im.LoadRounds(StrCat("SELECT ", kRoundColumns,
+                                      " FROM rounds WHERE state NOT IN ('committed', 'aborted') ORDER BY round_id"),
+                               std::nullopt));
     for (RoundRecord& r : aborted) {
-      SEEDLING_ASSIGN_OR_RETURN(
-          Query q, im.Sql("UPDATE rounds SET state = 'aborted', closed_ms = ?, state_ms = ?, "
-                          "abort_reason = ? WHERE round_id = ?"));
+      SEEDLING_ASSIGN_OR_RETURN(Query q, im.Sql("UPDATE rounds SET state = 'aborted', closed_ms = ?, state_ms = ?, "
+                                                "abort_reason = ? WHERE round_id = ?"));
       q.Bind(now_ms).Bind(now_ms).Bind(reason).Bind(r.round_id);
       SEEDLING_RETURN_IF_ERROR(q.Run());
       r.state = RoundState::kAborted;
@@ -594,19 +564,16 @@ absl::Status Store::AddDevice(const DeviceRecord& device) {
   if (device.device_id.empty()) return absl::InvalidArgumentError("a device id cannot be empty");
   // Guards against a caller passing the bearer token itself; the message must not echo the value.
   if (!IsHexSha256(device.token_sha256)) {
-    return absl::InvalidArgumentError(
-        StrCat("token_sha256 of device '", device.device_id,
-               "' must be 64 hex digits (the SHA-256 of the token, never the token)"));
+    return absl::InvalidArgumentError(StrCat("token_sha256 of device '", device.device_id,
+                                             "' must be 64 hex digits (the SHA-256 of the token, never the token)"));
   }
   Impl& im = *impl_;
   absl::MutexLock lock(&im.mu);
   return im.Write("AddDevice", [&]() -> absl::Status {
-    SEEDLING_ASSIGN_OR_RETURN(std::optional<DeviceRecord> existing,
-                              im.LoadDevice(device.device_id));
-    if (existing)
-      return absl::AlreadyExistsError(StrCat("device '", device.device_id, "' already exists"));
-    SEEDLING_ASSIGN_OR_RETURN(
-        Query q, im.Sql(StrCat("INSERT INTO devices (", kDeviceColumns, ") VALUES (?, ?, ?, ?, ?)")));
+    SEEDLING_ASSIGN_OR_RETURN(std::optional<DeviceRecord> existing, im.LoadDevice(device.device_id));
+    if (existing) return absl::AlreadyExistsError(StrCat("device '", device.device_id, "' already exists"));
+    SEEDLING_ASSIGN_OR_RETURN(Query q,
+                              im.Sql(StrCat("INSERT INTO devices (", kDeviceColumns, ") VALUES (?, ?, ?, ?, ?)")));
     q.Bind(device.device_id)
         .Bind(device.token_sha256)
         .Bind(device.created_ms)
@@ -624,15 +591,16 @@ absl::StatusOr<std::optional<DeviceRecord>> Store::FindDevice(const std::string&
 absl::Status Store::TouchDevice(const std::string& device_id, int64_t now_ms) {
   Impl& im = *impl_;
   absl::MutexLock lock(&im.mu);
-  return im.Write("TouchDevice", [&]() -> absl::Status {
-    SEEDLING_ASSIGN_OR_RETURN(Query q,
-                              im.Sql("UPDATE devices SET last_seen_ms = ? WHERE device_id = ?"));
-    q.Bind(now_ms).Bind(device_id);
-    SEEDLING_RETURN_IF_ERROR(q.Run());
-    if (q.Changes() == 0)
-      return absl::NotFoundError(StrCat("device '", device_id, "' does not exist"));
-    return absl::OkStatus();
-  }, Sync::kLazy);
+  return im.Write(
+      "TouchDevice",
+      [&]() -> absl::Status {
+        SEEDLING_ASSIGN_OR_RETURN(Query q, im.Sql("UPDATE devices SET last_seen_ms = ? WHERE device_id = ?"));
+        q.Bind(now_ms).Bind(device_id);
+        SEEDLING_RETURN_IF_ERROR(q.Run());
+        if (q.Changes() == 0) return absl::NotFoundError(StrCat("device '", device_id, "' does not exist"));
+        return absl::OkStatus();
+      },
+      Sync::kLazy);
 }
 
 absl::Status Store::RevokeDevice(const std::string& device_id, int64_t now_ms) {
@@ -670,8 +638,7 @@ absl::Status Store::SetDeviceToken(const std::string& device_id, const std::stri
 absl::StatusOr<std::vector<DeviceRecord>> Store::ListDevices() {
   Impl& im = *impl_;
   absl::MutexLock lock(&im.mu);
-  SEEDLING_ASSIGN_OR_RETURN(
-      Query q, im.Sql(StrCat("SELECT ", kDeviceColumns, " FROM devices ORDER BY device_id")));
+  SEEDLING_ASSIGN_OR_RETURN(Query q, im.Sql(StrCat("SELECT ", kDeviceColumns, " FROM devices ORDER BY device_id")));
   std::vector<DeviceRecord> out;
   while (true) {
     SEEDLING_ASSIGN_OR_RETURN(bool row, q.Step());
@@ -693,8 +660,8 @@ absl::StatusOr<uint64_t> Store::GlobalVersion() {
 
 absl::StatusOr<RoundRecord> Store::CreateRound(const RoundRecord& fields) {
   if (fields.target < 0 || fields.min_reports < 0) {
-    return absl::InvalidArgumentError(StrCat("a round needs target >= 0 and min_reports >= 0, got ",
-                                             fields.target, " and ", fields.min_reports));
+    return absl::InvalidArgumentError(
+        StrCat("a round needs target >= 0 and min_reports >= 0, got ", fields.target, " and ", fields.min_reports));
   }
   Impl& im = *impl_;
   absl::MutexLock lock(&im.mu);
@@ -710,9 +677,8 @@ absl::StatusOr<RoundRecord> Store::CreateRound(const RoundRecord& fields) {
   SEEDLING_RETURN_IF_ERROR(im.Write("CreateRound", [&]() -> absl::Status {
     SEEDLING_ASSIGN_OR_RETURN(Impl::Meta meta, im.LoadMeta());
     if (r.base_version > meta.global_version) {
-      return absl::FailedPreconditionError(StrCat("a new round cannot start from version ",
-                                                  r.base_version, ": the global version is ",
-                                                  meta.global_version));
+      return absl::FailedPreconditionError(StrCat("a new round cannot start from version ", r.base_version,
+                                                  ": the global version is ", meta.global_version));
     }
     // The counter lives in meta, not in MAX(round_id), so ids are never reused even if rows go
     // away.
@@ -722,9 +688,8 @@ absl::StatusOr<RoundRecord> Store::CreateRound(const RoundRecord& fields) {
       q.Bind(r.round_id);
       SEEDLING_RETURN_IF_ERROR(q.Run());
     }
-    SEEDLING_ASSIGN_OR_RETURN(
-        Query q, im.Sql(StrCat("INSERT INTO rounds (", kRoundColumns,
-                               ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")));
+    SEEDLING_ASSIGN_OR_RETURN(Query q, im.Sql(StrCat("INSERT INTO rounds (", kRoundColumns,
+                                                     ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")));
     q.Bind(r.round_id)
         .Bind(RoundStateName(r.state))
         .Bind(r.method)
@@ -753,21 +718,18 @@ absl::StatusOr<std::optional<RoundRecord>> Store::FindRound(uint64_t round_id) {
 
 absl::StatusOr<std::optional<RoundRecord>> Store::LatestRound() {
   absl::MutexLock lock(&impl_->mu);
-  SEEDLING_ASSIGN_OR_RETURN(std::vector<RoundRecord> rounds,
-                            impl_->LoadRounds(StrCat("SELECT ", kRoundColumns,
-                                                     " FROM rounds ORDER BY round_id DESC LIMIT 1"),
-                                              std::nullopt));
+  SEEDLING_ASSIGN_OR_RETURN(
+      std::vector<RoundRecord> rounds,
+      impl_->LoadRounds(StrCat("SELECT ", kRoundColumns, " FROM rounds ORDER BY round_id DESC LIMIT 1"), std::nullopt));
   if (rounds.empty()) return std::optional<RoundRecord>();
   return std::optional<RoundRecord>(std::move(rounds.front()));
 }
 
 absl::StatusOr<std::vector<RoundRecord>> Store::RecentRounds(int limit) {
-  if (limit < 0)
-    return absl::InvalidArgumentError(StrCat("RecentRounds limit must be >= 0, got ", limit));
+  if (limit < 0) return absl::InvalidArgumentError(StrCat("RecentRounds limit must be >= 0, got ", limit));
   absl::MutexLock lock(&impl_->mu);
-  return impl_->LoadRounds(
-      StrCat("SELECT ", kRoundColumns, " FROM rounds ORDER BY round_id DESC LIMIT ?"),
-      int64_t{limit});
+  return impl_->LoadRounds(StrCat("SELECT ", kRoundColumns, " FROM rounds ORDER BY round_id DESC LIMIT ?"),
+                           int64_t{limit});
 }
 
 absl::Status Store::SetRoundState(uint64_t round_id, RoundState state, int64_t now_ms) {
@@ -776,14 +738,13 @@ absl::Status Store::SetRoundState(uint64_t round_id, RoundState state, int64_t n
   return im.Write("SetRoundState", [&]() -> absl::Status {
     SEEDLING_ASSIGN_OR_RETURN(RoundRecord r, im.RequireRound(round_id));
     if (state == RoundState::kCommitted || state == RoundState::kAborted) {
-      return absl::FailedPreconditionError(TransitionError(
-          round_id, r.state, state,
-          state == RoundState::kCommitted ? " with SetRoundState (use CommitRound)"
-                                          : " with SetRoundState (use AbortRound)"));
+      return absl::FailedPreconditionError(TransitionError(round_id, r.state, state,
+                                                           state == RoundState::kCommitted
+                                                               ? " with SetRoundState (use CommitRound)"
+                                                               : " with SetRoundState (use AbortRound)"));
     }
     SEEDLING_RETURN_IF_ERROR(CheckTransition(r, state));
-    SEEDLING_ASSIGN_OR_RETURN(
-        Query q, im.Sql("UPDATE rounds SET state = ?, state_ms = ? WHERE round_id = ?"));
+    SEEDLING_ASSIGN_OR_RETURN(Query q, im.Sql("UPDATE rounds SET state = ?, state_ms = ? WHERE round_id = ?"));
     q.Bind(RoundStateName(state)).Bind(now_ms).Bind(round_id);
     return q.Run();
   });
@@ -794,19 +755,17 @@ absl::Status Store::IncrementSelected(uint64_t round_id) {
   absl::MutexLock lock(&im.mu);
   return im.Write("IncrementSelected", [&]() -> absl::Status {
     SEEDLING_RETURN_IF_ERROR(im.RequireLiveRound(round_id, "select devices"));
-    SEEDLING_ASSIGN_OR_RETURN(
-        Query q, im.Sql("UPDATE rounds SET selected = selected + 1 WHERE round_id = ?"));
+    SEEDLING_ASSIGN_OR_RETURN(Query q, im.Sql("UPDATE rounds SET selected = selected + 1 WHERE round_id = ?"));
     q.Bind(round_id);
     return q.Run();
   });
 }
 
-absl::Status Store::CommitRound(uint64_t round_id, uint64_t new_version, int64_t now_ms,
-                                const std::string& result_json, const std::string& seed_sums_blob,
-                                const std::optional<DpSpend>& dp) {
+absl::Status Store::CommitRound(uint64_t round_id, uint64_t new_version, int64_t now_ms, const std::string& result_json,
+                                const std::string& seed_sums_blob, const std::optional<DpSpend>& dp) {
   if (!impl_->owner) return RefuseBesideOwner(impl_->dir, "CommitRound");
-  if (dp.has_value() && (!(dp->sampling_rate >= 0 && dp->sampling_rate <= 1) ||
-                         !(dp->noise_multiplier >= 0) || !std::isfinite(dp->noise_multiplier) || dp->steps < 0)) {
+  if (dp.has_value() && (!(dp->sampling_rate >= 0 && dp->sampling_rate <= 1) || !(dp->noise_multiplier >= 0) ||
+                         !std::isfinite(dp->noise_multiplier) || dp->steps < 0)) {
     return absl::InvalidArgumentError(StrCat("round ", round_id, ": DP spend needs sampling rate in [0, 1], noise ",
                                              "multiplier >= 0 and steps >= 0, got ", dp->sampling_rate, ", ",
                                              dp->noise_multiplier, ", ", dp->steps));
@@ -819,23 +778,22 @@ absl::Status Store::CommitRound(uint64_t round_id, uint64_t new_version, int64_t
     SEEDLING_RETURN_IF_ERROR(CheckTransition(r, RoundState::kCommitted));
     SEEDLING_ASSIGN_OR_RETURN(Impl::Meta meta, im.LoadMeta());
     if (new_version != meta.global_version + 1) {
-      return absl::FailedPreconditionError(StrCat(
-          "round ", round_id, " cannot commit version ", new_version, ": the global version is ",
-          meta.global_version, ", so the next is ", meta.global_version + 1));
+      return absl::FailedPreconditionError(StrCat("round ", round_id, " cannot commit version ", new_version,
+                                                  ": the global version is ", meta.global_version, ", so the next is ",
+                                                  meta.global_version + 1));
     }
     const std::string path = im.CheckpointPath(new_version);
     if (!FileExists(path)) {
-      return absl::FailedPreconditionError(StrCat("round ", round_id, " cannot commit version ",
-                                                  new_version, ": its checkpoint '", path,
+      return absl::FailedPreconditionError(StrCat("round ", round_id, " cannot commit version ", new_version,
+                                                  ": its checkpoint '", path,
                                                   "' does not exist (WriteCheckpoint first)"));
     }
     // Hashed here, under checkpoint_mu, so the recorded hash is that of the file that becomes
     // current.
     SEEDLING_ASSIGN_OR_RETURN(std::string sha, FileSha256Hex(path));
     {
-      SEEDLING_ASSIGN_OR_RETURN(
-          Query q, im.Sql("UPDATE rounds SET state = 'committed', result_version = ?, "
-                          "closed_ms = ?, state_ms = ?, result_json = ? WHERE round_id = ?"));
+      SEEDLING_ASSIGN_OR_RETURN(Query q, im.Sql("UPDATE rounds SET state = 'committed', result_version = ?, "
+                                                "closed_ms = ?, state_ms = ?, result_json = ? WHERE round_id = ?"));
       q.Bind(new_version).Bind(now_ms).Bind(now_ms).Bind(result_json).Bind(round_id);
       SEEDLING_RETURN_IF_ERROR(q.Run());
     }
@@ -846,20 +804,19 @@ absl::Status Store::CommitRound(uint64_t round_id, uint64_t new_version, int64_t
     }
     {
       SEEDLING_ASSIGN_OR_RETURN(
-          Query q,
-          im.Sql("INSERT INTO checkpoints (version, file, sha256, round_id) VALUES (?, ?, ?, ?)"));
+          Query q, im.Sql("INSERT INTO checkpoints (version, file, sha256, round_id) VALUES (?, ?, ?, ?)"));
       q.Bind(new_version).Bind(Impl::CheckpointRelativePath(new_version)).Bind(sha).Bind(round_id);
       SEEDLING_RETURN_IF_ERROR(q.Run());
     }
     if (!seed_sums_blob.empty()) {
-      SEEDLING_ASSIGN_OR_RETURN(
-          Query q, im.Sql("INSERT INTO seed_sums (version, round_id, sums) VALUES (?, ?, ?)"));
+      SEEDLING_ASSIGN_OR_RETURN(Query q, im.Sql("INSERT INTO seed_sums (version, round_id, sums) VALUES (?, ?, ?)"));
       q.Bind(new_version).Bind(round_id).BindBlob(seed_sums_blob);
       SEEDLING_RETURN_IF_ERROR(q.Run());
     }
     if (dp.has_value()) {
       SEEDLING_ASSIGN_OR_RETURN(
-          Query q, im.Sql("INSERT INTO dp_rounds (round_id, sampling_rate, noise_multiplier, steps) VALUES (?, ?, ?, ?)"));
+          Query q,
+          im.Sql("INSERT INTO dp_rounds (round_id, sampling_rate, noise_multiplier, steps) VALUES (?, ?, ?, ?)"));
       q.Bind(round_id).Bind(dp->sampling_rate).Bind(dp->noise_multiplier).Bind(dp->steps);
       SEEDLING_RETURN_IF_ERROR(q.Run());
     }
@@ -888,9 +845,8 @@ absl::Status Store::AbortRound(uint64_t round_id, int64_t now_ms, const std::str
     SEEDLING_ASSIGN_OR_RETURN(RoundRecord r, im.RequireRound(round_id));
     SEEDLING_RETURN_IF_ERROR(CheckTransition(r, RoundState::kAborted));
     // The ledger rows stay: the round's state tells readers they were never aggregated.
-    SEEDLING_ASSIGN_OR_RETURN(
-        Query q, im.Sql("UPDATE rounds SET state = 'aborted', closed_ms = ?, state_ms = ?, "
-                        "abort_reason = ? WHERE round_id = ?"));
+    SEEDLING_ASSIGN_OR_RETURN(Query q, im.Sql("UPDATE rounds SET state = 'aborted', closed_ms = ?, state_ms = ?, "
+                                              "abort_reason = ? WHERE round_id = ?"));
     q.Bind(now_ms).Bind(now_ms).Bind(reason).Bind(round_id);
     return q.Run();
   });
@@ -901,48 +857,46 @@ absl::Status Store::AbortRound(uint64_t round_id, int64_t now_ms, const std::str
 absl::Status Store::AddTask(const TaskRecord& task) {
   if (task.task_id.empty()) return absl::InvalidArgumentError("a task id cannot be empty");
   if (!IsTaskState(task.state)) {
-    return absl::InvalidArgumentError(StrCat("task '", task.task_id, "' has state '", task.state,
-                                             "'; expected assigned, declined or uploaded"));
+    return absl::InvalidArgumentError(
+        StrCat("task '", task.task_id, "' has state '", task.state, "'; expected assigned, declined or uploaded"));
   }
   if (task.state == "uploaded") {
     return absl::InvalidArgumentError(
-        StrCat("task '", task.task_id,
-               "' cannot start uploaded: only RecordAcceptedUpdate marks a task uploaded"));
+        StrCat("task '", task.task_id, "' cannot start uploaded: only RecordAcceptedUpdate marks a task uploaded"));
   }
   Impl& im = *impl_;
   absl::MutexLock lock(&im.mu);
-  return im.Write("AddTask", [&]() -> absl::Status {
-    SEEDLING_RETURN_IF_ERROR(
-        im.RequireLiveRound(task.round_id, StrCat("add task '", task.task_id, "'")));
-    SEEDLING_ASSIGN_OR_RETURN(std::optional<TaskRecord> existing, im.LoadTask(task.task_id));
-    if (existing)
-      return absl::AlreadyExistsError(StrCat("task '", task.task_id, "' already exists"));
-    {
-      SEEDLING_ASSIGN_OR_RETURN(
-          Query q, im.Sql("SELECT task_id FROM tasks WHERE round_id = ? AND device_id = ?"));
-      q.Bind(task.round_id).Bind(task.device_id);
-      SEEDLING_ASSIGN_OR_RETURN(bool row, q.Step());
-      if (row) {
-        return absl::AlreadyExistsError(StrCat("device '", task.device_id, "' already has task '",
-                                               q.Text(0), "' in round ", task.round_id));
-      }
-    }
-    {
-      SEEDLING_ASSIGN_OR_RETURN(Query q, im.Sql(StrCat("INSERT INTO tasks (", kTaskColumns,
-                                                       ") VALUES (?, ?, ?, ?, ?, ?)")));
-      q.Bind(task.task_id)
-          .Bind(task.round_id)
-          .Bind(task.device_id)
-          .Bind(task.assigned_ms)
-          .Bind(task.state)
-          .Bind(task.detail);
-      SEEDLING_RETURN_IF_ERROR(q.Run());
-    }
-    SEEDLING_ASSIGN_OR_RETURN(
-        Query q, im.Sql("UPDATE rounds SET selected = selected + 1 WHERE round_id = ?"));
-    q.Bind(task.round_id);
-    return q.Run();
-  }, Sync::kLazy);
+  return im.Write(
+      "AddTask",
+      [&]() -> absl::Status {
+        SEEDLING_RETURN_IF_ERROR(im.RequireLiveRound(task.round_id, StrCat("add task '", task.task_id, "'")));
+        SEEDLING_ASSIGN_OR_RETURN(std::optional<TaskRecord> existing, im.LoadTask(task.task_id));
+        if (existing) return absl::AlreadyExistsError(StrCat("task '", task.task_id, "' already exists"));
+        {
+          SEEDLING_ASSIGN_OR_RETURN(Query q, im.Sql("SELECT task_id FROM tasks WHERE round_id = ? AND device_id = ?"));
+          q.Bind(task.round_id).Bind(task.device_id);
+          SEEDLING_ASSIGN_OR_RETURN(bool row, q.Step());
+          if (row) {
+            return absl::AlreadyExistsError(
+                StrCat("device '", task.device_id, "' already has task '", q.Text(0), "' in round ", task.round_id));
+          }
+        }
+        {
+          SEEDLING_ASSIGN_OR_RETURN(Query q,
+                                    im.Sql(StrCat("INSERT INTO tasks (", kTaskColumns, ") VALUES (?, ?, ?, ?, ?, ?)")));
+          q.Bind(task.task_id)
+              .Bind(task.round_id)
+              .Bind(task.device_id)
+              .Bind(task.assigned_ms)
+              .Bind(task.state)
+              .Bind(task.detail);
+          SEEDLING_RETURN_IF_ERROR(q.Run());
+        }
+        SEEDLING_ASSIGN_OR_RETURN(Query q, im.Sql("UPDATE rounds SET selected = selected + 1 WHERE round_id = ?"));
+        q.Bind(task.round_id);
+        return q.Run();
+      },
+      Sync::kLazy);
 }
 
 absl::StatusOr<std::optional<TaskRecord>> Store::FindTask(const std::string& task_id) {
@@ -950,24 +904,21 @@ absl::StatusOr<std::optional<TaskRecord>> Store::FindTask(const std::string& tas
   return impl_->LoadTask(task_id);
 }
 
-absl::StatusOr<std::optional<TaskRecord>> Store::FindTaskFor(uint64_t round_id,
-                                                             const std::string& device_id) {
+absl::StatusOr<std::optional<TaskRecord>> Store::FindTaskFor(uint64_t round_id, const std::string& device_id) {
   Impl& im = *impl_;
   absl::MutexLock lock(&im.mu);
   SEEDLING_ASSIGN_OR_RETURN(
-      Query q,
-      im.Sql(StrCat("SELECT ", kTaskColumns, " FROM tasks WHERE round_id = ? AND device_id = ?")));
+      Query q, im.Sql(StrCat("SELECT ", kTaskColumns, " FROM tasks WHERE round_id = ? AND device_id = ?")));
   q.Bind(round_id).Bind(device_id);
   SEEDLING_ASSIGN_OR_RETURN(bool row, q.Step());
   if (!row) return std::optional<TaskRecord>();
   return std::optional<TaskRecord>(ReadTask(q));
 }
 
-absl::Status Store::SetTaskState(const std::string& task_id, const std::string& state,
-                                 const std::string& detail) {
+absl::Status Store::SetTaskState(const std::string& task_id, const std::string& state, const std::string& detail) {
   if (!IsTaskState(state)) {
-    return absl::InvalidArgumentError(StrCat("task '", task_id, "': unknown state '", state,
-                                             "'; expected assigned, declined or uploaded"));
+    return absl::InvalidArgumentError(
+        StrCat("task '", task_id, "': unknown state '", state, "'; expected assigned, declined or uploaded"));
   }
   Impl& im = *impl_;
   absl::MutexLock lock(&im.mu);
@@ -980,8 +931,7 @@ absl::Status Store::SetTaskState(const std::string& task_id, const std::string& 
           StrCat("task '", task_id, "' cannot move from ", t->state, " to ", state,
                  ": only RecordAcceptedUpdate marks a task uploaded, and the ledger keeps it so"));
     }
-    SEEDLING_ASSIGN_OR_RETURN(Query q,
-                              im.Sql("UPDATE tasks SET state = ?, detail = ? WHERE task_id = ?"));
+    SEEDLING_ASSIGN_OR_RETURN(Query q, im.Sql("UPDATE tasks SET state = ?, detail = ? WHERE task_id = ?"));
     q.Bind(state).Bind(detail).Bind(task_id);
     return q.Run();
   });
@@ -1021,8 +971,7 @@ std::vector<absl::Status> Store::RecordAcceptedUpdates(std::span<const LedgerEnt
   return results;
 }
 
-absl::StatusOr<std::optional<LedgerEntry>> Store::FindLedgerEntry(
-    const std::string& idempotency_key) {
+absl::StatusOr<std::optional<LedgerEntry>> Store::FindLedgerEntry(const std::string& idempotency_key) {
   absl::MutexLock lock(&impl_->mu);
   return impl_->LoadLedger(idempotency_key);
 }
@@ -1032,8 +981,7 @@ absl::StatusOr<std::vector<LedgerEntry>> Store::LedgerForRound(uint64_t round_id
   absl::MutexLock lock(&im.mu);
   // rowid follows insertion order for a table that is never vacuumed of live rows.
   SEEDLING_ASSIGN_OR_RETURN(
-      Query q,
-      im.Sql(StrCat("SELECT ", kLedgerColumns, " FROM ledger WHERE round_id = ? ORDER BY rowid")));
+      Query q, im.Sql(StrCat("SELECT ", kLedgerColumns, " FROM ledger WHERE round_id = ? ORDER BY rowid")));
   q.Bind(round_id);
   std::vector<LedgerEntry> out;
   while (true) {
@@ -1046,15 +994,13 @@ absl::StatusOr<std::vector<LedgerEntry>> Store::LedgerForRound(uint64_t round_id
 
 // ---- seed sums
 
-absl::StatusOr<std::vector<std::pair<uint64_t, std::string>>> Store::SeedSumsSince(
-    uint64_t since_version) {
+absl::StatusOr<std::vector<std::pair<uint64_t, std::string>>> Store::SeedSumsSince(uint64_t since_version) {
   std::vector<std::pair<uint64_t, std::string>> out;
   // Versions are stored as signed 64-bit; nothing can be newer than the largest one.
   if (since_version >= static_cast<uint64_t>(INT64_MAX)) return out;
   Impl& im = *impl_;
   absl::MutexLock lock(&im.mu);
-  SEEDLING_ASSIGN_OR_RETURN(
-      Query q, im.Sql("SELECT version, sums FROM seed_sums WHERE version > ? ORDER BY version"));
+  SEEDLING_ASSIGN_OR_RETURN(Query q, im.Sql("SELECT version, sums FROM seed_sums WHERE version > ? ORDER BY version"));
   q.Bind(since_version);
   while (true) {
     SEEDLING_ASSIGN_OR_RETURN(bool row, q.Step());
@@ -1066,8 +1012,7 @@ absl::StatusOr<std::vector<std::pair<uint64_t, std::string>>> Store::SeedSumsSin
 
 // ---- checkpoints
 
-absl::StatusOr<std::string> Store::WriteCheckpoint(uint64_t version,
-                                                   const std::vector<NamedVector>& vectors) {
+absl::StatusOr<std::string> Store::WriteCheckpoint(uint64_t version, const std::vector<NamedVector>& vectors) {
   Impl& im = *impl_;
   if (!im.owner) return RefuseBesideOwner(im.dir, "WriteCheckpoint");
   absl::MutexLock ck(&im.checkpoint_mu);
@@ -1075,15 +1020,14 @@ absl::StatusOr<std::string> Store::WriteCheckpoint(uint64_t version,
     absl::MutexLock lock(&im.mu);
     SEEDLING_ASSIGN_OR_RETURN(std::optional<CheckpointRecord> recorded, im.LoadCheckpoint(version));
     if (recorded) {
-      return absl::AlreadyExistsError(StrCat("checkpoint of version ", version, " ('",
-                                             recorded->path,
-                                             "') is recorded and cannot be rewritten"));
+      return absl::AlreadyExistsError(
+          StrCat("checkpoint of version ", version, " ('", recorded->path, "') is recorded and cannot be rewritten"));
     }
     SEEDLING_ASSIGN_OR_RETURN(Impl::Meta meta, im.LoadMeta());
     if (version != meta.global_version + 1 && !(version == 0 && meta.global_version == 0)) {
-      return absl::FailedPreconditionError(StrCat(
-          "cannot write the checkpoint of version ", version, ": the global version is ",
-          meta.global_version, ", so only version ", meta.global_version + 1, " can be written"));
+      return absl::FailedPreconditionError(StrCat("cannot write the checkpoint of version ", version,
+                                                  ": the global version is ", meta.global_version, ", so only version ",
+                                                  meta.global_version + 1, " can be written"));
     }
   }
   // `mu` is released: the global version only changes in CommitRound, which waits for
@@ -1096,14 +1040,13 @@ absl::StatusOr<std::string> Store::WriteCheckpoint(uint64_t version,
     t.name = v.name;
     t.dtype = model::DType::kF32;
     t.shape = {static_cast<int64_t>(v.values.size())};
-    t.data = std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(v.values.data()),
-                                      v.values.size() * sizeof(float));
+    t.data =
+        std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(v.values.data()), v.values.size() * sizeof(float));
     tensors.push_back(std::move(t));
   }
   const std::string path = im.CheckpointPath(version);
   // The version inside the file catches a file renamed to another version's name.
-  SEEDLING_RETURN_IF_ERROR(
-      model::WriteSafetensors(path, tensors, {{kVersionMetadataKey, StrCat(version)}}, im.fs));
+  SEEDLING_RETURN_IF_ERROR(model::WriteSafetensors(path, tensors, {{kVersionMetadataKey, StrCat(version)}}, im.fs));
   SEEDLING_ASSIGN_OR_RETURN(std::string sha, FileSha256Hex(path));
 
   if (version == 0) {
@@ -1112,9 +1055,7 @@ absl::StatusOr<std::string> Store::WriteCheckpoint(uint64_t version,
     absl::MutexLock lock(&im.mu);
     SEEDLING_RETURN_IF_ERROR(im.Write("WriteCheckpoint", [&]() -> absl::Status {
       SEEDLING_ASSIGN_OR_RETURN(
-          Query q,
-          im.Sql(
-              "INSERT INTO checkpoints (version, file, sha256, round_id) VALUES (?, ?, ?, NULL)"));
+          Query q, im.Sql("INSERT INTO checkpoints (version, file, sha256, round_id) VALUES (?, ?, ?, NULL)"));
       q.Bind(version).Bind(Impl::CheckpointRelativePath(version)).Bind(sha);
       return q.Run();
     }));
@@ -1133,18 +1074,15 @@ absl::StatusOr<std::vector<NamedVector>> Store::ReadCheckpoint(uint64_t version)
   // Recorded files are immutable (WriteCheckpoint refuses them), so no lock is needed from here on.
   if (!FileExists(path)) {
     if (recorded) {
-      return absl::DataLossError(
-          StrCat("checkpoint of version ", version, " ('", path, "') is recorded but missing"));
+      return absl::DataLossError(StrCat("checkpoint of version ", version, " ('", path, "') is recorded but missing"));
     }
-    return absl::NotFoundError(
-        StrCat("there is no checkpoint of version ", version, " ('", path, "')"));
+    return absl::NotFoundError(StrCat("there is no checkpoint of version ", version, " ('", path, "')"));
   }
   if (recorded) {
     SEEDLING_ASSIGN_OR_RETURN(std::string sha, FileSha256Hex(path));
     if (sha != recorded->sha256) {
-      return absl::DataLossError(StrCat("checkpoint '", path, "' has SHA-256 ", sha,
-                                        ", but version ", version, " was recorded with ",
-                                        recorded->sha256));
+      return absl::DataLossError(StrCat("checkpoint '", path, "' has SHA-256 ", sha, ", but version ", version,
+                                        " was recorded with ", recorded->sha256));
     }
   }
   absl::StatusOr<std::unique_ptr<model::SafetensorsFile>> file = model::SafetensorsFile::Open(path);
@@ -1152,13 +1090,12 @@ absl::StatusOr<std::vector<NamedVector>> Store::ReadCheckpoint(uint64_t version)
     // A checkpoint the store wrote that no longer parses is damaged data, whatever the parser calls
     // it.
     if (file.status().code() == absl::StatusCode::kNotFound) return file.status();
-    return absl::DataLossError(
-        StrCat("checkpoint of version ", version, ": ", FromAbsl(file.status().message())));
+    return absl::DataLossError(StrCat("checkpoint of version ", version, ": ", FromAbsl(file.status().message())));
   }
   const auto& meta = (*file)->metadata();
   if (auto it = meta.find(kVersionMetadataKey); it != meta.end() && it->second != StrCat(version)) {
-    return absl::DataLossError(StrCat("checkpoint '", path, "' says it holds version ", it->second,
-                                      ", expected ", version));
+    return absl::DataLossError(
+        StrCat("checkpoint '", path, "' says it holds version ", it->second, ", expected ", version));
   }
   std::vector<const model::TensorView*> views;
   for (const auto& [name, view] : (*file)->tensors()) {
@@ -1171,9 +1108,8 @@ absl::StatusOr<std::vector<NamedVector>> Store::ReadCheckpoint(uint64_t version)
   }
   // Data offsets follow the order the vectors were written in; the map iterates by name, which
   // breaks ties.
-  std::stable_sort(
-      views.begin(), views.end(),
-      [](const model::TensorView* a, const model::TensorView* b) { return a->data < b->data; });
+  std::stable_sort(views.begin(), views.end(),
+                   [](const model::TensorView* a, const model::TensorView* b) { return a->data < b->data; });
   std::vector<NamedVector> out;
   out.reserve(views.size());
   for (const model::TensorView* v : views) {
@@ -1212,8 +1148,7 @@ absl::StatusOr<std::string> Store::Checksum() {
   for (const std::string& table : tables) {
     std::string order;
     {
-      SEEDLING_ASSIGN_OR_RETURN(
-          Query q, im.Sql("SELECT name FROM pragma_table_info(?) WHERE pk > 0 ORDER BY pk"));
+      SEEDLING_ASSIGN_OR_RETURN(Query q, im.Sql("SELECT name FROM pragma_table_info(?) WHERE pk > 0 ORDER BY pk"));
       q.Bind(table);
       while (true) {
         SEEDLING_ASSIGN_OR_RETURN(bool row, q.Step());
@@ -1221,9 +1156,8 @@ absl::StatusOr<std::string> Store::Checksum() {
         order += StrCat(order.empty() ? "" : ", ", "\"", q.Text(0), "\"");
       }
     }
-    SEEDLING_ASSIGN_OR_RETURN(Query q,
-                              im.Sql(StrCat("SELECT * FROM \"", table, "\"",
-                                            order.empty() ? "" : StrCat(" ORDER BY ", order))));
+    SEEDLING_ASSIGN_OR_RETURN(
+        Query q, im.Sql(StrCat("SELECT * FROM \"", table, "\"", order.empty() ? "" : StrCat(" ORDER BY ", order))));
     sha.Update("T");
     HashField(sha, table);
     std::vector<std::string> rows;  // only used for tables without a primary key

@@ -55,7 +55,7 @@ struct DeviceRecord {
   std::string token_sha256;  // hex SHA-256 of the bearer token (the token itself is never stored)
   int64_t created_ms = 0;
   int64_t last_seen_ms = 0;
-  int64_t revoked_ms = 0;    // > 0: revoked then (`seedling devices revoke`); the device is refused at Hello
+  int64_t revoked_ms = 0;  // > 0: revoked then (`seedling devices revoke`); the device is refused at Hello
 };
 
 struct RoundRecord {
@@ -70,11 +70,11 @@ struct RoundRecord {
   int64_t opened_ms = 0;
   int64_t deadline_ms = 0;
   int64_t closed_ms = 0;
-  int64_t selected = 0;         // tasks handed out
-  int64_t accepted = 0;         // updates in the ledger
+  int64_t selected = 0;  // tasks handed out
+  int64_t accepted = 0;  // updates in the ledger
   std::string abort_reason;
-  std::string result_json;      // Committed: aggregate metrics (mean loss, bytes, ...)
-  int64_t state_ms = 0;         // when the state last changed (creation, SetRoundState, commit, abort)
+  std::string result_json;  // Committed: aggregate metrics (mean loss, bytes, ...)
+  int64_t state_ms = 0;     // when the state last changed (creation, SetRoundState, commit, abort)
 };
 
 struct TaskRecord {
@@ -93,7 +93,7 @@ struct LedgerEntry {
   std::string device_id;
   uint64_t num_examples = 0;
   uint64_t bytes = 0;
-  std::string sha256;           // hex of the encoded update
+  std::string sha256;  // hex of the encoded update
   int64_t accepted_ms = 0;
   std::string metrics_json;
 };

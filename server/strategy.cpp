@@ -24,8 +24,8 @@ constexpr const char* kFirstMomentBuffer = "m";      // fedadam, fedyogi, fedada
 constexpr const char* kSecondMomentBuffer = "v";
 
 bool IsDenseCodec(v1::Codec codec) {
-  return codec == v1::CODEC_FP32 || codec == v1::CODEC_FP16 || codec == v1::CODEC_INT8 ||
-         codec == v1::CODEC_INT4 || codec == v1::CODEC_TOPK;
+  return codec == v1::CODEC_FP32 || codec == v1::CODEC_FP16 || codec == v1::CODEC_INT8 || codec == v1::CODEC_INT4 ||
+         codec == v1::CODEC_TOPK;
 }
 
 // "CODEC_FP32", "CODEC_SEED_SCALARS (seed index, scalar) pairs", ...
@@ -33,15 +33,13 @@ std::string PayloadKind(const comms::PayloadInfo& info) {
   const std::string& name = v1::Codec_Name(info.codec);
   std::string kind = name.empty() ? StrCat("codec ", static_cast<int>(info.codec)) : name;
   if (info.codec == v1::CODEC_SEED_SCALARS) {
-    kind += info.seed_kind == comms::SeedScalarKind::kIndex ? " (seed index, scalar) pairs"
-                                                            : " (seed, scalar) pairs";
+    kind += info.seed_kind == comms::SeedScalarKind::kIndex ? " (seed index, scalar) pairs" : " (seed, scalar) pairs";
   }
   return kind;
 }
 
 absl::Status CodecNotAccepted(const std::string& strategy, const comms::PayloadInfo& info) {
-  return absl::InvalidArgumentError(
-      StrCat("strategy ", strategy, " does not accept codec ", PayloadKind(info)));
+  return absl::InvalidArgumentError(StrCat("strategy ", strategy, " does not accept codec ", PayloadKind(info)));
 }
 
 absl::Status InvalidUpdate(const UpdateView& update, std::string_view what) {
@@ -86,12 +84,10 @@ class RoundStrategy : public Strategy {
 
   // Checks what every update needs before its payload is looked at. Requires mu_.
   absl::Status CheckUpdateLocked(const UpdateView& update) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (!open_)
-      return absl::FailedPreconditionError(StrCat("strategy ", name(), ": no round begun"));
+    if (!open_) return absl::FailedPreconditionError(StrCat("strategy ", name(), ": no round begun"));
     if (update.num_examples == 0) return InvalidUpdate(update, "num_examples must be > 0, got 0");
     if (update.num_examples > std::numeric_limits<uint64_t>::max() - examples_) {
-      return InvalidUpdate(
-          update, StrCat("num_examples ", update.num_examples, " overflows the round's total"));
+      return InvalidUpdate(update, StrCat("num_examples ", update.num_examples, " overflows the round's total"));
     }
     return absl::OkStatus();
   }
@@ -105,12 +101,11 @@ class RoundStrategy : public Strategy {
 
   absl::Status CheckFinishLocked(const GlobalModel& global) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (!open_ || clients_ == 0) {
-      return absl::FailedPreconditionError(
-          StrCat("strategy ", name(), ": nothing accumulated in this round"));
+      return absl::FailedPreconditionError(StrCat("strategy ", name(), ": nothing accumulated in this round"));
     }
     if (global.params.size() != numel_) {
-      return absl::FailedPreconditionError(StrCat("the global model has ", global.params.size(),
-                                                  " parameters; the round began with ", numel_));
+      return absl::FailedPreconditionError(
+          StrCat("the global model has ", global.params.size(), " parameters; the round began with ", numel_));
     }
     return absl::OkStatus();
   }
@@ -173,19 +168,16 @@ class DenseStrategy final : public RoundStrategy {
     double norm2 = 0.0;
     if (IsDenseCodec(info->codec)) {
       if (info->numel != numel_) {
-        return InvalidUpdate(
-            update, StrCat("the update has ", info->numel, " elements, the global model ", numel_));
+        return InvalidUpdate(update, StrCat("the update has ", info->numel, " elements, the global model ", numel_));
       }
       absl::StatusOr<comms::ValidatedDense> validated = comms::ValidateDensePayload(update.payload);
       if (!validated.ok()) return InvalidPayload(update, validated.status());
       dense = *validated;
       norm2 = dense->squared_norm();
-    } else if (fwdgrad_ && info->codec == v1::CODEC_SEED_SCALARS &&
-               info->seed_kind == comms::SeedScalarKind::kSeed) {
+    } else if (fwdgrad_ && info->codec == v1::CODEC_SEED_SCALARS && info->seed_kind == comms::SeedScalarKind::kSeed) {
       // FwdLLM upload as pairs: g = Σ_k value_k z(seed_k) over the whole vector, offset 0, in pair
       // order (the same arithmetic as optim::AddSeededNormal / RebuildEstimate).
-      absl::StatusOr<std::vector<comms::SeedValueScalar>> pairs =
-          comms::DecodeSeedValueScalars(update.payload);
+      absl::StatusOr<std::vector<comms::SeedValueScalar>> pairs = comms::DecodeSeedValueScalars(update.payload);
       if (!pairs.ok()) return InvalidPayload(update, pairs.status());
       std::fill(scratch_.begin(), scratch_.end(), 0.0f);
       for (const comms::SeedValueScalar& p : *pairs) {
@@ -203,8 +195,7 @@ class DenseStrategy final : public RoundStrategy {
     // Step 2: the L2 norm under the cap.
     const double norm = std::sqrt(norm2);
     if (options_.max_update_norm > 0 && norm > options_.max_update_norm) {
-      return InvalidUpdate(
-          update, StrCat("L2 norm ", norm, " exceeds max_update_norm ", options_.max_update_norm));
+      return InvalidUpdate(update, StrCat("L2 norm ", norm, " exceeds max_update_norm ", options_.max_update_norm));
     }
 
     // Step 3: add to the running sum: Σ n_c Δ_c for the fedavg family; Σ g_c for fwdgrad, whose g_c
@@ -271,9 +262,8 @@ class DenseStrategy final : public RoundStrategy {
       // Server optimizer state from the checkpointed buffers, created on first use (m = 0, v = τ²).
       optim::ServerOptimizerState state;
       if (optim::UsesFirstMoment(optimizer_.kind)) {
-        const char* m_name = optimizer_.kind == optim::ServerOptimizerKind::kMomentum
-                                 ? kMomentumBuffer
-                                 : kFirstMomentBuffer;
+        const char* m_name =
+            optimizer_.kind == optim::ServerOptimizerKind::kMomentum ? kMomentumBuffer : kFirstMomentBuffer;
         state.m = Buffer(global, m_name, 0.0f);
       }
       if (optim::UsesSecondMoment(optimizer_.kind)) {
@@ -294,9 +284,8 @@ class DenseStrategy final : public RoundStrategy {
       if (!Uses(name)) continue;
       const auto it = global.buffers.find(name);
       if (it != global.buffers.end() && it->second.size() != global.params.size()) {
-        return absl::FailedPreconditionError(StrCat("optimizer buffer '", name, "' has ",
-                                                    it->second.size(), " values, the global model ",
-                                                    global.params.size()));
+        return absl::FailedPreconditionError(StrCat("optimizer buffer '", name, "' has ", it->second.size(),
+                                                    " values, the global model ", global.params.size()));
       }
     }
     return absl::OkStatus();
@@ -345,8 +334,7 @@ class KSeedStrategy final : public RoundStrategy {
   }
 
   absl::Status BeginRound(const GlobalModel& global) override {
-    if (global.params.empty())
-      return absl::FailedPreconditionError("the global model has no parameters");
+    if (global.params.empty()) return absl::FailedPreconditionError("the global model has no parameters");
     absl::MutexLock lock(&mu_);
     ResetRoundLocked(global.params.size());
     sums_.assign(pool_.size(), 0.0);
@@ -398,8 +386,7 @@ class KSeedStrategy final : public RoundStrategy {
     // equal a whole-vector replay.
     const double lr = static_cast<double>(wire_lr_);
     std::vector<float> scales(sums.size());
-    for (size_t k = 0; k < sums.size(); ++k)
-      scales[k] = static_cast<float>(-lr * static_cast<double>(sums[k].value));
+    for (size_t k = 0; k < sums.size(); ++k) scales[k] = static_cast<float>(-lr * static_cast<double>(sums[k].value));
     constexpr size_t kChunk = size_t{1} << 14;  // a multiple of 4: whole Philox blocks
     std::vector<float> before(std::min(kChunk, numel_));
     double change2 = 0.0;
@@ -407,8 +394,7 @@ class KSeedStrategy final : public RoundStrategy {
       const std::span<float> chunk(global.params.data() + start, std::min(kChunk, numel_ - start));
       std::copy(chunk.begin(), chunk.end(), before.begin());
       for (size_t k = 0; k < sums.size(); ++k) {
-        seedling::AddNormal({pool_[sums[k].index], rng_stream::kPerturbation}, start, scales[k],
-                            chunk);
+        seedling::AddNormal({pool_[sums[k].index], rng_stream::kPerturbation}, start, scales[k], chunk);
       }
       for (size_t j = 0; j < chunk.size(); ++j) {
         const double c = static_cast<double>(chunk[j]) - static_cast<double>(before[j]);
@@ -443,8 +429,7 @@ class KSeedStrategy final : public RoundStrategy {
 
 absl::Status ValidateCommon(const StrategyOptions& o) {
   if (!(o.max_update_norm >= 0) || !std::isfinite(o.max_update_norm)) {
-    return absl::InvalidArgumentError(
-        StrCat("max_update_norm must be finite and >= 0, got ", o.max_update_norm));
+    return absl::InvalidArgumentError(StrCat("max_update_norm must be finite and >= 0, got ", o.max_update_norm));
   }
   return absl::OkStatus();
 }
@@ -478,8 +463,7 @@ absl::StatusOr<std::unique_ptr<Strategy>> MakeStrategy(const StrategyOptions& op
   optimizer.beta1 = options.beta1;
   optimizer.beta2 = options.beta2;
   optimizer.tau = options.tau;
-  if (name == "fedavg" || name == "fedavgm" || name == "fedadam" || name == "fedyogi" ||
-      name == "fedadagrad") {
+  if (name == "fedavg" || name == "fedavgm" || name == "fedadam" || name == "fedyogi" || name == "fedadagrad") {
     if (name == "fedavg") optimizer.kind = optim::ServerOptimizerKind::kSgd;
     if (name == "fedavgm") optimizer.kind = optim::ServerOptimizerKind::kMomentum;
     if (name == "fedadam") optimizer.kind = optim::ServerOptimizerKind::kAdam;
@@ -491,16 +475,13 @@ absl::StatusOr<std::unique_ptr<Strategy>> MakeStrategy(const StrategyOptions& op
   }
   if (name == "fwdgrad") {
     if (!(options.fwdgrad_lr > 0) || !std::isfinite(options.fwdgrad_lr)) {
-      return absl::InvalidArgumentError(
-          StrCat("fwdgrad_lr must be finite and > 0, got ", options.fwdgrad_lr));
+      return absl::InvalidArgumentError(StrCat("fwdgrad_lr must be finite and > 0, got ", options.fwdgrad_lr));
     }
     if (!(options.warmup_fraction >= 0 && options.warmup_fraction < 1)) {
-      return absl::InvalidArgumentError(
-          StrCat("warmup_fraction must be in [0, 1), got ", options.warmup_fraction));
+      return absl::InvalidArgumentError(StrCat("warmup_fraction must be in [0, 1), got ", options.warmup_fraction));
     }
     if (options.total_rounds < 1) {
-      return absl::InvalidArgumentError(
-          StrCat("total_rounds must be >= 1, got ", options.total_rounds));
+      return absl::InvalidArgumentError(StrCat("total_rounds must be >= 1, got ", options.total_rounds));
     }
     return std::unique_ptr<Strategy>(new DenseStrategy(options, optimizer, /*fwdgrad=*/true));
   }
@@ -510,37 +491,31 @@ absl::StatusOr<std::unique_ptr<Strategy>> MakeStrategy(const StrategyOptions& op
       return absl::InvalidArgumentError(
           StrCat("kseed_lr must be > 0 and a positive finite fp32, got ", options.kseed_lr));
     }
-    if (options.kseed_pool_size < 1)
-      return absl::InvalidArgumentError("kseed_pool_size must be >= 1, got 0");
+    if (options.kseed_pool_size < 1) return absl::InvalidArgumentError("kseed_pool_size must be >= 1, got 0");
     return std::unique_ptr<Strategy>(new KSeedStrategy(options));
   }
-  return absl::InvalidArgumentError(
-      StrCat("unknown strategy '", name,
-             "' (expected fedavg, fedavgm, fedadam, fedyogi, fedadagrad, fwdgrad "
-             "or kseed)"));
+  return absl::InvalidArgumentError(StrCat("unknown strategy '", name,
+                                           "' (expected fedavg, fedavgm, fedadam, fedyogi, fedadagrad, fwdgrad "
+                                           "or kseed)"));
 }
 
 absl::StatusOr<v1::RoundSeedSums> ParseSeedSums(std::string_view blob) {
   v1::RoundSeedSums sums;
   if (blob.size() > static_cast<size_t>(std::numeric_limits<int>::max()) ||
       !sums.ParseFromArray(blob.data(), static_cast<int>(blob.size()))) {
-    return absl::InvalidArgumentError(
-        StrCat("seed sums of ", blob.size(), " bytes do not parse as RoundSeedSums"));
+    return absl::InvalidArgumentError(StrCat("seed sums of ", blob.size(), " bytes do not parse as RoundSeedSums"));
   }
   if (!(sums.lr() > 0.0f) || !std::isfinite(sums.lr())) {
-    return absl::InvalidArgumentError(
-        StrCat("seed sums have lr ", sums.lr(), ", expected a finite value > 0"));
+    return absl::InvalidArgumentError(StrCat("seed sums have lr ", sums.lr(), ", expected a finite value > 0"));
   }
   for (int k = 0; k < sums.sums_size(); ++k) {
     const v1::SeedScalar& s = sums.sums(k);
     if (!std::isfinite(s.value())) {
-      return absl::InvalidArgumentError(
-          StrCat("seed sum ", k, " (index ", s.index(), ") is not finite"));
+      return absl::InvalidArgumentError(StrCat("seed sum ", k, " (index ", s.index(), ") is not finite"));
     }
     if (k > 0 && s.index() <= sums.sums(k - 1).index()) {
-      return absl::InvalidArgumentError(StrCat("seed sum ", k, " has index ", s.index(),
-                                               " after index ", sums.sums(k - 1).index(),
-                                               ": indices must be strictly increasing"));
+      return absl::InvalidArgumentError(StrCat("seed sum ", k, " has index ", s.index(), " after index ",
+                                               sums.sums(k - 1).index(), ": indices must be strictly increasing"));
     }
   }
   return sums;

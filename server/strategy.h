@@ -67,8 +67,8 @@ std::optional<std::string> FindNonFinite(const GlobalModel& model);
 // One accepted update, as the strategy sees it.
 struct UpdateView {
   std::string device_id;
-  uint64_t num_examples = 0;      // weight (must be > 0)
-  std::string_view payload;       // encoded with comms/codec.h
+  uint64_t num_examples = 0;  // weight (must be > 0)
+  std::string_view payload;   // encoded with comms/codec.h
 };
 
 // A pre-summed aggregate of several clients' updates (secure aggregation: the server only ever sees the
@@ -80,7 +80,7 @@ struct SummedUpdate {
 };
 
 struct RoundOutcome {
-  std::string seed_sums_blob;            // kseed: serialized v1::RoundSeedSums of the round, else ""
+  std::string seed_sums_blob;  // kseed: serialized v1::RoundSeedSums of the round, else ""
   // Built-in strategies report: "clients" (updates accumulated), "examples" (Σ n_c), "update_norm"
   // (‖θ_new − θ_old‖₂ of the applied change), "mean_client_norm" (mean ‖Δ_c‖₂, ‖g_c‖₂ for fwdgrad, ‖ĝ_c‖₂
   // of the uploaded scalars for kseed), "failures" (RecordFailure calls this round); fwdgrad adds "lr"
@@ -89,19 +89,19 @@ struct RoundOutcome {
 };
 
 struct StrategyOptions {
-  std::string name = "fedavg";     // fedavg, fedavgm, fedadam, fedyogi, fedadagrad, fwdgrad, kseed
-  double server_lr = 1.0;          // η for fedavg / fedavgm; fedadam family default 1e-2 in the config
-  double momentum = 0.9;           // fedavgm μ
-  double beta1 = 0.9;              // fedadam family
+  std::string name = "fedavg";  // fedavg, fedavgm, fedadam, fedyogi, fedadagrad, fwdgrad, kseed
+  double server_lr = 1.0;       // η for fedavg / fedavgm; fedadam family default 1e-2 in the config
+  double momentum = 0.9;        // fedavgm μ
+  double beta1 = 0.9;           // fedadam family
   double beta2 = 0.99;
-  double tau = 1e-3;               // adaptivity ε, ≥ 1e-3 (Reddi et al.)
-  double fwdgrad_lr = 0.01;        // fwdgrad peak η
-  double warmup_fraction = 0.06;   // fwdgrad
-  int64_t total_rounds = 100;      // fwdgrad schedule length
-  double kseed_lr = 1e-4;          // kseed: the constant lr clients also use
+  double tau = 1e-3;              // adaptivity ε, ≥ 1e-3 (Reddi et al.)
+  double fwdgrad_lr = 0.01;       // fwdgrad peak η
+  double warmup_fraction = 0.06;  // fwdgrad
+  int64_t total_rounds = 100;     // fwdgrad schedule length
+  double kseed_lr = 1e-4;         // kseed: the constant lr clients also use
   uint32_t kseed_pool_size = 4096;
   uint64_t kseed_pool_seed = 0;
-  double max_update_norm = 0;      // reject dense updates whose L2 norm exceeds this; 0 = no cap
+  double max_update_norm = 0;  // reject dense updates whose L2 norm exceeds this; 0 = no cap
 };
 
 // The message of AccumulateSum's Unimplemented error for strategy `name`.

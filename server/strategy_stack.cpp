@@ -41,7 +41,8 @@ absl::StatusOr<std::unique_ptr<Strategy>> WrapWithSecAgg(std::unique_ptr<Strateg
                                              privacy::kMaxVectorLength, " a secure-aggregation session masks"));
   }
   SEEDLING_RETURN_IF_ERROR(
-      SecAggParamsFor(config.secagg, static_cast<uint32_t>(config.SelectionQuota()), static_cast<uint32_t>(m)).status());
+      SecAggParamsFor(config.secagg, static_cast<uint32_t>(config.SelectionQuota()), static_cast<uint32_t>(m))
+          .status());
   spdlog::info("secure aggregation (SecAgg+): cohorts of up to {}, Q = {}, clipping range {}, max weight {}",
                config.SelectionQuota(), config.secagg.quantization_levels, config.secagg.clipping_range,
                config.secagg.max_weight);

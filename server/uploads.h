@@ -1,9 +1,9 @@
 #pragma once
 
-// Plaintext uploads in progress (docs/protocol.md, "UploadBegin / UploadChunk / UploadCommit"): the bytes of each update between UploadBegin and
-// UploadCommit, held in memory by idempotency key until the coordinator validates, aggregates and records
-// them. A device that reconnects mid-upload resumes where the server's copy ends. Uploads die with their
-// round, or when they stay silent for longer than a device could need to resume. Not thread-safe (the
+// Plaintext uploads in progress (docs/protocol.md, "UploadBegin / UploadChunk / UploadCommit"): the bytes of each
+// update between UploadBegin and UploadCommit, held in memory by idempotency key until the coordinator validates,
+// aggregates and records them. A device that reconnects mid-upload resumes where the server's copy ends. Uploads die
+// with their round, or when they stay silent for longer than a device could need to resume. Not thread-safe (the
 // coordinator holds its lock).
 
 #include <cstdint>
@@ -26,8 +26,8 @@ struct Upload {
   v1::Codec codec = v1::CODEC_UNSPECIFIED;
   uint64_t num_examples = 0;
   v1::UpdateMetrics metrics;  // as announced, token counts capped at kMaxReportedTokens
-  std::string sha256;  // raw, as announced
-  std::string data;    // received so far
+  std::string sha256;         // raw, as announced
+  std::string data;           // received so far
   int64_t last_activity_ms = 0;
 
   // Every announced byte arrived.

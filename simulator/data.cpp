@@ -51,8 +51,7 @@ std::vector<int64_t> BalancedSizes(int64_t n, int64_t devices) {
 }
 
 // Consecutive slices of `order` with the given sizes, each sorted ascending.
-std::vector<std::vector<uint32_t>> Slice(const std::vector<uint32_t>& order,
-                                         const std::vector<int64_t>& sizes) {
+std::vector<std::vector<uint32_t>> Slice(const std::vector<uint32_t>& order, const std::vector<int64_t>& sizes) {
   std::vector<std::vector<uint32_t>> out(sizes.size());
   size_t pos = 0;
   for (size_t d = 0; d < sizes.size(); ++d) {
@@ -115,8 +114,8 @@ std::vector<double> Dirichlet(const std::vector<double>& concentration, Rng& rng
 // Label skew with balanced sizes. Each device draws its label mix q_d ~ Dir(α·K·p); then devices
 // take turns (one row per turn, so no device always picks last) drawing a label from q_d restricted
 // to labels with rows left, and take a random remaining row of that label.
-std::vector<std::vector<uint32_t>> DirichletPartition(const std::vector<DataRow>& rows,
-                                                      int64_t devices, double alpha, Rng& rng) {
+std::vector<std::vector<uint32_t>> DirichletPartition(const std::vector<DataRow>& rows, int64_t devices, double alpha,
+                                                      Rng& rng) {
   std::unordered_map<std::string, size_t> label_index;
   std::vector<std::vector<uint32_t>> pools;  // rows left per label, shuffled
   for (size_t i = 0; i < rows.size(); ++i) {
@@ -127,8 +126,8 @@ std::vector<std::vector<uint32_t>> DirichletPartition(const std::vector<DataRow>
   const size_t k_labels = pools.size();
   std::vector<double> concentration(k_labels);
   for (size_t k = 0; k < k_labels; ++k) {
-    concentration[k] = alpha * static_cast<double>(k_labels) *
-                       static_cast<double>(pools[k].size()) / static_cast<double>(rows.size());
+    concentration[k] =
+        alpha * static_cast<double>(k_labels) * static_cast<double>(pools[k].size()) / static_cast<double>(rows.size());
     Shuffle(pools[k], rng);
   }
   std::vector<std::vector<double>> mix(static_cast<size_t>(devices));
@@ -175,8 +174,8 @@ std::vector<std::vector<uint32_t>> DirichletPartition(const std::vector<DataRow>
 
 // Quantity skew: min_rows each, the rest split in proportion to Pareto(exponent) weights
 // (largest-remainder rounding), over a shuffled order.
-std::vector<std::vector<uint32_t>> PowerLawPartition(size_t n, int64_t devices, int64_t min_rows,
-                                                     double exponent, Rng& rng) {
+std::vector<std::vector<uint32_t>> PowerLawPartition(size_t n, int64_t devices, int64_t min_rows, double exponent,
+                                                     Rng& rng) {
   // w = (1 - U)^(-1/exponent) >= 1, in log space so heavy tails cannot overflow.
   std::vector<double> log_w(static_cast<size_t>(devices));
   double max_log = -std::numeric_limits<double>::infinity();
@@ -200,24 +199,20 @@ std::vector<std::vector<uint32_t>> PowerLawPartition(size_t n, int64_t devices, 
     given += whole;
     remainders[d] = {share - static_cast<double>(whole), d};
   }
-  std::sort(remainders.begin(), remainders.end(), [](const auto& a, const auto& b) {
-    return a.first != b.first ? a.first > b.first : a.second < b.second;
-  });
-  for (size_t i = 0; given < extra; i = (i + 1) % remainders.size(), ++given)
-    ++sizes[remainders[i].second];
+  std::sort(remainders.begin(), remainders.end(),
+            [](const auto& a, const auto& b) { return a.first != b.first ? a.first > b.first : a.second < b.second; });
+  for (size_t i = 0; given < extra; i = (i + 1) % remainders.size(), ++given) ++sizes[remainders[i].second];
   const std::vector<uint32_t> order = ShuffledIndices(n, rng);
   return Slice(order, sizes);
 }
 
-absl::StatusOr<std::vector<std::vector<uint32_t>>> UserPartition(const std::vector<DataRow>& rows,
-                                                                 int64_t devices,
+absl::StatusOr<std::vector<std::vector<uint32_t>>> UserPartition(const std::vector<DataRow>& rows, int64_t devices,
                                                                  int64_t min_rows) {
   int64_t missing = 0;
   for (const DataRow& r : rows) missing += r.user.empty();
   if (missing > 0) {
-    return absl::InvalidArgumentError(
-        StrCat("user partition needs a \"user\" field (string or integer) on every row; ", missing,
-               " of ", rows.size(), " rows lack it"));
+    return absl::InvalidArgumentError(StrCat("user partition needs a \"user\" field (string or integer) on every row; ",
+                                             missing, " of ", rows.size(), " rows lack it"));
   }
   std::unordered_map<std::string, size_t> device_of;
   std::vector<std::vector<uint32_t>> out;
@@ -227,16 +222,15 @@ absl::StatusOr<std::vector<std::vector<uint32_t>>> UserPartition(const std::vect
     out[it->second].push_back(static_cast<uint32_t>(i));
   }
   if (static_cast<int64_t>(out.size()) > devices) {
-    return absl::InvalidArgumentError(
-        StrCat("user partition: the data has ", out.size(), " distinct users but devices is ",
-               devices, "; pass devices >= ", out.size(), " (one device per user)"));
+    return absl::InvalidArgumentError(StrCat("user partition: the data has ", out.size(),
+                                             " distinct users but devices is ", devices,
+                                             "; pass devices >= ", out.size(), " (one device per user)"));
   }
   int64_t small = 0;
   for (const auto& d : out) small += static_cast<int64_t>(d.size()) < min_rows;
   if (small > 0) {
-    return absl::InvalidArgumentError(StrCat("user partition: ", small, " of ", out.size(),
-                                             " users have fewer than min_rows = ", min_rows,
-                                             " rows"));
+    return absl::InvalidArgumentError(
+        StrCat("user partition: ", small, " of ", out.size(), " users have fewer than min_rows = ", min_rows, " rows"));
   }
   return out;
 }
@@ -281,17 +275,16 @@ absl::StatusOr<ReadRowsResult> ReadRows(const std::string& path, const std::stri
     return absl::OkStatus();
   }));
   if (result.skipped > 0) {
-    result.message = StrCat("skipped ", result.skipped, " of ", nonblank, " rows; first at line ",
-                            first_bad_line, ": ", first_error);
+    result.message = StrCat("skipped ", result.skipped, " of ", nonblank, " rows; first at line ", first_bad_line, ": ",
+                            first_error);
   }
   if (result.rows.empty()) {
-    return absl::InvalidArgumentError(
-        StrCat(path, ": no JSON object rows", result.message.empty() ? "" : " (", result.message,
-               result.message.empty() ? "" : ")"));
+    return absl::InvalidArgumentError(StrCat(path, ": no JSON object rows", result.message.empty() ? "" : " (",
+                                             result.message, result.message.empty() ? "" : ")"));
   }
   if (result.rows.size() > std::numeric_limits<uint32_t>::max()) {
-    return absl::InvalidArgumentError(StrCat(path, ": ", result.rows.size(),
-                                             " rows; at most 4294967295 are supported"));
+    return absl::InvalidArgumentError(
+        StrCat(path, ": ", result.rows.size(), " rows; at most 4294967295 are supported"));
   }
   return result;
 }
@@ -301,8 +294,7 @@ absl::Status WriteRowsJsonl(const std::string& path, const std::vector<DataRow>&
   size_t bytes = 0;
   for (const uint32_t i : indices) {
     if (i >= rows.size()) {
-      return absl::InvalidArgumentError(
-          StrCat("row index ", i, " out of range: there are ", rows.size(), " rows"));
+      return absl::InvalidArgumentError(StrCat("row index ", i, " out of range: there are ", rows.size(), " rows"));
     }
     bytes += rows[i].json.size() + 1;
   }
@@ -341,10 +333,9 @@ std::string_view PartitionKindName(PartitionKind kind) {
 }
 
 std::string PartitionStats::ToString() const {
-  return StrCat(devices, " devices, ", rows, " rows; rows/device min ", min_rows, " median ",
-                median_rows, " mean ", absl::StrFormat("%.1f", mean_rows), " max ", max_rows, "; ",
-                labels, " labels, ", absl::StrFormat("%.2f", mean_labels_per_device),
-                " per device, label TV distance ",
+  return StrCat(devices, " devices, ", rows, " rows; rows/device min ", min_rows, " median ", median_rows, " mean ",
+                absl::StrFormat("%.1f", mean_rows), " max ", max_rows, "; ", labels, " labels, ",
+                absl::StrFormat("%.2f", mean_labels_per_device), " per device, label TV distance ",
                 absl::StrFormat("%.3f", mean_label_tv_distance));
 }
 
@@ -432,25 +423,18 @@ absl::StatusOr<Partition> PartitionRows(const std::vector<DataRow>& rows, int64_
   }
   if (rows.empty()) return absl::InvalidArgumentError("no rows to partition");
   if (rows.size() > std::numeric_limits<uint32_t>::max()) {
-    return absl::InvalidArgumentError(
-        StrCat(rows.size(), " rows; at most 4294967295 are supported"));
+    return absl::InvalidArgumentError(StrCat(rows.size(), " rows; at most 4294967295 are supported"));
   }
   const auto n = static_cast<int64_t>(rows.size());
-  if (options.kind != PartitionKind::kUser && options.min_rows > 0 &&
-      devices > n / options.min_rows) {
-    return absl::InvalidArgumentError(
-        StrCat(kind, " partition: ", devices, " devices × min_rows ", options.min_rows,
-               " needs more rows than the ", n, " there are"));
+  if (options.kind != PartitionKind::kUser && options.min_rows > 0 && devices > n / options.min_rows) {
+    return absl::InvalidArgumentError(StrCat(kind, " partition: ", devices, " devices × min_rows ", options.min_rows,
+                                             " needs more rows than the ", n, " there are"));
   }
-  if (options.kind == PartitionKind::kDirichlet &&
-      !(options.alpha > 0 && std::isfinite(options.alpha))) {
-    return absl::InvalidArgumentError(
-        StrCat("dirichlet alpha must be > 0 and finite, got ", options.alpha));
+  if (options.kind == PartitionKind::kDirichlet && !(options.alpha > 0 && std::isfinite(options.alpha))) {
+    return absl::InvalidArgumentError(StrCat("dirichlet alpha must be > 0 and finite, got ", options.alpha));
   }
-  if (options.kind == PartitionKind::kPowerLaw &&
-      !(options.exponent > 0 && std::isfinite(options.exponent))) {
-    return absl::InvalidArgumentError(
-        StrCat("power-law exponent must be > 0 and finite, got ", options.exponent));
+  if (options.kind == PartitionKind::kPowerLaw && !(options.exponent > 0 && std::isfinite(options.exponent))) {
+    return absl::InvalidArgumentError(StrCat("power-law exponent must be > 0 and finite, got ", options.exponent));
   }
 
   Rng rng(options.seed, rng_stream::kData);
@@ -464,17 +448,16 @@ absl::StatusOr<Partition> PartitionRows(const std::vector<DataRow>& rows, int64_
       int64_t missing = 0;
       for (const DataRow& r : rows) missing += r.label.empty();
       if (missing > 0) {
-        return absl::InvalidArgumentError(StrCat(
-            "dirichlet partition needs a label on every row (ReadRows' label_field, \"topic\" by "
-            "default); ",
-            missing, " of ", n, " rows lack it"));
+        return absl::InvalidArgumentError(
+            StrCat("dirichlet partition needs a label on every row (ReadRows' label_field, \"topic\" by "
+                   "default); ",
+                   missing, " of ", n, " rows lack it"));
       }
       out.device_rows = DirichletPartition(rows, devices, options.alpha, rng);
       break;
     }
     case PartitionKind::kPowerLaw: {
-      out.device_rows =
-          PowerLawPartition(rows.size(), devices, options.min_rows, options.exponent, rng);
+      out.device_rows = PowerLawPartition(rows.size(), devices, options.min_rows, options.exponent, rng);
       break;
     }
     case PartitionKind::kUser: {
@@ -500,14 +483,13 @@ struct Topic {
   Words nouns, adjectives, verbs, places;
 };
 
-constexpr std::string_view kCookingNouns[] = {"bread", "rice",  "flour",  "eggs",  "salt",
-                                              "oil",   "milk",  "garlic", "beans", "knife",
-                                              "pot",   "fridge", "cake",  "lunch", "coffee"};
+constexpr std::string_view kCookingNouns[] = {"bread", "rice",  "flour", "eggs",   "salt", "oil",   "milk",  "garlic",
+                                              "beans", "knife", "pot",   "fridge", "cake", "lunch", "coffee"};
 constexpr std::string_view kCookingAdjectives[] = {"hot", "warm", "soft", "dry", "white"};
 constexpr std::string_view kCookingVerbs[] = {"cook", "mix", "cut", "heat", "add"};
 constexpr std::string_view kCookingPlaces[] = {"kitchen", "table", "market", "corner"};
 
-constexpr std::string_view kGardenNouns[] = {"soil", "seeds", "leaves", "rain",   "sun",
+constexpr std::string_view kGardenNouns[] = {"soil",  "seeds",  "leaves", "rain", "sun",
                                              "plant", "spring", "summer", "wind", "water"};
 constexpr std::string_view kGardenAdjectives[] = {"green", "red", "dry", "wet", "tall"};
 constexpr std::string_view kGardenVerbs[] = {"grow", "plant", "pick", "water", "cut"};
@@ -531,20 +513,20 @@ constexpr std::string_view kMoneyAdjectives[] = {"small", "cheap", "free", "big"
 constexpr std::string_view kMoneyVerbs[] = {"save", "spend", "pay", "buy", "check"};
 constexpr std::string_view kMoneyPlaces[] = {"store", "market", "city", "house"};
 
-constexpr std::string_view kWeatherNouns[] = {"weather", "wind", "rain", "sky",    "sun",
+constexpr std::string_view kWeatherNouns[] = {"weather", "wind",   "rain",   "sky", "sun",
                                               "cloud",   "winter", "summer", "air", "light"};
 constexpr std::string_view kWeatherAdjectives[] = {"cold", "warm", "wet", "sunny", "dark", "clear"};
 constexpr std::string_view kWeatherVerbs[] = {"feel", "see", "wait", "notice", "check"};
 constexpr std::string_view kWeatherPlaces[] = {"street", "city", "park", "hill"};
 
-constexpr std::string_view kSchoolNouns[] = {"school",   "class", "teacher", "book", "books",
+constexpr std::string_view kSchoolNouns[] = {"school",   "class", "teacher",  "book", "books",
                                              "children", "notes", "learning", "list", "paper"};
 constexpr std::string_view kSchoolAdjectives[] = {"quiet", "long", "easy", "hard", "new"};
 constexpr std::string_view kSchoolVerbs[] = {"learn", "read", "explain", "help", "use"};
 constexpr std::string_view kSchoolPlaces[] = {"school", "class", "room", "town"};
 
-constexpr std::string_view kHealthNouns[] = {"sleep", "walk",  "exercise", "heart", "rest",
-                                             "water", "breakfast", "body", "day",  "air"};
+constexpr std::string_view kHealthNouns[] = {"sleep", "walk",      "exercise", "heart", "rest",
+                                             "water", "breakfast", "body",     "day",   "air"};
 constexpr std::string_view kHealthAdjectives[] = {"slow", "long", "quiet", "early", "good"};
 constexpr std::string_view kHealthVerbs[] = {"rest", "breathe", "walk", "sleep", "eat"};
 constexpr std::string_view kHealthPlaces[] = {"park", "room", "house", "street"};
@@ -559,46 +541,48 @@ constexpr Topic kTopics[] = {
     {"school", kSchoolNouns, kSchoolAdjectives, kSchoolVerbs, kSchoolPlaces},
     {"health", kHealthNouns, kHealthAdjectives, kHealthVerbs, kHealthPlaces},
 };
-constexpr std::string_view kTopicNames[] = {"cooking", "garden", "travel",  "phones",
+constexpr std::string_view kTopicNames[] = {"cooking", "garden",  "travel", "phones",
                                             "money",   "weather", "school", "health"};
 static_assert(std::size(kTopicNames) == std::size(kTopics));
 
 // Shared by every topic: the common structure all devices have in common.
-constexpr std::string_view kSharedNouns[] = {"day",  "morning", "night", "week", "time",
-                                             "home", "water",   "light", "room", "list",
-                                             "plan", "door",    "window", "table", "box"};
-constexpr std::string_view kSharedAdjectives[] = {"good", "small", "little", "old",   "new",
-                                                  "warm", "quiet", "simple", "easy",  "big"};
+constexpr std::string_view kSharedNouns[] = {"day",  "morning", "night", "week", "time",   "home",  "water", "light",
+                                             "room", "list",    "plan",  "door", "window", "table", "box"};
+constexpr std::string_view kSharedAdjectives[] = {"good", "small", "little", "old",  "new",
+                                                  "warm", "quiet", "simple", "easy", "big"};
 constexpr std::string_view kSharedVerbs[] = {"make", "take", "keep", "bring", "check",
                                              "use",  "move", "hold", "open",  "find"};
-constexpr std::string_view kSharedPlaces[] = {"kitchen", "house",  "park", "corner",
+constexpr std::string_view kSharedPlaces[] = {"kitchen", "house",  "park",   "corner",
                                               "station", "market", "street", "room"};
-constexpr std::string_view kTimes[] = {
-    "every morning", "every night",    "every day",  "at night",       "in the evening",
-    "after lunch",   "before breakfast", "last week", "in the afternoon", "once a week",
-    "this week",     "early in the morning"};
-constexpr std::string_view kOpeners[] = {"well,", "so,", "as always,", "you know,", "right,",
-                                         "every time,", "like we said,", "to be fair,"};
-constexpr std::string_view kClosers[] = {"that is all.", "more later.", "what a day.",
-                                         "and that is the best part.", "we will see.",
-                                         "all good.", "same as always.", "time for bed."};
+constexpr std::string_view kTimes[] = {"every morning",    "every night", "every day",        "at night",
+                                       "in the evening",   "after lunch", "before breakfast", "last week",
+                                       "in the afternoon", "once a week", "this week",        "early in the morning"};
+constexpr std::string_view kOpeners[] = {"well,",  "so,",         "as always,",    "you know,",
+                                         "right,", "every time,", "like we said,", "to be fair,"};
+constexpr std::string_view kClosers[] = {"that is all.", "more later.", "what a day.",     "and that is the best part.",
+                                         "we will see.", "all good.",   "same as always.", "time for bed."};
 
 // Sentence templates. Slots: N noun, A adjective, V verb, P place, T time phrase.
 constexpr std::string_view kTemplates[] = {
-    "the A N is in the P.",          "we V the N in the P.",
-    "we V the A N T.",               "my N is A and A.",
-    "you can V the N with the N.",   "T we V the A N.",
-    "the N and the N are A today.",  "they V the N before the N.",
-    "there is one A N near the P.",  "do not V the N after the N.",
+    "the A N is in the P.",
+    "we V the N in the P.",
+    "we V the A N T.",
+    "my N is A and A.",
+    "you can V the N with the N.",
+    "T we V the A N.",
+    "the N and the N are A today.",
+    "they V the N before the N.",
+    "there is one A N near the P.",
+    "do not V the N after the N.",
 };
 // Catchphrases, filled once per device from its favourite words.
 constexpr std::string_view kCatchphrases[] = {"we love the A N.", "nothing is better than the A N.",
                                               "the A N in the P is the best."};
 
-constexpr double kTopicShare = 0.75;          // chance a slot draws from the topic's words
-constexpr double kOpenerRate = 0.6;           // rows starting with the device's opener
-constexpr double kCloserRate = 0.6;           // rows ending with the device's closer
-constexpr double kCatchphraseRate = 0.35;     // rows containing the device's catchphrase
+constexpr double kTopicShare = 0.75;       // chance a slot draws from the topic's words
+constexpr double kOpenerRate = 0.6;        // rows starting with the device's opener
+constexpr double kCloserRate = 0.6;        // rows ending with the device's closer
+constexpr double kCatchphraseRate = 0.35;  // rows containing the device's catchphrase
 constexpr int64_t kMinWords = 20, kMaxWords = 60;
 
 // Draws an index with probability ∝ 1/(rank + 1) (Zipf, s = 1): divisions only, no libm, so the
@@ -641,8 +625,8 @@ std::string Fill(std::string_view tmpl, const Persona& p, Rng& rng, int64_t& wor
   std::string out;
   for (size_t i = 0; i < tmpl.size(); ++i) {
     const char c = tmpl[i];
-    const bool slot = (i == 0 || tmpl[i - 1] == ' ') &&
-                      (i + 1 == tmpl.size() || tmpl[i + 1] == ' ' || tmpl[i + 1] == '.');
+    const bool slot =
+        (i == 0 || tmpl[i - 1] == ' ') && (i + 1 == tmpl.size() || tmpl[i + 1] == ' ' || tmpl[i + 1] == '.');
     if (slot && c == 'N') {
       out += Pick(p.nouns, rng);
     } else if (slot && c == 'A') {
@@ -733,12 +717,10 @@ std::string MakeText(const Persona& p, Rng& rng) {
 }
 
 constexpr std::string_view kInstructions[] = {"tell me about your day.", "write a short note.",
-                                              "what did you do this week?",
-                                              "write a few lines about your time."};
+                                              "what did you do this week?", "write a few lines about your time."};
 
 // Rows of device `device`, appended to `rows`.
-void AppendDeviceRows(const SyntheticCorpusOptions& options, int64_t device,
-                      std::vector<DataRow>& rows) {
+void AppendDeviceRows(const SyntheticCorpusOptions& options, int64_t device, std::vector<DataRow>& rows) {
   Rng rng(options.seed, kCorpusStreamBase + static_cast<uint64_t>(device));
   const Persona persona = MakePersona(options.topics, rng);
   const std::string user = StrCat("device-", device);
@@ -773,8 +755,7 @@ FederatedCorpus MakeSyntheticCorpus(const SyntheticCorpusOptions& options) {
   SEEDLING_CHECK(options.instruction_fraction >= 0 && options.instruction_fraction <= 0.5,
                  "instruction_fraction must be in [0, 0.5]");
   const int64_t total_devices = options.devices + options.heldout_devices;
-  SEEDLING_CHECK(total_devices <= std::numeric_limits<uint32_t>::max() / options.rows_per_device,
-                 "too many rows");
+  SEEDLING_CHECK(total_devices <= std::numeric_limits<uint32_t>::max() / options.rows_per_device, "too many rows");
 
   FederatedCorpus corpus;
   corpus.rows.reserve(static_cast<size_t>(total_devices * options.rows_per_device));
@@ -783,9 +764,8 @@ FederatedCorpus MakeSyntheticCorpus(const SyntheticCorpusOptions& options) {
   for (int64_t d = 0; d < total_devices; ++d) {
     const auto first = static_cast<uint32_t>(corpus.rows.size());
     AppendDeviceRows(options, d, corpus.rows);
-    auto& indices = d < options.devices
-                        ? corpus.train.device_rows[static_cast<size_t>(d)]
-                        : corpus.heldout[static_cast<size_t>(d - options.devices)];
+    auto& indices = d < options.devices ? corpus.train.device_rows[static_cast<size_t>(d)]
+                                        : corpus.heldout[static_cast<size_t>(d - options.devices)];
     for (auto i = first; i < corpus.rows.size(); ++i) indices.push_back(i);
   }
   corpus.train.stats = ComputePartitionStats(corpus.rows, corpus.train.device_rows);

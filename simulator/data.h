@@ -48,8 +48,7 @@ struct ReadRowsResult {
 // skipped and counted, never fatal. `label_field` names the field read into DataRow::label
 // (default "topic"). Errors: NotFound / PermissionDenied / Internal from reading the file;
 // InvalidArgument when no line is a JSON object, or when there are more than 2^32 - 1 rows.
-absl::StatusOr<ReadRowsResult> ReadRows(const std::string& path,
-                                        const std::string& label_field = "topic");
+absl::StatusOr<ReadRowsResult> ReadRows(const std::string& path, const std::string& label_field = "topic");
 
 enum class PartitionKind {
   kIid,        // shuffle, then deal equal shares (device sizes differ by at most 1)
@@ -84,8 +83,8 @@ struct PartitionOptions {
 
 // What a partition looks like, for logs and reports.
 struct PartitionStats {
-  int64_t devices = 0;  // device_rows.size()
-  int64_t rows = 0;     // rows assigned, summed over devices
+  int64_t devices = 0;                                  // device_rows.size()
+  int64_t rows = 0;                                     // rows assigned, summed over devices
   int64_t min_rows = 0, median_rows = 0, max_rows = 0;  // rows per device (median: the lower one)
   double mean_rows = 0;
   // Distinct label values over the assigned rows; "" (unlabeled) counts as a value only when some
@@ -159,18 +158,18 @@ inline constexpr uint64_t kCorpusStreamBase = uint64_t{0x53594E43} << 32;  // "S
 std::span<const std::string_view> SyntheticTopics();
 
 struct SyntheticCorpusOptions {
-  int64_t devices = 1000;            // training devices, >= 1. Default 1000.
-  int64_t heldout_devices = 50;      // evaluation-only devices (new users), >= 0. Default 50.
-  int64_t rows_per_device = 24;      // rows on every device, >= 1. Default 24.
-  int64_t topics = 8;                // topics in use, the first `topics` of SyntheticTopics(),
-                                     // in [1, SyntheticTopics().size()]. Default 8.
-  double instruction_fraction = 0.1; // rows written as instruction rows, in [0, 0.5]. Default 0.1.
-  uint64_t seed = 0;                 // seeds every device's persona and rows. Default 0.
+  int64_t devices = 1000;             // training devices, >= 1. Default 1000.
+  int64_t heldout_devices = 50;       // evaluation-only devices (new users), >= 0. Default 50.
+  int64_t rows_per_device = 24;       // rows on every device, >= 1. Default 24.
+  int64_t topics = 8;                 // topics in use, the first `topics` of SyntheticTopics(),
+                                      // in [1, SyntheticTopics().size()]. Default 8.
+  double instruction_fraction = 0.1;  // rows written as instruction rows, in [0, 0.5]. Default 0.1.
+  uint64_t seed = 0;                  // seeds every device's persona and rows. Default 0.
 };
 
 struct FederatedCorpus {
-  std::vector<DataRow> rows;  // all rows: training devices' (device 0 first), then held-out ones'
-  Partition train;            // device_rows for the `devices` training devices, with stats
+  std::vector<DataRow> rows;                   // all rows: training devices' (device 0 first), then held-out ones'
+  Partition train;                             // device_rows for the `devices` training devices, with stats
   std::vector<std::vector<uint32_t>> heldout;  // rows of each held-out device
 };
 

@@ -4,7 +4,6 @@
 #define OMPI_SKIP_MPICXX 1
 #define MPICH_SKIP_MPICXX 1
 #include <mpi.h>
-
 #include <sched.h>
 
 #include <cstdio>
@@ -56,8 +55,10 @@ absl::StatusOr<std::unique_ptr<MpiRanks>> MpiRanks::FromEnvironment() {
   // thread and the training share that core, which costs about 15% here. Say so; `--bind-to none` (or a
   // binding with more cores per rank) avoids it.
   cpu_set_t cpus;
-  if (sched_getaffinity(0, sizeof(cpus), &cpus) == 0 && CPU_COUNT(&cpus) == 1 && std::thread::hardware_concurrency() > 1) {
-    std::fprintf(stderr, "rank %d: bound to one CPU by the launcher; `mpirun --bind-to none` lets its threads use the others\n",
+  if (sched_getaffinity(0, sizeof(cpus), &cpus) == 0 && CPU_COUNT(&cpus) == 1 &&
+      std::thread::hardware_concurrency() > 1) {
+    std::fprintf(stderr,
+                 "rank %d: bound to one CPU by the launcher; `mpirun --bind-to none` lets its threads use the others\n",
                  rank);
   }
   return std::unique_ptr<MpiRanks>(new MpiRanks(rank, size));

@@ -105,9 +105,7 @@ struct Span {
   int64_t begin = 0;
   int64_t end = 0;
   bool empty() const { return end <= begin; }
-  bool Contains(double x) const {
-    return static_cast<double>(begin) <= x && x < static_cast<double>(end);
-  }
+  bool Contains(double x) const { return static_cast<double>(begin) <= x && x < static_cast<double>(end); }
 };
 
 // The windows anchored on one local day.
@@ -121,10 +119,8 @@ struct DayPlan {
 
 // Sorts and merges touching or overlapping spans; drops empty ones.
 void Normalize(std::vector<Span>& spans) {
-  spans.erase(std::remove_if(spans.begin(), spans.end(), [](const Span& s) { return s.empty(); }),
-              spans.end());
-  std::sort(spans.begin(), spans.end(),
-            [](const Span& a, const Span& b) { return a.begin < b.begin; });
+  spans.erase(std::remove_if(spans.begin(), spans.end(), [](const Span& s) { return s.empty(); }), spans.end());
+  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
   size_t out = 0;
   for (const Span& s : spans) {
     if (out > 0 && s.begin <= spans[out - 1].end) {
@@ -157,8 +153,7 @@ std::vector<Span> Intersect(const std::vector<Span>& a, const std::vector<Span>&
 
 std::string_view Trim(std::string_view s) {
   while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
-  while (!s.empty() && (s.back() == ' ' || s.back() == '\t' || s.back() == '\r'))
-    s.remove_suffix(1);
+  while (!s.empty() && (s.back() == ' ' || s.back() == '\t' || s.back() == '\r')) s.remove_suffix(1);
   return s;
 }
 
@@ -228,20 +223,17 @@ absl::Status ValidateClass(const PhoneClass& c, std::string_view where) {
   if (c.name.empty()) return bad("name", "expected a non-empty name");
   if (!(c.share >= 0)) return bad("share", StrCat("expected a share >= 0, got ", c.share));
   if (!(c.gflops > 0)) return bad("gflops", StrCat("expected a positive GFLOP/s, got ", c.gflops));
-  if (c.ram_bytes <= 0)
-    return bad("ram_bytes", StrCat("expected positive bytes, got ", c.ram_bytes));
+  if (c.ram_bytes <= 0) return bad("ram_bytes", StrCat("expected positive bytes, got ", c.ram_bytes));
   if (c.app_memory_bytes <= 0 || c.app_memory_bytes > c.ram_bytes) {
-    return bad("app_memory_bytes", StrCat("expected bytes in (0, ram_bytes = ", c.ram_bytes,
-                                          "], got ", c.app_memory_bytes));
+    return bad("app_memory_bytes",
+               StrCat("expected bytes in (0, ram_bytes = ", c.ram_bytes, "], got ", c.app_memory_bytes));
   }
-  if (!(c.uplink_mbps > 0))
-    return bad("uplink_mbps", StrCat("expected a positive Mbit/s, got ", c.uplink_mbps));
+  if (!(c.uplink_mbps > 0)) return bad("uplink_mbps", StrCat("expected a positive Mbit/s, got ", c.uplink_mbps));
   if (!(c.downlink_mbps > 0)) {
     return bad("downlink_mbps", StrCat("expected a positive Mbit/s, got ", c.downlink_mbps));
   }
   if (!(c.rtt_ms >= 0)) return bad("rtt_ms", StrCat("expected milliseconds >= 0, got ", c.rtt_ms));
-  if (!(c.train_watts > 0))
-    return bad("train_watts", StrCat("expected positive watts, got ", c.train_watts));
+  if (!(c.train_watts > 0)) return bad("train_watts", StrCat("expected positive watts, got ", c.train_watts));
   return absl::OkStatus();
 }
 
@@ -249,8 +241,7 @@ absl::Status NormalizeShares(std::vector<PhoneClass>& classes, std::string_view 
   double total = 0;
   for (const PhoneClass& c : classes) total += c.share;
   if (!(total > 0) || !std::isfinite(total)) {
-    return absl::InvalidArgumentError(
-        ToAbsl(StrCat(origin, ": shares must sum to a positive number, got ", total)));
+    return absl::InvalidArgumentError(ToAbsl(StrCat(origin, ": shares must sum to a positive number, got ", total)));
   }
   for (PhoneClass& c : classes) c.share /= total;
   return absl::OkStatus();
@@ -284,9 +275,7 @@ class Schedule {
       : options_(options), p_(profile), device_(device) {}
 
   double LocalSeconds(double t) const { return t + 60.0 * p_.utc_offset_minutes; }
-  double UtcSeconds(int64_t local) const {
-    return static_cast<double>(local - 60 * p_.utc_offset_minutes);
-  }
+  double UtcSeconds(int64_t local) const { return static_cast<double>(local - 60 * p_.utc_offset_minutes); }
 
   bool SkipRaw(int64_t day) const {
     Rng rng = StreamRng(options_.seed, "avail.skip", device_, day);
@@ -317,8 +306,8 @@ class Schedule {
     };
     DayPlan plan;
     if (!NightSkipped(day)) {
-      plan.charge_night = span(p_.charge_start_minute + shift,
-                               p_.charge_start_minute + shift + p_.charge_minutes + length_jitter);
+      plan.charge_night =
+          span(p_.charge_start_minute + shift, p_.charge_start_minute + shift + p_.charge_minutes + length_jitter);
     }
     plan.sleep = span(p_.sleep_minute + shift, p_.wake_minute + shift);
     const double home_begin = p_.home_minute + shift + home_jitter;
@@ -342,12 +331,11 @@ class Schedule {
     const int64_t day = FloorDiv(FloorToInt(local), kDaySeconds);
     Flags f;
     bool asleep = false;
-    for (int64_t anchor = day - 1; anchor <= day;
-         ++anchor) {  // older anchors end before `day` starts
+    for (int64_t anchor = day - 1; anchor <= day; ++anchor) {  // older anchors end before `day` starts
       const DayPlan plan = Plan(anchor);
       f.charging |= plan.charge_night.Contains(local) || plan.day_charge.Contains(local);
-      f.unmetered |= plan.home_wifi.Contains(local) || plan.day_wifi[0].Contains(local) ||
-                     plan.day_wifi[1].Contains(local);
+      f.unmetered |=
+          plan.home_wifi.Contains(local) || plan.day_wifi[0].Contains(local) || plan.day_wifi[1].Contains(local);
       asleep |= plan.sleep.Contains(local);
     }
     f.idle = asleep || SlotIdle(FloorDiv(FloorToInt(local), kSlotSeconds));
@@ -382,8 +370,7 @@ class Schedule {
     Normalize(charging);
     Normalize(unmetered);
     const std::vector<Span> powered_on_wifi = Intersect(charging, unmetered);
-    for (const Span& s :
-         powered_on_wifi) {  // awake idle slots only matter where the other two hold
+    for (const Span& s : powered_on_wifi) {  // awake idle slots only matter where the other two hold
       for (int64_t slot = FloorDiv(s.begin, kSlotSeconds); slot * kSlotSeconds < s.end; ++slot) {
         if (SlotIdle(slot)) idle.push_back(Span{slot * kSlotSeconds, (slot + 1) * kSlotSeconds});
       }
@@ -401,8 +388,7 @@ class Schedule {
     // linear drain.
     auto level_at_plug = [&](size_t i) {
       if (i == 0) return 0.5;
-      return std::max(0.05,
-                      1.0 - drain * static_cast<double>(charges[i].begin - charges[i - 1].end));
+      return std::max(0.05, 1.0 - drain * static_cast<double>(charges[i].begin - charges[i - 1].end));
     };
     size_t last = charges.size();
     for (size_t i = 0; i < charges.size(); ++i) {
@@ -412,12 +398,10 @@ class Schedule {
     const Span& c = charges[last];
     const double at_plug = level_at_plug(last);
     if (local < static_cast<double>(c.end)) {
-      return static_cast<float>(
-          std::min(1.0, at_plug + gain * (local - static_cast<double>(c.begin))));
+      return static_cast<float>(std::min(1.0, at_plug + gain * (local - static_cast<double>(c.begin))));
     }
     const double at_unplug = std::min(1.0, at_plug + gain * static_cast<double>(c.end - c.begin));
-    return static_cast<float>(
-        std::max(0.02, at_unplug - drain * (local - static_cast<double>(c.end))));
+    return static_cast<float>(std::max(0.02, at_unplug - drain * (local - static_cast<double>(c.end))));
   }
 
  private:
@@ -429,34 +413,28 @@ class Schedule {
 absl::Status ValidateOptions(const PopulationOptions& o) {
   auto in = [](double v, double lo, double hi) { return v >= lo && v <= hi; };
   auto bad = [](std::string_view field, auto value, std::string_view range) {
-    return absl::InvalidArgumentError(
-        ToAbsl(StrCat("PopulationOptions.", field, " = ", value, ": expected ", range)));
+    return absl::InvalidArgumentError(ToAbsl(StrCat("PopulationOptions.", field, " = ", value, ": expected ", range)));
   };
   if (o.devices < 1 || o.devices > 100'000'000) return bad("devices", o.devices, "[1, 100000000]");
-  if (!(o.dropout_mean >= 0 && o.dropout_mean < 1))
-    return bad("dropout_mean", o.dropout_mean, "[0, 1)");
+  if (!(o.dropout_mean >= 0 && o.dropout_mean < 1)) return bad("dropout_mean", o.dropout_mean, "[0, 1)");
   if (!in(o.dropout_spread, 0, 3)) return bad("dropout_spread", o.dropout_spread, "[0, 3]");
   if (!in(o.variation, 0, 2)) return bad("variation", o.variation, "[0, 2]");
   if (!in(o.charge_start_earliest_hour, 12, 30)) {
     return bad("charge_start_earliest_hour", o.charge_start_earliest_hour, "[12, 30]");
   }
   if (!in(o.charge_start_latest_hour, o.charge_start_earliest_hour, 30)) {
-    return bad("charge_start_latest_hour", o.charge_start_latest_hour,
-               "[charge_start_earliest_hour, 30]");
+    return bad("charge_start_latest_hour", o.charge_start_latest_hour, "[charge_start_earliest_hour, 30]");
   }
   if (!in(o.charge_hours_min, 3, 12)) return bad("charge_hours_min", o.charge_hours_min, "[3, 12]");
   if (!in(o.charge_hours_max, o.charge_hours_min, 12)) {
     return bad("charge_hours_max", o.charge_hours_max, "[charge_hours_min, 12]");
   }
-  if (!in(o.daily_jitter_minutes, 0, 120))
-    return bad("daily_jitter_minutes", o.daily_jitter_minutes, "[0, 120]");
+  if (!in(o.daily_jitter_minutes, 0, 120)) return bad("daily_jitter_minutes", o.daily_jitter_minutes, "[0, 120]");
   if (!in(o.night_skip_probability, 0, 0.5)) {
     return bad("night_skip_probability", o.night_skip_probability, "[0, 0.5]");
   }
-  if (!in(o.day_charger_fraction, 0, 1))
-    return bad("day_charger_fraction", o.day_charger_fraction, "[0, 1]");
-  if (!in(o.daytime_wifi_fraction, 0, 1))
-    return bad("daytime_wifi_fraction", o.daytime_wifi_fraction, "[0, 1]");
+  if (!in(o.day_charger_fraction, 0, 1)) return bad("day_charger_fraction", o.day_charger_fraction, "[0, 1]");
+  if (!in(o.daytime_wifi_fraction, 0, 1)) return bad("daytime_wifi_fraction", o.daytime_wifi_fraction, "[0, 1]");
   if (!in(o.daytime_idle_probability, 0, 1)) {
     return bad("daytime_idle_probability", o.daytime_idle_probability, "[0, 1]");
   }
@@ -464,8 +442,7 @@ absl::Status ValidateOptions(const PopulationOptions& o) {
     return bad("drain_percent_per_hour_min", o.drain_percent_per_hour_min, "(0, 25]");
   }
   if (!in(o.drain_percent_per_hour_max, o.drain_percent_per_hour_min, 25)) {
-    return bad("drain_percent_per_hour_max", o.drain_percent_per_hour_max,
-               "[drain_percent_per_hour_min, 25]");
+    return bad("drain_percent_per_hour_max", o.drain_percent_per_hour_max, "[drain_percent_per_hour_min, 25]");
   }
   return absl::OkStatus();
 }
@@ -476,8 +453,7 @@ int16_t Minutes(double m) { return static_cast<int16_t>(std::lround(m)); }
 
 // ---- Phone classes ---------------------------------------------------------------------------
 
-absl::StatusOr<std::vector<PhoneClass>> ParsePhoneClasses(std::string_view csv_text,
-                                                          std::string_view origin) {
+absl::StatusOr<std::vector<PhoneClass>> ParsePhoneClasses(std::string_view csv_text, std::string_view origin) {
   std::vector<PhoneClass> classes;
   std::map<std::string, size_t> column_index;  // column name -> field index
   size_t header_fields = 0;
@@ -501,8 +477,7 @@ absl::StatusOr<std::vector<PhoneClass>> ParsePhoneClasses(std::string_view csv_t
       for (size_t i = 0; i < fields.size(); ++i) column_index[fields[i]] = i;
       for (const char* column : kColumns) {
         if (column_index.count(column) == 0) {
-          return absl::InvalidArgumentError(
-              ToAbsl(StrCat(where, "column '", column, "': missing from the header")));
+          return absl::InvalidArgumentError(ToAbsl(StrCat(where, "column '", column, "': missing from the header")));
         }
       }
       header_fields = fields.size();
@@ -510,23 +485,21 @@ absl::StatusOr<std::vector<PhoneClass>> ParsePhoneClasses(std::string_view csv_t
       continue;
     }
     if (fields.size() != header_fields) {
-      return absl::InvalidArgumentError(ToAbsl(StrCat(
-          where, "expected ", header_fields, " fields as in the header, got ", fields.size())));
+      return absl::InvalidArgumentError(
+          ToAbsl(StrCat(where, "expected ", header_fields, " fields as in the header, got ", fields.size())));
     }
-    auto field = [&](const char* column) -> const std::string& {
-      return fields[column_index.at(column)];
-    };
+    auto field = [&](const char* column) -> const std::string& { return fields[column_index.at(column)]; };
     auto number = [&](const char* column, double& out) -> absl::Status {
       if (!ParseDouble(field(column), out)) {
-        return absl::InvalidArgumentError(ToAbsl(
-            StrCat(where, "column '", column, "': expected a number, got '", field(column), "'")));
+        return absl::InvalidArgumentError(
+            ToAbsl(StrCat(where, "column '", column, "': expected a number, got '", field(column), "'")));
       }
       return absl::OkStatus();
     };
     auto integer = [&](const char* column, int64_t& out) -> absl::Status {
       if (!ParseInt64(field(column), out)) {
-        return absl::InvalidArgumentError(ToAbsl(StrCat(
-            where, "column '", column, "': expected an integer, got '", field(column), "'")));
+        return absl::InvalidArgumentError(
+            ToAbsl(StrCat(where, "column '", column, "': expected an integer, got '", field(column), "'")));
       }
       return absl::OkStatus();
     };
@@ -543,14 +516,12 @@ absl::StatusOr<std::vector<PhoneClass>> ParsePhoneClasses(std::string_view csv_t
     SEEDLING_RETURN_IF_ERROR(number("train_watts", c.train_watts));
     SEEDLING_RETURN_IF_ERROR(ValidateClass(c, where));
     if (!names.insert(c.name).second) {
-      return absl::InvalidArgumentError(
-          ToAbsl(StrCat(where, "column 'name': duplicate class '", c.name, "'")));
+      return absl::InvalidArgumentError(ToAbsl(StrCat(where, "column 'name': duplicate class '", c.name, "'")));
     }
     classes.push_back(std::move(c));
   }
   if (classes.empty()) {
-    return absl::InvalidArgumentError(
-        ToAbsl(StrCat(origin, ": no phone classes (expected a header and rows)")));
+    return absl::InvalidArgumentError(ToAbsl(StrCat(origin, ": no phone classes (expected a header and rows)")));
   }
   SEEDLING_RETURN_IF_ERROR(NormalizeShares(classes, origin));
   return classes;
@@ -561,16 +532,13 @@ absl::StatusOr<std::vector<PhoneClass>> LoadPhoneClasses(const std::string& csv_
   return ParsePhoneClasses(text, csv_path);
 }
 
-
 // ---- Population ------------------------------------------------------------------------------
 
-absl::StatusOr<Population> Population::Create(std::vector<PhoneClass> classes,
-                                              const PopulationOptions& options) {
+absl::StatusOr<Population> Population::Create(std::vector<PhoneClass> classes, const PopulationOptions& options) {
   SEEDLING_RETURN_IF_ERROR(ValidateOptions(options));
   if (classes.empty()) return absl::InvalidArgumentError("Population: no phone classes");
   if (classes.size() > 255) {
-    return absl::InvalidArgumentError(
-        ToAbsl(StrCat("Population: at most 255 phone classes, got ", classes.size())));
+    return absl::InvalidArgumentError(ToAbsl(StrCat("Population: at most 255 phone classes, got ", classes.size())));
   }
   for (const PhoneClass& c : classes) {
     SEEDLING_RETURN_IF_ERROR(ValidateClass(c, StrCat("phone class '", c.name, "': ")));
@@ -590,15 +558,14 @@ absl::StatusOr<Population> Population::Create(std::vector<PhoneClass> classes,
 
     Rng class_rng = StreamRng(seed, "profile.class", i, 0);
     const double u = class_rng.Uniform();
-    const size_t k = static_cast<size_t>(
-        std::upper_bound(cumulative.begin(), cumulative.end() - 1, u) - cumulative.begin());
+    const size_t k =
+        static_cast<size_t>(std::upper_bound(cumulative.begin(), cumulative.end() - 1, u) - cumulative.begin());
     p.phone_class = static_cast<uint8_t>(k);
     const PhoneClass& c = classes[k];
 
     Rng figures = StreamRng(seed, "profile.figures", i, 0);
     const double compute_factor = std::exp(sigma * ClippedNormal(figures, 3.0));
-    const double link_factor =
-        std::exp(sigma * ClippedNormal(figures, 3.0));  // up and down move together
+    const double link_factor = std::exp(sigma * ClippedNormal(figures, 3.0));  // up and down move together
     const double rtt_factor = std::exp(sigma * ClippedNormal(figures, 3.0));
     const double power_factor = std::exp(sigma * ClippedNormal(figures, 3.0));
     p.gflops = static_cast<float>(c.gflops * compute_factor);
@@ -609,8 +576,8 @@ absl::StatusOr<Population> Population::Create(std::vector<PhoneClass> classes,
 
     Rng dropout = StreamRng(seed, "profile.dropout", i, 0);
     const double s = options.dropout_spread;
-    p.dropout_probability = static_cast<float>(std::clamp(
-        options.dropout_mean * std::exp(s * ClippedNormal(dropout, 3.0) - 0.5 * s * s), 0.0, 0.95));
+    p.dropout_probability = static_cast<float>(
+        std::clamp(options.dropout_mean * std::exp(s * ClippedNormal(dropout, 3.0) - 0.5 * s * s), 0.0, 0.95));
 
     Rng tz = StreamRng(seed, "profile.timezone", i, 0);
     double pick = tz.Uniform() * tz_total;
@@ -625,13 +592,11 @@ absl::StatusOr<Population> Population::Create(std::vector<PhoneClass> classes,
 
     // Habits, in minutes after local midnight (see the header for the model).
     Rng habits = StreamRng(seed, "profile.habits", i, 0);
-    const double charge_start = UniformIn(habits, options.charge_start_earliest_hour * 60,
-                                          options.charge_start_latest_hour * 60);
-    const double charge_length =
-        UniformIn(habits, options.charge_hours_min * 60, options.charge_hours_max * 60);
+    const double charge_start =
+        UniformIn(habits, options.charge_start_earliest_hour * 60, options.charge_start_latest_hour * 60);
+    const double charge_length = UniformIn(habits, options.charge_hours_min * 60, options.charge_hours_max * 60);
     const double sleep = charge_start + UniformIn(habits, -60, 60);
-    const double wake =
-        std::max(charge_start + charge_length + UniformIn(habits, -60, 60), sleep + 300);
+    const double wake = std::max(charge_start + charge_length + UniformIn(habits, -60, 60), sleep + 300);
     const double home = std::min(UniformIn(habits, 17 * 60, 21 * 60), charge_start - 120);
     const double leave = wake + UniformIn(habits, 15, 90);
     p.charge_start_minute = Minutes(charge_start);
@@ -648,9 +613,8 @@ absl::StatusOr<Population> Population::Create(std::vector<PhoneClass> classes,
       p.day_charge_minutes = Minutes(day_length);
     }
     if (habits.Uniform() < options.daytime_wifi_fraction) p.flags |= DeviceProfile::kDaytimeWifi;
-    p.drain_tenth_percent_per_hour =
-        static_cast<uint8_t>(std::lround(10 * UniformIn(habits, options.drain_percent_per_hour_min,
-                                                        options.drain_percent_per_hour_max)));
+    p.drain_tenth_percent_per_hour = static_cast<uint8_t>(
+        std::lround(10 * UniformIn(habits, options.drain_percent_per_hour_min, options.drain_percent_per_hour_max)));
   }
   return Population(std::move(classes), options, std::move(profiles));
 }
@@ -660,13 +624,9 @@ const DeviceProfile& Population::profile(int64_t device) const {
   return profiles_[static_cast<size_t>(device)];
 }
 
-const PhoneClass& Population::phone_class(int64_t device) const {
-  return classes_[profile(device).phone_class];
-}
+const PhoneClass& Population::phone_class(int64_t device) const { return classes_[profile(device).phone_class]; }
 
-int64_t Population::memory_budget_bytes(int64_t device) const {
-  return phone_class(device).app_memory_bytes;
-}
+int64_t Population::memory_budget_bytes(int64_t device) const { return phone_class(device).app_memory_bytes; }
 
 DeviceConditions Population::ConditionsAt(int64_t device, double t) const {
   const Schedule schedule(options_, profile(device), device);
@@ -700,8 +660,7 @@ double Population::NextAvailable(int64_t device, double t) const {
       return s.Contains(local) ? t : schedule.UtcSeconds(s.begin);
     }
   }
-  SEEDLING_CHECK(false,
-                 "no available window within 12 days: the availability model guarantees one");
+  SEEDLING_CHECK(false, "no available window within 12 days: the availability model guarantees one");
   return t;
 }
 
@@ -741,14 +700,12 @@ double Population::ComputeSeconds(int64_t device, double flops) const {
 
 double Population::DownloadSeconds(int64_t device, uint64_t bytes) const {
   const DeviceProfile& p = profile(device);
-  return p.rtt_ms / 1e3 +
-         static_cast<double>(bytes) * 8.0 / (static_cast<double>(p.downlink_mbps) * 1e6);
+  return p.rtt_ms / 1e3 + static_cast<double>(bytes) * 8.0 / (static_cast<double>(p.downlink_mbps) * 1e6);
 }
 
 double Population::UploadSeconds(int64_t device, uint64_t bytes) const {
   const DeviceProfile& p = profile(device);
-  return p.rtt_ms / 1e3 +
-         static_cast<double>(bytes) * 8.0 / (static_cast<double>(p.uplink_mbps) * 1e6);
+  return p.rtt_ms / 1e3 + static_cast<double>(bytes) * 8.0 / (static_cast<double>(p.uplink_mbps) * 1e6);
 }
 
 double Population::TrainingJoules(int64_t device, double compute_seconds) const {
@@ -771,25 +728,22 @@ std::string Population::Summary() const {
       s->rtt.push_back(p.rtt_ms);
     }
   }
-  std::string out = StrCat("population: ", size(), " devices, ", classes_.size(),
-                           " phone classes, ", bytes_per_device(), " bytes per device (",
-                           FormatBytes(static_cast<double>(bytes_per_device() * profiles_.size())),
-                           " of profiles)\n");
+  std::string out = StrCat("population: ", size(), " devices, ", classes_.size(), " phone classes, ",
+                           bytes_per_device(), " bytes per device (",
+                           FormatBytes(static_cast<double>(bytes_per_device() * profiles_.size())), " of profiles)\n");
   char line[256];
-  std::snprintf(line, sizeof(line), "  %-24s %8s %7s %9s %12s %18s %7s\n", "class", "devices",
-                "share", "GFLOP/s", "mem budget", "down/up Mbit/s", "RTT ms");
+  std::snprintf(line, sizeof(line), "  %-24s %8s %7s %9s %12s %18s %7s\n", "class", "devices", "share", "GFLOP/s",
+                "mem budget", "down/up Mbit/s", "RTT ms");
   out += line;
   auto row = [&](const std::string& name, const Stats& s, const std::string& budget) {
-    std::snprintf(
-        line, sizeof(line), "  %-24s %8lld %6.1f%% %9.1f %12s %10.1f/%-7.1f %7.0f\n", name.c_str(),
-        static_cast<long long>(s.devices),
-        100.0 * static_cast<double>(s.devices) / static_cast<double>(std::max<int64_t>(1, size())),
-        Median(s.gflops), budget.c_str(), Median(s.down), Median(s.up), Median(s.rtt));
+    std::snprintf(line, sizeof(line), "  %-24s %8lld %6.1f%% %9.1f %12s %10.1f/%-7.1f %7.0f\n", name.c_str(),
+                  static_cast<long long>(s.devices),
+                  100.0 * static_cast<double>(s.devices) / static_cast<double>(std::max<int64_t>(1, size())),
+                  Median(s.gflops), budget.c_str(), Median(s.down), Median(s.up), Median(s.rtt));
     out += line;
   };
   for (size_t k = 0; k < classes_.size(); ++k) {
-    row(classes_[k].name, per_class[k],
-        FormatBytes(static_cast<double>(classes_[k].app_memory_bytes)));
+    row(classes_[k].name, per_class[k], FormatBytes(static_cast<double>(classes_[k].app_memory_bytes)));
   }
   std::vector<double> budgets;
   for (const DeviceProfile& p : profiles_) {

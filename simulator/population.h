@@ -62,9 +62,9 @@ namespace seedling::simulator {
 
 // One row of data/phones/phone_classes.csv.
 struct PhoneClass {
-  std::string name;   // unique, e.g. "android-mid-2021"
-  double share = 0;   // fraction of the population (normalized to sum to 1 across classes)
-  double gflops = 0;  // sustained fp32 GFLOP/s on the training kernels (after thermal throttling)
+  std::string name;              // unique, e.g. "android-mid-2021"
+  double share = 0;              // fraction of the population (normalized to sum to 1 across classes)
+  double gflops = 0;             // sustained fp32 GFLOP/s on the training kernels (after thermal throttling)
   int64_t ram_bytes = 0;         // physical RAM
   int64_t app_memory_bytes = 0;  // memory the OS lets a background app use (<= ram_bytes)
   double uplink_mbps = 0;        // Mbit/s (1e6 bit/s) on the link the phone trains on
@@ -84,8 +84,7 @@ struct PhoneClass {
 absl::StatusOr<std::vector<PhoneClass>> LoadPhoneClasses(const std::string& csv_path);
 
 // Same as LoadPhoneClasses on CSV text; `origin` names the source in messages.
-absl::StatusOr<std::vector<PhoneClass>> ParsePhoneClasses(std::string_view csv_text,
-                                                          std::string_view origin);
+absl::StatusOr<std::vector<PhoneClass>> ParsePhoneClasses(std::string_view csv_text, std::string_view origin);
 
 struct PopulationOptions {
   // Number of devices, in [1, 100'000'000]. Default 1000.
@@ -135,23 +134,23 @@ struct DeviceConditions {
 // A device's characteristics: what the simulator keeps per device. Compact: no heap, float and
 // int16 fields. Minutes are local; "after midnight" values may pass 1440 (the next day).
 struct DeviceProfile {
-  float gflops = 0;                 // sustained fp32 GFLOP/s on the training kernels
-  float uplink_mbps = 0;            // Mbit/s
-  float downlink_mbps = 0;          // Mbit/s
-  float rtt_ms = 0;                 // milliseconds
-  float train_watts = 0;            // watts while training
-  float dropout_probability = 0;    // probability of dropping out during one task
-  int16_t utc_offset_minutes = 0;   // local time = UTC + this
-  int16_t charge_start_minute = 0;  // habitual nightly plug-in, minutes after midnight
-  int16_t charge_minutes = 0;       // habitual nightly charge length
-  int16_t sleep_minute = 0;         // habitual screen-off for the night, minutes after midnight
-  int16_t wake_minute = 0;          // habitual wake-up, minutes after the previous midnight
-  int16_t home_minute = 0;          // habitual arrival on home Wi-Fi, minutes after midnight
-  int16_t leave_minute = 0;         // habitual departure from home, minutes after previous midnight
-  int16_t day_charge_start_minute = -1;  // daytime charge start, minutes after midnight; -1: none
-  int16_t day_charge_minutes = 0;        // daytime charge length
-  uint8_t phone_class = 0;               // index into Population::classes()
-  uint8_t flags = 0;                     // kDaytimeWifi
+  float gflops = 0;                           // sustained fp32 GFLOP/s on the training kernels
+  float uplink_mbps = 0;                      // Mbit/s
+  float downlink_mbps = 0;                    // Mbit/s
+  float rtt_ms = 0;                           // milliseconds
+  float train_watts = 0;                      // watts while training
+  float dropout_probability = 0;              // probability of dropping out during one task
+  int16_t utc_offset_minutes = 0;             // local time = UTC + this
+  int16_t charge_start_minute = 0;            // habitual nightly plug-in, minutes after midnight
+  int16_t charge_minutes = 0;                 // habitual nightly charge length
+  int16_t sleep_minute = 0;                   // habitual screen-off for the night, minutes after midnight
+  int16_t wake_minute = 0;                    // habitual wake-up, minutes after the previous midnight
+  int16_t home_minute = 0;                    // habitual arrival on home Wi-Fi, minutes after midnight
+  int16_t leave_minute = 0;                   // habitual departure from home, minutes after previous midnight
+  int16_t day_charge_start_minute = -1;       // daytime charge start, minutes after midnight; -1: none
+  int16_t day_charge_minutes = 0;             // daytime charge length
+  uint8_t phone_class = 0;                    // index into Population::classes()
+  uint8_t flags = 0;                          // kDaytimeWifi
   uint8_t drain_tenth_percent_per_hour = 50;  // battery drain while unplugged, 0.1 % per hour
 
   static constexpr uint8_t kDaytimeWifi = 1;
@@ -162,8 +161,7 @@ class Population {
   // Draws `options.devices` profiles. InvalidArgument for no classes, more than 255 classes, a
   // class with a non-positive figure, shares that do not sum to a positive number, or an option out
   // of its documented range. Shares are normalized again here.
-  static absl::StatusOr<Population> Create(std::vector<PhoneClass> classes,
-                                           const PopulationOptions& options);
+  static absl::StatusOr<Population> Create(std::vector<PhoneClass> classes, const PopulationOptions& options);
 
   int64_t size() const { return static_cast<int64_t>(profiles_.size()); }
   const PopulationOptions& options() const { return options_; }
@@ -207,8 +205,7 @@ class Population {
   std::string Summary() const;
 
  private:
-  Population(std::vector<PhoneClass> classes, PopulationOptions options,
-             std::vector<DeviceProfile> profiles)
+  Population(std::vector<PhoneClass> classes, PopulationOptions options, std::vector<DeviceProfile> profiles)
       : classes_(std::move(classes)), options_(options), profiles_(std::move(profiles)) {}
 
   // Constant after construction.

@@ -90,9 +90,8 @@ std::vector<MethodData> GroupByMethod(const ReportInput& in) {
     for (const RoundRecord& r : in.rounds) {
       if (r.method == md.name) md.records.push_back(&r);
     }
-    std::stable_sort(
-        md.records.begin(), md.records.end(),
-        [](const RoundRecord* a, const RoundRecord* b) { return a->round < b->round; });
+    std::stable_sort(md.records.begin(), md.records.end(),
+                     [](const RoundRecord* a, const RoundRecord* b) { return a->round < b->round; });
     if (auto it = in.initial_eval_loss.find(md.name); it != in.initial_eval_loss.end()) {
       md.initial_eval_loss = it->second;
     }
@@ -125,8 +124,7 @@ Chart MetricChart(std::string id, std::string title, std::string x_label, std::s
       s.metric = metrics.size() > 1 ? metrics[k].name : "";
       s.color = m.color;
       s.dash = kDashes[k % std::size(kDashes)];
-      if (with_initial && std::isfinite(m.initial_eval_loss))
-        s.points.push_back({0, m.initial_eval_loss});
+      if (with_initial && std::isfinite(m.initial_eval_loss)) s.points.push_back({0, m.initial_eval_loss});
       for (const RoundRecord* r : m.records) {
         const Point p{x(*r), metrics[k].value(*r)};
         s.points.push_back(p);
@@ -135,8 +133,7 @@ Chart MetricChart(std::string id, std::string title, std::string x_label, std::s
           any_aborted = true;
         }
       }
-      std::stable_sort(s.points.begin(), s.points.end(),
-                       [](const Point& a, const Point& b) { return a.x < b.x; });
+      std::stable_sort(s.points.begin(), s.points.end(), [](const Point& a, const Point& b) { return a.x < b.x; });
       c.series.push_back(std::move(s));
     }
     c.legend.push_back({m.name, m.color, "", false});
@@ -178,8 +175,8 @@ std::string DeclineTable(const std::vector<MethodData>& methods) {
       Counts round;
       round.Add(*r);
       total.Add(*r);
-      rows += StrCat("<tr><td>", HtmlEscape(m.name), "</td><td class=\"num\">", r->round, "</td>", cells(round),
-                     "</tr>\n");
+      rows +=
+          StrCat("<tr><td>", HtmlEscape(m.name), "</td><td class=\"num\">", r->round, "</td>", cells(round), "</tr>\n");
     }
     if (total.declined > 0) {
       rows += StrCat("<tr class=\"total\"><td>", HtmlEscape(m.name), "</td><td>total</td>", cells(total), "</tr>\n");
@@ -198,8 +195,8 @@ std::string DeclineTable(const std::vector<MethodData>& methods) {
 }
 
 std::string Figure(const Chart& c, std::string_view caption) {
-  return StrCat("<figure id=\"", c.id, "\">\n", RenderChart(c), "\n<figcaption>",
-                HtmlEscape(caption), "</figcaption>\n</figure>\n");
+  return StrCat("<figure id=\"", c.id, "\">\n", RenderChart(c), "\n<figcaption>", HtmlEscape(caption),
+                "</figcaption>\n</figure>\n");
 }
 
 constexpr std::string_view kStyle =
@@ -255,8 +252,7 @@ nlohmann::json ToJson(const RoundRecord& r) {
 
 absl::StatusOr<RoundRecord> RoundRecordFromJson(const nlohmann::json& j) {
   if (!j.is_object()) {
-    return absl::InvalidArgumentError(
-        ToAbsl(StrCat("round record: expected a JSON object, got ", j.type_name())));
+    return absl::InvalidArgumentError(ToAbsl(StrCat("round record: expected a JSON object, got ", j.type_name())));
   }
   RoundRecord r;
   auto bad = [](const char* key, const char* want, const nlohmann::json& v) {
@@ -329,14 +325,13 @@ std::string CsvHeader() {
 }
 
 std::string ToCsvRow(const RoundRecord& r) {
-  return StrCat(CsvField(r.method), ",", r.round, ",", r.committed ? "true" : "false", ",",
-                CsvNumber(r.start_time_s), ",", CsvNumber(r.end_time_s), ",", r.available, ",",
-                r.selected, ",", r.participants, ",", r.dropouts, ",", r.stragglers, ",",
-                r.declined, ",", r.declined_memory, ",", r.declined_unsupported, ",", CsvNumber(r.train_loss), ",", CsvNumber(r.eval_loss), ",",
-                CsvNumber(r.accuracy), ",", CsvNumber(r.bytes_up_per_client), ",",
-                CsvNumber(r.bytes_down_per_client), ",", r.processed_tokens, ",",
-                CsvNumber(r.device_tokens_per_second), ",", CsvNumber(r.energy_joules), ",",
-                CsvNumber(r.epsilon), ",", CsvField(r.global_sha256), ",", CsvNumber(r.wall_seconds), "\n");
+  return StrCat(CsvField(r.method), ",", r.round, ",", r.committed ? "true" : "false", ",", CsvNumber(r.start_time_s),
+                ",", CsvNumber(r.end_time_s), ",", r.available, ",", r.selected, ",", r.participants, ",", r.dropouts,
+                ",", r.stragglers, ",", r.declined, ",", r.declined_memory, ",", r.declined_unsupported, ",",
+                CsvNumber(r.train_loss), ",", CsvNumber(r.eval_loss), ",", CsvNumber(r.accuracy), ",",
+                CsvNumber(r.bytes_up_per_client), ",", CsvNumber(r.bytes_down_per_client), ",", r.processed_tokens, ",",
+                CsvNumber(r.device_tokens_per_second), ",", CsvNumber(r.energy_joules), ",", CsvNumber(r.epsilon), ",",
+                CsvField(r.global_sha256), ",", CsvNumber(r.wall_seconds), "\n");
 }
 
 namespace {
@@ -380,10 +375,10 @@ absl::StatusOr<RoundLog> RoundLog::Open(const std::string& dir) {
     if (!in) return ErrnoStatus(errno, "cannot open", csv_path);
     std::getline(in, first);
     if (!first.empty() && first + "\n" != header) {
-      return absl::FailedPreconditionError(ToAbsl(
-          StrCat("'", csv_path, "' starts with '", first, "', expected the header '",
-                 std::string_view(header).substr(0, header.size() - 1),
-                 "' (written by another version?); move it away or use another output directory")));
+      return absl::FailedPreconditionError(
+          ToAbsl(StrCat("'", csv_path, "' starts with '", first, "', expected the header '",
+                        std::string_view(header).substr(0, header.size() - 1),
+                        "' (written by another version?); move it away or use another output directory")));
     }
   }
   bool jsonl_empty = false, csv_empty = false;
@@ -392,8 +387,7 @@ absl::StatusOr<RoundLog> RoundLog::Open(const std::string& dir) {
   SEEDLING_ASSIGN_OR_RETURN(std::FILE * csv_file, OpenForAppend(csv_path, &csv_empty));
   FilePtr csv(csv_file);
   if (csv_empty) {
-    if (std::fwrite(header.data(), 1, header.size(), csv.get()) != header.size() ||
-        std::fflush(csv.get()) != 0) {
+    if (std::fwrite(header.data(), 1, header.size(), csv.get()) != header.size() || std::fflush(csv.get()) != 0) {
       return ErrnoStatus(errno, "cannot write", csv_path);
     }
   }
@@ -401,16 +395,13 @@ absl::StatusOr<RoundLog> RoundLog::Open(const std::string& dir) {
 }
 
 absl::Status RoundLog::Append(const RoundRecord& r) {
-  if (!jsonl_ || !csv_)
-    return absl::FailedPreconditionError("RoundLog used after being moved from");
+  if (!jsonl_ || !csv_) return absl::FailedPreconditionError("RoundLog used after being moved from");
   const std::string line = ToJson(r).dump() + "\n";
-  if (std::fwrite(line.data(), 1, line.size(), jsonl_.get()) != line.size() ||
-      std::fflush(jsonl_.get()) != 0) {
+  if (std::fwrite(line.data(), 1, line.size(), jsonl_.get()) != line.size() || std::fflush(jsonl_.get()) != 0) {
     return ErrnoStatus(errno, "cannot write", jsonl_path_);
   }
   const std::string row = ToCsvRow(r);
-  if (std::fwrite(row.data(), 1, row.size(), csv_.get()) != row.size() ||
-      std::fflush(csv_.get()) != 0) {
+  if (std::fwrite(row.data(), 1, row.size(), csv_.get()) != row.size() || std::fflush(csv_.get()) != 0) {
     return ErrnoStatus(errno, "cannot write", csv_path_);
   }
   return absl::OkStatus();
@@ -419,8 +410,7 @@ absl::Status RoundLog::Append(const RoundRecord& r) {
 // -------------------------------------------------------------------------------------------------
 // Summaries.
 
-MethodSummary Summarize(std::string method, double initial_eval_loss,
-                        std::span<const RoundRecord> records) {
+MethodSummary Summarize(std::string method, double initial_eval_loss, std::span<const RoundRecord> records) {
   std::vector<const RoundRecord*> mine;
   for (const RoundRecord& r : records) {
     if (r.method == method) mine.push_back(&r);
@@ -476,10 +466,8 @@ std::vector<Column> SummaryColumns(std::span<const MethodSummary> summaries) {
       {"committed", true, [](const MethodSummary& s) { return StrCat(s.committed_rounds); }},
       {"initial loss", true, [](const MethodSummary& s) { return G4(s.initial_eval_loss); }},
       {"final loss", true, [](const MethodSummary& s) { return G4(s.final_eval_loss); }},
-      {"up/client/round", true,
-       [](const MethodSummary& s) { return HumanBytes(s.bytes_up_per_client_per_round); }},
-      {"down/client/round", true,
-       [](const MethodSummary& s) { return HumanBytes(s.bytes_down_per_client_per_round); }},
+      {"up/client/round", true, [](const MethodSummary& s) { return HumanBytes(s.bytes_up_per_client_per_round); }},
+      {"down/client/round", true, [](const MethodSummary& s) { return HumanBytes(s.bytes_down_per_client_per_round); }},
       {"simulated h", true, [](const MethodSummary& s) { return G4(s.simulated_hours); }},
       {"energy kJ", true, [](const MethodSummary& s) { return G4(s.energy_kj); }},
       {"wall s", true, [](const MethodSummary& s) { return G4(s.wall_seconds); }},
@@ -541,8 +529,7 @@ std::string RenderReportHtml(const ReportInput& input) {
   std::string o;
   o += "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n";
   o += "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n";
-  o += StrCat("<title>", HtmlEscape(title), "</title>\n<style>\n", kStyle,
-              "</style>\n</head>\n<body>\n");
+  o += StrCat("<title>", HtmlEscape(title), "</title>\n<style>\n", kStyle, "</style>\n</head>\n<body>\n");
   o += StrCat("<h1>", HtmlEscape(title), "</h1>\n");
 
   if (!input.settings.empty()) {
@@ -571,8 +558,8 @@ std::string RenderReportHtml(const ReportInput& input) {
       o += "<tr>";
       for (const Column& c : cols) {
         if (!c.numeric) {
-          o += StrCat("<td><span class=\"swatch-box\" style=\"background:", color, "\"></span>",
-                      HtmlEscape(c.cell(s)), "</td>");
+          o += StrCat("<td><span class=\"swatch-box\" style=\"background:", color, "\"></span>", HtmlEscape(c.cell(s)),
+                      "</td>");
         } else {
           o += StrCat("<td class=\"num\">", HtmlEscape(c.cell(s)), "</td>");
         }
@@ -588,26 +575,23 @@ std::string RenderReportHtml(const ReportInput& input) {
   o += "<h2>Figures</h2>\n";
   const MetricSpec eval_loss{"eval loss", [](const RoundRecord& r) { return r.eval_loss; }};
   {
-    Chart c = MetricChart("fig-loss-round", "Eval loss vs round", "round", "eval loss", methods,
-                          {eval_loss}, ByRound, true);
-    c.integer_x = true;
-    o += Figure(
-        c,
-        "Held-out eval loss of the global model after each round (round 0: before training). "
-        "Crosses mark aborted rounds; gaps are rounds without an evaluation.");
-  }
-  {
-    Chart c = MetricChart("fig-loss-time", "Eval loss vs simulated time", "simulated time (hours)",
-                          "eval loss", methods, {eval_loss}, ByHours, true);
-    o +=
-        Figure(c, "The same eval loss against simulated wall-clock time at the end of each round.");
-  }
-  {
     Chart c =
-        MetricChart("fig-bytes", "Bytes per client per round", "round", "bytes per client", methods,
-                    {{"up", [](const RoundRecord& r) { return r.bytes_up_per_client; }},
-                     {"down", [](const RoundRecord& r) { return r.bytes_down_per_client; }}},
-                    ByRound, false);
+        MetricChart("fig-loss-round", "Eval loss vs round", "round", "eval loss", methods, {eval_loss}, ByRound, true);
+    c.integer_x = true;
+    o += Figure(c,
+                "Held-out eval loss of the global model after each round (round 0: before training). "
+                "Crosses mark aborted rounds; gaps are rounds without an evaluation.");
+  }
+  {
+    Chart c = MetricChart("fig-loss-time", "Eval loss vs simulated time", "simulated time (hours)", "eval loss",
+                          methods, {eval_loss}, ByHours, true);
+    o += Figure(c, "The same eval loss against simulated wall-clock time at the end of each round.");
+  }
+  {
+    Chart c = MetricChart("fig-bytes", "Bytes per client per round", "round", "bytes per client", methods,
+                          {{"up", [](const RoundRecord& r) { return r.bytes_up_per_client; }},
+                           {"down", [](const RoundRecord& r) { return r.bytes_down_per_client; }}},
+                          ByRound, false);
     c.integer_x = true;
     c.zero_y = true;
     c.si_y = true;
@@ -632,19 +616,17 @@ std::string RenderReportHtml(const ReportInput& input) {
     o += Figure(c, "Mean bytes uploaded (solid) and downloaded (dashed) per participating client.");
   }
   {
-    Chart c =
-        MetricChart("fig-participation", "Participation per round", "round", "devices", methods,
-                    {{"participants", [](const RoundRecord& r) { return double(r.participants); }},
-                     {"dropouts", [](const RoundRecord& r) { return double(r.dropouts); }},
-                     {"stragglers", [](const RoundRecord& r) { return double(r.stragglers); }}},
-                    ByRound, false);
+    Chart c = MetricChart("fig-participation", "Participation per round", "round", "devices", methods,
+                          {{"participants", [](const RoundRecord& r) { return double(r.participants); }},
+                           {"dropouts", [](const RoundRecord& r) { return double(r.dropouts); }},
+                           {"stragglers", [](const RoundRecord& r) { return double(r.stragglers); }}},
+                          ByRound, false);
     c.integer_x = true;
     c.integer_y = true;
     c.zero_y = true;
-    o += Figure(
-        c,
-        "Accepted updates (solid), dropouts (dashed) and stragglers whose upload came too late "
-        "(dotted) per round.");
+    o += Figure(c,
+                "Accepted updates (solid), dropouts (dashed) and stragglers whose upload came too late "
+                "(dotted) per round.");
   }
   bool any_accuracy = false, any_epsilon = false, any_speed = false;
   for (const RoundRecord& r : input.rounds) {
@@ -653,10 +635,9 @@ std::string RenderReportHtml(const ReportInput& input) {
     any_speed |= std::isfinite(r.device_tokens_per_second);
   }
   if (any_speed) {
-    Chart c = MetricChart("fig-device-speed", "Device training speed per round", "round", "tokens per second",
-                          methods,
-                          {{"tokens/s", [](const RoundRecord& r) { return r.device_tokens_per_second; }}},
-                          ByRound, false);
+    Chart c =
+        MetricChart("fig-device-speed", "Device training speed per round", "round", "tokens per second", methods,
+                    {{"tokens/s", [](const RoundRecord& r) { return r.device_tokens_per_second; }}}, ByRound, false);
     c.integer_x = true;
     c.zero_y = true;
     o += Figure(c,
@@ -665,15 +646,13 @@ std::string RenderReportHtml(const ReportInput& input) {
   }
   if (any_accuracy) {
     Chart c = MetricChart("fig-accuracy", "Accuracy vs round", "round", "accuracy", methods,
-                          {{"accuracy", [](const RoundRecord& r) { return r.accuracy; }}}, ByRound,
-                          false);
+                          {{"accuracy", [](const RoundRecord& r) { return r.accuracy; }}}, ByRound, false);
     c.integer_x = true;
     o += Figure(c, "Held-out accuracy of the global model after each round.");
   }
   if (any_epsilon) {
-    Chart c =
-        MetricChart("fig-epsilon", "Privacy budget spent", "round", "epsilon", methods,
-                    {{"epsilon", [](const RoundRecord& r) { return r.epsilon; }}}, ByRound, false);
+    Chart c = MetricChart("fig-epsilon", "Privacy budget spent", "round", "epsilon", methods,
+                          {{"epsilon", [](const RoundRecord& r) { return r.epsilon; }}}, ByRound, false);
     c.integer_x = true;
     c.zero_y = true;
     o += Figure(c, "Differential-privacy epsilon spent so far.");
@@ -687,11 +666,10 @@ absl::Status WriteReport(const std::string& path, const ReportInput& input) {
   const std::filesystem::path parent = std::filesystem::path(path).parent_path();
   std::error_code ec;
   if (!parent.empty() && !std::filesystem::is_directory(parent, ec)) {
-    return absl::NotFoundError(ToAbsl(StrCat("cannot write report '", path, "': directory '",
-                                             parent.string(), "' does not exist")));
+    return absl::NotFoundError(
+        ToAbsl(StrCat("cannot write report '", path, "': directory '", parent.string(), "' does not exist")));
   }
-  return Annotate(WriteFileAtomic(path, RenderReportHtml(input)),
-                  StrCat("writing report '", path, "'"));
+  return Annotate(WriteFileAtomic(path, RenderReportHtml(input)), StrCat("writing report '", path, "'"));
 }
 
 }  // namespace seedling::simulator

@@ -29,33 +29,33 @@ namespace seedling::simulator {
 // What happened in one server round of one method. Byte and loss fields are means over the round's
 // participants (accepted updates) unless said otherwise.
 struct RoundRecord {
-  std::string method;        // "lora-bp", "fwdgrad", "mezo", "kseed", ...
-  int64_t round = 0;         // server round id (1-based)
-  bool committed = false;    // false: aborted (fewer than min_reports by the deadline)
-  double start_time_s = 0;   // simulated seconds since the simulation start when the round opened
-  double end_time_s = 0;     // ... when the round committed or aborted
-  int64_t available = 0;     // devices available during the round
-  int64_t selected = 0;      // tasks handed out
-  int64_t participants = 0;  // accepted updates
-  int64_t dropouts = 0;      // selected devices that dropped out
-  int64_t stragglers = 0;    // finished after the deadline / round end (their upload was stale)
-  int64_t declined = 0;      // declined the task, for any reason
-  int64_t declined_memory = 0;       // of which: no memory plan fits the device's budget (Decline MEMORY)
-  int64_t declined_unsupported = 0;  // of which: a method, weight representation or base model the device
-                                     // does not run (Decline UNSUPPORTED)
-  double train_loss = NAN;   // mean over participants of their local loss after training
-  double eval_loss = NAN;    // held-out devices, global model after the round
-  double accuracy = NAN;     // in [0, 1], where the task has labels
-  double bytes_up_per_client = 0;    // bytes, mean over participants
-  double bytes_down_per_client = 0;  // bytes, mean over participants
-  int64_t processed_tokens = 0;      // tokens the participants' local steps processed (prompts included)
+  std::string method;                     // "lora-bp", "fwdgrad", "mezo", "kseed", ...
+  int64_t round = 0;                      // server round id (1-based)
+  bool committed = false;                 // false: aborted (fewer than min_reports by the deadline)
+  double start_time_s = 0;                // simulated seconds since the simulation start when the round opened
+  double end_time_s = 0;                  // ... when the round committed or aborted
+  int64_t available = 0;                  // devices available during the round
+  int64_t selected = 0;                   // tasks handed out
+  int64_t participants = 0;               // accepted updates
+  int64_t dropouts = 0;                   // selected devices that dropped out
+  int64_t stragglers = 0;                 // finished after the deadline / round end (their upload was stale)
+  int64_t declined = 0;                   // declined the task, for any reason
+  int64_t declined_memory = 0;            // of which: no memory plan fits the device's budget (Decline MEMORY)
+  int64_t declined_unsupported = 0;       // of which: a method, weight representation or base model the device
+                                          // does not run (Decline UNSUPPORTED)
+  double train_loss = NAN;                // mean over participants of their local loss after training
+  double eval_loss = NAN;                 // held-out devices, global model after the round
+  double accuracy = NAN;                  // in [0, 1], where the task has labels
+  double bytes_up_per_client = 0;         // bytes, mean over participants
+  double bytes_down_per_client = 0;       // bytes, mean over participants
+  int64_t processed_tokens = 0;           // tokens the participants' local steps processed (prompts included)
   double device_tokens_per_second = NAN;  // processed_tokens over the participants' simulated compute
                                           // seconds: the phones' training speed as the time model has it
-  double energy_joules = 0;          // all selected devices' training + radio energy this round, J
-  double epsilon = NAN;              // DP budget spent so far (privacy), NaN if DP is off
-  std::string global_sha256;         // hex SHA-256 of the global parameters after the round (float32
-                                     // bytes): equal across thread counts, ranks and transports
-  double wall_seconds = 0;           // host time spent simulating the round, s
+  double energy_joules = 0;               // all selected devices' training + radio energy this round, J
+  double epsilon = NAN;                   // DP budget spent so far (privacy), NaN if DP is off
+  std::string global_sha256;              // hex SHA-256 of the global parameters after the round (float32
+                                          // bytes): equal across thread counts, ranks and transports
+  double wall_seconds = 0;                // host time spent simulating the round, s
 };
 
 // One JSON object with the field names above; NaN and ±inf become null.
@@ -118,10 +118,10 @@ struct MethodSummary {
   double bytes_up_per_client_per_round = NAN;    // bytes, see Summarize
   double bytes_down_per_client_per_round = NAN;  // bytes, see Summarize
   double simulated_hours = 0;                    // latest end_time_s / 3600
-  double energy_kj = 0;         // sum of energy_joules / 1000, aborted rounds included
-  double wall_seconds = 0;      // sum of wall_seconds
-  double final_accuracy = NAN;  // last non-NaN accuracy in round order
-  double epsilon = NAN;         // last non-NaN epsilon in round order (the budget spent)
+  double energy_kj = 0;                          // sum of energy_joules / 1000, aborted rounds included
+  double wall_seconds = 0;                       // sum of wall_seconds
+  double final_accuracy = NAN;                   // last non-NaN accuracy in round order
+  double epsilon = NAN;                          // last non-NaN epsilon in round order (the budget spent)
 };
 
 // Condenses the records of `method`; records of other methods are skipped, so the whole log can be
@@ -134,8 +134,7 @@ struct MethodSummary {
 //    away and their per-client mean is over too few (often zero) participants to describe the
 //    method. NaN when no committed round had a participant.
 //  - energy and wall time include aborted rounds: that energy and time were spent.
-MethodSummary Summarize(std::string method, double initial_eval_loss,
-                        std::span<const RoundRecord> records);
+MethodSummary Summarize(std::string method, double initial_eval_loss, std::span<const RoundRecord> records);
 
 // An aligned plain-text table for the terminal: a header line, a rule, one line per summary,
 // every line the same width (method left-aligned, numbers right-aligned). Bytes use binary units

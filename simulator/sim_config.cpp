@@ -1,15 +1,15 @@
 // sim.toml: the [simulation] and [methods.*] tables here; round settings through server::ParseServerConfig.
 // No LibTorch: scripts/fuzz.sh fuzzes this parser with clang.
 
+#include <toml++/toml.h>
+
 #include <set>
 #include <sstream>
 
-#include <toml++/toml.h>
-
+#include "base/memory.h"
 #include "base/status.h"
 #include "base/strings.h"
 #include "base/toml.h"
-#include "base/memory.h"
 #include "optim/method.h"
 #include "simulator/simulation.h"
 
@@ -75,8 +75,9 @@ absl::StatusOr<SimulationOptions> ParseSimulationConfig(std::string_view toml_te
     SEEDLING_RETURN_IF_ERROR(section.Get("device_runtime", runtime));
     if (runtime != "auto") {
       absl::StatusOr<int64_t> bytes = ParseByteSize(runtime);
-      if (!bytes.ok()) return section.Error("device_runtime", StrCat("expected \"auto\" or a size such as \"180M\": ",
-                                                                  bytes.status().message()));
+      if (!bytes.ok())
+        return section.Error("device_runtime",
+                             StrCat("expected \"auto\" or a size such as \"180M\": ", bytes.status().message()));
       o.device_runtime_bytes = *bytes;
     }
     SEEDLING_RETURN_IF_ERROR(section.CheckNoUnknownKeys());
@@ -132,7 +133,8 @@ absl::Status SimulationOptions::Validate() const {
   if (server.secagg.enabled) {
     for (const std::string& m : methods) {
       if (m != "lora-bp" && m != "mezo") {
-        return absl::InvalidArgumentError(StrCat("[secagg] enabled: method ", m, " does not upload a dense delta; "
+        return absl::InvalidArgumentError(StrCat("[secagg] enabled: method ", m,
+                                                 " does not upload a dense delta; "
                                                  "secure aggregation runs with lora-bp and mezo"));
       }
     }

@@ -40,68 +40,69 @@ server::ServerConfig DefaultSimulationServerConfig();
 
 // What differs between methods in one comparison run.
 struct MethodSettings {
-  std::string codec;  // "" = the method's default: int8 (lora-bp, mezo), fp16 (fwdgrad), seed-scalars (kseed)
-  double lr = 0;      // client learning rate; 0 = the method's default (kseed: the strategy's kseed_lr)
-  double epsilon = 0; // perturbation scale; 0 = the method's default
+  std::string codec;   // "" = the method's default: int8 (lora-bp, mezo), fp16 (fwdgrad), seed-scalars (kseed)
+  double lr = 0;       // client learning rate; 0 = the method's default (kseed: the strategy's kseed_lr)
+  double epsilon = 0;  // perturbation scale; 0 = the method's default
 };
 
 struct SimulationOptions {
-  std::string model_dir;                 // required: the base model (Hugging Face directory or GGUF file)
-  std::string out_dir = "sim-out";       // rounds.jsonl, rounds.csv, report.html, summary.txt (replaced)
-  std::string work_dir;                  // server and device state; "" = a fresh temporary directory
-                                         // (in /dev/shm when available), removed at the end
+  std::string model_dir;            // required: the base model (Hugging Face directory or GGUF file)
+  std::string out_dir = "sim-out";  // rounds.jsonl, rounds.csv, report.html, summary.txt (replaced)
+  std::string work_dir;             // server and device state; "" = a fresh temporary directory
+                                    // (in /dev/shm when available), removed at the end
   std::vector<std::string> methods = {"lora-bp", "kseed"};  // run one after the other on the same population
-  uint64_t seed = 0;                     // population, data, availability, dropouts and the server's seeds
-  int threads = 0;                       // devices training at once (per MPI rank); 0 = the hardware threads
-  std::string phone_classes;             // CSV of phone classes; "" = data/phones/phone_classes.csv
-  PopulationOptions population;          // devices (default 1,000), dropout, variation, availability
-  std::string data_path;                 // JSONL; "" = the built-in synthetic corpus
-  PartitionOptions partition;            // how data_path is split across devices
-  SyntheticCorpusOptions corpus;         // the built-in corpus (devices and seed are set from the above)
-  int64_t heldout_devices = 50;          // devices whose data only evaluates the global model
-  int64_t eval_examples = 256;           // at most this many held-out examples per evaluation
-  server::ServerConfig server = DefaultSimulationServerConfig();  // round settings: rounds, clients_per_round, over_selection,
-                                         // deadlines, steps, seq_len, lora, retry, weights (the shared base
-                                         // model is loaded that way, and tasks carry it); state and model
-                                         // dirs, method, codec and strategy are set per method
-  std::string weight_cache_dir;          // q8_0 / q4_0 weight cache of the base model (built once, reused by
-                                         // later runs); "" = <model_dir>/.seedling-cache
-  int64_t device_runtime_bytes = -1;     // what each device's planner counts besides the model, data and
-                                         // training (code, LibTorch, BLAS); -1 = measured in this process
-                                         // before the shared model loads (sim.toml: device_runtime)
+  uint64_t seed = 0;              // population, data, availability, dropouts and the server's seeds
+  int threads = 0;                // devices training at once (per MPI rank); 0 = the hardware threads
+  std::string phone_classes;      // CSV of phone classes; "" = data/phones/phone_classes.csv
+  PopulationOptions population;   // devices (default 1,000), dropout, variation, availability
+  std::string data_path;          // JSONL; "" = the built-in synthetic corpus
+  PartitionOptions partition;     // how data_path is split across devices
+  SyntheticCorpusOptions corpus;  // the built-in corpus (devices and seed are set from the above)
+  int64_t heldout_devices = 50;   // devices whose data only evaluates the global model
+  int64_t eval_examples = 256;    // at most this many held-out examples per evaluation
+  server::ServerConfig server =
+      DefaultSimulationServerConfig();  // round settings: rounds, clients_per_round, over_selection,
+                                        // deadlines, steps, seq_len, lora, retry, weights (the shared base
+                                        // model is loaded that way, and tasks carry it); state and model
+                                        // dirs, method, codec and strategy are set per method
+  std::string weight_cache_dir;         // q8_0 / q4_0 weight cache of the base model (built once, reused by
+                                        // later runs); "" = <model_dir>/.seedling-cache
+  int64_t device_runtime_bytes = -1;    // what each device's planner counts besides the model, data and
+                                        // training (code, LibTorch, BLAS); -1 = measured in this process
+                                        // before the shared model loads (sim.toml: device_runtime)
   std::map<std::string, MethodSettings> method_settings;  // by method name
-  double start_time_s = 1767643200;      // simulated start, Unix seconds: Mon 2026-01-05 20:00 UTC
-  double tick_s = 1.0;                   // how often the coordinator's Tick runs, simulated seconds
-  double max_hours = 72;                 // give up on a method after this much simulated time
-  double plan_seconds = 0.05;            // a device's planning and data loading before it syncs
-  double radio_watts = 1.0;              // power while transferring (energy accounting)
-  bool progress = true;                  // a status line per round on stderr
-  std::string mpi_placement = "auto";    // with MPI ranks: "auto" = each activation on the least busy rank
-                                         // when every rank sees rank 0's work_dir (one machine or a shared
-                                         // file system), else "static"; "static" = device d on rank d % R
-  bool loopback = false;                 // devices reach the coordinator through a real TLS server on
-                                         // 127.0.0.1 (certificates made for the run) instead of the
-                                         // in-memory transport: same rounds, bit for bit, slower
+  double start_time_s = 1767643200;                       // simulated start, Unix seconds: Mon 2026-01-05 20:00 UTC
+  double tick_s = 1.0;                                    // how often the coordinator's Tick runs, simulated seconds
+  double max_hours = 72;                                  // give up on a method after this much simulated time
+  double plan_seconds = 0.05;                             // a device's planning and data loading before it syncs
+  double radio_watts = 1.0;                               // power while transferring (energy accounting)
+  bool progress = true;                                   // a status line per round on stderr
+  std::string mpi_placement = "auto";  // with MPI ranks: "auto" = each activation on the least busy rank
+                                       // when every rank sees rank 0's work_dir (one machine or a shared
+                                       // file system), else "static"; "static" = device d on rank d % R
+  bool loopback = false;               // devices reach the coordinator through a real TLS server on
+                                       // 127.0.0.1 (certificates made for the run) instead of the
+                                       // in-memory transport: same rounds, bit for bit, slower
 
   absl::Status Validate() const;
 };
 
 struct MethodResult {
   std::string method;
-  double initial_eval_loss = 0;   // held-out loss of the initial global model
+  double initial_eval_loss = 0;  // held-out loss of the initial global model
   std::vector<RoundRecord> rounds;
   MethodSummary summary;
-  int64_t client_errors = 0;      // RunOnce errors other than injected dropouts (should be 0)
+  int64_t client_errors = 0;  // RunOnce errors other than injected dropouts (should be 0)
 };
 
 struct SimulationResult {
   std::vector<MethodResult> methods;
-  std::string summary_table;      // SummaryTable of the methods
-  std::string report_path;        // <out_dir>/report.html
+  std::string summary_table;  // SummaryTable of the methods
+  std::string report_path;    // <out_dir>/report.html
   size_t bytes_per_idle_device = 0;
   std::string population_summary;
   std::string partition_summary;
-  int rank = 0;                   // this process's MPI rank; only rank 0 has results and writes files
+  int rank = 0;  // this process's MPI rank; only rank 0 has results and writes files
   int ranks = 1;
 };
 

@@ -16,8 +16,8 @@ namespace {
 constexpr uint64_t kSecAggRoundingStream = 0x7365636167ULL;  // "secag"
 
 absl::Status FromReject(v1::SecAggStage stage, const v1::Reject& r) {
-  const std::string msg = StrCat("secure aggregation (", v1::SecAggStage_Name(stage), "): ",
-                                 v1::RejectCode_Name(r.code()), ": ", r.message());
+  const std::string msg = StrCat("secure aggregation (", v1::SecAggStage_Name(stage),
+                                 "): ", v1::RejectCode_Name(r.code()), ": ", r.message());
   switch (r.code()) {
     case v1::UNAUTHENTICATED:
       return absl::UnauthenticatedError(msg);
@@ -53,15 +53,16 @@ absl::StatusOr<std::string> SecAggParticipant::Exchange(v1::SecAggStage stage, s
       if (reply.has_reject()) return FromReject(stage, reply.reject());
       if (!reply.has_secagg_reply() || reply.secagg_reply().stage() != stage ||
           reply.secagg_reply().outcome_case() != v1::SecAggReply::kNotReady) {
-        return absl::InternalError(StrCat("unexpected answer to a piece of SecAgg stage ", v1::SecAggStage_Name(stage)));
+        return absl::InternalError(
+            StrCat("unexpected answer to a piece of SecAgg stage ", v1::SecAggStage_Name(stage)));
       }
     }
     r->set_message_offset(offset);
     message.erase(0, offset);
   }
   r->set_message(std::move(message));
-  int64_t give_up_ms = -1;     // device clock; set by a NotReady announcing a new deadline
-  uint64_t announced = 0;      // the deadline give_up_ms was computed from
+  int64_t give_up_ms = -1;  // device clock; set by a NotReady announcing a new deadline
+  uint64_t announced = 0;   // the deadline give_up_ms was computed from
   for (;;) {
     SEEDLING_ASSIGN_OR_RETURN(v1::Envelope reply, io_.call(request));
     if (reply.has_reject()) return FromReject(stage, reply.reject());
@@ -109,10 +110,10 @@ absl::StatusOr<std::unique_ptr<SecAggParticipant>> SecAggParticipant::Join(const
   SEEDLING_ASSIGN_OR_RETURN(const privacy::SessionId theirs, privacy::ComputeSessionId(setup.config));
   SEEDLING_ASSIGN_OR_RETURN(const privacy::SessionId ours, privacy::ComputeSessionId(mine));
   if (theirs != ours || mine.round_index != task.round_id()) {
-    return absl::FailedPreconditionError(StrCat(
-        "secure aggregation: the server's session (round ", setup.config.round_index, ", model ",
-        HexOf(setup.config.model_hash).substr(0, 16), ") is not the one this device verified (round ", task.round_id(),
-        ", model ", HexOf(mine.model_hash).substr(0, 16), "); not taking part"));
+    return absl::FailedPreconditionError(
+        StrCat("secure aggregation: the server's session (round ", setup.config.round_index, ", model ",
+               HexOf(setup.config.model_hash).substr(0, 16), ") is not the one this device verified (round ",
+               task.round_id(), ", model ", HexOf(mine.model_hash).substr(0, 16), "); not taking part"));
   }
   if (mine.params.vector_length != task.num_parameters() + 1) {
     return absl::FailedPreconditionError(StrCat("secure aggregation: the session masks ", mine.params.vector_length,
@@ -124,7 +125,8 @@ absl::StatusOr<std::unique_ptr<SecAggParticipant>> SecAggParticipant::Join(const
   p->client_.emplace(std::move(client));
   SEEDLING_ASSIGN_OR_RETURN(privacy::AdvertiseKeysMessage keys, p->client_->AdvertiseKeys());
   SEEDLING_ASSIGN_OR_RETURN(std::string directory_bytes, p->Exchange(v1::SECAGG_ADVERTISE_KEYS, keys.Serialize()));
-  SEEDLING_ASSIGN_OR_RETURN(privacy::KeyDirectoryMessage directory, privacy::KeyDirectoryMessage::Parse(directory_bytes));
+  SEEDLING_ASSIGN_OR_RETURN(privacy::KeyDirectoryMessage directory,
+                            privacy::KeyDirectoryMessage::Parse(directory_bytes));
   SEEDLING_ASSIGN_OR_RETURN(privacy::ShareKeysMessage shares, p->client_->ShareKeys(directory));
   SEEDLING_ASSIGN_OR_RETURN(std::string relay_bytes, p->Exchange(v1::SECAGG_SHARE_KEYS, shares.Serialize()));
   SEEDLING_ASSIGN_OR_RETURN(p->relay_, privacy::ShareRelayMessage::Parse(relay_bytes));

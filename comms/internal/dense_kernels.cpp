@@ -93,8 +93,8 @@ inline bool Int8Scale(const uint8_t* scales, uint64_t b, float* step) {
   return true;
 }
 
-bool Int8ValidateNormPortable(const uint8_t* scales, const int8_t* q, uint64_t n, uint64_t block,
-                              uint64_t num_blocks, double* norm2) {
+bool Int8ValidateNormPortable(const uint8_t* scales, const int8_t* q, uint64_t n, uint64_t block, uint64_t num_blocks,
+                              double* norm2) {
   double total = 0;
   for (uint64_t b = 0; b < num_blocks; ++b) {
     float step;
@@ -119,8 +119,8 @@ bool Int8ValidateNormPortable(const uint8_t* scales, const int8_t* q, uint64_t n
   return true;
 }
 
-void Int8AddPortable(const uint8_t* scales, const int8_t* q, uint64_t n, uint64_t block,
-                     uint64_t num_blocks, double weight, double* acc) {
+void Int8AddPortable(const uint8_t* scales, const int8_t* q, uint64_t n, uint64_t block, uint64_t num_blocks,
+                     double weight, double* acc) {
   for (uint64_t b = 0; b < num_blocks; ++b) {
     const float step = LoadF32(scales + 4 * b) / kInt8Levels;
     const uint64_t begin = b * block, end = std::min(n, begin + block);
@@ -131,14 +131,8 @@ void Int8AddPortable(const uint8_t* scales, const int8_t* q, uint64_t n, uint64_
 }
 
 constexpr DenseKernels kPortable = {
-    "portable",
-    Fp32SumSquaresPortable,
-    Fp32AddPortable,
-    Fp16SumSquaresPortable,
-    Fp16DecodePortable,
-    Fp16AddPortable,
-    Int8ValidateNormPortable,
-    Int8AddPortable,
+    "portable",         Fp32SumSquaresPortable, Fp32AddPortable,          Fp16SumSquaresPortable,
+    Fp16DecodePortable, Fp16AddPortable,        Int8ValidateNormPortable, Int8AddPortable,
 };
 
 // ---- AVX2 + F16C ----
@@ -325,8 +319,8 @@ SEEDLING_AVX2 bool Int8ValidateNormAvx2(const uint8_t* scales, const int8_t* q, 
 
 // Direct, not through a float tile: measured faster here, as the add pass is bound by the traffic of
 // the double sum rather than by the conversions.
-SEEDLING_AVX2 void Int8AddAvx2(const uint8_t* scales, const int8_t* q, uint64_t n, uint64_t block,
-                               uint64_t num_blocks, double weight, double* acc) {
+SEEDLING_AVX2 void Int8AddAvx2(const uint8_t* scales, const int8_t* q, uint64_t n, uint64_t block, uint64_t num_blocks,
+                               double weight, double* acc) {
   const __m256d w = _mm256_set1_pd(weight);
   for (uint64_t b = 0; b < num_blocks; ++b) {
     const float step = LoadF32(scales + 4 * b) / kInt8Levels;
@@ -348,14 +342,8 @@ SEEDLING_AVX2 void Int8AddAvx2(const uint8_t* scales, const int8_t* q, uint64_t 
 }
 
 constexpr DenseKernels kAvx2 = {
-    "avx2+f16c",
-    Fp32SumSquaresAvx2,
-    Fp32AddAvx2,
-    Fp16SumSquaresAvx2,
-    Fp16DecodeAvx2,
-    Fp16AddAvx2,
-    Int8ValidateNormAvx2,
-    Int8AddAvx2,
+    "avx2+f16c",    Fp32SumSquaresAvx2, Fp32AddAvx2,          Fp16SumSquaresAvx2,
+    Fp16DecodeAvx2, Fp16AddAvx2,        Int8ValidateNormAvx2, Int8AddAvx2,
 };
 #endif  // defined(__x86_64__)
 

@@ -44,11 +44,11 @@ struct DenseKernels {
   // finite and non-negative, a code -128, a nonzero code in a zero-scale block); then *norm2 is
   // unspecified and the caller finds the culprit. Otherwise *norm2 = Σ_b double(scale_b / 127f)² Σ q²
   // with the blocks added in order (the codes' sum is exact in integers).
-  bool (*int8_validate_norm)(const uint8_t* scales, const int8_t* q, uint64_t n, uint64_t block,
-                             uint64_t num_blocks, double* norm2);
+  bool (*int8_validate_norm)(const uint8_t* scales, const int8_t* q, uint64_t n, uint64_t block, uint64_t num_blocks,
+                             double* norm2);
   // acc[i] = acc[i] + weight * double(float(q[i]) * (scale_b / 127f)) for i in block b. Valid data only.
-  void (*int8_add)(const uint8_t* scales, const int8_t* q, uint64_t n, uint64_t block,
-                   uint64_t num_blocks, double weight, double* acc);
+  void (*int8_add)(const uint8_t* scales, const int8_t* q, uint64_t n, uint64_t block, uint64_t num_blocks,
+                   double weight, double* acc);
 };
 
 inline constexpr int kNormLanes = 16;

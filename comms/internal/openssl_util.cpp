@@ -11,8 +11,7 @@ namespace seedling::comms::internal {
 absl::StatusOr<std::string> SubjectPublicKeySha256(X509* cert) {
   unsigned char* der = nullptr;
   const int len = i2d_X509_PUBKEY(X509_get_X509_PUBKEY(cert), &der);
-  if (len <= 0)
-    return absl::InternalError(StrCat("cannot encode the public key: ", OpenSslErrors()));
+  if (len <= 0) return absl::InternalError(StrCat("cannot encode the public key: ", OpenSslErrors()));
   std::string hex = Sha256Hex(std::string_view(reinterpret_cast<const char*>(der), static_cast<size_t>(len)));
   OPENSSL_free(der);
   return hex;

@@ -1,7 +1,8 @@
 #pragma once
 
-// OpenSSL glue for comms: one owning pointer type per OpenSSL handle (the shared ones in base/openssl.h) (docs/contributing.md, "Ownership and
-// concurrency"), the error queue as text, and the public-key fingerprint used for pinning. Internal to comms.
+// OpenSSL glue for comms: one owning pointer type per OpenSSL handle (the shared ones in base/openssl.h)
+// (docs/contributing.md, "Ownership and concurrency"), the error queue as text, and the public-key fingerprint used for
+// pinning. Internal to comms.
 
 #include <openssl/bio.h>
 #include <openssl/bn.h>
@@ -32,10 +33,8 @@ using X509NamePtr = std::unique_ptr<X509_NAME, OpenSslDeleter<&X509_NAME_free>>;
 using X509ExtensionPtr = std::unique_ptr<X509_EXTENSION, OpenSslDeleter<&X509_EXTENSION_free>>;
 using GeneralNamesPtr = std::unique_ptr<GENERAL_NAMES, OpenSslDeleter<&GENERAL_NAMES_free>>;
 using GeneralNamePtr = std::unique_ptr<GENERAL_NAME, OpenSslDeleter<&GENERAL_NAME_free>>;
-using Asn1OctetStringPtr =
-    std::unique_ptr<ASN1_OCTET_STRING, OpenSslDeleter<&ASN1_OCTET_STRING_free>>;
+using Asn1OctetStringPtr = std::unique_ptr<ASN1_OCTET_STRING, OpenSslDeleter<&ASN1_OCTET_STRING_free>>;
 using Asn1Ia5StringPtr = std::unique_ptr<ASN1_IA5STRING, OpenSslDeleter<&ASN1_IA5STRING_free>>;
-
 
 // Hex SHA-256 of the certificate's SubjectPublicKeyInfo (DER). Internal if OpenSSL fails.
 absl::StatusOr<std::string> SubjectPublicKeySha256(X509* cert);

@@ -19,8 +19,8 @@ inline bool IsConnectionReject(const v1::Envelope& response) {
 inline absl::Status CheckResponseId(const v1::Envelope& request, const v1::Envelope& response) {
   if (response.request_id() == request.request_id()) return absl::OkStatus();
   if (IsConnectionReject(response)) return absl::OkStatus();
-  return absl::InvalidArgumentError(StrCat("response carries request_id ", response.request_id(),
-                                           ", expected ", request.request_id()));
+  return absl::InvalidArgumentError(
+      StrCat("response carries request_id ", response.request_id(), ", expected ", request.request_id()));
 }
 
 }  // namespace seedling::comms::internal

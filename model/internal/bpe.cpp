@@ -32,14 +32,14 @@ void BpeModel::MergeTable::Insert(uint64_t key, Merge merge) {
 }
 
 absl::StatusOr<std::unique_ptr<BpeModel>> BpeModel::Create(
-    std::vector<std::pair<std::string, int32_t>> vocab,
-    const std::vector<std::pair<std::string, std::string>>& merges, BpeOptions options) {
+    std::vector<std::pair<std::string, int32_t>> vocab, const std::vector<std::pair<std::string, std::string>>& merges,
+    BpeOptions options) {
   std::unique_ptr<BpeModel> model(new BpeModel());
   int32_t max_id = -1;
   for (const auto& [token, id] : vocab) {
     if (id < 0 || id > kMaxTokenId) {
-      return absl::InvalidArgumentError(StrCat("vocab id ", id, " of token '", token,
-                                               "' is out of range [0, ", kMaxTokenId, "]"));
+      return absl::InvalidArgumentError(
+          StrCat("vocab id ", id, " of token '", token, "' is out of range [0, ", kMaxTokenId, "]"));
     }
     max_id = std::max(max_id, id);
   }
@@ -62,13 +62,11 @@ absl::StatusOr<std::unique_ptr<BpeModel>> BpeModel::Create(
     auto describe = [&] { return StrCat("merge ", rank, " ('", a, "', '", b, "')"); };
     auto a_it = model->vocab_.find(a);
     if (a_it == model->vocab_.end()) {
-      return absl::InvalidArgumentError(
-          StrCat(describe(), " names token '", a, "', which is not in the vocab"));
+      return absl::InvalidArgumentError(StrCat(describe(), " names token '", a, "', which is not in the vocab"));
     }
     auto b_it = model->vocab_.find(b);
     if (b_it == model->vocab_.end()) {
-      return absl::InvalidArgumentError(
-          StrCat(describe(), " names token '", b, "', which is not in the vocab"));
+      return absl::InvalidArgumentError(StrCat(describe(), " names token '", b, "', which is not in the vocab"));
     }
     std::string_view b_tail = b;
     if (!prefix.empty() && b_tail.substr(0, prefix.size()) == prefix) {
@@ -77,12 +75,10 @@ absl::StatusOr<std::unique_ptr<BpeModel>> BpeModel::Create(
     const std::string merged = StrCat(a, b_tail);
     auto m_it = model->vocab_.find(merged);
     if (m_it == model->vocab_.end()) {
-      return absl::InvalidArgumentError(
-          StrCat(describe(), " produces '", merged, "', which is not in the vocab"));
+      return absl::InvalidArgumentError(StrCat(describe(), " produces '", merged, "', which is not in the vocab"));
     }
     // A repeated pair takes its last rank, as Hugging Face's map construction does.
-    model->merges_.Insert(PairKey(a_it->second, b_it->second),
-                          Merge{static_cast<int32_t>(rank), m_it->second});
+    model->merges_.Insert(PairKey(a_it->second, b_it->second), Merge{static_cast<int32_t>(rank), m_it->second});
     model->in_merge_[a_it->second] = true;
     model->in_merge_[b_it->second] = true;
   }
@@ -90,8 +86,7 @@ absl::StatusOr<std::unique_ptr<BpeModel>> BpeModel::Create(
   if (options.unk_token.has_value()) {
     auto it = model->vocab_.find(*options.unk_token);
     if (it == model->vocab_.end()) {
-      return absl::InvalidArgumentError(
-          StrCat("unk_token '", *options.unk_token, "' is not in the vocab"));
+      return absl::InvalidArgumentError(StrCat("unk_token '", *options.unk_token, "' is not in the vocab"));
     }
     model->unk_id_ = it->second;
   }
@@ -211,9 +206,7 @@ void BpeModel::MergeWord(std::string_view word, std::vector<int32_t>* ids) const
     int32_t rank;
     int32_t pos;
     int32_t new_id;
-    bool operator>(const Candidate& o) const {
-      return rank != o.rank ? rank > o.rank : pos > o.pos;
-    }
+    bool operator>(const Candidate& o) const { return rank != o.rank ? rank > o.rank : pos > o.pos; }
   };
   std::priority_queue<Candidate, std::vector<Candidate>, std::greater<Candidate>> queue;
   auto push_pair = [&](int32_t left) {

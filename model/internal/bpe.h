@@ -32,9 +32,9 @@ struct BpeOptions {
   // Without one, such characters are dropped (as Hugging Face does). Must name a vocabulary entry
   // if set.
   std::optional<std::string> unk_token;
-  bool fuse_unk = false;       // consecutive unknown characters become one unk token
-  bool byte_fallback = false;  // unknown characters become their UTF-8 bytes as "<0xXX>" tokens
-  bool ignore_merges = false;  // a word that is itself in the vocabulary is emitted whole (Llama-3)
+  bool fuse_unk = false;                  // consecutive unknown characters become one unk token
+  bool byte_fallback = false;             // unknown characters become their UTF-8 bytes as "<0xXX>" tokens
+  bool ignore_merges = false;             // a word that is itself in the vocabulary is emitted whole (Llama-3)
   std::string continuing_subword_prefix;  // prepended to every non-initial character; empty = none
   std::string end_of_word_suffix;         // appended to the final character; empty = none
 };
@@ -77,11 +77,8 @@ class BpeModel {
     }
 
    private:
-    static constexpr uint64_t kEmpty =
-        ~uint64_t{0};  // ids are non-negative int32, so never a real key
-    size_t Slot(uint64_t key) const {
-      return static_cast<size_t>((key * 0x9E3779B97F4A7C15ull) >> shift_);
-    }
+    static constexpr uint64_t kEmpty = ~uint64_t{0};  // ids are non-negative int32, so never a real key
+    size_t Slot(uint64_t key) const { return static_cast<size_t>((key * 0x9E3779B97F4A7C15ull) >> shift_); }
     std::vector<uint64_t> keys_;
     std::vector<Merge> values_;
     size_t mask_ = 0;
@@ -102,8 +99,7 @@ class BpeModel {
   MergeTable merges_;
   std::vector<bool> in_merge_;  // by id: the token is one side of some merge
   std::optional<int32_t> unk_id_;
-  std::array<int32_t, 256>
-      byte_ids_{};  // id of "<0xXX>" per byte, -1 if absent (only with byte_fallback)
+  std::array<int32_t, 256> byte_ids_{};  // id of "<0xXX>" per byte, -1 if absent (only with byte_fallback)
 
   // Word -> ids for short words, filled until full (no eviction keeps it simple and deterministic).
   static constexpr size_t kCacheCapacity = 16384;

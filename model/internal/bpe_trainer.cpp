@@ -27,8 +27,7 @@ uint64_t PairKey(int32_t a, int32_t b) {
 struct Word {
   std::vector<int32_t> symbols;
   int64_t count;
-  int32_t last_merge =
-      -1;  // index of the last merge that visited this word (skips duplicate visits)
+  int32_t last_merge = -1;  // index of the last merge that visited this word (skips duplicate visits)
 };
 
 // A heap entry: the pair's count when pushed. Higher counts first; among equal counts the smaller
@@ -36,9 +35,7 @@ struct Word {
 struct Candidate {
   int64_t count;
   uint64_t pair;
-  bool operator<(const Candidate& o) const {
-    return count != o.count ? count < o.count : pair > o.pair;
-  }
+  bool operator<(const Candidate& o) const { return count != o.count ? count < o.count : pair > o.pair; }
 };
 
 absl::Status ValidateOptions(const BpeTrainerOptions& options) {
@@ -54,27 +51,24 @@ absl::Status ValidateOptions(const BpeTrainerOptions& options) {
     size_t pos = 0;
     const char32_t first = NextCodePoint(s, &pos);
     if (pos == s.size() && UnicodeToByte(first) >= 0) {
-      return absl::InvalidArgumentError(
-          StrCat("special_tokens: '", s, "' is also the byte-level token of a byte"));
+      return absl::InvalidArgumentError(StrCat("special_tokens: '", s, "' is also the byte-level token of a byte"));
     }
   }
   const int64_t minimum = 256 + static_cast<int64_t>(options.special_tokens.size());
   if (options.vocab_size < minimum) {
-    return absl::InvalidArgumentError(
-        StrCat("vocab_size is ", options.vocab_size, "; it must be at least ", minimum,
-               " (256 byte tokens + ", options.special_tokens.size(), " special tokens)"));
+    return absl::InvalidArgumentError(StrCat("vocab_size is ", options.vocab_size, "; it must be at least ", minimum,
+                                             " (256 byte tokens + ", options.special_tokens.size(),
+                                             " special tokens)"));
   }
   if (options.min_frequency < 0) {
-    return absl::InvalidArgumentError(
-        StrCat("min_frequency is ", options.min_frequency, "; it must be >= 0"));
+    return absl::InvalidArgumentError(StrCat("min_frequency is ", options.min_frequency, "; it must be >= 0"));
   }
   return absl::OkStatus();
 }
 
 }  // namespace
 
-absl::StatusOr<std::string> TrainByteLevelBpe(std::string_view corpus,
-                                              const BpeTrainerOptions& options) {
+absl::StatusOr<std::string> TrainByteLevelBpe(std::string_view corpus, const BpeTrainerOptions& options) {
   SEEDLING_RETURN_IF_ERROR(ValidateOptions(options));
   SEEDLING_RETURN_IF_ERROR(CheckUtf8(corpus, "corpus"));
 
@@ -90,8 +84,7 @@ absl::StatusOr<std::string> TrainByteLevelBpe(std::string_view corpus,
 
   // 2. Initial vocabulary: special tokens, then the 256 byte tokens in the order of their
   // characters.
-  std::vector<std::string> id_to_token(options.special_tokens.begin(),
-                                       options.special_tokens.end());
+  std::vector<std::string> id_to_token(options.special_tokens.begin(), options.special_tokens.end());
   StringMap<int32_t> token_to_id;
   for (size_t i = 0; i < id_to_token.size(); ++i) {
     token_to_id[id_to_token[i]] = static_cast<int32_t>(i);
@@ -204,10 +197,8 @@ absl::StatusOr<std::string> TrainByteLevelBpe(std::string_view corpus,
 
   // 5. tokenizer.json, in the layout Hugging Face writes (ordered keys; vocab in id order).
   using ojson = nlohmann::ordered_json;
-  const ojson byte_level = {{"type", "ByteLevel"},
-                            {"add_prefix_space", false},
-                            {"trim_offsets", true},
-                            {"use_regex", true}};
+  const ojson byte_level = {
+      {"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", true}};
   ojson added = ojson::array();
   for (size_t i = 0; i < options.special_tokens.size(); ++i) {
     added.push_back({{"id", i},

@@ -17,7 +17,6 @@ namespace seedling::model::internal {
 // InvalidArgument for invalid UTF-8 in `corpus` or in a special token, duplicate or empty special
 // tokens, a special token that is also a byte token, negative min_frequency, or vocab_size below
 // 256 + the number of special tokens.
-absl::StatusOr<std::string> TrainByteLevelBpe(std::string_view corpus,
-                                              const BpeTrainerOptions& options);
+absl::StatusOr<std::string> TrainByteLevelBpe(std::string_view corpus, const BpeTrainerOptions& options);
 
 }  // namespace seedling::model::internal

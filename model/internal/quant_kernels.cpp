@@ -53,8 +53,7 @@ void Q4ToF32Portable(const uint8_t* src, int64_t blocks, float* out) {
   }
 }
 
-constexpr QuantKernels kPortable = {"portable", F16ToF32Portable, BF16ToF32Portable, Q8ToF32Portable,
-                                    Q4ToF32Portable};
+constexpr QuantKernels kPortable = {"portable", F16ToF32Portable, BF16ToF32Portable, Q8ToF32Portable, Q4ToF32Portable};
 
 // ---- AVX2 + F16C ----
 // No "fma" in the target: each weight is one exact int -> float conversion and one multiply, as in

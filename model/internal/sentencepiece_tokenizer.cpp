@@ -57,8 +57,7 @@ class SentencePieceTokenizer final : public Tokenizer {
     if (const int32_t id = lib_->eos_id(spm_.get()); id >= 0 && id < vocab_size_) eos_id_ = id;
   }
 
-  absl::StatusOr<std::vector<int32_t>> Encode(std::string_view text,
-                                              bool add_special_tokens) const override {
+  absl::StatusOr<std::vector<int32_t>> Encode(std::string_view text, bool add_special_tokens) const override {
     SEEDLING_RETURN_IF_ERROR(CheckUtf8(text, "text to encode"));
     std::vector<int32_t> ids;
     if (add_special_tokens && add_bos_ && bos_id_.has_value()) ids.push_back(*bos_id_);
@@ -78,14 +77,12 @@ class SentencePieceTokenizer final : public Tokenizer {
     return ids;
   }
 
-  absl::StatusOr<std::string> Decode(std::span<const int32_t> ids,
-                                     bool skip_special_tokens) const override {
+  absl::StatusOr<std::string> Decode(std::span<const int32_t> ids, bool skip_special_tokens) const override {
     std::string out;
     std::vector<int32_t> run;  // ordinary pieces, decoded together so SentencePiece joins them
     for (const int32_t id : ids) {
       if (id < 0 || id >= vocab_size_) {
-        return absl::InvalidArgumentError(
-            StrCat("token id ", id, " is out of range [0, ", vocab_size_, ")"));
+        return absl::InvalidArgumentError(StrCat("token id ", id, " is out of range [0, ", vocab_size_, ")"));
       }
       if (!special_[id]) {
         run.push_back(id);
@@ -188,8 +185,7 @@ class SentencePieceTokenizer final : public Tokenizer {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Tokenizer>> LoadSentencePiece(const std::string& path, bool add_bos,
-                                                             bool add_eos) {
+absl::StatusOr<std::unique_ptr<Tokenizer>> LoadSentencePiece(const std::string& path, bool add_bos, bool add_eos) {
   if (!FileExists(path)) return absl::NotFoundError(StrCat(path, ": no such file"));
   SEEDLING_ASSIGN_OR_RETURN(std::string data, ReadFile(path));
   SEEDLING_ASSIGN_OR_RETURN(const SpmLibrary* lib, OpenSpmLibrary());

@@ -15,7 +15,6 @@ namespace seedling::model::internal {
 // Encode matches their text in the input as the tokens themselves, and Decode(skip_special_tokens)
 // drops them. NotFound if the file does not exist, InvalidArgument if it is not a SentencePiece
 // model, and OpenSpmLibrary's NotFound / FailedPrecondition if the shim cannot be loaded.
-absl::StatusOr<std::unique_ptr<Tokenizer>> LoadSentencePiece(const std::string& path, bool add_bos,
-                                                             bool add_eos);
+absl::StatusOr<std::unique_ptr<Tokenizer>> LoadSentencePiece(const std::string& path, bool add_bos, bool add_eos);
 
 }  // namespace seedling::model::internal

@@ -41,11 +41,11 @@ int seedling_spm_abi_version(void);
 int seedling_spm_load(const char* data, size_t len, seedling_spm** out, char* err, size_t err_cap);
 void seedling_spm_free(seedling_spm* spm);
 // Encodes UTF-8 text to ids (malloc'd array in *ids, count in *n).
-int seedling_spm_encode(const seedling_spm* spm, const char* text, size_t len, int32_t** ids, size_t* n,
-                        char* err, size_t err_cap);
+int seedling_spm_encode(const seedling_spm* spm, const char* text, size_t len, int32_t** ids, size_t* n, char* err,
+                        size_t err_cap);
 // Decodes ids to UTF-8 text (malloc'd, not NUL-terminated; length in *len).
-int seedling_spm_decode(const seedling_spm* spm, const int32_t* ids, size_t n, char** text, size_t* len,
-                        char* err, size_t err_cap);
+int seedling_spm_decode(const seedling_spm* spm, const int32_t* ids, size_t n, char** text, size_t* len, char* err,
+                        size_t err_cap);
 void seedling_spm_free_buffer(void* p);
 int32_t seedling_spm_piece_size(const seedling_spm* spm);
 // The piece string of `id` (borrowed, valid while spm lives; length in *len); NULL if out of range.

@@ -45,47 +45,40 @@ const json* FindField(const json& obj, const char* key) {
   return &*it;
 }
 
-absl::Status WrongType(const std::string& path, const char* key, const char* expected,
-                       const json& got) {
-  return absl::InvalidArgumentError(
-      StrCat(path, ".", key, " must be ", expected, ", got ", TypeName(got)));
+absl::Status WrongType(const std::string& path, const char* key, const char* expected, const json& got) {
+  return absl::InvalidArgumentError(StrCat(path, ".", key, " must be ", expected, ", got ", TypeName(got)));
 }
 }  // namespace
 
-absl::StatusOr<std::string> RequireString(const json& obj, const char* key,
-                                          const std::string& path) {
+absl::StatusOr<std::string> RequireString(const json& obj, const char* key, const std::string& path) {
   const json* v = FindField(obj, key);
   if (v == nullptr) return absl::InvalidArgumentError(StrCat(path, ".", key, " is missing"));
   if (!v->is_string()) return WrongType(path, key, "a string", *v);
   return v->get<std::string>();
 }
 
-absl::StatusOr<std::string> StringOr(const json& obj, const char* key, const std::string& path,
-                                     std::string fallback) {
+absl::StatusOr<std::string> StringOr(const json& obj, const char* key, const std::string& path, std::string fallback) {
   const json* v = FindField(obj, key);
   if (v == nullptr) return fallback;
   if (!v->is_string()) return WrongType(path, key, "a string", *v);
   return v->get<std::string>();
 }
 
-absl::StatusOr<std::optional<std::string>> OptionalString(const json& obj, const char* key,
-                                                          const std::string& path) {
+absl::StatusOr<std::optional<std::string>> OptionalString(const json& obj, const char* key, const std::string& path) {
   const json* v = FindField(obj, key);
   if (v == nullptr) return std::optional<std::string>();
   if (!v->is_string()) return WrongType(path, key, "a string", *v);
   return std::optional<std::string>(v->get<std::string>());
 }
 
-absl::StatusOr<bool> BoolOr(const json& obj, const char* key, const std::string& path,
-                            bool fallback) {
+absl::StatusOr<bool> BoolOr(const json& obj, const char* key, const std::string& path, bool fallback) {
   const json* v = FindField(obj, key);
   if (v == nullptr) return fallback;
   if (!v->is_boolean()) return WrongType(path, key, "a boolean", *v);
   return v->get<bool>();
 }
 
-absl::StatusOr<int64_t> IntOr(const json& obj, const char* key, const std::string& path,
-                              int64_t fallback) {
+absl::StatusOr<int64_t> IntOr(const json& obj, const char* key, const std::string& path, int64_t fallback) {
   const json* v = FindField(obj, key);
   if (v == nullptr) return fallback;
   if (!v->is_number_integer()) return WrongType(path, key, "an integer", *v);
@@ -104,16 +97,13 @@ using json_util::StringOr;
 // The "type" of a component object, or an error if `j` is not an object with a string "type".
 absl::StatusOr<std::string> ComponentType(const json& j, const std::string& path) {
   if (!j.is_object()) {
-    return absl::InvalidArgumentError(
-        StrCat(path, " must be an object or null, got ", json_util::TypeName(j)));
+    return absl::InvalidArgumentError(StrCat(path, " must be an object or null, got ", json_util::TypeName(j)));
   }
   return RequireString(j, "type", path);
 }
 
-absl::Status Unsupported(const std::string& path, const std::string& type,
-                         std::string_view supported) {
-  return absl::InvalidArgumentError(
-      StrCat(path, " type '", type, "' is not supported (supported: ", supported, ")"));
+absl::Status Unsupported(const std::string& path, const std::string& type, std::string_view supported) {
+  return absl::InvalidArgumentError(StrCat(path, " type '", type, "' is not supported (supported: ", supported, ")"));
 }
 
 // A child array of a Sequence component.
@@ -126,13 +116,11 @@ absl::StatusOr<const json*> ChildArray(const json& j, const char* key, const std
 }
 
 // A single character given as a one-character string (Metaspace replacement, Strip content).
-absl::StatusOr<char32_t> SingleChar(const json& j, const char* key, const std::string& path,
-                                    std::string fallback) {
+absl::StatusOr<char32_t> SingleChar(const json& j, const char* key, const std::string& path, std::string fallback) {
   SEEDLING_ASSIGN_OR_RETURN(std::string s, StringOr(j, key, path, std::move(fallback)));
   size_t pos = 0;
   if (s.empty() || !IsValidUtf8(s) || (NextCodePoint(s, &pos), pos != s.size())) {
-    return absl::InvalidArgumentError(
-        StrCat(path, ".", key, " must be exactly one character, got '", s, "'"));
+    return absl::InvalidArgumentError(StrCat(path, ".", key, " must be exactly one character, got '", s, "'"));
   }
   pos = 0;
   return NextCodePoint(s, &pos);
@@ -149,8 +137,7 @@ class Pattern {
     const std::string field = StrCat(path, ".pattern");
     auto it = obj.find("pattern");
     if (it == obj.end() || !it->is_object() || it->size() != 1) {
-      return absl::InvalidArgumentError(
-          StrCat(field, " must be {\"String\": ...} or {\"Regex\": ...}"));
+      return absl::InvalidArgumentError(StrCat(field, " must be {\"String\": ...} or {\"Regex\": ...}"));
     }
     Pattern p;
     if (auto s = it->find("String"); s != it->end()) {
@@ -169,8 +156,8 @@ class Pattern {
       p.regex_.emplace(*std::move(regex));
       return p;
     }
-    return absl::InvalidArgumentError(StrCat(field, " kind '", it->begin().key(),
-                                             "' is not supported (supported: String, Regex)"));
+    return absl::InvalidArgumentError(
+        StrCat(field, " kind '", it->begin().key(), "' is not supported (supported: String, Regex)"));
   }
 
   absl::Status FindAll(std::string_view text, Matches* matches) const {
@@ -219,8 +206,7 @@ Matches CharMatches(std::string_view text, Pred pred) {
 
 enum class SplitBehavior { kRemoved, kIsolated, kMergedWithPrevious, kMergedWithNext, kContiguous };
 
-absl::StatusOr<SplitBehavior> ParseBehavior(const json& j, const std::string& path,
-                                            std::string fallback) {
+absl::StatusOr<SplitBehavior> ParseBehavior(const json& j, const std::string& path, std::string fallback) {
   SEEDLING_ASSIGN_OR_RETURN(std::string name, StringOr(j, "behavior", path, std::move(fallback)));
   if (name == "Removed") return SplitBehavior::kRemoved;
   if (name == "Isolated") return SplitBehavior::kIsolated;
@@ -298,8 +284,7 @@ void SplitByMatches(const Piece& piece, const Matches& matches, SplitBehavior be
   }
   for (const Span& s : parts) {
     if (s.end > s.begin) {
-      out->push_back(
-          Piece{piece.text.substr(s.begin, s.end - s.begin), piece.at_origin && s.begin == 0});
+      out->push_back(Piece{piece.text.substr(s.begin, s.end - s.begin), piece.at_origin && s.begin == 0});
     }
   }
 }
@@ -321,8 +306,7 @@ constexpr std::string_view kSupportedNormalizers =
 
 class SequenceNormalizer final : public Normalizer {
  public:
-  explicit SequenceNormalizer(std::vector<std::unique_ptr<Normalizer>> stages)
-      : stages_(std::move(stages)) {}
+  explicit SequenceNormalizer(std::vector<std::unique_ptr<Normalizer>> stages) : stages_(std::move(stages)) {}
   absl::Status Normalize(std::string* text) const override {
     for (const auto& s : stages_) SEEDLING_RETURN_IF_ERROR(s->Normalize(text));
     return absl::OkStatus();
@@ -360,9 +344,7 @@ class ReplaceNormalizer final : public Normalizer {
  public:
   ReplaceNormalizer(Pattern pattern, std::string content)
       : pattern_(std::move(pattern)), content_(std::move(content)) {}
-  absl::Status Normalize(std::string* text) const override {
-    return ReplaceAll(pattern_, content_, text);
-  }
+  absl::Status Normalize(std::string* text) const override { return ReplaceAll(pattern_, content_, text); }
 
  private:
   Pattern pattern_;
@@ -444,8 +426,7 @@ constexpr std::string_view kGpt2Pattern =
 
 class SequencePreTokenizer final : public PreTokenizer {
  public:
-  explicit SequencePreTokenizer(std::vector<std::unique_ptr<PreTokenizer>> stages)
-      : stages_(std::move(stages)) {}
+  explicit SequencePreTokenizer(std::vector<std::unique_ptr<PreTokenizer>> stages) : stages_(std::move(stages)) {}
   absl::Status PreTokenize(std::vector<Piece>* pieces) const override {
     for (const auto& s : stages_) SEEDLING_RETURN_IF_ERROR(s->PreTokenize(pieces));
     return absl::OkStatus();
@@ -509,8 +490,7 @@ class SplitPreTokenizer final : public PreTokenizer {
 template <typename Pred>
 class CharSplitPreTokenizer final : public PreTokenizer {
  public:
-  CharSplitPreTokenizer(Pred pred, SplitBehavior behavior)
-      : pred_(std::move(pred)), behavior_(behavior) {}
+  CharSplitPreTokenizer(Pred pred, SplitBehavior behavior) : pred_(std::move(pred)), behavior_(behavior) {}
   absl::Status PreTokenize(std::vector<Piece>* pieces) const override {
     return SplitEach(pieces, [this](const Piece& piece, std::vector<Piece>* out) -> absl::Status {
       SplitByMatches(piece, CharMatches(piece.text, pred_), behavior_, false, out);
@@ -559,8 +539,7 @@ absl::StatusOr<MetaspaceConfig> ParseMetaspace(const json& j, const std::string&
   MetaspaceConfig c;
   SEEDLING_ASSIGN_OR_RETURN(c.replacement, SingleChar(j, "replacement", path, "\xE2\x96\x81"));
   SEEDLING_ASSIGN_OR_RETURN(c.split, BoolOr(j, "split", path, true));
-  SEEDLING_ASSIGN_OR_RETURN(std::optional<std::string> scheme,
-                            json_util::OptionalString(j, "prepend_scheme", path));
+  SEEDLING_ASSIGN_OR_RETURN(std::optional<std::string> scheme, json_util::OptionalString(j, "prepend_scheme", path));
   if (scheme.has_value()) {
     if (*scheme == "first") {
       c.scheme = PrependScheme::kFirst;
@@ -570,8 +549,7 @@ absl::StatusOr<MetaspaceConfig> ParseMetaspace(const json& j, const std::string&
       c.scheme = PrependScheme::kNever;
     } else {
       return absl::InvalidArgumentError(
-          StrCat(path, ".prepend_scheme '", *scheme,
-                 "' is not supported (supported: first, always, never)"));
+          StrCat(path, ".prepend_scheme '", *scheme, "' is not supported (supported: first, always, never)"));
     }
   } else {
     // Files written before prepend_scheme existed say add_prefix_space.
@@ -583,8 +561,7 @@ absl::StatusOr<MetaspaceConfig> ParseMetaspace(const json& j, const std::string&
 
 class MetaspacePreTokenizer final : public PreTokenizer {
  public:
-  explicit MetaspacePreTokenizer(MetaspaceConfig config)
-      : config_(config), replacement_(Utf8(config.replacement)) {}
+  explicit MetaspacePreTokenizer(MetaspaceConfig config) : config_(config), replacement_(Utf8(config.replacement)) {}
   absl::Status PreTokenize(std::vector<Piece>* pieces) const override {
     return SplitEach(pieces, [this](const Piece& in, std::vector<Piece>* out) -> absl::Status {
       Piece piece{std::string(), in.at_origin};
@@ -596,11 +573,9 @@ class MetaspacePreTokenizer final : public PreTokenizer {
           piece.text.push_back(c);
         }
       }
-      const bool starts_with_replacement =
-          piece.text.compare(0, replacement_.size(), replacement_) == 0;
+      const bool starts_with_replacement = piece.text.compare(0, replacement_.size(), replacement_) == 0;
       if (!starts_with_replacement &&
-          (config_.scheme == PrependScheme::kAlways ||
-           (config_.scheme == PrependScheme::kFirst && piece.at_origin))) {
+          (config_.scheme == PrependScheme::kAlways || (config_.scheme == PrependScheme::kFirst && piece.at_origin))) {
         piece.text.insert(0, replacement_);
       }
       if (!config_.split) {
@@ -608,8 +583,8 @@ class MetaspacePreTokenizer final : public PreTokenizer {
         return absl::OkStatus();
       }
       const char32_t r = config_.replacement;
-      SplitByMatches(piece, CharMatches(piece.text, [r](char32_t c) { return c == r; }),
-                     SplitBehavior::kMergedWithNext, false, out);
+      SplitByMatches(piece, CharMatches(piece.text, [r](char32_t c) { return c == r; }), SplitBehavior::kMergedWithNext,
+                     false, out);
       return absl::OkStatus();
     });
   }
@@ -626,8 +601,7 @@ constexpr std::string_view kSupportedDecoders =
 
 class SequenceDecoder final : public Decoder {
  public:
-  explicit SequenceDecoder(std::vector<std::unique_ptr<Decoder>> stages)
-      : stages_(std::move(stages)) {}
+  explicit SequenceDecoder(std::vector<std::unique_ptr<Decoder>> stages) : stages_(std::move(stages)) {}
   void DecodeChain(std::vector<std::string>* tokens) const override {
     for (const auto& s : stages_) s->DecodeChain(tokens);
   }
@@ -665,8 +639,7 @@ class ByteLevelDecoder final : public Decoder {
 
 class MetaspaceDecoder final : public Decoder {
  public:
-  explicit MetaspaceDecoder(MetaspaceConfig config)
-      : config_(config), replacement_(Utf8(config.replacement)) {}
+  explicit MetaspaceDecoder(MetaspaceConfig config) : config_(config), replacement_(Utf8(config.replacement)) {}
   void DecodeChain(std::vector<std::string>* tokens) const override {
     for (size_t i = 0; i < tokens->size(); ++i) {
       std::string& token = (*tokens)[i];
@@ -694,8 +667,7 @@ class MetaspaceDecoder final : public Decoder {
 
 class ReplaceDecoder final : public Decoder {
  public:
-  ReplaceDecoder(Pattern pattern, std::string content)
-      : pattern_(std::move(pattern)), content_(std::move(content)) {}
+  ReplaceDecoder(Pattern pattern, std::string content) : pattern_(std::move(pattern)), content_(std::move(content)) {}
   void DecodeChain(std::vector<std::string>* tokens) const override {
     for (std::string& token : *tokens) {
       // Token strings come from the vocabulary (valid UTF-8) unless an earlier stage made raw
@@ -771,18 +743,13 @@ class FuseDecoder final : public Decoder {
 
 class StripDecoder final : public Decoder {
  public:
-  StripDecoder(char32_t content, int64_t start, int64_t stop)
-      : content_(Utf8(content)), start_(start), stop_(stop) {}
+  StripDecoder(char32_t content, int64_t start, int64_t stop) : content_(Utf8(content)), start_(start), stop_(stop) {}
   void DecodeChain(std::vector<std::string>* tokens) const override {
     const size_t n = content_.size();
     for (std::string& token : *tokens) {
       size_t begin = 0, end = token.size();
-      for (int64_t i = 0; i < start_ && end - begin >= n && token.compare(begin, n, content_) == 0;
-           ++i)
-        begin += n;
-      for (int64_t i = 0; i < stop_ && end - begin >= n && token.compare(end - n, n, content_) == 0;
-           ++i)
-        end -= n;
+      for (int64_t i = 0; i < start_ && end - begin >= n && token.compare(begin, n, content_) == 0; ++i) begin += n;
+      for (int64_t i = 0; i < stop_ && end - begin >= n && token.compare(end - n, n, content_) == 0; ++i) end -= n;
       token = token.substr(begin, end - begin);
     }
   }
@@ -824,8 +791,7 @@ constexpr std::string_view kSupportedPostProcessors =
 
 class SequencePostProcessor final : public PostProcessor {
  public:
-  explicit SequencePostProcessor(std::vector<std::unique_ptr<PostProcessor>> stages)
-      : stages_(std::move(stages)) {}
+  explicit SequencePostProcessor(std::vector<std::unique_ptr<PostProcessor>> stages) : stages_(std::move(stages)) {}
   void Process(std::vector<int32_t>* ids) const override {
     for (const auto& s : stages_) s->Process(ids);
   }
@@ -855,8 +821,8 @@ class NoOpPostProcessor final : public PostProcessor {
 // templates.
 class TemplatePostProcessor final : public PostProcessor {
  public:
-  TemplatePostProcessor(std::vector<int32_t> before, std::vector<int32_t> after,
-                        std::optional<int32_t> bos, std::optional<int32_t> eos)
+  TemplatePostProcessor(std::vector<int32_t> before, std::vector<int32_t> after, std::optional<int32_t> bos,
+                        std::optional<int32_t> eos)
       : before_(std::move(before)), after_(std::move(after)), bos_(bos), eos_(eos) {}
   void Process(std::vector<int32_t>* ids) const override {
     ids->insert(ids->begin(), before_.begin(), before_.end());
@@ -870,8 +836,7 @@ class TemplatePostProcessor final : public PostProcessor {
   std::optional<int32_t> bos_, eos_;
 };
 
-absl::StatusOr<std::unique_ptr<PostProcessor>> ParseTemplate(const json& j,
-                                                             const std::string& path) {
+absl::StatusOr<std::unique_ptr<PostProcessor>> ParseTemplate(const json& j, const std::string& path) {
   auto single = j.find("single");
   if (single == j.end() || !single->is_array()) {
     return absl::InvalidArgumentError(StrCat(path, ".single must be an array"));
@@ -887,8 +852,7 @@ absl::StatusOr<std::unique_ptr<PostProcessor>> ParseTemplate(const json& j,
     const json& item = (*single)[i];
     const std::string item_path = StrCat(path, ".single[", i, "]");
     if (!item.is_object() || item.size() != 1) {
-      return absl::InvalidArgumentError(
-          StrCat(item_path, " must be {\"SpecialToken\": ...} or {\"Sequence\": ...}"));
+      return absl::InvalidArgumentError(StrCat(item_path, " must be {\"SpecialToken\": ...} or {\"Sequence\": ...}"));
     }
     const std::string kind = item.begin().key();
     if (kind == "Sequence") {
@@ -897,24 +861,22 @@ absl::StatusOr<std::unique_ptr<PostProcessor>> ParseTemplate(const json& j,
       continue;
     }
     if (kind != "SpecialToken") {
-      return absl::InvalidArgumentError(StrCat(
-          item_path, " kind '", kind, "' is not supported (supported: SpecialToken, Sequence)"));
+      return absl::InvalidArgumentError(
+          StrCat(item_path, " kind '", kind, "' is not supported (supported: SpecialToken, Sequence)"));
     }
-    SEEDLING_ASSIGN_OR_RETURN(
-        std::string name, RequireString(item.begin().value(), "id", item_path + ".SpecialToken"));
+    SEEDLING_ASSIGN_OR_RETURN(std::string name, RequireString(item.begin().value(), "id", item_path + ".SpecialToken"));
     const json* entry = nullptr;
     if (specials != j.end() && specials->is_object()) {
       auto it = specials->find(name);
       if (it != specials->end()) entry = &*it;
     }
     if (entry == nullptr) {
-      return absl::InvalidArgumentError(StrCat(item_path, " names special token '", name,
-                                               "', which is not in ", path, ".special_tokens"));
+      return absl::InvalidArgumentError(
+          StrCat(item_path, " names special token '", name, "', which is not in ", path, ".special_tokens"));
     }
     auto ids = entry->find("ids");
     if (ids == entry->end() || !ids->is_array()) {
-      return absl::InvalidArgumentError(
-          StrCat(path, ".special_tokens['", name, "'].ids must be an array"));
+      return absl::InvalidArgumentError(StrCat(path, ".special_tokens['", name, "'].ids must be an array"));
     }
     std::vector<int32_t> item_ids;
     for (const json& id : *ids) {
@@ -924,8 +886,7 @@ absl::StatusOr<std::unique_ptr<PostProcessor>> ParseTemplate(const json& j,
       }
       item_ids.push_back(static_cast<int32_t>(id.get<int64_t>()));
     }
-    (seen_sequence ? after : before)
-        .insert((seen_sequence ? after : before).end(), item_ids.begin(), item_ids.end());
+    (seen_sequence ? after : before).insert((seen_sequence ? after : before).end(), item_ids.begin(), item_ids.end());
     (seen_sequence ? after_items : before_items).push_back(std::move(item_ids));
   }
   // BOS is the special token right before the sequence, EOS the one right after, when each is one
@@ -948,24 +909,22 @@ absl::StatusOr<std::unique_ptr<PostProcessor>> ParseClsSep(const json& j, const 
     }
     ids[k] = static_cast<int32_t>((*it)[1].get<int64_t>());
   }
-  return std::make_unique<TemplatePostProcessor>(std::vector<int32_t>{ids[0]},
-                                                 std::vector<int32_t>{ids[1]}, ids[0], ids[1]);
+  return std::make_unique<TemplatePostProcessor>(std::vector<int32_t>{ids[0]}, std::vector<int32_t>{ids[1]}, ids[0],
+                                                 ids[1]);
 }
 
 }  // namespace
 
 // ---- Parsers ------------------------------------------------------------------------------------
 
-absl::StatusOr<std::unique_ptr<Normalizer>> ParseNormalizer(const json& j,
-                                                            const std::string& path) {
+absl::StatusOr<std::unique_ptr<Normalizer>> ParseNormalizer(const json& j, const std::string& path) {
   if (j.is_null()) return nullptr;
   SEEDLING_ASSIGN_OR_RETURN(std::string type, ComponentType(j, path));
   if (type == "Sequence") {
     SEEDLING_ASSIGN_OR_RETURN(const json* children, ChildArray(j, "normalizers", path));
     std::vector<std::unique_ptr<Normalizer>> stages;
     for (size_t i = 0; i < children->size(); ++i) {
-      SEEDLING_ASSIGN_OR_RETURN(
-          auto stage, ParseNormalizer((*children)[i], StrCat(path, ".normalizers[", i, "]")));
+      SEEDLING_ASSIGN_OR_RETURN(auto stage, ParseNormalizer((*children)[i], StrCat(path, ".normalizers[", i, "]")));
       if (stage != nullptr) stages.push_back(std::move(stage));
     }
     return std::make_unique<SequenceNormalizer>(std::move(stages));
@@ -993,16 +952,14 @@ absl::StatusOr<std::unique_ptr<Normalizer>> ParseNormalizer(const json& j,
   return Unsupported(path, type, kSupportedNormalizers);
 }
 
-absl::StatusOr<std::unique_ptr<PreTokenizer>> ParsePreTokenizer(const json& j,
-                                                                const std::string& path) {
+absl::StatusOr<std::unique_ptr<PreTokenizer>> ParsePreTokenizer(const json& j, const std::string& path) {
   if (j.is_null()) return nullptr;
   SEEDLING_ASSIGN_OR_RETURN(std::string type, ComponentType(j, path));
   if (type == "Sequence") {
     SEEDLING_ASSIGN_OR_RETURN(const json* children, ChildArray(j, "pretokenizers", path));
     std::vector<std::unique_ptr<PreTokenizer>> stages;
     for (size_t i = 0; i < children->size(); ++i) {
-      SEEDLING_ASSIGN_OR_RETURN(
-          auto stage, ParsePreTokenizer((*children)[i], StrCat(path, ".pretokenizers[", i, "]")));
+      SEEDLING_ASSIGN_OR_RETURN(auto stage, ParsePreTokenizer((*children)[i], StrCat(path, ".pretokenizers[", i, "]")));
       if (stage != nullptr) stages.push_back(std::move(stage));
     }
     return std::make_unique<SequencePreTokenizer>(std::move(stages));
@@ -1035,10 +992,9 @@ absl::StatusOr<std::unique_ptr<PreTokenizer>> ParsePreTokenizer(const json& j,
   if (type == "Whitespace") {
     // Hugging Face's \w+|[^\w\s]+ with the Rust regex crate's classes spelled out (PCRE2's \w
     // leaves out combining marks and takes all of \p{N}).
-    SEEDLING_ASSIGN_OR_RETURN(
-        Regex regex,
-        Regex::Compile(R"([\p{Alphabetic}\p{M}\p{Nd}\p{Pc}\x{200C}\x{200D}]+|)"
-                       R"([^\p{Alphabetic}\p{M}\p{Nd}\p{Pc}\x{200C}\x{200D}\p{White_Space}]+)"));
+    SEEDLING_ASSIGN_OR_RETURN(Regex regex,
+                              Regex::Compile(R"([\p{Alphabetic}\p{M}\p{Nd}\p{Pc}\x{200C}\x{200D}]+|)"
+                                             R"([^\p{Alphabetic}\p{M}\p{Nd}\p{Pc}\x{200C}\x{200D}\p{White_Space}]+)"));
     return std::make_unique<RegexKeepPreTokenizer>(std::move(regex));
   }
   if (type == "WhitespaceSplit") {
@@ -1050,16 +1006,13 @@ absl::StatusOr<std::unique_ptr<PreTokenizer>> ParsePreTokenizer(const json& j,
   }
   if (type == "BertPreTokenizer") {
     std::vector<std::unique_ptr<PreTokenizer>> stages;
-    stages.push_back(
-        MakeCharSplit([](char32_t c) { return IsWhitespace(c); }, SplitBehavior::kRemoved));
-    stages.push_back(
-        MakeCharSplit([](char32_t c) { return IsPunctuation(c); }, SplitBehavior::kIsolated));
+    stages.push_back(MakeCharSplit([](char32_t c) { return IsWhitespace(c); }, SplitBehavior::kRemoved));
+    stages.push_back(MakeCharSplit([](char32_t c) { return IsPunctuation(c); }, SplitBehavior::kIsolated));
     return std::make_unique<SequencePreTokenizer>(std::move(stages));
   }
   if (type == "CharDelimiterSplit") {
     SEEDLING_ASSIGN_OR_RETURN(char32_t delimiter, SingleChar(j, "delimiter", path, ""));
-    return MakeCharSplit([delimiter](char32_t c) { return c == delimiter; },
-                         SplitBehavior::kRemoved);
+    return MakeCharSplit([delimiter](char32_t c) { return c == delimiter; }, SplitBehavior::kRemoved);
   }
   return Unsupported(path, type, kSupportedPreTokenizers);
 }
@@ -1071,8 +1024,7 @@ absl::StatusOr<std::unique_ptr<Decoder>> ParseDecoder(const json& j, const std::
     SEEDLING_ASSIGN_OR_RETURN(const json* children, ChildArray(j, "decoders", path));
     std::vector<std::unique_ptr<Decoder>> stages;
     for (size_t i = 0; i < children->size(); ++i) {
-      SEEDLING_ASSIGN_OR_RETURN(auto stage,
-                                ParseDecoder((*children)[i], StrCat(path, ".decoders[", i, "]")));
+      SEEDLING_ASSIGN_OR_RETURN(auto stage, ParseDecoder((*children)[i], StrCat(path, ".decoders[", i, "]")));
       if (stage != nullptr) stages.push_back(std::move(stage));
     }
     return std::make_unique<SequenceDecoder>(std::move(stages));
@@ -1105,16 +1057,14 @@ absl::StatusOr<std::unique_ptr<Decoder>> ParseDecoder(const json& j, const std::
   return Unsupported(path, type, kSupportedDecoders);
 }
 
-absl::StatusOr<std::unique_ptr<PostProcessor>> ParsePostProcessor(const json& j,
-                                                                  const std::string& path) {
+absl::StatusOr<std::unique_ptr<PostProcessor>> ParsePostProcessor(const json& j, const std::string& path) {
   if (j.is_null()) return nullptr;
   SEEDLING_ASSIGN_OR_RETURN(std::string type, ComponentType(j, path));
   if (type == "Sequence") {
     SEEDLING_ASSIGN_OR_RETURN(const json* children, ChildArray(j, "processors", path));
     std::vector<std::unique_ptr<PostProcessor>> stages;
     for (size_t i = 0; i < children->size(); ++i) {
-      SEEDLING_ASSIGN_OR_RETURN(
-          auto stage, ParsePostProcessor((*children)[i], StrCat(path, ".processors[", i, "]")));
+      SEEDLING_ASSIGN_OR_RETURN(auto stage, ParsePostProcessor((*children)[i], StrCat(path, ".processors[", i, "]")));
       if (stage != nullptr) stages.push_back(std::move(stage));
     }
     return std::make_unique<SequencePostProcessor>(std::move(stages));

@@ -63,29 +63,22 @@ class PostProcessor {
 // Parsers. `path` names the value in the document ("pre_tokenizer.pretokenizers[1]") for error
 // messages. A JSON null yields nullptr (no stage). InvalidArgument naming the path for a malformed
 // value or an unsupported type (the message lists the supported ones).
-absl::StatusOr<std::unique_ptr<Normalizer>> ParseNormalizer(const nlohmann::json& j,
-                                                            const std::string& path);
-absl::StatusOr<std::unique_ptr<PreTokenizer>> ParsePreTokenizer(const nlohmann::json& j,
-                                                                const std::string& path);
-absl::StatusOr<std::unique_ptr<Decoder>> ParseDecoder(const nlohmann::json& j,
-                                                      const std::string& path);
-absl::StatusOr<std::unique_ptr<PostProcessor>> ParsePostProcessor(const nlohmann::json& j,
-                                                                  const std::string& path);
+absl::StatusOr<std::unique_ptr<Normalizer>> ParseNormalizer(const nlohmann::json& j, const std::string& path);
+absl::StatusOr<std::unique_ptr<PreTokenizer>> ParsePreTokenizer(const nlohmann::json& j, const std::string& path);
+absl::StatusOr<std::unique_ptr<Decoder>> ParseDecoder(const nlohmann::json& j, const std::string& path);
+absl::StatusOr<std::unique_ptr<PostProcessor>> ParsePostProcessor(const nlohmann::json& j, const std::string& path);
 
 // JSON field access with errors that name the field ("model.byte_fallback must be a boolean, got
 // string"). "Or" variants return `fallback` when the field is absent or null.
 namespace json_util {
 std::string TypeName(const nlohmann::json& j);
-absl::StatusOr<std::string> RequireString(const nlohmann::json& obj, const char* key,
-                                          const std::string& path);
-absl::StatusOr<std::string> StringOr(const nlohmann::json& obj, const char* key,
-                                     const std::string& path, std::string fallback);
-absl::StatusOr<std::optional<std::string>> OptionalString(const nlohmann::json& obj,
-                                                          const char* key, const std::string& path);
-absl::StatusOr<bool> BoolOr(const nlohmann::json& obj, const char* key, const std::string& path,
-                            bool fallback);
-absl::StatusOr<int64_t> IntOr(const nlohmann::json& obj, const char* key, const std::string& path,
-                              int64_t fallback);
+absl::StatusOr<std::string> RequireString(const nlohmann::json& obj, const char* key, const std::string& path);
+absl::StatusOr<std::string> StringOr(const nlohmann::json& obj, const char* key, const std::string& path,
+                                     std::string fallback);
+absl::StatusOr<std::optional<std::string>> OptionalString(const nlohmann::json& obj, const char* key,
+                                                          const std::string& path);
+absl::StatusOr<bool> BoolOr(const nlohmann::json& obj, const char* key, const std::string& path, bool fallback);
+absl::StatusOr<int64_t> IntOr(const nlohmann::json& obj, const char* key, const std::string& path, int64_t fallback);
 }  // namespace json_util
 
 }  // namespace seedling::model::internal

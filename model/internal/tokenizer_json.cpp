@@ -140,7 +140,7 @@ class AddedTokenMatcher {
   }
 
   const std::vector<AddedToken>* tokens_;
-  std::vector<int32_t> nodes_;  // trie node -> index into *tokens_ of the token ending here
+  std::vector<int32_t> nodes_;                   // trie node -> index into *tokens_ of the token ending here
   std::unordered_map<uint64_t, int32_t> edges_;  // (node << 8 | byte) -> child node
   std::array<bool, 256> first_byte_;             // bytes that start some pattern (a cheap skip)
   bool empty_ = true;
@@ -155,8 +155,7 @@ class JsonTokenizer final : public Tokenizer {
   JsonTokenizer(const JsonTokenizer&) = delete;
   JsonTokenizer& operator=(const JsonTokenizer&) = delete;
 
-  absl::StatusOr<std::vector<int32_t>> Encode(std::string_view text,
-                                              bool add_special_tokens) const override {
+  absl::StatusOr<std::vector<int32_t>> Encode(std::string_view text, bool add_special_tokens) const override {
     SEEDLING_RETURN_IF_ERROR(CheckUtf8(text, "text to encode"));
     std::vector<int32_t> ids;
     ids.reserve(text.size() / 3 + 4);
@@ -185,8 +184,7 @@ class JsonTokenizer final : public Tokenizer {
           continue;
         }
         std::vector<Piece> pieces;
-        pieces.push_back(Piece{normalized.substr(seg.begin, seg.end - seg.begin),
-                               raw.begin == 0 && seg.begin == 0});
+        pieces.push_back(Piece{normalized.substr(seg.begin, seg.end - seg.begin), raw.begin == 0 && seg.begin == 0});
         if (pre_tokenizer_ != nullptr) {
           SEEDLING_RETURN_IF_ERROR(pre_tokenizer_->PreTokenize(&pieces));
         }
@@ -197,14 +195,12 @@ class JsonTokenizer final : public Tokenizer {
     return ids;
   }
 
-  absl::StatusOr<std::string> Decode(std::span<const int32_t> ids,
-                                     bool skip_special_tokens) const override {
+  absl::StatusOr<std::string> Decode(std::span<const int32_t> ids, bool skip_special_tokens) const override {
     std::vector<std::string> tokens;
     tokens.reserve(ids.size());
     for (const int32_t id : ids) {
       if (id < 0 || id >= vocab_size_) {
-        return absl::InvalidArgumentError(
-            StrCat("token id ", id, " is out of range [0, ", vocab_size_, ")"));
+        return absl::InvalidArgumentError(StrCat("token id ", id, " is out of range [0, ", vocab_size_, ")"));
       }
       if (auto it = added_by_id_.find(id); it != added_by_id_.end()) {
         const AddedToken& token = added_[it->second];
@@ -270,7 +266,7 @@ class JsonTokenizer final : public Tokenizer {
   std::vector<AddedToken> added_;
   std::unordered_map<int32_t, size_t> added_by_id_;  // id -> index into added_
   StringMap<int32_t> added_by_content_;
-  AddedTokenMatcher raw_matcher_;  // tokens with normalized == false, matched before normalization
+  AddedTokenMatcher raw_matcher_;         // tokens with normalized == false, matched before normalization
   AddedTokenMatcher normalized_matcher_;  // tokens with normalized == true, matched after it
   int32_t vocab_size_ = 0;
   std::optional<int32_t> bos_id_;
@@ -296,8 +292,7 @@ struct ParsedModel {
 
 absl::StatusOr<ParsedModel> ParseModel(const json& m) {
   if (!m.is_object()) {
-    return absl::InvalidArgumentError(
-        StrCat("model must be an object, got ", json_util::TypeName(m)));
+    return absl::InvalidArgumentError(StrCat("model must be an object, got ", json_util::TypeName(m)));
   }
   std::string type;
   if (auto t = m.find("type"); t != m.end() && !t->is_null()) {
@@ -309,30 +304,25 @@ absl::StatusOr<ParsedModel> ParseModel(const json& m) {
     return absl::InvalidArgumentError("model.type is missing");
   }
   if (type != "BPE") {
-    return absl::InvalidArgumentError(
-        StrCat("model type '", type, "' is not supported (supported: BPE)"));
+    return absl::InvalidArgumentError(StrCat("model type '", type, "' is not supported (supported: BPE)"));
   }
   if (auto d = m.find("dropout"); d != m.end() && !d->is_null()) {
     if (!d->is_number()) {
       return absl::InvalidArgumentError("model.dropout must be null or a number");
     }
     if (d->get<double>() != 0.0) {
-      return absl::InvalidArgumentError(
-          StrCat("model.dropout is ", d->get<double>(),
-                 "; only null or 0 is supported (encoding must be deterministic)"));
+      return absl::InvalidArgumentError(StrCat("model.dropout is ", d->get<double>(),
+                                               "; only null or 0 is supported (encoding must be deterministic)"));
     }
   }
   BpeOptions options;
   SEEDLING_ASSIGN_OR_RETURN(options.unk_token, json_util::OptionalString(m, "unk_token", "model"));
   SEEDLING_ASSIGN_OR_RETURN(options.fuse_unk, json_util::BoolOr(m, "fuse_unk", "model", false));
-  SEEDLING_ASSIGN_OR_RETURN(options.byte_fallback,
-                            json_util::BoolOr(m, "byte_fallback", "model", false));
-  SEEDLING_ASSIGN_OR_RETURN(options.ignore_merges,
-                            json_util::BoolOr(m, "ignore_merges", "model", false));
+  SEEDLING_ASSIGN_OR_RETURN(options.byte_fallback, json_util::BoolOr(m, "byte_fallback", "model", false));
+  SEEDLING_ASSIGN_OR_RETURN(options.ignore_merges, json_util::BoolOr(m, "ignore_merges", "model", false));
   SEEDLING_ASSIGN_OR_RETURN(options.continuing_subword_prefix,
                             json_util::StringOr(m, "continuing_subword_prefix", "model", ""));
-  SEEDLING_ASSIGN_OR_RETURN(options.end_of_word_suffix,
-                            json_util::StringOr(m, "end_of_word_suffix", "model", ""));
+  SEEDLING_ASSIGN_OR_RETURN(options.end_of_word_suffix, json_util::StringOr(m, "end_of_word_suffix", "model", ""));
 
   auto v = m.find("vocab");
   if (v == m.end() || !v->is_object()) {
@@ -342,8 +332,8 @@ absl::StatusOr<ParsedModel> ParseModel(const json& m) {
   vocab.reserve(v->size());
   for (auto it = v->begin(); it != v->end(); ++it) {
     if (!it->is_number_integer() || it->get<int64_t>() < 0 || it->get<int64_t>() > kMaxId) {
-      return absl::InvalidArgumentError(StrCat(
-          "model.vocab['", it.key(), "'] must be an id in [0, ", kMaxId, "], got ", it->dump()));
+      return absl::InvalidArgumentError(
+          StrCat("model.vocab['", it.key(), "'] must be an id in [0, ", kMaxId, "], got ", it->dump()));
     }
     vocab.emplace_back(it.key(), static_cast<int32_t>(it->get<int64_t>()));
   }
@@ -359,8 +349,8 @@ absl::StatusOr<ParsedModel> ParseModel(const json& m) {
         const std::string& s = e.get_ref<const std::string&>();
         const size_t space = s.find(' ');
         if (space == std::string::npos || s.find(' ', space + 1) != std::string::npos) {
-          return absl::InvalidArgumentError(StrCat(
-              "model.merges[", i, "] must be two tokens separated by one space, got '", s, "'"));
+          return absl::InvalidArgumentError(
+              StrCat("model.merges[", i, "] must be two tokens separated by one space, got '", s, "'"));
         }
         merges.emplace_back(s.substr(0, space), s.substr(space + 1));
       } else if (e.is_array() && e.size() == 2 && e[0].is_string() && e[1].is_string()) {
@@ -417,17 +407,14 @@ TokenizerVocabulary::PreTokenizer ClassifyPreTokenizer(const json& pre) {
   if (stages.size() != 2) return Pre::kOther;
   const json& first = *stages[0];
   const json& second = *stages[1];
-  if (IsType(first, "Digits") && BoolField(first, "individual_digits", false) &&
-      gpt2_byte_level(second, true)) {
+  if (IsType(first, "Digits") && BoolField(first, "individual_digits", false) && gpt2_byte_level(second, true)) {
     return Pre::kGpt2Digits;
   }
-  if (!IsType(first, "Split") || !gpt2_byte_level(second, false) ||
-      BoolField(first, "invert", false)) {
+  if (!IsType(first, "Split") || !gpt2_byte_level(second, false) || BoolField(first, "invert", false)) {
     return Pre::kOther;
   }
   auto behavior = first.find("behavior");
-  if (behavior == first.end() || !behavior->is_string() ||
-      behavior->get<std::string>() != "Isolated") {
+  if (behavior == first.end() || !behavior->is_string() || behavior->get<std::string>() != "Isolated") {
     return Pre::kOther;
   }
   auto pattern = first.find("pattern");
@@ -453,9 +440,7 @@ TokenizerVocabulary::Kind ClassifyKind(const json& pre, const json& decoder) {
 
 // "<0x0A>" and the like: SentencePiece's byte-fallback pieces.
 bool IsBytePiece(std::string_view t) {
-  auto hex = [](char c) {
-    return (c >= '0' && c <= '9') || (c >= 'A' && c <= 'F') || (c >= 'a' && c <= 'f');
-  };
+  auto hex = [](char c) { return (c >= '0' && c <= '9') || (c >= 'A' && c <= 'F') || (c >= 'a' && c <= 'f'); };
   return t.size() == 6 && t.substr(0, 3) == "<0x" && hex(t[3]) && hex(t[4]) && t[5] == '>';
 }
 
@@ -529,8 +514,7 @@ absl::Status JsonTokenizer::ParseAddedTokens(const json& doc) {
     SEEDLING_ASSIGN_OR_RETURN(token.lstrip, json_util::BoolOr(e, "lstrip", path, false));
     SEEDLING_ASSIGN_OR_RETURN(token.rstrip, json_util::BoolOr(e, "rstrip", path, false));
     SEEDLING_ASSIGN_OR_RETURN(token.special, json_util::BoolOr(e, "special", path, false));
-    SEEDLING_ASSIGN_OR_RETURN(token.normalized,
-                              json_util::BoolOr(e, "normalized", path, !token.special));
+    SEEDLING_ASSIGN_OR_RETURN(token.normalized, json_util::BoolOr(e, "normalized", path, !token.special));
     added_by_id_[token.id] = added_.size();
     added_by_content_.try_emplace(token.content, token.id);
     added_.push_back(std::move(token));
@@ -560,8 +544,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> JsonTokenizer::Parse(const json& doc)
   t->merge_ids_.reserve(parsed.merges.size());
   for (const auto& [a, b] : parsed.merges) {
     // BpeModel::Create checked that both sides are in the vocabulary.
-    t->merge_ids_.emplace_back(t->model_->TokenToId(a).value_or(-1),
-                               t->model_->TokenToId(b).value_or(-1));
+    t->merge_ids_.emplace_back(t->model_->TokenToId(a).value_or(-1), t->model_->TokenToId(b).value_or(-1));
   }
   if (parsed.options.unk_token.has_value()) {
     t->unk_id_ = t->model_->TokenToId(*parsed.options.unk_token);
@@ -574,10 +557,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> JsonTokenizer::Parse(const json& doc)
     return it == doc.end() ? kNull : *it;
   };
   SEEDLING_ASSIGN_OR_RETURN(t->normalizer_, ParseNormalizer(field("normalizer"), "normalizer"));
-  SEEDLING_ASSIGN_OR_RETURN(t->pre_tokenizer_,
-                            ParsePreTokenizer(field("pre_tokenizer"), "pre_tokenizer"));
-  SEEDLING_ASSIGN_OR_RETURN(t->post_processor_,
-                            ParsePostProcessor(field("post_processor"), "post_processor"));
+  SEEDLING_ASSIGN_OR_RETURN(t->pre_tokenizer_, ParsePreTokenizer(field("pre_tokenizer"), "pre_tokenizer"));
+  SEEDLING_ASSIGN_OR_RETURN(t->post_processor_, ParsePostProcessor(field("post_processor"), "post_processor"));
   SEEDLING_ASSIGN_OR_RETURN(t->decoder_, ParseDecoder(field("decoder"), "decoder"));
   t->kind_ = ClassifyKind(field("pre_tokenizer"), field("decoder"));
   t->pre_tokenizer_kind_ = ClassifyPreTokenizer(field("pre_tokenizer"));
@@ -591,9 +572,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> JsonTokenizer::Parse(const json& doc)
     t->eos_id_ = t->post_processor_->eos_id();
     for (const auto& id : {t->bos_id_, t->eos_id_}) {
       if (id.has_value() && *id >= t->vocab_size_) {
-        return absl::InvalidArgumentError(StrCat("post_processor uses special token id ", *id,
-                                                 ", beyond the vocabulary (", t->vocab_size_,
-                                                 " ids)"));
+        return absl::InvalidArgumentError(
+            StrCat("post_processor uses special token id ", *id, ", beyond the vocabulary (", t->vocab_size_, " ids)"));
       }
     }
   }
@@ -602,8 +582,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> JsonTokenizer::Parse(const json& doc)
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Tokenizer>> ParseTokenizerJson(std::string_view json,
-                                                              std::string_view source) {
+absl::StatusOr<std::unique_ptr<Tokenizer>> ParseTokenizerJson(std::string_view json, std::string_view source) {
   auto doc = ParseJson(json, "");
   if (!doc.ok()) return Annotate(doc.status(), source);
   return ParseTokenizerJsonDocument(*doc, source);

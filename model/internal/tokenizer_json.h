@@ -21,8 +21,7 @@ inline constexpr std::string_view kQwen2SplitRegex =
 
 // Parses tokenizer.json contents. `source` names the document in error messages (its path, or
 // "tokenizer.json"). InvalidArgument naming the field for malformed or unsupported content.
-absl::StatusOr<std::unique_ptr<Tokenizer>> ParseTokenizerJson(std::string_view json,
-                                                              std::string_view source);
+absl::StatusOr<std::unique_ptr<Tokenizer>> ParseTokenizerJson(std::string_view json, std::string_view source);
 // The same for a document already parsed (or built in memory, as model/gguf_model.cpp does).
 absl::StatusOr<std::unique_ptr<Tokenizer>> ParseTokenizerJsonDocument(const nlohmann::json& doc,
                                                                       std::string_view source);

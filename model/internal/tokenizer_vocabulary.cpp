@@ -25,9 +25,8 @@ absl::Status CheckVocabulary(const Vocab& v) {
   const size_t n = v.tokens.size();
   if (n == 0) return absl::InvalidArgumentError("the vocabulary has no tokens");
   if (v.types.size() != n || (!v.scores.empty() && v.scores.size() != n)) {
-    return absl::InvalidArgumentError(StrCat("the vocabulary has ", n, " tokens but ",
-                                             v.types.size(), " token types and ", v.scores.size(),
-                                             " scores"));
+    return absl::InvalidArgumentError(StrCat("the vocabulary has ", n, " tokens but ", v.types.size(),
+                                             " token types and ", v.scores.size(), " scores"));
   }
   for (size_t id = 0; id < v.scores.size(); ++id) {
     if (!std::isfinite(v.scores[id])) {
@@ -39,21 +38,18 @@ absl::Status CheckVocabulary(const Vocab& v) {
   for (size_t id = 0; id < n; ++id) {
     if (v.tokens[id].empty()) return absl::InvalidArgumentError(StrCat("token ", id, " is empty"));
     if (v.types[id] < Vocab::kNormal || v.types[id] > Vocab::kByte) {
-      return absl::InvalidArgumentError(
-          StrCat("token ", id, " has type ", v.types[id], ", not one of 1..6"));
+      return absl::InvalidArgumentError(StrCat("token ", id, " has type ", v.types[id], ", not one of 1..6"));
     }
     auto [it, inserted] = seen.emplace(v.tokens[id], id);
     if (!inserted) {
-      return absl::InvalidArgumentError(
-          StrCat("token '", v.tokens[id], "' has two ids, ", it->second, " and ", id));
+      return absl::InvalidArgumentError(StrCat("token '", v.tokens[id], "' has two ids, ", it->second, " and ", id));
     }
   }
   const std::pair<const char*, std::optional<int32_t>> ids[] = {
       {"bos", v.bos_id}, {"eos", v.eos_id}, {"unknown", v.unk_id}, {"padding", v.pad_id}};
   for (const auto& [what, id] : ids) {
     if (id.has_value() && (*id < 0 || static_cast<size_t>(*id) >= n)) {
-      return absl::InvalidArgumentError(
-          StrCat(what, " token id ", *id, " is outside the vocabulary [0, ", n, ")"));
+      return absl::InvalidArgumentError(StrCat(what, " token id ", *id, " is outside the vocabulary [0, ", n, ")"));
     }
   }
   if ((v.add_bos && !v.bos_id.has_value()) || (v.add_eos && !v.eos_id.has_value())) {
@@ -86,8 +82,7 @@ std::vector<std::pair<std::string, std::string>> MergesFromScores(const Vocab& v
     for (size_t split = 1; split < t.size(); ++split) {
       if (IsUtf8Continuation(t[split])) continue;
       if (ids.contains(t.substr(0, split)) && ids.contains(t.substr(split))) {
-        candidates.push_back(
-            {v.scores.empty() ? 0.0f : v.scores[id], static_cast<int32_t>(id), split});
+        candidates.push_back({v.scores.empty() ? 0.0f : v.scores[id], static_cast<int32_t>(id), split});
       }
     }
   }
@@ -111,14 +106,13 @@ json Model(const Vocab& v) {
   for (const auto& [a, b] : spm&& v.merges.empty() ? MergesFromScores(v) : v.merges) {
     merges.push_back(json::array({a, b}));
   }
-  json model = {
-      {"type", "BPE"},
-      {"vocab", std::move(vocab)},
-      {"merges", std::move(merges)},
-      {"byte_fallback", std::find(v.types.begin(), v.types.end(), Vocab::kByte) != v.types.end()},
-      {"fuse_unk", spm},
-      // llama.cpp sets ignore_merges for Llama 3's pre-tokenizer, as its tokenizer.json does.
-      {"ignore_merges", v.pre_tokenizer == Vocab::PreTokenizer::kLlama3}};
+  json model = {{"type", "BPE"},
+                {"vocab", std::move(vocab)},
+                {"merges", std::move(merges)},
+                {"byte_fallback", std::find(v.types.begin(), v.types.end(), Vocab::kByte) != v.types.end()},
+                {"fuse_unk", spm},
+                // llama.cpp sets ignore_merges for Llama 3's pre-tokenizer, as its tokenizer.json does.
+                {"ignore_merges", v.pre_tokenizer == Vocab::PreTokenizer::kLlama3}};
   if (v.unk_id.has_value()) model["unk_token"] = v.tokens[*v.unk_id];
   return model;
 }
@@ -142,17 +136,11 @@ json AddedTokens(const Vocab& v) {
 }
 
 json ByteLevelStage(bool use_regex) {
-  return {{"type", "ByteLevel"},
-          {"add_prefix_space", false},
-          {"trim_offsets", true},
-          {"use_regex", use_regex}};
+  return {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", use_regex}};
 }
 
 json SplitStage(std::string_view regex) {
-  return {{"type", "Split"},
-          {"pattern", {{"Regex", std::string(regex)}}},
-          {"behavior", "Isolated"},
-          {"invert", false}};
+  return {{"type", "Split"}, {"pattern", {{"Regex", std::string(regex)}}}, {"behavior", "Isolated"}, {"invert", false}};
 }
 
 absl::StatusOr<json> ByteLevelPreTokenizer(Vocab::PreTokenizer pre) {
@@ -161,15 +149,13 @@ absl::StatusOr<json> ByteLevelPreTokenizer(Vocab::PreTokenizer pre) {
       return ByteLevelStage(true);
     case Vocab::PreTokenizer::kGpt2Digits:
       return json{{"type", "Sequence"},
-                  {"pretokenizers",
-                   {{{"type", "Digits"}, {"individual_digits", true}}, ByteLevelStage(true)}}};
+                  {"pretokenizers", {{{"type", "Digits"}, {"individual_digits", true}}, ByteLevelStage(true)}}};
     case Vocab::PreTokenizer::kLlama3:
     case Vocab::PreTokenizer::kQwen2:
-      return json{
-          {"type", "Sequence"},
-          {"pretokenizers",
-           {SplitStage(pre == Vocab::PreTokenizer::kLlama3 ? kLlama3SplitRegex : kQwen2SplitRegex),
-            ByteLevelStage(false)}}};
+      return json{{"type", "Sequence"},
+                  {"pretokenizers",
+                   {SplitStage(pre == Vocab::PreTokenizer::kLlama3 ? kLlama3SplitRegex : kQwen2SplitRegex),
+                    ByteLevelStage(false)}}};
     case Vocab::PreTokenizer::kOther:
       break;
   }
@@ -180,8 +166,7 @@ absl::StatusOr<json> ByteLevelPreTokenizer(Vocab::PreTokenizer pre) {
 json SentencePieceNormalizer(bool add_space_prefix) {
   json replace = {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", kMeta}};
   if (!add_space_prefix) return replace;
-  return {{"type", "Sequence"},
-          {"normalizers", {{{"type", "Prepend"}, {"prepend", kMeta}}, std::move(replace)}}};
+  return {{"type", "Sequence"}, {"normalizers", {{{"type", "Prepend"}, {"prepend", kMeta}}, std::move(replace)}}};
 }
 
 json SentencePieceDecoder(bool add_space_prefix) {

@@ -15,7 +15,6 @@ namespace seedling::model::internal {
 // vectors of different lengths, empty or duplicate token strings, an unknown token type, special
 // ids outside the vocabulary, add_bos / add_eos without the id, or a byte-level vocabulary whose
 // pre-tokenizer is kOther.
-absl::StatusOr<nlohmann::json> TokenizerJsonFromVocabulary(const TokenizerVocabulary& vocab,
-                                                           bool add_space_prefix);
+absl::StatusOr<nlohmann::json> TokenizerJsonFromVocabulary(const TokenizerVocabulary& vocab, bool add_space_prefix);
 
 }  // namespace seedling::model::internal

@@ -118,8 +118,7 @@ bool IsNumeric(char32_t c) {
 
 bool IsPunctuation(char32_t c) {
   if (c < 0x80) {
-    return (c >= '!' && c <= '/') || (c >= ':' && c <= '@') || (c >= '[' && c <= '`') ||
-           (c >= '{' && c <= '~');
+    return (c >= '!' && c <= '/') || (c >= ':' && c <= '@') || (c >= '[' && c <= '`') || (c >= '{' && c <= '~');
   }
   return (U_GET_GC_MASK(static_cast<UChar32>(c)) & U_GC_P_MASK) != 0;
 }
@@ -158,8 +157,7 @@ absl::StatusOr<std::string> NormalizeUnicode(std::string_view s, NormalizationFo
   std::string out;
   out.reserve(s.size());
   icu::StringByteSink<std::string> sink(&out);
-  normalizer->normalizeUTF8(0, icu::StringPiece(s.data(), static_cast<int32_t>(s.size())), sink,
-                            nullptr, error);
+  normalizer->normalizeUTF8(0, icu::StringPiece(s.data(), static_cast<int32_t>(s.size())), sink, nullptr, error);
   if (U_FAILURE(error)) {
     return absl::InternalError(StrCat("ICU normalization failed: ", u_errorName(error)));
   }
@@ -167,8 +165,7 @@ absl::StatusOr<std::string> NormalizeUnicode(std::string_view s, NormalizationFo
 }
 
 std::string ToLowerUnicode(std::string_view s) {
-  icu::UnicodeString u =
-      icu::UnicodeString::fromUTF8(icu::StringPiece(s.data(), static_cast<int32_t>(s.size())));
+  icu::UnicodeString u = icu::UnicodeString::fromUTF8(icu::StringPiece(s.data(), static_cast<int32_t>(s.size())));
   u.toLower(icu::Locale::getRoot());
   std::string out;
   u.toUTF8String(out);
@@ -185,8 +182,7 @@ constexpr bool IsSelfMappedByte(int b) {
 
 struct ByteLevelTables {
   std::array<char32_t, 256> to_unicode{};
-  std::array<int16_t, 256 + 68>
-      to_byte{};  // indexed by code point; every mapped code point is below 324
+  std::array<int16_t, 256 + 68> to_byte{};  // indexed by code point; every mapped code point is below 324
 };
 
 constexpr ByteLevelTables MakeByteLevelTables() {
@@ -194,8 +190,7 @@ constexpr ByteLevelTables MakeByteLevelTables() {
   for (auto& b : t.to_byte) b = -1;
   int next = 0;
   for (int b = 0; b < 256; ++b) {
-    const char32_t c =
-        IsSelfMappedByte(b) ? static_cast<char32_t>(b) : static_cast<char32_t>(256 + next++);
+    const char32_t c = IsSelfMappedByte(b) ? static_cast<char32_t>(b) : static_cast<char32_t>(256 + next++);
     t.to_unicode[b] = c;
     t.to_byte[c] = static_cast<int16_t>(b);
   }
@@ -224,13 +219,12 @@ void Regex::CodeDeleter::operator()(pcre2_real_code_8* code) const { pcre2_code_
 absl::StatusOr<Regex> Regex::Compile(std::string_view pattern) {
   int error_code = 0;
   PCRE2_SIZE error_offset = 0;
-  pcre2_code* code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(),
-                                   PCRE2_UTF | PCRE2_UCP, &error_code, &error_offset, nullptr);
+  pcre2_code* code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(), PCRE2_UTF | PCRE2_UCP,
+                                   &error_code, &error_offset, nullptr);
   if (code == nullptr) {
     PCRE2_UCHAR message[256];
     pcre2_get_error_message(error_code, message, sizeof(message));
-    return absl::InvalidArgumentError(StrCat("regex '", pattern, "' does not compile at offset ",
-                                             error_offset, ": ",
+    return absl::InvalidArgumentError(StrCat("regex '", pattern, "' does not compile at offset ", error_offset, ": ",
                                              reinterpret_cast<const char*>(message)));
   }
   // JIT is an optimization: without it (unsupported CPU, or a build without JIT) pcre2_match
@@ -257,22 +251,19 @@ absl::StatusOr<Regex> Regex::Literal(std::string_view literal) {
   return Compile(pattern);
 }
 
-absl::Status Regex::FindAll(std::string_view text,
-                            std::vector<std::pair<size_t, size_t>>* matches) const {
+absl::Status Regex::FindAll(std::string_view text, std::vector<std::pair<size_t, size_t>>* matches) const {
   std::unique_ptr<pcre2_match_data, decltype(&pcre2_match_data_free)> data(
       pcre2_match_data_create_from_pattern(code_.get(), nullptr), &pcre2_match_data_free);
   SEEDLING_CHECK(data != nullptr, "out of memory");
   const auto* subject = reinterpret_cast<PCRE2_SPTR>(text.data());
   size_t pos = 0;
   while (pos <= text.size()) {
-    const int rc = pcre2_match(code_.get(), subject, text.size(), pos, PCRE2_NO_UTF_CHECK,
-                               data.get(), nullptr);
+    const int rc = pcre2_match(code_.get(), subject, text.size(), pos, PCRE2_NO_UTF_CHECK, data.get(), nullptr);
     if (rc == PCRE2_ERROR_NOMATCH) break;
     if (rc < 0) {
       PCRE2_UCHAR message[256];
       pcre2_get_error_message(rc, message, sizeof(message));
-      return absl::InternalError(
-          StrCat("regex '", pattern_, "' failed: ", reinterpret_cast<const char*>(message)));
+      return absl::InternalError(StrCat("regex '", pattern_, "' failed: ", reinterpret_cast<const char*>(message)));
     }
     const PCRE2_SIZE* ovector = pcre2_get_ovector_pointer(data.get());
     const size_t begin = ovector[0], end = ovector[1];

@@ -99,8 +99,7 @@ class Regex {
   // Byte ranges [begin, end) of the successive non-overlapping, non-empty matches in `text`, which
   // must be valid UTF-8 (it is not re-checked, so that scanning a long text stays linear). Internal
   // if PCRE2 gives up (match or depth limit).
-  absl::Status FindAll(std::string_view text,
-                       std::vector<std::pair<size_t, size_t>>* matches) const;
+  absl::Status FindAll(std::string_view text, std::vector<std::pair<size_t, size_t>>* matches) const;
 
   const std::string& pattern() const { return pattern_; }
 

@@ -47,8 +47,8 @@ int seedling_spm_load(const char* data, size_t len, seedling_spm** out, char* er
 
 void seedling_spm_free(seedling_spm* spm) { delete spm; }
 
-int seedling_spm_encode(const seedling_spm* spm, const char* text, size_t len, int32_t** ids, size_t* n,
-                        char* err, size_t err_cap) {
+int seedling_spm_encode(const seedling_spm* spm, const char* text, size_t len, int32_t** ids, size_t* n, char* err,
+                        size_t err_cap) {
   try {
     std::vector<int> v;
     const auto status = spm->processor.Encode(std::string_view(text, len), &v);
@@ -64,8 +64,8 @@ int seedling_spm_encode(const seedling_spm* spm, const char* text, size_t len, i
   }
 }
 
-int seedling_spm_decode(const seedling_spm* spm, const int32_t* ids, size_t n, char** text, size_t* len,
-                        char* err, size_t err_cap) {
+int seedling_spm_decode(const seedling_spm* spm, const int32_t* ids, size_t n, char** text, size_t* len, char* err,
+                        size_t err_cap) {
   try {
     std::vector<int> v(ids, ids + n);
     std::string out;
@@ -118,6 +118,5 @@ float seedling_spm_piece_score(const seedling_spm* spm, int32_t id) {
 int32_t seedling_spm_bos_id(const seedling_spm* spm) { return spm->processor.bos_id(); }
 int32_t seedling_spm_eos_id(const seedling_spm* spm) { return spm->processor.eos_id(); }
 int32_t seedling_spm_unk_id(const seedling_spm* spm) { return spm->processor.unk_id(); }
-
 
 }  // extern "C"

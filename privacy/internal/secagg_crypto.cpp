@@ -19,17 +19,14 @@
 namespace seedling::privacy::internal {
 namespace {
 
-absl::Status OpenSslInternal(std::string_view what) {
-  return absl::InternalError(StrCat(what, ": ", OpenSslErrors()));
-}
+absl::Status OpenSslInternal(std::string_view what) { return absl::InternalError(StrCat(what, ": ", OpenSslErrors())); }
 
 // Keystream chunk: 16 KiB keeps the buffer in L1 while amortizing the EVP call.
 constexpr size_t kChunkBytes = 16384;
 constexpr std::array<uint8_t, kChunkBytes> kZeros{};
 
 absl::StatusOr<EvpPkeyPtr> X25519FromPrivate(const Bytes32& private_key) {
-  EvpPkeyPtr key(EVP_PKEY_new_raw_private_key(EVP_PKEY_X25519, nullptr, private_key.data(),
-                                              private_key.size()));
+  EvpPkeyPtr key(EVP_PKEY_new_raw_private_key(EVP_PKEY_X25519, nullptr, private_key.data(), private_key.size()));
   if (!key) return OpenSslInternal("X25519 private key");
   return key;
 }
@@ -37,7 +34,8 @@ absl::StatusOr<EvpPkeyPtr> X25519FromPrivate(const Bytes32& private_key) {
 }  // namespace
 
 Bytes32 Sha256(std::span<const uint8_t> data) {
-  const std::string digest = ::seedling::Sha256(std::string_view(reinterpret_cast<const char*>(data.data()), data.size()));
+  const std::string digest =
+      ::seedling::Sha256(std::string_view(reinterpret_cast<const char*>(data.data()), data.size()));
   Bytes32 out;
   std::memcpy(out.data(), digest.data(), out.size());
   return out;
@@ -55,8 +53,8 @@ absl::StatusOr<X25519PrivateKey> X25519PrivateKey::Create(const Bytes32& private
 }
 
 absl::StatusOr<Bytes32> X25519PrivateKey::Agree(const Bytes32& peer_public_key) const {
-  EvpPkeyPtr peer(EVP_PKEY_new_raw_public_key(EVP_PKEY_X25519, nullptr, peer_public_key.data(),
-                                              peer_public_key.size()));
+  EvpPkeyPtr peer(
+      EVP_PKEY_new_raw_public_key(EVP_PKEY_X25519, nullptr, peer_public_key.data(), peer_public_key.size()));
   if (!peer) return OpenSslInternal("X25519 peer public key");
   EvpPkeyCtxPtr ctx(EVP_PKEY_CTX_new(key_.get(), nullptr));
   if (!ctx || EVP_PKEY_derive_init(ctx.get()) != 1) return OpenSslInternal("X25519 derive init");
@@ -84,8 +82,8 @@ absl::StatusOr<Bytes32> X25519Agree(const Bytes32& private_key, const Bytes32& p
   return key->Agree(peer_public_key);
 }
 
-absl::Status HkdfSha256(std::span<const uint8_t> ikm, std::span<const uint8_t> salt,
-                        std::span<const uint8_t> info, std::span<uint8_t> out) {
+absl::Status HkdfSha256(std::span<const uint8_t> ikm, std::span<const uint8_t> salt, std::span<const uint8_t> info,
+                        std::span<uint8_t> out) {
   EvpKdfPtr kdf(EVP_KDF_fetch(nullptr, "HKDF", nullptr));
   if (!kdf) return OpenSslInternal("HKDF fetch");
   EvpKdfCtxPtr ctx(EVP_KDF_CTX_new(kdf.get()));
@@ -112,18 +110,15 @@ absl::StatusOr<std::vector<uint8_t>> AesGcmSeal(const Bytes32& key, std::span<co
                                                 std::span<const uint8_t> plaintext) {
   EvpCipherCtxPtr ctx(EVP_CIPHER_CTX_new());
   const std::array<uint8_t, 12> nonce{};
-  if (!ctx ||
-      EVP_EncryptInit_ex(ctx.get(), EVP_aes_256_gcm(), nullptr, key.data(), nonce.data()) != 1) {
+  if (!ctx || EVP_EncryptInit_ex(ctx.get(), EVP_aes_256_gcm(), nullptr, key.data(), nonce.data()) != 1) {
     return OpenSslInternal("AES-GCM init");
   }
   int len = 0;
-  if (!aad.empty() &&
-      EVP_EncryptUpdate(ctx.get(), nullptr, &len, aad.data(), static_cast<int>(aad.size())) != 1) {
+  if (!aad.empty() && EVP_EncryptUpdate(ctx.get(), nullptr, &len, aad.data(), static_cast<int>(aad.size())) != 1) {
     return OpenSslInternal("AES-GCM aad");
   }
   std::vector<uint8_t> out(plaintext.size() + kGcmTagBytes);
-  if (EVP_EncryptUpdate(ctx.get(), out.data(), &len, plaintext.data(),
-                        static_cast<int>(plaintext.size())) != 1) {
+  if (EVP_EncryptUpdate(ctx.get(), out.data(), &len, plaintext.data(), static_cast<int>(plaintext.size())) != 1) {
     return OpenSslInternal("AES-GCM encrypt");
   }
   int final_len = 0;
@@ -131,8 +126,7 @@ absl::StatusOr<std::vector<uint8_t>> AesGcmSeal(const Bytes32& key, std::span<co
       static_cast<size_t>(len + final_len) != plaintext.size()) {
     return OpenSslInternal("AES-GCM final");
   }
-  if (EVP_CIPHER_CTX_ctrl(ctx.get(), EVP_CTRL_GCM_GET_TAG, kGcmTagBytes,
-                          out.data() + plaintext.size()) != 1) {
+  if (EVP_CIPHER_CTX_ctrl(ctx.get(), EVP_CTRL_GCM_GET_TAG, kGcmTagBytes, out.data() + plaintext.size()) != 1) {
     return OpenSslInternal("AES-GCM tag");
   }
   return out;
@@ -141,24 +135,21 @@ absl::StatusOr<std::vector<uint8_t>> AesGcmSeal(const Bytes32& key, std::span<co
 absl::StatusOr<std::vector<uint8_t>> AesGcmOpen(const Bytes32& key, std::span<const uint8_t> aad,
                                                 std::span<const uint8_t> ciphertext) {
   if (ciphertext.size() < kGcmTagBytes) {
-    return absl::InvalidArgumentError(StrCat("AES-GCM ciphertext has ", ciphertext.size(),
-                                             " bytes, expected at least ", kGcmTagBytes));
+    return absl::InvalidArgumentError(
+        StrCat("AES-GCM ciphertext has ", ciphertext.size(), " bytes, expected at least ", kGcmTagBytes));
   }
   const size_t body = ciphertext.size() - kGcmTagBytes;
   EvpCipherCtxPtr ctx(EVP_CIPHER_CTX_new());
   const std::array<uint8_t, 12> nonce{};
-  if (!ctx ||
-      EVP_DecryptInit_ex(ctx.get(), EVP_aes_256_gcm(), nullptr, key.data(), nonce.data()) != 1) {
+  if (!ctx || EVP_DecryptInit_ex(ctx.get(), EVP_aes_256_gcm(), nullptr, key.data(), nonce.data()) != 1) {
     return OpenSslInternal("AES-GCM init");
   }
   int len = 0;
-  if (!aad.empty() &&
-      EVP_DecryptUpdate(ctx.get(), nullptr, &len, aad.data(), static_cast<int>(aad.size())) != 1) {
+  if (!aad.empty() && EVP_DecryptUpdate(ctx.get(), nullptr, &len, aad.data(), static_cast<int>(aad.size())) != 1) {
     return OpenSslInternal("AES-GCM aad");
   }
   std::vector<uint8_t> out(body);
-  if (EVP_DecryptUpdate(ctx.get(), out.data(), &len, ciphertext.data(), static_cast<int>(body)) !=
-      1) {
+  if (EVP_DecryptUpdate(ctx.get(), out.data(), &len, ciphertext.data(), static_cast<int>(body)) != 1) {
     return OpenSslInternal("AES-GCM decrypt");
   }
   std::array<uint8_t, kGcmTagBytes> tag;
@@ -193,8 +184,7 @@ absl::Status MaskPrg::AddMask(const Bytes16& key, bool subtract, std::span<uint3
   for (size_t begin = 0; begin < inout.size(); begin += kWordsPerChunk) {
     const size_t words = std::min(kWordsPerChunk, inout.size() - begin);
     int len = 0;
-    if (EVP_EncryptUpdate(ctx_.get(), stream.data(), &len, kZeros.data(),
-                          static_cast<int>(words * 4)) != 1 ||
+    if (EVP_EncryptUpdate(ctx_.get(), stream.data(), &len, kZeros.data(), static_cast<int>(words * 4)) != 1 ||
         static_cast<size_t>(len) != words * 4) {
       return OpenSslInternal("AES-CTR keystream");
     }
@@ -237,11 +227,10 @@ std::vector<uint8_t> Info(std::string_view purpose, std::initializer_list<uint32
 
 }  // namespace
 
-absl::StatusOr<Bytes32> ShareEncryptionKey(const Bytes32& session_id, uint32_t sender,
-                                           uint32_t receiver, const Bytes32& shared_secret) {
+absl::StatusOr<Bytes32> ShareEncryptionKey(const Bytes32& session_id, uint32_t sender, uint32_t receiver,
+                                           const Bytes32& shared_secret) {
   Bytes32 key;
-  SEEDLING_RETURN_IF_ERROR(
-      HkdfSha256(shared_secret, session_id, Info("share-enc", {sender, receiver}), key));
+  SEEDLING_RETURN_IF_ERROR(HkdfSha256(shared_secret, session_id, Info("share-enc", {sender, receiver}), key));
   return key;
 }
 
@@ -255,16 +244,14 @@ std::array<uint8_t, 40> ShareAad(const Bytes32& session_id, uint32_t sender, uin
   return aad;
 }
 
-absl::StatusOr<Bytes16> PairMaskKey(const Bytes32& session_id, uint32_t a, uint32_t b,
-                                    const Bytes32& shared_secret) {
+absl::StatusOr<Bytes16> PairMaskKey(const Bytes32& session_id, uint32_t a, uint32_t b, const Bytes32& shared_secret) {
   Bytes16 key;
-  SEEDLING_RETURN_IF_ERROR(HkdfSha256(shared_secret, session_id,
-                                      Info("pair-mask", {std::min(a, b), std::max(a, b)}), key));
+  SEEDLING_RETURN_IF_ERROR(
+      HkdfSha256(shared_secret, session_id, Info("pair-mask", {std::min(a, b), std::max(a, b)}), key));
   return key;
 }
 
-absl::StatusOr<Bytes16> SelfMaskKey(const Bytes32& session_id, uint32_t owner,
-                                    const Bytes32& seed) {
+absl::StatusOr<Bytes16> SelfMaskKey(const Bytes32& session_id, uint32_t owner, const Bytes32& seed) {
   Bytes16 key;
   const absl::Status s = HkdfSha256(seed, session_id, Info("self-mask", {owner}), key);
   if (!s.ok()) return s;

@@ -36,7 +36,6 @@ using EvpKdfCtxPtr = std::unique_ptr<EVP_KDF_CTX, OpenSslDeleter<&EVP_KDF_CTX_fr
 using Bytes32 = std::array<uint8_t, 32>;
 using Bytes16 = std::array<uint8_t, 16>;
 
-
 // SHA-256 of `data`.
 Bytes32 Sha256(std::span<const uint8_t> data);
 
@@ -54,8 +53,7 @@ class X25519PrivateKey {
   absl::StatusOr<Bytes32> Agree(const Bytes32& peer_public_key) const;
 
  private:
-  X25519PrivateKey(EvpPkeyPtr key, const Bytes32& public_key)
-      : key_(std::move(key)), public_key_(public_key) {}
+  X25519PrivateKey(EvpPkeyPtr key, const Bytes32& public_key) : key_(std::move(key)), public_key_(public_key) {}
   EvpPkeyPtr key_;
   Bytes32 public_key_;
 };
@@ -67,8 +65,8 @@ absl::StatusOr<Bytes32> X25519PublicKey(const Bytes32& private_key);
 absl::StatusOr<Bytes32> X25519Agree(const Bytes32& private_key, const Bytes32& peer_public_key);
 
 // HKDF-SHA256 (RFC 5869) of `ikm` with `salt` and `info`, filling `out` (at most 255 * 32 bytes).
-absl::Status HkdfSha256(std::span<const uint8_t> ikm, std::span<const uint8_t> salt,
-                        std::span<const uint8_t> info, std::span<uint8_t> out);
+absl::Status HkdfSha256(std::span<const uint8_t> ikm, std::span<const uint8_t> salt, std::span<const uint8_t> info,
+                        std::span<uint8_t> out);
 
 // AES-256-GCM with a 96-bit all-zero nonce and a 16-byte tag appended to the ciphertext. The zero nonce is
 // safe only because every key passed here is derived for exactly one message (SecAgg derives a fresh key per
@@ -106,16 +104,15 @@ class MaskPrg {
 // Key of the AES-256-GCM message carrying sender's shares to receiver:
 // HKDF(X25519(c_sender, c_receiver), info = "share-enc" ‖ sender ‖ receiver). Either side computes the
 // shared secret with its own private key and the other's public key.
-absl::StatusOr<Bytes32> ShareEncryptionKey(const Bytes32& session_id, uint32_t sender,
-                                           uint32_t receiver, const Bytes32& shared_secret);
+absl::StatusOr<Bytes32> ShareEncryptionKey(const Bytes32& session_id, uint32_t sender, uint32_t receiver,
+                                           const Bytes32& shared_secret);
 
 // Associated data of that message: session id ‖ sender ‖ receiver.
 std::array<uint8_t, 40> ShareAad(const Bytes32& session_id, uint32_t sender, uint32_t receiver);
 
 // PRG key of the pairwise mask between a and b (order-free): HKDF(X25519(s_a, s_b),
 // info = "pair-mask" ‖ min(a, b) ‖ max(a, b)).
-absl::StatusOr<Bytes16> PairMaskKey(const Bytes32& session_id, uint32_t a, uint32_t b,
-                                    const Bytes32& shared_secret);
+absl::StatusOr<Bytes16> PairMaskKey(const Bytes32& session_id, uint32_t a, uint32_t b, const Bytes32& shared_secret);
 
 // PRG key of owner's self mask: HKDF(b_owner, info = "self-mask" ‖ owner).
 absl::StatusOr<Bytes16> SelfMaskKey(const Bytes32& session_id, uint32_t owner, const Bytes32& seed);

@@ -114,8 +114,8 @@ class WireReader {
       return 0;
     }
     if (static_cast<uint64_t>(n) * min_item_bytes > in_.size() - pos_) {
-      Fail(StrCat("list of ", n, " items needs at least ", static_cast<uint64_t>(n) * min_item_bytes,
-                  " bytes, ", in_.size() - pos_, " left"));
+      Fail(StrCat("list of ", n, " items needs at least ", static_cast<uint64_t>(n) * min_item_bytes, " bytes, ",
+                  in_.size() - pos_, " left"));
       return 0;
     }
     return n;
@@ -141,8 +141,7 @@ class WireReader {
   bool Need(size_t n) {
     if (!ok()) return false;
     if (in_.size() - pos_ < n) {
-      Fail(StrCat("truncated: needed ", n, " more bytes at offset ", pos_, ", ", in_.size() - pos_,
-                  " left"));
+      Fail(StrCat("truncated: needed ", n, " more bytes at offset ", pos_, ", ", in_.size() - pos_, " left"));
       return false;
     }
     return true;

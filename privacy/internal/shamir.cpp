@@ -55,8 +55,7 @@ uint64_t FieldInverse(uint64_t a) {
 }
 
 absl::StatusOr<std::vector<ShamirShare>> ShamirSplit(std::span<const uint8_t> secret, int threshold,
-                                                     std::span<const uint64_t> xs,
-                                                     RandomSource& random) {
+                                                     std::span<const uint64_t> xs, RandomSource& random) {
   if (threshold < 1 || static_cast<size_t>(threshold) > xs.size()) {
     return absl::InvalidArgumentError(
         StrCat("Shamir threshold ", threshold, " must be in [1, ", xs.size(), "] (the holders)"));
@@ -86,8 +85,7 @@ absl::StatusOr<std::vector<ShamirShare>> ShamirSplit(std::span<const uint8_t> se
     }
     for (ShamirShare& share : shares) {
       uint64_t acc = 0;  // Horner
-      for (size_t c = coeffs.size(); c > 0; --c)
-        acc = FieldAdd(FieldMul(acc, share.x), coeffs[c - 1]);
+      for (size_t c = coeffs.size(); c > 0; --c) acc = FieldAdd(FieldMul(acc, share.x), coeffs[c - 1]);
       share.y[e] = acc;
     }
   }
@@ -96,18 +94,15 @@ absl::StatusOr<std::vector<ShamirShare>> ShamirSplit(std::span<const uint8_t> se
 }
 
 absl::StatusOr<std::vector<uint64_t>> ShamirInterpolateAtZero(std::span<const ShamirShare> shares) {
-  if (shares.empty())
-    return absl::InvalidArgumentError("Shamir interpolation needs at least one share");
+  if (shares.empty()) return absl::InvalidArgumentError("Shamir interpolation needs at least one share");
   const size_t elements = shares[0].y.size();
   std::set<uint64_t> seen;
   for (const ShamirShare& s : shares) {
     if (s.x == 0 || s.x >= kP || !seen.insert(s.x).second) {
-      return absl::InvalidArgumentError(
-          StrCat("Shamir share point ", s.x, " is zero, out of the field or repeated"));
+      return absl::InvalidArgumentError(StrCat("Shamir share point ", s.x, " is zero, out of the field or repeated"));
     }
     if (s.y.size() != elements) {
-      return absl::InvalidArgumentError(
-          StrCat("Shamir share has ", s.y.size(), " values, expected ", elements));
+      return absl::InvalidArgumentError(StrCat("Shamir share has ", s.y.size(), " values, expected ", elements));
     }
     for (uint64_t v : s.y) {
       if (v >= kP) return absl::InvalidArgumentError("Shamir share value is not a field element");
@@ -130,8 +125,8 @@ absl::StatusOr<std::vector<uint64_t>> ShamirInterpolateAtZero(std::span<const Sh
   return result;
 }
 
-absl::StatusOr<std::vector<uint8_t>> ShamirReconstruct(std::span<const ShamirShare> shares,
-                                                       int threshold, size_t secret_bytes) {
+absl::StatusOr<std::vector<uint8_t>> ShamirReconstruct(std::span<const ShamirShare> shares, int threshold,
+                                                       size_t secret_bytes) {
   if (threshold < 1 || shares.size() < static_cast<size_t>(threshold)) {
     return absl::InvalidArgumentError(
         StrCat("Shamir reconstruction needs ", threshold, " shares, got ", shares.size()));
@@ -140,8 +135,8 @@ absl::StatusOr<std::vector<uint8_t>> ShamirReconstruct(std::span<const ShamirSha
   SEEDLING_ASSIGN_OR_RETURN(std::vector<uint64_t> chunks,
                             ShamirInterpolateAtZero(shares.first(static_cast<size_t>(threshold))));
   if (chunks.size() != elements) {
-    return absl::InvalidArgumentError(StrCat("Shamir shares hold ", chunks.size(), " elements, a ",
-                                             secret_bytes, "-byte secret needs ", elements));
+    return absl::InvalidArgumentError(
+        StrCat("Shamir shares hold ", chunks.size(), " elements, a ", secret_bytes, "-byte secret needs ", elements));
   }
   std::vector<uint8_t> secret(secret_bytes);
   for (size_t e = 0; e < elements; ++e) {

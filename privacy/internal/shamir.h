@@ -42,8 +42,7 @@ uint64_t FieldInverse(uint64_t a);  // a != 0
 // InvalidArgument if threshold < 1, threshold > xs.size(), or an x is 0, ≥ p, or repeated.
 // Coefficients are drawn from `random`; Internal if it fails.
 absl::StatusOr<std::vector<ShamirShare>> ShamirSplit(std::span<const uint8_t> secret, int threshold,
-                                                     std::span<const uint64_t> xs,
-                                                     RandomSource& random);
+                                                     std::span<const uint64_t> xs, RandomSource& random);
 
 // Lagrange interpolation at 0 through all of `shares` (no threshold check: with fewer than t shares the
 // result is a wrong value, which is what the threshold guarantees). InvalidArgument if `shares` is empty,
@@ -53,7 +52,7 @@ absl::StatusOr<std::vector<uint64_t>> ShamirInterpolateAtZero(std::span<const Sh
 // Reconstructs a secret of `secret_bytes` bytes from the first `threshold` of `shares`.
 // InvalidArgument if fewer than `threshold` shares are given, or the interpolated chunks do not fit 7 bytes
 // (inconsistent shares).
-absl::StatusOr<std::vector<uint8_t>> ShamirReconstruct(std::span<const ShamirShare> shares,
-                                                       int threshold, size_t secret_bytes);
+absl::StatusOr<std::vector<uint8_t>> ShamirReconstruct(std::span<const ShamirShare> shares, int threshold,
+                                                       size_t secret_bytes);
 
 }  // namespace seedling::privacy::internal

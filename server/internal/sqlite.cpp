@@ -2,11 +2,9 @@
 
 namespace seedling::server::store_internal {
 
-absl::Status SqliteStatus(sqlite3* db, int rc, const std::string& db_path,
-                          std::string_view context) {
-  const std::string msg =
-      StrCat("state database '", db_path, "': ", context, ": ",
-             db != nullptr ? sqlite3_errmsg(db) : sqlite3_errstr(rc), " (SQLite code ", rc, ")");
+absl::Status SqliteStatus(sqlite3* db, int rc, const std::string& db_path, std::string_view context) {
+  const std::string msg = StrCat("state database '", db_path, "': ", context, ": ",
+                                 db != nullptr ? sqlite3_errmsg(db) : sqlite3_errstr(rc), " (SQLite code ", rc, ")");
   switch (rc & 0xff) {
     case SQLITE_CONSTRAINT:
       switch (rc) {

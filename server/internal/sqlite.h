@@ -36,8 +36,7 @@ absl::Status SqliteStatus(sqlite3* db, int rc, const std::string& db_path, std::
 // clean statement and no read stays open across COMMIT.
 class Query {
  public:
-  Query(sqlite3* db, sqlite3_stmt* stmt, const std::string& db_path)
-      : db_(db), stmt_(stmt), db_path_(&db_path) {}
+  Query(sqlite3* db, sqlite3_stmt* stmt, const std::string& db_path) : db_(db), stmt_(stmt), db_path_(&db_path) {}
   Query(Query&& o) noexcept
       : db_(o.db_),
         stmt_(std::exchange(o.stmt_, nullptr)),
@@ -59,12 +58,11 @@ class Query {
   Query& Bind(double v) { return Note(sqlite3_bind_double(stmt_, ++next_, v)); }
   // A null data pointer would bind SQL NULL, so empty strings get a real (empty) one.
   Query& Bind(std::string_view v) {
-    return Note(sqlite3_bind_text64(stmt_, ++next_, v.empty() ? "" : v.data(), v.size(),
-                                    SQLITE_TRANSIENT, SQLITE_UTF8));
+    return Note(
+        sqlite3_bind_text64(stmt_, ++next_, v.empty() ? "" : v.data(), v.size(), SQLITE_TRANSIENT, SQLITE_UTF8));
   }
   Query& BindBlob(std::string_view v) {
-    return Note(
-        sqlite3_bind_blob64(stmt_, ++next_, v.empty() ? "" : v.data(), v.size(), SQLITE_TRANSIENT));
+    return Note(sqlite3_bind_blob64(stmt_, ++next_, v.empty() ? "" : v.data(), v.size(), SQLITE_TRANSIENT));
   }
 
   // True while there is a row to read.
@@ -89,14 +87,12 @@ class Query {
   std::string Text(int col) const {
     const unsigned char* p = sqlite3_column_text(stmt_, col);
     const int n = sqlite3_column_bytes(stmt_, col);
-    return p == nullptr ? std::string()
-                        : std::string(reinterpret_cast<const char*>(p), static_cast<size_t>(n));
+    return p == nullptr ? std::string() : std::string(reinterpret_cast<const char*>(p), static_cast<size_t>(n));
   }
   std::string Blob(int col) const {
     const void* p = sqlite3_column_blob(stmt_, col);
     const int n = sqlite3_column_bytes(stmt_, col);
-    return p == nullptr ? std::string()
-                        : std::string(static_cast<const char*>(p), static_cast<size_t>(n));
+    return p == nullptr ? std::string() : std::string(static_cast<const char*>(p), static_cast<size_t>(n));
   }
   int ColumnCount() const { return sqlite3_column_count(stmt_); }
   int ColumnType(int col) const { return sqlite3_column_type(stmt_, col); }

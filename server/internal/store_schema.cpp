@@ -99,15 +99,12 @@ static_assert(std::size(kMigrations) == kSchemaVersion);
 
 std::span<const char* const> Migrations() { return kMigrations; }
 
-static constexpr RoundState kAllStates[] = {RoundState::kOpen, RoundState::kCollecting,
-                                     RoundState::kAggregating, RoundState::kCommitted,
-                                     RoundState::kAborted};
+static constexpr RoundState kAllStates[] = {RoundState::kOpen, RoundState::kCollecting, RoundState::kAggregating,
+                                            RoundState::kCommitted, RoundState::kAborted};
 
 bool IsFinal(RoundState s) { return s == RoundState::kCommitted || s == RoundState::kAborted; }
 
-bool IsTaskState(std::string_view s) {
-  return s == "assigned" || s == "declined" || s == "uploaded";
-}
+bool IsTaskState(std::string_view s) { return s == "assigned" || s == "declined" || s == "uploaded"; }
 
 absl::StatusOr<RoundState> ParseRoundState(std::string_view name) {
   for (RoundState s : kAllStates) {
@@ -172,9 +169,7 @@ LedgerEntry ReadLedger(const Query& q) {
   return e;
 }
 
-std::string CheckpointFileName(uint64_t version) {
-  return StrCat(kCheckpointPrefix, version, kCheckpointSuffix);
-}
+std::string CheckpointFileName(uint64_t version) { return StrCat(kCheckpointPrefix, version, kCheckpointSuffix); }
 
 std::optional<uint64_t> ParseCheckpointFileName(std::string_view name) {
   const std::string_view prefix = kCheckpointPrefix, suffix = kCheckpointSuffix;
@@ -182,8 +177,7 @@ std::optional<uint64_t> ParseCheckpointFileName(std::string_view name) {
       name.substr(name.size() - suffix.size()) != suffix) {
     return std::nullopt;
   }
-  const std::string_view digits =
-      name.substr(prefix.size(), name.size() - prefix.size() - suffix.size());
+  const std::string_view digits = name.substr(prefix.size(), name.size() - prefix.size() - suffix.size());
   if (digits.size() > 19) return std::nullopt;
   uint64_t v = 0;
   for (char c : digits) {
@@ -194,8 +188,7 @@ std::optional<uint64_t> ParseCheckpointFileName(std::string_view name) {
 }
 
 std::string TransitionError(uint64_t round_id, RoundState from, RoundState to, std::string_view hint) {
-  return StrCat("round ", round_id, " cannot move from ", RoundStateName(from), " to ",
-                RoundStateName(to), hint);
+  return StrCat("round ", round_id, " cannot move from ", RoundStateName(from), " to ", RoundStateName(to), hint);
 }
 
 absl::Status CheckTransition(const RoundRecord& r, RoundState to) {
@@ -220,6 +213,5 @@ absl::Status CheckTransition(const RoundRecord& r, RoundState to) {
   if (!ok) return absl::FailedPreconditionError(TransitionError(r.round_id, r.state, to));
   return absl::OkStatus();
 }
-
 
 }  // namespace seedling::server::store_internal

@@ -39,8 +39,7 @@ TEST_CASE("WriteFileAtomic replaces the contents and leaves no temporary file", 
   std::filesystem::remove_all(dir);
 }
 
-TEST_CASE("WriteFileAtomic gives the file its mode from creation on, even over a stale temporary",
-          "[base][file]") {
+TEST_CASE("WriteFileAtomic gives the file its mode from creation on, even over a stale temporary", "[base][file]") {
   const std::string dir = TempDir();
   const std::string path = JoinPath(dir, "key.pem");
   // A temporary left by a crashed writer with wider permissions must not be reused.
@@ -95,7 +94,8 @@ TEST_CASE("A failed write, fsync or rename leaves the old file and no temporary 
     CHECK(st.code() == (op == Op::kWrite ? absl::StatusCode::kResourceExhausted : absl::StatusCode::kInternal));
     CHECK(*ReadFile(path) == "old");
     size_t entries = 0;
-    for (const auto& e : std::filesystem::directory_iterator(dir)) entries += e.path().filename() == "faulty.bin" ? 0 : 1;
+    for (const auto& e : std::filesystem::directory_iterator(dir))
+      entries += e.path().filename() == "faulty.bin" ? 0 : 1;
     CHECK(entries == 0);
   }
   // A failed directory fsync comes after the rename: the caller hears of it, and the new file is in place.

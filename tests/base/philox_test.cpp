@@ -21,8 +21,8 @@ TEST_CASE("Philox4x32-10 matches the Random123 known-answer vectors", "[base][ph
 
 // Box-Muller with libm, for checking the deterministic polynomials (not bit-exact, only close).
 void ReferenceNormals(uint64_t seed, uint64_t stream, uint64_t block, double out[4]) {
-  auto w = Philox4x32({static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32),
-                       static_cast<uint32_t>(stream), static_cast<uint32_t>(stream >> 32)},
+  auto w = Philox4x32({static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32), static_cast<uint32_t>(stream),
+                       static_cast<uint32_t>(stream >> 32)},
                       {static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)});
   for (int pair = 0; pair < 2; ++pair) {
     const double u = (static_cast<double>(w[2 * pair]) + 0.5) / 4294967296.0;
@@ -92,8 +92,7 @@ TEST_CASE("AddNormal perturbs in place exactly as x + scale * z", "[base][philox
   for (size_t i = 0; i < x.size(); ++i) REQUIRE(std::abs(y[i] - x[i]) <= 1e-6f * (1.0f + std::abs(x[i])));
 }
 
-TEST_CASE("Normal stream has zero mean and unit variance, and seeds and streams differ",
-          "[base][philox]") {
+TEST_CASE("Normal stream has zero mean and unit variance, and seeds and streams differ", "[base][philox]") {
   std::vector<float> z(1 << 18);
   FillNormal({1, 0}, 0, z);
   double sum = 0, sq = 0;

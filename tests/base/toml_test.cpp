@@ -36,8 +36,9 @@ TEST_CASE("ParseToml refuses keys 50,000 parts deep instead of overflowing the s
 
 TEST_CASE("TomlInteger takes integer nodes within the type and refuses floats, negatives and overflow",
           "[base][toml]") {
-  auto table = ParseToml("byte = 255\nwide = 256\nnegative = -1\nhuge_float = 4.0e69\nwhole_float = 4.0\n"
-                         "text = \"7\"\n");
+  auto table = ParseToml(
+      "byte = 255\nwide = 256\nnegative = -1\nhuge_float = 4.0e69\nwhole_float = 4.0\n"
+      "text = \"7\"\n");
   REQUIRE(table.ok());
   auto read = [&](const char* key) { return TomlInteger<uint8_t>(*table->get(key)); };
   REQUIRE(read("byte").ok());
@@ -51,10 +52,10 @@ TEST_CASE("TomlInteger takes integer nodes within the type and refuses floats, n
   CHECK(*TomlInteger<int64_t>(*table->get("negative")) == -1);
 }
 
-TEST_CASE("TomlSection reads each type, names the table and key in errors, and refuses unknown keys",
-          "[base][toml]") {
-  auto root = ParseToml("[t]\nflag = true\nname = \"x\"\nrate = 2\nlist = [\"a\", \"b\"]\nsmall = 7\n"
-                        "typo = 1\n");
+TEST_CASE("TomlSection reads each type, names the table and key in errors, and refuses unknown keys", "[base][toml]") {
+  auto root = ParseToml(
+      "[t]\nflag = true\nname = \"x\"\nrate = 2\nlist = [\"a\", \"b\"]\nsmall = 7\n"
+      "typo = 1\n");
   REQUIRE(root.ok());
   TomlSection t(root->get_as<toml::table>("t"), "t");
   bool flag = false;

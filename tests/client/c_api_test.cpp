@@ -16,20 +16,19 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
-#include "tests/server/federation_world.h"
-#include "tests/test_util.h"
 #include "base/file.h"
 #include "client/seedling_client.h"
 #include "comms/tls.h"
 #include "model/init.h"
 #include "model/runtime.h"
 #include "server/coordinator.h"
+#include "tests/server/federation_world.h"
+#include "tests/test_util.h"
 
 namespace seedling {
 namespace {
 
 using Json = nlohmann::json;
-
 
 // A tiny model, certificates and a running TLS coordinator (one client per round, one round).
 struct TlsWorld : testing::FederationWorld {
@@ -75,7 +74,7 @@ struct CancelPoint {
   std::condition_variable cv;
   bool reached = false;
   bool cancelled = false;
-  bool finished = false;  // run_once returned (without reaching stop_at, the canceller must not wait on)
+  bool finished = false;       // run_once returned (without reaching stop_at, the canceller must not wait on)
   std::vector<int64_t> steps;  // training progress seen
 };
 

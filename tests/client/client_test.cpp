@@ -3,6 +3,8 @@
 // errors are retried with backoff; the server's RetryAfter is obeyed; tasks over the memory budget are
 // declined with a reason the server counts; bad input is refused with a clear status.
 
+#include "client/client.h"
+
 #include <unistd.h>
 
 #include <algorithm>
@@ -18,11 +20,9 @@
 #include <sstream>
 #include <thread>
 
-#include "tests/test_util.h"
 #include "base/file.h"
 #include "base/sha256.h"
 #include "base/strings.h"
-#include "client/client.h"
 #include "comms/codec.h"
 #include "comms/framing.h"
 #include "comms/in_memory.h"
@@ -35,6 +35,7 @@
 #include "server/devices.h"
 #include "server/metrics.h"
 #include "server/store.h"
+#include "tests/test_util.h"
 
 namespace seedling::client {
 namespace {
@@ -165,7 +166,8 @@ int CountLines(const std::string& path) {
 // Wraps a transport: the first `failures` Connect() calls fail with Unavailable (the network is down).
 class FlakyTransport : public comms::Transport {
  public:
-  FlakyTransport(std::unique_ptr<comms::Transport> inner, int failures) : inner_(std::move(inner)), failures_(failures) {}
+  FlakyTransport(std::unique_ptr<comms::Transport> inner, int failures)
+      : inner_(std::move(inner)), failures_(failures) {}
 
   absl::StatusOr<std::unique_ptr<comms::Channel>> Connect(comms::Duration timeout) override {
     std::lock_guard<std::mutex> lock(mu_);
@@ -693,8 +695,7 @@ TEST_CASE("A task over the memory budget is declined and the server records the 
   CHECK_THAT((*task)->detail, Catch::StartsWith("MEMORY"));
 }
 
-TEST_CASE("The plan counts the data, and rows over max_row_bytes are skipped instead of loaded",
-          "[client][planner]") {
+TEST_CASE("The plan counts the data, and rows over max_row_bytes are skipped instead of loaded", "[client][planner]") {
   TempDir dir;
   server::ServerConfig sc = TinyServerConfig(JoinPath(dir.path, "server"));
   sc.clients_per_round = 2;  // a task for each device
@@ -973,7 +974,7 @@ TEST_CASE("The weights and weight_cache_dir keys are read from JSON and TOML, em
   CHECK(toml->weights == "stored");
   auto defaults = ClientConfig::FromJson(StrCat("{", kBase, "}"));
   REQUIRE(defaults.ok());
-  CHECK(defaults->weights.empty());  // as the task says
+  CHECK(defaults->weights.empty());           // as the task says
   CHECK(defaults->weight_cache_dir.empty());  // <state_dir>/model-cache
 }
 

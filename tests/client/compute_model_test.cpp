@@ -38,8 +38,10 @@ TEST_CASE("LocalTrainingFlops counts each method's multiplies and is linear in s
         Approx(2 * f.projections + 3 * f.attention + 2 * f.head));
   // fwdgrad: the primal and K tangents through the projections, four attention products per tangent,
   // and the LM head twice whatever K.
-  CHECK(LocalTrainingFlops(*config, "fwdgrad", 1, 4, 128, 1) == Approx(2 * f.projections + 3 * f.attention + 2 * f.head));
-  CHECK(LocalTrainingFlops(*config, "fwdgrad", 1, 4, 128, 4) == Approx(5 * f.projections + 9 * f.attention + 2 * f.head));
+  CHECK(LocalTrainingFlops(*config, "fwdgrad", 1, 4, 128, 1) ==
+        Approx(2 * f.projections + 3 * f.attention + 2 * f.head));
+  CHECK(LocalTrainingFlops(*config, "fwdgrad", 1, 4, 128, 4) ==
+        Approx(5 * f.projections + 9 * f.attention + 2 * f.head));
   // One mezo step (two forwards) costs less than one lora-bp step (its backward's attention is dearer).
   CHECK(LocalTrainingFlops(*config, "mezo", 1, 4, 128, 1) < LocalTrainingFlops(*config, "lora-bp", 1, 4, 128, 1));
   for (const char* method : {"lora-bp", "fwdgrad", "mezo", "kseed"}) {
@@ -54,7 +56,8 @@ TEST_CASE("LocalTrainingFlops counts each method's multiplies and is linear in s
   CHECK_FALSE(IsKnownTrainingMethod("sgd"));
 }
 
-TEST_CASE("TrainingMfu is the model FLOP rate over the sgemm rate, scaled to the tokens processed", "[client][compute]") {
+TEST_CASE("TrainingMfu is the model FLOP rate over the sgemm rate, scaled to the tokens processed",
+          "[client][compute]") {
   auto config = model::PresetConfig("smollm2-135m");
   REQUIRE(config.ok());
   const double flops = LocalTrainingFlops(*config, "mezo", 2, 1, 256, 1);

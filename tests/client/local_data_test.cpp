@@ -35,8 +35,8 @@ const model::Tokenizer& SmallTokenizer() {
 constexpr int32_t kEos = 0;  // "<|endoftext|>", the trainer's first special token
 
 std::string WriteTemp(const std::string& name, const std::string& contents) {
-  const std::string path = std::filesystem::temp_directory_path() /
-                           StrCat("seedling_local_data_", name, "_", getpid(), ".jsonl");
+  const std::string path =
+      std::filesystem::temp_directory_path() / StrCat("seedling_local_data_", name, "_", getpid(), ".jsonl");
   REQUIRE(WriteFileAtomic(path, contents).ok());
   return path;
 }
@@ -44,8 +44,7 @@ std::string WriteTemp(const std::string& name, const std::string& contents) {
 // n distinct text rows, one per line.
 std::string TextRows(int n) {
   std::string s;
-  for (int i = 0; i < n; ++i)
-    s += StrCat(R"({"text": "row )", i, R"(: the cat sat on the mat"})", "\n");
+  for (int i = 0; i < n; ++i) s += StrCat(R"({"text": "row )", i, R"(: the cat sat on the mat"})", "\n");
   return s;
 }
 
@@ -81,14 +80,11 @@ std::vector<int64_t> Flatten(const at::Tensor& t) {
   return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
 }
 
-TEST_CASE("Instruction rows keep their prompt masked exactly as seedling eval does",
-          "[client][data]") {
-  const std::string row =
-      R"({"instruction": "name an animal", "input": "a pet", "output": "the cat"})";
+TEST_CASE("Instruction rows keep their prompt masked exactly as seedling eval does", "[client][data]") {
+  const std::string row = R"({"instruction": "name an animal", "input": "a pet", "output": "the cat"})";
   LocalDataOptions o = Opts();
   o.heldout_fraction = 0;
-  const std::string path =
-      WriteTemp("masking", StrCat(row, "\n", R"({"text": "the dog sat"})", "\n"));
+  const std::string path = WriteTemp("masking", StrCat(row, "\n", R"({"text": "the dog sat"})", "\n"));
   auto data = LocalDataset::Load(path, SmallTokenizer(), o);
   REQUIRE(data.ok());
   REQUIRE(data->train().size() == 2);
@@ -104,10 +100,9 @@ TEST_CASE("Instruction rows keep their prompt masked exactly as seedling eval do
   CHECK(data->train()[1].example.labels == data->train()[1].example.tokens);
 }
 
-TEST_CASE("Bad rows are skipped and counted with the first bad line and its reason",
-          "[client][data]") {
-  const std::string jsonl = StrCat(TextRows(2),  // lines 1-2
-                                   "\n",         // line 3: blank, not a row
+TEST_CASE("Bad rows are skipped and counted with the first bad line and its reason", "[client][data]") {
+  const std::string jsonl = StrCat(TextRows(2),                                   // lines 1-2
+                                   "\n",                                          // line 3: blank, not a row
                                    R"({"instruction": "a", "output": 5})", "\n",  // line 4
                                    "not json\n",                                  // line 5
                                    TextRows(1));                                  // line 6
@@ -117,17 +112,14 @@ TEST_CASE("Bad rows are skipped and counted with the first bad line and its reas
   CHECK(data->stats().rows == 5);
   CHECK(data->stats().skipped == 2);
   CHECK(data->stats().first_bad_line == 4);
-  CHECK(data->stats().SkipMessage() ==
-        R"(skipped 2 of 5 rows; first at line 4: field "output" must be a string)");
+  CHECK(data->stats().SkipMessage() == R"(skipped 2 of 5 rows; first at line 4: field "output" must be a string)");
   CHECK(data->train().size() + data->heldout().size() == 3);
 }
 
-TEST_CASE("Each kind of bad row is skipped with a reason that does not quote the row",
-          "[client][data]") {
+TEST_CASE("Each kind of bad row is skipped with a reason that does not quote the row", "[client][data]") {
   LocalDataOptions o = Opts();
   o.seq_len = 8;
-  const std::string long_prompt =
-      R"({"instruction": "the cat sat on the mat the dog sat on the log", "output": "x"})";
+  const std::string long_prompt = R"({"instruction": "the cat sat on the mat the dog sat on the log", "output": "x"})";
   const std::vector<std::pair<std::string, std::string>> cases = {
       {"{\"text\": \"caf\xC3\"}", "not valid UTF-8 (byte 14)"},
       {"{\"text\": \"\xED\xA0\x80\"}", "not valid UTF-8 (byte 11)"},  // an encoded surrogate
@@ -140,8 +132,7 @@ TEST_CASE("Each kind of bad row is skipped with a reason that does not quote the
       {R"({"text": ""})", R"(field "text" is empty)"},
       {R"({"instruction": "a", "output": ""})", R"(field "output" is empty)"},
       {R"({"instruction": "a", "input": "b", "response": "c"})", "mixes Alpaca"},
-      {R"({"instruction": "a", "context": 1, "response": "c"})",
-       R"(field "context" must be a string)"},
+      {R"({"instruction": "a", "context": 1, "response": "c"})", R"(field "context" must be a string)"},
       {long_prompt, "leaves no response token to score"},
   };
   for (const auto& [row, reason] : cases) {
@@ -170,10 +161,8 @@ TEST_CASE("A file with no usable row is InvalidArgument with the skip message", 
   auto data = LocalDataset::Load(path, SmallTokenizer(), Opts());
   REQUIRE_FALSE(data.ok());
   CHECK(data.status().code() == absl::StatusCode::kInvalidArgument);
-  CHECK_THAT(
-      std::string(data.status().message()),
-      Catch::EndsWith(
-          R"(no usable row: skipped 2 of 2 rows; first at line 1: field "text" must be a string)"));
+  CHECK_THAT(std::string(data.status().message()),
+             Catch::EndsWith(R"(no usable row: skipped 2 of 2 rows; first at line 1: field "text" must be a string)"));
   CHECK_THAT(std::string(data.status().message()), Catch::StartsWith(path));
 
   auto empty = LocalDataset::Parse("\n  \n", "empty.jsonl", SmallTokenizer(), Opts());
@@ -207,8 +196,7 @@ TEST_CASE("Invalid options are refused with a message naming the option", "[clie
   refused(o, "eos_id");
 }
 
-TEST_CASE("The held-out split is deterministic and takes the documented fraction",
-          "[client][data]") {
+TEST_CASE("The held-out split is deterministic and takes the documented fraction", "[client][data]") {
   LocalDataOptions o = Opts();
   const LocalDataset a = MustParse(TextRows(40), o);
   const LocalDataset b = MustParse(TextRows(40), o);
@@ -235,8 +223,7 @@ TEST_CASE("The held-out split does not depend on the order of rows in the file",
   for (int i = 0; i < 30; ++i) rows.push_back(StrCat(R"({"text": "row )", i, R"( the dog sat"})"));
   std::string forward, backward;
   for (const std::string& r : rows) forward += r + "\n";
-  for (auto it = rows.rbegin(); it != rows.rend(); ++it)
-    backward += *it + "\r\n";  // and CRLF line ends
+  for (auto it = rows.rbegin(); it != rows.rend(); ++it) backward += *it + "\r\n";  // and CRLF line ends
   const LocalDataset a = MustParse(forward, Opts());
   const LocalDataset b = MustParse(backward, Opts());
   REQUIRE(a.heldout().size() == 3);
@@ -268,14 +255,12 @@ TEST_CASE("Examples are truncated to seq_len keeping the start", "[client][data]
   const LocalDataset data = MustParse(row + "\n", o);
   const Example full = Tokenized(row);
   REQUIRE(full.tokens.size() > 4);
-  CHECK(data.train()[0].example.tokens ==
-        std::vector<int32_t>(full.tokens.begin(), full.tokens.begin() + 4));
+  CHECK(data.train()[0].example.tokens == std::vector<int32_t>(full.tokens.begin(), full.tokens.begin() + 4));
   CHECK(data.train()[0].example.labels.size() == 4);
   CHECK(data.stats().truncated == 1);
 }
 
-TEST_CASE("Packed blocks are seq_len long and concatenate to the shuffled examples",
-          "[client][data]") {
+TEST_CASE("Packed blocks are seq_len long and concatenate to the shuffled examples", "[client][data]") {
   LocalDataOptions o = Opts();
   o.seq_len = 23;
   o.batch_size = 1;
@@ -297,8 +282,7 @@ TEST_CASE("Packed blocks are seq_len long and concatenate to the shuffled exampl
     std::vector<int32_t> got_tokens, got_labels;
     for (int64_t b = 0; b < plan.num_items(); ++b) {
       const Example block = plan.Item(b);
-      const size_t want_len =
-          b + 1 < plan.num_items() ? 23 : static_cast<size_t>(data.train_tokens() % 23);
+      const size_t want_len = b + 1 < plan.num_items() ? 23 : static_cast<size_t>(data.train_tokens() % 23);
       CHECK(block.tokens.size() == want_len);
       CHECK(block.labels.size() == want_len);
       got_tokens.insert(got_tokens.end(), block.tokens.begin(), block.tokens.end());
@@ -321,10 +305,8 @@ TEST_CASE("The batch iterator serves the packed blocks of each epoch in order", 
       CHECK(batch.epoch == epoch);
       CHECK(batch.offset == static_cast<uint64_t>(b));
       const Example block = plan.Item(b);
-      CHECK(Flatten(batch.batch.tokens) ==
-            std::vector<int64_t>(block.tokens.begin(), block.tokens.end()));
-      CHECK(Flatten(batch.batch.labels) ==
-            std::vector<int64_t>(block.labels.begin(), block.labels.end()));
+      CHECK(Flatten(batch.batch.tokens) == std::vector<int64_t>(block.tokens.begin(), block.tokens.end()));
+      CHECK(Flatten(batch.batch.labels) == std::vector<int64_t>(block.labels.begin(), block.labels.end()));
       CHECK(batch.scored_tokens == block.ScoredTokens());
     }
   }
@@ -337,14 +319,12 @@ TEST_CASE("Held-out examples are never packed", "[client][data]") {
   const LocalDataset data = MustParse(jsonl, o);
   REQUIRE(data.heldout().size() == 2);
   for (const LocalExample& ex : data.heldout()) {
-    const std::string row =
-        StrCat(R"({"text": "row )", ex.line - 1, R"(: the cat sat on the mat"})");
+    const std::string row = StrCat(R"({"text": "row )", ex.line - 1, R"(: the cat sat on the mat"})");
     CHECK(ex.example.tokens == Tokenized(row).tokens);
   }
 }
 
-TEST_CASE("Epoch order is deterministic per seed and epoch and changes across epochs",
-          "[client][data]") {
+TEST_CASE("Epoch order is deterministic per seed and epoch and changes across epochs", "[client][data]") {
   LocalDataOptions o = Opts();
   const LocalDataset data = MustParse(TextRows(50), o);
   const auto order = [&](const LocalDataset& d, uint64_t epoch) {
@@ -366,8 +346,7 @@ TEST_CASE("Epoch order is deterministic per seed and epoch and changes across ep
   CHECK(order(MustParse(TextRows(50), o), 0) != order(MustParse(TextRows(50), o0), 1));
 }
 
-TEST_CASE("Unpacked batches never span epochs and serve every example once per epoch",
-          "[client][data]") {
+TEST_CASE("Unpacked batches never span epochs and serve every example once per epoch", "[client][data]") {
   LocalDataOptions o = Opts();
   o.pack = false;
   o.batch_size = 4;
@@ -382,8 +361,7 @@ TEST_CASE("Unpacked batches never span epochs and serve every example once per e
     sizes.push_back(b.items);
     for (int64_t r = 0; r < b.items; ++r) {
       std::vector<int64_t> row = Flatten(b.batch.tokens[r]);
-      while (row.size() > 1 && row.back() == 0 &&
-             Flatten(b.batch.labels[r])[row.size() - 1] == model::kIgnoreIndex) {
+      while (row.size() > 1 && row.back() == 0 && Flatten(b.batch.labels[r])[row.size() - 1] == model::kIgnoreIndex) {
         row.pop_back();  // right padding
       }
       seen.insert(row);
@@ -399,8 +377,7 @@ TEST_CASE("Unpacked batches never span epochs and serve every example once per e
   CHECK(it.Next().epoch == 1);
 }
 
-TEST_CASE("An iterator restored from a saved position yields the same next batches",
-          "[client][data]") {
+TEST_CASE("An iterator restored from a saved position yields the same next batches", "[client][data]") {
   LocalDataOptions o = Opts();
   o.seq_len = 16;
   o.batch_size = 3;
@@ -453,15 +430,14 @@ TEST_CASE("A position saved from other data or options is refused", "[client][da
 TEST_CASE("Dolly rows are read as instruction rows with context as input", "[client][data]") {
   LocalDataOptions o = Opts();
   o.heldout_fraction = 0;
-  const LocalDataset data = MustParse(
-      R"({"instruction": "name an animal", "context": "a pet", "response": "the cat", "category": "qa"})"
-      "\n"
-      R"({"instruction": "name an animal", "response": "the dog"})"
-      "\n",
-      o);
+  const LocalDataset data =
+      MustParse(R"({"instruction": "name an animal", "context": "a pet", "response": "the cat", "category": "qa"})"
+                "\n"
+                R"({"instruction": "name an animal", "response": "the dog"})"
+                "\n",
+                o);
   REQUIRE(data.train().size() == 2);
-  const Example want0 =
-      Tokenized(R"({"instruction": "name an animal", "input": "a pet", "output": "the cat"})");
+  const Example want0 = Tokenized(R"({"instruction": "name an animal", "input": "a pet", "output": "the cat"})");
   const Example want1 = Tokenized(R"({"instruction": "name an animal", "output": "the dog"})");
   CHECK(data.train()[0].example.tokens == want0.tokens);
   CHECK(data.train()[0].example.labels == want0.labels);
@@ -472,14 +448,13 @@ TEST_CASE("Dolly rows are read as instruction rows with context as input", "[cli
 TEST_CASE("Topic and user are kept per example", "[client][data]") {
   LocalDataOptions o = Opts();
   o.heldout_fraction = 0;
-  const LocalDataset data =
-      MustParse(R"({"text": "the cat", "topic": "pets", "user": "ana"})"
-                "\n"
-                R"({"instruction": "a", "output": "the dog", "topic": "dogs", "user": 42})"
-                "\n"
-                R"({"text": "the mat", "topic": ["not", "a", "string"]})"
-                "\n",
-                o);
+  const LocalDataset data = MustParse(R"({"text": "the cat", "topic": "pets", "user": "ana"})"
+                                      "\n"
+                                      R"({"instruction": "a", "output": "the dog", "topic": "dogs", "user": 42})"
+                                      "\n"
+                                      R"({"text": "the mat", "topic": ["not", "a", "string"]})"
+                                      "\n",
+                                      o);
   REQUIRE(data.train().size() == 3);
   CHECK(data.train()[0].topic == "pets");
   CHECK(data.train()[0].user == "ana");
@@ -563,22 +538,19 @@ TEST_CASE("The data footprint bounds what loading holds and what tokenizing a ro
   std::filesystem::remove(path);
 }
 
-TEST_CASE("The summary names rows, skipped, train blocks, held-out examples and tokens",
-          "[client][data]") {
+TEST_CASE("The summary names rows, skipped, train blocks, held-out examples and tokens", "[client][data]") {
   LocalDataOptions o = Opts();
   o.seq_len = 16;
   const LocalDataset data = MustParse(StrCat(TextRows(20), "oops\n"), o);
   const std::string s = data.Summary();
   INFO(s);
-  CHECK_THAT(s,
-             Catch::StartsWith("mem.jsonl: 21 rows (1 skipped, first at line 21: not valid JSON"));
-  CHECK_THAT(s, Catch::Contains(StrCat("train 18 examples, ", data.train_tokens(), " tokens, ",
-                                       data.items_per_epoch(), " blocks of 16")));
+  CHECK_THAT(s, Catch::StartsWith("mem.jsonl: 21 rows (1 skipped, first at line 21: not valid JSON"));
+  CHECK_THAT(s, Catch::Contains(StrCat("train 18 examples, ", data.train_tokens(), " tokens, ", data.items_per_epoch(),
+                                       " blocks of 16")));
   CHECK_THAT(s, Catch::EndsWith(StrCat("held out 2 examples, ", data.heldout_tokens(), " tokens")));
 }
 
-TEST_CASE("The bundled topic-labelled instructions load whole, with a topic on every row",
-          "[client][data]") {
+TEST_CASE("The bundled topic-labelled instructions load whole, with a topic on every row", "[client][data]") {
   const std::string path = StrCat(SEEDLING_SOURCE_DIR, "/data/sample/instructions.jsonl");
   auto data = LocalDataset::Load(path, SmallTokenizer(), Opts());
   INFO(data.status().ToString());

@@ -153,8 +153,7 @@ TEST_CASE("mezo and kseed batch their probes when it fits, and probe in place wh
   }
 }
 
-TEST_CASE("Streamed weights come after resident ones at each setting and before slower settings",
-          "[client][planner]") {
+TEST_CASE("Streamed weights come after resident ones at each setting and before slower settings", "[client][planner]") {
   for (optim::Method method : {optim::Method::kLoraBp, optim::Method::kMezo}) {
     INFO(optim::MethodName(method));
     PlanRequest r = SmolRequest(method);
@@ -202,14 +201,12 @@ TEST_CASE("An impossible budget is ResourceExhausted with the smallest budget th
   CHECK(msg.find("the lightest plan needs") != std::string::npos);
   // That smallest budget really is enough.
   r.budget_bytes = 0;
-  const int64_t lightest =
-      EstimatePlan(r, "in-place-restore", r.batch, false, 1).total_bytes();
+  const int64_t lightest = EstimatePlan(r, "in-place-restore", r.batch, false, 1).total_bytes();
   r.budget_bytes = lightest;
   CHECK(PlanMemory(r).ok());
 }
 
-TEST_CASE("Full-parameter zeroth-order plans count the weights once and an exact restore twice",
-          "[client][planner]") {
+TEST_CASE("Full-parameter zeroth-order plans count the weights once and an exact restore twice", "[client][planner]") {
   PlanRequest r = SmolRequest(optim::Method::kKSeed);
   r.full_parameters = true;
   const MemoryPlan exact = EstimatePlan(r, "exact-restore", r.batch, false, 64);
@@ -253,8 +250,7 @@ TEST_CASE("Absurd plan inputs are refused, never wrapped into a size", "[client]
 }
 
 // The activation estimate against the exact tensor high-water mark of a real step on the tiny model.
-TEST_CASE("Activation estimates bound the measured tensor peak of each method on the tiny model",
-          "[client][planner]") {
+TEST_CASE("Activation estimates bound the measured tensor peak of each method on the tiny model", "[client][planner]") {
   auto c = model::PresetConfig("tiny");
   REQUIRE(c.ok());
   auto m = model::LlamaModel::Create(*c, model::RandomWeights(*c, 1));

@@ -52,9 +52,7 @@ std::vector<float> MustDecode(std::string_view payload) {
   return *std::move(x);
 }
 
-std::string Message(const absl::Status& s) {
-  return std::string(s.message().data(), s.message().size());
-}
+std::string Message(const absl::Status& s) { return std::string(s.message().data(), s.message().size()); }
 
 void CheckInvalid(const absl::Status& status, const std::string& substring) {
   INFO("status: " << status.ToString() << "\nexpected substring: " << substring);
@@ -79,9 +77,7 @@ uint64_t GetLe(std::string_view p, size_t offset, size_t width) {
   for (size_t i = 0; i < width; ++i) v |= uint64_t{static_cast<uint8_t>(p[offset + i])} << (8 * i);
   return v;
 }
-float GetF32(std::string_view p, size_t off) {
-  return std::bit_cast<float>(static_cast<uint32_t>(GetLe(p, off, 4)));
-}
+float GetF32(std::string_view p, size_t off) { return std::bit_cast<float>(static_cast<uint32_t>(GetLe(p, off, 4))); }
 
 uint32_t Bits(float f) { return std::bit_cast<uint32_t>(f); }
 
@@ -90,8 +86,7 @@ double HalfValue(uint16_t h) {
   const int sign = (h & 0x8000) ? -1 : 1;
   const int exponent = (h >> 10) & 0x1f;
   const int mantissa = h & 0x3ff;
-  const double magnitude =
-      exponent == 0 ? std::ldexp(mantissa, -24) : std::ldexp(1024 + mantissa, exponent - 25);
+  const double magnitude = exponent == 0 ? std::ldexp(mantissa, -24) : std::ldexp(1024 + mantissa, exponent - 25);
   return sign * magnitude;
 }
 
@@ -129,17 +124,15 @@ std::vector<float> BlockScales(std::span<const float> x, size_t block) {
   return scales;
 }
 
-const v1::Codec kDenseCodecs[] = {v1::CODEC_FP32, v1::CODEC_FP16, v1::CODEC_INT8, v1::CODEC_INT4,
-                                  v1::CODEC_TOPK};
+const v1::Codec kDenseCodecs[] = {v1::CODEC_FP32, v1::CODEC_FP16, v1::CODEC_INT8, v1::CODEC_INT4, v1::CODEC_TOPK};
 
 // ---- fp32 / fp16
 // --------------------------------------------------------------------------------------
 
-TEST_CASE("Every codec's name parses back to it, and other names are refused listing the six",
-          "[comms][codec]") {
-  const std::pair<v1::Codec, const char*> names[] = {{v1::CODEC_FP32, "fp32"}, {v1::CODEC_FP16, "fp16"},
-                                                     {v1::CODEC_INT8, "int8"}, {v1::CODEC_INT4, "int4"},
-                                                     {v1::CODEC_TOPK, "topk"}, {v1::CODEC_SEED_SCALARS, "seed-scalars"}};
+TEST_CASE("Every codec's name parses back to it, and other names are refused listing the six", "[comms][codec]") {
+  const std::pair<v1::Codec, const char*> names[] = {
+      {v1::CODEC_FP32, "fp32"}, {v1::CODEC_FP16, "fp16"}, {v1::CODEC_INT8, "int8"},
+      {v1::CODEC_INT4, "int4"}, {v1::CODEC_TOPK, "topk"}, {v1::CODEC_SEED_SCALARS, "seed-scalars"}};
   for (const auto& [codec, name] : names) {
     CHECK(CodecName(codec) == name);
     auto parsed = ParseCodecName(name);
@@ -188,15 +181,13 @@ TEST_CASE("fp16 encodes every finite half exactly and decodes it back", "[comms]
   }
 }
 
-TEST_CASE("fp16 rounds to the nearest half with ties to even, subnormals included",
-          "[comms][codec]") {
+TEST_CASE("fp16 rounds to the nearest half with ties to even, subnormals included", "[comms][codec]") {
   std::vector<float> x;
   Rng rng(7, rng_stream::kData);
   // Random floats from 2^-28 to just under 65504, log-uniform, either sign.
   while (x.size() < 20000) {
     const uint32_t exponent = 127 - 28 + static_cast<uint32_t>(rng.UniformInt(28 + 16));
-    const uint32_t bits =
-        (exponent << 23) | (rng.NextU32() & 0x7fffffu) | (rng.NextU32() & 0x80000000u);
+    const uint32_t bits = (exponent << 23) | (rng.NextU32() & 0x7fffffu) | (rng.NextU32() & 0x80000000u);
     const float v = std::bit_cast<float>(bits);
     if (std::fabs(v) <= 65504.0f) x.push_back(v);
   }
@@ -234,8 +225,7 @@ TEST_CASE("fp16 encoding rejects values that would round to infinity", "[comms][
 // ---- int8 / int4
 // -------------------------------------------------------------------------------------
 
-TEST_CASE("int8 and int4 decode within one quantization step and have the documented size",
-          "[comms][codec]") {
+TEST_CASE("int8 and int4 decode within one quantization step and have the documented size", "[comms][codec]") {
   struct Case {
     v1::Codec codec;
     float levels;
@@ -270,8 +260,7 @@ TEST_CASE("int8 and int4 decode within one quantization step and have the docume
   }
 }
 
-TEST_CASE("int8 and int4 lay out scales, then values, with int4 nibbles low first",
-          "[comms][codec]") {
+TEST_CASE("int8 and int4 lay out scales, then values, with int4 nibbles low first", "[comms][codec]") {
   // Values at the block's extremes quantize deterministically (y = +-levels, 0), so the bytes are
   // known.
   const std::vector<float> x8 = {2.0f, -2.0f, 0.0f};
@@ -297,12 +286,10 @@ TEST_CASE("int8 and int4 lay out scales, then values, with int4 nibbles low firs
   CHECK(MustDecode(p4) == x4);
 }
 
-TEST_CASE("stochastic rounding is unbiased: the mean over 2000 seeds converges to the input",
-          "[comms][codec]") {
+TEST_CASE("stochastic rounding is unbiased: the mean over 2000 seeds converges to the input", "[comms][codec]") {
   constexpr int kSeeds = 2000;
   const std::vector<float> x = RandomNormal(256, 99);
-  for (const auto& [codec, levels] :
-       {std::pair{v1::CODEC_INT8, 127.0}, std::pair{v1::CODEC_INT4, 7.0}}) {
+  for (const auto& [codec, levels] : {std::pair{v1::CODEC_INT8, 127.0}, std::pair{v1::CODEC_INT4, 7.0}}) {
     INFO("codec " << codec);
     std::vector<double> sum(x.size(), 0.0);
     for (int s = 0; s < kSeeds; ++s) {
@@ -328,8 +315,7 @@ TEST_CASE("stochastic rounding is unbiased: the mean over 2000 seeds converges t
   }
 }
 
-TEST_CASE("stochastic rounding gives the same bytes for the same seed and different ones otherwise",
-          "[comms][codec]") {
+TEST_CASE("stochastic rounding gives the same bytes for the same seed and different ones otherwise", "[comms][codec]") {
   const std::vector<float> x = RandomNormal(4096, 5);
   for (v1::Codec codec : {v1::CODEC_INT8, v1::CODEC_INT4}) {
     INFO("codec " << codec);
@@ -367,8 +353,7 @@ TEST_CASE("top-k count is at least one and follows the fraction", "[comms][codec
   CHECK(TopKCount(0, 0.5f) == 0);
 }
 
-TEST_CASE("top-k sends exactly k entries, the largest magnitudes, ties to the lower index",
-          "[comms][codec]") {
+TEST_CASE("top-k sends exactly k entries, the largest magnitudes, ties to the lower index", "[comms][codec]") {
   // Small integers so that many magnitudes tie.
   std::vector<float> x(2000);
   Rng rng(3, rng_stream::kData);
@@ -391,8 +376,7 @@ TEST_CASE("top-k sends exactly k entries, the largest magnitudes, ties to the lo
   }
 }
 
-TEST_CASE("top-k leaves update plus old residual minus what was sent in the residual",
-          "[comms][codec]") {
+TEST_CASE("top-k leaves update plus old residual minus what was sent in the residual", "[comms][codec]") {
   const std::vector<float> x = RandomNormal(5000, 21);
   ErrorFeedback feedback(x.size());
   const std::vector<float> old_residual = RandomNormal(x.size(), 22, 0.5f);
@@ -405,8 +389,7 @@ TEST_CASE("top-k leaves update plus old residual minus what was sent in the resi
   size_t nonzero = 0;
   for (size_t i = 0; i < x.size(); ++i) {
     INFO("element " << i);
-    const bool chosen =
-        std::binary_search(expected.begin(), expected.end(), static_cast<uint32_t>(i));
+    const bool chosen = std::binary_search(expected.begin(), expected.end(), static_cast<uint32_t>(i));
     CHECK(sent[i] == (chosen ? v[i] : 0.0f));
     CHECK(feedback.residual()[i] == v[i] - sent[i]);
     nonzero += sent[i] != 0.0f;
@@ -440,11 +423,9 @@ TEST_CASE("top-k with error feedback loses nothing over several rounds", "[comms
 
 TEST_CASE("top-k requires an error feedback of the update's length", "[comms][codec]") {
   const std::vector<float> x = RandomNormal(100, 1);
-  CheckInvalid(EncodeDense(x, Options(v1::CODEC_TOPK), 0, nullptr).status(),
-               "needs an ErrorFeedback");
+  CheckInvalid(EncodeDense(x, Options(v1::CODEC_TOPK), 0, nullptr).status(), "needs an ErrorFeedback");
   ErrorFeedback wrong(99);
-  CheckInvalid(EncodeDense(x, Options(v1::CODEC_TOPK), 0, &wrong).status(),
-               "error feedback has 99 elements");
+  CheckInvalid(EncodeDense(x, Options(v1::CODEC_TOPK), 0, &wrong).status(), "error feedback has 99 elements");
 }
 
 TEST_CASE("ErrorFeedback survives Serialize and Deserialize", "[comms][codec]") {
@@ -473,8 +454,7 @@ TEST_CASE("ErrorFeedback::Deserialize rejects corrupted state", "[comms][codec]"
   std::string version = good;
   PutU8(version, 4, 9);
   CheckInvalid(ErrorFeedback::Deserialize(good.substr(0, 10)).status(), "truncated header");
-  CheckInvalid(ErrorFeedback::Deserialize(good.substr(0, good.size() - 1)).status(),
-               "truncated data");
+  CheckInvalid(ErrorFeedback::Deserialize(good.substr(0, good.size() - 1)).status(), "truncated data");
   CheckInvalid(ErrorFeedback::Deserialize(good + "x").status(), "trailing bytes");
   CheckInvalid(ErrorFeedback::Deserialize(nan).status(), "residual element 2 is not finite");
   CheckInvalid(ErrorFeedback::Deserialize(magic).status(), "bad magic");
@@ -505,15 +485,12 @@ TEST_CASE("EncodedDenseSize matches the documented and the actual encoded size",
       CHECK(*size == expected);
     }
   }
-  CheckInvalid(
-      EncodedDenseSize(std::numeric_limits<uint64_t>::max(), Options(v1::CODEC_INT8)).status(),
-      "too large");
+  CheckInvalid(EncodedDenseSize(std::numeric_limits<uint64_t>::max(), Options(v1::CODEC_INT8)).status(), "too large");
   CheckInvalid(EncodedDenseSize((uint64_t{1} << 32) + 1, Options(v1::CODEC_TOPK)).status(), "2^32");
 }
 
 TEST_CASE("invalid codec options are rejected with what is wrong", "[comms][codec]") {
-  CHECK(ValidateCodecOptions(Options(v1::CODEC_FP32, 0, 0.0f))
-            .ok());  // unused fields are not checked
+  CHECK(ValidateCodecOptions(Options(v1::CODEC_FP32, 0, 0.0f)).ok());  // unused fields are not checked
   CHECK(ValidateCodecOptions(Options(v1::CODEC_SEED_SCALARS)).ok());
   CheckInvalid(ValidateCodecOptions(Options(v1::CODEC_UNSPECIFIED)), "unknown codec");
   CheckInvalid(ValidateCodecOptions(Options(static_cast<v1::Codec>(42))), "unknown codec");
@@ -523,22 +500,19 @@ TEST_CASE("invalid codec options are rejected with what is wrong", "[comms][code
   CheckInvalid(ValidateCodecOptions(Options(v1::CODEC_TOPK, 64, 1.5f)), "not in (0, 1]");
   CheckInvalid(ValidateCodecOptions(Options(v1::CODEC_TOPK, 64, std::nanf(""))), "not in (0, 1]");
   const std::vector<float> x = {1.0f};
-  CheckInvalid(EncodeDense(x, Options(v1::CODEC_SEED_SCALARS), 0).status(),
-               "not a dense update codec");
+  CheckInvalid(EncodeDense(x, Options(v1::CODEC_SEED_SCALARS), 0).status(), "not a dense update codec");
   CheckInvalid(EncodeDense(x, Options(v1::CODEC_INT4, 3), 0).status(), "must be even");
 }
 
 TEST_CASE("encoding rejects a non-finite update for every codec", "[comms][codec]") {
   for (v1::Codec codec : kDenseCodecs) {
-    for (float bad :
-         {std::numeric_limits<float>::quiet_NaN(), -std::numeric_limits<float>::infinity()}) {
+    for (float bad : {std::numeric_limits<float>::quiet_NaN(), -std::numeric_limits<float>::infinity()}) {
       INFO("codec " << codec << " value " << bad);
       std::vector<float> x = RandomNormal(300, 1);
       x[200] = bad;
       ErrorFeedback feedback(x.size());
       feedback.mutable_residual()[3] = 1.0f;
-      CheckInvalid(EncodeDense(x, Options(codec), 0, &feedback).status(),
-                   "update element 200 is not finite");
+      CheckInvalid(EncodeDense(x, Options(codec), 0, &feedback).status(), "update element 200 is not finite");
       CHECK(feedback.residual()[3] == 1.0f);  // untouched
     }
   }
@@ -546,8 +520,7 @@ TEST_CASE("encoding rejects a non-finite update for every codec", "[comms][codec
   std::vector<float> x(10, 3e38f);
   ErrorFeedback feedback(10);
   std::fill(feedback.mutable_residual().begin(), feedback.mutable_residual().end(), 3e38f);
-  CheckInvalid(EncodeDense(x, Options(v1::CODEC_TOPK), 0, &feedback).status(),
-               "overflows at element 0");
+  CheckInvalid(EncodeDense(x, Options(v1::CODEC_TOPK), 0, &feedback).status(), "overflows at element 0");
   CHECK(feedback.residual()[0] == 3e38f);
 }
 
@@ -629,8 +602,7 @@ TEST_CASE("ValidateDensePayload measures the norm and AddTo adds in double", "[c
   }
 }
 
-TEST_CASE("DecodeDenseAdd leaves the accumulator untouched when the payload is bad",
-          "[comms][codec]") {
+TEST_CASE("DecodeDenseAdd leaves the accumulator untouched when the payload is bad", "[comms][codec]") {
   const std::vector<float> x = RandomNormal(1001, 41);
   ErrorFeedback feedback(x.size());
   const std::string fp32 = MustEncode(x, Options(v1::CODEC_FP32));
@@ -693,8 +665,7 @@ TEST_CASE("seed scalar lists round-trip in order, duplicates kept", "[comms][cod
     CHECK((*b_back)[i].seed == by_seed[i].seed);
     CHECK((*b_back)[i].value == by_seed[i].value);
   }
-  absl::StatusOr<std::vector<SeedIndexScalar>> empty =
-      DecodeSeedIndexScalars(EncodeSeedIndexScalars({}), 1);
+  absl::StatusOr<std::vector<SeedIndexScalar>> empty = DecodeSeedIndexScalars(EncodeSeedIndexScalars({}), 1);
   REQUIRE(empty.ok());
   CHECK(empty->empty());
 }
@@ -716,18 +687,15 @@ absl::Status Decode(Decoder decoder, const std::string& payload) {
   return absl::InternalError("unreachable");
 }
 
-TEST_CASE("decoders reject corrupted payloads with a message that says what is wrong",
-          "[comms][codec]") {
+TEST_CASE("decoders reject corrupted payloads with a message that says what is wrong", "[comms][codec]") {
   const std::vector<float> x = RandomNormal(100, 51);
   const std::vector<float> x101 = RandomNormal(101, 52);
   ErrorFeedback feedback(x.size());
   const std::string fp32 = MustEncode(x, Options(v1::CODEC_FP32));
   const std::string fp16 = MustEncode(x, Options(v1::CODEC_FP16));
-  const std::string int8 = MustEncode(x, Options(v1::CODEC_INT8, 32));  // 4 blocks, the last of 4
-  const std::string int4 =
-      MustEncode(x101, Options(v1::CODEC_INT4, 32));  // 4 blocks, 51 value bytes
-  const std::string topk =
-      MustEncode(x, Options(v1::CODEC_TOPK, 64, 0.1f), 0, &feedback);  // k = 10
+  const std::string int8 = MustEncode(x, Options(v1::CODEC_INT8, 32));                      // 4 blocks, the last of 4
+  const std::string int4 = MustEncode(x101, Options(v1::CODEC_INT4, 32));                   // 4 blocks, 51 value bytes
+  const std::string topk = MustEncode(x, Options(v1::CODEC_TOPK, 64, 0.1f), 0, &feedback);  // k = 10
   const std::vector<SeedIndexScalar> index_pairs = {{1, 1.0f}, {15, 2.0f}, {3, 3.0f}};
   const std::string seeds = EncodeSeedIndexScalars(index_pairs);
   const std::vector<SeedValueScalar> value_pairs = {{1, 1.0f}, {2, 2.0f}};
@@ -744,53 +712,43 @@ TEST_CASE("decoders reject corrupted payloads with a message that says what is w
     bool header_level;  // InspectPayload must reject it too
   };
   std::vector<Row> rows;
-  auto add = [&](std::string name, std::string base, auto mutate, Decoder decoder,
-                 std::string message, bool header_level) {
+  auto add = [&](std::string name, std::string base, auto mutate, Decoder decoder, std::string message,
+                 bool header_level) {
     mutate(base);
     rows.push_back({std::move(name), std::move(base), decoder, std::move(message), header_level});
   };
   using D = Decoder;
   add(
-      "truncated header", fp32, [](std::string& p) { p.resize(23); }, D::kDense, "truncated header",
-      true);
+      "truncated header", fp32, [](std::string& p) { p.resize(23); }, D::kDense, "truncated header", true);
   add(
-      "empty payload", fp32, [](std::string& p) { p.clear(); }, D::kDense, "truncated header",
-      true);
+      "empty payload", fp32, [](std::string& p) { p.clear(); }, D::kDense, "truncated header", true);
   add(
-      "truncated data", fp32, [](std::string& p) { p.pop_back(); }, D::kDense, "truncated data",
-      true);
+      "truncated data", fp32, [](std::string& p) { p.pop_back(); }, D::kDense, "truncated data", true);
   add(
-      "trailing byte", fp32, [](std::string& p) { p.push_back('\0'); }, D::kDense, "trailing bytes",
-      true);
+      "trailing byte", fp32, [](std::string& p) { p.push_back('\0'); }, D::kDense, "trailing bytes", true);
   add(
       "wrong magic", fp32, [](std::string& p) { p[0] = 'X'; }, D::kDense, "bad magic", true);
   add(
-      "unknown version", fp32, [](std::string& p) { PutU8(p, 4, 2); }, D::kDense,
-      "unsupported format version 2", true);
+      "unknown version", fp32, [](std::string& p) { PutU8(p, 4, 2); }, D::kDense, "unsupported format version 2", true);
   add(
-      "unknown codec 7", fp32, [](std::string& p) { PutU8(p, 5, 7); }, D::kDense,
-      "unknown codec id 7", true);
+      "unknown codec 7", fp32, [](std::string& p) { PutU8(p, 5, 7); }, D::kDense, "unknown codec id 7", true);
   add(
-      "unknown codec 0", fp32, [](std::string& p) { PutU8(p, 5, 0); }, D::kDense,
-      "unknown codec id 0", true);
+      "unknown codec 0", fp32, [](std::string& p) { PutU8(p, 5, 0); }, D::kDense, "unknown codec id 0", true);
   add(
-      "reserved bytes", fp32, [](std::string& p) { PutU16(p, 6, 1); }, D::kDense,
-      "reserved header bytes", true);
+      "reserved bytes", fp32, [](std::string& p) { PutU16(p, 6, 1); }, D::kDense, "reserved header bytes", true);
   add(
-      "fp32 parameter", fp32, [](std::string& p) { PutU64(p, 16, 64); }, D::kDense,
-      "parameter must be 0", true);
+      "fp32 parameter", fp32, [](std::string& p) { PutU64(p, 16, 64); }, D::kDense, "parameter must be 0", true);
   add(
       "numel 2^60", fp32, [](std::string& p) { PutU64(p, 8, uint64_t{1} << 60); }, D::kDense,
       "truncated data: fp32 payload with numel 1152921504606846976", true);
   add(
-      "numel 2^63 overflows", fp32, [](std::string& p) { PutU64(p, 8, uint64_t{1} << 63); },
-      D::kDense, "too large", true);
-  add(
-      "int8 numel 2^64-1 overflows", int8, [](std::string& p) { PutU64(p, 8, ~uint64_t{0}); },
-      D::kDense, "too large", true);
-  add(
-      "numel one less", fp32, [](std::string& p) { PutU64(p, 8, 99); }, D::kDense, "trailing bytes",
+      "numel 2^63 overflows", fp32, [](std::string& p) { PutU64(p, 8, uint64_t{1} << 63); }, D::kDense, "too large",
       true);
+  add(
+      "int8 numel 2^64-1 overflows", int8, [](std::string& p) { PutU64(p, 8, ~uint64_t{0}); }, D::kDense, "too large",
+      true);
+  add(
+      "numel one less", fp32, [](std::string& p) { PutU64(p, 8, 99); }, D::kDense, "trailing bytes", true);
   add(
       "NaN in fp32", fp32, [&](std::string& p) { PutF32(p, kHeader + 4 * 3, kNaN); }, D::kDense,
       "fp32 value at element 3 is not finite", false);
@@ -804,17 +762,16 @@ TEST_CASE("decoders reject corrupted payloads with a message that says what is w
       "NaN in fp16", fp16, [](std::string& p) { PutU16(p, kHeader + 2 * 8, 0x7e00); }, D::kDense,
       "fp16 value at element 8 is not finite", false);
   add(
-      "int8 block size 0", int8, [](std::string& p) { PutU64(p, 16, 0); }, D::kDense,
-      "block size 0 is out of range", true);
+      "int8 block size 0", int8, [](std::string& p) { PutU64(p, 16, 0); }, D::kDense, "block size 0 is out of range",
+      true);
   add(
-      "int8 block size 2^32", int8, [](std::string& p) { PutU64(p, 16, uint64_t{1} << 32); },
-      D::kDense, "is out of range", true);
+      "int8 block size 2^32", int8, [](std::string& p) { PutU64(p, 16, uint64_t{1} << 32); }, D::kDense,
+      "is out of range", true);
   add(
-      "int8 block count mismatch", int8, [](std::string& p) { PutU64(p, 16, 16); }, D::kDense,
-      "truncated data", true);
+      "int8 block count mismatch", int8, [](std::string& p) { PutU64(p, 16, 16); }, D::kDense, "truncated data", true);
   add(
-      "int8 block count mismatch (fewer)", int8, [](std::string& p) { PutU64(p, 16, 64); },
-      D::kDense, "trailing bytes", true);
+      "int8 block count mismatch (fewer)", int8, [](std::string& p) { PutU64(p, 16, 64); }, D::kDense, "trailing bytes",
+      true);
   add(
       "int8 inf scale", int8, [&](std::string& p) { PutF32(p, kHeader + 4 * 1, kInf); }, D::kDense,
       "int8 block 1 scale is not finite", false);
@@ -835,20 +792,19 @@ TEST_CASE("decoders reject corrupted payloads with a message that says what is w
       },
       D::kDense, "int8 block 2 has scale 0 but a nonzero value", false);
   add(
-      "int4 odd block size", int4, [](std::string& p) { PutU64(p, 16, 31); }, D::kDense,
-      "must be even", true);
+      "int4 odd block size", int4, [](std::string& p) { PutU64(p, 16, 31); }, D::kDense, "must be even", true);
   add(
       "int4 nibble -8", int4, [&](std::string& p) { PutU8(p, int4_values + 3, 0x18); }, D::kDense,
       "int4 value -8 at element 6", false);
   add(
-      "int4 padding nibble", int4, [&](std::string& p) { PutU8(p, int4_values + 50, 0x11); },
-      D::kDense, "padding nibble", false);
+      "int4 padding nibble", int4, [&](std::string& p) { PutU8(p, int4_values + 50, 0x11); }, D::kDense,
+      "padding nibble", false);
   add(
       "int4 inf scale", int4, [&](std::string& p) { PutF32(p, kHeader + 4 * 2, kInf); }, D::kDense,
       "int4 block 2 scale is not finite", false);
   add(
-      "top-k index out of range", topk, [](std::string& p) { PutU32(p, kHeader + 8 * 9, 100); },
-      D::kDense, "top-k index 100 at entry 9 is out of range", false);
+      "top-k index out of range", topk, [](std::string& p) { PutU32(p, kHeader + 8 * 9, 100); }, D::kDense,
+      "top-k index 100 at entry 9 is out of range", false);
   add(
       "top-k unsorted", topk,
       [](std::string& p) {
@@ -859,51 +815,44 @@ TEST_CASE("decoders reject corrupted payloads with a message that says what is w
       D::kDense, "top-k indices are not sorted", false);
   add(
       "top-k duplicate", topk,
-      [](std::string& p) {
-        PutU32(p, kHeader + 24, static_cast<uint32_t>(GetLe(p, kHeader + 16, 4)));
-      },
-      D::kDense, "duplicate top-k index", false);
+      [](std::string& p) { PutU32(p, kHeader + 24, static_cast<uint32_t>(GetLe(p, kHeader + 16, 4))); }, D::kDense,
+      "duplicate top-k index", false);
   add(
-      "top-k NaN value", topk, [&](std::string& p) { PutF32(p, kHeader + 8 * 4 + 4, kNaN); },
-      D::kDense, "top-k value at entry 4", false);
+      "top-k NaN value", topk, [&](std::string& p) { PutF32(p, kHeader + 8 * 4 + 4, kNaN); }, D::kDense,
+      "top-k value at entry 4", false);
   add(
       "top-k entries exceed numel", topk, [](std::string& p) { PutU64(p, 8, 5); }, D::kDense,
       "top-k entries 10 exceed numel 5", true);
   add(
-      "top-k numel over 2^32", topk, [](std::string& p) { PutU64(p, 8, (uint64_t{1} << 32) + 1); },
-      D::kDense, "exceeds 2^32", true);
+      "top-k numel over 2^32", topk, [](std::string& p) { PutU64(p, 8, (uint64_t{1} << 32) + 1); }, D::kDense,
+      "exceeds 2^32", true);
   add(
-      "top-k entries count mismatch", topk, [](std::string& p) { PutU64(p, 16, 11); }, D::kDense,
+      "top-k entries count mismatch", topk, [](std::string& p) { PutU64(p, 16, 11); }, D::kDense, "truncated data",
+      true);
+  add(
+      "seed index outside the pool", seeds, [](std::string& p) { PutU32(p, kHeader + 8, 16); }, D::kSeedIndex,
+      "seed index 16 at pair 1 is out of the pool (size 16)", false);
+  add(
+      "NaN seed value (index pairs)", seeds, [&](std::string& p) { PutF32(p, kHeader + 8 * 2 + 4, kNaN); },
+      D::kSeedIndex, "seed scalar value at pair 2 is not finite", false);
+  add(
+      "inf seed value (seed pairs)", seed_values, [&](std::string& p) { PutF32(p, kHeader + 12 + 8, kInf); },
+      D::kSeedValue, "seed scalar value at pair 1 is not finite", false);
+  add(
+      "seed pairs read as index pairs", seed_values, [](std::string&) {}, D::kSeedIndex, "kind mismatch", false);
+  add(
+      "index pairs read as seed pairs", seeds, [](std::string&) {}, D::kSeedValue, "kind mismatch", false);
+  add(
+      "unknown seed kind", seeds, [](std::string& p) { PutU64(p, 16, 3); }, D::kSeedIndex, "unknown seed scalar kind 3",
+      true);
+  add(
+      "seed pairs truncated", seed_values, [](std::string& p) { p.resize(p.size() - 3); }, D::kSeedValue,
       "truncated data", true);
   add(
-      "seed index outside the pool", seeds, [](std::string& p) { PutU32(p, kHeader + 8, 16); },
-      D::kSeedIndex, "seed index 16 at pair 1 is out of the pool (size 16)", false);
+      "seed scalars as a dense update", seeds, [](std::string&) {}, D::kDense, "not a dense update codec", false);
   add(
-      "NaN seed value (index pairs)", seeds,
-      [&](std::string& p) { PutF32(p, kHeader + 8 * 2 + 4, kNaN); }, D::kSeedIndex,
-      "seed scalar value at pair 2 is not finite", false);
-  add(
-      "inf seed value (seed pairs)", seed_values,
-      [&](std::string& p) { PutF32(p, kHeader + 12 + 8, kInf); }, D::kSeedValue,
-      "seed scalar value at pair 1 is not finite", false);
-  add(
-      "seed pairs read as index pairs", seed_values, [](std::string&) {}, D::kSeedIndex,
-      "kind mismatch", false);
-  add(
-      "index pairs read as seed pairs", seeds, [](std::string&) {}, D::kSeedValue, "kind mismatch",
+      "dense update as seed scalars", fp32, [](std::string&) {}, D::kSeedIndex, "expected a seed-scalars payload",
       false);
-  add(
-      "unknown seed kind", seeds, [](std::string& p) { PutU64(p, 16, 3); }, D::kSeedIndex,
-      "unknown seed scalar kind 3", true);
-  add(
-      "seed pairs truncated", seed_values, [](std::string& p) { p.resize(p.size() - 3); },
-      D::kSeedValue, "truncated data", true);
-  add(
-      "seed scalars as a dense update", seeds, [](std::string&) {}, D::kDense,
-      "not a dense update codec", false);
-  add(
-      "dense update as seed scalars", fp32, [](std::string&) {}, D::kSeedIndex,
-      "expected a seed-scalars payload", false);
 
   for (const Row& row : rows) {
     INFO("case: " << row.name);
@@ -913,8 +862,7 @@ TEST_CASE("decoders reject corrupted payloads with a message that says what is w
       // The accumulator matches the header's numel where that is plausible, so the data checks are
       // reached.
       size_t n = 100;
-      if (row.payload.size() >= 16 && GetLe(row.payload, 8, 8) <= 1000)
-        n = GetLe(row.payload, 8, 8);
+      if (row.payload.size() >= 16 && GetLe(row.payload, 8, 8) <= 1000) n = GetLe(row.payload, 8, 8);
       std::vector<float> acc(n, 1.0f);
       CheckInvalid(DecodeDenseAdd(row.payload, 1.0f, acc), row.message);
       CHECK(std::all_of(acc.begin(), acc.end(), [](float v) { return v == 1.0f; }));
@@ -923,8 +871,7 @@ TEST_CASE("decoders reject corrupted payloads with a message that says what is w
   }
 }
 
-TEST_CASE("a forged huge numel is rejected by size arithmetic without allocating",
-          "[comms][codec]") {
+TEST_CASE("a forged huge numel is rejected by size arithmetic without allocating", "[comms][codec]") {
   const std::vector<float> x = RandomNormal(8, 1);
   std::vector<std::string> forged;
   for (v1::Codec codec : {v1::CODEC_FP32, v1::CODEC_FP16, v1::CODEC_INT8, v1::CODEC_INT4}) {
@@ -944,21 +891,17 @@ TEST_CASE("a forged huge numel is rejected by size arithmetic without allocating
       REQUIRE(DecodeDense(p).status().code() == absl::StatusCode::kInvalidArgument);
       REQUIRE(InspectPayload(p).status().code() == absl::StatusCode::kInvalidArgument);
     }
-    REQUIRE(DecodeSeedIndexScalars(seeds, 16).status().code() ==
-            absl::StatusCode::kInvalidArgument);
+    REQUIRE(DecodeSeedIndexScalars(seeds, 16).status().code() == absl::StatusCode::kInvalidArgument);
   }
-  const double seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   CHECK(seconds < 0.5);
 }
 
-TEST_CASE("randomly corrupted payloads never crash and never decode to non-finite values",
-          "[comms][codec]") {
+TEST_CASE("randomly corrupted payloads never crash and never decode to non-finite values", "[comms][codec]") {
   const std::vector<float> x = RandomNormal(203, 61, 2.0f);
   ErrorFeedback feedback(x.size());
   std::vector<std::string> valid;
-  for (v1::Codec codec : kDenseCodecs)
-    valid.push_back(MustEncode(x, Options(codec, 16, 0.1f), 3, &feedback));
+  for (v1::Codec codec : kDenseCodecs) valid.push_back(MustEncode(x, Options(codec, 16, 0.1f), 3, &feedback));
   const std::vector<SeedIndexScalar> index_pairs = {{1, 1.0f}, {15, -2.0f}, {3, 3.5f}, {0, 0.25f}};
   const std::vector<SeedValueScalar> value_pairs = {{1, 1.0f}, {~uint64_t{0}, -2.0f}, {42, 0.5f}};
   valid.push_back(EncodeSeedIndexScalars(index_pairs));
@@ -972,8 +915,7 @@ TEST_CASE("randomly corrupted payloads never crash and never decode to non-finit
       switch (rng.UniformInt(4)) {
         case 0: {  // flip a few random bits anywhere
           const int flips = 1 + static_cast<int>(rng.UniformInt(4));
-          for (int f = 0; f < flips; ++f)
-            p[rng.UniformInt(p.size())] ^= static_cast<char>(1 << rng.UniformInt(8));
+          for (int f = 0; f < flips; ++f) p[rng.UniformInt(p.size())] ^= static_cast<char>(1 << rng.UniformInt(8));
           break;
         }
         case 1:  // overwrite a header byte (where size and count fields live)
@@ -1022,7 +964,6 @@ TEST_CASE("randomly corrupted payloads never crash and never decode to non-finit
   CHECK(rejected > 0);
 }
 
-
 // ---- The dispatched kernels (comms/internal/dense_kernels.h) ----------------------------------------
 
 // The AVX2 kernels of this build and CPU, or null (then the tests below have nothing to compare).
@@ -1038,8 +979,7 @@ std::string HalfBytes(std::span<const uint16_t> halves) {
   return bytes;
 }
 
-TEST_CASE("the portable half conversion is exact for every half, inf and NaN included",
-          "[comms][codec][kernels]") {
+TEST_CASE("the portable half conversion is exact for every half, inf and NaN included", "[comms][codec][kernels]") {
   for (uint32_t h = 0; h <= 0xffff; ++h) {
     INFO("half 0x" << std::hex << h);
     const float f = internal::HalfToFloat(static_cast<uint16_t>(h));
@@ -1055,8 +995,7 @@ TEST_CASE("the portable half conversion is exact for every half, inf and NaN inc
   }
 }
 
-TEST_CASE("the F16C half conversion gives the portable bits for all 65,536 halves",
-          "[comms][codec][kernels]") {
+TEST_CASE("the F16C half conversion gives the portable bits for all 65,536 halves", "[comms][codec][kernels]") {
   std::vector<uint16_t> halves(1 << 16);
   std::iota(halves.begin(), halves.end(), uint16_t{0});
   const std::string bytes = HalfBytes(halves);
@@ -1112,8 +1051,7 @@ TEST_CASE("the AVX2 fp32 and fp16 kernels give the portable bits", "[comms][code
   }
 }
 
-TEST_CASE("the AVX2 fp16 norm reports an inf or NaN anywhere, as the portable one does",
-          "[comms][codec][kernels]") {
+TEST_CASE("the AVX2 fp16 norm reports an inf or NaN anywhere, as the portable one does", "[comms][codec][kernels]") {
   const internal::DenseKernels& p = internal::PortableKernels();
   const internal::DenseKernels* k = WideKernels();
   if (k == nullptr) return;
@@ -1132,8 +1070,7 @@ TEST_CASE("the AVX2 fp16 norm reports an inf or NaN anywhere, as the portable on
   }
 }
 
-TEST_CASE("the AVX2 int8 kernels give the portable bits and reject the same data",
-          "[comms][codec][kernels]") {
+TEST_CASE("the AVX2 int8 kernels give the portable bits and reject the same data", "[comms][codec][kernels]") {
   const internal::DenseKernels& p = internal::PortableKernels();
   const internal::DenseKernels* k = WideKernels();
   if (k == nullptr) return;
@@ -1173,8 +1110,7 @@ TEST_CASE("the AVX2 int8 kernels give the portable bits and reject the same data
         std::string nonzero_in_zero_block = payload;
         PutF32(nonzero_in_zero_block, kHeader + 4 * b, 0.0f);
         PutU8(nonzero_in_zero_block, kHeader + 4 * nb + at, 1);
-        for (const std::string* bad :
-             {&min_code, &nan_scale, &negative_scale, &inf_scale, &nonzero_in_zero_block}) {
+        for (const std::string* bad : {&min_code, &nan_scale, &negative_scale, &inf_scale, &nonzero_in_zero_block}) {
           const auto* bs = reinterpret_cast<const uint8_t*>(bad->data()) + kHeader;
           const auto* bq = reinterpret_cast<const int8_t*>(bs + 4 * nb);
           double unused;
@@ -1186,8 +1122,7 @@ TEST_CASE("the AVX2 int8 kernels give the portable bits and reject the same data
   }
 }
 
-TEST_CASE("ValidateDensePayload and AddTo use the fastest kernels this CPU has",
-          "[comms][codec][kernels]") {
+TEST_CASE("ValidateDensePayload and AddTo use the fastest kernels this CPU has", "[comms][codec][kernels]") {
   const internal::DenseKernels* k = internal::Avx2Kernels();
   CHECK(&internal::BestKernels() == (k != nullptr ? k : &internal::PortableKernels()));
 }

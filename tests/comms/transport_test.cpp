@@ -68,8 +68,7 @@ class TempDir {
   TempDir() {
     static std::atomic<int> counter{0};
     path_ = (std::filesystem::temp_directory_path() /
-             ("seedling_transport_test_" + std::to_string(::getpid()) + "_" +
-              std::to_string(counter++)))
+             ("seedling_transport_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter++)))
                 .string();
     std::filesystem::remove_all(path_);
     std::filesystem::create_directories(path_);
@@ -231,8 +230,7 @@ TlsServerOptions ServerOptions(const Certs& certs) {
   return options;
 }
 
-std::unique_ptr<TlsServer> StartServer(const TlsServerOptions& options,
-                                       const std::shared_ptr<HandlerStats>& stats) {
+std::unique_ptr<TlsServer> StartServer(const TlsServerOptions& options, const std::shared_ptr<HandlerStats>& stats) {
   absl::StatusOr<std::unique_ptr<TlsServer>> server = TlsServer::Start(options, FactoryFor(stats));
   REQUIRE(server.status().ToString() == "OK");
   REQUIRE((*server)->port() != 0);
@@ -281,8 +279,7 @@ int TcpConnect(uint16_t port, int receive_buffer_bytes = 0) {
 class RawTlsClient {
  public:
   // `receive_buffer_bytes` > 0 shrinks the socket's receive buffer (set before connecting).
-  explicit RawTlsClient(uint16_t port, int receive_buffer_bytes = 0)
-      : fd_(TcpConnect(port, receive_buffer_bytes)) {}
+  explicit RawTlsClient(uint16_t port, int receive_buffer_bytes = 0) : fd_(TcpConnect(port, receive_buffer_bytes)) {}
   ~RawTlsClient() { Close(); }
 
   void Close() {
@@ -309,16 +306,15 @@ class RawTlsClient {
 
   bool Write(std::string_view bytes) {
     size_t written = 0;
-    return SSL_write_ex(ssl_.get(), bytes.data(), bytes.size(), &written) == 1 &&
-           written == bytes.size();
+    return SSL_write_ex(ssl_.get(), bytes.data(), bytes.size(), &written) == 1 && written == bytes.size();
   }
 
   // One response frame, or nullopt if the connection ended or timed out first.
   std::optional<v1::Envelope> ReadFrame() {
     uint8_t header[4];
     if (!ReadExactly(header, 4)) return std::nullopt;
-    const uint32_t length = (uint32_t{header[0]} << 24) | (uint32_t{header[1]} << 16) |
-                            (uint32_t{header[2]} << 8) | uint32_t{header[3]};
+    const uint32_t length =
+        (uint32_t{header[0]} << 24) | (uint32_t{header[1]} << 16) | (uint32_t{header[2]} << 8) | uint32_t{header[3]};
     if (length > kMaxControlFrameBytes) return std::nullopt;
     std::string body(length, '\0');
     if (!ReadExactly(body.data(), length)) return std::nullopt;
@@ -338,8 +334,7 @@ class RawTlsClient {
       const int saved_errno = errno;
       ERR_clear_error();
       if (err == SSL_ERROR_WANT_READ) return false;
-      if (err == SSL_ERROR_SYSCALL && (saved_errno == EAGAIN || saved_errno == EWOULDBLOCK))
-        return false;
+      if (err == SSL_ERROR_SYSCALL && (saved_errno == EAGAIN || saved_errno == EWOULDBLOCK)) return false;
       return true;
     }
   }
@@ -375,14 +370,12 @@ std::string LengthPrefix(uint32_t n) {
 
 // ---- Framing -----------------------------------------------------------------------------------
 
-TEST_CASE("A frame round-trips through EncodeFrame, DecodeFrameLength and DecodeFrameBody",
-          "[comms][transport]") {
+TEST_CASE("A frame round-trips through EncodeFrame, DecodeFrameLength and DecodeFrameBody", "[comms][transport]") {
   const v1::Envelope hello = Hello(42, "phone-1");
   absl::StatusOr<std::string> frame = EncodeFrame(hello, kMaxControlFrameBytes);
   REQUIRE(frame.ok());
   REQUIRE(frame->size() == 4 + hello.ByteSizeLong());
-  absl::StatusOr<uint32_t> length =
-      DecodeFrameLength(reinterpret_cast<const uint8_t*>(frame->data()), 1000);
+  absl::StatusOr<uint32_t> length = DecodeFrameLength(reinterpret_cast<const uint8_t*>(frame->data()), 1000);
   REQUIRE(length.ok());
   CHECK(*length == hello.ByteSizeLong());
   absl::StatusOr<v1::Envelope> decoded = DecodeFrameBody(std::string_view(*frame).substr(4));
@@ -398,17 +391,14 @@ TEST_CASE("EncodeFrame refuses an envelope over the limit", "[comms][transport]"
   CHECK(EncodeFrame(big, 4000).ok());
 }
 
-TEST_CASE("A 4 GiB length prefix is ResourceExhausted and nothing is allocated for it",
-          "[comms][transport]") {
+TEST_CASE("A 4 GiB length prefix is ResourceExhausted and nothing is allocated for it", "[comms][transport]") {
   const uint8_t header[4] = {0xff, 0xff, 0xff, 0xff};
-  CHECK(DecodeFrameLength(header, kMaxControlFrameBytes).status().code() ==
-        absl::StatusCode::kResourceExhausted);
+  CHECK(DecodeFrameLength(header, kMaxControlFrameBytes).status().code() == absl::StatusCode::kResourceExhausted);
   // One over the limit is refused, the limit itself is fine.
   const std::string over = LengthPrefix(kMaxChunkFrameBytes + 1);
   const std::string at = LengthPrefix(kMaxChunkFrameBytes);
-  CHECK(DecodeFrameLength(reinterpret_cast<const uint8_t*>(over.data()), kMaxChunkFrameBytes)
-            .status()
-            .code() == absl::StatusCode::kResourceExhausted);
+  CHECK(DecodeFrameLength(reinterpret_cast<const uint8_t*>(over.data()), kMaxChunkFrameBytes).status().code() ==
+        absl::StatusCode::kResourceExhausted);
   CHECK(DecodeFrameLength(reinterpret_cast<const uint8_t*>(at.data()), kMaxChunkFrameBytes).ok());
 
   // The stream decoder stops at the header: what follows is not buffered either.
@@ -422,8 +412,7 @@ TEST_CASE("A 4 GiB length prefix is ResourceExhausted and nothing is allocated f
 
 TEST_CASE("A zero length prefix is InvalidArgument", "[comms][transport]") {
   const uint8_t header[4] = {0, 0, 0, 0};
-  CHECK(DecodeFrameLength(header, kMaxControlFrameBytes).status().code() ==
-        absl::StatusCode::kInvalidArgument);
+  CHECK(DecodeFrameLength(header, kMaxControlFrameBytes).status().code() == absl::StatusCode::kInvalidArgument);
 }
 
 TEST_CASE("A garbage frame body is InvalidArgument", "[comms][transport]") {
@@ -435,22 +424,18 @@ TEST_CASE("An envelope without a body is InvalidArgument", "[comms][transport]")
   v1::Envelope empty;
   empty.set_protocol_version(1);
   empty.set_request_id(3);
-  CHECK(DecodeFrameBody(empty.SerializeAsString()).status().code() ==
-        absl::StatusCode::kInvalidArgument);
+  CHECK(DecodeFrameBody(empty.SerializeAsString()).status().code() == absl::StatusCode::kInvalidArgument);
 }
 
 TEST_CASE("An envelope of protocol version 2 is FailedPrecondition", "[comms][transport]") {
   v1::Envelope v2 = Hello(1, "d");
   v2.set_protocol_version(2);
-  CHECK(DecodeFrameBody(v2.SerializeAsString()).status().code() ==
-        absl::StatusCode::kFailedPrecondition);
+  CHECK(DecodeFrameBody(v2.SerializeAsString()).status().code() == absl::StatusCode::kFailedPrecondition);
   v2.set_protocol_version(0);
-  CHECK(DecodeFrameBody(v2.SerializeAsString()).status().code() ==
-        absl::StatusCode::kFailedPrecondition);
+  CHECK(DecodeFrameBody(v2.SerializeAsString()).status().code() == absl::StatusCode::kFailedPrecondition);
 }
 
-TEST_CASE("FrameDecoder yields the same frames whatever the split points of the stream",
-          "[comms][transport]") {
+TEST_CASE("FrameDecoder yields the same frames whatever the split points of the stream", "[comms][transport]") {
   std::vector<v1::Envelope> sent = {Hello(1, "a"), Hello(2, std::string(300, 'b')), Hello(3, "")};
   std::string stream;
   for (const v1::Envelope& e : sent) stream += *EncodeFrame(e, kMaxControlFrameBytes);
@@ -507,8 +492,7 @@ TEST_CASE("FrameDecoder stays failed after a malformed frame", "[comms][transpor
   CHECK(decoder.Next().status().code() == absl::StatusCode::kInvalidArgument);
 }
 
-TEST_CASE("FrameDecoder applies a lowered limit to a frame already buffered",
-          "[comms][transport]") {
+TEST_CASE("FrameDecoder applies a lowered limit to a frame already buffered", "[comms][transport]") {
   FrameDecoder decoder(kMaxControlFrameBytes);
   decoder.Feed(*EncodeFrame(Hello(1, std::string(500, 'a')), kMaxControlFrameBytes));
   decoder.set_max_bytes(100);
@@ -529,8 +513,7 @@ TEST_CASE("In-memory channels answer calls from many threads", "[comms][transpor
       for (int i = 1; i <= 50; ++i) {
         const std::string device = "dev-" + std::to_string(t) + "-" + std::to_string(i);
         absl::StatusOr<v1::Envelope> r = (*channel)->Call(Hello(i, device), 5s);
-        if (r.ok() && r->request_id() == static_cast<uint64_t>(i) &&
-            r->hello_reply().server_version() == device) {
+        if (r.ok() && r->request_id() == static_cast<uint64_t>(i) && r->hello_reply().server_version() == device) {
           ++ok;
         }
       }
@@ -566,8 +549,7 @@ TEST_CASE("A dropped in-memory request fails the call with Unavailable", "[comms
   CHECK(stats->Closed() == 1);  // the "connection" broke
 }
 
-TEST_CASE("A dropped in-memory response fails the call with Unavailable after the handler ran",
-          "[comms][transport]") {
+TEST_CASE("A dropped in-memory response fails the call with Unavailable after the handler ran", "[comms][transport]") {
   auto stats = std::make_shared<HandlerStats>();
   InMemoryFaults faults;
   faults.on_response = [](std::string&) { return false; };
@@ -656,8 +638,7 @@ TEST_CASE("A response with another request_id is an error", "[comms][transport]"
   CHECK(channel->Call(Hello(5, "a"), 1s).status().code() == absl::StatusCode::kInvalidArgument);
 }
 
-TEST_CASE("In-memory and TLS transports refuse the same oversized request with the same Reject",
-          "[comms][transport]") {
+TEST_CASE("In-memory and TLS transports refuse the same oversized request with the same Reject", "[comms][transport]") {
   auto certs = MakeCerts();
   auto stats = std::make_shared<HandlerStats>();
   stats->max_request_bytes = 256;
@@ -698,9 +679,7 @@ TEST_CASE("A TLS client completes 100 sequential calls on one channel", "[comms]
   for (int i = 1; i <= 100; ++i) {
     const std::string device = "device-" + std::to_string(i);
     absl::StatusOr<v1::Envelope> r = channel->Call(Hello(i, device), 5s);
-    if (r.ok() && r->request_id() == static_cast<uint64_t>(i) &&
-        r->hello_reply().server_version() == device)
-      ++ok;
+    if (r.ok() && r->request_id() == static_cast<uint64_t>(i) && r->hello_reply().server_version() == device) ++ok;
   }
   CHECK(ok == 100);
   CHECK(server->active_connections() == 1);
@@ -745,8 +724,7 @@ TEST_CASE("A TLS client resolves a host name and verifies the server by it", "[c
   CHECK(channel->Call(Hello(1, "a"), 5s).ok());
 }
 
-TEST_CASE("A TLS client refuses a server certificate from another CA with Unauthenticated",
-          "[comms][transport]") {
+TEST_CASE("A TLS client refuses a server certificate from another CA with Unauthenticated", "[comms][transport]") {
   auto certs = MakeCerts();
   auto other = MakeCerts();
   auto stats = std::make_shared<HandlerStats>();
@@ -791,8 +769,7 @@ TEST_CASE("A TLS client accepts a server whose public key matches the pin", "[co
   CHECK(channel->Call(Hello(1, "a"), 5s).ok());
 }
 
-TEST_CASE("A TLS client refuses a server whose public key does not match the pin",
-          "[comms][transport]") {
+TEST_CASE("A TLS client refuses a server whose public key does not match the pin", "[comms][transport]") {
   auto certs = MakeCerts();
   auto stats = std::make_shared<HandlerStats>();
   std::unique_ptr<TlsServer> server = StartServer(ServerOptions(*certs), stats);
@@ -839,8 +816,7 @@ TEST_CASE("A mutual-TLS server refuses a client without a certificate", "[comms]
   CHECK(stats->Created() == 0);
 }
 
-TEST_CASE("A mutual-TLS server accepts a client certificate and reports its subject",
-          "[comms][transport]") {
+TEST_CASE("A mutual-TLS server accepts a client certificate and reports its subject", "[comms][transport]") {
   auto certs = MakeCerts();
   REQUIRE(CreateClientCertificate(certs->dir.path(), "device-7").ok());
   auto stats = std::make_shared<HandlerStats>();
@@ -859,9 +835,8 @@ TEST_CASE("A mutual-TLS server accepts a client certificate and reports its subj
   CHECK(stats->peers[0].address.rfind("127.0.0.1:", 0) == 0);
 }
 
-TEST_CASE(
-    "A length prefix over the limit gets a RESOURCE_EXHAUSTED Reject and the connection is closed",
-    "[comms][transport]") {
+TEST_CASE("A length prefix over the limit gets a RESOURCE_EXHAUSTED Reject and the connection is closed",
+          "[comms][transport]") {
   auto certs = MakeCerts();
   auto stats = std::make_shared<HandlerStats>();
   std::unique_ptr<TlsServer> server = StartServer(ServerOptions(*certs), stats);
@@ -882,16 +857,14 @@ TEST_CASE(
   CHECK(PeakRssBytes() < (int64_t{1} << 30));
 }
 
-TEST_CASE("The TLS server applies the handler's current limit to the next frame",
-          "[comms][transport]") {
+TEST_CASE("The TLS server applies the handler's current limit to the next frame", "[comms][transport]") {
   auto certs = MakeCerts();
   auto stats = std::make_shared<HandlerStats>();
   stats->max_request_bytes = kMaxChunkFrameBytes;  // as during an upload
   std::unique_ptr<TlsServer> server = StartServer(ServerOptions(*certs), stats);
   RawTlsClient client(server->port());
   REQUIRE(client.Handshake(certs->ca()));
-  REQUIRE(client.Write(
-      LengthPrefix(kMaxChunkFrameBytes + 1)));  // fine for a control frame, not for a chunk
+  REQUIRE(client.Write(LengthPrefix(kMaxChunkFrameBytes + 1)));  // fine for a control frame, not for a chunk
   std::optional<v1::Envelope> reply = client.ReadFrame();
   REQUIRE(reply.has_value());
   CHECK(reply->reject().code() == v1::RESOURCE_EXHAUSTED);
@@ -899,8 +872,7 @@ TEST_CASE("The TLS server applies the handler's current limit to the next frame"
   CHECK(stats->Handled() == 0);
 }
 
-TEST_CASE("Garbage bytes get a MALFORMED_MESSAGE Reject and the connection is closed",
-          "[comms][transport]") {
+TEST_CASE("Garbage bytes get a MALFORMED_MESSAGE Reject and the connection is closed", "[comms][transport]") {
   auto certs = MakeCerts();
   auto stats = std::make_shared<HandlerStats>();
   std::unique_ptr<TlsServer> server = StartServer(ServerOptions(*certs), stats);
@@ -918,8 +890,7 @@ TEST_CASE("Garbage bytes get a MALFORMED_MESSAGE Reject and the connection is cl
   CHECK(stats->Malformed()[0].code() == absl::StatusCode::kInvalidArgument);
 }
 
-TEST_CASE("A truncated frame followed by silence is closed after read_timeout",
-          "[comms][transport]") {
+TEST_CASE("A truncated frame followed by silence is closed after read_timeout", "[comms][transport]") {
   auto certs = MakeCerts();
   auto stats = std::make_shared<HandlerStats>();
   TlsServerOptions options = ServerOptions(*certs);
@@ -957,8 +928,7 @@ TEST_CASE("A client that stops reading is closed after write_timeout", "[comms][
   CHECK(Since(start) < 5s);
 }
 
-TEST_CASE("A client that connects and never handshakes is dropped after handshake_timeout",
-          "[comms][transport]") {
+TEST_CASE("A client that connects and never handshakes is dropped after handshake_timeout", "[comms][transport]") {
   auto certs = MakeCerts();
   auto stats = std::make_shared<HandlerStats>();
   TlsServerOptions options = ServerOptions(*certs);
@@ -999,8 +969,7 @@ TEST_CASE(
     "[comms][transport]") {
   auto certs = MakeCerts();
   auto stats = std::make_shared<HandlerStats>();
-  std::unique_ptr<TlsServer> server =
-      StartServer(ServerOptions(*certs), stats);  // default timeouts: 10 s+
+  std::unique_ptr<TlsServer> server = StartServer(ServerOptions(*certs), stats);  // default timeouts: 10 s+
   std::unique_ptr<Transport> transport = MakeClient(ClientOptions(*certs, server->port()));
   std::vector<std::unique_ptr<Channel>> channels;
   for (int i = 0; i < 4; ++i) {
@@ -1010,8 +979,7 @@ TEST_CASE(
   RawTlsClient mid_frame(server->port());  // and one stuck in the middle of a frame
   REQUIRE(mid_frame.Handshake(certs->ca()));
   REQUIRE(mid_frame.Write(LengthPrefix(100)));
-  REQUIRE(stats->WaitFor(
-      [&] { return stats->created == 5; }));  // its handshake finished on the server too
+  REQUIRE(stats->WaitFor([&] { return stats->created == 5; }));  // its handshake finished on the server too
 
   const Clock::time_point start = Clock::now();
   std::thread other([&] { server->Stop(); });  // from another thread, at the same time
@@ -1027,8 +995,7 @@ TEST_CASE(
   CHECK(transport->Connect(2s).status().code() == absl::StatusCode::kUnavailable);
 }
 
-TEST_CASE("A call to a handler slower than the timeout is DeadlineExceeded at the timeout",
-          "[comms][transport]") {
+TEST_CASE("A call to a handler slower than the timeout is DeadlineExceeded at the timeout", "[comms][transport]") {
   auto certs = MakeCerts();
   auto stats = std::make_shared<HandlerStats>();
   std::unique_ptr<TlsServer> server = StartServer(ServerOptions(*certs), stats);
@@ -1045,8 +1012,7 @@ TEST_CASE("A call to a handler slower than the timeout is DeadlineExceeded at th
   CHECK(channel->Call(Hello(2, "a"), 1s).status().code() == absl::StatusCode::kUnavailable);
 }
 
-TEST_CASE("Connect gives up at its deadline when the server never answers the handshake",
-          "[comms][transport]") {
+TEST_CASE("Connect gives up at its deadline when the server never answers the handshake", "[comms][transport]") {
   auto certs = MakeCerts();
   // A listener that never accepts: the TCP connect succeeds (backlog), the TLS handshake never
   // does.
@@ -1111,14 +1077,12 @@ TEST_CASE("TlsServer::Start names an unusable certificate file", "[comms][transp
   // A key that belongs to another certificate.
   options = ServerOptions(*certs);
   options.key_file = certs->dir.File("ca.key");
-  CHECK(TlsServer::Start(options, FactoryFor(stats)).status().code() ==
-        absl::StatusCode::kInvalidArgument);
+  CHECK(TlsServer::Start(options, FactoryFor(stats)).status().code() == absl::StatusCode::kInvalidArgument);
 }
 
 // ---- Certificates ------------------------------------------------------------------------------
 
-TEST_CASE("CreateCertificates writes private keys with mode 0600 and refuses to overwrite",
-          "[comms][transport]") {
+TEST_CASE("CreateCertificates writes private keys with mode 0600 and refuses to overwrite", "[comms][transport]") {
   TempDir dir;
   CertificateOptions options;
   options.dir = dir.path();
@@ -1137,10 +1101,8 @@ TEST_CASE("CreateCertificates writes private keys with mode 0600 and refuses to 
   CHECK(*PublicKeySha256(dir.File("server.crt")) != *first);  // a new key
   // Client certificates too refuse to replace an existing one.
   REQUIRE(CreateClientCertificate(dir.path(), "phone").ok());
-  CHECK(CreateClientCertificate(dir.path(), "phone").code() ==
-        absl::StatusCode::kFailedPrecondition);
-  CHECK(CreateClientCertificate(dir.path(), "../escape").code() ==
-        absl::StatusCode::kInvalidArgument);
+  CHECK(CreateClientCertificate(dir.path(), "phone").code() == absl::StatusCode::kFailedPrecondition);
+  CHECK(CreateClientCertificate(dir.path(), "../escape").code() == absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace

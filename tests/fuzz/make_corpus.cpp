@@ -94,10 +94,11 @@ void Framing() {
 void Codec() {
   std::vector<float> update(37);
   for (size_t i = 0; i < update.size(); ++i) update[i] = 0.25f * static_cast<float>(i) - 3.0f;
-  const std::pair<const char*, comms::CodecOptions> codecs[] = {
-      {"fp32", {v1::CODEC_FP32, 64, 0.01f}}, {"fp16", {v1::CODEC_FP16, 64, 0.01f}},
-      {"int8", {v1::CODEC_INT8, 8, 0.01f}},  {"int4", {v1::CODEC_INT4, 8, 0.01f}},
-      {"topk", {v1::CODEC_TOPK, 64, 0.2f}}};
+  const std::pair<const char*, comms::CodecOptions> codecs[] = {{"fp32", {v1::CODEC_FP32, 64, 0.01f}},
+                                                                {"fp16", {v1::CODEC_FP16, 64, 0.01f}},
+                                                                {"int8", {v1::CODEC_INT8, 8, 0.01f}},
+                                                                {"int4", {v1::CODEC_INT4, 8, 0.01f}},
+                                                                {"topk", {v1::CODEC_TOPK, 64, 0.2f}}};
   for (const auto& [name, options] : codecs) {
     comms::ErrorFeedback feedback(update.size());
     WriteWithBroken("codec", name, Value(comms::EncodeDense(update, options, 7, &feedback), name));
@@ -123,7 +124,9 @@ void Safetensors() {
   const std::vector<float> a = {1, 2, 3, 4, 5, 6};
   const std::vector<uint16_t> b = {0x3c00, 0xbc00};
   const std::vector<model::TensorToWrite> tensors = {
-      {"layers.0.q_proj.lora_A", model::DType::kF32, {2, 3},
+      {"layers.0.q_proj.lora_A",
+       model::DType::kF32,
+       {2, 3},
        {reinterpret_cast<const uint8_t*>(a.data()), a.size() * 4}},
       {"bias", model::DType::kF16, {2}, {reinterpret_cast<const uint8_t*>(b.data()), b.size() * 2}}};
   const std::string path = TempPath("a.safetensors");
@@ -148,9 +151,10 @@ void Gguf() {
 void Tokenizer() {
   model::BpeTrainerOptions options;
   options.vocab_size = 300;
-  const std::string json = Value(model::TrainByteLevelBpeTokenizerJson(
-      "the quick brown fox jumps over the lazy dog; the dog sleeps. the fox runs, the fox hides.", options),
-      "tokenizer");
+  const std::string json =
+      Value(model::TrainByteLevelBpeTokenizerJson(
+                "the quick brown fox jumps over the lazy dog; the dog sleeps. the fox runs, the fox hides.", options),
+            "tokenizer");
   WriteWithBroken("tokenizer", "byte_level_bpe.json", json);
 }
 
@@ -163,8 +167,8 @@ void ModelConfig() {
 
 void SecAgg() {
   privacy::SessionConfig config;
-  config.params = {.num_clients = 5, .num_neighbors = 4, .threshold = 3, .max_dropout_fraction = 0.2,
-                   .vector_length = 9};
+  config.params = {
+      .num_clients = 5, .num_neighbors = 4, .threshold = 3, .max_dropout_fraction = 0.2, .vector_length = 9};
   config.round_index = 2;
   config.model_hash = "abc";
   config.cohort = {10, 11, 12, 13, 14};

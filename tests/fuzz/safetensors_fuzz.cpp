@@ -7,8 +7,8 @@
 #include <cstdint>
 #include <string>
 
-#include "model/safetensors.h"
 #include "base/file.h"
+#include "model/safetensors.h"
 #include "tests/fuzz/fuzz_util.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {

@@ -1,4 +1,3 @@
-#include "tests/test_util.h"
 #include "lora/adapter.h"
 
 #include <unistd.h>
@@ -9,6 +8,7 @@
 
 #include "base/file.h"
 #include "model/safetensors.h"
+#include "tests/test_util.h"
 
 namespace seedling::lora {
 namespace {
@@ -37,7 +37,7 @@ LoraConfig AllTargets(int64_t rank) {
   LoraConfig lc;
   lc.rank = rank;
   lc.alpha = 2.0 * static_cast<double>(rank);
-  lc.targets = {Projection::kQ, Projection::kK, Projection::kV, Projection::kO,
+  lc.targets = {Projection::kQ,    Projection::kK,  Projection::kV,   Projection::kO,
                 Projection::kGate, Projection::kUp, Projection::kDown};
   lc.init_seed = 5;
   return lc;
@@ -144,14 +144,28 @@ TEST_CASE("A PEFT save and load round trip restores the adapter exactly", "[lora
 // Writes an adapter the way Hugging Face PEFT does (F16 tensors, its usual config fields).
 void WriteForeignAdapter(const std::string& dir, const model::ModelConfig& c, int64_t rank, int64_t a_rows,
                          const nlohmann::json& targets) {
-  nlohmann::json config = {{"alpha_pattern", nlohmann::json::object()}, {"auto_mapping", nullptr},
-                           {"base_model_name_or_path", "HuggingFaceTB/SmolLM2-135M"}, {"bias", "none"},
-                           {"fan_in_fan_out", false}, {"inference_mode", true}, {"init_lora_weights", true},
-                           {"layers_pattern", nullptr}, {"layers_to_transform", nullptr}, {"loftq_config", nlohmann::json::object()},
-                           {"lora_alpha", 32}, {"lora_dropout", 0.05}, {"megatron_config", nullptr},
-                           {"megatron_core", "megatron.core"}, {"modules_to_save", nullptr}, {"peft_type", "LORA"},
-                           {"r", rank}, {"rank_pattern", nlohmann::json::object()}, {"revision", nullptr},
-                           {"target_modules", targets}, {"task_type", "CAUSAL_LM"}, {"use_dora", false},
+  nlohmann::json config = {{"alpha_pattern", nlohmann::json::object()},
+                           {"auto_mapping", nullptr},
+                           {"base_model_name_or_path", "HuggingFaceTB/SmolLM2-135M"},
+                           {"bias", "none"},
+                           {"fan_in_fan_out", false},
+                           {"inference_mode", true},
+                           {"init_lora_weights", true},
+                           {"layers_pattern", nullptr},
+                           {"layers_to_transform", nullptr},
+                           {"loftq_config", nlohmann::json::object()},
+                           {"lora_alpha", 32},
+                           {"lora_dropout", 0.05},
+                           {"megatron_config", nullptr},
+                           {"megatron_core", "megatron.core"},
+                           {"modules_to_save", nullptr},
+                           {"peft_type", "LORA"},
+                           {"r", rank},
+                           {"rank_pattern", nlohmann::json::object()},
+                           {"revision", nullptr},
+                           {"target_modules", targets},
+                           {"task_type", "CAUSAL_LM"},
+                           {"use_dora", false},
                            {"use_rslora", false}};
   REQUIRE(WriteFileAtomic(JoinPath(dir, "adapter_config.json"), config.dump()).ok());
   std::vector<at::Tensor> keep;
@@ -164,7 +178,8 @@ void WriteForeignAdapter(const std::string& dir, const model::ModelConfig& c, in
         keep.push_back(t);
         tensors.push_back({"base_model.model.model.layers." + std::to_string(l) + ".self_attn." + proj +
                                (is_a ? ".lora_A.weight" : ".lora_B.weight"),
-                           model::DType::kF16, t.sizes().vec(),
+                           model::DType::kF16,
+                           t.sizes().vec(),
                            {static_cast<const uint8_t*>(t.data_ptr()), static_cast<size_t>(t.nbytes())}});
       }
     }
@@ -274,7 +289,7 @@ TEST_CASE("Per-matrix gradient leaves give the flat buffer's gradients, accumula
     for (int i = 0; i < 2; ++i) m->Loss(Tokens(), Tokens(), fo)->mean().backward();
     const at::Tensor got = (*a)->TakeGradients();
     CHECK((got - want).abs().max().item<double>() < 1e-6);
-    CHECK_FALSE(flat.grad().defined());  // the flat buffer itself never took part
+    CHECK_FALSE(flat.grad().defined());                           // the flat buffer itself never took part
     CHECK_FALSE((*a)->Matrix((*a)->views()[0]).requires_grad());  // the leaves are gone
   }
 }

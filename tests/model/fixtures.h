@@ -2,12 +2,11 @@
 
 // Models and tokenizers shared by the model tests (the GGUF writer's and reader's tests build on the same ones).
 
-#include <nlohmann/json.hpp>
-
 #include <catch2/catch.hpp>
 #include <cstdint>
 #include <cstdio>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <utility>
 #include <vector>

@@ -110,8 +110,7 @@ class GgufBuilder {
   }
   GgufBuilder& Add(std::string name, std::vector<int64_t> shape, uint32_t type, std::string data,
                    std::optional<uint64_t> offset = std::nullopt, bool place_data = true) {
-    return Add(
-        TensorSpec{std::move(name), std::move(shape), type, std::move(data), offset, place_data});
+    return Add(TensorSpec{std::move(name), std::move(shape), type, std::move(data), offset, place_data});
   }
 
   std::string Build() const {
@@ -309,8 +308,8 @@ GgufOptions Format(WeightFormat format) {
   return o;
 }
 
-std::string Export(const TempDir& dir, const ModelConfig& c, const ModelWeights& w,
-                   const Tokenizer& t, WeightFormat format = WeightFormat::kF32) {
+std::string Export(const TempDir& dir, const ModelConfig& c, const ModelWeights& w, const Tokenizer& t,
+                   WeightFormat format = WeightFormat::kF32) {
   const std::string path = dir.path + "/export.gguf";
   const absl::Status s = WriteGguf(path, c, w, t, Format(format));
   INFO(s.ToString());
@@ -356,8 +355,7 @@ void CheckSameConfig(const ModelConfig& got, const ModelConfig& want) {
   CHECK(got.rope_scaling.factor == want.rope_scaling.factor);
   CHECK(got.rope_scaling.low_freq_factor == want.rope_scaling.low_freq_factor);
   CHECK(got.rope_scaling.high_freq_factor == want.rope_scaling.high_freq_factor);
-  CHECK(got.rope_scaling.original_max_position_embeddings ==
-        want.rope_scaling.original_max_position_embeddings);
+  CHECK(got.rope_scaling.original_max_position_embeddings == want.rope_scaling.original_max_position_embeddings);
   CHECK(got.tie_word_embeddings == want.tie_word_embeddings);
   CHECK(got.qkv_bias == want.qkv_bias);
   CHECK(got.o_bias == want.o_bias);
@@ -375,23 +373,22 @@ std::vector<std::pair<std::string, at::Tensor>> Slots(const ModelWeights& w) {
   for (size_t i = 0; i < w.layers.size(); ++i) {
     const LayerWeights& l = w.layers[i];
     const std::string b = "blk." + std::to_string(i) + ".";
-    for (const auto& [name, t] :
-         std::vector<std::pair<std::string, at::Tensor>>{{"attn_norm", l.input_norm},
-                                                         {"attn_q", l.q},
-                                                         {"attn_k", l.k},
-                                                         {"attn_v", l.v},
-                                                         {"attn_output", l.o},
-                                                         {"ffn_norm", l.post_norm},
-                                                         {"ffn_gate", l.gate},
-                                                         {"ffn_up", l.up},
-                                                         {"ffn_down", l.down},
-                                                         {"attn_q.bias", l.q_bias},
-                                                         {"attn_k.bias", l.k_bias},
-                                                         {"attn_v.bias", l.v_bias},
-                                                         {"attn_output.bias", l.o_bias},
-                                                         {"ffn_gate.bias", l.gate_bias},
-                                                         {"ffn_up.bias", l.up_bias},
-                                                         {"ffn_down.bias", l.down_bias}}) {
+    for (const auto& [name, t] : std::vector<std::pair<std::string, at::Tensor>>{{"attn_norm", l.input_norm},
+                                                                                 {"attn_q", l.q},
+                                                                                 {"attn_k", l.k},
+                                                                                 {"attn_v", l.v},
+                                                                                 {"attn_output", l.o},
+                                                                                 {"ffn_norm", l.post_norm},
+                                                                                 {"ffn_gate", l.gate},
+                                                                                 {"ffn_up", l.up},
+                                                                                 {"ffn_down", l.down},
+                                                                                 {"attn_q.bias", l.q_bias},
+                                                                                 {"attn_k.bias", l.k_bias},
+                                                                                 {"attn_v.bias", l.v_bias},
+                                                                                 {"attn_output.bias", l.o_bias},
+                                                                                 {"ffn_gate.bias", l.gate_bias},
+                                                                                 {"ffn_up.bias", l.up_bias},
+                                                                                 {"ffn_down.bias", l.down_bias}}) {
       out.emplace_back(b + name, t);
     }
   }
@@ -448,12 +445,7 @@ TEST_CASE("A hand-written GGUF reads back every metadata type and tensor", "[mod
   good.Key("u64", kU64).Put<uint64_t>(1ull << 40);
   good.Key("f64", kF64).Put<double>(0.125);
   good.StrArray("strs", {"a", "", "b c"});
-  good.Key("i32s", kArray)
-      .Put<uint32_t>(kI32)
-      .Put<uint64_t>(3)
-      .Put<int32_t>(1)
-      .Put<int32_t>(-2)
-      .Put<int32_t>(3);
+  good.Key("i32s", kArray).Put<uint32_t>(kI32).Put<uint64_t>(3).Put<int32_t>(1).Put<int32_t>(-2).Put<int32_t>(3);
   good.Key("f32s", kArray).Put<uint32_t>(kF32).Put<uint64_t>(2).Put<float>(1.5f).Put<float>(-2.0f);
   const at::Tensor x = at::arange(6, at::kFloat).reshape({2, 3});
   good.Add("x", {2, 3}, kTypeF32, TensorBytes(x));
@@ -506,15 +498,13 @@ TEST_CASE("A version 2 file reads like version 3", "[model][gguf]") {
   CHECK((*f)->tensors().size() == 1);
 }
 
-TEST_CASE("Typed getters report a missing key as NotFound and a wrong type as InvalidArgument",
-          "[model][gguf]") {
+TEST_CASE("Typed getters report a missing key as NotFound and a wrong type as InvalidArgument", "[model][gguf]") {
   TempDir dir;
   GgufBuilder b = ValidFile();
   b.StrArray("list", {"x"});
   auto f = OpenBytes(dir, b.Build());
   REQUIRE(f.ok());
-  CheckError((*f)->GetU32("llama.block_count"), absl::StatusCode::kNotFound,
-             "key 'llama.block_count' is missing");
+  CheckError((*f)->GetU32("llama.block_count"), absl::StatusCode::kNotFound, "key 'llama.block_count' is missing");
   CheckError((*f)->GetU32("general.architecture"), absl::StatusCode::kInvalidArgument,
              "key 'general.architecture' has type string, expected uint32");
   CheckError((*f)->GetI32Array("list"), absl::StatusCode::kInvalidArgument,
@@ -561,13 +551,11 @@ TEST_CASE("Versions other than 2 and 3, and big-endian files, are refused", "[mo
   CheckError(OpenBytes(dir, b.Build()), absl::StatusCode::kInvalidArgument, "big-endian");
 }
 
-TEST_CASE("A huge tensor or metadata count is refused before anything is allocated",
-          "[model][gguf]") {
+TEST_CASE("A huge tensor or metadata count is refused before anything is allocated", "[model][gguf]") {
   TempDir dir;
   GgufBuilder b = ValidFile();
   b.tensor_count = uint64_t{1} << 60;
-  CheckError(OpenBytes(dir, b.Build()), absl::StatusCode::kDataLoss,
-             "tensor count 1152921504606846976");
+  CheckError(OpenBytes(dir, b.Build()), absl::StatusCode::kDataLoss, "tensor count 1152921504606846976");
   GgufBuilder m = ValidFile();
   m.metadata_count = ~uint64_t{0};
   CheckError(OpenBytes(dir, m.Build()), absl::StatusCode::kDataLoss, "metadata count");
@@ -590,12 +578,10 @@ TEST_CASE("An array length beyond the file is DataLoss naming the key", "[model]
   // Strings count at least their 8-byte length each.
   GgufBuilder s = ValidFile();
   s.Key("tokenizer.ggml.tokens", kArray).Put<uint32_t>(kString).Put<uint64_t>(1000);
-  CheckError(OpenBytes(dir, s.Build()), absl::StatusCode::kDataLoss,
-             "key 'tokenizer.ggml.tokens' array length 1000");
+  CheckError(OpenBytes(dir, s.Build()), absl::StatusCode::kDataLoss, "key 'tokenizer.ggml.tokens' array length 1000");
 }
 
-TEST_CASE("Arrays nested deeper than the bound are InvalidArgument; at the bound they read",
-          "[model][gguf]") {
+TEST_CASE("Arrays nested deeper than the bound are InvalidArgument; at the bound they read", "[model][gguf]") {
   TempDir dir;
   auto nested = [](int depth) {
     GgufBuilder b = ValidFile();
@@ -608,8 +594,7 @@ TEST_CASE("Arrays nested deeper than the bound are InvalidArgument; at the bound
   CheckError(OpenBytes(dir, nested(kGgufMaxArrayDepth + 1)), absl::StatusCode::kInvalidArgument,
              "key 'deep': arrays nested more than 4 deep");
   // A hostile depth far beyond the bound fails the same way, without deep recursion.
-  CheckError(OpenBytes(dir, nested(100000)), absl::StatusCode::kInvalidArgument,
-             "nested more than");
+  CheckError(OpenBytes(dir, nested(100000)), absl::StatusCode::kInvalidArgument, "nested more than");
 }
 
 TEST_CASE("A duplicate key is InvalidArgument naming it", "[model][gguf]") {
@@ -620,17 +605,14 @@ TEST_CASE("A duplicate key is InvalidArgument naming it", "[model][gguf]") {
              "key 'general.architecture': duplicate key");
 }
 
-TEST_CASE("Unknown value types and bool values other than 0 / 1 are InvalidArgument",
-          "[model][gguf]") {
+TEST_CASE("Unknown value types and bool values other than 0 / 1 are InvalidArgument", "[model][gguf]") {
   TempDir dir;
   GgufBuilder b = ValidFile();
   b.Key("odd", 13).Put<uint32_t>(0);
-  CheckError(OpenBytes(dir, b.Build()), absl::StatusCode::kInvalidArgument,
-             "key 'odd': unknown value type 13");
+  CheckError(OpenBytes(dir, b.Build()), absl::StatusCode::kInvalidArgument, "key 'odd': unknown value type 13");
   GgufBuilder a = ValidFile();
   a.Key("odd", kArray).Put<uint32_t>(99).Put<uint64_t>(0);
-  CheckError(OpenBytes(dir, a.Build()), absl::StatusCode::kInvalidArgument,
-             "key 'odd': unknown array element type 99");
+  CheckError(OpenBytes(dir, a.Build()), absl::StatusCode::kInvalidArgument, "key 'odd': unknown array element type 99");
   GgufBuilder t = ValidFile();
   t.Key("flag", kBool).Put<uint8_t>(2);
   CheckError(OpenBytes(dir, t.Build()), absl::StatusCode::kInvalidArgument,
@@ -671,8 +653,7 @@ TEST_CASE("A custom alignment lays out the data section and offsets", "[model][g
   CHECK(reinterpret_cast<uintptr_t>((*f)->FindTensor("a")->data) % 64 == 0);
 }
 
-TEST_CASE("A tensor offset that is not a multiple of the alignment is InvalidArgument",
-          "[model][gguf]") {
+TEST_CASE("A tensor offset that is not a multiple of the alignment is InvalidArgument", "[model][gguf]") {
   TempDir dir;
   GgufBuilder b = ValidFile();
   b.Add("b", {8}, kTypeF32, std::string(32, '\0'), uint64_t{256 + 4});
@@ -680,8 +661,7 @@ TEST_CASE("A tensor offset that is not a multiple of the alignment is InvalidArg
              "tensor 'b': offset 260 is not a multiple of the alignment 32");
 }
 
-TEST_CASE("A tensor beyond the data section, in a layout no writer makes, is out of range",
-          "[model][gguf]") {
+TEST_CASE("A tensor beyond the data section, in a layout no writer makes, is out of range", "[model][gguf]") {
   TempDir dir;
   GgufBuilder b = ValidFile();
   b.Add("far", {8}, kTypeF32, std::string(32, '\0'), uint64_t{1} << 20, /*place_data=*/false);
@@ -689,20 +669,17 @@ TEST_CASE("A tensor beyond the data section, in a layout no writer makes, is out
              "tensor 'far': offset 1048576 + 32 bytes is out of range");
   GgufBuilder wrap = ValidFile();
   wrap.Add("wrap", {8}, kTypeF32, std::string(32, '\0'), ~uint64_t{31}, /*place_data=*/false);
-  CheckError(OpenBytes(dir, wrap.Build()), absl::StatusCode::kInvalidArgument,
-             "tensor 'wrap': offset");
+  CheckError(OpenBytes(dir, wrap.Build()), absl::StatusCode::kInvalidArgument, "tensor 'wrap': offset");
 }
 
 TEST_CASE("Overlapping tensors are InvalidArgument naming both", "[model][gguf]") {
   TempDir dir;
   GgufBuilder b = ValidFile();  // "a" occupies [0, 256)
   b.Add("b", {8}, kTypeF32, std::string(32, '\0'), uint64_t{224});
-  CheckError(OpenBytes(dir, b.Build()), absl::StatusCode::kInvalidArgument,
-             "tensors 'a' and 'b' overlap");
+  CheckError(OpenBytes(dir, b.Build()), absl::StatusCode::kInvalidArgument, "tensors 'a' and 'b' overlap");
 }
 
-TEST_CASE("A truncated file is DataLoss, whether the cut is in the data or the header",
-          "[model][gguf]") {
+TEST_CASE("A truncated file is DataLoss, whether the cut is in the data or the header", "[model][gguf]") {
   TempDir dir;
   GgufBuilder b = ValidFile();
   b.Add("b", {64}, kTypeF32, std::string(256, '\2'));
@@ -714,16 +691,14 @@ TEST_CASE("A truncated file is DataLoss, whether the cut is in the data or the h
   CheckError(OpenBytes(dir, bytes.substr(0, 130)), absl::StatusCode::kDataLoss,
              "truncated or corrupt: tensor 'a' ne (8 bytes at offset 123) runs past the end of the "
              "file (130 bytes)");
-  CheckError(OpenBytes(dir, bytes.substr(0, 10)), absl::StatusCode::kDataLoss,
-             "shorter than the 24-byte GGUF header");
+  CheckError(OpenBytes(dir, bytes.substr(0, 10)), absl::StatusCode::kDataLoss, "shorter than the 24-byte GGUF header");
 }
 
 TEST_CASE("An unknown ggml type is InvalidArgument naming the tensor", "[model][gguf]") {
   TempDir dir;
   GgufBuilder b = ValidFile();
   b.tensors[0].type = 4;  // Q4_2, removed from ggml long ago
-  CheckError(OpenBytes(dir, b.Build()), absl::StatusCode::kInvalidArgument,
-             "tensor 'a': unknown ggml type 4");
+  CheckError(OpenBytes(dir, b.Build()), absl::StatusCode::kInvalidArgument, "tensor 'a': unknown ggml type 4");
 }
 
 TEST_CASE("A Q4_0 tensor whose rows are not whole blocks is InvalidArgument", "[model][gguf]") {
@@ -743,28 +718,24 @@ TEST_CASE("Tensor names, dimensions and duplicates are validated", "[model][gguf
              "name is 64 bytes, longer than ggml's 63");
   GgufBuilder dup = ValidFile();
   dup.Add(dup.tensors[0]);
-  CheckError(OpenBytes(dir, dup.Build()), absl::StatusCode::kInvalidArgument,
-             "tensor 'a': duplicate tensor name");
+  CheckError(OpenBytes(dir, dup.Build()), absl::StatusCode::kInvalidArgument, "tensor 'a': duplicate tensor name");
   GgufBuilder dims = ValidFile();
   dims.tensors[0].shape = {1, 1, 1, 2, 32};
   CheckError(OpenBytes(dir, dims.Build()), absl::StatusCode::kInvalidArgument,
              "tensor 'a': n_dims 5 is outside [1, 4]");
   GgufBuilder zero = ValidFile();
   zero.tensors[0].shape = {0, 32};
-  CheckError(OpenBytes(dir, zero.Build()), absl::StatusCode::kInvalidArgument,
-             "tensor 'a': a dimension is 0");
+  CheckError(OpenBytes(dir, zero.Build()), absl::StatusCode::kInvalidArgument, "tensor 'a': a dimension is 0");
   GgufBuilder overflow = ValidFile();
   overflow.tensors[0].shape = {int64_t{1} << 40, int64_t{1} << 40};
-  CheckError(OpenBytes(dir, overflow.Build()), absl::StatusCode::kInvalidArgument,
-             "element count overflows");
+  CheckError(OpenBytes(dir, overflow.Build()), absl::StatusCode::kInvalidArgument, "element count overflows");
 }
 
 // =================================================================================================
 // Model building
 // =================================================================================================
 
-TEST_CASE("Q8_0 and Q4_0 matrices read back bit for bit, q and k rows un-interleaved whole",
-          "[model][gguf]") {
+TEST_CASE("Q8_0 and Q4_0 matrices read back bit for bit, q and k rows un-interleaved whole", "[model][gguf]") {
   TempDir dir;
   const ModelConfig c = MiniConfig();
   const ModelWeights w = RandomWeights(c, 21);
@@ -791,14 +762,11 @@ TEST_CASE("Q8_0 and Q4_0 matrices read back bit for bit, q and k rows un-interle
     CHECK(InsideFile(stored.embed, **f));
     CHECK_FALSE(InsideFile(stored.layers[0].q, **f));
     const ModelWeights fp32 = MustWeights(**f, c, WeightPrecision::kFloat32);
-    CheckWeights(fp32, w, [&](const at::Tensor& t) {
-      return t.dim() == 1 ? t : DequantizeMatrix(quantized(t));
-    });
+    CheckWeights(fp32, w, [&](const at::Tensor& t) { return t.dim() == 1 ? t : DequantizeMatrix(quantized(t)); });
   }
 }
 
-TEST_CASE("Tensor types Seedling cannot load are refused, naming the tensor and llama-quantize",
-          "[model][gguf]") {
+TEST_CASE("Tensor types Seedling cannot load are refused, naming the tensor and llama-quantize", "[model][gguf]") {
   TempDir dir;
   const ModelConfig c = MiniConfig();
   GgufBuilder b = MiniModel(c, RandomWeights(c, 22), WeightFormat::kF32);
@@ -811,8 +779,7 @@ TEST_CASE("Tensor types Seedling cannot load are refused, naming the tensor and 
   CheckError(w, absl::StatusCode::kInvalidArgument, "llama-quantize --pure");
 }
 
-TEST_CASE("A tensor whose shape does not match the config is refused naming both shapes",
-          "[model][gguf]") {
+TEST_CASE("A tensor whose shape does not match the config is refused naming both shapes", "[model][gguf]") {
   TempDir dir;
   const ModelConfig c = MiniConfig();
   GgufBuilder b = MiniModel(c, RandomWeights(c, 23), WeightFormat::kF32);
@@ -861,15 +828,13 @@ TEST_CASE("Norms stored as f16 become fp32; a quantized norm is refused", "[mode
              "tensor 'output_norm.weight' is 1-D but has block type q8_0");
 }
 
-TEST_CASE("Other architectures and missing required keys are refused naming them",
-          "[model][gguf]") {
+TEST_CASE("Other architectures and missing required keys are refused naming them", "[model][gguf]") {
   TempDir dir;
   GgufBuilder other;
   other.Str("general.architecture", "gemma2");
   auto f = OpenBytes(dir, other.Build());
   REQUIRE(f.ok());
-  CheckError(ConfigFromGguf(**f), absl::StatusCode::kInvalidArgument,
-             "general.architecture 'gemma2' is not supported");
+  CheckError(ConfigFromGguf(**f), absl::StatusCode::kInvalidArgument, "general.architecture 'gemma2' is not supported");
   // A required key missing: NotFound naming it.
   GgufBuilder partial;
   partial.Str("general.architecture", "llama").U32("llama.context_length", 8);
@@ -909,8 +874,7 @@ TEST_CASE("Config keys Seedling cannot honour are refused naming the key", "[mod
 // ---- Round trips through Seedling's writer
 // --------------------------------------------------------
 
-TEST_CASE("A Llama export with every bias reads back to an equal config and equal F32 weights",
-          "[model][gguf]") {
+TEST_CASE("A Llama export with every bias reads back to an equal config and equal F32 weights", "[model][gguf]") {
   TempDir dir;
   ModelConfig c = TinyLlama();
   c.intermediate_size = 690;
@@ -927,8 +891,7 @@ TEST_CASE("A Llama export with every bias reads back to an equal config and equa
   CHECK(got.lm_head.data_ptr() == got.embed.data_ptr());  // tied
 }
 
-TEST_CASE("An F16 export keeps f16 matrices with kStored and converts them with kFloat32",
-          "[model][gguf]") {
+TEST_CASE("An F16 export keeps f16 matrices with kStored and converts them with kFloat32", "[model][gguf]") {
   TempDir dir;
   const ModelConfig c = TinyLlama();
   const ModelWeights w = RandomWeights(c, 32);
@@ -945,8 +908,7 @@ TEST_CASE("An F16 export keeps f16 matrices with kStored and converts them with 
                [&](const at::Tensor& t) { return rounded(t).to(at::kFloat); });
 }
 
-TEST_CASE("A Q8_0 export reads back block for block; matrices that cannot be blocked stay F16",
-          "[model][gguf]") {
+TEST_CASE("A Q8_0 export reads back block for block; matrices that cannot be blocked stay F16", "[model][gguf]") {
   TempDir dir;
   const ModelConfig c = TinyLlama();  // intermediate 688: ffn_down's rows are not whole blocks
   const ModelWeights w = RandomWeights(c, 33);
@@ -955,8 +917,7 @@ TEST_CASE("A Q8_0 export reads back block for block; matrices that cannot be blo
   CHECK(f->FindTensor("blk.0.ffn_down.weight")->type == GgmlType::kF16);
   CheckWeights(MustWeights(*f, c, WeightPrecision::kStored), w, [](const at::Tensor& t) {
     if (t.dim() == 1) return t;
-    if (MatrixFormatFor(WeightFormat::kQ8_0, t.size(1)) == WeightFormat::kF16)
-      return t.to(at::kHalf);
+    if (MatrixFormatFor(WeightFormat::kQ8_0, t.size(1)) == WeightFormat::kF16) return t.to(at::kHalf);
     auto q = QuantizeMatrix(t, WeightFormat::kQ8_0);
     REQUIRE(q.ok());
     return *q;
@@ -1000,8 +961,7 @@ TEST_CASE("A GGUF model with frozen weights streams the layer matrices it uses i
   CHECK_FALSE((*fp32)->streamable());  // copy-on-write: --full may train its F32 matrices in place
 }
 
-TEST_CASE("A Qwen2 export reads back: untied head, q/k/v biases, rows not interleaved",
-          "[model][gguf]") {
+TEST_CASE("A Qwen2 export reads back: untied head, q/k/v biases, rows not interleaved", "[model][gguf]") {
   TempDir dir;
   const ModelConfig c = TinyQwen2OneEos();
   const ModelWeights w = RandomWeights(c, 34);
@@ -1013,8 +973,7 @@ TEST_CASE("A Qwen2 export reads back: untied head, q/k/v biases, rows not interl
   CHECK(InsideFile(got.layers[0].q, *f));  // no permutation, so no copy
 }
 
-TEST_CASE("Linear RoPE scaling and a head size apart from hidden / heads round-trip",
-          "[model][gguf]") {
+TEST_CASE("Linear RoPE scaling and a head size apart from hidden / heads round-trip", "[model][gguf]") {
   TempDir dir;
   ModelConfig c = TinyLlama();
   c.rope_scaling.type = RopeScaling::Type::kLinear;
@@ -1046,13 +1005,12 @@ TEST_CASE("Llama 3 RoPE scaling round-trips through rope_freqs.weight", "[model]
     CHECK(WeightsFromGguf(*f, c, WeightPrecision::kStored).ok());  // rope_freqs.weight expected
     ModelConfig unscaled = c;
     unscaled.rope_scaling = RopeScaling{};
-    CheckError(WeightsFromGguf(*f, unscaled, WeightPrecision::kStored),
-               absl::StatusCode::kInvalidArgument, "'rope_freqs.weight'");
+    CheckError(WeightsFromGguf(*f, unscaled, WeightPrecision::kStored), absl::StatusCode::kInvalidArgument,
+               "'rope_freqs.weight'");
   }
 }
 
-TEST_CASE("Llama 3 factors with other low / high frequency factors are fitted exactly",
-          "[model][gguf]") {
+TEST_CASE("Llama 3 factors with other low / high frequency factors are fitted exactly", "[model][gguf]") {
   TempDir dir;
   ModelConfig c = TinyLlama();
   c.rope_scaling.type = RopeScaling::Type::kLlama3;
@@ -1093,8 +1051,7 @@ TEST_CASE("rope_freqs.weight that is not Llama 3 scaling is refused", "[model][g
              "'rope_freqs.weight' does not follow Llama 3 RoPE scaling");
 }
 
-TEST_CASE("Logits of a model built from an F16 GGUF match the original within fp16 rounding",
-          "[model][gguf]") {
+TEST_CASE("Logits of a model built from an F16 GGUF match the original within fp16 rounding", "[model][gguf]") {
   TempDir dir;
   const ModelConfig c = TinyLlama();
   const ModelWeights w = RandomWeights(c, 39);
@@ -1123,16 +1080,12 @@ TEST_CASE("Logits of a model built from an F16 GGUF match the original within fp
 // ----------------------------------------------------------------------------------
 
 const std::vector<std::string> kSamples = {
-    "The phone learns a little every night.",
-    "Federated fine-tuning keeps the data on the device; 12345 67890",
-    "  leading spaces, tabs\tand\nnewlines\n\n",
-    "<|im_start|>user\nhello<|im_end|><|endoftext|>",
-    "caf\xC3\xA9 \xE2\x82\xAC 5 \xF0\x9F\x98\x80",
-    "",
+    "The phone learns a little every night.",      "Federated fine-tuning keeps the data on the device; 12345 67890",
+    "  leading spaces, tabs\tand\nnewlines\n\n",   "<|im_start|>user\nhello<|im_end|><|endoftext|>",
+    "caf\xC3\xA9 \xE2\x82\xAC 5 \xF0\x9F\x98\x80", "",
 };
 
-void CheckSameTokens(const Tokenizer& got, const Tokenizer& want,
-                     const std::vector<std::string>& samples) {
+void CheckSameTokens(const Tokenizer& got, const Tokenizer& want, const std::vector<std::string>& samples) {
   for (const std::string& text : samples) {
     INFO("text '" << text << "'");
     for (bool special : {false, true}) {
@@ -1168,22 +1121,16 @@ std::string Llama3StyleTokenizerJson() {
   json doc = json::parse(TokenizerJson());
   const std::string regex =
       R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
-  doc["pre_tokenizer"] = {{"type", "Sequence"},
-                          {"pretokenizers",
-                           {{{"type", "Split"},
-                             {"pattern", {{"Regex", regex}}},
-                             {"behavior", "Isolated"},
-                             {"invert", false}},
-                            {{"type", "ByteLevel"},
-                             {"add_prefix_space", false},
-                             {"trim_offsets", true},
-                             {"use_regex", false}}}}};
+  doc["pre_tokenizer"] = {
+      {"type", "Sequence"},
+      {"pretokenizers",
+       {{{"type", "Split"}, {"pattern", {{"Regex", regex}}}, {"behavior", "Isolated"}, {"invert", false}},
+        {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", false}}}}};
   doc["model"]["ignore_merges"] = true;
   return doc.dump();
 }
 
-TEST_CASE("A Llama 3 style tokenizer round-trips through tokenizer.ggml.pre 'llama-bpe'",
-          "[model][gguf]") {
+TEST_CASE("A Llama 3 style tokenizer round-trips through tokenizer.ggml.pre 'llama-bpe'", "[model][gguf]") {
   TempDir dir;
   const ModelConfig c = TinyLlama();
   auto original = ParseTokenizer(Llama3StyleTokenizerJson());
@@ -1216,8 +1163,7 @@ std::string SentencePieceStyleJson() {
       .dump();
 }
 
-TEST_CASE("A SentencePiece-style tokenizer read from GGUF encodes like the original",
-          "[model][gguf]") {
+TEST_CASE("A SentencePiece-style tokenizer read from GGUF encodes like the original", "[model][gguf]") {
   TempDir dir;
   const ModelConfig c = TinyLlama();
   auto original = ParseTokenizer(SentencePieceStyleJson());
@@ -1225,8 +1171,8 @@ TEST_CASE("A SentencePiece-style tokenizer read from GGUF encodes like the origi
   CHECK(*f->GetString("tokenizer.ggml.model") == "llama");
   auto tok = MustTokenizer(*f);
   CheckSameTokens(*tok, *original,
-                  {"hello world", "hello  world", "world hello", "h\xC3\xA9llo", "<s>hello</s>",
-                   "helloworld", "dear old hollow", ""});
+                  {"hello world", "hello  world", "world hello", "h\xC3\xA9llo", "<s>hello</s>", "helloworld",
+                   "dear old hollow", ""});
   // The merged pieces come back whole: merges were recovered from the scores.
   const auto ids = *tok->Encode("hello world");
   CHECK(ids.size() == 2);
@@ -1235,8 +1181,7 @@ TEST_CASE("A SentencePiece-style tokenizer read from GGUF encodes like the origi
   CHECK(tok->eos_id() == static_cast<int32_t>(*f->GetU32("tokenizer.ggml.eos_token_id")));
 }
 
-TEST_CASE("Tokenizer models and pre-tokenizers llama.cpp would run differently are refused",
-          "[model][gguf]") {
+TEST_CASE("Tokenizer models and pre-tokenizers llama.cpp would run differently are refused", "[model][gguf]") {
   TempDir dir;
   GgufBuilder base;
   base.StrArray("tokenizer.ggml.tokens", {"a", "b", "ab"});
@@ -1272,8 +1217,7 @@ TEST_CASE("Tokenizer models and pre-tokenizers llama.cpp would run differently a
     b.Str("tokenizer.ggml.model", "llama");
     auto f = OpenBytes(dir, b.Build());
     REQUIRE(f.ok());
-    CheckError(TokenizerFromGguf(**f), absl::StatusCode::kInvalidArgument,
-               "token 'a' has two ids, 0 and 2");
+    CheckError(TokenizerFromGguf(**f), absl::StatusCode::kInvalidArgument, "token 'a' has two ids, 0 and 2");
   }
 }
 
@@ -1292,20 +1236,17 @@ TEST_CASE("IsGgufPath recognizes the suffix or the magic", "[model][gguf]") {
   CHECK_FALSE(IsGgufPath(dir.path));
 }
 
-TEST_CASE("LoadGgufModel returns config, weights and tokenizer, or the first error",
-          "[model][gguf]") {
+TEST_CASE("LoadGgufModel returns config, weights and tokenizer, or the first error", "[model][gguf]") {
   TempDir dir;
   const ModelConfig c = TinyQwen2OneEos();
   auto tok = ParseTokenizer(TokenizerJson());
-  auto model = LoadGgufModel(Export(dir, c, RandomWeights(c, 44), *tok, WeightFormat::kF16),
-                             WeightPrecision::kStored);
+  auto model = LoadGgufModel(Export(dir, c, RandomWeights(c, 44), *tok, WeightFormat::kF16), WeightPrecision::kStored);
   INFO(model.status().ToString());
   REQUIRE(model.ok());
   CHECK(model->config.architecture == "Qwen2ForCausalLM");
   CHECK(model->weights.layers[1].up.scalar_type() == at::kHalf);
   CHECK(*model->tokenizer->Encode("hello") == *tok->Encode("hello"));
-  CheckError(LoadGgufModel(dir.path + "/missing.gguf"), absl::StatusCode::kNotFound,
-             "missing.gguf");
+  CheckError(LoadGgufModel(dir.path + "/missing.gguf"), absl::StatusCode::kNotFound, "missing.gguf");
 }
 
 }  // namespace

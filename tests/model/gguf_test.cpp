@@ -75,14 +75,12 @@ struct GgufFile {
   }
   const TensorInfo& Tensor(const std::string& name) const {
     INFO("tensor " << name);
-    auto it = std::find_if(tensors.begin(), tensors.end(),
-                           [&](const TensorInfo& t) { return t.name == name; });
+    auto it = std::find_if(tensors.begin(), tensors.end(), [&](const TensorInfo& t) { return t.name == name; });
     REQUIRE(it != tensors.end());
     return *it;
   }
   bool HasTensor(const std::string& name) const {
-    return std::any_of(tensors.begin(), tensors.end(),
-                       [&](const TensorInfo& t) { return t.name == name; });
+    return std::any_of(tensors.begin(), tensors.end(), [&](const TensorInfo& t) { return t.name == name; });
   }
   const char* Data(const TensorInfo& t) const { return bytes.data() + data_start + t.offset; }
 };
@@ -305,8 +303,7 @@ std::vector<uint8_t> Bytes(const at::Tensor& t) {
 // row 2i + j holds original row j * D/2 + i (i < D/2, j in {0, 1}). Rows are `n_cols` elements.
 enum class RowOrder { kToFile, kToOriginal };
 template <typename T>
-std::vector<T> PermuteRows(const std::vector<T>& rows, int64_t n_rows, int64_t n_cols,
-                           int64_t heads, RowOrder order) {
+std::vector<T> PermuteRows(const std::vector<T>& rows, int64_t n_rows, int64_t n_cols, int64_t heads, RowOrder order) {
   const int64_t d = n_rows / heads;
   std::vector<T> out(rows.size());
   for (int64_t h = 0; h < heads; ++h) {
@@ -323,8 +320,7 @@ std::vector<T> PermuteRows(const std::vector<T>& rows, int64_t n_rows, int64_t n
   return out;
 }
 
-std::vector<float> Unpermute(const std::vector<float>& rows, int64_t n_rows, int64_t n_cols,
-                             int64_t heads) {
+std::vector<float> Unpermute(const std::vector<float>& rows, int64_t n_rows, int64_t n_cols, int64_t heads) {
   return PermuteRows(rows, n_rows, n_cols, heads, RowOrder::kToOriginal);
 }
 
@@ -343,8 +339,8 @@ std::vector<uint8_t> ExpectedBlocks(const at::Tensor& values, WeightFormat forma
 // ---- Fixtures -----------------------------------------------------------------------------------
 
 std::string TempDir(const std::string& name) {
-  const std::string dir = std::filesystem::temp_directory_path() /
-                          ("seedling_gguf_test_" + std::to_string(getpid()) + "_" + name);
+  const std::string dir =
+      std::filesystem::temp_directory_path() / ("seedling_gguf_test_" + std::to_string(getpid()) + "_" + name);
   std::filesystem::remove_all(dir);
   std::filesystem::create_directories(dir);
   return dir;
@@ -373,9 +369,8 @@ ModelConfig TinyLlamaWithBiases() {
   return c;
 }
 
-
-GgufFile Export(const std::string& path, const ModelConfig& c, const ModelWeights& w,
-                const Tokenizer& t, const GgufOptions& options = {}) {
+GgufFile Export(const std::string& path, const ModelConfig& c, const ModelWeights& w, const Tokenizer& t,
+                const GgufOptions& options = {}) {
   const absl::Status s = WriteGguf(path, c, w, t, options);
   INFO(s.ToString());
   REQUIRE(s.ok());
@@ -390,9 +385,8 @@ GgufOptions F32() {
 
 // The Hugging Face name -> tensor of every weight, for comparing with the file.
 std::map<std::string, at::Tensor> ByGgufName(const ModelWeights& w) {
-  std::map<std::string, at::Tensor> m = {{"token_embd.weight", w.embed},
-                                         {"output_norm.weight", w.final_norm},
-                                         {"output.weight", w.lm_head}};
+  std::map<std::string, at::Tensor> m = {
+      {"token_embd.weight", w.embed}, {"output_norm.weight", w.final_norm}, {"output.weight", w.lm_head}};
   for (size_t i = 0; i < w.layers.size(); ++i) {
     const LayerWeights& l = w.layers[i];
     const std::string b = "blk." + std::to_string(i) + ".";
@@ -462,8 +456,7 @@ void CheckTensorData(const GgufFile& f, const ModelConfig& c, const ModelWeights
     CHECK(t.ne == std::vector<uint64_t>(shape.rbegin(), shape.rend()));
     const WeightFormat format = ExpectedFormat(original, matrix_format);
     CHECK(t.type == GgmlTypeFor(format));
-    const at::Tensor values =
-        original.scalar_type() == at::kByte ? DequantizeMatrix(original) : original;
+    const at::Tensor values = original.scalar_type() == at::kByte ? DequantizeMatrix(original) : original;
     const int64_t heads = permuted ? PermutedHeads(t.name, c) : 0;
     if (format == WeightFormat::kQ8_0 || format == WeightFormat::kQ4_0) {
       CHECK(Bytes(f, t) == ExpectedBlocks(values, format, heads));
@@ -471,8 +464,7 @@ void CheckTensorData(const GgufFile& f, const ModelConfig& c, const ModelWeights
       continue;
     }
     // What the file should hold: the weight rounded to the file's type (a no-op for F32).
-    const std::vector<float> want =
-        ToVector(values.to(format == WeightFormat::kF16 ? at::kHalf : at::kFloat));
+    const std::vector<float> want = ToVector(values.to(format == WeightFormat::kF16 ? at::kHalf : at::kFloat));
     std::vector<float> got = Floats(f, t);
     if (heads > 0) {
       const int64_t rows = shape[0], cols = shape.size() == 2 ? shape[1] : 1;
@@ -486,9 +478,8 @@ void CheckTensorData(const GgufFile& f, const ModelConfig& c, const ModelWeights
 
 // ---- Tests --------------------------------------------------------------------------------------
 
-TEST_CASE(
-    "A GGUF export parses with an independent reader: header, every metadata key, tensor layout",
-    "[model][gguf]") {
+TEST_CASE("A GGUF export parses with an independent reader: header, every metadata key, tensor layout",
+          "[model][gguf]") {
   const std::string dir = TempDir("layout");
   const ModelConfig c = TinyLlamaWithBiases();
   const ModelWeights w = RandomWeights(c, 1);
@@ -566,8 +557,7 @@ TEST_CASE(
   CHECK(str("tokenizer.ggml.pre") == "gpt-2");
   CHECK(Strings(f.Get("tokenizer.ggml.tokens")).size() == 320);
   CHECK(Ints(f.Get("tokenizer.ggml.token_type")).size() == 320);
-  CHECK(u32("tokenizer.ggml.bos_token_id") ==
-        0);  // from config.json: the trained tokenizer defines none
+  CHECK(u32("tokenizer.ggml.bos_token_id") == 0);  // from config.json: the trained tokenizer defines none
   CHECK(u32("tokenizer.ggml.eos_token_id") == 0);
   CHECK_FALSE(boolean("tokenizer.ggml.add_bos_token"));
   CHECK_FALSE(boolean("tokenizer.ggml.add_eos_token"));
@@ -575,12 +565,11 @@ TEST_CASE(
   // Tensor infos: the expected names (tied: no output.weight), aligned offsets, packed in order.
   std::set<std::string> names, expected_names = {"token_embd.weight", "output_norm.weight"};
   for (int i = 0; i < 2; ++i) {
-    for (const char* n : {"attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm",
-                          "ffn_gate", "ffn_up", "ffn_down"}) {
+    for (const char* n :
+         {"attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"}) {
       expected_names.insert("blk." + std::to_string(i) + "." + n + ".weight");
     }
-    for (const char* n :
-         {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"}) {
+    for (const char* n : {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"}) {
       expected_names.insert("blk." + std::to_string(i) + "." + n + ".bias");
     }
   }
@@ -592,8 +581,7 @@ TEST_CASE(
   for (const TensorInfo& t : f.tensors) {
     INFO("tensor " << t.name);
     CHECK(t.offset % 32 == 0);
-    CHECK(t.offset ==
-          next);  // llama.cpp requires tensors back to back, each padded to the alignment
+    CHECK(t.offset == next);  // llama.cpp requires tensors back to back, each padded to the alignment
     next = (t.offset + TensorBytes(t) + 31) / 32 * 32;
   }
   CHECK(f.bytes.size() == f.data_start + next);
@@ -620,8 +608,7 @@ TEST_CASE(
   std::filesystem::remove_all(dir);
 }
 
-TEST_CASE("An F16 export rounds every matrix to half precision and keeps norms in F32",
-          "[model][gguf]") {
+TEST_CASE("An F16 export rounds every matrix to half precision and keeps norms in F32", "[model][gguf]") {
   const std::string dir = TempDir("f16");
   const ModelConfig c = TinyLlama();
   const ModelWeights w = RandomWeights(c, 3);
@@ -642,8 +629,7 @@ TEST_CASE("An F16 export rounds every matrix to half precision and keeps norms i
   std::filesystem::remove_all(dir);
 }
 
-TEST_CASE("Weights held in bfloat16 or float16 are converted to the file's types",
-          "[model][gguf]") {
+TEST_CASE("Weights held in bfloat16 or float16 are converted to the file's types", "[model][gguf]") {
   const std::string dir = TempDir("stored");
   const ModelConfig c = TinyLlama();
   ModelWeights w = RandomWeights(c, 4);
@@ -694,8 +680,7 @@ TEST_CASE("A Q4_0 export holds QuantizeMatrix's blocks of every matrix, q and k 
   std::filesystem::remove_all(dir);
 }
 
-TEST_CASE("A Qwen2 Q4_0 export quantizes q and k rows in their original order",
-          "[model][gguf][quant]") {
+TEST_CASE("A Qwen2 Q4_0 export quantizes q and k rows in their original order", "[model][gguf][quant]") {
   const std::string dir = TempDir("qwen2_q4_0");
   const ModelConfig c = TinyQwen2();
   const ModelWeights w = RandomWeights(c, 22);
@@ -725,18 +710,15 @@ TEST_CASE("A matrix whose column count is not a multiple of 32 is written F16 in
   std::filesystem::remove_all(dir);
 }
 
-TEST_CASE(
-    "general.file_type names the requested format, and block formats add the quantization version",
-    "[model][gguf][quant]") {
+TEST_CASE("general.file_type names the requested format, and block formats add the quantization version",
+          "[model][gguf][quant]") {
   const std::string dir = TempDir("file_type");
   const ModelConfig c = TinyLlama();
   const ModelWeights w = RandomWeights(c, 24);
   auto tok = ParseTokenizer(TokenizerJson());
   // llama_ftype: ALL_F32 = 0, MOSTLY_F16 = 1, MOSTLY_Q4_0 = 2, MOSTLY_Q8_0 = 7.
-  const std::pair<WeightFormat, uint64_t> cases[] = {{WeightFormat::kF32, 0},
-                                                     {WeightFormat::kF16, 1},
-                                                     {WeightFormat::kQ4_0, 2},
-                                                     {WeightFormat::kQ8_0, 7}};
+  const std::pair<WeightFormat, uint64_t> cases[] = {
+      {WeightFormat::kF32, 0}, {WeightFormat::kF16, 1}, {WeightFormat::kQ4_0, 2}, {WeightFormat::kQ8_0, 7}};
   for (const auto& [format, file_type] : cases) {
     INFO(WeightFormatName(format));
     const GgufFile f = Export(dir + "/model.gguf", c, w, *tok, Format(format));
@@ -789,9 +771,8 @@ ModelWeights QuantizedWeights(const ModelConfig& c, WeightFormat format) {
   return w;
 }
 
-TEST_CASE(
-    "Weights already in the requested block format are copied block for block, q/k rows permuted",
-    "[model][gguf][quant]") {
+TEST_CASE("Weights already in the requested block format are copied block for block, q/k rows permuted",
+          "[model][gguf][quant]") {
   const std::string dir = TempDir("copy_blocks");
   const ModelConfig c = TinyLlama();
   auto tok = ParseTokenizer(TokenizerJson());
@@ -800,16 +781,14 @@ TEST_CASE(
     const ModelWeights w = QuantizedWeights(c, format);
     const GgufFile f = Export(dir + "/model.gguf", c, w, *tok, Format(format));
     for (const auto& [name, original] : ByGgufName(w)) {
-      if (!original.defined() || original.scalar_type() != at::kByte || !f.HasTensor(name))
-        continue;
+      if (!original.defined() || original.scalar_type() != at::kByte || !f.HasTensor(name)) continue;
       INFO("tensor " << name);
       const TensorInfo& t = f.Tensor(name);
       CHECK(t.type == GgmlTypeFor(format));
       const int64_t heads = PermutedHeads(name, c);
       const std::vector<uint8_t> blocks = Bytes(original);
       const int64_t rows = original.size(0), row_bytes = original.size(1) * original.size(2);
-      CHECK(Bytes(f, t) ==
-            (heads > 0 ? PermuteRows(blocks, rows, row_bytes, heads, RowOrder::kToFile) : blocks));
+      CHECK(Bytes(f, t) == (heads > 0 ? PermuteRows(blocks, rows, row_bytes, heads, RowOrder::kToFile) : blocks));
       // Re-quantizing would have changed them.
       CHECK(Bytes(f, t) != ExpectedBlocks(DequantizeMatrix(original), format, heads));
     }
@@ -818,8 +797,7 @@ TEST_CASE(
   std::filesystem::remove_all(dir);
 }
 
-TEST_CASE("Quantized weights exported in another format are dequantized, then converted",
-          "[model][gguf][quant]") {
+TEST_CASE("Quantized weights exported in another format are dequantized, then converted", "[model][gguf][quant]") {
   const std::string dir = TempDir("requantize");
   const ModelConfig c = TinyLlama();
   const ModelWeights w = QuantizedWeights(c, WeightFormat::kQ8_0);
@@ -834,8 +812,7 @@ TEST_CASE("Quantized weights exported in another format are dequantized, then co
 
 // Hugging Face's RoPE (rotate_half): dimension i < D/2 pairs with i + D/2, rotated by pos *
 // inv_freq[i].
-std::vector<double> HfRope(std::vector<double> x, int64_t d, double pos,
-                           const std::vector<double>& inv_freq) {
+std::vector<double> HfRope(std::vector<double> x, int64_t d, double pos, const std::vector<double>& inv_freq) {
   for (size_t h = 0; h < x.size() / d; ++h) {
     double* v = x.data() + h * d;
     for (int64_t i = 0; i < d / 2; ++i) {
@@ -864,8 +841,7 @@ std::vector<double> GgmlRope(std::vector<double> x, int64_t d, double pos, doubl
   return x;
 }
 
-std::vector<double> MatVec(const std::vector<float>& m, int64_t rows,
-                           const std::vector<double>& x) {
+std::vector<double> MatVec(const std::vector<float>& m, int64_t rows, const std::vector<double>& x) {
   std::vector<double> y(rows, 0.0);
   const int64_t cols = static_cast<int64_t>(x.size());
   for (int64_t r = 0; r < rows; ++r) {
@@ -888,8 +864,7 @@ std::vector<double> HfLlama3InvFreq(const ModelConfig& c) {
     } else if (wavelen > old_len / s.low_freq_factor) {
       out.push_back(f / s.factor);
     } else {
-      const double smooth =
-          (old_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+      const double smooth = (old_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
       out.push_back((1 - smooth) * f / s.factor + smooth * f);
     }
   }
@@ -909,10 +884,10 @@ void CheckAttentionLogitsMatch(const GgufFile& f, const ModelConfig& c, const Mo
     const double pos_k = pos_q > 0 ? pos_q - 3 : 0;
     const auto q_hf = HfRope(MatVec(ToVector(w.layers[0].q), c.q_dim(), x), d, pos_q, hf_inv_freq);
     const auto k_hf = HfRope(MatVec(ToVector(w.layers[0].k), c.kv_dim(), x), d, pos_k, hf_inv_freq);
-    const auto q_gg = GgmlRope(MatVec(Floats(f, f.Tensor("blk.0.attn_q.weight")), c.q_dim(), x), d,
-                               pos_q, c.rope_theta, factors);
-    const auto k_gg = GgmlRope(MatVec(Floats(f, f.Tensor("blk.0.attn_k.weight")), c.kv_dim(), x), d,
-                               pos_k, c.rope_theta, factors);
+    const auto q_gg =
+        GgmlRope(MatVec(Floats(f, f.Tensor("blk.0.attn_q.weight")), c.q_dim(), x), d, pos_q, c.rope_theta, factors);
+    const auto k_gg =
+        GgmlRope(MatVec(Floats(f, f.Tensor("blk.0.attn_k.weight")), c.kv_dim(), x), d, pos_k, c.rope_theta, factors);
     for (int64_t h = 0; h < c.num_attention_heads; ++h) {
       INFO("position " << pos_q << ", head " << h);
       double want = 0, got = 0;
@@ -925,9 +900,8 @@ void CheckAttentionLogitsMatch(const GgufFile& f, const ModelConfig& c, const Mo
   }
 }
 
-TEST_CASE(
-    "GGML's interleaved RoPE on the exported q/k gives Hugging Face's rotate-half attention logits",
-    "[model][gguf]") {
+TEST_CASE("GGML's interleaved RoPE on the exported q/k gives Hugging Face's rotate-half attention logits",
+          "[model][gguf]") {
   const std::string dir = TempDir("rope");
   const ModelConfig c = TinyLlama();
   const ModelWeights w = RandomWeights(c, 5);
@@ -935,21 +909,18 @@ TEST_CASE(
   const GgufFile f = Export(dir + "/model.gguf", c, w, *tok, F32());
   CHECK_FALSE(f.HasTensor("rope_freqs.weight"));
   std::vector<double> inv_freq;
-  for (int64_t i = 0; i < c.head_dim / 2; ++i)
-    inv_freq.push_back(std::pow(c.rope_theta, -2.0 * i / c.head_dim));
+  for (int64_t i = 0; i < c.head_dim / 2; ++i) inv_freq.push_back(std::pow(c.rope_theta, -2.0 * i / c.head_dim));
   CheckAttentionLogitsMatch(f, c, w, inv_freq);
   std::filesystem::remove_all(dir);
 }
 
-TEST_CASE(
-    "Llama 3 RoPE scaling becomes rope_freqs factors that give Hugging Face's scaled frequencies",
-    "[model][gguf]") {
+TEST_CASE("Llama 3 RoPE scaling becomes rope_freqs factors that give Hugging Face's scaled frequencies",
+          "[model][gguf]") {
   const std::string dir = TempDir("llama3");
   ModelConfig c = TinyLlama();
   c.rope_scaling.type = RopeScaling::Type::kLlama3;
   c.rope_scaling.factor = 8.0;
-  c.rope_scaling.original_max_position_embeddings =
-      512;  // puts frequencies in all three Llama 3 bands
+  c.rope_scaling.original_max_position_embeddings = 512;  // puts frequencies in all three Llama 3 bands
   const ModelWeights w = RandomWeights(c, 6);
   auto tok = ParseTokenizer(TokenizerJson());
   const GgufFile f = Export(dir + "/model.gguf", c, w, *tok, F32());
@@ -982,8 +953,7 @@ TEST_CASE("A tied model's GGUF has no output.weight", "[model][gguf]") {
   std::filesystem::remove_all(dir);
 }
 
-TEST_CASE("An untied Qwen2 model's GGUF has output.weight and F32 q/k/v biases, unpermuted",
-          "[model][gguf]") {
+TEST_CASE("An untied Qwen2 model's GGUF has output.weight and F32 q/k/v biases, unpermuted", "[model][gguf]") {
   const std::string dir = TempDir("qwen2");
   const ModelConfig c = TinyQwen2();
   REQUIRE_FALSE(c.tie_word_embeddings);
@@ -1010,8 +980,7 @@ TEST_CASE("An untied Qwen2 model's GGUF has output.weight and F32 q/k/v biases, 
   std::filesystem::remove_all(dir);
 }
 
-TEST_CASE("The vocabulary is padded to vocab_size with UNUSED PAD tokens and keeps the BPE merges",
-          "[model][gguf]") {
+TEST_CASE("The vocabulary is padded to vocab_size with UNUSED PAD tokens and keeps the BPE merges", "[model][gguf]") {
   const std::string dir = TempDir("vocab");
   const ModelConfig c = TinyLlama();
   const std::string doc = TokenizerJson();
@@ -1046,8 +1015,7 @@ TEST_CASE("The vocabulary is padded to vocab_size with UNUSED PAD tokens and kee
   }
   std::vector<std::string> merges;
   for (const json& m : parsed["model"]["merges"]) {
-    merges.push_back(m.is_string() ? m.get<std::string>()
-                                   : m[0].get<std::string>() + " " + m[1].get<std::string>());
+    merges.push_back(m.is_string() ? m.get<std::string>() : m[0].get<std::string>() + " " + m[1].get<std::string>());
   }
   CHECK(merges.size() == static_cast<size_t>(kTokenizerVocab - 259));
   CHECK(Strings(f.Get("tokenizer.ggml.merges")) == merges);
@@ -1055,9 +1023,8 @@ TEST_CASE("The vocabulary is padded to vocab_size with UNUSED PAD tokens and kee
   std::filesystem::remove_all(dir);
 }
 
-TEST_CASE(
-    "A SentencePiece-style tokenizer.json exports as llama.cpp's 'llama' tokenizer with scores",
-    "[model][gguf]") {
+TEST_CASE("A SentencePiece-style tokenizer.json exports as llama.cpp's 'llama' tokenizer with scores",
+          "[model][gguf]") {
   const std::string meta = "\xE2\x96\x81";  // "▁"
   const json doc = testing::SentencePieceStyleTokenizerJson({meta, "h", "i", meta + "h", meta + "hi"},
                                                             {{meta, "h"}, {meta + "h", "i"}});
@@ -1088,8 +1055,7 @@ TEST_CASE(
   std::filesystem::remove_all(dir);
 }
 
-TEST_CASE("Linear RoPE scaling and an explicit head_dim are written as llama.cpp reads them",
-          "[model][gguf]") {
+TEST_CASE("Linear RoPE scaling and an explicit head_dim are written as llama.cpp reads them", "[model][gguf]") {
   const std::string dir = TempDir("keys");
   ModelConfig c = TinyLlama();
   c.rope_scaling.type = RopeScaling::Type::kLinear;
@@ -1125,8 +1091,7 @@ TEST_CASE("Requesting BF16 is InvalidArgument and leaves no file behind", "[mode
   auto tok = ParseTokenizer(TokenizerJson());
   GgufOptions options;
   options.format = WeightFormat::kBF16;
-  CheckRefused(WriteGguf(dir + "/model.gguf", c, RandomWeights(c, 12), *tok, options), dir,
-               "not bf16");
+  CheckRefused(WriteGguf(dir + "/model.gguf", c, RandomWeights(c, 12), *tok, options), dir, "not bf16");
   std::filesystem::remove_all(dir);
 }
 
@@ -1154,14 +1119,12 @@ TEST_CASE("Models llama.cpp cannot run as written are refused without a file", "
     CheckRefused(WriteGguf(path, c, RandomWeights(c, 15), *prefixed), dir, "tokenizer_pre");
     GgufOptions options;
     options.tokenizer_pre = "gpt-2";  // the caller vouches for it
-    CHECK(Export(path, c, RandomWeights(c, 15), *prefixed, options).Get("tokenizer.ggml.pre").s ==
-          "gpt-2");
+    CHECK(Export(path, c, RandomWeights(c, 15), *prefixed, options).Get("tokenizer.ggml.pre").s == "gpt-2");
   }
   std::filesystem::remove_all(dir);
 }
 
-TEST_CASE("Weights or a tokenizer that do not fit the config are refused without a file",
-          "[model][gguf]") {
+TEST_CASE("Weights or a tokenizer that do not fit the config are refused without a file", "[model][gguf]") {
   const std::string dir = TempDir("mismatch");
   auto tok = ParseTokenizer(TokenizerJson());
   const std::string path = dir + "/model.gguf";
@@ -1185,8 +1148,7 @@ TEST_CASE("Weights or a tokenizer that do not fit the config are refused without
   std::filesystem::remove_all(dir);
 }
 
-TEST_CASE("A uint8 weight that is not GGUF blocks is refused without a file",
-          "[model][gguf][quant]") {
+TEST_CASE("A uint8 weight that is not GGUF blocks is refused without a file", "[model][gguf][quant]") {
   const std::string dir = TempDir("bad_blocks");
   const ModelConfig c = TinyLlama();
   ModelWeights w = RandomWeights(c, 26);
@@ -1197,8 +1159,7 @@ TEST_CASE("A uint8 weight that is not GGUF blocks is refused without a file",
   std::filesystem::remove_all(dir);
 }
 
-TEST_CASE("A weight that cannot be quantized is refused and leaves no file",
-          "[model][gguf][quant]") {
+TEST_CASE("A weight that cannot be quantized is refused and leaves no file", "[model][gguf][quant]") {
   const std::string dir = TempDir("nan");
   const ModelConfig c = TinyLlama();
   ModelWeights w = RandomWeights(c, 27);
@@ -1234,22 +1195,18 @@ std::vector<GgufLoraPair> RandomPairs(const ModelConfig& c, const ModelWeights& 
   for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) {
     for (Projection p : kAllProjections) {
       const at::Tensor& base = BaseWeight(w, layer, p);
-      pairs.push_back({layer, p, RandomMatrix(rank, base.size(1), ++seed),
-                       RandomMatrix(base.size(0), rank, ++seed)});
+      pairs.push_back({layer, p, RandomMatrix(rank, base.size(1), ++seed), RandomMatrix(base.size(0), rank, ++seed)});
     }
   }
   return pairs;
 }
 
 std::string GgufBase(const GgufLoraPair& pair) {
-  static const char* kNames[] = {"attn_q",   "attn_k", "attn_v",  "attn_output",
-                                 "ffn_gate", "ffn_up", "ffn_down"};
-  return "blk." + std::to_string(pair.layer) + "." + kNames[static_cast<int>(pair.projection)] +
-         ".weight";
+  static const char* kNames[] = {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"};
+  return "blk." + std::to_string(pair.layer) + "." + kNames[static_cast<int>(pair.projection)] + ".weight";
 }
 
-GgufFile ExportLora(const std::string& path, const ModelConfig& c,
-                    const std::vector<GgufLoraPair>& pairs, double scale,
+GgufFile ExportLora(const std::string& path, const ModelConfig& c, const std::vector<GgufLoraPair>& pairs, double scale,
                     const GgufLoraOptions& options = {}) {
   const absl::Status s = WriteGgufLora(path, c, pairs, scale, options);
   INFO(s.ToString());
@@ -1257,9 +1214,8 @@ GgufFile ExportLora(const std::string& path, const ModelConfig& c,
   return ReadGguf(path);
 }
 
-TEST_CASE(
-    "A LoRA adapter GGUF has llama.cpp's adapter keys and a lora_a / lora_b pair per projection",
-    "[model][gguf][lora]") {
+TEST_CASE("A LoRA adapter GGUF has llama.cpp's adapter keys and a lora_a / lora_b pair per projection",
+          "[model][gguf][lora]") {
   const std::string dir = TempDir("lora_layout");
   const ModelConfig c = TinyLlama();
   const ModelWeights w = RandomWeights(c, 30);
@@ -1268,8 +1224,8 @@ TEST_CASE(
 
   std::set<std::string> keys;
   for (const auto& [key, value] : f.kv) keys.insert(key);
-  CHECK(keys == std::set<std::string>{"general.architecture", "general.type", "general.alignment",
-                                      "adapter.type", "adapter.lora.alpha"});
+  CHECK(keys == std::set<std::string>{"general.architecture", "general.type", "general.alignment", "adapter.type",
+                                      "adapter.lora.alpha"});
   CHECK(f.Get("general.architecture").s == "llama");
   CHECK(f.Get("general.type").s == "adapter");
   CHECK(f.Get("adapter.type").s == "lora");
@@ -1296,8 +1252,8 @@ TEST_CASE(
 }
 
 // Checks the values of every pair in `f`: A as given, B with q/k rows permuted when `permuted`.
-void CheckLoraData(const GgufFile& f, const ModelConfig& c, const std::vector<GgufLoraPair>& pairs,
-                   bool permuted, at::ScalarType dtype) {
+void CheckLoraData(const GgufFile& f, const ModelConfig& c, const std::vector<GgufLoraPair>& pairs, bool permuted,
+                   at::ScalarType dtype) {
   for (const GgufLoraPair& pair : pairs) {
     const std::string base = GgufBase(pair);
     INFO(base);
@@ -1313,8 +1269,7 @@ void CheckLoraData(const GgufFile& f, const ModelConfig& c, const std::vector<Gg
   }
 }
 
-TEST_CASE("A llama LoRA adapter holds A as given and B with q/k rows permuted like the base",
-          "[model][gguf][lora]") {
+TEST_CASE("A llama LoRA adapter holds A as given and B with q/k rows permuted like the base", "[model][gguf][lora]") {
   const std::string dir = TempDir("lora_llama");
   const ModelConfig c = TinyLlama();
   const ModelWeights w = RandomWeights(c, 31);
@@ -1335,9 +1290,8 @@ TEST_CASE("A Qwen2 LoRA adapter keeps B's rows in their original order", "[model
   std::filesystem::remove_all(dir);
 }
 
-TEST_CASE(
-    "llama.cpp's W + (alpha / rank) B A on the exported files gives the export of the merged model",
-    "[model][gguf][lora]") {
+TEST_CASE("llama.cpp's W + (alpha / rank) B A on the exported files gives the export of the merged model",
+          "[model][gguf][lora]") {
   const std::string dir = TempDir("lora_merge");
   const ModelConfig c = TinyLlama();
   const ModelWeights w = RandomWeights(c, 33);
@@ -1345,8 +1299,7 @@ TEST_CASE(
   const double scale = 0.75;
   ModelWeights merged = RandomWeights(c, 33);
   for (const GgufLoraPair& pair : pairs) {
-    const_cast<at::Tensor&>(BaseWeight(merged, pair.layer, pair.projection))
-        .add_(at::matmul(pair.b, pair.a), scale);
+    const_cast<at::Tensor&>(BaseWeight(merged, pair.layer, pair.projection)).add_(at::matmul(pair.b, pair.a), scale);
   }
   auto tok = ParseTokenizer(TokenizerJson());
   const GgufFile base = Export(dir + "/base.gguf", c, w, *tok, F32());
@@ -1369,16 +1322,14 @@ TEST_CASE(
       for (int64_t k = 0; k < in; k += 5) {
         double delta = 0;
         for (int64_t j = 0; j < rank; ++j) delta += b_rows[r * rank + j] * a_rows[j * in + k];
-        REQUIRE(w_rows[r * in + k] + alpha / rank * delta ==
-                Approx(merged_rows[r * in + k]).margin(1e-6));
+        REQUIRE(w_rows[r * in + k] + alpha / rank * delta == Approx(merged_rows[r * in + k]).margin(1e-6));
       }
     }
   }
   std::filesystem::remove_all(dir);
 }
 
-TEST_CASE("An rsLoRA scale is carried as adapter.lora.alpha = scale * rank",
-          "[model][gguf][lora]") {
+TEST_CASE("An rsLoRA scale is carried as adapter.lora.alpha = scale * rank", "[model][gguf][lora]") {
   const std::string dir = TempDir("lora_rslora");
   const ModelConfig c = TinyLlama();
   const ModelWeights w = RandomWeights(c, 34);
@@ -1401,8 +1352,7 @@ TEST_CASE("An F16 LoRA adapter rounds A and B to half precision", "[model][gguf]
   std::filesystem::remove_all(dir);
 }
 
-TEST_CASE("LoRA pairs or options that do not fit are refused without a file",
-          "[model][gguf][lora]") {
+TEST_CASE("LoRA pairs or options that do not fit are refused without a file", "[model][gguf][lora]") {
   const std::string dir = TempDir("lora_refused");
   const std::string path = dir + "/adapter.gguf";
   const ModelConfig c = TinyLlama();
@@ -1422,8 +1372,7 @@ TEST_CASE("LoRA pairs or options that do not fit are refused without a file",
   {
     std::vector<GgufLoraPair> pairs = good;
     pairs.push_back(good[3]);
-    CheckRefused(WriteGgufLora(path, c, pairs, 2.0), dir,
-                 "two LoRA pairs for 'blk.0.attn_output.weight'");
+    CheckRefused(WriteGgufLora(path, c, pairs, 2.0), dir, "two LoRA pairs for 'blk.0.attn_output.weight'");
   }
   {
     std::vector<GgufLoraPair> pairs = good;

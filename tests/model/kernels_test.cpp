@@ -1,5 +1,4 @@
 #include "model/kernels.h"
-#include "model/memory_tracker.h"
 
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/autograd.h>
@@ -8,8 +7,10 @@
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <functional>
-#include <optional>
 #include <limits>
+#include <optional>
+
+#include "model/memory_tracker.h"
 
 namespace seedling::model {
 namespace {
@@ -85,7 +86,8 @@ TEST_CASE("The hand-written cross-entropy JVP equals a float64 finite difference
   CHECK(std::abs(loss.item<double>() - FullCrossEntropySum(h, w, targets).item<double>()) < 1e-10);
   const double eps = 1e-6;
   const double fd = (FullCrossEntropySum(h + eps * dh, w, targets).item<double>() -
-                     FullCrossEntropySum(h - eps * dh, w, targets).item<double>()) / (2 * eps);
+                     FullCrossEntropySum(h - eps * dh, w, targets).item<double>()) /
+                    (2 * eps);
   CHECK(std::abs(jvp.item<double>() - fd) < 1e-6 * std::max(1.0, std::abs(fd)));
 }
 
@@ -264,8 +266,7 @@ TEST_CASE("RoPE's backward rotates the gradient back, as autograd through the pl
   CHECK(MaxAbsDiff(ApplyRope(x0, rope), plain(x0)) < 1e-12);
 }
 
-TEST_CASE("RoPE scaling: linear divides every frequency, llama3 only the long wavelengths",
-          "[model][kernels]") {
+TEST_CASE("RoPE scaling: linear divides every frequency, llama3 only the long wavelengths", "[model][kernels]") {
   ModelConfig c;
   c.head_dim = 64;
   c.rope_theta = 500000.0;

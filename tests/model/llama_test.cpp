@@ -1,11 +1,12 @@
 #include "model/llama.h"
-#include "model/memory_tracker.h"
 
 #include <ATen/ATen.h>
 
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <vector>
+
+#include "model/memory_tracker.h"
 
 namespace seedling::model {
 namespace {
@@ -62,7 +63,8 @@ Mat RmsNormRef(const Mat& x, const at::Tensor& w, double eps) {
     double ms = 0;
     for (double v : x[t]) ms += v * v;
     ms /= static_cast<double>(x[t].size());
-    for (size_t i = 0; i < x[t].size(); ++i) y[t][i] = x[t][i] / std::sqrt(ms + eps) * w[static_cast<int64_t>(i)].item<double>();
+    for (size_t i = 0; i < x[t].size(); ++i)
+      y[t][i] = x[t][i] / std::sqrt(ms + eps) * w[static_cast<int64_t>(i)].item<double>();
   }
   return y;
 }
@@ -71,7 +73,8 @@ void RopeRef(Mat& x, int64_t heads, int64_t d, double theta) {
   for (size_t t = 0; t < x.size(); ++t) {
     for (int64_t h = 0; h < heads; ++h) {
       for (int64_t i = 0; i < d / 2; ++i) {
-        const double angle = static_cast<double>(t) / std::pow(theta, 2.0 * static_cast<double>(i) / static_cast<double>(d));
+        const double angle =
+            static_cast<double>(t) / std::pow(theta, 2.0 * static_cast<double>(i) / static_cast<double>(d));
         double& a = x[t][static_cast<size_t>(h * d + i)];
         double& b = x[t][static_cast<size_t>(h * d + i + d / 2)];
         const double na = a * std::cos(angle) - b * std::sin(angle);
@@ -104,7 +107,8 @@ Mat NaiveLogits(const ModelConfig& c, const ModelWeights& w, const std::vector<i
         double mx = -1e300;
         for (size_t s = 0; s <= t; ++s) {
           double dot = 0;
-          for (int64_t i = 0; i < D; ++i) dot += q[t][static_cast<size_t>(head * D + i)] * k[s][static_cast<size_t>(kvh * D + i)];
+          for (int64_t i = 0; i < D; ++i)
+            dot += q[t][static_cast<size_t>(head * D + i)] * k[s][static_cast<size_t>(kvh * D + i)];
           score[s] = dot / std::sqrt(static_cast<double>(D));
           mx = std::max(mx, score[s]);
         }
@@ -154,7 +158,8 @@ TEST_CASE("The model's forward equals a naive loop-based reference on a 2-layer 
     double max_diff = 0, max_ref = 0;
     for (size_t t = 0; t < ids.size(); ++t) {
       for (int64_t v = 0; v < c.vocab_size; ++v) {
-        max_diff = std::max(max_diff, std::abs((*logits)[0][static_cast<int64_t>(t)][v].item<double>() - ref[t][static_cast<size_t>(v)]));
+        max_diff = std::max(max_diff, std::abs((*logits)[0][static_cast<int64_t>(t)][v].item<double>() -
+                                               ref[t][static_cast<size_t>(v)]));
         max_ref = std::max(max_ref, std::abs(ref[t][static_cast<size_t>(v)]));
       }
     }
@@ -246,7 +251,8 @@ TEST_CASE("Recomputation lowers the peak tensor memory of a training step, partl
   // Only the embedding output needs gradients (as with an adapter): the peak is activations.
   const at::Tensor tokens = at::randint(0, c.vocab_size, {2, 128}, at::kLong);
   auto peak = [&](bool recompute, int64_t stored_layers) {
-    for (const NamedWeight& nw : NamedWeights((*model)->weights(), c)) nw.tensor.requires_grad_(nw.name.find("embed") != std::string::npos);
+    for (const NamedWeight& nw : NamedWeights((*model)->weights(), c))
+      nw.tensor.requires_grad_(nw.name.find("embed") != std::string::npos);
     TensorMemoryTracker tracker;
     ForwardOptions o;
     o.recompute = recompute;

@@ -38,7 +38,8 @@ std::vector<Example> Windows(const std::vector<int32_t>& tokens, size_t begin, s
   std::vector<Example> out;
   for (size_t i = begin; i + kSeq <= end; i += kSeq) {
     Example e;
-    e.tokens.assign(tokens.begin() + static_cast<std::ptrdiff_t>(i), tokens.begin() + static_cast<std::ptrdiff_t>(i + kSeq));
+    e.tokens.assign(tokens.begin() + static_cast<std::ptrdiff_t>(i),
+                    tokens.begin() + static_cast<std::ptrdiff_t>(i + kSeq));
     e.labels = e.tokens;
     out.push_back(std::move(e));
   }

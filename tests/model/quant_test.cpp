@@ -53,8 +53,7 @@ TEST_CASE("Q8_0 blocks follow GGUF's formula on a known block", "[model][quant]"
   for (int j = 0; j < 32; ++j) CHECK(y[j] == static_cast<float>(b.qs[j]) * HalfToFloat(b.d));
 }
 
-TEST_CASE("Q4_0 blocks follow GGUF's formula: scale from the signed extreme, nibbles offset by 8",
-          "[model][quant]") {
+TEST_CASE("Q4_0 blocks follow GGUF's formula: scale from the signed extreme, nibbles offset by 8", "[model][quant]") {
   float x[32];
   for (int j = 0; j < 32; ++j) x[j] = static_cast<float>(j) * 0.25f - 2.0f;  // -2 .. 5.75
   BlockQ4_0 b;
@@ -95,8 +94,7 @@ TEST_CASE("Quantizing keeps every weight within half a step of its block", "[mod
   }
 }
 
-TEST_CASE("Quantizing reports its rows in order, in bands of about 1 MiB of source, each row once",
-          "[model][quant]") {
+TEST_CASE("Quantizing reports its rows in order, in bands of about 1 MiB of source, each row once", "[model][quant]") {
   // 4,096 bf16 columns are 8 KiB a row: bands of 128 rows, and a short last band.
   const at::Tensor w = at::randn({300, 4096}).to(at::kBFloat16);
   std::vector<std::pair<int64_t, int64_t>> bands;
@@ -203,8 +201,7 @@ TEST_CASE("Frozen linear's graph-only form skips the product and keeps the input
   }
 }
 
-TEST_CASE("Frozen linear keeps neither the input nor a decoded copy of the weight for backward",
-          "[model][quant]") {
+TEST_CASE("Frozen linear keeps neither the input nor a decoded copy of the weight for backward", "[model][quant]") {
   const at::Tensor w = *QuantizeMatrix(TestMatrix(2048, 512, 5), WeightFormat::kQ4_0);
   const int64_t dense_bytes = 2048 * 512 * 4;  // 4 MiB
   at::Tensor x = at::randn({8, 512}).requires_grad_(true);
@@ -237,8 +234,7 @@ TEST_CASE("Frozen linear propagates a forward-mode tangent", "[model][quant]") {
   torch::autograd::ForwardADLevel::release_idx(level_index);
 }
 
-TEST_CASE("Streamed weights leave RSS after each tile and change no result, forward and backward",
-          "[model][quant]") {
+TEST_CASE("Streamed weights leave RSS after each tile and change no result, forward and backward", "[model][quant]") {
   testing::TempDir tmp;
   const at::Tensor q = *QuantizeMatrix(TestMatrix(4096, 1024, 9), WeightFormat::kQ8_0);  // 4.25 MiB of blocks
   const std::string path = JoinPath(tmp.path, "w.q8_0");

@@ -23,8 +23,7 @@ using Catch::Matchers::Contains;
 class TempDir {
  public:
   TempDir() {
-    std::string pattern =
-        (std::filesystem::temp_directory_path() / "seedling_safetensors_test_XXXXXX").string();
+    std::string pattern = (std::filesystem::temp_directory_path() / "seedling_safetensors_test_XXXXXX").string();
     REQUIRE(::mkdtemp(pattern.data()) != nullptr);
     path_ = pattern;
   }
@@ -92,8 +91,7 @@ absl::Status OpenRaw(const TempDir& dir, std::string_view header, std::string_vi
 // ---------------------------------------------------------------------------------------------------
 // dtypes
 
-TEST_CASE("ParseDType inverts DTypeName for every dtype and DTypeSize gives element bytes",
-          "[model][safetensors]") {
+TEST_CASE("ParseDType inverts DTypeName for every dtype and DTypeSize gives element bytes", "[model][safetensors]") {
   const std::vector<std::pair<DType, size_t>> all = {
       {DType::kF64, 8}, {DType::kF32, 4}, {DType::kF16, 2}, {DType::kBF16, 2}, {DType::kI64, 8},
       {DType::kI32, 4}, {DType::kI16, 2}, {DType::kI8, 1},  {DType::kU8, 1},   {DType::kBool, 1}};
@@ -109,17 +107,15 @@ TEST_CASE("ParseDType inverts DTypeName for every dtype and DTypeSize gives elem
 }
 
 TEST_CASE("ParseDType rejects F8 types and unknown names as unsupported", "[model][safetensors]") {
-  CheckError(ParseDType("F8_E4M3").status(), absl::StatusCode::kInvalidArgument,
-             "unsupported dtype 'F8_E4M3'");
+  CheckError(ParseDType("F8_E4M3").status(), absl::StatusCode::kInvalidArgument, "unsupported dtype 'F8_E4M3'");
   CheckError(ParseDType("f32").status(), absl::StatusCode::kInvalidArgument, "unsupported dtype");
 }
 
 // ---------------------------------------------------------------------------------------------------
 // Round trip and the written format
 
-TEST_CASE(
-    "Tensors written by WriteSafetensors read back with the same dtype, shape, bytes and metadata",
-    "[model][safetensors]") {
+TEST_CASE("Tensors written by WriteSafetensors read back with the same dtype, shape, bytes and metadata",
+          "[model][safetensors]") {
   TempDir dir;
   const std::string path = dir.file("model.safetensors");
   const std::vector<float> f32 = {1.5f, -2.0f, 3.25f, 0.0f, 1e-3f, 7.0f};
@@ -132,8 +128,7 @@ TEST_CASE(
       {"brain", DType::kBF16, {3}, AsBytes(bf16)},   {"step", DType::kI64, {}, AsBytes(scalar)},
       {"empty", DType::kU8, {0, 5}, AsBytes(empty)},
   };
-  const std::map<std::string, std::string> metadata = {{"format", "pt"},
-                                                       {"note", "round \"trip\""}};
+  const std::map<std::string, std::string> metadata = {{"format", "pt"}, {"note", "round \"trip\""}};
   REQUIRE(WriteSafetensors(path, tensors, metadata).ok());
 
   auto file = SafetensorsFile::Open(path);
@@ -149,8 +144,7 @@ TEST_CASE(
     CHECK(view->dtype == t.dtype);
     CHECK(view->shape == t.shape);
     CHECK(view->nbytes == t.data.size());
-    CHECK(view->numel() * static_cast<int64_t>(DTypeSize(t.dtype)) ==
-          static_cast<int64_t>(t.data.size()));
+    CHECK(view->numel() * static_cast<int64_t>(DTypeSize(t.dtype)) == static_cast<int64_t>(t.data.size()));
     REQUIRE(view->file != nullptr);
     CHECK(view->data >= view->file->data());
     CHECK(view->data + view->nbytes <= view->file->data() + view->file->size());
@@ -163,14 +157,12 @@ TEST_CASE(
   CHECK(first->file->mode() == MappedFile::Mode::kReadOnly);
 }
 
-TEST_CASE("WriteSafetensors writes the exact bytes of Hugging Face's layout for a small case",
-          "[model][safetensors]") {
+TEST_CASE("WriteSafetensors writes the exact bytes of Hugging Face's layout for a small case", "[model][safetensors]") {
   TempDir dir;
   const std::string path = dir.file("small.safetensors");
   const std::vector<float> a = {1.0f, 2.0f};
   const std::vector<uint8_t> b = {1, 2, 3};
-  const std::vector<TensorToWrite> tensors = {{"a", DType::kF32, {2}, AsBytes(a)},
-                                              {"b", DType::kU8, {3}, AsBytes(b)}};
+  const std::vector<TensorToWrite> tensors = {{"a", DType::kF32, {2}, AsBytes(a)}, {"b", DType::kU8, {3}, AsBytes(b)}};
   REQUIRE(WriteSafetensors(path, tensors, {{"format", "pt"}}).ok());
 
   // 138 bytes of compact JSON, __metadata__ first, padded with 6 spaces to 144 = 0x90 so that the
@@ -192,8 +184,7 @@ TEST_CASE("WriteSafetensors lays tensors out in the order given", "[model][safet
   const std::string path = dir.file("order.safetensors");
   const std::vector<uint8_t> z = {9, 9};
   const std::vector<uint8_t> a = {1};
-  const std::vector<TensorToWrite> tensors = {{"z", DType::kU8, {2}, AsBytes(z)},
-                                              {"a", DType::kU8, {1}, AsBytes(a)}};
+  const std::vector<TensorToWrite> tensors = {{"z", DType::kU8, {2}, AsBytes(z)}, {"a", DType::kU8, {1}, AsBytes(a)}};
   REQUIRE(WriteSafetensors(path, tensors).ok());
   auto file = SafetensorsFile::Open(path);
   REQUIRE(file.ok());
@@ -204,9 +195,8 @@ TEST_CASE("WriteSafetensors lays tensors out in the order given", "[model][safet
   CHECK(written->find("__metadata__") == std::string::npos);
 }
 
-TEST_CASE(
-    "A header listing tensors out of offset order with a zero-size tensor between them is valid",
-    "[model][safetensors]") {
+TEST_CASE("A header listing tensors out of offset order with a zero-size tensor between them is valid",
+          "[model][safetensors]") {
   TempDir dir;
   const std::string path = dir.file("t.safetensors");
   WriteBytes(path, RawFile(R"({"b":{"dtype":"U8","shape":[2],"data_offsets":[2,4]},)"
@@ -221,8 +211,7 @@ TEST_CASE(
   CHECK((*file)->Find("a")->numel() == 1);
 }
 
-TEST_CASE("Copy-on-write mode lets callers write through a tensor without changing the file",
-          "[model][safetensors]") {
+TEST_CASE("Copy-on-write mode lets callers write through a tensor without changing the file", "[model][safetensors]") {
   TempDir dir;
   const std::string path = dir.file("cow.safetensors");
   const std::vector<uint8_t> bytes = {1, 2, 3, 4};
@@ -299,14 +288,12 @@ TEST_CASE("A file shorter than 8 bytes is DataLoss truncated", "[model][safetens
   CHECK_THAT(Message(status), Contains(path));
 }
 
-TEST_CASE("A file cut short inside the data section is DataLoss truncated naming the tensor",
-          "[model][safetensors]") {
+TEST_CASE("A file cut short inside the data section is DataLoss truncated naming the tensor", "[model][safetensors]") {
   TempDir dir;
   const std::string path = dir.file("cut.safetensors");
   const std::vector<float> a = {1, 2};
   const std::vector<float> b = {3, 4, 5};
-  const std::vector<TensorToWrite> tensors = {{"a", DType::kF32, {2}, AsBytes(a)},
-                                              {"b", DType::kF32, {3}, AsBytes(b)}};
+  const std::vector<TensorToWrite> tensors = {{"a", DType::kF32, {2}, AsBytes(a)}, {"b", DType::kF32, {3}, AsBytes(b)}};
   REQUIRE(WriteSafetensors(path, tensors).ok());
   auto bytes = ReadFile(path);
   REQUIRE(bytes.ok());
@@ -317,8 +304,7 @@ TEST_CASE("A file cut short inside the data section is DataLoss truncated naming
   CHECK_THAT(Message(status), Contains(path));
 }
 
-TEST_CASE("A header length beyond the end of the file is DataLoss naming both sizes",
-          "[model][safetensors]") {
+TEST_CASE("A header length beyond the end of the file is DataLoss naming both sizes", "[model][safetensors]") {
   TempDir dir;
   const std::string path = dir.file("t.safetensors");
   WriteBytes(path, LengthPrefix(1000) + "{}");
@@ -327,8 +313,7 @@ TEST_CASE("A header length beyond the end of the file is DataLoss naming both si
   CHECK_THAT(Message(status), Contains("file size 10 bytes"));
 }
 
-TEST_CASE("A header length over 100 MiB is refused as InvalidArgument before it is read",
-          "[model][safetensors]") {
+TEST_CASE("A header length over 100 MiB is refused as InvalidArgument before it is read", "[model][safetensors]") {
   TempDir dir;
   const std::string path = dir.file("t.safetensors");
   WriteBytes(path, LengthPrefix((uint64_t{100} << 20) + 1) + "{}      ");
@@ -339,15 +324,13 @@ TEST_CASE("A header length over 100 MiB is refused as InvalidArgument before it 
 
 TEST_CASE("A header that is not JSON is InvalidArgument", "[model][safetensors]") {
   TempDir dir;
-  CheckError(OpenRaw(dir, R"({"a": {"dtype": )", ""), absl::StatusCode::kInvalidArgument,
-             "not valid JSON");
+  CheckError(OpenRaw(dir, R"({"a": {"dtype": )", ""), absl::StatusCode::kInvalidArgument, "not valid JSON");
   CheckError(OpenRaw(dir, "", ""), absl::StatusCode::kInvalidArgument, "not valid JSON");
 }
 
 TEST_CASE("A header that is JSON but not an object is InvalidArgument", "[model][safetensors]") {
   TempDir dir;
-  CheckError(OpenRaw(dir, "[1, 2]", ""), absl::StatusCode::kInvalidArgument,
-             "header is not a JSON object");
+  CheckError(OpenRaw(dir, "[1, 2]", ""), absl::StatusCode::kInvalidArgument, "header is not a JSON object");
 }
 
 TEST_CASE("A tensor entry with a missing or ill-typed field is InvalidArgument naming the tensor",
@@ -356,11 +339,9 @@ TEST_CASE("A tensor entry with a missing or ill-typed field is InvalidArgument n
   const std::vector<std::pair<std::string, std::string>> cases = {
       {R"({"w":[1,2]})", "not a JSON object"},
       {R"({"w":{"shape":[1],"data_offsets":[0,4]}})", "\"dtype\" missing"},
-      {R"({"w":{"dtype":4,"shape":[1],"data_offsets":[0,4]}})",
-       "\"dtype\" missing or not a string"},
+      {R"({"w":{"dtype":4,"shape":[1],"data_offsets":[0,4]}})", "\"dtype\" missing or not a string"},
       {R"({"w":{"dtype":"F32","data_offsets":[0,4]}})", "\"shape\" missing"},
-      {R"({"w":{"dtype":"F32","shape":"1","data_offsets":[0,4]}})",
-       "\"shape\" missing or not an array"},
+      {R"({"w":{"dtype":"F32","shape":"1","data_offsets":[0,4]}})", "\"shape\" missing or not an array"},
       {R"({"w":{"dtype":"F32","shape":[1.0],"data_offsets":[0,4]}})", "not an array of integers"},
       {R"({"w":{"dtype":"F32","shape":[1]}})", "\"data_offsets\" missing"},
       {R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[0]}})", "\"data_offsets\" missing"},
@@ -379,25 +360,22 @@ TEST_CASE("A tensor entry with a missing or ill-typed field is InvalidArgument n
 
 TEST_CASE("A negative dimension is InvalidArgument", "[model][safetensors]") {
   TempDir dir;
-  CheckError(OpenRaw(dir, R"({"w":{"dtype":"U8","shape":[-2,-2],"data_offsets":[0,4]}})",
-                     std::string(4, '\0')),
+  CheckError(OpenRaw(dir, R"({"w":{"dtype":"U8","shape":[-2,-2],"data_offsets":[0,4]}})", std::string(4, '\0')),
              absl::StatusCode::kInvalidArgument, "negative dimension");
 }
 
-TEST_CASE("An unsupported dtype is InvalidArgument naming the dtype and the tensor",
-          "[model][safetensors]") {
+TEST_CASE("An unsupported dtype is InvalidArgument naming the dtype and the tensor", "[model][safetensors]") {
   TempDir dir;
-  const absl::Status status = OpenRaw(
-      dir, R"({"w":{"dtype":"F8_E4M3","shape":[4],"data_offsets":[0,4]}})", std::string(4, '\0'));
+  const absl::Status status =
+      OpenRaw(dir, R"({"w":{"dtype":"F8_E4M3","shape":[4],"data_offsets":[0,4]}})", std::string(4, '\0'));
   CheckError(status, absl::StatusCode::kInvalidArgument, "unsupported dtype 'F8_E4M3'");
   CHECK_THAT(Message(status), Contains("tensor 'w'"));
 }
 
-TEST_CASE("A byte length that does not match dtype and shape is InvalidArgument",
-          "[model][safetensors]") {
+TEST_CASE("A byte length that does not match dtype and shape is InvalidArgument", "[model][safetensors]") {
   TempDir dir;
-  const absl::Status status = OpenRaw(
-      dir, R"({"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", std::string(8, '\0'));
+  const absl::Status status =
+      OpenRaw(dir, R"({"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", std::string(8, '\0'));
   CheckError(status, absl::StatusCode::kInvalidArgument, "dtype/shape mismatch");
   CHECK_THAT(Message(status), Contains("tensor 'w'"));
 }
@@ -405,18 +383,13 @@ TEST_CASE("A byte length that does not match dtype and shape is InvalidArgument"
 TEST_CASE("A shape whose byte size overflows 64 bits is InvalidArgument", "[model][safetensors]") {
   TempDir dir;
   // 2^32 × 2^32 elements wraps to 0 in 64 bits, which would match data_offsets [0, 0] if unchecked.
-  CheckError(
-      OpenRaw(dir, R"({"w":{"dtype":"U8","shape":[4294967296,4294967296],"data_offsets":[0,0]}})",
-              ""),
-      absl::StatusCode::kInvalidArgument, "overflows");
-  CheckError(
-      OpenRaw(dir, R"({"w":{"dtype":"F64","shape":[4611686018427387904],"data_offsets":[0,0]}})",
-              ""),
-      absl::StatusCode::kInvalidArgument, "overflows");
+  CheckError(OpenRaw(dir, R"({"w":{"dtype":"U8","shape":[4294967296,4294967296],"data_offsets":[0,0]}})", ""),
+             absl::StatusCode::kInvalidArgument, "overflows");
+  CheckError(OpenRaw(dir, R"({"w":{"dtype":"F64","shape":[4611686018427387904],"data_offsets":[0,0]}})", ""),
+             absl::StatusCode::kInvalidArgument, "overflows");
 }
 
-TEST_CASE("Overlapping data_offsets are InvalidArgument naming both tensors",
-          "[model][safetensors]") {
+TEST_CASE("Overlapping data_offsets are InvalidArgument naming both tensors", "[model][safetensors]") {
   TempDir dir;
   const absl::Status status = OpenRaw(dir,
                                       R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
@@ -440,8 +413,8 @@ TEST_CASE("data_offsets out of range of an inconsistent layout are InvalidArgume
           "[model][safetensors]") {
   TempDir dir;
   // Nothing covers [0, 8), so a short file cannot explain this header: the header is wrong.
-  const absl::Status status = OpenRaw(
-      dir, R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})", std::string(8, '\0'));
+  const absl::Status status =
+      OpenRaw(dir, R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})", std::string(8, '\0'));
   CheckError(status, absl::StatusCode::kInvalidArgument, "out of range");
   CHECK_THAT(Message(status), Contains("tensor 'w'"));
 }
@@ -458,15 +431,13 @@ TEST_CASE("A hole between tensors is InvalidArgument", "[model][safetensors]") {
 
 TEST_CASE("A hole before the first tensor is InvalidArgument", "[model][safetensors]") {
   TempDir dir;
-  CheckError(OpenRaw(dir, R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",
-                     std::string(12, '\0')),
+  CheckError(OpenRaw(dir, R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})", std::string(12, '\0')),
              absl::StatusCode::kInvalidArgument, "before tensor 'a'");
 }
 
 TEST_CASE("Bytes after the last tensor are InvalidArgument", "[model][safetensors]") {
   TempDir dir;
-  CheckError(OpenRaw(dir, R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})",
-                     std::string(16, '\0')),
+  CheckError(OpenRaw(dir, R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", std::string(16, '\0')),
              absl::StatusCode::kInvalidArgument, "hole of 8 bytes at the end");
 }
 
@@ -481,17 +452,16 @@ TEST_CASE("Duplicate tensor names are InvalidArgument", "[model][safetensors]") 
 
 TEST_CASE("A duplicate key inside a tensor entry is InvalidArgument", "[model][safetensors]") {
   TempDir dir;
-  CheckError(OpenRaw(dir, R"({"a":{"dtype":"F32","dtype":"U8","shape":[2],"data_offsets":[0,8]}})",
-                     std::string(8, '\0')),
-             absl::StatusCode::kInvalidArgument, "duplicate key 'dtype' in 'a'");
+  CheckError(
+      OpenRaw(dir, R"({"a":{"dtype":"F32","dtype":"U8","shape":[2],"data_offsets":[0,8]}})", std::string(8, '\0')),
+      absl::StatusCode::kInvalidArgument, "duplicate key 'dtype' in 'a'");
 }
 
-TEST_CASE("__metadata__ that is not an object of strings is InvalidArgument",
-          "[model][safetensors]") {
+TEST_CASE("__metadata__ that is not an object of strings is InvalidArgument", "[model][safetensors]") {
   TempDir dir;
   const std::string tensor = R"("a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]})";
-  CheckError(OpenRaw(dir, StrCat(R"({"__metadata__":"pt",)", tensor, "}"), "x"),
-             absl::StatusCode::kInvalidArgument, "\"__metadata__\" is not a JSON object");
+  CheckError(OpenRaw(dir, StrCat(R"({"__metadata__":"pt",)", tensor, "}"), "x"), absl::StatusCode::kInvalidArgument,
+             "\"__metadata__\" is not a JSON object");
   CheckError(OpenRaw(dir, StrCat(R"({"__metadata__":{"step":3},)", tensor, "}"), "x"),
              absl::StatusCode::kInvalidArgument, "value of 'step' is not a string");
   CheckError(OpenRaw(dir, StrCat(R"({"__metadata__":{"k":"v","k":"w"},)", tensor, "}"), "x"),
@@ -500,8 +470,7 @@ TEST_CASE("__metadata__ that is not an object of strings is InvalidArgument",
 
 TEST_CASE("A missing file is NotFound", "[model][safetensors]") {
   TempDir dir;
-  CHECK(SafetensorsFile::Open(dir.file("nope.safetensors")).status().code() ==
-        absl::StatusCode::kNotFound);
+  CHECK(SafetensorsFile::Open(dir.file("nope.safetensors")).status().code() == absl::StatusCode::kNotFound);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -515,8 +484,7 @@ void WriteTwoShards(const TempDir& dir) {
   const std::vector<float> a = {1, 2};
   const std::vector<uint8_t> b = {7, 8, 9};
   const std::vector<int64_t> c = {123456789};
-  const std::vector<TensorToWrite> first = {{"a", DType::kF32, {2}, AsBytes(a)},
-                                            {"b", DType::kU8, {3}, AsBytes(b)}};
+  const std::vector<TensorToWrite> first = {{"a", DType::kF32, {2}, AsBytes(a)}, {"b", DType::kU8, {3}, AsBytes(b)}};
   const std::vector<TensorToWrite> second = {{"c", DType::kI64, {1}, AsBytes(c)}};
   REQUIRE(WriteSafetensors(dir.file(kShard1), first, {{"format", "pt"}}).ok());
   REQUIRE(WriteSafetensors(dir.file(kShard2), second, {{"format", "pt"}}).ok());
@@ -527,12 +495,10 @@ void WriteIndex(const TempDir& dir, std::string_view weight_map) {
              StrCat(R"({"metadata": {"total_size": 28}, "weight_map": )", weight_map, "}"));
 }
 
-TEST_CASE("A sharded model directory opens each shard once and finds tensors from both",
-          "[model][safetensors]") {
+TEST_CASE("A sharded model directory opens each shard once and finds tensors from both", "[model][safetensors]") {
   TempDir dir;
   WriteTwoShards(dir);
-  WriteIndex(dir, StrCat(R"({"a": ")", kShard1, R"(", "b": ")", kShard1, R"(", "c": ")", kShard2,
-                         R"("})"));
+  WriteIndex(dir, StrCat(R"({"a": ")", kShard1, R"(", "b": ")", kShard1, R"(", "c": ")", kShard2, R"("})"));
   auto collection = SafetensorsCollection::Open(dir.path());
   REQUIRE(collection.ok());
   CHECK((*collection)->size() == 3);
@@ -569,29 +535,25 @@ TEST_CASE("A directory with model.safetensors, or the file's own path, opens as 
   }
 }
 
-TEST_CASE("A directory with neither model.safetensors nor an index is NotFound",
-          "[model][safetensors]") {
+TEST_CASE("A directory with neither model.safetensors nor an index is NotFound", "[model][safetensors]") {
   TempDir dir;
   const absl::Status status = SafetensorsCollection::Open(dir.path()).status();
   CheckError(status, absl::StatusCode::kNotFound, "model.safetensors.index.json");
   CHECK_THAT(Message(status), Contains(dir.path()));
-  CHECK(SafetensorsCollection::Open(dir.file("missing")).status().code() ==
-        absl::StatusCode::kNotFound);
+  CHECK(SafetensorsCollection::Open(dir.file("missing")).status().code() == absl::StatusCode::kNotFound);
 }
 
-TEST_CASE("An index naming a tensor its shard does not hold is InvalidArgument naming both",
-          "[model][safetensors]") {
+TEST_CASE("An index naming a tensor its shard does not hold is InvalidArgument naming both", "[model][safetensors]") {
   TempDir dir;
   WriteTwoShards(dir);
-  WriteIndex(dir, StrCat(R"({"a": ")", kShard1, R"(", "b": ")", kShard1, R"(", "c": ")", kShard2,
-                         R"(", "d": ")", kShard2, R"("})"));
+  WriteIndex(dir, StrCat(R"({"a": ")", kShard1, R"(", "b": ")", kShard1, R"(", "c": ")", kShard2, R"(", "d": ")",
+                         kShard2, R"("})"));
   const absl::Status status = SafetensorsCollection::Open(dir.path()).status();
   CheckError(status, absl::StatusCode::kInvalidArgument, "tensor 'd'");
   CHECK_THAT(Message(status), Contains(kShard2));
 }
 
-TEST_CASE("An index naming a shard that does not exist is NotFound naming the shard",
-          "[model][safetensors]") {
+TEST_CASE("An index naming a shard that does not exist is NotFound naming the shard", "[model][safetensors]") {
   TempDir dir;
   WriteTwoShards(dir);
   WriteIndex(dir, StrCat(R"({"a": ")", kShard1, R"(", "b": ")", kShard1, R"(", "c": ")",
@@ -611,8 +573,7 @@ TEST_CASE("An index shard name with a path separator is InvalidArgument", "[mode
   }
 }
 
-TEST_CASE("A tensor present in two shards is InvalidArgument naming both shards",
-          "[model][safetensors]") {
+TEST_CASE("A tensor present in two shards is InvalidArgument naming both shards", "[model][safetensors]") {
   TempDir dir;
   WriteTwoShards(dir);
   const std::vector<uint8_t> bytes = {1};
@@ -628,14 +589,13 @@ TEST_CASE("A tensor present in two shards is InvalidArgument naming both shards"
 TEST_CASE("An index listing one tensor twice is InvalidArgument", "[model][safetensors]") {
   TempDir dir;
   WriteTwoShards(dir);
-  WriteIndex(dir, StrCat(R"({"a": ")", kShard1, R"(", "b": ")", kShard1, R"(", "c": ")", kShard2,
-                         R"(", "a": ")", kShard2, R"("})"));
+  WriteIndex(dir, StrCat(R"({"a": ")", kShard1, R"(", "b": ")", kShard1, R"(", "c": ")", kShard2, R"(", "a": ")",
+                         kShard2, R"("})"));
   CheckError(SafetensorsCollection::Open(dir.path()).status(), absl::StatusCode::kInvalidArgument,
              "duplicate key 'a' in 'weight_map'");
 }
 
-TEST_CASE("A shard tensor that the index does not list is InvalidArgument",
-          "[model][safetensors]") {
+TEST_CASE("A shard tensor that the index does not list is InvalidArgument", "[model][safetensors]") {
   TempDir dir;
   WriteTwoShards(dir);
   WriteIndex(dir, StrCat(R"({"a": ")", kShard1, R"(", "c": ")", kShard2, R"("})"));
@@ -650,15 +610,13 @@ TEST_CASE("An index without a weight_map object is InvalidArgument", "[model][sa
   CheckError(SafetensorsCollection::Open(dir.path()).status(), absl::StatusCode::kInvalidArgument,
              "\"weight_map\" missing");
   WriteBytes(dir.file("model.safetensors.index.json"), "not json");
-  CheckError(SafetensorsCollection::Open(dir.path()).status(), absl::StatusCode::kInvalidArgument,
-             "not valid JSON");
+  CheckError(SafetensorsCollection::Open(dir.path()).status(), absl::StatusCode::kInvalidArgument, "not valid JSON");
 }
 
 // ---------------------------------------------------------------------------------------------------
 // Writer validation
 
-TEST_CASE("WriteSafetensors rejects bad names and byte lengths and leaves no file behind",
-          "[model][safetensors]") {
+TEST_CASE("WriteSafetensors rejects bad names and byte lengths and leaves no file behind", "[model][safetensors]") {
   TempDir dir;
   const std::string path = dir.file("bad.safetensors");
   const std::vector<float> two = {1, 2};
@@ -667,8 +625,7 @@ TEST_CASE("WriteSafetensors rejects bad names and byte lengths and leaves no fil
     std::string needle;
   };
   const std::vector<Case> cases = {
-      {{{"a", DType::kF32, {2}, AsBytes(two)}, {"a", DType::kF32, {2}, AsBytes(two)}},
-       "duplicate tensor name 'a'"},
+      {{{"a", DType::kF32, {2}, AsBytes(two)}, {"a", DType::kF32, {2}, AsBytes(two)}}, "duplicate tensor name 'a'"},
       {{{"a", DType::kF32, {3}, AsBytes(two)}}, "tensor 'a' has 8 bytes"},
       {{{"a", DType::kF16, {2}, AsBytes(two)}}, "needs 4"},
       {{{"", DType::kF32, {2}, AsBytes(two)}}, "empty name"},
@@ -682,22 +639,19 @@ TEST_CASE("WriteSafetensors rejects bad names and byte lengths and leaves no fil
   }
 }
 
-TEST_CASE("WriteSafetensors rejects a name that is not valid UTF-8 and leaves no file behind",
-          "[model][safetensors]") {
+TEST_CASE("WriteSafetensors rejects a name that is not valid UTF-8 and leaves no file behind", "[model][safetensors]") {
   TempDir dir;
   const std::vector<uint8_t> one = {1};
   const std::vector<TensorToWrite> tensors = {{"bad\xff", DType::kU8, {1}, AsBytes(one)}};
-  CheckError(WriteSafetensors(dir.file("bad.safetensors"), tensors),
-             absl::StatusCode::kInvalidArgument, "UTF-8");
+  CheckError(WriteSafetensors(dir.file("bad.safetensors"), tensors), absl::StatusCode::kInvalidArgument, "UTF-8");
   CHECK(dir.num_entries() == 0);
 }
 
 // ---------------------------------------------------------------------------------------------------
 // Fuzz
 
-TEST_CASE(
-    "Open never crashes on corrupted files and every tensor it accepts lies inside the mapping",
-    "[model][safetensors]") {
+TEST_CASE("Open never crashes on corrupted files and every tensor it accepts lies inside the mapping",
+          "[model][safetensors]") {
   TempDir dir;
   const std::string valid_path = dir.file("valid.safetensors");
   const std::vector<float> w = {1, 2, 3, 4, 5, 6};
@@ -712,8 +666,7 @@ TEST_CASE(
   auto valid_or = ReadFile(valid_path);
   REQUIRE(valid_or.ok());
   const std::string valid = *valid_or;
-  const size_t header_end =
-      8 + (static_cast<uint8_t>(valid[0]) | static_cast<uint8_t>(valid[1]) << 8);
+  const size_t header_end = 8 + (static_cast<uint8_t>(valid[0]) | static_cast<uint8_t>(valid[1]) << 8);
 
   std::mt19937_64 rng(0x5afe7e45);
   auto below = [&rng](size_t n) { return static_cast<size_t>(rng() % n); };
@@ -757,8 +710,7 @@ TEST_CASE(
       CHECK(view.data >= begin);
       CHECK(view.data <= end);
       CHECK(view.nbytes <= static_cast<size_t>(end - view.data));
-      CHECK(view.numel() * static_cast<int64_t>(DTypeSize(view.dtype)) ==
-            static_cast<int64_t>(view.nbytes));
+      CHECK(view.numel() * static_cast<int64_t>(DTypeSize(view.dtype)) == static_cast<int64_t>(view.nbytes));
     }
   }
   // Both outcomes must occur, or the variants did not exercise the checks.

@@ -50,9 +50,7 @@ const std::string kMeta = "\xE2\x96\x81";  // "▁", SentencePiece's space
 // GPT-2's bytes_to_unicode, written plainly as the reference: printable bytes stand for themselves,
 // the others take U+0100, U+0101, ... in byte order.
 char32_t RefByteChar(int b) {
-  auto printable = [](int x) {
-    return (x >= 33 && x <= 126) || (x >= 161 && x <= 172) || (x >= 174 && x <= 255);
-  };
+  auto printable = [](int x) { return (x >= 33 && x <= 126) || (x >= 161 && x <= 172) || (x >= 174 && x <= 255); };
   if (printable(b)) return static_cast<char32_t>(b);
   int n = 0;
   for (int x = 0; x < b; ++x) n += printable(x) ? 0 : 1;
@@ -67,10 +65,7 @@ std::string BL(std::string_view bytes) {
 }
 
 json ByteLevelPre(bool use_regex = true) {
-  return {{"type", "ByteLevel"},
-          {"add_prefix_space", false},
-          {"trim_offsets", true},
-          {"use_regex", use_regex}};
+  return {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", use_regex}};
 }
 json ByteLevelDecoder() { return ByteLevelPre(); }
 
@@ -91,9 +86,8 @@ struct BpeBuilder {
   }
   int32_t Id(const std::string& token) const { return vocab.at(token).get<int32_t>(); }
   json Model() const {
-    return {{"type", "BPE"},     {"dropout", nullptr},     {"unk_token", nullptr},
-            {"fuse_unk", false}, {"byte_fallback", false}, {"vocab", vocab},
-            {"merges", merges}};
+    return {{"type", "BPE"},          {"dropout", nullptr}, {"unk_token", nullptr}, {"fuse_unk", false},
+            {"byte_fallback", false}, {"vocab", vocab},     {"merges", merges}};
   }
 };
 
@@ -104,9 +98,8 @@ BpeBuilder ByteLevelBuilder() {
   return b;
 }
 
-std::string Document(const json& model, const json& normalizer, const json& pre_tokenizer,
-                     const json& post_processor, const json& decoder,
-                     const json& added_tokens = json::array()) {
+std::string Document(const json& model, const json& normalizer, const json& pre_tokenizer, const json& post_processor,
+                     const json& decoder, const json& added_tokens = json::array()) {
   json doc = {{"version", "1.0"},
               {"truncation", nullptr},
               {"padding", nullptr},
@@ -169,8 +162,8 @@ std::vector<std::string> RandomTexts(uint32_t seed, int count) {
 }
 
 std::string TempDir(const std::string& name) {
-  const std::string dir = std::filesystem::temp_directory_path() /
-                          ("seedling_tokenizer_test_" + std::to_string(getpid()) + "_" + name);
+  const std::string dir =
+      std::filesystem::temp_directory_path() / ("seedling_tokenizer_test_" + std::to_string(getpid()) + "_" + name);
   std::filesystem::remove_all(dir);
   std::filesystem::create_directories(dir);
   return dir;
@@ -197,11 +190,9 @@ struct ByteLevelFixture {
     im_start = bpe.next_id++;
     im_end = bpe.next_id++;
     eot = bpe.next_id++;
-    const json added =
-        json::array({AddedToken(im_start, "<|im_start|>"), AddedToken(im_end, "<|im_end|>"),
-                     AddedToken(eot, "<|endoftext|>")});
-    doc = Document(bpe.Model(), nullptr, ByteLevelPre(), {{"type", "ByteLevel"}},
-                   ByteLevelDecoder(), added);
+    const json added = json::array(
+        {AddedToken(im_start, "<|im_start|>"), AddedToken(im_end, "<|im_end|>"), AddedToken(eot, "<|endoftext|>")});
+    doc = Document(bpe.Model(), nullptr, ByteLevelPre(), {{"type", "ByteLevel"}}, ByteLevelDecoder(), added);
   }
 };
 
@@ -237,35 +228,30 @@ struct SentencePieceStyleFixture {
     model["unk_token"] = "<unk>";
     model["byte_fallback"] = byte_fallback;
     model["fuse_unk"] = fuse_unk;
-    const json normalizer = {
-        {"type", "Sequence"},
-        {"normalizers",
-         {{{"type", "Prepend"}, {"prepend", kMeta}},
-          {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", kMeta}}}}};
+    const json normalizer = {{"type", "Sequence"},
+                             {"normalizers",
+                              {{{"type", "Prepend"}, {"prepend", kMeta}},
+                               {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", kMeta}}}}};
     const json post = {
         {"type", "TemplateProcessing"},
         {"single",
-         {{{"SpecialToken", {{"id", "<s>"}, {"type_id", 0}}}},
-          {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}},
+         {{{"SpecialToken", {{"id", "<s>"}, {"type_id", 0}}}}, {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}},
         {"pair", json::array()},
         {"special_tokens", {{"<s>", {{"id", "<s>"}, {"ids", {1}}, {"tokens", {"<s>"}}}}}}};
-    const json decoder = {
-        {"type", "Sequence"},
-        {"decoders",
-         {{{"type", "Replace"}, {"pattern", {{"String", kMeta}}}, {"content", " "}},
-          {{"type", "ByteFallback"}},
-          {{"type", "Fuse"}},
-          {{"type", "Strip"}, {"content", " "}, {"start", 1}, {"stop", 0}}}}};
-    const json added =
-        json::array({AddedToken(0, "<unk>"), AddedToken(1, "<s>"), AddedToken(2, "</s>")});
+    const json decoder = {{"type", "Sequence"},
+                          {"decoders",
+                           {{{"type", "Replace"}, {"pattern", {{"String", kMeta}}}, {"content", " "}},
+                            {{"type", "ByteFallback"}},
+                            {{"type", "Fuse"}},
+                            {{"type", "Strip"}, {"content", " "}, {"start", 1}, {"stop", 0}}}}};
+    const json added = json::array({AddedToken(0, "<unk>"), AddedToken(1, "<s>"), AddedToken(2, "</s>")});
     doc = Document(model, normalizer, nullptr, post, decoder, added);
   }
 };
 
 // Naive BPE for one word, written for clarity: find the lowest-ranked adjacent pair, merge its
 // leftmost occurrence, repeat. The reference for the priority-queue implementation.
-Ids NaiveBpe(const std::vector<std::string>& chars,
-             const std::map<std::pair<std::string, std::string>, int>& ranks,
+Ids NaiveBpe(const std::vector<std::string>& chars, const std::map<std::pair<std::string, std::string>, int>& ranks,
              const std::map<std::string, int32_t>& vocab) {
   std::vector<std::string> symbols = chars;
   while (true) {
@@ -286,8 +272,7 @@ Ids NaiveBpe(const std::vector<std::string>& chars,
 
 // ---- Byte-level BPE -----------------------------------------------------------------------------
 
-TEST_CASE("Byte-level BPE applies merges lowest rank first, so merge order changes the ids",
-          "[model][tokenizer]") {
+TEST_CASE("Byte-level BPE applies merges lowest rank first, so merge order changes the ids", "[model][tokenizer]") {
   auto build = [](bool ll_first) {
     BpeBuilder b = ByteLevelBuilder();
     if (ll_first) {
@@ -356,8 +341,7 @@ TEST_CASE("Byte-level BPE matches a naive BPE on random words", "[model][tokeniz
   }
 }
 
-TEST_CASE("Merges load in both the 'a b' string and the [a, b] pair formats",
-          "[model][tokenizer]") {
+TEST_CASE("Merges load in both the 'a b' string and the [a, b] pair formats", "[model][tokenizer]") {
   BpeBuilder b = ByteLevelBuilder();
   b.Merge("h", "i");
   json model = b.Model();
@@ -368,9 +352,8 @@ TEST_CASE("Merges load in both the 'a b' string and the [a, b] pair formats",
   CHECK(Enc(*strings, "hi") == Ids{256});
 }
 
-TEST_CASE(
-    "The GPT-2 pre-tokenizer splits contractions, letters, digits, punctuation and whitespace",
-    "[model][tokenizer]") {
+TEST_CASE("The GPT-2 pre-tokenizer splits contractions, letters, digits, punctuation and whitespace",
+          "[model][tokenizer]") {
   // With ignore_merges, a pre-token that is in the vocabulary comes out as one id, so the ids show
   // the split.
   BpeBuilder b = ByteLevelBuilder();
@@ -386,8 +369,7 @@ TEST_CASE(
   CHECK(Enc(*t, "Don't stop 2024now!?  end\n  x   ") == expected_ids);
 }
 
-TEST_CASE("Llama-3 style Split regex with ByteLevel(use_regex=false) and ignore_merges",
-          "[model][tokenizer]") {
+TEST_CASE("Llama-3 style Split regex with ByteLevel(use_regex=false) and ignore_merges", "[model][tokenizer]") {
   const std::string llama3_regex =
       R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
   auto build = [&](bool ignore_merges) {
@@ -400,13 +382,11 @@ TEST_CASE("Llama-3 style Split regex with ByteLevel(use_regex=false) and ignore_
     b.Add("'S");             // 261
     json model = b.Model();
     model["ignore_merges"] = ignore_merges;
-    const json pre = {{"type", "Sequence"},
-                      {"pretokenizers",
-                       {{{"type", "Split"},
-                         {"pattern", {{"Regex", llama3_regex}}},
-                         {"behavior", "Isolated"},
-                         {"invert", false}},
-                        ByteLevelPre(false)}}};
+    const json pre = {
+        {"type", "Sequence"},
+        {"pretokenizers",
+         {{{"type", "Split"}, {"pattern", {{"Regex", llama3_regex}}}, {"behavior", "Isolated"}, {"invert", false}},
+          ByteLevelPre(false)}}};
     return Parse(Document(model, nullptr, pre, nullptr, ByteLevelDecoder()));
   };
   // " hello" is emitted whole; "12345" splits as "123" "45" (\p{N}{1,3}); "'S" matches
@@ -416,16 +396,14 @@ TEST_CASE("Llama-3 style Split regex with ByteLevel(use_regex=false) and ignore_
   CHECK(Enc(*build(false), " hello12345'S") == Ids{257, 'l', 'l', 'o', 259, '4', '5', '\'', 'S'});
 }
 
-TEST_CASE("The Digits pre-tokenizer with individual_digits keeps digits apart",
-          "[model][tokenizer]") {
+TEST_CASE("The Digits pre-tokenizer with individual_digits keeps digits apart", "[model][tokenizer]") {
   auto build = [](bool digits) {
     BpeBuilder b = ByteLevelBuilder();
     b.Merge("1", "2");  // 256
     json pre = ByteLevelPre();
     if (digits) {
-      pre = {
-          {"type", "Sequence"},
-          {"pretokenizers", {{{"type", "Digits"}, {"individual_digits", true}}, ByteLevelPre()}}};
+      pre = {{"type", "Sequence"},
+             {"pretokenizers", {{{"type", "Digits"}, {"individual_digits", true}}, ByteLevelPre()}}};
     }
     return Parse(Document(b.Model(), nullptr, pre, nullptr, ByteLevelDecoder()));
   };
@@ -444,8 +422,7 @@ TEST_CASE("Byte-level round trip: Decode(Encode(s)) == s for random UTF-8", "[mo
 
 // ---- SentencePiece-style tokenizer.json ---------------------------------------------------------
 
-TEST_CASE("SentencePiece-style tokenizer.json gives the expected ids and text",
-          "[model][tokenizer]") {
+TEST_CASE("SentencePiece-style tokenizer.json gives the expected ids and text", "[model][tokenizer]") {
   SentencePieceStyleFixture f;
   auto t = Parse(f.doc);
   const Ids ids = Enc(*t, "hello world");
@@ -455,8 +432,7 @@ TEST_CASE("SentencePiece-style tokenizer.json gives the expected ids and text",
   CHECK(Enc(*t, "").empty());
   CHECK(Enc(*t, "<s>") == Ids{1});
   // Two spaces: the first "▁" stands alone, the second starts "▁world".
-  CHECK(Enc(*t, "hello  world") ==
-        Ids{f.bpe.Id(kMeta + "hello"), f.bpe.Id(kMeta), f.bpe.Id(kMeta + "world")});
+  CHECK(Enc(*t, "hello  world") == Ids{f.bpe.Id(kMeta + "hello"), f.bpe.Id(kMeta), f.bpe.Id(kMeta + "world")});
 }
 
 TEST_CASE("Byte fallback encodes an unknown character as its UTF-8 byte tokens and decodes it back",
@@ -469,16 +445,14 @@ TEST_CASE("Byte fallback encodes an unknown character as its UTF-8 byte tokens a
   CHECK(Dec(*t, ids) == "h\xC3\xA9");
 }
 
-TEST_CASE("Without byte fallback, a run of unknown characters becomes one unk with fuse_unk",
-          "[model][tokenizer]") {
+TEST_CASE("Without byte fallback, a run of unknown characters becomes one unk with fuse_unk", "[model][tokenizer]") {
   SentencePieceStyleFixture fused(/*byte_fallback=*/false, /*fuse_unk=*/true);
   SentencePieceStyleFixture unfused(/*byte_fallback=*/false, /*fuse_unk=*/false);
   CHECK(Enc(*Parse(fused.doc), "h\xC3\xA9\xC3\xA9") == Ids{fused.bpe.Id(kMeta + "h"), 0});
   CHECK(Enc(*Parse(unfused.doc), "h\xC3\xA9\xC3\xA9") == Ids{unfused.bpe.Id(kMeta + "h"), 0, 0});
 }
 
-TEST_CASE("SentencePiece-style round trip: Decode(Encode(s)) == s for random UTF-8",
-          "[model][tokenizer]") {
+TEST_CASE("SentencePiece-style round trip: Decode(Encode(s)) == s for random UTF-8", "[model][tokenizer]") {
   SentencePieceStyleFixture f;
   auto t = Parse(f.doc);
   for (const std::string& s : RandomTexts(12, 300)) {
@@ -492,10 +466,8 @@ TEST_CASE("The Metaspace pre-tokenizer prepends '▁' only at the start with pre
   SentencePieceStyleFixture f;
   json doc = json::parse(f.doc);
   doc["normalizer"] = nullptr;
-  doc["pre_tokenizer"] = {
-      {"type", "Metaspace"}, {"replacement", kMeta}, {"prepend_scheme", "first"}, {"split", true}};
-  doc["decoder"] = {
-      {"type", "Metaspace"}, {"replacement", kMeta}, {"prepend_scheme", "first"}, {"split", true}};
+  doc["pre_tokenizer"] = {{"type", "Metaspace"}, {"replacement", kMeta}, {"prepend_scheme", "first"}, {"split", true}};
+  doc["decoder"] = {{"type", "Metaspace"}, {"replacement", kMeta}, {"prepend_scheme", "first"}, {"split", true}};
   auto t = Parse(doc.dump());
   const int32_t hello = f.bpe.Id(kMeta + "hello");
   const int32_t world = f.bpe.Id(kMeta + "world");
@@ -505,19 +477,16 @@ TEST_CASE("The Metaspace pre-tokenizer prepends '▁' only at the start with pre
   CHECK(Enc(*t, "<s>hello") == Ids{1, f.bpe.Id("h"), f.bpe.Id("ell"), f.bpe.Id("o")});
 }
 
-TEST_CASE("Legacy Metaspace add_prefix_space=true prepends '▁' to every segment",
-          "[model][tokenizer]") {
+TEST_CASE("Legacy Metaspace add_prefix_space=true prepends '▁' to every segment", "[model][tokenizer]") {
   SentencePieceStyleFixture f;
   json doc = json::parse(f.doc);
   doc["normalizer"] = nullptr;
-  doc["pre_tokenizer"] = {
-      {"type", "Metaspace"}, {"replacement", kMeta}, {"add_prefix_space", true}};
+  doc["pre_tokenizer"] = {{"type", "Metaspace"}, {"replacement", kMeta}, {"add_prefix_space", true}};
   auto t = Parse(doc.dump());
   CHECK(Enc(*t, "<s>hello") == Ids{1, f.bpe.Id(kMeta + "hello")});
 }
 
-TEST_CASE("An NFC normalizer makes decomposed and precomposed text encode the same",
-          "[model][tokenizer]") {
+TEST_CASE("An NFC normalizer makes decomposed and precomposed text encode the same", "[model][tokenizer]") {
   ByteLevelFixture f;
   json doc = json::parse(f.doc);
   doc["normalizer"] = {{"type", "NFC"}};
@@ -531,15 +500,13 @@ TEST_CASE("An NFC normalizer makes decomposed and precomposed text encode the sa
             "e\xCC\x81") != Enc(*plain, "caf\xC3\xA9"));
 }
 
-TEST_CASE("Lowercase and Replace(Regex) normalizers rewrite the text before the model",
-          "[model][tokenizer]") {
+TEST_CASE("Lowercase and Replace(Regex) normalizers rewrite the text before the model", "[model][tokenizer]") {
   ByteLevelFixture f;
   json doc = json::parse(f.doc);
   doc["normalizer"] = {
       {"type", "Sequence"},
       {"normalizers",
-       {{{"type", "Lowercase"}},
-        {{"type", "Replace"}, {"pattern", {{"Regex", "[0-9]+"}}}, {"content", "#"}}}}};
+       {{{"type", "Lowercase"}}, {{"type", "Replace"}, {"pattern", {{"Regex", "[0-9]+"}}}, {"content", "#"}}}}};
   auto t = Parse(doc.dump());
   CHECK(Enc(*t, "AB 123") == Enc(*t, "ab #"));
   CHECK(Enc(*t, "AB 123") == Ids{'a', 'b', ' ', '#'});
@@ -581,8 +548,7 @@ TEST_CASE("Added tokens honour lstrip, rstrip and single_word", "[model][tokeniz
   strip["rstrip"] = true;
   json word = AddedToken(257, "cat");
   word["single_word"] = true;
-  auto t = Parse(Document(b.Model(), nullptr, ByteLevelPre(), nullptr, ByteLevelDecoder(),
-                          json::array({strip, word})));
+  auto t = Parse(Document(b.Model(), nullptr, ByteLevelPre(), nullptr, ByteLevelDecoder(), json::array({strip, word})));
   CHECK(Enc(*t, "a  <m>  b") == Ids{'a', 256, 'b'});
   CHECK(Enc(*t, "a cat") == Ids{'a', ' ', 257});
   CHECK(Enc(*t, "cats") == Ids{'c', 'a', 't', 's'});
@@ -599,24 +565,19 @@ TEST_CASE("TemplateProcessing prepends BOS only with add_special_tokens", "[mode
   CHECK(Dec(*t, Ids{1, hello}, /*skip_special=*/true) == "hello");
 }
 
-TEST_CASE("A Sequence post-processor of ByteLevel and TemplateProcessing (Llama-3.2) adds BOS",
-          "[model][tokenizer]") {
+TEST_CASE("A Sequence post-processor of ByteLevel and TemplateProcessing (Llama-3.2) adds BOS", "[model][tokenizer]") {
   ByteLevelFixture f;
   json doc = json::parse(f.doc);
   doc["post_processor"] = {
       {"type", "Sequence"},
       {"processors",
-       {{{"type", "ByteLevel"},
-         {"add_prefix_space", true},
-         {"trim_offsets", false},
-         {"use_regex", true}},
+       {{{"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", false}, {"use_regex", true}},
         {{"type", "TemplateProcessing"},
          {"single",
           {{{"SpecialToken", {{"id", "<|endoftext|>"}, {"type_id", 0}}}},
            {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}},
          {"special_tokens",
-          {{"<|endoftext|>",
-            {{"id", "<|endoftext|>"}, {"ids", {f.eot}}, {"tokens", {"<|endoftext|>"}}}}}}}}}};
+          {{"<|endoftext|>", {{"id", "<|endoftext|>"}, {"ids", {f.eot}}, {"tokens", {"<|endoftext|>"}}}}}}}}}};
   auto t = Parse(doc.dump());
   CHECK(Enc(*t, "hello", true) == Ids{f.eot, f.bpe.Id("hello")});
   CHECK(t->bos_id() == f.eot);
@@ -627,8 +588,8 @@ TEST_CASE("A Sequence post-processor of ByteLevel and TemplateProcessing (Llama-
 TEST_CASE("Encoding invalid UTF-8 is InvalidArgument", "[model][tokenizer]") {
   ByteLevelFixture f;
   auto t = Parse(f.doc);
-  for (const std::string& bad : {std::string("ab\xFF"), std::string("\xC3"),
-                                 std::string("\xED\xA0\x80"), std::string("\xC0\xAF")}) {
+  for (const std::string& bad :
+       {std::string("ab\xFF"), std::string("\xC3"), std::string("\xED\xA0\x80"), std::string("\xC0\xAF")}) {
     auto ids = t->Encode(bad);
     REQUIRE_FALSE(ids.ok());
     CHECK(ids.status().code() == absl::StatusCode::kInvalidArgument);
@@ -643,8 +604,7 @@ TEST_CASE("Decoding an out-of-range id is InvalidArgument naming the id", "[mode
     auto text = t->Decode(Ids{'a', id});
     REQUIRE_FALSE(text.ok());
     CHECK(text.status().code() == absl::StatusCode::kInvalidArgument);
-    CHECK_THAT(std::string(text.status().message()),
-               Catch::Contains("token id " + std::to_string(id)));
+    CHECK_THAT(std::string(text.status().message()), Catch::Contains("token id " + std::to_string(id)));
   }
 }
 
@@ -661,13 +621,10 @@ TEST_CASE("tokenizer.json without a model is InvalidArgument", "[model][tokenize
   CheckInvalid(doc.dump(), "tokenizer.json: model is missing");
 }
 
-TEST_CASE("tokenizer.json with an unknown pre-tokenizer type is InvalidArgument",
-          "[model][tokenizer]") {
+TEST_CASE("tokenizer.json with an unknown pre-tokenizer type is InvalidArgument", "[model][tokenizer]") {
   json doc = json::parse(ByteLevelFixture().doc);
-  doc["pre_tokenizer"] = {{"type", "Sequence"},
-                          {"pretokenizers", {ByteLevelPre(), {{"type", "Foo"}}}}};
-  CheckInvalid(doc.dump(),
-               "pre_tokenizer.pretokenizers[1] type 'Foo' is not supported (supported: ");
+  doc["pre_tokenizer"] = {{"type", "Sequence"}, {"pretokenizers", {ByteLevelPre(), {{"type", "Foo"}}}}};
+  CheckInvalid(doc.dump(), "pre_tokenizer.pretokenizers[1] type 'Foo' is not supported (supported: ");
 }
 
 TEST_CASE("tokenizer.json with a merge naming a token missing from the vocab is InvalidArgument",
@@ -677,8 +634,7 @@ TEST_CASE("tokenizer.json with a merge naming a token missing from the vocab is 
   CheckInvalid(doc.dump(), "names token 'zz', which is not in the vocab");
 }
 
-TEST_CASE("tokenizer.json that is not JSON, or has an unsupported model, is InvalidArgument",
-          "[model][tokenizer]") {
+TEST_CASE("tokenizer.json that is not JSON, or has an unsupported model, is InvalidArgument", "[model][tokenizer]") {
   CheckInvalid("{\"model\": ", "not valid JSON");
   json doc = json::parse(ByteLevelFixture().doc);
   doc["model"]["type"] = "Unigram";
@@ -708,8 +664,7 @@ TEST_CASE("tokenizer.json with a Sequence normalizer nested 20,000 deep is refus
 
 // ---- Concurrency and scale ----------------------------------------------------------------------
 
-TEST_CASE("Concurrent Encode calls on one tokenizer agree with a serial run",
-          "[model][tokenizer]") {
+TEST_CASE("Concurrent Encode calls on one tokenizer agree with a serial run", "[model][tokenizer]") {
   ByteLevelFixture f;
   auto t = Parse(f.doc);
   const std::vector<std::string> texts = RandomTexts(13, 200);
@@ -757,12 +712,9 @@ std::string ProtoVarint(uint64_t v) {
   return out;
 }
 std::string ProtoBytes(int field, std::string_view bytes) {
-  return ProtoVarint(static_cast<uint64_t>(field) << 3 | 2) + ProtoVarint(bytes.size()) +
-         std::string(bytes);
+  return ProtoVarint(static_cast<uint64_t>(field) << 3 | 2) + ProtoVarint(bytes.size()) + std::string(bytes);
 }
-std::string ProtoInt(int field, uint64_t v) {
-  return ProtoVarint(static_cast<uint64_t>(field) << 3) + ProtoVarint(v);
-}
+std::string ProtoInt(int field, uint64_t v) { return ProtoVarint(static_cast<uint64_t>(field) << 3) + ProtoVarint(v); }
 std::string ProtoFloat(int field, float f) {
   std::string out = ProtoVarint(static_cast<uint64_t>(field) << 3 | 5);
   char bytes[4];
@@ -795,17 +747,14 @@ struct SentencePieceModel {
     }
     float score = 0;
     for (const std::string& p :
-         {kMeta + "h", std::string("el"), std::string("ell"), kMeta + "hell", kMeta + "hello",
-          kMeta + "w", std::string("or"), kMeta + "wor", kMeta + "worl", kMeta + "world", kMeta,
-          std::string("h"), std::string("e"), std::string("l"), std::string("o"), std::string("w"),
-          std::string("r"), std::string("d")}) {
+         {kMeta + "h", std::string("el"), std::string("ell"), kMeta + "hell", kMeta + "hello", kMeta + "w",
+          std::string("or"), kMeta + "wor", kMeta + "worl", kMeta + "world", kMeta, std::string("h"), std::string("e"),
+          std::string("l"), std::string("o"), std::string("w"), std::string("r"), std::string("d")}) {
       add(p, score, kNormal);
       score -= 1;
     }
-    const std::string trainer =
-        ProtoInt(3, 2 /*BPE*/) + ProtoInt(4, pieces.size()) + ProtoInt(35, 1 /*byte_fallback*/);
-    const std::string normalizer =
-        ProtoBytes(1, "identity") + ProtoBytes(2, "") + ProtoInt(4, 0 /*keep spaces*/);
+    const std::string trainer = ProtoInt(3, 2 /*BPE*/) + ProtoInt(4, pieces.size()) + ProtoInt(35, 1 /*byte_fallback*/);
+    const std::string normalizer = ProtoBytes(1, "identity") + ProtoBytes(2, "") + ProtoInt(4, 0 /*keep spaces*/);
     proto += ProtoBytes(2, trainer) + ProtoBytes(3, normalizer);
   }
   int32_t Id(const std::string& piece) const {
@@ -824,8 +773,7 @@ std::unique_ptr<Tokenizer> LoadSp(const std::string& path, bool add_bos, bool ad
   return std::move(*t);
 }
 
-TEST_CASE("A SentencePiece tokenizer.model encodes with its merges and byte fallback",
-          "[model][tokenizer]") {
+TEST_CASE("A SentencePiece tokenizer.model encodes with its merges and byte fallback", "[model][tokenizer]") {
   const std::string dir = TempDir("sp_ids");
   SentencePieceModel m;
   auto t = LoadSp(m.Write(dir + "/tokenizer.model"), true, false);
@@ -840,9 +788,8 @@ TEST_CASE("A SentencePiece tokenizer.model encodes with its merges and byte fall
   std::filesystem::remove_all(dir);
 }
 
-TEST_CASE(
-    "A SentencePiece tokenizer.model adds BOS / EOS as asked and treats control pieces as special",
-    "[model][tokenizer]") {
+TEST_CASE("A SentencePiece tokenizer.model adds BOS / EOS as asked and treats control pieces as special",
+          "[model][tokenizer]") {
   const std::string dir = TempDir("sp_bos");
   SentencePieceModel m;
   const std::string path = m.Write(dir + "/tokenizer.model");
@@ -864,8 +811,7 @@ TEST_CASE(
   std::filesystem::remove_all(dir);
 }
 
-TEST_CASE("SentencePiece tokenizer.model round trip: Decode(Encode(s)) == s for random UTF-8",
-          "[model][tokenizer]") {
+TEST_CASE("SentencePiece tokenizer.model round trip: Decode(Encode(s)) == s for random UTF-8", "[model][tokenizer]") {
   const std::string dir = TempDir("sp_rt");
   SentencePieceModel m;
   auto t = LoadSp(m.Write(dir + "/tokenizer.model"), true, false);
@@ -876,23 +822,19 @@ TEST_CASE("SentencePiece tokenizer.model round trip: Decode(Encode(s)) == s for 
   std::filesystem::remove_all(dir);
 }
 
-TEST_CASE("Loading a SentencePiece model reports missing and malformed files",
-          "[model][tokenizer]") {
+TEST_CASE("Loading a SentencePiece model reports missing and malformed files", "[model][tokenizer]") {
   const std::string dir = TempDir("sp_bad");
-  CHECK(LoadSentencePieceTokenizer(dir + "/missing.model").status().code() ==
-        absl::StatusCode::kNotFound);
+  CHECK(LoadSentencePieceTokenizer(dir + "/missing.model").status().code() == absl::StatusCode::kNotFound);
   std::ofstream(dir + "/junk.model") << "not a model";
   auto junk = LoadSentencePieceTokenizer(dir + "/junk.model");
   CHECK(junk.status().code() == absl::StatusCode::kInvalidArgument);
-  CHECK_THAT(std::string(junk.status().message()),
-             Catch::Contains("junk.model: not a SentencePiece model"));
+  CHECK_THAT(std::string(junk.status().message()), Catch::Contains("junk.model: not a SentencePiece model"));
   std::filesystem::remove_all(dir);
 }
 
 // ---- LoadTokenizer ------------------------------------------------------------------------------
 
-TEST_CASE("LoadTokenizer reads tokenizer.json and takes EOS from tokenizer_config.json",
-          "[model][tokenizer]") {
+TEST_CASE("LoadTokenizer reads tokenizer.json and takes EOS from tokenizer_config.json", "[model][tokenizer]") {
   const std::string dir = TempDir("dir_json");
   ByteLevelFixture f;
   REQUIRE(WriteFileAtomic(dir + "/tokenizer.json", f.doc).ok());
@@ -909,8 +851,7 @@ TEST_CASE("LoadTokenizer reads tokenizer.json and takes EOS from tokenizer_confi
   std::filesystem::remove_all(dir);
 }
 
-TEST_CASE("LoadTokenizer falls back to tokenizer.model and honours add_bos_token",
-          "[model][tokenizer]") {
+TEST_CASE("LoadTokenizer falls back to tokenizer.model and honours add_bos_token", "[model][tokenizer]") {
   const std::string dir = TempDir("dir_sp");
   SentencePieceModel m;
   m.Write(dir + "/tokenizer.model");
@@ -928,8 +869,7 @@ TEST_CASE("LoadTokenizer falls back to tokenizer.model and honours add_bos_token
   std::filesystem::remove_all(dir);
 }
 
-TEST_CASE("LoadTokenizer reports a missing tokenizer and a malformed tokenizer_config.json",
-          "[model][tokenizer]") {
+TEST_CASE("LoadTokenizer reports a missing tokenizer and a malformed tokenizer_config.json", "[model][tokenizer]") {
   const std::string dir = TempDir("dir_bad");
   CHECK(LoadTokenizer(dir).status().code() == absl::StatusCode::kNotFound);
   REQUIRE(WriteFileAtomic(dir + "/tokenizer.json", ByteLevelFixture().doc).ok());
@@ -947,9 +887,8 @@ TEST_CASE("LoadTokenizer reports a missing tokenizer and a malformed tokenizer_c
 // About 100 KB of text: a few very common words and a few hundred made-up ones with skewed
 // frequencies.
 std::string TrainingCorpus() {
-  const std::vector<std::string> syllables = {"ka", "lo", "mi",       "ne",          "ru",
-                                              "sa", "to", "vi",       "ze",          "qu",
-                                              "sh", "th", "\xC3\xA9", "\xE4\xB8\xAD"};
+  const std::vector<std::string> syllables = {"ka", "lo", "mi", "ne", "ru", "sa",       "to",
+                                              "vi", "ze", "qu", "sh", "th", "\xC3\xA9", "\xE4\xB8\xAD"};
   std::mt19937 rng(99);
   std::vector<std::string> words = {"the", "federated", "learning", "and", "phone"};
   while (words.size() < 400) {
@@ -1029,12 +968,10 @@ TEST_CASE("The BPE trainer is deterministic and respects vocab_size", "[model][t
   CHECK(*a == *b);
   CHECK(Parse(*a)->vocab_size() == 500);
   options.vocab_size = 258;
-  CHECK(TrainByteLevelBpeTokenizerJson(corpus, options).status().code() ==
-        absl::StatusCode::kInvalidArgument);
+  CHECK(TrainByteLevelBpeTokenizerJson(corpus, options).status().code() == absl::StatusCode::kInvalidArgument);
 }
 
-TEST_CASE("The BPE trainer breaks count ties towards the pair with the smaller ids",
-          "[model][tokenizer]") {
+TEST_CASE("The BPE trainer breaks count ties towards the pair with the smaller ids", "[model][tokenizer]") {
   BpeTrainerOptions options;
   options.vocab_size = 256 + 3 + 1;
   options.min_frequency = 1;
@@ -1067,8 +1004,7 @@ TokenizerVocabulary Vocab(const Tokenizer& t) {
   return *std::move(v);
 }
 
-TEST_CASE("Vocabulary of a byte-level tokenizer.json lists typed tokens and ranked merges",
-          "[model][tokenizer]") {
+TEST_CASE("Vocabulary of a byte-level tokenizer.json lists typed tokens and ranked merges", "[model][tokenizer]") {
   ByteLevelFixture f;
   auto t = Parse(f.doc);
   const TokenizerVocabulary v = Vocab(*t);
@@ -1099,9 +1035,8 @@ TEST_CASE("Vocabulary of a byte-level tokenizer.json lists typed tokens and rank
   CHECK_FALSE(v.unk_id.has_value());
 }
 
-TEST_CASE(
-    "Vocabulary recognizes the SmolLM, Llama 3 and Qwen2 pre-tokenizers and nothing close to them",
-    "[model][tokenizer]") {
+TEST_CASE("Vocabulary recognizes the SmolLM, Llama 3 and Qwen2 pre-tokenizers and nothing close to them",
+          "[model][tokenizer]") {
   const std::string llama3 =
       R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
   const std::string qwen2 =
@@ -1109,21 +1044,16 @@ TEST_CASE(
   auto split = [](const std::string& regex, const std::string& behavior = "Isolated") {
     return json{{"type", "Sequence"},
                 {"pretokenizers",
-                 {{{"type", "Split"},
-                   {"pattern", {{"Regex", regex}}},
-                   {"behavior", behavior},
-                   {"invert", false}},
+                 {{{"type", "Split"}, {"pattern", {{"Regex", regex}}}, {"behavior", behavior}, {"invert", false}},
                   ByteLevelPre(false)}}};
   };
-  const json digits = {
-      {"type", "Sequence"},
-      {"pretokenizers", {{{"type", "Digits"}, {"individual_digits", true}}, ByteLevelPre()}}};
+  const json digits = {{"type", "Sequence"},
+                       {"pretokenizers", {{{"type", "Digits"}, {"individual_digits", true}}, ByteLevelPre()}}};
   json prefixed = ByteLevelPre();
   prefixed["add_prefix_space"] = true;
   auto pre_of = [](const json& pre) {
     BpeBuilder b = ByteLevelBuilder();
-    return Vocab(*Parse(Document(b.Model(), nullptr, pre, nullptr, ByteLevelDecoder())))
-        .pre_tokenizer;
+    return Vocab(*Parse(Document(b.Model(), nullptr, pre, nullptr, ByteLevelDecoder()))).pre_tokenizer;
   };
   using Pre = TokenizerVocabulary::PreTokenizer;
   CHECK(pre_of(ByteLevelPre()) == Pre::kGpt2);
@@ -1136,9 +1066,8 @@ TEST_CASE(
   CHECK(pre_of(ByteLevelPre(false)) == Pre::kOther);
 }
 
-TEST_CASE(
-    "Vocabulary of a SentencePiece-style tokenizer.json types byte and unknown pieces and adds BOS",
-    "[model][tokenizer]") {
+TEST_CASE("Vocabulary of a SentencePiece-style tokenizer.json types byte and unknown pieces and adds BOS",
+          "[model][tokenizer]") {
   SentencePieceStyleFixture f;
   auto t = Parse(f.doc);
   const TokenizerVocabulary v = Vocab(*t);
@@ -1161,8 +1090,7 @@ TEST_CASE(
   CHECK(v.merges.size() == 10);
 }
 
-TEST_CASE("Vocabulary of a tokenizer.json with holes in its ids marks them unused",
-          "[model][tokenizer]") {
+TEST_CASE("Vocabulary of a tokenizer.json with holes in its ids marks them unused", "[model][tokenizer]") {
   BpeBuilder b = ByteLevelBuilder();
   const json added = json::array({AddedToken(300, "<|endoftext|>")});
   auto t = Parse(Document(b.Model(), nullptr, ByteLevelPre(), nullptr, ByteLevelDecoder(), added));
@@ -1200,14 +1128,13 @@ TEST_CASE("Vocabulary of a tokenizer.model carries SentencePiece's scores, types
   std::filesystem::remove_all(dir);
 }
 
-TEST_CASE("Vocabulary takes BOS / EOS from tokenizer_config.json when the tokenizer has none",
-          "[model][tokenizer]") {
+TEST_CASE("Vocabulary takes BOS / EOS from tokenizer_config.json when the tokenizer has none", "[model][tokenizer]") {
   const std::string dir = TempDir("vocab_config");
   ByteLevelFixture f;
   REQUIRE(WriteFileAtomic(dir + "/tokenizer.json", f.doc).ok());
-  REQUIRE(WriteFileAtomic(dir + "/tokenizer_config.json",
-                          R"({"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>"})")
-              .ok());
+  REQUIRE(
+      WriteFileAtomic(dir + "/tokenizer_config.json", R"({"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>"})")
+          .ok());
   auto t = LoadTokenizer(dir);
   REQUIRE(t.ok());
   const TokenizerVocabulary v = Vocab(**t);

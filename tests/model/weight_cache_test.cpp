@@ -1,8 +1,8 @@
 #include "model/weight_cache.h"
 
 #include <ATen/ATen.h>
-#include <unistd.h>
 #include <torch/optim/adam.h>
+#include <unistd.h>
 
 #include <catch2/catch.hpp>
 #include <cmath>
@@ -12,8 +12,8 @@
 #include "base/file.h"
 #include "base/status.h"
 #include "model/config.h"
-#include "model/frozen_linear.h"
 #include "model/eval.h"
+#include "model/frozen_linear.h"
 #include "model/init.h"
 #include "model/llama.h"
 #include "model/quant.h"

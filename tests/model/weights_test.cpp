@@ -1,4 +1,3 @@
-#include "tests/test_util.h"
 #include "model/weights.h"
 
 #include <unistd.h>
@@ -9,6 +8,7 @@
 #include "base/file.h"
 #include "model/llama.h"
 #include "model/safetensors.h"
+#include "tests/test_util.h"
 
 namespace seedling::model {
 namespace {
@@ -93,8 +93,11 @@ TEST_CASE("A missing tensor is NotFound naming it", "[model][weights]") {
   for (const NamedWeight& nw : NamedWeights(w, c)) {
     if (nw.name == "model.layers.1.mlp.up_proj.weight") continue;
     keep.push_back(nw.tensor.contiguous());
-    tensors.push_back({nw.name, DType::kF32, nw.tensor.sizes().vec(),
-                       {static_cast<const uint8_t*>(keep.back().data_ptr()), static_cast<size_t>(keep.back().nbytes())}});
+    tensors.push_back(
+        {nw.name,
+         DType::kF32,
+         nw.tensor.sizes().vec(),
+         {static_cast<const uint8_t*>(keep.back().data_ptr()), static_cast<size_t>(keep.back().nbytes())}});
   }
   REQUIRE(WriteFileAtomic(JoinPath(dir.path, "config.json"), ModelConfigToJson(c)).ok());
   REQUIRE(WriteSafetensors(JoinPath(dir.path, "model.safetensors"), tensors).ok());

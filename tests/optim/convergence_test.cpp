@@ -75,8 +75,8 @@ struct Setup {
   }
 };
 
-const std::vector<model::Projection> kAll = {model::Projection::kQ,    model::Projection::kK,  model::Projection::kV,
-                                             model::Projection::kO,    model::Projection::kGate, model::Projection::kUp,
+const std::vector<model::Projection> kAll = {model::Projection::kQ,   model::Projection::kK,    model::Projection::kV,
+                                             model::Projection::kO,   model::Projection::kGate, model::Projection::kUp,
                                              model::Projection::kDown};
 
 TEST_CASE("lora-bp lowers the held-out loss of the tiny model on a synthetic task", "[optim][convergence]") {

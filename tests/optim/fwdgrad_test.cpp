@@ -140,8 +140,7 @@ TEST_CASE("The batched forward gradient equals per-tangent forward-mode AD", "[o
   }
 }
 
-TEST_CASE("Batched and per-tangent training steps give the same losses and parameters",
-          "[optim][fwdgrad][tangents]") {
+TEST_CASE("Batched and per-tangent training steps give the same losses and parameters", "[optim][fwdgrad][tangents]") {
   const model::ModelConfig c = BiasedMicroConfig();
   auto m = MakeModel(c, 5);
   auto a1 = RandomAdapter(c, 2, EveryProjection());
@@ -191,8 +190,7 @@ TEST_CASE("The central-difference variant agrees with forward-mode AD", "[optim]
   CHECK((a->flat() - before).abs().max().item<double>() < 1e-6);  // θ restored after the probes
 }
 
-TEST_CASE("The mean forward gradient over many perturbations points along the true gradient",
-          "[optim][fwdgrad]") {
+TEST_CASE("The mean forward gradient over many perturbations points along the true gradient", "[optim][fwdgrad]") {
   const model::ModelConfig c = MicroConfig();
   auto m = MakeModel(c, 3);
   lora::LoraConfig lc;

@@ -266,7 +266,7 @@ TEST_CASE("kseed: replaying a history from θ0 equals applying each round as it 
   for (const SeedScalar& s : SumPerSeed(client2, 0.5)) round1.push_back(s);
   round1 = SumPerSeed(round1);
   const std::vector<SeedScalar> round2 = SumPerSeed({{1, 1.0f}, {3, -0.5f}});
-  REQUIRE(round1.size() == 3);  // seeds 3, 7, 30
+  REQUIRE(round1.size() == 3);       // seeds 3, 7, 30
   CHECK(round1[1].value == 0.375f);  // seed 7: 0.5 * (-1.25 + 2.0)
 
   auto online = Adapter(c), offline = Adapter(c);

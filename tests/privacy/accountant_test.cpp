@@ -1,11 +1,10 @@
-#include <catch2/catch.hpp>
+#include "privacy/accountant.h"
 
+#include <catch2/catch.hpp>
 #include <cmath>
 #include <limits>
 #include <string>
 #include <vector>
-
-#include "privacy/accountant.h"
 
 namespace sp = seedling::privacy;
 
@@ -44,7 +43,8 @@ TEST_CASE("Accountant reproduces Opacus' reference epsilon (q=0.04, sigma=1.5, 2
   CHECK(spent->order < 64);
 }
 
-TEST_CASE("Accountant reproduces TF-Privacy's reference epsilon (q=0.0025, sigma=1.3, 6000 steps)", "[privacy][accountant]") {
+TEST_CASE("Accountant reproduces TF-Privacy's reference epsilon (q=0.0025, sigma=1.3, 6000 steps)",
+          "[privacy][accountant]") {
   // TF-Privacy compute_dp_sgd_privacy_test: n = 60000, batch 150, σ = 1.3, 15 epochs, δ = 1e-5 →
   // ε = 0.7242234026109595 at order 19, with compute_dp_sgd_privacy's grid and dp_accounting's RdpAccountant
   // (Balle et al. 2020 conversion). The classic conversion gives a clearly larger value at that grid.
@@ -94,7 +94,8 @@ TEST_CASE("Fractional orders are continuous with the integer path", "[privacy][a
   }
 }
 
-TEST_CASE("Edge cases: q = 1 is the plain Gaussian, q = 0 and zero steps cost nothing, sigma = 0 is infinite", "[privacy][accountant]") {
+TEST_CASE("Edge cases: q = 1 is the plain Gaussian, q = 0 and zero steps cost nothing, sigma = 0 is infinite",
+          "[privacy][accountant]") {
   auto full = sp::SubsampledGaussianRdp(1.0, 2.0, 7.5);
   REQUIRE(full.ok());
   CHECK(*full == Approx(7.5 / 8.0));

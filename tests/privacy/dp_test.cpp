@@ -1,11 +1,11 @@
-#include <catch2/catch.hpp>
+#include "privacy/dp.h"
 
+#include <catch2/catch.hpp>
 #include <cmath>
 #include <limits>
 #include <vector>
 
 #include "base/philox.h"
-#include "privacy/dp.h"
 
 namespace sp = seedling::privacy;
 
@@ -44,11 +44,21 @@ TEST_CASE("Every clipped vector has L2 norm at most C", "[privacy][dp]") {
     for (float& x : v) {
       const double g = rng.Normal();
       switch (kind) {
-        case 0: x = static_cast<float>(g); break;
-        case 1: x = static_cast<float>(g * 1e36); break;
-        case 2: x = (g > 0 ? kMax : -kMax); break;
-        case 3: x = static_cast<float>(g) * kDenorm * 7; break;
-        default: x = static_cast<float>(g * std::exp(rng.Uniform() * 160 - 80)); break;
+        case 0:
+          x = static_cast<float>(g);
+          break;
+        case 1:
+          x = static_cast<float>(g * 1e36);
+          break;
+        case 2:
+          x = (g > 0 ? kMax : -kMax);
+          break;
+        case 3:
+          x = static_cast<float>(g) * kDenorm * 7;
+          break;
+        default:
+          x = static_cast<float>(g * std::exp(rng.Uniform() * 160 - 80));
+          break;
       }
     }
     const double c = std::exp(rng.Uniform() * 138 - 69);

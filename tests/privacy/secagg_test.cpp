@@ -65,7 +65,7 @@ struct Faults {
   BytesHook to_server;
   std::set<uint32_t> out_of_order;               // call Unmask where ShareKeys is due
   std::map<uint32_t, std::string> model_hashes;  // a client's own (different) model hash
-  std::optional<uint32_t> corrupt_input;  // this client's input gets an entry above W·(Q − 1)
+  std::optional<uint32_t> corrupt_input;         // this client's input gets an entry above W·(Q − 1)
 };
 
 struct Outcome {
@@ -231,8 +231,7 @@ std::vector<uint32_t> Pick(const SessionConfig& config, size_t count, uint32_t s
 void RequireExactSum(const Outcome& o) {
   INFO("server: " << o.server_abort.ToString());
   REQUIRE(o.result.ok());
-  REQUIRE(std::set<uint32_t>(o.result->survivors.begin(), o.result->survivors.end()) ==
-          o.expected_survivors);
+  REQUIRE(std::set<uint32_t>(o.result->survivors.begin(), o.result->survivors.end()) == o.expected_survivors);
   const std::vector<uint32_t> expected = o.ExpectedSum();
   REQUIRE(o.result->sum.size() == expected.size());
   size_t mismatches = 0;
@@ -250,8 +249,7 @@ std::vector<uint8_t> Secret32(uint8_t first) {
   return s;
 }
 
-TEST_CASE("Shamir reconstructs a 32-byte secret from any t of k shares",
-          "[privacy][secagg][shamir]") {
+TEST_CASE("Shamir reconstructs a 32-byte secret from any t of k shares", "[privacy][secagg][shamir]") {
   SeededRandomSourceForSimulation random(3);
   const std::vector<uint8_t> secret = Secret32(200);
   const std::vector<uint64_t> xs = {2, 5, 9, 11, 12, 40, 77};
@@ -287,12 +285,10 @@ TEST_CASE("Shamir with t − 1 shares gives a wrong value", "[privacy][secagg][s
   REQUIRE(exact.ok());
   for (size_t e = 0; e < exact->size(); ++e) REQUIRE((*interpolated)[e] != (*exact)[e]);
   // And the checked entry point refuses outright.
-  REQUIRE(internal::ShamirReconstruct(few, t, secret.size()).status().code() ==
-          absl::StatusCode::kInvalidArgument);
+  REQUIRE(internal::ShamirReconstruct(few, t, secret.size()).status().code() == absl::StatusCode::kInvalidArgument);
 }
 
-TEST_CASE("Shamir does not detect a tampered share; it yields a wrong secret",
-          "[privacy][secagg][shamir]") {
+TEST_CASE("Shamir does not detect a tampered share; it yields a wrong secret", "[privacy][secagg][shamir]") {
   // This is why shares travel under AES-GCM: authentication, not Shamir, catches tampering.
   SeededRandomSourceForSimulation random(5);
   const std::vector<uint8_t> secret = Secret32(9);
@@ -306,23 +302,19 @@ TEST_CASE("Shamir does not detect a tampered share; it yields a wrong secret",
   REQUIRE((*chunks)[0] != first);
 }
 
-TEST_CASE("Shamir split refuses bad thresholds and evaluation points",
-          "[privacy][secagg][shamir]") {
+TEST_CASE("Shamir split refuses bad thresholds and evaluation points", "[privacy][secagg][shamir]") {
   SeededRandomSourceForSimulation random(6);
   const std::vector<uint8_t> secret = Secret32(0);
   REQUIRE_FALSE(internal::ShamirSplit(secret, 4, std::vector<uint64_t>{1, 2, 3}, random).ok());
   REQUIRE_FALSE(internal::ShamirSplit(secret, 2, std::vector<uint64_t>{0, 1, 2}, random).ok());
   REQUIRE_FALSE(internal::ShamirSplit(secret, 2, std::vector<uint64_t>{1, 1, 2}, random).ok());
-  REQUIRE_FALSE(
-      internal::ShamirSplit(secret, 2, std::vector<uint64_t>{1, internal::kShamirPrime}, random)
-          .ok());
+  REQUIRE_FALSE(internal::ShamirSplit(secret, 2, std::vector<uint64_t>{1, internal::kShamirPrime}, random).ok());
 }
 
 // ---- Crypto pieces
 // ------------------------------------------------------------------------------------------
 
-TEST_CASE("AES-GCM rejects a flipped bit, a wrong key and wrong associated data",
-          "[privacy][secagg][crypto]") {
+TEST_CASE("AES-GCM rejects a flipped bit, a wrong key and wrong associated data", "[privacy][secagg][crypto]") {
   internal::Bytes32 key{}, other{};
   key[0] = 1;
   other[0] = 2;
@@ -335,16 +327,12 @@ TEST_CASE("AES-GCM rejects a flipped bit, a wrong key and wrong associated data"
   REQUIRE(*back == plain);
   std::vector<uint8_t> flipped = *ct;
   flipped[10] ^= 0x01;
-  REQUIRE(internal::AesGcmOpen(key, aad, flipped).status().code() ==
-          absl::StatusCode::kUnauthenticated);
-  REQUIRE(internal::AesGcmOpen(other, aad, *ct).status().code() ==
-          absl::StatusCode::kUnauthenticated);
-  REQUIRE(internal::AesGcmOpen(key, bad_aad, *ct).status().code() ==
-          absl::StatusCode::kUnauthenticated);
+  REQUIRE(internal::AesGcmOpen(key, aad, flipped).status().code() == absl::StatusCode::kUnauthenticated);
+  REQUIRE(internal::AesGcmOpen(other, aad, *ct).status().code() == absl::StatusCode::kUnauthenticated);
+  REQUIRE(internal::AesGcmOpen(key, bad_aad, *ct).status().code() == absl::StatusCode::kUnauthenticated);
 }
 
-TEST_CASE("X25519 agreement is symmetric and pairwise mask keys agree",
-          "[privacy][secagg][crypto]") {
+TEST_CASE("X25519 agreement is symmetric and pairwise mask keys agree", "[privacy][secagg][crypto]") {
   SeededRandomSourceForSimulation random(7);
   internal::Bytes32 a{}, b{}, session{};
   REQUIRE(random.Fill(a).ok());
@@ -373,8 +361,7 @@ TEST_CASE("X25519 agreement is symmetric and pairwise mask keys agree",
   REQUIRE_FALSE(internal::X25519Agree(a, internal::Bytes32{}).ok());
 }
 
-TEST_CASE("The mask PRG streams across chunk boundaries and cancels exactly",
-          "[privacy][secagg][crypto]") {
+TEST_CASE("The mask PRG streams across chunk boundaries and cancels exactly", "[privacy][secagg][crypto]") {
   auto prg = internal::MaskPrg::Create();
   REQUIRE(prg.ok());
   internal::Bytes16 key{};
@@ -397,8 +384,7 @@ TEST_CASE("The mask PRG streams across chunk boundaries and cancels exactly",
 // ---- Parameters and graph
 // -----------------------------------------------------------------------------------
 
-TEST_CASE("Parameter validation refuses configurations that can overflow",
-          "[privacy][secagg][params]") {
+TEST_CASE("Parameter validation refuses configurations that can overflow", "[privacy][secagg][params]") {
   SecAggParams p = Params(100, 80, 41, 0.34);
   REQUIRE(ValidateParams(p).ok());
   // Flower's quantization range 2^22 with max weight 1000 cannot fit 100 clients in 2^32.
@@ -418,8 +404,7 @@ TEST_CASE("Parameter validation refuses configurations that can overflow",
   REQUIRE_FALSE(ValidateParams(p).ok());
 }
 
-TEST_CASE("Parameter validation refuses thresholds that break correctness or security",
-          "[privacy][secagg][params]") {
+TEST_CASE("Parameter validation refuses thresholds that break correctness or security", "[privacy][secagg][params]") {
   REQUIRE(ValidateParams(Params(10, 9, 5, 0.34)).ok());
   REQUIRE_FALSE(ValidateParams(Params(10, 9, 4, 0.34)).ok());      // t ≤ k/2
   REQUIRE_FALSE(ValidateParams(Params(10, 9, 10, 0.0)).ok());      // t > k
@@ -437,8 +422,7 @@ TEST_CASE("Parameter validation refuses thresholds that break correctness or sec
   REQUIRE_FALSE(ValidateParams(p).ok());
 }
 
-TEST_CASE("The neighbour graph is k-regular, symmetric and a function of the session",
-          "[privacy][secagg][graph]") {
+TEST_CASE("The neighbour graph is k-regular, symmetric and a function of the session", "[privacy][secagg][graph]") {
   const SessionConfig config = Config(Params(100, 20, 11, 0.1));
   auto id = ComputeSessionId(config);
   REQUIRE(id.ok());
@@ -469,8 +453,7 @@ TEST_CASE("The neighbour graph is k-regular, symmetric and a function of the ses
   REQUIRE(differ > 50);
 }
 
-TEST_CASE("The session id binds round, model hash, cohort and parameters",
-          "[privacy][secagg][session]") {
+TEST_CASE("The session id binds round, model hash, cohort and parameters", "[privacy][secagg][session]") {
   const SessionConfig base = Config(Params(10, 9, 5, 0.34));
   auto id = ComputeSessionId(base);
   REQUIRE(id.ok());
@@ -497,8 +480,7 @@ TEST_CASE("The session id binds round, model hash, cohort and parameters",
 // ---- Quantization
 // -------------------------------------------------------------------------------------------
 
-TEST_CASE("Quantized inputs decode to the weighted sum within half a step per client",
-          "[privacy][secagg][quantize]") {
+TEST_CASE("Quantized inputs decode to the weighted sum within half a step per client", "[privacy][secagg][quantize]") {
   SecAggParams p = Params(10, 9, 5, 0.34, 1 + 257);
   p.max_weight = 100;
   p.quantization_levels = 1u << 12;
@@ -531,8 +513,7 @@ TEST_CASE("Quantized inputs decode to the weighted sum within half a step per cl
   std::vector<float> bad(p.vector_length - 1, 0.0f);
   bad[3] = std::nanf("");
   REQUIRE_FALSE(EncodeInput(bad, 1, p, Rounding::kNearest).ok());
-  REQUIRE_FALSE(
-      EncodeInput(std::vector<float>(p.vector_length - 1), 101, p, Rounding::kNearest).ok());
+  REQUIRE_FALSE(EncodeInput(std::vector<float>(p.vector_length - 1), 101, p, Rounding::kNearest).ok());
   REQUIRE_FALSE(EncodeInput(std::vector<float>(p.vector_length), 1, p, Rounding::kNearest).ok());
 }
 
@@ -598,8 +579,8 @@ TEST_CASE("Every message survives a serialization round trip", "[privacy][secagg
   adv.mask_key[31] = 2;
   auto adv2 = AdvertiseKeysMessage::Parse(adv.Serialize());
   REQUIRE(adv2.ok());
-  REQUIRE((adv2->session_id == adv.session_id && adv2->sender == 17 &&
-           adv2->encryption_key == adv.encryption_key && adv2->mask_key == adv.mask_key));
+  REQUIRE((adv2->session_id == adv.session_id && adv2->sender == 17 && adv2->encryption_key == adv.encryption_key &&
+           adv2->mask_key == adv.mask_key));
 
   KeyDirectoryMessage dir{TestSession(), {{4, {}, {}}, {9, {}, {}}}};
   dir.entries[1].mask_key[3] = 5;
@@ -648,19 +629,16 @@ TEST_CASE("An empty masked input round-trips; the server, not the parser, refuse
 
 TEST_CASE("Parse rejects truncated, oversized and garbage input", "[privacy][secagg][wire]") {
   RequireRejectsCorruption<SetupMessage>(SetupMessage{Config(Params(10, 9, 5, 0.34))}.Serialize());
-  RequireRejectsCorruption<AdvertiseKeysMessage>(
-      AdvertiseKeysMessage{TestSession(), 1}.Serialize());
+  RequireRejectsCorruption<AdvertiseKeysMessage>(AdvertiseKeysMessage{TestSession(), 1}.Serialize());
   RequireRejectsCorruption<KeyDirectoryMessage>(
       KeyDirectoryMessage{TestSession(), {{4, {}, {}}, {9, {}, {}}}}.Serialize());
   RequireRejectsCorruption<ShareKeysMessage>(
-      ShareKeysMessage{TestSession(), 3, {{8, std::string(kShareCiphertextBytes, 'a')}}}
-          .Serialize());
+      ShareKeysMessage{TestSession(), 3, {{8, std::string(kShareCiphertextBytes, 'a')}}}.Serialize());
   RequireRejectsCorruption<ShareRelayMessage>(
       ShareRelayMessage{TestSession(), {{8, std::string(kShareCiphertextBytes, 'a')}}}.Serialize());
   RequireRejectsCorruption<MaskedInputMessage>(
       MaskedInputMessage{TestSession(), 5, std::vector<uint32_t>(300, 9)}.Serialize());
-  RequireRejectsCorruption<UnmaskRequestMessage>(
-      UnmaskRequestMessage{TestSession(), {1, 2}, {3}}.Serialize());
+  RequireRejectsCorruption<UnmaskRequestMessage>(UnmaskRequestMessage{TestSession(), {1, 2}, {3}}.Serialize());
   RequireRejectsCorruption<UnmaskResponseMessage>(
       UnmaskResponseMessage{TestSession(), 6, {{1, ShareKind::kSelfMaskSeed, {}}}}.Serialize());
 
@@ -672,10 +650,8 @@ TEST_CASE("Parse rejects truncated, oversized and garbage input", "[privacy][sec
   forged[43] = '\x0f';
   REQUIRE(MaskedInputMessage::Parse(forged).status().code() == absl::StatusCode::kInvalidArgument);
   // A share ciphertext of the wrong size, and an unknown share kind.
-  REQUIRE_FALSE(
-      ShareKeysMessage::Parse(ShareKeysMessage{TestSession(), 3, {{8, "short"}}}.Serialize()).ok());
-  std::string kind =
-      UnmaskResponseMessage{TestSession(), 6, {{1, ShareKind::kSelfMaskSeed, {}}}}.Serialize();
+  REQUIRE_FALSE(ShareKeysMessage::Parse(ShareKeysMessage{TestSession(), 3, {{8, "short"}}}.Serialize()).ok());
+  std::string kind = UnmaskResponseMessage{TestSession(), 6, {{1, ShareKind::kSelfMaskSeed, {}}}}.Serialize();
   kind[4 + 32 + 4 + 4 + 4] = 3;
   REQUIRE_FALSE(UnmaskResponseMessage::Parse(kind).ok());
 }
@@ -686,8 +662,8 @@ TEST_CASE("Parse rejects truncated, oversized and garbage input", "[privacy][sec
 TEST_CASE("The unmasked sum equals the survivors' exact modular sum under dropouts at every stage",
           "[privacy][secagg][protocol]") {
   const uint32_t n = GENERATE(10u, 100u);
-  const Drop stage = GENERATE(Drop::kBeforeAdvertise, Drop::kAfterAdvertise, Drop::kAfterShareKeys,
-                              Drop::kAfterMaskedInput);
+  const Drop stage =
+      GENERATE(Drop::kBeforeAdvertise, Drop::kAfterAdvertise, Drop::kAfterShareKeys, Drop::kAfterMaskedInput);
   const double fraction = GENERATE(0.0, 0.1, 0.2, 0.33);
   if (fraction == 0.0 && stage != Drop::kBeforeAdvertise) return;  // one no-dropout run per n
   const SessionConfig config = ConfigFor(n);
@@ -705,8 +681,7 @@ TEST_CASE("The unmasked sum equals the survivors' exact modular sum under dropou
   RequireExactSum(o);
 }
 
-TEST_CASE("Too many dropouts abort the session and release no unmask share",
-          "[privacy][secagg][protocol]") {
+TEST_CASE("Too many dropouts abort the session and release no unmask share", "[privacy][secagg][protocol]") {
   const SessionConfig config = ConfigFor(10);  // tolerates 3 of 10
   Faults faults;
   for (uint32_t id : Pick(config, 4, 77)) faults.drops[id] = Drop::kAfterShareKeys;
@@ -726,8 +701,7 @@ TEST_CASE("Too many dropouts during unmasking abort without a sum", "[privacy][s
 }
 
 // A dishonest server: the first client it asks to unmask is told only t − 1 neighbours survived.
-TEST_CASE("A client refuses to unmask when fewer than t neighbours survived",
-          "[privacy][secagg][protocol]") {
+TEST_CASE("A client refuses to unmask when fewer than t neighbours survived", "[privacy][secagg][protocol]") {
   const SessionConfig config = ConfigFor(10);
   const uint32_t victim = config.cohort[2];
   Faults faults;
@@ -748,8 +722,7 @@ TEST_CASE("A client refuses to unmask when fewer than t neighbours survived",
   REQUIRE(o.unmask_responses == config.cohort.size() - 1);  // the victim sent nothing
 }
 
-TEST_CASE("A client refuses to reveal both secrets of the same neighbour",
-          "[privacy][secagg][protocol]") {
+TEST_CASE("A client refuses to reveal both secrets of the same neighbour", "[privacy][secagg][protocol]") {
   const SessionConfig config = ConfigFor(10);
   const uint32_t victim = config.cohort[4];
   Faults faults;
@@ -767,8 +740,7 @@ TEST_CASE("A client refuses to reveal both secrets of the same neighbour",
   RequireExactSum(o);
 }
 
-TEST_CASE("A tampered share aborts its receiver only; the others finish",
-          "[privacy][secagg][protocol]") {
+TEST_CASE("A tampered share aborts its receiver only; the others finish", "[privacy][secagg][protocol]") {
   const uint32_t n = GENERATE(10u, 100u);
   const SessionConfig config = ConfigFor(n);
   const uint32_t victim = config.cohort[n / 2];
@@ -812,8 +784,7 @@ TEST_CASE("A client stays aborted and refuses every later stage", "[privacy][sec
   REQUIRE(fresh->state() == SecAggClient::State::kAborted);
 }
 
-TEST_CASE("An honest server rejects a client whose model hash differs",
-          "[privacy][secagg][session]") {
+TEST_CASE("An honest server rejects a client whose model hash differs", "[privacy][secagg][session]") {
   const SessionConfig config = ConfigFor(10);
   const uint32_t victim = config.cohort[3];
   Faults faults;
@@ -824,8 +795,7 @@ TEST_CASE("An honest server rejects a client whose model hash differs",
   RequireExactSum(o);
 }
 
-TEST_CASE("A client given a different model hash aborts even if the server lets it in",
-          "[privacy][secagg][session]") {
+TEST_CASE("A client given a different model hash aborts even if the server lets it in", "[privacy][secagg][session]") {
   const SessionConfig config = ConfigFor(10);
   const uint32_t victim = config.cohort[3];
   auto server_id = ComputeSessionId(config);
@@ -871,9 +841,8 @@ TEST_CASE("A server that rewrites session ids for a mismatched client makes hone
   REQUIRE(o.server_abort.code() == absl::StatusCode::kAborted);
 }
 
-TEST_CASE(
-    "The server rejects duplicates, strangers and out-of-stage messages without changing state",
-    "[privacy][secagg][protocol]") {
+TEST_CASE("The server rejects duplicates, strangers and out-of-stage messages without changing state",
+          "[privacy][secagg][protocol]") {
   const SessionConfig config = ConfigFor(10);
   auto server = SecAggServer::Create(config);
   REQUIRE(server.ok());
@@ -883,15 +852,14 @@ TEST_CASE(
   REQUIRE(server->AddAdvertiseKeys(adv).code() == absl::StatusCode::kAlreadyExists);
   adv.sender = 5;  // not in the cohort
   REQUIRE(server->AddAdvertiseKeys(adv).code() == absl::StatusCode::kInvalidArgument);
-  REQUIRE(server->AddMaskedInput(MaskedInputMessage{server->session_id(), config.cohort[0], {}})
-              .code() == absl::StatusCode::kFailedPrecondition);  // wrong stage
+  REQUIRE(server->AddMaskedInput(MaskedInputMessage{server->session_id(), config.cohort[0], {}}).code() ==
+          absl::StatusCode::kFailedPrecondition);  // wrong stage
   // One advertiser of ten is below the 7 survivors required.
   REQUIRE(server->CloseAdvertiseKeys().status().code() == absl::StatusCode::kAborted);
   REQUIRE(server->state() == SecAggServer::State::kAborted);
 }
 
-TEST_CASE("A client aborts when fewer than t neighbours advertised keys",
-          "[privacy][secagg][protocol]") {
+TEST_CASE("A client aborts when fewer than t neighbours advertised keys", "[privacy][secagg][protocol]") {
   const SessionConfig config = ConfigFor(10);
   SeededRandomSourceForSimulation random(2);
   auto client = SecAggClient::Create(config, config.cohort[0], random);
@@ -901,8 +869,7 @@ TEST_CASE("A client aborts when fewer than t neighbours advertised keys",
           absl::StatusCode::kAborted);
 }
 
-TEST_CASE("A client refuses an input entry that could overflow the modulus",
-          "[privacy][secagg][protocol]") {
+TEST_CASE("A client refuses an input entry that could overflow the modulus", "[privacy][secagg][protocol]") {
   const SessionConfig config = ConfigFor(10);
   const uint32_t victim = config.cohort[1];
   Faults faults;

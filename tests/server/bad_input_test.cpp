@@ -40,7 +40,8 @@ struct Harness {
   // `max_update_norm`: the server's cap; 0 turns it off, so what lies behind it can be tested.
   explicit Harness(double max_update_norm = 5.0) {
     static std::atomic<int> n{0};
-    dir = std::filesystem::temp_directory_path() / ("seedling_bad_" + std::to_string(getpid()) + "_" + std::to_string(n++));
+    dir = std::filesystem::temp_directory_path() /
+          ("seedling_bad_" + std::to_string(getpid()) + "_" + std::to_string(n++));
     std::filesystem::create_directories(dir);
     model::InitModelOptions init;
     init.preset = "tiny";
@@ -202,7 +203,8 @@ struct RawTls {
       if (n <= 0) return std::nullopt;
       got += n;
     }
-    const uint32_t len = (uint32_t{header[0]} << 24) | (uint32_t{header[1]} << 16) | (uint32_t{header[2]} << 8) | header[3];
+    const uint32_t len =
+        (uint32_t{header[0]} << 24) | (uint32_t{header[1]} << 16) | (uint32_t{header[2]} << 8) | header[3];
     std::string body(len, '\0');
     size_t have = 0;
     while (have < len) {
@@ -310,26 +312,32 @@ TEST_CASE("Bad input gets its own code and changes nothing durable", "[server][b
          return raw.handshake_ok ? v1::INTERNAL : v1::REJECT_UNSPECIFIED;
        },
        v1::REJECT_UNSPECIFIED},
-      {"wrong shapes", [&] {
+      {"wrong shapes",
+       [&] {
          std::vector<float> v(task.num_parameters() - 1, 0.01f);
          comms::CodecOptions o;
          auto p = comms::EncodeDense(v, o, 0);
          return reject_code(h.Upload(*ch, task, *p));
-       }, v1::INVALID_UPDATE},
-      {"NaN", [&] {
+       },
+       v1::INVALID_UPDATE},
+      {"NaN",
+       [&] {
          // The encoder refuses NaN, so write it into a valid payload's first value by hand.
          std::string payload = h.Dense(task, 0.0f);
          const float nan = std::numeric_limits<float>::quiet_NaN();
          std::memcpy(payload.data() + comms::kPayloadHeaderBytes, &nan, sizeof(nan));
          return reject_code(h.Upload(*ch, task, payload));
-       }, v1::INVALID_UPDATE},
+       },
+       v1::INVALID_UPDATE},
       {"norm over the cap", [&] { return reject_code(h.Upload(*ch, task, h.Dense(task, 1.0f))); }, v1::INVALID_UPDATE},
       {"bad codec payload", [&] { return reject_code(h.Upload(*ch, task, std::string(64, 'x'))); }, v1::INVALID_UPDATE},
-      {"an upload for a task the device does not have", [&] {
+      {"an upload for a task the device does not have",
+       [&] {
          v1::Task other = task;
          other.set_task_id("r1-99");
          return reject_code(h.Upload(*ch, other, h.Dense(task, 0.0f)));
-       }, v1::NOT_SELECTED},
+       },
+       v1::NOT_SELECTED},
   };
   for (const Row& row : rows) {
     DYNAMIC_SECTION(row.name) {

@@ -1,19 +1,20 @@
 // server.toml rules that protect operators from configurations that cannot work, the device certificate
 // binding of mutual TLS, and metrics that must be right after a restart.
 
+#include "server/config.h"
+
 #include <catch2/catch.hpp>
 #include <string>
 
-#include "tests/test_util.h"
 #include "base/file.h"
 #include "base/strings.h"
-#include "comms/tls.h"
-#include "model/init.h"
-#include "server/config.h"
-#include "server/coordinator.h"
-#include "server/metrics.h"
 #include "client/client.h"
 #include "comms/in_memory.h"
+#include "comms/tls.h"
+#include "model/init.h"
+#include "server/coordinator.h"
+#include "server/metrics.h"
+#include "tests/test_util.h"
 
 namespace seedling::server {
 namespace {

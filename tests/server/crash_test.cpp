@@ -81,13 +81,14 @@ TEST_CASE("Killing the server 20 times mid-round loses and doubles no acknowledg
   REQUIRE(comms::CreateCertificates(co).ok());
   const uint16_t port = FreePort();
   const std::string config = JoinPath(dir, "server.toml");
-  REQUIRE(WriteFileAtomic(config, "[server]\nstate_dir = \"state\"\nport = " + std::to_string(port) +
-                                      "\nhttp_port = 0\ncert_file = \"certs/server.crt\"\nkey_file = \"certs/server.key\"\n"
-                                      "tick_ms = 50\n[model]\ndir = \"model\"\n"
-                                      "[training]\nclients_per_round = 3\nmin_reports = 2\nover_selection = 1.4\n"
-                                      "selection_window_s = 1\nround_deadline_s = 8\nsteps = 1\nseq_len = 32\n"
-                                      "codec = \"int8\"\n[lora]\nrank = 2\n[retry]\nbase_seconds = 1\njitter = 0.0\n")
-              .ok());
+  REQUIRE(
+      WriteFileAtomic(config, "[server]\nstate_dir = \"state\"\nport = " + std::to_string(port) +
+                                  "\nhttp_port = 0\ncert_file = \"certs/server.crt\"\nkey_file = \"certs/server.key\"\n"
+                                  "tick_ms = 50\n[model]\ndir = \"model\"\n"
+                                  "[training]\nclients_per_round = 3\nmin_reports = 2\nover_selection = 1.4\n"
+                                  "selection_window_s = 1\nround_deadline_s = 8\nsteps = 1\nseq_len = 32\n"
+                                  "codec = \"int8\"\n[lora]\nrank = 2\n[retry]\nbase_seconds = 1\njitter = 0.0\n")
+          .ok());
   // Register devices with the store directly (the server is not running yet).
   constexpr int kClients = 4;
   std::map<std::string, std::string> tokens;

@@ -1,6 +1,8 @@
 // Differential privacy on the server: the DpStrategy wrapper (clipping, noise, fixed denominator), the
 // [privacy] config, the durable budget and the refusal to open a round that would exceed it.
 
+#include "privacy/dp.h"
+
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <map>
@@ -14,7 +16,6 @@
 #include "model/config.h"
 #include "model/init.h"
 #include "privacy/accountant.h"
-#include "privacy/dp.h"
 #include "server/config.h"
 #include "server/coordinator.h"
 #include "server/devices.h"
@@ -48,7 +49,8 @@ std::unique_ptr<Strategy> Wrapped(const std::string& inner_name, double clip, do
   dp.expected_clients = m;
   dp.max_update_norm = max_update_norm;
   dp.kseed_pool_size = pool;
-  auto s = MakeDpStrategy(std::move(inner).value(), dp, std::make_unique<privacy::SeededNoiseForSimulation>(noise_seed));
+  auto s =
+      MakeDpStrategy(std::move(inner).value(), dp, std::make_unique<privacy::SeededNoiseForSimulation>(noise_seed));
   REQUIRE(s.ok());
   return std::move(s).value();
 }
@@ -136,9 +138,13 @@ TEST_CASE("DpStrategy for kseed clips scalars and per-seed vectors and noises ev
     g.params.assign(32, 0.0f);
     REQUIRE(s->BeginRound(g).ok());
     // Client a: scalars 5 → 1 and 0.5 on seeds 3 and 7: per-seed norm √1.25 > 1 → scaled by 1/√1.25.
-    REQUIRE(s->Accumulate({"a", 1, comms::EncodeSeedIndexScalars(std::vector<comms::SeedIndexScalar>{{3, 5.0f}, {7, 0.5f}})}).ok());
+    REQUIRE(s->Accumulate(
+                 {"a", 1, comms::EncodeSeedIndexScalars(std::vector<comms::SeedIndexScalar>{{3, 5.0f}, {7, 0.5f}})})
+                .ok());
     // Client b: 0.25 twice on seed 3 → 0.5, within C.
-    REQUIRE(s->Accumulate({"b", 1, comms::EncodeSeedIndexScalars(std::vector<comms::SeedIndexScalar>{{3, 0.25f}, {3, 0.25f}})}).ok());
+    REQUIRE(s->Accumulate(
+                 {"b", 1, comms::EncodeSeedIndexScalars(std::vector<comms::SeedIndexScalar>{{3, 0.25f}, {3, 0.25f}})})
+                .ok());
     auto out = s->FinishRound(g);
     REQUIRE(out.ok());
     auto sums = ParseSeedSums(out->seed_sums_blob);
@@ -157,7 +163,8 @@ TEST_CASE("DpStrategy for kseed clips scalars and per-seed vectors and noises ev
     GlobalModel g;
     g.params.assign(32, 0.0f);
     REQUIRE(s->BeginRound(g).ok());
-    REQUIRE(s->Accumulate({"a", 1, comms::EncodeSeedIndexScalars(std::vector<comms::SeedIndexScalar>{{3, 0.5f}})}).ok());
+    REQUIRE(
+        s->Accumulate({"a", 1, comms::EncodeSeedIndexScalars(std::vector<comms::SeedIndexScalar>{{3, 0.5f}})}).ok());
     auto out = s->FinishRound(g);
     REQUIRE(out.ok());
     auto sums = ParseSeedSums(out->seed_sums_blob);
@@ -176,7 +183,8 @@ TEST_CASE("MakeDpStrategy refuses bad options", "[server][dp]") {
     return MakeDpStrategy(MakeStrategy(so).value(), dp, std::make_unique<privacy::CsprngGaussianNoise>()).status();
   };
   CHECK(make(0.0, 1.0, 1.0).code() == absl::StatusCode::kInvalidArgument);
-  CHECK(std::string(make(-1.0, 1.0, 1.0).message()).find("clip_norm must be finite and > 0, got -1") != std::string::npos);
+  CHECK(std::string(make(-1.0, 1.0, 1.0).message()).find("clip_norm must be finite and > 0, got -1") !=
+        std::string::npos);
   CHECK(make(1.0, -1.0, 1.0).code() == absl::StatusCode::kInvalidArgument);
   CHECK(make(1.0, 1.0, 0.0).code() == absl::StatusCode::kInvalidArgument);
   CHECK(make(1.0, 1.0, 1.0).ok());
@@ -184,8 +192,9 @@ TEST_CASE("MakeDpStrategy refuses bad options", "[server][dp]") {
 
 TEST_CASE("[privacy] config is parsed and validated", "[server][dp][config]") {
   const std::string base = "[model]\ndir = \"m\"\n";
-  auto ok = ParseServerConfig(base + "[privacy]\ndp = true\nclip_norm = 0.5\nnoise_multiplier = 1.1\n"
-                                     "target_epsilon = 4\ndelta = 1e-6\nexpected_clients = 20\nnoise = \"seeded\"\n");
+  auto ok = ParseServerConfig(base +
+                              "[privacy]\ndp = true\nclip_norm = 0.5\nnoise_multiplier = 1.1\n"
+                              "target_epsilon = 4\ndelta = 1e-6\nexpected_clients = 20\nnoise = \"seeded\"\n");
   REQUIRE(ok.ok());
   CHECK(ok->privacy.dp);
   CHECK(ok->privacy.clip_norm == 0.5);
@@ -207,14 +216,18 @@ TEST_CASE("[privacy] config is parsed and validated", "[server][dp][config]") {
     CHECK(c.status().code() == absl::StatusCode::kInvalidArgument);
     return std::string(c.status().message());
   };
-  CHECK(error("dp = true\nnoise_multiplier = 1\ntarget_epsilon = 1\n").find("[privacy] clip_norm: must be > 0 with dp = true, got 0") != std::string::npos);
-  CHECK(error("dp = true\nclip_norm = 1\ntarget_epsilon = 1\n").find("[privacy] noise_multiplier") != std::string::npos);
-  CHECK(error("dp = true\nclip_norm = 1\nnoise_multiplier = 1\n").find("[privacy] target_epsilon") != std::string::npos);
+  CHECK(error("dp = true\nnoise_multiplier = 1\ntarget_epsilon = 1\n")
+            .find("[privacy] clip_norm: must be > 0 with dp = true, got 0") != std::string::npos);
+  CHECK(error("dp = true\nclip_norm = 1\ntarget_epsilon = 1\n").find("[privacy] noise_multiplier") !=
+        std::string::npos);
+  CHECK(error("dp = true\nclip_norm = 1\nnoise_multiplier = 1\n").find("[privacy] target_epsilon") !=
+        std::string::npos);
   CHECK(error("delta = 1\n").find("[privacy] delta: must be in (0, 1), got 1") != std::string::npos);
   CHECK(error("noise = \"urandom\"\n").find("[privacy] noise") != std::string::npos);
   CHECK(error("epsilon = 3\n").find("[privacy] epsilon: is not a known key") != std::string::npos);
-  auto conflict = ParseServerConfig(base + "[training]\nclip_norm = 2\n[privacy]\ndp = true\nclip_norm = 1\n"
-                                           "noise_multiplier = 1\ntarget_epsilon = 1\n");
+  auto conflict = ParseServerConfig(base +
+                                    "[training]\nclip_norm = 2\n[privacy]\ndp = true\nclip_norm = 1\n"
+                                    "noise_multiplier = 1\ntarget_epsilon = 1\n");
   REQUIRE(!conflict.ok());
   CHECK(std::string(conflict.status().message()).find("[training] clip_norm") != std::string::npos);
 }

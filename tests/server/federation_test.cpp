@@ -13,8 +13,6 @@
 #include <mutex>
 #include <thread>
 
-#include "tests/server/federation_world.h"
-#include "tests/test_util.h"
 #include "base/file.h"
 #include "base/philox.h"
 #include "client/client.h"
@@ -28,10 +26,11 @@
 #include "optim/kseed.h"
 #include "server/coordinator.h"
 #include "server/store.h"
+#include "tests/server/federation_world.h"
+#include "tests/test_util.h"
 
 namespace seedling::server {
 namespace {
-
 
 using World = seedling::testing::FederationWorld;
 
@@ -55,7 +54,8 @@ std::vector<float> ExpectedNext(const ServerConfig& config, const std::vector<fl
       REQUIRE(pairs.ok());
       for (const auto& p : *pairs) per_seed[p.index] += static_cast<double>(p.value) * (u.num_examples / examples);
     }
-    const std::vector<uint64_t> pool = optim::CandidateSeeds(config.strategy.kseed_pool_seed, config.strategy.kseed_pool_size);
+    const std::vector<uint64_t> pool =
+        optim::CandidateSeeds(config.strategy.kseed_pool_seed, config.strategy.kseed_pool_size);
     for (const auto& [index, g] : per_seed) {
       const float value = static_cast<float>(g);
       if (value == 0.0f) continue;
@@ -68,7 +68,8 @@ std::vector<float> ExpectedNext(const ServerConfig& config, const std::vector<fl
     auto v = comms::DecodeDense(u.payload);
     REQUIRE(v.ok());
     REQUIRE(v->size() == prev.size());
-    for (size_t i = 0; i < prev.size(); ++i) sum[i] += static_cast<double>((*v)[i]) * static_cast<double>(u.num_examples);
+    for (size_t i = 0; i < prev.size(); ++i)
+      sum[i] += static_cast<double>((*v)[i]) * static_cast<double>(u.num_examples);
   }
   if (config.method == "fwdgrad") {
     // FwdLLM: θ − η_t Σ g_c / Σ n_c (clients upload summed gradients; the weights are example counts).
@@ -167,8 +168,7 @@ void RunLoopback(World& w, int clients, int rounds) {
   }
 }
 
-TEST_CASE("20 TLS clients complete 3 lora-bp rounds with int8 updates, as aggregated by hand",
-          "[server][federation]") {
+TEST_CASE("20 TLS clients complete 3 lora-bp rounds with int8 updates, as aggregated by hand", "[server][federation]") {
   World w;
   w.config.method = "lora-bp";
   w.config.codec.codec = v1::CODEC_INT8;

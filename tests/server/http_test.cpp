@@ -70,8 +70,7 @@ bool IsLabelNameChar(char c, bool first) {
 // Reads [a-zA-Z_:][a-zA-Z0-9_:]* (or the label-name set) at `pos`; empty on failure.
 std::string ReadName(const std::string& s, size_t& pos, bool label) {
   const size_t start = pos;
-  while (pos < s.size() &&
-         (label ? IsLabelNameChar(s[pos], pos == start) : IsMetricNameChar(s[pos], pos == start))) {
+  while (pos < s.size() && (label ? IsLabelNameChar(s[pos], pos == start) : IsMetricNameChar(s[pos], pos == start))) {
     ++pos;
   }
   return s.substr(start, pos - start);
@@ -93,8 +92,7 @@ std::optional<double> ParseValue(const std::string& v) {
 std::string FamilyOf(const PromText& t, const std::string& sample) {
   if (t.type.count(sample)) return sample;
   for (const std::string suffix : {"_bucket", "_sum", "_count"}) {
-    if (sample.size() > suffix.size() &&
-        sample.compare(sample.size() - suffix.size(), suffix.size(), suffix) == 0) {
+    if (sample.size() > suffix.size() && sample.compare(sample.size() - suffix.size(), suffix.size(), suffix) == 0) {
       const std::string base = sample.substr(0, sample.size() - suffix.size());
       const auto it = t.type.find(base);
       if (it != t.type.end() && it->second == "histogram") return base;
@@ -139,8 +137,8 @@ PromText ParseProm(const std::string& text) {
         }
         REQUIRE(t.help.emplace(name, help).second);  // one HELP per metric
       } else {
-        REQUIRE((rest == "counter" || rest == "gauge" || rest == "histogram" || rest == "summary" ||
-                 rest == "untyped"));
+        REQUIRE(
+            (rest == "counter" || rest == "gauge" || rest == "histogram" || rest == "summary" || rest == "untyped"));
         REQUIRE(t.type.emplace(name, rest).second);  // one TYPE per metric, before its samples
         t.family_order.push_back(name);
       }
@@ -189,8 +187,7 @@ PromText ParseProm(const std::string& text) {
       if (space != std::string::npos) {  // optional integer timestamp
         const std::string ts = rest.substr(space + 1);
         REQUIRE(!ts.empty());
-        REQUIRE(
-            std::all_of(ts.begin(), ts.end(), [](char c) { return std::isdigit(c) || c == '-'; }));
+        REQUIRE(std::all_of(ts.begin(), ts.end(), [](char c) { return std::isdigit(c) || c == '-'; }));
       }
       const std::optional<double> v = ParseValue(value);
       REQUIRE(v.has_value());
@@ -217,8 +214,7 @@ const PromSample* FindSample(const PromText& t, const std::string& name,
   return nullptr;
 }
 
-double SampleValue(const PromText& t, const std::string& name,
-                   const std::map<std::string, std::string>& labels) {
+double SampleValue(const PromText& t, const std::string& name, const std::map<std::string, std::string>& labels) {
   const PromSample* s = FindSample(t, name, labels);
   INFO("sample " << name);
   REQUIRE(s != nullptr);
@@ -226,8 +222,8 @@ double SampleValue(const PromText& t, const std::string& name,
 }
 
 // The _bucket samples of one histogram series, in output order, as (le, cumulative count).
-std::vector<std::pair<std::string, double>> Buckets(
-    const PromText& t, const std::string& name, const std::map<std::string, std::string>& labels) {
+std::vector<std::pair<std::string, double>> Buckets(const PromText& t, const std::string& name,
+                                                    const std::map<std::string, std::string>& labels) {
   std::vector<std::pair<std::string, double>> out;
   for (const PromSample& s : t.samples) {
     if (s.name != name + "_bucket") continue;
@@ -294,8 +290,7 @@ class RawClient {
   ~RawClient() { ::close(fd_); }
 
   void Send(const std::string& data) {
-    REQUIRE(::send(fd_, data.data(), data.size(), MSG_NOSIGNAL) ==
-            static_cast<ssize_t>(data.size()));
+    REQUIRE(::send(fd_, data.data(), data.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(data.size()));
   }
 
   enum class End { kData, kClosed, kTimedOut };
@@ -354,9 +349,8 @@ DashboardSnapshot TestSnapshot() {
   current.deadline_ms = current.opened_ms + 300'000;
   s.current = current;
   // Newest first, as the coordinator hands them over.
-  s.recent = {
-      Round(1004, 1.70, 1.55, 3u << 20, 5u << 20), Round(1003, 1.90, 1.72, 3u << 20, 5u << 20),
-      Round(1002, 2.20, 1.95, 2u << 20, 5u << 20), Round(1001, 2.60, 2.25, 1u << 20, 5u << 20)};
+  s.recent = {Round(1004, 1.70, 1.55, 3u << 20, 5u << 20), Round(1003, 1.90, 1.72, 3u << 20, 5u << 20),
+              Round(1002, 2.20, 1.95, 2u << 20, 5u << 20), Round(1001, 2.60, 2.25, 1u << 20, 5u << 20)};
   s.rejected_by_reason = {{"stale", 3}, {"bad_shape", 1}};
   s.devices_registered = 17;
   s.connections = 3;
@@ -391,8 +385,7 @@ std::string SvgWithClass(const std::string& html, const std::string& css_class) 
 
 size_t CountOf(const std::string& haystack, const std::string& needle) {
   size_t n = 0;
-  for (size_t p = haystack.find(needle); p != std::string::npos; p = haystack.find(needle, p + 1))
-    ++n;
+  for (size_t p = haystack.find(needle); p != std::string::npos; p = haystack.find(needle, p + 1)) ++n;
   return n;
 }
 
@@ -401,11 +394,9 @@ size_t CountOf(const std::string& haystack, const std::string& needle) {
 // ---- Metrics registry
 // ----------------------------------------------------------------------------------
 
-TEST_CASE("Prometheus output of counters, labels and gauges parses back with the values set",
-          "[server][http]") {
+TEST_CASE("Prometheus output of counters, labels and gauges parses back with the values set", "[server][http]") {
   Metrics m;
-  auto& rejected =
-      m.AddCounter("seedling_updates_rejected_total", "Updates refused, by reason.", {"reason"});
+  auto& rejected = m.AddCounter("seedling_updates_rejected_total", "Updates refused, by reason.", {"reason"});
   rejected.WithLabels({"stale"}).Increment(3);
   rejected.WithLabels({"bad_shape"}).Increment();
   m.AddCounter("seedling_rounds_total", "Rounds closed.").Get().Increment(12);
@@ -426,30 +417,25 @@ TEST_CASE("Prometheus output of counters, labels and gauges parses back with the
   CHECK(t.samples.size() == 5);
 }
 
-TEST_CASE("Histogram buckets are cumulative and the +Inf bucket equals the count",
-          "[server][http]") {
+TEST_CASE("Histogram buckets are cumulative and the +Inf bucket equals the count", "[server][http]") {
   Metrics m;
-  auto& latency =
-      m.AddHistogram("seedling_request_seconds", "Request latency.", {0.1, 0.5, 1}, {"kind"});
+  auto& latency = m.AddHistogram("seedling_request_seconds", "Request latency.", {0.1, 0.5, 1}, {"kind"});
   Histogram& h = latency.WithLabels({"upload"});
-  for (double v : {0.05, 0.1, 0.3, 2.0})
-    h.Observe(v);  // 0.1 lands in le="0.1": bounds are inclusive
-  h.Observe(NAN);  // ignored
+  for (double v : {0.05, 0.1, 0.3, 2.0}) h.Observe(v);  // 0.1 lands in le="0.1": bounds are inclusive
+  h.Observe(NAN);                                       // ignored
   latency.WithLabels({"hello"}).Observe(0.7);
 
   const PromText t = ParseProm(m.RenderPrometheus());
   CHECK(t.type.at("seedling_request_seconds") == "histogram");
   const auto buckets = Buckets(t, "seedling_request_seconds", {{"kind", "upload"}});
-  const std::vector<std::pair<std::string, double>> expected = {
-      {"0.1", 2}, {"0.5", 3}, {"1", 3}, {"+Inf", 4}};
+  const std::vector<std::pair<std::string, double>> expected = {{"0.1", 2}, {"0.5", 3}, {"1", 3}, {"+Inf", 4}};
   CHECK(buckets == expected);
   for (size_t i = 1; i < buckets.size(); ++i) CHECK(buckets[i].second >= buckets[i - 1].second);
   CHECK(SampleValue(t, "seedling_request_seconds_count", {{"kind", "upload"}}) == 4);
   CHECK(SampleValue(t, "seedling_request_seconds_sum", {{"kind", "upload"}}) == Approx(2.45));
   const auto other = Buckets(t, "seedling_request_seconds", {{"kind", "hello"}});
   REQUIRE(other.size() == 4);
-  CHECK(other.back().second ==
-        SampleValue(t, "seedling_request_seconds_count", {{"kind", "hello"}}));
+  CHECK(other.back().second == SampleValue(t, "seedling_request_seconds_count", {{"kind", "hello"}}));
   CHECK(other[1].second == 0);  // 0.7 is above 0.5
   CHECK(other[2].second == 1);
 }
@@ -460,26 +446,21 @@ TEST_CASE("Help text and label values are escaped in the Prometheus output", "[s
   const std::string value = "a\"b\\c\nd";
   m.AddCounter("seedling_escape_total", help, {"what"}).WithLabels({value}).Increment(2);
   const std::string text = m.RenderPrometheus();
-  CHECK(text.find("# HELP seedling_escape_total Back\\\\slash and\\nnewline \"quoted\"\n") !=
-        std::string::npos);
+  CHECK(text.find("# HELP seedling_escape_total Back\\\\slash and\\nnewline \"quoted\"\n") != std::string::npos);
   CHECK(text.find("{what=\"a\\\"b\\\\c\\nd\"} 2\n") != std::string::npos);
   const PromText t = ParseProm(text);
   CHECK(t.help.at("seedling_escape_total") == help);
   CHECK(SampleValue(t, "seedling_escape_total", {{"what", value}}) == 2);
 }
 
-TEST_CASE("Invalid UTF-8 in a label value is replaced so the scrape stays valid",
-          "[server][http]") {
+TEST_CASE("Invalid UTF-8 in a label value is replaced so the scrape stays valid", "[server][http]") {
   Metrics m;
-  m.AddCounter("seedling_reason_total", "By reason.", {"reason"})
-      .WithLabels({"bad\xff\xfe"})
-      .Increment();
+  m.AddCounter("seedling_reason_total", "By reason.", {"reason"}).WithLabels({"bad\xff\xfe"}).Increment();
   const PromText t = ParseProm(m.RenderPrometheus());
   CHECK(SampleValue(t, "seedling_reason_total", {{"reason", "bad\xEF\xBF\xBD\xEF\xBF\xBD"}}) == 1);
 }
 
-TEST_CASE("Prometheus output is sorted by metric name and label values, and stable",
-          "[server][http]") {
+TEST_CASE("Prometheus output is sorted by metric name and label values, and stable", "[server][http]") {
   Metrics m;
   auto& b = m.AddCounter("seedling_b_total", "B.", {"k"});
   b.WithLabels({"z"}).Increment();
@@ -488,8 +469,7 @@ TEST_CASE("Prometheus output is sorted by metric name and label values, and stab
   m.AddHistogram("seedling_c_bytes", "C.", Histogram::SizeBytesBuckets()).Get().Observe(5000);
   const std::string first = m.RenderPrometheus();
   const PromText t = ParseProm(first);
-  CHECK(t.family_order ==
-        std::vector<std::string>{"seedling_a", "seedling_b_total", "seedling_c_bytes"});
+  CHECK(t.family_order == std::vector<std::string>{"seedling_a", "seedling_b_total", "seedling_c_bytes"});
   CHECK(first.find("seedling_b_total{k=\"a\"}") < first.find("seedling_b_total{k=\"z\"}"));
   CHECK(m.RenderPrometheus() == first);
 }
@@ -507,8 +487,7 @@ TEST_CASE("Counters incremented from 8 threads sum exactly", "[server][http]") {
   Metrics m;
   auto& family = m.AddCounter("seedling_concurrent_total", "Concurrent increments.", {"thread"});
   Counter& shared = m.AddCounter("seedling_shared_total", "One series, many writers.").Get();
-  auto& hist =
-      m.AddHistogram("seedling_concurrent_seconds", "Concurrent observations.", {0.5, 1.5});
+  auto& hist = m.AddHistogram("seedling_concurrent_seconds", "Concurrent observations.", {0.5, 1.5});
   constexpr int kThreads = 8, kPerThread = 50'000;
   std::vector<std::thread> threads;
   std::atomic<bool> go{false};
@@ -530,8 +509,7 @@ TEST_CASE("Counters incremented from 8 threads sum exactly", "[server][http]") {
   CHECK(shared.Value() == uint64_t{kThreads} * kPerThread);
   const PromText t = ParseProm(m.RenderPrometheus());
   double per_label = 0;
-  for (const char* l : {"0", "1", "2"})
-    per_label += SampleValue(t, "seedling_concurrent_total", {{"thread", l}});
+  for (const char* l : {"0", "1", "2"}) per_label += SampleValue(t, "seedling_concurrent_total", {{"thread", l}});
   CHECK(per_label == double{kThreads} * kPerThread);
   CHECK(SampleValue(t, "seedling_concurrent_seconds_count", {}) == double{kThreads} * kPerThread);
   CHECK(SampleValue(t, "seedling_concurrent_seconds_sum", {}) == double{kThreads} * kPerThread);
@@ -567,8 +545,7 @@ TEST_CASE("A round without a reported loss leaves no point in the loss chart", "
   CHECK(html.find("<meta http-equiv=\"refresh\" content=\"5\">") != std::string::npos);
 }
 
-TEST_CASE("Status JSON writes NaN losses and epsilon as null and an absent round as null",
-          "[server][http]") {
+TEST_CASE("Status JSON writes NaN losses and epsilon as null and an absent round as null", "[server][http]") {
   DashboardSnapshot s = TestSnapshot();
   s.current.reset();
   s.epsilon = NAN;
@@ -613,8 +590,7 @@ TEST_CASE("GET /metrics serves the registry in the Prometheus text format", "[se
   const PromText t = ParseProm(r.body);
   CHECK(SampleValue(t, "seedling_test_events_total", {}) == 7);
   // The server counts its own requests (the /healthz above has finished by now).
-  CHECK(SampleValue(t, "seedling_http_requests_total", {{"route", "/healthz"}, {"code", "200"}}) ==
-        1);
+  CHECK(SampleValue(t, "seedling_http_requests_total", {{"route", "/healthz"}, {"code", "200"}}) == 1);
 }
 
 TEST_CASE("GET / shows the round ids and one loss point per round", "[server][http]") {
@@ -684,8 +660,7 @@ TEST_CASE("A provider that throws yields 500 and the server keeps serving", "[se
   CHECK(Fetch(f.server.port(), "/healthz").status == 200);
 }
 
-TEST_CASE("A client that connects and sends nothing is dropped after the read timeout",
-          "[server][http]") {
+TEST_CASE("A client that connects and sends nothing is dropped after the read timeout", "[server][http]") {
   HttpOptions options;
   options.read_timeout = std::chrono::milliseconds(300);
   ServerFixture f(options);
@@ -732,8 +707,7 @@ TEST_CASE("A request body over the limit gets 413 and the connection is closed",
   CHECK(got.find("Connection: close") != std::string::npos);
 }
 
-TEST_CASE("Connections beyond max_connections are closed while the others are served",
-          "[server][http]") {
+TEST_CASE("Connections beyond max_connections are closed while the others are served", "[server][http]") {
   HttpOptions options;
   options.max_connections = 1;
   ServerFixture f(options);
@@ -751,8 +725,7 @@ TEST_CASE("Connections beyond max_connections are closed while the others are se
   CHECK(first.ReceiveUntil(got, "\r\n\r\nok"));
 }
 
-TEST_CASE("Start rejects an address that is not an IP and a port already in use",
-          "[server][http]") {
+TEST_CASE("Start rejects an address that is not an IP and a port already in use", "[server][http]") {
   Metrics m;
   HttpServer bad(m);
   HttpOptions options;

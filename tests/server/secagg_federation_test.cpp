@@ -29,7 +29,6 @@
 namespace seedling::server {
 namespace {
 
-
 // The federation world with SecAgg+ on: 8-device cohorts may lose 2.
 struct World : testing::FederationWorld {
   World() {
@@ -160,7 +159,8 @@ TEST_CASE("A loopback TLS federation with SecAgg+ equals the plaintext aggregate
     prev = *actual;
   }
   // No plaintext update went through the upload path.
-  CHECK(served.metrics().RenderPrometheus().find("seedling_requests_total{kind=\"upload_begin\"}") == std::string::npos);
+  CHECK(served.metrics().RenderPrometheus().find("seedling_requests_total{kind=\"upload_begin\"}") ==
+        std::string::npos);
 }
 
 // ---- dropouts, with the in-memory transport and a manual clock -------------------------------------------
@@ -214,8 +214,8 @@ DropoutRun RunWithDropouts(World& w, int clients, int vanishing, int target = 0,
     client::ClientConfig cc = w.ClientFor(id, *token, 0);
     cc.max_attempts = 1;
     auto transport = i >= vanishing ? comms::MakeInMemoryTransport((*coordinator)->handler_factory())
-                     : bad         ? bad((*coordinator)->handler_factory(), i)
-                                   : VanishAtMaskedInput((*coordinator)->handler_factory());
+                     : bad          ? bad((*coordinator)->handler_factory(), i)
+                                    : VanishAtMaskedInput((*coordinator)->handler_factory());
     auto c = client::Client::Create(cc, std::move(transport));
     REQUIRE(c.ok());
     (*c)->SetConditions({true, true, true, 1.0f});
@@ -372,7 +372,8 @@ TEST_CASE("A SecAgg configuration that could overflow is refused at load", "[ser
   CHECK_FALSE(ParseServerConfig(base + "[secagg]\nenabled = true\nneighbors = 10\nthreshold = 11\n").ok());
   CHECK_FALSE(ParseServerConfig(base + "[secagg]\nenabled = true\nneighbours = 10\n").ok());
   // kseed cannot be securely summed.
-  CHECK_FALSE(ParseServerConfig(base + "method = \"kseed\"\ncodec = \"seed-scalars\"\n[secagg]\nenabled = true\n").ok());
+  CHECK_FALSE(
+      ParseServerConfig(base + "method = \"kseed\"\ncodec = \"seed-scalars\"\n[secagg]\nenabled = true\n").ok());
 }
 
 }  // namespace

@@ -129,15 +129,15 @@ TEST_CASE("A SecAgg session unmasks the sum of its cohort's inputs", "[server][s
   }
 }
 
-TEST_CASE("A SecAgg session closes the masked input at the target and drops the missing device",
-          "[server][secagg]") {
+TEST_CASE("A SecAgg session closes the masked input at the target and drops the missing device", "[server][secagg]") {
   Cohort cohort({1, 2, 3, 4, 5});
   for (v1::SecAggStage stage : {v1::SECAGG_ADVERTISE_KEYS, v1::SECAGG_SHARE_KEYS}) {
     for (uint32_t id = 1; id <= 5; ++id) cohort.Submit(id, stage, cohort.Message(id, stage), 4);
   }
   REQUIRE(cohort.session->stage() == v1::SECAGG_MASKED_INPUT);
   CHECK(cohort.session->stage_deadline_ms() == kRoundDeadline);  // the masked input includes training
-  for (uint32_t id = 1; id <= 4; ++id) cohort.Submit(id, v1::SECAGG_MASKED_INPUT, cohort.Message(id, v1::SECAGG_MASKED_INPUT), 4);
+  for (uint32_t id = 1; id <= 4; ++id)
+    cohort.Submit(id, v1::SECAGG_MASKED_INPUT, cohort.Message(id, v1::SECAGG_MASKED_INPUT), 4);
   // Four of five is the target and one dropout fits the budget: the unmask stage is open.
   REQUIRE(cohort.session->stage() == v1::SECAGG_UNMASK);
   const SecAggAnswer late = cohort.session->Handle(5, Request(v1::SECAGG_MASKED_INPUT, "late"));

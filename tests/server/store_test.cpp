@@ -106,8 +106,7 @@ TaskRecord Task(const std::string& task_id, uint64_t round_id, const std::string
   return t;
 }
 
-LedgerEntry Entry(const std::string& key, uint64_t round_id, const std::string& task_id,
-                  const std::string& device_id) {
+LedgerEntry Entry(const std::string& key, uint64_t round_id, const std::string& task_id, const std::string& device_id) {
   LedgerEntry e;
   e.idempotency_key = key;
   e.round_id = round_id;
@@ -124,8 +123,7 @@ LedgerEntry Entry(const std::string& key, uint64_t round_id, const std::string& 
 // Deterministic contents for version `version`.
 std::vector<NamedVector> Vectors(uint64_t version, size_t n = 64) {
   NamedVector params{"params", std::vector<float>(n)};
-  for (size_t i = 0; i < n; ++i)
-    params.values[i] = static_cast<float>(version) + 0.001f * static_cast<float>(i);
+  for (size_t i = 0; i < n; ++i) params.values[i] = static_cast<float>(version) + 0.001f * static_cast<float>(i);
   NamedVector moment{"adam.m", {static_cast<float>(version), -1.0f}};
   return {params, moment};
 }
@@ -180,8 +178,7 @@ void RawSql(const std::string& dir, const std::string& sql) {
 
 // ---- devices
 
-TEST_CASE("AddDevice stores a device that FindDevice returns and refuses a duplicate id",
-          "[server][store]") {
+TEST_CASE("AddDevice stores a device that FindDevice returns and refuses a duplicate id", "[server][store]") {
   TempDir dir;
   auto store = OpenStore(dir.path());
   CHECK_FALSE(Value(store->FindDevice("phone-1")).has_value());
@@ -208,8 +205,7 @@ TEST_CASE("AddDevice refuses a token hash that is not 64 hex digits", "[server][
   d.token_sha256 = "raw-bearer-token";
   const absl::Status st = store->AddDevice(d);
   CHECK(st.code() == absl::StatusCode::kInvalidArgument);
-  CHECK(std::string(st.message()).find("raw-bearer-token") ==
-        std::string::npos);  // never echo a secret
+  CHECK(std::string(st.message()).find("raw-bearer-token") == std::string::npos);  // never echo a secret
   CHECK_FALSE(Value(store->FindDevice("phone-1")).has_value());
 }
 
@@ -235,8 +231,7 @@ TEST_CASE("RevokeDevice revokes once, keeps the first time, and reports an unkno
   CHECK(store->AddDevice(Device("phone-1", 2)).code() == absl::StatusCode::kAlreadyExists);
 }
 
-TEST_CASE("A version-2 state database gains the revocation column and keeps its devices active",
-          "[server][store]") {
+TEST_CASE("A version-2 state database gains the revocation column and keeps its devices active", "[server][store]") {
   TempDir dir;
   {
     auto store = OpenStore(dir.path());
@@ -268,8 +263,7 @@ TEST_CASE("TouchDevice updates last_seen and reports an unknown device", "[serve
 
 // ---- rounds
 
-TEST_CASE("CreateRound gives increasing ids that keep increasing after reopening",
-          "[server][store]") {
+TEST_CASE("CreateRound gives increasing ids that keep increasing after reopening", "[server][store]") {
   TempDir dir;
   {
     auto store = OpenStore(dir.path());
@@ -307,8 +301,7 @@ TEST_CASE("Round ids never go backwards even when round rows are deleted", "[ser
 TEST_CASE("CreateRound refuses a base version newer than the global version", "[server][store]") {
   TempDir dir;
   auto store = OpenStore(dir.path());
-  CHECK(store->CreateRound(Fields(/*base_version=*/1)).status().code() ==
-        absl::StatusCode::kFailedPrecondition);
+  CHECK(store->CreateRound(Fields(/*base_version=*/1)).status().code() == absl::StatusCode::kFailedPrecondition);
   CHECK_FALSE(Value(store->LatestRound()).has_value());
 }
 
@@ -324,8 +317,7 @@ TEST_CASE("SetRoundState moves a round from open to collecting to aggregating", 
   CHECK(r.state_ms == 1200);
 }
 
-TEST_CASE("SetRoundState refuses skipped, backward and final transitions and names both states",
-          "[server][store]") {
+TEST_CASE("SetRoundState refuses skipped, backward and final transitions and names both states", "[server][store]") {
   TempDir dir;
   auto store = OpenStore(dir.path());
   const uint64_t id = Value(store->CreateRound(Fields())).round_id;
@@ -338,22 +330,15 @@ TEST_CASE("SetRoundState refuses skipped, backward and final transitions and nam
   CHECK(msg.find("aggregating") != std::string::npos);
   CHECK(msg.find(std::to_string(id)) != std::string::npos);
 
-  CHECK(store->SetRoundState(id, RoundState::kOpen, 1).code() ==
-        absl::StatusCode::kFailedPrecondition);
-  CHECK(store->SetRoundState(id, RoundState::kCommitted, 1).code() ==
-        absl::StatusCode::kFailedPrecondition);
-  CHECK(store->SetRoundState(id, RoundState::kAborted, 1).code() ==
-        absl::StatusCode::kFailedPrecondition);
+  CHECK(store->SetRoundState(id, RoundState::kOpen, 1).code() == absl::StatusCode::kFailedPrecondition);
+  CHECK(store->SetRoundState(id, RoundState::kCommitted, 1).code() == absl::StatusCode::kFailedPrecondition);
+  CHECK(store->SetRoundState(id, RoundState::kAborted, 1).code() == absl::StatusCode::kFailedPrecondition);
   REQUIRE_OK(store->SetRoundState(id, RoundState::kCollecting, 2));
-  CHECK(store->SetRoundState(id, RoundState::kOpen, 3).code() ==
-        absl::StatusCode::kFailedPrecondition);
-  CHECK(store->SetRoundState(id, RoundState::kCollecting, 3).code() ==
-        absl::StatusCode::kFailedPrecondition);
-  CHECK(store->SetRoundState(999, RoundState::kCollecting, 3).code() ==
-        absl::StatusCode::kNotFound);
+  CHECK(store->SetRoundState(id, RoundState::kOpen, 3).code() == absl::StatusCode::kFailedPrecondition);
+  CHECK(store->SetRoundState(id, RoundState::kCollecting, 3).code() == absl::StatusCode::kFailedPrecondition);
+  CHECK(store->SetRoundState(999, RoundState::kCollecting, 3).code() == absl::StatusCode::kNotFound);
   REQUIRE_OK(store->AbortRound(id, 4, "test"));
-  CHECK(store->SetRoundState(id, RoundState::kCollecting, 5).code() ==
-        absl::StatusCode::kFailedPrecondition);
+  CHECK(store->SetRoundState(id, RoundState::kCollecting, 5).code() == absl::StatusCode::kFailedPrecondition);
   CHECK(Value(store->Checksum()) != before);  // the successful calls did change something
   CHECK(Value(store->FindRound(id))->state == RoundState::kAborted);
 }
@@ -378,8 +363,7 @@ TEST_CASE("AbortRound aborts any non-final round and refuses a final one", "[ser
   CHECK(Value(store->Checksum()) == before);
 }
 
-TEST_CASE("CommitRound increments the global version and makes the checkpoint current",
-          "[server][store]") {
+TEST_CASE("CommitRound increments the global version and makes the checkpoint current", "[server][store]") {
   TempDir dir;
   auto store = OpenStore(dir.path());
   CHECK(Value(store->GlobalVersion()) == 0);
@@ -413,8 +397,7 @@ TEST_CASE("CommitRound with a wrong version fails and changes nothing", "[server
   const uint64_t id = AggregatingRound(*store, "a");
   Value(store->WriteCheckpoint(1, Vectors(1)));
   // Files exist for the wrong versions too, so only the version check can refuse them.
-  for (uint64_t v : {0, 2, 7})
-    fs::copy_file(CheckpointFile(dir.path(), 1), CheckpointFile(dir.path(), v));
+  for (uint64_t v : {0, 2, 7}) fs::copy_file(CheckpointFile(dir.path(), 1), CheckpointFile(dir.path(), v));
   const std::string before = Value(store->Checksum());
   for (uint64_t bad : {0, 2, 7}) {
     const absl::Status st = store->CommitRound(id, bad, 5000, "{}");
@@ -456,8 +439,7 @@ TEST_CASE("CommitRound requires the round to be aggregating", "[server][store]")
 
 // ---- tasks and ledger
 
-TEST_CASE("AddTask counts the selection and refuses a second task for the device in that round",
-          "[server][store]") {
+TEST_CASE("AddTask counts the selection and refuses a second task for the device in that round", "[server][store]") {
   TempDir dir;
   auto store = OpenStore(dir.path());
   const uint64_t id = Value(store->CreateRound(Fields())).round_id;
@@ -495,8 +477,7 @@ TEST_CASE("SetTaskState declines a task but cannot fake or undo an upload", "[se
   CHECK(Value(store->FindTask("t2"))->state == "uploaded");
 }
 
-TEST_CASE("RecordAcceptedUpdate records the entry, marks the task uploaded and counts it",
-          "[server][store]") {
+TEST_CASE("RecordAcceptedUpdate records the entry, marks the task uploaded and counts it", "[server][store]") {
   TempDir dir;
   auto store = OpenStore(dir.path());
   const uint64_t id = Value(store->CreateRound(Fields())).round_id;
@@ -536,15 +517,13 @@ TEST_CASE("RecordAcceptedUpdate refuses a duplicate key and changes nothing", "[
   CHECK(st.code() == absl::StatusCode::kAlreadyExists);
   CHECK(std::string(st.message()).find("k1") != std::string::npos);
   // Another key for a task that already uploaded would count the device twice.
-  CHECK(store->RecordAcceptedUpdate(Entry("k1-bis", id, "t1", "d1")).code() ==
-        absl::StatusCode::kAlreadyExists);
+  CHECK(store->RecordAcceptedUpdate(Entry("k1-bis", id, "t1", "d1")).code() == absl::StatusCode::kAlreadyExists);
   CHECK(Value(store->Checksum()) == before);
   CHECK(Value(store->FindRound(id))->accepted == 1);
   CHECK(Value(store->FindLedgerEntry("k1"))->num_examples == 17);
 }
 
-TEST_CASE("RecordAcceptedUpdate refuses unknown tasks, mismatched entries and final rounds",
-          "[server][store]") {
+TEST_CASE("RecordAcceptedUpdate refuses unknown tasks, mismatched entries and final rounds", "[server][store]") {
   TempDir dir;
   auto store = OpenStore(dir.path());
   const uint64_t id = Value(store->CreateRound(Fields())).round_id;
@@ -552,12 +531,9 @@ TEST_CASE("RecordAcceptedUpdate refuses unknown tasks, mismatched entries and fi
   REQUIRE_OK(store->AddTask(Task("t2", id, "d2")));
   REQUIRE_OK(store->AbortRound(id, 10, "deadline"));
   const std::string before = Value(store->Checksum());
-  CHECK(store->RecordAcceptedUpdate(Entry("k", id, "missing", "d1")).code() ==
-        absl::StatusCode::kNotFound);
-  CHECK(store->RecordAcceptedUpdate(Entry("k", id, "t1", "d2")).code() ==
-        absl::StatusCode::kInvalidArgument);
-  CHECK(store->RecordAcceptedUpdate(Entry("k", id + 1, "t1", "d1")).code() ==
-        absl::StatusCode::kInvalidArgument);
+  CHECK(store->RecordAcceptedUpdate(Entry("k", id, "missing", "d1")).code() == absl::StatusCode::kNotFound);
+  CHECK(store->RecordAcceptedUpdate(Entry("k", id, "t1", "d2")).code() == absl::StatusCode::kInvalidArgument);
+  CHECK(store->RecordAcceptedUpdate(Entry("k", id + 1, "t1", "d1")).code() == absl::StatusCode::kInvalidArgument);
   const absl::Status final_round = store->RecordAcceptedUpdate(Entry("k", id, "t1", "d1"));
   CHECK(final_round.code() == absl::StatusCode::kFailedPrecondition);
   CHECK(std::string(final_round.message()).find("aborted") != std::string::npos);
@@ -649,8 +625,7 @@ TEST_CASE("After a lazy write the next write commits with synchronous FULL again
   CHECK(log.commits == expected);
 }
 
-TEST_CASE("A failed checkpoint write, fsync or rename leaves no checkpoint and a usable store",
-          "[server][store]") {
+TEST_CASE("A failed checkpoint write, fsync or rename leaves no checkpoint and a usable store", "[server][store]") {
   using Op = testing::FaultFileSystem::Op;
   for (Op op : {Op::kWrite, Op::kSync, Op::kRename}) {
     TempDir dir;
@@ -685,8 +660,7 @@ TEST_CASE("AbortRound keeps the round's ledger entries", "[server][store]") {
   CHECK(r.accepted == 1);
 }
 
-TEST_CASE("SeedSumsSince returns the sums of later committed versions in ascending order",
-          "[server][store]") {
+TEST_CASE("SeedSumsSince returns the sums of later committed versions in ascending order", "[server][store]") {
   TempDir dir;
   auto store = OpenStore(dir.path());
   const std::string blob1("sums\0one", 8);  // binary-safe
@@ -717,15 +691,13 @@ TEST_CASE("Open refuses a database with a newer schema version", "[server][store
   CHECK(std::string(st.status().message()).find("state.db") != std::string::npos);
 }
 
-TEST_CASE("Open refuses a SQLite database that is not a Seedling state database",
-          "[server][store]") {
+TEST_CASE("Open refuses a SQLite database that is not a Seedling state database", "[server][store]") {
   TempDir dir;
   RawSql(dir.path(), "CREATE TABLE users (name TEXT)");
   CHECK(Store::Open(dir.path()).status().code() == absl::StatusCode::kFailedPrecondition);
 }
 
-TEST_CASE("Open reports a state database that is not SQLite as DataLoss and names the file",
-          "[server][store]") {
+TEST_CASE("Open reports a state database that is not SQLite as DataLoss and names the file", "[server][store]") {
   TempDir dir;
   REQUIRE_OK(WriteFileAtomic(JoinPath(dir.path(), "state.db"), std::string(8192, 'x')));
   const auto st = Store::Open(dir.path());
@@ -816,8 +788,7 @@ TEST_CASE("Checksum changes when any durable field changes", "[server][store]") 
   CHECK(Value(store->Checksum()) == a);
 }
 
-TEST_CASE("Concurrent calls from several threads are serialized without losing updates",
-          "[server][store]") {
+TEST_CASE("Concurrent calls from several threads are serialized without losing updates", "[server][store]") {
   TempDir dir;
   auto store = OpenStore(dir.path());
   const uint64_t id = Value(store->CreateRound(Fields())).round_id;
@@ -833,14 +804,12 @@ TEST_CASE("Concurrent calls from several threads are serialized without losing u
     threads.emplace_back([&, t] {
       for (int i = 0; i < kPerThread && failures[t].ok(); ++i) {
         const std::string task = StrCat("t", t, "-", i);
-        failures[t] =
-            store->RecordAcceptedUpdate(Entry("k" + task, id, task, StrCat("d", t, "-", i)));
+        failures[t] = store->RecordAcceptedUpdate(Entry("k" + task, id, task, StrCat("d", t, "-", i)));
       }
     });
   }
   // A checkpoint write runs beside them (it does not hold the database lock while writing).
-  threads.emplace_back(
-      [&] { failures[kThreads] = store->WriteCheckpoint(1, Vectors(1, 1 << 18)).status(); });
+  threads.emplace_back([&] { failures[kThreads] = store->WriteCheckpoint(1, Vectors(1, 1 << 18)).status(); });
   for (std::thread& th : threads) th.join();
   for (const absl::Status& st : failures) CHECK(st.ok());
   CHECK(Value(store->FindRound(id))->accepted == kThreads * kPerThread);
@@ -853,19 +822,16 @@ TEST_CASE("Concurrent calls from several threads are serialized without losing u
 TEST_CASE("Checkpoints keep the vectors' names, order and values", "[server][store]") {
   TempDir dir;
   auto store = OpenStore(dir.path());
-  std::vector<NamedVector> vs = {
-      {"z.first", {1.5f, -2.0f, 3.25f}}, {"a.second", {}}, {"m.third", {42.0f}}};
+  std::vector<NamedVector> vs = {{"z.first", {1.5f, -2.0f, 3.25f}}, {"a.second", {}}, {"m.third", {42.0f}}};
   Value(store->WriteCheckpoint(1, vs));
   CHECK(SameVectors(Value(store->ReadCheckpoint(1)), vs));
   CHECK(store->ReadCheckpoint(2).status().code() == absl::StatusCode::kNotFound);
 }
 
-TEST_CASE("WriteCheckpoint writes only the next version and never rewrites a recorded one",
-          "[server][store]") {
+TEST_CASE("WriteCheckpoint writes only the next version and never rewrites a recorded one", "[server][store]") {
   TempDir dir;
   auto store = OpenStore(dir.path());
-  CHECK(store->WriteCheckpoint(2, Vectors(2)).status().code() ==
-        absl::StatusCode::kFailedPrecondition);
+  CHECK(store->WriteCheckpoint(2, Vectors(2)).status().code() == absl::StatusCode::kFailedPrecondition);
   // Version 0, the initial model, is recorded at once: no round commits it.
   const std::string sha0 = Value(store->WriteCheckpoint(0, Vectors(0)));
   CHECK(Value(store->FindCheckpoint(0))->sha256 == sha0);
@@ -898,8 +864,7 @@ TEST_CASE("ReadCheckpoint reports a modified committed checkpoint as DataLoss", 
   CHECK(std::string(st.message()).find("global-1.safetensors") != std::string::npos);
 }
 
-TEST_CASE("ReadCheckpoint reports a truncated committed checkpoint as DataLoss",
-          "[server][store]") {
+TEST_CASE("ReadCheckpoint reports a truncated committed checkpoint as DataLoss", "[server][store]") {
   TempDir dir;
   auto store = OpenStore(dir.path());
   Commit(*store, AggregatingRound(*store, "a"), 1);
@@ -909,12 +874,10 @@ TEST_CASE("ReadCheckpoint reports a truncated committed checkpoint as DataLoss",
   fs::resize_file(path, 0);
   CHECK(store->ReadCheckpoint(1).status().code() == absl::StatusCode::kDataLoss);
   fs::remove(path);
-  CHECK(store->ReadCheckpoint(1).status().code() ==
-        absl::StatusCode::kDataLoss);  // recorded but gone
+  CHECK(store->ReadCheckpoint(1).status().code() == absl::StatusCode::kDataLoss);  // recorded but gone
 }
 
-TEST_CASE("ReadCheckpoint validates an uncommitted checkpoint without a recorded hash",
-          "[server][store]") {
+TEST_CASE("ReadCheckpoint validates an uncommitted checkpoint without a recorded hash", "[server][store]") {
   TempDir dir;
   auto store = OpenStore(dir.path());
   Value(store->WriteCheckpoint(1, Vectors(1)));
@@ -924,11 +887,10 @@ TEST_CASE("ReadCheckpoint validates an uncommitted checkpoint without a recorded
 
   // A 2-D tensor is not a checkpoint vector.
   const std::vector<float> data(6, 1.0f);
-  const model::TensorToWrite t{
-      "params",
-      model::DType::kF32,
-      {2, 3},
-      std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(data.data()), 24)};
+  const model::TensorToWrite t{"params",
+                               model::DType::kF32,
+                               {2, 3},
+                               std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(data.data()), 24)};
   REQUIRE_OK(model::WriteSafetensors(path, std::span<const model::TensorToWrite>(&t, 1)));
   const auto st = store->ReadCheckpoint(1).status();
   CHECK(st.code() == absl::StatusCode::kDataLoss);
@@ -937,9 +899,8 @@ TEST_CASE("ReadCheckpoint validates an uncommitted checkpoint without a recorded
 
 // ---- recovery
 
-TEST_CASE(
-    "RecoverAfterCrash aborts unfinished rounds and deletes orphan and temporary checkpoint files",
-    "[server][store]") {
+TEST_CASE("RecoverAfterCrash aborts unfinished rounds and deletes orphan and temporary checkpoint files",
+          "[server][store]") {
   TempDir dir;
   const std::string ckdir = CheckpointsDir(dir.path());
   uint64_t committed = 0, open = 0, aggregating = 0;
@@ -955,8 +916,7 @@ TEST_CASE(
   REQUIRE_OK(WriteFileAtomic(JoinPath(ckdir, "README"), "not ours"));
 
   auto store = OpenStore(dir.path());
-  const std::vector<RoundRecord> aborted =
-      Value(store->RecoverAfterCrash(9000, "server restarted"));
+  const std::vector<RoundRecord> aborted = Value(store->RecoverAfterCrash(9000, "server restarted"));
   REQUIRE(aborted.size() == 2);
   CHECK(aborted[0].round_id == open);
   CHECK(aborted[1].round_id == aggregating);
@@ -1037,8 +997,7 @@ struct KillPlan {
 
 // Forks a child running `body`, optionally killed by the parent as `kill` says. Returns every line
 // the child wrote and how it ended.
-ChildRun RunChild(const std::function<void(Reporter&)>& body,
-                  std::optional<KillPlan> kill = std::nullopt) {
+ChildRun RunChild(const std::function<void(Reporter&)>& body, std::optional<KillPlan> kill = std::nullopt) {
   int fds[2];
   REQUIRE(::pipe(fds) == 0);
   std::fflush(stdout);
@@ -1061,8 +1020,8 @@ ChildRun RunChild(const std::function<void(Reporter&)>& body,
   while (true) {
     int timeout_ms = 1000;
     if (kill_armed && !killed) {
-      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
-          kill_at - std::chrono::steady_clock::now());
+      const auto left =
+          std::chrono::duration_cast<std::chrono::milliseconds>(kill_at - std::chrono::steady_clock::now());
       timeout_ms = static_cast<int>(std::max<int64_t>(0, left.count()));
     }
     pollfd p{fds[0], POLLIN, 0};
@@ -1102,9 +1061,7 @@ ChildRun RunChild(const std::function<void(Reporter&)>& body,
   return run;
 }
 
-bool KilledBySigkill(int wait_status) {
-  return WIFSIGNALED(wait_status) && WTERMSIG(wait_status) == SIGKILL;
-}
+bool KilledBySigkill(int wait_status) { return WIFSIGNALED(wait_status) && WTERMSIG(wait_status) == SIGKILL; }
 
 // One deterministic store call of a scripted run, with what it leaves behind when acknowledged.
 struct Step {
@@ -1125,8 +1082,7 @@ std::vector<Step> Script() {
     return &s.back();
   };
   for (int d = 0; d < 3; ++d) {
-    add(StrCat("add device d", d),
-        [d](Store& st) { return st.AddDevice(Device(StrCat("d", d), 10 + d)); });
+    add(StrCat("add device d", d), [d](Store& st) { return st.AddDevice(Device(StrCat("d", d), 10 + d)); });
   }
   // Two rounds that commit, then a third left open.
   const int devices_in_round[] = {3, 2};
@@ -1136,9 +1092,8 @@ std::vector<Step> Script() {
       return st.CreateRound(Fields(r - 1, t0)).status();
     })->creates_round = r;
     for (int d = 0; d < devices_in_round[r - 1]; ++d) {
-      add(StrCat("add task r", r, "-d", d), [r, d](Store& st) {
-        return st.AddTask(Task(StrCat("t", r, "-", d), r, StrCat("d", d)));
-      });
+      add(StrCat("add task r", r, "-d", d),
+          [r, d](Store& st) { return st.AddTask(Task(StrCat("t", r, "-", d), r, StrCat("d", d))); });
     }
     add(StrCat("round ", r, " collecting"),
         [r, t0](Store& st) { return st.SetRoundState(r, RoundState::kCollecting, t0 + 1); });
@@ -1150,15 +1105,12 @@ std::vector<Step> Script() {
     }
     add(StrCat("round ", r, " aggregating"),
         [r, t0](Store& st) { return st.SetRoundState(r, RoundState::kAggregating, t0 + 2); });
-    add(StrCat("write checkpoint ", r),
-        [r](Store& st) { return st.WriteCheckpoint(r, Vectors(r)).status(); });
+    add(StrCat("write checkpoint ", r), [r](Store& st) { return st.WriteCheckpoint(r, Vectors(r)).status(); });
     add(StrCat("commit round ", r), [r, t0](Store& st) {
       return st.CommitRound(r, r, t0 + 3, StrCat("{\"round\":", r, "}"), StrCat("sums-", r));
     })->commits_version = r;
   }
-  add("create round 3", [](Store& st) {
-    return st.CreateRound(Fields(2, 30000)).status();
-  })->creates_round = 3;
+  add("create round 3", [](Store& st) { return st.CreateRound(Fields(2, 30000)).status(); })->creates_round = 3;
   add("touch d1", [](Store& st) { return st.TouchDevice("d1", 31000); });
   return s;
 }
@@ -1171,23 +1123,20 @@ size_t StepIndex(const std::vector<Step>& script, const std::string& name) {
   return 0;
 }
 
-TEST_CASE("After a SIGKILL between calls the store holds exactly the acknowledged calls",
-          "[server][store]") {
+TEST_CASE("After a SIGKILL between calls the store holds exactly the acknowledged calls", "[server][store]") {
   const std::vector<Step> script = Script();
   // The number of calls the child completes before it kills itself.
-  const std::string kill_before =
-      GENERATE(as<std::string>{},
-               "add device d0",   // empty store
-               "add task r1-d0",  // right after CreateRound: round open
-               "record k1-2",     // between RecordAcceptedUpdate calls
-               "commit round 1",  // checkpoint written, not committed
-               "create round 2",  // right after a commit
-               "commit round 2",  // orphan next to a committed checkpoint
-               "touch d1",        // third round open, two committed
-               "");               // after every call
+  const std::string kill_before = GENERATE(as<std::string>{},
+                                           "add device d0",   // empty store
+                                           "add task r1-d0",  // right after CreateRound: round open
+                                           "record k1-2",     // between RecordAcceptedUpdate calls
+                                           "commit round 1",  // checkpoint written, not committed
+                                           "create round 2",  // right after a commit
+                                           "commit round 2",  // orphan next to a committed checkpoint
+                                           "touch d1",        // third round open, two committed
+                                           "");               // after every call
   const size_t kill_at = kill_before.empty() ? script.size() : StepIndex(script, kill_before);
-  INFO("killed before step " << kill_at << " (" << (kill_before.empty() ? "end" : kill_before)
-                             << ")");
+  INFO("killed before step " << kill_at << " (" << (kill_before.empty() ? "end" : kill_before) << ")");
 
   TempDir dir;
   const ChildRun run = RunChild([&](Reporter& rep) {
@@ -1218,8 +1167,7 @@ TEST_CASE("After a SIGKILL between calls the store holds exactly the acknowledge
   for (const RoundRecord& r : aborted) aborted_ids.insert(r.round_id);
   std::set<uint64_t> expect_aborted;
   for (uint64_t r : created) {
-    if (committed.count(r) == 0)
-      expect_aborted.insert(r);  // round r commits version r in the script
+    if (committed.count(r) == 0) expect_aborted.insert(r);  // round r commits version r in the script
   }
   CHECK(aborted_ids == expect_aborted);
   CHECK(Value(store->GlobalVersion()) == committed.size());
@@ -1258,8 +1206,7 @@ TEST_CASE(
   constexpr size_t kValues = size_t{2} << 20;  // 8 MiB per checkpoint
   auto big = [](uint64_t version) {
     NamedVector v{"params", std::vector<float>(kValues)};
-    for (size_t i = 0; i < kValues; ++i)
-      v.values[i] = static_cast<float>(version) + static_cast<float>(i % 1000);
+    for (size_t i = 0; i < kValues; ++i) v.values[i] = static_cast<float>(version) + static_cast<float>(i % 1000);
     return std::vector<NamedVector>{v};
   };
   // Kill delays are fractions of the time one checkpoint write takes on this machine, so they hit
@@ -1271,8 +1218,7 @@ TEST_CASE(
     const auto payload = big(1);
     const auto start = std::chrono::steady_clock::now();
     Value(store->WriteCheckpoint(1, payload));
-    write_time = std::chrono::duration_cast<std::chrono::microseconds>(
-        std::chrono::steady_clock::now() - start);
+    write_time = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - start);
   }
   std::mt19937 rng(20240611);  // fixed seed: the same sequence of kill times on every run
   std::uniform_real_distribution<double> fraction(0.0, 1.0);
@@ -1284,12 +1230,10 @@ TEST_CASE(
     const double f = fraction(rng);
     if (rep % 2 == 0) {
       plan.trigger = "READY";
-      plan.delay = std::chrono::microseconds(
-          static_cast<int64_t>(f * 3.0 * static_cast<double>(write_time.count())));
+      plan.delay = std::chrono::microseconds(static_cast<int64_t>(f * 3.0 * static_cast<double>(write_time.count())));
     } else {
       plan.trigger = StrCat("BEGIN write ", 1 + rep % 3);
-      plan.delay = std::chrono::microseconds(
-          static_cast<int64_t>(f * 1.2 * static_cast<double>(write_time.count())));
+      plan.delay = std::chrono::microseconds(static_cast<int64_t>(f * 1.2 * static_cast<double>(write_time.count())));
     }
     INFO("repetition " << rep << ": kill " << plan.delay.count() << " us after '" << plan.trigger
                        << "'; one checkpoint write takes " << write_time.count() << " us");
@@ -1351,20 +1295,17 @@ TEST_CASE(
       // Ledger row, task state and counter move together or not at all.
       const auto ledger = Value(store->LedgerForRound(r.round_id));
       CHECK(r.accepted == static_cast<int64_t>(ledger.size()));
-      for (const LedgerEntry& e : ledger)
-        CHECK(Value(store->FindTask(e.task_id))->state == "uploaded");
+      for (const LedgerEntry& e : ledger) CHECK(Value(store->FindTask(e.task_id))->state == "uploaded");
     }
     for (uint64_t v = 1; v <= global; ++v) {
-      const std::vector<NamedVector> got =
-          Value(store->ReadCheckpoint(v));  // verifies the recorded hash
+      const std::vector<NamedVector> got = Value(store->ReadCheckpoint(v));  // verifies the recorded hash
       REQUIRE(got.size() == 1);
       REQUIRE(got[0].values.size() == kValues);
       CHECK(got[0].values[0] == static_cast<float>(v));
       CHECK(got[0].values[kValues - 1] == static_cast<float>((kValues - 1) % 1000));
     }
     std::set<std::string> expect_files;
-    for (uint64_t v = 1; v <= global; ++v)
-      expect_files.insert(StrCat("global-", v, ".safetensors"));
+    for (uint64_t v = 1; v <= global; ++v) expect_files.insert(StrCat("global-", v, ".safetensors"));
     CHECK(ListDir(CheckpointsDir(dir.path())) == expect_files);
     const RoundRecord next = Value(store->CreateRound(Fields(global)));
     CHECK(next.round_id > max_round);

@@ -27,8 +27,7 @@
 // what the strategy allocates, deterministically (no RSS noise).
 namespace {
 
-constexpr size_t kHeader =
-    16;  // keeps the default new alignment (16) and holds the size and the tag
+constexpr size_t kHeader = 16;  // keeps the default new alignment (16) and holds the size and the tag
 constexpr uint64_t kCountedTag = 0x5eed1196c0117edULL;
 std::atomic<int64_t> g_live_bytes{0};
 std::atomic<int64_t> g_peak_bytes{0};
@@ -76,20 +75,14 @@ class CountAllocations {
   if (p == nullptr) throw std::bad_alloc();
   return p;
 }
-[[gnu::noinline]] void* operator new(size_t n, const std::nothrow_t&) noexcept {
-  return CountedAlloc(n);
-}
-[[gnu::noinline]] void* operator new[](size_t n, const std::nothrow_t&) noexcept {
-  return CountedAlloc(n);
-}
+[[gnu::noinline]] void* operator new(size_t n, const std::nothrow_t&) noexcept { return CountedAlloc(n); }
+[[gnu::noinline]] void* operator new[](size_t n, const std::nothrow_t&) noexcept { return CountedAlloc(n); }
 [[gnu::noinline]] void operator delete(void* p) noexcept { CountedFree(p); }
 [[gnu::noinline]] void operator delete[](void* p) noexcept { CountedFree(p); }
 [[gnu::noinline]] void operator delete(void* p, size_t) noexcept { CountedFree(p); }
 [[gnu::noinline]] void operator delete[](void* p, size_t) noexcept { CountedFree(p); }
 [[gnu::noinline]] void operator delete(void* p, const std::nothrow_t&) noexcept { CountedFree(p); }
-[[gnu::noinline]] void operator delete[](void* p, const std::nothrow_t&) noexcept {
-  CountedFree(p);
-}
+[[gnu::noinline]] void operator delete[](void* p, const std::nothrow_t&) noexcept { CountedFree(p); }
 
 namespace seedling::server {
 namespace {
@@ -103,8 +96,7 @@ std::vector<float> RandomVector(size_t n, uint64_t seed, double scale = 1.0) {
   return v;
 }
 
-std::string Encode(const std::vector<float>& v, v1::Codec codec = v1::CODEC_FP32,
-                   uint64_t rounding_seed = 0) {
+std::string Encode(const std::vector<float>& v, v1::Codec codec = v1::CODEC_FP32, uint64_t rounding_seed = 0) {
   comms::CodecOptions o;
   o.codec = codec;
   absl::StatusOr<std::string> payload = comms::EncodeDense(v, o, rounding_seed);
@@ -150,8 +142,7 @@ double RelativeError(const std::vector<double>& got, const std::vector<double>& 
 // θ_new − θ_old, element-wise in double.
 std::vector<double> Change(const std::vector<float>& after, const std::vector<float>& before) {
   std::vector<double> c(after.size());
-  for (size_t i = 0; i < c.size(); ++i)
-    c[i] = static_cast<double>(after[i]) - static_cast<double>(before[i]);
+  for (size_t i = 0; i < c.size(); ++i) c[i] = static_cast<double>(after[i]) - static_cast<double>(before[i]);
   return c;
 }
 
@@ -189,8 +180,7 @@ TEST_CASE("Streaming FedAvg of fp32 updates equals the example-weighted mean com
   CHECK(outcome->seed_sums_blob.empty());
 }
 
-TEST_CASE("Streaming FedAvg of int8 updates equals the weighted mean of the decoded updates",
-          "[server][strategy]") {
+TEST_CASE("Streaming FedAvg of int8 updates equals the weighted mean of the decoded updates", "[server][strategy]") {
   constexpr size_t kParams = 1500;
   GlobalModel global;
   global.params.assign(kParams, 0.5f);
@@ -202,8 +192,7 @@ TEST_CASE("Streaming FedAvg of int8 updates equals the weighted mean of the deco
   std::vector<double> weighted_sum(kParams, 0.0);
   double total = 0;
   for (int c = 0; c < 12; ++c) {
-    const std::string payload =
-        Encode(RandomVector(kParams, 200 + c), v1::CODEC_INT8, /*rounding_seed=*/c);
+    const std::string payload = Encode(RandomVector(kParams, 200 + c), v1::CODEC_INT8, /*rounding_seed=*/c);
     absl::StatusOr<std::vector<float>> decoded = comms::DecodeDense(payload);
     REQUIRE(decoded.ok());
     const uint64_t n = 3 + c;
@@ -217,9 +206,8 @@ TEST_CASE("Streaming FedAvg of int8 updates equals the weighted mean of the deco
   CHECK(RelativeError(Change(global.params, before), want) < 1e-6);
 }
 
-TEST_CASE(
-    "The fedavg family accepts fp16, int4 and top-k payloads and applies their decoded values",
-    "[server][strategy]") {
+TEST_CASE("The fedavg family accepts fp16, int4 and top-k payloads and applies their decoded values",
+          "[server][strategy]") {
   constexpr size_t kParams = 640;
   const v1::Codec codec = GENERATE(v1::CODEC_FP16, v1::CODEC_INT4, v1::CODEC_TOPK);
   CAPTURE(v1::Codec_Name(codec));
@@ -227,8 +215,7 @@ TEST_CASE(
   options.codec = codec;
   options.topk_fraction = 0.1f;
   comms::ErrorFeedback feedback(kParams);
-  absl::StatusOr<std::string> payload =
-      comms::EncodeDense(RandomVector(kParams, 60), options, 61, &feedback);
+  absl::StatusOr<std::string> payload = comms::EncodeDense(RandomVector(kParams, 60), options, 61, &feedback);
   REQUIRE(payload.ok());
   absl::StatusOr<std::vector<float>> decoded = comms::DecodeDense(*payload);
   REQUIRE(decoded.ok());
@@ -338,18 +325,15 @@ struct NaiveServer {
       m[i] = b1 * m[i] + (1 - b1) * d[i];
       const double d2 = d[i] * d[i];
       if (name == "fedadam") v[i] = b2 * v[i] + (1 - b2) * d2;
-      if (name == "fedyogi")
-        v[i] = v[i] - (1 - b2) * d2 * (v[i] > d2 ? 1.0 : (v[i] < d2 ? -1.0 : 0.0));
+      if (name == "fedyogi") v[i] = v[i] - (1 - b2) * d2 * (v[i] > d2 ? 1.0 : (v[i] < d2 ? -1.0 : 0.0));
       if (name == "fedadagrad") v[i] = v[i] + d2;
       theta[i] += lr * m[i] / (std::sqrt(v[i]) + tau);
     }
   }
 };
 
-TEST_CASE("FedAvgM, FedAdam, FedYogi and FedAdagrad match the naive update rules over 3 rounds",
-          "[server][strategy]") {
-  const std::string name =
-      GENERATE(as<std::string>{}, "fedavgm", "fedadam", "fedyogi", "fedadagrad");
+TEST_CASE("FedAvgM, FedAdam, FedYogi and FedAdagrad match the naive update rules over 3 rounds", "[server][strategy]") {
+  const std::string name = GENERATE(as<std::string>{}, "fedavgm", "fedadam", "fedyogi", "fedadagrad");
   CAPTURE(name);
   constexpr size_t kParams = 3000;
   StrategyOptions options = Named(name);
@@ -409,8 +393,7 @@ TEST_CASE("FedAvgM, FedAdam, FedYogi and FedAdagrad match the naive update rules
   }
 }
 
-TEST_CASE("An optimizer buffer of the wrong length is FailedPrecondition and changes nothing",
-          "[server][strategy]") {
+TEST_CASE("An optimizer buffer of the wrong length is FailedPrecondition and changes nothing", "[server][strategy]") {
   GlobalModel global;
   global.params.assign(8, 1.0f);
   global.buffers["v"] = std::vector<float>(7, 0.5f);
@@ -428,8 +411,7 @@ TEST_CASE("An optimizer buffer of the wrong length is FailedPrecondition and cha
 // ---- fwdgrad
 // ---------------------------------------------------------------------------------------------
 
-TEST_CASE("fwdgrad's learning rate warms up linearly then decays linearly to zero",
-          "[server][strategy]") {
+TEST_CASE("fwdgrad's learning rate warms up linearly then decays linearly to zero", "[server][strategy]") {
   StrategyOptions o = Named("fwdgrad");
   o.fwdgrad_lr = 0.03;
   o.total_rounds = 100;
@@ -468,9 +450,8 @@ TEST_CASE("fwdgrad applies theta minus eta_t times the summed gradients over the
   CHECK(RelativeError(Change(global.params, before), want) < 1e-5);
 }
 
-TEST_CASE(
-    "fwdgrad gives bit-identical models from dense and seed-pair uploads of the same gradients",
-    "[server][strategy]") {
+TEST_CASE("fwdgrad gives bit-identical models from dense and seed-pair uploads of the same gradients",
+          "[server][strategy]") {
   constexpr int64_t kParams = 1234;
   StrategyOptions o = Named("fwdgrad");
   o.total_rounds = 10;
@@ -530,8 +511,7 @@ std::unique_ptr<lora::LoraAdapter> MicroAdapter() {
   return std::move(a).value();
 }
 
-TEST_CASE("A client replaying kseed's seed sums with ApplySeedSums gets the server's bits",
-          "[server][strategy]") {
+TEST_CASE("A client replaying kseed's seed sums with ApplySeedSums gets the server's bits", "[server][strategy]") {
   const StrategyOptions o = KSeedOptions();
   auto adapter = MicroAdapter();
   const size_t numel = static_cast<size_t>(adapter->numel());
@@ -571,11 +551,9 @@ TEST_CASE("A client replaying kseed's seed sums with ApplySeedSums gets the serv
 
   // The client: θ0 in its adapter, then the published sums.
   std::memcpy(adapter->flat().data_ptr<float>(), theta0.data(), numel * sizeof(float));
-  REQUIRE(optim::ApplySeedSums(optim::ParameterSet::Adapter(*adapter),
-                               optim::CandidateSeeds(17, 64), sums, blob->lr())
+  REQUIRE(optim::ApplySeedSums(optim::ParameterSet::Adapter(*adapter), optim::CandidateSeeds(17, 64), sums, blob->lr())
               .ok());
-  const std::vector<float> replayed(adapter->flat().data_ptr<float>(),
-                                    adapter->flat().data_ptr<float>() + numel);
+  const std::vector<float> replayed(adapter->flat().data_ptr<float>(), adapter->flat().data_ptr<float>() + numel);
   CHECK(SameBits(replayed, global.params));
   CHECK_FALSE(SameBits(theta0, global.params));
 }
@@ -588,8 +566,7 @@ TEST_CASE("kseed tasks carry the pool and the wire learning rate", "[server][str
   CHECK(task.hyperparameters().at("lr") == static_cast<double>(static_cast<float>(1e-3)));
 }
 
-TEST_CASE("ParseSeedSums rejects garbage, a bad lr, non-finite values and unordered indices",
-          "[server][strategy]") {
+TEST_CASE("ParseSeedSums rejects garbage, a bad lr, non-finite values and unordered indices", "[server][strategy]") {
   CHECK(ParseSeedSums("\xff\xff\xff").status().code() == absl::StatusCode::kInvalidArgument);
   v1::RoundSeedSums s;
   s.set_lr(0.0f);
@@ -622,13 +599,11 @@ std::string PayloadWithNaN(std::vector<float> v, size_t at) {
   return payload;
 }
 
-TEST_CASE("Invalid dense updates are rejected and leave the aggregate unchanged",
-          "[server][strategy]") {
+TEST_CASE("Invalid dense updates are rejected and leave the aggregate unchanged", "[server][strategy]") {
   constexpr size_t kParams = 300;
   StrategyOptions o = Named("fedavg");
   o.max_update_norm = 100.0;  // ‖N(0, I_300)‖ ≈ 17
-  const std::string good1 = Encode(RandomVector(kParams, 31)),
-                    good2 = Encode(RandomVector(kParams, 32));
+  const std::string good1 = Encode(RandomVector(kParams, 31)), good2 = Encode(RandomVector(kParams, 32));
   GlobalModel start;
   start.params = RandomVector(kParams, 30);
 
@@ -646,8 +621,7 @@ TEST_CASE("Invalid dense updates are rejected and leave the aggregate unchanged"
   const std::string wrong_length = Encode(RandomVector(kParams + 1, 33));
   const std::string with_nan = PayloadWithNaN(RandomVector(kParams, 34), 17);
   const std::string over_cap = Encode(RandomVector(kParams, 35, 10.0));  // norm ≈ 170
-  const std::string seed_pairs =
-      comms::EncodeSeedIndexScalars(std::vector<comms::SeedIndexScalar>{{1, 1.0f}});
+  const std::string seed_pairs = comms::EncodeSeedIndexScalars(std::vector<comms::SeedIndexScalar>{{1, 1.0f}});
   struct Bad {
     const char* what;
     UpdateView update;
@@ -657,8 +631,7 @@ TEST_CASE("Invalid dense updates are rejected and leave the aggregate unchanged"
       {"wrong length", View(wrong_length, 3), "301 elements"},
       {"NaN", View(with_nan, 3), ""},
       {"norm over the cap", View(over_cap, 3), "max_update_norm"},
-      {"wrong codec", View(seed_pairs, 3),
-       "strategy fedavg does not accept codec CODEC_SEED_SCALARS (seed index"},
+      {"wrong codec", View(seed_pairs, 3), "strategy fedavg does not accept codec CODEC_SEED_SCALARS (seed index"},
       {"no examples", View(good2, 0), "num_examples"},
   };
   for (const Bad& b : bad) {
@@ -691,14 +664,11 @@ TEST_CASE(
   REQUIRE(reference->Accumulate(View(good, 2)).ok());
   REQUIRE(strategy->Accumulate(View(good, 2)).ok());
   CHECK(strategy->Accumulate(View(overflow, 2)).code() == absl::StatusCode::kInvalidArgument);
-  const std::string index_pairs =
-      comms::EncodeSeedIndexScalars(std::vector<comms::SeedIndexScalar>{{1, 1.0f}});
+  const std::string index_pairs = comms::EncodeSeedIndexScalars(std::vector<comms::SeedIndexScalar>{{1, 1.0f}});
   const absl::Status wrong_kind = strategy->Accumulate(View(index_pairs, 2));
   CHECK(wrong_kind.code() == absl::StatusCode::kInvalidArgument);
-  CHECK_THAT(
-      std::string(wrong_kind.message()),
-      Catch::Contains(
-          "strategy fwdgrad does not accept codec CODEC_SEED_SCALARS (seed index, scalar) pairs"));
+  CHECK_THAT(std::string(wrong_kind.message()),
+             Catch::Contains("strategy fwdgrad does not accept codec CODEC_SEED_SCALARS (seed index, scalar) pairs"));
   REQUIRE(reference->FinishRound(clean).ok());
   REQUIRE(strategy->FinishRound(dirty).ok());
   CHECK(SameBits(dirty.params, clean.params));
@@ -709,13 +679,10 @@ TEST_CASE(
     "sums unchanged",
     "[server][strategy]") {
   const StrategyOptions o = KSeedOptions();
-  const std::string good =
-      comms::EncodeSeedIndexScalars(std::vector<comms::SeedIndexScalar>{{2, 1.0f}, {9, -1.0f}});
-  const std::string out_of_pool =
-      comms::EncodeSeedIndexScalars(std::vector<comms::SeedIndexScalar>{{64, 1.0f}});
+  const std::string good = comms::EncodeSeedIndexScalars(std::vector<comms::SeedIndexScalar>{{2, 1.0f}, {9, -1.0f}});
+  const std::string out_of_pool = comms::EncodeSeedIndexScalars(std::vector<comms::SeedIndexScalar>{{64, 1.0f}});
   const std::string dense = Encode(RandomVector(100, 50));
-  const std::string seed_values =
-      comms::EncodeSeedValueScalars(std::vector<comms::SeedValueScalar>{{2, 1.0f}});
+  const std::string seed_values = comms::EncodeSeedValueScalars(std::vector<comms::SeedValueScalar>{{2, 1.0f}});
   GlobalModel clean, dirty;
   clean.params = dirty.params = RandomVector(100, 51);
   auto reference = Make(o), strategy = Make(o);
@@ -726,13 +693,11 @@ TEST_CASE(
   CHECK(strategy->Accumulate(View(out_of_pool, 4)).code() == absl::StatusCode::kInvalidArgument);
   const absl::Status wrong_codec = strategy->Accumulate(View(dense, 4));
   CHECK(wrong_codec.code() == absl::StatusCode::kInvalidArgument);
-  CHECK_THAT(std::string(wrong_codec.message()),
-             Catch::Contains("strategy kseed does not accept codec CODEC_FP32"));
+  CHECK_THAT(std::string(wrong_codec.message()), Catch::Contains("strategy kseed does not accept codec CODEC_FP32"));
   const absl::Status wrong_kind = strategy->Accumulate(View(seed_values, 4));
   CHECK(wrong_kind.code() == absl::StatusCode::kInvalidArgument);
   CHECK_THAT(std::string(wrong_kind.message()),
-             Catch::Contains(
-                 "strategy kseed does not accept codec CODEC_SEED_SCALARS (seed, scalar) pairs"));
+             Catch::Contains("strategy kseed does not accept codec CODEC_SEED_SCALARS (seed, scalar) pairs"));
   CHECK(strategy->Accumulate(View(good, 0)).code() == absl::StatusCode::kInvalidArgument);
   absl::StatusOr<RoundOutcome> a = reference->FinishRound(clean);
   absl::StatusOr<RoundOutcome> b = strategy->FinishRound(dirty);
@@ -769,8 +734,7 @@ TEST_CASE("MakeStrategy rejects an unknown name and out-of-range options", "[ser
   o = KSeedOptions();
   o.kseed_pool_size = 0;
   CHECK(MakeStrategy(o).status().code() == absl::StatusCode::kInvalidArgument);
-  for (const char* name :
-       {"fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fwdgrad", "kseed"}) {
+  for (const char* name : {"fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fwdgrad", "kseed"}) {
     absl::StatusOr<std::unique_ptr<Strategy>> s = MakeStrategy(Named(name));
     REQUIRE(s.ok());
     CHECK((*s)->name() == name);

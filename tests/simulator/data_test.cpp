@@ -53,25 +53,23 @@ void CheckExactCover(const Partition& p, size_t n) {
   CHECK(std::all_of(seen.begin(), seen.end(), [](int c) { return c == 1; }));
 }
 
-Partition MustPartition(const std::vector<DataRow>& rows, int64_t devices,
-                        const PartitionOptions& o) {
+Partition MustPartition(const std::vector<DataRow>& rows, int64_t devices, const PartitionOptions& o) {
   auto p = PartitionRows(rows, devices, o);
   INFO(p.status().ToString());
   REQUIRE(p.ok());
   return *std::move(p);
 }
 
-TEST_CASE("ReadRows skips non-object lines, counts them and names the first without quoting it",
-          "[simulator][data]") {
+TEST_CASE("ReadRows skips non-object lines, counts them and names the first without quoting it", "[simulator][data]") {
   const std::string path = JoinPath(TempDir(), "bad.jsonl");
   {
     std::ofstream f(path, std::ios::binary);
-    f << "\xEF\xBB\xBF{\"text\": \"fine\", \"topic\": 7, \"user\": \"alice\"}\r\n"  // line 1
-      << "\n"                                                                       // 2: blank
-      << "{\"text\": \"secret words of the user\n"                                  // 3: bad JSON
-      << "[\"secret array\"]\n"                                                     // 4: not an object
+    f << "\xEF\xBB\xBF{\"text\": \"fine\", \"topic\": 7, \"user\": \"alice\"}\r\n"      // line 1
+      << "\n"                                                                           // 2: blank
+      << "{\"text\": \"secret words of the user\n"                                      // 3: bad JSON
+      << "[\"secret array\"]\n"                                                         // 4: not an object
       << "{\"instruction\": \"a\", \"output\": \"b\", \"user\": 42, \"topic\": 1.5}\n"  // 5
-      << "   \n";                                                                   // 6: blank
+      << "   \n";                                                                       // 6: blank
   }
   auto got = ReadRows(path);
   REQUIRE(got.ok());
@@ -92,8 +90,7 @@ TEST_CASE("ReadRows skips non-object lines, counts them and names the first with
   std::filesystem::remove(path);
 }
 
-TEST_CASE("ReadRows fails on a missing file and on a file without object rows",
-          "[simulator][data]") {
+TEST_CASE("ReadRows fails on a missing file and on a file without object rows", "[simulator][data]") {
   const std::string dir = TempDir();
   CHECK(ReadRows(JoinPath(dir, "missing.jsonl")).status().code() == absl::StatusCode::kNotFound);
   const std::string path = JoinPath(dir, "none.jsonl");
@@ -149,8 +146,7 @@ TEST_CASE("ComputePartitionStats matches hand-computed figures", "[simulator][da
   CHECK(unlabeled.mean_label_tv_distance == 0);
 }
 
-TEST_CASE("Dirichlet with small alpha skews labels far more than large alpha or IID",
-          "[simulator][data]") {
+TEST_CASE("Dirichlet with small alpha skews labels far more than large alpha or IID", "[simulator][data]") {
   const auto rows = MakeRows(4000, 10, 0);
   const auto skewed = MustPartition(rows, 40, {.kind = PartitionKind::kDirichlet, .alpha = 0.1});
   const auto mild = MustPartition(rows, 40, {.kind = PartitionKind::kDirichlet, .alpha = 100});
@@ -173,11 +169,10 @@ TEST_CASE("Dirichlet with small alpha skews labels far more than large alpha or 
   CHECK(again.device_rows == skewed.device_rows);
 }
 
-TEST_CASE("Power-law partition skews quantities and keeps min_rows on every device",
-          "[simulator][data]") {
+TEST_CASE("Power-law partition skews quantities and keeps min_rows on every device", "[simulator][data]") {
   const auto rows = MakeRows(5000, 4, 0);
-  const auto p = MustPartition(
-      rows, 100, {.kind = PartitionKind::kPowerLaw, .exponent = 1.2, .min_rows = 5, .seed = 2});
+  const auto p =
+      MustPartition(rows, 100, {.kind = PartitionKind::kPowerLaw, .exponent = 1.2, .min_rows = 5, .seed = 2});
   REQUIRE(p.device_rows.size() == 100);
   CheckExactCover(p, rows.size());
   INFO(p.stats.ToString());
@@ -188,8 +183,7 @@ TEST_CASE("Power-law partition skews quantities and keeps min_rows on every devi
   CHECK(iid.stats.max_rows - iid.stats.min_rows <= 1);
 
   // Exactly min_rows everywhere when that uses every row.
-  const auto tight = MustPartition(MakeRows(300, 0, 0), 100,
-                                   {.kind = PartitionKind::kPowerLaw, .min_rows = 3});
+  const auto tight = MustPartition(MakeRows(300, 0, 0), 100, {.kind = PartitionKind::kPowerLaw, .min_rows = 3});
   CHECK(tight.stats.min_rows == 3);
   CHECK(tight.stats.max_rows == 3);
 }
@@ -207,8 +201,7 @@ TEST_CASE("User partition groups rows by user, one device per user", "[simulator
   CHECK(rows[p.device_rows[6][0]].user == "u6");
 }
 
-TEST_CASE("PartitionRows rejects each bad option with a message saying what is wrong",
-          "[simulator][data]") {
+TEST_CASE("PartitionRows rejects each bad option with a message saying what is wrong", "[simulator][data]") {
   const auto labeled = MakeRows(100, 4, 0);
   const auto bad = [](const absl::StatusOr<Partition>& p, std::string_view needle) {
     INFO(p.status().ToString());
@@ -224,17 +217,14 @@ TEST_CASE("PartitionRows rejects each bad option with a message saying what is w
   bad(PartitionRows(labeled, 2, {.min_rows = -1}), "min_rows must be >= 0");
   bad(PartitionRows(labeled, 2, {.kind = PartitionKind::kDirichlet, .alpha = 0}), "alpha");
   bad(PartitionRows(labeled, 2, {.kind = PartitionKind::kDirichlet, .alpha = -1}), "alpha");
-  bad(PartitionRows(labeled, 2, {.kind = PartitionKind::kDirichlet, .alpha = std::nan("")}),
-      "alpha");
+  bad(PartitionRows(labeled, 2, {.kind = PartitionKind::kDirichlet, .alpha = std::nan("")}), "alpha");
   bad(PartitionRows(labeled, 2, {.kind = PartitionKind::kPowerLaw, .exponent = 0}), "exponent");
-  bad(PartitionRows(labeled, 2, {.kind = PartitionKind::kPowerLaw, .exponent = INFINITY}),
-      "exponent");
+  bad(PartitionRows(labeled, 2, {.kind = PartitionKind::kPowerLaw, .exponent = INFINITY}), "exponent");
 
   auto partly = MakeRows(100, 4, 0);
   for (int i = 0; i < 100; i += 10) partly[static_cast<size_t>(i)].label.clear();
   bad(PartitionRows(partly, 2, {.kind = PartitionKind::kDirichlet}), "10 of 100 rows lack it");
-  bad(PartitionRows(MakeRows(100, 0, 0), 2, {.kind = PartitionKind::kDirichlet}),
-      "100 of 100 rows lack it");
+  bad(PartitionRows(MakeRows(100, 0, 0), 2, {.kind = PartitionKind::kDirichlet}), "100 of 100 rows lack it");
   bad(PartitionRows(labeled, 2, {.kind = PartitionKind::kUser}), "100 of 100 rows lack it");
   bad(PartitionRows(MakeRows(100, 0, 8), 5, {.kind = PartitionKind::kUser}), "8 distinct users");
   bad(PartitionRows(MakeRows(20, 0, 8), 8, {.kind = PartitionKind::kUser, .min_rows = 3}),
@@ -249,8 +239,7 @@ TEST_CASE("PartitionRows rejects each bad option with a message saying what is w
   CHECK(Msg(unknown.status()).find("\"zipf\"") != std::string::npos);
 }
 
-TEST_CASE("WriteRowsJsonl writes the selected rows and round-trips through ReadRows",
-          "[simulator][data]") {
+TEST_CASE("WriteRowsJsonl writes the selected rows and round-trips through ReadRows", "[simulator][data]") {
   const std::string dir = TempDir();
   const std::string path = JoinPath(dir, "device.jsonl");
   std::vector<DataRow> rows = {
@@ -281,8 +270,7 @@ TEST_CASE("The bundled sample instructions partition by topic with Dirichlet", "
   REQUIRE(got.ok());
   CHECK(got->skipped == 0);
   REQUIRE(got->rows.size() >= 600);
-  const auto p = MustPartition(got->rows, 20,
-                               {.kind = PartitionKind::kDirichlet, .alpha = 0.1, .seed = 1});
+  const auto p = MustPartition(got->rows, 20, {.kind = PartitionKind::kDirichlet, .alpha = 0.1, .seed = 1});
   CheckExactCover(p, got->rows.size());
   INFO(p.stats.ToString());
   CHECK(p.stats.labels == 6);
@@ -352,8 +340,7 @@ TEST_CASE("The synthetic corpus is deterministic in its seed", "[simulator][data
   for (size_t i = 0; i < 20 * 5; ++i) CHECK(d.rows[i].json == a.rows[i].json);
 }
 
-TEST_CASE("The synthetic corpus has the requested counts and well-formed rows",
-          "[simulator][data][synthetic]") {
+TEST_CASE("The synthetic corpus has the requested counts and well-formed rows", "[simulator][data][synthetic]") {
   const SyntheticCorpusOptions o{.devices = 30, .heldout_devices = 5, .rows_per_device = 12, .seed = 1};
   const FederatedCorpus c = MakeSyntheticCorpus(o);
   REQUIRE(c.rows.size() == 35 * 12);
@@ -413,8 +400,8 @@ TEST_CASE("The synthetic corpus has the requested counts and well-formed rows",
 }
 
 TEST_CASE("Synthetic devices differ in word use: topic, then persona", "[simulator][data][synthetic]") {
-  const FederatedCorpus c = MakeSyntheticCorpus(
-      {.devices = 40, .heldout_devices = 0, .rows_per_device = 200, .seed = 9});
+  const FederatedCorpus c =
+      MakeSyntheticCorpus({.devices = 40, .heldout_devices = 0, .rows_per_device = 200, .seed = 9});
   // Device 0, another device with its topic, and one with a different topic.
   const auto& rows = c.rows;
   const auto topic_of = [&](size_t d) { return rows[c.train.device_rows[d][0]].label; };
@@ -430,8 +417,7 @@ TEST_CASE("Synthetic devices differ in word use: topic, then persona", "[simulat
   const double within = Tv(WordHistogram(c, first_half), WordHistogram(c, second_half));
   const double same_topic = Tv(WordHistogram(c, d0), WordHistogram(c, c.train.device_rows[same]));
   const double other_topic = Tv(WordHistogram(c, d0), WordHistogram(c, c.train.device_rows[other]));
-  INFO("within device " << within << ", same topic " << same_topic << ", other topic "
-                        << other_topic);
+  INFO("within device " << within << ", same topic " << same_topic << ", other topic " << other_topic);
   CHECK(within < 0.15);
   CHECK(same_topic > 2 * within);
   CHECK(other_topic > 0.4);

@@ -42,21 +42,18 @@ const char* kHeader =
     "source\n";
 
 bool SameProfile(const DeviceProfile& a, const DeviceProfile& b) {
-  return a.gflops == b.gflops && a.uplink_mbps == b.uplink_mbps &&
-         a.downlink_mbps == b.downlink_mbps && a.rtt_ms == b.rtt_ms &&
-         a.train_watts == b.train_watts && a.dropout_probability == b.dropout_probability &&
-         a.utc_offset_minutes == b.utc_offset_minutes &&
-         a.charge_start_minute == b.charge_start_minute && a.charge_minutes == b.charge_minutes &&
-         a.sleep_minute == b.sleep_minute && a.wake_minute == b.wake_minute &&
+  return a.gflops == b.gflops && a.uplink_mbps == b.uplink_mbps && a.downlink_mbps == b.downlink_mbps &&
+         a.rtt_ms == b.rtt_ms && a.train_watts == b.train_watts && a.dropout_probability == b.dropout_probability &&
+         a.utc_offset_minutes == b.utc_offset_minutes && a.charge_start_minute == b.charge_start_minute &&
+         a.charge_minutes == b.charge_minutes && a.sleep_minute == b.sleep_minute && a.wake_minute == b.wake_minute &&
          a.home_minute == b.home_minute && a.leave_minute == b.leave_minute &&
-         a.day_charge_start_minute == b.day_charge_start_minute &&
-         a.day_charge_minutes == b.day_charge_minutes && a.phone_class == b.phone_class &&
-         a.flags == b.flags && a.drain_tenth_percent_per_hour == b.drain_tenth_percent_per_hour;
+         a.day_charge_start_minute == b.day_charge_start_minute && a.day_charge_minutes == b.day_charge_minutes &&
+         a.phone_class == b.phone_class && a.flags == b.flags &&
+         a.drain_tenth_percent_per_hour == b.drain_tenth_percent_per_hour;
 }
 
 bool SameConditions(const DeviceConditions& a, const DeviceConditions& b) {
-  return a.charging == b.charging && a.unmetered == b.unmetered && a.idle == b.idle &&
-         a.battery == b.battery;
+  return a.charging == b.charging && a.unmetered == b.unmetered && a.idle == b.idle && a.battery == b.battery;
 }
 
 TEST_CASE("LoadPhoneClasses reads the repository's phone table with sources and normalized shares",
@@ -80,8 +77,7 @@ TEST_CASE("LoadPhoneClasses reads the repository's phone table with sources and 
   CHECK(total == Approx(1.0).epsilon(1e-12));
 }
 
-TEST_CASE("ParsePhoneClasses skips comments, accepts quoted fields and normalizes shares",
-          "[simulator][population]") {
+TEST_CASE("ParsePhoneClasses skips comments, accepts quoted fields and normalizes shares", "[simulator][population]") {
   const std::string csv = std::string("# comment\n\n") + kHeader +
                           "a,2,10,4000000000,1000000000,10,20,30,3,\"x, \"\"quoted\"\" y\"\n"
                           "b,6,20,8000000000,2000000000,20,40,30,4,z\n";
@@ -94,15 +90,14 @@ TEST_CASE("ParsePhoneClasses skips comments, accepts quoted fields and normalize
   CHECK((*classes)[1].ram_bytes == 8000000000);
 }
 
-TEST_CASE("LoadPhoneClasses names the line and column of a missing column",
-          "[simulator][population]") {
+TEST_CASE("LoadPhoneClasses names the line and column of a missing column", "[simulator][population]") {
   const std::string csv =
       "# no rtt_ms column\n"
       "name,share,gflops,ram_bytes,app_memory_bytes,uplink_mbps,downlink_mbps,train_watts,source\n"
       "a,1,10,4000000000,1000000000,10,20,3,src\n";
-  const std::string path = (std::filesystem::temp_directory_path() /
-                            ("seedling_population_test_" + std::to_string(getpid()) + ".csv"))
-                               .string();
+  const std::string path =
+      (std::filesystem::temp_directory_path() / ("seedling_population_test_" + std::to_string(getpid()) + ".csv"))
+          .string();
   REQUIRE(WriteFileAtomic(path, csv).ok());
   auto classes = LoadPhoneClasses(path);
   std::filesystem::remove(path);
@@ -116,19 +111,16 @@ TEST_CASE("LoadPhoneClasses reports a missing file as NotFound", "[simulator][po
   CHECK(classes.status().code() == absl::StatusCode::kNotFound);
 }
 
-TEST_CASE("ParsePhoneClasses rejects a negative bandwidth naming its line and column",
-          "[simulator][population]") {
+TEST_CASE("ParsePhoneClasses rejects a negative bandwidth naming its line and column", "[simulator][population]") {
   const std::string csv = std::string(kHeader) + "a,1,10,4000000000,1000000000,10,20,30,3,s\n" +
                           "b,1,10,4000000000,1000000000,-5,20,30,3,s\n";
   auto classes = ParsePhoneClasses(csv, "bad.csv");
   REQUIRE(classes.status().code() == absl::StatusCode::kInvalidArgument);
-  CHECK_THAT(Message(classes.status()), Catch::Contains("bad.csv line 3") &&
-                                            Catch::Contains("'uplink_mbps'") &&
-                                            Catch::Contains("-5"));
+  CHECK_THAT(Message(classes.status()),
+             Catch::Contains("bad.csv line 3") && Catch::Contains("'uplink_mbps'") && Catch::Contains("-5"));
 }
 
-TEST_CASE("ParsePhoneClasses rejects a non-number naming its line, column and text",
-          "[simulator][population]") {
+TEST_CASE("ParsePhoneClasses rejects a non-number naming its line, column and text", "[simulator][population]") {
   const std::string csv = std::string(kHeader) + "a,1,fast,4000000000,1000000000,10,20,30,3,s\n";
   auto classes = ParsePhoneClasses(csv, "bad.csv");
   REQUIRE(classes.status().code() == absl::StatusCode::kInvalidArgument);
@@ -145,11 +137,9 @@ TEST_CASE("ParsePhoneClasses rejects app memory above RAM, wrong field counts an
   CHECK(short_row.status().code() == absl::StatusCode::kInvalidArgument);
   CHECK_THAT(Message(short_row.status()), Catch::Contains("line 2"));
   auto duplicate = ParsePhoneClasses(
-      std::string(kHeader) + "a,1,10,4000,1000,10,20,30,3,s\na,1,10,4000,1000,10,20,30,3,s\n",
-      "x.csv");
+      std::string(kHeader) + "a,1,10,4000,1000,10,20,30,3,s\na,1,10,4000,1000,10,20,30,3,s\n", "x.csv");
   CHECK(duplicate.status().code() == absl::StatusCode::kInvalidArgument);
-  CHECK_THAT(Message(duplicate.status()),
-             Catch::Contains("line 3") && Catch::Contains("duplicate"));
+  CHECK_THAT(Message(duplicate.status()), Catch::Contains("line 3") && Catch::Contains("duplicate"));
   auto empty = ParsePhoneClasses(kHeader, "x.csv");
   CHECK(empty.status().code() == absl::StatusCode::kInvalidArgument);
 }
@@ -157,15 +147,13 @@ TEST_CASE("ParsePhoneClasses rejects app memory above RAM, wrong field counts an
 TEST_CASE("Population::Create rejects options out of range", "[simulator][population]") {
   PopulationOptions options;
   options.devices = 0;
-  CHECK(Population::Create(RealClasses(), options).status().code() ==
-        absl::StatusCode::kInvalidArgument);
+  CHECK(Population::Create(RealClasses(), options).status().code() == absl::StatusCode::kInvalidArgument);
   options = PopulationOptions{};
   options.dropout_mean = 1.0;
   auto bad = Population::Create(RealClasses(), options);
   CHECK(bad.status().code() == absl::StatusCode::kInvalidArgument);
   CHECK_THAT(Message(bad.status()), Catch::Contains("dropout_mean"));
-  CHECK(Population::Create({}, PopulationOptions{}).status().code() ==
-        absl::StatusCode::kInvalidArgument);
+  CHECK(Population::Create({}, PopulationOptions{}).status().code() == absl::StatusCode::kInvalidArgument);
 }
 
 TEST_CASE("A 10,000-device population reproduces the class shares", "[simulator][population]") {
@@ -174,16 +162,13 @@ TEST_CASE("A 10,000-device population reproduces the class shares", "[simulator]
   for (int64_t d = 0; d < population.size(); ++d) ++counts[population.profile(d).phone_class];
   for (size_t k = 0; k < counts.size(); ++k) {
     INFO(population.classes()[k].name);
-    CHECK(std::fabs(static_cast<double>(counts[k]) / 10000.0 - population.classes()[k].share) <
-          0.015);
+    CHECK(std::fabs(static_cast<double>(counts[k]) / 10000.0 - population.classes()[k].share) < 0.015);
   }
-  CHECK(population.phone_class(0).name ==
-        population.classes()[population.profile(0).phone_class].name);
+  CHECK(population.phone_class(0).name == population.classes()[population.profile(0).phone_class].name);
   CHECK(population.memory_budget_bytes(0) == population.phone_class(0).app_memory_bytes);
 }
 
-TEST_CASE("The same seed gives identical profiles and conditions and another seed differs",
-          "[simulator][population]") {
+TEST_CASE("The same seed gives identical profiles and conditions and another seed differs", "[simulator][population]") {
   const Population a = MakePopulation(500, 42);
   const Population b = MakePopulation(500, 42);
   const Population c = MakePopulation(500, 43);
@@ -203,8 +188,7 @@ TEST_CASE("The same seed gives identical profiles and conditions and another see
   CHECK(conditions_differing > 1000);
 }
 
-TEST_CASE("Available is charging and unmetered and idle, and the battery stays in [0, 1]",
-          "[simulator][population]") {
+TEST_CASE("Available is charging and unmetered and idle, and the battery stays in [0, 1]", "[simulator][population]") {
   const Population population = MakePopulation(200, 3);
   for (int64_t d = 0; d < population.size(); ++d) {
     for (double t = kJan10; t < kJan10 + 3 * 86400; t += 1777) {
@@ -241,13 +225,11 @@ TEST_CASE("NextAvailable is available, finite, and has no earlier available poin
   }
 }
 
-TEST_CASE("More devices are available at local night than at local noon",
-          "[simulator][population]") {
+TEST_CASE("More devices are available at local night than at local noon", "[simulator][population]") {
   const Population population = MakePopulation(10000, 5);
   // At one UTC instant, group devices by UTC offset: their local hour differs, so availability
   // should follow it.
-  const double t =
-      kJan10 + 20 * kHour;  // 20:00 UTC: 04:00 in UTC+8, 01:30 in UTC+5:30, 15:00 in UTC-5
+  const double t = kJan10 + 20 * kHour;                  // 20:00 UTC: 04:00 in UTC+8, 01:30 in UTC+5:30, 15:00 in UTC-5
   std::map<int, std::pair<int64_t, int64_t>> by_offset;  // offset -> (available, devices)
   for (int64_t d = 0; d < population.size(); ++d) {
     auto& [available, devices] = by_offset[population.profile(d).utc_offset_minutes];
@@ -281,8 +263,7 @@ TEST_CASE("More devices are available at local night than at local noon",
   CHECK(noon > 0);  // day chargers exist
 }
 
-TEST_CASE("DropsOut happens at about dropout_mean and DropoutPoint is a fraction",
-          "[simulator][population]") {
+TEST_CASE("DropsOut happens at about dropout_mean and DropoutPoint is a fraction", "[simulator][population]") {
   const Population population = MakePopulation(10000, 9);
   int64_t drops = 0, draws = 0;
   double point_sum = 0;
@@ -300,23 +281,19 @@ TEST_CASE("DropsOut happens at about dropout_mean and DropoutPoint is a fraction
   CHECK(point_sum / static_cast<double>(draws) == Approx(0.5).margin(0.01));
 }
 
-TEST_CASE("Compute, transfer and energy times follow the documented formulas",
-          "[simulator][population]") {
+TEST_CASE("Compute, transfer and energy times follow the documented formulas", "[simulator][population]") {
   const Population population = MakePopulation(20, 1);
   for (int64_t d = 0; d < population.size(); ++d) {
     const DeviceProfile& p = population.profile(d);
     CHECK(population.ComputeSeconds(d, 3e12) == Approx(3e12 / (p.gflops * 1e9)));
-    CHECK(population.DownloadSeconds(d, 10'000'000) ==
-          Approx(p.rtt_ms / 1e3 + 8e7 / (p.downlink_mbps * 1e6)));
-    CHECK(population.UploadSeconds(d, 10'000'000) ==
-          Approx(p.rtt_ms / 1e3 + 8e7 / (p.uplink_mbps * 1e6)));
+    CHECK(population.DownloadSeconds(d, 10'000'000) == Approx(p.rtt_ms / 1e3 + 8e7 / (p.downlink_mbps * 1e6)));
+    CHECK(population.UploadSeconds(d, 10'000'000) == Approx(p.rtt_ms / 1e3 + 8e7 / (p.uplink_mbps * 1e6)));
     CHECK(population.DownloadSeconds(d, 0) == Approx(p.rtt_ms / 1e3));
     CHECK(population.TrainingJoules(d, 100.0) == Approx(100.0 * p.train_watts));
   }
 }
 
-TEST_CASE("Per-device figures spread log-normally around the class figures",
-          "[simulator][population]") {
+TEST_CASE("Per-device figures spread log-normally around the class figures", "[simulator][population]") {
   const Population population = MakePopulation(10000, 2);
   std::vector<double> log_ratio;
   for (int64_t d = 0; d < population.size(); ++d) {
@@ -331,15 +308,13 @@ TEST_CASE("Per-device figures spread log-normally around the class figures",
   CHECK(sd == Approx(0.2).margin(0.01));
 }
 
-TEST_CASE("Idle devices are cheap and a 10,000-device population is created quickly",
-          "[simulator][population]") {
+TEST_CASE("Idle devices are cheap and a 10,000-device population is created quickly", "[simulator][population]") {
   const std::vector<PhoneClass> classes = RealClasses();
   PopulationOptions options;
   options.devices = 10000;
   const auto start = std::chrono::steady_clock::now();
   auto population = Population::Create(classes, options);
-  const double seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   REQUIRE(population.ok());
   CHECK(population->size() == 10000);
   CHECK(population->bytes_per_device() <= 128);

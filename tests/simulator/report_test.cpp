@@ -16,8 +16,8 @@ namespace seedling::simulator {
 namespace {
 
 std::string TempDir(const std::string& name) {
-  std::string dir = std::filesystem::temp_directory_path() /
-                    ("seedling_report_test_" + std::to_string(getpid()) + "_" + name);
+  std::string dir =
+      std::filesystem::temp_directory_path() / ("seedling_report_test_" + std::to_string(getpid()) + "_" + name);
   std::filesystem::remove_all(dir);
   std::filesystem::create_directories(dir);
   return dir;
@@ -112,8 +112,7 @@ std::string FigureText(const std::string& html, const std::string& id) {
 
 size_t Count(const std::string& text, const std::string& needle) {
   size_t n = 0;
-  for (size_t pos = text.find(needle); pos != std::string::npos; pos = text.find(needle, pos + 1))
-    ++n;
+  for (size_t pos = text.find(needle); pos != std::string::npos; pos = text.find(needle, pos + 1)) ++n;
   return n;
 }
 
@@ -175,8 +174,7 @@ bool HasNonFinite(const std::string& html) {
   return std::regex_search(html, kWord);
 }
 
-TEST_CASE("A record's JSONL line parses back to the same values with NaN as null",
-          "[simulator][report]") {
+TEST_CASE("A record's JSONL line parses back to the same values with NaN as null", "[simulator][report]") {
   RoundRecord r = Rec("mezo", 7, 2.75, /*committed=*/false);
   r.accuracy = 0.625;
   r.start_time_s = 0.1;  // not exactly representable: must survive the round trip
@@ -277,8 +275,7 @@ TEST_CASE("CSV quotes a method name containing a comma or a quote", "[simulator]
   CHECK(fields[0] == "lora,\"int8\"");
 }
 
-TEST_CASE("RoundLog appends and flushes every record while it is still open",
-          "[simulator][report]") {
+TEST_CASE("RoundLog appends and flushes every record while it is still open", "[simulator][report]") {
   const std::string dir = JoinPath(TempDir("log"), "run/nested");  // created by Open
   auto log = RoundLog::Open(dir);
   REQUIRE(log.ok());
@@ -309,8 +306,7 @@ TEST_CASE("RoundLog appends and flushes every record while it is still open",
   std::filesystem::remove_all(std::filesystem::path(dir).parent_path().parent_path());
 }
 
-TEST_CASE("A reopened RoundLog continues the files without a second header",
-          "[simulator][report]") {
+TEST_CASE("A reopened RoundLog continues the files without a second header", "[simulator][report]") {
   const std::string dir = TempDir("reopen");
   {
     auto log = RoundLog::Open(dir);
@@ -330,8 +326,7 @@ TEST_CASE("A reopened RoundLog continues the files without a second header",
   std::filesystem::remove_all(dir);
 }
 
-TEST_CASE("A reopened RoundLog starts a new line after a partial record of a killed run",
-          "[simulator][report]") {
+TEST_CASE("A reopened RoundLog starts a new line after a partial record of a killed run", "[simulator][report]") {
   const std::string dir = TempDir("partial");
   REQUIRE(WriteFileAtomic(JoinPath(dir, "rounds.jsonl"), "{\"method\":\"kseed\",\"rou").ok());
   REQUIRE(WriteFileAtomic(JoinPath(dir, "rounds.csv"), CsvHeader() + "kseed,1,tr").ok());
@@ -359,9 +354,8 @@ TEST_CASE("RoundLog refuses to append to a rounds.csv with another header", "[si
   std::filesystem::remove_all(dir);
 }
 
-TEST_CASE(
-    "Summarize takes finals in round order and weights bytes by participants of committed rounds",
-    "[simulator][report]") {
+TEST_CASE("Summarize takes finals in round order and weights bytes by participants of committed rounds",
+          "[simulator][report]") {
   std::vector<RoundRecord> rs;
   RoundRecord r3 = Rec("mezo", 3, NAN);  // last round: no eval → final loss from round 2
   r3.participants = 30;
@@ -376,8 +370,7 @@ TEST_CASE(
   r1.bytes_down_per_client = 1000;
   r1.accuracy = 0.25;
   r1.epsilon = 0.5;
-  RoundRecord r2 =
-      Rec("mezo", 2, 2.0, /*committed=*/false);  // aborted: bytes ignored, energy counted
+  RoundRecord r2 = Rec("mezo", 2, 2.0, /*committed=*/false);  // aborted: bytes ignored, energy counted
   r2.participants = 1;
   r2.bytes_up_per_client = 1e6;
   r2.bytes_down_per_client = 1e6;
@@ -401,8 +394,7 @@ TEST_CASE(
   CHECK(s.epsilon == 1.5);
 }
 
-TEST_CASE("Summarize without records keeps the initial loss and has no byte means",
-          "[simulator][report]") {
+TEST_CASE("Summarize without records keeps the initial loss and has no byte means", "[simulator][report]") {
   const MethodSummary s = Summarize("kseed", 3.25, {});
   CHECK(s.rounds == 0);
   CHECK(s.final_eval_loss == 3.25);
@@ -430,8 +422,7 @@ TEST_CASE("SummaryTable lists each method in aligned columns", "[simulator][repo
   CHECK(lines[0].find("accuracy") == std::string::npos);  // no method has one
 }
 
-TEST_CASE("The report has one svg per figure and the accuracy figure only with accuracy",
-          "[simulator][report]") {
+TEST_CASE("The report has one svg per figure and the accuracy figure only with accuracy", "[simulator][report]") {
   ReportInput in = TwoMethodInput();
   std::string html = RenderReportHtml(in);
   CHECK(Count(html, "<svg") == 5);
@@ -484,8 +475,7 @@ std::vector<std::vector<std::string>> DeclineRows(const std::string& html) {
   return rows;
 }
 
-TEST_CASE("The report lists declines by reason for each round with one and a total per method",
-          "[simulator][report]") {
+TEST_CASE("The report lists declines by reason for each round with one and a total per method", "[simulator][report]") {
   ReportInput in = TwoMethodInput();
   for (RoundRecord& r : in.rounds) {
     r.declined = r.declined_memory = r.declined_unsupported = 0;
@@ -544,15 +534,13 @@ TEST_CASE("The loss figure has one line per method with one point per round insi
   REQUIRE(ticks.size() >= 3);
   const double step = ticks[1] - ticks[0];
   const double mantissa = step / std::pow(10.0, std::floor(std::log10(step) + 1e-9));
-  CHECK((std::abs(mantissa - 1) < 1e-6 || std::abs(mantissa - 2) < 1e-6 ||
-         std::abs(mantissa - 5) < 1e-6));
+  CHECK((std::abs(mantissa - 1) < 1e-6 || std::abs(mantissa - 2) < 1e-6 || std::abs(mantissa - 5) < 1e-6));
   for (size_t i = 1; i < ticks.size(); ++i) CHECK(ticks[i] - ticks[i - 1] == Approx(step));
   CHECK(ticks.front() <= 1.8);  // covers lora-bp's final 1.8
   CHECK(ticks.back() >= 3.0);
 }
 
-TEST_CASE("A NaN eval loss breaks the line and an aborted round gets a marker",
-          "[simulator][report]") {
+TEST_CASE("A NaN eval loss breaks the line and an aborted round gets a marker", "[simulator][report]") {
   ReportInput in = TwoMethodInput();
   in.rounds[2].eval_loss = NAN;    // lora-bp round 3
   in.rounds[4].committed = false;  // lora-bp round 5
@@ -567,8 +555,7 @@ TEST_CASE("A NaN eval loss breaks the line and an aborted round gets a marker",
   CHECK(fig.find("lora-bp: round 5 aborted") != std::string::npos);
 }
 
-TEST_CASE("The report escapes every input string and references nothing outside the file",
-          "[simulator][report]") {
+TEST_CASE("The report escapes every input string and references nothing outside the file", "[simulator][report]") {
   ReportInput in = TwoMethodInput();
   for (RoundRecord& r : in.rounds) {
     if (r.method == "kseed") r.method = "<script>alert(1)</script>";
@@ -591,8 +578,7 @@ TEST_CASE("The report escapes every input string and references nothing outside 
   CHECK(html.find(" href=\"") == std::string::npos);
 }
 
-TEST_CASE("The bytes figure switches to a log axis with power-of-ten ticks",
-          "[simulator][report]") {
+TEST_CASE("The bytes figure switches to a log axis with power-of-ten ticks", "[simulator][report]") {
   ReportInput in = TwoMethodInput();  // 320 B vs 45000 B: auto picks log
   std::string fig = FigureText(RenderReportHtml(in), "fig-bytes");
   CHECK(fig.find("log scale") != std::string::npos);
@@ -612,8 +598,7 @@ TEST_CASE("The bytes figure switches to a log axis with power-of-ten ticks",
   CHECK(ticks.front() == 0);
 }
 
-TEST_CASE("The report renders empty, single-point and all-NaN inputs with finite coordinates",
-          "[simulator][report]") {
+TEST_CASE("The report renders empty, single-point and all-NaN inputs with finite coordinates", "[simulator][report]") {
   ReportInput empty;
   const std::string e = RenderReportHtml(empty);
   CHECK(Count(e, "<svg") == 4);
@@ -633,9 +618,8 @@ TEST_CASE("The report renders empty, single-point and all-NaN inputs with finite
   CHECK(lines[1].points() == 1);
   CHECK(Count(fig, "<circle") == 1);  // a lone point is drawn as a dot
   // The legend cuts the long name; the full name stays in the tooltip.
-  CHECK(
-      fig.find("a-method-with-a-very\u2026<title>a-method-with-a-very-long-name-indeed</title>") !=
-      std::string::npos);
+  CHECK(fig.find("a-method-with-a-very\u2026<title>a-method-with-a-very-long-name-indeed</title>") !=
+        std::string::npos);
 }
 
 TEST_CASE("RenderReportHtml is deterministic", "[simulator][report]") {
@@ -645,8 +629,7 @@ TEST_CASE("RenderReportHtml is deterministic", "[simulator][report]") {
   CHECK(a == b);
 }
 
-TEST_CASE("WriteReport replaces the file atomically and reports a missing directory",
-          "[simulator][report]") {
+TEST_CASE("WriteReport replaces the file atomically and reports a missing directory", "[simulator][report]") {
   const std::string dir = TempDir("write");
   const std::string path = JoinPath(dir, "report.html");
   REQUIRE(WriteFileAtomic(path, "old").ok());

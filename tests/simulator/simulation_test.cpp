@@ -1,17 +1,18 @@
 // The simulator end to end: real coordinator, real clients, simulated clock (simulator/simulation.h).
 
+#include "simulator/simulation.h"
+
 #include <unistd.h>
 
 #include <atomic>
-#include <cmath>
 #include <catch2/catch.hpp>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <set>
 #include <sstream>
 #include <string>
 
-#include "tests/test_util.h"
 #include "base/file.h"
 #include "base/strings.h"
 #include "client/memory_planner.h"
@@ -19,7 +20,7 @@
 #include "model/config.h"
 #include "model/init.h"
 #include "model/weights.h"
-#include "simulator/simulation.h"
+#include "tests/test_util.h"
 
 namespace seedling::simulator {
 namespace {
@@ -272,7 +273,7 @@ TEST_CASE("SecAgg+ rounds in the simulator repeat with 1 and 2 threads despite d
     CHECK(x[i].bytes_up_per_client > 0);
   }
   CHECK(committed >= 2);
-  CHECK(dropouts > 0);  // the sessions did lose devices
+  CHECK(dropouts > 0);            // the sessions did lose devices
   std::set<std::string> globals;  // every committed round moved the model
   for (const RoundRecord& r : x) {
     if (r.committed) globals.insert(r.global_sha256);
@@ -426,8 +427,7 @@ int64_t BudgetForQ8ButNotFp32(const SimulationOptions& o) {
   auto q8 = plan_with(model::WeightPrecision::kQ8_0, 0);
   REQUIRE(q8.ok());
   const int64_t budget = q8->total_bytes();
-  REQUIRE(plan_with(model::WeightPrecision::kFloat32, budget).status().code() ==
-          absl::StatusCode::kResourceExhausted);
+  REQUIRE(plan_with(model::WeightPrecision::kFloat32, budget).status().code() == absl::StatusCode::kResourceExhausted);
   return budget;
 }
 
@@ -443,8 +443,8 @@ SimulationOptions RoomyAndTight(const std::string& dir, model::WeightPrecision w
   // fp32 weights too and the test below would fail.
   o.device_runtime_bytes = int64_t{150} << 20;
   const int64_t tight = BudgetForQ8ButNotFp32(o);
-  o.phone_classes = WriteClasses(dir, StrCat("roomy,1,100,8000000000,4000000000,100,100,10,3,test\n",
-                                             "tight,1,100,", tight, ",", tight, ",100,100,10,3,test\n"));
+  o.phone_classes = WriteClasses(dir, StrCat("roomy,1,100,8000000000,4000000000,100,100,10,3,test\n", "tight,1,100,",
+                                             tight, ",", tight, ",100,100,10,3,test\n"));
   return o;
 }
 
@@ -469,7 +469,8 @@ TEST_CASE("Phones whose budget cannot hold the base weights decline with MEMORY,
   REQUIRE(jsonl.ok());
   int64_t logged = 0;
   std::istringstream lines(*jsonl);
-  for (std::string line; std::getline(lines, line);) logged += nlohmann::json::parse(line)["declined_memory"].get<int64_t>();
+  for (std::string line; std::getline(lines, line);)
+    logged += nlohmann::json::parse(line)["declined_memory"].get<int64_t>();
   CHECK(logged == memory);
   auto html = ReadFile(r->report_path);
   REQUIRE(html.ok());
@@ -573,9 +574,9 @@ rounds = 7
   REQUIRE_FALSE(bad_method.ok());
   CHECK(std::string(bad_method.status().message()).find("sgd") != std::string::npos);
   // Integers are range-checked, never cast (a float for an integer key was undefined behaviour; fuzzing).
-  for (const char* text : {"[simulation]\nmodel = \"m\"\nthreads = 4294967296\n",
-                           "[simulation]\nmodel = \"m\"\ndevices = 1.0e300\n",
-                           "[simulation]\nmodel = \"m\"\n[training]\nsteps = 1.0e300\n"}) {
+  for (const char* text :
+       {"[simulation]\nmodel = \"m\"\nthreads = 4294967296\n", "[simulation]\nmodel = \"m\"\ndevices = 1.0e300\n",
+        "[simulation]\nmodel = \"m\"\n[training]\nsteps = 1.0e300\n"}) {
     INFO(text);
     auto bad_integer = ParseSimulationConfig(text);
     REQUIRE_FALSE(bad_integer.ok());
@@ -599,7 +600,8 @@ TEST_CASE("sim.toml [model] sets the base weights, fp32 by default, and their ca
   REQUIRE(defaults.ok());
   CHECK(defaults->server.weights == model::WeightPrecision::kFloat32);
   CHECK(defaults->weight_cache_dir.empty());
-  auto q4 = ParseSimulationConfig("[simulation]\nmodel = \"m\"\n[model]\nweights = \"q4_0\"\nweight_cache_dir = \"c\"\n");
+  auto q4 =
+      ParseSimulationConfig("[simulation]\nmodel = \"m\"\n[model]\nweights = \"q4_0\"\nweight_cache_dir = \"c\"\n");
   INFO(q4.status().ToString());
   REQUIRE(q4.ok());
   CHECK(q4->server.weights == model::WeightPrecision::kQ4_0);
