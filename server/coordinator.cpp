@@ -456,6 +456,9 @@ v1::Envelope Coordinator::OnUploadCommit(const std::string& device_id, const v1:
   absl::MutexLock lock(&mu_);
   const int64_t now = clock_->NowMs();
   if (uploads_.Find(commit.idempotency_key(), device_id) == nullptr) {
+    // A retry on a new connection may overtake the first attempt's ledger write, which runs outside mu_:
+    // let the writes in flight finish, so the retry gets the acknowledgement the entry now warrants.
+    WaitForLedgerLocked();
     auto ledger = store_->FindLedgerEntry(commit.idempotency_key());
     if (ledger.ok() && ledger->has_value() && (*ledger)->device_id == device_id) {
       v1::Envelope e = Response(0);  // a retried commit of an accepted update

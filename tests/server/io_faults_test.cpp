@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <catch2/catch.hpp>
+#include <chrono>
 #include <condition_variable>
 #include <map>
 #include <mutex>
@@ -362,6 +363,38 @@ TEST_CASE("While an upload's ledger entry is being written, other requests are s
   commit.join();
   CHECK(acknowledged);
   CHECK(world.Round(1).accepted == 1);
+}
+
+TEST_CASE("A commit retried on a new connection while the first one's ledger write is queued is acknowledged",
+          "[server][faults]") {
+  World world(3, 2);
+  world.coordinator->Tick();
+  Device a(world, "phone-0");
+  Device b(world, "phone-1");
+  Device retry(world, "phone-0");  // a's second connection (Hello needs the store, so before the hold)
+  a.CheckIn();
+  b.CheckIn();
+  retry.task = a.task;
+  a.Send();
+  b.Send();
+  world.Hold("RecordAcceptedUpdates");
+  bool b_acknowledged = false, first = false, second = false;
+  std::thread b_commit([&] { b_acknowledged = b.Commit(); });
+  world.WaitUntilHeld();                              // b's write leads and is held
+  std::thread a_commit([&] { first = a.Commit(); });  // queued behind it
+  // Scheduling only, not a timed assertion: give a's commit time to queue, so that the retry below finds
+  // neither an upload nor (yet) a ledger entry under its key; the fix makes it wait for the queue instead.
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  std::thread again([&] { second = retry.Commit(); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  world.Release();
+  b_commit.join();
+  a_commit.join();
+  again.join();
+  CHECK(b_acknowledged);
+  CHECK(first);
+  CHECK(second);
+  CHECK(world.Round(1).accepted == 2);
 }
 
 TEST_CASE("While a round commits, requests see it closed and Tick starts no second commit", "[server][faults]") {
