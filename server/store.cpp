@@ -1,3 +1,9 @@
+// The store in one file (about 1,200 lines) for a reason: every method below runs through Store::Impl, whose
+// two mutexes order checkpoint-file I/O against the database (checkpoint_mu before mu), and keeping that
+// ordering private to one translation unit is worth more than shorter files. What stands alone already lives
+// apart: the SQLite handles and statement helpers (server/internal/sqlite.h) and the schema, migrations and row
+// readers (server/internal/store_schema.h).
+
 #include "server/store.h"
 
 #include <fcntl.h>
