@@ -535,7 +535,7 @@ TEST_CASE("A Cancel() before RunOnce is not lost: that run returns kCancelled at
   CHECK(second->outcome == RunOutcome::kUploaded);
 }
 
-TEST_CASE("Cancel() between upload chunks keeps the update; the next run resumes the upload", "[client][cancel]") {
+TEST_CASE("Cancel() between upload chunks keeps the update, the next run resumes the upload", "[client][cancel]") {
   TempDir dir;
   Server server(TinyServerConfig(JoinPath(dir.path, "server")));
   const std::string token = server.Register("dev0");

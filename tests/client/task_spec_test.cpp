@@ -49,7 +49,7 @@ TEST_CASE("A task's hyperparameters and adapter become one TaskSpec", "[client][
   CHECK(q_and_down);
 }
 
-TEST_CASE("Absent hyperparameters take the trainer's defaults; mezo probes one seed per step", "[client][task_spec]") {
+TEST_CASE("Absent hyperparameters take the trainer's defaults, mezo probes one seed per step", "[client][task_spec]") {
   v1::Task task = FwdGradTask();
   task.set_method("mezo");
   task.mutable_hyperparameters()->clear();

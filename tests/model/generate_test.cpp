@@ -21,7 +21,7 @@ std::unique_ptr<LlamaModel> TinyModel(uint64_t seed) {
   return std::move(m).value();
 }
 
-TEST_CASE("Greedy sampling picks the argmax; top-k 1 and a tiny top-p do too", "[model][generate]") {
+TEST_CASE("Greedy sampling picks the argmax, top-k 1 and a tiny top-p do too", "[model][generate]") {
   const at::Tensor logits = at::tensor({0.1f, 2.0f, -1.0f, 1.9f});
   Rng rng(1, rng_stream::kSampling);
   GenerateOptions greedy;

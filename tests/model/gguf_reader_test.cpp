@@ -581,7 +581,7 @@ TEST_CASE("An array length beyond the file is DataLoss naming the key", "[model]
   CheckError(OpenBytes(dir, s.Build()), absl::StatusCode::kDataLoss, "key 'tokenizer.ggml.tokens' array length 1000");
 }
 
-TEST_CASE("Arrays nested deeper than the bound are InvalidArgument; at the bound they read", "[model][gguf]") {
+TEST_CASE("Arrays nested deeper than the bound are InvalidArgument, at the bound they read", "[model][gguf]") {
   TempDir dir;
   auto nested = [](int depth) {
     GgufBuilder b = ValidFile();
@@ -808,7 +808,7 @@ TEST_CASE("A tensor the architecture does not have is refused naming it", "[mode
              "'blk.0.attn_q_norm.weight'");
 }
 
-TEST_CASE("Norms stored as f16 become fp32; a quantized norm is refused", "[model][gguf]") {
+TEST_CASE("Norms stored as f16 become fp32, a quantized norm is refused", "[model][gguf]") {
   TempDir dir;
   const ModelConfig c = MiniConfig();
   const ModelWeights w = RandomWeights(c, 26);
@@ -908,7 +908,7 @@ TEST_CASE("An F16 export keeps f16 matrices with kStored and converts them with 
                [&](const at::Tensor& t) { return rounded(t).to(at::kFloat); });
 }
 
-TEST_CASE("A Q8_0 export reads back block for block; matrices that cannot be blocked stay F16", "[model][gguf]") {
+TEST_CASE("A Q8_0 export reads back block for block, matrices that cannot be blocked stay F16", "[model][gguf]") {
   TempDir dir;
   const ModelConfig c = TinyLlama();  // intermediate 688: ffn_down's rows are not whole blocks
   const ModelWeights w = RandomWeights(c, 33);

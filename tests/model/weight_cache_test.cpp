@@ -175,7 +175,7 @@ TEST_CASE("A model over a weight cache computes what its decoded weights compute
   }
 }
 
-TEST_CASE("A model over a weight cache streams its layers with the same results; others cannot stream",
+TEST_CASE("A model over a weight cache streams its layers with the same results, others cannot stream",
           "[model][weight_cache]") {
   TempDir tmp;
   const std::string dir = WriteTinyModel(tmp.path);

@@ -136,7 +136,7 @@ TEST_CASE("Seeded simulation noise has the requested standard deviation within 1
   CHECK(std::abs(m.mean - 1.0) < 5 * 0.3 / 1000.0);
 }
 
-TEST_CASE("Two CSPRNG sources draw different streams; two seeded sources with one seed the same", "[privacy][dp]") {
+TEST_CASE("Two CSPRNG sources draw different streams, two seeded sources with one seed the same", "[privacy][dp]") {
   sp::CsprngGaussianNoise a, b;
   std::vector<double> x(1000), y(1000);
   REQUIRE(a.FillStandardNormal(x).ok());
@@ -154,7 +154,7 @@ TEST_CASE("Two CSPRNG sources draw different streams; two seeded sources with on
   CHECK(!s1.cryptographically_secure());
 }
 
-TEST_CASE("MakeNoiseSource knows csprng and seeded only; a negative stddev is refused", "[privacy][dp]") {
+TEST_CASE("MakeNoiseSource knows csprng and seeded only, a negative stddev is refused", "[privacy][dp]") {
   auto c = sp::MakeNoiseSource("csprng", 0);
   REQUIRE(c.ok());
   CHECK((*c)->kind() == "csprng");

@@ -288,7 +288,7 @@ TEST_CASE("Shamir with t − 1 shares gives a wrong value", "[privacy][secagg][s
   REQUIRE(internal::ShamirReconstruct(few, t, secret.size()).status().code() == absl::StatusCode::kInvalidArgument);
 }
 
-TEST_CASE("Shamir does not detect a tampered share; it yields a wrong secret", "[privacy][secagg][shamir]") {
+TEST_CASE("Shamir does not detect a tampered share, it yields a wrong secret", "[privacy][secagg][shamir]") {
   // This is why shares travel under AES-GCM: authentication, not Shamir, catches tampering.
   SeededRandomSourceForSimulation random(5);
   const std::vector<uint8_t> secret = Secret32(9);
@@ -618,7 +618,7 @@ TEST_CASE("Every message survives a serialization round trip", "[privacy][secagg
            resp2->entries[0].share == resp.entries[0].share));
 }
 
-TEST_CASE("An empty masked input round-trips; the server, not the parser, refuses its length",
+TEST_CASE("An empty masked input round-trips, the server, not the parser, refuses its length",
           "[privacy][secagg][wire]") {
   // Found by fuzzing: a count of 0 made Parse memcpy into an empty vector's null data().
   MaskedInputMessage empty{TestSession(), 5, {}};
@@ -740,7 +740,7 @@ TEST_CASE("A client refuses to reveal both secrets of the same neighbour", "[pri
   RequireExactSum(o);
 }
 
-TEST_CASE("A tampered share aborts its receiver only; the others finish", "[privacy][secagg][protocol]") {
+TEST_CASE("A tampered share aborts its receiver only, the others finish", "[privacy][secagg][protocol]") {
   const uint32_t n = GENERATE(10u, 100u);
   const SessionConfig config = ConfigFor(n);
   const uint32_t victim = config.cohort[n / 2];

@@ -609,7 +609,7 @@ TEST_CASE("sim.toml [model] sets the base weights, fp32 by default, and their ca
   CHECK(q4->model_dir == "m");
 }
 
-TEST_CASE("sim.toml device_runtime is measured by default, or a size; anything else is refused", "[simulator]") {
+TEST_CASE("sim.toml device_runtime is measured by default, or a size, anything else is refused", "[simulator]") {
   auto defaults = ParseSimulationConfig("[simulation]\nmodel = \"m\"\n");
   REQUIRE(defaults.ok());
   CHECK(defaults->device_runtime_bytes == -1);
