@@ -146,7 +146,15 @@ class Coordinator {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   v1::Envelope NoUploadLocked(const std::string& key, const char* message) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   v1::Task MakeTaskLocked(const RoundRecord& round, const TaskRecord& task) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The round loop (coordinator_rounds.cpp): Tick opens a round when none is active and the limits allow,
+  // closes selection after its window, and finishes or aborts the round at its deadline.
+  void OpenRoundIfAllowedLocked(int64_t now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status OpenRoundLocked(int64_t now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool SelectionDueLocked(int64_t now) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void TickRoundLocked(int64_t now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void TickSecAggRoundLocked(int64_t now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // global_bytes_ and global_sha256_ from global_ (what Download serves).
+  void ServeGlobalLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Group commit (LevelDB's writer queue): `w` joins the queue; whoever is at its front writes the entries of
   // every queued upload in one transaction with mu_ released, counts the durable ones into the round, and
   // wakes the others. Returns with w->done. A failed write aborts the round: its aggregate holds updates the
