@@ -287,6 +287,8 @@ bool Client::Sleep(double seconds) {
 
 int64_t Client::NowMs() { return hooks_.clock != nullptr ? hooks_.clock->NowMs() : SteadyClock().NowMs(); }
 
+int64_t Client::TimeOfDayMs() { return hooks_.clock != nullptr ? hooks_.clock->NowMs() : SystemClock().NowMs(); }
+
 absl::StatusOr<std::unique_ptr<comms::Channel>> Client::Connect() {
   absl::Status last;
   for (int attempt = 0; attempt < config_.max_attempts; ++attempt) {
@@ -822,9 +824,7 @@ absl::StatusOr<RunResult> Client::Upload(std::unique_ptr<comms::Channel>& channe
     accepted = reply2->upload_ack().accepted();
     round_id = reply2->upload_ack().round_id();
   }
-  SEEDLING_RETURN_IF_ERROR(state.AppendAck(round_id, std::chrono::duration_cast<std::chrono::milliseconds>(
-                                                         std::chrono::system_clock::now().time_since_epoch())
-                                                         .count()));
+  SEEDLING_RETURN_IF_ERROR(state.AppendAck(round_id, TimeOfDayMs()));
   RunResult r;
   r.outcome = RunOutcome::kUploaded;
   r.round_id = round_id;

@@ -181,7 +181,10 @@ class Client {
   void Observe(const v1::Task& task, const std::string& payload, uint64_t weight);
   // Waits `seconds` on the device's clock (SimulationHooks) or the host's; false if cancelled.
   bool Sleep(double seconds);
+  // The device's clock (SimulationHooks) or the host's: monotonic (NowMs, for waits) and the time of day
+  // (TimeOfDayMs, for records such as acks.jsonl). A simulated clock serves both.
   int64_t NowMs();
+  int64_t TimeOfDayMs();
   void Report(const std::string& phase, int64_t done, int64_t total);
 
   // Constant after construction.

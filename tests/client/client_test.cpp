@@ -20,6 +20,7 @@
 #include <sstream>
 #include <thread>
 
+#include "base/clock.h"
 #include "base/file.h"
 #include "base/sha256.h"
 #include "base/strings.h"
@@ -514,6 +515,52 @@ TEST_CASE("Cancel() during the backoff makes RunOnce return kCancelled promptly"
   REQUIRE(r.ok());
   CHECK(r->outcome == RunOutcome::kCancelled);
   CHECK(seconds < 10);
+}
+
+TEST_CASE("With a simulated clock the backoff passes the clock's time, not the host's", "[client][retry][clock]") {
+  TempDir dir;
+  Server server(TinyServerConfig(JoinPath(dir.path, "server")));
+  const std::string token = server.Register("dev0");
+  ClientConfig config = ClientFor(JoinPath(dir.path, "client"), "dev0", token);
+  config.max_attempts = 4;
+  config.backoff_base_s = 20;  // waits of up to a minute each on a real clock
+  config.backoff_max_s = 60;
+  auto c = MakeClient(config, std::make_unique<FlakyTransport>(server.Transport(), 3));
+  ManualClock clock(1'000'000);
+  SimulationHooks hooks;
+  hooks.clock = &clock;
+  c->SetSimulationHooks(hooks);
+  const auto t0 = std::chrono::steady_clock::now();
+  auto r = c->RunOnce();
+  const double host_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  REQUIRE(r.ok());
+  CHECK(r->outcome == RunOutcome::kRetryLater);
+  CHECK(host_seconds < 10);
+  // Three waits, each in [0, min(60, 20 × 2^k)] for k = 1, 2, 3: at most 160 s in all.
+  const int64_t waited_ms = clock.NowMs() - 1'000'000;
+  CHECK(waited_ms > 0);
+  CHECK(waited_ms <= 160'000);
+}
+
+TEST_CASE("With a simulated clock acks.jsonl records the clock's time", "[client][upload][clock]") {
+  TempDir dir;
+  Server server(TinyServerConfig(JoinPath(dir.path, "server")));
+  const std::string token = server.Register("dev0");
+  server.coordinator->Tick();
+  const ClientConfig config = ClientFor(JoinPath(dir.path, "client"), "dev0", token);
+  auto c = MakeClient(config, server.Transport());
+  ManualClock clock(123'456'789);
+  SimulationHooks hooks;
+  hooks.clock = &clock;
+  c->SetSimulationHooks(hooks);
+  auto r = c->RunOnce();
+  REQUIRE(r.ok());
+  REQUIRE(r->outcome == RunOutcome::kUploaded);
+  auto log = ReadFile(JoinPath(config.state_dir, "acks.jsonl"));
+  REQUIRE(log.ok());
+  const nlohmann::json ack = nlohmann::json::parse(log->substr(0, log->find('\n')));
+  CHECK(ack.at("time_ms").get<int64_t>() == clock.NowMs());
+  CHECK(ack.at("round").get<uint64_t>() == 1);
 }
 
 TEST_CASE("A Cancel() before RunOnce is not lost: that run returns kCancelled at once, the next one runs",
