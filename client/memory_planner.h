@@ -22,6 +22,7 @@
 
 #include "absl/status/statusor.h"
 #include "base/memory.h"
+#include "comms/transport.h"
 #include "lora/adapter.h"
 #include "model/config.h"
 #include "optim/trainer.h"
@@ -31,7 +32,7 @@ namespace seedling::client {
 // Bounds on a plan's inputs (PlanMemory refuses more): with ModelConfig's own bounds they keep every
 // byte count the planner multiplies out within int64.
 inline constexpr int64_t kMaxPlanTokens = int64_t{1} << 18;  // seq_len x batch per step
-inline constexpr int64_t kMaxPlanPerturbations = 4096;
+inline constexpr int64_t kMaxPlanPerturbations = comms::kMaxTaskPerturbations;
 
 struct PlanRequest {
   model::ModelConfig model;

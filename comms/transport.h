@@ -24,6 +24,10 @@ inline constexpr size_t kMaxControlFrameBytes = 4u << 20;             // any mes
 inline constexpr size_t kMaxChunkBytes = 1u << 20;                    // UploadChunk.data / DownloadReply.data
 inline constexpr size_t kMaxChunkFrameBytes = kMaxChunkBytes + 4096;  // a chunk message with its envelope
 
+// The most perturbations (fwdgrad's K) a task may ask per step: servers refuse more in their config,
+// clients decline a task asking more.
+inline constexpr int64_t kMaxTaskPerturbations = 4096;
+
 // A client's connection. Not thread-safe: one call at a time.
 class Channel {
  public:

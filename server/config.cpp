@@ -11,6 +11,7 @@
 #include "base/status.h"
 #include "base/strings.h"
 #include "base/toml.h"
+#include "comms/transport.h"
 
 namespace seedling::server {
 namespace {
@@ -125,6 +126,15 @@ absl::Status ServerConfig::Validate() const {
     return KeyError("training", "round_deadline_s", "must be positive and longer than selection_window_s");
   }
   if (steps < 1 || batch < 1 || seq_len < 2) return KeyError("training", "steps/batch/seq_len", "must be positive");
+  // 0 = the method's default.
+  if (!(std::isfinite(lr) && lr >= 0)) return KeyError("training", "lr", StrCat("must be finite and >= 0, got ", lr));
+  if (!(std::isfinite(epsilon) && epsilon >= 0)) {
+    return KeyError("training", "epsilon", StrCat("must be finite and >= 0, got ", epsilon));
+  }
+  if (perturbations < 1 || perturbations > comms::kMaxTaskPerturbations) {
+    return KeyError("training", "perturbations",
+                    StrCat("must be in [1, ", comms::kMaxTaskPerturbations, "], got ", perturbations));
+  }
   if (max_update_bytes < 1024) return KeyError("training", "max_update_bytes", "must be at least 1024");
   if (max_inflight_uploads < 1) return KeyError("training", "max_inflight_uploads", "must be >= 1");
   SEEDLING_RETURN_IF_ERROR(comms::ValidateCodecOptions(codec));

@@ -70,6 +70,26 @@ TEST_CASE("A bad [model] weights value is refused naming the key", "[server][con
   }
 }
 
+TEST_CASE("A learning rate, epsilon or perturbation count out of range is refused naming the key", "[server][config]") {
+  const std::pair<const char*, const char*> cases[] = {
+      {"[training]\nperturbations = 0\n", "[training] perturbations"},
+      {"[training]\nperturbations = 4097\n", "[training] perturbations"},
+      {"[training]\nlr = -1e-3\n", "[training] lr"},
+      {"[training]\nlr = nan\n", "[training] lr"},
+      {"[training]\nepsilon = inf\n", "[training] epsilon"},
+      {"[training]\nepsilon = -1.0\n", "[training] epsilon"},
+  };
+  for (const auto& [text, key] : cases) {
+    INFO(text);
+    auto c = Parse(text);
+    REQUIRE_FALSE(c.ok());
+    CHECK(c.status().code() == absl::StatusCode::kInvalidArgument);
+    CHECK_THAT(std::string(c.status().message()), Catch::Contains(key));
+  }
+  CHECK(Parse("[training]\nperturbations = 4096\nlr = 1e-5\nepsilon = 1e-3\n").ok());
+  CHECK(Parse("[training]\nperturbations = 1\nlr = 0.0\nepsilon = 0.0\n").ok());  // 0: the method's default
+}
+
 TEST_CASE("An integer key given a float, a negative or an out-of-range value is refused naming the key",
           "[server][config]") {
   // Found by fuzzing: toml++ converts a float node to an integer with a plain cast, so 4.0e69 for an
