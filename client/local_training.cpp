@@ -144,12 +144,9 @@ int64_t MeasureRuntimeBytes() {
 
 namespace {
 
-// RunLocalTraining and RunAdapterTraining: the model is written only with full_parameters (through the
-// tensors ParameterSet::AllWeights shares with it), which only RunLocalTraining's mutable model allows.
-absl::StatusOr<TrainingResult> RunTraining(const model::LlamaModel& model, lora::LoraAdapter* adapter,
-                                           const LocalDataset& data, const TrainingConfig& config,
-                                           const MemoryPlan& plan, const TrainingProgress& progress,
-                                           const TrainingControl& control) {
+// The arguments RunTraining refuses before it touches anything.
+absl::Status CheckTrainingArgs(const lora::LoraAdapter* adapter, const TrainingConfig& config, const MemoryPlan& plan,
+                               const TrainingControl& control) {
   if (config.steps < 0) return absl::InvalidArgumentError("steps must be >= 0");
   if (config.untimed_steps < 0 || config.untimed_steps > config.steps) {
     return absl::InvalidArgumentError(StrCat("untimed_steps must be in [0, steps], got ", config.untimed_steps));
@@ -175,23 +172,23 @@ absl::StatusOr<TrainingResult> RunTraining(const model::LlamaModel& model, lora:
   if (config.full_parameters && (control.resume != nullptr || control.checkpoint_every > 0)) {
     return absl::InvalidArgumentError("checkpoints and resume are for adapter runs");
   }
-  const double lr = config.lr > 0 ? config.lr : DefaultLearningRate(config.method, config.full_parameters);
-  const double eps = config.epsilon > 0 ? config.epsilon : DefaultEpsilon(config.method, config.full_parameters);
-  lora::LoraAdapter* forward_adapter = config.full_parameters ? nullptr : adapter;
-  // The plan holds the layers' weights to a page per tile when it streams them (model::WeightPages).
-  model.set_stream_weights(plan.stream_weights);
+  return absl::OkStatus();
+}
 
-  // The trained parameters: the adapter's flat buffer or every weight.
-  optim::ParameterSet params;
-  if (config.full_parameters) {
-    SEEDLING_ASSIGN_OR_RETURN(params, optim::ParameterSet::AllWeights(model.weights(), model.config()));
-  } else {
-    params = optim::ParameterSet::Adapter(*adapter);
-  }
-
+// The method's trainer, with typed views of the two whose results carry more than the parameters.
+struct MethodTrainer {
   std::unique_ptr<optim::LocalTrainer> trainer;
   optim::FwdGradTrainer* fwdgrad = nullptr;
   optim::KSeedTrainer* kseed = nullptr;
+};
+
+absl::StatusOr<MethodTrainer> MakeTrainer(const model::LlamaModel& model, lora::LoraAdapter* adapter,
+                                          const optim::ParameterSet& params, const TrainingConfig& config,
+                                          const MemoryPlan& plan) {
+  const double lr = config.lr > 0 ? config.lr : DefaultLearningRate(config.method, config.full_parameters);
+  const double eps = config.epsilon > 0 ? config.epsilon : DefaultEpsilon(config.method, config.full_parameters);
+  lora::LoraAdapter* forward_adapter = config.full_parameters ? nullptr : adapter;
+  MethodTrainer made;
   switch (config.method) {
     case Method::kLoraBp: {
       optim::LoraBpOptions o;
@@ -202,7 +199,7 @@ absl::StatusOr<TrainingResult> RunTraining(const model::LlamaModel& model, lora:
       o.stored_layers = plan.stored_layers;
       o.ce_chunk_tokens = plan.ce_chunk_tokens;
       o.seed = config.seed;
-      SEEDLING_ASSIGN_OR_RETURN(trainer, optim::LoraBpTrainer::Create(model, *adapter, o));
+      SEEDLING_ASSIGN_OR_RETURN(made.trainer, optim::LoraBpTrainer::Create(model, *adapter, o));
       break;
     }
     case Method::kFwdGrad: {
@@ -219,8 +216,8 @@ absl::StatusOr<TrainingResult> RunTraining(const model::LlamaModel& model, lora:
       o.apply_locally = config.fwdgrad_apply_locally;
       SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<optim::FwdGradTrainer> t,
                                 optim::FwdGradTrainer::Create(model, *adapter, o));
-      fwdgrad = t.get();
-      trainer = std::move(t);
+      made.fwdgrad = t.get();
+      made.trainer = std::move(t);
       break;
     }
     case Method::kMezo: {
@@ -233,7 +230,7 @@ absl::StatusOr<TrainingResult> RunTraining(const model::LlamaModel& model, lora:
       o.ce_chunk_tokens = plan.ce_chunk_tokens;
       o.mlp_chunk_tokens = plan.mlp_chunk_tokens;
       o.seed = config.seed;
-      SEEDLING_ASSIGN_OR_RETURN(trainer, optim::MezoTrainer::Create(model, forward_adapter, params, o));
+      SEEDLING_ASSIGN_OR_RETURN(made.trainer, optim::MezoTrainer::Create(model, forward_adapter, params, o));
       break;
     }
     case Method::kKSeed: {
@@ -250,35 +247,78 @@ absl::StatusOr<TrainingResult> RunTraining(const model::LlamaModel& model, lora:
       o.seed = config.seed;
       SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<optim::KSeedTrainer> t,
                                 optim::KSeedTrainer::Create(model, forward_adapter, params, o));
-      kseed = t.get();
-      trainer = std::move(t);
+      made.kseed = t.get();
+      made.trainer = std::move(t);
       break;
     }
   }
+  return made;
+}
+
+// Puts a cancelled run's state back: the adapter's values, the data position, the trainer's state and the
+// counts so far.
+absl::Status RestoreCheckpoint(const TrainingCheckpoint& cp, lora::LoraAdapter& adapter, BatchIterator& batches,
+                               optim::LocalTrainer& trainer, TrainingResult& result, double* seconds_before) {
+  if (static_cast<int64_t>(cp.params.size()) != adapter.numel()) {
+    return absl::InvalidArgumentError(
+        StrCat("the checkpoint holds ", cp.params.size(), " parameters; the adapter has ", adapter.numel()));
+  }
+  SEEDLING_RETURN_IF_ERROR(batches.Restore(cp.data));
+  SEEDLING_RETURN_IF_ERROR(trainer.RestoreState(cp.trainer));
+  std::memcpy(adapter.flat().data_ptr<float>(), cp.params.data(), cp.params.size() * sizeof(float));
+  result.loss_start = cp.loss_start;
+  result.scored_tokens = cp.scored_tokens;
+  result.processed_tokens = cp.processed_tokens;
+  *seconds_before = cp.seconds;
+  return absl::OkStatus();
+}
+
+// What the run hands back beyond the parameters: kseed's (seed, scalar) pairs, fwdgrad's estimates.
+void CollectMethodOutputs(const MethodTrainer& t, TrainingResult& result) {
+  result.steps = t.trainer->steps();
+  result.skipped_steps = t.trainer->skipped_steps();
+  if (t.kseed != nullptr) result.kseed_pairs = t.kseed->pairs();
+  if (t.fwdgrad != nullptr) {
+    result.fwdgrad_last = t.fwdgrad->last_gradient();
+    const at::Tensor& sum = t.fwdgrad->accumulated_estimate();
+    result.fwdgrad_sum.assign(sum.data_ptr<float>(), sum.data_ptr<float>() + sum.numel());
+    result.fwdgrad_pairs = t.fwdgrad->all_pairs();
+  }
+}
+
+// RunLocalTraining and RunAdapterTraining: the model is written only with full_parameters (through the
+// tensors ParameterSet::AllWeights shares with it), which only RunLocalTraining's mutable model allows.
+absl::StatusOr<TrainingResult> RunTraining(const model::LlamaModel& model, lora::LoraAdapter* adapter,
+                                           const LocalDataset& data, const TrainingConfig& config,
+                                           const MemoryPlan& plan, const TrainingProgress& progress,
+                                           const TrainingControl& control) {
+  SEEDLING_RETURN_IF_ERROR(CheckTrainingArgs(adapter, config, plan, control));
+  lora::LoraAdapter* forward_adapter = config.full_parameters ? nullptr : adapter;
+  // The plan holds the layers' weights to a page per tile when it streams them (model::WeightPages).
+  model.set_stream_weights(plan.stream_weights);
+
+  // The trained parameters: the adapter's flat buffer or every weight.
+  optim::ParameterSet params;
+  if (config.full_parameters) {
+    SEEDLING_ASSIGN_OR_RETURN(params, optim::ParameterSet::AllWeights(model.weights(), model.config()));
+  } else {
+    params = optim::ParameterSet::Adapter(*adapter);
+  }
+  SEEDLING_ASSIGN_OR_RETURN(MethodTrainer made, MakeTrainer(model, adapter, params, config, plan));
+  optim::LocalTrainer& trainer = *made.trainer;
 
   TrainingResult result;
   BatchIterator batches(data);
   double seconds_before = 0;  // time spent before a resume
   if (control.resume != nullptr) {
-    const TrainingCheckpoint& cp = *control.resume;
-    if (static_cast<int64_t>(cp.params.size()) != adapter->numel()) {
-      return absl::InvalidArgumentError(
-          StrCat("the checkpoint holds ", cp.params.size(), " parameters; the adapter has ", adapter->numel()));
-    }
-    SEEDLING_RETURN_IF_ERROR(batches.Restore(cp.data));
-    SEEDLING_RETURN_IF_ERROR(trainer->RestoreState(cp.trainer));
-    std::memcpy(adapter->flat().data_ptr<float>(), cp.params.data(), cp.params.size() * sizeof(float));
-    result.loss_start = cp.loss_start;
-    result.scored_tokens = cp.scored_tokens;
-    result.processed_tokens = cp.processed_tokens;
-    seconds_before = cp.seconds;
+    SEEDLING_RETURN_IF_ERROR(RestoreCheckpoint(*control.resume, *adapter, batches, trainer, result, &seconds_before));
   } else {
     SEEDLING_ASSIGN_OR_RETURN(result.loss_start, HeldoutLoss(model, forward_adapter, data, plan));
   }
   auto checkpoint = [&](double seconds) -> absl::Status {
     if (!control.on_checkpoint) return absl::OkStatus();
     TrainingCheckpoint cp;
-    cp.trainer = trainer->SaveState();
+    cp.trainer = trainer.SaveState();
     const float* p = adapter->flat().data_ptr<float>();
     cp.params.assign(p, p + adapter->numel());
     cp.data = batches.position();
@@ -298,7 +338,7 @@ absl::StatusOr<TrainingResult> RunTraining(const model::LlamaModel& model, lora:
     return step < config.steps || (config.min_seconds > 0 && step > config.untimed_steps &&
                                    elapsed() < config.min_seconds && step < 1000 * std::max<int64_t>(config.steps, 1));
   };
-  for (int64_t step = trainer->steps(); more(step); ++step) {
+  for (int64_t step = trainer.steps(); more(step); ++step) {
     if (step == config.untimed_steps && step > 0) {  // warm-up done: time from here
       t0 = std::chrono::steady_clock::now();
       seconds_before = 0;
@@ -312,7 +352,7 @@ absl::StatusOr<TrainingResult> RunTraining(const model::LlamaModel& model, lora:
     // Packed blocks can, rarely, hold no scored token; such batches teach nothing and are passed over.
     LocalBatch batch = batches.Next();
     for (int tries = 0; batch.scored_tokens == 0 && tries < 64; ++tries) batch = batches.Next();
-    SEEDLING_ASSIGN_OR_RETURN(optim::StepResult r, trainer->Step(batch.batch));
+    SEEDLING_ASSIGN_OR_RETURN(optim::StepResult r, trainer.Step(batch.batch));
     result.scored_tokens += r.tokens;
     result.processed_tokens += batch.tokens;
     if (progress) progress(step + 1, std::max(config.steps, step + 1), r.loss);
@@ -322,15 +362,7 @@ absl::StatusOr<TrainingResult> RunTraining(const model::LlamaModel& model, lora:
   }
   result.seconds = elapsed();
   result.step_tensor_peak_bytes = tracker.peak_bytes();
-  result.steps = trainer->steps();
-  result.skipped_steps = trainer->skipped_steps();
-  if (kseed != nullptr) result.kseed_pairs = kseed->pairs();
-  if (fwdgrad != nullptr) {
-    result.fwdgrad_last = fwdgrad->last_gradient();
-    const at::Tensor& sum = fwdgrad->accumulated_estimate();
-    result.fwdgrad_sum.assign(sum.data_ptr<float>(), sum.data_ptr<float>() + sum.numel());
-    result.fwdgrad_pairs = fwdgrad->all_pairs();
-  }
+  CollectMethodOutputs(made, result);
   SEEDLING_ASSIGN_OR_RETURN(result.loss_end, HeldoutLoss(model, forward_adapter, data, plan));
   if (config.forward_seconds > 0) {
     SEEDLING_RETURN_IF_ERROR(TimeForwards(model, forward_adapter, batches, plan, config.forward_seconds, result));

@@ -109,23 +109,17 @@ std::string RenderChart(const Chart& c) {
   // Ranges over the plottable data.
   double xmin = std::numeric_limits<double>::infinity(), xmax = -xmin;
   double ymin = xmin, ymax = -xmin;
+  const auto extend = [&](const Point& p) {
+    if (!std::isfinite(p.x)) return;
+    xmin = std::min(xmin, p.x);
+    xmax = std::max(xmax, p.x);
+    if (!Plottable(p.y, c.log_y)) return;
+    ymin = std::min(ymin, p.y);
+    ymax = std::max(ymax, p.y);
+  };
   for (const Series& s : c.series) {
-    for (const Point& p : s.points) {
-      if (!std::isfinite(p.x)) continue;
-      xmin = std::min(xmin, p.x);
-      xmax = std::max(xmax, p.x);
-      if (!Plottable(p.y, c.log_y)) continue;
-      ymin = std::min(ymin, p.y);
-      ymax = std::max(ymax, p.y);
-    }
-    for (const auto& [p, round] : s.aborted) {
-      if (!std::isfinite(p.x)) continue;
-      xmin = std::min(xmin, p.x);
-      xmax = std::max(xmax, p.x);
-      if (!Plottable(p.y, c.log_y)) continue;
-      ymin = std::min(ymin, p.y);
-      ymax = std::max(ymax, p.y);
-    }
+    for (const Point& p : s.points) extend(p);
+    for (const auto& [p, round] : s.aborted) extend(p);
   }
   const Axis xa = LinearAxis(xmin, xmax, c.integer_x, false);
   const Axis ya = c.log_y ? LogAxis(ymin, ymax) : LinearAxis(ymin, ymax, c.integer_y, c.zero_y);
