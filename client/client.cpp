@@ -384,7 +384,19 @@ absl::StatusOr<RunResult> Client::RunOnceLocked() {
     spdlog::info("the pending update is no longer wanted ({}); checking in", r->detail);
   }
 
-  // 2. Check in.
+  // 2. Check in: a task, or when to come back.
+  SEEDLING_ASSIGN_OR_RETURN(v1::CheckInReply reply, CheckIn(channel, state));
+  if (reply.has_retry_after()) {
+    RunResult r;
+    r.outcome = RunOutcome::kRetryLater;
+    r.retry_after_seconds = reply.retry_after().seconds();
+    r.detail = reply.retry_after().reason();
+    return r;
+  }
+  return RunTask(channel, reply.task(), state);
+}
+
+absl::StatusOr<v1::CheckInReply> Client::CheckIn(std::unique_ptr<comms::Channel>& channel, const State& state) {
   v1::Envelope check_in;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -400,16 +412,12 @@ absl::StatusOr<RunResult> Client::RunOnceLocked() {
   SEEDLING_ASSIGN_OR_RETURN(v1::Envelope reply, Call(channel, check_in));
   if (reply.has_reject()) return RejectStatus(reply.reject());
   if (!reply.has_check_in_reply()) return absl::InternalError("unexpected answer to CheckIn");
-  if (reply.check_in_reply().has_retry_after()) {
-    RunResult r;
-    r.outcome = RunOutcome::kRetryLater;
-    r.retry_after_seconds = reply.check_in_reply().retry_after().seconds();
-    r.detail = reply.check_in_reply().retry_after().reason();
-    return r;
-  }
-  const v1::Task& task = reply.check_in_reply().task();
+  return std::move(*reply.mutable_check_in_reply());
+}
 
-  // 3. Tasks the device cannot run are declined with a reason the server counts.
+absl::StatusOr<RunResult> Client::RunTask(std::unique_ptr<comms::Channel>& channel, const v1::Task& task,
+                                          State& state) {
+  // Tasks the device cannot run are declined with a reason the server counts.
   if (task.model_id() != model_id_) return Decline(channel, task, v1::Decline::UNSUPPORTED, "a different base model");
   if (std::find(config_.methods.begin(), config_.methods.end(), task.method()) == config_.methods.end()) {
     return Decline(channel, task, v1::Decline::UNSUPPORTED, StrCat("method ", task.method(), " is not enabled here"));

@@ -141,7 +141,13 @@ class Client {
   using State = internal::StateDir;
   Client(ClientConfig config, std::unique_ptr<comms::Transport> transport, SharedModel shared);
 
+  // One run: resume a pending upload, check in, then run the task (or report when to come back).
   absl::StatusOr<RunResult> RunOnceLocked();
+  // Check in with this device's conditions, budget and synced version: a task or a retry-after.
+  absl::StatusOr<v1::CheckInReply> CheckIn(std::unique_ptr<comms::Channel>& channel, const State& state);
+  // Declines a task this device cannot run (another base model, a method not enabled, unknown weights),
+  // else trains it.
+  absl::StatusOr<RunResult> RunTask(std::unique_ptr<comms::Channel>& channel, const v1::Task& task, State& state);
   absl::StatusOr<std::unique_ptr<comms::Channel>> Connect();
   absl::StatusOr<v1::Envelope> Call(std::unique_ptr<comms::Channel>& channel, v1::Envelope request);
   absl::StatusOr<RunResult> Upload(std::unique_ptr<comms::Channel>& channel, State& state);
