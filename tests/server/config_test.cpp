@@ -25,16 +25,21 @@ absl::StatusOr<ServerConfig> Parse(const std::string& text) {
   return ParseServerConfig(StrCat("[model]\ndir = \"m\"\n", text));
 }
 
+// `text` is refused as InvalidArgument with a message containing `expected` (the key, or the problem).
+void CheckRefused(const std::string& text, const std::string& expected) {
+  INFO(text);
+  auto c = Parse(text);
+  REQUIRE_FALSE(c.ok());
+  CHECK(c.status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK_THAT(std::string(c.status().message()), Catch::Contains(expected));
+}
+
 TEST_CASE("A strategy that cannot read the method's uploads is refused at load", "[server][config]") {
   for (const char* bad : {"[training]\nmethod = \"kseed\"\n[strategy]\nname = \"fedavg\"\n",
                           "[training]\nmethod = \"lora-bp\"\n[strategy]\nname = \"kseed\"\n",
                           "[training]\nmethod = \"fwdgrad\"\ncodec = \"fp16\"\n[strategy]\nname = \"fedadam\"\n",
                           "[training]\nmethod = \"mezo\"\n[strategy]\nname = \"fwdgrad\"\n"}) {
-    INFO(bad);
-    auto c = Parse(bad);
-    REQUIRE_FALSE(c.ok());
-    CHECK(c.status().code() == absl::StatusCode::kInvalidArgument);
-    CHECK_THAT(std::string(c.status().message()), Catch::Contains("[strategy] name"));
+    CheckRefused(bad, "[strategy] name");
   }
   // The strategy follows the method when not given, and compatible pairs load.
   auto kseed = Parse("[training]\nmethod = \"kseed\"\n");
@@ -62,11 +67,7 @@ TEST_CASE("[model] weights defaults to fp32 and accepts the four representations
 
 TEST_CASE("A bad [model] weights value is refused naming the key", "[server][config]") {
   for (const char* bad : {"weights = \"q5_k\"\n", "weights = \"\"\n", "weights = 4\n"}) {
-    INFO(bad);
-    auto c = Parse(bad);
-    REQUIRE_FALSE(c.ok());
-    CHECK(c.status().code() == absl::StatusCode::kInvalidArgument);
-    CHECK_THAT(std::string(c.status().message()), Catch::Contains("[model] weights"));
+    CheckRefused(bad, "[model] weights");
   }
 }
 
@@ -80,11 +81,7 @@ TEST_CASE("A learning rate, epsilon or perturbation count out of range is refuse
       {"[training]\nepsilon = -1.0\n", "[training] epsilon"},
   };
   for (const auto& [text, key] : cases) {
-    INFO(text);
-    auto c = Parse(text);
-    REQUIRE_FALSE(c.ok());
-    CHECK(c.status().code() == absl::StatusCode::kInvalidArgument);
-    CHECK_THAT(std::string(c.status().message()), Catch::Contains(key));
+    CheckRefused(text, key);
   }
   CHECK(Parse("[training]\nperturbations = 4096\nlr = 1e-5\nepsilon = 1e-3\n").ok());
   CHECK(Parse("[training]\nperturbations = 1\nlr = 0.0\nepsilon = 0.0\n").ok());  // 0: the method's default
@@ -103,11 +100,7 @@ TEST_CASE("An integer key given a float, a negative or an out-of-range value is 
       {"[strategy]\nkseed_pool_size = 9223372036854775807\n", "is out of range"},
   };
   for (const auto& [text, problem] : cases) {
-    INFO(text);
-    auto c = Parse(text);
-    REQUIRE_FALSE(c.ok());
-    CHECK(c.status().code() == absl::StatusCode::kInvalidArgument);
-    CHECK_THAT(std::string(c.status().message()), Catch::Contains(problem));
+    CheckRefused(text, problem);
   }
 }
 
