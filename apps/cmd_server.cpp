@@ -63,7 +63,7 @@ void RegisterServe(CLI::App& app, Action& action) {
   auto config_path = std::make_shared<std::string>();
   auto port_file = std::make_shared<std::string>();
   CLI::App* cmd = app.add_subcommand("serve", "Run the coordination server (TLS for devices, HTTP for metrics)");
-  cmd->add_option("--config", *config_path, "server.toml (README: every key and its default)")->required();
+  cmd->add_option("--config", *config_path, "server.toml (docs/operations.md: every key and its default)")->required();
   cmd->add_option("--port-file", *port_file, "Write the bound TLS and HTTP ports here as JSON (for scripts)");
   cmd->callback([config_path, port_file, &action] {
     action = [config_path, port_file]() -> absl::Status {

@@ -1,7 +1,8 @@
 #pragma once
 
 // The coordinator's configuration: `seedling serve --config server.toml`. Every field has a default (the
-// README lists them all); unknown keys are errors, so a typo never silently falls back to a default.
+// table in docs/operations.md lists them all); unknown keys are errors, so a typo never silently falls back to a
+// default.
 
 #include <cstdint>
 #include <string>

@@ -104,8 +104,8 @@ TEST_CASE("An integer key given a float, a negative or an out-of-range value is 
   }
 }
 
-TEST_CASE("The README's server.toml table states the defaults the code has", "[server][config]") {
-  auto readme = ReadFile(StrCat(SEEDLING_SOURCE_DIR, "/README.md"));
+TEST_CASE("docs/operations.md's server.toml table states the defaults the code has", "[server][config]") {
+  auto readme = ReadFile(StrCat(SEEDLING_SOURCE_DIR, "/docs/operations.md"));
   REQUIRE(readme.ok());
   auto d = Parse("");
   REQUIRE(d.ok());
