@@ -71,6 +71,7 @@ struct LayerShapes {
   int64_t n, t, rows;   // tokens, sequence length, sequences
   int64_t h, q, kv, i;  // hidden, q_dim, kv_dim, intermediate
   int64_t scores;       // attention scores: rows × heads × t × t
+  bool qk_norm;         // q and k are RMS-normed per head (one more copy of each)
 };
 
 LayerShapes Shapes(const model::ModelConfig& m, int64_t rows, int64_t t) {
@@ -81,7 +82,8 @@ LayerShapes Shapes(const model::ModelConfig& m, int64_t rows, int64_t t) {
           m.q_dim(),
           m.kv_dim(),
           m.intermediate_size,
-          rows * m.num_attention_heads * t * t};
+          rows * m.num_attention_heads * t * t,
+          m.qk_norm};
 }
 
 // Largest set of tensors alive at once inside one layer's forward without autograd. Attention: the
@@ -92,7 +94,8 @@ LayerShapes Shapes(const model::ModelConfig& m, int64_t rows, int64_t t) {
 // tensors, 4 such tensors would be 160 MiB) next to the residual.
 // `mlp_rows` > 0: the MLP runs that many tokens at a time (ForwardOptions::mlp_chunk_tokens).
 int64_t InferenceLayerPeak(const LayerShapes& s, int64_t mlp_rows = 0) {
-  const int64_t attention = s.n * (3 * s.h + 4 * s.q + 4 * s.kv) + 3 * s.scores;
+  const int64_t qk_norm = s.qk_norm ? s.n * (s.q + s.kv) : 0;  // the normed q and k beside the projected ones
+  const int64_t attention = s.n * (3 * s.h + 4 * s.q + 4 * s.kv) + qk_norm + 3 * s.scores;
   const int64_t rows = mlp_rows > 0 ? std::min(mlp_rows, s.n) : s.n;
   const int64_t mlp = s.n * (2 * s.h) + 5 * rows * s.i;
   return std::max(attention, mlp);
@@ -100,10 +103,12 @@ int64_t InferenceLayerPeak(const LayerShapes& s, int64_t mlp_rows = 0) {
 
 // What autograd keeps per layer when a LoRA adapter trains on a frozen base (counted from the saved
 // tensors of each op in model/llama.cpp and model/kernels.cpp): the layer input and the post-attention
-// residual (RmsNorm), the rotated q and k and v (attention rebuilds its probabilities in backward), gate
-// and up (SwiGLU), and each adapted projection's input (once per distinct input) and rank-sized middle.
+// residual (RmsNorm), the rotated q and k and v (attention rebuilds its probabilities in backward), q and
+// k before their norms (Qwen3), gate and up (SwiGLU), and each adapted projection's input (once per distinct
+// input) and rank-sized middle.
 int64_t SavedPerLayer(const LayerShapes& s, const lora::LoraConfig& c) {
   int64_t per_token = 2 * s.h + s.q + 2 * s.kv + 2 * s.i;
+  if (s.qk_norm) per_token += s.q + s.kv;
   if (Has(c, Projection::kQ) || Has(c, Projection::kK) || Has(c, Projection::kV)) per_token += s.h;
   if (Has(c, Projection::kO)) per_token += s.q;
   if (Has(c, Projection::kGate) || Has(c, Projection::kUp)) per_token += s.h;

@@ -98,6 +98,7 @@ int64_t ModelConfig::NumParameters() const {
   int64_t per_layer = 2 * h;                                  // two RMSNorm weights
   per_layer += h * q_dim() + 2 * h * kv_dim() + q_dim() * h;  // q, k, v, o
   if (qkv_bias) per_layer += q_dim() + 2 * kv_dim();
+  if (qk_norm) per_layer += 2 * head_dim;
   if (o_bias) per_layer += h;
   per_layer += 3 * h * intermediate_size;  // gate, up, down
   if (mlp_bias) per_layer += 2 * intermediate_size + h;
@@ -155,21 +156,24 @@ absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view json_text) {
     if (c.architecture.empty()) {
       if (c.model_type == "llama") c.architecture = "LlamaForCausalLM";
       if (c.model_type == "qwen2") c.architecture = "Qwen2ForCausalLM";
+      if (c.model_type == "qwen3") c.architecture = "Qwen3ForCausalLM";
       if (c.model_type == "mistral") c.architecture = "MistralForCausalLM";
     }
     if (c.architecture.empty()) {
-      return FieldError("architectures", "is missing (and model_type is not llama, qwen2 or mistral)");
+      return FieldError("architectures", "is missing (and model_type is not llama, qwen2, qwen3 or mistral)");
     }
     if (c.architecture == "LlamaForCausalLM") {
       c.model_type = "llama";
     } else if (c.architecture == "Qwen2ForCausalLM") {
       c.model_type = "qwen2";
+    } else if (c.architecture == "Qwen3ForCausalLM") {
+      c.model_type = "qwen3";
     } else if (c.architecture == "MistralForCausalLM") {
       c.model_type = "mistral";
     } else {
-      return absl::InvalidArgumentError(
-          StrCat("config.json: architecture '", c.architecture,
-                 "' is not supported (supported: LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM)"));
+      return absl::InvalidArgumentError(StrCat("config.json: architecture '", c.architecture,
+                                               "' is not supported (supported: LlamaForCausalLM, Qwen2ForCausalLM, "
+                                               "Qwen3ForCausalLM, MistralForCausalLM)"));
     }
 
     SEEDLING_ASSIGN_OR_RETURN(c.vocab_size, GetInt(j, "vocab_size", std::nullopt));
@@ -194,6 +198,10 @@ absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view json_text) {
       SEEDLING_ASSIGN_OR_RETURN(bool attention_bias, GetBool(j, "attention_bias", false));
       c.qkv_bias = c.o_bias = attention_bias;
       SEEDLING_ASSIGN_OR_RETURN(c.mlp_bias, GetBool(j, "mlp_bias", false));
+    } else if (c.model_type == "qwen3") {
+      SEEDLING_ASSIGN_OR_RETURN(bool attention_bias, GetBool(j, "attention_bias", false));
+      c.qkv_bias = c.o_bias = attention_bias;  // Qwen3Attention gives q, k, v and o the same bias setting
+      c.qk_norm = true;
     }
     auto act = j.find("hidden_act");
     if (act != j.end() && !act->is_null()) {
@@ -206,6 +214,13 @@ absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view json_text) {
     bool use_window = c.model_type == "mistral";
     if (c.model_type == "qwen2") {
       SEEDLING_ASSIGN_OR_RETURN(use_window, GetBool(j, "use_sliding_window", false));
+    }
+    if (c.model_type == "qwen3") {
+      // Qwen3 windows only the layers from max_window_layers on (its layer_types); no published Qwen3 uses it.
+      SEEDLING_ASSIGN_OR_RETURN(bool qwen3_window, GetBool(j, "use_sliding_window", false));
+      if (qwen3_window) {
+        return FieldError("use_sliding_window", "is true; per-layer sliding windows (Qwen3) are not supported");
+      }
     }
     auto sw = j.find("sliding_window");
     if (use_window && sw != j.end() && !sw->is_null()) {
@@ -336,7 +351,8 @@ std::string ModelConfigToJson(const ModelConfig& c) {
     j["attention_bias"] = c.qkv_bias;
     j["mlp_bias"] = c.mlp_bias;
   }
-  if (c.model_type == "qwen2") j["use_sliding_window"] = c.sliding_window.has_value();
+  if (c.model_type == "qwen3") j["attention_bias"] = c.qkv_bias;
+  if (c.model_type == "qwen2" || c.model_type == "qwen3") j["use_sliding_window"] = c.sliding_window.has_value();
   if (c.sliding_window) j["sliding_window"] = *c.sliding_window;
   if (c.bos_token_id) j["bos_token_id"] = *c.bos_token_id;
   if (c.eos_token_ids.size() == 1) j["eos_token_id"] = c.eos_token_ids[0];
@@ -375,10 +391,22 @@ ModelConfig Llama(int64_t vocab, int64_t hidden, int64_t inter, int64_t layers, 
   return c;
 }
 
+// Qwen3: q/k RMSNorm per head, explicit head_dim, no biases, RoPE base 1e6, eps 1e-6.
+ModelConfig Qwen3(int64_t vocab, int64_t hidden, int64_t inter, int64_t layers, int64_t heads, int64_t kv,
+                  int64_t head_dim, bool tied, int64_t max_pos) {
+  ModelConfig c = Llama(vocab, hidden, inter, layers, heads, kv, 1000000.0, 1e-6, tied, max_pos);
+  c.architecture = "Qwen3ForCausalLM";
+  c.model_type = "qwen3";
+  c.head_dim = head_dim;
+  c.qk_norm = true;
+  return c;
+}
+
 }  // namespace
 
 std::vector<std::string> PresetNames() {
-  return {"tiny", "tiny-qwen2", "smollm2-135m", "smollm2-360m", "qwen2.5-0.5b", "tinyllama-1.1b"};
+  return {"tiny",         "tiny-qwen2",   "tiny-qwen3", "smollm2-135m",
+          "smollm2-360m", "qwen2.5-0.5b", "qwen3-0.6b", "tinyllama-1.1b"};
 }
 
 absl::StatusOr<ModelConfig> PresetConfig(std::string_view name) {
@@ -397,6 +425,16 @@ absl::StatusOr<ModelConfig> PresetConfig(std::string_view name) {
     c.rope_scaling.original_max_position_embeddings = 512;
     c.bos_token_id = 0;
     c.eos_token_ids = {0, 2};
+  } else if (name == "tiny-qwen3") {
+    // head_dim 48 x 4 heads = 192 != hidden_size 128, as in Qwen3 (head_dim 128 x 16 heads vs 1024).
+    c = Qwen3(2048, 128, 384, 2, 4, 2, 48, true, 4096);
+    c.bos_token_id = 0;
+    c.eos_token_ids = {0, 2};
+  } else if (name == "qwen3-0.6b") {
+    c = Qwen3(151936, 1024, 3072, 28, 16, 8, 128, true, 40960);
+    c.bos_token_id = 151643;
+    c.eos_token_ids = {151645};
+    c.torch_dtype = "bfloat16";
   } else if (name == "smollm2-135m") {
     c = Llama(49152, 576, 1536, 30, 9, 3, 100000.0, 1e-5, true, 8192);
     c.bos_token_id = 0;

@@ -1,7 +1,11 @@
 #pragma once
 
 // The model configuration, parsed from a Hugging Face config.json (LlamaForCausalLM, Qwen2ForCausalLM,
-// MistralForCausalLM), and the presets `seedling init-model` writes.
+// Qwen3ForCausalLM, MistralForCausalLM), and the presets `seedling init-model` writes.
+//
+// The decoder block is described by the config's flags, never by the family's name: which projections have
+// biases (qkv_bias, o_bias, mlp_bias), whether q and k are RMS-normed per head (qk_norm), a sliding window. The
+// parser maps each family's config.json onto them; the forward (model/llama.h) composes the block from them.
 
 #include <cstdint>
 #include <optional>
@@ -38,8 +42,8 @@ inline constexpr int64_t kMaxPositions = int64_t{1} << 24;
 
 // Architecture hyper-parameters. Field names follow config.json.
 struct ModelConfig {
-  std::string architecture;  // "LlamaForCausalLM", "Qwen2ForCausalLM" or "MistralForCausalLM"
-  std::string model_type;    // "llama", "qwen2", "mistral"
+  std::string architecture;  // "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM"
+  std::string model_type;    // "llama", "qwen2", "qwen3", "mistral"
   int64_t vocab_size = 0;
   int64_t hidden_size = 0;
   int64_t intermediate_size = 0;
@@ -55,6 +59,7 @@ struct ModelConfig {
   bool qkv_bias = false;                  // q/k/v projections have a bias (Qwen2 always; Llama with attention_bias)
   bool o_bias = false;                    // o_proj has a bias (Llama with attention_bias)
   bool mlp_bias = false;                  // gate/up/down have biases (Llama mlp_bias)
+  bool qk_norm = false;                   // RMSNorm (weights of head_dim) on each head's q and k before RoPE (Qwen3)
   std::optional<int64_t> sliding_window;  // Mistral / Qwen2 with use_sliding_window: attend to the last N
   std::optional<int64_t> bos_token_id;
   std::vector<int64_t> eos_token_ids;   // config.json allows one id or a list
@@ -93,8 +98,9 @@ std::string ModelConfigToJson(const ModelConfig& config);
 std::string ModelId(const ModelConfig& config);
 
 // Presets for `init-model`: "tiny" (about 3.5M parameters, GQA, tied), "tiny-qwen2" (q/k/v bias, untied
-// LM head, llama3 RoPE scaling: exercises every option), "smollm2-135m", "smollm2-360m", "qwen2.5-0.5b",
-// "tinyllama-1.1b" (the exact shapes of the published models). NotFound lists the valid names.
+// LM head, llama3 RoPE scaling: exercises every option), "tiny-qwen3" (q/k norms, head_dim x heads !=
+// hidden_size), "smollm2-135m", "smollm2-360m", "qwen2.5-0.5b", "qwen3-0.6b", "tinyllama-1.1b" (the exact
+// shapes of the published models). NotFound lists the valid names.
 absl::StatusOr<ModelConfig> PresetConfig(std::string_view name);
 std::vector<std::string> PresetNames();
 

@@ -182,10 +182,24 @@ absl::StatusOr<std::string> GgufArchitecture(const ModelConfig& c) {
     }
     return std::string("qwen2");
   }
+  if (c.architecture == "Qwen3ForCausalLM") {
+    // llama.cpp's qwen3 graph: q/k norms, no biases, no RoPE frequency factors.
+    if (c.rope_scaling.type == RopeScaling::Type::kLlama3) {
+      return absl::InvalidArgumentError(
+          "llama3 rope_scaling cannot be exported for Qwen3ForCausalLM: llama.cpp's qwen3 architecture has no "
+          "RoPE frequency factors (rope_freqs.weight)");
+    }
+    if (c.qkv_bias || c.o_bias || c.mlp_bias) {
+      return absl::InvalidArgumentError(
+          "Qwen3ForCausalLM with attention or MLP biases cannot be exported: llama.cpp's qwen3 architecture has no "
+          "such tensors");
+    }
+    return std::string("qwen3");
+  }
   return absl::InvalidArgumentError(
       StrCat("architecture '", c.architecture,
              "' cannot be exported to GGUF (supported: LlamaForCausalLM, MistralForCausalLM, "
-             "Qwen2ForCausalLM)"));
+             "Qwen2ForCausalLM, Qwen3ForCausalLM)"));
 }
 
 // llama.cpp's name of a decoder layer's projection weight: "blk.<layer>.attn_q.weight", ...
@@ -334,6 +348,10 @@ absl::StatusOr<std::vector<TensorPlan>> PlanTensors(const ModelConfig& c, const 
     SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.qkv_bias, blk + "attn_v.bias", l.v_bias, kv));
     SEEDLING_RETURN_IF_ERROR(projection(Projection::kO, l.o));
     SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.o_bias, blk + "attn_output.bias", l.o_bias, H));
+    if (c.qk_norm) {
+      SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "attn_q_norm.weight", l.q_norm, {c.head_dim}));
+      SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "attn_k_norm.weight", l.k_norm, {c.head_dim}));
+    }
     SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "ffn_norm.weight", l.post_norm, {H}));
     SEEDLING_RETURN_IF_ERROR(projection(Projection::kGate, l.gate));
     SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.mlp_bias, blk + "ffn_gate.bias", l.gate_bias, I));

@@ -12,7 +12,7 @@
 //     within each head: row h*D + 2i + j of the export is row h*D + j*D/2 + i of the original
 //     (i < D/2, j in {0, 1}).
 //   * Qwen2ForCausalLM becomes "qwen2" (rotate-half "NEOX" RoPE, no permutation) with its q/k/v
-//     biases.
+//     biases; Qwen3ForCausalLM becomes "qwen3" (NEOX RoPE, no biases) with blk.N.attn_{q,k}_norm.weight.
 //   * Llama 3 RoPE scaling becomes a `rope_freqs.weight` tensor (llama arch only): per frequency
 //     pair, the factor GGML divides the rotation angle by. Linear scaling becomes
 //     rope.scaling.{type,factor}.

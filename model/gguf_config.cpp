@@ -250,8 +250,12 @@ absl::StatusOr<ModelConfig> ConfigFromGguf(const GgufFile& file) {
     c.architecture = "LlamaForCausalLM";
   } else if (arch == "qwen2") {
     c.architecture = "Qwen2ForCausalLM";
+  } else if (arch == "qwen3") {
+    c.architecture = "Qwen3ForCausalLM";
+    c.qk_norm = true;
   } else {
-    return FileError(file, StrCat("general.architecture '", arch, "' is not supported (supported: llama, qwen2)"));
+    return FileError(file,
+                     StrCat("general.architecture '", arch, "' is not supported (supported: llama, qwen2, qwen3)"));
   }
   c.model_type = std::string(arch);
   const std::string p = StrCat(arch, ".");

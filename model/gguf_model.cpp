@@ -43,7 +43,7 @@ std::vector<Expected> GgufTensorSlots(const ModelConfig& c, ModelWeights& w) {
   const int64_t H = c.hidden_size, V = c.vocab_size, I = c.intermediate_size;
   const int64_t q = c.q_dim(), kv = c.kv_dim();
   // model/gguf.h: only the llama architecture (Llama and Mistral) interleaves q / k rows.
-  const bool permuted = c.architecture != "Qwen2ForCausalLM";
+  const bool permuted = c.architecture != "Qwen2ForCausalLM" && c.architecture != "Qwen3ForCausalLM";
   const int64_t q_heads = permuted ? c.num_attention_heads : 0;
   const int64_t k_heads = permuted ? c.num_key_value_heads : 0;
   std::vector<Expected> out;
@@ -63,6 +63,10 @@ std::vector<Expected> GgufTensorSlots(const ModelConfig& c, ModelWeights& w) {
       out.push_back({b + "attn_v.bias", {kv}, &l.v_bias});
     }
     if (c.o_bias) out.push_back({b + "attn_output.bias", {H}, &l.o_bias});
+    if (c.qk_norm) {
+      out.push_back({b + "attn_q_norm.weight", {c.head_dim}, &l.q_norm});
+      out.push_back({b + "attn_k_norm.weight", {c.head_dim}, &l.k_norm});
+    }
     out.push_back({b + "ffn_norm.weight", {H}, &l.post_norm});
     out.push_back({b + "ffn_gate.weight", {I, H}, &l.gate});
     out.push_back({b + "ffn_up.weight", {I, H}, &l.up});

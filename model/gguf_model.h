@@ -4,8 +4,8 @@
 // weights from llama.cpp's tensor names, the tokenizer from `tokenizer.ggml.*`. The inverse of
 // model/gguf.h's WriteGguf: a file it writes reads back to the same config, weights and token ids.
 //
-// Architectures: "llama" (LlamaForCausalLM; also what Mistral exports as) and "qwen2"
-// (Qwen2ForCausalLM). Tensor types: F32, F16, BF16, Q8_0 and Q4_0; files of other types (Q4_K,
+// Architectures: "llama" (LlamaForCausalLM; also what Mistral exports as), "qwen2" (Qwen2ForCausalLM)
+// and "qwen3" (Qwen3ForCausalLM). Tensor types: F32, F16, BF16, Q8_0 and Q4_0; files of other types (Q4_K,
 // Q6_K, IQ*, ...) are refused, naming the tensor and its type. All errors name the file and the key
 // or tensor concerned.
 

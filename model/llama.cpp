@@ -212,8 +212,14 @@ at::Tensor LlamaModel::DecoderLayerImpl(int64_t layer, const at::Tensor& x, cons
 
   // Attention block.
   const at::Tensor h = RmsNorm(x, w.input_norm, eps);  // (B, T, H)
-  at::Tensor q = Project(layer, Projection::kQ, h, w.q, w.q_bias, options).view({b, t, hq, d}).transpose(1, 2);
-  at::Tensor k = Project(layer, Projection::kK, h, w.k, w.k_bias, options).view({b, t, hkv, d}).transpose(1, 2);
+  at::Tensor q = Project(layer, Projection::kQ, h, w.q, w.q_bias, options).view({b, t, hq, d});
+  at::Tensor k = Project(layer, Projection::kK, h, w.k, w.k_bias, options).view({b, t, hkv, d});
+  if (config_.qk_norm) {  // over each head's D values
+    q = RmsNorm(q, w.q_norm, eps);
+    k = RmsNorm(k, w.k_norm, eps);
+  }
+  q = q.transpose(1, 2);
+  k = k.transpose(1, 2);
   at::Tensor v = Project(layer, Projection::kV, h, w.v, w.v_bias, options).view({b, t, hkv, d}).transpose(1, 2);
   q = ApplyRope(q, rope);  // (B, Hq, T, D)
   k = ApplyRope(k, rope);  // (B, Hkv, T, D)
@@ -269,12 +275,14 @@ at::Tensor LlamaModel::DecoderLayerTangents(int64_t layer, const at::Tensor& x, 
 
   // Attention block. RoPE is linear: it rotates every slice alike.
   const at::Tensor h = RmsNormTangents(x, w.input_norm, eps);  // (1+K, B, T, H)
-  auto heads = [&](Projection p, const at::Tensor& weight, const at::Tensor& bias, int64_t n) {
-    return ProjectTangents(layer, p, h, weight, bias, options).view({slices, b, t, n, d}).transpose(2, 3);
+  auto heads = [&](Projection p, const at::Tensor& weight, const at::Tensor& bias, int64_t n, const at::Tensor& norm) {
+    at::Tensor y = ProjectTangents(layer, p, h, weight, bias, options).view({slices, b, t, n, d});
+    if (norm.defined()) y = RmsNormTangents(y, norm, eps);  // q/k norm over each head's D values
+    return y.transpose(2, 3);
   };
-  const at::Tensor q = ApplyRope(heads(Projection::kQ, w.q, w.q_bias, hq), rope);   // (1+K, B, Hq, T, D)
-  const at::Tensor k = ApplyRope(heads(Projection::kK, w.k, w.k_bias, hkv), rope);  // (1+K, B, Hkv, T, D)
-  const at::Tensor v = heads(Projection::kV, w.v, w.v_bias, hkv);
+  const at::Tensor q = ApplyRope(heads(Projection::kQ, w.q, w.q_bias, hq, w.q_norm), rope);   // (1+K, B, Hq, T, D)
+  const at::Tensor k = ApplyRope(heads(Projection::kK, w.k, w.k_bias, hkv, w.k_norm), rope);  // (1+K, B, Hkv, T, D)
+  const at::Tensor v = heads(Projection::kV, w.v, w.v_bias, hkv, at::Tensor());
   const at::Tensor attn = GroupedQueryAttentionTangents(q, k, v, config_.sliding_window)  // (1+K, B, Hq, T, D)
                               .transpose(2, 3)
                               .reshape({slices, b, t, hq * d});
@@ -287,8 +295,9 @@ at::Tensor LlamaModel::DecoderLayerTangents(int64_t layer, const at::Tensor& x, 
 std::vector<at::Tensor> LlamaModel::LayerTensors(int64_t layer, const ForwardOptions& options) const {
   const LayerWeights& w = weights_.layers[static_cast<size_t>(layer)];
   std::vector<at::Tensor> out;
-  for (const at::Tensor* t : {&w.input_norm, &w.q, &w.k, &w.v, &w.o, &w.q_bias, &w.k_bias, &w.v_bias, &w.o_bias,
-                              &w.post_norm, &w.gate, &w.up, &w.down, &w.gate_bias, &w.up_bias, &w.down_bias}) {
+  for (const at::Tensor* t :
+       {&w.input_norm, &w.q, &w.k, &w.v, &w.o, &w.q_bias, &w.k_bias, &w.v_bias, &w.o_bias, &w.q_norm, &w.k_norm,
+        &w.post_norm, &w.gate, &w.up, &w.down, &w.gate_bias, &w.up_bias, &w.down_bias}) {
     if (t->defined() && t->requires_grad()) out.push_back(*t);
   }
   if (options.adapter != nullptr) {

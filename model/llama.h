@@ -1,7 +1,8 @@
 #pragma once
 
-// The Llama-family causal decoder (Llama, TinyLlama, SmolLM/SmolLM2, MobileLLM, Qwen2/2.5, Mistral) on
-// LibTorch, CPU, fp32 compute: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, tied or untied LM head.
+// The Llama-family causal decoder (Llama, TinyLlama, SmolLM/SmolLM2, MobileLLM, Qwen2/2.5, Qwen3, Mistral)
+// on LibTorch, CPU, fp32 compute: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, tied or untied LM head,
+// with the options ModelConfig describes (biases, q/k norms, a sliding window).
 //
 // Three ways to run it:
 //   * Hidden / Logits / Loss: the full sequence, for training and evaluation. Loss uses the chunked

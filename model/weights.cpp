@@ -41,6 +41,10 @@ void ForEachWeight(ModelWeights& w, const ModelConfig& c, bool include_tied_head
     if (c.qkv_bias) fn(p + "self_attn.v_proj.bias", std::vector<int64_t>{c.kv_dim()}, Kind::kBias, lw.v_bias);
     fn(p + "self_attn.o_proj.weight", std::vector<int64_t>{h, c.q_dim()}, Kind::kMatrix, lw.o);
     if (c.o_bias) fn(p + "self_attn.o_proj.bias", std::vector<int64_t>{h}, Kind::kBias, lw.o_bias);
+    if (c.qk_norm) {
+      fn(p + "self_attn.q_norm.weight", std::vector<int64_t>{c.head_dim}, Kind::kNorm, lw.q_norm);
+      fn(p + "self_attn.k_norm.weight", std::vector<int64_t>{c.head_dim}, Kind::kNorm, lw.k_norm);
+    }
     fn(p + "post_attention_layernorm.weight", std::vector<int64_t>{h}, Kind::kNorm, lw.post_norm);
     fn(p + "mlp.gate_proj.weight", std::vector<int64_t>{i, h}, Kind::kMatrix, lw.gate);
     if (c.mlp_bias) fn(p + "mlp.gate_proj.bias", std::vector<int64_t>{i}, Kind::kBias, lw.gate_bias);

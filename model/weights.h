@@ -33,6 +33,7 @@ struct LayerWeights {
   at::Tensor input_norm;  // (H)
   at::Tensor q, k, v, o;  // (Hq*D, H), (Hkv*D, H), (Hkv*D, H), (H, Hq*D)
   at::Tensor q_bias, k_bias, v_bias, o_bias;
+  at::Tensor q_norm, k_norm;  // (D) each, with ModelConfig::qk_norm
   at::Tensor post_norm;       // (H)
   at::Tensor gate, up, down;  // (I, H), (I, H), (H, I)
   at::Tensor gate_bias, up_bias, down_bias;

@@ -17,8 +17,10 @@ using model::Projection;
 
 using seedling::testing::TempDir;
 
-model::ModelConfig SmallConfig() {
-  auto c = model::PresetConfig("tiny-qwen2");  // q_dim != hidden? no: 6 heads x 32 = 192 = hidden; GQA, biases
+// tiny-qwen2: 6 heads x 32 = 192 = hidden, GQA, q/k/v biases; tiny-qwen3: q/k norms, 4 heads x 48 = 192 != hidden
+// 128 (so q_proj and o_proj are not square).
+model::ModelConfig SmallConfig(const char* preset = "tiny-qwen2") {
+  auto c = model::PresetConfig(preset);
   REQUIRE(c.ok());
   c->num_hidden_layers = 2;
   c->vocab_size = 97;
@@ -85,21 +87,24 @@ TEST_CASE("The flat buffer holds every A and B in wire order with PEFT names", "
 }
 
 TEST_CASE("Merged and unmerged models give the same logits, and unmerge restores the weights", "[lora]") {
-  const auto c = SmallConfig();
-  auto m = SmallModel(c);
-  auto a = LoraAdapter::Create(c, AllTargets(4));
-  REQUIRE(a.ok());
-  RandomizeB(**a);
-  model::ForwardOptions fo;
-  fo.adapter = a->get();
-  const at::Tensor unmerged = *m->Logits(Tokens(), fo);
-  CHECK((unmerged - *m->Logits(Tokens())).abs().max().item<double>() > 1e-3);  // the adapter matters
-  const at::Tensor q_before = m->weights().layers[1].q.clone();
-  REQUIRE((*a)->Merge(m->mutable_weights()).ok());
-  const at::Tensor merged = *m->Logits(Tokens());
-  CHECK((merged - unmerged).abs().max().item<double>() < 1e-4);
-  REQUIRE((*a)->Unmerge(m->mutable_weights()).ok());
-  CHECK((m->weights().layers[1].q - q_before).abs().max().item<double>() < 1e-6);
+  for (const char* preset : {"tiny-qwen2", "tiny-qwen3"}) {
+    INFO(preset);
+    const auto c = SmallConfig(preset);
+    auto m = SmallModel(c);
+    auto a = LoraAdapter::Create(c, AllTargets(4));
+    REQUIRE(a.ok());
+    RandomizeB(**a);
+    model::ForwardOptions fo;
+    fo.adapter = a->get();
+    const at::Tensor unmerged = *m->Logits(Tokens(), fo);
+    CHECK((unmerged - *m->Logits(Tokens())).abs().max().item<double>() > 1e-3);  // the adapter matters
+    const at::Tensor q_before = m->weights().layers[1].q.clone();
+    REQUIRE((*a)->Merge(m->mutable_weights()).ok());
+    const at::Tensor merged = *m->Logits(Tokens());
+    CHECK((merged - unmerged).abs().max().item<double>() < 1e-4);
+    REQUIRE((*a)->Unmerge(m->mutable_weights()).ok());
+    CHECK((m->weights().layers[1].q - q_before).abs().max().item<double>() < 1e-6);
+  }
 }
 
 TEST_CASE("Merging into 16-bit stored weights is refused", "[lora]") {

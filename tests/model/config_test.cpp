@@ -61,6 +61,41 @@ TEST_CASE("Qwen2 configs get q/k/v biases and honour use_sliding_window", "[mode
   CHECK(c->NumParameters() == 494032768);  // Qwen2.5-0.5B
 }
 
+// Qwen3-0.6B's published config.json.
+constexpr const char* kQwen3 = R"({
+  "architectures": ["Qwen3ForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+  "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 1024,
+  "initializer_range": 0.02, "intermediate_size": 3072, "max_position_embeddings": 40960, "max_window_layers": 28,
+  "model_type": "qwen3", "num_attention_heads": 16, "num_hidden_layers": 28, "num_key_value_heads": 8,
+  "rms_norm_eps": 1e-06, "rope_scaling": null, "rope_theta": 1000000, "sliding_window": null,
+  "tie_word_embeddings": true, "torch_dtype": "bfloat16", "transformers_version": "4.51.0", "use_cache": true,
+  "use_sliding_window": false, "vocab_size": 151936})";
+
+TEST_CASE("Qwen3-0.6B's config.json parses to q/k norms, head_dim 128 and 596M parameters", "[model][config]") {
+  auto c = ParseModelConfig(kQwen3);
+  REQUIRE(c.ok());
+  CHECK(c->model_type == "qwen3");
+  CHECK(c->qk_norm);
+  CHECK_FALSE(c->qkv_bias);
+  CHECK_FALSE(c->o_bias);
+  CHECK(c->head_dim == 128);
+  CHECK(c->q_dim() == 2048);  // not hidden_size
+  CHECK_FALSE(c->sliding_window.has_value());
+  CHECK(c->NumParameters() == 596049920);
+  auto preset = PresetConfig("qwen3-0.6b");
+  REQUIRE(preset.ok());
+  CHECK(ModelConfigToJson(*preset) == ModelConfigToJson(*c));
+}
+
+TEST_CASE("A Qwen3 config with per-layer sliding windows is refused naming the field", "[model][config]") {
+  std::string text = kQwen3;
+  text.replace(text.find("\"use_sliding_window\": false"), 27, "\"use_sliding_window\": true ");
+  auto c = ParseModelConfig(text);
+  REQUIRE_FALSE(c.ok());
+  CHECK(c.status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(Contains(c.status(), "use_sliding_window"));
+}
+
 TEST_CASE("Llama 3 rope_scaling and an eos_token_id list are parsed", "[model][config]") {
   auto c = ParseModelConfig(R"({"architectures": ["LlamaForCausalLM"], "hidden_size": 2048,
     "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,

@@ -88,6 +88,17 @@ inline ModelConfig TinyQwen2() {
   return *c;
 }
 
+// "tiny-qwen3" (per-head q/k RMSNorm, head_dim 48 x 4 heads != hidden 128, no biases) with a
+// kModelVocab-id vocabulary and the q/k norms' weights set apart from 1, so a file that lost them shows.
+inline ModelConfig TinyQwen3() {
+  auto c = PresetConfig("tiny-qwen3");
+  REQUIRE(c.ok());
+  c->vocab_size = kModelVocab;
+  c->tie_word_embeddings = false;
+  REQUIRE(c->Validate().ok());
+  return *c;
+}
+
 // A SentencePiece-style tokenizer.json as Hugging Face converts Llama 2 / TinyLlama tokenizers: "▁" (U+2581)
 // is prepended and replaces spaces, byte fallback, <s> added by the post-processor. Ids: <unk> <s> </s> are
 // 0-2, the byte tokens <0x00>..<0xFF> 3-258, then `pieces` in order, then the result of each merge ("a" + "b")

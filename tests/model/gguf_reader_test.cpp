@@ -293,6 +293,7 @@ using testing::kModelVocab;
 using testing::ParseTokenizer;
 using testing::TinyLlama;
 using testing::TinyQwen2;
+using testing::TinyQwen3;
 using testing::TokenizerJson;
 
 // The shared tiny-qwen2 with one EOS id.
@@ -360,6 +361,7 @@ void CheckSameConfig(const ModelConfig& got, const ModelConfig& want) {
   CHECK(got.qkv_bias == want.qkv_bias);
   CHECK(got.o_bias == want.o_bias);
   CHECK(got.mlp_bias == want.mlp_bias);
+  CHECK(got.qk_norm == want.qk_norm);
   CHECK(got.sliding_window == want.sliding_window);
   CHECK(got.bos_token_id == want.bos_token_id);
   CHECK(got.eos_token_ids == want.eos_token_ids);
@@ -378,6 +380,8 @@ std::vector<std::pair<std::string, at::Tensor>> Slots(const ModelWeights& w) {
                                                                                  {"attn_k", l.k},
                                                                                  {"attn_v", l.v},
                                                                                  {"attn_output", l.o},
+                                                                                 {"attn_q_norm", l.q_norm},
+                                                                                 {"attn_k_norm", l.k_norm},
                                                                                  {"ffn_norm", l.post_norm},
                                                                                  {"ffn_gate", l.gate},
                                                                                  {"ffn_up", l.up},
@@ -971,6 +975,23 @@ TEST_CASE("A Qwen2 export reads back: untied head, q/k/v biases, rows not interl
   const ModelWeights got = MustWeights(*f, c, WeightPrecision::kStored);
   CheckWeights(got, w, [](const at::Tensor& t) { return t; });
   CHECK(InsideFile(got.layers[0].q, *f));  // no permutation, so no copy
+}
+
+TEST_CASE("A Qwen3 export reads back: q/k norms, head size apart from hidden / heads, rows not interleaved",
+          "[model][gguf]") {
+  TempDir dir;
+  ModelConfig c = TinyQwen3();
+  c.eos_token_ids = {2};
+  ModelWeights w = RandomWeights(c, 36);
+  for (LayerWeights& l : w.layers) l.k_norm.uniform_(0.5, 1.5);
+  auto tok = ParseTokenizer(TokenizerJson());
+  const std::unique_ptr<GgufFile> f = MustOpen(Export(dir, c, w, *tok));
+  const ModelConfig got_config = MustConfig(*f);
+  CheckSameConfig(got_config, c);
+  CHECK(got_config.qk_norm);
+  const ModelWeights got = MustWeights(*f, c, WeightPrecision::kStored);
+  CheckWeights(got, w, [](const at::Tensor& t) { return t; });
+  CHECK(at::equal(got.layers[1].k_norm, w.layers[1].k_norm));
 }
 
 TEST_CASE("Linear RoPE scaling and a head size apart from hidden / heads round-trip", "[model][gguf]") {

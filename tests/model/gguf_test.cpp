@@ -354,6 +354,7 @@ using testing::kTokenizerVocab;
 using testing::ParseTokenizer;
 using testing::TinyLlama;
 using testing::TinyQwen2;
+using testing::TinyQwen3;
 using testing::TokenizerJson;
 
 // TinyLlama() with every optional Llama bias (attention_bias, mlp_bias) and an intermediate size
@@ -395,6 +396,8 @@ std::map<std::string, at::Tensor> ByGgufName(const ModelWeights& w) {
     m[b + "attn_k.weight"] = l.k;
     m[b + "attn_v.weight"] = l.v;
     m[b + "attn_output.weight"] = l.o;
+    m[b + "attn_q_norm.weight"] = l.q_norm;
+    m[b + "attn_k_norm.weight"] = l.k_norm;
     m[b + "ffn_norm.weight"] = l.post_norm;
     m[b + "ffn_gate.weight"] = l.gate;
     m[b + "ffn_up.weight"] = l.up;
@@ -976,6 +979,35 @@ TEST_CASE("An untied Qwen2 model's GGUF has output.weight and F32 q/k/v biases, 
   }
   CHECK_FALSE(f.HasTensor("rope_freqs.weight"));
   // qwen2 uses rotate-half RoPE like Hugging Face: rows stay in place.
+  CheckTensorData(f, c, w, /*permuted=*/false, WeightFormat::kF16);
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("A Qwen3 model's GGUF is architecture qwen3 with F32 q/k norms, its head size, rows unpermuted",
+          "[model][gguf]") {
+  const std::string dir = TempDir("qwen3");
+  const ModelConfig c = TinyQwen3();
+  ModelWeights w = RandomWeights(c, 9);
+  for (LayerWeights& l : w.layers) {
+    l.q_norm.uniform_(0.5, 1.5);
+    l.k_norm.uniform_(0.5, 1.5);
+  }
+  auto tok = ParseTokenizer(TokenizerJson());
+  const GgufFile f = Export(dir + "/model.gguf", c, w, *tok);
+  CHECK(f.Get("general.architecture").s == "qwen3");
+  CHECK(f.Get("qwen3.attention.head_count").u == 4);
+  CHECK(f.Get("qwen3.attention.key_length").u == 48);  // 4 x 48 != hidden 128: llama.cpp needs it
+  CHECK(f.Get("qwen3.attention.value_length").u == 48);
+  CHECK(f.Get("qwen3.rope.dimension_count").u == 48);
+  for (int i = 0; i < c.num_hidden_layers; ++i) {
+    for (const char* n : {"attn_q_norm.weight", "attn_k_norm.weight"}) {
+      const TensorInfo& t = f.Tensor("blk." + std::to_string(i) + "." + n);
+      CHECK(t.type == kGgmlF32);
+      CHECK(t.ne == std::vector<uint64_t>{48});
+    }
+    CHECK_FALSE(f.HasTensor("blk." + std::to_string(i) + ".attn_q.bias"));
+  }
+  // qwen3 uses rotate-half RoPE like Hugging Face: rows stay in place.
   CheckTensorData(f, c, w, /*permuted=*/false, WeightFormat::kF16);
   std::filesystem::remove_all(dir);
 }

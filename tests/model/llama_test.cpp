@@ -11,30 +11,47 @@
 namespace seedling::model {
 namespace {
 
-ModelConfig TwoLayerConfig(bool qwen2) {
+// The block's variants the forward composes: Llama (tied, GQA), Qwen2 (q/k/v biases, untied, head_dim x heads
+// != hidden) and Qwen3 (per-head q/k RMSNorm, no biases, head_dim x heads != hidden).
+enum class Family { kLlama, kQwen2, kQwen3 };
+
+const char* FamilyName(Family f) {
+  return f == Family::kLlama   ? "llama (tied, GQA)"
+         : f == Family::kQwen2 ? "qwen2 (q/k/v bias, untied head, head_dim != hidden/heads)"
+                               : "qwen3 (q/k norms, untied head, head_dim != hidden/heads)";
+}
+
+ModelConfig TwoLayerConfig(Family f) {
+  const bool llama = f == Family::kLlama;
   ModelConfig c;
-  c.architecture = qwen2 ? "Qwen2ForCausalLM" : "LlamaForCausalLM";
-  c.model_type = qwen2 ? "qwen2" : "llama";
+  c.architecture = llama ? "LlamaForCausalLM" : f == Family::kQwen2 ? "Qwen2ForCausalLM" : "Qwen3ForCausalLM";
+  c.model_type = llama ? "llama" : f == Family::kQwen2 ? "qwen2" : "qwen3";
   c.vocab_size = 13;
   c.hidden_size = 12;
   c.intermediate_size = 20;
   c.num_hidden_layers = 2;
   c.num_attention_heads = 6;
-  c.num_key_value_heads = qwen2 ? 2 : 3;
-  c.head_dim = qwen2 ? 4 : 2;  // qwen2 variant: q_dim (24) differs from hidden (12)
+  c.num_key_value_heads = llama ? 3 : 2;
+  c.head_dim = llama ? 2 : 4;  // qwen variants: q_dim (24) differs from hidden (12)
   c.rms_norm_eps = 1e-5;
   c.rope_theta = 100.0;
-  c.tie_word_embeddings = !qwen2;
-  c.qkv_bias = qwen2;
+  c.tie_word_embeddings = llama;
+  c.qkv_bias = f == Family::kQwen2;
+  c.qk_norm = f == Family::kQwen3;
   return c;
 }
 
 std::unique_ptr<LlamaModel> MakeModel(const ModelConfig& c, uint64_t seed) {
   auto model = LlamaModel::Create(c, RandomWeights(c, seed));
   REQUIRE(model.ok());
-  // Random init is too gentle to exercise much; scale weights up so attention is far from uniform.
+  // Random init is too gentle to exercise much; scale weights up so attention is far from uniform, and
+  // give the q/k norms (initialized to 1) weights of their own.
+  at::manual_seed(static_cast<int64_t>(seed));
   for (const NamedWeight& nw : NamedWeights((*model)->weights(), c)) {
     if (nw.name.find("norm") == std::string::npos) nw.tensor.mul_(15.0);
+    if (nw.name.find("q_norm") != std::string::npos || nw.name.find("k_norm") != std::string::npos) {
+      nw.tensor.copy_(at::rand(nw.tensor.sizes()) + 0.5);
+    }
   }
   return std::move(model).value();
 }
@@ -69,6 +86,20 @@ Mat RmsNormRef(const Mat& x, const at::Tensor& w, double eps) {
   return y;
 }
 
+// RMSNorm over each head's d values (Qwen3's q/k norm), with the same weights for every head.
+void HeadRmsNormRef(Mat& x, int64_t heads, int64_t d, const at::Tensor& w, double eps) {
+  for (size_t t = 0; t < x.size(); ++t) {
+    for (int64_t h = 0; h < heads; ++h) {
+      double ms = 0;
+      for (int64_t i = 0; i < d; ++i) ms += x[t][static_cast<size_t>(h * d + i)] * x[t][static_cast<size_t>(h * d + i)];
+      ms /= static_cast<double>(d);
+      for (int64_t i = 0; i < d; ++i) {
+        x[t][static_cast<size_t>(h * d + i)] *= w[i].item<double>() / std::sqrt(ms + eps);
+      }
+    }
+  }
+}
+
 void RopeRef(Mat& x, int64_t heads, int64_t d, double theta) {
   for (size_t t = 0; t < x.size(); ++t) {
     for (int64_t h = 0; h < heads; ++h) {
@@ -97,6 +128,10 @@ Mat NaiveLogits(const ModelConfig& c, const ModelWeights& w, const std::vector<i
     const LayerWeights& lw = w.layers[static_cast<size_t>(l)];
     const Mat h = RmsNormRef(x, lw.input_norm, c.rms_norm_eps);
     Mat q = Linear(h, lw.q, lw.q_bias), k = Linear(h, lw.k, lw.k_bias), v = Linear(h, lw.v, lw.v_bias);
+    if (c.qk_norm) {
+      HeadRmsNormRef(q, Hq, D, lw.q_norm, c.rms_norm_eps);
+      HeadRmsNormRef(k, Hkv, D, lw.k_norm, c.rms_norm_eps);
+    }
     RopeRef(q, Hq, D, c.rope_theta);
     RopeRef(k, Hkv, D, c.rope_theta);
     Mat attn(T, std::vector<double>(static_cast<size_t>(Hq * D), 0.0));
@@ -144,11 +179,11 @@ at::Tensor Tokens(std::vector<int64_t> ids) {
 }
 
 TEST_CASE("The model's forward equals a naive loop-based reference on a 2-layer model", "[model][llama]") {
-  for (bool qwen2 : {false, true}) {
-    INFO((qwen2 ? "qwen2 (q/k/v bias, untied head, head_dim != hidden/heads)" : "llama (tied, GQA)"));
-    const ModelConfig c = TwoLayerConfig(qwen2);
+  for (Family f : {Family::kLlama, Family::kQwen2, Family::kQwen3}) {
+    INFO(FamilyName(f));
+    const ModelConfig c = TwoLayerConfig(f);
     auto model = MakeModel(c, 11);
-    if (qwen2) {
+    if (f == Family::kQwen2) {
       for (LayerWeights& lw : model->mutable_weights().layers) lw.q_bias.add_(0.5);  // biases must matter
     }
     const std::vector<int64_t> ids = {1, 5, 12, 0, 7, 7, 3};
@@ -169,8 +204,9 @@ TEST_CASE("The model's forward equals a naive loop-based reference on a 2-layer 
 }
 
 TEST_CASE("KV-cache decoding gives the full-forward logits at every position", "[model][llama]") {
-  for (bool qwen2 : {false, true}) {
-    const ModelConfig c = TwoLayerConfig(qwen2);
+  for (Family f : {Family::kLlama, Family::kQwen2, Family::kQwen3}) {
+    INFO(FamilyName(f));
+    const ModelConfig c = TwoLayerConfig(f);
     auto model = MakeModel(c, 12);
     const at::Tensor tokens = at::tensor({3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3}, at::kLong).view({2, 8});
     auto full = model->Logits(tokens);
@@ -191,7 +227,7 @@ TEST_CASE("KV-cache decoding gives the full-forward logits at every position", "
 }
 
 TEST_CASE("A KV cache that would overflow is an OutOfRange error and keeps its length", "[model][llama]") {
-  const ModelConfig c = TwoLayerConfig(false);
+  const ModelConfig c = TwoLayerConfig(Family::kLlama);
   auto model = MakeModel(c, 13);
   KvCache cache(c, 1, 4);
   REQUIRE(model->ForwardCached(Tokens({1, 2, 3}), cache).ok());
@@ -201,45 +237,48 @@ TEST_CASE("A KV cache that would overflow is an OutOfRange error and keeps its l
 }
 
 TEST_CASE("Recomputation on, off and of some layers gives the same loss and gradients", "[model][llama]") {
-  const ModelConfig c = TwoLayerConfig(true);
-  auto model = MakeModel(c, 14);
-  std::vector<NamedWeight> named = NamedWeights(model->weights(), c);
-  for (NamedWeight& nw : named) nw.tensor.requires_grad_(true);
-  const at::Tensor tokens = at::tensor({1, 5, 12, 0, 7, 7, 3, 2, 9, 4}, at::kLong).view({2, 5});
-  at::Tensor labels = tokens.clone();
-  labels[0][2] = kIgnoreIndex;
+  for (Family f : {Family::kQwen2, Family::kQwen3}) {  // every weight gets a gradient: biases, q/k norms
+    INFO(FamilyName(f));
+    const ModelConfig c = TwoLayerConfig(f);
+    auto model = MakeModel(c, 14);
+    std::vector<NamedWeight> named = NamedWeights(model->weights(), c);
+    for (NamedWeight& nw : named) nw.tensor.requires_grad_(true);
+    const at::Tensor tokens = at::tensor({1, 5, 12, 0, 7, 7, 3, 2, 9, 4}, at::kLong).view({2, 5});
+    at::Tensor labels = tokens.clone();
+    labels[0][2] = kIgnoreIndex;
 
-  auto run = [&](bool recompute, int64_t stored_layers) {
-    for (NamedWeight& nw : named) nw.tensor.mutable_grad() = at::Tensor();
-    ForwardOptions opts;
-    opts.recompute = recompute;
-    opts.stored_layers = stored_layers;
-    opts.ce_chunk_tokens = 3;
-    auto loss = model->Loss(tokens, labels, opts);
-    REQUIRE(loss.ok());
-    CHECK(loss->tokens == 7);
-    loss->mean().backward();
-    std::vector<at::Tensor> grads;
-    for (NamedWeight& nw : named) grads.push_back(nw.tensor.grad().clone());
-    return std::make_pair(loss->mean().item<double>(), grads);
-  };
-  const auto [loss_plain, grads_plain] = run(false, 0);
-  for (int64_t stored : {0, 1}) {  // every layer recomputed, or only the first (the last one stored)
-    INFO("stored layers " << stored);
-    const auto [loss_recompute, grads_recompute] = run(true, stored);
-    CHECK(std::abs(loss_plain - loss_recompute) < 1e-6);
-    for (size_t i = 0; i < named.size(); ++i) {
-      INFO(named[i].name);
-      REQUIRE(grads_plain[i].defined());
-      CHECK(grads_plain[i].abs().max().item<double>() > 0);
-      CHECK((grads_plain[i] - grads_recompute[i]).abs().max().item<double>() < 1e-5);
+    auto run = [&](bool recompute, int64_t stored_layers) {
+      for (NamedWeight& nw : named) nw.tensor.mutable_grad() = at::Tensor();
+      ForwardOptions opts;
+      opts.recompute = recompute;
+      opts.stored_layers = stored_layers;
+      opts.ce_chunk_tokens = 3;
+      auto loss = model->Loss(tokens, labels, opts);
+      REQUIRE(loss.ok());
+      CHECK(loss->tokens == 7);
+      loss->mean().backward();
+      std::vector<at::Tensor> grads;
+      for (NamedWeight& nw : named) grads.push_back(nw.tensor.grad().clone());
+      return std::make_pair(loss->mean().item<double>(), grads);
+    };
+    const auto [loss_plain, grads_plain] = run(false, 0);
+    for (int64_t stored : {0, 1}) {  // every layer recomputed, or only the first (the last one stored)
+      INFO("stored layers " << stored);
+      const auto [loss_recompute, grads_recompute] = run(true, stored);
+      CHECK(std::abs(loss_plain - loss_recompute) < 1e-6);
+      for (size_t i = 0; i < named.size(); ++i) {
+        INFO(named[i].name);
+        REQUIRE(grads_plain[i].defined());
+        CHECK(grads_plain[i].abs().max().item<double>() > 0);
+        CHECK((grads_plain[i] - grads_recompute[i]).abs().max().item<double>() < 1e-5);
+      }
     }
   }
 }
 
 TEST_CASE("Recomputation lowers the peak tensor memory of a training step, partly with stored layers",
           "[model][llama]") {
-  ModelConfig c = TwoLayerConfig(false);
+  ModelConfig c = TwoLayerConfig(Family::kLlama);
   c.num_hidden_layers = 12;
   c.hidden_size = 32;
   c.intermediate_size = 96;
@@ -271,7 +310,7 @@ TEST_CASE("Recomputation lowers the peak tensor memory of a training step, partl
 }
 
 TEST_CASE("Loss equals cross-entropy computed from the full logits", "[model][llama]") {
-  const ModelConfig c = TwoLayerConfig(false);
+  const ModelConfig c = TwoLayerConfig(Family::kLlama);
   auto model = MakeModel(c, 15);
   const at::Tensor tokens = Tokens({4, 8, 11, 1, 6, 2});
   auto loss = model->Loss(tokens, tokens);
@@ -286,7 +325,7 @@ TEST_CASE("Loss equals cross-entropy computed from the full logits", "[model][ll
 }
 
 TEST_CASE("Bad tokens and labels are rejected with InvalidArgument", "[model][llama]") {
-  const ModelConfig c = TwoLayerConfig(false);
+  const ModelConfig c = TwoLayerConfig(Family::kLlama);
   auto model = MakeModel(c, 16);
   CHECK(model->Hidden(Tokens({1, 13})).status().code() == absl::StatusCode::kInvalidArgument);
   CHECK(model->Hidden(Tokens({-1, 2})).status().code() == absl::StatusCode::kInvalidArgument);
@@ -298,7 +337,7 @@ TEST_CASE("Bad tokens and labels are rejected with InvalidArgument", "[model][ll
 }
 
 TEST_CASE("Create rejects weights whose shapes disagree with the config", "[model][llama]") {
-  const ModelConfig c = TwoLayerConfig(false);
+  const ModelConfig c = TwoLayerConfig(Family::kLlama);
   ModelWeights w = RandomWeights(c, 1);
   w.layers[1].k = at::zeros({5, 12});
   auto model = LlamaModel::Create(c, std::move(w));

@@ -23,8 +23,8 @@ std::unique_ptr<model::LlamaModel> DoubleCopy(const model::LlamaModel& m) {
   to_double(w.embed);
   to_double(w.final_norm);
   for (model::LayerWeights& l : w.layers) {
-    for (at::Tensor* t : {&l.input_norm, &l.q, &l.k, &l.v, &l.o, &l.q_bias, &l.k_bias, &l.v_bias, &l.o_bias,
-                          &l.post_norm, &l.gate, &l.up, &l.down, &l.gate_bias, &l.up_bias, &l.down_bias}) {
+    for (at::Tensor* t : {&l.input_norm, &l.q, &l.k, &l.v, &l.o, &l.q_bias, &l.k_bias, &l.v_bias, &l.o_bias, &l.q_norm,
+                          &l.k_norm, &l.post_norm, &l.gate, &l.up, &l.down, &l.gate_bias, &l.up_bias, &l.down_bias}) {
       to_double(*t);
     }
   }

@@ -31,13 +31,15 @@ inline model::ModelConfig MicroConfig() {
   return c;
 }
 
-// MicroConfig with every bias (Qwen2's q/k/v, Llama's attention_bias and mlp_bias): a bias belongs to the
-// primal only, which batched tangent and probe computations must respect.
+// MicroConfig with every optional part of the block: every bias (Qwen2's q/k/v, Llama's attention_bias and
+// mlp_bias), which belongs to the primal only, as batched tangent and probe computations must respect; and
+// Qwen3's per-head q/k RMSNorm, which every tangent passes through.
 inline model::ModelConfig BiasedMicroConfig() {
   model::ModelConfig c = MicroConfig();
   c.qkv_bias = true;
   c.o_bias = true;
   c.mlp_bias = true;
+  c.qk_norm = true;
   return c;
 }
 

@@ -131,6 +131,32 @@ TEST_CASE("The same seed gives identical rounds with 1 and 2 threads", "[simulat
   CHECK(html->find("kseed") != std::string::npos);
 }
 
+TEST_CASE("A federation of tiny-qwen3 phones (q/k norms) lowers the held-out loss", "[simulator][families]") {
+  TempDir dir;
+  model::InitModelOptions init;
+  init.preset = "tiny-qwen3";
+  init.seed = 5;
+  const std::string model_dir = JoinPath(dir.path, "qwen3");
+  REQUIRE(model::InitModel(model_dir, init).ok());
+  SimulationOptions o = Small(JoinPath(dir.path, "out"));
+  o.model_dir = model_dir;
+  o.methods = {"lora-bp"};
+  o.server.rounds = 5;
+  o.server.steps = 8;
+  auto r = RunSimulation(o);
+  INFO(r.status().ToString());
+  REQUIRE(r.ok());
+  const MethodResult& m = r->methods.at(0);
+  CHECK(m.client_errors == 0);
+  double last = NAN;
+  for (const RoundRecord& round : m.rounds) {
+    if (!std::isnan(round.eval_loss)) last = round.eval_loss;
+  }
+  INFO("initial " << m.initial_eval_loss << ", last " << last);
+  REQUIRE_FALSE(std::isnan(last));
+  CHECK(last < m.initial_eval_loss - 0.02);
+}
+
 TEST_CASE("Loopback TLS and in-memory transports give the same rounds and aggregates", "[simulator]") {
   TempDir dir;
   SimulationOptions a = Small(JoinPath(dir.path, "memory"));
