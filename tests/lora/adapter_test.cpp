@@ -118,32 +118,38 @@ TEST_CASE("Merging into 16-bit stored weights is refused", "[lora]") {
 }
 
 TEST_CASE("A PEFT save and load round trip restores the adapter exactly", "[lora]") {
-  TempDir dir;
-  const auto c = SmallConfig();
-  LoraConfig lc = AllTargets(2);
-  lc.targets = {Projection::kQ, Projection::kDown};
-  lc.layers = {1};
-  lc.use_rslora = true;
-  auto a = LoraAdapter::Create(c, lc);
-  REQUIRE(a.ok());
-  RandomizeB(**a);
-  REQUIRE(SavePeft(**a, dir.path, "models/tiny").ok());
-  auto config = nlohmann::json::parse(*ReadFile(JoinPath(dir.path, "adapter_config.json")));
-  CHECK(config["peft_type"] == "LORA");
-  CHECK(config["r"] == 2);
-  CHECK(config["target_modules"] == nlohmann::json({"q_proj", "down_proj"}));
-  CHECK(config["layers_to_transform"] == nlohmann::json({1}));
-  CHECK(config["base_model_name_or_path"] == "models/tiny");
-  auto file = model::SafetensorsFile::Open(JoinPath(dir.path, "adapter_model.safetensors"));
-  REQUIRE(file.ok());
-  CHECK((*file)->Find("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight") != nullptr);
-  CHECK((*file)->tensors().size() == 4);
+  for (const char* preset : {"tiny-qwen2", "tiny-qwen3"}) {  // Qwen3: q_proj's 192 outputs != hidden 128
+    INFO(preset);
+    TempDir dir;
+    const auto c = SmallConfig(preset);
+    LoraConfig lc = AllTargets(2);
+    lc.targets = {Projection::kQ, Projection::kDown};
+    lc.layers = {1};
+    lc.use_rslora = true;
+    auto a = LoraAdapter::Create(c, lc);
+    REQUIRE(a.ok());
+    RandomizeB(**a);
+    REQUIRE(SavePeft(**a, dir.path, "models/tiny").ok());
+    auto config = nlohmann::json::parse(*ReadFile(JoinPath(dir.path, "adapter_config.json")));
+    CHECK(config["peft_type"] == "LORA");
+    CHECK(config["r"] == 2);
+    CHECK(config["target_modules"] == nlohmann::json({"q_proj", "down_proj"}));
+    CHECK(config["layers_to_transform"] == nlohmann::json({1}));
+    CHECK(config["base_model_name_or_path"] == "models/tiny");
+    auto file = model::SafetensorsFile::Open(JoinPath(dir.path, "adapter_model.safetensors"));
+    REQUIRE(file.ok());
+    CHECK((*file)->Find("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight") != nullptr);
+    const model::TensorView* q_b = (*file)->Find("base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight");
+    REQUIRE(q_b != nullptr);
+    CHECK(q_b->shape == std::vector<int64_t>{c.q_dim(), 2});
+    CHECK((*file)->tensors().size() == 4);
 
-  auto loaded = LoadPeft(dir.path, c);
-  REQUIRE(loaded.ok());
-  CHECK(at::equal((*loaded)->flat(), (*a)->flat()));
-  CHECK((*loaded)->config().use_rslora);
-  CHECK((*loaded)->config().scale() == (*a)->config().scale());
+    auto loaded = LoadPeft(dir.path, c);
+    REQUIRE(loaded.ok());
+    CHECK(at::equal((*loaded)->flat(), (*a)->flat()));
+    CHECK((*loaded)->config().use_rslora);
+    CHECK((*loaded)->config().scale() == (*a)->config().scale());
+  }
 }
 
 // Writes an adapter the way Hugging Face PEFT does (F16 tensors, its usual config fields).
