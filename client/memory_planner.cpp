@@ -71,7 +71,8 @@ struct LayerShapes {
   int64_t n, t, rows;   // tokens, sequence length, sequences
   int64_t h, q, kv, i;  // hidden, q_dim, kv_dim, intermediate
   int64_t scores;       // attention scores: rows × heads × t × t
-  bool qk_norm;         // q and k are RMS-normed per head (one more copy of each)
+  bool qk_norm;         // q and k are RMS-normed (one more copy of each)
+  int64_t norms;        // RMSNorms of hidden states in the block (ModelConfig::norms), each keeping its input
 };
 
 LayerShapes Shapes(const model::ModelConfig& m, int64_t rows, int64_t t) {
@@ -83,7 +84,8 @@ LayerShapes Shapes(const model::ModelConfig& m, int64_t rows, int64_t t) {
           m.kv_dim(),
           m.intermediate_size,
           rows * m.num_attention_heads * t * t,
-          m.qk_norm};
+          m.qk_norm != model::QkNorm::kNone,
+          m.norms.pre_attention + m.norms.attention_output + m.norms.pre_mlp + m.norms.mlp_output};
 }
 
 // Largest set of tensors alive at once inside one layer's forward without autograd. Attention: the
@@ -102,12 +104,12 @@ int64_t InferenceLayerPeak(const LayerShapes& s, int64_t mlp_rows = 0) {
 }
 
 // What autograd keeps per layer when a LoRA adapter trains on a frozen base (counted from the saved
-// tensors of each op in model/llama.cpp and model/kernels.cpp): the layer input and the post-attention
-// residual (RmsNorm), the rotated q and k and v (attention rebuilds its probabilities in backward), q and
-// k before their norms (Qwen3), gate and up (SwiGLU), and each adapted projection's input (once per distinct
-// input) and rank-sized middle.
+// tensors of each op in model/llama.cpp and model/kernels.cpp): each RmsNorm's input (Llama: the layer input
+// and the post-attention residual), the rotated q and k and v (attention rebuilds its probabilities in
+// backward), q and k before their norms (Qwen3, OLMo 2), gate and up (SwiGLU), and each adapted projection's input
+// (once per distinct input) and rank-sized middle.
 int64_t SavedPerLayer(const LayerShapes& s, const lora::LoraConfig& c) {
-  int64_t per_token = 2 * s.h + s.q + 2 * s.kv + 2 * s.i;
+  int64_t per_token = s.norms * s.h + s.q + 2 * s.kv + 2 * s.i;
   if (s.qk_norm) per_token += s.q + s.kv;
   if (Has(c, Projection::kQ) || Has(c, Projection::kK) || Has(c, Projection::kV)) per_token += s.h;
   if (Has(c, Projection::kO)) per_token += s.q;

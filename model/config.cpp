@@ -9,45 +9,18 @@
 #include "base/sha256.h"
 #include "base/status.h"
 #include "base/strings.h"
+#include "model/families/family.h"
 #include "model/gguf_config.h"
+#include "model/internal/config_json.h"
 
 namespace seedling::model {
 namespace {
 
-using Json = nlohmann::json;
-
-absl::Status FieldError(std::string_view field, std::string_view problem) {
-  return absl::InvalidArgumentError(StrCat("config.json: field '", field, "' ", problem));
-}
-
-absl::StatusOr<int64_t> GetInt(const Json& j, const char* key, std::optional<int64_t> fallback) {
-  auto it = j.find(key);
-  if (it == j.end() || it->is_null()) {
-    if (fallback) return *fallback;
-    return FieldError(key, "is required but missing");
-  }
-  if (it->is_number_integer()) return it->get<int64_t>();
-  if (it->is_number_float()) {
-    const double d = it->get<double>();
-    // In range before the cast (casting 1e300 to an integer is undefined), then whole.
-    if (std::abs(d) < 0x1p62 && d == std::trunc(d)) return static_cast<int64_t>(d);
-  }
-  return FieldError(key, StrCat("must be an integer, got ", it->dump()));
-}
-
-absl::StatusOr<double> GetDouble(const Json& j, const char* key, double fallback) {
-  auto it = j.find(key);
-  if (it == j.end() || it->is_null()) return fallback;
-  if (!it->is_number()) return FieldError(key, StrCat("must be a number, got ", it->dump()));
-  return it->get<double>();
-}
-
-absl::StatusOr<bool> GetBool(const Json& j, const char* key, bool fallback) {
-  auto it = j.find(key);
-  if (it == j.end() || it->is_null()) return fallback;
-  if (!it->is_boolean()) return FieldError(key, StrCat("must be true or false, got ", it->dump()));
-  return it->get<bool>();
-}
+using internal::FieldError;
+using internal::GetBool;
+using internal::GetDouble;
+using internal::GetInt;
+using internal::Json;
 
 absl::StatusOr<RopeScaling> ParseRopeScaling(const Json& j) {
   RopeScaling rs;
@@ -91,14 +64,28 @@ const char* DtypeFromTorch(std::string_view s) {
   return nullptr;
 }
 
+// The family config.json names: by its architecture, or by model_type when "architectures" is absent.
+absl::StatusOr<const families::FamilySpec*> FamilyOf(std::string_view architecture, std::string_view model_type) {
+  std::string names;
+  for (const families::FamilySpec& f : families::Families()) names += StrCat(names.empty() ? "" : ", ", f.architecture);
+  if (architecture.empty()) {
+    if (const families::FamilySpec* f = families::FamilyOfModelType(model_type)) return f;
+    return FieldError("architectures", StrCat("is missing (and model_type '", model_type,
+                                              "' names no supported family; supported: ", names, ")"));
+  }
+  if (const families::FamilySpec* f = families::FamilyOfArchitecture(architecture)) return f;
+  return absl::InvalidArgumentError(
+      StrCat("config.json: architecture '", architecture, "' is not supported (supported: ", names, ")"));
+}
+
 }  // namespace
 
 int64_t ModelConfig::NumParameters() const {
   const int64_t h = hidden_size;
-  int64_t per_layer = 2 * h;                                  // two RMSNorm weights
+  int64_t per_layer = h * (norms.pre_attention + norms.attention_output + norms.pre_mlp + norms.mlp_output);
   per_layer += h * q_dim() + 2 * h * kv_dim() + q_dim() * h;  // q, k, v, o
   if (qkv_bias) per_layer += q_dim() + 2 * kv_dim();
-  if (qk_norm) per_layer += 2 * head_dim;
+  per_layer += q_norm_size() + k_norm_size();
   if (o_bias) per_layer += h;
   per_layer += 3 * h * intermediate_size;  // gate, up, down
   if (mlp_bias) per_layer += 2 * intermediate_size + h;
@@ -153,28 +140,9 @@ absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view json_text) {
     }
     auto mt = j.find("model_type");
     if (mt != j.end() && mt->is_string()) c.model_type = mt->get<std::string>();
-    if (c.architecture.empty()) {
-      if (c.model_type == "llama") c.architecture = "LlamaForCausalLM";
-      if (c.model_type == "qwen2") c.architecture = "Qwen2ForCausalLM";
-      if (c.model_type == "qwen3") c.architecture = "Qwen3ForCausalLM";
-      if (c.model_type == "mistral") c.architecture = "MistralForCausalLM";
-    }
-    if (c.architecture.empty()) {
-      return FieldError("architectures", "is missing (and model_type is not llama, qwen2, qwen3 or mistral)");
-    }
-    if (c.architecture == "LlamaForCausalLM") {
-      c.model_type = "llama";
-    } else if (c.architecture == "Qwen2ForCausalLM") {
-      c.model_type = "qwen2";
-    } else if (c.architecture == "Qwen3ForCausalLM") {
-      c.model_type = "qwen3";
-    } else if (c.architecture == "MistralForCausalLM") {
-      c.model_type = "mistral";
-    } else {
-      return absl::InvalidArgumentError(StrCat("config.json: architecture '", c.architecture,
-                                               "' is not supported (supported: LlamaForCausalLM, Qwen2ForCausalLM, "
-                                               "Qwen3ForCausalLM, MistralForCausalLM)"));
-    }
+    SEEDLING_ASSIGN_OR_RETURN(const families::FamilySpec* family, FamilyOf(c.architecture, c.model_type));
+    c.architecture = family->architecture;
+    c.model_type = family->model_type;
 
     SEEDLING_ASSIGN_OR_RETURN(c.vocab_size, GetInt(j, "vocab_size", std::nullopt));
     SEEDLING_ASSIGN_OR_RETURN(c.hidden_size, GetInt(j, "hidden_size", std::nullopt));
@@ -192,40 +160,12 @@ absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view json_text) {
     SEEDLING_ASSIGN_OR_RETURN(c.rope_theta, GetDouble(j, "rope_theta", 10000.0));
     SEEDLING_ASSIGN_OR_RETURN(c.rope_scaling, ParseRopeScaling(j));
     SEEDLING_ASSIGN_OR_RETURN(c.tie_word_embeddings, GetBool(j, "tie_word_embeddings", false));
-    if (c.model_type == "qwen2") {
-      c.qkv_bias = true;  // Qwen2 hard-codes q/k/v biases and no o_proj bias
-    } else if (c.model_type == "llama") {
-      SEEDLING_ASSIGN_OR_RETURN(bool attention_bias, GetBool(j, "attention_bias", false));
-      c.qkv_bias = c.o_bias = attention_bias;
-      SEEDLING_ASSIGN_OR_RETURN(c.mlp_bias, GetBool(j, "mlp_bias", false));
-    } else if (c.model_type == "qwen3") {
-      SEEDLING_ASSIGN_OR_RETURN(bool attention_bias, GetBool(j, "attention_bias", false));
-      c.qkv_bias = c.o_bias = attention_bias;  // Qwen3Attention gives q, k, v and o the same bias setting
-      c.qk_norm = true;
-    }
+    SEEDLING_RETURN_IF_ERROR(family->read(j, c));
     auto act = j.find("hidden_act");
     if (act != j.end() && !act->is_null()) {
       if (!act->is_string() || (act->get<std::string>() != "silu" && act->get<std::string>() != "swish")) {
         return FieldError("hidden_act", StrCat("is ", act->dump(), "; only silu is supported"));
       }
-    }
-    // Sliding-window attention: Mistral uses it whenever sliding_window is set; Qwen2 only with
-    // use_sliding_window.
-    bool use_window = c.model_type == "mistral";
-    if (c.model_type == "qwen2") {
-      SEEDLING_ASSIGN_OR_RETURN(use_window, GetBool(j, "use_sliding_window", false));
-    }
-    if (c.model_type == "qwen3") {
-      // Qwen3 windows only the layers from max_window_layers on (its layer_types); no published Qwen3 uses it.
-      SEEDLING_ASSIGN_OR_RETURN(bool qwen3_window, GetBool(j, "use_sliding_window", false));
-      if (qwen3_window) {
-        return FieldError("use_sliding_window", "is true; per-layer sliding windows (Qwen3) are not supported");
-      }
-    }
-    auto sw = j.find("sliding_window");
-    if (use_window && sw != j.end() && !sw->is_null()) {
-      SEEDLING_ASSIGN_OR_RETURN(int64_t window, GetInt(j, "sliding_window", std::nullopt));
-      c.sliding_window = window;
     }
     auto bos = j.find("bos_token_id");
     if (bos != j.end() && !bos->is_null()) {
@@ -347,13 +287,7 @@ std::string ModelConfigToJson(const ModelConfig& c) {
   }
   j["tie_word_embeddings"] = c.tie_word_embeddings;
   j["hidden_act"] = "silu";
-  if (c.model_type == "llama") {
-    j["attention_bias"] = c.qkv_bias;
-    j["mlp_bias"] = c.mlp_bias;
-  }
-  if (c.model_type == "qwen3") j["attention_bias"] = c.qkv_bias;
-  if (c.model_type == "qwen2" || c.model_type == "qwen3") j["use_sliding_window"] = c.sliding_window.has_value();
-  if (c.sliding_window) j["sliding_window"] = *c.sliding_window;
+  if (const families::FamilySpec* family = families::FamilyOfArchitecture(c.architecture)) family->write(c, j);
   if (c.bos_token_id) j["bos_token_id"] = *c.bos_token_id;
   if (c.eos_token_ids.size() == 1) j["eos_token_id"] = c.eos_token_ids[0];
   if (c.eos_token_ids.size() > 1) j["eos_token_id"] = c.eos_token_ids;
@@ -398,15 +332,26 @@ ModelConfig Qwen3(int64_t vocab, int64_t hidden, int64_t inter, int64_t layers, 
   c.architecture = "Qwen3ForCausalLM";
   c.model_type = "qwen3";
   c.head_dim = head_dim;
-  c.qk_norm = true;
+  c.qk_norm = QkNorm::kPerHead;
+  return c;
+}
+
+// OLMo 2: post-norm blocks, q/k RMSNorm over the whole projections, untied, eps 1e-6.
+ModelConfig Olmo2(int64_t vocab, int64_t hidden, int64_t inter, int64_t layers, int64_t heads, int64_t kv, double theta,
+                  int64_t max_pos) {
+  ModelConfig c = Llama(vocab, hidden, inter, layers, heads, kv, theta, 1e-6, false, max_pos);
+  c.architecture = "Olmo2ForCausalLM";
+  c.model_type = "olmo2";
+  c.norms = {.pre_attention = false, .attention_output = true, .pre_mlp = false, .mlp_output = true};
+  c.qk_norm = QkNorm::kPerProjection;
   return c;
 }
 
 }  // namespace
 
 std::vector<std::string> PresetNames() {
-  return {"tiny",         "tiny-qwen2",   "tiny-qwen3", "smollm2-135m",
-          "smollm2-360m", "qwen2.5-0.5b", "qwen3-0.6b", "tinyllama-1.1b"};
+  return {"tiny",         "tiny-qwen2",   "tiny-qwen3", "tiny-olmo2",     "smollm2-135m",
+          "smollm2-360m", "qwen2.5-0.5b", "qwen3-0.6b", "tinyllama-1.1b", "olmo-2-1b"};
 }
 
 absl::StatusOr<ModelConfig> PresetConfig(std::string_view name) {
@@ -435,6 +380,15 @@ absl::StatusOr<ModelConfig> PresetConfig(std::string_view name) {
     c.bos_token_id = 151643;
     c.eos_token_ids = {151645};
     c.torch_dtype = "bfloat16";
+  } else if (name == "tiny-olmo2") {
+    // GQA (OLMo 2 1B has none): the k norm's kv_dim weights then differ from the q norm's q_dim ones.
+    c = Olmo2(2048, 128, 384, 2, 4, 2, 500000.0, 4096);
+    c.eos_token_ids = {0};
+  } else if (name == "olmo-2-1b") {
+    // allenai/OLMo-2-0425-1B: 16 layers, MHA, untied, 1,484,916,736 parameters.
+    c = Olmo2(100352, 2048, 8192, 16, 16, 16, 500000.0, 4096);
+    c.eos_token_ids = {100257};
+    c.torch_dtype = "float32";
   } else if (name == "smollm2-135m") {
     c = Llama(49152, 576, 1536, 30, 9, 3, 100000.0, 1e-5, true, 8192);
     c.bos_token_id = 0;

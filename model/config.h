@@ -3,9 +3,10 @@
 // The model configuration, parsed from a Hugging Face config.json (LlamaForCausalLM, Qwen2ForCausalLM,
 // Qwen3ForCausalLM, MistralForCausalLM), and the presets `seedling init-model` writes.
 //
-// The decoder block is described by the config's flags, never by the family's name: which projections have
-// biases (qkv_bias, o_bias, mlp_bias), whether q and k are RMS-normed per head (qk_norm), a sliding window. The
-// parser maps each family's config.json onto them; the forward (model/llama.h) composes the block from them.
+// The decoder block is described by the config's fields, never by the family's name: which projections have
+// biases (qkv_bias, o_bias, mlp_bias), where the block normalizes (norms), whether and how q and k are
+// RMS-normed (qk_norm), a sliding window. The parser maps each family's config.json onto them; the forward
+// (model/llama.h) composes the block from them, and the tensor names follow from them (model/weights.h).
 
 #include <cstdint>
 #include <optional>
@@ -40,10 +41,29 @@ inline constexpr int64_t kMaxHeads = 1024;
 inline constexpr int64_t kMaxHeadDim = 4096;
 inline constexpr int64_t kMaxPositions = int64_t{1} << 24;
 
+// Where a decoder block applies its RMSNorms (each one of hidden_size weights). Llama-style blocks normalize
+// before attention and before the MLP; OLMo 2 normalizes each sub-block's output before its residual add
+// instead; Gemma 2 and 3 do both.
+struct NormPlacement {
+  bool pre_attention = true;      // input_layernorm: on the block's input, before attention
+  bool attention_output = false;  // post_attention_layernorm: on attention's output, before the residual add
+  bool pre_mlp = true;            // Llama's post_attention_layernorm, Gemma's pre_feedforward_layernorm
+  bool mlp_output = false;        // post_feedforward_layernorm: on the MLP's output, before the residual add
+  bool operator==(const NormPlacement&) const = default;
+};
+
+// RMSNorm of the queries and keys before RoPE.
+enum class QkNorm {
+  kNone,
+  kPerHead,        // over each head's head_dim values, weights of head_dim (Qwen3)
+  kPerProjection,  // over the whole q / k projection, weights of q_dim / kv_dim (OLMo 2)
+};
+
 // Architecture hyper-parameters. Field names follow config.json.
 struct ModelConfig {
-  std::string architecture;  // "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM"
-  std::string model_type;    // "llama", "qwen2", "qwen3", "mistral"
+  // "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM", "Olmo2ForCausalLM"
+  std::string architecture;
+  std::string model_type;  // "llama", "qwen2", "qwen3", "mistral", "olmo2"
   int64_t vocab_size = 0;
   int64_t hidden_size = 0;
   int64_t intermediate_size = 0;
@@ -59,7 +79,8 @@ struct ModelConfig {
   bool qkv_bias = false;                  // q/k/v projections have a bias (Qwen2 always; Llama with attention_bias)
   bool o_bias = false;                    // o_proj has a bias (Llama with attention_bias)
   bool mlp_bias = false;                  // gate/up/down have biases (Llama mlp_bias)
-  bool qk_norm = false;                   // RMSNorm (weights of head_dim) on each head's q and k before RoPE (Qwen3)
+  NormPlacement norms;                    // where the block normalizes
+  QkNorm qk_norm = QkNorm::kNone;         // RMSNorm on q and k before RoPE (Qwen3, OLMo 2)
   std::optional<int64_t> sliding_window;  // Mistral / Qwen2 with use_sliding_window: attend to the last N
   std::optional<int64_t> bos_token_id;
   std::vector<int64_t> eos_token_ids;   // config.json allows one id or a list
@@ -67,11 +88,20 @@ struct ModelConfig {
 
   int64_t kv_dim() const { return num_key_value_heads * head_dim; }
   int64_t q_dim() const { return num_attention_heads * head_dim; }
+  // Weights of the q and k norms: head_dim each per head, q_dim / kv_dim per projection, 0 without.
+  int64_t q_norm_size() const { return QkNormSize(q_dim()); }
+  int64_t k_norm_size() const { return QkNormSize(kv_dim()); }
   // Number of parameters the architecture implies (counting a tied LM head once).
   int64_t NumParameters() const;
 
   // Checks internal consistency (positive sizes, heads divisible by KV heads, even head_dim, ...).
   absl::Status Validate() const;
+
+ private:
+  int64_t QkNormSize(int64_t projection) const {
+    if (qk_norm == QkNorm::kNone) return 0;
+    return qk_norm == QkNorm::kPerHead ? head_dim : projection;
+  }
 };
 
 // Parses config.json text. InvalidArgument naming the field for missing required fields, wrong types,
@@ -98,9 +128,10 @@ std::string ModelConfigToJson(const ModelConfig& config);
 std::string ModelId(const ModelConfig& config);
 
 // Presets for `init-model`: "tiny" (about 3.5M parameters, GQA, tied), "tiny-qwen2" (q/k/v bias, untied
-// LM head, llama3 RoPE scaling: exercises every option), "tiny-qwen3" (q/k norms, head_dim x heads !=
-// hidden_size), "smollm2-135m", "smollm2-360m", "qwen2.5-0.5b", "qwen3-0.6b", "tinyllama-1.1b" (the exact
-// shapes of the published models). NotFound lists the valid names.
+// LM head, llama3 RoPE scaling), "tiny-qwen3" (q/k norms per head, head_dim x heads != hidden_size),
+// "tiny-olmo2" (post-norm block, q/k norms over the projections, GQA), and the exact shapes of published
+// models: "smollm2-135m", "smollm2-360m", "qwen2.5-0.5b", "qwen3-0.6b", "tinyllama-1.1b", "olmo-2-1b".
+// NotFound lists the valid names.
 absl::StatusOr<ModelConfig> PresetConfig(std::string_view name);
 std::vector<std::string> PresetNames();
 

@@ -19,6 +19,8 @@
 #include "base/file.h"
 #include "base/status.h"
 #include "base/strings.h"
+#include "model/families/family.h"
+#include "model/gguf_model.h"
 #include "model/internal/gguf_format.h"
 #include "model/kernels.h"
 #include "model/torch_status.h"
@@ -150,56 +152,60 @@ uint64_t FileBytes(const TensorPlan& p) {
   return static_cast<uint64_t>(rows * RowBytes(p.format, p.shape.back()));
 }
 
-// The architecture name in GGUF and what llama.cpp's implementation of it can express.
+// What llama.cpp's graph for one architecture can express (an unexpected or missing tensor fails its load).
+struct GgufGraphRules {
+  std::string_view arch;
+  bool rope_freqs;         // Llama 3 RoPE scaling as rope_freqs.weight factors (llama only)
+  bool qkv_bias;           // has q/k/v bias slots
+  bool requires_qkv_bias;  // ... and requires them (qwen2)
+  bool o_mlp_bias;         // has o_proj and MLP bias slots (llama)
+  bool q_is_hidden;        // sizes q_proj as hidden x hidden (qwen2, olmo2)
+};
+
+constexpr GgufGraphRules kGraphRules[] = {
+    {"llama", true, true, false, true, false},
+    {"qwen2", false, true, true, false, true},
+    {"qwen3", false, false, false, false, false},
+    {"olmo2", false, false, false, false, true},
+};
+
+absl::Status CheckExpressible(const ModelConfig& c, const GgufGraphRules& r) {
+  const std::string who = StrCat(c.architecture, " ");
+  const std::string why = StrCat(" cannot be exported: llama.cpp's ", r.arch, " architecture ");
+  if (c.rope_scaling.type == RopeScaling::Type::kLlama3 && !r.rope_freqs) {
+    return absl::InvalidArgumentError(
+        StrCat(who, "with llama3 rope_scaling", why,
+               "has no RoPE frequency factors (rope_freqs.weight); only 'linear' scaling or none is supported"));
+  }
+  if (c.qkv_bias && !r.qkv_bias) {
+    return absl::InvalidArgumentError(StrCat(who, "with attention biases", why, "has no such tensors"));
+  }
+  if (!c.qkv_bias && r.requires_qkv_bias) {
+    return absl::InvalidArgumentError(StrCat(who, "without q/k/v biases", why, "requires blk.N.attn_{q,k,v}.bias"));
+  }
+  if ((c.o_bias || c.mlp_bias) && !r.o_mlp_bias) {
+    return absl::InvalidArgumentError(StrCat(who, "with o_proj or MLP biases", why, "has no such tensors"));
+  }
+  if (r.q_is_hidden && c.q_dim() != c.hidden_size) {
+    return absl::InvalidArgumentError(StrCat(who, "with head_dim * num_attention_heads = ", c.q_dim(),
+                                             " != hidden_size ", c.hidden_size, why,
+                                             "sizes q_proj as hidden x hidden"));
+  }
+  return absl::OkStatus();
+}
+
+// The architecture name in GGUF (the family's, model/families/) once llama.cpp's graph for it can express `c`.
 absl::StatusOr<std::string> GgufArchitecture(const ModelConfig& c) {
-  if (c.architecture == "LlamaForCausalLM" || c.architecture == "MistralForCausalLM") {
-    return std::string("llama");
+  const families::FamilySpec* family = families::FamilyOfArchitecture(c.architecture);
+  for (const GgufGraphRules& rules : kGraphRules) {
+    if (family == nullptr || family->gguf_architecture != rules.arch) continue;
+    SEEDLING_RETURN_IF_ERROR(CheckExpressible(c, rules));
+    return std::string(rules.arch);
   }
-  if (c.architecture == "Qwen2ForCausalLM") {
-    // llama.cpp's qwen2 graph has no RoPE frequency factors, requires the q/k/v biases, has no slot
-    // for o_proj or MLP biases (an unexpected tensor fails the load) and sizes q / o as hidden x
-    // hidden.
-    if (c.rope_scaling.type == RopeScaling::Type::kLlama3) {
-      return absl::InvalidArgumentError(
-          "llama3 rope_scaling cannot be exported for Qwen2ForCausalLM: llama.cpp's qwen2 "
-          "architecture has no "
-          "RoPE frequency factors (rope_freqs.weight); only 'linear' scaling or none is supported");
-    }
-    if (!c.qkv_bias) {
-      return absl::InvalidArgumentError(
-          "Qwen2ForCausalLM without q/k/v biases cannot be exported: llama.cpp's "
-          "qwen2 architecture requires blk.N.attn_{q,k,v}.bias");
-    }
-    if (c.o_bias || c.mlp_bias) {
-      return absl::InvalidArgumentError(
-          "Qwen2ForCausalLM with o_proj or MLP biases cannot be exported: "
-          "llama.cpp's qwen2 architecture has no such tensors");
-    }
-    if (c.q_dim() != c.hidden_size) {
-      return absl::InvalidArgumentError(
-          StrCat("Qwen2ForCausalLM with head_dim * num_attention_heads = ", c.q_dim(), " != hidden_size ",
-                 c.hidden_size, " cannot be exported: llama.cpp's qwen2 architecture sizes q_proj as hidden x hidden"));
-    }
-    return std::string("qwen2");
-  }
-  if (c.architecture == "Qwen3ForCausalLM") {
-    // llama.cpp's qwen3 graph: q/k norms, no biases, no RoPE frequency factors.
-    if (c.rope_scaling.type == RopeScaling::Type::kLlama3) {
-      return absl::InvalidArgumentError(
-          "llama3 rope_scaling cannot be exported for Qwen3ForCausalLM: llama.cpp's qwen3 architecture has no "
-          "RoPE frequency factors (rope_freqs.weight)");
-    }
-    if (c.qkv_bias || c.o_bias || c.mlp_bias) {
-      return absl::InvalidArgumentError(
-          "Qwen3ForCausalLM with attention or MLP biases cannot be exported: llama.cpp's qwen3 architecture has no "
-          "such tensors");
-    }
-    return std::string("qwen3");
-  }
+  std::string names;
+  for (const families::FamilySpec& f : families::Families()) names += StrCat(names.empty() ? "" : ", ", f.architecture);
   return absl::InvalidArgumentError(
-      StrCat("architecture '", c.architecture,
-             "' cannot be exported to GGUF (supported: LlamaForCausalLM, MistralForCausalLM, "
-             "Qwen2ForCausalLM, Qwen3ForCausalLM)"));
+      StrCat("architecture '", c.architecture, "' cannot be exported to GGUF (supported: ", names, ")"));
 }
 
 // llama.cpp's name of a decoder layer's projection weight: "blk.<layer>.attn_q.weight", ...
@@ -229,10 +235,9 @@ std::vector<int64_t> ProjectionShape(const ModelConfig& c, Projection p) {
   return {};
 }
 
-// The heads whose output rows are permuted for GGML's interleaved RoPE: q and k of the llama
-// architecture (qwen2 rotates halves like Hugging Face); 0 = no permutation.
-int64_t RopeHeads(const ModelConfig& c, const std::string& arch, Projection p) {
-  if (arch != "llama") return 0;
+// The heads whose output rows are permuted for GGML's interleaved RoPE (GgufPermutesQk); 0 = none.
+int64_t RopeHeads(const ModelConfig& c, Projection p) {
+  if (!GgufPermutesQk(c)) return 0;
   if (p == Projection::kQ) return c.num_attention_heads;
   if (p == Projection::kK) return c.num_key_value_heads;
   return 0;
@@ -315,8 +320,8 @@ absl::StatusOr<std::vector<TensorPlan>> PlanTensors(const ModelConfig& c, const 
                                                     const ModelWeights& w, WeightFormat matrix_format) {
   const int64_t H = c.hidden_size, V = c.vocab_size, I = c.intermediate_size;
   const int64_t q = c.q_dim(), kv = c.kv_dim();
-  const int64_t q_heads = RopeHeads(c, arch, Projection::kQ);
-  const int64_t k_heads = RopeHeads(c, arch, Projection::kK);
+  const int64_t q_heads = RopeHeads(c, Projection::kQ);
+  const int64_t k_heads = RopeHeads(c, Projection::kK);
 
   TensorPlanner planner(matrix_format);
   SEEDLING_RETURN_IF_ERROR(planner.Add("token_embd.weight", w.embed, {V, H}));
@@ -337,9 +342,9 @@ absl::StatusOr<std::vector<TensorPlan>> PlanTensors(const ModelConfig& c, const 
     const LayerWeights& l = w.layers[i];
     const std::string blk = StrCat("blk.", i, ".");
     auto projection = [&](Projection p, const at::Tensor& t) {
-      return planner.Add(ProjectionTensorName(i, p), t, ProjectionShape(c, p), RopeHeads(c, arch, p));
+      return planner.Add(ProjectionTensorName(i, p), t, ProjectionShape(c, p), RopeHeads(c, p));
     };
-    SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "attn_norm.weight", l.input_norm, {H}));
+    if (c.norms.pre_attention) SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "attn_norm.weight", l.input_norm, {H}));
     SEEDLING_RETURN_IF_ERROR(projection(Projection::kQ, l.q));
     SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.qkv_bias, blk + "attn_q.bias", l.q_bias, q, q_heads));
     SEEDLING_RETURN_IF_ERROR(projection(Projection::kK, l.k));
@@ -348,17 +353,21 @@ absl::StatusOr<std::vector<TensorPlan>> PlanTensors(const ModelConfig& c, const 
     SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.qkv_bias, blk + "attn_v.bias", l.v_bias, kv));
     SEEDLING_RETURN_IF_ERROR(projection(Projection::kO, l.o));
     SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.o_bias, blk + "attn_output.bias", l.o_bias, H));
-    if (c.qk_norm) {
-      SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "attn_q_norm.weight", l.q_norm, {c.head_dim}));
-      SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "attn_k_norm.weight", l.k_norm, {c.head_dim}));
+    if (c.qk_norm != QkNorm::kNone) {
+      SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "attn_q_norm.weight", l.q_norm, {c.q_norm_size()}));
+      SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "attn_k_norm.weight", l.k_norm, {c.k_norm_size()}));
     }
-    SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "ffn_norm.weight", l.post_norm, {H}));
+    if (c.norms.attention_output) {
+      SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "post_attention_norm.weight", l.attention_output_norm, {H}));
+    }
+    if (c.norms.pre_mlp) SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "ffn_norm.weight", l.pre_mlp_norm, {H}));
     SEEDLING_RETURN_IF_ERROR(projection(Projection::kGate, l.gate));
     SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.mlp_bias, blk + "ffn_gate.bias", l.gate_bias, I));
     SEEDLING_RETURN_IF_ERROR(projection(Projection::kUp, l.up));
     SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.mlp_bias, blk + "ffn_up.bias", l.up_bias, I));
     SEEDLING_RETURN_IF_ERROR(projection(Projection::kDown, l.down));
     SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.mlp_bias, blk + "ffn_down.bias", l.down_bias, H));
+    if (c.norms.mlp_output) SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "post_ffw_norm.weight", l.mlp_output_norm, {H}));
   }
   SEEDLING_RETURN_IF_ERROR(planner.Add("output_norm.weight", w.final_norm, {H}));
   // A tied head is left out: llama.cpp then reads token_embd.weight for the output projection.
@@ -617,8 +626,7 @@ absl::StatusOr<std::vector<TensorPlan>> PlanLoraTensors(const ModelConfig& c, co
     const std::vector<int64_t> shape = ProjectionShape(c, pair.projection);  // (out, in)
     SEEDLING_RETURN_IF_ERROR(planner.Add(base + ".lora_a", pair.a, {rank, shape[1]}));
     // B's rows are the projection's output rows, so q / k rows move as the base weight's do.
-    SEEDLING_RETURN_IF_ERROR(
-        planner.Add(base + ".lora_b", pair.b, {shape[0], rank}, RopeHeads(c, arch, pair.projection)));
+    SEEDLING_RETURN_IF_ERROR(planner.Add(base + ".lora_b", pair.b, {shape[0], rank}, RopeHeads(c, pair.projection)));
   }
   return std::move(planner.plans());
 }

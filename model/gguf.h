@@ -12,7 +12,10 @@
 //     within each head: row h*D + 2i + j of the export is row h*D + j*D/2 + i of the original
 //     (i < D/2, j in {0, 1}).
 //   * Qwen2ForCausalLM becomes "qwen2" (rotate-half "NEOX" RoPE, no permutation) with its q/k/v
-//     biases; Qwen3ForCausalLM becomes "qwen3" (NEOX RoPE, no biases) with blk.N.attn_{q,k}_norm.weight.
+//     biases; Qwen3ForCausalLM becomes "qwen3" (NEOX RoPE, no biases) with blk.N.attn_{q,k}_norm.weight;
+//     Olmo2ForCausalLM becomes "olmo2" (NEOX RoPE, no biases, q sized hidden x hidden) with q/k norms of
+//     q_dim / kv_dim values and the output norms blk.N.post_attention_norm / post_ffw_norm.weight in place
+//     of attn_norm / ffn_norm.
 //   * Llama 3 RoPE scaling becomes a `rope_freqs.weight` tensor (llama arch only): per frequency
 //     pair, the factor GGML divides the rotation angle by. Linear scaling becomes
 //     rope.scaling.{type,factor}.

@@ -12,6 +12,7 @@
 
 #include "base/status.h"
 #include "base/strings.h"
+#include "model/families/family.h"
 #include "model/internal/gguf_util.h"
 
 namespace seedling::model {
@@ -245,19 +246,21 @@ void ReadLayout(const GgufFile& f, ModelConfig& c) {
 
 absl::StatusOr<ModelConfig> ConfigFromGguf(const GgufFile& file) {
   SEEDLING_ASSIGN_OR_RETURN(const std::string_view arch, file.GetString("general.architecture"));
-  ModelConfig c;
-  if (arch == "llama") {
-    c.architecture = "LlamaForCausalLM";
-  } else if (arch == "qwen2") {
-    c.architecture = "Qwen2ForCausalLM";
-  } else if (arch == "qwen3") {
-    c.architecture = "Qwen3ForCausalLM";
-    c.qk_norm = true;
-  } else {
-    return FileError(file,
-                     StrCat("general.architecture '", arch, "' is not supported (supported: llama, qwen2, qwen3)"));
+  const families::FamilySpec* family = families::FamilyOfGgufArchitecture(arch);
+  if (family == nullptr) {
+    std::string names;
+    for (const families::FamilySpec& f : families::Families()) {
+      if (families::FamilyOfGgufArchitecture(f.gguf_architecture) == &f) {
+        names += StrCat(names.empty() ? "" : ", ", f.gguf_architecture);
+      }
+    }
+    return FileError(file, StrCat("general.architecture '", arch, "' is not supported (supported: ", names, ")"));
   }
-  c.model_type = std::string(arch);
+  ModelConfig c;
+  c.architecture = family->architecture;
+  c.model_type = family->model_type;
+  // The family's block; the biases then follow the file's tensors (ReadLayout).
+  SEEDLING_RETURN_IF_ERROR(family->read(internal::Json::object(), c));
   const std::string p = StrCat(arch, ".");
   SEEDLING_RETURN_IF_ERROR(ReadSizes(file, p, c));
   SEEDLING_RETURN_IF_ERROR(ReadHeadDim(file, p, c));

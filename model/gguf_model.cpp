@@ -16,6 +16,7 @@
 
 #include "base/status.h"
 #include "base/strings.h"
+#include "model/families/family.h"
 #include "model/internal/gguf_util.h"
 #include "model/kernels.h"
 #include "model/quant.h"
@@ -38,12 +39,20 @@ struct Expected {
   int64_t rope_heads = 0;  // > 0: undo GGML's RoPE row interleave within this many heads
 };
 
+}  // namespace
+
+bool GgufPermutesQk(const ModelConfig& config) {
+  const families::FamilySpec* family = families::FamilyOfArchitecture(config.architecture);
+  return family != nullptr && family->gguf_architecture == "llama";
+}
+
+namespace {
+
 // The tensors of `c` in llama.cpp's names, pointing at the slots of `w` (whose layers it sizes).
 std::vector<Expected> GgufTensorSlots(const ModelConfig& c, ModelWeights& w) {
   const int64_t H = c.hidden_size, V = c.vocab_size, I = c.intermediate_size;
   const int64_t q = c.q_dim(), kv = c.kv_dim();
-  // model/gguf.h: only the llama architecture (Llama and Mistral) interleaves q / k rows.
-  const bool permuted = c.architecture != "Qwen2ForCausalLM" && c.architecture != "Qwen3ForCausalLM";
+  const bool permuted = GgufPermutesQk(c);
   const int64_t q_heads = permuted ? c.num_attention_heads : 0;
   const int64_t k_heads = permuted ? c.num_key_value_heads : 0;
   std::vector<Expected> out;
@@ -52,7 +61,7 @@ std::vector<Expected> GgufTensorSlots(const ModelConfig& c, ModelWeights& w) {
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
     LayerWeights& l = w.layers[i];
     const std::string b = StrCat("blk.", i, ".");
-    out.push_back({b + "attn_norm.weight", {H}, &l.input_norm});
+    if (c.norms.pre_attention) out.push_back({b + "attn_norm.weight", {H}, &l.input_norm});
     out.push_back({b + "attn_q.weight", {q, H}, &l.q, q_heads});
     out.push_back({b + "attn_k.weight", {kv, H}, &l.k, k_heads});
     out.push_back({b + "attn_v.weight", {kv, H}, &l.v});
@@ -63,11 +72,12 @@ std::vector<Expected> GgufTensorSlots(const ModelConfig& c, ModelWeights& w) {
       out.push_back({b + "attn_v.bias", {kv}, &l.v_bias});
     }
     if (c.o_bias) out.push_back({b + "attn_output.bias", {H}, &l.o_bias});
-    if (c.qk_norm) {
-      out.push_back({b + "attn_q_norm.weight", {c.head_dim}, &l.q_norm});
-      out.push_back({b + "attn_k_norm.weight", {c.head_dim}, &l.k_norm});
+    if (c.qk_norm != QkNorm::kNone) {
+      out.push_back({b + "attn_q_norm.weight", {c.q_norm_size()}, &l.q_norm});
+      out.push_back({b + "attn_k_norm.weight", {c.k_norm_size()}, &l.k_norm});
     }
-    out.push_back({b + "ffn_norm.weight", {H}, &l.post_norm});
+    if (c.norms.attention_output) out.push_back({b + "post_attention_norm.weight", {H}, &l.attention_output_norm});
+    if (c.norms.pre_mlp) out.push_back({b + "ffn_norm.weight", {H}, &l.pre_mlp_norm});
     out.push_back({b + "ffn_gate.weight", {I, H}, &l.gate});
     out.push_back({b + "ffn_up.weight", {I, H}, &l.up});
     out.push_back({b + "ffn_down.weight", {H, I}, &l.down});
@@ -76,6 +86,7 @@ std::vector<Expected> GgufTensorSlots(const ModelConfig& c, ModelWeights& w) {
       out.push_back({b + "ffn_up.bias", {I}, &l.up_bias});
       out.push_back({b + "ffn_down.bias", {H}, &l.down_bias});
     }
+    if (c.norms.mlp_output) out.push_back({b + "post_ffw_norm.weight", {H}, &l.mlp_output_norm});
   }
   out.push_back({"output_norm.weight", {H}, &w.final_norm});
   if (!c.tie_word_embeddings) out.push_back({"output.weight", {V, H}, &w.lm_head});

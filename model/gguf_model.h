@@ -4,10 +4,10 @@
 // weights from llama.cpp's tensor names, the tokenizer from `tokenizer.ggml.*`. The inverse of
 // model/gguf.h's WriteGguf: a file it writes reads back to the same config, weights and token ids.
 //
-// Architectures: "llama" (LlamaForCausalLM; also what Mistral exports as), "qwen2" (Qwen2ForCausalLM)
-// and "qwen3" (Qwen3ForCausalLM). Tensor types: F32, F16, BF16, Q8_0 and Q4_0; files of other types (Q4_K,
-// Q6_K, IQ*, ...) are refused, naming the tensor and its type. All errors name the file and the key
-// or tensor concerned.
+// Architectures: "llama" (LlamaForCausalLM; also what Mistral exports as), "qwen2" (Qwen2ForCausalLM),
+// "qwen3" (Qwen3ForCausalLM) and "olmo2" (Olmo2ForCausalLM), as model/families/ lists them. Tensor types: F32, F16,
+// BF16, Q8_0 and Q4_0; files of other types (Q4_K, Q6_K, IQ*, ...) are refused, naming the tensor and its type. All
+// errors name the file and the key or tensor concerned.
 
 #include <memory>
 #include <string>
@@ -41,6 +41,11 @@ namespace seedling::model {
 // Seedling does not load (with the `llama-quantize --pure` hint), a 1-D tensor that is not float,
 // or tensors the architecture does not have (rope_freqs.weight is expected exactly when the config
 // has Llama 3 scaling). Internal / ResourceExhausted if LibTorch fails.
+// Whether q / k rows sit in GGML's interleaved RoPE layout in a GGUF file of `config`'s architecture: only
+// llama.cpp's "llama" architecture (Llama, Mistral) rotates interleaved pairs, so only its q / k weights and
+// biases are permuted on export and un-permuted on import; the others rotate halves like Hugging Face.
+bool GgufPermutesQk(const ModelConfig& config);
+
 absl::StatusOr<ModelWeights> WeightsFromGguf(const GgufFile& file, const ModelConfig& config,
                                              WeightPrecision precision);
 

@@ -208,16 +208,11 @@ at::Tensor LlamaModel::DecoderLayerImpl(int64_t layer, const at::Tensor& x, cons
   const LayerWeights& w = weights_.layers[static_cast<size_t>(layer)];
   const int64_t b = x.size(0), t = x.size(1);
   const int64_t hq = config_.num_attention_heads, hkv = config_.num_key_value_heads, d = config_.head_dim;
-  const double eps = config_.rms_norm_eps;
 
   // Attention block.
-  const at::Tensor h = RmsNorm(x, w.input_norm, eps);  // (B, T, H)
-  at::Tensor q = Project(layer, Projection::kQ, h, w.q, w.q_bias, options).view({b, t, hq, d});
-  at::Tensor k = Project(layer, Projection::kK, h, w.k, w.k_bias, options).view({b, t, hkv, d});
-  if (config_.qk_norm) {  // over each head's D values
-    q = RmsNorm(q, w.q_norm, eps);
-    k = RmsNorm(k, w.k_norm, eps);
-  }
+  const at::Tensor h = MaybeNorm(config_.norms.pre_attention, x, w.input_norm, RmsNorm);  // (B, T, H)
+  at::Tensor q = QkHeads(Project(layer, Projection::kQ, h, w.q, w.q_bias, options), hq, w.q_norm, RmsNorm);
+  at::Tensor k = QkHeads(Project(layer, Projection::kK, h, w.k, w.k_bias, options), hkv, w.k_norm, RmsNorm);
   q = q.transpose(1, 2);
   k = k.transpose(1, 2);
   at::Tensor v = Project(layer, Projection::kV, h, w.v, w.v_bias, options).view({b, t, hkv, d}).transpose(1, 2);
@@ -234,10 +229,35 @@ at::Tensor LlamaModel::DecoderLayerImpl(int64_t layer, const at::Tensor& x, cons
   const at::Tensor attn = GroupedQueryAttention(q, k, v, q_start, config_.sliding_window)  // (B, Hq, T, D)
                               .transpose(1, 2)
                               .reshape({b, t, hq * d});
-  const at::Tensor x1 = x + Project(layer, Projection::kO, attn, w.o, w.o_bias, options);
+  const at::Tensor x1 =
+      x + MaybeNorm(config_.norms.attention_output, Project(layer, Projection::kO, attn, w.o, w.o_bias, options),
+                    w.attention_output_norm, RmsNorm);
 
-  // MLP block.
-  return x1 + Mlp(layer, RmsNorm(x1, w.post_norm, eps), options, output);
+  // MLP block. A norm on the MLP's output reads the down projection's values, which a graph-only
+  // recomputation would otherwise skip.
+  const at::Tensor m = MaybeNorm(config_.norms.pre_mlp, x1, w.pre_mlp_norm, RmsNorm);
+  if (!config_.norms.mlp_output) return x1 + Mlp(layer, m, options, output);
+  return x1 + RmsNorm(Mlp(layer, m, options), w.mlp_output_norm, config_.rms_norm_eps);
+}
+
+at::Tensor LlamaModel::MaybeNorm(bool on, const at::Tensor& x, const at::Tensor& weight, NormFn norm) const {
+  return on ? norm(x, weight, config_.rms_norm_eps) : x;
+}
+
+at::Tensor LlamaModel::QkHeads(const at::Tensor& projected, int64_t heads, const at::Tensor& norm,
+                               NormFn norm_fn) const {
+  std::vector<int64_t> shape(projected.sizes().begin(), projected.sizes().end() - 1);
+  shape.push_back(heads);
+  shape.push_back(config_.head_dim);
+  switch (config_.qk_norm) {
+    case QkNorm::kNone:
+      break;
+    case QkNorm::kPerProjection:
+      return norm_fn(projected, norm, config_.rms_norm_eps).view(shape);
+    case QkNorm::kPerHead:
+      return norm_fn(projected.view(shape), norm, config_.rms_norm_eps);
+  }
+  return projected.view(shape);
 }
 
 at::Tensor LlamaModel::ProjectTangents(int64_t layer, Projection p, const at::Tensor& x, const at::Tensor& w,
@@ -271,33 +291,51 @@ at::Tensor LlamaModel::DecoderLayerTangents(int64_t layer, const at::Tensor& x, 
   const LayerWeights& w = weights_.layers[static_cast<size_t>(layer)];
   const int64_t slices = x.size(0), b = x.size(1), t = x.size(2);
   const int64_t hq = config_.num_attention_heads, hkv = config_.num_key_value_heads, d = config_.head_dim;
-  const double eps = config_.rms_norm_eps;
 
   // Attention block. RoPE is linear: it rotates every slice alike.
-  const at::Tensor h = RmsNormTangents(x, w.input_norm, eps);  // (1+K, B, T, H)
+  const at::Tensor h = MaybeNorm(config_.norms.pre_attention, x, w.input_norm, RmsNormTangents);  // (1+K, B, T, H)
   auto heads = [&](Projection p, const at::Tensor& weight, const at::Tensor& bias, int64_t n, const at::Tensor& norm) {
-    at::Tensor y = ProjectTangents(layer, p, h, weight, bias, options).view({slices, b, t, n, d});
-    if (norm.defined()) y = RmsNormTangents(y, norm, eps);  // q/k norm over each head's D values
-    return y.transpose(2, 3);
+    return QkHeads(ProjectTangents(layer, p, h, weight, bias, options), n, norm, RmsNormTangents).transpose(2, 3);
   };
   const at::Tensor q = ApplyRope(heads(Projection::kQ, w.q, w.q_bias, hq, w.q_norm), rope);   // (1+K, B, Hq, T, D)
   const at::Tensor k = ApplyRope(heads(Projection::kK, w.k, w.k_bias, hkv, w.k_norm), rope);  // (1+K, B, Hkv, T, D)
-  const at::Tensor v = heads(Projection::kV, w.v, w.v_bias, hkv, at::Tensor());
+  const at::Tensor v =
+      ProjectTangents(layer, Projection::kV, h, w.v, w.v_bias, options).view({slices, b, t, hkv, d}).transpose(2, 3);
   const at::Tensor attn = GroupedQueryAttentionTangents(q, k, v, config_.sliding_window)  // (1+K, B, Hq, T, D)
                               .transpose(2, 3)
                               .reshape({slices, b, t, hq * d});
-  const at::Tensor x1 = x + ProjectTangents(layer, Projection::kO, attn, w.o, w.o_bias, options);
+  const at::Tensor x1 = x + MaybeNorm(config_.norms.attention_output,
+                                      ProjectTangents(layer, Projection::kO, attn, w.o, w.o_bias, options),
+                                      w.attention_output_norm, RmsNormTangents);
 
   // MLP block.
-  return x1 + MlpTangents(layer, RmsNormTangents(x1, w.post_norm, eps), options);
+  const at::Tensor m = MaybeNorm(config_.norms.pre_mlp, x1, w.pre_mlp_norm, RmsNormTangents);
+  return x1 + MaybeNorm(config_.norms.mlp_output, MlpTangents(layer, m, options), w.mlp_output_norm, RmsNormTangents);
 }
 
 std::vector<at::Tensor> LlamaModel::LayerTensors(int64_t layer, const ForwardOptions& options) const {
   const LayerWeights& w = weights_.layers[static_cast<size_t>(layer)];
   std::vector<at::Tensor> out;
-  for (const at::Tensor* t :
-       {&w.input_norm, &w.q, &w.k, &w.v, &w.o, &w.q_bias, &w.k_bias, &w.v_bias, &w.o_bias, &w.q_norm, &w.k_norm,
-        &w.post_norm, &w.gate, &w.up, &w.down, &w.gate_bias, &w.up_bias, &w.down_bias}) {
+  for (const at::Tensor* t : {&w.input_norm,
+                              &w.q,
+                              &w.k,
+                              &w.v,
+                              &w.o,
+                              &w.q_bias,
+                              &w.k_bias,
+                              &w.v_bias,
+                              &w.o_bias,
+                              &w.q_norm,
+                              &w.k_norm,
+                              &w.attention_output_norm,
+                              &w.pre_mlp_norm,
+                              &w.gate,
+                              &w.up,
+                              &w.down,
+                              &w.gate_bias,
+                              &w.up_bias,
+                              &w.down_bias,
+                              &w.mlp_output_norm}) {
     if (t->defined() && t->requires_grad()) out.push_back(*t);
   }
   if (options.adapter != nullptr) {

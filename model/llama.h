@@ -1,8 +1,8 @@
 #pragma once
 
-// The Llama-family causal decoder (Llama, TinyLlama, SmolLM/SmolLM2, MobileLLM, Qwen2/2.5, Qwen3, Mistral)
-// on LibTorch, CPU, fp32 compute: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, tied or untied LM head,
-// with the options ModelConfig describes (biases, q/k norms, a sliding window).
+// The Llama-family causal decoder (Llama, TinyLlama, SmolLM/SmolLM2, MobileLLM, Qwen2/2.5, Qwen3, Mistral,
+// OLMo 2) on LibTorch, CPU, fp32 compute: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, tied or untied
+// LM head, composed as ModelConfig describes the block (biases, norm placement, q/k norms, a sliding window).
 //
 // Three ways to run it:
 //   * Hidden / Logits / Loss: the full sequence, for training and evaluation. Loss uses the chunked
@@ -189,6 +189,12 @@ class LlamaModel {
                  LayerOutput output = LayerOutput::kValues) const;
   at::Tensor MlpRows(int64_t layer, const at::Tensor& x, const ForwardOptions& options,
                      LayerOutput output = LayerOutput::kValues) const;
+  // The block's pieces that both forwards share, with the norm to use (RmsNorm, or RmsNormTangents on
+  // stacked tangents): a norm of hidden states where config_.norms places one (`on`), and a q or k
+  // projection (..., heads * D) split into heads (..., heads, D) with config_.qk_norm applied.
+  using NormFn = at::Tensor (*)(const at::Tensor&, const at::Tensor&, double);
+  at::Tensor MaybeNorm(bool on, const at::Tensor& x, const at::Tensor& weight, NormFn norm) const;
+  at::Tensor QkHeads(const at::Tensor& projected, int64_t heads, const at::Tensor& norm, NormFn norm_fn) const;
   // With a cache, writes this step's keys/values at [q_start, q_start + T) and attends over [0, q_start + T).
   at::Tensor DecoderLayerImpl(int64_t layer, const at::Tensor& x, const RopeTables& rope, const ForwardOptions& options,
                               KvCache* cache, int64_t q_start, LayerOutput output = LayerOutput::kValues) const;

@@ -32,7 +32,7 @@ void ForEachWeight(ModelWeights& w, const ModelConfig& c, bool include_tied_head
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     LayerWeights& lw = w.layers[static_cast<size_t>(l)];
     const std::string p = StrCat("model.layers.", l, ".");
-    fn(p + "input_layernorm.weight", std::vector<int64_t>{h}, Kind::kNorm, lw.input_norm);
+    if (c.norms.pre_attention) fn(p + "input_layernorm.weight", std::vector<int64_t>{h}, Kind::kNorm, lw.input_norm);
     fn(p + "self_attn.q_proj.weight", std::vector<int64_t>{c.q_dim(), h}, Kind::kMatrix, lw.q);
     if (c.qkv_bias) fn(p + "self_attn.q_proj.bias", std::vector<int64_t>{c.q_dim()}, Kind::kBias, lw.q_bias);
     fn(p + "self_attn.k_proj.weight", std::vector<int64_t>{c.kv_dim(), h}, Kind::kMatrix, lw.k);
@@ -41,17 +41,28 @@ void ForEachWeight(ModelWeights& w, const ModelConfig& c, bool include_tied_head
     if (c.qkv_bias) fn(p + "self_attn.v_proj.bias", std::vector<int64_t>{c.kv_dim()}, Kind::kBias, lw.v_bias);
     fn(p + "self_attn.o_proj.weight", std::vector<int64_t>{h, c.q_dim()}, Kind::kMatrix, lw.o);
     if (c.o_bias) fn(p + "self_attn.o_proj.bias", std::vector<int64_t>{h}, Kind::kBias, lw.o_bias);
-    if (c.qk_norm) {
-      fn(p + "self_attn.q_norm.weight", std::vector<int64_t>{c.head_dim}, Kind::kNorm, lw.q_norm);
-      fn(p + "self_attn.k_norm.weight", std::vector<int64_t>{c.head_dim}, Kind::kNorm, lw.k_norm);
+    if (c.qk_norm != QkNorm::kNone) {
+      fn(p + "self_attn.q_norm.weight", std::vector<int64_t>{c.q_norm_size()}, Kind::kNorm, lw.q_norm);
+      fn(p + "self_attn.k_norm.weight", std::vector<int64_t>{c.k_norm_size()}, Kind::kNorm, lw.k_norm);
     }
-    fn(p + "post_attention_layernorm.weight", std::vector<int64_t>{h}, Kind::kNorm, lw.post_norm);
+    // Llama's post_attention_layernorm is the MLP's input norm; blocks that also normalize attention's output
+    // (OLMo 2, Gemma) give that name to the output norm and call the MLP's input norm pre_feedforward_layernorm.
+    if (c.norms.attention_output) {
+      fn(p + "post_attention_layernorm.weight", std::vector<int64_t>{h}, Kind::kNorm, lw.attention_output_norm);
+    }
+    if (c.norms.pre_mlp) {
+      const char* name = c.norms.attention_output ? "pre_feedforward_layernorm" : "post_attention_layernorm";
+      fn(p + name + ".weight", std::vector<int64_t>{h}, Kind::kNorm, lw.pre_mlp_norm);
+    }
     fn(p + "mlp.gate_proj.weight", std::vector<int64_t>{i, h}, Kind::kMatrix, lw.gate);
     if (c.mlp_bias) fn(p + "mlp.gate_proj.bias", std::vector<int64_t>{i}, Kind::kBias, lw.gate_bias);
     fn(p + "mlp.up_proj.weight", std::vector<int64_t>{i, h}, Kind::kMatrix, lw.up);
     if (c.mlp_bias) fn(p + "mlp.up_proj.bias", std::vector<int64_t>{i}, Kind::kBias, lw.up_bias);
     fn(p + "mlp.down_proj.weight", std::vector<int64_t>{h, i}, Kind::kMatrix, lw.down);
     if (c.mlp_bias) fn(p + "mlp.down_proj.bias", std::vector<int64_t>{h}, Kind::kBias, lw.down_bias);
+    if (c.norms.mlp_output) {
+      fn(p + "post_feedforward_layernorm.weight", std::vector<int64_t>{h}, Kind::kNorm, lw.mlp_output_norm);
+    }
   }
   fn("model.norm.weight", std::vector<int64_t>{h}, Kind::kNorm, w.final_norm);
   if (!c.tie_word_embeddings || include_tied_head) {

@@ -29,14 +29,17 @@ namespace seedling::model {
 
 // One decoder layer. Shapes follow nn.Linear: weight (out, in). Optional biases are undefined tensors
 // when the architecture has none.
+// Norms are (H) and defined where ModelConfig::norms places them.
 struct LayerWeights {
-  at::Tensor input_norm;  // (H)
+  at::Tensor input_norm;  // before attention
   at::Tensor q, k, v, o;  // (Hq*D, H), (Hkv*D, H), (Hkv*D, H), (H, Hq*D)
   at::Tensor q_bias, k_bias, v_bias, o_bias;
-  at::Tensor q_norm, k_norm;  // (D) each, with ModelConfig::qk_norm
-  at::Tensor post_norm;       // (H)
-  at::Tensor gate, up, down;  // (I, H), (I, H), (H, I)
+  at::Tensor q_norm, k_norm;         // ModelConfig::q_norm_size() / k_norm_size() each, with qk_norm
+  at::Tensor attention_output_norm;  // on attention's output
+  at::Tensor pre_mlp_norm;           // before the MLP
+  at::Tensor gate, up, down;         // (I, H), (I, H), (H, I)
   at::Tensor gate_bias, up_bias, down_bias;
+  at::Tensor mlp_output_norm;  // on the MLP's output
 };
 
 struct ModelWeights {

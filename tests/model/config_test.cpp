@@ -75,7 +75,9 @@ TEST_CASE("Qwen3-0.6B's config.json parses to q/k norms, head_dim 128 and 596M p
   auto c = ParseModelConfig(kQwen3);
   REQUIRE(c.ok());
   CHECK(c->model_type == "qwen3");
-  CHECK(c->qk_norm);
+  CHECK(c->qk_norm == QkNorm::kPerHead);
+  CHECK(c->q_norm_size() == 128);
+  CHECK(c->norms == NormPlacement{});  // Llama's pre-norms
   CHECK_FALSE(c->qkv_bias);
   CHECK_FALSE(c->o_bias);
   CHECK(c->head_dim == 128);
@@ -94,6 +96,54 @@ TEST_CASE("A Qwen3 config with per-layer sliding windows is refused naming the f
   REQUIRE_FALSE(c.ok());
   CHECK(c.status().code() == absl::StatusCode::kInvalidArgument);
   CHECK(Contains(c.status(), "use_sliding_window"));
+}
+
+// OLMo-2-0425-1B's config.json (the fields that shape the model).
+constexpr const char* kOlmo2 = R"({
+  "architectures": ["Olmo2ForCausalLM"], "attention_bias": false, "attention_dropout": 0.0, "eos_token_id": 100257,
+  "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 8192,
+  "max_position_embeddings": 4096, "model_type": "olmo2", "num_attention_heads": 16, "num_hidden_layers": 16,
+  "num_key_value_heads": 16, "pad_token_id": 100277, "rms_norm_eps": 1e-06, "rope_scaling": null,
+  "rope_theta": 500000, "tie_word_embeddings": false, "torch_dtype": "float32", "use_cache": true,
+  "vocab_size": 100352})";
+
+TEST_CASE("OLMo 2 1B's config.json parses to output norms, q/k norms over the projections and 1.48B parameters",
+          "[model][config]") {
+  auto c = ParseModelConfig(kOlmo2);
+  REQUIRE(c.ok());
+  CHECK(c->model_type == "olmo2");
+  CHECK_FALSE(c->norms.pre_attention);
+  CHECK(c->norms.attention_output);
+  CHECK_FALSE(c->norms.pre_mlp);
+  CHECK(c->norms.mlp_output);
+  CHECK(c->qk_norm == QkNorm::kPerProjection);
+  CHECK(c->q_norm_size() == 2048);
+  CHECK(c->k_norm_size() == 2048);
+  CHECK_FALSE(c->qkv_bias);
+  CHECK_FALSE(c->tie_word_embeddings);
+  CHECK(c->NumParameters() == 1484916736);
+  auto preset = PresetConfig("olmo-2-1b");
+  REQUIRE(preset.ok());
+  CHECK(ModelConfigToJson(*preset) == ModelConfigToJson(*c));
+  // Written back, it reads as the same block.
+  auto round_trip = ParseModelConfig(ModelConfigToJson(*c));
+  REQUIRE(round_trip.ok());
+  CHECK(round_trip->norms == c->norms);
+  CHECK(round_trip->qk_norm == QkNorm::kPerProjection);
+}
+
+TEST_CASE("A config without architectures finds its family by model_type, or names both", "[model][config]") {
+  std::string text = kOlmo2;
+  text.replace(text.find("\"architectures\": [\"Olmo2ForCausalLM\"], "), 39, "");
+  auto c = ParseModelConfig(text);
+  REQUIRE(c.ok());
+  CHECK(c->architecture == "Olmo2ForCausalLM");
+  text.replace(text.find("\"olmo2\""), 7, "\"olmo9\"");
+  auto unknown = ParseModelConfig(text);
+  REQUIRE_FALSE(unknown.ok());
+  CHECK(Contains(unknown.status(), "architectures"));
+  CHECK(Contains(unknown.status(), "olmo9"));
+  CHECK(Contains(unknown.status(), "Olmo2ForCausalLM"));
 }
 
 TEST_CASE("Llama 3 rope_scaling and an eos_token_id list are parsed", "[model][config]") {
@@ -146,6 +196,7 @@ TEST_CASE("An unknown architecture is an error naming it and the supported ones"
   REQUIRE_FALSE(c.ok());
   CHECK(Contains(c.status(), "GPT2LMHeadModel"));
   CHECK(Contains(c.status(), "LlamaForCausalLM"));
+  CHECK(Contains(c.status(), "Olmo2ForCausalLM"));
 }
 
 TEST_CASE("Unsupported rope_scaling, activations and inconsistent heads are rejected", "[model][config]") {

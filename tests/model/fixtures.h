@@ -99,6 +99,14 @@ inline ModelConfig TinyQwen3() {
   return *c;
 }
 
+inline ModelConfig TinyOlmo2() {
+  auto c = PresetConfig("tiny-olmo2");
+  REQUIRE(c.ok());
+  c->vocab_size = kModelVocab;
+  REQUIRE(c->Validate().ok());
+  return *c;
+}
+
 // A SentencePiece-style tokenizer.json as Hugging Face converts Llama 2 / TinyLlama tokenizers: "▁" (U+2581)
 // is prepended and replaces spaces, byte fallback, <s> added by the post-processor. Ids: <unk> <s> </s> are
 // 0-2, the byte tokens <0x00>..<0xFF> 3-258, then `pieces` in order, then the result of each merge ("a" + "b")

@@ -260,7 +260,7 @@ GgufBuilder MiniModel(const ModelConfig& c, const ModelWeights& w, WeightFormat 
   matrix("blk.0.attn_k.weight", l.k, c.num_key_value_heads);
   matrix("blk.0.attn_v.weight", l.v);
   matrix("blk.0.attn_output.weight", l.o);
-  vector("blk.0.ffn_norm.weight", l.post_norm);
+  vector("blk.0.ffn_norm.weight", l.pre_mlp_norm);
   matrix("blk.0.ffn_gate.weight", l.gate);
   matrix("blk.0.ffn_up.weight", l.up);
   matrix("blk.0.ffn_down.weight", l.down);
@@ -292,6 +292,7 @@ using testing::Corpus;
 using testing::kModelVocab;
 using testing::ParseTokenizer;
 using testing::TinyLlama;
+using testing::TinyOlmo2;
 using testing::TinyQwen2;
 using testing::TinyQwen3;
 using testing::TokenizerJson;
@@ -362,6 +363,7 @@ void CheckSameConfig(const ModelConfig& got, const ModelConfig& want) {
   CHECK(got.o_bias == want.o_bias);
   CHECK(got.mlp_bias == want.mlp_bias);
   CHECK(got.qk_norm == want.qk_norm);
+  CHECK(got.norms == want.norms);
   CHECK(got.sliding_window == want.sliding_window);
   CHECK(got.bos_token_id == want.bos_token_id);
   CHECK(got.eos_token_ids == want.eos_token_ids);
@@ -375,24 +377,27 @@ std::vector<std::pair<std::string, at::Tensor>> Slots(const ModelWeights& w) {
   for (size_t i = 0; i < w.layers.size(); ++i) {
     const LayerWeights& l = w.layers[i];
     const std::string b = "blk." + std::to_string(i) + ".";
-    for (const auto& [name, t] : std::vector<std::pair<std::string, at::Tensor>>{{"attn_norm", l.input_norm},
-                                                                                 {"attn_q", l.q},
-                                                                                 {"attn_k", l.k},
-                                                                                 {"attn_v", l.v},
-                                                                                 {"attn_output", l.o},
-                                                                                 {"attn_q_norm", l.q_norm},
-                                                                                 {"attn_k_norm", l.k_norm},
-                                                                                 {"ffn_norm", l.post_norm},
-                                                                                 {"ffn_gate", l.gate},
-                                                                                 {"ffn_up", l.up},
-                                                                                 {"ffn_down", l.down},
-                                                                                 {"attn_q.bias", l.q_bias},
-                                                                                 {"attn_k.bias", l.k_bias},
-                                                                                 {"attn_v.bias", l.v_bias},
-                                                                                 {"attn_output.bias", l.o_bias},
-                                                                                 {"ffn_gate.bias", l.gate_bias},
-                                                                                 {"ffn_up.bias", l.up_bias},
-                                                                                 {"ffn_down.bias", l.down_bias}}) {
+    for (const auto& [name, t] :
+         std::vector<std::pair<std::string, at::Tensor>>{{"attn_norm", l.input_norm},
+                                                         {"attn_q", l.q},
+                                                         {"attn_k", l.k},
+                                                         {"attn_v", l.v},
+                                                         {"attn_output", l.o},
+                                                         {"attn_q_norm", l.q_norm},
+                                                         {"attn_k_norm", l.k_norm},
+                                                         {"post_attention_norm", l.attention_output_norm},
+                                                         {"ffn_norm", l.pre_mlp_norm},
+                                                         {"post_ffw_norm", l.mlp_output_norm},
+                                                         {"ffn_gate", l.gate},
+                                                         {"ffn_up", l.up},
+                                                         {"ffn_down", l.down},
+                                                         {"attn_q.bias", l.q_bias},
+                                                         {"attn_k.bias", l.k_bias},
+                                                         {"attn_v.bias", l.v_bias},
+                                                         {"attn_output.bias", l.o_bias},
+                                                         {"ffn_gate.bias", l.gate_bias},
+                                                         {"ffn_up.bias", l.up_bias},
+                                                         {"ffn_down.bias", l.down_bias}}) {
       out.emplace_back(b + name, t);
     }
   }
@@ -988,10 +993,33 @@ TEST_CASE("A Qwen3 export reads back: q/k norms, head size apart from hidden / h
   const std::unique_ptr<GgufFile> f = MustOpen(Export(dir, c, w, *tok));
   const ModelConfig got_config = MustConfig(*f);
   CheckSameConfig(got_config, c);
-  CHECK(got_config.qk_norm);
+  CHECK(got_config.qk_norm == QkNorm::kPerHead);
   const ModelWeights got = MustWeights(*f, c, WeightPrecision::kStored);
   CheckWeights(got, w, [](const at::Tensor& t) { return t; });
   CHECK(at::equal(got.layers[1].k_norm, w.layers[1].k_norm));
+}
+
+TEST_CASE("An OLMo 2 export reads back: output norms, q/k norms over the projections, rows not interleaved",
+          "[model][gguf]") {
+  TempDir dir;
+  ModelConfig c = TinyOlmo2();
+  c.eos_token_ids = {2};
+  ModelWeights w = RandomWeights(c, 37);
+  for (LayerWeights& l : w.layers) {
+    l.k_norm.uniform_(0.5, 1.5);
+    l.mlp_output_norm.uniform_(0.5, 1.5);
+  }
+  auto tok = ParseTokenizer(TokenizerJson());
+  const std::unique_ptr<GgufFile> f = MustOpen(Export(dir, c, w, *tok));
+  const ModelConfig got_config = MustConfig(*f);
+  CheckSameConfig(got_config, c);
+  CHECK(got_config.architecture == "Olmo2ForCausalLM");
+  CHECK(got_config.qk_norm == QkNorm::kPerProjection);
+  CHECK(got_config.norms.mlp_output);
+  const ModelWeights got = MustWeights(*f, c, WeightPrecision::kStored);
+  CheckWeights(got, w, [](const at::Tensor& t) { return t; });
+  CHECK(at::equal(got.layers[1].mlp_output_norm, w.layers[1].mlp_output_norm));
+  CHECK(InsideFile(got.layers[0].q, *f));  // no permutation, so no copy
 }
 
 TEST_CASE("Linear RoPE scaling and a head size apart from hidden / heads round-trip", "[model][gguf]") {

@@ -353,6 +353,7 @@ using testing::kModelVocab;
 using testing::kTokenizerVocab;
 using testing::ParseTokenizer;
 using testing::TinyLlama;
+using testing::TinyOlmo2;
 using testing::TinyQwen2;
 using testing::TinyQwen3;
 using testing::TokenizerJson;
@@ -398,7 +399,9 @@ std::map<std::string, at::Tensor> ByGgufName(const ModelWeights& w) {
     m[b + "attn_output.weight"] = l.o;
     m[b + "attn_q_norm.weight"] = l.q_norm;
     m[b + "attn_k_norm.weight"] = l.k_norm;
-    m[b + "ffn_norm.weight"] = l.post_norm;
+    m[b + "post_attention_norm.weight"] = l.attention_output_norm;
+    m[b + "ffn_norm.weight"] = l.pre_mlp_norm;
+    m[b + "post_ffw_norm.weight"] = l.mlp_output_norm;
     m[b + "ffn_gate.weight"] = l.gate;
     m[b + "ffn_up.weight"] = l.up;
     m[b + "ffn_down.weight"] = l.down;
@@ -1009,6 +1012,50 @@ TEST_CASE("A Qwen3 model's GGUF is architecture qwen3 with F32 q/k norms, its he
   }
   // qwen3 uses rotate-half RoPE like Hugging Face: rows stay in place.
   CheckTensorData(f, c, w, /*permuted=*/false, WeightFormat::kF16);
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("An OLMo 2 model's GGUF is architecture olmo2 with output norms and q/k norms over the projections",
+          "[model][gguf]") {
+  const std::string dir = TempDir("olmo2");
+  const ModelConfig c = TinyOlmo2();
+  ModelWeights w = RandomWeights(c, 10);
+  for (const NamedWeight& nw : NamedWeights(w, c)) {
+    if (nw.name.find("norm") != std::string::npos) nw.tensor.uniform_(0.5, 1.5);
+  }
+  auto tok = ParseTokenizer(TokenizerJson());
+  const GgufFile f = Export(dir + "/model.gguf", c, w, *tok);
+  CHECK(f.Get("general.architecture").s == "olmo2");
+  CHECK(f.Get("olmo2.attention.head_count_kv").u == 2);
+  CHECK(f.Get("olmo2.attention.layer_norm_rms_epsilon").f == Approx(1e-6));
+  for (int i = 0; i < c.num_hidden_layers; ++i) {
+    const std::string b = "blk." + std::to_string(i) + ".";
+    CHECK(f.Tensor(b + "attn_q_norm.weight").ne == std::vector<uint64_t>{128});  // q_dim
+    CHECK(f.Tensor(b + "attn_k_norm.weight").ne == std::vector<uint64_t>{64});   // kv_dim (2 heads of 32)
+    CHECK(f.Tensor(b + "post_attention_norm.weight").ne == std::vector<uint64_t>{128});
+    CHECK(f.Tensor(b + "post_ffw_norm.weight").type == kGgmlF32);
+    CHECK_FALSE(f.HasTensor(b + "attn_norm.weight"));  // no norms on the sub-blocks' inputs
+    CHECK_FALSE(f.HasTensor(b + "ffn_norm.weight"));
+  }
+  // olmo2 uses rotate-half RoPE like Hugging Face: rows stay in place.
+  CheckTensorData(f, c, w, /*permuted=*/false, WeightFormat::kF16);
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("An OLMo 2 model llama.cpp's olmo2 cannot express is refused with the reason", "[model][gguf]") {
+  const std::string dir = TempDir("olmo2-refused");
+  auto tok = ParseTokenizer(TokenizerJson());
+  ModelConfig wide = TinyOlmo2();
+  wide.head_dim = 48;  // q_dim 192 != hidden 128
+  ModelConfig biased = TinyOlmo2();
+  biased.qkv_bias = biased.o_bias = true;
+  for (const auto& [c, reason] : {std::pair{wide, "sizes q_proj as hidden x hidden"}, std::pair{biased, "biases"}}) {
+    const absl::Status s = WriteGguf(dir + "/model.gguf", c, RandomWeights(c, 1), *tok, {});
+    INFO(s.message());
+    CHECK(s.code() == absl::StatusCode::kInvalidArgument);
+    CHECK(std::string(s.message()).find(reason) != std::string::npos);
+    CHECK_FALSE(std::filesystem::exists(dir + "/model.gguf"));
+  }
   std::filesystem::remove_all(dir);
 }
 

@@ -12,32 +12,47 @@ namespace seedling::model {
 namespace {
 
 // The block's variants the forward composes: Llama (tied, GQA), Qwen2 (q/k/v biases, untied, head_dim x heads
-// != hidden) and Qwen3 (per-head q/k RMSNorm, no biases, head_dim x heads != hidden).
-enum class Family { kLlama, kQwen2, kQwen3 };
+// != hidden), Qwen3 (per-head q/k RMSNorm, no biases, head_dim x heads != hidden) and OLMo 2 (norms on the
+// outputs of attention and MLP instead of their inputs, q/k RMSNorm over the whole projections).
+enum class Family { kLlama, kQwen2, kQwen3, kOlmo2 };
+constexpr Family kFamilies[] = {Family::kLlama, Family::kQwen2, Family::kQwen3, Family::kOlmo2};
 
 const char* FamilyName(Family f) {
-  return f == Family::kLlama   ? "llama (tied, GQA)"
-         : f == Family::kQwen2 ? "qwen2 (q/k/v bias, untied head, head_dim != hidden/heads)"
-                               : "qwen3 (q/k norms, untied head, head_dim != hidden/heads)";
+  switch (f) {
+    case Family::kLlama:
+      return "llama (tied, GQA)";
+    case Family::kQwen2:
+      return "qwen2 (q/k/v bias, untied head, head_dim != hidden/heads)";
+    case Family::kQwen3:
+      return "qwen3 (q/k norms per head, untied head, head_dim != hidden/heads)";
+    case Family::kOlmo2:
+      return "olmo2 (output norms, q/k norms per projection, GQA, head_dim != hidden/heads)";
+  }
+  return "?";
 }
 
 ModelConfig TwoLayerConfig(Family f) {
   const bool llama = f == Family::kLlama;
   ModelConfig c;
-  c.architecture = llama ? "LlamaForCausalLM" : f == Family::kQwen2 ? "Qwen2ForCausalLM" : "Qwen3ForCausalLM";
-  c.model_type = llama ? "llama" : f == Family::kQwen2 ? "qwen2" : "qwen3";
+  const char* const architectures[] = {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Olmo2ForCausalLM"};
+  const char* const model_types[] = {"llama", "qwen2", "qwen3", "olmo2"};
+  c.architecture = architectures[static_cast<int>(f)];
+  c.model_type = model_types[static_cast<int>(f)];
   c.vocab_size = 13;
   c.hidden_size = 12;
   c.intermediate_size = 20;
   c.num_hidden_layers = 2;
   c.num_attention_heads = 6;
   c.num_key_value_heads = llama ? 3 : 2;
-  c.head_dim = llama ? 2 : 4;  // qwen variants: q_dim (24) differs from hidden (12)
+  c.head_dim = llama ? 2 : 4;  // the others: q_dim (24) differs from hidden (12)
   c.rms_norm_eps = 1e-5;
   c.rope_theta = 100.0;
   c.tie_word_embeddings = llama;
   c.qkv_bias = f == Family::kQwen2;
-  c.qk_norm = f == Family::kQwen3;
+  c.qk_norm = f == Family::kQwen3 ? QkNorm::kPerHead : f == Family::kOlmo2 ? QkNorm::kPerProjection : QkNorm::kNone;
+  if (f == Family::kOlmo2) {
+    c.norms = {.pre_attention = false, .attention_output = true, .pre_mlp = false, .mlp_output = true};
+  }
   return c;
 }
 
@@ -45,11 +60,12 @@ std::unique_ptr<LlamaModel> MakeModel(const ModelConfig& c, uint64_t seed) {
   auto model = LlamaModel::Create(c, RandomWeights(c, seed));
   REQUIRE(model.ok());
   // Random init is too gentle to exercise much; scale weights up so attention is far from uniform, and
-  // give the q/k norms (initialized to 1) weights of their own.
+  // give the norms (initialized to 1) weights of their own.
   at::manual_seed(static_cast<int64_t>(seed));
   for (const NamedWeight& nw : NamedWeights((*model)->weights(), c)) {
-    if (nw.name.find("norm") == std::string::npos) nw.tensor.mul_(15.0);
-    if (nw.name.find("q_norm") != std::string::npos || nw.name.find("k_norm") != std::string::npos) {
+    if (nw.name.find("norm") == std::string::npos) {
+      nw.tensor.mul_(15.0);
+    } else {
       nw.tensor.copy_(at::rand(nw.tensor.sizes()) + 0.5);
     }
   }
@@ -126,11 +142,14 @@ Mat NaiveLogits(const ModelConfig& c, const ModelWeights& w, const std::vector<i
   }
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const LayerWeights& lw = w.layers[static_cast<size_t>(l)];
-    const Mat h = RmsNormRef(x, lw.input_norm, c.rms_norm_eps);
+    const Mat h = c.norms.pre_attention ? RmsNormRef(x, lw.input_norm, c.rms_norm_eps) : x;
     Mat q = Linear(h, lw.q, lw.q_bias), k = Linear(h, lw.k, lw.k_bias), v = Linear(h, lw.v, lw.v_bias);
-    if (c.qk_norm) {
+    if (c.qk_norm == QkNorm::kPerHead) {
       HeadRmsNormRef(q, Hq, D, lw.q_norm, c.rms_norm_eps);
       HeadRmsNormRef(k, Hkv, D, lw.k_norm, c.rms_norm_eps);
+    } else if (c.qk_norm == QkNorm::kPerProjection) {
+      q = RmsNormRef(q, lw.q_norm, c.rms_norm_eps);
+      k = RmsNormRef(k, lw.k_norm, c.rms_norm_eps);
     }
     RopeRef(q, Hq, D, c.rope_theta);
     RopeRef(k, Hkv, D, c.rope_theta);
@@ -156,17 +175,19 @@ Mat NaiveLogits(const ModelConfig& c, const ModelWeights& w, const std::vector<i
         }
       }
     }
-    const Mat o = Linear(attn, lw.o, lw.o_bias);
+    Mat o = Linear(attn, lw.o, lw.o_bias);
+    if (c.norms.attention_output) o = RmsNormRef(o, lw.attention_output_norm, c.rms_norm_eps);
     for (size_t t = 0; t < T; ++t) {
       for (int64_t i = 0; i < H; ++i) x[t][static_cast<size_t>(i)] += o[t][static_cast<size_t>(i)];
     }
-    const Mat h2 = RmsNormRef(x, lw.post_norm, c.rms_norm_eps);
+    const Mat h2 = c.norms.pre_mlp ? RmsNormRef(x, lw.pre_mlp_norm, c.rms_norm_eps) : x;
     const Mat g = Linear(h2, lw.gate, lw.gate_bias), u = Linear(h2, lw.up, lw.up_bias);
     Mat act = g;
     for (size_t t = 0; t < T; ++t) {
       for (size_t i = 0; i < g[t].size(); ++i) act[t][i] = g[t][i] / (1.0 + std::exp(-g[t][i])) * u[t][i];
     }
-    const Mat down = Linear(act, lw.down, lw.down_bias);
+    Mat down = Linear(act, lw.down, lw.down_bias);
+    if (c.norms.mlp_output) down = RmsNormRef(down, lw.mlp_output_norm, c.rms_norm_eps);
     for (size_t t = 0; t < T; ++t) {
       for (int64_t i = 0; i < H; ++i) x[t][static_cast<size_t>(i)] += down[t][static_cast<size_t>(i)];
     }
@@ -179,7 +200,7 @@ at::Tensor Tokens(std::vector<int64_t> ids) {
 }
 
 TEST_CASE("The model's forward equals a naive loop-based reference on a 2-layer model", "[model][llama]") {
-  for (Family f : {Family::kLlama, Family::kQwen2, Family::kQwen3}) {
+  for (Family f : kFamilies) {
     INFO(FamilyName(f));
     const ModelConfig c = TwoLayerConfig(f);
     auto model = MakeModel(c, 11);
@@ -204,7 +225,7 @@ TEST_CASE("The model's forward equals a naive loop-based reference on a 2-layer 
 }
 
 TEST_CASE("KV-cache decoding gives the full-forward logits at every position", "[model][llama]") {
-  for (Family f : {Family::kLlama, Family::kQwen2, Family::kQwen3}) {
+  for (Family f : kFamilies) {
     INFO(FamilyName(f));
     const ModelConfig c = TwoLayerConfig(f);
     auto model = MakeModel(c, 12);
@@ -237,7 +258,9 @@ TEST_CASE("A KV cache that would overflow is an OutOfRange error and keeps its l
 }
 
 TEST_CASE("Recomputation on, off and of some layers gives the same loss and gradients", "[model][llama]") {
-  for (Family f : {Family::kQwen2, Family::kQwen3}) {  // every weight gets a gradient: biases, q/k norms
+  // Every weight gets a gradient: biases, q/k norms, OLMo 2's output norms (the MLP's one reads the down
+  // projection's values, which a graph-only recomputation must not skip).
+  for (Family f : {Family::kQwen2, Family::kQwen3, Family::kOlmo2}) {
     INFO(FamilyName(f));
     const ModelConfig c = TwoLayerConfig(f);
     auto model = MakeModel(c, 14);

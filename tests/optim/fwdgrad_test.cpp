@@ -12,6 +12,7 @@ using testing::BiasedMicroConfig;
 using testing::EveryProjection;
 using testing::MakeModel;
 using testing::MicroConfig;
+using testing::PostNormMicroConfig;
 using testing::RuleBatch;
 
 // A float64 copy of the model: every weight converted to double.
@@ -23,8 +24,26 @@ std::unique_ptr<model::LlamaModel> DoubleCopy(const model::LlamaModel& m) {
   to_double(w.embed);
   to_double(w.final_norm);
   for (model::LayerWeights& l : w.layers) {
-    for (at::Tensor* t : {&l.input_norm, &l.q, &l.k, &l.v, &l.o, &l.q_bias, &l.k_bias, &l.v_bias, &l.o_bias, &l.q_norm,
-                          &l.k_norm, &l.post_norm, &l.gate, &l.up, &l.down, &l.gate_bias, &l.up_bias, &l.down_bias}) {
+    for (at::Tensor* t : {&l.input_norm,
+                          &l.q,
+                          &l.k,
+                          &l.v,
+                          &l.o,
+                          &l.q_bias,
+                          &l.k_bias,
+                          &l.v_bias,
+                          &l.o_bias,
+                          &l.q_norm,
+                          &l.k_norm,
+                          &l.attention_output_norm,
+                          &l.pre_mlp_norm,
+                          &l.gate,
+                          &l.up,
+                          &l.down,
+                          &l.gate_bias,
+                          &l.up_bias,
+                          &l.down_bias,
+                          &l.mlp_output_norm}) {
       to_double(*t);
     }
   }
@@ -88,7 +107,9 @@ TEST_CASE("The forward-mode JVP equals a float64 central finite difference", "[o
 }
 
 TEST_CASE("The batched forward gradient equals per-tangent forward-mode AD", "[optim][fwdgrad][tangents]") {
-  const model::ModelConfig c = BiasedMicroConfig();
+  const bool post_norm = GENERATE(false, true);  // Qwen3-style per-head q/k norms, or OLMo 2's block
+  INFO((post_norm ? "post-norm block, q/k norms per projection" : "pre-norm block, biases, q/k norms per head"));
+  const model::ModelConfig c = post_norm ? PostNormMicroConfig() : BiasedMicroConfig();
   auto m = MakeModel(c, 4);
   auto a = RandomAdapter(c, 2, EveryProjection());
   const model::Batch batch = RuleBatch(2, 12, c.vocab_size, 7);

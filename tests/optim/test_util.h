@@ -39,7 +39,16 @@ inline model::ModelConfig BiasedMicroConfig() {
   c.qkv_bias = true;
   c.o_bias = true;
   c.mlp_bias = true;
-  c.qk_norm = true;
+  c.qk_norm = model::QkNorm::kPerHead;
+  return c;
+}
+
+// MicroConfig with OLMo 2's block: norms on the outputs of attention and the MLP instead of their inputs, and
+// q/k RMSNorm over the whole projections (weights of q_dim and kv_dim), which every tangent passes through.
+inline model::ModelConfig PostNormMicroConfig() {
+  model::ModelConfig c = MicroConfig();
+  c.norms = {.pre_attention = false, .attention_output = true, .pre_mlp = false, .mlp_output = true};
+  c.qk_norm = model::QkNorm::kPerProjection;
   return c;
 }
 

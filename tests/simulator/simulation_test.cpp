@@ -131,18 +131,22 @@ TEST_CASE("The same seed gives identical rounds with 1 and 2 threads", "[simulat
   CHECK(html->find("kseed") != std::string::npos);
 }
 
-TEST_CASE("A federation of tiny-qwen3 phones (q/k norms) lowers the held-out loss", "[simulator][families]") {
+TEST_CASE("A federation of phones of each newer family lowers the held-out loss", "[simulator][families]") {
+  // Qwen3 (q/k norms per head), OLMo 2 (norms on the sub-blocks' outputs, q/k norms over the projections).
+  const std::string preset = GENERATE(as<std::string>{}, "tiny-qwen3", "tiny-olmo2");
+  INFO(preset);
   TempDir dir;
   model::InitModelOptions init;
-  init.preset = "tiny-qwen3";
+  init.preset = preset;
   init.seed = 5;
-  const std::string model_dir = JoinPath(dir.path, "qwen3");
+  const std::string model_dir = JoinPath(dir.path, preset);
   REQUIRE(model::InitModel(model_dir, init).ok());
   SimulationOptions o = Small(JoinPath(dir.path, "out"));
   o.model_dir = model_dir;
   o.methods = {"lora-bp"};
   o.server.rounds = 5;
   o.server.steps = 8;
+  o.server.lr = 1e-3;
   auto r = RunSimulation(o);
   INFO(r.status().ToString());
   REQUIRE(r.ok());

@@ -1,0 +1,46 @@
+#pragma once
+
+// A model family: how its Hugging Face config.json maps onto ModelConfig's block description. The shared
+// fields (sizes, RoPE, eps, token ids, dtype) are read by ParseModelConfig (model/config.cpp); a family reads
+// and writes only what is its own: which projections have biases, where the block normalizes, q/k norms,
+// sliding windows. Tensor names follow from the description (model/weights.h), so a family that reuses the
+// Llama names needs nothing more. To add a family: a file here with its FamilySpec, listed in families.cpp.
+// No LibTorch (the fuzzing build compiles the config parser with clang).
+
+#include <span>
+#include <string_view>
+
+#include "absl/status/status.h"
+#include "model/config.h"
+#include "model/internal/config_json.h"
+
+namespace seedling::model::families {
+
+struct FamilySpec {
+  std::string_view architecture;  // config.json "architectures"[0], e.g. "Olmo2ForCausalLM"
+  std::string_view model_type;    // config.json "model_type", e.g. "olmo2"
+  // llama.cpp's name for the architecture (GGUF general.architecture), e.g. "olmo2"; several families may
+  // share one (Mistral exports as "llama"), and the first listed is what a GGUF file reads back as.
+  std::string_view gguf_architecture;
+  // Reads the family's own fields of config.json `j` into `c` (the shared ones are read already). An empty
+  // object gives the family's defaults (what a GGUF file of the family starts from).
+  absl::Status (*read)(const internal::Json& j, ModelConfig& c);
+  // Writes them back, so that Hugging Face transformers builds the same block from the file.
+  void (*write)(const ModelConfig& c, internal::Json& j);
+};
+
+// Every supported family, in the order error messages list them.
+std::span<const FamilySpec> Families();
+// The family of an architecture or a model_type; null when none matches.
+const FamilySpec* FamilyOfArchitecture(std::string_view architecture);
+const FamilySpec* FamilyOfModelType(std::string_view model_type);
+const FamilySpec* FamilyOfGgufArchitecture(std::string_view gguf_architecture);
+
+// The families, one per file.
+const FamilySpec& Llama();    // LlamaForCausalLM (SmolLM, TinyLlama, MobileLLM, Llama 3.2)
+const FamilySpec& Mistral();  // MistralForCausalLM
+const FamilySpec& Qwen2();    // Qwen2ForCausalLM (Qwen2, Qwen2.5)
+const FamilySpec& Qwen3();    // Qwen3ForCausalLM
+const FamilySpec& Olmo2();    // Olmo2ForCausalLM
+
+}  // namespace seedling::model::families

@@ -1,0 +1,26 @@
+#pragma once
+
+// Reading config.json fields with errors that name the field: shared by the config parser
+// (model/config.cpp) and the model families (model/families/). No LibTorch.
+
+#include <cstdint>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string_view>
+
+#include "absl/status/statusor.h"
+
+namespace seedling::model::internal {
+
+using Json = nlohmann::json;
+
+// InvalidArgument "config.json: field '<field>' <problem>".
+absl::Status FieldError(std::string_view field, std::string_view problem);
+
+// The field's value; `fallback` when it is missing or null (an error naming the field when there is none).
+// An integer written as a whole float (2048.0) is accepted.
+absl::StatusOr<int64_t> GetInt(const Json& j, const char* key, std::optional<int64_t> fallback);
+absl::StatusOr<double> GetDouble(const Json& j, const char* key, double fallback);
+absl::StatusOr<bool> GetBool(const Json& j, const char* key, bool fallback);
+
+}  // namespace seedling::model::internal
