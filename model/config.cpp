@@ -118,6 +118,17 @@ absl::Status ModelConfig::Validate() const {
   if (!(rms_norm_eps > 0)) return FieldError("rms_norm_eps", "must be positive");
   if (!(rope_theta > 0)) return FieldError("rope_theta", "must be positive");
   if (sliding_window) SEEDLING_RETURN_IF_ERROR(in_range(*sliding_window, "sliding_window", kMaxPositions));
+  if (sliding_window_pattern < 0 || sliding_window_pattern > kMaxLayers) {
+    return FieldError("sliding_window_pattern",
+                      StrCat("must be in [0, ", kMaxLayers, "], got ", sliding_window_pattern));
+  }
+  if (!(rope_local_theta >= 0) || !std::isfinite(rope_local_theta)) {
+    return FieldError("rope_local_base_freq", "must be positive");
+  }
+  if (!(attention_scale >= 0) || !std::isfinite(attention_scale)) {
+    return FieldError("query_pre_attn_scalar", "must be positive");
+  }
+  if (!std::isfinite(norm_weight_offset)) return FieldError("norm_weight_offset", "must be finite");
   if (bos_token_id && (*bos_token_id < 0 || *bos_token_id >= vocab_size)) {
     return FieldError("bos_token_id", StrCat("(", *bos_token_id, ") is outside the vocabulary"));
   }
@@ -161,12 +172,7 @@ absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view json_text) {
     SEEDLING_ASSIGN_OR_RETURN(c.rope_scaling, ParseRopeScaling(j));
     SEEDLING_ASSIGN_OR_RETURN(c.tie_word_embeddings, GetBool(j, "tie_word_embeddings", false));
     SEEDLING_RETURN_IF_ERROR(family->read(j, c));
-    auto act = j.find("hidden_act");
-    if (act != j.end() && !act->is_null()) {
-      if (!act->is_string() || (act->get<std::string>() != "silu" && act->get<std::string>() != "swish")) {
-        return FieldError("hidden_act", StrCat("is ", act->dump(), "; only silu is supported"));
-      }
-    }
+    SEEDLING_RETURN_IF_ERROR(internal::CheckActivation(j, "hidden_act", c.mlp_activation));
     auto bos = j.find("bos_token_id");
     if (bos != j.end() && !bos->is_null()) {
       SEEDLING_ASSIGN_OR_RETURN(int64_t b, GetInt(j, "bos_token_id", std::nullopt));
@@ -286,7 +292,7 @@ std::string ModelConfigToJson(const ModelConfig& c) {
       break;
   }
   j["tie_word_embeddings"] = c.tie_word_embeddings;
-  j["hidden_act"] = "silu";
+  j["hidden_act"] = internal::ActivationName(c.mlp_activation);
   if (const families::FamilySpec* family = families::FamilyOfArchitecture(c.architecture)) family->write(c, j);
   if (c.bos_token_id) j["bos_token_id"] = *c.bos_token_id;
   if (c.eos_token_ids.size() == 1) j["eos_token_id"] = c.eos_token_ids[0];
@@ -347,11 +353,32 @@ ModelConfig Olmo2(int64_t vocab, int64_t hidden, int64_t inter, int64_t layers, 
   return c;
 }
 
+// Gemma 3 (text): GeGLU, 1 + w norms before and after each sub-block, per-head q/k norms, scaled embeddings,
+// query_pre_attn_scalar = head_dim, local layers (window, RoPE base 10,000) with every 6th global (base 1e6),
+// tied, vocabulary 262,144, eps 1e-6.
+ModelConfig Gemma3(int64_t vocab, int64_t hidden, int64_t inter, int64_t layers, int64_t heads, int64_t kv,
+                   int64_t head_dim, int64_t window, int64_t max_pos) {
+  ModelConfig c = Llama(vocab, hidden, inter, layers, heads, kv, 1000000.0, 1e-6, true, max_pos);
+  c.architecture = "Gemma3ForCausalLM";
+  c.model_type = "gemma3_text";
+  c.head_dim = head_dim;
+  c.norms = {.pre_attention = true, .attention_output = true, .pre_mlp = true, .mlp_output = true};
+  c.qk_norm = QkNorm::kPerHead;
+  c.mlp_activation = MlpActivation::kGeluTanh;
+  c.norm_weight_offset = 1.0;
+  c.scale_embeddings = true;
+  c.attention_scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
+  c.sliding_window = window;
+  c.sliding_window_pattern = 6;
+  c.rope_local_theta = 10000.0;
+  return c;
+}
+
 }  // namespace
 
 std::vector<std::string> PresetNames() {
-  return {"tiny",         "tiny-qwen2",   "tiny-qwen3", "tiny-olmo2",     "smollm2-135m",
-          "smollm2-360m", "qwen2.5-0.5b", "qwen3-0.6b", "tinyllama-1.1b", "olmo-2-1b"};
+  return {"tiny",         "tiny-qwen2", "tiny-qwen3",     "tiny-olmo2", "tiny-gemma3",  "smollm2-135m", "smollm2-360m",
+          "qwen2.5-0.5b", "qwen3-0.6b", "tinyllama-1.1b", "olmo-2-1b",  "gemma-3-270m", "gemma-3-1b"};
 }
 
 absl::StatusOr<ModelConfig> PresetConfig(std::string_view name) {
@@ -389,6 +416,23 @@ absl::StatusOr<ModelConfig> PresetConfig(std::string_view name) {
     c = Olmo2(100352, 2048, 8192, 16, 16, 16, 500000.0, 4096);
     c.eos_token_ids = {100257};
     c.torch_dtype = "float32";
+  } else if (name == "tiny-gemma3") {
+    // 6 layers, so both kinds appear (layers 0-4 local, window 64; layer 5 global); head_dim 48 x 4 != 128.
+    c = Gemma3(2048, 128, 384, 6, 4, 2, 48, 64, 4096);
+    c.bos_token_id = 0;
+    c.eos_token_ids = {0};
+  } else if (name == "gemma-3-270m") {
+    // google/gemma-3-270m: 268,098,176 parameters.
+    c = Gemma3(262144, 640, 2048, 18, 4, 1, 256, 512, 32768);
+    c.bos_token_id = 2;
+    c.eos_token_ids = {1};
+    c.torch_dtype = "bfloat16";
+  } else if (name == "gemma-3-1b") {
+    // google/gemma-3-1b-pt: 999,885,952 parameters.
+    c = Gemma3(262144, 1152, 6912, 26, 4, 1, 256, 512, 32768);
+    c.bos_token_id = 2;
+    c.eos_token_ids = {1};
+    c.torch_dtype = "bfloat16";
   } else if (name == "smollm2-135m") {
     c = Llama(49152, 576, 1536, 30, 9, 3, 100000.0, 1e-5, true, 8192);
     c.bos_token_id = 0;

@@ -59,6 +59,12 @@ enum class QkNorm {
   kPerProjection,  // over the whole q / k projection, weights of q_dim / kv_dim (OLMo 2)
 };
 
+// The gate's activation in the gated MLP: act(gate) · up.
+enum class MlpActivation {
+  kSilu,      // SwiGLU (Llama, Qwen, OLMo 2)
+  kGeluTanh,  // GeGLU with the tanh approximation of GELU, "gelu_pytorch_tanh" (Gemma)
+};
+
 // Architecture hyper-parameters. Field names follow config.json.
 struct ModelConfig {
   // "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM", "Olmo2ForCausalLM"
@@ -76,12 +82,23 @@ struct ModelConfig {
   double rope_theta = 10000.0;
   RopeScaling rope_scaling;
   bool tie_word_embeddings = false;
-  bool qkv_bias = false;                  // q/k/v projections have a bias (Qwen2 always; Llama with attention_bias)
-  bool o_bias = false;                    // o_proj has a bias (Llama with attention_bias)
-  bool mlp_bias = false;                  // gate/up/down have biases (Llama mlp_bias)
-  NormPlacement norms;                    // where the block normalizes
-  QkNorm qk_norm = QkNorm::kNone;         // RMSNorm on q and k before RoPE (Qwen3, OLMo 2)
+  bool qkv_bias = false;           // q/k/v projections have a bias (Qwen2 always; Llama with attention_bias)
+  bool o_bias = false;             // o_proj has a bias (Llama with attention_bias)
+  bool mlp_bias = false;           // gate/up/down have biases (Llama mlp_bias)
+  NormPlacement norms;             // where the block normalizes
+  QkNorm qk_norm = QkNorm::kNone;  // RMSNorm on q and k before RoPE (Qwen3, OLMo 2)
+  MlpActivation mlp_activation = MlpActivation::kSilu;
+  // Every RMSNorm scales by (norm_weight_offset + w): Gemma stores w - 1 and scales by (1 + w).
+  double norm_weight_offset = 0.0;
+  bool scale_embeddings = false;  // the embeddings are multiplied by sqrt(hidden_size) (Gemma)
+  // The queries' scale in attention; 0 = 1 / sqrt(head_dim). Gemma: query_pre_attn_scalar^-0.5.
+  double attention_scale = 0.0;
   std::optional<int64_t> sliding_window;  // Mistral / Qwen2 with use_sliding_window: attend to the last N
+  // With a sliding window: 0 = every layer is windowed; N > 0 = every Nth layer (l + 1 divisible by N) is global,
+  // the others windowed ("local"), as Gemma 2 (N = 2) and Gemma 3 (N = 6) alternate.
+  int64_t sliding_window_pattern = 0;
+  // RoPE base of the local layers; 0 = rope_theta. Local layers take no rope_scaling (Gemma 3).
+  double rope_local_theta = 0.0;
   std::optional<int64_t> bos_token_id;
   std::vector<int64_t> eos_token_ids;   // config.json allows one id or a list
   std::string torch_dtype = "float32";  // dtype of the stored weights ("bfloat16", "float16", "float32")
@@ -91,6 +108,11 @@ struct ModelConfig {
   // Weights of the q and k norms: head_dim each per head, q_dim / kv_dim per projection, 0 without.
   int64_t q_norm_size() const { return QkNormSize(q_dim()); }
   int64_t k_norm_size() const { return QkNormSize(kv_dim()); }
+  // Whether layer `l` is windowed (local), and the window it attends through (nullopt = the whole context).
+  bool LayerIsLocal(int64_t l) const {
+    return sliding_window.has_value() && (sliding_window_pattern <= 0 || (l + 1) % sliding_window_pattern != 0);
+  }
+  std::optional<int64_t> LayerWindow(int64_t l) const { return LayerIsLocal(l) ? sliding_window : std::nullopt; }
   // Number of parameters the architecture implies (counting a tied LM head once).
   int64_t NumParameters() const;
 

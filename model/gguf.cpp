@@ -163,11 +163,29 @@ struct GgufGraphRules {
 };
 
 constexpr GgufGraphRules kGraphRules[] = {
-    {"llama", true, true, false, true, false},
-    {"qwen2", false, true, true, false, true},
-    {"qwen3", false, false, false, false, false},
-    {"olmo2", false, false, false, false, true},
+    {"llama", true, true, false, true, false},     {"qwen2", false, true, true, false, true},
+    {"qwen3", false, false, false, false, false},  {"olmo2", false, false, false, false, true},
+    {"gemma3", false, false, false, false, false},
 };
+
+// llama.cpp's gemma3 graph hard-codes what Hugging Face's config sets: every 6th layer global, the local
+// layers' RoPE base 10,000, and queries scaled by 1 / sqrt(head_dim) (but for its 27B).
+absl::Status CheckGemma3Export(const ModelConfig& c) {
+  const std::string why = "cannot be exported: llama.cpp's gemma3 architecture fixes ";
+  if (!c.sliding_window || c.sliding_window_pattern != 6) {
+    return absl::InvalidArgumentError(StrCat("Gemma3ForCausalLM without local layers every 6th global ", why,
+                                             "that pattern (sliding_window_pattern 6)"));
+  }
+  if (c.rope_local_theta != 10000.0) {
+    return absl::InvalidArgumentError(StrCat("Gemma3ForCausalLM with rope_local_base_freq ", c.rope_local_theta, " ",
+                                             why, "the local layers' RoPE base at 10000"));
+  }
+  if (std::abs(c.attention_scale * std::sqrt(static_cast<double>(c.head_dim)) - 1.0) > 1e-9) {
+    return absl::InvalidArgumentError(StrCat("Gemma3ForCausalLM with query_pre_attn_scalar != head_dim ", why,
+                                             "the query scale at 1 / sqrt(head_dim)"));
+  }
+  return absl::OkStatus();
+}
 
 absl::Status CheckExpressible(const ModelConfig& c, const GgufGraphRules& r) {
   const std::string who = StrCat(c.architecture, " ");
@@ -200,6 +218,7 @@ absl::StatusOr<std::string> GgufArchitecture(const ModelConfig& c) {
   for (const GgufGraphRules& rules : kGraphRules) {
     if (family == nullptr || family->gguf_architecture != rules.arch) continue;
     SEEDLING_RETURN_IF_ERROR(CheckExpressible(c, rules));
+    if (rules.arch == "gemma3") SEEDLING_RETURN_IF_ERROR(CheckGemma3Export(c));
     return std::string(rules.arch);
   }
   std::string names;
@@ -323,6 +342,10 @@ absl::StatusOr<std::vector<TensorPlan>> PlanTensors(const ModelConfig& c, const 
   const int64_t q_heads = RopeHeads(c, Projection::kQ);
   const int64_t k_heads = RopeHeads(c, Projection::kK);
 
+  // llama.cpp's Gemma graphs scale by the stored norm weight, Hugging Face's by (1 + w): the file holds 1 + w.
+  auto scale = [&](const at::Tensor& t) {
+    return t.defined() && c.norm_weight_offset != 0 ? t.detach() + c.norm_weight_offset : t;
+  };
   TensorPlanner planner(matrix_format);
   SEEDLING_RETURN_IF_ERROR(planner.Add("token_embd.weight", w.embed, {V, H}));
   if (c.rope_scaling.type == RopeScaling::Type::kLlama3) {
@@ -344,7 +367,8 @@ absl::StatusOr<std::vector<TensorPlan>> PlanTensors(const ModelConfig& c, const 
     auto projection = [&](Projection p, const at::Tensor& t) {
       return planner.Add(ProjectionTensorName(i, p), t, ProjectionShape(c, p), RopeHeads(c, p));
     };
-    if (c.norms.pre_attention) SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "attn_norm.weight", l.input_norm, {H}));
+    if (c.norms.pre_attention)
+      SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "attn_norm.weight", scale(l.input_norm), {H}));
     SEEDLING_RETURN_IF_ERROR(projection(Projection::kQ, l.q));
     SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.qkv_bias, blk + "attn_q.bias", l.q_bias, q, q_heads));
     SEEDLING_RETURN_IF_ERROR(projection(Projection::kK, l.k));
@@ -354,22 +378,23 @@ absl::StatusOr<std::vector<TensorPlan>> PlanTensors(const ModelConfig& c, const 
     SEEDLING_RETURN_IF_ERROR(projection(Projection::kO, l.o));
     SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.o_bias, blk + "attn_output.bias", l.o_bias, H));
     if (c.qk_norm != QkNorm::kNone) {
-      SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "attn_q_norm.weight", l.q_norm, {c.q_norm_size()}));
-      SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "attn_k_norm.weight", l.k_norm, {c.k_norm_size()}));
+      SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "attn_q_norm.weight", scale(l.q_norm), {c.q_norm_size()}));
+      SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "attn_k_norm.weight", scale(l.k_norm), {c.k_norm_size()}));
     }
     if (c.norms.attention_output) {
-      SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "post_attention_norm.weight", l.attention_output_norm, {H}));
+      SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "post_attention_norm.weight", scale(l.attention_output_norm), {H}));
     }
-    if (c.norms.pre_mlp) SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "ffn_norm.weight", l.pre_mlp_norm, {H}));
+    if (c.norms.pre_mlp) SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "ffn_norm.weight", scale(l.pre_mlp_norm), {H}));
     SEEDLING_RETURN_IF_ERROR(projection(Projection::kGate, l.gate));
     SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.mlp_bias, blk + "ffn_gate.bias", l.gate_bias, I));
     SEEDLING_RETURN_IF_ERROR(projection(Projection::kUp, l.up));
     SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.mlp_bias, blk + "ffn_up.bias", l.up_bias, I));
     SEEDLING_RETURN_IF_ERROR(projection(Projection::kDown, l.down));
     SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.mlp_bias, blk + "ffn_down.bias", l.down_bias, H));
-    if (c.norms.mlp_output) SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "post_ffw_norm.weight", l.mlp_output_norm, {H}));
+    if (c.norms.mlp_output)
+      SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "post_ffw_norm.weight", scale(l.mlp_output_norm), {H}));
   }
-  SEEDLING_RETURN_IF_ERROR(planner.Add("output_norm.weight", w.final_norm, {H}));
+  SEEDLING_RETURN_IF_ERROR(planner.Add("output_norm.weight", scale(w.final_norm), {H}));
   // A tied head is left out: llama.cpp then reads token_embd.weight for the output projection.
   if (!c.tie_word_embeddings) SEEDLING_RETURN_IF_ERROR(planner.Add("output.weight", w.lm_head, {V, H}));
   return std::move(planner.plans());
@@ -588,6 +613,8 @@ absl::Status AddHyperparameters(const ModelConfig& c, const std::string& arch, c
     md.U32(p + "attention.key_length", c.head_dim);
     md.U32(p + "attention.value_length", c.head_dim);
   }
+  // A windowed architecture whose window llama.cpp reads (gemma3; the llama architecture has none).
+  if (c.sliding_window && arch == "gemma3") md.U32(p + "attention.sliding_window", *c.sliding_window);
   if (c.rope_scaling.type == RopeScaling::Type::kLinear) {
     md.Str(p + "rope.scaling.type", "linear");
     md.F32(p + "rope.scaling.factor", c.rope_scaling.factor);

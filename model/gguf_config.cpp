@@ -242,6 +242,17 @@ void ReadLayout(const GgufFile& f, ModelConfig& c) {
   c.torch_dtype = type == GgmlType::kF32 ? "float32" : type == GgmlType::kBF16 ? "bfloat16" : "float16";
 }
 
+// What llama.cpp's gemma3 graph fixes (every 6th layer global, local RoPE base 10,000, queries scaled by
+// 1 / sqrt(head_dim)) and the window it reads.
+absl::Status ReadGemma3(const GgufFile& f, const std::string& p, ModelConfig& c) {
+  SEEDLING_ASSIGN_OR_RETURN(const uint32_t window, f.GetU32(p + "attention.sliding_window"));
+  c.sliding_window = window;
+  c.sliding_window_pattern = 6;
+  c.rope_local_theta = 10000.0;
+  c.attention_scale = 1.0 / std::sqrt(static_cast<double>(c.head_dim));
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<ModelConfig> ConfigFromGguf(const GgufFile& file) {
@@ -268,6 +279,7 @@ absl::StatusOr<ModelConfig> ConfigFromGguf(const GgufFile& file) {
   SEEDLING_RETURN_IF_ERROR(ReadRope(file, p, arch, c));
   SEEDLING_RETURN_IF_ERROR(ReadSpecialIds(file, c));
   ReadLayout(file, c);
+  if (arch == "gemma3") SEEDLING_RETURN_IF_ERROR(ReadGemma3(file, p, c));
   const absl::Status valid = c.Validate();
   if (!valid.ok()) return Annotate(valid, StrCat("GGUF file '", file.path(), "'"));
   return c;

@@ -37,6 +37,7 @@ struct Expected {
   std::vector<int64_t> shape;  // PyTorch order; a block matrix's logical (rows, cols)
   at::Tensor* slot;
   int64_t rope_heads = 0;  // > 0: undo GGML's RoPE row interleave within this many heads
+  bool norm = false;       // a norm weight: the file holds its scale, w + ModelConfig::norm_weight_offset
 };
 
 }  // namespace
@@ -61,7 +62,7 @@ std::vector<Expected> GgufTensorSlots(const ModelConfig& c, ModelWeights& w) {
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
     LayerWeights& l = w.layers[i];
     const std::string b = StrCat("blk.", i, ".");
-    if (c.norms.pre_attention) out.push_back({b + "attn_norm.weight", {H}, &l.input_norm});
+    if (c.norms.pre_attention) out.push_back({b + "attn_norm.weight", {H}, &l.input_norm, 0, true});
     out.push_back({b + "attn_q.weight", {q, H}, &l.q, q_heads});
     out.push_back({b + "attn_k.weight", {kv, H}, &l.k, k_heads});
     out.push_back({b + "attn_v.weight", {kv, H}, &l.v});
@@ -73,11 +74,13 @@ std::vector<Expected> GgufTensorSlots(const ModelConfig& c, ModelWeights& w) {
     }
     if (c.o_bias) out.push_back({b + "attn_output.bias", {H}, &l.o_bias});
     if (c.qk_norm != QkNorm::kNone) {
-      out.push_back({b + "attn_q_norm.weight", {c.q_norm_size()}, &l.q_norm});
-      out.push_back({b + "attn_k_norm.weight", {c.k_norm_size()}, &l.k_norm});
+      out.push_back({b + "attn_q_norm.weight", {c.q_norm_size()}, &l.q_norm, 0, true});
+      out.push_back({b + "attn_k_norm.weight", {c.k_norm_size()}, &l.k_norm, 0, true});
     }
-    if (c.norms.attention_output) out.push_back({b + "post_attention_norm.weight", {H}, &l.attention_output_norm});
-    if (c.norms.pre_mlp) out.push_back({b + "ffn_norm.weight", {H}, &l.pre_mlp_norm});
+    if (c.norms.attention_output) {
+      out.push_back({b + "post_attention_norm.weight", {H}, &l.attention_output_norm, 0, true});
+    }
+    if (c.norms.pre_mlp) out.push_back({b + "ffn_norm.weight", {H}, &l.pre_mlp_norm, 0, true});
     out.push_back({b + "ffn_gate.weight", {I, H}, &l.gate});
     out.push_back({b + "ffn_up.weight", {I, H}, &l.up});
     out.push_back({b + "ffn_down.weight", {H, I}, &l.down});
@@ -86,9 +89,9 @@ std::vector<Expected> GgufTensorSlots(const ModelConfig& c, ModelWeights& w) {
       out.push_back({b + "ffn_up.bias", {I}, &l.up_bias});
       out.push_back({b + "ffn_down.bias", {H}, &l.down_bias});
     }
-    if (c.norms.mlp_output) out.push_back({b + "post_ffw_norm.weight", {H}, &l.mlp_output_norm});
+    if (c.norms.mlp_output) out.push_back({b + "post_ffw_norm.weight", {H}, &l.mlp_output_norm, 0, true});
   }
-  out.push_back({"output_norm.weight", {H}, &w.final_norm});
+  out.push_back({"output_norm.weight", {H}, &w.final_norm, 0, true});
   if (!c.tie_word_embeddings) out.push_back({"output.weight", {V, H}, &w.lm_head});
   return out;
 }
@@ -218,6 +221,8 @@ absl::StatusOr<ModelWeights> LoadGgufWeights(const GgufFile& f, const ModelConfi
     }
     used.insert(e.name);
     SEEDLING_ASSIGN_OR_RETURN(*e.slot, LoadTensor(f, *t, e, precision));
+    // llama.cpp's Gemma graphs scale by the stored weight, Hugging Face's by (1 + w).
+    if (e.norm && c.norm_weight_offset != 0) *e.slot = *e.slot - c.norm_weight_offset;
   }
   // Llama 3 scaling is carried by rope_freqs.weight, which ConfigFromGguf reads.
   if (c.rope_scaling.type == RopeScaling::Type::kLlama3) {

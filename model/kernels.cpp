@@ -359,6 +359,23 @@ struct SwiGluFunction : public torch::autograd::Function<SwiGluFunction> {
   }
 };
 
+// GeGLU under reverse-mode autograd: keeps gate and up, recomputes GELU in backward.
+struct GeGluFunction : public torch::autograd::Function<GeGluFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gate, const at::Tensor& up) {
+    at::NoGradGuard no_grad;
+    ctx->save_for_backward({gate, up});
+    return at::gelu(gate, "tanh").mul_(up);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &gate = saved[0], &up = saved[1];
+    const at::Tensor& dy = grad_outputs[0];
+    return {ctx->needs_input_grad(0) ? at::gelu_backward(dy * up, gate, "tanh") : at::Tensor(),
+            ctx->needs_input_grad(1) ? at::gelu(gate, "tanh").mul_(dy) : at::Tensor()};
+  }
+};
+
 // RoPE's rotation by +θ (sign 1) or −θ (sign −1) in the "rotate half" layout, written into one output
 // (no concatenation): out1 = x1 c − sign x2 s, out2 = x2 c + sign x1 s. No autograd.
 at::Tensor Rotate(const at::Tensor& x, const at::Tensor& c, const at::Tensor& s, double sign) {
@@ -399,6 +416,12 @@ at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 at::Tensor SwiGlu(const at::Tensor& gate, const at::Tensor& up) {
   if (RecordsBackward({gate, up})) return SwiGluFunction::apply(gate, up);
   return at::silu(gate) * up;
+}
+
+at::Tensor GatedActivation(const at::Tensor& gate, const at::Tensor& up, MlpActivation activation) {
+  if (activation == MlpActivation::kSilu) return SwiGlu(gate, up);
+  if (RecordsBackward({gate, up})) return GeGluFunction::apply(gate, up);
+  return at::gelu(gate, "tanh") * up;
 }
 
 at::Tensor RopeInverseFrequencies(const ModelConfig& c) {
@@ -580,6 +603,22 @@ at::Tensor SwiGluTangents(const at::Tensor& gate, const at::Tensor& up) {
     at::Tensor d = out.narrow(0, 1, directions);
     at::mul_out(d, gate.narrow(0, 1, directions), dsilu_u);
     d.addcmul_(up.narrow(0, 1, directions), silu);
+  }
+  return out;
+}
+
+at::Tensor GatedActivationTangents(const at::Tensor& gate, const at::Tensor& up, MlpActivation activation) {
+  if (activation == MlpActivation::kSilu) return SwiGluTangents(gate, up);
+  const int64_t directions = gate.size(0) - 1;
+  const at::Tensor g0 = gate.select(0, 0), u0 = up.select(0, 0);
+  const at::Tensor gelu = at::gelu(g0, "tanh");
+  at::Tensor out = at::empty_like(gate);
+  out.select(0, 0).copy_(gelu * u0);  // exactly at::gelu(gate, "tanh") * up
+  if (directions > 0) {
+    const at::Tensor dgelu_u = at::gelu_backward(u0, g0, "tanh");  // gelu'(g) · u
+    at::Tensor d = out.narrow(0, 1, directions);
+    at::mul_out(d, gate.narrow(0, 1, directions), dgelu_u);
+    d.addcmul_(up.narrow(0, 1, directions), gelu);
   }
   return out;
 }

@@ -78,6 +78,10 @@ at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps);
 // (backward recomputes silu).
 at::Tensor SwiGlu(const at::Tensor& gate, const at::Tensor& up);
 
+// act(gate) · up for the config's MLP activation: SwiGlu for kSilu; for kGeluTanh (GeGLU) GELU's tanh
+// approximation, under reverse-mode autograd keeping only gate and up as SwiGlu does.
+at::Tensor GatedActivation(const at::Tensor& gate, const at::Tensor& up, MlpActivation activation);
+
 // RoPE inverse frequencies (head_dim / 2), with the config's rope_scaling applied
 // (RopeInverseFrequencyValues in model/config.h), as a double-precision tensor.
 at::Tensor RopeInverseFrequencies(const ModelConfig& config);
@@ -118,6 +122,9 @@ at::Tensor RmsNormTangents(const at::Tensor& x, const at::Tensor& weight, double
 // silu(gate) · up, for gate and up stacked alike: d = silu'(g) dg · u + silu(g) · du,
 // silu'(g) = σ(g) (1 + g (1 − σ(g))).
 at::Tensor SwiGluTangents(const at::Tensor& gate, const at::Tensor& up);
+
+// GatedActivation on stacked gate and up: d = act'(g) dg · u + act(g) · du.
+at::Tensor GatedActivationTangents(const at::Tensor& gate, const at::Tensor& up, MlpActivation activation);
 
 // GroupedQueryAttention (q_start 0, full causal self-attention) on stacked q (1+K, B, Hq, T, D), k and v
 // (1+K, B, Hkv, T, D): with scores S = q kᵀ/√D and P = softmax(S), dS = (dq kᵀ + q dkᵀ)/√D,

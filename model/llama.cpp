@@ -54,8 +54,38 @@ int64_t KvCache::bytes() const {
   return total;
 }
 
+namespace {
+
+// The local layers' RoPE: their own base, no scaling (Gemma 3).
+ModelConfig LocalRopeConfig(const ModelConfig& c) {
+  ModelConfig local = c;
+  local.rope_theta = c.rope_local_theta;
+  local.rope_scaling = RopeScaling{};
+  return local;
+}
+
+}  // namespace
+
 LlamaModel::LlamaModel(ModelConfig config, ModelWeights weights)
-    : config_(std::move(config)), weights_(std::move(weights)), inv_freq_(RopeInverseFrequencies(config_)) {}
+    : config_(std::move(config)),
+      weights_(std::move(weights)),
+      inv_freq_(RopeInverseFrequencies(config_)),
+      local_inv_freq_(config_.rope_local_theta > 0 ? RopeInverseFrequencies(LocalRopeConfig(config_)) : at::Tensor()) {}
+
+LlamaModel::LayerRopes LlamaModel::MakeRopes(int64_t start, int64_t length, at::ScalarType dtype) const {
+  auto tables = [&](const at::Tensor& inv_freq) {
+    const RopeTables t = MakeRopeTables(inv_freq, start, length);
+    return RopeTables{t.cos.to(dtype), t.sin.to(dtype)};  // once, not per layer
+  };
+  LayerRopes ropes;
+  ropes.global = tables(inv_freq_);
+  if (local_inv_freq_.defined()) ropes.local = tables(local_inv_freq_);
+  return ropes;
+}
+
+at::Tensor LlamaModel::NormWeight(const at::Tensor& w) const {
+  return config_.norm_weight_offset == 0 ? w : w + config_.norm_weight_offset;
+}
 
 namespace {
 
@@ -158,7 +188,8 @@ absl::Status LlamaModel::ValidateTokens(const at::Tensor& tokens) const {
 }
 
 at::Tensor LlamaModel::Embed(const at::Tensor& tokens) const {
-  return FrozenEmbedding(weights_.embed, tokens);  // (B, T, H)
+  const at::Tensor x = FrozenEmbedding(weights_.embed, tokens);  // (B, T, H)
+  return config_.scale_embeddings ? x * std::sqrt(static_cast<double>(config_.hidden_size)) : x;
 }
 
 at::Tensor LlamaModel::Project(int64_t layer, Projection p, const at::Tensor& x, const at::Tensor& w,
@@ -192,9 +223,10 @@ at::Tensor LlamaModel::Mlp(int64_t layer, const at::Tensor& x, const ForwardOpti
 at::Tensor LlamaModel::MlpRows(int64_t layer, const at::Tensor& x, const ForwardOptions& options,
                                LayerOutput output) const {
   const LayerWeights& w = weights_.layers[static_cast<size_t>(layer)];
-  const at::Tensor gate = Project(layer, Projection::kGate, x, w.gate, w.gate_bias, options);        // (..., I)
-  const at::Tensor up = Project(layer, Projection::kUp, x, w.up, w.up_bias, options);                // (..., I)
-  return Project(layer, Projection::kDown, SwiGlu(gate, up), w.down, w.down_bias, options, output);  // (..., H)
+  const at::Tensor gate = Project(layer, Projection::kGate, x, w.gate, w.gate_bias, options);  // (..., I)
+  const at::Tensor up = Project(layer, Projection::kUp, x, w.up, w.up_bias, options);          // (..., I)
+  return Project(layer, Projection::kDown, GatedActivation(gate, up, config_.mlp_activation), w.down, w.down_bias,
+                 options, output);  // (..., H)
 }
 
 at::Tensor LlamaModel::DecoderLayer(int64_t layer, const at::Tensor& x, const RopeTables& rope,
@@ -216,8 +248,8 @@ at::Tensor LlamaModel::DecoderLayerImpl(int64_t layer, const at::Tensor& x, cons
   q = q.transpose(1, 2);
   k = k.transpose(1, 2);
   at::Tensor v = Project(layer, Projection::kV, h, w.v, w.v_bias, options).view({b, t, hkv, d}).transpose(1, 2);
-  q = ApplyRope(q, rope);  // (B, Hq, T, D)
-  k = ApplyRope(k, rope);  // (B, Hkv, T, D)
+  q = ScaleQueries(ApplyRope(q, rope));  // (B, Hq, T, D)
+  k = ApplyRope(k, rope);                // (B, Hkv, T, D)
   if (cache != nullptr) {
     at::Tensor& ck = cache->k_[static_cast<size_t>(layer)];
     at::Tensor& cv = cache->v_[static_cast<size_t>(layer)];
@@ -226,7 +258,7 @@ at::Tensor LlamaModel::DecoderLayerImpl(int64_t layer, const at::Tensor& x, cons
     k = ck.narrow(2, 0, q_start + t);  // (B, Hkv, S, D)
     v = cv.narrow(2, 0, q_start + t);
   }
-  const at::Tensor attn = GroupedQueryAttention(q, k, v, q_start, config_.sliding_window)  // (B, Hq, T, D)
+  const at::Tensor attn = GroupedQueryAttention(q, k, v, q_start, config_.LayerWindow(layer))  // (B, Hq, T, D)
                               .transpose(1, 2)
                               .reshape({b, t, hq * d});
   const at::Tensor x1 =
@@ -237,11 +269,16 @@ at::Tensor LlamaModel::DecoderLayerImpl(int64_t layer, const at::Tensor& x, cons
   // recomputation would otherwise skip.
   const at::Tensor m = MaybeNorm(config_.norms.pre_mlp, x1, w.pre_mlp_norm, RmsNorm);
   if (!config_.norms.mlp_output) return x1 + Mlp(layer, m, options, output);
-  return x1 + RmsNorm(Mlp(layer, m, options), w.mlp_output_norm, config_.rms_norm_eps);
+  return x1 + RmsNorm(Mlp(layer, m, options), NormWeight(w.mlp_output_norm), config_.rms_norm_eps);
 }
 
 at::Tensor LlamaModel::MaybeNorm(bool on, const at::Tensor& x, const at::Tensor& weight, NormFn norm) const {
-  return on ? norm(x, weight, config_.rms_norm_eps) : x;
+  return on ? norm(x, NormWeight(weight), config_.rms_norm_eps) : x;
+}
+
+at::Tensor LlamaModel::ScaleQueries(const at::Tensor& q) const {
+  if (config_.attention_scale <= 0) return q;  // attention divides by sqrt(head_dim) itself
+  return q * (config_.attention_scale * std::sqrt(static_cast<double>(config_.head_dim)));
 }
 
 at::Tensor LlamaModel::QkHeads(const at::Tensor& projected, int64_t heads, const at::Tensor& norm,
@@ -253,9 +290,9 @@ at::Tensor LlamaModel::QkHeads(const at::Tensor& projected, int64_t heads, const
     case QkNorm::kNone:
       break;
     case QkNorm::kPerProjection:
-      return norm_fn(projected, norm, config_.rms_norm_eps).view(shape);
+      return norm_fn(projected, NormWeight(norm), config_.rms_norm_eps).view(shape);
     case QkNorm::kPerHead:
-      return norm_fn(projected.view(shape), norm, config_.rms_norm_eps);
+      return norm_fn(projected.view(shape), NormWeight(norm), config_.rms_norm_eps);
   }
   return projected.view(shape);
 }
@@ -279,7 +316,8 @@ at::Tensor LlamaModel::MlpTangents(int64_t layer, const at::Tensor& x, const For
     const at::Tensor in = chunk == rows ? flat : flat.narrow(1, start, std::min(chunk, rows - start));
     const at::Tensor gate = ProjectTangents(layer, Projection::kGate, in, w.gate, w.gate_bias, options);
     const at::Tensor up = ProjectTangents(layer, Projection::kUp, in, w.up, w.up_bias, options);
-    at::Tensor y = ProjectTangents(layer, Projection::kDown, SwiGluTangents(gate, up), w.down, w.down_bias, options);
+    at::Tensor y = ProjectTangents(layer, Projection::kDown, GatedActivationTangents(gate, up, config_.mlp_activation),
+                                   w.down, w.down_bias, options);
     if (chunk == rows) return y.view(x.sizes());
     out.narrow(1, start, in.size(1)).copy_(y);
   }
@@ -297,11 +335,12 @@ at::Tensor LlamaModel::DecoderLayerTangents(int64_t layer, const at::Tensor& x, 
   auto heads = [&](Projection p, const at::Tensor& weight, const at::Tensor& bias, int64_t n, const at::Tensor& norm) {
     return QkHeads(ProjectTangents(layer, p, h, weight, bias, options), n, norm, RmsNormTangents).transpose(2, 3);
   };
-  const at::Tensor q = ApplyRope(heads(Projection::kQ, w.q, w.q_bias, hq, w.q_norm), rope);   // (1+K, B, Hq, T, D)
+  const at::Tensor q =
+      ScaleQueries(ApplyRope(heads(Projection::kQ, w.q, w.q_bias, hq, w.q_norm), rope));      // (1+K, B, Hq, T, D)
   const at::Tensor k = ApplyRope(heads(Projection::kK, w.k, w.k_bias, hkv, w.k_norm), rope);  // (1+K, B, Hkv, T, D)
   const at::Tensor v =
       ProjectTangents(layer, Projection::kV, h, w.v, w.v_bias, options).view({slices, b, t, hkv, d}).transpose(2, 3);
-  const at::Tensor attn = GroupedQueryAttentionTangents(q, k, v, config_.sliding_window)  // (1+K, B, Hq, T, D)
+  const at::Tensor attn = GroupedQueryAttentionTangents(q, k, v, config_.LayerWindow(layer))  // (1+K, B, Hq, T, D)
                               .transpose(2, 3)
                               .reshape({slices, b, t, hq * d});
   const at::Tensor x1 = x + MaybeNorm(config_.norms.attention_output,
@@ -348,12 +387,12 @@ absl::StatusOr<at::Tensor> LlamaModel::Hidden(const at::Tensor& tokens, const Fo
   SEEDLING_RETURN_IF_ERROR(ValidateTokens(tokens));
   return CatchTorch("forward", [&] {
     at::Tensor x = Embed(tokens);  // (B, T, H)
-    RopeTables rope = MakeRopeTables(inv_freq_, 0, tokens.size(1));
-    rope = {rope.cos.to(x.scalar_type()), rope.sin.to(x.scalar_type())};  // once, not per layer
+    const LayerRopes ropes = MakeRopes(0, tokens.size(1), x.scalar_type());
     const bool recompute = options.recompute && at::GradMode::is_enabled();
     const int64_t layers = config_.num_hidden_layers;
     const int64_t recomputed = layers - std::clamp<int64_t>(options.stored_layers, 0, layers);
     for (int64_t l = 0; l < layers; ++l) {
+      const RopeTables& rope = ropes.For(config_, l);
       if (recompute && l < recomputed) {
         // Backward re-runs the layer for its graph only: the MLP's down projection, whose product only
         // feeds the layer's output, is not multiplied again.
@@ -366,7 +405,7 @@ absl::StatusOr<at::Tensor> LlamaModel::Hidden(const at::Tensor& tokens, const Fo
         x = DecoderLayer(l, x, rope, options);
       }
     }
-    return RmsNorm(x, weights_.final_norm, config_.rms_norm_eps);
+    return RmsNorm(x, NormWeight(weights_.final_norm), config_.rms_norm_eps);
   });
 }
 
@@ -432,10 +471,11 @@ absl::StatusOr<LlamaModel::LossJvps> LlamaModel::LossTangents(const at::Tensor& 
     const at::Tensor embedded = Embed(tokens);  // (B, T, H)
     at::Tensor x = at::zeros({1 + directions, b, t, h}, embedded.options());
     x.select(0, 0).copy_(embedded);
-    RopeTables rope = MakeRopeTables(inv_freq_, 0, t);
-    rope = {rope.cos.to(x.scalar_type()), rope.sin.to(x.scalar_type())};
-    for (int64_t l = 0; l < config_.num_hidden_layers; ++l) x = DecoderLayerTangents(l, x, rope, options);
-    x = RmsNormTangents(x, weights_.final_norm, config_.rms_norm_eps);
+    const LayerRopes ropes = MakeRopes(0, t, x.scalar_type());
+    for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
+      x = DecoderLayerTangents(l, x, ropes.For(config_, l), options);
+    }
+    x = RmsNormTangents(x, NormWeight(weights_.final_norm), config_.rms_norm_eps);
     LossJvps out;
     out.derivatives.assign(static_cast<size_t>(directions), 0.0);
     if (t < 2) return out;
@@ -515,13 +555,12 @@ absl::StatusOr<at::Tensor> LlamaModel::ForwardCached(const at::Tensor& tokens, K
   return CatchTorch("cached forward", [&] {
     at::NoGradGuard no_grad;
     at::Tensor x = Embed(tokens);  // (B, t, H)
-    RopeTables rope = MakeRopeTables(inv_freq_, start, t);
-    rope = {rope.cos.to(x.scalar_type()), rope.sin.to(x.scalar_type())};
+    const LayerRopes ropes = MakeRopes(start, t, x.scalar_type());
     for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
-      x = DecoderLayerImpl(l, x, rope, options, &cache, start);
+      x = DecoderLayerImpl(l, x, ropes.For(config_, l), options, &cache, start);
     }
     cache.length_ = start + t;
-    x = RmsNorm(x, weights_.final_norm, config_.rms_norm_eps);
+    x = RmsNorm(x, NormWeight(weights_.final_norm), config_.rms_norm_eps);
     if (last_only) x = x.narrow(1, t - 1, 1);
     return LmHead(x);
   });

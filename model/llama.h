@@ -189,12 +189,24 @@ class LlamaModel {
                  LayerOutput output = LayerOutput::kValues) const;
   at::Tensor MlpRows(int64_t layer, const at::Tensor& x, const ForwardOptions& options,
                      LayerOutput output = LayerOutput::kValues) const;
+  // RoPE tables of the global layers and, with ModelConfig::rope_local_theta, of the local ones, in `dtype`.
+  struct LayerRopes {
+    RopeTables global, local;
+    const RopeTables& For(const ModelConfig& c, int64_t layer) const {
+      return local.cos.defined() && c.LayerIsLocal(layer) ? local : global;
+    }
+  };
+  LayerRopes MakeRopes(int64_t start, int64_t length, at::ScalarType dtype) const;
+  // A norm's weight as the forward scales by it (ModelConfig::norm_weight_offset added).
+  at::Tensor NormWeight(const at::Tensor& w) const;
   // The block's pieces that both forwards share, with the norm to use (RmsNorm, or RmsNormTangents on
   // stacked tangents): a norm of hidden states where config_.norms places one (`on`), and a q or k
   // projection (..., heads * D) split into heads (..., heads, D) with config_.qk_norm applied.
   using NormFn = at::Tensor (*)(const at::Tensor&, const at::Tensor&, double);
   at::Tensor MaybeNorm(bool on, const at::Tensor& x, const at::Tensor& weight, NormFn norm) const;
   at::Tensor QkHeads(const at::Tensor& projected, int64_t heads, const at::Tensor& norm, NormFn norm_fn) const;
+  // Rotated queries scaled for ModelConfig::attention_scale (attention itself divides by sqrt(head_dim)).
+  at::Tensor ScaleQueries(const at::Tensor& q) const;
   // With a cache, writes this step's keys/values at [q_start, q_start + T) and attends over [0, q_start + T).
   at::Tensor DecoderLayerImpl(int64_t layer, const at::Tensor& x, const RopeTables& rope, const ForwardOptions& options,
                               KvCache* cache, int64_t q_start, LayerOutput output = LayerOutput::kValues) const;
@@ -213,6 +225,7 @@ class LlamaModel {
   ModelConfig config_;
   ModelWeights weights_;
   at::Tensor inv_freq_;                       // RoPE inverse frequencies (D/2), double
+  at::Tensor local_inv_freq_;                 // the local layers' (rope_local_theta), or undefined
   std::shared_ptr<const WeightPages> pages_;  // the read-only mappings the matrices view (Load), or null
   mutable std::atomic<bool> stream_weights_{false};
 };

@@ -313,8 +313,8 @@ ModelWeights RandomWeights(const ModelConfig& config, uint64_t seed) {
   uint64_t offset = 0;
   ForEachWeight(w, config, /*include_tied_head=*/false,
                 [&](const std::string& name, const std::vector<int64_t>& shape, Kind kind, at::Tensor& slot) {
-                  if (kind == Kind::kNorm) {
-                    slot = at::ones(shape, at::kFloat);
+                  if (kind == Kind::kNorm) {  // scaling by 1 (Gemma stores w - 1)
+                    slot = at::full(shape, 1.0 - config.norm_weight_offset, at::kFloat);
                     return;
                   }
                   slot = at::empty(shape, at::kFloat);

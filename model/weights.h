@@ -112,7 +112,7 @@ absl::StatusOr<int64_t> StreamedWeightBytes(const std::string& model_path, const
 // For GGUF input, which has no weight cache. InvalidArgument for values that cannot be quantized.
 absl::Status QuantizeMatrices(ModelWeights& weights, const ModelConfig& config, WeightFormat format);
 
-// Random weights (initializer_range 0.02 normals from the seeded Philox init stream, norms 1, biases small
+// Random weights (initializer_range 0.02 normals from the seeded Philox init stream, norms scaling by 1, biases small
 // normals), fp32. Deterministic for a given (config, seed).
 ModelWeights RandomWeights(const ModelConfig& config, uint64_t seed);
 

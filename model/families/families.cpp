@@ -16,7 +16,7 @@ const FamilySpec* Find(std::function<bool(const FamilySpec&)> match) {
 }  // namespace
 
 std::span<const FamilySpec> Families() {
-  static const std::array<FamilySpec, 5> kFamilies = {Llama(), Qwen2(), Qwen3(), Mistral(), Olmo2()};
+  static const std::array<FamilySpec, 6> kFamilies = {Llama(), Qwen2(), Qwen3(), Mistral(), Olmo2(), Gemma3()};
   return kFamilies;
 }
 

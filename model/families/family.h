@@ -42,5 +42,6 @@ const FamilySpec& Mistral();  // MistralForCausalLM
 const FamilySpec& Qwen2();    // Qwen2ForCausalLM (Qwen2, Qwen2.5)
 const FamilySpec& Qwen3();    // Qwen3ForCausalLM
 const FamilySpec& Olmo2();    // Olmo2ForCausalLM
+const FamilySpec& Gemma3();   // Gemma3ForCausalLM (text)
 
 }  // namespace seedling::model::families

@@ -39,4 +39,18 @@ absl::StatusOr<bool> GetBool(const Json& j, const char* key, bool fallback) {
   return it->get<bool>();
 }
 
+const char* ActivationName(MlpActivation activation) {
+  return activation == MlpActivation::kGeluTanh ? "gelu_pytorch_tanh" : "silu";
+}
+
+absl::Status CheckActivation(const Json& j, const char* key, MlpActivation activation) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) return absl::OkStatus();
+  const std::string name = it->is_string() ? it->get<std::string>() : "";
+  const bool ok = activation == MlpActivation::kGeluTanh ? name == "gelu_pytorch_tanh" || name == "gelu_new"
+                                                         : name == "silu" || name == "swish";
+  if (ok) return absl::OkStatus();
+  return FieldError(key, StrCat("is ", it->dump(), "; this architecture's MLP uses ", ActivationName(activation)));
+}
+
 }  // namespace seedling::model::internal

@@ -9,6 +9,7 @@
 #include <string_view>
 
 #include "absl/status/statusor.h"
+#include "model/config.h"
 
 namespace seedling::model::internal {
 
@@ -22,5 +23,10 @@ absl::Status FieldError(std::string_view field, std::string_view problem);
 absl::StatusOr<int64_t> GetInt(const Json& j, const char* key, std::optional<int64_t> fallback);
 absl::StatusOr<double> GetDouble(const Json& j, const char* key, double fallback);
 absl::StatusOr<bool> GetBool(const Json& j, const char* key, bool fallback);
+
+// The names config.json gives `activation` ("silu" / "swish"; "gelu_pytorch_tanh" / "gelu_new"), and a check
+// that field `key`, when present, names it: InvalidArgument naming the field and what the block computes.
+const char* ActivationName(MlpActivation activation);
+absl::Status CheckActivation(const Json& j, const char* key, MlpActivation activation);
 
 }  // namespace seedling::model::internal

@@ -2,6 +2,8 @@
 
 #include <catch2/catch.hpp>
 #include <string>
+#include <tuple>
+#include <vector>
 
 namespace seedling::model {
 namespace {
@@ -130,6 +132,73 @@ TEST_CASE("OLMo 2 1B's config.json parses to output norms, q/k norms over the pr
   REQUIRE(round_trip.ok());
   CHECK(round_trip->norms == c->norms);
   CHECK(round_trip->qk_norm == QkNorm::kPerProjection);
+}
+
+// gemma-3-270m's config.json (the fields that shape the model).
+constexpr const char* kGemma3 = R"({
+  "architectures": ["Gemma3ForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+  "attn_logit_softcapping": null, "bos_token_id": 2, "eos_token_id": 1, "final_logit_softcapping": null,
+  "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 640, "initializer_range": 0.02,
+  "intermediate_size": 2048,
+  "layer_types": [
+    "sliding_attention", "sliding_attention", "sliding_attention", "sliding_attention", "sliding_attention", "full_attention",
+    "sliding_attention", "sliding_attention", "sliding_attention", "sliding_attention", "sliding_attention", "full_attention",
+    "sliding_attention", "sliding_attention", "sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+  "max_position_embeddings": 32768, "model_type": "gemma3_text", "num_attention_heads": 4, "num_hidden_layers": 18,
+  "num_key_value_heads": 1, "pad_token_id": 0, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06,
+  "rope_local_base_freq": 10000.0, "rope_scaling": null, "rope_theta": 1000000.0, "sliding_window": 512,
+  "torch_dtype": "bfloat16", "use_bidirectional_attention": false, "use_cache": true, "vocab_size": 262144})";
+
+TEST_CASE("Gemma 3 270M's config.json parses to its block and 268M parameters", "[model][config]") {
+  auto c = ParseModelConfig(kGemma3);
+  REQUIRE(c.ok());
+  CHECK(c->model_type == "gemma3_text");
+  CHECK(c->norms ==
+        NormPlacement{.pre_attention = true, .attention_output = true, .pre_mlp = true, .mlp_output = true});
+  CHECK(c->qk_norm == QkNorm::kPerHead);
+  CHECK(c->mlp_activation == MlpActivation::kGeluTanh);
+  CHECK(c->norm_weight_offset == 1.0);
+  CHECK(c->scale_embeddings);
+  CHECK(c->attention_scale == 1.0 / 16.0);
+  CHECK(c->tie_word_embeddings);  // Gemma's default, not written in its config.json
+  CHECK(c->sliding_window == 512);
+  CHECK(c->sliding_window_pattern == 6);
+  CHECK(c->LayerIsLocal(4));
+  CHECK_FALSE(c->LayerIsLocal(5));
+  CHECK(c->rope_local_theta == 10000.0);
+  CHECK(c->NumParameters() == 268098176);
+  auto preset = PresetConfig("gemma-3-270m");
+  REQUIRE(preset.ok());
+  CHECK(ModelConfigToJson(*preset) == ModelConfigToJson(*c));
+  auto round_trip = ParseModelConfig(ModelConfigToJson(*c));
+  REQUIRE(round_trip.ok());
+  CHECK(ModelConfigToJson(*round_trip) == ModelConfigToJson(*c));
+  auto one_b = PresetConfig("gemma-3-1b");
+  REQUIRE(one_b.ok());
+  CHECK(one_b->NumParameters() == 999885952);
+}
+
+TEST_CASE("Gemma 3 options the block cannot express are refused naming the field", "[model][config]") {
+  const std::string text = kGemma3;
+  auto with = [&](const std::string& from, const std::string& to) {
+    std::string t = text;
+    const size_t at = t.find(from);
+    REQUIRE(at != std::string::npos);
+    t.replace(at, from.size(), to);
+    return ParseModelConfig(t);
+  };
+  for (const auto& [from, to, field] : std::vector<std::tuple<std::string, std::string, std::string>>{
+           {"\"final_logit_softcapping\": null", "\"final_logit_softcapping\": 30.0", "final_logit_softcapping"},
+           {"\"attn_logit_softcapping\": null", "\"attn_logit_softcapping\": 50.0", "attn_logit_softcapping"},
+           {"\"gelu_pytorch_tanh\"", "\"relu\"", "hidden_activation"},
+           {"\"full_attention\",", "\"sliding_attention\",", "layer_types"},  // globals at 12, 18
+           {"\"query_pre_attn_scalar\": 256", "\"query_pre_attn_scalar\": -1", "query_pre_attn_scalar"}}) {
+    INFO(from << " -> " << to);
+    auto c = with(from, to);
+    REQUIRE_FALSE(c.ok());
+    CHECK(c.status().code() == absl::StatusCode::kInvalidArgument);
+    CHECK(Contains(c.status(), field));
+  }
 }
 
 TEST_CASE("A config without architectures finds its family by model_type, or names both", "[model][config]") {

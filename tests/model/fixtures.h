@@ -99,13 +99,16 @@ inline ModelConfig TinyQwen3() {
   return *c;
 }
 
-inline ModelConfig TinyOlmo2() {
-  auto c = PresetConfig("tiny-olmo2");
+// A tiny preset as it is, with a kModelVocab-id vocabulary.
+inline ModelConfig TinyPreset(const char* name) {
+  auto c = PresetConfig(name);
   REQUIRE(c.ok());
   c->vocab_size = kModelVocab;
   REQUIRE(c->Validate().ok());
   return *c;
 }
+inline ModelConfig TinyOlmo2() { return TinyPreset("tiny-olmo2"); }
+inline ModelConfig TinyGemma3() { return TinyPreset("tiny-gemma3"); }
 
 // A SentencePiece-style tokenizer.json as Hugging Face converts Llama 2 / TinyLlama tokenizers: "▁" (U+2581)
 // is prepended and replaces spaces, byte fallback, <s> added by the post-processor. Ids: <unk> <s> </s> are

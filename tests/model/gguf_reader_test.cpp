@@ -291,6 +291,7 @@ absl::StatusOr<ModelWeights> LoadMini(const TempDir& dir, const GgufBuilder& b,
 using testing::Corpus;
 using testing::kModelVocab;
 using testing::ParseTokenizer;
+using testing::TinyGemma3;
 using testing::TinyLlama;
 using testing::TinyOlmo2;
 using testing::TinyQwen2;
@@ -1020,6 +1021,29 @@ TEST_CASE("An OLMo 2 export reads back: output norms, q/k norms over the project
   CheckWeights(got, w, [](const at::Tensor& t) { return t; });
   CHECK(at::equal(got.layers[1].mlp_output_norm, w.layers[1].mlp_output_norm));
   CHECK(InsideFile(got.layers[0].q, *f));  // no permutation, so no copy
+}
+
+TEST_CASE("A Gemma 3 export reads back: its window and local layers, norms back to w from the file's 1 + w",
+          "[model][gguf]") {
+  TempDir dir;
+  ModelConfig c = TinyGemma3();
+  c.eos_token_ids = {2};
+  ModelWeights w = RandomWeights(c, 38);
+  for (const NamedWeight& nw : NamedWeights(w, c)) {
+    if (nw.name.find("norm") != std::string::npos) nw.tensor.uniform_(-0.5, 0.5);
+  }
+  auto tok = ParseTokenizer(TokenizerJson());
+  const std::unique_ptr<GgufFile> f = MustOpen(Export(dir, c, w, *tok));
+  const ModelConfig got_config = MustConfig(*f);
+  CheckSameConfig(got_config, c);
+  CHECK(ModelConfigToJson(got_config) == ModelConfigToJson(c));  // every block option, the window pattern too
+  const ModelWeights got = MustWeights(*f, c, WeightPrecision::kStored);
+  for (const auto& [a, b] :
+       {std::pair{got.layers[3].mlp_output_norm, w.layers[3].mlp_output_norm},
+        std::pair{got.layers[0].k_norm, w.layers[0].k_norm}, std::pair{got.final_norm, w.final_norm}}) {
+    CHECK((a - b).abs().max().item<double>() < 1e-6);  // (w + 1) - 1 in fp32
+  }
+  CHECK(at::equal(got.layers[1].q, w.layers[1].q));
 }
 
 TEST_CASE("Linear RoPE scaling and a head size apart from hidden / heads round-trip", "[model][gguf]") {

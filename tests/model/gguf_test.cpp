@@ -352,6 +352,7 @@ using testing::Corpus;
 using testing::kModelVocab;
 using testing::kTokenizerVocab;
 using testing::ParseTokenizer;
+using testing::TinyGemma3;
 using testing::TinyLlama;
 using testing::TinyOlmo2;
 using testing::TinyQwen2;
@@ -1042,6 +1043,13 @@ TEST_CASE("An OLMo 2 model's GGUF is architecture olmo2 with output norms and q/
   std::filesystem::remove_all(dir);
 }
 
+void CheckRefused(const absl::Status& s, const std::string& dir, const std::string& message) {
+  INFO(s.ToString());
+  CHECK(s.code() == absl::StatusCode::kInvalidArgument);
+  CHECK_THAT(std::string(s.message()), Catch::Contains(message));
+  CHECK(DirEmpty(dir));  // neither the file nor a temporary one
+}
+
 TEST_CASE("An OLMo 2 model llama.cpp's olmo2 cannot express is refused with the reason", "[model][gguf]") {
   const std::string dir = TempDir("olmo2-refused");
   auto tok = ParseTokenizer(TokenizerJson());
@@ -1050,11 +1058,55 @@ TEST_CASE("An OLMo 2 model llama.cpp's olmo2 cannot express is refused with the 
   ModelConfig biased = TinyOlmo2();
   biased.qkv_bias = biased.o_bias = true;
   for (const auto& [c, reason] : {std::pair{wide, "sizes q_proj as hidden x hidden"}, std::pair{biased, "biases"}}) {
-    const absl::Status s = WriteGguf(dir + "/model.gguf", c, RandomWeights(c, 1), *tok, {});
-    INFO(s.message());
-    CHECK(s.code() == absl::StatusCode::kInvalidArgument);
-    CHECK(std::string(s.message()).find(reason) != std::string::npos);
-    CHECK_FALSE(std::filesystem::exists(dir + "/model.gguf"));
+    CheckRefused(WriteGguf(dir + "/model.gguf", c, RandomWeights(c, 1), *tok, {}), dir, reason);
+  }
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("A Gemma 3 model's GGUF is architecture gemma3 with its window, norms stored as 1 + w", "[model][gguf]") {
+  const std::string dir = TempDir("gemma3");
+  const ModelConfig c = TinyGemma3();
+  ModelWeights w = RandomWeights(c, 11);
+  for (const NamedWeight& nw : NamedWeights(w, c)) {
+    if (nw.name.find("norm") != std::string::npos) nw.tensor.uniform_(-0.5, 0.5);
+  }
+  auto tok = ParseTokenizer(TokenizerJson());
+  const GgufFile f = Export(dir + "/model.gguf", c, w, *tok);
+  CHECK(f.Get("general.architecture").s == "gemma3");
+  CHECK(f.Get("gemma3.attention.sliding_window").u == 64);
+  CHECK(f.Get("gemma3.attention.key_length").u == 48);
+  CHECK(f.Get("gemma3.rope.freq_base").f == Approx(1e6));
+  CHECK_FALSE(f.HasTensor("output.weight"));  // tied
+  CHECK(f.Tensor("blk.0.attn_q_norm.weight").type == kGgmlF32);
+  // llama.cpp's gemma3 scales by the stored weight: the file holds 1 + w for every norm.
+  const LayerWeights& l = w.layers[2];
+  for (const auto& [name, t] :
+       std::vector<std::pair<std::string, at::Tensor>>{{"blk.2.attn_norm.weight", l.input_norm},
+                                                       {"blk.2.post_attention_norm.weight", l.attention_output_norm},
+                                                       {"blk.2.ffn_norm.weight", l.pre_mlp_norm},
+                                                       {"blk.2.post_ffw_norm.weight", l.mlp_output_norm},
+                                                       {"blk.2.attn_q_norm.weight", l.q_norm},
+                                                       {"output_norm.weight", w.final_norm}}) {
+    INFO(name);
+    const std::vector<float> got = Floats(f, f.Tensor(name));
+    REQUIRE(static_cast<int64_t>(got.size()) == t.numel());
+    for (int64_t i = 0; i < t.numel(); ++i) CHECK(got[static_cast<size_t>(i)] == t[i].item<float>() + 1.0f);
+  }
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("A Gemma 3 model llama.cpp's gemma3 cannot express is refused with the reason", "[model][gguf]") {
+  const std::string dir = TempDir("gemma3-refused");
+  auto tok = ParseTokenizer(TokenizerJson());
+  ModelConfig pattern = TinyGemma3();
+  pattern.sliding_window_pattern = 2;
+  ModelConfig base = TinyGemma3();
+  base.rope_local_theta = 20000.0;
+  ModelConfig scale = TinyGemma3();
+  scale.attention_scale = 0.1;
+  for (const auto& [c, reason] :
+       {std::pair{pattern, "every 6th"}, std::pair{base, "RoPE base"}, std::pair{scale, "query scale"}}) {
+    CheckRefused(WriteGguf(dir + "/model.gguf", c, RandomWeights(c, 1), *tok, {}), dir, reason);
   }
   std::filesystem::remove_all(dir);
 }
@@ -1155,13 +1207,6 @@ TEST_CASE("Linear RoPE scaling and an explicit head_dim are written as llama.cpp
   CHECK(f.Tensor("blk.0.attn_q.weight").ne == std::vector<uint64_t>{256, 384});
   CHECK(f.Tensor("blk.0.attn_output.weight").ne == std::vector<uint64_t>{384, 256});
   std::filesystem::remove_all(dir);
-}
-
-void CheckRefused(const absl::Status& s, const std::string& dir, const std::string& message) {
-  INFO(s.ToString());
-  CHECK(s.code() == absl::StatusCode::kInvalidArgument);
-  CHECK_THAT(std::string(s.message()), Catch::Contains(message));
-  CHECK(DirEmpty(dir));  // neither the file nor a temporary one
 }
 
 TEST_CASE("Requesting BF16 is InvalidArgument and leaves no file behind", "[model][gguf]") {

@@ -4,6 +4,7 @@
 
 #include <catch2/catch.hpp>
 #include <cmath>
+#include <numbers>
 #include <vector>
 
 #include "model/memory_tracker.h"
@@ -13,9 +14,12 @@ namespace {
 
 // The block's variants the forward composes: Llama (tied, GQA), Qwen2 (q/k/v biases, untied, head_dim x heads
 // != hidden), Qwen3 (per-head q/k RMSNorm, no biases, head_dim x heads != hidden) and OLMo 2 (norms on the
-// outputs of attention and MLP instead of their inputs, q/k RMSNorm over the whole projections).
-enum class Family { kLlama, kQwen2, kQwen3, kOlmo2 };
-constexpr Family kFamilies[] = {Family::kLlama, Family::kQwen2, Family::kQwen3, Family::kOlmo2};
+// outputs of attention and MLP instead of their inputs, q/k RMSNorm over the whole projections), and the block
+// options Gemma 2 and 3 add (GeGLU, norms scaling by 1 + w before and after each sub-block, embeddings scaled by
+// sqrt(hidden), a query scale of its own, local windowed layers with their own RoPE base alternating with
+// global ones).
+enum class Family { kLlama, kQwen2, kQwen3, kOlmo2, kGemmaBlock };
+constexpr Family kFamilies[] = {Family::kLlama, Family::kQwen2, Family::kQwen3, Family::kOlmo2, Family::kGemmaBlock};
 
 const char* FamilyName(Family f) {
   switch (f) {
@@ -27,6 +31,8 @@ const char* FamilyName(Family f) {
       return "qwen3 (q/k norms per head, untied head, head_dim != hidden/heads)";
     case Family::kOlmo2:
       return "olmo2 (output norms, q/k norms per projection, GQA, head_dim != hidden/heads)";
+    case Family::kGemmaBlock:
+      return "gemma-style block (GeGLU, 1 + w norms before and after, scaled embeddings and queries, local/global)";
   }
   return "?";
 }
@@ -34,8 +40,9 @@ const char* FamilyName(Family f) {
 ModelConfig TwoLayerConfig(Family f) {
   const bool llama = f == Family::kLlama;
   ModelConfig c;
-  const char* const architectures[] = {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Olmo2ForCausalLM"};
-  const char* const model_types[] = {"llama", "qwen2", "qwen3", "olmo2"};
+  const char* const architectures[] = {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Olmo2ForCausalLM",
+                                       "LlamaForCausalLM"};
+  const char* const model_types[] = {"llama", "qwen2", "qwen3", "olmo2", "llama"};
   c.architecture = architectures[static_cast<int>(f)];
   c.model_type = model_types[static_cast<int>(f)];
   c.vocab_size = 13;
@@ -52,6 +59,17 @@ ModelConfig TwoLayerConfig(Family f) {
   c.qk_norm = f == Family::kQwen3 ? QkNorm::kPerHead : f == Family::kOlmo2 ? QkNorm::kPerProjection : QkNorm::kNone;
   if (f == Family::kOlmo2) {
     c.norms = {.pre_attention = false, .attention_output = true, .pre_mlp = false, .mlp_output = true};
+  }
+  if (f == Family::kGemmaBlock) {
+    c.norms = {.pre_attention = true, .attention_output = true, .pre_mlp = true, .mlp_output = true};
+    c.qk_norm = QkNorm::kPerHead;
+    c.mlp_activation = MlpActivation::kGeluTanh;
+    c.norm_weight_offset = 1.0;
+    c.scale_embeddings = true;
+    c.attention_scale = 1.0 / std::sqrt(6.0);  // query_pre_attn_scalar 6 != head_dim 4
+    c.sliding_window = 3;
+    c.sliding_window_pattern = 2;  // layer 0 local (window 3, RoPE base 10), layer 1 global (base 100)
+    c.rope_local_theta = 10.0;
   }
   return c;
 }
@@ -90,27 +108,27 @@ Mat Linear(const Mat& x, const at::Tensor& w, const at::Tensor& b) {
   return y;
 }
 
-Mat RmsNormRef(const Mat& x, const at::Tensor& w, double eps) {
+Mat RmsNormRef(const Mat& x, const at::Tensor& w, double eps, double offset = 0.0) {
   Mat y = x;
   for (size_t t = 0; t < x.size(); ++t) {
     double ms = 0;
     for (double v : x[t]) ms += v * v;
     ms /= static_cast<double>(x[t].size());
     for (size_t i = 0; i < x[t].size(); ++i)
-      y[t][i] = x[t][i] / std::sqrt(ms + eps) * w[static_cast<int64_t>(i)].item<double>();
+      y[t][i] = x[t][i] / std::sqrt(ms + eps) * (offset + w[static_cast<int64_t>(i)].item<double>());
   }
   return y;
 }
 
 // RMSNorm over each head's d values (Qwen3's q/k norm), with the same weights for every head.
-void HeadRmsNormRef(Mat& x, int64_t heads, int64_t d, const at::Tensor& w, double eps) {
+void HeadRmsNormRef(Mat& x, int64_t heads, int64_t d, const at::Tensor& w, double eps, double offset) {
   for (size_t t = 0; t < x.size(); ++t) {
     for (int64_t h = 0; h < heads; ++h) {
       double ms = 0;
       for (int64_t i = 0; i < d; ++i) ms += x[t][static_cast<size_t>(h * d + i)] * x[t][static_cast<size_t>(h * d + i)];
       ms /= static_cast<double>(d);
       for (int64_t i = 0; i < d; ++i) {
-        x[t][static_cast<size_t>(h * d + i)] *= w[i].item<double>() / std::sqrt(ms + eps);
+        x[t][static_cast<size_t>(h * d + i)] *= (offset + w[i].item<double>()) / std::sqrt(ms + eps);
       }
     }
   }
@@ -133,42 +151,55 @@ void RopeRef(Mat& x, int64_t heads, int64_t d, double theta) {
   }
 }
 
+double GeluTanh(double x) {
+  return 0.5 * x * (1.0 + std::tanh(std::sqrt(2.0 / std::numbers::pi) * (x + 0.044715 * x * x * x)));
+}
+
 Mat NaiveLogits(const ModelConfig& c, const ModelWeights& w, const std::vector<int64_t>& tokens) {
   const size_t T = tokens.size();
   const int64_t H = c.hidden_size, D = c.head_dim, Hq = c.num_attention_heads, Hkv = c.num_key_value_heads;
+  const double eps = c.rms_norm_eps, off = c.norm_weight_offset;
+  const double embed_scale = c.scale_embeddings ? std::sqrt(static_cast<double>(H)) : 1.0;
+  const double score_scale = c.attention_scale > 0 ? c.attention_scale : 1.0 / std::sqrt(static_cast<double>(D));
   Mat x(T, std::vector<double>(static_cast<size_t>(H)));
   for (size_t t = 0; t < T; ++t) {
-    for (int64_t i = 0; i < H; ++i) x[t][static_cast<size_t>(i)] = At(w.embed, tokens[t], i);
+    for (int64_t i = 0; i < H; ++i) x[t][static_cast<size_t>(i)] = At(w.embed, tokens[t], i) * embed_scale;
   }
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const LayerWeights& lw = w.layers[static_cast<size_t>(l)];
-    const Mat h = c.norms.pre_attention ? RmsNormRef(x, lw.input_norm, c.rms_norm_eps) : x;
+    // Local layers: a window (sliding_window_pattern 2: every second layer is global) and their own base.
+    const bool local = c.sliding_window.has_value() && (c.sliding_window_pattern == 0 || (l + 1) % 2 != 0);
+    const double theta = local && c.rope_local_theta > 0 ? c.rope_local_theta : c.rope_theta;
+    const Mat h = c.norms.pre_attention ? RmsNormRef(x, lw.input_norm, eps, off) : x;
     Mat q = Linear(h, lw.q, lw.q_bias), k = Linear(h, lw.k, lw.k_bias), v = Linear(h, lw.v, lw.v_bias);
     if (c.qk_norm == QkNorm::kPerHead) {
-      HeadRmsNormRef(q, Hq, D, lw.q_norm, c.rms_norm_eps);
-      HeadRmsNormRef(k, Hkv, D, lw.k_norm, c.rms_norm_eps);
+      HeadRmsNormRef(q, Hq, D, lw.q_norm, eps, off);
+      HeadRmsNormRef(k, Hkv, D, lw.k_norm, eps, off);
     } else if (c.qk_norm == QkNorm::kPerProjection) {
-      q = RmsNormRef(q, lw.q_norm, c.rms_norm_eps);
-      k = RmsNormRef(k, lw.k_norm, c.rms_norm_eps);
+      q = RmsNormRef(q, lw.q_norm, eps, off);
+      k = RmsNormRef(k, lw.k_norm, eps, off);
     }
-    RopeRef(q, Hq, D, c.rope_theta);
-    RopeRef(k, Hkv, D, c.rope_theta);
+    RopeRef(q, Hq, D, theta);
+    RopeRef(k, Hkv, D, theta);
     Mat attn(T, std::vector<double>(static_cast<size_t>(Hq * D), 0.0));
     for (int64_t head = 0; head < Hq; ++head) {
       const int64_t kvh = head / (Hq / Hkv);
       for (size_t t = 0; t < T; ++t) {
-        std::vector<double> score(t + 1);
+        // Keys at positions first..t: all before, or the last `window` with a sliding window.
+        const size_t window = local ? static_cast<size_t>(*c.sliding_window) : t + 1;
+        const size_t first = t + 1 > window ? t + 1 - window : 0;
+        std::vector<double> score(t + 1, 0.0);
         double mx = -1e300;
-        for (size_t s = 0; s <= t; ++s) {
+        for (size_t s = first; s <= t; ++s) {
           double dot = 0;
           for (int64_t i = 0; i < D; ++i)
             dot += q[t][static_cast<size_t>(head * D + i)] * k[s][static_cast<size_t>(kvh * D + i)];
-          score[s] = dot / std::sqrt(static_cast<double>(D));
+          score[s] = dot * score_scale;
           mx = std::max(mx, score[s]);
         }
         double z = 0;
-        for (double& sc : score) z += (sc = std::exp(sc - mx));
-        for (size_t s = 0; s <= t; ++s) {
+        for (size_t s = first; s <= t; ++s) z += (score[s] = std::exp(score[s] - mx));
+        for (size_t s = first; s <= t; ++s) {
           for (int64_t i = 0; i < D; ++i) {
             attn[t][static_cast<size_t>(head * D + i)] += score[s] / z * v[s][static_cast<size_t>(kvh * D + i)];
           }
@@ -176,23 +207,27 @@ Mat NaiveLogits(const ModelConfig& c, const ModelWeights& w, const std::vector<i
       }
     }
     Mat o = Linear(attn, lw.o, lw.o_bias);
-    if (c.norms.attention_output) o = RmsNormRef(o, lw.attention_output_norm, c.rms_norm_eps);
+    if (c.norms.attention_output) o = RmsNormRef(o, lw.attention_output_norm, eps, off);
     for (size_t t = 0; t < T; ++t) {
       for (int64_t i = 0; i < H; ++i) x[t][static_cast<size_t>(i)] += o[t][static_cast<size_t>(i)];
     }
-    const Mat h2 = c.norms.pre_mlp ? RmsNormRef(x, lw.pre_mlp_norm, c.rms_norm_eps) : x;
+    const Mat h2 = c.norms.pre_mlp ? RmsNormRef(x, lw.pre_mlp_norm, eps, off) : x;
     const Mat g = Linear(h2, lw.gate, lw.gate_bias), u = Linear(h2, lw.up, lw.up_bias);
     Mat act = g;
     for (size_t t = 0; t < T; ++t) {
-      for (size_t i = 0; i < g[t].size(); ++i) act[t][i] = g[t][i] / (1.0 + std::exp(-g[t][i])) * u[t][i];
+      for (size_t i = 0; i < g[t].size(); ++i) {
+        const double a =
+            c.mlp_activation == MlpActivation::kGeluTanh ? GeluTanh(g[t][i]) : g[t][i] / (1.0 + std::exp(-g[t][i]));
+        act[t][i] = a * u[t][i];
+      }
     }
     Mat down = Linear(act, lw.down, lw.down_bias);
-    if (c.norms.mlp_output) down = RmsNormRef(down, lw.mlp_output_norm, c.rms_norm_eps);
+    if (c.norms.mlp_output) down = RmsNormRef(down, lw.mlp_output_norm, eps, off);
     for (size_t t = 0; t < T; ++t) {
       for (int64_t i = 0; i < H; ++i) x[t][static_cast<size_t>(i)] += down[t][static_cast<size_t>(i)];
     }
   }
-  return Linear(RmsNormRef(x, w.final_norm, c.rms_norm_eps), w.lm_head, at::Tensor());
+  return Linear(RmsNormRef(x, w.final_norm, eps, off), w.lm_head, at::Tensor());
 }
 
 at::Tensor Tokens(std::vector<int64_t> ids) {
@@ -260,7 +295,7 @@ TEST_CASE("A KV cache that would overflow is an OutOfRange error and keeps its l
 TEST_CASE("Recomputation on, off and of some layers gives the same loss and gradients", "[model][llama]") {
   // Every weight gets a gradient: biases, q/k norms, OLMo 2's output norms (the MLP's one reads the down
   // projection's values, which a graph-only recomputation must not skip).
-  for (Family f : {Family::kQwen2, Family::kQwen3, Family::kOlmo2}) {
+  for (Family f : {Family::kQwen2, Family::kQwen3, Family::kOlmo2, Family::kGemmaBlock}) {
     INFO(FamilyName(f));
     const ModelConfig c = TwoLayerConfig(f);
     auto model = MakeModel(c, 14);

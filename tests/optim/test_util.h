@@ -52,6 +52,23 @@ inline model::ModelConfig PostNormMicroConfig() {
   return c;
 }
 
+// MicroConfig with the block options of Gemma 2 and 3: GeGLU, norms scaling by 1 + w before and after each
+// sub-block, q/k norms per head, embeddings scaled by sqrt(hidden), a query scale of its own, and a local layer
+// (window 5, its own RoPE base) before a global one.
+inline model::ModelConfig GemmaStyleMicroConfig() {
+  model::ModelConfig c = MicroConfig();
+  c.norms = {.pre_attention = true, .attention_output = true, .pre_mlp = true, .mlp_output = true};
+  c.qk_norm = model::QkNorm::kPerHead;
+  c.mlp_activation = model::MlpActivation::kGeluTanh;
+  c.norm_weight_offset = 1.0;
+  c.scale_embeddings = true;
+  c.attention_scale = 0.03;  // q and k are normed to RMS 2 per head: a small scale keeps softmax unsaturated
+  c.sliding_window = 5;
+  c.sliding_window_pattern = 2;
+  c.rope_local_theta = 100.0;
+  return c;
+}
+
 inline std::vector<model::Projection> EveryProjection() {
   return {model::Projection::kQ,    model::Projection::kK,  model::Projection::kV,   model::Projection::kO,
           model::Projection::kGate, model::Projection::kUp, model::Projection::kDown};
