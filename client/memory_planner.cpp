@@ -71,6 +71,7 @@ struct LayerShapes {
   int64_t n, t, rows;   // tokens, sequence length, sequences
   int64_t h, q, kv, i;  // hidden, q_dim, kv_dim, intermediate
   int64_t scores;       // attention scores: rows × heads × t × t
+  int64_t capped;       // score-sized tensors a soft-cap adds (z / cap and its tanh, or tanh and the slope)
   bool qk_norm;         // q and k are RMS-normed (one more copy of each)
   int64_t norms;        // RMSNorms of hidden states in the block (ModelConfig::norms), each keeping its input
 };
@@ -84,8 +85,9 @@ LayerShapes Shapes(const model::ModelConfig& m, int64_t rows, int64_t t) {
           m.kv_dim(),
           m.intermediate_size,
           rows * m.num_attention_heads * t * t,
+          m.attention_softcap > 0 ? 2 * rows * m.num_attention_heads * t * t : 0,
           m.qk_norm != model::QkNorm::kNone,
-          m.norms.pre_attention + m.norms.attention_output + m.norms.pre_mlp + m.norms.mlp_output};
+          m.norms.count()};
 }
 
 // Largest set of tensors alive at once inside one layer's forward without autograd. Attention: the
@@ -97,7 +99,7 @@ LayerShapes Shapes(const model::ModelConfig& m, int64_t rows, int64_t t) {
 // `mlp_rows` > 0: the MLP runs that many tokens at a time (ForwardOptions::mlp_chunk_tokens).
 int64_t InferenceLayerPeak(const LayerShapes& s, int64_t mlp_rows = 0) {
   const int64_t qk_norm = s.qk_norm ? s.n * (s.q + s.kv) : 0;  // the normed q and k beside the projected ones
-  const int64_t attention = s.n * (3 * s.h + 4 * s.q + 4 * s.kv) + qk_norm + 3 * s.scores;
+  const int64_t attention = s.n * (3 * s.h + 4 * s.q + 4 * s.kv) + qk_norm + 3 * s.scores + s.capped;
   const int64_t rows = mlp_rows > 0 ? std::min(mlp_rows, s.n) : s.n;
   const int64_t mlp = s.n * (2 * s.h) + 5 * rows * s.i;
   return std::max(attention, mlp);
@@ -121,7 +123,7 @@ int64_t SavedPerLayer(const LayerShapes& s, const lora::LoraConfig& c) {
 
 // Transients of one layer's backward besides its saved set: the gradients flowing through it (about a
 // saved set's worth) and attention's rebuilt probabilities, their gradient and one product of the two.
-int64_t LayerBackwardTransient(const LayerShapes& s, int64_t saved) { return saved + 3 * s.scores; }
+int64_t LayerBackwardTransient(const LayerShapes& s, int64_t saved) { return saved + 3 * s.scores + s.capped; }
 
 // Rows of one decoded weight tile (model/frozen_linear.h) of a matrix with `cols` columns.
 int64_t TileRows(int64_t cols) {
@@ -130,12 +132,14 @@ int64_t TileRows(int64_t cols) {
 
 // Cross-entropy (model/kernels.cpp), which runs after the last layer's transients are freed: the
 // flattened hidden states it reads, and per vocabulary tile the decoded LM-head tile, its logits and
-// their exponentials for a chunk of rows, plus the hidden states' gradient (backward). The
+// their exponentials for a chunk of rows (two more with a final soft-cap: the tanh and its slope), plus the
+// hidden states' gradient (backward). The
 // forward-gradient version stacks primal and tangent rows, so its logits are twice as tall.
 int64_t CrossEntropyPeak(const model::ModelConfig& m, int64_t n, int64_t chunk, bool backward) {
   const int64_t rows = std::min(chunk > 0 ? chunk : n, n);
   const int64_t tile = std::min(TileRows(m.hidden_size), m.vocab_size);
-  return tile * m.hidden_size + 3 * rows * tile + (backward ? 3 : 1) * n * m.hidden_size;
+  const int64_t logit_copies = m.final_logit_softcap > 0 ? 5 : 3;
+  return tile * m.hidden_size + logit_copies * rows * tile + (backward ? 3 : 1) * n * m.hidden_size;
 }
 
 // One decoder layer with stacked tangents (model/kernels.h), `slices` = 1 + tangents per pass. Attention:
@@ -144,7 +148,7 @@ int64_t CrossEntropyPeak(const model::ModelConfig& m, int64_t n, int64_t chunk, 
 // tokens at a time): gate, up and their SwiGLU per slice, σ, silu and silu'·up of the primal, and two
 // products per direction.
 int64_t TangentLayerPeak(const LayerShapes& s, int64_t slices, int64_t mlp_rows) {
-  const int64_t attention = slices * s.n * (2 * s.h + 4 * s.q + 4 * s.kv) + 5 * s.scores;
+  const int64_t attention = slices * s.n * (2 * s.h + 4 * s.q + 4 * s.kv) + 5 * s.scores + s.capped;
   const int64_t rows = mlp_rows > 0 ? std::min(mlp_rows, s.n) : s.n;
   const int64_t mlp = slices * s.n * 2 * s.h + (5 * slices + 4) * rows * s.i;
   return std::max(attention, mlp);

@@ -66,23 +66,22 @@ const char* DtypeFromTorch(std::string_view s) {
 
 // The family config.json names: by its architecture, or by model_type when "architectures" is absent.
 absl::StatusOr<const families::FamilySpec*> FamilyOf(std::string_view architecture, std::string_view model_type) {
-  std::string names;
-  for (const families::FamilySpec& f : families::Families()) names += StrCat(names.empty() ? "" : ", ", f.architecture);
   if (architecture.empty()) {
     if (const families::FamilySpec* f = families::FamilyOfModelType(model_type)) return f;
-    return FieldError("architectures", StrCat("is missing (and model_type '", model_type,
-                                              "' names no supported family; supported: ", names, ")"));
+    return FieldError("architectures",
+                      StrCat("is missing (and model_type '", model_type,
+                             "' names no supported family; supported: ", families::ArchitectureNames(), ")"));
   }
   if (const families::FamilySpec* f = families::FamilyOfArchitecture(architecture)) return f;
-  return absl::InvalidArgumentError(
-      StrCat("config.json: architecture '", architecture, "' is not supported (supported: ", names, ")"));
+  return absl::InvalidArgumentError(StrCat("config.json: architecture '", architecture,
+                                           "' is not supported (supported: ", families::ArchitectureNames(), ")"));
 }
 
 }  // namespace
 
 int64_t ModelConfig::NumParameters() const {
   const int64_t h = hidden_size;
-  int64_t per_layer = h * (norms.pre_attention + norms.attention_output + norms.pre_mlp + norms.mlp_output);
+  int64_t per_layer = h * norms.count();
   per_layer += h * q_dim() + 2 * h * kv_dim() + q_dim() * h;  // q, k, v, o
   if (qkv_bias) per_layer += q_dim() + 2 * kv_dim();
   per_layer += q_norm_size() + k_norm_size();
@@ -122,12 +121,14 @@ absl::Status ModelConfig::Validate() const {
     return FieldError("sliding_window_pattern",
                       StrCat("must be in [0, ", kMaxLayers, "], got ", sliding_window_pattern));
   }
-  if (!(rope_local_theta >= 0) || !std::isfinite(rope_local_theta)) {
-    return FieldError("rope_local_base_freq", "must be positive");
-  }
-  if (!(attention_scale >= 0) || !std::isfinite(attention_scale)) {
-    return FieldError("query_pre_attn_scalar", "must be positive");
-  }
+  auto non_negative = [](double v, const char* name, const char* zero) -> absl::Status {
+    if (v >= 0 && std::isfinite(v)) return absl::OkStatus();
+    return FieldError(name, StrCat("must be a finite number >= 0 (0 = ", zero, "), got ", v));
+  };
+  SEEDLING_RETURN_IF_ERROR(non_negative(rope_local_theta, "rope_local_base_freq", "rope_theta"));
+  SEEDLING_RETURN_IF_ERROR(non_negative(attention_scale, "attention_scale", "1 / sqrt(head_dim)"));
+  SEEDLING_RETURN_IF_ERROR(non_negative(attention_softcap, "attn_logit_softcapping", "none"));
+  SEEDLING_RETURN_IF_ERROR(non_negative(final_logit_softcap, "final_logit_softcapping", "none"));
   if (!std::isfinite(norm_weight_offset)) return FieldError("norm_weight_offset", "must be finite");
   if (bos_token_id && (*bos_token_id < 0 || *bos_token_id >= vocab_size)) {
     return FieldError("bos_token_id", StrCat("(", *bos_token_id, ") is outside the vocabulary"));
@@ -353,22 +354,42 @@ ModelConfig Olmo2(int64_t vocab, int64_t hidden, int64_t inter, int64_t layers, 
   return c;
 }
 
-// Gemma 3 (text): GeGLU, 1 + w norms before and after each sub-block, per-head q/k norms, scaled embeddings,
-// query_pre_attn_scalar = head_dim, local layers (window, RoPE base 10,000) with every 6th global (base 1e6),
-// tied, vocabulary 262,144, eps 1e-6.
-ModelConfig Gemma3(int64_t vocab, int64_t hidden, int64_t inter, int64_t layers, int64_t heads, int64_t kv,
-                   int64_t head_dim, int64_t window, int64_t max_pos) {
-  ModelConfig c = Llama(vocab, hidden, inter, layers, heads, kv, 1000000.0, 1e-6, true, max_pos);
-  c.architecture = "Gemma3ForCausalLM";
-  c.model_type = "gemma3_text";
+// Gemma 2 and 3 share: GeGLU, 1 + w norms before and after each sub-block, scaled embeddings,
+// query_pre_attn_scalar = head_dim, windowed local layers between global ones, tied, eps 1e-6.
+ModelConfig Gemma(int64_t vocab, int64_t hidden, int64_t inter, int64_t layers, int64_t heads, int64_t kv,
+                  int64_t head_dim, int64_t window, int64_t max_pos, double theta) {
+  ModelConfig c = Llama(vocab, hidden, inter, layers, heads, kv, theta, 1e-6, true, max_pos);
   c.head_dim = head_dim;
   c.norms = {.pre_attention = true, .attention_output = true, .pre_mlp = true, .mlp_output = true};
-  c.qk_norm = QkNorm::kPerHead;
   c.mlp_activation = MlpActivation::kGeluTanh;
   c.norm_weight_offset = 1.0;
   c.scale_embeddings = true;
   c.attention_scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
   c.sliding_window = window;
+  return c;
+}
+
+// Gemma 2: local and global layers alternate (RoPE base 10,000 for both), attention scores soft-capped at 50
+// and the final logits at 30.
+ModelConfig Gemma2(int64_t vocab, int64_t hidden, int64_t inter, int64_t layers, int64_t heads, int64_t kv,
+                   int64_t head_dim, int64_t window, int64_t max_pos) {
+  ModelConfig c = Gemma(vocab, hidden, inter, layers, heads, kv, head_dim, window, max_pos, 10000.0);
+  c.architecture = "Gemma2ForCausalLM";
+  c.model_type = "gemma2";
+  c.sliding_window_pattern = 2;
+  c.attention_softcap = 50.0;
+  c.final_logit_softcap = 30.0;
+  return c;
+}
+
+// Gemma 3 (text): per-head q/k norms, local layers (RoPE base 10,000) with every 6th global (base 1e6), no
+// soft-capping.
+ModelConfig Gemma3(int64_t vocab, int64_t hidden, int64_t inter, int64_t layers, int64_t heads, int64_t kv,
+                   int64_t head_dim, int64_t window, int64_t max_pos) {
+  ModelConfig c = Gemma(vocab, hidden, inter, layers, heads, kv, head_dim, window, max_pos, 1000000.0);
+  c.architecture = "Gemma3ForCausalLM";
+  c.model_type = "gemma3_text";
+  c.qk_norm = QkNorm::kPerHead;
   c.sliding_window_pattern = 6;
   c.rope_local_theta = 10000.0;
   return c;
@@ -377,8 +398,9 @@ ModelConfig Gemma3(int64_t vocab, int64_t hidden, int64_t inter, int64_t layers,
 }  // namespace
 
 std::vector<std::string> PresetNames() {
-  return {"tiny",         "tiny-qwen2", "tiny-qwen3",     "tiny-olmo2", "tiny-gemma3",  "smollm2-135m", "smollm2-360m",
-          "qwen2.5-0.5b", "qwen3-0.6b", "tinyllama-1.1b", "olmo-2-1b",  "gemma-3-270m", "gemma-3-1b"};
+  return {"tiny",           "tiny-qwen2",   "tiny-qwen3",   "tiny-olmo2",   "tiny-gemma2",
+          "tiny-gemma3",    "smollm2-135m", "smollm2-360m", "qwen2.5-0.5b", "qwen3-0.6b",
+          "tinyllama-1.1b", "olmo-2-1b",    "gemma-2-2b",   "gemma-3-270m", "gemma-3-1b"};
 }
 
 absl::StatusOr<ModelConfig> PresetConfig(std::string_view name) {
@@ -416,6 +438,17 @@ absl::StatusOr<ModelConfig> PresetConfig(std::string_view name) {
     c = Olmo2(100352, 2048, 8192, 16, 16, 16, 500000.0, 4096);
     c.eos_token_ids = {100257};
     c.torch_dtype = "float32";
+  } else if (name == "tiny-gemma2") {
+    // 4 layers (0 and 2 local with a window of 32, 1 and 3 global); head_dim 48 x 4 != 128, as gemma-2-2b's
+    // 256 x 8 != 2304.
+    c = Gemma2(2048, 128, 384, 4, 4, 2, 48, 32, 4096);
+    c.bos_token_id = 0;
+    c.eos_token_ids = {0};
+  } else if (name == "gemma-2-2b") {
+    // google/gemma-2-2b: 2,614,341,888 parameters, stored in float32.
+    c = Gemma2(256000, 2304, 9216, 26, 8, 4, 256, 4096, 8192);
+    c.bos_token_id = 2;
+    c.eos_token_ids = {1};
   } else if (name == "tiny-gemma3") {
     // 6 layers, so both kinds appear (layers 0-4 local, window 64; layer 5 global); head_dim 48 x 4 != 128.
     c = Gemma3(2048, 128, 384, 6, 4, 2, 48, 64, 4096);

@@ -1,7 +1,7 @@
 #pragma once
 
-// The model configuration, parsed from a Hugging Face config.json (LlamaForCausalLM, Qwen2ForCausalLM,
-// Qwen3ForCausalLM, MistralForCausalLM), and the presets `seedling init-model` writes.
+// The model configuration, parsed from a Hugging Face config.json (the families of model/families/), and
+// the presets `seedling init-model` writes.
 //
 // The decoder block is described by the config's fields, never by the family's name: which projections have
 // biases (qkv_bias, o_bias, mlp_bias), where the block normalizes (norms), whether and how q and k are
@@ -50,6 +50,7 @@ struct NormPlacement {
   bool pre_mlp = true;            // Llama's post_attention_layernorm, Gemma's pre_feedforward_layernorm
   bool mlp_output = false;        // post_feedforward_layernorm: on the MLP's output, before the residual add
   bool operator==(const NormPlacement&) const = default;
+  int64_t count() const { return int64_t{pre_attention} + attention_output + pre_mlp + mlp_output; }
 };
 
 // RMSNorm of the queries and keys before RoPE.
@@ -67,9 +68,9 @@ enum class MlpActivation {
 
 // Architecture hyper-parameters. Field names follow config.json.
 struct ModelConfig {
-  // "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM", "Olmo2ForCausalLM"
+  // "LlamaForCausalLM", "Qwen2ForCausalLM", ... (model/families/families.cpp lists them)
   std::string architecture;
-  std::string model_type;  // "llama", "qwen2", "qwen3", "mistral", "olmo2"
+  std::string model_type;  // "llama", "qwen2", ...
   int64_t vocab_size = 0;
   int64_t hidden_size = 0;
   int64_t intermediate_size = 0;
@@ -99,6 +100,11 @@ struct ModelConfig {
   int64_t sliding_window_pattern = 0;
   // RoPE base of the local layers; 0 = rope_theta. Local layers take no rope_scaling (Gemma 3).
   double rope_local_theta = 0.0;
+  // Logit soft-capping, z' = cap · tanh(z / cap), as Gemma 2 bounds its logits; 0 = none. On the attention
+  // scores after scaling, before the mask (attn_logit_softcapping), and on the LM head's logits
+  // (final_logit_softcapping).
+  double attention_softcap = 0.0;
+  double final_logit_softcap = 0.0;
   std::optional<int64_t> bos_token_id;
   std::vector<int64_t> eos_token_ids;   // config.json allows one id or a list
   std::string torch_dtype = "float32";  // dtype of the stored weights ("bfloat16", "float16", "float32")
@@ -127,7 +133,7 @@ struct ModelConfig {
 };
 
 // Parses config.json text. InvalidArgument naming the field for missing required fields, wrong types,
-// unknown architectures, activations other than SiLU, or unsupported rope_scaling types.
+// unknown architectures, activations other than the family's, or unsupported rope_scaling types.
 absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view json_text);
 
 // Reads <model_dir>/config.json, or the config of a GGUF file when `model_dir` is one (model/gguf_model.h).
@@ -151,8 +157,10 @@ std::string ModelId(const ModelConfig& config);
 
 // Presets for `init-model`: "tiny" (about 3.5M parameters, GQA, tied), "tiny-qwen2" (q/k/v bias, untied
 // LM head, llama3 RoPE scaling), "tiny-qwen3" (q/k norms per head, head_dim x heads != hidden_size),
-// "tiny-olmo2" (post-norm block, q/k norms over the projections, GQA), and the exact shapes of published
-// models: "smollm2-135m", "smollm2-360m", "qwen2.5-0.5b", "qwen3-0.6b", "tinyllama-1.1b", "olmo-2-1b".
+// "tiny-olmo2" (post-norm block, q/k norms over the projections, GQA), "tiny-gemma2" (soft-capping, local and
+// global layers alternating), "tiny-gemma3" (q/k norms, every 6th layer global), and the exact shapes of
+// published models: "smollm2-135m", "smollm2-360m", "qwen2.5-0.5b", "qwen3-0.6b", "tinyllama-1.1b",
+// "olmo-2-1b", "gemma-2-2b", "gemma-3-270m", "gemma-3-1b".
 // NotFound lists the valid names.
 absl::StatusOr<ModelConfig> PresetConfig(std::string_view name);
 std::vector<std::string> PresetNames();

@@ -160,29 +160,40 @@ struct GgufGraphRules {
   bool requires_qkv_bias;  // ... and requires them (qwen2)
   bool o_mlp_bias;         // has o_proj and MLP bias slots (llama)
   bool q_is_hidden;        // sizes q_proj as hidden x hidden (qwen2, olmo2)
+  bool tied_only = false;  // always reads the output projection from token_embd.weight (gemma2)
 };
 
 constexpr GgufGraphRules kGraphRules[] = {
-    {"llama", true, true, false, true, false},     {"qwen2", false, true, true, false, true},
-    {"qwen3", false, false, false, false, false},  {"olmo2", false, false, false, false, true},
-    {"gemma3", false, false, false, false, false},
+    {"llama", true, true, false, true, false},           {"qwen2", false, true, true, false, true},
+    {"qwen3", false, false, false, false, false},        {"olmo2", false, false, false, false, true},
+    {"gemma2", false, false, false, false, false, true}, {"gemma3", false, false, false, false, false},
 };
 
-// llama.cpp's gemma3 graph hard-codes what Hugging Face's config sets: every 6th layer global, the local
-// layers' RoPE base 10,000, and queries scaled by 1 / sqrt(head_dim) (but for its 27B).
-absl::Status CheckGemma3Export(const ModelConfig& c) {
-  const std::string why = "cannot be exported: llama.cpp's gemma3 architecture fixes ";
-  if (!c.sliding_window || c.sliding_window_pattern != 6) {
-    return absl::InvalidArgumentError(StrCat("Gemma3ForCausalLM without local layers every 6th global ", why,
-                                             "that pattern (sliding_window_pattern 6)"));
+// What llama.cpp's Gemma graphs fix (model/gguf_config.h GgufGemmaGraph) must be what `c` says.
+absl::Status CheckGemmaExport(const ModelConfig& c, const GgufGemmaGraph& g) {
+  const std::string why = StrCat(" cannot be exported: llama.cpp's ", g.arch, " architecture ");
+  if (!c.sliding_window || c.sliding_window_pattern != g.pattern) {
+    return absl::InvalidArgumentError(StrCat(c.architecture, " without windowed layers and one global layer in every ",
+                                             g.pattern, why, "fixes that pattern"));
   }
-  if (c.rope_local_theta != 10000.0) {
-    return absl::InvalidArgumentError(StrCat("Gemma3ForCausalLM with rope_local_base_freq ", c.rope_local_theta, " ",
-                                             why, "the local layers' RoPE base at 10000"));
+  if (c.rope_local_theta != g.local_theta) {
+    return absl::InvalidArgumentError(StrCat(c.architecture, " with rope_local_base_freq ", c.rope_local_theta, why,
+                                             g.local_theta > 0
+                                                 ? StrCat("fixes the local layers' RoPE base at ", g.local_theta)
+                                                 : std::string("has one RoPE base for all layers")));
   }
-  if (std::abs(c.attention_scale * std::sqrt(static_cast<double>(c.head_dim)) - 1.0) > 1e-9) {
-    return absl::InvalidArgumentError(StrCat("Gemma3ForCausalLM with query_pre_attn_scalar != head_dim ", why,
-                                             "the query scale at 1 / sqrt(head_dim)"));
+  const double scale = g.QueryScale(c);
+  if (std::abs(c.attention_scale - scale) > 1e-9 * scale) {
+    return absl::InvalidArgumentError(
+        StrCat(c.architecture, " with query_pre_attn_scalar ", 1.0 / (c.attention_scale * c.attention_scale), why,
+               "fixes the query scale at ", scale, " (query_pre_attn_scalar ", 1.0 / (scale * scale), ")"));
+  }
+  const bool capped = c.attention_softcap > 0 && c.final_logit_softcap > 0;
+  const bool uncapped = c.attention_softcap == 0 && c.final_logit_softcap == 0;
+  if (g.softcaps ? !capped : !uncapped) {
+    return absl::InvalidArgumentError(StrCat(c.architecture, " with attn_logit_softcapping ", c.attention_softcap,
+                                             " and final_logit_softcapping ", c.final_logit_softcap, why,
+                                             g.softcaps ? "always soft-caps both" : "soft-caps neither"));
   }
   return absl::OkStatus();
 }
@@ -204,6 +215,9 @@ absl::Status CheckExpressible(const ModelConfig& c, const GgufGraphRules& r) {
   if ((c.o_bias || c.mlp_bias) && !r.o_mlp_bias) {
     return absl::InvalidArgumentError(StrCat(who, "with o_proj or MLP biases", why, "has no such tensors"));
   }
+  if (r.tied_only && !c.tie_word_embeddings) {
+    return absl::InvalidArgumentError(StrCat(who, "with an untied LM head", why, "has no output.weight"));
+  }
   if (r.q_is_hidden && c.q_dim() != c.hidden_size) {
     return absl::InvalidArgumentError(StrCat(who, "with head_dim * num_attention_heads = ", c.q_dim(),
                                              " != hidden_size ", c.hidden_size, why,
@@ -218,13 +232,12 @@ absl::StatusOr<std::string> GgufArchitecture(const ModelConfig& c) {
   for (const GgufGraphRules& rules : kGraphRules) {
     if (family == nullptr || family->gguf_architecture != rules.arch) continue;
     SEEDLING_RETURN_IF_ERROR(CheckExpressible(c, rules));
-    if (rules.arch == "gemma3") SEEDLING_RETURN_IF_ERROR(CheckGemma3Export(c));
+    if (const GgufGemmaGraph* graph = GemmaGraphOf(rules.arch)) SEEDLING_RETURN_IF_ERROR(CheckGemmaExport(c, *graph));
     return std::string(rules.arch);
   }
-  std::string names;
-  for (const families::FamilySpec& f : families::Families()) names += StrCat(names.empty() ? "" : ", ", f.architecture);
-  return absl::InvalidArgumentError(
-      StrCat("architecture '", c.architecture, "' cannot be exported to GGUF (supported: ", names, ")"));
+  return absl::InvalidArgumentError(StrCat("architecture '", c.architecture,
+                                           "' cannot be exported to GGUF (supported: ", families::ArchitectureNames(),
+                                           ")"));
 }
 
 // llama.cpp's name of a decoder layer's projection weight: "blk.<layer>.attn_q.weight", ...
@@ -613,8 +626,14 @@ absl::Status AddHyperparameters(const ModelConfig& c, const std::string& arch, c
     md.U32(p + "attention.key_length", c.head_dim);
     md.U32(p + "attention.value_length", c.head_dim);
   }
-  // A windowed architecture whose window llama.cpp reads (gemma3; the llama architecture has none).
-  if (c.sliding_window && arch == "gemma3") md.U32(p + "attention.sliding_window", *c.sliding_window);
+  // The Gemma graphs read the window and gemma2 its soft-caps (the llama architecture has no window).
+  if (const GgufGemmaGraph* graph = GemmaGraphOf(arch)) {
+    md.U32(p + "attention.sliding_window", *c.sliding_window);  // CheckGemmaExport required one
+    if (graph->softcaps) {
+      md.F32(p + "attn_logit_softcapping", c.attention_softcap);
+      md.F32(p + "final_logit_softcapping", c.final_logit_softcap);
+    }
+  }
   if (c.rope_scaling.type == RopeScaling::Type::kLinear) {
     md.Str(p + "rope.scaling.type", "linear");
     md.F32(p + "rope.scaling.factor", c.rope_scaling.factor);

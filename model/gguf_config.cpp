@@ -242,14 +242,31 @@ void ReadLayout(const GgufFile& f, ModelConfig& c) {
   c.torch_dtype = type == GgmlType::kF32 ? "float32" : type == GgmlType::kBF16 ? "bfloat16" : "float16";
 }
 
-// What llama.cpp's gemma3 graph fixes (every 6th layer global, local RoPE base 10,000, queries scaled by
-// 1 / sqrt(head_dim)) and the window it reads.
-absl::Status ReadGemma3(const GgufFile& f, const std::string& p, ModelConfig& c) {
-  SEEDLING_ASSIGN_OR_RETURN(const uint32_t window, f.GetU32(p + "attention.sliding_window"));
-  c.sliding_window = window;
-  c.sliding_window_pattern = 6;
-  c.rope_local_theta = 10000.0;
-  c.attention_scale = 1.0 / std::sqrt(static_cast<double>(c.head_dim));
+constexpr GgufGemmaGraph kGemmaGraphs[] = {
+    {.arch = "gemma2", .pattern = 2, .local_theta = 0.0, .softcaps = true, .default_window = 4096, .layers_27b = 46},
+    {.arch = "gemma3", .pattern = 6, .local_theta = 10000.0, .softcaps = false, .default_window = 0, .layers_27b = 62},
+};
+
+// What a Gemma graph fixes, and the window and soft-caps it reads.
+absl::Status ReadGemma(const GgufFile& f, const std::string& p, const GgufGemmaGraph& graph, ModelConfig& c) {
+  const std::string window_key = p + "attention.sliding_window";
+  if (graph.default_window == 0) {
+    SEEDLING_ASSIGN_OR_RETURN(const uint32_t window, f.GetU32(window_key));
+    c.sliding_window = window;
+  } else {
+    SEEDLING_ASSIGN_OR_RETURN(const std::optional<uint32_t> window, Optional(f.GetU32(window_key)));
+    c.sliding_window = window.has_value() ? static_cast<int64_t>(*window) : graph.default_window;
+  }
+  c.sliding_window_pattern = graph.pattern;
+  c.rope_local_theta = graph.local_theta;
+  c.attention_scale = graph.QueryScale(c);
+  c.attention_softcap = c.final_logit_softcap = 0.0;
+  if (graph.softcaps) {
+    SEEDLING_ASSIGN_OR_RETURN(std::optional<float> attention, Optional(f.GetF32(p + "attn_logit_softcapping")));
+    SEEDLING_ASSIGN_OR_RETURN(std::optional<float> final_cap, Optional(f.GetF32(p + "final_logit_softcapping")));
+    c.attention_softcap = attention.has_value() ? Widen(*attention) : 50.0;
+    c.final_logit_softcap = final_cap.has_value() ? Widen(*final_cap) : 30.0;
+  }
   return absl::OkStatus();
 }
 
@@ -279,10 +296,23 @@ absl::StatusOr<ModelConfig> ConfigFromGguf(const GgufFile& file) {
   SEEDLING_RETURN_IF_ERROR(ReadRope(file, p, arch, c));
   SEEDLING_RETURN_IF_ERROR(ReadSpecialIds(file, c));
   ReadLayout(file, c);
-  if (arch == "gemma3") SEEDLING_RETURN_IF_ERROR(ReadGemma3(file, p, c));
+  if (const GgufGemmaGraph* graph = GemmaGraphOf(arch)) SEEDLING_RETURN_IF_ERROR(ReadGemma(file, p, *graph, c));
   const absl::Status valid = c.Validate();
   if (!valid.ok()) return Annotate(valid, StrCat("GGUF file '", file.path(), "'"));
   return c;
+}
+
+double GgufGemmaGraph::QueryScale(const ModelConfig& c) const {
+  const double dim = c.num_hidden_layers == layers_27b ? static_cast<double>(c.hidden_size / c.num_attention_heads)
+                                                       : static_cast<double>(c.head_dim);
+  return 1.0 / std::sqrt(dim);
+}
+
+const GgufGemmaGraph* GemmaGraphOf(std::string_view arch) {
+  for (const GgufGemmaGraph& g : kGemmaGraphs) {
+    if (g.arch == arch) return &g;
+  }
+  return nullptr;
 }
 
 bool IsGgufPath(const std::string& path) {

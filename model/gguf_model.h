@@ -21,6 +21,11 @@
 
 namespace seedling::model {
 
+// Whether q / k rows sit in GGML's interleaved RoPE layout in a GGUF file of `config`'s architecture: only
+// llama.cpp's "llama" architecture (Llama, Mistral) rotates interleaved pairs, so only its q / k weights and
+// biases are permuted on export and un-permuted on import; the others rotate halves like Hugging Face.
+bool GgufPermutesQk(const ModelConfig& config);
+
 // The weights of `file` for `config` (normally ConfigFromGguf(file)), under llama.cpp's names
 // (token_embd.weight, blk.N.attn_norm.weight, blk.N.attn_{q,k,v,output}.weight, attn_{q,k,v}.bias,
 // blk.N.ffn_norm.weight, blk.N.ffn_{gate,up,down}.weight, output_norm.weight, output.weight).
@@ -40,12 +45,8 @@ namespace seedling::model {
 // NotFound lists missing tensors; InvalidArgument names a tensor of the wrong shape, of a type
 // Seedling does not load (with the `llama-quantize --pure` hint), a 1-D tensor that is not float,
 // or tensors the architecture does not have (rope_freqs.weight is expected exactly when the config
-// has Llama 3 scaling). Internal / ResourceExhausted if LibTorch fails.
-// Whether q / k rows sit in GGML's interleaved RoPE layout in a GGUF file of `config`'s architecture: only
-// llama.cpp's "llama" architecture (Llama, Mistral) rotates interleaved pairs, so only its q / k weights and
-// biases are permuted on export and un-permuted on import; the others rotate halves like Hugging Face.
-bool GgufPermutesQk(const ModelConfig& config);
-
+// has Llama 3 scaling). Gemma norms are read back as w from the file's 1 + w
+// (ModelConfig::norm_weight_offset). Internal / ResourceExhausted if LibTorch fails.
 absl::StatusOr<ModelWeights> WeightsFromGguf(const GgufFile& file, const ModelConfig& config,
                                              WeightPrecision precision);
 

@@ -26,6 +26,17 @@ int64_t PickChunk(int64_t chunk_tokens, int64_t rows) {
   return chunk_tokens > 0 ? chunk_tokens : std::max<int64_t>(rows, 1);
 }
 
+// Logit soft-capping, z' = cap · tanh(z / cap) (Gemma 2), and, when asked, its slope dz'/dz = 1 − (z'/cap)²
+// (undefined otherwise). Out of place, so forward-mode AD differentiates it too.
+struct SoftCapped {
+  at::Tensor value, slope;
+};
+
+SoftCapped SoftCap(const at::Tensor& z, double cap, bool with_slope) {
+  const at::Tensor t = at::tanh(z / cap);
+  return {t * cap, with_slope ? 1 - t * t : at::Tensor()};
+}
+
 // Rows [start, start + len) of the loss inputs; ignored targets are replaced by 0 (masked out by `valid`).
 struct CeChunk {
   at::Tensor h;       // (c, H)
@@ -64,13 +75,17 @@ struct RowStats {
         target(at::zeros({c}, options)),
         target_tangent(at::zeros({c}, options)) {}
 
-  // z (c, n) logits of one tile, dz its tangent or undefined, tile (n, H) the LM-head rows behind z.
-  void Add(const at::Tensor& z, const at::Tensor& dz, const TileTargets& t, const at::Tensor& tile) {
+  // z (c, n) logits of one tile, dz its tangent or undefined, tile (n, H) the LM-head rows behind z, slope
+  // the soft-cap's dz/d(raw logits) (undefined without a cap), which weighs the rows of the gradient.
+  void Add(const at::Tensor& z, const at::Tensor& dz, const TileTargets& t, const at::Tensor& tile,
+           const at::Tensor& slope) {
     const at::Tensor new_max = at::maximum(max, std::get<0>(z.max(1)));
     const at::Tensor rescale = (max - new_max).exp_();
     const at::Tensor e = (z - new_max.unsqueeze(1)).exp_();  // (c, n)
     sum.mul_(rescale).add_(e.sum(1));
-    if (weighted_rows.defined()) weighted_rows.mul_(rescale.unsqueeze(1)).addmm_(e, tile);
+    if (weighted_rows.defined()) {
+      weighted_rows.mul_(rescale.unsqueeze(1)).addmm_(slope.defined() ? e * slope : e, tile);
+    }
     target.add_(z.gather(1, t.column).squeeze(1) * t.present);
     if (dz.defined()) {
       tangent_sum.mul_(rescale).add_((e * dz).sum(1));
@@ -87,9 +102,11 @@ struct RowStats {
 // d/dh (lse(z) - z_t) = Σ_v p_v W_v - W_t, and Σ_v exp(z_v - m) W_v is accumulated tile by tile with the
 // running max, so the gradient costs one more multiply per tile instead of recomputing the logits.
 // `stream` (may be null) releases the weight's pages tile by tile (model/frozen_linear.h WeightPages).
+// `softcap` > 0 soft-caps the logits (SoftCap); the gradient's rows and the tangent are then scaled by the
+// cap's slope, the target row's by the slope at the target's logit.
 std::pair<at::Tensor, at::Tensor> ChunkedCeForward(const at::Tensor& hidden, const at::Tensor& tangent,
                                                    const at::Tensor& weight, const at::Tensor& targets, int64_t chunk,
-                                                   const WeightPages* stream, at::Tensor* lse_out,
+                                                   const WeightPages* stream, double softcap, at::Tensor* lse_out,
                                                    at::Tensor* grad_out = nullptr) {
   WeightTiles tiles(weight, 0, stream);
   const int64_t n_rows = hidden.size(0);
@@ -108,18 +125,23 @@ std::pair<at::Tensor, at::Tensor> ChunkedCeForward(const at::Tensor& hidden, con
       const int64_t n = std::min(tiles.tile_rows(), tiles.rows() - v0);
       const at::Tensor tile = tiles.Tile(v0, n);
       const at::Tensor z = at::mm(rows, tile.t());  // (c or 2c, n)
-      const TileTargets t = TargetsInTile(c, v0, n, z.scalar_type());
-      if (tangent.defined()) {
-        stats.Add(z.narrow(0, 0, len), z.narrow(0, len, len), t, tile);
-      } else {
-        stats.Add(z, at::Tensor(), t, tile);
+      at::Tensor logits = tangent.defined() ? z.narrow(0, 0, len) : z;
+      at::Tensor dz = tangent.defined() ? z.narrow(0, len, len) : at::Tensor();
+      at::Tensor slope;
+      if (softcap > 0) {
+        SoftCapped capped = SoftCap(logits, softcap, dz.defined() || grad_out != nullptr);
+        logits = std::move(capped.value);
+        slope = std::move(capped.slope);
+        if (dz.defined()) dz = dz * slope;
       }
+      stats.Add(logits, dz, TargetsInTile(c, v0, n, z.scalar_type()), tile, slope);
     }
     const at::Tensor valid = c.valid.to(hidden.scalar_type());
     const at::Tensor lse = stats.LogSumExp();
     loss = loss + ((lse - stats.target) * valid).sum();
     if (grad_out != nullptr) {
-      const at::Tensor target_rows = FrozenEmbedding(weight, c.safe_t).to(hidden.scalar_type());  // (c, H)
+      at::Tensor target_rows = FrozenEmbedding(weight, c.safe_t).to(hidden.scalar_type());  // (c, H)
+      if (softcap > 0) target_rows.mul_((1 - (stats.target / softcap).square()).unsqueeze(1));
       grad_out->narrow(0, start, len)
           .copy_((stats.weighted_rows / stats.sum.unsqueeze(1) - target_rows) * valid.unsqueeze(1));
     }
@@ -134,33 +156,37 @@ struct ChunkedCeFunction : public torch::autograd::Function<ChunkedCeFunction> {
   // `stream` serves the forward pass only: a weight that requires grad (the only case whose backward reads
   // the weight again) is dense and never streamed.
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& hidden, const at::Tensor& weight,
-                            const at::Tensor& targets, int64_t chunk, const WeightPages* stream) {
+                            const at::Tensor& targets, int64_t chunk, const WeightPages* stream, double softcap) {
     at::Tensor lse;
     if (!weight.requires_grad()) {
       // The common case (a frozen LM head): the hidden states' gradient comes out of the forward pass, and
       // backward only scales it: two multiplies per tile in all instead of three.
       at::Tensor grad_hidden;
       at::Tensor loss =
-          ChunkedCeForward(hidden, at::Tensor(), weight, targets, chunk, stream, nullptr, &grad_hidden).first;
+          ChunkedCeForward(hidden, at::Tensor(), weight, targets, chunk, stream, softcap, nullptr, &grad_hidden).first;
       ctx->save_for_backward({grad_hidden});
       return loss;
     }
-    at::Tensor loss = ChunkedCeForward(hidden, at::Tensor(), weight, targets, chunk, nullptr, &lse).first;
+    at::Tensor loss = ChunkedCeForward(hidden, at::Tensor(), weight, targets, chunk, nullptr, softcap, &lse).first;
     ctx->save_for_backward({hidden, weight, targets, lse});
     ctx->saved_data["chunk"] = chunk;
+    ctx->saved_data["softcap"] = softcap;
     return loss;
   }
 
-  // d loss / d logits = softmax(logits) - onehot(target), zero for ignored rows; each tile's logits are
-  // recomputed and turned into their gradient in place.
+  // d loss / d logits = softmax(logits) - onehot(target), zero for ignored rows, times the soft-cap's slope;
+  // each tile's logits are recomputed and turned into their gradient in place.
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
-    if (saved.size() == 1) return {saved[0] * grad_outputs[0], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    if (saved.size() == 1) {
+      return {saved[0] * grad_outputs[0], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    }
     const at::Tensor& hidden = saved[0];
     const at::Tensor& weight = saved[1];
     const at::Tensor& targets = saved[2];
     const at::Tensor& lse = saved[3];
     const int64_t chunk = ctx->saved_data["chunk"].toInt();
+    const double softcap = ctx->saved_data["softcap"].toDouble();
     const at::Tensor g = grad_outputs[0];  // scalar
     const bool need_h = ctx->needs_input_grad(0);
     const bool need_w = ctx->needs_input_grad(1);
@@ -177,16 +203,23 @@ struct ChunkedCeFunction : public torch::autograd::Function<ChunkedCeFunction> {
         const int64_t n = std::min(tiles.tile_rows(), tiles.rows() - v0);
         const at::Tensor tile = tiles.Tile(v0, n);
         at::Tensor p = at::mm(c.h, tile.t());  // (c, n) logits
-        p.sub_(row_lse).exp_();                // softmax, in place
+        at::Tensor slope;
+        if (softcap > 0) {
+          SoftCapped capped = SoftCap(p, softcap, /*with_slope=*/true);
+          p = std::move(capped.value);
+          slope = std::move(capped.slope);
+        }
+        p.sub_(row_lse).exp_();  // softmax, in place
         const TileTargets t = TargetsInTile(c, v0, n, p.scalar_type());
         p.scatter_add_(1, t.column, -t.present.unsqueeze(1));
+        if (slope.defined()) p.mul_(slope);
         p.mul_(row_scale);
         if (need_h) grad_h.narrow(0, start, len).addmm_(p, tile);  // (c, H)
         if (need_w) grad_w.narrow(0, v0, n).addmm_(p.t(), c.h);    // (n, H)
       }
     }
     if (need_w && grad_w.scalar_type() != weight.scalar_type()) grad_w = grad_w.to(weight.scalar_type());
-    return {grad_h, grad_w, at::Tensor(), at::Tensor(), at::Tensor()};
+    return {grad_h, grad_w, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -244,32 +277,33 @@ class CheckpointNode : public torch::autograd::Node {
 }  // namespace
 
 at::Tensor ChunkedCrossEntropy(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
-                               int64_t chunk_tokens, const WeightPages* stream) {
+                               int64_t chunk_tokens, const WeightPages* stream, double softcap) {
   SEEDLING_CHECK(hidden.dim() == 2 && targets.dim() == 1);
   SEEDLING_CHECK(hidden.size(0) == targets.size(0) && hidden.size(1) == LogicalShape(weight)[1]);
   const int64_t chunk = PickChunk(chunk_tokens, hidden.size(0));
   const bool needs_autograd = at::GradMode::is_enabled() && (hidden.requires_grad() || weight.requires_grad());
-  if (needs_autograd) return ChunkedCeFunction::apply(hidden, weight, targets, chunk, stream);
-  return ChunkedCeForward(hidden, at::Tensor(), weight, targets, chunk, stream, nullptr).first;
+  if (needs_autograd) return ChunkedCeFunction::apply(hidden, weight, targets, chunk, stream, softcap);
+  return ChunkedCeForward(hidden, at::Tensor(), weight, targets, chunk, stream, softcap, nullptr).first;
 }
 
 std::pair<at::Tensor, at::Tensor> ChunkedCrossEntropyJvp(const at::Tensor& hidden, const at::Tensor& hidden_tangent,
                                                          const at::Tensor& weight, const at::Tensor& targets,
-                                                         int64_t chunk_tokens, const WeightPages* stream) {
+                                                         int64_t chunk_tokens, const WeightPages* stream,
+                                                         double softcap) {
   SEEDLING_CHECK(hidden.sizes() == hidden_tangent.sizes() && hidden.dim() == 2 && targets.dim() == 1);
   at::NoGradGuard no_grad;
   return ChunkedCeForward(hidden, hidden_tangent, weight, targets, PickChunk(chunk_tokens, hidden.size(0)), stream,
-                          nullptr);
+                          softcap, nullptr);
 }
 
 std::pair<at::Tensor, at::Tensor> ChunkedCrossEntropyWithGrad(const at::Tensor& hidden, const at::Tensor& weight,
                                                               const at::Tensor& targets, int64_t chunk_tokens,
-                                                              const WeightPages* stream) {
+                                                              const WeightPages* stream, double softcap) {
   SEEDLING_CHECK(hidden.dim() == 2 && targets.dim() == 1 && hidden.size(0) == targets.size(0));
   at::NoGradGuard no_grad;
   at::Tensor grad;
   at::Tensor loss = ChunkedCeForward(hidden, at::Tensor(), weight, targets, PickChunk(chunk_tokens, hidden.size(0)),
-                                     stream, nullptr, &grad)
+                                     stream, softcap, nullptr, &grad)
                         .first;
   return {loss, grad};
 }
@@ -448,21 +482,32 @@ at::Tensor ApplyRope(const at::Tensor& x, const RopeTables& rope) {
 
 namespace {
 
+// The options every attention kernel takes from the layer: its sliding window and the scores' soft-cap.
+struct AttentionShape {
+  std::optional<int64_t> window;
+  double softcap = 0;
+};
+
 // Softmax probabilities of causal grouped-query attention with the `groups` query heads of each KV head
 // folded into rows: qg (B, Hkv, groups*T, D), already scaled by 1/√D; k (B, Hkv, S, D). Returns
-// (B, Hkv, groups*T, S).
+// (B, Hkv, groups*T, S). With a soft-cap and `slope`, *slope receives the cap's dS'/dS, shaped as the result.
 at::Tensor AttentionProbs(const at::Tensor& qg, const at::Tensor& k, int64_t groups, int64_t q_start,
-                          std::optional<int64_t> sliding_window) {
+                          const AttentionShape& shape, at::Tensor* slope = nullptr) {
   const int64_t b = qg.size(0), hkv = qg.size(1), t = qg.size(2) / groups, s = k.size(2);
   at::Tensor scores = at::matmul(qg, k.transpose(-1, -2)).view({b, hkv, groups, t, s});  // (B,Hkv,G,T,S)
+  if (shape.softcap > 0) {  // before the mask, so the slope stays finite where the mask puts -inf
+    SoftCapped capped = SoftCap(scores, shape.softcap, slope != nullptr);
+    scores = std::move(capped.value);
+    if (slope != nullptr) *slope = capped.slope.view({b, hkv, groups * t, s});
+  }
   // Only keys after the first query's position can be in the future of some query, so without a window
   // the mask covers the columns from there on; it is applied in place.
-  const int64_t first = sliding_window ? 0 : std::clamp<int64_t>(q_start + 1, 0, s);
+  const int64_t first = shape.window ? 0 : std::clamp<int64_t>(q_start + 1, 0, s);
   if (first < s) {
     const at::Tensor q_pos = at::arange(q_start, q_start + t, at::kLong).unsqueeze(1);  // (T, 1)
     const at::Tensor k_pos = at::arange(first, s, at::kLong).unsqueeze(0);              // (1, S - first)
     at::Tensor masked = k_pos.gt(q_pos);
-    if (sliding_window) masked = masked.logical_or(k_pos.le(q_pos - *sliding_window));
+    if (shape.window) masked = masked.logical_or(k_pos.le(q_pos - *shape.window));
     scores.narrow(-1, first, s - first).masked_fill_(masked, -std::numeric_limits<float>::infinity());
   }
   return at::softmax(scores, -1).view({b, hkv, groups * t, s});
@@ -495,21 +540,21 @@ std::vector<QueryBlock> QueryBlocks(int64_t t, int64_t s, int64_t q_start) {
 
 // Causal GQA attention of every query against every key in one multiply each. Returns (B, Hq, T, D).
 at::Tensor WholeAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t q_start,
-                          std::optional<int64_t> window) {
+                          const AttentionShape& shape) {
   const int64_t b = q.size(0), hq = q.size(1), t = q.size(2), d = q.size(3), hkv = k.size(1);
-  return at::matmul(AttentionProbs(FoldQueries(q, hkv), k, hq / hkv, q_start, window), v).view({b, hq, t, d});
+  return at::matmul(AttentionProbs(FoldQueries(q, hkv), k, hq / hkv, q_start, shape), v).view({b, hq, t, d});
 }
 
 // Causal GQA attention, one query block at a time (one block for short inputs). Returns (B, Hq, T, D).
 at::Tensor BlockedAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t q_start,
-                            std::optional<int64_t> window) {
+                            const AttentionShape& shape) {
   const int64_t b = q.size(0), hq = q.size(1), t = q.size(2), d = q.size(3), s = k.size(2);
-  if (t <= kAttentionQueryBlock) return WholeAttention(q, k, v, q_start, window);
+  if (t <= kAttentionQueryBlock) return WholeAttention(q, k, v, q_start, shape);
   at::Tensor out = at::empty({b, hq, t, d}, q.options());
   for (const QueryBlock& blk : QueryBlocks(t, s, q_start)) {
     out.narrow(2, blk.start, blk.length)
         .copy_(WholeAttention(q.narrow(2, blk.start, blk.length), k.narrow(2, 0, blk.keys), v.narrow(2, 0, blk.keys),
-                              q_start + blk.start, window));
+                              q_start + blk.start, shape));
   }
   return out;
 }
@@ -518,15 +563,17 @@ at::Tensor BlockedAttention(const at::Tensor& q, const at::Tensor& k, const at::
 // (rows × keys) probabilities, the largest tensor of a layer at training lengths): backward rebuilds the
 // probabilities P with one more score multiply, as flash attention's backward does, then
 // dV = Pᵀ dO, dP = dO Vᵀ, dS = P ⊙ (dP − rowsum(P ⊙ dP)), dQ = dS K / √D, dK = dSᵀ Q / √D, one query
-// block at a time (a block's keys and values gather the gradients of every block that sees them).
+// block at a time (a block's keys and values gather the gradients of every block that sees them). A
+// soft-cap scales dS by its slope before dQ and dK.
 struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            int64_t q_start, int64_t window) {
+                            int64_t q_start, int64_t window, double softcap) {
     at::NoGradGuard no_grad;
     ctx->save_for_backward({q, k, v});
     ctx->saved_data["q_start"] = q_start;
     ctx->saved_data["window"] = window;
-    return BlockedAttention(q, k, v, q_start, Window(window));
+    ctx->saved_data["softcap"] = softcap;
+    return BlockedAttention(q, k, v, q_start, {Window(window), softcap});
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -534,7 +581,7 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2];
     const int64_t b = q.size(0), hq = q.size(1), t = q.size(2), d = q.size(3), hkv = k.size(1), s = k.size(2);
     const int64_t q_start = ctx->saved_data["q_start"].toInt();
-    const std::optional<int64_t> window = Window(ctx->saved_data["window"].toInt());
+    const AttentionShape shape{Window(ctx->saved_data["window"].toInt()), ctx->saved_data["softcap"].toDouble()};
     const double scale = 1.0 / std::sqrt(static_cast<double>(d));
     at::Tensor dq = at::empty({b, hq, t, d}, q.options());
     at::Tensor dk = at::zeros_like(k, at::MemoryFormat::Contiguous);
@@ -543,19 +590,22 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     for (const QueryBlock& blk : QueryBlocks(t, s, q_start)) {
       const at::Tensor kb = k.narrow(2, 0, blk.keys), vb = v.narrow(2, 0, blk.keys);
       const at::Tensor qg = FoldQueries(q.narrow(2, blk.start, blk.length), hkv);  // (B, Hkv, G*len, D), scaled
-      const at::Tensor probs = AttentionProbs(qg, kb, hq / hkv, q_start + blk.start, window);  // (B, Hkv, G*len, keys)
+      at::Tensor slope;
+      const at::Tensor probs =
+          AttentionProbs(qg, kb, hq / hkv, q_start + blk.start, shape, &slope);  // (B, Hkv, G*len, keys)
       const at::Tensor d_out = grad_outputs[0].narrow(2, blk.start, blk.length).reshape({b, hkv, -1, d});
       // Accumulated in place, one (B·Hkv) batch of multiplies; summing over rows sums the group's heads.
       dv3.narrow(1, 0, blk.keys)
           .baddbmm_(probs.reshape({b * hkv, -1, blk.keys}).transpose(1, 2), d_out.reshape({b * hkv, -1, d}));
       at::Tensor ds = at::matmul(d_out, vb.transpose(-1, -2));  // dP, then dS in place
       ds.sub_((ds * probs).sum(-1, /*keepdim=*/true)).mul_(probs);
+      if (slope.defined()) ds.mul_(slope);
       dq.narrow(2, blk.start, blk.length).copy_(at::matmul(ds, kb).mul_(scale).view({b, hq, blk.length, d}));
       dk3.narrow(1, 0, blk.keys)
           .baddbmm_(ds.reshape({b * hkv, -1, blk.keys}).transpose(1, 2),
                     qg.reshape({b * hkv, -1, d}));  // qg carries the 1/√D
     }
-    return {dq, dk, dv, at::Tensor(), at::Tensor()};
+    return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 
   static std::optional<int64_t> Window(int64_t w) { return w > 0 ? std::optional<int64_t>(w) : std::nullopt; }
@@ -564,14 +614,16 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
 }  // namespace
 
 at::Tensor GroupedQueryAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t q_start,
-                                 std::optional<int64_t> sliding_window) {
+                                 std::optional<int64_t> sliding_window, double softcap) {
   const int64_t hq = q.size(1), hkv = k.size(1), s = k.size(2);
   SEEDLING_CHECK(hq % hkv == 0 && v.size(1) == hkv && v.size(2) == s);
-  if (RecordsBackward({q, k, v})) return AttentionFunction::apply(q, k, v, q_start, sliding_window.value_or(0));
-  if (IsDual(q) || IsDual(k) || IsDual(v)) {  // forward-mode AD (reference mode): LibTorch's own rules
-    return WholeAttention(q, k, v, q_start, sliding_window);
+  if (RecordsBackward({q, k, v})) {
+    return AttentionFunction::apply(q, k, v, q_start, sliding_window.value_or(0), softcap);
   }
-  return BlockedAttention(q, k, v, q_start, sliding_window);
+  if (IsDual(q) || IsDual(k) || IsDual(v)) {  // forward-mode AD (reference mode): LibTorch's own rules
+    return WholeAttention(q, k, v, q_start, {sliding_window, softcap});
+  }
+  return BlockedAttention(q, k, v, q_start, {sliding_window, softcap});
 }
 
 at::Tensor RmsNormTangents(const at::Tensor& x, const at::Tensor& weight, double eps) {
@@ -624,19 +676,21 @@ at::Tensor GatedActivationTangents(const at::Tensor& gate, const at::Tensor& up,
 }
 
 at::Tensor GroupedQueryAttentionTangents(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                         std::optional<int64_t> sliding_window) {
+                                         std::optional<int64_t> sliding_window, double softcap) {
   const int64_t slices = q.size(0), b = q.size(1), hq = q.size(2), t = q.size(3), d = q.size(4);
   const int64_t hkv = k.size(2);
   SEEDLING_CHECK(k.size(0) == slices && v.size(0) == slices && hq % hkv == 0 && k.size(3) == t);
   const at::Tensor q0 = FoldQueries(q.select(0, 0), hkv);  // (B, Hkv, G*T, D)
   const at::Tensor k0 = k.select(0, 0), v0 = v.select(0, 0);
-  const at::Tensor probs = AttentionProbs(q0, k0, hq / hkv, 0, sliding_window);  // (B, Hkv, G*T, S)
+  at::Tensor slope;
+  const at::Tensor probs = AttentionProbs(q0, k0, hq / hkv, 0, {sliding_window, softcap}, &slope);  // (B,Hkv,G*T,S)
   at::Tensor out = at::empty_like(q);
   out.select(0, 0).copy_(at::matmul(probs, v0).view({b, hq, t, d}));
   for (int64_t i = 1; i < slices; ++i) {
     // dS = dq kᵀ + q dkᵀ (both scaled through the folded queries); masked entries have P = 0, so dP = 0.
     at::Tensor ds = at::matmul(FoldQueries(q.select(0, i), hkv), k0.transpose(-1, -2));
     ds.add_(at::matmul(q0, k.select(0, i).transpose(-1, -2)));
+    if (slope.defined()) ds.mul_(slope);  // the tangent of the capped scores
     const at::Tensor row = (probs * ds).sum(-1, /*keepdim=*/true);
     ds.sub_(row).mul_(probs);  // dP
     at::Tensor dout = at::matmul(ds, v0);

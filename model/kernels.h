@@ -8,6 +8,8 @@
 //  * Checkpoint: per-layer recomputation (activation checkpointing). The forward keeps only the layer input;
 //    the backward re-runs the layer with autograd on and backpropagates through it.
 //  * RmsNorm, rotary embeddings (RoPE with linear / llama3 scaling), grouped-query causal attention.
+//  * Logit soft-capping (Gemma 2): z' = cap · tanh(z / cap), on attention scores and on the final logits,
+//    inside the kernels that walk them (a cap of 0 means none).
 //
 // All tensors are fp32 unless noted. Functions assume validated shapes (callers validate external input);
 // a shape mismatch here is a programming error and LibTorch will throw.
@@ -40,8 +42,10 @@ inline constexpr int64_t kIgnoreIndex = -100;
 // that requires grad keeps each row's log-sum-exp instead and recomputes the tiles' logits in backward.
 // `stream` (may be null; all three functions) releases each decoded tile's pages of a weight mapped
 // read-only (model/frozen_linear.h WeightPages): the LM head of a model whose weights are streamed.
+// `softcap` > 0 (all three functions) soft-caps the logits, z' = softcap · tanh(z / softcap), before the
+// softmax, as Gemma 2's final_logit_softcapping does; each tile's gradient is scaled by dz'/dz = 1 − (z'/cap)².
 at::Tensor ChunkedCrossEntropy(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
-                               int64_t chunk_tokens = 0, const WeightPages* stream = nullptr);
+                               int64_t chunk_tokens = 0, const WeightPages* stream = nullptr, double softcap = 0.0);
 
 // The chunked cross-entropy sum (as above) and its directional derivative along a tangent of the hidden
 // states, computed by hand per vocabulary tile with an online log-sum-exp: with z = h Wᵀ and dz = dh Wᵀ,
@@ -51,7 +55,8 @@ at::Tensor ChunkedCrossEntropy(const at::Tensor& hidden, const at::Tensor& weigh
 //   derivative sum}.
 std::pair<at::Tensor, at::Tensor> ChunkedCrossEntropyJvp(const at::Tensor& hidden, const at::Tensor& hidden_tangent,
                                                          const at::Tensor& weight, const at::Tensor& targets,
-                                                         int64_t chunk_tokens = 0, const WeightPages* stream = nullptr);
+                                                         int64_t chunk_tokens = 0, const WeightPages* stream = nullptr,
+                                                         double softcap = 0.0);
 
 // The chunked cross-entropy sum (as above) and its gradient with respect to the hidden states, (N, H),
 // zero on ignored rows, from one pass over the LM head (Σ_v softmax(z)_v W_v − W_t accumulated tile by
@@ -59,7 +64,8 @@ std::pair<at::Tensor, at::Tensor> ChunkedCrossEntropyJvp(const at::Tensor& hidde
 // any tangent dh of the hidden states is then Σ grad · dh, so K tangents need no LM-head multiplies.
 std::pair<at::Tensor, at::Tensor> ChunkedCrossEntropyWithGrad(const at::Tensor& hidden, const at::Tensor& weight,
                                                               const at::Tensor& targets, int64_t chunk_tokens = 0,
-                                                              const WeightPages* stream = nullptr);
+                                                              const WeightPages* stream = nullptr,
+                                                              double softcap = 0.0);
 
 // Runs y = fn(x) such that, under autograd, only `x` is kept for backward; the backward re-runs fn with
 // autograd on and propagates to `x` and to every tensor in `params` that requires grad (fn must use no other
@@ -106,9 +112,10 @@ at::Tensor ApplyRope(const at::Tensor& x, const RopeTables& rope);
 // The query heads of each KV group are folded into the row dimension, so K and V are never repeated.
 // Queries go in blocks of 64 positions, each against the keys up to its last position, so most of the
 // masked upper triangle is never computed (5/8 of the scores at T = S = 256). Under reverse-mode autograd
-// only q, k and v are kept: backward rebuilds the probabilities block by block.
+// only q, k and v are kept: backward rebuilds the probabilities block by block. `softcap` > 0 soft-caps the
+// scaled scores before the mask and the softmax (Gemma 2's attn_logit_softcapping).
 at::Tensor GroupedQueryAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t q_start,
-                                 std::optional<int64_t> sliding_window = std::nullopt);
+                                 std::optional<int64_t> sliding_window = std::nullopt, double softcap = 0.0);
 
 // Stacked tangents (forward mode by hand, for the batched forward gradient). A stacked tensor has a
 // leading dimension 1 + K: slice 0 is the primal value, slice k the tangent along the k-th direction. Each
@@ -129,9 +136,10 @@ at::Tensor GatedActivationTangents(const at::Tensor& gate, const at::Tensor& up,
 // GroupedQueryAttention (q_start 0, full causal self-attention) on stacked q (1+K, B, Hq, T, D), k and v
 // (1+K, B, Hkv, T, D): with scores S = q kᵀ/√D and P = softmax(S), dS = (dq kᵀ + q dkᵀ)/√D,
 // dP = P ⊙ (dS − rowsum(P ⊙ dS)), dO = dP v + P dv. The primal probabilities are computed once and the
-// tangents are walked one at a time, so at most three score-sized tensors exist.
+// tangents are walked one at a time, so at most three score-sized tensors exist (four with a soft-cap,
+// whose slope 1 − (S'/cap)² scales dS).
 at::Tensor GroupedQueryAttentionTangents(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                         std::optional<int64_t> sliding_window = std::nullopt);
+                                         std::optional<int64_t> sliding_window = std::nullopt, double softcap = 0.0);
 
 // The compute dtype of a weight: 16-bit weights (kept in their stored dtype) are upcast to fp32; fp32 and
 // fp64 (used by tests that need exact references) are returned as they are.

@@ -258,9 +258,10 @@ at::Tensor LlamaModel::DecoderLayerImpl(int64_t layer, const at::Tensor& x, cons
     k = ck.narrow(2, 0, q_start + t);  // (B, Hkv, S, D)
     v = cv.narrow(2, 0, q_start + t);
   }
-  const at::Tensor attn = GroupedQueryAttention(q, k, v, q_start, config_.LayerWindow(layer))  // (B, Hq, T, D)
-                              .transpose(1, 2)
-                              .reshape({b, t, hq * d});
+  const at::Tensor attn =
+      GroupedQueryAttention(q, k, v, q_start, config_.LayerWindow(layer), config_.attention_softcap)  // (B, Hq, T, D)
+          .transpose(1, 2)
+          .reshape({b, t, hq * d});
   const at::Tensor x1 =
       x + MaybeNorm(config_.norms.attention_output, Project(layer, Projection::kO, attn, w.o, w.o_bias, options),
                     w.attention_output_norm, RmsNorm);
@@ -340,7 +341,8 @@ at::Tensor LlamaModel::DecoderLayerTangents(int64_t layer, const at::Tensor& x, 
   const at::Tensor k = ApplyRope(heads(Projection::kK, w.k, w.k_bias, hkv, w.k_norm), rope);  // (1+K, B, Hkv, T, D)
   const at::Tensor v =
       ProjectTangents(layer, Projection::kV, h, w.v, w.v_bias, options).view({slices, b, t, hkv, d}).transpose(2, 3);
-  const at::Tensor attn = GroupedQueryAttentionTangents(q, k, v, config_.LayerWindow(layer))  // (1+K, B, Hq, T, D)
+  const at::Tensor attn = GroupedQueryAttentionTangents(q, k, v, config_.LayerWindow(layer),
+                                                        config_.attention_softcap)  // (1+K, B, Hq, T, D)
                               .transpose(2, 3)
                               .reshape({slices, b, t, hq * d});
   const at::Tensor x1 = x + MaybeNorm(config_.norms.attention_output,
@@ -410,7 +412,9 @@ absl::StatusOr<at::Tensor> LlamaModel::Hidden(const at::Tensor& tokens, const Fo
 }
 
 at::Tensor LlamaModel::LmHead(const at::Tensor& hidden) const {
-  return FrozenLinear(hidden, weights_.lm_head, at::Tensor(), -1, Stream());
+  const at::Tensor logits = FrozenLinear(hidden, weights_.lm_head, at::Tensor(), -1, Stream());
+  const double cap = config_.final_logit_softcap;
+  return cap > 0 ? at::tanh(logits / cap) * cap : logits;
 }
 
 absl::StatusOr<at::Tensor> LlamaModel::Logits(const at::Tensor& tokens, const ForwardOptions& options) const {
@@ -446,8 +450,8 @@ absl::StatusOr<LlamaModel::LossJvp> LlamaModel::LossDirectionalDerivative(const 
     const at::Tensor hs = PredictingRows(primal);  // (N, H)
     const at::Tensor dhs = tangent.defined() ? PredictingRows(tangent) : at::zeros_like(hs);
     const at::Tensor targets = NextTokenTargets(labels);  // (N)
-    auto [loss, derivative] =
-        ChunkedCrossEntropyJvp(hs, dhs, weights_.lm_head, targets, options.ce_chunk_tokens, Stream());
+    auto [loss, derivative] = ChunkedCrossEntropyJvp(hs, dhs, weights_.lm_head, targets, options.ce_chunk_tokens,
+                                                     Stream(), config_.final_logit_softcap);
     out.tokens = ScoredTokens(targets);
     const double denom = static_cast<double>(std::max<int64_t>(out.tokens, 1));
     out.loss = loss.item<double>() / denom;
@@ -483,8 +487,8 @@ absl::StatusOr<LlamaModel::LossJvps> LlamaModel::LossTangents(const at::Tensor& 
     // derivative is that gradient dotted with the direction's hidden-state tangent.
     const at::Tensor hidden = PredictingRows(x);  // (1+K, N, H)
     const at::Tensor targets = NextTokenTargets(labels);
-    auto [loss, grad] =
-        ChunkedCrossEntropyWithGrad(hidden.select(0, 0), weights_.lm_head, targets, options.ce_chunk_tokens, Stream());
+    auto [loss, grad] = ChunkedCrossEntropyWithGrad(hidden.select(0, 0), weights_.lm_head, targets,
+                                                    options.ce_chunk_tokens, Stream(), config_.final_logit_softcap);
     const at::Tensor dots = (hidden.narrow(0, 1, directions) * grad).sum({1, 2}).to(at::kDouble);  // (K)
     out.tokens = ScoredTokens(targets);
     const double denom = static_cast<double>(std::max<int64_t>(out.tokens, 1));
@@ -505,7 +509,8 @@ absl::StatusOr<LossOutput> LlamaModel::Loss(const at::Tensor& tokens, const at::
       return out;
     }
     const at::Tensor targets = NextTokenTargets(labels);  // (N)
-    out.sum = ChunkedCrossEntropy(PredictingRows(hidden), weights_.lm_head, targets, options.ce_chunk_tokens, Stream());
+    out.sum = ChunkedCrossEntropy(PredictingRows(hidden), weights_.lm_head, targets, options.ce_chunk_tokens, Stream(),
+                                  config_.final_logit_softcap);
     out.tokens = ScoredTokens(targets);
     return out;
   });
@@ -531,7 +536,7 @@ absl::StatusOr<std::vector<LossOutput>> LlamaModel::GroupLosses(const at::Tensor
       }
       const at::Tensor targets = NextTokenTargets(labels.narrow(0, g * b, b));
       o.sum = ChunkedCrossEntropy(PredictingRows(hidden.narrow(0, g * b, b)), weights_.lm_head, targets,
-                                  options.ce_chunk_tokens, Stream());
+                                  options.ce_chunk_tokens, Stream(), config_.final_logit_softcap);
       o.tokens = ScoredTokens(targets);
     }
     return out;

@@ -1,12 +1,12 @@
 #include <array>
-#include <functional>
 
 #include "model/families/family.h"
 
 namespace seedling::model::families {
 namespace {
 
-const FamilySpec* Find(std::function<bool(const FamilySpec&)> match) {
+template <typename Match>
+const FamilySpec* Find(const Match& match) {
   for (const FamilySpec& f : Families()) {
     if (match(f)) return &f;
   }
@@ -16,8 +16,18 @@ const FamilySpec* Find(std::function<bool(const FamilySpec&)> match) {
 }  // namespace
 
 std::span<const FamilySpec> Families() {
-  static const std::array<FamilySpec, 6> kFamilies = {Llama(), Qwen2(), Qwen3(), Mistral(), Olmo2(), Gemma3()};
+  static const std::array<FamilySpec, 7> kFamilies = {Llama(), Qwen2(),  Qwen3(), Mistral(),
+                                                      Olmo2(), Gemma2(), Gemma3()};
   return kFamilies;
+}
+
+std::string ArchitectureNames() {
+  std::string names;
+  for (const FamilySpec& f : Families()) {
+    if (!names.empty()) names += ", ";
+    names += f.architecture;
+  }
+  return names;
 }
 
 const FamilySpec* FamilyOfArchitecture(std::string_view architecture) {

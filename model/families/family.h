@@ -8,6 +8,7 @@
 // No LibTorch (the fuzzing build compiles the config parser with clang).
 
 #include <span>
+#include <string>
 #include <string_view>
 
 #include "absl/status/status.h"
@@ -15,6 +16,13 @@
 #include "model/internal/config_json.h"
 
 namespace seedling::model::families {
+
+// The tokenizer `seedling init-model` trains for a random model of the family, in the style the family's
+// published tokenizers have.
+enum class TokenizerStyle {
+  kByteLevelBpe,      // GPT-2 style (SmolLM, Qwen, Llama 3, OLMo 2)
+  kSentencePieceBpe,  // "▁" for spaces, byte fallback (Gemma)
+};
 
 struct FamilySpec {
   std::string_view architecture;  // config.json "architectures"[0], e.g. "Olmo2ForCausalLM"
@@ -27,10 +35,13 @@ struct FamilySpec {
   absl::Status (*read)(const internal::Json& j, ModelConfig& c);
   // Writes them back, so that Hugging Face transformers builds the same block from the file.
   void (*write)(const ModelConfig& c, internal::Json& j);
+  TokenizerStyle init_tokenizer = TokenizerStyle::kByteLevelBpe;
 };
 
 // Every supported family, in the order error messages list them.
 std::span<const FamilySpec> Families();
+// Their architecture names, comma-separated, for error messages.
+std::string ArchitectureNames();
 // The family of an architecture or a model_type; null when none matches.
 const FamilySpec* FamilyOfArchitecture(std::string_view architecture);
 const FamilySpec* FamilyOfModelType(std::string_view model_type);
@@ -42,6 +53,7 @@ const FamilySpec& Mistral();  // MistralForCausalLM
 const FamilySpec& Qwen2();    // Qwen2ForCausalLM (Qwen2, Qwen2.5)
 const FamilySpec& Qwen3();    // Qwen3ForCausalLM
 const FamilySpec& Olmo2();    // Olmo2ForCausalLM
+const FamilySpec& Gemma2();   // Gemma2ForCausalLM
 const FamilySpec& Gemma3();   // Gemma3ForCausalLM (text)
 
 }  // namespace seedling::model::families

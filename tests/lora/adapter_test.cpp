@@ -19,7 +19,8 @@ using seedling::testing::TempDir;
 
 // tiny-qwen2: 6 heads x 32 = 192 = hidden, GQA, q/k/v biases; tiny-qwen3: q/k norms, 4 heads x 48 = 192 != hidden
 // 128 (so q_proj and o_proj are not square); tiny-olmo2: norms on the sub-blocks' outputs, q/k norms over the
-// whole projections; tiny-gemma3: GeGLU, 1 + w norms before and after each sub-block, windowed local layers.
+// whole projections; tiny-gemma3: GeGLU, 1 + w norms before and after each sub-block, windowed local layers;
+// tiny-gemma2: the same block without q/k norms, with soft-capped attention scores and logits.
 model::ModelConfig SmallConfig(const char* preset = "tiny-qwen2") {
   auto c = model::PresetConfig(preset);
   REQUIRE(c.ok());
@@ -88,7 +89,7 @@ TEST_CASE("The flat buffer holds every A and B in wire order with PEFT names", "
 }
 
 TEST_CASE("Merged and unmerged models give the same logits, and unmerge restores the weights", "[lora]") {
-  for (const char* preset : {"tiny-qwen2", "tiny-qwen3", "tiny-olmo2", "tiny-gemma3"}) {
+  for (const char* preset : {"tiny-qwen2", "tiny-qwen3", "tiny-olmo2", "tiny-gemma3", "tiny-gemma2"}) {
     INFO(preset);
     const auto c = SmallConfig(preset);
     auto m = SmallModel(c);
@@ -120,7 +121,7 @@ TEST_CASE("Merging into 16-bit stored weights is refused", "[lora]") {
 
 TEST_CASE("A PEFT save and load round trip restores the adapter exactly", "[lora]") {
   // Qwen3 and Gemma 3: q_proj's 192 outputs != hidden 128.
-  for (const char* preset : {"tiny-qwen2", "tiny-qwen3", "tiny-olmo2", "tiny-gemma3"}) {
+  for (const char* preset : {"tiny-qwen2", "tiny-qwen3", "tiny-olmo2", "tiny-gemma3", "tiny-gemma2"}) {
     INFO(preset);
     TempDir dir;
     const auto c = SmallConfig(preset);
@@ -253,7 +254,8 @@ TEST_CASE("Mismatched PEFT adapters are clear errors", "[lora]") {
 TEST_CASE("Gradients reach only the flat buffer, and recomputation gives the same ones", "[lora]") {
   // OLMo 2 normalizes the MLP's output, so its recomputation must multiply the down projection again, which
   // the other blocks skip (its values feed only the layer's output).
-  const std::string preset = GENERATE(as<std::string>{}, "tiny-qwen2", "tiny-qwen3", "tiny-olmo2", "tiny-gemma3");
+  const std::string preset =
+      GENERATE(as<std::string>{}, "tiny-qwen2", "tiny-qwen3", "tiny-olmo2", "tiny-gemma3", "tiny-gemma2");
   INFO(preset);
   const auto c = SmallConfig(preset.c_str());
   auto m = SmallModel(c);

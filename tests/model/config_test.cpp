@@ -178,7 +178,7 @@ TEST_CASE("Gemma 3 270M's config.json parses to its block and 268M parameters", 
   CHECK(one_b->NumParameters() == 999885952);
 }
 
-TEST_CASE("Gemma 3 options the block cannot express are refused naming the field", "[model][config]") {
+TEST_CASE("Gemma 3 options the block cannot express, or bad values, are refused naming the field", "[model][config]") {
   const std::string text = kGemma3;
   auto with = [&](const std::string& from, const std::string& to) {
     std::string t = text;
@@ -188,8 +188,8 @@ TEST_CASE("Gemma 3 options the block cannot express are refused naming the field
     return ParseModelConfig(t);
   };
   for (const auto& [from, to, field] : std::vector<std::tuple<std::string, std::string, std::string>>{
-           {"\"final_logit_softcapping\": null", "\"final_logit_softcapping\": 30.0", "final_logit_softcapping"},
-           {"\"attn_logit_softcapping\": null", "\"attn_logit_softcapping\": 50.0", "attn_logit_softcapping"},
+           {"\"final_logit_softcapping\": null", "\"final_logit_softcapping\": -30.0", "final_logit_softcapping"},
+           {"\"attn_logit_softcapping\": null", "\"attn_logit_softcapping\": \"50\"", "attn_logit_softcapping"},
            {"\"gelu_pytorch_tanh\"", "\"relu\"", "hidden_activation"},
            {"\"full_attention\",", "\"sliding_attention\",", "layer_types"},  // globals at 12, 18
            {"\"query_pre_attn_scalar\": 256", "\"query_pre_attn_scalar\": -1", "query_pre_attn_scalar"}}) {
@@ -199,6 +199,61 @@ TEST_CASE("Gemma 3 options the block cannot express are refused naming the field
     CHECK(c.status().code() == absl::StatusCode::kInvalidArgument);
     CHECK(Contains(c.status(), field));
   }
+}
+
+// gemma-2-2b's config.json (the fields that shape the model; no layer_types, as transformers 4.42 wrote it).
+constexpr const char* kGemma2 = R"({
+  "architectures": ["Gemma2ForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+  "attn_logit_softcapping": 50.0, "bos_token_id": 2, "cache_implementation": "hybrid", "eos_token_id": 1,
+  "final_logit_softcapping": 30.0, "head_dim": 256, "hidden_act": "gelu_pytorch_tanh",
+  "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 2304, "initializer_range": 0.02,
+  "intermediate_size": 9216, "max_position_embeddings": 8192, "model_type": "gemma2", "num_attention_heads": 8,
+  "num_hidden_layers": 26, "num_key_value_heads": 4, "pad_token_id": 0, "query_pre_attn_scalar": 256,
+  "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "sliding_window": 4096, "torch_dtype": "float32",
+  "use_cache": true, "vocab_size": 256000})";
+
+TEST_CASE("Gemma 2 2B's config.json parses to soft-caps, alternating layers and 2.6B parameters", "[model][config]") {
+  auto c = ParseModelConfig(kGemma2);
+  REQUIRE(c.ok());
+  CHECK(c->architecture == "Gemma2ForCausalLM");
+  CHECK(c->norms ==
+        NormPlacement{.pre_attention = true, .attention_output = true, .pre_mlp = true, .mlp_output = true});
+  CHECK(c->qk_norm == QkNorm::kNone);
+  CHECK(c->mlp_activation == MlpActivation::kGeluTanh);
+  CHECK(c->norm_weight_offset == 1.0);
+  CHECK(c->scale_embeddings);
+  CHECK(c->attention_scale == 1.0 / 16.0);
+  CHECK(c->attention_softcap == 50.0);
+  CHECK(c->final_logit_softcap == 30.0);
+  CHECK(c->tie_word_embeddings);
+  CHECK(c->sliding_window == 4096);
+  CHECK(c->sliding_window_pattern == 2);  // Gemma 2's default: layers 0, 2, ... local
+  CHECK(c->LayerIsLocal(0));
+  CHECK_FALSE(c->LayerIsLocal(1));
+  CHECK(c->rope_local_theta == 0.0);  // one RoPE base
+  CHECK(c->NumParameters() == 2614341888);
+  auto preset = PresetConfig("gemma-2-2b");
+  REQUIRE(preset.ok());
+  CHECK(ModelConfigToJson(*preset) == ModelConfigToJson(*c));
+  auto round_trip = ParseModelConfig(ModelConfigToJson(*c));
+  REQUIRE(round_trip.ok());
+  CHECK(ModelConfigToJson(*round_trip) == ModelConfigToJson(*c));
+  // Caps written as null are off; absent ones take Gemma 2's defaults.
+  std::string text = kGemma2;
+  text.replace(text.find("50.0"), 4, "null");
+  auto uncapped = ParseModelConfig(text);
+  REQUIRE(uncapped.ok());
+  CHECK(uncapped->attention_softcap == 0.0);
+  CHECK(uncapped->final_logit_softcap == 30.0);
+  text.replace(text.find("\"final_logit_softcapping\": 30.0, "), 33, "");
+  auto defaulted = ParseModelConfig(text);
+  REQUIRE(defaulted.ok());
+  CHECK(defaulted->final_logit_softcap == 30.0);
+  text = kGemma2;
+  text.replace(text.find("50.0"), 4, "0");
+  auto zero = ParseModelConfig(text);
+  REQUIRE_FALSE(zero.ok());
+  CHECK(Contains(zero.status(), "attn_logit_softcapping"));
 }
 
 TEST_CASE("A config without architectures finds its family by model_type, or names both", "[model][config]") {

@@ -108,6 +108,7 @@ inline ModelConfig TinyPreset(const char* name) {
   return *c;
 }
 inline ModelConfig TinyOlmo2() { return TinyPreset("tiny-olmo2"); }
+inline ModelConfig TinyGemma2() { return TinyPreset("tiny-gemma2"); }
 inline ModelConfig TinyGemma3() { return TinyPreset("tiny-gemma3"); }
 
 // A SentencePiece-style tokenizer.json as Hugging Face converts Llama 2 / TinyLlama tokenizers: "▁" (U+2581)

@@ -291,6 +291,7 @@ absl::StatusOr<ModelWeights> LoadMini(const TempDir& dir, const GgufBuilder& b,
 using testing::Corpus;
 using testing::kModelVocab;
 using testing::ParseTokenizer;
+using testing::TinyGemma2;
 using testing::TinyGemma3;
 using testing::TinyLlama;
 using testing::TinyOlmo2;
@@ -841,10 +842,10 @@ TEST_CASE("Norms stored as f16 become fp32, a quantized norm is refused", "[mode
 TEST_CASE("Other architectures and missing required keys are refused naming them", "[model][gguf]") {
   TempDir dir;
   GgufBuilder other;
-  other.Str("general.architecture", "gemma2");
+  other.Str("general.architecture", "phi2");
   auto f = OpenBytes(dir, other.Build());
   REQUIRE(f.ok());
-  CheckError(ConfigFromGguf(**f), absl::StatusCode::kInvalidArgument, "general.architecture 'gemma2' is not supported");
+  CheckError(ConfigFromGguf(**f), absl::StatusCode::kInvalidArgument, "general.architecture 'phi2' is not supported");
   // A required key missing: NotFound naming it.
   GgufBuilder partial;
   partial.Str("general.architecture", "llama").U32("llama.context_length", 8);
@@ -1021,6 +1022,25 @@ TEST_CASE("An OLMo 2 export reads back: output norms, q/k norms over the project
   CheckWeights(got, w, [](const at::Tensor& t) { return t; });
   CHECK(at::equal(got.layers[1].mlp_output_norm, w.layers[1].mlp_output_norm));
   CHECK(InsideFile(got.layers[0].q, *f));  // no permutation, so no copy
+}
+
+TEST_CASE("A Gemma 2 export reads back: its soft-caps, window and alternating layers", "[model][gguf]") {
+  TempDir dir;
+  ModelConfig c = TinyGemma2();
+  c.eos_token_ids = {2};
+  c.attention_softcap = 40.0;  // not llama.cpp's defaults, so the keys are read
+  c.final_logit_softcap = 25.0;
+  const ModelWeights w = RandomWeights(c, 39);
+  auto tok = ParseTokenizer(TokenizerJson());
+  const std::unique_ptr<GgufFile> f = MustOpen(Export(dir, c, w, *tok));
+  const ModelConfig got_config = MustConfig(*f);
+  CheckSameConfig(got_config, c);
+  CHECK(got_config.attention_softcap == 40.0);
+  CHECK(got_config.final_logit_softcap == 25.0);
+  CHECK(ModelConfigToJson(got_config) == ModelConfigToJson(c));
+  const ModelWeights got = MustWeights(*f, c, WeightPrecision::kStored);
+  CHECK((got.layers[1].attention_output_norm - w.layers[1].attention_output_norm).abs().max().item<double>() < 1e-6);
+  CHECK(at::equal(got.layers[0].k, w.layers[0].k));
 }
 
 TEST_CASE("A Gemma 3 export reads back: its window and local layers, norms back to w from the file's 1 + w",

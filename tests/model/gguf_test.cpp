@@ -352,6 +352,7 @@ using testing::Corpus;
 using testing::kModelVocab;
 using testing::kTokenizerVocab;
 using testing::ParseTokenizer;
+using testing::TinyGemma2;
 using testing::TinyGemma3;
 using testing::TinyLlama;
 using testing::TinyOlmo2;
@@ -1104,8 +1105,46 @@ TEST_CASE("A Gemma 3 model llama.cpp's gemma3 cannot express is refused with the
   base.rope_local_theta = 20000.0;
   ModelConfig scale = TinyGemma3();
   scale.attention_scale = 0.1;
-  for (const auto& [c, reason] :
-       {std::pair{pattern, "every 6th"}, std::pair{base, "RoPE base"}, std::pair{scale, "query scale"}}) {
+  for (const auto& [c, reason] : {std::pair{pattern, "one global layer in every 6"}, std::pair{base, "RoPE base"},
+                                  std::pair{scale, "query scale"}}) {
+    CheckRefused(WriteGguf(dir + "/model.gguf", c, RandomWeights(c, 1), *tok, {}), dir, reason);
+  }
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("A Gemma 2 model's GGUF is architecture gemma2 with its window and soft-caps", "[model][gguf]") {
+  const std::string dir = TempDir("gemma2");
+  const ModelConfig c = TinyGemma2();
+  auto tok = ParseTokenizer(TokenizerJson());
+  const GgufFile f = Export(dir + "/model.gguf", c, RandomWeights(c, 12), *tok);
+  CHECK(f.Get("general.architecture").s == "gemma2");
+  CHECK(f.Get("gemma2.attention.sliding_window").u == 32);
+  CHECK(f.Get("gemma2.attn_logit_softcapping").f == 50.0);
+  CHECK(f.Get("gemma2.final_logit_softcapping").f == 30.0);
+  CHECK(f.Get("gemma2.attention.key_length").u == 48);
+  CHECK_FALSE(f.HasTensor("output.weight"));
+  CHECK_FALSE(f.HasTensor("blk.0.attn_q_norm.weight"));
+  CHECK(f.HasTensor("blk.1.post_attention_norm.weight"));
+  CHECK(f.HasTensor("blk.1.post_ffw_norm.weight"));
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("A Gemma 2 model llama.cpp's gemma2 cannot express is refused with the reason", "[model][gguf]") {
+  const std::string dir = TempDir("gemma2-refused");
+  auto tok = ParseTokenizer(TokenizerJson());
+  ModelConfig pattern = TinyGemma2();
+  pattern.sliding_window_pattern = 3;
+  ModelConfig uncapped = TinyGemma2();
+  uncapped.final_logit_softcap = 0;  // llama.cpp's gemma2 always caps
+  ModelConfig untied = TinyGemma2();
+  untied.tie_word_embeddings = false;  // gemma2 reads the output projection from token_embd.weight
+  ModelConfig base = TinyGemma2();
+  base.rope_local_theta = 10000.0;
+  ModelConfig capped3 = TinyGemma3();
+  capped3.attention_softcap = 50.0;  // and gemma3 never caps
+  for (const auto& [c, reason] : {std::pair{pattern, "one global layer in every 2"},
+                                  std::pair{uncapped, "always soft-caps both"}, std::pair{untied, "untied LM head"},
+                                  std::pair{base, "one RoPE base"}, std::pair{capped3, "soft-caps neither"}}) {
     CheckRefused(WriteGguf(dir + "/model.gguf", c, RandomWeights(c, 1), *tok, {}), dir, reason);
   }
   std::filesystem::remove_all(dir);

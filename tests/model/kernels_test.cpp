@@ -15,9 +15,13 @@
 namespace seedling::model {
 namespace {
 
-// Naive cross-entropy over full logits, summed over non-ignored rows.
-at::Tensor FullCrossEntropySum(const at::Tensor& h, const at::Tensor& w, const at::Tensor& targets) {
-  const at::Tensor logits = at::matmul(h, w.t());
+// cap · tanh(z / cap), Gemma 2's soft-capping, as its modeling code writes it; z itself without a cap.
+at::Tensor SoftCapRef(const at::Tensor& z, double cap) { return cap > 0 ? at::tanh(z / cap) * cap : z; }
+
+// Naive cross-entropy over full (soft-capped) logits, summed over non-ignored rows.
+at::Tensor FullCrossEntropySum(const at::Tensor& h, const at::Tensor& w, const at::Tensor& targets,
+                               double softcap = 0.0) {
+  const at::Tensor logits = SoftCapRef(at::matmul(h, w.t()), softcap);
   const at::Tensor logp = at::log_softmax(logits, 1);
   const at::Tensor valid = targets.ne(kIgnoreIndex);
   const at::Tensor picked = logp.gather(1, targets.masked_fill(~valid, 0).unsqueeze(1)).squeeze(1);
@@ -121,11 +125,12 @@ TEST_CASE("Chunked cross-entropy accepts a bf16 weight and upcasts it", "[model]
 
 // Reference attention: K/V heads repeated explicitly, full causal mask.
 at::Tensor RepeatedKvAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t q_start,
-                               std::optional<int64_t> window) {
+                               std::optional<int64_t> window, double softcap = 0.0) {
   const int64_t groups = q.size(1) / k.size(1);
   const at::Tensor kr = k.repeat_interleave(groups, 1);
   const at::Tensor vr = v.repeat_interleave(groups, 1);
-  at::Tensor scores = at::matmul(q, kr.transpose(-1, -2)) / std::sqrt(static_cast<double>(q.size(3)));
+  at::Tensor scores =
+      SoftCapRef(at::matmul(q, kr.transpose(-1, -2)) / std::sqrt(static_cast<double>(q.size(3))), softcap);
   const int64_t t = q.size(2), s = k.size(2);
   at::Tensor mask = at::zeros({t, s});
   for (int64_t i = 0; i < t; ++i) {
@@ -401,6 +406,86 @@ TEST_CASE("Cross-entropy with its hidden-state gradient equals autograd's", "[mo
     CHECK(std::abs(loss.item<double>() - ref.item<double>()) < 1e-10 * std::abs(ref.item<double>()));
     CHECK(MaxAbsDiff(grad, h.grad()) < 1e-12);
     CHECK(grad.index({at::arange(0, 21, 5)}).abs().max().item<double>() == 0.0);  // ignored rows
+  }
+}
+
+TEST_CASE("Soft-capped attention equals the capped reference in values, gradients and tangents",
+          "[model][kernels][softcap]") {
+  at::manual_seed(11);
+  const double cap = 1.5;  // the scores of unit-variance q and k reach past it, so tanh bends them
+  const auto opts = at::TensorOptions().dtype(at::kDouble);
+  struct Case {
+    int64_t t, s, q_start;
+    std::optional<int64_t> window;
+  };
+  // One query block, a cache offset with a window, and the blocked path (150 queries in blocks of 64).
+  for (const Case& c : {Case{7, 7, 0, std::nullopt}, Case{3, 9, 6, 4}, Case{150, 150, 0, 40}}) {
+    INFO("t " << c.t << ", s " << c.s << ", q_start " << c.q_start);
+    const at::Tensor q0 = at::randn({2, 6, c.t, 8}, opts), k0 = at::randn({2, 2, c.s, 8}, opts);
+    const at::Tensor v0 = at::randn({2, 2, c.s, 8}, opts), upstream = at::randn({2, 6, c.t, 8}, opts);
+    const at::Tensor plain = GroupedQueryAttention(q0, k0, v0, c.q_start, c.window, cap);
+    CHECK(MaxAbsDiff(plain, RepeatedKvAttention(q0, k0, v0, c.q_start, c.window, cap)) < 1e-12);
+    CHECK(MaxAbsDiff(plain, GroupedQueryAttention(q0, k0, v0, c.q_start, c.window)) > 1e-2);  // the cap bites
+    auto grads = [&](bool reference) {
+      const at::Tensor q = q0.clone().requires_grad_(true), k = k0.clone().requires_grad_(true);
+      const at::Tensor v = v0.clone().requires_grad_(true);
+      const at::Tensor out = reference ? RepeatedKvAttention(q, k, v, c.q_start, c.window, cap)
+                                       : GroupedQueryAttention(q, k, v, c.q_start, c.window, cap);
+      return torch::autograd::grad({(out * upstream).sum()}, {q, k, v});
+    };
+    const auto got = grads(false), want = grads(true);
+    for (size_t i = 0; i < 3; ++i) {
+      INFO("gradient " << i);
+      CHECK(want[i].abs().max().item<double>() > 1e-3);
+      CHECK(MaxAbsDiff(got[i], want[i]) < 1e-10);
+    }
+  }
+  const at::Tensor q = at::randn({4, 2, 6, 9, 8}, opts);  // (1+K, B, Hq, T, D)
+  const at::Tensor k = at::randn({4, 2, 3, 9, 8}, opts);
+  const at::Tensor v = at::randn({4, 2, 3, 9, 8}, opts);
+  const at::Tensor got = GroupedQueryAttentionTangents(q, k, v, 4, cap);
+  CheckTangents(
+      got, DualReference(
+               [&](const std::vector<at::Tensor>& in) { return RepeatedKvAttention(in[0], in[1], in[2], 0, 4, cap); },
+               {q, k, v}));
+}
+
+TEST_CASE("Soft-capped cross-entropy equals the capped reference in loss, gradients and derivatives",
+          "[model][kernels][softcap]") {
+  at::manual_seed(12);
+  const double cap = 2.0;  // logits of N(0, 4) reach past it
+  const at::Tensor hidden = at::randn({19, 8}, at::kDouble);
+  const at::Tensor weight = at::randn({33, 8}, at::kDouble) * 0.7;
+  at::Tensor targets = at::randint(0, 33, {19}, at::kLong);
+  targets.index_put_({at::arange(0, 19, 6)}, kIgnoreIndex);
+  at::Tensor h_ref = hidden.clone().requires_grad_(true), w_ref = weight.clone().requires_grad_(true);
+  const at::Tensor ref = FullCrossEntropySum(h_ref, w_ref, targets, cap);
+  ref.backward();
+  CHECK(std::abs(ref.item<double>() - FullCrossEntropySum(hidden, weight, targets).item<double>()) > 1.0);
+  for (int64_t chunk : {0, 5}) {
+    INFO("chunk " << chunk);
+    // A trained head (logits recomputed in backward) and a frozen one (the gradient from the forward pass).
+    at::Tensor h = hidden.clone().requires_grad_(true), w = weight.clone().requires_grad_(true);
+    const at::Tensor loss = ChunkedCrossEntropy(h, w, targets, chunk, nullptr, cap);
+    CHECK(std::abs(loss.item<double>() - ref.item<double>()) < 1e-10 * std::abs(ref.item<double>()));
+    (loss * 2.0).backward();
+    CHECK(MaxAbsDiff(h.grad(), 2.0 * h_ref.grad()) < 1e-10);
+    CHECK(MaxAbsDiff(w.grad(), 2.0 * w_ref.grad()) < 1e-10);
+    at::Tensor h_frozen = hidden.clone().requires_grad_(true);
+    ChunkedCrossEntropy(h_frozen, weight, targets, chunk, nullptr, cap).backward();
+    CHECK(MaxAbsDiff(h_frozen.grad(), h_ref.grad()) < 1e-10);
+    auto [with_grad_loss, grad] = ChunkedCrossEntropyWithGrad(hidden, weight, targets, chunk, nullptr, cap);
+    CHECK(std::abs(with_grad_loss.item<double>() - ref.item<double>()) < 1e-10 * std::abs(ref.item<double>()));
+    CHECK(MaxAbsDiff(grad, h_ref.grad()) < 1e-10);
+    // The directional derivative against a central finite difference of the capped reference.
+    const at::Tensor dh = at::randn({19, 8}, at::kDouble);
+    auto [jvp_loss, jvp] = ChunkedCrossEntropyJvp(hidden, dh, weight, targets, chunk, nullptr, cap);
+    const double eps = 1e-6;
+    const double fd = (FullCrossEntropySum(hidden + eps * dh, weight, targets, cap).item<double>() -
+                       FullCrossEntropySum(hidden - eps * dh, weight, targets, cap).item<double>()) /
+                      (2 * eps);
+    CHECK(std::abs(jvp_loss.item<double>() - ref.item<double>()) < 1e-10 * std::abs(ref.item<double>()));
+    CHECK(std::abs(jvp.item<double>() - fd) < 1e-6 * std::max(1.0, std::abs(fd)));
   }
 }
 

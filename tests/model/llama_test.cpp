@@ -17,9 +17,10 @@ namespace {
 // outputs of attention and MLP instead of their inputs, q/k RMSNorm over the whole projections), and the block
 // options Gemma 2 and 3 add (GeGLU, norms scaling by 1 + w before and after each sub-block, embeddings scaled by
 // sqrt(hidden), a query scale of its own, local windowed layers with their own RoPE base alternating with
-// global ones).
-enum class Family { kLlama, kQwen2, kQwen3, kOlmo2, kGemmaBlock };
-constexpr Family kFamilies[] = {Family::kLlama, Family::kQwen2, Family::kQwen3, Family::kOlmo2, Family::kGemmaBlock};
+// global ones), and Gemma 2's block (no q/k norms, one RoPE base, attention scores and logits soft-capped).
+enum class Family { kLlama, kQwen2, kQwen3, kOlmo2, kGemmaBlock, kGemma2Block };
+constexpr Family kFamilies[] = {Family::kLlama, Family::kQwen2,      Family::kQwen3,
+                                Family::kOlmo2, Family::kGemmaBlock, Family::kGemma2Block};
 
 const char* FamilyName(Family f) {
   switch (f) {
@@ -33,6 +34,8 @@ const char* FamilyName(Family f) {
       return "olmo2 (output norms, q/k norms per projection, GQA, head_dim != hidden/heads)";
     case Family::kGemmaBlock:
       return "gemma-style block (GeGLU, 1 + w norms before and after, scaled embeddings and queries, local/global)";
+    case Family::kGemma2Block:
+      return "gemma2-style block (as gemma's without q/k norms, soft-capped attention scores and logits)";
   }
   return "?";
 }
@@ -40,9 +43,9 @@ const char* FamilyName(Family f) {
 ModelConfig TwoLayerConfig(Family f) {
   const bool llama = f == Family::kLlama;
   ModelConfig c;
-  const char* const architectures[] = {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Olmo2ForCausalLM",
-                                       "LlamaForCausalLM"};
-  const char* const model_types[] = {"llama", "qwen2", "qwen3", "olmo2", "llama"};
+  const char* const architectures[] = {"LlamaForCausalLM", "Qwen2ForCausalLM",  "Qwen3ForCausalLM",
+                                       "Olmo2ForCausalLM", "Gemma3ForCausalLM", "Gemma2ForCausalLM"};
+  const char* const model_types[] = {"llama", "qwen2", "qwen3", "olmo2", "gemma3_text", "gemma2"};
   c.architecture = architectures[static_cast<int>(f)];
   c.model_type = model_types[static_cast<int>(f)];
   c.vocab_size = 13;
@@ -60,9 +63,9 @@ ModelConfig TwoLayerConfig(Family f) {
   if (f == Family::kOlmo2) {
     c.norms = {.pre_attention = false, .attention_output = true, .pre_mlp = false, .mlp_output = true};
   }
-  if (f == Family::kGemmaBlock) {
+  if (f == Family::kGemmaBlock || f == Family::kGemma2Block) {
     c.norms = {.pre_attention = true, .attention_output = true, .pre_mlp = true, .mlp_output = true};
-    c.qk_norm = QkNorm::kPerHead;
+    c.qk_norm = f == Family::kGemmaBlock ? QkNorm::kPerHead : QkNorm::kNone;
     c.mlp_activation = MlpActivation::kGeluTanh;
     c.norm_weight_offset = 1.0;
     c.scale_embeddings = true;
@@ -70,6 +73,11 @@ ModelConfig TwoLayerConfig(Family f) {
     c.sliding_window = 3;
     c.sliding_window_pattern = 2;  // layer 0 local (window 3, RoPE base 10), layer 1 global (base 100)
     c.rope_local_theta = 10.0;
+  }
+  if (f == Family::kGemma2Block) {
+    c.rope_local_theta = 0.0;   // one base for both kinds of layer
+    c.attention_softcap = 2.0;  // low enough that the scaled-up weights' scores and logits reach past the caps
+    c.final_logit_softcap = 3.0;
   }
   return c;
 }
@@ -195,6 +203,7 @@ Mat NaiveLogits(const ModelConfig& c, const ModelWeights& w, const std::vector<i
           for (int64_t i = 0; i < D; ++i)
             dot += q[t][static_cast<size_t>(head * D + i)] * k[s][static_cast<size_t>(kvh * D + i)];
           score[s] = dot * score_scale;
+          if (c.attention_softcap > 0) score[s] = c.attention_softcap * std::tanh(score[s] / c.attention_softcap);
           mx = std::max(mx, score[s]);
         }
         double z = 0;
@@ -227,7 +236,13 @@ Mat NaiveLogits(const ModelConfig& c, const ModelWeights& w, const std::vector<i
       for (int64_t i = 0; i < H; ++i) x[t][static_cast<size_t>(i)] += down[t][static_cast<size_t>(i)];
     }
   }
-  return Linear(RmsNormRef(x, w.final_norm, eps, off), w.lm_head, at::Tensor());
+  Mat logits = Linear(RmsNormRef(x, w.final_norm, eps, off), w.lm_head, at::Tensor());
+  if (c.final_logit_softcap > 0) {
+    for (auto& row : logits) {
+      for (double& z : row) z = c.final_logit_softcap * std::tanh(z / c.final_logit_softcap);
+    }
+  }
+  return logits;
 }
 
 at::Tensor Tokens(std::vector<int64_t> ids) {
@@ -256,6 +271,23 @@ TEST_CASE("The model's forward equals a naive loop-based reference on a 2-layer 
     }
     CHECK(max_ref > 0.5);  // the comparison is not trivially between near-zero numbers
     CHECK(max_diff < 1e-4 * std::max(1.0, max_ref));
+    if (c.attention_softcap > 0) {  // both caps bend the logits: without either the reference moves
+      ModelConfig uncapped = c;
+      uncapped.attention_softcap = 0;
+      const Mat no_attention_cap = NaiveLogits(uncapped, model->weights(), ids);
+      uncapped = c;
+      uncapped.final_logit_softcap = 0;
+      const Mat no_final_cap = NaiveLogits(uncapped, model->weights(), ids);
+      double attention_moves = 0, final_moves = 0;
+      for (size_t t = 0; t < ids.size(); ++t) {
+        for (size_t v = 0; v < ref[t].size(); ++v) {
+          attention_moves = std::max(attention_moves, std::abs(no_attention_cap[t][v] - ref[t][v]));
+          final_moves = std::max(final_moves, std::abs(no_final_cap[t][v] - ref[t][v]));
+        }
+      }
+      CHECK(attention_moves > 1e-2);
+      CHECK(final_moves > 1e-2);
+    }
   }
 }
 
@@ -295,7 +327,7 @@ TEST_CASE("A KV cache that would overflow is an OutOfRange error and keeps its l
 TEST_CASE("Recomputation on, off and of some layers gives the same loss and gradients", "[model][llama]") {
   // Every weight gets a gradient: biases, q/k norms, OLMo 2's output norms (the MLP's one reads the down
   // projection's values, which a graph-only recomputation must not skip).
-  for (Family f : {Family::kQwen2, Family::kQwen3, Family::kOlmo2, Family::kGemmaBlock}) {
+  for (Family f : {Family::kQwen2, Family::kQwen3, Family::kOlmo2, Family::kGemmaBlock, Family::kGemma2Block}) {
     INFO(FamilyName(f));
     const ModelConfig c = TwoLayerConfig(f);
     auto model = MakeModel(c, 14);
@@ -368,18 +400,22 @@ TEST_CASE("Recomputation lowers the peak tensor memory of a training step, partl
 }
 
 TEST_CASE("Loss equals cross-entropy computed from the full logits", "[model][llama]") {
-  const ModelConfig c = TwoLayerConfig(Family::kLlama);
-  auto model = MakeModel(c, 15);
-  const at::Tensor tokens = Tokens({4, 8, 11, 1, 6, 2});
-  auto loss = model->Loss(tokens, tokens);
-  auto logits = model->Logits(tokens);
-  REQUIRE(loss.ok());
-  REQUIRE(logits.ok());
-  const at::Tensor logp = at::log_softmax(logits->narrow(1, 0, 5).reshape({5, 13}), 1);
-  const at::Tensor targets = tokens.narrow(1, 1, 5).reshape({5});
-  const double ref = -logp.gather(1, targets.unsqueeze(1)).mean().item<double>();
-  CHECK(loss->tokens == 5);
-  CHECK(std::abs(loss->mean().item<double>() - ref) < 1e-5);
+  // Gemma 2's block: the loss's chunked kernel and the logits both soft-cap, alike.
+  for (Family f : {Family::kLlama, Family::kGemma2Block}) {
+    INFO(FamilyName(f));
+    const ModelConfig c = TwoLayerConfig(f);
+    auto model = MakeModel(c, 15);
+    const at::Tensor tokens = Tokens({4, 8, 11, 1, 6, 2});
+    auto loss = model->Loss(tokens, tokens);
+    auto logits = model->Logits(tokens);
+    REQUIRE(loss.ok());
+    REQUIRE(logits.ok());
+    const at::Tensor logp = at::log_softmax(logits->narrow(1, 0, 5).reshape({5, 13}), 1);
+    const at::Tensor targets = tokens.narrow(1, 1, 5).reshape({5});
+    const double ref = -logp.gather(1, targets.unsqueeze(1)).mean().item<double>();
+    CHECK(loss->tokens == 5);
+    CHECK(std::abs(loss->mean().item<double>() - ref) < 1e-5);
+  }
 }
 
 TEST_CASE("Bad tokens and labels are rejected with InvalidArgument", "[model][llama]") {

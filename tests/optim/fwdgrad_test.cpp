@@ -10,6 +10,7 @@ namespace {
 
 using testing::BiasedMicroConfig;
 using testing::EveryProjection;
+using testing::Gemma2StyleMicroConfig;
 using testing::GemmaStyleMicroConfig;
 using testing::MakeModel;
 using testing::MicroConfig;
@@ -109,13 +110,15 @@ TEST_CASE("The forward-mode JVP equals a float64 central finite difference", "[o
 
 TEST_CASE("The batched forward gradient equals per-tangent forward-mode AD", "[optim][fwdgrad][tangents]") {
   // Qwen3-style per-head q/k norms with every bias, OLMo 2's block, or the options Gemma 2 and 3 add.
-  const int block = GENERATE(0, 1, 2);
+  const int block = GENERATE(0, 1, 2, 3);
   const char* const names[] = {"pre-norm block, biases, q/k norms per head", "OLMo 2 block",
-                               "Gemma-style block (GeGLU, 1 + w norms, local/global layers)"};
+                               "Gemma-style block (GeGLU, 1 + w norms, local/global layers)",
+                               "Gemma 2-style block (soft-capped attention scores and logits)"};
   INFO(names[block]);
   const model::ModelConfig c = block == 0   ? BiasedMicroConfig()
                                : block == 1 ? PostNormMicroConfig()
-                                            : GemmaStyleMicroConfig();
+                               : block == 2 ? GemmaStyleMicroConfig()
+                                            : Gemma2StyleMicroConfig();
   auto m = MakeModel(c, 4);
   auto a = RandomAdapter(c, 2, EveryProjection());
   const model::Batch batch = RuleBatch(2, 12, c.vocab_size, 7);

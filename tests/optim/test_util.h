@@ -69,6 +69,18 @@ inline model::ModelConfig GemmaStyleMicroConfig() {
   return c;
 }
 
+// GemmaStyleMicroConfig as Gemma 2 has it: no q/k norms, one RoPE base, and soft-caps low enough to bend
+// the micro model's attention scores and logits.
+inline model::ModelConfig Gemma2StyleMicroConfig() {
+  model::ModelConfig c = GemmaStyleMicroConfig();
+  c.qk_norm = model::QkNorm::kNone;
+  c.rope_local_theta = 0.0;
+  c.attention_scale = 0.0;  // 1 / sqrt(head_dim)
+  c.attention_softcap = 0.3;
+  c.final_logit_softcap = 0.5;
+  return c;
+}
+
 inline std::vector<model::Projection> EveryProjection() {
   return {model::Projection::kQ,    model::Projection::kK,  model::Projection::kV,   model::Projection::kO,
           model::Projection::kGate, model::Projection::kUp, model::Projection::kDown};
