@@ -593,6 +593,10 @@ absl::Status AddTokenizer(const ModelConfig& c, const Tokenizer& tokenizer, cons
   }
   md.Bool("tokenizer.ggml.add_bos_token", v.add_bos);
   md.Bool("tokenizer.ggml.add_eos_token", v.add_eos);
+  // A tokenizer.json's dummy prefix is known (a tokenizer.model's is left to llama.cpp's default, true).
+  if (v.kind == TokenizerVocabulary::Kind::kSentencePieceBpe) {
+    md.Bool("tokenizer.ggml.add_space_prefix", v.add_space_prefix);
+  }
   return absl::OkStatus();
 }
 

@@ -6,11 +6,52 @@
 #include "base/status.h"
 #include "base/strings.h"
 #include "model/config.h"
+#include "model/families/family.h"
 #include "model/tokenizer.h"
 #include "model/torch_status.h"
 #include "model/weights.h"
 
 namespace seedling::model {
+namespace {
+
+// A trained tokenizer.json with its special ids and the tokenizer_config.json entries that name them.
+struct InitTokenizer {
+  std::string json;
+  int64_t bos_id, eos_id;
+  nlohmann::json config;
+};
+
+// Byte-level BPE, SmolLM2's special tokens at ids 0..2 (<|endoftext|>, <|im_start|>, <|im_end|>);
+// <|endoftext|> serves as BOS and EOS, and nothing is added to the text.
+absl::StatusOr<InitTokenizer> ByteLevelStyle(std::string_view corpus, int32_t vocab) {
+  BpeTrainerOptions options;
+  options.vocab_size = vocab;
+  SEEDLING_ASSIGN_OR_RETURN(std::string json, TrainByteLevelBpeTokenizerJson(corpus, options));
+  return InitTokenizer{std::move(json), 0, 0,
+                       nlohmann::json{{"bos_token", "<|endoftext|>"},
+                                      {"eos_token", "<|endoftext|>"},
+                                      {"unk_token", "<|endoftext|>"},
+                                      {"add_bos_token", false},
+                                      {"add_eos_token", false},
+                                      {"tokenizer_class", "GPT2Tokenizer"}}};
+}
+
+// SentencePiece-style BPE with Gemma's special tokens (<pad> 0, <eos> 1, <bos> 2, <unk> 3); BOS is prepended.
+absl::StatusOr<InitTokenizer> SentencePieceStyle(std::string_view corpus, int32_t vocab) {
+  SentencePieceTrainerOptions options;
+  options.vocab_size = vocab;
+  SEEDLING_ASSIGN_OR_RETURN(std::string json, TrainSentencePieceBpeTokenizerJson(corpus, options));
+  return InitTokenizer{std::move(json), 2, 1,
+                       nlohmann::json{{"bos_token", "<bos>"},
+                                      {"eos_token", "<eos>"},
+                                      {"unk_token", "<unk>"},
+                                      {"pad_token", "<pad>"},
+                                      {"add_bos_token", true},
+                                      {"add_eos_token", false},
+                                      {"tokenizer_class", "PreTrainedTokenizerFast"}}};
+}
+
+}  // namespace
 
 absl::Status InitModel(const std::string& out_dir, const InitModelOptions& options) {
   SEEDLING_ASSIGN_OR_RETURN(ModelConfig config, PresetConfig(options.preset));
@@ -23,33 +64,27 @@ absl::Status InitModel(const std::string& out_dir, const InitModelOptions& optio
   }
   SEEDLING_RETURN_IF_ERROR(MakeDirs(out_dir));
 
-  // Tokenizer: byte-level BPE learned from the corpus. Its special tokens take ids 0..2
-  // (<|endoftext|>, <|im_start|>, <|im_end|>), as in SmolLM2; <|endoftext|> serves as BOS and EOS.
-  BpeTrainerOptions tok;
-  tok.vocab_size = options.tokenizer_vocab > 0 ? options.tokenizer_vocab
-                                               : static_cast<int32_t>(std::min<int64_t>(config.vocab_size, 4096));
-  if (tok.vocab_size > config.vocab_size) {
+  const int32_t vocab = options.tokenizer_vocab > 0 ? options.tokenizer_vocab
+                                                    : static_cast<int32_t>(std::min<int64_t>(config.vocab_size, 4096));
+  if (vocab > config.vocab_size) {
     return absl::InvalidArgumentError(
-        StrCat("tokenizer vocabulary ", tok.vocab_size, " exceeds the model's vocab_size ", config.vocab_size));
+        StrCat("tokenizer vocabulary ", vocab, " exceeds the model's vocab_size ", config.vocab_size));
   }
   const std::string_view corpus =
       options.tokenizer_corpus.empty() ? BundledSampleCorpus() : std::string_view(options.tokenizer_corpus);
-  SEEDLING_ASSIGN_OR_RETURN(std::string tokenizer_json, TrainByteLevelBpeTokenizerJson(corpus, tok));
-  config.bos_token_id = 0;
-  config.eos_token_ids = {0};
+  const families::FamilySpec* family = families::FamilyOfArchitecture(config.architecture);
+  const bool sentencepiece = family != nullptr && family->init_tokenizer == families::TokenizerStyle::kSentencePieceBpe;
+  SEEDLING_ASSIGN_OR_RETURN(const InitTokenizer tokenizer,
+                            sentencepiece ? SentencePieceStyle(corpus, vocab) : ByteLevelStyle(corpus, vocab));
+  config.bos_token_id = tokenizer.bos_id;
+  config.eos_token_ids = {tokenizer.eos_id};
   config.torch_dtype = options.dtype == DType::kF32 ? "float32" : options.dtype == DType::kF16 ? "float16" : "bfloat16";
-
-  nlohmann::json tokenizer_config = {{"bos_token", "<|endoftext|>"},
-                                     {"eos_token", "<|endoftext|>"},
-                                     {"unk_token", "<|endoftext|>"},
-                                     {"add_bos_token", false},
-                                     {"add_eos_token", false},
-                                     {"model_max_length", config.max_position_embeddings},
-                                     {"tokenizer_class", "GPT2Tokenizer"},
-                                     {"clean_up_tokenization_spaces", false}};
+  nlohmann::json tokenizer_config = tokenizer.config;
+  tokenizer_config["model_max_length"] = config.max_position_embeddings;
+  tokenizer_config["clean_up_tokenization_spaces"] = false;
 
   // Weights last: the model is complete only once model.safetensors exists.
-  SEEDLING_RETURN_IF_ERROR(WriteFileAtomic(JoinPath(out_dir, "tokenizer.json"), tokenizer_json));
+  SEEDLING_RETURN_IF_ERROR(WriteFileAtomic(JoinPath(out_dir, "tokenizer.json"), tokenizer.json));
   SEEDLING_RETURN_IF_ERROR(
       WriteFileAtomic(JoinPath(out_dir, "tokenizer_config.json"), tokenizer_config.dump(2) + "\n"));
   SEEDLING_RETURN_IF_ERROR(WriteFileAtomic(JoinPath(out_dir, "config.json"), ModelConfigToJson(config)));

@@ -170,4 +170,9 @@ absl::StatusOr<std::string> TrainByteLevelBpeTokenizerJson(std::string_view corp
   return internal::TrainByteLevelBpe(corpus, options);
 }
 
+absl::StatusOr<std::string> TrainSentencePieceBpeTokenizerJson(std::string_view corpus,
+                                                               const SentencePieceTrainerOptions& options) {
+  return internal::TrainSentencePieceBpe(corpus, options);
+}
+
 }  // namespace seedling::model

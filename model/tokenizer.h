@@ -64,6 +64,9 @@ struct TokenizerVocabulary {
   std::optional<int32_t> bos_id, eos_id, unk_id, pad_id;
   bool add_bos = false;  // Encode(text, add_special_tokens=true) prepends bos_id
   bool add_eos = false;  // ... and appends eos_id
+  // SentencePiece kinds: "▁" is prepended to the text (the dummy prefix: Llama 2 yes, Gemma no; GGUF's
+  // tokenizer.ggml.add_space_prefix). Always false for byte-level tokenizers.
+  bool add_space_prefix = false;
 };
 
 // A loaded tokenizer. Immutable after loading; all methods are thread-safe.
@@ -156,5 +159,25 @@ struct BpeTrainerOptions {
 // pre-tokenizer, decoder, added tokens) that ParseTokenizerJson and Hugging Face `tokenizers` both load.
 // Stops early if no pair reaches min_frequency. InvalidArgument if vocab_size < 256 + specials.
 absl::StatusOr<std::string> TrainByteLevelBpeTokenizerJson(std::string_view corpus, const BpeTrainerOptions& options);
+
+// Options for training a SentencePiece-style BPE tokenizer (Gemma, Llama 2): spaces become "▁" (U+2581),
+// the corpus's characters are the base symbols, bytes outside them fall back to <0xNN> tokens.
+struct SentencePieceTrainerOptions {
+  int32_t vocab_size = 4096;  // target number of ids including specials, the 256 byte tokens and characters
+  int32_t min_frequency = 2;  // a pair must occur at least this often to be merged
+  // Added as special tokens with the lowest ids, in this order: Gemma's <pad> 0, <eos> 1, <bos> 2, <unk> 3.
+  std::vector<std::string> special_tokens = {"<pad>", "<eos>", "<bos>", "<unk>"};
+  std::string bos_token = "<bos>";  // prepended by the post-processor
+  std::string unk_token = "<unk>";  // the BPE model's unknown token
+};
+
+// Trains a SentencePiece-style BPE tokenizer on `corpus` and returns a tokenizer.json document in the layout
+// Hugging Face converts Gemma's tokenizer to: a Replace(" ", "▁") normalizer without a dummy prefix, no
+// pre-tokenizer, merges learned within words (each starts at a "▁"), byte fallback, BOS added by the
+// post-processor. Ids: the special tokens, <0x00>..<0xFF>, every character of the corpus in code point
+// order, then the merges' results. InvalidArgument for invalid UTF-8, bad special tokens (empty, duplicate,
+// a <0xNN> name, bos / unk not among them), or a vocab_size below the base tokens' count.
+absl::StatusOr<std::string> TrainSentencePieceBpeTokenizerJson(std::string_view corpus,
+                                                               const SentencePieceTrainerOptions& options);
 
 }  // namespace seedling::model

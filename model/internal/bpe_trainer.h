@@ -1,6 +1,7 @@
 #pragma once
 
-// Byte-level BPE training (GPT-2 / SmolLM style) that writes a Hugging Face tokenizer.json.
+// BPE training that writes a Hugging Face tokenizer.json: byte-level (GPT-2 / SmolLM style) or
+// SentencePiece-style (Gemma style). The public entry points are in model/tokenizer.h.
 
 #include <string>
 #include <string_view>
@@ -18,5 +19,9 @@ namespace seedling::model::internal {
 // tokens, a special token that is also a byte token, negative min_frequency, or vocab_size below
 // 256 + the number of special tokens.
 absl::StatusOr<std::string> TrainByteLevelBpe(std::string_view corpus, const BpeTrainerOptions& options);
+
+// TrainSentencePieceBpeTokenizerJson (model/tokenizer.h): the same merge rule over the characters of
+// "▁"-started words.
+absl::StatusOr<std::string> TrainSentencePieceBpe(std::string_view corpus, const SentencePieceTrainerOptions& options);
 
 }  // namespace seedling::model::internal

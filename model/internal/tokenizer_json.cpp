@@ -279,6 +279,7 @@ class JsonTokenizer final : public Tokenizer {
   std::string continuing_subword_prefix_;
   TokenizerVocabulary::Kind kind_ = TokenizerVocabulary::Kind::kByteLevelBpe;
   TokenizerVocabulary::PreTokenizer pre_tokenizer_kind_ = TokenizerVocabulary::PreTokenizer::kOther;
+  bool space_prefix_ = false;  // a "▁" is prepended to the text (TokenizerVocabulary::add_space_prefix)
 };
 
 constexpr int64_t kMaxId = 1 << 24;
@@ -438,6 +439,26 @@ TokenizerVocabulary::Kind ClassifyKind(const json& pre, const json& decoder) {
   return TokenizerVocabulary::Kind::kSentencePieceBpe;
 }
 
+// Whether the text gets a leading "▁" (SentencePiece's dummy prefix): a Prepend normalizer (Llama 2 as
+// converted by Hugging Face) or a Metaspace pre-tokenizer that prepends (older conversions). Gemma has
+// neither.
+bool PrependsSpace(const json& normalizer, const json& pre) {
+  std::vector<const json*> stages;
+  FlattenStages(normalizer, "normalizers", &stages);
+  for (const json* stage : stages) {
+    if (IsType(*stage, "Prepend")) return true;
+  }
+  stages.clear();
+  FlattenStages(pre, "pretokenizers", &stages);
+  for (const json* stage : stages) {
+    if (!IsType(*stage, "Metaspace")) continue;
+    auto scheme = stage->find("prepend_scheme");
+    if (scheme != stage->end() && scheme->is_string()) return scheme->get<std::string>() != "never";
+    return BoolField(*stage, "add_prefix_space", true);
+  }
+  return false;
+}
+
 // "<0x0A>" and the like: SentencePiece's byte-fallback pieces.
 bool IsBytePiece(std::string_view t) {
   auto hex = [](char c) { return (c >= '0' && c <= '9') || (c >= 'A' && c <= 'F') || (c >= 'a' && c <= 'f'); };
@@ -449,6 +470,7 @@ absl::StatusOr<TokenizerVocabulary> JsonTokenizer::Vocabulary() const {
   V v;
   v.kind = kind_;
   v.pre_tokenizer = kind_ == V::Kind::kByteLevelBpe ? pre_tokenizer_kind_ : V::PreTokenizer::kOther;
+  v.add_space_prefix = kind_ == V::Kind::kSentencePieceBpe && space_prefix_;
   v.tokens.resize(vocab_size_);
   v.scores.assign(vocab_size_, 0.0f);
   v.types.assign(vocab_size_, V::kUnused);
@@ -562,6 +584,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> JsonTokenizer::Parse(const json& doc)
   SEEDLING_ASSIGN_OR_RETURN(t->decoder_, ParseDecoder(field("decoder"), "decoder"));
   t->kind_ = ClassifyKind(field("pre_tokenizer"), field("decoder"));
   t->pre_tokenizer_kind_ = ClassifyPreTokenizer(field("pre_tokenizer"));
+  t->space_prefix_ = PrependsSpace(field("normalizer"), field("pre_tokenizer"));
   SEEDLING_RETURN_IF_ERROR(t->ParseAddedTokens(doc));
 
   int32_t max_id = t->model_->max_id();

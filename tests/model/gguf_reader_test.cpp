@@ -1274,6 +1274,23 @@ TEST_CASE("A SentencePiece-style tokenizer read from GGUF encodes like the origi
   CHECK(tok->eos_id() == static_cast<int32_t>(*f->GetU32("tokenizer.ggml.eos_token_id")));
 }
 
+TEST_CASE("A Gemma-style tokenizer (no dummy prefix) read from GGUF encodes like the original", "[model][gguf]") {
+  TempDir dir;
+  const ModelConfig c = TinyGemma2();
+  SentencePieceTrainerOptions options;
+  options.vocab_size = 300;  // within the fixture model's vocabulary
+  auto doc = TrainSentencePieceBpeTokenizerJson(
+      "hello world, the world says hello; hello again and again, world.\nthe end of the world", options);
+  REQUIRE(doc.ok());
+  auto original = ParseTokenizer(*doc);
+  const std::unique_ptr<GgufFile> f = MustOpen(Export(dir, c, RandomWeights(c, 44), *original));
+  CHECK(*f->GetBool("tokenizer.ggml.add_space_prefix") == false);
+  auto tok = MustTokenizer(*f);
+  // With a dummy prefix "hello" would start as "▁hello", a different token.
+  CheckSameTokens(*tok, *original, {"hello world", "world hello", " hello", "the end\nof", "caf\xC3\xA9", ""});
+  CHECK(*tok->Encode("hello", true) == *original->Encode("hello", true));
+}
+
 TEST_CASE("Tokenizer models and pre-tokenizers llama.cpp would run differently are refused", "[model][gguf]") {
   TempDir dir;
   GgufBuilder base;

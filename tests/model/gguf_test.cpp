@@ -1222,6 +1222,7 @@ TEST_CASE("A SentencePiece-style tokenizer.json exports as llama.cpp's 'llama' t
   CHECK(f.Get("tokenizer.ggml.bos_token_id").u == 1);
   CHECK(f.Get("tokenizer.ggml.unknown_token_id").u == 0);
   CHECK(f.Get("tokenizer.ggml.add_bos_token").u == 1);
+  CHECK(f.Get("tokenizer.ggml.add_space_prefix").u == 1);  // the Prepend normalizer's dummy prefix
   std::filesystem::remove_all(dir);
 }
 

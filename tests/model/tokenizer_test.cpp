@@ -992,6 +992,62 @@ TEST_CASE("The BPE trainer stops when no pair reaches min_frequency", "[model][t
   CHECK(parsed["model"]["merges"] == json::array({"a b"}));
 }
 
+TEST_CASE("The SentencePiece-style trainer writes a Gemma-style tokenizer.json that round-trips any text",
+          "[model][tokenizer]") {
+  SentencePieceTrainerOptions options;
+  options.vocab_size = 700;
+  auto doc = TrainSentencePieceBpeTokenizerJson(TrainingCorpus(), options);
+  INFO(doc.status().ToString());
+  REQUIRE(doc.ok());
+  const json parsed = json::parse(*doc);
+  CHECK(parsed["normalizer"]["type"] == "Replace");
+  CHECK(parsed["pre_tokenizer"].is_null());
+  CHECK(parsed["model"]["byte_fallback"] == true);
+  CHECK(parsed["model"]["unk_token"] == "<unk>");
+  const json& vocab = parsed["model"]["vocab"];
+  CHECK(vocab["<pad>"] == 0);
+  CHECK(vocab["<eos>"] == 1);
+  CHECK(vocab["<bos>"] == 2);
+  CHECK(vocab["<0x00>"] == 4);
+  CHECK(vocab["<0xFF>"] == 4 + 255);
+  CHECK(vocab.size() == 700);
+  auto t = Parse(*doc);
+  // Common words become one token with their leading "▁"; the text gets <bos> only when asked.
+  CHECK(Enc(*t, " the federated").size() == 2);
+  auto with_bos = t->Encode("the", /*add_special_tokens=*/true);
+  REQUIRE(with_bos.ok());
+  CHECK(with_bos->front() == 2);
+  // Characters the corpus never had fall back to their UTF-8 bytes and decode back.
+  const Ids fallback = Enc(*t, "\xE2\x82\xAC");  // €
+  CHECK(fallback == Ids{4 + 0xE2, 4 + 0x82, 4 + 0xAC});
+  for (const std::string& s : RandomTexts(15, 200)) {
+    INFO(s);
+    CHECK(Dec(*t, Enc(*t, s)) == s);
+  }
+  CHECK(Dec(*t, Enc(*t, "  two  spaces, caf\xC3\xA9 \xE2\x82\xAC\n")) == "  two  spaces, caf\xC3\xA9 \xE2\x82\xAC\n");
+  auto again = TrainSentencePieceBpeTokenizerJson(TrainingCorpus(), options);
+  REQUIRE(again.ok());
+  CHECK(*again == *doc);  // deterministic
+}
+
+TEST_CASE("The SentencePiece-style trainer refuses options it cannot honour, naming them", "[model][tokenizer]") {
+  SentencePieceTrainerOptions small;
+  small.vocab_size = 262;  // below 4 specials + 256 bytes + the corpus's characters
+  auto s = TrainSentencePieceBpeTokenizerJson(TrainingCorpus(), small);
+  CHECK(s.status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK_THAT(std::string(s.status().message()), Catch::Contains("vocab_size"));
+  SentencePieceTrainerOptions no_bos;
+  no_bos.bos_token = "<s>";
+  auto b = TrainSentencePieceBpeTokenizerJson(TrainingCorpus(), no_bos);
+  CHECK(b.status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK_THAT(std::string(b.status().message()), Catch::Contains("<s>"));
+  SentencePieceTrainerOptions byte_name;
+  byte_name.special_tokens.push_back("<0x41>");
+  CHECK(TrainSentencePieceBpeTokenizerJson(TrainingCorpus(), byte_name).status().code() ==
+        absl::StatusCode::kInvalidArgument);
+  CHECK(TrainSentencePieceBpeTokenizerJson("bad \xFF utf-8", {}).status().code() == absl::StatusCode::kInvalidArgument);
+}
+
 // ---- Vocabulary ---------------------------------------------------------------------------------
 
 TokenizerVocabulary Vocab(const Tokenizer& t) {

@@ -4,10 +4,13 @@
 
 #include <catch2/catch.hpp>
 #include <filesystem>
+#include <nlohmann/json.hpp>
 
 #include "base/file.h"
+#include "model/init.h"
 #include "model/llama.h"
 #include "model/safetensors.h"
+#include "model/tokenizer.h"
 #include "tests/test_util.h"
 
 namespace seedling::model {
@@ -29,6 +32,40 @@ void WriteModel(const std::string& dir, const ModelConfig& c, const ModelWeights
 }
 
 at::Tensor SomeTokens() { return at::tensor({1, 7, 3, 63, 0, 12}, at::kLong).view({1, 6}); }
+
+TEST_CASE("init-model trains the family's tokenizer style, with the special ids in config.json", "[model][init]") {
+  struct Case {
+    const char* preset;
+    const char* pre_tokenizer;  // tokenizer.json "pre_tokenizer" type, or "" for none (SentencePiece style)
+    int64_t bos, eos;
+    bool prepends_bos;
+  };
+  for (const Case& c : {Case{"tiny", "ByteLevel", 0, 0, false}, Case{"tiny-gemma2", "", 2, 1, true},
+                        Case{"tiny-gemma3", "", 2, 1, true}}) {
+    INFO(c.preset);
+    TempDir dir;
+    InitModelOptions options;
+    options.preset = c.preset;
+    REQUIRE(InitModel(dir.path, options).ok());
+    auto config = LoadModelConfig(dir.path);
+    REQUIRE(config.ok());
+    CHECK(config->bos_token_id == c.bos);
+    CHECK(config->eos_token_ids == std::vector<int64_t>{c.eos});
+    auto text = ReadFile(JoinPath(dir.path, "tokenizer.json"));
+    REQUIRE(text.ok());
+    const nlohmann::json doc = nlohmann::json::parse(*text);
+    CHECK((doc["pre_tokenizer"].is_null() ? std::string() : doc["pre_tokenizer"]["type"].get<std::string>()) ==
+          c.pre_tokenizer);
+    auto tok = LoadTokenizer(dir.path);
+    REQUIRE(tok.ok());
+    auto ids = (*tok)->Encode("federated learning on phones", /*add_special_tokens=*/true);
+    REQUIRE(ids.ok());
+    CHECK((ids->front() == c.bos) == c.prepends_bos);
+    auto decoded = (*tok)->Decode(*ids, /*skip_special_tokens=*/true);
+    REQUIRE(decoded.ok());
+    CHECK(*decoded == "federated learning on phones");
+  }
+}
 
 TEST_CASE("A model saved as F32 loads back with identical logits", "[model][weights]") {
   TempDir dir;
