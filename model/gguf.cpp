@@ -155,17 +155,18 @@ uint64_t FileBytes(const TensorPlan& p) {
 // What llama.cpp's graph for one architecture can express (an unexpected or missing tensor fails its load).
 struct GgufGraphRules {
   std::string_view arch;
-  bool rope_freqs;         // Llama 3 RoPE scaling as rope_freqs.weight factors (llama only)
-  bool qkv_bias;           // has q/k/v bias slots
-  bool requires_qkv_bias;  // ... and requires them (qwen2)
-  bool o_mlp_bias;         // has o_proj and MLP bias slots (llama)
-  bool q_is_hidden;        // sizes q_proj as hidden x hidden (qwen2, olmo2)
-  bool tied_only = false;  // always reads the output projection from token_embd.weight (gemma2)
+  bool rope_freqs;           // Llama 3 RoPE scaling as rope_freqs.weight factors (llama only)
+  bool qkv_bias;             // has q/k/v bias slots
+  bool requires_qkv_bias;    // ... and requires them (qwen2)
+  bool o_mlp_bias;           // has o_proj and MLP bias slots (llama)
+  bool q_is_hidden;          // sizes q_proj as hidden x hidden (qwen2, olmo2)
+  bool tied_only = false;    // always reads the output projection from token_embd.weight (gemma2)
+  bool untied_only = false;  // requires output.weight (olmo2)
 };
 
 constexpr GgufGraphRules kGraphRules[] = {
     {"llama", true, true, false, true, false},           {"qwen2", false, true, true, false, true},
-    {"qwen3", false, false, false, false, false},        {"olmo2", false, false, false, false, true},
+    {"qwen3", false, false, false, false, false},        {"olmo2", false, false, false, false, true, false, true},
     {"gemma2", false, false, false, false, false, true}, {"gemma3", false, false, false, false, false},
 };
 
@@ -217,6 +218,10 @@ absl::Status CheckExpressible(const ModelConfig& c, const GgufGraphRules& r) {
   }
   if (r.tied_only && !c.tie_word_embeddings) {
     return absl::InvalidArgumentError(StrCat(who, "with an untied LM head", why, "has no output.weight"));
+  }
+  // Writing the embedding as output.weight would load, but read back as an untied model: another model id.
+  if (r.untied_only && c.tie_word_embeddings) {
+    return absl::InvalidArgumentError(StrCat(who, "with tied embeddings", why, "requires output.weight"));
   }
   if (r.q_is_hidden && c.q_dim() != c.hidden_size) {
     return absl::InvalidArgumentError(StrCat(who, "with head_dim * num_attention_heads = ", c.q_dim(),

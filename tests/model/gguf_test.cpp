@@ -1058,7 +1058,10 @@ TEST_CASE("An OLMo 2 model llama.cpp's olmo2 cannot express is refused with the 
   wide.head_dim = 48;  // q_dim 192 != hidden 128
   ModelConfig biased = TinyOlmo2();
   biased.qkv_bias = biased.o_bias = true;
-  for (const auto& [c, reason] : {std::pair{wide, "sizes q_proj as hidden x hidden"}, std::pair{biased, "biases"}}) {
+  ModelConfig tied = TinyOlmo2();
+  tied.tie_word_embeddings = true;  // llama.cpp's olmo2 loads output.weight as a required tensor
+  for (const auto& [c, reason] : {std::pair{wide, "sizes q_proj as hidden x hidden"}, std::pair{biased, "biases"},
+                                  std::pair{tied, "requires output.weight"}}) {
     CheckRefused(WriteGguf(dir + "/model.gguf", c, RandomWeights(c, 1), *tok, {}), dir, reason);
   }
   std::filesystem::remove_all(dir);
