@@ -53,16 +53,10 @@ bool Has(const lora::LoraConfig& c, Projection p) {
 int64_t LoraParameters(const model::ModelConfig& m, const lora::LoraConfig& c) {
   const int64_t layers = c.layers.empty() ? m.num_hidden_layers : static_cast<int64_t>(c.layers.size());
   int64_t per_layer = 0;
-  auto add = [&](Projection p, int64_t in, int64_t out) {
-    if (Has(c, p)) per_layer += c.rank * (in + out);
-  };
-  add(Projection::kQ, m.hidden_size, m.q_dim());
-  add(Projection::kK, m.hidden_size, m.kv_dim());
-  add(Projection::kV, m.hidden_size, m.kv_dim());
-  add(Projection::kO, m.q_dim(), m.hidden_size);
-  add(Projection::kGate, m.hidden_size, m.intermediate_size);
-  add(Projection::kUp, m.hidden_size, m.intermediate_size);
-  add(Projection::kDown, m.intermediate_size, m.hidden_size);
+  for (Projection p : c.targets) {
+    const model::ProjectionFeatures f = model::FeaturesOf(m, p);
+    per_layer += c.rank * (f.in + f.out);
+  }
   return layers * per_layer;
 }
 
@@ -113,9 +107,11 @@ int64_t InferenceLayerPeak(const LayerShapes& s, int64_t mlp_rows = 0) {
 int64_t SavedPerLayer(const LayerShapes& s, const lora::LoraConfig& c) {
   int64_t per_token = s.norms * s.h + s.q + 2 * s.kv + 2 * s.i;
   if (s.qk_norm) per_token += s.q + s.kv;
-  if (Has(c, Projection::kQ) || Has(c, Projection::kK) || Has(c, Projection::kV)) per_token += s.h;
+  if (Has(c, Projection::kQ) || Has(c, Projection::kK) || Has(c, Projection::kV) || Has(c, Projection::kQkv)) {
+    per_token += s.h;
+  }
   if (Has(c, Projection::kO)) per_token += s.q;
-  if (Has(c, Projection::kGate) || Has(c, Projection::kUp)) per_token += s.h;
+  if (Has(c, Projection::kGate) || Has(c, Projection::kUp) || Has(c, Projection::kGateUp)) per_token += s.h;
   if (Has(c, Projection::kDown)) per_token += s.i;
   per_token += c.rank * static_cast<int64_t>(c.targets.size());
   return s.n * per_token;
@@ -392,15 +388,16 @@ absl::StatusOr<MemoryPlan> PlanMemory(const PlanRequest& r) {
     return absl::InvalidArgumentError(
         StrCat(optim::MethodName(r.method), " trains a LoRA adapter; full parameters are for mezo and kseed"));
   }
-  if (!r.full_parameters) {
-    absl::Status st = r.lora.Validate(r.model);
-    if (!st.ok()) return st;
-  }
   PlanRequest request = r;
+  if (!r.full_parameters) {
+    // The projections the adapter will have (lora::LoraAdapter::Create maps the targets the same way).
+    request.lora.targets = lora::TargetsFor(r.model, r.lora.targets);
+    SEEDLING_RETURN_IF_ERROR(request.lora.Validate(r.model));
+  }
   if (request.runtime_bytes < 0) request.runtime_bytes = CurrentRssBytes();
 
   std::optional<MemoryPlan> smallest;
-  std::optional<MemoryPlan> fit = FirstFit(request, BuildSearchSpace(r), smallest);
+  std::optional<MemoryPlan> fit = FirstFit(request, BuildSearchSpace(request), smallest);
   if (fit) return *fit;
   return absl::ResourceExhaustedError(StrCat(optim::MethodName(r.method), " does not fit a budget of ",
                                              Mib(r.budget_bytes), " MiB: the lightest plan needs ",

@@ -24,27 +24,9 @@ namespace {
 using model::ModelConfig;
 using model::Projection;
 
-// (in, out) features of a projection.
-std::pair<int64_t, int64_t> Features(const ModelConfig& c, Projection p) {
-  switch (p) {
-    case Projection::kQ:
-      return {c.hidden_size, c.q_dim()};
-    case Projection::kK:
-    case Projection::kV:
-      return {c.hidden_size, c.kv_dim()};
-    case Projection::kO:
-      return {c.q_dim(), c.hidden_size};
-    case Projection::kGate:
-    case Projection::kUp:
-      return {c.hidden_size, c.intermediate_size};
-    case Projection::kDown:
-      return {c.intermediate_size, c.hidden_size};
-  }
-  return {0, 0};
-}
-
 const char* Block(Projection p) {
-  return (p == Projection::kGate || p == Projection::kUp || p == Projection::kDown) ? "mlp" : "self_attn";
+  const bool mlp = p == Projection::kGate || p == Projection::kUp || p == Projection::kGateUp || p == Projection::kDown;
+  return mlp ? "mlp" : "self_attn";
 }
 
 std::string PeftName(int64_t layer, Projection p, bool is_a) {
@@ -69,6 +51,10 @@ at::Tensor& BaseWeight(model::ModelWeights& w, int64_t layer, Projection p) {
       return lw.up;
     case Projection::kDown:
       return lw.down;
+    case Projection::kQkv:
+      return lw.qkv;
+    case Projection::kGateUp:
+      return lw.gate_up;
   }
   return lw.q;
 }
@@ -114,7 +100,10 @@ at::Tensor LoraDelta(const at::Tensor& x, const at::Tensor& a, const at::Tensor&
 
 LoraAdapter::LoraAdapter(ModelConfig model, LoraConfig config) : model_(std::move(model)), config_(std::move(config)) {}
 
-absl::StatusOr<std::unique_ptr<LoraAdapter>> LoraAdapter::Create(const ModelConfig& model, const LoraConfig& config) {
+absl::StatusOr<std::unique_ptr<LoraAdapter>> LoraAdapter::Create(const ModelConfig& model,
+                                                                 const LoraConfig& requested) {
+  LoraConfig config = requested;
+  config.targets = TargetsFor(model, requested.targets);
   SEEDLING_RETURN_IF_ERROR(config.Validate(model));
   std::unique_ptr<LoraAdapter> a(new LoraAdapter(model, config));
   std::vector<int64_t> layers = config.layers;
@@ -128,7 +117,7 @@ absl::StatusOr<std::unique_ptr<LoraAdapter>> LoraAdapter::Create(const ModelConf
   for (int64_t l : layers) {
     for (Projection p : model::kAllProjections) {
       if (std::find(config.targets.begin(), config.targets.end(), p) == config.targets.end()) continue;
-      const auto [in, out] = Features(model, p);
+      const auto [in, out] = model::FeaturesOf(model, p);
       a->index_[static_cast<size_t>(l * model::kNumProjections + static_cast<int>(p))] =
           static_cast<int32_t>(a->views_.size());
       a->views_.push_back({PeftName(l, p, true), l, p, true, config.rank, in, offset});

@@ -40,7 +40,8 @@ struct LoraView {
 
 class LoraAdapter : public model::ProjectionAdapter {
  public:
-  // A new adapter for `model` (A random from config.init_seed, B zero). InvalidArgument for a bad config.
+  // A new adapter for `model` (A random from config.init_seed, B zero), on the projections TargetsFor maps
+  // config.targets to (config() holds them). InvalidArgument for a bad config.
   static absl::StatusOr<std::unique_ptr<LoraAdapter>> Create(const model::ModelConfig& model, const LoraConfig& config);
 
   const LoraConfig& config() const { return config_; }

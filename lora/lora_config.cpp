@@ -34,6 +34,15 @@ absl::Status LoraConfig::Validate(const ModelConfig& model) const {
   if (targets.empty()) return absl::InvalidArgumentError("LoRA needs at least one target projection");
   std::set<Projection> seen(targets.begin(), targets.end());
   if (seen.size() != targets.size()) return absl::InvalidArgumentError("LoRA targets contain a duplicate");
+  for (Projection p : targets) {
+    if (!model::HasProjection(model, p)) {
+      std::string have;
+      for (Projection m : model::ModelProjections(model))
+        have += StrCat(have.empty() ? "" : ", ", model::ProjectionName(m));
+      return absl::InvalidArgumentError(StrCat("LoRA target ", model::ProjectionName(p), " is not a projection of ",
+                                               model.architecture, " (it has ", have, ")"));
+    }
+  }
   for (int64_t l : layers) {
     if (l < 0 || l >= model.num_hidden_layers) {
       return absl::InvalidArgumentError(
@@ -41,6 +50,24 @@ absl::Status LoraConfig::Validate(const ModelConfig& model) const {
     }
   }
   return absl::OkStatus();
+}
+
+std::vector<Projection> TargetsFor(const ModelConfig& model, const std::vector<Projection>& targets) {
+  std::set<Projection> wanted;
+  for (Projection p : targets) {
+    if (const std::optional<Projection> in = model::ProjectionIn(model, p)) {
+      wanted.insert(*in);
+    } else if (p == Projection::kQkv) {
+      wanted.insert({Projection::kQ, Projection::kK, Projection::kV});
+    } else if (p == Projection::kGateUp) {
+      wanted.insert({Projection::kGate, Projection::kUp});
+    }
+  }
+  std::vector<Projection> out;
+  for (Projection p : kAllProjections) {
+    if (wanted.count(p)) out.push_back(p);
+  }
+  return out;
 }
 
 absl::StatusOr<std::vector<Projection>> ParseTargets(std::string_view list) {
@@ -56,7 +83,7 @@ absl::StatusOr<std::vector<Projection>> ParseTargets(std::string_view list) {
     if (!p) {
       return absl::InvalidArgumentError(StrCat("unknown LoRA target '", name,
                                                "' (expected q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
-                                               "down_proj, or all)"));
+                                               "down_proj, qkv_proj, gate_up_proj, or all)"));
     }
     if (std::find(out.begin(), out.end(), *p) == out.end()) out.push_back(*p);
   }
@@ -120,7 +147,7 @@ absl::StatusOr<LoraConfig> ParsePeftConfig(std::string_view json_text, const Mod
       return absl::InvalidArgumentError(
           StrCat("target_modules is the pattern '", s, "'; give a list of module names or \"all-linear\""));
     }
-    c.targets.assign(std::begin(kAllProjections), std::end(kAllProjections));
+    c.targets = model::ModelProjections(model);
   } else if (tm.is_array()) {
     for (const Json& t : tm) {
       if (!t.is_string()) return absl::InvalidArgumentError("target_modules must hold strings");

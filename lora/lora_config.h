@@ -30,6 +30,13 @@ struct LoraConfig {
   absl::Status Validate(const model::ModelConfig& model) const;
 };
 
+// The projections of `model` that `targets` name, in canonical order without repeats: a projection the model
+// has stands for itself; q_proj, k_proj, v_proj (gate_proj, up_proj) stand for the fused qkv_proj (gate_up_proj)
+// of a model that fuses them (Phi-3), and a fused name for its parts on a model that keeps them apart. So
+// "q_proj,v_proj" adapts Phi-3's qkv_proj, and "all" every projection of any model.
+std::vector<model::Projection> TargetsFor(const model::ModelConfig& model,
+                                          const std::vector<model::Projection>& targets);
+
 // Parses "q_proj,v_proj" (or "q,v", or "all") into projections. InvalidArgument names a bad entry.
 absl::StatusOr<std::vector<model::Projection>> ParseTargets(std::string_view list);
 

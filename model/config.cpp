@@ -22,6 +22,38 @@ using internal::GetDouble;
 using internal::GetInt;
 using internal::Json;
 
+// A list of positive finite numbers, e.g. rope_scaling.short_factor.
+absl::StatusOr<std::vector<double>> GetFactors(const Json& r, const char* key, const char* field) {
+  auto it = r.find(key);
+  if (it == r.end() || !it->is_array() || it->empty()) return FieldError(field, "must be a non-empty list of numbers");
+  if (it->size() > static_cast<size_t>(kMaxHeadDim)) return FieldError(field, "is longer than any head_dim / 2");
+  std::vector<double> out;
+  for (const Json& v : *it) {
+    if (!v.is_number() || !(v.get<double>() > 0) || !std::isfinite(v.get<double>())) {
+      return FieldError(field, "must hold positive finite numbers");
+    }
+    out.push_back(v.get<double>());
+  }
+  return out;
+}
+
+// LongRoPE (Phi-3): short and long per-pair factors; the pre-trained context is config.json's top-level
+// original_max_position_embeddings (max_position_embeddings when absent).
+absl::StatusOr<RopeScaling> ParseLongRope(const Json& j, const Json& r) {
+  RopeScaling rs;
+  rs.type = RopeScaling::Type::kLongRope;
+  SEEDLING_ASSIGN_OR_RETURN(rs.short_factor, GetFactors(r, "short_factor", "rope_scaling.short_factor"));
+  SEEDLING_ASSIGN_OR_RETURN(rs.long_factor, GetFactors(r, "long_factor", "rope_scaling.long_factor"));
+  SEEDLING_ASSIGN_OR_RETURN(rs.attention_factor, GetDouble(r, "attention_factor", 0.0));
+  if (!(rs.attention_factor >= 0) || !std::isfinite(rs.attention_factor)) {
+    return FieldError("rope_scaling.attention_factor", "must be a finite number > 0");
+  }
+  SEEDLING_ASSIGN_OR_RETURN(const int64_t max_positions, GetInt(j, "max_position_embeddings", 2048));
+  SEEDLING_ASSIGN_OR_RETURN(rs.original_max_position_embeddings,
+                            GetInt(j, "original_max_position_embeddings", max_positions));
+  return rs;
+}
+
 absl::StatusOr<RopeScaling> ParseRopeScaling(const Json& j) {
   RopeScaling rs;
   auto it = j.find("rope_scaling");
@@ -38,6 +70,7 @@ absl::StatusOr<RopeScaling> ParseRopeScaling(const Json& j) {
   }
   if (type.empty()) return FieldError("rope_scaling", "has no 'rope_type' (or 'type')");
   if (type == "default") return rs;
+  if (type == "longrope" || type == "su") return ParseLongRope(j, r);
   SEEDLING_ASSIGN_OR_RETURN(rs.factor, GetDouble(r, "factor", 1.0));
   if (!(rs.factor >= 1.0)) return FieldError("rope_scaling.factor", "must be >= 1");
   if (type == "linear") {
@@ -52,7 +85,7 @@ absl::StatusOr<RopeScaling> ParseRopeScaling(const Json& j) {
     }
   } else {
     return FieldError("rope_scaling",
-                      StrCat("has type '", type, "', which is not supported (supported: linear, llama3)"));
+                      StrCat("has type '", type, "', which is not supported (supported: linear, llama3, longrope)"));
   }
   return rs;
 }
@@ -117,6 +150,17 @@ absl::Status ModelConfig::Validate() const {
   if (!(rms_norm_eps > 0)) return FieldError("rms_norm_eps", "must be positive");
   if (!(rope_theta > 0)) return FieldError("rope_theta", "must be positive");
   if (sliding_window) SEEDLING_RETURN_IF_ERROR(in_range(*sliding_window, "sliding_window", kMaxPositions));
+  if (rope_scaling.type == RopeScaling::Type::kLongRope) {
+    const auto pairs = static_cast<size_t>(head_dim / 2);
+    for (const auto& [factors, name] : {std::pair{&rope_scaling.short_factor, "rope_scaling.short_factor"},
+                                        std::pair{&rope_scaling.long_factor, "rope_scaling.long_factor"}}) {
+      if (factors->size() != pairs) {
+        return FieldError(name, StrCat("has ", factors->size(), " values; head_dim / 2 = ", pairs));
+      }
+    }
+    SEEDLING_RETURN_IF_ERROR(
+        in_range(rope_scaling.original_max_position_embeddings, "original_max_position_embeddings", kMaxPositions));
+  }
   if (sliding_window_pattern < 0 || sliding_window_pattern > kMaxLayers) {
     return FieldError("sliding_window_pattern",
                       StrCat("must be in [0, ", kMaxLayers, "], got ", sliding_window_pattern));
@@ -218,7 +262,21 @@ absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir) {
   return config;
 }
 
-std::vector<double> RopeInverseFrequencyValues(const ModelConfig& c) {
+bool RopeLongContext(const ModelConfig& c, int64_t end) {
+  return c.rope_scaling.type == RopeScaling::Type::kLongRope && end > c.rope_scaling.original_max_position_embeddings;
+}
+
+double RopeAttentionFactor(const ModelConfig& c) {
+  const RopeScaling& rs = c.rope_scaling;
+  if (rs.type != RopeScaling::Type::kLongRope) return 1.0;
+  if (rs.attention_factor > 0) return rs.attention_factor;
+  const double scale =
+      static_cast<double>(c.max_position_embeddings) / static_cast<double>(rs.original_max_position_embeddings);
+  if (scale <= 1.0) return 1.0;
+  return std::sqrt(1.0 + std::log(scale) / std::log(static_cast<double>(rs.original_max_position_embeddings)));
+}
+
+std::vector<double> RopeInverseFrequencyValues(const ModelConfig& c, bool long_context) {
   const int64_t half = c.head_dim / 2;
   std::vector<double> inv(static_cast<size_t>(half));
   double* p = inv.data();
@@ -248,6 +306,11 @@ std::vector<double> RopeInverseFrequencyValues(const ModelConfig& c) {
         const double smooth = (old_len / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor);
         p[i] = (1.0 - smooth) * p[i] / rs.factor + smooth * p[i];
       }
+      break;
+    }
+    case RopeScaling::Type::kLongRope: {
+      const std::vector<double>& factors = long_context ? rs.long_factor : rs.short_factor;
+      for (int64_t i = 0; i < half && i < static_cast<int64_t>(factors.size()); ++i) p[i] /= factors[i];
       break;
     }
   }
@@ -290,6 +353,13 @@ std::string ModelConfigToJson(const ModelConfig& c) {
                            {"low_freq_factor", c.rope_scaling.low_freq_factor},
                            {"high_freq_factor", c.rope_scaling.high_freq_factor},
                            {"original_max_position_embeddings", c.rope_scaling.original_max_position_embeddings}};
+      break;
+    case RopeScaling::Type::kLongRope:
+      j["rope_scaling"] = {{"type", "longrope"},
+                           {"short_factor", c.rope_scaling.short_factor},
+                           {"long_factor", c.rope_scaling.long_factor}};
+      if (c.rope_scaling.attention_factor > 0) j["rope_scaling"]["attention_factor"] = c.rope_scaling.attention_factor;
+      j["original_max_position_embeddings"] = c.rope_scaling.original_max_position_embeddings;
       break;
   }
   j["tie_word_embeddings"] = c.tie_word_embeddings;
@@ -395,12 +465,23 @@ ModelConfig Gemma3(int64_t vocab, int64_t hidden, int64_t inter, int64_t layers,
   return c;
 }
 
+// Phi-3: fused qkv_proj and gate_up_proj, every layer windowed, untied, eps 1e-5, RoPE base 10,000.
+ModelConfig Phi3(int64_t vocab, int64_t hidden, int64_t inter, int64_t layers, int64_t heads, int64_t kv,
+                 int64_t window, int64_t max_pos) {
+  ModelConfig c = Llama(vocab, hidden, inter, layers, heads, kv, 10000.0, 1e-5, false, max_pos);
+  c.architecture = "Phi3ForCausalLM";
+  c.model_type = "phi3";
+  c.fused = {.qkv = true, .gate_up = true};
+  c.sliding_window = window;
+  return c;
+}
+
 }  // namespace
 
 std::vector<std::string> PresetNames() {
-  return {"tiny",           "tiny-qwen2",   "tiny-qwen3",   "tiny-olmo2",   "tiny-gemma2",
-          "tiny-gemma3",    "smollm2-135m", "smollm2-360m", "qwen2.5-0.5b", "qwen3-0.6b",
-          "tinyllama-1.1b", "olmo-2-1b",    "gemma-2-2b",   "gemma-3-270m", "gemma-3-1b"};
+  return {"tiny",      "tiny-qwen2",   "tiny-qwen3",   "tiny-olmo2",   "tiny-gemma2", "tiny-gemma3",
+          "tiny-phi3", "smollm2-135m", "smollm2-360m", "qwen2.5-0.5b", "qwen3-0.6b",  "tinyllama-1.1b",
+          "olmo-2-1b", "gemma-2-2b",   "gemma-3-270m", "gemma-3-1b",   "phi-3-mini"};
 }
 
 absl::StatusOr<ModelConfig> PresetConfig(std::string_view name) {
@@ -466,6 +547,25 @@ absl::StatusOr<ModelConfig> PresetConfig(std::string_view name) {
     c.bos_token_id = 2;
     c.eos_token_ids = {1};
     c.torch_dtype = "bfloat16";
+  } else if (name == "tiny-phi3") {
+    // GQA (Phi-3-mini has none, Phi-3-medium has) so the fused rows split unevenly, and LongRoPE with a short
+    // pre-trained context of 512, so a long enough sequence switches to the long factors.
+    c = Phi3(2048, 128, 384, 2, 4, 2, 256, 4096);
+    c.rope_scaling.type = RopeScaling::Type::kLongRope;
+    c.rope_scaling.original_max_position_embeddings = 512;
+    // Short decimals (1, 1.05, 1.1, ...), which a GGUF file's float32 factors read back exactly.
+    for (int64_t i = 0; i < c.head_dim / 2; ++i) {
+      c.rope_scaling.short_factor.push_back(static_cast<double>(100 + 5 * i) / 100.0);
+      c.rope_scaling.long_factor.push_back(static_cast<double>(2 + i) / 2.0);
+    }
+    c.bos_token_id = 1;
+    c.eos_token_ids = {2};
+  } else if (name == "phi-3-mini") {
+    // microsoft/Phi-3-mini-4k-instruct: 3,821,079,552 parameters, a 2047-token window.
+    c = Phi3(32064, 3072, 8192, 32, 32, 32, 2047, 4096);
+    c.bos_token_id = 1;
+    c.eos_token_ids = {32000};
+    c.torch_dtype = "bfloat16";
   } else if (name == "smollm2-135m") {
     c = Llama(49152, 576, 1536, 30, 9, 3, 100000.0, 1e-5, true, 8192);
     c.bos_token_id = 0;
@@ -513,6 +613,10 @@ const char* ProjectionName(Projection p) {
       return "up_proj";
     case Projection::kDown:
       return "down_proj";
+    case Projection::kQkv:
+      return "qkv_proj";
+    case Projection::kGateUp:
+      return "gate_up_proj";
   }
   return "?";
 }
@@ -522,6 +626,64 @@ std::optional<Projection> ProjectionFromName(std::string_view name) {
     if (name == ProjectionName(p)) return p;
   }
   return std::nullopt;
+}
+
+std::vector<Projection> ModelProjections(const ModelConfig& config) {
+  std::vector<Projection> out;
+  for (Projection p : kAllProjections) {
+    if (HasProjection(config, p)) out.push_back(p);
+  }
+  return out;
+}
+
+bool HasProjection(const ModelConfig& config, Projection p) {
+  switch (p) {
+    case Projection::kQ:
+    case Projection::kK:
+    case Projection::kV:
+      return !config.fused.qkv;
+    case Projection::kQkv:
+      return config.fused.qkv;
+    case Projection::kGate:
+    case Projection::kUp:
+      return !config.fused.gate_up;
+    case Projection::kGateUp:
+      return config.fused.gate_up;
+    case Projection::kO:
+    case Projection::kDown:
+      return true;
+  }
+  return false;
+}
+
+std::optional<Projection> ProjectionIn(const ModelConfig& config, Projection p) {
+  if (HasProjection(config, p)) return p;
+  if (p == Projection::kQ || p == Projection::kK || p == Projection::kV) return Projection::kQkv;
+  if (p == Projection::kGate || p == Projection::kUp) return Projection::kGateUp;
+  return std::nullopt;
+}
+
+ProjectionFeatures FeaturesOf(const ModelConfig& c, Projection p) {
+  const int64_t h = c.hidden_size, i = c.intermediate_size;
+  switch (p) {
+    case Projection::kQ:
+      return {h, c.q_dim()};
+    case Projection::kK:
+    case Projection::kV:
+      return {h, c.kv_dim()};
+    case Projection::kQkv:
+      return {h, c.q_dim() + 2 * c.kv_dim()};
+    case Projection::kO:
+      return {c.q_dim(), h};
+    case Projection::kGate:
+    case Projection::kUp:
+      return {h, i};
+    case Projection::kGateUp:
+      return {h, 2 * i};
+    case Projection::kDown:
+      return {i, h};
+  }
+  return {};
 }
 
 }  // namespace seedling::model

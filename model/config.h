@@ -20,13 +20,20 @@ namespace seedling::model {
 
 // RoPE frequency scaling (config.json "rope_scaling").
 struct RopeScaling {
-  enum class Type { kNone, kLinear, kLlama3 };
+  enum class Type { kNone, kLinear, kLlama3, kLongRope };
   Type type = Type::kNone;
   double factor = 1.0;  // linear and llama3
   // llama3 only (Llama 3.1 defaults).
   double low_freq_factor = 1.0;
   double high_freq_factor = 4.0;
+  // llama3: the context the ramp is measured against. longrope (Phi-3): the pre-trained context; a forward
+  // reaching beyond it takes long_factor, otherwise short_factor (config.json's top-level field).
   int64_t original_max_position_embeddings = 8192;
+  // longrope ("su" in early Phi-3 configs): per-pair divisors of the inverse frequencies, head_dim / 2 each,
+  // and the factor cos and sin are scaled by (the scores by its square); 0 = the LongRoPE paper's
+  // sqrt(1 + ln(s) / ln(original)) with s = max_position_embeddings / original, 1 when s <= 1.
+  std::vector<double> short_factor, long_factor;
+  double attention_factor = 0.0;
 };
 
 // The largest sizes a config may give (ModelConfig::Validate). Real models sit far below: Gemma's
@@ -60,6 +67,15 @@ enum class QkNorm {
   kPerProjection,  // over the whole q / k projection, weights of q_dim / kv_dim (OLMo 2)
 };
 
+// Projections stored as one fused matrix (Phi-3): q, k and v as qkv_proj (rows q | k | v), gate and up as
+// gate_up_proj (rows gate | up). The forward multiplies the fused matrix once and LoRA adapts the fused
+// module, as PEFT does.
+struct FusedProjections {
+  bool qkv = false;
+  bool gate_up = false;
+  bool operator==(const FusedProjections&) const = default;
+};
+
 // The gate's activation in the gated MLP: act(gate) · up.
 enum class MlpActivation {
   kSilu,      // SwiGLU (Llama, Qwen, OLMo 2)
@@ -89,6 +105,7 @@ struct ModelConfig {
   NormPlacement norms;             // where the block normalizes
   QkNorm qk_norm = QkNorm::kNone;  // RMSNorm on q and k before RoPE (Qwen3, OLMo 2)
   MlpActivation mlp_activation = MlpActivation::kSilu;
+  FusedProjections fused;  // which projections are stored fused (Phi-3)
   // Every RMSNorm scales by (norm_weight_offset + w): Gemma stores w - 1 and scales by (1 + w).
   double norm_weight_offset = 0.0;
   bool scale_embeddings = false;  // the embeddings are multiplied by sqrt(hidden_size) (Gemma)
@@ -140,8 +157,14 @@ absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view json_text);
 absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir);
 
 // RoPE inverse frequencies (head_dim / 2 of them), with the config's rope_scaling applied: pair i turns
-// by 1 / theta^(2i / head_dim) per position, divided as linear or Llama 3 scaling says.
-std::vector<double> RopeInverseFrequencyValues(const ModelConfig& config);
+// by 1 / theta^(2i / head_dim) per position, divided as linear, Llama 3 or LongRoPE scaling says. LongRoPE
+// divides by its long factors when `long_context` (a forward reaching past original_max_position_embeddings),
+// by its short ones otherwise; other scalings ignore it.
+std::vector<double> RopeInverseFrequencyValues(const ModelConfig& config, bool long_context = false);
+// Whether a forward over positions [0, end) takes LongRoPE's long factors.
+bool RopeLongContext(const ModelConfig& config, int64_t end);
+// What cos and sin are multiplied by: LongRoPE's attention factor, 1 for every other scaling.
+double RopeAttentionFactor(const ModelConfig& config);
 // What the config's rope_scaling divides each pair's angle by: the unscaled inverse frequency over the
 // scaled one (a GGUF file's rope_freqs.weight; all 1 without scaling).
 std::vector<double> RopeScalingFactors(const ModelConfig& config);
@@ -158,21 +181,38 @@ std::string ModelId(const ModelConfig& config);
 // Presets for `init-model`: "tiny" (about 3.5M parameters, GQA, tied), "tiny-qwen2" (q/k/v bias, untied
 // LM head, llama3 RoPE scaling), "tiny-qwen3" (q/k norms per head, head_dim x heads != hidden_size),
 // "tiny-olmo2" (post-norm block, q/k norms over the projections, GQA), "tiny-gemma2" (soft-capping, local and
-// global layers alternating), "tiny-gemma3" (q/k norms, every 6th layer global), and the exact shapes of
-// published models: "smollm2-135m", "smollm2-360m", "qwen2.5-0.5b", "qwen3-0.6b", "tinyllama-1.1b",
-// "olmo-2-1b", "gemma-2-2b", "gemma-3-270m", "gemma-3-1b".
+// global layers alternating), "tiny-gemma3" (q/k norms, every 6th layer global), "tiny-phi3" (fused qkv and
+// gate_up projections, LongRoPE), and the exact shapes of published models: "smollm2-135m", "smollm2-360m",
+// "qwen2.5-0.5b", "qwen3-0.6b", "tinyllama-1.1b", "olmo-2-1b", "gemma-2-2b", "gemma-3-270m", "gemma-3-1b",
+// "phi-3-mini".
 // NotFound lists the valid names.
 absl::StatusOr<ModelConfig> PresetConfig(std::string_view name);
 std::vector<std::string> PresetNames();
 
-// The linear projections of a decoder layer, in Hugging Face naming.
-enum class Projection { kQ, kK, kV, kO, kGate, kUp, kDown };
-inline constexpr int kNumProjections = 7;
-inline constexpr Projection kAllProjections[] = {Projection::kQ,    Projection::kK,  Projection::kV,   Projection::kO,
-                                                 Projection::kGate, Projection::kUp, Projection::kDown};
-// "q_proj", "k_proj", ..., "down_proj".
+// The linear projections of a decoder layer, in Hugging Face naming; kQkv and kGateUp are the fused modules of
+// ModelConfig::fused (Phi-3's qkv_proj and gate_up_proj).
+enum class Projection { kQ, kK, kV, kO, kGate, kUp, kDown, kQkv, kGateUp };
+inline constexpr int kNumProjections = 9;
+// Every projection in canonical order (an adapter's wire order): q, k, v, qkv, o, gate, up, gate_up, down.
+inline constexpr Projection kAllProjections[] = {Projection::kQ,   Projection::kK,      Projection::kV,
+                                                 Projection::kQkv, Projection::kO,      Projection::kGate,
+                                                 Projection::kUp,  Projection::kGateUp, Projection::kDown};
+// "q_proj", "k_proj", ..., "down_proj", "qkv_proj", "gate_up_proj".
 const char* ProjectionName(Projection p);
 // The projection of a name ProjectionName gives; nullopt for any other.
 std::optional<Projection> ProjectionFromName(std::string_view name);
+// The projections a decoder layer of `config` has, in canonical order: q, k, v or qkv; o; gate, up or
+// gate_up; down.
+std::vector<Projection> ModelProjections(const ModelConfig& config);
+// Whether `config`'s layers have projection `p`.
+bool HasProjection(const ModelConfig& config, Projection p);
+// The projection of `config` that computes `p`'s output: the fused module for q, k, v (gate, up) when they are
+// fused, and p itself otherwise. A fused projection on a model that stores the parts apart has no single one.
+std::optional<Projection> ProjectionIn(const ModelConfig& config, Projection p);
+// A projection's (in, out) features.
+struct ProjectionFeatures {
+  int64_t in = 0, out = 0;
+};
+ProjectionFeatures FeaturesOf(const ModelConfig& config, Projection p);
 
 }  // namespace seedling::model

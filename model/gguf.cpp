@@ -161,13 +161,20 @@ struct GgufGraphRules {
   bool o_mlp_bias;           // has o_proj and MLP bias slots (llama)
   bool q_is_hidden;          // sizes q_proj as hidden x hidden (qwen2, olmo2)
   bool tied_only = false;    // always reads the output projection from token_embd.weight (gemma2)
-  bool untied_only = false;  // requires output.weight (olmo2)
+  bool untied_only = false;  // requires output.weight (olmo2, phi3)
+  // Reads q | k | v as one attn_qkv and gate | up as one ffn_up (phi3); the others read the parts.
+  bool fused = false;
+  bool longrope = false;  // LongRoPE as rope_factors_{short,long}.weight and rope.scaling.attn_factor (phi3)
 };
 
 constexpr GgufGraphRules kGraphRules[] = {
-    {"llama", true, true, false, true, false},           {"qwen2", false, true, true, false, true},
-    {"qwen3", false, false, false, false, false},        {"olmo2", false, false, false, false, true, false, true},
-    {"gemma2", false, false, false, false, false, true}, {"gemma3", false, false, false, false, false},
+    {"llama", true, true, false, true, false},
+    {"qwen2", false, true, true, false, true},
+    {"qwen3", false, false, false, false, false},
+    {"olmo2", false, false, false, false, true, false, true},
+    {"gemma2", false, false, false, false, false, true},
+    {"gemma3", false, false, false, false, false},
+    {.arch = "phi3", .q_is_hidden = true, .untied_only = true, .fused = true, .longrope = true},
 };
 
 // What llama.cpp's Gemma graphs fix (model/gguf_config.h GgufGemmaGraph) must be what `c` says.
@@ -206,6 +213,13 @@ absl::Status CheckExpressible(const ModelConfig& c, const GgufGraphRules& r) {
     return absl::InvalidArgumentError(
         StrCat(who, "with llama3 rope_scaling", why,
                "has no RoPE frequency factors (rope_freqs.weight); only 'linear' scaling or none is supported"));
+  }
+  if (c.rope_scaling.type == RopeScaling::Type::kLongRope && !r.longrope) {
+    return absl::InvalidArgumentError(StrCat(who, "with longrope rope_scaling", why, "has no LongRoPE factors"));
+  }
+  if (c.fused.qkv != r.fused || c.fused.gate_up != r.fused) {
+    return absl::InvalidArgumentError(StrCat(who, r.fused ? "with q, k, v or gate, up apart" : "with fused projections",
+                                             why, r.fused ? "reads them fused" : "reads them apart"));
   }
   if (c.qkv_bias && !r.qkv_bias) {
     return absl::InvalidArgumentError(StrCat(who, "with attention biases", why, "has no such tensors"));
@@ -247,29 +261,16 @@ absl::StatusOr<std::string> GgufArchitecture(const ModelConfig& c) {
 
 // llama.cpp's name of a decoder layer's projection weight: "blk.<layer>.attn_q.weight", ...
 std::string ProjectionTensorName(int64_t layer, Projection p) {
-  static constexpr const char* kNames[kNumProjections] = {"attn_q",   "attn_k", "attn_v",  "attn_output",
-                                                          "ffn_gate", "ffn_up", "ffn_down"};
+  // Indexed by Projection; llama.cpp's phi3 keeps the fused gate | up rows under ffn_up.
+  static constexpr const char* kNames[kNumProjections] = {"attn_q", "attn_k",   "attn_v",   "attn_output", "ffn_gate",
+                                                          "ffn_up", "ffn_down", "attn_qkv", "ffn_up"};
   return StrCat("blk.", layer, ".", kNames[static_cast<int>(p)], ".weight");
 }
 
 // A projection's weight shape (out, in), as nn.Linear stores it.
 std::vector<int64_t> ProjectionShape(const ModelConfig& c, Projection p) {
-  switch (p) {
-    case Projection::kQ:
-      return {c.q_dim(), c.hidden_size};
-    case Projection::kK:
-    case Projection::kV:
-      return {c.kv_dim(), c.hidden_size};
-    case Projection::kO:
-      return {c.hidden_size, c.q_dim()};
-    case Projection::kGate:
-    case Projection::kUp:
-      return {c.intermediate_size, c.hidden_size};
-    case Projection::kDown:
-      return {c.hidden_size, c.intermediate_size};
-  }
-  SEEDLING_CHECK(false, "unknown projection");
-  return {};
+  const ProjectionFeatures f = FeaturesOf(c, p);
+  return {f.out, f.in};
 }
 
 // The heads whose output rows are permuted for GGML's interleaved RoPE (GgufPermutesQk); 0 = none.
@@ -375,6 +376,14 @@ absl::StatusOr<std::vector<TensorPlan>> PlanTensors(const ModelConfig& c, const 
         at::tensor(at::ArrayRef<double>(ratios), at::TensorOptions().dtype(at::kDouble)).to(at::kFloat);
     SEEDLING_RETURN_IF_ERROR(planner.Add("rope_freqs.weight", factors, {c.head_dim / 2}));
   }
+  if (c.rope_scaling.type == RopeScaling::Type::kLongRope) {
+    // llama.cpp divides each pair's frequency by the factor, as Hugging Face's LongRoPE does.
+    for (const auto& [name, values] : {std::pair{"rope_factors_long.weight", &c.rope_scaling.long_factor},
+                                       std::pair{"rope_factors_short.weight", &c.rope_scaling.short_factor}}) {
+      const at::Tensor factors = at::tensor(at::ArrayRef<double>(*values), at::kDouble).to(at::kFloat);
+      SEEDLING_RETURN_IF_ERROR(planner.Add(name, factors, {c.head_dim / 2}));
+    }
+  }
   if (static_cast<int64_t>(w.layers.size()) != c.num_hidden_layers) {
     return absl::InvalidArgumentError(
         StrCat("weights have ", w.layers.size(), " layers, config has ", c.num_hidden_layers));
@@ -387,12 +396,16 @@ absl::StatusOr<std::vector<TensorPlan>> PlanTensors(const ModelConfig& c, const 
     };
     if (c.norms.pre_attention)
       SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "attn_norm.weight", scale(l.input_norm), {H}));
-    SEEDLING_RETURN_IF_ERROR(projection(Projection::kQ, l.q));
-    SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.qkv_bias, blk + "attn_q.bias", l.q_bias, q, q_heads));
-    SEEDLING_RETURN_IF_ERROR(projection(Projection::kK, l.k));
-    SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.qkv_bias, blk + "attn_k.bias", l.k_bias, kv, k_heads));
-    SEEDLING_RETURN_IF_ERROR(projection(Projection::kV, l.v));
-    SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.qkv_bias, blk + "attn_v.bias", l.v_bias, kv));
+    if (c.fused.qkv) {  // CheckExpressible: no bias
+      SEEDLING_RETURN_IF_ERROR(projection(Projection::kQkv, l.qkv));
+    } else {
+      SEEDLING_RETURN_IF_ERROR(projection(Projection::kQ, l.q));
+      SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.qkv_bias, blk + "attn_q.bias", l.q_bias, q, q_heads));
+      SEEDLING_RETURN_IF_ERROR(projection(Projection::kK, l.k));
+      SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.qkv_bias, blk + "attn_k.bias", l.k_bias, kv, k_heads));
+      SEEDLING_RETURN_IF_ERROR(projection(Projection::kV, l.v));
+      SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.qkv_bias, blk + "attn_v.bias", l.v_bias, kv));
+    }
     SEEDLING_RETURN_IF_ERROR(projection(Projection::kO, l.o));
     SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.o_bias, blk + "attn_output.bias", l.o_bias, H));
     if (c.qk_norm != QkNorm::kNone) {
@@ -403,10 +416,14 @@ absl::StatusOr<std::vector<TensorPlan>> PlanTensors(const ModelConfig& c, const 
       SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "post_attention_norm.weight", scale(l.attention_output_norm), {H}));
     }
     if (c.norms.pre_mlp) SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "ffn_norm.weight", scale(l.pre_mlp_norm), {H}));
-    SEEDLING_RETURN_IF_ERROR(projection(Projection::kGate, l.gate));
-    SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.mlp_bias, blk + "ffn_gate.bias", l.gate_bias, I));
-    SEEDLING_RETURN_IF_ERROR(projection(Projection::kUp, l.up));
-    SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.mlp_bias, blk + "ffn_up.bias", l.up_bias, I));
+    if (c.fused.gate_up) {  // ffn_up holds gate | up; CheckExpressible: no bias
+      SEEDLING_RETURN_IF_ERROR(projection(Projection::kGateUp, l.gate_up));
+    } else {
+      SEEDLING_RETURN_IF_ERROR(projection(Projection::kGate, l.gate));
+      SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.mlp_bias, blk + "ffn_gate.bias", l.gate_bias, I));
+      SEEDLING_RETURN_IF_ERROR(projection(Projection::kUp, l.up));
+      SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.mlp_bias, blk + "ffn_up.bias", l.up_bias, I));
+    }
     SEEDLING_RETURN_IF_ERROR(projection(Projection::kDown, l.down));
     SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.mlp_bias, blk + "ffn_down.bias", l.down_bias, H));
     if (c.norms.mlp_output)
@@ -643,9 +660,14 @@ absl::Status AddHyperparameters(const ModelConfig& c, const std::string& arch, c
       md.F32(p + "final_logit_softcapping", c.final_logit_softcap);
     }
   }
+  if (arch == "phi3") md.U32(p + "attention.sliding_window", c.sliding_window.value_or(0));  // 0 = none
   if (c.rope_scaling.type == RopeScaling::Type::kLinear) {
     md.Str(p + "rope.scaling.type", "linear");
     md.F32(p + "rope.scaling.factor", c.rope_scaling.factor);
+  }
+  if (c.rope_scaling.type == RopeScaling::Type::kLongRope) {  // with the factor tensors (PlanTensors)
+    md.F32(p + "rope.scaling.attn_factor", RopeAttentionFactor(c));
+    md.U32(p + "rope.scaling.original_context_length", c.rope_scaling.original_max_position_embeddings);
   }
   return absl::OkStatus();
 }

@@ -156,22 +156,67 @@ std::vector<RopeScaling> Llama3Candidates(const ModelConfig& c, const std::vecto
   return out;
 }
 
-absl::StatusOr<RopeScaling> Llama3FromRopeFreqs(const GgufFile& f, const ModelConfig& c) {
-  const GgufTensorInfo& t = *f.FindTensor("rope_freqs.weight");
+// The per-pair RoPE factors of tensor `name`: f32, head_dim / 2 of them, each finite and >= `min`.
+absl::StatusOr<std::vector<double>> RopeFactorTensor(const GgufFile& f, const char* name, const ModelConfig& c,
+                                                     double min) {
+  const GgufTensorInfo& t = *f.FindTensor(name);
   if (t.type != GgmlType::kF32 || t.shape != std::vector<int64_t>{c.head_dim / 2}) {
-    return FileError(f, StrCat("tensor 'rope_freqs.weight' is ", GgmlTypeName(t.type), " ", ShapeString(t.shape),
+    return FileError(f, StrCat("tensor '", name, "' is ", GgmlTypeName(t.type), " ", ShapeString(t.shape),
                                ", expected f32 [", c.head_dim / 2, "]"));
   }
   std::vector<double> factors(c.head_dim / 2);
   for (size_t i = 0; i < factors.size(); ++i) {
     float v;
     std::memcpy(&v, t.data + 4 * i, 4);
-    if (!(v >= 1 - 1e-6 && std::isfinite(v))) {
-      return FileError(
-          f, StrCat("tensor 'rope_freqs.weight' holds factor ", v, " at ", i, "; Llama 3 scaling factors are >= 1"));
+    if (!(v >= min && std::isfinite(v))) {
+      return FileError(f,
+                       StrCat("tensor '", name, "' holds factor ", v, " at ", i, "; expected a finite value >= ", min));
     }
-    factors[i] = v;
+    factors[i] = Widen(v);  // 1.05 stored as float32 reads back as the double 1.05
   }
+  return factors;
+}
+
+// LongRoPE (phi3): rope_factors_short / _long.weight, the pre-trained context from rope.scaling.original_context_length
+// (default: context_length) and rope.scaling.attn_factor, kept only where it differs from the LongRoPE paper's
+// default (so the config equals the config.json's that leaves it out).
+absl::Status ReadLongRope(const GgufFile& f, const std::string& p, ModelConfig& c) {
+  RopeScaling rs;
+  rs.type = RopeScaling::Type::kLongRope;
+  SEEDLING_ASSIGN_OR_RETURN(rs.short_factor, RopeFactorTensor(f, "rope_factors_short.weight", c, 1e-6));
+  SEEDLING_ASSIGN_OR_RETURN(rs.long_factor, RopeFactorTensor(f, "rope_factors_long.weight", c, 1e-6));
+  SEEDLING_ASSIGN_OR_RETURN(const std::optional<uint32_t> original,
+                            Optional(f.GetU32(p + "rope.scaling.original_context_length")));
+  rs.original_max_position_embeddings = original.has_value() ? *original : c.max_position_embeddings;
+  if (rs.original_max_position_embeddings <= 0) {
+    return FileError(f, StrCat(p, "rope.scaling.original_context_length must be positive"));
+  }
+  c.rope_scaling = rs;
+  SEEDLING_ASSIGN_OR_RETURN(const std::optional<float> factor, Optional(f.GetF32(p + "rope.scaling.attn_factor")));
+  if (factor.has_value()) {
+    if (!(*factor > 0) || !std::isfinite(*factor)) {
+      return FileError(f, StrCat(p, "rope.scaling.attn_factor must be a finite number > 0, got ", *factor));
+    }
+    const double implied = RopeAttentionFactor(c);
+    if (std::abs(*factor - implied) > 1e-6 * implied) c.rope_scaling.attention_factor = Widen(*factor);
+  }
+  return absl::OkStatus();
+}
+
+// phi3: the window every layer attends through (attention.sliding_window; 0 or absent = none) and LongRoPE.
+absl::Status ReadPhi3(const GgufFile& f, const std::string& p, ModelConfig& c) {
+  SEEDLING_ASSIGN_OR_RETURN(const std::optional<uint32_t> window, Optional(f.GetU32(p + "attention.sliding_window")));
+  if (window.has_value() && *window > 0) c.sliding_window = *window;
+  const bool has_long = f.FindTensor("rope_factors_long.weight") != nullptr;
+  const bool has_short = f.FindTensor("rope_factors_short.weight") != nullptr;
+  if (has_long != has_short) {
+    return FileError(f, "LongRoPE needs both rope_factors_long.weight and rope_factors_short.weight");
+  }
+  return has_long ? ReadLongRope(f, p, c) : absl::OkStatus();
+}
+
+absl::StatusOr<RopeScaling> Llama3FromRopeFreqs(const GgufFile& f, const ModelConfig& c) {
+  SEEDLING_ASSIGN_OR_RETURN(const std::vector<double> factors, RopeFactorTensor(f, "rope_freqs.weight", c, 1 - 1e-6));
   for (const RopeScaling& candidate : Llama3Candidates(c, factors)) {
     if (FactorsMatch(c, candidate, factors)) return candidate;
   }
@@ -297,6 +342,7 @@ absl::StatusOr<ModelConfig> ConfigFromGguf(const GgufFile& file) {
   SEEDLING_RETURN_IF_ERROR(ReadSpecialIds(file, c));
   ReadLayout(file, c);
   if (const GgufGemmaGraph* graph = GemmaGraphOf(arch)) SEEDLING_RETURN_IF_ERROR(ReadGemma(file, p, *graph, c));
+  if (arch == "phi3") SEEDLING_RETURN_IF_ERROR(ReadPhi3(file, p, c));
   const absl::Status valid = c.Validate();
   if (!valid.ok()) return Annotate(valid, StrCat("GGUF file '", file.path(), "'"));
   return c;

@@ -33,10 +33,13 @@ namespace seedling::model {
 //   torch_dtype from token_embd.weight's type (f32 -> float32, bf16 -> bfloat16, else float16);
 //   gemma2 / gemma3: the window from <arch>.attention.sliding_window, gemma2's soft-caps from
 //     <arch>.attn_logit_softcapping / final_logit_softcapping (default 50 / 30), and what the graph fixes
-//     (GgufGemmaGraph below).
+//     (GgufGemmaGraph below);
+//   phi3: fused attn_qkv and ffn_up (gate | up), the window of every layer from attention.sliding_window
+//     (0 = none), LongRoPE from the rope_factors_short / _long.weight tensors with
+//     rope.scaling.original_context_length and rope.scaling.attn_factor.
 // InvalidArgument for another architecture, a key of the wrong type, a head_dim llama.cpp would
 // rotate only partly (rope.dimension_count != key length), value_length != key_length, experts
-// (MoE), an unsupported scaling type (yarn, longrope), rope_freqs.weight that is not Llama 3
+// (MoE), an unsupported scaling type (yarn), rope_freqs.weight that is not Llama 3
 // scaling or on qwen2, or a config that fails ModelConfig::Validate. NotFound for a missing
 // required key.
 absl::StatusOr<ModelConfig> ConfigFromGguf(const GgufFile& file);

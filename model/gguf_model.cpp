@@ -63,11 +63,15 @@ std::vector<Expected> GgufTensorSlots(const ModelConfig& c, ModelWeights& w) {
     LayerWeights& l = w.layers[i];
     const std::string b = StrCat("blk.", i, ".");
     if (c.norms.pre_attention) out.push_back({b + "attn_norm.weight", {H}, &l.input_norm, 0, true});
-    out.push_back({b + "attn_q.weight", {q, H}, &l.q, q_heads});
-    out.push_back({b + "attn_k.weight", {kv, H}, &l.k, k_heads});
-    out.push_back({b + "attn_v.weight", {kv, H}, &l.v});
+    if (c.fused.qkv) {
+      out.push_back({b + "attn_qkv.weight", {q + 2 * kv, H}, &l.qkv});
+    } else {
+      out.push_back({b + "attn_q.weight", {q, H}, &l.q, q_heads});
+      out.push_back({b + "attn_k.weight", {kv, H}, &l.k, k_heads});
+      out.push_back({b + "attn_v.weight", {kv, H}, &l.v});
+    }
     out.push_back({b + "attn_output.weight", {H, q}, &l.o});
-    if (c.qkv_bias) {
+    if (c.qkv_bias && !c.fused.qkv) {
       out.push_back({b + "attn_q.bias", {q}, &l.q_bias, q_heads});
       out.push_back({b + "attn_k.bias", {kv}, &l.k_bias, k_heads});
       out.push_back({b + "attn_v.bias", {kv}, &l.v_bias});
@@ -81,10 +85,14 @@ std::vector<Expected> GgufTensorSlots(const ModelConfig& c, ModelWeights& w) {
       out.push_back({b + "post_attention_norm.weight", {H}, &l.attention_output_norm, 0, true});
     }
     if (c.norms.pre_mlp) out.push_back({b + "ffn_norm.weight", {H}, &l.pre_mlp_norm, 0, true});
-    out.push_back({b + "ffn_gate.weight", {I, H}, &l.gate});
-    out.push_back({b + "ffn_up.weight", {I, H}, &l.up});
+    if (c.fused.gate_up) {
+      out.push_back({b + "ffn_up.weight", {2 * I, H}, &l.gate_up});  // gate | up
+    } else {
+      out.push_back({b + "ffn_gate.weight", {I, H}, &l.gate});
+      out.push_back({b + "ffn_up.weight", {I, H}, &l.up});
+    }
     out.push_back({b + "ffn_down.weight", {H, I}, &l.down});
-    if (c.mlp_bias) {
+    if (c.mlp_bias && !c.fused.gate_up) {
       out.push_back({b + "ffn_gate.bias", {I}, &l.gate_bias});
       out.push_back({b + "ffn_up.bias", {I}, &l.up_bias});
       out.push_back({b + "ffn_down.bias", {H}, &l.down_bias});
@@ -224,10 +232,16 @@ absl::StatusOr<ModelWeights> LoadGgufWeights(const GgufFile& f, const ModelConfi
     // llama.cpp's Gemma graphs scale by the stored weight, Hugging Face's by (1 + w).
     if (e.norm && c.norm_weight_offset != 0) *e.slot = *e.slot - c.norm_weight_offset;
   }
-  // Llama 3 scaling is carried by rope_freqs.weight, which ConfigFromGguf reads.
-  if (c.rope_scaling.type == RopeScaling::Type::kLlama3) {
-    if (f.FindTensor("rope_freqs.weight") == nullptr) missing.push_back("rope_freqs.weight");
-    used.insert("rope_freqs.weight");
+  // Llama 3 scaling is carried by rope_freqs.weight and LongRoPE by rope_factors_{long,short}.weight, which
+  // ConfigFromGguf reads.
+  std::vector<const char*> rope_tensors;
+  if (c.rope_scaling.type == RopeScaling::Type::kLlama3) rope_tensors = {"rope_freqs.weight"};
+  if (c.rope_scaling.type == RopeScaling::Type::kLongRope) {
+    rope_tensors = {"rope_factors_long.weight", "rope_factors_short.weight"};
+  }
+  for (const char* name : rope_tensors) {
+    if (f.FindTensor(name) == nullptr) missing.push_back(name);
+    used.insert(name);
   }
   if (!missing.empty()) {
     return absl::NotFoundError(StrCat("GGUF file '", f.path(), "': ", missing.size(), " tensor(s) the ", c.architecture,

@@ -37,7 +37,7 @@ absl::StatusOr<InitTokenizer> ByteLevelStyle(std::string_view corpus, int32_t vo
 }
 
 // SentencePiece-style BPE with Gemma's special tokens (<pad> 0, <eos> 1, <bos> 2, <unk> 3); BOS is prepended.
-absl::StatusOr<InitTokenizer> SentencePieceStyle(std::string_view corpus, int32_t vocab) {
+absl::StatusOr<InitTokenizer> GemmaStyle(std::string_view corpus, int32_t vocab) {
   SentencePieceTrainerOptions options;
   options.vocab_size = vocab;
   SEEDLING_ASSIGN_OR_RETURN(std::string json, TrainSentencePieceBpeTokenizerJson(corpus, options));
@@ -49,6 +49,39 @@ absl::StatusOr<InitTokenizer> SentencePieceStyle(std::string_view corpus, int32_
                                       {"add_bos_token", true},
                                       {"add_eos_token", false},
                                       {"tokenizer_class", "PreTrainedTokenizerFast"}}};
+}
+
+// SentencePiece-style BPE as Phi-3's (Llama 2's with an end-of-text token): <unk> 0, <s> 1, </s> 2,
+// <|endoftext|> 3, the EOS as in Phi-3's config (llama.cpp also looks that token up by name for models named
+// Phi-3), a "▁" dummy prefix, BOS prepended.
+absl::StatusOr<InitTokenizer> Llama2Style(std::string_view corpus, int32_t vocab) {
+  SentencePieceTrainerOptions options;
+  options.vocab_size = vocab;
+  options.special_tokens = {"<unk>", "<s>", "</s>", "<|endoftext|>"};
+  options.bos_token = "<s>";
+  options.unk_token = "<unk>";
+  options.prepend_space = true;
+  SEEDLING_ASSIGN_OR_RETURN(std::string json, TrainSentencePieceBpeTokenizerJson(corpus, options));
+  return InitTokenizer{std::move(json), 1, 3,
+                       nlohmann::json{{"bos_token", "<s>"},
+                                      {"eos_token", "<|endoftext|>"},
+                                      {"unk_token", "<unk>"},
+                                      {"add_bos_token", true},
+                                      {"add_eos_token", false},
+                                      {"tokenizer_class", "LlamaTokenizerFast"}}};
+}
+
+absl::StatusOr<InitTokenizer> TrainInitTokenizer(families::TokenizerStyle style, std::string_view corpus,
+                                                 int32_t vocab) {
+  switch (style) {
+    case families::TokenizerStyle::kSentencePieceBpe:
+      return GemmaStyle(corpus, vocab);
+    case families::TokenizerStyle::kSentencePieceBpeWithPrefix:
+      return Llama2Style(corpus, vocab);
+    case families::TokenizerStyle::kByteLevelBpe:
+      break;
+  }
+  return ByteLevelStyle(corpus, vocab);
 }
 
 }  // namespace
@@ -73,9 +106,9 @@ absl::Status InitModel(const std::string& out_dir, const InitModelOptions& optio
   const std::string_view corpus =
       options.tokenizer_corpus.empty() ? BundledSampleCorpus() : std::string_view(options.tokenizer_corpus);
   const families::FamilySpec* family = families::FamilyOfArchitecture(config.architecture);
-  const bool sentencepiece = family != nullptr && family->init_tokenizer == families::TokenizerStyle::kSentencePieceBpe;
-  SEEDLING_ASSIGN_OR_RETURN(const InitTokenizer tokenizer,
-                            sentencepiece ? SentencePieceStyle(corpus, vocab) : ByteLevelStyle(corpus, vocab));
+  const families::TokenizerStyle style =
+      family != nullptr ? family->init_tokenizer : families::TokenizerStyle::kByteLevelBpe;
+  SEEDLING_ASSIGN_OR_RETURN(const InitTokenizer tokenizer, TrainInitTokenizer(style, corpus, vocab));
   config.bos_token_id = tokenizer.bos_id;
   config.eos_token_ids = {tokenizer.eos_id};
   config.torch_dtype = options.dtype == DType::kF32 ? "float32" : options.dtype == DType::kF16 ? "float16" : "bfloat16";

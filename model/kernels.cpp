@@ -458,8 +458,8 @@ at::Tensor GatedActivation(const at::Tensor& gate, const at::Tensor& up, MlpActi
   return at::gelu(gate, "tanh") * up;
 }
 
-at::Tensor RopeInverseFrequencies(const ModelConfig& c) {
-  const std::vector<double> inv = RopeInverseFrequencyValues(c);
+at::Tensor RopeInverseFrequencies(const ModelConfig& c, bool long_context) {
+  const std::vector<double> inv = RopeInverseFrequencyValues(c, long_context);
   return at::tensor(at::ArrayRef<double>(inv), at::kDouble);
 }
 

@@ -90,7 +90,7 @@ at::Tensor GatedActivation(const at::Tensor& gate, const at::Tensor& up, MlpActi
 
 // RoPE inverse frequencies (head_dim / 2), with the config's rope_scaling applied
 // (RopeInverseFrequencyValues in model/config.h), as a double-precision tensor.
-at::Tensor RopeInverseFrequencies(const ModelConfig& config);
+at::Tensor RopeInverseFrequencies(const ModelConfig& config, bool long_context = false);
 
 // cos and sin tables for positions [start, start + length): each (length, head_dim / 2), fp64 (ApplyRope
 // casts them to the activations' dtype).

@@ -64,21 +64,56 @@ ModelConfig LocalRopeConfig(const ModelConfig& c) {
   return local;
 }
 
+// The outputs of q, k and v (..., q_dim), (..., kv_dim), (..., kv_dim): three projections, or one multiply of
+// the fused qkv_proj split by columns (ModelConfig::fused). project(p, weight, bias) runs one projection.
+struct QkvOutputs {
+  at::Tensor q, k, v;
+};
+template <typename ProjectFn>
+QkvOutputs ProjectQkv(const ModelConfig& c, const LayerWeights& w, ProjectFn project) {
+  if (!c.fused.qkv) {
+    return {project(Projection::kQ, w.q, w.q_bias), project(Projection::kK, w.k, w.k_bias),
+            project(Projection::kV, w.v, w.v_bias)};
+  }
+  // split's backward concatenates the parts' gradients into one tensor (narrow's would zero-fill three).
+  const std::vector<at::Tensor> parts =
+      project(Projection::kQkv, w.qkv, w.qkv_bias).split_with_sizes({c.q_dim(), c.kv_dim(), c.kv_dim()}, -1);
+  return {parts[0], parts[1], parts[2]};
+}
+
+// The MLP's gate and up outputs (..., I) each, from two projections or the fused gate_up_proj.
+template <typename ProjectFn>
+std::pair<at::Tensor, at::Tensor> ProjectGateUp(const ModelConfig& c, const LayerWeights& w, ProjectFn project) {
+  if (!c.fused.gate_up) {
+    return {project(Projection::kGate, w.gate, w.gate_bias), project(Projection::kUp, w.up, w.up_bias)};
+  }
+  const std::vector<at::Tensor> parts = project(Projection::kGateUp, w.gate_up, w.gate_up_bias).chunk(2, -1);
+  return {parts[0], parts[1]};
+}
+
 }  // namespace
 
 LlamaModel::LlamaModel(ModelConfig config, ModelWeights weights)
     : config_(std::move(config)),
       weights_(std::move(weights)),
       inv_freq_(RopeInverseFrequencies(config_)),
+      long_inv_freq_(config_.rope_scaling.type == RopeScaling::Type::kLongRope
+                         ? RopeInverseFrequencies(config_, /*long_context=*/true)
+                         : at::Tensor()),
       local_inv_freq_(config_.rope_local_theta > 0 ? RopeInverseFrequencies(LocalRopeConfig(config_)) : at::Tensor()) {}
 
 LlamaModel::LayerRopes LlamaModel::MakeRopes(int64_t start, int64_t length, at::ScalarType dtype) const {
+  const double attention_factor = RopeAttentionFactor(config_);
   auto tables = [&](const at::Tensor& inv_freq) {
     const RopeTables t = MakeRopeTables(inv_freq, start, length);
+    if (attention_factor != 1.0)
+      return RopeTables{(t.cos * attention_factor).to(dtype), (t.sin * attention_factor).to(dtype)};
     return RopeTables{t.cos.to(dtype), t.sin.to(dtype)};  // once, not per layer
   };
   LayerRopes ropes;
-  ropes.global = tables(inv_freq_);
+  // LongRoPE takes its long factors once a forward reaches past the pre-trained context (as Hugging Face
+  // decides per forward by the largest position).
+  ropes.global = tables(RopeLongContext(config_, start + length) ? long_inv_freq_ : inv_freq_);
   if (local_inv_freq_.defined()) ropes.local = tables(local_inv_freq_);
   return ropes;
 }
@@ -223,8 +258,10 @@ at::Tensor LlamaModel::Mlp(int64_t layer, const at::Tensor& x, const ForwardOpti
 at::Tensor LlamaModel::MlpRows(int64_t layer, const at::Tensor& x, const ForwardOptions& options,
                                LayerOutput output) const {
   const LayerWeights& w = weights_.layers[static_cast<size_t>(layer)];
-  const at::Tensor gate = Project(layer, Projection::kGate, x, w.gate, w.gate_bias, options);  // (..., I)
-  const at::Tensor up = Project(layer, Projection::kUp, x, w.up, w.up_bias, options);          // (..., I)
+  const auto [gate, up] =
+      ProjectGateUp(config_, w, [&](Projection p, const at::Tensor& weight, const at::Tensor& bias) {
+        return Project(layer, p, x, weight, bias, options);
+      });  // (..., I) each
   return Project(layer, Projection::kDown, GatedActivation(gate, up, config_.mlp_activation), w.down, w.down_bias,
                  options, output);  // (..., H)
 }
@@ -243,11 +280,12 @@ at::Tensor LlamaModel::DecoderLayerImpl(int64_t layer, const at::Tensor& x, cons
 
   // Attention block.
   const at::Tensor h = MaybeNorm(config_.norms.pre_attention, x, w.input_norm, RmsNorm);  // (B, T, H)
-  at::Tensor q = QkHeads(Project(layer, Projection::kQ, h, w.q, w.q_bias, options), hq, w.q_norm, RmsNorm);
-  at::Tensor k = QkHeads(Project(layer, Projection::kK, h, w.k, w.k_bias, options), hkv, w.k_norm, RmsNorm);
-  q = q.transpose(1, 2);
-  k = k.transpose(1, 2);
-  at::Tensor v = Project(layer, Projection::kV, h, w.v, w.v_bias, options).view({b, t, hkv, d}).transpose(1, 2);
+  const QkvOutputs qkv = ProjectQkv(config_, w, [&](Projection p, const at::Tensor& weight, const at::Tensor& bias) {
+    return Project(layer, p, h, weight, bias, options);
+  });
+  at::Tensor q = QkHeads(qkv.q, hq, w.q_norm, RmsNorm).transpose(1, 2);
+  at::Tensor k = QkHeads(qkv.k, hkv, w.k_norm, RmsNorm).transpose(1, 2);
+  at::Tensor v = qkv.v.view({b, t, hkv, d}).transpose(1, 2);
   q = ScaleQueries(ApplyRope(q, rope));  // (B, Hq, T, D)
   k = ApplyRope(k, rope);                // (B, Hkv, T, D)
   if (cache != nullptr) {
@@ -315,8 +353,10 @@ at::Tensor LlamaModel::MlpTangents(int64_t layer, const at::Tensor& x, const For
   for (int64_t start = 0; start < rows; start += chunk) {
     // The MLP acts on each token alone: a chunk of tokens with all its slices is a complete sub-problem.
     const at::Tensor in = chunk == rows ? flat : flat.narrow(1, start, std::min(chunk, rows - start));
-    const at::Tensor gate = ProjectTangents(layer, Projection::kGate, in, w.gate, w.gate_bias, options);
-    const at::Tensor up = ProjectTangents(layer, Projection::kUp, in, w.up, w.up_bias, options);
+    const auto [gate, up] =
+        ProjectGateUp(config_, w, [&](Projection p, const at::Tensor& weight, const at::Tensor& bias) {
+          return ProjectTangents(layer, p, in, weight, bias, options);
+        });
     at::Tensor y = ProjectTangents(layer, Projection::kDown, GatedActivationTangents(gate, up, config_.mlp_activation),
                                    w.down, w.down_bias, options);
     if (chunk == rows) return y.view(x.sizes());
@@ -333,14 +373,15 @@ at::Tensor LlamaModel::DecoderLayerTangents(int64_t layer, const at::Tensor& x, 
 
   // Attention block. RoPE is linear: it rotates every slice alike.
   const at::Tensor h = MaybeNorm(config_.norms.pre_attention, x, w.input_norm, RmsNormTangents);  // (1+K, B, T, H)
-  auto heads = [&](Projection p, const at::Tensor& weight, const at::Tensor& bias, int64_t n, const at::Tensor& norm) {
-    return QkHeads(ProjectTangents(layer, p, h, weight, bias, options), n, norm, RmsNormTangents).transpose(2, 3);
+  const QkvOutputs qkv = ProjectQkv(config_, w, [&](Projection p, const at::Tensor& weight, const at::Tensor& bias) {
+    return ProjectTangents(layer, p, h, weight, bias, options);
+  });
+  auto heads = [&](const at::Tensor& projected, int64_t n, const at::Tensor& norm) {
+    return QkHeads(projected, n, norm, RmsNormTangents).transpose(2, 3);
   };
-  const at::Tensor q =
-      ScaleQueries(ApplyRope(heads(Projection::kQ, w.q, w.q_bias, hq, w.q_norm), rope));      // (1+K, B, Hq, T, D)
-  const at::Tensor k = ApplyRope(heads(Projection::kK, w.k, w.k_bias, hkv, w.k_norm), rope);  // (1+K, B, Hkv, T, D)
-  const at::Tensor v =
-      ProjectTangents(layer, Projection::kV, h, w.v, w.v_bias, options).view({slices, b, t, hkv, d}).transpose(2, 3);
+  const at::Tensor q = ScaleQueries(ApplyRope(heads(qkv.q, hq, w.q_norm), rope));  // (1+K, B, Hq, T, D)
+  const at::Tensor k = ApplyRope(heads(qkv.k, hkv, w.k_norm), rope);               // (1+K, B, Hkv, T, D)
+  const at::Tensor v = qkv.v.view({slices, b, t, hkv, d}).transpose(2, 3);
   const at::Tensor attn = GroupedQueryAttentionTangents(q, k, v, config_.LayerWindow(layer),
                                                         config_.attention_softcap)  // (1+K, B, Hq, T, D)
                               .transpose(2, 3)
@@ -376,7 +417,11 @@ std::vector<at::Tensor> LlamaModel::LayerTensors(int64_t layer, const ForwardOpt
                               &w.gate_bias,
                               &w.up_bias,
                               &w.down_bias,
-                              &w.mlp_output_norm}) {
+                              &w.mlp_output_norm,
+                              &w.qkv,
+                              &w.qkv_bias,
+                              &w.gate_up,
+                              &w.gate_up_bias}) {
     if (t->defined() && t->requires_grad()) out.push_back(*t);
   }
   if (options.adapter != nullptr) {

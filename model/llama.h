@@ -225,6 +225,7 @@ class LlamaModel {
   ModelConfig config_;
   ModelWeights weights_;
   at::Tensor inv_freq_;                       // RoPE inverse frequencies (D/2), double
+  at::Tensor long_inv_freq_;                  // LongRoPE's long-context ones, or undefined
   at::Tensor local_inv_freq_;                 // the local layers' (rope_local_theta), or undefined
   std::shared_ptr<const WeightPages> pages_;  // the read-only mappings the matrices view (Load), or null
   mutable std::atomic<bool> stream_weights_{false};

@@ -169,10 +169,14 @@ struct SentencePieceTrainerOptions {
   std::vector<std::string> special_tokens = {"<pad>", "<eos>", "<bos>", "<unk>"};
   std::string bos_token = "<bos>";  // prepended by the post-processor
   std::string unk_token = "<unk>";  // the BPE model's unknown token
+  // SentencePiece's dummy prefix: "▁" prepended to the text (a Prepend normalizer) and the decoder strips
+  // the leading space again, as Llama 2's and Phi-3's converted tokenizers do; Gemma's has none.
+  bool prepend_space = false;
 };
 
 // Trains a SentencePiece-style BPE tokenizer on `corpus` and returns a tokenizer.json document in the layout
-// Hugging Face converts Gemma's tokenizer to: a Replace(" ", "▁") normalizer without a dummy prefix, no
+// Hugging Face converts Gemma's tokenizer to: a Replace(" ", "▁") normalizer (with prepend_space, after a
+// Prepend("▁"), as Llama 2's), no
 // pre-tokenizer, merges learned within words (each starts at a "▁"), byte fallback, BOS added by the
 // post-processor. Ids: the special tokens, <0x00>..<0xFF>, every character of the corpus in code point
 // order, then the merges' results. InvalidArgument for invalid UTF-8, bad special tokens (empty, duplicate,

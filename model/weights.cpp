@@ -33,12 +33,18 @@ void ForEachWeight(ModelWeights& w, const ModelConfig& c, bool include_tied_head
     LayerWeights& lw = w.layers[static_cast<size_t>(l)];
     const std::string p = StrCat("model.layers.", l, ".");
     if (c.norms.pre_attention) fn(p + "input_layernorm.weight", std::vector<int64_t>{h}, Kind::kNorm, lw.input_norm);
-    fn(p + "self_attn.q_proj.weight", std::vector<int64_t>{c.q_dim(), h}, Kind::kMatrix, lw.q);
-    if (c.qkv_bias) fn(p + "self_attn.q_proj.bias", std::vector<int64_t>{c.q_dim()}, Kind::kBias, lw.q_bias);
-    fn(p + "self_attn.k_proj.weight", std::vector<int64_t>{c.kv_dim(), h}, Kind::kMatrix, lw.k);
-    if (c.qkv_bias) fn(p + "self_attn.k_proj.bias", std::vector<int64_t>{c.kv_dim()}, Kind::kBias, lw.k_bias);
-    fn(p + "self_attn.v_proj.weight", std::vector<int64_t>{c.kv_dim(), h}, Kind::kMatrix, lw.v);
-    if (c.qkv_bias) fn(p + "self_attn.v_proj.bias", std::vector<int64_t>{c.kv_dim()}, Kind::kBias, lw.v_bias);
+    if (c.fused.qkv) {
+      const int64_t rows = FeaturesOf(c, Projection::kQkv).out;
+      fn(p + "self_attn.qkv_proj.weight", std::vector<int64_t>{rows, h}, Kind::kMatrix, lw.qkv);
+      if (c.qkv_bias) fn(p + "self_attn.qkv_proj.bias", std::vector<int64_t>{rows}, Kind::kBias, lw.qkv_bias);
+    } else {
+      fn(p + "self_attn.q_proj.weight", std::vector<int64_t>{c.q_dim(), h}, Kind::kMatrix, lw.q);
+      if (c.qkv_bias) fn(p + "self_attn.q_proj.bias", std::vector<int64_t>{c.q_dim()}, Kind::kBias, lw.q_bias);
+      fn(p + "self_attn.k_proj.weight", std::vector<int64_t>{c.kv_dim(), h}, Kind::kMatrix, lw.k);
+      if (c.qkv_bias) fn(p + "self_attn.k_proj.bias", std::vector<int64_t>{c.kv_dim()}, Kind::kBias, lw.k_bias);
+      fn(p + "self_attn.v_proj.weight", std::vector<int64_t>{c.kv_dim(), h}, Kind::kMatrix, lw.v);
+      if (c.qkv_bias) fn(p + "self_attn.v_proj.bias", std::vector<int64_t>{c.kv_dim()}, Kind::kBias, lw.v_bias);
+    }
     fn(p + "self_attn.o_proj.weight", std::vector<int64_t>{h, c.q_dim()}, Kind::kMatrix, lw.o);
     if (c.o_bias) fn(p + "self_attn.o_proj.bias", std::vector<int64_t>{h}, Kind::kBias, lw.o_bias);
     if (c.qk_norm != QkNorm::kNone) {
@@ -54,10 +60,15 @@ void ForEachWeight(ModelWeights& w, const ModelConfig& c, bool include_tied_head
       const char* name = c.norms.attention_output ? "pre_feedforward_layernorm" : "post_attention_layernorm";
       fn(p + name + ".weight", std::vector<int64_t>{h}, Kind::kNorm, lw.pre_mlp_norm);
     }
-    fn(p + "mlp.gate_proj.weight", std::vector<int64_t>{i, h}, Kind::kMatrix, lw.gate);
-    if (c.mlp_bias) fn(p + "mlp.gate_proj.bias", std::vector<int64_t>{i}, Kind::kBias, lw.gate_bias);
-    fn(p + "mlp.up_proj.weight", std::vector<int64_t>{i, h}, Kind::kMatrix, lw.up);
-    if (c.mlp_bias) fn(p + "mlp.up_proj.bias", std::vector<int64_t>{i}, Kind::kBias, lw.up_bias);
+    if (c.fused.gate_up) {
+      fn(p + "mlp.gate_up_proj.weight", std::vector<int64_t>{2 * i, h}, Kind::kMatrix, lw.gate_up);
+      if (c.mlp_bias) fn(p + "mlp.gate_up_proj.bias", std::vector<int64_t>{2 * i}, Kind::kBias, lw.gate_up_bias);
+    } else {
+      fn(p + "mlp.gate_proj.weight", std::vector<int64_t>{i, h}, Kind::kMatrix, lw.gate);
+      if (c.mlp_bias) fn(p + "mlp.gate_proj.bias", std::vector<int64_t>{i}, Kind::kBias, lw.gate_bias);
+      fn(p + "mlp.up_proj.weight", std::vector<int64_t>{i, h}, Kind::kMatrix, lw.up);
+      if (c.mlp_bias) fn(p + "mlp.up_proj.bias", std::vector<int64_t>{i}, Kind::kBias, lw.up_bias);
+    }
     fn(p + "mlp.down_proj.weight", std::vector<int64_t>{h, i}, Kind::kMatrix, lw.down);
     if (c.mlp_bias) fn(p + "mlp.down_proj.bias", std::vector<int64_t>{h}, Kind::kBias, lw.down_bias);
     if (c.norms.mlp_output) {

@@ -40,6 +40,10 @@ struct LayerWeights {
   at::Tensor gate, up, down;         // (I, H), (I, H), (H, I)
   at::Tensor gate_bias, up_bias, down_bias;
   at::Tensor mlp_output_norm;  // on the MLP's output
+  // ModelConfig::fused: qkv (Hq*D + 2*Hkv*D, H) with rows q | k | v in place of q, k, v; gate_up (2*I, H) with
+  // rows gate | up in place of gate, up (the parts' tensors and biases are then undefined).
+  at::Tensor qkv, qkv_bias;
+  at::Tensor gate_up, gate_up_bias;
 };
 
 struct ModelWeights {

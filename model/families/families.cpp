@@ -16,8 +16,8 @@ const FamilySpec* Find(const Match& match) {
 }  // namespace
 
 std::span<const FamilySpec> Families() {
-  static const std::array<FamilySpec, 7> kFamilies = {Llama(), Qwen2(),  Qwen3(), Mistral(),
-                                                      Olmo2(), Gemma2(), Gemma3()};
+  static const std::array<FamilySpec, 8> kFamilies = {Llama(), Qwen2(),  Qwen3(),  Mistral(),
+                                                      Olmo2(), Gemma2(), Gemma3(), Phi3()};
   return kFamilies;
 }
 

@@ -20,8 +20,9 @@ namespace seedling::model::families {
 // The tokenizer `seedling init-model` trains for a random model of the family, in the style the family's
 // published tokenizers have.
 enum class TokenizerStyle {
-  kByteLevelBpe,      // GPT-2 style (SmolLM, Qwen, Llama 3, OLMo 2)
-  kSentencePieceBpe,  // "▁" for spaces, byte fallback (Gemma)
+  kByteLevelBpe,                // GPT-2 style (SmolLM, Qwen, Llama 3, OLMo 2)
+  kSentencePieceBpe,            // "▁" for spaces, byte fallback, <pad> <eos> <bos> <unk> (Gemma)
+  kSentencePieceBpeWithPrefix,  // the same with a "▁" dummy prefix, <unk> <s> </s> <|endoftext|> (Phi-3)
 };
 
 struct FamilySpec {
@@ -55,5 +56,6 @@ const FamilySpec& Qwen3();    // Qwen3ForCausalLM
 const FamilySpec& Olmo2();    // Olmo2ForCausalLM
 const FamilySpec& Gemma2();   // Gemma2ForCausalLM
 const FamilySpec& Gemma3();   // Gemma3ForCausalLM (text)
+const FamilySpec& Phi3();     // Phi3ForCausalLM (Phi-3, Phi-3.5)
 
 }  // namespace seedling::model::families

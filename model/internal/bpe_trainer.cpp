@@ -337,16 +337,24 @@ absl::StatusOr<std::string> TrainSentencePieceBpe(std::string_view corpus, const
                                               }),
                                   vocab, options.vocab_size, options.min_frequency);
 
-  // 4. tokenizer.json as Hugging Face converts Gemma's: spaces replaced by "▁" (no dummy prefix), no
-  // pre-tokenizer, byte fallback, BOS added by the post-processor.
+  // 4. tokenizer.json as Hugging Face converts Gemma's: spaces replaced by "▁" (a dummy prefix only with
+  // prepend_space, as Llama 2's), no pre-tokenizer, byte fallback, BOS added by the post-processor.
   const int64_t bos_id = vocab.ids.at(options.bos_token);
   const ojson bos = {{"SpecialToken", {{"id", options.bos_token}, {"type_id", 0}}}};
+  const ojson replace_spaces = {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", kSpaceMark}};
+  ojson decoders = {{{"type", "Replace"}, {"pattern", {{"String", kSpaceMark}}}, {"content", " "}},
+                    {{"type", "ByteFallback"}},
+                    {{"type", "Fuse"}}};
+  if (options.prepend_space) decoders.push_back({{"type", "Strip"}, {"content", " "}, {"start", 1}, {"stop", 0}});
   ojson doc = {
       {"version", "1.0"},
       {"truncation", nullptr},
       {"padding", nullptr},
       {"added_tokens", AddedTokens(options.special_tokens)},
-      {"normalizer", {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", kSpaceMark}}},
+      {"normalizer", options.prepend_space
+                         ? ojson{{"type", "Sequence"},
+                                 {"normalizers", {{{"type", "Prepend"}, {"prepend", kSpaceMark}}, replace_spaces}}}
+                         : replace_spaces},
       {"pre_tokenizer", nullptr},
       {"post_processor",
        {{"type", "TemplateProcessing"},
@@ -355,12 +363,7 @@ absl::StatusOr<std::string> TrainSentencePieceBpe(std::string_view corpus, const
          {bos, {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}, bos, {{"Sequence", {{"id", "B"}, {"type_id", 1}}}}}},
         {"special_tokens",
          {{options.bos_token, {{"id", options.bos_token}, {"ids", {bos_id}}, {"tokens", {options.bos_token}}}}}}}},
-      {"decoder",
-       {{"type", "Sequence"},
-        {"decoders",
-         {{{"type", "Replace"}, {"pattern", {{"String", kSpaceMark}}}, {"content", " "}},
-          {{"type", "ByteFallback"}},
-          {{"type", "Fuse"}}}}}},
+      {"decoder", {{"type", "Sequence"}, {"decoders", decoders}}},
       {"model", BpeModelJson(vocab, merges, options.unk_token)}};
   return doc.dump(2);
 }

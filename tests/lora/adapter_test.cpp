@@ -47,6 +47,13 @@ LoraConfig AllTargets(int64_t rank) {
   return lc;
 }
 
+// Projection names, for comparisons Catch can print.
+std::vector<std::string> Names(const std::vector<Projection>& projections) {
+  std::vector<std::string> out;
+  for (Projection p : projections) out.push_back(model::ProjectionName(p));
+  return out;
+}
+
 // Gives B random values so the adapter changes the model.
 void RandomizeB(LoraAdapter& a) {
   at::NoGradGuard g;
@@ -107,6 +114,71 @@ TEST_CASE("Merged and unmerged models give the same logits, and unmerge restores
     REQUIRE((*a)->Unmerge(m->mutable_weights()).ok());
     CHECK((m->weights().layers[1].q - q_before).abs().max().item<double>() < 1e-6);
   }
+}
+
+TEST_CASE("A Phi-3 adapter adapts the fused qkv_proj and gate_up_proj, as PEFT names them", "[lora]") {
+  const auto c = SmallConfig("tiny-phi3");
+  auto m = SmallModel(c);
+  // q, k, v, gate and up stand for the fused modules that compute them.
+  auto a = LoraAdapter::Create(c, AllTargets(4));
+  REQUIRE(a.ok());
+  CHECK(Names((*a)->config().targets) == std::vector<std::string>{"qkv_proj", "o_proj", "gate_up_proj", "down_proj"});
+  const std::vector<LoraView>& views = (*a)->views();
+  REQUIRE(views.size() == 2 * 4 * 2);
+  CHECK(views[0].name == "base_model.model.model.layers.0.self_attn.qkv_proj.lora_A.weight");
+  CHECK(views[1].rows == c.q_dim() + 2 * c.kv_dim());
+  CHECK(views[5].name == "base_model.model.model.layers.0.mlp.gate_up_proj.lora_B.weight");
+  CHECK(views[5].rows == 2 * c.intermediate_size);
+
+  // Merged = unmerged; unmerge restores the fused matrices.
+  RandomizeB(**a);
+  model::ForwardOptions fo;
+  fo.adapter = a->get();
+  const at::Tensor unmerged = *m->Logits(Tokens(), fo);
+  CHECK((unmerged - *m->Logits(Tokens())).abs().max().item<double>() > 1e-3);
+  const at::Tensor qkv_before = m->weights().layers[1].qkv.clone();
+  const at::Tensor gate_up_before = m->weights().layers[1].gate_up.clone();
+  REQUIRE((*a)->Merge(m->mutable_weights()).ok());
+  CHECK((*m->Logits(Tokens()) - unmerged).abs().max().item<double>() < 1e-4);
+  CHECK((m->weights().layers[1].qkv - qkv_before).abs().max().item<double>() > 1e-4);
+  REQUIRE((*a)->Unmerge(m->mutable_weights()).ok());
+  CHECK((m->weights().layers[1].qkv - qkv_before).abs().max().item<double>() < 1e-6);
+  CHECK((m->weights().layers[1].gate_up - gate_up_before).abs().max().item<double>() < 1e-6);
+
+  // PEFT round trip with the fused names.
+  TempDir dir;
+  REQUIRE(SavePeft(**a, dir.path, "microsoft/Phi-3-mini-4k-instruct").ok());
+  auto config = nlohmann::json::parse(*ReadFile(JoinPath(dir.path, "adapter_config.json")));
+  CHECK(config["target_modules"] == nlohmann::json({"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}));
+  auto loaded = LoadPeft(dir.path, c);
+  REQUIRE(loaded.ok());
+  CHECK(at::equal((*loaded)->flat(), (*a)->flat()));
+}
+
+TEST_CASE("LoRA targets map between fused and separate projections, and PEFT names must match the model", "[lora]") {
+  const auto phi3 = SmallConfig("tiny-phi3");
+  const auto qwen = SmallConfig("tiny-qwen2");
+  CHECK(Names(TargetsFor(phi3, {Projection::kQ, Projection::kV})) == std::vector<std::string>{"qkv_proj"});
+  CHECK(Names(TargetsFor(phi3, {Projection::kUp, Projection::kDown})) ==
+        std::vector<std::string>{"gate_up_proj", "down_proj"});
+  CHECK(Names(TargetsFor(qwen, {Projection::kQkv})) == std::vector<std::string>{"q_proj", "k_proj", "v_proj"});
+  CHECK(Names(TargetsFor(qwen, {Projection::kGateUp, Projection::kO})) ==
+        std::vector<std::string>{"o_proj", "gate_proj", "up_proj"});
+  // "all" is every projection of the model at hand.
+  CHECK(Names(TargetsFor(phi3, *ParseTargets("all"))) ==
+        std::vector<std::string>{"qkv_proj", "o_proj", "gate_up_proj", "down_proj"});
+  CHECK(TargetsFor(qwen, *ParseTargets("all")).size() == 7);
+  // A PEFT file names tensors: an adapter of q_proj cannot be a Phi-3 one.
+  const std::string peft = R"({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]})";
+  const auto refused = ParsePeftConfig(peft, phi3);
+  REQUIRE_FALSE(refused.ok());
+  CHECK(std::string(refused.status().message()).find("q_proj is not a projection of Phi3ForCausalLM") !=
+        std::string::npos);
+  CHECK(std::string(refused.status().message()).find("qkv_proj") != std::string::npos);
+  const auto all_linear =
+      ParsePeftConfig(R"({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": "all-linear"})", phi3);
+  REQUIRE(all_linear.ok());
+  CHECK(Names(all_linear->targets) == Names(model::ModelProjections(phi3)));
 }
 
 TEST_CASE("Merging into 16-bit stored weights is refused", "[lora]") {
@@ -255,7 +327,7 @@ TEST_CASE("Gradients reach only the flat buffer, and recomputation gives the sam
   // OLMo 2 normalizes the MLP's output, so its recomputation must multiply the down projection again, which
   // the other blocks skip (its values feed only the layer's output).
   const std::string preset =
-      GENERATE(as<std::string>{}, "tiny-qwen2", "tiny-qwen3", "tiny-olmo2", "tiny-gemma3", "tiny-gemma2");
+      GENERATE(as<std::string>{}, "tiny-qwen2", "tiny-qwen3", "tiny-olmo2", "tiny-gemma3", "tiny-gemma2", "tiny-phi3");
   INFO(preset);
   const auto c = SmallConfig(preset.c_str());
   auto m = SmallModel(c);
@@ -280,7 +352,7 @@ TEST_CASE("Gradients reach only the flat buffer, and recomputation gives the sam
   const at::Tensor plain = grad(false), recomputed = grad(true);
   CHECK(plain.abs().max().item<double>() > 0);
   CHECK((plain - recomputed).abs().max().item<double>() < 1e-6);
-  CHECK_FALSE(m->weights().layers[0].q.grad().defined());
+  CHECK_FALSE(m->weights().layers[0].o.grad().defined());
 }
 
 TEST_CASE("Per-matrix gradient leaves give the flat buffer's gradients, accumulated over backward calls", "[lora]") {
@@ -375,7 +447,7 @@ TEST_CASE("LoRA targets parse from names, short names and 'all'", "[lora]") {
   REQUIRE(t.ok());
   const bool expected_order = *t == std::vector<Projection>{Projection::kQ, Projection::kV, Projection::kDown};
   CHECK(expected_order);
-  CHECK(ParseTargets("all")->size() == 7);
+  CHECK(ParseTargets("all")->size() == 9);  // every name; TargetsFor keeps the model's own
   CHECK(ParseTargets("c_attn").status().code() == absl::StatusCode::kInvalidArgument);
   LoraConfig bad;
   bad.rank = 0;

@@ -1,7 +1,10 @@
 #include "model/config.h"
 
 #include <catch2/catch.hpp>
+#include <cmath>
+#include <nlohmann/json.hpp>
 #include <string>
+#include <string_view>
 #include <tuple>
 #include <vector>
 
@@ -254,6 +257,90 @@ TEST_CASE("Gemma 2 2B's config.json parses to soft-caps, alternating layers and 
   auto zero = ParseModelConfig(text);
   REQUIRE_FALSE(zero.ok());
   CHECK(Contains(zero.status(), "attn_logit_softcapping"));
+}
+
+// microsoft/Phi-3-mini-4k-instruct's config.json (the fields that shape the model).
+constexpr const char* kPhi3 = R"({
+  "architectures": ["Phi3ForCausalLM"], "attention_bias": false, "attention_dropout": 0.0, "bos_token_id": 1,
+  "embd_pdrop": 0.0, "eos_token_id": 32000, "hidden_act": "silu", "hidden_size": 3072, "initializer_range": 0.02,
+  "intermediate_size": 8192, "max_position_embeddings": 4096, "model_type": "phi3", "num_attention_heads": 32,
+  "num_hidden_layers": 32, "num_key_value_heads": 32, "original_max_position_embeddings": 4096,
+  "pad_token_id": 32000, "resid_pdrop": 0.0, "rms_norm_eps": 1e-05, "rope_scaling": null, "rope_theta": 10000.0,
+  "sliding_window": 2047, "tie_word_embeddings": false, "torch_dtype": "bfloat16", "use_cache": true,
+  "vocab_size": 32064})";
+
+TEST_CASE("Phi-3-mini's config.json parses to fused projections, a window and 3.8B parameters", "[model][config]") {
+  auto c = ParseModelConfig(kPhi3);
+  REQUIRE(c.ok());
+  CHECK(c->architecture == "Phi3ForCausalLM");
+  CHECK(c->fused == FusedProjections{.qkv = true, .gate_up = true});
+  const bool fused_projections =
+      ModelProjections(*c) ==
+      std::vector<Projection>{Projection::kQkv, Projection::kO, Projection::kGateUp, Projection::kDown};
+  CHECK(fused_projections);
+  CHECK(c->sliding_window == 2047);
+  CHECK(c->sliding_window_pattern == 0);  // every layer
+  CHECK(c->rope_scaling.type == RopeScaling::Type::kNone);
+  CHECK(RopeAttentionFactor(*c) == 1.0);
+  CHECK(c->NumParameters() == 3821079552);
+  auto preset = PresetConfig("phi-3-mini");
+  REQUIRE(preset.ok());
+  CHECK(ModelConfigToJson(*preset) == ModelConfigToJson(*c));
+  auto round_trip = ParseModelConfig(ModelConfigToJson(*c));
+  REQUIRE(round_trip.ok());
+  CHECK(ModelConfigToJson(*round_trip) == ModelConfigToJson(*c));
+}
+
+// A Phi-3-mini-128k-style config: LongRoPE with 48 short and long factors (head_dim 96), a pre-trained context
+// of 4,096 stretched to 131,072.
+std::string LongRopePhi3(std::string_view type, int short_count) {
+  nlohmann::json j = nlohmann::json::parse(kPhi3);
+  j["max_position_embeddings"] = 131072;
+  j["sliding_window"] = 262144;
+  nlohmann::json short_factor = nlohmann::json::array(), long_factor = nlohmann::json::array();
+  for (int i = 0; i < short_count; ++i) short_factor.push_back(1.0 + 0.01 * i);
+  for (int i = 0; i < 48; ++i) long_factor.push_back(1.0 + 0.5 * i);
+  j["rope_scaling"] = {{"type", type}, {"short_factor", short_factor}, {"long_factor", long_factor}};
+  return j.dump();
+}
+
+TEST_CASE("Phi-3 LongRoPE: short factors within the pre-trained context, long ones past it", "[model][config]") {
+  for (const char* type : {"longrope", "su"}) {
+    INFO(type);
+    auto c = ParseModelConfig(LongRopePhi3(type, 48));
+    REQUIRE(c.ok());
+    CHECK(c->rope_scaling.type == RopeScaling::Type::kLongRope);
+    CHECK(c->rope_scaling.original_max_position_embeddings == 4096);
+    CHECK_FALSE(RopeLongContext(*c, 4096));
+    CHECK(RopeLongContext(*c, 4097));
+    // The LongRoPE paper's attention factor for a 32x stretch of 4,096 positions.
+    CHECK(std::abs(RopeAttentionFactor(*c) - std::sqrt(1.0 + std::log(32.0) / std::log(4096.0))) < 1e-12);
+    ModelConfig plain = *c;
+    plain.rope_scaling = RopeScaling{};
+    const std::vector<double> base = RopeInverseFrequencyValues(plain);
+    const std::vector<double> short_inv = RopeInverseFrequencyValues(*c);
+    const std::vector<double> long_inv = RopeInverseFrequencyValues(*c, /*long_context=*/true);
+    REQUIRE(base.size() == 48);
+    for (size_t i = 0; i < 48; ++i) {
+      CHECK(std::abs(short_inv[i] * (1.0 + 0.01 * static_cast<double>(i)) - base[i]) < 1e-15);
+      CHECK(std::abs(long_inv[i] * (1.0 + 0.5 * static_cast<double>(i)) - base[i]) < 1e-15);
+    }
+    auto round_trip = ParseModelConfig(ModelConfigToJson(*c));
+    REQUIRE(round_trip.ok());
+    CHECK(ModelConfigToJson(*round_trip) == ModelConfigToJson(*c));
+  }
+  auto short_list = ParseModelConfig(LongRopePhi3("longrope", 47));
+  CHECK(Contains(short_list.status(), "rope_scaling.short_factor"));
+  nlohmann::json j = nlohmann::json::parse(LongRopePhi3("longrope", 48));
+  j["rope_scaling"].erase("long_factor");
+  CHECK(Contains(ParseModelConfig(j.dump()).status(), "rope_scaling.long_factor"));
+  j = nlohmann::json::parse(LongRopePhi3("longrope", 48));
+  j["rope_scaling"]["short_factor"][3] = -1.0;
+  CHECK(Contains(ParseModelConfig(j.dump()).status(), "rope_scaling.short_factor"));
+  // Phi-4-mini rotates 3/4 of each head: refused by name.
+  j = nlohmann::json::parse(kPhi3);
+  j["partial_rotary_factor"] = 0.75;
+  CHECK(Contains(ParseModelConfig(j.dump()).status(), "partial_rotary_factor"));
 }
 
 TEST_CASE("A config without architectures finds its family by model_type, or names both", "[model][config]") {

@@ -356,6 +356,7 @@ using testing::TinyGemma2;
 using testing::TinyGemma3;
 using testing::TinyLlama;
 using testing::TinyOlmo2;
+using testing::TinyPhi3;
 using testing::TinyQwen2;
 using testing::TinyQwen3;
 using testing::TokenizerJson;
@@ -414,6 +415,8 @@ std::map<std::string, at::Tensor> ByGgufName(const ModelWeights& w) {
     m[b + "ffn_gate.bias"] = l.gate_bias;
     m[b + "ffn_up.bias"] = l.up_bias;
     m[b + "ffn_down.bias"] = l.down_bias;
+    if (l.qkv.defined()) m[b + "attn_qkv.weight"] = l.qkv;
+    if (l.gate_up.defined()) m[b + "ffn_up.weight"] = l.gate_up;  // llama.cpp's phi3: gate | up
   }
   return m;
 }
@@ -456,7 +459,7 @@ void CheckTensorData(const GgufFile& f, const ModelConfig& c, const ModelWeights
                      WeightFormat matrix_format) {
   const auto originals = ByGgufName(w);
   for (const TensorInfo& t : f.tensors) {
-    if (t.name == "rope_freqs.weight") continue;
+    if (t.name.starts_with("rope_f")) continue;  // rope_freqs / rope_factors_*: checked where written
     INFO("tensor " << t.name);
     const at::Tensor& original = originals.at(t.name);
     REQUIRE(original.defined());
@@ -1153,6 +1156,68 @@ TEST_CASE("A Gemma 2 model llama.cpp's gemma2 cannot express is refused with the
   std::filesystem::remove_all(dir);
 }
 
+TEST_CASE("A Phi-3 model's GGUF is architecture phi3 with fused attn_qkv and ffn_up, its window and LongRoPE",
+          "[model][gguf]") {
+  const std::string dir = TempDir("phi3");
+  const ModelConfig c = TinyPhi3();
+  const ModelWeights w = RandomWeights(c, 13);
+  auto tok = ParseTokenizer(TokenizerJson());
+  const GgufFile f = Export(dir + "/model.gguf", c, w, *tok, F32());
+  CHECK(f.Get("general.architecture").s == "phi3");
+  CHECK(f.Get("phi3.attention.sliding_window").u == 256);
+  CHECK(f.Get("phi3.context_length").u == 4096);
+  CHECK(f.Get("phi3.rope.scaling.original_context_length").u == 512);
+  // The LongRoPE paper's attention factor for an 8x stretch of 512 positions.
+  CHECK(f.Get("phi3.rope.scaling.attn_factor").f == Approx(std::sqrt(1.0 + std::log(8.0) / std::log(512.0))));
+  CHECK(f.Tensor("blk.0.attn_qkv.weight").ne == std::vector<uint64_t>{128, 128 + 2 * 64});
+  CHECK(f.Tensor("blk.1.ffn_up.weight").ne == std::vector<uint64_t>{128, 2 * 384});
+  for (const char* absent : {"blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.ffn_gate.weight"}) {
+    CHECK_FALSE(f.HasTensor(absent));
+  }
+  for (const auto& [name, values] : {std::pair{"rope_factors_short.weight", &c.rope_scaling.short_factor},
+                                     std::pair{"rope_factors_long.weight", &c.rope_scaling.long_factor}}) {
+    INFO(name);
+    std::vector<float> want(values->begin(), values->end());
+    CHECK(Floats(f, f.Tensor(name)) == want);
+  }
+  // Every weight as it is: phi3 rotates halves as Hugging Face does, nothing is permuted.
+  CheckTensorData(f, c, w, /*permuted=*/false, WeightFormat::kF32);
+
+  // Seedling reads the file back as the same model: the same id (LongRoPE, window, fused layout) and logits.
+  auto read = LoadModelConfig(dir + "/model.gguf");
+  REQUIRE(read.ok());
+  CHECK(ModelId(*read) == ModelId(c));
+  auto original = LlamaModel::Create(c, w);
+  auto loaded = LlamaModel::Load(dir + "/model.gguf");
+  REQUIRE(original.ok());
+  REQUIRE(loaded.ok());
+  const at::Tensor tokens = at::tensor({5, 17, 3, 250, 9, 1}, at::kLong).view({1, 6});
+  CHECK((*(*loaded)->Logits(tokens) - *(*original)->Logits(tokens)).abs().max().item<double>() < 1e-5);
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("A Phi-3 model llama.cpp's phi3 cannot express is refused with the reason", "[model][gguf]") {
+  const std::string dir = TempDir("phi3-refused");
+  auto tok = ParseTokenizer(TokenizerJson());
+  ModelConfig tied = TinyPhi3();
+  tied.tie_word_embeddings = true;
+  ModelConfig biased = TinyPhi3();
+  biased.qkv_bias = true;
+  ModelConfig wide = TinyPhi3();
+  wide.head_dim = 48;  // q_dim 192 != hidden 128: llama.cpp sizes attn_qkv as hidden + 2 kv_dim
+  wide.rope_scaling = RopeScaling{};
+  ModelConfig llama_longrope = TinyLlama();
+  llama_longrope.rope_scaling = TinyPhi3().rope_scaling;
+  llama_longrope.rope_scaling.short_factor.resize(static_cast<size_t>(llama_longrope.head_dim / 2), 1.0);
+  llama_longrope.rope_scaling.long_factor.resize(static_cast<size_t>(llama_longrope.head_dim / 2), 2.0);
+  for (const auto& [c, reason] :
+       {std::pair{tied, "requires output.weight"}, std::pair{biased, "biases"},
+        std::pair{wide, "sizes q_proj as hidden x hidden"}, std::pair{llama_longrope, "has no LongRoPE factors"}}) {
+    CheckRefused(WriteGguf(dir + "/model.gguf", c, RandomWeights(c, 1), *tok, {}), dir, reason);
+  }
+  std::filesystem::remove_all(dir);
+}
+
 TEST_CASE("The vocabulary is padded to vocab_size with UNUSED PAD tokens and keeps the BPE merges", "[model][gguf]") {
   const std::string dir = TempDir("vocab");
   const ModelConfig c = TinyLlama();
@@ -1348,10 +1413,10 @@ at::Tensor RandomMatrix(int64_t rows, int64_t cols, uint32_t seed) {
   return t;
 }
 
-// The weight a projection adapts, (out, in).
+// The weight a projection adapts, (out, in); indexed by Projection.
 const at::Tensor& BaseWeight(const ModelWeights& w, int64_t layer, Projection p) {
   const LayerWeights& l = w.layers[layer];
-  const at::Tensor* slots[] = {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down};
+  const at::Tensor* slots[] = {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down, &l.qkv, &l.gate_up};
   return *slots[static_cast<int>(p)];
 }
 
@@ -1360,7 +1425,7 @@ std::vector<GgufLoraPair> RandomPairs(const ModelConfig& c, const ModelWeights& 
   std::vector<GgufLoraPair> pairs;
   uint32_t seed = 100;
   for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) {
-    for (Projection p : kAllProjections) {
+    for (Projection p : ModelProjections(c)) {
       const at::Tensor& base = BaseWeight(w, layer, p);
       pairs.push_back({layer, p, RandomMatrix(rank, base.size(1), ++seed), RandomMatrix(base.size(0), rank, ++seed)});
     }
@@ -1369,7 +1434,8 @@ std::vector<GgufLoraPair> RandomPairs(const ModelConfig& c, const ModelWeights& 
 }
 
 std::string GgufBase(const GgufLoraPair& pair) {
-  static const char* kNames[] = {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"};
+  static const char* kNames[] = {"attn_q", "attn_k",   "attn_v",   "attn_output", "ffn_gate",
+                                 "ffn_up", "ffn_down", "attn_qkv", "ffn_up"};  // by Projection
   return "blk." + std::to_string(pair.layer) + "." + kNames[static_cast<int>(pair.projection)] + ".weight";
 }
 
@@ -1493,6 +1559,20 @@ TEST_CASE("llama.cpp's W + (alpha / rank) B A on the exported files gives the ex
       }
     }
   }
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("A Phi-3 LoRA adapter adapts the fused attn_qkv and ffn_up as llama.cpp names them", "[model][gguf][lora]") {
+  const std::string dir = TempDir("lora_phi3");
+  const ModelConfig c = TinyPhi3();
+  const ModelWeights w = RandomWeights(c, 31);
+  const std::vector<GgufLoraPair> pairs = RandomPairs(c, w, 4);
+  REQUIRE(pairs.size() == 2 * 4);  // qkv, o, gate_up, down per layer
+  const GgufFile f = ExportLora(dir + "/adapter.gguf", c, pairs, /*scale=*/2.0);
+  CHECK(f.Get("general.architecture").s == "phi3");
+  CHECK(f.Tensor("blk.1.attn_qkv.weight.lora_b").ne == std::vector<uint64_t>{4, 256});
+  CHECK(f.Tensor("blk.1.ffn_up.weight.lora_b").ne == std::vector<uint64_t>{4, 768});
+  CheckLoraData(f, c, pairs, /*permuted=*/false, at::kFloat);
   std::filesystem::remove_all(dir);
 }
 

@@ -17,10 +17,11 @@ namespace {
 // outputs of attention and MLP instead of their inputs, q/k RMSNorm over the whole projections), and the block
 // options Gemma 2 and 3 add (GeGLU, norms scaling by 1 + w before and after each sub-block, embeddings scaled by
 // sqrt(hidden), a query scale of its own, local windowed layers with their own RoPE base alternating with
-// global ones), and Gemma 2's block (no q/k norms, one RoPE base, attention scores and logits soft-capped).
-enum class Family { kLlama, kQwen2, kQwen3, kOlmo2, kGemmaBlock, kGemma2Block };
-constexpr Family kFamilies[] = {Family::kLlama, Family::kQwen2,      Family::kQwen3,
-                                Family::kOlmo2, Family::kGemmaBlock, Family::kGemma2Block};
+// global ones), Gemma 2's block (no q/k norms, one RoPE base, attention scores and logits soft-capped), and
+// Phi-3's (q, k, v and gate, up each one fused matrix, LongRoPE, every layer windowed).
+enum class Family { kLlama, kQwen2, kQwen3, kOlmo2, kGemmaBlock, kGemma2Block, kPhi3 };
+constexpr Family kFamilies[] = {Family::kLlama,      Family::kQwen2,       Family::kQwen3, Family::kOlmo2,
+                                Family::kGemmaBlock, Family::kGemma2Block, Family::kPhi3};
 
 const char* FamilyName(Family f) {
   switch (f) {
@@ -36,6 +37,8 @@ const char* FamilyName(Family f) {
       return "gemma-style block (GeGLU, 1 + w norms before and after, scaled embeddings and queries, local/global)";
     case Family::kGemma2Block:
       return "gemma2-style block (as gemma's without q/k norms, soft-capped attention scores and logits)";
+    case Family::kPhi3:
+      return "phi3 (fused qkv_proj and gate_up_proj, LongRoPE, GQA, every layer windowed)";
   }
   return "?";
 }
@@ -43,9 +46,9 @@ const char* FamilyName(Family f) {
 ModelConfig TwoLayerConfig(Family f) {
   const bool llama = f == Family::kLlama;
   ModelConfig c;
-  const char* const architectures[] = {"LlamaForCausalLM", "Qwen2ForCausalLM",  "Qwen3ForCausalLM",
-                                       "Olmo2ForCausalLM", "Gemma3ForCausalLM", "Gemma2ForCausalLM"};
-  const char* const model_types[] = {"llama", "qwen2", "qwen3", "olmo2", "gemma3_text", "gemma2"};
+  const char* const architectures[] = {"LlamaForCausalLM",  "Qwen2ForCausalLM",  "Qwen3ForCausalLM", "Olmo2ForCausalLM",
+                                       "Gemma3ForCausalLM", "Gemma2ForCausalLM", "Phi3ForCausalLM"};
+  const char* const model_types[] = {"llama", "qwen2", "qwen3", "olmo2", "gemma3_text", "gemma2", "phi3"};
   c.architecture = architectures[static_cast<int>(f)];
   c.model_type = model_types[static_cast<int>(f)];
   c.vocab_size = 13;
@@ -79,7 +82,30 @@ ModelConfig TwoLayerConfig(Family f) {
     c.attention_softcap = 2.0;  // low enough that the scaled-up weights' scores and logits reach past the caps
     c.final_logit_softcap = 3.0;
   }
+  if (f == Family::kPhi3) {
+    c.fused = {.qkv = true, .gate_up = true};
+    c.sliding_window = 3;  // every layer
+    c.max_position_embeddings = 64;
+    c.rope_scaling.type = RopeScaling::Type::kLongRope;
+    c.rope_scaling.original_max_position_embeddings = 4;  // 7 tokens take the long factors
+    c.rope_scaling.short_factor = {1.0, 1.7};
+    c.rope_scaling.long_factor = {2.0, 5.0};
+  }
   return c;
+}
+
+// LongRoPE's factors and attention factor as Phi-3's modeling code computes them, for a forward of T tokens:
+// the long factors past the pre-trained context, cos and sin scaled by sqrt(1 + ln(max / original) / ln(original)).
+struct RopeRefScaling {
+  std::vector<double> divisors;  // per pair; empty = none
+  double scale = 1.0;
+};
+RopeRefScaling LongRopeRef(const ModelConfig& c, size_t T) {
+  if (c.rope_scaling.type != RopeScaling::Type::kLongRope) return {};
+  const double original = static_cast<double>(c.rope_scaling.original_max_position_embeddings);
+  const double s = static_cast<double>(c.max_position_embeddings) / original;
+  return {static_cast<double>(T) > original ? c.rope_scaling.long_factor : c.rope_scaling.short_factor,
+          s > 1 ? std::sqrt(1.0 + std::log(s) / std::log(original)) : 1.0};
 }
 
 std::unique_ptr<LlamaModel> MakeModel(const ModelConfig& c, uint64_t seed) {
@@ -116,6 +142,13 @@ Mat Linear(const Mat& x, const at::Tensor& w, const at::Tensor& b) {
   return y;
 }
 
+// Columns [first, first + n) of every row.
+Mat Columns(const Mat& x, int64_t first, int64_t n) {
+  Mat y;
+  for (const auto& row : x) y.emplace_back(row.begin() + first, row.begin() + first + n);
+  return y;
+}
+
 Mat RmsNormRef(const Mat& x, const at::Tensor& w, double eps, double offset = 0.0) {
   Mat y = x;
   for (size_t t = 0; t < x.size(); ++t) {
@@ -142,16 +175,18 @@ void HeadRmsNormRef(Mat& x, int64_t heads, int64_t d, const at::Tensor& w, doubl
   }
 }
 
-void RopeRef(Mat& x, int64_t heads, int64_t d, double theta) {
+void RopeRef(Mat& x, int64_t heads, int64_t d, double theta, const RopeRefScaling& scaling = {}) {
   for (size_t t = 0; t < x.size(); ++t) {
     for (int64_t h = 0; h < heads; ++h) {
       for (int64_t i = 0; i < d / 2; ++i) {
+        const double divisor = scaling.divisors.empty() ? 1.0 : scaling.divisors[static_cast<size_t>(i)];
         const double angle =
-            static_cast<double>(t) / std::pow(theta, 2.0 * static_cast<double>(i) / static_cast<double>(d));
+            static_cast<double>(t) / (divisor * std::pow(theta, 2.0 * static_cast<double>(i) / static_cast<double>(d)));
+        const double cos = std::cos(angle) * scaling.scale, sin = std::sin(angle) * scaling.scale;
         double& a = x[t][static_cast<size_t>(h * d + i)];
         double& b = x[t][static_cast<size_t>(h * d + i + d / 2)];
-        const double na = a * std::cos(angle) - b * std::sin(angle);
-        const double nb = b * std::cos(angle) + a * std::sin(angle);
+        const double na = a * cos - b * sin;
+        const double nb = b * cos + a * sin;
         a = na;
         b = nb;
       }
@@ -179,7 +214,15 @@ Mat NaiveLogits(const ModelConfig& c, const ModelWeights& w, const std::vector<i
     const bool local = c.sliding_window.has_value() && (c.sliding_window_pattern == 0 || (l + 1) % 2 != 0);
     const double theta = local && c.rope_local_theta > 0 ? c.rope_local_theta : c.rope_theta;
     const Mat h = c.norms.pre_attention ? RmsNormRef(x, lw.input_norm, eps, off) : x;
-    Mat q = Linear(h, lw.q, lw.q_bias), k = Linear(h, lw.k, lw.k_bias), v = Linear(h, lw.v, lw.v_bias);
+    Mat q, k, v;
+    if (c.fused.qkv) {  // rows q | k | v of one matrix
+      const Mat qkv = Linear(h, lw.qkv, lw.qkv_bias);
+      q = Columns(qkv, 0, Hq * D);
+      k = Columns(qkv, Hq * D, Hkv * D);
+      v = Columns(qkv, (Hq + Hkv) * D, Hkv * D);
+    } else {
+      q = Linear(h, lw.q, lw.q_bias), k = Linear(h, lw.k, lw.k_bias), v = Linear(h, lw.v, lw.v_bias);
+    }
     if (c.qk_norm == QkNorm::kPerHead) {
       HeadRmsNormRef(q, Hq, D, lw.q_norm, eps, off);
       HeadRmsNormRef(k, Hkv, D, lw.k_norm, eps, off);
@@ -187,8 +230,8 @@ Mat NaiveLogits(const ModelConfig& c, const ModelWeights& w, const std::vector<i
       q = RmsNormRef(q, lw.q_norm, eps, off);
       k = RmsNormRef(k, lw.k_norm, eps, off);
     }
-    RopeRef(q, Hq, D, theta);
-    RopeRef(k, Hkv, D, theta);
+    RopeRef(q, Hq, D, theta, LongRopeRef(c, T));
+    RopeRef(k, Hkv, D, theta, LongRopeRef(c, T));
     Mat attn(T, std::vector<double>(static_cast<size_t>(Hq * D), 0.0));
     for (int64_t head = 0; head < Hq; ++head) {
       const int64_t kvh = head / (Hq / Hkv);
@@ -221,7 +264,10 @@ Mat NaiveLogits(const ModelConfig& c, const ModelWeights& w, const std::vector<i
       for (int64_t i = 0; i < H; ++i) x[t][static_cast<size_t>(i)] += o[t][static_cast<size_t>(i)];
     }
     const Mat h2 = c.norms.pre_mlp ? RmsNormRef(x, lw.pre_mlp_norm, eps, off) : x;
-    const Mat g = Linear(h2, lw.gate, lw.gate_bias), u = Linear(h2, lw.up, lw.up_bias);
+    const int64_t I = c.intermediate_size;
+    const Mat gate_up = c.fused.gate_up ? Linear(h2, lw.gate_up, lw.gate_up_bias) : Mat();  // rows gate | up
+    const Mat g = c.fused.gate_up ? Columns(gate_up, 0, I) : Linear(h2, lw.gate, lw.gate_bias);
+    const Mat u = c.fused.gate_up ? Columns(gate_up, I, I) : Linear(h2, lw.up, lw.up_bias);
     Mat act = g;
     for (size_t t = 0; t < T; ++t) {
       for (size_t i = 0; i < g[t].size(); ++i) {
@@ -249,44 +295,55 @@ at::Tensor Tokens(std::vector<int64_t> ids) {
   return at::tensor(ids, at::kLong).view({1, static_cast<int64_t>(ids.size())});
 }
 
+// With LongRoPE: the 7 tokens reach past a pre-trained context of 4 (long factors), or stay within 64 (short ones).
+std::vector<ModelConfig> ReferenceConfigs(Family f) {
+  std::vector<ModelConfig> out = {TwoLayerConfig(f)};
+  if (out[0].rope_scaling.type == RopeScaling::Type::kLongRope) {
+    out.push_back(out[0]);
+    out[1].rope_scaling.original_max_position_embeddings = 64;
+  }
+  return out;
+}
+
 TEST_CASE("The model's forward equals a naive loop-based reference on a 2-layer model", "[model][llama]") {
   for (Family f : kFamilies) {
-    INFO(FamilyName(f));
-    const ModelConfig c = TwoLayerConfig(f);
-    auto model = MakeModel(c, 11);
-    if (f == Family::kQwen2) {
-      for (LayerWeights& lw : model->mutable_weights().layers) lw.q_bias.add_(0.5);  // biases must matter
-    }
-    const std::vector<int64_t> ids = {1, 5, 12, 0, 7, 7, 3};
-    auto logits = model->Logits(Tokens(ids));
-    REQUIRE(logits.ok());
-    const Mat ref = NaiveLogits(c, model->weights(), ids);
-    double max_diff = 0, max_ref = 0;
-    for (size_t t = 0; t < ids.size(); ++t) {
-      for (int64_t v = 0; v < c.vocab_size; ++v) {
-        max_diff = std::max(max_diff, std::abs((*logits)[0][static_cast<int64_t>(t)][v].item<double>() -
-                                               ref[t][static_cast<size_t>(v)]));
-        max_ref = std::max(max_ref, std::abs(ref[t][static_cast<size_t>(v)]));
+    for (const ModelConfig& c : ReferenceConfigs(f)) {
+      INFO(FamilyName(f) << ", original context " << c.rope_scaling.original_max_position_embeddings);
+      auto model = MakeModel(c, 11);
+      if (f == Family::kQwen2) {
+        for (LayerWeights& lw : model->mutable_weights().layers) lw.q_bias.add_(0.5);  // biases must matter
       }
-    }
-    CHECK(max_ref > 0.5);  // the comparison is not trivially between near-zero numbers
-    CHECK(max_diff < 1e-4 * std::max(1.0, max_ref));
-    if (c.attention_softcap > 0) {  // both caps bend the logits: without either the reference moves
-      ModelConfig uncapped = c;
-      uncapped.attention_softcap = 0;
-      const Mat no_attention_cap = NaiveLogits(uncapped, model->weights(), ids);
-      uncapped = c;
-      uncapped.final_logit_softcap = 0;
-      const Mat no_final_cap = NaiveLogits(uncapped, model->weights(), ids);
-      double attention_moves = 0, final_moves = 0;
+      const std::vector<int64_t> ids = {1, 5, 12, 0, 7, 7, 3};
+      auto logits = model->Logits(Tokens(ids));
+      REQUIRE(logits.ok());
+      const Mat ref = NaiveLogits(c, model->weights(), ids);
+      double max_diff = 0, max_ref = 0;
       for (size_t t = 0; t < ids.size(); ++t) {
-        for (size_t v = 0; v < ref[t].size(); ++v) {
-          attention_moves = std::max(attention_moves, std::abs(no_attention_cap[t][v] - ref[t][v]));
-          final_moves = std::max(final_moves, std::abs(no_final_cap[t][v] - ref[t][v]));
+        for (int64_t v = 0; v < c.vocab_size; ++v) {
+          max_diff = std::max(max_diff, std::abs((*logits)[0][static_cast<int64_t>(t)][v].item<double>() -
+                                                 ref[t][static_cast<size_t>(v)]));
+          max_ref = std::max(max_ref, std::abs(ref[t][static_cast<size_t>(v)]));
         }
       }
-      CHECK(attention_moves > 1e-2);
-      CHECK(final_moves > 1e-2);
+      CHECK(max_ref > 0.5);  // the comparison is not trivially between near-zero numbers
+      CHECK(max_diff < 1e-4 * std::max(1.0, max_ref));
+      if (c.attention_softcap > 0) {  // both caps bend the logits: without either the reference moves
+        ModelConfig uncapped = c;
+        uncapped.attention_softcap = 0;
+        const Mat no_attention_cap = NaiveLogits(uncapped, model->weights(), ids);
+        uncapped = c;
+        uncapped.final_logit_softcap = 0;
+        const Mat no_final_cap = NaiveLogits(uncapped, model->weights(), ids);
+        double attention_moves = 0, final_moves = 0;
+        for (size_t t = 0; t < ids.size(); ++t) {
+          for (size_t v = 0; v < ref[t].size(); ++v) {
+            attention_moves = std::max(attention_moves, std::abs(no_attention_cap[t][v] - ref[t][v]));
+            final_moves = std::max(final_moves, std::abs(no_final_cap[t][v] - ref[t][v]));
+          }
+        }
+        CHECK(attention_moves > 1e-2);
+        CHECK(final_moves > 1e-2);
+      }
     }
   }
 }
@@ -294,7 +351,10 @@ TEST_CASE("The model's forward equals a naive loop-based reference on a 2-layer 
 TEST_CASE("KV-cache decoding gives the full-forward logits at every position", "[model][llama]") {
   for (Family f : kFamilies) {
     INFO(FamilyName(f));
-    const ModelConfig c = TwoLayerConfig(f);
+    ModelConfig c = TwoLayerConfig(f);
+    // LongRoPE picks its factors per forward by how far it reaches, as Hugging Face's does: a cached decode
+    // matches the full forward while both stay within the pre-trained context.
+    if (c.rope_scaling.type == RopeScaling::Type::kLongRope) c.rope_scaling.original_max_position_embeddings = 64;
     auto model = MakeModel(c, 12);
     const at::Tensor tokens = at::tensor({3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3}, at::kLong).view({2, 8});
     auto full = model->Logits(tokens);
@@ -327,7 +387,8 @@ TEST_CASE("A KV cache that would overflow is an OutOfRange error and keeps its l
 TEST_CASE("Recomputation on, off and of some layers gives the same loss and gradients", "[model][llama]") {
   // Every weight gets a gradient: biases, q/k norms, OLMo 2's output norms (the MLP's one reads the down
   // projection's values, which a graph-only recomputation must not skip).
-  for (Family f : {Family::kQwen2, Family::kQwen3, Family::kOlmo2, Family::kGemmaBlock, Family::kGemma2Block}) {
+  for (Family f :
+       {Family::kQwen2, Family::kQwen3, Family::kOlmo2, Family::kGemmaBlock, Family::kGemma2Block, Family::kPhi3}) {
     INFO(FamilyName(f));
     const ModelConfig c = TwoLayerConfig(f);
     auto model = MakeModel(c, 14);

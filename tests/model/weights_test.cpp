@@ -39,9 +39,10 @@ TEST_CASE("init-model trains the family's tokenizer style, with the special ids 
     const char* pre_tokenizer;  // tokenizer.json "pre_tokenizer" type, or "" for none (SentencePiece style)
     int64_t bos, eos;
     bool prepends_bos;
+    bool space_prefix;  // SentencePiece's dummy prefix: the first word's token starts with "▁" (Llama 2, Phi-3)
   };
-  for (const Case& c : {Case{"tiny", "ByteLevel", 0, 0, false}, Case{"tiny-gemma2", "", 2, 1, true},
-                        Case{"tiny-gemma3", "", 2, 1, true}}) {
+  for (const Case& c : {Case{"tiny", "ByteLevel", 0, 0, false, false}, Case{"tiny-gemma2", "", 2, 1, true, false},
+                        Case{"tiny-gemma3", "", 2, 1, true, false}, Case{"tiny-phi3", "", 1, 3, true, true}}) {
     INFO(c.preset);
     TempDir dir;
     InitModelOptions options;
@@ -61,6 +62,10 @@ TEST_CASE("init-model trains the family's tokenizer style, with the special ids 
     auto ids = (*tok)->Encode("federated learning on phones", /*add_special_tokens=*/true);
     REQUIRE(ids.ok());
     CHECK((ids->front() == c.bos) == c.prepends_bos);
+    if (c.prepends_bos) {
+      REQUIRE(ids->size() > 1);
+      CHECK((*tok)->IdToToken((*ids)[1]).value_or("").starts_with("\xE2\x96\x81") == c.space_prefix);
+    }
     auto decoded = (*tok)->Decode(*ids, /*skip_special_tokens=*/true);
     REQUIRE(decoded.ok());
     CHECK(*decoded == "federated learning on phones");

@@ -14,6 +14,7 @@ using testing::Gemma2StyleMicroConfig;
 using testing::GemmaStyleMicroConfig;
 using testing::MakeModel;
 using testing::MicroConfig;
+using testing::Phi3StyleMicroConfig;
 using testing::PostNormMicroConfig;
 using testing::RuleBatch;
 
@@ -45,7 +46,11 @@ std::unique_ptr<model::LlamaModel> DoubleCopy(const model::LlamaModel& m) {
                           &l.gate_bias,
                           &l.up_bias,
                           &l.down_bias,
-                          &l.mlp_output_norm}) {
+                          &l.mlp_output_norm,
+                          &l.qkv,
+                          &l.qkv_bias,
+                          &l.gate_up,
+                          &l.gate_up_bias}) {
       to_double(*t);
     }
   }
@@ -110,15 +115,17 @@ TEST_CASE("The forward-mode JVP equals a float64 central finite difference", "[o
 
 TEST_CASE("The batched forward gradient equals per-tangent forward-mode AD", "[optim][fwdgrad][tangents]") {
   // Qwen3-style per-head q/k norms with every bias, OLMo 2's block, or the options Gemma 2 and 3 add.
-  const int block = GENERATE(0, 1, 2, 3);
+  const int block = GENERATE(0, 1, 2, 3, 4);
   const char* const names[] = {"pre-norm block, biases, q/k norms per head", "OLMo 2 block",
                                "Gemma-style block (GeGLU, 1 + w norms, local/global layers)",
-                               "Gemma 2-style block (soft-capped attention scores and logits)"};
+                               "Gemma 2-style block (soft-capped attention scores and logits)",
+                               "Phi-3-style block (fused qkv and gate_up with biases, LongRoPE)"};
   INFO(names[block]);
   const model::ModelConfig c = block == 0   ? BiasedMicroConfig()
                                : block == 1 ? PostNormMicroConfig()
                                : block == 2 ? GemmaStyleMicroConfig()
-                                            : Gemma2StyleMicroConfig();
+                               : block == 3 ? Gemma2StyleMicroConfig()
+                                            : Phi3StyleMicroConfig();
   auto m = MakeModel(c, 4);
   auto a = RandomAdapter(c, 2, EveryProjection());
   const model::Batch batch = RuleBatch(2, 12, c.vocab_size, 7);

@@ -81,6 +81,21 @@ inline model::ModelConfig Gemma2StyleMicroConfig() {
   return c;
 }
 
+// MicroConfig with Phi-3's fused projections (q | k | v and gate | up each one matrix, here with biases, which
+// belong to the primal only) and LongRoPE (per-pair divisors, cos and sin scaled by its attention factor).
+inline model::ModelConfig Phi3StyleMicroConfig() {
+  model::ModelConfig c = MicroConfig();
+  c.fused = {.qkv = true, .gate_up = true};
+  c.qkv_bias = true;
+  c.mlp_bias = true;
+  c.max_position_embeddings = 256;
+  c.rope_scaling.type = model::RopeScaling::Type::kLongRope;
+  c.rope_scaling.original_max_position_embeddings = 32;
+  c.rope_scaling.short_factor = {1.0, 1.5, 2.0, 4.0};
+  c.rope_scaling.long_factor = {2.0, 3.0, 4.0, 8.0};
+  return c;
+}
+
 inline std::vector<model::Projection> EveryProjection() {
   return {model::Projection::kQ,    model::Projection::kK,  model::Projection::kV,   model::Projection::kO,
           model::Projection::kGate, model::Projection::kUp, model::Projection::kDown};

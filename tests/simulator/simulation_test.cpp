@@ -134,8 +134,10 @@ TEST_CASE("The same seed gives identical rounds with 1 and 2 threads", "[simulat
 TEST_CASE("A federation of phones of each newer family lowers the held-out loss", "[simulator][families]") {
   // Qwen3 (q/k norms per head), OLMo 2 (norms on the sub-blocks' outputs, q/k norms over the projections),
   // Gemma 3 (GeGLU, 1 + w norms before and after, scaled embeddings, local and global layers), Gemma 2
-  // (soft-capped attention scores and logits, alternating local and global layers).
-  const std::string preset = GENERATE(as<std::string>{}, "tiny-qwen3", "tiny-olmo2", "tiny-gemma3", "tiny-gemma2");
+  // (soft-capped attention scores and logits, alternating local and global layers), Phi-3 (fused qkv_proj and
+  // gate_up_proj, which the server's default q_proj, v_proj targets map to, LongRoPE).
+  const std::string preset =
+      GENERATE(as<std::string>{}, "tiny-qwen3", "tiny-olmo2", "tiny-gemma3", "tiny-gemma2", "tiny-phi3");
   INFO(preset);
   TempDir dir;
   model::InitModelOptions init;
