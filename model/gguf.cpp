@@ -336,17 +336,6 @@ class TensorPlanner {
     return absl::OkStatus();
   }
 
-  // An optional bias: present exactly when the config says so.
-  absl::Status AddBias(bool expected, std::string name, const at::Tensor& t, int64_t size, int64_t rope_heads = 0) {
-    if (!expected) {
-      if (t.defined()) {
-        return absl::InvalidArgumentError(StrCat("weights have '", name, "' but the config has no such bias"));
-      }
-      return absl::OkStatus();
-    }
-    return Add(std::move(name), t, {size}, rope_heads);
-  }
-
   std::vector<TensorPlan>& plans() { return plans_; }
 
  private:
@@ -354,84 +343,57 @@ class TensorPlanner {
   std::vector<TensorPlan> plans_;
 };
 
-absl::StatusOr<std::vector<TensorPlan>> PlanTensors(const ModelConfig& c, const std::string& arch,
-                                                    const ModelWeights& w, WeightFormat matrix_format) {
-  const int64_t H = c.hidden_size, V = c.vocab_size, I = c.intermediate_size;
-  const int64_t q = c.q_dim(), kv = c.kv_dim();
-  const int64_t q_heads = RopeHeads(c, Projection::kQ);
-  const int64_t k_heads = RopeHeads(c, Projection::kK);
-
-  // llama.cpp's Gemma graphs scale by the stored norm weight, Hugging Face's by (1 + w): the file holds 1 + w.
-  auto scale = [&](const at::Tensor& t) {
-    return t.defined() && c.norm_weight_offset != 0 ? t.detach() + c.norm_weight_offset : t;
-  };
-  TensorPlanner planner(matrix_format);
-  SEEDLING_RETURN_IF_ERROR(planner.Add("token_embd.weight", w.embed, {V, H}));
-  if (c.rope_scaling.type == RopeScaling::Type::kLlama3) {
-    // llama.cpp implements Llama 3 scaling as per-pair factors that divide the rotation angle: the
-    // unscaled inverse frequency over the scaled one (convert_hf_to_gguf.py,
-    // LlamaModel.generate_extra_tensors).
-    const std::vector<double> ratios = RopeScalingFactors(c);
-    const at::Tensor factors =
-        at::tensor(at::ArrayRef<double>(ratios), at::TensorOptions().dtype(at::kDouble)).to(at::kFloat);
-    SEEDLING_RETURN_IF_ERROR(planner.Add("rope_freqs.weight", factors, {c.head_dim / 2}));
-  }
-  if (c.rope_scaling.type == RopeScaling::Type::kLongRope) {
-    // llama.cpp divides each pair's frequency by the factor, as Hugging Face's LongRoPE does.
-    for (const auto& [name, values] : {std::pair{"rope_factors_long.weight", &c.rope_scaling.long_factor},
-                                       std::pair{"rope_factors_short.weight", &c.rope_scaling.short_factor}}) {
-      const at::Tensor factors = at::tensor(at::ArrayRef<double>(*values), at::kDouble).to(at::kFloat);
-      SEEDLING_RETURN_IF_ERROR(planner.Add(name, factors, {c.head_dim / 2}));
+// Weights that `c` has no place for (a bias the config does not declare, a split q_proj of a fused model) would
+// be dropped from the file: InvalidArgument instead.
+absl::Status CheckNoStrayWeights(const ModelConfig& c, ModelWeights& w, const std::vector<GgufWeightSlot>& slots) {
+  std::set<const at::Tensor*> listed;
+  for (const GgufWeightSlot& s : slots) listed.insert(s.slot);
+  for (size_t i = 0; i < w.layers.size(); ++i) {
+    for (const at::Tensor* t : w.layers[i].Slots()) {
+      if (t->defined() && !listed.contains(t)) {
+        return absl::InvalidArgumentError(StrCat("weights of layer ", i, " hold a tensor the ", c.architecture,
+                                                 " config has no place for (a bias it does not declare?)"));
+      }
     }
   }
+  return absl::OkStatus();
+}
+
+// The tensors computed from the config rather than stored as weights: Llama 3 scaling as rope_freqs.weight,
+// LongRoPE as rope_factors_{long,short}.weight.
+absl::Status PlanRopeTensors(const ModelConfig& c, TensorPlanner& planner) {
+  auto add = [&](const char* name, const std::vector<double>& values) {
+    const at::Tensor factors = at::tensor(at::ArrayRef<double>(values), at::kDouble).to(at::kFloat);
+    return planner.Add(name, factors, {c.head_dim / 2});
+  };
+  // llama.cpp implements Llama 3 scaling as per-pair factors that divide the rotation angle: the unscaled inverse
+  // frequency over the scaled one (convert_hf_to_gguf.py, LlamaModel.generate_extra_tensors).
+  if (c.rope_scaling.type == RopeScaling::Type::kLlama3) return add("rope_freqs.weight", RopeScalingFactors(c));
+  // It divides each pair's frequency by LongRoPE's factor, as Hugging Face does.
+  if (c.rope_scaling.type == RopeScaling::Type::kLongRope) {
+    SEEDLING_RETURN_IF_ERROR(add("rope_factors_long.weight", c.rope_scaling.long_factor));
+    return add("rope_factors_short.weight", c.rope_scaling.short_factor);
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<TensorPlan>> PlanTensors(const ModelConfig& c, const ModelWeights& w,
+                                                    WeightFormat matrix_format) {
   if (static_cast<int64_t>(w.layers.size()) != c.num_hidden_layers) {
     return absl::InvalidArgumentError(
         StrCat("weights have ", w.layers.size(), " layers, config has ", c.num_hidden_layers));
   }
-  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
-    const LayerWeights& l = w.layers[i];
-    const std::string blk = StrCat("blk.", i, ".");
-    auto projection = [&](Projection p, const at::Tensor& t) {
-      return planner.Add(ProjectionTensorName(i, p), t, ProjectionShape(c, p), RopeHeads(c, p));
-    };
-    if (c.norms.pre_attention)
-      SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "attn_norm.weight", scale(l.input_norm), {H}));
-    if (c.fused.qkv) {  // CheckExpressible: no bias
-      SEEDLING_RETURN_IF_ERROR(projection(Projection::kQkv, l.qkv));
-    } else {
-      SEEDLING_RETURN_IF_ERROR(projection(Projection::kQ, l.q));
-      SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.qkv_bias, blk + "attn_q.bias", l.q_bias, q, q_heads));
-      SEEDLING_RETURN_IF_ERROR(projection(Projection::kK, l.k));
-      SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.qkv_bias, blk + "attn_k.bias", l.k_bias, kv, k_heads));
-      SEEDLING_RETURN_IF_ERROR(projection(Projection::kV, l.v));
-      SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.qkv_bias, blk + "attn_v.bias", l.v_bias, kv));
-    }
-    SEEDLING_RETURN_IF_ERROR(projection(Projection::kO, l.o));
-    SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.o_bias, blk + "attn_output.bias", l.o_bias, H));
-    if (c.qk_norm != QkNorm::kNone) {
-      SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "attn_q_norm.weight", scale(l.q_norm), {c.q_norm_size()}));
-      SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "attn_k_norm.weight", scale(l.k_norm), {c.k_norm_size()}));
-    }
-    if (c.norms.attention_output) {
-      SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "post_attention_norm.weight", scale(l.attention_output_norm), {H}));
-    }
-    if (c.norms.pre_mlp) SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "ffn_norm.weight", scale(l.pre_mlp_norm), {H}));
-    if (c.fused.gate_up) {  // ffn_up holds gate | up; CheckExpressible: no bias
-      SEEDLING_RETURN_IF_ERROR(projection(Projection::kGateUp, l.gate_up));
-    } else {
-      SEEDLING_RETURN_IF_ERROR(projection(Projection::kGate, l.gate));
-      SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.mlp_bias, blk + "ffn_gate.bias", l.gate_bias, I));
-      SEEDLING_RETURN_IF_ERROR(projection(Projection::kUp, l.up));
-      SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.mlp_bias, blk + "ffn_up.bias", l.up_bias, I));
-    }
-    SEEDLING_RETURN_IF_ERROR(projection(Projection::kDown, l.down));
-    SEEDLING_RETURN_IF_ERROR(planner.AddBias(c.mlp_bias, blk + "ffn_down.bias", l.down_bias, H));
-    if (c.norms.mlp_output)
-      SEEDLING_RETURN_IF_ERROR(planner.Add(blk + "post_ffw_norm.weight", scale(l.mlp_output_norm), {H}));
+  ModelWeights view = w;  // tensor handles sharing storage with `w`, for the slots to point into
+  const std::vector<GgufWeightSlot> slots = GgufWeightSlots(c, view);
+  SEEDLING_RETURN_IF_ERROR(CheckNoStrayWeights(c, view, slots));
+  TensorPlanner planner(matrix_format);
+  SEEDLING_RETURN_IF_ERROR(PlanRopeTensors(c, planner));
+  for (const GgufWeightSlot& s : slots) {
+    // llama.cpp's Gemma graphs scale by the stored norm weight, Hugging Face's by (1 + w): the file holds 1 + w.
+    const bool offset = s.norm && s.slot->defined() && c.norm_weight_offset != 0;
+    const at::Tensor source = offset ? s.slot->detach() + c.norm_weight_offset : *s.slot;
+    SEEDLING_RETURN_IF_ERROR(planner.Add(s.name, source, s.shape, s.rope_heads));
   }
-  SEEDLING_RETURN_IF_ERROR(planner.Add("output_norm.weight", scale(w.final_norm), {H}));
-  // A tied head is left out: llama.cpp then reads token_embd.weight for the output projection.
-  if (!c.tie_word_embeddings) SEEDLING_RETURN_IF_ERROR(planner.Add("output.weight", w.lm_head, {V, H}));
   return std::move(planner.plans());
 }
 
@@ -721,7 +683,7 @@ absl::Status WriteGguf(const std::string& path, const ModelConfig& config, const
   SEEDLING_RETURN_IF_ERROR(AddHyperparameters(config, arch, options, md));
   SEEDLING_RETURN_IF_ERROR(AddTokenizer(config, tokenizer, options, md));
   return CatchTorch("GGUF export", [&]() -> absl::Status {
-    SEEDLING_ASSIGN_OR_RETURN(const std::vector<TensorPlan> plans, PlanTensors(config, arch, weights, options.format));
+    SEEDLING_ASSIGN_OR_RETURN(const std::vector<TensorPlan> plans, PlanTensors(config, weights, options.format));
     return WriteGgufFile(path, md, plans);
   });
 }

@@ -29,80 +29,73 @@ using internal::FileError;
 using internal::Optional;
 using internal::ShapeString;
 
-// ---- Weights ------------------------------------------------------------------------------------
-
-// One tensor the architecture expects.
-struct Expected {
-  std::string name;
-  std::vector<int64_t> shape;  // PyTorch order; a block matrix's logical (rows, cols)
-  at::Tensor* slot;
-  int64_t rope_heads = 0;  // > 0: undo GGML's RoPE row interleave within this many heads
-  bool norm = false;       // a norm weight: the file holds its scale, w + ModelConfig::norm_weight_offset
-};
-
 }  // namespace
+
+// ---- Weights ------------------------------------------------------------------------------------
 
 bool GgufPermutesQk(const ModelConfig& config) {
   const families::FamilySpec* family = families::FamilyOfArchitecture(config.architecture);
   return family != nullptr && family->gguf_architecture == "llama";
 }
 
-namespace {
-
-// The tensors of `c` in llama.cpp's names, pointing at the slots of `w` (whose layers it sizes).
-std::vector<Expected> GgufTensorSlots(const ModelConfig& c, ModelWeights& w) {
+std::vector<GgufWeightSlot> GgufWeightSlots(const ModelConfig& c, ModelWeights& w) {
   const int64_t H = c.hidden_size, V = c.vocab_size, I = c.intermediate_size;
   const int64_t q = c.q_dim(), kv = c.kv_dim();
   const bool permuted = GgufPermutesQk(c);
   const int64_t q_heads = permuted ? c.num_attention_heads : 0;
   const int64_t k_heads = permuted ? c.num_key_value_heads : 0;
-  std::vector<Expected> out;
-  out.push_back({"token_embd.weight", {V, H}, &w.embed});
+  std::vector<GgufWeightSlot> out;
+  auto add = [&](std::string name, std::vector<int64_t> shape, at::Tensor* slot, int64_t rope_heads = 0) {
+    out.push_back({std::move(name), std::move(shape), slot, rope_heads});
+  };
+  auto norm = [&](std::string name, int64_t size, at::Tensor* slot) {
+    out.push_back({std::move(name), {size}, slot, 0, /*norm=*/true});
+  };
+  add("token_embd.weight", {V, H}, &w.embed);
   w.layers.resize(c.num_hidden_layers);
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
     LayerWeights& l = w.layers[i];
     const std::string b = StrCat("blk.", i, ".");
-    if (c.norms.pre_attention) out.push_back({b + "attn_norm.weight", {H}, &l.input_norm, 0, true});
-    if (c.fused.qkv) {
-      out.push_back({b + "attn_qkv.weight", {q + 2 * kv, H}, &l.qkv});
+    if (c.norms.pre_attention) norm(b + "attn_norm.weight", H, &l.input_norm);
+    if (c.fused.qkv) {  // llama.cpp's phi3: rows q | k | v
+      add(b + "attn_qkv.weight", {q + 2 * kv, H}, &l.qkv);
+      if (c.qkv_bias) add(b + "attn_qkv.bias", {q + 2 * kv}, &l.qkv_bias);
     } else {
-      out.push_back({b + "attn_q.weight", {q, H}, &l.q, q_heads});
-      out.push_back({b + "attn_k.weight", {kv, H}, &l.k, k_heads});
-      out.push_back({b + "attn_v.weight", {kv, H}, &l.v});
+      add(b + "attn_q.weight", {q, H}, &l.q, q_heads);
+      if (c.qkv_bias) add(b + "attn_q.bias", {q}, &l.q_bias, q_heads);
+      add(b + "attn_k.weight", {kv, H}, &l.k, k_heads);
+      if (c.qkv_bias) add(b + "attn_k.bias", {kv}, &l.k_bias, k_heads);
+      add(b + "attn_v.weight", {kv, H}, &l.v);
+      if (c.qkv_bias) add(b + "attn_v.bias", {kv}, &l.v_bias);
     }
-    out.push_back({b + "attn_output.weight", {H, q}, &l.o});
-    if (c.qkv_bias && !c.fused.qkv) {
-      out.push_back({b + "attn_q.bias", {q}, &l.q_bias, q_heads});
-      out.push_back({b + "attn_k.bias", {kv}, &l.k_bias, k_heads});
-      out.push_back({b + "attn_v.bias", {kv}, &l.v_bias});
-    }
-    if (c.o_bias) out.push_back({b + "attn_output.bias", {H}, &l.o_bias});
+    add(b + "attn_output.weight", {H, q}, &l.o);
+    if (c.o_bias) add(b + "attn_output.bias", {H}, &l.o_bias);
     if (c.qk_norm != QkNorm::kNone) {
-      out.push_back({b + "attn_q_norm.weight", {c.q_norm_size()}, &l.q_norm, 0, true});
-      out.push_back({b + "attn_k_norm.weight", {c.k_norm_size()}, &l.k_norm, 0, true});
+      norm(b + "attn_q_norm.weight", c.q_norm_size(), &l.q_norm);
+      norm(b + "attn_k_norm.weight", c.k_norm_size(), &l.k_norm);
     }
-    if (c.norms.attention_output) {
-      out.push_back({b + "post_attention_norm.weight", {H}, &l.attention_output_norm, 0, true});
-    }
-    if (c.norms.pre_mlp) out.push_back({b + "ffn_norm.weight", {H}, &l.pre_mlp_norm, 0, true});
-    if (c.fused.gate_up) {
-      out.push_back({b + "ffn_up.weight", {2 * I, H}, &l.gate_up});  // gate | up
+    if (c.norms.attention_output) norm(b + "post_attention_norm.weight", H, &l.attention_output_norm);
+    if (c.norms.pre_mlp) norm(b + "ffn_norm.weight", H, &l.pre_mlp_norm);
+    if (c.fused.gate_up) {  // llama.cpp's phi3: ffn_up holds gate | up
+      add(b + "ffn_up.weight", {2 * I, H}, &l.gate_up);
+      if (c.mlp_bias) add(b + "ffn_up.bias", {2 * I}, &l.gate_up_bias);
     } else {
-      out.push_back({b + "ffn_gate.weight", {I, H}, &l.gate});
-      out.push_back({b + "ffn_up.weight", {I, H}, &l.up});
+      add(b + "ffn_gate.weight", {I, H}, &l.gate);
+      if (c.mlp_bias) add(b + "ffn_gate.bias", {I}, &l.gate_bias);
+      add(b + "ffn_up.weight", {I, H}, &l.up);
+      if (c.mlp_bias) add(b + "ffn_up.bias", {I}, &l.up_bias);
     }
-    out.push_back({b + "ffn_down.weight", {H, I}, &l.down});
-    if (c.mlp_bias && !c.fused.gate_up) {
-      out.push_back({b + "ffn_gate.bias", {I}, &l.gate_bias});
-      out.push_back({b + "ffn_up.bias", {I}, &l.up_bias});
-      out.push_back({b + "ffn_down.bias", {H}, &l.down_bias});
-    }
-    if (c.norms.mlp_output) out.push_back({b + "post_ffw_norm.weight", {H}, &l.mlp_output_norm, 0, true});
+    add(b + "ffn_down.weight", {H, I}, &l.down);
+    if (c.mlp_bias) add(b + "ffn_down.bias", {H}, &l.down_bias);
+    if (c.norms.mlp_output) norm(b + "post_ffw_norm.weight", H, &l.mlp_output_norm);
   }
-  out.push_back({"output_norm.weight", {H}, &w.final_norm, 0, true});
-  if (!c.tie_word_embeddings) out.push_back({"output.weight", {V, H}, &w.lm_head});
+  norm("output_norm.weight", H, &w.final_norm);
+  // A tied head is left out: llama.cpp then reads token_embd.weight for the output projection.
+  if (!c.tie_word_embeddings) add("output.weight", {V, H}, &w.lm_head);
   return out;
 }
+
+namespace {
 
 struct Storage {
   at::ScalarType dtype;
@@ -181,7 +174,7 @@ absl::Status UnsupportedType(const GgufFile& f, const GgufTensorInfo& t) {
                              "already quantized file), or export it as f16"));
 }
 
-absl::StatusOr<at::Tensor> LoadTensor(const GgufFile& f, const GgufTensorInfo& t, const Expected& e,
+absl::StatusOr<at::Tensor> LoadTensor(const GgufFile& f, const GgufTensorInfo& t, const GgufWeightSlot& e,
                                       WeightPrecision precision) {
   if (t.shape != e.shape) {
     return FileError(
@@ -221,7 +214,7 @@ absl::StatusOr<ModelWeights> LoadGgufWeights(const GgufFile& f, const ModelConfi
   ModelWeights w;
   std::vector<std::string> missing;
   std::set<std::string, std::less<>> used;
-  for (const Expected& e : GgufTensorSlots(c, w)) {
+  for (const GgufWeightSlot& e : GgufWeightSlots(c, w)) {
     const GgufTensorInfo* t = f.FindTensor(e.name);
     if (t == nullptr) {
       missing.push_back(e.name);
@@ -382,7 +375,7 @@ std::vector<HeldMatrix> GgufStreamableMatrices(const GgufFile& file, const Model
   if (precision == WeightPrecision::kFloat32) return out;
   const std::optional<WeightFormat> block = BlockFormatOf(precision);
   ModelWeights slots;
-  for (const Expected& e : GgufTensorSlots(config, slots)) {
+  for (const GgufWeightSlot& e : GgufWeightSlots(config, slots)) {
     const bool head = e.name == "output.weight" || (config.tie_word_embeddings && e.name == "token_embd.weight");
     if (e.shape.size() != 2 || (!head && !e.name.starts_with("blk.")) || e.rope_heads > 0) continue;
     const GgufTensorInfo* t = file.FindTensor(e.name);

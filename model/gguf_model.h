@@ -4,13 +4,15 @@
 // weights from llama.cpp's tensor names, the tokenizer from `tokenizer.ggml.*`. The inverse of
 // model/gguf.h's WriteGguf: a file it writes reads back to the same config, weights and token ids.
 //
-// Architectures: "llama" (LlamaForCausalLM; also what Mistral exports as), "qwen2" (Qwen2ForCausalLM),
-// "qwen3" (Qwen3ForCausalLM) and "olmo2" (Olmo2ForCausalLM), as model/families/ lists them. Tensor types: F32, F16,
+// Architectures: "llama" (LlamaForCausalLM; also what Mistral exports as), "qwen2", "qwen3", "olmo2", "gemma2",
+// "gemma3" and "phi3", as model/families/ lists them. Tensor types: F32, F16,
 // BF16, Q8_0 and Q4_0; files of other types (Q4_K, Q6_K, IQ*, ...) are refused, naming the tensor and its type. All
 // errors name the file and the key or tensor concerned.
 
+#include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "model/config.h"
@@ -25,6 +27,20 @@ namespace seedling::model {
 // llama.cpp's "llama" architecture (Llama, Mistral) rotates interleaved pairs, so only its q / k weights and
 // biases are permuted on export and un-permuted on import; the others rotate halves like Hugging Face.
 bool GgufPermutesQk(const ModelConfig& config);
+
+// One weight tensor of a GGUF file: llama.cpp's name, its shape in PyTorch order (a block matrix's logical
+// (rows, cols)) and the slot of ModelWeights it is read into or written from.
+struct GgufWeightSlot {
+  std::string name;
+  std::vector<int64_t> shape;
+  at::Tensor* slot = nullptr;
+  int64_t rope_heads = 0;  // > 0: the file holds the rows in GGML's interleaved RoPE order within this many heads
+  bool norm = false;       // a norm weight: the file holds its scale, w + ModelConfig::norm_weight_offset
+};
+// Every weight tensor a GGUF file of `config`'s architecture holds, in the order the export writes them, pointing
+// into `weights` (whose layers it sizes): the one list both WriteGguf (model/gguf.h) and WeightsFromGguf follow.
+// Tensors computed from the config (rope_freqs.weight, rope_factors_*.weight) are not weights and not listed.
+std::vector<GgufWeightSlot> GgufWeightSlots(const ModelConfig& config, ModelWeights& weights);
 
 // The weights of `file` for `config` (normally ConfigFromGguf(file)), under llama.cpp's names
 // (token_embd.weight, blk.N.attn_norm.weight, blk.N.attn_{q,k,v,output}.weight, attn_{q,k,v}.bias,

@@ -26,17 +26,6 @@ int64_t PickChunk(int64_t chunk_tokens, int64_t rows) {
   return chunk_tokens > 0 ? chunk_tokens : std::max<int64_t>(rows, 1);
 }
 
-// Logit soft-capping, z' = cap · tanh(z / cap) (Gemma 2), and, when asked, its slope dz'/dz = 1 − (z'/cap)²
-// (undefined otherwise). Out of place, so forward-mode AD differentiates it too.
-struct SoftCapped {
-  at::Tensor value, slope;
-};
-
-SoftCapped SoftCap(const at::Tensor& z, double cap, bool with_slope) {
-  const at::Tensor t = at::tanh(z / cap);
-  return {t * cap, with_slope ? 1 - t * t : at::Tensor()};
-}
-
 // Rows [start, start + len) of the loss inputs; ignored targets are replaced by 0 (masked out by `valid`).
 struct CeChunk {
   at::Tensor h;       // (c, H)
@@ -441,6 +430,11 @@ struct RopeFunction : public torch::autograd::Function<RopeFunction> {
 
 }  // namespace
 
+SoftCapped SoftCap(const at::Tensor& z, double cap, bool with_slope) {
+  const at::Tensor t = at::tanh(z / cap);
+  return {t * cap, with_slope ? 1 - t * t : at::Tensor()};
+}
+
 at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   const at::Tensor w = AsCompute(weight);
   if (RecordsBackward({x, w})) return RmsNormFunction::apply(x, w, eps);
@@ -482,14 +476,17 @@ at::Tensor ApplyRope(const at::Tensor& x, const RopeTables& rope) {
 
 namespace {
 
-// The options every attention kernel takes from the layer: its sliding window and the scores' soft-cap.
+// The options every attention kernel takes from the layer: its sliding window, the scores' soft-cap and the
+// queries' scale (0 = 1/√D).
 struct AttentionShape {
   std::optional<int64_t> window;
   double softcap = 0;
+  double scale = 0;
+  double ScaleFor(int64_t head_dim) const { return scale > 0 ? scale : 1.0 / std::sqrt(static_cast<double>(head_dim)); }
 };
 
 // Softmax probabilities of causal grouped-query attention with the `groups` query heads of each KV head
-// folded into rows: qg (B, Hkv, groups*T, D), already scaled by 1/√D; k (B, Hkv, S, D). Returns
+// folded into rows: qg (B, Hkv, groups*T, D), already scaled (FoldQueries); k (B, Hkv, S, D). Returns
 // (B, Hkv, groups*T, S). With a soft-cap and `slope`, *slope receives the cap's dS'/dS, shaped as the result.
 at::Tensor AttentionProbs(const at::Tensor& qg, const at::Tensor& k, int64_t groups, int64_t q_start,
                           const AttentionShape& shape, at::Tensor* slope = nullptr) {
@@ -513,11 +510,11 @@ at::Tensor AttentionProbs(const at::Tensor& qg, const at::Tensor& k, int64_t gro
   return at::softmax(scores, -1).view({b, hkv, groups * t, s});
 }
 
-// q (B, Hq, T, D) scaled by 1/√D and folded to (B, Hkv, groups*T, D): query head h uses KV head h / groups
-// (Hugging Face repeat_kv order), so the `groups` query heads of a KV head are consecutive rows.
-at::Tensor FoldQueries(const at::Tensor& q, int64_t hkv) {
+// q (B, Hq, T, D) scaled by shape.ScaleFor(D) and folded to (B, Hkv, groups*T, D): query head h uses KV head
+// h / groups (Hugging Face repeat_kv order), so the `groups` query heads of a KV head are consecutive rows.
+at::Tensor FoldQueries(const at::Tensor& q, int64_t hkv, const AttentionShape& shape) {
   const int64_t b = q.size(0), hq = q.size(1), t = q.size(2), d = q.size(3);
-  return (q * (1.0 / std::sqrt(static_cast<double>(d)))).reshape({b, hkv, (hq / hkv) * t, d});
+  return (q * shape.ScaleFor(d)).reshape({b, hkv, (hq / hkv) * t, d});
 }
 
 // Queries per block of causal attention: a block attends only to the keys up to its last position, so of
@@ -542,7 +539,7 @@ std::vector<QueryBlock> QueryBlocks(int64_t t, int64_t s, int64_t q_start) {
 at::Tensor WholeAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t q_start,
                           const AttentionShape& shape) {
   const int64_t b = q.size(0), hq = q.size(1), t = q.size(2), d = q.size(3), hkv = k.size(1);
-  return at::matmul(AttentionProbs(FoldQueries(q, hkv), k, hq / hkv, q_start, shape), v).view({b, hq, t, d});
+  return at::matmul(AttentionProbs(FoldQueries(q, hkv, shape), k, hq / hkv, q_start, shape), v).view({b, hq, t, d});
 }
 
 // Causal GQA attention, one query block at a time (one block for short inputs). Returns (B, Hq, T, D).
@@ -562,18 +559,19 @@ at::Tensor BlockedAttention(const at::Tensor& q, const at::Tensor& k, const at::
 // Causal grouped-query attention under reverse-mode autograd that keeps only q, k and v (not the
 // (rows × keys) probabilities, the largest tensor of a layer at training lengths): backward rebuilds the
 // probabilities P with one more score multiply, as flash attention's backward does, then
-// dV = Pᵀ dO, dP = dO Vᵀ, dS = P ⊙ (dP − rowsum(P ⊙ dP)), dQ = dS K / √D, dK = dSᵀ Q / √D, one query
+// dV = Pᵀ dO, dP = dO Vᵀ, dS = P ⊙ (dP − rowsum(P ⊙ dP)), dQ = c dS K, dK = c dSᵀ Q (c the queries' scale), one query
 // block at a time (a block's keys and values gather the gradients of every block that sees them). A
 // soft-cap scales dS by its slope before dQ and dK.
 struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            int64_t q_start, int64_t window, double softcap) {
+                            int64_t q_start, int64_t window, double softcap, double scale) {
     at::NoGradGuard no_grad;
     ctx->save_for_backward({q, k, v});
     ctx->saved_data["q_start"] = q_start;
     ctx->saved_data["window"] = window;
     ctx->saved_data["softcap"] = softcap;
-    return BlockedAttention(q, k, v, q_start, {Window(window), softcap});
+    ctx->saved_data["scale"] = scale;
+    return BlockedAttention(q, k, v, q_start, {Window(window), softcap, scale});
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -581,15 +579,16 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2];
     const int64_t b = q.size(0), hq = q.size(1), t = q.size(2), d = q.size(3), hkv = k.size(1), s = k.size(2);
     const int64_t q_start = ctx->saved_data["q_start"].toInt();
-    const AttentionShape shape{Window(ctx->saved_data["window"].toInt()), ctx->saved_data["softcap"].toDouble()};
-    const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+    const AttentionShape shape{Window(ctx->saved_data["window"].toInt()), ctx->saved_data["softcap"].toDouble(),
+                               ctx->saved_data["scale"].toDouble()};
+    const double scale = shape.ScaleFor(d);
     at::Tensor dq = at::empty({b, hq, t, d}, q.options());
     at::Tensor dk = at::zeros_like(k, at::MemoryFormat::Contiguous);
     at::Tensor dv = at::zeros_like(v, at::MemoryFormat::Contiguous);
     at::Tensor dk3 = dk.view({b * hkv, s, d}), dv3 = dv.view({b * hkv, s, d});
     for (const QueryBlock& blk : QueryBlocks(t, s, q_start)) {
       const at::Tensor kb = k.narrow(2, 0, blk.keys), vb = v.narrow(2, 0, blk.keys);
-      const at::Tensor qg = FoldQueries(q.narrow(2, blk.start, blk.length), hkv);  // (B, Hkv, G*len, D), scaled
+      const at::Tensor qg = FoldQueries(q.narrow(2, blk.start, blk.length), hkv, shape);  // (B, Hkv, G*len, D)
       at::Tensor slope;
       const at::Tensor probs =
           AttentionProbs(qg, kb, hq / hkv, q_start + blk.start, shape, &slope);  // (B, Hkv, G*len, keys)
@@ -603,9 +602,9 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
       dq.narrow(2, blk.start, blk.length).copy_(at::matmul(ds, kb).mul_(scale).view({b, hq, blk.length, d}));
       dk3.narrow(1, 0, blk.keys)
           .baddbmm_(ds.reshape({b * hkv, -1, blk.keys}).transpose(1, 2),
-                    qg.reshape({b * hkv, -1, d}));  // qg carries the 1/√D
+                    qg.reshape({b * hkv, -1, d}));  // qg carries the scale
     }
-    return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 
   static std::optional<int64_t> Window(int64_t w) { return w > 0 ? std::optional<int64_t>(w) : std::nullopt; }
@@ -614,16 +613,16 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
 }  // namespace
 
 at::Tensor GroupedQueryAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t q_start,
-                                 std::optional<int64_t> sliding_window, double softcap) {
+                                 std::optional<int64_t> sliding_window, double softcap, double scale) {
   const int64_t hq = q.size(1), hkv = k.size(1), s = k.size(2);
   SEEDLING_CHECK(hq % hkv == 0 && v.size(1) == hkv && v.size(2) == s);
   if (RecordsBackward({q, k, v})) {
-    return AttentionFunction::apply(q, k, v, q_start, sliding_window.value_or(0), softcap);
+    return AttentionFunction::apply(q, k, v, q_start, sliding_window.value_or(0), softcap, scale);
   }
   if (IsDual(q) || IsDual(k) || IsDual(v)) {  // forward-mode AD (reference mode): LibTorch's own rules
-    return WholeAttention(q, k, v, q_start, {sliding_window, softcap});
+    return WholeAttention(q, k, v, q_start, {sliding_window, softcap, scale});
   }
-  return BlockedAttention(q, k, v, q_start, {sliding_window, softcap});
+  return BlockedAttention(q, k, v, q_start, {sliding_window, softcap, scale});
 }
 
 at::Tensor RmsNormTangents(const at::Tensor& x, const at::Tensor& weight, double eps) {
@@ -676,19 +675,20 @@ at::Tensor GatedActivationTangents(const at::Tensor& gate, const at::Tensor& up,
 }
 
 at::Tensor GroupedQueryAttentionTangents(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                         std::optional<int64_t> sliding_window, double softcap) {
+                                         std::optional<int64_t> sliding_window, double softcap, double scale) {
   const int64_t slices = q.size(0), b = q.size(1), hq = q.size(2), t = q.size(3), d = q.size(4);
   const int64_t hkv = k.size(2);
   SEEDLING_CHECK(k.size(0) == slices && v.size(0) == slices && hq % hkv == 0 && k.size(3) == t);
-  const at::Tensor q0 = FoldQueries(q.select(0, 0), hkv);  // (B, Hkv, G*T, D)
+  const AttentionShape shape{sliding_window, softcap, scale};
+  const at::Tensor q0 = FoldQueries(q.select(0, 0), hkv, shape);  // (B, Hkv, G*T, D)
   const at::Tensor k0 = k.select(0, 0), v0 = v.select(0, 0);
   at::Tensor slope;
-  const at::Tensor probs = AttentionProbs(q0, k0, hq / hkv, 0, {sliding_window, softcap}, &slope);  // (B,Hkv,G*T,S)
+  const at::Tensor probs = AttentionProbs(q0, k0, hq / hkv, 0, shape, &slope);  // (B, Hkv, G*T, S)
   at::Tensor out = at::empty_like(q);
   out.select(0, 0).copy_(at::matmul(probs, v0).view({b, hq, t, d}));
   for (int64_t i = 1; i < slices; ++i) {
     // dS = dq kᵀ + q dkᵀ (both scaled through the folded queries); masked entries have P = 0, so dP = 0.
-    at::Tensor ds = at::matmul(FoldQueries(q.select(0, i), hkv), k0.transpose(-1, -2));
+    at::Tensor ds = at::matmul(FoldQueries(q.select(0, i), hkv, shape), k0.transpose(-1, -2));
     ds.add_(at::matmul(q0, k.select(0, i).transpose(-1, -2)));
     if (slope.defined()) ds.mul_(slope);  // the tangent of the capped scores
     const at::Tensor row = (probs * ds).sum(-1, /*keepdim=*/true);

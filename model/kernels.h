@@ -84,6 +84,14 @@ at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps);
 // (backward recomputes silu).
 at::Tensor SwiGlu(const at::Tensor& gate, const at::Tensor& up);
 
+// Logit soft-capping, z' = cap · tanh(z / cap) (Gemma 2), and, when asked, its slope dz'/dz = 1 − (z'/cap)²
+// (undefined otherwise). Out of place, so forward-mode AD differentiates it too. The attention and
+// cross-entropy kernels apply it to each tile of scores or logits; LlamaModel::LmHead to whole logits.
+struct SoftCapped {
+  at::Tensor value, slope;
+};
+SoftCapped SoftCap(const at::Tensor& z, double cap, bool with_slope = false);
+
 // act(gate) · up for the config's MLP activation: SwiGlu for kSilu; for kGeluTanh (GeGLU) GELU's tanh
 // approximation, under reverse-mode autograd keeping only gate and up as SwiGlu does.
 at::Tensor GatedActivation(const at::Tensor& gate, const at::Tensor& up, MlpActivation activation);
@@ -112,10 +120,12 @@ at::Tensor ApplyRope(const at::Tensor& x, const RopeTables& rope);
 // The query heads of each KV group are folded into the row dimension, so K and V are never repeated.
 // Queries go in blocks of 64 positions, each against the keys up to its last position, so most of the
 // masked upper triangle is never computed (5/8 of the scores at T = S = 256). Under reverse-mode autograd
-// only q, k and v are kept: backward rebuilds the probabilities block by block. `softcap` > 0 soft-caps the
-// scaled scores before the mask and the softmax (Gemma 2's attn_logit_softcapping).
+// only q, k and v are kept: backward rebuilds the probabilities block by block. The scores are q kᵀ · `scale`
+// (0 = 1/√D; Gemma's query_pre_attn_scalar^-½ otherwise). `softcap` > 0 soft-caps the scaled scores before
+// the mask and the softmax (Gemma 2's attn_logit_softcapping).
 at::Tensor GroupedQueryAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t q_start,
-                                 std::optional<int64_t> sliding_window = std::nullopt, double softcap = 0.0);
+                                 std::optional<int64_t> sliding_window = std::nullopt, double softcap = 0.0,
+                                 double scale = 0.0);
 
 // Stacked tangents (forward mode by hand, for the batched forward gradient). A stacked tensor has a
 // leading dimension 1 + K: slice 0 is the primal value, slice k the tangent along the k-th direction. Each
@@ -134,12 +144,13 @@ at::Tensor SwiGluTangents(const at::Tensor& gate, const at::Tensor& up);
 at::Tensor GatedActivationTangents(const at::Tensor& gate, const at::Tensor& up, MlpActivation activation);
 
 // GroupedQueryAttention (q_start 0, full causal self-attention) on stacked q (1+K, B, Hq, T, D), k and v
-// (1+K, B, Hkv, T, D): with scores S = q kᵀ/√D and P = softmax(S), dS = (dq kᵀ + q dkᵀ)/√D,
+// (1+K, B, Hkv, T, D): with scores S = c q kᵀ (c = `scale`, 0 = 1/√D) and P = softmax(S), dS = c (dq kᵀ + q dkᵀ),
 // dP = P ⊙ (dS − rowsum(P ⊙ dS)), dO = dP v + P dv. The primal probabilities are computed once and the
 // tangents are walked one at a time, so at most three score-sized tensors exist (four with a soft-cap,
 // whose slope 1 − (S'/cap)² scales dS).
 at::Tensor GroupedQueryAttentionTangents(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                         std::optional<int64_t> sliding_window = std::nullopt, double softcap = 0.0);
+                                         std::optional<int64_t> sliding_window = std::nullopt, double softcap = 0.0,
+                                         double scale = 0.0);
 
 // The compute dtype of a weight: 16-bit weights (kept in their stored dtype) are upcast to fp32; fp32 and
 // fp64 (used by tests that need exact references) are returned as they are.

@@ -286,8 +286,8 @@ at::Tensor LlamaModel::DecoderLayerImpl(int64_t layer, const at::Tensor& x, cons
   at::Tensor q = QkHeads(qkv.q, hq, w.q_norm, RmsNorm).transpose(1, 2);
   at::Tensor k = QkHeads(qkv.k, hkv, w.k_norm, RmsNorm).transpose(1, 2);
   at::Tensor v = qkv.v.view({b, t, hkv, d}).transpose(1, 2);
-  q = ScaleQueries(ApplyRope(q, rope));  // (B, Hq, T, D)
-  k = ApplyRope(k, rope);                // (B, Hkv, T, D)
+  q = ApplyRope(q, rope);  // (B, Hq, T, D)
+  k = ApplyRope(k, rope);  // (B, Hkv, T, D)
   if (cache != nullptr) {
     at::Tensor& ck = cache->k_[static_cast<size_t>(layer)];
     at::Tensor& cv = cache->v_[static_cast<size_t>(layer)];
@@ -296,10 +296,10 @@ at::Tensor LlamaModel::DecoderLayerImpl(int64_t layer, const at::Tensor& x, cons
     k = ck.narrow(2, 0, q_start + t);  // (B, Hkv, S, D)
     v = cv.narrow(2, 0, q_start + t);
   }
-  const at::Tensor attn =
-      GroupedQueryAttention(q, k, v, q_start, config_.LayerWindow(layer), config_.attention_softcap)  // (B, Hq, T, D)
-          .transpose(1, 2)
-          .reshape({b, t, hq * d});
+  const at::Tensor attn = GroupedQueryAttention(q, k, v, q_start, config_.LayerWindow(layer), config_.attention_softcap,
+                                                config_.attention_scale)  // (B, Hq, T, D)
+                              .transpose(1, 2)
+                              .reshape({b, t, hq * d});
   const at::Tensor x1 =
       x + MaybeNorm(config_.norms.attention_output, Project(layer, Projection::kO, attn, w.o, w.o_bias, options),
                     w.attention_output_norm, RmsNorm);
@@ -313,11 +313,6 @@ at::Tensor LlamaModel::DecoderLayerImpl(int64_t layer, const at::Tensor& x, cons
 
 at::Tensor LlamaModel::MaybeNorm(bool on, const at::Tensor& x, const at::Tensor& weight, NormFn norm) const {
   return on ? norm(x, NormWeight(weight), config_.rms_norm_eps) : x;
-}
-
-at::Tensor LlamaModel::ScaleQueries(const at::Tensor& q) const {
-  if (config_.attention_scale <= 0) return q;  // attention divides by sqrt(head_dim) itself
-  return q * (config_.attention_scale * std::sqrt(static_cast<double>(config_.head_dim)));
 }
 
 at::Tensor LlamaModel::QkHeads(const at::Tensor& projected, int64_t heads, const at::Tensor& norm,
@@ -379,11 +374,11 @@ at::Tensor LlamaModel::DecoderLayerTangents(int64_t layer, const at::Tensor& x, 
   auto heads = [&](const at::Tensor& projected, int64_t n, const at::Tensor& norm) {
     return QkHeads(projected, n, norm, RmsNormTangents).transpose(2, 3);
   };
-  const at::Tensor q = ScaleQueries(ApplyRope(heads(qkv.q, hq, w.q_norm), rope));  // (1+K, B, Hq, T, D)
-  const at::Tensor k = ApplyRope(heads(qkv.k, hkv, w.k_norm), rope);               // (1+K, B, Hkv, T, D)
+  const at::Tensor q = ApplyRope(heads(qkv.q, hq, w.q_norm), rope);   // (1+K, B, Hq, T, D)
+  const at::Tensor k = ApplyRope(heads(qkv.k, hkv, w.k_norm), rope);  // (1+K, B, Hkv, T, D)
   const at::Tensor v = qkv.v.view({slices, b, t, hkv, d}).transpose(2, 3);
-  const at::Tensor attn = GroupedQueryAttentionTangents(q, k, v, config_.LayerWindow(layer),
-                                                        config_.attention_softcap)  // (1+K, B, Hq, T, D)
+  const at::Tensor attn = GroupedQueryAttentionTangents(q, k, v, config_.LayerWindow(layer), config_.attention_softcap,
+                                                        config_.attention_scale)  // (1+K, B, Hq, T, D)
                               .transpose(2, 3)
                               .reshape({slices, b, t, hq * d});
   const at::Tensor x1 = x + MaybeNorm(config_.norms.attention_output,
@@ -398,30 +393,7 @@ at::Tensor LlamaModel::DecoderLayerTangents(int64_t layer, const at::Tensor& x, 
 std::vector<at::Tensor> LlamaModel::LayerTensors(int64_t layer, const ForwardOptions& options) const {
   const LayerWeights& w = weights_.layers[static_cast<size_t>(layer)];
   std::vector<at::Tensor> out;
-  for (const at::Tensor* t : {&w.input_norm,
-                              &w.q,
-                              &w.k,
-                              &w.v,
-                              &w.o,
-                              &w.q_bias,
-                              &w.k_bias,
-                              &w.v_bias,
-                              &w.o_bias,
-                              &w.q_norm,
-                              &w.k_norm,
-                              &w.attention_output_norm,
-                              &w.pre_mlp_norm,
-                              &w.gate,
-                              &w.up,
-                              &w.down,
-                              &w.gate_bias,
-                              &w.up_bias,
-                              &w.down_bias,
-                              &w.mlp_output_norm,
-                              &w.qkv,
-                              &w.qkv_bias,
-                              &w.gate_up,
-                              &w.gate_up_bias}) {
+  for (const at::Tensor* t : w.Slots()) {
     if (t->defined() && t->requires_grad()) out.push_back(*t);
   }
   if (options.adapter != nullptr) {
@@ -459,7 +431,7 @@ absl::StatusOr<at::Tensor> LlamaModel::Hidden(const at::Tensor& tokens, const Fo
 at::Tensor LlamaModel::LmHead(const at::Tensor& hidden) const {
   const at::Tensor logits = FrozenLinear(hidden, weights_.lm_head, at::Tensor(), -1, Stream());
   const double cap = config_.final_logit_softcap;
-  return cap > 0 ? at::tanh(logits / cap) * cap : logits;
+  return cap > 0 ? SoftCap(logits, cap).value : logits;
 }
 
 absl::StatusOr<at::Tensor> LlamaModel::Logits(const at::Tensor& tokens, const ForwardOptions& options) const {

@@ -205,8 +205,6 @@ class LlamaModel {
   using NormFn = at::Tensor (*)(const at::Tensor&, const at::Tensor&, double);
   at::Tensor MaybeNorm(bool on, const at::Tensor& x, const at::Tensor& weight, NormFn norm) const;
   at::Tensor QkHeads(const at::Tensor& projected, int64_t heads, const at::Tensor& norm, NormFn norm_fn) const;
-  // Rotated queries scaled for ModelConfig::attention_scale (attention itself divides by sqrt(head_dim)).
-  at::Tensor ScaleQueries(const at::Tensor& q) const;
   // With a cache, writes this step's keys/values at [q_start, q_start + T) and attends over [0, q_start + T).
   at::Tensor DecoderLayerImpl(int64_t layer, const at::Tensor& x, const RopeTables& rope, const ForwardOptions& options,
                               KvCache* cache, int64_t q_start, LayerOutput output = LayerOutput::kValues) const;

@@ -11,6 +11,7 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
 #include <cstdint>
 #include <functional>
 #include <optional>
@@ -44,6 +45,39 @@ struct LayerWeights {
   // rows gate | up in place of gate, up (the parts' tensors and biases are then undefined).
   at::Tensor qkv, qkv_bias;
   at::Tensor gate_up, gate_up_bias;
+
+  // Every slot above, defined or not, for code that walks them all.
+  std::array<at::Tensor*, 24> Slots() { return SlotsOf<at::Tensor>(*this); }
+  std::array<const at::Tensor*, 24> Slots() const { return SlotsOf<const at::Tensor>(*this); }
+
+ private:
+  template <typename T, typename Self>
+  static std::array<T*, 24> SlotsOf(Self& w) {
+    return {&w.input_norm,
+            &w.q,
+            &w.k,
+            &w.v,
+            &w.o,
+            &w.q_bias,
+            &w.k_bias,
+            &w.v_bias,
+            &w.o_bias,
+            &w.q_norm,
+            &w.k_norm,
+            &w.attention_output_norm,
+            &w.pre_mlp_norm,
+            &w.gate,
+            &w.up,
+            &w.down,
+            &w.gate_bias,
+            &w.up_bias,
+            &w.down_bias,
+            &w.mlp_output_norm,
+            &w.qkv,
+            &w.qkv_bias,
+            &w.gate_up,
+            &w.gate_up_bias};
+  }
 };
 
 struct ModelWeights {

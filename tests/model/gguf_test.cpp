@@ -1377,6 +1377,18 @@ TEST_CASE("Weights or a tokenizer that do not fit the config are refused without
     w.lm_head = at::Tensor();
     CheckRefused(WriteGguf(path, c, w, *tok), dir, "output.weight");
   }
+  {
+    const ModelConfig c = TinyLlama();  // no biases: a q_proj bias would be dropped from the file
+    ModelWeights w = RandomWeights(c, 19);
+    w.layers[1].q_bias = at::zeros({c.q_dim()});
+    CheckRefused(WriteGguf(path, c, w, *tok), dir, "weights of layer 1 hold a tensor");
+  }
+  {
+    const ModelConfig c = TinyPhi3();  // fused: separate q, k, v would be dropped
+    ModelWeights w = RandomWeights(c, 20);
+    w.layers[0].q = at::zeros({c.q_dim(), c.hidden_size});
+    CheckRefused(WriteGguf(path, c, w, *tok), dir, "weights of layer 0 hold a tensor");
+  }
   std::filesystem::remove_all(dir);
 }
 

@@ -27,30 +27,7 @@ std::unique_ptr<model::LlamaModel> DoubleCopy(const model::LlamaModel& m) {
   to_double(w.embed);
   to_double(w.final_norm);
   for (model::LayerWeights& l : w.layers) {
-    for (at::Tensor* t : {&l.input_norm,
-                          &l.q,
-                          &l.k,
-                          &l.v,
-                          &l.o,
-                          &l.q_bias,
-                          &l.k_bias,
-                          &l.v_bias,
-                          &l.o_bias,
-                          &l.q_norm,
-                          &l.k_norm,
-                          &l.attention_output_norm,
-                          &l.pre_mlp_norm,
-                          &l.gate,
-                          &l.up,
-                          &l.down,
-                          &l.gate_bias,
-                          &l.up_bias,
-                          &l.down_bias,
-                          &l.mlp_output_norm,
-                          &l.qkv,
-                          &l.qkv_bias,
-                          &l.gate_up,
-                          &l.gate_up_bias}) {
+    for (at::Tensor* t : l.Slots()) {
       to_double(*t);
     }
   }
