@@ -1,6 +1,9 @@
 #include "model/init.h"
 
+#include <algorithm>
 #include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
 
 #include "base/file.h"
 #include "base/status.h"
@@ -36,48 +39,58 @@ absl::StatusOr<InitTokenizer> ByteLevelStyle(std::string_view corpus, int32_t vo
                                       {"tokenizer_class", "GPT2Tokenizer"}}};
 }
 
-// SentencePiece-style BPE with Gemma's special tokens (<pad> 0, <eos> 1, <bos> 2, <unk> 3); BOS is prepended.
-absl::StatusOr<InitTokenizer> GemmaStyle(std::string_view corpus, int32_t vocab) {
-  SentencePieceTrainerOptions options;
-  options.vocab_size = vocab;
-  SEEDLING_ASSIGN_OR_RETURN(std::string json, TrainSentencePieceBpeTokenizerJson(corpus, options));
-  return InitTokenizer{std::move(json), 2, 1,
-                       nlohmann::json{{"bos_token", "<bos>"},
-                                      {"eos_token", "<eos>"},
-                                      {"unk_token", "<unk>"},
-                                      {"pad_token", "<pad>"},
-                                      {"add_bos_token", true},
-                                      {"add_eos_token", false},
-                                      {"tokenizer_class", "PreTrainedTokenizerFast"}}};
+// A SentencePiece-style tokenizer's special tokens (lowest ids, in this order), which of them are BOS, EOS and
+// unknown (and padding, if any), its dummy prefix and the class tokenizer_config.json names.
+struct SentencePieceStyle {
+  std::vector<std::string> specials;
+  std::string bos, eos, unk, pad;  // pad: empty for none
+  bool prepend_space;
+  const char* tokenizer_class;
+};
+
+// Gemma's: <pad> 0, <eos> 1, <bos> 2, <unk> 3, no dummy prefix.
+const SentencePieceStyle& GemmaStyle() {
+  static const SentencePieceStyle kStyle{
+      {"<pad>", "<eos>", "<bos>", "<unk>"}, "<bos>", "<eos>", "<unk>", "<pad>", false, "PreTrainedTokenizerFast"};
+  return kStyle;
 }
 
-// SentencePiece-style BPE as Phi-3's (Llama 2's with an end-of-text token): <unk> 0, <s> 1, </s> 2,
-// <|endoftext|> 3, the EOS as in Phi-3's config (llama.cpp also looks that token up by name for models named
-// Phi-3), a "▁" dummy prefix, BOS prepended.
-absl::StatusOr<InitTokenizer> Llama2Style(std::string_view corpus, int32_t vocab) {
+// Phi-3's (Llama 2's with an end-of-text token): <unk> 0, <s> 1, </s> 2, <|endoftext|> 3, which is the EOS as in
+// Phi-3's config (llama.cpp also looks that token up by name for models named Phi-3), a "▁" dummy prefix.
+const SentencePieceStyle& Phi3Style() {
+  static const SentencePieceStyle kStyle{
+      {"<unk>", "<s>", "</s>", "<|endoftext|>"}, "<s>", "<|endoftext|>", "<unk>", "", true, "LlamaTokenizerFast"};
+  return kStyle;
+}
+
+// SentencePiece-style BPE in `style`; BOS is prepended. The special ids are the tokens' places in the list.
+absl::StatusOr<InitTokenizer> TrainSentencePieceStyle(const SentencePieceStyle& style, std::string_view corpus,
+                                                      int32_t vocab) {
   SentencePieceTrainerOptions options;
   options.vocab_size = vocab;
-  options.special_tokens = {"<unk>", "<s>", "</s>", "<|endoftext|>"};
-  options.bos_token = "<s>";
-  options.unk_token = "<unk>";
-  options.prepend_space = true;
+  options.special_tokens = style.specials;
+  options.bos_token = style.bos;
+  options.unk_token = style.unk;
+  options.prepend_space = style.prepend_space;
   SEEDLING_ASSIGN_OR_RETURN(std::string json, TrainSentencePieceBpeTokenizerJson(corpus, options));
-  return InitTokenizer{std::move(json), 1, 3,
-                       nlohmann::json{{"bos_token", "<s>"},
-                                      {"eos_token", "<|endoftext|>"},
-                                      {"unk_token", "<unk>"},
-                                      {"add_bos_token", true},
-                                      {"add_eos_token", false},
-                                      {"tokenizer_class", "LlamaTokenizerFast"}}};
+  auto id_of = [&](const std::string& token) {
+    return static_cast<int64_t>(std::find(style.specials.begin(), style.specials.end(), token) -
+                                style.specials.begin());
+  };
+  nlohmann::json config = {{"bos_token", style.bos}, {"eos_token", style.eos},
+                           {"unk_token", style.unk}, {"add_bos_token", true},
+                           {"add_eos_token", false}, {"tokenizer_class", style.tokenizer_class}};
+  if (!style.pad.empty()) config["pad_token"] = style.pad;
+  return InitTokenizer{std::move(json), id_of(style.bos), id_of(style.eos), std::move(config)};
 }
 
 absl::StatusOr<InitTokenizer> TrainInitTokenizer(families::TokenizerStyle style, std::string_view corpus,
                                                  int32_t vocab) {
   switch (style) {
     case families::TokenizerStyle::kSentencePieceBpe:
-      return GemmaStyle(corpus, vocab);
+      return TrainSentencePieceStyle(GemmaStyle(), corpus, vocab);
     case families::TokenizerStyle::kSentencePieceBpeWithPrefix:
-      return Llama2Style(corpus, vocab);
+      return TrainSentencePieceStyle(Phi3Style(), corpus, vocab);
     case families::TokenizerStyle::kByteLevelBpe:
       break;
   }
