@@ -27,8 +27,7 @@ double Seconds(Clock::time_point t0) { return std::chrono::duration<double>(Cloc
 // the LM head, plus the attention score and value products (computed for the full T x T square).
 double ForwardFlops(const model::ModelConfig& c, int64_t batch, int64_t seq) {
   const double h = static_cast<double>(c.hidden_size);
-  const double per_layer = h * static_cast<double>(c.q_dim() + 2 * c.kv_dim()) + static_cast<double>(c.q_dim()) * h +
-                           3.0 * h * static_cast<double>(c.intermediate_size);
+  const double per_layer = static_cast<double>(model::LayerMatrixParameters(c));
   const double matmul_params =
       static_cast<double>(c.num_hidden_layers) * per_layer + static_cast<double>(c.vocab_size) * h;
   const double tokens = static_cast<double>(batch * seq);

@@ -25,11 +25,9 @@ ForwardParts PartsOf(const model::ModelConfig& config, int64_t seq_len) {
                               ? static_cast<double>(config.head_dim)
                               : hidden / static_cast<double>(std::max<int64_t>(1, config.num_attention_heads));
   const double q_dim = static_cast<double>(config.num_attention_heads) * head_dim;
-  const double kv_dim = static_cast<double>(config.num_key_value_heads) * head_dim;
   const double layers = static_cast<double>(config.num_hidden_layers);
-  // Per layer: q, k, v, o projections and the gated MLP (gate, up, down).
-  const double matmul_params = hidden * q_dim + 2.0 * hidden * kv_dim + q_dim * hidden +
-                               3.0 * hidden * static_cast<double>(config.intermediate_size);
+  // Per layer: the attention and MLP projections (q, k, v, o; gate, up, down, or their fused and plain forms).
+  const double matmul_params = static_cast<double>(model::LayerMatrixParameters(config));
   ForwardParts parts;
   parts.projections = 2.0 * layers * matmul_params;
   parts.attention = 4.0 * static_cast<double>(seq_len) * q_dim * layers;

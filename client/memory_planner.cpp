@@ -68,6 +68,7 @@ struct LayerShapes {
   int64_t capped;       // score-sized tensors a soft-cap adds (z / cap and its tanh, or tanh and the slope)
   bool qk_norm;         // q and k are RMS-normed (one more copy of each)
   int64_t norms;        // RMSNorms of hidden states in the block (ModelConfig::norms), each keeping its input
+  int64_t mlp_inputs;   // (tokens × intermediate) tensors the MLP's activation keeps: gate and up, or one
 };
 
 LayerShapes Shapes(const model::ModelConfig& m, int64_t rows, int64_t t) {
@@ -81,7 +82,8 @@ LayerShapes Shapes(const model::ModelConfig& m, int64_t rows, int64_t t) {
           rows * m.num_attention_heads * t * t,
           m.attention_softcap > 0 ? 2 * rows * m.num_attention_heads * t * t : 0,
           m.qk_norm != model::QkNorm::kNone,
-          m.norms.count()};
+          m.norms.count(),
+          m.gated_mlp ? 2 : 1};
 }
 
 // Largest set of tensors alive at once inside one layer's forward without autograd. Attention: the
@@ -105,7 +107,7 @@ int64_t InferenceLayerPeak(const LayerShapes& s, int64_t mlp_rows = 0) {
 // backward), q and k before their norms (Qwen3, OLMo 2), gate and up (SwiGLU), and each adapted projection's input
 // (once per distinct input) and rank-sized middle.
 int64_t SavedPerLayer(const LayerShapes& s, const lora::LoraConfig& c) {
-  int64_t per_token = s.norms * s.h + s.q + 2 * s.kv + 2 * s.i;
+  int64_t per_token = s.norms * s.h + s.q + 2 * s.kv + s.mlp_inputs * s.i;
   if (s.qk_norm) per_token += s.q + s.kv;
   if (Has(c, Projection::kQ) || Has(c, Projection::kK) || Has(c, Projection::kV) || Has(c, Projection::kQkv)) {
     per_token += s.h;

@@ -24,13 +24,8 @@ namespace {
 using model::ModelConfig;
 using model::Projection;
 
-const char* Block(Projection p) {
-  const bool mlp = p == Projection::kGate || p == Projection::kUp || p == Projection::kGateUp || p == Projection::kDown;
-  return mlp ? "mlp" : "self_attn";
-}
-
-std::string PeftName(int64_t layer, Projection p, bool is_a) {
-  return StrCat("base_model.model.model.layers.", layer, ".", Block(p), ".", model::ProjectionName(p),
+std::string PeftName(const ModelConfig& model, int64_t layer, Projection p, bool is_a) {
+  return StrCat("base_model.model.", model::LayerPrefix(model, layer), model::ProjectionPath(model, p),
                 is_a ? ".lora_A.weight" : ".lora_B.weight");
 }
 
@@ -120,9 +115,9 @@ absl::StatusOr<std::unique_ptr<LoraAdapter>> LoraAdapter::Create(const ModelConf
       const auto [in, out] = model::FeaturesOf(model, p);
       a->index_[static_cast<size_t>(l * model::kNumProjections + static_cast<int>(p))] =
           static_cast<int32_t>(a->views_.size());
-      a->views_.push_back({PeftName(l, p, true), l, p, true, config.rank, in, offset});
+      a->views_.push_back({PeftName(model, l, p, true), l, p, true, config.rank, in, offset});
       offset += config.rank * in;
-      a->views_.push_back({PeftName(l, p, false), l, p, false, out, config.rank, offset});
+      a->views_.push_back({PeftName(model, l, p, false), l, p, false, out, config.rank, offset});
       offset += out * config.rank;
     }
   }
@@ -348,7 +343,8 @@ absl::Status SavePeft(const LoraAdapter& adapter, const std::string& dir, const 
   }
   SEEDLING_RETURN_IF_ERROR(
       model::WriteSafetensors(JoinPath(dir, "adapter_model.safetensors"), tensors, {{"format", "pt"}}));
-  return WriteFileAtomic(JoinPath(dir, "adapter_config.json"), PeftConfigJson(adapter.config(), base_model));
+  return WriteFileAtomic(JoinPath(dir, "adapter_config.json"),
+                         PeftConfigJson(adapter.config(), adapter.model(), base_model));
 }
 
 namespace {

@@ -45,6 +45,7 @@ class LoraAdapter : public model::ProjectionAdapter {
   static absl::StatusOr<std::unique_ptr<LoraAdapter>> Create(const model::ModelConfig& model, const LoraConfig& config);
 
   const LoraConfig& config() const { return config_; }
+  const model::ModelConfig& model() const { return model_; }
   const std::vector<LoraView>& views() const { return views_; }
   int64_t numel() const { return flat_.numel(); }
 

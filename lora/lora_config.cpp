@@ -38,7 +38,7 @@ absl::Status LoraConfig::Validate(const ModelConfig& model) const {
     if (!model::HasProjection(model, p)) {
       std::string have;
       for (Projection m : model::ModelProjections(model))
-        have += StrCat(have.empty() ? "" : ", ", model::ProjectionName(m));
+        have += StrCat(have.empty() ? "" : ", ", model::ModuleName(model, m));
       return absl::InvalidArgumentError(StrCat("LoRA target ", model::ProjectionName(p), " is not a projection of ",
                                                model.architecture, " (it has ", have, ")"));
     }
@@ -60,7 +60,9 @@ std::vector<Projection> TargetsFor(const ModelConfig& model, const std::vector<P
     } else if (p == Projection::kQkv) {
       wanted.insert({Projection::kQ, Projection::kK, Projection::kV});
     } else if (p == Projection::kGateUp) {
-      wanted.insert({Projection::kGate, Projection::kUp});
+      for (Projection part : {Projection::kGate, Projection::kUp}) {
+        if (model::HasProjection(model, part)) wanted.insert(part);  // a plain MLP has no gate
+      }
     }
   }
   std::vector<Projection> out;
@@ -78,12 +80,13 @@ absl::StatusOr<std::vector<Projection>> ParseTargets(std::string_view list) {
     std::string name(part.data(), part.size());
     name.erase(0, name.find_first_not_of(' '));
     name.erase(name.find_last_not_of(' ') + 1);
-    if (name.find('_') == std::string::npos) name += "_proj";  // "q" -> "q_proj"
-    auto p = ProjectionFromName(name);
+    std::optional<Projection> p = model::ProjectionOfAnyModule(name);
+    if (!p && name.find('_') == std::string::npos) p = ProjectionFromName(name + "_proj");  // "q" -> "q_proj"
     if (!p) {
       return absl::InvalidArgumentError(StrCat("unknown LoRA target '", name,
                                                "' (expected q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
-                                               "down_proj, qkv_proj, gate_up_proj, or all)"));
+                                               "down_proj, qkv_proj, gate_up_proj, a family's own module name such "
+                                               "as query_key_value, or all)"));
     }
     if (std::find(out.begin(), out.end(), *p) == out.end()) out.push_back(*p);
   }
@@ -153,7 +156,7 @@ absl::StatusOr<LoraConfig> ParsePeftConfig(std::string_view json_text, const Mod
       if (!t.is_string()) return absl::InvalidArgumentError("target_modules must hold strings");
       std::string name = t.get<std::string>();
       name = name.substr(name.rfind('.') == std::string::npos ? 0 : name.rfind('.') + 1);
-      auto p = ProjectionFromName(name);
+      auto p = model::ProjectionOfModule(model, name);
       if (!p) {
         return absl::InvalidArgumentError(
             StrCat("target module '", t.get<std::string>(), "' is not a projection of ", model.architecture));
@@ -180,11 +183,11 @@ absl::StatusOr<LoraConfig> ParsePeftConfig(std::string_view json_text, const Mod
   return c;
 }
 
-std::string PeftConfigJson(const LoraConfig& c, const std::string& base_model) {
+std::string PeftConfigJson(const LoraConfig& c, const ModelConfig& model, const std::string& base_model) {
   Json targets = Json::array();
   for (Projection p : model::kAllProjections) {
     if (std::find(c.targets.begin(), c.targets.end(), p) != c.targets.end())
-      targets.push_back(model::ProjectionName(p));
+      targets.push_back(model::ModuleName(model, p));
   }
   Json config = {{"peft_type", "LORA"},
                  {"task_type", "CAUSAL_LM"},

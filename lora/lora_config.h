@@ -37,7 +37,8 @@ struct LoraConfig {
 std::vector<model::Projection> TargetsFor(const model::ModelConfig& model,
                                           const std::vector<model::Projection>& targets);
 
-// Parses "q_proj,v_proj" (or "q,v", or "all") into projections. InvalidArgument names a bad entry.
+// Parses "q_proj,v_proj" (or "q,v", or "all", or a family's module names such as "query_key_value") into
+// projections. InvalidArgument names a bad entry.
 absl::StatusOr<std::vector<model::Projection>> ParseTargets(std::string_view list);
 
 // A LoraConfig from the parts a server config or a task carries (target module names as ParseTargets reads
@@ -51,8 +52,8 @@ absl::StatusOr<LoraConfig> MakeLoraConfig(int64_t rank, double alpha, const std:
 // regex target_modules, bias other than "none", fan_in_fan_out, modules_to_save).
 absl::StatusOr<LoraConfig> ParsePeftConfig(std::string_view json_text, const model::ModelConfig& model);
 
-// The adapter_config.json PEFT writes for `config` (pretty-printed, newline-terminated); `base_model` goes
-// to base_model_name_or_path.
-std::string PeftConfigJson(const LoraConfig& config, const std::string& base_model);
+// The adapter_config.json PEFT writes for `config` on `model` (target_modules in the family's module names,
+// pretty-printed, newline-terminated); `base_model` goes to base_model_name_or_path.
+std::string PeftConfigJson(const LoraConfig& config, const model::ModelConfig& model, const std::string& base_model);
 
 }  // namespace seedling::lora

@@ -114,14 +114,13 @@ absl::StatusOr<const families::FamilySpec*> FamilyOf(std::string_view architectu
 
 int64_t ModelConfig::NumParameters() const {
   const int64_t h = hidden_size;
-  int64_t per_layer = h * norms.count();
-  per_layer += h * q_dim() + 2 * h * kv_dim() + q_dim() * h;  // q, k, v, o
+  const int64_t norm_size = norm_kind == NormKind::kLayerNorm ? 2 * h : h;  // LayerNorm: weight and bias
+  int64_t per_layer = norm_size * norms.count() + LayerMatrixParameters(*this);
   if (qkv_bias) per_layer += q_dim() + 2 * kv_dim();
   per_layer += q_norm_size() + k_norm_size();
   if (o_bias) per_layer += h;
-  per_layer += 3 * h * intermediate_size;  // gate, up, down
-  if (mlp_bias) per_layer += 2 * intermediate_size + h;
-  int64_t total = vocab_size * h + num_hidden_layers * per_layer + h;
+  if (mlp_bias) per_layer += (gated_mlp ? 2 : 1) * intermediate_size + h;
+  int64_t total = vocab_size * h + num_hidden_layers * per_layer + norm_size;
   if (!tie_word_embeddings) total += vocab_size * h;
   return total;
 }
@@ -147,15 +146,28 @@ absl::Status ModelConfig::Validate() const {
                                                     num_attention_heads, ")"));
   }
   if (head_dim % 2 != 0) return FieldError("head_dim", StrCat("must be even for RoPE, got ", head_dim));
+  if (!(partial_rotary_factor > 0 && partial_rotary_factor <= 1)) {
+    return FieldError("partial_rotary_factor", StrCat("must be in (0, 1], got ", partial_rotary_factor));
+  }
+  if (rotary_dim() < 2 || rotary_dim() % 2 != 0) {
+    return FieldError("partial_rotary_factor", StrCat("rotates ", rotary_dim(), " of head_dim ", head_dim,
+                                                      " dimensions; RoPE needs an even number, at least 2"));
+  }
+  if (fused.qkv_per_head && (!fused.qkv || num_key_value_heads != num_attention_heads)) {
+    return FieldError("num_key_value_heads", "must equal num_attention_heads for a query_key_value fused per head");
+  }
+  if (!gated_mlp && (fused.gate_up || mlp_activation == MlpActivation::kSilu)) {
+    return FieldError("hidden_act", "a plain (ungated) MLP takes gelu, gelu_new or relu, and no gate_up_proj");
+  }
   if (!(rms_norm_eps > 0)) return FieldError("rms_norm_eps", "must be positive");
   if (!(rope_theta > 0)) return FieldError("rope_theta", "must be positive");
   if (sliding_window) SEEDLING_RETURN_IF_ERROR(in_range(*sliding_window, "sliding_window", kMaxPositions));
   if (rope_scaling.type == RopeScaling::Type::kLongRope) {
-    const auto pairs = static_cast<size_t>(head_dim / 2);
+    const auto pairs = static_cast<size_t>(rotary_dim() / 2);
     for (const auto& [factors, name] : {std::pair{&rope_scaling.short_factor, "rope_scaling.short_factor"},
                                         std::pair{&rope_scaling.long_factor, "rope_scaling.long_factor"}}) {
       if (factors->size() != pairs) {
-        return FieldError(name, StrCat("has ", factors->size(), " values; head_dim / 2 = ", pairs));
+        return FieldError(name, StrCat("has ", factors->size(), " values; the rotated dimensions / 2 = ", pairs));
       }
     }
     SEEDLING_RETURN_IF_ERROR(
@@ -277,11 +289,11 @@ double RopeAttentionFactor(const ModelConfig& c) {
 }
 
 std::vector<double> RopeInverseFrequencyValues(const ModelConfig& c, bool long_context) {
-  const int64_t half = c.head_dim / 2;
+  const int64_t rotary = c.rotary_dim(), half = rotary / 2;
   std::vector<double> inv(static_cast<size_t>(half));
   double* p = inv.data();
   for (int64_t i = 0; i < half; ++i) {
-    p[i] = 1.0 / std::pow(c.rope_theta, static_cast<double>(2 * i) / static_cast<double>(c.head_dim));
+    p[i] = 1.0 / std::pow(c.rope_theta, static_cast<double>(2 * i) / static_cast<double>(rotary));
   }
   const RopeScaling& rs = c.rope_scaling;
   switch (rs.type) {
@@ -476,12 +488,28 @@ ModelConfig Phi3(int64_t vocab, int64_t hidden, int64_t inter, int64_t layers, i
   return c;
 }
 
+// GPT-NeoX (Pythia): LayerNorms, parallel attention and MLP, a quarter of each head rotated, query_key_value
+// fused per head, biases everywhere, a plain GELU MLP, untied, eps 1e-5, RoPE base 10,000.
+ModelConfig GptNeoX(int64_t vocab, int64_t hidden, int64_t inter, int64_t layers, int64_t heads, int64_t max_pos) {
+  ModelConfig c = Llama(vocab, hidden, inter, layers, heads, heads, 10000.0, 1e-5, false, max_pos);
+  c.architecture = "GPTNeoXForCausalLM";
+  c.model_type = "gpt_neox";
+  c.norm_kind = NormKind::kLayerNorm;
+  c.gated_mlp = false;
+  c.mlp_activation = MlpActivation::kGelu;
+  c.partial_rotary_factor = 0.25;
+  c.parallel_residual = true;
+  c.fused = {.qkv = true, .qkv_per_head = true};
+  c.qkv_bias = c.o_bias = c.mlp_bias = true;
+  return c;
+}
+
 }  // namespace
 
 std::vector<std::string> PresetNames() {
-  return {"tiny",      "tiny-qwen2",   "tiny-qwen3",   "tiny-olmo2",   "tiny-gemma2", "tiny-gemma3",
-          "tiny-phi3", "smollm2-135m", "smollm2-360m", "qwen2.5-0.5b", "qwen3-0.6b",  "tinyllama-1.1b",
-          "olmo-2-1b", "gemma-2-2b",   "gemma-3-270m", "gemma-3-1b",   "phi-3-mini"};
+  return {"tiny",         "tiny-qwen2",   "tiny-qwen3",   "tiny-olmo2",   "tiny-gemma2", "tiny-gemma3",    "tiny-phi3",
+          "tiny-gptneox", "smollm2-135m", "smollm2-360m", "qwen2.5-0.5b", "qwen3-0.6b",  "tinyllama-1.1b", "olmo-2-1b",
+          "gemma-2-2b",   "gemma-3-270m", "gemma-3-1b",   "phi-3-mini",   "pythia-160m"};
 }
 
 absl::StatusOr<ModelConfig> PresetConfig(std::string_view name) {
@@ -566,6 +594,17 @@ absl::StatusOr<ModelConfig> PresetConfig(std::string_view name) {
     c.bos_token_id = 1;
     c.eos_token_ids = {32000};
     c.torch_dtype = "bfloat16";
+  } else if (name == "tiny-gptneox") {
+    // head_dim 32, of which RoPE rotates 8.
+    c = GptNeoX(2048, 128, 512, 2, 4, 2048);
+    c.bos_token_id = 0;
+    c.eos_token_ids = {0};
+  } else if (name == "pythia-160m") {
+    // EleutherAI/pythia-160m: 162,322,944 parameters.
+    c = GptNeoX(50304, 768, 3072, 12, 12, 2048);
+    c.bos_token_id = 0;
+    c.eos_token_ids = {0};
+    c.torch_dtype = "float16";
   } else if (name == "smollm2-135m") {
     c = Llama(49152, 576, 1536, 30, 9, 3, 100000.0, 1e-5, true, 8192);
     c.bos_token_id = 0;
@@ -645,6 +684,7 @@ bool HasProjection(const ModelConfig& config, Projection p) {
     case Projection::kQkv:
       return config.fused.qkv;
     case Projection::kGate:
+      return config.gated_mlp && !config.fused.gate_up;
     case Projection::kUp:
       return !config.fused.gate_up;
     case Projection::kGateUp:
@@ -659,7 +699,7 @@ bool HasProjection(const ModelConfig& config, Projection p) {
 std::optional<Projection> ProjectionIn(const ModelConfig& config, Projection p) {
   if (HasProjection(config, p)) return p;
   if (p == Projection::kQ || p == Projection::kK || p == Projection::kV) return Projection::kQkv;
-  if (p == Projection::kGate || p == Projection::kUp) return Projection::kGateUp;
+  if ((p == Projection::kGate || p == Projection::kUp) && config.fused.gate_up) return Projection::kGateUp;
   return std::nullopt;
 }
 
@@ -684,6 +724,58 @@ ProjectionFeatures FeaturesOf(const ModelConfig& c, Projection p) {
       return {i, h};
   }
   return {};
+}
+
+int64_t LayerMatrixParameters(const ModelConfig& config) {
+  int64_t total = 0;
+  for (Projection p : ModelProjections(config)) {
+    const ProjectionFeatures f = FeaturesOf(config, p);
+    total += f.in * f.out;
+  }
+  return total;
+}
+
+namespace {
+
+std::string_view LastPart(std::string_view path) {
+  const size_t dot = path.rfind('.');
+  return dot == std::string_view::npos ? path : path.substr(dot + 1);
+}
+
+}  // namespace
+
+std::string LayerPrefix(const ModelConfig& config, int64_t layer) {
+  return StrCat(families::ModuleNamesOf(config.architecture).layers, ".", layer, ".");
+}
+
+std::string ProjectionPath(const ModelConfig& config, Projection p) {
+  return std::string(families::ModuleNamesOf(config.architecture).projections[static_cast<size_t>(p)]);
+}
+
+std::string ModuleName(const ModelConfig& config, Projection p) {
+  return std::string(LastPart(families::ModuleNamesOf(config.architecture).projections[static_cast<size_t>(p)]));
+}
+
+std::optional<Projection> ProjectionOfModule(const ModelConfig& config, std::string_view name) {
+  for (Projection p : ModelProjections(config)) {
+    if (name == ModuleName(config, p)) return p;
+  }
+  return ProjectionFromName(name);
+}
+
+std::optional<Projection> ProjectionOfAnyModule(std::string_view name) {
+  if (const std::optional<Projection> p = ProjectionFromName(name)) return p;
+  std::optional<Projection> found;
+  for (const families::FamilySpec& f : families::Families()) {
+    if (f.names == nullptr) continue;
+    for (Projection p : kAllProjections) {
+      const std::string_view path = f.names->projections[static_cast<size_t>(p)];
+      if (path.empty() || LastPart(path) != name) continue;
+      if (found && *found != p) return std::nullopt;  // the name means different projections in two families
+      found = p;
+    }
+  }
+  return found;
 }
 
 }  // namespace seedling::model

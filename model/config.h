@@ -67,19 +67,28 @@ enum class QkNorm {
   kPerProjection,  // over the whole q / k projection, weights of q_dim / kv_dim (OLMo 2)
 };
 
-// Projections stored as one fused matrix (Phi-3): q, k and v as qkv_proj (rows q | k | v), gate and up as
-// gate_up_proj (rows gate | up). The forward multiplies the fused matrix once and LoRA adapts the fused
-// module, as PEFT does.
+// Projections stored as one fused matrix: q, k and v as qkv_proj (rows q | k | v, Phi-3; or per head, rows
+// q_h | k_h | v_h for each head h in turn, GPT-NeoX's query_key_value), gate and up as gate_up_proj (rows
+// gate | up). The forward multiplies the fused matrix once and LoRA adapts the fused module, as PEFT does.
 struct FusedProjections {
   bool qkv = false;
+  bool qkv_per_head = false;  // with qkv: the rows interleaved per head (needs as many KV heads as heads)
   bool gate_up = false;
   bool operator==(const FusedProjections&) const = default;
 };
 
-// The gate's activation in the gated MLP: act(gate) · up.
+// The MLP's activation: of the gate in a gated MLP, act(gate) · up; of the first projection in a plain one.
 enum class MlpActivation {
   kSilu,      // SwiGLU (Llama, Qwen, OLMo 2)
-  kGeluTanh,  // GeGLU with the tanh approximation of GELU, "gelu_pytorch_tanh" (Gemma)
+  kGeluTanh,  // GELU's tanh approximation, "gelu_pytorch_tanh" / "gelu_new" (Gemma's GeGLU, GPT-2, Phi)
+  kGelu,      // exact (erf) GELU, "gelu" (GPT-NeoX / Pythia)
+  kRelu,      // "relu" (OPT)
+};
+
+// The norm of the block's hidden states (and the final norm).
+enum class NormKind {
+  kRms,        // x / rms(x) · w (Llama and most later families)
+  kLayerNorm,  // (x − mean(x)) / std(x) · w + b, with a bias beside each weight (GPT-2, GPT-NeoX, OPT, Phi)
 };
 
 // Architecture hyper-parameters. Field names follow config.json.
@@ -95,7 +104,7 @@ struct ModelConfig {
   int64_t num_key_value_heads = 0;  // < num_attention_heads means grouped-query attention
   int64_t head_dim = 0;             // default hidden_size / num_attention_heads
   int64_t max_position_embeddings = 2048;
-  double rms_norm_eps = 1e-6;
+  double rms_norm_eps = 1e-6;  // every block norm's eps (GPT-NeoX's layer_norm_eps too)
   double rope_theta = 10000.0;
   RopeScaling rope_scaling;
   bool tie_word_embeddings = false;
@@ -105,7 +114,17 @@ struct ModelConfig {
   NormPlacement norms;             // where the block normalizes
   QkNorm qk_norm = QkNorm::kNone;  // RMSNorm on q and k before RoPE (Qwen3, OLMo 2)
   MlpActivation mlp_activation = MlpActivation::kSilu;
-  FusedProjections fused;  // which projections are stored fused (Phi-3)
+  // A gated MLP computes down(act(gate(x)) · up(x)); a plain one down(act(up(x))), its first projection
+  // being Projection::kUp (GPT-NeoX's dense_h_to_4h, GPT-2's c_fc, OPT's fc1).
+  bool gated_mlp = true;
+  NormKind norm_kind = NormKind::kRms;  // of the block's and the final norms (q/k norms are always RMS)
+  // The share of each head's dimensions RoPE rotates (the first rotary_dim() of them); the rest pass through
+  // (GPT-NeoX's rotary_pct, Phi's partial_rotary_factor).
+  double partial_rotary_factor = 1.0;
+  // Attention and the MLP both read the block's input and add to it together, x + attn(n1(x)) + mlp(n2(x))
+  // (GPT-NeoX's use_parallel_residual; with norms.pre_mlp off the MLP reads n1(x), as Phi does).
+  bool parallel_residual = false;
+  FusedProjections fused;  // which projections are stored fused (Phi-3, GPT-NeoX)
   // Every RMSNorm scales by (norm_weight_offset + w): Gemma stores w - 1 and scales by (1 + w).
   double norm_weight_offset = 0.0;
   bool scale_embeddings = false;  // the embeddings are multiplied by sqrt(hidden_size) (Gemma)
@@ -127,6 +146,8 @@ struct ModelConfig {
   std::string torch_dtype = "float32";  // dtype of the stored weights ("bfloat16", "float16", "float32")
 
   int64_t kv_dim() const { return num_key_value_heads * head_dim; }
+  // The dimensions of each head RoPE rotates (partial_rotary_factor of head_dim, rounded down as Hugging Face does).
+  int64_t rotary_dim() const { return static_cast<int64_t>(static_cast<double>(head_dim) * partial_rotary_factor); }
   int64_t q_dim() const { return num_attention_heads * head_dim; }
   // Weights of the q and k norms: head_dim each per head, q_dim / kv_dim per projection, 0 without.
   int64_t q_norm_size() const { return QkNormSize(q_dim()); }
@@ -156,8 +177,8 @@ absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view json_text);
 // Reads <model_dir>/config.json, or the config of a GGUF file when `model_dir` is one (model/gguf_model.h).
 absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir);
 
-// RoPE inverse frequencies (head_dim / 2 of them), with the config's rope_scaling applied: pair i turns
-// by 1 / theta^(2i / head_dim) per position, divided as linear, Llama 3 or LongRoPE scaling says. LongRoPE
+// RoPE inverse frequencies (rotary_dim() / 2 of them), with the config's rope_scaling applied: pair i turns
+// by 1 / theta^(2i / rotary_dim) per position, divided as linear, Llama 3 or LongRoPE scaling says. LongRoPE
 // divides by its long factors when `long_context` (a forward reaching past original_max_position_embeddings),
 // by its short ones otherwise; other scalings ignore it.
 std::vector<double> RopeInverseFrequencyValues(const ModelConfig& config, bool long_context = false);
@@ -182,9 +203,10 @@ std::string ModelId(const ModelConfig& config);
 // LM head, llama3 RoPE scaling), "tiny-qwen3" (q/k norms per head, head_dim x heads != hidden_size),
 // "tiny-olmo2" (post-norm block, q/k norms over the projections, GQA), "tiny-gemma2" (soft-capping, local and
 // global layers alternating), "tiny-gemma3" (q/k norms, every 6th layer global), "tiny-phi3" (fused qkv and
-// gate_up projections, LongRoPE), and the exact shapes of published models: "smollm2-135m", "smollm2-360m",
-// "qwen2.5-0.5b", "qwen3-0.6b", "tinyllama-1.1b", "olmo-2-1b", "gemma-2-2b", "gemma-3-270m", "gemma-3-1b",
-// "phi-3-mini".
+// gate_up projections, LongRoPE), "tiny-gptneox" (LayerNorms, parallel residual, partial rotary, plain GELU
+// MLP), and the exact shapes of published models: "smollm2-135m", "smollm2-360m", "qwen2.5-0.5b",
+// "qwen3-0.6b", "tinyllama-1.1b", "olmo-2-1b", "gemma-2-2b", "gemma-3-270m", "gemma-3-1b", "phi-3-mini",
+// "pythia-160m".
 // NotFound lists the valid names.
 absl::StatusOr<ModelConfig> PresetConfig(std::string_view name);
 std::vector<std::string> PresetNames();
@@ -214,5 +236,20 @@ struct ProjectionFeatures {
   int64_t in = 0, out = 0;
 };
 ProjectionFeatures FeaturesOf(const ModelConfig& config, Projection p);
+// Weights of a decoder layer's projections (Σ in · out over ModelProjections), for parameter and FLOP counts.
+int64_t LayerMatrixParameters(const ModelConfig& config);
+
+// Hugging Face's names for the family's modules (model/families/family.h ModuleNames): a layer's prefix
+// ("model.layers.3.", "gpt_neox.layers.3."), a projection's path in the layer ("self_attn.q_proj",
+// "attention.query_key_value") and its module name (the path's last part, what PEFT's target_modules lists).
+std::string LayerPrefix(const ModelConfig& config, int64_t layer);
+std::string ProjectionPath(const ModelConfig& config, Projection p);
+std::string ModuleName(const ModelConfig& config, Projection p);
+// The projection of `config` a module name denotes: the family's own name ("query_key_value") or Seedling's
+// canonical one (ProjectionName); nullopt for any other.
+std::optional<Projection> ProjectionOfModule(const ModelConfig& config, std::string_view name);
+// The same without a model: a canonical name, or a module name that denotes one projection in every family
+// that has it ("query_key_value", "dense_h_to_4h"); nullopt for any other.
+std::optional<Projection> ProjectionOfAnyModule(std::string_view name);
 
 }  // namespace seedling::model

@@ -21,6 +21,7 @@
 #include "base/strings.h"
 #include "model/families/family.h"
 #include "model/gguf_model.h"
+#include "model/internal/config_json.h"
 #include "model/internal/gguf_format.h"
 #include "model/kernels.h"
 #include "model/torch_status.h"
@@ -120,6 +121,7 @@ struct TensorPlan {
   std::vector<int64_t> shape;                // logical, PyTorch order; GGUF stores it reversed (ne[0] fastest)
   WeightFormat format = WeightFormat::kF32;  // in the file: kF32, kF16, kQ8_0 or kQ4_0
   int64_t rope_heads = 0;                    // > 0: permute rows for GGML's interleaved RoPE, in this many heads
+  int64_t qkv_heads = 0;                     // > 0: per-head q | k | v rows to blocks (GgufWeightSlot::qkv_heads)
 };
 
 // How GGUF names a weight format: the ggml type of its tensors and the general.file_type
@@ -161,10 +163,15 @@ struct GgufGraphRules {
   bool o_mlp_bias;           // has o_proj and MLP bias slots (llama)
   bool q_is_hidden;          // sizes q_proj as hidden x hidden (qwen2, olmo2)
   bool tied_only = false;    // always reads the output projection from token_embd.weight (gemma2)
-  bool untied_only = false;  // requires output.weight (olmo2, phi3)
-  // Reads q | k | v as one attn_qkv and gate | up as one ffn_up (phi3); the others read the parts.
-  bool fused = false;
+  bool untied_only = false;  // requires output.weight (olmo2, phi3, gptneox)
+  // Reads q | k | v as one attn_qkv (phi3, gptneox) and gate | up as one ffn_up (phi3); the others read the parts.
+  bool fused_qkv = false;
+  bool fused_gate_up = false;
   bool longrope = false;  // LongRoPE as rope_factors_{short,long}.weight and rope.scaling.attn_factor (phi3)
+  // LayerNorms with biases, a plain GELU MLP and a rotary share of each head (gptneox); the others have
+  // RMSNorms, a gated MLP and rotate whole heads.
+  bool neox_block = false;
+  bool requires_o_mlp_bias = false;  // requires attn_output and ffn biases (gptneox)
 };
 
 constexpr GgufGraphRules kGraphRules[] = {
@@ -174,7 +181,20 @@ constexpr GgufGraphRules kGraphRules[] = {
     {"olmo2", false, false, false, false, true, false, true},
     {"gemma2", false, false, false, false, false, true},
     {"gemma3", false, false, false, false, false},
-    {.arch = "phi3", .q_is_hidden = true, .untied_only = true, .fused = true, .longrope = true},
+    {.arch = "phi3",
+     .q_is_hidden = true,
+     .untied_only = true,
+     .fused_qkv = true,
+     .fused_gate_up = true,
+     .longrope = true},
+    {.arch = "gptneox",
+     .qkv_bias = true,
+     .requires_qkv_bias = true,
+     .o_mlp_bias = true,
+     .untied_only = true,
+     .fused_qkv = true,
+     .neox_block = true,
+     .requires_o_mlp_bias = true},
 };
 
 // What llama.cpp's Gemma graphs fix (model/gguf_config.h GgufGemmaGraph) must be what `c` says.
@@ -217,9 +237,23 @@ absl::Status CheckExpressible(const ModelConfig& c, const GgufGraphRules& r) {
   if (c.rope_scaling.type == RopeScaling::Type::kLongRope && !r.longrope) {
     return absl::InvalidArgumentError(StrCat(who, "with longrope rope_scaling", why, "has no LongRoPE factors"));
   }
-  if (c.fused.qkv != r.fused || c.fused.gate_up != r.fused) {
-    return absl::InvalidArgumentError(StrCat(who, r.fused ? "with q, k, v or gate, up apart" : "with fused projections",
-                                             why, r.fused ? "reads them fused" : "reads them apart"));
+  if (c.fused.qkv != r.fused_qkv || c.fused.gate_up != r.fused_gate_up) {
+    return absl::InvalidArgumentError(StrCat(
+        who, "with q, k, v ", c.fused.qkv ? "fused" : "apart", " and gate, up ", c.fused.gate_up ? "fused" : "apart",
+        why, "reads q, k, v ", r.fused_qkv ? "fused" : "apart", " and gate, up ", r.fused_gate_up ? "fused" : "apart"));
+  }
+  const bool neox_block = c.norm_kind == NormKind::kLayerNorm && !c.gated_mlp;
+  if (neox_block != r.neox_block || (!r.neox_block && c.rotary_dim() != c.head_dim)) {
+    return absl::InvalidArgumentError(
+        StrCat(who, "with its norms, MLP and rotary share", why,
+               r.neox_block ? "has LayerNorms and a plain MLP" : "has RMSNorms, a gated MLP and rotates whole heads"));
+  }
+  if (r.neox_block && c.mlp_activation != MlpActivation::kGelu && c.mlp_activation != MlpActivation::kGeluTanh) {
+    return absl::InvalidArgumentError(
+        StrCat(who, "with hidden_act ", internal::ActivationName(c.mlp_activation), why, "applies GELU"));
+  }
+  if (r.requires_o_mlp_bias && !(c.o_bias && c.mlp_bias)) {
+    return absl::InvalidArgumentError(StrCat(who, "without o_proj and MLP biases", why, "requires them"));
   }
   if (c.qkv_bias && !r.qkv_bias) {
     return absl::InvalidArgumentError(StrCat(who, "with attention biases", why, "has no such tensors"));
@@ -315,7 +349,8 @@ class TensorPlanner {
 
   // A tensor the file requires. 2-D tensors take MatrixFormatFor(matrix format, cols), 1-D ones
   // F32.
-  absl::Status Add(std::string name, const at::Tensor& t, std::vector<int64_t> shape, int64_t rope_heads = 0) {
+  absl::Status Add(std::string name, const at::Tensor& t, std::vector<int64_t> shape, int64_t rope_heads = 0,
+                   int64_t qkv_heads = 0) {
     if (name.size() > internal::kGgufMaxTensorName) {
       return absl::InvalidArgumentError(
           StrCat("tensor name '", name, "' is longer than ", internal::kGgufMaxTensorName));
@@ -332,6 +367,7 @@ class TensorPlanner {
     p.shape = std::move(shape);
     p.format = p.shape.size() == 2 ? MatrixFormatFor(matrix_format_, p.shape[1]) : WeightFormat::kF32;
     p.rope_heads = rope_heads;
+    p.qkv_heads = qkv_heads;
     plans_.push_back(std::move(p));
     return absl::OkStatus();
   }
@@ -392,7 +428,7 @@ absl::StatusOr<std::vector<TensorPlan>> PlanTensors(const ModelConfig& c, const 
     // llama.cpp's Gemma graphs scale by the stored norm weight, Hugging Face's by (1 + w): the file holds 1 + w.
     const bool offset = s.norm && s.slot->defined() && c.norm_weight_offset != 0;
     const at::Tensor source = offset ? s.slot->detach() + c.norm_weight_offset : *s.slot;
-    SEEDLING_RETURN_IF_ERROR(planner.Add(s.name, source, s.shape, s.rope_heads));
+    SEEDLING_RETURN_IF_ERROR(planner.Add(s.name, source, s.shape, s.rope_heads, s.qkv_heads));
   }
   return std::move(planner.plans());
 }
@@ -423,7 +459,8 @@ at::Tensor PermuteRopeRows(const at::Tensor& t, int64_t heads) {
 // F32 source that needs neither is returned as is, without a copy.
 absl::StatusOr<at::Tensor> FileData(const TensorPlan& p) {
   SEEDLING_ASSIGN_OR_RETURN(const at::Tensor converted, ToFileFormat(p));
-  return PermuteRopeRows(converted, p.rope_heads).contiguous();
+  const at::Tensor blocks = p.qkv_heads > 0 ? QkvRowsToBlocks(converted, p.qkv_heads) : converted;
+  return PermuteRopeRows(blocks, p.rope_heads).contiguous();
 }
 
 // The header: magic, version, counts, `md` (consumed), the tensor infos with offsets packed in
@@ -606,8 +643,8 @@ absl::Status AddHyperparameters(const ModelConfig& c, const std::string& arch, c
   md.U32(p + "feed_forward_length", c.intermediate_size);
   md.U32(p + "attention.head_count", c.num_attention_heads);
   md.U32(p + "attention.head_count_kv", c.num_key_value_heads);
-  md.F32(p + "attention.layer_norm_rms_epsilon", c.rms_norm_eps);
-  md.U32(p + "rope.dimension_count", c.head_dim);
+  md.F32(p + GgufNormEpsilonKey(c), c.rms_norm_eps);
+  md.U32(p + "rope.dimension_count", c.rotary_dim());
   md.F32(p + "rope.freq_base", c.rope_theta);
   if (c.q_dim() != c.hidden_size) {
     // llama.cpp otherwise assumes head_dim = hidden_size / num_attention_heads.
@@ -623,6 +660,7 @@ absl::Status AddHyperparameters(const ModelConfig& c, const std::string& arch, c
     }
   }
   if (arch == "phi3") md.U32(p + "attention.sliding_window", c.sliding_window.value_or(0));  // 0 = none
+  if (arch == "gptneox") md.Bool(p + "use_parallel_residual", c.parallel_residual);
   if (c.rope_scaling.type == RopeScaling::Type::kLinear) {
     md.Str(p + "rope.scaling.type", "linear");
     md.F32(p + "rope.scaling.factor", c.rope_scaling.factor);
@@ -665,7 +703,9 @@ absl::StatusOr<std::vector<TensorPlan>> PlanLoraTensors(const ModelConfig& c, co
     const std::vector<int64_t> shape = ProjectionShape(c, pair.projection);  // (out, in)
     SEEDLING_RETURN_IF_ERROR(planner.Add(base + ".lora_a", pair.a, {rank, shape[1]}));
     // B's rows are the projection's output rows, so q / k rows move as the base weight's do.
-    SEEDLING_RETURN_IF_ERROR(planner.Add(base + ".lora_b", pair.b, {shape[0], rank}, RopeHeads(c, pair.projection)));
+    const int64_t qkv_heads = pair.projection == Projection::kQkv && c.fused.qkv_per_head ? c.num_attention_heads : 0;
+    SEEDLING_RETURN_IF_ERROR(
+        planner.Add(base + ".lora_b", pair.b, {shape[0], rank}, RopeHeads(c, pair.projection), qkv_heads));
   }
   return std::move(planner.plans());
 }

@@ -47,7 +47,7 @@ absl::Status ReadSizes(const GgufFile& f, const std::string& p, ModelConfig& c) 
   if (experts.value_or(0) > 0) {
     return FileError(f, StrCat(p, "expert_count is ", *experts, ": mixture-of-experts models are not supported"));
   }
-  SEEDLING_ASSIGN_OR_RETURN(const float eps, f.GetF32(p + "attention.layer_norm_rms_epsilon"));
+  SEEDLING_ASSIGN_OR_RETURN(const float eps, f.GetF32(p + GgufNormEpsilonKey(c)));
   c.rms_norm_eps = Widen(eps);
   return absl::OkStatus();
 }
@@ -215,6 +215,13 @@ absl::Status ReadPhi3(const GgufFile& f, const std::string& p, ModelConfig& c) {
   return has_long ? ReadLongRope(f, p, c) : absl::OkStatus();
 }
 
+// gptneox: attention and MLP in parallel unless use_parallel_residual says otherwise (llama.cpp's default: true).
+absl::Status ReadGptNeoX(const GgufFile& f, const std::string& p, ModelConfig& c) {
+  SEEDLING_ASSIGN_OR_RETURN(const std::optional<bool> parallel, Optional(f.GetBool(p + "use_parallel_residual")));
+  c.parallel_residual = parallel.value_or(true);
+  return absl::OkStatus();
+}
+
 absl::StatusOr<RopeScaling> Llama3FromRopeFreqs(const GgufFile& f, const ModelConfig& c) {
   SEEDLING_ASSIGN_OR_RETURN(const std::vector<double> factors, RopeFactorTensor(f, "rope_freqs.weight", c, 1 - 1e-6));
   for (const RopeScaling& candidate : Llama3Candidates(c, factors)) {
@@ -249,9 +256,17 @@ absl::Status ReadRope(const GgufFile& f, const std::string& p, std::string_view 
   SEEDLING_ASSIGN_OR_RETURN(std::optional<float> theta, Optional(f.GetF32(p + "rope.freq_base")));
   c.rope_theta = theta.has_value() ? Widen(*theta) : 10000.0;
   SEEDLING_ASSIGN_OR_RETURN(std::optional<uint32_t> rotated, Optional(f.GetU32(p + "rope.dimension_count")));
-  if (rotated.has_value() && *rotated != c.head_dim) {
-    return FileError(f, StrCat(p, "rope.dimension_count ", *rotated, " differs from the head size ", c.head_dim,
-                               ": partial rotary embeddings are not supported"));
+  if (rotated.has_value() && *rotated != c.rotary_dim()) {
+    // A family whose block rotates a share of each head (its default below 1) takes the file's share.
+    if (c.partial_rotary_factor == 1.0 || *rotated == 0 || *rotated > c.head_dim) {
+      return FileError(f, StrCat(p, "rope.dimension_count ", *rotated, " differs from the head size ", c.head_dim,
+                                 ": partial rotary embeddings are not supported for ", arch));
+    }
+    c.partial_rotary_factor = static_cast<double>(*rotated) / static_cast<double>(c.head_dim);
+    if (c.rotary_dim() != static_cast<int64_t>(*rotated)) {
+      return FileError(f, StrCat(p, "rope.dimension_count ", *rotated, " is not a share of head size ", c.head_dim,
+                                 " that reads back exactly"));
+    }
   }
   SEEDLING_RETURN_IF_ERROR(ReadLinearScaling(f, p, c));
   if (f.FindTensor("rope_freqs.weight") == nullptr) return absl::OkStatus();
@@ -279,7 +294,7 @@ absl::Status ReadSpecialIds(const GgufFile& f, ModelConfig& c) {
 void ReadLayout(const GgufFile& f, ModelConfig& c) {
   auto has = [&](const char* name) { return f.FindTensor(name) != nullptr; };
   c.tie_word_embeddings = !has("output.weight");
-  c.qkv_bias = has("blk.0.attn_q.bias");
+  c.qkv_bias = has("blk.0.attn_q.bias") || has("blk.0.attn_qkv.bias");
   c.o_bias = has("blk.0.attn_output.bias");
   c.mlp_bias = has("blk.0.ffn_gate.bias") || has("blk.0.ffn_up.bias") || has("blk.0.ffn_down.bias");
   const GgufTensorInfo* embed = f.FindTensor("token_embd.weight");
@@ -343,6 +358,7 @@ absl::StatusOr<ModelConfig> ConfigFromGguf(const GgufFile& file) {
   ReadLayout(file, c);
   if (const GgufGemmaGraph* graph = GemmaGraphOf(arch)) SEEDLING_RETURN_IF_ERROR(ReadGemma(file, p, *graph, c));
   if (arch == "phi3") SEEDLING_RETURN_IF_ERROR(ReadPhi3(file, p, c));
+  if (arch == "gptneox") SEEDLING_RETURN_IF_ERROR(ReadGptNeoX(file, p, c));
   const absl::Status valid = c.Validate();
   if (!valid.ok()) return Annotate(valid, StrCat("GGUF file '", file.path(), "'"));
   return c;
@@ -359,6 +375,10 @@ const GgufGemmaGraph* GemmaGraphOf(std::string_view arch) {
     if (g.arch == arch) return &g;
   }
   return nullptr;
+}
+
+std::string GgufNormEpsilonKey(const ModelConfig& c) {
+  return c.norm_kind == NormKind::kLayerNorm ? "attention.layer_norm_epsilon" : "attention.layer_norm_rms_epsilon";
 }
 
 bool IsGgufPath(const std::string& path) {

@@ -62,6 +62,10 @@ struct GgufGemmaGraph {
 // The graph of a GGUF architecture name; null for any other.
 const GgufGemmaGraph* GemmaGraphOf(std::string_view arch);
 
+// The key (after "<arch>.") of the norms' epsilon: "attention.layer_norm_epsilon" for LayerNorms (gptneox),
+// "attention.layer_norm_rms_epsilon" for RMSNorms.
+std::string GgufNormEpsilonKey(const ModelConfig& config);
+
 // True if `path` names a GGUF file: it ends in ".gguf", or it is a regular file starting with the
 // magic "GGUF". Never fails (an unreadable file is simply not recognized).
 bool IsGgufPath(const std::string& path);

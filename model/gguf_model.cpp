@@ -44,22 +44,26 @@ std::vector<GgufWeightSlot> GgufWeightSlots(const ModelConfig& c, ModelWeights& 
   const bool permuted = GgufPermutesQk(c);
   const int64_t q_heads = permuted ? c.num_attention_heads : 0;
   const int64_t k_heads = permuted ? c.num_key_value_heads : 0;
+  const int64_t qkv_heads = c.fused.qkv_per_head ? c.num_attention_heads : 0;
+  const bool layer_norm = c.norm_kind == NormKind::kLayerNorm;
   std::vector<GgufWeightSlot> out;
   auto add = [&](std::string name, std::vector<int64_t> shape, at::Tensor* slot, int64_t rope_heads = 0) {
     out.push_back({std::move(name), std::move(shape), slot, rope_heads});
   };
-  auto norm = [&](std::string name, int64_t size, at::Tensor* slot) {
-    out.push_back({std::move(name), {size}, slot, 0, /*norm=*/true});
+  // A norm's weight and, for a LayerNorm, its bias ("<name>.weight", "<name>.bias").
+  auto norm = [&](const std::string& name, int64_t size, at::Tensor* weight, at::Tensor* bias = nullptr) {
+    out.push_back({name + ".weight", {size}, weight, 0, /*norm=*/true});
+    if (layer_norm && bias != nullptr) out.push_back({name + ".bias", {size}, bias});
   };
   add("token_embd.weight", {V, H}, &w.embed);
   w.layers.resize(c.num_hidden_layers);
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
     LayerWeights& l = w.layers[i];
     const std::string b = StrCat("blk.", i, ".");
-    if (c.norms.pre_attention) norm(b + "attn_norm.weight", H, &l.input_norm);
-    if (c.fused.qkv) {  // llama.cpp's phi3: rows q | k | v
-      add(b + "attn_qkv.weight", {q + 2 * kv, H}, &l.qkv);
-      if (c.qkv_bias) add(b + "attn_qkv.bias", {q + 2 * kv}, &l.qkv_bias);
+    if (c.norms.pre_attention) norm(b + "attn_norm", H, &l.input_norm, &l.input_norm_bias);
+    if (c.fused.qkv) {  // llama.cpp's phi3 and gptneox: rows q | k | v
+      out.push_back({b + "attn_qkv.weight", {q + 2 * kv, H}, &l.qkv, 0, false, qkv_heads});
+      if (c.qkv_bias) out.push_back({b + "attn_qkv.bias", {q + 2 * kv}, &l.qkv_bias, 0, false, qkv_heads});
     } else {
       add(b + "attn_q.weight", {q, H}, &l.q, q_heads);
       if (c.qkv_bias) add(b + "attn_q.bias", {q}, &l.q_bias, q_heads);
@@ -71,28 +75,49 @@ std::vector<GgufWeightSlot> GgufWeightSlots(const ModelConfig& c, ModelWeights& 
     add(b + "attn_output.weight", {H, q}, &l.o);
     if (c.o_bias) add(b + "attn_output.bias", {H}, &l.o_bias);
     if (c.qk_norm != QkNorm::kNone) {
-      norm(b + "attn_q_norm.weight", c.q_norm_size(), &l.q_norm);
-      norm(b + "attn_k_norm.weight", c.k_norm_size(), &l.k_norm);
+      norm(b + "attn_q_norm", c.q_norm_size(), &l.q_norm);
+      norm(b + "attn_k_norm", c.k_norm_size(), &l.k_norm);
     }
-    if (c.norms.attention_output) norm(b + "post_attention_norm.weight", H, &l.attention_output_norm);
-    if (c.norms.pre_mlp) norm(b + "ffn_norm.weight", H, &l.pre_mlp_norm);
+    if (c.norms.attention_output) {
+      norm(b + "post_attention_norm", H, &l.attention_output_norm, &l.attention_output_norm_bias);
+    }
+    if (c.norms.pre_mlp) norm(b + "ffn_norm", H, &l.pre_mlp_norm, &l.pre_mlp_norm_bias);
     if (c.fused.gate_up) {  // llama.cpp's phi3: ffn_up holds gate | up
       add(b + "ffn_up.weight", {2 * I, H}, &l.gate_up);
       if (c.mlp_bias) add(b + "ffn_up.bias", {2 * I}, &l.gate_up_bias);
     } else {
-      add(b + "ffn_gate.weight", {I, H}, &l.gate);
-      if (c.mlp_bias) add(b + "ffn_gate.bias", {I}, &l.gate_bias);
+      if (c.gated_mlp) add(b + "ffn_gate.weight", {I, H}, &l.gate);
+      if (c.gated_mlp && c.mlp_bias) add(b + "ffn_gate.bias", {I}, &l.gate_bias);
       add(b + "ffn_up.weight", {I, H}, &l.up);
       if (c.mlp_bias) add(b + "ffn_up.bias", {I}, &l.up_bias);
     }
     add(b + "ffn_down.weight", {H, I}, &l.down);
     if (c.mlp_bias) add(b + "ffn_down.bias", {H}, &l.down_bias);
-    if (c.norms.mlp_output) norm(b + "post_ffw_norm.weight", H, &l.mlp_output_norm);
+    if (c.norms.mlp_output) norm(b + "post_ffw_norm", H, &l.mlp_output_norm, &l.mlp_output_norm_bias);
   }
-  norm("output_norm.weight", H, &w.final_norm);
+  norm("output_norm", H, &w.final_norm, &w.final_norm_bias);
   // A tied head is left out: llama.cpp then reads token_embd.weight for the output projection.
   if (!c.tie_word_embeddings) add("output.weight", {V, H}, &w.lm_head);
   return out;
+}
+
+namespace {
+
+// A per-head q | k | v tensor's rows as (first, second, D, rest...) for a swap of the first two.
+std::vector<int64_t> QkvSplit(const at::Tensor& t, int64_t first, int64_t second) {
+  std::vector<int64_t> split = {first, second, t.size(0) / (first * second)};
+  split.insert(split.end(), t.sizes().begin() + 1, t.sizes().end());
+  return split;
+}
+
+}  // namespace
+
+at::Tensor QkvRowsToBlocks(const at::Tensor& t, int64_t heads) {
+  return t.reshape(QkvSplit(t, heads, 3)).transpose(0, 1).reshape(t.sizes());
+}
+
+at::Tensor QkvRowsToHeads(const at::Tensor& t, int64_t heads) {
+  return t.reshape(QkvSplit(t, 3, heads)).transpose(0, 1).reshape(t.sizes());
 }
 
 namespace {
@@ -191,6 +216,10 @@ absl::StatusOr<at::Tensor> LoadTensor(const GgufFile& f, const GgufTensorInfo& t
   at::Tensor out = MappedTensor(t, *storage, copied);
   if (e.rope_heads > 0) {
     out = UndoRopeInterleave(out, e.rope_heads);
+    copied = true;
+  }
+  if (e.qkv_heads > 0) {
+    out = QkvRowsToHeads(out, e.qkv_heads).contiguous();
     copied = true;
   }
   const bool to_fp32 = !matrix || precision == WeightPrecision::kFloat32;
@@ -377,7 +406,8 @@ std::vector<HeldMatrix> GgufStreamableMatrices(const GgufFile& file, const Model
   ModelWeights slots;
   for (const GgufWeightSlot& e : GgufWeightSlots(config, slots)) {
     const bool head = e.name == "output.weight" || (config.tie_word_embeddings && e.name == "token_embd.weight");
-    if (e.shape.size() != 2 || (!head && !e.name.starts_with("blk.")) || e.rope_heads > 0) continue;
+    const bool reordered = e.rope_heads > 0 || e.qkv_heads > 0;  // copied at load
+    if (e.shape.size() != 2 || (!head && !e.name.starts_with("blk.")) || reordered) continue;
     const GgufTensorInfo* t = file.FindTensor(e.name);
     if (t == nullptr || t->shape != e.shape) continue;
     const std::optional<WeightFormat> held = MatrixFormatOf(t->type);

@@ -36,7 +36,15 @@ struct GgufWeightSlot {
   at::Tensor* slot = nullptr;
   int64_t rope_heads = 0;  // > 0: the file holds the rows in GGML's interleaved RoPE order within this many heads
   bool norm = false;       // a norm weight: the file holds its scale, w + ModelConfig::norm_weight_offset
+  // > 0: Hugging Face holds the rows per head, q_h | k_h | v_h for this many heads (GPT-NeoX's query_key_value),
+  // the file in blocks q | k | v, as llama.cpp's converter reorders them.
+  int64_t qkv_heads = 0;
 };
+
+// The rows of a fused per-head q | k | v tensor (weight (3 heads D, ...) or bias) reordered from Hugging Face's
+// per-head layout to llama.cpp's blocks, and back. Rows move whole, so block matrices reorder without decoding.
+at::Tensor QkvRowsToBlocks(const at::Tensor& t, int64_t heads);
+at::Tensor QkvRowsToHeads(const at::Tensor& t, int64_t heads);
 // Every weight tensor a GGUF file of `config`'s architecture holds, in the order the export writes them, pointing
 // into `weights` (whose layers it sizes): the one list both WriteGguf (model/gguf.h) and WeightsFromGguf follow.
 // Tensors computed from the config (rope_freqs.weight, rope_factors_*.weight) are not weights and not listed.

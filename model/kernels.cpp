@@ -441,6 +441,28 @@ at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return x * InverseRms(x, eps) * w;
 }
 
+at::Tensor LayerNorm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  return at::layer_norm(x, {x.size(-1)}, AsCompute(weight), AsCompute(bias), eps);
+}
+
+at::Tensor Norm(NormKind kind, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  return kind == NormKind::kLayerNorm ? LayerNorm(x, weight, bias, eps) : RmsNorm(x, weight, eps);
+}
+
+at::Tensor Activation(const at::Tensor& x, MlpActivation activation) {
+  switch (activation) {
+    case MlpActivation::kSilu:
+      return at::silu(x);
+    case MlpActivation::kGeluTanh:
+      return at::gelu(x, "tanh");
+    case MlpActivation::kGelu:
+      return at::gelu(x);
+    case MlpActivation::kRelu:
+      return at::relu(x);
+  }
+  return x;
+}
+
 at::Tensor SwiGlu(const at::Tensor& gate, const at::Tensor& up) {
   if (RecordsBackward({gate, up})) return SwiGluFunction::apply(gate, up);
   return at::silu(gate) * up;
@@ -448,6 +470,7 @@ at::Tensor SwiGlu(const at::Tensor& gate, const at::Tensor& up) {
 
 at::Tensor GatedActivation(const at::Tensor& gate, const at::Tensor& up, MlpActivation activation) {
   if (activation == MlpActivation::kSilu) return SwiGlu(gate, up);
+  if (activation != MlpActivation::kGeluTanh) return Activation(gate, activation) * up;
   if (RecordsBackward({gate, up})) return GeGluFunction::apply(gate, up);
   return at::gelu(gate, "tanh") * up;
 }
@@ -464,6 +487,8 @@ RopeTables MakeRopeTables(const at::Tensor& inv_freq, int64_t start, int64_t len
 }
 
 at::Tensor ApplyRope(const at::Tensor& x, const RopeTables& rope) {
+  const int64_t rotated = 2 * rope.cos.size(-1), d = x.size(-1);
+  if (rotated < d) return at::cat({ApplyRope(x.narrow(-1, 0, rotated), rope), x.narrow(-1, rotated, d - rotated)}, -1);
   const at::Tensor c = rope.cos.to(x.scalar_type()), s = rope.sin.to(x.scalar_type());  // tables are fp64
   if (RecordsBackward({x})) return RopeFunction::apply(x, c, s);
   if (IsDual(x)) {  // forward-mode AD (reference mode): LibTorch differentiates the plain expression
@@ -640,6 +665,59 @@ at::Tensor RmsNormTangents(const at::Tensor& x, const at::Tensor& weight, double
   return out;
 }
 
+namespace {
+
+// act'(x) · scale, elementwise.
+at::Tensor ActivationSlope(const at::Tensor& x, MlpActivation activation, const at::Tensor& scale) {
+  switch (activation) {
+    case MlpActivation::kSilu:
+      return at::silu_backward(scale, x);
+    case MlpActivation::kGeluTanh:
+      return at::gelu_backward(scale, x, "tanh");
+    case MlpActivation::kGelu:
+      return at::gelu_backward(scale, x);
+    case MlpActivation::kRelu:
+      return x.gt(0).to(x.scalar_type()).mul_(scale);
+  }
+  return scale;
+}
+
+}  // namespace
+
+at::Tensor LayerNormTangents(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  const int64_t directions = x.size(0) - 1, h = x.size(-1);
+  const at::Tensor x0 = x.select(0, 0);
+  const at::Tensor w = AsCompute(weight);
+  auto [y0, mean, inv_std] = at::native_layer_norm(x0, {h}, w, AsCompute(bias), eps);
+  at::Tensor out = at::empty_like(x);
+  out.select(0, 0).copy_(y0);  // exactly LayerNorm(x0)
+  if (directions > 0) {
+    const at::Tensor xhat = (x0 - mean) * inv_std;
+    at::Tensor dx = x.narrow(0, 1, directions);
+    at::Tensor d = dx - dx.mean({-1}, /*keepdim=*/true);
+    d.sub_(xhat * (xhat * dx).mean({-1}, /*keepdim=*/true));
+    out.narrow(0, 1, directions).copy_(d.mul_(inv_std * w));
+  }
+  return out;
+}
+
+at::Tensor NormTangents(NormKind kind, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                        double eps) {
+  return kind == NormKind::kLayerNorm ? LayerNormTangents(x, weight, bias, eps) : RmsNormTangents(x, weight, eps);
+}
+
+at::Tensor ActivationTangents(const at::Tensor& x, MlpActivation activation) {
+  const int64_t directions = x.size(0) - 1;
+  const at::Tensor x0 = x.select(0, 0);
+  at::Tensor out = at::empty_like(x);
+  out.select(0, 0).copy_(Activation(x0, activation));
+  if (directions > 0) {
+    at::Tensor d = out.narrow(0, 1, directions);
+    at::mul_out(d, x.narrow(0, 1, directions), ActivationSlope(x0, activation, at::ones_like(x0)));
+  }
+  return out;
+}
+
 at::Tensor SwiGluTangents(const at::Tensor& gate, const at::Tensor& up) {
   const int64_t directions = gate.size(0) - 1;
   const at::Tensor g0 = gate.select(0, 0), u0 = up.select(0, 0);
@@ -662,14 +740,14 @@ at::Tensor GatedActivationTangents(const at::Tensor& gate, const at::Tensor& up,
   if (activation == MlpActivation::kSilu) return SwiGluTangents(gate, up);
   const int64_t directions = gate.size(0) - 1;
   const at::Tensor g0 = gate.select(0, 0), u0 = up.select(0, 0);
-  const at::Tensor gelu = at::gelu(g0, "tanh");
+  const at::Tensor act = Activation(g0, activation);
   at::Tensor out = at::empty_like(gate);
-  out.select(0, 0).copy_(gelu * u0);  // exactly at::gelu(gate, "tanh") * up
+  out.select(0, 0).copy_(act * u0);  // exactly GatedActivation(gate, up)
   if (directions > 0) {
-    const at::Tensor dgelu_u = at::gelu_backward(u0, g0, "tanh");  // gelu'(g) · u
+    const at::Tensor dact_u = ActivationSlope(g0, activation, u0);  // act'(g) · u
     at::Tensor d = out.narrow(0, 1, directions);
-    at::mul_out(d, gate.narrow(0, 1, directions), dgelu_u);
-    d.addcmul_(up.narrow(0, 1, directions), gelu);
+    at::mul_out(d, gate.narrow(0, 1, directions), dact_u);
+    d.addcmul_(up.narrow(0, 1, directions), act);
   }
   return out;
 }

@@ -80,6 +80,16 @@ at::Tensor Checkpoint(LayerFn fn, const at::Tensor& x, std::vector<at::Tensor> p
 // only x and the rows' 1/rms for backward.
 at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps);
 
+// LayerNorm over the last dimension, (x − mean(x)) · rsqrt(var(x) + eps) · weight + bias with the biased
+// variance, as torch.nn.LayerNorm (LibTorch's kernel, which keeps x and each row's mean and 1/std for backward).
+at::Tensor LayerNorm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps);
+
+// The block's norm as `kind` says: RmsNorm (which has no bias) or LayerNorm.
+at::Tensor Norm(NormKind kind, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps);
+
+// act(x), the plain MLP's activation (LibTorch's kernels, which keep x for backward).
+at::Tensor Activation(const at::Tensor& x, MlpActivation activation);
+
 // silu(gate) · up, the gated MLP's activation. Under reverse-mode autograd it keeps only gate and up
 // (backward recomputes silu).
 at::Tensor SwiGlu(const at::Tensor& gate, const at::Tensor& up);
@@ -108,9 +118,10 @@ struct RopeTables {
 };
 RopeTables MakeRopeTables(const at::Tensor& inv_freq, int64_t start, int64_t length);
 
-// Applies RoPE in the Hugging Face "rotate half" layout (first half / second half of each head, not
-// interleaved) to x (B, heads, T, D), writing both halves into one output. Under reverse-mode autograd a
-// custom function whose backward rotates the gradient back (it keeps no slices of x).
+// Applies RoPE in the Hugging Face "rotate half" layout (first half / second half of the rotated dimensions,
+// not interleaved) to x (B, heads, T, D), writing both halves into one output. Tables narrower than D / 2
+// (ModelConfig::partial_rotary_factor) rotate the first 2 · cols dimensions and pass the rest through. Under
+// reverse-mode autograd a custom function whose backward rotates the gradient back (it keeps no slices of x).
 at::Tensor ApplyRope(const at::Tensor& x, const RopeTables& rope);
 
 // Causal grouped-query attention.
@@ -135,6 +146,17 @@ at::Tensor GroupedQueryAttention(const at::Tensor& q, const at::Tensor& k, const
 
 // RmsNorm: d/dx [x r g] · dx = g r (dx − x r² mean(x dx)), r = rsqrt(mean(x²) + eps).
 at::Tensor RmsNormTangents(const at::Tensor& x, const at::Tensor& weight, double eps);
+
+// LayerNorm: with x̂ = (x − mean(x)) r, r = rsqrt(var(x) + eps): d = g r (dx − mean(dx) − x̂ mean(x̂ dx)); the
+// bias belongs to slice 0.
+at::Tensor LayerNormTangents(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps);
+
+// Norm on stacked tangents: RmsNormTangents or LayerNormTangents.
+at::Tensor NormTangents(NormKind kind, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                        double eps);
+
+// Activation on stacked x: d = act'(x) dx.
+at::Tensor ActivationTangents(const at::Tensor& x, MlpActivation activation);
 
 // silu(gate) · up, for gate and up stacked alike: d = silu'(g) dg · u + silu(g) · du,
 // silu'(g) = σ(g) (1 + g (1 − σ(g))).

@@ -75,9 +75,14 @@ QkvOutputs ProjectQkv(const ModelConfig& c, const LayerWeights& w, ProjectFn pro
     return {project(Projection::kQ, w.q, w.q_bias), project(Projection::kK, w.k, w.k_bias),
             project(Projection::kV, w.v, w.v_bias)};
   }
+  const at::Tensor fused = project(Projection::kQkv, w.qkv, w.qkv_bias);
+  if (c.fused.qkv_per_head) {
+    // Rows q_h | k_h | v_h per head (GPT-NeoX): (..., heads, 3, D), each part gathered back to (..., heads * D).
+    const std::vector<at::Tensor> parts = fused.unflatten(-1, {c.num_attention_heads, 3, c.head_dim}).unbind(-2);
+    return {parts[0].flatten(-2), parts[1].flatten(-2), parts[2].flatten(-2)};
+  }
   // split's backward concatenates the parts' gradients into one tensor (narrow's would zero-fill three).
-  const std::vector<at::Tensor> parts =
-      project(Projection::kQkv, w.qkv, w.qkv_bias).split_with_sizes({c.q_dim(), c.kv_dim(), c.kv_dim()}, -1);
+  const std::vector<at::Tensor> parts = fused.split_with_sizes({c.q_dim(), c.kv_dim(), c.kv_dim()}, -1);
   return {parts[0], parts[1], parts[2]};
 }
 
@@ -120,6 +125,10 @@ LlamaModel::LayerRopes LlamaModel::MakeRopes(int64_t start, int64_t length, at::
 
 at::Tensor LlamaModel::NormWeight(const at::Tensor& w) const {
   return config_.norm_weight_offset == 0 ? w : w + config_.norm_weight_offset;
+}
+
+at::Tensor LlamaModel::FinalNorm(const at::Tensor& x, NormFn norm) const {
+  return norm(config_.norm_kind, x, NormWeight(weights_.final_norm), weights_.final_norm_bias, config_.rms_norm_eps);
 }
 
 namespace {
@@ -258,12 +267,17 @@ at::Tensor LlamaModel::Mlp(int64_t layer, const at::Tensor& x, const ForwardOpti
 at::Tensor LlamaModel::MlpRows(int64_t layer, const at::Tensor& x, const ForwardOptions& options,
                                LayerOutput output) const {
   const LayerWeights& w = weights_.layers[static_cast<size_t>(layer)];
-  const auto [gate, up] =
-      ProjectGateUp(config_, w, [&](Projection p, const at::Tensor& weight, const at::Tensor& bias) {
-        return Project(layer, p, x, weight, bias, options);
-      });  // (..., I) each
-  return Project(layer, Projection::kDown, GatedActivation(gate, up, config_.mlp_activation), w.down, w.down_bias,
-                 options, output);  // (..., H)
+  at::Tensor hidden;  // (..., I)
+  if (config_.gated_mlp) {
+    const auto [gate, up] =
+        ProjectGateUp(config_, w, [&](Projection p, const at::Tensor& weight, const at::Tensor& bias) {
+          return Project(layer, p, x, weight, bias, options);
+        });
+    hidden = GatedActivation(gate, up, config_.mlp_activation);
+  } else {
+    hidden = Activation(Project(layer, Projection::kUp, x, w.up, w.up_bias, options), config_.mlp_activation);
+  }
+  return Project(layer, Projection::kDown, hidden, w.down, w.down_bias, options, output);  // (..., H)
 }
 
 at::Tensor LlamaModel::DecoderLayer(int64_t layer, const at::Tensor& x, const RopeTables& rope,
@@ -279,12 +293,12 @@ at::Tensor LlamaModel::DecoderLayerImpl(int64_t layer, const at::Tensor& x, cons
   const int64_t hq = config_.num_attention_heads, hkv = config_.num_key_value_heads, d = config_.head_dim;
 
   // Attention block.
-  const at::Tensor h = MaybeNorm(config_.norms.pre_attention, x, w.input_norm, RmsNorm);  // (B, T, H)
+  const at::Tensor h = MaybeNorm(config_.norms.pre_attention, x, w.input_norm, w.input_norm_bias, Norm);  // (B, T, H)
   const QkvOutputs qkv = ProjectQkv(config_, w, [&](Projection p, const at::Tensor& weight, const at::Tensor& bias) {
     return Project(layer, p, h, weight, bias, options);
   });
-  at::Tensor q = QkHeads(qkv.q, hq, w.q_norm, RmsNorm).transpose(1, 2);
-  at::Tensor k = QkHeads(qkv.k, hkv, w.k_norm, RmsNorm).transpose(1, 2);
+  at::Tensor q = QkHeads(qkv.q, hq, w.q_norm, Norm).transpose(1, 2);
+  at::Tensor k = QkHeads(qkv.k, hkv, w.k_norm, Norm).transpose(1, 2);
   at::Tensor v = qkv.v.view({b, t, hkv, d}).transpose(1, 2);
   q = ApplyRope(q, rope);  // (B, Hq, T, D)
   k = ApplyRope(k, rope);  // (B, Hkv, T, D)
@@ -300,19 +314,25 @@ at::Tensor LlamaModel::DecoderLayerImpl(int64_t layer, const at::Tensor& x, cons
                                                 config_.attention_scale)  // (B, Hq, T, D)
                               .transpose(1, 2)
                               .reshape({b, t, hq * d});
-  const at::Tensor x1 =
-      x + MaybeNorm(config_.norms.attention_output, Project(layer, Projection::kO, attn, w.o, w.o_bias, options),
-                    w.attention_output_norm, RmsNorm);
+  const at::Tensor attended =
+      MaybeNorm(config_.norms.attention_output, Project(layer, Projection::kO, attn, w.o, w.o_bias, options),
+                w.attention_output_norm, w.attention_output_norm_bias, Norm);
 
-  // MLP block. A norm on the MLP's output reads the down projection's values, which a graph-only
-  // recomputation would otherwise skip.
-  const at::Tensor m = MaybeNorm(config_.norms.pre_mlp, x1, w.pre_mlp_norm, RmsNorm);
-  if (!config_.norms.mlp_output) return x1 + Mlp(layer, m, options, output);
-  return x1 + RmsNorm(Mlp(layer, m, options), NormWeight(w.mlp_output_norm), config_.rms_norm_eps);
+  // MLP block: beside attention on the block's input (parallel residual), or after it. A norm on the MLP's
+  // output reads the down projection's values, which a graph-only recomputation would otherwise skip.
+  const at::Tensor x1 = config_.parallel_residual ? x : x + attended;
+  const at::Tensor m = config_.parallel_residual && !config_.norms.pre_mlp
+                           ? h
+                           : MaybeNorm(config_.norms.pre_mlp, x1, w.pre_mlp_norm, w.pre_mlp_norm_bias, Norm);
+  const at::Tensor mlp = config_.norms.mlp_output
+                             ? MaybeNorm(true, Mlp(layer, m, options), w.mlp_output_norm, w.mlp_output_norm_bias, Norm)
+                             : Mlp(layer, m, options, output);
+  return config_.parallel_residual ? x + attended + mlp : x1 + mlp;
 }
 
-at::Tensor LlamaModel::MaybeNorm(bool on, const at::Tensor& x, const at::Tensor& weight, NormFn norm) const {
-  return on ? norm(x, NormWeight(weight), config_.rms_norm_eps) : x;
+at::Tensor LlamaModel::MaybeNorm(bool on, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                 NormFn norm) const {
+  return on ? norm(config_.norm_kind, x, NormWeight(weight), bias, config_.rms_norm_eps) : x;
 }
 
 at::Tensor LlamaModel::QkHeads(const at::Tensor& projected, int64_t heads, const at::Tensor& norm,
@@ -324,9 +344,9 @@ at::Tensor LlamaModel::QkHeads(const at::Tensor& projected, int64_t heads, const
     case QkNorm::kNone:
       break;
     case QkNorm::kPerProjection:
-      return norm_fn(projected, NormWeight(norm), config_.rms_norm_eps).view(shape);
+      return norm_fn(NormKind::kRms, projected, NormWeight(norm), at::Tensor(), config_.rms_norm_eps).view(shape);
     case QkNorm::kPerHead:
-      return norm_fn(projected.view(shape), NormWeight(norm), config_.rms_norm_eps);
+      return norm_fn(NormKind::kRms, projected.view(shape), NormWeight(norm), at::Tensor(), config_.rms_norm_eps);
   }
   return projected.view(shape);
 }
@@ -348,12 +368,18 @@ at::Tensor LlamaModel::MlpTangents(int64_t layer, const at::Tensor& x, const For
   for (int64_t start = 0; start < rows; start += chunk) {
     // The MLP acts on each token alone: a chunk of tokens with all its slices is a complete sub-problem.
     const at::Tensor in = chunk == rows ? flat : flat.narrow(1, start, std::min(chunk, rows - start));
-    const auto [gate, up] =
-        ProjectGateUp(config_, w, [&](Projection p, const at::Tensor& weight, const at::Tensor& bias) {
-          return ProjectTangents(layer, p, in, weight, bias, options);
-        });
-    at::Tensor y = ProjectTangents(layer, Projection::kDown, GatedActivationTangents(gate, up, config_.mlp_activation),
-                                   w.down, w.down_bias, options);
+    at::Tensor hidden;
+    if (config_.gated_mlp) {
+      const auto [gate, up] =
+          ProjectGateUp(config_, w, [&](Projection p, const at::Tensor& weight, const at::Tensor& bias) {
+            return ProjectTangents(layer, p, in, weight, bias, options);
+          });
+      hidden = GatedActivationTangents(gate, up, config_.mlp_activation);
+    } else {
+      hidden = ActivationTangents(ProjectTangents(layer, Projection::kUp, in, w.up, w.up_bias, options),
+                                  config_.mlp_activation);
+    }
+    at::Tensor y = ProjectTangents(layer, Projection::kDown, hidden, w.down, w.down_bias, options);
     if (chunk == rows) return y.view(x.sizes());
     out.narrow(1, start, in.size(1)).copy_(y);
   }
@@ -367,12 +393,13 @@ at::Tensor LlamaModel::DecoderLayerTangents(int64_t layer, const at::Tensor& x, 
   const int64_t hq = config_.num_attention_heads, hkv = config_.num_key_value_heads, d = config_.head_dim;
 
   // Attention block. RoPE is linear: it rotates every slice alike.
-  const at::Tensor h = MaybeNorm(config_.norms.pre_attention, x, w.input_norm, RmsNormTangents);  // (1+K, B, T, H)
+  const at::Tensor h =
+      MaybeNorm(config_.norms.pre_attention, x, w.input_norm, w.input_norm_bias, NormTangents);  // (1+K, B, T, H)
   const QkvOutputs qkv = ProjectQkv(config_, w, [&](Projection p, const at::Tensor& weight, const at::Tensor& bias) {
     return ProjectTangents(layer, p, h, weight, bias, options);
   });
   auto heads = [&](const at::Tensor& projected, int64_t n, const at::Tensor& norm) {
-    return QkHeads(projected, n, norm, RmsNormTangents).transpose(2, 3);
+    return QkHeads(projected, n, norm, NormTangents).transpose(2, 3);
   };
   const at::Tensor q = ApplyRope(heads(qkv.q, hq, w.q_norm), rope);   // (1+K, B, Hq, T, D)
   const at::Tensor k = ApplyRope(heads(qkv.k, hkv, w.k_norm), rope);  // (1+K, B, Hkv, T, D)
@@ -381,13 +408,18 @@ at::Tensor LlamaModel::DecoderLayerTangents(int64_t layer, const at::Tensor& x, 
                                                         config_.attention_scale)  // (1+K, B, Hq, T, D)
                               .transpose(2, 3)
                               .reshape({slices, b, t, hq * d});
-  const at::Tensor x1 = x + MaybeNorm(config_.norms.attention_output,
-                                      ProjectTangents(layer, Projection::kO, attn, w.o, w.o_bias, options),
-                                      w.attention_output_norm, RmsNormTangents);
+  const at::Tensor attended =
+      MaybeNorm(config_.norms.attention_output, ProjectTangents(layer, Projection::kO, attn, w.o, w.o_bias, options),
+                w.attention_output_norm, w.attention_output_norm_bias, NormTangents);
 
-  // MLP block.
-  const at::Tensor m = MaybeNorm(config_.norms.pre_mlp, x1, w.pre_mlp_norm, RmsNormTangents);
-  return x1 + MaybeNorm(config_.norms.mlp_output, MlpTangents(layer, m, options), w.mlp_output_norm, RmsNormTangents);
+  // MLP block, as DecoderLayerImpl composes it.
+  const at::Tensor x1 = config_.parallel_residual ? x : x + attended;
+  const at::Tensor m = config_.parallel_residual && !config_.norms.pre_mlp
+                           ? h
+                           : MaybeNorm(config_.norms.pre_mlp, x1, w.pre_mlp_norm, w.pre_mlp_norm_bias, NormTangents);
+  const at::Tensor mlp = MaybeNorm(config_.norms.mlp_output, MlpTangents(layer, m, options), w.mlp_output_norm,
+                                   w.mlp_output_norm_bias, NormTangents);
+  return config_.parallel_residual ? x + attended + mlp : x1 + mlp;
 }
 
 std::vector<at::Tensor> LlamaModel::LayerTensors(int64_t layer, const ForwardOptions& options) const {
@@ -424,7 +456,7 @@ absl::StatusOr<at::Tensor> LlamaModel::Hidden(const at::Tensor& tokens, const Fo
         x = DecoderLayer(l, x, rope, options);
       }
     }
-    return RmsNorm(x, NormWeight(weights_.final_norm), config_.rms_norm_eps);
+    return FinalNorm(x, Norm);
   });
 }
 
@@ -496,7 +528,7 @@ absl::StatusOr<LlamaModel::LossJvps> LlamaModel::LossTangents(const at::Tensor& 
     for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
       x = DecoderLayerTangents(l, x, ropes.For(config_, l), options);
     }
-    x = RmsNormTangents(x, NormWeight(weights_.final_norm), config_.rms_norm_eps);
+    x = FinalNorm(x, NormTangents);
     LossJvps out;
     out.derivatives.assign(static_cast<size_t>(directions), 0.0);
     if (t < 2) return out;
@@ -582,7 +614,7 @@ absl::StatusOr<at::Tensor> LlamaModel::ForwardCached(const at::Tensor& tokens, K
       x = DecoderLayerImpl(l, x, ropes.For(config_, l), options, &cache, start);
     }
     cache.length_ = start + t;
-    x = RmsNorm(x, NormWeight(weights_.final_norm), config_.rms_norm_eps);
+    x = FinalNorm(x, Norm);
     if (last_only) x = x.narrow(1, t - 1, 1);
     return LmHead(x);
   });

@@ -199,11 +199,13 @@ class LlamaModel {
   LayerRopes MakeRopes(int64_t start, int64_t length, at::ScalarType dtype) const;
   // A norm's weight as the forward scales by it (ModelConfig::norm_weight_offset added).
   at::Tensor NormWeight(const at::Tensor& w) const;
-  // The block's pieces that both forwards share, with the norm to use (RmsNorm, or RmsNormTangents on
-  // stacked tangents): a norm of hidden states where config_.norms places one (`on`), and a q or k
-  // projection (..., heads * D) split into heads (..., heads, D) with config_.qk_norm applied.
-  using NormFn = at::Tensor (*)(const at::Tensor&, const at::Tensor&, double);
-  at::Tensor MaybeNorm(bool on, const at::Tensor& x, const at::Tensor& weight, NormFn norm) const;
+  // The block's pieces that both forwards share, with the norm to use (Norm, or NormTangents on stacked
+  // tangents): a norm of hidden states (config_.norm_kind) where config_.norms places one (`on`), and a q or
+  // k projection (..., heads * D) split into heads (..., heads, D) with config_.qk_norm (an RMSNorm) applied.
+  using NormFn = at::Tensor (*)(NormKind, const at::Tensor&, const at::Tensor&, const at::Tensor&, double);
+  at::Tensor MaybeNorm(bool on, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                       NormFn norm) const;
+  at::Tensor FinalNorm(const at::Tensor& x, NormFn norm) const;
   at::Tensor QkHeads(const at::Tensor& projected, int64_t heads, const at::Tensor& norm, NormFn norm_fn) const;
   // With a cache, writes this step's keys/values at [q_start, q_start + T) and attends over [0, q_start + T).
   at::Tensor DecoderLayerImpl(int64_t layer, const at::Tensor& x, const RopeTables& rope, const ForwardOptions& options,

@@ -14,6 +14,7 @@
 #include "base/philox.h"
 #include "base/status.h"
 #include "base/strings.h"
+#include "model/families/family.h"
 #include "model/frozen_linear.h"
 #include "model/gguf_model.h"
 #include "model/quant.h"
@@ -23,30 +24,39 @@ namespace {
 
 enum class Kind { kMatrix, kNorm, kBias, kEmbedding };
 
-// Visits every weight slot of the architecture in checkpoint order: fn(name, shape, kind, slot).
+// Visits every weight slot of the architecture in checkpoint order: fn(name, shape, kind, slot), with the
+// family's names (families::ModuleNames).
 template <typename Fn>
 void ForEachWeight(ModelWeights& w, const ModelConfig& c, bool include_tied_head, Fn fn) {
-  const int64_t h = c.hidden_size, i = c.intermediate_size;
-  fn("model.embed_tokens.weight", std::vector<int64_t>{c.vocab_size, h}, Kind::kEmbedding, w.embed);
+  const families::ModuleNames& names = families::ModuleNamesOf(c.architecture);
+  const int64_t h = c.hidden_size;
+  const bool layer_norm = c.norm_kind == NormKind::kLayerNorm;
+  // A norm's weight and, for a LayerNorm, its bias.
+  auto norm = [&](const std::string& module, at::Tensor& weight, at::Tensor& bias) {
+    fn(module + ".weight", std::vector<int64_t>{h}, Kind::kNorm, weight);
+    if (layer_norm) fn(module + ".bias", std::vector<int64_t>{h}, Kind::kBias, bias);
+  };
+  fn(std::string(names.embed), std::vector<int64_t>{c.vocab_size, h}, Kind::kEmbedding, w.embed);
   w.layers.resize(static_cast<size_t>(c.num_hidden_layers));
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     LayerWeights& lw = w.layers[static_cast<size_t>(l)];
-    const std::string p = StrCat("model.layers.", l, ".");
-    if (c.norms.pre_attention) fn(p + "input_layernorm.weight", std::vector<int64_t>{h}, Kind::kNorm, lw.input_norm);
+    const std::string p = LayerPrefix(c, l);
+    // A projection's weight and, when the block gives it one, its bias.
+    auto projection = [&](Projection proj, bool has_bias, at::Tensor& weight, at::Tensor& bias) {
+      const ProjectionFeatures f = FeaturesOf(c, proj);
+      const std::string module = p + ProjectionPath(c, proj);
+      fn(module + ".weight", std::vector<int64_t>{f.out, f.in}, Kind::kMatrix, weight);
+      if (has_bias) fn(module + ".bias", std::vector<int64_t>{f.out}, Kind::kBias, bias);
+    };
+    if (c.norms.pre_attention) norm(p + "input_layernorm", lw.input_norm, lw.input_norm_bias);
     if (c.fused.qkv) {
-      const int64_t rows = FeaturesOf(c, Projection::kQkv).out;
-      fn(p + "self_attn.qkv_proj.weight", std::vector<int64_t>{rows, h}, Kind::kMatrix, lw.qkv);
-      if (c.qkv_bias) fn(p + "self_attn.qkv_proj.bias", std::vector<int64_t>{rows}, Kind::kBias, lw.qkv_bias);
+      projection(Projection::kQkv, c.qkv_bias, lw.qkv, lw.qkv_bias);
     } else {
-      fn(p + "self_attn.q_proj.weight", std::vector<int64_t>{c.q_dim(), h}, Kind::kMatrix, lw.q);
-      if (c.qkv_bias) fn(p + "self_attn.q_proj.bias", std::vector<int64_t>{c.q_dim()}, Kind::kBias, lw.q_bias);
-      fn(p + "self_attn.k_proj.weight", std::vector<int64_t>{c.kv_dim(), h}, Kind::kMatrix, lw.k);
-      if (c.qkv_bias) fn(p + "self_attn.k_proj.bias", std::vector<int64_t>{c.kv_dim()}, Kind::kBias, lw.k_bias);
-      fn(p + "self_attn.v_proj.weight", std::vector<int64_t>{c.kv_dim(), h}, Kind::kMatrix, lw.v);
-      if (c.qkv_bias) fn(p + "self_attn.v_proj.bias", std::vector<int64_t>{c.kv_dim()}, Kind::kBias, lw.v_bias);
+      projection(Projection::kQ, c.qkv_bias, lw.q, lw.q_bias);
+      projection(Projection::kK, c.qkv_bias, lw.k, lw.k_bias);
+      projection(Projection::kV, c.qkv_bias, lw.v, lw.v_bias);
     }
-    fn(p + "self_attn.o_proj.weight", std::vector<int64_t>{h, c.q_dim()}, Kind::kMatrix, lw.o);
-    if (c.o_bias) fn(p + "self_attn.o_proj.bias", std::vector<int64_t>{h}, Kind::kBias, lw.o_bias);
+    projection(Projection::kO, c.o_bias, lw.o, lw.o_bias);
     if (c.qk_norm != QkNorm::kNone) {
       fn(p + "self_attn.q_norm.weight", std::vector<int64_t>{c.q_norm_size()}, Kind::kNorm, lw.q_norm);
       fn(p + "self_attn.k_norm.weight", std::vector<int64_t>{c.k_norm_size()}, Kind::kNorm, lw.k_norm);
@@ -54,30 +64,24 @@ void ForEachWeight(ModelWeights& w, const ModelConfig& c, bool include_tied_head
     // Llama's post_attention_layernorm is the MLP's input norm; blocks that also normalize attention's output
     // (OLMo 2, Gemma) give that name to the output norm and call the MLP's input norm pre_feedforward_layernorm.
     if (c.norms.attention_output) {
-      fn(p + "post_attention_layernorm.weight", std::vector<int64_t>{h}, Kind::kNorm, lw.attention_output_norm);
+      norm(p + "post_attention_layernorm", lw.attention_output_norm, lw.attention_output_norm_bias);
     }
     if (c.norms.pre_mlp) {
       const char* name = c.norms.attention_output ? "pre_feedforward_layernorm" : "post_attention_layernorm";
-      fn(p + name + ".weight", std::vector<int64_t>{h}, Kind::kNorm, lw.pre_mlp_norm);
+      norm(p + name, lw.pre_mlp_norm, lw.pre_mlp_norm_bias);
     }
     if (c.fused.gate_up) {
-      fn(p + "mlp.gate_up_proj.weight", std::vector<int64_t>{2 * i, h}, Kind::kMatrix, lw.gate_up);
-      if (c.mlp_bias) fn(p + "mlp.gate_up_proj.bias", std::vector<int64_t>{2 * i}, Kind::kBias, lw.gate_up_bias);
+      projection(Projection::kGateUp, c.mlp_bias, lw.gate_up, lw.gate_up_bias);
     } else {
-      fn(p + "mlp.gate_proj.weight", std::vector<int64_t>{i, h}, Kind::kMatrix, lw.gate);
-      if (c.mlp_bias) fn(p + "mlp.gate_proj.bias", std::vector<int64_t>{i}, Kind::kBias, lw.gate_bias);
-      fn(p + "mlp.up_proj.weight", std::vector<int64_t>{i, h}, Kind::kMatrix, lw.up);
-      if (c.mlp_bias) fn(p + "mlp.up_proj.bias", std::vector<int64_t>{i}, Kind::kBias, lw.up_bias);
+      if (c.gated_mlp) projection(Projection::kGate, c.mlp_bias, lw.gate, lw.gate_bias);
+      projection(Projection::kUp, c.mlp_bias, lw.up, lw.up_bias);
     }
-    fn(p + "mlp.down_proj.weight", std::vector<int64_t>{h, i}, Kind::kMatrix, lw.down);
-    if (c.mlp_bias) fn(p + "mlp.down_proj.bias", std::vector<int64_t>{h}, Kind::kBias, lw.down_bias);
-    if (c.norms.mlp_output) {
-      fn(p + "post_feedforward_layernorm.weight", std::vector<int64_t>{h}, Kind::kNorm, lw.mlp_output_norm);
-    }
+    projection(Projection::kDown, c.mlp_bias, lw.down, lw.down_bias);
+    if (c.norms.mlp_output) norm(p + "post_feedforward_layernorm", lw.mlp_output_norm, lw.mlp_output_norm_bias);
   }
-  fn("model.norm.weight", std::vector<int64_t>{h}, Kind::kNorm, w.final_norm);
+  norm(std::string(names.final_norm), w.final_norm, w.final_norm_bias);
   if (!c.tie_word_embeddings || include_tied_head) {
-    fn("lm_head.weight", std::vector<int64_t>{c.vocab_size, h}, Kind::kMatrix, w.lm_head);
+    fn(std::string(names.lm_head), std::vector<int64_t>{c.vocab_size, h}, Kind::kMatrix, w.lm_head);
   }
 }
 
@@ -100,6 +104,16 @@ at::ScalarType TorchType(DType d) {
     default:
       return at::kFloat;  // unreachable: callers accept only float dtypes and U8 blocks
   }
+}
+
+// Buffers old checkpoints saved beside the weights: RoPE's inverse frequencies, and the family's own
+// (families::ModuleNames::buffers).
+bool IsSkippedBuffer(std::string_view name, const ModelConfig& config) {
+  if (name.ends_with("rotary_emb.inv_freq")) return true;
+  for (std::string_view buffer : families::ModuleNamesOf(config.architecture).buffers) {
+    if (!buffer.empty() && name.ends_with(StrCat(".", buffer))) return true;
+  }
+  return false;
 }
 
 }  // namespace
@@ -194,10 +208,11 @@ absl::StatusOr<ModelWeights> LoadWeights(const SafetensorsCollection& files, con
         StrCat(missing.size(), " tensor(s) the ", config.architecture, " config requires are missing: ", list));
   }
   std::vector<std::string> unexpected;
+  const families::ModuleNames& names = families::ModuleNamesOf(config.architecture);
   for (const std::string& name : files.names()) {
     if (used.count(name)) continue;
-    if (name.ends_with("rotary_emb.inv_freq")) continue;                   // old Llama buffers
-    if (name == "lm_head.weight" && config.tie_word_embeddings) continue;  // redundant copy when tied
+    if (IsSkippedBuffer(name, config)) continue;
+    if (name == names.lm_head && config.tie_word_embeddings) continue;  // redundant copy when tied
     unexpected.push_back(name);
   }
   if (!unexpected.empty()) {
@@ -259,12 +274,14 @@ namespace {
 // The streamable matrices of a q8_0 / q4_0 weight cache: all of them are read-only mapped; the decoder
 // layers' and the LM head's (the embedding, when tied) are walked tile by tile.
 std::vector<HeldMatrix> CacheStreamableMatrices(const ModelConfig& config, WeightFormat format) {
+  const families::ModuleNames& names = families::ModuleNamesOf(config.architecture);
+  const std::string layers = StrCat(names.layers, ".");
   std::vector<HeldMatrix> out;
   for (const auto& [name, shape] : ExpectedTensors(config)) {
-    const bool head = name == "lm_head.weight" || (config.tie_word_embeddings && name == "model.embed_tokens.weight");
-    if (shape.size() != 2 || (!head && name.rfind("model.layers.", 0) != 0)) continue;
-    out.push_back({shape[0], shape[1], shape[0] * RowBytes(MatrixFormatFor(format, shape[1]), shape[1]),
-                   name == "model.embed_tokens.weight"});
+    const bool head = name == names.lm_head || (config.tie_word_embeddings && name == names.embed);
+    if (shape.size() != 2 || (!head && !name.starts_with(layers))) continue;
+    out.push_back(
+        {shape[0], shape[1], shape[0] * RowBytes(MatrixFormatFor(format, shape[1]), shape[1]), name == names.embed});
   }
   return out;
 }
@@ -321,6 +338,8 @@ ModelWeights RandomWeights(const ModelConfig& config, uint64_t seed) {
   ModelWeights w;
   constexpr double kStd = 0.02;  // Hugging Face initializer_range
   const double out_std = kStd / std::sqrt(2.0 * static_cast<double>(config.num_hidden_layers));
+  const std::string o = StrCat(ProjectionPath(config, Projection::kO), ".weight");
+  const std::string down = StrCat(ProjectionPath(config, Projection::kDown), ".weight");
   uint64_t offset = 0;
   ForEachWeight(w, config, /*include_tied_head=*/false,
                 [&](const std::string& name, const std::vector<int64_t>& shape, Kind kind, at::Tensor& slot) {
@@ -333,7 +352,7 @@ ModelWeights RandomWeights(const ModelConfig& config, uint64_t seed) {
                   FillNormal({seed, rng_stream::kInit}, offset, data);
                   offset += data.size();
                   // Residual-branch outputs get a smaller scale so activations stay O(1) in deep stacks.
-                  const bool residual_out = name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight");
+                  const bool residual_out = name.ends_with(o) || name.ends_with(down);
                   slot.mul_(residual_out ? out_std : kStd);
                 });
   if (config.tie_word_embeddings) w.lm_head = w.embed;

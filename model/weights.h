@@ -45,14 +45,16 @@ struct LayerWeights {
   // rows gate | up in place of gate, up (the parts' tensors and biases are then undefined).
   at::Tensor qkv, qkv_bias;
   at::Tensor gate_up, gate_up_bias;
+  // NormKind::kLayerNorm: each norm's bias, (H), beside its weight.
+  at::Tensor input_norm_bias, attention_output_norm_bias, pre_mlp_norm_bias, mlp_output_norm_bias;
 
   // Every slot above, defined or not, for code that walks them all.
-  std::array<at::Tensor*, 24> Slots() { return SlotsOf<at::Tensor>(*this); }
-  std::array<const at::Tensor*, 24> Slots() const { return SlotsOf<const at::Tensor>(*this); }
+  std::array<at::Tensor*, 28> Slots() { return SlotsOf<at::Tensor>(*this); }
+  std::array<const at::Tensor*, 28> Slots() const { return SlotsOf<const at::Tensor>(*this); }
 
  private:
   template <typename T, typename Self>
-  static std::array<T*, 24> SlotsOf(Self& w) {
+  static std::array<T*, 28> SlotsOf(Self& w) {
     return {&w.input_norm,
             &w.q,
             &w.k,
@@ -76,15 +78,20 @@ struct LayerWeights {
             &w.qkv,
             &w.qkv_bias,
             &w.gate_up,
-            &w.gate_up_bias};
+            &w.gate_up_bias,
+            &w.input_norm_bias,
+            &w.attention_output_norm_bias,
+            &w.pre_mlp_norm_bias,
+            &w.mlp_output_norm_bias};
   }
 };
 
 struct ModelWeights {
   at::Tensor embed;  // (V, H)
   std::vector<LayerWeights> layers;
-  at::Tensor final_norm;  // (H)
-  at::Tensor lm_head;     // (V, H); the same tensor as `embed` when the config ties them
+  at::Tensor final_norm;       // (H)
+  at::Tensor final_norm_bias;  // (H), NormKind::kLayerNorm only
+  at::Tensor lm_head;          // (V, H); the same tensor as `embed` when the config ties them
 };
 
 struct LoadOptions {

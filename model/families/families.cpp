@@ -16,8 +16,8 @@ const FamilySpec* Find(const Match& match) {
 }  // namespace
 
 std::span<const FamilySpec> Families() {
-  static const std::array<FamilySpec, 8> kFamilies = {Llama(), Qwen2(),  Qwen3(),  Mistral(),
-                                                      Olmo2(), Gemma2(), Gemma3(), Phi3()};
+  static const std::array<FamilySpec, 9> kFamilies = {Llama(),  Qwen2(),  Qwen3(), Mistral(), Olmo2(),
+                                                      Gemma2(), Gemma3(), Phi3(),  GptNeoX()};
   return kFamilies;
 }
 
@@ -40,6 +40,12 @@ const FamilySpec* FamilyOfModelType(std::string_view model_type) {
 
 const FamilySpec* FamilyOfGgufArchitecture(std::string_view gguf_architecture) {
   return Find([&](const FamilySpec& f) { return f.gguf_architecture == gguf_architecture; });
+}
+
+const ModuleNames& ModuleNamesOf(std::string_view architecture) {
+  static const ModuleNames kLlama;
+  const FamilySpec* f = FamilyOfArchitecture(architecture);
+  return f != nullptr && f->names != nullptr ? *f->names : kLlama;
 }
 
 }  // namespace seedling::model::families

@@ -7,6 +7,7 @@
 // Llama names needs nothing more. To add a family: a file here with its FamilySpec, listed in families.cpp.
 // No LibTorch (the fuzzing build compiles the config parser with clang).
 
+#include <array>
 #include <span>
 #include <string>
 #include <string_view>
@@ -25,6 +26,20 @@ enum class TokenizerStyle {
   kSentencePieceBpeWithPrefix,  // the same with a "▁" dummy prefix, <unk> <s> </s> <|endoftext|> (Phi-3)
 };
 
+// Hugging Face's tensor and module names of a family. The defaults are Llama's, which most families share.
+struct ModuleNames {
+  std::string_view embed = "model.embed_tokens.weight";
+  std::string_view layers = "model.layers";  // layer l's tensors start "<layers>.<l>."
+  std::string_view final_norm = "model.norm";
+  std::string_view lm_head = "lm_head.weight";
+  // Each projection's module path in a layer, indexed by Projection ("" for one the family's blocks lack).
+  std::array<std::string_view, kNumProjections> projections = {
+      "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",   "self_attn.o_proj", "mlp.gate_proj",
+      "mlp.up_proj",      "mlp.down_proj",    "self_attn.qkv_proj", "mlp.gate_up_proj"};
+  // Tensor-name suffixes of buffers old checkpoints carry and the loader skips (besides rotary_emb.inv_freq).
+  std::array<std::string_view, 2> buffers = {};
+};
+
 struct FamilySpec {
   std::string_view architecture;  // config.json "architectures"[0], e.g. "Olmo2ForCausalLM"
   std::string_view model_type;    // config.json "model_type", e.g. "olmo2"
@@ -37,6 +52,7 @@ struct FamilySpec {
   // Writes them back, so that Hugging Face transformers builds the same block from the file.
   void (*write)(const ModelConfig& c, internal::Json& j);
   TokenizerStyle init_tokenizer = TokenizerStyle::kByteLevelBpe;
+  const ModuleNames* names = nullptr;  // null: Llama's
 };
 
 // Every supported family, in the order error messages list them.
@@ -47,6 +63,8 @@ std::string ArchitectureNames();
 const FamilySpec* FamilyOfArchitecture(std::string_view architecture);
 const FamilySpec* FamilyOfModelType(std::string_view model_type);
 const FamilySpec* FamilyOfGgufArchitecture(std::string_view gguf_architecture);
+// The module names of an architecture's family (Llama's for an unknown one).
+const ModuleNames& ModuleNamesOf(std::string_view architecture);
 
 // The families, one per file.
 const FamilySpec& Llama();    // LlamaForCausalLM (SmolLM, TinyLlama, MobileLLM, Llama 3.2)
@@ -57,5 +75,6 @@ const FamilySpec& Olmo2();    // Olmo2ForCausalLM
 const FamilySpec& Gemma2();   // Gemma2ForCausalLM
 const FamilySpec& Gemma3();   // Gemma3ForCausalLM (text)
 const FamilySpec& Phi3();     // Phi3ForCausalLM (Phi-3, Phi-3.5)
+const FamilySpec& GptNeoX();  // GPTNeoXForCausalLM (Pythia)
 
 }  // namespace seedling::model::families

@@ -40,17 +40,49 @@ absl::StatusOr<bool> GetBool(const Json& j, const char* key, bool fallback) {
 }
 
 const char* ActivationName(MlpActivation activation) {
-  return activation == MlpActivation::kGeluTanh ? "gelu_pytorch_tanh" : "silu";
+  switch (activation) {
+    case MlpActivation::kSilu:
+      return "silu";
+    case MlpActivation::kGeluTanh:
+      return "gelu_pytorch_tanh";
+    case MlpActivation::kGelu:
+      return "gelu";
+    case MlpActivation::kRelu:
+      return "relu";
+  }
+  return "?";
 }
+
+namespace {
+
+// The activation a config.json name denotes; nullopt for names this block does not compute.
+std::optional<MlpActivation> ActivationOfName(std::string_view name) {
+  if (name == "silu" || name == "swish") return MlpActivation::kSilu;
+  // gelu_new and gelu_fast are the same tanh approximation, written two ways.
+  if (name == "gelu_pytorch_tanh" || name == "gelu_new" || name == "gelu_fast") return MlpActivation::kGeluTanh;
+  if (name == "gelu") return MlpActivation::kGelu;
+  if (name == "relu") return MlpActivation::kRelu;
+  return std::nullopt;
+}
+
+}  // namespace
 
 absl::Status CheckActivation(const Json& j, const char* key, MlpActivation activation) {
   auto it = j.find(key);
   if (it == j.end() || it->is_null()) return absl::OkStatus();
-  const std::string name = it->is_string() ? it->get<std::string>() : "";
-  const bool ok = activation == MlpActivation::kGeluTanh ? name == "gelu_pytorch_tanh" || name == "gelu_new"
-                                                         : name == "silu" || name == "swish";
-  if (ok) return absl::OkStatus();
+  if (it->is_string() && ActivationOfName(it->get<std::string>()) == activation) return absl::OkStatus();
   return FieldError(key, StrCat("is ", it->dump(), "; this architecture's MLP uses ", ActivationName(activation)));
+}
+
+absl::StatusOr<MlpActivation> ParseActivation(const Json& j, const char* key, MlpActivation fallback) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) return fallback;
+  const std::optional<MlpActivation> a = it->is_string() ? ActivationOfName(it->get<std::string>()) : std::nullopt;
+  if (!a || *a == MlpActivation::kSilu) {
+    return FieldError(key,
+                      StrCat("is ", it->dump(), "; supported: gelu, gelu_new (gelu_pytorch_tanh, gelu_fast), relu"));
+  }
+  return *a;
 }
 
 }  // namespace seedling::model::internal

@@ -24,9 +24,13 @@ absl::StatusOr<int64_t> GetInt(const Json& j, const char* key, std::optional<int
 absl::StatusOr<double> GetDouble(const Json& j, const char* key, double fallback);
 absl::StatusOr<bool> GetBool(const Json& j, const char* key, bool fallback);
 
-// The names config.json gives `activation` ("silu" / "swish"; "gelu_pytorch_tanh" / "gelu_new"), and a check
-// that field `key`, when present, names it: InvalidArgument naming the field and what the block computes.
+// The names config.json gives `activation` ("silu" / "swish"; "gelu_pytorch_tanh" / "gelu_new" / "gelu_fast";
+// "gelu"; "relu"), and a check that field `key`, when present, names it: InvalidArgument naming the field and
+// what the block computes.
 const char* ActivationName(MlpActivation activation);
 absl::Status CheckActivation(const Json& j, const char* key, MlpActivation activation);
+// The plain MLP's activation field `key` names (`fallback` when absent): gelu, the tanh GELUs or relu;
+// InvalidArgument naming the field for anything else.
+absl::StatusOr<MlpActivation> ParseActivation(const Json& j, const char* key, MlpActivation fallback);
 
 }  // namespace seedling::model::internal

@@ -181,6 +181,56 @@ TEST_CASE("LoRA targets map between fused and separate projections, and PEFT nam
   CHECK(Names(all_linear->targets) == Names(model::ModelProjections(phi3)));
 }
 
+TEST_CASE("A GPT-NeoX adapter adapts query_key_value, dense and the MLP under their own names", "[lora]") {
+  const auto c = SmallConfig("tiny-gptneox");
+  auto m = SmallModel(c);
+  auto a = LoraAdapter::Create(c, AllTargets(4));  // q, k, v stand for query_key_value; the plain MLP has no gate
+  REQUIRE(a.ok());
+  CHECK(Names((*a)->config().targets) == std::vector<std::string>{"qkv_proj", "o_proj", "up_proj", "down_proj"});
+  const std::vector<LoraView>& views = (*a)->views();
+  REQUIRE(views.size() == 2 * 4 * 2);
+  CHECK(views[0].name == "base_model.model.gpt_neox.layers.0.attention.query_key_value.lora_A.weight");
+  CHECK(views[1].rows == 3 * c.q_dim());
+  CHECK(views[3].name == "base_model.model.gpt_neox.layers.0.attention.dense.lora_B.weight");
+  CHECK(views[4].name == "base_model.model.gpt_neox.layers.0.mlp.dense_h_to_4h.lora_A.weight");
+  CHECK(views[7].name == "base_model.model.gpt_neox.layers.0.mlp.dense_4h_to_h.lora_B.weight");
+
+  // Merged = unmerged.
+  RandomizeB(**a);
+  model::ForwardOptions fo;
+  fo.adapter = a->get();
+  const at::Tensor unmerged = *m->Logits(Tokens(), fo);
+  CHECK((unmerged - *m->Logits(Tokens())).abs().max().item<double>() > 1e-3);
+  const at::Tensor qkv_before = m->weights().layers[1].qkv.clone();
+  REQUIRE((*a)->Merge(m->mutable_weights()).ok());
+  CHECK((*m->Logits(Tokens()) - unmerged).abs().max().item<double>() < 1e-4);
+  REQUIRE((*a)->Unmerge(m->mutable_weights()).ok());
+  CHECK((m->weights().layers[1].qkv - qkv_before).abs().max().item<double>() < 1e-6);
+
+  // PEFT round trip with GPT-NeoX's module names, which a hand-written adapter config may use too.
+  TempDir dir;
+  REQUIRE(SavePeft(**a, dir.path, "EleutherAI/pythia-160m").ok());
+  auto config = nlohmann::json::parse(*ReadFile(JoinPath(dir.path, "adapter_config.json")));
+  CHECK(config["target_modules"] == nlohmann::json({"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}));
+  auto loaded = LoadPeft(dir.path, c);
+  REQUIRE(loaded.ok());
+  CHECK(at::equal((*loaded)->flat(), (*a)->flat()));
+  const auto fused_only =
+      ParsePeftConfig(R"({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["query_key_value"]})", c);
+  REQUIRE(fused_only.ok());
+  CHECK(Names(fused_only->targets) == std::vector<std::string>{"qkv_proj"});
+  const auto refused =
+      ParsePeftConfig(R"({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["gate_proj"]})", c);
+  REQUIRE_FALSE(refused.ok());
+  CHECK(std::string(refused.status().message()).find("gate_proj is not a projection of GPTNeoXForCausalLM") !=
+        std::string::npos);
+  CHECK(std::string(refused.status().message()).find("dense_h_to_4h") != std::string::npos);
+  // Targets from a server or the command line may name the family's modules too.
+  CHECK(Names(*ParseTargets("query_key_value,dense_4h_to_h")) == std::vector<std::string>{"qkv_proj", "down_proj"});
+  CHECK(Names(TargetsFor(c, *ParseTargets("all"))) ==
+        std::vector<std::string>{"qkv_proj", "o_proj", "up_proj", "down_proj"});
+}
+
 TEST_CASE("Merging into 16-bit stored weights is refused", "[lora]") {
   const auto c = SmallConfig();
   model::ModelWeights w = model::RandomWeights(c, 1);
@@ -326,8 +376,8 @@ TEST_CASE("Mismatched PEFT adapters are clear errors", "[lora]") {
 TEST_CASE("Gradients reach only the flat buffer, and recomputation gives the same ones", "[lora]") {
   // OLMo 2 normalizes the MLP's output, so its recomputation must multiply the down projection again, which
   // the other blocks skip (its values feed only the layer's output).
-  const std::string preset =
-      GENERATE(as<std::string>{}, "tiny-qwen2", "tiny-qwen3", "tiny-olmo2", "tiny-gemma3", "tiny-gemma2", "tiny-phi3");
+  const std::string preset = GENERATE(as<std::string>{}, "tiny-qwen2", "tiny-qwen3", "tiny-olmo2", "tiny-gemma3",
+                                      "tiny-gemma2", "tiny-phi3", "tiny-gptneox");
   INFO(preset);
   const auto c = SmallConfig(preset.c_str());
   auto m = SmallModel(c);

@@ -343,6 +343,77 @@ TEST_CASE("Phi-3 LongRoPE: short factors within the pre-trained context, long on
   CHECK(Contains(ParseModelConfig(j.dump()).status(), "partial_rotary_factor"));
 }
 
+// EleutherAI/pythia-160m's config.json.
+constexpr const char* kPythia = R"({
+  "architectures": ["GPTNeoXForCausalLM"], "bos_token_id": 0, "eos_token_id": 0, "hidden_act": "gelu",
+  "hidden_size": 768, "initializer_range": 0.02, "intermediate_size": 3072, "layer_norm_eps": 1e-05,
+  "max_position_embeddings": 2048, "model_type": "gpt_neox", "num_attention_heads": 12, "num_hidden_layers": 12,
+  "rotary_emb_base": 10000, "rotary_pct": 0.25, "tie_word_embeddings": false, "torch_dtype": "float16",
+  "transformers_version": "4.24.0", "use_cache": true, "use_parallel_residual": true, "vocab_size": 50304})";
+
+TEST_CASE("Pythia-160m's config.json parses to the GPT-NeoX block and 162M parameters", "[model][config]") {
+  auto c = ParseModelConfig(kPythia);
+  REQUIRE(c.ok());
+  CHECK(c->architecture == "GPTNeoXForCausalLM");
+  CHECK(c->norm_kind == NormKind::kLayerNorm);
+  CHECK(c->rms_norm_eps == 1e-5);
+  CHECK_FALSE(c->gated_mlp);
+  CHECK(c->mlp_activation == MlpActivation::kGelu);
+  CHECK(c->parallel_residual);
+  CHECK(c->rotary_dim() == 16);  // a quarter of head_dim 64
+  CHECK(c->fused == FusedProjections{.qkv = true, .qkv_per_head = true});
+  CHECK((c->qkv_bias && c->o_bias && c->mlp_bias));
+  const bool projections = ModelProjections(*c) == std::vector<Projection>{Projection::kQkv, Projection::kO,
+                                                                           Projection::kUp, Projection::kDown};
+  CHECK(projections);
+  CHECK(ModuleName(*c, Projection::kQkv) == "query_key_value");
+  CHECK(LayerPrefix(*c, 3) == "gpt_neox.layers.3.");
+  CHECK(RopeInverseFrequencyValues(*c).size() == 8);
+  CHECK(c->NumParameters() == 162322944);
+  auto preset = PresetConfig("pythia-160m");
+  REQUIRE(preset.ok());
+  CHECK(ModelConfigToJson(*preset) == ModelConfigToJson(*c));
+  auto round_trip = ParseModelConfig(ModelConfigToJson(*c));
+  REQUIRE(round_trip.ok());
+  CHECK(ModelConfigToJson(*round_trip) == ModelConfigToJson(*c));
+  // Later transformers releases: rope_theta and partial_rotary_factor; sequential residual; no attention biases.
+  nlohmann::json j = nlohmann::json::parse(kPythia);
+  j.erase("rotary_emb_base");
+  j.erase("rotary_pct");
+  j["rope_theta"] = 500.0;
+  j["partial_rotary_factor"] = 0.5;
+  j["use_parallel_residual"] = false;
+  j["attention_bias"] = false;
+  auto later = ParseModelConfig(j.dump());
+  REQUIRE(later.ok());
+  CHECK(later->rope_theta == 500.0);
+  CHECK(later->rotary_dim() == 32);
+  CHECK_FALSE(later->parallel_residual);
+  CHECK_FALSE(later->qkv_bias);
+  CHECK(later->mlp_bias);
+}
+
+TEST_CASE("GPT-NeoX options the block cannot express, or bad values, are refused naming the field", "[model][config]") {
+  auto refused = [](const char* key, const nlohmann::json& value) {
+    nlohmann::json j = nlohmann::json::parse(kPythia);
+    j[key] = value;
+    return ParseModelConfig(j.dump()).status();
+  };
+  CHECK(Contains(refused("hidden_act", "silu"), "hidden_act"));
+  CHECK(Contains(refused("hidden_act", "quick_gelu"), "hidden_act"));
+  CHECK(Contains(refused("rotary_pct", 0.0), "rotary_pct"));
+  CHECK(Contains(refused("rotary_pct", 1.5), "rotary_pct"));
+  CHECK(Contains(refused("rotary_pct", 0.3), "rotary_pct"));  // 19 of 64 dimensions: odd
+  CHECK(Contains(refused("use_parallel_residual", "yes"), "use_parallel_residual"));
+  CHECK(Contains(refused("layer_norm_eps", "small"), "layer_norm_eps"));
+  CHECK(Contains(refused("num_key_value_heads", 4), "num_key_value_heads"));  // query_key_value is per head
+  nlohmann::json relu = nlohmann::json::parse(kPythia);
+  relu["hidden_act"] = "relu";
+  auto parsed = ParseModelConfig(relu.dump());
+  REQUIRE(parsed.ok());
+  CHECK(parsed->mlp_activation == MlpActivation::kRelu);
+}
+
 TEST_CASE("A config without architectures finds its family by model_type, or names both", "[model][config]") {
   std::string text = kOlmo2;
   text.replace(text.find("\"architectures\": [\"Olmo2ForCausalLM\"], "), 39, "");

@@ -111,6 +111,7 @@ inline ModelConfig TinyOlmo2() { return TinyPreset("tiny-olmo2"); }
 inline ModelConfig TinyGemma2() { return TinyPreset("tiny-gemma2"); }
 inline ModelConfig TinyGemma3() { return TinyPreset("tiny-gemma3"); }
 inline ModelConfig TinyPhi3() { return TinyPreset("tiny-phi3"); }
+inline ModelConfig TinyGptNeoX() { return TinyPreset("tiny-gptneox"); }
 
 // A SentencePiece-style tokenizer.json as Hugging Face converts Llama 2 / TinyLlama tokenizers: "▁" (U+2581)
 // is prepended and replaces spaces, byte fallback, <s> added by the post-processor. Ids: <unk> <s> </s> are

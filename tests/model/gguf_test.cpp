@@ -354,6 +354,7 @@ using testing::kTokenizerVocab;
 using testing::ParseTokenizer;
 using testing::TinyGemma2;
 using testing::TinyGemma3;
+using testing::TinyGptNeoX;
 using testing::TinyLlama;
 using testing::TinyOlmo2;
 using testing::TinyPhi3;
@@ -390,8 +391,10 @@ GgufOptions F32() {
 
 // The Hugging Face name -> tensor of every weight, for comparing with the file.
 std::map<std::string, at::Tensor> ByGgufName(const ModelWeights& w) {
-  std::map<std::string, at::Tensor> m = {
-      {"token_embd.weight", w.embed}, {"output_norm.weight", w.final_norm}, {"output.weight", w.lm_head}};
+  std::map<std::string, at::Tensor> m = {{"token_embd.weight", w.embed},
+                                         {"output_norm.weight", w.final_norm},
+                                         {"output_norm.bias", w.final_norm_bias},
+                                         {"output.weight", w.lm_head}};
   for (size_t i = 0; i < w.layers.size(); ++i) {
     const LayerWeights& l = w.layers[i];
     const std::string b = "blk." + std::to_string(i) + ".";
@@ -415,7 +418,10 @@ std::map<std::string, at::Tensor> ByGgufName(const ModelWeights& w) {
     m[b + "ffn_gate.bias"] = l.gate_bias;
     m[b + "ffn_up.bias"] = l.up_bias;
     m[b + "ffn_down.bias"] = l.down_bias;
+    m[b + "attn_norm.bias"] = l.input_norm_bias;  // LayerNorms (gptneox)
+    m[b + "ffn_norm.bias"] = l.pre_mlp_norm_bias;
     if (l.qkv.defined()) m[b + "attn_qkv.weight"] = l.qkv;
+    if (l.qkv_bias.defined()) m[b + "attn_qkv.bias"] = l.qkv_bias;
     if (l.gate_up.defined()) m[b + "ffn_up.weight"] = l.gate_up;  // llama.cpp's phi3: gate | up
   }
   return m;
@@ -1218,6 +1224,87 @@ TEST_CASE("A Phi-3 model llama.cpp's phi3 cannot express is refused with the rea
   std::filesystem::remove_all(dir);
 }
 
+// Hugging Face's per-head query_key_value rows (q_h | k_h | v_h for each head h) in llama.cpp's blocks q | k | v,
+// moved one row at a time, as convert_hf_to_gguf.py's GPTNeoXModel reorders them.
+at::Tensor QkvBlocks(const at::Tensor& t, int64_t heads) {
+  const int64_t d = t.size(0) / (3 * heads);
+  at::Tensor out = at::empty_like(t);
+  for (int64_t part = 0; part < 3; ++part) {
+    for (int64_t h = 0; h < heads; ++h) {
+      for (int64_t i = 0; i < d; ++i) out[(part * heads + h) * d + i].copy_(t[(h * 3 + part) * d + i]);
+    }
+  }
+  return out;
+}
+
+TEST_CASE(
+    "A GPT-NeoX model's GGUF is architecture gptneox with LayerNorm biases, q | k | v blocks and its rotary share",
+    "[model][gguf]") {
+  const std::string dir = TempDir("gptneox");
+  for (const bool parallel : {true, false}) {
+    INFO("use_parallel_residual " << parallel);
+    ModelConfig c = TinyGptNeoX();
+    c.parallel_residual = parallel;
+    const ModelWeights w = RandomWeights(c, 17);
+    auto tok = ParseTokenizer(TokenizerJson());
+    for (const GgufOptions& options : {F32(), GgufOptions{}}) {  // f32, then the default q8_0
+      INFO("format " << WeightFormatName(options.format));
+      const GgufFile f = Export(dir + "/model.gguf", c, w, *tok, options);
+      CHECK(f.Get("general.architecture").s == "gptneox");
+      CHECK(f.Get("gptneox.rope.dimension_count").u == 8);  // a quarter of head_dim 32
+      CHECK(f.Get("gptneox.use_parallel_residual").u == (parallel ? 1u : 0u));
+      CHECK(f.Get("gptneox.attention.layer_norm_epsilon").f == Approx(1e-5));
+      CHECK_FALSE(f.kv.contains("gptneox.attention.layer_norm_rms_epsilon"));
+      for (const char* present :
+           {"blk.0.attn_norm.bias", "blk.1.ffn_norm.bias", "output_norm.bias", "blk.0.attn_qkv.bias",
+            "blk.0.attn_output.bias", "blk.1.ffn_up.bias", "blk.1.ffn_down.bias", "output.weight"}) {
+        CHECK(f.HasTensor(present));
+      }
+      CHECK_FALSE(f.HasTensor("blk.0.ffn_gate.weight"));
+      // The file holds query_key_value in blocks, every other weight as it is.
+      ModelWeights blocks = w;
+      for (LayerWeights& l : blocks.layers) {
+        l.qkv = QkvBlocks(l.qkv, c.num_attention_heads);
+        l.qkv_bias = QkvBlocks(l.qkv_bias, c.num_attention_heads);
+      }
+      CHECK((blocks.layers[0].qkv - w.layers[0].qkv).abs().max().item<double>() > 0);  // the reorder moves rows
+      CheckTensorData(f, c, blocks, /*permuted=*/false, options.format);
+
+      // Seedling reads the file back as the same model: the same id and (f32) logits.
+      auto read = LoadModelConfig(dir + "/model.gguf");
+      REQUIRE(read.ok());
+      CHECK(ModelId(*read) == ModelId(c));
+      if (options.format == WeightFormat::kF32) {
+        auto original = LlamaModel::Create(c, w);
+        auto loaded = LlamaModel::Load(dir + "/model.gguf");
+        REQUIRE(original.ok());
+        REQUIRE(loaded.ok());
+        const at::Tensor tokens = at::tensor({5, 17, 3, 250, 9, 1}, at::kLong).view({1, 6});
+        CHECK((*(*loaded)->Logits(tokens) - *(*original)->Logits(tokens)).abs().max().item<double>() < 1e-5);
+      }
+    }
+  }
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("A GPT-NeoX model llama.cpp's gptneox cannot express is refused with the reason", "[model][gguf]") {
+  const std::string dir = TempDir("gptneox-refused");
+  auto tok = ParseTokenizer(TokenizerJson());
+  ModelConfig tied = TinyGptNeoX();
+  tied.tie_word_embeddings = true;
+  ModelConfig unbiased = TinyGptNeoX();
+  unbiased.qkv_bias = unbiased.o_bias = false;
+  ModelConfig relu = TinyGptNeoX();
+  relu.mlp_activation = MlpActivation::kRelu;
+  ModelConfig partial_llama = TinyLlama();
+  partial_llama.partial_rotary_factor = 0.5;
+  for (const auto& [c, reason] : {std::pair{tied, "requires output.weight"}, std::pair{unbiased, "biases"},
+                                  std::pair{relu, "applies GELU"}, std::pair{partial_llama, "rotates whole heads"}}) {
+    CheckRefused(WriteGguf(dir + "/model.gguf", c, RandomWeights(c, 1), *tok, {}), dir, reason);
+  }
+  std::filesystem::remove_all(dir);
+}
+
 TEST_CASE("The vocabulary is padded to vocab_size with UNUSED PAD tokens and keeps the BPE merges", "[model][gguf]") {
   const std::string dir = TempDir("vocab");
   const ModelConfig c = TinyLlama();
@@ -1585,6 +1672,24 @@ TEST_CASE("A Phi-3 LoRA adapter adapts the fused attn_qkv and ffn_up as llama.cp
   CHECK(f.Tensor("blk.1.attn_qkv.weight.lora_b").ne == std::vector<uint64_t>{4, 256});
   CHECK(f.Tensor("blk.1.ffn_up.weight.lora_b").ne == std::vector<uint64_t>{4, 768});
   CheckLoraData(f, c, pairs, /*permuted=*/false, at::kFloat);
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("A GPT-NeoX LoRA adapter holds attn_qkv's B in q | k | v blocks like the base", "[model][gguf][lora]") {
+  const std::string dir = TempDir("lora_gptneox");
+  const ModelConfig c = TinyGptNeoX();
+  const ModelWeights w = RandomWeights(c, 32);
+  const std::vector<GgufLoraPair> pairs = RandomPairs(c, w, 4);
+  REQUIRE(pairs.size() == 2 * 4);  // query_key_value, dense, dense_h_to_4h, dense_4h_to_h per layer
+  const GgufFile f = ExportLora(dir + "/adapter.gguf", c, pairs, /*scale=*/2.0);
+  CHECK(f.Get("general.architecture").s == "gptneox");
+  for (const GgufLoraPair& pair : pairs) {
+    const std::string base = GgufBase(pair);
+    INFO(base);
+    CHECK(Floats(f, f.Tensor(base + ".lora_a")) == ToVector(pair.a));
+    const bool qkv = pair.projection == Projection::kQkv;
+    CHECK(Floats(f, f.Tensor(base + ".lora_b")) == ToVector(qkv ? QkvBlocks(pair.b, c.num_attention_heads) : pair.b));
+  }
   std::filesystem::remove_all(dir);
 }
 

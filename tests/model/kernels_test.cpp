@@ -8,6 +8,7 @@
 #include <cmath>
 #include <functional>
 #include <limits>
+#include <numbers>
 #include <optional>
 
 #include "model/memory_tracker.h"
@@ -371,6 +372,61 @@ TEST_CASE("Stacked-tangent RmsNorm and SwiGLU equal LibTorch's forward-mode AD",
   const at::Tensor gate = at::randn({4, 7, 24}, at::kDouble), up = at::randn({4, 7, 24}, at::kDouble);
   CheckTangents(SwiGluTangents(gate, up),
                 DualReference([](const std::vector<at::Tensor>& in) { return at::silu(in[0]) * in[1]; }, {gate, up}));
+}
+
+// LayerNorm written out: (x − mean) / sqrt(var + eps) · w + b with the biased variance.
+at::Tensor PlainLayerNorm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, double eps) {
+  const at::Tensor centered = x - x.mean({-1}, /*keepdim=*/true);
+  return centered / at::sqrt(centered.pow(2).mean({-1}, /*keepdim=*/true) + eps) * w + b;
+}
+
+TEST_CASE("LayerNorm equals the written-out formula, and its stacked tangents LibTorch's forward-mode AD",
+          "[model][kernels][tangents]") {
+  at::manual_seed(6);
+  const at::Tensor x = at::randn({4, 2, 5, 16}, at::kDouble) * 3 + 1;  // primal + 3 directions
+  const at::Tensor w = at::randn({16}, at::kDouble), b = at::randn({16}, at::kDouble);
+  CHECK(MaxAbsDiff(LayerNorm(x, w, b, 1e-5), PlainLayerNorm(x, w, b, 1e-5)) < 1e-12);
+  CHECK(MaxAbsDiff(Norm(NormKind::kLayerNorm, x, w, b, 1e-5), LayerNorm(x, w, b, 1e-5)) == 0.0);
+  CHECK(MaxAbsDiff(Norm(NormKind::kRms, x, w, b, 1e-5), RmsNorm(x, w, 1e-5)) == 0.0);  // RMSNorm has no bias
+  const at::Tensor got = LayerNormTangents(x, w, b, 1e-5);
+  CheckTangents(
+      got, DualReference([&](const std::vector<at::Tensor>& in) { return PlainLayerNorm(in[0], w, b, 1e-5); }, {x}));
+  CHECK(MaxAbsDiff(got.select(0, 0), LayerNorm(x.select(0, 0), w, b, 1e-5)) == 0.0);
+}
+
+TEST_CASE("The plain MLP's activations and their stacked tangents equal the written-out functions",
+          "[model][kernels][tangents]") {
+  at::manual_seed(7);
+  const at::Tensor x = at::randn({3, 7, 24}, at::kDouble) * 2;
+  const auto gelu = [](const at::Tensor& v) { return 0.5 * v * (1 + at::erf(v / std::sqrt(2.0))); };
+  const auto gelu_tanh = [](const at::Tensor& v) {
+    return 0.5 * v * (1 + at::tanh(std::sqrt(2.0 / std::numbers::pi) * (v + 0.044715 * v.pow(3))));
+  };
+  const auto relu = [](const at::Tensor& v) { return at::where(v > 0, v, at::zeros_like(v)); };
+  const std::vector<std::pair<MlpActivation, std::function<at::Tensor(const at::Tensor&)>>> cases = {
+      {MlpActivation::kGelu, gelu}, {MlpActivation::kGeluTanh, gelu_tanh}, {MlpActivation::kRelu, relu}};
+  for (const auto& [activation, plain] : cases) {
+    INFO("activation " << static_cast<int>(activation));
+    CHECK(MaxAbsDiff(Activation(x, activation), plain(x)) < 1e-12);
+    CheckTangents(ActivationTangents(x, activation),
+                  DualReference([&](const std::vector<at::Tensor>& in) { return plain(in[0]); }, {x}));
+    // Gated, as a GeGLU-style MLP with this activation would use it.
+    const at::Tensor up = at::randn({3, 7, 24}, at::kDouble);
+    CHECK(MaxAbsDiff(GatedActivation(x, up, activation), plain(x) * up) < 1e-12);
+    CheckTangents(GatedActivationTangents(x, up, activation),
+                  DualReference([&](const std::vector<at::Tensor>& in) { return plain(in[0]) * in[1]; }, {x, up}));
+  }
+}
+
+TEST_CASE("Partial RoPE rotates the first dimensions of each head and passes the rest through", "[model][kernels]") {
+  at::manual_seed(8);
+  const at::Tensor x = at::randn({2, 3, 5, 16});
+  const at::Tensor inv_freq = at::tensor({1.0, 0.1}, at::kDouble);  // 4 of 16 dimensions rotated
+  const RopeTables rope = MakeRopeTables(inv_freq, 2, 5);
+  const at::Tensor out = ApplyRope(x, rope);
+  CHECK(MaxAbsDiff(out.narrow(-1, 4, 12), x.narrow(-1, 4, 12)) == 0.0);
+  CHECK(MaxAbsDiff(out.narrow(-1, 0, 4), ApplyRope(x.narrow(-1, 0, 4).contiguous(), rope)) == 0.0);
+  CHECK(MaxAbsDiff(out.narrow(-1, 0, 4), x.narrow(-1, 0, 4)) > 0.1);  // the first four do turn
 }
 
 TEST_CASE("Stacked-tangent attention equals LibTorch's forward-mode AD, with GQA and a sliding window",

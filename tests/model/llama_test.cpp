@@ -18,10 +18,12 @@ namespace {
 // options Gemma 2 and 3 add (GeGLU, norms scaling by 1 + w before and after each sub-block, embeddings scaled by
 // sqrt(hidden), a query scale of its own, local windowed layers with their own RoPE base alternating with
 // global ones), Gemma 2's block (no q/k norms, one RoPE base, attention scores and logits soft-capped), and
-// Phi-3's (q, k, v and gate, up each one fused matrix, LongRoPE, every layer windowed).
-enum class Family { kLlama, kQwen2, kQwen3, kOlmo2, kGemmaBlock, kGemma2Block, kPhi3 };
+// Phi-3's (q, k, v and gate, up each one fused matrix, LongRoPE, every layer windowed), and GPT-NeoX's
+// (LayerNorms with biases, attention and MLP in parallel, half of each head rotated, query_key_value fused per
+// head, a plain exact-GELU MLP, biases everywhere).
+enum class Family { kLlama, kQwen2, kQwen3, kOlmo2, kGemmaBlock, kGemma2Block, kPhi3, kGptNeoX };
 constexpr Family kFamilies[] = {Family::kLlama,      Family::kQwen2,       Family::kQwen3, Family::kOlmo2,
-                                Family::kGemmaBlock, Family::kGemma2Block, Family::kPhi3};
+                                Family::kGemmaBlock, Family::kGemma2Block, Family::kPhi3,  Family::kGptNeoX};
 
 const char* FamilyName(Family f) {
   switch (f) {
@@ -39,6 +41,8 @@ const char* FamilyName(Family f) {
       return "gemma2-style block (as gemma's without q/k norms, soft-capped attention scores and logits)";
     case Family::kPhi3:
       return "phi3 (fused qkv_proj and gate_up_proj, LongRoPE, GQA, every layer windowed)";
+    case Family::kGptNeoX:
+      return "gpt_neox (LayerNorm, parallel residual, partial rotary, per-head query_key_value, GELU MLP)";
   }
   return "?";
 }
@@ -46,9 +50,10 @@ const char* FamilyName(Family f) {
 ModelConfig TwoLayerConfig(Family f) {
   const bool llama = f == Family::kLlama;
   ModelConfig c;
-  const char* const architectures[] = {"LlamaForCausalLM",  "Qwen2ForCausalLM",  "Qwen3ForCausalLM", "Olmo2ForCausalLM",
-                                       "Gemma3ForCausalLM", "Gemma2ForCausalLM", "Phi3ForCausalLM"};
-  const char* const model_types[] = {"llama", "qwen2", "qwen3", "olmo2", "gemma3_text", "gemma2", "phi3"};
+  const char* const architectures[] = {"LlamaForCausalLM", "Qwen2ForCausalLM",  "Qwen3ForCausalLM",
+                                       "Olmo2ForCausalLM", "Gemma3ForCausalLM", "Gemma2ForCausalLM",
+                                       "Phi3ForCausalLM",  "GPTNeoXForCausalLM"};
+  const char* const model_types[] = {"llama", "qwen2", "qwen3", "olmo2", "gemma3_text", "gemma2", "phi3", "gpt_neox"};
   c.architecture = architectures[static_cast<int>(f)];
   c.model_type = model_types[static_cast<int>(f)];
   c.vocab_size = 13;
@@ -90,6 +95,17 @@ ModelConfig TwoLayerConfig(Family f) {
     c.rope_scaling.original_max_position_embeddings = 4;  // 7 tokens take the long factors
     c.rope_scaling.short_factor = {1.0, 1.7};
     c.rope_scaling.long_factor = {2.0, 5.0};
+  }
+  if (f == Family::kGptNeoX) {
+    c.num_key_value_heads = 6;  // query_key_value is per head: no GQA
+    c.head_dim = 4;             // q_dim 24 != hidden 12, so the fused rows' layout matters
+    c.norm_kind = NormKind::kLayerNorm;
+    c.gated_mlp = false;
+    c.mlp_activation = MlpActivation::kGelu;
+    c.partial_rotary_factor = 0.5;  // 2 of each head's 4 dimensions rotated
+    c.parallel_residual = true;
+    c.fused = {.qkv = true, .qkv_per_head = true};
+    c.qkv_bias = c.o_bias = c.mlp_bias = true;
   }
   return c;
 }
@@ -161,6 +177,28 @@ Mat RmsNormRef(const Mat& x, const at::Tensor& w, double eps, double offset = 0.
   return y;
 }
 
+// (x − mean) / sqrt(var + eps) · w + b over each row, the biased variance (torch.nn.LayerNorm).
+Mat LayerNormRef(const Mat& x, const at::Tensor& w, const at::Tensor& b, double eps) {
+  Mat y = x;
+  for (size_t t = 0; t < x.size(); ++t) {
+    const auto n = static_cast<double>(x[t].size());
+    double mean = 0, var = 0;
+    for (double v : x[t]) mean += v / n;
+    for (double v : x[t]) var += (v - mean) * (v - mean) / n;
+    for (size_t i = 0; i < x[t].size(); ++i) {
+      const auto j = static_cast<int64_t>(i);
+      y[t][i] = (x[t][i] - mean) / std::sqrt(var + eps) * w[j].item<double>() + b[j].item<double>();
+    }
+  }
+  return y;
+}
+
+// The block's norm of the config's kind.
+Mat NormRef(const ModelConfig& c, const Mat& x, const at::Tensor& w, const at::Tensor& b) {
+  if (c.norm_kind == NormKind::kLayerNorm) return LayerNormRef(x, w, b, c.rms_norm_eps);
+  return RmsNormRef(x, w, c.rms_norm_eps, c.norm_weight_offset);
+}
+
 // RMSNorm over each head's d values (Qwen3's q/k norm), with the same weights for every head.
 void HeadRmsNormRef(Mat& x, int64_t heads, int64_t d, const at::Tensor& w, double eps, double offset) {
   for (size_t t = 0; t < x.size(); ++t) {
@@ -175,16 +213,17 @@ void HeadRmsNormRef(Mat& x, int64_t heads, int64_t d, const at::Tensor& w, doubl
   }
 }
 
-void RopeRef(Mat& x, int64_t heads, int64_t d, double theta, const RopeRefScaling& scaling = {}) {
+// Rotates the first `r` dimensions of each head (pairs i, i + r/2 at angle t / theta^(2i / r)); the rest stay.
+void RopeRef(Mat& x, int64_t heads, int64_t d, int64_t r, double theta, const RopeRefScaling& scaling = {}) {
   for (size_t t = 0; t < x.size(); ++t) {
     for (int64_t h = 0; h < heads; ++h) {
-      for (int64_t i = 0; i < d / 2; ++i) {
+      for (int64_t i = 0; i < r / 2; ++i) {
         const double divisor = scaling.divisors.empty() ? 1.0 : scaling.divisors[static_cast<size_t>(i)];
         const double angle =
-            static_cast<double>(t) / (divisor * std::pow(theta, 2.0 * static_cast<double>(i) / static_cast<double>(d)));
+            static_cast<double>(t) / (divisor * std::pow(theta, 2.0 * static_cast<double>(i) / static_cast<double>(r)));
         const double cos = std::cos(angle) * scaling.scale, sin = std::sin(angle) * scaling.scale;
         double& a = x[t][static_cast<size_t>(h * d + i)];
-        double& b = x[t][static_cast<size_t>(h * d + i + d / 2)];
+        double& b = x[t][static_cast<size_t>(h * d + i + r / 2)];
         const double na = a * cos - b * sin;
         const double nb = b * cos + a * sin;
         a = na;
@@ -196,6 +235,20 @@ void RopeRef(Mat& x, int64_t heads, int64_t d, double theta, const RopeRefScalin
 
 double GeluTanh(double x) {
   return 0.5 * x * (1.0 + std::tanh(std::sqrt(2.0 / std::numbers::pi) * (x + 0.044715 * x * x * x)));
+}
+
+double Act(MlpActivation a, double x) {
+  switch (a) {
+    case MlpActivation::kSilu:
+      return x / (1.0 + std::exp(-x));
+    case MlpActivation::kGeluTanh:
+      return GeluTanh(x);
+    case MlpActivation::kGelu:
+      return 0.5 * x * (1.0 + std::erf(x / std::sqrt(2.0)));
+    case MlpActivation::kRelu:
+      return std::max(x, 0.0);
+  }
+  return x;
 }
 
 Mat NaiveLogits(const ModelConfig& c, const ModelWeights& w, const std::vector<int64_t>& tokens) {
@@ -213,9 +266,22 @@ Mat NaiveLogits(const ModelConfig& c, const ModelWeights& w, const std::vector<i
     // Local layers: a window (sliding_window_pattern 2: every second layer is global) and their own base.
     const bool local = c.sliding_window.has_value() && (c.sliding_window_pattern == 0 || (l + 1) % 2 != 0);
     const double theta = local && c.rope_local_theta > 0 ? c.rope_local_theta : c.rope_theta;
-    const Mat h = c.norms.pre_attention ? RmsNormRef(x, lw.input_norm, eps, off) : x;
+    const Mat h = c.norms.pre_attention ? NormRef(c, x, lw.input_norm, lw.input_norm_bias) : x;
     Mat q, k, v;
-    if (c.fused.qkv) {  // rows q | k | v of one matrix
+    if (c.fused.qkv_per_head) {  // rows q_h | k_h | v_h for each head h
+      const Mat qkv = Linear(h, lw.qkv, lw.qkv_bias);
+      q = k = v = Mat(T, std::vector<double>(static_cast<size_t>(Hq * D)));
+      for (size_t t = 0; t < T; ++t) {
+        for (int64_t head = 0; head < Hq; ++head) {
+          for (int64_t i = 0; i < D; ++i) {
+            const auto at = static_cast<size_t>(head * D + i);
+            q[t][at] = qkv[t][static_cast<size_t>((3 * head) * D + i)];
+            k[t][at] = qkv[t][static_cast<size_t>((3 * head + 1) * D + i)];
+            v[t][at] = qkv[t][static_cast<size_t>((3 * head + 2) * D + i)];
+          }
+        }
+      }
+    } else if (c.fused.qkv) {  // rows q | k | v of one matrix
       const Mat qkv = Linear(h, lw.qkv, lw.qkv_bias);
       q = Columns(qkv, 0, Hq * D);
       k = Columns(qkv, Hq * D, Hkv * D);
@@ -230,8 +296,9 @@ Mat NaiveLogits(const ModelConfig& c, const ModelWeights& w, const std::vector<i
       q = RmsNormRef(q, lw.q_norm, eps, off);
       k = RmsNormRef(k, lw.k_norm, eps, off);
     }
-    RopeRef(q, Hq, D, theta, LongRopeRef(c, T));
-    RopeRef(k, Hkv, D, theta, LongRopeRef(c, T));
+    const int64_t rotary = static_cast<int64_t>(static_cast<double>(D) * c.partial_rotary_factor);
+    RopeRef(q, Hq, D, rotary, theta, LongRopeRef(c, T));
+    RopeRef(k, Hkv, D, rotary, theta, LongRopeRef(c, T));
     Mat attn(T, std::vector<double>(static_cast<size_t>(Hq * D), 0.0));
     for (int64_t head = 0; head < Hq; ++head) {
       const int64_t kvh = head / (Hq / Hkv);
@@ -259,30 +326,42 @@ Mat NaiveLogits(const ModelConfig& c, const ModelWeights& w, const std::vector<i
       }
     }
     Mat o = Linear(attn, lw.o, lw.o_bias);
-    if (c.norms.attention_output) o = RmsNormRef(o, lw.attention_output_norm, eps, off);
-    for (size_t t = 0; t < T; ++t) {
-      for (int64_t i = 0; i < H; ++i) x[t][static_cast<size_t>(i)] += o[t][static_cast<size_t>(i)];
+    if (c.norms.attention_output) o = NormRef(c, o, lw.attention_output_norm, lw.attention_output_norm_bias);
+    // Parallel residual: the MLP reads the block's input (through its own norm), and both add to it at the end.
+    const Mat block_input = x;
+    if (!c.parallel_residual) {
+      for (size_t t = 0; t < T; ++t) {
+        for (int64_t i = 0; i < H; ++i) x[t][static_cast<size_t>(i)] += o[t][static_cast<size_t>(i)];
+      }
     }
-    const Mat h2 = c.norms.pre_mlp ? RmsNormRef(x, lw.pre_mlp_norm, eps, off) : x;
+    const Mat& mlp_input = c.parallel_residual ? block_input : x;
+    const Mat h2 = c.norms.pre_mlp ? NormRef(c, mlp_input, lw.pre_mlp_norm, lw.pre_mlp_norm_bias) : mlp_input;
     const int64_t I = c.intermediate_size;
-    const Mat gate_up = c.fused.gate_up ? Linear(h2, lw.gate_up, lw.gate_up_bias) : Mat();  // rows gate | up
-    const Mat g = c.fused.gate_up ? Columns(gate_up, 0, I) : Linear(h2, lw.gate, lw.gate_bias);
-    const Mat u = c.fused.gate_up ? Columns(gate_up, I, I) : Linear(h2, lw.up, lw.up_bias);
-    Mat act = g;
-    for (size_t t = 0; t < T; ++t) {
-      for (size_t i = 0; i < g[t].size(); ++i) {
-        const double a =
-            c.mlp_activation == MlpActivation::kGeluTanh ? GeluTanh(g[t][i]) : g[t][i] / (1.0 + std::exp(-g[t][i]));
-        act[t][i] = a * u[t][i];
+    Mat act;
+    if (c.gated_mlp) {
+      const Mat gate_up = c.fused.gate_up ? Linear(h2, lw.gate_up, lw.gate_up_bias) : Mat();  // rows gate | up
+      const Mat g = c.fused.gate_up ? Columns(gate_up, 0, I) : Linear(h2, lw.gate, lw.gate_bias);
+      const Mat u = c.fused.gate_up ? Columns(gate_up, I, I) : Linear(h2, lw.up, lw.up_bias);
+      act = g;
+      for (size_t t = 0; t < T; ++t) {
+        for (size_t i = 0; i < g[t].size(); ++i) act[t][i] = Act(c.mlp_activation, g[t][i]) * u[t][i];
+      }
+    } else {  // down(act(up(x)))
+      act = Linear(h2, lw.up, lw.up_bias);
+      for (auto& row : act) {
+        for (double& a : row) a = Act(c.mlp_activation, a);
       }
     }
     Mat down = Linear(act, lw.down, lw.down_bias);
-    if (c.norms.mlp_output) down = RmsNormRef(down, lw.mlp_output_norm, eps, off);
+    if (c.norms.mlp_output) down = NormRef(c, down, lw.mlp_output_norm, lw.mlp_output_norm_bias);
     for (size_t t = 0; t < T; ++t) {
-      for (int64_t i = 0; i < H; ++i) x[t][static_cast<size_t>(i)] += down[t][static_cast<size_t>(i)];
+      for (int64_t i = 0; i < H; ++i) {
+        const auto j = static_cast<size_t>(i);
+        x[t][j] += down[t][j] + (c.parallel_residual ? o[t][j] : 0.0);
+      }
     }
   }
-  Mat logits = Linear(RmsNormRef(x, w.final_norm, eps, off), w.lm_head, at::Tensor());
+  Mat logits = Linear(NormRef(c, x, w.final_norm, w.final_norm_bias), w.lm_head, at::Tensor());
   if (c.final_logit_softcap > 0) {
     for (auto& row : logits) {
       for (double& z : row) z = c.final_logit_softcap * std::tanh(z / c.final_logit_softcap);
@@ -296,11 +375,17 @@ at::Tensor Tokens(std::vector<int64_t> ids) {
 }
 
 // With LongRoPE: the 7 tokens reach past a pre-trained context of 4 (long factors), or stay within 64 (short ones).
+// GPT-NeoX: with use_parallel_residual off too, and with ReLU (OPT's activation) in its plain MLP.
 std::vector<ModelConfig> ReferenceConfigs(Family f) {
   std::vector<ModelConfig> out = {TwoLayerConfig(f)};
   if (out[0].rope_scaling.type == RopeScaling::Type::kLongRope) {
     out.push_back(out[0]);
     out[1].rope_scaling.original_max_position_embeddings = 64;
+  }
+  if (out[0].parallel_residual) {
+    out.push_back(out[0]);
+    out[1].parallel_residual = false;
+    out[1].mlp_activation = MlpActivation::kRelu;
   }
   return out;
 }
@@ -308,7 +393,8 @@ std::vector<ModelConfig> ReferenceConfigs(Family f) {
 TEST_CASE("The model's forward equals a naive loop-based reference on a 2-layer model", "[model][llama]") {
   for (Family f : kFamilies) {
     for (const ModelConfig& c : ReferenceConfigs(f)) {
-      INFO(FamilyName(f) << ", original context " << c.rope_scaling.original_max_position_embeddings);
+      INFO(FamilyName(f) << ", original context " << c.rope_scaling.original_max_position_embeddings
+                         << ", parallel residual " << c.parallel_residual);
       auto model = MakeModel(c, 11);
       if (f == Family::kQwen2) {
         for (LayerWeights& lw : model->mutable_weights().layers) lw.q_bias.add_(0.5);  // biases must matter
@@ -387,8 +473,8 @@ TEST_CASE("A KV cache that would overflow is an OutOfRange error and keeps its l
 TEST_CASE("Recomputation on, off and of some layers gives the same loss and gradients", "[model][llama]") {
   // Every weight gets a gradient: biases, q/k norms, OLMo 2's output norms (the MLP's one reads the down
   // projection's values, which a graph-only recomputation must not skip).
-  for (Family f :
-       {Family::kQwen2, Family::kQwen3, Family::kOlmo2, Family::kGemmaBlock, Family::kGemma2Block, Family::kPhi3}) {
+  for (Family f : {Family::kQwen2, Family::kQwen3, Family::kOlmo2, Family::kGemmaBlock, Family::kGemma2Block,
+                   Family::kPhi3, Family::kGptNeoX}) {
     INFO(FamilyName(f));
     const ModelConfig c = TwoLayerConfig(f);
     auto model = MakeModel(c, 14);

@@ -42,7 +42,8 @@ TEST_CASE("init-model trains the family's tokenizer style, with the special ids 
     bool space_prefix;  // SentencePiece's dummy prefix: the first word's token starts with "▁" (Llama 2, Phi-3)
   };
   for (const Case& c : {Case{"tiny", "ByteLevel", 0, 0, false, false}, Case{"tiny-gemma2", "", 2, 1, true, false},
-                        Case{"tiny-gemma3", "", 2, 1, true, false}, Case{"tiny-phi3", "", 1, 3, true, true}}) {
+                        Case{"tiny-gemma3", "", 2, 1, true, false}, Case{"tiny-phi3", "", 1, 3, true, true},
+                        Case{"tiny-gptneox", "ByteLevel", 0, 0, false, false}}) {
     INFO(c.preset);
     TempDir dir;
     InitModelOptions options;
@@ -168,6 +169,46 @@ TEST_CASE("A tensor with the wrong shape or an unexpected tensor is rejected by 
   auto extra = LlamaModel::Load(dir.path);
   REQUIRE_FALSE(extra.ok());
   CHECK(std::string(extra.status().message()).find("model.layers.1.") != std::string::npos);
+}
+
+TEST_CASE("A GPT-NeoX checkpoint loads under its own names, skipping the old mask buffers", "[model][weights]") {
+  TempDir dir;
+  auto c = PresetConfig("tiny-gptneox");
+  REQUIRE(c.ok());
+  const ModelWeights w = RandomWeights(*c, 8);
+  std::vector<at::Tensor> keep;
+  std::vector<TensorToWrite> tensors;
+  auto add = [&](const std::string& name, const at::Tensor& t) {
+    keep.push_back(t.contiguous());
+    tensors.push_back(
+        {name,
+         DType::kF32,
+         t.sizes().vec(),
+         {static_cast<const uint8_t*>(keep.back().data_ptr()), static_cast<size_t>(keep.back().nbytes())}});
+  };
+  const std::vector<NamedWeight> named = NamedWeights(w, *c);
+  for (const NamedWeight& nw : named) add(nw.name, nw.tensor);
+  CHECK(named.front().name == "gpt_neox.embed_in.weight");
+  CHECK(named.back().name == "embed_out.weight");
+  CHECK(named[named.size() - 2].name == "gpt_neox.final_layer_norm.bias");
+  // What checkpoints of transformers before 4.3x carry beside the weights.
+  add("gpt_neox.layers.0.attention.bias", at::ones({1, 1, 8, 8}));
+  add("gpt_neox.layers.0.attention.masked_bias", at::full({}, -1e9));
+  add("gpt_neox.layers.0.attention.rotary_emb.inv_freq", at::ones({4}));
+  REQUIRE(WriteFileAtomic(JoinPath(dir.path, "config.json"), ModelConfigToJson(*c)).ok());
+  REQUIRE(WriteSafetensors(JoinPath(dir.path, "model.safetensors"), tensors).ok());
+  auto m = LlamaModel::Load(dir.path);
+  REQUIRE(m.ok());
+  CHECK(at::equal((*m)->weights().layers[1].pre_mlp_norm_bias, w.layers[1].pre_mlp_norm_bias));
+  auto direct = LlamaModel::Create(*c, w);
+  REQUIRE(direct.ok());
+  CHECK(at::equal(*(*m)->Logits(SomeTokens()), *(*direct)->Logits(SomeTokens())));
+  // Any other stray tensor is still refused by name.
+  add("gpt_neox.layers.0.attention.extra", at::ones({2}));
+  REQUIRE(WriteSafetensors(JoinPath(dir.path, "model.safetensors"), tensors).ok());
+  auto stray = LlamaModel::Load(dir.path);
+  REQUIRE_FALSE(stray.ok());
+  CHECK(std::string(stray.status().message()).find("gpt_neox.layers.0.attention.extra") != std::string::npos);
 }
 
 TEST_CASE("RandomWeights is deterministic per seed", "[model][weights]") {

@@ -96,6 +96,21 @@ inline model::ModelConfig Phi3StyleMicroConfig() {
   return c;
 }
 
+// MicroConfig with GPT-NeoX's block: LayerNorms with biases, attention and MLP in parallel on the block's
+// input, half of each head rotated, q, k, v fused per head (no GQA), a plain exact-GELU MLP, biases everywhere.
+inline model::ModelConfig GptNeoXStyleMicroConfig() {
+  model::ModelConfig c = MicroConfig();
+  c.num_key_value_heads = c.num_attention_heads;
+  c.norm_kind = model::NormKind::kLayerNorm;
+  c.gated_mlp = false;
+  c.mlp_activation = model::MlpActivation::kGelu;
+  c.partial_rotary_factor = 0.5;
+  c.parallel_residual = true;
+  c.fused = {.qkv = true, .qkv_per_head = true};
+  c.qkv_bias = c.o_bias = c.mlp_bias = true;
+  return c;
+}
+
 inline std::vector<model::Projection> EveryProjection() {
   return {model::Projection::kQ,    model::Projection::kK,  model::Projection::kV,   model::Projection::kO,
           model::Projection::kGate, model::Projection::kUp, model::Projection::kDown};

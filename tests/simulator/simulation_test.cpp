@@ -135,9 +135,10 @@ TEST_CASE("A federation of phones of each newer family lowers the held-out loss"
   // Qwen3 (q/k norms per head), OLMo 2 (norms on the sub-blocks' outputs, q/k norms over the projections),
   // Gemma 3 (GeGLU, 1 + w norms before and after, scaled embeddings, local and global layers), Gemma 2
   // (soft-capped attention scores and logits, alternating local and global layers), Phi-3 (fused qkv_proj and
-  // gate_up_proj, which the server's default q_proj, v_proj targets map to, LongRoPE).
-  const std::string preset =
-      GENERATE(as<std::string>{}, "tiny-qwen3", "tiny-olmo2", "tiny-gemma3", "tiny-gemma2", "tiny-phi3");
+  // gate_up_proj, which the server's default q_proj, v_proj targets map to, LongRoPE), GPT-NeoX (LayerNorms,
+  // parallel residual, partial rotary, query_key_value fused per head, a plain GELU MLP).
+  const std::string preset = GENERATE(as<std::string>{}, "tiny-qwen3", "tiny-olmo2", "tiny-gemma3", "tiny-gemma2",
+                                      "tiny-phi3", "tiny-gptneox");
   INFO(preset);
   TempDir dir;
   model::InitModelOptions init;
