@@ -38,7 +38,7 @@ absl::Status LoraConfig::Validate(const ModelConfig& model) const {
     if (!model::HasProjection(model, p)) {
       std::string have;
       for (Projection m : model::ModelProjections(model))
-        have += StrCat(have.empty() ? "" : ", ", model::ModuleName(model, m));
+        have += StrCat(have.empty() ? "" : ", ", model::TargetModuleName(model, m));
       return absl::InvalidArgumentError(StrCat("LoRA target ", model::ProjectionName(p), " is not a projection of ",
                                                model.architecture, " (it has ", have, ")"));
     }
@@ -135,8 +135,11 @@ absl::StatusOr<LoraConfig> ParsePeftConfig(std::string_view json_text, const Mod
   if (!str("bias").empty() && str("bias") != "none") {
     return absl::InvalidArgumentError(StrCat("bias '", str("bias"), "' is not supported (only \"none\")"));
   }
-  if (j.contains("fan_in_fan_out") && j["fan_in_fan_out"].is_boolean() && j["fan_in_fan_out"].get<bool>()) {
-    return absl::InvalidArgumentError("fan_in_fan_out adapters (GPT-2 Conv1D) are not supported");
+  // fan_in_fan_out marks adapters of modules stored (in, out), GPT-2's Conv1D; A and B have the same shapes.
+  if (j.contains("fan_in_fan_out") && j["fan_in_fan_out"].is_boolean() && j["fan_in_fan_out"].get<bool>() &&
+      !model::StoresTransposed(model)) {
+    return absl::InvalidArgumentError(
+        StrCat("fan_in_fan_out is true, but ", model.architecture, "'s projections are not stored (in, out)"));
   }
   if (j.contains("modules_to_save") && !j["modules_to_save"].is_null() &&
       !(j["modules_to_save"].is_array() && j["modules_to_save"].empty())) {
@@ -154,14 +157,14 @@ absl::StatusOr<LoraConfig> ParsePeftConfig(std::string_view json_text, const Mod
   } else if (tm.is_array()) {
     for (const Json& t : tm) {
       if (!t.is_string()) return absl::InvalidArgumentError("target_modules must hold strings");
-      std::string name = t.get<std::string>();
-      name = name.substr(name.rfind('.') == std::string::npos ? 0 : name.rfind('.') + 1);
-      auto p = model::ProjectionOfModule(model, name);
-      if (!p) {
+      const std::vector<Projection> named = model::ProjectionsOfModule(model, t.get<std::string>());
+      if (named.empty()) {
         return absl::InvalidArgumentError(
             StrCat("target module '", t.get<std::string>(), "' is not a projection of ", model.architecture));
       }
-      if (std::find(c.targets.begin(), c.targets.end(), *p) == c.targets.end()) c.targets.push_back(*p);
+      for (Projection p : named) {
+        if (std::find(c.targets.begin(), c.targets.end(), p) == c.targets.end()) c.targets.push_back(p);
+      }
     }
   } else {
     return absl::InvalidArgumentError("target_modules is missing");
@@ -187,7 +190,7 @@ std::string PeftConfigJson(const LoraConfig& c, const ModelConfig& model, const 
   Json targets = Json::array();
   for (Projection p : model::kAllProjections) {
     if (std::find(c.targets.begin(), c.targets.end(), p) != c.targets.end())
-      targets.push_back(model::ModuleName(model, p));
+      targets.push_back(model::TargetModuleName(model, p));
   }
   Json config = {{"peft_type", "LORA"},
                  {"task_type", "CAUSAL_LM"},
@@ -196,7 +199,7 @@ std::string PeftConfigJson(const LoraConfig& c, const ModelConfig& model, const 
                  {"lora_dropout", c.dropout},
                  {"target_modules", targets},
                  {"bias", "none"},
-                 {"fan_in_fan_out", false},
+                 {"fan_in_fan_out", model::StoresTransposed(model)},
                  {"use_rslora", c.use_rslora},
                  {"use_dora", false},
                  {"init_lora_weights", true},

@@ -120,7 +120,7 @@ int64_t ModelConfig::NumParameters() const {
   per_layer += q_norm_size() + k_norm_size();
   if (o_bias) per_layer += h;
   if (mlp_bias) per_layer += (gated_mlp ? 2 : 1) * intermediate_size + h;
-  int64_t total = vocab_size * h + num_hidden_layers * per_layer + norm_size;
+  int64_t total = vocab_size * h + position_rows() * h + num_hidden_layers * per_layer + norm_size;
   if (!tie_word_embeddings) total += vocab_size * h;
   return total;
 }
@@ -152,6 +152,9 @@ absl::Status ModelConfig::Validate() const {
   if (rotary_dim() < 2 || rotary_dim() % 2 != 0) {
     return FieldError("partial_rotary_factor", StrCat("rotates ", rotary_dim(), " of head_dim ", head_dim,
                                                       " dimensions; RoPE needs an even number, at least 2"));
+  }
+  if (position_offset < 0 || position_offset > kMaxPositions) {
+    return FieldError("position_offset", StrCat("must be in [0, ", kMaxPositions, "], got ", position_offset));
   }
   if (fused.qkv_per_head && (!fused.qkv || num_key_value_heads != num_attention_heads)) {
     return FieldError("num_key_value_heads", "must equal num_attention_heads for a query_key_value fused per head");
@@ -197,21 +200,26 @@ absl::Status ModelConfig::Validate() const {
   return absl::OkStatus();
 }
 
-absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view json_text) {
-  SEEDLING_ASSIGN_OR_RETURN(const Json j, ParseJson(json_text, "config.json"));
-  if (!j.is_object()) return absl::InvalidArgumentError("config.json must be a JSON object");
+namespace {
+
+// The family config.json `j` names (by its architecture, or its model_type).
+absl::StatusOr<const families::FamilySpec*> FamilyOfConfig(const Json& j) {
+  std::string architecture, model_type;
+  auto arch = j.find("architectures");
+  if (arch != j.end() && arch->is_array() && !arch->empty() && (*arch)[0].is_string()) {
+    architecture = (*arch)[0].get<std::string>();
+  }
+  auto mt = j.find("model_type");
+  if (mt != j.end() && mt->is_string()) model_type = mt->get<std::string>();
+  return FamilyOf(architecture, model_type);
+}
+
+// Reads config.json `j` of `family` (after its prepare step).
+absl::StatusOr<ModelConfig> ReadConfig(const Json& j, const families::FamilySpec* family) {
   try {
     ModelConfig c;
-    auto arch = j.find("architectures");
-    if (arch != j.end() && arch->is_array() && !arch->empty() && (*arch)[0].is_string()) {
-      c.architecture = (*arch)[0].get<std::string>();
-    }
-    auto mt = j.find("model_type");
-    if (mt != j.end() && mt->is_string()) c.model_type = mt->get<std::string>();
-    SEEDLING_ASSIGN_OR_RETURN(const families::FamilySpec* family, FamilyOf(c.architecture, c.model_type));
     c.architecture = family->architecture;
     c.model_type = family->model_type;
-
     SEEDLING_ASSIGN_OR_RETURN(c.vocab_size, GetInt(j, "vocab_size", std::nullopt));
     SEEDLING_ASSIGN_OR_RETURN(c.hidden_size, GetInt(j, "hidden_size", std::nullopt));
     SEEDLING_ASSIGN_OR_RETURN(c.intermediate_size, GetInt(j, "intermediate_size", std::nullopt));
@@ -260,6 +268,16 @@ absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view json_text) {
   } catch (const Json::exception& e) {
     return absl::InvalidArgumentError(StrCat("config.json: ", e.what()));
   }
+}
+
+}  // namespace
+
+absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view json_text) {
+  SEEDLING_ASSIGN_OR_RETURN(Json j, ParseJson(json_text, "config.json"));
+  if (!j.is_object()) return absl::InvalidArgumentError("config.json must be a JSON object");
+  SEEDLING_ASSIGN_OR_RETURN(const families::FamilySpec* family, FamilyOfConfig(j));
+  if (family->prepare != nullptr) SEEDLING_RETURN_IF_ERROR(family->prepare(j));
+  return ReadConfig(j, family);
 }
 
 absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir) {
@@ -504,12 +522,29 @@ ModelConfig GptNeoX(int64_t vocab, int64_t hidden, int64_t inter, int64_t layers
   return c;
 }
 
+// GPT-2: learned positions, LayerNorms, c_attn fused as q | k | v, biases everywhere, a plain GELU MLP of 4 x
+// hidden, tied, eps 1e-5.
+ModelConfig Gpt2(int64_t vocab, int64_t hidden, int64_t layers, int64_t heads, int64_t max_pos,
+                 MlpActivation activation) {
+  ModelConfig c = Llama(vocab, hidden, 4 * hidden, layers, heads, heads, 10000.0, 1e-5, true, max_pos);
+  c.architecture = "GPT2LMHeadModel";
+  c.model_type = "gpt2";
+  c.norm_kind = NormKind::kLayerNorm;
+  c.gated_mlp = false;
+  c.mlp_activation = activation;
+  c.positions = PositionKind::kLearned;
+  c.fused = {.qkv = true};
+  c.qkv_bias = c.o_bias = c.mlp_bias = true;
+  return c;
+}
+
 }  // namespace
 
 std::vector<std::string> PresetNames() {
-  return {"tiny",         "tiny-qwen2",   "tiny-qwen3",   "tiny-olmo2",   "tiny-gemma2", "tiny-gemma3",    "tiny-phi3",
-          "tiny-gptneox", "smollm2-135m", "smollm2-360m", "qwen2.5-0.5b", "qwen3-0.6b",  "tinyllama-1.1b", "olmo-2-1b",
-          "gemma-2-2b",   "gemma-3-270m", "gemma-3-1b",   "phi-3-mini",   "pythia-160m"};
+  return {"tiny",           "tiny-qwen2",   "tiny-qwen3",   "tiny-olmo2",       "tiny-gemma2",  "tiny-gemma3",
+          "tiny-phi3",      "tiny-gptneox", "smollm2-135m", "smollm2-360m",     "qwen2.5-0.5b", "qwen3-0.6b",
+          "tinyllama-1.1b", "olmo-2-1b",    "gemma-2-2b",   "gemma-3-270m",     "gemma-3-1b",   "phi-3-mini",
+          "pythia-160m",    "tiny-gpt2",    "gpt2",         "cerebras-gpt-111m"};
 }
 
 absl::StatusOr<ModelConfig> PresetConfig(std::string_view name) {
@@ -605,6 +640,21 @@ absl::StatusOr<ModelConfig> PresetConfig(std::string_view name) {
     c.bos_token_id = 0;
     c.eos_token_ids = {0};
     c.torch_dtype = "float16";
+  } else if (name == "tiny-gpt2") {
+    // A 256-position table, so a long enough prompt reaches its end.
+    c = Gpt2(2048, 128, 2, 4, 256, MlpActivation::kGeluTanh);
+    c.bos_token_id = 0;
+    c.eos_token_ids = {0};
+  } else if (name == "gpt2") {
+    // openai-community/gpt2: 124,439,808 parameters.
+    c = Gpt2(50257, 768, 12, 12, 1024, MlpActivation::kGeluTanh);
+    c.bos_token_id = 50256;
+    c.eos_token_ids = {50256};
+  } else if (name == "cerebras-gpt-111m") {
+    // cerebras/Cerebras-GPT-111M: 111,050,496 parameters, exact GELU, 2,048 positions.
+    c = Gpt2(50257, 768, 10, 12, 2048, MlpActivation::kGelu);
+    c.bos_token_id = 50256;
+    c.eos_token_ids = {50256};
   } else if (name == "smollm2-135m") {
     c = Llama(49152, 576, 1536, 30, 9, 3, 100000.0, 1e-5, true, 8192);
     c.bos_token_id = 0;
@@ -756,11 +806,28 @@ std::string ModuleName(const ModelConfig& config, Projection p) {
   return std::string(LastPart(families::ModuleNamesOf(config.architecture).projections[static_cast<size_t>(p)]));
 }
 
-std::optional<Projection> ProjectionOfModule(const ModelConfig& config, std::string_view name) {
-  for (Projection p : ModelProjections(config)) {
-    if (name == ModuleName(config, p)) return p;
+bool StoresTransposed(const ModelConfig& config) { return families::ModuleNamesOf(config.architecture).conv1d; }
+
+std::string TargetModuleName(const ModelConfig& config, Projection p) {
+  const std::string name = ModuleName(config, p);
+  for (Projection other : ModelProjections(config)) {
+    if (other != p && ModuleName(config, other) == name) return ProjectionPath(config, p);  // GPT-2's two c_proj
   }
-  return ProjectionFromName(name);
+  return name;
+}
+
+std::vector<Projection> ProjectionsOfModule(const ModelConfig& config, std::string_view name) {
+  std::vector<Projection> out;
+  for (Projection p : ModelProjections(config)) {
+    const std::string path = ProjectionPath(config, p);
+    // PEFT's rule: a key names every module whose full name is it or ends with "." + it.
+    const bool match = path == name || path.ends_with(StrCat(".", name)) || name.ends_with(StrCat(".", path));
+    if (match) out.push_back(p);
+  }
+  if (out.empty()) {
+    if (const std::optional<Projection> p = ProjectionFromName(LastPart(name))) out.push_back(*p);
+  }
+  return out;
 }
 
 std::optional<Projection> ProjectionOfAnyModule(std::string_view name) {
@@ -770,7 +837,7 @@ std::optional<Projection> ProjectionOfAnyModule(std::string_view name) {
     if (f.names == nullptr) continue;
     for (Projection p : kAllProjections) {
       const std::string_view path = f.names->projections[static_cast<size_t>(p)];
-      if (path.empty() || LastPart(path) != name) continue;
+      if (path.empty() || (path != name && LastPart(path) != name)) continue;
       if (found && *found != p) return std::nullopt;  // the name means different projections in two families
       found = p;
     }

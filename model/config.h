@@ -85,6 +85,12 @@ enum class MlpActivation {
   kRelu,      // "relu" (OPT)
 };
 
+// How tokens learn their positions.
+enum class PositionKind {
+  kRope,     // rotary embeddings on q and k in every layer
+  kLearned,  // a table of position embeddings added to the token embeddings (GPT-2, OPT)
+};
+
 // The norm of the block's hidden states (and the final norm).
 enum class NormKind {
   kRms,        // x / rms(x) · w (Llama and most later families)
@@ -121,6 +127,10 @@ struct ModelConfig {
   // The share of each head's dimensions RoPE rotates (the first rotary_dim() of them); the rest pass through
   // (GPT-NeoX's rotary_pct, Phi's partial_rotary_factor).
   double partial_rotary_factor = 1.0;
+  PositionKind positions = PositionKind::kRope;
+  // kLearned: position t reads row t + position_offset of the table (OPT keeps 2 unused rows first), which has
+  // max_position_embeddings + position_offset rows.
+  int64_t position_offset = 0;
   // Attention and the MLP both read the block's input and add to it together, x + attn(n1(x)) + mlp(n2(x))
   // (GPT-NeoX's use_parallel_residual; with norms.pre_mlp off the MLP reads n1(x), as Phi does).
   bool parallel_residual = false;
@@ -146,6 +156,10 @@ struct ModelConfig {
   std::string torch_dtype = "float32";  // dtype of the stored weights ("bfloat16", "float16", "float32")
 
   int64_t kv_dim() const { return num_key_value_heads * head_dim; }
+  // Rows of the learned position table (0 with RoPE).
+  int64_t position_rows() const {
+    return positions == PositionKind::kLearned ? max_position_embeddings + position_offset : 0;
+  }
   // The dimensions of each head RoPE rotates (partial_rotary_factor of head_dim, rounded down as Hugging Face does).
   int64_t rotary_dim() const { return static_cast<int64_t>(static_cast<double>(head_dim) * partial_rotary_factor); }
   int64_t q_dim() const { return num_attention_heads * head_dim; }
@@ -204,9 +218,10 @@ std::string ModelId(const ModelConfig& config);
 // "tiny-olmo2" (post-norm block, q/k norms over the projections, GQA), "tiny-gemma2" (soft-capping, local and
 // global layers alternating), "tiny-gemma3" (q/k norms, every 6th layer global), "tiny-phi3" (fused qkv and
 // gate_up projections, LongRoPE), "tiny-gptneox" (LayerNorms, parallel residual, partial rotary, plain GELU
-// MLP), and the exact shapes of published models: "smollm2-135m", "smollm2-360m", "qwen2.5-0.5b",
-// "qwen3-0.6b", "tinyllama-1.1b", "olmo-2-1b", "gemma-2-2b", "gemma-3-270m", "gemma-3-1b", "phi-3-mini",
-// "pythia-160m".
+// MLP), "tiny-gpt2" (learned positions, Conv1D-stored projections, a 256-position table), and the exact shapes
+// of published models: "smollm2-135m", "smollm2-360m", "qwen2.5-0.5b", "qwen3-0.6b", "tinyllama-1.1b",
+// "olmo-2-1b", "gemma-2-2b", "gemma-3-270m", "gemma-3-1b", "phi-3-mini", "pythia-160m", "gpt2",
+// "cerebras-gpt-111m".
 // NotFound lists the valid names.
 absl::StatusOr<ModelConfig> PresetConfig(std::string_view name);
 std::vector<std::string> PresetNames();
@@ -245,11 +260,17 @@ int64_t LayerMatrixParameters(const ModelConfig& config);
 std::string LayerPrefix(const ModelConfig& config, int64_t layer);
 std::string ProjectionPath(const ModelConfig& config, Projection p);
 std::string ModuleName(const ModelConfig& config, Projection p);
-// The projection of `config` a module name denotes: the family's own name ("query_key_value") or Seedling's
-// canonical one (ProjectionName); nullopt for any other.
-std::optional<Projection> ProjectionOfModule(const ModelConfig& config, std::string_view name);
-// The same without a model: a canonical name, or a module name that denotes one projection in every family
-// that has it ("query_key_value", "dense_h_to_4h"); nullopt for any other.
+// Whether the family's checkpoints store the layers' projections (in, out), as GPT-2's Conv1D modules do.
+bool StoresTransposed(const ModelConfig& config);
+// The name PEFT's target_modules gives projection `p`: its module name, or its path in the layer where the module
+// name is not unique (GPT-2's "attn.c_proj" and "mlp.c_proj").
+std::string TargetModuleName(const ModelConfig& config, Projection p);
+// The projections of `config` a target_modules key denotes, as PEFT matches them (a module whose name is the key
+// or ends with "." + key: GPT-2's "c_proj" is both attn.c_proj and mlp.c_proj), or the one Seedling's canonical
+// name (ProjectionName, of the key's last part) denotes; empty for any other.
+std::vector<Projection> ProjectionsOfModule(const ModelConfig& config, std::string_view name);
+// The same without a model: a canonical name, or a module name or path that denotes one projection in every
+// family that has it ("query_key_value", "dense_h_to_4h", "attn.c_proj"); nullopt for any other.
 std::optional<Projection> ProjectionOfAnyModule(std::string_view name);
 
 }  // namespace seedling::model

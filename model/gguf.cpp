@@ -168,10 +168,11 @@ struct GgufGraphRules {
   bool fused_qkv = false;
   bool fused_gate_up = false;
   bool longrope = false;  // LongRoPE as rope_factors_{short,long}.weight and rope.scaling.attn_factor (phi3)
-  // LayerNorms with biases, a plain GELU MLP and a rotary share of each head (gptneox); the others have
-  // RMSNorms, a gated MLP and rotate whole heads.
-  bool neox_block = false;
-  bool requires_o_mlp_bias = false;  // requires attn_output and ffn biases (gptneox)
+  // LayerNorms with biases and a plain GELU MLP (gptneox, gpt2); the others have RMSNorms and a gated MLP.
+  bool layer_norm_block = false;
+  bool partial_rotary = false;       // rotates rope.dimension_count of each head's dimensions (gptneox)
+  bool learned_positions = false;    // position_embd.weight instead of RoPE (gpt2)
+  bool requires_o_mlp_bias = false;  // requires attn_output and ffn biases (gptneox, gpt2)
 };
 
 constexpr GgufGraphRules kGraphRules[] = {
@@ -193,7 +194,16 @@ constexpr GgufGraphRules kGraphRules[] = {
      .o_mlp_bias = true,
      .untied_only = true,
      .fused_qkv = true,
-     .neox_block = true,
+     .layer_norm_block = true,
+     .partial_rotary = true,
+     .requires_o_mlp_bias = true},
+    {.arch = "gpt2",
+     .qkv_bias = true,
+     .requires_qkv_bias = true,
+     .o_mlp_bias = true,
+     .fused_qkv = true,
+     .layer_norm_block = true,
+     .learned_positions = true,
      .requires_o_mlp_bias = true},
 };
 
@@ -242,13 +252,20 @@ absl::Status CheckExpressible(const ModelConfig& c, const GgufGraphRules& r) {
         who, "with q, k, v ", c.fused.qkv ? "fused" : "apart", " and gate, up ", c.fused.gate_up ? "fused" : "apart",
         why, "reads q, k, v ", r.fused_qkv ? "fused" : "apart", " and gate, up ", r.fused_gate_up ? "fused" : "apart"));
   }
-  const bool neox_block = c.norm_kind == NormKind::kLayerNorm && !c.gated_mlp;
-  if (neox_block != r.neox_block || (!r.neox_block && c.rotary_dim() != c.head_dim)) {
+  const bool layer_norm_block = c.norm_kind == NormKind::kLayerNorm && !c.gated_mlp;
+  if (layer_norm_block != r.layer_norm_block) {
     return absl::InvalidArgumentError(
-        StrCat(who, "with its norms, MLP and rotary share", why,
-               r.neox_block ? "has LayerNorms and a plain MLP" : "has RMSNorms, a gated MLP and rotates whole heads"));
+        StrCat(who, "with its norms and MLP", why,
+               r.layer_norm_block ? "has LayerNorms and a plain MLP" : "has RMSNorms and a gated MLP"));
   }
-  if (r.neox_block && c.mlp_activation != MlpActivation::kGelu && c.mlp_activation != MlpActivation::kGeluTanh) {
+  if ((c.positions == PositionKind::kLearned) != r.learned_positions) {
+    return absl::InvalidArgumentError(StrCat(who, "with its position embeddings", why,
+                                             r.learned_positions ? "learns positions" : "rotates q and k (RoPE)"));
+  }
+  if (!r.partial_rotary && c.positions == PositionKind::kRope && c.rotary_dim() != c.head_dim) {
+    return absl::InvalidArgumentError(StrCat(who, "with partial rotary embeddings", why, "rotates whole heads"));
+  }
+  if (r.layer_norm_block && c.mlp_activation != MlpActivation::kGelu && c.mlp_activation != MlpActivation::kGeluTanh) {
     return absl::InvalidArgumentError(
         StrCat(who, "with hidden_act ", internal::ActivationName(c.mlp_activation), why, "applies GELU"));
   }
@@ -350,7 +367,7 @@ class TensorPlanner {
   // A tensor the file requires. 2-D tensors take MatrixFormatFor(matrix format, cols), 1-D ones
   // F32.
   absl::Status Add(std::string name, const at::Tensor& t, std::vector<int64_t> shape, int64_t rope_heads = 0,
-                   int64_t qkv_heads = 0) {
+                   int64_t qkv_heads = 0, bool f32 = false) {
     if (name.size() > internal::kGgufMaxTensorName) {
       return absl::InvalidArgumentError(
           StrCat("tensor name '", name, "' is longer than ", internal::kGgufMaxTensorName));
@@ -365,7 +382,7 @@ class TensorPlanner {
     p.name = std::move(name);
     p.source = t;
     p.shape = std::move(shape);
-    p.format = p.shape.size() == 2 ? MatrixFormatFor(matrix_format_, p.shape[1]) : WeightFormat::kF32;
+    p.format = p.shape.size() == 2 && !f32 ? MatrixFormatFor(matrix_format_, p.shape[1]) : WeightFormat::kF32;
     p.rope_heads = rope_heads;
     p.qkv_heads = qkv_heads;
     plans_.push_back(std::move(p));
@@ -428,7 +445,7 @@ absl::StatusOr<std::vector<TensorPlan>> PlanTensors(const ModelConfig& c, const 
     // llama.cpp's Gemma graphs scale by the stored norm weight, Hugging Face's by (1 + w): the file holds 1 + w.
     const bool offset = s.norm && s.slot->defined() && c.norm_weight_offset != 0;
     const at::Tensor source = offset ? s.slot->detach() + c.norm_weight_offset : *s.slot;
-    SEEDLING_RETURN_IF_ERROR(planner.Add(s.name, source, s.shape, s.rope_heads, s.qkv_heads));
+    SEEDLING_RETURN_IF_ERROR(planner.Add(s.name, source, s.shape, s.rope_heads, s.qkv_heads, s.f32));
   }
   return std::move(planner.plans());
 }
@@ -644,8 +661,10 @@ absl::Status AddHyperparameters(const ModelConfig& c, const std::string& arch, c
   md.U32(p + "attention.head_count", c.num_attention_heads);
   md.U32(p + "attention.head_count_kv", c.num_key_value_heads);
   md.F32(p + GgufNormEpsilonKey(c), c.rms_norm_eps);
-  md.U32(p + "rope.dimension_count", c.rotary_dim());
-  md.F32(p + "rope.freq_base", c.rope_theta);
+  if (c.positions == PositionKind::kRope) {
+    md.U32(p + "rope.dimension_count", c.rotary_dim());
+    md.F32(p + "rope.freq_base", c.rope_theta);
+  }
   if (c.q_dim() != c.hidden_size) {
     // llama.cpp otherwise assumes head_dim = hidden_size / num_attention_heads.
     md.U32(p + "attention.key_length", c.head_dim);

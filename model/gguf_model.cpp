@@ -56,6 +56,9 @@ std::vector<GgufWeightSlot> GgufWeightSlots(const ModelConfig& c, ModelWeights& 
     if (layer_norm && bias != nullptr) out.push_back({name + ".bias", {size}, bias});
   };
   add("token_embd.weight", {V, H}, &w.embed);
+  if (c.positions == PositionKind::kLearned) {
+    out.push_back({"position_embd.weight", {c.position_rows(), H}, &w.positions, 0, false, 0, /*f32=*/true});
+  }
   w.layers.resize(c.num_hidden_layers);
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
     LayerWeights& l = w.layers[i];

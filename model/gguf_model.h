@@ -39,6 +39,7 @@ struct GgufWeightSlot {
   // > 0: Hugging Face holds the rows per head, q_h | k_h | v_h for this many heads (GPT-NeoX's query_key_value),
   // the file in blocks q | k | v, as llama.cpp's converter reorders them.
   int64_t qkv_heads = 0;
+  bool f32 = false;  // written F32 whatever the matrix format (position_embd, as llama.cpp's converter keeps it)
 };
 
 // The rows of a fused per-head q | k | v tensor (weight (3 heads D, ...) or bias) reordered from Hugging Face's

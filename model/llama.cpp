@@ -204,9 +204,9 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Create(ModelConfig confi
   for (size_t i = 0; i < named.size(); ++i) {
     const at::Tensor& t = named[i].tensor;
     if (!t.defined()) return absl::InvalidArgumentError(StrCat("weight '", named[i].name, "' is missing"));
-    if (LogicalShape(t) != expected[i].second) {
+    if (LogicalShape(t) != expected[i].shape) {
       return absl::InvalidArgumentError(StrCat("weight '", named[i].name, "' has shape ", ShapeString(LogicalShape(t)),
-                                               ", config implies ", ShapeString(expected[i].second)));
+                                               ", config implies ", ShapeString(expected[i].shape)));
     }
   }
   if (!weights.lm_head.defined()) return absl::InvalidArgumentError("weight 'lm_head.weight' is missing");
@@ -231,9 +231,23 @@ absl::Status LlamaModel::ValidateTokens(const at::Tensor& tokens) const {
   return absl::OkStatus();
 }
 
-at::Tensor LlamaModel::Embed(const at::Tensor& tokens) const {
-  const at::Tensor x = FrozenEmbedding(weights_.embed, tokens);  // (B, T, H)
-  return config_.scale_embeddings ? x * std::sqrt(static_cast<double>(config_.hidden_size)) : x;
+absl::Status LlamaModel::ValidatePositions(int64_t end) const {
+  if (config_.positions != PositionKind::kLearned || end <= config_.max_position_embeddings) return absl::OkStatus();
+  return absl::InvalidArgumentError(StrCat("positions up to ", end, " exceed the ", config_.max_position_embeddings,
+                                           " the model's position table holds"));
+}
+
+at::Tensor LlamaModel::Embed(const at::Tensor& tokens, int64_t start) const {
+  at::Tensor x = FrozenEmbedding(weights_.embed, tokens);  // (B, T, H)
+  if (config_.scale_embeddings) x = x * std::sqrt(static_cast<double>(config_.hidden_size));
+  if (config_.positions == PositionKind::kLearned) {
+    x = x + AsCompute(weights_.positions).narrow(0, start + config_.position_offset, tokens.size(1));
+  }
+  return x;
+}
+
+at::Tensor LlamaModel::Rotate(const at::Tensor& x, const RopeTables& rope) const {
+  return config_.positions == PositionKind::kRope ? ApplyRope(x, rope) : x;
 }
 
 at::Tensor LlamaModel::Project(int64_t layer, Projection p, const at::Tensor& x, const at::Tensor& w,
@@ -300,8 +314,8 @@ at::Tensor LlamaModel::DecoderLayerImpl(int64_t layer, const at::Tensor& x, cons
   at::Tensor q = QkHeads(qkv.q, hq, w.q_norm, Norm).transpose(1, 2);
   at::Tensor k = QkHeads(qkv.k, hkv, w.k_norm, Norm).transpose(1, 2);
   at::Tensor v = qkv.v.view({b, t, hkv, d}).transpose(1, 2);
-  q = ApplyRope(q, rope);  // (B, Hq, T, D)
-  k = ApplyRope(k, rope);  // (B, Hkv, T, D)
+  q = Rotate(q, rope);  // (B, Hq, T, D)
+  k = Rotate(k, rope);  // (B, Hkv, T, D)
   if (cache != nullptr) {
     at::Tensor& ck = cache->k_[static_cast<size_t>(layer)];
     at::Tensor& cv = cache->v_[static_cast<size_t>(layer)];
@@ -401,8 +415,8 @@ at::Tensor LlamaModel::DecoderLayerTangents(int64_t layer, const at::Tensor& x, 
   auto heads = [&](const at::Tensor& projected, int64_t n, const at::Tensor& norm) {
     return QkHeads(projected, n, norm, NormTangents).transpose(2, 3);
   };
-  const at::Tensor q = ApplyRope(heads(qkv.q, hq, w.q_norm), rope);   // (1+K, B, Hq, T, D)
-  const at::Tensor k = ApplyRope(heads(qkv.k, hkv, w.k_norm), rope);  // (1+K, B, Hkv, T, D)
+  const at::Tensor q = Rotate(heads(qkv.q, hq, w.q_norm), rope);   // (1+K, B, Hq, T, D)
+  const at::Tensor k = Rotate(heads(qkv.k, hkv, w.k_norm), rope);  // (1+K, B, Hkv, T, D)
   const at::Tensor v = qkv.v.view({slices, b, t, hkv, d}).transpose(2, 3);
   const at::Tensor attn = GroupedQueryAttentionTangents(q, k, v, config_.LayerWindow(layer), config_.attention_softcap,
                                                         config_.attention_scale)  // (1+K, B, Hq, T, D)
@@ -436,8 +450,9 @@ std::vector<at::Tensor> LlamaModel::LayerTensors(int64_t layer, const ForwardOpt
 
 absl::StatusOr<at::Tensor> LlamaModel::Hidden(const at::Tensor& tokens, const ForwardOptions& options) const {
   SEEDLING_RETURN_IF_ERROR(ValidateTokens(tokens));
+  SEEDLING_RETURN_IF_ERROR(ValidatePositions(tokens.size(1)));
   return CatchTorch("forward", [&] {
-    at::Tensor x = Embed(tokens);  // (B, T, H)
+    at::Tensor x = Embed(tokens, 0);  // (B, T, H)
     const LayerRopes ropes = MakeRopes(0, tokens.size(1), x.scalar_type());
     const bool recompute = options.recompute && at::GradMode::is_enabled();
     const int64_t layers = config_.num_hidden_layers;
@@ -512,6 +527,7 @@ absl::StatusOr<LlamaModel::LossJvp> LlamaModel::LossDirectionalDerivative(const 
 absl::StatusOr<LlamaModel::LossJvps> LlamaModel::LossTangents(const at::Tensor& tokens, const at::Tensor& labels,
                                                               const ForwardOptions& options) const {
   SEEDLING_RETURN_IF_ERROR(ValidateTokens(tokens));
+  SEEDLING_RETURN_IF_ERROR(ValidatePositions(tokens.size(1)));
   SEEDLING_RETURN_IF_ERROR(ValidateLabels(tokens, labels));
   if (options.adapter == nullptr || options.adapter->TangentCount() < 1) {
     return absl::InvalidArgumentError("loss tangents need an adapter with at least one tangent direction");
@@ -521,7 +537,7 @@ absl::StatusOr<LlamaModel::LossJvps> LlamaModel::LossTangents(const at::Tensor& 
     const int64_t directions = options.adapter->TangentCount();
     const int64_t b = tokens.size(0), t = tokens.size(1), h = config_.hidden_size;
     // The embedding is frozen: the tangents start at zero and grow from the adapter's first projection.
-    const at::Tensor embedded = Embed(tokens);  // (B, T, H)
+    const at::Tensor embedded = Embed(tokens, 0);  // (B, T, H)
     at::Tensor x = at::zeros({1 + directions, b, t, h}, embedded.options());
     x.select(0, 0).copy_(embedded);
     const LayerRopes ropes = MakeRopes(0, t, x.scalar_type());
@@ -606,9 +622,10 @@ absl::StatusOr<at::Tensor> LlamaModel::ForwardCached(const at::Tensor& tokens, K
     return absl::OutOfRangeError(
         StrCat("KV cache holds ", cache.max_length_, " positions; ", start, " used, ", t, " more requested"));
   }
+  SEEDLING_RETURN_IF_ERROR(ValidatePositions(start + t));
   return CatchTorch("cached forward", [&] {
     at::NoGradGuard no_grad;
-    at::Tensor x = Embed(tokens);  // (B, t, H)
+    at::Tensor x = Embed(tokens, start);  // (B, t, H)
     const LayerRopes ropes = MakeRopes(start, t, x.scalar_type());
     for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
       x = DecoderLayerImpl(l, x, ropes.For(config_, l), options, &cache, start);

@@ -179,7 +179,12 @@ class LlamaModel {
   LlamaModel(ModelConfig config, ModelWeights weights);
   absl::Status ValidateTokens(const at::Tensor& tokens) const;
   absl::Status ValidateLabels(const at::Tensor& tokens, const at::Tensor& labels) const;
-  at::Tensor Embed(const at::Tensor& tokens) const;
+  // InvalidArgument when a forward would reach position `end` past a learned position table.
+  absl::Status ValidatePositions(int64_t end) const;
+  // The token embeddings of positions [start, start + T), with the learned positions added (GPT-2, OPT).
+  at::Tensor Embed(const at::Tensor& tokens, int64_t start) const;
+  // RoPE on q or k (B, heads, T, D) or stacked; identity for a model with learned positions.
+  at::Tensor Rotate(const at::Tensor& x, const RopeTables& rope) const;
   // kGraphOnly: a recomputation in backward (Checkpoint), which reads only the layer's graph, so the last
   // projection skips its multiply (FrozenLinearGraph) and the layer's output values are unspecified.
   enum class LayerOutput { kValues, kGraphOnly };

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <set>
 #include <span>
 #include <utility>
 #include <vector>
@@ -51,8 +52,8 @@ std::string SourceFingerprint(const SafetensorsCollection& source) {
 // What the cache holds for each tensor the config implies, F32 first, then F16, then U8.
 std::vector<TensorSpec> CacheSpecs(const ModelConfig& config, WeightFormat format) {
   std::vector<TensorSpec> specs;
-  for (const auto& [name, shape] : ExpectedTensors(config)) {
-    if (shape.size() != 2) {
+  for (const auto& [name, shape, quantizable, transposed] : ExpectedTensors(config)) {
+    if (!quantizable) {
       specs.push_back({name, DType::kF32, shape});
       continue;
     }
@@ -105,9 +106,10 @@ std::string Mismatch(const SafetensorsFile& file, const std::vector<TensorSpec>&
   return "";
 }
 
-// Converts one source tensor to its cache representation.
-absl::StatusOr<at::Tensor> Convert(const TensorView& view, const TensorSpec& spec, WeightFormat format) {
-  const at::Tensor source = TensorFromView(view);
+// Converts one source tensor to its cache representation; a `transposed` one (stored (in, out)) to (out, in).
+absl::StatusOr<at::Tensor> Convert(const TensorView& view, const TensorSpec& spec, WeightFormat format,
+                                   bool transposed) {
+  const at::Tensor source = transposed ? TensorFromView(view).t().contiguous() : TensorFromView(view);
   switch (spec.dtype) {
     case DType::kF32:
       return source.to(at::kFloat).contiguous();
@@ -120,19 +122,27 @@ absl::StatusOr<at::Tensor> Convert(const TensorView& view, const TensorSpec& spe
       auto release = [&](int64_t first_row, int64_t rows) {
         view.file->Release(view.data + first_row * row_bytes, static_cast<size_t>(rows * row_bytes));
       };
+      if (transposed) return QuantizeMatrix(source, MatrixFormatFor(format, source.size(1)), spec.name);
       return QuantizeMatrix(source, MatrixFormatFor(format, view.shape[1]), spec.name, release);
     }
   }
 }
 
-absl::Status Build(const SafetensorsCollection& source, const std::vector<TensorSpec>& specs, WeightFormat format,
-                   const std::string& fingerprint, const std::string& path, const WeightCacheOptions& options) {
+absl::Status Build(const SafetensorsCollection& source, const ModelConfig& config, const std::vector<TensorSpec>& specs,
+                   WeightFormat format, const std::string& fingerprint, const std::string& path,
+                   const WeightCacheOptions& options) {
+  std::set<std::string> transposed;  // stored (in, out) (GPT-2's Conv1D); the cache holds (out, in)
+  for (const ExpectedTensor& e : ExpectedTensors(config)) {
+    if (e.transposed) transposed.insert(e.name);
+  }
   at::Tensor current;  // the tensor being written; replaced by the next one
   auto produce = [&](size_t i) -> absl::StatusOr<std::span<const uint8_t>> {
     const TensorSpec& spec = specs[i];
-    const TensorView* view = source.Find(spec.name);
+    const TensorView* view = FindWeight(source, config, spec.name);
     if (view == nullptr) return absl::NotFoundError(StrCat("the model has no tensor '", spec.name, "'"));
-    SEEDLING_ASSIGN_OR_RETURN(current, CatchTorch("quantizing", [&] { return Convert(*view, spec, format); }));
+    SEEDLING_ASSIGN_OR_RETURN(current, CatchTorch("quantizing", [&] {
+                                return Convert(*view, spec, format, transposed.contains(spec.name));
+                              }));
     view->file->Release(view->data, view->nbytes);  // the source pages are no longer needed
     if (options.progress) options.progress(static_cast<int64_t>(i) + 1, static_cast<int64_t>(specs.size()));
     return std::span<const uint8_t>(static_cast<const uint8_t*>(current.data_ptr()), current.nbytes());
@@ -173,7 +183,7 @@ absl::StatusOr<WeightCache> OpenWeightCache(const SafetensorsCollection& source,
     cache.rebuild_reason = "missing";
   }
   SEEDLING_RETURN_IF_ERROR(MakeDirs(std::filesystem::path(cache.path).parent_path().string()));
-  const absl::Status built = Build(source, specs, format, fingerprint, cache.path, options);
+  const absl::Status built = Build(source, config, specs, format, fingerprint, cache.path, options);
   ReleaseFreeHeapMemory();  // the conversion's buffers: training would otherwise run on top of them
   SEEDLING_RETURN_IF_ERROR(built);
   cache.built = true;

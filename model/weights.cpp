@@ -22,7 +22,11 @@
 namespace seedling::model {
 namespace {
 
-enum class Kind { kMatrix, kNorm, kBias, kEmbedding };
+// kConv1D: a layer's projection the checkpoint stores (in, out); kPositions: the learned position table.
+enum class Kind { kMatrix, kConv1D, kNorm, kBias, kEmbedding, kPositions };
+
+// Matrices a block format may hold; norms, biases and the position table stay fp32.
+bool Quantizable(Kind k) { return k == Kind::kMatrix || k == Kind::kConv1D || k == Kind::kEmbedding; }
 
 // Visits every weight slot of the architecture in checkpoint order: fn(name, shape, kind, slot), with the
 // family's names (families::ModuleNames).
@@ -37,6 +41,9 @@ void ForEachWeight(ModelWeights& w, const ModelConfig& c, bool include_tied_head
     if (layer_norm) fn(module + ".bias", std::vector<int64_t>{h}, Kind::kBias, bias);
   };
   fn(std::string(names.embed), std::vector<int64_t>{c.vocab_size, h}, Kind::kEmbedding, w.embed);
+  if (c.positions == PositionKind::kLearned) {
+    fn(std::string(names.positions), std::vector<int64_t>{c.position_rows(), h}, Kind::kPositions, w.positions);
+  }
   w.layers.resize(static_cast<size_t>(c.num_hidden_layers));
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     LayerWeights& lw = w.layers[static_cast<size_t>(l)];
@@ -45,10 +52,10 @@ void ForEachWeight(ModelWeights& w, const ModelConfig& c, bool include_tied_head
     auto projection = [&](Projection proj, bool has_bias, at::Tensor& weight, at::Tensor& bias) {
       const ProjectionFeatures f = FeaturesOf(c, proj);
       const std::string module = p + ProjectionPath(c, proj);
-      fn(module + ".weight", std::vector<int64_t>{f.out, f.in}, Kind::kMatrix, weight);
+      fn(module + ".weight", std::vector<int64_t>{f.out, f.in}, names.conv1d ? Kind::kConv1D : Kind::kMatrix, weight);
       if (has_bias) fn(module + ".bias", std::vector<int64_t>{f.out}, Kind::kBias, bias);
     };
-    if (c.norms.pre_attention) norm(p + "input_layernorm", lw.input_norm, lw.input_norm_bias);
+    if (c.norms.pre_attention) norm(p + std::string(names.input_norm), lw.input_norm, lw.input_norm_bias);
     if (c.fused.qkv) {
       projection(Projection::kQkv, c.qkv_bias, lw.qkv, lw.qkv_bias);
     } else {
@@ -67,7 +74,7 @@ void ForEachWeight(ModelWeights& w, const ModelConfig& c, bool include_tied_head
       norm(p + "post_attention_layernorm", lw.attention_output_norm, lw.attention_output_norm_bias);
     }
     if (c.norms.pre_mlp) {
-      const char* name = c.norms.attention_output ? "pre_feedforward_layernorm" : "post_attention_layernorm";
+      const std::string name = c.norms.attention_output ? "pre_feedforward_layernorm" : std::string(names.pre_mlp_norm);
       norm(p + name, lw.pre_mlp_norm, lw.pre_mlp_norm_bias);
     }
     if (c.fused.gate_up) {
@@ -144,14 +151,21 @@ std::vector<NamedWeight> NamedWeights(const ModelWeights& weights, const ModelCo
   return out;
 }
 
-std::vector<std::pair<std::string, std::vector<int64_t>>> ExpectedTensors(const ModelConfig& config) {
-  std::vector<std::pair<std::string, std::vector<int64_t>>> out;
+std::vector<ExpectedTensor> ExpectedTensors(const ModelConfig& config) {
+  std::vector<ExpectedTensor> out;
   ModelWeights scratch;
   ForEachWeight(scratch, config, /*include_tied_head=*/false,
-                [&](const std::string& name, const std::vector<int64_t>& shape, Kind, at::Tensor&) {
-                  out.emplace_back(name, shape);
+                [&](const std::string& name, const std::vector<int64_t>& shape, Kind kind, at::Tensor&) {
+                  out.push_back({name, shape, Quantizable(kind), kind == Kind::kConv1D});
                 });
   return out;
+}
+
+const TensorView* FindWeight(const SafetensorsCollection& files, const ModelConfig& config, const std::string& name) {
+  if (const TensorView* view = files.Find(name)) return view;
+  const std::string_view prefix = families::ModuleNamesOf(config.architecture).optional_prefix;
+  if (prefix.empty() || !name.starts_with(prefix)) return nullptr;
+  return files.Find(std::string_view(name).substr(prefix.size()));
 }
 
 absl::StatusOr<ModelWeights> LoadWeights(const SafetensorsCollection& files, const ModelConfig& config,
@@ -166,21 +180,24 @@ absl::StatusOr<ModelWeights> LoadWeights(const SafetensorsCollection& files, con
       w, config, /*include_tied_head=*/false,
       [&](const std::string& name, const std::vector<int64_t>& shape, Kind kind, at::Tensor& slot) {
         if (!error.ok()) return;
-        const TensorView* view = files.Find(name);
+        const TensorView* view = FindWeight(files, config, name);
         if (view == nullptr) {
           missing.push_back(name);
           return;
         }
-        used.insert(name);
-        const bool blocks = cached && view->dtype == DType::kU8 && kind != Kind::kNorm && kind != Kind::kBias;
+        used.insert(view->name);
+        const bool blocks = cached && view->dtype == DType::kU8 && Quantizable(kind);
+        // A Conv1D matrix is stored (in, out); a weight cache holds it transposed already, as blocks.
+        const bool transposed = kind == Kind::kConv1D && !blocks;
         if (view->dtype != DType::kF32 && view->dtype != DType::kF16 && view->dtype != DType::kBF16 && !blocks) {
           error = absl::InvalidArgumentError(
               StrCat("tensor '", name, "' has dtype ", DTypeName(view->dtype), "; expected F32, F16 or BF16"));
           return;
         }
-        const std::vector<int64_t> stored_shape =
-            blocks && view->shape.size() == 3 ? std::vector<int64_t>{view->shape[0], view->shape[1] * kQuantBlock}
-                                              : view->shape;
+        std::vector<int64_t> stored_shape = blocks && view->shape.size() == 3
+                                                ? std::vector<int64_t>{view->shape[0], view->shape[1] * kQuantBlock}
+                                                : view->shape;
+        if (transposed) std::reverse(stored_shape.begin(), stored_shape.end());
         if (stored_shape != shape || (blocks && view->shape.size() != 3) ||
             (blocks && view->shape[2] != BlockBytes(WeightFormat::kQ8_0) &&
              view->shape[2] != BlockBytes(WeightFormat::kQ4_0))) {
@@ -189,8 +206,11 @@ absl::StatusOr<ModelWeights> LoadWeights(const SafetensorsCollection& files, con
           return;
         }
         at::Tensor t = TensorFromView(*view);
-        const bool keep_stored =
-            (options.precision != WeightPrecision::kFloat32) && (kind == Kind::kMatrix || kind == Kind::kEmbedding);
+        if (transposed) {
+          t = t.t().contiguous();  // a copy in the stored dtype: the mapped pages are no longer needed
+          view->file->Release(view->data, view->nbytes);
+        }
+        const bool keep_stored = (options.precision != WeightPrecision::kFloat32) && Quantizable(kind);
         if (t.scalar_type() != at::kFloat && !keep_stored) {
           t = t.to(at::kFloat);
           // The 16-bit source pages are no longer needed: without this, loading a BF16
@@ -256,12 +276,16 @@ absl::StatusOr<int64_t> ResidentWeightBytes(const std::string& model_path, const
     SEEDLING_ASSIGN_OR_RETURN(stored, StoredMatrixBytes(model_path));
   }
   int64_t total = stored.count("") ? stored[""] : 0;  // a GGUF file's matrices, counted as a whole
-  for (const auto& [name, shape] : ExpectedTensors(config)) {
+  const std::string_view prefix = families::ModuleNamesOf(config.architecture).optional_prefix;
+  for (const auto& [name, shape, quantizable, transposed] : ExpectedTensors(config)) {
     const int64_t numel = std::accumulate(shape.begin(), shape.end(), int64_t{1}, std::multiplies<>());
-    if (shape.size() != 2 || precision == WeightPrecision::kFloat32) {
+    if (!quantizable || precision == WeightPrecision::kFloat32) {
       total += 4 * numel;
     } else if (precision == WeightPrecision::kStored) {
-      if (!stored.count("")) total += stored.count(name) ? stored[name] : 4 * numel;
+      // Under its name, or without the family's optional prefix (FindWeight).
+      const std::string bare = name.starts_with(prefix) ? name.substr(prefix.size()) : name;
+      const std::string& key = stored.count(name) || prefix.empty() ? name : bare;
+      if (!stored.count("")) total += stored.count(key) ? stored[key] : 4 * numel;
     } else {
       total += shape[0] * RowBytes(MatrixFormatFor(*BlockFormatOf(precision), shape[1]), shape[1]);
     }
@@ -277,9 +301,9 @@ std::vector<HeldMatrix> CacheStreamableMatrices(const ModelConfig& config, Weigh
   const families::ModuleNames& names = families::ModuleNamesOf(config.architecture);
   const std::string layers = StrCat(names.layers, ".");
   std::vector<HeldMatrix> out;
-  for (const auto& [name, shape] : ExpectedTensors(config)) {
+  for (const auto& [name, shape, quantizable, transposed] : ExpectedTensors(config)) {
     const bool head = name == names.lm_head || (config.tie_word_embeddings && name == names.embed);
-    if (shape.size() != 2 || (!head && !name.starts_with(layers))) continue;
+    if (!quantizable || (!head && !name.starts_with(layers))) continue;
     out.push_back(
         {shape[0], shape[1], shape[0] * RowBytes(MatrixFormatFor(format, shape[1]), shape[1]), name == names.embed});
   }
@@ -316,7 +340,7 @@ absl::Status QuantizeMatrices(ModelWeights& weights, const ModelConfig& config, 
   absl::Status error;
   ForEachWeight(weights, config, /*include_tied_head=*/false,
                 [&](const std::string& name, const std::vector<int64_t>& shape, Kind kind, at::Tensor& slot) {
-                  if (!error.ok() || (kind != Kind::kMatrix && kind != Kind::kEmbedding)) return;
+                  if (!error.ok() || !Quantizable(kind)) return;
                   const WeightFormat target = MatrixFormatFor(format, shape[1]);
                   if (FormatOf(slot) == target) return;
                   if (!IsBlockFormat(target)) {
@@ -363,17 +387,26 @@ absl::Status SaveWeights(const std::string& path, const ModelWeights& weights, c
   if (dtype != DType::kF32 && dtype != DType::kF16 && dtype != DType::kBF16) {
     return absl::InvalidArgumentError(StrCat("cannot save weights as ", DTypeName(dtype)));
   }
-  std::vector<NamedWeight> named = NamedWeights(weights, config);
   std::vector<at::Tensor> converted;
   std::vector<TensorToWrite> out;
-  converted.reserve(named.size());
-  out.reserve(named.size());
-  for (const NamedWeight& nw : named) {
-    if (!nw.tensor.defined()) return absl::FailedPreconditionError(StrCat("weight '", nw.name, "' is unset"));
-    at::Tensor t = nw.tensor.detach().to(TorchType(dtype)).contiguous();
-    converted.push_back(t);
-    const auto* bytes = static_cast<const uint8_t*>(t.data_ptr());
-    out.push_back({nw.name, dtype, t.sizes().vec(), std::span<const uint8_t>(bytes, static_cast<size_t>(t.nbytes()))});
+  absl::Status error;
+  ModelWeights& w = const_cast<ModelWeights&>(weights);  // ForEachWeight only reads the slots here
+  SEEDLING_CHECK(static_cast<int64_t>(w.layers.size()) == config.num_hidden_layers);
+  ForEachWeight(w, config, /*include_tied_head=*/false,
+                [&](const std::string& name, const std::vector<int64_t>&, Kind kind, at::Tensor& slot) {
+                  if (!error.ok()) return;
+                  if (!slot.defined()) {
+                    error = absl::FailedPreconditionError(StrCat("weight '", name, "' is unset"));
+                    return;
+                  }
+                  const at::Tensor t = kind == Kind::kConv1D ? slot.detach().t() : slot.detach();  // stored (in, out)
+                  converted.push_back(t.to(TorchType(dtype)).contiguous());
+                  out.push_back({name, dtype, converted.back().sizes().vec(), {}});
+                });
+  SEEDLING_RETURN_IF_ERROR(error);
+  for (size_t i = 0; i < out.size(); ++i) {
+    const auto* bytes = static_cast<const uint8_t*>(converted[i].data_ptr());
+    out[i].data = std::span<const uint8_t>(bytes, static_cast<size_t>(converted[i].nbytes()));
   }
   return WriteSafetensors(path, out, {{"format", "pt"}});
 }

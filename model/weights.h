@@ -87,7 +87,8 @@ struct LayerWeights {
 };
 
 struct ModelWeights {
-  at::Tensor embed;  // (V, H)
+  at::Tensor embed;      // (V, H)
+  at::Tensor positions;  // (ModelConfig::position_rows(), H): learned positions (GPT-2, OPT), fp32
   std::vector<LayerWeights> layers;
   at::Tensor final_norm;       // (H)
   at::Tensor final_norm_bias;  // (H), NormKind::kLayerNorm only
@@ -117,8 +118,22 @@ struct NamedWeight {
 // The tied lm_head is not listed; absent biases are skipped.
 std::vector<NamedWeight> NamedWeights(const ModelWeights& weights, const ModelConfig& config);
 
-// The (name, shape) pairs the architecture expects, in checkpoint order.
-std::vector<std::pair<std::string, std::vector<int64_t>>> ExpectedTensors(const ModelConfig& config);
+// A tensor the architecture expects: its Hugging Face name, its shape in memory (nn.Linear's (out, in)) and how
+// it is held.
+struct ExpectedTensor {
+  std::string name;
+  std::vector<int64_t> shape;
+  // A matrix a block format may hold (embedding, projections, LM head); norms, biases and the position table
+  // always stay fp32.
+  bool quantizable = false;
+  bool transposed = false;  // the checkpoint stores it (in, out), as GPT-2's Conv1D modules do
+};
+// Every tensor the architecture expects, in checkpoint order.
+std::vector<ExpectedTensor> ExpectedTensors(const ModelConfig& config);
+
+// The view of weight `name` in `files`: under that name or, for a family whose checkpoints may lack a prefix of
+// it (GPT-2's "transformer."), without the prefix. Null when neither is there.
+const TensorView* FindWeight(const SafetensorsCollection& files, const ModelConfig& config, const std::string& name);
 
 // Loads and validates weights: every expected name present with the expected shape and a float dtype
 // (F32/F16/BF16), no unexpected tensors (rotary inv_freq buffers and a redundant lm_head.weight of a tied

@@ -16,8 +16,8 @@ const FamilySpec* Find(const Match& match) {
 }  // namespace
 
 std::span<const FamilySpec> Families() {
-  static const std::array<FamilySpec, 9> kFamilies = {Llama(),  Qwen2(),  Qwen3(), Mistral(), Olmo2(),
-                                                      Gemma2(), Gemma3(), Phi3(),  GptNeoX()};
+  static const std::array<FamilySpec, 10> kFamilies = {Llama(),  Qwen2(),  Qwen3(), Mistral(), Olmo2(),
+                                                       Gemma2(), Gemma3(), Phi3(),  GptNeoX(), Gpt2()};
   return kFamilies;
 }
 

@@ -29,6 +29,7 @@ enum class TokenizerStyle {
 // Hugging Face's tensor and module names of a family. The defaults are Llama's, which most families share.
 struct ModuleNames {
   std::string_view embed = "model.embed_tokens.weight";
+  std::string_view positions = "";           // the learned position table (ModelConfig::positions kLearned)
   std::string_view layers = "model.layers";  // layer l's tensors start "<layers>.<l>."
   std::string_view final_norm = "model.norm";
   std::string_view lm_head = "lm_head.weight";
@@ -36,8 +37,16 @@ struct ModuleNames {
   std::array<std::string_view, kNumProjections> projections = {
       "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",   "self_attn.o_proj", "mlp.gate_proj",
       "mlp.up_proj",      "mlp.down_proj",    "self_attn.qkv_proj", "mlp.gate_up_proj"};
+  // The norm before attention and, in a block without one on attention's output, the MLP's input norm (in one
+  // with it, Llama's names mean the output norm and pre_feedforward_layernorm the MLP's input norm).
+  std::string_view input_norm = "input_layernorm";
+  std::string_view pre_mlp_norm = "post_attention_layernorm";
   // Tensor-name suffixes of buffers old checkpoints carry and the loader skips (besides rotary_emb.inv_freq).
   std::array<std::string_view, 2> buffers = {};
+  // A prefix of every name that checkpoints saved from the bare model lack (GPT-2's "transformer.").
+  std::string_view optional_prefix = "";
+  // The layers' projections are stored (in, out), as GPT-2's Conv1D keeps them, and transposed at load.
+  bool conv1d = false;
 };
 
 struct FamilySpec {
@@ -53,6 +62,9 @@ struct FamilySpec {
   void (*write)(const ModelConfig& c, internal::Json& j);
   TokenizerStyle init_tokenizer = TokenizerStyle::kByteLevelBpe;
   const ModuleNames* names = nullptr;  // null: Llama's
+  // Copies the family's own names of shared fields onto the shared ones (GPT-2's n_embd to hidden_size) where
+  // those are absent, before the shared fields are read. Null: none.
+  absl::Status (*prepare)(internal::Json& j) = nullptr;
 };
 
 // Every supported family, in the order error messages list them.
@@ -76,5 +88,6 @@ const FamilySpec& Gemma2();   // Gemma2ForCausalLM
 const FamilySpec& Gemma3();   // Gemma3ForCausalLM (text)
 const FamilySpec& Phi3();     // Phi3ForCausalLM (Phi-3, Phi-3.5)
 const FamilySpec& GptNeoX();  // GPTNeoXForCausalLM (Pythia)
+const FamilySpec& Gpt2();     // GPT2LMHeadModel (GPT-2, Cerebras-GPT)
 
 }  // namespace seedling::model::families

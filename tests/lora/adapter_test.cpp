@@ -231,6 +231,50 @@ TEST_CASE("A GPT-NeoX adapter adapts query_key_value, dense and the MLP under th
         std::vector<std::string>{"qkv_proj", "o_proj", "up_proj", "down_proj"});
 }
 
+TEST_CASE("A GPT-2 adapter names c_attn and both c_proj by their paths, with fan_in_fan_out", "[lora]") {
+  const auto c = SmallConfig("tiny-gpt2");
+  auto m = SmallModel(c);
+  auto a = LoraAdapter::Create(c, AllTargets(4));
+  REQUIRE(a.ok());
+  CHECK(Names((*a)->config().targets) == std::vector<std::string>{"qkv_proj", "o_proj", "up_proj", "down_proj"});
+  const std::vector<LoraView>& views = (*a)->views();
+  REQUIRE(views.size() == 2 * 4 * 2);
+  CHECK(views[0].name == "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight");
+  CHECK(views[1].rows == 3 * c.hidden_size);
+  CHECK(views[2].name == "base_model.model.transformer.h.0.attn.c_proj.lora_A.weight");
+  CHECK(views[6].name == "base_model.model.transformer.h.0.mlp.c_proj.lora_A.weight");
+
+  RandomizeB(**a);
+  model::ForwardOptions fo;
+  fo.adapter = a->get();
+  const at::Tensor unmerged = *m->Logits(Tokens(), fo);
+  CHECK((unmerged - *m->Logits(Tokens())).abs().max().item<double>() > 1e-3);
+  REQUIRE((*a)->Merge(m->mutable_weights()).ok());
+  CHECK((*m->Logits(Tokens()) - unmerged).abs().max().item<double>() < 1e-4);
+
+  TempDir dir;
+  REQUIRE(SavePeft(**a, dir.path, "openai-community/gpt2").ok());
+  auto config = nlohmann::json::parse(*ReadFile(JoinPath(dir.path, "adapter_config.json")));
+  CHECK(config["target_modules"] == nlohmann::json({"c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"}));
+  CHECK(config["fan_in_fan_out"] == true);  // as PEFT marks adapters of Conv1D modules
+  auto loaded = LoadPeft(dir.path, c);
+  REQUIRE(loaded.ok());
+  CHECK(at::equal((*loaded)->flat(), (*a)->flat()));
+  // PEFT's suffix rule: "c_proj" names both of them.
+  const auto both = ParsePeftConfig(
+      R"({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "fan_in_fan_out": true, "target_modules": ["c_proj"]})", c);
+  REQUIRE(both.ok());
+  CHECK(Names(both->targets) == std::vector<std::string>{"o_proj", "down_proj"});
+  // fan_in_fan_out on a model whose projections are stored (out, in) is a wrong adapter.
+  const auto llama = ParsePeftConfig(
+      R"({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "fan_in_fan_out": true, "target_modules": ["q_proj"]})",
+      SmallConfig());
+  REQUIRE_FALSE(llama.ok());
+  CHECK(std::string(llama.status().message()).find("fan_in_fan_out") != std::string::npos);
+  CHECK(Names(*ParseTargets("c_attn,mlp.c_proj")) == std::vector<std::string>{"qkv_proj", "down_proj"});
+  CHECK_FALSE(ParseTargets("c_proj").ok());  // which one: attn.c_proj or mlp.c_proj
+}
+
 TEST_CASE("Merging into 16-bit stored weights is refused", "[lora]") {
   const auto c = SmallConfig();
   model::ModelWeights w = model::RandomWeights(c, 1);
@@ -498,7 +542,7 @@ TEST_CASE("LoRA targets parse from names, short names and 'all'", "[lora]") {
   const bool expected_order = *t == std::vector<Projection>{Projection::kQ, Projection::kV, Projection::kDown};
   CHECK(expected_order);
   CHECK(ParseTargets("all")->size() == 9);  // every name; TargetsFor keeps the model's own
-  CHECK(ParseTargets("c_attn").status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(ParseTargets("lm_head").status().code() == absl::StatusCode::kInvalidArgument);
   LoraConfig bad;
   bad.rank = 0;
   CHECK(bad.Validate(SmallConfig()).code() == absl::StatusCode::kInvalidArgument);

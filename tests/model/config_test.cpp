@@ -414,6 +414,75 @@ TEST_CASE("GPT-NeoX options the block cannot express, or bad values, are refused
   CHECK(parsed->mlp_activation == MlpActivation::kRelu);
 }
 
+// openai-community/gpt2's config.json: GPT-2's own names for the sizes, no n_inner (4 x n_embd), tied.
+constexpr const char* kGpt2 = R"({
+  "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1, "bos_token_id": 50256,
+  "embd_pdrop": 0.1, "eos_token_id": 50256, "initializer_range": 0.02, "layer_norm_epsilon": 1e-05,
+  "model_type": "gpt2", "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12, "n_positions": 1024,
+  "resid_pdrop": 0.1, "summary_activation": null, "summary_first_dropout": 0.1, "summary_proj_to_labels": true,
+  "summary_type": "cls_index", "summary_use_proj": true, "vocab_size": 50257})";
+
+TEST_CASE("GPT-2's config.json parses to learned positions, a fused c_attn and 124M parameters", "[model][config]") {
+  auto c = ParseModelConfig(kGpt2);
+  REQUIRE(c.ok());
+  CHECK(c->architecture == "GPT2LMHeadModel");
+  CHECK(c->hidden_size == 768);
+  CHECK(c->intermediate_size == 3072);
+  CHECK(c->max_position_embeddings == 1024);
+  CHECK(c->positions == PositionKind::kLearned);
+  CHECK(c->position_rows() == 1024);
+  CHECK(c->norm_kind == NormKind::kLayerNorm);
+  CHECK(c->mlp_activation == MlpActivation::kGeluTanh);
+  CHECK(c->tie_word_embeddings);
+  CHECK(c->attention_scale == 0.0);
+  CHECK(c->fused == FusedProjections{.qkv = true});
+  CHECK(StoresTransposed(*c));
+  CHECK(TargetModuleName(*c, Projection::kQkv) == "c_attn");
+  CHECK(TargetModuleName(*c, Projection::kO) == "attn.c_proj");  // mlp.c_proj is a c_proj too
+  const bool both = ProjectionsOfModule(*c, "c_proj") == std::vector<Projection>{Projection::kO, Projection::kDown};
+  CHECK(both);
+  const bool down = ProjectionsOfModule(*c, "mlp.c_proj") == std::vector<Projection>{Projection::kDown};
+  CHECK(down);
+  CHECK(c->NumParameters() == 124439808);
+  auto preset = PresetConfig("gpt2");
+  REQUIRE(preset.ok());
+  CHECK(ModelConfigToJson(*preset) == ModelConfigToJson(*c));
+  auto round_trip = ParseModelConfig(ModelConfigToJson(*c));
+  REQUIRE(round_trip.ok());
+  CHECK(ModelConfigToJson(*round_trip) == ModelConfigToJson(*c));
+  // Cerebras-GPT-111M: exact GELU, an explicit n_inner, 2,048 positions, 10 layers.
+  nlohmann::json j = nlohmann::json::parse(kGpt2);
+  j["activation_function"] = "gelu";
+  j["n_inner"] = 3072;
+  j["n_positions"] = 2048;
+  j["n_layer"] = 10;
+  auto cerebras = ParseModelConfig(j.dump());
+  REQUIRE(cerebras.ok());
+  CHECK(cerebras->NumParameters() == 111050496);
+  auto cerebras_preset = PresetConfig("cerebras-gpt-111m");
+  REQUIRE(cerebras_preset.ok());
+  CHECK(ModelConfigToJson(*cerebras_preset) == ModelConfigToJson(*cerebras));
+  // Unscaled attention scores are a block option.
+  j["scale_attn_weights"] = false;
+  auto unscaled = ParseModelConfig(j.dump());
+  REQUIRE(unscaled.ok());
+  CHECK(unscaled->attention_scale == 1.0);
+}
+
+TEST_CASE("GPT-2 options the block cannot express, or bad values, are refused naming the field", "[model][config]") {
+  auto refused = [](const char* key, const nlohmann::json& value) {
+    nlohmann::json j = nlohmann::json::parse(kGpt2);
+    j[key] = value;
+    return ParseModelConfig(j.dump()).status();
+  };
+  CHECK(Contains(refused("scale_attn_by_inverse_layer_idx", true), "scale_attn_by_inverse_layer_idx"));
+  CHECK(Contains(refused("add_cross_attention", true), "add_cross_attention"));
+  CHECK(Contains(refused("activation_function", "swish"), "activation_function"));
+  CHECK(Contains(refused("n_embd", "wide"), "hidden_size"));
+  CHECK(Contains(refused("n_inner", -5), "intermediate_size"));
+  CHECK(Contains(refused("layer_norm_epsilon", "tiny"), "layer_norm_epsilon"));
+}
+
 TEST_CASE("A config without architectures finds its family by model_type, or names both", "[model][config]") {
   std::string text = kOlmo2;
   text.replace(text.find("\"architectures\": [\"Olmo2ForCausalLM\"], "), 39, "");
@@ -474,8 +543,9 @@ TEST_CASE("A missing required field is an error naming it", "[model][config]") {
 }
 
 TEST_CASE("An unknown architecture is an error naming it and the supported ones", "[model][config]") {
-  auto c = ParseModelConfig(R"({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})");
+  auto c = ParseModelConfig(R"({"architectures": ["BloomForCausalLM"], "model_type": "bloom"})");
   REQUIRE_FALSE(c.ok());
+  CHECK(Contains(c.status(), "BloomForCausalLM"));
   CHECK(Contains(c.status(), "GPT2LMHeadModel"));
   CHECK(Contains(c.status(), "LlamaForCausalLM"));
   CHECK(Contains(c.status(), "Olmo2ForCausalLM"));

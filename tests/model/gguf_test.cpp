@@ -354,6 +354,7 @@ using testing::kTokenizerVocab;
 using testing::ParseTokenizer;
 using testing::TinyGemma2;
 using testing::TinyGemma3;
+using testing::TinyGpt2;
 using testing::TinyGptNeoX;
 using testing::TinyLlama;
 using testing::TinyOlmo2;
@@ -394,6 +395,7 @@ std::map<std::string, at::Tensor> ByGgufName(const ModelWeights& w) {
   std::map<std::string, at::Tensor> m = {{"token_embd.weight", w.embed},
                                          {"output_norm.weight", w.final_norm},
                                          {"output_norm.bias", w.final_norm_bias},
+                                         {"position_embd.weight", w.positions},
                                          {"output.weight", w.lm_head}};
   for (size_t i = 0; i < w.layers.size(); ++i) {
     const LayerWeights& l = w.layers[i];
@@ -1302,6 +1304,43 @@ TEST_CASE("A GPT-NeoX model llama.cpp's gptneox cannot express is refused with t
                                   std::pair{relu, "applies GELU"}, std::pair{partial_llama, "rotates whole heads"}}) {
     CheckRefused(WriteGguf(dir + "/model.gguf", c, RandomWeights(c, 1), *tok, {}), dir, reason);
   }
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("A GPT-2 model's GGUF is architecture gpt2 with an F32 position_embd and no RoPE keys", "[model][gguf]") {
+  const std::string dir = TempDir("gpt2");
+  const ModelConfig c = TinyGpt2();
+  const ModelWeights w = RandomWeights(c, 19);
+  auto tok = ParseTokenizer(TokenizerJson());
+  for (const GgufOptions& options : {F32(), GgufOptions{}}) {  // f32, then the default q8_0
+    INFO("format " << WeightFormatName(options.format));
+    const GgufFile f = Export(dir + "/model.gguf", c, w, *tok, options);
+    CHECK(f.Get("general.architecture").s == "gpt2");
+    CHECK(f.Get("gpt2.context_length").u == 256);
+    CHECK(f.Get("gpt2.attention.layer_norm_epsilon").f == Approx(1e-5));
+    for (const char* absent : {"gpt2.rope.dimension_count", "gpt2.rope.freq_base"}) CHECK_FALSE(f.kv.contains(absent));
+    CHECK(f.Tensor("position_embd.weight").ne == std::vector<uint64_t>{128, 256});
+    CHECK(f.Tensor("position_embd.weight").type == kGgmlF32);  // as llama.cpp's converter keeps it
+    CHECK(f.Tensor("blk.0.attn_qkv.weight").ne == std::vector<uint64_t>{128, 3 * 128});
+    CHECK_FALSE(f.HasTensor("output.weight"));  // tied
+    // Every weight as Hugging Face holds it in memory, (out, in): nothing reordered or permuted.
+    if (options.format == WeightFormat::kF32) CheckTensorData(f, c, w, /*permuted=*/false, WeightFormat::kF32);
+    auto read = LoadModelConfig(dir + "/model.gguf");
+    REQUIRE(read.ok());
+    CHECK(ModelId(*read) == ModelId(c));
+  }
+  Export(dir + "/model.gguf", c, w, *tok, F32());
+  auto original = LlamaModel::Create(c, w);
+  auto loaded = LlamaModel::Load(dir + "/model.gguf");
+  REQUIRE(original.ok());
+  REQUIRE(loaded.ok());
+  const at::Tensor tokens = at::tensor({5, 17, 3, 250, 9, 1}, at::kLong).view({1, 6});
+  CHECK((*(*loaded)->Logits(tokens) - *(*original)->Logits(tokens)).abs().max().item<double>() < 1e-5);
+  // RoPE models cannot be written as gpt2, nor GPT-2 without its biases.
+  std::filesystem::remove(dir + "/model.gguf");
+  ModelConfig unbiased = TinyGpt2();
+  unbiased.mlp_bias = false;
+  CheckRefused(WriteGguf(dir + "/model.gguf", unbiased, RandomWeights(unbiased, 1), *tok, {}), dir, "biases");
   std::filesystem::remove_all(dir);
 }
 

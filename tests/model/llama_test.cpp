@@ -20,10 +20,12 @@ namespace {
 // global ones), Gemma 2's block (no q/k norms, one RoPE base, attention scores and logits soft-capped), and
 // Phi-3's (q, k, v and gate, up each one fused matrix, LongRoPE, every layer windowed), and GPT-NeoX's
 // (LayerNorms with biases, attention and MLP in parallel, half of each head rotated, query_key_value fused per
-// head, a plain exact-GELU MLP, biases everywhere).
-enum class Family { kLlama, kQwen2, kQwen3, kOlmo2, kGemmaBlock, kGemma2Block, kPhi3, kGptNeoX };
-constexpr Family kFamilies[] = {Family::kLlama,      Family::kQwen2,       Family::kQwen3, Family::kOlmo2,
-                                Family::kGemmaBlock, Family::kGemma2Block, Family::kPhi3,  Family::kGptNeoX};
+// head, a plain exact-GELU MLP, biases everywhere), and GPT-2's (learned positions added to the embeddings, no
+// RoPE, c_attn fused as q | k | v, tanh-GELU MLP, LayerNorms).
+enum class Family { kLlama, kQwen2, kQwen3, kOlmo2, kGemmaBlock, kGemma2Block, kPhi3, kGptNeoX, kGpt2 };
+constexpr Family kFamilies[] = {Family::kLlama, Family::kQwen2,      Family::kQwen3,
+                                Family::kOlmo2, Family::kGemmaBlock, Family::kGemma2Block,
+                                Family::kPhi3,  Family::kGptNeoX,    Family::kGpt2};
 
 const char* FamilyName(Family f) {
   switch (f) {
@@ -43,6 +45,8 @@ const char* FamilyName(Family f) {
       return "phi3 (fused qkv_proj and gate_up_proj, LongRoPE, GQA, every layer windowed)";
     case Family::kGptNeoX:
       return "gpt_neox (LayerNorm, parallel residual, partial rotary, per-head query_key_value, GELU MLP)";
+    case Family::kGpt2:
+      return "gpt2 (learned positions, LayerNorm, fused c_attn, tanh-GELU MLP)";
   }
   return "?";
 }
@@ -50,10 +54,11 @@ const char* FamilyName(Family f) {
 ModelConfig TwoLayerConfig(Family f) {
   const bool llama = f == Family::kLlama;
   ModelConfig c;
-  const char* const architectures[] = {"LlamaForCausalLM", "Qwen2ForCausalLM",  "Qwen3ForCausalLM",
-                                       "Olmo2ForCausalLM", "Gemma3ForCausalLM", "Gemma2ForCausalLM",
-                                       "Phi3ForCausalLM",  "GPTNeoXForCausalLM"};
-  const char* const model_types[] = {"llama", "qwen2", "qwen3", "olmo2", "gemma3_text", "gemma2", "phi3", "gpt_neox"};
+  const char* const architectures[] = {"LlamaForCausalLM", "Qwen2ForCausalLM",   "Qwen3ForCausalLM",
+                                       "Olmo2ForCausalLM", "Gemma3ForCausalLM",  "Gemma2ForCausalLM",
+                                       "Phi3ForCausalLM",  "GPTNeoXForCausalLM", "GPT2LMHeadModel"};
+  const char* const model_types[] = {"llama",  "qwen2", "qwen3",    "olmo2", "gemma3_text",
+                                     "gemma2", "phi3",  "gpt_neox", "gpt2"};
   c.architecture = architectures[static_cast<int>(f)];
   c.model_type = model_types[static_cast<int>(f)];
   c.vocab_size = 13;
@@ -106,6 +111,18 @@ ModelConfig TwoLayerConfig(Family f) {
     c.parallel_residual = true;
     c.fused = {.qkv = true, .qkv_per_head = true};
     c.qkv_bias = c.o_bias = c.mlp_bias = true;
+  }
+  if (f == Family::kGpt2) {
+    c.num_key_value_heads = 6;
+    c.head_dim = 2;  // q_dim = hidden, as GPT-2 has
+    c.norm_kind = NormKind::kLayerNorm;
+    c.gated_mlp = false;
+    c.mlp_activation = MlpActivation::kGeluTanh;
+    c.positions = PositionKind::kLearned;
+    c.max_position_embeddings = 16;
+    c.fused = {.qkv = true};
+    c.qkv_bias = c.o_bias = c.mlp_bias = true;
+    c.tie_word_embeddings = true;
   }
   return c;
 }
@@ -259,7 +276,13 @@ Mat NaiveLogits(const ModelConfig& c, const ModelWeights& w, const std::vector<i
   const double score_scale = c.attention_scale > 0 ? c.attention_scale : 1.0 / std::sqrt(static_cast<double>(D));
   Mat x(T, std::vector<double>(static_cast<size_t>(H)));
   for (size_t t = 0; t < T; ++t) {
-    for (int64_t i = 0; i < H; ++i) x[t][static_cast<size_t>(i)] = At(w.embed, tokens[t], i) * embed_scale;
+    for (int64_t i = 0; i < H; ++i) {
+      x[t][static_cast<size_t>(i)] = At(w.embed, tokens[t], i) * embed_scale;
+      // Learned positions: row t + offset of the table (OPT keeps two unused rows first).
+      if (c.positions == PositionKind::kLearned) {
+        x[t][static_cast<size_t>(i)] += At(w.positions, static_cast<int64_t>(t) + c.position_offset, i);
+      }
+    }
   }
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const LayerWeights& lw = w.layers[static_cast<size_t>(l)];
@@ -297,8 +320,10 @@ Mat NaiveLogits(const ModelConfig& c, const ModelWeights& w, const std::vector<i
       k = RmsNormRef(k, lw.k_norm, eps, off);
     }
     const int64_t rotary = static_cast<int64_t>(static_cast<double>(D) * c.partial_rotary_factor);
-    RopeRef(q, Hq, D, rotary, theta, LongRopeRef(c, T));
-    RopeRef(k, Hkv, D, rotary, theta, LongRopeRef(c, T));
+    if (c.positions == PositionKind::kRope) {
+      RopeRef(q, Hq, D, rotary, theta, LongRopeRef(c, T));
+      RopeRef(k, Hkv, D, rotary, theta, LongRopeRef(c, T));
+    }
     Mat attn(T, std::vector<double>(static_cast<size_t>(Hq * D), 0.0));
     for (int64_t head = 0; head < Hq; ++head) {
       const int64_t kvh = head / (Hq / Hkv);
@@ -387,6 +412,10 @@ std::vector<ModelConfig> ReferenceConfigs(Family f) {
     out[1].parallel_residual = false;
     out[1].mlp_activation = MlpActivation::kRelu;
   }
+  if (out[0].positions == PositionKind::kLearned) {  // OPT's table: two unused rows before position 0
+    out.push_back(out[0]);
+    out[1].position_offset = 2;
+  }
   return out;
 }
 
@@ -394,7 +423,7 @@ TEST_CASE("The model's forward equals a naive loop-based reference on a 2-layer 
   for (Family f : kFamilies) {
     for (const ModelConfig& c : ReferenceConfigs(f)) {
       INFO(FamilyName(f) << ", original context " << c.rope_scaling.original_max_position_embeddings
-                         << ", parallel residual " << c.parallel_residual);
+                         << ", parallel residual " << c.parallel_residual << ", position offset " << c.position_offset);
       auto model = MakeModel(c, 11);
       if (f == Family::kQwen2) {
         for (LayerWeights& lw : model->mutable_weights().layers) lw.q_bias.add_(0.5);  // biases must matter
@@ -474,7 +503,7 @@ TEST_CASE("Recomputation on, off and of some layers gives the same loss and grad
   // Every weight gets a gradient: biases, q/k norms, OLMo 2's output norms (the MLP's one reads the down
   // projection's values, which a graph-only recomputation must not skip).
   for (Family f : {Family::kQwen2, Family::kQwen3, Family::kOlmo2, Family::kGemmaBlock, Family::kGemma2Block,
-                   Family::kPhi3, Family::kGptNeoX}) {
+                   Family::kPhi3, Family::kGptNeoX, Family::kGpt2}) {
     INFO(FamilyName(f));
     const ModelConfig c = TwoLayerConfig(f);
     auto model = MakeModel(c, 14);
@@ -563,6 +592,23 @@ TEST_CASE("Loss equals cross-entropy computed from the full logits", "[model][ll
     CHECK(loss->tokens == 5);
     CHECK(std::abs(loss->mean().item<double>() - ref) < 1e-5);
   }
+}
+
+TEST_CASE("A forward past a learned position table is InvalidArgument, in full or through the KV cache",
+          "[model][llama]") {
+  const ModelConfig c = TwoLayerConfig(Family::kGpt2);  // 16 positions
+  auto model = MakeModel(c, 18);
+  const at::Tensor tokens = at::randint(0, c.vocab_size, {1, 17}, at::kLong);
+  const auto too_long = model->Logits(tokens);
+  REQUIRE_FALSE(too_long.ok());
+  CHECK(too_long.status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(std::string(too_long.status().message()).find("position table holds") != std::string::npos);
+  CHECK(model->Logits(tokens.narrow(1, 0, 16)).ok());
+  CHECK_FALSE(model->Loss(tokens, tokens).ok());
+  KvCache cache(c, 1, 32);
+  REQUIRE(model->ForwardCached(tokens.narrow(1, 0, 16), cache).ok());
+  CHECK(model->ForwardCached(tokens.narrow(1, 16, 1), cache).status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(cache.length() == 16);
 }
 
 TEST_CASE("Bad tokens and labels are rejected with InvalidArgument", "[model][llama]") {

@@ -41,9 +41,10 @@ TEST_CASE("init-model trains the family's tokenizer style, with the special ids 
     bool prepends_bos;
     bool space_prefix;  // SentencePiece's dummy prefix: the first word's token starts with "▁" (Llama 2, Phi-3)
   };
-  for (const Case& c : {Case{"tiny", "ByteLevel", 0, 0, false, false}, Case{"tiny-gemma2", "", 2, 1, true, false},
-                        Case{"tiny-gemma3", "", 2, 1, true, false}, Case{"tiny-phi3", "", 1, 3, true, true},
-                        Case{"tiny-gptneox", "ByteLevel", 0, 0, false, false}}) {
+  for (const Case& c :
+       {Case{"tiny", "ByteLevel", 0, 0, false, false}, Case{"tiny-gemma2", "", 2, 1, true, false},
+        Case{"tiny-gemma3", "", 2, 1, true, false}, Case{"tiny-phi3", "", 1, 3, true, true},
+        Case{"tiny-gptneox", "ByteLevel", 0, 0, false, false}, Case{"tiny-gpt2", "ByteLevel", 0, 0, false, false}}) {
     INFO(c.preset);
     TempDir dir;
     InitModelOptions options;
@@ -209,6 +210,60 @@ TEST_CASE("A GPT-NeoX checkpoint loads under its own names, skipping the old mas
   auto stray = LlamaModel::Load(dir.path);
   REQUIRE_FALSE(stray.ok());
   CHECK(std::string(stray.status().message()).find("gpt_neox.layers.0.attention.extra") != std::string::npos);
+}
+
+TEST_CASE("A GPT-2 checkpoint's Conv1D matrices load transposed, with or without the transformer. prefix",
+          "[model][weights]") {
+  auto c = PresetConfig("tiny-gpt2");
+  REQUIRE(c.ok());
+  const ModelWeights w = RandomWeights(*c, 9);
+  auto direct = LlamaModel::Create(*c, w);
+  REQUIRE(direct.ok());
+  const at::Tensor want = *(*direct)->Logits(SomeTokens());
+  // As the original GPT-2 files hold them: saved from GPT2Model (no "transformer."), Conv1D weights (in, out).
+  TempDir bare;
+  std::vector<at::Tensor> keep;
+  std::vector<TensorToWrite> tensors;
+  for (const NamedWeight& nw : NamedWeights(w, *c)) {
+    const bool conv1d = nw.tensor.dim() == 2 && nw.name.find(".h.") != std::string::npos;
+    keep.push_back((conv1d ? nw.tensor.t() : nw.tensor).contiguous());
+    tensors.push_back(
+        {nw.name.substr(std::string("transformer.").size()),
+         DType::kF32,
+         keep.back().sizes().vec(),
+         {static_cast<const uint8_t*>(keep.back().data_ptr()), static_cast<size_t>(keep.back().nbytes())}});
+  }
+  CHECK(tensors[0].name == "wte.weight");
+  CHECK(tensors[1].name == "wpe.weight");
+  CHECK(tensors[4].name == "h.0.attn.c_attn.weight");
+  CHECK(tensors[4].shape == std::vector<int64_t>{c->hidden_size, 3 * c->hidden_size});  // (in, out)
+  tensors.push_back({"h.0.attn.masked_bias", DType::kF32, {}, {static_cast<const uint8_t*>(keep[0].data_ptr()), 4}});
+  REQUIRE(WriteFileAtomic(JoinPath(bare.path, "config.json"), ModelConfigToJson(*c)).ok());
+  REQUIRE(WriteSafetensors(JoinPath(bare.path, "model.safetensors"), tensors).ok());
+  auto loaded = LlamaModel::Load(bare.path);
+  REQUIRE(loaded.ok());
+  CHECK(at::equal(*(*loaded)->Logits(SomeTokens()), want));
+  // A q8_0 weight cache built from it holds the matrices (out, in), as one quantized in memory does.
+  LoadOptions q8;
+  q8.precision = WeightPrecision::kQ8_0;
+  auto cached = LlamaModel::Load(bare.path, q8);
+  REQUIRE(cached.ok());
+  ModelWeights quantized = w;
+  REQUIRE(QuantizeMatrices(quantized, *c, WeightFormat::kQ8_0).ok());
+  auto in_memory = LlamaModel::Create(*c, quantized);
+  REQUIRE(in_memory.ok());
+  CHECK(at::equal(*(*cached)->Logits(SomeTokens()), *(*in_memory)->Logits(SomeTokens())));
+  // SaveWeights writes Cerebras-GPT's layout (with the prefix, Conv1D (in, out)), which loads back alike.
+  TempDir saved;
+  WriteModel(saved.path, *c, w, DType::kF32);
+  auto header = SafetensorsCollection::Open(saved.path);
+  REQUIRE(header.ok());
+  const TensorView* c_fc = (*header)->Find("transformer.h.1.mlp.c_fc.weight");
+  REQUIRE(c_fc != nullptr);
+  CHECK(c_fc->shape == std::vector<int64_t>{c->hidden_size, c->intermediate_size});
+  auto reloaded = LlamaModel::Load(saved.path);
+  REQUIRE(reloaded.ok());
+  CHECK(at::equal(*(*reloaded)->Logits(SomeTokens()), want));
 }
 
 TEST_CASE("RandomWeights is deterministic per seed", "[model][weights]") {

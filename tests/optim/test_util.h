@@ -111,6 +111,21 @@ inline model::ModelConfig GptNeoXStyleMicroConfig() {
   return c;
 }
 
+// MicroConfig with GPT-2's block: learned positions added to the embeddings (no RoPE), LayerNorms, c_attn fused
+// as q | k | v, a plain tanh-GELU MLP, biases everywhere.
+inline model::ModelConfig Gpt2StyleMicroConfig() {
+  model::ModelConfig c = MicroConfig();
+  c.num_key_value_heads = c.num_attention_heads;
+  c.norm_kind = model::NormKind::kLayerNorm;
+  c.gated_mlp = false;
+  c.mlp_activation = model::MlpActivation::kGeluTanh;
+  c.positions = model::PositionKind::kLearned;
+  c.max_position_embeddings = 32;
+  c.fused = {.qkv = true};
+  c.qkv_bias = c.o_bias = c.mlp_bias = true;
+  return c;
+}
+
 inline std::vector<model::Projection> EveryProjection() {
   return {model::Projection::kQ,    model::Projection::kK,  model::Projection::kV,   model::Projection::kO,
           model::Projection::kGate, model::Projection::kUp, model::Projection::kDown};
