@@ -538,13 +538,27 @@ ModelConfig Gpt2(int64_t vocab, int64_t hidden, int64_t layers, int64_t heads, i
   return c;
 }
 
+// OPT: learned positions with two unused rows, LayerNorms, ReLU MLP, biases everywhere, tied, eps 1e-5.
+ModelConfig Opt(int64_t vocab, int64_t hidden, int64_t inter, int64_t layers, int64_t heads, int64_t max_pos) {
+  ModelConfig c = Llama(vocab, hidden, inter, layers, heads, heads, 10000.0, 1e-5, true, max_pos);
+  c.architecture = "OPTForCausalLM";
+  c.model_type = "opt";
+  c.norm_kind = NormKind::kLayerNorm;
+  c.gated_mlp = false;
+  c.mlp_activation = MlpActivation::kRelu;
+  c.positions = PositionKind::kLearned;
+  c.position_offset = 2;
+  c.qkv_bias = c.o_bias = c.mlp_bias = true;
+  return c;
+}
+
 }  // namespace
 
 std::vector<std::string> PresetNames() {
-  return {"tiny",           "tiny-qwen2",   "tiny-qwen3",   "tiny-olmo2",       "tiny-gemma2",  "tiny-gemma3",
-          "tiny-phi3",      "tiny-gptneox", "smollm2-135m", "smollm2-360m",     "qwen2.5-0.5b", "qwen3-0.6b",
-          "tinyllama-1.1b", "olmo-2-1b",    "gemma-2-2b",   "gemma-3-270m",     "gemma-3-1b",   "phi-3-mini",
-          "pythia-160m",    "tiny-gpt2",    "gpt2",         "cerebras-gpt-111m"};
+  return {"tiny",           "tiny-qwen2",   "tiny-qwen3",   "tiny-olmo2",        "tiny-gemma2",  "tiny-gemma3",
+          "tiny-phi3",      "tiny-gptneox", "smollm2-135m", "smollm2-360m",      "qwen2.5-0.5b", "qwen3-0.6b",
+          "tinyllama-1.1b", "olmo-2-1b",    "gemma-2-2b",   "gemma-3-270m",      "gemma-3-1b",   "phi-3-mini",
+          "pythia-160m",    "tiny-gpt2",    "gpt2",         "cerebras-gpt-111m", "tiny-opt",     "opt-125m"};
 }
 
 absl::StatusOr<ModelConfig> PresetConfig(std::string_view name) {
@@ -655,6 +669,16 @@ absl::StatusOr<ModelConfig> PresetConfig(std::string_view name) {
     c = Gpt2(50257, 768, 10, 12, 2048, MlpActivation::kGelu);
     c.bos_token_id = 50256;
     c.eos_token_ids = {50256};
+  } else if (name == "tiny-opt") {
+    c = Opt(2048, 128, 512, 2, 4, 2048);
+    c.bos_token_id = 0;
+    c.eos_token_ids = {0};
+  } else if (name == "opt-125m") {
+    // facebook/opt-125m: 125,239,296 parameters.
+    c = Opt(50272, 768, 3072, 12, 12, 2048);
+    c.bos_token_id = 2;
+    c.eos_token_ids = {2};
+    c.torch_dtype = "float16";
   } else if (name == "smollm2-135m") {
     c = Llama(49152, 576, 1536, 30, 9, 3, 100000.0, 1e-5, true, 8192);
     c.bos_token_id = 0;

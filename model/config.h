@@ -221,7 +221,7 @@ std::string ModelId(const ModelConfig& config);
 // MLP), "tiny-gpt2" (learned positions, Conv1D-stored projections, a 256-position table), and the exact shapes
 // of published models: "smollm2-135m", "smollm2-360m", "qwen2.5-0.5b", "qwen3-0.6b", "tinyllama-1.1b",
 // "olmo-2-1b", "gemma-2-2b", "gemma-3-270m", "gemma-3-1b", "phi-3-mini", "pythia-160m", "gpt2",
-// "cerebras-gpt-111m".
+// "cerebras-gpt-111m", "opt-125m" (and "tiny-opt": OPT's position table with two unused rows, ReLU).
 // NotFound lists the valid names.
 absl::StatusOr<ModelConfig> PresetConfig(std::string_view name);
 std::vector<std::string> PresetNames();

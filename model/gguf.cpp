@@ -305,9 +305,13 @@ absl::StatusOr<std::string> GgufArchitecture(const ModelConfig& c) {
     if (const GgufGemmaGraph* graph = GemmaGraphOf(rules.arch)) SEEDLING_RETURN_IF_ERROR(CheckGemmaExport(c, *graph));
     return std::string(rules.arch);
   }
-  return absl::InvalidArgumentError(StrCat("architecture '", c.architecture,
-                                           "' cannot be exported to GGUF (supported: ", families::ArchitectureNames(),
-                                           ")"));
+  std::string names;
+  for (const families::FamilySpec& f : families::Families()) {
+    if (!f.gguf_architecture.empty()) names += StrCat(names.empty() ? "" : ", ", f.architecture);
+  }
+  return absl::InvalidArgumentError(
+      StrCat("architecture '", c.architecture,
+             "' cannot be exported to GGUF: llama.cpp has no graph for it (supported: ", names, ")"));
 }
 
 // llama.cpp's name of a decoder layer's projection weight: "blk.<layer>.attn_q.weight", ...

@@ -16,8 +16,8 @@ const FamilySpec* Find(const Match& match) {
 }  // namespace
 
 std::span<const FamilySpec> Families() {
-  static const std::array<FamilySpec, 10> kFamilies = {Llama(),  Qwen2(),  Qwen3(), Mistral(), Olmo2(),
-                                                       Gemma2(), Gemma3(), Phi3(),  GptNeoX(), Gpt2()};
+  static const std::array<FamilySpec, 11> kFamilies = {Llama(),  Qwen2(), Qwen3(),   Mistral(), Olmo2(), Gemma2(),
+                                                       Gemma3(), Phi3(),  GptNeoX(), Gpt2(),    Opt()};
   return kFamilies;
 }
 
@@ -39,6 +39,7 @@ const FamilySpec* FamilyOfModelType(std::string_view model_type) {
 }
 
 const FamilySpec* FamilyOfGgufArchitecture(std::string_view gguf_architecture) {
+  if (gguf_architecture.empty()) return nullptr;
   return Find([&](const FamilySpec& f) { return f.gguf_architecture == gguf_architecture; });
 }
 

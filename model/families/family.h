@@ -53,7 +53,8 @@ struct FamilySpec {
   std::string_view architecture;  // config.json "architectures"[0], e.g. "Olmo2ForCausalLM"
   std::string_view model_type;    // config.json "model_type", e.g. "olmo2"
   // llama.cpp's name for the architecture (GGUF general.architecture), e.g. "olmo2"; several families may
-  // share one (Mistral exports as "llama"), and the first listed is what a GGUF file reads back as.
+  // share one (Mistral exports as "llama"), and the first listed is what a GGUF file reads back as. Empty for a
+  // family llama.cpp does not run (OPT).
   std::string_view gguf_architecture;
   // Reads the family's own fields of config.json `j` into `c` (the shared ones are read already). An empty
   // object gives the family's defaults (what a GGUF file of the family starts from).
@@ -89,5 +90,6 @@ const FamilySpec& Gemma3();   // Gemma3ForCausalLM (text)
 const FamilySpec& Phi3();     // Phi3ForCausalLM (Phi-3, Phi-3.5)
 const FamilySpec& GptNeoX();  // GPTNeoXForCausalLM (Pythia)
 const FamilySpec& Gpt2();     // GPT2LMHeadModel (GPT-2, Cerebras-GPT)
+const FamilySpec& Opt();      // OPTForCausalLM (OPT)
 
 }  // namespace seedling::model::families

@@ -421,7 +421,7 @@ TEST_CASE("Gradients reach only the flat buffer, and recomputation gives the sam
   // OLMo 2 normalizes the MLP's output, so its recomputation must multiply the down projection again, which
   // the other blocks skip (its values feed only the layer's output).
   const std::string preset = GENERATE(as<std::string>{}, "tiny-qwen2", "tiny-qwen3", "tiny-olmo2", "tiny-gemma3",
-                                      "tiny-gemma2", "tiny-phi3", "tiny-gptneox");
+                                      "tiny-gemma2", "tiny-phi3", "tiny-gptneox", "tiny-gpt2", "tiny-opt");
   INFO(preset);
   const auto c = SmallConfig(preset.c_str());
   auto m = SmallModel(c);

@@ -483,6 +483,47 @@ TEST_CASE("GPT-2 options the block cannot express, or bad values, are refused na
   CHECK(Contains(refused("layer_norm_epsilon", "tiny"), "layer_norm_epsilon"));
 }
 
+// facebook/opt-125m's config.json.
+constexpr const char* kOpt = R"({
+  "_name_or_path": "facebook/opt-125m", "activation_dropout": 0.0, "activation_function": "relu",
+  "architectures": ["OPTForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 2, "do_layer_norm_before": true,
+  "dropout": 0.1, "eos_token_id": 2, "ffn_dim": 3072, "hidden_size": 768, "init_std": 0.02, "layerdrop": 0.0,
+  "max_position_embeddings": 2048, "model_type": "opt", "num_attention_heads": 12, "num_hidden_layers": 12,
+  "pad_token_id": 1, "prefix": "</s>", "torch_dtype": "float16", "transformers_version": "4.21.0.dev0",
+  "use_cache": true, "vocab_size": 50272, "word_embed_proj_dim": 768})";
+
+TEST_CASE("OPT-125m's config.json parses to learned positions with two unused rows, ReLU and 125M parameters",
+          "[model][config]") {
+  auto c = ParseModelConfig(kOpt);
+  REQUIRE(c.ok());
+  CHECK(c->architecture == "OPTForCausalLM");
+  CHECK(c->intermediate_size == 3072);
+  CHECK(c->positions == PositionKind::kLearned);
+  CHECK(c->position_offset == 2);
+  CHECK(c->position_rows() == 2050);
+  CHECK(c->mlp_activation == MlpActivation::kRelu);
+  CHECK(c->tie_word_embeddings);
+  CHECK((c->qkv_bias && c->o_bias && c->mlp_bias));
+  CHECK(TargetModuleName(*c, Projection::kO) == "out_proj");
+  CHECK(LayerPrefix(*c, 0) == "model.decoder.layers.0.");
+  CHECK(c->NumParameters() == 125239296);
+  auto preset = PresetConfig("opt-125m");
+  REQUIRE(preset.ok());
+  CHECK(ModelConfigToJson(*preset) == ModelConfigToJson(*c));
+  auto round_trip = ParseModelConfig(ModelConfigToJson(*c));
+  REQUIRE(round_trip.ok());
+  CHECK(ModelConfigToJson(*round_trip) == ModelConfigToJson(*c));
+  // OPT-350m's post-norm block and projected embeddings are refused by name.
+  for (const auto& [key, value] : {std::pair<const char*, nlohmann::json>{"do_layer_norm_before", false},
+                                   std::pair<const char*, nlohmann::json>{"word_embed_proj_dim", 512},
+                                   std::pair<const char*, nlohmann::json>{"layer_norm_elementwise_affine", false},
+                                   std::pair<const char*, nlohmann::json>{"activation_function", "silu"}}) {
+    nlohmann::json j = nlohmann::json::parse(kOpt);
+    j[key] = value;
+    CHECK(Contains(ParseModelConfig(j.dump()).status(), key));
+  }
+}
+
 TEST_CASE("A config without architectures finds its family by model_type, or names both", "[model][config]") {
   std::string text = kOlmo2;
   text.replace(text.find("\"architectures\": [\"Olmo2ForCausalLM\"], "), 39, "");

@@ -1463,6 +1463,10 @@ TEST_CASE("Models llama.cpp cannot run as written are refused without a file", "
     CheckRefused(WriteGguf(path, c, RandomWeights(TinyLlama(), 13), *tok), dir, "GemmaForCausalLM");
   }
   {
+    const ModelConfig c = testing::TinyPreset("tiny-opt");  // llama.cpp has no OPT graph
+    CheckRefused(WriteGguf(path, c, RandomWeights(c, 13), *tok), dir, "llama.cpp has no graph for it");
+  }
+  {
     ModelConfig c = TinyQwen2();
     c.rope_scaling.type = RopeScaling::Type::kLlama3;
     c.rope_scaling.factor = 8.0;

@@ -44,7 +44,8 @@ TEST_CASE("init-model trains the family's tokenizer style, with the special ids 
   for (const Case& c :
        {Case{"tiny", "ByteLevel", 0, 0, false, false}, Case{"tiny-gemma2", "", 2, 1, true, false},
         Case{"tiny-gemma3", "", 2, 1, true, false}, Case{"tiny-phi3", "", 1, 3, true, true},
-        Case{"tiny-gptneox", "ByteLevel", 0, 0, false, false}, Case{"tiny-gpt2", "ByteLevel", 0, 0, false, false}}) {
+        Case{"tiny-opt", "ByteLevel", 0, 0, false, false}, Case{"tiny-gptneox", "ByteLevel", 0, 0, false, false},
+        Case{"tiny-gpt2", "ByteLevel", 0, 0, false, false}}) {
     INFO(c.preset);
     TempDir dir;
     InitModelOptions options;
