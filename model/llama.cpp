@@ -332,16 +332,23 @@ at::Tensor LlamaModel::DecoderLayerImpl(int64_t layer, const at::Tensor& x, cons
       MaybeNorm(config_.norms.attention_output, Project(layer, Projection::kO, attn, w.o, w.o_bias, options),
                 w.attention_output_norm, w.attention_output_norm_bias, Norm);
 
-  // MLP block: beside attention on the block's input (parallel residual), or after it. A norm on the MLP's
-  // output reads the down projection's values, which a graph-only recomputation would otherwise skip.
+  // MLP block. A norm on the MLP's output reads the down projection's values, which a graph-only
+  // recomputation would otherwise skip.
+  return Residual(w, x, h, attended, Norm, [&](const at::Tensor& m) {
+    if (!config_.norms.mlp_output) return Mlp(layer, m, options, output);
+    return MaybeNorm(true, Mlp(layer, m, options), w.mlp_output_norm, w.mlp_output_norm_bias, Norm);
+  });
+}
+
+template <typename MlpFn>
+at::Tensor LlamaModel::Residual(const LayerWeights& w, const at::Tensor& x, const at::Tensor& h,
+                                const at::Tensor& attended, NormFn norm, MlpFn mlp) const {
   const at::Tensor x1 = config_.parallel_residual ? x : x + attended;
   const at::Tensor m = config_.parallel_residual && !config_.norms.pre_mlp
                            ? h
-                           : MaybeNorm(config_.norms.pre_mlp, x1, w.pre_mlp_norm, w.pre_mlp_norm_bias, Norm);
-  const at::Tensor mlp = config_.norms.mlp_output
-                             ? MaybeNorm(true, Mlp(layer, m, options), w.mlp_output_norm, w.mlp_output_norm_bias, Norm)
-                             : Mlp(layer, m, options, output);
-  return config_.parallel_residual ? x + attended + mlp : x1 + mlp;
+                           : MaybeNorm(config_.norms.pre_mlp, x1, w.pre_mlp_norm, w.pre_mlp_norm_bias, norm);
+  const at::Tensor out = mlp(m);
+  return config_.parallel_residual ? x + attended + out : x1 + out;
 }
 
 at::Tensor LlamaModel::MaybeNorm(bool on, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
@@ -426,14 +433,11 @@ at::Tensor LlamaModel::DecoderLayerTangents(int64_t layer, const at::Tensor& x, 
       MaybeNorm(config_.norms.attention_output, ProjectTangents(layer, Projection::kO, attn, w.o, w.o_bias, options),
                 w.attention_output_norm, w.attention_output_norm_bias, NormTangents);
 
-  // MLP block, as DecoderLayerImpl composes it.
-  const at::Tensor x1 = config_.parallel_residual ? x : x + attended;
-  const at::Tensor m = config_.parallel_residual && !config_.norms.pre_mlp
-                           ? h
-                           : MaybeNorm(config_.norms.pre_mlp, x1, w.pre_mlp_norm, w.pre_mlp_norm_bias, NormTangents);
-  const at::Tensor mlp = MaybeNorm(config_.norms.mlp_output, MlpTangents(layer, m, options), w.mlp_output_norm,
-                                   w.mlp_output_norm_bias, NormTangents);
-  return config_.parallel_residual ? x + attended + mlp : x1 + mlp;
+  // MLP block.
+  return Residual(w, x, h, attended, NormTangents, [&](const at::Tensor& m) {
+    return MaybeNorm(config_.norms.mlp_output, MlpTangents(layer, m, options), w.mlp_output_norm,
+                     w.mlp_output_norm_bias, NormTangents);
+  });
 }
 
 std::vector<at::Tensor> LlamaModel::LayerTensors(int64_t layer, const ForwardOptions& options) const {

@@ -211,6 +211,13 @@ class LlamaModel {
   at::Tensor MaybeNorm(bool on, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                        NormFn norm) const;
   at::Tensor FinalNorm(const at::Tensor& x, NormFn norm) const;
+  // The residual layout both forwards share: attention's output `attended` is added to the block's input `x`
+  // before the MLP branch reads it (through the MLP's norm), or beside it (parallel residual: the branch reads
+  // `x` through its own norm, or `h`, attention's normed input, when the block has none), and the branch's
+  // output `mlp(m)` is added last.
+  template <typename MlpFn>
+  at::Tensor Residual(const LayerWeights& w, const at::Tensor& x, const at::Tensor& h, const at::Tensor& attended,
+                      NormFn norm, MlpFn mlp) const;
   at::Tensor QkHeads(const at::Tensor& projected, int64_t heads, const at::Tensor& norm, NormFn norm_fn) const;
   // With a cache, writes this step's keys/values at [q_start, q_start + T) and attends over [0, q_start + T).
   at::Tensor DecoderLayerImpl(int64_t layer, const at::Tensor& x, const RopeTables& rope, const ForwardOptions& options,
