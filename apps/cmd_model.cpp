@@ -151,7 +151,7 @@ void RegisterGenerate(CLI::App& app, Action& action) {
       std::printf("\n");
       std::fprintf(
           stderr, "[%zu prompt tokens, %zu generated (%s); prefill %.0f tok/s, decode %.1f tok/s; peak RSS %s]\n",
-          r.prompt_tokens.size(), r.tokens.size(), r.stop == model::StopReason::kEos ? "eos" : "max tokens",
+          r.prompt_tokens.size(), r.tokens.size(), model::StopReasonName(r.stop),
           static_cast<double>(r.prompt_tokens.size()) / std::max(r.prefill_seconds, 1e-9),
           static_cast<double>(r.tokens.size()) / std::max(r.decode_seconds, 1e-9), FormatBytes(PeakRssBytes()).c_str());
       return absl::OkStatus();

@@ -68,6 +68,18 @@ int64_t SampleToken(const at::Tensor& logits, const GenerateOptions& options, Rn
   return order[keep - 1];
 }
 
+const char* StopReasonName(StopReason reason) {
+  switch (reason) {
+    case StopReason::kMaxTokens:
+      return "max tokens";
+    case StopReason::kEos:
+      return "eos";
+    case StopReason::kContext:
+      return "context full";
+  }
+  return "?";
+}
+
 absl::StatusOr<GenerateResult> GenerateTokens(const LlamaModel& model, std::vector<int32_t> prompt,
                                               const GenerateOptions& options, const TokenCallback& on_token) {
   if (prompt.empty()) return absl::InvalidArgumentError("the prompt has no tokens");
@@ -79,7 +91,14 @@ absl::StatusOr<GenerateResult> GenerateTokens(const LlamaModel& model, std::vect
   const ModelConfig& config = model.config();
   GenerateResult result;
   result.prompt_tokens = prompt;
-  const int64_t total = static_cast<int64_t>(prompt.size()) + options.max_new_tokens;
+  // A learned position table ends: the last token needs no forward, so it may take the position after it.
+  const auto prompt_length = static_cast<int64_t>(prompt.size());
+  const int64_t room = config.positions == PositionKind::kLearned
+                           ? std::max<int64_t>(0, config.max_position_embeddings - prompt_length + 1)
+                           : options.max_new_tokens;
+  const int64_t max_new = std::min(options.max_new_tokens, room);
+  if (max_new < options.max_new_tokens) result.stop = StopReason::kContext;
+  const int64_t total = prompt_length + max_new;
   KvCache cache(config, 1, std::max<int64_t>(total, 1));
   Rng rng(options.seed, rng_stream::kSampling);
 
@@ -90,12 +109,12 @@ absl::StatusOr<GenerateResult> GenerateTokens(const LlamaModel& model, std::vect
                             model.ForwardCached(prompt_tensor, cache, /*last_only=*/true, options.forward));
   result.prefill_seconds = SecondsSince(t0);
   t0 = std::chrono::steady_clock::now();
-  for (int64_t step = 0; step < options.max_new_tokens; ++step) {
+  for (int64_t step = 0; step < max_new; ++step) {
     const int64_t next = SampleToken(logits[0][0], options, rng);
     result.tokens.push_back(static_cast<int32_t>(next));
     const auto& eos = config.eos_token_ids;
     const bool at_eos = options.stop_at_eos && std::find(eos.begin(), eos.end(), next) != eos.end();
-    const bool last = at_eos || step + 1 == options.max_new_tokens;
+    const bool last = at_eos || step + 1 == max_new;
     if (on_token) SEEDLING_RETURN_IF_ERROR(on_token(result.tokens, last));
     if (at_eos) result.stop = StopReason::kEos;
     if (last) break;

@@ -26,7 +26,11 @@ struct GenerateOptions {
   ForwardOptions forward;       // adapter etc.
 };
 
-enum class StopReason { kMaxTokens, kEos };
+// kContext: a model with learned positions (GPT-2, OPT) has no position left for another token.
+enum class StopReason { kMaxTokens, kEos, kContext };
+
+// "max tokens", "eos", "context full".
+const char* StopReasonName(StopReason reason);
 
 struct GenerateResult {
   std::vector<int32_t> prompt_tokens;

@@ -117,6 +117,29 @@ TEST_CASE("Generation stops at EOS and reports why", "[model][generate]") {
   CHECK(free_run->stop == StopReason::kMaxTokens);
 }
 
+TEST_CASE("Generation from a model with learned positions stops when the table is full", "[model][generate]") {
+  auto c = PresetConfig("tiny-gpt2");
+  REQUIRE(c.ok());
+  c->max_position_embeddings = 8;
+  auto m = LlamaModel::Create(*c, RandomWeights(*c, 3));
+  REQUIRE(m.ok());
+  GenerateOptions o;
+  o.temperature = 0;
+  o.stop_at_eos = false;
+  o.max_new_tokens = 20;
+  auto full = GenerateTokens(**m, {5, 6, 7}, o);
+  REQUIRE(full.ok());
+  CHECK(full->stop == StopReason::kContext);
+  CHECK(full->tokens.size() == 6);  // positions 3..7 run forwards; the sixth token needs none
+  o.max_new_tokens = 6;
+  auto fits = GenerateTokens(**m, {5, 6, 7}, o);
+  REQUIRE(fits.ok());
+  CHECK(fits->stop == StopReason::kMaxTokens);
+  CHECK(fits->tokens == full->tokens);
+  // A prompt longer than the table is refused before anything is generated.
+  CHECK(GenerateTokens(**m, std::vector<int32_t>(9, 1), o).status().code() == absl::StatusCode::kInvalidArgument);
+}
+
 TEST_CASE("Bad generation options are InvalidArgument", "[model][generate]") {
   auto m = TinyModel(6);
   GenerateOptions o;
