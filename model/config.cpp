@@ -122,6 +122,7 @@ int64_t ModelConfig::NumParameters() const {
   if (mlp_bias) per_layer += (gated_mlp ? 2 : 1) * intermediate_size + h;
   int64_t total = vocab_size * h + position_rows() * h + num_hidden_layers * per_layer + norm_size;
   if (!tie_word_embeddings) total += vocab_size * h;
+  if (lm_head_bias) total += vocab_size;
   return total;
 }
 
@@ -552,13 +553,30 @@ ModelConfig Opt(int64_t vocab, int64_t hidden, int64_t inter, int64_t layers, in
   return c;
 }
 
+// Phi-1 / 1.5 / 2: one LayerNorm feeding attention and the MLP in parallel, partial rotary, biases everywhere
+// (the LM head's too), a plain tanh-GELU MLP, untied, eps 1e-5, RoPE base 10,000.
+ModelConfig Phi(int64_t vocab, int64_t hidden, int64_t inter, int64_t layers, int64_t heads, double rotary) {
+  ModelConfig c = Llama(vocab, hidden, inter, layers, heads, heads, 10000.0, 1e-5, false, 2048);
+  c.architecture = "PhiForCausalLM";
+  c.model_type = "phi";
+  c.norm_kind = NormKind::kLayerNorm;
+  c.norms = {.pre_attention = true, .attention_output = false, .pre_mlp = false, .mlp_output = false};
+  c.parallel_residual = true;
+  c.gated_mlp = false;
+  c.mlp_activation = MlpActivation::kGeluTanh;
+  c.partial_rotary_factor = rotary;
+  c.qkv_bias = c.o_bias = c.mlp_bias = c.lm_head_bias = true;
+  return c;
+}
+
 }  // namespace
 
 std::vector<std::string> PresetNames() {
   return {"tiny",           "tiny-qwen2",   "tiny-qwen3",   "tiny-olmo2",        "tiny-gemma2",  "tiny-gemma3",
           "tiny-phi3",      "tiny-gptneox", "smollm2-135m", "smollm2-360m",      "qwen2.5-0.5b", "qwen3-0.6b",
           "tinyllama-1.1b", "olmo-2-1b",    "gemma-2-2b",   "gemma-3-270m",      "gemma-3-1b",   "phi-3-mini",
-          "pythia-160m",    "tiny-gpt2",    "gpt2",         "cerebras-gpt-111m", "tiny-opt",     "opt-125m"};
+          "pythia-160m",    "tiny-gpt2",    "gpt2",         "cerebras-gpt-111m", "tiny-opt",     "opt-125m",
+          "tiny-phi",       "phi-1.5",      "phi-2"};
 }
 
 absl::StatusOr<ModelConfig> PresetConfig(std::string_view name) {
@@ -653,6 +671,23 @@ absl::StatusOr<ModelConfig> PresetConfig(std::string_view name) {
     c = GptNeoX(50304, 768, 3072, 12, 12, 2048);
     c.bos_token_id = 0;
     c.eos_token_ids = {0};
+    c.torch_dtype = "float16";
+  } else if (name == "tiny-phi") {
+    // head_dim 32, of which RoPE rotates 16.
+    c = Phi(2048, 128, 512, 2, 4, 0.5);
+    c.bos_token_id = 0;
+    c.eos_token_ids = {0};
+  } else if (name == "phi-1.5") {
+    // microsoft/phi-1_5: 1,418,270,720 parameters.
+    c = Phi(51200, 2048, 8192, 24, 32, 0.5);
+    c.bos_token_id = 50256;
+    c.eos_token_ids = {50256};
+    c.torch_dtype = "float16";
+  } else if (name == "phi-2") {
+    // microsoft/phi-2: 2,779,683,840 parameters.
+    c = Phi(51200, 2560, 10240, 32, 32, 0.4);
+    c.bos_token_id = 50256;
+    c.eos_token_ids = {50256};
     c.torch_dtype = "float16";
   } else if (name == "tiny-gpt2") {
     // A 256-position table, so a long enough prompt reaches its end.

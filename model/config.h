@@ -134,7 +134,8 @@ struct ModelConfig {
   // Attention and the MLP both read the block's input and add to it together, x + attn(n1(x)) + mlp(n2(x))
   // (GPT-NeoX's use_parallel_residual; with norms.pre_mlp off the MLP reads n1(x), as Phi does).
   bool parallel_residual = false;
-  FusedProjections fused;  // which projections are stored fused (Phi-3, GPT-NeoX)
+  FusedProjections fused;     // which projections are stored fused (Phi-3, GPT-NeoX)
+  bool lm_head_bias = false;  // the LM head adds a bias to the logits (Phi's lm_head.bias)
   // Every RMSNorm scales by (norm_weight_offset + w): Gemma stores w - 1 and scales by (1 + w).
   double norm_weight_offset = 0.0;
   bool scale_embeddings = false;  // the embeddings are multiplied by sqrt(hidden_size) (Gemma)
@@ -221,7 +222,9 @@ std::string ModelId(const ModelConfig& config);
 // MLP), "tiny-gpt2" (learned positions, Conv1D-stored projections, a 256-position table), and the exact shapes
 // of published models: "smollm2-135m", "smollm2-360m", "qwen2.5-0.5b", "qwen3-0.6b", "tinyllama-1.1b",
 // "olmo-2-1b", "gemma-2-2b", "gemma-3-270m", "gemma-3-1b", "phi-3-mini", "pythia-160m", "gpt2",
-// "cerebras-gpt-111m", "opt-125m" (and "tiny-opt": OPT's position table with two unused rows, ReLU).
+// "cerebras-gpt-111m", "opt-125m", "phi-1.5", "phi-2" (and "tiny-opt": OPT's position table with two unused
+// rows, ReLU; "tiny-phi": one LayerNorm feeding attention and MLP in parallel, half of each head rotated, an LM
+// head with a bias).
 // NotFound lists the valid names.
 absl::StatusOr<ModelConfig> PresetConfig(std::string_view name);
 std::vector<std::string> PresetNames();

@@ -163,16 +163,18 @@ struct GgufGraphRules {
   bool o_mlp_bias;           // has o_proj and MLP bias slots (llama)
   bool q_is_hidden;          // sizes q_proj as hidden x hidden (qwen2, olmo2)
   bool tied_only = false;    // always reads the output projection from token_embd.weight (gemma2)
-  bool untied_only = false;  // requires output.weight (olmo2, phi3, gptneox)
+  bool untied_only = false;  // requires output.weight (olmo2, phi3, gptneox, phi2)
   // Reads q | k | v as one attn_qkv (phi3, gptneox) and gate | up as one ffn_up (phi3); the others read the parts.
   bool fused_qkv = false;
   bool fused_gate_up = false;
   bool longrope = false;  // LongRoPE as rope_factors_{short,long}.weight and rope.scaling.attn_factor (phi3)
-  // LayerNorms with biases and a plain GELU MLP (gptneox, gpt2); the others have RMSNorms and a gated MLP.
+  // LayerNorms with biases and a plain GELU MLP (gptneox, gpt2, phi2); the others have RMSNorms and a gated MLP.
   bool layer_norm_block = false;
-  bool partial_rotary = false;       // rotates rope.dimension_count of each head's dimensions (gptneox)
-  bool learned_positions = false;    // position_embd.weight instead of RoPE (gpt2)
-  bool requires_o_mlp_bias = false;  // requires attn_output and ffn biases (gptneox, gpt2)
+  bool partial_rotary = false;        // rotates rope.dimension_count of each head's dimensions (gptneox, phi2)
+  bool learned_positions = false;     // position_embd.weight instead of RoPE (gpt2)
+  bool requires_o_mlp_bias = false;   // requires attn_output and ffn biases (gptneox, gpt2, phi2)
+  bool shared_norm_parallel = false;  // attention and the MLP side by side from one attn_norm (phi2)
+  bool output_bias = false;           // requires output.bias (phi2); the others have none
 };
 
 constexpr GgufGraphRules kGraphRules[] = {
@@ -205,6 +207,17 @@ constexpr GgufGraphRules kGraphRules[] = {
      .layer_norm_block = true,
      .learned_positions = true,
      .requires_o_mlp_bias = true},
+    {.arch = "phi2",
+     .qkv_bias = true,
+     .requires_qkv_bias = true,
+     .o_mlp_bias = true,
+     .q_is_hidden = true,
+     .untied_only = true,
+     .layer_norm_block = true,
+     .partial_rotary = true,
+     .requires_o_mlp_bias = true,
+     .shared_norm_parallel = true,
+     .output_bias = true},
 };
 
 // What llama.cpp's Gemma graphs fix (model/gguf_config.h GgufGemmaGraph) must be what `c` says.
@@ -268,6 +281,16 @@ absl::Status CheckExpressible(const ModelConfig& c, const GgufGraphRules& r) {
   if (r.layer_norm_block && c.mlp_activation != MlpActivation::kGelu && c.mlp_activation != MlpActivation::kGeluTanh) {
     return absl::InvalidArgumentError(
         StrCat(who, "with hidden_act ", internal::ActivationName(c.mlp_activation), why, "applies GELU"));
+  }
+  if ((c.parallel_residual && !c.norms.pre_mlp) != r.shared_norm_parallel) {
+    return absl::InvalidArgumentError(StrCat(who, "with its residual layout", why,
+                                             r.shared_norm_parallel
+                                                 ? "runs attention and the MLP side by side from one norm"
+                                                 : "gives the MLP a norm of its own"));
+  }
+  if (c.lm_head_bias != r.output_bias) {
+    return absl::InvalidArgumentError(StrCat(who, c.lm_head_bias ? "with" : "without", " an LM head bias", why,
+                                             r.output_bias ? "requires output.bias" : "has no output.bias"));
   }
   if (r.requires_o_mlp_bias && !(c.o_bias && c.mlp_bias)) {
     return absl::InvalidArgumentError(StrCat(who, "without o_proj and MLP biases", why, "requires them"));

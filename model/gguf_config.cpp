@@ -222,6 +222,16 @@ absl::Status ReadGptNeoX(const GgufFile& f, const std::string& p, ModelConfig& c
   return absl::OkStatus();
 }
 
+// phi2: q, k and v apart, as convert_hf_to_gguf writes the transformers layout. Files converted from the
+// remote-code layout keep them fused as attn_qkv, which PhiForCausalLM has no module for.
+absl::Status ReadPhi2(const GgufFile& f) {
+  if (f.FindTensor("blk.0.attn_qkv.weight") == nullptr) return absl::OkStatus();
+  return FileError(f,
+                   "tensor 'blk.0.attn_qkv.weight': a phi2 file with q, k and v fused (converted from the "
+                   "remote-code layout) is not supported; convert from the transformers layout, which writes "
+                   "attn_q, attn_k and attn_v");
+}
+
 absl::StatusOr<RopeScaling> Llama3FromRopeFreqs(const GgufFile& f, const ModelConfig& c) {
   SEEDLING_ASSIGN_OR_RETURN(const std::vector<double> factors, RopeFactorTensor(f, "rope_freqs.weight", c, 1 - 1e-6));
   for (const RopeScaling& candidate : Llama3Candidates(c, factors)) {
@@ -359,6 +369,7 @@ absl::StatusOr<ModelConfig> ConfigFromGguf(const GgufFile& file) {
   if (const GgufGemmaGraph* graph = GemmaGraphOf(arch)) SEEDLING_RETURN_IF_ERROR(ReadGemma(file, p, *graph, c));
   if (arch == "phi3") SEEDLING_RETURN_IF_ERROR(ReadPhi3(file, p, c));
   if (arch == "gptneox") SEEDLING_RETURN_IF_ERROR(ReadGptNeoX(file, p, c));
+  if (arch == "phi2") SEEDLING_RETURN_IF_ERROR(ReadPhi2(file));
   const absl::Status valid = c.Validate();
   if (!valid.ok()) return Annotate(valid, StrCat("GGUF file '", file.path(), "'"));
   return c;

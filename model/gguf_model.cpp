@@ -101,6 +101,7 @@ std::vector<GgufWeightSlot> GgufWeightSlots(const ModelConfig& c, ModelWeights& 
   norm("output_norm", H, &w.final_norm, &w.final_norm_bias);
   // A tied head is left out: llama.cpp then reads token_embd.weight for the output projection.
   if (!c.tie_word_embeddings) add("output.weight", {V, H}, &w.lm_head);
+  if (c.lm_head_bias) add("output.bias", {V}, &w.lm_head_bias);  // llama.cpp's phi2
   return out;
 }
 

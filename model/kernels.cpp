@@ -90,14 +90,15 @@ struct RowStats {
 // `grad_out`, when given, receives d loss / d hidden (N, H), computed in the same pass: with p = softmax(z),
 // d/dh (lse(z) - z_t) = Σ_v p_v W_v - W_t, and Σ_v exp(z_v - m) W_v is accumulated tile by tile with the
 // running max, so the gradient costs one more multiply per tile instead of recomputing the logits.
-// `stream` (may be null) releases the weight's pages tile by tile (model/frozen_linear.h WeightPages).
-// `softcap` > 0 soft-caps the logits (SoftCap); the gradient's rows and the tangent are then scaled by the
-// cap's slope, the target row's by the slope at the target's logit.
+// A soft-capped head (LogitHead::softcap) scales the gradient's rows and the tangent by the cap's slope, the
+// target row's by the slope at the target's logit. The bias shifts the logits, not their tangent.
 std::pair<at::Tensor, at::Tensor> ChunkedCeForward(const at::Tensor& hidden, const at::Tensor& tangent,
-                                                   const at::Tensor& weight, const at::Tensor& targets, int64_t chunk,
-                                                   const WeightPages* stream, double softcap, at::Tensor* lse_out,
-                                                   at::Tensor* grad_out = nullptr) {
-  WeightTiles tiles(weight, 0, stream);
+                                                   const LogitHead& head, const at::Tensor& targets, int64_t chunk,
+                                                   at::Tensor* lse_out, at::Tensor* grad_out = nullptr) {
+  const at::Tensor& weight = head.weight;
+  const double softcap = head.softcap;
+  const at::Tensor bias = head.bias.defined() ? head.bias.to(hidden.scalar_type()) : at::Tensor();
+  WeightTiles tiles(weight, 0, head.stream);
   const int64_t n_rows = hidden.size(0);
   at::Tensor loss = at::zeros({}, hidden.options());
   at::Tensor derivative = at::zeros({}, hidden.options());
@@ -115,6 +116,7 @@ std::pair<at::Tensor, at::Tensor> ChunkedCeForward(const at::Tensor& hidden, con
       const at::Tensor tile = tiles.Tile(v0, n);
       const at::Tensor z = at::mm(rows, tile.t());  // (c or 2c, n)
       at::Tensor logits = tangent.defined() ? z.narrow(0, 0, len) : z;
+      if (bias.defined()) logits = logits + bias.narrow(0, v0, n);
       at::Tensor dz = tangent.defined() ? z.narrow(0, len, len) : at::Tensor();
       at::Tensor slope;
       if (softcap > 0) {
@@ -142,24 +144,26 @@ std::pair<at::Tensor, at::Tensor> ChunkedCeForward(const at::Tensor& hidden, con
 }
 
 struct ChunkedCeFunction : public torch::autograd::Function<ChunkedCeFunction> {
-  // `stream` serves the forward pass only: a weight that requires grad (the only case whose backward reads
-  // the weight again) is dense and never streamed.
+  // `weight` is head.weight, passed apart so that autograd sees it; the bias is frozen. The head's stream
+  // serves the forward pass only: a weight that requires grad (the only case whose backward reads the weight
+  // again) is dense and never streamed.
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& hidden, const at::Tensor& weight,
-                            const at::Tensor& targets, int64_t chunk, const WeightPages* stream, double softcap) {
-    at::Tensor lse;
+                            const LogitHead& head, const at::Tensor& targets, int64_t chunk) {
     if (!weight.requires_grad()) {
       // The common case (a frozen LM head): the hidden states' gradient comes out of the forward pass, and
       // backward only scales it: two multiplies per tile in all instead of three.
       at::Tensor grad_hidden;
-      at::Tensor loss =
-          ChunkedCeForward(hidden, at::Tensor(), weight, targets, chunk, stream, softcap, nullptr, &grad_hidden).first;
+      at::Tensor loss = ChunkedCeForward(hidden, at::Tensor(), head, targets, chunk, nullptr, &grad_hidden).first;
       ctx->save_for_backward({grad_hidden});
       return loss;
     }
-    at::Tensor loss = ChunkedCeForward(hidden, at::Tensor(), weight, targets, chunk, nullptr, softcap, &lse).first;
+    at::Tensor lse;
+    const LogitHead dense{weight, head.bias, head.softcap};
+    at::Tensor loss = ChunkedCeForward(hidden, at::Tensor(), dense, targets, chunk, &lse).first;
     ctx->save_for_backward({hidden, weight, targets, lse});
     ctx->saved_data["chunk"] = chunk;
-    ctx->saved_data["softcap"] = softcap;
+    ctx->saved_data["softcap"] = head.softcap;
+    if (head.bias.defined()) ctx->saved_data["bias"] = head.bias.detach();
     return loss;
   }
 
@@ -168,12 +172,15 @@ struct ChunkedCeFunction : public torch::autograd::Function<ChunkedCeFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
     if (saved.size() == 1) {
-      return {saved[0] * grad_outputs[0], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+      return {saved[0] * grad_outputs[0], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     }
     const at::Tensor& hidden = saved[0];
     const at::Tensor& weight = saved[1];
     const at::Tensor& targets = saved[2];
     const at::Tensor& lse = saved[3];
+    const auto stored_bias = ctx->saved_data.find("bias");
+    const at::Tensor bias =
+        stored_bias != ctx->saved_data.end() ? stored_bias->second.toTensor().to(hidden.scalar_type()) : at::Tensor();
     const int64_t chunk = ctx->saved_data["chunk"].toInt();
     const double softcap = ctx->saved_data["softcap"].toDouble();
     const at::Tensor g = grad_outputs[0];  // scalar
@@ -192,6 +199,7 @@ struct ChunkedCeFunction : public torch::autograd::Function<ChunkedCeFunction> {
         const int64_t n = std::min(tiles.tile_rows(), tiles.rows() - v0);
         const at::Tensor tile = tiles.Tile(v0, n);
         at::Tensor p = at::mm(c.h, tile.t());  // (c, n) logits
+        if (bias.defined()) p.add_(bias.narrow(0, v0, n));
         at::Tensor slope;
         if (softcap > 0) {
           SoftCapped capped = SoftCap(p, softcap, /*with_slope=*/true);
@@ -208,7 +216,7 @@ struct ChunkedCeFunction : public torch::autograd::Function<ChunkedCeFunction> {
       }
     }
     if (need_w && grad_w.scalar_type() != weight.scalar_type()) grad_w = grad_w.to(weight.scalar_type());
-    return {grad_h, grad_w, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {grad_h, grad_w, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -265,35 +273,34 @@ class CheckpointNode : public torch::autograd::Node {
 
 }  // namespace
 
-at::Tensor ChunkedCrossEntropy(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
-                               int64_t chunk_tokens, const WeightPages* stream, double softcap) {
+at::Tensor ChunkedCrossEntropy(const at::Tensor& hidden, const LogitHead& head, const at::Tensor& targets,
+                               int64_t chunk_tokens) {
   SEEDLING_CHECK(hidden.dim() == 2 && targets.dim() == 1);
-  SEEDLING_CHECK(hidden.size(0) == targets.size(0) && hidden.size(1) == LogicalShape(weight)[1]);
+  SEEDLING_CHECK(hidden.size(0) == targets.size(0) && hidden.size(1) == LogicalShape(head.weight)[1]);
   const int64_t chunk = PickChunk(chunk_tokens, hidden.size(0));
-  const bool needs_autograd = at::GradMode::is_enabled() && (hidden.requires_grad() || weight.requires_grad());
-  if (needs_autograd) return ChunkedCeFunction::apply(hidden, weight, targets, chunk, stream, softcap);
-  return ChunkedCeForward(hidden, at::Tensor(), weight, targets, chunk, stream, softcap, nullptr).first;
+  const bool needs_autograd = at::GradMode::is_enabled() && (hidden.requires_grad() || head.weight.requires_grad());
+  if (needs_autograd) {
+    return ChunkedCeFunction::apply(hidden, head.weight, head, targets, chunk);
+  }
+  return ChunkedCeForward(hidden, at::Tensor(), head, targets, chunk, nullptr).first;
 }
 
 std::pair<at::Tensor, at::Tensor> ChunkedCrossEntropyJvp(const at::Tensor& hidden, const at::Tensor& hidden_tangent,
-                                                         const at::Tensor& weight, const at::Tensor& targets,
-                                                         int64_t chunk_tokens, const WeightPages* stream,
-                                                         double softcap) {
+                                                         const LogitHead& head, const at::Tensor& targets,
+                                                         int64_t chunk_tokens) {
   SEEDLING_CHECK(hidden.sizes() == hidden_tangent.sizes() && hidden.dim() == 2 && targets.dim() == 1);
   at::NoGradGuard no_grad;
-  return ChunkedCeForward(hidden, hidden_tangent, weight, targets, PickChunk(chunk_tokens, hidden.size(0)), stream,
-                          softcap, nullptr);
+  return ChunkedCeForward(hidden, hidden_tangent, head, targets, PickChunk(chunk_tokens, hidden.size(0)), nullptr);
 }
 
-std::pair<at::Tensor, at::Tensor> ChunkedCrossEntropyWithGrad(const at::Tensor& hidden, const at::Tensor& weight,
-                                                              const at::Tensor& targets, int64_t chunk_tokens,
-                                                              const WeightPages* stream, double softcap) {
+std::pair<at::Tensor, at::Tensor> ChunkedCrossEntropyWithGrad(const at::Tensor& hidden, const LogitHead& head,
+                                                              const at::Tensor& targets, int64_t chunk_tokens) {
   SEEDLING_CHECK(hidden.dim() == 2 && targets.dim() == 1 && hidden.size(0) == targets.size(0));
   at::NoGradGuard no_grad;
   at::Tensor grad;
-  at::Tensor loss = ChunkedCeForward(hidden, at::Tensor(), weight, targets, PickChunk(chunk_tokens, hidden.size(0)),
-                                     stream, softcap, nullptr, &grad)
-                        .first;
+  at::Tensor loss =
+      ChunkedCeForward(hidden, at::Tensor(), head, targets, PickChunk(chunk_tokens, hidden.size(0)), nullptr, &grad)
+          .first;
   return {loss, grad};
 }
 

@@ -29,43 +29,48 @@ class WeightPages;  // model/frozen_linear.h
 
 inline constexpr int64_t kIgnoreIndex = -100;
 
-// Sum over rows n with targets[n] != kIgnoreIndex of -log softmax(hidden[n] · weightᵀ)[targets[n]].
-//   hidden  (N, H) fp32 (or fp64 with an fp64 weight); weight logical (V, H) in any weight format
-//   (model/quant.h); targets (N) int64.
+// The LM head as the loss reads it: logits z = h Wᵀ + b, soft-capped when `softcap` > 0.
+struct LogitHead {
+  at::Tensor weight;  // logical (V, H), in any weight format (model/quant.h)
+  at::Tensor bias;    // (V), or undefined (Phi's LM head has one)
+  // z' = softcap · tanh(z / softcap) before the softmax, as Gemma 2's final_logit_softcapping; 0 = none.
+  // Each tile's gradient is then scaled by dz'/dz = 1 − (z'/cap)².
+  double softcap = 0.0;
+  // May be null: releases each decoded tile's pages of a weight mapped read-only (model/frozen_linear.h
+  // WeightPages), the LM head of a model whose weights are streamed.
+  const WeightPages* stream = nullptr;
+};
+
+// Sum over rows n with targets[n] != kIgnoreIndex of -log softmax(z[n])[targets[n]], z the logits of
+// `head` at hidden[n].
+//   hidden  (N, H) fp32 (or fp64 with an fp64 weight); targets (N) int64.
 // The logits never exist whole: the vocabulary is walked in tiles of the LM head (model/frozen_linear.h,
 // about 2 MiB of decoded weights each) with an online log-sum-exp, for `chunk_tokens` rows at a time
 // (<= 0: all rows), so at most (chunk × tile rows) logits exist, in forward and backward. Differentiable
-// w.r.t. hidden (and an fp32 weight that requires grad) through a custom autograd function. With a frozen
-// weight the hidden states' gradient is computed in the forward pass, Σ_v softmax(z)_v W_v − W_t
-// accumulated tile by tile under the running max (as flash attention accumulates its output), and
-// backward only scales it by the upstream gradient: two multiplies per tile instead of three. A weight
-// that requires grad keeps each row's log-sum-exp instead and recomputes the tiles' logits in backward.
-// `stream` (may be null; all three functions) releases each decoded tile's pages of a weight mapped
-// read-only (model/frozen_linear.h WeightPages): the LM head of a model whose weights are streamed.
-// `softcap` > 0 (all three functions) soft-caps the logits, z' = softcap · tanh(z / softcap), before the
-// softmax, as Gemma 2's final_logit_softcapping does; each tile's gradient is scaled by dz'/dz = 1 − (z'/cap)².
-at::Tensor ChunkedCrossEntropy(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
-                               int64_t chunk_tokens = 0, const WeightPages* stream = nullptr, double softcap = 0.0);
+// w.r.t. hidden (and an fp32 weight that requires grad; the bias stays frozen) through a custom autograd
+// function. With a frozen weight the hidden states' gradient is computed in the forward pass,
+// Σ_v softmax(z)_v W_v − W_t accumulated tile by tile under the running max (as flash attention accumulates
+// its output), and backward only scales it by the upstream gradient: two multiplies per tile instead of
+// three. A weight that requires grad keeps each row's log-sum-exp instead and recomputes the tiles' logits in
+// backward.
+at::Tensor ChunkedCrossEntropy(const at::Tensor& hidden, const LogitHead& head, const at::Tensor& targets,
+                               int64_t chunk_tokens = 0);
 
 // The chunked cross-entropy sum (as above) and its directional derivative along a tangent of the hidden
-// states, computed by hand per vocabulary tile with an online log-sum-exp: with z = h Wᵀ and dz = dh Wᵀ,
+// states, computed by hand per vocabulary tile with an online log-sum-exp: with dz = dh Wᵀ,
 // d(lse(z) − z_t) = Σ_v softmax(z)_v dz_v − dz_t. Used by forward-gradient methods instead of LibTorch's
 // forward-mode AD through the LM head. Primal and tangent rows share each tile's multiply. No autograd.
-//   hidden and hidden_tangent (N, H); weight logical (V, H), any format; targets (N). Returns {loss sum,
-//   derivative sum}.
+//   hidden and hidden_tangent (N, H); targets (N). Returns {loss sum, derivative sum}.
 std::pair<at::Tensor, at::Tensor> ChunkedCrossEntropyJvp(const at::Tensor& hidden, const at::Tensor& hidden_tangent,
-                                                         const at::Tensor& weight, const at::Tensor& targets,
-                                                         int64_t chunk_tokens = 0, const WeightPages* stream = nullptr,
-                                                         double softcap = 0.0);
+                                                         const LogitHead& head, const at::Tensor& targets,
+                                                         int64_t chunk_tokens = 0);
 
 // The chunked cross-entropy sum (as above) and its gradient with respect to the hidden states, (N, H),
 // zero on ignored rows, from one pass over the LM head (Σ_v softmax(z)_v W_v − W_t accumulated tile by
 // tile). No autograd. The batched forward gradient uses it: the directional derivative of the loss along
 // any tangent dh of the hidden states is then Σ grad · dh, so K tangents need no LM-head multiplies.
-std::pair<at::Tensor, at::Tensor> ChunkedCrossEntropyWithGrad(const at::Tensor& hidden, const at::Tensor& weight,
-                                                              const at::Tensor& targets, int64_t chunk_tokens = 0,
-                                                              const WeightPages* stream = nullptr,
-                                                              double softcap = 0.0);
+std::pair<at::Tensor, at::Tensor> ChunkedCrossEntropyWithGrad(const at::Tensor& hidden, const LogitHead& head,
+                                                              const at::Tensor& targets, int64_t chunk_tokens = 0);
 
 // Runs y = fn(x) such that, under autograd, only `x` is kept for backward; the backward re-runs fn with
 // autograd on and propagates to `x` and to every tensor in `params` that requires grad (fn must use no other

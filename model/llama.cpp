@@ -480,7 +480,7 @@ absl::StatusOr<at::Tensor> LlamaModel::Hidden(const at::Tensor& tokens, const Fo
 }
 
 at::Tensor LlamaModel::LmHead(const at::Tensor& hidden) const {
-  const at::Tensor logits = FrozenLinear(hidden, weights_.lm_head, at::Tensor(), -1, Stream());
+  const at::Tensor logits = FrozenLinear(hidden, weights_.lm_head, weights_.lm_head_bias, -1, Stream());
   const double cap = config_.final_logit_softcap;
   return cap > 0 ? SoftCap(logits, cap).value : logits;
 }
@@ -518,8 +518,7 @@ absl::StatusOr<LlamaModel::LossJvp> LlamaModel::LossDirectionalDerivative(const 
     const at::Tensor hs = PredictingRows(primal);  // (N, H)
     const at::Tensor dhs = tangent.defined() ? PredictingRows(tangent) : at::zeros_like(hs);
     const at::Tensor targets = NextTokenTargets(labels);  // (N)
-    auto [loss, derivative] = ChunkedCrossEntropyJvp(hs, dhs, weights_.lm_head, targets, options.ce_chunk_tokens,
-                                                     Stream(), config_.final_logit_softcap);
+    auto [loss, derivative] = ChunkedCrossEntropyJvp(hs, dhs, Head(), targets, options.ce_chunk_tokens);
     out.tokens = ScoredTokens(targets);
     const double denom = static_cast<double>(std::max<int64_t>(out.tokens, 1));
     out.loss = loss.item<double>() / denom;
@@ -556,8 +555,7 @@ absl::StatusOr<LlamaModel::LossJvps> LlamaModel::LossTangents(const at::Tensor& 
     // derivative is that gradient dotted with the direction's hidden-state tangent.
     const at::Tensor hidden = PredictingRows(x);  // (1+K, N, H)
     const at::Tensor targets = NextTokenTargets(labels);
-    auto [loss, grad] = ChunkedCrossEntropyWithGrad(hidden.select(0, 0), weights_.lm_head, targets,
-                                                    options.ce_chunk_tokens, Stream(), config_.final_logit_softcap);
+    auto [loss, grad] = ChunkedCrossEntropyWithGrad(hidden.select(0, 0), Head(), targets, options.ce_chunk_tokens);
     const at::Tensor dots = (hidden.narrow(0, 1, directions) * grad).sum({1, 2}).to(at::kDouble);  // (K)
     out.tokens = ScoredTokens(targets);
     const double denom = static_cast<double>(std::max<int64_t>(out.tokens, 1));
@@ -578,8 +576,7 @@ absl::StatusOr<LossOutput> LlamaModel::Loss(const at::Tensor& tokens, const at::
       return out;
     }
     const at::Tensor targets = NextTokenTargets(labels);  // (N)
-    out.sum = ChunkedCrossEntropy(PredictingRows(hidden), weights_.lm_head, targets, options.ce_chunk_tokens, Stream(),
-                                  config_.final_logit_softcap);
+    out.sum = ChunkedCrossEntropy(PredictingRows(hidden), Head(), targets, options.ce_chunk_tokens);
     out.tokens = ScoredTokens(targets);
     return out;
   });
@@ -604,8 +601,7 @@ absl::StatusOr<std::vector<LossOutput>> LlamaModel::GroupLosses(const at::Tensor
         continue;
       }
       const at::Tensor targets = NextTokenTargets(labels.narrow(0, g * b, b));
-      o.sum = ChunkedCrossEntropy(PredictingRows(hidden.narrow(0, g * b, b)), weights_.lm_head, targets,
-                                  options.ce_chunk_tokens, Stream(), config_.final_logit_softcap);
+      o.sum = ChunkedCrossEntropy(PredictingRows(hidden.narrow(0, g * b, b)), Head(), targets, options.ce_chunk_tokens);
       o.tokens = ScoredTokens(targets);
     }
     return out;

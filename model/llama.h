@@ -1,8 +1,10 @@
 #pragma once
 
-// The Llama-family causal decoder (Llama, TinyLlama, SmolLM/SmolLM2, MobileLLM, Qwen2/2.5, Qwen3, Mistral,
-// OLMo 2) on LibTorch, CPU, fp32 compute: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, tied or untied
-// LM head, composed as ModelConfig describes the block (biases, norm placement, q/k norms, a sliding window).
+// The causal decoder of every supported family (model/families/: Llama, TinyLlama, SmolLM/SmolLM2, MobileLLM,
+// Qwen2/2.5, Qwen3, Mistral, OLMo 2, Gemma 2/3, Phi-1/1.5/2, Phi-3, GPT-NeoX, GPT-2, OPT) on LibTorch, CPU, fp32
+// compute, composed as ModelConfig describes the block: RMSNorm or LayerNorm and where the block normalizes,
+// RoPE (whole or partial heads) or learned positions, grouped-query attention with windows and soft-caps, a gated
+// or plain MLP, sequential or parallel residual, biases, fused projections, a tied or untied LM head (with a bias).
 //
 // Three ways to run it:
 //   * Hidden / Logits / Loss: the full sequence, for training and evaluation. Loss uses the chunked
@@ -233,6 +235,8 @@ class LlamaModel {
   // Constant after construction (weights may be changed in place by their owner, e.g. an adapter merge).
   // The layers' pages to release while streaming, or null.
   const WeightPages* Stream() const { return stream_weights() ? pages_.get() : nullptr; }
+  // The LM head as the chunked cross-entropy reads it (weight, bias, final soft-cap, streaming).
+  LogitHead Head() const { return {weights_.lm_head, weights_.lm_head_bias, config_.final_logit_softcap, Stream()}; }
 
   ModelConfig config_;
   ModelWeights weights_;

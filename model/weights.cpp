@@ -90,6 +90,8 @@ void ForEachWeight(ModelWeights& w, const ModelConfig& c, bool include_tied_head
   if (!c.tie_word_embeddings || include_tied_head) {
     fn(std::string(names.lm_head), std::vector<int64_t>{c.vocab_size, h}, Kind::kMatrix, w.lm_head);
   }
+  if (c.lm_head_bias)
+    fn(std::string(names.lm_head_bias), std::vector<int64_t>{c.vocab_size}, Kind::kBias, w.lm_head_bias);
 }
 
 std::string ShapeString(std::span<const int64_t> shape) {

@@ -93,6 +93,7 @@ struct ModelWeights {
   at::Tensor final_norm;       // (H)
   at::Tensor final_norm_bias;  // (H), NormKind::kLayerNorm only
   at::Tensor lm_head;          // (V, H); the same tensor as `embed` when the config ties them
+  at::Tensor lm_head_bias;     // (V), ModelConfig::lm_head_bias only (Phi)
 };
 
 struct LoadOptions {

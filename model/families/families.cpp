@@ -16,8 +16,8 @@ const FamilySpec* Find(const Match& match) {
 }  // namespace
 
 std::span<const FamilySpec> Families() {
-  static const std::array<FamilySpec, 11> kFamilies = {Llama(),  Qwen2(), Qwen3(),   Mistral(), Olmo2(), Gemma2(),
-                                                       Gemma3(), Phi3(),  GptNeoX(), Gpt2(),    Opt()};
+  static const std::array<FamilySpec, 12> kFamilies = {Llama(),  Qwen2(), Qwen3(),   Mistral(), Olmo2(), Gemma2(),
+                                                       Gemma3(), Phi3(),  GptNeoX(), Gpt2(),    Opt(),   Phi()};
   return kFamilies;
 }
 

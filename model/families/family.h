@@ -33,6 +33,7 @@ struct ModuleNames {
   std::string_view layers = "model.layers";  // layer l's tensors start "<layers>.<l>."
   std::string_view final_norm = "model.norm";
   std::string_view lm_head = "lm_head.weight";
+  std::string_view lm_head_bias = "lm_head.bias";  // read when ModelConfig::lm_head_bias says so
   // Each projection's module path in a layer, indexed by Projection ("" for one the family's blocks lack).
   std::array<std::string_view, kNumProjections> projections = {
       "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",   "self_attn.o_proj", "mlp.gate_proj",
@@ -91,5 +92,6 @@ const FamilySpec& Phi3();     // Phi3ForCausalLM (Phi-3, Phi-3.5)
 const FamilySpec& GptNeoX();  // GPTNeoXForCausalLM (Pythia)
 const FamilySpec& Gpt2();     // GPT2LMHeadModel (GPT-2, Cerebras-GPT)
 const FamilySpec& Opt();      // OPTForCausalLM (OPT)
+const FamilySpec& Phi();      // PhiForCausalLM (Phi-1, Phi-1.5, Phi-2)
 
 }  // namespace seedling::model::families

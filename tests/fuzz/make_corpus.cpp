@@ -159,8 +159,8 @@ void Tokenizer() {
 }
 
 void ModelConfig() {
-  for (const char* preset :
-       {"tiny", "tiny-qwen2", "tiny-qwen3", "tiny-olmo2", "tiny-gemma2", "tiny-gemma3", "tiny-phi3", "smollm2-135m"}) {
+  for (const char* preset : {"tiny", "tiny-qwen2", "tiny-qwen3", "tiny-olmo2", "tiny-gemma2", "tiny-gemma3",
+                             "tiny-phi3", "tiny-gptneox", "tiny-gpt2", "tiny-opt", "tiny-phi", "smollm2-135m"}) {
     WriteWithBroken("model_config", std::string(preset) + ".json",
                     model::ModelConfigToJson(Value(model::PresetConfig(preset), preset)));
   }

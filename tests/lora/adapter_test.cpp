@@ -62,6 +62,35 @@ void RandomizeB(LoraAdapter& a) {
   }
 }
 
+// Gives `a` random B matrices, then checks that they change the logits, that merged = unmerged and that unmerge
+// restores every weight; then a PEFT round trip that writes `modules` as target_modules and reads back exactly.
+void CheckMergeAndPeft(const model::ModelConfig& c, model::LlamaModel& m, LoraAdapter& a, const char* base,
+                       const nlohmann::json& modules) {
+  RandomizeB(a);
+  model::ForwardOptions fo;
+  fo.adapter = &a;
+  const at::Tensor unmerged = *m.Logits(Tokens(), fo);
+  CHECK((unmerged - *m.Logits(Tokens())).abs().max().item<double>() > 1e-3);
+  std::vector<at::Tensor> before;
+  for (const model::NamedWeight& nw : model::NamedWeights(m.weights(), c)) before.push_back(nw.tensor.clone());
+  REQUIRE(a.Merge(m.mutable_weights()).ok());
+  CHECK((*m.Logits(Tokens()) - unmerged).abs().max().item<double>() < 1e-4);
+  REQUIRE(a.Unmerge(m.mutable_weights()).ok());
+  const std::vector<model::NamedWeight> after = model::NamedWeights(m.weights(), c);
+  for (size_t i = 0; i < after.size(); ++i) {
+    INFO(after[i].name);
+    CHECK((after[i].tensor - before[i]).abs().max().item<double>() < 1e-6);
+  }
+
+  TempDir dir;
+  REQUIRE(SavePeft(a, dir.path, base).ok());
+  auto config = nlohmann::json::parse(*ReadFile(JoinPath(dir.path, "adapter_config.json")));
+  CHECK(config["target_modules"] == modules);
+  auto loaded = LoadPeft(dir.path, c);
+  REQUIRE(loaded.ok());
+  CHECK(at::equal((*loaded)->flat(), a.flat()));
+}
+
 TEST_CASE("A fresh adapter (B = 0) leaves the logits unchanged", "[lora]") {
   const auto c = SmallConfig();
   auto m = SmallModel(c);
@@ -130,29 +159,9 @@ TEST_CASE("A Phi-3 adapter adapts the fused qkv_proj and gate_up_proj, as PEFT n
   CHECK(views[5].name == "base_model.model.model.layers.0.mlp.gate_up_proj.lora_B.weight");
   CHECK(views[5].rows == 2 * c.intermediate_size);
 
-  // Merged = unmerged; unmerge restores the fused matrices.
-  RandomizeB(**a);
-  model::ForwardOptions fo;
-  fo.adapter = a->get();
-  const at::Tensor unmerged = *m->Logits(Tokens(), fo);
-  CHECK((unmerged - *m->Logits(Tokens())).abs().max().item<double>() > 1e-3);
-  const at::Tensor qkv_before = m->weights().layers[1].qkv.clone();
-  const at::Tensor gate_up_before = m->weights().layers[1].gate_up.clone();
-  REQUIRE((*a)->Merge(m->mutable_weights()).ok());
-  CHECK((*m->Logits(Tokens()) - unmerged).abs().max().item<double>() < 1e-4);
-  CHECK((m->weights().layers[1].qkv - qkv_before).abs().max().item<double>() > 1e-4);
-  REQUIRE((*a)->Unmerge(m->mutable_weights()).ok());
-  CHECK((m->weights().layers[1].qkv - qkv_before).abs().max().item<double>() < 1e-6);
-  CHECK((m->weights().layers[1].gate_up - gate_up_before).abs().max().item<double>() < 1e-6);
-
-  // PEFT round trip with the fused names.
-  TempDir dir;
-  REQUIRE(SavePeft(**a, dir.path, "microsoft/Phi-3-mini-4k-instruct").ok());
-  auto config = nlohmann::json::parse(*ReadFile(JoinPath(dir.path, "adapter_config.json")));
-  CHECK(config["target_modules"] == nlohmann::json({"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}));
-  auto loaded = LoadPeft(dir.path, c);
-  REQUIRE(loaded.ok());
-  CHECK(at::equal((*loaded)->flat(), (*a)->flat()));
+  // Merged = unmerged, unmerge restores the fused matrices; PEFT round trip with the fused names.
+  CheckMergeAndPeft(c, *m, **a, "microsoft/Phi-3-mini-4k-instruct",
+                    {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"});
 }
 
 TEST_CASE("LoRA targets map between fused and separate projections, and PEFT names must match the model", "[lora]") {
@@ -195,26 +204,9 @@ TEST_CASE("A GPT-NeoX adapter adapts query_key_value, dense and the MLP under th
   CHECK(views[4].name == "base_model.model.gpt_neox.layers.0.mlp.dense_h_to_4h.lora_A.weight");
   CHECK(views[7].name == "base_model.model.gpt_neox.layers.0.mlp.dense_4h_to_h.lora_B.weight");
 
-  // Merged = unmerged.
-  RandomizeB(**a);
-  model::ForwardOptions fo;
-  fo.adapter = a->get();
-  const at::Tensor unmerged = *m->Logits(Tokens(), fo);
-  CHECK((unmerged - *m->Logits(Tokens())).abs().max().item<double>() > 1e-3);
-  const at::Tensor qkv_before = m->weights().layers[1].qkv.clone();
-  REQUIRE((*a)->Merge(m->mutable_weights()).ok());
-  CHECK((*m->Logits(Tokens()) - unmerged).abs().max().item<double>() < 1e-4);
-  REQUIRE((*a)->Unmerge(m->mutable_weights()).ok());
-  CHECK((m->weights().layers[1].qkv - qkv_before).abs().max().item<double>() < 1e-6);
-
-  // PEFT round trip with GPT-NeoX's module names, which a hand-written adapter config may use too.
-  TempDir dir;
-  REQUIRE(SavePeft(**a, dir.path, "EleutherAI/pythia-160m").ok());
-  auto config = nlohmann::json::parse(*ReadFile(JoinPath(dir.path, "adapter_config.json")));
-  CHECK(config["target_modules"] == nlohmann::json({"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}));
-  auto loaded = LoadPeft(dir.path, c);
-  REQUIRE(loaded.ok());
-  CHECK(at::equal((*loaded)->flat(), (*a)->flat()));
+  // Merged = unmerged; PEFT round trip with GPT-NeoX's module names, which a hand-written config may use too.
+  CheckMergeAndPeft(c, *m, **a, "EleutherAI/pythia-160m",
+                    {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"});
   const auto fused_only =
       ParsePeftConfig(R"({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["query_key_value"]})", c);
   REQUIRE(fused_only.ok());
@@ -244,22 +236,11 @@ TEST_CASE("A GPT-2 adapter names c_attn and both c_proj by their paths, with fan
   CHECK(views[2].name == "base_model.model.transformer.h.0.attn.c_proj.lora_A.weight");
   CHECK(views[6].name == "base_model.model.transformer.h.0.mlp.c_proj.lora_A.weight");
 
-  RandomizeB(**a);
-  model::ForwardOptions fo;
-  fo.adapter = a->get();
-  const at::Tensor unmerged = *m->Logits(Tokens(), fo);
-  CHECK((unmerged - *m->Logits(Tokens())).abs().max().item<double>() > 1e-3);
-  REQUIRE((*a)->Merge(m->mutable_weights()).ok());
-  CHECK((*m->Logits(Tokens()) - unmerged).abs().max().item<double>() < 1e-4);
-
+  CheckMergeAndPeft(c, *m, **a, "openai-community/gpt2", {"c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"});
   TempDir dir;
   REQUIRE(SavePeft(**a, dir.path, "openai-community/gpt2").ok());
   auto config = nlohmann::json::parse(*ReadFile(JoinPath(dir.path, "adapter_config.json")));
-  CHECK(config["target_modules"] == nlohmann::json({"c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"}));
   CHECK(config["fan_in_fan_out"] == true);  // as PEFT marks adapters of Conv1D modules
-  auto loaded = LoadPeft(dir.path, c);
-  REQUIRE(loaded.ok());
-  CHECK(at::equal((*loaded)->flat(), (*a)->flat()));
   // PEFT's suffix rule: "c_proj" names both of them.
   const auto both = ParsePeftConfig(
       R"({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "fan_in_fan_out": true, "target_modules": ["c_proj"]})", c);
@@ -273,6 +254,36 @@ TEST_CASE("A GPT-2 adapter names c_attn and both c_proj by their paths, with fan
   CHECK(std::string(llama.status().message()).find("fan_in_fan_out") != std::string::npos);
   CHECK(Names(*ParseTargets("c_attn,mlp.c_proj")) == std::vector<std::string>{"qkv_proj", "down_proj"});
   CHECK_FALSE(ParseTargets("c_proj").ok());  // which one: attn.c_proj or mlp.c_proj
+}
+
+TEST_CASE("A Phi adapter adapts q_proj, k_proj, v_proj, dense, fc1 and fc2 under their own names", "[lora]") {
+  const auto c = SmallConfig("tiny-phi");
+  auto m = SmallModel(c);
+  auto a = LoraAdapter::Create(c, AllTargets(4));  // the plain MLP has no gate
+  REQUIRE(a.ok());
+  CHECK(Names((*a)->config().targets) ==
+        std::vector<std::string>{"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"});
+  const std::vector<LoraView>& views = (*a)->views();
+  REQUIRE(views.size() == 2 * 6 * 2);
+  CHECK(views[0].name == "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight");
+  CHECK(views[6].name == "base_model.model.model.layers.0.self_attn.dense.lora_A.weight");
+  CHECK(views[8].name == "base_model.model.model.layers.0.mlp.fc1.lora_A.weight");
+  CHECK(views[9].rows == c.intermediate_size);
+  CHECK(views[11].name == "base_model.model.model.layers.0.mlp.fc2.lora_B.weight");
+  // Merged = unmerged (the LM head's bias untouched); PEFT round trip with Phi's module names.
+  CheckMergeAndPeft(c, *m, **a, "microsoft/phi-2", {"q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"});
+  // PEFT's default targets for Phi name them too, and the server's default q and v targets exist in this block.
+  const auto peft_default = ParsePeftConfig(
+      R"({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "fc1", "fc2"]})", c);
+  REQUIRE(peft_default.ok());
+  CHECK(Names(peft_default->targets) == std::vector<std::string>{"q_proj", "v_proj", "up_proj", "down_proj"});
+  CHECK(Names(TargetsFor(c, {Projection::kQ, Projection::kV})) == std::vector<std::string>{"q_proj", "v_proj"});
+  const auto refused =
+      ParsePeftConfig(R"({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["gate_proj"]})", c);
+  REQUIRE_FALSE(refused.ok());
+  CHECK(std::string(refused.status().message()).find("gate_proj is not a projection of PhiForCausalLM") !=
+        std::string::npos);
+  CHECK(Names(*ParseTargets("dense,fc1")) == std::vector<std::string>{"o_proj", "up_proj"});
 }
 
 TEST_CASE("Merging into 16-bit stored weights is refused", "[lora]") {
@@ -421,7 +432,7 @@ TEST_CASE("Gradients reach only the flat buffer, and recomputation gives the sam
   // OLMo 2 normalizes the MLP's output, so its recomputation must multiply the down projection again, which
   // the other blocks skip (its values feed only the layer's output).
   const std::string preset = GENERATE(as<std::string>{}, "tiny-qwen2", "tiny-qwen3", "tiny-olmo2", "tiny-gemma3",
-                                      "tiny-gemma2", "tiny-phi3", "tiny-gptneox", "tiny-gpt2", "tiny-opt");
+                                      "tiny-gemma2", "tiny-phi3", "tiny-gptneox", "tiny-gpt2", "tiny-opt", "tiny-phi");
   INFO(preset);
   const auto c = SmallConfig(preset.c_str());
   auto m = SmallModel(c);

@@ -524,6 +524,69 @@ TEST_CASE("OPT-125m's config.json parses to learned positions with two unused ro
   }
 }
 
+// microsoft/phi-2's config.json.
+constexpr const char* kPhi2 = R"({
+  "_name_or_path": "microsoft/phi-2", "architectures": ["PhiForCausalLM"], "attention_dropout": 0.0,
+  "bos_token_id": 50256, "embd_pdrop": 0.0, "eos_token_id": 50256, "hidden_act": "gelu_new", "hidden_size": 2560,
+  "initializer_range": 0.02, "intermediate_size": 10240, "layer_norm_eps": 1e-05, "max_position_embeddings": 2048,
+  "model_type": "phi", "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32,
+  "partial_rotary_factor": 0.4, "qk_layernorm": false, "resid_pdrop": 0.1, "rope_scaling": null,
+  "rope_theta": 10000.0, "tie_word_embeddings": false, "torch_dtype": "float16", "transformers_version": "4.37.0",
+  "use_cache": true, "vocab_size": 51200})";
+
+TEST_CASE("Phi-2's config.json parses to one LayerNorm for a parallel block, partial rotary and an LM head bias",
+          "[model][config]") {
+  auto c = ParseModelConfig(kPhi2);
+  REQUIRE(c.ok());
+  CHECK(c->architecture == "PhiForCausalLM");
+  CHECK(c->norm_kind == NormKind::kLayerNorm);
+  CHECK(c->parallel_residual);
+  CHECK((c->norms.pre_attention && !c->norms.pre_mlp && !c->norms.attention_output && !c->norms.mlp_output));
+  CHECK(c->rotary_dim() == 32);  // 0.4 of head_dim 80
+  CHECK(c->mlp_activation == MlpActivation::kGeluTanh);
+  CHECK(!c->gated_mlp);
+  CHECK((c->qkv_bias && c->o_bias && c->mlp_bias && c->lm_head_bias));
+  CHECK(!c->tie_word_embeddings);
+  CHECK(TargetModuleName(*c, Projection::kO) == "dense");
+  CHECK(TargetModuleName(*c, Projection::kUp) == "fc1");
+  CHECK(TargetModuleName(*c, Projection::kDown) == "fc2");
+  CHECK(LayerPrefix(*c, 3) == "model.layers.3.");
+  CHECK(c->NumParameters() == 2779683840);
+  auto preset = PresetConfig("phi-2");
+  REQUIRE(preset.ok());
+  CHECK(ModelConfigToJson(*preset) == ModelConfigToJson(*c));
+  auto round_trip = ParseModelConfig(ModelConfigToJson(*c));
+  REQUIRE(round_trip.ok());
+  CHECK(ModelConfigToJson(*round_trip) == ModelConfigToJson(*c));
+  // Phi-1.5: null token ids and key/value heads, as its config.json has them; 1,418,270,720 parameters.
+  nlohmann::json phi15 = nlohmann::json::parse(kPhi2);
+  for (const auto& [key, value] : {std::pair<const char*, nlohmann::json>{"hidden_size", 2048},
+                                   std::pair<const char*, nlohmann::json>{"intermediate_size", 8192},
+                                   std::pair<const char*, nlohmann::json>{"num_hidden_layers", 24},
+                                   std::pair<const char*, nlohmann::json>{"partial_rotary_factor", 0.5},
+                                   std::pair<const char*, nlohmann::json>{"num_key_value_heads", nullptr},
+                                   std::pair<const char*, nlohmann::json>{"bos_token_id", nullptr},
+                                   std::pair<const char*, nlohmann::json>{"eos_token_id", nullptr}}) {
+    phi15[key] = value;
+  }
+  auto c15 = ParseModelConfig(phi15.dump());
+  REQUIRE(c15.ok());
+  CHECK(c15->num_key_value_heads == 32);
+  CHECK(!c15->bos_token_id.has_value());
+  CHECK(c15->NumParameters() == 1418270720);
+  CHECK(c15->NumParameters() == PresetConfig("phi-1.5")->NumParameters());
+  // What the block cannot compute is refused by name.
+  for (const auto& [key, value] : {std::pair<const char*, nlohmann::json>{"qk_layernorm", true},
+                                   std::pair<const char*, nlohmann::json>{"partial_rotary_factor", 0.01},
+                                   std::pair<const char*, nlohmann::json>{"hidden_act", "silu"},
+                                   std::pair<const char*, nlohmann::json>{"model_type", "phi-msft"}}) {
+    nlohmann::json j = nlohmann::json::parse(kPhi2);
+    j[key] = value;
+    INFO(key);
+    CHECK(Contains(ParseModelConfig(j.dump()).status(), key));
+  }
+}
+
 TEST_CASE("A config without architectures finds its family by model_type, or names both", "[model][config]") {
   std::string text = kOlmo2;
   text.replace(text.find("\"architectures\": [\"Olmo2ForCausalLM\"], "), 39, "");

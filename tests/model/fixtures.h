@@ -113,6 +113,7 @@ inline ModelConfig TinyGemma3() { return TinyPreset("tiny-gemma3"); }
 inline ModelConfig TinyPhi3() { return TinyPreset("tiny-phi3"); }
 inline ModelConfig TinyGptNeoX() { return TinyPreset("tiny-gptneox"); }
 inline ModelConfig TinyGpt2() { return TinyPreset("tiny-gpt2"); }
+inline ModelConfig TinyPhi() { return TinyPreset("tiny-phi"); }
 
 // A SentencePiece-style tokenizer.json as Hugging Face converts Llama 2 / TinyLlama tokenizers: "▁" (U+2581)
 // is prepended and replaces spaces, byte fallback, <s> added by the post-processor. Ids: <unk> <s> </s> are

@@ -295,6 +295,7 @@ using testing::TinyGemma2;
 using testing::TinyGemma3;
 using testing::TinyLlama;
 using testing::TinyOlmo2;
+using testing::TinyPhi;
 using testing::TinyQwen2;
 using testing::TinyQwen3;
 using testing::TokenizerJson;
@@ -364,6 +365,10 @@ void CheckSameConfig(const ModelConfig& got, const ModelConfig& want) {
   CHECK(got.qkv_bias == want.qkv_bias);
   CHECK(got.o_bias == want.o_bias);
   CHECK(got.mlp_bias == want.mlp_bias);
+  CHECK(got.lm_head_bias == want.lm_head_bias);
+  CHECK(got.norm_kind == want.norm_kind);
+  CHECK(got.parallel_residual == want.parallel_residual);
+  CHECK(got.rotary_dim() == want.rotary_dim());
   CHECK(got.qk_norm == want.qk_norm);
   CHECK(got.norms == want.norms);
   CHECK(got.sliding_window == want.sliding_window);
@@ -374,8 +379,11 @@ void CheckSameConfig(const ModelConfig& got, const ModelConfig& want) {
 
 // The weights under llama.cpp's names, for comparing slot by slot.
 std::vector<std::pair<std::string, at::Tensor>> Slots(const ModelWeights& w) {
-  std::vector<std::pair<std::string, at::Tensor>> out = {
-      {"token_embd", w.embed}, {"output_norm", w.final_norm}, {"output", w.lm_head}};
+  std::vector<std::pair<std::string, at::Tensor>> out = {{"token_embd", w.embed},
+                                                         {"output_norm", w.final_norm},
+                                                         {"output_norm.bias", w.final_norm_bias},
+                                                         {"output", w.lm_head},
+                                                         {"output.bias", w.lm_head_bias}};
   for (size_t i = 0; i < w.layers.size(); ++i) {
     const LayerWeights& l = w.layers[i];
     const std::string b = "blk." + std::to_string(i) + ".";
@@ -399,7 +407,9 @@ std::vector<std::pair<std::string, at::Tensor>> Slots(const ModelWeights& w) {
                                                          {"attn_output.bias", l.o_bias},
                                                          {"ffn_gate.bias", l.gate_bias},
                                                          {"ffn_up.bias", l.up_bias},
-                                                         {"ffn_down.bias", l.down_bias}}) {
+                                                         {"ffn_down.bias", l.down_bias},
+                                                         {"attn_norm.bias", l.input_norm_bias},
+                                                         {"ffn_norm.bias", l.pre_mlp_norm_bias}}) {
       out.emplace_back(b + name, t);
     }
   }
@@ -842,10 +852,12 @@ TEST_CASE("Norms stored as f16 become fp32, a quantized norm is refused", "[mode
 TEST_CASE("Other architectures and missing required keys are refused naming them", "[model][gguf]") {
   TempDir dir;
   GgufBuilder other;
-  other.Str("general.architecture", "phi2");
+  other.Str("general.architecture", "falcon");
   auto f = OpenBytes(dir, other.Build());
   REQUIRE(f.ok());
-  CheckError(ConfigFromGguf(**f), absl::StatusCode::kInvalidArgument, "general.architecture 'phi2' is not supported");
+  CheckError(ConfigFromGguf(**f), absl::StatusCode::kInvalidArgument,
+             "general.architecture 'falcon' is not supported (supported: llama, qwen2, qwen3, olmo2, gemma2, gemma3, "
+             "phi3, gptneox, gpt2, phi2)");
   // A required key missing: NotFound naming it.
   GgufBuilder partial;
   partial.Str("general.architecture", "llama").U32("llama.context_length", 8);
@@ -982,6 +994,44 @@ TEST_CASE("A Qwen2 export reads back: untied head, q/k/v biases, rows not interl
   const ModelWeights got = MustWeights(*f, c, WeightPrecision::kStored);
   CheckWeights(got, w, [](const at::Tensor& t) { return t; });
   CHECK(InsideFile(got.layers[0].q, *f));  // no permutation, so no copy
+}
+
+TEST_CASE("A Phi export reads back: LayerNorm and LM head biases, the rotary share, one norm per block",
+          "[model][gguf]") {
+  TempDir dir;
+  const ModelConfig c = TinyPhi();
+  ModelWeights w = RandomWeights(c, 37);
+  w.lm_head_bias.uniform_(-1, 1);
+  auto tok = ParseTokenizer(TokenizerJson());
+  const std::unique_ptr<GgufFile> f = MustOpen(Export(dir, c, w, *tok));
+  const ModelConfig got_config = MustConfig(*f);
+  CheckSameConfig(got_config, c);
+  CHECK(got_config.rotary_dim() == 16);
+  const ModelWeights got = MustWeights(*f, c, WeightPrecision::kStored);
+  CheckWeights(got, w, [](const at::Tensor& t) { return t; });
+  REQUIRE(got.lm_head_bias.defined());
+  CHECK(at::equal(got.lm_head_bias, w.lm_head_bias));
+}
+
+TEST_CASE("A phi2 file with q, k and v fused (the remote-code conversion) is refused naming the tensor",
+          "[model][gguf]") {
+  TempDir dir;
+  GgufBuilder b;
+  b.Str("general.architecture", "phi2")
+      .U32("phi2.vocab_size", 64)
+      .U32("phi2.context_length", 128)
+      .U32("phi2.embedding_length", 32)
+      .U32("phi2.block_count", 1)
+      .U32("phi2.feed_forward_length", 128)
+      .U32("phi2.attention.head_count", 4)
+      .U32("phi2.attention.head_count_kv", 4)
+      .F32("phi2.attention.layer_norm_epsilon", 1e-5f)
+      .U32("phi2.rope.dimension_count", 4);
+  b.Add("blk.0.attn_qkv.weight", {96, 32}, kTypeF32, TensorBytes(at::zeros({96, 32})));
+  auto f = OpenBytes(dir, b.Build());
+  REQUIRE(f.ok());
+  CheckError(ConfigFromGguf(**f), absl::StatusCode::kInvalidArgument,
+             "tensor 'blk.0.attn_qkv.weight': a phi2 file with q, k and v fused");
 }
 
 TEST_CASE("A Qwen3 export reads back: q/k norms, head size apart from hidden / heads, rows not interleaved",

@@ -358,6 +358,7 @@ using testing::TinyGpt2;
 using testing::TinyGptNeoX;
 using testing::TinyLlama;
 using testing::TinyOlmo2;
+using testing::TinyPhi;
 using testing::TinyPhi3;
 using testing::TinyQwen2;
 using testing::TinyQwen3;
@@ -396,7 +397,8 @@ std::map<std::string, at::Tensor> ByGgufName(const ModelWeights& w) {
                                          {"output_norm.weight", w.final_norm},
                                          {"output_norm.bias", w.final_norm_bias},
                                          {"position_embd.weight", w.positions},
-                                         {"output.weight", w.lm_head}};
+                                         {"output.weight", w.lm_head},
+                                         {"output.bias", w.lm_head_bias}};
   for (size_t i = 0; i < w.layers.size(); ++i) {
     const LayerWeights& l = w.layers[i];
     const std::string b = "blk." + std::to_string(i) + ".";
@@ -1341,6 +1343,62 @@ TEST_CASE("A GPT-2 model's GGUF is architecture gpt2 with an F32 position_embd a
   ModelConfig unbiased = TinyGpt2();
   unbiased.mlp_bias = false;
   CheckRefused(WriteGguf(dir + "/model.gguf", unbiased, RandomWeights(unbiased, 1), *tok, {}), dir, "biases");
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("A Phi model's GGUF is architecture phi2 with q, k, v apart, LayerNorm biases and output.bias",
+          "[model][gguf]") {
+  const std::string dir = TempDir("phi2");
+  const ModelConfig c = TinyPhi();
+  ModelWeights w = RandomWeights(c, 23);
+  w.lm_head_bias.uniform_(-1, 1);
+  auto tok = ParseTokenizer(TokenizerJson());
+  for (const GgufOptions& options : {F32(), GgufOptions{}}) {  // f32, then the default q8_0
+    INFO("format " << WeightFormatName(options.format));
+    const GgufFile f = Export(dir + "/model.gguf", c, w, *tok, options);
+    CHECK(f.Get("general.architecture").s == "phi2");
+    CHECK(f.Get("phi2.rope.dimension_count").u == 16);  // half of head_dim 32
+    CHECK(f.Get("phi2.attention.layer_norm_epsilon").f == Approx(1e-5));
+    CHECK_FALSE(f.kv.contains("phi2.attention.layer_norm_rms_epsilon"));
+    for (const char* present :
+         {"blk.0.attn_norm.bias", "blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias",
+          "blk.0.attn_output.bias", "blk.1.ffn_up.bias", "blk.1.ffn_down.bias", "output_norm.bias", "output.weight"}) {
+      CHECK(f.HasTensor(present));
+    }
+    // llama.cpp's phi2 graph: one norm per block, q, k and v apart, the LM head's bias in F32.
+    for (const char* absent : {"blk.0.ffn_norm.weight", "blk.0.attn_qkv.weight", "blk.0.ffn_gate.weight"}) {
+      CHECK_FALSE(f.HasTensor(absent));
+    }
+    CHECK(f.Tensor("output.bias").ne == std::vector<uint64_t>{static_cast<uint64_t>(c.vocab_size)});
+    CHECK(f.Tensor("output.bias").type == kGgmlF32);
+    // Every weight as Hugging Face holds it: phi2 rotates NeoX-style, so nothing is permuted.
+    CheckTensorData(f, c, w, /*permuted=*/false, options.format);
+    auto read = LoadModelConfig(dir + "/model.gguf");
+    REQUIRE(read.ok());
+    CHECK(ModelId(*read) == ModelId(c));
+  }
+  Export(dir + "/model.gguf", c, w, *tok, F32());
+  auto original = LlamaModel::Create(c, w);
+  auto loaded = LlamaModel::Load(dir + "/model.gguf");
+  REQUIRE(original.ok());
+  REQUIRE(loaded.ok());
+  const at::Tensor tokens = at::tensor({5, 17, 3, 250, 9, 1}, at::kLong).view({1, 6});
+  CHECK((*(*loaded)->Logits(tokens) - *(*original)->Logits(tokens)).abs().max().item<double>() < 1e-5);
+  std::filesystem::remove(dir + "/model.gguf");
+  // What llama.cpp's phi2 graph cannot run is refused with the reason.
+  ModelConfig no_head_bias = TinyPhi();
+  no_head_bias.lm_head_bias = false;
+  ModelConfig sequential = TinyPhi();
+  sequential.parallel_residual = false;
+  ModelConfig tied = TinyPhi();
+  tied.tie_word_embeddings = true;
+  ModelConfig head_bias_llama = TinyLlama();
+  head_bias_llama.lm_head_bias = true;
+  for (const auto& [refused, reason] :
+       {std::pair{no_head_bias, "requires output.bias"}, std::pair{sequential, "residual layout"},
+        std::pair{tied, "requires output.weight"}, std::pair{head_bias_llama, "has no output.bias"}}) {
+    CheckRefused(WriteGguf(dir + "/model.gguf", refused, RandomWeights(refused, 1), *tok, {}), dir, reason);
+  }
   std::filesystem::remove_all(dir);
 }
 

@@ -19,14 +19,21 @@ namespace {
 // cap · tanh(z / cap), Gemma 2's soft-capping, as its modeling code writes it; z itself without a cap.
 at::Tensor SoftCapRef(const at::Tensor& z, double cap) { return cap > 0 ? at::tanh(z / cap) * cap : z; }
 
-// Naive cross-entropy over full (soft-capped) logits, summed over non-ignored rows.
-at::Tensor FullCrossEntropySum(const at::Tensor& h, const at::Tensor& w, const at::Tensor& targets,
-                               double softcap = 0.0) {
-  const at::Tensor logits = SoftCapRef(at::matmul(h, w.t()), softcap);
+// Naive cross-entropy of each row over full logits (with a bias, soft-capped), 0 on ignored rows.
+at::Tensor FullCrossEntropyRows(const at::Tensor& h, const at::Tensor& w, const at::Tensor& targets,
+                                double softcap = 0.0, const at::Tensor& bias = {}) {
+  const at::Tensor z = at::matmul(h, w.t());
+  const at::Tensor logits = SoftCapRef(bias.defined() ? z + bias : z, softcap);
   const at::Tensor logp = at::log_softmax(logits, 1);
   const at::Tensor valid = targets.ne(kIgnoreIndex);
   const at::Tensor picked = logp.gather(1, targets.masked_fill(~valid, 0).unsqueeze(1)).squeeze(1);
-  return -(picked * valid.to(h.scalar_type())).sum();
+  return -(picked * valid.to(h.scalar_type()));
+}
+
+// Their sum over the non-ignored rows.
+at::Tensor FullCrossEntropySum(const at::Tensor& h, const at::Tensor& w, const at::Tensor& targets,
+                               double softcap = 0.0, const at::Tensor& bias = {}) {
+  return FullCrossEntropyRows(h, w, targets, softcap, bias).sum();
 }
 
 double MaxAbsDiff(const at::Tensor& a, const at::Tensor& b) { return (a - b).abs().max().item<double>(); }
@@ -48,7 +55,7 @@ TEST_CASE("Chunked cross-entropy equals full cross-entropy in loss and gradients
     INFO("chunk " << chunk);
     at::Tensor hc = hidden0.clone().requires_grad_(true);
     at::Tensor wc = weight0.clone().requires_grad_(true);
-    const at::Tensor loss = ChunkedCrossEntropy(hc, wc, targets, chunk);
+    const at::Tensor loss = ChunkedCrossEntropy(hc, {wc}, targets, chunk);
     CHECK(std::abs(loss.item<double>() - loss_ref.item<double>()) < 1e-4 * std::abs(loss_ref.item<double>()));
     (loss * 3.0).backward();  // upstream gradient other than 1 must scale both gradients
     CHECK(MaxAbsDiff(hc.grad(), 3.0 * h_ref.grad()) < 1e-4);
@@ -66,7 +73,7 @@ TEST_CASE("Chunked cross-entropy never allocates the whole (tokens x vocab) logi
   int64_t chunked_peak = 0, full_peak = 0;
   {
     TensorMemoryTracker tracker;
-    ChunkedCrossEntropy(hidden, weight, targets, chunk).backward();
+    ChunkedCrossEntropy(hidden, {weight}, targets, chunk).backward();
     chunked_peak = tracker.peak_bytes();
   }
   {
@@ -87,7 +94,7 @@ TEST_CASE("The hand-written cross-entropy JVP equals a float64 finite difference
   const at::Tensor w = at::randn({21, 8}, at::kDouble);
   at::Tensor targets = at::randint(0, 21, {13}, at::kLong);
   targets[4] = kIgnoreIndex;
-  auto [loss, jvp] = ChunkedCrossEntropyJvp(h, dh, w, targets, 5);
+  auto [loss, jvp] = ChunkedCrossEntropyJvp(h, dh, {w}, targets, 5);
   CHECK(std::abs(loss.item<double>() - FullCrossEntropySum(h, w, targets).item<double>()) < 1e-10);
   const double eps = 1e-6;
   const double fd = (FullCrossEntropySum(h + eps * dh, w, targets).item<double>() -
@@ -101,11 +108,11 @@ TEST_CASE("Chunked cross-entropy without autograd equals the autograd path", "[m
   const at::Tensor hidden = at::randn({20, 8});
   const at::Tensor weight = at::randn({30, 8});
   const at::Tensor targets = at::randint(0, 30, {20}, at::kLong);
-  at::Tensor with_grad = ChunkedCrossEntropy(hidden.clone().requires_grad_(true), weight, targets, 7);
+  at::Tensor with_grad = ChunkedCrossEntropy(hidden.clone().requires_grad_(true), {weight}, targets, 7);
   at::Tensor plain;
   {
     at::NoGradGuard no_grad;
-    plain = ChunkedCrossEntropy(hidden, weight, targets, 7);
+    plain = ChunkedCrossEntropy(hidden, {weight}, targets, 7);
   }
   CHECK(std::abs(with_grad.item<double>() - plain.item<double>()) < 1e-5);
   CHECK(std::abs(plain.item<double>() - FullCrossEntropySum(hidden, weight, targets).item<double>()) < 1e-3);
@@ -117,7 +124,7 @@ TEST_CASE("Chunked cross-entropy accepts a bf16 weight and upcasts it", "[model]
   const at::Tensor weight = at::randn({12, 8}).to(at::kBFloat16);
   const at::Tensor targets = at::randint(0, 12, {9}, at::kLong);
   at::Tensor h = hidden.clone().requires_grad_(true);
-  const at::Tensor loss = ChunkedCrossEntropy(h, weight, targets, 4);
+  const at::Tensor loss = ChunkedCrossEntropy(h, {weight}, targets, 4);
   const at::Tensor ref = FullCrossEntropySum(hidden, weight.to(at::kFloat), targets);
   CHECK(std::abs(loss.item<double>() - ref.item<double>()) < 1e-4);
   loss.backward();
@@ -458,7 +465,7 @@ TEST_CASE("Cross-entropy with its hidden-state gradient equals autograd's", "[mo
   const at::Tensor ref = FullCrossEntropySum(h, weight, targets);
   ref.backward();
   for (int64_t chunk : {0, 4}) {
-    auto [loss, grad] = ChunkedCrossEntropyWithGrad(hidden, weight, targets, chunk);
+    auto [loss, grad] = ChunkedCrossEntropyWithGrad(hidden, {weight}, targets, chunk);
     CHECK(std::abs(loss.item<double>() - ref.item<double>()) < 1e-10 * std::abs(ref.item<double>()));
     CHECK(MaxAbsDiff(grad, h.grad()) < 1e-12);
     CHECK(grad.index({at::arange(0, 21, 5)}).abs().max().item<double>() == 0.0);  // ignored rows
@@ -506,42 +513,55 @@ TEST_CASE("Soft-capped attention equals the capped reference in values, gradient
                {q, k, v}));
 }
 
-TEST_CASE("Soft-capped cross-entropy equals the capped reference in loss, gradients and derivatives",
+TEST_CASE("A soft-capped or biased LM head's cross-entropy equals the reference in loss, gradients and derivatives",
           "[model][kernels][softcap]") {
   at::manual_seed(12);
-  const double cap = 2.0;  // logits of N(0, 4) reach past it
   const at::Tensor hidden = at::randn({19, 8}, at::kDouble);
   const at::Tensor weight = at::randn({33, 8}, at::kDouble) * 0.7;
+  const at::Tensor logit_bias = at::randn({33}, at::kDouble) * 3.0;
   at::Tensor targets = at::randint(0, 33, {19}, at::kLong);
   targets.index_put_({at::arange(0, 19, 6)}, kIgnoreIndex);
-  at::Tensor h_ref = hidden.clone().requires_grad_(true), w_ref = weight.clone().requires_grad_(true);
-  const at::Tensor ref = FullCrossEntropySum(h_ref, w_ref, targets, cap);
-  ref.backward();
-  CHECK(std::abs(ref.item<double>() - FullCrossEntropySum(hidden, weight, targets).item<double>()) > 1.0);
-  for (int64_t chunk : {0, 5}) {
-    INFO("chunk " << chunk);
-    // A trained head (logits recomputed in backward) and a frozen one (the gradient from the forward pass).
-    at::Tensor h = hidden.clone().requires_grad_(true), w = weight.clone().requires_grad_(true);
-    const at::Tensor loss = ChunkedCrossEntropy(h, w, targets, chunk, nullptr, cap);
-    CHECK(std::abs(loss.item<double>() - ref.item<double>()) < 1e-10 * std::abs(ref.item<double>()));
-    (loss * 2.0).backward();
-    CHECK(MaxAbsDiff(h.grad(), 2.0 * h_ref.grad()) < 1e-10);
-    CHECK(MaxAbsDiff(w.grad(), 2.0 * w_ref.grad()) < 1e-10);
-    at::Tensor h_frozen = hidden.clone().requires_grad_(true);
-    ChunkedCrossEntropy(h_frozen, weight, targets, chunk, nullptr, cap).backward();
-    CHECK(MaxAbsDiff(h_frozen.grad(), h_ref.grad()) < 1e-10);
-    auto [with_grad_loss, grad] = ChunkedCrossEntropyWithGrad(hidden, weight, targets, chunk, nullptr, cap);
-    CHECK(std::abs(with_grad_loss.item<double>() - ref.item<double>()) < 1e-10 * std::abs(ref.item<double>()));
-    CHECK(MaxAbsDiff(grad, h_ref.grad()) < 1e-10);
-    // The directional derivative against a central finite difference of the capped reference.
-    const at::Tensor dh = at::randn({19, 8}, at::kDouble);
-    auto [jvp_loss, jvp] = ChunkedCrossEntropyJvp(hidden, dh, weight, targets, chunk, nullptr, cap);
-    const double eps = 1e-6;
-    const double fd = (FullCrossEntropySum(hidden + eps * dh, weight, targets, cap).item<double>() -
-                       FullCrossEntropySum(hidden - eps * dh, weight, targets, cap).item<double>()) /
-                      (2 * eps);
-    CHECK(std::abs(jvp_loss.item<double>() - ref.item<double>()) < 1e-10 * std::abs(ref.item<double>()));
-    CHECK(std::abs(jvp.item<double>() - fd) < 1e-6 * std::max(1.0, std::abs(fd)));
+  struct Case {
+    double cap;  // logits of N(0, 4) reach past a cap of 2
+    bool bias;   // Phi's lm_head.bias
+  };
+  for (const Case& head : {Case{2.0, false}, Case{0.0, true}, Case{2.0, true}}) {
+    const at::Tensor b = head.bias ? logit_bias : at::Tensor();
+    at::Tensor h_ref = hidden.clone().requires_grad_(true), w_ref = weight.clone().requires_grad_(true);
+    const at::Tensor ref = FullCrossEntropySum(h_ref, w_ref, targets, head.cap, b);
+    ref.backward();
+    // The cap and the bias each change the rows' losses: a kernel that ignored either would fail below.
+    const at::Tensor rows = FullCrossEntropyRows(hidden, weight, targets, head.cap, b);
+    if (head.cap > 0)
+      CHECK((rows - FullCrossEntropyRows(hidden, weight, targets, 0.0, b)).abs().max().item<double>() > 0.5);
+    if (head.bias)
+      CHECK((rows - FullCrossEntropyRows(hidden, weight, targets, head.cap)).abs().max().item<double>() > 0.5);
+    for (int64_t chunk : {0, 5}) {
+      INFO("cap " << head.cap << ", bias " << head.bias << ", chunk " << chunk);
+      // A trained head (logits recomputed in backward) and a frozen one (the gradient from the forward pass).
+      at::Tensor h = hidden.clone().requires_grad_(true), w = weight.clone().requires_grad_(true);
+      const at::Tensor loss = ChunkedCrossEntropy(h, {w, b, head.cap}, targets, chunk);
+      CHECK(std::abs(loss.item<double>() - ref.item<double>()) < 1e-10 * std::abs(ref.item<double>()));
+      (loss * 2.0).backward();
+      CHECK(MaxAbsDiff(h.grad(), 2.0 * h_ref.grad()) < 1e-10);
+      CHECK(MaxAbsDiff(w.grad(), 2.0 * w_ref.grad()) < 1e-10);
+      const LogitHead frozen{weight, b, head.cap};
+      at::Tensor h_frozen = hidden.clone().requires_grad_(true);
+      ChunkedCrossEntropy(h_frozen, frozen, targets, chunk).backward();
+      CHECK(MaxAbsDiff(h_frozen.grad(), h_ref.grad()) < 1e-10);
+      auto [with_grad_loss, grad] = ChunkedCrossEntropyWithGrad(hidden, frozen, targets, chunk);
+      CHECK(std::abs(with_grad_loss.item<double>() - ref.item<double>()) < 1e-10 * std::abs(ref.item<double>()));
+      CHECK(MaxAbsDiff(grad, h_ref.grad()) < 1e-10);
+      // The directional derivative against a central finite difference of the reference.
+      const at::Tensor dh = at::randn({19, 8}, at::kDouble);
+      auto [jvp_loss, jvp] = ChunkedCrossEntropyJvp(hidden, dh, frozen, targets, chunk);
+      const double eps = 1e-6;
+      const double fd = (FullCrossEntropySum(hidden + eps * dh, weight, targets, head.cap, b).item<double>() -
+                         FullCrossEntropySum(hidden - eps * dh, weight, targets, head.cap, b).item<double>()) /
+                        (2 * eps);
+      CHECK(std::abs(jvp_loss.item<double>() - ref.item<double>()) < 1e-10 * std::abs(ref.item<double>()));
+      CHECK(std::abs(jvp.item<double>() - fd) < 1e-6 * std::max(1.0, std::abs(fd)));
+    }
   }
 }
 

@@ -20,12 +20,13 @@ namespace {
 // global ones), Gemma 2's block (no q/k norms, one RoPE base, attention scores and logits soft-capped), and
 // Phi-3's (q, k, v and gate, up each one fused matrix, LongRoPE, every layer windowed), and GPT-NeoX's
 // (LayerNorms with biases, attention and MLP in parallel, half of each head rotated, query_key_value fused per
-// head, a plain exact-GELU MLP, biases everywhere), and GPT-2's (learned positions added to the embeddings, no
-// RoPE, c_attn fused as q | k | v, tanh-GELU MLP, LayerNorms).
-enum class Family { kLlama, kQwen2, kQwen3, kOlmo2, kGemmaBlock, kGemma2Block, kPhi3, kGptNeoX, kGpt2 };
-constexpr Family kFamilies[] = {Family::kLlama, Family::kQwen2,      Family::kQwen3,
-                                Family::kOlmo2, Family::kGemmaBlock, Family::kGemma2Block,
-                                Family::kPhi3,  Family::kGptNeoX,    Family::kGpt2};
+// head, a plain exact-GELU MLP, biases everywhere), GPT-2's (learned positions added to the embeddings, no
+// RoPE, c_attn fused as q | k | v, tanh-GELU MLP, LayerNorms), and Phi's (one LayerNorm whose output both
+// attention and the MLP read, in parallel, half of each head rotated, biases everywhere, the LM head's too).
+enum class Family { kLlama, kQwen2, kQwen3, kOlmo2, kGemmaBlock, kGemma2Block, kPhi3, kGptNeoX, kGpt2, kPhi };
+constexpr Family kFamilies[] = {Family::kLlama,      Family::kQwen2,       Family::kQwen3, Family::kOlmo2,
+                                Family::kGemmaBlock, Family::kGemma2Block, Family::kPhi3,  Family::kGptNeoX,
+                                Family::kGpt2,       Family::kPhi};
 
 const char* FamilyName(Family f) {
   switch (f) {
@@ -47,6 +48,8 @@ const char* FamilyName(Family f) {
       return "gpt_neox (LayerNorm, parallel residual, partial rotary, per-head query_key_value, GELU MLP)";
     case Family::kGpt2:
       return "gpt2 (learned positions, LayerNorm, fused c_attn, tanh-GELU MLP)";
+    case Family::kPhi:
+      return "phi (one LayerNorm for parallel attention and MLP, partial rotary, LM head bias)";
   }
   return "?";
 }
@@ -54,11 +57,11 @@ const char* FamilyName(Family f) {
 ModelConfig TwoLayerConfig(Family f) {
   const bool llama = f == Family::kLlama;
   ModelConfig c;
-  const char* const architectures[] = {"LlamaForCausalLM", "Qwen2ForCausalLM",   "Qwen3ForCausalLM",
-                                       "Olmo2ForCausalLM", "Gemma3ForCausalLM",  "Gemma2ForCausalLM",
-                                       "Phi3ForCausalLM",  "GPTNeoXForCausalLM", "GPT2LMHeadModel"};
+  const char* const architectures[] = {
+      "LlamaForCausalLM",  "Qwen2ForCausalLM", "Qwen3ForCausalLM",   "Olmo2ForCausalLM", "Gemma3ForCausalLM",
+      "Gemma2ForCausalLM", "Phi3ForCausalLM",  "GPTNeoXForCausalLM", "GPT2LMHeadModel",  "PhiForCausalLM"};
   const char* const model_types[] = {"llama",  "qwen2", "qwen3",    "olmo2", "gemma3_text",
-                                     "gemma2", "phi3",  "gpt_neox", "gpt2"};
+                                     "gemma2", "phi3",  "gpt_neox", "gpt2",  "phi"};
   c.architecture = architectures[static_cast<int>(f)];
   c.model_type = model_types[static_cast<int>(f)];
   c.vocab_size = 13;
@@ -123,6 +126,16 @@ ModelConfig TwoLayerConfig(Family f) {
     c.fused = {.qkv = true};
     c.qkv_bias = c.o_bias = c.mlp_bias = true;
     c.tie_word_embeddings = true;
+  }
+  if (f == Family::kPhi) {
+    c.num_key_value_heads = 3;  // GQA: q_dim 24 != hidden 12, k and v 12 each
+    c.norm_kind = NormKind::kLayerNorm;
+    c.norms = {.pre_attention = true, .attention_output = false, .pre_mlp = false, .mlp_output = false};
+    c.parallel_residual = true;
+    c.gated_mlp = false;
+    c.mlp_activation = MlpActivation::kGeluTanh;
+    c.partial_rotary_factor = 0.5;
+    c.qkv_bias = c.o_bias = c.mlp_bias = c.lm_head_bias = true;
   }
   return c;
 }
@@ -359,8 +372,11 @@ Mat NaiveLogits(const ModelConfig& c, const ModelWeights& w, const std::vector<i
         for (int64_t i = 0; i < H; ++i) x[t][static_cast<size_t>(i)] += o[t][static_cast<size_t>(i)];
       }
     }
+    // Without a norm of its own, a parallel MLP reads attention's normed input (Phi), a sequential one x.
     const Mat& mlp_input = c.parallel_residual ? block_input : x;
-    const Mat h2 = c.norms.pre_mlp ? NormRef(c, mlp_input, lw.pre_mlp_norm, lw.pre_mlp_norm_bias) : mlp_input;
+    const Mat h2 = c.norms.pre_mlp       ? NormRef(c, mlp_input, lw.pre_mlp_norm, lw.pre_mlp_norm_bias)
+                   : c.parallel_residual ? h
+                                         : mlp_input;
     const int64_t I = c.intermediate_size;
     Mat act;
     if (c.gated_mlp) {
@@ -386,7 +402,7 @@ Mat NaiveLogits(const ModelConfig& c, const ModelWeights& w, const std::vector<i
       }
     }
   }
-  Mat logits = Linear(NormRef(c, x, w.final_norm, w.final_norm_bias), w.lm_head, at::Tensor());
+  Mat logits = Linear(NormRef(c, x, w.final_norm, w.final_norm_bias), w.lm_head, w.lm_head_bias);
   if (c.final_logit_softcap > 0) {
     for (auto& row : logits) {
       for (double& z : row) z = c.final_logit_softcap * std::tanh(z / c.final_logit_softcap);
@@ -428,6 +444,7 @@ TEST_CASE("The model's forward equals a naive loop-based reference on a 2-layer 
       if (f == Family::kQwen2) {
         for (LayerWeights& lw : model->mutable_weights().layers) lw.q_bias.add_(0.5);  // biases must matter
       }
+      if (c.lm_head_bias) model->mutable_weights().lm_head_bias.add_(at::linspace(-2.0, 2.0, c.vocab_size));
       const std::vector<int64_t> ids = {1, 5, 12, 0, 7, 7, 3};
       auto logits = model->Logits(Tokens(ids));
       REQUIRE(logits.ok());
@@ -576,11 +593,13 @@ TEST_CASE("Recomputation lowers the peak tensor memory of a training step, partl
 }
 
 TEST_CASE("Loss equals cross-entropy computed from the full logits", "[model][llama]") {
-  // Gemma 2's block: the loss's chunked kernel and the logits both soft-cap, alike.
-  for (Family f : {Family::kLlama, Family::kGemma2Block}) {
+  // Gemma 2's block: the loss's chunked kernel and the logits both soft-cap, alike; Phi's: both add the LM
+  // head's bias.
+  for (Family f : {Family::kLlama, Family::kGemma2Block, Family::kPhi}) {
     INFO(FamilyName(f));
     const ModelConfig c = TwoLayerConfig(f);
     auto model = MakeModel(c, 15);
+    if (c.lm_head_bias) model->mutable_weights().lm_head_bias.add_(at::linspace(-2.0, 2.0, c.vocab_size));
     const at::Tensor tokens = Tokens({4, 8, 11, 1, 6, 2});
     auto loss = model->Loss(tokens, tokens);
     auto logits = model->Logits(tokens);

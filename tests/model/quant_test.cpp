@@ -291,7 +291,7 @@ TEST_CASE("The cross-entropy over a quantized LM head equals the loss over its d
     INFO(WeightFormatName(FormatOf(wf)));
     const at::Tensor dense = DequantizeMatrix(wf);
     at::Tensor h = hidden0.clone().requires_grad_(true);
-    const at::Tensor loss = ChunkedCrossEntropy(h, wf, targets, 8);
+    const at::Tensor loss = ChunkedCrossEntropy(h, {wf}, targets, 8);
     loss.backward();
     at::Tensor h_ref = hidden0.clone().requires_grad_(true);
     const at::Tensor logits = at::matmul(h_ref, dense.t());

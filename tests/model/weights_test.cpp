@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <filesystem>
 #include <nlohmann/json.hpp>
@@ -45,7 +46,7 @@ TEST_CASE("init-model trains the family's tokenizer style, with the special ids 
        {Case{"tiny", "ByteLevel", 0, 0, false, false}, Case{"tiny-gemma2", "", 2, 1, true, false},
         Case{"tiny-gemma3", "", 2, 1, true, false}, Case{"tiny-phi3", "", 1, 3, true, true},
         Case{"tiny-opt", "ByteLevel", 0, 0, false, false}, Case{"tiny-gptneox", "ByteLevel", 0, 0, false, false},
-        Case{"tiny-gpt2", "ByteLevel", 0, 0, false, false}}) {
+        Case{"tiny-gpt2", "ByteLevel", 0, 0, false, false}, Case{"tiny-phi", "ByteLevel", 0, 0, false, false}}) {
     INFO(c.preset);
     TempDir dir;
     InitModelOptions options;
@@ -265,6 +266,51 @@ TEST_CASE("A GPT-2 checkpoint's Conv1D matrices load transposed, with or without
   auto reloaded = LlamaModel::Load(saved.path);
   REQUIRE(reloaded.ok());
   CHECK(at::equal(*(*reloaded)->Logits(SomeTokens()), want));
+}
+
+TEST_CASE("A Phi checkpoint loads under its own names with the LM head's bias, which it requires", "[model][weights]") {
+  TempDir dir;
+  auto c = PresetConfig("tiny-phi");
+  REQUIRE(c.ok());
+  ModelWeights w = RandomWeights(*c, 8);
+  w.lm_head_bias.uniform_(-1, 1);
+  const std::vector<NamedWeight> named = NamedWeights(w, *c);
+  CHECK(named[named.size() - 1].name == "lm_head.bias");
+  CHECK(named[named.size() - 2].name == "lm_head.weight");
+  CHECK(named[named.size() - 3].name == "model.final_layernorm.bias");
+  std::vector<std::string> names;
+  for (const NamedWeight& nw : named) names.push_back(nw.name);
+  for (const char* name : {"model.layers.0.input_layernorm.bias", "model.layers.0.self_attn.dense.bias",
+                           "model.layers.1.mlp.fc1.weight", "model.layers.1.mlp.fc2.bias"}) {
+    CHECK(std::find(names.begin(), names.end(), name) != names.end());
+  }
+  // One norm per block: no post_attention_layernorm.
+  CHECK(std::none_of(names.begin(), names.end(), [](const std::string& n) { return n.find("post_") != n.npos; }));
+  REQUIRE(WriteFileAtomic(JoinPath(dir.path, "config.json"), ModelConfigToJson(*c)).ok());
+  REQUIRE(SaveWeights(JoinPath(dir.path, "model.safetensors"), w, *c, DType::kF32).ok());
+  auto m = LlamaModel::Load(dir.path);
+  REQUIRE(m.ok());
+  CHECK(at::equal((*m)->weights().lm_head_bias, w.lm_head_bias));
+  auto direct = LlamaModel::Create(*c, w);
+  REQUIRE(direct.ok());
+  CHECK(at::equal(*(*m)->Logits(SomeTokens()), *(*direct)->Logits(SomeTokens())));
+  // Without lm_head.bias the checkpoint is not a Phi model.
+  std::vector<at::Tensor> keep;
+  std::vector<TensorToWrite> tensors;
+  for (const NamedWeight& nw : named) {
+    if (nw.name == "lm_head.bias") continue;
+    keep.push_back(nw.tensor.contiguous());
+    tensors.push_back(
+        {nw.name,
+         DType::kF32,
+         nw.tensor.sizes().vec(),
+         {static_cast<const uint8_t*>(keep.back().data_ptr()), static_cast<size_t>(keep.back().nbytes())}});
+  }
+  REQUIRE(WriteSafetensors(JoinPath(dir.path, "model.safetensors"), tensors).ok());
+  auto missing = LlamaModel::Load(dir.path);
+  REQUIRE_FALSE(missing.ok());
+  CHECK(missing.status().code() == absl::StatusCode::kNotFound);
+  CHECK(std::string(missing.status().message()).find("'lm_head.bias'") != std::string::npos);
 }
 
 TEST_CASE("RandomWeights is deterministic per seed", "[model][weights]") {

@@ -126,6 +126,20 @@ inline model::ModelConfig Gpt2StyleMicroConfig() {
   return c;
 }
 
+// MicroConfig with Phi's block: one LayerNorm whose output attention and the MLP both read, in parallel, half
+// of each head rotated, a plain tanh-GELU MLP, biases everywhere, the LM head's too.
+inline model::ModelConfig PhiStyleMicroConfig() {
+  model::ModelConfig c = MicroConfig();
+  c.norm_kind = model::NormKind::kLayerNorm;
+  c.norms = {.pre_attention = true, .attention_output = false, .pre_mlp = false, .mlp_output = false};
+  c.parallel_residual = true;
+  c.gated_mlp = false;
+  c.mlp_activation = model::MlpActivation::kGeluTanh;
+  c.partial_rotary_factor = 0.5;
+  c.qkv_bias = c.o_bias = c.mlp_bias = c.lm_head_bias = true;
+  return c;
+}
+
 inline std::vector<model::Projection> EveryProjection() {
   return {model::Projection::kQ,    model::Projection::kK,  model::Projection::kV,   model::Projection::kO,
           model::Projection::kGate, model::Projection::kUp, model::Projection::kDown};

@@ -137,9 +137,10 @@ TEST_CASE("A federation of phones of each newer family lowers the held-out loss"
   // (soft-capped attention scores and logits, alternating local and global layers), Phi-3 (fused qkv_proj and
   // gate_up_proj, which the server's default q_proj, v_proj targets map to, LongRoPE), GPT-NeoX (LayerNorms,
   // parallel residual, partial rotary, query_key_value fused per head, a plain GELU MLP), GPT-2 (learned
-  // positions, Conv1D-stored projections, c_attn), OPT (a position table with two unused rows, ReLU).
+  // positions, Conv1D-stored projections, c_attn), OPT (a position table with two unused rows, ReLU), Phi (one
+  // LayerNorm feeding attention and the MLP side by side, an LM head with a bias).
   const std::string preset = GENERATE(as<std::string>{}, "tiny-qwen3", "tiny-olmo2", "tiny-gemma3", "tiny-gemma2",
-                                      "tiny-phi3", "tiny-gptneox", "tiny-gpt2", "tiny-opt");
+                                      "tiny-phi3", "tiny-gptneox", "tiny-gpt2", "tiny-opt", "tiny-phi");
   INFO(preset);
   TempDir dir;
   model::InitModelOptions init;
