@@ -89,6 +89,9 @@ absl::StatusOr<GenerateResult> GenerateTokens(const LlamaModel& model, std::vect
   }
   if (options.top_k < 0) return absl::InvalidArgumentError("top_k must be >= 0");
   const ModelConfig& config = model.config();
+  if (options.sampled_ids < 0) return absl::InvalidArgumentError("sampled_ids must be >= 0");
+  const int64_t sampled =
+      options.sampled_ids > 0 ? std::min(options.sampled_ids, config.vocab_size) : config.vocab_size;
   GenerateResult result;
   result.prompt_tokens = prompt;
   // A learned position table ends: the last token needs no forward, so it may take the position after it.
@@ -110,7 +113,7 @@ absl::StatusOr<GenerateResult> GenerateTokens(const LlamaModel& model, std::vect
   result.prefill_seconds = SecondsSince(t0);
   t0 = std::chrono::steady_clock::now();
   for (int64_t step = 0; step < max_new; ++step) {
-    const int64_t next = SampleToken(logits[0][0], options, rng);
+    const int64_t next = SampleToken(logits[0][0].narrow(0, 0, sampled), options, rng);
     result.tokens.push_back(static_cast<int32_t>(next));
     const auto& eos = config.eos_token_ids;
     const bool at_eos = options.stop_at_eos && std::find(eos.begin(), eos.end(), next) != eos.end();
@@ -136,6 +139,10 @@ absl::StatusOr<GenerateResult> Generate(const LlamaModel& model, const Tokenizer
                                                model.config().vocab_size, " entries"));
     }
   }
+  GenerateOptions decodable = options;
+  if (decodable.sampled_ids == 0 && tokenizer.vocab_size() < model.config().vocab_size) {
+    decodable.sampled_ids = tokenizer.vocab_size();
+  }
   // Streaming: decode the growing output after each token and hand over the new complete UTF-8 text.
   size_t emitted = 0;
   TokenCallback stream = [&](const std::vector<int32_t>& generated, bool last) -> absl::Status {
@@ -148,7 +155,7 @@ absl::StatusOr<GenerateResult> Generate(const LlamaModel& model, const Tokenizer
     return absl::OkStatus();
   };
   SEEDLING_ASSIGN_OR_RETURN(GenerateResult result,
-                            GenerateTokens(model, std::move(ids), options, on_text ? stream : TokenCallback()));
+                            GenerateTokens(model, std::move(ids), decodable, on_text ? stream : TokenCallback()));
   SEEDLING_ASSIGN_OR_RETURN(result.text, tokenizer.Decode(result.tokens, /*skip_special_tokens=*/true));
   return result;
 }

@@ -23,7 +23,11 @@ struct GenerateOptions {
   int64_t top_k = 0;            // keep only the k most likely tokens first; 0 = no limit
   uint64_t seed = 0;            // seeds the sampling stream
   bool stop_at_eos = true;      // stop at any of the config's eos_token_ids
-  ForwardOptions forward;       // adapter etc.
+  // Only ids below this are sampled; 0 = every id of the model's vocabulary. Generate() sets it to the
+  // tokenizer's size when the model's vocabulary is padded past it (Phi-2: 51,200 rows, 50,295 tokens), so a
+  // padding row, which the tokenizer cannot decode, is never picked.
+  int64_t sampled_ids = 0;
+  ForwardOptions forward;  // adapter etc.
 };
 
 // kContext: a model with learned positions (GPT-2, OPT) has no position left for another token.

@@ -1,7 +1,11 @@
 #include "model/generate.h"
 
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <map>
+
+#include "model/init.h"
+#include "tests/test_util.h"
 
 namespace seedling::model {
 namespace {
@@ -138,6 +142,50 @@ TEST_CASE("Generation from a model with learned positions stops when the table i
   CHECK(fits->tokens == full->tokens);
   // A prompt longer than the table is refused before anything is generated.
   CHECK(GenerateTokens(**m, std::vector<int32_t>(9, 1), o).status().code() == absl::StatusCode::kInvalidArgument);
+}
+
+TEST_CASE("Generation samples only the ids asked for, and Generate only ids its tokenizer decodes",
+          "[model][generate]") {
+  auto m = TinyModel(7);
+  GenerateOptions o;
+  o.temperature = 0;
+  o.stop_at_eos = false;
+  o.max_new_tokens = 12;
+  auto free_run = GenerateTokens(*m, {7}, o);
+  REQUIRE(free_run.ok());
+  // Greedy picks ids from the whole vocabulary; bounded below the largest of them, it never picks that one.
+  const int32_t largest = *std::max_element(free_run->tokens.begin(), free_run->tokens.end());
+  REQUIRE(largest > 1);
+  o.sampled_ids = largest;
+  auto bounded = GenerateTokens(*m, {7}, o);
+  REQUIRE(bounded.ok());
+  CHECK(*std::max_element(bounded->tokens.begin(), bounded->tokens.end()) < largest);
+  o.sampled_ids = -1;
+  CHECK(GenerateTokens(*m, {7}, o).status().code() == absl::StatusCode::kInvalidArgument);
+  // A model whose vocabulary is padded past its tokenizer's (init-model's random ones, Phi-2, Qwen2.5) generates
+  // only ids the tokenizer can decode.
+  InitModelOptions init;
+  init.tokenizer_vocab = 400;  // the tiny preset's model has 2,048 rows
+  testing::TempDir dir;
+  REQUIRE(InitModel(dir.path, init).ok());
+  auto tok = LoadTokenizer(dir.path);
+  REQUIRE(tok.ok());
+  auto big = PresetConfig("tiny");
+  REQUIRE(big.ok());
+  big->num_hidden_layers = 1;
+  ModelWeights w = RandomWeights(*big, 8);
+  // Every padding row outscores every real one: unbounded greedy would pick one at once.
+  w.embed.narrow(0, (*tok)->vocab_size(), big->vocab_size - (*tok)->vocab_size()).mul_(100.0);
+  auto padded = LlamaModel::Create(*big, w);
+  REQUIRE(padded.ok());
+  REQUIRE((*tok)->vocab_size() < big->vocab_size);
+  GenerateOptions g;
+  g.temperature = 0;
+  g.stop_at_eos = false;
+  g.max_new_tokens = 6;
+  auto result = Generate(**padded, **tok, "the fox", g);
+  REQUIRE(result.ok());
+  for (int32_t id : result->tokens) CHECK(id < (*tok)->vocab_size());
 }
 
 TEST_CASE("Bad generation options are InvalidArgument", "[model][generate]") {
