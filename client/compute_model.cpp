@@ -31,7 +31,10 @@ ForwardParts PartsOf(const model::ModelConfig& config, int64_t seq_len) {
   ForwardParts parts;
   parts.projections = 2.0 * layers * matmul_params;
   parts.attention = 4.0 * static_cast<double>(seq_len) * q_dim * layers;
-  parts.head = 2.0 * hidden * static_cast<double>(config.vocab_size);
+  const double embedding = static_cast<double>(config.embedding_dim());
+  parts.head = 2.0 * embedding * static_cast<double>(config.vocab_size);
+  // project_out before the LM head (and project_in after the embedding) when the embeddings are narrower.
+  if (config.projects_embeddings()) parts.head += 4.0 * embedding * hidden;
   return parts;
 }
 

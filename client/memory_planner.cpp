@@ -135,9 +135,10 @@ int64_t TileRows(int64_t cols) {
 // forward-gradient version stacks primal and tangent rows, so its logits are twice as tall.
 int64_t CrossEntropyPeak(const model::ModelConfig& m, int64_t n, int64_t chunk, bool backward) {
   const int64_t rows = std::min(chunk > 0 ? chunk : n, n);
-  const int64_t tile = std::min(TileRows(m.hidden_size), m.vocab_size);
+  const int64_t e = m.embedding_dim();  // the LM head's input width
+  const int64_t tile = std::min(TileRows(e), m.vocab_size);
   const int64_t logit_copies = m.final_logit_softcap > 0 ? 5 : 3;
-  return tile * m.hidden_size + logit_copies * rows * tile + (backward ? 3 : 1) * n * m.hidden_size;
+  return tile * e + logit_copies * rows * tile + (backward ? 3 : 1) * n * e;
 }
 
 // One decoder layer with stacked tangents (model/kernels.h), `slices` = 1 + tangents per pass. Attention:

@@ -120,8 +120,11 @@ int64_t ModelConfig::NumParameters() const {
   per_layer += q_norm_size() + k_norm_size();
   if (o_bias) per_layer += h;
   if (mlp_bias) per_layer += (gated_mlp ? 2 : 1) * intermediate_size + h;
-  int64_t total = vocab_size * h + position_rows() * h + num_hidden_layers * per_layer + norm_size;
-  if (!tie_word_embeddings) total += vocab_size * h;
+  const int64_t e = embedding_dim();
+  int64_t total = vocab_size * e + position_rows() * h + num_hidden_layers * per_layer;
+  if (norms.final) total += norm_size;
+  if (projects_embeddings()) total += 2 * e * h;  // project_in and project_out
+  if (!tie_word_embeddings) total += vocab_size * e;
   if (lm_head_bias) total += vocab_size;
   return total;
 }
@@ -162,6 +165,16 @@ absl::Status ModelConfig::Validate() const {
   }
   if (!gated_mlp && (fused.gate_up || mlp_activation == MlpActivation::kSilu)) {
     return FieldError("hidden_act", "a plain (ungated) MLP takes gelu, gelu_new or relu, and no gate_up_proj");
+  }
+  if (word_embed_proj_dim != 0) {
+    SEEDLING_RETURN_IF_ERROR(in_range(word_embed_proj_dim, "word_embed_proj_dim", kMaxHiddenSize));
+  }
+  // Post-LN normalizes after both residual adds of a sequential block, with its two norms and no others.
+  const bool post_ln_block =
+      norms.pre_attention && norms.pre_mlp && !norms.attention_output && !norms.mlp_output && !parallel_residual;
+  if (norm_after_residual && !post_ln_block) {
+    return FieldError("do_layer_norm_before",
+                      "norms after each residual add need a sequential block with exactly its two norms");
   }
   if (!(rms_norm_eps > 0)) return FieldError("rms_norm_eps", "must be positive");
   if (!(rope_theta > 0)) return FieldError("rope_theta", "must be positive");
@@ -576,7 +589,7 @@ std::vector<std::string> PresetNames() {
           "tiny-phi3",      "tiny-gptneox", "smollm2-135m", "smollm2-360m",      "qwen2.5-0.5b", "qwen3-0.6b",
           "tinyllama-1.1b", "olmo-2-1b",    "gemma-2-2b",   "gemma-3-270m",      "gemma-3-1b",   "phi-3-mini",
           "pythia-160m",    "tiny-gpt2",    "gpt2",         "cerebras-gpt-111m", "tiny-opt",     "opt-125m",
-          "tiny-phi",       "phi-1.5",      "phi-2"};
+          "tiny-phi",       "phi-1.5",      "phi-2",        "opt-350m"};
 }
 
 absl::StatusOr<ModelConfig> PresetConfig(std::string_view name) {
@@ -671,6 +684,16 @@ absl::StatusOr<ModelConfig> PresetConfig(std::string_view name) {
     c = GptNeoX(50304, 768, 3072, 12, 12, 2048);
     c.bos_token_id = 0;
     c.eos_token_ids = {0};
+    c.torch_dtype = "float16";
+  } else if (name == "opt-350m") {
+    // facebook/opt-350m: 331,196,416 parameters; norms after each residual add, no final norm, 512-wide
+    // embeddings projected to the 1,024-wide blocks and back.
+    c = Opt(50272, 1024, 4096, 24, 16, 2048);
+    c.norm_after_residual = true;
+    c.norms.final = false;
+    c.word_embed_proj_dim = 512;
+    c.bos_token_id = 2;
+    c.eos_token_ids = {2};
     c.torch_dtype = "float16";
   } else if (name == "tiny-phi") {
     // head_dim 32, of which RoPE rotates 16.

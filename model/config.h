@@ -48,14 +48,16 @@ inline constexpr int64_t kMaxHeads = 1024;
 inline constexpr int64_t kMaxHeadDim = 4096;
 inline constexpr int64_t kMaxPositions = int64_t{1} << 24;
 
-// Where a decoder block applies its RMSNorms (each one of hidden_size weights). Llama-style blocks normalize
+// Where a decoder block applies its norms (each one of hidden_size weights). Llama-style blocks normalize
 // before attention and before the MLP; OLMo 2 normalizes each sub-block's output before its residual add
-// instead; Gemma 2 and 3 do both.
+// instead; Gemma 2 and 3 do both. ModelConfig::norm_after_residual moves the first and third after their
+// sub-block's residual add (post-LN).
 struct NormPlacement {
   bool pre_attention = true;      // input_layernorm: on the block's input, before attention
   bool attention_output = false;  // post_attention_layernorm: on attention's output, before the residual add
   bool pre_mlp = true;            // Llama's post_attention_layernorm, Gemma's pre_feedforward_layernorm
   bool mlp_output = false;        // post_feedforward_layernorm: on the MLP's output, before the residual add
+  bool final = true;              // the model's norm after the last block (not counted by count())
   bool operator==(const NormPlacement&) const = default;
   int64_t count() const { return int64_t{pre_attention} + attention_output + pre_mlp + mlp_output; }
 };
@@ -136,6 +138,13 @@ struct ModelConfig {
   bool parallel_residual = false;
   FusedProjections fused;     // which projections are stored fused (Phi-3, GPT-NeoX)
   bool lm_head_bias = false;  // the LM head adds a bias to the logits (Phi's lm_head.bias)
+  // Post-LN (OPT-350m's do_layer_norm_before false): the block's two norms, in the norms.pre_attention and
+  // norms.pre_mlp slots, normalize after each residual add, x = n1(x + attn(x)), x = n2(x + mlp(x)).
+  bool norm_after_residual = false;
+  // The width of the token embeddings and the LM head when it differs from hidden_size (OPT-350m's
+  // word_embed_proj_dim), with project_in (hidden × this) after the embedding and project_out (this × hidden)
+  // before the LM head; 0 = hidden_size, no projections.
+  int64_t word_embed_proj_dim = 0;
   // Every RMSNorm scales by (norm_weight_offset + w): Gemma stores w - 1 and scales by (1 + w).
   double norm_weight_offset = 0.0;
   bool scale_embeddings = false;  // the embeddings are multiplied by sqrt(hidden_size) (Gemma)
@@ -157,6 +166,9 @@ struct ModelConfig {
   std::string torch_dtype = "float32";  // dtype of the stored weights ("bfloat16", "float16", "float32")
 
   int64_t kv_dim() const { return num_key_value_heads * head_dim; }
+  // The width of the embeddings and of the LM head's input (word_embed_proj_dim, else hidden_size).
+  int64_t embedding_dim() const { return word_embed_proj_dim > 0 ? word_embed_proj_dim : hidden_size; }
+  bool projects_embeddings() const { return word_embed_proj_dim > 0 && word_embed_proj_dim != hidden_size; }
   // Rows of the learned position table (0 with RoPE).
   int64_t position_rows() const {
     return positions == PositionKind::kLearned ? max_position_embeddings + position_offset : 0;
@@ -222,7 +234,7 @@ std::string ModelId(const ModelConfig& config);
 // MLP), "tiny-gpt2" (learned positions, Conv1D-stored projections, a 256-position table), and the exact shapes
 // of published models: "smollm2-135m", "smollm2-360m", "qwen2.5-0.5b", "qwen3-0.6b", "tinyllama-1.1b",
 // "olmo-2-1b", "gemma-2-2b", "gemma-3-270m", "gemma-3-1b", "phi-3-mini", "pythia-160m", "gpt2",
-// "cerebras-gpt-111m", "opt-125m", "phi-1.5", "phi-2" (and "tiny-opt": OPT's position table with two unused
+// "cerebras-gpt-111m", "opt-125m", "opt-350m", "phi-1.5", "phi-2" (and "tiny-opt": OPT's position table with two unused
 // rows, ReLU; "tiny-phi": one LayerNorm feeding attention and MLP in parallel, half of each head rotated, an LM
 // head with a bias).
 // NotFound lists the valid names.

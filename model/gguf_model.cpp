@@ -98,7 +98,7 @@ std::vector<GgufWeightSlot> GgufWeightSlots(const ModelConfig& c, ModelWeights& 
     if (c.mlp_bias) add(b + "ffn_down.bias", {H}, &l.down_bias);
     if (c.norms.mlp_output) norm(b + "post_ffw_norm", H, &l.mlp_output_norm, &l.mlp_output_norm_bias);
   }
-  norm("output_norm", H, &w.final_norm, &w.final_norm_bias);
+  if (c.norms.final) norm("output_norm", H, &w.final_norm, &w.final_norm_bias);
   // A tied head is left out: llama.cpp then reads token_embd.weight for the output projection.
   if (!c.tie_word_embeddings) add("output.weight", {V, H}, &w.lm_head);
   if (c.lm_head_bias) add("output.bias", {V}, &w.lm_head_bias);  // llama.cpp's phi2

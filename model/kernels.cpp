@@ -144,12 +144,12 @@ std::pair<at::Tensor, at::Tensor> ChunkedCeForward(const at::Tensor& hidden, con
 }
 
 struct ChunkedCeFunction : public torch::autograd::Function<ChunkedCeFunction> {
-  // `weight` is head.weight, passed apart so that autograd sees it; the bias is frozen. The head's stream
-  // serves the forward pass only: a weight that requires grad (the only case whose backward reads the weight
-  // again) is dense and never streamed.
+  // `weight` and `bias` are head.weight and head.bias, passed apart so that autograd sees them (a bias-less head
+  // passes an empty tensor: apply takes no undefined ones). The head's stream serves the forward pass only: a
+  // head that requires grad (the only case whose backward reads the weight again) is dense and never streamed.
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& hidden, const at::Tensor& weight,
-                            const LogitHead& head, const at::Tensor& targets, int64_t chunk) {
-    if (!weight.requires_grad()) {
+                            const at::Tensor& bias, const LogitHead& head, const at::Tensor& targets, int64_t chunk) {
+    if (!weight.requires_grad() && !bias.requires_grad()) {
       // The common case (a frozen LM head): the hidden states' gradient comes out of the forward pass, and
       // backward only scales it: two multiplies per tile in all instead of three.
       at::Tensor grad_hidden;
@@ -160,35 +160,36 @@ struct ChunkedCeFunction : public torch::autograd::Function<ChunkedCeFunction> {
     at::Tensor lse;
     const LogitHead dense{weight, head.bias, head.softcap};
     at::Tensor loss = ChunkedCeForward(hidden, at::Tensor(), dense, targets, chunk, &lse).first;
-    ctx->save_for_backward({hidden, weight, targets, lse});
+    ctx->save_for_backward({hidden, weight, targets, lse, bias});
     ctx->saved_data["chunk"] = chunk;
     ctx->saved_data["softcap"] = head.softcap;
-    if (head.bias.defined()) ctx->saved_data["bias"] = head.bias.detach();
     return loss;
   }
 
   // d loss / d logits = softmax(logits) - onehot(target), zero for ignored rows, times the soft-cap's slope;
-  // each tile's logits are recomputed and turned into their gradient in place.
+  // each tile's logits are recomputed and turned into their gradient in place. The bias's gradient is its
+  // column sums.
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
     if (saved.size() == 1) {
-      return {saved[0] * grad_outputs[0], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+      return {saved[0] * grad_outputs[0], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     }
     const at::Tensor& hidden = saved[0];
     const at::Tensor& weight = saved[1];
     const at::Tensor& targets = saved[2];
     const at::Tensor& lse = saved[3];
-    const auto stored_bias = ctx->saved_data.find("bias");
-    const at::Tensor bias =
-        stored_bias != ctx->saved_data.end() ? stored_bias->second.toTensor().to(hidden.scalar_type()) : at::Tensor();
+    const bool has_bias = saved[4].numel() > 0;
+    const at::Tensor bias = has_bias ? saved[4].to(hidden.scalar_type()) : at::Tensor();
     const int64_t chunk = ctx->saved_data["chunk"].toInt();
     const double softcap = ctx->saved_data["softcap"].toDouble();
     const at::Tensor g = grad_outputs[0];  // scalar
     const bool need_h = ctx->needs_input_grad(0);
     const bool need_w = ctx->needs_input_grad(1);
+    const bool need_b = has_bias && ctx->needs_input_grad(2);
     WeightTiles tiles(weight);
     at::Tensor grad_h = need_h ? at::zeros_like(hidden) : at::Tensor();
     at::Tensor grad_w = need_w ? at::zeros(LogicalShape(weight), hidden.options()) : at::Tensor();
+    at::Tensor grad_b = need_b ? at::zeros({tiles.rows()}, hidden.options()) : at::Tensor();
     const int64_t n_rows = hidden.size(0);
     for (int64_t start = 0; start < n_rows; start += chunk) {
       const int64_t len = std::min(chunk, n_rows - start);
@@ -199,7 +200,7 @@ struct ChunkedCeFunction : public torch::autograd::Function<ChunkedCeFunction> {
         const int64_t n = std::min(tiles.tile_rows(), tiles.rows() - v0);
         const at::Tensor tile = tiles.Tile(v0, n);
         at::Tensor p = at::mm(c.h, tile.t());  // (c, n) logits
-        if (bias.defined()) p.add_(bias.narrow(0, v0, n));
+        if (has_bias) p.add_(bias.narrow(0, v0, n));
         at::Tensor slope;
         if (softcap > 0) {
           SoftCapped capped = SoftCap(p, softcap, /*with_slope=*/true);
@@ -213,10 +214,12 @@ struct ChunkedCeFunction : public torch::autograd::Function<ChunkedCeFunction> {
         p.mul_(row_scale);
         if (need_h) grad_h.narrow(0, start, len).addmm_(p, tile);  // (c, H)
         if (need_w) grad_w.narrow(0, v0, n).addmm_(p.t(), c.h);    // (n, H)
+        if (need_b) grad_b.narrow(0, v0, n).add_(p.sum(0));
       }
     }
     if (need_w && grad_w.scalar_type() != weight.scalar_type()) grad_w = grad_w.to(weight.scalar_type());
-    return {grad_h, grad_w, at::Tensor(), at::Tensor(), at::Tensor()};
+    if (need_b && grad_b.scalar_type() != saved[4].scalar_type()) grad_b = grad_b.to(saved[4].scalar_type());
+    return {grad_h, grad_w, grad_b, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -278,9 +281,12 @@ at::Tensor ChunkedCrossEntropy(const at::Tensor& hidden, const LogitHead& head, 
   SEEDLING_CHECK(hidden.dim() == 2 && targets.dim() == 1);
   SEEDLING_CHECK(hidden.size(0) == targets.size(0) && hidden.size(1) == LogicalShape(head.weight)[1]);
   const int64_t chunk = PickChunk(chunk_tokens, hidden.size(0));
-  const bool needs_autograd = at::GradMode::is_enabled() && (hidden.requires_grad() || head.weight.requires_grad());
+  const bool trains_bias = head.bias.defined() && head.bias.requires_grad();
+  const bool needs_autograd =
+      at::GradMode::is_enabled() && (hidden.requires_grad() || head.weight.requires_grad() || trains_bias);
   if (needs_autograd) {
-    return ChunkedCeFunction::apply(hidden, head.weight, head, targets, chunk);
+    const at::Tensor bias = head.bias.defined() ? head.bias : at::empty({0}, hidden.options());
+    return ChunkedCeFunction::apply(hidden, head.weight, bias, head, targets, chunk);
   }
   return ChunkedCeForward(hidden, at::Tensor(), head, targets, chunk, nullptr).first;
 }

@@ -47,7 +47,7 @@ struct LogitHead {
 // The logits never exist whole: the vocabulary is walked in tiles of the LM head (model/frozen_linear.h,
 // about 2 MiB of decoded weights each) with an online log-sum-exp, for `chunk_tokens` rows at a time
 // (<= 0: all rows), so at most (chunk × tile rows) logits exist, in forward and backward. Differentiable
-// w.r.t. hidden (and an fp32 weight that requires grad; the bias stays frozen) through a custom autograd
+// w.r.t. hidden (and an fp32 weight or bias that requires grad, as a full fine-tune has) through a custom autograd
 // function. With a frozen weight the hidden states' gradient is computed in the forward pass,
 // Σ_v softmax(z)_v W_v − W_t accumulated tile by tile under the running max (as flash attention accumulates
 // its output), and backward only scales it by the upstream gradient: two multiplies per tile instead of

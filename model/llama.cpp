@@ -127,8 +127,10 @@ at::Tensor LlamaModel::NormWeight(const at::Tensor& w) const {
   return config_.norm_weight_offset == 0 ? w : w + config_.norm_weight_offset;
 }
 
-at::Tensor LlamaModel::FinalNorm(const at::Tensor& x, NormFn norm) const {
-  return norm(config_.norm_kind, x, NormWeight(weights_.final_norm), weights_.final_norm_bias, config_.rms_norm_eps);
+at::Tensor LlamaModel::FinalNorm(const at::Tensor& x, NormFn norm, int64_t forward_level) const {
+  const at::Tensor h = MaybeNorm(config_.norms.final, x, weights_.final_norm, weights_.final_norm_bias, norm);
+  if (!config_.projects_embeddings()) return h;
+  return FrozenLinear(h, weights_.project_out, at::Tensor(), forward_level, Stream());
 }
 
 namespace {
@@ -238,7 +240,8 @@ absl::Status LlamaModel::ValidatePositions(int64_t end) const {
 }
 
 at::Tensor LlamaModel::Embed(const at::Tensor& tokens, int64_t start) const {
-  at::Tensor x = FrozenEmbedding(weights_.embed, tokens);  // (B, T, H)
+  at::Tensor x = FrozenEmbedding(weights_.embed, tokens);  // (B, T, E)
+  if (config_.projects_embeddings()) x = FrozenLinear(x, weights_.project_in, at::Tensor(), -1, Stream());
   if (config_.scale_embeddings) x = x * std::sqrt(static_cast<double>(config_.hidden_size));
   if (config_.positions == PositionKind::kLearned) {
     x = x + AsCompute(weights_.positions).narrow(0, start + config_.position_offset, tokens.size(1));
@@ -307,7 +310,8 @@ at::Tensor LlamaModel::DecoderLayerImpl(int64_t layer, const at::Tensor& x, cons
   const int64_t hq = config_.num_attention_heads, hkv = config_.num_key_value_heads, d = config_.head_dim;
 
   // Attention block.
-  const at::Tensor h = MaybeNorm(config_.norms.pre_attention, x, w.input_norm, w.input_norm_bias, Norm);  // (B, T, H)
+  const at::Tensor h = MaybeNorm(config_.norms.pre_attention && NormsBeforeBranches(), x, w.input_norm,
+                                 w.input_norm_bias, Norm);  // (B, T, H)
   const QkvOutputs qkv = ProjectQkv(config_, w, [&](Projection p, const at::Tensor& weight, const at::Tensor& bias) {
     return Project(layer, p, h, weight, bias, options);
   });
@@ -332,17 +336,22 @@ at::Tensor LlamaModel::DecoderLayerImpl(int64_t layer, const at::Tensor& x, cons
       MaybeNorm(config_.norms.attention_output, Project(layer, Projection::kO, attn, w.o, w.o_bias, options),
                 w.attention_output_norm, w.attention_output_norm_bias, Norm);
 
-  // MLP block. A norm on the MLP's output reads the down projection's values, which a graph-only
-  // recomputation would otherwise skip.
+  // MLP block. A norm after it (on its output, or post-LN on the residual sum) reads the down projection's
+  // values, which a graph-only recomputation would otherwise skip.
+  const bool normed_after = config_.norms.mlp_output || !NormsBeforeBranches();
   return Residual(w, x, h, attended, Norm, [&](const at::Tensor& m) {
-    if (!config_.norms.mlp_output) return Mlp(layer, m, options, output);
-    return MaybeNorm(true, Mlp(layer, m, options), w.mlp_output_norm, w.mlp_output_norm_bias, Norm);
+    const at::Tensor y = Mlp(layer, m, options, normed_after ? LayerOutput::kValues : output);
+    return MaybeNorm(config_.norms.mlp_output, y, w.mlp_output_norm, w.mlp_output_norm_bias, Norm);
   });
 }
 
 template <typename MlpFn>
 at::Tensor LlamaModel::Residual(const LayerWeights& w, const at::Tensor& x, const at::Tensor& h,
                                 const at::Tensor& attended, NormFn norm, MlpFn mlp) const {
+  if (!NormsBeforeBranches()) {  // post-LN: x1 = n1(x + attn(x)), out = n2(x1 + mlp(x1))
+    const at::Tensor x1 = MaybeNorm(true, x + attended, w.input_norm, w.input_norm_bias, norm);
+    return MaybeNorm(true, x1 + mlp(x1), w.pre_mlp_norm, w.pre_mlp_norm_bias, norm);
+  }
   const at::Tensor x1 = config_.parallel_residual ? x : x + attended;
   const at::Tensor m = config_.parallel_residual && !config_.norms.pre_mlp
                            ? h
@@ -414,8 +423,8 @@ at::Tensor LlamaModel::DecoderLayerTangents(int64_t layer, const at::Tensor& x, 
   const int64_t hq = config_.num_attention_heads, hkv = config_.num_key_value_heads, d = config_.head_dim;
 
   // Attention block. RoPE is linear: it rotates every slice alike.
-  const at::Tensor h =
-      MaybeNorm(config_.norms.pre_attention, x, w.input_norm, w.input_norm_bias, NormTangents);  // (1+K, B, T, H)
+  const at::Tensor h = MaybeNorm(config_.norms.pre_attention && NormsBeforeBranches(), x, w.input_norm,
+                                 w.input_norm_bias, NormTangents);  // (1+K, B, T, H)
   const QkvOutputs qkv = ProjectQkv(config_, w, [&](Projection p, const at::Tensor& weight, const at::Tensor& bias) {
     return ProjectTangents(layer, p, h, weight, bias, options);
   });
@@ -475,7 +484,7 @@ absl::StatusOr<at::Tensor> LlamaModel::Hidden(const at::Tensor& tokens, const Fo
         x = DecoderLayer(l, x, rope, options);
       }
     }
-    return FinalNorm(x, Norm);
+    return FinalNorm(x, Norm, options.forward_level);
   });
 }
 

@@ -212,11 +212,15 @@ class LlamaModel {
   using NormFn = at::Tensor (*)(NormKind, const at::Tensor&, const at::Tensor&, const at::Tensor&, double);
   at::Tensor MaybeNorm(bool on, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                        NormFn norm) const;
-  at::Tensor FinalNorm(const at::Tensor& x, NormFn norm) const;
+  // The final norm where config_.norms places one, then project_out when the embeddings are narrower than the
+  // blocks (`forward_level`: FrozenLinear's, for the dual numbers of forward-mode AD).
+  at::Tensor FinalNorm(const at::Tensor& x, NormFn norm, int64_t forward_level = -1) const;
+  // Whether the block normalizes the inputs of attention and the MLP (pre-LN), or their residual sums instead.
+  bool NormsBeforeBranches() const { return !config_.norm_after_residual; }
   // The residual layout both forwards share: attention's output `attended` is added to the block's input `x`
   // before the MLP branch reads it (through the MLP's norm), or beside it (parallel residual: the branch reads
   // `x` through its own norm, or `h`, attention's normed input, when the block has none), and the branch's
-  // output `mlp(m)` is added last.
+  // output `mlp(m)` is added last. Post-LN normalizes each of the two sums instead.
   template <typename MlpFn>
   at::Tensor Residual(const LayerWeights& w, const at::Tensor& x, const at::Tensor& h, const at::Tensor& attended,
                       NormFn norm, MlpFn mlp) const;

@@ -40,9 +40,14 @@ void ForEachWeight(ModelWeights& w, const ModelConfig& c, bool include_tied_head
     fn(module + ".weight", std::vector<int64_t>{h}, Kind::kNorm, weight);
     if (layer_norm) fn(module + ".bias", std::vector<int64_t>{h}, Kind::kBias, bias);
   };
-  fn(std::string(names.embed), std::vector<int64_t>{c.vocab_size, h}, Kind::kEmbedding, w.embed);
+  const int64_t e = c.embedding_dim();
+  fn(std::string(names.embed), std::vector<int64_t>{c.vocab_size, e}, Kind::kEmbedding, w.embed);
   if (c.positions == PositionKind::kLearned) {
     fn(std::string(names.positions), std::vector<int64_t>{c.position_rows(), h}, Kind::kPositions, w.positions);
+  }
+  if (c.projects_embeddings()) {
+    fn(std::string(names.project_out), std::vector<int64_t>{e, h}, Kind::kMatrix, w.project_out);
+    fn(std::string(names.project_in), std::vector<int64_t>{h, e}, Kind::kMatrix, w.project_in);
   }
   w.layers.resize(static_cast<size_t>(c.num_hidden_layers));
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
@@ -86,9 +91,9 @@ void ForEachWeight(ModelWeights& w, const ModelConfig& c, bool include_tied_head
     projection(Projection::kDown, c.mlp_bias, lw.down, lw.down_bias);
     if (c.norms.mlp_output) norm(p + "post_feedforward_layernorm", lw.mlp_output_norm, lw.mlp_output_norm_bias);
   }
-  norm(std::string(names.final_norm), w.final_norm, w.final_norm_bias);
+  if (c.norms.final) norm(std::string(names.final_norm), w.final_norm, w.final_norm_bias);
   if (!c.tie_word_embeddings || include_tied_head) {
-    fn(std::string(names.lm_head), std::vector<int64_t>{c.vocab_size, h}, Kind::kMatrix, w.lm_head);
+    fn(std::string(names.lm_head), std::vector<int64_t>{c.vocab_size, e}, Kind::kMatrix, w.lm_head);
   }
   if (c.lm_head_bias)
     fn(std::string(names.lm_head_bias), std::vector<int64_t>{c.vocab_size}, Kind::kBias, w.lm_head_bias);

@@ -87,12 +87,14 @@ struct LayerWeights {
 };
 
 struct ModelWeights {
-  at::Tensor embed;      // (V, H)
+  at::Tensor embed;      // (V, E), E = ModelConfig::embedding_dim() (H unless the embeddings are projected)
   at::Tensor positions;  // (ModelConfig::position_rows(), H): learned positions (GPT-2, OPT), fp32
+  // (H, E) and (E, H) with E = ModelConfig::embedding_dim() != H (OPT-350m); undefined otherwise.
+  at::Tensor project_in, project_out;
   std::vector<LayerWeights> layers;
-  at::Tensor final_norm;       // (H)
+  at::Tensor final_norm;       // (H); undefined without ModelConfig::norms.final
   at::Tensor final_norm_bias;  // (H), NormKind::kLayerNorm only
-  at::Tensor lm_head;          // (V, H); the same tensor as `embed` when the config ties them
+  at::Tensor lm_head;          // (V, E); the same tensor as `embed` when the config ties them
   at::Tensor lm_head_bias;     // (V), ModelConfig::lm_head_bias only (Phi)
 };
 

@@ -34,6 +34,9 @@ struct ModuleNames {
   std::string_view final_norm = "model.norm";
   std::string_view lm_head = "lm_head.weight";
   std::string_view lm_head_bias = "lm_head.bias";  // read when ModelConfig::lm_head_bias says so
+  // The projections between a narrower embedding and the blocks (ModelConfig::word_embed_proj_dim).
+  std::string_view project_in = "";
+  std::string_view project_out = "";
   // Each projection's module path in a layer, indexed by Projection ("" for one the family's blocks lack).
   std::array<std::string_view, kNumProjections> projections = {
       "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",   "self_attn.o_proj", "mlp.gate_proj",

@@ -1,9 +1,9 @@
 // OPTForCausalLM (OPT): learned positions from a table whose first two rows are unused (position t reads row
 // t + 2), LayerNorms with biases before attention (self_attn_layer_norm) and the MLP (final_layer_norm, per
 // layer), q, k, v and out_proj with biases (enable_bias), a plain MLP fc1 → ReLU → fc2, a final LayerNorm, and
-// the LM head tied to the embeddings. The post-norm block (do_layer_norm_before false) and an embedding narrower
-// than the block (word_embed_proj_dim != hidden_size, with project_in / project_out), which OPT-350m has, are
-// refused by name; every other OPT model has neither.
+// the LM head tied to the embeddings. OPT-350m normalizes after each residual add instead (do_layer_norm_before
+// false, which also drops the final LayerNorm, as _remove_final_layer_norm does) and has embeddings narrower than
+// its blocks (word_embed_proj_dim, with project_in after the embedding and project_out before the LM head).
 
 #include "base/status.h"
 #include "base/strings.h"
@@ -34,23 +34,15 @@ absl::Status ReadOpt(const Json& j, ModelConfig& c) {
   c.rms_norm_eps = 1e-5;  // nn.LayerNorm's default; OPT's config has no field for it
   SEEDLING_ASSIGN_OR_RETURN(c.tie_word_embeddings, GetBool(j, "tie_word_embeddings", true));
   SEEDLING_ASSIGN_OR_RETURN(const bool pre_norm, GetBool(j, "do_layer_norm_before", true));
-  if (!pre_norm) {
-    return FieldError("do_layer_norm_before",
-                      "is false (norms after each residual add, as OPT-350m has), which this block does not compute");
-  }
+  c.norm_after_residual = !pre_norm;
   SEEDLING_ASSIGN_OR_RETURN(const bool affine, GetBool(j, "layer_norm_elementwise_affine", true));
   if (!affine)
     return FieldError("layer_norm_elementwise_affine", "is false: LayerNorms without weights are not supported");
   SEEDLING_ASSIGN_OR_RETURN(const bool removed, GetBool(j, "_remove_final_layer_norm", false));
-  if (removed)
-    return FieldError("_remove_final_layer_norm", "is true: a model without its final LayerNorm is not supported");
-  if (c.hidden_size > 0) {  // (a GGUF file's config starts from an empty object)
-    SEEDLING_ASSIGN_OR_RETURN(const int64_t embed_dim, GetInt(j, "word_embed_proj_dim", c.hidden_size));
-    if (embed_dim != c.hidden_size) {
-      return FieldError("word_embed_proj_dim", StrCat("is ", embed_dim, ", not hidden_size ", c.hidden_size,
-                                                      ": embeddings projected in and out are not supported"));
-    }
-  }
+  c.norms.final = pre_norm && !removed;  // OPTDecoder keeps final_layer_norm only for a pre-norm block
+  SEEDLING_ASSIGN_OR_RETURN(const int64_t embed_dim, GetInt(j, "word_embed_proj_dim", c.hidden_size));
+  if (embed_dim <= 0) return FieldError("word_embed_proj_dim", StrCat("must be positive, got ", embed_dim));
+  c.word_embed_proj_dim = embed_dim == c.hidden_size ? 0 : embed_dim;
   return absl::OkStatus();
 }
 
@@ -58,8 +50,10 @@ void WriteOpt(const ModelConfig& c, Json& j) {
   j["activation_function"] = internal::ActivationName(c.mlp_activation);
   j.erase("hidden_act");
   j["ffn_dim"] = c.intermediate_size;
-  j["word_embed_proj_dim"] = c.hidden_size;
-  j["do_layer_norm_before"] = true;
+  j["word_embed_proj_dim"] = c.embedding_dim();
+  j["do_layer_norm_before"] = !c.norm_after_residual;
+  // A pre-norm block without its final norm is what _remove_final_layer_norm describes.
+  if (!c.norm_after_residual && !c.norms.final) j["_remove_final_layer_norm"] = true;
   j["enable_bias"] = c.qkv_bias;
 }
 
@@ -69,6 +63,8 @@ const ModuleNames kNames{
     .layers = "model.decoder.layers",
     .final_norm = "model.decoder.final_layer_norm",
     .lm_head = "lm_head.weight",
+    .project_in = "model.decoder.project_in.weight",
+    .project_out = "model.decoder.project_out.weight",
     .projections = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "", "fc1", "fc2",
                     "", ""},
     .input_norm = "self_attn_layer_norm",

@@ -29,6 +29,16 @@ model::ModelConfig SmallConfig(const char* preset = "tiny-qwen2") {
   return *c;
 }
 
+// tiny-opt with OPT-350m's block: norms after each residual add, no final norm, 64-wide embeddings projected in
+// and out.
+model::ModelConfig PostLnOpt() {
+  model::ModelConfig c = SmallConfig("tiny-opt");
+  c.norm_after_residual = true;
+  c.norms.final = false;
+  c.word_embed_proj_dim = 64;
+  return c;
+}
+
 std::unique_ptr<model::LlamaModel> SmallModel(const model::ModelConfig& c) {
   auto m = model::LlamaModel::Create(c, model::RandomWeights(c, 21));
   REQUIRE(m.ok());
@@ -286,6 +296,22 @@ TEST_CASE("A Phi adapter adapts q_proj, k_proj, v_proj, dense, fc1 and fc2 under
   CHECK(Names(*ParseTargets("dense,fc1")) == std::vector<std::string>{"o_proj", "up_proj"});
 }
 
+TEST_CASE("An OPT adapter adapts q_proj, k_proj, v_proj, out_proj, fc1 and fc2 under OPT's paths", "[lora]") {
+  for (const model::ModelConfig& c : {SmallConfig("tiny-opt"), PostLnOpt()}) {
+    INFO("post-LN " << c.norm_after_residual);
+    auto m = SmallModel(c);
+    auto a = LoraAdapter::Create(c, AllTargets(4));  // the plain MLP has no gate
+    REQUIRE(a.ok());
+    const std::vector<LoraView>& views = (*a)->views();
+    REQUIRE(views.size() == 2 * 6 * 2);
+    CHECK(views[0].name == "base_model.model.model.decoder.layers.0.self_attn.q_proj.lora_A.weight");
+    CHECK(views[6].name == "base_model.model.model.decoder.layers.0.self_attn.out_proj.lora_A.weight");
+    CHECK(views[11].name == "base_model.model.model.decoder.layers.0.fc2.lora_B.weight");
+    // Merged = unmerged (with OPT-350m's projected embeddings untouched); PEFT round trip with OPT's names.
+    CheckMergeAndPeft(c, *m, **a, "facebook/opt-125m", {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"});
+  }
+}
+
 TEST_CASE("Merging into 16-bit stored weights is refused", "[lora]") {
   const auto c = SmallConfig();
   model::ModelWeights w = model::RandomWeights(c, 1);
@@ -429,12 +455,14 @@ TEST_CASE("Mismatched PEFT adapters are clear errors", "[lora]") {
 }
 
 TEST_CASE("Gradients reach only the flat buffer, and recomputation gives the same ones", "[lora]") {
-  // OLMo 2 normalizes the MLP's output, so its recomputation must multiply the down projection again, which
-  // the other blocks skip (its values feed only the layer's output).
-  const std::string preset = GENERATE(as<std::string>{}, "tiny-qwen2", "tiny-qwen3", "tiny-olmo2", "tiny-gemma3",
-                                      "tiny-gemma2", "tiny-phi3", "tiny-gptneox", "tiny-gpt2", "tiny-opt", "tiny-phi");
+  // OLMo 2 normalizes the MLP's output and OPT-350m's post-LN block the residual sum after it, so their
+  // recomputation must multiply the down projection again, which the other blocks skip (its values feed only
+  // the layer's output).
+  const std::string preset =
+      GENERATE(as<std::string>{}, "tiny-qwen2", "tiny-qwen3", "tiny-olmo2", "tiny-gemma3", "tiny-gemma2", "tiny-phi3",
+               "tiny-gptneox", "tiny-gpt2", "tiny-opt", "tiny-phi", "tiny-opt post-LN");
   INFO(preset);
-  const auto c = SmallConfig(preset.c_str());
+  const auto c = preset == "tiny-opt post-LN" ? PostLnOpt() : SmallConfig(preset.c_str());
   auto m = SmallModel(c);
   auto a = LoraAdapter::Create(c, AllTargets(2));
   REQUIRE(a.ok());

@@ -513,9 +513,8 @@ TEST_CASE("OPT-125m's config.json parses to learned positions with two unused ro
   auto round_trip = ParseModelConfig(ModelConfigToJson(*c));
   REQUIRE(round_trip.ok());
   CHECK(ModelConfigToJson(*round_trip) == ModelConfigToJson(*c));
-  // OPT-350m's post-norm block and projected embeddings are refused by name.
-  for (const auto& [key, value] : {std::pair<const char*, nlohmann::json>{"do_layer_norm_before", false},
-                                   std::pair<const char*, nlohmann::json>{"word_embed_proj_dim", 512},
+  // What the block cannot compute is refused by name.
+  for (const auto& [key, value] : {std::pair<const char*, nlohmann::json>{"word_embed_proj_dim", -5},
                                    std::pair<const char*, nlohmann::json>{"layer_norm_elementwise_affine", false},
                                    std::pair<const char*, nlohmann::json>{"activation_function", "silu"}}) {
     nlohmann::json j = nlohmann::json::parse(kOpt);
@@ -585,6 +584,49 @@ TEST_CASE("Phi-2's config.json parses to one LayerNorm for a parallel block, par
     INFO(key);
     CHECK(Contains(ParseModelConfig(j.dump()).status(), key));
   }
+}
+
+// facebook/opt-350m's config.json.
+constexpr const char* kOpt350 = R"({
+  "_name_or_path": "facebook/opt-350m", "activation_dropout": 0.0, "activation_function": "relu",
+  "architectures": ["OPTForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 2, "do_layer_norm_before": false,
+  "dropout": 0.1, "eos_token_id": 2, "ffn_dim": 4096, "hidden_size": 1024, "init_std": 0.02, "layerdrop": 0.0,
+  "max_position_embeddings": 2048, "model_type": "opt", "num_attention_heads": 16, "num_hidden_layers": 24,
+  "pad_token_id": 1, "prefix": "</s>", "torch_dtype": "float16", "transformers_version": "4.20.0.dev0",
+  "use_cache": true, "vocab_size": 50272, "word_embed_proj_dim": 512})";
+
+TEST_CASE("OPT-350m's config.json parses to post-LN blocks without a final norm and 512-wide projected embeddings",
+          "[model][config]") {
+  auto c = ParseModelConfig(kOpt350);
+  REQUIRE(c.ok());
+  CHECK(c->norm_after_residual);
+  CHECK(!c->norms.final);
+  CHECK((c->norms.pre_attention && c->norms.pre_mlp));  // the two norms' slots, applied after the adds
+  CHECK(c->embedding_dim() == 512);
+  CHECK(c->projects_embeddings());
+  CHECK(c->NumParameters() == 331196416);
+  auto preset = PresetConfig("opt-350m");
+  REQUIRE(preset.ok());
+  CHECK(ModelConfigToJson(*preset) == ModelConfigToJson(*c));
+  auto round_trip = ParseModelConfig(ModelConfigToJson(*c));
+  REQUIRE(round_trip.ok());
+  CHECK(ModelConfigToJson(*round_trip) == ModelConfigToJson(*c));
+  // A pre-norm OPT without its final LayerNorm (_remove_final_layer_norm) round-trips as such.
+  nlohmann::json removed = nlohmann::json::parse(kOpt);
+  removed["_remove_final_layer_norm"] = true;
+  auto r = ParseModelConfig(removed.dump());
+  REQUIRE(r.ok());
+  CHECK((!r->norms.final && !r->norm_after_residual));
+  CHECK(r->NumParameters() == 125239296 - 2 * 768);
+  auto r2 = ParseModelConfig(ModelConfigToJson(*r));
+  REQUIRE(r2.ok());
+  CHECK(!r2->norms.final);
+  // word_embed_proj_dim equal to hidden_size means no projections.
+  nlohmann::json same = nlohmann::json::parse(kOpt350);
+  same["word_embed_proj_dim"] = 1024;
+  auto s = ParseModelConfig(same.dump());
+  REQUIRE(s.ok());
+  CHECK(!s->projects_embeddings());
 }
 
 TEST_CASE("A config without architectures finds its family by model_type, or names both", "[model][config]") {

@@ -497,6 +497,16 @@ void CheckTensorData(const GgufFile& f, const ModelConfig& c, const ModelWeights
   }
 }
 
+// Seedling loads the F32 file at `path` as the model (c, w) it was written from: the same logits.
+void CheckSameLogits(const std::string& path, const ModelConfig& c, const ModelWeights& w) {
+  auto original = LlamaModel::Create(c, w);
+  auto loaded = LlamaModel::Load(path);
+  REQUIRE(original.ok());
+  REQUIRE(loaded.ok());
+  const at::Tensor tokens = at::tensor({5, 17, 3, 250, 9, 1}, at::kLong).view({1, 6});
+  CHECK((*(*loaded)->Logits(tokens) - *(*original)->Logits(tokens)).abs().max().item<double>() < 1e-5);
+}
+
 // ---- Tests --------------------------------------------------------------------------------------
 
 TEST_CASE("A GGUF export parses with an independent reader: header, every metadata key, tensor layout",
@@ -1278,14 +1288,7 @@ TEST_CASE(
       auto read = LoadModelConfig(dir + "/model.gguf");
       REQUIRE(read.ok());
       CHECK(ModelId(*read) == ModelId(c));
-      if (options.format == WeightFormat::kF32) {
-        auto original = LlamaModel::Create(c, w);
-        auto loaded = LlamaModel::Load(dir + "/model.gguf");
-        REQUIRE(original.ok());
-        REQUIRE(loaded.ok());
-        const at::Tensor tokens = at::tensor({5, 17, 3, 250, 9, 1}, at::kLong).view({1, 6});
-        CHECK((*(*loaded)->Logits(tokens) - *(*original)->Logits(tokens)).abs().max().item<double>() < 1e-5);
-      }
+      if (options.format == WeightFormat::kF32) CheckSameLogits(dir + "/model.gguf", c, w);
     }
   }
   std::filesystem::remove_all(dir);
@@ -1332,12 +1335,7 @@ TEST_CASE("A GPT-2 model's GGUF is architecture gpt2 with an F32 position_embd a
     CHECK(ModelId(*read) == ModelId(c));
   }
   Export(dir + "/model.gguf", c, w, *tok, F32());
-  auto original = LlamaModel::Create(c, w);
-  auto loaded = LlamaModel::Load(dir + "/model.gguf");
-  REQUIRE(original.ok());
-  REQUIRE(loaded.ok());
-  const at::Tensor tokens = at::tensor({5, 17, 3, 250, 9, 1}, at::kLong).view({1, 6});
-  CHECK((*(*loaded)->Logits(tokens) - *(*original)->Logits(tokens)).abs().max().item<double>() < 1e-5);
+  CheckSameLogits(dir + "/model.gguf", c, w);
   // RoPE models cannot be written as gpt2, nor GPT-2 without its biases.
   std::filesystem::remove(dir + "/model.gguf");
   ModelConfig unbiased = TinyGpt2();
@@ -1378,12 +1376,7 @@ TEST_CASE("A Phi model's GGUF is architecture phi2 with q, k, v apart, LayerNorm
     CHECK(ModelId(*read) == ModelId(c));
   }
   Export(dir + "/model.gguf", c, w, *tok, F32());
-  auto original = LlamaModel::Create(c, w);
-  auto loaded = LlamaModel::Load(dir + "/model.gguf");
-  REQUIRE(original.ok());
-  REQUIRE(loaded.ok());
-  const at::Tensor tokens = at::tensor({5, 17, 3, 250, 9, 1}, at::kLong).view({1, 6});
-  CHECK((*(*loaded)->Logits(tokens) - *(*original)->Logits(tokens)).abs().max().item<double>() < 1e-5);
+  CheckSameLogits(dir + "/model.gguf", c, w);
   std::filesystem::remove(dir + "/model.gguf");
   // What llama.cpp's phi2 graph cannot run is refused with the reason.
   ModelConfig no_head_bias = TinyPhi();

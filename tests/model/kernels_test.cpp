@@ -528,7 +528,8 @@ TEST_CASE("A soft-capped or biased LM head's cross-entropy equals the reference 
   for (const Case& head : {Case{2.0, false}, Case{0.0, true}, Case{2.0, true}}) {
     const at::Tensor b = head.bias ? logit_bias : at::Tensor();
     at::Tensor h_ref = hidden.clone().requires_grad_(true), w_ref = weight.clone().requires_grad_(true);
-    const at::Tensor ref = FullCrossEntropySum(h_ref, w_ref, targets, head.cap, b);
+    at::Tensor b_ref = head.bias ? logit_bias.clone().requires_grad_(true) : at::Tensor();
+    const at::Tensor ref = FullCrossEntropySum(h_ref, w_ref, targets, head.cap, b_ref);
     ref.backward();
     // The cap and the bias each change the rows' losses: a kernel that ignored either would fail below.
     const at::Tensor rows = FullCrossEntropyRows(hidden, weight, targets, head.cap, b);
@@ -538,13 +539,23 @@ TEST_CASE("A soft-capped or biased LM head's cross-entropy equals the reference 
       CHECK((rows - FullCrossEntropyRows(hidden, weight, targets, head.cap)).abs().max().item<double>() > 0.5);
     for (int64_t chunk : {0, 5}) {
       INFO("cap " << head.cap << ", bias " << head.bias << ", chunk " << chunk);
-      // A trained head (logits recomputed in backward) and a frozen one (the gradient from the forward pass).
+      // A trained head (logits recomputed in backward; its bias trained too) and a frozen one (the gradient
+      // from the forward pass).
       at::Tensor h = hidden.clone().requires_grad_(true), w = weight.clone().requires_grad_(true);
-      const at::Tensor loss = ChunkedCrossEntropy(h, {w, b, head.cap}, targets, chunk);
+      at::Tensor trained_b = head.bias ? logit_bias.clone().requires_grad_(true) : at::Tensor();
+      const at::Tensor loss = ChunkedCrossEntropy(h, {w, trained_b, head.cap}, targets, chunk);
       CHECK(std::abs(loss.item<double>() - ref.item<double>()) < 1e-10 * std::abs(ref.item<double>()));
       (loss * 2.0).backward();
       CHECK(MaxAbsDiff(h.grad(), 2.0 * h_ref.grad()) < 1e-10);
       CHECK(MaxAbsDiff(w.grad(), 2.0 * w_ref.grad()) < 1e-10);
+      if (head.bias) CHECK(MaxAbsDiff(trained_b.grad(), 2.0 * b_ref.grad()) < 1e-10);
+      if (head.bias) {  // a bias trained alone, beside a frozen weight
+        at::Tensor h_only = hidden.clone().requires_grad_(true);
+        at::Tensor b_only = logit_bias.clone().requires_grad_(true);
+        ChunkedCrossEntropy(h_only, {weight, b_only, head.cap}, targets, chunk).backward();
+        CHECK(MaxAbsDiff(b_only.grad(), b_ref.grad()) < 1e-10);
+        CHECK(MaxAbsDiff(h_only.grad(), h_ref.grad()) < 1e-10);
+      }
       const LogitHead frozen{weight, b, head.cap};
       at::Tensor h_frozen = hidden.clone().requires_grad_(true);
       ChunkedCrossEntropy(h_frozen, frozen, targets, chunk).backward();

@@ -22,11 +22,13 @@ namespace {
 // (LayerNorms with biases, attention and MLP in parallel, half of each head rotated, query_key_value fused per
 // head, a plain exact-GELU MLP, biases everywhere), GPT-2's (learned positions added to the embeddings, no
 // RoPE, c_attn fused as q | k | v, tanh-GELU MLP, LayerNorms), and Phi's (one LayerNorm whose output both
-// attention and the MLP read, in parallel, half of each head rotated, biases everywhere, the LM head's too).
-enum class Family { kLlama, kQwen2, kQwen3, kOlmo2, kGemmaBlock, kGemma2Block, kPhi3, kGptNeoX, kGpt2, kPhi };
+// attention and the MLP read, in parallel, half of each head rotated, biases everywhere, the LM head's too), and
+// OPT-350m's (post-LN: each residual sum normalized, no final norm, embeddings narrower than the blocks projected
+// in and out, OPT's position table, ReLU).
+enum class Family { kLlama, kQwen2, kQwen3, kOlmo2, kGemmaBlock, kGemma2Block, kPhi3, kGptNeoX, kGpt2, kPhi, kOpt350 };
 constexpr Family kFamilies[] = {Family::kLlama,      Family::kQwen2,       Family::kQwen3, Family::kOlmo2,
                                 Family::kGemmaBlock, Family::kGemma2Block, Family::kPhi3,  Family::kGptNeoX,
-                                Family::kGpt2,       Family::kPhi};
+                                Family::kGpt2,       Family::kPhi,         Family::kOpt350};
 
 const char* FamilyName(Family f) {
   switch (f) {
@@ -50,6 +52,8 @@ const char* FamilyName(Family f) {
       return "gpt2 (learned positions, LayerNorm, fused c_attn, tanh-GELU MLP)";
     case Family::kPhi:
       return "phi (one LayerNorm for parallel attention and MLP, partial rotary, LM head bias)";
+    case Family::kOpt350:
+      return "opt-350m (post-LN, no final norm, projected embeddings, learned positions offset by 2, ReLU)";
   }
   return "?";
 }
@@ -57,11 +61,12 @@ const char* FamilyName(Family f) {
 ModelConfig TwoLayerConfig(Family f) {
   const bool llama = f == Family::kLlama;
   ModelConfig c;
-  const char* const architectures[] = {
-      "LlamaForCausalLM",  "Qwen2ForCausalLM", "Qwen3ForCausalLM",   "Olmo2ForCausalLM", "Gemma3ForCausalLM",
-      "Gemma2ForCausalLM", "Phi3ForCausalLM",  "GPTNeoXForCausalLM", "GPT2LMHeadModel",  "PhiForCausalLM"};
-  const char* const model_types[] = {"llama",  "qwen2", "qwen3",    "olmo2", "gemma3_text",
-                                     "gemma2", "phi3",  "gpt_neox", "gpt2",  "phi"};
+  const char* const architectures[] = {"LlamaForCausalLM", "Qwen2ForCausalLM",   "Qwen3ForCausalLM",
+                                       "Olmo2ForCausalLM", "Gemma3ForCausalLM",  "Gemma2ForCausalLM",
+                                       "Phi3ForCausalLM",  "GPTNeoXForCausalLM", "GPT2LMHeadModel",
+                                       "PhiForCausalLM",   "OPTForCausalLM"};
+  const char* const model_types[] = {"llama", "qwen2",    "qwen3", "olmo2", "gemma3_text", "gemma2",
+                                     "phi3",  "gpt_neox", "gpt2",  "phi",   "opt"};
   c.architecture = architectures[static_cast<int>(f)];
   c.model_type = model_types[static_cast<int>(f)];
   c.vocab_size = 13;
@@ -136,6 +141,21 @@ ModelConfig TwoLayerConfig(Family f) {
     c.mlp_activation = MlpActivation::kGeluTanh;
     c.partial_rotary_factor = 0.5;
     c.qkv_bias = c.o_bias = c.mlp_bias = c.lm_head_bias = true;
+  }
+  if (f == Family::kOpt350) {
+    c.num_key_value_heads = 6;
+    c.head_dim = 2;
+    c.norm_kind = NormKind::kLayerNorm;
+    c.gated_mlp = false;
+    c.mlp_activation = MlpActivation::kRelu;
+    c.positions = PositionKind::kLearned;
+    c.position_offset = 2;
+    c.max_position_embeddings = 16;
+    c.qkv_bias = c.o_bias = c.mlp_bias = true;
+    c.tie_word_embeddings = true;
+    c.norm_after_residual = true;
+    c.norms.final = false;
+    c.word_embed_proj_dim = 8;  // embeddings and LM head 8 wide, blocks 12
   }
   return c;
 }
@@ -287,10 +307,14 @@ Mat NaiveLogits(const ModelConfig& c, const ModelWeights& w, const std::vector<i
   const double eps = c.rms_norm_eps, off = c.norm_weight_offset;
   const double embed_scale = c.scale_embeddings ? std::sqrt(static_cast<double>(H)) : 1.0;
   const double score_scale = c.attention_scale > 0 ? c.attention_scale : 1.0 / std::sqrt(static_cast<double>(D));
-  Mat x(T, std::vector<double>(static_cast<size_t>(H)));
+  const int64_t E = c.embedding_dim();
+  Mat x(T, std::vector<double>(static_cast<size_t>(E)));
+  for (size_t t = 0; t < T; ++t) {
+    for (int64_t i = 0; i < E; ++i) x[t][static_cast<size_t>(i)] = At(w.embed, tokens[t], i) * embed_scale;
+  }
+  if (c.projects_embeddings()) x = Linear(x, w.project_in, at::Tensor());  // (T, E) -> (T, H)
   for (size_t t = 0; t < T; ++t) {
     for (int64_t i = 0; i < H; ++i) {
-      x[t][static_cast<size_t>(i)] = At(w.embed, tokens[t], i) * embed_scale;
       // Learned positions: row t + offset of the table (OPT keeps two unused rows first).
       if (c.positions == PositionKind::kLearned) {
         x[t][static_cast<size_t>(i)] += At(w.positions, static_cast<int64_t>(t) + c.position_offset, i);
@@ -302,7 +326,9 @@ Mat NaiveLogits(const ModelConfig& c, const ModelWeights& w, const std::vector<i
     // Local layers: a window (sliding_window_pattern 2: every second layer is global) and their own base.
     const bool local = c.sliding_window.has_value() && (c.sliding_window_pattern == 0 || (l + 1) % 2 != 0);
     const double theta = local && c.rope_local_theta > 0 ? c.rope_local_theta : c.rope_theta;
-    const Mat h = c.norms.pre_attention ? NormRef(c, x, lw.input_norm, lw.input_norm_bias) : x;
+    // Post-LN normalizes the residual sums below instead of the sub-blocks' inputs.
+    const bool pre_norms = !c.norm_after_residual;
+    const Mat h = c.norms.pre_attention && pre_norms ? NormRef(c, x, lw.input_norm, lw.input_norm_bias) : x;
     Mat q, k, v;
     if (c.fused.qkv_per_head) {  // rows q_h | k_h | v_h for each head h
       const Mat qkv = Linear(h, lw.qkv, lw.qkv_bias);
@@ -371,12 +397,13 @@ Mat NaiveLogits(const ModelConfig& c, const ModelWeights& w, const std::vector<i
       for (size_t t = 0; t < T; ++t) {
         for (int64_t i = 0; i < H; ++i) x[t][static_cast<size_t>(i)] += o[t][static_cast<size_t>(i)];
       }
+      if (!pre_norms) x = NormRef(c, x, lw.input_norm, lw.input_norm_bias);  // x = n1(x + attn(x))
     }
     // Without a norm of its own, a parallel MLP reads attention's normed input (Phi), a sequential one x.
     const Mat& mlp_input = c.parallel_residual ? block_input : x;
-    const Mat h2 = c.norms.pre_mlp       ? NormRef(c, mlp_input, lw.pre_mlp_norm, lw.pre_mlp_norm_bias)
-                   : c.parallel_residual ? h
-                                         : mlp_input;
+    const Mat h2 = c.norms.pre_mlp && pre_norms ? NormRef(c, mlp_input, lw.pre_mlp_norm, lw.pre_mlp_norm_bias)
+                   : c.parallel_residual        ? h
+                                                : mlp_input;
     const int64_t I = c.intermediate_size;
     Mat act;
     if (c.gated_mlp) {
@@ -401,8 +428,11 @@ Mat NaiveLogits(const ModelConfig& c, const ModelWeights& w, const std::vector<i
         x[t][j] += down[t][j] + (c.parallel_residual ? o[t][j] : 0.0);
       }
     }
+    if (!pre_norms) x = NormRef(c, x, lw.pre_mlp_norm, lw.pre_mlp_norm_bias);  // x = n2(x + mlp(x))
   }
-  Mat logits = Linear(NormRef(c, x, w.final_norm, w.final_norm_bias), w.lm_head, w.lm_head_bias);
+  if (c.norms.final) x = NormRef(c, x, w.final_norm, w.final_norm_bias);
+  if (c.projects_embeddings()) x = Linear(x, w.project_out, at::Tensor());  // (T, H) -> (T, E)
+  Mat logits = Linear(x, w.lm_head, w.lm_head_bias);
   if (c.final_logit_softcap > 0) {
     for (auto& row : logits) {
       for (double& z : row) z = c.final_logit_softcap * std::tanh(z / c.final_logit_softcap);
@@ -520,7 +550,7 @@ TEST_CASE("Recomputation on, off and of some layers gives the same loss and grad
   // Every weight gets a gradient: biases, q/k norms, OLMo 2's output norms (the MLP's one reads the down
   // projection's values, which a graph-only recomputation must not skip).
   for (Family f : {Family::kQwen2, Family::kQwen3, Family::kOlmo2, Family::kGemmaBlock, Family::kGemma2Block,
-                   Family::kPhi3, Family::kGptNeoX, Family::kGpt2}) {
+                   Family::kPhi3, Family::kGptNeoX, Family::kGpt2, Family::kPhi, Family::kOpt350}) {
     INFO(FamilyName(f));
     const ModelConfig c = TwoLayerConfig(f);
     auto model = MakeModel(c, 14);

@@ -34,6 +34,18 @@ void WriteModel(const std::string& dir, const ModelConfig& c, const ModelWeights
 
 at::Tensor SomeTokens() { return at::tensor({1, 7, 3, 63, 0, 12}, at::kLong).view({1, 6}); }
 
+// Writes (c, w) to `dir` as config.json and an F32 model.safetensors and loads it back; the loaded model gives
+// the logits of the one built from `w` directly.
+std::unique_ptr<LlamaModel> SaveAndLoad(const std::string& dir, const ModelConfig& c, const ModelWeights& w) {
+  WriteModel(dir, c, w, DType::kF32);
+  auto m = LlamaModel::Load(dir);
+  REQUIRE(m.ok());
+  auto direct = LlamaModel::Create(c, w);
+  REQUIRE(direct.ok());
+  CHECK(at::equal(*(*m)->Logits(SomeTokens()), *(*direct)->Logits(SomeTokens())));
+  return std::move(m).value();
+}
+
 TEST_CASE("init-model trains the family's tokenizer style, with the special ids in config.json", "[model][init]") {
   struct Case {
     const char* preset;
@@ -286,14 +298,8 @@ TEST_CASE("A Phi checkpoint loads under its own names with the LM head's bias, w
   }
   // One norm per block: no post_attention_layernorm.
   CHECK(std::none_of(names.begin(), names.end(), [](const std::string& n) { return n.find("post_") != n.npos; }));
-  REQUIRE(WriteFileAtomic(JoinPath(dir.path, "config.json"), ModelConfigToJson(*c)).ok());
-  REQUIRE(SaveWeights(JoinPath(dir.path, "model.safetensors"), w, *c, DType::kF32).ok());
-  auto m = LlamaModel::Load(dir.path);
-  REQUIRE(m.ok());
-  CHECK(at::equal((*m)->weights().lm_head_bias, w.lm_head_bias));
-  auto direct = LlamaModel::Create(*c, w);
-  REQUIRE(direct.ok());
-  CHECK(at::equal(*(*m)->Logits(SomeTokens()), *(*direct)->Logits(SomeTokens())));
+  const std::unique_ptr<LlamaModel> m = SaveAndLoad(dir.path, *c, w);
+  CHECK(at::equal(m->weights().lm_head_bias, w.lm_head_bias));
   // Without lm_head.bias the checkpoint is not a Phi model.
   std::vector<at::Tensor> keep;
   std::vector<TensorToWrite> tensors;
@@ -311,6 +317,29 @@ TEST_CASE("A Phi checkpoint loads under its own names with the LM head's bias, w
   REQUIRE_FALSE(missing.ok());
   CHECK(missing.status().code() == absl::StatusCode::kNotFound);
   CHECK(std::string(missing.status().message()).find("'lm_head.bias'") != std::string::npos);
+}
+
+TEST_CASE("An OPT-350m checkpoint loads with project_in and project_out and without a final LayerNorm",
+          "[model][weights]") {
+  TempDir dir;
+  auto c = PresetConfig("opt-350m");
+  REQUIRE(c.ok());
+  c->num_hidden_layers = 1;  // the real widths, one block
+  c->vocab_size = 64;
+  const ModelWeights w = RandomWeights(*c, 8);
+  std::vector<std::string> names;
+  for (const NamedWeight& nw : NamedWeights(w, *c)) names.push_back(nw.name);
+  CHECK(names[0] == "model.decoder.embed_tokens.weight");
+  CHECK(names[2] == "model.decoder.project_out.weight");
+  CHECK(names[3] == "model.decoder.project_in.weight");
+  CHECK(names.back() == "model.decoder.layers.0.fc2.bias");  // tied head, and no model.decoder.final_layer_norm
+  CHECK(std::count(names.begin(), names.end(), "model.decoder.layers.0.final_layer_norm.weight") == 1);
+  CHECK(w.embed.sizes() == std::vector<int64_t>{64, 512});
+  CHECK(w.project_in.sizes() == std::vector<int64_t>{1024, 512});
+  CHECK(w.project_out.sizes() == std::vector<int64_t>{512, 1024});
+  const std::unique_ptr<LlamaModel> m = SaveAndLoad(dir.path, *c, w);
+  CHECK(at::equal(m->weights().project_in, w.project_in));
+  CHECK(m->Logits(SomeTokens())->size(2) == 64);
 }
 
 TEST_CASE("RandomWeights is deterministic per seed", "[model][weights]") {

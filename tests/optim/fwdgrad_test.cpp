@@ -16,6 +16,7 @@ using testing::Gpt2StyleMicroConfig;
 using testing::GptNeoXStyleMicroConfig;
 using testing::MakeModel;
 using testing::MicroConfig;
+using testing::Opt350StyleMicroConfig;
 using testing::Phi3StyleMicroConfig;
 using testing::PhiStyleMicroConfig;
 using testing::PostNormMicroConfig;
@@ -32,6 +33,8 @@ std::unique_ptr<model::LlamaModel> DoubleCopy(const model::LlamaModel& m) {
   to_double(w.final_norm_bias);
   to_double(w.positions);
   to_double(w.lm_head_bias);
+  to_double(w.project_in);
+  to_double(w.project_out);
   for (model::LayerWeights& l : w.layers) {
     for (at::Tensor* t : l.Slots()) {
       to_double(*t);
@@ -98,7 +101,7 @@ TEST_CASE("The forward-mode JVP equals a float64 central finite difference", "[o
 
 TEST_CASE("The batched forward gradient equals per-tangent forward-mode AD", "[optim][fwdgrad][tangents]") {
   // Qwen3-style per-head q/k norms with every bias, OLMo 2's block, or the options Gemma 2 and 3 add.
-  const int block = GENERATE(0, 1, 2, 3, 4, 5, 6, 7);
+  const int block = GENERATE(0, 1, 2, 3, 4, 5, 6, 7, 8);
   const char* const names[] = {"pre-norm block, biases, q/k norms per head",
                                "OLMo 2 block",
                                "Gemma-style block (GeGLU, 1 + w norms, local/global layers)",
@@ -106,7 +109,8 @@ TEST_CASE("The batched forward gradient equals per-tangent forward-mode AD", "[o
                                "Phi-3-style block (fused qkv and gate_up with biases, LongRoPE)",
                                "GPT-NeoX-style block (LayerNorms, parallel residual, partial rotary, GELU MLP)",
                                "GPT-2-style block (learned positions, fused c_attn, tanh-GELU MLP)",
-                               "Phi-style block (one LayerNorm for parallel attention and MLP, LM head bias)"};
+                               "Phi-style block (one LayerNorm for parallel attention and MLP, LM head bias)",
+                               "OPT-350m-style block (post-LN, no final norm, projected embeddings, ReLU)"};
   INFO(names[block]);
   const model::ModelConfig c = block == 0   ? BiasedMicroConfig()
                                : block == 1 ? PostNormMicroConfig()
@@ -115,7 +119,8 @@ TEST_CASE("The batched forward gradient equals per-tangent forward-mode AD", "[o
                                : block == 4 ? Phi3StyleMicroConfig()
                                : block == 5 ? GptNeoXStyleMicroConfig()
                                : block == 6 ? Gpt2StyleMicroConfig()
-                                            : PhiStyleMicroConfig();
+                               : block == 7 ? PhiStyleMicroConfig()
+                                            : Opt350StyleMicroConfig();
   auto m = MakeModel(c, 4);
   auto a = RandomAdapter(c, 2, EveryProjection());
   const model::Batch batch = RuleBatch(2, 12, c.vocab_size, 7);

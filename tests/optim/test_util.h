@@ -140,6 +140,26 @@ inline model::ModelConfig PhiStyleMicroConfig() {
   return c;
 }
 
+// MicroConfig with OPT-350m's block: norms after each residual add, no final norm, 16-wide embeddings projected
+// to the 32-wide blocks and back, OPT's position table with two unused rows, ReLU, biases everywhere.
+inline model::ModelConfig Opt350StyleMicroConfig() {
+  model::ModelConfig c = MicroConfig();
+  c.architecture = "OPTForCausalLM";
+  c.model_type = "opt";
+  c.num_key_value_heads = c.num_attention_heads;
+  c.norm_kind = model::NormKind::kLayerNorm;
+  c.gated_mlp = false;
+  c.mlp_activation = model::MlpActivation::kRelu;
+  c.positions = model::PositionKind::kLearned;
+  c.position_offset = 2;
+  c.max_position_embeddings = 32;
+  c.qkv_bias = c.o_bias = c.mlp_bias = true;
+  c.norm_after_residual = true;
+  c.norms.final = false;
+  c.word_embed_proj_dim = 16;
+  return c;
+}
+
 inline std::vector<model::Projection> EveryProjection() {
   return {model::Projection::kQ,    model::Projection::kK,  model::Projection::kV,   model::Projection::kO,
           model::Projection::kGate, model::Projection::kUp, model::Projection::kDown};
