@@ -116,6 +116,7 @@ LlamaModel::LayerRopes LlamaModel::MakeRopes(int64_t start, int64_t length, at::
     return RopeTables{t.cos.to(dtype), t.sin.to(dtype)};  // once, not per layer
   };
   LayerRopes ropes;
+  if (config_.positions != PositionKind::kRope) return ropes;  // learned positions: Rotate never reads them
   // LongRoPE takes its long factors once a forward reaches past the pre-trained context (as Hugging Face
   // decides per forward by the largest position).
   ropes.global = tables(RopeLongContext(config_, start + length) ? long_inv_freq_ : inv_freq_);

@@ -203,6 +203,7 @@ class LlamaModel {
       return local.cos.defined() && c.LayerIsLocal(layer) ? local : global;
     }
   };
+  // RoPE tables for positions [start, start + length): empty for a model with learned positions.
   LayerRopes MakeRopes(int64_t start, int64_t length, at::ScalarType dtype) const;
   // A norm's weight as the forward scales by it (ModelConfig::norm_weight_offset added).
   at::Tensor NormWeight(const at::Tensor& w) const;
