@@ -34,6 +34,22 @@ void WriteModel(const std::string& dir, const ModelConfig& c, const ModelWeights
 
 at::Tensor SomeTokens() { return at::tensor({1, 7, 3, 63, 0, 12}, at::kLong).view({1, 6}); }
 
+// Writes every weight of `named` but the one called `skip` to an F32 safetensors file at `path`.
+void WriteWithout(const std::string& path, const std::vector<NamedWeight>& named, std::string_view skip) {
+  std::vector<at::Tensor> keep;
+  std::vector<TensorToWrite> tensors;
+  for (const NamedWeight& nw : named) {
+    if (nw.name == skip) continue;
+    keep.push_back(nw.tensor.contiguous());
+    tensors.push_back(
+        {nw.name,
+         DType::kF32,
+         nw.tensor.sizes().vec(),
+         {static_cast<const uint8_t*>(keep.back().data_ptr()), static_cast<size_t>(keep.back().nbytes())}});
+  }
+  REQUIRE(WriteSafetensors(path, tensors).ok());
+}
+
 // Writes (c, w) to `dir` as config.json and an F32 model.safetensors and loads it back; the loaded model gives
 // the logits of the one built from `w` directly.
 std::unique_ptr<LlamaModel> SaveAndLoad(const std::string& dir, const ModelConfig& c, const ModelWeights& w) {
@@ -146,19 +162,8 @@ TEST_CASE("A missing tensor is NotFound naming it", "[model][weights]") {
   TempDir dir;
   const ModelConfig c = SmallConfig();
   const ModelWeights w = RandomWeights(c, 6);
-  std::vector<at::Tensor> keep;
-  std::vector<TensorToWrite> tensors;
-  for (const NamedWeight& nw : NamedWeights(w, c)) {
-    if (nw.name == "model.layers.1.mlp.up_proj.weight") continue;
-    keep.push_back(nw.tensor.contiguous());
-    tensors.push_back(
-        {nw.name,
-         DType::kF32,
-         nw.tensor.sizes().vec(),
-         {static_cast<const uint8_t*>(keep.back().data_ptr()), static_cast<size_t>(keep.back().nbytes())}});
-  }
   REQUIRE(WriteFileAtomic(JoinPath(dir.path, "config.json"), ModelConfigToJson(c)).ok());
-  REQUIRE(WriteSafetensors(JoinPath(dir.path, "model.safetensors"), tensors).ok());
+  WriteWithout(JoinPath(dir.path, "model.safetensors"), NamedWeights(w, c), "model.layers.1.mlp.up_proj.weight");
   auto m = LlamaModel::Load(dir.path);
   REQUIRE_FALSE(m.ok());
   CHECK(m.status().code() == absl::StatusCode::kNotFound);
@@ -301,18 +306,7 @@ TEST_CASE("A Phi checkpoint loads under its own names with the LM head's bias, w
   const std::unique_ptr<LlamaModel> m = SaveAndLoad(dir.path, *c, w);
   CHECK(at::equal(m->weights().lm_head_bias, w.lm_head_bias));
   // Without lm_head.bias the checkpoint is not a Phi model.
-  std::vector<at::Tensor> keep;
-  std::vector<TensorToWrite> tensors;
-  for (const NamedWeight& nw : named) {
-    if (nw.name == "lm_head.bias") continue;
-    keep.push_back(nw.tensor.contiguous());
-    tensors.push_back(
-        {nw.name,
-         DType::kF32,
-         nw.tensor.sizes().vec(),
-         {static_cast<const uint8_t*>(keep.back().data_ptr()), static_cast<size_t>(keep.back().nbytes())}});
-  }
-  REQUIRE(WriteSafetensors(JoinPath(dir.path, "model.safetensors"), tensors).ok());
+  WriteWithout(JoinPath(dir.path, "model.safetensors"), named, "lm_head.bias");
   auto missing = LlamaModel::Load(dir.path);
   REQUIRE_FALSE(missing.ok());
   CHECK(missing.status().code() == absl::StatusCode::kNotFound);
