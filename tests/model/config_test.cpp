@@ -337,9 +337,19 @@ TEST_CASE("Phi-3 LongRoPE: short factors within the pre-trained context, long on
   j = nlohmann::json::parse(LongRopePhi3("longrope", 48));
   j["rope_scaling"]["short_factor"][3] = -1.0;
   CHECK(Contains(ParseModelConfig(j.dump()).status(), "rope_scaling.short_factor"));
-  // Phi-4-mini rotates 3/4 of each head: refused by name.
-  j = nlohmann::json::parse(kPhi3);
+  // Phi-4-mini rotates 3/4 of each head (72 of 96 dimensions here), with one LongRoPE factor per rotated pair.
+  j = nlohmann::json::parse(LongRopePhi3("longrope", 36));
+  j["rope_scaling"]["long_factor"] = std::vector<double>(36, 2.0);
   j["partial_rotary_factor"] = 0.75;
+  auto partial = ParseModelConfig(j.dump());
+  REQUIRE(partial.ok());
+  CHECK(partial->rotary_dim() == 72);
+  CHECK(RopeInverseFrequencyValues(*partial).size() == 36);
+  auto partial_round_trip = ParseModelConfig(ModelConfigToJson(*partial));
+  REQUIRE(partial_round_trip.ok());
+  CHECK(ModelConfigToJson(*partial_round_trip) == ModelConfigToJson(*partial));
+  j["rope_scaling"] = nullptr;
+  j["partial_rotary_factor"] = 0.01;  // rotates no dimension
   CHECK(Contains(ParseModelConfig(j.dump()).status(), "partial_rotary_factor"));
 }
 

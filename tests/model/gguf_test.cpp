@@ -1226,13 +1226,17 @@ TEST_CASE("A Phi-3 model llama.cpp's phi3 cannot express is refused with the rea
   ModelConfig wide = TinyPhi3();
   wide.head_dim = 48;  // q_dim 192 != hidden 128: llama.cpp sizes attn_qkv as hidden + 2 kv_dim
   wide.rope_scaling = RopeScaling{};
+  ModelConfig partial = TinyPhi3();  // Phi-4-mini's block: llama.cpp's phi3 here rotates whole heads
+  partial.partial_rotary_factor = 0.5;
+  partial.rope_scaling = RopeScaling{};
   ModelConfig llama_longrope = TinyLlama();
   llama_longrope.rope_scaling = TinyPhi3().rope_scaling;
   llama_longrope.rope_scaling.short_factor.resize(static_cast<size_t>(llama_longrope.head_dim / 2), 1.0);
   llama_longrope.rope_scaling.long_factor.resize(static_cast<size_t>(llama_longrope.head_dim / 2), 2.0);
   for (const auto& [c, reason] :
        {std::pair{tied, "requires output.weight"}, std::pair{biased, "biases"},
-        std::pair{wide, "sizes q_proj as hidden x hidden"}, std::pair{llama_longrope, "has no LongRoPE factors"}}) {
+        std::pair{wide, "sizes q_proj as hidden x hidden"}, std::pair{llama_longrope, "has no LongRoPE factors"},
+        std::pair{partial, "rotates whole heads"}}) {
     CheckRefused(WriteGguf(dir + "/model.gguf", c, RandomWeights(c, 1), *tok, {}), dir, reason);
   }
   std::filesystem::remove_all(dir);

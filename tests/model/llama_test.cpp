@@ -452,6 +452,11 @@ std::vector<ModelConfig> ReferenceConfigs(Family f) {
   if (out[0].rope_scaling.type == RopeScaling::Type::kLongRope) {
     out.push_back(out[0]);
     out[1].rope_scaling.original_max_position_embeddings = 64;
+    // Phi-4-mini: half of each head rotated, one LongRoPE factor per rotated pair.
+    out.push_back(out[0]);
+    out[2].partial_rotary_factor = 0.5;
+    out[2].rope_scaling.short_factor = {1.7};
+    out[2].rope_scaling.long_factor = {5.0};
   }
   if (out[0].parallel_residual) {
     out.push_back(out[0]);
@@ -469,7 +474,8 @@ TEST_CASE("The model's forward equals a naive loop-based reference on a 2-layer 
   for (Family f : kFamilies) {
     for (const ModelConfig& c : ReferenceConfigs(f)) {
       INFO(FamilyName(f) << ", original context " << c.rope_scaling.original_max_position_embeddings
-                         << ", parallel residual " << c.parallel_residual << ", position offset " << c.position_offset);
+                         << ", parallel residual " << c.parallel_residual << ", position offset " << c.position_offset
+                         << ", rotary share " << c.partial_rotary_factor);
       auto model = MakeModel(c, 11);
       if (f == Family::kQwen2) {
         for (LayerWeights& lw : model->mutable_weights().layers) lw.q_bias.add_(0.5);  // biases must matter
