@@ -288,6 +288,17 @@ absl::Status CheckExpressible(const ModelConfig& c, const GgufGraphRules& r) {
                                                  ? "runs attention and the MLP side by side from one norm"
                                                  : "gives the MLP a norm of its own"));
   }
+  // No llama.cpp architecture here has post-LN blocks, drops the final norm or projects the embeddings.
+  if (c.norm_after_residual) {
+    return absl::InvalidArgumentError(StrCat(who, "with norms after each residual add", why, "normalizes first"));
+  }
+  if (!c.norms.final) {
+    return absl::InvalidArgumentError(StrCat(who, "without a final norm", why, "requires output_norm"));
+  }
+  if (c.projects_embeddings()) {
+    return absl::InvalidArgumentError(
+        StrCat(who, "with embeddings narrower than its blocks", why, "has no project_in / project_out"));
+  }
   if (c.lm_head_bias != r.output_bias) {
     return absl::InvalidArgumentError(StrCat(who, c.lm_head_bias ? "with" : "without", " an LM head bias", why,
                                              r.output_bias ? "requires output.bias" : "has no output.bias"));

@@ -311,8 +311,7 @@ at::Tensor LlamaModel::DecoderLayerImpl(int64_t layer, const at::Tensor& x, cons
   const int64_t hq = config_.num_attention_heads, hkv = config_.num_key_value_heads, d = config_.head_dim;
 
   // Attention block.
-  const at::Tensor h = MaybeNorm(config_.norms.pre_attention && NormsBeforeBranches(), x, w.input_norm,
-                                 w.input_norm_bias, Norm);  // (B, T, H)
+  const at::Tensor h = AttentionInput(x, w, Norm);  // (B, T, H)
   const QkvOutputs qkv = ProjectQkv(config_, w, [&](Projection p, const at::Tensor& weight, const at::Tensor& bias) {
     return Project(layer, p, h, weight, bias, options);
   });
@@ -359,6 +358,10 @@ at::Tensor LlamaModel::Residual(const LayerWeights& w, const at::Tensor& x, cons
                            : MaybeNorm(config_.norms.pre_mlp, x1, w.pre_mlp_norm, w.pre_mlp_norm_bias, norm);
   const at::Tensor out = mlp(m);
   return config_.parallel_residual ? x + attended + out : x1 + out;
+}
+
+at::Tensor LlamaModel::AttentionInput(const at::Tensor& x, const LayerWeights& w, NormFn norm) const {
+  return MaybeNorm(config_.norms.pre_attention && NormsBeforeBranches(), x, w.input_norm, w.input_norm_bias, norm);
 }
 
 at::Tensor LlamaModel::MaybeNorm(bool on, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
@@ -424,8 +427,7 @@ at::Tensor LlamaModel::DecoderLayerTangents(int64_t layer, const at::Tensor& x, 
   const int64_t hq = config_.num_attention_heads, hkv = config_.num_key_value_heads, d = config_.head_dim;
 
   // Attention block. RoPE is linear: it rotates every slice alike.
-  const at::Tensor h = MaybeNorm(config_.norms.pre_attention && NormsBeforeBranches(), x, w.input_norm,
-                                 w.input_norm_bias, NormTangents);  // (1+K, B, T, H)
+  const at::Tensor h = AttentionInput(x, w, NormTangents);  // (1+K, B, T, H)
   const QkvOutputs qkv = ProjectQkv(config_, w, [&](Projection p, const at::Tensor& weight, const at::Tensor& bias) {
     return ProjectTangents(layer, p, h, weight, bias, options);
   });

@@ -218,6 +218,8 @@ class LlamaModel {
   at::Tensor FinalNorm(const at::Tensor& x, NormFn norm, int64_t forward_level = -1) const;
   // Whether the block normalizes the inputs of attention and the MLP (pre-LN), or their residual sums instead.
   bool NormsBeforeBranches() const { return !config_.norm_after_residual; }
+  // Attention's input norm: the block's pre-attention norm, normalizing `x` itself only in a pre-LN block.
+  at::Tensor AttentionInput(const at::Tensor& x, const LayerWeights& w, NormFn norm) const;
   // The residual layout both forwards share: attention's output `attended` is added to the block's input `x`
   // before the MLP branch reads it (through the MLP's norm), or beside it (parallel residual: the branch reads
   // `x` through its own norm, or `h`, attention's normed input, when the block has none), and the branch's

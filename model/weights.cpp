@@ -158,6 +158,13 @@ std::vector<NamedWeight> NamedWeights(const ModelWeights& weights, const ModelCo
   return out;
 }
 
+void ForEachWeightSlot(ModelWeights& weights, const ModelConfig& config,
+                       const std::function<void(const std::string& name, at::Tensor& slot)>& fn) {
+  SEEDLING_CHECK(static_cast<int64_t>(weights.layers.size()) == config.num_hidden_layers);
+  ForEachWeight(weights, config, /*include_tied_head=*/false,
+                [&](const std::string& name, const std::vector<int64_t>&, Kind, at::Tensor& slot) { fn(name, slot); });
+}
+
 std::vector<ExpectedTensor> ExpectedTensors(const ModelConfig& config) {
   std::vector<ExpectedTensor> out;
   ModelWeights scratch;

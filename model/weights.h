@@ -120,6 +120,9 @@ struct NamedWeight {
 // Every tensor of `weights` with its Hugging Face name, in checkpoint order (embed, layers, norm, lm_head).
 // The tied lm_head is not listed; absent biases are skipped.
 std::vector<NamedWeight> NamedWeights(const ModelWeights& weights, const ModelConfig& config);
+// The same slots, for code that replaces tensors (a copy in another dtype) rather than changing them in place.
+void ForEachWeightSlot(ModelWeights& weights, const ModelConfig& config,
+                       const std::function<void(const std::string& name, at::Tensor& slot)>& fn);
 
 // A tensor the architecture expects: its Hugging Face name, its shape in memory (nn.Linear's (out, in)) and how
 // it is held.

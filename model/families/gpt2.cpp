@@ -54,8 +54,7 @@ absl::Status ReadGpt2(const Json& j, ModelConfig& c) {
 }
 
 void WriteGpt2(const ModelConfig& c, Json& j) {
-  j["activation_function"] =
-      c.mlp_activation == MlpActivation::kGeluTanh ? "gelu_new" : internal::ActivationName(c.mlp_activation);
+  j["activation_function"] = internal::GeluNewActivationName(c.mlp_activation);
   j.erase("hidden_act");
   j["n_embd"] = c.hidden_size;
   j["n_layer"] = c.num_hidden_layers;

@@ -44,8 +44,7 @@ absl::Status ReadPhi(const Json& j, ModelConfig& c) {
 }
 
 void WritePhi(const ModelConfig& c, Json& j) {
-  j["hidden_act"] =
-      c.mlp_activation == MlpActivation::kGeluTanh ? "gelu_new" : internal::ActivationName(c.mlp_activation);
+  j["hidden_act"] = internal::GeluNewActivationName(c.mlp_activation);
   j["layer_norm_eps"] = c.rms_norm_eps;
   j["partial_rotary_factor"] = c.partial_rotary_factor;
   j["qk_layernorm"] = false;

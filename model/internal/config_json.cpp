@@ -53,6 +53,10 @@ const char* ActivationName(MlpActivation activation) {
   return "?";
 }
 
+const char* GeluNewActivationName(MlpActivation activation) {
+  return activation == MlpActivation::kGeluTanh ? "gelu_new" : ActivationName(activation);
+}
+
 namespace {
 
 // The activation a config.json name denotes; nullopt for names this block does not compute.

@@ -28,6 +28,8 @@ absl::StatusOr<bool> GetBool(const Json& j, const char* key, bool fallback);
 // "gelu"; "relu"), and a check that field `key`, when present, names it: InvalidArgument naming the field and
 // what the block computes.
 const char* ActivationName(MlpActivation activation);
+// The name for families whose own configs write GELU's tanh approximation as "gelu_new" (GPT-2, Phi).
+const char* GeluNewActivationName(MlpActivation activation);
 absl::Status CheckActivation(const Json& j, const char* key, MlpActivation activation);
 // The plain MLP's activation field `key` names (`fallback` when absent): gelu, the tanh GELUs or relu;
 // InvalidArgument naming the field for anything else.

@@ -1528,6 +1528,21 @@ TEST_CASE("Models llama.cpp cannot run as written are refused without a file", "
     CheckRefused(WriteGguf(path, c, RandomWeights(c, 14), *tok), dir, "llama3");
   }
   {
+    // OPT's block layouts on an architecture llama.cpp has: post-LN, no final norm, narrower embeddings.
+    ModelConfig post_ln = TinyLlama();
+    post_ln.norm_after_residual = true;
+    ModelConfig no_final_norm = TinyLlama();
+    no_final_norm.norms.final = false;
+    ModelConfig projected = TinyLlama();
+    projected.word_embed_proj_dim = projected.hidden_size / 2;
+    for (const auto& [c, reason] :
+         {std::pair{post_ln, "norms after each residual add"}, std::pair{no_final_norm, "requires output_norm"},
+          std::pair{projected, "project_in"}}) {
+      REQUIRE(c.Validate().ok());
+      CheckRefused(WriteGguf(path, c, RandomWeights(c, 16), *tok), dir, reason);
+    }
+  }
+  {
     // A byte-level pre-tokenizer llama.cpp has no name for (GPT-2's, but adding a prefix space).
     json doc = json::parse(TokenizerJson());
     doc["pre_tokenizer"]["add_prefix_space"] = true;

@@ -25,22 +25,8 @@ using testing::RuleBatch;
 // A float64 copy of the model: every weight converted to double.
 std::unique_ptr<model::LlamaModel> DoubleCopy(const model::LlamaModel& m) {
   model::ModelWeights w = m.weights();
-  auto to_double = [](at::Tensor& t) {
-    if (t.defined()) t = t.to(at::kDouble);
-  };
-  to_double(w.embed);
-  to_double(w.final_norm);
-  to_double(w.final_norm_bias);
-  to_double(w.positions);
-  to_double(w.lm_head_bias);
-  to_double(w.project_in);
-  to_double(w.project_out);
-  for (model::LayerWeights& l : w.layers) {
-    for (at::Tensor* t : l.Slots()) {
-      to_double(*t);
-    }
-  }
-  w.lm_head = m.config().tie_word_embeddings ? w.embed : w.lm_head.to(at::kDouble);
+  model::ForEachWeightSlot(w, m.config(), [](const std::string&, at::Tensor& t) { t = t.to(at::kDouble); });
+  if (m.config().tie_word_embeddings) w.lm_head = w.embed;  // the tied head is not a slot of its own
   auto d = model::LlamaModel::Create(m.config(), std::move(w));
   REQUIRE(d.ok());
   return std::move(d).value();
