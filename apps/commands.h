@@ -19,5 +19,6 @@ void RegisterFinetuneCommands(CLI::App& app, Action& action);  // finetune, expo
 void RegisterServerCommands(CLI::App& app, Action& action);    // serve, certs, devices, client
 void RegisterSimulateCommands(CLI::App& app, Action& action);  // simulate
 void RegisterPrivacyCommands(CLI::App& app, Action& action);   // privacy epsilon, privacy noise-for
+void RegisterTokenizeCommands(CLI::App& app, Action& action);  // tokenize
 
 }  // namespace seedling::apps

@@ -22,6 +22,7 @@ int main(int argc, char** argv) {
 
   seedling::apps::Action action;
   seedling::apps::RegisterModelCommands(app, action);
+  seedling::apps::RegisterTokenizeCommands(app, action);
   seedling::apps::RegisterFinetuneCommands(app, action);
   seedling::apps::RegisterServerCommands(app, action);
   seedling::apps::RegisterBenchCommands(app, action);

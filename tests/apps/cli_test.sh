@@ -353,8 +353,59 @@ case "$case_name" in
         'BEGIN { exit !(v > 0 && m > 0 && m <= 1) }' || fail "$name has no throughput: $row"
     done
     ;;
+  tokenize-round-trip)
+    printf 'Hello world, this is Seedling.\n\nZürich: 3 × 4 = 12 — ok?\n  two  spaces\n' > "$work/tok.txt"
+    ids=$("$seedling" tokenize --model "$model" --text-file "$work/tok.txt") || fail "tokenize failed"
+    [ "$(echo "$ids" | wc -l)" -eq 4 ] || fail "expected one id list per input line: $ids"
+    if echo "$ids" | grep -qvE '^\[([0-9]+(,[0-9]+)*)?\]$'; then fail "not JSON lists of ids: $ids"; fi
+    [ "$(echo "$ids" | sed -n 2p)" = "[]" ] || fail "an empty line is not []: $ids"
+    [ "$(echo "$ids" | sed -n 1p | tr ',' '\n' | wc -l)" -gt 3 ] || fail "too few tokens for line 1: $ids"
+    text=$(echo "$ids" | "$seedling" tokenize --model "$model" --decode) || fail "decode failed"
+    [ "$text" = "$(cat "$work/tok.txt")" ] || fail "decode(encode(text)) differs: '$text'"
+    # The same ids from stdin, from --text and from the tokenizer file alone.
+    [ "$("$seedling" tokenize --model "$model" < "$work/tok.txt")" = "$ids" ] || fail "stdin gives other ids"
+    [ "$("$seedling" tokenize --tokenizer "$model/tokenizer.json" --text-file "$work/tok.txt")" = "$ids" ] \
+      || fail "--tokenizer gives other ids"
+    [ "$("$seedling" tokenize --model "$model" --text "Hello world, this is Seedling.")" = "$(echo "$ids" | head -1)" ] \
+      || fail "--text gives other ids"
+    [ "$("$seedling" tokenize --model "$model" --text "")" = "[]" ] || fail "an empty --text is not []"
+    ;;
+  tokenize-special)
+    # The tiny model's tokenizer (SmolLM2 style) adds no special tokens; a Phi-3-style one prepends <s>.
+    [ "$("$seedling" tokenize --model "$model" --text "Hello" --special)" = \
+      "$("$seedling" tokenize --model "$model" --text "Hello")" ] || fail "--special changed a tokenizer without BOS"
+    "$seedling" init-model --preset tiny-phi3 --out "$work/tok-phi3" --force >/dev/null || fail "init-model tiny-phi3"
+    plain=$("$seedling" tokenize --model "$work/tok-phi3" --text "Hello world") || fail "tokenize failed"
+    special=$("$seedling" tokenize --model "$work/tok-phi3" --text "Hello world" --special) || fail "--special failed"
+    bos=$(echo "$special" | sed -n 's/^\[\([0-9]*\),.*/\1/p')
+    [ -n "$bos" ] && [ "$special" = "[$bos,${plain#[}" ] || fail "--special should prepend one id: $plain vs $special"
+    [ "$(echo "[$bos]" | "$seedling" tokenize --model "$work/tok-phi3" --decode --special)" = "<s>" ] \
+      || fail "id $bos is not <s>"
+    [ "$(echo "$special" | "$seedling" tokenize --model "$work/tok-phi3" --decode)" = "Hello world" ] \
+      || fail "decode without --special keeps the special token"
+    ;;
+  tokenize-bad-input)
+    expect_error "give --tokenizer FILE or --model DIR" "$seedling" tokenize --text hi
+    expect_error "--tokenizer excludes --model" "$seedling" tokenize --model "$model" \
+      --tokenizer "$model/tokenizer.json" --text hi
+    expect_error "--text excludes --text-file" "$seedling" tokenize --model "$model" --text hi --text-file "$work/x"
+    expect_error "--text-file: cannot open '$work/nowhere.txt'" "$seedling" tokenize --model "$model" \
+      --text-file "$work/nowhere.txt"
+    expect_error "is a directory" "$seedling" tokenize --tokenizer "$model" --text hi
+    expect_error "tokenizer.json" "$seedling" tokenize --model "$work/nowhere" --text hi
+    printf '[1, 2]\n[3,\n' > "$work/ids.txt"
+    expect_error "ids.txt line 2: not valid JSON" "$seedling" tokenize --model "$model" --decode --text-file "$work/ids.txt"
+    expect_error "--text line 1: expected a JSON list of token ids, got a JSON object" "$seedling" tokenize \
+      --model "$model" --decode --text '{"ids": [1]}'
+    expect_error "--text line 2: expected integer token ids, got a JSON string at position 1" "$seedling" tokenize \
+      --model "$model" --decode --text $'[1]\n[2, "3"]'
+    expect_error "stdin line 3: token id 2048 is out of range (the vocabulary has ids 0 to 2047)" \
+      bash -c "printf '[1]\n[]\n[5, 2048]\n' | '$seedling' tokenize --model '$model' --decode"
+    expect_error "token id -1 is out of range" "$seedling" tokenize --model "$model" --decode --text "[-1]"
+    expect_error "--text line 1: " "$seedling" tokenize --model "$model" --text $'\xff\xfe'
+    ;;
   help)
-    for cmd in init-model eval generate finetune export "bench forward"; do
+    for cmd in init-model eval generate finetune export "bench forward" tokenize serve; do
       # shellcheck disable=SC2086
       grep -q "Usage" <<< "$("$seedling" $cmd --help)" || fail "no usage for $cmd"
     done
