@@ -21,6 +21,7 @@
 #include "server/devices.h"
 #include "server/http.h"
 #include "server/metrics.h"
+#include "server/preflight.h"
 #include "server/store.h"
 #include "spdlog/spdlog.h"
 
@@ -59,14 +60,33 @@ class ShutdownSignal {
   mutable std::atomic<bool> logged_{false};
 };
 
+// `serve --check-config`: the startup checks alone (server/preflight.h), then one summary line.
+absl::Status CheckConfig(const std::string& config_path) {
+  SEEDLING_ASSIGN_OR_RETURN(const server::ServerConfig config, server::LoadServerConfig(config_path));
+  absl::StatusOr<server::PreflightReport> report = server::CheckServerConfig(config);
+  if (!report.ok()) return Annotate(report.status(), config_path);
+  const std::string http =
+      config.http_port == 0 ? std::string("no HTTP") : StrCat("HTTP on ", config.http_bind, ":", config.http_port);
+  std::printf("%s: ok: %s with %s, model %s, adapter of %lld parameters, devices on %s:%u, %s, %s state in %s\n",
+              config_path.c_str(), config.method.c_str(), report->strategy.c_str(),
+              report->model_id.substr(0, 12).c_str(), static_cast<long long>(report->adapter_parameters),
+              config.bind.c_str(), config.port, http.c_str(), report->state_exists ? "existing" : "new",
+              config.state_dir.c_str());
+  return absl::OkStatus();
+}
+
 void RegisterServe(CLI::App& app, Action& action) {
   auto config_path = std::make_shared<std::string>();
   auto port_file = std::make_shared<std::string>();
+  auto check_config = std::make_shared<bool>(false);
   CLI::App* cmd = app.add_subcommand("serve", "Run the coordination server (TLS for devices, HTTP for metrics)");
   cmd->add_option("--config", *config_path, "server.toml (docs/operations.md: every key and its default)")->required();
   cmd->add_option("--port-file", *port_file, "Write the bound TLS and HTTP ports here as JSON (for scripts)");
-  cmd->callback([config_path, port_file, &action] {
-    action = [config_path, port_file]() -> absl::Status {
+  cmd->add_flag("--check-config", *check_config,
+                "Only check server.toml and the files it names (no port bound, no state written); print a summary");
+  cmd->callback([config_path, port_file, check_config, &action] {
+    action = [config_path, port_file, check_config]() -> absl::Status {
+      if (*check_config) return CheckConfig(*config_path);
       SEEDLING_ASSIGN_OR_RETURN(server::ServerConfig config, server::LoadServerConfig(*config_path));
       ShutdownSignal shutdown;  // before any thread starts, so they inherit the blocked mask
       SystemClock clock;

@@ -404,6 +404,47 @@ case "$case_name" in
     expect_error "token id -1 is out of range" "$seedling" tokenize --model "$model" --decode --text "[-1]"
     expect_error "--text line 1: " "$seedling" tokenize --model "$model" --text $'\xff\xfe'
     ;;
+  serve-check-config)
+    dir="$work/check-config"
+    rm -rf "$dir" && mkdir -p "$dir"
+    "$seedling" certs init --dir "$dir/certs" --names localhost >/dev/null || fail "certs init failed"
+    "$seedling" certs init --dir "$dir/other-certs" --names localhost >/dev/null || fail "certs init failed"
+    cat > "$dir/server.toml" <<TOML
+[server]
+state_dir = "state"
+port = 0
+http_port = 0
+cert_file = "certs/server.crt"
+key_file = "certs/server.key"
+[model]
+dir = "$model"
+[training]
+method = "lora-bp"
+clients_per_round = 2
+[lora]
+rank = 2
+TOML
+    out=$("$seedling" serve --config "$dir/server.toml" --check-config) || fail "a valid config failed the check"
+    [ "$(echo "$out" | wc -l)" -eq 1 ] || fail "not one summary line: $out"
+    echo "$out" | grep -q "server.toml: ok: lora-bp with fedavg, model [0-9a-f]\{12\}, adapter of [1-9][0-9]* parameters" \
+      || fail "summary: $out"
+    [ ! -e "$dir/state" ] || fail "--check-config created the state directory"
+    # Each broken variant fails with the message serve would give, and creates nothing.
+    check_broken() {  # <message> <sed expression>
+      sed "$2" "$dir/server.toml" > "$dir/broken.toml"
+      expect_error "$1" "$seedling" serve --config "$dir/broken.toml" --check-config
+    }
+    check_broken "[lora] rnak: is not a known key" 's/^rank = 2/rnak = 2/'
+    check_broken "does not match the certificate" 's#key_file = "certs/#key_file = "other-certs/#'
+    check_broken "cert_file '$dir/certs/ca.key' holds no PEM certificate" 's#certs/server.crt#certs/ca.key#'
+    check_broken "[server] key_file: cannot open '$dir/certs/nokey.pem'" 's#certs/server.key#certs/nokey.pem#'
+    check_broken "[model] dir: cannot open '$work/nowhere/config.json'" "s#^dir = .*#dir = \"$work/nowhere\"#"
+    check_broken "unknown LoRA target 'nothing'" 's/^rank = 2/targets = ["nothing"]/'
+    touch "$dir/afile"
+    check_broken "'$dir/afile' exists and is not a directory" 's#state_dir = "state"#state_dir = "afile/state"#'
+    [ ! -e "$dir/state" ] || fail "a failed check created the state directory"
+    rm -rf "$dir"
+    ;;
   help)
     for cmd in init-model eval generate finetune export "bench forward" tokenize serve; do
       # shellcheck disable=SC2086
