@@ -445,6 +445,43 @@ TOML
     [ ! -e "$dir/state" ] || fail "a failed check created the state directory"
     rm -rf "$dir"
     ;;
+  ops-grafana-dashboard)
+    # Every seedling_* metric the example dashboard queries is one the server registers, and it shows them all.
+    dashboard="$repo/examples/ops/grafana-dashboard.json"
+    if command -v python3 >/dev/null 2>&1; then
+      python3 -c 'import json, sys; json.load(open(sys.argv[1]))' "$dashboard" || fail "not valid JSON: $dashboard"
+    fi
+    [ "$(grep -c '"expr": *"[^"]*seedling_' "$dashboard")" -ge 10 ] || fail "too few queries in $dashboard"
+    exported=$(cat "$repo"/server/*.cpp | tr -d ' \n' | grep -oE 'Add(Counter|Gauge|Histogram)\("seedling_[a-z0-9_]+"' \
+      | grep -oE 'seedling_[a-z0-9_]+' | sort -u)
+    [ "$(echo "$exported" | wc -l)" -ge 10 ] || fail "found too few registered metrics in server/: $exported"
+    used=$(grep -oE 'seedling_[a-z0-9_]+' "$dashboard" | sort -u)
+    for metric in $used; do
+      base=$(echo "$metric" | sed -E 's/_(bucket|sum|count)$//')
+      grep -qx "$metric" <<< "$exported" || grep -qx "$base" <<< "$exported" \
+        || fail "the dashboard queries $metric, which the server does not export (server/*.cpp)"
+    done
+    for metric in $exported; do
+      grep -qx "$metric" <<< "$used" || fail "the server exports $metric but the dashboard does not show it"
+    done
+    ;;
+  ops-systemd-unit)
+    # The example unit checks the config before starting and passes only flags the binary takes.
+    unit="$repo/examples/ops/seedling-server.service"
+    grep -q '^ExecStartPre=.* serve .*--check-config' "$unit" || fail "no ExecStartPre running serve --check-config"
+    for key in User StateDirectory Restart NoNewPrivileges ProtectSystem PrivateTmp; do
+      grep -q "^$key=" "$unit" || fail "the unit does not set $key"
+    done
+    help_text=$("$seedling" serve --help && "$seedling" --help) || fail "--help failed"
+    for flag in $(grep -E '^Exec' "$unit" | grep -oE -- '--[a-z-]+' | sort -u); do
+      grep -qF -- "$flag" <<< "$help_text" || fail "the unit passes $flag, which seedling does not take"
+    done
+    if command -v systemd-analyze >/dev/null 2>&1; then
+      sed "s#/usr/local/bin/seedling#$seedling#g" "$unit" > "$work/seedling-server.service"
+      err=$(systemd-analyze verify "$work/seedling-server.service" 2>&1) || fail "systemd-analyze verify: $err"
+      [ -z "$err" ] || fail "systemd-analyze verify: $err"
+    fi
+    ;;
   help)
     for cmd in init-model eval generate finetune export "bench forward" tokenize serve; do
       # shellcheck disable=SC2086
