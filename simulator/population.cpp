@@ -753,4 +753,59 @@ std::string Population::Summary() const {
   return out;
 }
 
+std::vector<ClassStats> Population::ClassStatistics(double day_start_s) const {
+  constexpr double kDay = 86400;
+  struct Draws {
+    std::vector<double> gflops, ram, budget, down, up, rtt;
+    double dropout = 0, available_s = 0;
+  };
+  std::vector<Draws> per_class(classes_.size() + 1);  // the last one: every device
+  for (int64_t d = 0; d < size(); ++d) {
+    const DeviceProfile& p = profiles_[static_cast<size_t>(d)];
+    const PhoneClass& c = classes_[p.phone_class];
+    // The available stretches that overlap [day_start_s, day_start_s + kDay).
+    double available_s = 0;
+    const double day_end = day_start_s + kDay;
+    for (double t = day_start_s; t < day_end;) {
+      const double from = NextAvailable(d, t);
+      if (from >= day_end) break;
+      const double until = AvailableUntil(d, from);
+      available_s += std::min(until, day_end) - from;
+      t = until;
+    }
+    for (Draws* s : {&per_class[p.phone_class], &per_class.back()}) {
+      s->gflops.push_back(p.gflops);
+      s->ram.push_back(static_cast<double>(c.ram_bytes));
+      s->budget.push_back(static_cast<double>(c.app_memory_bytes));
+      s->down.push_back(p.downlink_mbps);
+      s->up.push_back(p.uplink_mbps);
+      s->rtt.push_back(p.rtt_ms);
+      s->dropout += p.dropout_probability;
+      s->available_s += available_s;
+    }
+  }
+  std::vector<ClassStats> out;
+  for (size_t k = 0; k < per_class.size(); ++k) {
+    Draws& s = per_class[k];
+    ClassStats row;
+    row.whole_population = k == classes_.size();
+    row.name = row.whole_population ? "all" : classes_[k].name;
+    row.devices = static_cast<int64_t>(s.gflops.size());
+    row.share = size() > 0 ? static_cast<double>(row.devices) / static_cast<double>(size()) : 0;
+    if (row.devices > 0) {
+      const double n = static_cast<double>(row.devices);
+      row.median_gflops = Median(std::move(s.gflops));
+      row.median_ram_bytes = Median(std::move(s.ram));
+      row.median_budget_bytes = Median(std::move(s.budget));
+      row.median_downlink_mbps = Median(std::move(s.down));
+      row.median_uplink_mbps = Median(std::move(s.up));
+      row.median_rtt_ms = Median(std::move(s.rtt));
+      row.mean_dropout = s.dropout / n;
+      row.mean_available_hours = s.available_s / n / 3600;
+    }
+    out.push_back(std::move(row));
+  }
+  return out;
+}
+
 }  // namespace seedling::simulator

@@ -48,6 +48,7 @@
 // Memory. Per device the population keeps only a DeviceProfile (bytes_per_device(): 48 bytes);
 // classes are shared; nothing is allocated per day, slot or task.
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -156,6 +157,24 @@ struct DeviceProfile {
   static constexpr uint8_t kDaytimeWifi = 1;
 };
 
+// One phone class's devices, or the whole population's, condensed for the report's population table.
+// Figures drawn per device are medians over the devices; NaN when there are none.
+struct ClassStats {
+  std::string name;                   // the class's name; "all" for the whole population
+  bool whole_population = false;      // the row over every device
+  int64_t devices = 0;                // devices of the class
+  double share = 0;                   // devices / population size, in [0, 1]
+  double median_gflops = NAN;         // sustained GFLOP/s
+  double median_ram_bytes = NAN;      // physical RAM, bytes (the class's, for a class)
+  double median_budget_bytes = NAN;   // app memory budget, bytes (the class's, for a class)
+  double median_downlink_mbps = NAN;  // Mbit/s
+  double median_uplink_mbps = NAN;    // Mbit/s
+  double median_rtt_ms = NAN;         // milliseconds
+  double mean_dropout = NAN;          // mean per-task dropout probability, in [0, 1]
+  double mean_available_hours = NAN;  // hours available (charging, unmetered and idle) in the day measured,
+                                      // mean over the devices, in [0, 24]
+};
+
 class Population {
  public:
   // Draws `options.devices` profiles. InvalidArgument for no classes, more than 255 classes, a
@@ -203,6 +222,10 @@ class Population {
   size_t bytes_per_device() const { return sizeof(DeviceProfile); }
   // Devices per class with median GFLOP/s, memory budget, bandwidth and RTT; bytes per device.
   std::string Summary() const;
+  // One row per class in classes() order (classes without devices included), then a row "all" over every
+  // device. Availability is measured exactly (NextAvailable / AvailableUntil) over the 24 hours from
+  // `day_start_s` (Unix seconds); the walk costs a few window scans per device, so O(size()).
+  std::vector<ClassStats> ClassStatistics(double day_start_s) const;
 
  private:
   Population(std::vector<PhoneClass> classes, PopulationOptions options, std::vector<DeviceProfile> profiles)

@@ -308,6 +308,48 @@ TEST_CASE("Per-device figures spread log-normally around the class figures", "[s
   CHECK(sd == Approx(0.2).margin(0.01));
 }
 
+TEST_CASE("ClassStatistics counts each class and measures availability as a minute grid does",
+          "[simulator][population]") {
+  const Population population = MakePopulation(300, 5);
+  const std::vector<ClassStats> stats = population.ClassStatistics(kJan10);
+  const std::vector<PhoneClass>& classes = population.classes();
+  REQUIRE(stats.size() == classes.size() + 1);
+  CHECK(stats.back().name == "all");
+  CHECK(stats.back().devices == 300);
+  CHECK(stats.back().share == 1.0);
+  int64_t devices = 0;
+  for (size_t k = 0; k < classes.size(); ++k) {
+    CAPTURE(classes[k].name);
+    CHECK(stats[k].name == classes[k].name);
+    // Reference: one class's devices counted, and each device's availability sampled every minute.
+    int64_t mine = 0;
+    double available_minutes = 0, dropout = 0;
+    for (int64_t d = 0; d < population.size(); ++d) {
+      if (population.profile(d).phone_class != k) continue;
+      ++mine;
+      dropout += population.profile(d).dropout_probability;
+      for (int minute = 0; minute < 24 * 60; ++minute) {
+        available_minutes += population.Available(d, kJan10 + 60.0 * minute + 30) ? 1 : 0;
+      }
+    }
+    devices += stats[k].devices;
+    CHECK(stats[k].devices == mine);
+    CHECK(stats[k].share == Approx(static_cast<double>(mine) / 300));
+    if (mine == 0) {
+      CHECK(std::isnan(stats[k].median_gflops));
+      continue;
+    }
+    CHECK(stats[k].median_budget_bytes == static_cast<double>(classes[k].app_memory_bytes));
+    CHECK(stats[k].median_ram_bytes == static_cast<double>(classes[k].ram_bytes));
+    CHECK(stats[k].mean_dropout == Approx(dropout / static_cast<double>(mine)));
+    // Window boundaries are whole seconds, so sampling mid-minute errs by under a minute per stretch edge.
+    CHECK(stats[k].mean_available_hours == Approx(available_minutes / 60 / static_cast<double>(mine)).margin(0.1));
+    CHECK(stats[k].mean_available_hours > 0);
+    CHECK(stats[k].median_gflops > 0);
+  }
+  CHECK(devices == 300);
+}
+
 TEST_CASE("Idle devices are cheap and a 10,000-device population is created quickly", "[simulator][population]") {
   const std::vector<PhoneClass> classes = RealClasses();
   PopulationOptions options;
