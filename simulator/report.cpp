@@ -24,6 +24,7 @@ namespace {
 using internal::Chart;
 using internal::CsvField;
 using internal::CsvNumber;
+using internal::Fixed;
 using internal::G4;
 using internal::HumanBytes;
 using internal::JsonNumber;
@@ -70,6 +71,7 @@ struct MethodData {
   std::string color;
   std::vector<const RoundRecord*> records;  // sorted by round
   double initial_eval_loss = kNaN;
+  double initial_accuracy = kNaN;
 };
 
 std::vector<MethodData> GroupByMethod(const ReportInput& in) {
@@ -81,6 +83,7 @@ std::vector<MethodData> GroupByMethod(const ReportInput& in) {
   for (const MethodSummary& s : in.summaries) add(s.method);
   for (const RoundRecord& r : in.rounds) add(r.method);
   for (const auto& [m, loss] : in.initial_eval_loss) add(m);
+  for (const auto& [m, accuracy] : in.initial_accuracy) add(m);
 
   std::vector<MethodData> out;
   for (size_t i = 0; i < order.size(); ++i) {
@@ -95,6 +98,9 @@ std::vector<MethodData> GroupByMethod(const ReportInput& in) {
     if (auto it = in.initial_eval_loss.find(md.name); it != in.initial_eval_loss.end()) {
       md.initial_eval_loss = it->second;
     }
+    if (auto it = in.initial_accuracy.find(md.name); it != in.initial_accuracy.end()) {
+      md.initial_accuracy = it->second;
+    }
     out.push_back(std::move(md));
   }
   return out;
@@ -106,11 +112,11 @@ struct MetricSpec {
 };
 
 // A chart with one series per (method, metric): colour = method, dash = metric. `x` maps a record
-// to its x value; `with_initial` adds the method's initial eval loss at x = 0. Aborted rounds are
-// marked on the first metric's line.
+// to its x value; `initial`, when not null, names the method's value before round 1, drawn at x = 0
+// (initial_eval_loss, initial_accuracy). Aborted rounds are marked on the first metric's line.
 Chart MetricChart(std::string id, std::string title, std::string x_label, std::string y_label,
                   const std::vector<MethodData>& methods, const std::vector<MetricSpec>& metrics,
-                  double (*x)(const RoundRecord&), bool with_initial) {
+                  double (*x)(const RoundRecord&), double MethodData::*initial) {
   Chart c;
   c.id = std::move(id);
   c.title = std::move(title);
@@ -124,7 +130,7 @@ Chart MetricChart(std::string id, std::string title, std::string x_label, std::s
       s.metric = metrics.size() > 1 ? metrics[k].name : "";
       s.color = m.color;
       s.dash = kDashes[k % std::size(kDashes)];
-      if (with_initial && std::isfinite(m.initial_eval_loss)) s.points.push_back({0, m.initial_eval_loss});
+      if (initial != nullptr && std::isfinite(m.*initial)) s.points.push_back({0, m.*initial});
       for (const RoundRecord* r : m.records) {
         const Point p{x(*r), metrics[k].value(*r)};
         s.points.push_back(p);
@@ -204,7 +210,7 @@ constexpr std::string_view kStyle =
 h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;font-size:0.9em;margin:8px 0}
 th,td{border:1px solid #ccc;padding:3px 8px}th{background:#f3f3f3;text-align:left}
-td.num{text-align:right;font-variant-numeric:tabular-nums}tr.total td{font-weight:600}
+td.num{text-align:right;font-variant-numeric:tabular-nums}th.num{text-align:right}tr.total td{font-weight:600}
 .notes p{white-space:pre-wrap}
 .swatch-box{display:inline-block;width:10px;height:10px;margin-right:6px;vertical-align:baseline}
 figure{margin:16px 0}figcaption{font-size:0.85em;color:#555;max-width:780px}
@@ -522,6 +528,109 @@ std::string SummaryTable(std::span<const MethodSummary> summaries) {
 // -------------------------------------------------------------------------------------------------
 // HTML report.
 
+namespace {
+
+// "a", "a and b", "a, b and c".
+std::string JoinAnd(const std::vector<std::string>& items) {
+  std::string out;
+  for (size_t i = 0; i < items.size(); ++i) {
+    if (i > 0) out += i + 1 == items.size() ? " and " : ", ";
+    out += items[i];
+  }
+  return out;
+}
+
+// The opening paragraph: what ran, from `run`, and how each method ended, from its summary. Every
+// string is escaped here; numbers are formatted as the summary table formats them.
+std::string RunSummaryParagraph(const ReportInput& input, const std::vector<MethodData>& methods) {
+  const RunDescription& run = input.run;
+  const bool described = !run.model.empty() || run.devices > 0 || run.rounds > 0 || run.clients_per_round > 0 ||
+                         !run.data.empty() || !run.partition.empty();
+  if (!described && input.summaries.empty()) return "";
+  std::vector<std::string> names;
+  for (const MethodData& m : methods) names.push_back(HtmlEscape(m.name));
+
+  std::string o = "<p class=\"run-summary\">Ran ";
+  o += names.empty() ? std::string("the simulation") : JoinAnd(names);
+  if (names.size() > 1) o += ", one after the other,";
+  if (!run.model.empty()) o += StrCat(" fine-tuning ", HtmlEscape(run.model));
+  if (run.devices > 0) {
+    o += StrCat(" on ", run.devices, " simulated phones");
+    if (run.heldout_devices > 0) o += StrCat(" (+", run.heldout_devices, " held out for evaluation)");
+  }
+  if (run.rounds > 0 || run.clients_per_round > 0) {
+    o += ": ";
+    o += run.rounds > 0 ? StrCat(run.rounds, run.rounds == 1 ? " round" : " rounds") : std::string("rounds");
+    if (run.clients_per_round > 0) o += StrCat(" of ", run.clients_per_round, " clients per round");
+    if (names.size() > 1) o += " each";
+  }
+  if (!run.data.empty()) o += StrCat(", on ", HtmlEscape(run.data));
+  if (!run.partition.empty()) o += StrCat(", ", HtmlEscape(run.partition));
+  if (std::isfinite(run.label_tv_distance)) {
+    o += StrCat("; label total-variation distance from the global mix ", G4(run.label_tv_distance), " (0 is IID)");
+  }
+  o += ".";
+  for (const MethodSummary& s : input.summaries) {
+    o += StrCat(" ", HtmlEscape(s.method), " committed ", s.committed_rounds, " of ", s.rounds,
+                s.rounds == 1 ? " round" : " rounds", " in ", G4(s.simulated_hours),
+                " simulated hours; held-out eval loss ", G4(s.initial_eval_loss), " before training, ",
+                G4(s.final_eval_loss), " at the end");
+    if (std::isfinite(s.final_accuracy)) {
+      o += StrCat(", accuracy ", G4(s.final_accuracy));
+      if (auto it = input.initial_accuracy.find(s.method);
+          it != input.initial_accuracy.end() && std::isfinite(it->second)) {
+        o += StrCat(" (", G4(it->second), " before training)");
+      }
+    }
+    o += ".";
+  }
+  return o + "</p>\n";
+}
+
+std::string Percent(double fraction) {
+  return std::isfinite(fraction) ? StrCat(Fixed(100 * fraction, 1), "%") : std::string("-");
+}
+
+// The population of emulated phones: one row per class, the "all" row set apart.
+std::string PopulationTable(const std::vector<ClassStats>& population) {
+  if (population.empty()) return "";
+  struct PopulationColumn {
+    const char* header;
+    std::string (*cell)(const ClassStats&);
+  };
+  static const PopulationColumn kColumns[] = {
+      {"devices", [](const ClassStats& c) { return StrCat(c.devices); }},
+      {"share", [](const ClassStats& c) { return Percent(c.share); }},
+      {"GFLOP/s", [](const ClassStats& c) { return G4(c.median_gflops); }},
+      {"RAM", [](const ClassStats& c) { return HumanBytes(c.median_ram_bytes); }},
+      {"memory budget", [](const ClassStats& c) { return HumanBytes(c.median_budget_bytes); }},
+      {"down Mbit/s", [](const ClassStats& c) { return G4(c.median_downlink_mbps); }},
+      {"up Mbit/s", [](const ClassStats& c) { return G4(c.median_uplink_mbps); }},
+      {"RTT ms", [](const ClassStats& c) { return G4(c.median_rtt_ms); }},
+      {"dropout", [](const ClassStats& c) { return Percent(c.mean_dropout); }},
+      {"available h/day",
+       [](const ClassStats& c) {
+         return std::isfinite(c.mean_available_hours) ? Fixed(c.mean_available_hours, 1) : std::string("-");
+       }},
+  };
+  std::string o = "<h2>Population</h2>\n<table class=\"population\">\n<tr><th>class</th>";
+  for (const PopulationColumn& c : kColumns) o += StrCat("<th class=\"num\">", HtmlEscape(c.header), "</th>");
+  o += "</tr>\n";
+  for (const ClassStats& row : population) {
+    o += row.whole_population ? "<tr class=\"total\">" : "<tr>";
+    o += StrCat("<td>", HtmlEscape(row.name), "</td>");
+    for (const PopulationColumn& c : kColumns) o += StrCat("<td class=\"num\">", HtmlEscape(c.cell(row)), "</td>");
+    o += "</tr>\n";
+  }
+  o += "</table>\n<p class=\"legend-note\">Per phone class: devices drawn and their share; medians over the "
+       "class's devices of sustained GFLOP/s, RAM, the app memory budget, downlink, uplink and round-trip time; "
+       "the mean chance of dropping out of a task; and the mean hours of the first simulated day in which a "
+       "device could train (charging, on an unmetered network and idle). The last row is every device.</p>\n";
+  return o;
+}
+
+}  // namespace
+
 std::string RenderReportHtml(const ReportInput& input) {
   const std::vector<MethodData> methods = GroupByMethod(input);
   const std::string title = input.title.empty() ? "Seedling simulation report" : input.title;
@@ -531,6 +640,7 @@ std::string RenderReportHtml(const ReportInput& input) {
   o += "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n";
   o += StrCat("<title>", HtmlEscape(title), "</title>\n<style>\n", kStyle, "</style>\n</head>\n<body>\n");
   o += StrCat("<h1>", HtmlEscape(title), "</h1>\n");
+  o += RunSummaryParagraph(input, methods);
 
   if (!input.settings.empty()) {
     o += "<h2>Settings</h2>\n<table class=\"settings\">\n";
@@ -539,6 +649,7 @@ std::string RenderReportHtml(const ReportInput& input) {
     }
     o += "</table>\n";
   }
+  o += PopulationTable(input.population);
   if (!input.notes.empty()) {
     o += "<section class=\"notes\">\n";
     for (const std::string& note : input.notes) o += StrCat("<p>", HtmlEscape(note), "</p>\n");
@@ -575,8 +686,8 @@ std::string RenderReportHtml(const ReportInput& input) {
   o += "<h2>Figures</h2>\n";
   const MetricSpec eval_loss{"eval loss", [](const RoundRecord& r) { return r.eval_loss; }};
   {
-    Chart c =
-        MetricChart("fig-loss-round", "Eval loss vs round", "round", "eval loss", methods, {eval_loss}, ByRound, true);
+    Chart c = MetricChart("fig-loss-round", "Eval loss vs round", "round", "eval loss", methods, {eval_loss}, ByRound,
+                          &MethodData::initial_eval_loss);
     c.integer_x = true;
     o += Figure(c,
                 "Held-out eval loss of the global model after each round (round 0: before training). "
@@ -584,14 +695,14 @@ std::string RenderReportHtml(const ReportInput& input) {
   }
   {
     Chart c = MetricChart("fig-loss-time", "Eval loss vs simulated time", "simulated time (hours)", "eval loss",
-                          methods, {eval_loss}, ByHours, true);
+                          methods, {eval_loss}, ByHours, &MethodData::initial_eval_loss);
     o += Figure(c, "The same eval loss against simulated wall-clock time at the end of each round.");
   }
   {
     Chart c = MetricChart("fig-bytes", "Bytes per client per round", "round", "bytes per client", methods,
                           {{"up", [](const RoundRecord& r) { return r.bytes_up_per_client; }},
                            {"down", [](const RoundRecord& r) { return r.bytes_down_per_client; }}},
-                          ByRound, false);
+                          ByRound, nullptr);
     c.integer_x = true;
     c.zero_y = true;
     c.si_y = true;
@@ -620,7 +731,7 @@ std::string RenderReportHtml(const ReportInput& input) {
                           {{"participants", [](const RoundRecord& r) { return double(r.participants); }},
                            {"dropouts", [](const RoundRecord& r) { return double(r.dropouts); }},
                            {"stragglers", [](const RoundRecord& r) { return double(r.stragglers); }}},
-                          ByRound, false);
+                          ByRound, nullptr);
     c.integer_x = true;
     c.integer_y = true;
     c.zero_y = true;
@@ -637,7 +748,7 @@ std::string RenderReportHtml(const ReportInput& input) {
   if (any_speed) {
     Chart c =
         MetricChart("fig-device-speed", "Device training speed per round", "round", "tokens per second", methods,
-                    {{"tokens/s", [](const RoundRecord& r) { return r.device_tokens_per_second; }}}, ByRound, false);
+                    {{"tokens/s", [](const RoundRecord& r) { return r.device_tokens_per_second; }}}, ByRound, nullptr);
     c.integer_x = true;
     c.zero_y = true;
     o += Figure(c,
@@ -645,14 +756,20 @@ std::string RenderReportHtml(const ReportInput& input) {
                 "phones' training speed under the time model (device_tokens_per_second).");
   }
   if (any_accuracy) {
-    Chart c = MetricChart("fig-accuracy", "Accuracy vs round", "round", "accuracy", methods,
-                          {{"accuracy", [](const RoundRecord& r) { return r.accuracy; }}}, ByRound, false);
+    const MetricSpec accuracy{"accuracy", [](const RoundRecord& r) { return r.accuracy; }};
+    Chart c = MetricChart("fig-accuracy", "Accuracy vs round", "round", "accuracy", methods, {accuracy}, ByRound,
+                          &MethodData::initial_accuracy);
     c.integer_x = true;
-    o += Figure(c, "Held-out accuracy of the global model after each round.");
+    o += Figure(c,
+                "Held-out accuracy of the global model after each round (round 0: before training, where "
+                "measured). Crosses mark aborted rounds.");
+    Chart t = MetricChart("fig-accuracy-time", "Accuracy vs simulated time", "simulated time (hours)", "accuracy",
+                          methods, {accuracy}, ByHours, &MethodData::initial_accuracy);
+    o += Figure(t, "The same accuracy against simulated wall-clock time at the end of each round.");
   }
   if (any_epsilon) {
     Chart c = MetricChart("fig-epsilon", "Privacy budget spent", "round", "epsilon", methods,
-                          {{"epsilon", [](const RoundRecord& r) { return r.epsilon; }}}, ByRound, false);
+                          {{"epsilon", [](const RoundRecord& r) { return r.epsilon; }}}, ByRound, nullptr);
     c.integer_x = true;
     c.zero_y = true;
     o += Figure(c, "Differential-privacy epsilon spent so far.");

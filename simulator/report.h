@@ -23,6 +23,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "nlohmann/json_fwd.hpp"
+#include "simulator/population.h"
 
 namespace seedling::simulator {
 
@@ -149,26 +150,53 @@ enum class AxisScale {
   kLog,
 };
 
+// What ran, for the report's opening paragraph. Empty strings and zero counts are left out of it.
+struct RunDescription {
+  std::string model;               // what was fine-tuned, e.g. "llama (models/tiny)"
+  int64_t devices = 0;             // simulated phones that train
+  int64_t heldout_devices = 0;     // phones whose data only evaluates the global model
+  int64_t rounds = 0;              // rounds asked of each method
+  int64_t clients_per_round = 0;   // accepted updates wanted per round
+  std::string data;                // e.g. "the built-in synthetic corpus" or a data file's path
+  std::string partition;           // how the data is split across devices, a phrase such as "split by
+                                   // label with Dirichlet skew (alpha 0.5)"
+  double label_tv_distance = NAN;  // mean total-variation distance of a device's label mix from the global
+                                   // mix (PartitionStats): 0 = IID; NaN when the rows have no labels
+};
+
 struct ReportInput {
-  std::string title;  // e.g. "Seedling simulation: 1000 phones, tiny model"
+  std::string title;   // e.g. "Seedling simulation: 1000 phones, tiny model"
+  RunDescription run;  // the opening paragraph, with the methods' summaries
   // Key/value table at the top (devices, rounds, model, seed, ...), in this order.
   std::vector<std::pair<std::string, std::string>> settings;
   // Free-text paragraphs (population summary, partition statistics); newlines are kept.
   std::vector<std::string> notes;
+  // The population table: one row per phone class and one over every device (Population::ClassStatistics),
+  // in this order. No table when empty.
+  std::vector<ClassStats> population;
   std::vector<MethodSummary> summaries;
   std::vector<RoundRecord> rounds;                  // all methods, any order
   std::map<std::string, double> initial_eval_loss;  // per method: the point at round 0 / time 0
+  std::map<std::string, double> initial_accuracy;   // per method: accuracy before round 1, where measured
   AxisScale bytes_axis = AxisScale::kAuto;          // y scale of the bytes figure
 };
 
 // The whole report as one HTML5 document. Methods get colours (Okabe–Ito palette, colour-blind
-// safe) in the order of `summaries`, then of first appearance in `rounds`. Figures, each a <figure
-// id="..."> holding one inline <svg>:
+// safe) in the order of `summaries`, then of first appearance in `rounds`.
+// At the top, <p class="run-summary">: one paragraph saying what ran (methods, model, devices, rounds,
+// clients per round, data and partition from `run`) and how each method of `summaries` ended (committed
+// rounds, simulated hours, final eval loss and accuracy, numbers formatted as the summary table does);
+// left out when `run` is empty and there are no summaries.
+// Then the settings, <table class="population"> (a header row, a row per ClassStats, numbers in
+// <td class="num">, the whole population's row class="total"), the notes and the summary table.
+// Figures, each a <figure id="..."> holding one inline <svg>:
 //   fig-loss-round   eval loss vs round (round 0 = initial_eval_loss)
 //   fig-loss-time    eval loss vs simulated hours (time 0 = initial_eval_loss)
 //   fig-bytes        bytes up (solid) and down (dashed) per client per round
 //   fig-participation  participants (solid), dropouts (dashed), stragglers (dotted) per round
-//   fig-accuracy     accuracy vs round, only when some record has an accuracy
+//   fig-device-speed  device tokens per second per round, only when some record has one
+//   fig-accuracy     accuracy vs round (round 0 = initial_accuracy), only when some record has an accuracy
+//   fig-accuracy-time  accuracy vs simulated hours, with fig-accuracy
 //   fig-epsilon      DP epsilon vs round, only when some record has an epsilon
 // After the figures, <table class="declines">: per method, a row per round with a declined task
 // (declined, memory, unsupported, other) and a total row (class="total"); a sentence instead when no

@@ -434,13 +434,240 @@ TEST_CASE("The report has one svg per figure and the accuracy figure only with a
   CHECK(html.find("<table class=\"summary\">") != std::string::npos);
   CHECK(html.find("<th>seed</th><td>42</td>") != std::string::npos);
 
+  CHECK(FigureText(html, "fig-accuracy-time").empty());
+  CHECK(html.find("accuracy") == std::string::npos);  // no axes, caption or column either
+
   in.rounds[3].accuracy = 0.4;
   html = RenderReportHtml(in);
-  CHECK(Count(html, "<svg") == 6);
+  CHECK(Count(html, "<svg") == 7);
   const auto acc = Lines_(FigureText(html, "fig-accuracy"));
   REQUIRE(acc.size() == 2);
   CHECK(acc[0].points() == 1);  // lora-bp round 4
   CHECK(acc[1].points() == 0);
+  CHECK(Lines_(FigureText(html, "fig-accuracy-time")).size() == 2);
+}
+
+TEST_CASE("The accuracy figures plot each round's accuracy from the initial one at round 0 and time 0",
+          "[simulator][report]") {
+  ReportInput in = TwoMethodInput();
+  for (RoundRecord& r : in.rounds) {
+    if (r.method == "lora-bp") r.accuracy = 0.25 + 0.05 * static_cast<double>(r.round);
+  }
+  in.rounds[2].accuracy = NAN;  // lora-bp round 3 was not scored: a gap
+  in.initial_accuracy["lora-bp"] = 0.25;
+  const std::string html = RenderReportHtml(in);
+
+  const std::string by_round = FigureText(html, "fig-accuracy");
+  const auto lines = Lines_(by_round);
+  REQUIRE(lines.size() == 2);
+  CHECK(lines[0].method == "lora-bp");
+  REQUIRE(lines[0].subpaths.size() == 2);                        // rounds 0-2, then 4-6
+  CHECK(lines[0].subpaths[0].size() == 3);                       // the initial point and rounds 1, 2
+  CHECK(lines[0].subpaths[1].size() == 3);                       // rounds 4, 5, 6
+  CHECK(lines[1].points() == 0);                                 // kseed measured no accuracy
+  CHECK(lines[0].subpaths[0][0].y > lines[0].subpaths[1][2].y);  // SVG y grows downwards: accuracy rose
+  const std::vector<double> x_ticks = TickValues(by_round, "xtick");
+  REQUIRE(!x_ticks.empty());
+  CHECK(x_ticks.front() == 0);
+  CHECK(by_round.find(">accuracy<") != std::string::npos);  // the y axis label
+
+  const auto by_time = Lines_(FigureText(html, "fig-accuracy-time"));
+  REQUIRE(by_time.size() == 2);
+  CHECK(by_time[0].points() == 6);  // time 0 and the five scored rounds
+  // The figures follow the loss figures.
+  CHECK(html.find("<figure id=\"fig-accuracy\">") > html.find("<figure id=\"fig-loss-time\">"));
+}
+
+// The cells of each row of <table class="cls">: the text, and whether it is a right-aligned number.
+struct Cell {
+  std::string text;
+  bool numeric;
+};
+std::vector<std::vector<Cell>> TableRows(const std::string& html, const std::string& cls) {
+  const size_t begin = html.find("<table class=\"" + cls + "\">");
+  if (begin == std::string::npos) return {};
+  const size_t end = html.find("</table>", begin);
+  REQUIRE(end != std::string::npos);
+  const std::string table = html.substr(begin, end - begin);
+  static const std::regex kRow(R"re(<tr[^>]*>(.*?)</tr>)re");
+  static const std::regex kCell(R"re(<t[hd]( class="num")?>([^<]*)</t[hd]>)re");
+  std::vector<std::vector<Cell>> rows;
+  for (std::sregex_iterator row(table.begin(), table.end(), kRow), stop; row != stop; ++row) {
+    const std::string cells = (*row)[1];
+    rows.emplace_back();
+    for (std::sregex_iterator c(cells.begin(), cells.end(), kCell); c != stop; ++c) {
+      rows.back().push_back({(*c)[2], (*c)[1].matched});
+    }
+  }
+  return rows;
+}
+
+std::vector<ClassStats> ThreeRowPopulation() {
+  ClassStats low;
+  low.name = "android-low";
+  low.devices = 600;
+  low.share = 0.6;
+  low.median_gflops = 12.5;
+  low.median_ram_bytes = 3.0 * (1 << 30);
+  low.median_budget_bytes = 1.5 * (1 << 30);
+  low.median_downlink_mbps = 20;
+  low.median_uplink_mbps = 5;
+  low.median_rtt_ms = 80;
+  low.mean_dropout = 0.05;
+  low.mean_available_hours = 6.3;
+  ClassStats pro = low;
+  pro.name = "iphone <pro> & \"max\"";
+  pro.devices = 400;
+  pro.share = 0.4;
+  pro.median_gflops = 150;
+  pro.median_ram_bytes = 8.0 * (1 << 30);
+  pro.median_budget_bytes = 3.0 * (1 << 30);
+  pro.median_rtt_ms = 45.5;
+  pro.mean_dropout = 0.02;
+  pro.mean_available_hours = 7.1;
+  ClassStats all = low;
+  all.name = "all";
+  all.whole_population = true;
+  all.devices = 1000;
+  all.share = 1;
+  all.median_gflops = 40;
+  all.mean_available_hours = NAN;
+  return {low, pro, all};
+}
+
+TEST_CASE("The population table has a header and one row per class with right-aligned numbers", "[simulator][report]") {
+  ReportInput in = TwoMethodInput();
+  in.population = ThreeRowPopulation();
+  const std::string html = RenderReportHtml(in);
+  const auto rows = TableRows(html, "population");
+  REQUIRE(rows.size() == 4);
+  const std::vector<std::string> header = {"class",  "devices",       "share",          "GFLOP/s",
+                                           "RAM",    "memory budget", "down Mbit/s",    "up Mbit/s",
+                                           "RTT ms", "dropout",       "available h/day"};
+  REQUIRE(rows[0].size() == header.size());
+  for (size_t c = 0; c < header.size(); ++c) {
+    CHECK(rows[0][c].text == header[c]);
+    CHECK(rows[0][c].numeric == (c > 0));
+  }
+  const std::vector<std::vector<std::string>> expected = {
+      {"android-low", "600", "60.0%", "12.5", "3.0 GiB", "1.5 GiB", "20", "5", "80", "5.0%", "6.3"},
+      {"iphone &lt;pro&gt; &amp; &quot;max&quot;", "400", "40.0%", "150", "8.0 GiB", "3.0 GiB", "20", "5", "45.5",
+       "2.0%", "7.1"},
+      {"all", "1000", "100.0%", "40", "3.0 GiB", "1.5 GiB", "20", "5", "80", "5.0%", "-"},
+  };
+  for (size_t r = 0; r < expected.size(); ++r) {
+    CAPTURE(r);
+    REQUIRE(rows[r + 1].size() == expected[r].size());
+    for (size_t c = 0; c < expected[r].size(); ++c) {
+      CHECK(rows[r + 1][c].text == expected[r][c]);
+      CHECK(rows[r + 1][c].numeric == (c > 0));
+    }
+  }
+  CHECK(html.find("<tr class=\"total\"><td>all</td>") != std::string::npos);
+  CHECK(html.find("<tr><td>android-low</td>") != std::string::npos);
+  CHECK(html.find("iphone <pro>") == std::string::npos);
+  // Between the settings and the method summary.
+  CHECK(html.find("<table class=\"population\">") > html.find("<table class=\"settings\">"));
+  CHECK(html.find("<table class=\"population\">") < html.find("<table class=\"summary\">"));
+
+  in.population.pop_back();
+  CHECK(TableRows(RenderReportHtml(in), "population").size() == 3);
+  in.population.clear();
+  const std::string none = RenderReportHtml(in);
+  CHECK(none.find("class=\"population\"") == std::string::npos);
+  CHECK(none.find("<h2>Population</h2>") == std::string::npos);
+}
+
+// The text of the opening paragraph, or "" when absent.
+std::string RunSummary(const std::string& html) {
+  const std::string open = "<p class=\"run-summary\">";
+  const size_t begin = html.find(open);
+  if (begin == std::string::npos) return "";
+  const size_t end = html.find("</p>", begin);
+  REQUIRE(end != std::string::npos);
+  return html.substr(begin + open.size(), end - begin - open.size());
+}
+
+RunDescription TinyRun() {
+  RunDescription run;
+  run.model = "llama (models/tiny)";
+  run.devices = 1000;
+  run.heldout_devices = 50;
+  run.rounds = 6;
+  run.clients_per_round = 10;
+  run.data = "the built-in synthetic corpus";
+  run.partition = "one topic per device";
+  run.label_tv_distance = 0.7123;
+  return run;
+}
+
+TEST_CASE("The report opens with a paragraph naming what ran and how each method ended", "[simulator][report]") {
+  ReportInput in = TwoMethodInput();
+  in.run = TinyRun();
+  std::string html = RenderReportHtml(in);
+  std::string text = RunSummary(html);
+  REQUIRE(!text.empty());
+  CHECK(html.find("<p class=\"run-summary\">") < html.find("<h2>Settings</h2>"));
+  CHECK(html.find("<p class=\"run-summary\">") > html.find("<h1>"));
+  CHECK_THAT(text, Catch::StartsWith("Ran lora-bp and kseed, one after the other, fine-tuning llama (models/tiny) "
+                                     "on 1000 simulated phones (+50 held out for evaluation): 6 rounds of 10 clients "
+                                     "per round each, on the built-in synthetic corpus, one topic per device; label "
+                                     "total-variation distance from the global mix 0.7123 (0 is IID)."));
+  // lora-bp ends at 3 - 0.2 × 6 = 1.8 after 6 × 600 - 30 s; kseed at 2.4 after half that.
+  CHECK_THAT(text, Catch::Contains("lora-bp committed 6 of 6 rounds in 0.9917 simulated hours; held-out eval loss 3 "
+                                   "before training, 1.8 at the end."));
+  CHECK_THAT(text, Catch::Contains("kseed committed 6 of 6 rounds in 0.4958 simulated hours; held-out eval loss 3 "
+                                   "before training, 2.4 at the end."));
+  CHECK(text.find("accuracy") == std::string::npos);
+
+  // Other inputs, other numbers: nothing in the paragraph is fixed text.
+  in.run.devices = 37;
+  in.run.heldout_devices = 0;
+  in.run.rounds = 1;
+  in.run.clients_per_round = 4;
+  in.run.label_tv_distance = NAN;
+  in.summaries[0].final_eval_loss = 1.234567;
+  in.summaries[0].committed_rounds = 5;
+  in.summaries[0].final_accuracy = 0.4375;
+  in.initial_accuracy["lora-bp"] = 0.25;
+  text = RunSummary(RenderReportHtml(in));
+  CHECK_THAT(text, Catch::Contains("on 37 simulated phones: 1 round of 4 clients per round each, on the built-in "
+                                   "synthetic corpus, one topic per device. lora-bp"));
+  CHECK(text.find("held out") == std::string::npos);
+  CHECK(text.find("total-variation") == std::string::npos);
+  CHECK_THAT(text, Catch::Contains("lora-bp committed 5 of 6 rounds in 0.9917 simulated hours; held-out eval loss 3 "
+                                   "before training, 1.235 at the end, accuracy 0.4375 (0.25 before training)."));
+  CHECK_THAT(text, Catch::EndsWith("before training, 2.4 at the end."));  // kseed: no accuracy
+
+  // One method, nothing described: the outcome alone.
+  ReportInput one;
+  one.summaries.push_back(in.summaries[1]);
+  text = RunSummary(RenderReportHtml(one));
+  CHECK(text ==
+        "Ran kseed. kseed committed 6 of 6 rounds in 0.4958 simulated hours; held-out eval loss 3 before "
+        "training, 2.4 at the end.");
+  CHECK(RunSummary(RenderReportHtml(ReportInput{})).empty());
+}
+
+TEST_CASE("The opening paragraph escapes the model, data and method names", "[simulator][report]") {
+  ReportInput in = TwoMethodInput();
+  in.run = TinyRun();
+  in.run.model = "a<b>&c";
+  in.run.data = "data/<x>&y.jsonl";
+  in.run.partition = "split by \"user\" <id>";
+  in.summaries[1].method = "k<seed>&";
+  in.initial_eval_loss.erase("kseed");
+  in.initial_eval_loss["k<seed>&"] = 3.0;
+  for (RoundRecord& r : in.rounds) {
+    if (r.method == "kseed") r.method = "k<seed>&";
+  }
+  const std::string text = RunSummary(RenderReportHtml(in));
+  CHECK_THAT(text, Catch::Contains("fine-tuning a&lt;b&gt;&amp;c on"));
+  CHECK_THAT(text, Catch::Contains("on data/&lt;x&gt;&amp;y.jsonl, split by &quot;user&quot; &lt;id&gt;;"));
+  CHECK_THAT(text, Catch::Contains("Ran lora-bp and k&lt;seed&gt;&amp;, one after the other"));
+  CHECK_THAT(text, Catch::Contains(" k&lt;seed&gt;&amp; committed 6 of 6 rounds"));
+  CHECK(text.find('<') == std::string::npos);
+  CHECK(text.find('>') == std::string::npos);
 }
 
 TEST_CASE("The device-speed figure plots each method's tokens per second, and is left out without any",
