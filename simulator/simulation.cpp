@@ -4,6 +4,7 @@
 
 #include "simulator/simulation.h"
 
+#include <cmath>
 #include <filesystem>
 
 #include "base/file.h"
@@ -115,14 +116,47 @@ std::vector<std::pair<std::string, std::string>> ReportSettings(const Simulation
   return settings;
 }
 
+// How the rows were split across devices: a phrase for the report's opening paragraph.
+std::string DescribePartition(const SimulationOptions& options) {
+  if (options.data_path.empty()) return "one topic and one writing persona per device";
+  const PartitionOptions& p = options.partition;
+  switch (p.kind) {
+    case PartitionKind::kIid:
+      return "split IID (shuffled into equal shares)";
+    case PartitionKind::kDirichlet:
+      return StrCat("split by label with Dirichlet skew (alpha ", p.alpha, ")");
+    case PartitionKind::kPowerLaw:
+      return StrCat("split IID with power-law shard sizes (exponent ", p.exponent, ")");
+    case PartitionKind::kUser:
+      return "split one device per user";
+  }
+  return std::string(PartitionKindName(p.kind));
+}
+
+// The report's opening paragraph, before the methods' outcomes.
+RunDescription DescribeRun(const SimulationOptions& options, const World& world) {
+  RunDescription run;
+  run.model = StrCat(world.model_config.architecture, " (", options.model_dir, ")");
+  run.devices = world.population->size();
+  run.heldout_devices = options.heldout_devices;
+  run.rounds = options.server.rounds;
+  run.clients_per_round = options.server.clients_per_round;
+  run.data = options.data_path.empty() ? std::string("the built-in synthetic corpus") : options.data_path;
+  run.partition = DescribePartition(options);
+  if (world.partition_stats.labels > 0) run.label_tv_distance = world.partition_stats.mean_label_tv_distance;
+  return run;
+}
+
 // report.html and summary.txt in out_dir, from the methods' results.
 absl::Status WriteReports(const SimulationOptions& options, const World& world, SimulationResult& result,
                           ReportInput& report) {
   result.summary_table = SummaryTable(report.summaries);
   report.title = StrCat("Seedling simulation: ", world.population->size(), " phones, ", world.model_config.architecture,
                         " (", options.model_dir, ")");
+  report.run = DescribeRun(options, world);
   report.settings = ReportSettings(options, world, result.ranks);
-  report.notes = {StrCat("Population: ", result.population_summary), StrCat("Data: ", result.partition_summary)};
+  report.population = world.population->ClassStatistics(options.start_time_s);
+  report.notes = {StrCat("Data: ", result.partition_summary)};
   for (const MethodResult& r : result.methods) {
     if (r.client_errors > 0) {
       report.notes.push_back(StrCat(r.method, ": ", r.client_errors,
@@ -163,6 +197,7 @@ absl::StatusOr<SimulationResult> RunSimulation(const SimulationOptions& options,
     MethodRun run(world, method, &log);
     SEEDLING_ASSIGN_OR_RETURN(MethodResult r, run.Run());
     report.initial_eval_loss[method] = r.initial_eval_loss;
+    if (std::isfinite(r.initial_accuracy)) report.initial_accuracy[method] = r.initial_accuracy;
     report.summaries.push_back(r.summary);
     report.rounds.insert(report.rounds.end(), r.rounds.begin(), r.rounds.end());
     result.methods.push_back(std::move(r));

@@ -18,6 +18,7 @@
 // Idle devices cost a profile and a few words of scheduling state (RunResult reports the bytes); a device's
 // adapter, checkpoints and data shard live in its state directory on disk, as on a phone.
 
+#include <cmath>
 #include <cstdint>
 #include <map>
 #include <string>
@@ -89,7 +90,8 @@ struct SimulationOptions {
 
 struct MethodResult {
   std::string method;
-  double initial_eval_loss = 0;  // held-out loss of the initial global model
+  double initial_eval_loss = 0;   // held-out loss of the initial global model
+  double initial_accuracy = NAN;  // held-out accuracy of the initial global model; NaN without labelled rows
   std::vector<RoundRecord> rounds;
   MethodSummary summary;
   int64_t client_errors = 0;  // RunOnce errors other than injected dropouts (should be 0)

@@ -385,6 +385,16 @@ absl::StatusOr<MethodResult> MethodRun::Run() {
   MethodResult result;
   result.method = method_;
   SEEDLING_ASSIGN_OR_RETURN(result.initial_eval_loss, EvalLoss(coordinator_->global_params()));
+  if (!world_.choice_items.empty()) {
+    model::EvalOptions eo;
+    eo.forward.adapter = eval_adapter_.get();  // holds the initial parameters (EvalLoss)
+    absl::StatusOr<double> acc = model::ChoiceAccuracy(*world_.shared.model, world_.choice_items, eo);
+    if (acc.ok()) {
+      result.initial_accuracy = *acc;
+    } else {  // as after a round: the run goes on, the figure starts at round 1
+      spdlog::error("accuracy before round 1 failed: {}", std::string(acc.status().message()));
+    }
+  }
   if (options_.progress && world_.ranks != nullptr) {
     std::fprintf(stderr, "[%s] %d MPI ranks, %s\n", method_.c_str(), world_.ranks->size(),
                  world_.shared_work_dir ? "shared work directory: each activation runs on the least busy rank"

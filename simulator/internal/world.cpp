@@ -169,6 +169,7 @@ absl::StatusOr<World> MakeWorld(const SimulationOptions& options, MpiRanks* rank
     rows = std::move(corpus.rows);
     device_rows = std::move(corpus.train.device_rows);
     heldout_rows = std::move(corpus.heldout);
+    w.partition_stats = corpus.train.stats;
     w.partition_summary = StrCat("built-in synthetic corpus: ", corpus.train.stats.ToString());
   } else {
     SEEDLING_ASSIGN_OR_RETURN(ReadRowsResult read, ReadRows(options.data_path));
@@ -179,6 +180,7 @@ absl::StatusOr<World> MakeWorld(const SimulationOptions& options, MpiRanks* rank
     SEEDLING_ASSIGN_OR_RETURN(Partition p, PartitionRows(rows, n + options.heldout_devices, po2));
     device_rows.assign(p.device_rows.begin(), p.device_rows.begin() + n);
     heldout_rows.assign(p.device_rows.begin() + n, p.device_rows.end());
+    w.partition_stats = p.stats;
     w.partition_summary = StrCat(options.data_path, ": ", p.stats.ToString());
   }
   if (static_cast<int64_t>(device_rows.size()) != n) {

@@ -37,6 +37,7 @@ struct World {
   std::unique_ptr<Population> population;
   std::vector<std::string> data_paths;  // per device
   std::string partition_summary;
+  PartitionStats partition_stats;    // of the split partition_summary describes
   client::SharedModel shared;        // loaded with options->server.weights
   std::string weight_cache_dir;      // of the shared model's weight cache, and of any device that needs another
   int64_t weight_bytes = 0;          // resident bytes of the shared model's weights (what each device plans for)

@@ -131,6 +131,37 @@ TEST_CASE("The same seed gives identical rounds with 1 and 2 threads", "[simulat
   CHECK(html->find("kseed") != std::string::npos);
 }
 
+TEST_CASE("The report opens with what ran and tabulates the population it ran on", "[simulator]") {
+  TempDir dir;
+  SimulationOptions o = Small(JoinPath(dir.path, "out"));
+  o.methods = {"kseed"};
+  o.server.rounds = 2;
+  o.phone_classes = WriteClasses(dir.path,
+                                 "slow & <old>,0.5,5,3000000000,1500000000,5,20,80,3,test\n"
+                                 "fast,0.5,50,8000000000,3000000000,20,100,30,5,test\n");
+  auto r = RunSimulation(o);
+  INFO(r.status().ToString());
+  REQUIRE(r.ok());
+  auto html = ReadFile(r->report_path);
+  REQUIRE(html.ok());
+  const MethodSummary& s = r->methods[0].summary;
+  // The opening paragraph, from the options and the method's outcome (final loss as the summary table has it).
+  char loss[32];
+  std::snprintf(loss, sizeof(loss), "%.4g", s.final_eval_loss);
+  CHECK_THAT(*html, Catch::Contains("<p class=\"run-summary\">Ran kseed fine-tuning "));
+  CHECK_THAT(*html, Catch::Contains("on 60 simulated phones (+4 held out for evaluation): 2 rounds of 4 clients per "
+                                    "round, on the built-in synthetic corpus, one topic and one writing persona per "
+                                    "device; label total-variation distance from the global mix "));
+  CHECK_THAT(*html, Catch::Contains(StrCat("kseed committed ", s.committed_rounds, " of 2 rounds in ")));
+  CHECK_THAT(*html, Catch::Contains(StrCat(", ", loss, " at the end.")));
+  // One row per class and one for every device, the class names escaped.
+  CHECK_THAT(*html, Catch::Contains("<table class=\"population\">"));
+  CHECK_THAT(*html, Catch::Contains("<tr><td>slow &amp; &lt;old&gt;</td>"));
+  CHECK_THAT(*html, Catch::Contains("<tr><td>fast</td>"));
+  CHECK_THAT(*html, Catch::Contains("<tr class=\"total\"><td>all</td><td class=\"num\">60</td>"));
+  CHECK(html->find("slow & <old>") == std::string::npos);
+}
+
 TEST_CASE("A federation of phones of each newer family lowers the held-out loss", "[simulator][families]") {
   // Qwen3 (q/k norms per head), OLMo 2 (norms on the sub-blocks' outputs, q/k norms over the projections),
   // Gemma 3 (GeGLU, 1 + w norms before and after, scaled embeddings, local and global layers), Gemma 2
@@ -231,9 +262,14 @@ TEST_CASE("Accuracy is reported where held-out rows are labelled and only there"
     CHECK(rec.accuracy <= 1.0);
   }
   CHECK(measured > 0);
+  // The model before training is scored too: the accuracy figures start at round 0.
+  CHECK(r->methods[0].initial_accuracy >= 0.0);
+  CHECK(r->methods[0].initial_accuracy <= 1.0);
   auto html = ReadFile(r->report_path);
   REQUIRE(html.ok());
-  CHECK(html->find("fig-accuracy") != std::string::npos);
+  CHECK(html->find("<figure id=\"fig-accuracy\">") != std::string::npos);
+  CHECK(html->find("<figure id=\"fig-accuracy-time\">") != std::string::npos);
+  CHECK_THAT(*html, Catch::Contains(" before training)."));  // the opening paragraph's accuracy
   // The built-in corpus has topics but its rows are not classification rows: no accuracy.
   SimulationOptions plain = Small(JoinPath(dir.path, "plain"));
   plain.methods = {"lora-bp"};
@@ -241,6 +277,10 @@ TEST_CASE("Accuracy is reported where held-out rows are labelled and only there"
   auto p = RunSimulation(plain);
   REQUIRE(p.ok());
   for (const RoundRecord& rec : p->methods[0].rounds) CHECK(std::isnan(rec.accuracy));
+  CHECK(std::isnan(p->methods[0].initial_accuracy));
+  auto plain_html = ReadFile(p->report_path);
+  REQUIRE(plain_html.ok());
+  CHECK(plain_html->find("fig-accuracy") == std::string::npos);
 }
 
 TEST_CASE("With DP on the records carry the epsilon spent, and seeded noise repeats", "[simulator]") {
