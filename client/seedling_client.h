@@ -26,6 +26,13 @@
 extern "C" {
 #endif
 
+/* The functions libseedling_client.so exports (it hides every other symbol). */
+#if defined(__GNUC__)
+#define SEEDLING_API __attribute__((visibility("default")))
+#else
+#define SEEDLING_API
+#endif
+
 typedef struct seedling_client seedling_client;
 
 typedef enum {
@@ -50,19 +57,20 @@ typedef struct {
 typedef void (*seedling_progress_fn)(const char* phase, int64_t done, int64_t total, void* user);
 
 /* Returns NULL on error, with the message copied into err (if err_len > 0). */
-seedling_client* seedling_client_create(const char* config_json, char* err, size_t err_len);
-void seedling_client_destroy(seedling_client* client);
+SEEDLING_API seedling_client* seedling_client_create(const char* config_json, char* err, size_t err_len);
+SEEDLING_API void seedling_client_destroy(seedling_client* client);
 
-int seedling_client_set_conditions(seedling_client* client, int charging, int unmetered, int idle, float battery);
-int seedling_client_set_data_path(seedling_client* client, const char* path);
-int seedling_client_add_example(seedling_client* client, const char* json_row);
-void seedling_client_set_progress(seedling_client* client, seedling_progress_fn fn, void* user);
+SEEDLING_API int seedling_client_set_conditions(seedling_client* client, int charging, int unmetered, int idle,
+                                                float battery);
+SEEDLING_API int seedling_client_set_data_path(seedling_client* client, const char* path);
+SEEDLING_API int seedling_client_add_example(seedling_client* client, const char* json_row);
+SEEDLING_API void seedling_client_set_progress(seedling_client* client, seedling_progress_fn fn, void* user);
 
-int seedling_client_run_once(seedling_client* client, seedling_run_result* result);
-void seedling_client_cancel(seedling_client* client);
+SEEDLING_API int seedling_client_run_once(seedling_client* client, seedling_run_result* result);
+SEEDLING_API void seedling_client_cancel(seedling_client* client);
 
 /* The last error of this client ("" if none). Valid until the next call on the same client. */
-const char* seedling_client_last_error(const seedling_client* client);
+SEEDLING_API const char* seedling_client_last_error(const seedling_client* client);
 
 #ifdef __cplusplus
 }

@@ -25,8 +25,16 @@ std::vector<std::string> Candidates() {
     out.push_back((dir / "libseedling_spm_shim.so").string());
     out.push_back((dir / ".." / "lib" / "libseedling_spm_shim.so").string());
   }
+  // Next to the shared library holding this code (libseedling_client.so in an app's native library folder).
+  Dl_info self;
+  if (::dladdr(reinterpret_cast<const void*>(&Candidates), &self) != 0 && self.dli_fname != nullptr) {
+    out.push_back((std::filesystem::path(self.dli_fname).parent_path() / "libseedling_spm_shim.so").string());
+  }
 #ifdef SEEDLING_SPM_SHIM_BUILD_PATH
   out.push_back(SEEDLING_SPM_SHIM_BUILD_PATH);
+#endif
+#ifdef SEEDLING_SPM_SHIM_INSTALL_PATH
+  out.push_back(SEEDLING_SPM_SHIM_INSTALL_PATH);
 #endif
   return out;
 }

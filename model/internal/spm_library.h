@@ -2,7 +2,8 @@
 
 // Loads libseedling_spm_shim.so (see spm_shim_api.h for why SentencePiece lives behind dlopen) and exposes
 // its functions. The library is found, in order, at: $SEEDLING_SPM_SHIM; next to the running executable;
-// in ../lib relative to it; at the path the build wrote it to.
+// in ../lib relative to it; next to the shared library holding this code (libseedling_client.so); at the
+// path the build wrote it to; at the path `cmake --install` puts it.
 
 #include <memory>
 #include <string>
