@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The SDK as an app links it: a SEEDLING_CLIENT_ONLY build in ${SEEDLING_CLIENT_BUILD_DIR:-build-client}
-# (libseedling_client.so and examples/client_c linked against it), then tests/client/shared_library_test.sh:
-# the library exports only the seedling_* C functions, and the C example completes a round against
-# `seedling serve` from the main build (${SEEDLING_BUILD_DIR:-build}, built first by scripts/build.sh).
+# (libseedling_client.so, examples/client_c linked against it, the JVM binding), then
+# tests/client/shared_library_test.sh: the library exports only the seedling_* C functions, and the C example
+# and the JVM binding's tests run against `seedling serve` from the main build (${SEEDLING_BUILD_DIR:-build},
+# built first by scripts/build.sh).
 # scripts/test.sh runs it after ctest; extra arguments go to the CMake configure step.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -12,6 +12,7 @@ PACKAGES=(
   libopenmpi-dev openmpi-bin libbenchmark-dev
   libgoogle-perftools-dev                     # tcmalloc for the programs: less heap fragmentation in training
   clang-format                                # scripts/format.sh --check, the first step of scripts/test.sh
+  default-jdk-headless                        # the JVM binding (bindings/jvm) and its host-JVM tests
 )
 
 missing=()

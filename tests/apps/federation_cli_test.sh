@@ -13,6 +13,8 @@
 #               again, uploads in round 2 and exits 0 (a straggler's fate is routine, not an error).
 #   client-c    the examples/client_c program (the C SDK) completes a one-client round against serve, and
 #               reports a wrong token as UNAUTHENTICATED with exit status 1.
+#   client-jvm  org.seedling.Client (bindings/jvm) on the host JVM: a bad config throws with the SDK's message,
+#               cancel() from another thread stops a running runOnce, and runOnce completes a round.
 #   gguf-model  serve with a Q8_0 GGUF export of the model as its base ([model] weights = "q8_0"): a device
 #               holding the GGUF and one holding the source directory (which builds its q8_0 cache) both
 #               train and upload, and the round commits.
@@ -278,6 +280,41 @@ case "$case_name" in
     kill -TERM "$server_pid"
     wait_server 30
     [ "$server_rc" -eq 0 ] || fail "serve exited with $server_rc after SIGTERM"
+    ;;
+  client-jvm)
+    # org.seedling.Client on the host JVM (bindings/jvm/test/ClientTest.java): $5 is the class path (seedling.jar
+    # and the tests' jar), $6 the folder holding libseedling_jni.so and libseedling_client.so.
+    classpath="${5:-}"; libpath="${6:-}"
+    [ -n "$classpath" ] && [ -d "$libpath" ] || fail "client-jvm needs a class path and a library folder"
+    jvm() { timeout 120 java -Djava.library.path="$libpath" -cp "$classpath" ClientTest "$@"; }
+    out=$(jvm bad-config 2>&1) || fail "bad-config: $out"
+    setup
+    # A round long enough to interrupt: cancel() from another thread stops runOnce mid-run.
+    write_server_config "$work/server.toml" 1 1 0
+    sed -i 's/^steps = 2$/steps = 3000/' "$work/server.toml"
+    tok=$(register phone) || exit 1
+    start_server "$work/server.toml" "$work/serve.log"
+    config=$(jq -cn --arg port "$port" --arg ca "$work/certs/ca.crt" --arg tok "$tok" --arg state "$work/phone" \
+      --arg model "$work/model" --arg data "$repo/data/sample/instructions.jsonl" \
+      '{host: "127.0.0.1", port: ($port | tonumber), ca_file: $ca, server_name: "localhost", device_id: "phone",
+        token: $tok, state_dir: $state, model_dir: $model, data_path: $data, backoff_base_s: 0.05,
+        checkpoint_every: 2}')
+    out=$(jvm cancel "$config" 2>&1) || fail "cancel: $out"
+    echo "$out" | grep -q "^cancel: ok" || fail "cancel printed: $out"
+    kill -TERM "$server_pid"
+    wait_server 30
+    # A short round on a fresh server: runOnce uploads.
+    rm -rf "$work/state"
+    write_server_config "$work/server.toml" 1 1 0
+    tok=$(register phone) || exit 1
+    start_server "$work/server.toml" "$work/serve2.log"
+    config=$(echo "$config" | jq -c --arg port "$port" --arg tok "$tok" --arg state "$work/phone2" \
+      '.port = ($port | tonumber) | .token = $tok | .state_dir = $state')
+    out=$(jvm round "$config" 2>&1) || fail "round: $out"
+    echo "$out" | grep -Eq '^round 1: uploaded [1-9][0-9]* bytes, loss [0-9.]+ -> [0-9.]+$' || fail "round printed: $out"
+    wait_server 60
+    [ "$server_rc" -eq 0 ] || fail "serve exited with $server_rc"
+    grep -q "stopped at global version 1" "$work/serve2.log" || fail "serve did not commit version 1"
     ;;
   client-cancel)
     setup

@@ -3,6 +3,7 @@
 #   1. its dynamic symbol table defines exactly the seedling_* functions of client/seedling_client.h;
 #   2. examples/client_c, linked against it, completes a one-client round against `seedling serve` and
 #      reports a wrong token with the SDK's message (tests/apps/federation_cli_test.sh's client-c case);
+#   3. the JVM binding (bindings/jvm) passes its host-JVM tests (the client-jvm case).
 #
 #   shared_library_test.sh <client-only build dir> <seedling> <work dir> <repository>
 set -uo pipefail
@@ -30,3 +31,8 @@ echo "ok: $(basename "$lib") exports exactly the $(echo "$declared" | wc -l) see
 "$repo/tests/apps/federation_cli_test.sh" client-c "$seedling" "$work" "$repo" "$client_c" \
   || fail "client_c against libseedling_client.so did not complete the round"
 echo "ok: client_c (libseedling_client.so) completed a round against seedling serve"
+[ -f "$build/lib/seedling.jar" ] && [ -f "$build/lib/libseedling_jni.so" ] \
+  || fail "the JVM binding was not built (no JDK? scripts/deps.sh installs default-jdk-headless)"
+"$repo/tests/apps/federation_cli_test.sh" client-jvm "$seedling" "$work" "$repo" \
+  "$build/lib/seedling.jar:$build/lib/seedling-test.jar" "$build/lib" || fail "the JVM binding's tests failed"
+echo "ok: org.seedling.Client passed its host-JVM tests (bad config, cancel from another thread, a round)"
