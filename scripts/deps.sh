@@ -13,6 +13,7 @@ PACKAGES=(
   libgoogle-perftools-dev                     # tcmalloc for the programs: less heap fragmentation in training
   clang-format                                # scripts/format.sh --check, the first step of scripts/test.sh
   default-jdk-headless                        # the JVM binding (bindings/jvm) and its host-JVM tests
+  g++-aarch64-linux-gnu qemu-user-static      # ctest "arm64: ...": the NEON decoders cross-compiled, run under qemu
 )
 
 missing=()
