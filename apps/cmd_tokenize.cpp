@@ -33,10 +33,6 @@ struct TokenizeFlags {
   bool decode = false;
 };
 
-bool EndsWith(std::string_view s, std::string_view suffix) {
-  return s.size() >= suffix.size() && s.substr(s.size() - suffix.size()) == suffix;
-}
-
 // --tokenizer FILE: the kind follows the file name; anything but *.model and *.gguf is read as tokenizer.json.
 absl::StatusOr<std::unique_ptr<model::Tokenizer>> LoadTokenizerFile(const std::string& path) {
   std::error_code ec;
@@ -44,8 +40,8 @@ absl::StatusOr<std::unique_ptr<model::Tokenizer>> LoadTokenizerFile(const std::s
     return absl::InvalidArgumentError(
         StrCat("--tokenizer '", path, "' is a directory; give a file, or the directory as --model"));
   }
-  if (EndsWith(path, ".gguf")) return model::LoadTokenizer(path);
-  if (EndsWith(path, ".model")) {
+  if (path.ends_with(".gguf")) return model::LoadTokenizer(path);
+  if (path.ends_with(".model")) {
     if (!FileExists(path)) return absl::NotFoundError(StrCat("--tokenizer '", path, "' does not exist"));
     return model::LoadSentencePieceTokenizer(path);
   }
