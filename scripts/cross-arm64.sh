@@ -92,10 +92,10 @@ stage_sysroot() {
     target=$(readlink "$link")
     ln -sfnr "$sysroot$target" "$link"
   done < <(find "$sysroot" -type l -lname '/*' -print0)
-  # update-alternatives never ran: point libblas.so.3 / liblapack.so.3 at OpenBLAS (pthread), as
-  # scripts/deps.sh expects on the host; reference BLAS is ~50x slower.
+  # update-alternatives never ran: point libblas.so.3 / liblapack.so.3 (LibTorch's) and libopenblas.so.0
+  # (theirs) at OpenBLAS (pthread), as on the host; reference BLAS is ~50x slower.
   local libdir="$sysroot/usr/lib/aarch64-linux-gnu" lib
-  for lib in libblas.so.3 liblapack.so.3; do
+  for lib in libblas.so.3 liblapack.so.3 libopenblas.so.0; do
     [ -e "$libdir/openblas-pthread/$lib" ] || die "no $libdir/openblas-pthread/$lib (libopenblas0-pthread:arm64)"
     ln -sfn "openblas-pthread/$lib" "$libdir/$lib"
   done
@@ -123,7 +123,8 @@ stage_build() {
   local lib
   lib=$(find "$build" -name 'libseedling_client.so*' -type f | head -n 1)
   [ -n "$lib" ] || die "no libseedling_client.so in $build"
-  log "$lib: $(stat -c %s "$lib") bytes ($(du -h "$lib" | cut -f1)); stripped: $(aarch64-linux-gnu-strip -o /dev/stdout "$lib" | wc -c) bytes"
+  aarch64-linux-gnu-strip -o "$build/libseedling_client.stripped.so" "$lib"
+  log "$lib (arm64): $(stat -c %s "$lib") bytes, $(stat -c %s "$build/libseedling_client.stripped.so") stripped"
   start=$SECONDS
   nice -n 19 cmake --build "$build" --target "${CLIENT_TESTS[@]/#/seedling_test_}"
   log "client-side test executables built in $((SECONDS - start)) s"
