@@ -97,14 +97,9 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(const ServerCon
   SEEDLING_ASSIGN_OR_RETURN(std::optional<RoundRecord> latest, c->store_->LatestRound());
   c->finished_rounds_ = latest.has_value() ? static_cast<int64_t>(latest->round_id) : 0;
 
-  // The adapter's shapes come from the base model's config (config.json or a GGUF file's metadata); its id
-  // is what devices compute from their copy (model::ModelId).
-  SEEDLING_ASSIGN_OR_RETURN(model::ModelConfig model_config, model::LoadModelConfig(config.model_dir));
-  c->model_id_ = model::ModelId(model_config);
-  SEEDLING_ASSIGN_OR_RETURN(
-      const lora::LoraConfig lc,
-      lora::MakeLoraConfig(config.lora_rank, config.lora_alpha, config.lora_targets, config.lora_init_seed));
-  SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<lora::LoraAdapter> adapter, lora::LoraAdapter::Create(model_config, lc));
+  SEEDLING_ASSIGN_OR_RETURN(BaseAdapter base, MakeBaseAdapter(config));
+  c->model_id_ = std::move(base.model_id);
+  const std::unique_ptr<lora::LoraAdapter>& adapter = base.adapter;
   c->num_parameters_ = adapter->numel();
 
   SEEDLING_ASSIGN_OR_RETURN(const uint64_t version, c->store_->GlobalVersion());

@@ -13,8 +13,6 @@
 #include "base/openssl.h"
 #include "base/status.h"
 #include "base/strings.h"
-#include "lora/adapter.h"
-#include "model/config.h"
 #include "server/dp_budget.h"
 #include "server/strategy_stack.h"
 
@@ -98,15 +96,9 @@ absl::StatusOr<bool> CheckStateDir(const std::string& dir) {
 // What Coordinator::Create builds from the config before it serves: the adapter's shapes from the base
 // model's config, the strategy stack for them, and the DP accountant.
 absl::Status CheckModelAndStrategy(const ServerConfig& config, PreflightReport& report) {
-  absl::StatusOr<model::ModelConfig> model_config = model::LoadModelConfig(config.model_dir);
-  if (!model_config.ok()) return Annotate(model_config.status(), "[model] dir");
-  report.model_id = model::ModelId(*model_config);
-  absl::StatusOr<lora::LoraConfig> lora_config =
-      lora::MakeLoraConfig(config.lora_rank, config.lora_alpha, config.lora_targets, config.lora_init_seed);
-  if (!lora_config.ok()) return Annotate(lora_config.status(), "[lora]");
-  absl::StatusOr<std::unique_ptr<lora::LoraAdapter>> adapter = lora::LoraAdapter::Create(*model_config, *lora_config);
-  if (!adapter.ok()) return Annotate(adapter.status(), "[lora]");
-  report.adapter_parameters = (*adapter)->numel();
+  SEEDLING_ASSIGN_OR_RETURN(const BaseAdapter base, MakeBaseAdapter(config));
+  report.model_id = base.model_id;
+  report.adapter_parameters = base.adapter->numel();
   absl::StatusOr<std::unique_ptr<Strategy>> strategy =
       MakeServerStrategy(config, report.adapter_parameters, /*version=*/0);
   if (!strategy.ok()) return Annotate(strategy.status(), "[strategy]");

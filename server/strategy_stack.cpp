@@ -4,6 +4,7 @@
 
 #include "base/status.h"
 #include "base/strings.h"
+#include "model/config.h"
 #include "privacy/dp.h"
 #include "privacy/secagg.h"
 #include "server/dp_strategy.h"
@@ -65,6 +66,17 @@ absl::StatusOr<std::unique_ptr<Strategy>> MakeServerStrategy(const ServerConfig&
     SEEDLING_ASSIGN_OR_RETURN(strategy, WrapWithSecAgg(std::move(strategy), config, num_parameters));
   }
   return strategy;
+}
+
+absl::StatusOr<BaseAdapter> MakeBaseAdapter(const ServerConfig& config) {
+  absl::StatusOr<model::ModelConfig> model_config = model::LoadModelConfig(config.model_dir);
+  if (!model_config.ok()) return Annotate(model_config.status(), "[model] dir");
+  absl::StatusOr<lora::LoraConfig> lora_config =
+      lora::MakeLoraConfig(config.lora_rank, config.lora_alpha, config.lora_targets, config.lora_init_seed);
+  if (!lora_config.ok()) return Annotate(lora_config.status(), "[lora]");
+  absl::StatusOr<std::unique_ptr<lora::LoraAdapter>> adapter = lora::LoraAdapter::Create(*model_config, *lora_config);
+  if (!adapter.ok()) return Annotate(adapter.status(), "[lora]");
+  return BaseAdapter{model::ModelId(*model_config), std::move(adapter).value()};
 }
 
 }  // namespace seedling::server

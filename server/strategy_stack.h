@@ -13,6 +13,7 @@
 #include <memory>
 
 #include "absl/status/statusor.h"
+#include "lora/adapter.h"
 #include "server/config.h"
 #include "server/strategy.h"
 
@@ -23,5 +24,14 @@ namespace seedling::server {
 // when the options do not fit, e.g. an adapter too large for a secure-aggregation session.
 absl::StatusOr<std::unique_ptr<Strategy>> MakeServerStrategy(const ServerConfig& config, int64_t num_parameters,
                                                              uint64_t version);
+
+// The adapter the rounds train: its shapes from the base model's config (config.json or a GGUF file's
+// metadata), at its deterministic initialization (version 0), with the model's id as devices compute it
+// (model::ModelId). Errors name the server.toml section: "[model] dir: ..." or "[lora]: ...".
+struct BaseAdapter {
+  std::string model_id;
+  std::unique_ptr<lora::LoraAdapter> adapter;
+};
+absl::StatusOr<BaseAdapter> MakeBaseAdapter(const ServerConfig& config);
 
 }  // namespace seedling::server

@@ -713,21 +713,7 @@ double Population::TrainingJoules(int64_t device, double compute_seconds) const 
 }
 
 std::string Population::Summary() const {
-  struct Stats {
-    int64_t devices = 0;
-    std::vector<double> gflops, down, up, rtt;
-  };
-  std::vector<Stats> per_class(classes_.size());
-  Stats all;
-  for (const DeviceProfile& p : profiles_) {
-    for (Stats* s : {&per_class[p.phone_class], &all}) {
-      ++s->devices;
-      s->gflops.push_back(p.gflops);
-      s->down.push_back(p.downlink_mbps);
-      s->up.push_back(p.uplink_mbps);
-      s->rtt.push_back(p.rtt_ms);
-    }
-  }
+  const std::vector<ClassStats> rows = CondenseClasses(std::nullopt);
   std::string out = StrCat("population: ", size(), " devices, ", classes_.size(), " phone classes, ",
                            bytes_per_device(), " bytes per device (",
                            FormatBytes(static_cast<double>(bytes_per_device() * profiles_.size())), " of profiles)\n");
@@ -735,26 +721,40 @@ std::string Population::Summary() const {
   std::snprintf(line, sizeof(line), "  %-24s %8s %7s %9s %12s %18s %7s\n", "class", "devices", "share", "GFLOP/s",
                 "mem budget", "down/up Mbit/s", "RTT ms");
   out += line;
-  auto row = [&](const std::string& name, const Stats& s, const std::string& budget) {
-    std::snprintf(line, sizeof(line), "  %-24s %8lld %6.1f%% %9.1f %12s %10.1f/%-7.1f %7.0f\n", name.c_str(),
-                  static_cast<long long>(s.devices),
-                  100.0 * static_cast<double>(s.devices) / static_cast<double>(std::max<int64_t>(1, size())),
-                  Median(s.gflops), budget.c_str(), Median(s.down), Median(s.up), Median(s.rtt));
+  for (size_t k = 0; k < rows.size(); ++k) {
+    const ClassStats& r = rows[k];
+    // A class without devices prints zeros; its budget is the class's own.
+    auto value = [&](double v) { return r.devices > 0 ? v : 0.0; };
+    const double budget =
+        r.whole_population ? value(r.median_budget_bytes) : static_cast<double>(classes_[k].app_memory_bytes);
+    std::snprintf(line, sizeof(line), "  %-24s %8lld %6.1f%% %9.1f %12s %10.1f/%-7.1f %7.0f\n",
+                  (r.whole_population ? std::string("all (medians)") : r.name).c_str(),
+                  static_cast<long long>(r.devices), 100.0 * r.share, value(r.median_gflops),
+                  FormatBytes(budget).c_str(), value(r.median_downlink_mbps), value(r.median_uplink_mbps),
+                  value(r.median_rtt_ms));
     out += line;
-  };
-  for (size_t k = 0; k < classes_.size(); ++k) {
-    row(classes_[k].name, per_class[k], FormatBytes(static_cast<double>(classes_[k].app_memory_bytes)));
   }
-  std::vector<double> budgets;
-  for (const DeviceProfile& p : profiles_) {
-    budgets.push_back(static_cast<double>(classes_[p.phone_class].app_memory_bytes));
-  }
-  row("all (medians)", all, FormatBytes(Median(budgets)));
   return out;
 }
 
-std::vector<ClassStats> Population::ClassStatistics(double day_start_s) const {
+std::vector<ClassStats> Population::ClassStatistics(double day_start_s) const { return CondenseClasses(day_start_s); }
+
+double Population::AvailableSecondsInDay(int64_t device, double day_start_s) const {
   constexpr double kDay = 86400;
+  // The available stretches that overlap [day_start_s, day_start_s + kDay).
+  double available_s = 0;
+  const double day_end = day_start_s + kDay;
+  for (double t = day_start_s; t < day_end;) {
+    const double from = NextAvailable(device, t);
+    if (from >= day_end) break;
+    const double until = AvailableUntil(device, from);
+    available_s += std::min(until, day_end) - from;
+    t = until;
+  }
+  return available_s;
+}
+
+std::vector<ClassStats> Population::CondenseClasses(std::optional<double> day_start_s) const {
   struct Draws {
     std::vector<double> gflops, ram, budget, down, up, rtt;
     double dropout = 0, available_s = 0;
@@ -763,16 +763,7 @@ std::vector<ClassStats> Population::ClassStatistics(double day_start_s) const {
   for (int64_t d = 0; d < size(); ++d) {
     const DeviceProfile& p = profiles_[static_cast<size_t>(d)];
     const PhoneClass& c = classes_[p.phone_class];
-    // The available stretches that overlap [day_start_s, day_start_s + kDay).
-    double available_s = 0;
-    const double day_end = day_start_s + kDay;
-    for (double t = day_start_s; t < day_end;) {
-      const double from = NextAvailable(d, t);
-      if (from >= day_end) break;
-      const double until = AvailableUntil(d, from);
-      available_s += std::min(until, day_end) - from;
-      t = until;
-    }
+    const double available_s = day_start_s.has_value() ? AvailableSecondsInDay(d, *day_start_s) : 0;
     for (Draws* s : {&per_class[p.phone_class], &per_class.back()}) {
       s->gflops.push_back(p.gflops);
       s->ram.push_back(static_cast<double>(c.ram_bytes));
@@ -801,7 +792,7 @@ std::vector<ClassStats> Population::ClassStatistics(double day_start_s) const {
       row.median_uplink_mbps = Median(std::move(s.up));
       row.median_rtt_ms = Median(std::move(s.rtt));
       row.mean_dropout = s.dropout / n;
-      row.mean_available_hours = s.available_s / n / 3600;
+      if (day_start_s.has_value()) row.mean_available_hours = s.available_s / n / 3600;
     }
     out.push_back(std::move(row));
   }

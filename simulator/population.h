@@ -51,6 +51,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -230,6 +231,11 @@ class Population {
  private:
   Population(std::vector<PhoneClass> classes, PopulationOptions options, std::vector<DeviceProfile> profiles)
       : classes_(std::move(classes)), options_(options), profiles_(std::move(profiles)) {}
+
+  // The rows of ClassStatistics (Summary prints them too); availability only with a day to measure.
+  std::vector<ClassStats> CondenseClasses(std::optional<double> day_start_s) const;
+  // Seconds `device` is available in the 24 hours from `day_start_s`.
+  double AvailableSecondsInDay(int64_t device, double day_start_s) const;
 
   // Constant after construction.
   std::vector<PhoneClass> classes_;

@@ -7,6 +7,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <tuple>
@@ -247,16 +248,7 @@ void MethodRun::CheckRounds() {
       } else {
         spdlog::error("evaluation after round {} failed: {}", r->round_id, std::string(loss.status().message()));
       }
-      if (!world_.choice_items.empty()) {
-        model::EvalOptions eo;
-        eo.forward.adapter = eval_adapter_.get();  // holds `params` (EvalLoss)
-        absl::StatusOr<double> acc = model::ChoiceAccuracy(*world_.shared.model, world_.choice_items, eo);
-        if (acc.ok()) {
-          rec.accuracy = *acc;
-        } else {
-          spdlog::error("accuracy after round {} failed: {}", r->round_id, std::string(acc.status().message()));
-        }
-      }
+      rec.accuracy = Accuracy(StrCat("after round ", r->round_id));  // of `params` (EvalLoss)
     } else if (!records_.empty()) {
       rec.eval_loss = records_.back().eval_loss;  // the global model did not change
       rec.accuracy = records_.back().accuracy;
@@ -380,21 +372,24 @@ void MethodRun::Loop() {
   }
 }
 
+double MethodRun::Accuracy(const std::string& when) {
+  if (world_.choice_items.empty()) return NAN;
+  model::EvalOptions eo;
+  eo.forward.adapter = eval_adapter_.get();  // holds the parameters EvalLoss loaded
+  absl::StatusOr<double> acc = model::ChoiceAccuracy(*world_.shared.model, world_.choice_items, eo);
+  if (!acc.ok()) {
+    spdlog::error("accuracy {} failed: {}", when, std::string(acc.status().message()));
+    return NAN;
+  }
+  return *acc;
+}
+
 absl::StatusOr<MethodResult> MethodRun::Run() {
   SEEDLING_RETURN_IF_ERROR(Setup());
   MethodResult result;
   result.method = method_;
   SEEDLING_ASSIGN_OR_RETURN(result.initial_eval_loss, EvalLoss(coordinator_->global_params()));
-  if (!world_.choice_items.empty()) {
-    model::EvalOptions eo;
-    eo.forward.adapter = eval_adapter_.get();  // holds the initial parameters (EvalLoss)
-    absl::StatusOr<double> acc = model::ChoiceAccuracy(*world_.shared.model, world_.choice_items, eo);
-    if (acc.ok()) {
-      result.initial_accuracy = *acc;
-    } else {  // as after a round: the run goes on, the figure starts at round 1
-      spdlog::error("accuracy before round 1 failed: {}", std::string(acc.status().message()));
-    }
-  }
+  result.initial_accuracy = Accuracy("before round 1");  // of the initial parameters (EvalLoss)
   if (options_.progress && world_.ranks != nullptr) {
     std::fprintf(stderr, "[%s] %d MPI ranks, %s\n", method_.c_str(), world_.ranks->size(),
                  world_.shared_work_dir ? "shared work directory: each activation runs on the least busy rank"

@@ -96,6 +96,9 @@ class MethodRun {
   void Reap(int64_t device, double end_s);  // with mu_ held
   void CheckRounds();
   absl::StatusOr<double> EvalLoss(const std::vector<float>& params);
+  // Held-out accuracy of the parameters the last EvalLoss loaded; NaN without labelled rows, or (logged,
+  // the run goes on) when scoring fails. `when` names the moment in the log ("before round 1").
+  double Accuracy(const std::string& when);
   // With mu_ held, after a granted request: the device's clock after the reply, and what the reply means
   // for the activation and the round's figures.
   DeviceTime AfterReply(Activation& a, const v1::Envelope& request, const absl::StatusOr<v1::Envelope>& reply,
