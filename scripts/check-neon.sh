@@ -13,8 +13,5 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-out="${SEEDLING_BUILD_DIR:-build}/arm64-check"
-mkdir -p "$out"
-aarch64-linux-gnu-g++ -std=c++20 -O2 -Wall -Wextra -Werror -static -I. \
-  model/internal/quant_kernels.cpp tests/model/quant_kernels_check.cpp -o "$out/quant_kernels_check"
-qemu-aarch64-static "$out/quant_kernels_check"
+# The same check ctest runs ("arm64: NEON decoders equal the portable ones").
+exec tests/model/quant_kernels_arm64_test.sh "$PWD" "${SEEDLING_BUILD_DIR:-build}/arm64-check"
