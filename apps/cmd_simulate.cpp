@@ -43,7 +43,9 @@ void RegisterSimulateCommands(CLI::App& app, Action& action) {
   cmd->add_option("--model", f->model, "Base model: a directory (e.g. from `seedling init-model`) or a GGUF file");
   cmd->add_option("--data", f->data, "JSONL data to split across devices (default: built-in synthetic corpus)");
   cmd->add_option("--out", f->out, "Output directory (default sim-out)");
-  cmd->add_option("--methods", f->methods, "Comma-separated: lora-bp,fwdgrad,mezo,kseed (default lora-bp,kseed)");
+  cmd->add_option(
+      "--methods", f->methods,
+      "Comma-separated runs: lora-bp,fwdgrad,mezo,kseed or labels of [methods.<label>] (default lora-bp,kseed)");
   cmd->add_option("--devices", f->devices, "Phones in the population (default 1000)");
   cmd->add_option("--heldout-devices", f->heldout_devices, "Extra devices whose data evaluates (default 50)");
   cmd->add_option("--rounds", f->rounds, "Rounds per method (default 20)");

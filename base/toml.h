@@ -94,6 +94,9 @@ class TomlSection {
     return absl::OkStatus();
   }
 
+  // Accepts `key` without reading it here (a sub-table its caller reads itself).
+  void MarkKnown(std::string key) { known_.insert(std::move(key)); }
+
   // "[table] key: problem".
   absl::Status Error(std::string_view key, std::string_view problem) const;
   // InvalidArgument "[table] key: is not a known key" for the first key no Get asked for.

@@ -10,10 +10,61 @@
 #include "base/status.h"
 #include "base/strings.h"
 #include "base/toml.h"
+#include "comms/codec.h"
 #include "optim/method.h"
 #include "simulator/simulation.h"
 
 namespace seedling::simulator {
+
+namespace {
+
+std::string DefaultCodec(const std::string& method) {
+  if (method == "kseed") return "seed-scalars";
+  if (method == "fwdgrad") return "fp16";
+  return "int8";
+}
+
+// kseed and fwdgrad have their own strategies; lora-bp and mezo keep a fedavg-family [strategy] name.
+std::string StrategyFor(const std::string& method, const std::string& configured) {
+  if (method == "kseed" || method == "fwdgrad") return method;
+  return configured == "kseed" || configured == "fwdgrad" ? std::string("fedavg") : configured;
+}
+
+// A [methods.<label>] table: its own keys into `ms`, its sub-tables (server.toml sections) into
+// ms.server_overrides as TOML text.
+absl::Status ParseRunTable(const toml::table& t, const std::string& label, MethodSettings& ms) {
+  const std::string tn = StrCat("methods.", label);
+  TomlSection section(&t, tn);
+  SEEDLING_RETURN_IF_ERROR(section.Get("method", ms.method));
+  SEEDLING_RETURN_IF_ERROR(section.Get("codec", ms.codec));
+  SEEDLING_RETURN_IF_ERROR(section.Get("lr", ms.lr));
+  SEEDLING_RETURN_IF_ERROR(section.Get("epsilon", ms.epsilon));
+  toml::table overrides;
+  for (const auto& [key, value] : t) {
+    if (!value.is_table()) continue;
+    const std::string k(key.str());
+    section.MarkKnown(k);
+    if (k == "training" && value.as_table()->contains("method")) {
+      return absl::InvalidArgumentError(
+          StrCat("[", tn, ".training] method: set the run's method with [", tn, "] method"));
+    }
+    // The runs share one loaded base model (its weights and the longest sequence it serves).
+    if (k == "model" || (k == "training" && value.as_table()->contains("seq_len"))) {
+      return absl::InvalidArgumentError(StrCat("[", tn, ".", k, "] ", k == "model" ? "weights" : "seq_len",
+                                               ": the runs of a simulation share one base model; set it at the top"));
+    }
+    overrides.insert(k, *value.as_table());
+  }
+  SEEDLING_RETURN_IF_ERROR(section.CheckNoUnknownKeys());
+  if (!overrides.empty()) {
+    std::ostringstream text;
+    text << overrides;
+    ms.server_overrides = text.str();
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
 
 server::ServerConfig DefaultSimulationServerConfig() {
   server::ServerConfig c;
@@ -90,12 +141,7 @@ absl::StatusOr<SimulationOptions> ParseSimulationConfig(std::string_view toml_te
       const toml::table* t = value.as_table();
       const std::string tn = StrCat("methods.", name);
       if (t == nullptr) return absl::InvalidArgumentError(StrCat("[", tn, "] must be a table"));
-      MethodSettings& ms = o.method_settings[name];
-      TomlSection section(t, tn);
-      SEEDLING_RETURN_IF_ERROR(section.Get("codec", ms.codec));
-      SEEDLING_RETURN_IF_ERROR(section.Get("lr", ms.lr));
-      SEEDLING_RETURN_IF_ERROR(section.Get("epsilon", ms.epsilon));
-      SEEDLING_RETURN_IF_ERROR(section.CheckNoUnknownKeys());
+      SEEDLING_RETURN_IF_ERROR(ParseRunTable(*t, name, o.method_settings[name]));
     }
   }
   // [model]: weights is server.toml's key (the rounds carry it); weight_cache_dir is the simulator's own.
@@ -123,22 +169,28 @@ absl::StatusOr<SimulationOptions> ParseSimulationConfig(std::string_view toml_te
 absl::Status SimulationOptions::Validate() const {
   if (model_dir.empty()) return absl::InvalidArgumentError("model_dir is required");
   if (methods.empty()) return absl::InvalidArgumentError("at least one method is required");
-  for (const std::string& m : methods) SEEDLING_RETURN_IF_ERROR(optim::ParseMethod(m).status());
+  std::set<std::string> labels;
+  for (const std::string& label : methods) {
+    if (!labels.insert(label).second) return absl::InvalidArgumentError(StrCat("run '", label, "' is listed twice"));
+    if (label.empty() || label.find_first_of("/\\") != std::string::npos || label == "." || label == "..") {
+      return absl::InvalidArgumentError(StrCat("run label '", label, "' is not a plain name"));
+    }
+    if (!optim::ParseMethod(MethodOf(label)).ok()) {
+      return absl::InvalidArgumentError(
+          method_settings.count(label) > 0 && !method_settings.at(label).method.empty()
+              ? StrCat("[methods.", label, "] method: ", optim::ParseMethod(MethodOf(label)).status().message())
+              : StrCat("run '", label, "' is not a method (lora-bp, fwdgrad, mezo, kseed, ...) and has no [methods.",
+                       label, "] method"));
+    }
+  }
   if (server.rounds < 1) return absl::InvalidArgumentError("rounds must be at least 1");
   if (heldout_devices < 1) return absl::InvalidArgumentError("heldout_devices must be at least 1");
   if (eval_examples < 1) return absl::InvalidArgumentError("eval_examples must be at least 1");
   if (!(tick_s > 0)) return absl::InvalidArgumentError("tick_s must be positive");
   if (!(max_hours > 0)) return absl::InvalidArgumentError("max_hours must be positive");
   if (threads < 0) return absl::InvalidArgumentError("threads must be >= 0");
-  if (server.secagg.enabled) {
-    for (const std::string& m : methods) {
-      if (m != "lora-bp" && m != "mezo") {
-        return absl::InvalidArgumentError(StrCat("[secagg] enabled: method ", m,
-                                                 " does not upload a dense delta; "
-                                                 "secure aggregation runs with lora-bp and mezo"));
-      }
-    }
-  }
+  // Each run's round settings, with its method (e.g. [secagg] refuses methods without a dense delta).
+  for (const std::string& label : methods) SEEDLING_RETURN_IF_ERROR(RunServerConfig(label).status());
   if (mpi_placement != "auto" && mpi_placement != "static") {
     return absl::InvalidArgumentError(StrCat("mpi_placement must be auto or static, got '", mpi_placement, "'"));
   }
@@ -146,6 +198,63 @@ absl::Status SimulationOptions::Validate() const {
     return absl::InvalidArgumentError("plan_seconds and radio_watts must be >= 0");
   }
   return absl::OkStatus();
+}
+
+std::string SimulationOptions::MethodOf(const std::string& label) const {
+  const auto it = method_settings.find(label);
+  return it == method_settings.end() || it->second.method.empty() ? label : it->second.method;
+}
+
+std::string SimulationOptions::DescribeRun(const std::string& label) const {
+  std::string out = MethodOf(label);
+  const auto it = method_settings.find(label);
+  if (it == method_settings.end()) return out;
+  const MethodSettings& ms = it->second;
+  if (!ms.codec.empty()) out += StrCat("; codec ", ms.codec);
+  if (ms.lr > 0) out += StrCat("; lr ", ms.lr);
+  if (ms.epsilon > 0) out += StrCat("; epsilon ", ms.epsilon);
+  if (ms.server_overrides.empty()) return out;
+  absl::StatusOr<toml::table> overrides = ParseToml(ms.server_overrides);
+  if (!overrides.ok()) return out;
+  for (const auto& [section, table] : *overrides) {
+    if (!table.is_table()) continue;
+    for (const auto& [key, value] : *table.as_table()) {
+      std::ostringstream v;
+      value.visit([&v](const auto& node) { v << node; });
+      out += StrCat("; ", section.str(), ".", key.str(), " = ", v.str());
+    }
+  }
+  return out;
+}
+
+absl::StatusOr<server::ServerConfig> SimulationOptions::RunServerConfig(const std::string& label) const {
+  const auto it = method_settings.find(label);
+  const MethodSettings settings = it == method_settings.end() ? MethodSettings{} : it->second;
+  const std::string method = MethodOf(label);
+  server::ServerConfig c = server;
+  c.model_dir = model_dir;
+  c.method = method;
+  c.seed = seed;
+  c.strategy.name = StrategyFor(method, c.strategy.name);
+  auto bad = [&](const auto& message) { return absl::InvalidArgumentError(StrCat("[methods.", label, "] ", message)); };
+  absl::StatusOr<v1::Codec> codec =
+      comms::ParseCodecName(settings.codec.empty() ? DefaultCodec(method) : settings.codec);
+  if (!codec.ok()) return bad(StrCat("codec: ", codec.status().message()));
+  c.codec.codec = *codec;
+  if (settings.lr > 0) {
+    c.lr = settings.lr;
+    if (method == "kseed") c.strategy.kseed_lr = settings.lr;
+  }
+  if (settings.epsilon > 0) c.epsilon = settings.epsilon;
+  if (method == "fwdgrad") c.strategy.total_rounds = c.rounds;
+  if (settings.server_overrides.empty()) {
+    if (absl::Status st = c.Validate(); !st.ok()) return bad(st.message());
+    return c;
+  }
+  absl::StatusOr<server::ServerConfig> run = server::ParseServerConfig(settings.server_overrides, c);
+  if (!run.ok()) return bad(run.status().message());
+  if (method == "fwdgrad") run->strategy.total_rounds = run->rounds;
+  return run;
 }
 
 }  // namespace seedling::simulator

@@ -96,6 +96,10 @@ std::vector<std::pair<std::string, std::string>> ReportSettings(const Simulation
                                                    ? " (shared work directory: each activation on the least busy rank)"
                                                    : " (devices dealt round-robin: no shared work directory)")},
   };
+  for (const std::string& label : options.methods) {
+    if (options.method_settings.count(label) > 0)
+      settings.push_back({StrCat("run ", label), options.DescribeRun(label)});
+  }
   if (options.server.privacy.dp) {
     const server::PrivacyConfig& p = options.server.privacy;
     settings.push_back({"differential privacy", StrCat("clip ", p.clip_norm, ", noise multiplier ", p.noise_multiplier,

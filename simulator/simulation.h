@@ -39,11 +39,18 @@ namespace seedling::simulator {
 // window and a 600 s deadline. Everything else as ServerConfig.
 server::ServerConfig DefaultSimulationServerConfig();
 
-// What differs between methods in one comparison run.
+// What differs between the runs of one comparison (sim.toml [methods.<label>]). A run is named by its label,
+// which is a method's name or any other name with `method` set, so one report can compare variants of one
+// method (fixed K against paced K, with and without a defence, ...).
 struct MethodSettings {
+  std::string method;  // the run's method (lora-bp, fwdgrad, mezo, kseed, ...); "" = the label is the method
   std::string codec;   // "" = the method's default: int8 (lora-bp, mezo), fp16 (fwdgrad), seed-scalars (kseed)
   double lr = 0;       // client learning rate; 0 = the method's default (kseed: the strategy's kseed_lr)
   double epsilon = 0;  // perturbation scale; 0 = the method's default
+  // server.toml sections ([methods.<label>.training], [methods.<label>.strategy], ...) as TOML text, applied
+  // on top of the simulation's round settings for this run only; "" = none. [training] method is the run's
+  // `method` and cannot be overridden here.
+  std::string server_overrides;
 };
 
 struct SimulationOptions {
@@ -51,7 +58,9 @@ struct SimulationOptions {
   std::string out_dir = "sim-out";  // rounds.jsonl, rounds.csv, report.html, summary.txt (replaced)
   std::string work_dir;             // server and device state; "" = a fresh temporary directory
                                     // (in /dev/shm when available), removed at the end
-  std::vector<std::string> methods = {"lora-bp", "kseed"};  // run one after the other on the same population
+  std::vector<std::string> methods = {"lora-bp", "kseed"};  // runs' labels, one after the other on the same
+                                                            // population (a method's name, or a label with
+                                                            // [methods.<label>] method set)
   uint64_t seed = 0;              // population, data, availability, dropouts and the server's seeds
   int threads = 0;                // devices training at once (per MPI rank); 0 = the hardware threads
   std::string phone_classes;      // CSV of phone classes; "" = data/phones/phone_classes.csv
@@ -71,7 +80,7 @@ struct SimulationOptions {
   int64_t device_runtime_bytes = -1;    // what each device's planner counts besides the model, data and
                                         // training (code, LibTorch, BLAS); -1 = measured in this process
                                         // before the shared model loads (sim.toml: device_runtime)
-  std::map<std::string, MethodSettings> method_settings;  // by method name
+  std::map<std::string, MethodSettings> method_settings;  // by run label
   double start_time_s = 1767643200;                       // simulated start, Unix seconds: Mon 2026-01-05 20:00 UTC
   double tick_s = 1.0;                                    // how often the coordinator's Tick runs, simulated seconds
   double max_hours = 72;                                  // give up on a method after this much simulated time
@@ -86,10 +95,20 @@ struct SimulationOptions {
                                        // in-memory transport: same rounds, bit for bit, slower
 
   absl::Status Validate() const;
+
+  // The method of run `label`: its [methods.<label>] method, else the label itself.
+  std::string MethodOf(const std::string& label) const;
+  // The round settings of run `label`: `server` with the run's method, its default strategy (kseed,
+  // fwdgrad; the fedavg family keeps [strategy] name), codec, lr and epsilon from [methods.<label>], fwdgrad's
+  // schedule over `server.rounds`, the simulation's seed, then the run's server_overrides. InvalidArgument
+  // ("[methods.<label>] ...") when they do not fit.
+  absl::StatusOr<server::ServerConfig> RunServerConfig(const std::string& label) const;
+  // One line for reports: "fwdgrad; lr 0.01; training.fwdgrad_pacing = true".
+  std::string DescribeRun(const std::string& label) const;
 };
 
 struct MethodResult {
-  std::string method;
+  std::string method;             // the run's label (simulator/simulation.h MethodSettings)
   double initial_eval_loss = 0;   // held-out loss of the initial global model
   double initial_accuracy = NAN;  // held-out accuracy of the initial global model; NaN without labelled rows
   std::vector<RoundRecord> rounds;
@@ -112,8 +131,9 @@ struct SimulationResult {
 // heldout_devices, eval_examples, phone_classes, data, partition, alpha, exponent, rows_per_device,
 // dropout_mean, variation, start_time, tick_s, max_hours, plan_seconds, radio_watts, loopback, mpi_placement,
 // device_runtime: "auto" or a size such as "180M"), optional
-// [methods.<name>] tables (codec, lr, epsilon), [model] weights (server.toml's key) and weight_cache_dir, and the
-// round settings in server.toml's own sections ([training], [lora], [strategy], [retry], [privacy], [secagg];
+// [methods.<label>] tables (method, codec, lr, epsilon, and server.toml sections as sub-tables overriding the round
+// settings for that run: [methods.<label>.strategy] ...), [model] weights (server.toml's key) and weight_cache_dir, and
+// the round settings in server.toml's own sections ([training], [lora], [strategy], [retry], [privacy], [secagg];
 // README) on top of DefaultSimulationServerConfig(). InvalidArgument names the unknown or bad key.
 absl::StatusOr<SimulationOptions> ParseSimulationConfig(std::string_view toml_text);
 

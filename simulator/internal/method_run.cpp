@@ -30,23 +30,11 @@ namespace {
 // Philox stream of the devices' first check-in offsets (ASCII "firstwak").
 constexpr uint64_t kFirstWakeStream = 0x6669727374776b61ULL;
 
-std::string DefaultCodec(const std::string& method) {
-  if (method == "kseed") return "seed-scalars";
-  if (method == "fwdgrad") return "fp16";
-  return "int8";
-}
-
-std::string DefaultStrategy(const std::string& method) {
-  if (method == "kseed") return "kseed";
-  if (method == "fwdgrad") return "fwdgrad";
-  return "fedavg";
-}
-
 }  // namespace
 
 absl::Status MethodRun::Setup() {
-  config_ = options_.server;
-  dir_ = JoinPath(world_.work_dir, method_);
+  SEEDLING_ASSIGN_OR_RETURN(config_, options_.RunServerConfig(label_));
+  dir_ = JoinPath(world_.work_dir, label_);
   std::error_code ec;
   std::filesystem::remove_all(dir_, ec);
   std::filesystem::create_directories(JoinPath(dir_, "devices"), ec);
@@ -54,19 +42,6 @@ absl::Status MethodRun::Setup() {
   config_.state_dir = JoinPath(dir_, "server");
   config_.model_dir = options_.model_dir;
   config_.http_port = 0;
-  config_.method = method_;
-  config_.seed = options_.seed;
-  config_.strategy.name = DefaultStrategy(method_);
-  const auto it = options_.method_settings.find(method_);
-  const MethodSettings settings = it == options_.method_settings.end() ? MethodSettings{} : it->second;
-  SEEDLING_ASSIGN_OR_RETURN(config_.codec.codec,
-                            comms::ParseCodecName(settings.codec.empty() ? DefaultCodec(method_) : settings.codec));
-  if (settings.lr > 0) {
-    config_.lr = settings.lr;
-    if (method_ == "kseed") config_.strategy.kseed_lr = settings.lr;
-  }
-  if (settings.epsilon > 0) config_.epsilon = settings.epsilon;
-  if (method_ == "fwdgrad") config_.strategy.total_rounds = config_.rounds;
   SEEDLING_RETURN_IF_ERROR(config_.Validate());
 
   clock_.Set(SecondsToMs(options_.start_time_s));
@@ -156,7 +131,7 @@ void MethodRun::Reap(int64_t device, double end_s) {
   } else if (!a.result.ok()) {
     if (!stopping_) {
       if (++client_errors_ <= 5) {
-        spdlog::warn("{} ({}): {}", DeviceId(a.device), method_, std::string(a.result.status().message()));
+        spdlog::warn("{} ({}): {}", DeviceId(a.device), label_, std::string(a.result.status().message()));
       }
     }
   } else {
@@ -210,7 +185,7 @@ void MethodRun::CheckRounds() {
   std::sort(finished.begin(), finished.end(), [](auto* x, auto* y) { return x->round_id < y->round_id; });
   for (const server::DashboardRound* r : finished) {
     RoundRecord rec;
-    rec.method = method_;
+    rec.method = label_;
     rec.round = static_cast<int64_t>(r->round_id);
     rec.committed = r->state == "committed";
     rec.start_time_s = static_cast<double>(r->opened_ms) / 1000.0 - options_.start_time_s;
@@ -267,7 +242,7 @@ void MethodRun::CheckRounds() {
       std::fprintf(stderr,
                    "[%s] round %lld/%lld %s  sim %s  eval loss %.4f  %lld/%lld reports, %lld dropouts, %lld "
                    "stragglers, %lld declined  ETA %s\n",
-                   method_.c_str(), static_cast<long long>(done), static_cast<long long>(config_.rounds),
+                   label_.c_str(), static_cast<long long>(done), static_cast<long long>(config_.rounds),
                    rec.committed ? "committed" : "aborted", FormatDuration(rec.end_time_s).c_str(), rec.eval_loss,
                    static_cast<long long>(rec.participants), static_cast<long long>(rec.selected),
                    static_cast<long long>(rec.dropouts), static_cast<long long>(rec.stragglers),
@@ -347,7 +322,7 @@ void MethodRun::Loop() {
     if (!next.has_value() || check_rounds_) continue;
     const double t = next->t;
     if (t >= world_.end_time_s) {
-      spdlog::warn("{}: no more rounds within {} simulated hours", method_, options_.max_hours);
+      spdlog::warn("{}: no more rounds within {} simulated hours", label_, options_.max_hours);
       stopping_ = true;
       continue;
     }
@@ -387,16 +362,16 @@ double MethodRun::Accuracy(const std::string& when) {
 absl::StatusOr<MethodResult> MethodRun::Run() {
   SEEDLING_RETURN_IF_ERROR(Setup());
   MethodResult result;
-  result.method = method_;
+  result.method = label_;
   SEEDLING_ASSIGN_OR_RETURN(result.initial_eval_loss, EvalLoss(coordinator_->global_params()));
   result.initial_accuracy = Accuracy("before round 1");  // of the initial parameters (EvalLoss)
   if (options_.progress && world_.ranks != nullptr) {
-    std::fprintf(stderr, "[%s] %d MPI ranks, %s\n", method_.c_str(), world_.ranks->size(),
+    std::fprintf(stderr, "[%s] %d MPI ranks, %s\n", label_.c_str(), world_.ranks->size(),
                  world_.shared_work_dir ? "shared work directory: each activation runs on the least busy rank"
                                         : "no shared work directory: device d runs on rank d % ranks");
   }
   if (options_.progress) {
-    std::fprintf(stderr, "[%s] %lld devices, %lld rounds of %lld clients; initial eval loss %.4f\n", method_.c_str(),
+    std::fprintf(stderr, "[%s] %lld devices, %lld rounds of %lld clients; initial eval loss %.4f\n", label_.c_str(),
                  static_cast<long long>(world_.population->size()), static_cast<long long>(config_.rounds),
                  static_cast<long long>(config_.clients_per_round), result.initial_eval_loss);
   }
@@ -406,7 +381,7 @@ absl::StatusOr<MethodResult> MethodRun::Run() {
   coordinator_->Shutdown();
   result.rounds = records_;
   result.client_errors = client_errors_;
-  result.summary = Summarize(method_, result.initial_eval_loss, result.rounds);
+  result.summary = Summarize(label_, result.initial_eval_loss, result.rounds);
   return result;
 }
 

@@ -73,8 +73,9 @@ struct RoundStats {
 
 class MethodRun {
  public:
-  MethodRun(const World& world, std::string method, RoundLog* log)
-      : world_(world), options_(*world.options), method_(std::move(method)), log_(log) {}
+  // The run named `label` in world.options (SimulationOptions::MethodOf gives its method).
+  MethodRun(const World& world, std::string label, RoundLog* log)
+      : world_(world), options_(*world.options), label_(label), method_(options_.MethodOf(label)), log_(log) {}
 
   absl::StatusOr<MethodResult> Run();
 
@@ -107,7 +108,8 @@ class MethodRun {
   // Constant after Setup().
   const World& world_;
   const SimulationOptions& options_;
-  const std::string method_;
+  const std::string label_;   // the run's name: its directory, records and report lines
+  const std::string method_;  // what its devices train with
   RoundLog* const log_;
   server::ServerConfig config_;
   std::string dir_;

@@ -214,7 +214,7 @@ void MethodRun::RemoteDeviceMain(Activation* a, client::Conditions conditions) {
   MpiRanks& ranks = *world_.ranks;
   const int owner = a->rank;
   const double vt = gate_.Now(d);
-  const nlohmann::json start = {{"method", method_},
+  const nlohmann::json start = {{"method", label_},
                                 {"device", d},
                                 {"token", tokens_[static_cast<size_t>(d)]},
                                 {"vt", vt},

@@ -601,13 +601,18 @@ TEST_CASE("Ten thousand devices with 50 clients per round run 2 rounds", "[simul
 
 TEST_CASE("The shipped simulation configs parse, and SecAgg+ with a method without a dense delta is refused",
           "[simulator]") {
-  for (const char* name : {"simulate-demo.toml", "simulate-secagg.toml", "simulate-qwen05-q4.toml"}) {
-    auto text = ReadFile(JoinPath(JoinPath(SEEDLING_SOURCE_DIR, "configs"), name));
+  // Every sim.toml in configs/ (the experiments' configs too).
+  int configs = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(JoinPath(SEEDLING_SOURCE_DIR, "configs"))) {
+    if (entry.path().extension() != ".toml") continue;
+    auto text = ReadFile(entry.path().string());
     REQUIRE(text.ok());
     auto o = ParseSimulationConfig(*text);
-    INFO(name << ": " << o.status().ToString());
+    INFO(entry.path().filename().string() << ": " << o.status().ToString());
     CHECK(o.ok());
+    ++configs;
   }
+  CHECK(configs >= 3);
   auto secagg = ReadFile(JoinPath(JoinPath(SEEDLING_SOURCE_DIR, "configs"), "simulate-secagg.toml"));
   REQUIRE(secagg.ok());
   auto o = ParseSimulationConfig(*secagg);
@@ -618,7 +623,7 @@ TEST_CASE("The shipped simulation configs parse, and SecAgg+ with a method witho
   o->methods = {"lora-bp", "kseed"};
   const absl::Status st = o->Validate();
   CHECK(st.code() == absl::StatusCode::kInvalidArgument);
-  CHECK(std::string(st.message()).find("method kseed") != std::string::npos);
+  CHECK_THAT(std::string(st.message()), Catch::Contains("[methods.kseed]") && Catch::Contains("got kseed"));
 }
 
 TEST_CASE("sim.toml is parsed on top of the simulator's defaults and bad keys are named", "[simulator]") {
@@ -669,7 +674,104 @@ rounds = 7
   auto secagg_kseed =
       ParseSimulationConfig("[simulation]\nmodel = \"m\"\nmethods = [\"kseed\"]\n[secagg]\nenabled = true\n");
   REQUIRE_FALSE(secagg_kseed.ok());
-  CHECK_THAT(std::string(secagg_kseed.status().message()), Catch::Contains("method kseed"));
+  CHECK_THAT(std::string(secagg_kseed.status().message()),
+             Catch::Contains("[methods.kseed]") && Catch::Contains("got kseed"));
+}
+
+TEST_CASE("sim.toml runs: a label names a method and overrides round settings for that run only", "[simulator]") {
+  auto o = ParseSimulationConfig(R"(
+[simulation]
+model = "m"
+methods = ["lora-bp", "lora-adam", "kseed"]
+[strategy]
+server_lr = 0.7
+[methods.lora-adam]
+method = "lora-bp"
+lr = 0.003
+[methods.lora-adam.strategy]
+name = "fedadam"
+server_lr = 0.02
+[methods.lora-adam.training]
+steps = 4
+)");
+  INFO(o.status().ToString());
+  REQUIRE(o.ok());
+  CHECK(o->MethodOf("lora-adam") == "lora-bp");
+  CHECK(o->MethodOf("kseed") == "kseed");
+  auto plain = o->RunServerConfig("lora-bp");
+  auto adam = o->RunServerConfig("lora-adam");
+  auto kseed = o->RunServerConfig("kseed");
+  REQUIRE(plain.ok());
+  REQUIRE(adam.ok());
+  REQUIRE(kseed.ok());
+  CHECK(plain->strategy.name == "fedavg");
+  CHECK(plain->strategy.server_lr == 0.7);
+  CHECK(plain->steps == DefaultSimulationServerConfig().steps);
+  CHECK(adam->method == "lora-bp");
+  CHECK(adam->strategy.name == "fedadam");
+  CHECK(adam->strategy.server_lr == 0.02);
+  CHECK(adam->steps == 4);
+  CHECK(adam->lr == 0.003);
+  CHECK(kseed->strategy.name == "kseed");
+  CHECK(kseed->codec.codec == v1::CODEC_SEED_SCALARS);
+  CHECK_THAT(o->DescribeRun("lora-adam"), Catch::Contains("strategy.name = 'fedadam'") &&
+                                              Catch::Contains("training.steps = 4") && Catch::Contains("lr 0.003"));
+
+  const std::string head = "[simulation]\nmodel = \"m\"\n";
+  const std::pair<std::string, std::string> bad[] = {
+      {"methods = [\"fast\"]\n", "run 'fast' is not a method"},
+      {"methods = [\"fast\"]\n[methods.fast]\nmethod = \"sgd\"\n", "[methods.fast] method"},
+      {"methods = [\"lora-bp\", \"lora-bp\"]\n", "listed twice"},
+      {"methods = [\"a/b\"]\n[methods.\"a/b\"]\nmethod = \"mezo\"\n", "not a plain name"},
+      {"methods = [\"x\"]\n[methods.x]\nmethod = \"mezo\"\n[methods.x.training]\nmethod = \"kseed\"\n",
+       "[methods.x.training] method"},
+      {"methods = [\"x\"]\n[methods.x]\nmethod = \"mezo\"\n[methods.x.model]\nweights = \"q8_0\"\n",
+       "share one base model"},
+      {"methods = [\"x\"]\n[methods.x]\nmethod = \"mezo\"\n[methods.x.strategy]\nspeed = 2\n", "speed"},
+      {"methods = [\"x\"]\n[methods.x]\nmethod = \"mezo\"\n[methods.x.strategy]\nname = \"kseed\"\n", "[methods.x]"},
+      {"methods = [\"x\"]\n[methods.x]\nmethod = \"mezo\"\nspeed = 2\n", "speed"},
+  };
+  for (const auto& [text, message] : bad) {
+    INFO(text);
+    auto r = ParseSimulationConfig(head + text);
+    REQUIRE_FALSE(r.ok());
+    CHECK(r.status().code() == absl::StatusCode::kInvalidArgument);
+    CHECK_THAT(std::string(r.status().message()), Catch::Contains(message));
+  }
+}
+
+TEST_CASE("A labelled run of a method repeats the method's run; its overrides change only that run", "[simulator]") {
+  TempDir dir;
+  SimulationOptions o = Small(JoinPath(dir.path, "out"));
+  o.methods = {"lora-bp", "again", "adam"};
+  o.method_settings["again"].method = "lora-bp";
+  o.method_settings["adam"].method = "lora-bp";
+  o.method_settings["adam"].server_overrides = "[strategy]\nname = \"fedadam\"\nserver_lr = 0.05\n";
+  auto r = RunSimulation(o);
+  INFO(r.status().ToString());
+  REQUIRE(r.ok());
+  REQUIRE(r->methods.size() == 3);
+  CHECK(r->methods[1].method == "again");
+  CHECK(r->methods[2].method == "adam");
+  // The same method on the same population and seed: the same rounds, record for record, under its label.
+  auto records = [&](size_t i) {
+    std::string all;
+    for (RoundRecord rec : r->methods[i].rounds) {
+      CHECK(rec.method == r->methods[i].method);
+      rec.method = "";
+      all += Deterministic(rec);
+    }
+    return all;
+  };
+  const std::string plain = records(0);
+  CHECK_FALSE(plain.empty());
+  CHECK(records(1) == plain);
+  CHECK(records(2) != plain);
+  // FedAdam's step is not FedAvg's: the held-out losses part.
+  CHECK(r->methods[2].rounds.back().eval_loss != r->methods[0].rounds.back().eval_loss);
+  auto html = ReadFile(r->report_path);
+  REQUIRE(html.ok());
+  CHECK_THAT(*html, Catch::Contains("run adam") && Catch::Contains("strategy.name = &#39;fedadam&#39;"));
 }
 
 TEST_CASE("sim.toml [model] sets the base weights, fp32 by default, and their cache directory", "[simulator]") {
