@@ -135,6 +135,16 @@ absl::Status ServerConfig::Validate() const {
     return KeyError("training", "perturbations",
                     StrCat("must be in [1, ", comms::kMaxTaskPerturbations, "], got ", perturbations));
   }
+  if (strategy.fwdgrad_pacing.enabled) {
+    if (method != "fwdgrad") return KeyError("training", "fwdgrad_pacing", "is for method fwdgrad");
+    if (privacy.dp) {
+      return KeyError("training", "fwdgrad_pacing",
+                      "cannot run with [privacy] dp: pacing measures the spread of single clients' estimates, which "
+                      "the DP wrapper sums before the strategy sees them");
+    }
+    SEEDLING_RETURN_IF_ERROR(ValidatePacing(strategy.fwdgrad_pacing));
+  }
+  SEEDLING_RETURN_IF_ERROR(ValidatePseudoLabels(*this));
   if (max_update_bytes < 1024) return KeyError("training", "max_update_bytes", "must be at least 1024");
   if (max_inflight_uploads < 1) return KeyError("training", "max_inflight_uploads", "must be >= 1");
   SEEDLING_RETURN_IF_ERROR(comms::ValidateCodecOptions(codec));
@@ -230,6 +240,9 @@ absl::StatusOr<ServerConfig> ParseServerConfig(std::string_view toml_text, const
   SEEDLING_RETURN_IF_ERROR(training.Get("lr", c.lr));
   SEEDLING_RETURN_IF_ERROR(training.Get("epsilon", c.epsilon));
   SEEDLING_RETURN_IF_ERROR(training.Get("perturbations", c.perturbations));
+  SEEDLING_RETURN_IF_ERROR(training.Get("fwdgrad_pacing", c.strategy.fwdgrad_pacing.enabled));
+  SEEDLING_RETURN_IF_ERROR(training.Get("fwdgrad_variance_threshold", c.strategy.fwdgrad_pacing.variance_threshold));
+  SEEDLING_RETURN_IF_ERROR(training.Get("max_perturbations", c.strategy.fwdgrad_pacing.max_perturbations));
   const bool codec_given = table("training") != nullptr && table("training")->get("codec") != nullptr;
   SEEDLING_RETURN_IF_ERROR(training.Get("codec", codec));
   SEEDLING_RETURN_IF_ERROR(training.Get("block_size", c.codec.block_size));
@@ -270,6 +283,7 @@ absl::StatusOr<ServerConfig> ParseServerConfig(std::string_view toml_text, const
   SEEDLING_RETURN_IF_ERROR(strategy.Get("kseed_pool_seed", s.kseed_pool_seed));
   SEEDLING_RETURN_IF_ERROR(strategy.CheckNoUnknownKeys());
   s.total_rounds = c.rounds > 0 ? c.rounds : 100;
+  s.fwdgrad_pacing.base_perturbations = c.perturbations;
   s.max_update_norm = c.max_update_norm;
 
   TomlSection privacy(table("privacy"), "privacy");

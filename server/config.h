@@ -91,7 +91,9 @@ struct ServerConfig {
   int64_t seq_len = 256;
   double lr = 0;              // client lr; 0 = the method's default (client/local_training.h)
   double epsilon = 0;         // mezo / kseed / central differences; 0 = default
-  int64_t perturbations = 8;  // fwdgrad K
+  int64_t perturbations = 8;  // fwdgrad K (with strategy.fwdgrad_pacing: K after an applied round)
+  // fwdgrad_pacing (false), fwdgrad_variance_threshold (required with pacing) and max_perturbations (64) are
+  // read into strategy.fwdgrad_pacing (server/fwdgrad_pacing.h).
   comms::CodecOptions codec = {.codec = v1::CODEC_FP16};  // fp16 (half fp32's bytes), block_size = 64,
                                                           // topk_fraction = 0.01 (kseed: seed-scalars)
   double clip_norm = 0;  // sent to clients; 0 = none ([privacy] clip_norm replaces it with dp)

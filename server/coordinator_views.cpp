@@ -35,6 +35,7 @@ DashboardRound Coordinator::ToDashboard(const RoundRecord& r) {
       if (j.contains("loss_start")) d.loss_start = j["loss_start"].get<double>();
       if (j.contains("loss_end")) d.loss_end = j["loss_end"].get<double>();
       d.processed_tokens = j.value("processed_tokens", int64_t{0});
+      if (j.contains("gradient_variance")) d.gradient_variance = j["gradient_variance"].get<double>();
     } catch (const nlohmann::json::exception&) {
       // A result the dashboard cannot read is shown without its details.
     }

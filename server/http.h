@@ -44,6 +44,8 @@ struct DashboardRound {
   uint64_t bytes_up = 0;         // client → server payload bytes
   uint64_t bytes_down = 0;       // server → client payload bytes
   int64_t processed_tokens = 0;  // tokens the accepted updates' local steps processed, as the devices report
+  // fwdgrad pacing: the variance of the pooled gradient estimate (server/fwdgrad_pacing.h); NaN if not measured.
+  double gradient_variance = NAN;
   int64_t opened_ms = 0;
   int64_t deadline_ms = 0;  // when collecting stops; 0 = no deadline
   int64_t closed_ms = 0;

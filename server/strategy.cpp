@@ -22,6 +22,13 @@ namespace {
 constexpr const char* kMomentumBuffer = "momentum";  // fedavgm
 constexpr const char* kFirstMomentBuffer = "m";      // fedadam, fedyogi, fedadagrad
 constexpr const char* kSecondMomentBuffer = "v";
+// fwdgrad pacing (server/fwdgrad_pacing.h): the held estimate's Σ g_c and Σ g_c² / n_c, and
+// [K of the next round's tasks, pooled Σ n_c, pooled clients, pooled rounds].
+constexpr const char* kPacingSumBuffer = "fwdgrad_cache_sum";
+constexpr const char* kPacingSquareBuffer = "fwdgrad_cache_sq";
+constexpr const char* kPacingStateBuffer = "fwdgrad_pacing";
+constexpr size_t kPacingStateSize = 4;
+
 
 bool IsDenseCodec(v1::Codec codec) {
   return codec == v1::CODEC_FP32 || codec == v1::CODEC_FP16 || codec == v1::CODEC_INT8 || codec == v1::CODEC_INT4 ||
@@ -136,12 +143,19 @@ class DenseStrategy final : public RoundStrategy {
  public:
   // `fwdgrad`: FwdLLM's rule (and seed-pair payloads) instead of `optimizer`.
   DenseStrategy(StrategyOptions options, optim::ServerOptimizerOptions optimizer, bool fwdgrad)
-      : RoundStrategy(std::move(options)), optimizer_(optimizer), fwdgrad_(fwdgrad) {}
+      : RoundStrategy(std::move(options)),
+        optimizer_(optimizer),
+        fwdgrad_(fwdgrad),
+        paced_(fwdgrad && options_.fwdgrad_pacing.enabled) {}
 
   void ConfigureTask(uint64_t round_index, v1::Task& task) const override {
     (void)round_index;
     // FwdLLM clients only estimate: the server applies the averaged gradient.
     if (fwdgrad_) (*task.mutable_hyperparameters())["apply_locally"] = 0.0;
+    if (paced_) {
+      absl::MutexLock lock(&mu_);
+      (*task.mutable_hyperparameters())["perturbations"] = static_cast<double>(round_perturbations_);
+    }
   }
 
   absl::Status BeginRound(const GlobalModel& global) override {
@@ -152,6 +166,14 @@ class DenseStrategy final : public RoundStrategy {
     ResetRoundLocked(n);
     sum_.assign(n, 0.0);
     scratch_.assign(n, 0.0f);
+    if (paced_) {
+      // K of this round's tasks: the schedule's, as checkpointed (a restarted server continues it).
+      const auto state = global.buffers.find(kPacingStateBuffer);
+      round_perturbations_ = state == global.buffers.end() ? options_.fwdgrad_pacing.base_perturbations
+                                                           : static_cast<int64_t>(state->second[0]);
+      square_sum_.assign(n, 0.0);
+      row_.assign(n, 0.0);
+    }
     return absl::OkStatus();
   }
 
@@ -201,7 +223,21 @@ class DenseStrategy final : public RoundStrategy {
     // Step 3: add to the running sum: Σ n_c Δ_c for the fedavg family; Σ g_c for fwdgrad, whose g_c
     // is already a sum over the client's n_c examples' steps (FwdLLM divides the total by Σ n_c).
     const double weight = fwdgrad_ ? 1.0 : static_cast<double>(update.num_examples);
-    if (dense) {
+    if (paced_) {
+      // Pacing also needs Σ g_c² / n_c: the update is decoded into a row first.
+      if (dense) {
+        std::fill(row_.begin(), row_.end(), 0.0);
+        const absl::Status added = dense->AddTo(row_, weight);
+        if (!added.ok()) return absl::InternalError(StrCat("adding a validated update: ", added.message()));
+      } else {
+        for (size_t i = 0; i < numel_; ++i) row_[i] = weight * static_cast<double>(scratch_[i]);
+      }
+      const double n = static_cast<double>(update.num_examples);
+      for (size_t i = 0; i < numel_; ++i) {
+        sum_[i] += row_[i];
+        square_sum_[i] += row_[i] * row_[i] / n;
+      }
+    } else if (dense) {
       const absl::Status added = dense->AddTo(sum_, weight);
       if (!added.ok()) return absl::InternalError(StrCat("adding a validated update: ", added.message()));
     } else {
@@ -241,6 +277,7 @@ class DenseStrategy final : public RoundStrategy {
     absl::MutexLock lock(&mu_);
     SEEDLING_RETURN_IF_ERROR(CheckFinishLocked(global));
     SEEDLING_RETURN_IF_ERROR(CheckBuffers(global));
+    if (paced_) return FinishPacedRoundLocked(global);
 
     // The round's mean, rounded once to fp32 (into the scratch buffer, no longer needed for
     // decoding): fedavg family Δ̄ = Σ n_c Δ_c / Σ n_c; fwdgrad ḡ = Σ g_c / Σ n_c.
@@ -277,9 +314,78 @@ class DenseStrategy final : public RoundStrategy {
   }
 
  private:
+  // fwdgrad with pacing: pools this round's sums with the held ones, then applies the pooled mean (and
+  // clears the pool) or holds it for the next round, as DecidePacing says.
+  absl::StatusOr<RoundOutcome> FinishPacedRoundLocked(GlobalModel& global) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    // Step 1: the pool = held sums (if any) + this round's.
+    double pooled_examples = static_cast<double>(examples_);
+    double pooled_clients = static_cast<double>(clients_);
+    double pooled_rounds = 1;
+    if (auto state = global.buffers.find(kPacingStateBuffer); state != global.buffers.end()) {
+      pooled_examples += state->second[1];
+      pooled_clients += state->second[2];
+      pooled_rounds += state->second[3];
+    }
+    const auto held_sum = global.buffers.find(kPacingSumBuffer);
+    const auto held_square = global.buffers.find(kPacingSquareBuffer);
+    if (held_sum != global.buffers.end() && held_square != global.buffers.end()) {
+      for (size_t i = 0; i < numel_; ++i) {
+        sum_[i] += static_cast<double>(held_sum->second[i]);
+        square_sum_[i] += static_cast<double>(held_square->second[i]);
+      }
+    }
+    // Step 2: the pooled estimate's variance decides.
+    const double variance =
+        EstimateGlobalVariance(sum_, square_sum_, pooled_examples, static_cast<int64_t>(pooled_clients));
+    const PacingDecision decision = DecidePacing(options_.fwdgrad_pacing, round_perturbations_, variance);
+    const double eta = FwdGradLearningRate(options_, global.version);
+    double change2 = 0.0;
+    if (decision.apply) {
+      // Step 3a: FwdLLM's server step on the pooled mean, θ ← θ − η_t Σ g_c / Σ n_c; the pool is emptied.
+      for (size_t i = 0; i < numel_; ++i) scratch_[i] = static_cast<float>(sum_[i] / pooled_examples);
+      optim::ServerOptimizerOptions sgd;
+      sgd.kind = optim::ServerOptimizerKind::kSgd;
+      sgd.lr = -eta;
+      change2 = optim::ServerOptimizerStep(sgd, scratch_, global.params, {});
+      global.buffers.erase(kPacingSumBuffer);
+      global.buffers.erase(kPacingSquareBuffer);
+      global.buffers[kPacingStateBuffer] = {static_cast<float>(decision.next_perturbations), 0.0f, 0.0f, 0.0f};
+    } else {
+      // Step 3b: θ unchanged; the pool waits for the next round's (raised-K) estimates.
+      global.buffers[kPacingSumBuffer].assign(sum_.begin(), sum_.end());
+      global.buffers[kPacingSquareBuffer].assign(square_sum_.begin(), square_sum_.end());
+      global.buffers[kPacingStateBuffer] = {static_cast<float>(decision.next_perturbations),
+                                            static_cast<float>(pooled_examples), static_cast<float>(pooled_clients),
+                                            static_cast<float>(pooled_rounds)};
+    }
+    RoundOutcome outcome;
+    outcome.metrics = MetricsLocked(std::sqrt(change2));
+    outcome.metrics["lr"] = eta;
+    outcome.metrics["perturbations"] = static_cast<double>(round_perturbations_);
+    outcome.metrics["pacing_applied"] = decision.apply ? 1.0 : 0.0;
+    outcome.metrics["pacing_pooled_rounds"] = pooled_rounds;
+    if (std::isfinite(variance)) outcome.metrics["gradient_variance"] = variance;
+    open_ = false;
+    return outcome;
+  }
+
   // FailedPrecondition if a buffer this strategy uses exists with the wrong length (a checkpoint of
   // another model).
   absl::Status CheckBuffers(const GlobalModel& global) const {
+    if (paced_) {
+      for (const char* name : {kPacingSumBuffer, kPacingSquareBuffer}) {
+        const auto it = global.buffers.find(name);
+        if (it != global.buffers.end() && it->second.size() != global.params.size()) {
+          return absl::FailedPreconditionError(StrCat("pacing buffer '", name, "' has ", it->second.size(),
+                                                      " values, the global model ", global.params.size()));
+        }
+      }
+      const auto state = global.buffers.find(kPacingStateBuffer);
+      if (state != global.buffers.end() && (state->second.size() != kPacingStateSize || !(state->second[0] >= 1))) {
+        return absl::FailedPreconditionError(
+            StrCat("pacing buffer '", kPacingStateBuffer, "' must hold ", kPacingStateSize, " values with K >= 1"));
+      }
+    }
     for (const char* name : {kMomentumBuffer, kFirstMomentBuffer, kSecondMomentBuffer}) {
       if (!Uses(name)) continue;
       const auto it = global.buffers.find(name);
@@ -310,6 +416,12 @@ class DenseStrategy final : public RoundStrategy {
   // Constant after construction.
   const optim::ServerOptimizerOptions optimizer_;
   const bool fwdgrad_;
+  const bool paced_;  // fwdgrad with variance-controlled pacing
+
+  int64_t round_perturbations_ ABSL_GUARDED_BY(mu_) = 0;  // pacing: K of this round's tasks
+  std::vector<double> square_sum_ ABSL_GUARDED_BY(mu_);   // pacing: (P,) Σ_c g_c² / n_c
+  std::vector<double> row_ ABSL_GUARDED_BY(mu_);          // pacing: (P,) the update being added, decoded
+
 
   // Both are allocated by BeginRound: O(params), independent of the number of clients.
   std::vector<double> sum_ ABSL_GUARDED_BY(mu_);     // (P,) Σ_c n_c Δ_c (fwdgrad: Σ_c g_c), in double
@@ -483,6 +595,7 @@ absl::StatusOr<std::unique_ptr<Strategy>> MakeStrategy(const StrategyOptions& op
     if (options.total_rounds < 1) {
       return absl::InvalidArgumentError(StrCat("total_rounds must be >= 1, got ", options.total_rounds));
     }
+    SEEDLING_RETURN_IF_ERROR(ValidatePacing(options.fwdgrad_pacing));
     return std::unique_ptr<Strategy>(new DenseStrategy(options, optimizer, /*fwdgrad=*/true));
   }
   if (name == "kseed") {

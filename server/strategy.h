@@ -12,7 +12,11 @@
 //   fedyogi     v ← v − (1−β2) Δ̄² sign(v − Δ̄²)                        no bias correction)
 //   fedadagrad  v ← v + Δ̄²
 //   fwdgrad     θ ← θ − η_t Σ g_c / Σ n_c, η_t warmed up linearly over 6% of the rounds, then decayed
-//               linearly to 0 (FwdLLM); g_c dense or as (seed, scalar) pairs rebuilt on the server
+//               linearly to 0 (FwdLLM); g_c dense or as (seed, scalar) pairs rebuilt on the server.
+//               With pacing (server/fwdgrad_pacing.h) a round whose pooled estimate is too noisy is held
+//               (θ unchanged, Σ g_c and Σ g_c²/n_c kept in buffers "fwdgrad_cache_sum" / "fwdgrad_cache_sq",
+//               K and the pool's counts in "fwdgrad_pacing") and pooled with the next round's, whose tasks
+//               carry hyperparameters["perturbations"] = the raised K
 //   kseed       per-seed sums G_i = Σ_c (n_c / Σ n) ĝ_c,i;  θ ← θ − lr Σ_i G_i z(pool[i]) in ascending i
 //               (FedKSeed; the same arithmetic as optim::ApplySeedSums, so clients replaying agree bit for bit)
 // Δ_c is the client's change of the trainable vector (θ_local − θ_global); Δ̄ the example-weighted mean.
@@ -49,6 +53,7 @@
 
 #include "absl/status/statusor.h"
 #include "comms/proto/seedling.pb.h"
+#include "server/fwdgrad_pacing.h"
 
 namespace seedling::server {
 
@@ -84,7 +89,9 @@ struct RoundOutcome {
   // Built-in strategies report: "clients" (updates accumulated), "examples" (Σ n_c), "update_norm"
   // (‖θ_new − θ_old‖₂ of the applied change), "mean_client_norm" (mean ‖Δ_c‖₂, ‖g_c‖₂ for fwdgrad, ‖ĝ_c‖₂
   // of the uploaded scalars for kseed), "failures" (RecordFailure calls this round); fwdgrad adds "lr"
-  // (η_t), kseed "seeds" (non-zero per-seed sums).
+  // (η_t), kseed "seeds" (non-zero per-seed sums). fwdgrad with pacing adds "perturbations" (K of the round's
+  // tasks), "pacing_applied" (1 applied, 0 held), "pacing_pooled_rounds" (rounds in the pooled estimate) and,
+  // when measured (two or more pooled clients), "gradient_variance" (EstimateGlobalVariance).
   std::map<std::string, double> metrics;
 };
 
@@ -102,6 +109,8 @@ struct StrategyOptions {
   uint32_t kseed_pool_size = 4096;
   uint64_t kseed_pool_seed = 0;
   double max_update_norm = 0;  // reject dense updates whose L2 norm exceeds this; 0 = no cap
+  // fwdgrad: variance-controlled pacing (server/fwdgrad_pacing.h; off by default).
+  FwdGradPacingOptions fwdgrad_pacing;
 };
 
 // The message of AccumulateSum's Unimplemented error for strategy `name`.

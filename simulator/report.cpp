@@ -59,6 +59,9 @@ constexpr const char* kFields[] = {"method",
                                    "processed_tokens",
                                    "device_tokens_per_second",
                                    "energy_joules",
+                                   "device_flops",
+                                   "perturbations",
+                                   "gradient_variance",
                                    "epsilon",
                                    "global_sha256",
                                    "wall_seconds"};
@@ -250,6 +253,9 @@ nlohmann::json ToJson(const RoundRecord& r) {
   j["processed_tokens"] = r.processed_tokens;
   j["device_tokens_per_second"] = JsonNumber(r.device_tokens_per_second);
   j["energy_joules"] = JsonNumber(r.energy_joules);
+  j["device_flops"] = JsonNumber(r.device_flops);
+  j["perturbations"] = r.perturbations;
+  j["gradient_variance"] = JsonNumber(r.gradient_variance);
   j["epsilon"] = JsonNumber(r.epsilon);
   j["global_sha256"] = r.global_sha256;
   j["wall_seconds"] = JsonNumber(r.wall_seconds);
@@ -315,6 +321,9 @@ absl::StatusOr<RoundRecord> RoundRecordFromJson(const nlohmann::json& j) {
   SEEDLING_RETURN_IF_ERROR(get_int("processed_tokens", r.processed_tokens));
   SEEDLING_RETURN_IF_ERROR(get_double("device_tokens_per_second", r.device_tokens_per_second));
   SEEDLING_RETURN_IF_ERROR(get_double("energy_joules", r.energy_joules));
+  SEEDLING_RETURN_IF_ERROR(get_double("device_flops", r.device_flops));
+  SEEDLING_RETURN_IF_ERROR(get_int("perturbations", r.perturbations));
+  SEEDLING_RETURN_IF_ERROR(get_double("gradient_variance", r.gradient_variance));
   SEEDLING_RETURN_IF_ERROR(get_double("epsilon", r.epsilon));
   SEEDLING_RETURN_IF_ERROR(get_double("wall_seconds", r.wall_seconds));
   return r;
@@ -336,7 +345,8 @@ std::string ToCsvRow(const RoundRecord& r) {
                 ",", r.stragglers, ",", r.declined, ",", r.declined_memory, ",", r.declined_unsupported, ",",
                 CsvNumber(r.train_loss), ",", CsvNumber(r.eval_loss), ",", CsvNumber(r.accuracy), ",",
                 CsvNumber(r.bytes_up_per_client), ",", CsvNumber(r.bytes_down_per_client), ",", r.processed_tokens, ",",
-                CsvNumber(r.device_tokens_per_second), ",", CsvNumber(r.energy_joules), ",", CsvNumber(r.epsilon), ",",
+                CsvNumber(r.device_tokens_per_second), ",", CsvNumber(r.energy_joules), ",", CsvNumber(r.device_flops),
+                ",", r.perturbations, ",", CsvNumber(r.gradient_variance), ",", CsvNumber(r.epsilon), ",",
                 CsvField(r.global_sha256), ",", CsvNumber(r.wall_seconds), "\n");
 }
 
@@ -525,6 +535,102 @@ std::string SummaryTable(std::span<const MethodSummary> summaries) {
   return out;
 }
 
+TargetCost CostToTarget(std::string method, double target_loss, std::span<const RoundRecord> records) {
+  std::vector<const RoundRecord*> mine;
+  for (const RoundRecord& r : records) {
+    if (r.method == method) mine.push_back(&r);
+  }
+  std::stable_sort(mine.begin(), mine.end(),
+                   [](const RoundRecord* a, const RoundRecord* b) { return a->round < b->round; });
+  TargetCost cost;
+  cost.method = std::move(method);
+  cost.target_loss = target_loss;
+  double flops = 0, energy = 0;
+  for (const RoundRecord* r : mine) {
+    if (std::isfinite(r->device_flops)) flops += r->device_flops;
+    if (std::isfinite(r->energy_joules)) energy += r->energy_joules;
+    if (r->eval_loss <= target_loss) {  // false for a NaN loss or target
+      cost.round = r->round;
+      cost.simulated_hours = r->end_time_s / 3600;
+      cost.device_flops = flops;
+      cost.energy_kj = energy / 1000;
+      break;
+    }
+  }
+  return cost;
+}
+
+double DefaultTargetLoss(std::span<const MethodSummary> summaries) {
+  double target = kNaN;
+  for (const MethodSummary& s : summaries) {
+    if (!(s.final_eval_loss < s.initial_eval_loss)) continue;  // did not learn (or NaN)
+    if (!(target >= s.final_eval_loss)) target = s.final_eval_loss;
+  }
+  return target;
+}
+
+namespace {
+
+// "1.23e+15": FLOP counts span many orders of magnitude across methods.
+std::string Sci3(double v) {
+  if (!std::isfinite(v)) return "-";
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.3g", v);
+  return buf;
+}
+
+struct TargetColumn {
+  std::string header;
+  bool numeric;
+  std::string (*cell)(const TargetCost&);
+};
+
+std::vector<TargetColumn> TargetColumns() {
+  return {
+      {"method", false, [](const TargetCost& c) { return c.method; }},
+      {"rounds", true, [](const TargetCost& c) { return c.reached() ? StrCat(c.round) : std::string("not reached"); }},
+      {"simulated h", true, [](const TargetCost& c) { return G4(c.simulated_hours); }},
+      {"device FLOPs", true, [](const TargetCost& c) { return Sci3(c.device_flops); }},
+      {"energy kJ", true, [](const TargetCost& c) { return G4(c.energy_kj); }},
+  };
+}
+
+}  // namespace
+
+std::string TargetTable(std::span<const TargetCost> costs) {
+  if (costs.empty()) return "";
+  const std::vector<TargetColumn> cols = TargetColumns();
+  std::vector<size_t> width(cols.size());
+  std::vector<std::vector<std::string>> rows;
+  for (size_t c = 0; c < cols.size(); ++c) width[c] = TextWidth(cols[c].header);
+  for (const TargetCost& cost : costs) {
+    std::vector<std::string> row;
+    for (size_t c = 0; c < cols.size(); ++c) {
+      row.push_back(cols[c].cell(cost));
+      width[c] = std::max(width[c], TextWidth(row.back()));
+    }
+    rows.push_back(std::move(row));
+  }
+  auto line = [&](const std::vector<std::string>& cells) {
+    std::string out;
+    for (size_t c = 0; c < cols.size(); ++c) {
+      const std::string pad(width[c] - TextWidth(cells[c]), ' ');
+      if (c > 0) out += "  ";
+      out += cols[c].numeric ? pad + cells[c] : cells[c] + pad;
+    }
+    return out + "\n";
+  };
+  std::string out = StrCat("Cost to reach held-out loss ", G4(costs.front().target_loss), "\n");
+  std::vector<std::string> header;
+  for (const TargetColumn& c : cols) header.push_back(c.header);
+  out += line(header);
+  size_t total = 0;
+  for (size_t c = 0; c < cols.size(); ++c) total += width[c] + (c > 0 ? 2 : 0);
+  out += std::string(total, '-') + "\n";
+  for (const auto& row : rows) out += line(row);
+  return out;
+}
+
 // -------------------------------------------------------------------------------------------------
 // HTML report.
 
@@ -681,6 +787,24 @@ std::string RenderReportHtml(const ReportInput& input) {
          "averaged over "
          "the accepted updates of committed rounds; energy and wall time include aborted "
          "rounds.</p>\n";
+  }
+
+  if (!input.targets.empty()) {
+    o += StrCat("<h2>Cost to reach the target loss</h2>\n<p>Target: held-out loss ",
+                HtmlEscape(G4(input.targets.front().target_loss)),
+                ". Rounds, simulated time, device FLOPs and energy spent until the first round that reached it "
+                "(aborted rounds included).</p>\n<table class=\"target\">\n<tr>");
+    const std::vector<TargetColumn> cols = TargetColumns();
+    for (const TargetColumn& c : cols) o += StrCat("<th>", HtmlEscape(c.header), "</th>");
+    o += "</tr>\n";
+    for (const TargetCost& cost : input.targets) {
+      o += "<tr>";
+      for (const TargetColumn& c : cols) {
+        o += StrCat(c.numeric ? "<td class=\"num\">" : "<td>", HtmlEscape(c.cell(cost)), "</td>");
+      }
+      o += "</tr>\n";
+    }
+    o += "</table>\n";
   }
 
   o += "<h2>Figures</h2>\n";

@@ -53,6 +53,11 @@ struct RoundRecord {
   double device_tokens_per_second = NAN;  // processed_tokens over the participants' simulated compute
                                           // seconds: the phones' training speed as the time model has it
   double energy_joules = 0;               // all selected devices' training + radio energy this round, J
+  double device_flops = 0;                // FLOPs of the local runs the round's devices started (the compute
+                                          // model, client/compute_model.h, at each task's perturbations)
+  int64_t perturbations = 0;              // fwdgrad: K of the round's tasks (pacing raises it); 0 otherwise
+  double gradient_variance = NAN;         // fwdgrad with pacing: the server's variance of the pooled gradient
+                                          // estimate (server/fwdgrad_pacing.h); NaN when not measured
   double epsilon = NAN;                   // DP budget spent so far (privacy), NaN if DP is off
   std::string global_sha256;              // hex SHA-256 of the global parameters after the round (float32
                                           // bytes): equal across thread counts, ranks and transports
@@ -143,6 +148,31 @@ MethodSummary Summarize(std::string method, double initial_eval_loss, std::span<
 // has a value.
 std::string SummaryTable(std::span<const MethodSummary> summaries);
 
+// What a run spent to reach a held-out loss, so methods compare on cost and not only on their final loss.
+struct TargetCost {
+  std::string method;
+  double target_loss = NAN;
+  int64_t round = 0;             // the first round (in round order) whose eval_loss <= target_loss; 0 = not reached
+  double simulated_hours = NAN;  // that round's end_time_s / 3600
+  double device_flops = NAN;     // Σ device_flops of the run's rounds up to and including that round
+  double energy_kj = NAN;        // Σ energy_joules / 1000, likewise (aborted rounds count: that energy was spent)
+  bool reached() const { return round > 0; }
+};
+
+// The cost of `method` (records of other methods are skipped, any order) to reach `target_loss`; the
+// figures stay NaN when no round reaches it (or the target is NaN).
+TargetCost CostToTarget(std::string method, double target_loss, std::span<const RoundRecord> records);
+
+// The default target when sim.toml sets none: the largest final_eval_loss among the summaries whose final
+// loss is below their initial loss, i.e. the loss every run that learned reaches, so each of them gets a
+// cost (a run that did not learn gets "not reached"). NaN when no run learned.
+double DefaultTargetLoss(std::span<const MethodSummary> summaries);
+
+// An aligned plain-text table (as SummaryTable) after a line stating the target: method, rounds, simulated
+// h, device FLOPs, energy kJ; "not reached" in the rounds column (the rest "-") for a run that did not
+// reach the target. "" for no costs.
+std::string TargetTable(std::span<const TargetCost> costs);
+
 // Y axis of the bytes figure.
 enum class AxisScale {
   kAuto,  // log when the positive values span more than two orders of magnitude (kseed vs LoRA)
@@ -179,6 +209,7 @@ struct ReportInput {
   std::map<std::string, double> initial_eval_loss;  // per method: the point at round 0 / time 0
   std::map<std::string, double> initial_accuracy;   // per method: accuracy before round 1, where measured
   AxisScale bytes_axis = AxisScale::kAuto;          // y scale of the bytes figure
+  std::vector<TargetCost> targets;                  // per run, the cost to reach the target loss (a table)
 };
 
 // The whole report as one HTML5 document. Methods get colours (Okabe–Ito palette, colour-blind
@@ -188,7 +219,9 @@ struct ReportInput {
 // rounds, simulated hours, final eval loss and accuracy, numbers formatted as the summary table does);
 // left out when `run` is empty and there are no summaries.
 // Then the settings, <table class="population"> (a header row, a row per ClassStats, numbers in
-// <td class="num">, the whole population's row class="total"), the notes and the summary table.
+// <td class="num">, the whole population's row class="total"), the notes, the summary table and, when
+// `targets` is not empty, <table class="target"> (TargetTable's columns, "not reached" for a run that
+// missed the target).
 // Figures, each a <figure id="..."> holding one inline <svg>:
 //   fig-loss-round   eval loss vs round (round 0 = initial_eval_loss)
 //   fig-loss-time    eval loss vs simulated hours (time 0 = initial_eval_loss)

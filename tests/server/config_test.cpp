@@ -48,6 +48,28 @@ TEST_CASE("A strategy that cannot read the method's uploads is refused at load",
   CHECK(Parse("[training]\nmethod = \"mezo\"\n[strategy]\nname = \"fedyogi\"\n").ok());
 }
 
+TEST_CASE("fwdgrad pacing keys reach the strategy and bad combinations are refused", "[server][config][pacing]") {
+  auto c = Parse(
+      "[training]\nmethod = \"fwdgrad\"\nperturbations = 4\nfwdgrad_pacing = true\n"
+      "fwdgrad_variance_threshold = 0.25\nmax_perturbations = 32\n");
+  REQUIRE(c.ok());
+  CHECK(c->strategy.fwdgrad_pacing.enabled);
+  CHECK(c->strategy.fwdgrad_pacing.base_perturbations == 4);
+  CHECK(c->strategy.fwdgrad_pacing.max_perturbations == 32);
+  CHECK(c->strategy.fwdgrad_pacing.variance_threshold == 0.25);
+  auto off = Parse("[training]\nmethod = \"fwdgrad\"\n");
+  REQUIRE(off.ok());
+  CHECK_FALSE(off->strategy.fwdgrad_pacing.enabled);
+  CHECK(off->strategy.fwdgrad_pacing.max_perturbations == 64);
+  CheckRefused("[training]\nmethod = \"fwdgrad\"\nfwdgrad_pacing = true\n", "fwdgrad_variance_threshold");
+  CheckRefused(
+      "[training]\nmethod = \"fwdgrad\"\nfwdgrad_pacing = true\nfwdgrad_variance_threshold = 0.1\n"
+      "max_perturbations = 4\n",
+      "max_perturbations");
+  CheckRefused("[training]\nmethod = \"mezo\"\nfwdgrad_pacing = true\nfwdgrad_variance_threshold = 0.1\n",
+               "[training] fwdgrad_pacing");
+}
+
 TEST_CASE("[model] id is refused: devices identify the model by its config.json hash", "[server][config]") {
   auto c = Parse("id = \"smollm2-135m\"\n");
   REQUIRE_FALSE(c.ok());

@@ -491,6 +491,166 @@ TEST_CASE("fwdgrad tasks tell clients not to apply their estimates locally", "[s
   CHECK(task.hyperparameters().at("apply_locally") == 0.0);
 }
 
+// ---- fwdgrad pacing
+// --------------------------------------------------------------------------------------
+
+TEST_CASE("Pacing doubles K while the variance is over the threshold, caps it, and resets after applying",
+          "[server][strategy][pacing]") {
+  FwdGradPacingOptions o;
+  o.enabled = true;
+  o.base_perturbations = 2;
+  o.max_perturbations = 8;
+  o.variance_threshold = 0.1;
+  const std::vector<double> variances = {0.5, 0.3, 0.05, 0.5, 0.5, 0.5, NAN, 0.09, 0.2};
+  const std::vector<PacingStep> steps = PacingSchedule(o, variances);
+  REQUIRE(steps.size() == variances.size());
+  // Held at 2 and 4; applied at 8 (under the threshold); held, held, applied at the cap whatever the
+  // variance; an unmeasured variance applies; under the threshold applies; over it holds again.
+  const std::vector<int64_t> want_k = {2, 4, 8, 2, 4, 8, 2, 2, 2};
+  const std::vector<bool> want_apply = {false, false, true, false, false, true, true, true, false};
+  for (size_t i = 0; i < steps.size(); ++i) {
+    INFO("round " << i + 1);
+    CHECK(steps[i].perturbations == want_k[i]);
+    CHECK(steps[i].apply == want_apply[i]);
+  }
+  // A cap that is not a power-of-two multiple of the base is reached, not passed.
+  o.base_perturbations = 3;
+  o.max_perturbations = 10;
+  const std::vector<double> high = {1, 1, 1, 1};
+  const std::vector<PacingStep> capped = PacingSchedule(o, high);
+  CHECK(capped[0].perturbations == 3);
+  CHECK(capped[1].perturbations == 6);
+  CHECK(capped[2].perturbations == 10);
+  CHECK(capped[2].apply);
+  CHECK(capped[3].perturbations == 3);
+}
+
+// Var(ḡ) averaged over elements, written out from the per-client values: ḡ = Σ n_c x_c / W and
+// Σ_c n_c (x_c − ḡ)² / ((C − 1) W) per element.
+double NaiveGlobalVariance(const std::vector<std::vector<float>>& g, const std::vector<double>& n) {
+  const size_t p = g[0].size();
+  double w = 0;
+  for (double v : n) w += v;
+  double total = 0;
+  for (size_t i = 0; i < p; ++i) {
+    double mean = 0;
+    for (size_t c = 0; c < g.size(); ++c) mean += static_cast<double>(g[c][i]) / w;
+    double spread = 0;
+    for (size_t c = 0; c < g.size(); ++c) {
+      const double x = static_cast<double>(g[c][i]) / n[c];
+      spread += n[c] * (x - mean) * (x - mean);
+    }
+    total += spread / (static_cast<double>(g.size() - 1) * w);
+  }
+  return total / static_cast<double>(p);
+}
+
+TEST_CASE("EstimateGlobalVariance matches the spread of the clients' per-example estimates",
+          "[server][strategy][pacing]") {
+  // Equal weights, one element: x = 1, 3, 5 → sample variance 4, of the mean 4 / 3.
+  const std::vector<double> sum = {2 * (1 + 3 + 5)}, sum_sq = {2 * (1 + 9 + 25)};
+  CHECK(EstimateGlobalVariance(sum, sum_sq, 6, 3) == Approx(4.0 / 3.0).epsilon(1e-12));
+  // Unequal weights against the naive formula.
+  const std::vector<std::vector<float>> g = {RandomVector(50, 1), RandomVector(50, 2), RandomVector(50, 3)};
+  const std::vector<double> n = {2, 5, 9};
+  std::vector<double> s(50, 0.0), q(50, 0.0);
+  for (size_t c = 0; c < g.size(); ++c) {
+    for (size_t i = 0; i < 50; ++i) {
+      s[i] += g[c][i];
+      q[i] += static_cast<double>(g[c][i]) * g[c][i] / n[c];
+    }
+  }
+  CHECK(EstimateGlobalVariance(s, q, 16, 3) == Approx(NaiveGlobalVariance(g, n)).epsilon(1e-9));
+  // One client: no spread to measure.
+  CHECK(std::isnan(EstimateGlobalVariance(s, q, 16, 1)));
+}
+
+TEST_CASE("A paced fwdgrad round with a noisy estimate is held, and the next applies cache plus new",
+          "[server][strategy][pacing]") {
+  constexpr size_t kParams = 300;
+  StrategyOptions o = Named("fwdgrad");
+  o.fwdgrad_lr = 0.05;
+  o.total_rounds = 40;
+  o.fwdgrad_pacing.enabled = true;
+  o.fwdgrad_pacing.base_perturbations = 4;
+  o.fwdgrad_pacing.max_perturbations = 32;
+  // Round 1: two clients that disagree; round 2: two that sit at the pool's mean, so the pooled
+  // variance (4 clients) is much lower. The threshold lies between the two.
+  const std::vector<float> g1 = RandomVector(kParams, 21), g2 = RandomVector(kParams, 22);
+  std::vector<float> g3(kParams);
+  for (size_t i = 0; i < kParams; ++i) g3[i] = 0.5f * (g1[i] + g2[i]);
+  const double held_variance = NaiveGlobalVariance({g1, g2}, {4, 4});
+  const double pooled_variance = NaiveGlobalVariance({g1, g2, g3, g3}, {4, 4, 4, 4});
+  REQUIRE(pooled_variance < 0.5 * held_variance);
+  o.fwdgrad_pacing.variance_threshold = 0.5 * (held_variance + pooled_variance);
+
+  GlobalModel global;
+  global.version = 7;
+  global.params = RandomVector(kParams, 20, 0.01);
+  const std::vector<float> start = global.params;
+  {
+    auto strategy = Make(o);
+    REQUIRE(strategy->BeginRound(global).ok());
+    v1::Task task;
+    strategy->ConfigureTask(7, task);
+    CHECK(task.hyperparameters().at("perturbations") == 4.0);
+    REQUIRE(strategy->Accumulate(View(Encode(g1), 4)).ok());
+    REQUIRE(strategy->Accumulate(View(Encode(g2), 4)).ok());
+    absl::StatusOr<RoundOutcome> held = strategy->FinishRound(global);
+    REQUIRE(held.ok());
+    CHECK(held->metrics.at("pacing_applied") == 0.0);
+    CHECK(held->metrics.at("perturbations") == 4.0);
+    CHECK(held->metrics.at("gradient_variance") == Approx(held_variance).epsilon(1e-6));
+    CHECK(held->metrics.at("update_norm") == 0.0);
+    CHECK(SameBits(global.params, start));
+    REQUIRE(global.buffers.count("fwdgrad_cache_sum") == 1);
+    CHECK(global.buffers.at("fwdgrad_pacing")[0] == 8.0f);
+  }
+  global.version = 8;
+  // Round 2 on a new strategy object, as after a server restart: the schedule comes from the buffers.
+  auto strategy = Make(o);
+  REQUIRE(strategy->BeginRound(global).ok());
+  v1::Task task;
+  strategy->ConfigureTask(8, task);
+  CHECK(task.hyperparameters().at("perturbations") == 8.0);
+  REQUIRE(strategy->Accumulate(View(Encode(g3), 4)).ok());
+  REQUIRE(strategy->Accumulate(View(Encode(g3), 4)).ok());
+  absl::StatusOr<RoundOutcome> applied = strategy->FinishRound(global);
+  REQUIRE(applied.ok());
+  CHECK(applied->metrics.at("pacing_applied") == 1.0);
+  CHECK(applied->metrics.at("pacing_pooled_rounds") == 2.0);
+  CHECK(applied->metrics.at("perturbations") == 8.0);
+  CHECK(applied->metrics.at("gradient_variance") == Approx(pooled_variance).epsilon(1e-6));
+  const double eta = FwdGradLearningRate(o, 8);
+  std::vector<double> want(kParams);
+  for (size_t i = 0; i < kParams; ++i) want[i] = -eta * (static_cast<double>(g1[i]) + g2[i] + 2.0 * g3[i]) / 16.0;
+  CHECK(RelativeError(Change(global.params, start), want) < 1e-5);
+  CHECK(global.buffers.count("fwdgrad_cache_sum") == 0);
+  CHECK(global.buffers.at("fwdgrad_pacing")[0] == 4.0f);
+  // Round 3's tasks are back at the base K.
+  global.version = 9;
+  auto next = Make(o);
+  REQUIRE(next->BeginRound(global).ok());
+  v1::Task task3;
+  next->ConfigureTask(9, task3);
+  CHECK(task3.hyperparameters().at("perturbations") == 4.0);
+}
+
+TEST_CASE("Pacing settings are validated when the strategy is made", "[server][strategy][pacing]") {
+  StrategyOptions o = Named("fwdgrad");
+  o.fwdgrad_pacing.enabled = true;
+  absl::StatusOr<std::unique_ptr<Strategy>> s = MakeStrategy(o);
+  REQUIRE_FALSE(s.ok());
+  CHECK_THAT(std::string(s.status().message()), Catch::Contains("fwdgrad_variance_threshold"));
+  o.fwdgrad_pacing.variance_threshold = 0.1;
+  o.fwdgrad_pacing.max_perturbations = 4;  // below the base K (8)
+  s = MakeStrategy(o);
+  REQUIRE_FALSE(s.ok());
+  CHECK_THAT(std::string(s.status().message()), Catch::Contains("max_perturbations"));
+  o.fwdgrad_pacing.max_perturbations = 64;
+  CHECK(MakeStrategy(o).ok());
+}
+
 // ---- kseed
 // -----------------------------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <filesystem>
@@ -181,6 +182,8 @@ TEST_CASE("A record's JSONL line parses back to the same values with NaN as null
   r.epsilon = NAN;
   r.train_loss = NAN;
   r.global_sha256 = std::string(64, 'c');
+  r.device_flops = 2.5e12;
+  r.perturbations = 16;
   const std::string line = ToJson(r).dump();
   REQUIRE(line.find('\n') == std::string::npos);
   const nlohmann::json j = nlohmann::json::parse(line);
@@ -203,7 +206,10 @@ TEST_CASE("A record's JSONL line parses back to the same values with NaN as null
   CHECK(j["global_sha256"] == std::string(64, 'c'));
   CHECK(j["processed_tokens"] == 12800);
   CHECK(j["device_tokens_per_second"].get<double>() == 64);
-  CHECK(j.size() == 24);
+  CHECK(j["device_flops"].get<double>() == 2.5e12);
+  CHECK(j["perturbations"] == 16);
+  CHECK(j["gradient_variance"].is_null());
+  CHECK(j.size() == 27);
 
   auto back = RoundRecordFromJson(j);
   REQUIRE(back.ok());
@@ -212,6 +218,9 @@ TEST_CASE("A record's JSONL line parses back to the same values with NaN as null
   CHECK(back->committed == r.committed);
   CHECK(back->start_time_s == r.start_time_s);
   CHECK(back->dropouts == r.dropouts);
+  CHECK(back->device_flops == r.device_flops);
+  CHECK(back->perturbations == 16);
+  CHECK(std::isnan(back->gradient_variance));
   CHECK(back->declined_memory == r.declined_memory);
   CHECK(back->eval_loss == r.eval_loss);
   CHECK(std::isnan(back->epsilon));
@@ -233,7 +242,7 @@ TEST_CASE("RoundRecordFromJson names the field that has the wrong type", "[simul
 
 TEST_CASE("CSV has the header and one row per record with every field", "[simulator][report]") {
   const std::vector<std::string> header = CsvFields(Lines(CsvHeader()).at(0));
-  REQUIRE(header.size() == 24);
+  REQUIRE(header.size() == 27);
   CHECK(header.front() == "method");
   CHECK(header.back() == "wall_seconds");
   CHECK(CsvHeader().back() == '\n');
@@ -264,6 +273,8 @@ TEST_CASE("CSV has the header and one row per record with every field", "[simula
   CHECK(field("global_sha256") == "00ff");
   CHECK(field("declined_memory") == "1");
   CHECK(field("declined_unsupported") == "0");
+  CHECK(field("gradient_variance").empty());  // NaN
+  CHECK(field("perturbations") == "0");
 }
 
 TEST_CASE("CSV quotes a method name containing a comma or a quote", "[simulator][report]") {
@@ -271,7 +282,7 @@ TEST_CASE("CSV quotes a method name containing a comma or a quote", "[simulator]
   const std::string row = ToCsvRow(r);
   CHECK(row.rfind("\"lora,\"\"int8\"\"\",", 0) == 0);
   const std::vector<std::string> fields = CsvFields(Lines(row)[0]);
-  REQUIRE(fields.size() == 24);
+  REQUIRE(fields.size() == 27);
   CHECK(fields[0] == "lora,\"int8\"");
 }
 
@@ -302,7 +313,7 @@ TEST_CASE("RoundLog appends and flushes every record while it is still open", "[
   CHECK(nlohmann::json::parse(jl[1])["eval_loss"].is_null());
   const auto cl = Lines(*csv);
   REQUIRE(cl.size() == 3);
-  CHECK(CsvFields(cl[2]).size() == 24);
+  CHECK(CsvFields(cl[2]).size() == 27);
   std::filesystem::remove_all(std::filesystem::path(dir).parent_path().parent_path());
 }
 
@@ -401,6 +412,76 @@ TEST_CASE("Summarize without records keeps the initial loss and has no byte mean
   CHECK(std::isnan(s.bytes_up_per_client_per_round));
   CHECK(std::isnan(s.final_accuracy));
   CHECK(s.simulated_hours == 0);
+}
+
+TEST_CASE("CostToTarget finds the first round at or under the target and sums what was spent until then",
+          "[simulator][report]") {
+  // fwdgrad: 3.0 → 2.6 → 2.4 (aborted: unchanged model) → 2.1 → 1.9; another run's records interleaved.
+  std::vector<RoundRecord> rs;
+  const double losses[] = {2.6, 2.4, 2.1, 1.9};
+  for (int64_t round = 1; round <= 4; ++round) {
+    RoundRecord r = Rec("fwdgrad", round, losses[round - 1], /*committed=*/round != 2);
+    r.device_flops = 1e12 * static_cast<double>(round);  // 1, 2, 3, 4 TFLOPs
+    r.energy_joules = 100.0 * static_cast<double>(round);
+    rs.push_back(r);
+    RoundRecord other = Rec("mezo", round, 0.5);
+    other.device_flops = 1e20;
+    rs.push_back(other);
+  }
+  std::reverse(rs.begin(), rs.end());  // records in any order
+
+  const TargetCost hit = CostToTarget("fwdgrad", 2.2, rs);
+  CHECK(hit.method == "fwdgrad");
+  CHECK(hit.reached());
+  CHECK(hit.round == 3);                    // 2.1 is the first loss <= 2.2
+  CHECK(hit.device_flops == Approx(6e12));  // rounds 1-3, the aborted one included
+  CHECK(hit.energy_kj == Approx(0.6));      // 100 + 200 + 300 J
+  CHECK(hit.simulated_hours == Approx((3 * 600.0 - 30) / 3600));
+  const TargetCost exact = CostToTarget("fwdgrad", 2.6, rs);  // reached by equality in round 1
+  CHECK(exact.round == 1);
+  CHECK(exact.device_flops == Approx(1e12));
+
+  const TargetCost missed = CostToTarget("fwdgrad", 1.5, rs);
+  CHECK_FALSE(missed.reached());
+  CHECK(std::isnan(missed.device_flops));
+  CHECK(std::isnan(missed.energy_kj));
+  CHECK(std::isnan(missed.simulated_hours));
+  CHECK_FALSE(CostToTarget("fwdgrad", NAN, rs).reached());
+
+  const std::vector<TargetCost> costs = {hit, CostToTarget("mezo", 2.2, rs), missed};
+  const std::string table = TargetTable(costs);
+  const auto lines = Lines(table);
+  REQUIRE(lines.size() == 6);  // target line, header, rule, three runs
+  CHECK(lines[0].find("2.2") != std::string::npos);
+  for (size_t i = 2; i < lines.size(); ++i) CHECK(lines[i].size() == lines[1].size());
+  CHECK(lines[3].find("6e+12") != std::string::npos);
+  CHECK(lines[4].find("1e+20") != std::string::npos);  // mezo reached it in round 1
+  CHECK(lines[5].find("not reached") != std::string::npos);
+  CHECK(TargetTable({}).empty());
+}
+
+TEST_CASE("The default target is the largest final loss among the runs that learned", "[simulator][report]") {
+  std::vector<MethodSummary> s(3);
+  s[0].initial_eval_loss = 3.0;
+  s[0].final_eval_loss = 2.0;
+  s[1].initial_eval_loss = 3.0;
+  s[1].final_eval_loss = 2.5;
+  s[2].initial_eval_loss = 3.0;
+  s[2].final_eval_loss = 3.4;  // got worse: left out
+  CHECK(DefaultTargetLoss(s) == 2.5);
+  s[0].final_eval_loss = 3.1;
+  s[1].final_eval_loss = NAN;
+  CHECK(std::isnan(DefaultTargetLoss(s)));
+}
+
+TEST_CASE("The report shows the cost-to-target table when given one", "[simulator][report]") {
+  ReportInput in = TwoMethodInput();
+  CHECK(RenderReportHtml(in).find("class=\"target\"") == std::string::npos);
+  const double target = DefaultTargetLoss(in.summaries);
+  for (const MethodSummary& s : in.summaries) in.targets.push_back(CostToTarget(s.method, target, in.rounds));
+  const std::string html = RenderReportHtml(in);
+  CHECK(html.find("<table class=\"target\">") != std::string::npos);
+  CHECK(html.find("Cost to reach the target loss") != std::string::npos);
 }
 
 TEST_CASE("SummaryTable lists each method in aligned columns", "[simulator][report]") {
