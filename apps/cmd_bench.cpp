@@ -98,7 +98,8 @@ void RegisterFinetuneBench(CLI::App* bench, Action& action) {
                                       {"peak_rss_anon_bytes", r.peak_rss_anon_bytes},
                                       {"peak_rss_file_bytes", r.peak_rss_file_bytes},
                                       {"planned_peak_bytes", r.planned_peak_bytes},
-                                      {"step_tensor_peak_bytes", r.step_tensor_peak_bytes}}
+                                      {"step_tensor_peak_bytes", r.step_tensor_peak_bytes},
+                                      {"plan", r.plan.empty() ? nlohmann::json() : nlohmann::json::parse(r.plan)}}
                            .dump()
                     << "\n";
         }

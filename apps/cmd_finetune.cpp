@@ -1,6 +1,7 @@
 // finetune, export.
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
@@ -97,7 +98,7 @@ void RegisterFinetune(CLI::App& app, Action& action) {
     WeightFlags weights;
     std::string recompute = "auto";
     std::string stream_weights = "auto";
-    std::string variant;
+    std::string variant, pepita_variant;
     int64_t ce_chunk = 0;
     client::TrainingConfig training;
     lora::LoraConfig lora;
@@ -112,7 +113,9 @@ void RegisterFinetune(CLI::App& app, Action& action) {
       "finetune", "Fine-tune on one device's data under a memory budget (what the SDK does inside a round)");
   cmd->add_option("--model", f->model_dir, "Hugging Face model directory or GGUF file")->required();
   cmd->add_option("--data", f->data, "JSONL: text, instruction/input/output or Dolly rows")->required();
-  cmd->add_option("--method", f->method, "lora-bp, fwdgrad, mezo or kseed")->capture_default_str();
+  cmd->add_option("--method", f->method,
+                  "lora-bp, fwdgrad, mezo, kseed or pepita (forward-only PEPITA / MEMPEPITA, docs/methods.md)")
+      ->capture_default_str();
   cmd->add_option("--steps", f->training.steps, "Optimization steps")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
@@ -149,6 +152,15 @@ void RegisterFinetune(CLI::App& app, Action& action) {
       "Perturbations per step: fwdgrad's K tangents (default 8), mezo/kseed's q probes, batched (default 1)");
   cmd->add_option("--pool-size", f->training.kseed_pool_size, "kseed: candidate seeds")->capture_default_str();
   cmd->add_option("--pool-seed", f->training.kseed_pool_seed, "kseed: the pool's seed")->capture_default_str();
+  cmd->add_option("--pepita-variant", f->pepita_variant,
+                  "pepita: 'pepita' (two forwards, the clean outputs kept) or 'mem' (MEMPEPITA: a third forward "
+                  "recomputes them, activation memory of one layer); default: the planner decides (same as --variant)")
+      ->check(CLI::IsMember({"pepita", "mem"}));
+  cmd->add_option("--feedback-scale", f->training.pepita_feedback_scale,
+                  "pepita: the fixed random feedback matrix F's scale, F ~ scale * U[-sqrt(6/hidden), sqrt(6/hidden)]")
+      ->capture_default_str();
+  cmd->add_option("--feedback-seed", f->training.pepita_feedback_seed, "pepita: F's seed (fixed for the run)")
+      ->capture_default_str();
   AddWeightFlags(cmd, f->weights);
   cmd->add_option("--recompute", f->recompute,
                   "lora-bp: per-layer recomputation auto (the planner decides), on, off, or a number of layers "
@@ -161,13 +173,28 @@ void RegisterFinetune(CLI::App& app, Action& action) {
       ->check(CLI::IsMember({"auto", "on", "off"}));
   cmd->add_option("--variant", f->variant,
                   "How the method runs (default: the planner decides): fwdgrad batched-jvp or central-difference; "
-                  "mezo batched or in-place-restore; kseed batched, exact-restore or in-place-restore");
+                  "mezo batched or in-place-restore; kseed batched, exact-restore or in-place-restore; "
+                  "pepita pepita or mem");
   cmd->add_option("--ce-chunk", f->ce_chunk, "Cross-entropy chunk in tokens (0 = the planner decides)")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
   cmd->callback([f, &action] {
     action = [f]() -> absl::Status {
       SEEDLING_ASSIGN_OR_RETURN(f->training.method, optim::ParseMethod(f->method));
+      if (!f->pepita_variant.empty()) {
+        if (f->training.method != optim::Method::kPepita) {
+          return absl::InvalidArgumentError(StrCat("--pepita-variant is for --method pepita, not ", f->method));
+        }
+        if (!f->variant.empty() && f->variant != f->pepita_variant) {
+          return absl::InvalidArgumentError(
+              StrCat("--pepita-variant ", f->pepita_variant, " contradicts --variant ", f->variant));
+        }
+        f->variant = f->pepita_variant;
+      }
+      if (!(f->training.pepita_feedback_scale > 0 && std::isfinite(f->training.pepita_feedback_scale))) {
+        return absl::InvalidArgumentError(
+            StrCat("--feedback-scale must be > 0, got ", f->training.pepita_feedback_scale));
+      }
       SEEDLING_ASSIGN_OR_RETURN(f->lora.targets, lora::ParseTargets(f->targets));
       f->lora.init_seed = f->training.seed;
       f->training.full_parameters = f->full;
@@ -251,8 +278,12 @@ void RegisterFinetune(CLI::App& app, Action& action) {
       const RssParts peak_parts = rss.Peak();
       const double sgemm_gflops = model::MeasureSgemmGflops(1024, 0.25);
       const int64_t passes_k = client::PerturbationsPerStep(f->training);
-      const double mfu = client::TrainingMfu(config, optim::MethodName(f->training.method), r.steps, f->batch,
-                                             f->seq_len, passes_k, r.processed_tokens, r.seconds, sgemm_gflops);
+      // The compute model counts MEMPEPITA's third forward under its own name.
+      const std::string compute_method = f->training.method == optim::Method::kPepita && plan.variant == "mem"
+                                             ? "mempepita"
+                                             : optim::MethodName(f->training.method);
+      const double mfu = client::TrainingMfu(config, compute_method, r.steps, f->batch, f->seq_len, passes_k,
+                                             r.processed_tokens, r.seconds, sgemm_gflops);
 
       SEEDLING_RETURN_IF_ERROR(MakeDirs(f->out));
       if (f->full) {

@@ -40,6 +40,7 @@ inline constexpr uint64_t kInit = 2;          // random model initialization
 inline constexpr uint64_t kData = 3;          // data shuffling and partitioning
 inline constexpr uint64_t kDropout = 4;       // dropout masks
 inline constexpr uint64_t kStepSeeds = 5;     // per-step seeds drawn by local trainers
+inline constexpr uint64_t kFeedback = 6;      // fixed random feedback matrices (PEPITA's F, optim/pepita.h)
 }  // namespace rng_stream
 
 // Identifies one stream: (seed, stream id).

@@ -122,6 +122,8 @@ absl::StatusOr<std::vector<FinetuneBenchRow>> RunFinetuneBench(const FinetuneBen
       {"mezo-q4", "mezo, q = 4 batched probes", "mezo", {"--steps", steps, "--perturbations", "4"}},
       {"kseed", "kseed (batched probes)", "kseed", {"--steps", steps}},
       {"kseed-q4", "kseed, q = 4 batched probes", "kseed", {"--steps", steps, "--perturbations", "4"}},
+      {"pepita", "pepita (2 forwards, outputs kept)", "pepita", {"--steps", steps, "--pepita-variant", "pepita"}},
+      {"mempepita", "mempepita (3 forwards, recomputed)", "pepita", {"--steps", steps, "--pepita-variant", "mem"}},
   };
   out << absl::StrFormat("%s (%s file, --weights %s), sequence 1 x %d, %s\n", o.preset, o.bf16 ? "BF16" : "F32",
                          o.weights, o.seq_len, data);

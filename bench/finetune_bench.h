@@ -2,7 +2,8 @@
 
 // `seedling bench finetune`: one local training step configuration per child process (so each peak RSS is
 // its own), on a random model of a preset written once: plain inference, lora-bp as planned, lora-bp
-// without recomputation and with the cross-entropy in one chunk, fwdgrad, mezo and kseed. Prints tokens/s,
+// without recomputation and with the cross-entropy in one chunk, fwdgrad, mezo, kseed, and the forward-only pepita
+// and mempepita. Prints tokens/s,
 // measured peak RSS (and its anonymous and file-backed parts), the planner's estimate and each peak relative
 // to inference's. With q8_0 / q4_0 weights the weight cache is built before the first run, so no run pays
 // for it.

@@ -7,7 +7,8 @@
 namespace seedling::client {
 
 bool IsKnownTrainingMethod(std::string_view method) {
-  return method == "lora-bp" || method == "fwdgrad" || method == "mezo" || method == "kseed";
+  return method == "lora-bp" || method == "fwdgrad" || method == "mezo" || method == "kseed" || method == "pepita" ||
+         method == "mempepita";
 }
 
 namespace {
@@ -50,6 +51,10 @@ double LocalTrainingFlops(const model::ModelConfig& config, std::string_view met
     per_token = 2.0 * f.projections + 3.0 * f.attention + 2.0 * f.head;
   } else if (method == "fwdgrad") {
     per_token = (1.0 + p) * f.projections + (1.0 + 2.0 * p) * f.attention + 2.0 * f.head;
+  } else if (method == "pepita") {
+    per_token = 2.0 * (f.projections + f.attention + f.head);
+  } else if (method == "mempepita") {
+    per_token = 3.0 * (f.projections + f.attention) + 2.0 * f.head;
   } else {  // mezo, kseed
     per_token = 2.0 * p * (f.projections + f.attention + f.head);
   }

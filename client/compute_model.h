@@ -11,7 +11,8 @@
 
 namespace seedling::client {
 
-// Training methods LocalTrainingFlops knows: "lora-bp", "fwdgrad", "mezo", "kseed".
+// Training methods LocalTrainingFlops knows: "lora-bp", "fwdgrad", "mezo", "kseed", "pepita", "mempepita" (pepita
+// with its "mem" variant).
 bool IsKnownTrainingMethod(std::string_view method);
 
 // FLOPs of one device's local run of `steps` steps on `batch` sequences of `seq_len` tokens, counted
@@ -32,6 +33,11 @@ bool IsKnownTrainingMethod(std::string_view method);
 //              products to the primal's two, and the LM head runs once for the loss and once for its
 //              gradient, whose dot product with each tangent gives the derivatives.
 //   "mezo", "kseed"  2 × perturbations forwards per step (+z and −z; MeZO's 2F for one).
+//   "pepita"   2P + 2A + 2H per step: the clean forward with the LM head, the error's image F e (a
+//              hidden × vocab product per scored token, as large as the head's), and the modulated forward
+//              through the layers only. The update's rank-r products (4 r (in + out) per adapted projection and
+//              token) and generating F are not counted.
+//   "mempepita"  3P + 3A + 2H: as pepita, plus the third forward that recomputes the clean layers.
 //
 // perturbations < 1 counts as 1. Linear in steps and in batch. An unknown method is a programming error
 // (aborts): check IsKnownTrainingMethod first.

@@ -13,6 +13,7 @@
 #include "optim/lora_bp.h"
 #include "optim/mezo.h"
 #include "optim/parameters.h"
+#include "optim/pepita.h"
 
 namespace seedling::client {
 namespace {
@@ -69,6 +70,8 @@ double DefaultLearningRate(Method method, bool full_parameters) {
       return full_parameters ? 1e-6 : 1e-4;
     case Method::kKSeed:
       return full_parameters ? 3e-7 : 1e-4;
+    case Method::kPepita:
+      return 0.1;
   }
   return 1e-4;
 }
@@ -106,6 +109,7 @@ void WarmUpMethods(const model::LlamaModel& model, lora::LoraAdapter& adapter) {
   if (auto t = optim::MezoTrainer::Create(model, &adapter, optim::ParameterSet::Adapter(adapter), {}); t.ok()) {
     (void)(*t)->Step(batch);
   }
+  if (auto t = optim::PepitaTrainer::Create(model, adapter, {}); t.ok()) (void)(*t)->Step(batch);
 }
 
 }  // namespace
@@ -160,7 +164,8 @@ absl::Status CheckTrainingArgs(const lora::LoraAdapter* adapter, const TrainingC
   if (!config.full_parameters && adapter == nullptr) {
     return absl::InvalidArgumentError("training an adapter needs one (or full_parameters)");
   }
-  if (config.full_parameters && (config.method == Method::kLoraBp || config.method == Method::kFwdGrad)) {
+  if (config.full_parameters &&
+      (config.method == Method::kLoraBp || config.method == Method::kFwdGrad || config.method == Method::kPepita)) {
     return absl::InvalidArgumentError(
         StrCat(optim::MethodName(config.method), " trains a LoRA adapter, not full parameters"));
   }
@@ -249,6 +254,18 @@ absl::StatusOr<MethodTrainer> MakeTrainer(const model::LlamaModel& model, lora::
                                 optim::KSeedTrainer::Create(model, forward_adapter, params, o));
       made.kseed = t.get();
       made.trainer = std::move(t);
+      break;
+    }
+    case Method::kPepita: {
+      optim::PepitaOptions o;
+      SEEDLING_ASSIGN_OR_RETURN(o.variant, optim::ParsePepitaVariant(plan.variant.empty() ? "pepita" : plan.variant));
+      o.lr = lr;
+      o.feedback_seed = config.pepita_feedback_seed;
+      o.feedback_scale = config.pepita_feedback_scale;
+      o.max_update_norm = config.max_grad_norm;
+      o.error_chunk_tokens = plan.ce_chunk_tokens;
+      o.mlp_chunk_tokens = plan.mlp_chunk_tokens;
+      SEEDLING_ASSIGN_OR_RETURN(made.trainer, optim::PepitaTrainer::Create(model, *adapter, o));
       break;
     }
   }

@@ -30,10 +30,14 @@ struct TrainingConfig {
   // Perturbations per step: fwdgrad's K, mezo / kseed's q (n-SPSA); 0 = the method's default
   // (PerturbationsPerStep: 8 for fwdgrad, 1 for mezo and kseed).
   int64_t perturbations = 0;
-  double max_grad_norm = 1.0;         // lora-bp: gradient clipping (0 = off)
+  double max_grad_norm = 1.0;         // lora-bp: gradient clipping; pepita: update clipping (0 = off)
   int64_t kseed_pool_size = 4096;     // kseed: K candidate seeds (the server's)
   uint64_t kseed_pool_seed = 0;       // kseed: the server's pool seed
   bool fwdgrad_apply_locally = true;  // false in federated rounds: the server applies the summed estimate
+  // pepita: the feedback matrix F's seed (fixed for a run) and scale (optim::PepitaOptions). The variant (PEPITA
+  // or MEMPEPITA) is the memory plan's.
+  uint64_t pepita_feedback_seed = 0;
+  double pepita_feedback_scale = 0.05;
   // Benchmarks: the first `untimed_steps` steps (warming caches, the allocator and lazily built kernels) are
   // left out of `seconds` and the token counts, and steps continue past `steps` until the timed steps took
   // `min_seconds`. Both 0 in training proper.
@@ -49,7 +53,8 @@ struct TrainingConfig {
 int64_t PerturbationsPerStep(const TrainingConfig& config);
 
 // Published starting points (docs/methods.md): lora-bp 2e-4 (AdamW); fwdgrad 1e-2 (FwdLLM's SGD); mezo 1e-4 on
-// LoRA, 1e-6 on full parameters; kseed 1e-4 on LoRA, 3e-7 on full parameters (FedKSeed).
+// LoRA, 1e-6 on full parameters; kseed 1e-4 on LoRA, 3e-7 on full parameters (FedKSeed); pepita 0.1 (PEPITA's
+// 0.01 with momentum 0.9).
 double DefaultLearningRate(optim::Method method, bool full_parameters);
 // mezo 1e-2 on LoRA, 1e-3 full; kseed 1e-2 on LoRA, 5e-4 full (FedKSeed); fwdgrad central difference 1e-2.
 double DefaultEpsilon(optim::Method method, bool full_parameters);

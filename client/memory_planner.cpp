@@ -141,6 +141,23 @@ int64_t CrossEntropyPeak(const model::ModelConfig& m, int64_t n, int64_t chunk, 
   return tile * e + logit_copies * rows * tile + (backward ? 3 : 1) * n * e;
 }
 
+// PEPITA's output error and modulation (optim/pepita.cpp): the clean final hidden states, the offset F e, and per
+// chunk of scored rows the logits with their log-softmax (the error overwrites it), one generated block of F's
+// columns (1 MiB) and the chunk's F e. `chunk` 0 = the trainer's automatic size (16 MiB of logits).
+int64_t PepitaErrorPeak(const model::ModelConfig& m, int64_t n, int64_t chunk) {
+  const int64_t rows =
+      std::min(chunk > 0 ? chunk : std::max<int64_t>(1, (int64_t{16} << 20) / (kFloat * m.vocab_size)), n);
+  return 2 * n * m.hidden_size + 2 * rows * m.vocab_size + (int64_t{1} << 20) / kFloat + rows * m.hidden_size;
+}
+
+// Elements of every adapted projection's output for n tokens: what PEPITA keeps from its clean pass.
+int64_t AdaptedOutputs(const model::ModelConfig& m, const lora::LoraConfig& c, int64_t n) {
+  const int64_t layers = c.layers.empty() ? m.num_hidden_layers : static_cast<int64_t>(c.layers.size());
+  int64_t per_token = 0;
+  for (Projection p : c.targets) per_token += model::FeaturesOf(m, p).out;
+  return layers * n * per_token;
+}
+
 // One decoder layer with stacked tangents (model/kernels.h), `slices` = 1 + tangents per pass. Attention:
 // the normed input, q/k/v with their RoPE copies and the output, per slice, and the primal scores and
 // probabilities next to one direction's score tangent and its product with them. MLP (over `mlp_rows`
@@ -184,7 +201,9 @@ MemoryPlan EstimatePlan(const PlanRequest& r, const std::string& variant, int64_
   plan.ce_chunk_tokens = ce_chunk_tokens;
   const bool batched_jvp = r.method == Method::kFwdGrad && variant == "batched-jvp";
   plan.mlp_chunk_tokens =
-      (r.method == Method::kMezo || r.method == Method::kKSeed || batched_jvp) ? mlp_chunk_tokens : 0;
+      (r.method == Method::kMezo || r.method == Method::kKSeed || r.method == Method::kPepita || batched_jvp)
+          ? mlp_chunk_tokens
+          : 0;
   const int64_t perturbations = std::max<int64_t>(r.perturbations, 1);
   plan.tangents_per_pass =
       batched_jvp ? (tangents_per_pass > 0 ? std::min(tangents_per_pass, perturbations) : perturbations) : 0;
@@ -258,6 +277,28 @@ MemoryPlan EstimatePlan(const PlanRequest& r, const std::string& variant, int64_
                                       CrossEntropyPeak(m, s.n, ce_chunk_tokens, false));
       break;
     }
+    case Method::kPepita: {
+      // Flat parameters, the update and its scaled copy.
+      plan.trainable_bytes = kFloat * 3 * p;
+      const int64_t widest_out = std::max({m.hidden_size, m.q_dim(), m.kv_dim(), m.intermediate_size});
+      const int64_t error = PepitaErrorPeak(m, s.n, ce_chunk_tokens);
+      if (variant == "mem") {
+        // MEMPEPITA: pass 1 keeps nothing but the error's inputs; passes 2 and 3 run as one forward over the
+        // batch twice (clean rows, modulated rows): the offset and its zero-padded copy, the doubled residual
+        // stream, a doubled layer's transients and one projection's δ.
+        const LayerShapes both = Shapes(m, micro_batch * 2, r.seq_len);
+        const int64_t paired =
+            3 * s.n * s.h + both.n * both.h + InferenceLayerPeak(both, plan.mlp_chunk_tokens) + s.n * widest_out;
+        elements = std::max(s.n * s.h + std::max(InferenceLayerPeak(s, plan.mlp_chunk_tokens), error), paired);
+      } else {
+        // PEPITA: every adapted projection's clean output, kept from pass 1 to pass 2, next to the larger of the
+        // error's peak and pass 2's (the offset, the residual stream, a layer's transients and one δ).
+        stored_elements = AdaptedOutputs(m, r.lora, s.n);
+        elements = stored_elements +
+                   std::max(error, 2 * s.n * s.h + InferenceLayerPeak(s, plan.mlp_chunk_tokens) + s.n * widest_out);
+      }
+      break;
+    }
   }
   // Slack scales with the step's own temporaries.
   const SlackFractions& slack = SlackFor(r.heap);
@@ -286,6 +327,9 @@ std::vector<std::string> PlanVariants(Method method, bool full_parameters) {
     case Method::kKSeed:
       if (full_parameters) return {"exact-restore", "in-place-restore"};
       return {"batched", "exact-restore", "in-place-restore"};
+    case Method::kPepita:
+      // PEPITA keeps the clean outputs (two forwards); MEMPEPITA recomputes them (three forwards, less memory).
+      return {"pepita", "mem"};
   }
   return {""};
 }
@@ -320,7 +364,8 @@ SearchSpace BuildSearchSpace(const PlanRequest& r) {
   for (int64_t c = r.seq_len * r.batch / 2; c >= 16; c /= 2) space.ce_chunks.push_back(c);
   // mezo / kseed can run the MLP a chunk of tokens at a time, at some speed (15-30% on Qwen2.5-0.5B).
   space.mlp_chunks = {0};
-  if (r.method == Method::kMezo || r.method == Method::kKSeed || r.method == Method::kFwdGrad) {
+  if (r.method == Method::kMezo || r.method == Method::kKSeed || r.method == Method::kFwdGrad ||
+      r.method == Method::kPepita) {
     for (int64_t c = 128; c >= 32 && c < r.seq_len * r.batch; c /= 2) space.mlp_chunks.push_back(c);
   }
   // fwdgrad's batched pass carries all tangents, then halves (each pass re-runs the primal).
@@ -387,7 +432,8 @@ absl::StatusOr<MemoryPlan> PlanMemory(const PlanRequest& r) {
   }
   // The sizes below multiply the model's dimensions: they are only bounded once the config is valid.
   SEEDLING_RETURN_IF_ERROR(r.model.Validate());
-  if (r.full_parameters && (r.method == Method::kLoraBp || r.method == Method::kFwdGrad)) {
+  if (r.full_parameters &&
+      (r.method == Method::kLoraBp || r.method == Method::kFwdGrad || r.method == Method::kPepita)) {
     return absl::InvalidArgumentError(
         StrCat(optim::MethodName(r.method), " trains a LoRA adapter; full parameters are for mezo and kseed"));
   }

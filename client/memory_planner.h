@@ -4,8 +4,9 @@
 // allocated, it estimates from shapes the peak resident memory of a local training step for a method and picks the
 // fastest settings that fit a byte budget: micro-batch, per-layer recomputation, cross-entropy chunk, and the method's
 // variant (fwdgrad: batched-jvp or central-difference; mezo/kseed: batched probes, or exact-restore (kseed) or
-// in-place-restore). It never switches methods: the server assigns the method; a device that cannot fit it declines
-// with ResourceExhausted and the smallest budget that would fit.
+// in-place-restore; pepita: "pepita" keeping the clean outputs or MEMPEPITA's "mem"). It never switches methods: the
+// server assigns the method; a device that cannot fit it declines with ResourceExhausted and the smallest budget that
+// would fit.
 //
 // The estimate is of process RSS, as the OS counts it when it decides to kill an app:
 //   runtime   measured: what the process holds before the model (code, LibTorch, BLAS buffers)
@@ -56,7 +57,7 @@ struct PlanRequest {
 struct MemoryPlan {
   optim::Method method = optim::Method::kLoraBp;
   std::string variant;            // "batched-jvp" / "central-difference" (fwdgrad), "batched" / "exact-restore" /
-                                  // "in-place-restore" (mezo, kseed), "" (lora-bp)
+                                  // "in-place-restore" (mezo, kseed), "pepita" / "mem" (pepita), "" (lora-bp)
   int64_t micro_batch = 1;        // sequences per forward/backward (lora-bp accumulates)
   bool recompute = false;         // per-layer recomputation
   int64_t stored_layers = 0;      // with recompute: the last layers that keep their activations instead
@@ -84,7 +85,7 @@ struct MemoryPlan {
 
 // The variants PlanMemory considers for a method, fastest first: "" (lora-bp); "batched-jvp",
 // "central-difference" (fwdgrad); "batched" (adapter runs only), "exact-restore" (kseed),
-// "in-place-restore" (mezo, kseed).
+// "in-place-restore" (mezo, kseed); "pepita", "mem" (pepita).
 std::vector<std::string> PlanVariants(optim::Method method, bool full_parameters);
 
 // Estimates one configuration (no search, no budget check).

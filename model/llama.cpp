@@ -467,8 +467,15 @@ std::vector<at::Tensor> LlamaModel::LayerTensors(int64_t layer, const ForwardOpt
 absl::StatusOr<at::Tensor> LlamaModel::Hidden(const at::Tensor& tokens, const ForwardOptions& options) const {
   SEEDLING_RETURN_IF_ERROR(ValidateTokens(tokens));
   SEEDLING_RETURN_IF_ERROR(ValidatePositions(tokens.size(1)));
+  if (options.input_offset.defined() &&
+      options.input_offset.sizes() != at::IntArrayRef({tokens.size(0), tokens.size(1), config_.hidden_size})) {
+    return absl::InvalidArgumentError(StrCat("input offset has shape ", ShapeString(options.input_offset.sizes()),
+                                             ", the embeddings [", tokens.size(0), ", ", tokens.size(1), ", ",
+                                             config_.hidden_size, "]"));
+  }
   return CatchTorch("forward", [&] {
     at::Tensor x = Embed(tokens, 0);  // (B, T, H)
+    if (options.input_offset.defined()) x = x + options.input_offset.to(x.scalar_type());
     const LayerRopes ropes = MakeRopes(0, tokens.size(1), x.scalar_type());
     const bool recompute = options.recompute && at::GradMode::is_enabled();
     const int64_t layers = config_.num_hidden_layers;

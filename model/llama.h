@@ -64,6 +64,9 @@ struct ForwardOptions {
   // Without autograd (inference, zeroth-order probes), run the MLP over chunks of this many tokens so its
   // (tokens × intermediate) transients stay small; 0 = all tokens at once (fastest).
   int64_t mlp_chunk_tokens = 0;
+  // Hidden / Loss: added to the embeddings (B, T, hidden_size) before the first decoder layer, e.g. PEPITA's
+  // error-modulated input (optim/pepita.h); undefined = none. Must have the embeddings' shape.
+  at::Tensor input_offset;
 };
 
 // Keys and values of past positions, for ForwardCached. Preallocated to `max_length` positions.

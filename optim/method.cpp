@@ -14,15 +14,18 @@ const char* MethodName(Method m) {
       return "mezo";
     case Method::kKSeed:
       return "kseed";
+    case Method::kPepita:
+      return "pepita";
   }
   return "?";
 }
 
 absl::StatusOr<Method> ParseMethod(std::string_view name) {
-  for (Method m : {Method::kLoraBp, Method::kFwdGrad, Method::kMezo, Method::kKSeed}) {
+  for (Method m : {Method::kLoraBp, Method::kFwdGrad, Method::kMezo, Method::kKSeed, Method::kPepita}) {
     if (name == MethodName(m)) return m;
   }
-  return absl::InvalidArgumentError(StrCat("unknown method '", name, "' (expected lora-bp, fwdgrad, mezo or kseed)"));
+  return absl::InvalidArgumentError(
+      StrCat("unknown method '", name, "' (expected lora-bp, fwdgrad, mezo, kseed or pepita)"));
 }
 
 }  // namespace seedling::optim

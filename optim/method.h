@@ -13,9 +13,10 @@ enum class Method {
   kFwdGrad,  // forward gradient (FwdLLM): directional derivatives along seeded perturbations
   kMezo,     // zeroth-order SPSA (MeZO)
   kKSeed,    // zeroth-order with a finite seed pool (FedKSeed)
+  kPepita,   // forward-only PEPITA / MEMPEPITA: error-driven input modulation, no backward
 };
 
-// "lora-bp", "fwdgrad", "mezo", "kseed".
+// "lora-bp", "fwdgrad", "mezo", "kseed", "pepita".
 const char* MethodName(Method m);
 absl::StatusOr<Method> ParseMethod(std::string_view name);
 

@@ -328,6 +328,8 @@ case "$case_name" in
     "$seedling" eval --model "$work/ft-full" --data "$repo/data/sample/eval.jsonl" >/dev/null || fail "cannot eval it"
     expect_error "full parameters" "$seedling" finetune --model "$model" --data "$repo/data/sample/instructions.jsonl" \
       --method lora-bp --full --steps 1 --out "$work/ft-x"
+    expect_error "full parameters" "$seedling" finetune --model "$model" --data "$repo/data/sample/instructions.jsonl" \
+      --method pepita --full --steps 1 --out "$work/ft-x"
     ;;
   finetune-bad-data)
     printf '{"text": 1}\nnot json\n' > "$work/allbad.jsonl"
@@ -335,14 +337,21 @@ case "$case_name" in
       --out "$work/ft-bad"
     expect_error "unknown method" "$seedling" finetune --model "$model" --data "$work/allbad.jsonl" --method sgd \
       --steps 1 --out "$work/ft-bad"
+    expect_error "--pepita-variant is for --method pepita" "$seedling" finetune --model "$model" \
+      --data "$work/allbad.jsonl" --method mezo --pepita-variant mem --steps 1 --out "$work/ft-bad"
+    expect_error "--feedback-scale must be > 0" "$seedling" finetune --model "$model" --data "$work/allbad.jsonl" \
+      --method pepita --feedback-scale 0 --steps 1 --out "$work/ft-bad"
+    expect_error "contradicts --variant" "$seedling" finetune --model "$model" --data "$work/allbad.jsonl" \
+      --method pepita --pepita-variant mem --variant pepita --steps 1 --out "$work/ft-bad"
     ;;
   bench-finetune-json)
     out=$("$seedling" bench finetune --preset tiny --seq 32 --steps 1 --seconds 0 --perturbations 2 --work-dir "$work/bench-ft" \
       --data "$repo/data/sample/instructions.jsonl" --json 2>/dev/null) || fail "bench finetune failed"
     lines=$(echo "$out" | grep '^{')
-    [ "$(echo "$lines" | wc -l)" -eq 9 ] || fail "expected 9 JSON rows: $out"
+    [ "$(echo "$lines" | wc -l)" -eq 11 ] || fail "expected 11 JSON rows: $out"
     echo "$out" | grep -q "lora-bp (recompute every layer)" || fail "without a budget lora-bp recomputes every layer: $out"
-    for name in inference lora-bp lora-bp-no-recompute fwdgrad mezo mezo-in-place mezo-q4 kseed kseed-q4; do
+    for name in inference lora-bp lora-bp-no-recompute fwdgrad mezo mezo-in-place mezo-q4 kseed kseed-q4 pepita \
+        mempepita; do
       row=$(echo "$lines" | grep "\"name\":\"$name\"") || fail "no row $name: $out"
       for key in tokens_per_second mfu peak_rss_bytes planned_peak_bytes step_tensor_peak_bytes; do
         v=$(echo "$row" | json_number "$key")

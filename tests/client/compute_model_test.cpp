@@ -44,7 +44,13 @@ TEST_CASE("LocalTrainingFlops counts each method's multiplies and is linear in s
         Approx(5 * f.projections + 9 * f.attention + 2 * f.head));
   // One mezo step (two forwards) costs less than one lora-bp step (its backward's attention is dearer).
   CHECK(LocalTrainingFlops(*config, "mezo", 1, 4, 128, 1) < LocalTrainingFlops(*config, "lora-bp", 1, 4, 128, 1));
-  for (const char* method : {"lora-bp", "fwdgrad", "mezo", "kseed"}) {
+  // pepita: the clean forward with its LM head, F e (as dear as the head), the modulated forward's layers;
+  // mempepita: one more pass of the layers.
+  CHECK(LocalTrainingFlops(*config, "pepita", 1, 4, 128, 1) ==
+        Approx(2 * f.projections + 2 * f.attention + 2 * f.head));
+  CHECK(LocalTrainingFlops(*config, "mempepita", 1, 4, 128, 1) ==
+        Approx(3 * f.projections + 3 * f.attention + 2 * f.head));
+  for (const char* method : {"lora-bp", "fwdgrad", "mezo", "kseed", "pepita", "mempepita"}) {
     INFO(method);
     CHECK(LocalTrainingFlops(*config, method, 10, 4, 128, 2) ==
           Approx(10 * LocalTrainingFlops(*config, method, 1, 4, 128, 2)));

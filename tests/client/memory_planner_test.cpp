@@ -7,6 +7,7 @@
 #include "optim/fwdgrad.h"
 #include "optim/lora_bp.h"
 #include "optim/mezo.h"
+#include "optim/pepita.h"
 
 namespace seedling::client {
 namespace {
@@ -314,6 +315,33 @@ TEST_CASE("Activation estimates bound the measured tensor peak of each method on
     r.perturbations = 2;
     check("mezo, batched q = 2", measure(**b), EstimatePlan(r, "batched", 2, false, 2048));
   }
+  {
+    auto a = lora::LoraAdapter::Create(*c, lc);
+    r.method = optim::Method::kPepita;
+    optim::PepitaOptions o;
+    auto stored = optim::PepitaTrainer::Create(**m, **a, o);
+    check("pepita", measure(**stored), EstimatePlan(r, "pepita", 2, false, 0));
+    o.variant = optim::PepitaOptions::Variant::kMem;
+    auto mem = optim::PepitaTrainer::Create(**m, **a, o);
+    check("mempepita", measure(**mem), EstimatePlan(r, "mem", 2, false, 0));
+  }
+}
+
+TEST_CASE("pepita keeps the clean outputs when they fit and recomputes them (MEMPEPITA) when not",
+          "[client][planner]") {
+  PlanRequest r = SmolRequest(optim::Method::kPepita);
+  r.lora.targets = {model::Projection::kQ, model::Projection::kV, model::Projection::kUp, model::Projection::kDown};
+  const MemoryPlan fastest = *PlanMemory(r);
+  CHECK(fastest.variant == "pepita");
+  const MemoryPlan mem = EstimatePlan(r, "mem", r.batch, false, 0);
+  // MEMPEPITA keeps no layer's outputs: less activation memory than PEPITA, which keeps 30 layers' worth.
+  REQUIRE(mem.activation_bytes < fastest.activation_bytes);
+  r.budget_bytes = mem.total_bytes();
+  auto plan = PlanMemory(r);
+  REQUIRE(plan.ok());
+  CHECK(plan->variant == "mem");
+  r.full_parameters = true;
+  CHECK(PlanMemory(r).status().code() == absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace
