@@ -668,7 +668,7 @@ absl::Status Client::BeginTask(const v1::Task& task, State& state) {
 absl::StatusOr<std::unique_ptr<internal::SecAggParticipant>> Client::JoinSecAgg(
     std::unique_ptr<comms::Channel>& channel, const v1::Task& task, optim::Method method,
     const std::vector<float>& global) {
-  if (method != optim::Method::kLoraBp && method != optim::Method::kMezo) {
+  if (method != optim::Method::kLoraBp && method != optim::Method::kMezo && method != optim::Method::kPepita) {
     return absl::FailedPreconditionError(
         StrCat("secure aggregation needs a dense delta; method ", task.method(), " does not produce one"));
   }

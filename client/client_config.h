@@ -39,7 +39,7 @@ struct ClientConfig {
                                                 // Set by embedders that share a model (the simulator's devices)
   int64_t max_row_bytes = kDefaultMaxRowBytes;  // longer data rows are skipped (local_data.h);
                                                 // AddExample refuses them
-  std::vector<std::string> methods = {"lora-bp", "fwdgrad", "mezo", "kseed"};
+  std::vector<std::string> methods = {"lora-bp", "fwdgrad", "mezo", "kseed", "pepita"};
   // Behaviour.
   int64_t connect_timeout_ms = 10000;
   int64_t call_timeout_ms = 30000;

@@ -214,7 +214,11 @@ MemoryPlan EstimatePlan(const PlanRequest& r, const std::string& variant, int64_
   plan.stream_weights = stream_weights && r.streamed_weight_bytes >= 0 && !r.full_parameters;
   if (plan.stream_weights) plan.weight_bytes = r.streamed_weight_bytes;
 
-  const int64_t p = r.full_parameters ? 0 : LoraParameters(m, r.lora);
+  // The projections the adapter will have (PlanMemory maps them too; a caller forcing settings may not have):
+  // "all" lists the fused q|k|v and gate|up beside the parts, which a model has one way or the other.
+  lora::LoraConfig adapter = r.lora;
+  if (!r.full_parameters) adapter.targets = lora::TargetsFor(m, r.lora.targets);
+  const int64_t p = r.full_parameters ? 0 : LoraParameters(m, adapter);
   const LayerShapes s = Shapes(m, micro_batch, r.seq_len);
   const int64_t layers = m.num_hidden_layers;
   int64_t elements = 0;         // activation elements at the peak
@@ -223,7 +227,7 @@ MemoryPlan EstimatePlan(const PlanRequest& r, const std::string& variant, int64_
     case Method::kLoraBp: {
       // Flat parameters, gradient, two AdamW moments, and the update's temporary.
       plan.trainable_bytes = kFloat * 5 * p;
-      const int64_t saved = SavedPerLayer(s, r.lora);
+      const int64_t saved = SavedPerLayer(s, adapter);
       const int64_t ce = CrossEntropyPeak(m, s.n, ce_chunk_tokens, true);
       const int64_t transient = LayerBackwardTransient(s, saved);
       if (recompute && plan.stored_layers == 0) {
@@ -293,7 +297,7 @@ MemoryPlan EstimatePlan(const PlanRequest& r, const std::string& variant, int64_
       } else {
         // PEPITA: every adapted projection's clean output, kept from pass 1 to pass 2, next to the larger of the
         // error's peak and pass 2's (the offset, the residual stream, a layer's transients and one δ).
-        stored_elements = AdaptedOutputs(m, r.lora, s.n);
+        stored_elements = AdaptedOutputs(m, adapter, s.n);
         elements = stored_elements +
                    std::max(error, 2 * s.n * s.h + InferenceLayerPeak(s, plan.mlp_chunk_tokens) + s.n * widest_out);
       }

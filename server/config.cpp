@@ -84,9 +84,10 @@ static absl::Status ValidateSecAgg(const ServerConfig& c) {
                     "need stage_timeout_ms >= 100 and 10 <= poll_ms <= stage_timeout_ms");
   }
   if (!s.enabled) return absl::OkStatus();
-  if (c.method != "lora-bp" && c.method != "mezo") {
+  if (c.method != "lora-bp" && c.method != "mezo" && c.method != "pepita") {
     return KeyError("secagg", "enabled",
-                    StrCat("secure aggregation sums parameter deltas: method must be lora-bp or mezo, got ", c.method));
+                    StrCat("secure aggregation sums parameter deltas: method must be lora-bp, mezo or pepita, got ",
+                           c.method));
   }
   if (c.privacy.dp && s.max_weight != 1) {
     return KeyError("secagg", "max_weight",
@@ -114,8 +115,8 @@ int64_t ServerConfig::SelectionQuota() const {
 
 absl::Status ServerConfig::Validate() const {
   if (model_dir.empty()) return KeyError("model", "dir", "is required (the base model: a directory or a GGUF file)");
-  if (method != "lora-bp" && method != "fwdgrad" && method != "mezo" && method != "kseed") {
-    return KeyError("training", "method", StrCat("'", method, "' is not lora-bp, fwdgrad, mezo or kseed"));
+  if (method != "lora-bp" && method != "fwdgrad" && method != "mezo" && method != "kseed" && method != "pepita") {
+    return KeyError("training", "method", StrCat("'", method, "' is not lora-bp, fwdgrad, mezo, kseed or pepita"));
   }
   if (clients_per_round < 1) return KeyError("training", "clients_per_round", "must be >= 1");
   if (!(over_selection >= 1.0)) return KeyError("training", "over_selection", "must be >= 1");

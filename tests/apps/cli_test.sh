@@ -259,6 +259,15 @@ case "$case_name" in
     diff <(strip "$work/sim-gguf/rounds.jsonl") <(strip "$work/sim-dir/rounds.jsonl") \
       || fail "the GGUF and its source with q8_0 weights simulate differently"
     ;;
+  simulate-pepita)
+    # A federation of forward-only PEPITA devices: the server assigns pepita, devices upload dense LoRA deltas,
+    # fedavg aggregates them, and rounds commit.
+    "$seedling" simulate --model "$model" --devices 20 --heldout-devices 2 --rounds 2 --clients-per-round 3 \
+      --steps 2 --seq-len 32 --methods pepita --seed 5 --threads 1 --out "$work/sim-pepita" > "$work/sim-pepita.log" \
+      2>&1 || fail "simulate pepita: $(tail -5 "$work/sim-pepita.log")"
+    [ "$(grep -c '"committed":true' "$work/sim-pepita/rounds.jsonl")" -eq 2 ] \
+      || fail "pepita rounds did not commit: $(cat "$work/sim-pepita/rounds.jsonl")"
+    ;;
   weights-planner)
     # Every representation: the planner's estimate is within 20% of the measured peak (on this 3.5M-parameter
     # model the measured runtime baseline is most of the total; docs/memory.md has 0.5B and 1.1B figures)...

@@ -327,6 +327,21 @@ TEST_CASE("Activation estimates bound the measured tensor peak of each method on
   }
 }
 
+TEST_CASE("EstimatePlan counts the projections the adapter will have, as PlanMemory does", "[client][planner]") {
+  // "all" lists q|k|v and gate|up fused beside their parts; a Llama model has only the parts.
+  for (optim::Method method : {optim::Method::kLoraBp, optim::Method::kPepita}) {
+    INFO(optim::MethodName(method));
+    PlanRequest all = SmolRequest(method);
+    all.lora.targets = *lora::ParseTargets("all");
+    PlanRequest mapped = all;
+    mapped.lora.targets = lora::TargetsFor(all.model, all.lora.targets);
+    REQUIRE(mapped.lora.targets.size() == 7);
+    const std::string variant = method == optim::Method::kPepita ? "pepita" : "";
+    CHECK(EstimatePlan(all, variant, 4, false, 0).total_bytes() ==
+          EstimatePlan(mapped, variant, 4, false, 0).total_bytes());
+  }
+}
+
 TEST_CASE("pepita keeps the clean outputs when they fit and recomputes them (MEMPEPITA) when not",
           "[client][planner]") {
   PlanRequest r = SmolRequest(optim::Method::kPepita);
