@@ -8,6 +8,7 @@
 
 #include "base/status.h"
 #include "base/strings.h"
+#include "privacy/tree_aggregation.h"
 
 namespace seedling::privacy {
 namespace {
@@ -294,6 +295,36 @@ absl::Status RdpAccountant::Compose(double q, double noise_multiplier, int64_t s
 
 absl::StatusOr<PrivacySpent> RdpAccountant::GetEpsilon(double delta, EpsilonConversion conversion) const {
   return EpsilonFromRdp(orders_, rdp_, delta, conversion);
+}
+
+absl::StatusOr<double> TreeAggregationZcdp(int64_t rounds, int64_t rounds_per_tree, double noise_multiplier,
+                                           int64_t participations_per_tree) {
+  if (rounds < 0) return absl::InvalidArgumentError(StrCat("rounds must be >= 0, got ", rounds));
+  if (rounds_per_tree < 1 || static_cast<uint64_t>(rounds_per_tree) > kMaxTreeLeaves) {
+    return absl::InvalidArgumentError(
+        StrCat("rounds per tree must be in [1, ", kMaxTreeLeaves, "], got ", rounds_per_tree));
+  }
+  if (!(noise_multiplier >= 0) || !std::isfinite(noise_multiplier)) {
+    return absl::InvalidArgumentError(StrCat("noise multiplier must be finite and >= 0, got ", noise_multiplier));
+  }
+  if (participations_per_tree < 1) {
+    return absl::InvalidArgumentError(StrCat("participations per tree must be >= 1, got ", participations_per_tree));
+  }
+  if (rounds == 0) return 0.0;
+  if (noise_multiplier == 0) return std::numeric_limits<double>::infinity();
+  const uint64_t r = static_cast<uint64_t>(rounds);
+  const uint64_t per_tree = static_cast<uint64_t>(rounds_per_tree);
+  // Levels a device can touch, summed over the trees so far: full trees, then the partial one.
+  const double levels = static_cast<double>(r / per_tree) * TreeLevels(per_tree) + TreeLevels(r % per_tree);
+  const double k = static_cast<double>(participations_per_tree);
+  return k * k * levels / (2.0 * noise_multiplier * noise_multiplier);
+}
+
+absl::StatusOr<double> EpsilonFromZcdp(double rho, double delta) {
+  if (!(rho >= 0)) return absl::InvalidArgumentError(StrCat("zCDP rho must be >= 0, got ", rho));
+  if (!(delta > 0 && delta < 1)) return absl::InvalidArgumentError(StrCat("delta must be in (0, 1), got ", delta));
+  if (std::isinf(rho)) return rho;
+  return rho + 2.0 * std::sqrt(rho * std::log(1.0 / delta));  // Bun & Steinke 2016, Prop. 1.3
 }
 
 }  // namespace seedling::privacy

@@ -1,7 +1,7 @@
 #pragma once
 
-// Rényi-DP accountant for the Poisson-subsampled Gaussian mechanism (docs/methods.md, "Differential privacy (DP-FedAvg
-// and the accountant)").
+// Rényi-DP accountant for the Poisson-subsampled Gaussian mechanism, and zCDP of DP-FTRL (docs/methods.md,
+// "Differential privacy (DP-FedAvg and the accountant)").
 //
 // One step releases f(D_sampled) + N(0, σ² S²), where every record (here: every device) is in the sample
 // independently with probability q and f has L2 sensitivity S; σ is the noise multiplier. Mironov, Talwar
@@ -30,6 +30,8 @@
 // {128, 256, 512} so that small-ε / many-step regimes (whose optimal order is large) are not cut off at 63.
 // TF-Privacy's compute_dp_sgd_privacy grid is TfPrivacyRdpOrders(). An optimum at the grid's largest
 // order means a larger grid could give a smaller ε.
+//
+// The zCDP accounting of DP-FTRL (tree aggregation) is at the end of this header.
 //
 // All functions are pure and thread-safe; RdpAccountant is a value type (not thread-safe to mutate).
 
@@ -111,5 +113,37 @@ class RdpAccountant {
   std::vector<double> orders_;
   std::vector<double> rdp_;
 };
+
+// ---- zCDP of DP-FTRL's tree aggregation (privacy/tree_aggregation.h; docs/methods.md, "DP-FTRL") ----------
+//
+// Setting: every round adds one leaf s_t (the sum of the round's clipped updates, each of L2 norm ≤ C) to the
+// current tree; the tree restarts every R rounds (tree_restart_rounds); each node carries N(0, z²C² I) noise;
+// each device contributes to at most k leaves of a tree (k = max_participations_per_tree, enforced by the
+// coordinator's selection). Neighbouring runs differ by one device's contributions (add/remove).
+//
+// Claim: the releases S_1..S_τ of one tree are ρ-zCDP with ρ = k²·L(τ) / (2z²), L(τ) = TreeLevels(τ).
+// Proof. Every S_t is a sum of node values (Σ_{i ∈ v} s_i + n_v), so all releases of the tree are a
+// post-processing of the vector of node values of the levels 0..L(τ)−1. At level l the device's ≤ k leaves
+// fall into nodes v with k_v of them each, Σ_v k_v ≤ k, and node v's sum moves by ≤ k_v·C in L2 (triangle
+// inequality), so that level's nodes move by Σ_v k_v² C² ≤ (Σ_v k_v)² C² ≤ k² C² in squared L2 norm; over
+// the L(τ) levels the squared L2 sensitivity is ≤ k² L(τ) C². The Gaussian mechanism of std zC on a query of
+// L2 sensitivity Δ is Δ² / (2 z² C²)-zCDP (Bun & Steinke 2016, Prop. 1.6), here k² L(τ) / (2z²). For k = 1
+// this is the bound Kairouz et al. 2021 use (each leaf in one node per level). □
+// Trees use independent node noise and zCDP composes additively (Bun & Steinke 2016, Lemma 1.7); every tree
+// is charged as if the device were in it (worst case). After r rounds:
+//   ρ(r) = k² / (2z²) · (⌊r / R⌋ · L(R) + L(r mod R)).
+// Conversion (Bun & Steinke 2016, Prop. 1.3): ρ-zCDP implies (ρ + 2√(ρ ln(1/δ)), δ)-DP for every δ > 0.
+// k² bounds the sensitivity for any placement of the k leaves; it is tight when they share nodes, loose
+// otherwise (exact, not clever).
+
+// ρ after `rounds` rounds (formula above). InvalidArgument unless rounds ≥ 0, rounds_per_tree in
+// [1, kMaxTreeLeaves], noise_multiplier finite and ≥ 0, participations_per_tree ≥ 1. +∞ when z = 0 and
+// rounds > 0; 0 when rounds = 0.
+absl::StatusOr<double> TreeAggregationZcdp(int64_t rounds, int64_t rounds_per_tree, double noise_multiplier,
+                                           int64_t participations_per_tree);
+
+// ε of a ρ-zCDP mechanism at δ: ρ + 2√(ρ ln(1/δ)). InvalidArgument unless ρ ≥ 0 (+∞ allowed: gives +∞) and
+// δ ∈ (0, 1).
+absl::StatusOr<double> EpsilonFromZcdp(double rho, double delta);
 
 }  // namespace seedling::privacy

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <numbers>
 
+#include "base/check.h"
 #include "base/status.h"
 #include "base/strings.h"
 
@@ -83,6 +84,19 @@ absl::StatusOr<int64_t> ClipScalars(std::span<float> values, double bound) {
   return changed;
 }
 
+void StandardNormalsFromWords(std::span<const uint64_t> words, std::span<double> out) {
+  SEEDLING_CHECK(words.size() >= out.size() + out.size() % 2);
+  size_t i = 0;
+  for (size_t p = 0; i < out.size(); ++p) {
+    const double u1 = static_cast<double>((words[2 * p] >> 11) + 1) * 0x1.0p-53;  // (0, 1]
+    const double u2 = static_cast<double>(words[2 * p + 1] >> 11) * 0x1.0p-53;    // [0, 1)
+    const double r = std::sqrt(-2.0 * std::log(u1));
+    const double theta = 2.0 * std::numbers::pi * u2;
+    out[i++] = r * std::cos(theta);
+    if (i < out.size()) out[i++] = r * std::sin(theta);
+  }
+}
+
 absl::Status NoiseSource::AddGaussian(double stddev, std::span<double> inout) {
   if (!(stddev >= 0.0) || !std::isfinite(stddev)) {
     return absl::InvalidArgumentError(StrCat("noise standard deviation must be finite and >= 0, got ", stddev));
@@ -108,14 +122,9 @@ absl::Status CsprngGaussianNoise::FillStandardNormal(std::span<double> out) {
         1) {
       return absl::InternalError("OpenSSL RAND_bytes failed: no cryptographically secure randomness available");
     }
-    for (size_t p = 0; p < pairs; ++p) {
-      const double u1 = static_cast<double>((words[2 * p] >> 11) + 1) * 0x1.0p-53;  // (0, 1]
-      const double u2 = static_cast<double>(words[2 * p + 1] >> 11) * 0x1.0p-53;    // [0, 1)
-      const double r = std::sqrt(-2.0 * std::log(u1));
-      const double theta = 2.0 * std::numbers::pi * u2;
-      out[i++] = r * std::cos(theta);
-      if (i < out.size()) out[i++] = r * std::sin(theta);
-    }
+    const size_t n = std::min(2 * pairs, out.size() - i);
+    StandardNormalsFromWords(std::span<const uint64_t>(words.data(), 2 * pairs), out.subspan(i, n));
+    i += n;
   }
   OPENSSL_cleanse(words.data(), sizeof(words));  // the noise must not be recoverable from the stack
   return absl::OkStatus();

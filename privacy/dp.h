@@ -48,6 +48,10 @@ absl::StatusOr<ClipResult> ClipToL2Norm(std::span<float> values, double clip_nor
 // were changed. InvalidArgument, values unchanged, unless bound is finite and > 0 and every value is finite.
 absl::StatusOr<int64_t> ClipScalars(std::span<float> values, double bound);
 
+// The CSPRNG conversion above: Box–Muller on pairs of uniformly random 64-bit words, out[2p] and out[2p + 1]
+// from words[2p] and words[2p + 1]. `words` must hold at least out.size() rounded up to even (checked).
+void StandardNormalsFromWords(std::span<const uint64_t> words, std::span<double> out);
+
 // A source of i.i.d. N(0, 1) draws.
 class NoiseSource {
  public:

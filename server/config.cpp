@@ -33,6 +33,16 @@ static absl::Status ValidatePrivacy(const ServerConfig& c) {
   if (p.noise != "csprng" && p.noise != "seeded") {
     return KeyError("privacy", "noise", StrCat("must be \"csprng\" or \"seeded\", got \"", p.noise, "\""));
   }
+  if (p.mechanism != "gaussian" && p.mechanism != "dp-ftrl") {
+    return KeyError("privacy", "mechanism", StrCat("must be \"gaussian\" or \"dp-ftrl\", got \"", p.mechanism, "\""));
+  }
+  if (p.tree_restart_rounds < 0 || p.tree_restart_rounds > (int64_t{1} << 32)) {
+    return KeyError("privacy", "tree_restart_rounds", StrCat("must be in [1, 2^32], got ", p.tree_restart_rounds));
+  }
+  if (p.max_participations_per_tree < 1) {
+    return KeyError("privacy", "max_participations_per_tree",
+                    StrCat("must be >= 1, got ", p.max_participations_per_tree));
+  }
   if (p.expected_clients < 0) {
     return KeyError("privacy", "expected_clients",
                     StrCat("must be >= 0 (0 = clients_per_round), got ", p.expected_clients));
@@ -52,6 +62,12 @@ static absl::Status ValidatePrivacy(const ServerConfig& c) {
   }
   if (!(p.target_epsilon > 0)) {
     return KeyError("privacy", "target_epsilon", StrCat("must be > 0 with dp = true, got ", p.target_epsilon));
+  }
+  if (p.mechanism == "dp-ftrl" && p.tree_restart_rounds < 1) {
+    return KeyError("privacy", "tree_restart_rounds",
+                    StrCat("must be >= 1 with mechanism = \"dp-ftrl\" (rounds per tree; a device joins at most ",
+                           "max_participations_per_tree rounds of a tree, so choose about registered devices / ",
+                           "clients_per_round), got ", p.tree_restart_rounds));
   }
   if (c.clip_norm != 0 && c.clip_norm != p.clip_norm) {
     return KeyError("training", "clip_norm",
@@ -295,6 +311,9 @@ absl::StatusOr<ServerConfig> ParseServerConfig(std::string_view toml_text, const
   SEEDLING_RETURN_IF_ERROR(privacy.Get("delta", c.privacy.delta));
   SEEDLING_RETURN_IF_ERROR(privacy.Get("expected_clients", c.privacy.expected_clients));
   SEEDLING_RETURN_IF_ERROR(privacy.Get("noise", c.privacy.noise));
+  SEEDLING_RETURN_IF_ERROR(privacy.Get("mechanism", c.privacy.mechanism));
+  SEEDLING_RETURN_IF_ERROR(privacy.Get("tree_restart_rounds", c.privacy.tree_restart_rounds));
+  SEEDLING_RETURN_IF_ERROR(privacy.Get("max_participations_per_tree", c.privacy.max_participations_per_tree));
   SEEDLING_RETURN_IF_ERROR(privacy.CheckNoUnknownKeys());
 
   TomlSection secagg(table("secagg"), "secagg");

@@ -25,6 +25,13 @@ struct PrivacyConfig {
   double delta = 1e-5;           // δ of the (ε, δ) guarantee, in (0, 1)
   int64_t expected_clients = 0;  // m, the fixed denominator of the estimator; 0 = clients_per_round
   std::string noise = "csprng";  // "csprng" (deployment) or "seeded" (simulator only, reproducible)
+  // "gaussian": fresh noise per round, RDP accountant assuming Poisson sampling (DP-FedAvg); "dp-ftrl": tree
+  // aggregation (server/dp_strategy.h), zCDP without any sampling assumption (docs/methods.md, "DP-FTRL").
+  std::string mechanism = "gaussian";
+  int64_t tree_restart_rounds = 0;          // dp-ftrl: R, rounds per tree, in [1, 2^32]; required with dp-ftrl
+  int64_t max_participations_per_tree = 1;  // dp-ftrl: k, a device's rounds per tree (selection enforces it), >= 1
+
+  bool dp_ftrl() const { return dp && mechanism == "dp-ftrl"; }
 
   int64_t EffectiveExpectedClients(int64_t clients_per_round) const {
     return expected_clients > 0 ? expected_clients : clients_per_round;

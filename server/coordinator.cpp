@@ -107,7 +107,10 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(const ServerCon
   if (config.privacy.dp) {
     // The budget spent so far, from the rounds the store committed.
     SEEDLING_ASSIGN_OR_RETURN(std::vector<DpSpend> spent, c->store_->DpLedger());
-    SEEDLING_ASSIGN_OR_RETURN(c->dp_budget_, DpBudget::Create(config.privacy, spent));
+    SEEDLING_ASSIGN_OR_RETURN(c->dp_budget_, DpBudget::Create(config.privacy, spent, version));
+    if (config.privacy.dp_ftrl()) {
+      SEEDLING_ASSIGN_OR_RETURN(c->tree_participation_, TreeParticipation::Load(*c->store_, config.privacy, version));
+    }
     if (c->dp_epsilon_gauge_ != nullptr) c->dp_epsilon_gauge_->Set(c->dp_budget_->epsilon());
     spdlog::info("differential privacy: clip {} noise multiplier {}, {} rounds spent epsilon {:.4g} of {} (delta {})",
                  config.privacy.clip_norm, config.privacy.noise_multiplier, spent.size(), c->dp_budget_->epsilon(),
@@ -252,6 +255,9 @@ v1::Envelope Coordinator::OnCheckIn(const std::string& device_id, const v1::Chec
   if ((config_.require_charging && !cond.charging()) || (config_.require_unmetered && !cond.unmetered()) ||
       (config_.require_idle && !cond.idle())) {
     return retry("run conditions not met");
+  }
+  if (tree_participation_.has_value() && !tree_participation_->MayJoin(device_id)) {
+    return retry("reached max_participations_per_tree in this DP-FTRL tree");
   }
   if (!round_.has_value() || (round_->state != RoundState::kOpen && round_->state != RoundState::kCollecting)) {
     return retry("no open round");

@@ -238,6 +238,9 @@ class Coordinator {
   int64_t connections_ ABSL_GUARDED_BY(mu_) = 0;
   // [privacy] dp only: the accountant composed from the store's ledger and the budget gate.
   std::optional<DpBudget> dp_budget_ ABSL_GUARDED_BY(mu_);
+  // [privacy] mechanism = "dp-ftrl" only: each device's contributions to the current tree (selection refuses a
+  // device at max_participations_per_tree).
+  std::optional<TreeParticipation> tree_participation_ ABSL_GUARDED_BY(mu_);
   // [secagg] only: each device's participant id in the active round (from its task), and the session once
   // selection closed.
   std::map<std::string, uint32_t> secagg_participants_ ABSL_GUARDED_BY(mu_);

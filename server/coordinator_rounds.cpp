@@ -145,6 +145,10 @@ absl::Status Coordinator::Commit(const PendingCommit& p, int64_t now) {
     dp_spend = p.dp_price->spend;
     result["dp_epsilon"] = p.dp_price->epsilon_after;
     result["dp_sampling_rate"] = p.dp_price->spend.sampling_rate;
+    if (config_.privacy.dp_ftrl()) {  // zCDP ρ and ε at δ = 1e-10 (server/dp_budget.h)
+      result["dp_rho"] = p.dp_price->rho_after;
+      result["dp_epsilon_delta_1e-10"] = p.dp_price->epsilon_report_delta_after;
+    }
   }
   if (p.stats.loss_count > 0) {
     result["loss_start"] = p.stats.loss_start_sum / static_cast<double>(p.stats.loss_count);
@@ -160,6 +164,9 @@ void Coordinator::PublishLocked(PendingCommit p) {
   if (p.dp_price.has_value()) {
     dp_budget_->Commit(std::move(*p.dp_price));
     if (dp_epsilon_gauge_ != nullptr) dp_epsilon_gauge_->Set(dp_budget_->epsilon());
+  }
+  if (tree_participation_.has_value()) {
+    tree_participation_->RecordCommit(p.next.version, store_->LedgerForRound(round_->round_id));
   }
   global_ = std::move(p.next);
   ServeGlobalLocked();

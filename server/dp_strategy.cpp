@@ -1,12 +1,16 @@
 #include "server/dp_strategy.h"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <limits>
 #include <map>
 #include <utility>
 
+#include "base/check.h"
+#include "base/file.h"
 #include "base/philox.h"
+#include "base/sha256.h"
 #include "base/status.h"
 #include "base/strings.h"
 #include "comms/codec.h"
@@ -26,12 +30,15 @@ bool IsDenseCodec(v1::Codec codec) {
 }  // namespace
 
 DpStrategy::DpStrategy(std::unique_ptr<Strategy> inner, DpStrategyOptions options,
-                       std::unique_ptr<privacy::NoiseSource> noise)
+                       std::unique_ptr<privacy::NoiseSource> noise, std::unique_ptr<privacy::NodeNoise> tree_noise)
     : inner_(std::move(inner)),
       options_(options),
       kseed_(inner_->name() == "kseed"),
       fwdgrad_(inner_->name() == "fwdgrad"),
-      noise_(std::move(noise)) {}
+      noise_(std::move(noise)),
+      tree_noise_(std::move(tree_noise)) {
+  SEEDLING_CHECK(options_.mechanism == DpMechanism::kGaussian ? noise_ != nullptr : tree_noise_ != nullptr);
+}
 
 void DpStrategy::ConfigureTask(uint64_t round_index, v1::Task& task) const {
   inner_->ConfigureTask(round_index, task);
@@ -189,11 +196,28 @@ absl::StatusOr<RoundOutcome> DpStrategy::FinishRound(GlobalModel& global) {
   // noise on the sum, then the fixed denominator. Noise is drawn into the sum in place; on failure the round is not
   // released.
   const double sum_stddev = options_.noise_multiplier * options_.clip_norm;
-  if (absl::Status st = noise_->AddGaussian(sum_stddev, sum_); !st.ok()) {
-    open_ = false;
-    return absl::InternalError(StrCat("DP noise: ", st.message()));
-  }
   const double m = options_.expected_clients;
+  std::map<std::string, double> tree_metrics;
+  double delta_stddev = sum_stddev / m;
+  absl::Status noised = absl::OkStatus();
+  if (options_.mechanism == DpMechanism::kGaussian) {
+    noised = noise_->AddGaussian(sum_stddev, sum_);
+  } else {
+    // DP-FTRL: S_τ − S_{τ−1} of this round's tree (see the header).
+    const uint64_t per_tree = static_cast<uint64_t>(options_.tree_restart_rounds);
+    const uint64_t tree = global.version / per_tree;
+    const uint64_t position = global.version % per_tree + 1;
+    noised = privacy::AddPrefixNoiseIncrement(*tree_noise_, tree, position, sum_stddev, sum_);
+    // Nodes in cover(τ) or cover(τ−1) but not both: popcount(τ XOR (τ − 1)).
+    delta_stddev *= std::sqrt(static_cast<double>(std::popcount(position ^ (position - 1))));
+    tree_metrics["dp_tree"] = static_cast<double>(tree);
+    tree_metrics["dp_tree_round"] = static_cast<double>(position);
+    tree_metrics["dp_prefix_noise_stddev"] = sum_stddev * std::sqrt(static_cast<double>(std::popcount(position))) / m;
+  }
+  if (!noised.ok()) {
+    open_ = false;
+    return absl::InternalError(StrCat("DP noise: ", noised.message()));
+  }
   std::string payload;
   if (kseed_) {
     std::vector<comms::SeedIndexScalar> pairs;
@@ -232,15 +256,16 @@ absl::StatusOr<RoundOutcome> DpStrategy::FinishRound(GlobalModel& global) {
   outcome.metrics["mean_client_norm"] = client_norm_sum_ / static_cast<double>(clients_);
   outcome.metrics["failures"] = static_cast<double>(failures_);
   outcome.metrics["dp_clipped"] = static_cast<double>(clipped_);
-  outcome.metrics["dp_noise_stddev"] = sum_stddev / m;
+  outcome.metrics["dp_noise_stddev"] = delta_stddev;
   outcome.metrics["dp_expected_clients"] = m;
+  for (const auto& [key, value] : tree_metrics) outcome.metrics[key] = value;
   return outcome;
 }
 
-absl::StatusOr<std::unique_ptr<Strategy>> MakeDpStrategy(std::unique_ptr<Strategy> inner, const DpStrategyOptions& o,
-                                                         std::unique_ptr<privacy::NoiseSource> noise) {
+namespace {
+
+absl::Status ValidateCommonOptions(const Strategy* inner, const DpStrategyOptions& o) {
   if (inner == nullptr) return absl::InvalidArgumentError("DP needs an inner strategy");
-  if (noise == nullptr) return absl::InvalidArgumentError("DP needs a noise source");
   if (!(o.clip_norm > 0) || !std::isfinite(o.clip_norm)) {
     return absl::InvalidArgumentError(StrCat("DP clip_norm must be finite and > 0, got ", o.clip_norm));
   }
@@ -256,7 +281,122 @@ absl::StatusOr<std::unique_ptr<Strategy>> MakeDpStrategy(std::unique_ptr<Strateg
   if (inner->name() == "kseed" && o.kseed_pool_size < 1) {
     return absl::InvalidArgumentError("kseed_pool_size must be >= 1, got 0");
   }
-  return std::unique_ptr<Strategy>(new DpStrategy(std::move(inner), o, std::move(noise)));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Strategy>> MakeDpStrategy(std::unique_ptr<Strategy> inner, const DpStrategyOptions& o,
+                                                         std::unique_ptr<privacy::NoiseSource> noise) {
+  SEEDLING_RETURN_IF_ERROR(ValidateCommonOptions(inner.get(), o));
+  if (noise == nullptr) return absl::InvalidArgumentError("DP needs a noise source");
+  if (o.mechanism != DpMechanism::kGaussian) {
+    return absl::InvalidArgumentError("MakeDpStrategy is the Gaussian mechanism; DP-FTRL is MakeDpFtrlStrategy");
+  }
+  return std::unique_ptr<Strategy>(new DpStrategy(std::move(inner), o, std::move(noise), nullptr));
+}
+
+absl::StatusOr<std::unique_ptr<Strategy>> MakeDpFtrlStrategy(std::unique_ptr<Strategy> inner,
+                                                             const DpStrategyOptions& options,
+                                                             std::unique_ptr<privacy::NodeNoise> tree_noise) {
+  SEEDLING_RETURN_IF_ERROR(ValidateCommonOptions(inner.get(), options));
+  if (tree_noise == nullptr) return absl::InvalidArgumentError("DP-FTRL needs a node noise source");
+  if (options.tree_restart_rounds < 1 || static_cast<uint64_t>(options.tree_restart_rounds) > privacy::kMaxTreeLeaves) {
+    return absl::InvalidArgumentError(StrCat("DP-FTRL tree_restart_rounds must be in [1, ", privacy::kMaxTreeLeaves,
+                                             "], got ", options.tree_restart_rounds));
+  }
+  DpStrategyOptions o = options;
+  o.mechanism = DpMechanism::kTreeAggregation;
+  return std::unique_ptr<Strategy>(new DpStrategy(std::move(inner), o, nullptr, std::move(tree_noise)));
+}
+
+namespace {
+
+constexpr const char* kTreeStateFile = "dp-ftrl-tree";
+constexpr const char* kTreeStateHeader = "seedling dp-ftrl tree v1";
+
+// "key value" lines after the header line.
+absl::StatusOr<std::map<std::string, std::string>> ParseTreeState(const std::string& path, const std::string& text) {
+  std::map<std::string, std::string> fields;
+  std::vector<std::string> lines;
+  size_t start = 0;
+  while (start < text.size()) {
+    size_t end = text.find('\n', start);
+    if (end == std::string::npos) end = text.size();
+    lines.push_back(text.substr(start, end - start));
+    start = end + 1;
+  }
+  if (lines.empty() || lines[0] != kTreeStateHeader) {
+    return absl::DataLossError(StrCat(path, ": not a DP-FTRL tree state (expected the line '", kTreeStateHeader, "')"));
+  }
+  for (size_t i = 1; i < lines.size(); ++i) {
+    const size_t space = lines[i].find(' ');
+    if (space == std::string::npos) return absl::DataLossError(StrCat(path, ": malformed line ", i + 1));
+    fields[lines[i].substr(0, space)] = lines[i].substr(space + 1);
+  }
+  return fields;
+}
+
+absl::StatusOr<std::array<uint8_t, privacy::KeyedNodeNoise::kKeyBytes>> KeyFromHex(const std::string& path,
+                                                                                   const std::string& hex) {
+  std::array<uint8_t, privacy::KeyedNodeNoise::kKeyBytes> key;
+  if (hex.size() != 2 * key.size()) return absl::DataLossError(StrCat(path, ": the key is not 64 hex digits"));
+  auto digit = [](char c) -> int {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    return -1;
+  };
+  for (size_t i = 0; i < key.size(); ++i) {
+    const int hi = digit(hex[2 * i]), lo = digit(hex[2 * i + 1]);
+    if (hi < 0 || lo < 0) return absl::DataLossError(StrCat(path, ": the key is not 64 lowercase hex digits"));
+    key[i] = static_cast<uint8_t>(hi * 16 + lo);
+  }
+  return key;
+}
+
+std::string TreeSettings(const PrivacyConfig& privacy) {
+  return StrCat("tree_restart_rounds ", privacy.tree_restart_rounds, "\nmax_participations_per_tree ",
+                privacy.max_participations_per_tree, "\nnoise ", privacy.noise, "\n");
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<privacy::NodeNoise>> OpenTreeNoise(const std::string& state_dir,
+                                                                  const PrivacyConfig& privacy, uint64_t seed,
+                                                                  uint64_t committed_version) {
+  const std::string path = StrCat(state_dir, "/", kTreeStateFile);
+  absl::StatusOr<std::string> text = ReadFile(path);
+  std::map<std::string, std::string> fields;
+  if (text.ok()) {
+    SEEDLING_ASSIGN_OR_RETURN(fields, ParseTreeState(path, *text));
+    const std::string recorded =
+        StrCat("tree_restart_rounds ", fields["tree_restart_rounds"], "\nmax_participations_per_tree ",
+               fields["max_participations_per_tree"], "\nnoise ", fields["noise"], "\n");
+    if (recorded != TreeSettings(privacy)) {
+      return absl::FailedPreconditionError(StrCat(
+          path, " records the run's DP-FTRL settings (", recorded, ") and [privacy] now says (", TreeSettings(privacy),
+          "): they cannot change under committed rounds; restore them or start a ", "fresh state_dir"));
+    }
+  } else if (absl::IsNotFound(text.status())) {
+    if (committed_version > 0) {
+      return absl::FailedPreconditionError(
+          StrCat("[privacy] mechanism = \"dp-ftrl\" but ", path, " is missing at global version ", committed_version,
+                 ": either the rounds so far were not DP-FTRL rounds or the tree's key is lost; DP-FTRL starts from ",
+                 "a fresh state_dir"));
+    }
+    std::string contents = StrCat(kTreeStateHeader, "\n", TreeSettings(privacy));
+    if (privacy.noise == "csprng") {
+      SEEDLING_ASSIGN_OR_RETURN(auto key, privacy::NewTreeNoiseKey());
+      fields["key"] = HexOf(std::string_view(reinterpret_cast<const char*>(key.data()), key.size()));
+      contents += StrCat("key ", fields["key"], "\n");
+    }
+    SEEDLING_RETURN_IF_ERROR(WriteFileAtomic(path, contents, 0600));
+  } else {
+    return text.status();
+  }
+  if (privacy.noise == "seeded") return std::unique_ptr<privacy::NodeNoise>(new privacy::SeededNodeNoise(seed));
+  SEEDLING_ASSIGN_OR_RETURN(auto key, KeyFromHex(path, fields["key"]));
+  return std::unique_ptr<privacy::NodeNoise>(new privacy::KeyedNodeNoise(key));
 }
 
 }  // namespace seedling::server

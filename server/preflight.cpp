@@ -100,7 +100,7 @@ absl::Status CheckModelAndStrategy(const ServerConfig& config, PreflightReport& 
   report.model_id = base.model_id;
   report.adapter_parameters = base.adapter->numel();
   absl::StatusOr<std::unique_ptr<Strategy>> strategy =
-      MakeServerStrategy(config, report.adapter_parameters, /*version=*/0);
+      MakeServerStrategy(config, report.adapter_parameters, /*version=*/0, /*check_only=*/true);
   if (!strategy.ok()) return Annotate(strategy.status(), "[strategy]");
   report.strategy = (*strategy)->name();
   if (config.privacy.dp) {

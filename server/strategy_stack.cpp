@@ -15,7 +15,7 @@ namespace seedling::server {
 namespace {
 
 absl::StatusOr<std::unique_ptr<Strategy>> WrapWithDp(std::unique_ptr<Strategy> inner, const ServerConfig& config,
-                                                     uint64_t version) {
+                                                     uint64_t version, bool check_only) {
   const PrivacyConfig& p = config.privacy;
   DpStrategyOptions dp;
   dp.clip_norm = p.clip_norm;
@@ -23,6 +23,20 @@ absl::StatusOr<std::unique_ptr<Strategy>> WrapWithDp(std::unique_ptr<Strategy> i
   dp.expected_clients = static_cast<double>(p.EffectiveExpectedClients(config.clients_per_round));
   dp.max_update_norm = config.max_update_norm;
   dp.kseed_pool_size = config.strategy.kseed_pool_size;
+  if (p.dp_ftrl()) {
+    // DP-FTRL: the tree's node noise, regenerable after a restart (its key and settings in state_dir).
+    dp.tree_restart_rounds = p.tree_restart_rounds;
+    std::unique_ptr<privacy::NodeNoise> tree_noise;
+    if (check_only) {
+      tree_noise = std::make_unique<privacy::SeededNodeNoise>(config.seed);
+    } else {
+      SEEDLING_ASSIGN_OR_RETURN(tree_noise, OpenTreeNoise(config.state_dir, p, config.seed, version));
+    }
+    if (!check_only && !tree_noise->cryptographically_secure()) {
+      spdlog::warn("DP-FTRL node noise comes from a seeded stream (noise = \"seeded\"): reproducible, NOT private");
+    }
+    return MakeDpFtrlStrategy(std::move(inner), dp, std::move(tree_noise));
+  }
   SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<privacy::NoiseSource> noise,
                             privacy::MakeNoiseSource(p.noise, config.seed ^ ((version + 1) * 0x9E3779B97F4A7C15ULL)));
   if (!noise->cryptographically_secure()) {
@@ -53,14 +67,14 @@ absl::StatusOr<std::unique_ptr<Strategy>> WrapWithSecAgg(std::unique_ptr<Strateg
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Strategy>> MakeServerStrategy(const ServerConfig& config, int64_t num_parameters,
-                                                             uint64_t version) {
+                                                             uint64_t version, bool check_only) {
   StrategyOptions options = config.strategy;
   // One setting, enforced by the strategy (by the DP wrapper with DP on: the inner strategy then sees only
   // the noised aggregate, which is not a client update).
   options.max_update_norm = config.privacy.dp || config.secagg.enabled ? 0.0 : config.max_update_norm;
   SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<Strategy> strategy, MakeStrategy(options));
   if (config.privacy.dp) {
-    SEEDLING_ASSIGN_OR_RETURN(strategy, WrapWithDp(std::move(strategy), config, version));
+    SEEDLING_ASSIGN_OR_RETURN(strategy, WrapWithDp(std::move(strategy), config, version, check_only));
   }
   if (config.secagg.enabled) {
     SEEDLING_ASSIGN_OR_RETURN(strategy, WrapWithSecAgg(std::move(strategy), config, num_parameters));

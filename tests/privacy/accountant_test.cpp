@@ -199,3 +199,43 @@ TEST_CASE("An unreachable target epsilon is OutOfRange, not a hang", "[privacy][
   REQUIRE(!s.ok());
   CHECK(s.status().code() == absl::StatusCode::kOutOfRange);
 }
+
+TEST_CASE("DP-FTRL zCDP counts the levels of every tree so far, times k^2 / (2 z^2)", "[privacy][accountant][ftrl]") {
+  // Hand-computed: R = 4 rounds per tree, z = 2. 10 rounds = trees of 4, 4 and 2 rounds, using
+  // L(4) = 3, L(4) = 3 and L(2) = 2 levels: 8 levels, ρ = 8 / (2·4) = 1.
+  CHECK(*sp::TreeAggregationZcdp(10, 4, 2.0, 1) == Approx(1.0));
+  CHECK(*sp::TreeAggregationZcdp(10, 4, 2.0, 2) == Approx(4.0));  // k = 2: k² = 4 times
+  // z = 1: 3 rounds use 2 levels, the 4th round opens level 2, the 5th starts a new tree.
+  CHECK(*sp::TreeAggregationZcdp(3, 4, 1.0, 1) == Approx(1.0));
+  CHECK(*sp::TreeAggregationZcdp(4, 4, 1.0, 1) == Approx(1.5));
+  CHECK(*sp::TreeAggregationZcdp(5, 4, 1.0, 1) == Approx(2.0));
+  // One tree for the whole run: 1000 rounds use 10 levels.
+  CHECK(*sp::TreeAggregationZcdp(1000, 1 << 20, 1.0, 1) == Approx(5.0));
+  CHECK(*sp::TreeAggregationZcdp(0, 4, 1.0, 1) == 0.0);
+  CHECK(std::isinf(*sp::TreeAggregationZcdp(1, 4, 0.0, 1)));
+  // Non-decreasing in rounds.
+  double previous = 0;
+  for (int r = 0; r < 100; ++r) {
+    const double rho = *sp::TreeAggregationZcdp(r, 7, 1.3, 1);
+    CHECK(rho >= previous);
+    previous = rho;
+  }
+}
+
+TEST_CASE("zCDP converts to (epsilon, delta) by rho + 2 sqrt(rho ln(1/delta))", "[privacy][accountant][ftrl]") {
+  CHECK(*sp::EpsilonFromZcdp(1.0, 1e-10) == Approx(10.5970518244).epsilon(1e-9));
+  CHECK(*sp::EpsilonFromZcdp(0.5, 1e-5) == Approx(5.2985259122).epsilon(1e-9));
+  CHECK(*sp::EpsilonFromZcdp(0.0, 1e-5) == 0.0);
+  CHECK(std::isinf(*sp::EpsilonFromZcdp(std::numeric_limits<double>::infinity(), 1e-5)));
+}
+
+TEST_CASE("zCDP accounting refuses bad inputs", "[privacy][accountant][ftrl]") {
+  CHECK(sp::TreeAggregationZcdp(-1, 4, 1.0, 1).status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(sp::TreeAggregationZcdp(1, 0, 1.0, 1).status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(sp::TreeAggregationZcdp(1, 4, -1.0, 1).status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(sp::TreeAggregationZcdp(1, 4, NAN, 1).status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(sp::TreeAggregationZcdp(1, 4, 1.0, 0).status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(sp::EpsilonFromZcdp(-0.1, 1e-5).status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(sp::EpsilonFromZcdp(NAN, 1e-5).status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(sp::EpsilonFromZcdp(1.0, 0.0).status().code() == absl::StatusCode::kInvalidArgument);
+}

@@ -3,8 +3,11 @@
 
 #include "privacy/dp.h"
 
+#include <algorithm>
+#include <bit>
 #include <catch2/catch.hpp>
 #include <cmath>
+#include <filesystem>
 #include <map>
 #include <string>
 #include <vector>
@@ -16,6 +19,7 @@
 #include "model/config.h"
 #include "model/init.h"
 #include "privacy/accountant.h"
+#include "privacy/tree_aggregation.h"
 #include "server/config.h"
 #include "server/coordinator.h"
 #include "server/devices.h"
@@ -230,6 +234,198 @@ TEST_CASE("[privacy] config is parsed and validated", "[server][dp][config]") {
                                     "noise_multiplier = 1\ntarget_epsilon = 1\n");
   REQUIRE(!conflict.ok());
   CHECK(std::string(conflict.status().message()).find("[training] clip_norm") != std::string::npos);
+}
+
+std::unique_ptr<Strategy> Ftrl(const std::string& inner_name, double server_lr, double clip, double z, double m,
+                               int64_t restart, uint64_t seed) {
+  StrategyOptions so;
+  so.name = inner_name;
+  so.server_lr = server_lr;
+  so.momentum = 0.5;
+  auto inner = MakeStrategy(so);
+  REQUIRE(inner.ok());
+  DpStrategyOptions dp;
+  dp.clip_norm = clip;
+  dp.noise_multiplier = z;
+  dp.expected_clients = m;
+  dp.tree_restart_rounds = restart;
+  auto s = MakeDpFtrlStrategy(std::move(inner).value(), dp, std::make_unique<privacy::SeededNodeNoise>(seed));
+  REQUIRE(s.ok());
+  return std::move(s).value();
+}
+
+// Round `version + 1` of a strategy: two clients with updates drawn from (version, seed).
+RoundOutcome FtrlRound(Strategy& s, GlobalModel& g, std::vector<std::vector<float>>* updates = nullptr) {
+  REQUIRE(s.BeginRound(g).ok());
+  Rng rng(100 + g.version, 0);
+  for (int c = 0; c < 2; ++c) {
+    std::vector<float> u(g.params.size());
+    for (float& x : u) x = static_cast<float>(0.4 * rng.Normal());
+    REQUIRE(s.Accumulate({"dev" + std::to_string(c), 1, Fp32(u)}).ok());
+    if (updates != nullptr) updates->push_back(u);
+  }
+  auto out = s.FinishRound(g);
+  REQUIRE(out.ok());
+  g.version += 1;
+  return *out;
+}
+
+TEST_CASE("DP-FTRL's model is theta_start + lr * (noisy prefix sum) / m, restarted with each tree",
+          "[server][dp][ftrl]") {
+  // Naive reference: keep the clipped sums s_t of the current tree and the model at the tree's start, and
+  // compute θ = θ_start + η (Σ_{i ≤ τ} s_i + tree prefix noise of τ) / m with AddPrefixNoise (not the
+  // increments the strategy uses).
+  const size_t dim = 64;
+  const double lr = 0.7, clip = 1.0, z = 1.2, m = 3.0;
+  const int64_t restart = 4;
+  auto s = Ftrl("fedavg", lr, clip, z, m, restart, 21);
+  privacy::SeededNodeNoise reference_noise(21);
+  GlobalModel g;
+  g.params.assign(dim, 0.25f);
+  std::vector<double> theta_start(g.params.begin(), g.params.end());
+  std::vector<double> tree_sum(dim, 0.0);
+  for (int t = 1; t <= 10; ++t) {
+    const uint64_t version = g.version;
+    if (version % restart == 0) {  // a new tree: the model so far is its start
+      theta_start.assign(g.params.begin(), g.params.end());
+      std::fill(tree_sum.begin(), tree_sum.end(), 0.0);
+    }
+    std::vector<std::vector<float>> updates;
+    const RoundOutcome out = FtrlRound(*s, g, &updates);
+    for (const auto& u : updates) {
+      const double scale = std::min(1.0, clip / Norm(u));
+      for (size_t i = 0; i < dim; ++i) tree_sum[i] += u[i] * scale;
+    }
+    const uint64_t position = version % restart + 1;
+    std::vector<double> noisy = tree_sum;
+    REQUIRE(privacy::AddPrefixNoise(reference_noise, version / restart, position, z * clip, noisy).ok());
+    for (size_t i = 0; i < dim; ++i) {
+      CHECK(g.params[i] == Approx(theta_start[i] + lr * noisy[i] / m).margin(2e-5));
+    }
+    CHECK(out.metrics.at("dp_tree") == static_cast<double>(version / restart));
+    CHECK(out.metrics.at("dp_tree_round") == static_cast<double>(position));
+    CHECK(out.metrics.at("dp_prefix_noise_stddev") == Approx(z * clip * std::sqrt(std::popcount(position)) / m));
+  }
+}
+
+TEST_CASE("A DP-FTRL strategy re-created at version t continues the same tree (server restart)", "[server][dp][ftrl]") {
+  // fedavgm: the momentum buffer travels in the global model (the checkpoint), the node noise is regenerated.
+  GlobalModel continuous;
+  continuous.params.assign(40, 0.0f);
+  auto a = Ftrl("fedavgm", 1.0, 1.0, 0.8, 2.0, 5, 33);
+  GlobalModel restarted;
+  for (int t = 1; t <= 8; ++t) {
+    FtrlRound(*a, continuous);
+    if (t == 3) restarted = continuous;  // the checkpoint at version 3
+  }
+  auto b = Ftrl("fedavgm", 1.0, 1.0, 0.8, 2.0, 5, 33);
+  for (int t = 4; t <= 8; ++t) FtrlRound(*b, restarted);
+  CHECK(restarted.version == continuous.version);
+  CHECK(restarted.params == continuous.params);
+  CHECK(restarted.buffers == continuous.buffers);
+  // Another seed gives other noise (the comparison above can fail).
+  auto c = Ftrl("fedavgm", 1.0, 1.0, 0.8, 2.0, 5, 34);
+  GlobalModel other;
+  other.params.assign(40, 0.0f);
+  FtrlRound(*c, other);
+  GlobalModel first;
+  first.params.assign(40, 0.0f);
+  auto d = Ftrl("fedavgm", 1.0, 1.0, 0.8, 2.0, 5, 33);
+  FtrlRound(*d, first);
+  CHECK(other.params != first.params);
+}
+
+TEST_CASE("MakeDpFtrlStrategy refuses a bad tree_restart_rounds or a missing node noise", "[server][dp][ftrl]") {
+  DpStrategyOptions dp;
+  dp.clip_norm = 1;
+  dp.noise_multiplier = 1;
+  dp.expected_clients = 1;
+  auto make = [&](int64_t restart, bool with_noise) {
+    dp.tree_restart_rounds = restart;
+    std::unique_ptr<privacy::NodeNoise> noise;
+    if (with_noise) noise = std::make_unique<privacy::SeededNodeNoise>(1);
+    return MakeDpFtrlStrategy(MakeStrategy(StrategyOptions{}).value(), dp, std::move(noise)).status();
+  };
+  CHECK(make(4, true).ok());
+  CHECK(std::string(make(0, true).message()).find("tree_restart_rounds must be in [1, 4294967296], got 0") !=
+        std::string::npos);
+  CHECK(make((int64_t{1} << 32) + 1, true).code() == absl::StatusCode::kInvalidArgument);
+  CHECK(make(4, false).code() == absl::StatusCode::kInvalidArgument);
+}
+
+TEST_CASE("[privacy] mechanism = dp-ftrl is parsed and its keys validated", "[server][dp][ftrl][config]") {
+  const std::string base =
+      "[model]\ndir = \"m\"\n[privacy]\ndp = true\nclip_norm = 1\nnoise_multiplier = 1\ntarget_epsilon = 5\n";
+  auto ok =
+      ParseServerConfig(base + "mechanism = \"dp-ftrl\"\ntree_restart_rounds = 16\nmax_participations_per_tree = 2\n");
+  REQUIRE(ok.ok());
+  CHECK(ok->privacy.dp_ftrl());
+  CHECK(ok->privacy.tree_restart_rounds == 16);
+  CHECK(ok->privacy.max_participations_per_tree == 2);
+  auto defaults = ParseServerConfig(base);
+  REQUIRE(defaults.ok());
+  CHECK(defaults->privacy.mechanism == "gaussian");
+  CHECK(!defaults->privacy.dp_ftrl());
+  CHECK(defaults->privacy.max_participations_per_tree == 1);
+  auto error = [&](const std::string& extra) {
+    auto c = ParseServerConfig(base + extra);
+    REQUIRE(!c.ok());
+    CHECK(c.status().code() == absl::StatusCode::kInvalidArgument);
+    return std::string(c.status().message());
+  };
+  CHECK(error("mechanism = \"ftrl\"\n").find("[privacy] mechanism: must be \"gaussian\" or \"dp-ftrl\"") !=
+        std::string::npos);
+  CHECK(error("mechanism = \"dp-ftrl\"\n").find("[privacy] tree_restart_rounds: must be >= 1 with mechanism") !=
+        std::string::npos);
+  CHECK(error("tree_restart_rounds = -2\n").find("[privacy] tree_restart_rounds") != std::string::npos);
+  CHECK(error("mechanism = \"dp-ftrl\"\ntree_restart_rounds = 4\nmax_participations_per_tree = 0\n")
+            .find("[privacy] max_participations_per_tree: must be >= 1, got 0") != std::string::npos);
+}
+
+TEST_CASE("The DP-FTRL tree state is created once, kept secret and must not change", "[server][dp][ftrl]") {
+  TempDir dir;
+  PrivacyConfig p;
+  p.dp = true;
+  p.mechanism = "dp-ftrl";
+  p.tree_restart_rounds = 8;
+  p.noise = "csprng";
+  const std::string path = dir.path + "/dp-ftrl-tree";
+  auto node_vector = [](privacy::NodeNoise& noise) {
+    std::vector<double> v(32, 0.0);
+    REQUIRE(noise.AddNodeNoise({0, 1, 2}, 1.0, v).ok());
+    return v;
+  };
+  // Missing after rounds were committed: the key is lost (or the rounds were not DP-FTRL).
+  CHECK(OpenTreeNoise(dir.path, p, 1, 3).status().code() == absl::StatusCode::kFailedPrecondition);
+  CHECK(!std::filesystem::exists(path));
+  auto first = OpenTreeNoise(dir.path, p, 1, 0);
+  REQUIRE(first.ok());
+  CHECK((*first)->cryptographically_secure());
+  CHECK((std::filesystem::status(path).permissions() & std::filesystem::perms::others_read) ==
+        std::filesystem::perms::none);
+  // A restart (any version) regenerates the same node noise.
+  auto again = OpenTreeNoise(dir.path, p, 1, 5);
+  REQUIRE(again.ok());
+  CHECK(node_vector(**again) == node_vector(**first));
+  // Another run (another directory) draws another key.
+  TempDir other_dir;
+  auto other = OpenTreeNoise(other_dir.path, p, 1, 0);
+  REQUIRE(other.ok());
+  CHECK(node_vector(**other) != node_vector(**first));
+  // Settings the accounting depends on cannot change.
+  PrivacyConfig changed = p;
+  changed.tree_restart_rounds = 16;
+  auto refused = OpenTreeNoise(dir.path, changed, 1, 5);
+  CHECK(refused.status().code() == absl::StatusCode::kFailedPrecondition);
+  CHECK(std::string(refused.status().message()).find("cannot change under committed rounds") != std::string::npos);
+  // A damaged file.
+  REQUIRE(WriteFileAtomic(path,
+                          "seedling dp-ftrl tree v1\ntree_restart_rounds 8\nmax_participations_per_tree 1\n"
+                          "noise csprng\nkey 12\n")
+              .ok());
+  CHECK(OpenTreeNoise(dir.path, p, 1, 5).status().code() == absl::StatusCode::kDataLoss);
+  REQUIRE(WriteFileAtomic(path, "something else\n").ok());
+  CHECK(OpenTreeNoise(dir.path, p, 1, 5).status().code() == absl::StatusCode::kDataLoss);
 }
 
 TEST_CASE("The store records a round's DP spend with its commit and keeps it across reopening", "[server][dp][store]") {
