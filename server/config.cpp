@@ -119,6 +119,37 @@ static absl::Status ValidateSecAgg(const ServerConfig& c) {
   return absl::OkStatus();
 }
 
+// [strategy] robust: the keys' ranges always; with a rule on, what it can defend (server/robust_strategy.h).
+static absl::Status ValidateRobust(const ServerConfig& c) {
+  const RobustOptions& r = c.robust;
+  SEEDLING_RETURN_IF_ERROR(ValidateRobustOptions(r));
+  if (!r.enabled()) return absl::OkStatus();
+  if (c.method != "lora-bp" && c.method != "mezo") {
+    return KeyError("strategy", "robust",
+                    StrCat("robust aggregation compares parameter deltas: method must be lora-bp or mezo (the fedavg "
+                           "family), got ",
+                           c.method, " (fwdgrad and kseed upload gradient estimates and seed scalars)"));
+  }
+  if (c.secagg.enabled) {
+    return KeyError("strategy", "robust",
+                    "cannot run with [secagg] enabled: the server sees only the sum of the updates, never one "
+                    "update to bound, rank or compare");
+  }
+  if (c.privacy.dp) {
+    return KeyError("strategy", "robust",
+                    "cannot run with [privacy] dp: DP-FedAvg's clipping already bounds every update's norm, and its "
+                    "noise is calibrated to a sum's sensitivity, not a median's, trimmed mean's or Krum "
+                    "selection's");
+  }
+  if (c.EffectiveMinReports() < MinRobustUpdates(r)) {
+    return KeyError("strategy", "robust_krum_f",
+                    StrCat("krum with f = ", r.krum_f, (r.krum_m > 0 ? StrCat(", m = ", r.krum_m) : ""),
+                           " needs at least ", MinRobustUpdates(r), " updates per round, but a round may commit with ",
+                           c.EffectiveMinReports(), " ([training] min_reports)"));
+  }
+  return absl::OkStatus();
+}
+
 double ServerConfig::EffectiveClipNorm() const { return privacy.dp ? privacy.clip_norm : clip_norm; }
 
 int64_t ServerConfig::EffectiveMinReports() const {
@@ -185,6 +216,7 @@ absl::Status ServerConfig::Validate() const {
   if (tick_ms < 10) return KeyError("server", "tick_ms", "must be >= 10");
   SEEDLING_RETURN_IF_ERROR(ValidatePrivacy(*this));
   SEEDLING_RETURN_IF_ERROR(ValidateSecAgg(*this));
+  SEEDLING_RETURN_IF_ERROR(ValidateRobust(*this));
   if (!(retry_jitter >= 0 && retry_jitter < 1) || retry_base_s < 1) {
     return KeyError("retry", "base_seconds/jitter", "need base >= 1 and 0 <= jitter < 1");
   }
@@ -298,6 +330,11 @@ absl::StatusOr<ServerConfig> ParseServerConfig(std::string_view toml_text, const
   SEEDLING_RETURN_IF_ERROR(strategy.Get("kseed_lr", s.kseed_lr));
   SEEDLING_RETURN_IF_ERROR(strategy.Get("kseed_pool_size", s.kseed_pool_size));
   SEEDLING_RETURN_IF_ERROR(strategy.Get("kseed_pool_seed", s.kseed_pool_seed));
+  SEEDLING_RETURN_IF_ERROR(strategy.Get("robust", c.robust.rule));
+  SEEDLING_RETURN_IF_ERROR(strategy.Get("robust_norm_bound", c.robust.norm_bound));
+  SEEDLING_RETURN_IF_ERROR(strategy.Get("robust_trim_fraction", c.robust.trim_fraction));
+  SEEDLING_RETURN_IF_ERROR(strategy.Get("robust_krum_f", c.robust.krum_f));
+  SEEDLING_RETURN_IF_ERROR(strategy.Get("robust_krum_m", c.robust.krum_m));
   SEEDLING_RETURN_IF_ERROR(strategy.CheckNoUnknownKeys());
   s.total_rounds = c.rounds > 0 ? c.rounds : 100;
   s.fwdgrad_pacing.base_perturbations = c.perturbations;

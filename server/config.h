@@ -12,6 +12,7 @@
 #include "comms/codec.h"
 #include "model/weight_format.h"
 #include "privacy/secagg.h"
+#include "server/robust_options.h"
 #include "server/strategy.h"
 
 namespace seedling::server {
@@ -119,6 +120,7 @@ struct ServerConfig {
 
   // [strategy] (name default: fedavg; kseed for method kseed, fwdgrad for method fwdgrad)
   StrategyOptions strategy;
+  RobustOptions robust;  // [strategy] robust, robust_norm_bound, ... (server/robust_strategy.h)
 
   // [privacy]
   PrivacyConfig privacy;

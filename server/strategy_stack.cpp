@@ -8,6 +8,7 @@
 #include "privacy/dp.h"
 #include "privacy/secagg.h"
 #include "server/dp_strategy.h"
+#include "server/robust_strategy.h"
 #include "server/secagg_strategy.h"
 #include "spdlog/spdlog.h"
 
@@ -70,9 +71,21 @@ absl::StatusOr<std::unique_ptr<Strategy>> MakeServerStrategy(const ServerConfig&
                                                              uint64_t version, bool check_only) {
   StrategyOptions options = config.strategy;
   // One setting, enforced by the strategy (by the DP wrapper with DP on: the inner strategy then sees only
-  // the noised aggregate, which is not a client update).
-  options.max_update_norm = config.privacy.dp || config.secagg.enabled ? 0.0 : config.max_update_norm;
+  // the noised aggregate, which is not a client update; by the robust wrapper, which hands it the robust
+  // aggregate).
+  const bool wrapped = config.privacy.dp || config.secagg.enabled || config.robust.enabled();
+  options.max_update_norm = wrapped ? 0.0 : config.max_update_norm;
   SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<Strategy> strategy, MakeStrategy(options));
+  if (config.robust.enabled()) {
+    // Plaintext rounds of the fedavg family only, so it is the only wrapper when present (ServerConfig::
+    // Validate says why; checked again for a config that was not validated). A round accepts at most
+    // clients_per_round updates.
+    if (config.privacy.dp || config.secagg.enabled) {
+      return absl::InvalidArgumentError("[strategy] robust: cannot run with [privacy] dp or [secagg] enabled");
+    }
+    SEEDLING_ASSIGN_OR_RETURN(strategy, MakeRobustStrategy(std::move(strategy), config.robust, config.max_update_norm,
+                                                           config.clients_per_round, num_parameters));
+  }
   if (config.privacy.dp) {
     SEEDLING_ASSIGN_OR_RETURN(strategy, WrapWithDp(std::move(strategy), config, version, check_only));
   }

@@ -6,6 +6,10 @@
 //
 //   SecAggStrategy → DpStrategy → fedavg family | fwdgrad | kseed
 //
+// or, with [strategy] robust (plaintext rounds without DP, server/robust_strategy.h):
+//
+//   RobustStrategy → fedavg family
+//
 // Each privacy mechanism is a wrapper behind the Strategy interface, so the coordinator's round loop is the
 // same with or without them.
 
