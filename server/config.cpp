@@ -119,6 +119,42 @@ static absl::Status ValidateSecAgg(const ServerConfig& c) {
   return absl::OkStatus();
 }
 
+// [strategy] mode and the FedBuff keys; fedbuff refuses what needs a fixed cohort per round.
+static absl::Status ValidateFedBuff(const ServerConfig& c) {
+  if (c.mode != "sync" && c.mode != "fedbuff") {
+    return KeyError("strategy", "mode", StrCat("'", c.mode, "' is not \"sync\" or \"fedbuff\""));
+  }
+  if (!(c.strategy.staleness_exponent >= 0 && c.strategy.staleness_exponent <= 1)) {
+    return KeyError("strategy", "staleness_exponent", StrCat("must be in [0, 1], got ", c.strategy.staleness_exponent));
+  }
+  const FedBuffConfig& f = c.fedbuff;
+  if (f.buffer_size < 1) return KeyError("strategy", "buffer_size", StrCat("must be >= 1, got ", f.buffer_size));
+  if (f.concurrency < f.buffer_size) {
+    return KeyError("strategy", "concurrency",
+                    StrCat("must be >= buffer_size (", f.buffer_size, ") or no buffer could fill, got ", f.concurrency));
+  }
+  if (f.max_staleness < 0) return KeyError("strategy", "max_staleness", StrCat("must be >= 0, got ", f.max_staleness));
+  if (!c.FedBuff()) return absl::OkStatus();
+  if (c.strategy.name != "fedavg" && c.strategy.name != "fedavgm" && c.strategy.name != "fedadam" &&
+      c.strategy.name != "fedyogi" && c.strategy.name != "fedadagrad") {
+    return KeyError("strategy", "mode",
+                    StrCat("fedbuff weighs stale parameter deltas: it needs the fedavg family (fedavg, fedavgm, "
+                           "fedadam, fedyogi, fedadagrad), not ",
+                           c.strategy.name));
+  }
+  if (c.secagg.enabled) {
+    return KeyError("strategy", "mode",
+                    "fedbuff cannot run with [secagg] enabled: a SecAgg+ session needs a fixed cohort that uploads "
+                    "together, and a buffer fills from whichever tasks finish");
+  }
+  if (c.privacy.dp) {
+    return KeyError("strategy", "mode",
+                    "fedbuff cannot run with [privacy] dp: the accountant assumes each round samples its devices "
+                    "afresh, while a buffer takes updates trained from older versions by devices chosen earlier");
+  }
+  return absl::OkStatus();
+}
+
 // [strategy] robust: the keys' ranges always; with a rule on, what it can defend (server/robust_strategy.h).
 static absl::Status ValidateRobust(const ServerConfig& c) {
   const RobustOptions& r = c.robust;
@@ -217,6 +253,7 @@ absl::Status ServerConfig::Validate() const {
   SEEDLING_RETURN_IF_ERROR(ValidatePrivacy(*this));
   SEEDLING_RETURN_IF_ERROR(ValidateSecAgg(*this));
   SEEDLING_RETURN_IF_ERROR(ValidateRobust(*this));
+  SEEDLING_RETURN_IF_ERROR(ValidateFedBuff(*this));
   if (!(retry_jitter >= 0 && retry_jitter < 1) || retry_base_s < 1) {
     return KeyError("retry", "base_seconds/jitter", "need base >= 1 and 0 <= jitter < 1");
   }
@@ -335,6 +372,11 @@ absl::StatusOr<ServerConfig> ParseServerConfig(std::string_view toml_text, const
   SEEDLING_RETURN_IF_ERROR(strategy.Get("robust_trim_fraction", c.robust.trim_fraction));
   SEEDLING_RETURN_IF_ERROR(strategy.Get("robust_krum_f", c.robust.krum_f));
   SEEDLING_RETURN_IF_ERROR(strategy.Get("robust_krum_m", c.robust.krum_m));
+  SEEDLING_RETURN_IF_ERROR(strategy.Get("mode", c.mode));
+  SEEDLING_RETURN_IF_ERROR(strategy.Get("buffer_size", c.fedbuff.buffer_size));
+  SEEDLING_RETURN_IF_ERROR(strategy.Get("concurrency", c.fedbuff.concurrency));
+  SEEDLING_RETURN_IF_ERROR(strategy.Get("max_staleness", c.fedbuff.max_staleness));
+  SEEDLING_RETURN_IF_ERROR(strategy.Get("staleness_exponent", s.staleness_exponent));
   SEEDLING_RETURN_IF_ERROR(strategy.CheckNoUnknownKeys());
   s.total_rounds = c.rounds > 0 ? c.rounds : 100;
   s.fwdgrad_pacing.base_perturbations = c.perturbations;

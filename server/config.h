@@ -55,6 +55,17 @@ struct SecAggConfig {
   int64_t poll_ms = 200;                  // retry hint for devices waiting for a stage to close
 };
 
+// [strategy] mode = "fedbuff": buffered asynchronous aggregation (FedBuff, Nguyen et al. 2022; docs/architecture.md,
+// "Buffered asynchronous rounds"). Devices get a task whenever fewer than `concurrency` are out; each task trains
+// from the version current when it was issued; an accepted update joins the open buffer weighted by
+// StalenessWeight(τ), τ = flushes since its version; the K-th accepted update flushes the buffer: one server
+// update, committed as one round, version + 1.
+struct FedBuffConfig {
+  int64_t buffer_size = 10;   // K: accepted updates per server update (per committed round), >= 1
+  int64_t concurrency = 100;  // C: tasks out at once (issued, neither uploaded, declined nor expired), >= K
+  int64_t max_staleness = 0;  // refuse uploads trained from a version more than this many flushes old; 0 = none
+};
+
 // The default cap on an upload's L2 norm ([training] max_update_norm). Honest updates measured on the
 // tiny model: LoRA deltas 0.15-0.2, MeZO deltas 0.05, forward gradients 200-230 (a gradient, not a
 // step, and it grows with the square root of the adapter's size). 1e5 leaves them all room while
@@ -121,6 +132,8 @@ struct ServerConfig {
   // [strategy] (name default: fedavg; kseed for method kseed, fwdgrad for method fwdgrad)
   StrategyOptions strategy;
   RobustOptions robust;  // [strategy] robust, robust_norm_bound, ... (server/robust_strategy.h)
+  std::string mode = "sync";  // [strategy] mode: "sync" (rounds with a cohort and a deadline) or "fedbuff"
+  FedBuffConfig fedbuff;      // [strategy] buffer_size, concurrency, max_staleness (mode = "fedbuff")
 
   // [privacy]
   PrivacyConfig privacy;
@@ -135,6 +148,7 @@ struct ServerConfig {
   int64_t EffectiveMinReports() const;
   int64_t SelectionQuota() const;    // ceil(target × over_selection)
   double EffectiveClipNorm() const;  // privacy.clip_norm with DP on, else clip_norm (what tasks carry)
+  bool FedBuff() const { return mode == "fedbuff"; }
   absl::Status Validate() const;
 };
 

@@ -243,14 +243,16 @@ v1::Task Coordinator::MakeTaskLocked(const RoundRecord& round, const TaskRecord&
   return t;
 }
 
+v1::Envelope Coordinator::RetryLocked(const std::string& reason) {
+  v1::Envelope e = Response(0);
+  e.mutable_check_in_reply()->mutable_retry_after()->set_seconds(RetrySecondsLocked());
+  e.mutable_check_in_reply()->mutable_retry_after()->set_reason(reason);
+  return e;
+}
+
 v1::Envelope Coordinator::OnCheckIn(const std::string& device_id, const v1::CheckIn& check_in) {
   absl::MutexLock lock(&mu_);
-  auto retry = [&](const std::string& reason) {
-    v1::Envelope e = Response(0);
-    e.mutable_check_in_reply()->mutable_retry_after()->set_seconds(RetrySecondsLocked());
-    e.mutable_check_in_reply()->mutable_retry_after()->set_reason(reason);
-    return e;
-  };
+  auto retry = [&](const std::string& reason) { return RetryLocked(reason); };
   const v1::DeviceConditions& cond = check_in.conditions();
   if ((config_.require_charging && !cond.charging()) || (config_.require_unmetered && !cond.unmetered()) ||
       (config_.require_idle && !cond.idle())) {
@@ -259,6 +261,7 @@ v1::Envelope Coordinator::OnCheckIn(const std::string& device_id, const v1::Chec
   if (tree_participation_.has_value() && !tree_participation_->MayJoin(device_id)) {
     return retry("reached max_participations_per_tree in this DP-FTRL tree");
   }
+  if (config_.FedBuff()) return FedBuffCheckInLocked(device_id, clock_->NowMs());
   if (!round_.has_value() || (round_->state != RoundState::kOpen && round_->state != RoundState::kCollecting)) {
     return retry("no open round");
   }
@@ -309,20 +312,24 @@ v1::Envelope Coordinator::OnDownload(const std::string& device_id, const v1::Dow
   v1::DownloadReply* r = e.mutable_download_reply();
   r->set_version(global_.version);
   if (download.what() == v1::Download::ADAPTER) {
-    if (download.version() != global_.version) {
+    // The current version, or (fedbuff) an older one that tasks out still train from.
+    const std::optional<ServedRef> served = ServedVersionLocked(download.version());
+    if (!served.has_value()) {
       return RejectLocked(
           v1::STALE, StrCat("version ", download.version(), " is not the current global version ", global_.version),
           "stale_version");
     }
-    const uint64_t total = global_bytes_.size();
+    const std::string& bytes = *served->bytes;
+    const uint64_t total = bytes.size();
     if (download.offset() > total) return RejectLocked(v1::MALFORMED_MESSAGE, "offset beyond the adapter", "malformed");
     const uint64_t want = std::min<uint64_t>(download.max_bytes() == 0 ? comms::kMaxChunkBytes : download.max_bytes(),
                                              comms::kMaxChunkBytes);
     const uint64_t len = std::min<uint64_t>(want, total - download.offset());
     r->set_total_bytes(total);
     r->set_offset(download.offset());
-    r->set_data(global_bytes_.substr(download.offset(), len));
-    r->set_sha256(global_sha256_);
+    r->set_version(download.version());
+    r->set_data(bytes.substr(download.offset(), len));
+    r->set_sha256(*served->sha256);
     stats_->bytes_down += len;
     return e;
   }
@@ -373,24 +380,33 @@ v1::Envelope Coordinator::OnUploadBegin(const std::string& device_id, const v1::
     e.mutable_upload_ack()->set_round_id(entry.round_id);
     return e;
   }
-  auto round_record = store_->FindRound(begin.round_id());
-  if (!round_record.ok()) return RejectLocked(v1::INTERNAL, "round registry unavailable", "internal");
-  if (!round_record->has_value()) return RejectLocked(v1::NOT_SELECTED, "no such round", "not_selected");
-  if ((*round_record)->state == RoundState::kAborted) {
-    return RejectLocked(v1::ABORTED, StrCat("round ", begin.round_id(), " was aborted; check in for a new task"),
-                        "aborted");
+  if (config_.FedBuff()) {
+    // A task of an earlier buffer is still good: its update joins the buffer open now.
+    if (std::optional<v1::Envelope> refusal =
+            FedBuffUploadRefusalLocked(device_id, begin.round_id(), begin.task_id(), now, nullptr);
+        refusal.has_value()) {
+      return *std::move(refusal);
+    }
+  } else {
+    auto round_record = store_->FindRound(begin.round_id());
+    if (!round_record.ok()) return RejectLocked(v1::INTERNAL, "round registry unavailable", "internal");
+    if (!round_record->has_value()) return RejectLocked(v1::NOT_SELECTED, "no such round", "not_selected");
+    if ((*round_record)->state == RoundState::kAborted) {
+      return RejectLocked(v1::ABORTED, StrCat("round ", begin.round_id(), " was aborted; check in for a new task"),
+                          "aborted");
+    }
+    if (!round_.has_value() || round_->round_id != begin.round_id() || round_closing_ ||
+        (round_->state != RoundState::kOpen && round_->state != RoundState::kCollecting)) {
+      return RejectLocked(v1::STALE, StrCat("round ", begin.round_id(), " is closed"), "stale");
+    }
+    if (now > round_->deadline_ms) return RejectLocked(v1::STALE, "the round's deadline has passed", "stale");
+    auto task = store_->FindTaskFor(begin.round_id(), device_id);
+    if (!task.ok()) return RejectLocked(v1::INTERNAL, "task registry unavailable", "internal");
+    if (!task->has_value() || (*task)->task_id != begin.task_id()) {
+      return RejectLocked(v1::NOT_SELECTED, "this device has no such task in the round", "not_selected");
+    }
+    if ((*task)->state == "declined") return RejectLocked(v1::STALE, "the task was declined", "stale");
   }
-  if (!round_.has_value() || round_->round_id != begin.round_id() || round_closing_ ||
-      (round_->state != RoundState::kOpen && round_->state != RoundState::kCollecting)) {
-    return RejectLocked(v1::STALE, StrCat("round ", begin.round_id(), " is closed"), "stale");
-  }
-  if (now > round_->deadline_ms) return RejectLocked(v1::STALE, "the round's deadline has passed", "stale");
-  auto task = store_->FindTaskFor(begin.round_id(), device_id);
-  if (!task.ok()) return RejectLocked(v1::INTERNAL, "task registry unavailable", "internal");
-  if (!task->has_value() || (*task)->task_id != begin.task_id()) {
-    return RejectLocked(v1::NOT_SELECTED, "this device has no such task in the round", "not_selected");
-  }
-  if ((*task)->state == "declined") return RejectLocked(v1::STALE, "the task was declined", "stale");
   if (begin.idempotency_key() != ExpectedKey(device_id, begin.round_id(), begin.task_id())) {
     return RejectLocked(v1::MALFORMED_MESSAGE, "idempotency_key must be <device>/<round>/<task>", "malformed");
   }
@@ -482,29 +498,42 @@ v1::Envelope Coordinator::OnUploadCommit(const std::string& device_id, const v1:
   if (Sha256(up->data) != up->sha256) {
     return RejectLocked(v1::INVALID_UPDATE, "SHA-256 of the received bytes does not match", "checksum");
   }
-  if (!round_.has_value() || round_->round_id != up->round_id || round_closing_ ||
-      (round_->state != RoundState::kOpen && round_->state != RoundState::kCollecting) || now > round_->deadline_ms) {
+  uint64_t staleness = 0;
+  if (config_.FedBuff()) {
+    if (std::optional<v1::Envelope> refusal =
+            FedBuffUploadRefusalLocked(device_id, up->round_id, up->task_id, now, &staleness);
+        refusal.has_value()) {
+      return *std::move(refusal);
+    }
+  } else if (!round_.has_value() || round_->round_id != up->round_id || round_closing_ ||
+             (round_->state != RoundState::kOpen && round_->state != RoundState::kCollecting) ||
+             now > round_->deadline_ms) {
     return RejectLocked(v1::STALE, StrCat("round ", up->round_id, " is closed"), "stale");
   }
+  // The round the update counts in: its task's, or (fedbuff) the buffer open now.
+  const uint64_t counted_in = round_->round_id;
+  const int64_t target = config_.FedBuff() ? config_.fedbuff.buffer_size : config_.clients_per_round;
   // Validate and accumulate (the strategy leaves the aggregate unchanged when it refuses).
-  UpdateView view{device_id, up->num_examples, up->data};
+  UpdateView view{device_id, up->num_examples, up->data, staleness};
   if (absl::Status st = strategy_->Accumulate(view); !st.ok()) {
     strategy_->RecordFailure(device_id, std::string(st.message()));
+    if (config_.FedBuff()) ForgetTaskLocked(up->task_id);  // the device drops an update refused as invalid
     return RejectLocked(v1::INVALID_UPDATE, std::string(st.message()), "invalid_update");
   }
+  if (config_.FedBuff()) ForgetTaskLocked(up->task_id);
   // Acknowledged only once its ledger entry is durable.
   LedgerWrite w;
   w.entry = LedgerEntryFor(*up, now);
+  w.entry.round_id = counted_in;
   w.metrics = up->metrics;
+  w.staleness = staleness;
   WriteLedgerLocked(&w, now);
   if (!w.status.ok()) return RejectLocked(v1::INTERNAL, "the update could not be recorded; check in again", "internal");
   v1::Envelope e = Response(0);
   e.mutable_upload_ack()->set_received_bytes(up->total_bytes);
   e.mutable_upload_ack()->set_accepted(true);
-  e.mutable_upload_ack()->set_round_id(up->round_id);
-  if (round_.has_value() && round_->round_id == up->round_id && round_->accepted >= config_.clients_per_round) {
-    FinishRoundLocked(now);
-  }
+  e.mutable_upload_ack()->set_round_id(counted_in);
+  if (round_.has_value() && round_->round_id == counted_in && round_->accepted >= target) FinishRoundLocked(now);
   return e;
 }
 
@@ -534,6 +563,8 @@ void Coordinator::WriteLedgerLocked(LedgerWrite* w, int64_t now) {
     }
     if (!round_.has_value() || round_->round_id != b.entry.round_id) continue;
     ++round_->accepted;
+    stats_->staleness_sum += b.staleness;
+    stats_->staleness_max = std::max(stats_->staleness_max, b.staleness);
     stats_->processed_tokens += static_cast<int64_t>(b.metrics.processed_tokens());  // capped at UploadBegin
     if (std::isfinite(b.metrics.loss_start()) && std::isfinite(b.metrics.loss_end())) {
       stats_->loss_start_sum += b.metrics.loss_start();
@@ -567,6 +598,7 @@ v1::Envelope Coordinator::OnDecline(const std::string& device_id, const v1::Decl
     const std::string reason = v1::Decline::Reason_Name(decline.reason());
     (void)store_->SetTaskState(decline.task_id(), "declined", StrCat(reason, ": ", decline.detail()));
     if (declines_total_ != nullptr) declines_total_->WithLabels({reason}).Increment();
+    if (config_.FedBuff()) ForgetTaskLocked(decline.task_id());
     // While a round finishes, its strategy is in the finishing thread's hands; a decline then is too late
     // for the round, as it was before a finish left the lock (the next BeginRound clears the failures).
     if (!finishing_) strategy_->RecordFailure(device_id, StrCat("declined: ", reason));

@@ -7,6 +7,13 @@
 // arrive, and publishes the next global adapter as a checkpoint. Transport-agnostic: TLS and the in-memory
 // transport both reach it through handler_factory(); time comes from a Clock so the simulator can drive it.
 //
+// With [strategy] mode = "fedbuff" (buffered asynchronous aggregation, coordinator_fedbuff.cpp) a round is one
+// buffer: it stays Open with no selection window or deadline, any eligible device checking in gets a task while
+// fewer than `concurrency` are out (each with its own deadline, round_deadline_s), a task trains from the version
+// current when it was issued, and its update joins whichever buffer is open when it arrives, weighted by its
+// staleness; the buffer_size-th accepted update closes the round (Aggregating → Committed, version + 1) and the
+// next buffer opens at once. The promises below hold the same way: the ledger names the buffer an update joined.
+//
 // Promises (tested in tests/server/): an acknowledged update is in a committed round or in a round marked
 // aborted after a crash (whose devices are told to retry), never lost or counted twice; a rejected request
 // changes nothing durable; the round counter only grows.
@@ -107,6 +114,7 @@ class Coordinator {
     int64_t loss_count = 0;
     int64_t processed_tokens = 0;  // as reported (each capped at kMaxReportedTokens by Uploads::Begin)
     uint64_t bytes_up = 0, bytes_down = 0;
+    uint64_t staleness_sum = 0, staleness_max = 0;  // fedbuff: of the accepted updates
   };
   // A round on its way from its last upload to the store: what it had seen when it closed (copied under the
   // lock), then the next model (checkpointed), the strategy's outcome, the stamped seed sums and the DP price.
@@ -123,8 +131,21 @@ class Coordinator {
   struct LedgerWrite {
     LedgerEntry entry;
     v1::UpdateMetrics metrics;  // counted into the round's stats once the entry is durable
+    uint64_t staleness = 0;     // fedbuff: τ of the update (into the round's stats too)
     absl::Status status;        // the store's answer, once done
     bool done = false;
+  };
+  // fedbuff: a task out (issued, and neither uploaded, declined, refused nor past its deadline).
+  struct OutstandingTask {
+    std::string device_id;
+    uint64_t round_id = 0;      // the buffer open when it was issued (its upload key names it)
+    uint64_t base_version = 0;  // the version it trains from
+    int64_t deadline_ms = 0;    // assigned + round_deadline_s
+  };
+  // fedbuff: a global version older than the current one that tasks out still train from (Download serves it).
+  struct ServedVersion {
+    std::string bytes;   // params as little-endian fp32
+    std::string sha256;  // raw SHA-256 of bytes
   };
 
   Coordinator(const ServerConfig& config, const Clock* clock, Metrics* metrics, std::unique_ptr<Store> store);
@@ -146,6 +167,31 @@ class Coordinator {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   v1::Envelope NoUploadLocked(const std::string& key, const char* message) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   v1::Task MakeTaskLocked(const RoundRecord& round, const TaskRecord& task) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  v1::Envelope RetryLocked(const std::string& reason) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // fedbuff (coordinator_fedbuff.cpp, with mu_ held). Check-in: the device's task out again, else a new task
+  // in the open buffer when fewer than `concurrency` are out and the device has not had one in this buffer.
+  v1::Envelope FedBuffCheckInLocked(const std::string& device_id, int64_t now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The refusal of an upload (UploadBegin or UploadCommit) of task `task_id`, or nullopt and its staleness τ
+  // (flushes since its version) when the open buffer may take it. Waits (releasing mu_) while a flush runs:
+  // the update then joins the next buffer. Refuses (Stale) a task no longer out, past its deadline or more
+  // than max_staleness flushes old (forgetting it), and any upload when no buffer is open.
+  std::optional<v1::Envelope> FedBuffUploadRefusalLocked(const std::string& device_id, uint64_t round_id,
+                                                         const std::string& task_id, int64_t now, uint64_t* staleness)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Opens a buffer when none is active, forgets tasks past their deadline, drops silent uploads.
+  void TickFedBuffLocked(int64_t now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ForgetTaskLocked(const std::string& task_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Around a flush's publication: keeps the outgoing version's bytes if tasks out train from it; afterwards
+  // forgets tasks now over max_staleness, drops versions no task out trains from, and opens the next buffer.
+  void BeforeFedBuffPublishLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void AfterFedBuffPublishLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // What Download serves for `version` (pointers into global_bytes_ / global_sha256_ or older_versions_,
+  // valid until the next publication): the current version, an older one tasks out train from, or nullopt.
+  struct ServedRef {
+    const std::string* bytes;
+    const std::string* sha256;
+  };
+  std::optional<ServedRef> ServedVersionLocked(uint64_t version) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The round loop (coordinator_rounds.cpp): Tick opens a round when none is active and the limits allow,
   // closes selection after its window, and finishes or aborts the round at its deadline.
   void OpenRoundIfAllowedLocked(int64_t now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -245,6 +291,11 @@ class Coordinator {
   // selection closed.
   std::map<std::string, uint32_t> secagg_participants_ ABSL_GUARDED_BY(mu_);
   std::unique_ptr<SecAggSession> secagg_ ABSL_GUARDED_BY(mu_);
+  // [strategy] mode = "fedbuff" only: the tasks out, by task id, and each device's (one at a time); the
+  // older versions they train from. In memory only: after a restart, uploads of earlier tasks are Stale.
+  std::map<std::string, OutstandingTask> outstanding_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, std::string> task_of_device_ ABSL_GUARDED_BY(mu_);
+  std::map<uint64_t, ServedVersion> older_versions_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace seedling::server

@@ -23,7 +23,13 @@ absl::Status Coordinator::OpenRoundLocked(int64_t now) {
   fields.min_reports = config_.EffectiveMinReports();
   fields.opened_ms = now;
   fields.deadline_ms = now + config_.round_deadline_s * 1000;
+  if (config_.FedBuff()) {
+    // A buffer: it commits at buffer_size accepted updates, and has no deadline (each task has its own).
+    fields.target = fields.min_reports = config_.fedbuff.buffer_size;
+    fields.deadline_ms = 0;
+  }
   nlohmann::json cfg = {{"method", config_.method},
+                        {"mode", config_.mode},
                         {"steps", config_.steps},
                         {"codec", std::string(comms::CodecName(config_.codec.codec))},
                         {"strategy", config_.strategy.name},
@@ -34,8 +40,13 @@ absl::Status Coordinator::OpenRoundLocked(int64_t now) {
   round_ = round;
   round_closing_ = false;
   *stats_ = RoundStats{};
-  spdlog::info("round {} open: target {}, up to {} tasks, deadline in {} s", round.round_id, round.target,
-               config_.SelectionQuota(), config_.round_deadline_s);
+  if (config_.FedBuff()) {
+    spdlog::debug("buffer {} open: commits at {} updates, {} tasks out", round.round_id, round.target,
+                  outstanding_.size());
+  } else {
+    spdlog::info("round {} open: target {}, up to {} tasks, deadline in {} s", round.round_id, round.target,
+                 config_.SelectionQuota(), config_.round_deadline_s);
+  }
   return absl::OkStatus();
 }
 
@@ -47,7 +58,8 @@ void Coordinator::AbortRoundLocked(int64_t now, const std::string& reason) {
   }
   spdlog::warn("round {} aborted: {}", round_->round_id, reason);
   if (rounds_total_ != nullptr) rounds_total_->WithLabels({"aborted"}).Increment();
-  uploads_.DropRound(round_->round_id);  // worthless now
+  // Worthless now; fedbuff uploads belong to tasks, not buffers, and join the next buffer.
+  if (!config_.FedBuff()) uploads_.DropRound(round_->round_id);
   secagg_.reset();                       // nothing of a SecAgg session outlives its round
   secagg_participants_.clear();
   round_.reset();
@@ -62,7 +74,7 @@ void Coordinator::FinishRoundLocked(int64_t now) {
   p.was_open = round_->state == RoundState::kOpen;
   round_->state = RoundState::kAggregating;  // requests see the round as it is in the store from now on
   const uint64_t round_id = round_->round_id;
-  uploads_.DropRound(round_id);  // worthless now
+  if (!config_.FedBuff()) uploads_.DropRound(round_id);  // worthless now (fedbuff: they join the next buffer)
   WaitForLedgerLocked();         // the round's count is final once the entries in flight are durable (or failed)
   if (!round_.has_value() || round_->round_id != round_id) {  // a failed ledger write aborted it meanwhile
     finishing_ = false;
@@ -155,6 +167,11 @@ absl::Status Coordinator::Commit(const PendingCommit& p, int64_t now) {
     result["loss_end"] = p.stats.loss_end_sum / static_cast<double>(p.stats.loss_count);
   }
   if (p.stats.processed_tokens > 0) result["processed_tokens"] = p.stats.processed_tokens;
+  if (config_.FedBuff() && p.round.accepted > 0) {
+    result["mean_staleness"] =
+        static_cast<double>(p.stats.staleness_sum) / static_cast<double>(p.round.accepted);
+    result["max_staleness"] = p.stats.staleness_max;
+  }
   for (const auto& [k, v] : p.outcome.metrics) result[k] = v;
   return Annotate(store_->CommitRound(p.round.round_id, p.next.version, now, result.dump(), p.seed_blob, dp_spend),
                   "commit failed");
@@ -168,23 +185,31 @@ void Coordinator::PublishLocked(PendingCommit p) {
   if (tree_participation_.has_value()) {
     tree_participation_->RecordCommit(p.next.version, store_->LedgerForRound(round_->round_id));
   }
+  if (config_.FedBuff()) BeforeFedBuffPublishLocked();
   global_ = std::move(p.next);
   ServeGlobalLocked();
   const uint64_t round_id = round_->round_id;
-  spdlog::info("round {} committed: {} updates, global version {}", round_id, round_->accepted, global_.version);
+  if (config_.FedBuff()) {
+    spdlog::debug("buffer {} committed: {} updates, global version {}", round_id, round_->accepted, global_.version);
+  } else {
+    spdlog::info("round {} committed: {} updates, global version {}", round_id, round_->accepted, global_.version);
+  }
   if (rounds_total_ != nullptr) rounds_total_->WithLabels({"committed"}).Increment();
   if (global_version_gauge_ != nullptr) global_version_gauge_->Set(static_cast<double>(global_.version));
-  uploads_.DropRound(round_id);
+  if (!config_.FedBuff()) uploads_.DropRound(round_id);
   secagg_.reset();
   secagg_participants_.clear();
   round_.reset();
   ++finished_rounds_;
+  if (config_.FedBuff()) AfterFedBuffPublishLocked();
 }
 
 void Coordinator::Tick() {
   absl::MutexLock lock(&mu_);
   const int64_t now = clock_->NowMs();
-  if (!round_.has_value()) {
+  if (config_.FedBuff()) {
+    if (!finishing_) TickFedBuffLocked(now);
+  } else if (!round_.has_value()) {
     OpenRoundIfAllowedLocked(now);
   } else if (finishing_) {
     return;  // another thread is committing the round
@@ -275,6 +300,9 @@ bool Coordinator::Finished() {
 bool Coordinator::Selecting() {
   absl::MutexLock lock(&mu_);
   if (!round_.has_value()) return !NoMoreRoundsLocked();
+  if (config_.FedBuff()) {
+    return !round_closing_ && static_cast<int64_t>(outstanding_.size()) < config_.fedbuff.concurrency;
+  }
   return round_->state == RoundState::kOpen && round_->selected < config_.SelectionQuota();
 }
 

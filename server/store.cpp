@@ -292,7 +292,13 @@ struct Store::Impl {
     }
     SEEDLING_ASSIGN_OR_RETURN(std::optional<TaskRecord> task, LoadTask(entry.task_id));
     if (!task) return absl::NotFoundError(StrCat("update '", key, "': task '", entry.task_id, "' does not exist"));
-    if (task->round_id != entry.round_id || task->device_id != entry.device_id) {
+    // A later round than the task's is the buffer a fedbuff task's update joined (Store::RecordAcceptedUpdate).
+    bool later_round = false;
+    if (task->round_id < entry.round_id) {
+      SEEDLING_ASSIGN_OR_RETURN(std::optional<RoundRecord> round, LoadRound(entry.round_id));
+      later_round = round.has_value();
+    }
+    if ((task->round_id != entry.round_id && !later_round) || task->device_id != entry.device_id) {
       return absl::InvalidArgumentError(StrCat("update '", key, "' claims round ", entry.round_id, " and device '",
                                                entry.device_id, "', but task '", entry.task_id, "' is round ",
                                                task->round_id, " for device '", task->device_id, "'"));

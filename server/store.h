@@ -217,8 +217,10 @@ class Store {
   // Records an accepted update (and marks its task "uploaded", increments the round's `accepted`) in one
   // transaction. AlreadyExists if the key is in the ledger (the caller answers exact retries from
   // FindLedgerEntry), or if the task already has an update under another key. NotFound for an unknown
-  // task or round, FailedPrecondition for a final round, InvalidArgument if the entry's round or device
-  // differ from its task's.
+  // task or round, FailedPrecondition for a final round, InvalidArgument if the entry's device differs from
+  // its task's or its round is neither the task's nor a later existing round. (A later round is how
+  // [strategy] mode = "fedbuff" records an update: the task was issued while one buffer was open, its update
+  // joined the buffer open when it arrived, and the entry names that buffer, the round that commits it.)
   absl::Status RecordAcceptedUpdate(const LedgerEntry& entry);
   // Group commit: records each entry as RecordAcceptedUpdate would, all in one transaction (one fsync), and
   // returns one status per entry. An entry its checks refuse changes nothing and the others are still

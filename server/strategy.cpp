@@ -222,7 +222,9 @@ class DenseStrategy final : public RoundStrategy {
 
     // Step 3: add to the running sum: Σ n_c Δ_c for the fedavg family; Σ g_c for fwdgrad, whose g_c
     // is already a sum over the client's n_c examples' steps (FwdLLM divides the total by Σ n_c).
-    const double weight = fwdgrad_ ? 1.0 : static_cast<double>(update.num_examples);
+    // FedBuff: a stale update counts w(τ) of itself (the total stays Σ n_c).
+    const double weight = (fwdgrad_ ? 1.0 : static_cast<double>(update.num_examples)) *
+                          StalenessWeight(update.staleness, options_.staleness_exponent);
     if (paced_) {
       // Pacing also needs Σ g_c² / n_c: the update is decoded into a row first.
       if (dense) {
@@ -456,6 +458,9 @@ class KSeedStrategy final : public RoundStrategy {
   absl::Status Accumulate(const UpdateView& update) override {
     absl::MutexLock lock(&mu_);
     SEEDLING_RETURN_IF_ERROR(CheckUpdateLocked(update));
+    if (update.staleness != 0) {
+      return InvalidUpdate(update, StrCat("kseed takes no stale updates (staleness ", update.staleness, ")"));
+    }
     absl::StatusOr<comms::PayloadInfo> info = comms::InspectPayload(update.payload);
     if (!info.ok()) return InvalidPayload(update, info.status());
     if (info->codec != v1::CODEC_SEED_SCALARS || info->seed_kind != comms::SeedScalarKind::kIndex) {
@@ -543,6 +548,9 @@ absl::Status ValidateCommon(const StrategyOptions& o) {
   if (!(o.max_update_norm >= 0) || !std::isfinite(o.max_update_norm)) {
     return absl::InvalidArgumentError(StrCat("max_update_norm must be finite and >= 0, got ", o.max_update_norm));
   }
+  if (!(o.staleness_exponent >= 0 && o.staleness_exponent <= 1)) {
+    return absl::InvalidArgumentError(StrCat("staleness_exponent must be in [0, 1], got ", o.staleness_exponent));
+  }
   return absl::OkStatus();
 }
 
@@ -559,6 +567,10 @@ double FwdGradLearningRate(const StrategyOptions& options, uint64_t round) {
     ratio = std::max(0.0, (total - t) / std::max(1.0, total - warmup));
   }
   return options.fwdgrad_lr * ratio;
+}
+
+double StalenessWeight(uint64_t staleness, double exponent) {
+  return 1.0 / std::pow(1.0 + static_cast<double>(staleness), exponent);
 }
 
 std::string StrategyCannotTakeSums(std::string_view name) {

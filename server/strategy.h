@@ -20,6 +20,10 @@
 //   kseed       per-seed sums G_i = Σ_c (n_c / Σ n) ĝ_c,i;  θ ← θ − lr Σ_i G_i z(pool[i]) in ascending i
 //               (FedKSeed; the same arithmetic as optim::ApplySeedSums, so clients replaying agree bit for bit)
 // Δ_c is the client's change of the trainable vector (θ_local − θ_global); Δ̄ the example-weighted mean.
+// With staleness (fedbuff mode, UpdateView::staleness τ_c) the fedavg family and fwdgrad add w(τ_c) n_c Δ_c
+// (w(τ_c) g_c) to the sum but n_c to the total, so Δ̄ = Σ w(τ_c) n_c Δ_c / Σ n_c: with equal n_c this is
+// FedBuff's (1/K) Σ w(τ_i) Δ_i (stale updates shrink the step, they do not renormalize it). kseed refuses
+// stale updates (its per-seed sums are replayed by clients; no staleness rule is defined for them).
 //
 // The fedavg family (the server optimizers live in optim/server_optimizer.h): m_{−1} = 0 and, for the
 // adaptive three, v_{−1} = τ² (Reddi et al. Alg. 2 requires v_{−1} ≥ τ²); β1 applies to fedadagrad too
@@ -74,7 +78,15 @@ struct UpdateView {
   std::string device_id;
   uint64_t num_examples = 0;  // weight (must be > 0)
   std::string_view payload;   // encoded with comms/codec.h
+  // [strategy] mode = "fedbuff": how many server updates happened since the version the update was trained
+  // from (τ); the fedavg family weighs it by StalenessWeight(τ). 0 in synchronous rounds (weight 1).
+  uint64_t staleness = 0;
 };
+
+// FedBuff's polynomial staleness weight (Nguyen et al. 2022; FLSim PolynomialStalenessWeight):
+// w(τ) = 1 / (1 + τ)^a with a = staleness_exponent in [0, 1]; a = 0.5 gives 1/√(1 + τ), a = 0 weighs every
+// update 1.
+double StalenessWeight(uint64_t staleness, double exponent);
 
 // A pre-summed aggregate of several clients' updates (secure aggregation: the server only ever sees the
 // sum). The same quantity the fedavg family accumulates update by update.
@@ -109,6 +121,7 @@ struct StrategyOptions {
   uint32_t kseed_pool_size = 4096;
   uint64_t kseed_pool_seed = 0;
   double max_update_norm = 0;  // reject dense updates whose L2 norm exceeds this; 0 = no cap
+  double staleness_exponent = 0.5;  // a in StalenessWeight, [0, 1] (fedbuff mode; the paper's a = 0.5)
   // fwdgrad: variance-controlled pacing (server/fwdgrad_pacing.h; off by default).
   FwdGradPacingOptions fwdgrad_pacing;
 };
