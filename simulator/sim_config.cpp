@@ -120,6 +120,7 @@ absl::StatusOr<SimulationOptions> ParseSimulationConfig(std::string_view toml_te
     SEEDLING_RETURN_IF_ERROR(section.Get("max_hours", o.max_hours));
     SEEDLING_RETURN_IF_ERROR(section.Get("plan_seconds", o.plan_seconds));
     SEEDLING_RETURN_IF_ERROR(section.Get("radio_watts", o.radio_watts));
+    SEEDLING_RETURN_IF_ERROR(section.Get("target_loss", o.target_loss));
     SEEDLING_RETURN_IF_ERROR(section.Get("loopback", o.loopback));
     SEEDLING_RETURN_IF_ERROR(section.Get("mpi_placement", o.mpi_placement));
     std::string runtime = "auto";
@@ -193,6 +194,10 @@ absl::Status SimulationOptions::Validate() const {
   for (const std::string& label : methods) SEEDLING_RETURN_IF_ERROR(RunServerConfig(label).status());
   if (mpi_placement != "auto" && mpi_placement != "static") {
     return absl::InvalidArgumentError(StrCat("mpi_placement must be auto or static, got '", mpi_placement, "'"));
+  }
+  if (!(target_loss >= 0) || !std::isfinite(target_loss)) {
+    return absl::InvalidArgumentError(
+        StrCat("target_loss must be finite and >= 0 (0 = the default rule), got ", target_loss));
   }
   if (!(plan_seconds >= 0) || !(radio_watts >= 0)) {
     return absl::InvalidArgumentError("plan_seconds and radio_watts must be >= 0");

@@ -155,6 +155,15 @@ RunDescription DescribeRun(const SimulationOptions& options, const World& world)
 absl::Status WriteReports(const SimulationOptions& options, const World& world, SimulationResult& result,
                           ReportInput& report) {
   result.summary_table = SummaryTable(report.summaries);
+  // The cost of each run to reach one held-out loss: the configured one, or the default rule's.
+  const double target = options.target_loss > 0 ? options.target_loss : DefaultTargetLoss(report.summaries);
+  if (std::isfinite(target)) {
+    for (const MethodSummary& s : report.summaries) {
+      result.targets.push_back(CostToTarget(s.method, target, report.rounds));
+    }
+    report.targets = result.targets;
+    result.summary_table += "\n" + TargetTable(result.targets);
+  }
   report.title = StrCat("Seedling simulation: ", world.population->size(), " phones, ", world.model_config.architecture,
                         " (", options.model_dir, ")");
   report.run = DescribeRun(options, world);

@@ -86,6 +86,10 @@ struct SimulationOptions {
   double max_hours = 72;                                  // give up on a method after this much simulated time
   double plan_seconds = 0.05;                             // a device's planning and data loading before it syncs
   double radio_watts = 1.0;                               // power while transferring (energy accounting)
+  // Held-out loss of the report's "cost to reach the target" table (rounds, device FLOPs, energy and simulated
+  // hours each run spent to first reach it); 0 = DefaultTargetLoss (simulator/report.h): the largest final
+  // loss among the runs that learned.
+  double target_loss = 0;
   bool progress = true;                                   // a status line per round on stderr
   std::string mpi_placement = "auto";  // with MPI ranks: "auto" = each activation on the least busy rank
                                        // when every rank sees rank 0's work_dir (one machine or a shared
@@ -118,7 +122,8 @@ struct MethodResult {
 
 struct SimulationResult {
   std::vector<MethodResult> methods;
-  std::string summary_table;  // SummaryTable of the methods
+  std::string summary_table;  // SummaryTable of the methods, then TargetTable of `targets`
+  std::vector<TargetCost> targets;  // per run, the cost to reach the target loss (empty when there is none)
   std::string report_path;    // <out_dir>/report.html
   size_t bytes_per_idle_device = 0;
   std::string population_summary;
@@ -129,7 +134,8 @@ struct SimulationResult {
 
 // Parses sim.toml: a [simulation] table (keys: model, out, work_dir, methods, seed, threads, devices,
 // heldout_devices, eval_examples, phone_classes, data, partition, alpha, exponent, rows_per_device,
-// dropout_mean, variation, start_time, tick_s, max_hours, plan_seconds, radio_watts, loopback, mpi_placement,
+// dropout_mean, variation, start_time, tick_s, max_hours, plan_seconds, radio_watts, target_loss, loopback,
+// mpi_placement,
 // device_runtime: "auto" or a size such as "180M"), optional
 // [methods.<label>] tables (method, codec, lr, epsilon, and server.toml sections as sub-tables overriding the round
 // settings for that run: [methods.<label>.strategy] ...), [model] weights (server.toml's key) and weight_cache_dir, and

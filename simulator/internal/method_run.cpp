@@ -97,6 +97,16 @@ absl::Status MethodRun::Setup() {
   return absl::OkStatus();
 }
 
+int64_t MethodRun::TaskPerturbations(const v1::Task& task) const {
+  if (method_ != "fwdgrad") return perturbations_;
+  const auto it = task.hyperparameters().find("perturbations");
+  return it == task.hyperparameters().end() ? perturbations_ : std::max<int64_t>(1, static_cast<int64_t>(it->second));
+}
+
+double MethodRun::TaskFlops(int64_t perturbations) const {
+  return client::LocalTrainingFlops(world_.model_config, method_, steps_, batch_, seq_len_, perturbations);
+}
+
 // With mu_ held: the rank where a new activation of `device` runs its client (`may_get_task`: the
 // coordinator is selecting, Coordinator::Selecting()).
 int MethodRun::PlaceActivation(int64_t device, bool may_get_task) {
@@ -193,6 +203,7 @@ void MethodRun::CheckRounds() {
     rec.selected = r->selected;
     rec.participants = r->accepted;
     rec.train_loss = r->loss_end;
+    rec.gradient_variance = r->gradient_variance;
     rec.bytes_up_per_client = r->accepted > 0 ? static_cast<double>(r->bytes_up) / static_cast<double>(r->accepted) : 0;
     rec.bytes_down_per_client =
         r->selected > 0 ? static_cast<double>(r->bytes_down) / static_cast<double>(r->selected) : 0;
@@ -207,6 +218,8 @@ void MethodRun::CheckRounds() {
       rec.declined_unsupported = s.declined_unsupported;
       rec.stragglers = std::max<int64_t>(0, r->selected - r->accepted - rec.dropouts - s.declined);
       rec.energy_joules = s.energy_j;
+      rec.device_flops = s.device_flops;
+      rec.perturbations = s.perturbations;
       rec.processed_tokens = r->processed_tokens;
       if (s.accepted_compute_s > 0 && r->processed_tokens > 0) {
         rec.device_tokens_per_second = static_cast<double>(r->processed_tokens) / s.accepted_compute_s;

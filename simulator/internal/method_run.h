@@ -46,6 +46,7 @@ struct Activation {
   uint64_t round_id = 0;
   uint64_t global_version = 0;
   double compute_s = 0;
+  double flops = 0;  // of the task's local run (the compute model at the task's perturbations)
   bool compute_accounted = false;
   bool compute_energy_pending = false;  // compute time passed before this request (no download)
   bool drops = false;
@@ -67,6 +68,8 @@ struct RoundStats {
   int64_t declined_memory = 0;       // of which for want of memory (Decline MEMORY)
   int64_t declined_unsupported = 0;  // ... and because the device cannot run the task (UNSUPPORTED)
   double energy_j = 0;
+  double device_flops = 0;    // Σ flops of the activations that trained (counted with their compute energy)
+  int64_t perturbations = 0;  // fwdgrad: K of the round's tasks
   double accepted_compute_s = 0;    // simulated training time of the devices whose update was accepted
   std::map<int64_t, double> drops;  // device → when it drops out; erased when its update is accepted
 };
@@ -97,6 +100,10 @@ class MethodRun {
   void Reap(int64_t device, double end_s);  // with mu_ held
   void CheckRounds();
   absl::StatusOr<double> EvalLoss(const std::vector<float>& params);
+  // K of a task (hyperparameters["perturbations"], fwdgrad only; else the run's perturbations_) and the
+  // FLOPs of one local run at K perturbations.
+  int64_t TaskPerturbations(const v1::Task& task) const;
+  double TaskFlops(int64_t perturbations) const;
   // Held-out accuracy of the parameters the last EvalLoss loaded; NaN without labelled rows, or (logged,
   // the run goes on) when scoring fails. `when` names the moment in the log ("before round 1").
   double Accuracy(const std::string& when);

@@ -90,7 +90,10 @@ DeviceTime MethodRun::AfterReply(Activation& a, const v1::Envelope& request, con
     const double up_s = pop.UploadSeconds(device, request.ByteSizeLong()) - pop.UploadSeconds(device, 0);
     RoundStats& s = stats_[a.round_id];
     s.energy_j += (up_s + down_s) * options_.radio_watts;
-    if (a.compute_energy_pending) s.energy_j += pop.TrainingJoules(device, a.compute_s);
+    if (a.compute_energy_pending) {
+      s.energy_j += pop.TrainingJoules(device, a.compute_s);
+      s.device_flops += a.flops;
+    }
     a.compute_energy_pending = false;
   }
   if (!reply.ok()) return time;
@@ -111,6 +114,7 @@ DeviceTime MethodRun::AfterReply(Activation& a, const v1::Envelope& request, con
     time.bound = time.vt + a.compute_s;
     a.training_starts = true;
     stats_[a.round_id].energy_j += pop.TrainingJoules(device, a.compute_s);
+    stats_[a.round_id].device_flops += a.flops;
   };
   if (reply->has_check_in_reply() && reply->check_in_reply().has_task()) {
     const v1::Task& task = reply->check_in_reply().task();
@@ -119,7 +123,11 @@ DeviceTime MethodRun::AfterReply(Activation& a, const v1::Envelope& request, con
     a.secagg = task.has_secagg();
     a.round_id = task.round_id();
     a.global_version = task.global_version();
-    a.compute_s = pop.ComputeSeconds(device, flops_);
+    // The task's own perturbations: fwdgrad pacing raises K, and with it the device's time and FLOPs.
+    const int64_t perturbations = TaskPerturbations(task);
+    a.flops = perturbations == perturbations_ ? flops_ : TaskFlops(perturbations);
+    a.compute_s = pop.ComputeSeconds(device, a.flops);
+    if (method_ == "fwdgrad") stats_[a.round_id].perturbations = perturbations;
     a.compute_accounted = false;
     const uint32_t k = tasks_[static_cast<size_t>(device)]++;
     a.drops = pop.DropsOut(device, k);

@@ -4,9 +4,11 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <catch2/catch.hpp>
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <set>
@@ -15,11 +17,13 @@
 
 #include "base/file.h"
 #include "base/strings.h"
+#include "client/compute_model.h"
 #include "client/memory_planner.h"
 #include "lora/adapter.h"
 #include "model/config.h"
 #include "model/init.h"
 #include "model/weights.h"
+#include "server/fwdgrad_pacing.h"
 #include "tests/test_util.h"
 
 namespace seedling::simulator {
@@ -816,6 +820,113 @@ TEST_CASE("A bad sim.toml [model] key or value is refused naming it", "[simulato
     CHECK(o.status().code() == absl::StatusCode::kInvalidArgument);
     CHECK_THAT(std::string(o.status().message()), Catch::Contains(StrCat("[model] ", key)));
   }
+}
+
+// ---- fwdgrad pacing (server/fwdgrad_pacing.h)
+
+// fwdgrad runs on the Small population with no dropouts (an aborted round would leave K as it was).
+SimulationOptions FwdGradRuns(const std::string& out, const std::map<std::string, std::string>& runs) {
+  SimulationOptions o = Small(out);
+  o.population.dropout_mean = 0;
+  o.server.rounds = 8;
+  o.server.perturbations = 4;
+  o.methods.clear();
+  for (const auto& [label, overrides] : runs) {
+    o.methods.push_back(label);
+    o.method_settings[label].method = "fwdgrad";
+    o.method_settings[label].server_overrides = overrides;
+  }
+  return o;
+}
+
+const MethodResult& Run(const SimulationResult& r, const std::string& label) {
+  for (const MethodResult& m : r.methods) {
+    if (m.method == label) return m;
+  }
+  FAIL("no run " << label);
+  return r.methods.front();
+}
+
+TEST_CASE("fwdgrad pacing holds noisy rounds, raises K by the rule, and a raised K costs its FLOPs",
+          "[simulator][pacing]") {
+  TempDir dir;
+  auto model_config = model::LoadModelConfig(TinyModel());
+  REQUIRE(model_config.ok());
+  // 1. Fixed K, and pacing whose threshold no round exceeds: every round applies, so the two runs must agree
+  //    bit for bit (the pooled bookkeeping changes nothing), and the latter reports each round's variance.
+  const std::string never = "[training]\nfwdgrad_pacing = true\nfwdgrad_variance_threshold = 1e30\n";
+  auto first = RunSimulation(FwdGradRuns(JoinPath(dir.path, "a"), {{"fixed", ""}, {"never-held", never}}));
+  INFO(first.status().ToString());
+  REQUIRE(first.ok());
+  const MethodResult& fixed = Run(*first, "fixed");
+  const MethodResult& calibration = Run(*first, "never-held");
+  REQUIRE(fixed.rounds.size() == 8);
+  REQUIRE(calibration.rounds.size() == fixed.rounds.size());
+  std::vector<double> variances;
+  for (size_t i = 0; i < fixed.rounds.size(); ++i) {
+    CHECK(calibration.rounds[i].global_sha256 == fixed.rounds[i].global_sha256);
+    CHECK(calibration.rounds[i].perturbations == 4);
+    CHECK(std::isnan(fixed.rounds[i].gradient_variance));  // only pacing measures it
+    if (std::isfinite(calibration.rounds[i].gradient_variance)) {
+      variances.push_back(calibration.rounds[i].gradient_variance);
+    }
+  }
+  REQUIRE(variances.size() >= 4);
+  std::sort(variances.begin(), variances.end());
+
+  // 2. Pacing with a threshold between the two middle variances (no round sits on it), same seed. The TOML
+  //    text carries every digit, so the server's threshold is the test's.
+  char text[64];
+  std::snprintf(text, sizeof(text), "%.17g",
+                0.5 * (variances[variances.size() / 2 - 1] + variances[variances.size() / 2]));
+  const double threshold = std::stod(text);
+  const std::string paced_overrides =
+      StrCat("[training]\nfwdgrad_pacing = true\nmax_perturbations = 16\nfwdgrad_variance_threshold = ", text, "\n");
+  auto second = RunSimulation(FwdGradRuns(JoinPath(dir.path, "b"), {{"paced", paced_overrides}}));
+  INFO(second.status().ToString());
+  REQUIRE(second.ok());
+  const std::vector<RoundRecord>& paced = Run(*second, "paced").rounds;
+  REQUIRE(paced.size() == 8);
+
+  // The K of each round and whether it applied follow DecidePacing on the variances the server measured.
+  server::FwdGradPacingOptions rule;
+  rule.enabled = true;
+  rule.base_perturbations = 4;
+  rule.max_perturbations = 16;
+  rule.variance_threshold = threshold;
+  std::vector<double> measured;
+  for (const RoundRecord& r : paced) {
+    REQUIRE(r.committed);
+    measured.push_back(r.gradient_variance);
+  }
+  const std::vector<server::PacingStep> want = server::PacingSchedule(rule, measured);
+  std::string previous_sha = "initial";
+  int held = 0;
+  for (size_t i = 0; i < paced.size(); ++i) {
+    INFO("round " << i + 1 << " variance " << measured[i]);
+    CHECK(paced[i].perturbations == want[i].perturbations);
+    // A held round leaves the global model as it was; an applied one moves it.
+    if (i > 0) CHECK((paced[i].global_sha256 == previous_sha) == !want[i].apply);
+    held += want[i].apply ? 0 : 1;
+    previous_sha = paced[i].global_sha256;
+    // Every device that trained ran K perturbations: the round's FLOPs are a whole number of K-runs.
+    const double per_device = client::LocalTrainingFlops(*model_config, "fwdgrad", 2, 1, 32, paced[i].perturbations);
+    const double devices = paced[i].device_flops / per_device;
+    CHECK(std::abs(devices - std::round(devices)) < 1e-6);
+    CHECK(std::round(devices) >= static_cast<double>(paced[i].participants));
+  }
+  CHECK(held >= 1);
+  CHECK(std::any_of(paced.begin(), paced.end(), [](const RoundRecord& r) { return r.perturbations > 4; }));
+
+  // Both runs' cost to reach the fixed run's final loss (reported, not asserted: at this scale the extra
+  // perturbations need not pay for themselves).
+  const double target = fixed.summary.final_eval_loss;
+  const TargetCost fixed_cost = CostToTarget("fixed", target, fixed.rounds);
+  const TargetCost paced_cost = CostToTarget("paced", target, paced);
+  CHECK(fixed_cost.reached());
+  WARN("target " << target << ": fixed K reaches it in round " << fixed_cost.round << " (" << fixed_cost.device_flops
+                 << " FLOPs), pacing in round " << paced_cost.round << " (" << paced_cost.device_flops << " FLOPs); "
+                 << held << " of 8 paced rounds held");
 }
 
 }  // namespace
