@@ -29,7 +29,6 @@ constexpr const char* kPacingSquareBuffer = "fwdgrad_cache_sq";
 constexpr const char* kPacingStateBuffer = "fwdgrad_pacing";
 constexpr size_t kPacingStateSize = 4;
 
-
 bool IsDenseCodec(v1::Codec codec) {
   return codec == v1::CODEC_FP32 || codec == v1::CODEC_FP16 || codec == v1::CODEC_INT8 || codec == v1::CODEC_INT4 ||
          codec == v1::CODEC_TOPK;
@@ -423,7 +422,6 @@ class DenseStrategy final : public RoundStrategy {
   int64_t round_perturbations_ ABSL_GUARDED_BY(mu_) = 0;  // pacing: K of this round's tasks
   std::vector<double> square_sum_ ABSL_GUARDED_BY(mu_);   // pacing: (P,) Σ_c g_c² / n_c
   std::vector<double> row_ ABSL_GUARDED_BY(mu_);          // pacing: (P,) the update being added, decoded
-
 
   // Both are allocated by BeginRound: O(params), independent of the number of clients.
   std::vector<double> sum_ ABSL_GUARDED_BY(mu_);     // (P,) Σ_c n_c Δ_c (fwdgrad: Σ_c g_c), in double
