@@ -588,8 +588,19 @@ absl::StatusOr<RunResult> Client::Train(std::unique_ptr<comms::Channel>& channel
   SEEDLING_RETURN_IF_ERROR(EnsureModel(weights));
   SEEDLING_RETURN_IF_ERROR(SyncGlobal(channel, task, spec.lora, model_config, state));
   SEEDLING_RETURN_IF_ERROR(BeginTask(task, state));
-  SEEDLING_ASSIGN_OR_RETURN(const LocalDataset data, LocalDataset::Load(data_path, *model_.tokenizer, data_options));
+  SEEDLING_ASSIGN_OR_RETURN(const LocalDataset loaded, LocalDataset::Load(data_path, *model_.tokenizer, data_options));
   SEEDLING_ASSIGN_OR_RETURN(const GlobalAdapter global, LoadGlobalAdapter(state, model_config, spec.lora));
+  // Pseudo-labelling (FeS): the global model just synced labels the confident share of the unlabelled rows.
+  SEEDLING_ASSIGN_OR_RETURN(const PseudoLabelResult pseudo, PseudoLabelRows(*model_.model, global.adapter.get(), loaded,
+                                                                            *model_.tokenizer, spec.pseudo_label));
+  const LocalDataset data = pseudo.examples.empty() ? loaded : loaded.WithExtraTraining(pseudo.examples);
+  if (data.train().empty()) {
+    SEEDLING_ASSIGN_OR_RETURN(RunResult r, Decline(channel, task, v1::Decline::NO_DATA,
+                                                   StrCat("no labelled row to train on (", loaded.unlabelled().size(),
+                                                          " unlabelled, none pseudo-labelled)")));
+    r.weights = weights_name;
+    return r;
+  }
   const uint64_t examples = std::max<uint64_t>(1, data.train().size());
 
   // Secure aggregation: join the session (setup, keys, shares) before training, bound to the adapter this

@@ -202,6 +202,20 @@ absl::StatusOr<LocalExample> TokenizeLocalRow(std::string_view line, const model
   return out;
 }
 
+// {"instruction": ..., "output": null} (no "text"): a row waiting for a label. Cheap for other rows: only
+// lines mentioning null are parsed here.
+bool IsUnlabelledRow(std::string_view line) {
+  if (line.find("null") == std::string_view::npos || FirstInvalidUtf8(line) != std::string_view::npos) return false;
+  absl::StatusOr<Json> parsed = ParseJson(line, "");
+  if (!parsed.ok()) return false;
+  const Json& row = *parsed;
+  if (!row.is_object() || row.contains("text") || row.contains("context") || row.contains("response")) return false;
+  const auto output = row.find("output");
+  const auto instruction = row.find("instruction");
+  return output != row.end() && output->is_null() && instruction != row.end() && instruction->is_string() &&
+         !instruction->get_ref<const std::string&>().empty();
+}
+
 absl::Status ValidateOptions(const LocalDataOptions& o, const model::Tokenizer& tokenizer) {
   if (o.seq_len < 2) return absl::InvalidArgumentError(StrCat("seq_len must be >= 2, got ", o.seq_len));
   if (o.batch_size < 1) return absl::InvalidArgumentError(StrCat("batch_size must be >= 1, got ", o.batch_size));
@@ -273,6 +287,11 @@ absl::StatusOr<LocalDataset> LocalDataset::FromLines(std::string_view name, cons
     if (line.find_first_not_of(" \t\r") == std::string_view::npos) return absl::OkStatus();
     ++stats.rows;
 
+    if (IsUnlabelledRow(line)) {
+      ++stats.unlabelled;
+      data.unlabelled_.push_back({std::string(line), l.number});
+      return absl::OkStatus();
+    }
     bool truncated = false;
     absl::StatusOr<LocalExample> ex = absl::InternalError("unset");
     try {
@@ -296,7 +315,9 @@ absl::StatusOr<LocalDataset> LocalDataset::FromLines(std::string_view name, cons
   }));
 
   if (stats.rows == 0) return absl::InvalidArgumentError(StrCat(name, ": no rows"));
-  if (usable.empty()) return absl::InvalidArgumentError(StrCat(name, ": no usable row: ", stats.SkipMessage()));
+  if (usable.empty() && data.unlabelled_.empty()) {
+    return absl::InvalidArgumentError(StrCat(name, ": no usable row: ", stats.SkipMessage()));
+  }
   if (usable.size() > std::numeric_limits<uint32_t>::max()) {
     return absl::InvalidArgumentError(StrCat(name, ": ", usable.size(), " rows, more than 2^32 - 1"));
   }
@@ -326,18 +347,32 @@ absl::StatusOr<LocalDataset> LocalDataset::FromLines(std::string_view name, cons
     }
   }
 
+  data.Fingerprint();
+  return data;
+}
+
+void LocalDataset::Fingerprint() {
   uint64_t h = Fnv1aU64(kFnvOffset, kStreamVersion);
-  h = Fnv1aU64(h, static_cast<uint64_t>(options.seq_len));
-  h = Fnv1aU64(h, static_cast<uint64_t>(options.pack));
-  h = Fnv1aU64(h, options.seed);
-  h = Fnv1aU64(h, static_cast<uint64_t>(data.train_.size()));
-  for (const LocalExample& ex : data.train_) {
+  h = Fnv1aU64(h, static_cast<uint64_t>(options_.seq_len));
+  h = Fnv1aU64(h, static_cast<uint64_t>(options_.pack));
+  h = Fnv1aU64(h, options_.seed);
+  h = Fnv1aU64(h, static_cast<uint64_t>(train_.size()));
+  for (const LocalExample& ex : train_) {
     h = Fnv1aU64(h, static_cast<uint64_t>(ex.example.tokens.size()));
     for (const int32_t t : ex.example.tokens) h = Fnv1aU64(h, static_cast<uint64_t>(static_cast<uint32_t>(t)));
     for (const int32_t l : ex.example.labels) h = Fnv1aU64(h, static_cast<uint64_t>(static_cast<uint32_t>(l)));
   }
-  data.fingerprint_ = h;
-  return data;
+  fingerprint_ = h;
+}
+
+LocalDataset LocalDataset::WithExtraTraining(std::vector<LocalExample> extra) const {
+  LocalDataset out = *this;
+  for (LocalExample& ex : extra) {
+    out.train_tokens_ += static_cast<int64_t>(ex.example.tokens.size());
+    out.train_.push_back(std::move(ex));
+  }
+  out.Fingerprint();
+  return out;
 }
 
 int64_t LocalDataset::items_per_epoch() const {
@@ -353,6 +388,7 @@ std::string LocalDataset::Summary() const {
   s += StrCat("; train ", train_.size(), " examples, ", train_tokens_, " tokens");
   if (options_.pack) s += StrCat(", ", items_per_epoch(), " blocks of ", options_.seq_len);
   s += StrCat("; held out ", heldout_.size(), " examples, ", heldout_tokens_, " tokens");
+  if (!unlabelled_.empty()) s += StrCat("; ", unlabelled_.size(), " unlabelled");
   return s;
 }
 

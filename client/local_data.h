@@ -8,6 +8,8 @@
 //   {"instruction", "input", "output"}                Alpaca ("input" optional): prompt not scored
 //   {"instruction", "context", "response"}            Dolly: read as context → input,
 //                                                     response → output
+// An Alpaca row whose "output" is null ({"instruction": ..., "output": null}) is unlabelled: kept apart
+// (LocalDataset::unlabelled(), never trained on or held out) for pseudo-labelling (client/pseudo_label.h).
 // Rows go through model::TokenizeRow, so tokens and the prompt mask are exactly those of
 // `seedling eval` (as there, a row with "text" is a text row whatever else it holds). A row mixing
 // Alpaca and Dolly names ("output" with "response", "input" with "context", ...) is ambiguous and
@@ -82,6 +84,7 @@ struct LoadStats {
   std::string first_error;     // the first skipped row's reason, "" when nothing was skipped
   int64_t truncated = 0;       // usable rows cut to seq_len
   int64_t too_long = 0;        // skipped rows longer than LocalDataOptions::max_row_bytes (in `skipped`)
+  int64_t unlabelled = 0;      // usable rows with "output": null (LocalDataset::unlabelled())
 
   // "skipped 3 of 120 rows; first at line 17: field \"output\" must be a string", or "" when
   // nothing was skipped.
@@ -96,6 +99,12 @@ struct IteratorPosition {
   uint64_t fingerprint = 0;  // LocalDataset::fingerprint() of the data the position belongs to
 
   bool operator==(const IteratorPosition&) const = default;
+};
+
+// A row without a label ("output": null): its JSON object as read, for a labeller to fill in.
+struct UnlabelledRow {
+  std::string json;  // the row's line (no BOM, no trailing '\r')
+  int64_t line = 0;  // 1-based line number in the file
 };
 
 class LocalDataset;
@@ -132,7 +141,8 @@ class LocalDataset {
  public:
   // Reads and tokenizes a JSONL file. NotFound if it does not exist; InvalidArgument for invalid
   // options, or if no row is usable ("data.jsonl: no usable row: skipped 3 of 3 rows; first at line
-  // 1: ..."). Skipped rows are reported in stats(). The tokenizer is only used during the call.
+  // 1: ..."). Unlabelled rows count as usable, so train() is empty when every usable row is
+  // unlabelled. Skipped rows are reported in stats(). The tokenizer is only used during the call.
   static absl::StatusOr<LocalDataset> Load(const std::string& path, const model::Tokenizer& tokenizer,
                                            const LocalDataOptions& options);
   // Same, from JSONL text already in memory; `name` stands for the file in messages.
@@ -150,6 +160,12 @@ class LocalDataset {
   // duplicate rows may land on both sides.
   std::span<const LocalExample> train() const { return train_; }
   std::span<const LocalExample> heldout() const { return heldout_; }
+  // Rows with "output": null, in file order.
+  std::span<const UnlabelledRow> unlabelled() const { return unlabelled_; }
+
+  // A copy whose training examples are train() followed by `extra` (pseudo-labelled rows), with
+  // train_tokens() and fingerprint() recomputed; held-out and unlabelled rows unchanged.
+  LocalDataset WithExtraTraining(std::vector<LocalExample> extra) const;
 
   int64_t train_tokens() const { return train_tokens_; }
   int64_t heldout_tokens() const { return heldout_tokens_; }
@@ -171,12 +187,15 @@ class LocalDataset {
   static absl::StatusOr<LocalDataset> FromLines(std::string_view name, const model::Tokenizer& tokenizer,
                                                 const LocalDataOptions& options,
                                                 const std::function<absl::Status(const LineFn&)>& lines);
+  // Sets fingerprint_ from the options and train_.
+  void Fingerprint();
 
   LocalDataOptions options_;
   std::string name_;
   LoadStats stats_;
   std::vector<LocalExample> train_;
   std::vector<LocalExample> heldout_;
+  std::vector<UnlabelledRow> unlabelled_;
   int64_t train_tokens_ = 0;
   int64_t heldout_tokens_ = 0;
   uint64_t fingerprint_ = 0;

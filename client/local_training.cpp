@@ -310,6 +310,10 @@ absl::StatusOr<TrainingResult> RunTraining(const model::LlamaModel& model, lora:
                                            const MemoryPlan& plan, const TrainingProgress& progress,
                                            const TrainingControl& control) {
   SEEDLING_RETURN_IF_ERROR(CheckTrainingArgs(adapter, config, plan, control));
+  if (data.train().empty()) {
+    return absl::InvalidArgumentError(
+        StrCat("no training example: all ", data.unlabelled().size(), " usable rows are unlabelled"));
+  }
   lora::LoraAdapter* forward_adapter = config.full_parameters ? nullptr : adapter;
   // The plan holds the layers' weights to a page per tile when it streams them (model::WeightPages).
   model.set_stream_weights(plan.stream_weights);

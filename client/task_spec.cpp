@@ -3,6 +3,7 @@
 #include <vector>
 
 #include "base/status.h"
+#include "base/strings.h"
 #include "optim/method.h"
 
 namespace seedling::client {
@@ -31,6 +32,16 @@ absl::StatusOr<TaskSpec> TaskSpecFromTask(const v1::Task& task) {
   tc.fwdgrad_apply_locally = Hyperparameter(task, "apply_locally", 1) != 0;
   spec.seq_len = static_cast<int64_t>(Hyperparameter(task, "seq_len", 256));
   spec.batch = static_cast<int64_t>(Hyperparameter(task, "batch", 1));
+  PseudoLabelOptions& pseudo = spec.pseudo_label;
+  pseudo.choices.assign(task.pseudo_label_choices().begin(), task.pseudo_label_choices().end());
+  pseudo.share = Hyperparameter(task, "pseudo_label_share", 0);
+  pseudo.threshold = Hyperparameter(task, "pseudo_label_threshold", 0);
+  if (!(pseudo.share >= 0 && pseudo.share <= 1)) {
+    return absl::InvalidArgumentError(StrCat("pseudo_label_share must be in [0, 1], got ", pseudo.share));
+  }
+  if (!(pseudo.threshold >= 0 && pseudo.threshold < 1)) {
+    return absl::InvalidArgumentError(StrCat("pseudo_label_threshold must be in [0, 1), got ", pseudo.threshold));
+  }
   const std::vector<std::string> targets(task.lora().targets().begin(), task.lora().targets().end());
   SEEDLING_ASSIGN_OR_RETURN(
       spec.lora, lora::MakeLoraConfig(task.lora().rank(), task.lora().alpha(), targets, task.lora().init_seed()));

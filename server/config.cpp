@@ -196,6 +196,31 @@ int64_t ServerConfig::SelectionQuota() const {
   return static_cast<int64_t>(std::ceil(static_cast<double>(clients_per_round) * over_selection - 1e-9));
 }
 
+// [training] pseudo_label_* (checked whether or not pseudo_labels is on, so a typo never waits for the switch).
+static absl::Status ValidatePseudoLabels(const ServerConfig& c) {
+  if (!(c.pseudo_label_rate > 0 && c.pseudo_label_rate <= 1)) {
+    return KeyError("training", "pseudo_label_rate", StrCat("must be in (0, 1], got ", c.pseudo_label_rate));
+  }
+  if (!(c.pseudo_label_threshold >= 0 && c.pseudo_label_threshold < 1)) {
+    return KeyError("training", "pseudo_label_threshold",
+                    StrCat("must be in [0, 1), got ", c.pseudo_label_threshold));
+  }
+  const std::vector<std::string>& choices = c.pseudo_label_choices;
+  if (choices.size() == 1 || choices.size() > 64) {
+    return KeyError("training", "pseudo_label_choices", StrCat("must hold 2 to 64 labels, got ", choices.size()));
+  }
+  const std::set<std::string> distinct(choices.begin(), choices.end());
+  if (distinct.size() != choices.size() || distinct.contains("")) {
+    return KeyError("training", "pseudo_label_choices", "must be distinct non-empty strings");
+  }
+  return absl::OkStatus();
+}
+
+double ServerConfig::PseudoLabelShare(uint64_t round) const {
+  if (!pseudo_labels || round == 0) return 0;
+  return std::min(1.0, pseudo_label_rate * static_cast<double>(round));
+}
+
 absl::Status ServerConfig::Validate() const {
   if (model_dir.empty()) return KeyError("model", "dir", "is required (the base model: a directory or a GGUF file)");
   if (method != "lora-bp" && method != "fwdgrad" && method != "mezo" && method != "kseed" && method != "pepita") {
@@ -340,6 +365,10 @@ absl::StatusOr<ServerConfig> ParseServerConfig(std::string_view toml_text, const
   SEEDLING_RETURN_IF_ERROR(training.Get("require_charging", c.require_charging));
   SEEDLING_RETURN_IF_ERROR(training.Get("require_unmetered", c.require_unmetered));
   SEEDLING_RETURN_IF_ERROR(training.Get("require_idle", c.require_idle));
+  SEEDLING_RETURN_IF_ERROR(training.Get("pseudo_labels", c.pseudo_labels));
+  SEEDLING_RETURN_IF_ERROR(training.Get("pseudo_label_rate", c.pseudo_label_rate));
+  SEEDLING_RETURN_IF_ERROR(training.Get("pseudo_label_threshold", c.pseudo_label_threshold));
+  SEEDLING_RETURN_IF_ERROR(training.Get("pseudo_label_choices", c.pseudo_label_choices));
   SEEDLING_RETURN_IF_ERROR(training.CheckNoUnknownKeys());
   if (!codec_given && c.method == "kseed") codec = "seed-scalars";
   SEEDLING_ASSIGN_OR_RETURN(c.codec.codec, comms::ParseCodecName(codec));

@@ -122,6 +122,14 @@ struct ServerConfig {
   bool require_charging = false;                   // eligibility
   bool require_unmetered = false;
   bool require_idle = false;
+  // Pseudo-labelling (FeS; client/pseudo_label.h): devices label their unlabelled rows ("output": null) with
+  // the global model by multiple choice over pseudo_label_choices and train on the confident ones too.
+  bool pseudo_labels = false;
+  double pseudo_label_rate = 0.1;       // curriculum: share of unlabelled rows at round t, min(1, rate·t), (0, 1]
+  double pseudo_label_threshold = 0.5;  // keep a row when its label's softmax confidence is above this, [0, 1)
+  // The candidate labels (2 to 64 distinct non-empty strings). Empty: devices label nothing; the simulator
+  // fills them with its data's label set.
+  std::vector<std::string> pseudo_label_choices;
 
   // [lora]
   int64_t lora_rank = 8;
@@ -148,6 +156,9 @@ struct ServerConfig {
   int64_t EffectiveMinReports() const;
   int64_t SelectionQuota() const;    // ceil(target × over_selection)
   double EffectiveClipNorm() const;  // privacy.clip_norm with DP on, else clip_norm (what tasks carry)
+  // The pseudo-label curriculum: the share of a device's unlabelled rows it may label in round `round`
+  // (1-based), min(1, pseudo_label_rate × round); 0 with pseudo_labels off or round 0.
+  double PseudoLabelShare(uint64_t round) const;
   bool FedBuff() const { return mode == "fedbuff"; }
   absl::Status Validate() const;
 };

@@ -218,6 +218,12 @@ v1::Task Coordinator::MakeTaskLocked(const RoundRecord& round, const TaskRecord&
   if (config_.lr > 0) hp["lr"] = config_.lr;
   if (config_.epsilon > 0) hp["epsilon"] = config_.epsilon;
   hp["perturbations"] = static_cast<double>(config_.perturbations);
+  if (config_.pseudo_labels && !config_.pseudo_label_choices.empty()) {
+    // The curriculum lives here: devices label at most this share of their unlabelled rows this round.
+    hp["pseudo_label_share"] = config_.PseudoLabelShare(round.round_id);
+    hp["pseudo_label_threshold"] = config_.pseudo_label_threshold;
+    for (const std::string& label : config_.pseudo_label_choices) t.add_pseudo_label_choices(label);
+  }
   t.set_global_version(round.base_version);
   t.set_global_sha256(global_sha256_);
   // Each task's seed: a fixed function of (run seed, round, task) so a re-sent task is the same task.

@@ -101,6 +101,7 @@ absl::StatusOr<SimulationOptions> ParseSimulationConfig(std::string_view toml_te
     SEEDLING_RETURN_IF_ERROR(section.Get("devices", o.population.devices));
     SEEDLING_RETURN_IF_ERROR(section.Get("heldout_devices", o.heldout_devices));
     SEEDLING_RETURN_IF_ERROR(section.Get("eval_examples", o.eval_examples));
+    SEEDLING_RETURN_IF_ERROR(section.Get("labelled_fraction", o.labelled_fraction));
     SEEDLING_RETURN_IF_ERROR(section.Get("phone_classes", o.phone_classes));
     SEEDLING_RETURN_IF_ERROR(section.Get("data", o.data_path));
     std::string partition;
@@ -187,6 +188,9 @@ absl::Status SimulationOptions::Validate() const {
   if (server.rounds < 1) return absl::InvalidArgumentError("rounds must be at least 1");
   if (heldout_devices < 1) return absl::InvalidArgumentError("heldout_devices must be at least 1");
   if (eval_examples < 1) return absl::InvalidArgumentError("eval_examples must be at least 1");
+  if (!(labelled_fraction >= 0 && labelled_fraction <= 1)) {
+    return absl::InvalidArgumentError(StrCat("labelled_fraction must be in [0, 1], got ", labelled_fraction));
+  }
   if (!(tick_s > 0)) return absl::InvalidArgumentError("tick_s must be positive");
   if (!(max_hours > 0)) return absl::InvalidArgumentError("max_hours must be positive");
   if (threads < 0) return absl::InvalidArgumentError("threads must be >= 0");

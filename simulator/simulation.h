@@ -70,6 +70,11 @@ struct SimulationOptions {
   SyntheticCorpusOptions corpus;  // the built-in corpus (devices and seed are set from the above)
   int64_t heldout_devices = 50;   // devices whose data only evaluates the global model
   int64_t eval_examples = 256;    // at most this many held-out examples per evaluation
+  // Share of the training devices' labelled rows (classification rows, "output" equal to the label) that keep
+  // their output, in [0, 1]; the others are written as unlabelled rows ("output": null, no label field) for
+  // pseudo-labelling ([training] pseudo_labels). Seeded per row. Held-out evaluation is unchanged. Default 1.
+  double labelled_fraction = 1.0;
+  AttackOptions attack;  // [attack]: hostile devices in every run (a run's [methods.<label>.attack] replaces it)
   server::ServerConfig server =
       DefaultSimulationServerConfig();  // round settings: rounds, clients_per_round, over_selection,
                                         // deadlines, steps, seq_len, lora, retry, weights (the shared base
@@ -133,7 +138,7 @@ struct SimulationResult {
 };
 
 // Parses sim.toml: a [simulation] table (keys: model, out, work_dir, methods, seed, threads, devices,
-// heldout_devices, eval_examples, phone_classes, data, partition, alpha, exponent, rows_per_device,
+// heldout_devices, eval_examples, labelled_fraction, phone_classes, data, partition, alpha, exponent, rows_per_device,
 // dropout_mean, variation, start_time, tick_s, max_hours, plan_seconds, radio_watts, target_loss, loopback,
 // mpi_placement,
 // device_runtime: "auto" or a size such as "180M"), optional

@@ -42,6 +42,9 @@ absl::Status MethodRun::Setup() {
   config_.state_dir = JoinPath(dir_, "server");
   config_.model_dir = options_.model_dir;
   config_.http_port = 0;
+  // Pseudo-labelling scores over the data's label set unless the run names its own.
+  if (config_.pseudo_labels && config_.pseudo_label_choices.empty())
+    config_.pseudo_label_choices = world_.choice_labels;
   SEEDLING_RETURN_IF_ERROR(config_.Validate());
 
   clock_.Set(SecondsToMs(options_.start_time_s));

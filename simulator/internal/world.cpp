@@ -5,10 +5,12 @@
 #include <spdlog/spdlog.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <set>
 
 #include "base/file.h"
+#include "base/philox.h"
 #include "base/progress.h"
 #include "base/status.h"
 #include "base/strings.h"
@@ -54,17 +56,51 @@ std::string DefaultPhoneClassesPath() { return std::string(SEEDLING_DATA_DIR) + 
 // when fewer than 2 or more than kMaxChoiceLabels labels.
 constexpr size_t kMaxChoiceLabels = 64;
 
+// A classification row: its "output" is its label.
+bool IsLabelledRow(const DataRow& r, nlohmann::json* parsed) {
+  if (r.label.empty() || r.json.find("\"output\"") == std::string::npos) return false;  // most rows: no parse
+  nlohmann::json j = nlohmann::json::parse(r.json, nullptr, false);
+  if (!j.is_object() || !j.contains("output") || !j["output"].is_string() || j["output"] != r.label) return false;
+  if (parsed != nullptr) *parsed = std::move(j);
+  return true;
+}
+
+// SimulationOptions::labelled_fraction: all but round(fraction × n) of the training devices' n labelled rows
+// (at least 1 when fraction > 0), chosen by a Fisher-Yates shuffle on stream (seed, kData), lose their output
+// (null) and their label field, so a device can neither train on them nor read their label.
+void HideLabels(std::vector<DataRow>& rows, const std::vector<std::vector<uint32_t>>& device_rows, double fraction,
+                uint64_t seed) {
+  if (fraction >= 1) return;
+  std::vector<uint32_t> labelled;
+  for (const std::vector<uint32_t>& device : device_rows) {
+    for (uint32_t i : device) {
+      if (IsLabelledRow(rows[i], nullptr)) labelled.push_back(i);
+    }
+  }
+  std::sort(labelled.begin(), labelled.end());
+  const auto n = static_cast<int64_t>(labelled.size());
+  int64_t keep = std::llround(fraction * static_cast<double>(n));
+  if (fraction > 0 && n > 0) keep = std::max<int64_t>(keep, 1);
+  Rng rng(seed ^ 0x6c6162656c6c6564ULL, rng_stream::kData);  // ASCII "labelled"
+  for (int64_t i = n - 1; i > 0; --i) {
+    std::swap(labelled[static_cast<size_t>(i)], labelled[rng.UniformInt(static_cast<uint64_t>(i) + 1)]);
+  }
+  for (int64_t k = keep; k < n; ++k) {
+    DataRow& r = rows[labelled[static_cast<size_t>(k)]];
+    nlohmann::json j;
+    IsLabelledRow(r, &j);
+    j["output"] = nullptr;
+    j.erase("topic");
+    r.json = j.dump();
+  }
+}
+
 absl::StatusOr<std::vector<model::ChoiceItem>> ChoiceItems(const std::vector<DataRow>& rows,
                                                            const std::vector<std::vector<uint32_t>>& heldout,
                                                            const model::Tokenizer& tokenizer,
-                                                           const model::DatasetOptions& dso, int64_t limit) {
-  auto labelled = [](const DataRow& r, nlohmann::json* parsed) {
-    if (r.label.empty() || r.json.find("\"output\"") == std::string::npos) return false;  // most rows: no parse
-    nlohmann::json j = nlohmann::json::parse(r.json, nullptr, false);
-    if (!j.is_object() || !j.contains("output") || !j["output"].is_string() || j["output"] != r.label) return false;
-    if (parsed != nullptr) *parsed = std::move(j);
-    return true;
-  };
+                                                           const model::DatasetOptions& dso, int64_t limit,
+                                                           std::vector<std::string>* labels_out) {
+  const auto labelled = IsLabelledRow;
   std::set<std::string> label_set;
   for (const DataRow& r : rows) {
     if (labelled(r, nullptr)) label_set.insert(r.label);
@@ -72,6 +108,7 @@ absl::StatusOr<std::vector<model::ChoiceItem>> ChoiceItems(const std::vector<Dat
   std::vector<model::ChoiceItem> items;
   if (label_set.size() < 2 || label_set.size() > kMaxChoiceLabels) return items;
   const std::vector<std::string> labels(label_set.begin(), label_set.end());
+  *labels_out = labels;
   for (const std::vector<uint32_t>& device : heldout) {
     for (uint32_t i : device) {
       if (static_cast<int64_t>(items.size()) >= limit) return items;
@@ -186,6 +223,7 @@ absl::StatusOr<World> MakeWorld(const SimulationOptions& options, MpiRanks* rank
   if (static_cast<int64_t>(device_rows.size()) != n) {
     return absl::InternalError(StrCat("the partition has ", device_rows.size(), " devices, expected ", n));
   }
+  HideLabels(rows, device_rows, options.labelled_fraction, options.seed);
   w.data_paths.resize(static_cast<size_t>(n));
   for (int64_t d = 0; d < n; ++d) {
     w.data_paths[static_cast<size_t>(d)] = JoinPath(JoinPath(w.work_dir, "data"), DeviceId(d) + ".jsonl");
@@ -205,8 +243,8 @@ absl::StatusOr<World> MakeWorld(const SimulationOptions& options, MpiRanks* rank
     }
   }
   if (w.eval_examples.empty()) return absl::InvalidArgumentError("no usable held-out example to evaluate on");
-  SEEDLING_ASSIGN_OR_RETURN(w.choice_items,
-                            ChoiceItems(rows, heldout_rows, *w.shared.tokenizer, dso, options.eval_examples));
+  SEEDLING_ASSIGN_OR_RETURN(w.choice_items, ChoiceItems(rows, heldout_rows, *w.shared.tokenizer, dso,
+                                                        options.eval_examples, &w.choice_labels));
   w.end_time_s = options.start_time_s + options.max_hours * 3600.0;
   return w;
 }

@@ -45,6 +45,7 @@ struct World {
   model::ModelConfig model_config;
   std::vector<model::Example> eval_examples;
   std::vector<model::ChoiceItem> choice_items;  // labelled held-out rows (accuracy); empty: no labels
+  std::vector<std::string> choice_labels;       // their candidate labels, sorted (pseudo-labelling's choices)
   double end_time_s = 0;
   MpiRanks* ranks = nullptr;  // nullptr: one process
   // Every rank sees work_dir (one machine, or a shared file system): a device's state can be used from

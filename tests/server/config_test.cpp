@@ -70,6 +70,39 @@ TEST_CASE("fwdgrad pacing keys reach the strategy and bad combinations are refus
                "[training] fwdgrad_pacing");
 }
 
+TEST_CASE("The pseudo-label curriculum grows linearly with the round and stops at every row", "[server][config]") {
+  auto c = Parse("[training]\npseudo_labels = true\npseudo_label_rate = 0.3\n");
+  REQUIRE(c.ok());
+  CHECK(c->pseudo_label_threshold == 0.5);  // the default
+  CHECK(c->PseudoLabelShare(0) == 0);
+  CHECK(c->PseudoLabelShare(1) == Approx(0.3));
+  CHECK(c->PseudoLabelShare(3) == Approx(0.9));
+  CHECK(c->PseudoLabelShare(4) == 1.0);
+  CHECK(c->PseudoLabelShare(100) == 1.0);
+  auto off = Parse("[training]\npseudo_label_rate = 0.3\n");
+  REQUIRE(off.ok());
+  CHECK(off->PseudoLabelShare(5) == 0);  // pseudo_labels is off
+}
+
+TEST_CASE("Bad pseudo-label settings are refused naming the key", "[server][config]") {
+  for (const auto& [text, key] : std::vector<std::pair<std::string, std::string>>{
+           {"pseudo_label_rate = 0.0\n", "pseudo_label_rate"},
+           {"pseudo_label_rate = 1.5\n", "pseudo_label_rate"},
+           {"pseudo_label_threshold = 1.0\n", "pseudo_label_threshold"},
+           {"pseudo_label_threshold = -0.1\n", "pseudo_label_threshold"},
+           {"pseudo_label_choices = [\"only\"]\n", "pseudo_label_choices"},
+           {"pseudo_label_choices = [\"a\", \"a\"]\n", "pseudo_label_choices"},
+           {"pseudo_label_choices = [\"a\", \"\"]\n", "pseudo_label_choices"},
+           {"pseudo_labels = \"yes\"\n", "pseudo_labels"},
+       }) {
+    INFO(text);
+    auto c = Parse(StrCat("[training]\n", text));
+    REQUIRE_FALSE(c.ok());
+    CHECK_THAT(std::string(c.status().message()), Catch::Contains(key));
+  }
+  CHECK(Parse("[training]\npseudo_labels = true\npseudo_label_choices = [\"a\", \"b\"]\n").ok());
+}
+
 TEST_CASE("[model] id is refused: devices identify the model by its config.json hash", "[server][config]") {
   auto c = Parse("id = \"smollm2-135m\"\n");
   REQUIRE_FALSE(c.ok());

@@ -822,6 +822,18 @@ TEST_CASE("A bad sim.toml [model] key or value is refused naming it", "[simulato
   }
 }
 
+TEST_CASE("labelled_fraction is read from sim.toml and refused outside [0, 1]", "[simulator][fes]") {
+  auto o = ParseSimulationConfig("[simulation]\nmodel = \"m\"\nlabelled_fraction = 0.01\n");
+  REQUIRE(o.ok());
+  CHECK(o->labelled_fraction == 0.01);
+  for (const char* bad : {"1.5", "-0.1"}) {
+    auto b = ParseSimulationConfig(StrCat("[simulation]\nmodel = \"m\"\nlabelled_fraction = ", bad, "\n"));
+    INFO(bad);
+    REQUIRE_FALSE(b.ok());
+    CHECK_THAT(std::string(b.status().message()), Catch::Contains("labelled_fraction"));
+  }
+}
+
 // ---- fwdgrad pacing (server/fwdgrad_pacing.h)
 
 // fwdgrad runs on the Small population with no dropouts (an aborted round would leave K as it was).
