@@ -1,4 +1,5 @@
-// privacy epsilon / privacy noise-for: the RDP accountant of privacy/accountant.h from the command line.
+// privacy epsilon / noise-for / ftrl: the RDP accountant and DP-FTRL's zCDP (privacy/accountant.h) from the command
+// line.
 
 #include <cmath>
 #include <iostream>
@@ -18,6 +19,8 @@ struct PrivacyFlags {
   double epsilon = -1;
   int64_t steps = -1;
   double delta = -1;
+  int64_t tree_restart_rounds = -1;
+  int64_t participations = 1;
   std::string conversion = "balle2020";
 };
 
@@ -49,6 +52,29 @@ void RegisterPrivacyCommands(CLI::App& app, Action& action) {
           privacy::PrivacySpent spent,
           privacy::ComputeEpsilon(f->sampling_rate, f->noise_multiplier, f->steps, f->delta, conversion));
       std::cout << nlohmann::json{{"epsilon", Number(spent.epsilon)}, {"order", spent.order}}.dump() << std::endl;
+      return absl::OkStatus();
+    };
+  });
+
+  CLI::App* ftrl = privacy->add_subcommand(
+      "ftrl", "Print {\"rho\", \"epsilon\", \"epsilon_delta_1e-10\"}: DP-FTRL (tree aggregation) after T rounds, zCDP");
+  ftrl->add_option("--steps", f->steps, "Number of rounds, >= 0")->required();
+  ftrl->add_option("--tree-restart-rounds", f->tree_restart_rounds, "Rounds per tree R, >= 1")->required();
+  ftrl->add_option("--noise-multiplier", f->noise_multiplier, "Node noise std / clip norm (sigma), >= 0")->required();
+  ftrl->add_option("--participations", f->participations, "Rounds of one tree a device may join (k), >= 1")
+      ->capture_default_str();
+  ftrl->add_option("--delta", f->delta, "Delta of the reported epsilon, in (0, 1)")->required();
+  ftrl->callback([f, &action] {
+    action = [f]() -> absl::Status {
+      SEEDLING_ASSIGN_OR_RETURN(double rho, privacy::TreeAggregationZcdp(f->steps, f->tree_restart_rounds,
+                                                                         f->noise_multiplier, f->participations));
+      SEEDLING_ASSIGN_OR_RETURN(double epsilon, privacy::EpsilonFromZcdp(rho, f->delta));
+      SEEDLING_ASSIGN_OR_RETURN(double epsilon_report, privacy::EpsilonFromZcdp(rho, 1e-10));
+      std::cout << nlohmann::json{{"rho", Number(rho)},
+                                  {"epsilon", Number(epsilon)},
+                                  {"epsilon_delta_1e-10", Number(epsilon_report)}}
+                       .dump()
+                << std::endl;
       return absl::OkStatus();
     };
   });

@@ -105,6 +105,11 @@ std::vector<std::pair<std::string, std::string>> ReportSettings(const Simulation
     settings.push_back({"differential privacy", StrCat("clip ", p.clip_norm, ", noise multiplier ", p.noise_multiplier,
                                                        ", target ε ", p.target_epsilon, " at δ ", p.delta, ", noise ",
                                                        p.noise, p.noise == "seeded" ? " (simulation only)" : "")});
+    if (p.dp_ftrl()) {
+      settings.push_back(
+          {"DP mechanism", StrCat("DP-FTRL (tree aggregation, zCDP): trees of ", p.tree_restart_rounds,
+                                  " rounds, at most ", p.max_participations_per_tree, " per device and tree")});
+    }
   }
   if (options.server.secagg.enabled) {
     const server::SecAggConfig& sa = options.server.secagg;

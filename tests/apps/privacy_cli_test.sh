@@ -48,6 +48,21 @@ case "$case_name" in
     expect_error "target epsilon must be finite and > 0, got -1" \
       "$seedling" privacy noise-for --epsilon -1 --sampling-rate 0.1 --steps 10 --delta 1e-5
     ;;
+  ftrl)
+    # Hand-computed (docs/methods.md, "DP-FTRL"): R = 4, z = 2, 10 rounds → 8 levels, ρ = 1,
+    # ε(1e-10) = 1 + 2√(ln 1e10) = 10.5970518; ε(1e-5) = 1 + 2√(ln 1e5) = 7.7861404.
+    out=$("$seedling" privacy ftrl --steps 10 --tree-restart-rounds 4 --noise-multiplier 2 --delta 1e-5) \
+      || fail "privacy ftrl failed"
+    within "$(echo "$out" | json_number rho)" 1 1e-9 || fail "rho not 1: $out"
+    within "$(echo "$out" | json_number epsilon)" 7.7861404 1e-6 || fail "epsilon not 7.7861: $out"
+    within "$(echo "$out" | sed -n 's/.*"epsilon_delta_1e-10":\([-0-9.e+]*\).*/\1/p')" 10.5970518 1e-6 \
+      || fail "epsilon at 1e-10 not 10.597: $out"
+    k2=$("$seedling" privacy ftrl --steps 10 --tree-restart-rounds 4 --noise-multiplier 2 --participations 2 \
+         --delta 1e-5 | json_number rho)
+    within "$k2" 4 1e-9 || fail "rho with k = 2 not 4: $k2"
+    expect_error "rounds per tree must be in [1," \
+      "$seedling" privacy ftrl --steps 10 --tree-restart-rounds 0 --noise-multiplier 2 --delta 1e-5
+    ;;
   *) fail "unknown case $case_name" ;;
 esac
 echo "ok: $case_name"

@@ -23,6 +23,7 @@
 #include "model/config.h"
 #include "model/init.h"
 #include "model/weights.h"
+#include "privacy/accountant.h"
 #include "server/fwdgrad_pacing.h"
 #include "tests/test_util.h"
 
@@ -316,6 +317,31 @@ TEST_CASE("With DP on the records carry the epsilon spent, and seeded noise repe
   auto html = ReadFile(ra.report_path);
   REQUIRE(html.ok());
   CHECK(html->find("fig-epsilon") != std::string::npos);
+}
+
+TEST_CASE("DP-FTRL runs in the simulator with a finite loss and its zCDP epsilon in the summary", "[simulator][ftrl]") {
+  TempDir dir;
+  SimulationOptions o = Small(JoinPath(dir.path, "ftrl"));
+  o.methods = {"lora-bp"};
+  o.server.rounds = 4;
+  o.server.privacy.dp = true;
+  o.server.privacy.mechanism = "dp-ftrl";
+  o.server.privacy.tree_restart_rounds = 2;
+  o.server.privacy.clip_norm = 0.5;
+  o.server.privacy.noise_multiplier = 1.0;
+  o.server.privacy.target_epsilon = 50;
+  o.server.privacy.noise = "seeded";
+  auto r = RunSimulation(o);
+  REQUIRE(r.ok());
+  const MethodSummary& summary = r->methods[0].summary;
+  REQUIRE(summary.committed_rounds >= 2);
+  CHECK(std::isfinite(summary.final_eval_loss));
+  // ρ after the committed rounds (trees of 2 rounds, z = 1, k = 1) and ε = ρ + 2√(ρ ln(1/δ)), δ = 1e-5:
+  // e.g. 4 rounds: 2 trees of 2 levels, ρ = 4/2 = 2, ε = 2 + 2√(2 ln 1e5) = 11.597.
+  const double rho = *privacy::TreeAggregationZcdp(summary.committed_rounds, 2, 1.0, 1);
+  CHECK(summary.epsilon == Approx(rho + 2 * std::sqrt(rho * std::log(1e5))).epsilon(1e-9));
+  if (summary.committed_rounds == 4) CHECK(summary.epsilon == Approx(11.5970518).epsilon(1e-6));
+  CHECK_THAT(r->summary_table, Catch::Contains("epsilon"));
 }
 
 // SecAgg+ rounds (privacy/secagg.h) run in the simulator: the devices wait for stages on their simulated
