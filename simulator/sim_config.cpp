@@ -30,6 +30,20 @@ std::string StrategyFor(const std::string& method, const std::string& configured
   return configured == "kseed" || configured == "fwdgrad" ? std::string("fedavg") : configured;
 }
 
+// An [attack] table (top level or a run's) into `attack`, which keeps its defaults for missing keys.
+absl::Status ParseAttack(const toml::table& t, const std::string& name, AttackOptions& attack) {
+  TomlSection section(&t, name);
+  SEEDLING_RETURN_IF_ERROR(section.Get("fraction", attack.fraction));
+  SEEDLING_RETURN_IF_ERROR(section.Get("kind", attack.kind));
+  SEEDLING_RETURN_IF_ERROR(section.Get("scale", attack.scale));
+  SEEDLING_RETURN_IF_ERROR(section.CheckNoUnknownKeys());
+  if (absl::Status st = attack.Validate(); !st.ok()) {
+    // Name the table the value came from.
+    return absl::InvalidArgumentError(StrCat("[", name, "]", FromAbsl(st.message()).substr(8)));
+  }
+  return absl::OkStatus();
+}
+
 // A [methods.<label>] table: its own keys into `ms`, its sub-tables (server.toml sections) into
 // ms.server_overrides as TOML text.
 absl::Status ParseRunTable(const toml::table& t, const std::string& label, MethodSettings& ms) {
@@ -44,6 +58,12 @@ absl::Status ParseRunTable(const toml::table& t, const std::string& label, Metho
     if (!value.is_table()) continue;
     const std::string k(key.str());
     section.MarkKnown(k);
+    if (k == "attack") {  // the simulator's own, not a server.toml section
+      AttackOptions attack;
+      SEEDLING_RETURN_IF_ERROR(ParseAttack(*value.as_table(), StrCat(tn, ".attack"), attack));
+      ms.attack = attack;
+      continue;
+    }
     if (k == "training" && value.as_table()->contains("method")) {
       return absl::InvalidArgumentError(
           StrCat("[", tn, ".training] method: set the run's method with [", tn, "] method"));
@@ -146,6 +166,10 @@ absl::StatusOr<SimulationOptions> ParseSimulationConfig(std::string_view toml_te
       SEEDLING_RETURN_IF_ERROR(ParseRunTable(*t, name, o.method_settings[name]));
     }
   }
+  if (const toml::node* attack = root.get("attack"); attack != nullptr) {
+    if (!attack->is_table()) return absl::InvalidArgumentError("[attack] must be a table");
+    SEEDLING_RETURN_IF_ERROR(ParseAttack(*attack->as_table(), "attack", o.attack));
+  }
   // [model]: weights is server.toml's key (the rounds carry it); weight_cache_dir is the simulator's own.
   if (toml::table* model = root.get_as<toml::table>("model"); model != nullptr) {
     // The other [model] keys are server.toml's: only this one is read (and checked) here.
@@ -155,6 +179,7 @@ absl::StatusOr<SimulationOptions> ParseSimulationConfig(std::string_view toml_te
   // The round settings: everything else, in server.toml's sections.
   root.erase("simulation");
   root.erase("methods");
+  root.erase("attack");
   std::ostringstream rest;
   rest << root;
   server::ServerConfig defaults = DefaultSimulationServerConfig();
@@ -196,6 +221,22 @@ absl::Status SimulationOptions::Validate() const {
   if (threads < 0) return absl::InvalidArgumentError("threads must be >= 0");
   // Each run's round settings, with its method (e.g. [secagg] refuses methods without a dense delta).
   for (const std::string& label : methods) SEEDLING_RETURN_IF_ERROR(RunServerConfig(label).status());
+  SEEDLING_RETURN_IF_ERROR(attack.Validate());
+  for (const std::string& label : methods) {
+    const AttackOptions& run_attack = RunAttack(label);
+    SEEDLING_RETURN_IF_ERROR(run_attack.Validate());
+    if (!run_attack.enabled()) continue;
+    SEEDLING_ASSIGN_OR_RETURN(const server::ServerConfig run, RunServerConfig(label));
+    if (run.secagg.enabled) {
+      return absl::InvalidArgumentError(StrCat("run '", label,
+                                               "': [attack] rewrites plaintext uploads and cannot run with [secagg] "
+                                               "enabled"));
+    }
+    if (run.codec.codec == v1::CODEC_TOPK) {
+      return absl::InvalidArgumentError(StrCat(
+          "run '", label, "': [attack] cannot rewrite top-k uploads (their error feedback stays on the device)"));
+    }
+  }
   if (mpi_placement != "auto" && mpi_placement != "static") {
     return absl::InvalidArgumentError(StrCat("mpi_placement must be auto or static, got '", mpi_placement, "'"));
   }
@@ -209,6 +250,41 @@ absl::Status SimulationOptions::Validate() const {
   return absl::OkStatus();
 }
 
+const AttackOptions& SimulationOptions::RunAttack(const std::string& label) const {
+  const auto it = method_settings.find(label);
+  return it != method_settings.end() && it->second.attack.has_value() ? *it->second.attack : attack;
+}
+
+double AttackOptions::EffectiveScale() const {
+  if (scale > 0) return scale;
+  if (kind == "sign-flip") return 1.0;
+  if (kind == "noise") return 0.01;
+  return 10.0;
+}
+
+std::string AttackOptions::Describe() const {
+  if (!enabled()) return "";
+  const std::string what = kind == "noise" ? StrCat("noise std ", EffectiveScale())
+                           : kind == "sign-flip" ? StrCat("sign-flip x", EffectiveScale())
+                                                 : StrCat("scale x", EffectiveScale());
+  return StrCat(fraction * 100, "% of devices, ", what);
+}
+
+absl::Status AttackOptions::Validate() const {
+  if (!(fraction >= 0 && fraction <= 1)) {
+    return absl::InvalidArgumentError(StrCat("[attack] fraction: must be in [0, 1], got ", fraction));
+  }
+  if (kind != "scale" && kind != "sign-flip" && kind != "noise") {
+    return absl::InvalidArgumentError(
+        StrCat("[attack] kind: must be \"scale\", \"sign-flip\" or \"noise\", got \"", kind, "\""));
+  }
+  if (!(std::isfinite(scale) && scale >= 0)) {
+    return absl::InvalidArgumentError(
+        StrCat("[attack] scale: must be finite and >= 0 (0 = the kind's default), got ", scale));
+  }
+  return absl::OkStatus();
+}
+
 std::string SimulationOptions::MethodOf(const std::string& label) const {
   const auto it = method_settings.find(label);
   return it == method_settings.end() || it->second.method.empty() ? label : it->second.method;
@@ -216,6 +292,7 @@ std::string SimulationOptions::MethodOf(const std::string& label) const {
 
 std::string SimulationOptions::DescribeRun(const std::string& label) const {
   std::string out = MethodOf(label);
+  if (const AttackOptions& a = RunAttack(label); a.enabled()) out += StrCat("; attack: ", a.Describe());
   const auto it = method_settings.find(label);
   if (it == method_settings.end()) return out;
   const MethodSettings& ms = it->second;

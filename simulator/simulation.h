@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -42,6 +43,28 @@ server::ServerConfig DefaultSimulationServerConfig();
 // What differs between the runs of one comparison (sim.toml [methods.<label>]). A run is named by its label,
 // which is a method's name or any other name with `method` set, so one report can compare variants of one
 // method (fixed K against paced K, with and without a defence, ...).
+// The attack model (sim.toml [attack], or [methods.<label>.attack] for one run): a share of the population's
+// devices is hostile. They train honestly, then upload a transformed update instead of their own:
+//   scale      update ← s · update          (s = scale, default 10: a boosted update)
+//   sign-flip  update ← −s · update         (s = scale, default 1)
+//   noise      update ← N(0, s²) per entry  (s = scale, default 0.01)
+// The upload is rewritten on the simulated device's transport (simulator/internal/attack.h): the client SDK
+// holds no attack code. Seed methods (kseed, fwdgrad pairs) have their scalars transformed the same way. For
+// studies of [strategy] robust (docs/operations.md, "Robust aggregation").
+struct AttackOptions {
+  double fraction = 0;         // share of the population's devices that attack, in [0, 1]: round(fraction ·
+                               // devices) of them, chosen by the simulation's seed; 0 = no attack
+  std::string kind = "scale";  // scale, sign-flip, noise
+  double scale = 0;            // the factor (scale, sign-flip) or the per-entry std (noise); 0 = the kind's default
+
+  bool enabled() const { return fraction > 0; }
+  double EffectiveScale() const;
+  // "10% of devices, scale x10"; "" when off.
+  std::string Describe() const;
+  // InvalidArgument naming the key ("[attack] fraction: ...") for a value out of range.
+  absl::Status Validate() const;
+};
+
 struct MethodSettings {
   std::string method;  // the run's method (lora-bp, fwdgrad, mezo, kseed, ...); "" = the label is the method
   std::string codec;   // "" = the method's default: int8 (lora-bp, mezo), fp16 (fwdgrad), seed-scalars (kseed)
@@ -51,6 +74,7 @@ struct MethodSettings {
   // on top of the simulation's round settings for this run only; "" = none. [training] method is the run's
   // `method` and cannot be overridden here.
   std::string server_overrides;
+  std::optional<AttackOptions> attack;  // [methods.<label>.attack]; nullopt = SimulationOptions::attack
 };
 
 struct SimulationOptions {
@@ -114,6 +138,8 @@ struct SimulationOptions {
   absl::StatusOr<server::ServerConfig> RunServerConfig(const std::string& label) const;
   // One line for reports: "fwdgrad; lr 0.01; training.fwdgrad_pacing = true".
   std::string DescribeRun(const std::string& label) const;
+  // The attack of run `label`: its [methods.<label>.attack], else `attack`.
+  const AttackOptions& RunAttack(const std::string& label) const;
 };
 
 struct MethodResult {

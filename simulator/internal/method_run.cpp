@@ -40,6 +40,7 @@ absl::Status MethodRun::Setup() {
   std::filesystem::create_directories(JoinPath(dir_, "devices"), ec);
   if (ec) return absl::InternalError(StrCat("cannot create ", dir_, ": ", ec.message()));
   config_.state_dir = JoinPath(dir_, "server");
+  attackers_ = std::make_unique<RunAttackers>(options_, label_, world_.population->size(), dir_);
   config_.model_dir = options_.model_dir;
   config_.http_port = 0;
   // Pseudo-labelling scores over the data's label set unless the run names its own.

@@ -25,6 +25,7 @@
 #include "lora/adapter.h"
 #include "server/config.h"
 #include "server/coordinator.h"
+#include "simulator/internal/attack.h"
 #include "simulator/internal/compute_slots.h"
 #include "simulator/internal/gate.h"
 #include "simulator/internal/world.h"
@@ -126,6 +127,7 @@ class MethodRun {
   std::unique_ptr<comms::Transport> inner_;
   std::vector<std::string> tokens_;
   std::unique_ptr<lora::LoraAdapter> eval_adapter_;
+  std::unique_ptr<RunAttackers> attackers_;  // the run's hostile devices ([attack])
   int threads_ = 1;
   int64_t steps_ = 0, batch_ = 0, seq_len_ = 0, perturbations_ = 0;
   double flops_ = 0;  // one local run

@@ -177,11 +177,12 @@ void MethodRun::DeviceMain(Activation* a, client::Conditions conditions) {
   absl::StatusOr<client::RunResult> result = absl::UnknownError("not run");
   {
     GateClock clock(gate_, d);  // outlives the client
-    absl::StatusOr<std::unique_ptr<client::Client>> c =
-        client::Client::Create(cc, std::make_unique<SimTransport>(this, d, inner_.get()), world_.shared);
+    absl::StatusOr<std::unique_ptr<client::Client>> c = client::Client::Create(
+        cc, attackers_->Wrap(d, std::make_unique<SimTransport>(this, d, inner_.get())), world_.shared);
     if (!c.ok()) {
       result = c.status();
     } else {
+      attackers_->Arm(d, **c);
       {
         std::lock_guard<std::mutex> lock(mu_);
         a->client = c->get();

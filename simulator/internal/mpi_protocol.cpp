@@ -13,6 +13,7 @@
 #include "base/file.h"
 #include "base/status.h"
 #include "base/strings.h"
+#include "simulator/internal/attack.h"
 #include "simulator/internal/compute_slots.h"
 #include "simulator/internal/sim_transport.h"
 
@@ -112,7 +113,8 @@ absl::Status RunDeviceRank(const World& world) {
   MpiRanks& ranks = *world.ranks;
   const SimulationOptions& options = *world.options;
   ComputeSlots slots(options.threads > 0 ? options.threads : std::max(1u, std::thread::hardware_concurrency()));
-  std::map<int64_t, std::thread> threads;  // by device: its latest activation
+  std::map<std::string, std::unique_ptr<RunAttackers>> run_attackers;  // by run label ([attack])
+  std::map<int64_t, std::thread> threads;                               // by device: its latest activation
   std::set<std::string> methods_ready;
   absl::Status failure = absl::OkStatus();
   while (true) {
@@ -154,7 +156,15 @@ absl::Status RunDeviceRank(const World& world) {
     client::ClientConfig cc = DeviceClientConfig(world, method_dir, d, j.value("token", std::string()));
     if (auto it = threads.find(d); it != threads.end()) it->second.join();  // it reported its result already
     const double vt = j.value("vt", 0.0);
-    threads[d] = std::thread([&world, &ranks, &slots, cc = std::move(cc), c, d, vt] {
+    auto attackers = run_attackers.find(method);
+    if (attackers == run_attackers.end()) {
+      attackers = run_attackers
+                      .emplace(method, std::make_unique<RunAttackers>(*world.options, method,
+                                                                      world.population->size(), method_dir))
+                      .first;
+    }
+    const RunAttackers* hostile = attackers->second.get();
+    threads[d] = std::thread([&world, &ranks, &slots, cc = std::move(cc), c, d, vt, hostile] {
       auto dev = std::make_shared<ForwardedDevice>();
       dev->ranks = &ranks;
       dev->device = d;
@@ -164,10 +174,11 @@ absl::Status RunDeviceRank(const World& world) {
       {
         ForwardedClock clock(dev);  // outlives the client
         absl::StatusOr<std::unique_ptr<client::Client>> client =
-            client::Client::Create(cc, std::make_unique<ForwardedTransport>(dev), world.shared);
+            client::Client::Create(cc, hostile->Wrap(d, std::make_unique<ForwardedTransport>(dev)), world.shared);
         if (!client.ok()) {
           result = client.status();
         } else {
+          hostile->Arm(d, **client);
           (*client)->SetConditions(c);
           client::SimulationHooks hooks;
           hooks.clock = &clock;
