@@ -177,6 +177,11 @@ static absl::Status ValidateRobust(const ServerConfig& c) {
                     "noise is calibrated to a sum's sensitivity, not a median's, trimmed mean's or Krum "
                     "selection's");
   }
+  if (c.FedBuff()) {
+    return KeyError("strategy", "robust",
+                    "cannot run with mode = \"fedbuff\": the rules compare the updates of one round, while a "
+                    "buffer weighs updates of different versions by their staleness");
+  }
   if (c.EffectiveMinReports() < MinRobustUpdates(r)) {
     return KeyError("strategy", "robust_krum_f",
                     StrCat("krum with f = ", r.krum_f, (r.krum_m > 0 ? StrCat(", m = ", r.krum_m) : ""),

@@ -406,6 +406,7 @@ TEST_CASE("server.toml [strategy] robust keys are parsed, validated and refused 
             "[privacy] dp"},
            {"[training]\nmethod = \"kseed\"\n[strategy]\nrobust = \"median\"\n", "method must be lora-bp or mezo"},
            {"[training]\nmethod = \"fwdgrad\"\n[strategy]\nrobust = \"median\"\n", "method must be lora-bp or mezo"},
+           {"[strategy]\nrobust = \"median\"\nmode = \"fedbuff\"\n", "mode = \"fedbuff\""},
            // clients_per_round 10: rounds may commit with 5 updates; krum with f = 2 needs 7.
            {"[strategy]\nrobust = \"krum\"\nrobust_krum_f = 2\n", "needs at least 7 updates"},
        }) {
