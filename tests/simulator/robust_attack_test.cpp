@@ -1,13 +1,16 @@
 // The simulator's attack model (AttackOptions, simulator/internal/attack.h) against robust aggregation
 // ([strategy] robust, server/robust_strategy.h), end to end: real clients, real coordinator, simulated clock.
 
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <string>
 #include <vector>
 
 #include "base/file.h"
+#include "comms/codec.h"
 #include "model/init.h"
+#include "simulator/internal/attack.h"
 #include "simulator/simulation.h"
 #include "tests/test_util.h"
 
@@ -115,6 +118,43 @@ TEST_CASE("sim.toml [attack] is parsed per simulation and per run, and bad value
       "[attack]\nfraction = 0.1\n");
   REQUIRE_FALSE(topk.ok());
   CHECK_THAT(std::string(topk.status().message()), Catch::Contains("top-k"));
+}
+
+TEST_CASE("A hostile upload is the honest one transformed, in the same codec and size, by the chosen devices",
+          "[simulator][robust]") {
+  const std::vector<float> honest = {0.5f, -1.0f, 0.25f, 2.0f, 0.0f, -0.125f};
+  for (v1::Codec codec : {v1::CODEC_FP32, v1::CODEC_FP16, v1::CODEC_INT8}) {
+    auto payload = comms::EncodeDense(honest, {.codec = codec, .block_size = 4}, 1);
+    REQUIRE(payload.ok());
+    auto hostile = internal::AttackPayload({.fraction = 0.1, .kind = "sign-flip", .scale = 3}, *payload, 7);
+    REQUIRE(hostile.ok());
+    CHECK(hostile->size() == payload->size());
+    auto before = comms::DecodeDense(*payload);
+    auto after = comms::DecodeDense(*hostile);
+    REQUIRE((before.ok() && after.ok()));
+    // int8 re-quantizes: each value within one step (max |x| / 127 of its block, times 3) of −3x.
+    for (size_t i = 0; i < honest.size(); ++i) CHECK((*after)[i] == Approx(-3.0 * (*before)[i]).margin(0.05));
+  }
+  const std::vector<comms::SeedIndexScalar> pairs = {{3, 0.5f}, {9, -2.0f}};
+  auto scaled = internal::AttackPayload({.fraction = 0.1}, comms::EncodeSeedIndexScalars(pairs), 7);
+  REQUIRE(scaled.ok());
+  auto decoded = comms::DecodeSeedIndexScalars(*scaled, 16);
+  REQUIRE(decoded.ok());
+  CHECK((*decoded)[0].value == 5.0f);  // scale's default factor 10
+  CHECK((*decoded)[1].value == -20.0f);
+  CHECK((*decoded)[1].index == 9);
+  comms::ErrorFeedback feedback(honest.size());
+  auto topk = comms::EncodeDense(honest, {.codec = v1::CODEC_TOPK, .topk_fraction = 0.5f}, 1, &feedback);
+  REQUIRE(topk.ok());
+  CHECK_FALSE(internal::AttackPayload({.fraction = 0.1}, *topk, 7).ok());
+
+  // round(0.1 · 95) = 10 (9.5 rounds away from zero) devices, the same ones for the same seed, others for another.
+  const std::vector<bool> a = internal::ChooseAttackers({.fraction = 0.1}, 95, 3);
+  CHECK(std::count(a.begin(), a.end(), true) == 10);
+  CHECK(a == internal::ChooseAttackers({.fraction = 0.1}, 95, 3));
+  CHECK(a != internal::ChooseAttackers({.fraction = 0.1}, 95, 4));
+  const std::vector<bool> none = internal::ChooseAttackers({}, 95, 3);
+  CHECK(std::count(none.begin(), none.end(), true) == 0);
 }
 
 }  // namespace
