@@ -142,6 +142,11 @@ static absl::Status ValidateFedBuff(const ServerConfig& c) {
                            "fedadam, fedyogi, fedadagrad), not ",
                            c.strategy.name));
   }
+  if (c.robust.enabled()) {
+    return KeyError("strategy", "mode",
+                    StrCat("fedbuff cannot run with [strategy] robust = \"", c.robust.rule,
+                           "\": robust aggregation does not weigh stale updates"));
+  }
   if (c.secagg.enabled) {
     return KeyError("strategy", "mode",
                     "fedbuff cannot run with [secagg] enabled: a SecAgg+ session needs a fixed cohort that uploads "

@@ -127,6 +127,7 @@ TEST_CASE("The fedbuff keys parse, and fedbuff refuses what needs a fixed cohort
   CHECK_THAT(ConfigError("[strategy]\nmode = \"fedbuff\"\n[privacy]\ndp = true\nclip_norm = 1\nnoise_multiplier = 1\n"
                          "target_epsilon = 5\n"),
              Catch::Contains("[privacy] dp"));
+  CHECK_THAT(ConfigError("[strategy]\nmode = \"fedbuff\"\nrobust = \"median\"\n"), Catch::Contains("robust"));
   CHECK_THAT(ConfigError("[training]\nmethod = \"kseed\"\ncodec = \"seed-scalars\"\n[strategy]\nmode = \"fedbuff\"\n"),
              Catch::Contains("fedavg family"));
 }
