@@ -101,9 +101,9 @@ static absl::Status ValidateSecAgg(const ServerConfig& c) {
   }
   if (!s.enabled) return absl::OkStatus();
   if (c.method != "lora-bp" && c.method != "mezo" && c.method != "pepita") {
-    return KeyError("secagg", "enabled",
-                    StrCat("secure aggregation sums parameter deltas: method must be lora-bp, mezo or pepita, got ",
-                           c.method));
+    return KeyError(
+        "secagg", "enabled",
+        StrCat("secure aggregation sums parameter deltas: method must be lora-bp, mezo or pepita, got ", c.method));
   }
   if (c.privacy.dp && s.max_weight != 1) {
     return KeyError("secagg", "max_weight",
@@ -130,8 +130,9 @@ static absl::Status ValidateFedBuff(const ServerConfig& c) {
   const FedBuffConfig& f = c.fedbuff;
   if (f.buffer_size < 1) return KeyError("strategy", "buffer_size", StrCat("must be >= 1, got ", f.buffer_size));
   if (f.concurrency < f.buffer_size) {
-    return KeyError("strategy", "concurrency",
-                    StrCat("must be >= buffer_size (", f.buffer_size, ") or no buffer could fill, got ", f.concurrency));
+    return KeyError(
+        "strategy", "concurrency",
+        StrCat("must be >= buffer_size (", f.buffer_size, ") or no buffer could fill, got ", f.concurrency));
   }
   if (f.max_staleness < 0) return KeyError("strategy", "max_staleness", StrCat("must be >= 0, got ", f.max_staleness));
   if (!c.FedBuff()) return absl::OkStatus();
@@ -212,8 +213,7 @@ static absl::Status ValidatePseudoLabels(const ServerConfig& c) {
     return KeyError("training", "pseudo_label_rate", StrCat("must be in (0, 1], got ", c.pseudo_label_rate));
   }
   if (!(c.pseudo_label_threshold >= 0 && c.pseudo_label_threshold < 1)) {
-    return KeyError("training", "pseudo_label_threshold",
-                    StrCat("must be in [0, 1), got ", c.pseudo_label_threshold));
+    return KeyError("training", "pseudo_label_threshold", StrCat("must be in [0, 1), got ", c.pseudo_label_threshold));
   }
   const std::vector<std::string>& choices = c.pseudo_label_choices;
   if (choices.size() == 1 || choices.size() > 64) {

@@ -139,7 +139,7 @@ struct ServerConfig {
 
   // [strategy] (name default: fedavg; kseed for method kseed, fwdgrad for method fwdgrad)
   StrategyOptions strategy;
-  RobustOptions robust;  // [strategy] robust, robust_norm_bound, ... (server/robust_strategy.h)
+  RobustOptions robust;       // [strategy] robust, robust_norm_bound, ... (server/robust_strategy.h)
   std::string mode = "sync";  // [strategy] mode: "sync" (rounds with a cohort and a deadline) or "fedbuff"
   FedBuffConfig fedbuff;      // [strategy] buffer_size, concurrency, max_staleness (mode = "fedbuff")
 

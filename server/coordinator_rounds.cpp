@@ -60,7 +60,7 @@ void Coordinator::AbortRoundLocked(int64_t now, const std::string& reason) {
   if (rounds_total_ != nullptr) rounds_total_->WithLabels({"aborted"}).Increment();
   // Worthless now; fedbuff uploads belong to tasks, not buffers, and join the next buffer.
   if (!config_.FedBuff()) uploads_.DropRound(round_->round_id);
-  secagg_.reset();                       // nothing of a SecAgg session outlives its round
+  secagg_.reset();  // nothing of a SecAgg session outlives its round
   secagg_participants_.clear();
   round_.reset();
   ++finished_rounds_;
@@ -75,7 +75,7 @@ void Coordinator::FinishRoundLocked(int64_t now) {
   round_->state = RoundState::kAggregating;  // requests see the round as it is in the store from now on
   const uint64_t round_id = round_->round_id;
   if (!config_.FedBuff()) uploads_.DropRound(round_id);  // worthless now (fedbuff: they join the next buffer)
-  WaitForLedgerLocked();         // the round's count is final once the entries in flight are durable (or failed)
+  WaitForLedgerLocked();  // the round's count is final once the entries in flight are durable (or failed)
   if (!round_.has_value() || round_->round_id != round_id) {  // a failed ledger write aborted it meanwhile
     finishing_ = false;
     io_done_.SignalAll();
@@ -168,8 +168,7 @@ absl::Status Coordinator::Commit(const PendingCommit& p, int64_t now) {
   }
   if (p.stats.processed_tokens > 0) result["processed_tokens"] = p.stats.processed_tokens;
   if (config_.FedBuff() && p.round.accepted > 0) {
-    result["mean_staleness"] =
-        static_cast<double>(p.stats.staleness_sum) / static_cast<double>(p.round.accepted);
+    result["mean_staleness"] = static_cast<double>(p.stats.staleness_sum) / static_cast<double>(p.round.accepted);
     result["max_staleness"] = p.stats.staleness_max;
   }
   for (const auto& [k, v] : p.outcome.metrics) result[k] = v;

@@ -120,7 +120,7 @@ struct StrategyOptions {
   double kseed_lr = 1e-4;         // kseed: the constant lr clients also use
   uint32_t kseed_pool_size = 4096;
   uint64_t kseed_pool_seed = 0;
-  double max_update_norm = 0;  // reject dense updates whose L2 norm exceeds this; 0 = no cap
+  double max_update_norm = 0;       // reject dense updates whose L2 norm exceeds this; 0 = no cap
   double staleness_exponent = 0.5;  // a in StalenessWeight, [0, 1] (fedbuff mode; the paper's a = 0.5)
   // fwdgrad: variance-controlled pacing (server/fwdgrad_pacing.h; off by default).
   FwdGradPacingOptions fwdgrad_pacing;

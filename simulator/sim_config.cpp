@@ -264,7 +264,7 @@ double AttackOptions::EffectiveScale() const {
 
 std::string AttackOptions::Describe() const {
   if (!enabled()) return "";
-  const std::string what = kind == "noise" ? StrCat("noise std ", EffectiveScale())
+  const std::string what = kind == "noise"       ? StrCat("noise std ", EffectiveScale())
                            : kind == "sign-flip" ? StrCat("sign-flip x", EffectiveScale())
                                                  : StrCat("scale x", EffectiveScale());
   return StrCat(fraction * 100, "% of devices, ", what);

@@ -119,7 +119,7 @@ struct SimulationOptions {
   // hours each run spent to first reach it); 0 = DefaultTargetLoss (simulator/report.h): the largest final
   // loss among the runs that learned.
   double target_loss = 0;
-  bool progress = true;                                   // a status line per round on stderr
+  bool progress = true;                // a status line per round on stderr
   std::string mpi_placement = "auto";  // with MPI ranks: "auto" = each activation on the least busy rank
                                        // when every rank sees rank 0's work_dir (one machine or a shared
                                        // file system), else "static"; "static" = device d on rank d % R
@@ -153,9 +153,9 @@ struct MethodResult {
 
 struct SimulationResult {
   std::vector<MethodResult> methods;
-  std::string summary_table;  // SummaryTable of the methods, then TargetTable of `targets`
+  std::string summary_table;        // SummaryTable of the methods, then TargetTable of `targets`
   std::vector<TargetCost> targets;  // per run, the cost to reach the target loss (empty when there is none)
-  std::string report_path;    // <out_dir>/report.html
+  std::string report_path;          // <out_dir>/report.html
   size_t bytes_per_idle_device = 0;
   std::string population_summary;
   std::string partition_summary;

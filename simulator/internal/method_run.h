@@ -69,8 +69,8 @@ struct RoundStats {
   int64_t declined_memory = 0;       // of which for want of memory (Decline MEMORY)
   int64_t declined_unsupported = 0;  // ... and because the device cannot run the task (UNSUPPORTED)
   double energy_j = 0;
-  double device_flops = 0;    // Σ flops of the activations that trained (counted with their compute energy)
-  int64_t perturbations = 0;  // fwdgrad: K of the round's tasks
+  double device_flops = 0;          // Σ flops of the activations that trained (counted with their compute energy)
+  int64_t perturbations = 0;        // fwdgrad: K of the round's tasks
   double accepted_compute_s = 0;    // simulated training time of the devices whose update was accepted
   std::map<int64_t, double> drops;  // device → when it drops out; erased when its update is accepted
 };

@@ -114,7 +114,7 @@ absl::Status RunDeviceRank(const World& world) {
   const SimulationOptions& options = *world.options;
   ComputeSlots slots(options.threads > 0 ? options.threads : std::max(1u, std::thread::hardware_concurrency()));
   std::map<std::string, std::unique_ptr<RunAttackers>> run_attackers;  // by run label ([attack])
-  std::map<int64_t, std::thread> threads;                               // by device: its latest activation
+  std::map<int64_t, std::thread> threads;                              // by device: its latest activation
   std::set<std::string> methods_ready;
   absl::Status failure = absl::OkStatus();
   while (true) {
@@ -159,8 +159,8 @@ absl::Status RunDeviceRank(const World& world) {
     auto attackers = run_attackers.find(method);
     if (attackers == run_attackers.end()) {
       attackers = run_attackers
-                      .emplace(method, std::make_unique<RunAttackers>(*world.options, method,
-                                                                      world.population->size(), method_dir))
+                      .emplace(method, std::make_unique<RunAttackers>(*world.options, method, world.population->size(),
+                                                                      method_dir))
                       .first;
     }
     const RunAttackers* hostile = attackers->second.get();
