@@ -595,7 +595,7 @@ absl::StatusOr<RunResult> Client::Train(std::unique_ptr<comms::Channel>& channel
                                                                             *model_.tokenizer, spec.pseudo_label));
   const LocalDataset data = pseudo.examples.empty() ? loaded : loaded.WithExtraTraining(pseudo.examples);
   if (data.train().empty()) {
-    SEEDLING_ASSIGN_OR_RETURN(RunResult r, Decline(channel, task, v1::Decline::NO_DATA,
+    SEEDLING_ASSIGN_OR_RETURN(RunResult r, Decline(channel, task, v1::Decline::NO_EXAMPLES,
                                                    StrCat("no labelled row to train on (", loaded.unlabelled().size(),
                                                           " unlabelled, none pseudo-labelled)")));
     r.weights = weights_name;
