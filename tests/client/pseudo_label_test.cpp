@@ -215,7 +215,7 @@ TEST_CASE("Nothing is pseudo-labelled without choices, share or unlabelled rows"
         absl::StatusCode::kInvalidArgument);
 }
 
-TEST_CASE("A task carries pseudo-labelling; without it the spec has it off, and bad values are refused",
+TEST_CASE("A task carries pseudo-labelling, without it the spec has it off, and bad values are refused",
           "[client][pseudo_label]") {
   v1::Task task;
   task.set_method("lora-bp");

@@ -149,7 +149,8 @@ TEST_CASE("Prefix noise is the sum of the naive tree's node vectors, and the inc
   CHECK(table.calls() - before == 6);
 }
 
-TEST_CASE("Release S_t carries noise variance sigma^2 popcount(t); S_6 and S_7 share two nodes", "[privacy][ftrl]") {
+TEST_CASE("Release S_t carries noise variance sigma^2 popcount(t), and S_6 and S_7 share two nodes",
+          "[privacy][ftrl]") {
   const size_t dim = 200000;
   const double sigma = 1.5;
   std::array<uint8_t, KeyedNodeNoise::kKeyBytes> key{};

@@ -770,7 +770,8 @@ steps = 4
   }
 }
 
-TEST_CASE("A labelled run of a method repeats the method's run; its overrides change only that run", "[simulator]") {
+TEST_CASE("A labelled run of a method repeats the method's run, and its overrides change only that run",
+          "[simulator]") {
   TempDir dir;
   SimulationOptions o = Small(JoinPath(dir.path, "out"));
   o.methods = {"lora-bp", "again", "adam"};
