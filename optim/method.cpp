@@ -28,4 +28,11 @@ absl::StatusOr<Method> ParseMethod(std::string_view name) {
       StrCat("unknown method '", name, "' (expected lora-bp, fwdgrad, mezo, kseed or pepita)"));
 }
 
+bool UploadsDenseDelta(Method m) { return m == Method::kLoraBp || m == Method::kMezo || m == Method::kPepita; }
+
+bool UploadsDenseDelta(std::string_view name) {
+  absl::StatusOr<Method> m = ParseMethod(name);
+  return m.ok() && UploadsDenseDelta(*m);
+}
+
 }  // namespace seedling::optim

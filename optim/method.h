@@ -20,4 +20,11 @@ enum class Method {
 const char* MethodName(Method m);
 absl::StatusOr<Method> ParseMethod(std::string_view name);
 
+// True for the methods whose upload is a dense parameter delta the fedavg family averages (lora-bp, mezo,
+// pepita); fwdgrad uploads gradient estimates and kseed seed scalars. The one home of that list: secure
+// aggregation and robust aggregation accept exactly these.
+bool UploadsDenseDelta(Method m);
+// The same by name; false for an unknown name.
+bool UploadsDenseDelta(std::string_view name);
+
 }  // namespace seedling::optim

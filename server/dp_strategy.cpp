@@ -14,20 +14,12 @@
 #include "base/status.h"
 #include "base/strings.h"
 #include "comms/codec.h"
+#include "server/internal/update_checks.h"
 
 namespace seedling::server {
-namespace {
 
-absl::Status InvalidUpdate(const UpdateView& update, std::string_view what) {
-  return absl::InvalidArgumentError(StrCat("update from device '", update.device_id, "': ", what));
-}
-
-bool IsDenseCodec(v1::Codec codec) {
-  return codec == v1::CODEC_FP32 || codec == v1::CODEC_FP16 || codec == v1::CODEC_INT8 || codec == v1::CODEC_INT4 ||
-         codec == v1::CODEC_TOPK;
-}
-
-}  // namespace
+using internal::InvalidUpdate;
+using internal::IsDenseCodec;
 
 DpStrategy::DpStrategy(std::unique_ptr<Strategy> inner, DpStrategyOptions options,
                        std::unique_ptr<privacy::NoiseSource> noise, std::unique_ptr<privacy::NodeNoise> tree_noise)
@@ -63,11 +55,7 @@ absl::Status DpStrategy::BeginRound(const GlobalModel& global) {
 
 absl::Status DpStrategy::Accumulate(const UpdateView& update) {
   absl::MutexLock lock(&mu_);
-  if (!open_) return absl::FailedPreconditionError(StrCat("strategy ", name(), ": no round begun"));
-  if (update.num_examples == 0) return InvalidUpdate(update, "num_examples must be > 0, got 0");
-  if (update.num_examples > std::numeric_limits<uint64_t>::max() - examples_) {
-    return InvalidUpdate(update, StrCat("num_examples ", update.num_examples, " overflows the round's total"));
-  }
+  SEEDLING_RETURN_IF_ERROR(internal::CheckUpdateHeader(name(), open_, update, examples_));
   SEEDLING_RETURN_IF_ERROR(kseed_ ? AccumulateSeedsLocked(update) : AccumulateDenseLocked(update));
   ++clients_;
   examples_ += update.num_examples;

@@ -11,25 +11,18 @@
 #include "base/strings.h"
 #include "comms/codec.h"
 #include "server/internal/robust_aggregation.h"
+#include "server/internal/update_checks.h"
 
 namespace seedling::server {
+
+using internal::InvalidUpdate;
+using internal::IsDenseCodec;
+using internal::IsFedAvgFamily;
+
 namespace {
 
 absl::Status KeyError(std::string_view key, std::string_view problem) {
   return absl::InvalidArgumentError(StrCat("[strategy] ", key, ": ", problem));
-}
-
-absl::Status InvalidUpdate(const UpdateView& update, std::string_view what) {
-  return absl::InvalidArgumentError(StrCat("update from device '", update.device_id, "': ", what));
-}
-
-bool IsFedAvgFamily(const std::string& name) {
-  return name == "fedavg" || name == "fedavgm" || name == "fedadam" || name == "fedyogi" || name == "fedadagrad";
-}
-
-bool IsDenseCodec(v1::Codec codec) {
-  return codec == v1::CODEC_FP32 || codec == v1::CODEC_FP16 || codec == v1::CODEC_INT8 || codec == v1::CODEC_INT4 ||
-         codec == v1::CODEC_TOPK;
 }
 
 double L2Norm(std::span<const float> v) {
@@ -68,12 +61,8 @@ absl::Status RobustStrategy::BeginRound(const GlobalModel& global) {
 
 absl::Status RobustStrategy::Accumulate(const UpdateView& update) {
   absl::MutexLock lock(&mu_);
-  if (!open_) return absl::FailedPreconditionError(StrCat("strategy ", name(), ": no round begun"));
   // Step 1: what every update needs before its payload is decoded.
-  if (update.num_examples == 0) return InvalidUpdate(update, "num_examples must be > 0, got 0");
-  if (update.num_examples > std::numeric_limits<uint64_t>::max() - examples_) {
-    return InvalidUpdate(update, StrCat("num_examples ", update.num_examples, " overflows the round's total"));
-  }
+  SEEDLING_RETURN_IF_ERROR(internal::CheckUpdateHeader(name(), open_, update, examples_));
   absl::StatusOr<comms::PayloadInfo> info = comms::InspectPayload(update.payload);
   if (!info.ok()) return InvalidUpdate(update, FromAbsl(info.status().message()));
   if (!IsDenseCodec(info->codec)) {

@@ -15,8 +15,13 @@
 #include "comms/codec.h"
 #include "optim/kseed.h"
 #include "optim/server_optimizer.h"
+#include "server/internal/update_checks.h"
 
 namespace seedling::server {
+
+using internal::InvalidUpdate;
+using internal::IsDenseCodec;
+
 namespace {
 
 constexpr const char* kMomentumBuffer = "momentum";  // fedavgm
@@ -28,11 +33,6 @@ constexpr const char* kPacingSumBuffer = "fwdgrad_cache_sum";
 constexpr const char* kPacingSquareBuffer = "fwdgrad_cache_sq";
 constexpr const char* kPacingStateBuffer = "fwdgrad_pacing";
 constexpr size_t kPacingStateSize = 4;
-
-bool IsDenseCodec(v1::Codec codec) {
-  return codec == v1::CODEC_FP32 || codec == v1::CODEC_FP16 || codec == v1::CODEC_INT8 || codec == v1::CODEC_INT4 ||
-         codec == v1::CODEC_TOPK;
-}
 
 // "CODEC_FP32", "CODEC_SEED_SCALARS (seed index, scalar) pairs", ...
 std::string PayloadKind(const comms::PayloadInfo& info) {
@@ -46,10 +46,6 @@ std::string PayloadKind(const comms::PayloadInfo& info) {
 
 absl::Status CodecNotAccepted(const std::string& strategy, const comms::PayloadInfo& info) {
   return absl::InvalidArgumentError(StrCat("strategy ", strategy, " does not accept codec ", PayloadKind(info)));
-}
-
-absl::Status InvalidUpdate(const UpdateView& update, std::string_view what) {
-  return absl::InvalidArgumentError(StrCat("update from device '", update.device_id, "': ", what));
 }
 
 // A codec error is a malformed payload: InvalidArgument whatever code the codec chose, with its
@@ -90,12 +86,7 @@ class RoundStrategy : public Strategy {
 
   // Checks what every update needs before its payload is looked at. Requires mu_.
   absl::Status CheckUpdateLocked(const UpdateView& update) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (!open_) return absl::FailedPreconditionError(StrCat("strategy ", name(), ": no round begun"));
-    if (update.num_examples == 0) return InvalidUpdate(update, "num_examples must be > 0, got 0");
-    if (update.num_examples > std::numeric_limits<uint64_t>::max() - examples_) {
-      return InvalidUpdate(update, StrCat("num_examples ", update.num_examples, " overflows the round's total"));
-    }
-    return absl::OkStatus();
+    return internal::CheckUpdateHeader(name(), open_, update, examples_);
   }
 
   // Counts an accepted update. Requires mu_.
@@ -585,7 +576,7 @@ absl::StatusOr<std::unique_ptr<Strategy>> MakeStrategy(const StrategyOptions& op
   optimizer.beta1 = options.beta1;
   optimizer.beta2 = options.beta2;
   optimizer.tau = options.tau;
-  if (name == "fedavg" || name == "fedavgm" || name == "fedadam" || name == "fedyogi" || name == "fedadagrad") {
+  if (internal::IsFedAvgFamily(name)) {
     if (name == "fedavg") optimizer.kind = optim::ServerOptimizerKind::kSgd;
     if (name == "fedavgm") optimizer.kind = optim::ServerOptimizerKind::kMomentum;
     if (name == "fedadam") optimizer.kind = optim::ServerOptimizerKind::kAdam;

@@ -13,6 +13,7 @@
 #include "model/eval.h"
 #include "model/init.h"
 #include "tests/test_util.h"
+#include "tests/tiny_model.h"
 
 namespace seedling::client {
 namespace {
@@ -25,13 +26,8 @@ struct Tiny {
 };
 
 const Tiny& TinyModel() {
-  static TempDir dir;
   static const Tiny tiny = [] {
-    const std::string path = JoinPath(dir.path, "model");
-    model::InitModelOptions init;
-    init.preset = "tiny";
-    init.seed = 3;
-    REQUIRE(model::InitModel(path, init).ok());
+    const std::string& path = seedling::testing::TinyModelDir(3);
     Tiny t;
     auto m = model::LlamaModel::Load(path, {});
     REQUIRE(m.ok());

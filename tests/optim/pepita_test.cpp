@@ -19,6 +19,7 @@ namespace {
 using testing::MakeModel;
 using testing::MicroConfig;
 using testing::RuleBatch;
+using testing::TaskBatch;
 
 // Records the input and output of every projection the adapter adapts (one call each: no MLP chunking).
 class Tap : public model::ProjectionAdapter {
@@ -231,22 +232,6 @@ TEST_CASE("PEPITA refuses bad options and names the option", "[optim][pepita]") 
             .status()
             .code() == absl::StatusCode::kInvalidArgument);
   CHECK(at::equal(before, a->flat()));
-}
-
-// Sequences over a 16-token sub-vocabulary (ids 100..115) where each token is followed by the one three places
-// further (the task of convergence_test.cpp): the random tiny model scores them at 7.65 nats.
-model::Batch TaskBatch(int64_t rows, int64_t len, uint64_t seed) {
-  at::Tensor tokens = at::empty({rows, len}, at::kLong);
-  auto acc = tokens.accessor<int64_t, 2>();
-  Rng rng(seed, rng_stream::kData);
-  for (int64_t r = 0; r < rows; ++r) {
-    int64_t t = static_cast<int64_t>(rng.UniformInt(16));
-    for (int64_t i = 0; i < len; ++i) {
-      acc[r][i] = 100 + t;
-      t = (t + 3) % 16;
-    }
-  }
-  return {tokens, tokens.clone()};
 }
 
 // Held-out loss of the tiny model (LoRA on o and down) before and after `steps` PEPITA steps at `sign` · lr.

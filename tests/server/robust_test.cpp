@@ -404,8 +404,10 @@ TEST_CASE("server.toml [strategy] robust keys are parsed, validated and refused 
            {"[strategy]\nrobust = \"norm\"\nrobust_norm_bound = 1\n[privacy]\ndp = true\nclip_norm = 1\n"
             "noise_multiplier = 1\ntarget_epsilon = 5\n",
             "[privacy] dp"},
-           {"[training]\nmethod = \"kseed\"\n[strategy]\nrobust = \"median\"\n", "method must be lora-bp or mezo"},
-           {"[training]\nmethod = \"fwdgrad\"\n[strategy]\nrobust = \"median\"\n", "method must be lora-bp or mezo"},
+           {"[training]\nmethod = \"kseed\"\n[strategy]\nrobust = \"median\"\n",
+            "method must be lora-bp, mezo or pepita"},
+           {"[training]\nmethod = \"fwdgrad\"\n[strategy]\nrobust = \"median\"\n",
+            "method must be lora-bp, mezo or pepita"},
            {"[strategy]\nrobust = \"median\"\nmode = \"fedbuff\"\n", "mode = \"fedbuff\""},
            // clients_per_round 10: rounds may commit with 5 updates; krum with f = 2 needs 7.
            {"[strategy]\nrobust = \"krum\"\nrobust_krum_f = 2\n", "needs at least 7 updates"},

@@ -13,24 +13,14 @@
 #include "simulator/internal/attack.h"
 #include "simulator/simulation.h"
 #include "tests/test_util.h"
+#include "tests/tiny_model.h"
 
 namespace seedling::simulator {
 namespace {
 
 using seedling::testing::TempDir;
 
-const std::string& TinyModel() {
-  static TempDir dir;
-  static const std::string path = [] {
-    const std::string p = JoinPath(dir.path, "model");
-    model::InitModelOptions init;
-    init.preset = "tiny";
-    init.seed = 5;
-    REQUIRE(model::InitModel(p, init).ok());
-    return p;
-  }();
-  return path;
-}
+const std::string& TinyModel() { return seedling::testing::TinyModelDir(5); }
 
 // 10% of the phones upload their update scaled x1000. At the tiny model's scale a x10 boost acts like a larger
 // learning rate and even helps, so the attack is made strong enough that plain FedAvg ends clearly worse than
