@@ -11,26 +11,12 @@
 #include "optim/kseed.h"
 #include "optim/lora_bp.h"
 #include "optim/mezo.h"
+#include "tests/optim/test_util.h"
 
 namespace seedling::optim {
 namespace {
 
-// Sequences over a 16-token sub-vocabulary (ids 100..115) where each token is followed by the one three
-// places further: a random model scores them near ln(2048) = 7.6 nats, the marginal alone gives ln(16) = 2.8
-// and the rule gives ~0.
-model::Batch TaskBatch(int64_t rows, int64_t len, uint64_t seed) {
-  at::Tensor tokens = at::empty({rows, len}, at::kLong);
-  auto acc = tokens.accessor<int64_t, 2>();
-  Rng rng(seed, rng_stream::kData);
-  for (int64_t r = 0; r < rows; ++r) {
-    int64_t t = static_cast<int64_t>(rng.UniformInt(16));
-    for (int64_t i = 0; i < len; ++i) {
-      acc[r][i] = 100 + t;
-      t = (t + 3) % 16;
-    }
-  }
-  return {tokens, tokens.clone()};
-}
+using testing::TaskBatch;
 
 struct Setup {
   std::unique_ptr<model::LlamaModel> model;
