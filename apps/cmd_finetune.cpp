@@ -94,7 +94,8 @@ absl::StatusOr<RecomputeFlag> ParseRecompute(const std::string& text, int64_t la
 
 void RegisterFinetune(CLI::App& app, Action& action) {
   struct Flags {
-    std::string model_dir, data, method = "lora-bp", budget, out, targets = "q_proj,v_proj";
+    std::string model_dir, data, method = "lora-bp", budget, out, targets = "q_proj,v_proj", layers = "all",
+                                 adapter = "lora";
     WeightFlags weights;
     std::string recompute = "auto";
     std::string stream_weights = "auto";
@@ -146,6 +147,13 @@ void RegisterFinetune(CLI::App& app, Action& action) {
   cmd->add_option("--lora-targets", f->targets,
                   "Projections: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj or all")
       ->capture_default_str();
+  cmd->add_option("--adapter", f->adapter,
+                  "What to train on each target: lora (matrices A, B) or bitfit (one bias vector each)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"lora", "bitfit"}));
+  cmd->add_option("--lora-layers", f->layers,
+                  "Decoder layers to adapt: all, top:N (the N nearest the output) or indices like 0,5,11")
+      ->capture_default_str();
   cmd->add_flag("--full", f->full, "mezo/kseed: train every weight instead of a LoRA adapter");
   cmd->add_option(
       "--perturbations", f->training.perturbations,
@@ -196,6 +204,7 @@ void RegisterFinetune(CLI::App& app, Action& action) {
             StrCat("--feedback-scale must be > 0, got ", f->training.pepita_feedback_scale));
       }
       SEEDLING_ASSIGN_OR_RETURN(f->lora.targets, lora::ParseTargets(f->targets));
+      SEEDLING_ASSIGN_OR_RETURN(f->lora.kind, lora::ParseAdapterKind(f->adapter));
       f->lora.init_seed = f->training.seed;
       f->training.full_parameters = f->full;
       SEEDLING_ASSIGN_OR_RETURN(model::LoadOptions load, LoadOptionsFromFlags(f->weights, f->model_dir));
@@ -210,6 +219,8 @@ void RegisterFinetune(CLI::App& app, Action& action) {
 
       // Everything but the weights first: the planner's runtime baseline includes tokenizer and data.
       SEEDLING_ASSIGN_OR_RETURN(model::ModelConfig config, model::LoadModelConfig(f->model_dir));
+      SEEDLING_ASSIGN_OR_RETURN(const lora::LayerSelection layers, lora::ParseLayerSelection(f->layers));
+      SEEDLING_ASSIGN_OR_RETURN(f->lora.layers, lora::ResolveLayers(layers, config.num_hidden_layers));
       SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<model::Tokenizer> tokenizer, model::LoadTokenizer(f->model_dir));
       client::TaskSpec spec;
       spec.training = f->training;
@@ -380,6 +391,11 @@ absl::Status ExportGgufLora(const std::string& model_dir, const std::string& ada
   }
   SEEDLING_ASSIGN_OR_RETURN(const model::ModelConfig config, model::LoadModelConfig(model_dir));
   SEEDLING_ASSIGN_OR_RETURN(std::unique_ptr<lora::LoraAdapter> adapter, lora::LoadPeft(adapter_dir, config));
+  if (adapter->config().kind != lora::AdapterKind::kLora) {
+    return absl::InvalidArgumentError(
+        "--format gguf-lora holds LoRA matrix pairs; a BitFit adapter has none (export --format safetensors "
+        "merges it into a model whose targets have biases)");
+  }
   std::vector<model::GgufLoraPair> pairs;
   for (const lora::LoraView& view : adapter->views()) {  // each projection's A, then its B
     if (view.is_a) {

@@ -49,13 +49,14 @@ bool Has(const lora::LoraConfig& c, Projection p) {
   return std::find(c.targets.begin(), c.targets.end(), p) != c.targets.end();
 }
 
-// Number of trainable LoRA parameters (A and B of every adapted projection of every adapted layer).
+// Number of trainable adapter parameters (A and B, or BitFit's bias, of every adapted projection of every
+// adapted layer).
 int64_t LoraParameters(const model::ModelConfig& m, const lora::LoraConfig& c) {
   const int64_t layers = c.layers.empty() ? m.num_hidden_layers : static_cast<int64_t>(c.layers.size());
   int64_t per_layer = 0;
   for (Projection p : c.targets) {
     const model::ProjectionFeatures f = model::FeaturesOf(m, p);
-    per_layer += c.rank * (f.in + f.out);
+    per_layer += c.kind == lora::AdapterKind::kBias ? f.out : c.rank * (f.in + f.out);
   }
   return layers * per_layer;
 }
@@ -115,7 +116,7 @@ int64_t SavedPerLayer(const LayerShapes& s, const lora::LoraConfig& c) {
   if (Has(c, Projection::kO)) per_token += s.q;
   if (Has(c, Projection::kGate) || Has(c, Projection::kUp) || Has(c, Projection::kGateUp)) per_token += s.h;
   if (Has(c, Projection::kDown)) per_token += s.i;
-  per_token += c.rank * static_cast<int64_t>(c.targets.size());
+  if (c.kind == lora::AdapterKind::kLora) per_token += c.rank * static_cast<int64_t>(c.targets.size());
   return s.n * per_token;
 }
 

@@ -43,8 +43,12 @@ absl::StatusOr<TaskSpec> TaskSpecFromTask(const v1::Task& task) {
     return absl::InvalidArgumentError(StrCat("pseudo_label_threshold must be in [0, 1), got ", pseudo.threshold));
   }
   const std::vector<std::string> targets(task.lora().targets().begin(), task.lora().targets().end());
-  SEEDLING_ASSIGN_OR_RETURN(
-      spec.lora, lora::MakeLoraConfig(task.lora().rank(), task.lora().alpha(), targets, task.lora().init_seed()));
+  // Indices are checked against the model by LoraConfig::Validate (no layer beyond it, none twice).
+  std::vector<int64_t> layers(task.lora().layers().begin(), task.lora().layers().end());
+  SEEDLING_ASSIGN_OR_RETURN(const lora::AdapterKind kind,
+                            lora::ParseAdapterKind(task.lora().kind().empty() ? "lora" : task.lora().kind()));
+  SEEDLING_ASSIGN_OR_RETURN(spec.lora, lora::MakeLoraConfig(task.lora().rank(), task.lora().alpha(), targets,
+                                                            task.lora().init_seed(), std::move(layers), kind));
   return spec;
 }
 

@@ -29,6 +29,40 @@ std::string PeftName(const ModelConfig& model, int64_t layer, Projection p, bool
                 is_a ? ".lora_A.weight" : ".lora_B.weight");
 }
 
+std::string BiasName(const ModelConfig& model, int64_t layer, Projection p) {
+  return StrCat("base_model.model.", model::LayerPrefix(model, layer), model::ProjectionPath(model, p), ".bias");
+}
+
+// The shape a view has in adapter_model.safetensors: a bias is 1-D, as the projection's own bias.
+std::vector<int64_t> FileShape(const LoraView& v) {
+  return v.is_bias ? std::vector<int64_t>{v.cols} : std::vector<int64_t>{v.rows, v.cols};
+}
+
+at::Tensor& BaseBias(model::ModelWeights& w, int64_t layer, Projection p) {
+  model::LayerWeights& lw = w.layers[static_cast<size_t>(layer)];
+  switch (p) {
+    case Projection::kQ:
+      return lw.q_bias;
+    case Projection::kK:
+      return lw.k_bias;
+    case Projection::kV:
+      return lw.v_bias;
+    case Projection::kO:
+      return lw.o_bias;
+    case Projection::kGate:
+      return lw.gate_bias;
+    case Projection::kUp:
+      return lw.up_bias;
+    case Projection::kDown:
+      return lw.down_bias;
+    case Projection::kQkv:
+      return lw.qkv_bias;
+    case Projection::kGateUp:
+      return lw.gate_up_bias;
+  }
+  return lw.q_bias;
+}
+
 at::Tensor& BaseWeight(model::ModelWeights& w, int64_t layer, Projection p) {
   model::LayerWeights& lw = w.layers[static_cast<size_t>(layer)];
   switch (p) {
@@ -115,6 +149,11 @@ absl::StatusOr<std::unique_ptr<LoraAdapter>> LoraAdapter::Create(const ModelConf
       const auto [in, out] = model::FeaturesOf(model, p);
       a->index_[static_cast<size_t>(l * model::kNumProjections + static_cast<int>(p))] =
           static_cast<int32_t>(a->views_.size());
+      if (config.kind == AdapterKind::kBias) {
+        a->views_.push_back({BiasName(model, l, p), l, p, false, 1, out, offset, true});
+        offset += out;
+        continue;
+      }
       a->views_.push_back({PeftName(model, l, p, true), l, p, true, config.rank, in, offset});
       offset += config.rank * in;
       a->views_.push_back({PeftName(model, l, p, false), l, p, false, out, config.rank, offset});
@@ -192,6 +231,7 @@ at::Tensor LoraAdapter::Apply(int64_t layer, Projection p, const at::Tensor& x, 
   if (slice_mode_ == SliceMode::kPerturbations) return ApplyPerturbed(layer, p, x, base_out);
   const LoraView* va = Find(layer, p, true);
   if (va == nullptr) return base_out;
+  if (va->is_bias) return ApplyBias(*va, base_out);
   const LoraView* vb = va + 1;
   const at::Tensor input = Dropout(layer, p, x, x.sizes());
   const at::Tensor a = Matrix(*va);  // (r, in)
@@ -221,8 +261,9 @@ const LoraAdapter::LayerSlices& LoraAdapter::SlicesOf(int64_t layer) const {
   for (Projection p : model::kAllProjections) {
     const LoraView* va = Find(layer, p, true);
     if (va == nullptr) continue;
+    const LoraView* last = va + (ViewsPerProjection() - 1);
     if (begin < 0) begin = va->offset;
-    end = (va + 1)->offset + (va + 1)->numel();
+    end = last->offset + last->numel();
   }
   SEEDLING_CHECK(begin >= 0);
   const int64_t n = static_cast<int64_t>(slice_seeds_.size()), span = end - begin;
@@ -249,6 +290,7 @@ at::Tensor LoraAdapter::ApplyPerturbed(int64_t layer, Projection p, const at::Te
                                        const at::Tensor& base_out) const {
   const LoraView* va = Find(layer, p, true);
   if (va == nullptr) return base_out;
+  if (va->is_bias) return ApplyBiasPerturbed(layer, *va, base_out);
   const int64_t n = PerturbationCount(), in = va->cols;
   SEEDLING_CHECK(x.size(0) % n == 0);
   const LayerSlices& slices = SlicesOf(layer);
@@ -263,6 +305,7 @@ at::Tensor LoraAdapter::ApplyTangents(int64_t layer, Projection p, const at::Ten
                                       const at::Tensor& base_out) const {
   const LoraView* va = Find(layer, p, true);
   if (va == nullptr) return base_out;
+  if (va->is_bias) return ApplyBiasTangents(layer, *va, base_out);
   const LoraView* vb = va + 1;
   const int64_t k = TangentCount();
   SEEDLING_CHECK(x.size(0) == 1 + k && base_out.size(0) == 1 + k);
@@ -288,8 +331,7 @@ std::vector<at::Tensor> LoraAdapter::LayerTensors(int64_t layer) const {
     for (Projection p : model::kAllProjections) {
       const LoraView* va = Find(layer, p, true);
       if (va == nullptr) continue;
-      out.push_back(Matrix(*va));
-      out.push_back(Matrix(*(va + 1)));
+      for (int64_t i = 0; i < ViewsPerProjection(); ++i) out.push_back(Matrix(*(va + i)));
     }
     return out;
   }
@@ -299,10 +341,51 @@ std::vector<at::Tensor> LoraAdapter::LayerTensors(int64_t layer) const {
   return {};
 }
 
+at::Tensor LoraAdapter::ApplyBias(const LoraView& view, const at::Tensor& base_out) const {
+  return base_out + Matrix(view).to(base_out.scalar_type());  // (1, out) broadcast over the rows
+}
+
+at::Tensor LoraAdapter::ApplyBiasPerturbed(int64_t layer, const LoraView& view, const at::Tensor& base_out) const {
+  const int64_t n = PerturbationCount(), out = view.cols;
+  SEEDLING_CHECK(base_out.size(0) % n == 0);
+  const at::Tensor b = SliceMatrices(SlicesOf(layer), view, base_out.scalar_type());  // (n, 1, out)
+  return (base_out.reshape({n, -1, out}) + b).view(base_out.sizes());
+}
+
+at::Tensor LoraAdapter::ApplyBiasTangents(int64_t layer, const LoraView& view, const at::Tensor& base_out) const {
+  // y = W x + b, so dy = W dx + db: the primal slice gains b, tangent k gains its direction db_k.
+  const int64_t k = TangentCount(), out = view.cols;
+  SEEDLING_CHECK(base_out.size(0) == 1 + k);
+  const at::Tensor directions = SliceMatrices(SlicesOf(layer), view, base_out.scalar_type());  // (K, 1, out)
+  const at::Tensor b = at::cat({Matrix(view).to(base_out.scalar_type()).unsqueeze(0), directions});
+  return (base_out.reshape({1 + k, -1, out}) + b).view(base_out.sizes());
+}
+
+absl::Status LoraAdapter::AddBiasDelta(model::ModelWeights& weights, double sign) const {
+  for (const LoraView& v : views_) {
+    const at::Tensor& bias = BaseBias(weights, v.layer, v.projection);
+    if (!bias.defined() || bias.scalar_type() != at::kFloat) {
+      return absl::FailedPreconditionError(
+          StrCat("merging a BitFit adapter needs an fp32 bias to add to; layer ", v.layer, " ",
+                 model::ProjectionName(v.projection), (bias.defined() ? " stores its bias as " : " has no bias"),
+                 (bias.defined() ? std::string(c10::toString(bias.scalar_type())) : std::string()),
+                 " (keep the adapter apart from the model)"));
+    }
+  }
+  return model::CatchTorch("merging the adapter", [&]() -> absl::Status {
+    at::NoGradGuard no_grad;
+    for (const LoraView& v : views_) {
+      BaseBias(weights, v.layer, v.projection).add_(flat_.narrow(0, v.offset, v.numel()), sign);
+    }
+    return absl::OkStatus();
+  });
+}
+
 absl::Status LoraAdapter::AddDelta(model::ModelWeights& weights, double sign) const {
   if (static_cast<int64_t>(weights.layers.size()) != model_.num_hidden_layers) {
     return absl::InvalidArgumentError("the weights belong to a different model than the adapter");
   }
+  if (config_.kind == AdapterKind::kBias) return AddBiasDelta(weights, sign);
   for (size_t i = 0; i < views_.size(); i += 2) {
     const LoraView& va = views_[i];
     at::Tensor& w = BaseWeight(weights, va.layer, va.projection);
@@ -336,9 +419,7 @@ absl::Status SavePeft(const LoraAdapter& adapter, const std::string& dir, const 
   const auto* bytes = static_cast<const uint8_t*>(flat.data_ptr());
   std::vector<model::TensorToWrite> tensors;
   for (const LoraView& v : adapter.views()) {
-    tensors.push_back({v.name,
-                       model::DType::kF32,
-                       {v.rows, v.cols},
+    tensors.push_back({v.name, model::DType::kF32, FileShape(v),
                        std::span<const uint8_t>(bytes + v.offset * 4, static_cast<size_t>(v.numel() * 4))});
   }
   SEEDLING_RETURN_IF_ERROR(
@@ -377,13 +458,14 @@ absl::StatusOr<std::unique_ptr<LoraAdapter>> LoadPeft(const std::string& dir, co
         return absl::NotFoundError(StrCat(weights_path, ": tensor '", v.name, "' is missing"));
       }
       const model::TensorView& tv = *it->second;
-      if (tv.shape != std::vector<int64_t>{v.rows, v.cols}) {
+      if (tv.shape != FileShape(v)) {
         std::string shape = "[";
         for (size_t i = 0; i < tv.shape.size(); ++i) shape += StrCat(i ? ", " : "", tv.shape[i]);
         shape += "]";
-        return absl::InvalidArgumentError(StrCat(weights_path, ": tensor '", v.name, "' has shape ", shape,
-                                                 ", expected ", Shape(v.rows, v.cols), " (rank ",
-                                                 adapter->config().rank, ")"));
+        return absl::InvalidArgumentError(
+            StrCat(weights_path, ": tensor '", v.name, "' has shape ", shape, ", expected ",
+                   v.is_bias ? StrCat("[", v.cols, "]")
+                             : StrCat(Shape(v.rows, v.cols), " (rank ", adapter->config().rank, ")")));
       }
       at::ScalarType type;
       switch (tv.dtype) {

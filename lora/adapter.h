@@ -3,6 +3,8 @@
 // LoRA adapters (Hu et al. 2021): for each targeted projection W (out × in) of each decoder layer,
 //   y = W x + (alpha / r) · B (A dropout(x)),   A (r × in), B (out × r), B = 0 at initialization,
 // so a fresh adapter leaves the model unchanged. With use_rslora the scale is alpha / sqrt(r).
+// With LoraConfig::kind = AdapterKind::kBias (BitFit) the adapter holds one bias b (out), zero at
+// initialization, per targeted projection instead: y = W x + bias + b.
 //
 // All trainable numbers live in one flat fp32 buffer (llm.c style) with named views, so an optimizer,
 // a perturbation (base/philox.h) or a codec sees one contiguous vector. The order of the views is the wire
@@ -27,14 +29,15 @@
 
 namespace seedling::lora {
 
-// One A or B matrix inside the flat buffer.
+// One A or B matrix (LoRA) or one bias vector (BitFit, AdapterKind::kBias) inside the flat buffer.
 struct LoraView {
   std::string name;  // PEFT name, e.g. "base_model.model.model.layers.3.self_attn.v_proj.lora_B.weight"
   int64_t layer = 0;
   model::Projection projection = model::Projection::kQ;
-  bool is_a = true;  // lora_A (r × in) or lora_B (out × r)
+  bool is_a = true;  // lora_A (r × in) or lora_B (out × r); false for a bias
   int64_t rows = 0, cols = 0;
-  int64_t offset = 0;  // first element in the flat buffer
+  int64_t offset = 0;    // first element in the flat buffer
+  bool is_bias = false;  // BitFit: a (1 × out) bias, saved as the 1-D "<projection>.bias"
   int64_t numel() const { return rows * cols; }
 };
 
@@ -105,6 +108,7 @@ class LoraAdapter : public model::ProjectionAdapter {
 
   // W += scale · B A for every adapted projection (Merge) or W -= ... (Unmerge), in place. The model's
   // targeted weights must be fp32 (FailedPrecondition otherwise, e.g. with WeightPrecision::kStored).
+  // BitFit adds b to the projection's own bias, which must exist (FailedPrecondition otherwise).
   // After Merge, run the model without the adapter; Unmerge restores W up to fp32 rounding.
   absl::Status Merge(model::ModelWeights& weights) const;
   absl::Status Unmerge(model::ModelWeights& weights) const;
@@ -112,6 +116,13 @@ class LoraAdapter : public model::ProjectionAdapter {
  private:
   LoraAdapter(model::ModelConfig model, LoraConfig config);
   const LoraView* Find(int64_t layer, model::Projection p, bool is_a) const;
+  // Views per adapted projection: A and B (2), or the bias (1).
+  int64_t ViewsPerProjection() const { return config_.kind == AdapterKind::kBias ? 1 : 2; }
+  // Apply, ApplyPerturbed and ApplyTangents of a BitFit adapter: base_out plus the (perturbed, tangent) bias.
+  at::Tensor ApplyBias(const LoraView& view, const at::Tensor& base_out) const;
+  at::Tensor ApplyBiasPerturbed(int64_t layer, const LoraView& view, const at::Tensor& base_out) const;
+  at::Tensor ApplyBiasTangents(int64_t layer, const LoraView& view, const at::Tensor& base_out) const;
+  absl::Status AddBiasDelta(model::ModelWeights& weights, double sign) const;
   absl::Status AddDelta(model::ModelWeights& weights, double sign) const;
   // The dropout-masked input of projection `p` of `layer` (x itself outside training or without dropout);
   // `mask_shape` is the primal's shape, the mask is shared by all of x's slices when x is stacked.

@@ -5,8 +5,11 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "base/json.h"
 #include "base/status.h"
 #include "base/strings.h"
@@ -19,12 +22,21 @@ using model::Projection;
 using model::ProjectionFromName;
 using Json = nlohmann::json;
 
+const char* AdapterKindName(AdapterKind kind) { return kind == AdapterKind::kBias ? "bitfit" : "lora"; }
+
+absl::StatusOr<AdapterKind> ParseAdapterKind(std::string_view name) {
+  for (AdapterKind k : {AdapterKind::kLora, AdapterKind::kBias}) {
+    if (name == AdapterKindName(k)) return k;
+  }
+  return absl::InvalidArgumentError(StrCat("adapter kind '", name, "' is not \"lora\" or \"bitfit\""));
+}
+
 double LoraConfig::scale() const {
   return use_rslora ? alpha / std::sqrt(static_cast<double>(rank)) : alpha / static_cast<double>(rank);
 }
 
 absl::Status LoraConfig::Validate(const ModelConfig& model) const {
-  if (rank < 1 || rank > kMaxLoraRank) {
+  if (kind == AdapterKind::kLora && (rank < 1 || rank > kMaxLoraRank)) {
     return absl::InvalidArgumentError(StrCat("LoRA rank must be in [1, ", kMaxLoraRank, "], got ", rank));
   }
   if (!(alpha > 0)) return absl::InvalidArgumentError(StrCat("LoRA alpha must be > 0, got ", alpha));
@@ -48,6 +60,9 @@ absl::Status LoraConfig::Validate(const ModelConfig& model) const {
       return absl::InvalidArgumentError(
           StrCat("LoRA layer ", l, " does not exist (the model has ", model.num_hidden_layers, " layers)"));
     }
+  }
+  if (std::set<int64_t>(layers.begin(), layers.end()).size() != layers.size()) {
+    return absl::InvalidArgumentError("LoRA layers contain a duplicate");
   }
   return absl::OkStatus();
 }
@@ -94,28 +109,74 @@ absl::StatusOr<std::vector<Projection>> ParseTargets(std::string_view list) {
   return out;
 }
 
+absl::StatusOr<LayerSelection> ParseLayerSelection(std::string_view text) {
+  absl::string_view trimmed = absl::StripAsciiWhitespace(ToAbsl(text));
+  LayerSelection s;
+  if (trimmed.empty() || trimmed == "all") return s;
+  if (absl::ConsumePrefix(&trimmed, "top:")) {
+    if (!absl::SimpleAtoi(trimmed, &s.top) || s.top < 1) {
+      return absl::InvalidArgumentError(StrCat("layers 'top:", FromAbsl(trimmed), "': N must be an integer >= 1"));
+    }
+    return s;
+  }
+  for (absl::string_view part : absl::StrSplit(trimmed, ',')) {
+    int64_t l = -1;
+    if (!absl::SimpleAtoi(part, &l) || l < 0) {
+      return absl::InvalidArgumentError(StrCat("layers: '", FromAbsl(part),
+                                               "' is not a layer index (give \"all\", \"top:N\" or indices like "
+                                               "\"0,5,11\")"));
+    }
+    s.list.push_back(l);
+  }
+  std::sort(s.list.begin(), s.list.end());
+  if (std::adjacent_find(s.list.begin(), s.list.end()) != s.list.end()) {
+    return absl::InvalidArgumentError(StrCat("layers '", FromAbsl(trimmed), "' names a layer twice"));
+  }
+  return s;
+}
+
+absl::StatusOr<std::vector<int64_t>> ResolveLayers(const LayerSelection& selection, int64_t num_layers) {
+  if (selection.top > 0) {
+    if (selection.top > num_layers) {
+      return absl::InvalidArgumentError(
+          StrCat("layers 'top:", selection.top, "': the model has ", num_layers, " layers"));
+    }
+    std::vector<int64_t> layers;
+    for (int64_t l = num_layers - selection.top; l < num_layers; ++l) layers.push_back(l);
+    return layers;
+  }
+  for (int64_t l : selection.list) {
+    if (l >= num_layers) {
+      return absl::InvalidArgumentError(
+          StrCat("layers: layer ", l, " does not exist (the model has ", num_layers, " layers)"));
+    }
+  }
+  return selection.list;
+}
+
 absl::StatusOr<LoraConfig> MakeLoraConfig(int64_t rank, double alpha, const std::vector<std::string>& targets,
-                                          uint64_t init_seed) {
+                                          uint64_t init_seed, std::vector<int64_t> layers, AdapterKind kind) {
   LoraConfig c;
+  c.kind = kind;
   c.rank = rank;
   c.alpha = alpha;
   c.init_seed = init_seed;
+  c.layers = std::move(layers);
   SEEDLING_ASSIGN_OR_RETURN(c.targets, ParseTargets(absl::StrJoin(targets, ",")));
   return c;
 }
 
-absl::StatusOr<LoraConfig> ParsePeftConfig(std::string_view json_text, const ModelConfig& model) {
-  SEEDLING_ASSIGN_OR_RETURN(const Json j, ParseJson(json_text, "the adapter config"));
-  if (!j.is_object()) return absl::InvalidArgumentError("the adapter config must be a JSON object");
-  auto str = [&](const char* key) -> std::string {
-    auto it = j.find(key);
-    return (it != j.end() && it->is_string()) ? it->get<std::string>() : std::string();
-  };
-  if (str("peft_type") != "LORA") {
-    return absl::InvalidArgumentError(
-        StrCat("peft_type is '", str("peft_type"), "'; only LORA adapters are supported"));
-  }
-  LoraConfig c;
+namespace {
+
+// The string value of `key`, or "" when it is missing or not a string.
+std::string StringKey(const Json& j, const char* key) {
+  auto it = j.find(key);
+  return (it != j.end() && it->is_string()) ? it->get<std::string>() : std::string();
+}
+
+// The LoRA-only keys of a PEFT adapter_config.json into `c`: r, lora_alpha, lora_dropout, use_rslora, and the
+// options not supported (DoRA, per-module patterns, trained biases).
+absl::Status ParseLoraKeys(const Json& j, LoraConfig& c) {
   if (!j.contains("r") || !j["r"].is_number_integer()) return absl::InvalidArgumentError("'r' must be an integer");
   c.rank = j["r"].get<int64_t>();
   if (!j.contains("lora_alpha") || !j["lora_alpha"].is_number()) {
@@ -132,8 +193,27 @@ absl::StatusOr<LoraConfig> ParsePeftConfig(std::string_view json_text, const Mod
       return absl::InvalidArgumentError(StrCat("'", key, "' (per-module ranks or alphas) is not supported"));
     }
   }
-  if (!str("bias").empty() && str("bias") != "none") {
-    return absl::InvalidArgumentError(StrCat("bias '", str("bias"), "' is not supported (only \"none\")"));
+  if (!StringKey(j, "bias").empty() && StringKey(j, "bias") != "none") {
+    return absl::InvalidArgumentError(StrCat("bias '", StringKey(j, "bias"), "' is not supported (only \"none\")"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<LoraConfig> ParsePeftConfig(std::string_view json_text, const ModelConfig& model) {
+  SEEDLING_ASSIGN_OR_RETURN(const Json j, ParseJson(json_text, "the adapter config"));
+  if (!j.is_object()) return absl::InvalidArgumentError("the adapter config must be a JSON object");
+  const std::string type = StringKey(j, "peft_type");
+  if (type != "LORA" && type != "BITFIT") {
+    return absl::InvalidArgumentError(
+        StrCat("peft_type is '", type, "'; only LORA adapters (and Seedling's BITFIT) are supported"));
+  }
+  LoraConfig c;
+  if (type == "BITFIT") {
+    c.kind = AdapterKind::kBias;
+  } else {
+    SEEDLING_RETURN_IF_ERROR(ParseLoraKeys(j, c));
   }
   // fan_in_fan_out marks adapters of modules stored (in, out), GPT-2's Conv1D; A and B have the same shapes.
   if (j.contains("fan_in_fan_out") && j["fan_in_fan_out"].is_boolean() && j["fan_in_fan_out"].get<bool>() &&
@@ -192,6 +272,16 @@ std::string PeftConfigJson(const LoraConfig& c, const ModelConfig& model, const 
     if (std::find(c.targets.begin(), c.targets.end(), p) != c.targets.end())
       targets.push_back(model::TargetModuleName(model, p));
   }
+  const Json layers = c.layers.empty() ? Json(nullptr) : Json(c.layers);
+  if (c.kind == AdapterKind::kBias) {
+    // Seedling's own form: PEFT has no bias-only adapter type, so only Seedling reads this one back.
+    const Json bitfit = {{"peft_type", "BITFIT"},
+                         {"task_type", "CAUSAL_LM"},
+                         {"target_modules", targets},
+                         {"layers_to_transform", layers},
+                         {"base_model_name_or_path", base_model}};
+    return bitfit.dump(2) + "\n";
+  }
   Json config = {{"peft_type", "LORA"},
                  {"task_type", "CAUSAL_LM"},
                  {"r", c.rank},
@@ -207,7 +297,7 @@ std::string PeftConfigJson(const LoraConfig& c, const ModelConfig& model, const 
                  {"modules_to_save", nullptr},
                  {"rank_pattern", Json::object()},
                  {"alpha_pattern", Json::object()},
-                 {"layers_to_transform", c.layers.empty() ? Json(nullptr) : Json(c.layers)},
+                 {"layers_to_transform", layers},
                  {"base_model_name_or_path", base_model},
                  {"revision", nullptr}};
   return config.dump(2) + "\n";

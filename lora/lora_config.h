@@ -17,7 +17,21 @@ namespace seedling::lora {
 // Ranks above this are refused: beyond any use, and they would multiply into absurd sizes.
 inline constexpr int64_t kMaxLoraRank = 4096;
 
+// What an adapter trains on each targeted projection.
+enum class AdapterKind {
+  kLora,  // low-rank matrices A and B (Hu et al. 2021)
+  // BitFit (Ben Zaken et al. 2022), FeS's bias-only option: a bias vector b (out) added to the projection's
+  // output, zero at initialization. On a projection with a bias it trains that bias (as a delta); on one
+  // without (Llama, SmolLM, Gemma) it adds one. rank, alpha, dropout and use_rslora do not apply.
+  kBias,
+};
+// "lora", "bitfit".
+const char* AdapterKindName(AdapterKind kind);
+// InvalidArgument names a bad value.
+absl::StatusOr<AdapterKind> ParseAdapterKind(std::string_view name);
+
 struct LoraConfig {
+  AdapterKind kind = AdapterKind::kLora;
   int64_t rank = 8;         // r
   double alpha = 16.0;      // scale numerator
   double dropout = 0.0;     // probability of zeroing an input element of A (training only)
@@ -41,12 +55,28 @@ std::vector<model::Projection> TargetsFor(const model::ModelConfig& model,
 // projections. InvalidArgument names a bad entry.
 absl::StatusOr<std::vector<model::Projection>> ParseTargets(std::string_view list);
 
-// A LoraConfig from the parts a server config or a task carries (target module names as ParseTargets reads
-// them). InvalidArgument names a bad target; the rest is checked by Validate against a model.
-absl::StatusOr<LoraConfig> MakeLoraConfig(int64_t rank, double alpha, const std::vector<std::string>& targets,
-                                          uint64_t init_seed);
+// Which decoder layers an adapter covers, as configs write it: "all", "top:N" (the N layers nearest the
+// output: FeS's capacity option, the cheapest for backprop since the backward stops at the lowest adapted
+// layer), or indices "0,5,11".
+struct LayerSelection {
+  int64_t top = 0;            // > 0: the last `top` layers
+  std::vector<int64_t> list;  // top == 0: these layers, ascending; empty = all
+};
+// InvalidArgument names what is wrong ("top:0", "top:x", "-1", a repeated index).
+absl::StatusOr<LayerSelection> ParseLayerSelection(std::string_view text);
+// The layer indices `selection` picks in a model of `num_layers` layers, ascending; empty = all.
+// InvalidArgument when top exceeds num_layers or an index is not a layer.
+absl::StatusOr<std::vector<int64_t>> ResolveLayers(const LayerSelection& selection, int64_t num_layers);
 
-// Parses a PEFT adapter_config.json for `model`: target_modules as a list of module names (or
+// A LoraConfig from the parts a server config or a task carries (target module names as ParseTargets reads
+// them; `layers` as ResolveLayers gives them, empty = all). InvalidArgument names a bad target; the rest is
+// checked by Validate against a model.
+absl::StatusOr<LoraConfig> MakeLoraConfig(int64_t rank, double alpha, const std::vector<std::string>& targets,
+                                          uint64_t init_seed, std::vector<int64_t> layers = {},
+                                          AdapterKind kind = AdapterKind::kLora);
+
+// Parses a PEFT adapter_config.json for `model` (or Seedling's BitFit form of it, peft_type "BITFIT": PEFT has
+// no bias-only adapter): target_modules as a list of module names (or
 // "all-linear"), optional layers_to_transform, use_rslora, any rank. InvalidArgument names what does not fit:
 // a target this model lacks, a bad value, or an unsupported option (rank_pattern, alpha_pattern, DoRA, a
 // regex target_modules, bias other than "none", fan_in_fan_out, modules_to_save).

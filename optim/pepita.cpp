@@ -273,6 +273,10 @@ absl::StatusOr<std::unique_ptr<PepitaTrainer>> PepitaTrainer::Create(const model
                                                                      const PepitaOptions& options) {
   SEEDLING_RETURN_IF_ERROR(ValidatePepitaOptions(options));
   if (adapter.numel() == 0) return absl::InvalidArgumentError("nothing to train: the adapter is empty");
+  if (adapter.config().kind != lora::AdapterKind::kLora) {
+    return absl::InvalidArgumentError(
+        "pepita updates LoRA matrices from each projection's input and output; a BitFit adapter has none");
+  }
   return std::unique_ptr<PepitaTrainer>(new PepitaTrainer(model, adapter, options));
 }
 

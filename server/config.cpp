@@ -12,6 +12,9 @@
 #include "base/strings.h"
 #include "base/toml.h"
 #include "comms/transport.h"
+#include "lora/lora_config.h"
+#include "optim/method.h"
+#include "server/internal/update_checks.h"
 
 namespace seedling::server {
 namespace {
@@ -100,7 +103,7 @@ static absl::Status ValidateSecAgg(const ServerConfig& c) {
                     "need stage_timeout_ms >= 100 and 10 <= poll_ms <= stage_timeout_ms");
   }
   if (!s.enabled) return absl::OkStatus();
-  if (c.method != "lora-bp" && c.method != "mezo" && c.method != "pepita") {
+  if (!optim::UploadsDenseDelta(c.method)) {
     return KeyError(
         "secagg", "enabled",
         StrCat("secure aggregation sums parameter deltas: method must be lora-bp, mezo or pepita, got ", c.method));
@@ -136,17 +139,11 @@ static absl::Status ValidateFedBuff(const ServerConfig& c) {
   }
   if (f.max_staleness < 0) return KeyError("strategy", "max_staleness", StrCat("must be >= 0, got ", f.max_staleness));
   if (!c.FedBuff()) return absl::OkStatus();
-  if (c.strategy.name != "fedavg" && c.strategy.name != "fedavgm" && c.strategy.name != "fedadam" &&
-      c.strategy.name != "fedyogi" && c.strategy.name != "fedadagrad") {
+  if (!internal::IsFedAvgFamily(c.strategy.name)) {
     return KeyError("strategy", "mode",
                     StrCat("fedbuff weighs stale parameter deltas: it needs the fedavg family (fedavg, fedavgm, "
                            "fedadam, fedyogi, fedadagrad), not ",
                            c.strategy.name));
-  }
-  if (c.robust.enabled()) {
-    return KeyError("strategy", "mode",
-                    StrCat("fedbuff cannot run with [strategy] robust = \"", c.robust.rule,
-                           "\": robust aggregation does not weigh stale updates"));
   }
   if (c.secagg.enabled) {
     return KeyError("strategy", "mode",
@@ -166,10 +163,10 @@ static absl::Status ValidateRobust(const ServerConfig& c) {
   const RobustOptions& r = c.robust;
   SEEDLING_RETURN_IF_ERROR(ValidateRobustOptions(r));
   if (!r.enabled()) return absl::OkStatus();
-  if (c.method != "lora-bp" && c.method != "mezo") {
+  if (!optim::UploadsDenseDelta(c.method)) {
     return KeyError("strategy", "robust",
-                    StrCat("robust aggregation compares parameter deltas: method must be lora-bp or mezo (the fedavg "
-                           "family), got ",
+                    StrCat("robust aggregation compares parameter deltas: method must be lora-bp, mezo or pepita (the "
+                           "fedavg family), got ",
                            c.method, " (fwdgrad and kseed upload gradient estimates and seed scalars)"));
   }
   if (c.secagg.enabled) {
@@ -233,8 +230,8 @@ double ServerConfig::PseudoLabelShare(uint64_t round) const {
 
 absl::Status ServerConfig::Validate() const {
   if (model_dir.empty()) return KeyError("model", "dir", "is required (the base model: a directory or a GGUF file)");
-  if (method != "lora-bp" && method != "fwdgrad" && method != "mezo" && method != "kseed" && method != "pepita") {
-    return KeyError("training", "method", StrCat("'", method, "' is not lora-bp, fwdgrad, mezo, kseed or pepita"));
+  if (absl::Status known = optim::ParseMethod(method).status(); !known.ok()) {
+    return KeyError("training", "method", FromAbsl(known.message()));
   }
   if (clients_per_round < 1) return KeyError("training", "clients_per_round", "must be >= 1");
   if (!(over_selection >= 1.0)) return KeyError("training", "over_selection", "must be >= 1");
@@ -283,6 +280,14 @@ absl::Status ServerConfig::Validate() const {
   }
   if (lora_rank < 1 || !(lora_alpha > 0)) return KeyError("lora", "rank/alpha", "must be positive");
   if (lora_targets.empty()) return KeyError("lora", "targets", "must name at least one projection");
+  if (absl::Status layers = lora::ParseLayerSelection(lora_layers).status(); !layers.ok()) {
+    return KeyError("lora", "layers", FromAbsl(layers.message()));
+  }
+  absl::StatusOr<lora::AdapterKind> kind = lora::ParseAdapterKind(lora_kind);
+  if (!kind.ok()) return KeyError("lora", "kind", FromAbsl(kind.status().message()));
+  if (*kind == lora::AdapterKind::kBias && method == "pepita") {
+    return KeyError("lora", "kind", "pepita updates LoRA matrices; a BitFit adapter has none");
+  }
   if (io_threads < 1 || max_connections < 1) return KeyError("server", "io_threads/max_connections", "must be >= 1");
   if (tick_ms < 10) return KeyError("server", "tick_ms", "must be >= 10");
   SEEDLING_RETURN_IF_ERROR(ValidatePrivacy(*this));
@@ -293,6 +298,14 @@ absl::Status ServerConfig::Validate() const {
     return KeyError("retry", "base_seconds/jitter", "need base >= 1 and 0 <= jitter < 1");
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<lora::LoraConfig> ServerLoraConfig(const ServerConfig& config, const model::ModelConfig& model) {
+  SEEDLING_ASSIGN_OR_RETURN(const lora::LayerSelection selection, lora::ParseLayerSelection(config.lora_layers));
+  SEEDLING_ASSIGN_OR_RETURN(std::vector<int64_t> layers, lora::ResolveLayers(selection, model.num_hidden_layers));
+  SEEDLING_ASSIGN_OR_RETURN(const lora::AdapterKind kind, lora::ParseAdapterKind(config.lora_kind));
+  return lora::MakeLoraConfig(config.lora_rank, config.lora_alpha, config.lora_targets, config.lora_init_seed,
+                              std::move(layers), kind);
 }
 
 absl::StatusOr<ServerConfig> ParseServerConfig(std::string_view toml_text) {
@@ -388,6 +401,8 @@ absl::StatusOr<ServerConfig> ParseServerConfig(std::string_view toml_text, const
   SEEDLING_RETURN_IF_ERROR(lora.Get("alpha", c.lora_alpha));
   SEEDLING_RETURN_IF_ERROR(lora.Get("targets", c.lora_targets));
   SEEDLING_RETURN_IF_ERROR(lora.Get("init_seed", c.lora_init_seed));
+  SEEDLING_RETURN_IF_ERROR(lora.Get("layers", c.lora_layers));
+  SEEDLING_RETURN_IF_ERROR(lora.Get("kind", c.lora_kind));
   SEEDLING_RETURN_IF_ERROR(lora.CheckNoUnknownKeys());
 
   TomlSection strategy(table("strategy"), "strategy");

@@ -10,6 +10,7 @@
 
 #include "absl/status/statusor.h"
 #include "comms/codec.h"
+#include "lora/lora_config.h"
 #include "model/weight_format.h"
 #include "privacy/secagg.h"
 #include "server/robust_options.h"
@@ -136,6 +137,11 @@ struct ServerConfig {
   double lora_alpha = 16;
   std::vector<std::string> lora_targets = {"q_proj", "v_proj"};
   uint64_t lora_init_seed = 0;
+  // Decoder layers the adapter covers (lora/lora_config.h ParseLayerSelection): "all", "top:N" (FeS's
+  // top-layers option) or indices "0,5,11"; resolved against the model when the server starts.
+  std::string lora_layers = "all";
+  // "lora" or "bitfit" (lora/lora_config.h AdapterKind): BitFit trains one bias per targeted projection.
+  std::string lora_kind = "lora";
 
   // [strategy] (name default: fedavg; kseed for method kseed, fwdgrad for method fwdgrad)
   StrategyOptions strategy;
@@ -165,6 +171,10 @@ struct ServerConfig {
 
 // Parses TOML text. InvalidArgument naming the key for unknown keys, wrong types or invalid values.
 absl::StatusOr<ServerConfig> ParseServerConfig(std::string_view toml_text);
+
+// The adapter `config`'s [lora] section describes on `model` (its layer selection resolved against the
+// model's layers). InvalidArgument names a bad target or a selection the model cannot meet.
+absl::StatusOr<lora::LoraConfig> ServerLoraConfig(const ServerConfig& config, const model::ModelConfig& model);
 // The same, starting from `defaults` instead of ServerConfig{} (the simulator's round defaults).
 absl::StatusOr<ServerConfig> ParseServerConfig(std::string_view toml_text, const ServerConfig& defaults);
 absl::StatusOr<ServerConfig> LoadServerConfig(const std::string& path);

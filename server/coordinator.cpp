@@ -101,6 +101,7 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(const ServerCon
   c->model_id_ = std::move(base.model_id);
   const std::unique_ptr<lora::LoraAdapter>& adapter = base.adapter;
   c->num_parameters_ = adapter->numel();
+  c->lora_layers_ = adapter->config().layers;
 
   SEEDLING_ASSIGN_OR_RETURN(const uint64_t version, c->store_->GlobalVersion());
   SEEDLING_ASSIGN_OR_RETURN(c->strategy_, MakeServerStrategy(config, c->num_parameters_, version));
@@ -240,6 +241,8 @@ v1::Task Coordinator::MakeTaskLocked(const RoundRecord& round, const TaskRecord&
   t.mutable_lora()->set_alpha(static_cast<float>(config_.lora_alpha));
   for (const std::string& target : config_.lora_targets) t.mutable_lora()->add_targets(target);
   t.mutable_lora()->set_init_seed(config_.lora_init_seed);
+  for (const int64_t layer : lora_layers_) t.mutable_lora()->add_layers(static_cast<uint32_t>(layer));
+  t.mutable_lora()->set_kind(config_.lora_kind);
   t.set_model_id(model_id_);
   t.set_weights(model::WeightPrecisionName(config_.weights));
   if (auto p = secagg_participants_.find(task.device_id); config_.secagg.enabled && p != secagg_participants_.end()) {

@@ -254,6 +254,7 @@ class Coordinator {
   CounterFamily* secagg_aborts_total_ = nullptr;  // only with [secagg] enabled
   std::string model_id_;
   int64_t num_parameters_ = 0;
+  std::vector<int64_t> lora_layers_;  // the adapter's layers, as tasks carry them (empty = all)
   // Thread-safe itself, so used with or without mu_ (the I/O of a round's end and of group commits runs
   // without it).
   const std::unique_ptr<Store> store_;

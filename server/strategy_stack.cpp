@@ -98,8 +98,7 @@ absl::StatusOr<std::unique_ptr<Strategy>> MakeServerStrategy(const ServerConfig&
 absl::StatusOr<BaseAdapter> MakeBaseAdapter(const ServerConfig& config) {
   absl::StatusOr<model::ModelConfig> model_config = model::LoadModelConfig(config.model_dir);
   if (!model_config.ok()) return Annotate(model_config.status(), "[model] dir");
-  absl::StatusOr<lora::LoraConfig> lora_config =
-      lora::MakeLoraConfig(config.lora_rank, config.lora_alpha, config.lora_targets, config.lora_init_seed);
+  absl::StatusOr<lora::LoraConfig> lora_config = ServerLoraConfig(config, *model_config);
   if (!lora_config.ok()) return Annotate(lora_config.status(), "[lora]");
   absl::StatusOr<std::unique_ptr<lora::LoraAdapter>> adapter = lora::LoraAdapter::Create(*model_config, *lora_config);
   if (!adapter.ok()) return Annotate(adapter.status(), "[lora]");

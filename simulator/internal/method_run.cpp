@@ -75,9 +75,7 @@ absl::Status MethodRun::Setup() {
   }
   tasks_.assign(static_cast<size_t>(n), 0);
 
-  SEEDLING_ASSIGN_OR_RETURN(
-      const lora::LoraConfig lc,
-      lora::MakeLoraConfig(config_.lora_rank, config_.lora_alpha, config_.lora_targets, config_.lora_init_seed));
+  SEEDLING_ASSIGN_OR_RETURN(const lora::LoraConfig lc, server::ServerLoraConfig(config_, world_.model_config));
   SEEDLING_ASSIGN_OR_RETURN(eval_adapter_, lora::LoraAdapter::Create(world_.model_config, lc));
 
   threads_ = options_.threads > 0 ? options_.threads : std::max(1u, std::thread::hardware_concurrency());

@@ -47,6 +47,14 @@ TEST_CASE("A task's hyperparameters and adapter become one TaskSpec", "[client][
   const bool q_and_down =
       spec->lora.targets == std::vector<model::Projection>{model::Projection::kQ, model::Projection::kDown};
   CHECK(q_and_down);
+  CHECK(spec->lora.layers.empty());  // all layers
+
+  v1::Task top = FwdGradTask();
+  top.mutable_lora()->add_layers(2);
+  top.mutable_lora()->add_layers(3);
+  absl::StatusOr<TaskSpec> top_spec = TaskSpecFromTask(top);
+  REQUIRE(top_spec.ok());
+  CHECK(top_spec->lora.layers == std::vector<int64_t>{2, 3});
 }
 
 TEST_CASE("Absent hyperparameters take the trainer's defaults, mezo probes one seed per step", "[client][task_spec]") {

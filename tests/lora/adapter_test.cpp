@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "base/file.h"
+#include "base/status.h"
 #include "model/safetensors.h"
 #include "tests/test_util.h"
 
@@ -322,6 +323,67 @@ TEST_CASE("Merging into 16-bit stored weights is refused", "[lora]") {
   CHECK(st.code() == absl::StatusCode::kFailedPrecondition);
 }
 
+TEST_CASE("A BitFit adapter adds its bias to the targets' outputs as merging it into their biases does", "[lora]") {
+  const auto c = SmallConfig("tiny-qwen2");  // q, k and v have biases, o and the MLP none
+  auto m = SmallModel(c);
+  LoraConfig lc;
+  lc.kind = AdapterKind::kBias;
+  lc.targets = {Projection::kQ, Projection::kV};
+  auto a = LoraAdapter::Create(c, lc);
+  REQUIRE(a.ok());
+  const auto q_out = model::FeaturesOf(c, Projection::kQ).out, v_out = model::FeaturesOf(c, Projection::kV).out;
+  CHECK((*a)->numel() == c.num_hidden_layers * (q_out + v_out));
+  CHECK((*a)->views()[0].name == "base_model.model.model.layers.0.self_attn.q_proj.bias");
+  model::ForwardOptions fo;
+  fo.adapter = a->get();
+  CHECK(at::equal(*m->Logits(Tokens(), fo), *m->Logits(Tokens())));  // zero at initialization
+  at::manual_seed(4);
+  (*a)->flat().copy_(at::randn({(*a)->numel()}) * 0.5);
+  const at::Tensor adapted = *m->Logits(Tokens(), fo);
+  CHECK((adapted - *m->Logits(Tokens())).abs().max().item<double>() > 1e-3);
+  const at::Tensor v_bias_before = m->weights().layers[1].v_bias.clone();
+  REQUIRE((*a)->Merge(m->mutable_weights()).ok());
+  CHECK((*m->Logits(Tokens()) - adapted).abs().max().item<double>() < 1e-4);
+  REQUIRE((*a)->Unmerge(m->mutable_weights()).ok());
+  CHECK((m->weights().layers[1].v_bias - v_bias_before).abs().max().item<double>() < 1e-6);
+
+  // o_proj has no bias to merge into: refused, nothing changed.
+  const at::Tensor v_bias_unmerged = m->weights().layers[1].v_bias.clone();
+  lc.targets = {Projection::kV, Projection::kO};
+  auto o = LoraAdapter::Create(c, lc);
+  REQUIRE(o.ok());
+  (*o)->flat().fill_(1.0f);
+  const absl::Status merged = (*o)->Merge(m->mutable_weights());
+  CHECK(merged.code() == absl::StatusCode::kFailedPrecondition);
+  CHECK(merged.message().find("has no bias") != std::string_view::npos);
+  CHECK(at::equal(m->weights().layers[1].v_bias, v_bias_unmerged));
+}
+
+TEST_CASE("A BitFit adapter saves as 1-D biases with a BITFIT config and loads back exactly", "[lora]") {
+  TempDir dir;
+  const auto c = SmallConfig();
+  LoraConfig lc;
+  lc.kind = AdapterKind::kBias;
+  lc.targets = {Projection::kO, Projection::kDown};
+  lc.layers = {1};
+  auto a = LoraAdapter::Create(c, lc);
+  REQUIRE(a.ok());
+  at::manual_seed(2);
+  (*a)->flat().copy_(at::randn({(*a)->numel()}));
+  REQUIRE(SavePeft(**a, dir.path).ok());
+  auto config = nlohmann::json::parse(*ReadFile(JoinPath(dir.path, "adapter_config.json")));
+  CHECK(config["peft_type"] == "BITFIT");
+  CHECK(config["layers_to_transform"] == nlohmann::json({1}));
+  auto file = model::SafetensorsFile::Open(JoinPath(dir.path, "adapter_model.safetensors"));
+  REQUIRE(file.ok());
+  const auto& down = (*file)->tensors().at("base_model.model.model.layers.1.mlp.down_proj.bias");
+  CHECK(down.shape == std::vector<int64_t>{c.hidden_size});
+  auto back = LoadPeft(dir.path, c);
+  REQUIRE(back.ok());
+  CHECK((*back)->config().kind == AdapterKind::kBias);
+  CHECK(at::equal((*back)->flat(), (*a)->flat()));
+}
+
 TEST_CASE("A PEFT save and load round trip restores the adapter exactly", "[lora]") {
   // Qwen3 and Gemma 3: q_proj's 192 outputs != hidden 128.
   for (const char* preset : {"tiny-qwen2", "tiny-qwen3", "tiny-olmo2", "tiny-gemma3", "tiny-gemma2"}) {
@@ -588,6 +650,46 @@ TEST_CASE("LoRA targets parse from names, short names and 'all'", "[lora]") {
   bad.rank = 4;
   bad.layers = {5};
   CHECK(bad.Validate(SmallConfig()).code() == absl::StatusCode::kInvalidArgument);
+  bad.layers = {1, 1};
+  CHECK(bad.Validate(SmallConfig()).code() == absl::StatusCode::kInvalidArgument);
+}
+
+TEST_CASE("Layer selections parse as all or top:N or indices and resolve against the model's layers", "[lora]") {
+  auto resolve = [](std::string_view text, int64_t layers) -> absl::StatusOr<std::vector<int64_t>> {
+    SEEDLING_ASSIGN_OR_RETURN(const LayerSelection s, ParseLayerSelection(text));
+    return ResolveLayers(s, layers);
+  };
+  CHECK(resolve("all", 30)->empty());
+  CHECK(resolve("", 30)->empty());
+  CHECK(*resolve("top:3", 30) == std::vector<int64_t>{27, 28, 29});
+  CHECK(*resolve("top:30", 30) == std::vector<int64_t>{0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14,
+                                                       15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29});
+  CHECK(*resolve(" 11,0, 5 ", 30) == std::vector<int64_t>{0, 5, 11});
+  for (const char* bad : {"top:0", "top:", "top:x", "top:-2", "-1", "1,,2", "0,3,0", "first:2", "1.5"}) {
+    INFO(bad);
+    CHECK(ParseLayerSelection(bad).status().code() == absl::StatusCode::kInvalidArgument);
+  }
+  CHECK(resolve("top:31", 30).status().message() == "layers 'top:31': the model has 30 layers");
+  CHECK(resolve("0,30", 30).status().code() == absl::StatusCode::kInvalidArgument);
+}
+
+TEST_CASE("An adapter on the top layers holds only their matrices and leaves the lower layers' outputs alone",
+          "[lora]") {
+  const model::ModelConfig config = SmallConfig();
+  auto all = LoraAdapter::Create(config, LoraConfig{});
+  LoraConfig top;
+  top.layers = {config.num_hidden_layers - 1};
+  auto one = LoraAdapter::Create(config, top);
+  REQUIRE(all.ok());
+  REQUIRE(one.ok());
+  CHECK((*one)->numel() * config.num_hidden_layers == (*all)->numel());
+  for (const LoraView& v : (*one)->views()) CHECK(v.layer == config.num_hidden_layers - 1);
+  // Only the adapted layer's projections change their outputs.
+  (*one)->flat().normal_();
+  const at::Tensor x = at::randn({1, 3, config.hidden_size});
+  const at::Tensor base = at::zeros({1, 3, config.hidden_size});
+  CHECK(at::equal((*one)->Apply(0, Projection::kQ, x, base), base));
+  CHECK_FALSE(at::equal((*one)->Apply(config.num_hidden_layers - 1, Projection::kQ, x, base), base));
 }
 
 }  // namespace

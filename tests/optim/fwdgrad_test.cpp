@@ -32,9 +32,12 @@ std::unique_ptr<model::LlamaModel> DoubleCopy(const model::LlamaModel& m) {
   return std::move(d).value();
 }
 
+// LoRA of `rank`, or BitFit's biases, on `targets` with random values.
 std::unique_ptr<lora::LoraAdapter> RandomAdapter(const model::ModelConfig& c, int64_t rank,
-                                                 std::vector<model::Projection> targets) {
+                                                 std::vector<model::Projection> targets,
+                                                 lora::AdapterKind kind = lora::AdapterKind::kLora) {
   lora::LoraConfig lc;
+  lc.kind = kind;
   lc.rank = rank;
   lc.alpha = 2.0 * static_cast<double>(rank);
   lc.targets = std::move(targets);
@@ -56,7 +59,9 @@ double Loss(const model::LlamaModel& m, lora::LoraAdapter& a, const model::Batch
 TEST_CASE("The forward-mode JVP equals a float64 central finite difference", "[optim][fwdgrad]") {
   const model::ModelConfig c = MicroConfig();
   auto m = MakeModel(c, 1);
-  auto a = RandomAdapter(c, 2, {model::Projection::kQ, model::Projection::kV, model::Projection::kDown});
+  const lora::AdapterKind kind = GENERATE(lora::AdapterKind::kLora, lora::AdapterKind::kBias);
+  INFO("adapter " << lora::AdapterKindName(kind));
+  auto a = RandomAdapter(c, 2, {model::Projection::kQ, model::Projection::kV, model::Projection::kDown}, kind);
   const model::Batch batch = RuleBatch(2, 12, c.vocab_size, 4);
   FwdGradOptions o;
   auto trainer = FwdGradTrainer::Create(*m, *a, o);
@@ -108,7 +113,9 @@ TEST_CASE("The batched forward gradient equals per-tangent forward-mode AD", "[o
                                : block == 7 ? PhiStyleMicroConfig()
                                             : Opt350StyleMicroConfig();
   auto m = MakeModel(c, 4);
-  auto a = RandomAdapter(c, 2, EveryProjection());
+  const lora::AdapterKind kind = GENERATE(lora::AdapterKind::kLora, lora::AdapterKind::kBias);
+  INFO("adapter " << lora::AdapterKindName(kind));
+  auto a = RandomAdapter(c, 2, EveryProjection(), kind);
   const model::Batch batch = RuleBatch(2, 12, c.vocab_size, 7);
   const std::vector<uint64_t> seeds = {31, 32, 33, 34, 35};
 

@@ -106,8 +106,11 @@ TEST_CASE("A NaN loss skips MeZO and lora-bp steps and never poisons the paramet
 }
 
 // Adapter on every projection of a config with every bias, B != 0, so each perturbation moves the loss.
-std::unique_ptr<lora::LoraAdapter> EveryProjectionAdapter(const model::ModelConfig& c) {
+// LoRA (rank 2) or BitFit (a bias) on every projection, random values.
+std::unique_ptr<lora::LoraAdapter> EveryProjectionAdapter(const model::ModelConfig& c,
+                                                          lora::AdapterKind kind = lora::AdapterKind::kLora) {
   lora::LoraConfig lc;
+  lc.kind = kind;
   lc.rank = 2;
   lc.targets = EveryProjection();
   auto a = lora::LoraAdapter::Create(c, lc);
@@ -135,7 +138,9 @@ double PerturbedLoss(const model::LlamaModel& m, lora::LoraAdapter& a, const mod
 TEST_CASE("Batched probes give each perturbation the loss of a forward on its own", "[optim][mezo][batched]") {
   const model::ModelConfig c = BiasedMicroConfig();
   auto m = MakeModel(c, 6);
-  auto a = EveryProjectionAdapter(c);
+  const lora::AdapterKind kind = GENERATE(lora::AdapterKind::kLora, lora::AdapterKind::kBias);
+  INFO("adapter " << lora::AdapterKindName(kind));
+  auto a = EveryProjectionAdapter(c, kind);
   const model::Batch batch = RuleBatch(2, 10, c.vocab_size, 3);
   const at::Tensor before = a->flat().clone();
   const std::vector<uint64_t> seeds = {101, 102, 103, 104};

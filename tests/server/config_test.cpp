@@ -186,6 +186,21 @@ TEST_CASE("docs/operations.md's server.toml table states the defaults the code h
   CHECK(kseed->codec.codec == v1::CODEC_SEED_SCALARS);
 }
 
+TEST_CASE("[lora] layers is checked at load and resolved against the model's layers", "[server][config]") {
+  auto bad = Parse("[lora]\nlayers = \"top:none\"\n");
+  REQUIRE_FALSE(bad.ok());
+  CHECK(bad.status().message().find("[lora] layers") != std::string::npos);
+  auto top = Parse("[lora]\nlayers = \"top:2\"\n");
+  REQUIRE(top.ok());
+  model::ModelConfig model;
+  model.num_hidden_layers = 6;
+  auto lora = ServerLoraConfig(*top, model);
+  REQUIRE(lora.ok());
+  CHECK(lora->layers == std::vector<int64_t>{4, 5});
+  model.num_hidden_layers = 1;
+  CHECK(ServerLoraConfig(*top, model).status().code() == absl::StatusCode::kInvalidArgument);
+}
+
 TEST_CASE("Adaptive server optimizers default to server_lr 0.01, the fedavg family to 1", "[server][config]") {
   for (const char* name : {"fedadam", "fedyogi", "fedadagrad"}) {
     auto c = Parse(StrCat("[strategy]\nname = \"", name, "\"\n"));
