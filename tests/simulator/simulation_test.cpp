@@ -56,6 +56,15 @@ SimulationOptions Small(const std::string& out) {
   return o;
 }
 
+// The last held-out loss a run measured (rounds that aborted repeat none).
+double LastEvalLoss(const MethodResult& m) {
+  double last = NAN;
+  for (const RoundRecord& round : m.rounds) {
+    if (!std::isnan(round.eval_loss)) last = round.eval_loss;
+  }
+  return last;
+}
+
 // Everything a round reports except host time.
 std::string Deterministic(const RoundRecord& r) {
   nlohmann::json j = ToJson(r);
@@ -185,10 +194,7 @@ TEST_CASE("A federation of phones of each newer family lowers the held-out loss"
   REQUIRE(r.ok());
   const MethodResult& m = r->methods.at(0);
   CHECK(m.client_errors == 0);
-  double last = NAN;
-  for (const RoundRecord& round : m.rounds) {
-    if (!std::isnan(round.eval_loss)) last = round.eval_loss;
-  }
+  const double last = LastEvalLoss(m);
   INFO("initial " << m.initial_eval_loss << ", last " << last);
   REQUIRE_FALSE(std::isnan(last));
   CHECK(last < m.initial_eval_loss - 0.02);
@@ -815,13 +821,7 @@ TEST_CASE("Adapters on the top layer only or of biases only (FeS's capacity opti
   INFO(r.status().ToString());
   REQUIRE(r.ok());
   REQUIRE(r->methods.size() == 4);
-  auto last_loss = [&](size_t i) {
-    double last = NAN;
-    for (const RoundRecord& round : r->methods[i].rounds) {
-      if (!std::isnan(round.eval_loss)) last = round.eval_loss;
-    }
-    return last;
-  };
+  auto last_loss = [&](size_t i) { return LastEvalLoss(r->methods[i]); };
   auto bytes_down = [&](size_t i) { return r->methods[i].rounds.back().bytes_down_per_client; };
   for (size_t i = 0; i < 4; ++i) {
     INFO(r->methods[i].method << ": initial " << r->methods[i].initial_eval_loss << ", last " << last_loss(i)
