@@ -66,6 +66,22 @@ Coordinator::Coordinator(const ServerConfig& config, const Clock* clock, Metrics
                                           "Differential privacy spent by the committed rounds (epsilon at the "
                                           "configured delta).")
                                .Get();
+      // Info-style: one series, value 1, labelled with the mechanism the epsilon above is accounted for.
+      metrics_
+          ->AddGauge("seedling_dp_mechanism",
+                     "Differential privacy mechanism of the run (value 1): gaussian (RDP accountant, Poisson "
+                     "sampling assumed) or dp-ftrl (tree aggregation, zCDP).",
+                     {"mechanism"})
+          .WithLabels({config_.privacy.mechanism})
+          .Set(1);
+    }
+    if (config_.privacy.dp_ftrl()) {
+      dp_rho_gauge_ = &metrics_->AddGauge("seedling_dp_rho", "DP-FTRL: zCDP rho spent by the committed rounds.").Get();
+      dp_epsilon_1e10_gauge_ = &metrics_
+                                    ->AddGauge("seedling_dp_epsilon_delta_1e_10",
+                                               "DP-FTRL: epsilon of the committed rounds at delta = 1e-10, whatever "
+                                               "the configured delta.")
+                                    .Get();
     }
     if (config_.secagg.enabled) {
       secagg_aborts_total_ = &metrics_->AddCounter(
@@ -112,7 +128,7 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(const ServerCon
     if (config.privacy.dp_ftrl()) {
       SEEDLING_ASSIGN_OR_RETURN(c->tree_participation_, TreeParticipation::Load(*c->store_, config.privacy, version));
     }
-    if (c->dp_epsilon_gauge_ != nullptr) c->dp_epsilon_gauge_->Set(c->dp_budget_->epsilon());
+    c->SetDpGaugesLocked();
     spdlog::info("differential privacy: clip {} noise multiplier {}, {} rounds spent epsilon {:.4g} of {} (delta {})",
                  config.privacy.clip_norm, config.privacy.noise_multiplier, spent.size(), c->dp_budget_->epsilon(),
                  config.privacy.target_epsilon, config.privacy.delta);

@@ -201,6 +201,8 @@ class Coordinator {
   void TickSecAggRoundLocked(int64_t now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // global_bytes_ and global_sha256_ from global_ (what Download serves).
   void ServeGlobalLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Sets the DP gauges from dp_budget_ (after it is created and after each commit).
+  void SetDpGaugesLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Group commit (LevelDB's writer queue): `w` joins the queue; whoever is at its front writes the entries of
   // every queued upload in one transaction with mu_ released, counts the durable ones into the round, and
   // wakes the others. Returns with w->done. A failed write aborts the round: its aggregate holds updates the
@@ -251,6 +253,8 @@ class Coordinator {
   Gauge* global_version_gauge_ = nullptr;
   Gauge* connections_gauge_ = nullptr;
   Gauge* dp_epsilon_gauge_ = nullptr;             // only with [privacy] dp
+  Gauge* dp_rho_gauge_ = nullptr;                 // only with [privacy] mechanism = "dp-ftrl"
+  Gauge* dp_epsilon_1e10_gauge_ = nullptr;        // only with [privacy] mechanism = "dp-ftrl"
   CounterFamily* secagg_aborts_total_ = nullptr;  // only with [secagg] enabled
   std::string model_id_;
   int64_t num_parameters_ = 0;

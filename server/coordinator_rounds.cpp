@@ -179,7 +179,7 @@ absl::Status Coordinator::Commit(const PendingCommit& p, int64_t now) {
 void Coordinator::PublishLocked(PendingCommit p) {
   if (p.dp_price.has_value()) {
     dp_budget_->Commit(std::move(*p.dp_price));
-    if (dp_epsilon_gauge_ != nullptr) dp_epsilon_gauge_->Set(dp_budget_->epsilon());
+    SetDpGaugesLocked();
   }
   if (tree_participation_.has_value()) {
     tree_participation_->RecordCommit(p.next.version, store_->LedgerForRound(round_->round_id));

@@ -72,6 +72,9 @@ DashboardSnapshot Coordinator::Snapshot() {
     s.dp_target_epsilon = config_.privacy.target_epsilon;
     s.dp_delta = config_.privacy.delta;
     s.dp_refusal = dp_budget_->refusal();
+    s.dp_mechanism = config_.privacy.mechanism;
+    s.dp_rho = dp_budget_->rho();  // NaN for the Gaussian mechanism
+    s.dp_epsilon_delta_1e10 = dp_budget_->epsilon_at_report_delta();
   }
   if (auto devices = store_->ListDevices(); devices.ok()) s.devices_registered = static_cast<int64_t>(devices->size());
   s.connections = connections_;
@@ -114,6 +117,13 @@ absl::StatusOr<std::string> Coordinator::StoreChecksum() { return store_->Checks
 SecAggProgress Coordinator::secagg_progress() {
   absl::MutexLock lock(&mu_);
   return secagg_ != nullptr ? secagg_->progress() : SecAggProgress{};
+}
+
+void Coordinator::SetDpGaugesLocked() {
+  if (!dp_budget_.has_value()) return;
+  if (dp_epsilon_gauge_ != nullptr) dp_epsilon_gauge_->Set(dp_budget_->epsilon());
+  if (dp_rho_gauge_ != nullptr) dp_rho_gauge_->Set(dp_budget_->rho());
+  if (dp_epsilon_1e10_gauge_ != nullptr) dp_epsilon_1e10_gauge_->Set(dp_budget_->epsilon_at_report_delta());
 }
 
 double Coordinator::dp_epsilon() {

@@ -316,6 +316,23 @@ nlohmann::json RoundJson(const DashboardRound& r) {
           {"abort_reason", r.abort_reason}};
 }
 
+// The dashboard's privacy line: ε at the configured δ of the budget; DP-FTRL adds its mechanism, ρ (zCDP) and
+// ε at δ = 1e-10.
+std::string PrivacySummary(const DashboardSnapshot& s) {
+  if (!std::isfinite(s.epsilon)) return "differential privacy off";
+  const bool ftrl = std::isfinite(s.dp_rho);
+  std::string privacy = ftrl ? StrCat("privacy spent (DP-FTRL, tree aggregation): ρ = ", Printf("%.4g", s.dp_rho),
+                                      " (zCDP), ε = ", Printf("%.4g", s.epsilon))
+                             : StrCat("privacy spent ε = ", Printf("%.4g", s.epsilon));
+  if (std::isfinite(s.dp_target_epsilon)) {
+    privacy += StrCat(" of ", Printf("%.4g", s.dp_target_epsilon), " (δ = ", Printf("%.3g", s.dp_delta), ")");
+  }
+  if (ftrl && std::isfinite(s.dp_epsilon_delta_1e10)) {
+    privacy += StrCat(", ε = ", Printf("%.4g", s.dp_epsilon_delta_1e10), " at δ = 1e-10");
+  }
+  return privacy;
+}
+
 }  // namespace
 
 std::string RenderStatusJson(const DashboardSnapshot& s) {
@@ -334,6 +351,9 @@ std::string RenderStatusJson(const DashboardSnapshot& s) {
       {"epsilon", NumberOrNull(s.epsilon)},
       {"dp_target_epsilon", NumberOrNull(s.dp_target_epsilon)},
       {"dp_delta", NumberOrNull(s.dp_delta)},
+      {"dp_mechanism", s.dp_mechanism.empty() ? nlohmann::json(nullptr) : nlohmann::json(s.dp_mechanism)},
+      {"dp_rho", NumberOrNull(s.dp_rho)},
+      {"dp_epsilon_delta_1e-10", NumberOrNull(s.dp_epsilon_delta_1e10)},
       {"dp_refusal", s.dp_refusal},
   };
   // replace: a reason string carrying a peer's bytes must not make dump() throw.
@@ -352,14 +372,7 @@ std::string RenderDashboardHtml(const DashboardSnapshot& s, int refresh_seconds)
   html += StrCat("<span>global model version ", s.global_version, "</span>");
   html += StrCat("<span>devices registered ", s.devices_registered, "</span>");
   html += StrCat("<span>open connections ", s.connections, "</span>");
-  std::string privacy = "differential privacy off";
-  if (std::isfinite(s.epsilon)) {
-    privacy = StrCat("privacy spent ε = ", Printf("%.4g", s.epsilon));
-    if (std::isfinite(s.dp_target_epsilon)) {
-      privacy += StrCat(" of ", Printf("%.4g", s.dp_target_epsilon), " (δ = ", Printf("%.3g", s.dp_delta), ")");
-    }
-  }
-  html += StrCat("<span>", privacy, "</span></p>\n");
+  html += StrCat("<span class=\"privacy\">", PrivacySummary(s), "</span></p>\n");
   if (!s.dp_refusal.empty()) html += StrCat("<p class=\"dp-refusal\">", HtmlEscape(s.dp_refusal), "</p>\n");
 
   html += "<h2>Current round</h2>\n";

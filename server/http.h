@@ -64,11 +64,17 @@ struct DashboardSnapshot {
   double epsilon = NAN;            // DP budget spent so far; NaN when DP is off
   double dp_target_epsilon = NAN;  // the budget ([privacy] target_epsilon); NaN when DP is off
   double dp_delta = NAN;           // its δ; NaN when DP is off
-  std::string dp_refusal;          // why no round opens (budget exhausted), empty otherwise
+  std::string dp_mechanism;        // [privacy] mechanism ("gaussian" or "dp-ftrl"); empty when DP is off
+  // DP-FTRL only (NaN otherwise): the zCDP ρ of the committed rounds and its ε at δ = 1e-10 (`epsilon` above
+  // is its ε at dp_delta). The Gaussian mechanism's RDP accountant has no single ρ.
+  double dp_rho = NAN;
+  double dp_epsilon_delta_1e10 = NAN;
+  std::string dp_refusal;  // why no round opens (budget exhausted), empty otherwise
 };
 
-// The snapshot as a JSON object with the field names above; NaN numbers become null, `current` is
-// null when absent, invalid UTF-8 in strings is replaced by U+FFFD.
+// The snapshot as a JSON object with the field names above, except dp_epsilon_delta_1e10, written as
+// "dp_epsilon_delta_1e-10" (the name each round's result uses); NaN numbers and an empty dp_mechanism become
+// null, `current` is null when absent, invalid UTF-8 in strings is replaced by U+FFFD.
 std::string RenderStatusJson(const DashboardSnapshot& snapshot);
 
 // The dashboard page. `refresh_seconds` > 0 adds <meta http-equiv="refresh">. Every string from the

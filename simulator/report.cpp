@@ -63,6 +63,8 @@ constexpr const char* kFields[] = {"method",
                                    "perturbations",
                                    "gradient_variance",
                                    "epsilon",
+                                   "rho",
+                                   "epsilon_delta_1e10",
                                    "global_sha256",
                                    "wall_seconds"};
 
@@ -257,6 +259,8 @@ nlohmann::json ToJson(const RoundRecord& r) {
   j["perturbations"] = r.perturbations;
   j["gradient_variance"] = JsonNumber(r.gradient_variance);
   j["epsilon"] = JsonNumber(r.epsilon);
+  j["rho"] = JsonNumber(r.rho);
+  j["epsilon_delta_1e10"] = JsonNumber(r.epsilon_delta_1e10);
   j["global_sha256"] = r.global_sha256;
   j["wall_seconds"] = JsonNumber(r.wall_seconds);
   return j;
@@ -325,6 +329,8 @@ absl::StatusOr<RoundRecord> RoundRecordFromJson(const nlohmann::json& j) {
   SEEDLING_RETURN_IF_ERROR(get_int("perturbations", r.perturbations));
   SEEDLING_RETURN_IF_ERROR(get_double("gradient_variance", r.gradient_variance));
   SEEDLING_RETURN_IF_ERROR(get_double("epsilon", r.epsilon));
+  SEEDLING_RETURN_IF_ERROR(get_double("rho", r.rho));
+  SEEDLING_RETURN_IF_ERROR(get_double("epsilon_delta_1e10", r.epsilon_delta_1e10));
   SEEDLING_RETURN_IF_ERROR(get_double("wall_seconds", r.wall_seconds));
   return r;
 }
@@ -347,7 +353,8 @@ std::string ToCsvRow(const RoundRecord& r) {
                 CsvNumber(r.bytes_up_per_client), ",", CsvNumber(r.bytes_down_per_client), ",", r.processed_tokens, ",",
                 CsvNumber(r.device_tokens_per_second), ",", CsvNumber(r.energy_joules), ",", CsvNumber(r.device_flops),
                 ",", r.perturbations, ",", CsvNumber(r.gradient_variance), ",", CsvNumber(r.epsilon), ",",
-                CsvField(r.global_sha256), ",", CsvNumber(r.wall_seconds), "\n");
+                CsvNumber(r.rho), ",", CsvNumber(r.epsilon_delta_1e10), ",", CsvField(r.global_sha256), ",",
+                CsvNumber(r.wall_seconds), "\n");
 }
 
 namespace {
@@ -453,6 +460,8 @@ MethodSummary Summarize(std::string method, double initial_eval_loss, std::span<
     if (std::isfinite(r->eval_loss)) s.final_eval_loss = r->eval_loss;
     if (std::isfinite(r->accuracy)) s.final_accuracy = r->accuracy;
     if (std::isfinite(r->epsilon)) s.epsilon = r->epsilon;
+    if (std::isfinite(r->rho)) s.rho = r->rho;
+    if (std::isfinite(r->epsilon_delta_1e10)) s.epsilon_delta_1e10 = r->epsilon_delta_1e10;
     if (std::isfinite(r->end_time_s)) latest_end = std::max(latest_end, r->end_time_s);
     if (std::isfinite(r->energy_joules)) energy += r->energy_joules;
     if (std::isfinite(r->wall_seconds)) wall += r->wall_seconds;
@@ -488,16 +497,21 @@ std::vector<Column> SummaryColumns(std::span<const MethodSummary> summaries) {
       {"energy kJ", true, [](const MethodSummary& s) { return G4(s.energy_kj); }},
       {"wall s", true, [](const MethodSummary& s) { return G4(s.wall_seconds); }},
   };
-  bool any_accuracy = false, any_epsilon = false;
+  bool any_accuracy = false, any_epsilon = false, any_rho = false;
   for (const MethodSummary& s : summaries) {
     any_accuracy |= std::isfinite(s.final_accuracy);
     any_epsilon |= std::isfinite(s.epsilon);
+    any_rho |= std::isfinite(s.rho);
   }
   if (any_accuracy) {
     cols.push_back({"accuracy", true, [](const MethodSummary& s) { return G4(s.final_accuracy); }});
   }
   if (any_epsilon) {
     cols.push_back({"epsilon", true, [](const MethodSummary& s) { return G4(s.epsilon); }});
+  }
+  if (any_rho) {  // DP-FTRL's zCDP and its epsilon at delta = 1e-10 ("-" for the other runs)
+    cols.push_back({"rho", true, [](const MethodSummary& s) { return G4(s.rho); }});
+    cols.push_back({"epsilon@1e-10", true, [](const MethodSummary& s) { return G4(s.epsilon_delta_1e10); }});
   }
   return cols;
 }

@@ -58,7 +58,9 @@ struct RoundRecord {
   int64_t perturbations = 0;              // fwdgrad: K of the round's tasks (pacing raises it); 0 otherwise
   double gradient_variance = NAN;         // fwdgrad with pacing: the server's variance of the pooled gradient
                                           // estimate (server/fwdgrad_pacing.h); NaN when not measured
-  double epsilon = NAN;                   // DP budget spent so far (privacy), NaN if DP is off
+  double epsilon = NAN;                   // DP budget spent so far (privacy) at [privacy] delta, NaN if DP is off
+  double rho = NAN;                       // DP-FTRL: zCDP rho spent so far; NaN otherwise (Gaussian or no DP)
+  double epsilon_delta_1e10 = NAN;        // DP-FTRL: the epsilon spent so far at delta = 1e-10; NaN otherwise
   std::string global_sha256;              // hex SHA-256 of the global parameters after the round (float32
                                           // bytes): equal across thread counts, ranks and transports
   double wall_seconds = 0;                // host time spent simulating the round, s
@@ -128,6 +130,8 @@ struct MethodSummary {
   double wall_seconds = 0;                       // sum of wall_seconds
   double final_accuracy = NAN;                   // last non-NaN accuracy in round order
   double epsilon = NAN;                          // last non-NaN epsilon in round order (the budget spent)
+  double rho = NAN;                              // DP-FTRL: last non-NaN rho in round order
+  double epsilon_delta_1e10 = NAN;               // DP-FTRL: last non-NaN epsilon_delta_1e10 in round order
 };
 
 // Condenses the records of `method`; records of other methods are skipped, so the whole log can be
@@ -144,8 +148,8 @@ MethodSummary Summarize(std::string method, double initial_eval_loss, std::span<
 
 // An aligned plain-text table for the terminal: a header line, a rule, one line per summary,
 // every line the same width (method left-aligned, numbers right-aligned). Bytes use binary units
-// ("45.1 KiB"), NaN prints as "-". The accuracy and epsilon columns appear only when some summary
-// has a value.
+// ("45.1 KiB"), NaN prints as "-". The accuracy, epsilon, rho and epsilon@1e-10 columns appear only when
+// some summary has a value (rho and epsilon@1e-10: some DP-FTRL run).
 std::string SummaryTable(std::span<const MethodSummary> summaries);
 
 // What a run spent to reach a held-out loss, so methods compare on cost and not only on their final loss.

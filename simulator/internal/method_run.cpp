@@ -229,6 +229,8 @@ void MethodRun::CheckRounds() {
     }
     if (rec.committed) {
       rec.epsilon = snap.epsilon;  // DP spent after this round (NaN without DP); one commit per check
+      rec.rho = snap.dp_rho;       // DP-FTRL only
+      rec.epsilon_delta_1e10 = snap.dp_epsilon_delta_1e10;
       const std::vector<float> params = coordinator_->global_params();
       rec.global_sha256 =
           Sha256Hex(std::string_view(reinterpret_cast<const char*>(params.data()), params.size() * sizeof(float)));
@@ -243,6 +245,8 @@ void MethodRun::CheckRounds() {
       rec.eval_loss = records_.back().eval_loss;  // the global model did not change
       rec.accuracy = records_.back().accuracy;
       rec.epsilon = records_.back().epsilon;
+      rec.rho = records_.back().rho;
+      rec.epsilon_delta_1e10 = records_.back().epsilon_delta_1e10;
       rec.global_sha256 = records_.back().global_sha256;
     }
     const auto now = std::chrono::steady_clock::now();

@@ -23,7 +23,9 @@
 #include "lora/adapter.h"
 #include "model/init.h"
 #include "model/runtime.h"
+#include "nlohmann/json.hpp"
 #include "optim/kseed.h"
+#include "privacy/accountant.h"
 #include "server/coordinator.h"
 #include "server/store.h"
 #include "tests/server/federation_world.h"
@@ -267,6 +269,81 @@ TEST_CASE("Below the minimum number of reports the round aborts", "[server][fede
   const auto [state, accepted] = RoundWithDropouts(8);  // 5 reports < 8
   CHECK(state == RoundState::kAborted);
   CHECK(accepted == 5);
+}
+
+// ---- DP-FTRL: the privacy figures move with each commit --------------------------------------------------
+
+// The value of the unlabelled sample `name` in Prometheus text; NaN when absent.
+double GaugeValue(const std::string& prometheus, const std::string& name) {
+  const std::string prefix = "\n" + name + " ";
+  const size_t at = ("\n" + prometheus).find(prefix);
+  if (at == std::string::npos) return NAN;
+  return std::stod(prometheus.substr(at + prefix.size() - 1));
+}
+
+TEST_CASE("DP-FTRL rounds move rho and epsilon at both deltas on /metrics and the status with each commit",
+          "[server][federation][dp][ftrl]") {
+  World w;
+  w.config.method = "lora-bp";
+  w.config.codec.codec = v1::CODEC_FP32;
+  w.config.clients_per_round = 2;
+  w.config.min_reports = 2;
+  w.config.round_deadline_s = 600;
+  w.config.privacy.dp = true;
+  w.config.privacy.clip_norm = 0.5;
+  w.config.privacy.noise_multiplier = 2.0;
+  w.config.privacy.target_epsilon = 100;
+  w.config.privacy.delta = 1e-6;
+  w.config.privacy.noise = "seeded";
+  w.config.privacy.mechanism = "dp-ftrl";
+  w.config.privacy.tree_restart_rounds = 2;
+  ManualClock clock;
+  Metrics metrics;
+  auto coordinator = Coordinator::Create(w.config, &clock, &metrics);
+  REQUIRE(coordinator.ok());
+  Coordinator& c = **coordinator;
+  CHECK(GaugeValue(metrics.RenderPrometheus(), "seedling_dp_rho") == 0.0);
+  // ρ after r rounds, trees of R = 2 rounds, z = 2, k = 1: 1/8 per level in use; levels 1, 2, 2 + 1.
+  const double expected_rho[] = {1.0 / 8, 2.0 / 8, 3.0 / 8};
+  for (int round = 1; round <= 3; ++round) {
+    c.Tick();  // opens the round
+    // Two fresh devices per round, so the per-tree participation bound never turns one away.
+    for (int d = 0; d < 2; ++d) {
+      const std::string id = "r" + std::to_string(round) + "-dev" + std::to_string(d);
+      auto token = c.RegisterDevice(id);
+      REQUIRE(token.ok());
+      client::ClientConfig cc = w.ClientFor(id, *token, 0);
+      cc.max_attempts = 1;
+      auto client = client::Client::Create(cc, comms::MakeInMemoryTransport(c.handler_factory()));
+      REQUIRE(client.ok());
+      (*client)->SetConditions({true, true, true, 1.0f});
+      auto r = (*client)->RunOnce();
+      REQUIRE(r.ok());
+      REQUIRE(r->outcome == client::RunOutcome::kUploaded);
+    }
+    clock.Advance(601'000);
+    c.Tick();  // commits it
+    auto record = c.FindRound(round);
+    REQUIRE(record.ok());
+    REQUIRE(record->has_value());
+    REQUIRE((*record)->state == RoundState::kCommitted);
+
+    const double rho = expected_rho[round - 1];
+    REQUIRE(rho == Approx(*privacy::TreeAggregationZcdp(round, 2, 2.0, 1)).epsilon(1e-12));
+    const double eps = rho + 2 * std::sqrt(rho * std::log(1e6));
+    const double eps_1e10 = rho + 2 * std::sqrt(rho * std::log(1e10));
+    INFO("round " << round);
+    const std::string prom = metrics.RenderPrometheus();
+    CHECK(GaugeValue(prom, "seedling_dp_rho") == Approx(rho).epsilon(1e-12));
+    CHECK(GaugeValue(prom, "seedling_dp_epsilon") == Approx(eps).epsilon(1e-12));
+    CHECK(GaugeValue(prom, "seedling_dp_epsilon_delta_1e_10") == Approx(eps_1e10).epsilon(1e-12));
+    const nlohmann::json status = nlohmann::json::parse(RenderStatusJson(c.Snapshot()));
+    CHECK(status.at("dp_mechanism") == "dp-ftrl");
+    CHECK(status.at("dp_rho").get<double>() == Approx(rho).epsilon(1e-12));
+    CHECK(status.at("epsilon").get<double>() == Approx(eps).epsilon(1e-12));
+    CHECK(status.at("dp_epsilon_delta_1e-10").get<double>() == Approx(eps_1e10).epsilon(1e-12));
+  }
+  c.Shutdown();
 }
 
 }  // namespace

@@ -24,8 +24,20 @@
 #include <thread>
 #include <vector>
 
+#include "base/clock.h"
+#include "base/file.h"
+#include "lora/adapter.h"
+#include "model/config.h"
+#include "model/init.h"
 #include "nlohmann/json.hpp"
+#include "privacy/accountant.h"
+#include "server/config.h"
+#include "server/coordinator.h"
+#include "server/devices.h"
+#include "server/dp_strategy.h"
 #include "server/metrics.h"
+#include "server/store.h"
+#include "tests/test_util.h"
 
 namespace {
 
@@ -552,6 +564,10 @@ TEST_CASE("Status JSON writes NaN losses and epsilon as null and an absent round
   const nlohmann::json j = nlohmann::json::parse(seedling::server::RenderStatusJson(s));
   CHECK(j.at("current").is_null());
   CHECK(j.at("epsilon").is_null());
+  // DP off: no mechanism and no DP-FTRL figures.
+  CHECK(j.at("dp_mechanism").is_null());
+  CHECK(j.at("dp_rho").is_null());
+  CHECK(j.at("dp_epsilon_delta_1e-10").is_null());
   s = TestSnapshot();
   const nlohmann::json k = nlohmann::json::parse(seedling::server::RenderStatusJson(s));
   CHECK(k.at("current").at("loss_start").is_null());
@@ -737,4 +753,178 @@ TEST_CASE("Start rejects an address that is not an IP and a port already in use"
   options.bind_address = "127.0.0.1";
   options.port = f.server.port();
   CHECK(second.Start(options, TestSnapshot).code() == absl::StatusCode::kUnavailable);
+}
+
+// ---- The coordinator's privacy figures, served
+// ----------------------------------------------------------
+
+namespace {
+
+using seedling::server::Coordinator;
+using seedling::server::DpSpend;
+using seedling::server::PrivacyConfig;
+using seedling::server::RoundRecord;
+using seedling::server::RoundState;
+using seedling::server::ServerConfig;
+using seedling::server::Store;
+
+// A coordinator restarted over a state directory whose store holds `rounds` committed rounds, each recorded
+// with `spend` (its round id filled in), and served by an HttpServer sharing the coordinator's metrics.
+struct DpServerWorld {
+  seedling::testing::TempDir dir;
+  ServerConfig config;
+  seedling::ManualClock clock;
+  Metrics metrics;
+  std::unique_ptr<Coordinator> coordinator;
+  HttpServer http{metrics};
+
+  DpServerWorld(const PrivacyConfig& privacy, int rounds, DpSpend spend) {
+    const std::string model_dir = seedling::JoinPath(dir.path, "model");
+    seedling::model::InitModelOptions init;
+    init.preset = "tiny";
+    init.seed = 3;
+    REQUIRE(seedling::model::InitModel(model_dir, init).ok());
+    config.state_dir = seedling::JoinPath(dir.path, "state");
+    config.model_dir = model_dir;
+    config.lora_rank = 4;
+    config.clients_per_round = 1;
+    config.min_reports = 1;
+    config.privacy = privacy;
+    REQUIRE(seedling::MakeDirs(config.state_dir).ok());
+    if (privacy.dp_ftrl()) {
+      // The tree's state, as the first start of a DP-FTRL run creates it before any round commits.
+      REQUIRE(seedling::server::OpenTreeNoise(config.state_dir, privacy, 1, 0).ok());
+    }
+    CommitRounds(rounds, spend);
+    auto c = Coordinator::Create(config, &clock, &metrics);
+    INFO(c.status().ToString());
+    REQUIRE(c.ok());
+    coordinator = std::move(c).value();
+    HttpOptions options;
+    options.port = 0;
+    REQUIRE(http.Start(options, [this] { return coordinator->Snapshot(); }).ok());
+  }
+  ~DpServerWorld() { http.Stop(); }
+
+  void CommitRounds(int rounds, DpSpend spend) {
+    auto mc = seedling::model::LoadModelConfig(config.model_dir);
+    REQUIRE(mc.ok());
+    seedling::lora::LoraConfig lc;
+    lc.rank = config.lora_rank;
+    lc.alpha = config.lora_alpha;
+    auto adapter = seedling::lora::LoraAdapter::Create(*mc, lc);
+    REQUIRE(adapter.ok());
+    auto store = Store::Open(config.state_dir);
+    REQUIRE(store.ok());
+    // 10 devices and 1 client per round: the Gaussian mechanism's q = 0.1.
+    for (int d = 0; d < 10; ++d) {
+      REQUIRE(seedling::server::AddDevice(**store, "dev-" + std::to_string(d), 1000).ok());
+    }
+    for (int version = 1; version <= rounds; ++version) {
+      RoundRecord f;
+      f.method = "lora-bp";
+      f.config_json = "{}";
+      f.target = 1;
+      f.min_reports = 1;
+      const uint64_t id = (*store)->CreateRound(f)->round_id;
+      REQUIRE((*store)->SetRoundState(id, RoundState::kCollecting, 1).ok());
+      REQUIRE((*store)->SetRoundState(id, RoundState::kAggregating, 2).ok());
+      REQUIRE((*store)->WriteCheckpoint(version, {{"params", std::vector<float>((*adapter)->numel(), 0.0f)}}).ok());
+      spend.round_id = id;
+      REQUIRE((*store)->CommitRound(id, version, 3, "{}", "", spend).ok());
+    }
+  }
+};
+
+PrivacyConfig DpPrivacy() {
+  PrivacyConfig p;
+  p.dp = true;
+  p.clip_norm = 1.0;
+  p.noise_multiplier = 1.0;
+  p.target_epsilon = 100;
+  p.delta = 1e-5;
+  p.noise = "seeded";
+  return p;
+}
+
+// Levels of a tree with `leaves` rounds in use: floor(log2 leaves) + 1, 0 for none (the tree's level l has
+// nodes once 2^l leaves exist).
+int NaiveLevels(int64_t leaves) {
+  int levels = 0;
+  while (leaves >= (int64_t{1} << levels)) ++levels;
+  return levels;
+}
+
+// DP-FTRL's zCDP, written out (docs/methods.md, "DP-FTRL"): k^2 / (2 z^2) * (floor(r / R) L(R) + L(r mod R)).
+double NaiveFtrlRho(int64_t rounds, int64_t per_tree, double z, int64_t k) {
+  const double levels =
+      static_cast<double>((rounds / per_tree) * NaiveLevels(per_tree) + NaiveLevels(rounds % per_tree));
+  return static_cast<double>(k * k) / (2 * z * z) * levels;
+}
+
+double ZcdpEpsilon(double rho, double delta) { return rho + 2 * std::sqrt(rho * std::log(1 / delta)); }
+
+}  // namespace
+
+TEST_CASE("A DP-FTRL coordinator serves its mechanism, rho and epsilon at both deltas", "[server][http][dp][ftrl]") {
+  PrivacyConfig privacy = DpPrivacy();
+  privacy.mechanism = "dp-ftrl";
+  privacy.tree_restart_rounds = 4;
+  privacy.max_participations_per_tree = 2;
+  // 5 rounds, k = 2 (recorded as k^2 = 4 unamplified steps each): trees of 4 and 1 rounds, 3 + 1 levels,
+  // rho = 4 / 2 * 4 = 8.
+  DpServerWorld w(privacy, 5, DpSpend{0, 1.0, 1.0, 4});
+  const double rho = NaiveFtrlRho(5, 4, 1.0, 2);
+  REQUIRE(rho == 8.0);
+  REQUIRE(rho == Approx(*seedling::privacy::TreeAggregationZcdp(5, 4, 1.0, 2)).epsilon(1e-12));
+  const double eps = ZcdpEpsilon(rho, 1e-5);
+  const double eps_1e10 = ZcdpEpsilon(rho, 1e-10);
+  REQUIRE(eps_1e10 > eps);
+
+  const Reply metrics = Fetch(w.http.port(), "/metrics");
+  REQUIRE(metrics.status == 200);
+  const PromText t = ParseProm(metrics.body);
+  CHECK(SampleValue(t, "seedling_dp_rho", {}) == Approx(rho).epsilon(1e-12));
+  CHECK(SampleValue(t, "seedling_dp_epsilon", {}) == Approx(eps).epsilon(1e-12));
+  CHECK(SampleValue(t, "seedling_dp_epsilon_delta_1e_10", {}) == Approx(eps_1e10).epsilon(1e-12));
+  CHECK(SampleValue(t, "seedling_dp_mechanism", {{"mechanism", "dp-ftrl"}}) == 1.0);
+
+  const Reply status = Fetch(w.http.port(), "/api/status");
+  REQUIRE(status.status == 200);
+  const nlohmann::json j = nlohmann::json::parse(status.body);
+  CHECK(j.at("dp_mechanism") == "dp-ftrl");
+  CHECK(j.at("dp_rho").get<double>() == Approx(rho).epsilon(1e-12));
+  CHECK(j.at("epsilon").get<double>() == Approx(eps).epsilon(1e-12));
+  CHECK(j.at("dp_epsilon_delta_1e-10").get<double>() == Approx(eps_1e10).epsilon(1e-12));
+  CHECK(j.at("dp_delta").get<double>() == 1e-5);
+
+  const Reply page = Fetch(w.http.port(), "/");
+  REQUIRE(page.status == 200);
+  CHECK_THAT(page.body, Catch::Contains("DP-FTRL"));
+  CHECK_THAT(page.body, Catch::Contains("ρ = 8 (zCDP)"));
+  CHECK_THAT(page.body, Catch::Contains("at δ = 1e-10"));
+}
+
+TEST_CASE("A Gaussian DP coordinator serves its RDP epsilon and no rho", "[server][http][dp]") {
+  // 3 rounds at q = 0.1, z = 1: the RDP accountant's epsilon at the configured delta.
+  DpServerWorld w(DpPrivacy(), 3, DpSpend{0, 0.1, 1.0, 1});
+  const double eps = seedling::privacy::ComputeEpsilon(0.1, 1.0, 3, 1e-5)->epsilon;
+  REQUIRE(eps > 0);
+
+  const PromText t = ParseProm(Fetch(w.http.port(), "/metrics").body);
+  CHECK(SampleValue(t, "seedling_dp_epsilon", {}) == Approx(eps).epsilon(1e-12));
+  CHECK(SampleValue(t, "seedling_dp_mechanism", {{"mechanism", "gaussian"}}) == 1.0);
+  CHECK(FindSample(t, "seedling_dp_rho", {}) == nullptr);
+  CHECK(FindSample(t, "seedling_dp_epsilon_delta_1e_10", {}) == nullptr);
+
+  const nlohmann::json j = nlohmann::json::parse(Fetch(w.http.port(), "/api/status").body);
+  CHECK(j.at("dp_mechanism") == "gaussian");
+  CHECK(j.at("epsilon").get<double>() == Approx(eps).epsilon(1e-12));
+  CHECK(j.at("dp_rho").is_null());
+  CHECK(j.at("dp_epsilon_delta_1e-10").is_null());
+
+  const std::string page = Fetch(w.http.port(), "/").body;
+  CHECK_THAT(page, Catch::Contains("privacy spent ε = "));
+  CHECK(page.find("ρ") == std::string::npos);
+  CHECK(page.find("1e-10") == std::string::npos);
 }

@@ -184,6 +184,7 @@ TEST_CASE("A record's JSONL line parses back to the same values with NaN as null
   r.global_sha256 = std::string(64, 'c');
   r.device_flops = 2.5e12;
   r.perturbations = 16;
+  r.rho = 0.75;
   const std::string line = ToJson(r).dump();
   REQUIRE(line.find('\n') == std::string::npos);
   const nlohmann::json j = nlohmann::json::parse(line);
@@ -209,7 +210,9 @@ TEST_CASE("A record's JSONL line parses back to the same values with NaN as null
   CHECK(j["device_flops"].get<double>() == 2.5e12);
   CHECK(j["perturbations"] == 16);
   CHECK(j["gradient_variance"].is_null());
-  CHECK(j.size() == 27);
+  CHECK(j["rho"].get<double>() == 0.75);
+  CHECK(j["epsilon_delta_1e10"].is_null());
+  CHECK(j.size() == 29);
 
   auto back = RoundRecordFromJson(j);
   REQUIRE(back.ok());
@@ -224,6 +227,8 @@ TEST_CASE("A record's JSONL line parses back to the same values with NaN as null
   CHECK(back->declined_memory == r.declined_memory);
   CHECK(back->eval_loss == r.eval_loss);
   CHECK(std::isnan(back->epsilon));
+  CHECK(back->rho == 0.75);
+  CHECK(std::isnan(back->epsilon_delta_1e10));
   CHECK(std::isnan(back->train_loss));
   CHECK(back->wall_seconds == r.wall_seconds);
   CHECK(back->processed_tokens == r.processed_tokens);
@@ -242,7 +247,7 @@ TEST_CASE("RoundRecordFromJson names the field that has the wrong type", "[simul
 
 TEST_CASE("CSV has the header and one row per record with every field", "[simulator][report]") {
   const std::vector<std::string> header = CsvFields(Lines(CsvHeader()).at(0));
-  REQUIRE(header.size() == 27);
+  REQUIRE(header.size() == 29);
   CHECK(header.front() == "method");
   CHECK(header.back() == "wall_seconds");
   CHECK(CsvHeader().back() == '\n');
@@ -265,6 +270,7 @@ TEST_CASE("CSV has the header and one row per record with every field", "[simula
   CHECK(field("round") == "3");
   CHECK(field("committed") == "true");
   CHECK(field("epsilon").empty());  // NaN
+  CHECK(field("rho").empty());
   CHECK(std::stod(field("eval_loss")) == 2.5);
   CHECK(std::stod(field("accuracy")) == 0.5);
   CHECK(field("processed_tokens") == "12800");
@@ -282,7 +288,7 @@ TEST_CASE("CSV quotes a method name containing a comma or a quote", "[simulator]
   const std::string row = ToCsvRow(r);
   CHECK(row.rfind("\"lora,\"\"int8\"\"\",", 0) == 0);
   const std::vector<std::string> fields = CsvFields(Lines(row)[0]);
-  REQUIRE(fields.size() == 27);
+  REQUIRE(fields.size() == 29);
   CHECK(fields[0] == "lora,\"int8\"");
 }
 
@@ -313,7 +319,7 @@ TEST_CASE("RoundLog appends and flushes every record while it is still open", "[
   CHECK(nlohmann::json::parse(jl[1])["eval_loss"].is_null());
   const auto cl = Lines(*csv);
   REQUIRE(cl.size() == 3);
-  CHECK(CsvFields(cl[2]).size() == 27);
+  CHECK(CsvFields(cl[2]).size() == 29);
   std::filesystem::remove_all(std::filesystem::path(dir).parent_path().parent_path());
 }
 
@@ -387,6 +393,8 @@ TEST_CASE("Summarize takes finals in round order and weights bytes by participan
   r2.bytes_down_per_client = 1e6;
   r2.accuracy = 0.5;
   r2.epsilon = 1.5;
+  r1.rho = 0.25;  // DP-FTRL figures: the last non-NaN ones in round order
+  r1.epsilon_delta_1e10 = 3.0;
   RoundRecord other = Rec("kseed", 4, 0.1);  // another method: skipped
   rs = {r3, other, r1, r2};
 
@@ -403,6 +411,8 @@ TEST_CASE("Summarize takes finals in round order and weights bytes by participan
   CHECK(s.wall_seconds == Approx(1.5));
   CHECK(s.final_accuracy == 0.5);
   CHECK(s.epsilon == 1.5);
+  CHECK(s.rho == 0.25);
+  CHECK(s.epsilon_delta_1e10 == 3.0);
 }
 
 TEST_CASE("Summarize without records keeps the initial loss and has no byte means", "[simulator][report]") {
@@ -501,6 +511,32 @@ TEST_CASE("SummaryTable lists each method in aligned columns", "[simulator][repo
   CHECK(table.find("43.9 KiB") != std::string::npos);  // 45000 B
   CHECK(table.find("320 B") != std::string::npos);
   CHECK(lines[0].find("accuracy") == std::string::npos);  // no method has one
+  CHECK(lines[0].find("rho") == std::string::npos);       // nor a DP-FTRL rho
+}
+
+TEST_CASE("SummaryTable shows rho and epsilon at 1e-10 for a DP-FTRL run next to a Gaussian one",
+          "[simulator][report]") {
+  std::vector<MethodSummary> summaries(2);
+  summaries[0].method = "gaussian";
+  summaries[0].epsilon = 1.25;
+  summaries[1].method = "ftrl";
+  summaries[1].epsilon = 7.5;
+  summaries[1].rho = 0.875;
+  summaries[1].epsilon_delta_1e10 = 9.625;
+  const auto lines = Lines(SummaryTable(summaries));
+  REQUIRE(lines.size() == 4);
+  for (const auto& line : lines) CHECK(line.size() == lines[0].size());
+  const size_t rho_end = lines[0].find("rho") + 3;
+  const size_t eps_end = lines[0].find("epsilon@1e-10") + std::string("epsilon@1e-10").size();
+  REQUIRE(rho_end < eps_end);
+  REQUIRE(eps_end == lines[0].size());
+  // Right-aligned under their headers; the Gaussian run has neither.
+  CHECK(lines[2].substr(0, rho_end).substr(rho_end - 1) == "-");
+  CHECK(lines[2].substr(eps_end - 1) == "-");
+  CHECK(lines[3].substr(rho_end - 5, 5) == "0.875");
+  CHECK(lines[3].substr(eps_end - 5, 5) == "9.625");
+  CHECK(lines[2].find("1.25") != std::string::npos);
+  CHECK(lines[3].find("7.5") != std::string::npos);
 }
 
 TEST_CASE("The report has one svg per figure and the accuracy figure only with accuracy", "[simulator][report]") {

@@ -306,6 +306,8 @@ TEST_CASE("With DP on the records carry the epsilon spent, and seeded noise repe
     CHECK(Deterministic(x[i]) == Deterministic(y[i]));
     if (!x[i].committed) continue;
     CHECK(std::isfinite(x[i].epsilon));
+    CHECK(std::isnan(x[i].rho));  // the Gaussian mechanism has no zCDP rho
+    CHECK(std::isnan(x[i].epsilon_delta_1e10));
     CHECK(x[i].epsilon > last);  // every committed round spends
     last = x[i].epsilon;
   }
@@ -338,6 +340,18 @@ TEST_CASE("DP-FTRL runs in the simulator with a finite loss and its zCDP epsilon
   CHECK(summary.epsilon == Approx(rho + 2 * std::sqrt(rho * std::log(1e5))).epsilon(1e-9));
   if (summary.committed_rounds == 4) CHECK(summary.epsilon == Approx(11.5970518).epsilon(1e-6));
   CHECK_THAT(r->summary_table, Catch::Contains("epsilon"));
+  // ρ and ε at δ = 1e-10 per committed round and in the summary table.
+  int64_t committed = 0;
+  for (const RoundRecord& rec : r->methods[0].rounds) {
+    if (!rec.committed) continue;
+    const double rho_now = *privacy::TreeAggregationZcdp(++committed, 2, 1.0, 1);
+    CHECK(rec.rho == Approx(rho_now).epsilon(1e-12));
+    CHECK(rec.epsilon_delta_1e10 == Approx(rho_now + 2 * std::sqrt(rho_now * std::log(1e10))).epsilon(1e-12));
+  }
+  CHECK(summary.rho == Approx(rho).epsilon(1e-12));
+  CHECK(summary.epsilon_delta_1e10 == Approx(rho + 2 * std::sqrt(rho * std::log(1e10))).epsilon(1e-12));
+  CHECK_THAT(r->summary_table, Catch::Contains("rho"));
+  CHECK_THAT(r->summary_table, Catch::Contains("epsilon@1e-10"));
 }
 
 // SecAgg+ rounds (privacy/secagg.h) run in the simulator: the devices wait for stages on their simulated
