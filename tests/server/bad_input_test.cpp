@@ -23,6 +23,7 @@
 #include "comms/tls.h"
 #include "model/init.h"
 #include "server/coordinator.h"
+#include "tests/server/store_rounds.h"
 
 namespace seedling::server {
 namespace {
@@ -441,14 +442,7 @@ TEST_CASE("A stored non-finite global model makes /healthz unhealthy and opens n
     auto store = Store::Open(h.config.state_dir);
     REQUIRE(store.ok());
     REQUIRE((*store)->AbortRound(1, 1, "test").ok());
-    RoundRecord f;
-    f.method = "lora-bp";
-    f.config_json = "{}";
-    f.target = 1;
-    f.min_reports = 1;
-    const uint64_t id = (*store)->CreateRound(f)->round_id;
-    REQUIRE((*store)->SetRoundState(id, RoundState::kCollecting, 1).ok());
-    REQUIRE((*store)->SetRoundState(id, RoundState::kAggregating, 2).ok());
+    const uint64_t id = seedling::server::testing::AggregatingRound(**store);
     std::vector<float> params(n, 0.0f);
     params[7] = std::numeric_limits<float>::infinity();
     REQUIRE((*store)->WriteCheckpoint(1, {{"params", params}}).ok());

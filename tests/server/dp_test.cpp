@@ -25,6 +25,7 @@
 #include "server/devices.h"
 #include "server/dp_strategy.h"
 #include "server/store.h"
+#include "tests/server/store_rounds.h"
 #include "tests/test_util.h"
 
 namespace seedling::server {
@@ -433,14 +434,7 @@ TEST_CASE("The store records a round's DP spend with its commit and keeps it acr
   {
     auto store = Store::Open(dir.path);
     REQUIRE(store.ok());
-    RoundRecord f;
-    f.method = "lora-bp";
-    f.config_json = "{}";
-    f.target = 1;
-    f.min_reports = 1;
-    const uint64_t id = (*store)->CreateRound(f)->round_id;
-    REQUIRE((*store)->SetRoundState(id, RoundState::kCollecting, 1).ok());
-    REQUIRE((*store)->SetRoundState(id, RoundState::kAggregating, 2).ok());
+    const uint64_t id = seedling::server::testing::AggregatingRound(**store);
     REQUIRE((*store)->WriteCheckpoint(1, {{"params", {1.0f, 2.0f}}}).ok());
     // An out-of-range spend is refused and commits nothing.
     CHECK((*store)->CommitRound(id, 1, 3, "{}", "", DpSpend{id, 1.5, 1.0, 1}).code() ==
@@ -494,14 +488,7 @@ struct DpWorld {
     REQUIRE(store.ok());
     // 10 devices and 1 client per round: q = 0.1 for the next round too.
     for (int d = 0; d < 10; ++d) REQUIRE(AddDevice(**store, "dev-" + std::to_string(d), 1000).ok());
-    RoundRecord f;
-    f.method = "lora-bp";
-    f.config_json = "{}";
-    f.target = 1;
-    f.min_reports = 1;
-    const uint64_t id = (*store)->CreateRound(f)->round_id;
-    REQUIRE((*store)->SetRoundState(id, RoundState::kCollecting, 1).ok());
-    REQUIRE((*store)->SetRoundState(id, RoundState::kAggregating, 2).ok());
+    const uint64_t id = seedling::server::testing::AggregatingRound(**store);
     REQUIRE((*store)->WriteCheckpoint(1, {{"params", std::vector<float>((*adapter)->numel(), 0.0f)}}).ok());
     REQUIRE((*store)->CommitRound(id, 1, 3, "{}", "", DpSpend{id, kQ, kZ, 1}).ok());
   }

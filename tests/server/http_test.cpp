@@ -37,6 +37,7 @@
 #include "server/dp_strategy.h"
 #include "server/metrics.h"
 #include "server/store.h"
+#include "tests/server/store_rounds.h"
 #include "tests/test_util.h"
 
 namespace {
@@ -821,14 +822,7 @@ struct DpServerWorld {
       REQUIRE(seedling::server::AddDevice(**store, "dev-" + std::to_string(d), 1000).ok());
     }
     for (int version = 1; version <= rounds; ++version) {
-      RoundRecord f;
-      f.method = "lora-bp";
-      f.config_json = "{}";
-      f.target = 1;
-      f.min_reports = 1;
-      const uint64_t id = (*store)->CreateRound(f)->round_id;
-      REQUIRE((*store)->SetRoundState(id, RoundState::kCollecting, 1).ok());
-      REQUIRE((*store)->SetRoundState(id, RoundState::kAggregating, 2).ok());
+      const uint64_t id = seedling::server::testing::AggregatingRound(**store);
       REQUIRE((*store)->WriteCheckpoint(version, {{"params", std::vector<float>((*adapter)->numel(), 0.0f)}}).ok());
       spend.round_id = id;
       REQUIRE((*store)->CommitRound(id, version, 3, "{}", "", spend).ok());
