@@ -38,54 +38,42 @@ std::vector<int64_t> FileShape(const LoraView& v) {
   return v.is_bias ? std::vector<int64_t>{v.cols} : std::vector<int64_t>{v.rows, v.cols};
 }
 
-at::Tensor& BaseBias(model::ModelWeights& w, int64_t layer, Projection p) {
-  model::LayerWeights& lw = w.layers[static_cast<size_t>(layer)];
+// The weight and bias members of projection `p` in a layer's weights.
+struct ProjectionSlots {
+  at::Tensor model::LayerWeights::*weight;
+  at::Tensor model::LayerWeights::*bias;
+};
+ProjectionSlots SlotsOf(Projection p) {
+  using LW = model::LayerWeights;
   switch (p) {
     case Projection::kQ:
-      return lw.q_bias;
+      return {&LW::q, &LW::q_bias};
     case Projection::kK:
-      return lw.k_bias;
+      return {&LW::k, &LW::k_bias};
     case Projection::kV:
-      return lw.v_bias;
+      return {&LW::v, &LW::v_bias};
     case Projection::kO:
-      return lw.o_bias;
+      return {&LW::o, &LW::o_bias};
     case Projection::kGate:
-      return lw.gate_bias;
+      return {&LW::gate, &LW::gate_bias};
     case Projection::kUp:
-      return lw.up_bias;
+      return {&LW::up, &LW::up_bias};
     case Projection::kDown:
-      return lw.down_bias;
+      return {&LW::down, &LW::down_bias};
     case Projection::kQkv:
-      return lw.qkv_bias;
+      return {&LW::qkv, &LW::qkv_bias};
     case Projection::kGateUp:
-      return lw.gate_up_bias;
+      return {&LW::gate_up, &LW::gate_up_bias};
   }
-  return lw.q_bias;
+  return {&LW::q, &LW::q_bias};
 }
 
 at::Tensor& BaseWeight(model::ModelWeights& w, int64_t layer, Projection p) {
-  model::LayerWeights& lw = w.layers[static_cast<size_t>(layer)];
-  switch (p) {
-    case Projection::kQ:
-      return lw.q;
-    case Projection::kK:
-      return lw.k;
-    case Projection::kV:
-      return lw.v;
-    case Projection::kO:
-      return lw.o;
-    case Projection::kGate:
-      return lw.gate;
-    case Projection::kUp:
-      return lw.up;
-    case Projection::kDown:
-      return lw.down;
-    case Projection::kQkv:
-      return lw.qkv;
-    case Projection::kGateUp:
-      return lw.gate_up;
-  }
-  return lw.q;
+  return w.layers[static_cast<size_t>(layer)].*SlotsOf(p).weight;
+}
+
+at::Tensor& BaseBias(model::ModelWeights& w, int64_t layer, Projection p) {
+  return w.layers[static_cast<size_t>(layer)].*SlotsOf(p).bias;
 }
 
 using torch::autograd::AutogradContext;
