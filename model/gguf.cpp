@@ -157,13 +157,13 @@ uint64_t FileBytes(const TensorPlan& p) {
 // What llama.cpp's graph for one architecture can express (an unexpected or missing tensor fails its load).
 struct GgufGraphRules {
   std::string_view arch;
-  bool rope_freqs;           // Llama 3 RoPE scaling as rope_freqs.weight factors (llama only)
-  bool qkv_bias;             // has q/k/v bias slots
-  bool requires_qkv_bias;    // ... and requires them (qwen2)
-  bool o_mlp_bias;           // has o_proj and MLP bias slots (llama)
-  bool q_is_hidden;          // sizes q_proj as hidden x hidden (qwen2, olmo2)
-  bool tied_only = false;    // always reads the output projection from token_embd.weight (gemma2)
-  bool untied_only = false;  // requires output.weight (olmo2, phi3, gptneox, phi2)
+  bool rope_freqs = false;         // Llama 3 RoPE scaling as rope_freqs.weight factors (llama only)
+  bool qkv_bias = false;           // has q/k/v bias slots
+  bool requires_qkv_bias = false;  // ... and requires them (qwen2)
+  bool o_mlp_bias = false;         // has o_proj and MLP bias slots (llama)
+  bool q_is_hidden = false;        // sizes q_proj as hidden x hidden (qwen2, olmo2)
+  bool tied_only = false;          // always reads the output projection from token_embd.weight (gemma2)
+  bool untied_only = false;        // requires output.weight (olmo2, phi3, gptneox, phi2)
   // Reads q | k | v as one attn_qkv (phi3, gptneox) and gate | up as one ffn_up (phi3); the others read the parts.
   bool fused_qkv = false;
   bool fused_gate_up = false;
