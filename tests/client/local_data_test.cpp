@@ -1,7 +1,5 @@
 #include "client/local_data.h"
 
-#include <unistd.h>
-
 #include <algorithm>
 #include <catch2/catch.hpp>
 #include <filesystem>
@@ -12,6 +10,7 @@
 #include "base/memory.h"
 #include "base/strings.h"
 #include "model/kernels.h"
+#include "tests/test_util.h"
 
 namespace seedling::client {
 namespace {
@@ -34,9 +33,10 @@ const model::Tokenizer& SmallTokenizer() {
 
 constexpr int32_t kEos = 0;  // "<|endoftext|>", the trainer's first special token
 
+// `contents` as <name>.jsonl in a directory removed when the test process exits.
 std::string WriteTemp(const std::string& name, const std::string& contents) {
-  const std::string path =
-      std::filesystem::temp_directory_path() / StrCat("seedling_local_data_", name, "_", getpid(), ".jsonl");
+  static const testing::TempDir dir;
+  const std::string path = std::filesystem::path(dir.path) / StrCat(name, ".jsonl");
   REQUIRE(WriteFileAtomic(path, contents).ok());
   return path;
 }
