@@ -877,10 +877,11 @@ std::string RenderReportHtml(const ReportInput& input) {
                 "Accepted updates (solid), dropouts (dashed) and stragglers whose upload came too late "
                 "(dotted) per round.");
   }
-  bool any_accuracy = false, any_epsilon = false, any_speed = false;
+  bool any_accuracy = false, any_epsilon = false, any_epsilon_1e10 = false, any_speed = false;
   for (const RoundRecord& r : input.rounds) {
     any_accuracy |= std::isfinite(r.accuracy);
     any_epsilon |= std::isfinite(r.epsilon);
+    any_epsilon_1e10 |= std::isfinite(r.epsilon_delta_1e10);
     any_speed |= std::isfinite(r.device_tokens_per_second);
   }
   if (any_speed) {
@@ -906,11 +907,17 @@ std::string RenderReportHtml(const ReportInput& input) {
     o += Figure(t, "The same accuracy against simulated wall-clock time at the end of each round.");
   }
   if (any_epsilon) {
-    Chart c = MetricChart("fig-epsilon", "Privacy budget spent", "round", "epsilon", methods,
-                          {{"epsilon", [](const RoundRecord& r) { return r.epsilon; }}}, ByRound, nullptr);
+    std::vector<MetricSpec> spent = {{"epsilon", [](const RoundRecord& r) { return r.epsilon; }}};
+    // DP-FTRL's runs also state their guarantee at delta = 1e-10 (dashed); the other runs have no such line.
+    if (any_epsilon_1e10) {
+      spent.push_back({"epsilon at delta 1e-10", [](const RoundRecord& r) { return r.epsilon_delta_1e10; }});
+    }
+    Chart c = MetricChart("fig-epsilon", "Privacy budget spent", "round", "epsilon", methods, spent, ByRound, nullptr);
     c.integer_x = true;
     c.zero_y = true;
-    o += Figure(c, "Differential-privacy epsilon spent so far.");
+    o += Figure(c, any_epsilon_1e10 ? "Differential-privacy epsilon spent so far, at the run's delta (solid) and, "
+                                      "for DP-FTRL's zCDP guarantee, at delta = 1e-10 (dashed)."
+                                    : "Differential-privacy epsilon spent so far.");
   }
   o += DeclineTable(methods);
   o += "</body>\n</html>\n";

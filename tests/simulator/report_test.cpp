@@ -803,6 +803,29 @@ TEST_CASE("The device-speed figure plots each method's tokens per second, and is
   CHECK(Count(html, "<svg") == 4);
 }
 
+TEST_CASE("The epsilon figure adds a dashed line at delta 1e-10 only when a DP-FTRL run states one",
+          "[simulator][report]") {
+  ReportInput in = TwoMethodInput();
+  for (RoundRecord& r : in.rounds) {
+    r.epsilon = 0.5 * r.round;                                          // both runs spend budget
+    r.epsilon_delta_1e10 = r.method == "kseed" ? 0.75 * r.round : NAN;  // kseed stands for the DP-FTRL run
+  }
+  std::string html = RenderReportHtml(in);
+  std::string fig = FigureText(html, "fig-epsilon");
+  // One line per method and metric: epsilon for both, epsilon at 1e-10 for kseed only.
+  auto lines = Lines_(fig);
+  REQUIRE(lines.size() == 4);
+  CHECK(lines[0].points() == 6);  // lora-bp, epsilon
+  CHECK(lines[1].points() == 0);  // lora-bp, no 1e-10 guarantee
+  CHECK(lines[2].points() == 6);  // kseed, epsilon
+  CHECK(lines[3].points() == 6);  // kseed, epsilon at 1e-10
+  CHECK(fig.find("delta = 1e-10 (dashed)") != std::string::npos);
+  for (RoundRecord& r : in.rounds) r.epsilon_delta_1e10 = NAN;
+  fig = FigureText(RenderReportHtml(in), "fig-epsilon");
+  CHECK(Lines_(fig).size() == 2);
+  CHECK(fig.find("1e-10") == std::string::npos);
+}
+
 // The rows of <table class="declines"> as their cell texts.
 std::vector<std::vector<std::string>> DeclineRows(const std::string& html) {
   const size_t begin = html.find("<table class=\"declines\">");
