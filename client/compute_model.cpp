@@ -42,21 +42,26 @@ ForwardParts PartsOf(const model::ModelConfig& config, int64_t seq_len) {
 }  // namespace
 
 double LocalTrainingFlops(const model::ModelConfig& config, std::string_view method, int64_t steps, int64_t batch,
-                          int64_t seq_len, int64_t perturbations) {
+                          int64_t seq_len, int64_t perturbations, int64_t first_adapted_layer) {
   SEEDLING_CHECK(IsKnownTrainingMethod(method), "unknown training method");
   const ForwardParts f = PartsOf(config, seq_len);
   const double p = static_cast<double>(std::max<int64_t>(1, perturbations));
+  const double layers = static_cast<double>(std::max<int64_t>(1, config.num_hidden_layers));
+  // The share of the layers at or above the lowest adapted one (compute_model.h).
+  const double u =
+      1.0 - static_cast<double>(std::clamp<int64_t>(first_adapted_layer, 0, config.num_hidden_layers)) / layers;
+  const double body = f.projections + f.attention;
   double per_token = 0;
   if (method == "lora-bp") {
-    per_token = 2.0 * f.projections + 3.0 * f.attention + 2.0 * f.head;
+    per_token = body + 2.0 * f.head + u * (f.projections + 2.0 * f.attention);
   } else if (method == "fwdgrad") {
-    per_token = (1.0 + p) * f.projections + (1.0 + 2.0 * p) * f.attention + 2.0 * f.head;
+    per_token = body + 2.0 * f.head + u * p * (f.projections + 2.0 * f.attention);
   } else if (method == "pepita") {
-    per_token = 2.0 * (f.projections + f.attention + f.head);
+    per_token = 2.0 * (body + f.head);
   } else if (method == "mempepita") {
-    per_token = 3.0 * (f.projections + f.attention) + 2.0 * f.head;
+    per_token = 3.0 * body + 2.0 * f.head;
   } else {  // mezo, kseed
-    per_token = 2.0 * p * (f.projections + f.attention + f.head);
+    per_token = (1.0 - u + 2.0 * p * u) * body + 2.0 * p * f.head;
   }
   return static_cast<double>(steps) * static_cast<double>(batch) * static_cast<double>(seq_len) * per_token;
 }
@@ -71,13 +76,13 @@ double ForwardMfu(const model::ModelConfig& config, int64_t seq_len, int64_t pro
 
 double TrainingMfu(const model::ModelConfig& config, std::string_view method, int64_t steps, int64_t batch,
                    int64_t seq_len, int64_t perturbations, int64_t processed_tokens, double seconds,
-                   double sgemm_gflops) {
+                   double sgemm_gflops, int64_t first_adapted_layer) {
   if (!IsKnownTrainingMethod(method) || steps < 1 || batch < 1 || seq_len < 1 || processed_tokens <= 0 ||
       !(seconds > 0) || !(sgemm_gflops > 0)) {
     return 0;
   }
   const double shaped_tokens = static_cast<double>(steps) * static_cast<double>(batch) * static_cast<double>(seq_len);
-  const double flops = LocalTrainingFlops(config, method, steps, batch, seq_len, perturbations) *
+  const double flops = LocalTrainingFlops(config, method, steps, batch, seq_len, perturbations, first_adapted_layer) *
                        (static_cast<double>(processed_tokens) / shaped_tokens);
   return flops / seconds / (sgemm_gflops * 1e9);
 }

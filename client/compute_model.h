@@ -39,10 +39,16 @@ bool IsKnownTrainingMethod(std::string_view method);
 //              token) and generating F are not counted.
 //   "mempepita"  3P + 3A + 2H: as pepita, plus the third forward that recomputes the clean layers.
 //
+// An adapter on the upper layers only (lora "top:N", `first_adapted_layer` = f of L layers) changes what
+// runs below f, the layers' P and A scaled by f / L: lora-bp's backward and fwdgrad's tangents stop there
+// (lora-bp P + A + 2H + u (P + 2A), fwdgrad P + A + 2H + u K (P + 2A) with u = (L − f) / L), and the
+// batched probes of mezo and kseed run those layers once for all 2q copies ((1 − u + 2q u)(P + A) + 2q H).
+// pepita and mempepita run every layer either way.
+//
 // perturbations < 1 counts as 1. Linear in steps and in batch. An unknown method is a programming error
 // (aborts): check IsKnownTrainingMethod first.
 double LocalTrainingFlops(const model::ModelConfig& config, std::string_view method, int64_t steps, int64_t batch,
-                          int64_t seq_len, int64_t perturbations);
+                          int64_t seq_len, int64_t perturbations, int64_t first_adapted_layer = 0);
 
 // Model FLOP utilization of a run that processed `processed_tokens` in `seconds` with the given shape:
 // LocalTrainingFlops scaled to the tokens actually processed (rows can be shorter than seq_len), per
@@ -50,7 +56,7 @@ double LocalTrainingFlops(const model::ModelConfig& config, std::string_view met
 // figure is missing. Model FLOPs, not hardware FLOPs: recomputation's extra forward is not counted.
 double TrainingMfu(const model::ModelConfig& config, std::string_view method, int64_t steps, int64_t batch,
                    int64_t seq_len, int64_t perturbations, int64_t processed_tokens, double seconds,
-                   double sgemm_gflops);
+                   double sgemm_gflops, int64_t first_adapted_layer = 0);
 
 // The MFU of plain forwards (F = P + A + H per token, at sequence length `seq_len`) that processed
 // `processed_tokens` in `seconds`, over `sgemm_gflops`. 0 when any figure is missing.

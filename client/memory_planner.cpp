@@ -231,20 +231,23 @@ MemoryPlan EstimatePlan(const PlanRequest& r, const std::string& variant, int64_
       const int64_t saved = SavedPerLayer(s, adapter);
       const int64_t ce = CrossEntropyPeak(m, s.n, ce_chunk_tokens, true);
       const int64_t transient = LayerBackwardTransient(s, saved);
-      if (recompute && plan.stored_layers == 0) {
+      // Layers below the lowest adapted one record no graph: nothing there requires grad.
+      const int64_t graph_layers = layers - std::clamp<int64_t>(lora::FirstAdaptedLayer(adapter), 0, layers);
+      const int64_t stored = std::min(plan.stored_layers, graph_layers);
+      if (recompute && stored == 0) {
         // Every layer's input; in backward either one layer's rebuilt saved set next to its transients or
         // the cross-entropy's backward, whichever is larger.
-        elements = layers * s.n * s.h + std::max(saved + transient, ce);
+        elements = graph_layers * s.n * s.h + std::max(saved + transient, ce);
       } else if (recompute) {
         // The recomputed layers' inputs and the stored layers' saved sets; in backward the stored layers
         // go first (the cross-entropy's backward next to their transients), then one rebuilt layer at a
         // time next to its transients.
-        const int64_t recomputed = layers - plan.stored_layers;
-        stored_elements = plan.stored_layers * saved;
+        const int64_t recomputed = graph_layers - stored;
+        stored_elements = stored * saved;
         elements = recomputed * s.n * s.h + stored_elements + std::max(transient + ce, saved + transient);
       } else {
         // Every layer's saved set, the transients of one layer's backward, and the cross-entropy backward.
-        elements = layers * saved + transient + ce;
+        elements = graph_layers * saved + transient + ce;
       }
       break;
     }

@@ -313,6 +313,13 @@ at::Tensor LoraAdapter::ApplyTangents(int64_t layer, Projection p, const at::Ten
   return base_out + delta.mul_(scale).view(base_out.sizes());
 }
 
+bool LoraAdapter::AdaptsLayer(int64_t layer) const {
+  for (Projection p : model::kAllProjections) {
+    if (Find(layer, p, true) != nullptr) return true;
+  }
+  return false;
+}
+
 std::vector<at::Tensor> LoraAdapter::LayerTensors(int64_t layer) const {
   if (!leaves_.empty() && !override_.defined()) {
     std::vector<at::Tensor> out;
@@ -323,9 +330,7 @@ std::vector<at::Tensor> LoraAdapter::LayerTensors(int64_t layer) const {
     }
     return out;
   }
-  for (Projection p : model::kAllProjections) {
-    if (Find(layer, p, true) != nullptr) return {override_.defined() ? override_ : flat_};
-  }
+  if (AdaptsLayer(layer)) return {override_.defined() ? override_ : flat_};
   return {};
 }
 

@@ -100,6 +100,7 @@ class LoraAdapter : public model::ProjectionAdapter {
   // model::ProjectionAdapter
   at::Tensor Apply(int64_t layer, model::Projection p, const at::Tensor& x, const at::Tensor& base_out) const override;
   std::vector<at::Tensor> LayerTensors(int64_t layer) const override;
+  bool AdaptsLayer(int64_t layer) const override;
   int64_t TangentCount() const override {
     return slice_mode_ == SliceMode::kTangents ? static_cast<int64_t>(slice_seeds_.size()) : 0;
   }

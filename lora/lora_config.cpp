@@ -135,6 +135,10 @@ absl::StatusOr<LayerSelection> ParseLayerSelection(std::string_view text) {
   return s;
 }
 
+int64_t FirstAdaptedLayer(const LoraConfig& config) {
+  return config.layers.empty() ? 0 : *std::min_element(config.layers.begin(), config.layers.end());
+}
+
 absl::StatusOr<std::vector<int64_t>> ResolveLayers(const LayerSelection& selection, int64_t num_layers) {
   if (selection.top > 0) {
     if (selection.top > num_layers) {

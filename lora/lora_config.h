@@ -67,6 +67,9 @@ absl::StatusOr<LayerSelection> ParseLayerSelection(std::string_view text);
 // The layer indices `selection` picks in a model of `num_layers` layers, ascending; empty = all.
 // InvalidArgument when top exceeds num_layers or an index is not a layer.
 absl::StatusOr<std::vector<int64_t>> ResolveLayers(const LayerSelection& selection, int64_t num_layers);
+// The lowest layer `config` adapts (0 when it adapts every layer): where lora-bp's backward and the
+// forward gradient's tangents stop (client/compute_model.h).
+int64_t FirstAdaptedLayer(const LoraConfig& config);
 
 // A LoraConfig from the parts a server config or a task carries (target module names as ParseTargets reads
 // them; `layers` as ResolveLayers gives them, empty = all). InvalidArgument names a bad target; the rest is

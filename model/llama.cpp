@@ -477,23 +477,57 @@ absl::StatusOr<at::Tensor> LlamaModel::Hidden(const at::Tensor& tokens, const Fo
     at::Tensor x = Embed(tokens, 0);  // (B, T, H)
     if (options.input_offset.defined()) x = x + options.input_offset.to(x.scalar_type());
     const LayerRopes ropes = MakeRopes(0, tokens.size(1), x.scalar_type());
-    const bool recompute = options.recompute && at::GradMode::is_enabled();
-    const int64_t layers = config_.num_hidden_layers;
-    const int64_t recomputed = layers - std::clamp<int64_t>(options.stored_layers, 0, layers);
-    for (int64_t l = 0; l < layers; ++l) {
-      const RopeTables& rope = ropes.For(config_, l);
-      if (recompute && l < recomputed) {
-        // Backward re-runs the layer for its graph only: the MLP's down projection, whose product only
-        // feeds the layer's output, is not multiplied again.
-        x = Checkpoint([this, l, rope, options](const at::Tensor& in) { return DecoderLayer(l, in, rope, options); }, x,
-                       LayerTensors(l, options),
-                       [this, l, rope, options](const at::Tensor& in) {
-                         return DecoderLayerImpl(l, in, rope, options, nullptr, 0, LayerOutput::kGraphOnly);
-                       });
-      } else {
-        x = DecoderLayer(l, x, rope, options);
-      }
+    x = RunLayers(std::move(x), 0, config_.num_hidden_layers, ropes, options);
+    return FinalNorm(x, Norm, options.forward_level);
+  });
+}
+
+at::Tensor LlamaModel::RunLayers(at::Tensor x, int64_t from, int64_t to, const LayerRopes& ropes,
+                                 const ForwardOptions& options) const {
+  const bool recompute = options.recompute && at::GradMode::is_enabled();
+  const int64_t layers = config_.num_hidden_layers;
+  const int64_t recomputed = layers - std::clamp<int64_t>(options.stored_layers, 0, layers);
+  for (int64_t l = from; l < to; ++l) {
+    const RopeTables& rope = ropes.For(config_, l);
+    if (recompute && l < recomputed) {
+      // Backward re-runs the layer for its graph only: the MLP's down projection, whose product only
+      // feeds the layer's output, is not multiplied again.
+      x = Checkpoint([this, l, rope, options](const at::Tensor& in) { return DecoderLayer(l, in, rope, options); }, x,
+                     LayerTensors(l, options),
+                     [this, l, rope, options](const at::Tensor& in) {
+                       return DecoderLayerImpl(l, in, rope, options, nullptr, 0, LayerOutput::kGraphOnly);
+                     });
+    } else {
+      x = DecoderLayer(l, x, rope, options);
     }
+  }
+  return x;
+}
+
+int64_t LlamaModel::FirstAdaptedLayer(const ForwardOptions& options) const {
+  if (options.adapter == nullptr) return 0;
+  int64_t l = 0;
+  while (l < config_.num_hidden_layers && !options.adapter->AdaptsLayer(l)) ++l;
+  return l;
+}
+
+absl::StatusOr<at::Tensor> LlamaModel::GroupHidden(const at::Tensor& tokens, int64_t groups,
+                                                   const ForwardOptions& options) const {
+  const int64_t first = FirstAdaptedLayer(options);
+  if (first == 0 || groups < 2 || options.input_offset.defined()) return Hidden(tokens, options);
+  SEEDLING_RETURN_IF_ERROR(ValidateTokens(tokens));
+  SEEDLING_RETURN_IF_ERROR(ValidatePositions(tokens.size(1)));
+  const int64_t b = tokens.size(0) / groups;
+  const at::Tensor one = tokens.narrow(0, 0, b);
+  if (!tokens.reshape({groups, b, tokens.size(1)}).eq(one).all().item<bool>()) return Hidden(tokens, options);
+  return CatchTorch("forward", [&] {
+    // Below `first` every group computes the same values: run them once, without the adapter.
+    ForwardOptions base = options;
+    base.adapter = nullptr;
+    const at::Tensor embedded = Embed(one, 0);  // (B, T, H)
+    const LayerRopes ropes = MakeRopes(0, tokens.size(1), embedded.scalar_type());
+    const at::Tensor shared = RunLayers(embedded, 0, first, ropes, base);
+    at::Tensor x = RunLayers(shared.repeat({groups, 1, 1}), first, config_.num_hidden_layers, ropes, options);
     return FinalNorm(x, Norm, options.forward_level);
   });
 }
@@ -558,12 +592,17 @@ absl::StatusOr<LlamaModel::LossJvps> LlamaModel::LossTangents(const at::Tensor& 
     at::NoGradGuard no_grad;
     const int64_t directions = options.adapter->TangentCount();
     const int64_t b = tokens.size(0), t = tokens.size(1), h = config_.hidden_size;
-    // The embedding is frozen: the tangents start at zero and grow from the adapter's first projection.
+    // The embedding is frozen: the tangents start at zero and grow from the adapter's first projection,
+    // so the layers below the lowest adapted one run on the primal alone.
+    const int64_t first = FirstAdaptedLayer(options);
+    ForwardOptions base = options;
+    base.adapter = nullptr;
     const at::Tensor embedded = Embed(tokens, 0);  // (B, T, H)
-    at::Tensor x = at::zeros({1 + directions, b, t, h}, embedded.options());
-    x.select(0, 0).copy_(embedded);
-    const LayerRopes ropes = MakeRopes(0, t, x.scalar_type());
-    for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
+    const LayerRopes ropes = MakeRopes(0, t, embedded.scalar_type());
+    const at::Tensor primal = RunLayers(embedded, 0, first, ropes, base);
+    at::Tensor x = at::zeros({1 + directions, b, t, h}, primal.options());
+    x.select(0, 0).copy_(primal);
+    for (int64_t l = first; l < config_.num_hidden_layers; ++l) {
       x = DecoderLayerTangents(l, x, ropes.For(config_, l), options);
     }
     x = FinalNorm(x, NormTangents);
@@ -609,7 +648,7 @@ absl::StatusOr<std::vector<LossOutput>> LlamaModel::GroupLosses(const at::Tensor
         StrCat("a batch of ", tokens.size(0), " sequences is not ", groups, " equal groups"));
   }
   at::NoGradGuard no_grad;
-  SEEDLING_ASSIGN_OR_RETURN(at::Tensor hidden, Hidden(tokens, options));
+  SEEDLING_ASSIGN_OR_RETURN(at::Tensor hidden, GroupHidden(tokens, groups, options));
   return CatchTorch("group losses", [&] {
     const int64_t b = tokens.size(0) / groups;
     std::vector<LossOutput> out(static_cast<size_t>(groups));

@@ -41,6 +41,10 @@ class ProjectionAdapter {
   virtual at::Tensor Apply(int64_t layer, Projection p, const at::Tensor& x, const at::Tensor& base_out) const = 0;
   // Every tensor Apply uses for `layer` that may require grad (recomputation needs the list).
   virtual std::vector<at::Tensor> LayerTensors(int64_t layer) const = 0;
+  // Whether the adapter changes any projection of `layer`. Below the lowest layer it adapts, the model
+  // runs as the base model: no tangents to carry, no graph to record, and every perturbed copy of a batch
+  // computes the same values there. The default (every layer) is always correct.
+  virtual bool AdaptsLayer(int64_t layer) const { return true; }
 
   // Forward mode with stacked tangents (model/kernels.h): the adapter's parameters move along
   // TangentCount() = K directions of its own (set through the adapter's API). x (1+K, ..., in) and
@@ -136,7 +140,9 @@ class LlamaModel {
 
   // Loss of each of `groups` equal consecutive groups of sequences: tokens and labels (groups × B, T), e.g.
   // one batch repeated for an adapter's perturbed copies (lora::LoraAdapter::SetPerturbations). One forward
-  // for all groups; each loss is computed as Loss computes it on its group alone. No autograd.
+  // for all groups; each loss is computed as Loss computes it on its group alone. No autograd. When the
+  // groups' tokens are equal and the adapter leaves the lowest layers alone (lora "top:N"), those layers
+  // run once, on one group, and their output is copied to the others.
   absl::StatusOr<std::vector<LossOutput>> GroupLosses(const at::Tensor& tokens, const at::Tensor& labels,
                                                       int64_t groups, const ForwardOptions& options = {}) const;
 
@@ -158,7 +164,8 @@ class LlamaModel {
   // call (one decode per tile for quantized weights), and the LM head is multiplied once, for the loss's
   // gradient w.r.t. the final hidden states, whose dot product with each hidden-state tangent is that
   // direction's derivative. Needs options.adapter with TangentCount() >= 1. mlp_chunk_tokens applies (the
-  // MLP of a chunk of tokens runs with all its slices at once). No autograd.
+  // MLP of a chunk of tokens runs with all its slices at once). Layers below the adapter's lowest adapted
+  // layer (ProjectionAdapter::AdaptsLayer) run on the primal alone: their tangents are zero. No autograd.
   struct LossJvps {
     double loss = 0;                  // mean over scored tokens
     std::vector<double> derivatives;  // K directional derivatives of the mean
@@ -208,6 +215,13 @@ class LlamaModel {
   };
   // RoPE tables for positions [start, start + length): empty for a model with learned positions.
   LayerRopes MakeRopes(int64_t start, int64_t length, at::ScalarType dtype) const;
+  // Decoder layers [from, to) on x (B, T, H), with per-layer recomputation as options ask (Hidden).
+  at::Tensor RunLayers(at::Tensor x, int64_t from, int64_t to, const LayerRopes& ropes,
+                       const ForwardOptions& options) const;
+  // The lowest layer options.adapter adapts; 0 without an adapter, num_hidden_layers if it adapts none.
+  int64_t FirstAdaptedLayer(const ForwardOptions& options) const;
+  // GroupLosses' hidden states: Hidden, or with a shared prefix of base layers run once for all groups.
+  absl::StatusOr<at::Tensor> GroupHidden(const at::Tensor& tokens, int64_t groups, const ForwardOptions& options) const;
   // A norm's weight as the forward scales by it (ModelConfig::norm_weight_offset added).
   at::Tensor NormWeight(const at::Tensor& w) const;
   // The block's pieces that both forwards share, with the norm to use (Norm, or NormTangents on stacked

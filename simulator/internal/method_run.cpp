@@ -86,7 +86,9 @@ absl::Status MethodRun::Setup() {
   batch_ = config_.batch;
   seq_len_ = config_.seq_len;
   perturbations_ = method_ == "fwdgrad" ? config_.perturbations : 1;  // mezo / kseed: one z per step
-  flops_ = client::LocalTrainingFlops(world_.model_config, method_, steps_, batch_, seq_len_, perturbations_);
+  first_adapted_layer_ = lora::FirstAdaptedLayer(lc);
+  flops_ = client::LocalTrainingFlops(world_.model_config, method_, steps_, batch_, seq_len_, perturbations_,
+                                      first_adapted_layer_);
 
   // First check-ins: when each device is first available, spread over one retry period.
   const double spread = static_cast<double>(std::max<int64_t>(config_.retry_base_s, 1));
@@ -106,7 +108,8 @@ int64_t MethodRun::TaskPerturbations(const v1::Task& task) const {
 }
 
 double MethodRun::TaskFlops(int64_t perturbations) const {
-  return client::LocalTrainingFlops(world_.model_config, method_, steps_, batch_, seq_len_, perturbations);
+  return client::LocalTrainingFlops(world_.model_config, method_, steps_, batch_, seq_len_, perturbations,
+                                    first_adapted_layer_);
 }
 
 // With mu_ held: the rank where a new activation of `device` runs its client (`may_get_task`: the

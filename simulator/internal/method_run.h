@@ -130,7 +130,8 @@ class MethodRun {
   std::unique_ptr<RunAttackers> attackers_;  // the run's hostile devices ([attack])
   int threads_ = 1;
   int64_t steps_ = 0, batch_ = 0, seq_len_ = 0, perturbations_ = 0;
-  double flops_ = 0;  // one local run
+  int64_t first_adapted_layer_ = 0;  // [lora] layers: below it no backward, tangents or per-copy probes
+  double flops_ = 0;                 // one local run
 
   Gate gate_;  // the devices' clocks; taken inside mu_, never the other way round
 

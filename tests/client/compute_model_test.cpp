@@ -62,6 +62,36 @@ TEST_CASE("LocalTrainingFlops counts each method's multiplies and is linear in s
   CHECK_FALSE(IsKnownTrainingMethod("sgd"));
 }
 
+TEST_CASE("Below an upper-layer adapter no backward, tangents or per-copy probes are counted", "[client][compute]") {
+  auto config = model::PresetConfig("smollm2-135m");
+  REQUIRE(config.ok());
+  const int64_t first = 24;  // lora "top:6" of 30 layers
+  REQUIRE(config->num_hidden_layers == 30);
+  const NaiveFlops f = NaiveForwardFlops(*config, 4.0 * 128, 128);
+  // The six top layers' share of the projections and attention, the 24 below them the rest.
+  model::ModelConfig top = *config;
+  top.num_hidden_layers = 30 - first;
+  const NaiveFlops upper = NaiveForwardFlops(top, 4.0 * 128, 128);
+  const double below = f.projections + f.attention - upper.projections - upper.attention;
+  // lora-bp: the whole forward; the backward through the top layers only.
+  CHECK(LocalTrainingFlops(*config, "lora-bp", 1, 4, 128, 1, first) ==
+        Approx(f.forward() + f.head + upper.projections + 2 * upper.attention));
+  // fwdgrad, K = 4: the primal everywhere, the four tangents from layer 24 up.
+  CHECK(LocalTrainingFlops(*config, "fwdgrad", 1, 4, 128, 4, first) ==
+        Approx(f.projections + f.attention + 2 * f.head + 4 * (upper.projections + 2 * upper.attention)));
+  // mezo, q = 2: the layers below once for all four copies, the top layers and the head per copy.
+  CHECK(LocalTrainingFlops(*config, "mezo", 1, 4, 128, 2, first) ==
+        Approx(below + 4 * (upper.projections + upper.attention + f.head)));
+  // pepita runs every layer either way; first layer 0 is every layer.
+  CHECK(LocalTrainingFlops(*config, "pepita", 1, 4, 128, 1, first) ==
+        Approx(LocalTrainingFlops(*config, "pepita", 1, 4, 128, 1)));
+  for (const char* method : {"lora-bp", "fwdgrad", "mezo", "kseed"}) {
+    INFO(method);
+    CHECK(LocalTrainingFlops(*config, method, 1, 4, 128, 2, 0) == LocalTrainingFlops(*config, method, 1, 4, 128, 2));
+    CHECK(LocalTrainingFlops(*config, method, 1, 4, 128, 2, first) < LocalTrainingFlops(*config, method, 1, 4, 128, 2));
+  }
+}
+
 TEST_CASE("TrainingMfu is the model FLOP rate over the sgemm rate, scaled to the tokens processed",
           "[client][compute]") {
   auto config = model::PresetConfig("smollm2-135m");

@@ -33,11 +33,14 @@ std::unique_ptr<model::LlamaModel> DoubleCopy(const model::LlamaModel& m) {
 }
 
 // LoRA of `rank`, or BitFit's biases, on `targets` with random values.
+// `layers` as LoraConfig::layers (empty = all).
 std::unique_ptr<lora::LoraAdapter> RandomAdapter(const model::ModelConfig& c, int64_t rank,
                                                  std::vector<model::Projection> targets,
-                                                 lora::AdapterKind kind = lora::AdapterKind::kLora) {
+                                                 lora::AdapterKind kind = lora::AdapterKind::kLora,
+                                                 std::vector<int64_t> layers = {}) {
   lora::LoraConfig lc;
   lc.kind = kind;
+  lc.layers = std::move(layers);
   lc.rank = rank;
   lc.alpha = 2.0 * static_cast<double>(rank);
   lc.targets = std::move(targets);
@@ -114,8 +117,11 @@ TEST_CASE("The batched forward gradient equals per-tangent forward-mode AD", "[o
                                             : Opt350StyleMicroConfig();
   auto m = MakeModel(c, 4);
   const lora::AdapterKind kind = GENERATE(lora::AdapterKind::kLora, lora::AdapterKind::kBias);
-  INFO("adapter " << lora::AdapterKindName(kind));
-  auto a = RandomAdapter(c, 2, EveryProjection(), kind);
+  // On the top layer only, the batched pass carries no tangents through the layer below.
+  const bool top_only = GENERATE(false, true);
+  INFO("adapter " << lora::AdapterKindName(kind) << (top_only ? " on the top layer" : " on every layer"));
+  auto a = RandomAdapter(c, 2, EveryProjection(), kind,
+                         top_only ? std::vector<int64_t>{c.num_hidden_layers - 1} : std::vector<int64_t>{});
   const model::Batch batch = RuleBatch(2, 12, c.vocab_size, 7);
   const std::vector<uint64_t> seeds = {31, 32, 33, 34, 35};
 

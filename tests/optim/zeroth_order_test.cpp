@@ -107,12 +107,15 @@ TEST_CASE("A NaN loss skips MeZO and lora-bp steps and never poisons the paramet
 
 // Adapter on every projection of a config with every bias, B != 0, so each perturbation moves the loss.
 // LoRA (rank 2) or BitFit (a bias) on every projection, random values.
+// `layers` as LoraConfig::layers (empty = all).
 std::unique_ptr<lora::LoraAdapter> EveryProjectionAdapter(const model::ModelConfig& c,
-                                                          lora::AdapterKind kind = lora::AdapterKind::kLora) {
+                                                          lora::AdapterKind kind = lora::AdapterKind::kLora,
+                                                          std::vector<int64_t> layers = {}) {
   lora::LoraConfig lc;
   lc.kind = kind;
   lc.rank = 2;
   lc.targets = EveryProjection();
+  lc.layers = std::move(layers);
   auto a = lora::LoraAdapter::Create(c, lc);
   REQUIRE(a.ok());
   at::manual_seed(8);
@@ -139,8 +142,11 @@ TEST_CASE("Batched probes give each perturbation the loss of a forward on its ow
   const model::ModelConfig c = BiasedMicroConfig();
   auto m = MakeModel(c, 6);
   const lora::AdapterKind kind = GENERATE(lora::AdapterKind::kLora, lora::AdapterKind::kBias);
-  INFO("adapter " << lora::AdapterKindName(kind));
-  auto a = EveryProjectionAdapter(c, kind);
+  // On the top layer only, the layer below runs once for all copies (LlamaModel::GroupLosses).
+  const bool top_only = GENERATE(false, true);
+  INFO("adapter " << lora::AdapterKindName(kind) << (top_only ? " on the top layer" : " on every layer"));
+  auto a = EveryProjectionAdapter(c, kind,
+                                  top_only ? std::vector<int64_t>{c.num_hidden_layers - 1} : std::vector<int64_t>{});
   const model::Batch batch = RuleBatch(2, 10, c.vocab_size, 3);
   const at::Tensor before = a->flat().clone();
   const std::vector<uint64_t> seeds = {101, 102, 103, 104};
@@ -215,6 +221,37 @@ TEST_CASE("MeZO and kseed steps with batched probes follow the one-by-one steps"
       CHECK((*k1)->pairs()[i].index == (*k2)->pairs()[i].index);
       CHECK(std::abs((*k1)->pairs()[i].value - (*k2)->pairs()[i].value) <=
             1e-2 * std::abs((*k2)->pairs()[i].value) + 1e-3);
+    }
+  }
+}
+
+TEST_CASE("Group losses equal each group's own loss, with groups alike or not, under a top-layer adapter",
+          "[optim][mezo][batched]") {
+  const model::ModelConfig c = BiasedMicroConfig();
+  auto m = MakeModel(c, 9);
+  auto a = EveryProjectionAdapter(c, lora::AdapterKind::kLora, {c.num_hidden_layers - 1});
+  model::ForwardOptions fo;
+  fo.adapter = a.get();
+  const model::Batch first = RuleBatch(2, 10, c.vocab_size, 40);
+  const model::Batch other = RuleBatch(2, 10, c.vocab_size, 41);
+  REQUIRE_FALSE(at::equal(first.tokens, other.tokens));
+  for (const bool alike : {true, false}) {
+    INFO((alike ? "groups alike (layer 0 shared)" : "groups differ (every layer per group)"));
+    const model::Batch& second = alike ? first : other;
+    const at::Tensor tokens = at::cat({first.tokens, second.tokens});
+    const at::Tensor labels = at::cat({first.labels, second.labels});
+    auto groups = m->GroupLosses(tokens, labels, 2, fo);
+    REQUIRE(groups.ok());
+    REQUIRE(groups->size() == 2);
+    int g = 0;
+    for (const model::Batch* b : {&first, &second}) {
+      at::NoGradGuard no_grad;
+      auto own = m->Loss(b->tokens, b->labels, fo);
+      REQUIRE(own.ok());
+      const double want = own->sum.item<double>();
+      const double got = (*groups)[static_cast<size_t>(g++)].sum.item<double>();
+      INFO("group " << g << ": " << got << " against " << want);
+      CHECK(std::abs(got - want) <= 1e-5 * std::abs(want));
     }
   }
 }
