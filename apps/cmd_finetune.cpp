@@ -293,11 +293,7 @@ void RegisterFinetune(CLI::App& app, Action& action) {
       const std::string compute_method = f->training.method == optim::Method::kPepita && plan.variant == "mem"
                                              ? "mempepita"
                                              : optim::MethodName(f->training.method);
-      // Only batched probes share the layers below an upper-layer adapter; in-place ones run them per probe.
-      const bool probes_in_place =
-          (f->training.method == optim::Method::kMezo || f->training.method == optim::Method::kKSeed) &&
-          plan.variant != "batched";
-      const int64_t first_layer = f->full || probes_in_place ? 0 : lora::FirstAdaptedLayer(f->lora);
+      const int64_t first_layer = f->full ? 0 : lora::FirstAdaptedLayer(f->lora);
       const double mfu = client::TrainingMfu(config, compute_method, r.steps, f->batch, f->seq_len, passes_k,
                                              r.processed_tokens, r.seconds, sgemm_gflops, first_layer);
 

@@ -41,8 +41,9 @@ bool IsKnownTrainingMethod(std::string_view method);
 //
 // An adapter on the upper layers only (lora "top:N", `first_adapted_layer` = f of L layers) changes what
 // runs below f, the layers' P and A scaled by f / L: lora-bp's backward and fwdgrad's tangents stop there
-// (lora-bp P + A + 2H + u (P + 2A), fwdgrad P + A + 2H + u K (P + 2A) with u = (L − f) / L), and the
-// batched probes of mezo and kseed run those layers once for all 2q copies ((1 − u + 2q u)(P + A) + 2q H).
+// (lora-bp P + A + 2H + u (P + 2A), fwdgrad P + A + 2H + u K (P + 2A) with u = (L − f) / L), and mezo's
+// and kseed's probes run those layers once per step for all 2q perturbations, batched or in place
+// ((1 − u + 2q u)(P + A) + 2q H).
 // pepita and mempepita run every layer either way.
 //
 // perturbations < 1 counts as 1. Linear in steps and in batch. An unknown method is a programming error

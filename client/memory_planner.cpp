@@ -280,9 +280,11 @@ MemoryPlan EstimatePlan(const PlanRequest& r, const std::string& variant, int64_
       // The parameters (already counted with the weights when they are the weights) and, for an exact
       // restore, one copy of them.
       plan.trainable_bytes = kFloat * ((r.full_parameters ? 0 : p) + (variant == "exact-restore" ? params : 0));
-      // The residual stream, then the larger of a layer's transients and the cross-entropy.
-      elements = s.n * s.h + std::max(InferenceLayerPeak(s, plan.mlp_chunk_tokens),
-                                      CrossEntropyPeak(m, s.n, ce_chunk_tokens, false));
+      // The residual stream, then the larger of a layer's transients and the cross-entropy; with an
+      // upper-layer adapter, also the lower layers' output kept for the step's probes (LlamaModel::BaseLayers).
+      const bool base_prefix = !r.full_parameters && lora::FirstAdaptedLayer(adapter) > 0;
+      elements = (base_prefix ? 2 : 1) * s.n * s.h + std::max(InferenceLayerPeak(s, plan.mlp_chunk_tokens),
+                                                              CrossEntropyPeak(m, s.n, ce_chunk_tokens, false));
       break;
     }
     case Method::kPepita: {

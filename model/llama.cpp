@@ -474,11 +474,34 @@ absl::StatusOr<at::Tensor> LlamaModel::Hidden(const at::Tensor& tokens, const Fo
                                              config_.hidden_size, "]"));
   }
   return CatchTorch("forward", [&] {
-    at::Tensor x = Embed(tokens, 0);  // (B, T, H)
+    const BasePrefix& prefix = options.base_prefix;
+    const bool from_prefix = prefix.layers > 0 && !options.input_offset.defined() &&
+                             prefix.tokens.sizes() == tokens.sizes() && at::equal(prefix.tokens, tokens);
+    at::Tensor x = from_prefix ? prefix.hidden : Embed(tokens, 0);  // (B, T, H)
     if (options.input_offset.defined()) x = x + options.input_offset.to(x.scalar_type());
     const LayerRopes ropes = MakeRopes(0, tokens.size(1), x.scalar_type());
-    x = RunLayers(std::move(x), 0, config_.num_hidden_layers, ropes, options);
+    x = RunLayers(std::move(x), from_prefix ? prefix.layers : 0, config_.num_hidden_layers, ropes, options);
     return FinalNorm(x, Norm, options.forward_level);
+  });
+}
+
+absl::StatusOr<BasePrefix> LlamaModel::BaseLayers(const at::Tensor& tokens, const ForwardOptions& options) const {
+  SEEDLING_RETURN_IF_ERROR(ValidateTokens(tokens));
+  SEEDLING_RETURN_IF_ERROR(ValidatePositions(tokens.size(1)));
+  BasePrefix prefix;
+  const int64_t first = FirstAdaptedLayer(options);
+  if (first == 0 || options.adapter == nullptr || options.input_offset.defined()) return prefix;
+  return CatchTorch("base layers", [&] {
+    at::NoGradGuard no_grad;
+    ForwardOptions base = options;
+    base.adapter = nullptr;
+    base.base_prefix = {};
+    const at::Tensor embedded = Embed(tokens, 0);  // (B, T, H)
+    const LayerRopes ropes = MakeRopes(0, tokens.size(1), embedded.scalar_type());
+    prefix.layers = first;
+    prefix.tokens = tokens;
+    prefix.hidden = RunLayers(embedded, 0, first, ropes, base);
+    return prefix;
   });
 }
 
@@ -513,23 +536,16 @@ int64_t LlamaModel::FirstAdaptedLayer(const ForwardOptions& options) const {
 
 absl::StatusOr<at::Tensor> LlamaModel::GroupHidden(const at::Tensor& tokens, int64_t groups,
                                                    const ForwardOptions& options) const {
-  const int64_t first = FirstAdaptedLayer(options);
-  if (first == 0 || groups < 2 || options.input_offset.defined()) return Hidden(tokens, options);
+  if (FirstAdaptedLayer(options) == 0 || groups < 2 || options.input_offset.defined()) return Hidden(tokens, options);
   SEEDLING_RETURN_IF_ERROR(ValidateTokens(tokens));
-  SEEDLING_RETURN_IF_ERROR(ValidatePositions(tokens.size(1)));
   const int64_t b = tokens.size(0) / groups;
   const at::Tensor one = tokens.narrow(0, 0, b);
   if (!tokens.reshape({groups, b, tokens.size(1)}).eq(one).all().item<bool>()) return Hidden(tokens, options);
-  return CatchTorch("forward", [&] {
-    // Below `first` every group computes the same values: run them once, without the adapter.
-    ForwardOptions base = options;
-    base.adapter = nullptr;
-    const at::Tensor embedded = Embed(one, 0);  // (B, T, H)
-    const LayerRopes ropes = MakeRopes(0, tokens.size(1), embedded.scalar_type());
-    const at::Tensor shared = RunLayers(embedded, 0, first, ropes, base);
-    at::Tensor x = RunLayers(shared.repeat({groups, 1, 1}), first, config_.num_hidden_layers, ropes, options);
-    return FinalNorm(x, Norm, options.forward_level);
-  });
+  // Below the adapter every group computes the same values: run them once, on one group.
+  SEEDLING_ASSIGN_OR_RETURN(const BasePrefix prefix, BaseLayers(one, options));
+  ForwardOptions shared = options;
+  shared.base_prefix = {prefix.layers, tokens, prefix.hidden.repeat({groups, 1, 1})};
+  return Hidden(tokens, shared);
 }
 
 at::Tensor LlamaModel::LmHead(const at::Tensor& hidden) const {

@@ -55,6 +55,13 @@ class ProjectionAdapter {
                                    const at::Tensor& base_out) const = 0;
 };
 
+// The base model's output after its first `layers` decoder layers for `tokens` (LlamaModel::BaseLayers).
+struct BasePrefix {
+  int64_t layers = 0;  // 0 = none
+  at::Tensor tokens;   // (B, T) the prefix was computed for
+  at::Tensor hidden;   // (B, T, H)
+};
+
 struct ForwardOptions {
   const ProjectionAdapter* adapter = nullptr;  // borrowed; null = base model only
   bool recompute = false;  // per-layer activation checkpointing (matters only when autograd records)
@@ -71,6 +78,10 @@ struct ForwardOptions {
   // Hidden / Loss: added to the embeddings (B, T, hidden_size) before the first decoder layer, e.g. PEPITA's
   // error-modulated input (optim/pepita.h); undefined = none. Must have the embeddings' shape.
   at::Tensor input_offset;
+  // Hidden / Loss without input_offset, on exactly base_prefix.tokens: start after the prefix's layers from
+  // its output instead of running them. For several forwards on one batch whose adapter leaves those
+  // layers alone (each in-place zeroth-order probe's two forwards); other tokens ignore it.
+  BasePrefix base_prefix;
 };
 
 // Keys and values of past positions, for ForwardCached. Preallocated to `max_length` positions.
@@ -182,6 +193,12 @@ class LlamaModel {
 
   // Final hidden states -> logits, for hidden (..., H).
   at::Tensor LmHead(const at::Tensor& hidden) const;
+
+  // The base model's output after the layers below options.adapter's lowest adapted layer
+  // (ProjectionAdapter::AdaptsLayer), for tokens (B, T): what every forward on these tokens computes
+  // there whatever the adapter's values. layers = 0 (nothing computed) when the adapter adapts layer 0,
+  // without an adapter, or with an input_offset. No autograd.
+  absl::StatusOr<BasePrefix> BaseLayers(const at::Tensor& tokens, const ForwardOptions& options) const;
 
   // One decoder layer on x (B, T, H) at positions given by rope; exposed for tests and benchmarks.
   at::Tensor DecoderLayer(int64_t layer, const at::Tensor& x, const RopeTables& rope,

@@ -104,9 +104,14 @@ absl::StatusOr<std::vector<SpsaProbe>> RunProbes(const model::LlamaModel& model,
                                                  const ParameterSet& params, const std::vector<uint64_t>& seeds,
                                                  double epsilon, bool batched, bool exact_restore) {
   if (batched) return BatchedSpsa(model, batch, forward, *adapter, seeds, epsilon);
+  // The layers below an upper-layer adapter compute the same in every probe: once per step.
+  model::ForwardOptions probe_forward = forward;
+  if (adapter != nullptr) {
+    SEEDLING_ASSIGN_OR_RETURN(probe_forward.base_prefix, model.BaseLayers(batch.tokens, forward));
+  }
   std::vector<SpsaProbe> probes;
   for (uint64_t seed : seeds) {
-    SEEDLING_ASSIGN_OR_RETURN(SpsaProbe p, Spsa(model, batch, forward, params, seed, epsilon, exact_restore));
+    SEEDLING_ASSIGN_OR_RETURN(SpsaProbe p, Spsa(model, batch, probe_forward, params, seed, epsilon, exact_restore));
     probes.push_back(p);
   }
   return probes;

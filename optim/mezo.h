@@ -54,7 +54,8 @@ absl::StatusOr<std::vector<SpsaProbe>> BatchedSpsa(const model::LlamaModel& mode
 // The q probe seeds of a step: the step seed itself for q = 1 (MeZO), else q draws from it.
 std::vector<uint64_t> ProbeSeeds(uint64_t step_seed, int64_t q);
 
-// The probes of one step, batched (BatchedSpsa; `adapter` required) or one after another (Spsa).
+// The probes of one step, batched (BatchedSpsa; `adapter` required) or one after another (Spsa; with an
+// adapter above the lowest layers, those layers run once for all the step's probes: LlamaModel::BaseLayers).
 absl::StatusOr<std::vector<SpsaProbe>> RunProbes(const model::LlamaModel& model, const model::Batch& batch,
                                                  const model::ForwardOptions& forward, lora::LoraAdapter* adapter,
                                                  const ParameterSet& params, const std::vector<uint64_t>& seeds,

@@ -172,6 +172,19 @@ TEST_CASE("Batched probes give each perturbation the loss of a forward on its ow
   }
   CHECK(at::equal(a->flat(), before));  // θ was never written
   CHECK(a->PerturbationCount() == 0);   // and the copies are gone
+
+  // In place (θ ± εz written, one forward each; with a top-layer adapter the layer below runs once for
+  // every probe of the step): the same losses, and θ back within rounding.
+  model::ForwardOptions fo;
+  fo.adapter = a.get();
+  auto in_place = RunProbes(*m, batch, fo, a.get(), ParameterSet::Adapter(*a), seeds, eps, false, true);
+  REQUIRE(in_place.ok());
+  for (size_t i = 0; i < seeds.size(); ++i) {
+    const double plus = PerturbedLoss(*m, *a, batch, seeds[i], static_cast<float>(eps), 0);
+    INFO("seed " << seeds[i] << ": in place " << (*in_place)[i].loss_plus << ", plain forward " << plus);
+    CHECK(std::abs((*in_place)[i].loss_plus - plus) <= 1e-6 * plus);
+  }
+  CHECK(at::equal(a->flat(), before));  // the exact restore puts θ back bit for bit
 }
 
 TEST_CASE("MeZO and kseed steps with batched probes follow the one-by-one steps", "[optim][mezo][kseed][batched]") {
