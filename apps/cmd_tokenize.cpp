@@ -2,7 +2,6 @@
 
 #include <cstdio>
 #include <filesystem>
-#include <iostream>
 #include <iterator>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -114,15 +113,18 @@ absl::Status ConvertInput(const model::Tokenizer& tokenizer, const TokenizeFlags
     }
     return ForEachLineIn(flags.text, kMaxLineBytes, convert);
   }
-  if (!flags.text_file.empty()) {
-    source = flags.text_file;
-    absl::StatusOr<std::string> text = ReadFile(flags.text_file);
-    if (!text.ok()) return Annotate(text.status(), "--text-file");
-    return ForEachLineIn(*text, kMaxLineBytes, convert);
-  }
-  const std::string input{std::istreambuf_iterator<char>(std::cin), std::istreambuf_iterator<char>()};
-  if (std::cin.bad()) return absl::InternalError("cannot read stdin");
-  return ForEachLineIn(input, kMaxLineBytes, convert);
+  // A file or stdin is read line by line, so its size never decides the memory this takes; a read error
+  // names the flag, a line's error its line.
+  const std::string path = flags.text_file.empty() ? "/dev/stdin" : flags.text_file;
+  if (!flags.text_file.empty()) source = flags.text_file;
+  bool line_failed = false;
+  const absl::Status read = ForEachLine(path, kMaxLineBytes, [&](const Line& line) {
+    absl::Status converted = convert(line);
+    line_failed = !converted.ok();
+    return converted;
+  });
+  if (read.ok() || line_failed) return read;
+  return Annotate(read, flags.text_file.empty() ? "stdin" : "--text-file");
 }
 
 absl::Status RunTokenize(const TokenizeFlags& flags) {
