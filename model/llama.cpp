@@ -604,21 +604,18 @@ absl::StatusOr<LlamaModel::LossJvps> LlamaModel::LossTangents(const at::Tensor& 
   if (options.adapter == nullptr || options.adapter->TangentCount() < 1) {
     return absl::InvalidArgumentError("loss tangents need an adapter with at least one tangent direction");
   }
+  // The embedding is frozen: the tangents start at zero and grow from the adapter's first projection, so
+  // the layers below the lowest adapted one run on the primal alone.
+  SEEDLING_ASSIGN_OR_RETURN(const BasePrefix prefix, BaseLayers(tokens, options));
   return CatchTorch("loss tangents", [&] {
     at::NoGradGuard no_grad;
     const int64_t directions = options.adapter->TangentCount();
     const int64_t b = tokens.size(0), t = tokens.size(1), h = config_.hidden_size;
-    // The embedding is frozen: the tangents start at zero and grow from the adapter's first projection,
-    // so the layers below the lowest adapted one run on the primal alone.
-    const int64_t first = FirstAdaptedLayer(options);
-    ForwardOptions base = options;
-    base.adapter = nullptr;
-    const at::Tensor embedded = Embed(tokens, 0);  // (B, T, H)
-    const LayerRopes ropes = MakeRopes(0, t, embedded.scalar_type());
-    const at::Tensor primal = RunLayers(embedded, 0, first, ropes, base);
+    const at::Tensor primal = prefix.layers > 0 ? prefix.hidden : Embed(tokens, 0);  // (B, T, H)
+    const LayerRopes ropes = MakeRopes(0, t, primal.scalar_type());
     at::Tensor x = at::zeros({1 + directions, b, t, h}, primal.options());
     x.select(0, 0).copy_(primal);
-    for (int64_t l = first; l < config_.num_hidden_layers; ++l) {
+    for (int64_t l = prefix.layers; l < config_.num_hidden_layers; ++l) {
       x = DecoderLayerTangents(l, x, ropes.For(config_, l), options);
     }
     x = FinalNorm(x, NormTangents);
